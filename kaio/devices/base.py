@@ -1,0 +1,90 @@
+"""What every GPU backend returns: device descriptions and per-tick samples.
+
+Units live in the names. Every metric is independently ``None`` when the
+device (or the driver) cannot give it; ``None`` never means zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceInfo:
+    """A physical GPU as a backend found it."""
+
+    backend: str  # "nvml" | "amdsmi"
+    index: int  # the backend's own device index (physical, not CUDA_VISIBLE_DEVICES-relative)
+    name: str
+    uuid: str | None = None
+    in_run: bool = True  # one of the devices the run's processes can see
+    power_kind: str | None = None  # "instant" | "average" (vendor's windowed average)
+    vram_total_bytes: int | None = None
+    supported: tuple[str, ...] = ()  # metric names that answered at detection time
+    notes: tuple[str, ...] = ()  # e.g. "partition 2 of 4 of the same card"
+
+    @property
+    def key(self) -> str:
+        """Stable id used in histories: ``"<backend>:<index>"``."""
+        return f"{self.backend}:{self.index}"
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSample:
+    """One device at one tick of the poller."""
+
+    key: str  # DeviceInfo.key
+    t_mono: float  # time.monotonic() when the reading was taken (system-wide clock)
+    t_wall: float  # time.time()
+    util_pct: float | None = None
+    vram_used_bytes: int | None = None
+    vram_total_bytes: int | None = None
+    run_vram_bytes: int | None = None  # VRAM used by the run's own processes, where exposed
+    power_w: float | None = None
+    temp_c: float | None = None  # edge / GPU temperature
+    temp_junction_c: float | None = None  # junction / hotspot
+    energy_j: float | None = None  # energy since the poller started, best method (see energy_method)
+    energy_method: str | None = None  # "counter" | "integrated"
+    sm_clock_mhz: float | None = None
+    mem_clock_mhz: float | None = None
+    throttle: tuple[str, ...] | None = None  # active throttle reasons, () when none
+
+
+@dataclass(frozen=True, slots=True)
+class HostSample:
+    """The host: shown when there is no GPU, labelled as host, never as a GPU."""
+
+    t_mono: float
+    t_wall: float
+    cpu_pct: float | None = None
+    ram_used_bytes: int | None = None
+    ram_total_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Everything one poller tick produced."""
+
+    t_mono: float  # the scheduled time of the tick
+    lateness_s: float  # how late the tick started against its schedule
+    gpus: tuple[GpuSample, ...] = ()
+    host: HostSample | None = None
+
+
+class GpuBackend(Protocol):
+    """One vendor library. Implementations never raise out of ``sample``."""
+
+    name: str
+
+    def devices(self) -> Sequence[DeviceInfo]: ...
+
+    def sample(self, t_mono: float, t_wall: float) -> Sequence[GpuSample]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class DetectResult:
+    backends: list = field(default_factory=list)  # list[GpuBackend]
+    notes: list[str] = field(default_factory=list)  # why a vendor is absent, in a user's words

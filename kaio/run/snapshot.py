@@ -1,0 +1,56 @@
+"""The immutable view of a run that the dashboard and the plain console render.
+
+The supervisor builds one from its ``RunState`` (at most a few times a
+second); renderers never see the live state. Every sequence here is bounded
+(recent windows), so rendering cost does not grow with the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class GpuRow:
+    key: str  # "nvml:0"
+    name: str
+    in_run: bool
+    util_pct: float | None = None
+    vram_used_bytes: int | None = None
+    vram_total_bytes: int | None = None
+    power_w: float | None = None
+    temp_c: float | None = None  # junction if known, else edge
+    energy_j: float | None = None  # since the run started
+    throttle: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class HostRow:
+    cpu_pct: float | None = None  # 0..100 * cpu_count, as psutil reports per process? no: whole host, 0..100
+    ram_used_bytes: int | None = None
+    ram_total_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    project: str
+    status: str  # STARTING | RUNNING | STOPPING | COMPLETED | FAILED | INTERRUPTED
+    session: int
+    elapsed_s: float  # this session's wall time
+    step: int  # latest optimizer step seen (global, across sessions)
+    max_steps: int | None
+    epoch: float | None
+    loss: float | None  # last logged loss
+    loss_smoothed: float | None  # EMA
+    recent_losses: tuple[float, ...] = ()  # for the sparkline, oldest first (bounded)
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    steps_per_s: float | None = None  # recent rate
+    samples_per_s: float | None = None
+    eta_s: float | None = None
+    peak_vram_by_rank: dict[int, int | None] = field(default_factory=dict)  # latest step's true peak
+    gpus: tuple[GpuRow, ...] = ()
+    host: HostRow | None = None
+    log_tail: tuple[str, ...] = ()  # last lines of the child's output (bounded)
+    warnings: tuple[str, ...] = ()
+    exit_code: int | None = None
