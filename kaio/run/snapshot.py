@@ -22,6 +22,7 @@ class GpuRow:
     temp_c: float | None = None  # junction if known, else edge
     energy_j: float | None = None  # since the run started
     throttle: tuple[str, ...] = ()
+    rank: int | None = None  # the training rank placed on this GPU, if known (keys peak_vram_by_rank)
 
 
 @dataclass(frozen=True, slots=True)

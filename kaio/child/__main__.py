@@ -1,0 +1,85 @@
+"""Entry point of every rank: ``accelerate launch -m kaio.child [--kaio-script S] ARGS...``.
+
+Installs the Trainer patch, then runs the target (the built-in recipe or the
+user's script) exactly as ``python script.py args`` would. A failure writes
+the traceback to an error file (as torch elastic's ``@record`` does) so the
+supervisor can name the root cause, then propagates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+import time
+import traceback
+
+from kaio.telemetry.protocol import ENV_ERROR_DIR, ENV_SESSION
+
+BUILTIN_RECIPE = "kaio.recipes.lora"
+
+
+SCRIPT_FLAG = "--kaio-script"
+
+
+def main(argv: list[str] | None = None) -> None:
+    # Parsed by hand: every other argument belongs to the target, `--help` included.
+    args = list(sys.argv[1:] if argv is None else argv)
+    script = None
+    if args[:1] == [SCRIPT_FLAG]:
+        if len(args) < 2:
+            sys.exit(f"kaio.child: {SCRIPT_FLAG} needs a path")
+        script, args = args[1], args[2:]
+    if args[:1] == ["--"]:
+        args = args[1:]
+
+    from kaio.child.patch import install, rank_from_env, shared_emitter
+
+    install()
+    try:
+        if script:
+            sys.argv = [script, *args]
+            sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+            runpy.run_path(script, run_name="__main__")
+        else:
+            sys.argv = [BUILTIN_RECIPE, *args]
+            runpy.run_module(BUILTIN_RECIPE, run_name="__main__", alter_sys=True)
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            _write_error_file(rank_from_env(), exc)
+        raise
+    except BaseException as exc:
+        _write_error_file(rank_from_env(), exc)
+        raise
+    finally:
+        shared_emitter().close()
+
+
+def _write_error_file(rank: int, exc: BaseException) -> None:
+    error_dir = os.environ.get(ENV_ERROR_DIR)
+    if not error_dir:
+        return
+    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    record = {
+        "rank": rank,
+        "session": int(os.environ.get(ENV_SESSION, "1")),
+        "pid": os.getpid(),
+        "t_wall": time.time(),
+        "exc_type": type(exc).__name__,
+        "message": str(exc)[:2000],
+        # The root cause is the last line of the traceback: "ValueError: ..."
+        "root_cause": lines[-1].strip() if lines else repr(exc),
+        "traceback": "".join(lines)[-20000:],
+    }
+    try:
+        os.makedirs(error_dir, exist_ok=True)
+        path = os.path.join(error_dir, f"error-r{rank}-{os.getpid()}.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(record, f)
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""kaio's command line: wiring only. Logic lives in the modules each command calls.
+
+Exit codes: the child's own exit code for ``run``/``resume`` (0 on success,
+128+N when killed by signal N, 130 after Ctrl-C); 2 for a user error (bad
+config, unknown project, project already running), printed as one line.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(
+    name="kaio",
+    help="Launch, watch and record a LoRA fine-tune: live GPU telemetry, honest reports.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+DEFAULT_OUTPUT_DIR = Path("docs/reports")
+
+
+def _user_errors(func):
+    """Known errors become one line on stderr and exit code 2; KAIO_DEBUG=1 shows the traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        from kaio.errors import KaioError
+
+        try:
+            return func(*args, **kwargs)
+        except KaioError as exc:
+            if os.environ.get("KAIO_DEBUG"):
+                raise
+            typer.echo(f"kaio: error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def _poller_factory(cfg):
+    from kaio.run.gpu_feed import poller_factory
+
+    return poller_factory(cfg)
+
+
+@app.command()
+@_user_errors
+def run(
+    config: Path = typer.Argument(..., help="The YAML config, e.g. configs/finetuning_config.yaml.", show_default=False),
+    plain: bool = typer.Option(False, "--plain", help="Plain status lines instead of the live dashboard (automatic when not in a terminal)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start the project over; its old record and checkpoints are moved aside, not deleted."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Override training.max_steps."),
+) -> None:
+    """Validate CONFIG, launch the fine-tune under `accelerate launch`, watch it, write the report.
+
+    Reports go to <reporting.output_dir>/<project_name>/ (report.md, telemetry.png,
+    history.json, journal.jsonl, child.log). Exits with the training's exit code.
+    """
+    from kaio.config import load_config
+    from kaio.run.project import run_new
+    from kaio.views import choose_view
+
+    overrides = {"training.max_steps": max_steps} if max_steps is not None else None
+    cfg = load_config(config, overrides)
+    console = _console()
+    code = run_new(cfg, choose_view(console, plain), overwrite=overwrite, poller_factory=_poller_factory(cfg), notify=console.print)
+    raise typer.Exit(code)
+
+
+@app.command()
+@_user_errors
+def report(
+    project: str = typer.Argument(..., help="Project name (a folder under the reports directory).", show_default=False),
+    output_dir: Path = typer.Option(DEFAULT_OUTPUT_DIR, "--output-dir", help="The reports directory (reporting.output_dir)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON for scripts."),
+) -> None:
+    """Rebuild report.md, telemetry.png and history.json from the project's journal, offline.
+
+    Safe while the run is still going (read-only with respect to the run).
+    """
+    from kaio.run.rebuild import rebuild
+
+    summary, report_dir = rebuild(project, output_dir)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(summary, indent=2, default=str))
+    else:
+        typer.echo(f"report written: {report_dir / 'report.md'}")
+
+
+@app.command()
+@_user_errors
+def gpus(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+    """List the GPU backends and devices kaio can read, with one sample of each."""
+    from kaio.devices.inventory import inventory, render_inventory
+
+    inv = inventory()
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(inv, indent=2, default=str))
+    else:
+        _console().print(render_inventory(inv))
+
+
+def main() -> None:  # pragma: no cover - python -m kaio
+    app(prog_name="kaio")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""The YAML config: its pydantic schema, loading, and one-line error messages.
+
+Every error names the file and the key (``configs/x.yaml: training.batch_size:
+...``) so the user can fix it without reading a traceback. Nothing here
+imports torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kaio.errors import ConfigError
+
+# The built-in tiny model: a Llama-style network built from a config, no download.
+TINY_MODEL = "kaio/tiny-llama"
+
+_PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelConfig(_Section):
+    base_model: str = Field(TINY_MODEL, description="Hub id or local path of the base model; `kaio/tiny-llama` builds a tiny Llama from a config (no download).")
+    tokenizer: str | None = Field(None, description="Tokenizer id or path; default: the base model's, or ByT5's byte tokenizer (no files) for the tiny model.")
+    max_seq_length: int = Field(128, ge=8, le=131072, description="Sequences are truncated (and packed examples cut) to this many tokens.")
+    trust_remote_code: bool = Field(False, description="Passed to `from_pretrained`; only for models you trust.")
+    hidden_size: int = Field(64, ge=8, description="Tiny model only: hidden size.")
+    num_layers: int = Field(2, ge=1, description="Tiny model only: decoder layers.")
+    num_heads: int = Field(4, ge=1, description="Tiny model only: attention heads.")
+    intermediate_size: int = Field(256, ge=8, description="Tiny model only: MLP width.")
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (`lora_alpha`).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        description="Module names that get adapters, or `[all-linear]`.",
+    )
+
+
+class DataConfig(_Section):
+    path: str | None = Field(None, description="JSONL file with a `text` field or chat `messages` per line; unset: the generated sample.")
+    format: Literal["auto", "text", "messages"] = Field("auto", description="How to read each JSONL line; `auto` looks at the first line.")
+    text_field: str = Field("text", description="Key of the text in `text` format.")
+    sample_size: int = Field(512, ge=1, description="Generated sample only: number of examples (deterministic, seeded by `training.seed`).")
+
+    @field_validator("path")
+    @classmethod
+    def _path_exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"data file {value!r} not found (relative paths start from {os.getcwd()})")
+        return value
+
+
+class TrainingConfig(_Section):
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; -1: run `num_epochs` epochs.")
+    num_epochs: float = Field(1.0, gt=0, description="Epochs when `max_steps` is -1.")
+    batch_size: int = Field(8, ge=1, description="Per-device batch size.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
+    optimizer: str = Field("adamw_torch", description="A `transformers` optimizer name (`optim`), e.g. adamw_torch, adamw_torch_fused, adafactor.")
+    lr_scheduler_type: str = Field("cosine", description="A `transformers` scheduler name: linear, cosine, constant, constant_with_warmup, ...")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up the learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables.")
+    logging_steps: int = Field(1, ge=1, description="Log loss / learning rate every N optimizer steps.")
+    save_steps: int = Field(50, ge=1, description="Save a checkpoint every N optimizer steps.")
+    save_total_limit: int | None = Field(3, ge=1, description="Checkpoints kept; older ones are deleted. null keeps all.")
+    seed: int = Field(42, description="Seed for data generation, shuffling and initialisation.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 where the GPU supports it, fp16 on other GPUs, fp32 on CPU.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    output_dir: str | None = Field(None, description="Where checkpoints go; default `checkpoints/<project_name>`.")
+
+    @model_validator(mode="after")
+    def _some_length(self) -> TrainingConfig:
+        if self.max_steps == 0:
+            raise ValueError("max_steps: 0 trains nothing; use -1 to train `num_epochs` epochs")
+        return self
+
+
+class LaunchConfig(_Section):
+    num_processes: int = Field(1, ge=1, le=64, description="Processes (ranks) `accelerate launch` starts; on a CPU-only host several ranks use gloo DDP.")
+    script: str | None = Field(None, description="Your own training script (it builds a `Trainer`; kaio injects its callback). Default: the built-in LoRA recipe.")
+    script_args: list[str] = Field(default_factory=list, description="Arguments passed to `script`.")
+    accelerate_args: list[str] = Field(default_factory=list, description="Extra `accelerate launch` flags, e.g. `[--mixed_precision, bf16]`.")
+    max_restarts: int = Field(0, ge=0, le=100, description="On a failure, resume from the latest checkpoint by itself up to N times.")
+    grace_seconds: float = Field(10.0, gt=0, le=600, description="After SIGTERM/SIGINT, seconds before the child's process group gets SIGKILL.")
+
+    @field_validator("script")
+    @classmethod
+    def _script_exists(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError(f"script {value!r} not found (relative paths start from {os.getcwd()})")
+        return value
+
+
+class ReportingConfig(_Section):
+    output_dir: str = Field("docs/reports", description="Reports go to `<output_dir>/<project_name>/`.")
+    use_comet_ml: bool = Field(True, description="Log to Comet ML (online with COMET_API_KEY, else an offline archive).")
+    poll_hz: float = Field(2.0, gt=0, le=50, description="GPU samples per second.")
+    refresh_seconds: float = Field(10.0, gt=0, description="How often report.md and history.json are rewritten during the run.")
+    gpu_backend: Literal["auto", "nvml", "amdsmi", "none"] = Field("auto", description="Which GPU library to read: auto detects all present.")
+
+
+class HubConfig(_Section):
+    push: bool = Field(False, description="Push the final LoRA adapter and the report to the Hugging Face Hub.")
+    repo_id: str | None = Field(None, description="`user/name` of the model repo.")
+    private: bool = Field(True, description="Create the repo as private.")
+
+    @model_validator(mode="after")
+    def _repo_when_pushing(self) -> HubConfig:
+        if self.push and not self.repo_id:
+            raise ValueError("repo_id: required when hub.push is true (e.g. `your-name/my-adapter`)")
+        if self.repo_id is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.repo_id):
+            raise ValueError(f"repo_id: {self.repo_id!r} is not of the form `user/name`")
+        return self
+
+
+class RunConfig(_Section):
+    project_name: str = Field(description="Names the report folder and checkpoints; letters, digits, `.`, `_`, `-`.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    reporting: ReportingConfig = Field(default_factory=ReportingConfig)
+    hub: HubConfig = Field(default_factory=HubConfig)
+
+    @field_validator("project_name")
+    @classmethod
+    def _safe_project_name(cls, value: str) -> str:
+        if "/" in value or "\\" in value or ".." in value or not _PROJECT_NAME.match(value):
+            raise ValueError(
+                f"{value!r} is not a safe folder name: use letters, digits, '.', '_', '-' (no path separators, no '..')"
+            )
+        return value
+
+    @property
+    def report_dir(self) -> Path:
+        return Path(self.reporting.output_dir) / self.project_name
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.training.output_dir or f"checkpoints/{self.project_name}")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read and validate a YAML config; every problem becomes one ``ConfigError`` line."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: YAML syntax error: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (UTF-8 expected)") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys (project_name:, model:, ...)")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return config_from_dict(raw, source=str(path))
+
+
+def config_from_dict(raw: dict[str, Any], *, source: str = "<config>") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc.errors()[0])}") from None
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value
+
+
+def _describe(error: dict[str, Any]) -> str:
+    """Turn the first pydantic error into ``key: what is wrong``."""
+    loc = [str(p) for p in error["loc"]]
+    key = ".".join(loc) or "(top level)"
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key{_did_you_mean(loc)}"
+    if kind == "missing":
+        return f"{key}: required key is missing"
+    message = error["msg"]
+    # pydantic prefixes custom messages; the user needs only ours.
+    message = re.sub(r"^(Value error|Assertion failed), ", "", message)
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        return f"{key}: {message} (got {error.get('input')!r})"
+    return f"{key}: {message}"
+
+
+def _did_you_mean(loc: list[str]) -> str:
+    section: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = section.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        section = annotation
+    close = difflib.get_close_matches(loc[-1], list(section.model_fields), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# ---------------------------------------------------------------- secrets
+
+_SECRET_KEY = re.compile(r"token|key|secret|password", re.IGNORECASE)
+REDACTED = "***"
+
+
+def is_secret_key(name: str) -> bool:
+    return bool(_SECRET_KEY.search(name))
+
+
+def redact(value: Any) -> Any:
+    """A copy of a nested dict/list with the values of secret-looking keys replaced."""
+    if isinstance(value, dict):
+        return {k: (REDACTED if is_secret_key(str(k)) and v is not None else redact(v)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
+def config_snapshot(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as saved beside the report: defaults filled in, secrets redacted."""
+    return redact(cfg.model_dump(mode="json"))

@@ -1,0 +1,123 @@
+"""Building the ``accelerate launch`` command, spawning it, signalling its group.
+
+``build_command`` is pure (same inputs, same argv and env) so it is tested
+without spawning anything.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from kaio.child.patch import ENV_RESUME_FROM
+from kaio.config import RunConfig
+from kaio.telemetry.protocol import ENV_ERROR_DIR, ENV_PIPE, ENV_SESSION, ENV_SPOOL_DIR
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Where this session's side channels live; chosen by the supervisor."""
+
+    fifo_path: Path
+    report_dir: Path
+    config_path: Path  # the resolved config the recipe reads
+    session: int
+    main_process_port: int
+    resume_from: Path | None = None
+    python: str = sys.executable
+
+
+def build_command(cfg: RunConfig, plan: LaunchPlan, environ: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
+    """The child's argv and environment: ``accelerate launch … -m kaio.child …``."""
+    n = cfg.launch.num_processes
+    argv = [plan.python, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", str(n)]
+    if n > 1:
+        # Several ranks: DDP (NCCL on GPUs, gloo without). `--cpu` would silently run one process.
+        argv += ["--multi_gpu", "--main_process_port", str(plan.main_process_port)]
+    # One process: no device flag, so the trainer takes the GPU when there is one and the CPU otherwise.
+    if not _has_flag(cfg.launch.accelerate_args, "--mixed_precision"):
+        argv += ["--mixed_precision", "no"]  # precision is the trainer's (training.precision)
+    if not _has_flag(cfg.launch.accelerate_args, "--dynamo_backend"):
+        argv += ["--dynamo_backend", "no"]
+    argv += list(cfg.launch.accelerate_args)
+    argv += ["-m", "kaio.child"]
+    if cfg.launch.script:
+        argv += ["--kaio-script", str(Path(cfg.launch.script).resolve()), *cfg.launch.script_args]
+    else:
+        argv += ["--config", str(plan.config_path)]
+
+    env = dict(environ)
+    env.update(
+        {
+            ENV_PIPE: str(plan.fifo_path),
+            ENV_SPOOL_DIR: str(plan.report_dir / "spool"),
+            ENV_ERROR_DIR: str(plan.report_dir / "errors"),
+            ENV_SESSION: str(plan.session),
+            "PYTHONUNBUFFERED": "1",  # the log shows lines as they happen
+            "COMET_ERROR_TRACKING_ENABLE": environ.get("COMET_ERROR_TRACKING_ENABLE", "false"),
+        }
+    )
+    if plan.resume_from is not None:
+        env[ENV_RESUME_FROM] = str(plan.resume_from)
+    else:
+        env.pop(ENV_RESUME_FROM, None)
+    return argv, env
+
+
+def _has_flag(args: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(argv: list[str], env: dict[str, str], cwd: str | None = None) -> subprocess.Popen:
+    """Start the child in its own session: its process group is ours to signal."""
+    return subprocess.Popen(
+        argv,
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def signal_group(proc: subprocess.Popen, sig: int) -> bool:
+    """Send ``sig`` to the child's whole process group; False if nothing is left."""
+    try:
+        os.killpg(proc.pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL whatever is left of the group (ranks that outlived the launcher)."""
+    signal_group(proc, signal.SIGKILL)
+
+
+def describe_exit(returncode: int) -> tuple[int, str | None]:
+    """``(exit_code, signal_name)``; a child killed by a signal exits 128+N like a shell."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return 128 - returncode, name
+    if returncode > 128:
+        try:
+            return returncode, signal.Signals(returncode - 128).name
+        except ValueError:
+            pass
+    return returncode, None

@@ -1,0 +1,49 @@
+"""Connects the GPU poller to the supervisor: detection, then ticks as journal records."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable
+
+from kaio.config import RunConfig
+from kaio.devices.base import DeviceInfo, Tick
+
+
+def device_record(devices: list[DeviceInfo], notes: list[str]) -> dict:
+    import psutil
+
+    return {
+        "type": "devices",
+        "devices": [{"key": d.key, **dataclasses.asdict(d)} for d in devices],
+        "notes": list(notes),
+        "host": {"cpu_count": os.cpu_count(), "ram_total_bytes": psutil.virtual_memory().total},
+    }
+
+
+def tick_record(tick: Tick) -> dict:
+    """A tick as a compact journal record: metrics that were not measured are left out."""
+
+    def compact(sample) -> dict:
+        return {k: v for k, v in dataclasses.asdict(sample).items() if v is not None}
+
+    record = {"type": "tick", "t_mono": tick.t_mono, "lateness_s": round(tick.lateness_s, 6), "gpus": [compact(g) for g in tick.gpus]}
+    if tick.host is not None:
+        record["host"] = compact(tick.host)
+    return record
+
+
+def poller_factory(cfg: RunConfig) -> Callable[[Callable[[dict], None]], object]:
+    """``make(on_record)`` detects the backends, announces the devices, returns an unstarted poller."""
+
+    def make(on_record: Callable[[dict], None]):
+        from kaio.devices.detect import detect
+        from kaio.devices.host import HostBackend
+        from kaio.devices.poller import Poller
+
+        found = detect(cfg.reporting.gpu_backend)
+        poller = Poller(found.backends, cfg.reporting.poll_hz, on_tick=lambda tick: on_record(tick_record(tick)), host=HostBackend())
+        on_record(device_record(list(poller.devices), found.notes))
+        return poller
+
+    return make

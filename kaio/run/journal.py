@@ -1,0 +1,79 @@
+"""The journal: every event and sample of a project, appended as it arrives.
+
+``journal.jsonl`` is the source of truth; ``history.json`` and the reports are
+derived from it. Appends go straight to the OS (a killed supervisor loses
+nothing written), and are fsynced about once a second (a power loss loses at
+most that second). A torn last line, from a crash mid-write, is skipped on
+reading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from kaio.telemetry.protocol import finite_or_tag
+
+JOURNAL_NAME = "journal.jsonl"
+
+
+class Journal:
+    def __init__(self, path: Path, fsync_interval_s: float = 1.0) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fsync_interval_s = fsync_interval_s
+        self._last_fsync = time.monotonic()
+        self._pending = bytearray()
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._pending += _line(record)
+        if len(self._pending) >= 1 << 16:
+            self.flush()
+
+    def flush(self, fsync: bool = False) -> None:
+        """Hand buffered lines to the OS; fsync when asked or when the interval has passed."""
+        if self._pending:
+            os.write(self._fd, self._pending)
+            self._pending.clear()
+        now = time.monotonic()
+        if fsync or now - self._last_fsync >= self._fsync_interval_s:
+            os.fsync(self._fd)
+            self._last_fsync = now
+
+    def close(self) -> None:
+        self.flush(fsync=True)
+        os.close(self._fd)
+
+
+def _line(record: dict[str, Any]) -> bytes:
+    clean = {k: finite_or_tag(v) for k, v in record.items()}
+    return (json.dumps(clean, separators=(",", ":"), allow_nan=False, default=str) + "\n").encode()
+
+
+def read_journal(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """All records, and how many lines were unreadable (a torn tail after a crash)."""
+    records: list[dict[str, Any]] = []
+    bad = 0
+    for record in iter_journal(path):
+        if record is None:
+            bad += 1
+        else:
+            records.append(record)
+    return records, bad
+
+
+def iter_journal(path: Path) -> Iterator[dict[str, Any] | None]:
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                yield None
+                continue
+            yield record if isinstance(record, dict) else None

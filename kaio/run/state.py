@@ -1,0 +1,583 @@
+"""``RunState``: the one owner of what is known about a project's run.
+
+It is built by applying journal records in order, live by the supervisor (on
+its main thread) and offline by ``kaio report`` replaying the journal, so both
+paths produce the same history. Record types: the child's events (see
+``kaio.telemetry.protocol``) and the supervisor's ``session_start``,
+``session_end``, ``devices``, ``tick``, ``note`` and ``hub``.
+
+GPU samples are folded into the step whose time window they fell in: a step
+is aggregated once a tick later than its end has arrived, so the samples that
+bracket it are known. Only the ticks still needed are kept, so memory does not
+grow with the run.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections import deque
+from datetime import datetime, timezone
+from typing import Any
+
+from kaio.run.snapshot import GpuRow, HostRow, Snapshot
+
+SCHEMA_VERSION = 1
+RECENT_LOSSES = 120  # sparkline window
+RECENT_STEPS = 30  # step-rate window for speed and ETA
+EMA_ALPHA = 0.1  # loss smoothing on the dashboard and in reports
+EXPLODING_FACTOR = 3.0  # loss above 3x its running minimum (after a few steps) is "exploding"
+
+RUNNING, COMPLETED, FAILED, INTERRUPTED = "RUNNING", "COMPLETED", "FAILED", "INTERRUPTED"
+
+
+def iso(t_wall: float | None) -> str | None:
+    if t_wall is None:
+        return None
+    return datetime.fromtimestamp(t_wall, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _number(value: Any) -> float | None:
+    """A finite float, or None (events carry NaN/inf as "nan"/"inf" tags)."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if math.isfinite(value) else None
+    return None
+
+
+def _nonfinite_tag(value: Any) -> str | None:
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return None
+
+
+class RunState:
+    def __init__(self, project: str) -> None:
+        self.project = project
+        self.config: dict | None = None
+        self.sessions: list[dict] = []
+        self.run_info: dict = {}
+        self.steps: dict[int, dict] = {}
+        self.devices: dict[str, dict] = {}  # key -> DeviceInfo fields + energy
+        self.host_info: dict = {}
+        self.checkpoints: list[dict] = []
+        self.hub: dict | None = None
+        self.warnings: list[str] = []
+        self.counters = {"events": 0, "malformed_lines": 0, "oversized_lines": 0, "spooled_events": 0, "samples": 0}
+        self.poll_stats: dict = {}
+        self.poll_hz: float | None = None
+        # live view
+        self.recent_losses: deque[float] = deque(maxlen=RECENT_LOSSES)
+        self.loss_ema: float | None = None
+        self.last_log: dict = {}
+        self.recent_step_ends: deque[tuple[float, int]] = deque(maxlen=RECENT_STEPS)  # (t_mono, step) of rank 0
+        self.latest_gpu: dict[str, dict] = {}
+        self.latest_host: dict | None = None
+        self.latest_peak_by_rank: dict[int, int | None] = {}
+        self.last_step_t_mono: float | None = None
+        self._loss_min: float | None = None
+        # aggregation of ticks into steps (current session only)
+        self._ticks: deque[dict] = deque()
+        self._pending: deque[int] = deque()  # steps waiting for a tick after their end
+        self._prev_end_mono: float | None = None
+
+    # ------------------------------------------------------------ applying
+
+    @property
+    def session(self) -> int:
+        return self.sessions[-1]["session"] if self.sessions else 0
+
+    @property
+    def current_session(self) -> dict | None:
+        return self.sessions[-1] if self.sessions else None
+
+    def apply(self, record: dict) -> None:
+        handler = getattr(self, f"_on_{record.get('type')}", None)
+        if handler is not None:
+            handler(record)
+
+    def _on_session_start(self, r: dict) -> None:
+        self._flush_pending()
+        self.sessions.append(
+            {
+                "session": r["session"],
+                "kind": r.get("kind", "run"),
+                "started_at": iso(r.get("t_wall")),
+                "ended_at": None,
+                "duration_s": None,
+                "status": RUNNING,
+                "exit_code": None,
+                "signal": None,
+                "start_step": None,
+                "end_step": None,
+                "error": None,
+                "_t_wall": r.get("t_wall"),
+            }
+        )
+        if r.get("config") is not None:
+            self.config = r["config"]
+        self.poll_hz = r.get("poll_hz", self.poll_hz)
+        self._ticks.clear()
+        self._pending.clear()
+        self._prev_end_mono = None
+        self.recent_step_ends.clear()
+        self.latest_gpu.clear()
+        self.last_step_t_mono = None
+
+    def _on_session_end(self, r: dict) -> None:
+        self._flush_pending()
+        s = self._session_record(r.get("session"))
+        if s is None:
+            return
+        s.update(status=r.get("status", FAILED), exit_code=r.get("exit_code"), signal=r.get("signal"), error=r.get("error"))
+        s["ended_at"] = iso(r.get("t_wall"))
+        if s.get("_t_wall") is not None and r.get("t_wall") is not None:
+            s["duration_s"] = round(r["t_wall"] - s["_t_wall"], 3)
+        session_steps = [k for k, e in self.steps.items() if e["session"] == s["session"]]
+        s["end_step"] = max(session_steps) if session_steps else s.get("start_step")
+        for key, value in (r.get("counters") or {}).items():
+            if key in self.counters:
+                self.counters[key] += value
+        if r.get("poll_stats"):
+            self.poll_stats = r["poll_stats"]
+
+    def _on_devices(self, r: dict) -> None:
+        for info in r.get("devices", []):
+            entry = self.devices.setdefault(info["key"], {"energy_j": None, "energy_method": None, "_session_energy": {}})
+            entry.update({k: v for k, v in info.items() if k != "energy_j"})
+        if r.get("host"):
+            self.host_info = r["host"]
+        for note in r.get("notes", []):
+            self.warn(note)
+
+    def _on_note(self, r: dict) -> None:
+        self.warn(r["text"])
+
+    def _on_hub(self, r: dict) -> None:
+        self.hub = {k: r.get(k) for k in ("repo_id", "commit_sha", "url", "adapter_config_url", "error")}
+
+    def _on_run_start(self, r: dict) -> None:
+        if r.get("rank") != 0:
+            return
+        self.run_info = {k: v for k, v in r.items() if k not in ("type", "rank", "session")}
+        s = self._session_record(r.get("session"))
+        start = int(r.get("start_step") or 0)
+        if s is not None:
+            s["start_step"] = start
+        # A resumed session replays the steps after its checkpoint: those of
+        # earlier sessions are superseded (the journal keeps them).
+        for step in [k for k, e in self.steps.items() if k > start and e["session"] < r.get("session", 0)]:
+            del self.steps[step]
+
+    def _entry(self, step: int, session: int) -> dict:
+        entry = self.steps.get(step)
+        if entry is None or entry["session"] < session:
+            entry = {
+                "step": step,
+                "epoch": None,
+                "session": session,
+                "timestamp": None,
+                "t_mono": None,
+                "step_time_s": None,
+                "loss": None,
+                "learning_rate": None,
+                "grad_norm": None,
+                "samples_seen": None,
+                "tokens_seen": None,
+                "peak_vram_bytes": {},
+                "vram_gb": None,
+                "power_avg": None,
+                "power_min": None,
+                "power_max": None,
+                "temp": None,
+                "util": None,
+                "energy_j": None,
+                "gpus": {},
+                "host": None,
+            }
+            self.steps[step] = entry
+        return entry
+
+    def _on_step(self, r: dict) -> None:
+        self.counters["events"] += 1
+        step, session, rank = int(r["step"]), int(r.get("session", self.session)), r["rank"]
+        entry = self._entry(step, session)
+        peak = r.get("peak_vram_bytes")
+        entry["peak_vram_bytes"][str(rank)] = peak
+        peaks = [v for v in entry["peak_vram_bytes"].values() if isinstance(v, (int, float))]
+        entry["vram_gb"] = round(max(peaks) / 1e9, 6) if peaks else None
+        self.latest_peak_by_rank[rank] = peak
+        if rank != 0:
+            return
+        entry["epoch"] = r.get("epoch")
+        entry["timestamp"] = iso(r.get("t_wall"))
+        entry["t_mono"] = r.get("t_mono")
+        entry["step_time_s"] = r.get("step_time_s")
+        if r.get("tokens_seen") is not None:
+            entry["tokens_seen"] = r["tokens_seen"]
+        per_step = self._samples_per_step()
+        if per_step is not None:
+            entry["samples_seen"] = step * per_step
+        if r.get("t_mono") is not None:
+            self.recent_step_ends.append((r["t_mono"], step))
+            self.last_step_t_mono = r["t_mono"]
+            if session == self.session:
+                self._pending.append(step)
+
+    def _on_log(self, r: dict) -> None:
+        self.counters["events"] += 1
+        if r.get("step") is None:
+            return
+        entry = self._entry(int(r["step"]), int(r.get("session", self.session)))
+        for key in ("learning_rate", "grad_norm"):
+            if key in r:
+                entry[key] = _number(r[key])
+        if r.get("epoch") is not None:
+            entry["epoch"] = r["epoch"]
+        if "loss" in r:
+            self._record_loss(entry, r["loss"])
+        self.last_log = {k: r.get(k) for k in ("loss", "learning_rate", "grad_norm", "epoch") if k in r}
+
+    def _record_loss(self, entry: dict, raw: Any) -> None:
+        loss = _number(raw)
+        tag = _nonfinite_tag(raw)
+        entry["loss"] = loss
+        if tag is not None:
+            entry["loss_nonfinite"] = tag
+            self.warn(f"non-finite loss ({tag}) at step {entry['step']}")
+            return
+        if loss is None:
+            return
+        self.recent_losses.append(loss)
+        self.loss_ema = loss if self.loss_ema is None else EMA_ALPHA * loss + (1 - EMA_ALPHA) * self.loss_ema
+        if self._loss_min is not None and len(self.recent_losses) > 10 and loss > EXPLODING_FACTOR * self._loss_min:
+            self.warn(f"exploding loss: {loss:.4g} at step {entry['step']} (minimum so far {self._loss_min:.4g})")
+        self._loss_min = loss if self._loss_min is None else min(self._loss_min, loss)
+
+    def _on_save(self, r: dict) -> None:
+        self.counters["events"] += 1
+        self.checkpoints.append({"step": r.get("step"), "path": r.get("path"), "session": r.get("session")})
+
+    def _on_train_end(self, r: dict) -> None:
+        self.counters["events"] += 1
+
+    def _on_tick(self, r: dict) -> None:
+        self.counters["samples"] += 1
+        run_keys = self._run_gpu_keys()
+        total_power = [g["power_w"] for g in r.get("gpus", ()) if g["key"] in run_keys and g.get("power_w") is not None]
+        utils = [g["util_pct"] for g in r.get("gpus", ()) if g["key"] in run_keys and g.get("util_pct") is not None]
+        temps = [
+            g.get("temp_junction_c") if g.get("temp_junction_c") is not None else g.get("temp_c")
+            for g in r.get("gpus", ())
+            if g["key"] in run_keys
+        ]
+        temps = [t for t in temps if t is not None]
+        tick = {
+            "t_mono": r["t_mono"],
+            "gpus": {g["key"]: g for g in r.get("gpus", ())},
+            "host": r.get("host"),
+            "power": sum(total_power) if total_power else None,
+            "util": sum(utils) / len(utils) if utils else None,
+            "temp": max(temps) if temps else None,
+        }
+        for g in r.get("gpus", ()):
+            self.latest_gpu[g["key"]] = g
+            if g.get("energy_j") is not None and g["key"] in self.devices:
+                dev = self.devices[g["key"]]
+                dev["_session_energy"][str(self.session)] = g["energy_j"]
+                dev["energy_j"] = round(sum(dev["_session_energy"].values()), 3)
+                dev["energy_method"] = g.get("energy_method")
+        if r.get("host"):
+            self.latest_host = r["host"]
+        self._ticks.append(tick)
+        self._aggregate_ready(r["t_mono"])
+
+    # ------------------------------------------------------------ tick -> step aggregation
+
+    def _run_gpu_keys(self) -> set[str]:
+        keys = {k for k, d in self.devices.items() if d.get("in_run", True)}
+        return keys
+
+    def _aggregate_ready(self, now_mono: float) -> None:
+        while self._pending:
+            step = self._pending[0]
+            entry = self.steps.get(step)
+            end = entry.get("t_mono") if entry else None
+            if end is None:
+                self._pending.popleft()
+                continue
+            if end > now_mono:
+                break
+            self._pending.popleft()
+            self._aggregate(entry)
+        self._trim_ticks()
+
+    def _flush_pending(self) -> None:
+        while self._pending:
+            entry = self.steps.get(self._pending.popleft())
+            if entry and entry.get("t_mono") is not None:
+                self._aggregate(entry)
+
+    def _trim_ticks(self) -> None:
+        """Drop ticks no pending step can need; keep one before the window for energy interpolation."""
+        if self._pending:
+            first = self.steps.get(self._pending[0])
+            horizon = (first.get("t_mono") or 0) - (first.get("step_time_s") or 0)
+            horizon = min(horizon, self._prev_end_mono or horizon)
+        else:
+            horizon = self._prev_end_mono
+        if horizon is None:
+            return
+        while len(self._ticks) > 2 and self._ticks[1]["t_mono"] <= horizon:
+            self._ticks.popleft()
+
+    def _aggregate(self, entry: dict) -> None:
+        end = entry["t_mono"]
+        start = self._prev_end_mono
+        if start is None or start >= end:
+            start = end - (entry.get("step_time_s") or 0.0)
+        self._prev_end_mono = end
+        inside = [t for t in self._ticks if start < t["t_mono"] <= end]
+        carried = False
+        if not inside:
+            before = [t for t in self._ticks if t["t_mono"] <= end]
+            if not before:
+                return
+            inside = [before[-1]]
+            carried = True
+        entry["gpus_carried"] = carried
+        entry["power_avg"], entry["power_min"], entry["power_max"] = _avg_min_max([t["power"] for t in inside])
+        entry["util"] = _avg_min_max([t["util"] for t in inside])[0]
+        temps = [t["temp"] for t in inside if t["temp"] is not None]
+        entry["temp"] = max(temps) if temps else None
+        run_keys = self._run_gpu_keys()
+        energy_total = 0.0
+        energy_known = False
+        for key in sorted({k for t in inside for k in t["gpus"]}):
+            samples = [t["gpus"][key] for t in inside if key in t["gpus"]]
+            power = _avg_min_max([s.get("power_w") for s in samples])
+            util = _avg_min_max([s.get("util_pct") for s in samples])
+            energy = self._energy_between(key, start, end)
+            if energy is not None and key in run_keys:
+                energy_total += energy
+                energy_known = True
+            entry["gpus"][key] = {
+                "power_avg": power[0],
+                "power_min": power[1],
+                "power_max": power[2],
+                "util_avg": util[0],
+                "util_min": util[1],
+                "util_max": util[2],
+                "temp_max": _max([s.get("temp_c") for s in samples]),
+                "temp_junction_max": _max([s.get("temp_junction_c") for s in samples]),
+                "energy_j": energy,
+                "vram_used_max_bytes": _max([s.get("vram_used_bytes") for s in samples]),
+                "run_vram_max_bytes": _max([s.get("run_vram_bytes") for s in samples]),
+                "throttle": sorted({r for s in samples for r in (s.get("throttle") or ())}) or None,
+                "samples": 0 if carried else len(samples),
+            }
+        entry["energy_j"] = round(energy_total, 6) if energy_known else None
+        hosts = [t["host"] for t in inside if t.get("host")]
+        if hosts:
+            entry["host"] = {
+                "cpu_pct": _avg_min_max([h.get("cpu_pct") for h in hosts])[0],
+                "ram_used_bytes": _max([h.get("ram_used_bytes") for h in hosts]),
+            }
+
+    def _energy_between(self, key: str, start: float, end: float) -> float | None:
+        """Energy counter interpolated linearly at both ends of the step."""
+        points = [(t["t_mono"], t["gpus"][key].get("energy_j")) for t in self._ticks if key in t["gpus"]]
+        points = [(t, e) for t, e in points if e is not None]
+        if len(points) < 2:
+            return None
+        e_start, e_end = _interpolate(points, start), _interpolate(points, end)
+        if e_start is None or e_end is None:
+            return None
+        return round(max(e_end - e_start, 0.0), 6)
+
+    # ------------------------------------------------------------ helpers
+
+    def _session_record(self, number: Any) -> dict | None:
+        for s in reversed(self.sessions):
+            if s["session"] == number:
+                return s
+        return self.sessions[-1] if self.sessions and number is None else None
+
+    def _samples_per_step(self) -> int | None:
+        args = self.run_info.get("args") or {}
+        bs, accum, world = args.get("per_device_train_batch_size"), args.get("gradient_accumulation_steps"), self.run_info.get("world_size")
+        if isinstance(bs, int) and isinstance(accum, int) and isinstance(world, int):
+            return bs * accum * world
+        return None
+
+    def warn(self, text: str) -> None:
+        if text not in self.warnings:
+            self.warnings.append(text)
+
+    @property
+    def status(self) -> str:
+        return self.sessions[-1]["status"] if self.sessions else RUNNING
+
+    @property
+    def last_step(self) -> int:
+        return max(self.steps) if self.steps else 0
+
+    # ------------------------------------------------------------ views
+
+    def history(self) -> dict:
+        """The ``history.json`` document (see docs/history-schema.md)."""
+        sessions = [{k: v for k, v in s.items() if not k.startswith("_")} for s in self.sessions]
+        devices = [
+            {k: v for k, v in d.items() if not k.startswith("_")} for _, d in sorted(self.devices.items())
+        ]
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "project": self.project,
+            "generated_at": iso(time.time()),
+            "status": self.status,
+            "config": self.config,
+            "run": self._run_summary(),
+            "sessions": sessions,
+            "devices": devices,
+            "host": self.host_info,
+            "telemetry": {**self.counters, "poll_hz": self.poll_hz, **self.poll_stats},
+            "warnings": list(self.warnings),
+            "hub": self.hub,
+            "checkpoints": self.checkpoints[-20:],
+            "steps": [self.steps[k] for k in sorted(self.steps)],
+        }
+
+    def _run_summary(self) -> dict:
+        info = self.run_info
+        args = info.get("args") or {}
+        cfg = self.config or {}
+        lora = cfg.get("lora") or {}
+        per_device = args.get("per_device_train_batch_size")
+        accum = args.get("gradient_accumulation_steps")
+        world = info.get("world_size")
+        effective = per_device * accum * world if all(isinstance(v, int) for v in (per_device, accum, world)) else None
+        precision = "bf16" if args.get("bf16") else "fp16" if args.get("fp16") else ("fp32" if args else None)
+        return {
+            "world_size": world,
+            "max_steps": info.get("max_steps"),
+            "trainable_params": info.get("trainable_params"),
+            "total_params": info.get("total_params"),
+            "architecture": info.get("architecture"),
+            "base_model": (cfg.get("model") or {}).get("base_model"),
+            "device": info.get("device"),
+            "precision": precision,
+            "per_device_batch_size": per_device,
+            "gradient_accumulation_steps": accum,
+            "effective_batch_size": effective,
+            "learning_rate": args.get("learning_rate"),
+            "lr_scheduler_type": args.get("lr_scheduler_type"),
+            "optimizer": args.get("optim"),
+            "lora": {"r": lora.get("r"), "alpha": lora.get("alpha"), "target_modules": lora.get("target_modules")} if lora else None,
+            "seq_length": (cfg.get("model") or {}).get("max_seq_length"),
+        }
+
+    def snapshot(self, *, status: str | None = None, now_mono: float | None = None, log_tail: tuple[str, ...] = (), extra_warnings: tuple[str, ...] = ()) -> Snapshot:
+        now_mono = time.monotonic() if now_mono is None else now_mono
+        session = self.current_session
+        started = session.get("_t_wall") if session else None
+        elapsed = time.time() - started if started and session and session["status"] == RUNNING else (session or {}).get("duration_s") or 0.0
+        rate = self.steps_per_s()
+        max_steps = self.run_info.get("max_steps")
+        step = self.last_step
+        eta = (max_steps - step) / rate if rate and max_steps and max_steps > step else None
+        per_step = self._samples_per_step()
+        gpus = tuple(
+            GpuRow(
+                key=key,
+                name=dev.get("name", key),
+                in_run=dev.get("in_run", True),
+                util_pct=(self.latest_gpu.get(key) or {}).get("util_pct"),
+                vram_used_bytes=(self.latest_gpu.get(key) or {}).get("vram_used_bytes"),
+                vram_total_bytes=(self.latest_gpu.get(key) or {}).get("vram_total_bytes") or dev.get("vram_total_bytes"),
+                power_w=(self.latest_gpu.get(key) or {}).get("power_w"),
+                temp_c=_first_not_none((self.latest_gpu.get(key) or {}).get("temp_junction_c"), (self.latest_gpu.get(key) or {}).get("temp_c")),
+                energy_j=dev.get("energy_j"),
+                throttle=tuple((self.latest_gpu.get(key) or {}).get("throttle") or ()),
+            )
+            for key, dev in sorted(self.devices.items())
+        )
+        host = None
+        if self.latest_host:
+            host = HostRow(
+                cpu_pct=self.latest_host.get("cpu_pct"),
+                ram_used_bytes=self.latest_host.get("ram_used_bytes"),
+                ram_total_bytes=self.latest_host.get("ram_total_bytes"),
+            )
+        return Snapshot(
+            project=self.project,
+            status=status or self.status,
+            session=self.session,
+            elapsed_s=elapsed,
+            step=step,
+            max_steps=max_steps,
+            epoch=self.last_log.get("epoch"),
+            loss=_number(self.last_log.get("loss")),
+            loss_smoothed=self.loss_ema,
+            recent_losses=tuple(self.recent_losses),
+            learning_rate=_number(self.last_log.get("learning_rate")),
+            grad_norm=_number(self.last_log.get("grad_norm")),
+            steps_per_s=rate,
+            samples_per_s=rate * per_step if rate and per_step else None,
+            eta_s=eta,
+            peak_vram_by_rank=dict(sorted(self.latest_peak_by_rank.items())),
+            gpus=gpus,
+            host=host,
+            log_tail=log_tail,
+            warnings=tuple(self.warnings[-5:]) + extra_warnings,
+            exit_code=(session or {}).get("exit_code"),
+        )
+
+    def steps_per_s(self) -> float | None:
+        if len(self.recent_step_ends) < 2:
+            return None
+        (t0, s0), (t1, s1) = self.recent_step_ends[0], self.recent_step_ends[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 and s1 > s0 else None
+
+    def median_step_time(self) -> float | None:
+        ends = list(self.recent_step_ends)
+        gaps = [b[0] - a[0] for a, b in zip(ends, ends[1:]) if b[0] > a[0]]
+        return statistics.median(gaps) if gaps else None
+
+
+def _avg_min_max(values: list) -> tuple[float | None, float | None, float | None]:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None, None, None
+    return round(sum(present) / len(present), 3), min(present), max(present)
+
+
+def _max(values: list) -> Any:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def _first_not_none(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _interpolate(points: list[tuple[float, float]], t: float) -> float | None:
+    """Linear interpolation of a cumulative counter at time ``t`` (clamped inside the known span)."""
+    if t <= points[0][0]:
+        return points[0][1]
+    for (t0, e0), (t1, e1) in zip(points, points[1:]):
+        if t0 <= t <= t1:
+            return e0 if t1 == t0 else e0 + (e1 - e0) * (t - t0) / (t1 - t0)
+    return points[-1][1]
+
+
+def replay(project: str, records: list[dict]) -> RunState:
+    """Rebuild a state from journal records (``kaio report``, ``kaio resume``)."""
+    state = RunState(project)
+    for record in records:
+        state.apply(record)
+    state._flush_pending()
+    return state

@@ -1,0 +1,331 @@
+"""The supervisor loop: start the child, gather everything it and the GPUs say, finalize.
+
+Threads only produce (FIFO reader, GPU poller, child output); this loop on
+the main thread is the single consumer that updates ``RunState``, appends to
+the journal, refreshes the view and rewrites the history. Whatever way the
+child ends (success, crash, Ctrl-C, SIGTERM) ``finalize`` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+from kaio import launch
+from kaio.config import RunConfig, config_snapshot
+from kaio.fsutil import atomic_write_json
+from kaio.run.journal import JOURNAL_NAME, Journal
+from kaio.run.snapshot import Snapshot
+from kaio.run.state import COMPLETED, FAILED, INTERRUPTED, RunState
+from kaio.telemetry.fifo import FifoReader, TelemetryFifo, read_spool
+
+CONFIG_NAME = "config.json"
+LOG_NAME = "child.log"
+LOG_TAIL_LINES = 200
+LOOP_INTERVAL_S = 0.1
+STALL_FACTOR = 10  # no step for 10x the recent median step time (and > 60 s) is a stall
+
+
+class View(Protocol):
+    """How the run is shown: the Rich dashboard or plain lines."""
+
+    def start(self) -> None: ...
+    def child_output(self, line: str) -> None: ...
+    def update(self, snapshot: Snapshot) -> None: ...
+    def stop(self, snapshot: Snapshot) -> None: ...
+
+
+@dataclass
+class SessionRequest:
+    kind: str = "run"  # run | resume | restart
+    resume_from: Path | None = None
+
+
+@dataclass
+class SessionOutcome:
+    exit_code: int
+    status: str
+    signal: str | None = None
+    error: str | None = None
+    interrupted: bool = False
+
+
+@dataclass
+class _Stop:
+    """Ctrl-C / SIGTERM bookkeeping: first press stops gracefully, second kills."""
+
+    requests: int = 0
+    first_at: float | None = None
+    killed: bool = False
+    signals: list[int] = field(default_factory=list)
+
+
+class Supervisor:
+    def __init__(self, cfg: RunConfig, state: RunState, journal: Journal, view: View, *, poller_factory: Callable | None = None) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.journal = journal
+        self.view = view
+        self.report_dir = cfg.report_dir
+        self._poller_factory = poller_factory
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._log_tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        self._stop = _Stop()
+        self.on_refresh: list[Callable[[RunState], None]] = []  # report writers, sinks
+        self.on_step: list[Callable[[dict], None]] = []  # per-step entry consumers (Comet)
+
+    # ------------------------------------------------------------ one session
+
+    def run_session(self, request: SessionRequest) -> SessionOutcome:
+        session = self.state.session + 1
+        config_path = self.report_dir / CONFIG_NAME
+        atomic_write_json(config_path, config_snapshot(self.cfg))
+        fifo = TelemetryFifo()
+        plan = launch.LaunchPlan(
+            fifo_path=fifo.path,
+            report_dir=self.report_dir.resolve(),
+            config_path=config_path.resolve(),
+            session=session,
+            main_process_port=launch.free_port(),
+            resume_from=request.resume_from,
+        )
+        argv, env = launch.build_command(self.cfg, plan, os.environ)
+        self._record(
+            {
+                "type": "session_start",
+                "session": session,
+                "kind": request.kind,
+                "t_wall": time.time(),
+                "t_mono": time.monotonic(),
+                "resume_from": str(request.resume_from) if request.resume_from else None,
+                "poll_hz": self.cfg.reporting.poll_hz,
+                "config": config_snapshot(self.cfg),
+                "argv": argv,
+            }
+        )
+        reader = FifoReader(fifo.read_fd, lambda event: self._queue.put(("record", event)))
+        reader.start()
+        poller = self._start_poller()
+        log_file = open(self.report_dir / LOG_NAME, "ab", buffering=0)
+        log_file.write(f"\n===== kaio session {session} ({request.kind}) {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
+        proc = launch.spawn(argv, env)
+        self._record({"type": "child_started", "session": session, "pid": proc.pid, "t_wall": time.time()})
+        output = threading.Thread(target=self._pump_output, args=(proc, log_file), name="kaio-child-output", daemon=True)
+        output.start()
+        previous_handlers = self._install_signal_handlers(proc)
+        try:
+            self._loop(proc)
+        finally:
+            self._restore_signal_handlers(previous_handlers)
+            launch.kill_group(proc)  # ranks that outlived the launcher, if any
+            fifo.close_write_end()
+            reader.join(timeout=10)
+            output.join(timeout=5)
+            log_file.close()
+            if poller is not None:
+                poller.stop()
+            self._drain()
+            fifo.close()
+        spooled = self._merge_spool()
+        outcome = self._outcome(proc.returncode)
+        self._record(
+            {
+                "type": "session_end",
+                "session": session,
+                "t_wall": time.time(),
+                "t_mono": time.monotonic(),
+                "status": outcome.status,
+                "exit_code": outcome.exit_code,
+                "signal": outcome.signal,
+                "error": outcome.error,
+                "counters": {
+                    "malformed_lines": reader.stats.malformed,
+                    "oversized_lines": reader.stats.oversized,
+                    "spooled_events": spooled,
+                },
+                "poll_stats": poller.stats() if poller is not None else {},
+            }
+        )
+        if reader.stats.malformed or reader.stats.oversized:
+            self._note(f"telemetry: {reader.stats.malformed} malformed and {reader.stats.oversized} oversized lines skipped")
+        self.journal.flush(fsync=True)
+        return outcome
+
+    # ------------------------------------------------------------ the loop
+
+    def _loop(self, proc: subprocess.Popen) -> None:
+        refresh_s = self.cfg.reporting.refresh_seconds
+        next_refresh = time.monotonic() + min(refresh_s, 2.0)
+        while True:
+            exited = proc.poll() is not None
+            self._drain()
+            self._check_stop(proc)
+            now = time.monotonic()
+            self.view.update(self.snapshot())
+            if now >= next_refresh:
+                self._refresh()
+                next_refresh = now + refresh_s
+            if exited:
+                return
+            time.sleep(LOOP_INTERVAL_S)
+
+    def _drain(self) -> None:
+        handled = 0
+        while True:
+            try:
+                kind, item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "log":
+                self._log_tail.append(item)
+                self.view.child_output(item)
+            else:  # "record": a child event, a GPU tick, the device list
+                self._record(item)
+            handled += 1
+        if handled:
+            self.journal.flush()
+
+    def _record(self, record: dict) -> None:
+        """Journal first (crash-safe), then the state."""
+        self.journal.append(record)
+        self.state.apply(record)
+        if record.get("type") == "log" and self.on_step:
+            entry = self.state.steps.get(record.get("step"))
+            if entry is not None:
+                for consumer in self.on_step:
+                    consumer(entry)
+
+    def _note(self, text: str) -> None:
+        self._record({"type": "note", "text": text, "t_wall": time.time()})
+
+    def _refresh(self) -> None:
+        for writer in self.on_refresh:
+            writer(self.state)
+
+    def snapshot(self) -> Snapshot:
+        status = "STOPPING" if self._stop.requests else None
+        return self.state.snapshot(status=status, log_tail=tuple(self._log_tail), extra_warnings=self._live_warnings())
+
+    def _live_warnings(self) -> tuple[str, ...]:
+        median = self.state.median_step_time()
+        last = self.state.last_step_t_mono
+        if median is None or last is None:
+            return ()
+        idle = time.monotonic() - last
+        if idle > max(STALL_FACTOR * median, 60.0):
+            return (f"stall: no step for {idle:.0f} s (median step {median:.2f} s)",)
+        return ()
+
+    # ------------------------------------------------------------ threads
+
+    def _pump_output(self, proc: subprocess.Popen, log_file) -> None:
+        assert proc.stdout is not None
+        for raw in iter(proc.stdout.readline, b""):
+            log_file.write(raw)
+            self._queue.put(("log", raw.decode("utf-8", errors="replace").rstrip("\n")))
+        proc.stdout.close()
+
+    def _start_poller(self):
+        if self._poller_factory is None:
+            return None
+        poller = self._poller_factory(lambda record: self._queue.put(("record", record)))
+        if poller is not None:
+            poller.start()
+        return poller
+
+    # ------------------------------------------------------------ stopping
+
+    def _install_signal_handlers(self, proc: subprocess.Popen):
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, frame):
+            self._stop.requests += 1
+            self._stop.signals.append(signum)
+            if self._stop.requests == 1:
+                self._stop.first_at = time.monotonic()
+                launch.signal_group(proc, signal.SIGTERM)
+            else:
+                self._stop.killed = True
+                launch.kill_group(proc)
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    def _restore_signal_handlers(self, previous) -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    def _check_stop(self, proc: subprocess.Popen) -> None:
+        """After the grace period, the first request turns into SIGKILL."""
+        if self._stop.requests and not self._stop.killed and self._stop.first_at is not None:
+            if time.monotonic() - self._stop.first_at > self.cfg.launch.grace_seconds:
+                self._stop.killed = True
+                self._note(f"the child did not stop within {self.cfg.launch.grace_seconds:g} s of SIGTERM; killed")
+                launch.kill_group(proc)
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.requests > 0
+
+    # ------------------------------------------------------------ endings
+
+    def _merge_spool(self) -> int:
+        """Events a rank wrote to its spool (its FIFO writes failed) join the journal."""
+        return merge_spool(self.report_dir, self._record)
+
+    def _outcome(self, returncode: int) -> SessionOutcome:
+        exit_code, signal_name = launch.describe_exit(returncode)
+        error = root_cause(self.report_dir, self.state.session)
+        if self._stop.requests:
+            return SessionOutcome(exit_code, INTERRUPTED, signal_name, error, interrupted=True)
+        if returncode == 0:
+            return SessionOutcome(0, COMPLETED)
+        if error is None and signal_name:
+            error = f"killed by {signal_name}"
+        return SessionOutcome(exit_code, FAILED, signal_name, error)
+
+
+def merge_spool(report_dir: Path, record: Callable[[dict], None]) -> int:
+    spool_dir = report_dir / "spool"
+    if not spool_dir.is_dir():
+        return 0
+    events, _bad = read_spool(spool_dir)
+    for event in sorted(events, key=lambda e: (e.get("session", 0), e.get("t_mono") or 0)):
+        record(event)
+    for path in spool_dir.glob("spool-*.jsonl"):
+        path.unlink()
+    return len(events)
+
+
+def root_cause(report_dir: Path, session: int) -> str | None:
+    """The root-cause line from the earliest rank error file of the session (torch elastic's rule)."""
+    error_dir = report_dir / "errors"
+    if not error_dir.is_dir():
+        return None
+    errors = []
+    for path in error_dir.glob("error-*.json"):
+        try:
+            errors.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    errors = [e for e in errors if e.get("session", session) == session]
+    if not errors:
+        return None
+    first = min(errors, key=lambda e: e.get("t_wall", 0))
+    return f"rank {first.get('rank')}: {first.get('root_cause')}"
+
+
+def open_journal(report_dir: Path) -> Journal:
+    return Journal(report_dir / JOURNAL_NAME)

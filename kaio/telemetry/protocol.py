@@ -1,0 +1,75 @@
+"""The wire protocol between the child's callback and the supervisor.
+
+One event is one JSON object on one line, shorter than ``PIPE_BUF`` (4096
+bytes) so that a single ``os.write`` to the FIFO is atomic: lines from several
+ranks interleave but never tear. This module is imported inside the trainer:
+standard library only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+PROTOCOL_VERSION = 1
+MAX_LINE_BYTES = 4096  # PIPE_BUF on Linux: the atomic-write limit
+
+# Environment variables the supervisor sets for the child.
+ENV_PIPE = "KAIO_TELEMETRY_PIPE"  # path of the FIFO
+ENV_SPOOL_DIR = "KAIO_SPOOL_DIR"  # where events go when the FIFO has no reader
+ENV_ERROR_DIR = "KAIO_ERROR_DIR"  # where a failing rank writes its traceback
+ENV_SESSION = "KAIO_SESSION"  # session number, stamped on every event
+
+RUN_START = "run_start"  # once per rank at on_train_begin
+STEP = "step"  # every optimizer step, every rank
+LOG = "log"  # rank 0's Trainer logs (loss, learning rate, grad norm, epoch)
+SAVE = "save"  # a checkpoint was written (rank 0)
+TRAIN_END = "train_end"  # on_train_end (every rank)
+EVENT_TYPES = frozenset({RUN_START, STEP, LOG, SAVE, TRAIN_END})
+
+
+class ProtocolError(ValueError):
+    """A line that is not a valid event."""
+
+
+def encode(event: dict[str, Any]) -> bytes:
+    """One event as one line of bytes, guaranteed shorter than ``MAX_LINE_BYTES``.
+
+    Non-finite floats (a NaN loss) travel as strings "nan"/"inf"/"-inf" so the
+    line stays strict JSON. An event too large is shrunk by dropping its
+    optional ``extra`` mapping; if still too large, ``ProtocolError``.
+    """
+    line = _dumps(event)
+    if len(line) >= MAX_LINE_BYTES and "extra" in event:
+        line = _dumps({**{k: v for k, v in event.items() if k != "extra"}, "truncated": True})
+    if len(line) >= MAX_LINE_BYTES:
+        raise ProtocolError(f"event of type {event.get('type')!r} is {len(line)} bytes, over {MAX_LINE_BYTES}")
+    return line
+
+
+def decode(line: bytes | str) -> dict[str, Any]:
+    """Parse one line; raise ``ProtocolError`` for anything that is not a known event."""
+    try:
+        event = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"not JSON: {exc}") from None
+    if not isinstance(event, dict):
+        raise ProtocolError("not a JSON object")
+    if event.get("type") not in EVENT_TYPES:
+        raise ProtocolError(f"unknown event type {event.get('type')!r}")
+    if not isinstance(event.get("rank"), int):
+        raise ProtocolError("missing integer 'rank'")
+    return event
+
+
+def finite_or_tag(value: Any) -> Any:
+    """A float as-is if finite, else its tag ("nan", "inf", "-inf")."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def _dumps(event: dict[str, Any]) -> bytes:
+    clean = {k: finite_or_tag(v) for k, v in event.items()}
+    return (json.dumps(clean, separators=(",", ":"), allow_nan=False, default=str) + "\n").encode("utf-8")

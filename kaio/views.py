@@ -1,0 +1,111 @@
+"""Drivers that put snapshots in front of a person: the live dashboard, or plain lines.
+
+What a snapshot looks like is ``kaio.dashboard``'s business (pure functions);
+these classes only decide when and where it is shown.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from rich.console import Console
+
+from kaio.run.snapshot import Snapshot
+
+PLAIN_INTERVAL_S = 5.0  # one status line every few seconds when not in a terminal
+LIVE_REFRESH_HZ = 4
+
+
+class LiveView:
+    """Rich ``Live`` pulling the latest immutable snapshot at most 4 times a second."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self._snapshot: Snapshot | None = None
+        self._live = None
+
+    def _renderable(self):
+        from kaio.dashboard import render
+
+        if self._snapshot is None:
+            return ""
+        return render(self._snapshot)
+
+    def start(self) -> None:
+        from rich.live import Live
+
+        self._live = Live(
+            get_renderable=self._renderable,
+            console=self.console,
+            refresh_per_second=LIVE_REFRESH_HZ,
+            screen=False,
+            transient=False,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        self._live.start()
+
+    def child_output(self, line: str) -> None:
+        """Shown in the dashboard's log panel (from the snapshot); the full log is in child.log."""
+
+    def update(self, snapshot: Snapshot) -> None:
+        self._snapshot = snapshot
+
+    def stop(self, snapshot: Snapshot) -> None:
+        from kaio.dashboard import final_line
+
+        self._snapshot = snapshot
+        if self._live is not None:
+            self._live.refresh()
+            self._live.stop()
+        self.console.print(final_line(snapshot), markup=False, highlight=False)
+
+
+class PlainView:
+    """No terminal (CI, nohup, a pipe) or ``--plain``: the child's output, and a status line every few seconds."""
+
+    def __init__(self, console: Console, *, echo_child: bool = True, interval_s: float = PLAIN_INTERVAL_S) -> None:
+        self.console = console
+        self.echo_child = echo_child
+        self.interval_s = interval_s
+        self._next = 0.0
+        self._last_line = ""
+
+    def _print(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def start(self) -> None:
+        self._next = time.monotonic() + self.interval_s
+
+    def child_output(self, line: str) -> None:
+        if self.echo_child:
+            self._print(line)
+
+    def update(self, snapshot: Snapshot) -> None:
+        from kaio.dashboard import plain_line
+
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self.interval_s
+        line = plain_line(snapshot)
+        if line != self._last_line:
+            self._print(line)
+            self._last_line = line
+
+    def stop(self, snapshot: Snapshot) -> None:
+        from kaio.dashboard import final_line, plain_line
+
+        self._print(plain_line(snapshot))
+        self._print(final_line(snapshot))
+
+
+def choose_view(console: Console, plain: bool):
+    if plain or not console.is_terminal or console.is_dumb_terminal:
+        return PlainView(console)
+    return LiveView(console)
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True, file=sys.stderr)
