@@ -210,20 +210,29 @@ def _describe(error: dict[str, Any]) -> str:
     message = error["msg"]
     # pydantic prefixes custom messages; the user needs only ours.
     message = re.sub(r"^(Value error|Assertion failed), ", "", message)
+    # A section-level check names its key first ("repo_id: ..."): fold it into the path.
+    named = re.match(r"^(\w+): (.*)$", message)
+    if named and named.group(1) in _section_fields(loc):
+        return f"{key + '.' if loc else ''}{named.group(1)}: {named.group(2)}"
     if kind.endswith("_type") or kind.endswith("_parsing"):
         return f"{key}: {message} (got {error.get('input')!r})"
     return f"{key}: {message}"
 
 
-def _did_you_mean(loc: list[str]) -> str:
+def _section_fields(loc: list[str]) -> list[str]:
+    """The field names of the config section at ``loc`` ([] if ``loc`` is not a section)."""
     section: type[BaseModel] = RunConfig
-    for part in loc[:-1]:
+    for part in loc:
         field = section.model_fields.get(part)
         annotation = getattr(field, "annotation", None)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return ""
+            return []
         section = annotation
-    close = difflib.get_close_matches(loc[-1], list(section.model_fields), n=1, cutoff=0.6)
+    return list(section.model_fields)
+
+
+def _did_you_mean(loc: list[str]) -> str:
+    close = difflib.get_close_matches(loc[-1], _section_fields(loc[:-1]), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 

@@ -66,7 +66,8 @@ class RunState:
         self.host_info: dict = {}
         self.checkpoints: list[dict] = []
         self.hub: dict | None = None
-        self.warnings: list[str] = []
+        self.warnings: list[str] = []  # something went wrong or looks wrong
+        self.notes: list[str] = []  # facts about how telemetry was gathered (no GPU, a vendor absent)
         self.counters = {"events": 0, "malformed_lines": 0, "oversized_lines": 0, "spooled_events": 0, "samples": 0}
         self.poll_stats: dict = {}
         self.poll_hz: float | None = None
@@ -152,7 +153,8 @@ class RunState:
         if r.get("host"):
             self.host_info = r["host"]
         for note in r.get("notes", []):
-            self.warn(note)
+            if note not in self.notes:
+                self.notes.append(note)
 
     def _on_note(self, r: dict) -> None:
         self.warn(r["text"])
@@ -444,7 +446,7 @@ class RunState:
             "sessions": sessions,
             "devices": devices,
             "host": self.host_info,
-            "telemetry": {**self.counters, "poll_hz": self.poll_hz, **self.poll_stats},
+            "telemetry": {**self.counters, "poll_hz": self.poll_hz, **self.poll_stats, "notes": list(self.notes)},
             "warnings": list(self.warnings),
             "hub": self.hub,
             "checkpoints": self.checkpoints[-20:],

@@ -25,7 +25,7 @@ from kaio.config import RunConfig, config_snapshot
 from kaio.fsutil import atomic_write_json
 from kaio.run.journal import JOURNAL_NAME, Journal
 from kaio.run.snapshot import Snapshot
-from kaio.run.state import COMPLETED, FAILED, INTERRUPTED, RunState
+from kaio.run.state import COMPLETED, FAILED, INTERRUPTED, RUNNING, RunState
 from kaio.telemetry.fifo import FifoReader, TelemetryFifo, read_spool
 
 CONFIG_NAME = "config.json"
@@ -212,7 +212,7 @@ class Supervisor:
             writer(self.state)
 
     def snapshot(self) -> Snapshot:
-        status = "STOPPING" if self._stop.requests else None
+        status = "STOPPING" if self._stop.requests and self.state.status == RUNNING else None
         return self.state.snapshot(status=status, log_tail=tuple(self._log_tail), extra_warnings=self._live_warnings())
 
     def _live_warnings(self) -> tuple[str, ...]:

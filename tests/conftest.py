@@ -1,0 +1,83 @@
+"""Shared fixtures: an isolated project folder and a small, fast config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A LoRA fine-tune of the tiny model small enough for a test: a few seconds on 2 cores.
+FAST_CONFIG = """\
+project_name: {project}
+model:
+  hidden_size: 32
+  intermediate_size: 64
+  num_layers: 1
+  num_heads: 2
+  max_seq_length: 48
+lora:
+  r: 4
+  alpha: 8
+  dropout: 0.0
+  target_modules: [q_proj, v_proj, lm_head]
+data:
+  sample_size: 64
+training:
+  max_steps: {max_steps}
+  batch_size: 4
+  learning_rate: 5.0e-3
+  logging_steps: 1
+  save_steps: {save_steps}
+  save_total_limit: null
+  seed: 7
+launch:
+  num_processes: {num_processes}
+  grace_seconds: 5
+reporting:
+  use_comet_ml: false
+  poll_hz: 4
+  refresh_seconds: 1
+"""
+
+
+@pytest.fixture(autouse=True)
+def _isolated_caches(tmp_path_factory, monkeypatch):
+    """huggingface_hub and matplotlib write caches under ~: keep them in a temp dir."""
+    cache = tmp_path_factory.getbasetemp() / "caches"
+    monkeypatch.setenv("HF_HOME", str(cache / "hf"))
+    monkeypatch.setenv("MPLCONFIGDIR", str(cache / "mpl"))
+    monkeypatch.setenv("COMET_ERROR_TRACKING_ENABLE", "false")
+    monkeypatch.delenv("KAIO_DEBUG", raising=False)
+
+
+@pytest.fixture
+def project_dir(tmp_path, monkeypatch):
+    """An empty working directory, as a user's repository would be."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def write_config(directory: Path, name: str = "cfg.yaml", *, project: str = "t", max_steps: int = 12, save_steps: int = 100, num_processes: int = 1, extra: str = "") -> Path:
+    path = directory / name
+    text = FAST_CONFIG.format(project=project, max_steps=max_steps, save_steps=save_steps, num_processes=num_processes)
+    path.write_text(text + textwrap.dedent(extra))
+    return path
+
+
+def kaio(*args: str, cwd: Path, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real ``kaio`` command line in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "kaio", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

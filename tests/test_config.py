@@ -1,0 +1,98 @@
+"""Bad config gets one clear line naming the file and the key, exit code 2, nothing started or created."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kaio.config import RunConfig, config_snapshot, load_config
+from kaio.errors import ConfigError
+
+from conftest import REPO, kaio, write_config
+
+
+def test_default_and_example_configs_validate(project_dir):
+    default = load_config(REPO / "configs" / "finetuning_config.yaml")
+    assert default.project_name == "tiny-default"
+    assert default.model.base_model == "kaio/tiny-llama"
+    examples = sorted((REPO / "configs" / "examples").glob("*.yaml"))
+    assert examples, "configs/examples/ must hold at least one realistic GPU config"
+    for path in examples:
+        cfg = load_config(path)
+        assert cfg.training.precision == "bf16"
+        assert cfg.model.base_model != "kaio/tiny-llama"
+
+
+def test_defaults_fill_the_documented_paths():
+    cfg = RunConfig(project_name="p")
+    assert cfg.report_dir == Path("docs/reports/p")
+    assert cfg.checkpoint_dir == Path("checkpoints/p")
+    assert cfg.reporting.use_comet_ml is True and cfg.reporting.poll_hz == 2
+    assert cfg.hub.push is False and cfg.hub.private is True
+
+
+@pytest.mark.parametrize(
+    "yaml_text, expected",
+    [
+        ("project_name: p\ntraining:\n  learning_rat: 0.1\n", "training.learning_rat: unknown key (did you mean 'learning_rate'?)"),
+        ("project_name: p\ntrainin:\n  max_steps: 3\n", "trainin: unknown key (did you mean 'training'?)"),
+        ("project_name: p\ntraining:\n  batch_size: many\n", "training.batch_size: Input should be a valid integer"),
+        ("project_name: p\ntraining:\n  batch_size: 0\n", "training.batch_size: Input should be greater than or equal to 1"),
+        ("project_name: p\nlora:\n  dropout: 1.5\n", "lora.dropout: Input should be less than 1"),
+        ("project_name: p\ntraining:\n  precision: fp8\n", "training.precision: Input should be 'auto', 'bf16', 'fp16' or 'fp32'"),
+        ("project_name: p\ndata:\n  path: missing.jsonl\n", "data.path: data file 'missing.jsonl' not found"),
+        ("project_name: p\nlaunch:\n  script: nope.py\n", "launch.script: script 'nope.py' not found"),
+        ("project_name: ../evil\n", "project_name: '../evil' is not a safe folder name"),
+        ("project_name: a/b\n", "project_name: 'a/b' is not a safe folder name"),
+        ("model:\n  max_seq_length: 64\n", "project_name: required key is missing"),
+        ("project_name: p\nhub:\n  push: true\n", "hub.repo_id: required when hub.push is true"),
+        ("project_name: p\ntraining: [1, 2\n", "line 3, column 1: YAML syntax error"),
+        ("- just\n- a list\n", "the top level must be a mapping"),
+    ],
+)
+def test_bad_config_is_one_line_naming_file_and_key(project_dir, yaml_text, expected):
+    path = project_dir / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:")
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_cli_bad_config_exits_2_without_traceback_or_side_effects(project_dir):
+    (project_dir / "bad.yaml").write_text("project_name: p\ntraining:\n  max_step: 3\n")
+    result = kaio("run", "bad.yaml", cwd=project_dir, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["kaio: error: bad.yaml: training.max_step: unknown key (did you mean 'max_steps'?)"]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (project_dir / "docs").exists()
+    assert not (project_dir / "checkpoints").exists()
+
+
+def test_cli_missing_config_file(project_dir):
+    result = kaio("run", "nowhere.yaml", cwd=project_dir, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "kaio: error: nowhere.yaml: config file not found"
+
+
+def test_snapshot_redacts_secret_looking_values():
+    cfg = RunConfig(project_name="p", launch={"script_args": ["--x"]})
+    snap = config_snapshot(cfg)
+    assert snap["project_name"] == "p"
+    from kaio.config import redact
+
+    assert redact({"hub": {"token": "hf_abc", "repo_id": "a/b"}, "api_key": "k"}) == {
+        "hub": {"token": "***", "repo_id": "a/b"},
+        "api_key": "***",
+    }
+
+
+def test_overrides_apply_before_validation(project_dir):
+    path = write_config(project_dir, max_steps=12)
+    assert load_config(path, {"training.max_steps": 40}).training.max_steps == 40
+    with pytest.raises(ConfigError, match="training.max_steps"):
+        load_config(path, {"training.max_steps": 0})

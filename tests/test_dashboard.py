@@ -1,0 +1,447 @@
+"""The dashboard: pure ``Snapshot -> renderable`` functions, rendered on a recording console."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import math
+import subprocess
+import sys
+
+import pytest
+from rich.console import Console
+from rich.live import Live
+
+from kaio import dashboard
+from kaio.dashboard import (
+    MAX_LOG_LINES,
+    final_line,
+    format_bytes,
+    format_duration,
+    format_exit_code,
+    format_loss,
+    format_lr,
+    format_rate,
+    format_vram,
+    plain_line,
+    render,
+    sparkline,
+    status_text,
+)
+from kaio.run.snapshot import GpuRow, HostRow, Snapshot
+
+GB = 10**9
+
+
+def make_gpu(i: int, **kw) -> GpuRow:
+    base = dict(
+        key=f"nvml:{i}",
+        name="NVIDIA H100 80GB HBM3",
+        in_run=True,
+        util_pct=97.0,
+        vram_used_bytes=int(12.1 * GB),
+        vram_total_bytes=80 * GB,
+        power_w=250.0,
+        temp_c=61.0,
+        energy_j=7200.0,  # 2.0 Wh
+    )
+    base.update(kw)
+    return GpuRow(**base)
+
+
+def make_snapshot(**kw) -> Snapshot:
+    base = dict(
+        project="tiny-default",
+        status="RUNNING",
+        session=1,
+        elapsed_s=26.0,
+        step=12,
+        max_steps=60,
+        epoch=0.4,
+        loss=4.81234,
+        loss_smoothed=4.9012,
+        recent_losses=(5.9, 5.6, 5.3, 5.1, 4.95, 4.81234),
+        learning_rate=3e-4,
+        grad_norm=1.234,
+        steps_per_s=1.85,
+        samples_per_s=14.8,
+        eta_s=26.0,
+        peak_vram_by_rank={0: int(12.6 * GB)},
+        gpus=(make_gpu(0),),
+        log_tail=("{'loss': 4.8123, 'epoch': 0.4}", "child says hello"),
+    )
+    base.update(kw)
+    return Snapshot(**base)
+
+
+def cpu_snapshot(**kw) -> Snapshot:
+    return make_snapshot(
+        gpus=(),
+        peak_vram_by_rank={0: None},
+        host=HostRow(cpu_pct=180.0, ram_used_bytes=int(4.1 * GB), ram_total_bytes=24 * GB),
+        **kw,
+    )
+
+
+def text_of(renderable, width: int = 100, height: int = 60) -> str:
+    console = Console(record=True, width=width, height=height, file=io.StringIO(), color_system=None)
+    console.print(renderable)
+    return console.export_text()
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def test_format_duration():
+    assert format_duration(26) == "0:26"
+    assert format_duration(62) == "1:02"
+    assert format_duration(3723) == "1:02:03"
+    assert format_duration(0) == "0:00"
+    assert format_duration(None) == "–"
+    assert format_duration(float("nan")) == "–"
+    assert format_duration(-5) == "0:00"
+
+
+def test_format_bytes_and_vram():
+    assert format_bytes(int(12.1 * GB)) == "12.1 GB"
+    assert format_bytes(0) == "0.0 GB"
+    assert format_bytes(None) == "–"
+    assert format_vram(int(12.1 * GB), 80 * GB) == "12.1/80.0 GB"
+    assert format_vram(int(12.1 * GB), 80 * GB, sep="") == "12.1/80.0GB"
+    assert format_vram(None, 80 * GB) == "–/80.0 GB"
+    assert format_vram(None, None) == "–"
+
+
+def test_number_formats():
+    assert format_loss(4.81234) == "4.812"
+    assert format_loss(12.3456) == "12.35"
+    assert format_loss(float("nan")) == "nan"
+    assert format_loss(None) == "–"
+    assert format_lr(3e-4) == "3.0e-04"
+    assert format_lr(0.003) == "3.0e-03"
+    assert format_lr(None) == "–"
+    assert format_rate(1.8512) == "1.85"
+    assert format_rate(14.83) == "14.8"
+    assert format_rate(1234.4) == "1234"
+    assert format_rate(0.01234) == "0.0123"
+    assert format_exit_code(1) == "exit code 1"
+    assert format_exit_code(-9) == "exit code -9 (SIGKILL)"
+
+
+# ---------------------------------------------------------------- sparkline
+
+
+def test_sparkline_scales_min_to_max():
+    s = sparkline([1, 2, 3, 4, 5, 6, 7, 8], 8)
+    assert s == "▁▂▃▄▅▆▇█"
+    assert sparkline([8, 1], 10) == "█▁"  # fewer values than width: one char each
+
+
+def test_sparkline_handles_none_nan_constant_and_empty():
+    assert sparkline([1.0, None, float("nan"), 3.0], 10) == "▁  █"
+    assert set(sparkline([2.5] * 5, 10)) == {"▄"}  # constant: mid height, no division by zero
+    assert sparkline([], 10) == ""
+    assert sparkline([1, 2, 3], 0) == ""
+    assert sparkline([None, float("inf")], 5) == "  "
+
+
+def test_sparkline_downsamples_to_width():
+    values = [float(i) for i in range(1000)]
+    s = sparkline(values, 20)
+    assert len(s) == 20
+    assert s[0] == "▁" and s[-1] == "█"
+    assert list(s) == sorted(s)  # monotone input stays monotone
+
+
+# ---------------------------------------------------------------- live view
+
+
+def test_render_gpu_run_shows_the_essentials():
+    out = text_of(render(make_snapshot()))
+    assert "tiny-default" in out
+    assert "RUNNING" in out
+    assert "session 1" in out
+    assert "elapsed 0:26" in out and "ETA 0:26" in out
+    assert "12/60 (20%)" in out
+    assert "━" in out and "─" in out  # done and remaining parts of the bar differ without colour
+    assert "epoch 0.40" in out
+    assert "4.812" in out and "4.901" in out  # loss, smoothed
+    assert "3.0e-04" in out and "1.23" in out  # lr, grad norm
+    assert "1.85" in out and "14.8" in out  # steps/s, samples/s
+    assert sparkline(make_snapshot().recent_losses, 6) in out
+    # GPU row: key, name, util, VRAM used/total, run peak, power, temp, energy, no throttle
+    row = next(line for line in out.splitlines() if "nvml:0" in line)
+    for piece in ("H100", "97%", "12.1/80.0 GB", "12.6 GB", "250 W", "61°C", "2.0 Wh", "ok"):
+        assert piece in row, (piece, row)
+    assert "host (no GPU)" not in out
+    assert "child says hello" in out
+    assert "warnings" not in out
+
+
+def test_render_cpu_only_shows_host_row():
+    out = text_of(render(cpu_snapshot()))
+    row = next(line for line in out.splitlines() if "host (no GPU)" in line)
+    assert "180%" in row
+    assert "4.1/24.0 GB" in row
+    assert "nvml" not in out and "GPUs" not in out
+
+
+def test_render_without_any_device_telemetry():
+    out = text_of(render(make_snapshot(gpus=(), host=None)))
+    assert "no device telemetry yet" in out
+
+
+def test_throttle_flag_and_idle_gpu():
+    snap = make_snapshot(
+        gpus=(
+            make_gpu(0, rank=0),
+            make_gpu(1, rank=1, throttle=("thermal", "power_cap"), temp_c=91.0, power_w=301.0),
+            make_gpu(2, in_run=False, util_pct=0.0, power_w=70.0),
+        ),
+        peak_vram_by_rank={0: int(12.6 * GB), 1: int(11.9 * GB)},
+    )
+    out = text_of(render(snap), width=120)
+    lines = out.splitlines()
+    row1 = next(line for line in lines if "nvml:1" in line)
+    assert "⚠ thermal, power_cap" in row1
+    assert "91°C" in row1 and "301 W" in row1 and "11.9 GB" in row1
+    row2 = next(line for line in lines if "nvml:2" in line)
+    assert "–" in row2 and "70 W" in row2  # not in the run: rank shown as "–"
+    assert "GPUs (2 of 3 in run)" in out
+
+
+def test_idle_gpu_rows_are_dimmed():
+    snap = make_snapshot(gpus=(make_gpu(0), make_gpu(1, in_run=False)))
+    console = Console(width=100, height=60, file=io.StringIO(), color_system="standard")
+    lines = console.render_lines(render(snap), console.options, pad=False)
+
+    def styles_of(key):
+        line = next(segs for segs in lines if any(key in seg.text for seg in segs))
+        return [seg.style for seg in line if seg.text.strip() and seg.style is not None and "│" not in seg.text]
+
+    idle, busy = styles_of("nvml:1"), styles_of("nvml:0")
+    assert idle and all(st.dim for st in idle)
+    assert busy and not any(st.dim for st in busy)
+
+
+def test_peaks_map_to_rows_by_position_when_ranks_unknown():
+    snap = make_snapshot(
+        gpus=(make_gpu(0), make_gpu(3)),
+        peak_vram_by_rank={0: int(10.0 * GB), 1: int(11.0 * GB)},
+    )
+    out = text_of(render(snap), width=120)
+    assert "10.0 GB" in next(line for line in out.splitlines() if "nvml:0" in line)
+    assert "11.0 GB" in next(line for line in out.splitlines() if "nvml:3" in line)
+
+
+def test_unmapped_peaks_are_shown_in_training_panel():
+    snap = make_snapshot(gpus=(make_gpu(0), make_gpu(1)), peak_vram_by_rank={0: 5 * GB, 1: 6 * GB, 2: 7 * GB})
+    out = text_of(render(snap), width=120)
+    assert "peak VRAM" in out and "rank 2 7.0 GB" in out
+
+
+def test_warnings_panel_only_when_present():
+    assert "warnings" not in text_of(render(make_snapshot()))
+    snap = make_snapshot(warnings=("loss is NaN at step 13", "GPU nvml:0 throttling: thermal"))
+    out = text_of(render(snap))
+    assert "warnings (2)" in out
+    assert "loss is NaN at step 13" in out
+    assert "GPU nvml:0 throttling: thermal" in out
+
+
+def test_warnings_are_bounded():
+    snap = make_snapshot(warnings=tuple(f"warning number {i}" for i in range(50)))
+    out = text_of(render(snap))
+    assert "warnings (50)" in out
+    assert "warning number 49" in out
+    shown = [line for line in out.splitlines() if "warning number" in line]
+    assert len(shown) == dashboard.MAX_WARNINGS == 5
+    assert "(+45 earlier)" in out
+
+
+def test_status_texts():
+    assert status_text(make_snapshot(status="STOPPING")) == "stopping… (Ctrl-C again to kill)"
+    assert status_text(make_snapshot(status="FAILED", exit_code=1)) == "FAILED (exit code 1)"
+    assert status_text(make_snapshot(status="COMPLETED", exit_code=0)) == "COMPLETED"
+    out = text_of(render(make_snapshot(status="STOPPING")))
+    assert "stopping… (Ctrl-C again to kill)" in out
+    out = text_of(render(make_snapshot(status="FAILED", exit_code=3)))
+    assert "FAILED (exit code 3)" in out
+    assert "ETA" not in out  # no ETA once the run has ended
+    out = text_of(render(make_snapshot(status="STARTING", step=0, loss=None, eta_s=None)))
+    assert "STARTING" in out and "0/60 (0%)" in out and "ETA –" in out
+
+
+def test_no_max_steps_shows_count_without_bar():
+    out = text_of(render(make_snapshot(max_steps=None, step=345)))
+    assert "step 345" in out
+    assert "━" not in out and "%" not in out.split("training")[0]
+
+
+def test_nan_loss_is_spelled_out():
+    snap = make_snapshot(loss=float("nan"), recent_losses=(5.0, 4.0, float("nan")))
+    out = text_of(render(snap))
+    assert "nan" in out
+
+
+@pytest.mark.parametrize("width", [60, 80, 160])
+def test_render_at_other_widths_keeps_key_content(width):
+    snap = make_snapshot(
+        gpus=(make_gpu(0, rank=0, throttle=("thermal",)), make_gpu(1, in_run=False)),
+        warnings=("something odd",),
+    )
+    out = text_of(render(snap), width=width)
+    lines = out.splitlines()
+    assert all(len(line) <= width for line in lines)
+    assert "tiny-default" in out and "12/60" in out and "4.812" in out
+    row = next(line for line in lines if "nvml:0" in line)
+    assert "250 W" in row and "61°C" in row and "⚠" in row and "12.1/80.0 GB" in row
+    assert "something odd" in out
+    assert "child says hello" in out
+
+
+def test_render_survives_tiny_width():
+    out = text_of(render(make_snapshot(warnings=("w",))), width=20, height=40)
+    assert "tiny-default" in out
+
+
+def test_long_log_lines_are_truncated_with_ellipsis_and_escapes_removed():
+    long = "\x1b[31mred\x1b[0m " + "x" * 500
+    tqdm = "  5%|▌   | 3/60\r 20%|██  | 12/60 [00:06<00:26,  1.85it/s]"
+    out = text_of(render(make_snapshot(log_tail=(long, tqdm, "tab\there"))), width=80)
+    line = next(line for line in out.splitlines() if "red x" in line)
+    assert len(line) <= 80 and "…" in line
+    assert "\x1b" not in out and "[31m" not in out
+    assert "12/60 [00:06<00:26" in out and "3/60" not in out  # only what the terminal would show
+    assert "tab here" in out
+
+
+def test_log_tail_fits_the_terminal_height():
+    snap = make_snapshot(log_tail=tuple(f"line {i}" for i in range(10_000)))
+    out = text_of(render(snap), width=100, height=30)
+    lines = out.rstrip("\n").splitlines()
+    assert len(lines) <= 30
+    assert "line 9999" in out  # newest line shown
+    assert "line 9000" not in out
+
+
+def test_log_tail_is_bounded_whatever_the_height():
+    snap = make_snapshot(log_tail=tuple(f"line {i}" for i in range(10_000)))
+    out = text_of(render(snap), width=100, height=100_000)
+    shown = [line for line in out.splitlines() if "line " in line]
+    assert len(shown) == MAX_LOG_LINES
+    assert "line 9999" in shown[-1]
+    assert f"line {10_000 - MAX_LOG_LINES} " in shown[0] + " "
+
+
+def test_explicit_log_lines():
+    snap = make_snapshot(log_tail=tuple(f"line {i}" for i in range(50)))
+    out = text_of(render(snap, log_lines=3), height=200)
+    assert [line.strip("│ ") for line in out.splitlines() if "line " in line] == ["line 47", "line 48", "line 49"]
+    assert "output" not in text_of(render(snap, log_lines=0))
+
+
+def test_bounded_inputs_are_sliced_not_walked():
+    """Huge sequences render with bounded output: sparkline width, warnings and logs are cut."""
+    snap = make_snapshot(
+        recent_losses=tuple(5.0 - i * 1e-4 for i in range(100_000)),
+        warnings=tuple(f"w{i}" for i in range(10_000)),
+        log_tail=tuple(f"line {i}" for i in range(10_000)),
+    )
+    out = text_of(render(snap), width=100, height=1000)
+    assert len(out.splitlines()) < MAX_LOG_LINES + 40
+    trend = next(line for line in out.splitlines() if "trend" in line)
+    assert len(trend) <= 100
+
+
+def test_render_is_pure():
+    snap = make_snapshot(warnings=("w",))
+    before = dataclasses.asdict(snap)
+    r = render(snap)
+    first = text_of(r)
+    assert text_of(r) == first  # same renderable renders the same twice
+    assert dataclasses.asdict(snap) == before
+
+
+def test_render_adapts_to_resize():
+    r = render(make_snapshot(gpus=(make_gpu(0), make_gpu(1, in_run=False))))
+    wide, narrow = text_of(r, width=160), text_of(r, width=60)
+    assert "energy" in wide and "energy" not in narrow
+    assert max(len(line) for line in narrow.splitlines()) <= 60
+
+
+def test_live_drives_render():
+    snap = make_snapshot()
+    file = io.StringIO()
+    console = Console(file=file, width=100, height=30, force_terminal=True, color_system=None)
+    with Live(get_renderable=lambda: render(snap), console=console, auto_refresh=False) as live:
+        live.refresh()
+    assert "tiny-default" in file.getvalue()
+
+
+def test_no_color_console_emits_no_colour_codes():
+    file = io.StringIO()
+    console = Console(file=file, width=100, height=40, force_terminal=True, no_color=True)
+    console.print(render(make_snapshot(status="FAILED", exit_code=1, warnings=("loss is NaN",))))
+    out = file.getvalue()
+    assert "FAILED (exit code 1)" in out
+    assert "\x1b[31" not in out and "\x1b[32" not in out and "\x1b[38" not in out
+
+
+# ---------------------------------------------------------------- plain output
+
+
+def test_plain_line_gpu():
+    line = plain_line(make_snapshot())
+    assert line.startswith("[kaio] tiny-default RUNNING step 12/60 (20%) loss 4.812")
+    assert "1.85 step/s" in line
+    assert "ETA 0:26" in line
+    assert "gpu0 250W 61C 12.1/80.0GB" in line
+    assert "\x1b" not in line and "\n" not in line
+
+
+def test_plain_line_host_and_stopping():
+    line = plain_line(cpu_snapshot(status="STOPPING"))
+    assert "STOPPING" in line
+    assert "host cpu 180% ram 4.1/24.0GB" in line
+    assert "\x1b" not in line
+
+
+def test_plain_line_flags_throttle_and_warnings_and_many_gpus():
+    snap = make_snapshot(gpus=(make_gpu(0), make_gpu(1, throttle=("thermal",))), warnings=("a", "b"))
+    line = plain_line(snap)
+    assert "gpu1" in line and "THROTTLED(thermal)" in line
+    assert line.endswith("2 warnings")
+    many = plain_line(make_snapshot(gpus=tuple(make_gpu(i, temp_c=60.0 + i) for i in range(8))))
+    assert "8 gpus 2000W max 67C" in many
+
+
+def test_plain_line_without_progress_data():
+    line = plain_line(make_snapshot(status="STARTING", step=0, max_steps=None, loss=None, steps_per_s=None,
+                                    eta_s=None, gpus=(), host=None))
+    assert line == "[kaio] tiny-default STARTING step 0"
+
+
+def test_plain_line_strips_escapes_from_project():
+    assert "\x1b" not in plain_line(make_snapshot(project="evil\x1b[2Jname"))
+
+
+def test_final_line():
+    line = final_line(make_snapshot(status="COMPLETED", step=60, elapsed_s=62, exit_code=0, loss=4.1234))
+    assert line == "[kaio] tiny-default COMPLETED: 60/60 steps in 1:02, exit code 0, final loss 4.123"
+    line = final_line(make_snapshot(status="FAILED", step=12, elapsed_s=3723, exit_code=1, session=2, loss=None))
+    assert line == "[kaio] tiny-default FAILED: 12/60 steps in 1:02:03 (session 2), exit code 1"
+    line = final_line(make_snapshot(status="INTERRUPTED", exit_code=-15, loss=None))
+    assert "INTERRUPTED" in line and "SIGTERM" in line and "\x1b" not in line
+
+
+def test_module_has_no_heavy_imports():
+    code = "import sys, kaio.dashboard; print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_sparkline_in_render_uses_recent_losses():
+    losses = tuple(math.cos(i / 5) for i in range(30))
+    out = text_of(render(make_snapshot(recent_losses=losses)), width=100)
+    assert sparkline(losses, 30) in out

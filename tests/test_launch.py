@@ -1,0 +1,82 @@
+"""``build_command`` is pure: checked without spawning anything."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from kaio.child.patch import ENV_RESUME_FROM
+from kaio.config import RunConfig
+from kaio.launch import LaunchPlan, build_command, describe_exit
+from kaio.telemetry.protocol import ENV_ERROR_DIR, ENV_PIPE, ENV_SESSION, ENV_SPOOL_DIR
+
+
+def _plan(**kw) -> LaunchPlan:
+    base = dict(
+        fifo_path=Path("/tmp/x/telemetry.fifo"),
+        report_dir=Path("/r/docs/reports/p"),
+        config_path=Path("/r/docs/reports/p/config.json"),
+        session=3,
+        main_process_port=29555,
+        python="/venv/bin/python",
+    )
+    base.update(kw)
+    return LaunchPlan(**base)
+
+
+def test_single_process_runs_the_builtin_recipe_through_kaio_child():
+    cfg = RunConfig(project_name="p")
+    argv, env = build_command(cfg, _plan(), {"PATH": "/bin", "HF_TOKEN": "secret"})
+    assert argv[:3] == ["/venv/bin/python", "-m", "accelerate.commands.launch"]
+    assert argv[argv.index("--num_processes") + 1] == "1"
+    assert "--multi_gpu" not in argv and "--cpu" not in argv
+    assert argv[-4:] == ["-m", "kaio.child", "--config", "/r/docs/reports/p/config.json"]
+    assert env[ENV_PIPE] == "/tmp/x/telemetry.fifo"
+    assert env[ENV_SPOOL_DIR] == "/r/docs/reports/p/spool"
+    assert env[ENV_ERROR_DIR] == "/r/docs/reports/p/errors"
+    assert env[ENV_SESSION] == "3"
+    assert env["PYTHONUNBUFFERED"] == "1"
+    assert env["COMET_ERROR_TRACKING_ENABLE"] == "false"
+    assert env["PATH"] == "/bin" and env["HF_TOKEN"] == "secret"  # the child needs the user's environment
+    assert ENV_RESUME_FROM not in env
+
+
+def test_several_processes_use_multi_gpu_ddp_with_the_chosen_port():
+    cfg = RunConfig(project_name="p", launch={"num_processes": 2})
+    argv, _ = build_command(cfg, _plan(), {})
+    assert argv[argv.index("--num_processes") + 1] == "2"
+    assert "--multi_gpu" in argv and "--cpu" not in argv
+    assert argv[argv.index("--main_process_port") + 1] == "29555"
+
+
+def test_user_script_and_its_args_and_accelerate_args(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.py").write_text("print('hi')\n")
+    cfg = RunConfig(
+        project_name="p",
+        launch={"script": "train.py", "script_args": ["--epochs", "2"], "accelerate_args": ["--mixed_precision", "bf16"]},
+    )
+    argv, _ = build_command(cfg, _plan(), {})
+    assert argv[argv.index("-m", 3) :] == ["-m", "kaio.child", "--kaio-script", str(tmp_path / "train.py"), "--epochs", "2"]
+    assert argv.count("--mixed_precision") == 1  # the user's flag replaces kaio's default
+    assert argv[argv.index("--mixed_precision") + 1] == "bf16"
+
+
+def test_resume_travels_in_the_environment():
+    cfg = RunConfig(project_name="p")
+    _, env = build_command(cfg, _plan(resume_from=Path("/c/checkpoint-20")), {ENV_RESUME_FROM: "stale"})
+    assert env[ENV_RESUME_FROM] == "/c/checkpoint-20"
+    _, env = build_command(cfg, _plan(), {ENV_RESUME_FROM: "stale"})
+    assert ENV_RESUME_FROM not in env
+
+
+def test_build_command_is_pure():
+    cfg = RunConfig(project_name="p", launch={"num_processes": 2})
+    assert build_command(cfg, _plan(), {"A": "1"}) == build_command(cfg, _plan(), {"A": "1"})
+
+
+def test_exit_codes_name_the_signal():
+    assert describe_exit(0) == (0, None)
+    assert describe_exit(1) == (1, None)
+    assert describe_exit(-signal.SIGKILL) == (137, "SIGKILL")
+    assert describe_exit(-signal.SIGTERM) == (143, "SIGTERM")

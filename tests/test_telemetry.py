@@ -1,0 +1,146 @@
+"""The wire protocol and the FIFO, with real FIFOs and real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from kaio.child.emitter import EventEmitter
+from kaio.telemetry.fifo import FifoReader, TelemetryFifo, read_spool
+from kaio.telemetry.protocol import MAX_LINE_BYTES, ProtocolError, decode, encode
+
+
+def test_encode_is_one_short_line_and_round_trips():
+    line = encode({"type": "log", "rank": 0, "step": 3, "loss": 1.5})
+    assert line.endswith(b"\n") and line.count(b"\n") == 1
+    assert decode(line) == {"type": "log", "rank": 0, "step": 3, "loss": 1.5}
+
+
+def test_nan_loss_travels_as_a_tag_in_strict_json():
+    line = encode({"type": "log", "rank": 0, "step": 1, "loss": float("nan"), "grad_norm": float("inf")})
+    assert b"NaN" not in line
+    event = json.loads(line)
+    assert event["loss"] == "nan" and event["grad_norm"] == "inf"
+
+
+def test_oversized_event_drops_extra_then_refuses():
+    big = {"type": "log", "rank": 0, "step": 1, "extra": {"blob": "x" * 5000}}
+    shrunk = decode(encode(big))
+    assert "extra" not in shrunk and shrunk["truncated"] is True
+    with pytest.raises(ProtocolError):
+        encode({"type": "log", "rank": 0, "step": 1, "note": "x" * MAX_LINE_BYTES})
+
+
+@pytest.mark.parametrize("line", [b"not json", b"[1,2]", b'{"type":"bogus","rank":0}', b'{"type":"step"}'])
+def test_decode_rejects_what_is_not_an_event(line):
+    with pytest.raises(ProtocolError):
+        decode(line)
+
+
+def _collect(fifo: TelemetryFifo):
+    events: list[dict] = []
+    reader = FifoReader(fifo.read_fd, events.append)
+    reader.start()
+    return events, reader
+
+
+def test_reader_counts_and_skips_malformed_and_oversized_lines():
+    fifo = TelemetryFifo()
+    events, reader = _collect(fifo)
+    fd = os.open(fifo.path, os.O_WRONLY)
+    os.write(fd, encode({"type": "step", "rank": 0, "step": 1}))
+    os.write(fd, b"garbage\n")
+    os.write(fd, b'{"type":"log","rank":0,"pad":"' + b"y" * 10000 + b'"}\n')
+    os.write(fd, encode({"type": "step", "rank": 0, "step": 2}))
+    os.close(fd)
+    fifo.close_write_end()
+    reader.join(timeout=5)
+    fifo.close()
+    assert [e["step"] for e in events] == [1, 2]
+    assert reader.stats.malformed == 1
+    assert reader.stats.oversized == 1
+
+
+def test_supervisor_write_end_keeps_reader_open_until_closed():
+    """A rank that exits (closing its end) must not end the stream while others may still come."""
+    fifo = TelemetryFifo()
+    events, reader = _collect(fifo)
+    first = EventEmitter(str(fifo.path), None, rank=0, session=1)
+    first.emit({"type": "step", "step": 1})
+    first.close()
+    reader.join(timeout=0.5)
+    assert reader.is_alive(), "EOF came before the supervisor closed its end"
+    second = EventEmitter(str(fifo.path), None, rank=0, session=1)
+    second.emit({"type": "step", "step": 2})
+    second.close()
+    fifo.close_write_end()
+    reader.join(timeout=5)
+    fifo.close()
+    assert [e["step"] for e in events] == [1, 2]
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    from kaio.child.emitter import EventEmitter
+    rank, count = int(sys.argv[2]), int(sys.argv[3])
+    emitter = EventEmitter(sys.argv[1], None, rank=rank, session=1)
+    pad = "z" * 3000  # near PIPE_BUF: a torn write would show
+    for step in range(1, count + 1):
+        emitter.emit({"type": "step", "step": step, "pad": pad})
+    emitter.close()
+    """
+)
+
+
+def test_lines_from_concurrent_writer_processes_never_tear():
+    fifo = TelemetryFifo()
+    events, reader = _collect(fifo)
+    writers = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(fifo.path), str(rank), "400"]) for rank in range(4)
+    ]
+    for proc in writers:
+        assert proc.wait(timeout=60) == 0
+    fifo.close_write_end()
+    reader.join(timeout=10)
+    fifo.close()
+    assert reader.stats.malformed == 0 and reader.stats.oversized == 0
+    for rank in range(4):
+        assert [e["step"] for e in events if e["rank"] == rank] == list(range(1, 401))
+
+
+def test_emitter_spools_when_nobody_reads(tmp_path):
+    path = str(tmp_path / "orphan.fifo")
+    os.mkfifo(path)  # a FIFO without a reader: ENXIO at open
+    emitter = EventEmitter(path, str(tmp_path / "spool"), rank=1, session=2)
+    assert not emitter.connected
+    emitter.emit({"type": "step", "step": 5})
+    emitter.close()
+    os.unlink(path)
+    events, bad = read_spool(tmp_path / "spool")
+    assert bad == 0
+    assert events == [{"rank": 1, "session": 2, "type": "step", "step": 5}]
+
+
+def test_emitter_switches_to_spool_when_reader_dies(tmp_path):
+    """The supervisor killed mid-run: EPIPE, then every later event goes to the spool."""
+    path = str(tmp_path / "telemetry.fifo")
+    os.mkfifo(path)
+    read_fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    emitter = EventEmitter(path, str(tmp_path), rank=0, session=1)
+    emitter.emit({"type": "step", "step": 1})
+    events = [decode(line) for line in os.read(read_fd, 65536).splitlines()]
+    os.close(read_fd)  # the supervisor goes away
+    emitter.emit({"type": "step", "step": 2})
+    emitter.emit({"type": "step", "step": 3})
+    emitter.close()
+    spooled, _ = read_spool(tmp_path)
+    assert [e["step"] for e in events] == [1]
+    assert [e["step"] for e in spooled] == [2, 3]
+    assert emitter.spooled == 2
