@@ -83,6 +83,33 @@ def run(
 
 @app.command()
 @_user_errors
+def resume(
+    project: str = typer.Argument(..., help="Project name (see `ls docs/reports`).", show_default=False),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="New training.max_steps: extends a finished run."),
+    config: Optional[Path] = typer.Option(None, "--config", help="An edited config to continue with (learning rate, max steps, logging may change; model and LoRA shape may not)."),
+    output_dir: Path = typer.Option(DEFAULT_OUTPUT_DIR, "--output-dir", help="The reports directory (reporting.output_dir)."),
+    plain: bool = typer.Option(False, "--plain", help="Plain status lines instead of the live dashboard."),
+) -> None:
+    """Continue PROJECT from its latest complete checkpoint, as a new session of the same history."""
+    from kaio.run.gpu_feed import poller_factory
+    from kaio.run.project import resume as resume_project
+    from kaio.views import choose_view
+
+    console = _console()
+    code = resume_project(
+        project,
+        output_dir,
+        choose_view(console, plain),
+        config_path=config,
+        max_steps=max_steps,
+        poller_factory_for=poller_factory,
+        notify=console.print,
+    )
+    raise typer.Exit(code)
+
+
+@app.command()
+@_user_errors
 def report(
     project: str = typer.Argument(..., help="Project name (a folder under the reports directory).", show_default=False),
     output_dir: Path = typer.Option(DEFAULT_OUTPUT_DIR, "--output-dir", help="The reports directory (reporting.output_dir)."),

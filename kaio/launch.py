@@ -80,14 +80,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(argv: list[str], env: dict[str, str], cwd: str | None = None) -> subprocess.Popen:
-    """Start the child in its own session: its process group is ours to signal."""
+def spawn(argv: list[str], env: dict[str, str], log_file, cwd: str | None = None) -> subprocess.Popen:
+    """Start the child in its own session, its output straight into ``log_file``.
+
+    Its own session: its process group is ours to signal, and a Ctrl-C in the
+    terminal reaches only the supervisor, which decides. Output to a file, not
+    a pipe: if the supervisor dies, the child's prints cannot fail with EPIPE.
+    """
     return subprocess.Popen(
         argv,
         env=env,
         cwd=cwd,
         stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
+        stdout=log_file,
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )

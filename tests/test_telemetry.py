@@ -12,7 +12,8 @@ import threading
 import pytest
 
 from kaio.child.emitter import EventEmitter
-from kaio.telemetry.fifo import FifoReader, TelemetryFifo, read_spool
+from kaio.telemetry import spool
+from kaio.telemetry.fifo import FifoReader, TelemetryFifo
 from kaio.telemetry.protocol import MAX_LINE_BYTES, ProtocolError, decode, encode
 
 
@@ -123,9 +124,9 @@ def test_emitter_spools_when_nobody_reads(tmp_path):
     emitter.emit({"type": "step", "step": 5})
     emitter.close()
     os.unlink(path)
-    events, bad = read_spool(tmp_path / "spool")
+    events, bad = spool.missing_events(tmp_path / "spool", {})
     assert bad == 0
-    assert events == [{"rank": 1, "session": 2, "type": "step", "step": 5}]
+    assert events == [{"rank": 1, "session": 2, "pid": os.getpid(), "seq": 1, "type": "step", "step": 5}]
 
 
 def test_emitter_switches_to_spool_when_reader_dies(tmp_path):
@@ -140,7 +141,28 @@ def test_emitter_switches_to_spool_when_reader_dies(tmp_path):
     emitter.emit({"type": "step", "step": 2})
     emitter.emit({"type": "step", "step": 3})
     emitter.close()
-    spooled, _ = read_spool(tmp_path)
     assert [e["step"] for e in events] == [1]
-    assert [e["step"] for e in spooled] == [2, 3]
-    assert emitter.spooled == 2
+    assert not emitter.connected
+    # Everything is in the spool; only what the journal lacks is merged.
+    everything, _ = spool.missing_events(tmp_path, {})
+    assert [e["step"] for e in everything] == [1, 2, 3]
+    missing, _ = spool.missing_events(tmp_path, spool.max_seq_by_pid(events))
+    assert [e["step"] for e in missing] == [2, 3]
+
+
+def test_spool_rotates_and_prunes_only_journaled_parts(tmp_path, monkeypatch):
+    monkeypatch.setattr("kaio.child.emitter.SPOOL_PART_EVENTS", 3)
+    emitter = EventEmitter(None, str(tmp_path), rank=0, session=1)
+    for step in range(1, 8):
+        emitter.emit({"type": "step", "step": step})
+    emitter.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 3  # seq 1-3, 4-6, 7
+    pid = os.getpid()
+    spool.prune(tmp_path, {pid: 5})  # only the first part is wholly journaled
+    assert len(list(tmp_path.iterdir())) == 2
+    missing, _ = spool.missing_events(tmp_path, {pid: 5})
+    assert [e["step"] for e in missing] == [6, 7]
+    recorded = []
+    assert spool.merge_into(tmp_path, {pid: 5}, recorded.append) == 2
+    assert [e["step"] for e in recorded] == [6, 7] and not list(tmp_path.iterdir())

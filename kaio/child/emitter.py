@@ -1,31 +1,37 @@
-"""Writes events from a rank: to the FIFO while it has a reader, else to a spool file.
+"""Writes events from a rank: to its spool file, then to the FIFO while it has a reader.
 
 Standard library only; runs inside the trainer. Each event is one ``os.write``
-of one line under PIPE_BUF, so lines from several ranks never tear. When the
-supervisor is gone (the FIFO has no reader: ENXIO at open, EPIPE at write),
-training carries on and events go to ``spool-s<session>-r<rank>-<pid>.jsonl``
-in the report folder, to be merged by the next ``kaio report`` or
-``kaio resume``.
+of one line under PIPE_BUF, so lines from several ranks never tear.
+
+Every event is also appended to this rank's spool (``<report>/spool/``),
+numbered by ``seq``. Events in the FIFO's kernel buffer die with a killed
+supervisor without any error reaching the writer, so the spool is what makes
+"no step lost" true: the next ``kaio report`` or ``kaio resume`` merges the
+events the journal lacks. When the FIFO has no reader (ENXIO at open, EPIPE
+at write) training carries on, spool only. The spool rotates every
+``SPOOL_PART_EVENTS`` events so the supervisor can delete parts it has
+journaled: its size stays bounded however long the run.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
 from typing import Any
 
 from kaio.telemetry.protocol import ENV_PIPE, ENV_SESSION, ENV_SPOOL_DIR, ProtocolError, encode
+from kaio.telemetry.spool import SPOOL_PART_EVENTS, part_name
 
 
 class EventEmitter:
     def __init__(self, pipe_path: str | None, spool_dir: str | None, rank: int, session: int) -> None:
         self.rank = rank
         self.session = session
+        self.pid = os.getpid()
+        self._seq = 0
         self._spool_dir = Path(spool_dir) if spool_dir else None
-        self._spool = None
+        self._spool_fd: int | None = None
         self._fd: int | None = None
-        self.spooled = 0
         self.dropped = 0
         if pipe_path:
             try:
@@ -49,34 +55,38 @@ class EventEmitter:
         return self._fd is not None
 
     def emit(self, event: dict[str, Any]) -> None:
-        event = {"rank": self.rank, "session": self.session, **event}
+        self._seq += 1
+        event = {"rank": self.rank, "session": self.session, "pid": self.pid, "seq": self._seq, **event}
         try:
             line = encode(event)
         except ProtocolError:
             self.dropped += 1
             return
+        self._write_spool(line)
         if self._fd is not None:
             try:
                 os.write(self._fd, line)
-                return
-            except OSError as exc:
-                # EPIPE: the supervisor went away. Keep training; spool from here on.
-                if exc.errno not in (errno.EPIPE, errno.EBADF, errno.ENXIO):
-                    self.dropped += 1
-                    return
+            except OSError:
+                # EPIPE: the supervisor went away. Keep training; the spool has everything.
                 self._close_fd()
-        self._write_spool(line)
 
     def _write_spool(self, line: bytes) -> None:
         if self._spool_dir is None:
-            self.dropped += 1
             return
-        if self._spool is None:
-            self._spool_dir.mkdir(parents=True, exist_ok=True)
-            name = f"spool-s{self.session}-r{self.rank}-{os.getpid()}.jsonl"
-            self._spool = open(self._spool_dir / name, "ab", buffering=0)
-        self._spool.write(line)
-        self.spooled += 1
+        try:
+            if self._spool_fd is None or (self._seq - 1) % SPOOL_PART_EVENTS == 0:
+                self._close_spool()
+                self._spool_dir.mkdir(parents=True, exist_ok=True)
+                path = self._spool_dir / part_name(self.session, self.rank, self.pid, self._seq)
+                self._spool_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.write(self._spool_fd, line)
+        except OSError:
+            self.dropped += 1  # a full disk must not stop training
+
+    def _close_spool(self) -> None:
+        if self._spool_fd is not None:
+            os.close(self._spool_fd)
+            self._spool_fd = None
 
     def _close_fd(self) -> None:
         if self._fd is not None:
@@ -88,6 +98,4 @@ class EventEmitter:
 
     def close(self) -> None:
         self._close_fd()
-        if self._spool is not None:
-            self._spool.close()
-            self._spool = None
+        self._close_spool()

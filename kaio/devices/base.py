@@ -46,6 +46,9 @@ class GpuSample:
     temp_junction_c: float | None = None  # junction / hotspot
     energy_j: float | None = None  # energy since the poller started, best method (see energy_method)
     energy_method: str | None = None  # "counter" | "integrated"
+    # Raw hardware energy counter as the vendor reported it, in J from an arbitrary origin
+    # (driver load); backends fill it, the poller turns it into ``energy_j``.
+    energy_counter_j: float | None = None
     sm_clock_mhz: float | None = None
     mem_clock_mhz: float | None = None
     throttle: tuple[str, ...] | None = None  # active throttle reasons, () when none

@@ -16,7 +16,7 @@ from kaio.config import RunConfig
 from kaio.errors import ProjectError
 from kaio.run.journal import JOURNAL_NAME, Journal, read_journal
 from kaio.run.lock import LOCK_NAME, ProjectLock
-from kaio.run.state import RunState, replay
+from kaio.run.state import COMPLETED, FAILED, RunState, replay
 from kaio.run.supervisor import SessionRequest, Supervisor, View
 
 HISTORY_NAME = "history.json"
@@ -91,6 +91,13 @@ def _supervise(cfg: RunConfig, state: RunState, view: View, request: SessionRequ
     outcome = None
     try:
         outcome = supervisor.run_session(request)
+        restarts = 0
+        while outcome.status == FAILED and restarts < cfg.launch.max_restarts and not supervisor.stop_requested:
+            restarts += 1
+            checkpoint = latest_checkpoint(cfg.checkpoint_dir, notify=lambda text: None)
+            origin = f"from {checkpoint.name}" if checkpoint else "from the start (no complete checkpoint yet)"
+            note = f"automatic restart {restarts} of {cfg.launch.max_restarts} after: {outcome.error or outcome.signal or f'exit code {outcome.exit_code}'}; {origin}"
+            outcome = supervisor.run_session(SessionRequest("restart", checkpoint.resolve() if checkpoint else None, [note]))
     finally:
         try:
             write_history(state, report_dir)
@@ -98,3 +105,201 @@ def _supervise(cfg: RunConfig, state: RunState, view: View, request: SessionRequ
             journal.close()
             view.stop(supervisor.snapshot())
     return outcome.exit_code if outcome else 1
+
+
+# ---------------------------------------------------------------- recovery
+
+
+def recover_unfinished(report_dir: Path, notify: Callable[[str], None] = print) -> bool:
+    """Bring a journal up to date after its supervisor died (kill -9); call with the lock held.
+
+    Merges events the child spooled while nobody read the FIFO, and closes a
+    session that has no end once its child is gone. Returns True while that
+    child is still training unsupervised.
+    """
+    from kaio.telemetry import spool
+
+    journal_path = report_dir / JOURNAL_NAME
+    records, _ = read_journal(journal_path)
+    open_session = _open_session(records)
+    child_alive = open_session is not None and _child_alive(records, open_session)
+    if child_alive:
+        return True
+    journal = Journal(journal_path)
+    try:
+        merged = spool.merge_into(report_dir / spool.SPOOL_DIR_NAME, spool.max_seq_by_pid(records), journal.append)
+        if merged:
+            notify(f"merged {merged} event(s) the run spooled while no supervisor was listening")
+        if open_session is not None:
+            journal.flush()
+            records, _ = read_journal(journal_path)
+            finished = any(
+                r.get("type") == "train_end" and r.get("session") == open_session and r.get("rank") == 0 for r in records
+            )
+            journal.append(
+                {
+                    "type": "session_end",
+                    "session": open_session,
+                    "t_wall": _last_wall_time(records),
+                    "status": COMPLETED if finished else FAILED,
+                    "exit_code": None,
+                    "signal": None,
+                    "counters": {"spooled_events": merged},
+                    "error": None
+                    if finished
+                    else "the supervisor stopped without recording an end (killed?) and the training did not finish",
+                }
+            )
+            journal.append(
+                {
+                    "type": "note",
+                    "text": f"session {open_session} lost its supervisor; "
+                    + ("training finished unsupervised (exit code unknown)" if finished else "its end was reconstructed from the journal"),
+                }
+            )
+    finally:
+        journal.close()
+    return False
+
+
+def _open_session(records: list[dict]) -> int | None:
+    started = [r["session"] for r in records if r.get("type") == "session_start"]
+    ended = {r.get("session") for r in records if r.get("type") == "session_end"}
+    return started[-1] if started and started[-1] not in ended else None
+
+
+def _child_alive(records: list[dict], session: int) -> bool:
+    import psutil
+
+    pids = [r.get("pid") for r in records if r.get("type") == "child_started" and r.get("session") == session]
+    for pid in pids:
+        try:
+            if pid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
+def _last_wall_time(records: list[dict]) -> float | None:
+    times = [r.get("t_wall") for r in records if isinstance(r.get("t_wall"), (int, float))]
+    return max(times) if times else None
+
+
+# ---------------------------------------------------------------- resume
+
+
+def latest_checkpoint(checkpoint_dir: Path, notify: Callable[[str], None] = print) -> Path | None:
+    """The newest *complete* ``checkpoint-N``: its trainer_state.json (written last) says step N."""
+    import json
+
+    candidates = []
+    if checkpoint_dir.is_dir():
+        for path in checkpoint_dir.glob("checkpoint-*"):
+            suffix = path.name.removeprefix("checkpoint-")
+            if path.is_dir() and suffix.isdigit():
+                candidates.append((int(suffix), path))
+    for step, path in sorted(candidates, reverse=True):
+        try:
+            state = json.loads((path / "trainer_state.json").read_text())
+            complete = state.get("global_step") == step and any(
+                (path / name).exists() for name in ("adapter_model.safetensors", "model.safetensors", "pytorch_model.bin", "adapter_model.bin")
+            )
+        except (OSError, ValueError):
+            complete = False
+        if complete:
+            return path
+        notify(f"note: skipping {path}: incomplete (half-written or damaged)")
+    return None
+
+
+# Keys whose change makes a checkpoint unusable, and keys that may change between sessions.
+_FROZEN_PREFIXES = ("project_name", "model.", "lora.r", "lora.alpha", "lora.target_modules", "launch.script")
+
+
+def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """``(refused, allowed)`` lists of ``key: old -> new`` between two config snapshots."""
+    refused, allowed = [], []
+    for key in sorted(set(_flatten(old)) | set(_flatten(new))):
+        before, after = _flatten(old).get(key), _flatten(new).get(key)
+        if before == after:
+            continue
+        change = f"{key}: {before!r} -> {after!r}"
+        (refused if key.startswith(_FROZEN_PREFIXES) else allowed).append(change)
+    return refused, allowed
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resume(
+    project: str,
+    output_dir: Path,
+    view: View,
+    *,
+    config_path: Path | None = None,
+    max_steps: int | None = None,
+    poller_factory_for: Callable | None = None,
+    notify: Callable[[str], None] = print,
+) -> int:
+    """``kaio resume``: continue from the latest complete checkpoint, as a new session of the same history."""
+    import json
+
+    from kaio.config import config_from_dict, config_snapshot, load_config
+
+    report_dir = output_dir / project
+    if not (report_dir / JOURNAL_NAME).is_file():
+        projects = known_projects(output_dir)
+        listing = ", ".join(projects) if projects else "none yet; start one with `kaio run CONFIG`"
+        raise ProjectError(f"unknown project {project!r} in {output_dir}/ (known projects: {listing})")
+    lock = ProjectLock(report_dir)
+    lock.acquire()
+    try:
+        if recover_unfinished(report_dir, notify):
+            raise ProjectError(
+                f"project {project!r} is still training without a supervisor (its child process is alive); "
+                "wait for it to finish or stop it, then `kaio resume` again"
+            )
+        saved = json.loads((report_dir / "config.json").read_text())
+        cfg = config_from_dict(saved, source=str(report_dir / "config.json"))
+        if config_path is not None:
+            cfg = load_config(config_path)
+            refused, allowed = config_changes(saved, config_snapshot(cfg))
+            if refused:
+                raise ProjectError(
+                    f"{config_path}: cannot resume {project!r} with a changed {refused[0].split(':')[0]} "
+                    f"({refused[0].split(': ', 1)[1]}); the checkpoint was trained with the old value. "
+                    "Revert it, or start over with `kaio run --overwrite`"
+                )
+        else:
+            allowed = []
+        if max_steps is not None:
+            before = cfg.training.max_steps
+            cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_steps": max_steps})})
+            if before != max_steps:
+                allowed.append(f"training.max_steps: {before!r} -> {max_steps!r}")
+        state = load_state(report_dir)
+        checkpoint = latest_checkpoint(cfg.checkpoint_dir, notify)
+        if checkpoint is None:
+            raise ProjectError(
+                f"project {project!r} has no complete checkpoint in {cfg.checkpoint_dir}/ to resume from; "
+                f"start it again with `kaio run CONFIG --overwrite`"
+            )
+        planned = cfg.training.max_steps
+        if state.status == "COMPLETED" and planned != -1 and planned <= state.last_step:
+            raise ProjectError(
+                f"project {project!r} already completed {state.last_step} steps; "
+                f"extend it with `kaio resume {project} --max-steps N` (N > {state.last_step})"
+            )
+        notes = [f"resumed from {checkpoint.name}"] + [f"config changed for this session: {c}" for c in allowed]
+        factory = poller_factory_for(cfg) if poller_factory_for else None
+        return _supervise(cfg, state, view, SessionRequest("resume", checkpoint.resolve(), notes), factory)
+    finally:
+        lock.release()

@@ -10,11 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from kaio.errors import ProjectError, ReportError
-from kaio.run.journal import JOURNAL_NAME, Journal, read_journal
-from kaio.run.lock import ProjectLock, is_locked
-from kaio.run.project import HISTORY_NAME, known_projects
-from kaio.run.state import FAILED, RUNNING, replay
-from kaio.run.supervisor import merge_spool
+from kaio.run.journal import JOURNAL_NAME, read_journal
+from kaio.run.lock import ProjectLock
+from kaio.run.project import HISTORY_NAME, known_projects, recover_unfinished
+from kaio.run.state import RUNNING, replay
 
 
 def rebuild(project: str, output_dir: Path, notify=print) -> tuple[dict, Path]:
@@ -32,9 +31,11 @@ def rebuild(project: str, output_dir: Path, notify=print) -> tuple[dict, Path]:
         listing = ", ".join(projects) if projects else "none yet; start one with `kaio run CONFIG`"
         raise ProjectError(f"unknown project {project!r} in {output_dir}/ (known projects: {listing})")
 
-    running = is_locked(report_dir)
-    if not running:
-        _adopt_orphaned_session(report_dir, notify)
+    try:
+        with ProjectLock(report_dir):
+            running = recover_unfinished(report_dir, notify)  # True: a child still trains unsupervised
+    except ProjectError:
+        running = True  # a supervisor holds the project: read only, no fight over the lock
     records, bad = read_journal(journal_path)
     if bad:
         notify(f"note: {bad} unreadable line(s) in {journal_path} skipped (a torn write from a crash)")
@@ -47,54 +48,3 @@ def rebuild(project: str, output_dir: Path, notify=print) -> tuple[dict, Path]:
     if running and state.sessions:
         state.sessions[-1]["status"] = RUNNING
     return write_reports(state.history(), report_dir), report_dir
-
-
-def _adopt_orphaned_session(report_dir: Path, notify) -> None:
-    """A supervisor that died (kill -9) left a session without an end, maybe a spool: record both.
-
-    Done under the project's lock so it cannot race a ``kaio resume``.
-    """
-    lock = ProjectLock(report_dir)
-    lock.acquire()
-    try:
-        records, _ = read_journal(report_dir / JOURNAL_NAME)
-        journal = Journal(report_dir / JOURNAL_NAME)
-        try:
-            merged = merge_spool(report_dir, journal.append)
-            if merged:
-                notify(f"merged {merged} spooled event(s) written while no supervisor was listening")
-            open_session = _open_session(records)
-            if open_session is not None and not _child_alive(records, open_session):
-                journal.append(
-                    {
-                        "type": "session_end",
-                        "session": open_session,
-                        "t_wall": _last_wall_time(records),
-                        "status": FAILED,
-                        "exit_code": None,
-                        "signal": None,
-                        "error": "the supervisor stopped without recording an end (killed?); the run did not complete",
-                    }
-                )
-        finally:
-            journal.close()
-    finally:
-        lock.release()
-
-
-def _open_session(records: list[dict]) -> int | None:
-    started = [r["session"] for r in records if r.get("type") == "session_start"]
-    ended = {r.get("session") for r in records if r.get("type") == "session_end"}
-    return started[-1] if started and started[-1] not in ended else None
-
-
-def _child_alive(records: list[dict], session: int) -> bool:
-    import psutil
-
-    pids = [r.get("pid") for r in records if r.get("type") == "child_started" and r.get("session") == session]
-    return any(pid and psutil.pid_exists(pid) for pid in pids)
-
-
-def _last_wall_time(records: list[dict]) -> float | None:
-    times = [r.get("t_wall") for r in records if isinstance(r.get("t_wall"), (int, float))]
-    return max(times) if times else None

@@ -157,7 +157,11 @@ class RunState:
                 self.notes.append(note)
 
     def _on_note(self, r: dict) -> None:
-        self.warn(r["text"])
+        if r.get("level") == "info":
+            if r["text"] not in self.notes:
+                self.notes.append(r["text"])
+        else:
+            self.warn(r["text"])
 
     def _on_hub(self, r: dict) -> None:
         self.hub = {k: r.get(k) for k in ("repo_id", "commit_sha", "url", "adapter_config_url", "error")}

@@ -26,7 +26,8 @@ from kaio.fsutil import atomic_write_json
 from kaio.run.journal import JOURNAL_NAME, Journal
 from kaio.run.snapshot import Snapshot
 from kaio.run.state import COMPLETED, FAILED, INTERRUPTED, RUNNING, RunState
-from kaio.telemetry.fifo import FifoReader, TelemetryFifo, read_spool
+from kaio.telemetry import spool
+from kaio.telemetry.fifo import FifoReader, TelemetryFifo
 
 CONFIG_NAME = "config.json"
 LOG_NAME = "child.log"
@@ -48,6 +49,7 @@ class View(Protocol):
 class SessionRequest:
     kind: str = "run"  # run | resume | restart
     resume_from: Path | None = None
+    notes: list[str] = field(default_factory=list)  # recorded in the report (config changes, the checkpoint)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class Supervisor:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._log_tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self._stop = _Stop()
+        self._max_seq: dict[int, int] = {}  # per child process: the highest event seq journaled
         self.on_refresh: list[Callable[[RunState], None]] = []  # report writers, sinks
         self.on_step: list[Callable[[dict], None]] = []  # per-step entry consumers (Comet)
 
@@ -112,14 +115,19 @@ class Supervisor:
                 "argv": argv,
             }
         )
+        for text in request.notes:
+            self._note(f"session {session}: {text}", level="info")
         reader = FifoReader(fifo.read_fd, lambda event: self._queue.put(("record", event)))
         reader.start()
         poller = self._start_poller()
-        log_file = open(self.report_dir / LOG_NAME, "ab", buffering=0)
-        log_file.write(f"\n===== kaio session {session} ({request.kind}) {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
-        proc = launch.spawn(argv, env)
+        log_path = self.report_dir / LOG_NAME
+        with open(log_path, "ab") as log_file:
+            log_file.write(f"\n===== kaio session {session} ({request.kind}) {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
+            log_file.flush()
+            offset = log_file.tell()
+            proc = launch.spawn(argv, env, log_file)
         self._record({"type": "child_started", "session": session, "pid": proc.pid, "t_wall": time.time()})
-        output = threading.Thread(target=self._pump_output, args=(proc, log_file), name="kaio-child-output", daemon=True)
+        output = threading.Thread(target=self._follow_output, args=(proc, log_path, offset), name="kaio-child-output", daemon=True)
         output.start()
         previous_handlers = self._install_signal_handlers(proc)
         try:
@@ -130,7 +138,6 @@ class Supervisor:
             fifo.close_write_end()
             reader.join(timeout=10)
             output.join(timeout=5)
-            log_file.close()
             if poller is not None:
                 poller.stop()
             self._drain()
@@ -198,16 +205,19 @@ class Supervisor:
         """Journal first (crash-safe), then the state."""
         self.journal.append(record)
         self.state.apply(record)
+        if "seq" in record and "pid" in record:
+            self._max_seq[record["pid"]] = max(self._max_seq.get(record["pid"], 0), record["seq"])
         if record.get("type") == "log" and self.on_step:
             entry = self.state.steps.get(record.get("step"))
             if entry is not None:
                 for consumer in self.on_step:
                     consumer(entry)
 
-    def _note(self, text: str) -> None:
-        self._record({"type": "note", "text": text, "t_wall": time.time()})
+    def _note(self, text: str, level: str = "warning") -> None:
+        self._record({"type": "note", "text": text, "level": level, "t_wall": time.time()})
 
     def _refresh(self) -> None:
+        spool.prune(self.report_dir / spool.SPOOL_DIR_NAME, self._max_seq)
         for writer in self.on_refresh:
             writer(self.state)
 
@@ -227,12 +237,24 @@ class Supervisor:
 
     # ------------------------------------------------------------ threads
 
-    def _pump_output(self, proc: subprocess.Popen, log_file) -> None:
-        assert proc.stdout is not None
-        for raw in iter(proc.stdout.readline, b""):
-            log_file.write(raw)
-            self._queue.put(("log", raw.decode("utf-8", errors="replace").rstrip("\n")))
-        proc.stdout.close()
+    def _follow_output(self, proc: subprocess.Popen, log_path: Path, offset: int) -> None:
+        """``tail -f`` of the child's log, from this session's start, until the child has exited."""
+        with open(log_path, "rb") as log:
+            log.seek(offset)
+            partial = b""
+            while True:
+                exited = proc.poll() is not None
+                chunk = log.read(1 << 16)
+                if chunk:
+                    *lines, partial = (partial + chunk).split(b"\n")
+                    for raw in lines:
+                        self._queue.put(("log", raw.decode("utf-8", errors="replace").rstrip("\r")))
+                elif exited:
+                    break
+                else:
+                    time.sleep(0.05)
+            if partial:
+                self._queue.put(("log", partial.decode("utf-8", errors="replace")))
 
     def _start_poller(self):
         if self._poller_factory is None:
@@ -282,8 +304,8 @@ class Supervisor:
     # ------------------------------------------------------------ endings
 
     def _merge_spool(self) -> int:
-        """Events a rank wrote to its spool (its FIFO writes failed) join the journal."""
-        return merge_spool(self.report_dir, self._record)
+        """Events only the spool has (the FIFO had no reader for them) join the journal."""
+        return spool.merge_into(self.report_dir / spool.SPOOL_DIR_NAME, self._max_seq, self._record)
 
     def _outcome(self, returncode: int) -> SessionOutcome:
         exit_code, signal_name = launch.describe_exit(returncode)
@@ -295,18 +317,6 @@ class Supervisor:
         if error is None and signal_name:
             error = f"killed by {signal_name}"
         return SessionOutcome(exit_code, FAILED, signal_name, error)
-
-
-def merge_spool(report_dir: Path, record: Callable[[dict], None]) -> int:
-    spool_dir = report_dir / "spool"
-    if not spool_dir.is_dir():
-        return 0
-    events, _bad = read_spool(spool_dir)
-    for event in sorted(events, key=lambda e: (e.get("session", 0), e.get("t_mono") or 0)):
-        record(event)
-    for path in spool_dir.glob("spool-*.jsonl"):
-        path.unlink()
-    return len(events)
 
 
 def root_cause(report_dir: Path, session: int) -> str | None:

@@ -108,18 +108,3 @@ class FifoReader(threading.Thread):
             return
         self.stats.events += 1
         self._on_event(event)
-
-
-def read_spool(spool_dir: Path) -> tuple[list[dict], int]:
-    """Events a child wrote to spool files while nobody read the FIFO, and the bad-line count."""
-    events: list[dict] = []
-    bad = 0
-    for path in sorted(spool_dir.glob("spool-*.jsonl")):
-        for line in path.read_bytes().splitlines():
-            if not line.strip():
-                continue
-            try:
-                events.append(decode(line))
-            except ProtocolError:
-                bad += 1
-    return events, bad

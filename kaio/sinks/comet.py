@@ -1,0 +1,295 @@
+"""Comet ML: the run's parameters, per-step metrics and final report files, fed by the supervisor.
+
+With ``COMET_API_KEY`` the data goes to an online experiment; without it, to Comet's offline
+archive under ``<report_dir>/comet/``, to upload later with ``comet upload <zip>``. A resumed
+run passes the stored ``experiment_key`` and continues the same experiment.
+
+Comet must never cost the training anything. One background thread owns the experiment and
+makes every comet_ml call, so an unreachable server (creating an online experiment retries
+for about 30 s) never blocks the supervisor; each call is wrapped, the first failure becomes
+a line in ``warnings`` and switches the sink off, and ``end()`` waits a bounded time.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from kaio.config import redact
+
+# History entry keys sent as Comet metrics; units are in the names, as in history.json.
+STEP_METRICS = ("loss", "learning_rate", "grad_norm", "vram_gb", "power_avg", "util", "temp", "energy_j", "epoch")
+DEFAULT_END_TIMEOUT_S = 30.0
+
+# comet_ml reads these only while it is being imported; kaio's defaults unless the user set them.
+_IMPORT_TIME_DEFAULTS = {
+    # Comet's own crash reporting opens network connections of its own.
+    "COMET_ERROR_TRACKING_ENABLE": "false",
+    # Import hooks that patch torch, keras... for auto-logging; the supervisor trains nothing.
+    "COMET_DISABLE_AUTO_LOGGING": "1",
+}
+# Nothing collected behind kaio's back: code, git, argv, environment and host details can hold
+# secrets, and system-metric threads cost time.
+_QUIET = dict(
+    log_code=False,
+    log_graph=False,
+    auto_param_logging=False,
+    auto_metric_logging=False,
+    parse_args=False,
+    auto_output_logging=False,
+    log_env_details=False,
+    log_env_gpu=False,
+    log_env_cpu=False,
+    log_env_host=False,
+    log_env_disk=False,
+    log_git_metadata=False,
+    log_git_patch=False,
+    display_summary_level=0,
+)
+_QUIET_ONLINE = dict(_QUIET, log_env_network=False, auto_log_co2=False)  # options only online classes take
+_MAX_PENDING_CALLS = 10_000  # ~ that many steps queued behind a stuck call: give up rather than grow
+_MAX_DETAIL_CHARS = 200
+_STOP = object()
+
+
+def _never_raises(what: str) -> Callable:
+    """Turn any exception of a public sink method into a warning that switches the sink off."""
+
+    def decorate(method: Callable) -> Callable:
+        @functools.wraps(method)
+        def guarded(self: CometSink, *args: Any, **kwargs: Any) -> None:
+            try:
+                method(self, *args, **kwargs)
+            except Exception as exc:
+                self._fail(what, _describe(exc))
+
+        return guarded
+
+    return decorate
+
+
+class CometSink:
+    """One Comet experiment, fed from the supervisor's thread. Create it with :meth:`start`.
+
+    ``messages`` (what the user should know, e.g. where the offline archive is) and ``warnings``
+    (what went wrong) may grow while the sink works: read them after :meth:`end`.
+    """
+
+    def __init__(self, *, experiment_key: str, offline: bool, api_key: str | None) -> None:
+        self.experiment_key = experiment_key
+        self.offline = offline
+        self.messages: list[str] = []
+        self.warnings: list[str] = []
+        self._api_key = api_key
+        self._calls: queue.Queue = queue.Queue(maxsize=_MAX_PENDING_CALLS)
+        self._disabled = False
+        self._ended = False
+        self._worker: threading.Thread | None = None
+
+    @classmethod
+    def start(
+        cls,
+        *,
+        project: str,
+        report_dir: Path,
+        params: dict,
+        experiment_key: str | None,
+        env: Mapping[str, str] = os.environ,
+    ) -> CometSink:
+        """Start (or, given ``experiment_key``, continue) the run's experiment; never raises.
+
+        Returns at once: the experiment is created on the sink's thread. A sink that could not
+        start says why in ``warnings`` and ignores further calls.
+        """
+        api_key = env.get("COMET_API_KEY") or None
+        sink = cls(experiment_key=experiment_key or uuid.uuid4().hex, offline=api_key is None, api_key=api_key)
+        try:
+            comet_ml = _import_comet_ml(env)
+            settings = dict(
+                project_name=env.get("COMET_PROJECT_NAME") or project,
+                workspace=env.get("COMET_WORKSPACE") or None,
+                experiment_key=sink.experiment_key,
+            )
+            if sink.offline:
+                archive_dir = Path(report_dir) / "comet"
+                archive_dir.mkdir(parents=True, exist_ok=True)
+                experiment_class = comet_ml.ExistingOfflineExperiment if experiment_key else comet_ml.OfflineExperiment
+                create = functools.partial(
+                    experiment_class, offline_directory=str(archive_dir), **settings, **_QUIET
+                )
+                sink.messages.append(
+                    f"Comet ML: no COMET_API_KEY, logging offline to {archive_dir} "
+                    "(upload later with `comet upload <zip>`)"
+                )
+            else:
+                experiment_class = comet_ml.ExistingExperiment if experiment_key else comet_ml.Experiment
+                create = functools.partial(experiment_class, api_key=api_key, **settings, **_QUIET_ONLINE)
+        except Exception as exc:
+            sink._fail("setting up comet_ml", _describe(exc))
+            return sink
+        sink._worker = threading.Thread(
+            target=sink._work, args=(create, project), name="kaio-comet", daemon=True
+        )
+        sink._worker.start()
+        sink.log_params(params)
+        return sink
+
+    @_never_raises("logging parameters")
+    def log_params(self, params: dict) -> None:
+        """Log ``params`` (nested dicts allowed) with values of secret-looking keys redacted."""
+        clean = redact(params)  # copied now: the caller may change params later
+        self._submit("logging parameters", lambda experiment: experiment.log_parameters(clean))
+
+    @_never_raises("logging a step")
+    def log_step(self, entry: dict) -> None:
+        """Log a history.json step entry's metrics at ``step=entry["step"]``; missing values are skipped."""
+        step = int(entry["step"])
+        metrics = {name: float(entry[name]) for name in STEP_METRICS if _is_finite_number(entry.get(name))}
+        if metrics:
+            self._submit(f"logging step {step}", lambda experiment: experiment.log_metrics(metrics, step=step))
+
+    @_never_raises("logging the report files")
+    def log_assets(self, paths: list[Path]) -> None:
+        """Attach files (report.md, telemetry.png, history.json); a later session's copy replaces an earlier one."""
+        for path in map(Path, paths):
+            if self._accepting and not path.is_file():
+                self.warnings.append(f"Comet ML: {path} not found, not attached to the experiment")
+            else:
+                self._submit(f"attaching {path.name}", functools.partial(_log_asset, path=path))
+
+    @_never_raises("ending the experiment")
+    def end(self, timeout_s: float = DEFAULT_END_TIMEOUT_S) -> None:
+        """Flush and close the experiment, waiting at most ``timeout_s``; offline, report the archive."""
+        if self._ended:
+            return
+        self._submit("ending the experiment", self._end_experiment)
+        self._ended = True
+        if self._worker is None:
+            return
+        deadline = time.monotonic() + timeout_s
+        try:
+            self._calls.put(_STOP, timeout=timeout_s)
+        except queue.Full:
+            pass  # the worker is stuck in a call: the join below times out and says so
+        self._worker.join(max(0.0, deadline - time.monotonic()))
+        if self._worker.is_alive():
+            self.warnings.append(
+                f"Comet ML: still busy after {timeout_s:g} s at the end of the run; stopped waiting, "
+                "so Comet may miss the last data"
+            )
+
+    # --- the sink's thread --------------------------------------------------------------
+
+    def _work(self, create: Callable[[], Any], name: str) -> None:
+        try:
+            experiment = self._create(create, name)
+        except Exception as exc:
+            self._fail("starting the experiment", _describe(exc))
+            experiment = None
+        while (call := self._calls.get()) is not _STOP:
+            what, function = call
+            if self._disabled:
+                continue  # drain, so that end() still finds _STOP
+            try:
+                function(experiment)
+            except Exception as exc:
+                self._fail(what, _describe(exc))
+
+    def _create(self, create: Callable[[], Any], name: str) -> Any:
+        # comet_ml reports a failed start (bad key, no network) by logging an error and
+        # returning a dead experiment, not by raising: catch the log line for the warning.
+        errors = _ErrorLines()
+        comet_logger = logging.getLogger("comet_ml")
+        comet_logger.addHandler(errors)
+        try:
+            experiment = create()
+        finally:
+            comet_logger.removeHandler(errors)
+        if not experiment.alive:
+            raise RuntimeError(errors.lines[0] if errors.lines else "comet_ml did not start the experiment")
+        experiment.set_name(name)
+        experiment.add_tag("kaio")
+        if not self.offline:
+            self.messages.append(f"Comet ML: logging to {experiment.url}")
+        return experiment
+
+    def _end_experiment(self, experiment: Any) -> None:
+        experiment.end()
+        if self.offline:
+            # The archive's name is Comet's: <key>.zip, or <key>-<suffix>.zip for a continued experiment.
+            archive = Path(experiment.offline_directory) / experiment._get_offline_archive_file_name()
+            after = " (after the archives of the earlier sessions)" if archive.stem != self.experiment_key else ""
+            self.messages.append(f"Comet ML: offline archive {archive}; upload it with `comet upload {archive}`{after}")
+
+    # --- shared ---------------------------------------------------------------------------
+
+    @property
+    def _accepting(self) -> bool:
+        return not (self._disabled or self._ended or self._worker is None)
+
+    def _submit(self, what: str, function: Callable[[Any], Any]) -> None:
+        if not self._accepting:
+            return
+        try:
+            self._calls.put_nowait((what, function))
+        except queue.Full:
+            self._fail(what, f"Comet fell {_MAX_PENDING_CALLS} calls behind")
+
+    def _fail(self, what: str, reason: str) -> None:
+        if self._disabled:
+            return
+        self._disabled = True
+        if self._api_key:  # scrubbed before shortening, so that no prefix of the key survives
+            reason = reason.replace(self._api_key, "***")
+        reason = _first_line(reason) or "no details"
+        self.warnings.append(f"Comet ML: {what} failed ({reason}); nothing more is sent to Comet for this run")
+
+
+class _ErrorLines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def _import_comet_ml(env: Mapping[str, str]) -> Any:
+    """Import comet_ml under kaio's defaults, without leaving them in os.environ for the child."""
+    added = {
+        name: env.get(name, default) for name, default in _IMPORT_TIME_DEFAULTS.items() if name not in os.environ
+    }
+    os.environ.update(added)
+    try:
+        import comet_ml
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+    return comet_ml
+
+
+def _log_asset(experiment: Any, *, path: Path) -> None:
+    experiment.log_asset(str(path), file_name=path.name, overwrite=True)
+
+
+def _is_finite_number(value: Any) -> bool:
+    # null means "not measured"; NaN/inf (a diverged loss) is in history.json, Comet cannot chart it.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _describe(exc: Exception) -> str:
+    return str(exc).strip() or type(exc).__name__
+
+
+def _first_line(text: str) -> str:
+    line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return line if len(line) <= _MAX_DETAIL_CHARS else line[: _MAX_DETAIL_CHARS - 1] + "…"
