@@ -21,11 +21,12 @@ import contextlib
 import io
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from kaio.devices.base import DeviceInfo, GpuSample
 from kaio.devices.vendor import (
     MetricGuard,
+    RunPids,
     answered_metrics,
     int_or_none,
     number_or_none,
@@ -33,8 +34,6 @@ from kaio.devices.vendor import (
     text_or_none,
 )
 from kaio.devices.visible import mark_visible
-
-RunPids = Callable[[], "set[int]"]
 
 _MIB = 1024 * 1024
 _AMDSMI_STATUS_NOT_SUPPORTED = 2  # amdsmi_status_t, used when the binding does not export it
@@ -68,7 +67,9 @@ class AmdSmiBackend:
 
     name = "amdsmi"
 
-    def __init__(self, amdsmi: Any, handles: Sequence[Any], environ: Mapping[str, str], run_pids: RunPids | None) -> None:
+    def __init__(
+        self, amdsmi: Any, handles: Sequence[Any], environ: Mapping[str, str], run_pids: RunPids | None
+    ) -> None:
         self._smi = amdsmi
         self._handles = list(handles)
         self._run_pids = run_pids

@@ -7,9 +7,10 @@ never an exception: kaio then records the host only.
 from __future__ import annotations
 
 import os
-from typing import Callable, Mapping
+from typing import Mapping
 
 from kaio.devices.base import DetectResult
+from kaio.devices.vendor import RunPids
 
 PREFERENCES = ("auto", "nvml", "amdsmi", "none")
 NO_GPU_NOTE = "No GPU found: kaio records the host's CPU and RAM only"
@@ -18,7 +19,7 @@ NO_GPU_NOTE = "No GPU found: kaio records the host's CPU and RAM only"
 def detect(
     preference: str = "auto",
     environ: Mapping[str, str] = os.environ,
-    run_pids: Callable[[], set[int]] | None = None,
+    run_pids: RunPids | None = None,
 ) -> DetectResult:
     """Every GPU backend that works here, restricted by ``preference``.
 

@@ -82,7 +82,6 @@ class EnergyTracker:
     def __init__(self, check_window_s: float = 2.0) -> None:
         self._check_window_s = check_window_s
         self._integrator = PowerIntegrator()
-        self.method: str | None = None  # what the latest ``update`` reported
         self.fallback_reason: str | None = None  # why the counter was abandoned, in a user's words
         self.counter_unverified = False  # trusted without a power reading to check it against
         self._state = "checking"  # checking -> counter | integrated
@@ -99,8 +98,7 @@ class EnergyTracker:
             self._watch_counter(t_s, counter_j, integrated)
         if self._state == "checking" and self._counter_origin is not None:
             self._check_counter(t_s, integrated)
-        energy, self.method = self._report(integrated)
-        return energy, self.method
+        return self._report(integrated)
 
     def _counter_energy_j(self) -> float:
         assert self._counter_origin is not None and self._last_counter is not None

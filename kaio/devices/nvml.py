@@ -8,11 +8,12 @@ stays ``None`` on NVIDIA.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from kaio.devices.base import DeviceInfo, GpuSample
 from kaio.devices.vendor import (
     MetricGuard,
+    RunPids,
     answered_metrics,
     int_or_none,
     number_or_none,
@@ -20,8 +21,6 @@ from kaio.devices.vendor import (
     text_or_none,
 )
 from kaio.devices.visible import mark_visible
-
-RunPids = Callable[[], "set[int]"]
 
 # Clock event reason bits (nvml.h, nvmlClocksEventReason*) that mean "slowed down".
 # Idle, application-clock and display-clock reasons are settings, not throttling.
@@ -42,7 +41,9 @@ class NvmlBackend:
 
     name = "nvml"
 
-    def __init__(self, nvml: Any, handles: Sequence[Any], environ: Mapping[str, str], run_pids: RunPids | None) -> None:
+    def __init__(
+        self, nvml: Any, handles: Sequence[Any], environ: Mapping[str, str], run_pids: RunPids | None
+    ) -> None:
         self._nvml = nvml
         self._handles = list(handles)
         self._run_pids = run_pids

@@ -43,8 +43,6 @@ class Poller:
         host: HostBackend | None = None,
         *,
         energy_check_window_s: float = 2.0,
-        clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if hz <= 0:
             raise ValueError(f"poll rate must be positive, not {hz} Hz")
@@ -53,8 +51,6 @@ class Poller:
         self._on_tick = on_tick
         self._host = host
         self._energy_check_window_s = energy_check_window_s
-        self._clock = clock
-        self._wall_clock = wall_clock
         self._energy: dict[str, EnergyTracker] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -83,25 +79,27 @@ class Poller:
                 pass
 
     def stats(self) -> dict:
-        """Cadence achieved so far, and energy fallbacks; JSON-serialisable."""
+        """Cadence achieved so far and how energy is measured per device; JSON-serialisable."""
         with self._lock:
             report = self._stats.report(self._interval)
             report["energy_fallbacks"] = {
                 key: tracker.fallback_reason for key, tracker in self._energy.items() if tracker.fallback_reason
             }
+            # Counters trusted without a power reading to check them against.
+            report["energy_unverified"] = sorted(k for k, t in self._energy.items() if t.counter_unverified)
         return report
 
     # -- the thread ---------------------------------------------------------------------
 
     def _run(self) -> None:
         interval = self._interval
-        scheduled = self._clock()
+        scheduled = time.monotonic()
         while not self._stop.is_set():
-            now = self._clock()
+            now = time.monotonic()
             if now < scheduled:
                 if self._stop.wait(scheduled - now):
                     break
-                now = self._clock()
+                now = time.monotonic()
             missed = int((now - scheduled) // interval)
             if missed > 0:  # more than one interval late: skip to the latest grid point
                 scheduled += missed * interval
@@ -120,14 +118,14 @@ class Poller:
         gpus: list[GpuSample] = []
         for backend in self._backends:
             try:
-                samples = backend.sample(self._clock(), self._wall_clock())
+                samples = backend.sample(time.monotonic(), time.time())
             except Exception as exc:  # backends must not raise; if one does, the others still report
                 with self._lock:
                     self._stats.backend_errors += 1
                     self._stats.last_backend_error = f"{backend.name}: {type(exc).__name__}: {exc}"
                 continue
             gpus.extend(self._with_energy(s) for s in samples)
-        host = self._host.sample(self._clock(), self._wall_clock()) if self._host else None
+        host = self._host.sample(time.monotonic(), time.time()) if self._host else None
         return Tick(t_mono=scheduled, lateness_s=lateness_s, gpus=tuple(gpus), host=host)
 
     def _with_energy(self, sample: GpuSample) -> GpuSample:

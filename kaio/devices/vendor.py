@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 from kaio.devices.base import GpuSample
 
+RunPids = Callable[[], "set[int]"]  # the run's process ids, for per-process VRAM
+
 # Vendors mark "no value" with the all-ones integer of the field's width (AMD SMI
 # before it turned them into "N/A" strings).
 _ALL_ONES = {0xFFFF, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF}
