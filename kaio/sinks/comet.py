@@ -36,6 +36,8 @@ _IMPORT_TIME_DEFAULTS = {
     "COMET_ERROR_TRACKING_ENABLE": "false",
     # Import hooks that patch torch, keras... for auto-logging; the supervisor trains nothing.
     "COMET_DISABLE_AUTO_LOGGING": "1",
+    # Comet's INFO lines would tear through the live dashboard; kaio reports what matters itself.
+    "COMET_LOGGING_CONSOLE": "ERROR",
 }
 # Nothing collected behind kaio's back: code, git, argv, environment and host details can hold
 # secrets, and system-metric threads cost time.
