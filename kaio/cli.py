@@ -51,6 +51,11 @@ def _console():
     return Console()
 
 
+def _say(console):
+    """Messages for the user: whole lines, never re-wrapped, never parsed as markup."""
+    return lambda text: console.print(text, soft_wrap=True, markup=False, highlight=False)
+
+
 def _poller_factory(cfg):
     from kaio.run.gpu_feed import poller_factory
 
@@ -77,7 +82,7 @@ def run(
     overrides = {"training.max_steps": max_steps} if max_steps is not None else None
     cfg = load_config(config, overrides)
     console = _console()
-    code = run_new(cfg, choose_view(console, plain), overwrite=overwrite, poller_factory=_poller_factory(cfg), notify=console.print)
+    code = run_new(cfg, choose_view(console, plain), overwrite=overwrite, poller_factory=_poller_factory(cfg), notify=_say(console))
     raise typer.Exit(code)
 
 
@@ -103,7 +108,7 @@ def resume(
         config_path=config,
         max_steps=max_steps,
         poller_factory_for=poller_factory,
-        notify=console.print,
+        notify=_say(console),
     )
     raise typer.Exit(code)
 
@@ -128,6 +133,25 @@ def report(
         typer.echo(json.dumps(summary, indent=2, default=str))
     else:
         typer.echo(f"report written: {report_dir / 'report.md'}")
+
+
+@app.command()
+@_user_errors
+def push(
+    project: str = typer.Argument(..., help="Project name.", show_default=False),
+    repo_id: Optional[str] = typer.Option(None, "--repo-id", help="`user/name` of the model repo (default: hub.repo_id of the run's config)."),
+    output_dir: Path = typer.Option(DEFAULT_OUTPUT_DIR, "--output-dir", help="The reports directory (reporting.output_dir)."),
+) -> None:
+    """Push PROJECT's final LoRA adapter, a model card and the report to the Hugging Face Hub (or retry a failed push).
+
+    The token comes from HF_TOKEN or your `huggingface-cli login`; it is never printed or written.
+    Exits 0 when pushed, 1 when the push failed (the reason is in report.md).
+    """
+    from kaio.run.project import push as push_project
+
+    console = _console()
+    if not push_project(project, output_dir, repo_id=repo_id, notify=_say(console)):
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -53,13 +53,6 @@ def move_aside(cfg: RunConfig) -> list[Path]:
     return moved
 
 
-def write_history(state: RunState, report_dir: Path) -> None:
-    """history.json and the reports, atomically. Reports come from kaio.report."""
-    from kaio.report import write_reports
-
-    write_reports(state.history(), report_dir)
-
-
 def run_new(cfg: RunConfig, view: View, *, overwrite: bool = False, poller_factory: Callable | None = None, notify: Callable[[str], None] = print) -> int:
     """``kaio run``: a new history for the project (after moving an old one aside with ``--overwrite``)."""
     report_dir = cfg.report_dir
@@ -77,33 +70,42 @@ def run_new(cfg: RunConfig, view: View, *, overwrite: bool = False, poller_facto
         if overwrite:
             for path in move_aside(cfg):
                 notify(f"moved the previous record aside: {path}")
-        return _supervise(cfg, RunState(cfg.project_name), view, SessionRequest("run"), poller_factory)
+        return _supervise(cfg, RunState(cfg.project_name), view, SessionRequest("run"), poller_factory, notify)
     finally:
         lock.release()
 
 
-def _supervise(cfg: RunConfig, state: RunState, view: View, request: SessionRequest, poller_factory) -> int:
+def _supervise(cfg: RunConfig, state: RunState, view: View, request: SessionRequest, poller_factory, notify) -> int:
+    """One or more sessions (automatic restarts), then the reports, Comet and the Hub push."""
+    from kaio.run.finalize import RunOutputs, write_reports
+
     report_dir = cfg.report_dir
     journal = Journal(report_dir / JOURNAL_NAME)
     supervisor = Supervisor(cfg, state, journal, view, poller_factory=poller_factory)
-    supervisor.on_refresh.append(lambda s: write_history(s, report_dir))
-    view.start()
+    outputs = RunOutputs(cfg, supervisor.record, notify)
+    supervisor.on_refresh.append(lambda s: write_reports(s, report_dir))
+    supervisor.on_loop.append(outputs.feed)
     outcome = None
     try:
-        outcome = supervisor.run_session(request)
-        restarts = 0
-        while outcome.status == FAILED and restarts < cfg.launch.max_restarts and not supervisor.stop_requested:
-            restarts += 1
-            checkpoint = latest_checkpoint(cfg.checkpoint_dir, notify=lambda text: None)
-            origin = f"from {checkpoint.name}" if checkpoint else "from the start (no complete checkpoint yet)"
-            note = f"automatic restart {restarts} of {cfg.launch.max_restarts} after: {outcome.error or outcome.signal or f'exit code {outcome.exit_code}'}; {origin}"
-            outcome = supervisor.run_session(SessionRequest("restart", checkpoint.resolve() if checkpoint else None, [note]))
+        outputs.start()
+        view.start()
+        try:
+            outcome = supervisor.run_session(request)
+            restarts = 0
+            while outcome.status == FAILED and restarts < cfg.launch.max_restarts and not supervisor.stop_requested:
+                restarts += 1
+                checkpoint = latest_checkpoint(cfg.checkpoint_dir, notify=lambda text: None)
+                origin = f"from {checkpoint.name}" if checkpoint else "from the start (no complete checkpoint yet)"
+                cause = outcome.error or outcome.signal or f"exit code {outcome.exit_code}"
+                note = f"automatic restart {restarts} of {cfg.launch.max_restarts} after: {cause}; {origin}"
+                outcome = supervisor.run_session(SessionRequest("restart", checkpoint.resolve() if checkpoint else None, [note]))
+        finally:
+            view.stop(supervisor.snapshot())
     finally:
         try:
-            write_history(state, report_dir)
+            outputs.finish(state)
         finally:
             journal.close()
-            view.stop(supervisor.snapshot())
     return outcome.exit_code if outcome else 1
 
 
@@ -300,6 +302,44 @@ def resume(
             )
         notes = [f"resumed from {checkpoint.name}"] + [f"config changed for this session: {c}" for c in allowed]
         factory = poller_factory_for(cfg) if poller_factory_for else None
-        return _supervise(cfg, state, view, SessionRequest("resume", checkpoint.resolve(), notes), factory)
+        return _supervise(cfg, state, view, SessionRequest("resume", checkpoint.resolve(), notes), factory, notify)
     finally:
         lock.release()
+
+
+# ---------------------------------------------------------------- push
+
+
+def push(project: str, output_dir: Path, *, repo_id: str | None = None, notify: Callable[[str], None] = print) -> bool:
+    """``kaio push``: push (or retry pushing) a project's final adapter by hand."""
+    import json
+
+    from kaio.config import config_from_dict
+    from kaio.run.finalize import push_to_hub, write_reports
+
+    report_dir = output_dir / project
+    if not (report_dir / JOURNAL_NAME).is_file():
+        projects = known_projects(output_dir)
+        raise ProjectError(f"unknown project {project!r} in {output_dir}/ (known projects: {', '.join(projects) or 'none yet'})")
+    with ProjectLock(report_dir):
+        recover_unfinished(report_dir, notify)
+        cfg = config_from_dict(json.loads((report_dir / "config.json").read_text()), source=str(report_dir / "config.json"))
+        repo = repo_id or cfg.hub.repo_id
+        if not repo:
+            raise ProjectError(f"no Hub repo for {project!r}: pass `--repo-id user/name` or set hub.repo_id in the config")
+        cfg = cfg.model_copy(update={"hub": cfg.hub.model_copy(update={"repo_id": repo, "push": True})})
+        if not (cfg.checkpoint_dir / "final" / "adapter_config.json").is_file():
+            raise ProjectError(f"no final adapter in {cfg.checkpoint_dir / 'final'}/ (the run has not completed); finish it with `kaio resume {project}`")
+        state = load_state(report_dir)
+        journal = Journal(report_dir / JOURNAL_NAME)
+
+        def record(r: dict) -> None:
+            journal.append(r)
+            state.apply(r)
+
+        try:
+            ok = push_to_hub(cfg, state, record, notify)
+        finally:
+            journal.close()
+        write_reports(state, report_dir)
+        return ok

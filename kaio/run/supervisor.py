@@ -84,7 +84,7 @@ class Supervisor:
         self._stop = _Stop()
         self._max_seq: dict[int, int] = {}  # per child process: the highest event seq journaled
         self.on_refresh: list[Callable[[RunState], None]] = []  # report writers, sinks
-        self.on_step: list[Callable[[dict], None]] = []  # per-step entry consumers (Comet)
+        self.on_loop: list[Callable[[RunState], None]] = []  # cheap consumers called every loop (Comet feed)
 
     # ------------------------------------------------------------ one session
 
@@ -102,7 +102,7 @@ class Supervisor:
             resume_from=request.resume_from,
         )
         argv, env = launch.build_command(self.cfg, plan, os.environ)
-        self._record(
+        self.record(
             {
                 "type": "session_start",
                 "session": session,
@@ -126,7 +126,7 @@ class Supervisor:
             log_file.flush()
             offset = log_file.tell()
             proc = launch.spawn(argv, env, log_file)
-        self._record({"type": "child_started", "session": session, "pid": proc.pid, "t_wall": time.time()})
+        self.record({"type": "child_started", "session": session, "pid": proc.pid, "t_wall": time.time()})
         output = threading.Thread(target=self._follow_output, args=(proc, log_path, offset), name="kaio-child-output", daemon=True)
         output.start()
         previous_handlers = self._install_signal_handlers(proc)
@@ -144,7 +144,7 @@ class Supervisor:
             fifo.close()
         spooled = self._merge_spool()
         outcome = self._outcome(proc.returncode)
-        self._record(
+        self.record(
             {
                 "type": "session_end",
                 "session": session,
@@ -178,6 +178,8 @@ class Supervisor:
             self._check_stop(proc)
             now = time.monotonic()
             self.view.update(self.snapshot())
+            for consumer in self.on_loop:
+                consumer(self.state)
             if now >= next_refresh:
                 self._refresh()
                 next_refresh = now + refresh_s
@@ -196,25 +198,19 @@ class Supervisor:
                 self._log_tail.append(item)
                 self.view.child_output(item)
             else:  # "record": a child event, a GPU tick, the device list
-                self._record(item)
+                self.record(item)
             handled += 1
         if handled:
             self.journal.flush()
 
-    def _record(self, record: dict) -> None:
-        """Journal first (crash-safe), then the state."""
+    def record(self, record: dict) -> None:
+        """Journal first (crash-safe), then the state. Sinks' outcomes come through here too."""
         self.journal.append(record)
         self.state.apply(record)
         if "seq" in record and "pid" in record:
             self._max_seq[record["pid"]] = max(self._max_seq.get(record["pid"], 0), record["seq"])
-        if record.get("type") == "log" and self.on_step:
-            entry = self.state.steps.get(record.get("step"))
-            if entry is not None:
-                for consumer in self.on_step:
-                    consumer(entry)
-
     def _note(self, text: str, level: str = "warning") -> None:
-        self._record({"type": "note", "text": text, "level": level, "t_wall": time.time()})
+        self.record({"type": "note", "text": text, "level": level, "t_wall": time.time()})
 
     def _refresh(self) -> None:
         spool.prune(self.report_dir / spool.SPOOL_DIR_NAME, self._max_seq)
@@ -305,7 +301,7 @@ class Supervisor:
 
     def _merge_spool(self) -> int:
         """Events only the spool has (the FIFO had no reader for them) join the journal."""
-        return spool.merge_into(self.report_dir / spool.SPOOL_DIR_NAME, self._max_seq, self._record)
+        return spool.merge_into(self.report_dir / spool.SPOOL_DIR_NAME, self._max_seq, self.record)
 
     def _outcome(self, returncode: int) -> SessionOutcome:
         exit_code, signal_name = launch.describe_exit(returncode)

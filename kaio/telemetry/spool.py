@@ -71,6 +71,10 @@ def merge_into(spool_dir: Path, max_seq_by_pid: dict[int, int], record: Callable
         record(event)
     for _pid, _first, path in _parts(spool_dir):
         path.unlink(missing_ok=True)
+    try:
+        spool_dir.rmdir()  # nothing left to merge: no folder to wonder about
+    except OSError:
+        pass
     return len(events)
 
 

@@ -1,0 +1,145 @@
+"""Where a run's record goes besides the journal: the report files, Comet ML, the Hub.
+
+``RunOutputs`` decides *when* (during the run, at its end); the sinks decide
+*how*. Neither a sink failure nor a slow network ever changes the run's exit
+code or loses a local file: failures become lines in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from kaio.config import RunConfig, config_snapshot
+from kaio.run.state import COMPLETED, RunState
+
+COMET_KEY_FILE = "comet.json"  # the experiment key, so a resume continues the same experiment
+COMET_FEED_INTERVAL_S = 1.0
+HUB_PUSH_TIMEOUT_S = 900.0  # huggingface_hub sets no timeout of its own on a stuck upload
+
+
+def write_reports(state: RunState, report_dir: Path) -> dict:
+    """history.json, telemetry.png and report.md, atomically; returns the summary."""
+    from kaio.report import write_reports as write
+
+    return write(state.history(), report_dir)
+
+
+class RunOutputs:
+    """Feeds the reports and Comet during a session, and finishes both (and the Hub push) after it."""
+
+    def __init__(self, cfg: RunConfig, record: Callable[[dict], None], notify: Callable[[str], None]) -> None:
+        self.cfg = cfg
+        self.report_dir = cfg.report_dir
+        self._record = record  # journal + state, so sink outcomes reach the report
+        self._notify = notify
+        self._comet = None
+        self._comet_logged_step = 0
+        self._comet_next_feed = 0.0
+        self._comet_messages_shown = 0
+
+    # -- during the run ----------------------------------------------------
+
+    def start(self) -> None:
+        if not self.cfg.reporting.use_comet_ml:
+            return  # comet_ml is not even imported
+        from kaio.sinks.comet import CometSink
+
+        key_file = self.report_dir / COMET_KEY_FILE
+        stored = json.loads(key_file.read_text()).get("experiment_key") if key_file.is_file() else None
+        self._comet = CometSink.start(
+            project=self.cfg.project_name, report_dir=self.report_dir, params=config_snapshot(self.cfg), experiment_key=stored
+        )
+        if stored is None:
+            from kaio.fsutil import atomic_write_json
+
+            atomic_write_json(key_file, {"experiment_key": self._comet.experiment_key})
+        for message in self._comet.messages:
+            self._notify(message)
+        self._comet_messages_shown = len(self._comet.messages)
+
+    def feed(self, state: RunState, *, final: bool = False) -> None:
+        """Send Comet the steps completed since the last call (the newest waits for its GPU samples)."""
+        if self._comet is None:
+            return
+        now = time.monotonic()
+        if not final and now < self._comet_next_feed:
+            return
+        self._comet_next_feed = now + COMET_FEED_INTERVAL_S
+        last = state.last_step if final else state.last_step - 1
+        for step in range(self._comet_logged_step + 1, last + 1):
+            entry = state.steps.get(step)
+            if entry is not None:
+                self._comet.log_step(entry)
+        self._comet_logged_step = max(self._comet_logged_step, last)
+
+    # -- after the run -----------------------------------------------------
+
+    def finish(self, state: RunState) -> None:
+        """Final reports, Comet's assets and end, then the Hub push of a completed run."""
+        write_reports(state, self.report_dir)
+        if self._comet is not None:
+            self.feed(state, final=True)
+            self._comet.log_assets([self.report_dir / n for n in ("report.md", "telemetry.png", "history.json")])
+            self._comet.end()
+            for message in self._comet.messages[self._comet_messages_shown :]:
+                self._notify(message)
+                self._record({"type": "note", "level": "info", "text": f"Comet ML: {message}"})
+            for warning in self._comet.warnings:
+                self._record({"type": "note", "text": f"Comet ML: {warning}"})
+        if self.cfg.hub.push and state.status == COMPLETED:
+            push_to_hub(self.cfg, state, self._record, self._notify)
+        write_reports(state, self.report_dir)
+
+
+def push_to_hub(cfg: RunConfig, state: RunState, record: Callable[[dict], None], notify: Callable[[str], None]) -> bool:
+    """Upload the final adapter, a model card and the report; the outcome goes into the journal."""
+    from kaio.sinks.hub import push_adapter
+
+    adapter_dir = cfg.checkpoint_dir / "final"
+    summary = write_reports(state, cfg.report_dir)
+    card = _card_summary(state, summary)
+    notify(f"pushing the adapter to the Hugging Face Hub: {cfg.hub.repo_id}")
+    outcome: dict = {}
+
+    def push() -> None:
+        outcome["result"] = push_adapter(
+            repo_id=cfg.hub.repo_id,
+            private=cfg.hub.private,
+            adapter_dir=adapter_dir,
+            report_dir=cfg.report_dir,
+            card_markdown=card,
+            base_model=cfg.model.base_model,
+        )
+
+    worker = threading.Thread(target=push, name="kaio-hub-push", daemon=True)
+    worker.start()
+    worker.join(HUB_PUSH_TIMEOUT_S)
+    result = outcome.get("result")
+    if result is None:
+        entry = {"repo_id": cfg.hub.repo_id, "commit_sha": None, "url": None, "adapter_config_url": None,
+                 "error": f"push failed: no answer from the Hub within {HUB_PUSH_TIMEOUT_S:.0f} s"}
+    else:
+        entry = {k: getattr(result, k) for k in ("repo_id", "commit_sha", "url", "adapter_config_url", "error")}
+    record({"type": "hub", "t_wall": time.time(), **entry})
+    notify(entry["error"] or f"pushed to {entry['url']} at commit {entry['commit_sha']}")
+    return entry["error"] is None
+
+
+def _card_summary(state: RunState, summary: dict) -> str:
+    """A few lines of the report for the model card."""
+    lines = [
+        f"Fine-tuned under kaio as project `{state.project}`: "
+        f"{state.last_step} optimizer steps, status {state.status}.",
+        "",
+    ]
+    for label, key in (("Initial loss", "loss_initial"), ("Final loss", "loss_final"), ("Duration (h)", "duration_h")):
+        value = summary.get(key)
+        if value is not None:
+            lines.append(f"- {label}: {value:.4g}" if isinstance(value, (int, float)) else f"- {label}: {value}")
+    lines.append("")
+    lines.append("The full training report is in `kaio-report/report.md`.")
+    return "\n".join(lines)
