@@ -16,6 +16,7 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 VENV=/tmp/kaio-venv
+CONFIG=${GPU_CHECK_CONFIG:-configs/gpu_check.yaml}  # another config only to try the script without a GPU
 HISTORY=docs/reports/gpu-check/history.json
 WORK=$(mktemp -d /tmp/kaio-gpu-check.XXXXXX)
 
@@ -26,17 +27,25 @@ fi
 
 section() { printf '\n=== %s ===\n' "$*"; }
 
-section "install kaio into $VENV"
-if [[ ! -x "$VENV/bin/python" ]]; then
-  python3 -m venv "$VENV"
+if [[ -n "${KAIO_GPU_CHECK_NO_INSTALL:-}" ]]; then
+  # An offline machine whose python3 already has the dependencies: use this checkout as it is.
+  section "using this checkout with $(command -v python3) (no install)"
+  PY=python3
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  section "install kaio into $VENV"
+  if [[ ! -x "$VENV/bin/python" ]]; then
+    python3 -m venv "$VENV"
+  fi
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e .
+  PY="$VENV/bin/python"
 fi
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e .
-PY="$VENV/bin/python"
+KAIO=("$PY" -m kaio)
 "$PY" -c 'import torch; print("torch", torch.__version__, "| CUDA", torch.version.cuda, "| GPU available:", torch.cuda.is_available())'
 nvidia-smi --query-gpu=index,name,driver_version,power.draw,memory.used --format=csv || true
 
 section "kaio gpus --json"
-"$VENV/bin/kaio" gpus --json | tee "$WORK/gpus.json"
+"${KAIO[@]}" gpus --json | tee "$WORK/gpus.json"
 
 section "kaio run configs/gpu_check.yaml --plain (with an independent 10 Hz poller)"
 # The independent poller runs until $WORK/stop appears (or 5 minutes pass).
@@ -96,7 +105,8 @@ PY
 POLLER_PID=$!
 sleep 3  # let the poller check the energy counter before the load starts
 set +e
-timeout 240 "$VENV/bin/kaio" run configs/gpu_check.yaml --plain
+rm -rf docs/reports/gpu-check checkpoints/gpu-check
+timeout 240 "${KAIO[@]}" run "$CONFIG" --plain
 RUN_STATUS=$?
 set -e
 touch "$WORK/stop"

@@ -33,6 +33,16 @@ def tick_record(tick: Tick) -> dict:
     return record
 
 
+def _run_pids() -> set[int]:
+    """The run's processes are the supervisor's descendants (launcher and every rank)."""
+    import psutil
+
+    try:
+        return {p.pid for p in psutil.Process().children(recursive=True)}
+    except psutil.Error:
+        return set()
+
+
 def poller_factory(cfg: RunConfig) -> Callable[[Callable[[dict], None]], object]:
     """``make(on_record)`` detects the backends, announces the devices, returns an unstarted poller."""
 
@@ -41,7 +51,7 @@ def poller_factory(cfg: RunConfig) -> Callable[[Callable[[dict], None]], object]
         from kaio.devices.host import HostBackend
         from kaio.devices.poller import Poller
 
-        found = detect(cfg.reporting.gpu_backend)
+        found = detect(cfg.reporting.gpu_backend, run_pids=_run_pids)
         poller = Poller(found.backends, cfg.reporting.poll_hz, on_tick=lambda tick: on_record(tick_record(tick)), host=HostBackend())
         on_record(device_record(list(poller.devices), found.notes))
         return poller

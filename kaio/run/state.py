@@ -144,7 +144,15 @@ class RunState:
             if key in self.counters:
                 self.counters[key] += value
         if r.get("poll_stats"):
-            self.poll_stats = r["poll_stats"]
+            stats = r["poll_stats"]
+            self.poll_stats = {
+                "poll_ticks": stats.get("ticks"),
+                "poll_skipped_ticks": stats.get("skipped_ticks"),
+                "poll_interval_mean_s": stats.get("mean_interval_s"),
+                "poll_lateness_p99_s": stats.get("lateness_p99_s"),
+                "poll_lateness_max_s": stats.get("lateness_max_s"),
+                "energy_fallbacks": stats.get("energy_fallbacks") or {},
+            }
 
     def _on_devices(self, r: dict) -> None:
         for info in r.get("devices", []):
