@@ -30,7 +30,7 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     base_model: str = Field(TINY_MODEL, description="Hub id or local path of the base model; `kaio/tiny-llama` builds a tiny Llama from a config (no download).")
     tokenizer: str | None = Field(None, description="Tokenizer id or path; default: the base model's, or ByT5's byte tokenizer (no files) for the tiny model.")
-    max_seq_length: int = Field(128, ge=8, le=131072, description="Sequences are truncated (and packed examples cut) to this many tokens.")
+    max_seq_length: int = Field(128, ge=8, le=131072, description="Each example is truncated to this many tokens.")
     trust_remote_code: bool = Field(False, description="Passed to `from_pretrained`; only for models you trust.")
     hidden_size: int = Field(64, ge=8, description="Tiny model only: hidden size.")
     num_layers: int = Field(2, ge=1, description="Tiny model only: decoder layers.")

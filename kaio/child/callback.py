@@ -126,7 +126,7 @@ class KaioCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        self.emitter.emit({"type": SAVE, "step": int(state.global_step), "path": os.path.abspath(path), "t_wall": time.time()})
+        self.emitter.emit({"type": SAVE, "step": int(state.global_step), "path": path, "t_wall": time.time()})
 
     def on_train_end(self, args, state, control, **kwargs):
         self.emitter.emit({"type": TRAIN_END, "step": int(state.global_step), "t_wall": time.time(), "t_mono": time.monotonic()})

@@ -87,9 +87,9 @@ class RunOutputs:
             self._comet.end()
             for message in self._comet.messages[self._comet_messages_shown :]:
                 self._notify(message)
-                self._record({"type": "note", "level": "info", "text": f"Comet ML: {message}"})
+                self._record({"type": "note", "level": "info", "text": message})
             for warning in self._comet.warnings:
-                self._record({"type": "note", "text": f"Comet ML: {warning}"})
+                self._record({"type": "note", "text": warning})
         if self.cfg.hub.push and state.status == COMPLETED:
             push_to_hub(self.cfg, state, self._record, self._notify)
         write_reports(state, self.report_dir)
