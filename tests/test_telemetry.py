@@ -152,17 +152,19 @@ def test_emitter_switches_to_spool_when_reader_dies(tmp_path):
 
 def test_spool_rotates_and_prunes_only_journaled_parts(tmp_path, monkeypatch):
     monkeypatch.setattr("kaio.child.emitter.SPOOL_PART_EVENTS", 3)
-    emitter = EventEmitter(None, str(tmp_path), rank=0, session=1)
+    spool_dir = tmp_path / "spool"
+    emitter = EventEmitter(None, str(spool_dir), rank=0, session=1)
     for step in range(1, 8):
         emitter.emit({"type": "step", "step": step})
     emitter.close()
-    names = sorted(p.name for p in tmp_path.iterdir())
+    names = sorted(p.name for p in spool_dir.iterdir())
     assert len(names) == 3  # seq 1-3, 4-6, 7
     pid = os.getpid()
-    spool.prune(tmp_path, {pid: 5})  # only the first part is wholly journaled
-    assert len(list(tmp_path.iterdir())) == 2
-    missing, _ = spool.missing_events(tmp_path, {pid: 5})
+    spool.prune(spool_dir, {pid: 5})  # only the first part is wholly journaled
+    assert len(list(spool_dir.iterdir())) == 2
+    missing, _ = spool.missing_events(spool_dir, {pid: 5})
     assert [e["step"] for e in missing] == [6, 7]
     recorded = []
-    assert spool.merge_into(tmp_path, {pid: 5}, recorded.append) == 2
-    assert [e["step"] for e in recorded] == [6, 7] and not list(tmp_path.iterdir())
+    assert spool.merge_into(spool_dir, {pid: 5}, recorded.append) == 2
+    assert [e["step"] for e in recorded] == [6, 7]
+    assert not spool_dir.exists()  # merged: nothing left to wonder about
