@@ -8,7 +8,6 @@ child ends (success, crash, Ctrl-C, SIGTERM) ``finalize`` runs.
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import signal
@@ -21,9 +20,10 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 from kaio import launch
+from kaio.run import diagnose
 from kaio.config import RunConfig, config_snapshot
 from kaio.fsutil import atomic_write_json
-from kaio.run.journal import JOURNAL_NAME, Journal
+from kaio.run.journal import Journal
 from kaio.run.snapshot import Snapshot
 from kaio.run.state import COMPLETED, FAILED, INTERRUPTED, RUNNING, RunState
 from kaio.telemetry import spool
@@ -143,7 +143,7 @@ class Supervisor:
             self._drain()
             fifo.close()
         spooled = self._merge_spool()
-        outcome = self._outcome(proc.returncode)
+        outcome = self._outcome(proc.returncode, _read_from(log_path, offset))
         self.record(
             {
                 "type": "session_end",
@@ -303,9 +303,10 @@ class Supervisor:
         """Events only the spool has (the FIFO had no reader for them) join the journal."""
         return spool.merge_into(self.report_dir / spool.SPOOL_DIR_NAME, self._max_seq, self.record)
 
-    def _outcome(self, returncode: int) -> SessionOutcome:
+    def _outcome(self, returncode: int, log_text: str) -> SessionOutcome:
         exit_code, signal_name = launch.describe_exit(returncode)
-        error = root_cause(self.report_dir, self.state.session)
+        error, rank_signal = diagnose.root_cause(self.report_dir, self.state.session, log_text) if returncode else (None, None)
+        signal_name = signal_name or rank_signal
         if self._stop.requests:
             return SessionOutcome(exit_code, INTERRUPTED, signal_name, error, interrupted=True)
         if returncode == 0:
@@ -315,23 +316,9 @@ class Supervisor:
         return SessionOutcome(exit_code, FAILED, signal_name, error)
 
 
-def root_cause(report_dir: Path, session: int) -> str | None:
-    """The root-cause line from the earliest rank error file of the session (torch elastic's rule)."""
-    error_dir = report_dir / "errors"
-    if not error_dir.is_dir():
-        return None
-    errors = []
-    for path in error_dir.glob("error-*.json"):
-        try:
-            errors.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue
-    errors = [e for e in errors if e.get("session", session) == session]
-    if not errors:
-        return None
-    first = min(errors, key=lambda e: e.get("t_wall", 0))
-    return f"rank {first.get('rank')}: {first.get('root_cause')}"
-
-
-def open_journal(report_dir: Path) -> Journal:
-    return Journal(report_dir / JOURNAL_NAME)
+def _read_from(path: Path, offset: int, limit: int = 1 << 20) -> str:
+    """This session's part of the log (its last MiB: the failure summary is at the end)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        f.seek(max(offset, size - limit))
+        return f.read().decode("utf-8", errors="replace")

@@ -1,0 +1,204 @@
+"""`kaio resume` and surviving faults, each with real processes on small configs.
+
+After every fault the history's steps run 1..N with no gap and no duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from conftest import REPO, kaio, write_config
+
+FAULTY = REPO / "tests" / "scripts" / "faulty_train.py"
+
+
+def _history(project_dir: Path) -> dict:
+    return json.loads((project_dir / "docs/reports/t/history.json").read_text())
+
+
+def _steps(history: dict) -> list[int]:
+    return [s["step"] for s in history["steps"]]
+
+
+def _journal_steps(project_dir: Path) -> int:
+    path = project_dir / "docs/reports/t/journal.jsonl"
+    return path.read_text().count('"type":"step"') if path.exists() else 0
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _faulty_config(project_dir: Path, *script_args: str, num_processes: int = 1, extra: str = "") -> None:
+    args = ", ".join(json.dumps(a) for a in script_args)
+    (project_dir / "cfg.yaml").write_text(
+        f"project_name: t\nlaunch:\n  num_processes: {num_processes}\n  script: {FAULTY}\n"
+        f"  script_args: [{args}]\n  grace_seconds: 5\n{extra}"  # extra: more `launch:` keys
+        "reporting:\n  use_comet_ml: false\n  poll_hz: 4\n  refresh_seconds: 1\n"
+    )
+
+
+def test_resume_after_ctrl_c_continues_one_history_with_the_same_losses(project_dir):
+    reference_dir = project_dir / "reference"
+    reference_dir.mkdir()
+    write_config(reference_dir, max_steps=200, save_steps=10)
+    assert kaio("run", "cfg.yaml", cwd=reference_dir).returncode == 0
+    reference = {s["step"]: s["loss"] for s in _history(reference_dir)["steps"]}
+
+    write_config(project_dir, max_steps=200, save_steps=10)
+    proc = subprocess.Popen([sys.executable, "-m", "kaio", "run", "cfg.yaml"], cwd=project_dir,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: (project_dir / "checkpoints/t/checkpoint-10/trainer_state.json").exists() and _journal_steps(project_dir) >= 12,
+              120, "a checkpoint and a few more steps")
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    interrupted = _history(project_dir)
+    assert interrupted["status"] == "INTERRUPTED"
+    assert max(_steps(interrupted)) < 200, "Ctrl-C came too late to test a resume"
+
+    result = kaio("resume", "t", cwd=project_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    history = _history(project_dir)
+    assert _steps(history) == list(range(1, 201))
+    assert [s["kind"] for s in history["sessions"]] == ["run", "resume"]
+    assert history["sessions"][1]["start_step"] % 10 == 0 and history["sessions"][1]["start_step"] >= 10
+    assert history["status"] == "COMPLETED"
+    # Steps replayed after the checkpoint replace the superseded ones; with a fixed
+    # seed, resuming from a checkpoint reproduces the uninterrupted losses.
+    for step, loss in reference.items():
+        assert history["steps"][step - 1]["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
+    # The journal keeps both versions of the replayed steps.
+    journal = [json.loads(l) for l in (project_dir / "docs/reports/t/journal.jsonl").read_text().splitlines()]
+    replayed = [e["step"] for e in journal if e.get("type") == "step"]
+    assert len(replayed) > 200
+    assert "session 2: resumed from checkpoint-" in " ".join(history["telemetry"]["notes"])
+
+
+def test_resume_refusals(project_dir):
+    unknown = kaio("resume", "nope", cwd=project_dir, timeout=60)
+    assert unknown.returncode == 2 and "unknown project 'nope'" in unknown.stderr
+
+    write_config(project_dir, max_steps=3, save_steps=100)
+    assert kaio("run", "cfg.yaml", cwd=project_dir).returncode == 0
+    finished = kaio("resume", "t", cwd=project_dir, timeout=60)
+    assert finished.returncode == 2 and "--max-steps" in finished.stderr
+    known = kaio("resume", "nope", cwd=project_dir, timeout=60)
+    assert "known projects: t" in known.stderr
+
+    # No checkpoint at all (save_steps above max_steps, and the final one removed): say so, suggest `kaio run`.
+    for path in (project_dir / "checkpoints/t").glob("checkpoint-*"):
+        shutil.rmtree(path)
+    (project_dir / "checkpoints/t/checkpoint-7").mkdir()  # half-written: no trainer_state.json
+    missing = kaio("resume", "t", "--max-steps", "6", cwd=project_dir, timeout=60)
+    assert missing.returncode == 2
+    assert "no complete checkpoint" in missing.stderr and "kaio run" in missing.stderr
+    assert "skipping" in missing.stdout and "checkpoint-7" in missing.stdout
+
+
+def test_resume_extends_a_finished_run_and_checks_edited_configs(project_dir):
+    write_config(project_dir, max_steps=4, save_steps=2)
+    assert kaio("run", "cfg.yaml", cwd=project_dir).returncode == 0
+    edited = (project_dir / "cfg.yaml").read_text()
+    (project_dir / "lora.yaml").write_text(edited.replace("  r: 4\n", "  r: 8\n"))
+    refused = kaio("resume", "t", "--config", "lora.yaml", "--max-steps", "8", cwd=project_dir, timeout=60)
+    assert refused.returncode == 2
+    assert "lora.r" in refused.stderr and "4 -> 8" in refused.stderr
+
+    (project_dir / "lr.yaml").write_text(edited.replace("learning_rate: 5.0e-3", "learning_rate: 1.0e-3"))
+    extended = kaio("resume", "t", "--config", "lr.yaml", "--max-steps", "7", cwd=project_dir)
+    assert extended.returncode == 0, extended.stdout + extended.stderr
+    history = _history(project_dir)
+    assert _steps(history) == list(range(1, 8))
+    assert history["sessions"][1]["start_step"] == 4
+    notes = " ".join(history["telemetry"]["notes"])
+    assert "training.learning_rate: 0.005 -> 0.001" in notes and "training.max_steps: 4 -> 7" in notes
+    assert "learning_rate: 0.005 -> 0.001" in (project_dir / "docs/reports/t/report.md").read_text()
+
+
+def test_exception_in_one_rank_of_two_is_the_named_root_cause(project_dir):
+    _faulty_config(project_dir, "10", "4", "--fault", "raise", "--rank", "1", "--at", "3", num_processes=2)
+    result = kaio("run", "cfg.yaml", cwd=project_dir)
+    assert result.returncode != 0
+    history = _history(project_dir)
+    session = history["sessions"][0]
+    assert session["status"] == "FAILED"
+    assert session["error"] == "rank 1: RuntimeError: injected failure at step 3"
+    assert _steps(history) == [1, 2, 3]
+    report = (project_dir / "docs/reports/t/report.md").read_text()
+    assert "FAILED" in report and "RuntimeError: injected failure at step 3" in report
+
+
+def test_a_rank_killed_with_sigkill_is_named(project_dir):
+    _faulty_config(project_dir, "10", "4", "--fault", "sigkill", "--rank", "1", "--at", "3", num_processes=2)
+    result = kaio("run", "cfg.yaml", cwd=project_dir)
+    assert result.returncode != 0
+    session = _history(project_dir)["sessions"][0]
+    assert session["status"] == "FAILED" and session["signal"] == "SIGKILL"
+    assert session["error"].startswith("rank 1:") and "SIGKILL" in session["error"]
+
+
+def test_the_whole_child_killed_is_failed_with_the_signal(project_dir):
+    write_config(project_dir, max_steps=5000, save_steps=10000)
+    proc = subprocess.Popen([sys.executable, "-m", "kaio", "run", "cfg.yaml"], cwd=project_dir,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: _journal_steps(project_dir) >= 3, 120, "training")
+    launcher = psutil.Process(proc.pid).children()[0]
+    os.killpg(launcher.pid, signal.SIGKILL)  # the child's whole process group
+    assert proc.wait(timeout=60) == 137
+    session = _history(project_dir)["sessions"][0]
+    assert session["status"] == "FAILED" and session["signal"] == "SIGKILL"
+    assert session["exit_code"] == 137
+
+
+def test_supervisor_killed_child_keeps_training_and_no_step_is_lost(project_dir):
+    write_config(project_dir, max_steps=60, save_steps=100)
+    proc = subprocess.Popen([sys.executable, "-m", "kaio", "run", "cfg.yaml"], cwd=project_dir,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: _journal_steps(project_dir) >= 5, 120, "training")
+    child = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()  # SIGKILL to the supervisor alone
+    proc.wait(timeout=30)
+    assert any(p.is_running() for p in child), "the child should carry on without its supervisor"
+    # While the orphan trains, resume refuses and report shows it running.
+    busy = kaio("resume", "t", cwd=project_dir, timeout=60)
+    if busy.returncode == 2:
+        assert "still training without a supervisor" in busy.stderr
+    psutil.wait_procs(child, timeout=120)
+    result = kaio("report", "t", cwd=project_dir, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "merged" in result.stdout
+    history = _history(project_dir)
+    assert _steps(history) == list(range(1, 61))
+    assert all(s["loss"] is not None for s in history["steps"])
+    assert history["status"] == "COMPLETED"
+    assert "lost its supervisor" in " ".join(history["telemetry"]["notes"] + history["warnings"])
+
+
+def test_max_restarts_resumes_by_itself_from_the_latest_checkpoint(project_dir):
+    marker = project_dir / "fired"
+    _faulty_config(project_dir, "10", "4", "--fault", "raise", "--at", "6", "--once", str(marker), extra="  max_restarts: 2\n")
+    result = kaio("run", "cfg.yaml", cwd=project_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    history = _history(project_dir)
+    assert [s["kind"] for s in history["sessions"]] == ["run", "restart"]
+    assert [s["status"] for s in history["sessions"]] == ["FAILED", "COMPLETED"]
+    assert history["sessions"][1]["start_step"] == 4
+    assert _steps(history) == list(range(1, 11))
+    assert all(s["session"] == (1 if s["step"] <= 4 else 2) for s in history["steps"])
+    report = (project_dir / "docs/reports/t/report.md").read_text()
+    assert "restart" in report
