@@ -8,6 +8,7 @@ code or loses a local file: failures become lines in the report.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -113,6 +114,7 @@ def push_to_hub(cfg: RunConfig, state: RunState, record: Callable[[dict], None],
             report_dir=cfg.report_dir,
             card_markdown=card,
             base_model=cfg.model.base_model,
+            endpoint=os.environ.get("HF_ENDPOINT"),  # a private Hub mirror; None: huggingface.co
         )
 
     worker = threading.Thread(target=push, name="kaio-hub-push", daemon=True)

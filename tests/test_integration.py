@@ -1,0 +1,200 @@
+"""Whole runs with the record leaving the machine and GPUs faked at their binding.
+
+- GPU samples reach every step of history.json (a fake ``pynvml`` module in the supervisor);
+- Comet's real offline archive holds the run's metrics at the right steps;
+- the adapter reaches a loopback Hub, and the commit lands in report.md;
+- ``kaio report`` rebuilds, refuses, and survives a corrupt history.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, kaio, write_config
+from hub_server import HubServer
+
+TOKEN = "hf_" + "IntegrationT0kenThatMustNeverBeWritten"
+
+
+def _history(project_dir: Path) -> dict:
+    return json.loads((project_dir / "docs/reports/t/history.json").read_text())
+
+
+def _fake_nvml_site(directory: Path, gpus: int) -> Path:
+    """A folder whose ``pynvml`` is the test fake: put on PYTHONPATH of the kaio process."""
+    site = directory / "fake_site"
+    site.mkdir()
+    (site / "pynvml.py").write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            sys.path.insert(0, {str(REPO / 'tests')!r})
+            from fakes.fake_pynvml import FakeNvidiaGpu, FakeNvml
+            gpus = [FakeNvidiaGpu(uuid=f"GPU-0000000{{i}}-d72c-4106-c12f-20bd9faed9f6", power_mw=300_000 + 10_000 * i)
+                    for i in range({gpus})]
+            sys.modules[__name__] = FakeNvml(gpus).module()
+            """
+        )
+    )
+    return site
+
+
+def test_gpu_samples_are_aggregated_into_every_step(project_dir):
+    site = _fake_nvml_site(project_dir, gpus=2)
+    write_config(project_dir, max_steps=30, extra="")
+    result = kaio("run", "cfg.yaml", cwd=project_dir, env={"PYTHONPATH": str(site), "CUDA_VISIBLE_DEVICES": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    history = _history(project_dir)
+    devices = {d["key"]: d for d in history["devices"]}
+    assert set(devices) == {"nvml:0", "nvml:1"}
+    assert devices["nvml:1"]["in_run"] and not devices["nvml:0"]["in_run"]  # CUDA_VISIBLE_DEVICES=1
+    assert devices["nvml:1"]["energy_method"] in ("counter", "integrated") and devices["nvml:1"]["energy_j"] > 0
+    aggregated = [s for s in history["steps"] if s["gpus"]]
+    assert len(aggregated) >= len(history["steps"]) - 1  # the last step may end after the last tick
+    for step in aggregated:
+        assert set(step["gpus"]) == {"nvml:0", "nvml:1"}
+        assert step["gpus"]["nvml:1"]["power_avg"] == pytest.approx(310.0)
+        assert step["power_avg"] == pytest.approx(310.0)  # only the run's GPU counts in the flat keys
+        assert step["util"] == 97 and step["temp"] == 61
+    energy = sum(s["energy_j"] or 0 for s in history["steps"])
+    assert energy > 0
+    report = (project_dir / "docs/reports/t/report.md").read_text()
+    assert "310" in report and "kWh" in report
+
+
+def _archive_messages(report_dir: Path) -> list[dict]:
+    archives = list((report_dir / "comet").glob("*.zip"))
+    assert len(archives) == 1
+    with zipfile.ZipFile(archives[0]) as archive:
+        return [json.loads(line) for line in archive.read("messages.json").splitlines() if line.strip()]
+
+
+def test_comet_offline_archive_holds_the_run_metrics_at_the_right_steps(project_dir):
+    write_config(project_dir, max_steps=6)
+    cfg = project_dir / "cfg.yaml"
+    cfg.write_text(cfg.read_text().replace("use_comet_ml: false", "use_comet_ml: true"))
+    result = kaio("run", "cfg.yaml", cwd=project_dir, env={"COMET_API_KEY": ""})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "comet upload" in result.stdout
+    report_dir = project_dir / "docs/reports/t"
+    messages = _archive_messages(report_dir)
+    metrics = {
+        (m["payload"]["metric"]["metricName"], m["payload"]["metric"]["step"]): m["payload"]["metric"]["metricValue"]
+        for m in messages
+        if m["type"] == "metric_msg"
+    }
+    history = _history(project_dir)
+    for entry in history["steps"]:
+        assert float(metrics[("loss", entry["step"])]) == pytest.approx(entry["loss"])
+        assert float(metrics[("learning_rate", entry["step"])]) == pytest.approx(entry["learning_rate"])
+    assert "comet.json" in {p.name for p in report_dir.iterdir()}
+
+
+def test_hub_push_lands_the_adapter_and_the_commit_in_the_report(project_dir):
+    write_config(project_dir, max_steps=4)
+    cfg = project_dir / "cfg.yaml"
+    cfg.write_text(cfg.read_text() + "hub:\n  push: true\n  repo_id: kaio-tester/tiny\n")
+    with HubServer(token=TOKEN) as hub:
+        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1"}
+        result = kaio("run", "cfg.yaml", cwd=project_dir, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        (commit,) = hub.commits
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "kaio-report/report.md",
+            "kaio-report/history.json", "kaio-report/telemetry.png"} <= set(commit.files)
+    local = project_dir / "checkpoints/t/final/adapter_model.safetensors"
+    assert commit.files["adapter_model.safetensors"] == local.read_bytes()
+    report = (project_dir / "docs/reports/t/report.md").read_text()
+    assert commit.sha in report
+    assert f"kaio-tester/tiny/blob/{commit.sha}/adapter_config.json" in report
+    for path in (project_dir / "docs").rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+    assert TOKEN not in result.stdout + result.stderr
+
+
+def test_failed_push_keeps_the_exit_code_and_kaio_push_retries(project_dir):
+    write_config(project_dir, max_steps=3)
+    cfg = project_dir / "cfg.yaml"
+    cfg.write_text(cfg.read_text() + "hub:\n  push: true\n  repo_id: kaio-tester/tiny\n")
+    down = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1"}
+    result = kaio("run", "cfg.yaml", cwd=project_dir, env=down)
+    assert result.returncode == 0  # the training succeeded; the push is reported, not fatal
+    report = (project_dir / "docs/reports/t/report.md").read_text()
+    assert "push failed:" in report
+    assert (project_dir / "checkpoints/t/final/adapter_config.json").is_file()
+    with HubServer(token=TOKEN) as hub:
+        retry = kaio("push", "t", cwd=project_dir, env={**down, "HF_ENDPOINT": hub.url})
+        assert retry.returncode == 0, retry.stdout + retry.stderr
+        (commit,) = hub.commits
+    report = (project_dir / "docs/reports/t/report.md").read_text()
+    assert commit.sha in report and "push failed:" not in report
+    failed_again = kaio("push", "t", cwd=project_dir, env=down)
+    assert failed_again.returncode == 1 and TOKEN not in failed_again.stdout + failed_again.stderr
+
+
+def test_kaio_report_rebuilds_refuses_and_survives_corruption(project_dir):
+    unknown = kaio("report", "t", cwd=project_dir, timeout=60)
+    assert unknown.returncode == 2 and "unknown project 't'" in unknown.stderr
+
+    write_config(project_dir, max_steps=5)
+    assert kaio("run", "cfg.yaml", cwd=project_dir).returncode == 0
+    report_dir = project_dir / "docs/reports/t"
+    original = json.loads((report_dir / "history.json").read_text())
+    for name in ("report.md", "telemetry.png", "history.json"):
+        (report_dir / name).unlink()
+    rebuilt = kaio("report", "t", "--json", cwd=project_dir, timeout=120)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    summary = json.loads(rebuilt.stdout)
+    assert summary["status"] == "COMPLETED" and summary["optimizer_steps"] == 5
+    history = json.loads((report_dir / "history.json").read_text())
+    assert [s["loss"] for s in history["steps"]] == [s["loss"] for s in original["steps"]]
+    assert (report_dir / "report.md").is_file() and (report_dir / "telemetry.png").is_file()
+
+    (report_dir / "history.json").write_text('{"schema_version": 1, "steps": [')
+    again = kaio("report", "t", cwd=project_dir, timeout=120)
+    assert again.returncode == 0
+    assert "history.json: truncated or corrupt JSON" in again.stdout and "rebuilding it from" in again.stdout
+    assert json.loads((report_dir / "history.json").read_text())["steps"]
+
+    (report_dir / "journal.jsonl").unlink()
+    (report_dir / "history.json").write_text("{not json")
+    broken = kaio("report", "t", cwd=project_dir, timeout=60)
+    assert broken.returncode == 2
+    assert "history.json: truncated or corrupt JSON at line 1" in broken.stderr
+
+
+def test_kaio_report_while_the_run_goes_is_read_only_and_says_running(project_dir):
+    import subprocess
+    import sys
+    import time
+
+    write_config(project_dir, max_steps=4000, save_steps=10000)
+    proc = subprocess.Popen([sys.executable, "-m", "kaio", "run", "cfg.yaml"], cwd=project_dir,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        journal = project_dir / "docs/reports/t/journal.jsonl"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (not journal.exists() or journal.read_text().count('"type":"step"') < 5):
+            time.sleep(0.2)
+        result = kaio("report", "t", "--json", cwd=project_dir, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["status"] == "RUNNING"
+        assert proc.poll() is None  # the run was not disturbed
+    finally:
+        proc.send_signal(2)
+        proc.wait(timeout=60)
+    assert _history(project_dir)["status"] == "INTERRUPTED"
+
+
+def test_kaio_gpus_on_a_machine_without_gpu(project_dir):
+    result = kaio("gpus", "--json", cwd=project_dir, timeout=60)
+    assert result.returncode == 0
+    inventory = json.loads(result.stdout)
+    assert inventory["host"]["label"].startswith("host")
+    human = kaio("gpus", cwd=project_dir, timeout=60)
+    assert human.returncode == 0 and "No GPU found" in human.stdout
