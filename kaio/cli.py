@@ -56,12 +56,6 @@ def _say(console):
     return lambda text: console.print(text, soft_wrap=True, markup=False, highlight=False)
 
 
-def _poller_factory(cfg):
-    from kaio.run.gpu_feed import poller_factory
-
-    return poller_factory(cfg)
-
-
 @app.command()
 @_user_errors
 def run(
@@ -76,13 +70,14 @@ def run(
     history.json, journal.jsonl, child.log). Exits with the training's exit code.
     """
     from kaio.config import load_config
+    from kaio.run.gpu_feed import poller_factory
     from kaio.run.project import run_new
     from kaio.views import choose_view
 
     overrides = {"training.max_steps": max_steps} if max_steps is not None else None
     cfg = load_config(config, overrides)
     console = _console()
-    code = run_new(cfg, choose_view(console, plain), overwrite=overwrite, poller_factory=_poller_factory(cfg), notify=_say(console))
+    code = run_new(cfg, choose_view(console, plain), overwrite=overwrite, poller_factory_for=poller_factory, notify=_say(console))
     raise typer.Exit(code)
 
 

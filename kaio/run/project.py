@@ -28,6 +28,20 @@ def known_projects(output_dir: Path) -> list[str]:
     return sorted(p.name for p in output_dir.iterdir() if (p / JOURNAL_NAME).is_file())
 
 
+def project_dir(output_dir: Path, project: str) -> Path:
+    """The report folder of a project that exists, or a ``ProjectError`` listing those that do."""
+    report_dir = output_dir / project
+    if not (report_dir / JOURNAL_NAME).is_file():
+        raise unknown_project(output_dir, project)
+    return report_dir
+
+
+def unknown_project(output_dir: Path, project: str) -> ProjectError:
+    projects = known_projects(output_dir)
+    listing = ", ".join(projects) if projects else "none yet; start one with `kaio run CONFIG`"
+    return ProjectError(f"unknown project {project!r} in {output_dir}/ (known projects: {listing})")
+
+
 def load_state(report_dir: Path) -> RunState:
     records, _bad = read_journal(report_dir / JOURNAL_NAME)
     return replay(report_dir.name, records)
@@ -53,7 +67,7 @@ def move_aside(cfg: RunConfig) -> list[Path]:
     return moved
 
 
-def run_new(cfg: RunConfig, view: View, *, overwrite: bool = False, poller_factory: Callable | None = None, notify: Callable[[str], None] = print) -> int:
+def run_new(cfg: RunConfig, view: View, *, overwrite: bool = False, poller_factory_for: Callable | None = None, notify: Callable[[str], None] = print) -> int:
     """``kaio run``: a new history for the project (after moving an old one aside with ``--overwrite``)."""
     report_dir = cfg.report_dir
     lock = ProjectLock(report_dir)
@@ -70,7 +84,8 @@ def run_new(cfg: RunConfig, view: View, *, overwrite: bool = False, poller_facto
         if overwrite:
             for path in move_aside(cfg):
                 notify(f"moved the previous record aside: {path}")
-        return _supervise(cfg, RunState(cfg.project_name), view, SessionRequest("run"), poller_factory, notify)
+        factory = poller_factory_for(cfg) if poller_factory_for else None
+        return _supervise(cfg, RunState(cfg.project_name), view, SessionRequest("run"), factory, notify)
     finally:
         lock.release()
 
@@ -256,11 +271,7 @@ def resume(
 
     from kaio.config import config_from_dict, config_snapshot, load_config
 
-    report_dir = output_dir / project
-    if not (report_dir / JOURNAL_NAME).is_file():
-        projects = known_projects(output_dir)
-        listing = ", ".join(projects) if projects else "none yet; start one with `kaio run CONFIG`"
-        raise ProjectError(f"unknown project {project!r} in {output_dir}/ (known projects: {listing})")
+    report_dir = project_dir(output_dir, project)
     lock = ProjectLock(report_dir)
     lock.acquire()
     try:
@@ -317,10 +328,7 @@ def push(project: str, output_dir: Path, *, repo_id: str | None = None, notify: 
     from kaio.config import config_from_dict
     from kaio.run.finalize import push_to_hub, write_reports
 
-    report_dir = output_dir / project
-    if not (report_dir / JOURNAL_NAME).is_file():
-        projects = known_projects(output_dir)
-        raise ProjectError(f"unknown project {project!r} in {output_dir}/ (known projects: {', '.join(projects) or 'none yet'})")
+    report_dir = project_dir(output_dir, project)
     with ProjectLock(report_dir):
         recover_unfinished(report_dir, notify)
         cfg = config_from_dict(json.loads((report_dir / "config.json").read_text()), source=str(report_dir / "config.json"))

@@ -12,7 +12,7 @@ from pathlib import Path
 from kaio.errors import ProjectError, ReportError
 from kaio.run.journal import JOURNAL_NAME, read_journal
 from kaio.run.lock import ProjectLock
-from kaio.run.project import HISTORY_NAME, known_projects, recover_unfinished
+from kaio.run.project import HISTORY_NAME, recover_unfinished, unknown_project
 from kaio.run.state import RUNNING, replay
 
 
@@ -27,9 +27,7 @@ def rebuild(project: str, output_dir: Path, notify=print) -> tuple[dict, Path]:
         if history_path.is_file():
             history = load_history(history_path)  # raises ReportError naming the file
             return write_reports(history, report_dir), report_dir
-        projects = known_projects(output_dir)
-        listing = ", ".join(projects) if projects else "none yet; start one with `kaio run CONFIG`"
-        raise ProjectError(f"unknown project {project!r} in {output_dir}/ (known projects: {listing})")
+        raise unknown_project(output_dir, project)
 
     try:
         with ProjectLock(report_dir):

@@ -83,6 +83,7 @@ class Supervisor:
         self._log_tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self._stop = _Stop()
         self._max_seq: dict[int, int] = {}  # per child process: the highest event seq journaled
+        self._reader: FifoReader | None = None
         self.on_refresh: list[Callable[[RunState], None]] = []  # report writers, sinks
         self.on_loop: list[Callable[[RunState], None]] = []  # cheap consumers called every loop (Comet feed)
 
@@ -119,6 +120,7 @@ class Supervisor:
             self._note(f"session {session}: {text}", level="info")
         reader = FifoReader(fifo.read_fd, lambda event: self._queue.put(("record", event)))
         reader.start()
+        self._reader = reader
         poller = self._start_poller()
         log_path = self.report_dir / LOG_NAME
         with open(log_path, "ab") as log_file:
@@ -222,14 +224,17 @@ class Supervisor:
         return self.state.snapshot(status=status, log_tail=tuple(self._log_tail), extra_warnings=self._live_warnings())
 
     def _live_warnings(self) -> tuple[str, ...]:
+        warnings = []
+        if self._reader is not None and (self._reader.stats.malformed or self._reader.stats.oversized):
+            stats = self._reader.stats
+            warnings.append(f"telemetry: {stats.malformed} malformed and {stats.oversized} oversized lines skipped")
         median = self.state.median_step_time()
         last = self.state.last_step_t_mono
-        if median is None or last is None:
-            return ()
-        idle = time.monotonic() - last
-        if idle > max(STALL_FACTOR * median, 60.0):
-            return (f"stall: no step for {idle:.0f} s (median step {median:.2f} s)",)
-        return ()
+        if median is not None and last is not None and self.state.status == RUNNING:
+            idle = time.monotonic() - last
+            if idle > max(STALL_FACTOR * median, 60.0):
+                warnings.append(f"stall: no step for {idle:.0f} s (median step {median:.2f} s)")
+        return tuple(warnings)
 
     # ------------------------------------------------------------ threads
 
