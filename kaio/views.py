@@ -6,7 +6,6 @@ these classes only decide when and where it is shown.
 
 from __future__ import annotations
 
-import sys
 import time
 
 from rich.console import Console
@@ -105,7 +104,3 @@ def choose_view(console: Console, plain: bool):
     if plain or not console.is_terminal or console.is_dumb_terminal:
         return PlainView(console)
     return LiveView(console)
-
-
-def stderr_console() -> Console:
-    return Console(stderr=True, file=sys.stderr)

@@ -504,19 +504,10 @@ class RunState:
         step = self.last_step
         eta = (max_steps - step) / rate if rate and max_steps and max_steps > step else None
         per_step = self._samples_per_step()
+        # Rank r trains on the r-th GPU it can see (accelerate's cuda:LOCAL_RANK, one node).
+        run_keys = [key for key, dev in sorted(self.devices.items()) if dev.get("in_run", True)]
         gpus = tuple(
-            GpuRow(
-                key=key,
-                name=dev.get("name", key),
-                in_run=dev.get("in_run", True),
-                util_pct=(self.latest_gpu.get(key) or {}).get("util_pct"),
-                vram_used_bytes=(self.latest_gpu.get(key) or {}).get("vram_used_bytes"),
-                vram_total_bytes=(self.latest_gpu.get(key) or {}).get("vram_total_bytes") or dev.get("vram_total_bytes"),
-                power_w=(self.latest_gpu.get(key) or {}).get("power_w"),
-                temp_c=_first_not_none((self.latest_gpu.get(key) or {}).get("temp_junction_c"), (self.latest_gpu.get(key) or {}).get("temp_c")),
-                energy_j=dev.get("energy_j"),
-                throttle=tuple((self.latest_gpu.get(key) or {}).get("throttle") or ()),
-            )
+            self._gpu_row(key, dev, run_keys.index(key) if key in run_keys else None)
             for key, dev in sorted(self.devices.items())
         )
         host = None
@@ -548,6 +539,22 @@ class RunState:
             log_tail=log_tail,
             warnings=tuple(self.warnings[-5:]) + extra_warnings,
             exit_code=(session or {}).get("exit_code"),
+        )
+
+    def _gpu_row(self, key: str, dev: dict, rank: int | None) -> GpuRow:
+        latest = self.latest_gpu.get(key) or {}
+        return GpuRow(
+            key=key,
+            name=dev.get("name", key),
+            in_run=dev.get("in_run", True),
+            rank=rank,
+            util_pct=latest.get("util_pct"),
+            vram_used_bytes=latest.get("vram_used_bytes"),
+            vram_total_bytes=latest.get("vram_total_bytes") or dev.get("vram_total_bytes"),
+            power_w=latest.get("power_w"),
+            temp_c=_first_not_none(latest.get("temp_junction_c"), latest.get("temp_c")),
+            energy_j=dev.get("energy_j"),
+            throttle=tuple(latest.get("throttle") or ()),
         )
 
     def steps_per_s(self) -> float | None:

@@ -1,0 +1,109 @@
+"""RunState: journal records in, history and snapshots out (hand-computed values)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kaio.run.state import RunState, replay
+
+
+def _devices(*keys_in_run: tuple[str, bool]) -> dict:
+    return {"type": "devices", "devices": [{"key": k, "name": f"GPU {k}", "in_run": r} for k, r in keys_in_run], "notes": ["a note"]}
+
+
+def _tick(t: float, power: dict[str, float], energy: dict[str, float] | None = None) -> dict:
+    gpus = []
+    for key, watts in power.items():
+        sample = {"key": key, "t_mono": t, "power_w": watts, "util_pct": 50.0, "temp_c": 60.0}
+        if energy:
+            sample["energy_j"] = energy[key]
+            sample["energy_method"] = "counter"
+        gpus.append(sample)
+    return {"type": "tick", "t_mono": t, "lateness_s": 0.0, "gpus": gpus}
+
+
+def _step(step: int, t_end: float, rank: int = 0, session: int = 1, dt: float = 1.0) -> dict:
+    return {"type": "step", "rank": rank, "session": session, "step": step, "t_mono": t_end, "t_wall": 1e9 + t_end,
+            "step_time_s": dt, "peak_vram_bytes": 1000 * (rank + 1)}
+
+
+def _log(step: int, loss, session: int = 1) -> dict:
+    return {"type": "log", "rank": 0, "session": session, "step": step, "loss": loss, "learning_rate": 0.1}
+
+
+def test_ticks_fold_into_the_step_they_fell_in_with_interpolated_energy():
+    records = [
+        {"type": "session_start", "session": 1, "t_wall": 1e9},
+        _devices(("nvml:0", True), ("nvml:1", False)),
+        _tick(0.0, {"nvml:0": 100.0, "nvml:1": 10.0}, {"nvml:0": 0.0, "nvml:1": 0.0}),
+        _step(1, 1.0),  # window (0, 1]: no tick inside yet
+        _tick(1.5, {"nvml:0": 200.0, "nvml:1": 10.0}, {"nvml:0": 150.0, "nvml:1": 15.0}),
+        _step(2, 2.0),  # window (1, 2]: the tick at 1.5
+        _tick(2.5, {"nvml:0": 300.0, "nvml:1": 10.0}, {"nvml:0": 400.0, "nvml:1": 25.0}),
+    ]
+    state = replay("p", records)
+    history = state.history()
+    first, second = history["steps"]
+    # Step 1 had no tick inside: the latest earlier one stands in, marked as carried.
+    assert first["gpus_carried"] is True and first["power_avg"] == 100.0
+    # Energy interpolated linearly at the step's ends: E(1.0)=100, E(0)=0 -> 100 J; E(2.0)=275 -> 175 J.
+    assert first["energy_j"] == pytest.approx(100.0)
+    assert second["energy_j"] == pytest.approx(175.0)
+    assert second["gpus_carried"] is False
+    assert second["power_avg"] == 200.0  # only the run's GPU counts in the flat keys
+    assert second["gpus"]["nvml:1"]["power_avg"] == 10.0  # but every GPU is recorded
+    assert history["devices"][0]["energy_j"] == 400.0 and history["devices"][0]["energy_method"] == "counter"
+    assert history["telemetry"]["notes"] == ["a note"]
+
+
+def test_peak_vram_per_rank_and_loss_once_from_rank_zero():
+    records = [{"type": "session_start", "session": 1, "t_wall": 1e9}, _step(1, 1.0, rank=0), _step(1, 1.1, rank=1), _log(1, 2.5)]
+    entry = replay("p", records).history()["steps"][0]
+    assert entry["peak_vram_bytes"] == {"0": 1000, "1": 2000}
+    assert entry["vram_gb"] == pytest.approx(2000 / 1e9)
+    assert entry["loss"] == 2.5 and entry["t_mono"] == 1.0  # rank 0's time
+
+
+def test_nan_loss_is_null_with_a_marker_and_a_warning():
+    records = [{"type": "session_start", "session": 1, "t_wall": 1e9}, _step(1, 1.0), _log(1, "nan")]
+    state = replay("p", records)
+    entry = state.history()["steps"][0]
+    assert entry["loss"] is None and entry["loss_nonfinite"] == "nan"
+    assert any("non-finite loss" in w for w in state.warnings)
+
+
+def test_a_resumed_session_supersedes_the_steps_after_its_checkpoint():
+    records = [{"type": "session_start", "session": 1, "t_wall": 1e9}]
+    for step in range(1, 7):
+        records += [_step(step, float(step)), _log(step, 10.0 - step)]
+    records += [{"type": "session_end", "session": 1, "t_wall": 1e9 + 7, "status": "FAILED", "exit_code": 1}]
+    records += [{"type": "session_start", "session": 2, "t_wall": 1e9 + 8, "kind": "resume"},
+                {"type": "run_start", "rank": 0, "session": 2, "start_step": 4, "max_steps": 8}]
+    for step in range(5, 9):
+        records += [_step(step, 10.0 + step, session=2), _log(step, 1.0, session=2)]
+    records += [{"type": "session_end", "session": 2, "t_wall": 1e9 + 20, "status": "COMPLETED", "exit_code": 0}]
+    history = replay("p", records).history()
+    assert [s["step"] for s in history["steps"]] == list(range(1, 9))
+    assert [s["session"] for s in history["steps"]] == [1, 1, 1, 1, 2, 2, 2, 2]
+    assert [s["loss"] for s in history["steps"][4:]] == [1.0] * 4
+    assert [(s["status"], s["start_step"], s["end_step"]) for s in history["sessions"]] == [("FAILED", None, 6), ("COMPLETED", 4, 8)]
+    assert history["status"] == "COMPLETED"
+
+
+def test_snapshot_places_ranks_on_the_run_gpus_and_computes_rate_and_eta():
+    state = RunState("p")
+    for record in [
+        {"type": "session_start", "session": 1, "t_wall": 1e9},
+        _devices(("nvml:0", False), ("nvml:1", True), ("nvml:2", True)),
+        {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 100, "world_size": 2,
+         "args": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}},
+        _step(1, 10.0), _step(2, 10.5), _step(3, 11.0),
+        _log(3, 1.25),
+    ]:
+        state.apply(record)
+    snap = state.snapshot(now_mono=11.0)
+    assert [(g.key, g.rank) for g in snap.gpus] == [("nvml:0", None), ("nvml:1", 0), ("nvml:2", 1)]
+    assert snap.steps_per_s == pytest.approx(2.0)
+    assert snap.samples_per_s == pytest.approx(2.0 * 4 * 2 * 2)
+    assert snap.eta_s == pytest.approx(97 / 2.0)
+    assert snap.loss == 1.25 and snap.step == 3 and snap.max_steps == 100
