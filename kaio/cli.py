@@ -66,8 +66,7 @@ def run(
 ) -> None:
     """Validate CONFIG, launch the fine-tune under `accelerate launch`, watch it, write the report.
 
-    Reports go to <reporting.output_dir>/<project_name>/ (report.md, telemetry.png,
-    history.json, journal.jsonl, child.log). Exits with the training's exit code.
+    Reports go to <reporting.output_dir>/<project_name>/ (report.md, telemetry.png, history.json, journal.jsonl, child.log). Exits with the training's exit code.
     """
     from kaio.config import load_config
     from kaio.run.gpu_feed import poller_factory
@@ -139,8 +138,7 @@ def push(
 ) -> None:
     """Push PROJECT's final LoRA adapter, a model card and the report to the Hugging Face Hub (or retry a failed push).
 
-    The token comes from HF_TOKEN or your `huggingface-cli login`; it is never printed or written.
-    Exits 0 when pushed, 1 when the push failed (the reason is in report.md).
+    The token comes from HF_TOKEN or your `huggingface-cli login`; it is never printed or written. Exits 0 when pushed, 1 when the push failed (the reason is in report.md).
     """
     from kaio.run.project import push as push_project
 
