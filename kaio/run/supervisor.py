@@ -33,6 +33,7 @@ CONFIG_NAME = "config.json"
 LOG_NAME = "child.log"
 LOG_TAIL_LINES = 200
 LOOP_INTERVAL_S = 0.1
+REFRESH_COST_FACTOR = 9  # wait at least 9x a report rewrite's duration before the next one
 STALL_FACTOR = 10  # no step for 10x the recent median step time (and > 60 s) is a stall
 
 
@@ -184,7 +185,10 @@ class Supervisor:
                 consumer(self.state)
             if now >= next_refresh:
                 self._refresh()
-                next_refresh = now + refresh_s
+                # Rewriting a long run's reports takes a while and holds up this loop
+                # (the dashboard, the queues): keep it under a tenth of the time.
+                took = time.monotonic() - now
+                next_refresh = time.monotonic() + max(refresh_s, REFRESH_COST_FACTOR * took)
             if exited:
                 return
             time.sleep(LOOP_INTERVAL_S)
