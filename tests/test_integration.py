@@ -67,11 +67,14 @@ def test_gpu_samples_are_aggregated_into_every_step(project_dir):
     assert "310" in report and "kWh" in report
 
 
-def _archive_messages(report_dir: Path) -> list[dict]:
-    archives = list((report_dir / "comet").glob("*.zip"))
-    assert len(archives) == 1
-    with zipfile.ZipFile(archives[0]) as archive:
-        return [json.loads(line) for line in archive.read("messages.json").splitlines() if line.strip()]
+def _archive_metrics(archive_path: Path) -> dict:
+    with zipfile.ZipFile(archive_path) as archive:
+        messages = [json.loads(line) for line in archive.read("messages.json").splitlines() if line.strip()]
+    return {
+        (m["payload"]["metric"]["metricName"], m["payload"]["metric"]["step"]): m["payload"]["metric"]["metricValue"]
+        for m in messages
+        if m["type"] == "metric_msg"
+    }
 
 
 def test_comet_offline_archive_holds_the_run_metrics_at_the_right_steps(project_dir):
@@ -82,17 +85,22 @@ def test_comet_offline_archive_holds_the_run_metrics_at_the_right_steps(project_
     assert result.returncode == 0, result.stdout + result.stderr
     assert "comet upload" in result.stdout
     report_dir = project_dir / "docs/reports/t"
-    messages = _archive_messages(report_dir)
-    metrics = {
-        (m["payload"]["metric"]["metricName"], m["payload"]["metric"]["step"]): m["payload"]["metric"]["metricValue"]
-        for m in messages
-        if m["type"] == "metric_msg"
-    }
+    (first_archive,) = (report_dir / "comet").glob("*.zip")
+    metrics = _archive_metrics(first_archive)
     history = _history(project_dir)
     for entry in history["steps"]:
         assert float(metrics[("loss", entry["step"])]) == pytest.approx(entry["loss"])
         assert float(metrics[("learning_rate", entry["step"])]) == pytest.approx(entry["learning_rate"])
-    assert "comet.json" in {p.name for p in report_dir.iterdir()}
+    key = json.loads((report_dir / "comet.json").read_text())["experiment_key"]
+
+    # A resume continues the same experiment and sends only the steps it trains.
+    resumed = kaio("resume", "t", "--max-steps", "9", cwd=project_dir, env={"COMET_API_KEY": ""})
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    (second_archive,) = set((report_dir / "comet").glob("*.zip")) - {first_archive}
+    with zipfile.ZipFile(second_archive) as archive:
+        assert json.loads(archive.read("experiment.json"))["offline_id"] == key
+    steps_sent = sorted({step for (name, step) in _archive_metrics(second_archive) if name == "loss"})
+    assert steps_sent == [7, 8, 9]
 
 
 def test_hub_push_lands_the_adapter_and_the_commit_in_the_report(project_dir):

@@ -107,8 +107,15 @@ def resolve_precision(requested: str) -> str:
 
 
 def train(cfg: RunConfig) -> None:
+    import warnings
+
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, TrainingArguments
+
+    # Benign and repeated at every save: adapters on embeddings are saved with them on purpose,
+    # and transformers warns about its own internal use of a renamed attribute.
+    warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
+    warnings.filterwarnings("ignore", message=".*(is_)?gradient_checkpointing.* is deprecated", category=FutureWarning)
 
     precision = resolve_precision(cfg.training.precision)
     on_gpu = torch.cuda.is_available()

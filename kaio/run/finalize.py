@@ -44,7 +44,9 @@ class RunOutputs:
 
     # -- during the run ----------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, state: RunState) -> None:
+        # Steps of earlier sessions were sent by their own kaio process.
+        self._comet_logged_step = state.last_step
         if not self.cfg.reporting.use_comet_ml:
             return  # comet_ml is not even imported
         from kaio.sinks.comet import CometSink
@@ -61,6 +63,10 @@ class RunOutputs:
         for message in self._comet.messages:
             self._notify(message)
         self._comet_messages_shown = len(self._comet.messages)
+
+    def rewind_to(self, step: int) -> None:
+        """A session resumes from the checkpoint at ``step``: the steps after it are trained (and sent) again."""
+        self._comet_logged_step = min(self._comet_logged_step, step)
 
     def feed(self, state: RunState, *, final: bool = False) -> None:
         """Send Comet the steps completed since the last call (the newest waits for its GPU samples)."""

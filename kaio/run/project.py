@@ -102,9 +102,10 @@ def _supervise(cfg: RunConfig, state: RunState, view: View, request: SessionRequ
     supervisor.on_loop.append(outputs.feed)
     outcome = None
     try:
-        outputs.start()
+        outputs.start(state)
         view.start()
         try:
+            outputs.rewind_to(checkpoint_step(request.resume_from))
             outcome = supervisor.run_session(request)
             restarts = 0
             while outcome.status == FAILED and restarts < cfg.launch.max_restarts and not supervisor.stop_requested:
@@ -113,6 +114,7 @@ def _supervise(cfg: RunConfig, state: RunState, view: View, request: SessionRequ
                 origin = f"from {checkpoint.name}" if checkpoint else "from the start (no complete checkpoint yet)"
                 cause = outcome.error or outcome.signal or f"exit code {outcome.exit_code}"
                 note = f"automatic restart {restarts} of {cfg.launch.max_restarts} after: {cause}; {origin}"
+                outputs.rewind_to(checkpoint_step(checkpoint))
                 outcome = supervisor.run_session(SessionRequest("restart", checkpoint.resolve() if checkpoint else None, [note]))
         finally:
             view.stop(supervisor.snapshot())
@@ -228,6 +230,11 @@ def latest_checkpoint(checkpoint_dir: Path, notify: Callable[[str], None] = prin
             return path
         notify(f"note: skipping {path}: incomplete (half-written or damaged)")
     return None
+
+
+def checkpoint_step(checkpoint: Path | None) -> int:
+    """The step of ``checkpoint-N``; 0 for a start from scratch."""
+    return int(checkpoint.name.removeprefix("checkpoint-")) if checkpoint is not None else 0
 
 
 # Keys whose change makes a checkpoint unusable, and keys that may change between sessions.
