@@ -62,7 +62,19 @@ class KaioCallback(TrainerCallback):
             self._cuda.reset_peak_memory_stats()
 
     def _peak_vram_bytes(self) -> int | None:
-        return int(self._cuda.max_memory_allocated()) if self._cuda is not None else None
+        if self._cuda is None:
+            return None
+        return int(self._read_peak())
+
+    def _read_peak(self) -> int:
+        """The allocator's peak counter. ``max_memory_allocated`` builds and flattens the whole
+        statistics dict (~80 us on an H200 host); the nested stats read the same counter in ~11 us."""
+        try:
+            import torch
+
+            return torch._C._cuda_memoryStats(self._cuda.current_device())["allocated_bytes"]["all"]["peak"]
+        except (AttributeError, KeyError, TypeError, RuntimeError):
+            return self._cuda.max_memory_allocated()
 
     # -- Trainer hooks ----------------------------------------------------
 

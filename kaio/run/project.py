@@ -139,19 +139,23 @@ def recover_unfinished(report_dir: Path, notify: Callable[[str], None] = print) 
     from kaio.telemetry import spool
 
     journal_path = report_dir / JOURNAL_NAME
-    records, _ = read_journal(journal_path)
+    records, _ = read_journal(journal_path, types=_SESSION_RECORDS)
     open_session = _open_session(records)
     child_alive = open_session is not None and _child_alive(records, open_session)
     if child_alive:
         return True
+    spool_dir = report_dir / spool.SPOOL_DIR_NAME
+    if open_session is None and not spool_dir.is_dir():
+        return False  # the common case: nothing to recover
     journal = Journal(journal_path)
     try:
-        merged = spool.merge_into(report_dir / spool.SPOOL_DIR_NAME, spool.max_seq_by_pid(records), journal.append)
+        # Which spooled events are missing depends on every child event's seq: read them all.
+        merged = spool.merge_into(spool_dir, spool.max_seq_by_pid(read_journal(journal_path)[0]), journal.append) if spool_dir.is_dir() else 0
         if merged:
             notify(f"merged {merged} event(s) the run spooled while no supervisor was listening")
         if open_session is not None:
             journal.flush()
-            records, _ = read_journal(journal_path)
+            records, _ = read_journal(journal_path, types=_SESSION_RECORDS)
             finished = any(
                 r.get("type") == "train_end" and r.get("session") == open_session and r.get("rank") == 0 for r in records
             )
@@ -179,6 +183,9 @@ def recover_unfinished(report_dir: Path, notify: Callable[[str], None] = print) 
     finally:
         journal.close()
     return False
+
+
+_SESSION_RECORDS = ("session_start", "session_end", "child_started", "train_end")
 
 
 def _open_session(records: list[dict]) -> int | None:

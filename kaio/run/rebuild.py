@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kaio.errors import ProjectError, ReportError
+from kaio.errors import ProjectError
 from kaio.run.journal import JOURNAL_NAME, read_journal
 from kaio.run.lock import ProjectLock
 from kaio.run.project import HISTORY_NAME, recover_unfinished, unknown_project
@@ -37,12 +37,20 @@ def rebuild(project: str, output_dir: Path, notify=print) -> tuple[dict, Path]:
     records, bad = read_journal(journal_path)
     if bad:
         notify(f"note: {bad} unreadable line(s) in {journal_path} skipped (a torn write from a crash)")
-    if history_path.is_file():
-        try:
-            load_history(history_path)
-        except ReportError as exc:
-            notify(f"note: {exc}; rebuilding it from {journal_path}")
+    if _looks_damaged(history_path):
+        notify(f"note: {history_path}: truncated or corrupt JSON (the document does not end); rebuilding it from {journal_path}")
     state = replay(project, records)
+    del records  # the state holds what the report needs
     if running and state.sessions:
         state.sessions[-1]["status"] = RUNNING
     return write_reports(state.history(), report_dir), report_dir
+
+
+def _looks_damaged(history_path: Path) -> bool:
+    """A cheap check (the file is about to be rewritten): a whole JSON document ends with '}'."""
+    if not history_path.is_file():
+        return False
+    with open(history_path, "rb") as f:
+        f.seek(max(0, f.seek(0, 2) - 64))
+        tail = f.read().rstrip()
+    return not tail.endswith(b"}")

@@ -26,6 +26,7 @@ from kaio.run.snapshot import GpuRow, HostRow, Snapshot
 SCHEMA_VERSION = 1
 RECENT_LOSSES = 120  # sparkline window
 RECENT_STEPS = 30  # step-rate window for speed and ETA
+TICKS_BEFORE_FIRST_STEP = 1200  # 10 minutes at 2 Hz
 EMA_ALPHA = 0.1  # loss smoothing on the dashboard and in reports
 EXPLODING_FACTOR = 3.0  # loss above 3x its running minimum (after a few steps) is "exploding"
 
@@ -345,6 +346,10 @@ class RunState:
         else:
             horizon = self._prev_end_mono
         if horizon is None:
+            # No step has ended yet (a big model still loading): keep a bounded recent window,
+            # enough for the first step's samples.
+            while len(self._ticks) > TICKS_BEFORE_FIRST_STEP:
+                self._ticks.popleft()
             return
         while len(self._ticks) > 2 and self._ticks[1]["t_mono"] <= horizon:
             self._ticks.popleft()
