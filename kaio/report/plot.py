@@ -109,7 +109,7 @@ def build_figure(history: dict) -> "Figure":
     _vram_panel(axes[2], x, steps, gpus, no_gpu_text)
     _gpu_lines_panel(axes[3], x, gpus, "util_avg", "utilisation (%)", "utilisation", no_gpu_text, ylim=(-2, 110))
     _power_panel(axes[4], x, gpus, no_gpu_text)
-    _gpu_lines_panel(axes[5], x, gpus, "temp", "peak junction (°C)", "temperature", no_gpu_text)
+    _gpu_lines_panel(axes[5], x, gpus, "temp", "peak, junction where reported (°C)", "temperature", no_gpu_text)
     _mark_sessions(axes, x, _column(steps, "session"))
 
     status = history.get("status") or "UNKNOWN"
