@@ -238,7 +238,9 @@ def _did_you_mean(loc: list[str]) -> str:
 
 # ---------------------------------------------------------------- secrets
 
-_SECRET_KEY = re.compile(r"token|key|secret|password", re.IGNORECASE)
+# A whole word of the key's name (hf_token, API_KEY, client-secret), so that
+# `tokenizer` or `tokens_seen` keep their values: a redacted tokenizer would break `kaio resume`.
+_SECRET_KEY = re.compile(r"(?:^|[_\-.])(?:token|key|apikey|secret|password|passwd)(?:$|[_\-.])", re.IGNORECASE)
 REDACTED = "***"
 
 
@@ -246,12 +248,14 @@ def is_secret_key(name: str) -> bool:
     return bool(_SECRET_KEY.search(name))
 
 
-def redact(value: Any) -> Any:
-    """A copy of a nested dict/list with the values of secret-looking keys replaced."""
+def redact(value: Any, marker: str = REDACTED) -> Any:
+    """A copy of a nested dict/list with the values of secret-looking keys replaced by ``marker``."""
     if isinstance(value, dict):
-        return {k: (REDACTED if is_secret_key(str(k)) and v is not None else redact(v)) for k, v in value.items()}
+        return {
+            k: (marker if is_secret_key(str(k)) and v not in (None, "") else redact(v, marker)) for k, v in value.items()
+        }
     if isinstance(value, list):
-        return [redact(v) for v in value]
+        return [redact(v, marker) for v in value]
     return value
 
 

@@ -96,3 +96,17 @@ def test_overrides_apply_before_validation(project_dir):
     assert load_config(path, {"training.max_steps": 40}).training.max_steps == 40
     with pytest.raises(ConfigError, match="training.max_steps"):
         load_config(path, {"training.max_steps": 0})
+
+
+def test_redaction_hides_secret_words_but_keeps_tokenizer_and_token_counts():
+    from kaio.config import redact
+
+    cfg = RunConfig(project_name="p", model={"tokenizer": "meta-llama/Llama-3.1-8B"})
+    assert config_snapshot(cfg)["model"]["tokenizer"] == "meta-llama/Llama-3.1-8B"  # resume reads it back
+    assert redact({"hf_token": "x", "COMET_API_KEY": "y", "client-secret": "z", "tokens_seen": 5, "tokenizer": "t"}) == {
+        "hf_token": "***",
+        "COMET_API_KEY": "***",
+        "client-secret": "***",
+        "tokens_seen": 5,
+        "tokenizer": "t",
+    }

@@ -12,22 +12,17 @@ import json
 import re
 from typing import Any
 
+from kaio.config import redact as redact_config
+
 REDACTED = "‹redacted›"
-SECRET_KEY = re.compile(r"token|key|secret", re.IGNORECASE)
 HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
 
 STATUS_BADGES = {"COMPLETED": "✅", "RUNNING": "🔄", "FAILED": "❌", "INTERRUPTED": "⏹️"}
 
 
 def redact(value: Any) -> Any:
-    """A copy of ``value`` whose secret-named keys have their values replaced, at any depth."""
-    if isinstance(value, dict):
-        return {
-            k: (REDACTED if SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v)) for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [redact(v) for v in value]
-    return value
+    """The config's own redaction (one rule for secret-named keys), with the report's marker."""
+    return redact_config(value, marker=REDACTED)
 
 
 def render_markdown(history: dict, summary: dict) -> str:
