@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from kaio.child.patch import ENV_RESUME_FROM
 from kaio.config import RunConfig
-from kaio.telemetry.protocol import ENV_ERROR_DIR, ENV_PIPE, ENV_SESSION, ENV_SPOOL_DIR
+from kaio.telemetry.protocol import ENV_ERROR_DIR, ENV_PIPE, ENV_RESUME_FROM, ENV_SESSION, ENV_SPOOL_DIR
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from kaio.child.patch import ENV_RESUME_FROM
 from kaio.config import RunConfig
 from kaio.launch import LaunchPlan, build_command, describe_exit
-from kaio.telemetry.protocol import ENV_ERROR_DIR, ENV_PIPE, ENV_SESSION, ENV_SPOOL_DIR
+from kaio.telemetry.protocol import ENV_ERROR_DIR, ENV_PIPE, ENV_RESUME_FROM, ENV_SESSION, ENV_SPOOL_DIR
 
 
 def _plan(**kw) -> LaunchPlan:

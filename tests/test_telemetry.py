@@ -168,3 +168,25 @@ def test_spool_rotates_and_prunes_only_journaled_parts(tmp_path, monkeypatch):
     assert spool.merge_into(spool_dir, {pid: 5}, recorded.append) == 2
     assert [e["step"] for e in recorded] == [6, 7]
     assert not spool_dir.exists()  # merged: nothing left to wonder about
+
+
+def test_callback_reads_the_allocator_peak_once_resolved(monkeypatch):
+    """No GPU here: torch.cuda is stood in for at its Python surface to check both read paths."""
+    import torch
+
+    from kaio.child import callback
+
+    assert callback._peak_memory_functions() is None  # CPU: peak VRAM is null, never 0
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: calls.append(("reset", device)))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 111)
+    monkeypatch.setattr(torch._C, "_cuda_memoryStats", lambda device: {"allocated_bytes": {"all": {"peak": 222}}}, raising=False)
+    reset, read_peak = callback._peak_memory_functions()
+    reset()
+    assert calls == [("reset", 3)] and read_peak() == 222  # the raw counter
+    monkeypatch.setattr(torch._C, "_cuda_memoryStats", lambda device: {}, raising=False)
+    _, read_peak = callback._peak_memory_functions()
+    assert read_peak() == 111  # the public call when the raw one does not answer

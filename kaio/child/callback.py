@@ -40,46 +40,53 @@ _ARG_FIELDS = (
 )
 
 
-def _cuda():
-    """``torch.cuda`` when a CUDA/ROCm device is in use, else None."""
+def _peak_memory_functions():
+    """``(reset, read_peak)`` of the caching allocator when a CUDA/ROCm device is in use, else None.
+
+    ``max_memory_allocated`` builds and flattens the whole statistics dict (~80 us
+    on an H200 host); the nested stats read the same counter in ~11 us. Both only
+    read host-side counters: no GPU synchronisation.
+    """
     try:
         import torch
     except ImportError:
         return None
-    return torch.cuda if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    device = torch.cuda.current_device()
+    read_stats = getattr(torch._C, "_cuda_memoryStats", None)  # private: fall back if it ever goes
+    try:
+        read_stats(device)["allocated_bytes"]["all"]["peak"]
+    except (TypeError, KeyError, RuntimeError):
+        read_stats = None
+
+    def read_peak() -> int:
+        if read_stats is None:
+            return int(torch.cuda.max_memory_allocated(device))
+        return int(read_stats(device)["allocated_bytes"]["all"]["peak"])
+
+    return (lambda: torch.cuda.reset_peak_memory_stats(device)), read_peak
 
 
 class KaioCallback(TrainerCallback):
     def __init__(self, emitter: EventEmitter) -> None:
         self.emitter = emitter
         self._step_began_mono: float | None = None
-        self._cuda = None
+        self._peak_memory = None  # (reset, read_peak) on a GPU, resolved once at train begin
 
     # -- helpers -----------------------------------------------------------
 
     def _reset_peak(self) -> None:
-        if self._cuda is not None:
-            self._cuda.reset_peak_memory_stats()
+        if self._peak_memory is not None:
+            self._peak_memory[0]()
 
     def _peak_vram_bytes(self) -> int | None:
-        if self._cuda is None:
-            return None
-        return int(self._read_peak())
-
-    def _read_peak(self) -> int:
-        """The allocator's peak counter. ``max_memory_allocated`` builds and flattens the whole
-        statistics dict (~80 us on an H200 host); the nested stats read the same counter in ~11 us."""
-        try:
-            import torch
-
-            return torch._C._cuda_memoryStats(self._cuda.current_device())["allocated_bytes"]["all"]["peak"]
-        except (AttributeError, KeyError, TypeError, RuntimeError):
-            return self._cuda.max_memory_allocated()
+        return self._peak_memory[1]() if self._peak_memory is not None else None
 
     # -- Trainer hooks ----------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._cuda = _cuda()
+        self._peak_memory = _peak_memory_functions()
         trainable, total = _count_params(model)
         self.emitter.emit(
             {

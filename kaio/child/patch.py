@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import os
 
-ENV_RESUME_FROM = "KAIO_RESUME_FROM"
+from kaio.telemetry.protocol import ENV_RESUME_FROM
 
 _emitter = None
 

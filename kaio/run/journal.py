@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from kaio.telemetry.protocol import finite_or_tag
+from kaio.telemetry.protocol import json_line
 
 JOURNAL_NAME = "journal.jsonl"
 
@@ -30,7 +30,7 @@ class Journal:
         self._pending = bytearray()
 
     def append(self, record: dict[str, Any]) -> None:
-        self._pending += _line(record)
+        self._pending += json_line(record)
         if len(self._pending) >= 1 << 16:
             self.flush()
 
@@ -47,11 +47,6 @@ class Journal:
     def close(self) -> None:
         self.flush(fsync=True)
         os.close(self._fd)
-
-
-def _line(record: dict[str, Any]) -> bytes:
-    clean = {k: finite_or_tag(v) for k, v in record.items()}
-    return (json.dumps(clean, separators=(",", ":"), allow_nan=False, default=str) + "\n").encode()
 
 
 def read_journal(path: Path, types: tuple[str, ...] | None = None) -> tuple[list[dict[str, Any]], int]:

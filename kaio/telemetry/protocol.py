@@ -20,6 +20,7 @@ ENV_PIPE = "KAIO_TELEMETRY_PIPE"  # path of the FIFO
 ENV_SPOOL_DIR = "KAIO_SPOOL_DIR"  # where events go when the FIFO has no reader
 ENV_ERROR_DIR = "KAIO_ERROR_DIR"  # where a failing rank writes its traceback
 ENV_SESSION = "KAIO_SESSION"  # session number, stamped on every event
+ENV_RESUME_FROM = "KAIO_RESUME_FROM"  # checkpoint a resumed session starts from
 
 RUN_START = "run_start"  # once per rank at on_train_begin
 STEP = "step"  # every optimizer step, every rank
@@ -40,9 +41,9 @@ def encode(event: dict[str, Any]) -> bytes:
     line stays strict JSON. An event too large is shrunk by dropping its
     optional ``extra`` mapping; if still too large, ``ProtocolError``.
     """
-    line = _dumps(event)
+    line = json_line(event)
     if len(line) >= MAX_LINE_BYTES and "extra" in event:
-        line = _dumps({**{k: v for k, v in event.items() if k != "extra"}, "truncated": True})
+        line = json_line({**{k: v for k, v in event.items() if k != "extra"}, "truncated": True})
     if len(line) >= MAX_LINE_BYTES:
         raise ProtocolError(f"event of type {event.get('type')!r} is {len(line)} bytes, over {MAX_LINE_BYTES}")
     return line
@@ -70,6 +71,7 @@ def finite_or_tag(value: Any) -> Any:
     return value
 
 
-def _dumps(event: dict[str, Any]) -> bytes:
-    clean = {k: finite_or_tag(v) for k, v in event.items()}
+def json_line(record: dict[str, Any]) -> bytes:
+    """A record as one compact line of strict JSON (non-finite floats tagged); also the journal's format."""
+    clean = {k: finite_or_tag(v) for k, v in record.items()}
     return (json.dumps(clean, separators=(",", ":"), allow_nan=False, default=str) + "\n").encode("utf-8")
