@@ -26,9 +26,7 @@ import os
 import queue
 import shutil
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 

@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import PYTHON, append_result, fmt, setup_process_env, summary
+from _common import PYTHON, append_result, setup_process_env, summary
 
 setup_process_env()
 

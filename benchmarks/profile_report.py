@@ -80,7 +80,7 @@ def main() -> None:
         del records
         safe = phase("json_safe_history", lambda: json_safe_history(history))
         summary = phase("summarize", lambda: summarize(safe))
-        phase("write history.json", lambda: atomic_write_json(report_dir / "history.json", safe))
+        phase("write history.json", lambda: atomic_write_json(report_dir / "history.json", safe, indent=None))  # as kaio.report writes it
         phase("render telemetry.png", lambda: render_telemetry_png(safe, report_dir / "telemetry.png"))
         phase("write report.md", lambda: atomic_write_text(report_dir / "report.md", render_markdown(safe, summary)))
         print(f"total {sum(r[1] for r in rows):.1f} s, peak RSS {peak_mb():.0f} MB")

@@ -25,6 +25,7 @@ app = typer.Typer(
 )
 
 DEFAULT_OUTPUT_DIR = Path("docs/reports")
+OUTPUT_DIR_OPTION = typer.Option(DEFAULT_OUTPUT_DIR, "--output-dir", help="The reports directory (reporting.output_dir).")
 
 
 def _user_errors(func):
@@ -86,7 +87,7 @@ def resume(
     project: str = typer.Argument(..., help="Project name (see `ls docs/reports`).", show_default=False),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help="New training.max_steps: extends a finished run."),
     config: Optional[Path] = typer.Option(None, "--config", help="An edited config to continue with (learning rate, max steps, logging may change; model and LoRA shape may not)."),
-    output_dir: Path = typer.Option(DEFAULT_OUTPUT_DIR, "--output-dir", help="The reports directory (reporting.output_dir)."),
+    output_dir: Path = OUTPUT_DIR_OPTION,
     plain: bool = typer.Option(False, "--plain", help="Plain status lines instead of the live dashboard."),
 ) -> None:
     """Continue PROJECT from its latest complete checkpoint, as a new session of the same history."""
@@ -111,7 +112,7 @@ def resume(
 @_user_errors
 def report(
     project: str = typer.Argument(..., help="Project name (a folder under the reports directory).", show_default=False),
-    output_dir: Path = typer.Option(DEFAULT_OUTPUT_DIR, "--output-dir", help="The reports directory (reporting.output_dir)."),
+    output_dir: Path = OUTPUT_DIR_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON for scripts."),
 ) -> None:
     """Rebuild report.md, telemetry.png and history.json from the project's journal, offline.
@@ -134,7 +135,7 @@ def report(
 def push(
     project: str = typer.Argument(..., help="Project name.", show_default=False),
     repo_id: Optional[str] = typer.Option(None, "--repo-id", help="`user/name` of the model repo (default: hub.repo_id of the run's config)."),
-    output_dir: Path = typer.Option(DEFAULT_OUTPUT_DIR, "--output-dir", help="The reports directory (reporting.output_dir)."),
+    output_dir: Path = OUTPUT_DIR_OPTION,
 ) -> None:
     """Push PROJECT's final LoRA adapter, a model card and the report to the Hugging Face Hub (or retry a failed push).
 

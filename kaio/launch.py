@@ -97,13 +97,12 @@ def spawn(argv: list[str], env: dict[str, str], log_file, cwd: str | None = None
     )
 
 
-def signal_group(proc: subprocess.Popen, sig: int) -> bool:
-    """Send ``sig`` to the child's whole process group; False if nothing is left."""
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to the child's whole process group (nothing to do if it is gone)."""
     try:
         os.killpg(proc.pid, sig)
-        return True
     except (ProcessLookupError, PermissionError):
-        return False
+        pass
 
 
 def kill_group(proc: subprocess.Popen) -> None:

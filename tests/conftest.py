@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,23 @@ def kaio(*args: str, cwd: Path, timeout: float = 240, env: dict | None = None) -
         text=True,
         timeout=timeout,
     )
+
+
+def read_history(project_dir: Path, project: str = "t") -> dict:
+    """The project's history.json as written."""
+    return json.loads((project_dir / "docs" / "reports" / project / "history.json").read_text())
+
+
+def journal_steps(project_dir: Path, project: str = "t") -> int:
+    """How many step events the journal holds so far (0 before it exists)."""
+    path = project_dir / "docs" / "reports" / project / "journal.jsonl"
+    return path.read_text().count('"type":"step"') if path.exists() else 0
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -15,14 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, kaio, write_config
+from conftest import REPO, kaio, write_config, read_history
 from hub_server import HubServer
 
 TOKEN = "hf_" + "IntegrationT0kenThatMustNeverBeWritten"
 
 
-def _history(project_dir: Path) -> dict:
-    return json.loads((project_dir / "docs/reports/t/history.json").read_text())
 
 
 def _fake_nvml_site(directory: Path, gpus: int) -> Path:
@@ -49,7 +47,7 @@ def test_gpu_samples_are_aggregated_into_every_step(project_dir):
     write_config(project_dir, max_steps=30, extra="")
     result = kaio("run", "cfg.yaml", cwd=project_dir, env={"PYTHONPATH": str(site), "CUDA_VISIBLE_DEVICES": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
-    history = _history(project_dir)
+    history = read_history(project_dir)
     devices = {d["key"]: d for d in history["devices"]}
     assert set(devices) == {"nvml:0", "nvml:1"}
     assert devices["nvml:1"]["in_run"] and not devices["nvml:0"]["in_run"]  # CUDA_VISIBLE_DEVICES=1
@@ -87,7 +85,7 @@ def test_comet_offline_archive_holds_the_run_metrics_at_the_right_steps(project_
     report_dir = project_dir / "docs/reports/t"
     (first_archive,) = (report_dir / "comet").glob("*.zip")
     metrics = _archive_metrics(first_archive)
-    history = _history(project_dir)
+    history = read_history(project_dir)
     for entry in history["steps"]:
         assert float(metrics[("loss", entry["step"])]) == pytest.approx(entry["loss"])
         assert float(metrics[("learning_rate", entry["step"])]) == pytest.approx(entry["learning_rate"])
@@ -196,7 +194,7 @@ def test_kaio_report_while_the_run_goes_is_read_only_and_says_running(project_di
     finally:
         proc.send_signal(2)
         proc.wait(timeout=60)
-    assert _history(project_dir)["status"] == "INTERRUPTED"
+    assert read_history(project_dir)["status"] == "INTERRUPTED"
 
 
 def test_kaio_gpus_on_a_machine_without_gpu(project_dir):

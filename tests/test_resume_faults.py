@@ -11,37 +11,24 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import REPO, kaio, write_config
+from conftest import REPO, kaio, write_config, journal_steps, read_history, wait_for
 
 FAULTY = REPO / "tests" / "scripts" / "faulty_train.py"
 
 
-def _history(project_dir: Path) -> dict:
-    return json.loads((project_dir / "docs/reports/t/history.json").read_text())
 
 
 def _steps(history: dict) -> list[int]:
     return [s["step"] for s in history["steps"]]
 
 
-def _journal_steps(project_dir: Path) -> int:
-    path = project_dir / "docs/reports/t/journal.jsonl"
-    return path.read_text().count('"type":"step"') if path.exists() else 0
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _faulty_config(project_dir: Path, *script_args: str, num_processes: int = 1, extra: str = "") -> None:
@@ -58,23 +45,23 @@ def test_resume_after_ctrl_c_continues_one_history_with_the_same_losses(project_
     reference_dir.mkdir()
     write_config(reference_dir, max_steps=200, save_steps=10)
     assert kaio("run", "cfg.yaml", cwd=reference_dir).returncode == 0
-    reference = {s["step"]: s["loss"] for s in _history(reference_dir)["steps"]}
+    reference = {s["step"]: s["loss"] for s in read_history(reference_dir)["steps"]}
 
     write_config(project_dir, max_steps=200, save_steps=10)
     proc = subprocess.Popen([sys.executable, "-m", "kaio", "run", "cfg.yaml"], cwd=project_dir,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for(lambda: (project_dir / "checkpoints/t/checkpoint-10/trainer_state.json").exists() and _journal_steps(project_dir) >= 12,
+    wait_for(lambda: (project_dir / "checkpoints/t/checkpoint-10/trainer_state.json").exists() and journal_steps(project_dir) >= 12,
               120, "a checkpoint and a few more steps")
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=60)
-    interrupted = _history(project_dir)
+    interrupted = read_history(project_dir)
     assert interrupted["status"] == "INTERRUPTED"
     last_interrupted = max(_steps(interrupted))
     assert last_interrupted < 200, "Ctrl-C came too late to test a resume"
 
     result = kaio("resume", "t", cwd=project_dir)
     assert result.returncode == 0, result.stdout + result.stderr
-    history = _history(project_dir)
+    history = read_history(project_dir)
     assert _steps(history) == list(range(1, 201))
     assert [s["kind"] for s in history["sessions"]] == ["run", "resume"]
     assert history["sessions"][1]["start_step"] % 10 == 0 and history["sessions"][1]["start_step"] >= 10
@@ -123,7 +110,7 @@ def test_resume_extends_a_finished_run_and_checks_edited_configs(project_dir):
     (project_dir / "lr.yaml").write_text(edited.replace("learning_rate: 5.0e-3", "learning_rate: 1.0e-3"))
     extended = kaio("resume", "t", "--config", "lr.yaml", "--max-steps", "7", cwd=project_dir)
     assert extended.returncode == 0, extended.stdout + extended.stderr
-    history = _history(project_dir)
+    history = read_history(project_dir)
     assert _steps(history) == list(range(1, 8))
     assert history["sessions"][1]["start_step"] == 4
     notes = " ".join(history["telemetry"]["notes"])
@@ -135,7 +122,7 @@ def test_exception_in_one_rank_of_two_is_the_named_root_cause(project_dir):
     _faulty_config(project_dir, "10", "4", "--fault", "raise", "--rank", "1", "--at", "3", num_processes=2)
     result = kaio("run", "cfg.yaml", cwd=project_dir)
     assert result.returncode != 0
-    history = _history(project_dir)
+    history = read_history(project_dir)
     session = history["sessions"][0]
     assert session["status"] == "FAILED"
     assert session["error"] == "rank 1: RuntimeError: injected failure at step 3"
@@ -148,7 +135,7 @@ def test_a_rank_killed_with_sigkill_is_named(project_dir):
     _faulty_config(project_dir, "10", "4", "--fault", "sigkill", "--rank", "1", "--at", "3", num_processes=2)
     result = kaio("run", "cfg.yaml", cwd=project_dir)
     assert result.returncode != 0
-    session = _history(project_dir)["sessions"][0]
+    session = read_history(project_dir)["sessions"][0]
     assert session["status"] == "FAILED" and session["signal"] == "SIGKILL"
     assert session["error"].startswith("rank 1:") and "SIGKILL" in session["error"]
 
@@ -157,11 +144,11 @@ def test_the_whole_child_killed_is_failed_with_the_signal(project_dir):
     write_config(project_dir, max_steps=5000, save_steps=10000)
     proc = subprocess.Popen([sys.executable, "-m", "kaio", "run", "cfg.yaml"], cwd=project_dir,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for(lambda: _journal_steps(project_dir) >= 3, 120, "training")
+    wait_for(lambda: journal_steps(project_dir) >= 3, 120, "training")
     launcher = psutil.Process(proc.pid).children()[0]
     os.killpg(launcher.pid, signal.SIGKILL)  # the child's whole process group
     assert proc.wait(timeout=60) == 137
-    session = _history(project_dir)["sessions"][0]
+    session = read_history(project_dir)["sessions"][0]
     assert session["status"] == "FAILED" and session["signal"] == "SIGKILL"
     assert session["exit_code"] == 137
 
@@ -170,7 +157,7 @@ def test_supervisor_killed_child_keeps_training_and_no_step_is_lost(project_dir)
     write_config(project_dir, max_steps=60, save_steps=100)
     proc = subprocess.Popen([sys.executable, "-m", "kaio", "run", "cfg.yaml"], cwd=project_dir,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for(lambda: _journal_steps(project_dir) >= 5, 120, "training")
+    wait_for(lambda: journal_steps(project_dir) >= 5, 120, "training")
     child = psutil.Process(proc.pid).children(recursive=True)
     proc.kill()  # SIGKILL to the supervisor alone
     proc.wait(timeout=30)
@@ -183,7 +170,7 @@ def test_supervisor_killed_child_keeps_training_and_no_step_is_lost(project_dir)
     result = kaio("report", "t", cwd=project_dir, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "merged" in result.stdout
-    history = _history(project_dir)
+    history = read_history(project_dir)
     assert _steps(history) == list(range(1, 61))
     assert all(s["loss"] is not None for s in history["steps"])
     assert history["status"] == "COMPLETED"
@@ -195,7 +182,7 @@ def test_max_restarts_resumes_by_itself_from_the_latest_checkpoint(project_dir):
     _faulty_config(project_dir, "10", "4", "--fault", "raise", "--at", "6", "--once", str(marker), extra="  max_restarts: 2\n")
     result = kaio("run", "cfg.yaml", cwd=project_dir)
     assert result.returncode == 0, result.stdout + result.stderr
-    history = _history(project_dir)
+    history = read_history(project_dir)
     assert [s["kind"] for s in history["sessions"]] == ["run", "restart"]
     assert [s["status"] for s in history["sessions"]] == ["FAILED", "COMPLETED"]
     assert history["sessions"][1]["start_step"] == 4

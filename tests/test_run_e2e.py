@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,27 +13,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import kaio, write_config
+from conftest import kaio, write_config, journal_steps, read_history, wait_for
 
 
-def _history(project_dir: Path, project: str = "t") -> dict:
-    return json.loads((project_dir / "docs" / "reports" / project / "history.json").read_text())
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
-def _steps_in_journal(project_dir: Path, project: str = "t") -> int:
-    path = project_dir / "docs" / "reports" / project / "journal.jsonl"
-    if not path.exists():
-        return 0
-    return sum(1 for line in path.read_text().splitlines() if '"type":"step"' in line)
 
 
 def _spawn_kaio(project_dir: Path, *args: str) -> subprocess.Popen:
@@ -47,7 +32,7 @@ def test_tiny_run_records_every_step_with_falling_loss(project_dir):
     write_config(project_dir, max_steps=12, save_steps=6)
     result = kaio("run", "cfg.yaml", cwd=project_dir)
     assert result.returncode == 0, result.stdout + result.stderr
-    history = _history(project_dir)
+    history = read_history(project_dir)
     steps = history["steps"]
     assert [s["step"] for s in steps] == list(range(1, 13))
     assert all(s["loss"] is not None and s["learning_rate"] is not None for s in steps)
@@ -72,11 +57,11 @@ def test_one_run_per_project_and_no_silent_mixing(project_dir):
     write_config(project_dir, max_steps=400, save_steps=1000)
     first = _spawn_kaio(project_dir, "run", "cfg.yaml")
     try:
-        _wait_for(lambda: _steps_in_journal(project_dir) >= 2, 120, "the first run to train")
+        wait_for(lambda: journal_steps(project_dir) >= 2, 120, "the first run to train")
         second = kaio("run", "cfg.yaml", cwd=project_dir, timeout=60)
         assert second.returncode == 2
         assert "is running right now" in second.stderr
-        assert _steps_in_journal(project_dir) >= 2  # the first run is untouched
+        assert journal_steps(project_dir) >= 2  # the first run is untouched
     finally:
         first.send_signal(signal.SIGINT)
         first.wait(timeout=60)
@@ -87,7 +72,7 @@ def test_one_run_per_project_and_no_silent_mixing(project_dir):
     write_config(project_dir, max_steps=3)
     fresh = kaio("run", "cfg.yaml", "--overwrite", cwd=project_dir)
     assert fresh.returncode == 0, fresh.stdout + fresh.stderr
-    assert [s["step"] for s in _history(project_dir)["steps"]] == [1, 2, 3]
+    assert [s["step"] for s in read_history(project_dir)["steps"]] == [1, 2, 3]
     moved = list((project_dir / "docs" / "reports").glob("t.replaced-*"))
     assert len(moved) == 1 and (moved[0] / "journal.jsonl").is_file()
     assert list((project_dir / "checkpoints").glob("t.replaced-*"))
@@ -101,7 +86,7 @@ def _descendants(pid: int) -> list[psutil.Process]:
 def test_ctrl_c_stops_the_run_keeps_history_and_leaves_no_process(project_dir, presses):
     write_config(project_dir, max_steps=5000, save_steps=10000)
     proc = _spawn_kaio(project_dir, "run", "cfg.yaml")
-    _wait_for(lambda: _steps_in_journal(project_dir) >= 3, 120, "training to start")
+    wait_for(lambda: journal_steps(project_dir) >= 3, 120, "training to start")
     family = _descendants(proc.pid)
     assert family, "the supervisor has no child processes"
     for _ in range(presses):
@@ -109,7 +94,7 @@ def test_ctrl_c_stops_the_run_keeps_history_and_leaves_no_process(project_dir, p
         time.sleep(0.3)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0
-    history = _history(project_dir)
+    history = read_history(project_dir)
     assert history["status"] == "INTERRUPTED"
     assert len(history["steps"]) >= 3
     _, alive = psutil.wait_procs(family, timeout=10)
@@ -152,7 +137,7 @@ def test_user_script_with_its_own_trainer_subclass_gets_telemetry_unchanged(proj
     (project_dir / "cfg.yaml").write_text(cfg)
     result = kaio("run", "cfg.yaml", cwd=project_dir)
     assert result.returncode == 0, result.stdout + result.stderr
-    history = _history(project_dir)
+    history = read_history(project_dir)
     assert [s["step"] for s in history["steps"]] == [1, 2, 3, 4, 5]
     assert all(s["loss"] is not None for s in history["steps"])
     assert history["run"]["architecture"] == "LlamaForCausalLM"
@@ -167,6 +152,6 @@ def test_two_ranks_cpu_ddp_both_report_every_step_and_loss_once(project_dir):
         assert [e["step"] for e in journal if e.get("type") == "step" and e["rank"] == rank] == list(range(1, 7))
     logged = [e["step"] for e in journal if e.get("type") == "log" and "loss" in e]
     assert logged == list(range(1, 7))  # once per step, from rank 0 only
-    history = _history(project_dir)
+    history = read_history(project_dir)
     assert history["run"]["world_size"] == 2
     assert all(set(s["peak_vram_bytes"]) == {"0", "1"} for s in history["steps"])

@@ -86,8 +86,12 @@ class RunOutputs:
     # -- after the run -----------------------------------------------------
 
     def finish(self, state: RunState) -> None:
-        """Final reports, Comet's assets and end, then the Hub push of a completed run."""
-        write_reports(state, self.report_dir)
+        """Final reports, Comet's assets and end, then the Hub push of a completed run.
+
+        The reports are written before the sinks take them, and once more after,
+        so that the sinks' outcomes (Comet's archive, the Hub commit) are in them.
+        """
+        summary = write_reports(state, self.report_dir)
         if self._comet is not None:
             self.feed(state, final=True)
             self._comet.log_assets([self.report_dir / n for n in ("report.md", "telemetry.png", "history.json")])
@@ -98,16 +102,16 @@ class RunOutputs:
             for warning in self._comet.warnings:
                 self._record({"type": "note", "text": warning})
         if self.cfg.hub.push and state.status == COMPLETED:
-            push_to_hub(self.cfg, state, self._record, self._notify)
+            push_to_hub(self.cfg, state, summary, self._record, self._notify)
         write_reports(state, self.report_dir)
 
 
-def push_to_hub(cfg: RunConfig, state: RunState, record: Callable[[dict], None], notify: Callable[[str], None]) -> bool:
-    """Upload the final adapter, a model card and the report; the outcome goes into the journal."""
+def push_to_hub(cfg: RunConfig, state: RunState, summary: dict, record: Callable[[dict], None], notify: Callable[[str], None]) -> bool:
+    """Upload the final adapter, a model card and the report files already written (``summary`` is
+    theirs); the outcome goes into the journal."""
     from kaio.sinks.hub import push_adapter
 
     adapter_dir = cfg.checkpoint_dir / "final"
-    summary = write_reports(state, cfg.report_dir)
     card = _card_summary(state, summary)
     notify(f"pushing the adapter to the Hugging Face Hub: {cfg.hub.repo_id}")
     outcome: dict = {}

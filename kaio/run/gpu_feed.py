@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-import os
+import time
 from typing import Callable
 
 from kaio.config import RunConfig
 from kaio.devices.base import DeviceInfo, Tick
+from kaio.devices.host import HostBackend
 
 
-def device_record(devices: list[DeviceInfo], notes: list[str]) -> dict:
-    import psutil
-
+def device_record(devices: list[DeviceInfo], notes: list[str], host: HostBackend) -> dict:
+    first = host.sample(time.monotonic(), time.time())  # also starts the CPU-use baseline
     return {
         "type": "devices",
         "devices": [{"key": d.key, **dataclasses.asdict(d)} for d in devices],
         "notes": list(notes),
-        "host": {"cpu_count": os.cpu_count(), "ram_total_bytes": psutil.virtual_memory().total},
+        "host": {"cpu_count": host.cpu_count, "ram_total_bytes": first.ram_total_bytes},
     }
 
 
@@ -48,12 +48,12 @@ def poller_factory(cfg: RunConfig) -> Callable[[Callable[[dict], None]], object]
 
     def make(on_record: Callable[[dict], None]):
         from kaio.devices.detect import detect
-        from kaio.devices.host import HostBackend
         from kaio.devices.poller import Poller
 
         found = detect(cfg.reporting.gpu_backend, run_pids=_run_pids)
-        poller = Poller(found.backends, cfg.reporting.poll_hz, on_tick=lambda tick: on_record(tick_record(tick)), host=HostBackend())
-        on_record(device_record(list(poller.devices), found.notes))
+        host = HostBackend()
+        poller = Poller(found.backends, cfg.reporting.poll_hz, on_tick=lambda tick: on_record(tick_record(tick)), host=host)
+        on_record(device_record(list(poller.devices), found.notes, host))
         return poller
 
     return make

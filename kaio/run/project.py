@@ -42,6 +42,18 @@ def unknown_project(output_dir: Path, project: str) -> ProjectError:
     return ProjectError(f"unknown project {project!r} in {output_dir}/ (known projects: {listing})")
 
 
+def saved_config(report_dir: Path) -> tuple[RunConfig, dict]:
+    """The config the project last ran with (config.json), validated, and as saved."""
+    import json
+
+    from kaio.config import config_from_dict
+    from kaio.run.supervisor import CONFIG_NAME
+
+    path = report_dir / CONFIG_NAME
+    saved = json.loads(path.read_text())
+    return config_from_dict(saved, source=str(path)), saved
+
+
 def load_state(report_dir: Path) -> RunState:
     records, _bad = read_journal(report_dir / JOURNAL_NAME)
     return replay(report_dir.name, records)
@@ -281,9 +293,7 @@ def resume(
     notify: Callable[[str], None] = print,
 ) -> int:
     """``kaio resume``: continue from the latest complete checkpoint, as a new session of the same history."""
-    import json
-
-    from kaio.config import config_from_dict, config_snapshot, load_config
+    from kaio.config import config_snapshot, load_config
 
     report_dir = project_dir(output_dir, project)
     lock = ProjectLock(report_dir)
@@ -294,8 +304,7 @@ def resume(
                 f"project {project!r} is still training without a supervisor (its child process is alive); "
                 "wait for it to finish or stop it, then `kaio resume` again"
             )
-        saved = json.loads((report_dir / "config.json").read_text())
-        cfg = config_from_dict(saved, source=str(report_dir / "config.json"))
+        cfg, saved = saved_config(report_dir)
         if config_path is not None:
             cfg = load_config(config_path)
             refused, allowed = config_changes(saved, config_snapshot(cfg))
@@ -337,15 +346,12 @@ def resume(
 
 def push(project: str, output_dir: Path, *, repo_id: str | None = None, notify: Callable[[str], None] = print) -> bool:
     """``kaio push``: push (or retry pushing) a project's final adapter by hand."""
-    import json
-
-    from kaio.config import config_from_dict
     from kaio.run.finalize import push_to_hub, write_reports
 
     report_dir = project_dir(output_dir, project)
     with ProjectLock(report_dir):
         recover_unfinished(report_dir, notify)
-        cfg = config_from_dict(json.loads((report_dir / "config.json").read_text()), source=str(report_dir / "config.json"))
+        cfg, _ = saved_config(report_dir)
         repo = repo_id or cfg.hub.repo_id
         if not repo:
             raise ProjectError(f"no Hub repo for {project!r}: pass `--repo-id user/name` or set hub.repo_id in the config")
@@ -360,7 +366,7 @@ def push(project: str, output_dir: Path, *, repo_id: str | None = None, notify: 
             state.apply(r)
 
         try:
-            ok = push_to_hub(cfg, state, record, notify)
+            ok = push_to_hub(cfg, state, write_reports(state, report_dir), record, notify)
         finally:
             journal.close()
         write_reports(state, report_dir)

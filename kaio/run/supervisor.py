@@ -59,7 +59,6 @@ class SessionOutcome:
     status: str
     signal: str | None = None
     error: str | None = None
-    interrupted: bool = False
 
 
 @dataclass
@@ -69,7 +68,6 @@ class _Stop:
     requests: int = 0
     first_at: float | None = None
     killed: bool = False
-    signals: list[int] = field(default_factory=list)
 
 
 class Supervisor:
@@ -277,7 +275,6 @@ class Supervisor:
 
         def handler(signum, frame):
             self._stop.requests += 1
-            self._stop.signals.append(signum)
             if self._stop.requests == 1:
                 self._stop.first_at = time.monotonic()
                 launch.signal_group(proc, signal.SIGTERM)
@@ -317,7 +314,7 @@ class Supervisor:
         error, rank_signal = diagnose.root_cause(self.report_dir, self.state.session, log_text) if returncode else (None, None)
         signal_name = signal_name or rank_signal
         if self._stop.requests:
-            return SessionOutcome(exit_code, INTERRUPTED, signal_name, error, interrupted=True)
+            return SessionOutcome(exit_code, INTERRUPTED, signal_name, error)
         if returncode == 0:
             return SessionOutcome(0, COMPLETED)
         if error is None and signal_name:
