@@ -107,3 +107,10 @@ def test_snapshot_places_ranks_on_the_run_gpus_and_computes_rate_and_eta():
     assert snap.samples_per_s == pytest.approx(2.0 * 4 * 2 * 2)
     assert snap.eta_s == pytest.approx(97 / 2.0)
     assert snap.loss == 1.25 and snap.step == 3 and snap.max_steps == 100
+
+
+def test_the_closing_summary_log_keeps_the_last_loss_on_screen():
+    records = [{"type": "session_start", "session": 1, "t_wall": 1e9}, _step(1, 1.0), _log(1, 2.5),
+               {"type": "log", "rank": 0, "session": 1, "step": 1, "epoch": 1.0, "extra": {"train_runtime": 3.2}}]
+    snap = replay("p", records).snapshot(now_mono=2.0)
+    assert snap.loss == 2.5 and snap.learning_rate == 0.1 and snap.epoch == 1.0

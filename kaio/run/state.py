@@ -255,7 +255,9 @@ class RunState:
             entry["epoch"] = r["epoch"]
         if "loss" in r:
             self._record_loss(entry, r["loss"])
-        self.last_log = {k: r.get(k) for k in ("loss", "learning_rate", "grad_norm", "epoch") if k in r}
+        # Merged, not replaced: the Trainer's closing log (train_runtime) carries no loss or
+        # learning rate, and the dashboard's last frame must still show them.
+        self.last_log.update({k: r[k] for k in ("loss", "learning_rate", "grad_norm", "epoch") if k in r})
 
     def _record_loss(self, entry: dict, raw: Any) -> None:
         loss = _number(raw)
