@@ -42,7 +42,7 @@ def test_ticks_fold_into_the_step_they_fell_in_with_interpolated_energy():
         _tick(2.5, {"nvml:0": 300.0, "nvml:1": 10.0}, {"nvml:0": 400.0, "nvml:1": 25.0}),
     ]
     state = replay("p", records)
-    history = state.history()
+    history = state.history_with_steps()
     first, second = history["steps"]
     # Step 1 had no tick inside: the latest earlier one stands in, marked as carried.
     assert first["gpus_carried"] is True and first["power_avg"] == 100.0
@@ -58,7 +58,7 @@ def test_ticks_fold_into_the_step_they_fell_in_with_interpolated_energy():
 
 def test_peak_vram_per_rank_and_loss_once_from_rank_zero():
     records = [{"type": "session_start", "session": 1, "t_wall": 1e9}, _step(1, 1.0, rank=0), _step(1, 1.1, rank=1), _log(1, 2.5)]
-    entry = replay("p", records).history()["steps"][0]
+    entry = replay("p", records).history_with_steps()["steps"][0]
     assert entry["peak_vram_bytes"] == {"0": 1000, "1": 2000}
     assert entry["vram_gb"] == pytest.approx(2000 / 1e9)
     assert entry["loss"] == 2.5 and entry["t_mono"] == 1.0  # rank 0's time
@@ -67,7 +67,7 @@ def test_peak_vram_per_rank_and_loss_once_from_rank_zero():
 def test_nan_loss_is_null_with_a_marker_and_a_warning():
     records = [{"type": "session_start", "session": 1, "t_wall": 1e9}, _step(1, 1.0), _log(1, "nan")]
     state = replay("p", records)
-    entry = state.history()["steps"][0]
+    entry = state.history_with_steps()["steps"][0]
     assert entry["loss"] is None and entry["loss_nonfinite"] == "nan"
     assert any("non-finite loss" in w for w in state.warnings)
 
@@ -82,7 +82,7 @@ def test_a_resumed_session_supersedes_the_steps_after_its_checkpoint():
     for step in range(5, 9):
         records += [_step(step, 10.0 + step, session=2), _log(step, 1.0, session=2)]
     records += [{"type": "session_end", "session": 2, "t_wall": 1e9 + 20, "status": "COMPLETED", "exit_code": 0}]
-    history = replay("p", records).history()
+    history = replay("p", records).history_with_steps()
     assert [s["step"] for s in history["steps"]] == list(range(1, 9))
     assert [s["session"] for s in history["steps"]] == [1, 1, 1, 1, 2, 2, 2, 2]
     assert [s["loss"] for s in history["steps"][4:]] == [1.0] * 4

@@ -2,8 +2,9 @@
 
 It reports the run's shape at start, every optimizer step's true peak VRAM
 from every rank, rank 0's logs, checkpoint saves and the end. It adds no GPU
-synchronisation: ``reset_peak_memory_stats`` and ``max_memory_allocated`` read
-the caching allocator's host-side counters, and times are host clocks.
+synchronisation: the peak-memory calls read the caching allocator's host-side
+counters, times are host clocks, and a log value that is a GPU tensor is left
+out rather than copied to the host.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class KaioCallback(TrainerCallback):
         self.emitter = emitter
         self._step_began_mono: float | None = None
         self._peak_memory = None  # (reset, read_peak) on a GPU, resolved once at train begin
+        self._skipped_gpu_values: set[str] = set()
 
     # -- helpers -----------------------------------------------------------
 
@@ -82,6 +84,13 @@ class KaioCallback(TrainerCallback):
 
     def _peak_vram_bytes(self) -> int | None:
         return self._peak_memory[1]() if self._peak_memory is not None else None
+
+    def _log_value(self, key: str, value: Any) -> Any:
+        if _on_gpu(value):
+            # Reading it would wait for the GPU (a sync): the Trainer logs floats; a custom one may not.
+            self._skipped_gpu_values.add(key)
+            return None
+        return _plain(value)
 
     # -- Trainer hooks ----------------------------------------------------
 
@@ -125,6 +134,8 @@ class KaioCallback(TrainerCallback):
         tokens = getattr(state, "num_input_tokens_seen", 0)
         if tokens:
             event["tokens_seen"] = int(tokens)
+        # Sent now, not with the log that follows: after another rank died, the Trainer's log
+        # (an all-gather) never returns, and this step would be lost.
         self.emitter.emit(event)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -134,9 +145,11 @@ class KaioCallback(TrainerCallback):
         extra = {}
         for key, value in logs.items():
             if key in _LOG_FIELDS:
-                event[key] = _plain(value)
+                event[key] = self._log_value(key, value)
             else:
-                extra[key] = _plain(value)
+                extra[key] = self._log_value(key, value)
+        if self._skipped_gpu_values:
+            extra["kaio_skipped_gpu_tensors"] = sorted(self._skipped_gpu_values)
         if extra:
             event["extra"] = extra
         self.emitter.emit(event)
@@ -172,6 +185,11 @@ def _architecture(model) -> str | None:
         return str(names[0])
     inner = getattr(getattr(model, "base_model", None), "model", None)  # a PeftModel wraps the real one
     return type(inner or model).__name__
+
+
+def _on_gpu(value: Any) -> bool:
+    device = getattr(value, "device", None)
+    return device is not None and getattr(device, "type", "cpu") != "cpu" and hasattr(value, "item")
 
 
 def _plain(value: Any) -> Any:

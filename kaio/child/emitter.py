@@ -11,16 +11,27 @@ events the journal lacks. When the FIFO has no reader (ENXIO at open, EPIPE
 at write) training carries on, spool only. The spool rotates every
 ``SPOOL_PART_EVENTS`` events so the supervisor can delete parts it has
 journaled: its size stays bounded however long the run.
+
+While the FIFO has a reader, spool lines are buffered and written together
+(every ``SPOOL_FLUSH_EVENTS`` events or ``SPOOL_FLUSH_S``), which halves the
+system calls on the training's path. That loses nothing: the buffer is
+written as soon as a FIFO write fails (the supervisor died: the events stuck
+in the FIFO are in the buffer), and when the emitter closes. Only a child
+hard-killed in the same second as its supervisor could lose its last events.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 from kaio.telemetry.protocol import ENV_PIPE, ENV_SESSION, ENV_SPOOL_DIR, ProtocolError, encode
 from kaio.telemetry.spool import SPOOL_PART_EVENTS, part_name
+
+SPOOL_FLUSH_EVENTS = 64
+SPOOL_FLUSH_S = 1.0
 
 
 class EventEmitter:
@@ -31,6 +42,9 @@ class EventEmitter:
         self._seq = 0
         self._spool_dir = Path(spool_dir) if spool_dir else None
         self._spool_fd: int | None = None
+        self._spool_buffer = bytearray()
+        self._spool_buffered = 0
+        self._spool_flushed_at = time.monotonic()
         self._fd: int | None = None
         self.dropped = 0
         if pipe_path:
@@ -62,26 +76,43 @@ class EventEmitter:
         except ProtocolError:
             self.dropped += 1
             return
-        self._write_spool(line)
+        self._spool(line)
         if self._fd is not None:
             try:
                 os.write(self._fd, line)
             except OSError:
                 # EPIPE: the supervisor went away. Keep training; the spool has everything.
                 self._close_fd()
+        if self._fd is None or self._spool_buffered >= SPOOL_FLUSH_EVENTS or time.monotonic() - self._spool_flushed_at >= SPOOL_FLUSH_S:
+            self._flush_spool()
 
-    def _write_spool(self, line: bytes) -> None:
+    def _spool(self, line: bytes) -> None:
         if self._spool_dir is None:
             return
-        try:
-            if self._spool_fd is None or (self._seq - 1) % SPOOL_PART_EVENTS == 0:
-                self._close_spool()
+        if self._spool_fd is None or (self._seq - 1) % SPOOL_PART_EVENTS == 0:
+            self._flush_spool()  # what is buffered belongs to the part before
+            self._close_spool()
+            try:
                 self._spool_dir.mkdir(parents=True, exist_ok=True)
                 path = self._spool_dir / part_name(self.session, self.rank, self.pid, self._seq)
                 self._spool_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            os.write(self._spool_fd, line)
+            except OSError:
+                self._spool_fd = None
+        self._spool_buffer += line
+        self._spool_buffered += 1
+
+    def _flush_spool(self) -> None:
+        self._spool_flushed_at = time.monotonic()
+        if not self._spool_buffer:
+            return
+        try:
+            if self._spool_fd is None:
+                raise OSError("no spool part open")
+            os.write(self._spool_fd, self._spool_buffer)
         except OSError:
-            self.dropped += 1  # a full disk must not stop training
+            self.dropped += self._spool_buffered  # a full disk must not stop training
+        self._spool_buffer.clear()
+        self._spool_buffered = 0
 
     def _close_spool(self) -> None:
         if self._spool_fd is not None:
@@ -98,4 +129,5 @@ class EventEmitter:
 
     def close(self) -> None:
         self._close_fd()
+        self._flush_spool()
         self._close_spool()

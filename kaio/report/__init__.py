@@ -9,13 +9,16 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from kaio.errors import ReportError
-from kaio.fsutil import atomic_write_json, atomic_write_text
+from kaio.fsutil import atomic_write_chunks, atomic_write_text, json_safe
 from kaio.report.markdown import redact, render_markdown
 from kaio.report.plot import render_telemetry_png
 from kaio.report.summary import summarize
+
+if TYPE_CHECKING:
+    from kaio.report.tally import RunTally
 
 __all__ = ["SCHEMA_VERSION", "load_history", "render_markdown", "render_telemetry_png", "summarize", "write_reports"]
 
@@ -24,44 +27,73 @@ REQUIRED_KEYS = ("schema_version", "project", "status", "sessions", "steps")
 REBUILD_HINT = "rebuild it from the run's journal.jsonl with `kaio report <project>`"
 
 
-def write_reports(history: dict, report_dir: Path, *, png: bool = True) -> dict:
-    """Write history.json, telemetry.png (when ``png``) and report.md into ``report_dir``; return the summary."""
+def write_reports(
+    history: dict,
+    report_dir: Path,
+    *,
+    tally: "RunTally | None" = None,
+    step_chunks: Iterable[bytes] | None = None,
+    png: bool = True,
+    history_json: bool = True,
+) -> dict:
+    """Write history.json (when ``history_json``), telemetry.png (when ``png``) and report.md into
+    ``report_dir``; return the summary.
+
+    ``history`` is the document; a live run passes it without its steps, and gives them as
+    ``step_chunks`` (history.json's step lines, streamed from steps.jsonl) with their running
+    figures in ``tally``, so that nothing per step is held in memory. Without those, they come
+    from ``history["steps"]`` (a hand-made or reloaded history).
+    """
+    from kaio.report.tally import tally_steps
+
     report_dir = Path(report_dir)
-    safe = json_safe_history(history)
-    summary = summarize(safe)
-    # Compact: an indented dump takes Python's slow pure-Python encoder (17 s for 400 MB).
-    atomic_write_json(report_dir / "history.json", safe, indent=None)
+    header = json_safe({k: v for k, v in history.items() if k != "steps"})
+    if "config" in header:
+        header["config"] = redact(header["config"])  # again, in case a caller forgot
+    if tally is None:
+        steps = [_marked_nonfinite(step) for step in history.get("steps") or []]
+        tally = tally_steps(steps)
+        step_chunks = (json.dumps(step, separators=(",", ":"), allow_nan=False, default=str).encode() + b"\n" for step in steps)
+    elif history_json and step_chunks is None:
+        raise ValueError("history.json needs the step_chunks that go with the tally")
+    summary = summarize(header, tally)
+    if history_json:
+        atomic_write_chunks(report_dir / "history.json", _history_document(header, step_chunks))
     if png:
         # The figure is a view; a plotting failure must not cost the run its written record.
         try:
-            render_telemetry_png(safe, report_dir / "telemetry.png")
+            render_telemetry_png(header, report_dir / "telemetry.png", tally)
         except Exception as exc:  # noqa: BLE001
             summary["warnings"].append(f"telemetry.png was not rendered: {type(exc).__name__}: {exc}")
-    atomic_write_text(report_dir / "report.md", render_markdown(safe, summary))
+    atomic_write_text(report_dir / "report.md", render_markdown(header, summary))
     return summary
 
 
-def json_safe_history(history: dict) -> dict:
-    """A copy fit for the permanent record: non-finite floats as null (a step's NaN/inf loss keeps its
-    marker), and the config's secret-named values redacted again in case a caller forgot."""
-    safe = _json_safe(history)
-    if "config" in safe:
-        safe["config"] = redact(safe["config"])
-    for original, step in zip(history.get("steps") or [], safe.get("steps") or []):
-        loss = original.get("loss")
-        if isinstance(loss, float) and not math.isfinite(loss) and not step.get("loss_nonfinite"):
-            step["loss_nonfinite"] = "nan" if math.isnan(loss) else "inf"
+def _marked_nonfinite(step: dict) -> dict:
+    """A step fit for strict JSON: non-finite numbers as null, a NaN/inf loss keeping its marker."""
+    safe = json_safe(step)
+    loss = step.get("loss")
+    if isinstance(loss, float) and not math.isfinite(loss) and not safe.get("loss_nonfinite"):
+        safe["loss_nonfinite"] = "nan" if math.isnan(loss) else "inf"
     return safe
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+def _history_document(header: dict, step_chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The history.json bytes: the header's keys, then ``"steps"``, one entry per line.
+
+    ``step_chunks`` is steps.jsonl's bytes (one entry per line) in blocks of any size.
+    """
+    opening = json.dumps(header, separators=(",", ":"), allow_nan=False, default=str)
+    yield opening[:-1].encode() + (b',"steps":[\n' if header else b'"steps":[\n')
+    held = b""  # the output's last two bytes: the final line's ",\n" must not be written
+    for chunk in step_chunks:
+        if chunk:
+            out = held + chunk.replace(b"\n", b",\n")
+            yield out[:-2]
+            held = out[-2:]
+    if held != b",\n":
+        yield held
+    yield b"\n]}\n"
 
 
 def load_history(path: str | os.PathLike) -> dict:

@@ -20,13 +20,42 @@ from kaio.run.state import COMPLETED, RunState
 COMET_KEY_FILE = "comet.json"  # the experiment key, so a resume continues the same experiment
 COMET_FEED_INTERVAL_S = 1.0
 HUB_PUSH_TIMEOUT_S = 900.0  # huggingface_hub sets no timeout of its own on a stuck upload
+HISTORY_REWRITE_GROWTH = 0.1  # during a run, history.json is rewritten once the steps grew by a tenth...
+HISTORY_ALWAYS_REWRITTEN_BYTES = 64 << 20  # ...or while it is small
 
 
-def write_reports(state: RunState, report_dir: Path) -> dict:
-    """history.json, telemetry.png and report.md, atomically; returns the summary."""
+def write_reports(state: RunState, report_dir: Path, *, history_json: bool = True) -> dict:
+    """history.json (unless told not to), telemetry.png and report.md, atomically; returns the summary."""
     from kaio.report import write_reports as write
 
-    return write(state.history(), report_dir)
+    chunks = state.step_chunks() if history_json else None
+    return write(state.history(), report_dir, tally=state.report_tally(), step_chunks=chunks, history_json=history_json)
+
+
+class LiveReports:
+    """The reports rewritten at every refresh of a running session.
+
+    report.md and the figure are small and rewritten each time. history.json holds every step
+    (GBs after a day on 8 GPUs): copying it every refresh would become most of the supervisor's
+    work and disk traffic, so it is rewritten once the steps have grown by a tenth, which keeps
+    the bytes written over a run to about ten times its final size. ``kaio report`` writes it
+    whenever asked, and the end of the run always does.
+    """
+
+    def __init__(self, report_dir: Path) -> None:
+        self.report_dir = report_dir
+        self._history_bytes: int | None = None  # steps.jsonl's size at the last history.json
+
+    def __call__(self, state: RunState) -> None:
+        size = state.step_log.file_bytes
+        due = (
+            self._history_bytes is None
+            or size < HISTORY_ALWAYS_REWRITTEN_BYTES
+            or size >= self._history_bytes * (1 + HISTORY_REWRITE_GROWTH)
+        )
+        write_reports(state, self.report_dir, history_json=due)
+        if due:
+            self._history_bytes = size
 
 
 class RunOutputs:
@@ -38,15 +67,13 @@ class RunOutputs:
         self._record = record  # journal + state, so sink outcomes reach the report
         self._notify = notify
         self._comet = None
-        self._comet_logged_step = 0
+        self._comet_unsent: list[dict] = []  # sealed steps not yet sent
         self._comet_next_feed = 0.0
         self._comet_messages_shown = 0
 
     # -- during the run ----------------------------------------------------
 
     def start(self, state: RunState) -> None:
-        # Steps of earlier sessions were sent by their own kaio process.
-        self._comet_logged_step = state.last_step
         if not self.cfg.reporting.use_comet_ml:
             return  # comet_ml is not even imported
         from kaio.sinks.comet import CometSink
@@ -63,25 +90,21 @@ class RunOutputs:
         for message in self._comet.messages:
             self._notify(message)
         self._comet_messages_shown = len(self._comet.messages)
-
-    def rewind_to(self, step: int) -> None:
-        """A session resumes from the checkpoint at ``step``: the steps after it are trained (and sent) again."""
-        self._comet_logged_step = min(self._comet_logged_step, step)
+        # Each step goes to Comet once it is final (sealed). Steps of earlier sessions were sent by
+        # their own kaio process; a resume's retrained steps are sealed, and sent, again.
+        state.sealed_listeners.append(self._comet_unsent.append)
 
     def feed(self, state: RunState, *, final: bool = False) -> None:
-        """Send Comet the steps completed since the last call (the newest waits for its GPU samples)."""
+        """Send Comet the steps sealed since the last call, at most once a second."""
         if self._comet is None:
             return
         now = time.monotonic()
         if not final and now < self._comet_next_feed:
             return
         self._comet_next_feed = now + COMET_FEED_INTERVAL_S
-        last = state.last_step if final else state.last_step - 1
-        for step in range(self._comet_logged_step + 1, last + 1):
-            entry = state.steps.get(step)
-            if entry is not None:
-                self._comet.log_step(entry)
-        self._comet_logged_step = max(self._comet_logged_step, last)
+        unsent, self._comet_unsent[:] = list(self._comet_unsent), []
+        for entry in unsent:
+            self._comet.log_step(entry)
 
     # -- after the run -----------------------------------------------------
 

@@ -24,10 +24,15 @@ class Journal:
     def __init__(self, path: Path, fsync_interval_s: float = 1.0) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         self._fsync_interval_s = fsync_interval_s
         self._last_fsync = time.monotonic()
         self._pending = bytearray()
+        self.offset = os.lseek(self._fd, 0, os.SEEK_END)  # bytes handed to the OS so far
+        if self.offset and os.pread(self._fd, 1, self.offset - 1) != b"\n":
+            # A torn last line from a crash: end it, so the next record starts a line of its own.
+            os.write(self._fd, b"\n")
+            self.offset += 1
 
     def append(self, record: dict[str, Any]) -> None:
         self._pending += json_line(record)
@@ -38,6 +43,7 @@ class Journal:
         """Hand buffered lines to the OS; fsync when asked or when the interval has passed."""
         if self._pending:
             os.write(self._fd, self._pending)
+            self.offset += len(self._pending)
             self._pending.clear()
         now = time.monotonic()
         if fsync or now - self._last_fsync >= self._fsync_interval_s:
@@ -61,11 +67,12 @@ def read_journal(path: Path, types: tuple[str, ...] | None = None) -> tuple[list
     return records, bad
 
 
-def iter_journal(path: Path, types: tuple[str, ...] | None = None) -> Iterator[dict[str, Any] | None]:
+def iter_journal(path: Path, types: tuple[str, ...] | None = None, start: int = 0) -> Iterator[dict[str, Any] | None]:
     # Lines are written compactly, so a type shows as `"type":"name"`: filtering on those bytes
     # skips parsing the bulk (GPU ticks, steps) when only a few kinds of record are wanted.
     markers = tuple(f'"type":"{t}"'.encode() for t in types) if types else None
     with open(path, "rb") as f:
+        f.seek(start)
         for line in f:
             if not line.strip():
                 continue
@@ -77,3 +84,15 @@ def iter_journal(path: Path, types: tuple[str, ...] | None = None) -> Iterator[d
                 yield None
                 continue
             yield record if isinstance(record, dict) else None
+
+
+def whole_lines(path: Path, start: int = 0) -> Iterator[tuple[int, bytes]]:
+    """``(offset after the line, line)`` for each complete line from ``start`` (a torn last line is left)."""
+    offset = start
+    with open(path, "rb") as f:
+        f.seek(start)
+        for line in f:
+            if not line.endswith(b"\n"):
+                return
+            offset += len(line)
+            yield offset, line

@@ -14,9 +14,11 @@ from typing import Callable
 
 from kaio.config import RunConfig
 from kaio.errors import ProjectError
-from kaio.run.journal import JOURNAL_NAME, Journal, read_journal
+from kaio.run import derived
+from kaio.run.journal import JOURNAL_NAME, Journal
 from kaio.run.lock import LOCK_NAME, ProjectLock
-from kaio.run.state import COMPLETED, FAILED, RunState, replay
+from kaio.run.state import COMPLETED, FAILED, RUNNING, RunState
+from kaio.run.steplog import STEPS_NAME, StepLog
 from kaio.run.supervisor import SessionRequest, Supervisor, View
 
 HISTORY_NAME = "history.json"
@@ -54,9 +56,13 @@ def saved_config(report_dir: Path) -> tuple[RunConfig, dict]:
     return config_from_dict(saved, source=str(path)), saved
 
 
-def load_state(report_dir: Path) -> RunState:
-    records, _bad = read_journal(report_dir / JOURNAL_NAME)
-    return replay(report_dir.name, records)
+def open_project(report_dir: Path, notify: Callable[[str], None] = print) -> tuple[derived.LoadedState, bool]:
+    """The project's state, recovered after a supervisor that died; call with the lock held.
+    Returns it and whether a child still trains unsupervised."""
+    loaded = derived.load(report_dir, writable=True)
+    if loaded.bad_lines:
+        notify(f"note: {loaded.bad_lines} unreadable line(s) in {report_dir / JOURNAL_NAME} skipped (a torn write from a crash)")
+    return loaded, recover_unfinished(report_dir, loaded, notify)
 
 
 def move_aside(cfg: RunConfig) -> list[Path]:
@@ -87,7 +93,7 @@ def run_new(cfg: RunConfig, view: View, *, overwrite: bool = False, poller_facto
     try:
         if (report_dir / JOURNAL_NAME).exists():
             if not overwrite:
-                state = load_state(report_dir)
+                state = derived.load(report_dir, writable=False).state
                 raise ProjectError(
                     f"project {cfg.project_name!r} already has a history ({state.last_step} steps, {state.status}) "
                     f"in {report_dir}; continue it with `kaio resume {cfg.project_name}`, "
@@ -97,27 +103,28 @@ def run_new(cfg: RunConfig, view: View, *, overwrite: bool = False, poller_facto
             for path in move_aside(cfg):
                 notify(f"moved the previous record aside: {path}")
         factory = poller_factory_for(cfg) if poller_factory_for else None
-        return _supervise(cfg, RunState(cfg.project_name), view, SessionRequest("run"), factory, notify)
+        state = RunState(cfg.project_name, StepLog(report_dir / STEPS_NAME, writable=True, valid_bytes=0))
+        return _supervise(cfg, state, view, SessionRequest("run"), factory, notify)
     finally:
         lock.release()
 
 
 def _supervise(cfg: RunConfig, state: RunState, view: View, request: SessionRequest, poller_factory, notify) -> int:
     """One or more sessions (automatic restarts), then the reports, Comet and the Hub push."""
-    from kaio.run.finalize import RunOutputs, write_reports
+    from kaio.run.finalize import LiveReports, RunOutputs
 
     report_dir = cfg.report_dir
     journal = Journal(report_dir / JOURNAL_NAME)
     supervisor = Supervisor(cfg, state, journal, view, poller_factory=poller_factory)
     outputs = RunOutputs(cfg, supervisor.record, notify)
-    supervisor.on_refresh.append(lambda s: write_reports(s, report_dir))
+    supervisor.on_refresh.append(LiveReports(report_dir))
+    supervisor.on_refresh.append(lambda s: derived.save(report_dir, s, journal))
     supervisor.on_loop.append(outputs.feed)
     outcome = None
     try:
         outputs.start(state)
         view.start()
         try:
-            outputs.rewind_to(checkpoint_step(request.resume_from))
             outcome = supervisor.run_session(request)
             restarts = 0
             while outcome.status == FAILED and restarts < cfg.launch.max_restarts and not supervisor.stop_requested:
@@ -126,23 +133,24 @@ def _supervise(cfg: RunConfig, state: RunState, view: View, request: SessionRequ
                 origin = f"from {checkpoint.name}" if checkpoint else "from the start (no complete checkpoint yet)"
                 cause = outcome.error or outcome.signal or f"exit code {outcome.exit_code}"
                 note = f"automatic restart {restarts} of {cfg.launch.max_restarts} after: {cause}; {origin}"
-                outputs.rewind_to(checkpoint_step(checkpoint))
                 outcome = supervisor.run_session(SessionRequest("restart", checkpoint.resolve() if checkpoint else None, [note]))
         finally:
             view.stop(supervisor.snapshot())
     finally:
         try:
             outputs.finish(state)
+            derived.save(report_dir, state, journal)
         finally:
             journal.close()
+            state.step_log.close()
     return outcome.exit_code if outcome else 1
 
 
 # ---------------------------------------------------------------- recovery
 
 
-def recover_unfinished(report_dir: Path, notify: Callable[[str], None] = print) -> bool:
-    """Bring a journal up to date after its supervisor died (kill -9); call with the lock held.
+def recover_unfinished(report_dir: Path, loaded: derived.LoadedState, notify: Callable[[str], None] = print) -> bool:
+    """Bring a journal and its state up to date after the supervisor died (kill -9); call with the lock held.
 
     Merges events the child spooled while nobody read the FIFO, and closes a
     session that has no end once its child is gone. Returns True while that
@@ -150,32 +158,32 @@ def recover_unfinished(report_dir: Path, notify: Callable[[str], None] = print) 
     """
     from kaio.telemetry import spool
 
-    journal_path = report_dir / JOURNAL_NAME
-    records, _ = read_journal(journal_path, types=_SESSION_RECORDS)
-    open_session = _open_session(records)
-    child_alive = open_session is not None and _child_alive(records, open_session)
-    if child_alive:
+    state = loaded.state
+    session = state.current_session
+    open_session = session if session is not None and session["status"] == RUNNING else None
+    if open_session is not None and _child_alive(open_session.get("_pids") or []):
         return True
     spool_dir = report_dir / spool.SPOOL_DIR_NAME
     if open_session is None and not spool_dir.is_dir():
         return False  # the common case: nothing to recover
-    journal = Journal(journal_path)
+    journal = Journal(report_dir / JOURNAL_NAME)
+
+    def record(r: dict) -> None:
+        journal.append(r)
+        state.apply(r)
+
     try:
-        # Which spooled events are missing depends on every child event's seq: read them all.
-        merged = spool.merge_into(spool_dir, spool.max_seq_by_pid(read_journal(journal_path)[0]), journal.append) if spool_dir.is_dir() else 0
+        merged = spool.merge_into(spool_dir, dict(state.max_seq_by_pid), record) if spool_dir.is_dir() else 0
         if merged:
             notify(f"merged {merged} event(s) the run spooled while no supervisor was listening")
         if open_session is not None:
-            journal.flush()
-            records, _ = read_journal(journal_path, types=_SESSION_RECORDS)
-            finished = any(
-                r.get("type") == "train_end" and r.get("session") == open_session and r.get("rank") == 0 for r in records
-            )
-            journal.append(
+            finished = open_session.get("_trained_to_end", False)
+            number = open_session["session"]
+            record(
                 {
                     "type": "session_end",
-                    "session": open_session,
-                    "t_wall": _last_wall_time(records),
+                    "session": number,
+                    "t_wall": state.last_t_wall,
                     "status": COMPLETED if finished else FAILED,
                     "exit_code": None,
                     "signal": None,
@@ -185,31 +193,22 @@ def recover_unfinished(report_dir: Path, notify: Callable[[str], None] = print) 
                     else "the supervisor stopped without recording an end (killed?) and the training did not finish",
                 }
             )
-            journal.append(
+            record(
                 {
                     "type": "note",
-                    "text": f"session {open_session} lost its supervisor; "
+                    "text": f"session {number} lost its supervisor; "
                     + ("training finished unsupervised (exit code unknown)" if finished else "its end was reconstructed from the journal"),
                 }
             )
     finally:
         journal.close()
+    loaded.journal_offset = journal.offset  # what was appended is applied too
     return False
 
 
-_SESSION_RECORDS = ("session_start", "session_end", "child_started", "train_end")
-
-
-def _open_session(records: list[dict]) -> int | None:
-    started = [r["session"] for r in records if r.get("type") == "session_start"]
-    ended = {r.get("session") for r in records if r.get("type") == "session_end"}
-    return started[-1] if started and started[-1] not in ended else None
-
-
-def _child_alive(records: list[dict], session: int) -> bool:
+def _child_alive(pids: list[int]) -> bool:
     import psutil
 
-    pids = [r.get("pid") for r in records if r.get("type") == "child_started" and r.get("session") == session]
     for pid in pids:
         try:
             if pid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
@@ -217,11 +216,6 @@ def _child_alive(records: list[dict], session: int) -> bool:
         except psutil.Error:
             continue
     return False
-
-
-def _last_wall_time(records: list[dict]) -> float | None:
-    times = [r.get("t_wall") for r in records if isinstance(r.get("t_wall"), (int, float))]
-    return max(times) if times else None
 
 
 # ---------------------------------------------------------------- resume
@@ -299,7 +293,9 @@ def resume(
     lock = ProjectLock(report_dir)
     lock.acquire()
     try:
-        if recover_unfinished(report_dir, notify):
+        loaded, running = open_project(report_dir, notify)
+        if running:
+            loaded.state.step_log.close()
             raise ProjectError(
                 f"project {project!r} is still training without a supervisor (its child process is alive); "
                 "wait for it to finish or stop it, then `kaio resume` again"
@@ -321,7 +317,7 @@ def resume(
             cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_steps": max_steps})})
             if before != max_steps:
                 allowed.append(f"training.max_steps: {before!r} -> {max_steps!r}")
-        state = load_state(report_dir)
+        state = loaded.state
         checkpoint = latest_checkpoint(cfg.checkpoint_dir, notify)
         if checkpoint is None:
             raise ProjectError(
@@ -350,7 +346,6 @@ def push(project: str, output_dir: Path, *, repo_id: str | None = None, notify: 
 
     report_dir = project_dir(output_dir, project)
     with ProjectLock(report_dir):
-        recover_unfinished(report_dir, notify)
         cfg, _ = saved_config(report_dir)
         repo = repo_id or cfg.hub.repo_id
         if not repo:
@@ -358,7 +353,8 @@ def push(project: str, output_dir: Path, *, repo_id: str | None = None, notify: 
         cfg = cfg.model_copy(update={"hub": cfg.hub.model_copy(update={"repo_id": repo, "push": True})})
         if not (cfg.checkpoint_dir / "final" / "adapter_config.json").is_file():
             raise ProjectError(f"no final adapter in {cfg.checkpoint_dir / 'final'}/ (the run has not completed); finish it with `kaio resume {project}`")
-        state = load_state(report_dir)
+        loaded, _running = open_project(report_dir, notify)
+        state = loaded.state
         journal = Journal(report_dir / JOURNAL_NAME)
 
         def record(r: dict) -> None:
@@ -367,7 +363,9 @@ def push(project: str, output_dir: Path, *, repo_id: str | None = None, notify: 
 
         try:
             ok = push_to_hub(cfg, state, write_reports(state, report_dir), record, notify)
+            write_reports(state, report_dir)
+            derived.save(report_dir, state, journal)
         finally:
             journal.close()
-        write_reports(state, report_dir)
+            state.step_log.close()
         return ok

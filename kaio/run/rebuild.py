@@ -1,8 +1,10 @@
 """``kaio report``: rebuild history.json and the reports from what is on disk.
 
 Works offline and without torch, after a normal run, after a crash and while
-a run is still going (it never takes the project's lock to read; it writes
-only the derived files, atomically).
+a run is still going. With the project's lock free it also brings the derived
+files (steps.jsonl, state.json) up to date, so the next rebuild is quick;
+while a supervisor holds the lock it only reads them, and writes only the
+report files (atomically, as the supervisor does).
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from kaio.errors import ProjectError
-from kaio.run.journal import JOURNAL_NAME, read_journal
+from kaio.run import derived
+from kaio.run.journal import JOURNAL_NAME, Journal
 from kaio.run.lock import ProjectLock
-from kaio.run.project import HISTORY_NAME, recover_unfinished, unknown_project
-from kaio.run.state import RUNNING, replay
+from kaio.run.project import HISTORY_NAME, open_project, unknown_project
 
 
 def rebuild(project: str, output_dir: Path, notify=print) -> tuple[dict, Path]:
@@ -29,21 +31,33 @@ def rebuild(project: str, output_dir: Path, notify=print) -> tuple[dict, Path]:
             return write_reports(history, report_dir), report_dir
         raise unknown_project(output_dir, project)
 
+    lock = ProjectLock(report_dir)
     try:
-        with ProjectLock(report_dir):
-            running = recover_unfinished(report_dir, notify)  # True: a child still trains unsupervised
+        lock.acquire()
     except ProjectError:
-        running = True  # a supervisor holds the project: read only, no fight over the lock
-    records, bad = read_journal(journal_path)
-    if bad:
-        notify(f"note: {bad} unreadable line(s) in {journal_path} skipped (a torn write from a crash)")
-    if _looks_damaged(history_path):
-        notify(f"note: {history_path}: truncated or corrupt JSON (the document does not end); rebuilding it from {journal_path}")
-    state = replay(project, records)
-    del records  # the state holds what the report needs
-    if running and state.sessions:
-        state.sessions[-1]["status"] = RUNNING
-    return write_reports(state.history(), report_dir), report_dir
+        lock = None  # a supervisor holds the project: read only, no fight over the lock
+    state = None
+    try:
+        if lock is not None:
+            loaded, _running = open_project(report_dir, notify)
+        else:
+            loaded = derived.load(report_dir, writable=False)
+        state = loaded.state
+        if _looks_damaged(history_path):
+            notify(f"note: {history_path}: truncated or corrupt JSON (the document does not end); rebuilding it from {journal_path}")
+        summary = write_reports(state.history(), report_dir, tally=state.report_tally(), step_chunks=state.step_chunks())
+        if lock is not None:
+            journal = Journal(journal_path)
+            try:
+                derived.save(report_dir, state, journal)
+            finally:
+                journal.close()
+        return summary, report_dir
+    finally:
+        if state is not None:
+            state.step_log.close()
+        if lock is not None:
+            lock.release()
 
 
 def _looks_damaged(history_path: Path) -> bool:

@@ -8,25 +8,40 @@ paths produce the same history. Record types: the child's events (see
 
 GPU samples are folded into the step whose time window they fell in: a step
 is aggregated once a tick later than its end has arrived, so the samples that
-bracket it are known. Only the ticks still needed are kept, so memory does not
-grow with the run.
+bracket it are known. Only the ticks still needed are kept.
+
+Memory does not grow with the run: a step is *sealed* once it is final (its
+GPU samples folded in, and rank 0 two steps further, by which time every
+rank has reported it: each optimizer step all-reduces across ranks). A sealed
+step is added to the ``RunTally`` (the summary's and the figure's running
+figures) and written to the ``StepLog`` (``steps.jsonl``), then forgotten.
+A resumed session trains the steps after its checkpoint again: they are cut
+from the step log, and the tally goes back to its copy taken at that
+checkpoint (or is recounted from the step log).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import time
 from collections import deque
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
+from kaio.report.tally import RunTally, tally_steps
 from kaio.run.snapshot import GpuRow, HostRow, Snapshot
+from kaio.run.steplog import StepLog, encode_entry
 
 SCHEMA_VERSION = 1
 RECENT_LOSSES = 120  # sparkline window
 RECENT_STEPS = 30  # step-rate window for speed and ETA
 TICKS_BEFORE_FIRST_STEP = 1200  # 10 minutes at 2 Hz
+SEAL_LAG_STEPS = 2  # a step is final once rank 0 has ended the step two after it
+MAX_UNAGGREGATED_STEPS = 1000  # steps faster than the poller: fold in what is there rather than wait
+TALLY_COPIES_KEPT = 3  # tallies kept at the latest checkpoints, for a resume from one of them
+MAX_MESSAGES = 200  # warnings and notes kept; the rest are counted
 EMA_ALPHA = 0.1  # loss smoothing on the dashboard and in reports
 EXPLODING_FACTOR = 3.0  # loss above 3x its running minimum (after a few steps) is "exploding"
 
@@ -57,19 +72,26 @@ def _nonfinite_tag(value: Any) -> str | None:
 
 
 class RunState:
-    def __init__(self, project: str) -> None:
+    def __init__(self, project: str, step_log: StepLog | None = None) -> None:
         self.project = project
         self.config: dict | None = None
         self.sessions: list[dict] = []
         self.run_info: dict = {}
-        self.steps: dict[int, dict] = {}
+        self.open_steps: dict[int, dict] = {}  # steps not final yet; sealed ones are in step_log and tally
+        self.step_log = step_log if step_log is not None else StepLog()
+        self.tally = RunTally()
+        self.sealed_listeners: list[Callable[[dict], None]] = []  # each sealed step entry, once (Comet)
+        self.max_seq_by_pid: dict[int, int] = {}  # the highest event seq applied per child process (spool merge)
         self.devices: dict[str, dict] = {}  # key -> DeviceInfo fields + energy
         self.host_info: dict = {}
         self.checkpoints: list[dict] = []
         self.hub: dict | None = None
         self.warnings: list[str] = []  # something went wrong or looks wrong
         self.notes: list[str] = []  # facts about how telemetry was gathered (no GPU, a vendor absent)
-        self.counters = {"events": 0, "malformed_lines": 0, "oversized_lines": 0, "spooled_events": 0, "samples": 0}
+        self.messages_dropped = 0  # warnings beyond MAX_MESSAGES
+        self.last_t_wall: float | None = None  # the latest wall time any record carried
+        self.counters = {"events": 0, "malformed_lines": 0, "oversized_lines": 0, "spooled_events": 0, "samples": 0,
+                         "dropped_late_events": 0}
         self.poll_stats: dict = {}
         self.poll_hz: float | None = None
         # live view
@@ -86,6 +108,10 @@ class RunState:
         self._ticks: deque[dict] = deque()
         self._pending: deque[int] = deque()  # steps waiting for a tick after their end
         self._prev_end_mono: float | None = None
+        # sealing
+        self._newest_step = 0  # rank 0's newest ended step in the current session
+        self._saved_steps: deque[int] = deque(maxlen=8)  # recent checkpoint steps
+        self._tally_at_checkpoint: dict[int, RunTally] = {}
 
     # ------------------------------------------------------------ applying
 
@@ -101,9 +127,15 @@ class RunState:
         handler = getattr(self, f"_on_{record.get('type')}", None)
         if handler is not None:
             handler(record)
+        t_wall = record.get("t_wall")
+        if isinstance(t_wall, (int, float)) and (self.last_t_wall is None or t_wall > self.last_t_wall):
+            self.last_t_wall = t_wall
+        pid, seq = record.get("pid"), record.get("seq")
+        if isinstance(seq, int) and isinstance(pid, int) and seq > self.max_seq_by_pid.get(pid, 0):
+            self.max_seq_by_pid[pid] = seq
 
     def _on_session_start(self, r: dict) -> None:
-        self._flush_pending()
+        self._seal_all()
         self.sessions.append(
             {
                 "session": r["session"],
@@ -118,6 +150,9 @@ class RunState:
                 "end_step": None,
                 "error": None,
                 "_t_wall": r.get("t_wall"),
+                "_pids": [],  # the child's (accelerate launch's) pid
+                "_last_step": None,
+                "_trained_to_end": False,  # rank 0 reached on_train_end
             }
         )
         if r.get("config") is not None:
@@ -129,9 +164,15 @@ class RunState:
         self.recent_step_ends.clear()
         self.latest_gpu.clear()
         self.last_step_t_mono = None
+        self._newest_step = 0
+
+    def _on_child_started(self, r: dict) -> None:
+        s = self._session_record(r.get("session"))
+        if s is not None and isinstance(r.get("pid"), int):
+            s["_pids"].append(r["pid"])
 
     def _on_session_end(self, r: dict) -> None:
-        self._flush_pending()
+        self._seal_all()
         s = self._session_record(r.get("session"))
         if s is None:
             return
@@ -139,8 +180,7 @@ class RunState:
         s["ended_at"] = iso(r.get("t_wall"))
         if s.get("_t_wall") is not None and r.get("t_wall") is not None:
             s["duration_s"] = round(r["t_wall"] - s["_t_wall"], 3)
-        session_steps = [k for k, e in self.steps.items() if e["session"] == s["session"]]
-        s["end_step"] = max(session_steps) if session_steps else s.get("start_step")
+        s["end_step"] = s["_last_step"] if s.get("_last_step") is not None else s.get("start_step")
         for key, value in (r.get("counters") or {}).items():
             if key in self.counters:
                 self.counters[key] += value
@@ -183,13 +223,16 @@ class RunState:
         start = int(r.get("start_step") or 0)
         if s is not None:
             s["start_step"] = start
-        # A resumed session replays the steps after its checkpoint: those of
+        # A resumed session trains again the steps after its checkpoint: those of
         # earlier sessions are superseded (the journal keeps them).
-        for step in [k for k, e in self.steps.items() if k > start and e["session"] < r.get("session", 0)]:
-            del self.steps[step]
+        self._supersede_after(start, r.get("session", self.session))
 
-    def _entry(self, step: int, session: int) -> dict:
-        entry = self.steps.get(step)
+    def _entry(self, step: int, session: int) -> dict | None:
+        """The open entry of ``step``, new if need be; None for a step already sealed (a late event)."""
+        entry = self.open_steps.get(step)
+        if entry is None and self.tally.entries and step <= self.tally.last_step:
+            self.counters["dropped_late_events"] += 1
+            return None
         if entry is None or entry["session"] < session:
             entry = {
                 "step": step,
@@ -214,18 +257,20 @@ class RunState:
                 "gpus": {},
                 "host": None,
             }
-            self.steps[step] = entry
+            self.open_steps[step] = entry
         return entry
 
     def _on_step(self, r: dict) -> None:
         self.counters["events"] += 1
         step, session, rank = int(r["step"]), int(r.get("session", self.session)), r["rank"]
-        entry = self._entry(step, session)
         peak = r.get("peak_vram_bytes")
+        self.latest_peak_by_rank[rank] = peak
+        entry = self._entry(step, session)
+        if entry is None:
+            return
         entry["peak_vram_bytes"][str(rank)] = peak
         peaks = [v for v in entry["peak_vram_bytes"].values() if isinstance(v, (int, float))]
         entry["vram_gb"] = round(max(peaks) / 1e9, 6) if peaks else None
-        self.latest_peak_by_rank[rank] = peak
         if rank != 0:
             return
         entry["epoch"] = r.get("epoch")
@@ -240,14 +285,26 @@ class RunState:
         if r.get("t_mono") is not None:
             self.recent_step_ends.append((r["t_mono"], step))
             self.last_step_t_mono = r["t_mono"]
-            if session == self.session:
+            if session == self.session and self._ticks:  # no poller, no samples to wait for
                 self._pending.append(step)
+                if len(self._pending) > MAX_UNAGGREGATED_STEPS:
+                    oldest = self.open_steps.get(self._pending.popleft())
+                    if oldest is not None:
+                        self._aggregate(oldest)
+        if session == self.session:
+            self._newest_step = max(self._newest_step, step)
+            s = self.current_session
+            if s is not None:
+                s["_last_step"] = step
+            self._seal_ready()
 
     def _on_log(self, r: dict) -> None:
         self.counters["events"] += 1
         if r.get("step") is None:
             return
         entry = self._entry(int(r["step"]), int(r.get("session", self.session)))
+        if entry is None:
+            return
         for key in ("learning_rate", "grad_norm"):
             if key in r:
                 entry[key] = _number(r[key])
@@ -277,10 +334,17 @@ class RunState:
 
     def _on_save(self, r: dict) -> None:
         self.counters["events"] += 1
-        self.checkpoints.append({"step": r.get("step"), "path": r.get("path"), "session": r.get("session")})
+        self.checkpoints = self.checkpoints[-99:] + [{"step": r.get("step"), "path": r.get("path"), "session": r.get("session")}]
+        if isinstance(r.get("step"), int):
+            self._saved_steps.append(r["step"])
+            if self.tally.entries and r["step"] == self.tally.last_step:
+                self._keep_tally_at(r["step"])
 
     def _on_train_end(self, r: dict) -> None:
         self.counters["events"] += 1
+        s = self._session_record(r.get("session"))
+        if s is not None and r.get("rank") == 0:
+            s["_trained_to_end"] = True
 
     def _on_tick(self, r: dict) -> None:
         self.counters["samples"] += 1
@@ -312,6 +376,7 @@ class RunState:
             self.latest_host = r["host"]
         self._ticks.append(tick)
         self._aggregate_ready(r["t_mono"])
+        self._seal_ready()
 
     # ------------------------------------------------------------ tick -> step aggregation
 
@@ -322,7 +387,7 @@ class RunState:
     def _aggregate_ready(self, now_mono: float) -> None:
         while self._pending:
             step = self._pending[0]
-            entry = self.steps.get(step)
+            entry = self.open_steps.get(step)
             end = entry.get("t_mono") if entry else None
             if end is None:
                 self._pending.popleft()
@@ -335,14 +400,14 @@ class RunState:
 
     def _flush_pending(self) -> None:
         while self._pending:
-            entry = self.steps.get(self._pending.popleft())
+            entry = self.open_steps.get(self._pending.popleft())
             if entry and entry.get("t_mono") is not None:
                 self._aggregate(entry)
 
     def _trim_ticks(self) -> None:
         """Drop ticks no pending step can need; keep one before the window for energy interpolation."""
         if self._pending:
-            first = self.steps.get(self._pending[0])
+            first = self.open_steps.get(self._pending[0]) or {}
             horizon = (first.get("t_mono") or 0) - (first.get("step_time_s") or 0)
             horizon = min(horizon, self._prev_end_mono or horizon)
         else:
@@ -420,6 +485,48 @@ class RunState:
             return None
         return round(max(e_end - e_start, 0.0), 6)
 
+    # ------------------------------------------------------------ sealing
+
+    def _seal_ready(self) -> None:
+        """Seal, in step order, the open steps that are final."""
+        horizon = self._newest_step - SEAL_LAG_STEPS
+        while self.open_steps:
+            step = min(self.open_steps)
+            if step > horizon or (self._pending and step >= self._pending[0]):
+                return
+            self._seal(step)
+
+    def _seal_all(self) -> None:
+        """A session ends: what it did not report now never will be."""
+        self._flush_pending()
+        while self.open_steps:
+            self._seal(min(self.open_steps))
+
+    def _seal(self, step: int) -> None:
+        entry = self.open_steps.pop(step)
+        self.tally.add(entry)
+        self.step_log.append(step, encode_entry(entry))
+        if step in self._saved_steps:
+            self._keep_tally_at(step)
+        for listener in self.sealed_listeners:
+            listener(entry)
+
+    def _keep_tally_at(self, step: int) -> None:
+        self._tally_at_checkpoint[step] = self.tally.copy()
+        for old in sorted(self._tally_at_checkpoint)[:-TALLY_COPIES_KEPT]:
+            del self._tally_at_checkpoint[old]
+
+    def _supersede_after(self, start: int, session: int) -> None:
+        for step in [k for k, e in self.open_steps.items() if k > start and e["session"] < session]:
+            del self.open_steps[step]
+        if self.tally.last_step <= start:
+            return
+        self.step_log.truncate_after(start)
+        kept = self._tally_at_checkpoint.get(start)
+        # Without a copy at that checkpoint (an older one), recount from the step log: slow but exact.
+        self.tally = kept.copy() if kept is not None else tally_steps(self.step_log.entries())
+        self._tally_at_checkpoint = {k: t for k, t in self._tally_at_checkpoint.items() if k <= start}
+
     # ------------------------------------------------------------ helpers
 
     def _session_record(self, number: Any) -> dict | None:
@@ -436,8 +543,12 @@ class RunState:
         return None
 
     def warn(self, text: str) -> None:
-        if text not in self.warnings:
-            self.warnings.append(text)
+        if text in self.warnings:
+            return
+        if len(self.warnings) >= MAX_MESSAGES:
+            self.messages_dropped += 1  # e.g. a NaN loss at every step: the summary counts those
+            return
+        self.warnings.append(text)
 
     @property
     def status(self) -> str:
@@ -445,12 +556,13 @@ class RunState:
 
     @property
     def last_step(self) -> int:
-        return max(self.steps) if self.steps else 0
+        return max(self.tally.last_step, max(self.open_steps, default=0))
 
     # ------------------------------------------------------------ views
 
     def history(self) -> dict:
-        """The ``history.json`` document (see docs/history-schema.md)."""
+        """The ``history.json`` document without its steps (see docs/history-schema.md); the steps
+        come from ``step_chunks`` and their figures from ``report_tally``."""
         sessions = [{k: v for k, v in s.items() if not k.startswith("_")} for s in self.sessions]
         devices = [
             {k: v for k, v in d.items() if not k.startswith("_")} for _, d in sorted(self.devices.items())
@@ -466,11 +578,34 @@ class RunState:
             "devices": devices,
             "host": self.host_info,
             "telemetry": {**self.counters, "poll_hz": self.poll_hz, **self.poll_stats, "notes": list(self.notes)},
-            "warnings": list(self.warnings),
+            "warnings": list(self.warnings)
+            + ([f"{self.messages_dropped} more warnings not kept (the first {MAX_MESSAGES} are listed)"] if self.messages_dropped else []),
             "hub": self.hub,
             "checkpoints": self.checkpoints[-20:],
-            "steps": [self.steps[k] for k in sorted(self.steps)],
         }
+
+    def _unsealed(self) -> list[dict]:
+        return [self.open_steps[k] for k in sorted(self.open_steps) if k > self.tally.last_step]
+
+    def report_tally(self) -> RunTally:
+        """The tally of every step so far, open ones included, for a report now (the state is unchanged)."""
+        unsealed = self._unsealed()
+        if not unsealed:
+            return self.tally
+        tally = self.tally.copy()
+        for entry in unsealed:
+            tally.add(entry)
+        return tally
+
+    def step_chunks(self) -> Iterator[bytes]:
+        """history.json's step entries, one line each, in blocks: the sealed ones, then the open ones."""
+        yield from self.step_log.chunks()
+        for entry in self._unsealed():
+            yield encode_entry(entry)
+
+    def history_with_steps(self) -> dict:
+        """The whole history.json document in memory (tests, small runs)."""
+        return {**self.history(), "steps": list(self.step_log.entries()) + [json.loads(encode_entry(e)) for e in self._unsealed()]}
 
     def _run_summary(self) -> dict:
         info = self.run_info
@@ -576,6 +711,51 @@ class RunState:
         return statistics.median(gaps) if gaps else None
 
 
+# What a checkpoint of the state (state.json) holds as-is; the rest is converted in to/from_checkpoint.
+_PLAIN_FIELDS = (
+    "config", "sessions", "run_info", "devices", "host_info", "checkpoints", "hub", "warnings", "notes",
+    "messages_dropped", "counters", "poll_stats", "poll_hz", "loss_ema", "last_log", "latest_gpu", "latest_host",
+    "last_step_t_mono", "last_t_wall", "_loss_min", "_prev_end_mono", "_newest_step",
+)
+
+
+def state_to_checkpoint(state: RunState) -> dict:
+    """Everything a ``RunState`` knows but the sealed steps (those are in its step log), as JSON-able data."""
+    data = {name: getattr(state, name) for name in _PLAIN_FIELDS}
+    data.update(
+        project=state.project,
+        open_steps=list(state.open_steps.values()),
+        recent_losses=list(state.recent_losses),
+        recent_step_ends=list(state.recent_step_ends),
+        latest_peak_by_rank=list(state.latest_peak_by_rank.items()),
+        max_seq_by_pid=list(state.max_seq_by_pid.items()),
+        ticks=list(state._ticks),
+        pending=list(state._pending),
+        saved_steps=list(state._saved_steps),
+        tally=state.tally.to_dict(),
+        tally_at_checkpoint=[[step, tally.to_dict()] for step, tally in state._tally_at_checkpoint.items()],
+    )
+    return data
+
+
+def state_from_checkpoint(data: dict, step_log: StepLog) -> RunState:
+    state = RunState(data["project"], step_log)
+    for name in _PLAIN_FIELDS:
+        setattr(state, name, data[name])
+    state.counters = {**RunState(state.project).counters, **state.counters}
+    state.open_steps = {entry["step"]: entry for entry in data["open_steps"]}
+    state.recent_losses.extend(data["recent_losses"])
+    state.recent_step_ends.extend(tuple(pair) for pair in data["recent_step_ends"])
+    state.latest_peak_by_rank = {int(rank): peak for rank, peak in data["latest_peak_by_rank"]}
+    state.max_seq_by_pid = {int(pid): seq for pid, seq in data["max_seq_by_pid"]}
+    state._ticks.extend(data["ticks"])
+    state._pending.extend(data["pending"])
+    state._saved_steps.extend(data["saved_steps"])
+    state.tally = RunTally.from_dict(data["tally"])
+    state._tally_at_checkpoint = {int(step): RunTally.from_dict(t) for step, t in data["tally_at_checkpoint"]}
+    return state
+
+
 def _avg_min_max(values: list) -> tuple[float | None, float | None, float | None]:
     present = [v for v in values if v is not None]
     if not present:
@@ -602,10 +782,9 @@ def _interpolate(points: list[tuple[float, float]], t: float) -> float | None:
     return points[-1][1]
 
 
-def replay(project: str, records: list[dict]) -> RunState:
-    """Rebuild a state from journal records (``kaio report``, ``kaio resume``)."""
-    state = RunState(project)
+def replay(project: str, records: Iterable[dict], step_log: StepLog | None = None) -> RunState:
+    """A state from journal records (tests; ``kaio.run.derived`` loads a project's)."""
+    state = RunState(project, step_log)
     for record in records:
         state.apply(record)
-    state._flush_pending()
     return state

@@ -81,7 +81,6 @@ class Supervisor:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._log_tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self._stop = _Stop()
-        self._max_seq: dict[int, int] = {}  # per child process: the highest event seq journaled
         self._reader: FifoReader | None = None
         self.on_refresh: list[Callable[[RunState], None]] = []  # report writers, sinks
         self.on_loop: list[Callable[[RunState], None]] = []  # cheap consumers called every loop (Comet feed)
@@ -211,13 +210,12 @@ class Supervisor:
         """Journal first (crash-safe), then the state. Sinks' outcomes come through here too."""
         self.journal.append(record)
         self.state.apply(record)
-        if "seq" in record and "pid" in record:
-            self._max_seq[record["pid"]] = max(self._max_seq.get(record["pid"], 0), record["seq"])
+
     def _note(self, text: str, level: str = "warning") -> None:
         self.record({"type": "note", "text": text, "level": level, "t_wall": time.time()})
 
     def _refresh(self) -> None:
-        spool.prune(self.report_dir / spool.SPOOL_DIR_NAME, self._max_seq)
+        spool.prune(self.report_dir / spool.SPOOL_DIR_NAME, self.state.max_seq_by_pid)
         for writer in self.on_refresh:
             writer(self.state)
 
@@ -307,7 +305,7 @@ class Supervisor:
 
     def _merge_spool(self) -> int:
         """Events only the spool has (the FIFO had no reader for them) join the journal."""
-        return spool.merge_into(self.report_dir / spool.SPOOL_DIR_NAME, self._max_seq, self.record)
+        return spool.merge_into(self.report_dir / spool.SPOOL_DIR_NAME, dict(self.state.max_seq_by_pid), self.record)
 
     def _outcome(self, returncode: int, log_text: str) -> SessionOutcome:
         exit_code, signal_name = launch.describe_exit(returncode)

@@ -65,13 +65,22 @@ def decode(line: bytes | str) -> dict[str, Any]:
 
 
 def finite_or_tag(value: Any) -> Any:
-    """A float as-is if finite, else its tag ("nan", "inf", "-inf")."""
-    if isinstance(value, float) and not math.isfinite(value):
+    """A float as-is if finite, else its tag ("nan", "inf", "-inf"); inside dicts and lists too."""
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: finite_or_tag(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_or_tag(v) for v in value]
     return value
 
 
 def json_line(record: dict[str, Any]) -> bytes:
     """A record as one compact line of strict JSON (non-finite floats tagged); also the journal's format."""
-    clean = {k: finite_or_tag(v) for k, v in record.items()}
-    return (json.dumps(clean, separators=(",", ":"), allow_nan=False, default=str) + "\n").encode("utf-8")
+    try:  # the common case, with nothing to tag, without a copy
+        text = json.dumps(record, separators=(",", ":"), allow_nan=False, default=str)
+    except ValueError:
+        text = json.dumps(finite_or_tag(record), separators=(",", ":"), allow_nan=False, default=str)
+    return (text + "\n").encode("utf-8")
