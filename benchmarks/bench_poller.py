@@ -58,14 +58,15 @@ def worker(hz: float, seconds: float, devices: int, spin: bool) -> dict:
         q.put(tick_record(tick))
 
     backend = SyntheticBackend(devices, spin=spin)
-    poller = Poller([backend], hz, on_tick=on_tick, host=HostBackend())
+    host = HostBackend()
+    poller = Poller([backend], hz, on_tick=on_tick, host=host)
 
     def record(r: dict) -> None:
         journal.append(r)
         state.apply(r)
 
     record({"type": "session_start", "session": 1, "t_wall": time.time(), "t_mono": time.monotonic(), "poll_hz": hz})
-    record(device_record(list(poller.devices), []))
+    record(device_record(list(poller.devices), [], host))
     proc = psutil.Process()
     cpu0 = time.process_time()
     wall0 = time.monotonic()

@@ -23,6 +23,17 @@ T_MONO0 = 10_000.0
 BATCH = 8
 
 
+class _FixedHost:
+    """A host backend with fixed facts (the synthetic run's host is not this machine)."""
+
+    cpu_count = 96
+
+    def sample(self, t_mono: float, t_wall: float):
+        from kaio.devices.base import HostSample
+
+        return HostSample(t_mono=t_mono, t_wall=t_wall, cpu_pct=50.0, ram_used_bytes=10**11, ram_total_bytes=2 * 10**12)
+
+
 def config_snapshot(steps: int) -> dict:
     from kaio.config import config_from_dict, config_snapshot as snap
 
@@ -46,8 +57,7 @@ def records(steps: int, hours: float, gpus: int = 8, ranks: int = 8, hz: float =
     pids = [40_000 + r for r in range(ranks)]
     seq = [0] * ranks
     yield {"type": "session_start", "session": 1, "kind": "run", "t_wall": T_WALL0, "t_mono": T_MONO0, "resume_from": None, "poll_hz": hz, "config": config_snapshot(steps), "argv": ["accelerate", "launch"]}
-    rec = device_record(device_info(gpus), [])
-    yield rec
+    yield device_record(device_info(gpus), [], _FixedHost())
     yield {"type": "child_started", "session": 1, "pid": 39_999, "t_wall": T_WALL0 + 0.2}
 
     def event(rank: int, body: dict) -> dict:
