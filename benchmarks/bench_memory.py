@@ -6,11 +6,13 @@ step one ``step`` event from each of the 8 ranks and rank 0's ``log``; a
 ``Supervisor.record`` does: appended to a real ``Journal``, then applied to a
 ``RunState`` whose sealed steps go to a real ``steps.jsonl``. Every
 ``--refresh-every`` of the steps (1%: 100 refreshes), the supervisor's
-refresh runs as ``kaio run`` wires it: ``LiveReports`` (report.md,
-telemetry.png, and history.json when its rule says so) and ``derived.save``
-(state.json). At the end, the end-of-run ``write_reports`` (every file,
-history.json included). The process first imports what a supervisor
-imports (CLI, supervisor, dashboard, Rich Live), so its RSS is a supervisor's.
+refresh runs as ``kaio run`` wires it: ``LiveReports`` (report.md, and
+history.json when its rule says so; telemetry.png by a ``FigureProcess``
+child in the background) and ``derived.save`` (state.json). At the end, the
+end-of-run ``write_reports`` (every file, history.json included, waiting for
+the figure). The process first imports what a supervisor imports (CLI,
+supervisor, dashboard, Rich Live), so its RSS is a supervisor's. The
+drawing child's own peak RSS is reported apart (``RUSAGE_CHILDREN``).
 
 RSS is read at every 1% of the steps (after that point's refresh); the 10%,
 50% and 100% points, the growth per step from 10% to 100%, and the peak RSS
@@ -66,7 +68,7 @@ def main() -> None:
     import kaio.views  # noqa: F401
     import rich.live  # noqa: F401
     from kaio.run import derived
-    from kaio.run.finalize import LiveReports, write_reports
+    from kaio.run.finalize import FigureProcess, LiveReports, write_reports
     from kaio.run.journal import JOURNAL_NAME, Journal
     from kaio.run.state import RunState
     from kaio.run.steplog import STEPS_NAME, StepLog
@@ -78,7 +80,8 @@ def main() -> None:
     try:
         journal = Journal(out / JOURNAL_NAME)
         state = RunState("synthetic", StepLog(out / STEPS_NAME, writable=True, valid_bytes=0))
-        live_reports = LiveReports(out)
+        figure = FigureProcess(out)
+        live_reports = LiveReports(out, figure)
         base = rss_mb()
         curve: list[tuple[float, int, float]] = []  # (fraction, steps, rss MB)
         refreshes: list[tuple[int, float]] = []  # (steps, seconds)
@@ -110,7 +113,8 @@ def main() -> None:
                 next_pct += 1
         stream_s = time.perf_counter() - t0
         f0 = time.perf_counter()
-        write_reports(state, out)  # the end of the run: every file, history.json included
+        write_reports(state, out, figure=figure)  # the end of the run: every file, history.json included
+        figure.close()
         derived.save(out, state, journal)
         final_write_s = time.perf_counter() - f0
         journal.close()
@@ -140,6 +144,7 @@ def main() -> None:
         "rss_100pct_mb": at(100),
         "rss_after_final_write_mb": final_rss,
         "peak_rss_mb": peak,
+        "figure_process_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e3,
         "growth_kb_per_step": per_step_kb,
         "stream_s": stream_s,
         "us_per_step_incl_journal_and_refreshes": 1e6 * stream_s / max(steps_done, 1),
@@ -156,6 +161,7 @@ def main() -> None:
     line = (
         f"RSS base {base:.0f} MB; 10% {fmt(at(10), 4)} MB, 50% {fmt(at(50), 4)} MB, 100% {fmt(at(100), 4)} MB; "
         f"peak (refreshes and final write included) {peak:.0f} MB; growth {per_step_kb * 1e3:.2f} B/step; "
+        f"figure process peak {result['figure_process_peak_rss_mb']:.0f} MB; "
         f"{len(refreshes)} refreshes, last {refreshes[-1][1] if refreshes else 0:.2f} s, max {result['refresh_s_max'] or 0:.2f} s; "
         f"final write {final_write_s:.1f} s; history.json {sizes_mb.get('history.json', 0):.0f} MB, state.json {sizes_mb.get('state.json', 0):.1f} MB; "
         f"{1e6 * stream_s / max(steps_done, 1):.0f} us/step in all"

@@ -35,6 +35,7 @@ def write_reports(
     step_chunks: Iterable[bytes] | None = None,
     png: bool = True,
     history_json: bool = True,
+    extra_warnings: Iterable[str] = (),
 ) -> dict:
     """Write history.json (when ``history_json``), telemetry.png (when ``png``) and report.md into
     ``report_dir``; return the summary.
@@ -57,6 +58,7 @@ def write_reports(
     elif history_json and step_chunks is None:
         raise ValueError("history.json needs the step_chunks that go with the tally")
     summary = summarize(header, tally)
+    summary["warnings"].extend(extra_warnings)
     if history_json:
         atomic_write_chunks(report_dir / "history.json", _history_document(header, step_chunks))
     if png:

@@ -76,6 +76,18 @@ def render_telemetry_png(history: dict, path: str | os.PathLike, tally: RunTally
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def render_job(job_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
+    """Render the figure a supervisor described in ``job_path`` (``{"history": header, "tally":
+    RunTally.to_dict()}``), then delete the job file. See ``kaio.run.finalize.FigureProcess``."""
+    import json
+
+    os.nice(10)  # a background drawing: on busy cores it waits rather than slow the training
+    job = json.loads(open(job_path, "rb").read())
+    os.unlink(job_path)
+    render_telemetry_png(job["history"], png_path, RunTally.from_dict(job["tally"]))
+
+
+
 # --- panels -----------------------------------------------------------------
 
 
@@ -211,3 +223,9 @@ def _mark_sessions(axes: Sequence["Axes"], session_starts: Sequence[tuple[int, o
             ax.axvline(boundary, color="0.3", linestyle="--", linewidth=0.9)
             ax.text(boundary, 0.97, f" {label}", transform=ax.get_xaxis_transform(), ha="left", va="top",
                     fontsize=7, color="0.3")
+
+
+if __name__ == "__main__":  # kaio.run.finalize.FigureProcess
+    import sys
+
+    render_job(sys.argv[1], sys.argv[2])

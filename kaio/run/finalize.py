@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -24,12 +27,85 @@ HISTORY_REWRITE_GROWTH = 0.1  # during a run, history.json is rewritten once the
 HISTORY_ALWAYS_REWRITTEN_BYTES = 64 << 20  # ...or while it is small
 
 
-def write_reports(state: RunState, report_dir: Path, *, history_json: bool = True) -> dict:
-    """history.json (unless told not to), telemetry.png and report.md, atomically; returns the summary."""
+FIGURE_WAIT_S = 120.0  # the end of a run waits this long for its last telemetry.png
+
+
+def write_reports(
+    state: RunState, report_dir: Path, *, history_json: bool = True, figure: "FigureProcess | None" = None, wait: bool = True
+) -> dict:
+    """history.json (unless told not to), telemetry.png and report.md, atomically; returns the summary.
+
+    The figure is drawn in this process, or by ``figure``'s child process when given (``wait``:
+    until it is drawn, else in the background).
+    """
     from kaio.report import write_reports as write
 
+    history, tally = state.history(), state.report_tally()
+    if figure is not None:
+        figure.draw(history, tally, wait=wait)
+    failed = [f"telemetry.png was not rendered: {figure.failure}"] if figure is not None and figure.failure else []
     chunks = state.step_chunks() if history_json else None
-    return write(state.history(), report_dir, tally=state.report_tally(), step_chunks=chunks, history_json=history_json)
+    return write(history, report_dir, tally=tally, step_chunks=chunks, history_json=history_json, png=figure is None, extra_warnings=failed)
+
+
+class FigureProcess:
+    """telemetry.png, drawn by a short-lived child process (``python -m kaio.report.plot``).
+
+    In the supervisor, matplotlib and numpy would stay loaded for the whole run (~80 MB, most of
+    its memory), and each drawing (~0.5 s) would hold up its loop: the dashboard, the queues.
+    The child lowers its own priority, so on cores the training keeps busy it waits rather than
+    slowing the training. A request while a drawing runs is skipped: the next refresh asks again
+    with newer figures.
+    """
+
+    def __init__(self, report_dir: Path) -> None:
+        self.png_path = report_dir / "telemetry.png"
+        self._proc: subprocess.Popen | None = None
+        self._job: str | None = None
+        self._errors = None
+        self.failure: str | None = None  # why the last finished drawing failed
+
+    def draw(self, history: dict, tally, *, wait: bool = False) -> None:
+        if self._proc is not None:
+            if not wait and self._proc.poll() is None:
+                return
+            self._finish(FIGURE_WAIT_S)
+        from kaio.fsutil import json_safe
+
+        fd, job = tempfile.mkstemp(prefix="kaio-figure-", suffix=".json")
+        self._job = job
+        with os.fdopen(fd, "wb") as f:
+            f.write(json.dumps({"history": json_safe(history), "tally": tally.to_dict()}, default=str).encode())
+        self._errors = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "kaio.report.plot", job, str(self.png_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._errors,
+            start_new_session=True,  # Ctrl-C is for the supervisor; it ends the drawing itself
+        )
+        if wait:
+            self._finish(FIGURE_WAIT_S)
+
+    def _finish(self, timeout: float) -> None:
+        proc, self._proc = self._proc, None
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        self.failure = None
+        if os.path.exists(self._job):  # the drawing deletes it once read; not if it failed before
+            os.unlink(self._job)
+        if proc.returncode != 0:
+            self._errors.seek(0)
+            lines = self._errors.read().decode(errors="replace").strip().splitlines()
+            self.failure = lines[-1] if lines else f"the drawing process exited with code {proc.returncode}"
+        self._errors.close()
+
+    def close(self) -> None:
+        if self._proc is not None:
+            self._finish(FIGURE_WAIT_S)
 
 
 class LiveReports:
@@ -42,8 +118,9 @@ class LiveReports:
     whenever asked, and the end of the run always does.
     """
 
-    def __init__(self, report_dir: Path) -> None:
+    def __init__(self, report_dir: Path, figure: FigureProcess) -> None:
         self.report_dir = report_dir
+        self.figure = figure
         self._history_bytes: int | None = None  # steps.jsonl's size at the last history.json
 
     def __call__(self, state: RunState) -> None:
@@ -53,7 +130,7 @@ class LiveReports:
             or size < HISTORY_ALWAYS_REWRITTEN_BYTES
             or size >= self._history_bytes * (1 + HISTORY_REWRITE_GROWTH)
         )
-        write_reports(state, self.report_dir, history_json=due)
+        write_reports(state, self.report_dir, history_json=due, figure=self.figure, wait=False)
         if due:
             self._history_bytes = size
 
@@ -61,8 +138,9 @@ class LiveReports:
 class RunOutputs:
     """Feeds the reports and Comet during a session, and finishes both (and the Hub push) after it."""
 
-    def __init__(self, cfg: RunConfig, record: Callable[[dict], None], notify: Callable[[str], None]) -> None:
+    def __init__(self, cfg: RunConfig, record: Callable[[dict], None], notify: Callable[[str], None], figure: FigureProcess | None = None) -> None:
         self.cfg = cfg
+        self.figure = figure  # None: the figure is drawn in this process
         self.report_dir = cfg.report_dir
         self._record = record  # journal + state, so sink outcomes reach the report
         self._notify = notify
@@ -114,7 +192,7 @@ class RunOutputs:
         The reports are written before the sinks take them, and once more after,
         so that the sinks' outcomes (Comet's archive, the Hub commit) are in them.
         """
-        summary = write_reports(state, self.report_dir)
+        summary = write_reports(state, self.report_dir, figure=self.figure)
         if self._comet is not None:
             self.feed(state, final=True)
             self._comet.log_assets([self.report_dir / n for n in ("report.md", "telemetry.png", "history.json")])
@@ -126,7 +204,7 @@ class RunOutputs:
                 self._record({"type": "note", "text": warning})
         if self.cfg.hub.push and state.status == COMPLETED:
             push_to_hub(self.cfg, state, summary, self._record, self._notify)
-        write_reports(state, self.report_dir)
+        write_reports(state, self.report_dir, figure=self.figure)
 
 
 def push_to_hub(cfg: RunConfig, state: RunState, summary: dict, record: Callable[[dict], None], notify: Callable[[str], None]) -> bool:

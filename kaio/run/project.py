@@ -111,13 +111,14 @@ def run_new(cfg: RunConfig, view: View, *, overwrite: bool = False, poller_facto
 
 def _supervise(cfg: RunConfig, state: RunState, view: View, request: SessionRequest, poller_factory, notify) -> int:
     """One or more sessions (automatic restarts), then the reports, Comet and the Hub push."""
-    from kaio.run.finalize import LiveReports, RunOutputs
+    from kaio.run.finalize import FigureProcess, LiveReports, RunOutputs
 
     report_dir = cfg.report_dir
     journal = Journal(report_dir / JOURNAL_NAME)
     supervisor = Supervisor(cfg, state, journal, view, poller_factory=poller_factory)
-    outputs = RunOutputs(cfg, supervisor.record, notify)
-    supervisor.on_refresh.append(LiveReports(report_dir))
+    figure = FigureProcess(report_dir)
+    outputs = RunOutputs(cfg, supervisor.record, notify, figure)
+    supervisor.on_refresh.append(LiveReports(report_dir, figure))
     supervisor.on_refresh.append(lambda s: derived.save(report_dir, s, journal))
     supervisor.on_loop.append(outputs.feed)
     outcome = None
@@ -141,6 +142,7 @@ def _supervise(cfg: RunConfig, state: RunState, view: View, request: SessionRequ
             outputs.finish(state)
             derived.save(report_dir, state, journal)
         finally:
+            figure.close()
             journal.close()
             state.step_log.close()
     return outcome.exit_code if outcome else 1
