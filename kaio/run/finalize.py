@@ -141,6 +141,7 @@ class RunOutputs:
     def __init__(self, cfg: RunConfig, record: Callable[[dict], None], notify: Callable[[str], None], figure: FigureProcess | None = None) -> None:
         self.cfg = cfg
         self.figure = figure  # None: the figure is drawn in this process
+        self.cancelled = False  # Ctrl-C while finishing: skip what goes over the network and can wait
         self.report_dir = cfg.report_dir
         self._record = record  # journal + state, so sink outcomes reach the report
         self._notify = notify
@@ -203,11 +204,18 @@ class RunOutputs:
             for warning in self._comet.warnings:
                 self._record({"type": "note", "text": warning})
         if self.cfg.hub.push and state.status == COMPLETED:
-            push_to_hub(self.cfg, state, summary, self._record, self._notify)
+            push_to_hub(self.cfg, state, summary, self._record, self._notify, cancelled=lambda: self.cancelled)
         write_reports(state, self.report_dir, figure=self.figure)
 
 
-def push_to_hub(cfg: RunConfig, state: RunState, summary: dict, record: Callable[[dict], None], notify: Callable[[str], None]) -> bool:
+def push_to_hub(
+    cfg: RunConfig,
+    state: RunState,
+    summary: dict,
+    record: Callable[[dict], None],
+    notify: Callable[[str], None],
+    cancelled: Callable[[], bool] = lambda: False,
+) -> bool:
     """Upload the final adapter, a model card and the report files already written (``summary`` is
     theirs); the outcome goes into the journal."""
     from kaio.sinks.hub import push_adapter
@@ -230,11 +238,14 @@ def push_to_hub(cfg: RunConfig, state: RunState, summary: dict, record: Callable
 
     worker = threading.Thread(target=push, name="kaio-hub-push", daemon=True)
     worker.start()
-    worker.join(HUB_PUSH_TIMEOUT_S)
+    deadline = time.monotonic() + HUB_PUSH_TIMEOUT_S
+    while worker.is_alive() and time.monotonic() < deadline and not cancelled():
+        worker.join(0.2)
     result = outcome.get("result")
     if result is None:
+        why = "interrupted (Ctrl-C); retry with `kaio push`" if cancelled() else f"no answer from the Hub within {HUB_PUSH_TIMEOUT_S:.0f} s"
         entry = {"repo_id": cfg.hub.repo_id, "commit_sha": None, "url": None, "adapter_config_url": None,
-                 "error": f"push failed: no answer from the Hub within {HUB_PUSH_TIMEOUT_S:.0f} s"}
+                 "error": f"push failed: {why}"}
     else:
         entry = {k: getattr(result, k) for k in ("repo_id", "commit_sha", "url", "adapter_config_url", "error")}
     record({"type": "hub", "t_wall": time.time(), **entry})

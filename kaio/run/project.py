@@ -7,7 +7,10 @@ what a command may do with that folder; the supervisor runs one session.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -139,13 +142,35 @@ def _supervise(cfg: RunConfig, state: RunState, view: View, request: SessionRequ
             view.stop(supervisor.snapshot())
     finally:
         try:
-            outputs.finish(state)
-            derived.save(report_dir, state, journal)
+            with _finishing(outputs, notify):
+                outputs.finish(state)
+                derived.save(report_dir, state, journal)
         finally:
             figure.close()
             journal.close()
             state.step_log.close()
     return outcome.exit_code if outcome else 1
+
+
+@contextlib.contextmanager
+def _finishing(outputs, notify: Callable[[str], None]):
+    """Ctrl-C (or SIGTERM) while the run's record is written: the child is gone already, so the
+    local files are always finished; a press only cuts the Hub push short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if not outputs.cancelled:
+            notify("kaio: the run has stopped; writing its record (the Hub push, if any, is skipped)")
+        outputs.cancelled = True
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 # ---------------------------------------------------------------- recovery
