@@ -36,12 +36,20 @@ def figures(name: str, r: dict) -> str:
             for ph in ("idle", "loaded") for w in r.get(ph, [])
         )
     if name == "memory":
+        if "peak_rss_mb" in r:  # since the bounded state (8745f1c)
+            return (f"10% {r['rss_10pct_mb']:.0f} MB, 50% {r['rss_50pct_mb']:.0f} MB, 100% {r['rss_100pct_mb']:.0f} MB, "
+                    f"peak {r['peak_rss_mb']:.0f} MB, {r['growth_kb_per_step'] * 1e3:.1f} B/step; figure child peak "
+                    f"{r.get('figure_process_peak_rss_mb') or 0:.0f} MB; refresh max {r['refresh_s_max']:.1f} s")
         ref = r.get("refresh") or {}
         return (f"10% {r['rss_10pct_mb']:.0f} MB, 50% {r['rss_50pct_mb'] or 0:.0f} MB, 100% {r['rss_100pct_mb'] or 0:.0f} MB, "
                 f"projected {r['projected_rss_100pct_mb']:.0f} MB, {r['growth_kb_per_step']:.2f} kB/step; "
                 f"refresh@{ref.get('steps')} {ref.get('refresh_s', 0):.1f} s peak {ref.get('peak_rss_mb', 0):.0f} MB")
     if name == "report":
-        return f"wall {_m(r['wall_s'])} s [{_m(r['wall_s'], 'min')}-{_m(r['wall_s'], 'max')}], peak {_m(r['peak_rss_mb'], digits=4)} MB"
+        line = f"wall {_m(r['wall_s'])} s [{_m(r['wall_s'], 'min')}-{_m(r['wall_s'], 'max')}], peak {_m(r['peak_rss_mb'], digits=4)} MB"
+        if "tail_replay" in r:
+            tail, cold = r["tail_replay"], r.get("cold") or {}
+            line += f"; tail replay {tail['wall_s']:.2f} s {tail['peak_rss_mb']:.0f} MB; cold {cold.get('wall_s', 0):.1f} s {cold.get('peak_rss_mb', 0):.0f} MB"
+        return line
     if name == "startup":
         return (f"--help {_m(r['help_s'])} s [{_m(r['help_s'], 'min')}-{_m(r['help_s'], 'max')}]; "
                 f"run->child {_m(r['to_child_started_s'])} s [{_m(r['to_child_started_s'], 'min')}-{_m(r['to_child_started_s'], 'max')}]")

@@ -109,7 +109,7 @@ class ReportingConfig(_Section):
     output_dir: str = Field("docs/reports", description="Reports go to `<output_dir>/<project_name>/`.")
     use_comet_ml: bool = Field(True, description="Log to Comet ML (online with COMET_API_KEY, else an offline archive).")
     poll_hz: float = Field(2.0, gt=0, le=50, description="GPU samples per second.")
-    refresh_seconds: float = Field(10.0, gt=0, description="How often report.md and history.json are rewritten during the run.")
+    refresh_seconds: float = Field(10.0, gt=0, description="How often report.md and telemetry.png are rewritten during the run (history.json: once it has grown by a tenth).")
     gpu_backend: Literal["auto", "nvml", "amdsmi", "none"] = Field("auto", description="Which GPU library to read: auto detects all present.")
 
 
