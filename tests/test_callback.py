@@ -96,3 +96,17 @@ def test_the_spool_is_written_in_batches_while_the_fifo_reads_and_at_once_when_i
         assert _spooled(spool_dir)[-1]["seq"] == 67
     finally:
         emitter.close()
+
+
+def test_a_quiet_emitter_still_writes_its_spool_within_the_flush_interval(tmp_path, monkeypatch):
+    from conftest import wait_for
+
+    monkeypatch.setattr(emitter_module, "SPOOL_FLUSH_S", 0.05)
+    fifo = TelemetryFifo()
+    emitter = EventEmitter(str(fifo.path), str(tmp_path / "spool"), rank=0, session=1)
+    try:
+        emitter.emit({"type": "save", "step": 5})  # then nothing more (a long evaluation, say)
+        wait_for(lambda: len(_spooled(tmp_path / "spool")) == 1, 5, "the flusher thread to write the spool")
+    finally:
+        emitter.close()
+        fifo.close()

@@ -150,3 +150,62 @@ def test_the_journal_ends_a_torn_last_line_before_appending(tmp_path):
     journal.close()
     lines = path.read_bytes().splitlines()
     assert lines[-1] == b'{"type":"note","text":"b"}' and journal.offset == path.stat().st_size
+
+
+def test_a_resume_cut_after_the_last_state_json_then_a_crash_still_loads_exactly(tmp_path):
+    """state.json saved, then a resume cuts steps.jsonl below its mark and new steps regrow past it,
+    then the supervisor dies before saving again: the load must notice and replay, not splice."""
+    first = _run_records(400, save_every=100)
+    second = [_end(1, "FAILED")] + _run_records(200, session=2, first_step=301, t0=1000.0)
+    live = _journal_project(tmp_path, first + second, save_after=len(first))
+    report_dir = tmp_path / "p"
+    for writable in (False, True):
+        loaded = derived.load(report_dir, writable=writable)
+        assert not loaded.from_checkpoint  # steps.jsonl no longer ends where state.json says
+        assert loaded.state.history_with_steps()["steps"] == live.history_with_steps()["steps"]
+        loaded.state.step_log.close()
+    lines = (report_dir / STEPS_NAME).read_bytes().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 499))  # 499, 500: not final yet
+
+
+@pytest.mark.parametrize("block", [7, 64, 1 << 20])
+def test_the_step_log_cuts_on_line_ends_across_blocks_and_from_a_mid_line_mark(tmp_path, monkeypatch, block):
+    from kaio.run import steplog
+
+    monkeypatch.setattr(steplog, "READ_BLOCK", block)
+    path = tmp_path / STEPS_NAME
+    log = StepLog(path, writable=True, valid_bytes=0)
+    for step in range(1, 40):
+        log.append(step, steplog.encode_entry({"step": step, "pad": "x" * (step % 9)}))
+    log.close()
+    mid_line = path.read_bytes().index(b'{"step":22,') + 5
+    log = StepLog(path, writable=True, valid_bytes=mid_line)  # a mark that is not a line end
+    assert [e["step"] for e in log.entries()] == list(range(1, 22))
+    log.truncate_after(9)
+    assert [e["step"] for e in log.entries()] == list(range(1, 10)) and path.stat().st_size == log.file_bytes
+    log.truncate_after(0)
+    assert list(log.entries()) == [] and log.file_bytes == 0
+    log.close()
+
+
+def test_spooled_events_merge_in_the_order_they_happened(tmp_path):
+    """Step events carry a monotonic time, logs only a wall time: merged by wall time, each step's
+    log follows it, so none arrives after its step was sealed."""
+    from kaio.telemetry import spool
+    from kaio.telemetry.protocol import encode
+
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    lines = []
+    for seq, step in enumerate(range(1, 1500), start=1):
+        lines.append(encode({"type": "step", "rank": 0, "session": 1, "pid": 7, "seq": 2 * seq - 1, "step": step,
+                             "t_mono": 100.0 + step, "t_wall": 1e9 + step}))
+        lines.append(encode({"type": "log", "rank": 0, "session": 1, "pid": 7, "seq": 2 * seq, "step": step,
+                             "loss": 1.0, "t_wall": 1e9 + step + 0.5}))
+    (spool_dir / spool.part_name(1, 0, 7, 1)).write_bytes(b"".join(lines))
+    state = replay("p", _run_records(0, ranks=1))
+    spool.merge_into(spool_dir, {}, state.apply)
+    state.apply(_end(1))
+    history = state.history_with_steps()
+    assert state.counters["dropped_late_events"] == 0
+    assert all(s["loss"] == 1.0 for s in history["steps"]) and len(history["steps"]) == 1499

@@ -41,3 +41,14 @@ def test_a_drawing_that_fails_says_why_and_leaves_no_job_file(tmp_path):
     figure.draw({"project": "p"}, _Unreadable(), wait=True)
     assert figure.failure and "Error" in figure.failure
     assert not (tmp_path / "telemetry.png").exists() and _jobs_left() == before
+
+
+def test_a_drawing_that_cannot_start_is_reported_not_raised(tmp_path, monkeypatch):
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_space)
+    figure = FigureProcess(tmp_path)
+    figure.draw({"project": "p"}, tally_steps(_steps(3)), wait=True)
+    assert "No space left on device" in figure.failure
+    figure.close()

@@ -13,16 +13,18 @@ at write) training carries on, spool only. The spool rotates every
 journaled: its size stays bounded however long the run.
 
 While the FIFO has a reader, spool lines are buffered and written together
-(every ``SPOOL_FLUSH_EVENTS`` events or ``SPOOL_FLUSH_S``), which halves the
-system calls on the training's path. That loses nothing: the buffer is
-written as soon as a FIFO write fails (the supervisor died: the events stuck
-in the FIFO are in the buffer), and when the emitter closes. Only a child
-hard-killed in the same second as its supervisor could lose its last events.
+(every ``SPOOL_FLUSH_EVENTS`` events, and by a background thread every
+``SPOOL_FLUSH_S``), which halves the system calls on the training's path.
+That loses nothing: the buffer is written as soon as a FIFO write fails (the
+supervisor died: the events stuck in the FIFO are in the buffer), when the
+emitter closes, and at least once a second. Only a child hard-killed within
+a second of its supervisor could lose its last events.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,9 @@ class EventEmitter:
         self._spool_fd: int | None = None
         self._spool_buffer = bytearray()
         self._spool_buffered = 0
-        self._spool_flushed_at = time.monotonic()
+        self._spool_lock = threading.Lock()  # the training thread appends, the flusher thread writes
+        self._flusher: threading.Thread | None = None
+        self._closed = False
         self._fd: int | None = None
         self.dropped = 0
         if pipe_path:
@@ -76,15 +80,26 @@ class EventEmitter:
         except ProtocolError:
             self.dropped += 1
             return
-        self._spool(line)
+        with self._spool_lock:
+            self._spool(line)
         if self._fd is not None:
             try:
                 os.write(self._fd, line)
             except OSError:
                 # EPIPE: the supervisor went away. Keep training; the spool has everything.
                 self._close_fd()
-        if self._fd is None or self._spool_buffered >= SPOOL_FLUSH_EVENTS or time.monotonic() - self._spool_flushed_at >= SPOOL_FLUSH_S:
-            self._flush_spool()
+        if self._fd is None or self._spool_buffered >= SPOOL_FLUSH_EVENTS:
+            with self._spool_lock:
+                self._flush_spool()
+        elif self._flusher is None and self._spool_dir is not None:
+            self._flusher = threading.Thread(target=self._flush_every_second, name="kaio-spool", daemon=True)
+            self._flusher.start()
+
+    def _flush_every_second(self) -> None:
+        while not self._closed:
+            time.sleep(SPOOL_FLUSH_S)
+            with self._spool_lock:
+                self._flush_spool()
 
     def _spool(self, line: bytes) -> None:
         if self._spool_dir is None:
@@ -102,7 +117,6 @@ class EventEmitter:
         self._spool_buffered += 1
 
     def _flush_spool(self) -> None:
-        self._spool_flushed_at = time.monotonic()
         if not self._spool_buffer:
             return
         try:
@@ -128,6 +142,8 @@ class EventEmitter:
             self._fd = None
 
     def close(self) -> None:
+        self._closed = True
         self._close_fd()
-        self._flush_spool()
-        self._close_spool()
+        with self._spool_lock:
+            self._flush_spool()
+            self._close_spool()

@@ -46,9 +46,13 @@ def load(report_dir: Path, *, writable: bool) -> LoadedState:
     if checkpoint is not None:
         step_log = StepLog(steps_path, writable=writable, valid_bytes=checkpoint["steps_bytes"])
         try:
+            if step_log.file_bytes != checkpoint["steps_bytes"] or (
+                hashlib.sha256(step_log.last_line()).hexdigest() != checkpoint.get("steps_last_line")
+            ):
+                raise ValueError("steps.jsonl changed since state.json was saved")
             state = state_from_checkpoint(checkpoint["state"], step_log)
         except (KeyError, TypeError, ValueError):
-            step_log.close()  # written by another kaio version: replay instead
+            step_log.close()  # another kaio version's, or steps.jsonl was cut and rewritten: replay instead
     from_checkpoint = state is not None
     if state is None:
         state = RunState(report_dir.name, StepLog(steps_path, writable=writable, valid_bytes=0))
@@ -81,7 +85,8 @@ def replay_journal(state: RunState, journal_path: Path, start: int = 0) -> tuple
 def save(report_dir: Path, state: RunState, journal: Journal) -> None:
     """Write ``state.json`` for everything journaled so far (the caller holds the lock, and the
     state has applied every record ``journal`` was given)."""
-    journal.flush()
+    journal.flush(fsync=True)  # what state.json says is covered must be on disk first
+    state.step_log.sync()
     offset = journal.offset
     document = {
         "format": STATE_FORMAT,
@@ -89,6 +94,8 @@ def save(report_dir: Path, state: RunState, journal: Journal) -> None:
         "journal_offset": offset,
         "journal_head": _journal_head(journal.path, offset),
         "steps_bytes": state.step_log.file_bytes,
+        # A resume cuts steps.jsonl and writes it again: the file must still end where it did.
+        "steps_last_line": hashlib.sha256(state.step_log.last_line()).hexdigest(),
         "state": state_to_checkpoint(state),
     }
     # NaN allowed: a cache read back by this module only (the reports are strict JSON).

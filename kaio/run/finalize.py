@@ -70,22 +70,37 @@ class FigureProcess:
             if not wait and self._proc.poll() is None:
                 return
             self._finish(FIGURE_WAIT_S)
+        try:
+            self._start(history, tally)
+        except (OSError, ValueError) as exc:  # a full /tmp, no process to spare: the record goes on
+            self.failure = f"could not start drawing it: {type(exc).__name__}: {exc}"
+            self._cleanup()
+            return
+        if wait:
+            self._finish(FIGURE_WAIT_S)
+
+    def _start(self, history: dict, tally) -> None:
         from kaio.fsutil import json_safe
 
-        fd, job = tempfile.mkstemp(prefix="kaio-figure-", suffix=".json")
-        self._job = job
+        fd, self._job = tempfile.mkstemp(prefix="kaio-figure-", suffix=".json")
         with os.fdopen(fd, "wb") as f:
             f.write(json.dumps({"history": json_safe(history), "tally": tally.to_dict()}, default=str).encode())
         self._errors = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "kaio.report.plot", job, str(self.png_path)],
+            [sys.executable, "-m", "kaio.report.plot", self._job, str(self.png_path)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=self._errors,
             start_new_session=True,  # Ctrl-C is for the supervisor; it ends the drawing itself
         )
-        if wait:
-            self._finish(FIGURE_WAIT_S)
+
+    def _cleanup(self) -> None:
+        if self._job is not None and os.path.exists(self._job):  # the drawing deletes it once read
+            os.unlink(self._job)
+        self._job = None
+        if self._errors is not None:
+            self._errors.close()
+            self._errors = None
 
     def _finish(self, timeout: float) -> None:
         proc, self._proc = self._proc, None
@@ -95,13 +110,11 @@ class FigureProcess:
             proc.kill()
             proc.wait()
         self.failure = None
-        if os.path.exists(self._job):  # the drawing deletes it once read; not if it failed before
-            os.unlink(self._job)
         if proc.returncode != 0:
             self._errors.seek(0)
             lines = self._errors.read().decode(errors="replace").strip().splitlines()
             self.failure = lines[-1] if lines else f"the drawing process exited with code {proc.returncode}"
-        self._errors.close()
+        self._cleanup()
 
     def close(self) -> None:
         if self._proc is not None:

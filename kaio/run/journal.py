@@ -42,8 +42,10 @@ class Journal:
     def flush(self, fsync: bool = False) -> None:
         """Hand buffered lines to the OS; fsync when asked or when the interval has passed."""
         if self._pending:
-            os.write(self._fd, self._pending)
-            self.offset += len(self._pending)
+            written = 0
+            while written < len(self._pending):  # a regular file may take part of it (a full disk)
+                written += os.write(self._fd, memoryview(self._pending)[written:])
+            self.offset += written
             self._pending.clear()
         now = time.monotonic()
         if fsync or now - self._last_fsync >= self._fsync_interval_s:

@@ -8,6 +8,7 @@ what a command may do with that folder; the supervisor runs one session.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import threading
@@ -142,7 +143,7 @@ def _supervise(cfg: RunConfig, state: RunState, view: View, request: SessionRequ
             view.stop(supervisor.snapshot())
     finally:
         try:
-            with _finishing(outputs, notify):
+            with _finishing(outputs):
                 outputs.finish(state)
                 derived.save(report_dir, state, journal)
         finally:
@@ -153,7 +154,7 @@ def _supervise(cfg: RunConfig, state: RunState, view: View, request: SessionRequ
 
 
 @contextlib.contextmanager
-def _finishing(outputs, notify: Callable[[str], None]):
+def _finishing(outputs):
     """Ctrl-C (or SIGTERM) while the run's record is written: the child is gone already, so the
     local files are always finished; a press only cuts the Hub push short."""
     if threading.current_thread() is not threading.main_thread():
@@ -162,7 +163,8 @@ def _finishing(outputs, notify: Callable[[str], None]):
 
     def handler(signum, frame):
         if not outputs.cancelled:
-            notify("kaio: the run has stopped; writing its record (the Hub push, if any, is skipped)")
+            # os.write, not print: a signal may land while the console is half-way through a write.
+            os.write(2, b"kaio: the run has stopped; writing its record (the Hub push, if any, is skipped)\n")
         outputs.cancelled = True
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -314,54 +316,64 @@ def resume(
     notify: Callable[[str], None] = print,
 ) -> int:
     """``kaio resume``: continue from the latest complete checkpoint, as a new session of the same history."""
-    from kaio.config import config_snapshot, load_config
-
     report_dir = project_dir(output_dir, project)
     lock = ProjectLock(report_dir)
     lock.acquire()
     try:
         loaded, running = open_project(report_dir, notify)
-        if running:
+        try:
+            session = _resumable_session(report_dir, loaded.state, running, config_path, max_steps, notify)
+        except BaseException:
             loaded.state.step_log.close()
-            raise ProjectError(
-                f"project {project!r} is still training without a supervisor (its child process is alive); "
-                "wait for it to finish or stop it, then `kaio resume` again"
-            )
-        cfg, saved = saved_config(report_dir)
-        if config_path is not None:
-            cfg = load_config(config_path)
-            refused, allowed = config_changes(saved, config_snapshot(cfg))
-            if refused:
-                raise ProjectError(
-                    f"{config_path}: cannot resume {project!r} with a changed {refused[0].split(':')[0]} "
-                    f"({refused[0].split(': ', 1)[1]}); the checkpoint was trained with the old value. "
-                    "Revert it, or start over with `kaio run --overwrite`"
-                )
-        else:
-            allowed = []
-        if max_steps is not None:
-            before = cfg.training.max_steps
-            cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_steps": max_steps})})
-            if before != max_steps:
-                allowed.append(f"training.max_steps: {before!r} -> {max_steps!r}")
-        state = loaded.state
-        checkpoint = latest_checkpoint(cfg.checkpoint_dir, notify)
-        if checkpoint is None:
-            raise ProjectError(
-                f"project {project!r} has no complete checkpoint in {cfg.checkpoint_dir}/ to resume from; "
-                f"start it again with `kaio run CONFIG --overwrite`"
-            )
-        planned = cfg.training.max_steps
-        if state.status == "COMPLETED" and planned != -1 and planned <= state.last_step:
-            raise ProjectError(
-                f"project {project!r} already completed {state.last_step} steps; "
-                f"extend it with `kaio resume {project} --max-steps N` (N > {state.last_step})"
-            )
-        notes = [f"resumed from {checkpoint.name}"] + [f"config changed for this session: {c}" for c in allowed]
+            raise
+        cfg, checkpoint, notes = session
         factory = poller_factory_for(cfg) if poller_factory_for else None
-        return _supervise(cfg, state, view, SessionRequest("resume", checkpoint.resolve(), notes), factory, notify)
+        return _supervise(cfg, loaded.state, view, SessionRequest("resume", checkpoint.resolve(), notes), factory, notify)
     finally:
         lock.release()
+
+
+def _resumable_session(report_dir: Path, state: RunState, running: bool, config_path: Path | None, max_steps: int | None, notify):
+    """The config, checkpoint and notes of a resume, or the ``ProjectError`` that says why not."""
+    from kaio.config import config_snapshot, load_config
+
+    project = report_dir.name
+    if running:
+        raise ProjectError(
+            f"project {project!r} is still training without a supervisor (its child process is alive); "
+            "wait for it to finish or stop it, then `kaio resume` again"
+        )
+    cfg, saved = saved_config(report_dir)
+    if config_path is not None:
+        cfg = load_config(config_path)
+        refused, allowed = config_changes(saved, config_snapshot(cfg))
+        if refused:
+            raise ProjectError(
+                f"{config_path}: cannot resume {project!r} with a changed {refused[0].split(':')[0]} "
+                f"({refused[0].split(': ', 1)[1]}); the checkpoint was trained with the old value. "
+                "Revert it, or start over with `kaio run --overwrite`"
+            )
+    else:
+        allowed = []
+    if max_steps is not None:
+        before = cfg.training.max_steps
+        cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"max_steps": max_steps})})
+        if before != max_steps:
+            allowed.append(f"training.max_steps: {before!r} -> {max_steps!r}")
+    checkpoint = latest_checkpoint(cfg.checkpoint_dir, notify)
+    if checkpoint is None:
+        raise ProjectError(
+            f"project {project!r} has no complete checkpoint in {cfg.checkpoint_dir}/ to resume from; "
+            f"start it again with `kaio run CONFIG --overwrite`"
+        )
+    planned = cfg.training.max_steps
+    if state.status == "COMPLETED" and planned != -1 and planned <= state.last_step:
+        raise ProjectError(
+            f"project {project!r} already completed {state.last_step} steps; "
+            f"extend it with `kaio resume {project} --max-steps N` (N > {state.last_step})"
+        )
+    notes = [f"resumed from {checkpoint.name}"] + [f"config changed for this session: {c}" for c in allowed]
+    return cfg, checkpoint, notes
 
 
 # ---------------------------------------------------------------- push

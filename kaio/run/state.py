@@ -207,7 +207,7 @@ class RunState:
 
     def _on_note(self, r: dict) -> None:
         if r.get("level") == "info":
-            if r["text"] not in self.notes:
+            if r["text"] not in self.notes and len(self.notes) < MAX_MESSAGES:
                 self.notes.append(r["text"])
         else:
             self.warn(r["text"])

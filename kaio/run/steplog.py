@@ -48,7 +48,7 @@ class StepLog:
         """``path`` None: memory only. ``valid_bytes``: how much of the file is trusted (the rest is dropped)."""
         self.path = path
         size = path.stat().st_size if path is not None and path.is_file() else 0
-        self._file_bytes = size if valid_bytes is None else min(valid_bytes, size)
+        self._file_bytes = _line_start_at_or_before(path, size if valid_bytes is None else min(valid_bytes, size))
         self._memory: list[tuple[int, bytes]] = []  # (step, line) not in the file
         self._fd: int | None = None
         if path is not None and writable:
@@ -62,6 +62,20 @@ class StepLog:
     def file_bytes(self) -> int:
         """Bytes of the file that hold valid entries (what ``state.json`` records)."""
         return self._file_bytes
+
+    def last_line(self) -> bytes:
+        """The file's last valid line (state.json keeps its hash: the file must still end with it)."""
+        if self.path is None or self._file_bytes == 0:
+            return b""
+        with open(self.path, "rb") as f:
+            start = max(0, self._file_bytes - READ_BLOCK)
+            f.seek(start)
+            block = f.read(self._file_bytes - start)
+        return block[block.rfind(b"\n", 0, len(block) - 1) + 1 :]
+
+    def sync(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
 
     def append(self, step: int, line: bytes) -> None:
         if self._fd is not None:
@@ -113,9 +127,11 @@ class StepLog:
                 left = self._file_bytes
                 while left > 0:
                     block = f.read(min(READ_BLOCK, left))
-                    if not block:
-                        break
                     left -= len(block)
+                    if left <= 0 or not block:
+                        # A supervisor may cut the file meanwhile (a resume): never pass on half a line.
+                        block = block[: block.rfind(b"\n") + 1]
+                        left = 0
                     yield block
         for _step, line in self._memory:
             yield line
@@ -133,3 +149,19 @@ class StepLog:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _line_start_at_or_before(path: Path | None, offset: int) -> int:
+    """``offset``, moved back to just after a newline: a valid part of the file holds whole lines."""
+    if path is None or offset <= 0:
+        return 0
+    with open(path, "rb") as f:
+        while offset > 0:
+            start = max(0, offset - READ_BLOCK)
+            f.seek(start)
+            block = f.read(offset - start)
+            cut = block.rfind(b"\n")
+            if cut != -1:
+                return start + cut + 1
+            offset = start
+    return 0

@@ -84,6 +84,7 @@ class Supervisor:
         self._reader: FifoReader | None = None
         self.on_refresh: list[Callable[[RunState], None]] = []  # report writers, sinks
         self.on_loop: list[Callable[[RunState], None]] = []  # cheap consumers called every loop (Comet feed)
+        self._refresh_failures: set[str] = set()
 
     # ------------------------------------------------------------ one session
 
@@ -130,10 +131,17 @@ class Supervisor:
         output = threading.Thread(target=self._follow_output, args=(proc, log_path, offset), name="kaio-child-output", daemon=True)
         output.start()
         previous_handlers = self._install_signal_handlers(proc)
+        try:  # until session_end is journaled: a Ctrl-C during the teardown only counts as a press
+            outcome = self._run_and_end(proc, session, fifo, reader, poller, output, log_path, offset)
+        finally:
+            self._restore_signal_handlers(previous_handlers)
+        return outcome
+
+    def _run_and_end(self, proc, session: int, fifo, reader, poller, output, log_path: Path, offset: int) -> SessionOutcome:
+        """Supervise the child until it exits, then gather what is left and journal the session's end."""
         try:
             self._loop(proc)
         finally:
-            self._restore_signal_handlers(previous_handlers)
             launch.kill_group(proc)  # ranks that outlived the launcher, if any
             fifo.close_write_end()
             reader.join(timeout=10)
@@ -217,7 +225,13 @@ class Supervisor:
     def _refresh(self) -> None:
         spool.prune(self.report_dir / spool.SPOOL_DIR_NAME, self.state.max_seq_by_pid)
         for writer in self.on_refresh:
-            writer(self.state)
+            try:
+                writer(self.state)
+            except Exception as exc:  # noqa: BLE001  a full disk must not stop the training it records
+                message = f"a report refresh failed: {type(exc).__name__}: {exc}"
+                if message not in self._refresh_failures:
+                    self._refresh_failures.add(message)
+                    self._note(message)
 
     def snapshot(self) -> Snapshot:
         status = "STOPPING" if self._stop.requests and self.state.status == RUNNING else None
@@ -272,6 +286,8 @@ class Supervisor:
             return {}
 
         def handler(signum, frame):
+            if proc.poll() is not None:
+                return  # the child has ended on its own: its record is being written, nothing to stop
             self._stop.requests += 1
             if self._stop.requests == 1:
                 self._stop.first_at = time.monotonic()

@@ -50,7 +50,9 @@ def missing_events(spool_dir: Path, max_seq_by_pid: dict[int, int]) -> tuple[lis
                 continue
             if event.get("seq", 0) > seen:
                 events.append(event)
-    events.sort(key=lambda e: (e.get("session", 0), e.get("t_mono") or e.get("t_wall") or 0, e.get("pid", 0), e.get("seq", 0)))
+    # In the order they happened: every event has a wall time (t_mono is not on every kind, and
+    # the two clocks do not compare); seq orders one process's events that share a timestamp.
+    events.sort(key=lambda e: (e.get("session", 0), e.get("t_wall") or 0, e.get("pid", 0), e.get("seq", 0)))
     return events, bad
 
 
