@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             sys.argv = [BUILTIN_RECIPE, *args]
             runpy.run_module(BUILTIN_RECIPE, run_name="__main__", alter_sys=True)
+        _destroy_process_group()
     except SystemExit as exc:
         if exc.code not in (None, 0):
             _write_error_file(rank_from_env(), exc)
@@ -54,6 +55,18 @@ def main(argv: list[str] | None = None) -> None:
         raise
     finally:
         shared_emitter().close()
+
+
+def _destroy_process_group() -> None:
+    """After a script that finished, close torch.distributed's process group if it left one open.
+
+    A gloo group still alive at interpreter exit can abort the process ("terminate called without
+    an active exception", SIGABRT) after training succeeded, and the run would be reported failed.
+    Only after success: after a rank failed, destroying the group can hang on the ranks that did not.
+    """
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 def _write_error_file(rank: int, exc: BaseException) -> None:
