@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 from kaio.child.emitter import EventEmitter
+from kaio.run.state import replay
 from kaio.telemetry import spool
 from kaio.telemetry.fifo import FifoReader, TelemetryFifo
 from kaio.telemetry.protocol import MAX_LINE_BYTES, ProtocolError, decode, encode
@@ -145,7 +146,8 @@ def test_emitter_switches_to_spool_when_reader_dies(tmp_path):
     # Everything is in the spool; only what the journal lacks is merged.
     everything, _ = spool.missing_events(tmp_path, {})
     assert [e["step"] for e in everything] == [1, 2, 3]
-    missing, _ = spool.missing_events(tmp_path, spool.max_seq_by_pid(events))
+    journaled = replay("p", [{"type": "session_start", "session": 1}, *events]).max_seq_by_pid  # what a supervisor tracks
+    missing, _ = spool.missing_events(tmp_path, journaled)
     assert [e["step"] for e in missing] == [2, 3]
 
 

@@ -9,7 +9,6 @@ reading.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -55,37 +54,6 @@ class Journal:
     def close(self) -> None:
         self.flush(fsync=True)
         os.close(self._fd)
-
-
-def read_journal(path: Path, types: tuple[str, ...] | None = None) -> tuple[list[dict[str, Any]], int]:
-    """All records (or only those of ``types``), and how many lines were unreadable (a torn tail after a crash)."""
-    records: list[dict[str, Any]] = []
-    bad = 0
-    for record in iter_journal(path, types):
-        if record is None:
-            bad += 1
-        else:
-            records.append(record)
-    return records, bad
-
-
-def iter_journal(path: Path, types: tuple[str, ...] | None = None, start: int = 0) -> Iterator[dict[str, Any] | None]:
-    # Lines are written compactly, so a type shows as `"type":"name"`: filtering on those bytes
-    # skips parsing the bulk (GPU ticks, steps) when only a few kinds of record are wanted.
-    markers = tuple(f'"type":"{t}"'.encode() for t in types) if types else None
-    with open(path, "rb") as f:
-        f.seek(start)
-        for line in f:
-            if not line.strip():
-                continue
-            if markers is not None and not any(m in line for m in markers):
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                yield None
-                continue
-            yield record if isinstance(record, dict) else None
 
 
 def whole_lines(path: Path, start: int = 0) -> Iterator[tuple[int, bytes]]:

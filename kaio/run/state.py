@@ -109,7 +109,6 @@ class RunState:
         self._pending: deque[int] = deque()  # steps waiting for a tick after their end
         self._prev_end_mono: float | None = None
         # sealing
-        self._newest_step = 0  # rank 0's newest ended step in the current session
         self._saved_steps: deque[int] = deque(maxlen=8)  # recent checkpoint steps
         self._tally_at_checkpoint: dict[int, RunTally] = {}
 
@@ -151,7 +150,7 @@ class RunState:
                 "error": None,
                 "_t_wall": r.get("t_wall"),
                 "_pids": [],  # the child's (accelerate launch's) pid
-                "_last_step": None,
+                "_last_step": None,  # rank 0's newest ended step: steps two before it are final
                 "_trained_to_end": False,  # rank 0 reached on_train_end
             }
         )
@@ -164,7 +163,6 @@ class RunState:
         self.recent_step_ends.clear()
         self.latest_gpu.clear()
         self.last_step_t_mono = None
-        self._newest_step = 0
 
     def _on_child_started(self, r: dict) -> None:
         s = self._session_record(r.get("session"))
@@ -291,11 +289,9 @@ class RunState:
                     oldest = self.open_steps.get(self._pending.popleft())
                     if oldest is not None:
                         self._aggregate(oldest)
-        if session == self.session:
-            self._newest_step = max(self._newest_step, step)
-            s = self.current_session
-            if s is not None:
-                s["_last_step"] = step
+        s = self.current_session
+        if session == self.session and s is not None:
+            s["_last_step"] = max(s["_last_step"] or 0, step)
             self._seal_ready()
 
     def _on_log(self, r: dict) -> None:
@@ -489,7 +485,7 @@ class RunState:
 
     def _seal_ready(self) -> None:
         """Seal, in step order, the open steps that are final."""
-        horizon = self._newest_step - SEAL_LAG_STEPS
+        horizon = ((self.current_session or {}).get("_last_step") or 0) - SEAL_LAG_STEPS
         while self.open_steps:
             step = min(self.open_steps)
             if step > horizon or (self._pending and step >= self._pending[0]):
@@ -715,7 +711,7 @@ class RunState:
 _PLAIN_FIELDS = (
     "config", "sessions", "run_info", "devices", "host_info", "checkpoints", "hub", "warnings", "notes",
     "messages_dropped", "counters", "poll_stats", "poll_hz", "loss_ema", "last_log", "latest_gpu", "latest_host",
-    "last_step_t_mono", "last_t_wall", "_loss_min", "_prev_end_mono", "_newest_step",
+    "last_step_t_mono", "last_t_wall", "_loss_min", "_prev_end_mono",
 )
 
 

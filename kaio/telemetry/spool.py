@@ -78,12 +78,3 @@ def merge_into(spool_dir: Path, max_seq_by_pid: dict[int, int], record: Callable
     except OSError:
         pass
     return len(events)
-
-
-def max_seq_by_pid(records: list[dict]) -> dict[int, int]:
-    seen: dict[int, int] = {}
-    for r in records:
-        pid, seq = r.get("pid"), r.get("seq")
-        if isinstance(pid, int) and isinstance(seq, int) and "rank" in r:
-            seen[pid] = max(seen.get(pid, 0), seq)
-    return seen
