@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -25,7 +23,9 @@ app = typer.Typer(
 )
 
 DEFAULT_OUTPUT_DIR = Path("docs/reports")
-OUTPUT_DIR_OPTION = typer.Option(DEFAULT_OUTPUT_DIR, "--output-dir", help="The reports directory (reporting.output_dir).")
+OUTPUT_DIR_OPTION = typer.Option(
+    DEFAULT_OUTPUT_DIR, "--output-dir", help="The reports directory (reporting.output_dir)."
+)
 
 
 def _user_errors(func):
@@ -60,24 +60,35 @@ def _say(console):
 @app.command()
 @_user_errors
 def run(
-    config: Path = typer.Argument(..., help="The YAML config, e.g. configs/finetuning_config.yaml.", show_default=False),
-    plain: bool = typer.Option(False, "--plain", help="Plain status lines instead of the live dashboard (automatic when not in a terminal)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Start the project over; its old record and checkpoints are moved aside, not deleted."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Override training.max_steps."),
+    config: Path = typer.Argument(
+        ..., help="The YAML config, e.g. configs/finetuning_config.yaml.", show_default=False
+    ),
+    plain: bool = typer.Option(
+        False, "--plain", help="Plain status lines instead of the live dashboard (automatic when not in a terminal)."
+    ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Start the project over; its old record and checkpoints are moved aside, not deleted.",
+    ),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Override training.max_steps."),
 ) -> None:
     """Validate CONFIG, launch the fine-tune under `accelerate launch`, watch it, write the report.
 
     Reports go to <reporting.output_dir>/<project_name>/ (report.md, telemetry.png, history.json, journal.jsonl, child.log). Exits with the training's exit code.
     """
-    from kaio.config import load_config
+    from kaio.config import load_config, with_max_steps
     from kaio.run.gpu_feed import poller_factory
     from kaio.run.project import run_new
     from kaio.views import choose_view
 
-    overrides = {"training.max_steps": max_steps} if max_steps is not None else None
-    cfg = load_config(config, overrides)
+    cfg = load_config(config)
+    if max_steps is not None:
+        cfg = with_max_steps(cfg, max_steps)
     console = _console()
-    code = run_new(cfg, choose_view(console, plain), overwrite=overwrite, poller_factory_for=poller_factory, notify=_say(console))
+    code = run_new(
+        cfg, choose_view(console, plain), overwrite=overwrite, poller_factory_for=poller_factory, notify=_say(console)
+    )
     raise typer.Exit(code)
 
 
@@ -85,8 +96,12 @@ def run(
 @_user_errors
 def resume(
     project: str = typer.Argument(..., help="Project name (see `ls docs/reports`).", show_default=False),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="New training.max_steps: extends a finished run."),
-    config: Optional[Path] = typer.Option(None, "--config", help="An edited config to continue with (learning rate, max steps, logging may change; model and LoRA shape may not)."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="New training.max_steps: extends a finished run."),
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        help="An edited config to continue with (learning rate, max steps, logging may change; model and LoRA shape may not).",
+    ),
     output_dir: Path = OUTPUT_DIR_OPTION,
     plain: bool = typer.Option(False, "--plain", help="Plain status lines instead of the live dashboard."),
 ) -> None:
@@ -125,7 +140,9 @@ def report(
     if as_json:
         import json
 
-        typer.echo(json.dumps(summary, indent=2, default=str))
+        import msgspec
+
+        typer.echo(json.dumps(msgspec.to_builtins(summary), indent=2))
     else:
         typer.echo(f"report written: {report_dir / 'report.md'}")
 
@@ -134,7 +151,9 @@ def report(
 @_user_errors
 def push(
     project: str = typer.Argument(..., help="Project name.", show_default=False),
-    repo_id: Optional[str] = typer.Option(None, "--repo-id", help="`user/name` of the model repo (default: hub.repo_id of the run's config)."),
+    repo_id: str | None = typer.Option(
+        None, "--repo-id", help="`user/name` of the model repo (default: hub.repo_id of the run's config)."
+    ),
     output_dir: Path = OUTPUT_DIR_OPTION,
 ) -> None:
     """Push PROJECT's final LoRA adapter, a model card and the report to the Hugging Face Hub (or retry a failed push).
@@ -168,4 +187,4 @@ def main() -> None:  # pragma: no cover - python -m kaio
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -15,12 +15,26 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kaio.errors import ConfigError
+from kaio.errors import ConfigError, ProjectError
+from kaio.secrets import is_secret_key, redact  # noqa: F401 - the config's secrets follow the one rule
 
 # The built-in tiny model: a Llama-style network built from a config, no download.
 TINY_MODEL = "kaio/tiny-llama"
 
 _PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+PROJECT_NAME_RULE = "use letters, digits, '.', '_', '-' (no path separators, no '..')"
+
+
+def is_project_name(value: str) -> bool:
+    """A project name is one folder under the reports directory, never a path out of it."""
+    return ".." not in value and bool(_PROJECT_NAME.match(value))
+
+
+def check_project_name(value: str) -> str:
+    """A project named on the command line, checked like ``project_name``."""
+    if not is_project_name(value):
+        raise ProjectError(f"{value!r} is not a project name: {PROJECT_NAME_RULE}")
+    return value
 
 
 class _Section(BaseModel):
@@ -28,8 +42,14 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    base_model: str = Field(TINY_MODEL, description="Hub id or local path of the base model; `kaio/tiny-llama` builds a tiny Llama from a config (no download).")
-    tokenizer: str | None = Field(None, description="Tokenizer id or path; default: the base model's, or ByT5's byte tokenizer (no files) for the tiny model.")
+    base_model: str = Field(
+        TINY_MODEL,
+        description="Hub id or local path of the base model; `kaio/tiny-llama` builds a tiny Llama from a config (no download).",
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="Tokenizer id or path; default: the base model's, or ByT5's byte tokenizer (no files) for the tiny model.",
+    )
     max_seq_length: int = Field(128, ge=8, le=131072, description="Each example is truncated to this many tokens.")
     trust_remote_code: bool = Field(False, description="Passed to `from_pretrained`; only for models you trust.")
     hidden_size: int = Field(64, ge=8, description="Tiny model only: hidden size.")
@@ -50,10 +70,16 @@ class LoraConfig(_Section):
 
 
 class DataConfig(_Section):
-    path: str | None = Field(None, description="JSONL file with a `text` field or chat `messages` per line; unset: the generated sample.")
-    format: Literal["auto", "text", "messages"] = Field("auto", description="How to read each JSONL line; `auto` looks at the first line.")
+    path: str | None = Field(
+        None, description="JSONL file with a `text` field or chat `messages` per line; unset: the generated sample."
+    )
+    format: Literal["auto", "text", "messages"] = Field(
+        "auto", description="How to read each JSONL line; `auto` looks at the first line."
+    )
     text_field: str = Field("text", description="Key of the text in `text` format.")
-    sample_size: int = Field(512, ge=1, description="Generated sample only: number of examples (deterministic, seeded by `training.seed`).")
+    sample_size: int = Field(
+        512, ge=1, description="Generated sample only: number of examples (deterministic, seeded by `training.seed`)."
+    )
 
     @field_validator("path")
     @classmethod
@@ -69,16 +95,25 @@ class TrainingConfig(_Section):
     batch_size: int = Field(8, ge=1, description="Per-device batch size.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
-    optimizer: str = Field("adamw_torch", description="A `transformers` optimizer name (`optim`), e.g. adamw_torch, adamw_torch_fused, adafactor.")
-    lr_scheduler_type: str = Field("cosine", description="A `transformers` scheduler name: linear, cosine, constant, constant_with_warmup, ...")
+    optimizer: str = Field(
+        "adamw_torch",
+        description="A `transformers` optimizer name (`optim`), e.g. adamw_torch, adamw_torch_fused, adafactor.",
+    )
+    lr_scheduler_type: str = Field(
+        "cosine", description="A `transformers` scheduler name: linear, cosine, constant, constant_with_warmup, ..."
+    )
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up the learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables.")
     logging_steps: int = Field(1, ge=1, description="Log loss / learning rate every N optimizer steps.")
     save_steps: int = Field(50, ge=1, description="Save a checkpoint every N optimizer steps.")
-    save_total_limit: int | None = Field(3, ge=1, description="Checkpoints kept; older ones are deleted. null keeps all.")
+    save_total_limit: int | None = Field(
+        3, ge=1, description="Checkpoints kept; older ones are deleted. null keeps all."
+    )
     seed: int = Field(42, description="Seed for data generation, shuffling and initialisation.")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 where the GPU supports it, fp16 on other GPUs, fp32 on CPU.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 where the GPU supports it, fp16 on other GPUs, fp32 on CPU."
+    )
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     output_dir: str | None = Field(None, description="Where checkpoints go; default `checkpoints/<project_name>`.")
 
@@ -90,12 +125,26 @@ class TrainingConfig(_Section):
 
 
 class LaunchConfig(_Section):
-    num_processes: int = Field(1, ge=1, le=64, description="Processes (ranks) `accelerate launch` starts; on a CPU-only host several ranks use gloo DDP.")
-    script: str | None = Field(None, description="Your own training script (it builds a `Trainer`; kaio injects its callback). Default: the built-in LoRA recipe.")
+    num_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Processes (ranks) `accelerate launch` starts; on a CPU-only host several ranks use gloo DDP.",
+    )
+    script: str | None = Field(
+        None,
+        description="Your own training script (it builds a `Trainer`; kaio injects its callback). Default: the built-in LoRA recipe.",
+    )
     script_args: list[str] = Field(default_factory=list, description="Arguments passed to `script`.")
-    accelerate_args: list[str] = Field(default_factory=list, description="Extra `accelerate launch` flags, e.g. `[--mixed_precision, bf16]`.")
-    max_restarts: int = Field(0, ge=0, le=100, description="On a failure, resume from the latest checkpoint by itself up to N times.")
-    grace_seconds: float = Field(10.0, gt=0, le=600, description="After SIGTERM/SIGINT, seconds before the child's process group gets SIGKILL.")
+    accelerate_args: list[str] = Field(
+        default_factory=list, description="Extra `accelerate launch` flags, e.g. `[--mixed_precision, bf16]`."
+    )
+    max_restarts: int = Field(
+        0, ge=0, le=100, description="On a failure, resume from the latest checkpoint by itself up to N times."
+    )
+    grace_seconds: float = Field(
+        10.0, gt=0, le=600, description="After SIGTERM/SIGINT, seconds before the child's process group gets SIGKILL."
+    )
 
     @field_validator("script")
     @classmethod
@@ -107,10 +156,18 @@ class LaunchConfig(_Section):
 
 class ReportingConfig(_Section):
     output_dir: str = Field("docs/reports", description="Reports go to `<output_dir>/<project_name>/`.")
-    use_comet_ml: bool = Field(True, description="Log to Comet ML (online with COMET_API_KEY, else an offline archive).")
+    use_comet_ml: bool = Field(
+        True, description="Log to Comet ML (online with COMET_API_KEY, else an offline archive)."
+    )
     poll_hz: float = Field(2.0, gt=0, le=50, description="GPU samples per second.")
-    refresh_seconds: float = Field(10.0, gt=0, description="How often report.md and telemetry.png are rewritten during the run (history.json: once it has grown by a tenth).")
-    gpu_backend: Literal["auto", "nvml", "amdsmi", "none"] = Field("auto", description="Which GPU library to read: auto detects all present.")
+    refresh_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="How often report.md and telemetry.png are rewritten during the run (history.json: once it has grown by a tenth).",
+    )
+    gpu_backend: Literal["auto", "nvml", "amdsmi", "none"] = Field(
+        "auto", description="Which GPU library to read: auto detects all present."
+    )
 
 
 class HubConfig(_Section):
@@ -127,6 +184,11 @@ class HubConfig(_Section):
         return self
 
 
+# The sections only the built-in recipe reads, and the keys of them kaio itself reads for any script.
+SCRIPT_IGNORED_SECTIONS = ("model", "lora", "data", "training")
+SCRIPT_READ_KEYS = {"training": {"output_dir"}}  # where kaio looks for checkpoints to resume from
+
+
 class RunConfig(_Section):
     project_name: str = Field(description="Names the report folder and checkpoints; letters, digits, `.`, `_`, `-`.")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -137,13 +199,24 @@ class RunConfig(_Section):
     reporting: ReportingConfig = Field(default_factory=ReportingConfig)
     hub: HubConfig = Field(default_factory=HubConfig)
 
+    @model_validator(mode="after")
+    def _script_sees_no_recipe_keys(self) -> RunConfig:
+        """With ``launch.script`` the built-in recipe does not run, so its keys would be silently ignored."""
+        if self.launch.script is None:
+            return self
+        for section in SCRIPT_IGNORED_SECTIONS:
+            for key in sorted(getattr(self, section).model_fields_set - SCRIPT_READ_KEYS.get(section, set())):
+                raise ValueError(
+                    f"{section}.{key}: your script (launch.script) never sees this key; set it in the script or pass "
+                    f"it in launch.script_args instead (e.g. [--{key}, ...])"
+                )
+        return self
+
     @field_validator("project_name")
     @classmethod
     def _safe_project_name(cls, value: str) -> str:
-        if "/" in value or "\\" in value or ".." in value or not _PROJECT_NAME.match(value):
-            raise ValueError(
-                f"{value!r} is not a safe folder name: use letters, digits, '.', '_', '-' (no path separators, no '..')"
-            )
+        if not is_project_name(value):
+            raise ValueError(f"{value!r} is not a safe folder name: {PROJECT_NAME_RULE}")
         return value
 
     @property
@@ -183,6 +256,21 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     return config_from_dict(raw, source=str(path))
 
 
+def with_max_steps(cfg: RunConfig, max_steps: int, option: str = "--max-steps") -> RunConfig:
+    """``cfg`` with ``training.max_steps`` from the command line; a bad value names the option."""
+    if cfg.launch.script is not None:
+        raise ConfigError(
+            f"{option}: your script (launch.script) decides its own length; pass it in "
+            f"launch.script_args instead (e.g. [--max_steps, {max_steps}])"
+        )
+    raw = cfg.model_dump(exclude_unset=True)
+    raw.setdefault("training", {})["max_steps"] = max_steps
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{option} {max_steps}: {_describe(exc.errors()[0]).split(': ', 1)[-1]}") from None
+
+
 def config_from_dict(raw: dict[str, Any], *, source: str = "<config>") -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
@@ -198,7 +286,7 @@ def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: Any) -> str:
     """Turn the first pydantic error into ``key: what is wrong``."""
     loc = [str(p) for p in error["loc"]]
     key = ".".join(loc) or "(top level)"
@@ -210,6 +298,8 @@ def _describe(error: dict[str, Any]) -> str:
     message = error["msg"]
     # pydantic prefixes custom messages; the user needs only ours.
     message = re.sub(r"^(Value error|Assertion failed), ", "", message)
+    if not loc and re.match(r"^\w+\.\w+: ", message):  # a check across sections names its key itself
+        return message
     # A section-level check names its key first ("repo_id: ..."): fold it into the path.
     named = re.match(r"^(\w+): (.*)$", message)
     if named and named.group(1) in _section_fields(loc):
@@ -237,26 +327,6 @@ def _did_you_mean(loc: list[str]) -> str:
 
 
 # ---------------------------------------------------------------- secrets
-
-# A whole word of the key's name (hf_token, API_KEY, client-secret), so that
-# `tokenizer` or `tokens_seen` keep their values: a redacted tokenizer would break `kaio resume`.
-_SECRET_KEY = re.compile(r"(?:^|[_\-.])(?:token|key|apikey|secret|password|passwd)(?:$|[_\-.])", re.IGNORECASE)
-REDACTED = "***"
-
-
-def is_secret_key(name: str) -> bool:
-    return bool(_SECRET_KEY.search(name))
-
-
-def redact(value: Any, marker: str = REDACTED) -> Any:
-    """A copy of a nested dict/list with the values of secret-looking keys replaced by ``marker``."""
-    if isinstance(value, dict):
-        return {
-            k: (marker if is_secret_key(str(k)) and v not in (None, "") else redact(v, marker)) for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [redact(v, marker) for v in value]
-    return value
 
 
 def config_snapshot(cfg: RunConfig) -> dict[str, Any]:

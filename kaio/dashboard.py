@@ -22,17 +22,18 @@ from __future__ import annotations
 import math
 import re
 import signal
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from rich import box
+from rich.cells import cell_len
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
 from rich.measure import Measurement
 from rich.panel import Panel
 from rich.segment import Segment
 from rich.table import Table
-from rich.cells import cell_len
 from rich.text import Text
 
+from kaio import units
 from kaio.run.snapshot import GpuRow, HostRow, Snapshot
 
 __all__ = [
@@ -117,19 +118,15 @@ def format_duration(seconds: float | None) -> str:
 
 
 def format_bytes(n: int | float | None) -> str:
-    """Decimal gigabytes with one decimal (``12.1 GB``), like ``vram_gb``; ``None`` -> ``"–"``."""
-    if not _finite(n):
-        return DASH
-    return f"{n / 1e9:.1f} GB"  # type: ignore[operator]
+    """Binary units, as everywhere in kaio (``12.1 GiB``); ``None`` -> ``"–"``."""
+    return units.gib(n) if _finite(n) else DASH  # type: ignore[arg-type]
 
 
 def format_vram(used: int | None, total: int | None, sep: str = " ") -> str:
-    """``"12.1/80.0 GB"``; a missing side is ``"–"``; both missing -> ``"–"``."""
+    """``"12.1/80.0 GiB"``; a missing side is ``"–"``; both missing -> ``"–"``."""
     if not _finite(used) and not _finite(total):
         return DASH
-    u = f"{used / 1e9:.1f}" if _finite(used) else DASH  # type: ignore[operator]
-    t = f"{total / 1e9:.1f}" if _finite(total) else DASH  # type: ignore[operator]
-    return f"{u}/{t}{sep}GB"
+    return units.gib_pair(used if _finite(used) else None, total if _finite(total) else None, DASH, sep)
 
 
 def format_loss(x: float | None) -> str:
@@ -505,7 +502,7 @@ def _peak_by_row(snap: Snapshot) -> tuple[dict[str, int | None], dict[int, int |
             for g, r in zip(in_run, sorted(peaks)):
                 by_key[g.key] = peaks[r]
                 used.add(r)
-    rest = {r: v for r, v in peaks.items() if r not in used and v is not None}
+    rest: dict[int, int | None] = {r: v for r, v in peaks.items() if r not in used and v is not None}
     return by_key, rest
 
 

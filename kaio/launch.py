@@ -11,11 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 from kaio.config import RunConfig
+from kaio.record.paths import ProjectPaths
+from kaio.secrets import redact_argv
 from kaio.telemetry.protocol import ENV_ERROR_DIR, ENV_PIPE, ENV_RESUME_FROM, ENV_SESSION, ENV_SPOOL_DIR
 
 
@@ -33,9 +35,10 @@ class LaunchPlan:
 
 
 def build_command(cfg: RunConfig, plan: LaunchPlan, environ: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
-    """The child's argv and environment: ``accelerate launch … -m kaio.child …``."""
+    """The child's argv and environment: ``accelerate launch … -m kaio.child …`` (through
+    ``kaio.child.launcher``, which is accelerate's launcher that also writes down which rank failed)."""
     n = cfg.launch.num_processes
-    argv = [plan.python, "-m", "accelerate.commands.launch", "--num_machines", "1", "--num_processes", str(n)]
+    argv = [plan.python, "-m", "kaio.child.launcher", "--num_machines", "1", "--num_processes", str(n)]
     if n > 1:
         # Several ranks: DDP (NCCL on GPUs, gloo without). `--cpu` would silently run one process.
         argv += ["--multi_gpu", "--main_process_port", str(plan.main_process_port)]
@@ -51,12 +54,13 @@ def build_command(cfg: RunConfig, plan: LaunchPlan, environ: Mapping[str, str]) 
     else:
         argv += ["--config", str(plan.config_path)]
 
+    paths = ProjectPaths(plan.report_dir)
     env = dict(environ)
     env.update(
         {
             ENV_PIPE: str(plan.fifo_path),
-            ENV_SPOOL_DIR: str(plan.report_dir / "spool"),
-            ENV_ERROR_DIR: str(plan.report_dir / "errors"),
+            ENV_SPOOL_DIR: str(paths.spool),
+            ENV_ERROR_DIR: str(paths.errors),
             ENV_SESSION: str(plan.session),
             "PYTHONUNBUFFERED": "1",  # the log shows lines as they happen
             "COMET_ERROR_TRACKING_ENABLE": environ.get("COMET_ERROR_TRACKING_ENABLE", "false"),
@@ -67,6 +71,11 @@ def build_command(cfg: RunConfig, plan: LaunchPlan, environ: Mapping[str, str]) 
     else:
         env.pop(ENV_RESUME_FROM, None)
     return argv, env
+
+
+def masked(argv: list[str]) -> list[str]:
+    """``argv`` as it may be written down: the values of secret-looking flags masked."""
+    return redact_argv(argv)
 
 
 def _has_flag(args: list[str], flag: str) -> bool:

@@ -7,8 +7,12 @@ these classes only decide when and where it is shown.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from rich.live import Live
 
 from kaio.run.snapshot import Snapshot
 
@@ -22,7 +26,7 @@ class LiveView:
     def __init__(self, console: Console) -> None:
         self.console = console
         self._snapshot: Snapshot | None = None
-        self._live = None
+        self._live: Live | None = None
 
     def _renderable(self):
         from kaio.dashboard import render

@@ -65,7 +65,16 @@ def project_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def write_config(directory: Path, name: str = "cfg.yaml", *, project: str = "t", max_steps: int = 12, save_steps: int = 100, num_processes: int = 1, extra: str = "") -> Path:
+def write_config(
+    directory: Path,
+    name: str = "cfg.yaml",
+    *,
+    project: str = "t",
+    max_steps: int = 12,
+    save_steps: int = 100,
+    num_processes: int = 1,
+    extra: str = "",
+) -> Path:
     path = directory / name
     text = FAST_CONFIG.format(project=project, max_steps=max_steps, save_steps=save_steps, num_processes=num_processes)
     path.write_text(text + textwrap.dedent(extra))
@@ -103,3 +112,31 @@ def wait_for(predicate, timeout: float, what: str) -> None:
             return
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def records(*dicts: dict) -> list:
+    """Journal records from plain dicts, checked against their declared types as a journal line is."""
+    import msgspec
+
+    from kaio.record.types import Record
+
+    return [msgspec.convert(d, Record) for d in dicts]
+
+
+def replay(dicts, project: str = "p"):
+    """A ``RunState`` (with an in-memory index) after applying ``dicts`` as journal records in order."""
+    from kaio.record.index import RunIndex
+    from kaio.run.state import RunState
+
+    state = RunState(project, RunIndex.in_memory())
+    for record in records(*dicts):
+        state.apply(record)
+    return state
+
+
+def history_of(state) -> dict:
+    """The history.json document a state would write now (open steps included), parsed."""
+    from kaio.report import history_document
+
+    with state.with_open_steps() as index:
+        return json.loads(b"".join(history_document(state.header(), index)))

@@ -112,7 +112,7 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
         # Keep-alive, as the client expects; every response therefore sends Content-Length.
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        def log_message(self, format: str, *args: object) -> None:
             pass  # keep pytest output clean
 
         def do_POST(self) -> None:

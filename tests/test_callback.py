@@ -12,6 +12,7 @@ from kaio.child import emitter as emitter_module
 from kaio.child.callback import KaioCallback
 from kaio.child.emitter import EventEmitter
 from kaio.telemetry.fifo import TelemetryFifo
+from kaio.telemetry.protocol import Save, Step
 
 
 def _spooled(spool_dir) -> list[dict]:
@@ -35,6 +36,9 @@ def hooks(tmp_path):
     state = SimpleNamespace(global_step=0, epoch=0.0, is_world_process_zero=True, num_input_tokens_seen=0)
     args = SimpleNamespace(output_dir="ck")
 
+    def evaluate(metrics: dict) -> None:
+        callback.on_evaluate(args, state, SimpleNamespace(), metrics=metrics)
+
     def step(logs: dict | None = None) -> None:
         control = SimpleNamespace(should_log=logs is not None)
         callback.on_step_begin(args, state, control)
@@ -47,7 +51,7 @@ def hooks(tmp_path):
         emitter.close()  # writes what the spool buffered
         return _spooled(tmp_path / "spool")
 
-    yield SimpleNamespace(step=step, events=events)
+    yield SimpleNamespace(step=step, evaluate=evaluate, events=events)
     emitter.close()
 
 
@@ -70,7 +74,7 @@ class _GpuTensor:
 def test_a_gpu_tensor_in_the_logs_is_left_out_not_read(hooks):
     hooks.step({"loss": _GpuTensor(), "learning_rate": 0.1})
     _step, log = hooks.events()
-    assert log["loss"] is None and log["learning_rate"] == 0.1
+    assert "loss" not in log and log["learning_rate"] == 0.1  # null: left out of the line
     assert log["extra"] == {"kaio_skipped_gpu_tensors": ["loss"]}
 
 
@@ -81,18 +85,18 @@ def test_the_spool_is_written_in_batches_while_the_fifo_reads_and_at_once_when_i
     emitter = EventEmitter(str(fifo.path), str(spool_dir), rank=0, session=1)
     try:
         for step in range(1, 11):
-            emitter.emit({"type": "step", "step": step})
+            emitter.emit(Step(rank=0, step=step))
         assert [e["seq"] for e in _fifo_lines(fifo)] == list(range(1, 11))  # the FIFO got each at once
         assert _spooled(spool_dir) == []  # the spool waits for a batch
         for step in range(11, emitter_module.SPOOL_FLUSH_EVENTS + 1):
-            emitter.emit({"type": "step", "step": step})
+            emitter.emit(Step(rank=0, step=step))
         assert len(_spooled(spool_dir)) == emitter_module.SPOOL_FLUSH_EVENTS
-        emitter.emit({"type": "step", "step": 65})  # in the FIFO's buffer, and the spool's
+        emitter.emit(Step(rank=0, step=65))  # in the FIFO's buffer, and the spool's
         fifo.close()  # the supervisor dies: those in the FIFO are gone
-        emitter.emit({"type": "step", "step": 66})  # EPIPE: the spool's buffer is written now
+        emitter.emit(Step(rank=0, step=66))  # EPIPE: the spool's buffer is written now
         assert not emitter.connected
         assert [e["seq"] for e in _spooled(spool_dir)] == list(range(1, 67))
-        emitter.emit({"type": "step", "step": 67})  # no reader: every event straight to the spool
+        emitter.emit(Step(rank=0, step=67))  # no reader: every event straight to the spool
         assert _spooled(spool_dir)[-1]["seq"] == 67
     finally:
         emitter.close()
@@ -105,8 +109,72 @@ def test_a_quiet_emitter_still_writes_its_spool_within_the_flush_interval(tmp_pa
     fifo = TelemetryFifo()
     emitter = EventEmitter(str(fifo.path), str(tmp_path / "spool"), rank=0, session=1)
     try:
-        emitter.emit({"type": "save", "step": 5})  # then nothing more (a long evaluation, say)
+        emitter.emit(Save(rank=0, step=5))  # then nothing more (a long evaluation, say)
         wait_for(lambda: len(_spooled(tmp_path / "spool")) == 1, 5, "the flusher thread to write the spool")
     finally:
         emitter.close()
         fifo.close()
+
+
+def test_an_evaluation_is_its_own_event_with_every_metric(hooks):
+    hooks.step({"loss": 2.0})
+    hooks.evaluate(
+        {"eval_loss": 1.5, "eval_accuracy": 0.25, "eval_runtime": 0.5, "eval_nan": float("nan"), "epoch": 1.0}
+    )
+    _step, _log, evaluation = hooks.events()
+    assert evaluation["type"] == "eval" and evaluation["step"] == 1
+    assert evaluation["metrics"] == {"eval_loss": 1.5, "eval_accuracy": 0.25, "eval_runtime": 0.5, "eval_nan": "nan"}
+
+
+def test_train_begin_describes_the_run_from_the_live_objects(tmp_path):
+    """A real (tiny) model with a real PEFT config and real TrainingArguments: what the report will say."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=3,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+        max_steps=7,
+        eval_strategy="steps",
+        eval_steps=5,
+        use_cpu=True,
+        report_to="none",
+    )
+    emitter = EventEmitter(None, str(tmp_path / "spool"), rank=0, session=1)
+    callback = KaioCallback(emitter)
+    state = SimpleNamespace(global_step=0, max_steps=7)
+    data = SimpleNamespace(dataset=list(range(11)))  # the train dataloader, when no Trainer is known
+    callback.on_train_begin(args, state, SimpleNamespace(), model=model, train_dataloader=data, processing_class=None)
+    emitter.close()
+    (start,) = _spooled(tmp_path / "spool")
+    assert start["type"] == "run_start" and start["world_size"] == 1 and start["max_steps"] == 7
+    assert start["args"]["per_device_train_batch_size"] == 3 and start["args"]["gradient_accumulation_steps"] == 2
+    assert start["args"]["eval_strategy"] == "steps" and start["args"]["eval_steps"] == 5
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert start["model"]["trainable_params"] == trainable and start["model"]["total_params"] > trainable
+    assert start["model"]["architecture"] == "LlamaForCausalLM" and start["model"]["dtype"] == "float32"
+    assert start["peft"] == {
+        "peft_type": "LORA",
+        "r": 8,
+        "alpha": 16.0,
+        "dropout": 0.1,
+        "target_modules": ["q_proj", "v_proj"],
+    }
+    assert start["train_samples"] == 11
+    env = start["environment"]
+    assert env["torch"] == torch.__version__ and env["transformers"] and env["python"]

@@ -19,7 +19,9 @@ print("HEAVY=" + ",".join(m for m in {heavy!r} if m in sys.modules))
 
 
 def _probe(args):
-    out = subprocess.run([sys.executable, "-c", PROBE.format(args=args, heavy=HEAVY)], capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE.format(args=args, heavy=HEAVY)], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout
 

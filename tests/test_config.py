@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import REPO, kaio, write_config
 from kaio.config import RunConfig, config_snapshot, load_config
 from kaio.errors import ConfigError
-
-from conftest import REPO, kaio, write_config
 
 
 def test_default_and_example_configs_validate(project_dir):
@@ -35,12 +34,21 @@ def test_defaults_fill_the_documented_paths():
 @pytest.mark.parametrize(
     "yaml_text, expected",
     [
-        ("project_name: p\ntraining:\n  learning_rat: 0.1\n", "training.learning_rat: unknown key (did you mean 'learning_rate'?)"),
+        (
+            "project_name: p\ntraining:\n  learning_rat: 0.1\n",
+            "training.learning_rat: unknown key (did you mean 'learning_rate'?)",
+        ),
         ("project_name: p\ntrainin:\n  max_steps: 3\n", "trainin: unknown key (did you mean 'training'?)"),
         ("project_name: p\ntraining:\n  batch_size: many\n", "training.batch_size: Input should be a valid integer"),
-        ("project_name: p\ntraining:\n  batch_size: 0\n", "training.batch_size: Input should be greater than or equal to 1"),
+        (
+            "project_name: p\ntraining:\n  batch_size: 0\n",
+            "training.batch_size: Input should be greater than or equal to 1",
+        ),
         ("project_name: p\nlora:\n  dropout: 1.5\n", "lora.dropout: Input should be less than 1"),
-        ("project_name: p\ntraining:\n  precision: fp8\n", "training.precision: Input should be 'auto', 'bf16', 'fp16' or 'fp32'"),
+        (
+            "project_name: p\ntraining:\n  precision: fp8\n",
+            "training.precision: Input should be 'auto', 'bf16', 'fp16' or 'fp32'",
+        ),
         ("project_name: p\ndata:\n  path: missing.jsonl\n", "data.path: data file 'missing.jsonl' not found"),
         ("project_name: p\nlaunch:\n  script: nope.py\n", "launch.script: script 'nope.py' not found"),
         ("project_name: ../evil\n", "project_name: '../evil' is not a safe folder name"),
@@ -103,7 +111,9 @@ def test_redaction_hides_secret_words_but_keeps_tokenizer_and_token_counts():
 
     cfg = RunConfig(project_name="p", model={"tokenizer": "meta-llama/Llama-3.1-8B"})
     assert config_snapshot(cfg)["model"]["tokenizer"] == "meta-llama/Llama-3.1-8B"  # resume reads it back
-    assert redact({"hf_token": "x", "COMET_API_KEY": "y", "client-secret": "z", "tokens_seen": 5, "tokenizer": "t"}) == {
+    assert redact(
+        {"hf_token": "x", "COMET_API_KEY": "y", "client-secret": "z", "tokens_seen": 5, "tokenizer": "t"}
+    ) == {
         "hf_token": "***",
         "COMET_API_KEY": "***",
         "client-secret": "***",

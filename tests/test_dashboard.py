@@ -30,7 +30,7 @@ from kaio.dashboard import (
 )
 from kaio.run.snapshot import GpuRow, HostRow, Snapshot
 
-GB = 10**9
+GB = 2**30  # kaio shows memory in binary units (GiB) everywhere
 
 
 def make_gpu(i: int, **kw) -> GpuRow:
@@ -103,12 +103,12 @@ def test_format_duration():
 
 
 def test_format_bytes_and_vram():
-    assert format_bytes(int(12.1 * GB)) == "12.1 GB"
-    assert format_bytes(0) == "0.0 GB"
+    assert format_bytes(int(12.1 * GB)) == "12.1 GiB"
+    assert format_bytes(0) == "0 MiB"
     assert format_bytes(None) == "–"
-    assert format_vram(int(12.1 * GB), 80 * GB) == "12.1/80.0 GB"
-    assert format_vram(int(12.1 * GB), 80 * GB, sep="") == "12.1/80.0GB"
-    assert format_vram(None, 80 * GB) == "–/80.0 GB"
+    assert format_vram(int(12.1 * GB), 80 * GB) == "12.1/80.0 GiB"
+    assert format_vram(int(12.1 * GB), 80 * GB, sep="") == "12.1/80.0GiB"
+    assert format_vram(None, 80 * GB) == "–/80.0 GiB"
     assert format_vram(None, None) == "–"
 
 
@@ -171,7 +171,7 @@ def test_render_gpu_run_shows_the_essentials():
     assert sparkline(make_snapshot().recent_losses, 6) in out
     # GPU row: key, name, util, VRAM used/total, run peak, power, temp, energy, no throttle
     row = next(line for line in out.splitlines() if "nvml:0" in line)
-    for piece in ("H100", "97%", "12.1/80.0 GB", "12.6 GB", "250 W", "61°C", "2.0 Wh", "ok"):
+    for piece in ("H100", "97%", "12.1/80.0 GiB", "12.6 GiB", "250 W", "61°C", "2.0 Wh", "ok"):
         assert piece in row, (piece, row)
     assert "host (no GPU)" not in out
     assert "child says hello" in out
@@ -182,7 +182,7 @@ def test_render_cpu_only_shows_host_row():
     out = text_of(render(cpu_snapshot()))
     row = next(line for line in out.splitlines() if "host (no GPU)" in line)
     assert "180%" in row
-    assert "4.1/24.0 GB" in row
+    assert "4.1/24.0 GiB" in row
     assert "nvml" not in out and "GPUs" not in out
 
 
@@ -204,7 +204,7 @@ def test_throttle_flag_and_idle_gpu():
     lines = out.splitlines()
     row1 = next(line for line in lines if "nvml:1" in line)
     assert "⚠ thermal, power_cap" in row1
-    assert "91°C" in row1 and "301 W" in row1 and "11.9 GB" in row1
+    assert "91°C" in row1 and "301 W" in row1 and "11.9 GiB" in row1
     row2 = next(line for line in lines if "nvml:2" in line)
     assert "–" in row2 and "70 W" in row2  # not in the run: rank shown as "–"
     assert "GPUs (2 of 3 in run)" in out
@@ -230,14 +230,14 @@ def test_peaks_map_to_rows_by_position_when_ranks_unknown():
         peak_vram_by_rank={0: int(10.0 * GB), 1: int(11.0 * GB)},
     )
     out = text_of(render(snap), width=120)
-    assert "10.0 GB" in next(line for line in out.splitlines() if "nvml:0" in line)
-    assert "11.0 GB" in next(line for line in out.splitlines() if "nvml:3" in line)
+    assert "10.0 GiB" in next(line for line in out.splitlines() if "nvml:0" in line)
+    assert "11.0 GiB" in next(line for line in out.splitlines() if "nvml:3" in line)
 
 
 def test_unmapped_peaks_are_shown_in_training_panel():
     snap = make_snapshot(gpus=(make_gpu(0), make_gpu(1)), peak_vram_by_rank={0: 5 * GB, 1: 6 * GB, 2: 7 * GB})
     out = text_of(render(snap), width=120)
-    assert "peak VRAM" in out and "rank 2 7.0 GB" in out
+    assert "peak VRAM" in out and "rank 2 7.0 GiB" in out
 
 
 def test_warnings_panel_only_when_present():
@@ -295,7 +295,7 @@ def test_render_at_other_widths_keeps_key_content(width):
     assert all(len(line) <= width for line in lines)
     assert "tiny-default" in out and "12/60" in out and "4.812" in out
     row = next(line for line in lines if "nvml:0" in line)
-    assert "250 W" in row and "61°C" in row and "⚠" in row and "12.1/80.0 GB" in row
+    assert "250 W" in row and "61°C" in row and "⚠" in row and "12.1/80.0 GiB" in row
     assert "something odd" in out
     assert "child says hello" in out
 
@@ -396,14 +396,14 @@ def test_plain_line_gpu():
     assert line.startswith("[kaio] tiny-default RUNNING step 12/60 (20%) loss 4.812")
     assert "1.85 step/s" in line
     assert "ETA 0:26" in line
-    assert "gpu0 250W 61C 12.1/80.0GB" in line
+    assert "gpu0 250W 61C 12.1/80.0GiB" in line
     assert "\x1b" not in line and "\n" not in line
 
 
 def test_plain_line_host_and_stopping():
     line = plain_line(cpu_snapshot(status="STOPPING"))
     assert "STOPPING" in line
-    assert "host cpu 180% ram 4.1/24.0GB" in line
+    assert "host cpu 180% ram 4.1/24.0GiB" in line
     assert "\x1b" not in line
 
 
@@ -417,8 +417,11 @@ def test_plain_line_flags_throttle_and_warnings_and_many_gpus():
 
 
 def test_plain_line_without_progress_data():
-    line = plain_line(make_snapshot(status="STARTING", step=0, max_steps=None, loss=None, steps_per_s=None,
-                                    eta_s=None, gpus=(), host=None))
+    line = plain_line(
+        make_snapshot(
+            status="STARTING", step=0, max_steps=None, loss=None, steps_per_s=None, eta_s=None, gpus=(), host=None
+        )
+    )
     assert line == "[kaio] tiny-default STARTING step 0"
 
 

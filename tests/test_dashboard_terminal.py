@@ -47,8 +47,9 @@ class Screen:
 def test_dashboard_shows_progress_and_host_row_then_ctrl_c_interrupts_cleanly(project_dir):
     write_config(project_dir, max_steps=5000, save_steps=10000)
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(COLUMNS), "LINES": str(LINES)}
-    child = pexpect.spawn(sys.executable, ["-m", "kaio", "run", "cfg.yaml"], cwd=str(project_dir), env=env,
-                          dimensions=(LINES, COLUMNS))
+    child = pexpect.spawn(
+        sys.executable, ["-m", "kaio", "run", "cfg.yaml"], cwd=str(project_dir), env=env, dimensions=(LINES, COLUMNS)
+    )
     screen = Screen(child)
     try:
         # Live redraws in place: wait for a frame that holds everything at once.
@@ -78,6 +79,6 @@ def test_not_a_terminal_prints_plain_lines_and_honours_no_color(project_dir):
     write_config(project_dir, max_steps=40)
     result = kaio("run", "cfg.yaml", cwd=project_dir, env={"NO_COLOR": "1"})
     assert result.returncode == 0
-    status_lines = [l for l in result.stdout.splitlines() if l.startswith("[kaio] t ")]
+    status_lines = [line for line in result.stdout.splitlines() if line.startswith("[kaio] t ")]
     assert status_lines and status_lines[-1].startswith("[kaio] t COMPLETED: 40/40 steps")
     assert "\x1b" not in result.stdout

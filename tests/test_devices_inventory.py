@@ -17,7 +17,9 @@ def _render(inv):
 
 
 def test_inventory_lists_backends_devices_versions_and_one_sample(monkeypatch):
-    install_nvml(monkeypatch, [FakeNvidiaGpu(), FakeNvidiaGpu(uuid="GPU-2", not_supported={"nvmlDeviceGetTemperature"})])
+    install_nvml(
+        monkeypatch, [FakeNvidiaGpu(), FakeNvidiaGpu(uuid="GPU-2", not_supported={"nvmlDeviceGetTemperature"})]
+    )
     install_amdsmi(monkeypatch, mi300x_cpx_card(2))
     inv = inventory(environ={"CUDA_VISIBLE_DEVICES": "1"})
 

@@ -83,5 +83,7 @@ def test_hip_honours_cuda_visible_devices_when_hip_variable_is_unset():
 
 def test_each_vendor_reads_its_own_variables_and_other_backends_are_untouched():
     devices = _nvidia() + _amd(2) + [DeviceInfo("synthetic", 0, "test device")]
-    marked, _ = mark_visible(devices, {"CUDA_VISIBLE_DEVICES": "0", "ROCR_VISIBLE_DEVICES": "1", "HIP_VISIBLE_DEVICES": "0"})
+    marked, _ = mark_visible(
+        devices, {"CUDA_VISIBLE_DEVICES": "0", "ROCR_VISIBLE_DEVICES": "1", "HIP_VISIBLE_DEVICES": "0"}
+    )
     assert [d.key for d in marked if d.in_run] == ["nvml:0", "amdsmi:1", "synthetic:0"]

@@ -1,5 +1,6 @@
 """Dockerfile.rocm, checked by parsing (no Docker engine runs on the development machines)."""
 
+import io
 import json
 import re
 import shlex
@@ -13,8 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def dockerfile():
-    parser = DockerfileParser(fileobj=open(ROOT / "Dockerfile.rocm", "rb"))
-    return parser
+    return DockerfileParser(fileobj=io.BytesIO((ROOT / "Dockerfile.rocm").read_bytes()))
 
 
 def _instructions(parser, name):
@@ -38,9 +38,7 @@ def _commands(run_line):
 def _pip_installs(run_line):
     """The argument lists of every `pip install` in one RUN line."""
     return [
-        words[words.index("install") + 1 :]
-        for words in _commands(run_line)
-        if "pip" in words and "install" in words
+        words[words.index("install") + 1 :] for words in _commands(run_line) if "pip" in words and "install" in words
     ]
 
 

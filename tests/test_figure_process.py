@@ -5,19 +5,26 @@ from __future__ import annotations
 import glob
 import tempfile
 
-from kaio.report.tally import tally_steps
+import msgspec
+
+from kaio.report.figure_data import FigureData, Line
 from kaio.run.finalize import FigureProcess
 
 
-def _steps(n: int) -> list[dict]:
-    return [{"step": i, "session": 1, "t_mono": float(i), "loss": 5.0 / i, "learning_rate": 1e-3} for i in range(1, n + 1)]
+def _data(n: int) -> FigureData:
+    steps = [float(i) for i in range(1, n + 1)]
+    return FigureData(
+        title="p: RUNNING",
+        no_gpu=True,
+        loss=Line(steps, [5.0 / i for i in steps]),
+        learning_rate=Line(steps, [1e-3] * n),
+    )
 
 
-class _Unreadable:
-    """A tally whose saved form the drawing process cannot read."""
+class _Unreadable(msgspec.Struct):
+    """Data the drawing process cannot read as a FigureData."""
 
-    def to_dict(self) -> dict:
-        return {"format": "not a tally"}
+    title: int = 3
 
 
 def _jobs_left() -> set[str]:
@@ -27,9 +34,8 @@ def _jobs_left() -> set[str]:
 def test_the_figure_is_drawn_by_a_child_and_a_request_during_a_drawing_is_skipped(tmp_path):
     before = _jobs_left()
     figure = FigureProcess(tmp_path)
-    header = {"project": "p", "status": "RUNNING", "devices": []}
-    figure.draw(header, tally_steps(_steps(50)))  # in the background
-    figure.draw(header, tally_steps(_steps(60)))  # still drawing: skipped
+    figure.draw(_data(50))  # in the background
+    figure.draw(_data(60))  # still drawing: skipped
     figure.close()
     assert (tmp_path / "telemetry.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert figure.failure is None and _jobs_left() == before
@@ -38,7 +44,7 @@ def test_the_figure_is_drawn_by_a_child_and_a_request_during_a_drawing_is_skippe
 def test_a_drawing_that_fails_says_why_and_leaves_no_job_file(tmp_path):
     before = _jobs_left()
     figure = FigureProcess(tmp_path)
-    figure.draw({"project": "p"}, _Unreadable(), wait=True)
+    figure.draw(_Unreadable(), wait=True)
     assert figure.failure and "Error" in figure.failure
     assert not (tmp_path / "telemetry.png").exists() and _jobs_left() == before
 
@@ -49,6 +55,6 @@ def test_a_drawing_that_cannot_start_is_reported_not_raised(tmp_path, monkeypatc
 
     monkeypatch.setattr(tempfile, "mkstemp", no_space)
     figure = FigureProcess(tmp_path)
-    figure.draw({"project": "p"}, tally_steps(_steps(3)), wait=True)
+    figure.draw(_data(3), wait=True)
     assert "No space left on device" in figure.failure
     figure.close()

@@ -26,7 +26,11 @@ def _plan(**kw) -> LaunchPlan:
 def test_single_process_runs_the_builtin_recipe_through_kaio_child():
     cfg = RunConfig(project_name="p")
     argv, env = build_command(cfg, _plan(), {"PATH": "/bin", "HF_TOKEN": "secret"})
-    assert argv[:3] == ["/venv/bin/python", "-m", "accelerate.commands.launch"]
+    assert argv[:3] == [
+        "/venv/bin/python",
+        "-m",
+        "kaio.child.launcher",
+    ]  # accelerate launch, writing down which rank failed
     assert argv[argv.index("--num_processes") + 1] == "1"
     assert "--multi_gpu" not in argv and "--cpu" not in argv
     assert argv[-4:] == ["-m", "kaio.child", "--config", "/r/docs/reports/p/config.json"]
@@ -53,10 +57,21 @@ def test_user_script_and_its_args_and_accelerate_args(tmp_path, monkeypatch):
     (tmp_path / "train.py").write_text("print('hi')\n")
     cfg = RunConfig(
         project_name="p",
-        launch={"script": "train.py", "script_args": ["--epochs", "2"], "accelerate_args": ["--mixed_precision", "bf16"]},
+        launch={
+            "script": "train.py",
+            "script_args": ["--epochs", "2"],
+            "accelerate_args": ["--mixed_precision", "bf16"],
+        },
     )
     argv, _ = build_command(cfg, _plan(), {})
-    assert argv[argv.index("-m", 3) :] == ["-m", "kaio.child", "--kaio-script", str(tmp_path / "train.py"), "--epochs", "2"]
+    assert argv[argv.index("-m", 3) :] == [
+        "-m",
+        "kaio.child",
+        "--kaio-script",
+        str(tmp_path / "train.py"),
+        "--epochs",
+        "2",
+    ]
     assert argv.count("--mixed_precision") == 1  # the user's flag replaces kaio's default
     assert argv[argv.index("--mixed_precision") + 1] == "bf16"
 

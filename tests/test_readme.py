@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import re
 
+from conftest import REPO
 from kaio.config import RunConfig
 from kaio.config_reference import _rows, reference_block
-
-from conftest import REPO
 
 
 def test_readme_config_table_is_the_current_schema():

@@ -1,488 +1,847 @@
-"""kaio.report: summary maths, report.md sections, the telemetry figure, reading and writing histories."""
+"""kaio.report: report.md sections, the telemetry figure, writing history.json and reading it back."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+import msgspec
 import pytest
 
+from conftest import history_of, replay
+from kaio.devices.base import DeviceInfo
 from kaio.errors import ReportError
-from kaio.report import load_history, write_reports
+from kaio.record.index import RunIndex
+from kaio.record.rules import LossSmoother
+from kaio.record.types import (
+    CheckpointSaved,
+    DeviceSummary,
+    EvalEntry,
+    GpuStepStats,
+    HistoryHeader,
+    HostInfo,
+    HostStepStats,
+    HubOutcome,
+    RunDescription,
+    Session,
+    SessionKind,
+    Status,
+    StepEntry,
+    Telemetry,
+)
+from kaio.report import figure_data, history_document, history_from_file, write_reports
 from kaio.report.markdown import render_markdown
-from kaio.report.plot import PANEL_TITLES, build_figure, render_telemetry_png
+from kaio.report.plot import (
+    HOST_PANEL_TITLES,
+    NO_GPU_TEXT,
+    PANEL_TITLES,
+    build_figure,
+    render_telemetry_png,
+)
 from kaio.report.summary import summarize
-from kaio.report.tally import RunTally
+from kaio.telemetry.protocol import Environment, ModelInfo, PeftInfo, TrainingArgs
+from kaio.units import GIB, MIB
 
 HF_SECRET = "hf_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+V1_HISTORY = Path(__file__).parent / "fixtures" / "v1-project" / "history.json"
 
 
-@pytest.fixture(autouse=True)
-def _matplotlib_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
+# --- synthetic runs -------------------------------------------------------------
 
 
-# --- synthetic histories ----------------------------------------------------
+def gpu(power=250.0, util=97.0, temp=61.0, vram_used=10 * GIB, **extra) -> GpuStepStats:
+    return GpuStepStats(
+        power_avg=power,
+        power_min=None if power is None else power - 10,
+        power_max=None if power is None else power + 10,
+        util_avg=util,
+        temp_max=None if temp is None else temp - 6,
+        temp_junction_max=temp,
+        vram_used_max_bytes=vram_used,
+        samples=1,
+        **extra,
+    )
 
 
-def gpu_entry(power=250.0, util=97.0, temp=61.0, vram_used=9_000_000_000, **extra) -> dict:
-    entry = {
-        "power_avg": power, "power_min": None if power is None else power - 10,
-        "power_max": None if power is None else power + 10,
-        "util_avg": util, "temp_max": None if temp is None else temp - 6, "temp_junction_max": temp,
-        "energy_j": None, "vram_used_max_bytes": vram_used, "samples": 1,
+def make_step(n: int, *, session=1, loss=2.0, gpus=None, ranks=None, **extra) -> StepEntry:
+    ranks = ranks or {}
+    peaks = [v for v in ranks.values() if v is not None]
+    fields = {
+        "step": n,
+        "session": session,
+        "epoch": n / 100,
+        "timestamp": f"2026-11-27T10:00:{n % 60:02d}+00:00",
+        "t_mono": 1000.0 + 0.5 * n,
+        "step_time_s": 0.5,
+        "duration_s": 0.5,
+        "loss": loss,
+        "learning_rate": 1e-3 * (1 - n / 1000),
+        "grad_norm": 1.0,
+        "samples_seen": 8 * n,
+        "tokens_seen": 1024 * n,
+        "peak_vram_bytes": ranks,
+        "vram_peak_bytes": max(peaks) if peaks else None,
+        "gpus": gpus or {},
     }
-    entry.update(extra)
-    return entry
+    fields.update(extra)
+    return StepEntry(**fields)
 
 
-def make_step(step: int, *, session=1, t_mono=None, step_time_s=0.5, loss=2.0, gpus=None, peak_vram=None, **extra):
-    entry = {
-        "step": step, "epoch": step / 100, "session": session,
-        "timestamp": f"2026-11-27T10:00:{step % 60:02d}+00:00",
-        "t_mono": 1000.0 + step * 0.5 if t_mono is None else t_mono, "step_time_s": step_time_s,
-        "loss": loss, "learning_rate": 1e-3 * (1 - step / 1000), "grad_norm": 1.0,
-        "samples_seen": 8 * step, "tokens_seen": 1024 * step,
-        "peak_vram_bytes": peak_vram, "gpus": gpus or {}, "host": None,
-    }
-    entry.update(extra)
-    return entry
+def smooth(steps: list[StepEntry]) -> list[StepEntry]:
+    """The smoothed loss as the assembler fills it in."""
+    smoother = LossSmoother()
+    for entry in steps:
+        if entry.loss is not None:
+            entry.loss_smoothed, entry.loss_diverged = smoother.add(entry.loss)
+    return steps
 
 
-def make_history(n_steps=20, n_gpus=1, session_lengths=None, **overrides) -> dict:
-    """A coherent history: ``n_gpus`` 0 means a CPU-only host; ``session_lengths`` splits the steps."""
+def device(i: int, energy_j=90_000.0) -> DeviceSummary:
+    info = DeviceInfo(backend="nvml", index=i, name="NVIDIA H100", uuid=f"GPU-{i}", vram_total_bytes=80 * GIB)
+    return DeviceSummary(key=info.key, info=info, energy_j=energy_j, energy_method="counter")
+
+
+def run_description(n_gpus: int, max_steps: int) -> RunDescription:
+    return RunDescription(
+        world_size=max(n_gpus, 1),
+        distributed_type="MULTI_GPU" if n_gpus > 1 else "NO",
+        device="cuda:0",
+        max_steps=max_steps,
+        precision="bf16",
+        effective_batch_size=16 * max(n_gpus, 1),
+        model=ModelInfo(
+            name_or_path="kaio/tiny-llama",
+            model_class="PeftModelForCausalLM",
+            architecture="LlamaForCausalLM",
+            dtype="bfloat16",
+            trainable_params=1_048_576,
+            total_params=134_217_728,
+        ),
+        peft=PeftInfo(peft_type="LORA", r=16, alpha=32.0, dropout=0.05, target_modules=["q_proj", "v_proj"]),
+        args=TrainingArgs(
+            per_device_train_batch_size=8,
+            gradient_accumulation_steps=2,
+            learning_rate=0.003,
+            lr_scheduler_type="cosine",
+            optim="adamw_torch",
+            seed=7,
+            bf16=True,
+            max_steps=max_steps,
+            logging_strategy="steps",
+            logging_steps=1,
+            save_strategy="steps",
+            save_steps=100,
+            eval_strategy="no",
+        ),
+        tokenizer="kaio/tiny-llama",
+        train_samples=640,
+        eval_samples=64,
+    )
+
+
+def make_run(n_steps=20, n_gpus=1, session_lengths=None, *, steps=None, evals=(), **overrides):
+    """A coherent run as (header, index): ``n_gpus`` 0 is a CPU-only host; ``session_lengths`` splits the steps.
+
+    Step k has loss 4 / (1 + 0.1 k), 8 k samples, 1024 k tokens, 0.5 s; GPU i draws 200 + 2 k + 10 i W at
+    90 + i % and 60 + i + k % 5 °C junction, with 10 GiB used on the device; rank i's true peak is
+    8 GiB + k MiB - 100 MiB x i.
+    """
     session_lengths = session_lengths or [n_steps]
     keys = [f"nvml:{i}" for i in range(n_gpus)]
-    steps, sessions, step = [], [], 0
+    made, sessions, k = [], [], 0
     for number, length in enumerate(session_lengths, start=1):
-        start = step
+        start = k
         for _ in range(length):
-            step += 1
-            gpus = {k: gpu_entry(power=200.0 + 10 * i + step, util=90.0 + i, temp=60.0 + i + step % 5)
-                    for i, k in enumerate(keys)}
-            peak = {str(i): 8_000_000_000 + 1_000_000 * step - 100_000_000 * i for i in range(n_gpus)} or None
-            steps.append(make_step(step, session=number, loss=4.0 / (1 + 0.1 * step), gpus=gpus, peak_vram=peak))
-        sessions.append({
-            "session": number, "kind": "run" if number == 1 else "resume",
-            "started_at": f"2026-11-27T1{number}:00:00+00:00", "ended_at": f"2026-11-27T1{number}:10:00+00:00",
-            "duration_s": 0.5 * length + 5.0, "status": "COMPLETED", "exit_code": 0, "signal": None,
-            "start_step": start, "end_step": step, "error": None,
-        })
-    history = {
-        "schema_version": 1, "project": "tiny-default", "generated_at": "2026-11-27T10:00:00+00:00",
-        "status": "COMPLETED",
-        "config": {"project_name": "tiny-default", "model": {"name": "kaio/tiny-llama"}, "training": {"lr": 0.003}},
-        "run": {
-            "world_size": max(n_gpus, 1), "max_steps": step, "trainable_params": 1_048_576,
-            "total_params": 134_217_728, "architecture": "LlamaForCausalLM", "base_model": "kaio/tiny-llama",
-            "precision": "bf16", "per_device_batch_size": 8, "gradient_accumulation_steps": 2,
-            "effective_batch_size": 16 * max(n_gpus, 1), "learning_rate": 0.003, "lr_scheduler_type": "cosine",
-            "optimizer": "adamw_torch", "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"]},
-            "seq_length": 128,
+            k += 1
+            gpus = {
+                key: gpu(power=200.0 + 2 * k + 10 * i, util=90.0 + i, temp=60.0 + i + k % 5)
+                for i, key in enumerate(keys)
+            }
+            ranks = {str(i): 8 * GIB + k * MIB - 100 * MIB * i for i in range(n_gpus)}
+            made.append(make_step(k, session=number, loss=4.0 / (1 + 0.1 * k), gpus=gpus, ranks=ranks))
+        sessions.append(
+            Session(
+                session=number,
+                kind=SessionKind.RUN if number == 1 else SessionKind.RESUME,
+                started_at=f"2026-11-27T1{number}:00:00+00:00",
+                ended_at=f"2026-11-27T1{number}:10:00+00:00",
+                duration_s=0.5 * length + 5.0,
+                status=Status.COMPLETED,
+                exit_code=0,
+                start_step=start,
+                end_step=k,
+            )
+        )
+    fields = {
+        "project": "tiny-default",
+        "generated_at": "2026-11-27T10:00:00+00:00",
+        "status": Status.COMPLETED,
+        "config": {
+            "project_name": "tiny-default",
+            "model": {"base_model": "kaio/tiny-llama"},
+            "training": {"learning_rate": 0.003},
+            "launch": {"num_processes": max(n_gpus, 1), "script": None},
+            "reporting": {"poll_hz": 2.0},
+            "hub": {"push": False},
         },
+        "run": run_description(n_gpus, k),
         "sessions": sessions,
-        "devices": [{"key": k, "name": "NVIDIA H100", "uuid": f"GPU-{k}", "in_run": True, "power_kind": "average",
-                     "energy_method": "counter", "energy_j": 90_000.0} for k in keys],
-        "host": {"cpu_count": 2, "ram_total_bytes": 25_769_803_776},
-        "telemetry": {"events": 3 * step, "malformed_lines": 0, "oversized_lines": 0, "spooled_events": 0,
-                      "samples": 2 * step, "poll_hz": 2.0, "poll_interval_mean_s": 0.5, "poll_lateness_p99_s": 0.002},
-        "warnings": [],
-        "hub": None,
-        "steps": steps,
+        "devices": [device(i) for i in range(n_gpus)],
+        "host": HostInfo(cpu_count=2, ram_total_bytes=24 * GIB),
+        "telemetry": Telemetry(events=3 * k, samples=2 * k, poll_hz=2.0),
     }
-    history.update(overrides)
-    return history
+    fields.update(overrides)
+    header = HistoryHeader(**fields)
+    index = RunIndex.in_memory()
+    for entry in smooth(made if steps is None else steps):
+        index.add_step(entry)
+    for evaluation in evals:
+        index.add_eval(evaluation)
+    return header, index
 
 
-def cpu_only_history(n_steps=12) -> dict:
-    history = make_history(n_steps, n_gpus=0)
-    for step in history["steps"]:
-        step["host"] = {"cpu_pct": 50.0 + step["step"] % 2 * 20, "ram_used_bytes": 4_000_000_000 + step["step"]}
-    assert history["devices"] == [] and all(s["gpus"] == {} and s["peak_vram_bytes"] is None for s in history["steps"])
-    return history
+def report_of(header: HistoryHeader, index: RunIndex) -> str:
+    return render_markdown(header, summarize(header, index), index.evals())
+
+
+def cpu_only_run(n_steps=12):
+    steps = [
+        make_step(
+            k, loss=4.0 / (1 + 0.1 * k), host=HostStepStats(cpu_pct=50.0 + k % 2 * 20, ram_used_bytes=4 * GIB + k * MIB)
+        )
+        for k in range(1, n_steps + 1)
+    ]
+    return make_run(n_steps, n_gpus=0, steps=steps)
+
+
+def section(md: str, title: str) -> str:
+    return md.split(f"## {title}\n")[1].split("\n## ")[0]
+
+
+def labels(ax) -> list[str]:
+    """The labelled lines of a panel (a session boundary is an unlabelled line)."""
+    return [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
 
 
 def no_data_texts(ax) -> list[str]:
     return [t.get_text() for t in ax.texts if "not reported" in t.get_text() or "no " in t.get_text()]
 
 
-# --- summary maths ----------------------------------------------------------
+# --- report.md --------------------------------------------------------------------
 
 
-def test_loss_statistics_ignore_unlogged_and_nonfinite_steps():
-    steps = [
-        make_step(1, loss=None),
-        make_step(2, loss=5.0),
-        make_step(3, loss=None, loss_nonfinite="nan"),
-        make_step(4, loss=1.5),
-        make_step(5, loss=None, loss_nonfinite="inf"),
-        make_step(6, loss=2.0),
-        make_step(7, loss=None, loss_nonfinite="nan"),
-    ]
-    summary = summarize(make_history(steps=steps))
-    assert (summary["loss_initial"], summary["loss_final"]) == (5.0, 2.0)
-    assert (summary["loss_min"], summary["loss_min_step"]) == (1.5, 4)
-    assert summary["loss_logged_steps"] == 3
-    assert (summary["loss_nan_count"], summary["loss_nan_first_step"]) == (2, 3)
-    assert (summary["loss_inf_count"], summary["loss_inf_first_step"]) == (1, 5)
-    assert "loss was NaN at 2 steps (first at step 3)" in summary["warnings"]
-    assert "loss was inf at 1 step (first at step 5)" in summary["warnings"]
-
-
-def test_step_durations_use_t_mono_gaps_and_step_time_for_a_sessions_first_step():
-    def at(step, power, **timing):
-        return make_step(step, gpus={"nvml:0": gpu_entry(power=power)}, **timing)
-
-    steps = [
-        at(1, 100.0, t_mono=10.0, step_time_s=1.0),
-        at(2, 200.0, t_mono=11.0),
-        at(3, 300.0, t_mono=14.0),
-        at(4, 400.0, session=2, t_mono=500.0, step_time_s=2.5),  # new session: the t_mono gap is downtime
-        at(5, 500.0, session=2, step_time_s=None),  # unknown: the median of the known durations
-    ]
-    steps[4]["t_mono"] = None
-    durations = [1.0, 1.0, 3.0, 2.5, 1.75]
-    summary = summarize(make_history(steps=steps))
-    expected = sum(p * d for p, d in zip([100, 200, 300, 400, 500], durations)) / sum(durations)
-    assert summary["power_avg_w"] == pytest.approx(expected, rel=1e-12)
-
-
-def test_energy_and_power_are_integrated_over_unevenly_spaced_steps():
-    # No device counter, no per-step energy: power x duration, with steps of 1 s, 1 s, 3 s and 0.5 s.
-    steps = [
-        make_step(1, t_mono=10.0, step_time_s=1.0, gpus={"nvml:0": gpu_entry(power=100.0)}),
-        make_step(2, t_mono=11.0, gpus={"nvml:0": gpu_entry(power=200.0)}),
-        make_step(3, t_mono=14.0, gpus={"nvml:0": gpu_entry(power=300.0)}),
-        make_step(4, t_mono=14.5, gpus={"nvml:0": gpu_entry(power=400.0)}),
-    ]
-    history = make_history(steps=steps, devices=[])
-    summary = summarize(history)
-    joules = 100 * 1 + 200 * 1 + 300 * 3 + 400 * 0.5
-    assert summary["energy_kwh"] == pytest.approx(joules / 3.6e6)
-    assert summary["power_avg_w"] == pytest.approx(joules / 5.5)  # a plain mean would say 250 W
-    assert summary["power_peak_w"] == 410.0
-    assert summary["energy_method"] == "integrated from per-step average power"
-    assert any(w.startswith("energy integrated from per-step average power") for w in summary["warnings"])
-    assert summary["samples"] == 32
-    assert summary["energy_per_1k_samples_wh"] == pytest.approx(joules / 3600 / 32 * 1000)
-
-
-def test_energy_prefers_device_counters_then_per_step_energy():
-    history = make_history(10, n_gpus=2)
-    history["devices"][0]["energy_j"] = 1_800_000.0
-    history["devices"][1].update(energy_j=1_800_000.0, energy_method="integrated")
-    history["devices"].append({"key": "nvml:7", "name": "other job", "in_run": False, "energy_j": 9e9})
-    summary = summarize(history)
-    assert summary["energy_kwh"] == pytest.approx(1.0)
-    assert summary["energy_method"] == "hardware counter + integrated power"
-    assert ("energy of GPU nvml:1 (NVIDIA H100) integrated from power samples, not read from a hardware energy "
-            "counter") in summary["warnings"]
-
-    history["devices"][1]["energy_j"] = None  # one run GPU without a counter: fall back to the steps
-    for i, step in enumerate(history["steps"]):
-        step["energy_j"] = None if i == 3 else 360.0
-    summary = summarize(history)
-    assert summary["energy_kwh"] == pytest.approx(9 * 360.0 / 3.6e6)
-    assert summary["energy_method"] == "sum of per-step energy"
-
-
-def test_gpu_averages_are_time_weighted_and_skip_missing_values():
-    steps = [
-        make_step(1, t_mono=10.0, step_time_s=1.0, gpus={"nvml:0": gpu_entry(util=50.0, temp=70.0)}),
-        make_step(2, t_mono=13.0, gpus={"nvml:0": gpu_entry(util=None, temp=None)}),
-        make_step(3, t_mono=16.0, gpus={"nvml:0": gpu_entry(util=100.0, temp=80.0)}),
-    ]
-    steps[1]["gpus"]["nvml:0"]["temp_max"] = 75.0  # no junction reading: the edge temperature stands in
-    summary = summarize(make_history(steps=steps))
-    assert summary["gpu_util_avg_pct"] == pytest.approx((50 * 1 + 100 * 3) / 4)
-    assert summary["temp_avg_c"] == pytest.approx((70 * 1 + 75 * 3 + 80 * 3) / 7)
-    assert summary["temp_peak_c"] == 80.0
-
-
-def test_vram_true_peak_per_rank_and_device_gap():
-    steps = [
-        make_step(1, peak_vram={"0": 4_000_000_000, "1": 3_000_000_000},
-                  gpus={"nvml:0": gpu_entry(vram_used=5_000_000_000), "nvml:1": gpu_entry(vram_used=4_500_000_000)}),
-        make_step(2, peak_vram={"0": 5_000_000_000, "1": None},
-                  gpus={"nvml:0": gpu_entry(vram_used=5_500_000_000), "nvml:1": gpu_entry(vram_used=None)}),
-        make_step(3, peak_vram=None, gpus={}),
-    ]
-    summary = summarize(make_history(steps=steps, devices=[]))
-    assert summary["vram_true_peak_bytes"] == 5_000_000_000
-    assert summary["vram_true_peak_by_rank_bytes"] == {"0": 5_000_000_000, "1": 3_000_000_000}
-    assert summary["vram_true_peak_step_avg_bytes"] == 4_500_000_000
-    assert summary["vram_device_used_peak_bytes"] == 5_500_000_000
-    assert summary["vram_device_used_peak_by_gpu_bytes"] == {"nvml:0": 5_500_000_000, "nvml:1": 4_500_000_000}
-    assert summary["vram_gap_bytes"] == 500_000_000
-    assert summary["gpu_count"] == 2
-
-
-def test_throughput_and_duration_add_up_across_sessions_that_restart_counters():
-    history = make_history(session_lengths=[3, 2])
-    for step, seen in zip(history["steps"], [8, 16, 24, 8, 16]):  # session 2 counts from zero again
-        step["samples_seen"], step["tokens_seen"] = seen, None
-    history["sessions"][0]["duration_s"], history["sessions"][1]["duration_s"] = 3600.0, 1800.0
-    summary = summarize(history)
-    assert summary["samples"] == 40
-    assert summary["samples_per_s"] == pytest.approx(40 / 5400)
-    assert summary["tokens"] is None and summary["tokens_per_s"] is None
-    assert summary["duration_h"] == pytest.approx(1.5)
-    assert (summary["optimizer_steps"], summary["step_entries"], summary["sessions"]) == (5, 5, 2)
-    assert summary["trainable_pct"] == pytest.approx(100 * 1_048_576 / 134_217_728)
-
-
-def test_warnings_for_explosions_spikes_stalls_throttling_and_lost_telemetry():
-    steps = [make_step(i, loss=1.0, step_time_s=0.2, t_mono=float(i)) for i in range(1, 31)]
-    steps[1]["loss"] = 4.0  # a single noisy batch is not an explosion
-    for step in steps[24:]:
-        step["loss"] = 5.0  # a sustained divergence is: EMA (alpha 1/3) 2.333, then 3.222 > 3 x 1.0 at step 26
-    steps[20]["grad_norm"] = 50.0
-    steps[15]["step_time_s"] = 2.0
-    steps[10]["gpus"] = {"nvml:0": gpu_entry(throttle=["hw_slowdown", "sw_thermal"])}
-    steps[11]["gpus"] = {"nvml:0": gpu_entry(throttle=["sw_thermal"])}
-    del steps[5]  # a step the history never got
-    history = make_history(steps=steps, warnings=["a warning from the supervisor"])
-    history["telemetry"].update(malformed_lines=3, oversized_lines=1, dropped_samples=4)
-    warnings = summarize(history)["warnings"]
-    assert warnings[0] == "a warning from the supervisor"
-    exploded = [w for w in warnings if w.startswith("loss exploded")]
-    assert exploded == ["loss exploded: smoothed loss above 3x its running minimum at 5 logged steps "
-                        "(first at step 26: 3.222 vs 1)"]
-    assert "gradient norm spiked above 10x its median (1) at 1 step (largest 50 at step 21)" in warnings
-    assert "1 stalled step: step time above 5x the median 0.2 s (longest 2 s at step 16)" in warnings
-    assert ("GPU nvml:0 (NVIDIA H100) throttled (hw_slowdown, sw_thermal) during 2 steps, first at step 11"
-            in warnings)
-    assert "3 malformed telemetry lines dropped" in warnings
-    assert "1 oversized telemetry line dropped" in warnings
-    assert "4 samples dropped" in warnings
-    assert "history has no entry for 1 optimizer step between its first and last step" in warnings
-
-
-def test_a_healthy_run_has_no_warnings_and_its_summary_is_strict_json():
-    summary = summarize(make_history(40, n_gpus=2))
-    assert summary["warnings"] == []
-    assert json.loads(json.dumps(summary, allow_nan=False)) == summary
-
-
-# --- report.md --------------------------------------------------------------
-
-
-def test_completed_single_session_report_has_its_sections_and_no_optional_ones():
-    history = make_history(20)
-    md = render_markdown(history, summarize(history))
-    for heading in ("# Training report: tiny-default", "## Executive summary", "## Key metrics",
-                    "## Configuration snapshot", "## Telemetry"):
+def test_completed_single_session_report_has_its_sections_units_and_numbers():
+    md = report_of(*make_run(20))
+    for heading in (
+        "# Training report: tiny-default",
+        "## Executive summary",
+        "## Key metrics",
+        "## Telemetry",
+        "## What was trained",
+        "## kaio configuration",
+    ):
         assert heading in md
-    for absent in ("## Sessions", "## Warnings", "## Hugging Face deployment", "## Notes", "Latest checkpoint",
-                   "not measured"):
+    for absent in (
+        "## Sessions",
+        "## Warnings",
+        "## Hugging Face deployment",
+        "## Notes",
+        "## Evaluation",
+        "## Environment",
+        "Latest checkpoint",
+        "not measured",
+        "Evaluation loss, best",
+    ):
         assert absent not in md
     assert "**Status:** ✅ COMPLETED" in md
+    assert "**Duration:** 15 s" in md  # 20 x 0.5 s + 5 s
     assert "**Optimizer steps:** 20 of 20 planned" in md
     assert "**Trainable params:** 1,048,576 of 134,217,728 (0.781 %)" in md
     assert "![telemetry](telemetry.png)" in md
-    assert "| Loss (initial → final) | 3.636 → 1.333 |" in md
-    assert "| Energy | 0.0250 kWh (25 Wh), hardware counter |" in md
-    assert "| Throughput | 10.7 samples/s · 1,365 tokens/s |" in md
-    for setting in ("| Base model | kaio/tiny-llama |", "| Architecture | LlamaForCausalLM |", "| Precision | bf16 |",
-                    "| Effective batch size | 16 |", "| Gradient accumulation steps | 2 |",
-                    "| LoRA r / alpha | 16 / 32 |", "| LoRA target modules | q_proj, v_proj |",
-                    "| Learning rate | 0.003 |", "| Optimizer | adamw_torch |", "| LR scheduler | cosine |"):
-        assert setting in md
+    metrics = section(md, "Key metrics")
+    for row in (
+        "| Loss (initial → final) | 3.636 → 1.333 |",  # 4 / 1.1 and 4 / 3
+        "| Loss, minimum | 1.333 at step 20 |",
+        "| True peak VRAM (allocator, max over ranks) | 8.0 GiB |",  # 8 GiB + 20 MiB
+        "| True peak VRAM, average over steps | 8.0 GiB |",
+        # 10 GiB - (8 GiB + 20 MiB) = 2028 MiB: binary units
+        (
+            "| Device VRAM used, peak (driver) | 10.0 GiB (2.0 GiB above the true peak: CUDA context, allocator cache, "
+            "other processes) |"
+        ),
+        "| Power per GPU (average / peak) | 221 / 250 W |",  # 200 + 2 x mean(1..20); 240 + 10
+        "| Energy | 25 Wh, hardware counter |",  # 90 kJ
+        "| Energy per 1k samples | 156 Wh |",  # 25 Wh over 160 samples
+        "| Samples processed | 160 |",
+        "| Throughput (over the optimizer steps) | 16 samples/s · 2,048 tokens/s |",  # over 20 x 0.5 s
+        "| GPU utilisation (average) | 90 % |",
+        "| Temperature (average / peak) | 62 / 64 °C |",
+    ):
+        assert row in metrics
+    assert "| Power, all" not in metrics  # one GPU: no total row
+    assert "Host CPU" not in metrics  # no host numbers recorded
+    assert "history schema 2 · 40 telemetry samples at 2 Hz · 60 training events" in md
 
 
-def test_failed_multi_session_report_shows_root_cause_sessions_and_warnings():
-    history = make_history(session_lengths=[5, 3], status="FAILED")
-    history["sessions"][1].update(status="FAILED", exit_code=1,
-                                  error="torch.OutOfMemoryError: CUDA out of memory | tried 2 GiB")
-    history["steps"][6]["loss"], history["steps"][6]["loss_nonfinite"] = None, "nan"
-    history["checkpoints"] = [{"step": 4, "path": "checkpoints/tiny-default/checkpoint-4", "session": 1}]
-    history["telemetry"]["notes"] = ["resumed from checkpoint-4"]
-    md = render_markdown(history, summarize(history))
+def test_what_was_trained_comes_from_the_run_description():
+    trained = section(report_of(*make_run(20)), "What was trained")
+    for row in (
+        "| Model | kaio/tiny-llama |",
+        "| Architecture | LlamaForCausalLM |",
+        "| Weights dtype | bfloat16 |",
+        "| Precision (training) | bf16 |",
+        "| PEFT | LORA r=16 alpha=32 dropout=0.05 on q_proj, v_proj |",
+        "| Tokenizer | kaio/tiny-llama |",
+        "| Training / evaluation examples | 640 / 64 |",
+        "| Per-device batch size | 8 |",
+        "| Gradient accumulation steps | 2 |",
+        "| World size (processes) | 1 |",
+        "| Effective batch size | 16 |",
+        "| Max steps | 20 |",
+        "| Learning rate | 0.003 |",
+        "| LR scheduler | cosine |",
+        "| Optimizer | adamw_torch |",
+        "| Seed | 7 |",
+        "| Logging / evaluation / saving | log: steps every 1 · eval: no · save: steps every 100 |",
+    ):
+        assert row in trained
+
+
+def test_what_was_trained_without_a_trainer_says_so():
+    md = report_of(*make_run(5, run=None))
+    assert "No transformers `Trainer` started" in section(md, "What was trained")
+    assert "**Trainable params:** not reported" in md
+    assert "**Optimizer steps:** 5" in md and "planned" not in md
+
+
+def test_full_fine_tune_and_multi_gpu_rows():
+    header, index = make_run(20, n_gpus=2)
+    header.run.peft = None
+    md = report_of(header, index)
+    assert "| PEFT | none: every parameter trained |" in md
+    assert "| World size (processes) | 2 |" in md and "| Distributed | MULTI_GPU |" in md
+    # Per-GPU average over both GPUs (221 and 231 W), their sum, the energy of both counters (180 kJ).
+    assert "| Power per GPU (average / peak) | 226 / 260 W |" in md
+    assert "| Power, all 2 GPUs (average) | 452 W |" in md
+    assert "| Energy | 50 Wh, hardware counter |" in md
+    # Rank 0 peaks at 8 GiB + 20 MiB, rank 1 100 MiB lower.
+    assert "| True peak VRAM (allocator, max over ranks) | 8.0 GiB (rank 0: 8.0 GiB, rank 1: 7.9 GiB) |" in md
+
+
+def test_kaio_configuration_shows_the_built_in_recipe_only_when_it_ran():
+    header, index = make_run(5)
+    config = section(report_of(header, index), "kaio configuration")
+    assert '"base_model": "kaio/tiny-llama"' in config and '"num_processes": 1' in config
+    header.config = {**header.config, "launch": {"script": "train.py", "num_processes": 1}}
+    config = section(report_of(header, index), "kaio configuration")
+    assert '"script": "train.py"' in config and '"poll_hz": 2.0' in config
+    assert "base_model" not in config and '"training"' not in config  # a script never saw those
+    header.config = None
+    assert "## kaio configuration" not in report_of(header, index)
+
+
+def test_environment_section():
+    header, index = make_run(5)
+    header.run.environment = Environment(
+        python="3.11.9", torch="2.5.1", transformers="4.46.0", gpus=["H100", "H100"], argv=["train.py", "--lr", "1e-4"]
+    )
+    env = section(report_of(header, index), "Environment")
+    assert "| python | 3.11.9 |" in env and "| torch | 2.5.1 |" in env
+    assert "| gpus | H100, H100 |" in env and "| command | train.py --lr 1e-4 |" in env
+    assert "cuda" not in env  # not reported: not listed
+
+
+def test_failed_multi_session_report_shows_root_cause_sessions_notes_and_warnings():
+    steps = [make_step(k, session=1 if k <= 5 else 2, loss=4.0 / (1 + 0.1 * k)) for k in range(1, 9)]
+    steps[6].loss, steps[6].loss_nonfinite = None, "nan"
+    header, index = make_run(
+        session_lengths=[5, 3],
+        steps=steps,
+        status=Status.FAILED,
+        checkpoints=[CheckpointSaved(step=4, path="checkpoints/tiny-default/checkpoint-4", session=1)],
+        telemetry=Telemetry(notes=["resumed from checkpoint-4"]),
+    )
+    header.sessions[1].status, header.sessions[1].exit_code = Status.FAILED, 1
+    header.sessions[1].error = "torch.OutOfMemoryError: CUDA out of memory | tried 2 GiB"
+    md = report_of(header, index)
     assert "- **Latest checkpoint:** step 4 (`checkpoints/tiny-default/checkpoint-4`)" in md
     assert "## Notes\n\n- resumed from checkpoint-4" in md
     assert "**Status:** ❌ FAILED (exit code 1): `torch.OutOfMemoryError: CUDA out of memory | tried 2 GiB`" in md
-    assert "over 2 sessions" in md
-    sessions = md.split("## Sessions")[1].split("##")[0]
-    assert "| 1 | run |" in sessions and "| 2 | resume |" in sessions
-    assert "CUDA out of memory \\| tried 2 GiB" in sessions  # the pipe cannot split the table row
-    assert "## Warnings" in md and "loss was NaN at 1 step (first at step 7)" in md
+    assert "**Duration:** 14 s over 2 sessions" in md  # 7.5 s + 6.5 s
+    sessions = section(md, "Sessions")
+    assert "| # | Kind | Started | Duration | Steps | Status | Exit | Error |" in sessions
+    assert "| 1 | run | 2026-11-27T11:00:00+00:00 | 8 s | 0 → 5 | COMPLETED | 0 |  |" in sessions
+    assert (
+        "| 2 | resume | 2026-11-27T12:00:00+00:00 | 6 s | 5 → 8 | FAILED | 1 | "
+        "torch.OutOfMemoryError: CUDA out of memory \\| tried 2 GiB |"
+    ) in sessions  # the pipe cannot split the row
+    assert "- ⚠️ loss was NaN at 1 step (first at step 7)" in section(md, "Warnings")
 
 
 def test_interrupted_single_session_gets_a_sessions_table():
-    history = make_history(5, status="INTERRUPTED")
-    history["sessions"][0].update(status="INTERRUPTED", exit_code=None, signal="SIGINT")
-    md = render_markdown(history, summarize(history))
+    header, index = make_run(5, status=Status.INTERRUPTED)
+    header.sessions[0].status, header.sessions[0].exit_code, header.sessions[0].signal = (
+        Status.INTERRUPTED,
+        None,
+        "SIGINT",
+    )
+    md = report_of(header, index)
     assert "**Status:** ⏹️ INTERRUPTED (signal SIGINT)" in md
-    assert "| 1 | run |" in md and "signal SIGINT" in md.split("## Sessions")[1]
+    assert "| 1 | run | 2026-11-27T11:00:00+00:00 | 8 s | 0 → 5 | INTERRUPTED | signal SIGINT |  |" in section(
+        md, "Sessions"
+    )
+
+
+def test_running_session_counts_its_steps_time_and_shows_in_the_sessions_table():
+    header, index = make_run(10, status=Status.RUNNING)
+    header.sessions[0].status, header.sessions[0].ended_at, header.sessions[0].duration_s = Status.RUNNING, None, None
+    header.sessions[0].exit_code = None
+    summary = summarize(header, index)
+    assert summary.training_time_s == pytest.approx(4.5)  # t_mono of step 10 minus step 1's, 0.5 s apart
+    md = render_markdown(header, summary, [])
+    assert "**Status:** 🔄 RUNNING (report written while the run goes on)" in md
+    assert "**Duration:** 4 s" in md
+    assert "| 1 | run |" in section(md, "Sessions")
 
 
 def test_hub_section_links_the_commit_or_says_why_the_push_failed():
     sha = "91dbf5834c14434dc9f9b4c8c2fa242d35ab66eb"
-    history = make_history(5, hub={"repo_id": "me/tiny", "commit_sha": sha, "url": None, "error": None})
-    md = render_markdown(history, summarize(history))
-    assert "## Hugging Face deployment" in md
-    assert "[me/tiny](https://huggingface.co/me/tiny)" in md
-    assert f"`{sha}`" in md
-    assert f"(https://huggingface.co/me/tiny/blob/{sha}/adapter_config.json)" in md
+    header, index = make_run(5, hub=HubOutcome(repo_id="me/tiny", commit_sha=sha))
+    hub = section(report_of(header, index), "Hugging Face deployment")
+    assert "- **Repo:** [me/tiny](https://huggingface.co/me/tiny)" in hub
+    assert f"- **Commit:** `{sha}`" in hub
+    assert f"[adapter_config.json](https://huggingface.co/me/tiny/blob/{sha}/adapter_config.json)" in hub
 
-    history["hub"] = {"repo_id": "me/tiny", "commit_sha": None, "url": None, "error": "401 Unauthorized"}
-    md = render_markdown(history, summarize(history))
-    assert "- push failed: 401 Unauthorized" in md and "adapter_config.json" not in md
+    header.hub = HubOutcome(repo_id="me/tiny", error="push failed: 401 Unauthorized")
+    md = report_of(header, index)
+    assert "## Hugging Face deployment\n\n- push failed: 401 Unauthorized" in md and "adapter_config.json" not in md
 
 
-def test_secrets_in_config_and_errors_never_reach_the_report():
+def test_secrets_in_config_errors_and_argv_never_reach_the_report():
     comet_key = "Zq8Rk2Lm5Np7Tv9Xw1Yb3Dc6Ef"
-    history = make_history(5, hub={"repo_id": "me/tiny", "commit_sha": None, "url": None,
-                                   "error": f"401: token {HF_SECRET} rejected"})
-    history["config"].update(hub={"repo_id": "me/tiny", "token": HF_SECRET},
-                             reporting={"comet": {"api_key": comet_key, "project": "kaio"}},
-                             extra=[{"client_secret": "s3cr3t-value-123"}])
-    md = render_markdown(history, summarize(history))
+    header, index = make_run(
+        5, status=Status.FAILED, hub=HubOutcome(repo_id="me/tiny", error=f"401: token {HF_SECRET} rejected")
+    )
+    header.config.update(
+        hub={"repo_id": "me/tiny", "token": HF_SECRET},
+        reporting={
+            "comet": {"api_key": comet_key, "project": "kaio"},
+            "sinks": [{"client_secret": "s3cr3t-value-123", "name": "x"}],
+        },
+    )
+    header.sessions[0].error = f"HTTPError: 401 for token {HF_SECRET}"
+    header.run.environment = Environment(argv=["train.py", "--push_to_hub", f"--note={HF_SECRET}"])
+    md = report_of(header, index)
     for secret in (HF_SECRET, comet_key, "s3cr3t-value-123"):
         assert secret not in md
-    assert '"token": "‹redacted›"' in md and '"api_key": "‹redacted›"' in md
-    assert '"project": "kaio"' in md  # the rest of the config is still there
+    config = section(md, "kaio configuration")
+    assert '"token": "‹redacted›"' in config and '"api_key": "‹redacted›"' in config
+    assert '"client_secret": "‹redacted›"' in config  # inside a list too
+    assert '"project": "kaio"' in config and '"repo_id": "me/tiny"' in config  # the rest is still there
+    assert "- push failed: 401: token ‹redacted› rejected" in md  # HF-token shapes are scrubbed anywhere
+    assert "| command | train.py --push_to_hub --note=‹redacted› |" in md
 
 
 def test_cpu_only_report_says_not_measured_instead_of_zero():
-    history = cpu_only_history()
-    summary = summarize(history)
-    assert summary["cpu_only"] and summary["power_avg_w"] is None and summary["energy_kwh"] is None
-    md = render_markdown(history, summary)
-    metrics = md.split("## Key metrics")[1].split("##")[0]
-    for row in ("True peak VRAM (allocator, max over ranks)", "Power per GPU (average / peak)", "Energy",
-                "GPU utilisation (average)", "Temperature (average / peak)"):
+    header, index = cpu_only_run()
+    summary = summarize(header, index)
+    assert summary.cpu_only and summary.power_avg_w is None and summary.energy_kwh is None
+    metrics = section(render_markdown(header, summary, []), "Key metrics")
+    for row in (
+        "True peak VRAM (allocator, max over ranks)",
+        "True peak VRAM, average over steps",
+        "Device VRAM used, peak (driver)",
+        "Power per GPU (average / peak)",
+        "Energy",
+        "Energy per 1k samples",
+        "GPU utilisation (average)",
+        "Temperature (average / peak)",
+    ):
         assert f"| {row} | not measured (no GPU) |" in metrics
-    assert " 0 W" not in metrics and "0.0000 kWh" not in metrics
-    assert "| Host CPU (average) / RAM used (peak) | 60 % / 4.00 GB |" in metrics  # what a CPU-only run does have
+    assert " 0 W" not in metrics and "0.000 kWh" not in metrics and "0 Wh" not in metrics
+    # What a CPU-only run does have: cpu 50 % and 70 % alternating; RAM up to 4 GiB + 12 MiB.
+    assert "| Host CPU (average) / RAM used (peak) | 60 % / 4.0 GiB |" in metrics
+    assert "| Throughput (over the optimizer steps) | 16 samples/s · 2,048 tokens/s |" in metrics
 
 
-# --- telemetry.png ----------------------------------------------------------
+def test_a_gpu_run_missing_one_reading_says_not_measured_without_blaming_the_host():
+    steps = [make_step(k, gpus={"nvml:0": gpu(temp=None)}) for k in range(1, 6)]
+    metrics = section(report_of(*make_run(5, steps=steps)), "Key metrics")
+    assert "| Temperature (average / peak) | not measured |" in metrics
+    assert "(no GPU)" not in metrics
+    assert "| GPU utilisation (average) | 97 % |" in metrics
+
+
+def test_no_finite_loss_and_no_steps_are_told_apart():
+    steps = [make_step(k, loss=None, loss_nonfinite="nan") for k in range(1, 4)]
+    metrics = section(report_of(*make_run(3, steps=steps)), "Key metrics")
+    assert "| Loss (initial → final) | no finite loss logged (see the warnings) |" in metrics
+    steps = [make_step(k, loss=None) for k in range(1, 4)]
+    assert "| Loss, minimum | not logged |" in report_of(*make_run(3, steps=steps))
+    assert "| Loss, minimum | no training step recorded |" in report_of(*make_run(3, steps=[]))
+
+
+# --- evaluations ----------------------------------------------------------------------
+
+
+def test_evaluation_table_names_the_best_loss_and_its_step():
+    evals = [
+        EvalEntry(step=5, session=1, metrics={"eval_loss": 2.0, "eval_accuracy": 0.5}),
+        EvalEntry(step=10, session=1, metrics={"eval_loss": 1.2, "eval_accuracy": 0.75}),
+        EvalEntry(
+            step=15, session=1, metrics={"eval_loss": 1.4, "eval_accuracy": None}, nonfinite={"eval_accuracy": "nan"}
+        ),
+        EvalEntry(step=20, session=1, metrics={"eval_loss": 1.3, "eval_runtime": 3.25}),
+    ]
+    header, index = make_run(20, evals=evals)
+    summary = summarize(header, index)
+    assert (summary.eval_count, summary.eval_loss_best, summary.eval_loss_best_step, summary.eval_loss_final) == (
+        4,
+        1.2,
+        10,
+        1.3,
+    )
+    md = render_markdown(header, summary, index.evals())
+    assert "| Evaluation loss, best | 1.2 at step 10 |" in section(md, "Key metrics")
+    evaluation = section(md, "Evaluation")
+    assert evaluation.startswith("\nBest evaluation loss **1.2** at step 10 (4 evaluations).")
+    assert "| Step | eval_loss | eval_accuracy | eval_runtime |" in evaluation
+    assert "| 5 | 2 | 0.5 | — |" in evaluation
+    assert "| 10 | 1.2 | 0.75 | — |" in evaluation
+    assert "| 15 | 1.4 | nan | — |" in evaluation  # a NaN metric says so
+    assert "| 20 | 1.3 | — | 3.25 |" in evaluation
+    assert md.index("## Key metrics") < md.index("## Evaluation") < md.index("## Telemetry")
+
+
+def test_evaluation_table_lists_the_latest_twenty_but_always_names_the_best():
+    evals = [
+        EvalEntry(step=10 * i, session=1, metrics={"eval_loss": 0.5 if i == 2 else 3.0 - 0.01 * i})
+        for i in range(1, 26)
+    ]
+    evaluation = section(report_of(*make_run(250, evals=evals)), "Evaluation")
+    assert "Best evaluation loss **0.5** at step 20 (25 evaluations)." in evaluation
+    assert "The latest 20 of 25 evaluations (all are in history.json):" in evaluation
+    rows = [line for line in evaluation.splitlines() if line.startswith("| ") and not line.startswith("| Step")]
+    assert [int(r.split("|")[1]) for r in rows] == [10 * i for i in range(6, 26)]
+
+
+# --- telemetry.png ------------------------------------------------------------------
 
 
 def test_figure_has_six_titled_panels_all_with_data():
-    fig = build_figure(make_history(30, n_gpus=2, session_lengths=[18, 12]))
+    fig = build_figure(figure_data(*make_run(30, n_gpus=2, session_lengths=[18, 12])))
     axes = fig.get_axes()
     assert [ax.get_title() for ax in axes] == list(PANEL_TITLES)
     assert all(not no_data_texts(ax) for ax in axes)
+    assert fig._suptitle.get_text() == "tiny-default: COMPLETED, 30 steps"
     loss_ax = axes[0]
-    assert [line.get_label() for line in loss_ax.get_lines()][:2] == ["raw", "smoothed (EMA)"]
+    assert labels(loss_ax) == ["raw", "smoothed (EMA)"]
     assert loss_ax.get_lines()[1].get_color() == "tab:orange"
-    assert {line.get_label() for line in axes[3].get_lines()} >= {"nvml:0", "nvml:1"}  # one line per GPU
+    assert list(loss_ax.get_lines()[0].get_xdata()) == list(range(1, 31))  # 30 steps: drawn step by step
+    assert labels(axes[2]) == ["true peak, allocator (max of 2 ranks)", "device used, driver (max of 2 GPUs)"]
+    assert max(axes[2].get_lines()[1].get_ydata()) == 10.0  # GiB
+    assert labels(axes[3]) == ["nvml:0", "nvml:1"]  # one line per GPU
     assert len(axes[4].collections) == 2  # a min/max band per GPU
-    boundary_labels = [t.get_text().strip() for t in axes[5].texts]
-    assert boundary_labels == ["session 2"]
+    assert [t.get_text().strip() for t in axes[5].texts] == ["session 2"]
 
 
-def test_cpu_only_figure_says_so_in_the_gpu_panels():
-    axes = build_figure(cpu_only_history()).get_axes()
-    for ax in axes[2:]:
-        assert no_data_texts(ax) == ["no GPU data (CPU-only run)"]
-        assert not ax.get_lines()
+def test_cpu_only_figure_shows_host_ram_and_cpu_instead_of_empty_gpu_panels():
+    fig = build_figure(figure_data(*cpu_only_run()))
+    axes = fig.get_axes()
+    assert [ax.get_title() for ax in axes] == [*PANEL_TITLES[:2], *HOST_PANEL_TITLES, *PANEL_TITLES[4:]]
+    assert fig._suptitle.get_text().endswith(" · CPU-only run, no GPU")
+    ram = axes[2].get_lines()
+    assert [line.get_label() for line in ram] == ["RAM used, whole host", "RAM total"]
+    assert max(ram[0].get_ydata()) == pytest.approx(4 + 12 / 1024)  # GiB
+    assert list(ram[1].get_ydata()) == [24.0, 24.0]  # the host's total, a horizontal line
+    assert list(axes[3].get_lines()[0].get_ydata())[:2] == [70.0, 50.0]  # step 1 odd: 70 %, step 2: 50 %
+    for ax in axes[4:]:
+        assert no_data_texts(ax) == [NO_GPU_TEXT] and not ax.get_lines()
     assert not no_data_texts(axes[0]) and not no_data_texts(axes[1])
 
 
 def test_figure_names_what_a_gpu_did_not_report():
-    history = make_history(10)
-    for step in history["steps"]:
-        step["gpus"]["nvml:0"].update(power_avg=None, power_min=None, power_max=None)
-        step["loss"] = None
-    axes = build_figure(history).get_axes()
+    steps = [make_step(k, loss=None, gpus={"nvml:0": gpu(power=None)}) for k in range(1, 11)]
+    axes = build_figure(figure_data(*make_run(10, steps=steps))).get_axes()
     assert no_data_texts(axes[0]) == ["no finite loss logged"]
+    assert labels(axes[2]) == ["device used, driver"]  # no rank reported its allocator peak
     assert no_data_texts(axes[4]) == ["power not reported by the GPU"]
-    assert not no_data_texts(axes[3])
+    assert not no_data_texts(axes[3]) and not no_data_texts(axes[5])
 
 
 def test_nonfinite_losses_are_marked_once_per_bucket_and_counted_in_full():
-    steps = [make_step(i, loss=None, loss_nonfinite="nan") if i % 3 == 0 else make_step(i) for i in range(1, 5001)]
-    axes = build_figure(make_history(steps=steps)).get_axes()
+    steps = [make_step(k, loss=None, loss_nonfinite="nan") if k % 3 == 0 else make_step(k) for k in range(1, 5001)]
+    axes = build_figure(figure_data(*make_run(steps=steps))).get_axes()
     marks = [line for line in axes[0].get_lines() if line.get_label().startswith("NaN/inf loss")]
     assert [m.get_label() for m in marks] == ["NaN/inf loss (1,666 steps)"]
     assert 0 < len(marks[0].get_xdata()) <= 1024 and marks[0].get_xdata()[0] == 3
 
 
-def test_a_long_run_renders_from_its_tally_with_bounded_lines_that_keep_a_spike(tmp_path):
-    """The supervisor feeds steps to the tally as they seal; the figure then costs the same at any length
-    (its time is measured by benchmarks/bench_memory.py's refreshes, not asserted here)."""
-    import numpy as np
-
-    n = 300_000
-    rng = np.random.default_rng(0)
-    loss = 3.0 * np.exp(-np.arange(n) / 6e4) + rng.normal(0, 0.05, n)
-    loss[254_321] = 40.0  # one diverging batch: the drawn line must still reach it
-    power = (250 + rng.normal(0, 20, 1000)).tolist()
-    gpu_pool = [{"nvml:0": gpu_entry(power=p, util=90.0 + i % 10, temp=60.0 + i % 7)} for i, p in enumerate(power)]
-    tally = RunTally()
-    for i in range(n):
-        tally.add({"step": i + 1, "session": 1 if i < n // 2 else 2, "t_mono": i * 0.1, "step_time_s": 0.1,
-                   "loss": float(loss[i]) if i % 10 == 0 or i == 254_321 else None, "learning_rate": 1e-3,
-                   "samples_seen": 8 * (i + 1), "peak_vram_bytes": {"0": 8e9}, "gpus": gpu_pool[i % 1000]})
-    header = make_history(steps=[])
-    del header["steps"]
-    render_telemetry_png(header, tmp_path / "telemetry.png", tally)
-    assert (tmp_path / "telemetry.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    loss_line = build_figure(header, tally).get_axes()[0].get_lines()[0]
+def test_a_long_run_renders_bounded_lines_that_keep_a_spike(tmp_path):
+    n = 12_000  # about 12 steps to a bucket
+    steps = [
+        make_step(
+            k,
+            session=1 if k <= n // 2 else 2,
+            loss=40.0 if k == 10_432 else 3.0 - k / n,
+            gpus={"nvml:0": gpu(power=250.0 + k % 13)},
+        )
+        for k in range(1, n + 1)
+    ]
+    header, index = make_run(steps=steps)
+    data = figure_data(header, index)
+    render_telemetry_png(data, tmp_path / "telemetry.png")
+    assert (tmp_path / "telemetry.png").read_bytes()[:8] == PNG_MAGIC
+    loss_line = build_figure(data).get_axes()[0].get_lines()[0]
     assert len(loss_line.get_xdata()) <= 2048 and max(loss_line.get_ydata()) == 40.0
-    assert summarize(header, tally)["optimizer_steps"] == n
+    assert summarize(header, index).optimizer_steps == n
 
 
-# --- files ------------------------------------------------------------------
+# --- files ----------------------------------------------------------------------------
 
 
-def test_write_reports_writes_all_three_files_and_nulls_nonfinite_numbers(tmp_path):
-    history = make_history(10, n_gpus=2, session_lengths=[6, 4])
-    history["steps"][3]["loss"] = float("nan")
-    history["steps"][4]["grad_norm"] = float("inf")
-    history["config"]["hub"] = {"token": HF_SECRET}
-    summary = write_reports(history, tmp_path / "reports" / "tiny-default")
-    out = tmp_path / "reports" / "tiny-default"
+def test_write_reports_writes_all_three_files_through_the_real_record(tmp_path):
+    """Journal records as the supervisor gets them: a NaN loss and an inf gradient norm become null and a tag."""
+    records = [
+        {
+            "type": "session_start",
+            "session": 1,
+            "t_wall": 1e9,
+            "config": {"project_name": "p", "hub": {"token": "***"}},
+        },
+        {"type": "devices", "devices": [{"backend": "nvml", "index": 0, "name": "GPU"}]},
+    ]
+    for k in range(1, 6):
+        records.append(
+            {
+                "type": "step",
+                "rank": 0,
+                "session": 1,
+                "step": k,
+                "t_mono": float(k),
+                "t_wall": 1e9 + k,
+                "step_time_s": 1.0,
+                "peak_vram_bytes": 1000 * k,
+            }
+        )
+        records.append(
+            {
+                "type": "log",
+                "rank": 0,
+                "session": 1,
+                "step": k,
+                "learning_rate": 0.1,
+                "loss": "nan" if k == 4 else 3.0 - 0.1 * k,
+                "grad_norm": "inf" if k == 5 else 1.0,
+            }
+        )
+    records.append({"type": "eval", "rank": 0, "session": 1, "step": 5, "metrics": {"eval_loss": 1.25}})
+    records.append({"type": "session_end", "session": 1, "status": "COMPLETED", "exit_code": 0, "t_wall": 1e9 + 6})
+    state = replay(records)
+    out = tmp_path / "reports" / "p"
+    with state.with_open_steps() as index:
+        summary = write_reports(state.header(), index, out)
     assert sorted(p.name for p in out.iterdir()) == ["history.json", "report.md", "telemetry.png"]
-    saved = load_history(out / "history.json")
-    assert saved["steps"][3]["loss"] is None and saved["steps"][3]["loss_nonfinite"] == "nan"
-    assert saved["steps"][4]["grad_norm"] is None
-    assert saved["config"]["hub"]["token"] == "‹redacted›" and HF_SECRET not in (out / "history.json").read_text()
-    assert (summary["loss_nan_count"], summary["loss_nan_first_step"]) == (1, 4)
-    assert (out / "telemetry.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "loss was NaN at 1 step (first at step 4)" in (out / "report.md").read_text()
+    saved = json.loads((out / "history.json").read_text())
+    assert saved["schema_version"] == 2 and list(saved)[-2:] == ["evals", "steps"]
+    assert saved["evals"][0]["metrics"] == {"eval_loss": 1.25}
+    assert [s["step"] for s in saved["steps"]] == [1, 2, 3, 4, 5]
+    assert (saved["steps"][3]["loss"], saved["steps"][3]["loss_nonfinite"]) == (None, "nan")
+    assert (saved["steps"][4]["grad_norm"], saved["steps"][4]["grad_norm_nonfinite"]) == (None, "inf")
+    assert saved["steps"][2]["vram_peak_bytes"] == 3000 and "vram_gb" not in saved["steps"][2]
+    assert (summary.loss_nan_count, summary.loss_nan_first_step) == (1, 4)
+    assert (summary.vram_true_peak_bytes, summary.eval_loss_best) == (5000, 1.25)
+    assert (out / "telemetry.png").read_bytes()[:8] == PNG_MAGIC
+    md = (out / "report.md").read_text()
+    assert "loss was NaN at 1 step (first at step 4)" in md
+    assert "| Evaluation loss, best | 1.25 at step 5 |" in md
+    assert "| True peak VRAM (allocator, max over ranks) | 0.00477 MiB |" in md  # 5000 bytes, binary units
+    again = history_of(state)  # the document as the state gives it, at another time
+    assert again == {**saved, "generated_at": again["generated_at"]}
+
+
+def test_history_document_is_one_step_per_line_with_evals_before_steps():
+    header, index = make_run(3, evals=[EvalEntry(step=2, session=1, metrics={"eval_loss": 1.0})])
+    text = b"".join(history_document(header, index)).decode()
+    lines = text.splitlines()
+    assert lines[0].startswith('{"schema_version":2,"project":"tiny-default",')
+    assert lines[0].endswith(
+        ',"evals":[{"step":2,"session":1,"epoch":null,"timestamp":null,'
+        '"metrics":{"eval_loss":1.0},"nonfinite":{}}],"steps":['
+    )
+    assert [json.loads(line.rstrip(","))["step"] for line in lines[1:4]] == [1, 2, 3]
+    assert lines[1].endswith(",") and lines[2].endswith(",") and not lines[3].endswith(",")
+    assert lines[4] == "]}"
+    empty = json.loads(b"".join(history_document(*make_run(3, steps=[]))))
+    assert (empty["evals"], empty["steps"]) == ([], [])
 
 
 def test_write_reports_without_png_leaves_no_png(tmp_path):
-    write_reports(make_history(5), tmp_path, png=False)
+    write_reports(*make_run(5), tmp_path, png=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["history.json", "report.md"]
+    write_reports(*make_run(5), tmp_path / "md-only", png=False, history_json=False, extra_warnings=["from the caller"])
+    assert sorted(p.name for p in (tmp_path / "md-only").iterdir()) == ["report.md"]
+    assert "- ⚠️ from the caller" in (tmp_path / "md-only" / "report.md").read_text()
 
 
-def test_load_history_names_a_truncated_file_and_its_line(tmp_path):
+def test_a_history_read_back_gives_the_same_summary_figure_and_report(tmp_path):
+    evals = [
+        EvalEntry(step=6, session=1, metrics={"eval_loss": 1.5}),
+        EvalEntry(step=10, session=2, metrics={"eval_loss": 1.4}),
+    ]
+    header, index = make_run(
+        10,
+        n_gpus=2,
+        session_lengths=[6, 4],
+        evals=evals,
+        checkpoints=[CheckpointSaved(step=6, path="checkpoints/x/checkpoint-6", session=1)],
+        hub=HubOutcome(repo_id="me/tiny", commit_sha="abc"),
+        warnings=["a warning"],
+    )
+    summary = write_reports(header, index, tmp_path, png=False)
+    read_header, read_index = history_from_file(tmp_path / "history.json")
+    assert read_header == header
+    assert summarize(read_header, read_index) == summary
+    assert figure_data(read_header, read_index) == figure_data(header, index)
+    assert report_of(read_header, read_index) == (tmp_path / "report.md").read_text()
+
+
+def test_history_from_file_reads_a_schema_1_history():
+    document = json.loads(V1_HISTORY.read_text())
+    header, index = history_from_file(V1_HISTORY)
+    assert (header.schema_version, header.project, header.status) == (2, "v1proj", Status.COMPLETED)
+    assert [(s.session, s.kind, s.start_step, s.end_step) for s in header.sessions] == [
+        (1, SessionKind.RUN, 0, 16),
+        (2, SessionKind.RESUME, 16, 24),
+    ]
+    assert header.devices == [] and header.host == HostInfo(cpu_count=2, ram_total_bytes=25_276_510_208)
+    assert header.telemetry.events == 55 and header.telemetry.samples == 84
+    assert header.telemetry.notes[-1] == "session 2: config changed for this session: training.max_steps: 16 -> 24"
+    summary = summarize(header, index)
+    steps = document["steps"]
+    losses = [s["loss"] for s in steps if s["loss"] is not None]
+    assert (summary.optimizer_steps, summary.step_entries, summary.sessions) == (24, 24, 2)
+    assert (summary.loss_initial, summary.loss_final, summary.loss_min) == (losses[0], losses[-1], min(losses))
+    assert summary.samples == 96 and summary.tokens == steps[-1]["tokens_seen"]
+    assert summary.training_time_s == pytest.approx(10.847 + 10.007)
+    assert summary.cpu_only and summary.host_ram_peak_bytes == max(s["host"]["ram_used_bytes"] for s in steps)
+    md = render_markdown(header, summary, index.evals())
+    assert "**Optimizer steps:** 24" in md and "**Duration:** 21 s over 2 sessions" in md
+    assert "| Samples processed | 96 |" in md
+    assert "| Power per GPU (average / peak) | not measured (no GPU) |" in md
+    assert "history schema 2" in md
+
+
+def test_history_from_file_carries_what_a_schema_1_run_described():
+    header, index = history_from_file(V1_HISTORY)
+    assert header.run is not None and header.run.model is not None
+    assert (header.run.model.trainable_params, header.run.model.total_params) == (2176, 37088)
+    assert (header.run.max_steps, header.run.precision, header.run.effective_batch_size) == (24, "fp32", 4)
+    assert [c.step for c in header.checkpoints] == [8, 16, 24]
+    md = report_of(header, index)
+    assert "**Optimizer steps:** 24 of 24 planned" in md
+    assert "**Trainable params:** 2,176 of 37,088 (5.87 %)" in md
+    assert "- **Latest checkpoint:** step 24 (`checkpoints/v1proj/checkpoint-24`)" in md
+    trained = section(md, "What was trained")
+    for row in (
+        "| Model | kaio/tiny-llama |",
+        "| Architecture | LlamaForCausalLM |",
+        "| Precision (training) | fp32 |",
+        "| PEFT | LORA r=4 alpha=8 on q_proj, v_proj, lm_head |",
+        "| Per-device batch size | 4 |",
+        "| Learning rate | 0.005 |",
+        "| Optimizer | adamw_torch |",
+        "| LR scheduler | cosine |",
+    ):
+        assert row in trained
+
+
+def test_history_from_file_derives_a_schema_1_historys_step_durations_and_smoothed_loss():
+    document = json.loads(V1_HISTORY.read_text())
+    header, index = history_from_file(V1_HISTORY)
+    saved = [json.loads(line) for line in index.step_lines()]
+    steps = document["steps"]
+    # A step's duration: the gap since the previous step's end in its session; a session's first step its own time.
+    assert saved[0]["duration_s"] == steps[0]["step_time_s"]
+    assert saved[1]["duration_s"] == pytest.approx(steps[1]["t_mono"] - steps[0]["t_mono"])
+    assert saved[16]["session"] == 2 and saved[16]["duration_s"] == steps[16]["step_time_s"]
+    smoother = LossSmoother()
+    expected = [smoother.add(s["loss"])[0] for s in steps]
+    assert [s["loss_smoothed"] for s in saved] == pytest.approx(expected)
+    summary = summarize(header, index)
+    assert summary.loss_final_smoothed == pytest.approx(expected[-1])
+    gaps = [s["duration_s"] for s in saved]
+    assert summary.steps_s == pytest.approx(sum(gaps))
+    assert summary.samples_per_s == pytest.approx(96 / sum(gaps))
+
+
+def test_history_from_file_marks_raw_nonfinite_numbers_of_a_hand_made_file(tmp_path):
+    document = {
+        "schema_version": 2,
+        "project": "x",
+        "sessions": [],
+        "steps": [
+            {"step": 1, "session": 1, "loss": float("nan")},
+            {"step": 2, "session": 1, "loss": float("inf"), "grad_norm": float("inf")},
+            {"step": 3, "session": 1, "loss": 1.0},
+        ],
+    }
     path = tmp_path / "history.json"
-    text = json.dumps(make_history(5), indent=1)
+    path.write_text(json.dumps(document))  # Python writes NaN and Infinity
+    header, index = history_from_file(path)
+    summary = summarize(header, index)
+    assert (summary.loss_initial, summary.loss_final, summary.loss_logged_steps) == (1.0, 1.0, 1)
+    assert (summary.loss_nan_count, summary.loss_nan_first_step) == (1, 1)
+    assert (summary.loss_inf_count, summary.loss_inf_first_step) == (1, 2)
+    saved = [json.loads(line) for line in index.step_lines()]
+    assert (saved[1]["grad_norm"], saved[1]["grad_norm_nonfinite"]) == (None, "inf")
+
+
+def test_history_from_file_names_a_truncated_file_and_its_line(tmp_path):
+    path = tmp_path / "history.json"
+    text = json.dumps(json.loads(V1_HISTORY.read_text()), indent=1)
     path.write_text(text[: len(text) // 2])
     with pytest.raises(ReportError, match=r"history\.json: truncated or corrupt JSON at line \d+") as info:
-        load_history(path)
-    assert str(path) in str(info.value) and "kaio report" in str(info.value)
+        history_from_file(path)
+    assert str(info.value).startswith(f"{path}: ") and "kaio report" in str(info.value)
 
 
 @pytest.mark.parametrize(
-    ("change", "message"),
+    ("content", "message"),
     [
-        (lambda h: h.update(schema_version=2), "schema_version 2 is not supported (this kaio reads 1)"),
-        (lambda h: (h.pop("steps"), h.pop("status")), "missing key(s) status, steps"),
-        (lambda h: h["steps"].append({"loss": 1.0}), "steps[5] has no integer 'step'"),
-        (lambda h: h.update(sessions={}), "'sessions' must be a list"),
+        (b"\xff\xfe not text", "corrupt (not UTF-8 text)"),
+        (b"[1, 2]", "expected a JSON object, found list"),
+        (
+            b'{"schema_version": 3, "project": "x", "sessions": [], "steps": []}',
+            "schema_version 3 is not supported (this kaio reads 1 and 2)",
+        ),
+        (b'{"schema_version": 2, "project": "x", "sessions": []}', "missing key 'steps'; not a kaio history.json"),
+        (
+            b'{"schema_version": 2, "project": "x", "sessions": [], "steps": [{"step": 1, "session": 1}, {"loss": 1.0}]}',
+            "missing required field `step` - at `$[1]`",
+        ),
+        (b'{"schema_version": 2, "project": "x", "sessions": {}, "steps": []}', "Expected `array`, got `object`"),
+        (
+            b'{"schema_version": 1, "project": "x", "sessions": [{"session": "one"}], "steps": []}',
+            "Expected `int`, got `str`",
+        ),
     ],
 )
-def test_load_history_rejects_histories_it_cannot_render(tmp_path, change, message):
-    history = make_history(5)
-    change(history)
+def test_history_from_file_rejects_what_it_cannot_read_naming_the_file(tmp_path, content, message):
     path = tmp_path / "history.json"
-    path.write_text(json.dumps(history))
+    path.write_bytes(content)
     with pytest.raises(ReportError) as info:
-        load_history(path)
+        history_from_file(path)
     assert str(info.value).startswith(f"{path}: ") and message in str(info.value)
+    assert "kaio report" in str(info.value)
 
 
-def test_load_history_of_a_missing_file(tmp_path):
-    with pytest.raises(ReportError, match="no such file"):
-        load_history(tmp_path / "nope.json")
+def test_history_from_file_of_a_missing_file(tmp_path):
+    with pytest.raises(ReportError, match=r"nope\.json: no such file"):
+        history_from_file(tmp_path / "nope.json")
 
 
 def test_importing_kaio_report_does_not_import_matplotlib():
@@ -491,22 +850,20 @@ def test_importing_kaio_report_does_not_import_matplotlib():
     assert out.split() == ["False", "False"]
 
 
-def test_running_session_counts_its_steps_time_and_shows_in_the_sessions_table():
-    history = make_history(10, status="RUNNING")
-    history["sessions"][0].update(status="RUNNING", ended_at=None, duration_s=None, exit_code=None)
-    summary = summarize(history)
-    assert summary["training_time_s"] == pytest.approx(4.5)  # t_mono of step 10 minus step 1's, 0.5 s apart
-    md = render_markdown(history, summary)
-    assert "**Status:** 🔄 RUNNING" in md
-    assert "| 1 | run |" in md.split("## Sessions")[1]
-
-
 def test_a_plotting_failure_still_leaves_history_and_report(tmp_path, monkeypatch):
-    def broken_renderer(history, path, tally=None):
+    def broken_renderer(data, path):
         raise RuntimeError("no usable font")
 
-    monkeypatch.setattr("kaio.report.render_telemetry_png", broken_renderer)
-    summary = write_reports(make_history(5), tmp_path)
+    monkeypatch.setattr("kaio.report.plot.render_telemetry_png", broken_renderer)
+    summary = write_reports(*make_run(5), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["history.json", "report.md"]
-    assert "telemetry.png was not rendered: RuntimeError: no usable font" in summary["warnings"]
-    assert "telemetry.png was not rendered: RuntimeError: no usable font" in (tmp_path / "report.md").read_text()
+    assert "telemetry.png was not rendered: RuntimeError: no usable font" in summary.warnings
+    assert "- ⚠️ telemetry.png was not rendered: RuntimeError: no usable font" in (tmp_path / "report.md").read_text()
+
+
+def test_summary_is_strict_json_without_nan():
+    header, index = make_run(40, n_gpus=2)
+    summary = summarize(header, index)
+    assert summary.warnings == []
+    document = json.loads(msgspec.json.encode(summary))
+    assert json.loads(json.dumps(document, allow_nan=False)) == document

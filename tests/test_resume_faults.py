@@ -16,19 +16,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, kaio, write_config, journal_steps, read_history, wait_for
+from conftest import REPO, journal_steps, kaio, read_history, wait_for, write_config
 
 FAULTY = REPO / "tests" / "scripts" / "faulty_train.py"
 
 
-
-
 def _steps(history: dict) -> list[int]:
     return [s["step"] for s in history["steps"]]
-
-
-
-
 
 
 def _faulty_config(project_dir: Path, *script_args: str, num_processes: int = 1, extra: str = "") -> None:
@@ -48,10 +42,20 @@ def test_resume_after_ctrl_c_continues_one_history_with_the_same_losses(project_
     reference = {s["step"]: s["loss"] for s in read_history(reference_dir)["steps"]}
 
     write_config(project_dir, max_steps=200, save_steps=10)
-    proc = subprocess.Popen([sys.executable, "-m", "kaio", "run", "cfg.yaml"], cwd=project_dir,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(lambda: (project_dir / "checkpoints/t/checkpoint-10/trainer_state.json").exists() and journal_steps(project_dir) >= 12,
-              120, "a checkpoint and a few more steps")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kaio", "run", "cfg.yaml"],
+        cwd=project_dir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(
+        lambda: (
+            (project_dir / "checkpoints/t/checkpoint-10/trainer_state.json").exists()
+            and journal_steps(project_dir) >= 12
+        ),
+        120,
+        "a checkpoint and a few more steps",
+    )
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=60)
     interrupted = read_history(project_dir)
@@ -71,7 +75,7 @@ def test_resume_after_ctrl_c_continues_one_history_with_the_same_losses(project_
     for step, loss in reference.items():
         assert history["steps"][step - 1]["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
     # The journal keeps both versions of the steps replayed after the checkpoint.
-    journal = [json.loads(l) for l in (project_dir / "docs/reports/t/journal.jsonl").read_text().splitlines()]
+    journal = [json.loads(line) for line in (project_dir / "docs/reports/t/journal.jsonl").read_text().splitlines()]
     step_events = [e["step"] for e in journal if e.get("type") == "step"]
     assert len(step_events) == 200 + last_interrupted - history["sessions"][1]["start_step"]
     assert "session 2: resumed from checkpoint-" in " ".join(history["telemetry"]["notes"])
@@ -142,8 +146,12 @@ def test_a_rank_killed_with_sigkill_is_named(project_dir):
 
 def test_the_whole_child_killed_is_failed_with_the_signal(project_dir):
     write_config(project_dir, max_steps=5000, save_steps=10000)
-    proc = subprocess.Popen([sys.executable, "-m", "kaio", "run", "cfg.yaml"], cwd=project_dir,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kaio", "run", "cfg.yaml"],
+        cwd=project_dir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_for(lambda: journal_steps(project_dir) >= 3, 120, "training")
     launcher = psutil.Process(proc.pid).children()[0]
     os.killpg(launcher.pid, signal.SIGKILL)  # the child's whole process group
@@ -155,8 +163,12 @@ def test_the_whole_child_killed_is_failed_with_the_signal(project_dir):
 
 def test_supervisor_killed_child_keeps_training_and_no_step_is_lost(project_dir):
     write_config(project_dir, max_steps=60, save_steps=100)
-    proc = subprocess.Popen([sys.executable, "-m", "kaio", "run", "cfg.yaml"], cwd=project_dir,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kaio", "run", "cfg.yaml"],
+        cwd=project_dir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     wait_for(lambda: journal_steps(project_dir) >= 5, 120, "training")
     child = psutil.Process(proc.pid).children(recursive=True)
     proc.kill()  # SIGKILL to the supervisor alone
@@ -179,7 +191,9 @@ def test_supervisor_killed_child_keeps_training_and_no_step_is_lost(project_dir)
 
 def test_max_restarts_resumes_by_itself_from_the_latest_checkpoint(project_dir):
     marker = project_dir / "fired"
-    _faulty_config(project_dir, "10", "4", "--fault", "raise", "--at", "6", "--once", str(marker), extra="  max_restarts: 2\n")
+    _faulty_config(
+        project_dir, "10", "4", "--fault", "raise", "--at", "6", "--once", str(marker), extra="  max_restarts: 2\n"
+    )
     result = kaio("run", "cfg.yaml", cwd=project_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     history = read_history(project_dir)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import subprocess
@@ -15,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from kaio.record.types import EvalEntry, GpuStepStats, HostStepStats, StepEntry
 from kaio.sinks.comet import CometSink
 
 API_KEY = "cmt" + "K3yV4lu3Th4tMustN3v3rL34k0000"
@@ -26,29 +26,65 @@ PARAMS = {
     "hub": {"repo_id": "me/tiny-lora", "token": HF_SECRET},
     "comet_api_key": API_KEY,
 }
-# history.json step entries (see docs/history-schema.md), with what Comet gets from each.
+# Step entries (history.json's, docs/history-schema.md), with what Comet gets from each.
 STEPS = [
-    {
-        "step": 1, "epoch": 0.25, "session": 1, "loss": 5.91, "learning_rate": 0.003, "grad_norm": 1.2,
-        "peak_vram_bytes": {"0": 123_456_789}, "vram_gb": 0.123456789, "power_avg": 250.0,
-        "power_min": 240.0, "power_max": 260.0, "temp": 61.0, "util": 97.0, "energy_j": 52.5,
-        "gpus": {"nvml:0": {"power_avg": 250.0, "samples": 1}}, "host": {"cpu_pct": 180.0},
-    },
-    {
-        "step": 2, "epoch": 0.5, "session": 1, "loss": 4.5, "learning_rate": 0.0025, "grad_norm": None,
-        "vram_gb": 0.13, "power_avg": 255.5, "temp": 62.0, "util": 98.5, "energy_j": 50.0,
-    },
-    {
-        "step": 3, "epoch": 0.75, "session": 1, "loss": math.nan, "learning_rate": 0.002, "grad_norm": 0.9,
-        "vram_gb": None, "power_avg": None, "temp": None, "util": None, "energy_j": None,
-    },
+    StepEntry(
+        step=1,
+        epoch=0.25,
+        session=1,
+        loss=5.91,
+        loss_smoothed=5.91,
+        learning_rate=0.003,
+        grad_norm=1.2,
+        peak_vram_bytes={"0": 123_456_789},
+        vram_peak_bytes=123_456_789,
+        power_avg=250.0,
+        power_min=240.0,
+        power_max=260.0,
+        temp=61.0,
+        util=97.0,
+        energy_j=52.5,
+        metrics={"num_tokens": 512.0},
+        gpus={"nvml:0": GpuStepStats(power_avg=250.0, samples=1)},
+        host=HostStepStats(cpu_pct=180.0),
+    ),
+    StepEntry(
+        step=2,
+        epoch=0.5,
+        session=1,
+        loss=4.5,
+        learning_rate=0.0025,
+        vram_peak_bytes=130_000_000,
+        power_avg=255.5,
+        temp=62.0,
+        util=98.5,
+        energy_j=50.0,
+    ),
+    StepEntry(step=3, epoch=0.75, session=1, loss=None, loss_nonfinite="nan", learning_rate=0.002, grad_norm=0.9),
 ]
 EXPECTED_METRICS = {
-    ("loss", 1): 5.91, ("learning_rate", 1): 0.003, ("grad_norm", 1): 1.2, ("vram_gb", 1): 0.123456789,
-    ("power_avg", 1): 250.0, ("temp", 1): 61.0, ("util", 1): 97.0, ("energy_j", 1): 52.5, ("epoch", 1): 0.25,
-    ("loss", 2): 4.5, ("learning_rate", 2): 0.0025, ("vram_gb", 2): 0.13,
-    ("power_avg", 2): 255.5, ("temp", 2): 62.0, ("util", 2): 98.5, ("energy_j", 2): 50.0, ("epoch", 2): 0.5,
-    ("learning_rate", 3): 0.002, ("grad_norm", 3): 0.9, ("epoch", 3): 0.75,
+    ("loss", 1): 5.91,
+    ("loss_smoothed", 1): 5.91,
+    ("learning_rate", 1): 0.003,
+    ("grad_norm", 1): 1.2,
+    ("vram_peak_bytes", 1): 123_456_789,
+    ("power_avg", 1): 250.0,
+    ("temp", 1): 61.0,
+    ("util", 1): 97.0,
+    ("energy_j", 1): 52.5,
+    ("epoch", 1): 0.25,
+    ("num_tokens", 1): 512.0,
+    ("loss", 2): 4.5,
+    ("learning_rate", 2): 0.0025,
+    ("vram_peak_bytes", 2): 130_000_000,
+    ("power_avg", 2): 255.5,
+    ("temp", 2): 62.0,
+    ("util", 2): 98.5,
+    ("energy_j", 2): 50.0,
+    ("epoch", 2): 0.5,
+    ("learning_rate", 3): 0.002,
+    ("grad_norm", 3): 0.9,
+    ("epoch", 3): 0.75,
 }
 FAIL_FAST = {"COMET_HTTP_SESSION_RETRY_TOTAL": "0", "COMET_GET_OR_ADD_EXPERIMENT_RETRY_TOTAL": "0"}
 
@@ -96,9 +132,7 @@ def closed_port() -> int:
 
 
 def test_offline_archive_holds_params_steps_and_report_without_secrets(report_dir):
-    sink = CometSink.start(
-        project="tiny-default", report_dir=report_dir, params=PARAMS, experiment_key=None, env={}
-    )
+    sink = CometSink.start(project="tiny-default", report_dir=report_dir, params=PARAMS, experiment_key=None, env={})
     for entry in STEPS:
         sink.log_step(entry)
     sink.log_assets([report_dir / "report.md", report_dir / "history.json"])
@@ -152,7 +186,7 @@ def test_resumed_run_continues_the_same_offline_experiment(report_dir):
     second = CometSink.start(
         project="tiny-default", report_dir=report_dir, params=PARAMS, experiment_key=first.experiment_key, env=env
     )
-    second.log_step({"step": 2, "loss": 4.4})
+    second.log_step(StepEntry(step=2, session=2, loss=4.4))
     second.end()
 
     assert first.warnings == [] and second.warnings == []
@@ -180,7 +214,10 @@ def test_unreachable_comet_becomes_one_warning_without_the_key(report_dir, monke
         monkeypatch.setenv(name, value)
     started = time.monotonic()
     sink = CometSink.start(
-        project="tiny-default", report_dir=report_dir, params=PARAMS, experiment_key=None,
+        project="tiny-default",
+        report_dir=report_dir,
+        params=PARAMS,
+        experiment_key=None,
         env={"COMET_API_KEY": API_KEY},
     )
     for entry in STEPS:
@@ -218,7 +255,7 @@ class _GatedCometServer:
 
             do_GET = do_POST = _answer
 
-            def log_message(self, format, *args):  # noqa: A002 - stdlib signature
+            def log_message(self, format, *args):
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -239,7 +276,10 @@ def test_a_hanging_server_never_blocks_the_caller_and_a_bad_key_is_reported(repo
     try:
         started = time.monotonic()
         sink = CometSink.start(
-            project="tiny-default", report_dir=report_dir, params=PARAMS, experiment_key=None,
+            project="tiny-default",
+            report_dir=report_dir,
+            params=PARAMS,
+            experiment_key=None,
             env={"COMET_API_KEY": API_KEY},
         )
         for entry in STEPS:
@@ -284,3 +324,16 @@ def test_importing_the_sinks_loads_neither_vendor_library():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert result.stdout.strip() == "[]"
+
+
+def test_evaluations_reach_the_offline_archive_at_their_step(tmp_path):
+    report_dir = tmp_path / "docs" / "reports" / "tiny-default"
+    sink = CometSink.start(project="tiny-default", report_dir=report_dir, params=PARAMS, experiment_key=None, env={})
+    sink.log_step(STEPS[0])
+    sink.log_eval(EvalEntry(step=1, session=1, metrics={"eval_loss": 2.25, "eval_accuracy": 0.5, "eval_bad": None}))
+    sink.end()
+    assert sink.warnings == []
+    _experiment, messages, _members = read_archive(report_dir / "comet" / f"{sink.experiment_key}.zip")
+    metrics = metrics_in(messages)
+    assert metrics[("eval_loss", 1)] == 2.25 and metrics[("eval_accuracy", 1)] == 0.5
+    assert ("eval_bad", 1) not in metrics

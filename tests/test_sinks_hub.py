@@ -10,8 +10,8 @@ import time
 
 import pytest
 import yaml
-
 from hub_server import USERNAME, HubServer
+
 from kaio.sinks.hub import push_adapter, write_model_card
 
 TOKEN = "hf_" + "Zz9Yy8Xx7Ww6Vv5Uu4Tt3Ss2Rr1Qq0Pp"

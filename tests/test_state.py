@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from kaio.run.state import RunState, replay
+from conftest import history_of, replay
 
 
 def _devices(*keys_in_run: tuple[str, bool]) -> dict:
-    return {"type": "devices", "devices": [{"key": k, "name": f"GPU {k}", "in_run": r} for k, r in keys_in_run], "notes": ["a note"]}
+    devices = [
+        {"backend": k.split(":")[0], "index": int(k.split(":")[1]), "name": f"GPU {k}", "in_run": r}
+        for k, r in keys_in_run
+    ]
+    return {"type": "devices", "devices": devices, "notes": ["a note"]}
 
 
 def _tick(t: float, power: dict[str, float], energy: dict[str, float] | None = None) -> dict:
     gpus = []
     for key, watts in power.items():
-        sample = {"key": key, "t_mono": t, "power_w": watts, "util_pct": 50.0, "temp_c": 60.0}
+        sample = {"key": key, "t_mono": t, "t_wall": 1e9 + t, "power_w": watts, "util_pct": 50.0, "temp_c": 60.0}
         if energy:
             sample["energy_j"] = energy[key]
             sample["energy_method"] = "counter"
@@ -23,8 +27,16 @@ def _tick(t: float, power: dict[str, float], energy: dict[str, float] | None = N
 
 
 def _step(step: int, t_end: float, rank: int = 0, session: int = 1, dt: float = 1.0) -> dict:
-    return {"type": "step", "rank": rank, "session": session, "step": step, "t_mono": t_end, "t_wall": 1e9 + t_end,
-            "step_time_s": dt, "peak_vram_bytes": 1000 * (rank + 1)}
+    return {
+        "type": "step",
+        "rank": rank,
+        "session": session,
+        "step": step,
+        "t_mono": t_end,
+        "t_wall": 1e9 + t_end,
+        "step_time_s": dt,
+        "peak_vram_bytes": 1000 * (rank + 1),
+    }
 
 
 def _log(step: int, loss, session: int = 1) -> dict:
@@ -41,8 +53,7 @@ def test_ticks_fold_into_the_step_they_fell_in_with_interpolated_energy():
         _step(2, 2.0),  # window (1, 2]: the tick at 1.5
         _tick(2.5, {"nvml:0": 300.0, "nvml:1": 10.0}, {"nvml:0": 400.0, "nvml:1": 25.0}),
     ]
-    state = replay("p", records)
-    history = state.history_with_steps()
+    history = history_of(replay(records))
     first, second = history["steps"]
     # Step 1 had no tick inside: the latest earlier one stands in, marked as carried.
     assert first["gpus_carried"] is True and first["power_avg"] == 100.0
@@ -53,23 +64,29 @@ def test_ticks_fold_into_the_step_they_fell_in_with_interpolated_energy():
     assert second["power_avg"] == 200.0  # only the run's GPU counts in the flat keys
     assert second["gpus"]["nvml:1"]["power_avg"] == 10.0  # but every GPU is recorded
     assert history["devices"][0]["energy_j"] == 400.0 and history["devices"][0]["energy_method"] == "counter"
+    assert history["devices"][0]["key"] == "nvml:0" and history["devices"][1]["info"]["in_run"] is False
     assert history["telemetry"]["notes"] == ["a note"]
 
 
 def test_peak_vram_per_rank_and_loss_once_from_rank_zero():
-    records = [{"type": "session_start", "session": 1, "t_wall": 1e9}, _step(1, 1.0, rank=0), _step(1, 1.1, rank=1), _log(1, 2.5)]
-    entry = replay("p", records).history_with_steps()["steps"][0]
+    records = [
+        {"type": "session_start", "session": 1, "t_wall": 1e9},
+        _step(1, 1.0, rank=0),
+        _step(1, 1.1, rank=1),
+        _log(1, 2.5),
+    ]
+    entry = history_of(replay(records))["steps"][0]
     assert entry["peak_vram_bytes"] == {"0": 1000, "1": 2000}
-    assert entry["vram_gb"] == pytest.approx(2000 / 1e9)
+    assert entry["vram_peak_bytes"] == 2000
     assert entry["loss"] == 2.5 and entry["t_mono"] == 1.0  # rank 0's time
 
 
 def test_nan_loss_is_null_with_a_marker_and_a_warning():
     records = [{"type": "session_start", "session": 1, "t_wall": 1e9}, _step(1, 1.0), _log(1, "nan")]
-    state = replay("p", records)
-    entry = state.history_with_steps()["steps"][0]
-    assert entry["loss"] is None and entry["loss_nonfinite"] == "nan"
-    assert any("non-finite loss" in w for w in state.warnings)
+    state = replay(records)
+    entry = history_of(state)["steps"][0]
+    assert entry["loss"] is None and entry["loss_nonfinite"] == "nan" and entry["loss_smoothed"] is None
+    assert any("non-finite loss (nan) at step 1" in w for w in state.parts.warnings.items)
 
 
 def test_a_resumed_session_supersedes_the_steps_after_its_checkpoint():
@@ -77,31 +94,45 @@ def test_a_resumed_session_supersedes_the_steps_after_its_checkpoint():
     for step in range(1, 7):
         records += [_step(step, float(step)), _log(step, 10.0 - step)]
     records += [{"type": "session_end", "session": 1, "t_wall": 1e9 + 7, "status": "FAILED", "exit_code": 1}]
-    records += [{"type": "session_start", "session": 2, "t_wall": 1e9 + 8, "kind": "resume"},
-                {"type": "run_start", "rank": 0, "session": 2, "start_step": 4, "max_steps": 8}]
+    records += [
+        {"type": "session_start", "session": 2, "t_wall": 1e9 + 8, "kind": "resume"},
+        {"type": "run_start", "rank": 0, "session": 2, "start_step": 4, "max_steps": 8},
+    ]
     for step in range(5, 9):
         records += [_step(step, 10.0 + step, session=2), _log(step, 1.0, session=2)]
     records += [{"type": "session_end", "session": 2, "t_wall": 1e9 + 20, "status": "COMPLETED", "exit_code": 0}]
-    history = replay("p", records).history_with_steps()
+    history = history_of(replay(records))
     assert [s["step"] for s in history["steps"]] == list(range(1, 9))
     assert [s["session"] for s in history["steps"]] == [1, 1, 1, 1, 2, 2, 2, 2]
     assert [s["loss"] for s in history["steps"][4:]] == [1.0] * 4
-    assert [(s["status"], s["start_step"], s["end_step"]) for s in history["sessions"]] == [("FAILED", None, 6), ("COMPLETED", 4, 8)]
+    assert [(s["status"], s["start_step"], s["end_step"]) for s in history["sessions"]] == [
+        ("FAILED", None, 6),
+        ("COMPLETED", 4, 8),
+    ]
     assert history["status"] == "COMPLETED"
 
 
 def test_snapshot_places_ranks_on_the_run_gpus_and_computes_rate_and_eta():
-    state = RunState("p")
-    for record in [
-        {"type": "session_start", "session": 1, "t_wall": 1e9},
-        _devices(("nvml:0", False), ("nvml:1", True), ("nvml:2", True)),
-        {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 100, "world_size": 2,
-         "args": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}},
-        _step(1, 10.0), _step(2, 10.5), _step(3, 11.0),
-        _log(3, 1.25),
-    ]:
-        state.apply(record)
-    snap = state.snapshot(now_mono=11.0)
+    state = replay(
+        [
+            {"type": "session_start", "session": 1, "t_wall": 1e9},
+            _devices(("nvml:0", False), ("nvml:1", True), ("nvml:2", True)),
+            {
+                "type": "run_start",
+                "rank": 0,
+                "session": 1,
+                "start_step": 0,
+                "max_steps": 100,
+                "world_size": 2,
+                "args": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2},
+            },
+            _step(1, 10.0),
+            _step(2, 10.5),
+            _step(3, 11.0),
+            _log(3, 1.25),
+        ]
+    )
+    snap = state.snapshot()
     assert [(g.key, g.rank) for g in snap.gpus] == [("nvml:0", None), ("nvml:1", 0), ("nvml:2", 1)]
     assert snap.steps_per_s == pytest.approx(2.0)
     assert snap.samples_per_s == pytest.approx(2.0 * 4 * 2 * 2)
@@ -110,7 +141,76 @@ def test_snapshot_places_ranks_on_the_run_gpus_and_computes_rate_and_eta():
 
 
 def test_the_closing_summary_log_keeps_the_last_loss_on_screen():
-    records = [{"type": "session_start", "session": 1, "t_wall": 1e9}, _step(1, 1.0), _log(1, 2.5),
-               {"type": "log", "rank": 0, "session": 1, "step": 1, "epoch": 1.0, "extra": {"train_runtime": 3.2}}]
-    snap = replay("p", records).snapshot(now_mono=2.0)
+    records = [
+        {"type": "session_start", "session": 1, "t_wall": 1e9},
+        _step(1, 1.0),
+        _log(1, 2.5),
+        {"type": "log", "rank": 0, "session": 1, "step": 1, "epoch": 1.0, "extra": {"train_runtime": 3.2}},
+    ]
+    snap = replay(records).snapshot()
     assert snap.loss == 2.5 and snap.learning_rate == 0.1 and snap.epoch == 1.0
+
+
+def test_the_dashboard_and_the_report_show_the_same_smoothed_loss():
+    records = [{"type": "session_start", "session": 1, "t_wall": 1e9}]
+    losses = [5.0, 4.0, 4.5, 3.0, 3.5, 2.0]
+    for step, loss in enumerate(losses, start=1):
+        records += [_step(step, float(step)), _log(step, loss)]
+    state = replay(records)
+    # The one rule: an EMA whose span is max(5, n/50) points, so alpha = 2/6 here.
+    expected = losses[0]
+    for loss in losses[1:]:
+        expected = loss / 3 + expected * 2 / 3
+    assert state.snapshot().loss_smoothed == pytest.approx(expected)
+    assert history_of(state)["steps"][-1]["loss_smoothed"] == pytest.approx(expected)
+
+
+def test_a_resume_continues_the_smoothed_loss_from_its_checkpoint():
+    records = [{"type": "session_start", "session": 1, "t_wall": 1e9}]
+    for step in range(1, 7):
+        records += [_step(step, float(step)), _log(step, float(10 - step))]
+    records += [
+        {"type": "session_end", "session": 1, "status": "INTERRUPTED"},
+        {"type": "session_start", "session": 2, "kind": "resume"},
+        {"type": "run_start", "rank": 0, "session": 2, "start_step": 3},
+    ]
+    uninterrupted = replay(records[: 1 + 2 * 3])  # steps 1-3 only
+    records += [_step(4, 20.0, session=2), _log(4, 1.0, session=2)]
+    resumed = history_of(replay(records))
+    before = history_of(uninterrupted)["steps"][-1]["loss_smoothed"]
+    assert [s["step"] for s in resumed["steps"]] == [1, 2, 3, 4]
+    assert resumed["steps"][3]["loss_smoothed"] == pytest.approx(1.0 / 3 + before * 2 / 3)
+
+
+def test_a_late_event_for_a_sealed_step_is_counted_not_applied():
+    records = [{"type": "session_start", "session": 1, "t_wall": 1e9}]
+    for step in range(1, 6):
+        records.append(_step(step, float(step)))
+    records.append(_step(1, 1.5, rank=1))  # rank 1's step 1, after rank 0 sealed it
+    state = replay(records)
+    assert state.ledger.telemetry.dropped_late_events == 1
+    assert history_of(state)["steps"][0]["peak_vram_bytes"] == {"0": 1000}
+
+
+def test_processes_that_train_independently_are_called_out():
+    """Two processes of an unchanged script on a GPU-less host without a gloo group: both say rank 0."""
+    launch = {"launch": {"num_processes": 2}}
+    start = [{"type": "session_start", "session": 1, "t_wall": 1e9, "config": launch}]
+    duplicates = replay(
+        start
+        + [
+            {"type": "run_start", "rank": 0, "session": 1, "pid": 11, "world_size": 1},
+            {"type": "run_start", "rank": 0, "session": 1, "pid": 12, "world_size": 1},
+        ]
+    )
+    warnings = " | ".join(duplicates.parts.warnings.items)
+    assert "two processes both said they were rank 0 (pids 11 and 12)" in warnings
+    assert "2 processes were launched but the trainer reports world size 1" in warnings
+    one_job = replay(
+        start
+        + [
+            {"type": "run_start", "rank": 0, "session": 1, "pid": 11, "world_size": 2},
+            {"type": "run_start", "rank": 1, "session": 1, "pid": 12, "world_size": 2},
+        ]
+    )
+    assert one_job.parts.warnings.items == []

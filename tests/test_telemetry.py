@@ -10,42 +10,55 @@ import textwrap
 
 import pytest
 
+from conftest import replay
 from kaio.child.emitter import EventEmitter
-from kaio.run.state import replay
 from kaio.telemetry import spool
 from kaio.telemetry.fifo import FifoReader, TelemetryFifo
-from kaio.telemetry.protocol import MAX_LINE_BYTES, ProtocolError, decode, encode
+from kaio.telemetry.protocol import MAX_LINE_BYTES, Log, ProtocolError, Save, Step, decode, encode, tag_nonfinite
 
 
 def test_encode_is_one_short_line_and_round_trips():
-    line = encode({"type": "log", "rank": 0, "step": 3, "loss": 1.5})
+    line = encode(Log(rank=0, step=3, loss=1.5))
     assert line.endswith(b"\n") and line.count(b"\n") == 1
-    assert decode(line) == {"type": "log", "rank": 0, "step": 3, "loss": 1.5}
+    assert json.loads(line) == {"type": "log", "rank": 0, "step": 3, "loss": 1.5}  # defaults left out
+    assert decode(line) == Log(rank=0, step=3, loss=1.5)
 
 
 def test_nan_loss_travels_as_a_tag_in_strict_json():
-    line = encode({"type": "log", "rank": 0, "step": 1, "loss": float("nan"), "grad_norm": float("inf")})
-    assert b"NaN" not in line
+    line = encode(Log(rank=0, step=1, loss=tag_nonfinite(float("nan")), grad_norm=tag_nonfinite(float("-inf"))))
+    assert b"NaN" not in line and b"Infinity" not in line
     event = json.loads(line)
-    assert event["loss"] == "nan" and event["grad_norm"] == "inf"
+    assert event["loss"] == "nan" and event["grad_norm"] == "-inf"
+    assert decode(line).loss == "nan"
 
 
 def test_oversized_event_drops_extra_then_refuses():
-    big = {"type": "log", "rank": 0, "step": 1, "extra": {"blob": "x" * 5000}}
-    shrunk = decode(encode(big))
-    assert "extra" not in shrunk and shrunk["truncated"] is True
+    shrunk = decode(encode(Log(rank=0, step=1, extra={"blob": "x" * 5000})))
+    assert shrunk.extra == {"kaio_truncated": True}
     with pytest.raises(ProtocolError):
-        encode({"type": "log", "rank": 0, "step": 1, "note": "x" * MAX_LINE_BYTES})
+        encode(Save(rank=0, step=1, path="x" * MAX_LINE_BYTES))
 
 
-@pytest.mark.parametrize("line", [b"not json", b"[1,2]", b'{"type":"bogus","rank":0}', b'{"type":"step"}'])
-def test_decode_rejects_what_is_not_an_event(line):
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"not json",
+        b"[1,2]",
+        b'{"type":"bogus","rank":0}',
+        b'{"type":"step"}',
+        b'{"type":"step","rank":0}',  # no step number: would have crashed the supervisor once
+        b'{"type":"step","rank":0,"step":"three"}',
+        b'{"type":"log","rank":"0","step":1}',
+        b'{"type":"log","rank":0,"step":1,"loss":"a lot"}',
+    ],
+)
+def test_decode_rejects_what_is_not_a_well_formed_event(line):
     with pytest.raises(ProtocolError):
         decode(line)
 
 
 def _collect(fifo: TelemetryFifo):
-    events: list[dict] = []
+    events: list = []
     reader = FifoReader(fifo.read_fd, events.append)
     reader.start()
     return events, reader
@@ -55,15 +68,15 @@ def test_reader_counts_and_skips_malformed_and_oversized_lines():
     fifo = TelemetryFifo()
     events, reader = _collect(fifo)
     fd = os.open(fifo.path, os.O_WRONLY)
-    os.write(fd, encode({"type": "step", "rank": 0, "step": 1}))
+    os.write(fd, encode(Step(rank=0, step=1)))
     os.write(fd, b"garbage\n")
     os.write(fd, b'{"type":"log","rank":0,"pad":"' + b"y" * 10000 + b'"}\n')
-    os.write(fd, encode({"type": "step", "rank": 0, "step": 2}))
+    os.write(fd, encode(Step(rank=0, step=2)))
     os.close(fd)
     fifo.close_write_end()
     reader.join(timeout=5)
     fifo.close()
-    assert [e["step"] for e in events] == [1, 2]
+    assert [e.step for e in events] == [1, 2]
     assert reader.stats.malformed == 1
     assert reader.stats.oversized == 1
 
@@ -73,28 +86,29 @@ def test_supervisor_write_end_keeps_reader_open_until_closed():
     fifo = TelemetryFifo()
     events, reader = _collect(fifo)
     first = EventEmitter(str(fifo.path), None, rank=0, session=1)
-    first.emit({"type": "step", "step": 1})
+    first.emit(Step(rank=0, step=1))
     first.close()
     reader.join(timeout=0.5)
     assert reader.is_alive(), "EOF came before the supervisor closed its end"
     second = EventEmitter(str(fifo.path), None, rank=0, session=1)
-    second.emit({"type": "step", "step": 2})
+    second.emit(Step(rank=0, step=2))
     second.close()
     fifo.close_write_end()
     reader.join(timeout=5)
     fifo.close()
-    assert [e["step"] for e in events] == [1, 2]
+    assert [e.step for e in events] == [1, 2]
 
 
 WRITER = textwrap.dedent(
     """
     import sys
     from kaio.child.emitter import EventEmitter
+    from kaio.telemetry.protocol import Save
     rank, count = int(sys.argv[2]), int(sys.argv[3])
     emitter = EventEmitter(sys.argv[1], None, rank=rank, session=1)
     pad = "z" * 3000  # near PIPE_BUF: a torn write would show
     for step in range(1, count + 1):
-        emitter.emit({"type": "step", "step": step, "pad": pad})
+        emitter.emit(Save(rank=rank, step=step, path=pad))
     emitter.close()
     """
 )
@@ -103,9 +117,7 @@ WRITER = textwrap.dedent(
 def test_lines_from_concurrent_writer_processes_never_tear():
     fifo = TelemetryFifo()
     events, reader = _collect(fifo)
-    writers = [
-        subprocess.Popen([sys.executable, "-c", WRITER, str(fifo.path), str(rank), "400"]) for rank in range(4)
-    ]
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(fifo.path), str(rank), "400"]) for rank in range(4)]
     for proc in writers:
         assert proc.wait(timeout=60) == 0
     fifo.close_write_end()
@@ -113,7 +125,7 @@ def test_lines_from_concurrent_writer_processes_never_tear():
     fifo.close()
     assert reader.stats.malformed == 0 and reader.stats.oversized == 0
     for rank in range(4):
-        assert [e["step"] for e in events if e["rank"] == rank] == list(range(1, 401))
+        assert [e.step for e in events if e.rank == rank] == list(range(1, 401))
 
 
 def test_emitter_spools_when_nobody_reads(tmp_path):
@@ -121,12 +133,12 @@ def test_emitter_spools_when_nobody_reads(tmp_path):
     os.mkfifo(path)  # a FIFO without a reader: ENXIO at open
     emitter = EventEmitter(path, str(tmp_path / "spool"), rank=1, session=2)
     assert not emitter.connected
-    emitter.emit({"type": "step", "step": 5})
+    emitter.emit(Step(rank=1, step=5))
     emitter.close()
     os.unlink(path)
-    events, bad = spool.missing_events(tmp_path / "spool", {})
+    events, bad = spool.missing_events(tmp_path / "spool", spool.Received())
     assert bad == 0
-    assert events == [{"rank": 1, "session": 2, "pid": os.getpid(), "seq": 1, "type": "step", "step": 5}]
+    assert events == [Step(rank=1, session=2, pid=os.getpid(), seq=1, step=5)]
 
 
 def test_emitter_switches_to_spool_when_reader_dies(tmp_path):
@@ -135,20 +147,38 @@ def test_emitter_switches_to_spool_when_reader_dies(tmp_path):
     os.mkfifo(path)
     read_fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     emitter = EventEmitter(path, str(tmp_path), rank=0, session=1)
-    emitter.emit({"type": "step", "step": 1})
-    events = [decode(line) for line in os.read(read_fd, 65536).splitlines()]
+    emitter.emit(Step(rank=0, step=1))
+    events = [json.loads(line) for line in os.read(read_fd, 65536).splitlines()]
     os.close(read_fd)  # the supervisor goes away
-    emitter.emit({"type": "step", "step": 2})
-    emitter.emit({"type": "step", "step": 3})
+    emitter.emit(Step(rank=0, step=2))
+    emitter.emit(Step(rank=0, step=3))
     emitter.close()
     assert [e["step"] for e in events] == [1]
     assert not emitter.connected
     # Everything is in the spool; only what the journal lacks is merged.
-    everything, _ = spool.missing_events(tmp_path, {})
-    assert [e["step"] for e in everything] == [1, 2, 3]
-    journaled = replay("p", [{"type": "session_start", "session": 1}, *events]).max_seq_by_pid  # what a supervisor tracks
+    everything, _ = spool.missing_events(tmp_path, spool.Received())
+    assert [e.step for e in everything] == [1, 2, 3]
+    journaled = replay([{"type": "session_start", "session": 1}, *events]).ledger.received  # what a supervisor tracks
     missing, _ = spool.missing_events(tmp_path, journaled)
-    assert [e["step"] for e in missing] == [2, 3]
+    assert [e.step for e in missing] == [2, 3]
+
+
+def test_an_event_the_pipe_lost_is_filled_from_the_spool(tmp_path):
+    """Junk without a newline spoils the event after it: the gap in its process's seqs is remembered,
+    and the spool merge fills exactly that event."""
+    emitter = EventEmitter(None, str(tmp_path), rank=0, session=1)
+    for step in range(1, 5):
+        emitter.emit(Step(rank=0, step=step))
+    emitter.close()
+    pid = os.getpid()
+    received = spool.Received()
+    for seq in (1, 2, 4):  # seq 3 (step 3) never arrived whole
+        received.add(pid, seq)
+    assert received.has(pid, 4) and not received.has(pid, 3) and received.complete_through(pid) == 2
+    missing, _ = spool.missing_events(tmp_path, received)
+    assert [e.step for e in missing] == [3]
+    received.add(pid, 3)
+    assert received.gaps == {} and received.complete_through(pid) == 4
 
 
 def test_spool_rotates_and_prunes_only_journaled_parts(tmp_path, monkeypatch):
@@ -156,18 +186,18 @@ def test_spool_rotates_and_prunes_only_journaled_parts(tmp_path, monkeypatch):
     spool_dir = tmp_path / "spool"
     emitter = EventEmitter(None, str(spool_dir), rank=0, session=1)
     for step in range(1, 8):
-        emitter.emit({"type": "step", "step": step})
+        emitter.emit(Step(rank=0, step=step))
     emitter.close()
     names = sorted(p.name for p in spool_dir.iterdir())
     assert len(names) == 3  # seq 1-3, 4-6, 7
-    pid = os.getpid()
-    spool.prune(spool_dir, {pid: 5})  # only the first part is wholly journaled
+    received = spool.Received(top={os.getpid(): 5})
+    spool.prune(spool_dir, received)  # only the first part is wholly journaled
     assert len(list(spool_dir.iterdir())) == 2
-    missing, _ = spool.missing_events(spool_dir, {pid: 5})
-    assert [e["step"] for e in missing] == [6, 7]
-    recorded = []
-    assert spool.merge_into(spool_dir, {pid: 5}, recorded.append) == 2
-    assert [e["step"] for e in recorded] == [6, 7]
+    missing, _ = spool.missing_events(spool_dir, received)
+    assert [e.step for e in missing] == [6, 7]
+    recorded: list = []
+    assert spool.merge_into(spool_dir, received, recorded.append) == (2, 0)
+    assert [e.step for e in recorded] == [6, 7]
     assert not spool_dir.exists()  # merged: nothing left to wonder about
 
 
@@ -175,19 +205,21 @@ def test_callback_reads_the_allocator_peak_once_resolved(monkeypatch):
     """No GPU here: torch.cuda is stood in for at its Python surface to check both read paths."""
     import torch
 
-    from kaio.child import callback
+    from kaio.child import memory
 
-    assert callback._peak_memory_functions() is None  # CPU: peak VRAM is null, never 0
+    assert memory.peak_memory_functions() is None  # CPU: peak VRAM is null, never 0
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: calls.append(("reset", device)))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 111)
-    monkeypatch.setattr(torch._C, "_cuda_memoryStats", lambda device: {"allocated_bytes": {"all": {"peak": 222}}}, raising=False)
-    reset, read_peak = callback._peak_memory_functions()
+    monkeypatch.setattr(
+        torch._C, "_cuda_memoryStats", lambda device: {"allocated_bytes": {"all": {"peak": 222}}}, raising=False
+    )
+    reset, read_peak = memory.peak_memory_functions()
     reset()
     assert calls == [("reset", 3)] and read_peak() == 222  # the raw counter
     monkeypatch.setattr(torch._C, "_cuda_memoryStats", lambda device: {}, raising=False)
-    _, read_peak = callback._peak_memory_functions()
+    _, read_peak = memory.peak_memory_functions()
     assert read_peak() == 111  # the public call when the raw one does not answer

@@ -8,14 +8,15 @@ supervisor can name the root cause, then propagates.
 
 from __future__ import annotations
 
-import json
 import os
 import runpy
 import sys
 import time
 import traceback
 
-from kaio.telemetry.protocol import ENV_ERROR_DIR, ENV_SESSION
+import msgspec
+
+from kaio.telemetry.protocol import ENV_ERROR_DIR, ENV_SESSION, RankError
 
 BUILTIN_RECIPE = "kaio.recipes.lora"
 
@@ -54,6 +55,9 @@ def main(argv: list[str] | None = None) -> None:
         _write_error_file(rank_from_env(), exc)
         raise
     finally:
+        from kaio.child import plain
+
+        plain.finish()
         shared_emitter().close()
 
 
@@ -74,22 +78,20 @@ def _write_error_file(rank: int, exc: BaseException) -> None:
     if not error_dir:
         return
     lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
-    record = {
-        "rank": rank,
-        "session": int(os.environ.get(ENV_SESSION, "1")),
-        "pid": os.getpid(),
-        "t_wall": time.time(),
-        "exc_type": type(exc).__name__,
-        "message": str(exc)[:2000],
-        # The root cause is the last line of the traceback: "ValueError: ..."
-        "root_cause": lines[-1].strip() if lines else repr(exc),
-        "traceback": "".join(lines)[-20000:],
-    }
+    record = RankError(
+        rank=rank,
+        session=int(os.environ.get(ENV_SESSION, "1")),
+        pid=os.getpid(),
+        t_wall=time.time(),
+        exc_type=type(exc).__name__,
+        message=str(exc)[:2000],
+        root_cause=lines[-1].strip() if lines else repr(exc),  # the traceback's last line: "ValueError: ..."
+        traceback="".join(lines)[-20000:],
+    )
     try:
         os.makedirs(error_dir, exist_ok=True)
-        path = os.path.join(error_dir, f"error-r{rank}-{os.getpid()}.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(record, f)
+        with open(os.path.join(error_dir, f"error-r{rank}-{os.getpid()}.json"), "wb") as f:
+            f.write(msgspec.json.encode(record))
     except OSError:
         pass
 

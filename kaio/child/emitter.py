@@ -27,9 +27,16 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
-from kaio.telemetry.protocol import ENV_PIPE, ENV_SESSION, ENV_SPOOL_DIR, ProtocolError, encode
+from kaio.telemetry.protocol import (
+    ENV_NODE_RANK,
+    ENV_PIPE,
+    ENV_SESSION,
+    ENV_SPOOL_DIR,
+    ChildEvent,
+    ProtocolError,
+    encode,
+)
 from kaio.telemetry.spool import SPOOL_PART_EVENTS, part_name
 
 SPOOL_FLUSH_EVENTS = 64
@@ -37,9 +44,12 @@ SPOOL_FLUSH_S = 1.0
 
 
 class EventEmitter:
-    def __init__(self, pipe_path: str | None, spool_dir: str | None, rank: int, session: int) -> None:
+    def __init__(
+        self, pipe_path: str | None, spool_dir: str | None, rank: int, session: int, node_rank: int = 0
+    ) -> None:
         self.rank = rank
         self.session = session
+        self.node_rank = node_rank
         self.pid = os.getpid()
         self._seq = 0
         self._spool_dir = Path(spool_dir) if spool_dir else None
@@ -60,21 +70,29 @@ class EventEmitter:
                 self._fd = None
 
     @classmethod
-    def from_env(cls, rank: int) -> "EventEmitter":
+    def from_env(cls, rank: int) -> EventEmitter:
         return cls(
             os.environ.get(ENV_PIPE),
             os.environ.get(ENV_SPOOL_DIR),
             rank=rank,
             session=int(os.environ.get(ENV_SESSION, "1")),
+            node_rank=int(os.environ.get(ENV_NODE_RANK, "0")),
         )
 
     @property
     def connected(self) -> bool:
         return self._fd is not None
 
-    def emit(self, event: dict[str, Any]) -> None:
+    def emit(self, event: ChildEvent) -> None:
+        """Stamp ``event`` with this process (session, node, pid, seq) and send it."""
         self._seq += 1
-        event = {"rank": self.rank, "session": self.session, "pid": self.pid, "seq": self._seq, **event}
+        event.rank, event.session, event.node_rank, event.pid, event.seq = (
+            self.rank,
+            self.session,
+            self.node_rank,
+            self.pid,
+            self._seq,
+        )
         try:
             line = encode(event)
         except ProtocolError:

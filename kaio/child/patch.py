@@ -46,7 +46,7 @@ def install() -> None:
     def __init__(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
         if not any(isinstance(cb, KaioCallback) for cb in self.callback_handler.callbacks):
-            self.add_callback(KaioCallback(shared_emitter()))
+            self.add_callback(KaioCallback(shared_emitter(), trainer=self))
 
     @functools.wraps(original_train)
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -54,6 +54,6 @@ def install() -> None:
             resume_from_checkpoint = os.environ[ENV_RESUME_FROM]
         return original_train(self, resume_from_checkpoint, *args, **kwargs)
 
-    __init__._kaio_patched = True
+    __init__._kaio_patched = True  # type: ignore[attr-defined]
     trainer_cls.__init__ = __init__
     trainer_cls.train = train

@@ -20,8 +20,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from kaio.devices.base import DeviceInfo, GpuSample
 from kaio.devices.vendor import (
@@ -176,7 +177,9 @@ class AmdSmiBackend:
                 self._reports_card_power[i] = False
                 notes[i].append("MI250 GCD without its own power reading: the other GCD of the card reports both")
             elif "MI250" in ident.name and i + 1 < len(silent) and silent[i + 1]:
-                notes[i].append(f"MI250 GCD: power and energy cover both GCDs of the card (this one and amdsmi:{i + 1})")
+                notes[i].append(
+                    f"MI250 GCD: power and energy cover both GCDs of the card (this one and amdsmi:{i + 1})"
+                )
 
     def _describe(self, index: int, ident: _Identity, notes: list[str]) -> DeviceInfo:
         probe = self._sample_one(index, 0.0, 0.0)

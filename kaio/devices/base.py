@@ -6,13 +6,15 @@ device (or the driver) cannot give it; ``None`` never means zero.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
+
+import msgspec
 
 
-@dataclass(frozen=True, slots=True)
-class DeviceInfo:
-    """A physical GPU as a backend found it."""
+class DeviceInfo(msgspec.Struct, frozen=True):
+    """A physical GPU as a backend found it (also the journal's ``devices`` record)."""
 
     backend: str  # "nvml" | "amdsmi"
     index: int  # the backend's own device index (physical, not CUDA_VISIBLE_DEVICES-relative)
@@ -30,9 +32,8 @@ class DeviceInfo:
         return f"{self.backend}:{self.index}"
 
 
-@dataclass(frozen=True, slots=True)
-class GpuSample:
-    """One device at one tick of the poller."""
+class GpuSample(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One device at one tick of the poller (also the journal's ``tick`` record, unmeasured metrics left out)."""
 
     key: str  # DeviceInfo.key
     t_mono: float  # time.monotonic() when the reading was taken (system-wide clock)
@@ -54,8 +55,7 @@ class GpuSample:
     throttle: tuple[str, ...] | None = None  # active throttle reasons, () when none
 
 
-@dataclass(frozen=True, slots=True)
-class HostSample:
+class HostSample(msgspec.Struct, frozen=True, omit_defaults=True):
     """The host: shown when there is no GPU, labelled as host, never as a GPU."""
 
     t_mono: float
@@ -65,8 +65,7 @@ class HostSample:
     ram_total_bytes: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Tick:
+class Tick(msgspec.Struct, frozen=True):
     """Everything one poller tick produced."""
 
     t_mono: float  # the scheduled time of the tick

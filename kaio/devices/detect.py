@@ -7,7 +7,7 @@ never an exception: kaio then records the host only.
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 from kaio.devices.base import DetectResult
 from kaio.devices.vendor import RunPids

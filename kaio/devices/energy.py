@@ -12,7 +12,7 @@ at any later point, keeping the energy accumulated so far.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 COUNTER = "counter"
 INTEGRATED = "integrated"
@@ -68,7 +68,7 @@ class PowerIntegrator:
     def add(self, t_s: float, power_w: float | None) -> float | None:
         if power_w is None:
             return self.total_j
-        if self._last is None:
+        if self._last is None or self.total_j is None:
             self.total_j = 0.0
         else:
             self.total_j += trapezoid_step_j(*self._last, t_s, power_w)

@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
 
 from kaio.devices.base import DeviceInfo, GpuSample, HostSample
 from kaio.devices.detect import NO_GPU_NOTE, detect
@@ -69,7 +71,16 @@ def render_inventory(inv: dict):
     for backend in inv["backends"]:
         versions = ", ".join(f"{k} {v}" for k, v in backend["versions"].items())
         table = Table(title=f"{backend['name']}" + (f" ({versions})" if versions else ""), title_justify="left")
-        for column in ("GPU", "name", "in run", "util", "VRAM used / total", "power", "temp edge / junction", "metrics"):
+        for column in (
+            "GPU",
+            "name",
+            "in run",
+            "util",
+            "VRAM used / total",
+            "power",
+            "temp edge / junction",
+            "metrics",
+        ):
             table.add_column(column)
         for device in backend["devices"]:
             sample = device["sample"] or {}
@@ -107,7 +118,7 @@ def render_inventory(inv: dict):
 
 
 def _device_dict(device: DeviceInfo) -> dict:
-    data = dataclasses.asdict(device)
+    data = msgspec.structs.asdict(device)
     data["key"] = device.key
     data["supported"] = list(device.supported)
     data["notes"] = list(device.notes)
@@ -117,7 +128,7 @@ def _device_dict(device: DeviceInfo) -> dict:
 def _sample_dict(sample: GpuSample | None) -> dict | None:
     if sample is None:
         return None
-    data = dataclasses.asdict(sample)
+    data = msgspec.structs.asdict(sample)
     # One reading has no "since": energy since start and its method belong to the poller.
     for key in ("key", "t_mono", "t_wall", "energy_j", "energy_method"):
         data.pop(key)
@@ -127,7 +138,7 @@ def _sample_dict(sample: GpuSample | None) -> dict | None:
 
 
 def _host_dict(sample: HostSample) -> dict:
-    data = dataclasses.asdict(sample)
+    data = msgspec.structs.asdict(sample)
     for key in ("t_mono", "t_wall"):
         data.pop(key)
     return data
@@ -138,4 +149,6 @@ def _fmt(value: float | None, pattern: str) -> str:
 
 
 def _gib(value: int | None) -> str:
-    return f"{value / 2**30:.1f} GiB" if value is not None else "n/a"
+    from kaio.units import gib
+
+    return gib(value) if value is not None else "n/a"

@@ -8,7 +8,8 @@ stays ``None`` on NVIDIA.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from kaio.devices.base import DeviceInfo, GpuSample
 from kaio.devices.vendor import (
@@ -41,9 +42,7 @@ class NvmlBackend:
 
     name = "nvml"
 
-    def __init__(
-        self, nvml: Any, handles: Sequence[Any], environ: Mapping[str, str], run_pids: RunPids | None
-    ) -> None:
+    def __init__(self, nvml: Any, handles: Sequence[Any], environ: Mapping[str, str], run_pids: RunPids | None) -> None:
         self._nvml = nvml
         self._handles = list(handles)
         self._run_pids = run_pids
@@ -244,4 +243,3 @@ def _throttle_names(mask: int) -> tuple[str, ...]:
 
 def _cuda_version(value: Any) -> str | None:
     return f"{value // 1000}.{value % 1000 // 10}" if isinstance(value, int) and value > 0 else None
-

@@ -9,12 +9,13 @@ sampled in a burst) and sampling resumes on the grid.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import threading
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+
+import msgspec
 
 from kaio.devices.base import DeviceInfo, GpuBackend, GpuSample, Tick
 from kaio.devices.energy import EnergyTracker
@@ -72,7 +73,8 @@ class Poller:
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             return  # stuck inside a vendor call: closing the library under it could crash the process
-        for source in [*self._backends, *([self._host] if self._host else [])]:
+        sources: list = [*self._backends, *([self._host] if self._host else [])]
+        for source in sources:
             try:
                 source.close()
             except Exception:  # a library that fails to shut down has nothing left to release
@@ -134,7 +136,7 @@ class Poller:
             with self._lock:
                 tracker = self._energy.setdefault(sample.key, EnergyTracker(self._energy_check_window_s))
         energy_j, method = tracker.update(sample.t_mono, sample.power_w, sample.energy_counter_j)
-        return dataclasses.replace(sample, energy_j=energy_j, energy_method=method)
+        return msgspec.structs.replace(sample, energy_j=energy_j, energy_method=method)
 
 
 class _TickStats:

@@ -10,7 +10,8 @@ working mid-run.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from kaio.devices.base import GpuSample
 

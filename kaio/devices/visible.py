@@ -16,8 +16,9 @@ ends the list: the GPUs after it are not visible to the run.
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
+
+import msgspec
 
 from kaio.devices.base import DeviceInfo
 
@@ -38,7 +39,7 @@ def mark_visible(devices: Sequence[DeviceInfo], environ: Mapping[str, str]) -> t
         else:
             visible = own
         in_run.update(d.key for d in visible)
-    return [dataclasses.replace(d, in_run=d.key in in_run) for d in devices], notes
+    return [msgspec.structs.replace(d, in_run=d.key in in_run) for d in devices], notes
 
 
 def _select(candidates: list[DeviceInfo], spec: str | None, variable: str, notes: list[str]) -> list[DeviceInfo]:
@@ -50,7 +51,9 @@ def _select(candidates: list[DeviceInfo], spec: str | None, variable: str, notes
         if not entry:
             continue
         if entry.upper().startswith("MIG-"):
-            notes.append(f"{variable}: MIG instance {entry} cannot be traced to its GPU; it is not marked as in the run")
+            notes.append(
+                f"{variable}: MIG instance {entry} cannot be traced to its GPU; it is not marked as in the run"
+            )
             continue
         device = _resolve(candidates, entry)
         if device is None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 _SUBJECTS = ["the cat", "a dog", "my robot", "the GPU", "our model", "the kernel", "a bird", "the team"]
 _VERBS = ["trains", "watches", "reports", "measures", "sleeps", "computes", "learns", "writes"]

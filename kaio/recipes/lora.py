@@ -130,7 +130,9 @@ def train(cfg: RunConfig) -> None:
             r=cfg.lora.r,
             lora_alpha=cfg.lora.alpha,
             lora_dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules[0] if cfg.lora.target_modules == ["all-linear"] else cfg.lora.target_modules,
+            target_modules=cfg.lora.target_modules[0]
+            if cfg.lora.target_modules == ["all-linear"]
+            else cfg.lora.target_modules,
             task_type="CAUSAL_LM",
         ),
     )

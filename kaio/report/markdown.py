@@ -1,9 +1,11 @@
 """``report.md``: a permanent, readable record of one run (all its sessions).
 
-Pure: ``render_markdown(history, summary) -> str``. Numbers carry their units;
-what was not measured says so instead of showing a zero. Secrets never reach
-the text: config keys named like a token, key or secret are redacted, and
-anything shaped like a Hugging Face token is scrubbed from the whole page.
+Pure: ``render_markdown(header, summary, evals) -> str``. Numbers carry their
+units; what was not measured says so instead of showing a zero. What was
+trained comes from the child's own account (``RunDescription``); kaio's config
+is shown only for what kaio controlled. Secrets never reach the text: config
+keys named like a token, key or secret are redacted, and anything shaped like
+a Hugging Face token is scrubbed from the whole page.
 """
 
 from __future__ import annotations
@@ -12,12 +14,18 @@ import json
 import re
 from typing import Any
 
+import msgspec
+
 from kaio.config import redact as redact_config
+from kaio.record.types import EvalEntry, HistoryHeader, HubOutcome, RunDescription, Session
+from kaio.report.summary import Summary
+from kaio.units import gib
 
 REDACTED = "‹redacted›"
 HF_TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{16,}\b")
-
 STATUS_BADGES = {"COMPLETED": "✅", "RUNNING": "🔄", "FAILED": "❌", "INTERRUPTED": "⏹️"}
+EVAL_ROWS = 20  # the latest evaluations listed (the best one is always named)
+BUILTIN_RECIPE_SECTIONS = ("model", "lora", "data", "training")  # what kaio's own recipe reads
 
 
 def redact(value: Any) -> Any:
@@ -25,18 +33,22 @@ def redact(value: Any) -> Any:
     return redact_config(value, marker=REDACTED)
 
 
-def render_markdown(history: dict, summary: dict) -> str:
+def render_markdown(header: HistoryHeader, summary: Summary, evals: list[EvalEntry]) -> str:
     sections = [
-        f"# Training report: {history.get('project', 'unnamed')}",
-        _executive_summary(summary, history.get("checkpoints") or []),
+        f"# Training report: {header.project}",
+        _executive_summary(summary, header),
         _key_metrics(summary),
+        _evaluations(summary, evals),
+        _time_spent(summary),
         "## Telemetry\n\n![telemetry](telemetry.png)",
-        _configuration(history),
-        _hub(history.get("hub")),
-        _sessions(history.get("sessions") or []),
-        _warnings(summary["warnings"]),
-        _notes((history.get("telemetry") or {}).get("notes") or []),
-        _footer(history),
+        _what_was_trained(header.run),
+        _environment(header.run),
+        _kaio_config(header.config, header.run),
+        _hub(header.hub),
+        _sessions(header.sessions),
+        _list("Warnings", summary.warnings, "⚠️ "),
+        _list("Notes", header.telemetry.notes),
+        _footer(header),
     ]
     text = "\n\n".join(s for s in sections if s) + "\n"
     return HF_TOKEN.sub(REDACTED, text)
@@ -45,223 +57,296 @@ def render_markdown(history: dict, summary: dict) -> str:
 # --- sections ---------------------------------------------------------------
 
 
-def _executive_summary(s: dict, checkpoints: list[dict]) -> str:
-    steps = f"{s['optimizer_steps']:,}"
-    if s.get("max_steps"):
-        steps += f" of {s['max_steps']:,} planned"
-    if s["step_entries"] != s["optimizer_steps"]:
-        steps += f" ({s['step_entries']:,} recorded)"
-    sessions = f" over {s['sessions']} sessions" if s["sessions"] > 1 else ""
+def _executive_summary(s: Summary, header: HistoryHeader) -> str:
+    if not s.step_entries:
+        steps = "none recorded" + (
+            " (no transformers Trainer started: see What was trained)" if header.run is None else ""
+        )
+        return "## Executive summary\n\n" + "\n".join(
+            [
+                f"- **Status:** {_status(s)}",
+                f"- **Duration:** {_duration(s.training_time_s) or 'not recorded'}",
+                f"- **Optimizer steps:** {steps}",
+            ]
+        )
+    steps = f"{s.optimizer_steps:,}"
+    if s.max_steps:
+        steps += f" of {s.max_steps:,} planned"
+    if s.step_entries != s.optimizer_steps:
+        steps += f" ({s.step_entries:,} recorded)"
+    sessions = f" over {s.sessions} sessions" if s.sessions > 1 else ""
     lines = [
         f"- **Status:** {_status(s)}",
-        f"- **Duration:** {_hours(s['training_time_s'])}{sessions}",
+        f"- **Duration:** {_duration(s.training_time_s) or 'not recorded'}{sessions}",
         f"- **Optimizer steps:** {steps}",
         f"- **Trainable params:** {_params(s)}",
     ]
-    if checkpoints:
-        latest = checkpoints[-1]
-        where = f" (`{_inline(latest['path'])}`)" if latest.get("path") else ""
-        lines.append(f"- **Latest checkpoint:** step {latest.get('step')}{where}")
+    if header.checkpoints:
+        latest = header.checkpoints[-1]
+        where = f" (`{_inline(latest.path)}`)" if latest.path else ""
+        lines.append(f"- **Latest checkpoint:** step {latest.step}{where}")
     return "## Executive summary\n\n" + "\n".join(lines)
 
 
-def _status(s: dict) -> str:
-    status = s.get("status") or "UNKNOWN"
-    text = f"{STATUS_BADGES.get(status, '❔')} {status}"
-    if status == "FAILED":
-        text += f" (exit code {s['exit_code']})" if s.get("exit_code") is not None else ""
-        if s.get("error"):
-            text += f": `{_inline(s['error'])}`"
-    elif status == "INTERRUPTED" and s.get("signal") is not None:
-        text += f" (signal {s['signal']})"
-    elif status == "RUNNING":
+def _status(s: Summary) -> str:
+    text = f"{STATUS_BADGES.get(s.status, '❔')} {s.status}"
+    if s.status == "FAILED":
+        text += f" (exit code {s.exit_code})" if s.exit_code is not None else ""
+        if s.error:
+            text += f": `{_inline(s.error)}`"
+    elif s.status == "INTERRUPTED" and s.signal is not None:
+        text += f" (signal {s.signal})"
+    elif s.status == "RUNNING":
         text += " (report written while the run goes on)"
     return text
 
 
-def _params(s: dict) -> str:
-    trainable, total = s.get("trainable_params"), s.get("total_params")
-    if trainable is None:
+def _params(s: Summary) -> str:
+    if s.trainable_params is None:
         return "not reported"
-    text = f"{trainable:,}"
-    if total:
-        text += f" of {total:,} ({s['trainable_pct']:.3g} %)"
+    text = f"{s.trainable_params:,}"
+    if s.total_params:
+        text += f" of {s.total_params:,} ({s.trainable_pct:.3g} %)"
     return text
 
 
-def _key_metrics(s: dict) -> str:
-    missing = "not measured (no GPU)" if s["cpu_only"] else "not measured"
+def _key_metrics(s: Summary) -> str:
+    missing = "not measured (no GPU)" if s.cpu_only else "not measured"
     rows = [
-        ("Loss (initial → final)", _loss_line(s)),
-        ("Loss, minimum", _loss_min(s)),
-        ("Loss, final smoothed (EMA)", _num(s["loss_final_smoothed"], ".4g") or "not logged"),
-        ("True peak VRAM (allocator, max over ranks)", _true_peak(s) or missing),
-        ("True peak VRAM, average over steps", _gb(s["vram_true_peak_step_avg_bytes"]) or missing),
-        ("Device VRAM used, peak (driver)", _device_vram(s) or missing),
-        ("Power per GPU (average / peak)", _pair(s["power_avg_w"], s["power_peak_w"], "W", ".0f") or missing),
+        (
+            "Loss (initial → final)",
+            f"{s.loss_initial:.4g} → {s.loss_final:.4g}"
+            if s.loss_initial is not None and s.loss_final is not None
+            else _no_loss(s),
+        ),
+        ("Loss, minimum", f"{s.loss_min:.4g} at step {s.loss_min_step:,}" if s.loss_min is not None else _no_loss(s)),
+        ("Loss, final smoothed (EMA)", _num(s.loss_final_smoothed, ".4g") or _no_loss(s)),
     ]
-    if s["gpu_count"] > 1:
-        total = _unit(s["power_total_avg_w"], "W", ".0f") or missing
-        rows.append((f"Power, all {s['gpu_count']} GPUs (average)", total))
+    if s.eval_loss_best is not None:
+        rows.append(("Evaluation loss, best", f"{s.eval_loss_best:.4g} at step {s.eval_loss_best_step:,}"))
+    rows += [
+        ("True peak VRAM (allocator, max over ranks)", _true_peak(s) or missing),
+        ("True peak VRAM, average over steps", _bytes(s.vram_true_peak_step_avg_bytes) or missing),
+        ("Device VRAM used, peak (driver)", _device_vram(s) or missing),
+        ("Power per GPU (average / peak)", _pair(s.power_avg_w, s.power_peak_w, "W", ".0f") or missing),
+    ]
+    if s.gpu_count > 1:
+        rows.append((f"Power, all {s.gpu_count} GPUs (average)", _unit(s.power_total_avg_w, "W", ".0f") or missing))
     rows += [
         ("Energy", _energy(s) or missing),
-        ("Energy per 1k samples", _unit(s["energy_per_1k_samples_wh"], "Wh", ".3g") or missing),
-        ("Samples processed", f"{s['samples']:,}" if s["samples"] is not None else "not reported"),
-        ("Throughput", _throughput(s)),
-        ("GPU utilisation (average)", _unit(s["gpu_util_avg_pct"], "%", ".0f") or missing),
-        ("Temperature (average / peak)", _pair(s["temp_avg_c"], s["temp_peak_c"], "°C", ".0f") or missing),
+        ("Energy per 1k samples", _unit(s.energy_per_1k_samples_wh, "Wh", ".3g") or missing),
+        ("Samples processed", f"{s.samples:,}" if s.samples is not None else "not reported"),
+        ("Throughput (over the optimizer steps)", _throughput(s)),
+        ("GPU utilisation (average)", _unit(s.gpu_util_avg_pct, "%", ".0f") or missing),
+        ("Temperature (average / peak)", _pair(s.temp_avg_c, s.temp_peak_c, "°C", ".0f") or missing),
     ]
-    if s["host_cpu_avg_pct"] is not None or s["host_ram_peak_bytes"] is not None:
-        cpu = _unit(s["host_cpu_avg_pct"], "%", ".0f") or "not measured"
-        ram = _gb(s["host_ram_peak_bytes"]) or "not measured"
-        rows.append(("Host CPU (average) / RAM used (peak)", f"{cpu} / {ram}"))
-    table = "\n".join(f"| {name} | {_cell(value)} |" for name, value in rows)
-    return "## Key metrics\n\n| Metric | Value |\n|---|---|\n" + table
+    if s.host_cpu_avg_pct is not None or s.host_ram_peak_bytes is not None:
+        cpu = _unit(s.host_cpu_avg_pct, "%", ".0f") or "not measured"
+        rows.append(
+            ("Host CPU (average) / RAM used (peak)", f"{cpu} / {_bytes(s.host_ram_peak_bytes) or 'not measured'}")
+        )
+    return "## Key metrics\n\n" + _table(("Metric", "Value"), rows)
 
 
-def _loss_line(s: dict) -> str:
-    if s["loss_initial"] is None:
-        return "no finite loss logged"
-    return f"{s['loss_initial']:.4g} → {s['loss_final']:.4g}"
+def _no_loss(s: Summary) -> str:
+    if s.loss_nan_count or s.loss_inf_count:
+        return "no finite loss logged (see the warnings)"
+    return "not logged" if s.step_entries else "no training step recorded"
 
 
-def _loss_min(s: dict) -> str:
-    if s["loss_min"] is None:
-        return "no finite loss logged"
-    return f"{s['loss_min']:.4g} at step {s['loss_min_step']:,}"
-
-
-def _true_peak(s: dict) -> str | None:
-    peak = _gb(s["vram_true_peak_bytes"])
-    by_rank = s["vram_true_peak_by_rank_bytes"]
-    if peak is None or len(by_rank) < 2:
-        return peak
-    return f"{peak} ({', '.join(f'rank {r}: {_gb(v)}' for r, v in by_rank.items())})"
-
-
-def _device_vram(s: dict) -> str | None:
-    peak = _gb(s["vram_device_used_peak_bytes"])
-    if peak is None:
+def _time_spent(s: Summary) -> str | None:
+    total = s.training_time_s
+    if not total:
         return None
-    gap = s["vram_gap_bytes"]
-    if gap is not None and gap > 0:
-        peak += f" ({_gb(gap)} above the true peak: CUDA context, allocator cache, other processes)"
-    return peak
-
-
-def _energy(s: dict) -> str | None:
-    kwh = s["energy_kwh"]
-    if kwh is None:
-        return None
-    text = f"{kwh:.3f} kWh" if kwh >= 0.1 else f"{kwh:.4f} kWh ({kwh * 1000:.3g} Wh)"
-    return f"{text}, {s['energy_method']}"
-
-
-def _throughput(s: dict) -> str:
-    if s["samples_per_s"] is None:
-        return "not measured"
-    text = f"{s['samples_per_s']:.3g} samples/s"
-    if s["tokens_per_s"] is not None:
-        text += f" · {s['tokens_per_s']:,.0f} tokens/s"
-    return text
-
-
-def _configuration(history: dict) -> str:
-    run = history.get("run") or {}
-    lora = run.get("lora") or {}
-    modules = lora.get("target_modules")
-    rows = [
-        ("Base model", run.get("base_model")),
-        ("Architecture", run.get("architecture")),
-        ("Precision", run.get("precision")),
-        ("Per-device batch size", run.get("per_device_batch_size")),
-        ("Gradient accumulation steps", run.get("gradient_accumulation_steps")),
-        ("World size (processes)", run.get("world_size")),
-        ("Effective batch size", run.get("effective_batch_size")),
-        ("Sequence length", run.get("seq_length")),
-        ("Max steps", run.get("max_steps")),
-        ("Learning rate", _num(run.get("learning_rate"), "g")),
-        ("LR scheduler", run.get("lr_scheduler_type")),
-        ("Optimizer", run.get("optimizer")),
-        ("LoRA r / alpha", f"{lora.get('r')} / {lora.get('alpha')}" if lora else None),
-        ("LoRA target modules", ", ".join(map(str, modules)) if isinstance(modules, list) else modules),
+    parts = [
+        ("Start-up (launch to the first step)", s.startup_s),
+        ("Optimizer steps", s.steps_s),
+        ("Evaluation", s.eval_s),
+        ("Checkpoint saves", s.save_s),
+        ("Closing (final save, teardown)", s.closing_s),
     ]
-    table = "\n".join(f"| {name} | {_cell('not reported' if v is None else v)} |" for name, v in rows)
-    text = "## Configuration snapshot\n\n| Setting | Value |\n|---|---|\n" + table
-    config = history.get("config")
-    if config:
-        dump = json.dumps(redact(config), indent=2, sort_keys=True, default=str, ensure_ascii=False)
-        text += f"\n\n<details><summary>Full configuration</summary>\n\n```json\n{dump}\n```\n\n</details>"
-    return text
+    rest = total - sum(v for _, v in parts if v is not None)
+    if rest > 0.05 * total:
+        parts.append(("Other (between sessions, restarts)", rest))
+    rows = [(name, _seconds(v), f"{100 * v / total:.0f} %") for name, v in parts if v]
+    rows.append(("**Wall time**", _seconds(total), "100 %"))
+    return "## Where the time went\n\n" + _table(("Phase", "Time", "Share"), rows)
 
 
-def _hub(hub: dict | None) -> str | None:
-    if not hub:
+def _seconds(value: float) -> str:
+    return f"{value:.1f} s" if value < 60 else (_duration(value) or "")
+
+
+def _evaluations(s: Summary, evals: list[EvalEntry]) -> str | None:
+    if not evals:
         return None
-    repo, sha = hub.get("repo_id"), hub.get("commit_sha")
-    if sha and repo:
-        url = f"https://huggingface.co/{repo}"
+    names = list(dict.fromkeys(k for e in evals for k in e.metrics if k not in ("epoch",)))
+    shown = evals[-EVAL_ROWS:]
+    rows = [(e.step, *(_metric(e, name) for name in names)) for e in shown]
+    text = "## Evaluation\n\n"
+    if s.eval_loss_best is not None:
+        text += f"Best evaluation loss **{s.eval_loss_best:.4g}** at step {s.eval_loss_best_step:,} ({s.eval_count} evaluations).\n\n"
+    if len(evals) > len(shown):
+        text += f"The latest {len(shown)} of {len(evals)} evaluations (all are in history.json):\n\n"
+    return text + _table(("Step", *names), rows)
+
+
+def _metric(entry: EvalEntry, name: str) -> str:
+    if name in entry.nonfinite:
+        return entry.nonfinite[name]
+    value = entry.metrics.get(name)
+    return "—" if value is None else format(value, ".4g")
+
+
+def _what_was_trained(run: RunDescription | None) -> str:
+    if run is None:
+        return (
+            "## What was trained\n\nNo transformers `Trainer` started, so kaio recorded the device and host "
+            "telemetry and the script's output (child.log) but no per-step training events. A plain training loop "
+            "can report its steps with `kaio.log(step=..., loss=...)` (see the README)."
+        )
+    if run.reporter == "kaio.log":
+        return (
+            "## What was trained\n\nA training loop without a transformers `Trainer`, reporting its steps through "
+            f"`kaio.log`; world size {run.world_size}. kaio knows what the loop told it, not the model or its settings."
+        )
+    model, peft, args = run.model, run.peft, run.args
+    rows: list[tuple[str, Any]] = [
+        ("Model", model.name_or_path if model else None),
+        ("Architecture", (model.architecture or model.model_class) if model else None),
+        ("Weights dtype", model.dtype if model else None),
+        ("Precision (training)", run.precision),
+        ("PEFT", _peft(peft) if peft else ("none: every parameter trained" if model and model.model_class else None)),
+        ("Tokenizer", run.tokenizer),
+        ("Training / evaluation examples", _pair_int(run.train_samples, run.eval_samples)),
+        ("Per-device batch size", args.per_device_train_batch_size),
+        ("Gradient accumulation steps", args.gradient_accumulation_steps),
+        ("World size (processes)", run.world_size),
+        ("Distributed", run.distributed_type),
+        ("Effective batch size", run.effective_batch_size),
+        ("Max steps", run.max_steps),
+        ("Epochs", args.num_train_epochs if not run.max_steps or run.max_steps < 0 else None),
+        ("Learning rate", _num(args.learning_rate, "g")),
+        ("LR scheduler", args.lr_scheduler_type),
+        ("Optimizer", args.optim),
+        ("Seed", args.seed),
+        ("Logging / evaluation / saving", _strategies(run)),
+    ]
+    return "## What was trained\n\nAs the training process reported it.\n\n" + _table(
+        ("Setting", "Value"), [(name, "not reported" if value is None else value) for name, value in rows]
+    )
+
+
+def _peft(peft: Any) -> str:
+    modules = peft.target_modules
+    targets = ", ".join(modules) if isinstance(modules, list) else modules
+    text = f"{peft.peft_type or 'adapter'} r={peft.r} alpha={_num(peft.alpha, 'g')}"
+    if peft.dropout is not None:
+        text += f" dropout={peft.dropout:g}"
+    return text + (f" on {targets}" if targets else "")
+
+
+def _strategies(run: RunDescription) -> str | None:
+    args = run.args
+    parts = []
+    for name, strategy, steps in (
+        ("log", args.logging_strategy, args.logging_steps),
+        ("eval", args.eval_strategy, args.eval_steps),
+        ("save", args.save_strategy, args.save_steps),
+    ):
+        if strategy is None:
+            continue
+        parts.append(f"{name}: {strategy}" + (f" every {steps:g}" if strategy == "steps" and steps is not None else ""))
+    return " · ".join(parts) or None
+
+
+def _environment(run: RunDescription | None) -> str | None:
+    env = run.environment if run else None
+    if env is None:
+        return None
+    fields = msgspec.structs.asdict(env)
+    argv = fields.pop("argv")
+    gpus = fields.pop("gpus")
+    rows = [(k, v) for k, v in fields.items() if v is not None]
+    if gpus:
+        rows.append(("gpus", ", ".join(gpus)))
+    if argv:
+        rows.append(("command", " ".join(argv)))
+    return "## Environment\n\n" + _table(("", ""), rows)
+
+
+def _kaio_config(config: dict | None, run: RunDescription | None) -> str | None:
+    """kaio's own settings; the built-in recipe's keys only when that recipe ran (a script never sees them)."""
+    if not config:
+        return None
+    launch = config.get("launch") or {}
+    keep = ("launch", "reporting", "hub") + (BUILTIN_RECIPE_SECTIONS if not launch.get("script") else ())
+    shown = {k: v for k, v in config.items() if k in keep or k == "project_name"}
+    dump = json.dumps(redact(shown), indent=2, sort_keys=True, default=str, ensure_ascii=False)
+    return f"## kaio configuration\n\n<details><summary>The config kaio ran with</summary>\n\n```json\n{dump}\n```\n\n</details>"
+
+
+def _hub(hub: HubOutcome | None) -> str | None:
+    if hub is None:
+        return None
+    if hub.commit_sha and hub.repo_id:
+        url = f"https://huggingface.co/{hub.repo_id}"
         lines = [
-            f"- **Repo:** [{repo}]({url})",
-            f"- **Commit:** `{sha}`",
-            f"- **Adapter config:** [adapter_config.json]({url}/blob/{sha}/adapter_config.json)",
+            f"- **Repo:** [{hub.repo_id}]({url})",
+            f"- **Commit:** `{hub.commit_sha}`",
+            f"- **Adapter config:** [adapter_config.json]({url}/blob/{hub.commit_sha}/adapter_config.json)",
         ]
-    elif hub.get("error"):
-        lines = [f"- push failed: {_inline(hub['error'])}"]
+    elif hub.error:
+        error = hub.error.removeprefix("push failed: ")
+        lines = [f"- push failed: {_inline(error)}"]
     else:
         return None
     return "## Hugging Face deployment\n\n" + "\n".join(lines)
 
 
-def _sessions(sessions: list[dict]) -> str | None:
-    if len(sessions) <= 1 and all(s.get("status") == "COMPLETED" for s in sessions):
+def _sessions(sessions: list[Session]) -> str | None:
+    if len(sessions) <= 1 and all(s.status.value == "COMPLETED" for s in sessions):
         return None
-    header = "| # | Kind | Started | Duration | Steps | Status | Exit | Error |\n|---|---|---|---|---|---|---|---|"
     rows = []
     for s in sessions:
-        exit_text = s.get("exit_code") if s.get("signal") is None else f"signal {s['signal']}"
-        cells = [
-            s.get("session"),
-            s.get("kind"),
-            s.get("started_at"),
-            _duration(s.get("duration_s")),
-            f"{s.get('start_step')} → {s.get('end_step')}",
-            s.get("status"),
-            exit_text,
-            s.get("error") or "",
-        ]
-        rows.append("| " + " | ".join(_cell("—" if c is None else c) for c in cells) + " |")
-    return "## Sessions\n\n" + header + "\n" + "\n".join(rows)
+        exit_text = s.exit_code if s.signal is None else f"signal {s.signal}"
+        rows.append(
+            (
+                s.session,
+                s.kind.value,
+                s.started_at,
+                _duration(s.duration_s),
+                f"{s.start_step} → {s.end_step}",
+                s.status.value,
+                exit_text,
+                s.error or "",
+            )
+        )
+    return "## Sessions\n\n" + _table(("#", "Kind", "Started", "Duration", "Steps", "Status", "Exit", "Error"), rows)
 
 
-def _warnings(warnings: list[str]) -> str | None:
-    if not warnings:
+def _list(title: str, items: list[str], mark: str = "") -> str | None:
+    if not items:
         return None
-    return "## Warnings\n\n" + "\n".join(f"- ⚠️ {_inline(w)}" for w in warnings)
+    return f"## {title}\n\n" + "\n".join(f"- {mark}{_inline(item)}" for item in items)
 
 
-def _notes(notes: list[str]) -> str | None:
-    """How the run was observed (no GPU found, a vendor library absent, a resumed checkpoint)."""
-    if not notes:
-        return None
-    return "## Notes\n\n" + "\n".join(f"- {_inline(n)}" for n in notes)
-
-
-def _footer(history: dict) -> str:
-    t = history.get("telemetry") or {}
-    parts = [
-        f"Generated {history.get('generated_at', 'at an unknown time')}",
-        f"history schema {history.get('schema_version')}",
-    ]
-    if t.get("samples") is not None:
-        rate = f" at {t['poll_hz']:g} Hz" if t.get("poll_hz") else ""
-        parts.append(f"{t['samples']:,} telemetry samples{rate}")
-    if t.get("events") is not None:
-        parts.append(f"{t['events']:,} training events")
+def _footer(header: HistoryHeader) -> str:
+    t = header.telemetry
+    parts = [f"Generated {header.generated_at or 'at an unknown time'}", f"history schema {header.schema_version}"]
+    if t.samples:
+        parts.append(f"{t.samples:,} telemetry samples" + (f" at {t.poll_hz:g} Hz" if t.poll_hz else ""))
+    parts.append(f"{t.events:,} training events")
     return "---\n\n<sub>" + " · ".join(parts) + "</sub>"
 
 
 # --- formatting -------------------------------------------------------------
+
+
+def _table(head: tuple, rows: list[tuple]) -> str:
+    lines = ["| " + " | ".join(map(str, head)) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_cell("—" if c is None else c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def _num(value: float | None, fmt: str) -> str | None:
@@ -278,18 +363,46 @@ def _pair(first: float | None, second: float | None, unit: str, fmt: str) -> str
     return " / ".join("not measured" if v is None else f"{v:{fmt}}" for v in (first, second)) + f" {unit}"
 
 
-def _gb(value: int | None) -> str | None:
-    """Bytes as decimal GB (the unit of ``vram_gb``); tiny values keep three significant digits."""
-    if value is None:
+def _pair_int(first: int | None, second: int | None) -> str | None:
+    if first is None and second is None:
         return None
-    gb = value / 1e9
-    return f"{gb:.2f} GB" if gb >= 1 else f"{gb:.3g} GB"
+    return " / ".join("—" if v is None else f"{v:,}" for v in (first, second))
 
 
-def _hours(seconds: float | None) -> str:
-    if seconds is None:
-        return "not recorded"
-    return f"{seconds / 3600:.2f} h ({_duration(seconds)})"
+def _bytes(value: int | None) -> str | None:
+    return None if value is None else gib(value)
+
+
+def _true_peak(s: Summary) -> str | None:
+    peak = _bytes(s.vram_true_peak_bytes)
+    by_rank = s.vram_true_peak_by_rank_bytes
+    if peak is None or len(by_rank) < 2:
+        return peak
+    return f"{peak} ({', '.join(f'rank {r}: {gib(v)}' for r, v in by_rank.items())})"
+
+
+def _device_vram(s: Summary) -> str | None:
+    peak = _bytes(s.vram_device_used_peak_bytes)
+    if peak is not None and s.vram_gap_bytes is not None and s.vram_gap_bytes > 0:
+        peak += f" ({gib(s.vram_gap_bytes)} above the true peak: CUDA context, allocator cache, other processes)"
+    return peak
+
+
+def _energy(s: Summary) -> str | None:
+    kwh = s.energy_kwh
+    if kwh is None:
+        return None
+    text = f"{kwh:.3f} kWh" if kwh >= 0.1 else f"{kwh * 1000:.3g} Wh"
+    return f"{text}, {s.energy_method}"
+
+
+def _throughput(s: Summary) -> str:
+    if s.samples_per_s is None:
+        return "not measured"
+    text = f"{s.samples_per_s:.3g} samples/s"
+    if s.tokens_per_s is not None:
+        text += f" · {s.tokens_per_s:,.0f} tokens/s"
+    return text
 
 
 def _duration(seconds: float | None) -> str | None:

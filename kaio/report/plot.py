@@ -1,54 +1,50 @@
-"""``telemetry.png``: six panels over the optimizer step.
+"""``telemetry.png``: six panels over the optimizer step, drawn from a ``FigureData``.
 
 matplotlib and numpy are imported inside the functions (``kaio --help`` must
 not pay for them). The figure is built on an explicit Agg canvas, never through
-pyplot, so rendering touches no global backend state.
+pyplot, so rendering touches no global backend state. The lines come
+decimated (kaio/report/figure_data.py), so a million-step run draws as fast as
+a short one.
 
-Every line comes from a ``RunTally``'s min/max decimation (kaio/report/tally.py):
-at most ~1024 buckets, each drawn as its lowest and highest point in step
-order, so spikes survive, a bucket with steps but no GPU reading is a gap, and
-a million-step run renders as fast as a short one. No per-step array is built.
+On a host without a GPU the VRAM and utilisation panels show what was
+measured instead, the host's RAM and CPU, and the title says there was no GPU.
 """
 
 from __future__ import annotations
 
 import io
 import os
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import msgspec
 
 from kaio.fsutil import atomic_write_bytes
-from kaio.report.tally import RunTally, tally_steps
+from kaio.report.figure_data import Band, FigureData, Line
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
 PANEL_TITLES = ("Training loss", "Learning rate", "VRAM", "GPU utilisation", "Power draw", "Temperature")
+HOST_PANEL_TITLES = ("Host RAM (no GPU)", "Host CPU utilisation (no GPU)")
 MAX_SEPARATE_BANDS = 2  # beyond this, per-GPU min/max bands overlap into a blur
-NO_GPU_TEXT = "no GPU data (CPU-only run)"
+NO_GPU_TEXT = "no GPU on this host (CPU-only run)"
 NOT_REPORTED_TEXT = "{} not reported by the GPU"
+GIB = 1 << 30
 
 
-def build_figure(history: dict, tally: RunTally | None = None) -> "Figure":
-    """The six-panel figure (titles in ``PANEL_TITLES`` order); a panel without data says so.
-
-    The steps come from ``tally`` when given (``history`` then needs only its
-    header: project, status, devices), else from ``history["steps"]``.
-    """
+def build_figure(data: FigureData) -> Figure:
+    """The six-panel figure; a panel without data says so."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator, StrMethodFormatter
 
-    if tally is None:
-        tally = tally_steps(history.get("steps") or [])
-    device_keys = [d["key"] for d in history.get("devices") or [] if d.get("in_run", True) and d.get("key")]
-    gpus = tally.gpu_labels(device_keys)
-    no_gpu_text = NO_GPU_TEXT if not history.get("devices") and not gpus else None
-
     fig = Figure(figsize=(14, 11), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(3, 2, sharex=True).ravel()
-    for ax, title in zip(axes, PANEL_TITLES):
+    titles = (*PANEL_TITLES[:2], *HOST_PANEL_TITLES, *PANEL_TITLES[4:]) if data.no_gpu else PANEL_TITLES
+    for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=12, fontweight="bold")
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
@@ -56,129 +52,152 @@ def build_figure(history: dict, tally: RunTally | None = None) -> "Figure":
     for ax in axes[-2:]:
         ax.set_xlabel("step")
 
-    _loss_panel(axes[0], tally)
-    _learning_rate_panel(axes[1], tally)
-    _vram_panel(axes[2], tally, gpus, no_gpu_text)
-    _gpu_lines_panel(axes[3], tally, gpus, "util", "utilisation (%)", "utilisation", no_gpu_text, ylim=(-2, 110))
-    _power_panel(axes[4], tally, gpus, no_gpu_text)
-    _gpu_lines_panel(axes[5], tally, gpus, "temp", "peak, junction where reported (°C)", "temperature", no_gpu_text)
-    _mark_sessions(axes, tally.session_starts)
-
-    status = history.get("status") or "UNKNOWN"
-    fig.suptitle(f"{history.get('project', 'unnamed')}: {status}, {tally.last_step:,} steps", fontsize=14)
+    _loss_panel(axes[0], data)
+    _line_panel(axes[1], data.learning_rate, "learning rate", "no learning rate logged", sci=True)
+    if data.no_gpu:
+        _host_ram_panel(axes[2], data)
+        _line_panel(axes[3], data.host_cpu, "CPU, whole host (%)", "host CPU not measured", ylim=(-2, 105))
+        for ax in axes[4:]:
+            _say_no_data(ax, NO_GPU_TEXT)
+    else:
+        _vram_panel(axes[2], data)
+        _gpu_lines_panel(axes[3], data, "util", "utilisation (%)", "utilisation", ylim=(-2, 110))
+        _power_panel(axes[4], data)
+        _gpu_lines_panel(axes[5], data, "temp", "peak, junction where reported (°C)", "temperature")
+    _mark_sessions(axes, data.session_starts)
+    fig.suptitle(data.title + (" · CPU-only run, no GPU" if data.no_gpu else ""), fontsize=14)
     return fig
 
 
-def render_telemetry_png(history: dict, path: str | os.PathLike, tally: RunTally | None = None) -> None:
-    """Render ``build_figure(history, tally)`` and write it to ``path`` atomically."""
+def render_telemetry_png(data: FigureData, path: str | os.PathLike) -> None:
+    """Render ``build_figure(data)`` and write it to ``path`` atomically."""
     buffer = io.BytesIO()
-    build_figure(history, tally).savefig(buffer, format="png", dpi=100)
+    build_figure(data).savefig(buffer, format="png", dpi=100)
     atomic_write_bytes(path, buffer.getvalue())
 
 
 def render_job(job_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
-    """Render the figure a supervisor described in ``job_path`` (``{"history": header, "tally":
-    RunTally.to_dict()}``), then delete the job file. See ``kaio.run.finalize.FigureProcess``."""
-    import json
-
+    """Render the ``FigureData`` a supervisor wrote to ``job_path``, then delete the job file.
+    See ``kaio.run.finalize.FigureProcess``."""
     os.nice(10)  # a background drawing: on busy cores it waits rather than slow the training
-    job = json.loads(open(job_path, "rb").read())
+    with open(job_path, "rb") as f:
+        data = msgspec.json.decode(f.read(), type=FigureData)
     os.unlink(job_path)
-    render_telemetry_png(job["history"], png_path, RunTally.from_dict(job["tally"]))
-
+    render_telemetry_png(data, png_path)
 
 
 # --- panels -----------------------------------------------------------------
 
 
-def _say_no_data(ax: "Axes", text: str) -> None:
+def _say_no_data(ax: Axes, text: str) -> None:
     ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=11, color="0.4")
     ax.set_yticks([])
 
 
-def _arrays(*columns):
+def _xy(line: Line, scale: float = 1.0):
     import numpy as np
 
-    return [np.asarray(c, dtype=float) for c in columns]
+    return np.asarray(line.x, dtype=float), np.asarray(line.y, dtype=float) / scale
 
 
-def _has_values(y) -> bool:
+def _band(band: Band, scale: float = 1.0):
     import numpy as np
 
-    return bool(len(y)) and not np.isnan(y).all()
+    return (
+        np.asarray(band.x, dtype=float),
+        np.asarray(band.low, dtype=float) / scale,
+        np.asarray(band.high, dtype=float) / scale,
+    )
 
 
-def _from_zero_with_headroom(ax: "Axes") -> None:
+def _from_zero_with_headroom(ax: Axes) -> None:
     """A y axis from zero (absolute quantities) with room above the data for the legend."""
     ax.set_ylim(0, ax.get_ylim()[1] * 1.15)
 
 
-def _legend(ax: "Axes", entries: int) -> None:
+def _legend(ax: Axes, entries: int, **kwargs) -> None:
     if entries > 1:
-        ax.legend(fontsize=7, ncol=min(entries, 4), loc="best", framealpha=0.8)
+        ax.legend(fontsize=7, ncol=min(entries, 4), framealpha=0.8, **{"loc": "best", **kwargs})
 
 
-def _loss_panel(ax: "Axes", tally: RunTally) -> None:
+def _loss_panel(ax: Axes, data: FigureData) -> None:
     import numpy as np
 
-    if not tally.loss_count:
+    if not data.loss.x:
         _say_no_data(ax, "no finite loss logged")
     else:
-        ax.plot(*_arrays(*tally.line("loss")), color="0.6", linewidth=0.8, label="raw")
-        ax.plot(*_arrays(*tally.line("loss_smoothed")), color="tab:orange", linewidth=2, label="smoothed (EMA)")
+        ax.plot(*_xy(data.loss), color="0.6", linewidth=0.8, label="raw")
+        ax.plot(*_xy(data.loss_smoothed), color="tab:orange", linewidth=2, label="smoothed (EMA)")
         ax.set_ylabel("loss")
-    marks = tally.loss_marks()  # one per bucket that had any: bounded however many there were
-    if marks:
-        count = tally.nonfinite_loss_count
-        ax.plot(marks, np.full(len(marks), 0.03), "x", color="tab:red", transform=ax.get_xaxis_transform(),
-                label=f"NaN/inf loss ({count:,} step{'s' if count > 1 else ''})")
+    if data.eval_loss.x:
+        ax.plot(*_xy(data.eval_loss), "o", color="tab:green", markersize=4, label="evaluation loss")
+    if data.loss_marks:  # one per bucket that had any: bounded however many there were
+        count = data.nonfinite_losses
+        ax.plot(
+            data.loss_marks,
+            np.full(len(data.loss_marks), 0.03),
+            "x",
+            color="tab:red",
+            transform=ax.get_xaxis_transform(),
+            label=f"NaN/inf loss ({count:,} step{'s' if count > 1 else ''})",
+        )
     _legend(ax, len(ax.lines))
 
 
-def _learning_rate_panel(ax: "Axes", tally: RunTally) -> None:
-    x, lr = _arrays(*tally.line("learning_rate"))
-    if not len(lr):
-        _say_no_data(ax, "no learning rate logged")
+def _line_panel(ax: Axes, line: Line, ylabel: str, missing: str, *, sci: bool = False, ylim=None) -> None:
+    if not line.x:
+        _say_no_data(ax, missing)
         return
-    ax.plot(x, lr, color="tab:blue", linewidth=1.5)
-    ax.set_ylabel("learning rate")
-    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    ax.plot(*_xy(line), color="tab:blue", linewidth=1.5)
+    ax.set_ylabel(ylabel)
+    if sci:
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    if ylim:
+        ax.set_ylim(*ylim)
 
 
-def _vram_panel(ax: "Axes", tally: RunTally, gpus: Sequence[str], no_gpu_text: str | None) -> None:
-    hx, high = _arrays(*tally.line("vram_true_peak"))
-    dx, device = _arrays(*tally.line("vram_device_used"))
-    if not _has_values(high) and not _has_values(device):
-        _say_no_data(ax, no_gpu_text or NOT_REPORTED_TEXT.format("VRAM"))
+def _host_ram_panel(ax: Axes, data: FigureData) -> None:
+    if not data.host_ram.x:
+        _say_no_data(ax, "host RAM not measured")
         return
-    ranks = len(tally.ranks_seen)
-    if _has_values(high):
+    ax.plot(*_xy(data.host_ram, GIB), color="tab:purple", linewidth=1.5, label="RAM used, whole host")
+    if data.host_ram_total_bytes:
+        ax.axhline(data.host_ram_total_bytes / GIB, color="0.5", linestyle=":", linewidth=1, label="RAM total")
+    ax.set_ylabel("GiB")
+    _from_zero_with_headroom(ax)
+    _legend(ax, len(ax.lines), loc="lower right")
+
+
+def _vram_panel(ax: Axes, data: FigureData) -> None:
+    if not data.vram_true_peak.x and not data.vram_device_used.x:
+        _say_no_data(ax, NOT_REPORTED_TEXT.format("VRAM"))
+        return
+    if data.vram_true_peak.x:
+        ranks = data.ranks
         label = f"true peak, allocator (max of {ranks} ranks)" if ranks > 1 else "true peak, allocator"
-        ax.plot(hx, high / 1e9, color="tab:blue", linewidth=1.5, label=label)
-        if ranks > 1:
-            bx, blow, bhigh = _arrays(*tally.band("vram_ranks"))
-            ax.fill_between(bx, blow / 1e9, bhigh / 1e9, color="tab:blue", alpha=0.15, linewidth=0,
-                            label="spread across ranks")
-    if _has_values(device):
-        label = f"device used, driver (max of {len(gpus)} GPUs)" if len(gpus) > 1 else "device used, driver"
-        ax.plot(dx, device / 1e9, color="tab:red", linewidth=1.2, linestyle="--", label=label)
-    ax.set_ylabel("GB")
+        ax.plot(*_xy(data.vram_true_peak, GIB), color="tab:blue", linewidth=1.5, label=label)
+        if ranks > 1 and data.vram_ranks.x:
+            ax.fill_between(
+                *_band(data.vram_ranks, GIB), color="tab:blue", alpha=0.15, linewidth=0, label="spread across ranks"
+            )
+    if data.vram_device_used.x:
+        count = len(data.gpus)
+        label = f"device used, driver (max of {count} GPUs)" if count > 1 else "device used, driver"
+        ax.plot(*_xy(data.vram_device_used, GIB), color="tab:red", linewidth=1.2, linestyle="--", label=label)
+    ax.set_ylabel("GiB")
     _from_zero_with_headroom(ax)
     ax.legend(fontsize=7, loc="lower right", framealpha=0.8)
 
 
-def _gpu_lines_panel(
-    ax: "Axes", tally: RunTally, gpus: Sequence[str], column: str, ylabel: str, what: str,
-    no_gpu_text: str | None, ylim=None,
-) -> None:
+def _gpu_lines_panel(ax: Axes, data: FigureData, column: str, ylabel: str, what: str, ylim=None) -> None:
     drawn = 0
-    for i, label in enumerate(gpus):  # colour by position: a GPU keeps its colour in every panel
-        x, y = _arrays(*tally.line(column, gpu=label))
-        if _has_values(y):
-            ax.plot(x, y, color=f"C{i % 10}", linewidth=1.2, label=label)
+    for i, gpu in enumerate(data.gpus):  # colour by position: a GPU keeps its colour in every panel
+        line: Line = getattr(gpu, column)
+        if line.x:
+            ax.plot(*_xy(line), color=f"C{i % 10}", linewidth=1.2, label=gpu.key)
             drawn += 1
     if not drawn:
-        _say_no_data(ax, no_gpu_text or NOT_REPORTED_TEXT.format(what))
+        _say_no_data(ax, NOT_REPORTED_TEXT.format(what))
         return
     ax.set_ylabel(ylabel)
     if ylim:
@@ -186,43 +205,46 @@ def _gpu_lines_panel(
     _legend(ax, drawn)
 
 
-def _power_panel(ax: "Axes", tally: RunTally, gpus: Sequence[str], no_gpu_text: str | None) -> None:
+def _power_panel(ax: Axes, data: FigureData) -> None:
     """One average line per GPU; min/max shaded per GPU, or as one band across GPUs when more would blur."""
-    import numpy as np
-
-    bands = []
-    for i, label in enumerate(gpus):
-        x, average = _arrays(*tally.line("power", gpu=label))
-        if not _has_values(average):
-            continue
-        ax.plot(x, average, color=f"C{i % 10}", linewidth=1.2, label=label)
-        bands.append((f"C{i % 10}", *_arrays(*tally.band("power", gpu=label))))
-    if not bands:
-        _say_no_data(ax, no_gpu_text or NOT_REPORTED_TEXT.format("power"))
+    drawn = [(f"C{i % 10}", gpu) for i, gpu in enumerate(data.gpus) if gpu.power.x]
+    if not drawn:
+        _say_no_data(ax, NOT_REPORTED_TEXT.format("power"))
         return
-    measured = len(bands)
-    if measured > MAX_SEPARATE_BANDS:  # every GPU's band is on the same grid: combine bucket by bucket
-        bx = bands[0][1]
-        low = np.fmin.reduce([b[2] for b in bands])  # fmin/fmax: NaN only where every GPU has none
-        high = np.fmax.reduce([b[3] for b in bands])
-        bands = [("0.5", bx, low, high)]
-    for color, bx, low, high in bands:
-        ax.fill_between(bx, low, high, color=color, alpha=0.2, linewidth=0)
+    for color, gpu in drawn:
+        ax.plot(*_xy(gpu.power), color=color, linewidth=1.2, label=gpu.key)
+    bands = [(color, gpu.power_band) for color, gpu in drawn if gpu.power_band.x]
+    if len(bands) > MAX_SEPARATE_BANDS:  # one band over every GPU: the lowest low and the highest high
+        merged: dict[float, tuple[float, float]] = {}
+        for _, band in bands:
+            for x, lo, hi in zip(band.x, band.low, band.high):
+                old = merged.get(x, (lo, hi))
+                merged[x] = (min(old[0], lo), max(old[1], hi))
+        xs = sorted(merged)
+        bands = [("0.5", Band(xs, [merged[x][0] for x in xs], [merged[x][1] for x in xs]))]
+    for color, band in bands:
+        ax.fill_between(*_band(band), color=color, alpha=0.2, linewidth=0)
     ax.set_ylabel("W (average, min-max shaded)")
     _from_zero_with_headroom(ax)
-    _legend(ax, measured)
+    _legend(ax, len(drawn))
 
 
-def _mark_sessions(axes: Sequence["Axes"], session_starts: Sequence[tuple[int, object]]) -> None:
+def _mark_sessions(axes: Sequence[Axes], session_starts: Sequence[tuple[int, int]]) -> None:
     """A dashed line where a new session's first step begins, labelled with its number."""
     for step, session in session_starts:
         boundary = step - 0.5
-        known = isinstance(session, (int, float)) and not isinstance(session, bool) and session >= 0
-        label = f"session {int(session)}" if known else "session ?"
         for ax in axes:
             ax.axvline(boundary, color="0.3", linestyle="--", linewidth=0.9)
-            ax.text(boundary, 0.97, f" {label}", transform=ax.get_xaxis_transform(), ha="left", va="top",
-                    fontsize=7, color="0.3")
+            ax.text(
+                boundary,
+                0.97,
+                f" session {session}",
+                transform=ax.get_xaxis_transform(),
+                ha="left",
+                va="top",
+                fontsize=7,
+                color="0.3",
+            )
 
 
 if __name__ == "__main__":  # kaio.run.finalize.FigureProcess

@@ -1,310 +1,367 @@
-"""The run's summary (what ``kaio report --json`` prints and report.md shows): pure, no I/O.
+"""The run's summary (``kaio report --json``, report.md's figures): SQL over the index, no I/O besides.
 
-``summarize(history, tally)`` returns a flat, JSON-serialisable dict. Units
-live in the key names; ``None`` means "not measured", never zero. Every figure
-over the steps comes from a ``RunTally`` (kaio/report/tally.py), fed one step
-entry at a time, so a long run's steps never have to be in memory at once;
-the rest comes from the history's header (sessions, run, devices, telemetry).
+Units live in the field names; ``None`` means "not measured", never zero.
+Every figure is exact: medians are medians, means are sums over the steps.
 
 Time weighting: a step's GPU aggregates (power, utilisation, temperature)
-describe the poller samples that fell inside that step, so averages over the
-run weight each step by its duration. The duration is the gap between the
-step's ``t_mono`` and the previous step's of the same session, which covers the
-whole wall-clock window the samples came from (data loading and logging
-included). The first step of a session has no previous step, so it uses
-``step_time_s``; a step with neither takes the median known duration, and a
-history with no timing at all weighs every step equally.
-
-Medians (gradient-norm spikes, stalls) are exact up to 256 values and within
-0.1 % beyond; the smoothed loss is an EMA whose span grows with the points
-seen (tally.py says how and why).
+describe the samples that fell inside that step, so averages over the run
+weight each step by its duration (``duration_s``: the gap since the previous
+step's end in its session, which covers the whole window the samples came
+from). A step without one takes the median duration; a history with no
+timing at all weighs every step equally.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import sqlite3
+from typing import Any
 
-from kaio.report.tally import EXPLODING_LOSS_FACTOR, RunTally, finite, tally_steps
+import msgspec
 
-GRAD_NORM_SPIKE_FACTOR = 10.0
-MIN_POINTS_FOR_MEDIAN = 10
-STALL_FACTOR = 5.0
+from kaio.record import rules
+from kaio.record.index import RunIndex
+from kaio.record.types import HistoryHeader, Session
 
 ENERGY_METHOD_LABELS = {"counter": "hardware counter", "integrated": "integrated power"}
 ENERGY_FROM_STEPS = "sum of per-step energy"
 ENERGY_FROM_STEP_POWER = "integrated from per-step average power"
 
 
-def run_gpu_keys(history: dict, tally: RunTally) -> list[str]:
-    """Keys of the GPUs the run used: in-run devices first, then any only the steps name."""
-    keys = _in_run_device_keys(history)
-    return keys + sorted(set(tally.gpus) - set(keys))
+class Summary(msgspec.Struct, kw_only=True):
+    project: str
+    status: str
+    exit_code: int | None = None
+    signal: str | None = None
+    error: str | None = None
+    sessions: int = 0
+    training_time_s: float | None = None  # the sessions' wall time, all of it:
+    startup_s: float | None = None  # launch to each session's first step (imports, model and data loading)
+    steps_s: float | None = None  # in optimizer steps (data loading and logging between them included)
+    eval_s: float | None = None  # evaluating
+    save_s: float | None = None  # saving checkpoints
+    closing_s: float | None = None  # after each session's last step (the final save, teardown)
+    optimizer_steps: int = 0
+    step_entries: int = 0
+    max_steps: int | None = None
+    trainable_params: int | None = None
+    total_params: int | None = None
+    trainable_pct: float | None = None
+    loss_initial: float | None = None
+    loss_final: float | None = None
+    loss_final_smoothed: float | None = None
+    loss_min: float | None = None
+    loss_min_step: int | None = None
+    loss_logged_steps: int = 0
+    loss_nan_count: int = 0
+    loss_nan_first_step: int | None = None
+    loss_inf_count: int = 0
+    loss_inf_first_step: int | None = None
+    eval_count: int = 0
+    eval_loss_final: float | None = None
+    eval_loss_best: float | None = None
+    eval_loss_best_step: int | None = None
+    vram_true_peak_bytes: int | None = None
+    vram_true_peak_by_rank_bytes: dict[str, int] = {}
+    vram_true_peak_step_avg_bytes: int | None = None
+    vram_device_used_peak_bytes: int | None = None
+    vram_device_used_peak_by_gpu_bytes: dict[str, int] = {}
+    vram_gap_bytes: int | None = None  # device minus allocator peak: CUDA context, cache, other processes
+    gpu_count: int = 0
+    power_avg_w: float | None = None  # per GPU, time-weighted
+    power_peak_w: float | None = None
+    power_total_avg_w: float | None = None  # all the run's GPUs together
+    gpu_util_avg_pct: float | None = None
+    temp_avg_c: float | None = None
+    temp_peak_c: float | None = None
+    samples: int | None = None
+    samples_per_s: float | None = None  # over the time spent in optimizer steps
+    tokens: int | None = None
+    tokens_per_s: float | None = None
+    host_cpu_avg_pct: float | None = None
+    host_ram_peak_bytes: int | None = None
+    energy_kwh: float | None = None
+    energy_method: str | None = None
+    energy_per_1k_samples_wh: float | None = None
+    cpu_only: bool = False  # no GPU found, and no GPU number anywhere
+    warnings: list[str] = []
 
 
-def _in_run_device_keys(history: dict) -> list[str]:
-    return [d["key"] for d in history.get("devices") or [] if d.get("in_run", True) and d.get("key")]
+class _Query:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def row(self, sql: str, *args: Any) -> tuple:
+        return self.conn.execute(sql, args).fetchone() or ()
+
+    def value(self, sql: str, *args: Any) -> Any:
+        row = self.row(sql, *args)
+        return row[0] if row else None
+
+    def median(self, column: str, where: str = "1", table: str = "steps") -> float | None:
+        sql_where = f"{column} IS NOT NULL AND {where}"
+        count = self.value(f"SELECT COUNT(*) FROM {table} WHERE {sql_where}")
+        if not count:
+            return None
+        middle = self.conn.execute(
+            f"SELECT {column} FROM {table} WHERE {sql_where} ORDER BY {column} LIMIT ? OFFSET ?",
+            (2 - count % 2, (count - 1) // 2),
+        ).fetchall()
+        return sum(v for (v,) in middle) / len(middle)
 
 
-def summarize(history: dict, tally: RunTally | None = None) -> dict:
-    """The summary of ``history``; its steps come from ``tally`` when given, else from ``history["steps"]``.
-
-    With a tally, ``history`` needs only its header (no "steps" key).
-    """
-    if tally is None:
-        tally = tally_steps(history.get("steps") or [])
-    sessions: list[dict] = history.get("sessions") or []
-    run: dict = history.get("run") or {}
-    gpus = tally.gpu_labels(_in_run_device_keys(history))
-    last_session = sessions[-1] if sessions else {}
-
-    training_time_s = _training_time_s(sessions, tally)
-    summary: dict[str, Any] = {
-        "project": history.get("project"),
-        "status": history.get("status"),
-        "exit_code": last_session.get("exit_code"),
-        "signal": last_session.get("signal"),
-        "error": last_session.get("error"),
-        "sessions": len(sessions),
-        "training_time_s": training_time_s,
-        "duration_h": None if training_time_s is None else training_time_s / 3600.0,
-        "optimizer_steps": tally.last_step,
-        "step_entries": tally.entries,
-        "max_steps": run.get("max_steps"),
-        **_params(run),
-        **_loss(tally),
-        **_vram(tally, gpus),
-        "gpu_count": len(run_gpu_keys(history, tally)),
-        **_power(tally, gpus),
-        "gpu_util_avg_pct": tally.pooled_mean(gpus, "util"),
-        "temp_avg_c": tally.pooled_mean(gpus, "temp"),
-        "temp_peak_c": _max(tally.gpu(label).temp_peak for label in gpus),
-        **_throughput(tally, training_time_s),
-        "host_cpu_avg_pct": tally.host_cpu_mean(),  # the whole host, 0-100 %: all a CPU-only run has
-        "host_ram_peak_bytes": _as_int(tally.host_ram_peak),
-    }
-    summary.update(_energy(history, tally, gpus, summary["samples"]))
-    # No GPU found and no GPU number anywhere: say "no GPU", not "not measured".
-    summary["cpu_only"] = not history.get("devices") and all(
-        summary[k] is None for k in ("vram_true_peak_bytes", "power_avg_w", "gpu_util_avg_pct", "temp_avg_c")
+def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
+    q = _Query(index.conn)
+    sessions = header.sessions
+    last = sessions[-1] if sessions else Session(session=0)
+    run = header.run
+    model = run.model if run else None
+    s = Summary(
+        project=header.project,
+        status=header.status.value,
+        exit_code=last.exit_code,
+        signal=last.signal,
+        error=last.error,
+        sessions=len(sessions),
+        max_steps=run.max_steps if run else None,
     )
-    summary["warnings"] = _warnings(history, tally, summary)
-    return summary
+    if model is not None:
+        s.trainable_params, s.total_params = model.trainable_params, model.total_params
+        if s.trainable_params is not None and s.total_params:
+            s.trainable_pct = 100.0 * s.trainable_params / s.total_params
+    s.step_entries, first, last_step = q.row("SELECT COUNT(*), MIN(step), COALESCE(MAX(step), 0) FROM steps")
+    s.optimizer_steps = last_step
+    weight = q.median("duration_s") or 1.0  # the duration that stands in for steps without one
+    w = f"COALESCE(s.duration_s, {weight!r})"
+    s.training_time_s = _training_time_s(q, sessions)
+    _time_spent(q, s, sessions)
+    _loss(q, s)
+    _evals(q, s)
+    gpus = _gpus(q, s, header, w)
+    _throughput(q, s)
+    if header.host_use.samples:  # every poller sample, steps or not
+        s.host_cpu_avg_pct, s.host_ram_peak_bytes = header.host_use.cpu_avg_pct, header.host_use.ram_peak_bytes
+    else:  # a history written before kaio kept them: the steps' own
+        s.host_cpu_avg_pct, s.host_ram_peak_bytes = q.row(
+            f"SELECT SUM(host_cpu * {w}) / SUM(CASE WHEN host_cpu IS NOT NULL THEN {w} END), "
+            "CAST(MAX(host_ram) AS INTEGER) FROM steps s"
+        )
+    _energy(q, s, header, gpus, w)
+    s.cpu_only = not header.devices and all(
+        v is None for v in (s.vram_true_peak_bytes, s.power_avg_w, s.gpu_util_avg_pct, s.temp_avg_c)
+    )
+    s.warnings = _warnings(q, header, s, first, last_step)
+    return s
 
 
-def _training_time_s(sessions: Sequence[dict], tally: RunTally) -> float | None:
-    """Sum of session durations; a session still running counts its steps' time span."""
-    total = 0.0
-    known = False
-    for session in sessions:
-        duration = finite(session.get("duration_s"))
-        if duration is None:
-            duration = tally.session_span_s(session.get("session"))
-        if duration is not None:
-            total += duration
-            known = True
-    return total if known else None
+def _training_time_s(q: _Query, sessions: list[Session]) -> float | None:
+    """Sum of the sessions' wall time; a session still running counts its steps' time span."""
+    spans = dict(q.conn.execute("SELECT session, MAX(t_mono) - MIN(t_mono) FROM steps GROUP BY session").fetchall())
+    known = [s.duration_s if s.duration_s is not None else spans.get(s.session) for s in sessions]
+    present = [d for d in known if d is not None]
+    return sum(present) if present else None
 
 
-def _params(run: dict) -> dict:
-    trainable, total = finite(run.get("trainable_params")), finite(run.get("total_params"))
-    pct = 100.0 * trainable / total if trainable is not None and total else None
-    return {
-        "trainable_params": run.get("trainable_params"),
-        "total_params": run.get("total_params"),
-        "trainable_pct": pct,
-    }
+def _time_spent(q: _Query, s: Summary, sessions: list[Session]) -> None:
+    """Where the wall time went. An evaluation or a save after a step sits in the next step's
+    duration: it is taken out of the time in steps (and not for a session's last step, whose
+    pauses belong to its closing)."""
+    s.startup_s = _sum(x.startup_s for x in sessions)
+    s.closing_s = _sum(x.closing_s for x in sessions)
+    total, evals, saves, inner = q.row(
+        "SELECT SUM(COALESCE(duration_s, step_time_s)), SUM(eval_s), SUM(save_s), "
+        "SUM(CASE WHEN step NOT IN (SELECT MAX(step) FROM steps GROUP BY session) "
+        "THEN COALESCE(eval_s, 0) + COALESCE(save_s, 0) END) FROM steps"
+    )
+    s.eval_s, s.save_s = evals, saves
+    if total is not None:
+        s.steps_s = max(total - (inner or 0.0), 0.0)
 
 
-def _loss(tally: RunTally) -> dict:
-    return {
-        "loss_initial": tally.loss_first,
-        "loss_final": tally.loss_last,
-        "loss_final_smoothed": tally.loss_smoothed,
-        "loss_min": tally.loss_min,
-        "loss_min_step": tally.loss_min_step,
-        "loss_logged_steps": tally.loss_count,
-        "loss_nan_count": tally.nan_count,
-        "loss_nan_first_step": tally.nan_first,
-        "loss_inf_count": tally.inf_count,
-        "loss_inf_first_step": tally.inf_first,
-    }
+def _sum(values: Any) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) if present else None
 
 
-def _vram(tally: RunTally, gpus: Sequence[str]) -> dict:
-    by_rank = tally.rank_peaks
-    device_by_gpu = {label: peak for label in gpus if (peak := tally.gpu(label).vram_peak) is not None}
-    true_peak = max(by_rank.values()) if by_rank else None
-    device_peak = max(device_by_gpu.values()) if device_by_gpu else None
-    both = true_peak is not None and device_peak is not None
-    step_avg = tally.step_peak_sum / tally.step_peak_count if tally.step_peak_count else None
-    return {
-        "vram_true_peak_bytes": _as_int(true_peak),
-        "vram_true_peak_by_rank_bytes": {r: int(by_rank[r]) for r in sorted(by_rank, key=_rank_order)},
-        "vram_true_peak_step_avg_bytes": _as_int(step_avg),
-        "vram_device_used_peak_bytes": _as_int(device_peak),
-        "vram_device_used_peak_by_gpu_bytes": {k: int(v) for k, v in device_by_gpu.items()},
-        # Device minus allocator peak: CUDA context, allocator cache, other processes.
-        "vram_gap_bytes": _as_int(device_peak - true_peak) if both else None,
-    }
+def _loss(q: _Query, s: Summary) -> None:
+    s.loss_initial = q.value("SELECT loss FROM steps WHERE loss IS NOT NULL ORDER BY step LIMIT 1")
+    s.loss_final, s.loss_final_smoothed = q.row(
+        "SELECT loss, loss_smoothed FROM steps WHERE loss IS NOT NULL ORDER BY step DESC LIMIT 1"
+    ) or (None, None)
+    s.loss_min_step, s.loss_min, s.loss_logged_steps = q.row(
+        "SELECT step, MIN(loss), COUNT(loss) FROM steps WHERE loss IS NOT NULL"
+    ) or (None, None, 0)
+    for tag, count, first in q.conn.execute(
+        "SELECT loss_nonfinite, COUNT(*), MIN(step) FROM steps WHERE loss_nonfinite IS NOT NULL GROUP BY loss_nonfinite"
+    ):
+        if tag == "nan":
+            s.loss_nan_count, s.loss_nan_first_step = count, first
+        else:  # inf and -inf
+            s.loss_inf_count += count
+            s.loss_inf_first_step = first if s.loss_inf_first_step is None else min(first, s.loss_inf_first_step)
 
 
-def _rank_order(rank: str) -> tuple[int, str]:
-    return (int(rank), rank) if rank.isdigit() else (1 << 30, rank)
+def _evals(q: _Query, s: Summary) -> None:
+    s.eval_count = q.value("SELECT COUNT(*) FROM evals")
+    s.eval_loss_final = q.value(
+        "SELECT eval_loss FROM evals WHERE eval_loss IS NOT NULL ORDER BY step DESC, session DESC, rowid DESC LIMIT 1"
+    )
+    s.eval_loss_best_step, s.eval_loss_best = q.row(
+        "SELECT step, MIN(eval_loss) FROM evals WHERE eval_loss IS NOT NULL"
+    ) or (None, None)
 
 
-def _as_int(value: float | None) -> int | None:
-    return None if value is None else int(round(value))
+def _gpus(q: _Query, s: Summary, header: HistoryHeader, w: str) -> list[str]:
+    """Per-GPU and pooled figures of the run's GPUs; returns their keys."""
+    in_run = header.run_gpu_keys()
+    rows = q.conn.execute(
+        f"SELECT g.gpu, MAX(COALESCE(g.power_max, g.power_avg)), MAX(g.temp), MAX(g.vram_used), "
+        f"SUM(g.power_avg * {w}) / SUM(CASE WHEN g.power_avg IS NOT NULL THEN {w} END) "
+        "FROM step_gpus g JOIN steps s USING (step) GROUP BY g.gpu"
+    ).fetchall()
+    known = {gpu for gpu, *_ in rows}
+    gpus = [k for k in in_run if k in known] + sorted(known - set(in_run) - {d.key for d in header.devices})
+    by_gpu = {gpu: rest for gpu, *rest in rows if gpu in gpus}
+    s.gpu_count = len(set(in_run) | set(gpus))
+    s.power_peak_w = _max(r[0] for r in by_gpu.values())
+    s.temp_peak_c = _max(r[1] for r in by_gpu.values())
+    device_peaks = {gpu: int(r[2]) for gpu, r in by_gpu.items() if r[2] is not None}
+    s.vram_device_used_peak_by_gpu_bytes = device_peaks
+    s.vram_device_used_peak_bytes = max(device_peaks.values()) if device_peaks else None
+    averages = [r[3] for r in by_gpu.values() if r[3] is not None]
+    s.power_total_avg_w = sum(averages) if averages else None
+    if gpus:
+        marks = ",".join("?" * len(gpus))
+        s.power_avg_w, s.gpu_util_avg_pct, s.temp_avg_c = q.row(
+            "SELECT "
+            + ", ".join(
+                f"SUM(g.{c} * {w}) / SUM(CASE WHEN g.{c} IS NOT NULL THEN {w} END)"
+                for c in ("power_avg", "util", "temp")
+            )
+            + f" FROM step_gpus g JOIN steps s USING (step) WHERE g.gpu IN ({marks})",
+            *gpus,
+        )
+    by_rank = dict(q.conn.execute("SELECT rank, CAST(MAX(peak) AS INTEGER) FROM step_ranks GROUP BY rank").fetchall())
+    s.vram_true_peak_by_rank_bytes = {r: by_rank[r] for r in sorted(by_rank, key=lambda r: (len(r), r))}
+    s.vram_true_peak_bytes = max(by_rank.values()) if by_rank else None
+    avg = q.value("SELECT AVG(vram_peak) FROM steps")
+    s.vram_true_peak_step_avg_bytes = None if avg is None else int(round(avg))
+    if s.vram_true_peak_bytes is not None and s.vram_device_used_peak_bytes is not None:
+        s.vram_gap_bytes = s.vram_device_used_peak_bytes - s.vram_true_peak_bytes
+    return gpus
 
 
-def _max(values) -> float | None:
-    return max((v for v in values if v is not None), default=None)
+def _throughput(q: _Query, s: Summary) -> None:
+    samples, tokens = q.row("SELECT MAX(samples_seen), MAX(tokens_seen) FROM steps") or (None, None)
+    s.samples = None if samples is None else int(samples)
+    s.tokens = None if tokens is None else int(tokens)
+    seconds = s.steps_s
+    if seconds:
+        s.samples_per_s = None if samples is None else samples / seconds
+        s.tokens_per_s = None if tokens is None else tokens / seconds
 
 
-def _power(tally: RunTally, gpus: Sequence[str]) -> dict:
-    known_avgs = [a for label in gpus if (a := tally.gpu_mean(label, "power")) is not None]
-    return {
-        "power_avg_w": tally.pooled_mean(gpus, "power"),
-        "power_peak_w": _max(tally.gpu(label).power_peak for label in gpus),
-        # Draw of all the run's GPUs together: the sum of each GPU's own time-weighted average.
-        "power_total_avg_w": sum(known_avgs) if known_avgs else None,
-    }
-
-
-def _throughput(tally: RunTally, training_time_s: float | None) -> dict:
-    samples, tokens = tally.samples_total(), tally.tokens_total()
-
-    def rate(count: float | None) -> float | None:
-        return count / training_time_s if count is not None and training_time_s else None
-
-    return {
-        "samples": _as_int(samples),
-        "samples_per_s": rate(samples),
-        "tokens": _as_int(tokens),
-        "tokens_per_s": rate(tokens),
-    }
-
-
-def _energy(history: dict, tally: RunTally, gpus: Sequence[str], samples) -> dict:
-    joules, method = _energy_j(history, tally, gpus)
-    kwh = None if joules is None else joules / 3.6e6
-    per_1k = 1000.0 * kwh * 1000.0 / samples if kwh is not None and samples else None
-    return {"energy_kwh": kwh, "energy_method": method, "energy_per_1k_samples_wh": per_1k}
-
-
-def _energy_j(history: dict, tally: RunTally, gpus: Sequence[str]):
+def _energy(q: _Query, s: Summary, header: HistoryHeader, gpus: list[str], w: str) -> None:
     """Best available total energy: device counters, else per-step energy, else power x time."""
-    in_run = [d for d in history.get("devices") or [] if d.get("in_run", True)]
-    counters = [finite(d.get("energy_j")) for d in in_run]
-    if in_run and all(c is not None for c in counters):
-        labels = sorted({ENERGY_METHOD_LABELS.get(d.get("energy_method"), "device energy") for d in in_run})
-        return sum(counters), " + ".join(labels)
-    if tally.step_energy_count:
-        return tally.step_energy_sum, ENERGY_FROM_STEPS
-    integrated = tally.integrated_energy_j(gpus)
-    return (integrated, ENERGY_FROM_STEP_POWER) if integrated is not None else (None, None)
+    in_run = [d for d in header.devices if d.info.in_run]
+    joules: float | None = None
+    if in_run and all(d.energy_j is not None for d in in_run):
+        joules = sum(d.energy_j or 0.0 for d in in_run)
+        s.energy_method = " + ".join(
+            sorted({ENERGY_METHOD_LABELS.get(d.energy_method or "", "device energy") for d in in_run})
+        )
+    elif (per_step := q.value("SELECT SUM(energy_j) FROM steps")) is not None:
+        joules, s.energy_method = per_step, ENERGY_FROM_STEPS
+    elif gpus:
+        marks = ",".join("?" * len(gpus))
+        joules = q.value(
+            f"SELECT SUM(g.power_avg * {w}) FROM step_gpus g JOIN steps s USING (step) WHERE g.gpu IN ({marks})", *gpus
+        )
+        s.energy_method = ENERGY_FROM_STEP_POWER if joules is not None else None
+    if joules is not None:
+        s.energy_kwh = joules / 3.6e6
+        if s.samples:
+            s.energy_per_1k_samples_wh = 1000.0 * s.energy_kwh * 1000.0 / s.samples
 
 
-def _warnings(history: dict, tally: RunTally, summary: dict) -> list[str]:
-    found = [str(w) for w in history.get("warnings") or []]
-    found += _loss_warnings(tally)
-    found += _grad_norm_warnings(tally)
-    found += _stall_warnings(tally)
-    found += _throttle_warnings(history, tally)
-    found += _telemetry_warnings(history)
-    found += _missing_step_warnings(tally)
-    if summary["energy_method"] == ENERGY_FROM_STEP_POWER:
+def _warnings(q: _Query, header: HistoryHeader, s: Summary, first: int | None, last: int) -> list[str]:
+    found = list(header.warnings)
+    for label, count, step in (
+        ("NaN", s.loss_nan_count, s.loss_nan_first_step),
+        ("inf", s.loss_inf_count, s.loss_inf_first_step),
+    ):
+        if count:
+            found.append(f"loss was {label} at {_count(count, 'step')} (first at step {step})")
+    diverged, diverged_first = q.row("SELECT COUNT(*), MIN(step) FROM steps WHERE loss_diverged")
+    if diverged:
+        found.append(
+            f"loss diverging: the smoothed loss was above {rules.DIVERGENCE_FACTOR:g}x its running minimum "
+            f"at {_count(diverged, 'step')} (first at step {diverged_first})"
+        )
+    judged = f"step > {(first or 0) + rules.WARMUP_STEPS - 1}"
+    median = q.median("grad_norm", judged)
+    if median and q.value(f"SELECT COUNT(grad_norm) FROM steps WHERE {judged}") >= rules.MIN_POINTS_FOR_MEDIAN:
+        spikes, top, top_step = q.row(
+            f"SELECT COUNT(*), MAX(grad_norm), step FROM steps WHERE {judged} AND grad_norm > ?",
+            rules.GRAD_NORM_SPIKE_FACTOR * median,
+        )
+        if spikes:
+            found.append(
+                f"gradient norm spiked above {rules.GRAD_NORM_SPIKE_FACTOR:g}x its median ({median:.3g}) at "
+                f"{_count(spikes, 'step')} (largest {top:.3g} at step {top_step})"
+            )
+    # A session's first step carries start-up work (CUDA init, compilation): not a stall.
+    steady = "step NOT IN (SELECT MIN(step) FROM steps GROUP BY session)"
+    median_step = q.median("step_time_s", steady)
+    if median_step and q.value(f"SELECT COUNT(step_time_s) FROM steps WHERE {steady}") >= rules.MIN_POINTS_FOR_MEDIAN:
+        threshold = rules.stall_threshold_s(median_step)
+        stalls, longest, longest_step = q.row(
+            f"SELECT COUNT(*), MAX(step_time_s), step FROM steps WHERE {steady} AND step_time_s > ?", threshold
+        )
+        if stalls:
+            found.append(
+                f"{_count(stalls, 'stalled step')}: step time above {threshold:.3g} s "
+                f"(median {median_step:.3g} s; longest {longest:.3g} s at step {longest_step})"
+            )
+    names = {d.key: d.info.name for d in header.devices}
+    for gpu, steps, step, reasons in q.conn.execute(
+        "SELECT gpu, COUNT(*), MIN(step), GROUP_CONCAT(DISTINCT throttle) FROM step_gpus "
+        "WHERE throttle IS NOT NULL GROUP BY gpu ORDER BY MIN(step)"
+    ):
+        unique = ", ".join(dict.fromkeys(r for part in reasons.split(",") for r in [part] if r))
+        found.append(
+            f"GPU {_gpu_label(gpu, names)} throttled ({unique}) during {_count(steps, 'step')}, first at step {step}"
+        )
+    t = header.telemetry
+    for count, what in (
+        (t.malformed_lines, "malformed telemetry line"),
+        (t.oversized_lines, "oversized telemetry line"),
+        (t.invalid_records, "invalid record"),
+    ):
+        if count:
+            found.append(f"{_count(count, what)} dropped")
+    if t.dropped_late_events:
+        found.append(f"{t.dropped_late_events} late events dropped")
+    for device in header.devices:
+        if device.info.in_run and device.energy_method == "integrated":
+            found.append(
+                f"energy of GPU {_gpu_label(device.key, names)} integrated from power samples, "
+                "not read from a hardware energy counter"
+            )
+    missing = last - (first or 0) + 1 - s.step_entries if s.step_entries else 0
+    if missing > 0:
+        found.append(f"history has no entry for {_count(missing, 'optimizer step')} between its first and last step")
+    if s.energy_method == ENERGY_FROM_STEP_POWER:
         found.append("energy integrated from per-step average power: no device or per-step energy was recorded")
     return list(dict.fromkeys(found))
 
 
-def _loss_warnings(tally: RunTally) -> list[str]:
-    found = []
-    for label, count, first in (("NaN", tally.nan_count, tally.nan_first), ("inf", tally.inf_count, tally.inf_first)):
-        if count:
-            found.append(f"loss was {label} at {_count(count, 'step')} (first at step {first})")
-    # On the smoothed loss (tally.py): one noisy batch near a low minimum is not an explosion, a divergence is.
-    if tally.exploded_count:
-        step, loss, low = tally.exploded_first
-        found.append(
-            f"loss exploded: smoothed loss above {EXPLODING_LOSS_FACTOR:g}x its running minimum at "
-            f"{_count(tally.exploded_count, 'logged step')} (first at step {step}: {loss:.4g} vs {low:.4g})"
-        )
-    return found
+def _max(values: Any) -> float | None:
+    return max((v for v in values if v is not None), default=None)
 
 
-def _grad_norm_warnings(tally: RunTally) -> list[str]:
-    norms = tally.grad_norms
-    if norms.count < MIN_POINTS_FOR_MEDIAN:
-        return []
-    median = norms.median()
-    spikes = norms.count_above(GRAD_NORM_SPIKE_FACTOR * median) if median > 0 else 0
-    if not spikes:
-        return []
-    # The largest spike is the largest norm: spikes are the norms above the threshold.
-    return [
-        f"gradient norm spiked above {GRAD_NORM_SPIKE_FACTOR:g}x its median ({median:.3g}) at "
-        f"{_count(spikes, 'step')} (largest {tally.grad_norm_max:.3g} at step {tally.grad_norm_max_step})"
-    ]
-
-
-def _stall_warnings(tally: RunTally) -> list[str]:
-    # The tally leaves each session's first step out: it carries start-up work (CUDA init, compilation).
-    times = tally.step_times
-    if times.count < MIN_POINTS_FOR_MEDIAN:
-        return []
-    median = times.median()
-    stalls = times.count_above(STALL_FACTOR * median)
-    if not stalls:
-        return []
-    return [
-        f"{_count(stalls, 'stalled step')}: step time above {STALL_FACTOR:g}x the median "
-        f"{median:.3g} s (longest {tally.stall_max:.3g} s at step {tally.stall_max_step})"
-    ]
-
-
-def _throttle_warnings(history: dict, tally: RunTally) -> list[str]:
-    """Per GPU, the throttle reasons seen in steps (``gpus[key].throttle``: active reasons)."""
-    names = {d.get("key"): d.get("name") for d in history.get("devices") or []}
-    return [
-        f"GPU {_gpu_label(key, names)} throttled ({', '.join(reasons)}) during {_count(steps, 'step')}, "
-        f"first at step {first}"
-        for key, (steps, reasons, first) in tally.throttled().items()
-    ]
-
-
-def _telemetry_warnings(history: dict) -> list[str]:
-    telemetry = history.get("telemetry") or {}
-    found = []
-    for key, what in (("malformed_lines", "malformed"), ("oversized_lines", "oversized")):
-        count = finite(telemetry.get(key))
-        if count:
-            found.append(f"{_count(int(count), f'{what} telemetry line')} dropped")
-    for key, value in telemetry.items():
-        count = finite(value)
-        if key.startswith("dropped_") and count:
-            found.append(f"{int(count)} {key.removeprefix('dropped_').replace('_', ' ')} dropped")
-    names = {d.get("key"): d.get("name") for d in history.get("devices") or []}
-    for device in history.get("devices") or []:
-        if device.get("in_run", True) and device.get("energy_method") == "integrated":
-            found.append(
-                f"energy of GPU {_gpu_label(device.get('key'), names)} integrated from power samples, "
-                "not read from a hardware energy counter"
-            )
-    return found
-
-
-def _missing_step_warnings(tally: RunTally) -> list[str]:
-    if not tally.entries:
-        return []
-    missing = tally.last_step - tally.first_step + 1 - tally.entries
-    if missing <= 0:
-        return []
-    return [f"history has no entry for {_count(missing, 'optimizer step')} between its first and last step"]
-
-
-def _gpu_label(key: str | None, names: dict) -> str:
+def _gpu_label(key: str, names: dict[str, str]) -> str:
     name = names.get(key)
-    return f"{key} ({name})" if name else str(key)
+    return f"{key} ({name})" if name else key
 
 
 def _count(n: int, noun: str) -> str:

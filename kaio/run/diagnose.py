@@ -1,70 +1,41 @@
-"""Naming why a session failed: the rank's own error file first, then torch elastic's summary.
+"""Naming why a session failed, from the error files the child writes (never from its log's text).
 
-A rank killed by a signal cannot write an error file; torch elastic's
-launcher then prints a "Root Cause (first observed failure)" block in the
-child's log, which names the rank and the signal.
+A failing rank writes its own exception (``RankError``); the launcher writes
+torch elastic's record of the first rank that failed (``LaunchFailure``), which
+also names a rank killed by a signal. The first failing rank's own exception
+wins; else the signal or exit code that ended it.
 """
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
-_ROOT_CAUSE = re.compile(r"Root Cause \(first observed failure\):(?P<block>.*?)(?:={10,}|\Z)", re.S)
-_FIELD = re.compile(r"^\s*(?P<name>rank|exitcode|traceback)\s*:\s*(?P<value>.*)$", re.M)
-_SIGNAL_IN_EXITCODE = re.compile(r"\((SIG[A-Z]+)\)")
+import msgspec
+
+from kaio.telemetry.protocol import LaunchFailure, RankError
 
 
-def root_cause(report_dir: Path, session: int, log_text: str) -> tuple[str | None, str | None]:
-    """``(root-cause line, signal name)`` of a failed session.
-
-    torch elastic names the first rank that failed; that rank's own error file
-    has its exception. A rank killed by a signal has no file: elastic's line
-    names the signal. Without an elastic summary (one process), the earliest
-    error file.
-    """
-    errors = _error_files(report_dir, session)
-    elastic_line, elastic_rank, signal_name = from_elastic_log(log_text)
-    if elastic_line is not None:
-        own = [e for e in errors if str(e.get("rank")) == elastic_rank]
-        return (_line(own[0]) if own else elastic_line), signal_name
+def root_cause(error_dir: Path, session: int) -> tuple[str | None, str | None]:
+    """``(root-cause line, signal name)`` of a failed session, as far as the error files tell."""
+    errors = [e for e in _read_all(error_dir, "error-*.json", RankError) if e.session == session]
+    launch = next(iter(_read_all(error_dir, f"launch-s{session}.json", LaunchFailure)), None)
+    if launch is not None:
+        own = [e for e in errors if e.rank == launch.rank]
+        if own:
+            return f"rank {launch.rank}: {own[0].root_cause}", launch.signal
+        how = f"killed by {launch.signal}" if launch.signal else f"exit code {launch.exit_code}"
+        return f"rank {launch.rank}: {how}", launch.signal
     if errors:
-        return _line(min(errors, key=lambda e: e.get("t_wall", 0))), None
+        first = min(errors, key=lambda e: e.t_wall or 0)
+        return f"rank {first.rank}: {first.root_cause}", None
     return None, None
 
 
-def _line(error: dict) -> str:
-    return f"rank {error.get('rank')}: {error.get('root_cause')}"
-
-
-def _error_files(report_dir: Path, session: int) -> list[dict]:
-    error_dir = report_dir / "errors"
-    if not error_dir.is_dir():
-        return []
-    errors = []
-    for path in error_dir.glob("error-*.json"):
+def _read_all(error_dir: Path, pattern: str, kind: type) -> list:
+    found: list = []
+    for path in sorted(error_dir.glob(pattern)) if error_dir.is_dir() else ():
         try:
-            record = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if record.get("session", session) == session:
-            errors.append(record)
-    return errors
-
-
-def from_elastic_log(log_text: str) -> tuple[str | None, str | None, str | None]:
-    """``(root-cause line, rank, signal name)`` from torch elastic's failure summary, if the log has one."""
-    match = None
-    for match in _ROOT_CAUSE.finditer(log_text):
-        pass  # the last summary is this session's
-    if match is None:
-        return None, None, None
-    fields = {m.group("name"): m.group("value").strip() for m in _FIELD.finditer(match.group("block"))}
-    rank = fields.get("rank", "?").split()[0]
-    signal_match = _SIGNAL_IN_EXITCODE.search(fields.get("exitcode", ""))
-    signal_name = signal_match.group(1) if signal_match else None
-    detail = fields.get("traceback") or fields.get("exitcode") or "failed"
-    if detail.startswith("To enable traceback"):
-        detail = f"exit code {fields.get('exitcode', '?')}"
-    return f"rank {rank}: {detail}", rank, signal_name
+            found.append(msgspec.json.decode(path.read_bytes(), type=kind))
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            continue  # a file half-written by a dying process
+    return found

@@ -2,35 +2,28 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from kaio.config import RunConfig
 from kaio.devices.base import DeviceInfo, Tick
 from kaio.devices.host import HostBackend
+from kaio.record.types import Devices, HostInfo, Record, TickRecord
 
 
-def device_record(devices: list[DeviceInfo], notes: list[str], host: HostBackend) -> dict:
+def device_record(devices: list[DeviceInfo], notes: list[str], host: HostBackend) -> Devices:
     first = host.sample(time.monotonic(), time.time())  # also starts the CPU-use baseline
-    return {
-        "type": "devices",
-        "devices": [{"key": d.key, **dataclasses.asdict(d)} for d in devices],
-        "notes": list(notes),
-        "host": {"cpu_count": host.cpu_count, "ram_total_bytes": first.ram_total_bytes},
-    }
+    return Devices(
+        devices=list(devices),
+        notes=list(notes),
+        t_wall=time.time(),
+        host=HostInfo(cpu_count=host.cpu_count, ram_total_bytes=first.ram_total_bytes),
+    )
 
 
-def tick_record(tick: Tick) -> dict:
-    """A tick as a compact journal record: metrics that were not measured are left out."""
-
-    def compact(sample) -> dict:
-        return {k: v for k, v in dataclasses.asdict(sample).items() if v is not None}
-
-    record = {"type": "tick", "t_mono": tick.t_mono, "lateness_s": round(tick.lateness_s, 6), "gpus": [compact(g) for g in tick.gpus]}
-    if tick.host is not None:
-        record["host"] = compact(tick.host)
-    return record
+def tick_record(tick: Tick) -> TickRecord:
+    """A poller tick as a journal record (metrics that were not measured are left out of its line)."""
+    return TickRecord(t_mono=tick.t_mono, lateness_s=round(tick.lateness_s, 6), gpus=list(tick.gpus), host=tick.host)
 
 
 def _run_pids() -> set[int]:
@@ -43,16 +36,18 @@ def _run_pids() -> set[int]:
         return set()
 
 
-def poller_factory(cfg: RunConfig) -> Callable[[Callable[[dict], None]], object]:
+def poller_factory(cfg: RunConfig) -> Callable[[Callable[[Record], None]], object]:
     """``make(on_record)`` detects the backends, announces the devices, returns an unstarted poller."""
 
-    def make(on_record: Callable[[dict], None]):
+    def make(on_record: Callable[[Record], None]):
         from kaio.devices.detect import detect
         from kaio.devices.poller import Poller
 
         found = detect(cfg.reporting.gpu_backend, run_pids=_run_pids)
         host = HostBackend()
-        poller = Poller(found.backends, cfg.reporting.poll_hz, on_tick=lambda tick: on_record(tick_record(tick)), host=host)
+        poller = Poller(
+            found.backends, cfg.reporting.poll_hz, on_tick=lambda tick: on_record(tick_record(tick)), host=host
+        )
         on_record(device_record(list(poller.devices), found.notes, host))
         return poller
 

@@ -1,63 +1,66 @@
 """``kaio report``: rebuild history.json and the reports from what is on disk.
 
 Works offline and without torch, after a normal run, after a crash and while
-a run is still going. With the project's lock free it also brings the derived
-files (steps.jsonl, state.json) up to date, so the next rebuild is quick;
-while a supervisor holds the lock it only reads them, and writes only the
-report files (atomically, as the supervisor does).
+a run is still going. With the project's lock free it also brings the index up
+to date, so the next rebuild is quick; while a supervisor holds the lock it
+works on a private copy of the index, and writes only the report files
+(atomically, as the supervisor does).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+from kaio.config import check_project_name
 from kaio.errors import ProjectError
-from kaio.run import derived
-from kaio.run.journal import JOURNAL_NAME, Journal
-from kaio.run.lock import ProjectLock
-from kaio.run.project import HISTORY_NAME, open_project, unknown_project
+from kaio.record.paths import ProjectPaths
+from kaio.report.summary import Summary
+from kaio.run import recorder as loading
+from kaio.run.project import opened, unknown_project
+from kaio.run.recorder import Recorder
 
 
-def rebuild(project: str, output_dir: Path, notify=print) -> tuple[dict, Path]:
+def rebuild(project: str, output_dir: Path, notify: Callable[[str], None] = print) -> tuple[Summary, Path]:
     """Returns ``(summary, report_dir)``."""
-    from kaio.report import load_history, write_reports
+    from kaio.report import history_from_file, write_reports
+    from kaio.run.finalize import write_reports as write_state_reports
 
-    report_dir = output_dir / project
-    journal_path = report_dir / JOURNAL_NAME
-    history_path = report_dir / HISTORY_NAME
-    if not journal_path.is_file():
-        if history_path.is_file():
-            history = load_history(history_path)  # raises ReportError naming the file
-            return write_reports(history, report_dir), report_dir
-        raise unknown_project(output_dir, project)
-
-    lock = ProjectLock(report_dir)
-    try:
-        lock.acquire()
-    except ProjectError:
-        lock = None  # a supervisor holds the project: read only, no fight over the lock
-    state = None
-    try:
-        if lock is not None:
-            loaded, _running = open_project(report_dir, notify)
-        else:
-            loaded = derived.load(report_dir, writable=False)
-        state = loaded.state
-        if _looks_damaged(history_path):
-            notify(f"note: {history_path}: truncated or corrupt JSON (the document does not end); rebuilding it from {journal_path}")
-        summary = write_reports(state.history(), report_dir, tally=state.report_tally(), step_chunks=state.step_chunks())
-        if lock is not None:
-            journal = Journal(journal_path)
+    paths = ProjectPaths(output_dir / check_project_name(project))
+    if not paths.journal.is_file():
+        if paths.history.is_file():  # a record copied without its journal: the history is all there is
+            header, index = history_from_file(paths.history)
             try:
-                derived.save(report_dir, state, journal)
+                return write_reports(header, index, paths.report_dir), paths.report_dir
             finally:
-                journal.close()
-        return summary, report_dir
+                index.close()
+        raise unknown_project(output_dir, project)
+    if _looks_damaged(paths.history):
+        notify(
+            f"note: {paths.history}: truncated or corrupt JSON (the document does not end); rebuilding it from {paths.journal}"
+        )
+    try:
+        with opened(paths, notify) as (loaded, _running):
+            summary = write_state_reports(loaded.state, paths.report_dir)
+            recorder = Recorder(paths, loaded.state)  # the index brought up to date: the next rebuild is quick
+            recorder.save()
+            recorder.close()
+            return summary, paths.report_dir
+    except ProjectError:
+        if not _held(paths):
+            raise
+    # A supervisor holds the project: a private copy of the index, no fight over the lock.
+    loaded = loading.load(paths, writable=False)
+    try:
+        return write_state_reports(loaded.state, paths.report_dir), paths.report_dir
     finally:
-        if state is not None:
-            state.step_log.close()
-        if lock is not None:
-            lock.release()
+        loaded.state.index.close()
+
+
+def _held(paths: ProjectPaths) -> bool:
+    from kaio.record.lock import is_locked
+
+    return is_locked(paths.report_dir)
 
 
 def _looks_damaged(history_path: Path) -> bool:

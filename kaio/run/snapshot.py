@@ -27,7 +27,7 @@ class GpuRow:
 
 @dataclass(frozen=True, slots=True)
 class HostRow:
-    cpu_pct: float | None = None  # 0..100 * cpu_count, as psutil reports per process? no: whole host, 0..100
+    cpu_pct: float | None = None  # the whole host, 0..100
     ram_used_bytes: int | None = None
     ram_total_bytes: int | None = None
 
@@ -46,6 +46,7 @@ class Snapshot:
     recent_losses: tuple[float, ...] = ()  # for the sparkline, oldest first (bounded)
     learning_rate: float | None = None
     grad_norm: float | None = None
+    eval_loss: float | None = None  # the latest evaluation's
     steps_per_s: float | None = None  # recent rate
     samples_per_s: float | None = None
     eta_s: float | None = None

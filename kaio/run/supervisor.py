@@ -15,26 +15,39 @@ import subprocess
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
+
+import msgspec
 
 from kaio import launch
-from kaio.run import diagnose
 from kaio.config import RunConfig, config_snapshot
 from kaio.fsutil import atomic_write_json
-from kaio.run.journal import Journal
+from kaio.record import rules
+from kaio.record.paths import ProjectPaths
+from kaio.record.types import (
+    ChildStarted,
+    Note,
+    PollStats,
+    Record,
+    SessionCounters,
+    SessionEnd,
+    SessionKind,
+    SessionStart,
+    Status,
+)
+from kaio.run import diagnose
+from kaio.run.recorder import Recorder
 from kaio.run.snapshot import Snapshot
-from kaio.run.state import COMPLETED, FAILED, INTERRUPTED, RUNNING, RunState
+from kaio.run.state import RunState
 from kaio.telemetry import spool
 from kaio.telemetry.fifo import FifoReader, TelemetryFifo
 
-CONFIG_NAME = "config.json"
-LOG_NAME = "child.log"
 LOG_TAIL_LINES = 200
 LOOP_INTERVAL_S = 0.1
 REFRESH_COST_FACTOR = 9  # wait at least 9x a report rewrite's duration before the next one
-STALL_FACTOR = 10  # no step for 10x the recent median step time (and > 60 s) is a stall
 
 
 class View(Protocol):
@@ -48,7 +61,7 @@ class View(Protocol):
 
 @dataclass
 class SessionRequest:
-    kind: str = "run"  # run | resume | restart
+    kind: SessionKind = SessionKind.RUN
     resume_from: Path | None = None
     notes: list[str] = field(default_factory=list)  # recorded in the report (config changes, the checkpoint)
 
@@ -56,7 +69,7 @@ class SessionRequest:
 @dataclass
 class SessionOutcome:
     exit_code: int
-    status: str
+    status: Status
     signal: str | None = None
     error: str | None = None
 
@@ -71,49 +84,66 @@ class _Stop:
 
 
 class Supervisor:
-    def __init__(self, cfg: RunConfig, state: RunState, journal: Journal, view: View, *, poller_factory: Callable | None = None) -> None:
+    def __init__(
+        self, cfg: RunConfig, recorder: Recorder, view: View, *, poller_factory: Callable | None = None
+    ) -> None:
         self.cfg = cfg
-        self.state = state
-        self.journal = journal
+        self.recorder = recorder
+        self.state: RunState = recorder.state
+        self.paths = ProjectPaths(cfg.report_dir)
         self.view = view
-        self.report_dir = cfg.report_dir
         self._poller_factory = poller_factory
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._log_tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self._stop = _Stop()
         self._reader: FifoReader | None = None
-        self.on_refresh: list[Callable[[RunState], None]] = []  # report writers, sinks
+        self.on_refresh: list[Callable[[RunState], None]] = []  # report writers, the index commit
         self.on_loop: list[Callable[[RunState], None]] = []  # cheap consumers called every loop (Comet feed)
         self._refresh_failures: set[str] = set()
 
-    # ------------------------------------------------------------ one session
+    # ------------------------------------------------------------ sessions
+
+    def run(self, request: SessionRequest, latest_checkpoint: Callable[[], Path | None]) -> SessionOutcome:
+        """One session, then automatic restarts from the latest checkpoint while it fails
+        (``launch.max_restarts``), unless the user stopped it."""
+        outcome = self.run_session(request)
+        restarts = 0
+        while outcome.status == Status.FAILED and restarts < self.cfg.launch.max_restarts and not self.stop_requested:
+            restarts += 1
+            checkpoint = latest_checkpoint()
+            origin = f"from {checkpoint.name}" if checkpoint else "from the start (no complete checkpoint yet)"
+            cause = outcome.error or outcome.signal or f"exit code {outcome.exit_code}"
+            note = f"automatic restart {restarts} of {self.cfg.launch.max_restarts} after: {cause}; {origin}"
+            outcome = self.run_session(
+                SessionRequest(SessionKind.RESTART, checkpoint.resolve() if checkpoint else None, [note])
+            )
+        return outcome
 
     def run_session(self, request: SessionRequest) -> SessionOutcome:
-        session = self.state.session + 1
-        config_path = self.report_dir / CONFIG_NAME
-        atomic_write_json(config_path, config_snapshot(self.cfg))
+        session = self.state.ledger.session + 1
+        snapshot = config_snapshot(self.cfg)
+        atomic_write_json(self.paths.config, snapshot)
         fifo = TelemetryFifo()
         plan = launch.LaunchPlan(
             fifo_path=fifo.path,
-            report_dir=self.report_dir.resolve(),
-            config_path=config_path.resolve(),
+            report_dir=self.paths.report_dir.resolve(),
+            config_path=self.paths.config.resolve(),
             session=session,
             main_process_port=launch.free_port(),
             resume_from=request.resume_from,
         )
         argv, env = launch.build_command(self.cfg, plan, os.environ)
         self.record(
-            {
-                "type": "session_start",
-                "session": session,
-                "kind": request.kind,
-                "t_wall": time.time(),
-                "t_mono": time.monotonic(),
-                "resume_from": str(request.resume_from) if request.resume_from else None,
-                "poll_hz": self.cfg.reporting.poll_hz,
-                "config": config_snapshot(self.cfg),
-                "argv": argv,
-            }
+            SessionStart(
+                session=session,
+                kind=request.kind,
+                t_wall=time.time(),
+                t_mono=time.monotonic(),
+                resume_from=str(request.resume_from) if request.resume_from else None,
+                poll_hz=self.cfg.reporting.poll_hz,
+                config=snapshot,
+                argv=launch.masked(argv),
+            )
         )
         for text in request.notes:
             self._note(f"session {session}: {text}", level="info")
@@ -121,23 +151,26 @@ class Supervisor:
         reader.start()
         self._reader = reader
         poller = self._start_poller()
-        log_path = self.report_dir / LOG_NAME
-        with open(log_path, "ab") as log_file:
-            log_file.write(f"\n===== kaio session {session} ({request.kind}) {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode())
+        with open(self.paths.child_log, "ab") as log_file:
+            log_file.write(
+                f"\n===== kaio session {session} ({request.kind.value}) {time.strftime('%Y-%m-%d %H:%M:%S')} =====\n".encode()
+            )
             log_file.flush()
             offset = log_file.tell()
             proc = launch.spawn(argv, env, log_file)
-        self.record({"type": "child_started", "session": session, "pid": proc.pid, "t_wall": time.time()})
-        output = threading.Thread(target=self._follow_output, args=(proc, log_path, offset), name="kaio-child-output", daemon=True)
+        self.record(ChildStarted(session=session, pid=proc.pid, t_wall=time.time()))
+        output = threading.Thread(
+            target=self._follow_output, args=(proc, offset), name="kaio-child-output", daemon=True
+        )
         output.start()
         previous_handlers = self._install_signal_handlers(proc)
         try:  # until session_end is journaled: a Ctrl-C during the teardown only counts as a press
-            outcome = self._run_and_end(proc, session, fifo, reader, poller, output, log_path, offset)
+            outcome = self._run_and_end(proc, session, fifo, reader, poller, output)
         finally:
             self._restore_signal_handlers(previous_handlers)
         return outcome
 
-    def _run_and_end(self, proc, session: int, fifo, reader, poller, output, log_path: Path, offset: int) -> SessionOutcome:
+    def _run_and_end(self, proc, session: int, fifo, reader, poller, output) -> SessionOutcome:
         """Supervise the child until it exits, then gather what is left and journal the session's end."""
         try:
             self._loop(proc)
@@ -150,29 +183,30 @@ class Supervisor:
                 poller.stop()
             self._drain()
             fifo.close()
-        spooled = self._merge_spool()
-        outcome = self._outcome(proc.returncode, _read_from(log_path, offset))
+        spooled, bad = spool.merge_into(self.paths.spool, self.state.ledger.received, self.record)
+        outcome = self._outcome(proc.returncode, session)
         self.record(
-            {
-                "type": "session_end",
-                "session": session,
-                "t_wall": time.time(),
-                "t_mono": time.monotonic(),
-                "status": outcome.status,
-                "exit_code": outcome.exit_code,
-                "signal": outcome.signal,
-                "error": outcome.error,
-                "counters": {
-                    "malformed_lines": reader.stats.malformed,
-                    "oversized_lines": reader.stats.oversized,
-                    "spooled_events": spooled,
-                },
-                "poll_stats": poller.stats() if poller is not None else {},
-            }
+            SessionEnd(
+                session=session,
+                t_wall=time.time(),
+                t_mono=time.monotonic(),
+                status=outcome.status,
+                exit_code=outcome.exit_code,
+                signal=outcome.signal,
+                error=outcome.error,
+                counters=SessionCounters(
+                    malformed_lines=reader.stats.malformed + bad,
+                    oversized_lines=reader.stats.oversized,
+                    spooled_events=spooled,
+                ),
+                poll_stats=msgspec.convert(poller.stats(), PollStats, strict=False) if poller is not None else None,
+            )
         )
         if reader.stats.malformed or reader.stats.oversized:
-            self._note(f"telemetry: {reader.stats.malformed} malformed and {reader.stats.oversized} oversized lines skipped")
-        self.journal.flush(fsync=True)
+            self._note(
+                f"telemetry: {reader.stats.malformed} malformed and {reader.stats.oversized} oversized lines skipped"
+            )
+        self.recorder.journal.flush(fsync=True)
         return outcome
 
     # ------------------------------------------------------------ the loop
@@ -212,29 +246,36 @@ class Supervisor:
                 self.record(item)
             handled += 1
         if handled:
-            self.journal.flush()
+            self.recorder.journal.flush()
+            self._warn_once_about_the_journal()
 
-    def record(self, record: dict) -> None:
-        """Journal first (crash-safe), then the state. Sinks' outcomes come through here too."""
-        self.journal.append(record)
-        self.state.apply(record)
+    def record(self, record: Record) -> None:
+        self.recorder.record(record)
 
     def _note(self, text: str, level: str = "warning") -> None:
-        self.record({"type": "note", "text": text, "level": level, "t_wall": time.time()})
+        self.record(Note(text=text, level=level, t_wall=time.time()))  # type: ignore[arg-type]
+
+    def _warn_once_about_the_journal(self) -> None:
+        error = self.recorder.journal.write_error
+        if error is not None:
+            message = f"cannot write {self.paths.journal} ({error.strerror}): kaio keeps the records in memory and the child's spool, and writes them once it can; the training goes on"
+            if message not in self._refresh_failures:
+                self._refresh_failures.add(message)
+                self.state.warn(message)
 
     def _refresh(self) -> None:
-        spool.prune(self.report_dir / spool.SPOOL_DIR_NAME, self.state.max_seq_by_pid)
+        spool.prune(self.paths.spool, self.state.ledger.received)
         for writer in self.on_refresh:
             try:
                 writer(self.state)
-            except Exception as exc:  # noqa: BLE001  a full disk must not stop the training it records
+            except Exception as exc:
                 message = f"a report refresh failed: {type(exc).__name__}: {exc}"
                 if message not in self._refresh_failures:
                     self._refresh_failures.add(message)
                     self._note(message)
 
     def snapshot(self) -> Snapshot:
-        status = "STOPPING" if self._stop.requests and self.state.status == RUNNING else None
+        status = "STOPPING" if self._stop.requests and self.state.status == Status.RUNNING else None
         return self.state.snapshot(status=status, log_tail=tuple(self._log_tail), extra_warnings=self._live_warnings())
 
     def _live_warnings(self) -> tuple[str, ...]:
@@ -244,17 +285,19 @@ class Supervisor:
             warnings.append(f"telemetry: {stats.malformed} malformed and {stats.oversized} oversized lines skipped")
         median = self.state.median_step_time()
         last = self.state.last_step_t_mono
-        if median is not None and last is not None and self.state.status == RUNNING:
+        if last is not None and self.state.status == Status.RUNNING:
             idle = time.monotonic() - last
-            if idle > max(STALL_FACTOR * median, 60.0):
-                warnings.append(f"stall: no step for {idle:.0f} s (median step {median:.2f} s)")
+            if idle > rules.stall_threshold_s(median):
+                warnings.append(
+                    f"stall: no step for {idle:.0f} s" + (f" (median step {median:.2f} s)" if median else "")
+                )
         return tuple(warnings)
 
     # ------------------------------------------------------------ threads
 
-    def _follow_output(self, proc: subprocess.Popen, log_path: Path, offset: int) -> None:
+    def _follow_output(self, proc: subprocess.Popen, offset: int) -> None:
         """``tail -f`` of the child's log, from this session's start, until the child has exited."""
-        with open(log_path, "rb") as log:
+        with open(self.paths.child_log, "rb") as log:
             log.seek(offset)
             partial = b""
             while True:
@@ -307,11 +350,16 @@ class Supervisor:
 
     def _check_stop(self, proc: subprocess.Popen) -> None:
         """After the grace period, the first request turns into SIGKILL."""
-        if self._stop.requests and not self._stop.killed and self._stop.first_at is not None:
-            if time.monotonic() - self._stop.first_at > self.cfg.launch.grace_seconds:
-                self._stop.killed = True
-                self._note(f"the child did not stop within {self.cfg.launch.grace_seconds:g} s of SIGTERM; killed")
-                launch.kill_group(proc)
+        stop = self._stop
+        if (
+            stop.requests
+            and not stop.killed
+            and stop.first_at is not None
+            and (time.monotonic() - stop.first_at > self.cfg.launch.grace_seconds)
+        ):
+            stop.killed = True
+            self._note(f"the child did not stop within {self.cfg.launch.grace_seconds:g} s of SIGTERM; killed")
+            launch.kill_group(proc)
 
     @property
     def stop_requested(self) -> bool:
@@ -319,26 +367,14 @@ class Supervisor:
 
     # ------------------------------------------------------------ endings
 
-    def _merge_spool(self) -> int:
-        """Events only the spool has (the FIFO had no reader for them) join the journal."""
-        return spool.merge_into(self.report_dir / spool.SPOOL_DIR_NAME, dict(self.state.max_seq_by_pid), self.record)
-
-    def _outcome(self, returncode: int, log_text: str) -> SessionOutcome:
+    def _outcome(self, returncode: int, session: int) -> SessionOutcome:
         exit_code, signal_name = launch.describe_exit(returncode)
-        error, rank_signal = diagnose.root_cause(self.report_dir, self.state.session, log_text) if returncode else (None, None)
+        error, rank_signal = diagnose.root_cause(self.paths.errors, session) if returncode else (None, None)
         signal_name = signal_name or rank_signal
         if self._stop.requests:
-            return SessionOutcome(exit_code, INTERRUPTED, signal_name, error)
+            return SessionOutcome(exit_code, Status.INTERRUPTED, signal_name, error)
         if returncode == 0:
-            return SessionOutcome(0, COMPLETED)
+            return SessionOutcome(0, Status.COMPLETED)
         if error is None and signal_name:
             error = f"killed by {signal_name}"
-        return SessionOutcome(exit_code, FAILED, signal_name, error)
-
-
-def _read_from(path: Path, offset: int, limit: int = 1 << 20) -> str:
-    """This session's part of the log (its last MiB: the failure summary is at the end)."""
-    with open(path, "rb") as f:
-        size = f.seek(0, 2)
-        f.seek(max(offset, size - limit))
-        return f.read().decode("utf-8", errors="replace")
+        return SessionOutcome(exit_code, Status.FAILED, signal_name, error)

@@ -24,10 +24,22 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kaio.config import redact
+from kaio.record.types import EvalEntry, StepEntry
+from kaio.secrets import redact
 
-# History entry keys sent as Comet metrics; units are in the names, as in history.json.
-STEP_METRICS = ("loss", "learning_rate", "grad_norm", "vram_gb", "power_avg", "util", "temp", "energy_j", "epoch")
+# Step entry fields sent as Comet metrics, under their history.json names (units are in the names).
+STEP_METRICS = (
+    "loss",
+    "loss_smoothed",
+    "learning_rate",
+    "grad_norm",
+    "vram_peak_bytes",
+    "power_avg",
+    "util",
+    "temp",
+    "energy_j",
+    "epoch",
+)
 DEFAULT_END_TIMEOUT_S = 30.0
 
 # comet_ml reads these only while it is being imported; kaio's defaults unless the user set them.
@@ -125,9 +137,7 @@ class CometSink:
                 archive_dir = Path(report_dir) / "comet"
                 archive_dir.mkdir(parents=True, exist_ok=True)
                 experiment_class = comet_ml.ExistingOfflineExperiment if experiment_key else comet_ml.OfflineExperiment
-                create = functools.partial(
-                    experiment_class, offline_directory=str(archive_dir), **settings, **_QUIET
-                )
+                create = functools.partial(experiment_class, offline_directory=str(archive_dir), **settings, **_QUIET)
                 sink.messages.append(
                     f"Comet ML: no COMET_API_KEY, logging offline to {archive_dir} "
                     "(upload later with `comet upload <zip>`)"
@@ -138,9 +148,7 @@ class CometSink:
         except Exception as exc:
             sink._fail("setting up comet_ml", _describe(exc))
             return sink
-        sink._worker = threading.Thread(
-            target=sink._work, args=(create, project), name="kaio-comet", daemon=True
-        )
+        sink._worker = threading.Thread(target=sink._work, args=(create, project), name="kaio-comet", daemon=True)
         sink._worker.start()
         sink.log_params(params)
         return sink
@@ -152,12 +160,23 @@ class CometSink:
         self._submit("logging parameters", lambda experiment: experiment.log_parameters(clean))
 
     @_never_raises("logging a step")
-    def log_step(self, entry: dict) -> None:
-        """Log a history.json step entry's metrics at ``step=entry["step"]``; missing values are skipped."""
-        step = int(entry["step"])
-        metrics = {name: float(entry[name]) for name in STEP_METRICS if _is_finite_number(entry.get(name))}
+    def log_step(self, entry: StepEntry) -> None:
+        """Log a step entry's metrics (and every other number the Trainer logged) at its step; missing values are skipped."""
+        step = entry.step
+        metrics = {name: float(value) for name in STEP_METRICS if _is_finite_number(value := getattr(entry, name))}
+        metrics.update((name, value) for name, value in entry.metrics.items() if name not in metrics)
         if metrics:
             self._submit(f"logging step {step}", lambda experiment: experiment.log_metrics(metrics, step=step))
+
+    @_never_raises("logging an evaluation")
+    def log_eval(self, entry: EvalEntry) -> None:
+        """Log an evaluation's metrics (``eval_loss``...) at its step."""
+        metrics = {name: value for name, value in entry.metrics.items() if value is not None}
+        if metrics:
+            self._submit(
+                f"logging the evaluation at step {entry.step}",
+                lambda experiment: experiment.log_metrics(metrics, step=entry.step),
+            )
 
     @_never_raises("logging the report files")
     def log_assets(self, paths: list[Path]) -> None:
@@ -267,9 +286,7 @@ class _ErrorLines(logging.Handler):
 
 def _import_comet_ml(env: Mapping[str, str]) -> Any:
     """Import comet_ml under kaio's defaults, without leaving them in os.environ for the child."""
-    added = {
-        name: env.get(name, default) for name, default in _IMPORT_TIME_DEFAULTS.items() if name not in os.environ
-    }
+    added = {name: env.get(name, default) for name, default in _IMPORT_TIME_DEFAULTS.items() if name not in os.environ}
     os.environ.update(added)
     try:
         import comet_ml

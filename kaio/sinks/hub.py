@@ -133,14 +133,10 @@ def push_adapter(
 def _files_to_push(adapter_dir: Path, report_dir: Path) -> list[tuple[str, Path]]:
     """(path in repo, local file) for the adapter, the tokenizer files and the report files present."""
     in_adapter_dir = [
-        (name, adapter_dir / name)
-        for name in ADAPTER_FILES + TOKENIZER_FILES
-        if (adapter_dir / name).is_file()
+        (name, adapter_dir / name) for name in ADAPTER_FILES + TOKENIZER_FILES if (adapter_dir / name).is_file()
     ]
     in_report_dir = [
-        (f"{REPORT_FOLDER_IN_REPO}/{name}", report_dir / name)
-        for name in REPORT_FILES
-        if (report_dir / name).is_file()
+        (f"{REPORT_FOLDER_IN_REPO}/{name}", report_dir / name) for name in REPORT_FILES if (report_dir / name).is_file()
     ]
     return in_adapter_dir + in_report_dir
 

@@ -13,11 +13,11 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from kaio.telemetry.protocol import MAX_LINE_BYTES, ProtocolError, decode
+from kaio.telemetry.protocol import MAX_LINE_BYTES, ChildEvent, ProtocolError, decode
 
 
 class TelemetryFifo:
@@ -57,12 +57,10 @@ class ReaderStats:
 
 
 class FifoReader(threading.Thread):
-    """Reads lines from the FIFO, hands each valid event to ``on_event``.
+    """Reads lines from the FIFO, hands each valid event (decoded and checked against its type) to
+    ``on_event``. Malformed and oversized lines are counted and skipped, never fatal."""
 
-    Malformed and oversized lines are counted and skipped, never fatal.
-    """
-
-    def __init__(self, read_fd: int, on_event: Callable[[dict], None], chunk_bytes: int = 1 << 16) -> None:
+    def __init__(self, read_fd: int, on_event: Callable[[ChildEvent], None], chunk_bytes: int = 1 << 16) -> None:
         super().__init__(name="kaio-fifo-reader", daemon=True)
         self._fd = read_fd
         self._on_event = on_event

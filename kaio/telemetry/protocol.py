@@ -1,18 +1,25 @@
-"""The wire protocol between the child's callback and the supervisor.
+"""The wire protocol between the child's callback and the supervisor: the child's event types.
 
 One event is one JSON object on one line, shorter than ``PIPE_BUF`` (4096
 bytes) so that a single ``os.write`` to the FIFO is atomic: lines from several
-ranks interleave but never tear. This module is imported inside the trainer:
-standard library only.
+ranks interleave but never tear. Each event type is declared here once, as a
+``msgspec.Struct``: the child builds it, the supervisor decodes and validates
+it into the same type (a line that does not fit its type is rejected, never
+half-applied), and the journal stores it as it came. This module is imported
+inside the trainer: the standard library and msgspec only.
+
+Non-finite numbers: JSON has no NaN, so a metric that may be NaN/inf travels
+as the tag ``"nan"``, ``"inf"`` or ``"-inf"`` (the ``Metric`` type).
 """
 
 from __future__ import annotations
 
-import json
 import math
-from typing import Any
+from typing import Any, Literal
 
-PROTOCOL_VERSION = 1
+import msgspec
+
+PROTOCOL_VERSION = 2
 MAX_LINE_BYTES = 4096  # PIPE_BUF on Linux: the atomic-write limit
 
 # Environment variables the supervisor sets for the child.
@@ -21,66 +28,224 @@ ENV_SPOOL_DIR = "KAIO_SPOOL_DIR"  # where events go when the FIFO has no reader
 ENV_ERROR_DIR = "KAIO_ERROR_DIR"  # where a failing rank writes its traceback
 ENV_SESSION = "KAIO_SESSION"  # session number, stamped on every event
 ENV_RESUME_FROM = "KAIO_RESUME_FROM"  # checkpoint a resumed session starts from
+ENV_NODE_RANK = "KAIO_NODE_RANK"  # the node this child runs on (0 on one machine)
 
-RUN_START = "run_start"  # once per rank at on_train_begin
-STEP = "step"  # every optimizer step, every rank
-LOG = "log"  # rank 0's Trainer logs (loss, learning rate, grad norm, epoch)
-SAVE = "save"  # a checkpoint was written (rank 0)
-TRAIN_END = "train_end"  # on_train_end (every rank)
-EVENT_TYPES = frozenset({RUN_START, STEP, LOG, SAVE, TRAIN_END})
+NonFiniteTag = Literal["nan", "inf", "-inf"]
+# A number that may be NaN/inf, as it travels: a finite float, a tag, or null (not measured).
+Metric = float | NonFiniteTag | None
 
 
 class ProtocolError(ValueError):
     """A line that is not a valid event."""
 
 
-def encode(event: dict[str, Any]) -> bytes:
+class Event(msgspec.Struct, kw_only=True, omit_defaults=True, tag_field="type"):
+    """What every child event carries: who sent it (node, host, rank, process) and when."""
+
+    rank: int
+    session: int = 1
+    node_rank: int = 0
+    hostname: str | None = None
+    pid: int | None = None
+    seq: int | None = None  # the process's event number (the spool merge's key)
+    t_wall: float | None = None
+    t_mono: float | None = None
+
+
+class TrainingArgs(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The ``TrainingArguments`` a report needs, as the live object had them."""
+
+    per_device_train_batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
+    learning_rate: float | None = None
+    lr_scheduler_type: str | None = None
+    optim: str | None = None
+    warmup_steps: float | None = None
+    weight_decay: float | None = None
+    max_grad_norm: float | None = None
+    bf16: bool | None = None
+    fp16: bool | None = None
+    seed: int | None = None
+    max_steps: int | None = None
+    num_train_epochs: float | None = None
+    logging_strategy: str | None = None
+    logging_steps: float | None = None
+    eval_strategy: str | None = None
+    eval_steps: float | None = None
+    save_strategy: str | None = None
+    save_steps: float | None = None
+    output_dir: str | None = None
+    gradient_checkpointing: bool | None = None
+    use_cpu: bool | None = None
+
+
+class ModelInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    name_or_path: str | None = None
+    model_class: str | None = None  # the class of the model the Trainer got (a PeftModel wraps another)
+    architecture: str | None = None  # config.architectures[0], or the wrapped model's class
+    dtype: str | None = None
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    total_params: int | None = None
+    trainable_params: int | None = None
+
+
+class PeftInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    peft_type: str | None = None  # LORA, ...
+    r: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    target_modules: list[str] | str | None = None
+
+
+class Environment(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What the child ran on and with: versions, machine, the script's source revision."""
+
+    python: str | None = None
+    torch: str | None = None
+    cuda: str | None = None
+    rocm: str | None = None
+    transformers: str | None = None
+    peft: str | None = None
+    accelerate: str | None = None
+    trl: str | None = None
+    kaio: str | None = None
+    hostname: str | None = None
+    cpu: str | None = None
+    gpus: list[str] = []
+    git_commit: str | None = None
+    git_dirty: bool | None = None
+    argv: list[str] = []
+
+
+class RunStart(Event, tag="run_start"):
+    """Once per rank at ``on_train_begin``: what is being trained, from the live objects."""
+
+    reporter: Literal["trainer", "kaio.log"] = "trainer"  # a transformers Trainer, or a plain loop calling kaio.log
+    world_size: int | None = None
+    process_index: int | None = None
+    local_rank: int | None = None
+    distributed_type: str | None = None
+    start_step: int = 0
+    max_steps: int | None = None
+    device: str | None = None
+    args: TrainingArgs = msgspec.field(default_factory=TrainingArgs)
+    model: ModelInfo | None = None
+    peft: PeftInfo | None = None
+    tokenizer: str | None = None
+    train_samples: int | None = None
+    eval_samples: int | None = None
+    environment: Environment | None = None
+    # Written by kaio before protocol 2 (kept so that old journals still read): now in ``model``.
+    trainable_params: int | None = None
+    total_params: int | None = None
+    architecture: str | None = None
+
+
+class Step(Event, tag="step"):
+    """Every optimizer step, from every rank."""
+
+    step: int
+    epoch: float | None = None
+    step_time_s: float | None = None  # on_step_begin -> on_step_end on this rank
+    peak_vram_bytes: int | None = None  # the allocator's peak during the step; None without a GPU
+    tokens_seen: int | None = None
+
+
+class Log(Event, tag="log"):
+    """Rank 0's Trainer logs: the training metrics, and any other number it logged in ``extra``."""
+
+    step: int | None = None
+    loss: Metric = None
+    learning_rate: Metric = None
+    grad_norm: Metric = None
+    epoch: float | None = None
+    extra: dict[str, Any] = {}
+
+
+class Eval(Event, tag="eval"):
+    """An evaluation (``on_evaluate``) on rank 0: its metrics as the Trainer returned them."""
+
+    step: int
+    epoch: float | None = None
+    metrics: dict[str, Metric] = {}
+
+
+class Save(Event, tag="save"):
+    """A checkpoint was written (rank 0)."""
+
+    step: int
+    path: str | None = None
+    duration_s: float | None = None  # since the step (or the evaluation after it) ended: the time saving took
+
+
+class TrainEnd(Event, tag="train_end"):
+    """``on_train_end``, every rank."""
+
+    step: int | None = None
+
+
+ChildEvent = RunStart | Step | Log | Eval | Save | TrainEnd
+
+
+class RankError(msgspec.Struct, kw_only=True):
+    """A failing rank's own account: ``<error dir>/error-r<rank>-<pid>.json`` (as torch elastic's ``@record``)."""
+
+    rank: int
+    session: int = 1
+    pid: int | None = None
+    t_wall: float | None = None
+    exc_type: str | None = None
+    message: str | None = None
+    root_cause: str  # the traceback's last line: "ValueError: ..."
+    traceback: str | None = None
+
+
+class LaunchFailure(msgspec.Struct, kw_only=True):
+    """The launcher's account of the first rank that failed: ``<error dir>/launch-s<session>.json``.
+
+    Written from torch elastic's own failure record, so that a rank killed by a
+    signal (which cannot write a ``RankError``) is named too.
+    """
+
+    session: int = 1
+    rank: int
+    pid: int | None = None
+    exit_code: int | None = None
+    signal: str | None = None  # "SIGKILL" when the rank was killed
+    message: str | None = None
+
+
+_ENCODER = msgspec.json.Encoder()
+_DECODER = msgspec.json.Decoder(ChildEvent)
+
+
+def encode(event: ChildEvent) -> bytes:
     """One event as one line of bytes, guaranteed shorter than ``MAX_LINE_BYTES``.
 
-    Non-finite floats (a NaN loss) travel as strings "nan"/"inf"/"-inf" so the
-    line stays strict JSON. An event too large is shrunk by dropping its
-    optional ``extra`` mapping; if still too large, ``ProtocolError``.
+    An event too large is shrunk by dropping its free-form parts (a log's
+    ``extra``, a run_start's environment); if still too large, ``ProtocolError``.
     """
-    line = json_line(event)
-    if len(line) >= MAX_LINE_BYTES and "extra" in event:
-        line = json_line({**{k: v for k, v in event.items() if k != "extra"}, "truncated": True})
+    line = _ENCODER.encode(event) + b"\n"
     if len(line) >= MAX_LINE_BYTES:
-        raise ProtocolError(f"event of type {event.get('type')!r} is {len(line)} bytes, over {MAX_LINE_BYTES}")
+        if isinstance(event, Log) and event.extra:
+            return encode(msgspec.structs.replace(event, extra={"kaio_truncated": True}))
+        if isinstance(event, RunStart) and event.environment is not None:
+            return encode(msgspec.structs.replace(event, environment=None))
+        raise ProtocolError(f"event of type {type(event).__name__} is {len(line)} bytes, over {MAX_LINE_BYTES}")
     return line
 
 
-def decode(line: bytes | str) -> dict[str, Any]:
-    """Parse one line; raise ``ProtocolError`` for anything that is not a known event."""
+def decode(line: bytes | str) -> ChildEvent:
+    """Parse and validate one line; ``ProtocolError`` for anything that is not a known, well-formed event."""
     try:
-        event = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"not JSON: {exc}") from None
-    if not isinstance(event, dict):
-        raise ProtocolError("not a JSON object")
-    if event.get("type") not in EVENT_TYPES:
-        raise ProtocolError(f"unknown event type {event.get('type')!r}")
-    if not isinstance(event.get("rank"), int):
-        raise ProtocolError("missing integer 'rank'")
-    return event
+        return _DECODER.decode(line)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError(str(exc)) from None
 
 
-def finite_or_tag(value: Any) -> Any:
-    """A float as-is if finite, else its tag ("nan", "inf", "-inf"); inside dicts and lists too."""
-    if isinstance(value, float):
-        if math.isfinite(value):
-            return value
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: finite_or_tag(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [finite_or_tag(v) for v in value]
-    return value
-
-
-def json_line(record: dict[str, Any]) -> bytes:
-    """A record as one compact line of strict JSON (non-finite floats tagged); also the journal's format."""
-    try:  # the common case, with nothing to tag, without a copy
-        text = json.dumps(record, separators=(",", ":"), allow_nan=False, default=str)
-    except ValueError:
-        text = json.dumps(finite_or_tag(record), separators=(",", ":"), allow_nan=False, default=str)
-    return (text + "\n").encode("utf-8")
+def tag_nonfinite(value: float) -> float | NonFiniteTag:
+    """A float as it travels: itself when finite, else its tag."""
+    if math.isfinite(value):
+        return value
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")

@@ -1,23 +1,54 @@
 """The spool: every event a rank emitted, on disk, until the supervisor has journaled it.
 
 Files are ``spool-s<session>-r<rank>-p<pid>-<first seq>.jsonl``; each process
-numbers its events 1, 2, 3... (``seq``). What a supervisor received through
-the FIFO from one process is always a prefix of that sequence (the FIFO keeps
-order), so "the highest seq journaled per pid" says exactly which spooled
-events are missing from the journal.
+numbers its events 1, 2, 3... (``seq``). The FIFO keeps order, so what the
+supervisor received from one process is nearly always a prefix of that
+sequence; a line lost on the way (junk written into the pipe that spoiled the
+next event) leaves a gap. ``Received`` remembers the highest seq and the gaps
+per process, so the merge at a session's end (and after a supervisor died)
+fills exactly what the journal lacks.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from kaio.telemetry.protocol import ProtocolError, decode
+import msgspec
 
-SPOOL_DIR_NAME = "spool"
+from kaio.telemetry.protocol import ChildEvent, ProtocolError, decode
+
 SPOOL_PART_EVENTS = 10_000
+MAX_GAPS = 10_000  # seqs remembered as missing per process (a pipe that lost more has bigger problems)
 _PART = re.compile(r"^spool-s(\d+)-r(\d+)-p(\d+)-(\d+)\.jsonl$")
+
+
+class Received(msgspec.Struct, kw_only=True):
+    """Which events of each child process are journaled: every seq up to ``top``, except ``gaps``."""
+
+    top: dict[int, int] = {}
+    gaps: dict[int, list[int]] = {}
+
+    def add(self, pid: int, seq: int) -> None:
+        top = self.top.get(pid, 0)
+        if seq > top:
+            if seq > top + 1:
+                gaps = self.gaps.setdefault(pid, [])
+                gaps.extend(range(top + 1, min(seq, top + 1 + MAX_GAPS - len(gaps))))
+            self.top[pid] = seq
+        elif seq in self.gaps.get(pid, ()):
+            self.gaps[pid].remove(seq)
+            if not self.gaps[pid]:
+                del self.gaps[pid]
+
+    def has(self, pid: int, seq: int) -> bool:
+        return seq <= self.top.get(pid, 0) and seq not in self.gaps.get(pid, ())
+
+    def complete_through(self, pid: int) -> int:
+        """Every seq of ``pid`` up to this one is journaled."""
+        gaps = self.gaps.get(pid)
+        return min(gaps) - 1 if gaps else self.top.get(pid, 0)
 
 
 def part_name(session: int, rank: int, pid: int, first_seq: int) -> str:
@@ -35,40 +66,40 @@ def _parts(spool_dir: Path) -> list[tuple[int, int, Path]]:
     return sorted(parts)
 
 
-def missing_events(spool_dir: Path, max_seq_by_pid: dict[int, int]) -> tuple[list[dict], int]:
-    """Spooled events the journal lacks (seq above what was journaled for their pid), and bad lines."""
-    events, bad = [], 0
+def missing_events(spool_dir: Path, received: Received) -> tuple[list[ChildEvent], int]:
+    """Spooled events the journal lacks, in the order they happened, and how many lines were not valid events."""
+    events: list[ChildEvent] = []
+    bad = 0
     for pid, _first, path in _parts(spool_dir):
-        seen = max_seq_by_pid.get(pid, 0)
         for line in path.read_bytes().splitlines():
             if not line.strip():
                 continue
             try:
                 event = decode(line)
             except ProtocolError:
-                bad += 1  # a torn last line if the child died mid-write
+                bad += 1  # a torn last line if the child died mid-write, or a damaged file
                 continue
-            if event.get("seq", 0) > seen:
+            if event.seq is not None and not received.has(pid, event.seq):
                 events.append(event)
-    # In the order they happened: every event has a wall time (t_mono is not on every kind, and
-    # the two clocks do not compare); seq orders one process's events that share a timestamp.
-    events.sort(key=lambda e: (e.get("session", 0), e.get("t_wall") or 0, e.get("pid", 0), e.get("seq", 0)))
+    # Every event has a wall time (t_mono is not on every kind, and the two clocks do not compare);
+    # seq orders one process's events that share a timestamp.
+    events.sort(key=lambda e: (e.session, e.t_wall or 0, e.pid or 0, e.seq or 0))
     return events, bad
 
 
-def prune(spool_dir: Path, max_seq_by_pid: dict[int, int], *, everything_for: set[int] | None = None) -> None:
-    """Delete parts whose every event is journaled; ``everything_for``: pids that have exited."""
+def prune(spool_dir: Path, received: Received) -> None:
+    """Delete the parts whose every event is journaled."""
     parts = _parts(spool_dir)
-    for index, (pid, first, path) in enumerate(parts):
+    for index, (pid, _first, path) in enumerate(parts):
         next_first = next((f for p, f, _ in parts[index + 1 :] if p == pid), None)
-        complete = next_first is not None and next_first - 1 <= max_seq_by_pid.get(pid, 0)
-        if complete or (everything_for is not None and pid in everything_for):
+        if next_first is not None and next_first - 1 <= received.complete_through(pid):
             path.unlink(missing_ok=True)
 
 
-def merge_into(spool_dir: Path, max_seq_by_pid: dict[int, int], record: Callable[[dict], None]) -> int:
-    """Journal what only the spool has, then delete the spool (all its events are journaled now)."""
-    events, _bad = missing_events(spool_dir, max_seq_by_pid)
+def merge_into(spool_dir: Path, received: Received, record: Callable[[ChildEvent], None]) -> tuple[int, int]:
+    """Journal what only the spool has, then delete the spool (all its events are journaled now);
+    returns how many events were merged and how many lines were not valid events (skipped)."""
+    events, bad = missing_events(spool_dir, received)
     for event in events:
         record(event)
     for _pid, _first, path in _parts(spool_dir):
@@ -77,4 +108,4 @@ def merge_into(spool_dir: Path, max_seq_by_pid: dict[int, int], record: Callable
         spool_dir.rmdir()  # nothing left to merge: no folder to wonder about
     except OSError:
         pass
-    return len(events)
+    return len(events), bad

@@ -77,7 +77,7 @@ class AmdSmiClkType(IntEnum):
     MEM = 4
 
 
-class amdsmi_processor_handle:  # noqa: N801 - the real ctypes type's name
+class amdsmi_processor_handle:
     def __init__(self, index: int) -> None:
         self.index = index
 
@@ -270,8 +270,11 @@ class FakeAmdSmi:
 
         def amdsmi_get_gpu_kfd_info(processor_handle):
             gpu = fake._gpu("amdsmi_get_gpu_kfd_info", processor_handle)
-            return {"kfd_id": 1000 + processor_handle.index, "node_id": 2 + processor_handle.index,
-                    "current_partition_id": gpu.partition_id}
+            return {
+                "kfd_id": 1000 + processor_handle.index,
+                "node_id": 2 + processor_handle.index,
+                "current_partition_id": gpu.partition_id,
+            }
 
         def amdsmi_get_gpu_activity(processor_handle):
             gpu = fake._gpu("amdsmi_get_gpu_activity", processor_handle)
@@ -283,8 +286,14 @@ class FakeAmdSmi:
 
         def amdsmi_get_power_info(processor_handle, sensor_ind=0):
             gpu = fake._gpu("amdsmi_get_power_info", processor_handle)
-            info = {"current_socket_power": NA, "average_socket_power": NA, "gfx_voltage": NA,
-                    "soc_voltage": NA, "mem_voltage": NA, "power_limit": NA}
+            info = {
+                "current_socket_power": NA,
+                "average_socket_power": NA,
+                "gfx_voltage": NA,
+                "soc_voltage": NA,
+                "mem_voltage": NA,
+                "power_limit": NA,
+            }
             info.update(gpu.power)
             return info
 
@@ -302,8 +311,11 @@ class FakeAmdSmi:
         def amdsmi_get_energy_count(processor_handle):
             gpu = fake._gpu("amdsmi_get_energy_count", processor_handle)
             key = "energy_accumulator" if tuple(map(int, fake.rocm.split(".")[:2])) >= (6, 2) else "power"
-            return {key: gpu.energy_ticks(), "counter_resolution": gpu.counter_resolution_uj,
-                    "timestamp": time.monotonic_ns()}
+            return {
+                key: gpu.energy_ticks(),
+                "counter_resolution": gpu.counter_resolution_uj,
+                "timestamp": time.monotonic_ns(),
+            }
 
         def amdsmi_get_clock_info(processor_handle, clock_type):
             if not isinstance(clock_type, AmdSmiClkType):
@@ -326,10 +338,14 @@ class FakeAmdSmi:
         def amdsmi_get_gpu_process_list(processor_handle):
             gpu = fake._gpu("amdsmi_get_gpu_process_list", processor_handle)
             return [
-                {"name": "python3", "pid": pid, "mem": vram,
-                 "engine_usage": {"gfx": 0, "enc": 0},
-                 "memory_usage": {"gtt_mem": 0, "cpu_mem": 0, "vram_mem": vram},
-                 "cu_occupancy": NA}
+                {
+                    "name": "python3",
+                    "pid": pid,
+                    "mem": vram,
+                    "engine_usage": {"gfx": 0, "enc": 0},
+                    "memory_usage": {"gtt_mem": 0, "cpu_mem": 0, "vram_mem": vram},
+                    "cu_occupancy": NA,
+                }
                 for pid, vram in gpu.processes
             ]
 

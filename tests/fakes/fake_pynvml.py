@@ -160,16 +160,18 @@ class FakeNvml:
     def module(self) -> types.ModuleType:
         fake = self
         m = types.ModuleType("pynvml")
-        m.__dict__.update(
-            {name: value for name, value in globals().items() if name.startswith(("NVML_", "NVMLError"))}
-        )
+        m.__dict__.update({name: value for name, value in globals().items() if name.startswith(("NVML_", "NVMLError"))})
         m.NVML_TEMPERATURE_GPU = 0
         m.NVML_CLOCK_GRAPHICS, m.NVML_CLOCK_SM, m.NVML_CLOCK_MEM = 0, 1, 2
         m.NVML_FI_DEV_POWER_AVERAGE, m.NVML_FI_DEV_POWER_INSTANT = 185, 186
         m.NVML_VALUE_TYPE_DOUBLE, m.NVML_VALUE_TYPE_UNSIGNED_INT = 0, 1
         m.NVML_VALUE_TYPE_UNSIGNED_LONG, m.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG = 2, 3
         m.NVML_VALUE_TYPE_SIGNED_LONG_LONG = 4
-        m.NVML_DEVICE_ARCH_VOLTA, m.NVML_DEVICE_ARCH_AMPERE, m.NVML_DEVICE_ARCH_HOPPER = ARCH_VOLTA, ARCH_AMPERE, ARCH_HOPPER
+        m.NVML_DEVICE_ARCH_VOLTA, m.NVML_DEVICE_ARCH_AMPERE, m.NVML_DEVICE_ARCH_HOPPER = (
+            ARCH_VOLTA,
+            ARCH_AMPERE,
+            ARCH_HOPPER,
+        )
         m.nvmlClocksEventReasonGpuIdle = 0x1
         m.nvmlClocksEventReasonApplicationsClocksSetting = 0x2
         m.nvmlClocksEventReasonSwPowerCap = 0x4

@@ -49,12 +49,25 @@ class Data(torch.utils.data.Dataset):
 
 torch.manual_seed(0)
 model = LlamaForCausalLM(
-    LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                num_attention_heads=2, num_key_value_heads=2)
+    LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
 )
 args = TrainingArguments(
     output_dir=os.environ.get("FAULTY_OUTPUT_DIR", "checkpoints/t"),
-    max_steps=ns.max_steps, per_device_train_batch_size=4, logging_steps=1, learning_rate=1e-2,
-    save_steps=ns.save_steps, report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+    max_steps=ns.max_steps,
+    per_device_train_batch_size=4,
+    logging_steps=1,
+    learning_rate=1e-2,
+    save_steps=ns.save_steps,
+    report_to="none",
+    use_cpu=True,
+    disable_tqdm=True,
+    seed=0,
 )
 Trainer(model=model, args=args, train_dataset=Data(), callbacks=[Fault()]).train()

@@ -41,7 +41,7 @@ class ProjectLock:
             os.close(self._fd)
             self._fd = None
 
-    def __enter__(self) -> "ProjectLock":
+    def __enter__(self) -> ProjectLock:
         self.acquire()
         return self
 

@@ -1,0 +1,239 @@
+"""What a rank trains, read from the live objects at ``on_train_begin`` (the run_start event).
+
+Whatever the script: the ``TrainingArguments`` it built, the model the Trainer
+got (with its PEFT config, if any), the tokenizer, the datasets' sizes, and
+the environment: library versions, the machine, the script's git revision and
+its command line (secret values masked). Every probe is guarded: a field the
+objects do not have is left out, never an error in the training.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from kaio.secrets import redact_argv
+from kaio.telemetry.protocol import ENV_NODE_RANK, Environment, ModelInfo, PeftInfo, RunStart, TrainingArgs
+
+MAX_ARGV = 40
+MAX_ARG_CHARS = 200
+
+
+def describe_run(rank: int, args: Any, state: Any, model: Any, kwargs: dict[str, Any], trainer: Any = None) -> RunStart:
+    return RunStart(
+        rank=rank,
+        hostname=socket.gethostname(),
+        pid=os.getpid(),
+        node_rank=int(os.environ.get(ENV_NODE_RANK, "0")),
+        t_wall=time.time(),
+        t_mono=time.monotonic(),
+        world_size=_int(getattr(args, "world_size", None)),
+        process_index=_int(getattr(args, "process_index", None)),
+        local_rank=_int(getattr(args, "local_process_index", None)),
+        distributed_type=_distributed_type(args),
+        start_step=int(state.global_step),
+        max_steps=_int(state.max_steps),
+        device=str(getattr(args, "device", None)),
+        args=_training_args(args),
+        model=_model(model),
+        peft=_peft(model),
+        tokenizer=_name(kwargs.get("processing_class") or kwargs.get("tokenizer")),
+        train_samples=_size(
+            getattr(trainer, "train_dataset", None) or getattr(kwargs.get("train_dataloader"), "dataset", None)
+        ),
+        eval_samples=_size(getattr(trainer, "eval_dataset", None)),
+        environment=environment(),
+    )
+
+
+def _training_args(args: Any) -> TrainingArgs:
+    values = {}
+    for name in TrainingArgs.__struct_fields__:
+        value = _plain(getattr(args, name, None))
+        if value is not None:
+            values[name] = value
+    if "eval_strategy" not in values:  # transformers before 4.41 spelled it evaluation_strategy
+        legacy = _plain(getattr(args, "evaluation_strategy", None))
+        if legacy is not None:
+            values["eval_strategy"] = legacy
+    import msgspec
+
+    return msgspec.convert(values, TrainingArgs, strict=False)
+
+
+def _distributed_type(args: Any) -> str | None:
+    state = getattr(args, "distributed_state", None)
+    kind = getattr(state, "distributed_type", None)
+    return _plain(kind) if kind is not None else None
+
+
+def _model(model: Any) -> ModelInfo | None:
+    if model is None:
+        return None
+    config = getattr(model, "config", None)
+    inner = getattr(getattr(model, "base_model", None), "model", None)  # a PeftModel wraps the real one
+    architectures = getattr(config, "architectures", None)
+    trainable = total = 0
+    try:
+        for param in model.parameters():
+            count = param.numel()
+            total += count
+            if param.requires_grad:
+                trainable += count
+    except (AttributeError, RuntimeError):
+        trainable = total = None  # type: ignore[assignment]
+    dtype = getattr(model, "dtype", None)
+    return ModelInfo(
+        name_or_path=_str(getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)),
+        model_class=type(model).__name__,
+        architecture=str(architectures[0]) if architectures else type(inner or model).__name__,
+        dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
+        num_layers=_int(getattr(config, "num_hidden_layers", None)),
+        hidden_size=_int(getattr(config, "hidden_size", None)),
+        total_params=total,
+        trainable_params=trainable,
+    )
+
+
+def _peft(model: Any) -> PeftInfo | None:
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict) or not configs:
+        return None
+    config = configs.get(getattr(model, "active_adapter", "default")) or next(iter(configs.values()))
+    modules = getattr(config, "target_modules", None)
+    if isinstance(modules, (set, frozenset, list, tuple)):
+        modules = sorted(str(m) for m in modules)
+    elif modules is not None:
+        modules = str(modules)
+    return PeftInfo(
+        peft_type=_plain(getattr(config, "peft_type", None)),
+        r=_int(getattr(config, "r", None)),
+        alpha=_float(getattr(config, "lora_alpha", None)),
+        dropout=_float(getattr(config, "lora_dropout", None)),
+        target_modules=modules,
+    )
+
+
+def environment() -> Environment:
+    return Environment(
+        python=platform.python_version(),
+        torch=_version("torch"),
+        cuda=_torch_attr("cuda"),
+        rocm=_torch_attr("hip"),
+        transformers=_version("transformers"),
+        peft=_version("peft"),
+        accelerate=_version("accelerate"),
+        trl=_version("trl") if "trl" in sys.modules else None,
+        kaio=_version("kaio"),
+        hostname=socket.gethostname(),
+        cpu=_cpu_model(),
+        gpus=_gpu_names(),
+        **_git(os.path.dirname(os.path.abspath(sys.argv[0])) if sys.argv and sys.argv[0] else os.getcwd()),
+        argv=[arg[:MAX_ARG_CHARS] for arg in redact_argv([sys.executable, *sys.argv])[:MAX_ARGV]],
+    )
+
+
+def _version(module: str) -> str | None:
+    loaded = sys.modules.get(module)
+    version = getattr(loaded, "__version__", None)
+    if version is None:
+        try:
+            from importlib.metadata import version as dist_version
+
+            version = dist_version(module)
+        except Exception:
+            return None
+    return str(version)
+
+
+def _torch_attr(name: str) -> str | None:
+    torch = sys.modules.get("torch")
+    value = getattr(getattr(torch, "version", None), name, None)
+    return str(value) if value else None
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _gpu_names() -> list[str]:
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_available():
+            return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except Exception:
+        pass
+    return []
+
+
+def _git(directory: str) -> dict[str, Any]:
+    """The commit and dirty flag of the repository the script is in (nothing when it is in none)."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", directory, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        if commit.returncode != 0:
+            return {}
+        status = subprocess.run(
+            ["git", "-C", directory, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        return {
+            "git_commit": commit.stdout.strip(),
+            "git_dirty": bool(status.stdout.strip()) if status.returncode == 0 else None,
+        }
+    except (OSError, subprocess.SubprocessError):
+        return {}
+
+
+def _size(dataset: Any) -> int | None:
+    """Examples in a dataset (several evaluation datasets added up); None when it has no length."""
+    if isinstance(dataset, dict):
+        sizes = [_size(d) for d in dataset.values()]
+        return sum(s for s in sizes if s is not None) if all(s is not None for s in sizes) else None
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:  # an iterable dataset
+        return None
+
+
+def _name(obj: Any) -> str | None:
+    if obj is None:
+        return None
+    return _str(getattr(obj, "name_or_path", None)) or type(obj).__name__
+
+
+def _plain(value: Any) -> Any:
+    """A TrainingArguments value as JSON: enums by value, numbers and strings as they are."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    inner = getattr(value, "value", None)
+    if isinstance(inner, (str, int)):
+        return inner
+    return str(value)
+
+
+def _str(value: Any) -> str | None:
+    return str(value) if value else None
+
+
+def _int(value: Any) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _float(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None

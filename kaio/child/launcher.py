@@ -1,0 +1,81 @@
+"""The child kaio starts: ``accelerate launch`` itself, with its failure written down as data.
+
+``python -m kaio.child.launcher ARGS`` is exactly ``accelerate launch ARGS``.
+When a rank fails, torch elastic knows which one failed first and how (its
+exception, or the signal that killed it, which the rank itself cannot report):
+that is written to ``<error dir>/launch-s<session>.json`` as a
+``LaunchFailure`` for the supervisor to name the root cause, then the failure
+propagates as it would without kaio.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import msgspec
+
+from kaio.telemetry.protocol import ENV_ERROR_DIR, ENV_SESSION, LaunchFailure
+
+
+def main() -> None:
+    import torch
+    from accelerate.commands.launch import main as accelerate_main
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    if not torch.cuda.is_available():
+        # Without it, transformers builds no gloo group on a host without GPUs, and N processes of an
+        # unchanged script are N independent, duplicate trainings (the built-in recipe sets use_cpu itself).
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    session = int(os.environ.get(ENV_SESSION, "1"))
+    try:
+        accelerate_main()
+    except ChildFailedError as exc:  # several processes: torch elastic's record of every failure
+        rank, failure = exc.get_first_failure()
+        killed = failure.exitcode < 0
+        _write(
+            LaunchFailure(
+                session=session,
+                rank=rank,
+                pid=failure.pid,
+                exit_code=failure.exitcode,
+                signal=failure.signal_name() if killed else None,
+                message=str(failure.message)[:2000],
+            )
+        )
+        raise
+    except subprocess.CalledProcessError as exc:  # one process: accelerate ran it with subprocess
+        killed = exc.returncode < 0
+        _write(
+            LaunchFailure(
+                session=session,
+                rank=0,
+                exit_code=exc.returncode,
+                signal=_signal_name(-exc.returncode) if killed else None,
+            )
+        )
+        raise
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _write(failure: LaunchFailure) -> None:
+    error_dir = os.environ.get(ENV_ERROR_DIR)
+    if not error_dir:
+        return
+    try:
+        os.makedirs(error_dir, exist_ok=True)
+        with open(os.path.join(error_dir, f"launch-s{failure.session}.json"), "wb") as f:
+            f.write(msgspec.json.encode(failure))
+    except OSError:
+        pass  # the failure still propagates; only its naming is lost
+
+
+if __name__ == "__main__":
+    main()

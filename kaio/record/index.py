@@ -1,0 +1,295 @@
+"""``index.sqlite``: the journal, derived into tables the report can query.
+
+The journal is the source of truth; replaying it to answer "what was the
+median step time" each time would take minutes on a day-long run. The index
+holds every final step entry (``steps``, with its history.json line), each
+GPU's and rank's figures per step (``step_gpus``, ``step_ranks``), the
+evaluations, and the run state (``meta``: ``RunState`` encoded) together with
+how much of the journal all of that covers. A commit writes them in one
+transaction, so the steps and the state never disagree; what the journal
+holds beyond the covered offset is replayed on top.
+
+Why SQLite, and how it is kept safe (docs/architecture.md says more):
+
+* Exact figures in SQL (medians, time-weighted means, min/max per plot
+  bucket), ``DELETE WHERE step > n`` for a resume, and one file instead of
+  hand-built caches with hashes and byte offsets.
+* Rollback-journal mode, never WAL: WAL needs shared memory, which network
+  filesystems (NFS, Lustre) do not give. There is one writer, the holder of the
+  project lock; a reader while a run goes (``kaio report``) copies the
+  database with SQLite's backup API under a shared lock and works on the copy.
+* It is a cache: missing, damaged, foreign or behind the journal, it is
+  rebuilt from the journal. Where the filesystem refuses SQLite's locks, the
+  index lives in a temp folder on local disk instead (and is rebuilt there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from kaio.record.paths import ProjectPaths
+from kaio.record.rules import LossSmoother
+from kaio.record.types import EvalEntry, StepEntry
+
+INDEX_FORMAT = 2  # bump when the tables change: an older index is rebuilt
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
+CREATE TABLE IF NOT EXISTS steps (
+    step INTEGER PRIMARY KEY, session INTEGER, t_mono REAL, duration_s REAL, step_time_s REAL, eval_s REAL, save_s REAL,
+    loss REAL, loss_nonfinite TEXT, loss_smoothed REAL, loss_diverged INTEGER,
+    learning_rate REAL, grad_norm REAL, grad_norm_nonfinite TEXT,
+    vram_peak REAL, vram_peak_min REAL, samples_seen REAL, tokens_seen REAL, energy_j REAL,
+    host_cpu REAL, host_ram REAL, entry BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS step_gpus (
+    gpu TEXT, step INTEGER, power_avg REAL, power_min REAL, power_max REAL, util REAL, temp REAL,
+    vram_used REAL, throttle TEXT, PRIMARY KEY (gpu, step)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS step_ranks (rank TEXT, step INTEGER, peak REAL, PRIMARY KEY (rank, step)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS evals (step INTEGER, session INTEGER, eval_loss REAL, entry BLOB NOT NULL);
+"""
+_TABLES = ("steps", "step_gpus", "step_ranks", "evals", "meta")
+_ENCODER = msgspec.json.Encoder()
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of the journal the index holds: its first bytes (which journal) and the offset reached."""
+
+    journal_offset: int
+    journal_head: str
+
+
+class RunIndex:
+    """One project's index. Open it with :meth:`open`; ``close`` it (a temp copy is deleted then)."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, *, temporary: bool, note: str | None = None) -> None:
+        self.conn = conn
+        self.path = path
+        self.temporary = temporary  # a private copy (read-only use, or a filesystem without locks)
+        self.note = note  # why the index is not where it should be, for the user
+        conn.executescript(_SCHEMA)
+
+    @classmethod
+    def open(cls, paths: ProjectPaths, *, writable: bool) -> RunIndex:
+        """``writable``: the caller holds the project lock and the index is updated in place;
+        otherwise the caller may change a private copy (nothing on disk is touched)."""
+        if not writable:
+            return cls._private_copy(paths.index)
+        try:
+            conn = _connect(paths.index)
+            _check_writable(conn)
+            return cls(conn, paths.index, temporary=False)
+        except sqlite3.DatabaseError as exc:
+            if "locked" in str(exc) or "I/O" in str(exc):  # a filesystem without working locks
+                index = cls._private_copy(None)
+                index.note = f"{paths.index}: SQLite cannot lock files there ({exc}); the index is kept in a temp folder and rebuilt from the journal"
+                return index
+            paths.index.unlink(missing_ok=True)  # damaged: a cache, rebuilt from the journal
+            conn = _connect(paths.index)
+            return cls(conn, paths.index, temporary=False)
+
+    @classmethod
+    def in_memory(cls) -> RunIndex:
+        """An index of nothing on disk (tests, a history.json read without its journal)."""
+        return cls(sqlite3.connect(":memory:"), Path(":memory:"), temporary=False)
+
+    @classmethod
+    def _private_copy(cls, source: Path | None) -> RunIndex:
+        folder = Path(tempfile.mkdtemp(prefix="kaio-index-"))
+        path = folder / "index.sqlite"
+        if source is not None and source.is_file():
+            try:
+                origin = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=10)
+                target = sqlite3.connect(path)
+                try:
+                    origin.backup(target)  # a consistent copy, under SQLite's shared lock
+                finally:
+                    origin.close()
+                    target.close()
+                _check_readable(path)
+            except sqlite3.DatabaseError:
+                path.unlink(missing_ok=True)  # unreadable: the caller rebuilds from the journal
+        return cls(_connect(path), path, temporary=True)
+
+    # ------------------------------------------------------------------ what it covers
+
+    def coverage(self) -> Coverage | None:
+        offset, head = self._meta("journal_offset"), self._meta("journal_head")
+        if self._meta("format") != str(INDEX_FORMAT).encode() or offset is None or head is None:
+            return None
+        return Coverage(int(offset), head.decode())
+
+    def state(self) -> bytes | None:
+        """The run state saved with the last commit (``RunState`` encoded)."""
+        return self._meta("state")
+
+    def reset(self) -> None:
+        """Forget everything: the journal is replayed from its start."""
+        for table in _TABLES:
+            self.conn.execute(f"DELETE FROM {table}")
+
+    def commit(self, state: bytes, coverage: Coverage) -> None:
+        """Save the state with the steps added so far, as covering the journal up to ``coverage``."""
+        rows = [
+            ("format", str(INDEX_FORMAT).encode()),
+            ("state", state),
+            ("journal_offset", str(coverage.journal_offset).encode()),
+            ("journal_head", coverage.journal_head.encode()),
+        ]
+        self.conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows)
+        self.conn.commit()
+
+    def _meta(self, key: str) -> bytes | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    # ------------------------------------------------------------------ writing
+
+    def add_step(self, entry: StepEntry) -> None:
+        ranks = [v for v in entry.peak_vram_bytes.values() if v is not None]
+        host = entry.host
+        self.conn.execute(
+            "INSERT OR REPLACE INTO steps VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                entry.step,
+                entry.session,
+                entry.t_mono,
+                entry.duration_s,
+                entry.step_time_s,
+                entry.eval_s,
+                entry.save_s,
+                entry.loss,
+                entry.loss_nonfinite,
+                entry.loss_smoothed,
+                entry.loss_diverged,
+                entry.learning_rate,
+                entry.grad_norm,
+                entry.grad_norm_nonfinite,
+                max(ranks) if ranks else None,
+                min(ranks) if ranks else None,
+                entry.samples_seen,
+                entry.tokens_seen,
+                entry.energy_j,
+                host.cpu_pct if host else None,
+                host.ram_used_bytes if host else None,
+                _ENCODER.encode(entry),
+            ),
+        )
+        if entry.gpus:
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO step_gpus VALUES (?,?,?,?,?,?,?,?,?)",
+                [
+                    (
+                        key,
+                        entry.step,
+                        g.power_avg,
+                        g.power_min,
+                        g.power_max,
+                        g.util_avg,
+                        g.temp,
+                        g.vram_used_max_bytes,
+                        ",".join(g.throttle) if g.throttle else None,
+                    )
+                    for key, g in entry.gpus.items()
+                ],
+            )
+        if ranks:
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO step_ranks VALUES (?,?,?)",
+                [(rank, entry.step, v) for rank, v in entry.peak_vram_bytes.items() if v is not None],
+            )
+
+    def add_eval(self, entry: EvalEntry) -> None:
+        self.conn.execute(
+            "INSERT INTO evals VALUES (?,?,?,?)",  # two at one step (in training, then after) are two
+            (entry.step, entry.session, entry.loss, _ENCODER.encode(entry)),
+        )
+
+    def truncate_after(self, step: int) -> None:
+        """A resumed session trains the steps after its checkpoint again: forget them."""
+        for table in ("steps", "step_gpus", "step_ranks", "evals"):
+            self.conn.execute(f"DELETE FROM {table} WHERE step > ?", (step,))
+
+    @contextlib.contextmanager
+    def provisional(self) -> Iterator[None]:
+        """Changes made inside are seen by queries inside, then undone (the steps still open, for a
+        report written now)."""
+        self.conn.execute("SAVEPOINT provisional")
+        try:
+            yield
+        finally:
+            self.conn.execute("ROLLBACK TO provisional")
+            self.conn.execute("RELEASE provisional")
+
+    # ------------------------------------------------------------------ reading
+
+    def smoother_at(self, step: int) -> LossSmoother:
+        """The smoothed loss as it stood after ``step`` (a resume continues it from there)."""
+        count, low = self.conn.execute(
+            "SELECT COUNT(loss_smoothed), MIN(loss_smoothed) FROM steps WHERE step <= ?", (step,)
+        ).fetchone()
+        row = self.conn.execute(
+            "SELECT loss_smoothed FROM steps WHERE step <= ? AND loss_smoothed IS NOT NULL ORDER BY step DESC LIMIT 1",
+            (step,),
+        ).fetchone()
+        return LossSmoother(smoothed=row[0] if row else None, count=count, low=low)
+
+    def last_step(self) -> int:
+        return self.conn.execute("SELECT COALESCE(MAX(step), 0) FROM steps").fetchone()[0]
+
+    def step_lines(self) -> Iterator[bytes]:
+        """history.json's step entries, one JSON line each, in step order."""
+        for (entry,) in self.conn.execute("SELECT entry FROM steps ORDER BY step"):
+            yield bytes(entry) + b"\n"
+
+    def evals(self) -> list[EvalEntry]:
+        decoder = msgspec.json.Decoder(EvalEntry)
+        return [
+            decoder.decode(e) for (e,) in self.conn.execute("SELECT entry FROM evals ORDER BY step, session, rowid")
+        ]
+
+    def close(self) -> None:
+        self.conn.close()
+        if self.temporary and self.path.name == "index.sqlite":
+            shutil.rmtree(self.path.parent, ignore_errors=True)
+
+
+def head_digest(head: bytes) -> str:
+    return hashlib.sha256(head).hexdigest()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink():
+        raise sqlite3.DatabaseError(f"{path} is a symbolic link")
+    conn = sqlite3.connect(path, timeout=10, isolation_level="DEFERRED")
+    conn.execute("PRAGMA journal_mode=DELETE")  # not WAL: see the module docstring
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA cache_size=-16384")  # 16 MB: the supervisor's memory stays flat
+    return conn
+
+
+def _check_writable(conn: sqlite3.Connection) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB)")
+    conn.commit()
+    if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+        raise sqlite3.DatabaseError("index failed its integrity check")
+
+
+def _check_readable(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    try:
+        if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            raise sqlite3.DatabaseError("index failed its integrity check")
+    finally:
+        conn.close()

@@ -1,0 +1,77 @@
+"""Every file of a project, named in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ProjectPaths:
+    """The report folder of one project: ``<reporting.output_dir>/<project_name>/``."""
+
+    report_dir: Path
+
+    @property
+    def project(self) -> str:
+        return self.report_dir.name
+
+    # The source of truth, and what is derived from it.
+    @property
+    def journal(self) -> Path:
+        return self.report_dir / "journal.jsonl"
+
+    @property
+    def index(self) -> Path:
+        return self.report_dir / "index.sqlite"
+
+    @property
+    def history(self) -> Path:
+        return self.report_dir / "history.json"
+
+    @property
+    def report(self) -> Path:
+        return self.report_dir / "report.md"
+
+    @property
+    def figure(self) -> Path:
+        return self.report_dir / "telemetry.png"
+
+    @property
+    def report_files(self) -> tuple[Path, Path, Path]:
+        """What the run leaves for people (and what Comet and the Hub get)."""
+        return self.report, self.figure, self.history
+
+    # What a session writes beside the record.
+    @property
+    def config(self) -> Path:
+        return self.report_dir / "config.json"
+
+    @property
+    def child_log(self) -> Path:
+        return self.report_dir / "child.log"
+
+    @property
+    def comet_key(self) -> Path:
+        return self.report_dir / "comet.json"
+
+    @property
+    def comet_archive(self) -> Path:
+        return self.report_dir / "comet"
+
+    @property
+    def lock(self) -> Path:
+        return self.report_dir / ".lock"
+
+    @property
+    def spool(self) -> Path:
+        return self.report_dir / "spool"
+
+    @property
+    def errors(self) -> Path:
+        return self.report_dir / "errors"
+
+    # Caches of kaio before the index (history schema 1): ignored, removed when the index is built.
+    @property
+    def legacy_caches(self) -> tuple[Path, Path]:
+        return self.report_dir / "steps.jsonl", self.report_dir / "state.json"

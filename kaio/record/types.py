@@ -1,0 +1,402 @@
+"""The run's record, declared once: every journal record, and the entries derived from them.
+
+The journal (``journal.jsonl``) holds one record per line: the child's events
+(``kaio.telemetry.protocol``) and the supervisor's own records below. Every
+record is decoded and validated into its type here; one that does not fit is
+counted and skipped, never half-applied (``decode_record``). The derived
+entries (``StepEntry``, ``EvalEntry``, ``Session``) are what history.json,
+report.md, telemetry.png, Comet and the dashboard read.
+
+Every record carries its node (``node_rank``, ``hostname``) and, where it has one,
+its rank, so that records of several nodes merge without new fields.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from typing import Any, Literal
+
+import msgspec
+
+from kaio.devices.base import DeviceInfo, GpuSample, HostSample
+from kaio.telemetry.protocol import (
+    ChildEvent,
+    Environment,
+    Eval,
+    Log,
+    Metric,
+    ModelInfo,
+    NonFiniteTag,
+    PeftInfo,
+    RunStart,
+    Save,
+    Step,
+    TrainEnd,
+    TrainingArgs,
+)
+
+SCHEMA_VERSION = 2  # history.json's; docs/history-schema.md
+
+
+class Status(str, enum.Enum):
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    INTERRUPTED = "INTERRUPTED"
+
+    @property
+    def finished(self) -> bool:
+        return self is not Status.RUNNING
+
+
+class SessionKind(str, enum.Enum):
+    RUN = "run"  # kaio run
+    RESUME = "resume"  # kaio resume
+    RESTART = "restart"  # an automatic restart after a failure (launch.max_restarts)
+
+
+class SupervisorRecord(msgspec.Struct, kw_only=True, omit_defaults=True, tag_field="type"):
+    """What every record of the supervisor carries: its node, and when."""
+
+    node_rank: int = 0
+    hostname: str | None = None
+    t_wall: float | None = None
+    t_mono: float | None = None
+
+
+class SessionStart(SupervisorRecord, tag="session_start"):
+    session: int
+    kind: SessionKind = SessionKind.RUN
+    resume_from: str | None = None
+    poll_hz: float | None = None
+    config: dict[str, Any] | None = None  # kaio's resolved config, secrets redacted
+    argv: list[str] = []
+
+
+class ChildStarted(SupervisorRecord, tag="child_started"):
+    pid: int
+    session: int | None = None
+
+
+class SessionCounters(msgspec.Struct, kw_only=True, omit_defaults=True):
+    malformed_lines: int = 0  # pipe lines that were not a valid event
+    oversized_lines: int = 0
+    spooled_events: int = 0  # events recovered from the spool
+
+
+class PollStats(msgspec.Struct, kw_only=True, omit_defaults=True):
+    ticks: int | None = None
+    skipped_ticks: int | None = None
+    mean_interval_s: float | None = None
+    lateness_p99_s: float | None = None
+    lateness_max_s: float | None = None
+    energy_fallbacks: dict[str, str] = {}
+
+
+class SessionEnd(SupervisorRecord, tag="session_end"):
+    session: int | None = None
+    status: Status = Status.FAILED
+    exit_code: int | None = None
+    signal: str | None = None
+    error: str | None = None
+    counters: SessionCounters = msgspec.field(default_factory=SessionCounters)
+    poll_stats: PollStats | None = None
+
+
+class HostInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
+    cpu_count: int | None = None
+    ram_total_bytes: int | None = None
+
+
+class Devices(SupervisorRecord, tag="devices"):
+    devices: list[DeviceInfo] = []
+    notes: list[str] = []
+    host: HostInfo | None = None
+
+
+class TickRecord(SupervisorRecord, tag="tick"):
+    """One poller tick: every GPU's sample, and the host's."""
+
+    lateness_s: float | None = None
+    gpus: list[GpuSample] = []
+    host: HostSample | None = None
+
+
+class Note(SupervisorRecord, tag="note"):
+    text: str
+    level: Literal["info", "warning"] = "warning"
+
+
+class HubOutcome(SupervisorRecord, tag="hub"):
+    repo_id: str | None = None
+    commit_sha: str | None = None
+    url: str | None = None
+    adapter_config_url: str | None = None
+    error: str | None = None
+
+
+Record = (
+    RunStart
+    | Step
+    | Log
+    | Eval
+    | Save
+    | TrainEnd
+    | SessionStart
+    | ChildStarted
+    | SessionEnd
+    | Devices
+    | TickRecord
+    | Note
+    | HubOutcome
+)
+
+_ENCODER = msgspec.json.Encoder()
+_DECODER = msgspec.json.Decoder(Record)
+
+
+def encode_record(record: Record | ChildEvent) -> bytes:
+    """One record as one journal line."""
+    return _ENCODER.encode(record) + b"\n"
+
+
+def decode_record(line: bytes) -> Record:
+    """A journal line as its record; ``msgspec.DecodeError``/``ValidationError`` (both ``ValueError``s) otherwise."""
+    return _DECODER.decode(line)
+
+
+# --------------------------------------------------------------------------- derived entries
+
+
+class GpuStepStats(msgspec.Struct, kw_only=True, omit_defaults=False):
+    """One GPU over one step: the poller samples that fell inside it."""
+
+    power_avg: float | None = None
+    power_min: float | None = None
+    power_max: float | None = None
+    util_avg: float | None = None
+    util_min: float | None = None
+    util_max: float | None = None
+    temp_max: float | None = None
+    temp_junction_max: float | None = None
+    energy_j: float | None = None
+    vram_used_max_bytes: int | None = None
+    run_vram_max_bytes: int | None = None
+    throttle: list[str] | None = None
+    samples: int = 0  # 0: no sample fell inside the step; the latest earlier one stands in
+
+    @property
+    def temp(self) -> float | None:
+        """Junction where the GPU reports it, else edge."""
+        return self.temp_junction_max if self.temp_junction_max is not None else self.temp_max
+
+
+class HostStepStats(msgspec.Struct, kw_only=True):
+    cpu_pct: float | None = None
+    ram_used_bytes: int | None = None
+
+
+class StepEntry(msgspec.Struct, kw_only=True):
+    """One optimizer step, merged from every rank's events and the GPU samples inside it (history.json)."""
+
+    step: int
+    session: int
+    epoch: float | None = None
+    timestamp: str | None = None  # wall time of the step's end on rank 0, ISO 8601 UTC
+    t_mono: float | None = None
+    step_time_s: float | None = None  # rank 0's on_step_begin -> on_step_end
+    duration_s: float | None = None  # since the previous step's end (this session), else step_time_s
+    loss: float | None = None
+    loss_nonfinite: NonFiniteTag | None = None  # the logged loss was NaN/inf (loss is then null)
+    loss_smoothed: float | None = None  # the one smoothed loss (kaio.record.rules.LossSmoother)
+    loss_diverged: bool = False  # the smoothed loss broke the divergence rule here
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    grad_norm_nonfinite: NonFiniteTag | None = None
+    metrics: dict[str, float] = {}  # any other number the Trainer logged at this step
+    eval_s: float | None = None  # after this step: time spent evaluating...
+    save_s: float | None = None  # ...and saving a checkpoint (both are in the next step's duration_s)
+    samples_seen: int | None = None
+    tokens_seen: int | None = None
+    peak_vram_bytes: dict[str, int | None] = {}  # by rank
+    vram_peak_bytes: int | None = None  # max over ranks
+    power_avg: float | None = None  # W, the run's GPUs together
+    power_min: float | None = None
+    power_max: float | None = None
+    temp: float | None = None  # C, max over the run's GPUs
+    util: float | None = None  # %, mean over the run's GPUs
+    energy_j: float | None = None
+    gpus: dict[str, GpuStepStats] = {}
+    gpus_carried: bool = False
+    host: HostStepStats | None = None
+
+
+class EvalEntry(msgspec.Struct, kw_only=True):
+    """One evaluation (history.json's ``evals``)."""
+
+    step: int
+    session: int
+    epoch: float | None = None
+    timestamp: str | None = None
+    metrics: dict[str, float | None] = {}
+    nonfinite: dict[str, NonFiniteTag] = {}
+
+    @property
+    def loss(self) -> float | None:
+        return self.metrics.get("eval_loss")
+
+
+class Session(msgspec.Struct, kw_only=True):
+    """One `kaio run`, `kaio resume` or automatic restart."""
+
+    session: int
+    kind: SessionKind = SessionKind.RUN
+    started_at: str | None = None
+    ended_at: str | None = None
+    duration_s: float | None = None
+    status: Status = Status.RUNNING
+    exit_code: int | None = None
+    signal: str | None = None
+    start_step: int | None = None
+    end_step: int | None = None
+    startup_s: float | None = None  # from the session's start to its first step's end
+    closing_s: float | None = None  # from its last step's end to the session's end (final save, teardown)
+    error: str | None = None
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def finite(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number, else ``None``: the one finiteness rule."""
+    if value.__class__ is float:  # the common case first
+        return value if value - value == 0.0 else None  # NaN and inf give NaN
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def nonfinite_tag(value: Metric | Any) -> NonFiniteTag | None:
+    """The tag of a NaN/inf metric (a tag as it travels, or a float), else ``None``."""
+    if value in ("nan", "inf", "-inf"):
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return None
+
+
+# --------------------------------------------------------------------------- the history document
+
+
+class RunDescription(msgspec.Struct, kw_only=True):
+    """What was trained, as the child reported it from the live objects (rank 0, latest session)."""
+
+    reporter: str = "trainer"  # a transformers Trainer, or "kaio.log" (a plain loop)
+    world_size: int | None = None
+    distributed_type: str | None = None
+    device: str | None = None
+    max_steps: int | None = None
+    start_step: int | None = None
+    precision: str | None = None  # bf16 | fp16 | fp32, from the TrainingArguments
+    effective_batch_size: int | None = None  # per device x accumulation x world size
+    model: ModelInfo | None = None
+    peft: PeftInfo | None = None
+    args: TrainingArgs = msgspec.field(default_factory=TrainingArgs)
+    tokenizer: str | None = None
+    train_samples: int | None = None
+    eval_samples: int | None = None
+    environment: Environment | None = None
+
+    @classmethod
+    def from_run_start(cls, r: RunStart) -> RunDescription:
+        args = r.args
+        model = r.model
+        if model is None and (r.total_params is not None or r.architecture is not None):  # protocol 1
+            model = ModelInfo(
+                architecture=r.architecture, total_params=r.total_params, trainable_params=r.trainable_params
+            )
+        parts = (args.per_device_train_batch_size, args.gradient_accumulation_steps, r.world_size)
+        effective = parts[0] * parts[1] * parts[2] if all(isinstance(p, int) for p in parts) else None  # type: ignore[operator]
+        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32" if args.bf16 is not None else None
+        return cls(
+            reporter=r.reporter,
+            world_size=r.world_size,
+            distributed_type=r.distributed_type,
+            device=r.device,
+            max_steps=r.max_steps,
+            start_step=r.start_step,
+            precision=precision,
+            effective_batch_size=effective,
+            model=model,
+            peft=r.peft,
+            args=args,
+            tokenizer=r.tokenizer,
+            train_samples=r.train_samples,
+            eval_samples=r.eval_samples,
+            environment=r.environment,
+        )
+
+
+class DeviceSummary(msgspec.Struct, kw_only=True):
+    """A GPU of the host, with the energy the run used on it."""
+
+    key: str
+    info: DeviceInfo
+    energy_j: float | None = None  # every session added up
+    energy_method: str | None = None  # counter | integrated
+
+
+class Telemetry(msgspec.Struct, kw_only=True):
+    """How the record was gathered: what arrived, what was lost, how the GPUs were read."""
+
+    events: int = 0
+    malformed_lines: int = 0
+    oversized_lines: int = 0
+    spooled_events: int = 0
+    invalid_records: int = 0
+    dropped_late_events: int = 0
+    samples: int = 0
+    poll_hz: float | None = None
+    poll: PollStats | None = None
+    notes: list[str] = []
+
+
+class CheckpointSaved(msgspec.Struct, kw_only=True):
+    step: int
+    path: str | None = None
+    session: int | None = None
+
+
+class HostUse(msgspec.Struct, kw_only=True):
+    """The host's CPU and RAM over the whole run, from every poller sample (steps or not)."""
+
+    samples: int = 0
+    cpu_pct_sum: float = 0.0
+    ram_peak_bytes: int | None = None
+
+    @property
+    def cpu_avg_pct(self) -> float | None:
+        return self.cpu_pct_sum / self.samples if self.samples else None
+
+
+class HistoryHeader(msgspec.Struct, kw_only=True):
+    """history.json without its ``evals`` and ``steps`` (docs/history-schema.md)."""
+
+    schema_version: int = SCHEMA_VERSION
+    project: str
+    generated_at: str | None = None
+    status: Status = Status.RUNNING
+    config: dict[str, Any] | None = None  # kaio's own config (secrets redacted): launch, reporting, hub
+    run: RunDescription | None = None
+    sessions: list[Session] = []
+    devices: list[DeviceSummary] = []
+    host: HostInfo | None = None
+    host_use: HostUse = msgspec.field(default_factory=HostUse)
+    telemetry: Telemetry = msgspec.field(default_factory=Telemetry)
+    warnings: list[str] = []
+    hub: HubOutcome | None = None
+    checkpoints: list[CheckpointSaved] = []
+
+    def run_gpu_keys(self) -> list[str]:
+        return [d.key for d in self.devices if d.info.in_run]

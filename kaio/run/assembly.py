@@ -1,0 +1,324 @@
+"""Step assembly: every rank's events and the GPU samples inside a step, merged into its ``StepEntry``.
+
+A step is open while its pieces may still arrive: the other ranks' events,
+rank 0's log, the GPU samples that bracket it. GPU samples are folded into the
+step whose time window they fell in, once a tick later than the step's end has
+arrived. A step is *sealed* (final, handed to the index and to Comet, then
+forgotten) once its samples are folded in and rank 0 is ``SEAL_LAG_STEPS``
+further: every optimizer step all-reduces across ranks, so by then every rank
+has reported it. Memory holds only the open steps and the ticks they need.
+
+A resumed session trains the steps after its checkpoint again: the earlier
+sessions' entries of those steps are dropped, and the smoothed loss goes back
+to its value at the checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from typing import Protocol
+
+import msgspec
+
+from kaio.devices.base import GpuSample, HostSample
+from kaio.record.rules import LossSmoother
+from kaio.record.types import GpuStepStats, HostStepStats, Log, Step, StepEntry, TickRecord, finite, nonfinite_tag
+
+SEAL_LAG_STEPS = 2
+MAX_UNAGGREGATED_STEPS = 1000  # steps faster than the poller: fold in what is there rather than wait
+TICKS_BEFORE_FIRST_STEP = 1200  # 10 minutes at 2 Hz while a big model loads
+
+
+class AssemblyOutput(Protocol):
+    """Where sealed steps and what they show go (the run state)."""
+
+    def sealed(self, entry: StepEntry) -> None: ...
+    def warn(self, text: str) -> None: ...
+    def truncate_after(self, step: int) -> LossSmoother: ...
+
+
+class TickWindow(msgspec.Struct, kw_only=True):
+    """What a tick gives the steps around it: each GPU's sample, the host's, and the run's GPUs together."""
+
+    t_mono: float
+    gpus: dict[str, GpuSample]
+    run_keys: list[str] = []  # the GPUs the run uses (the others are recorded, not counted in the totals)
+    host: HostSample | None = None
+    power: float | None = None  # W, sum over the run's GPUs
+    util: float | None = None  # %, mean over the run's GPUs
+    temp: float | None = None  # C, max over the run's GPUs (junction where known)
+
+
+def iso(t_wall: float | None) -> str | None:
+    if t_wall is None:
+        return None
+    return datetime.fromtimestamp(t_wall, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+class StepAssembler(msgspec.Struct, kw_only=True):
+    session: int = 0
+    open: dict[int, StepEntry] = {}
+    ticks: list[TickWindow] = []
+    pending: list[int] = []  # rank 0's ended steps still waiting for a tick after their end, in order
+    prev_end_mono: float | None = None  # the end of the latest step whose samples were folded in
+    last_end_mono: float | None = None  # rank 0's latest step end in this session
+    newest_step: int = 0  # rank 0's newest step in this session
+    sealed_through: int = 0  # every step up to this one is sealed
+    smoother: LossSmoother = msgspec.field(default_factory=LossSmoother)
+
+    def start_session(self, session: int) -> None:
+        self.session = session
+        self.ticks.clear()
+        self.pending.clear()
+        self.prev_end_mono = self.last_end_mono = None
+        self.newest_step = 0
+
+    def resume_at(self, start: int, out: AssemblyOutput) -> None:
+        """Rank 0 of this session starts from checkpoint ``start``: later steps are trained again."""
+        for step in [k for k, e in self.open.items() if k > start and e.session < self.session]:
+            del self.open[step]
+        if self.sealed_through > start:
+            self.smoother = out.truncate_after(start)
+            self.sealed_through = start
+
+    # ------------------------------------------------------------------ events
+
+    def _entry(self, step: int, session: int) -> StepEntry | None:
+        """The open entry of ``step``, new if need be; None for a step already sealed (a late event)."""
+        entry = self.open.get(step)
+        if entry is None and step <= self.sealed_through:
+            return None
+        if entry is None or entry.session < session:
+            entry = self.open[step] = StepEntry(step=step, session=session)
+        return entry
+
+    def on_step(self, event: Step, samples_per_step: int | None, out: AssemblyOutput) -> bool:
+        """Returns False for a late event (its step is sealed already)."""
+        entry = self._entry(event.step, event.session)
+        if entry is None:
+            return False
+        entry.peak_vram_bytes[str(event.rank)] = event.peak_vram_bytes
+        peaks = [v for v in entry.peak_vram_bytes.values() if v is not None]
+        entry.vram_peak_bytes = max(peaks) if peaks else None
+        if event.rank != 0:
+            return True
+        entry.epoch = event.epoch
+        entry.timestamp = iso(event.t_wall)
+        entry.t_mono = event.t_mono
+        entry.step_time_s = event.step_time_s
+        entry.tokens_seen = event.tokens_seen if event.tokens_seen is not None else entry.tokens_seen
+        if samples_per_step is not None:
+            entry.samples_seen = event.step * samples_per_step
+        if event.session != self.session:
+            return True
+        if event.t_mono is not None:
+            gap = event.t_mono - self.last_end_mono if self.last_end_mono is not None else None
+            entry.duration_s = gap if gap is not None and gap > 0 else event.step_time_s
+            self.last_end_mono = event.t_mono
+            if self.ticks:  # no poller, no samples to wait for
+                self.pending.append(event.step)
+                if len(self.pending) > MAX_UNAGGREGATED_STEPS:
+                    self._aggregate_step(self.pending.pop(0))
+        self.newest_step = max(self.newest_step, event.step)
+        self.seal_ready(out)
+        return True
+
+    def on_log(self, event: Log, out: AssemblyOutput) -> None:
+        if event.step is None:
+            return
+        entry = self._entry(event.step, event.session)
+        if entry is None:
+            return
+        if event.epoch is not None:
+            entry.epoch = event.epoch
+        if event.learning_rate is not None:
+            entry.learning_rate = finite(event.learning_rate)
+        if event.grad_norm is not None:
+            entry.grad_norm = finite(event.grad_norm)
+            entry.grad_norm_nonfinite = nonfinite_tag(event.grad_norm)
+        for key, value in event.extra.items():
+            number = finite(value)
+            if number is not None:
+                entry.metrics[key] = number
+        if event.loss is not None:
+            self._record_loss(entry, event.loss, out)
+
+    def _record_loss(self, entry: StepEntry, raw: object, out: AssemblyOutput) -> None:
+        tag = nonfinite_tag(raw)
+        entry.loss = finite(raw)
+        if tag is not None:
+            entry.loss_nonfinite = tag
+            out.warn(f"non-finite loss ({tag}) at step {entry.step}")
+            return
+        if entry.loss is None:
+            return
+        entry.loss_smoothed, entry.loss_diverged = self.smoother.add(entry.loss)
+        if entry.loss_diverged:
+            out.warn(
+                f"loss diverging at step {entry.step}: smoothed loss {entry.loss_smoothed:.4g} is over "
+                f"3x its minimum so far ({self.smoother.low:.4g})"
+            )
+
+    def on_tick(self, tick: TickRecord, run_keys: Iterable[str], out: AssemblyOutput) -> None:
+        if tick.t_mono is None:
+            return
+        keys = set(run_keys)
+        mine = [g for g in tick.gpus if g.key in keys]
+        power = [g.power_w for g in mine if g.power_w is not None]
+        utils = [g.util_pct for g in mine if g.util_pct is not None]
+        temps = [t for g in mine if (t := g.temp_junction_c if g.temp_junction_c is not None else g.temp_c) is not None]
+        self.ticks.append(
+            TickWindow(
+                t_mono=tick.t_mono,
+                gpus={g.key: g for g in tick.gpus},
+                run_keys=[g.key for g in mine],
+                host=tick.host,
+                power=sum(power) if power else None,
+                util=sum(utils) / len(utils) if utils else None,
+                temp=max(temps) if temps else None,
+            )
+        )
+        while self.pending:
+            entry = self.open.get(self.pending[0])
+            if entry is not None and entry.t_mono is not None and entry.t_mono > tick.t_mono:
+                break
+            self._aggregate_step(self.pending.pop(0))
+        self._trim_ticks()
+        self.seal_ready(out)
+
+    def add_pause(self, step: int, *, eval_s: float = 0.0, save_s: float = 0.0) -> None:
+        """Time spent after ``step`` evaluating or saving a checkpoint (the next step's gap holds it)."""
+        entry = self.open.get(step)
+        if entry is None:
+            return  # sealed already: a very late event; the time stays in the next step's duration
+        if eval_s:
+            entry.eval_s = (entry.eval_s or 0.0) + eval_s
+        if save_s:
+            entry.save_s = (entry.save_s or 0.0) + save_s
+
+    # ------------------------------------------------------------------ sealing
+
+    def seal_ready(self, out: AssemblyOutput) -> None:
+        """Seal, in step order, the open steps that are final."""
+        horizon = self.newest_step - SEAL_LAG_STEPS
+        while self.open:
+            step = min(self.open)
+            if step > horizon or (self.pending and step >= self.pending[0]):
+                return
+            self._seal(step, out)
+
+    def seal_all(self, out: AssemblyOutput) -> None:
+        """A session ends: what it did not report now never will be."""
+        while self.pending:
+            self._aggregate_step(self.pending.pop(0))
+        while self.open:
+            self._seal(min(self.open), out)
+
+    def _seal(self, step: int, out: AssemblyOutput) -> None:
+        entry = self.open.pop(step)
+        self.sealed_through = max(self.sealed_through, step)
+        out.sealed(entry)
+
+    # ------------------------------------------------------------------ GPU samples -> steps
+
+    def _trim_ticks(self) -> None:
+        """Drop ticks no pending step can need; keep one before the window for energy interpolation."""
+        horizon = self.prev_end_mono
+        if self.pending:
+            first = self.open.get(self.pending[0])
+            if first is not None and first.t_mono is not None:
+                start = first.t_mono - (first.step_time_s or 0.0)
+                horizon = start if horizon is None else min(horizon, start)
+        if horizon is None:  # no step has ended yet (a big model still loading): a bounded window
+            del self.ticks[:-TICKS_BEFORE_FIRST_STEP]
+            return
+        drop = 0
+        while len(self.ticks) - drop > 2 and self.ticks[drop + 1].t_mono <= horizon:
+            drop += 1
+        del self.ticks[:drop]
+
+    def _aggregate_step(self, step: int) -> None:
+        entry = self.open.get(step)
+        if entry is None or entry.t_mono is None:
+            return
+        end = entry.t_mono
+        start = self.prev_end_mono
+        if start is None or start >= end:
+            start = end - (entry.step_time_s or 0.0)
+        self.prev_end_mono = end
+        inside = [t for t in self.ticks if start < t.t_mono <= end]
+        carried = not inside
+        if carried:
+            before = [t for t in self.ticks if t.t_mono <= end]
+            if not before:
+                return
+            inside = [before[-1]]
+        entry.gpus_carried = carried
+        entry.power_avg, entry.power_min, entry.power_max = _avg_min_max([t.power for t in inside])
+        entry.util = _avg_min_max([t.util for t in inside])[0]
+        entry.temp = _max([t.temp for t in inside])
+        energies = []
+        run_keys = {k for t in inside for k in t.run_keys}
+        for key in sorted({k for t in inside for k in t.gpus}):
+            samples = [t.gpus[key] for t in inside if key in t.gpus]
+            stats = _gpu_stats(samples, 0 if carried else len(samples), self._energy_between(key, start, end))
+            entry.gpus[key] = stats
+            if stats.energy_j is not None and key in run_keys:
+                energies.append(stats.energy_j)
+        entry.energy_j = round(sum(energies), 6) if energies else None
+        hosts = [t.host for t in inside if t.host is not None]
+        if hosts:
+            entry.host = HostStepStats(
+                cpu_pct=_avg_min_max([h.cpu_pct for h in hosts])[0],
+                ram_used_bytes=_max([h.ram_used_bytes for h in hosts]),
+            )
+
+    def _energy_between(self, key: str, start: float, end: float) -> float | None:
+        """Energy counter interpolated linearly at both ends of the step."""
+        points = [(t.t_mono, e) for t in self.ticks if key in t.gpus and (e := t.gpus[key].energy_j) is not None]
+        if len(points) < 2:
+            return None
+        return round(max(_interpolate(points, end) - _interpolate(points, start), 0.0), 6)
+
+
+def _gpu_stats(samples: list[GpuSample], count: int, energy_j: float | None) -> GpuStepStats:
+    power = _avg_min_max([s.power_w for s in samples])
+    util = _avg_min_max([s.util_pct for s in samples])
+    return GpuStepStats(
+        power_avg=power[0],
+        power_min=power[1],
+        power_max=power[2],
+        util_avg=util[0],
+        util_min=util[1],
+        util_max=util[2],
+        temp_max=_max([s.temp_c for s in samples]),
+        temp_junction_max=_max([s.temp_junction_c for s in samples]),
+        energy_j=energy_j,
+        vram_used_max_bytes=_max([s.vram_used_bytes for s in samples]),
+        run_vram_max_bytes=_max([s.run_vram_bytes for s in samples]),
+        throttle=sorted({r for s in samples for r in (s.throttle or ())}) or None,
+        samples=count,
+    )
+
+
+def _avg_min_max(values: list) -> tuple[float | None, float | None, float | None]:
+    present = [v for v in values if v is not None]
+    if not present:
+        return None, None, None
+    return round(sum(present) / len(present), 3), min(present), max(present)
+
+
+def _max(values: list):
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def _interpolate(points: list[tuple[float, float]], t: float) -> float:
+    """Linear interpolation of a cumulative counter at time ``t`` (clamped inside the known span)."""
+    if t <= points[0][0]:
+        return points[0][1]
+    for (t0, e0), (t1, e1) in zip(points, points[1:]):
+        if t0 <= t <= t1:
+            return e0 if t1 == t0 else e0 + (e1 - e0) * (t - t0) / (t1 - t0)
+    return points[-1][1]

@@ -1,0 +1,218 @@
+"""The run ledger: the sessions and how each ended, what was trained, the devices, checkpoints, Hub.
+
+Everything about the run that is not a step. Built from the journal's records
+in order, like the rest of the state.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from kaio.devices.base import DeviceInfo
+from kaio.record.types import (
+    CheckpointSaved,
+    ChildStarted,
+    Devices,
+    HostInfo,
+    HostUse,
+    HubOutcome,
+    RunStart,
+    Save,
+    Session,
+    SessionEnd,
+    SessionStart,
+    Status,
+    Telemetry,
+    TrainEnd,
+)
+from kaio.run.assembly import iso
+from kaio.telemetry.spool import Received
+
+CHECKPOINTS_KEPT = 20
+
+
+class SessionProgress(msgspec.Struct, kw_only=True):
+    """What the ledger needs of a session beyond what history.json shows of it."""
+
+    t_wall: float | None = None
+    pids: list[int] = []  # accelerate launch's pid
+    last_step: int | None = None  # rank 0's newest step
+    last_step_t_wall: float | None = None
+    trained_to_end: bool = False  # rank 0 reached on_train_end
+
+
+class RankSeen(msgspec.Struct, kw_only=True):
+    """One rank's own account of itself at train begin (to catch N duplicate trainings)."""
+
+    world_size: int | None = None
+    hostname: str | None = None
+    pid: int | None = None
+
+
+class DeviceState(msgspec.Struct, kw_only=True):
+    info: DeviceInfo
+    energy_by_session: dict[str, float] = {}
+    energy_method: str | None = None
+
+    @property
+    def energy_j(self) -> float | None:
+        return round(sum(self.energy_by_session.values()), 3) if self.energy_by_session else None
+
+
+class RunLedger(msgspec.Struct, kw_only=True):
+    project: str
+    config: dict | None = None  # kaio's config of the latest session (secrets redacted)
+    sessions: list[Session] = []
+    progress: dict[int, SessionProgress] = {}
+    run: RunStart | None = None  # rank 0's account of the latest session
+    ranks: dict[int, RankSeen] = {}  # every rank's account, latest session
+    devices: dict[str, DeviceState] = {}
+    host: HostInfo | None = None
+    checkpoints: list[CheckpointSaved] = []
+    hub: HubOutcome | None = None
+    host_use: HostUse = msgspec.field(default_factory=HostUse)
+    telemetry: Telemetry = msgspec.field(default_factory=Telemetry)  # what arrived, what was lost
+    received: Received = msgspec.field(default_factory=Received)  # which child events are journaled (spool merge)
+    last_t_wall: float | None = None
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def session(self) -> int:
+        return self.sessions[-1].session if self.sessions else 0
+
+    @property
+    def current(self) -> Session | None:
+        return self.sessions[-1] if self.sessions else None
+
+    @property
+    def status(self) -> Status:
+        return self.sessions[-1].status if self.sessions else Status.RUNNING
+
+    def session_record(self, number: int | None) -> Session | None:
+        for s in reversed(self.sessions):
+            if s.session == number:
+                return s
+        return self.sessions[-1] if self.sessions and number is None else None
+
+    def run_gpu_keys(self) -> list[str]:
+        return [key for key, dev in sorted(self.devices.items()) if dev.info.in_run]
+
+    def samples_per_step(self) -> int | None:
+        if self.run is None:
+            return None
+        args = self.run.args
+        parts = (args.per_device_train_batch_size, args.gradient_accumulation_steps, self.run.world_size)
+        if all(isinstance(p, int) for p in parts):
+            return parts[0] * parts[1] * parts[2]  # type: ignore[operator]
+        return None
+
+    # ------------------------------------------------------------------ records
+
+    def on_session_start(self, r: SessionStart) -> None:
+        self.sessions.append(Session(session=r.session, kind=r.kind, started_at=iso(r.t_wall)))
+        self.progress[r.session] = SessionProgress(t_wall=r.t_wall)
+        self.ranks = {}
+        if r.config is not None:
+            self.config = r.config
+        if r.poll_hz is not None:
+            self.telemetry.poll_hz = r.poll_hz
+
+    def on_child_started(self, r: ChildStarted) -> None:
+        session = self.session_record(r.session)
+        if session is not None:
+            self.progress[session.session].pids.append(r.pid)
+
+    def on_session_end(self, r: SessionEnd) -> None:
+        s = self.session_record(r.session)
+        if s is None:
+            return
+        progress = self.progress[s.session]
+        s.status, s.exit_code, s.signal, s.error = r.status, r.exit_code, r.signal, r.error
+        s.ended_at = iso(r.t_wall)
+        if progress.t_wall is not None and r.t_wall is not None:
+            s.duration_s = round(r.t_wall - progress.t_wall, 3)
+        s.end_step = progress.last_step if progress.last_step is not None else s.start_step
+        if progress.last_step_t_wall is not None and r.t_wall is not None:
+            s.closing_s = round(r.t_wall - progress.last_step_t_wall, 3)
+        t = self.telemetry
+        t.malformed_lines += r.counters.malformed_lines
+        t.oversized_lines += r.counters.oversized_lines
+        t.spooled_events += r.counters.spooled_events
+        if r.poll_stats is not None:
+            t.poll = r.poll_stats
+
+    def on_devices(self, r: Devices) -> None:
+        for info in r.devices:
+            state = self.devices.get(info.key)
+            if state is None:
+                self.devices[info.key] = DeviceState(info=info)
+            else:
+                state.info = info
+        if r.host is not None:
+            self.host = r.host
+        for note in r.notes:
+            self.add_note(note)
+
+    def on_run_start(self, r: RunStart) -> str | None:
+        """Returns what is wrong with the job's shape, if the ranks' accounts disagree with what was launched."""
+        earlier = self.ranks.get(r.rank)
+        self.ranks[r.rank] = RankSeen(world_size=r.world_size, hostname=r.hostname, pid=r.pid)
+        if r.rank == 0:
+            self.run = r
+            s = self.session_record(r.session)
+            if s is not None:
+                s.start_step = r.start_step
+        launched = ((self.config or {}).get("launch") or {}).get("num_processes")
+        if earlier is not None and earlier.pid != r.pid:
+            return (
+                f"two processes both said they were rank {r.rank} (pids {earlier.pid} and {r.pid}): the {launched or 'launched'} "
+                "processes trained independently, each its own copy of the run, not as one data-parallel job"
+            )
+        if r.rank == 0 and launched and r.world_size is not None and r.world_size != launched:
+            return f"{launched} processes were launched but the trainer reports world size {r.world_size}"
+        return None
+
+    def on_step(self, session: int, step: int, t_wall: float | None) -> None:
+        """Rank 0 ended ``step`` in ``session``."""
+        s = self.session_record(session)
+        if s is None:
+            return
+        progress = self.progress[s.session]
+        progress.last_step = max(progress.last_step or 0, step)
+        if t_wall is not None:
+            if s.startup_s is None and progress.t_wall is not None:
+                s.startup_s = round(t_wall - progress.t_wall, 3)
+            progress.last_step_t_wall = t_wall
+
+    def on_save(self, r: Save) -> None:
+        self.checkpoints = self.checkpoints[-(CHECKPOINTS_KEPT - 1) :] + [
+            CheckpointSaved(step=r.step, path=r.path, session=r.session)
+        ]
+
+    def on_train_end(self, r: TrainEnd) -> None:
+        s = self.session_record(r.session)
+        if s is not None and r.rank == 0:
+            self.progress[s.session].trained_to_end = True
+
+    def on_hub(self, r: HubOutcome) -> None:
+        self.hub = r
+
+    def add_energy(self, key: str, energy_j: float, method: str | None) -> None:
+        device = self.devices.get(key)
+        if device is not None:
+            device.energy_by_session[str(self.session)] = energy_j
+            device.energy_method = method
+
+    def add_host_sample(self, cpu_pct: float | None, ram_used_bytes: int | None) -> None:
+        use = self.host_use
+        if cpu_pct is not None:
+            use.samples += 1
+            use.cpu_pct_sum += cpu_pct
+        if ram_used_bytes is not None and (use.ram_peak_bytes is None or ram_used_bytes > use.ram_peak_bytes):
+            use.ram_peak_bytes = ram_used_bytes
+
+    def add_note(self, text: str) -> None:
+        notes = self.telemetry.notes
+        if text not in notes and len(notes) < 200:
+            notes.append(text)

@@ -1,0 +1,164 @@
+"""What the dashboard shows of a run right now: recent windows, latest readings, and the snapshot.
+
+Everything here is bounded (recent windows), so building a snapshot costs the
+same at any run length. The smoothed loss is the step entries' own
+(``kaio.record.rules.LossSmoother``): the dashboard and the report agree.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import msgspec
+
+from kaio.devices.base import GpuSample, HostSample
+from kaio.record.types import Log, Status, Step, StepEntry, finite
+from kaio.run.ledger import RunLedger
+from kaio.run.snapshot import GpuRow, HostRow, Snapshot
+
+RECENT_LOSSES = 120  # sparkline window
+RECENT_STEPS = 30  # step-rate window for speed and ETA
+
+
+class LiveStats(msgspec.Struct, kw_only=True):
+    recent_losses: list[float] = []
+    loss: float | None = None
+    loss_smoothed: float | None = None
+    learning_rate: float | None = None
+    grad_norm: float | None = None
+    epoch: float | None = None
+    eval_loss: float | None = None
+    recent_step_ends: list[tuple[float, int]] = []  # (t_mono, step) of rank 0, this session
+    latest_gpu: dict[str, GpuSample] = {}
+    latest_host: HostSample | None = None
+    latest_peak_by_rank: dict[int, int | None] = {}
+    last_step_t_mono: float | None = None
+
+    def start_session(self) -> None:
+        self.recent_step_ends.clear()
+        self.latest_gpu.clear()
+        self.last_step_t_mono = None
+
+    def on_step(self, event: Step) -> None:
+        self.latest_peak_by_rank[event.rank] = event.peak_vram_bytes
+        if event.rank == 0 and event.t_mono is not None:
+            self.recent_step_ends = self.recent_step_ends[-(RECENT_STEPS - 1) :] + [(event.t_mono, event.step)]
+            self.last_step_t_mono = event.t_mono
+
+    def on_log(self, event: Log, entry: StepEntry | None) -> None:
+        # Merged, not replaced: the Trainer's closing log (train_runtime) carries no loss or learning
+        # rate, and the dashboard's last frame must still show them.
+        for name in ("learning_rate", "grad_norm"):
+            value = finite(getattr(event, name))
+            if value is not None:
+                setattr(self, name, value)
+        if event.epoch is not None:
+            self.epoch = event.epoch
+        if event.loss is not None:
+            self.loss = finite(event.loss)
+            if self.loss is not None:
+                self.recent_losses = self.recent_losses[-(RECENT_LOSSES - 1) :] + [self.loss]
+            if entry is not None and entry.loss_smoothed is not None:
+                self.loss_smoothed = entry.loss_smoothed
+
+    def steps_per_s(self) -> float | None:
+        if len(self.recent_step_ends) < 2:
+            return None
+        (t0, s0), (t1, s1) = self.recent_step_ends[0], self.recent_step_ends[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 and s1 > s0 else None
+
+    def median_step_time(self) -> float | None:
+        ends = self.recent_step_ends
+        gaps = [b[0] - a[0] for a, b in zip(ends, ends[1:]) if b[0] > a[0]]
+        return statistics.median(gaps) if gaps else None
+
+
+def build_snapshot(
+    ledger: RunLedger,
+    live: LiveStats,
+    step: int,
+    warnings: tuple[str, ...],
+    *,
+    status: str | None = None,
+    log_tail: tuple[str, ...] = (),
+) -> Snapshot:
+    session = ledger.current
+    progress = ledger.progress.get(session.session) if session else None
+    started = progress.t_wall if progress else None
+    if session is not None and session.status == Status.RUNNING and started:
+        elapsed = time.time() - started
+    else:
+        elapsed = (session.duration_s if session else None) or 0.0
+    rate = live.steps_per_s()
+    max_steps = ledger.run.max_steps if ledger.run else None
+    eta = (max_steps - step) / rate if rate and max_steps and max_steps > step else None
+    per_step = ledger.samples_per_step()
+    # Rank r trains on the r-th GPU it can see (accelerate's cuda:LOCAL_RANK, one node).
+    run_keys = ledger.run_gpu_keys()
+    gpus = tuple(
+        _gpu_row(
+            key,
+            dev.info.name,
+            dev.info.in_run,
+            dev.info.vram_total_bytes,
+            dev.energy_j,
+            live.latest_gpu.get(key),
+            run_keys.index(key) if key in run_keys else None,
+        )
+        for key, dev in sorted(ledger.devices.items())
+    )
+    host = None
+    if live.latest_host is not None:
+        h = live.latest_host
+        host = HostRow(cpu_pct=h.cpu_pct, ram_used_bytes=h.ram_used_bytes, ram_total_bytes=h.ram_total_bytes)
+    return Snapshot(
+        project=ledger.project,
+        status=status or ledger.status.value,
+        session=ledger.session,
+        elapsed_s=elapsed,
+        step=step,
+        max_steps=max_steps,
+        epoch=live.epoch,
+        loss=live.loss,
+        loss_smoothed=live.loss_smoothed,
+        recent_losses=tuple(live.recent_losses),
+        learning_rate=live.learning_rate,
+        grad_norm=live.grad_norm,
+        eval_loss=live.eval_loss,
+        steps_per_s=rate,
+        samples_per_s=rate * per_step if rate and per_step else None,
+        eta_s=eta,
+        peak_vram_by_rank=dict(sorted(live.latest_peak_by_rank.items())),
+        gpus=gpus,
+        host=host,
+        log_tail=log_tail,
+        warnings=warnings,
+        exit_code=session.exit_code if session else None,
+    )
+
+
+def _gpu_row(
+    key: str,
+    name: str,
+    in_run: bool,
+    vram_total: int | None,
+    energy_j: float | None,
+    latest: GpuSample | None,
+    rank: int | None,
+) -> GpuRow:
+    if latest is None:
+        return GpuRow(key=key, name=name, in_run=in_run, rank=rank, vram_total_bytes=vram_total, energy_j=energy_j)
+    return GpuRow(
+        key=key,
+        name=name,
+        in_run=in_run,
+        rank=rank,
+        util_pct=latest.util_pct,
+        vram_used_bytes=latest.vram_used_bytes,
+        vram_total_bytes=latest.vram_total_bytes or vram_total,
+        power_w=latest.power_w,
+        temp_c=latest.temp_junction_c if latest.temp_junction_c is not None else latest.temp_c,
+        energy_j=energy_j,
+        throttle=tuple(latest.throttle or ()),
+    )

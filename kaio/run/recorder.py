@@ -1,0 +1,98 @@
+"""A project's record, opened: the state loaded from the index and the journal's tail replayed on top;
+then every new record journaled and applied (``Recorder.record``), and saved with what it covers.
+
+The journal is the source of truth: a missing, damaged, foreign or older index
+costs only time (the whole journal is replayed; msgspec decodes and checks
+every line). A line that is not a valid record is counted, warned about once
+and skipped: it never stops a report or a resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kaio.record.index import Coverage, RunIndex, head_digest
+from kaio.record.journal import Journal, journal_head, read_records
+from kaio.record.paths import ProjectPaths
+from kaio.record.types import Record
+from kaio.run.state import RunState
+
+
+@dataclass
+class Loaded:
+    state: RunState
+    journal_offset: int  # bytes of the journal applied to ``state``
+    invalid: int  # journal lines that were not a valid record (skipped)
+    replayed: int  # records applied on top of the index's state (all of them without one)
+    from_index: bool
+    index_note: str | None = None  # the index could not be kept where it belongs
+
+
+def load(paths: ProjectPaths, *, writable: bool) -> Loaded:
+    """The project's state. ``writable``: the caller holds the project lock and the index is brought up
+    to date in place; otherwise a private copy is (nothing on disk is touched)."""
+    index = RunIndex.open(paths, writable=writable)
+    state, start = _from_index(paths, index), 0
+    if state is not None:
+        coverage = index.coverage()
+        start = coverage.journal_offset if coverage else 0
+    else:
+        index.reset()
+        state = RunState(paths.project, index)
+        if writable:
+            for legacy in paths.legacy_caches:  # kaio before the index; the index replaces them
+                legacy.unlink(missing_ok=True)
+    offset, invalid, replayed = start, 0, 0
+    if paths.journal.is_file():
+        for end, record in read_records(paths.journal, start):
+            offset = end
+            if record is None:
+                invalid += 1
+                continue
+            state.apply(record)
+            replayed += 1
+    if invalid:
+        state.ledger.telemetry.invalid_records += invalid
+        state.warn(f"{invalid} line(s) of {paths.journal.name} were not valid records and were skipped")
+    return Loaded(state, offset, invalid, replayed, start > 0, index.note)
+
+
+def _from_index(paths: ProjectPaths, index: RunIndex) -> RunState | None:
+    """The state the index saved, if it belongs to this journal and the journal still holds what it covers."""
+    coverage, saved = index.coverage(), index.state()
+    if coverage is None or saved is None or not paths.journal.is_file():
+        return None
+    if paths.journal.stat().st_size < coverage.journal_offset:
+        return None
+    if head_digest(journal_head(paths.journal, coverage.journal_offset)) != coverage.journal_head:
+        return None
+    try:
+        return RunState.decode(saved, index)
+    except ValueError:  # another kaio's state: replay instead
+        return None
+
+
+class Recorder:
+    """The one way a record enters a run: journaled first (crash-safe), then applied to the state."""
+
+    def __init__(self, paths: ProjectPaths, state: RunState) -> None:
+        self.paths = paths
+        self.state = state
+        self.journal = Journal(paths.journal)
+
+    def record(self, record: Record) -> None:
+        self.journal.append(record)
+        self.state.apply(record)
+
+    def save(self) -> None:
+        """Commit the index with the state, as covering everything journaled so far."""
+        self.journal.flush(fsync=True)
+        if self.journal.write_error is not None:
+            return  # the journal is behind the state: nothing to cover yet
+        offset = self.journal.offset
+        self.state.index.commit(
+            self.state.encode(), Coverage(offset, head_digest(journal_head(self.journal.path, offset)))
+        )
+
+    def close(self) -> None:
+        self.journal.close()

@@ -1,0 +1,299 @@
+"""The record on disk: the journal (truth), the SQLite index saved with the state, and loading one
+from the other, exactly as a full replay would, whatever was damaged or cut."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import msgspec
+import pytest
+
+from conftest import history_of, records, replay
+from kaio.record.index import RunIndex
+from kaio.record.journal import Journal
+from kaio.record.paths import ProjectPaths
+from kaio.report import history_document
+from kaio.report.summary import summarize
+from kaio.run import recorder as loading
+from kaio.run.recorder import Recorder
+
+
+def _run_records(
+    steps: int,
+    *,
+    gpus: int = 2,
+    ranks: int = 2,
+    save_every: int = 0,
+    session: int = 1,
+    first_step: int = 1,
+    t0: float = 0.0,
+) -> list[dict]:
+    """A session's records as the supervisor journals them: ticks at 2 Hz, one step every 0.3 s."""
+    out = [
+        {
+            "type": "session_start",
+            "session": session,
+            "t_wall": 1e9 + t0,
+            "t_mono": t0,
+            "kind": "run" if session == 1 else "resume",
+        },
+        {
+            "type": "devices",
+            "devices": [{"backend": "nvml", "index": g, "name": "GPU", "in_run": True} for g in range(gpus)],
+        },
+        {
+            "type": "run_start",
+            "rank": 0,
+            "session": session,
+            "start_step": first_step - 1,
+            "max_steps": 10_000,
+            "world_size": ranks,
+            "args": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1},
+        },
+    ]
+    t, next_tick, energy = t0, t0, 0.0
+    for step in range(first_step, first_step + steps):
+        t += 0.3
+        while next_tick <= t:
+            energy += 100.0
+            out.append(
+                {
+                    "type": "tick",
+                    "t_mono": next_tick,
+                    "gpus": [
+                        {
+                            "key": f"nvml:{g}",
+                            "t_mono": next_tick,
+                            "t_wall": 1e9 + next_tick,
+                            "power_w": 200.0 + step % 7,
+                            "util_pct": 90.0,
+                            "temp_c": 60.0 + g,
+                            "vram_used_bytes": 10**9 * (g + 1),
+                            "energy_j": energy,
+                            "energy_method": "counter",
+                        }
+                        for g in range(gpus)
+                    ],
+                }
+            )
+            next_tick += 0.5
+        for rank in range(ranks):
+            out.append(
+                {
+                    "type": "step",
+                    "rank": rank,
+                    "session": session,
+                    "step": step,
+                    "t_mono": t,
+                    "t_wall": 1e9 + t,
+                    "step_time_s": 0.25,
+                    "peak_vram_bytes": 10**8 * (rank + 1) + step,
+                }
+            )
+        out.append(
+            {
+                "type": "log",
+                "rank": 0,
+                "session": session,
+                "step": step,
+                "loss": 5.0 / step + (step % 3) * 0.01,
+                "learning_rate": 1e-3,
+                "grad_norm": 1.0 + (step % 5),
+            }
+        )
+        if save_every and step % save_every == 0:
+            out.append({"type": "save", "rank": 0, "session": session, "step": step, "path": f"ck/checkpoint-{step}"})
+    return out
+
+
+def _end(session: int, status: str = "COMPLETED") -> dict:
+    return {
+        "type": "session_end",
+        "session": session,
+        "t_wall": 2e9,
+        "status": status,
+        "exit_code": 0 if status == "COMPLETED" else 1,
+    }
+
+
+def _document(state) -> dict:
+    """What history.json would say now, minus its generation time."""
+    history = history_of(state)
+    history.pop("generated_at")
+    return history
+
+
+def _summary(state):
+    with state.with_open_steps() as index:
+        return msgspec.to_builtins(summarize(state.header(), index))
+
+
+def _journaled(tmp_path, dicts, *, save_after: int | None = None):
+    """Apply records as the supervisor does (journal, then state), committing the index after ``save_after``."""
+    paths = ProjectPaths(tmp_path / "p")
+    loaded = loading.load(paths, writable=True)
+    recorder = Recorder(paths, loaded.state)
+    for count, record in enumerate(records(*dicts), start=1):
+        recorder.record(record)
+        if count == save_after:
+            recorder.save()
+    recorder.journal.flush(fsync=True)
+    recorder.close()
+    loaded.state.index.close()
+    return paths
+
+
+def test_sealed_steps_leave_memory_for_the_index_in_order():
+    state = replay(_run_records(3000))
+    assert len(state.parts.steps.open) <= 4  # two steps of lag, plus the one waiting for its tick
+    lines = [json.loads(line) for line in state.index.step_lines()]
+    assert [e["step"] for e in lines] == list(range(1, len(lines) + 1)) and len(lines) >= 2996
+    assert lines[10]["gpus"]["nvml:1"]["power_avg"] is not None
+    assert lines[10]["peak_vram_bytes"] == {"0": 10**8 + 11, "1": 2 * 10**8 + 11}
+    ended = replay(_run_records(3000) + [_end(1)])
+    assert not ended.parts.steps.open and ended.index.last_step() == 3000
+
+
+@pytest.mark.parametrize("save_after", [None, 5, 400, 1500])
+def test_the_index_plus_the_journal_tail_equals_a_full_replay(tmp_path, save_after):
+    dicts = (
+        _run_records(300, save_every=50) + [_end(1, "FAILED")] + _run_records(200, session=2, first_step=101, t0=200.0)
+    )
+    paths = _journaled(tmp_path, dicts, save_after=save_after)
+    loaded = loading.load(paths, writable=True)
+    assert loaded.from_index is (save_after is not None)
+    assert loaded.replayed == (len(dicts) - save_after if save_after else len(dicts))
+    assert _document(loaded.state) == _document(replay(dicts, project="p"))
+    assert _summary(loaded.state) == _summary(replay(dicts, project="p"))
+    loaded.state.index.close()
+
+
+def test_a_read_only_load_touches_nothing_on_disk(tmp_path):
+    dicts = _run_records(100) + [_end(1)]
+    paths = _journaled(tmp_path, dicts, save_after=50)
+    before = {p.name: p.read_bytes() for p in paths.report_dir.iterdir()}
+    loaded = loading.load(paths, writable=False)
+    assert loaded.from_index and loaded.state.index.last_step() == 100
+    loaded.state.index.close()
+    assert {p.name: p.read_bytes() for p in paths.report_dir.iterdir()} == before
+
+
+def test_a_damaged_foreign_or_stale_index_falls_back_to_a_full_replay(tmp_path):
+    dicts = _run_records(80) + [_end(1)]
+    expected = _document(replay(dicts, project="p"))
+    paths = _journaled(tmp_path, dicts, save_after=len(dicts))
+    paths.index.write_bytes(b"SQLite format 3\x00" + b"\x00" * 200)  # damaged
+    loaded = loading.load(paths, writable=True)
+    assert not loaded.from_index and _document(loaded.state) == expected
+    loaded.state.index.close()
+
+    paths = _journaled(tmp_path / "b", dicts, save_after=len(dicts))
+    conn = sqlite3.connect(paths.index)
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'journal_head'", (b"another journal",))
+    conn.commit()
+    conn.close()
+    loaded = loading.load(paths, writable=True)
+    assert not loaded.from_index and _document(loaded.state) == expected
+    loaded.state.index.close()
+
+    paths = _journaled(tmp_path / "c", dicts, save_after=len(dicts))
+    paths.journal.write_bytes(paths.journal.read_bytes()[:1000])  # the journal is shorter than the index says
+    loaded = loading.load(paths, writable=True)
+    assert not loaded.from_index and loaded.replayed < len(dicts)
+    loaded.state.index.close()
+
+
+def test_a_poison_journal_line_is_counted_warned_and_skipped(tmp_path):
+    dicts = _run_records(20) + [_end(1)]
+    paths = _journaled(tmp_path, dicts)
+    lines = paths.journal.read_bytes().splitlines(keepends=True)
+    poisoned = lines[:10] + [b'{"type":"step","rank":0}\n', b"garbage\n"] + lines[10:]
+    paths.journal.write_bytes(b"".join(poisoned))
+    loaded = loading.load(paths, writable=True)
+    assert loaded.invalid == 2 and loaded.state.index.last_step() == 20
+    header = loaded.state.header()
+    assert header.telemetry.invalid_records == 2
+    assert any("2 line(s) of journal.jsonl were not valid records" in w for w in header.warnings)
+    loaded.state.index.close()
+
+
+def test_the_journal_ends_a_torn_last_line_before_appending(tmp_path):
+    path = tmp_path / "journal.jsonl"
+    path.write_bytes(b'{"type":"note","text":"a"}\n{"type":"no')
+    journal = Journal(path)
+    journal.append(records({"type": "note", "text": "b"})[0])
+    journal.close()
+    assert path.read_bytes().splitlines()[-1] == b'{"type":"note","text":"b"}'
+
+
+def test_a_full_disk_keeps_records_in_memory_until_it_can_write(tmp_path, monkeypatch):
+    journal = Journal(tmp_path / "journal.jsonl")
+    real_write = __import__("os").write
+    full = {"on": True}
+
+    def write(fd, data):
+        if full["on"] and fd == journal._fd:
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr("kaio.record.journal.os.write", write)
+    journal.append(records({"type": "note", "text": "kept"})[0])
+    journal.flush()
+    assert journal.write_error is not None and journal.offset == 0
+    full["on"] = False
+    journal.flush()
+    assert journal.write_error is None
+    journal.close()
+    assert b'"kept"' in (tmp_path / "journal.jsonl").read_bytes()
+
+
+def test_a_filesystem_that_refuses_locks_keeps_the_index_in_a_temp_folder(tmp_path, monkeypatch):
+    def refuse(conn):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr("kaio.record.index._check_writable", refuse)
+    index = RunIndex.open(ProjectPaths(tmp_path / "p"), writable=True)
+    try:
+        assert index.temporary and index.note and "temp folder" in index.note
+        assert not (tmp_path / "p" / "index.sqlite").exists() or index.path != tmp_path / "p" / "index.sqlite"
+    finally:
+        index.close()
+
+
+def test_a_resume_cuts_the_index_after_its_checkpoint_and_history_has_each_step_once(tmp_path):
+    dicts = (
+        _run_records(60, save_every=20)
+        + [_end(1, "FAILED")]
+        + _run_records(30, session=2, first_step=41, t0=100.0)
+        + [_end(2)]
+    )
+    paths = _journaled(tmp_path, dicts, save_after=len(_run_records(60, save_every=20)))  # saved before the resume
+    loaded = loading.load(paths, writable=True)
+    history = json.loads(b"".join(history_document(loaded.state.header(), loaded.state.index)))
+    assert [s["step"] for s in history["steps"]] == list(range(1, 71))
+    assert {s["session"] for s in history["steps"] if s["step"] > 40} == {2}
+    loaded.state.index.close()
+
+
+def test_spooled_events_merge_in_the_order_they_happened(tmp_path):
+    """Step events carry a monotonic time, logs only a wall time: merged by wall time, each step's
+    log follows it, so none arrives after its step was sealed."""
+    from kaio.telemetry import spool
+    from kaio.telemetry.protocol import Log, Step, encode
+
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    lines = []
+    for seq, step in enumerate(range(1, 1500), start=1):
+        lines.append(
+            encode(Step(rank=0, session=1, pid=7, seq=2 * seq - 1, step=step, t_mono=100.0 + step, t_wall=1e9 + step))
+        )
+        lines.append(encode(Log(rank=0, session=1, pid=7, seq=2 * seq, step=step, loss=1.0, t_wall=1e9 + step + 0.5)))
+    (spool_dir / spool.part_name(1, 0, 7, 1)).write_bytes(b"".join(lines))
+    state = replay(_run_records(0, ranks=1))
+    spool.merge_into(spool_dir, spool.Received(), state.apply)
+    state.apply(records(_end(1))[0])
+    history = history_of(state)
+    assert state.ledger.telemetry.dropped_late_events == 0
+    assert all(s["loss"] == 1.0 for s in history["steps"]) and len(history["steps"]) == 1499

@@ -1,0 +1,185 @@
+"""Training scripts kaio did not write, run unchanged through ``launch.script``: the record describes
+the run that actually happened (model, LoRA, batch, world size, evaluations, other logged numbers),
+and a loop with no Trainer is said plainly."""
+
+from __future__ import annotations
+
+import json
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, kaio, read_history
+
+SCRIPTS = REPO / "tests" / "scripts"
+
+
+def _config(directory: Path, project: str, script: str, args: list[str], num_processes: int = 1) -> Path:
+    path = directory / f"{project}.yaml"
+    path.write_text(
+        textwrap.dedent(f"""\
+        project_name: {project}
+        launch:
+          script: {SCRIPTS / script}
+          script_args: {json.dumps(args)}
+          num_processes: {num_processes}
+          grace_seconds: 5
+        reporting:
+          use_comet_ml: false
+          poll_hz: 4
+          refresh_seconds: 1
+        """)
+    )
+    return path
+
+
+def _row(report: str, name: str) -> str:
+    match = re.search(rf"^\| {re.escape(name)} \| (.*) \|$", report, re.M)
+    assert match, f"no row {name!r} in report.md"
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def clm_two_ranks(tmp_path_factory):
+    """run_clm-style, unchanged, as 2 processes on a host without GPUs, with evaluation every 4 steps."""
+    directory = tmp_path_factory.mktemp("clm")
+    args = [
+        "--output_dir",
+        str(directory / "out"),
+        "--max_steps",
+        "8",
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "1",
+        "--learning_rate",
+        "0.001",
+        "--logging_steps",
+        "1",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "4",
+        "--per_device_eval_batch_size",
+        "4",
+        "--do_eval",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--seed",
+        "3",
+    ]
+    cfg = _config(directory, "clm", "clm_train.py", args, num_processes=2)
+    result = kaio("run", cfg.name, cwd=directory, timeout=300)
+    return directory, result
+
+
+def test_an_unchanged_script_on_two_cpu_ranks_is_one_job_of_world_size_two(clm_two_ranks):
+    directory, result = clm_two_ranks
+    assert result.returncode == 0, result.stdout + result.stderr
+    history = read_history(directory, "clm")
+    assert history["run"]["world_size"] == 2 and history["run"]["distributed_type"] == "MULTI_CPU"
+    assert [s["step"] for s in history["steps"]] == list(range(1, 9))
+    assert all(set(s["peak_vram_bytes"]) == {"0", "1"} for s in history["steps"])  # both ranks, every step
+    assert not any("trained independently" in w for w in history["warnings"])
+    journal = [json.loads(line) for line in (directory / "docs/reports/clm/journal.jsonl").read_text().splitlines()]
+    for rank in (0, 1):
+        assert [e["step"] for e in journal if e["type"] == "step" and e["rank"] == rank] == list(range(1, 9))
+    assert [e["step"] for e in journal if e["type"] == "log" and "loss" in e] == list(range(1, 9))  # rank 0 only
+    log = (directory / "docs/reports/clm/child.log").read_text()
+    assert len(re.findall(r"\{'loss': ", log)) == 8  # each step logged once: one job, not two copies
+    report = (directory / "docs/reports/clm/report.md").read_text()
+    assert _row(report, "World size (processes)") == "2"
+    assert _row(report, "Per-device batch size") == "4" and _row(report, "Effective batch size") == "8"
+    assert _row(report, "Architecture") == "LlamaForCausalLM" and _row(report, "Max steps") == "8"
+    assert _row(report, "PEFT").startswith("none")
+
+
+def test_every_evaluation_is_kept_with_its_step(clm_two_ranks):
+    directory, _ = clm_two_ranks
+    history = read_history(directory, "clm")
+    evals = history["evals"]
+    assert [e["step"] for e in evals] == [4, 8, 8]  # during training at 4 and 8, then trainer.evaluate()
+    assert all(e["metrics"]["eval_loss"] > 0 and "eval_runtime" in e["metrics"] for e in evals)
+    assert history["run"]["eval_samples"] == 24 and history["run"]["train_samples"] == 96
+    report = (directory / "docs/reports/clm/report.md").read_text()
+    best = min(evals, key=lambda e: e["metrics"]["eval_loss"])
+    assert f"Best evaluation loss **{best['metrics']['eval_loss']:.4g}** at step {best['step']}" in report
+    assert "## Evaluation" in report and "eval_loss" in report
+
+
+def test_a_trl_style_trainer_with_its_own_lora_is_described_as_it_ran(project_dir):
+    cfg = _config(project_dir, "sft", "sft_style.py", [str(project_dir / "out"), "5"])
+    result = kaio("run", cfg.name, cwd=project_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    history = read_history(project_dir, "sft")
+    assert history["run"]["peft"] == {
+        "peft_type": "LORA",
+        "r": 8,
+        "alpha": 16.0,
+        "dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj"],
+    }
+    assert history["steps"][-1]["metrics"]["mean_token_accuracy"] == 0.25
+    assert history["steps"][-1]["metrics"]["num_tokens"] == 5 * 3 * 2 * 12  # steps x accumulation x batch x tokens
+    report = (project_dir / "docs/reports/sft/report.md").read_text()
+    assert _row(report, "PEFT") == "LORA r=8 alpha=16 dropout=0 on q_proj, v_proj"
+    assert _row(report, "Per-device batch size") == "2" and _row(report, "Gradient accumulation steps") == "3"
+    assert _row(report, "Effective batch size") == "6" and _row(report, "Learning rate") == "0.003"
+    # kaio's recipe keys play no part in a script's run, and the report does not pretend they did.
+    assert "kaio/tiny-llama" not in report and '"lora"' not in report
+
+
+def test_a_plain_loop_without_a_trainer_is_said_plainly_and_reports_through_kaio_log(project_dir):
+    cfg = _config(project_dir, "plain", "plain_loop.py", ["6"])
+    result = kaio("run", cfg.name, "--plain", cwd=project_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    history = read_history(project_dir, "plain")
+    assert history["run"]["reporter"] == "kaio.log"
+    assert [s["step"] for s in history["steps"]] == list(range(1, 7))
+    assert all(s["loss"] is not None and s["metrics"]["my_metric"] == s["step"] / 10 for s in history["steps"])
+    report = (project_dir / "docs/reports/plain/report.md").read_text()
+    assert "A training loop without a transformers `Trainer`, reporting its steps through `kaio.log`" in report
+    assert "Host CPU (average) / RAM used (peak)" in report
+
+
+def test_kaio_log_outside_kaio_does_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "plain_loop.py"), "3"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and "plain loop done" in result.stdout and not list(tmp_path.iterdir())
+
+
+def test_recipe_keys_a_script_never_sees_are_refused_before_anything_starts(project_dir):
+    cfg = _config(project_dir, "refused", "plain_loop.py", ["3"])
+    cfg.write_text(cfg.read_text() + "training:\n  max_steps: 5\n")
+    result = kaio("run", cfg.name, cwd=project_dir)
+    assert result.returncode == 2
+    assert "training.max_steps: your script (launch.script) never sees this key" in result.stderr
+    assert "launch.script_args" in result.stderr
+    cfg.write_text(cfg.read_text().replace("training:\n  max_steps: 5\n", ""))
+    flag = kaio("run", cfg.name, "--max-steps", "5", cwd=project_dir)
+    assert flag.returncode == 2 and flag.stderr.startswith("kaio: error: --max-steps: your script")
+    assert not (project_dir / "docs").exists()
+
+
+def test_a_script_with_no_trainer_and_no_kaio_log_is_said_plainly(project_dir):
+    script = project_dir / "no_trainer.py"
+    script.write_text("print('just printing')\n")
+    cfg = project_dir / "nt.yaml"
+    cfg.write_text(f"project_name: nt\nlaunch:\n  script: {script}\nreporting:\n  use_comet_ml: false\n  poll_hz: 4\n")
+    result = kaio("run", cfg.name, "--plain", cwd=project_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = (project_dir / "docs/reports/nt/report.md").read_text()
+    assert "No transformers `Trainer` started" in report
+    assert "- **Optimizer steps:** none recorded (no transformers Trainer started" in report
+    assert "no finite loss logged" not in report  # nothing suggests NaN losses
+    assert "Host CPU (average) / RAM used (peak)" in report

@@ -1,0 +1,490 @@
+"""kaio.report.summary, kaio.report.figure_data and kaio.record.rules.LossSmoother: hand-computed figures
+over an in-memory index."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import msgspec
+import pytest
+
+from kaio.devices.base import DeviceInfo
+from kaio.record.index import RunIndex
+from kaio.record.rules import WARMUP_STEPS, LossSmoother
+from kaio.record.types import (
+    DeviceSummary,
+    EvalEntry,
+    GpuStepStats,
+    HistoryHeader,
+    HostStepStats,
+    Session,
+    Status,
+    StepEntry,
+    Telemetry,
+)
+from kaio.report.figure_data import BUCKETS, figure_data
+from kaio.report.summary import ENERGY_FROM_STEP_POWER, ENERGY_FROM_STEPS, summarize
+
+# --- building blocks ----------------------------------------------------------
+
+
+def gpu(power=None, util=None, temp=None, vram=None, **extra) -> GpuStepStats:
+    return GpuStepStats(
+        power_avg=power,
+        power_min=None if power is None else power - 10,
+        power_max=None if power is None else power + 10,
+        util_avg=util,
+        temp_junction_max=temp,
+        vram_used_max_bytes=vram,
+        samples=1,
+        **extra,
+    )
+
+
+def step(n: int, session: int = 1, **fields) -> StepEntry:
+    return StepEntry(step=n, session=session, **fields)
+
+
+def device(i: int, *, energy_j=None, method=None, in_run=True) -> DeviceSummary:
+    info = DeviceInfo(backend="nvml", index=i, name="NVIDIA H100", in_run=in_run)
+    return DeviceSummary(key=info.key, info=info, energy_j=energy_j, energy_method=method)
+
+
+def index_of(steps=(), evals=()) -> RunIndex:
+    index = RunIndex.in_memory()
+    for entry in steps:
+        index.add_step(entry)
+    for evaluation in evals:
+        index.add_eval(evaluation)
+    return index
+
+
+def header(**fields) -> HistoryHeader:
+    return HistoryHeader(project="p", **fields)
+
+
+def summary_of(steps=(), evals=(), **header_fields):
+    return summarize(header(**header_fields), index_of(steps, evals))
+
+
+def grad_norm_warning(warnings: list[str]) -> list[str]:
+    return [w for w in warnings if w.startswith("gradient norm spiked")]
+
+
+def stall_warning(warnings: list[str]) -> list[str]:
+    return [w for w in warnings if "stalled step" in w]
+
+
+# --- time-weighted means --------------------------------------------------------
+
+
+def test_gpu_means_are_weighted_by_step_duration_and_an_untimed_step_takes_the_median():
+    # Durations 1, 2, 4 s and one step without one: the median duration (2 s) stands in for it.
+    steps = [
+        step(1, duration_s=1.0, gpus={"nvml:0": gpu(power=100.0, util=50.0, temp=70.0)}),
+        step(2, duration_s=2.0, gpus={"nvml:0": gpu(power=200.0, util=None, temp=None, temp_max=75.0)}),
+        step(3, duration_s=4.0, gpus={"nvml:0": gpu(power=300.0, util=100.0, temp=80.0)}),
+        step(4, duration_s=None, gpus={"nvml:0": gpu(power=400.0, util=80.0, temp=60.0)}),
+    ]
+    s = summary_of(steps, devices=[device(0)])
+    weights = (1.0, 2.0, 4.0, 2.0)
+    assert s.power_avg_w == pytest.approx((100 * 1 + 200 * 2 + 300 * 4 + 400 * 2) / 9)  # 277.8; a plain mean says 250
+    assert s.power_total_avg_w == pytest.approx(2500 / 9)  # one GPU: the same
+    assert s.gpu_util_avg_pct == pytest.approx((50 * 1 + 100 * 4 + 80 * 2) / (1 + 4 + 2))  # step 2 has no reading
+    assert s.temp_avg_c == pytest.approx((70 * 1 + 75 * 2 + 80 * 4 + 60 * 2) / sum(weights))  # edge stands in at step 2
+    assert (s.power_peak_w, s.temp_peak_c) == (410.0, 80.0)  # power_max of step 4, the junction of step 3
+    assert s.gpu_count == 1 and not s.cpu_only
+
+
+def test_host_cpu_is_time_weighted_and_ram_is_its_peak():
+    steps = [
+        step(1, duration_s=3.0, host=HostStepStats(cpu_pct=20.0, ram_used_bytes=5_000)),
+        step(2, duration_s=1.0, host=HostStepStats(cpu_pct=100.0, ram_used_bytes=7_000)),
+        step(3, duration_s=1.0, host=HostStepStats(cpu_pct=None, ram_used_bytes=6_000)),
+    ]
+    s = summary_of(steps)
+    assert s.host_cpu_avg_pct == pytest.approx((20 * 3 + 100 * 1) / 4)  # 40, where a plain mean says 60
+    assert s.host_ram_peak_bytes == 7_000
+    assert s.cpu_only and s.gpu_count == 0 and s.power_avg_w is None and s.energy_kwh is None
+
+
+def test_a_history_without_any_timing_weighs_every_step_equally():
+    steps = [step(i, gpus={"nvml:0": gpu(power=p)}) for i, p in enumerate((100.0, 200.0, 600.0), start=1)]
+    s = summary_of(steps, devices=[device(0)])
+    assert s.power_avg_w == pytest.approx(300.0)
+    assert s.steps_s is None and s.samples_per_s is None
+
+
+# --- medians: gradient-norm spikes and stalls -----------------------------------
+
+# Steps 11..20 (after the warm-up of steps 1..10): sorted 0.5 1 1.5 2 2.5 3 3.5 4 4.5 5.
+GRAD_NORMS = [1.0, 3.0, 2.0, 5.0, 4.0, 1.5, 2.5, 3.5, 4.5, 0.5]
+
+
+def grad_steps(*after: float) -> list[StepEntry]:
+    warm_up = [step(i, grad_norm=1000.0) for i in range(1, WARMUP_STEPS + 1)]  # huge, but not judged
+    judged = GRAD_NORMS + list(after)
+    return warm_up + [step(WARMUP_STEPS + 1 + i, grad_norm=g) for i, g in enumerate(judged)]
+
+
+def test_grad_norm_spike_against_an_odd_count_median():
+    # 11 judged values: the median is the 6th, 3.0, so the threshold is 30: 31 is a spike.
+    warnings = summary_of(grad_steps(31.0)).warnings
+    assert grad_norm_warning(warnings) == [
+        "gradient norm spiked above 10x its median (3) at 1 step (largest 31 at step 21)"
+    ]
+
+
+def test_grad_norm_spike_against_an_even_count_median_is_the_mean_of_the_middle_two():
+    # 12 judged values: median (3 + 3.5) / 2 = 3.25, threshold 32.5: 33 is a spike, 32 is not.
+    # (The lower middle value would flag both, the upper one neither.)
+    warnings = summary_of(grad_steps(32.0, 33.0)).warnings
+    assert grad_norm_warning(warnings) == [
+        "gradient norm spiked above 10x its median (3.25) at 1 step (largest 33 at step 22)"
+    ]
+
+
+def test_grad_norm_spikes_need_enough_points_after_the_warm_up():
+    steps = [step(i, grad_norm=1000.0) for i in range(1, 11)] + [step(i, grad_norm=1.0) for i in range(11, 19)]
+    steps.append(step(19, grad_norm=50.0))  # 9 judged points: too few for a median worth comparing against
+    assert grad_norm_warning(summary_of(steps).warnings) == []
+
+
+# Steady step times of session 1 after its first (start-up) step: sorted 5 6 6.5 7 7.5 8 8.5 9 9.5 10.
+STEP_TIMES = [6.0, 7.0, 8.0, 9.0, 10.0, 6.5, 7.5, 8.5, 9.5, 5.0]
+
+
+def timed_steps(*after: float) -> list[StepEntry]:
+    first = [step(1, step_time_s=500.0)]  # CUDA init, compilation: a session's first step is never a stall
+    times = STEP_TIMES + list(after)
+    steps = first + [step(2 + i, step_time_s=t) for i, t in enumerate(times)]
+    n = len(steps)
+    return steps + [step(n + 1, session=2, step_time_s=900.0)]  # session 2's first step: left out too
+
+
+def test_a_stall_against_an_odd_count_median_step_time():
+    # 11 steady values: median 8 s, threshold max(10 x 8, 60) = 80 s: 81 s is a stall.
+    assert stall_warning(summary_of(timed_steps(81.0)).warnings) == [
+        "1 stalled step: step time above 80 s (median 8 s; longest 81 s at step 12)"
+    ]
+
+
+def test_a_stall_against_an_even_count_median_step_time():
+    # 12 steady values: median (8 + 8.5) / 2 = 8.25 s, threshold 82.5 s: 81 s is not a stall, 83 s is.
+    assert stall_warning(summary_of(timed_steps(81.0, 83.0)).warnings) == [
+        "1 stalled step: step time above 82.5 s (median 8.25 s; longest 83 s at step 13)"
+    ]
+
+
+def test_short_steps_use_the_one_minute_floor_for_stalls():
+    steps = [step(i, step_time_s=0.2) for i in range(1, 13)] + [step(13, step_time_s=59.0), step(14, step_time_s=61.0)]
+    assert stall_warning(summary_of(steps).warnings) == [
+        "1 stalled step: step time above 60 s (median 0.2 s; longest 61 s at step 14)"
+    ]
+
+
+# --- loss ---------------------------------------------------------------------------
+
+
+def test_loss_figures_nonfinite_counts_and_their_first_steps():
+    steps = [
+        step(1),  # not logged
+        step(2, loss=5.0, loss_smoothed=5.0),
+        step(3, loss_nonfinite="nan"),
+        step(4, loss=1.5, loss_smoothed=3.8333),
+        step(5, loss_nonfinite="inf"),
+        step(6, loss=2.0, loss_smoothed=3.2222),
+        step(7, loss_nonfinite="nan"),
+        step(8, loss_nonfinite="-inf"),
+    ]
+    s = summary_of(steps)
+    assert (s.loss_initial, s.loss_final, s.loss_final_smoothed) == (5.0, 2.0, 3.2222)
+    assert (s.loss_min, s.loss_min_step, s.loss_logged_steps) == (1.5, 4, 3)
+    assert (s.loss_nan_count, s.loss_nan_first_step) == (2, 3)
+    assert (s.loss_inf_count, s.loss_inf_first_step) == (2, 5)  # inf and -inf together
+    assert "loss was NaN at 2 steps (first at step 3)" in s.warnings
+    assert "loss was inf at 2 steps (first at step 5)" in s.warnings
+
+
+def test_diverged_steps_are_counted_with_the_first():
+    steps = [step(i, loss=1.0, loss_diverged=i in (12, 13, 15)) for i in range(1, 16)]
+    assert (
+        "loss diverging: the smoothed loss was above 3x its running minimum at 3 steps (first at step 12)"
+        in summary_of(steps).warnings
+    )
+
+
+def test_a_missing_step_is_warned_about_but_a_late_first_step_is_not():
+    s = summary_of([step(i) for i in range(3, 11) if i != 6])
+    assert (s.optimizer_steps, s.step_entries) == (10, 7)
+    assert "history has no entry for 1 optimizer step between its first and last step" in s.warnings
+    s = summary_of([step(i) for i in range(3, 11)])  # a history that starts at step 3: nothing is missing there
+    assert not any("no entry" in w for w in s.warnings)
+
+
+# --- VRAM ----------------------------------------------------------------------------
+
+
+def test_true_peak_vram_per_rank_and_the_gap_to_the_device_peak():
+    steps = [
+        step(
+            1,
+            peak_vram_bytes={"0": 4_000_000_000, "1": 3_000_000_000, "10": 1_000},
+            gpus={"nvml:0": gpu(vram=5_000_000_000), "nvml:1": gpu(vram=4_500_000_000)},
+        ),
+        step(
+            2,
+            peak_vram_bytes={"0": 5_000_000_000, "1": None, "10": None, "2": 2_000},
+            gpus={"nvml:0": gpu(vram=5_500_000_000), "nvml:1": gpu(vram=None)},
+        ),
+        step(3),
+    ]
+    s = summary_of(steps, devices=[device(0), device(1)])
+    assert s.vram_true_peak_bytes == 5_000_000_000
+    assert list(s.vram_true_peak_by_rank_bytes.items()) == [  # numeric rank order: 2 before 10
+        ("0", 5_000_000_000),
+        ("1", 3_000_000_000),
+        ("2", 2_000),
+        ("10", 1_000),
+    ]
+    assert s.vram_true_peak_step_avg_bytes == 4_500_000_000  # the steps' max over ranks: 4e9 and 5e9
+    assert s.vram_device_used_peak_bytes == 5_500_000_000
+    assert s.vram_device_used_peak_by_gpu_bytes == {"nvml:0": 5_500_000_000, "nvml:1": 4_500_000_000}
+    assert s.vram_gap_bytes == 500_000_000
+    assert s.gpu_count == 2
+
+
+# --- energy and throughput --------------------------------------------------------
+
+
+def test_energy_from_device_counters_first():
+    devices = [
+        device(0, energy_j=1_800_000.0, method="counter"),
+        device(1, energy_j=1_800_000.0, method="integrated"),
+        device(7, energy_j=9e9, method="counter", in_run=False),
+    ]  # another job's GPU: not the run's energy
+    steps = [step(i, energy_j=360.0, samples_seen=1000 * i) for i in range(1, 5)]
+    s = summary_of(steps, devices=devices)
+    assert s.energy_kwh == pytest.approx(1.0)
+    assert s.energy_method == "hardware counter + integrated power"
+    assert s.energy_per_1k_samples_wh == pytest.approx(1000.0 * 1000.0 / 4000)  # 1 kWh over 4,000 samples
+    assert (
+        "energy of GPU nvml:1 (NVIDIA H100) integrated from power samples, not read from a hardware energy counter"
+        in s.warnings
+    )
+
+
+def test_energy_from_per_step_energy_when_a_run_gpu_has_no_counter():
+    devices = [device(0, energy_j=1_800_000.0, method="counter"), device(1, energy_j=None)]
+    steps = [step(i, energy_j=None if i == 4 else 360.0, gpus={"nvml:0": gpu(power=999.0)}) for i in range(1, 11)]
+    s = summary_of(steps, devices=devices)
+    assert s.energy_kwh == pytest.approx(9 * 360.0 / 3.6e6)
+    assert s.energy_method == ENERGY_FROM_STEPS == "sum of per-step energy"
+    assert not any(w.startswith("energy integrated") for w in s.warnings)
+
+
+def test_energy_integrated_from_step_power_as_the_last_resort():
+    steps = [
+        step(1, duration_s=1.0, samples_seen=8, gpus={"nvml:0": gpu(power=100.0)}),
+        step(2, duration_s=1.0, samples_seen=16, gpus={"nvml:0": gpu(power=200.0)}),
+        step(3, duration_s=3.0, samples_seen=24, gpus={"nvml:0": gpu(power=300.0)}),
+        step(4, duration_s=0.5, samples_seen=32, gpus={"nvml:0": gpu(power=400.0)}),
+    ]
+    s = summary_of(steps, devices=[device(0)])
+    joules = 100 * 1 + 200 * 1 + 300 * 3 + 400 * 0.5  # 1400 J
+    assert s.energy_kwh == pytest.approx(joules / 3.6e6)
+    assert s.energy_method == ENERGY_FROM_STEP_POWER
+    assert s.energy_per_1k_samples_wh == pytest.approx(joules / 3600 / 32 * 1000)
+    assert "energy integrated from per-step average power: no device or per-step energy was recorded" in s.warnings
+
+
+def test_throughput_is_over_the_time_spent_in_steps():
+    steps = [
+        step(1, duration_s=1.0, step_time_s=0.9, samples_seen=16, tokens_seen=2_000),
+        step(2, duration_s=2.0, step_time_s=1.0, samples_seen=32, tokens_seen=4_000),
+        step(3, duration_s=None, step_time_s=0.5, samples_seen=48, tokens_seen=6_000),  # no gap: its own time
+        step(4, duration_s=4.0, step_time_s=1.0, samples_seen=64, tokens_seen=8_000),
+    ]
+    s = summary_of(steps)
+    assert s.steps_s == pytest.approx(7.5)
+    assert (s.samples, s.tokens) == (64, 8_000)
+    assert s.samples_per_s == pytest.approx(64 / 7.5)
+    assert s.tokens_per_s == pytest.approx(8_000 / 7.5)
+
+
+def test_training_time_adds_the_sessions_and_a_running_one_counts_its_steps_span():
+    sessions = [Session(session=1, duration_s=100.0, status=Status.COMPLETED), Session(session=2)]
+    steps = [
+        step(1, t_mono=10.0),
+        step(2, t_mono=11.0),
+        step(3, session=2, t_mono=500.0),
+        step(4, session=2, t_mono=504.5),
+    ]
+    s = summary_of(steps, sessions=sessions)
+    assert s.training_time_s == pytest.approx(104.5)
+    assert s.sessions == 2
+
+
+# --- evaluations --------------------------------------------------------------------
+
+
+def test_eval_best_and_final():
+    evals = [
+        EvalEntry(step=10, session=1, metrics={"eval_loss": 2.0}),
+        EvalEntry(step=20, session=1, metrics={"eval_loss": 1.5}),
+        EvalEntry(step=30, session=1, metrics={"eval_loss": 1.7}),
+        EvalEntry(step=40, session=1, metrics={"eval_loss": None}, nonfinite={"eval_loss": "nan"}),
+        EvalEntry(step=50, session=1, metrics={"eval_accuracy": 0.9}),
+    ]
+    s = summary_of(evals=evals)
+    assert s.eval_count == 5
+    assert (s.eval_loss_best, s.eval_loss_best_step) == (1.5, 20)
+    assert s.eval_loss_final == 1.7  # the latest evaluation with a finite loss
+
+
+# --- warnings from the header, throttling, and a healthy run ------------------------
+
+
+def test_throttling_dropped_lines_and_the_supervisors_warnings():
+    steps = [step(i) for i in range(1, 4)]
+    steps[1].gpus = {"nvml:0": gpu(throttle=["hw_slowdown", "sw_thermal"])}
+    steps[2].gpus = {"nvml:0": gpu(throttle=["sw_thermal"])}
+    s = summary_of(
+        steps,
+        devices=[device(0)],
+        warnings=["a warning from the supervisor"],
+        telemetry=Telemetry(malformed_lines=3, oversized_lines=1, invalid_records=2, dropped_late_events=4),
+    )
+    assert s.warnings == [
+        "a warning from the supervisor",
+        "GPU nvml:0 (NVIDIA H100) throttled (hw_slowdown, sw_thermal) during 2 steps, first at step 2",
+        "3 malformed telemetry lines dropped",
+        "1 oversized telemetry line dropped",
+        "2 invalid records dropped",
+        "4 late events dropped",
+    ]
+
+
+def test_a_healthy_run_has_no_warnings_and_a_strict_json_summary():
+    steps = [
+        step(
+            i,
+            duration_s=0.5,
+            step_time_s=0.5,
+            loss=4.0 / i,
+            loss_smoothed=4.0 / i,
+            grad_norm=1.0,
+            samples_seen=8 * i,
+            gpus={"nvml:0": gpu(power=250.0, util=90.0, temp=60.0)},
+        )
+        for i in range(1, 41)
+    ]
+    s = summary_of(steps, devices=[device(0, energy_j=3600.0, method="counter")])
+    assert s.warnings == []
+    document = json.loads(msgspec.json.encode(s))
+    assert json.loads(json.dumps(document, allow_nan=False)) == document
+    assert (document["energy_kwh"], document["samples_per_s"]) == (pytest.approx(0.001), pytest.approx(320 / 20))
+
+
+# --- figure data: decimation ----------------------------------------------------------
+
+
+def test_figure_lines_are_exact_with_fewer_steps_than_buckets():
+    steps = [
+        step(
+            i,
+            loss=10.0 / i,
+            learning_rate=1e-3 * i,
+            gpus={"nvml:0": gpu(util=50.0 + i), "nvml:1": gpu(util=20.0 + 2 * i, power=100.0 + i)},
+        )
+        for i in range(1, 31)
+    ]
+    data = figure_data(header(devices=[device(0), device(1)]), index_of(steps))
+    assert data.loss.x == list(range(1, 31)) and data.loss.y == [10.0 / i for i in range(1, 31)]
+    assert data.learning_rate.y == [1e-3 * i for i in range(1, 31)]
+    assert [g.key for g in data.gpus] == ["nvml:0", "nvml:1"]
+    assert data.gpus[1].util.x == list(range(1, 31)) and data.gpus[1].util.y == [20.0 + 2 * i for i in range(1, 31)]
+    assert data.gpus[1].power_band.low == [90.0 + i for i in range(1, 31)]
+    assert data.gpus[1].power_band.high == [110.0 + i for i in range(1, 31)]
+    assert data.gpus[0].power.x == []  # nvml:0 reported no power
+    assert data.title == "p: RUNNING, 30 steps" and not data.no_gpu
+
+
+def test_figure_lines_keep_one_step_spikes_in_order_with_more_steps_than_buckets():
+    n = 20_000
+    spikes = {12_345: 40.0}
+    dips = {7_001: -5.0}
+    steps = []
+    for i in range(1, n + 1):
+        util = {15_001: 100.0, 3_333: 0.0}.get(i, 50.0)
+        loss = spikes.get(i, dips.get(i, 2.0 + (i % 7) * 0.01))
+        steps.append(
+            step(
+                i,
+                session=1 if i <= n // 2 else 2,
+                loss=loss,
+                gpus={"nvml:0": gpu(util=util)},
+                loss_nonfinite="nan" if i % 1000 == 0 else None,
+            )
+        )
+    data = figure_data(header(devices=[device(0)], status=Status.COMPLETED), index_of(steps))
+    assert data.title == "p: COMPLETED, 20,000 steps"
+    x, y = data.loss.x, data.loss.y
+    assert len(x) <= 2 * BUCKETS
+    assert all(a < b for a, b in itertools.pairwise(x))  # in step order, no duplicates
+    assert max(y) == 40.0 and x[y.index(40.0)] == 12_345
+    assert min(y) == -5.0 and x[y.index(-5.0)] == 7_001
+    ux, uy = data.gpus[0].util.x, data.gpus[0].util.y
+    assert len(ux) <= 2 * BUCKETS and all(a < b for a, b in itertools.pairwise(ux))
+    assert ux[uy.index(100.0)] == 15_001 and ux[uy.index(0.0)] == 3_333
+    assert data.nonfinite_losses == 20 and data.loss_marks == [1000.0 * k for k in range(1, 21)]
+    assert data.session_starts == [(10_001, 2)]
+
+
+# --- the one smoothing rule -----------------------------------------------------------
+
+
+def test_loss_smoother_against_a_hand_computation():
+    smoother = LossSmoother()
+    # The span is max(5, count / 50): alpha 2 / 6 = 1/3 for the first 250 points.
+    assert smoother.add(3.0) == (3.0, False)
+    assert smoother.add(6.0) == (pytest.approx(4.0), False)  # 3 + (6 - 3) / 3
+    assert smoother.add(0.0) == (pytest.approx(8 / 3), False)  # 4 - 4 / 3
+    assert (smoother.count, smoother.low) == (3, pytest.approx(8 / 3))
+
+
+def test_loss_smoother_span_grows_with_the_points_seen():
+    smoother = LossSmoother()
+    for _ in range(299):
+        smoother.add(1.0)
+    # 300th point: span 300 / 50 = 6, alpha 2 / 7: 2/7 x 7.3 + 5/7 x 1 = 2.8 (alpha 1/3 would give 3.1)
+    smoothed, diverged = smoother.add(7.3)
+    assert smoothed == pytest.approx(2.8)
+    assert not diverged  # 2.8 is not above 3 x 1
+    assert smoother.count == 300 and smoother.low == 1.0
+
+
+def test_loss_smoother_flags_divergence_only_after_the_warm_up():
+    early = LossSmoother()
+    for _ in range(WARMUP_STEPS - 1):
+        early.add(1.0)
+    assert early.add(10.0) == (pytest.approx(4.0), False)  # 1/3 x 10 + 2/3 x 1 = 4 > 3 x 1, but in the warm-up
+
+    late = LossSmoother()
+    for _ in range(WARMUP_STEPS):
+        late.add(1.0)
+    assert late.add(10.0) == (pytest.approx(4.0), True)  # the 11th point: judged
+    assert late.low == 1.0  # the running minimum is of the smoothed loss, and did not move
+    assert late.add(0.5) == (pytest.approx(17 / 6), False)  # 4 - 3.5 / 3 = 2.83: back under 3 x 1
+
+
+def test_a_resume_continues_the_smoothed_loss_from_the_index():
+    losses = [5.0, 4.0, 4.5, 3.0, 3.5, 2.0, 2.5, 1.0]
+    whole = LossSmoother()
+    results = [whole.add(x) for x in losses]
+    index = index_of([step(i + 1, loss=x, loss_smoothed=r[0]) for i, (x, r) in enumerate(zip(losses, results))])
+    index.add_step(step(9))  # a step without a loss does not count
+    resumed = index.smoother_at(5)
+    assert (resumed.count, resumed.smoothed, resumed.low) == (5, results[4][0], min(r[0] for r in results[:5]))
+    assert [resumed.add(x) for x in losses[5:]] == [(pytest.approx(r[0]), r[1]) for r in results[5:]]
