@@ -1,8 +1,9 @@
 """Shared helpers of kaio's benchmarks: machine facts, statistics, the results file, a clean env.
 
 Every benchmark prints one ``RESULT`` line and appends one JSON record to
-``benchmarks/results.jsonl`` (or ``$KAIO_BENCH_RESULTS``). Figures are ratios
-or per-unit costs measured within one run, so records from different days
+``benchmarks/results.jsonl`` (or ``$KAIO_BENCH_RESULTS``; with ``--no-record``,
+for a smoke test, it prints the record instead). Figures are ratios or
+per-unit costs measured within one run, so records from different days
 compare only through those.
 """
 
@@ -19,9 +20,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -39,12 +41,20 @@ def _version(name: str) -> str | None:
 def machine() -> dict[str, Any]:
     """What the numbers were measured on (no heavy imports: versions come from package metadata)."""
     try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "kaio"], capture_output=True, text=True, timeout=10).stdout.strip())
+        rev = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "-C", str(REPO), "status", "--porcelain", "kaio"], capture_output=True, text=True, timeout=10
+            ).stdout.strip()
+        )
     except (OSError, subprocess.SubprocessError):
         rev, dirty = None, None
     try:
-        model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), None)
+        model = next(
+            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), None
+        )
     except OSError:
         model = None
     try:
@@ -93,7 +103,13 @@ def setup_process_env() -> None:
         return
     os.environ["KAIO_BENCH_ENV_SET"] = "1"
     for key, value in bench_env().items():
-        if key in ("HF_HOME", "MPLCONFIGDIR", "COMET_ERROR_TRACKING_ENABLE", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM"):
+        if key in (
+            "HF_HOME",
+            "MPLCONFIGDIR",
+            "COMET_ERROR_TRACKING_ENABLE",
+            "HF_HUB_OFFLINE",
+            "TOKENIZERS_PARALLELISM",
+        ):
             os.environ[key] = value
 
 
@@ -125,9 +141,11 @@ def summary(values: Iterable[float]) -> dict[str, Any]:
     }
 
 
-def append_result(name: str, result: dict[str, Any], goal: str, met: bool | None, line: str) -> None:
-    """Print the result line and append the JSON record."""
-    record = {
+def append_result(
+    name: str, result: dict[str, Any], goal: str, met: bool | None, line: str, *, record: bool = True
+) -> None:
+    """Print the result line and append the JSON record (``record=False``, a smoke test: print it instead)."""
+    entry = {
         "benchmark": name,
         "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
@@ -136,9 +154,12 @@ def append_result(name: str, result: dict[str, Any], goal: str, met: bool | None
         "met": met,
         "result": result,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, default=str) + "\n")
+    if not record:
+        print("RECORD (not saved): " + json.dumps(entry, default=str), flush=True)
+    else:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        with open(RESULTS, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry, default=str) + "\n")
     verdict = "n/a" if met is None else ("MET" if met else "MISSED")
     print(f"RESULT {name}: {line} | goal: {goal} | {verdict}", flush=True)
 

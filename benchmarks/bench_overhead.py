@@ -152,14 +152,31 @@ def run_once(mode: str, root: Path, yaml_path: Path, json_path: Path, env: dict,
     dashboard_bytes = None
     window = (None, None)
     if mode == "bare":
-        argv = [PYTHON, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "kaio.recipes.lora", "--config", "cfg.json"]
+        argv = [
+            PYTHON,
+            "-m",
+            "accelerate.commands.launch",
+            "--num_processes",
+            "1",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "kaio.recipes.lora",
+            "--config",
+            "cfg.json",
+        ]
         with open(work / "out.log", "wb") as out:
             code = subprocess.run(argv, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=900).returncode
         log = (work / "out.log").read_text(errors="replace")
     elif mode == "kaio-plain":
         with open(work / "out.log", "wb") as out:
-            proc = subprocess.Popen([KAIO, "run", "cfg.yaml", "--plain"], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [KAIO, "run", "cfg.yaml", "--plain"], cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT
+            )
             sampler = CpuSampler(proc.pid)
             sampler.start()
             code = proc.wait(timeout=900)
@@ -170,7 +187,14 @@ def run_once(mode: str, root: Path, yaml_path: Path, json_path: Path, env: dict,
     elif mode == "kaio-tty":
         import pexpect
 
-        child = pexpect.spawn(KAIO, ["run", "cfg.yaml"], cwd=str(work), env=dict(env, TERM="xterm-256color"), dimensions=(50, 160), timeout=900)
+        child = pexpect.spawn(
+            KAIO,
+            ["run", "cfg.yaml"],
+            cwd=str(work),
+            env=dict(env, TERM="xterm-256color"),
+            dimensions=(50, 160),
+            timeout=900,
+        )
         sampler = CpuSampler(child.pid)
         sampler.start()
         received = bytearray()
@@ -218,7 +242,12 @@ def main() -> None:
     parser.add_argument("--modes", default="bare,kaio-tty,kaio-plain")
     parser.add_argument("--no-warmup", action="store_true")
     parser.add_argument("--keep", action="store_true")
-    parser.add_argument("--refresh-seconds", type=float, default=None, help="reporting.refresh_seconds (default: kaio's, 10 s); a diagnostic knob")
+    parser.add_argument(
+        "--refresh-seconds",
+        type=float,
+        default=None,
+        help="reporting.refresh_seconds (default: kaio's, 10 s); a diagnostic knob",
+    )
     ns = parser.parse_args()
     modes = ns.modes.split(",")
     root = Path(tempfile.mkdtemp(prefix="kaio-bench-overhead-"))
@@ -232,44 +261,70 @@ def main() -> None:
             run_once("bare", root, yaml_path, json_path, env, ns.steps, index)  # page cache, pyc files
             index += 1
         for rnd in range(ns.rounds):
-            order = modes[rnd % len(modes):] + modes[: rnd % len(modes)]
+            order = modes[rnd % len(modes) :] + modes[: rnd % len(modes)]
             for mode in order:
                 r = run_once(mode, root, yaml_path, json_path, env, ns.steps, index)
                 index += 1
                 r["round"] = rnd
                 runs.append(r)
-                print(f"round {rnd + 1} {mode}: {r['steps_per_s']:.3f} steps/s (train_runtime {r['train_runtime_s']:.2f} s, "
-                      f"wall {r['wall_s']:.1f} s, supervisor CPU {fmt(r['supervisor_cpu_s'])} s, "
-                      f"{fmt(r['supervisor_cores_during_training'])} cores during training, load {r['loadavg_1min_before']})", flush=True)
+                print(
+                    f"round {rnd + 1} {mode}: {r['steps_per_s']:.3f} steps/s (train_runtime {r['train_runtime_s']:.2f} s, "
+                    f"wall {r['wall_s']:.1f} s, supervisor CPU {fmt(r['supervisor_cpu_s'])} s, "
+                    f"{fmt(r['supervisor_cores_during_training'])} cores during training, load {r['loadavg_1min_before']})",
+                    flush=True,
+                )
     finally:
         if ns.keep:
             print(f"kept: {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
     total_s = time.perf_counter() - t_start
-    result = {"rounds": ns.rounds, "steps": ns.steps, "refresh_seconds": ns.refresh_seconds, "total_s": total_s, "runs": runs}
+    result = {
+        "rounds": ns.rounds,
+        "steps": ns.steps,
+        "refresh_seconds": ns.refresh_seconds,
+        "total_s": total_s,
+        "runs": runs,
+    }
     by = {m: {r["round"]: r for r in runs if r["mode"] == m} for m in modes}
     for m in modes:
         result[m] = {
             "steps_per_s": summary([r["steps_per_s"] for r in by[m].values()]),
             "step_ms": summary([1e3 / r["steps_per_s"] for r in by[m].values()]),
-            "supervisor_cpu_s": summary([r["supervisor_cpu_s"] for r in by[m].values() if r["supervisor_cpu_s"] is not None]),
+            "supervisor_cpu_s": summary(
+                [r["supervisor_cpu_s"] for r in by[m].values() if r["supervisor_cpu_s"] is not None]
+            ),
             "supervisor_cores_during_training": summary(
-                [r["supervisor_cores_during_training"] for r in by[m].values() if r["supervisor_cores_during_training"] is not None]
+                [
+                    r["supervisor_cores_during_training"]
+                    for r in by[m].values()
+                    if r["supervisor_cores_during_training"] is not None
+                ]
             ),
         }
     ratios = {}
     for m in modes:
         if m != "bare" and "bare" in by:
-            ratios[m] = summary([by[m][k]["steps_per_s"] / by["bare"][k]["steps_per_s"] for k in by[m] if k in by["bare"]])
+            ratios[m] = summary(
+                [by[m][k]["steps_per_s"] / by["bare"][k]["steps_per_s"] for k in by[m] if k in by["bare"]]
+            )
     result["ratio_vs_bare"] = ratios
     met = bool(ratios) and all(s["median"] >= 0.98 for s in ratios.values())
-    parts = [f"bare {result['bare']['steps_per_s']['median']:.3f} steps/s ({result['bare']['step_ms']['median']:.0f} ms/step)"] if "bare" in by else []
+    parts = (
+        [
+            f"bare {result['bare']['steps_per_s']['median']:.3f} steps/s ({result['bare']['step_ms']['median']:.0f} ms/step)"
+        ]
+        if "bare" in by
+        else []
+    )
     for m, s in ratios.items():
         c = result[m]["supervisor_cores_during_training"]
-        parts.append(f"{m}/bare median {s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}], "
-                     f"supervisor CPU during training {100 * c['median']:.1f}% of a core" if c.get("n") else
-                     f"{m}/bare median {s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]")
+        parts.append(
+            f"{m}/bare median {s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}], "
+            f"supervisor CPU during training {100 * c['median']:.1f}% of a core"
+            if c.get("n")
+            else f"{m}/bare median {s['median']:.3f} [{s['min']:.3f}-{s['max']:.3f}]"
+        )
     line = f"{ns.rounds} rounds x {ns.steps} steps, {total_s / 60:.1f} min; " + "; ".join(parts)
     append_result("overhead", result, "kaio steps/s >= 0.98 x bare accelerate launch (median ratio)", met, line)
 

@@ -4,8 +4,10 @@ Each rate runs in its own process (the rates run concurrently), for
 ``--seconds`` (60): kaio's ``Poller`` over ``SyntheticBackend(8)`` (every
 device reading is a 1-5 ms blocking vendor call) plus the ``HostBackend``,
 ticks turned into journal records by ``kaio.run.gpu_feed.tick_record`` and
-consumed as the supervisor does: a main loop every 0.1 s that appends them to
-a ``Journal`` and applies them to a ``RunState``. Measured from every tick:
+consumed as the supervisor does: a main loop every 0.1 s that hands them to
+``Recorder.record`` (appended to a ``Journal``, then applied to a
+``RunState`` with its SQLite index, the project opened by
+``kaio.run.recorder.load`` as ``kaio run`` opens it). Measured from every tick:
 mean interval between tick starts, lateness (start - scheduled) p99/max,
 skipped ticks; and the process CPU time (all threads) over the run, as % of
 one core, with the poller thread's own share.
@@ -13,6 +15,9 @@ one core, with the poller thread's own share.
 Phases: ``idle`` (nothing else running) and ``loaded`` (``--load`` busy
 processes, default one per core, standing in for a training that saturates
 the machine; kaio runs at the same priority as the training).
+
+``--scale`` multiplies ``--seconds`` (a smoke test); ``--no-record`` prints
+the record instead of appending it.
 
 Goals: mean interval within 1% of target, p99 lateness under 20 ms,
 under 2% of one core at 2 Hz with 8 devices.
@@ -39,17 +44,20 @@ BURNER = "while True:\n    pass\n"
 
 def worker(hz: float, seconds: float, devices: int, spin: bool) -> dict:
     import psutil
+    from synthetic_gpu import SyntheticBackend
 
     from kaio.devices.host import HostBackend
     from kaio.devices.poller import Poller
+    from kaio.record.paths import ProjectPaths
+    from kaio.record.types import Record, SessionStart
+    from kaio.run import recorder as loading
     from kaio.run.gpu_feed import device_record, tick_record
-    from kaio.run.journal import Journal
-    from kaio.run.state import RunState
-    from synthetic_gpu import SyntheticBackend
 
     tmp = Path(tempfile.mkdtemp(prefix="kaio-bench-poller-"))
-    journal = Journal(tmp / "journal.jsonl")
-    state = RunState("bench")
+    paths = ProjectPaths(tmp / "bench")
+    loaded = loading.load(paths, writable=True)
+    recorder = loading.Recorder(paths, loaded.state)
+    journal = recorder.journal
     q: queue.SimpleQueue = queue.SimpleQueue()
     seen: list[tuple[float, float]] = []  # (scheduled, lateness) of every tick
 
@@ -61,11 +69,10 @@ def worker(hz: float, seconds: float, devices: int, spin: bool) -> dict:
     host = HostBackend()
     poller = Poller([backend], hz, on_tick=on_tick, host=host)
 
-    def record(r: dict) -> None:
-        journal.append(r)
-        state.apply(r)
+    def record(r: Record) -> None:  # Supervisor.record
+        recorder.record(r)
 
-    record({"type": "session_start", "session": 1, "t_wall": time.time(), "t_mono": time.monotonic(), "poll_hz": hz})
+    record(SessionStart(session=1, t_wall=time.time(), t_mono=time.monotonic(), poll_hz=hz))
     record(device_record(list(poller.devices), [], host))
     proc = psutil.Process()
     cpu0 = time.process_time()
@@ -88,8 +95,9 @@ def worker(hz: float, seconds: float, devices: int, spin: bool) -> dict:
     poller.stop()
     wall = time.monotonic() - wall0
     cpu = time.process_time() - cpu0
-    journal.close()
-    journal_bytes = (tmp / "journal.jsonl").stat().st_size
+    recorder.close()
+    loaded.state.index.close()
+    journal_bytes = paths.journal.stat().st_size
     shutil.rmtree(tmp, ignore_errors=True)
     starts = [s + late for s, late in seen]
     intervals = [b - a for a, b in zip(starts, starts[1:])]
@@ -131,7 +139,19 @@ def phase(rates: list[float], seconds: float, devices: int, load: int, spin: boo
         procs = []
         for hz in rates:
             out = Path(tempfile.mkdtemp(prefix="kaio-bench-poller-out-")) / f"{hz:g}hz.json"
-            args = [PYTHON, __file__, "--worker", "--hz", str(hz), "--seconds", str(seconds), "--devices", str(devices), "--out", str(out)]
+            args = [
+                PYTHON,
+                __file__,
+                "--worker",
+                "--hz",
+                str(hz),
+                "--seconds",
+                str(seconds),
+                "--devices",
+                str(devices),
+                "--out",
+                str(out),
+            ]
             procs.append(subprocess.Popen(args + (["--spin"] if spin else [])))
             outs.append(out)
         for p in procs:
@@ -152,12 +172,20 @@ def main() -> None:
     parser.add_argument("--rates", default="2,10", help="comma-separated Hz, each in its own process, concurrently")
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--devices", type=int, default=8)
-    parser.add_argument("--load", type=int, default=os.cpu_count() or 2, help="busy processes in the 'loaded' phase (0: skip it)")
+    parser.add_argument(
+        "--load", type=int, default=os.cpu_count() or 2, help="busy processes in the 'loaded' phase (0: skip it)"
+    )
     parser.add_argument("--spin", action="store_true", help="vendor calls burn CPU instead of blocking")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--hz", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply --seconds by this (a smoke test: 0.1)")
+    parser.add_argument(
+        "--no-record", action="store_true", help="print the record; do not append it to the results file"
+    )
     ns = parser.parse_args()
+    if not ns.worker:
+        ns.seconds *= ns.scale
     if ns.worker:
         Path(ns.out).write_text(json.dumps(worker(ns.hz, ns.seconds, ns.devices, ns.spin)))
         return
@@ -185,7 +213,14 @@ def main() -> None:
                 f"CPU {fmt(r['process_cpu_pct_of_core'])}% of a core (poller thread {fmt(r['poller_thread_cpu_pct_of_core'])}%)"
             )
     line = "; ".join(parts) + (f"; loaded phase meets goals: {met_loaded}" if ns.load else "")
-    append_result("poller", result, "mean interval within 1% of target; p99 lateness < 20 ms; < 2% of one core at 2 Hz, 8 devices", met, line)
+    append_result(
+        "poller",
+        result,
+        "mean interval within 1% of target; p99 lateness < 20 ms; < 2% of one core at 2 Hz, 8 devices",
+        met,
+        line,
+        record=not ns.no_record,
+    )
 
 
 if __name__ == "__main__":

@@ -59,11 +59,17 @@ def one_run(env: dict) -> dict:
         mark = work / "first_line.txt"
         run_env = dict(env, BENCH_MARK_FILE=str(mark))
         t0 = time.time()
-        proc = subprocess.run([KAIO, "run", "cfg.yaml", "--plain"], cwd=work, env=run_env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [KAIO, "run", "cfg.yaml", "--plain"], cwd=work, env=run_env, capture_output=True, text=True, timeout=300
+        )
         t_end = time.time()
         if proc.returncode != 0:
             raise RuntimeError(f"kaio run failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-        records = [json.loads(line) for line in (work / "docs/reports/startup/journal.jsonl").read_text().splitlines() if line.strip()]
+        records = [
+            json.loads(line)
+            for line in (work / "docs/reports/startup/journal.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
         first = {}
         for r in records:
             first.setdefault(r.get("type"), r)

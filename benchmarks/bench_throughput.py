@@ -1,17 +1,21 @@
 """Event throughput: events per second the FIFO reader and the journal sustain, nothing dropped.
 
 The supervisor's path: a ``TelemetryFifo``, a ``FifoReader`` thread putting
-each event on a queue, and a consumer loop (as ``Supervisor._drain``: drain
-the queue every 0.1 s, ``Journal.append`` each record, ``flush``). Writers:
-``--writers`` processes (default 4), each an ``EventEmitter`` (with its spool,
-as in a run) emitting ``--events`` step events as fast as it can, all started
-together. The rate is events / (time from the start signal to the last event
+each event (decoded and validated into its Struct) on a queue, and a consumer
+loop (as ``Supervisor._drain``: drain the queue every 0.1 s, ``Journal.append``
+each record, ``flush``). Writers: ``--writers`` processes (default 4), each an
+``EventEmitter`` (with its spool, as in a run) emitting ``--events`` ``Step``
+events as fast as it can, all started together. The rate is events / (time from the start signal to the last event
 journaled). Checked: every event journaled once, each writer's ``seq`` 1..N
 in order, no malformed line, nothing dropped by an emitter.
 
 Modes: ``journal`` (reader + journal: the goal) and ``supervisor`` (the
-consumer also applies each event to a ``RunState``, as the live supervisor
-does). Each mode runs ``--runs`` times; the median is reported.
+project opened as ``kaio run`` opens it, ``kaio.run.recorder.load``, and each
+event goes through ``Recorder.record``: the journal, then ``RunState.apply``,
+whose sealed steps go to the SQLite index on disk, as the live supervisor
+does). Each mode runs ``--runs`` times; the median is reported. ``--scale``
+multiplies ``--events`` (a smoke test); ``--no-record`` prints the record
+instead of appending it.
 
 Goal: at least 50,000 events/s with nothing dropped.
 """
@@ -34,6 +38,7 @@ setup_process_env()
 WRITER = """\
 import sys, time
 from kaio.child.emitter import EventEmitter
+from kaio.telemetry.protocol import Step
 pipe, spool, rank, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 emitter = EventEmitter(pipe, spool if spool != "-" else None, rank=rank, session=1)
 assert emitter.connected
@@ -42,8 +47,8 @@ sys.stdin.readline()
 t0 = time.perf_counter()
 for step in range(1, n + 1):
     now = time.monotonic()
-    emitter.emit({"type": "step", "step": step, "epoch": step / 1000, "t_wall": time.time(), "t_mono": now,
-                  "step_time_s": 0.0123, "peak_vram_bytes": 60_000_000_000 + step, "tokens_seen": step * 16384})
+    emitter.emit(Step(rank=rank, step=step, epoch=step / 1000, t_wall=time.time(), t_mono=now,
+                      step_time_s=0.0123, peak_vram_bytes=60_000_000_000 + step, tokens_seen=step * 16384))
 t1 = time.perf_counter()
 dropped = emitter.dropped
 emitter.close()
@@ -52,8 +57,10 @@ print(f"{n / (t1 - t0):.1f} {dropped}", flush=True)
 
 
 def one_run(mode: str, writers: int, events: int, spool: bool) -> dict:
-    from kaio.run.journal import Journal
-    from kaio.run.state import RunState
+    from kaio.record.journal import Journal
+    from kaio.record.paths import ProjectPaths
+    from kaio.record.types import SessionStart
+    from kaio.run import recorder as loading
     from kaio.telemetry.fifo import FifoReader, TelemetryFifo
 
     tmp = Path(tempfile.mkdtemp(prefix="kaio-bench-throughput-"))
@@ -62,14 +69,22 @@ def one_run(mode: str, writers: int, events: int, spool: bool) -> dict:
         q: queue.SimpleQueue = queue.SimpleQueue()
         reader = FifoReader(fifo.read_fd, lambda event: q.put(("record", event)))
         reader.start()
-        journal = Journal(tmp / "journal.jsonl")
-        state = RunState("bench") if mode == "supervisor" else None
-        if state is not None:
-            state.apply({"type": "session_start", "session": 1, "t_wall": time.time(), "t_mono": time.monotonic()})
+        paths = ProjectPaths(tmp / "bench")
+        if mode == "supervisor":  # Supervisor.record: Recorder.record (journal, then RunState and its index)
+            loaded = loading.load(paths, writable=True)
+            recorder = loading.Recorder(paths, loaded.state)
+            recorder.record(SessionStart(session=1, t_wall=time.time(), t_mono=time.monotonic()))
+            journal, record = recorder.journal, recorder.record
+        else:
+            loaded = None
+            journal = Journal(paths.journal)
+            record = journal.append
         procs = [
             subprocess.Popen(
                 [PYTHON, "-c", WRITER, str(fifo.path), str(tmp / "spool") if spool else "-", str(rank), str(events)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
             )
             for rank in range(writers)
         ]
@@ -90,9 +105,7 @@ def one_run(mode: str, writers: int, events: int, spool: bool) -> dict:
                     _kind, item = q.get_nowait()
                 except queue.Empty:
                     break
-                journal.append(item)
-                if state is not None:
-                    state.apply(item)
+                record(item)
                 handled += 1
             if handled:
                 journal.flush()
@@ -111,6 +124,10 @@ def one_run(mode: str, writers: int, events: int, spool: bool) -> dict:
             writer_rates.append(float(rate))
             dropped += int(d)
         journal.close()
+        dropped_late = None
+        if loaded is not None:
+            dropped_late = loaded.state.ledger.telemetry.dropped_late_events
+            loaded.state.index.close()
         fifo.close_write_end()
         reader.join(10)
         fifo.close()
@@ -118,9 +135,11 @@ def one_run(mode: str, writers: int, events: int, spool: bool) -> dict:
         seqs: dict[int, int] = {}
         in_order = True
         lines = 0
-        with open(tmp / "journal.jsonl", "rb") as f:
+        with open(paths.journal, "rb") as f:
             for line in f:
                 r = json.loads(line)
+                if r.get("type") != "step":
+                    continue  # the supervisor's own session_start
                 lines += 1
                 if r.get("seq") != seqs.get(r["pid"], 0) + 1:
                     in_order = False
@@ -139,6 +158,7 @@ def one_run(mode: str, writers: int, events: int, spool: bool) -> dict:
             "lossless": lossless,
             "malformed": reader.stats.malformed + reader.stats.oversized,
             "emitter_dropped": dropped,
+            "state_dropped_late_events": dropped_late,  # steps already sealed when a slower writer's event came
         }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -151,13 +171,21 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-spool", action="store_true", help="writers do not spool (reader capacity alone)")
     parser.add_argument("--modes", default="journal,supervisor")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply --events by this (a smoke test: 0.1)")
+    parser.add_argument(
+        "--no-record", action="store_true", help="print the record; do not append it to the results file"
+    )
     ns = parser.parse_args()
+    ns.events = max(100, round(ns.events * ns.scale))
     result = {"writers": ns.writers, "events_per_writer": ns.events, "spool": not ns.no_spool}
     for mode in ns.modes.split(","):
         runs = [one_run(mode, ns.writers, ns.events, not ns.no_spool) for _ in range(ns.runs)]
         for r in runs:
-            print(f"{mode}: {r['events_per_s']:.0f} events/s, {r['supervisor_cpu_us_per_event']:.1f} us of supervisor CPU per event, "
-                  f"lossless {r['lossless']}", flush=True)
+            print(
+                f"{mode}: {r['events_per_s']:.0f} events/s, {r['supervisor_cpu_us_per_event']:.1f} us of supervisor CPU per event, "
+                f"lossless {r['lossless']}",
+                flush=True,
+            )
         result[mode] = {
             "events_per_s": summary([r["events_per_s"] for r in runs]),
             "supervisor_cpu_us_per_event": summary([r["supervisor_cpu_us_per_event"] for r in runs]),
@@ -170,10 +198,21 @@ def main() -> None:
     for mode in ns.modes.split(","):
         s = result[mode]["events_per_s"]
         c = result[mode]["supervisor_cpu_us_per_event"]
-        parts.append(f"{mode}: median {s['median']:.0f} events/s [{s['min']:.0f}-{s['max']:.0f}], "
-                     f"supervisor CPU {c['median']:.1f} us/event (= {1e6 / c['median']:.0f} events per CPU-second), lossless {result[mode]['lossless_all']}")
-    line = f"{ns.writers} writers x {ns.events} events (spool {'on' if not ns.no_spool else 'off'}); " + "; ".join(parts)
-    append_result("throughput", result, ">= 50,000 events/s through FifoReader + Journal, nothing dropped", met, line)
+        parts.append(
+            f"{mode}: median {s['median']:.0f} events/s [{s['min']:.0f}-{s['max']:.0f}], "
+            f"supervisor CPU {c['median']:.1f} us/event (= {1e6 / c['median']:.0f} events per CPU-second), lossless {result[mode]['lossless_all']}"
+        )
+    line = f"{ns.writers} writers x {ns.events} events (spool {'on' if not ns.no_spool else 'off'}); " + "; ".join(
+        parts
+    )
+    append_result(
+        "throughput",
+        result,
+        ">= 50,000 events/s through FifoReader + Journal, nothing dropped",
+        met,
+        line,
+        record=not ns.no_record,
+    )
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ reading costs a vendor call of 1 to 5 ms (uniform). By default the call
 ``spin=True`` burns CPU for that time instead (a worst case that charges the
 vendor library's own work to kaio's process).
 
-``tick_records`` / ``device_info`` give the journal record shapes the
-supervisor writes (``kaio.run.gpu_feed.tick_record``), without sleeping.
+``synthetic_tick`` / ``device_info`` give the ``Tick`` and ``DeviceInfo``
+Structs the poller hands on (the supervisor journals them through
+``kaio.run.gpu_feed.tick_record`` / ``device_record``), without sleeping.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 import math
 import random
 import time
-from typing import Sequence
+from collections.abc import Sequence
+
+import msgspec
 
 from kaio.devices.base import DeviceInfo, GpuSample, HostSample, Tick
 
@@ -32,7 +35,16 @@ def device_info(n: int) -> list[DeviceInfo]:
             in_run=True,
             power_kind="instant",
             vram_total_bytes=VRAM_TOTAL,
-            supported=("util_pct", "vram_used_bytes", "power_w", "temp_c", "energy_counter_j", "sm_clock_mhz", "mem_clock_mhz", "throttle"),
+            supported=(
+                "util_pct",
+                "vram_used_bytes",
+                "power_w",
+                "temp_c",
+                "energy_counter_j",
+                "sm_clock_mhz",
+                "mem_clock_mhz",
+                "throttle",
+            ),
         )
         for i in range(n)
     ]
@@ -63,7 +75,9 @@ class SyntheticBackend:
 
     name = "nvml"
 
-    def __init__(self, n: int = 8, *, min_ms: float = 1.0, max_ms: float = 5.0, spin: bool = False, seed: int = 0) -> None:
+    def __init__(
+        self, n: int = 8, *, min_ms: float = 1.0, max_ms: float = 5.0, spin: bool = False, seed: int = 0
+    ) -> None:
         self._devices = device_info(n)
         self._min_s, self._max_s = min_ms / 1e3, max_ms / 1e3
         self._spin = spin
@@ -107,11 +121,11 @@ def synthetic_tick(t_mono: float, t_wall: float, n: int, energy_j: Sequence[floa
     for i in range(n):
         s = gpu_sample(i, t_mono, t_wall, 1.0e6 + energy_j[i])
         gpus.append(_with(s, energy_j=round(energy_j[i], 6), energy_method="counter"))
-    host = HostSample(t_mono=t_mono, t_wall=t_wall, cpu_pct=37.5, ram_used_bytes=120_000_000_000, ram_total_bytes=2_000_000_000_000)
+    host = HostSample(
+        t_mono=t_mono, t_wall=t_wall, cpu_pct=37.5, ram_used_bytes=120_000_000_000, ram_total_bytes=2_000_000_000_000
+    )
     return Tick(t_mono=t_mono, lateness_s=lateness_s, gpus=tuple(gpus), host=host)
 
 
 def _with(sample: GpuSample, **changes) -> GpuSample:
-    import dataclasses
-
-    return dataclasses.replace(sample, **changes)
+    return msgspec.structs.replace(sample, **changes)

@@ -1,22 +1,36 @@
-"""A synthetic run's journal records, in time order, in the shapes kaio writes them.
+"""A synthetic run's journal records, in time order, as the typed records kaio journals.
 
-``records(steps, hours, gpus, ranks)`` yields what the supervisor journals for
-one session: ``session_start``, ``devices``, ``child_started``, each rank's
-``run_start``, then per optimizer step one ``step`` event from every rank and
-one ``log`` event from rank 0 (``logging_steps: 1``), interleaved with a
-poller ``tick`` (``kaio.run.gpu_feed.tick_record`` of a tick of ``gpus``
-devices) every 1/``hz`` s, ``save`` events every ``save_every`` steps, then
-``train_end`` and ``session_end``. Every record is a fresh dict, as one
-decoded from the FIFO is.
+``records(steps, hours, gpus, ranks)`` yields what the supervisor records for
+one session (``kaio.record.types.Record`` Structs): ``SessionStart``,
+``Devices`` (``kaio.run.gpu_feed.device_record``), ``ChildStarted``, each
+rank's ``RunStart``, then per optimizer step one ``Step`` event from every
+rank and one ``Log`` event from rank 0 (``logging_steps: 1``), interleaved
+with a poller ``TickRecord`` (``kaio.run.gpu_feed.tick_record`` of a tick of
+``gpus`` devices) every 1/``hz`` s, a ``Save`` every ``save_every`` steps,
+then every rank's ``TrainEnd`` and ``SessionEnd``. Every record is a fresh
+Struct, as one decoded from the FIFO is; the child's events carry the stamps
+the emitter puts on them (session, pid, seq).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from collections.abc import Iterator
 
-from kaio.run.gpu_feed import device_record, tick_record
 from synthetic_gpu import device_info, synthetic_tick
+
+from kaio.record.types import (
+    ChildStarted,
+    PollStats,
+    Record,
+    SessionCounters,
+    SessionEnd,
+    SessionKind,
+    SessionStart,
+    Status,
+)
+from kaio.run.gpu_feed import device_record, tick_record
+from kaio.telemetry.protocol import Environment, Log, ModelInfo, PeftInfo, RunStart, Save, Step, TrainEnd, TrainingArgs
 
 T_WALL0 = 1_795_000_000.0
 T_MONO0 = 10_000.0
@@ -35,7 +49,8 @@ class _FixedHost:
 
 
 def config_snapshot(steps: int) -> dict:
-    from kaio.config import config_from_dict, config_snapshot as snap
+    from kaio.config import config_from_dict
+    from kaio.config import config_snapshot as snap
 
     cfg = config_from_dict(
         {
@@ -48,7 +63,74 @@ def config_snapshot(steps: int) -> dict:
     return snap(cfg)
 
 
-def records(steps: int, hours: float, gpus: int = 8, ranks: int = 8, hz: float = 2.0, save_every: int = 5000) -> Iterator[dict]:
+def run_start(rank: int, ranks: int, steps: int, save_every: int, pid: int, seq: int) -> RunStart:
+    """What ``kaio.child.describe.describe_run`` sends at train begin, for an 8B Llama under LoRA."""
+    return RunStart(
+        rank=rank,
+        session=1,
+        pid=pid,
+        seq=seq,
+        hostname="bench",
+        t_wall=T_WALL0 + 30,
+        t_mono=T_MONO0 + 30,
+        world_size=ranks,
+        process_index=rank,
+        local_rank=rank,
+        distributed_type="MULTI_GPU",
+        start_step=0,
+        max_steps=steps,
+        device=f"cuda:{rank}",
+        args=TrainingArgs(
+            per_device_train_batch_size=BATCH,
+            gradient_accumulation_steps=1,
+            learning_rate=2e-4,
+            lr_scheduler_type="cosine",
+            optim="adamw_torch",
+            warmup_steps=0.03,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            bf16=True,
+            fp16=False,
+            seed=42,
+            max_steps=steps,
+            num_train_epochs=1.0,
+            logging_strategy="steps",
+            logging_steps=1,
+            save_strategy="steps",
+            save_steps=save_every,
+            output_dir="checkpoints/synthetic",
+        ),
+        model=ModelInfo(
+            name_or_path="meta-llama/Llama-3.1-8B",
+            model_class="PeftModelForCausalLM",
+            architecture="LlamaForCausalLM",
+            dtype="bfloat16",
+            num_layers=32,
+            hidden_size=4096,
+            total_params=8_072_204_288,
+            trainable_params=41_943_040,
+        ),
+        peft=PeftInfo(
+            peft_type="LORA", r=16, alpha=32.0, dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+        ),
+        tokenizer="meta-llama/Llama-3.1-8B",
+        train_samples=steps * BATCH * ranks,
+        environment=Environment(
+            python="3.11.7",
+            torch="2.13.0+cu130",
+            cuda="13.0",
+            transformers="5.24.0",
+            peft="0.21.2",
+            accelerate="1.15.0",
+            hostname="bench",
+            gpus=["Synthetic H100 80GB HBM3"] * ranks,
+        ),
+    )
+
+
+def records(
+    steps: int, hours: float, gpus: int = 8, ranks: int = 8, hz: float = 2.0, save_every: int = 5000
+) -> Iterator[Record]:
     duration = hours * 3600.0
     t_start = 30.0  # model loading before the first step
     step_s = (duration - t_start) / steps
@@ -56,26 +138,26 @@ def records(steps: int, hours: float, gpus: int = 8, ranks: int = 8, hz: float =
     n_ticks = int(duration * hz)
     pids = [40_000 + r for r in range(ranks)]
     seq = [0] * ranks
-    yield {"type": "session_start", "session": 1, "kind": "run", "t_wall": T_WALL0, "t_mono": T_MONO0, "resume_from": None, "poll_hz": hz, "config": config_snapshot(steps), "argv": ["accelerate", "launch"]}
-    yield device_record(device_info(gpus), [], _FixedHost())
-    yield {"type": "child_started", "session": 1, "pid": 39_999, "t_wall": T_WALL0 + 0.2}
 
-    def event(rank: int, body: dict) -> dict:
+    def stamp(rank: int) -> dict:
+        """What the child's ``EventEmitter.emit`` stamps on every event."""
         seq[rank] += 1
-        return {"rank": rank, "session": 1, "pid": pids[rank], "seq": seq[rank], **body}
+        return {"rank": rank, "session": 1, "pid": pids[rank], "seq": seq[rank]}
 
+    yield SessionStart(
+        session=1,
+        kind=SessionKind.RUN,
+        t_wall=T_WALL0,
+        t_mono=T_MONO0,
+        poll_hz=hz,
+        config=config_snapshot(steps),
+        argv=["accelerate", "launch"],
+    )
+    yield device_record(device_info(gpus), [], _FixedHost())
+    yield ChildStarted(session=1, pid=39_999, t_wall=T_WALL0 + 0.2)
     for r in range(ranks):
-        yield event(
-            r,
-            {
-                "type": "run_start", "world_size": ranks, "start_step": 0, "max_steps": steps, "trainable_params": 41_943_040,
-                "total_params": 8_072_204_288, "architecture": "LlamaForCausalLM", "device": f"cuda:{r}", "host": "bench",
-                "t_wall": T_WALL0 + 30, "t_mono": T_MONO0 + 30,
-                "args": {"per_device_train_batch_size": BATCH, "gradient_accumulation_steps": 1, "learning_rate": 2e-4, "lr_scheduler_type": "cosine",
-                         "optim": "adamw_torch", "warmup_steps": 0.03, "weight_decay": 0.0, "bf16": True, "fp16": False, "seed": 42,
-                         "max_steps": steps, "num_train_epochs": 1.0, "logging_steps": 1, "save_steps": save_every, "output_dir": "checkpoints/synthetic"},
-            },
-        )
+        s = stamp(r)
+        yield run_start(r, ranks, steps, save_every, s["pid"], s["seq"])
     energy = [0.0] * gpus
     tick = 1
     for step in range(1, steps + 1):
@@ -87,29 +169,47 @@ def records(steps: int, hours: float, gpus: int = 8, ranks: int = 8, hz: float =
             tick += 1
         loss = 2.0 + 4.0 * math.exp(-step / (steps / 10)) + 0.05 * math.sin(step)
         for r in range(ranks):
-            yield event(
-                r,
-                {
-                    "type": "step", "step": step, "epoch": step / 50_000, "t_wall": T_WALL0 + t_end, "t_mono": T_MONO0 + t_end,
-                    "step_time_s": step_s, "peak_vram_bytes": 60_000_000_000 + 1000 * r + step % 977, "tokens_seen": step * BATCH * 2048,
-                },
+            yield Step(
+                **stamp(r),
+                step=step,
+                epoch=step / 50_000,
+                t_wall=T_WALL0 + t_end,
+                t_mono=T_MONO0 + t_end,
+                step_time_s=step_s,
+                peak_vram_bytes=60_000_000_000 + 1000 * r + step % 977,
+                tokens_seen=step * BATCH * 2048,
             )
-        yield event(
-            0,
-            {
-                "type": "log", "step": step, "t_wall": T_WALL0 + t_end + 0.001, "loss": loss, "learning_rate": 2e-4 * (1 - step / steps),
-                "grad_norm": 0.8 + 0.1 * math.cos(step), "epoch": step / 50_000,
-                "extra": {"num_input_tokens_seen": step * BATCH * 2048 * ranks, "train_runtime": t_end, "train_tokens_per_second": 190_000.0},
+        yield Log(
+            **stamp(0),
+            step=step,
+            t_wall=T_WALL0 + t_end + 0.001,
+            loss=loss,
+            learning_rate=2e-4 * (1 - step / steps),
+            grad_norm=0.8 + 0.1 * math.cos(step),
+            epoch=step / 50_000,
+            extra={
+                "num_input_tokens_seen": step * BATCH * 2048 * ranks,
+                "train_runtime": t_end,
+                "train_tokens_per_second": 190_000.0,
             },
         )
         if step % save_every == 0:
-            yield event(0, {"type": "save", "step": step, "path": f"/ckpt/checkpoint-{step}", "t_wall": T_WALL0 + t_end})
+            yield Save(
+                **stamp(0), step=step, path=f"/ckpt/checkpoint-{step}", t_wall=T_WALL0 + t_end, t_mono=T_MONO0 + t_end
+            )
     while tick <= n_ticks:  # ticks after the last step (none when the run fills the whole time)
         t = tick * tick_s
         yield tick_record(synthetic_tick(T_MONO0 + t, T_WALL0 + t, gpus, energy))
         tick += 1
-    t_last = T_WALL0 + t_start + steps * step_s
+    t_last = t_start + steps * step_s
     for r in range(ranks):
-        yield event(r, {"type": "train_end", "step": steps, "t_wall": t_last + 1, "t_mono": T_MONO0 + t_start + steps * step_s + 1})
-    yield {"type": "session_end", "session": 1, "t_wall": t_last + 5, "t_mono": T_MONO0 + t_start + steps * step_s + 5, "status": "COMPLETED",
-           "exit_code": 0, "signal": None, "error": None, "counters": {"malformed_lines": 0, "oversized_lines": 0, "spooled_events": 0}, "poll_stats": {}}
+        yield TrainEnd(**stamp(r), step=steps, t_wall=T_WALL0 + t_last + 1, t_mono=T_MONO0 + t_last + 1)
+    yield SessionEnd(
+        session=1,
+        t_wall=T_WALL0 + t_last + 5,
+        t_mono=T_MONO0 + t_last + 5,
+        status=Status.COMPLETED,
+        exit_code=0,
+        counters=SessionCounters(),
+        poll_stats=PollStats(),
+    )
