@@ -52,13 +52,12 @@ def machine() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         rev, dirty = None, None
     try:
-        model = next(
-            (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), None
-        )
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), None)
     except OSError:
         model = None
     try:
-        loadavg = open("/proc/loadavg").read().split()[:3]
+        loadavg = Path("/proc/loadavg").read_text().split()[:3]
     except OSError:
         loadavg = None
     return {

@@ -146,7 +146,7 @@ def run_once(mode: str, root: Path, yaml_path: Path, json_path: Path, env: dict,
     work.mkdir()
     shutil.copy(yaml_path, work / "cfg.yaml")
     shutil.copy(json_path, work / "cfg.json")
-    load_before = open("/proc/loadavg").read().split()[0]
+    load_before = Path("/proc/loadavg").read_text().split()[0]
     t0 = time.perf_counter()
     supervisor_cpu = None
     dashboard_bytes = None

@@ -433,11 +433,12 @@ def test_figure_lines_keep_one_step_spikes_in_order_with_more_steps_than_buckets
     x, y = data.loss.x, data.loss.y
     assert len(x) <= 2 * BUCKETS
     assert all(a < b for a, b in itertools.pairwise(x))  # in step order, no duplicates
-    assert max(y) == 40.0 and x[y.index(40.0)] == 12_345
-    assert min(y) == -5.0 and x[y.index(-5.0)] == 7_001
+    width = 20_000 / BUCKETS  # a bucket's steps: a value is drawn within its bucket
+    assert max(y) == 40.0 and abs(x[y.index(40.0)] - 12_345) < width
+    assert min(y) == -5.0 and abs(x[y.index(-5.0)] - 7_001) < width
     ux, uy = data.gpus[0].util.x, data.gpus[0].util.y
     assert len(ux) <= 2 * BUCKETS and all(a < b for a, b in itertools.pairwise(ux))
-    assert ux[uy.index(100.0)] == 15_001 and ux[uy.index(0.0)] == 3_333
+    assert abs(ux[uy.index(100.0)] - 15_001) < width and abs(ux[uy.index(0.0)] - 3_333) < width
     assert data.nonfinite_losses == 20 and data.loss_marks == [1000.0 * k for k in range(1, 21)]
     assert data.session_starts == [(10_001, 2)]
 

@@ -2,7 +2,7 @@
 
 The journal is the source of truth; replaying it to answer "what was the
 median step time" each time would take minutes on a day-long run. The index
-holds every final step entry (``steps``, with its history.json line), each
+holds every final step entry (``steps``, and its history.json line in ``step_lines``), each
 GPU's and rank's figures per step (``step_gpus``, ``step_ranks``), the
 evaluations, and the run state (``meta``: ``RunState`` encoded) together with
 how much of the journal all of that covers. A commit writes them in one
@@ -40,7 +40,7 @@ from kaio.record.paths import ProjectPaths
 from kaio.record.rules import LossSmoother
 from kaio.record.types import EvalEntry, StepEntry
 
-INDEX_FORMAT = 2  # bump when the tables change: an older index is rebuilt
+INDEX_FORMAT = 5  # bump when the tables change: an older index is rebuilt
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
@@ -48,15 +48,24 @@ CREATE TABLE IF NOT EXISTS steps (
     step INTEGER PRIMARY KEY, session INTEGER, t_mono REAL, duration_s REAL, step_time_s REAL, eval_s REAL, save_s REAL,
     loss REAL, loss_nonfinite TEXT, loss_smoothed REAL, loss_diverged INTEGER,
     learning_rate REAL, grad_norm REAL, grad_norm_nonfinite TEXT,
-    vram_peak REAL, vram_peak_min REAL, samples_seen REAL, tokens_seen REAL, energy_j REAL,
-    host_cpu REAL, host_ram REAL, entry BLOB NOT NULL);
+    vram_peak REAL, vram_peak_min REAL, vram_used_max REAL, samples_seen REAL, tokens_seen REAL, energy_j REAL,
+    host_cpu REAL, host_ram REAL);
+-- Each step's history.json line, apart: the figures' scans never read these few KB a step.
+CREATE TABLE IF NOT EXISTS step_lines (step INTEGER PRIMARY KEY, entry BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS step_gpus (
     gpu TEXT, step INTEGER, power_avg REAL, power_min REAL, power_max REAL, util REAL, temp REAL,
-    vram_used REAL, throttle TEXT, PRIMARY KEY (gpu, step)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS step_ranks (rank TEXT, step INTEGER, peak REAL, PRIMARY KEY (rank, step)) WITHOUT ROWID;
+    vram_used REAL, throttle TEXT, PRIMARY KEY (step, gpu)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS step_ranks (rank TEXT, step INTEGER, peak REAL, PRIMARY KEY (step, rank)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS evals (step INTEGER, session INTEGER, eval_loss REAL, entry BLOB NOT NULL);
 """
-_TABLES = ("steps", "step_gpus", "step_ranks", "evals", "meta")
+_TABLES = ("steps", "step_lines", "step_gpus", "step_ranks", "evals", "meta")
+_ROW_TABLES = {  # what add_step inserts, in batches
+    "steps": "INSERT OR REPLACE INTO steps VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+    "step_lines": "INSERT OR REPLACE INTO step_lines VALUES (?,?)",
+    "step_gpus": "INSERT OR REPLACE INTO step_gpus VALUES (?,?,?,?,?,?,?,?,?)",
+    "step_ranks": "INSERT OR REPLACE INTO step_ranks VALUES (?,?,?)",
+}
+_BATCH_STEPS = 256
 _ENCODER = msgspec.json.Encoder()
 
 
@@ -72,11 +81,24 @@ class RunIndex:
     """One project's index. Open it with :meth:`open`; ``close`` it (a temp copy is deleted then)."""
 
     def __init__(self, conn: sqlite3.Connection, path: Path, *, temporary: bool, note: str | None = None) -> None:
-        self.conn = conn
+        self._conn = conn
+        self._pending: dict[str, list[tuple]] = {table: [] for table in _ROW_TABLES}  # rows not inserted yet
         self.path = path
         self.temporary = temporary  # a private copy (read-only use, or a filesystem without locks)
         self.note = note  # why the index is not where it should be, for the user
         conn.executescript(_SCHEMA)
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """The database, with every step added so far in it (rows are inserted in batches)."""
+        self._flush()
+        return self._conn
+
+    def _flush(self) -> None:
+        for table, rows in self._pending.items():
+            if rows:
+                self._conn.executemany(_ROW_TABLES[table], rows)
+                rows.clear()
 
     @classmethod
     def open(cls, paths: ProjectPaths, *, writable: bool) -> RunIndex:
@@ -156,9 +178,10 @@ class RunIndex:
 
     def add_step(self, entry: StepEntry) -> None:
         ranks = [v for v in entry.peak_vram_bytes.values() if v is not None]
+        entry.vram_peak_bytes = max(ranks) if ranks else None  # every rank has reported the step by now
         host = entry.host
-        self.conn.execute(
-            "INSERT OR REPLACE INTO steps VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        pending = self._pending
+        pending["steps"].append(
             (
                 entry.step,
                 entry.session,
@@ -176,37 +199,36 @@ class RunIndex:
                 entry.grad_norm_nonfinite,
                 max(ranks) if ranks else None,
                 min(ranks) if ranks else None,
+                max((u for g in entry.gpus.values() if (u := g.vram_used_max_bytes) is not None), default=None),
                 entry.samples_seen,
                 entry.tokens_seen,
                 entry.energy_j,
                 host.cpu_pct if host else None,
                 host.ram_used_bytes if host else None,
-                _ENCODER.encode(entry),
-            ),
+            )
         )
+        pending["step_lines"].append((entry.step, _ENCODER.encode(entry)))
         if entry.gpus:
-            self.conn.executemany(
-                "INSERT OR REPLACE INTO step_gpus VALUES (?,?,?,?,?,?,?,?,?)",
-                [
-                    (
-                        key,
-                        entry.step,
-                        g.power_avg,
-                        g.power_min,
-                        g.power_max,
-                        g.util_avg,
-                        g.temp,
-                        g.vram_used_max_bytes,
-                        ",".join(g.throttle) if g.throttle else None,
-                    )
-                    for key, g in entry.gpus.items()
-                ],
+            pending["step_gpus"].extend(
+                (
+                    key,
+                    entry.step,
+                    g.power_avg,
+                    g.power_min,
+                    g.power_max,
+                    g.util_avg,
+                    g.temp,
+                    g.vram_used_max_bytes,
+                    ",".join(g.throttle) if g.throttle else None,
+                )
+                for key, g in entry.gpus.items()
             )
         if ranks:
-            self.conn.executemany(
-                "INSERT OR REPLACE INTO step_ranks VALUES (?,?,?)",
-                [(rank, entry.step, v) for rank, v in entry.peak_vram_bytes.items() if v is not None],
+            pending["step_ranks"].extend(
+                (rank, entry.step, v) for rank, v in entry.peak_vram_bytes.items() if v is not None
             )
+        if len(pending["steps"]) >= _BATCH_STEPS:
+            self._flush()
 
     def add_eval(self, entry: EvalEntry) -> None:
         self.conn.execute(
@@ -216,7 +238,7 @@ class RunIndex:
 
     def truncate_after(self, step: int) -> None:
         """A resumed session trains the steps after its checkpoint again: forget them."""
-        for table in ("steps", "step_gpus", "step_ranks", "evals"):
+        for table in ("steps", "step_lines", "step_gpus", "step_ranks", "evals"):
             self.conn.execute(f"DELETE FROM {table} WHERE step > ?", (step,))
 
     @contextlib.contextmanager
@@ -248,7 +270,7 @@ class RunIndex:
 
     def step_lines(self) -> Iterator[bytes]:
         """history.json's step entries, one JSON line each, in step order."""
-        for (entry,) in self.conn.execute("SELECT entry FROM steps ORDER BY step"):
+        for (entry,) in self.conn.execute("SELECT entry FROM step_lines ORDER BY step"):
             yield bytes(entry) + b"\n"
 
     def evals(self) -> list[EvalEntry]:

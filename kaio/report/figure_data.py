@@ -1,8 +1,10 @@
 """What telemetry.png draws, taken from the index: every line decimated to at most ``BUCKETS`` buckets.
 
-Each bucket keeps its lowest and its highest point, with their steps, so a
-one-step spike survives at any run length and points keep their order. With
-no more steps than buckets every step is its own bucket: the lines are exact.
+Each bucket keeps its lowest value (drawn at the bucket's first step) and its
+highest (at its last step), so a one-step spike survives at any run length,
+within a bucket's width of where it happened. With no more steps than buckets
+every step is its own bucket: the lines are exact. One query per table
+computes every line at once.
 The result is small (bounded by the bucket count) and travels as JSON to the
 process that draws it (``kaio.report.plot``).
 """
@@ -59,7 +61,7 @@ class FigureData(msgspec.Struct, kw_only=True):
 
 
 class _Grid:
-    """Bucket of a step: ``(step - first) * BUCKETS / span``, as SQL."""
+    """The buckets of the step axis: bucket b holds the steps with ``(step - first) * BUCKETS / span == b``."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
@@ -68,32 +70,38 @@ class _Grid:
         self.span = (last - first + 1) if first is not None else 1
         self.bucket = f"((step - {self.first}) * {BUCKETS} / {self.span})"
 
-    def lines(self, table: str, column: str, by_gpu: bool = False) -> dict[str, Line]:
-        """The decimated line of ``column`` (per GPU when ``by_gpu``; else under the key "")."""
-        group = "gpu, " if by_gpu else "'' AS gpu, "
-        inner = f"SELECT {group}step, {self.bucket} AS b, {column} AS v FROM {table} WHERE {column} IS NOT NULL"
-        points: dict[str, dict[float, float]] = {}
-        for fn in ("MIN", "MAX"):
-            for gpu, step, value in self.conn.execute(f"SELECT gpu, step, {fn}(v) FROM ({inner}) GROUP BY gpu, b"):
-                points.setdefault(gpu, {})[step] = value
-        return {gpu: Line(sorted(p), [p[x] for x in sorted(p)]) for gpu, p in points.items()}
-
-    def line(self, table: str, column: str) -> Line:
-        return self.lines(table, column).get("", Line())
-
-    def bands(self, table: str, low: str, high: str, by_gpu: bool = False) -> dict[str, Band]:
+    def decimate(
+        self, table: str, lines: tuple[str, ...], bands: tuple[tuple[str, str], ...] = (), by_gpu: bool = False
+    ) -> dict[str, dict[str, Line | Band]]:
+        """In one pass over ``table``: each line's lowest and highest value per bucket (at the bucket's first and
+        last step), and each band's lowest low and highest high; per GPU when ``by_gpu``, else under ""."""
         group = "gpu" if by_gpu else "''"
+        aggregates = [f"MIN({c}), MAX({c})" for c in lines] + [f"MIN({lo}), MAX({hi})" for lo, hi in bands]
         rows = self.conn.execute(
-            f"SELECT {group}, MIN(step), MIN({low}), MAX({high}) FROM {table} "
-            f"WHERE {low} IS NOT NULL OR {high} IS NOT NULL GROUP BY {group}, {self.bucket} ORDER BY MIN(step)"
+            f"SELECT {group}, MIN(step), MAX(step), {', '.join(aggregates)} FROM {table} "
+            f"GROUP BY {group}, {self.bucket} ORDER BY {group}, MIN(step)"
         )
-        bands: dict[str, Band] = {}
-        for gpu, step, lo, hi in rows:
-            band = bands.setdefault(gpu, Band())
-            band.x.append(step)
-            band.low.append(lo if lo is not None else hi)
-            band.high.append(hi if hi is not None else lo)
-        return bands
+        found: dict[str, dict[str, Line | Band]] = {}
+        for gpu, first, last, *values in rows:
+            out = found.setdefault(gpu, {**{c: Line() for c in lines}, **{lo: Band() for lo, _ in bands}})
+            for i, name in enumerate(lines):
+                low, high = values[2 * i], values[2 * i + 1]
+                line = out[name]
+                if low is None or not isinstance(line, Line):
+                    continue
+                line.x.append(first)
+                line.y.append(low)
+                if last != first and high != low:
+                    line.x.append(last)
+                    line.y.append(high)
+            for j, (name, _) in enumerate(bands):
+                low, high = values[2 * (len(lines) + j)], values[2 * (len(lines) + j) + 1]
+                band = out[name]
+                if (low is not None or high is not None) and isinstance(band, Band):
+                    band.x.append(first)
+                    band.low.append(low if low is not None else high)
+                    band.high.append(high if high is not None else low)
+        return found
 
 
 def figure_data(header: HistoryHeader, index: RunIndex) -> FigureData:
@@ -101,43 +109,53 @@ def figure_data(header: HistoryHeader, index: RunIndex) -> FigureData:
     grid = _Grid(conn)
     last = conn.execute("SELECT COALESCE(MAX(step), 0) FROM steps").fetchone()[0]
     data = FigureData(title=f"{header.project}: {header.status.value}, {last:,} steps", no_gpu=not header.devices)
-    data.loss = grid.line("steps", "loss")
-    data.loss_smoothed = grid.line("steps", "loss_smoothed")
-    data.loss_marks = [
-        m
-        for (m,) in conn.execute(f"SELECT MIN(step) FROM steps WHERE loss_nonfinite IS NOT NULL GROUP BY {grid.bucket}")
-    ]
+    names = ("loss", "loss_smoothed", "learning_rate", "vram_peak", "vram_used_max", "host_cpu", "host_ram")
+    steps = grid.decimate("steps", names, bands=(("vram_peak_min", "vram_peak"),)).get("", {})
+    (
+        data.loss,
+        data.loss_smoothed,
+        data.learning_rate,
+        data.vram_true_peak,
+        data.vram_device_used,
+        data.host_cpu,
+        data.host_ram,
+    ) = (_line(steps, name) for name in names)
+    data.ranks = conn.execute("SELECT COUNT(DISTINCT rank) FROM step_ranks").fetchone()[0]
+    if data.ranks > 1:
+        data.vram_ranks = _band(steps, "vram_peak_min")
+    marks = f"SELECT MIN(step) FROM steps WHERE loss_nonfinite IS NOT NULL GROUP BY {grid.bucket}"
+    data.loss_marks = [m for (m,) in conn.execute(marks)]
     data.nonfinite_losses = conn.execute("SELECT COUNT(*) FROM steps WHERE loss_nonfinite IS NOT NULL").fetchone()[0]
     evals = conn.execute("SELECT step, eval_loss FROM evals WHERE eval_loss IS NOT NULL ORDER BY step").fetchall()
     data.eval_loss = Line([step for step, _ in evals], [loss for _, loss in evals])
-    data.learning_rate = grid.line("steps", "learning_rate")
-    data.vram_true_peak = grid.line("steps", "vram_peak")
-    data.ranks = conn.execute("SELECT COUNT(DISTINCT rank) FROM step_ranks").fetchone()[0]
-    if data.ranks > 1:
-        data.vram_ranks = grid.bands("steps", "vram_peak_min", "vram_peak").get("", Band())
-    data.vram_device_used = grid.line(
-        "(SELECT step, MAX(vram_used) AS vram_used FROM step_gpus GROUP BY step)", "vram_used"
+    per_gpu = grid.decimate(
+        "step_gpus", ("util", "power_avg", "temp"), bands=(("power_min", "power_max"),), by_gpu=True
     )
     in_run = header.run_gpu_keys()
-    known = [g for (g,) in conn.execute("SELECT DISTINCT gpu FROM step_gpus")]
-    keys = [k for k in in_run if k in known] + sorted(set(known) - set(in_run) - {d.key for d in header.devices})
-    util, power, temp = (grid.lines("step_gpus", c, by_gpu=True) for c in ("util", "power_avg", "temp"))
-    bands = grid.bands("step_gpus", "power_min", "power_max", by_gpu=True)
+    keys = [k for k in in_run if k in per_gpu] + sorted(set(per_gpu) - set(in_run) - {d.key for d in header.devices})
     data.gpus = [
         GpuLines(
             key=k,
-            util=util.get(k, Line()),
-            power=power.get(k, Line()),
-            power_band=bands.get(k, Band()),
-            temp=temp.get(k, Line()),
+            util=_line(per_gpu[k], "util"),
+            power=_line(per_gpu[k], "power_avg"),
+            power_band=_band(per_gpu[k], "power_min"),
+            temp=_line(per_gpu[k], "temp"),
         )
         for k in keys
     ]
-    data.host_cpu = grid.line("steps", "host_cpu")
-    data.host_ram = grid.line("steps", "host_ram")
     data.host_ram_total_bytes = header.host.ram_total_bytes if header.host else None
     data.session_starts = [
         (step, session)
         for session, step in conn.execute("SELECT session, MIN(step) FROM steps GROUP BY session ORDER BY MIN(step)")
     ][1:]
     return data
+
+
+def _line(found: dict[str, Line | Band], name: str) -> Line:
+    line = found.get(name)
+    return line if isinstance(line, Line) else Line()
+
+
+def _band(found: dict[str, Line | Band], name: str) -> Band:
+    band = found.get(name)
+    return band if isinstance(band, Band) else Band()

@@ -15,7 +15,6 @@ to its value at the checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Protocol
 
@@ -43,7 +42,7 @@ class TickWindow(msgspec.Struct, kw_only=True):
 
     t_mono: float
     gpus: dict[str, GpuSample]
-    run_keys: list[str] = []  # the GPUs the run uses (the others are recorded, not counted in the totals)
+    run_keys: set[str] = set()  # the GPUs the run uses (the others are recorded, not counted in the totals)
     host: HostSample | None = None
     power: float | None = None  # W, sum over the run's GPUs
     util: float | None = None  # %, mean over the run's GPUs
@@ -98,9 +97,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         entry = self._entry(event.step, event.session)
         if entry is None:
             return False
-        entry.peak_vram_bytes[str(event.rank)] = event.peak_vram_bytes
-        peaks = [v for v in entry.peak_vram_bytes.values() if v is not None]
-        entry.vram_peak_bytes = max(peaks) if peaks else None
+        entry.peak_vram_bytes[str(event.rank)] = event.peak_vram_bytes  # the max over ranks: when it is stored
         if event.rank != 0:
             return True
         entry.epoch = event.epoch
@@ -160,19 +157,18 @@ class StepAssembler(msgspec.Struct, kw_only=True):
                 f"3x its minimum so far ({self.smoother.low:.4g})"
             )
 
-    def on_tick(self, tick: TickRecord, run_keys: Iterable[str], out: AssemblyOutput) -> None:
+    def on_tick(self, tick: TickRecord, run_keys: set[str], out: AssemblyOutput) -> None:
         if tick.t_mono is None:
             return
-        keys = set(run_keys)
-        mine = [g for g in tick.gpus if g.key in keys]
+        mine = [g for g in tick.gpus if g.key in run_keys]
         power = [g.power_w for g in mine if g.power_w is not None]
         utils = [g.util_pct for g in mine if g.util_pct is not None]
         temps = [t for g in mine if (t := g.temp_junction_c if g.temp_junction_c is not None else g.temp_c) is not None]
         self.ticks.append(
             TickWindow(
                 t_mono=tick.t_mono,
-                gpus={g.key: g for g in tick.gpus},
-                run_keys=[g.key for g in mine],
+                gpus={g.key: g for g in sorted(tick.gpus, key=_by_key)},
+                run_keys={g.key for g in mine},
                 host=tick.host,
                 power=sum(power) if power else None,
                 util=sum(utils) / len(utils) if utils else None,
@@ -259,13 +255,15 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         entry.util = _avg_min_max([t.util for t in inside])[0]
         entry.temp = _max([t.temp for t in inside])
         energies = []
-        run_keys = {k for t in inside for k in t.run_keys}
-        for key in sorted({k for t in inside for k in t.gpus}):
+        run_keys = inside[0].run_keys if len(inside) == 1 else {k for t in inside for k in t.run_keys}
+        by_key = self._energies_between(start, end)
+        keys = inside[0].gpus if len(inside) == 1 else sorted({k for t in inside for k in t.gpus})
+        for key in keys:
             samples = [t.gpus[key] for t in inside if key in t.gpus]
-            stats = _gpu_stats(samples, 0 if carried else len(samples), self._energy_between(key, start, end))
-            entry.gpus[key] = stats
-            if stats.energy_j is not None and key in run_keys:
-                energies.append(stats.energy_j)
+            energy = by_key.get(key)
+            entry.gpus[key] = _gpu_stats(samples, 0 if carried else len(samples), energy)
+            if energy is not None and key in run_keys:
+                energies.append(energy)
         entry.energy_j = round(sum(energies), 6) if energies else None
         hosts = [t.host for t in inside if t.host is not None]
         if hosts:
@@ -274,15 +272,57 @@ class StepAssembler(msgspec.Struct, kw_only=True):
                 ram_used_bytes=_max([h.ram_used_bytes for h in hosts]),
             )
 
-    def _energy_between(self, key: str, start: float, end: float) -> float | None:
-        """Energy counter interpolated linearly at both ends of the step."""
-        points = [(t.t_mono, e) for t in self.ticks if key in t.gpus and (e := t.gpus[key].energy_j) is not None]
-        if len(points) < 2:
-            return None
-        return round(max(_interpolate(points, end) - _interpolate(points, start), 0.0), 6)
+    def _energies_between(self, start: float, end: float) -> dict[str, float]:
+        """Each GPU's energy counter interpolated linearly at both ends of the step (one pass over the ticks)."""
+        points: dict[str, list[tuple[float, float]]] = {}
+        for tick in self.ticks:
+            for key, sample in tick.gpus.items():
+                if sample.energy_j is not None:
+                    points.setdefault(key, []).append((tick.t_mono, sample.energy_j))
+        return {
+            key: round(max(_interpolate(p, end) - _interpolate(p, start), 0.0), 6)
+            for key, p in points.items()
+            if len(p) > 1
+        }
 
 
 def _gpu_stats(samples: list[GpuSample], count: int, energy_j: float | None) -> GpuStepStats:
+    s = samples[0]
+    if len(samples) == 1:  # a step about as long as the poll interval: no lists to build
+        return GpuStepStats(
+            power_avg=_rounded(s.power_w),
+            power_min=s.power_w,
+            power_max=s.power_w,
+            util_avg=_rounded(s.util_pct),
+            util_min=s.util_pct,
+            util_max=s.util_pct,
+            temp_max=s.temp_c,
+            temp_junction_max=s.temp_junction_c,
+            energy_j=energy_j,
+            vram_used_max_bytes=s.vram_used_bytes,
+            run_vram_max_bytes=s.run_vram_bytes,
+            throttle=sorted(s.throttle) if s.throttle else None,
+            samples=count,
+        )
+    if len(samples) == 2:  # two samples: no lists either
+        t = samples[1]
+        power, util = _pair(s.power_w, t.power_w), _pair(s.util_pct, t.util_pct)
+        throttle = sorted({*(s.throttle or ()), *(t.throttle or ())}) or None
+        return GpuStepStats(
+            power_avg=power[0],
+            power_min=power[1],
+            power_max=power[2],
+            util_avg=util[0],
+            util_min=util[1],
+            util_max=util[2],
+            temp_max=_max2(s.temp_c, t.temp_c),
+            temp_junction_max=_max2(s.temp_junction_c, t.temp_junction_c),
+            energy_j=energy_j,
+            vram_used_max_bytes=_max2(s.vram_used_bytes, t.vram_used_bytes),
+            run_vram_max_bytes=_max2(s.run_vram_bytes, t.run_vram_bytes),
+            throttle=throttle,
+            samples=count,
+        )
     power = _avg_min_max([s.power_w for s in samples])
     util = _avg_min_max([s.util_pct for s in samples])
     return GpuStepStats(
@@ -300,6 +340,28 @@ def _gpu_stats(samples: list[GpuSample], count: int, energy_j: float | None) -> 
         throttle=sorted({r for s in samples for r in (s.throttle or ())}) or None,
         samples=count,
     )
+
+
+def _by_key(sample: GpuSample) -> str:
+    return sample.key
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _pair(a: float | None, b: float | None) -> tuple[float | None, float | None, float | None]:
+    """``_avg_min_max`` of two values."""
+    if a is None or b is None:
+        value = a if b is None else b
+        return _rounded(value), value, value
+    return round((a + b) / 2, 3), (a if a < b else b), (a if a > b else b)
+
+
+def _max2(a, b):
+    if a is None:
+        return b
+    return a if b is None or a >= b else b
 
 
 def _avg_min_max(values: list) -> tuple[float | None, float | None, float | None]:

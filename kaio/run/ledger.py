@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
-from kaio.devices.base import DeviceInfo
+from kaio.devices.base import DeviceInfo, GpuSample
 from kaio.record.types import (
     CheckpointSaved,
     ChildStarted,
@@ -67,6 +67,7 @@ class RunLedger(msgspec.Struct, kw_only=True):
     run: RunStart | None = None  # rank 0's account of the latest session
     ranks: dict[int, RankSeen] = {}  # every rank's account, latest session
     devices: dict[str, DeviceState] = {}
+    run_keys: set[str] = set()  # the devices the run's processes can see
     host: HostInfo | None = None
     checkpoints: list[CheckpointSaved] = []
     hub: HubOutcome | None = None
@@ -96,9 +97,10 @@ class RunLedger(msgspec.Struct, kw_only=True):
         return self.sessions[-1] if self.sessions and number is None else None
 
     def run_gpu_keys(self) -> list[str]:
-        return [key for key, dev in sorted(self.devices.items()) if dev.info.in_run]
+        return sorted(self.run_keys)
 
     def samples_per_step(self) -> int | None:
+        """Examples in one optimizer step: per device x accumulation x world size (None if unknown)."""
         if self.run is None:
             return None
         args = self.run.args
@@ -149,6 +151,7 @@ class RunLedger(msgspec.Struct, kw_only=True):
                 self.devices[info.key] = DeviceState(info=info)
             else:
                 state.info = info
+        self.run_keys = {key for key, dev in self.devices.items() if dev.info.in_run}
         if r.host is not None:
             self.host = r.host
         for note in r.notes:
@@ -198,11 +201,13 @@ class RunLedger(msgspec.Struct, kw_only=True):
     def on_hub(self, r: HubOutcome) -> None:
         self.hub = r
 
-    def add_energy(self, key: str, energy_j: float, method: str | None) -> None:
-        device = self.devices.get(key)
-        if device is not None:
-            device.energy_by_session[str(self.session)] = energy_j
-            device.energy_method = method
+    def note_energy(self, latest: dict[str, GpuSample]) -> None:
+        """The poller's energy counters (since the session's start) as they stand in the latest samples."""
+        for key, sample in latest.items():
+            device = self.devices.get(key)
+            if device is not None and sample.energy_j is not None:
+                device.energy_by_session[str(self.session)] = sample.energy_j
+                device.energy_method = sample.energy_method
 
     def add_host_sample(self, cpu_pct: float | None, ram_used_bytes: int | None) -> None:
         use = self.host_use

@@ -151,6 +151,7 @@ class RunState:
 
     def _on_session_start(self, r: SessionStart) -> None:
         self.parts.steps.seal_all(self)
+        self.ledger.note_energy(self.parts.live.latest_gpu)  # the last session's, before its samples go
         self.ledger.on_session_start(r)
         self.parts.steps.start_session(r.session)
         self.parts.live.start_session()
@@ -174,12 +175,15 @@ class RunState:
             self.parts.steps.resume_at(r.start_step, self)
 
     def _on_step(self, r: Step) -> None:
-        self.ledger.telemetry.events += 1
+        ledger = self.parts.ledger
+        ledger.telemetry.events += 1
         self.parts.live.on_step(r)
+        per_step = None
         if r.rank == 0:
-            self.ledger.on_step(r.session, r.step, r.t_wall)
-        if not self.parts.steps.on_step(r, self.ledger.samples_per_step(), self):
-            self.ledger.telemetry.dropped_late_events += 1
+            ledger.on_step(r.session, r.step, r.t_wall)
+            per_step = ledger.samples_per_step()
+        if not self.parts.steps.on_step(r, per_step, self):
+            ledger.telemetry.dropped_late_events += 1
 
     def _on_log(self, r: Log) -> None:
         self.ledger.telemetry.events += 1
@@ -221,12 +225,10 @@ class RunState:
         live = self.parts.live
         for g in r.gpus:
             live.latest_gpu[g.key] = g
-            if g.energy_j is not None:
-                self.ledger.add_energy(g.key, g.energy_j, g.energy_method)
         if r.host is not None:
             live.latest_host = r.host
             self.ledger.add_host_sample(r.host.cpu_pct, r.host.ram_used_bytes)
-        self.parts.steps.on_tick(r, self.ledger.run_gpu_keys(), self)
+        self.parts.steps.on_tick(r, self.ledger.run_keys, self)
 
     # ------------------------------------------------------------------ AssemblyOutput
 
@@ -247,6 +249,7 @@ class RunState:
     def header(self) -> HistoryHeader:
         """history.json without its evals and steps (those come from the index)."""
         ledger = self.ledger
+        ledger.note_energy(self.parts.live.latest_gpu)
         run = RunDescription.from_run_start(ledger.run) if ledger.run is not None else None
         devices = [
             DeviceSummary(key=key, info=d.info, energy_j=d.energy_j, energy_method=d.energy_method)
@@ -282,6 +285,7 @@ class RunState:
         self, *, status: str | None = None, log_tail: tuple[str, ...] = (), extra_warnings: tuple[str, ...] = ()
     ) -> Snapshot:
         warnings = tuple(self.parts.warnings.items[-5:]) + extra_warnings
+        self.ledger.note_energy(self.parts.live.latest_gpu)
         return build_snapshot(self.ledger, self.parts.live, self.last_step, warnings, status=status, log_tail=log_tail)
 
     def median_step_time(self) -> float | None:

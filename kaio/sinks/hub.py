@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from kaio.record.paths import ProjectPaths
+
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # What tokenizer.save_pretrained() writes, across tokenizer families; pushed when present.
 TOKENIZER_FILES = (
@@ -29,7 +31,6 @@ TOKENIZER_FILES = (
     "vocab.txt",
     "merges.txt",
 )
-REPORT_FILES = ("report.md", "telemetry.png", "history.json")
 REPORT_FOLDER_IN_REPO = "kaio-report"
 CARD_TAGS = ("kaio", "lora", "peft")
 COMMIT_MESSAGE = "kaio: LoRA adapter and run report"
@@ -136,7 +137,9 @@ def _files_to_push(adapter_dir: Path, report_dir: Path) -> list[tuple[str, Path]
         (name, adapter_dir / name) for name in ADAPTER_FILES + TOKENIZER_FILES if (adapter_dir / name).is_file()
     ]
     in_report_dir = [
-        (f"{REPORT_FOLDER_IN_REPO}/{name}", report_dir / name) for name in REPORT_FILES if (report_dir / name).is_file()
+        (f"{REPORT_FOLDER_IN_REPO}/{path.name}", path)
+        for path in ProjectPaths(report_dir).report_files
+        if path.is_file()
     ]
     return in_adapter_dir + in_report_dir
 
