@@ -22,6 +22,19 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
+@app.callback(invoke_without_command=True)
+def _main(
+    version: bool = typer.Option(False, "--version", help="Print kaio's version and exit.", metavar="", is_eager=True),
+) -> None:
+    """Launch, watch and record a LoRA fine-tune: live GPU telemetry, honest reports."""
+    if version:
+        from kaio import __version__
+
+        typer.echo(f"kaio {__version__}")
+        raise typer.Exit()
+
+
 DEFAULT_OUTPUT_DIR = Path("docs/reports")
 OUTPUT_DIR_OPTION = typer.Option(
     DEFAULT_OUTPUT_DIR, "--output-dir", help="The reports directory (reporting.output_dir)."
@@ -64,12 +77,16 @@ def run(
         ..., help="The YAML config, e.g. configs/finetuning_config.yaml.", show_default=False
     ),
     plain: bool = typer.Option(
-        False, "--plain", help="Plain status lines instead of the live dashboard (automatic when not in a terminal)."
+        False,
+        "--plain",
+        help="Plain status lines instead of the live dashboard (automatic when not in a terminal).",
+        metavar="",
     ),
     overwrite: bool = typer.Option(
         False,
         "--overwrite",
         help="Start the project over; its old record and checkpoints are moved aside, not deleted.",
+        metavar="",
     ),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Override training.max_steps."),
 ) -> None:
@@ -103,7 +120,7 @@ def resume(
         help="An edited config to continue with (learning rate, max steps, logging may change; model and LoRA shape may not).",
     ),
     output_dir: Path = OUTPUT_DIR_OPTION,
-    plain: bool = typer.Option(False, "--plain", help="Plain status lines instead of the live dashboard."),
+    plain: bool = typer.Option(False, "--plain", help="Plain status lines instead of the live dashboard.", metavar=""),
 ) -> None:
     """Continue PROJECT from its latest complete checkpoint, as a new session of the same history."""
     from kaio.run.gpu_feed import poller_factory
@@ -128,7 +145,7 @@ def resume(
 def report(
     project: str = typer.Argument(..., help="Project name (a folder under the reports directory).", show_default=False),
     output_dir: Path = OUTPUT_DIR_OPTION,
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON for scripts."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON for scripts.", metavar=""),
 ) -> None:
     """Rebuild report.md, telemetry.png and history.json from the project's journal, offline.
 
@@ -169,7 +186,7 @@ def push(
 
 @app.command()
 @_user_errors
-def gpus(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")) -> None:
+def gpus(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.", metavar="")) -> None:
     """List the GPU backends and devices kaio can read, with one sample of each."""
     from kaio.devices.inventory import inventory, render_inventory
 

@@ -11,9 +11,9 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from kaio.errors import ConfigError, ProjectError
 from kaio.secrets import is_secret_key, redact  # noqa: F401 - the config's secrets follow the one rule
@@ -37,8 +37,14 @@ def check_project_name(value: str) -> str:
     return value
 
 
+# Whole numbers and switches must be written as such (`batch_size: true` is not 1), within what a trainer
+# can take; numbers must be finite (`.inf` is no learning rate).
+Int = Annotated[int, Strict(), Field(ge=-(2**31), le=2**31 - 1)]
+Bool = Annotated[bool, Strict()]
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -50,16 +56,16 @@ class ModelConfig(_Section):
         None,
         description="Tokenizer id or path; default: the base model's, or ByT5's byte tokenizer (no files) for the tiny model.",
     )
-    max_seq_length: int = Field(128, ge=8, le=131072, description="Each example is truncated to this many tokens.")
-    trust_remote_code: bool = Field(False, description="Passed to `from_pretrained`; only for models you trust.")
-    hidden_size: int = Field(64, ge=8, description="Tiny model only: hidden size.")
-    num_layers: int = Field(2, ge=1, description="Tiny model only: decoder layers.")
-    num_heads: int = Field(4, ge=1, description="Tiny model only: attention heads.")
-    intermediate_size: int = Field(256, ge=8, description="Tiny model only: MLP width.")
+    max_seq_length: Int = Field(128, ge=8, le=131072, description="Each example is truncated to this many tokens.")
+    trust_remote_code: Bool = Field(False, description="Passed to `from_pretrained`; only for models you trust.")
+    hidden_size: Int = Field(64, ge=8, description="Tiny model only: hidden size.")
+    num_layers: Int = Field(2, ge=1, description="Tiny model only: decoder layers.")
+    num_heads: Int = Field(4, ge=1, description="Tiny model only: attention heads.")
+    intermediate_size: Int = Field(256, ge=8, description="Tiny model only: MLP width.")
 
 
 class LoraConfig(_Section):
-    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    r: Int = Field(16, ge=1, le=1024, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (`lora_alpha`).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
     target_modules: list[str] = Field(
@@ -77,7 +83,7 @@ class DataConfig(_Section):
         "auto", description="How to read each JSONL line; `auto` looks at the first line."
     )
     text_field: str = Field("text", description="Key of the text in `text` format.")
-    sample_size: int = Field(
+    sample_size: Int = Field(
         512, ge=1, description="Generated sample only: number of examples (deterministic, seeded by `training.seed`)."
     )
 
@@ -90,10 +96,10 @@ class DataConfig(_Section):
 
 
 class TrainingConfig(_Section):
-    max_steps: int = Field(-1, ge=-1, description="Optimizer steps to run; -1: run `num_epochs` epochs.")
+    max_steps: Int = Field(-1, ge=-1, description="Optimizer steps to run; -1: run `num_epochs` epochs.")
     num_epochs: float = Field(1.0, gt=0, description="Epochs when `max_steps` is -1.")
-    batch_size: int = Field(8, ge=1, description="Per-device batch size.")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    batch_size: Int = Field(8, ge=1, description="Per-device batch size.")
+    gradient_accumulation_steps: Int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
     optimizer: str = Field(
         "adamw_torch",
@@ -105,16 +111,16 @@ class TrainingConfig(_Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps spent warming up the learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables.")
-    logging_steps: int = Field(1, ge=1, description="Log loss / learning rate every N optimizer steps.")
-    save_steps: int = Field(50, ge=1, description="Save a checkpoint every N optimizer steps.")
-    save_total_limit: int | None = Field(
+    logging_steps: Int = Field(1, ge=1, description="Log loss / learning rate every N optimizer steps.")
+    save_steps: Int = Field(50, ge=1, description="Save a checkpoint every N optimizer steps.")
+    save_total_limit: Int | None = Field(
         3, ge=1, description="Checkpoints kept; older ones are deleted. null keeps all."
     )
-    seed: int = Field(42, description="Seed for data generation, shuffling and initialisation.")
+    seed: Int = Field(42, description="Seed for data generation, shuffling and initialisation.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 where the GPU supports it, fp16 on other GPUs, fp32 on CPU."
     )
-    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    gradient_checkpointing: Bool = Field(False, description="Trade compute for activation memory.")
     output_dir: str | None = Field(None, description="Where checkpoints go; default `checkpoints/<project_name>`.")
 
     @model_validator(mode="after")
@@ -125,7 +131,7 @@ class TrainingConfig(_Section):
 
 
 class LaunchConfig(_Section):
-    num_processes: int = Field(
+    num_processes: Int = Field(
         1,
         ge=1,
         le=64,
@@ -139,11 +145,14 @@ class LaunchConfig(_Section):
     accelerate_args: list[str] = Field(
         default_factory=list, description="Extra `accelerate launch` flags, e.g. `[--mixed_precision, bf16]`."
     )
-    max_restarts: int = Field(
+    max_restarts: Int = Field(
         0, ge=0, le=100, description="On a failure, resume from the latest checkpoint by itself up to N times."
     )
     grace_seconds: float = Field(
-        10.0, gt=0, le=600, description="After SIGTERM/SIGINT, seconds before the child's process group gets SIGKILL."
+        30.0,
+        gt=0,
+        le=3600,
+        description="After a Ctrl-C (or SIGTERM), seconds the training has to save a checkpoint and stop before it is killed.",
     )
 
     @field_validator("script")
@@ -156,14 +165,14 @@ class LaunchConfig(_Section):
 
 class ReportingConfig(_Section):
     output_dir: str = Field("docs/reports", description="Reports go to `<output_dir>/<project_name>/`.")
-    use_comet_ml: bool = Field(
+    use_comet_ml: Bool = Field(
         True, description="Log to Comet ML (online with COMET_API_KEY, else an offline archive)."
     )
     poll_hz: float = Field(2.0, gt=0, le=50, description="GPU samples per second.")
     refresh_seconds: float = Field(
         10.0,
         gt=0,
-        description="How often report.md and telemetry.png are rewritten during the run (history.json: once it has grown by a tenth).",
+        description="How often report.md and the index are rewritten during the run (history.json and telemetry.png: at most once a minute); stretched so that rewriting takes at most 1% of the time.",
     )
     gpu_backend: Literal["auto", "nvml", "amdsmi", "none"] = Field(
         "auto", description="Which GPU library to read: auto detects all present."
@@ -171,9 +180,9 @@ class ReportingConfig(_Section):
 
 
 class HubConfig(_Section):
-    push: bool = Field(False, description="Push the final LoRA adapter and the report to the Hugging Face Hub.")
+    push: Bool = Field(False, description="Push the final LoRA adapter and the report to the Hugging Face Hub.")
     repo_id: str | None = Field(None, description="`user/name` of the model repo.")
-    private: bool = Field(True, description="Create the repo as private.")
+    private: Bool = Field(True, description="Create the repo as private.")
 
     @model_validator(mode="after")
     def _repo_when_pushing(self) -> HubConfig:
@@ -236,15 +245,16 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.yaml")) + sorted(p.name for p in path.glob("*.yml"))
+        hint = f"; the configs in it: {', '.join(inside)}" if inside else ""
+        raise ConfigError(f"{path}: a directory, not a config file: give the YAML file itself{hint}")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_config_loader())
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}:{where}: YAML syntax error: {problem}") from None
+        raise ConfigError(f"{path}: {_yaml_error(exc)}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file (UTF-8 expected)") from None
     if raw is None:
@@ -269,6 +279,35 @@ def with_max_steps(cfg: RunConfig, max_steps: int, option: str = "--max-steps") 
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{option} {max_steps}: {_describe(exc.errors()[0]).split(': ', 1)[-1]}") from None
+
+
+def _yaml_error(exc: Exception) -> str:
+    """Where the YAML went wrong: where the broken construct began, as well as where the parser gave up."""
+    mark, context = getattr(exc, "problem_mark", None), getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    if context is not None and mark is not None and context.line != mark.line:
+        started = f" (in the {getattr(exc, 'context', '') or 'construct'} that starts at line {context.line + 1})"
+        started = started.replace("while parsing a ", "")
+        return f"{where}YAML syntax error: {problem}{started}"
+    return f"{where}YAML syntax error: {problem}"
+
+
+def _config_loader():
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """A SafeLoader without anchors and aliases: a few hundred bytes of aliases can expand to gigabytes."""
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.events.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.MarkedYAMLError(
+                    problem="aliases (*name) are not supported in kaio configs", problem_mark=mark
+                )
+            return super().compose_node(parent, index)
+
+    return Loader
 
 
 def config_from_dict(raw: dict[str, Any], *, source: str = "<config>") -> RunConfig:

@@ -297,3 +297,17 @@ def test_spooled_events_merge_in_the_order_they_happened(tmp_path):
     history = history_of(state)
     assert state.ledger.telemetry.dropped_late_events == 0
     assert all(s["loss"] == 1.0 for s in history["steps"]) and len(history["steps"]) == 1499
+
+
+def test_an_index_of_an_older_kaio_is_rebuilt_tables_and_all(tmp_path):
+    dicts = _run_records(30) + [_end(1)]
+    paths = _journaled(tmp_path, dicts, save_after=len(dicts))
+    conn = sqlite3.connect(paths.index)
+    conn.execute("DROP TABLE step_gpus")
+    conn.execute("CREATE TABLE step_gpus (gpu TEXT, step INTEGER, power_avg REAL)")  # another layout
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'format'", (b"1",))
+    conn.commit()
+    conn.close()
+    loaded = loading.load(paths, writable=True)
+    assert not loaded.from_index and _document(loaded.state) == _document(replay(dicts, project="p"))
+    loaded.state.index.close()

@@ -34,50 +34,48 @@ def _faulty_config(project_dir: Path, *script_args: str, num_processes: int = 1,
     )
 
 
-def test_resume_after_ctrl_c_continues_one_history_with_the_same_losses(project_dir):
+def test_ctrl_c_saves_a_checkpoint_at_that_step_and_resume_continues_exactly_there(project_dir):
+    """A first Ctrl-C between two save_steps: the Trainer saves checkpoint-k at the end of step k and stops;
+    `kaio resume` trains k+1.. with no gap, no duplicate and the losses of an uninterrupted run."""
     reference_dir = project_dir / "reference"
     reference_dir.mkdir()
-    write_config(reference_dir, max_steps=200, save_steps=10)
+    write_config(reference_dir, max_steps=200, save_steps=100)
     assert kaio("run", "cfg.yaml", cwd=reference_dir).returncode == 0
     reference = {s["step"]: s["loss"] for s in read_history(reference_dir)["steps"]}
 
-    write_config(project_dir, max_steps=200, save_steps=10)
+    write_config(project_dir, max_steps=200, save_steps=100)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kaio", "run", "cfg.yaml"],
+        [sys.executable, "-m", "kaio", "run", "cfg.yaml", "--plain"],
         cwd=project_dir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
-    wait_for(
-        lambda: (
-            (project_dir / "checkpoints/t/checkpoint-10/trainer_state.json").exists()
-            and journal_steps(project_dir) >= 12
-        ),
-        120,
-        "a checkpoint and a few more steps",
-    )
+    wait_for(lambda: journal_steps(project_dir) >= 12, 120, "a few steps")
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=60)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, output  # stopped by the user: SIGTERM's code
     interrupted = read_history(project_dir)
     assert interrupted["status"] == "INTERRUPTED"
-    last_interrupted = max(_steps(interrupted))
-    assert last_interrupted < 200, "Ctrl-C came too late to test a resume"
+    stopped_at = max(_steps(interrupted))
+    assert 12 <= stopped_at < 100, "Ctrl-C should land between two save_steps"
+    assert (project_dir / f"checkpoints/t/checkpoint-{stopped_at}/trainer_state.json").exists()
+    said = f"stopped after step {stopped_at} with checkpoint-{stopped_at} saved: `kaio resume t` continues from step {stopped_at + 1}"
+    assert said in output and said in (project_dir / "docs/reports/t/report.md").read_text()
 
     result = kaio("resume", "t", cwd=project_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     history = read_history(project_dir)
     assert _steps(history) == list(range(1, 201))
     assert [s["kind"] for s in history["sessions"]] == ["run", "resume"]
-    assert history["sessions"][1]["start_step"] % 10 == 0 and history["sessions"][1]["start_step"] >= 10
+    assert history["sessions"][1]["start_step"] == stopped_at
     assert history["status"] == "COMPLETED"
-    # Steps replayed after the checkpoint replace the superseded ones; with a fixed
-    # seed, resuming from a checkpoint reproduces the uninterrupted losses.
+    # With a fixed seed, resuming from a checkpoint reproduces the uninterrupted losses.
     for step, loss in reference.items():
         assert history["steps"][step - 1]["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
-    # The journal keeps both versions of the steps replayed after the checkpoint.
+    # Nothing was trained twice: the journal holds each step once.
     journal = [json.loads(line) for line in (project_dir / "docs/reports/t/journal.jsonl").read_text().splitlines()]
-    step_events = [e["step"] for e in journal if e.get("type") == "step"]
-    assert len(step_events) == 200 + last_interrupted - history["sessions"][1]["start_step"]
+    assert sorted(e["step"] for e in journal if e.get("type") == "step") == list(range(1, 201))
     assert "session 2: resumed from checkpoint-" in " ".join(history["telemetry"]["notes"])
 
 

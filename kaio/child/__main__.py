@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import signal
 import sys
 import time
 import traceback
@@ -25,6 +26,9 @@ SCRIPT_FLAG = "--kaio-script"
 
 
 def main(argv: list[str] | None = None) -> None:
+    # The launcher ignores SIGTERM so that this process answers it; an ignored signal is inherited, so give
+    # it back its default until the Trainer patch installs the graceful stop (kaio.child.stop).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # Parsed by hand: every other argument belongs to the target, `--help` included.
     args = list(sys.argv[1:] if argv is None else argv)
     script = None

@@ -19,6 +19,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from kaio.child import stop
 from kaio.child.describe import describe_run
 from kaio.child.emitter import EventEmitter
 from kaio.child.memory import peak_memory_functions
@@ -77,6 +78,7 @@ class KaioCallback(TrainerCallback):
     # -- Trainer hooks ----------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        stop.training(True)
         self._peak_memory = peak_memory_functions()
         trainer = self._trainer() if self._trainer is not None else None
         self.emitter.emit(describe_run(self.rank, args, state, model, kwargs, trainer))
@@ -89,6 +91,9 @@ class KaioCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         now_mono = self._busy_until_mono = time.monotonic()
         tokens = getattr(state, "num_input_tokens_seen", 0)
+        if stop.requested():  # a graceful stop: the Trainer saves checkpoint-N after this step, then returns
+            control.should_save = True
+            control.should_training_stop = True
         # Sent now, not with the log that follows: after another rank died, the Trainer's log
         # (an all-gather) never returns, and this step would be lost.
         self.emitter.emit(
@@ -154,6 +159,7 @@ class KaioCallback(TrainerCallback):
         )
 
     def on_train_end(self, args, state, control, **kwargs):
+        stop.training(False)
         self.emitter.emit(
             TrainEnd(rank=self.rank, step=int(state.global_step), t_wall=time.time(), t_mono=time.monotonic())
         )

@@ -28,6 +28,10 @@ def main() -> None:
         # Without it, transformers builds no gloo group on a host without GPUs, and N processes of an
         # unchanged script are N independent, duplicate trainings (the built-in recipe sets use_cpu itself).
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    # One process: accelerate runs the trainer as our child and waits for it; a SIGTERM is the trainer's to
+    # answer (it saves a checkpoint, kaio.child.stop), so this process waits for it rather than dying first.
+    # Several: torch elastic installs its own handlers, which pass the signal on to every rank.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     session = int(os.environ.get(ENV_SESSION, "1"))
     try:
         accelerate_main()

@@ -34,8 +34,10 @@ def shared_emitter():
 def install() -> None:
     import transformers
 
+    from kaio.child import stop
     from kaio.child.callback import KaioCallback
 
+    stop.install()
     trainer_cls = transformers.Trainer
     if getattr(trainer_cls.__init__, "_kaio_patched", False):
         return

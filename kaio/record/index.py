@@ -40,7 +40,7 @@ from kaio.record.paths import ProjectPaths
 from kaio.record.rules import LossSmoother
 from kaio.record.types import EvalEntry, StepEntry
 
-INDEX_FORMAT = 5  # bump when the tables change: an older index is rebuilt
+INDEX_FORMAT = 7  # bump when the tables change: an older index is rebuilt
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
@@ -53,16 +53,16 @@ CREATE TABLE IF NOT EXISTS steps (
 -- Each step's history.json line, apart: the figures' scans never read these few KB a step.
 CREATE TABLE IF NOT EXISTS step_lines (step INTEGER PRIMARY KEY, entry BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS step_gpus (
-    gpu TEXT, step INTEGER, power_avg REAL, power_min REAL, power_max REAL, util REAL, temp REAL,
-    vram_used REAL, throttle TEXT, PRIMARY KEY (step, gpu)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS step_ranks (rank TEXT, step INTEGER, peak REAL, PRIMARY KEY (step, rank)) WITHOUT ROWID;
+    gpu TEXT, step INTEGER, duration_s REAL, power_avg REAL, power_min REAL, power_max REAL, util REAL, temp REAL,
+    vram_used REAL, throttle TEXT, PRIMARY KEY (gpu, step)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS step_ranks (rank TEXT, step INTEGER, peak REAL, PRIMARY KEY (rank, step)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS evals (step INTEGER, session INTEGER, eval_loss REAL, entry BLOB NOT NULL);
 """
 _TABLES = ("steps", "step_lines", "step_gpus", "step_ranks", "evals", "meta")
 _ROW_TABLES = {  # what add_step inserts, in batches
     "steps": "INSERT OR REPLACE INTO steps VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
     "step_lines": "INSERT OR REPLACE INTO step_lines VALUES (?,?)",
-    "step_gpus": "INSERT OR REPLACE INTO step_gpus VALUES (?,?,?,?,?,?,?,?,?)",
+    "step_gpus": "INSERT OR REPLACE INTO step_gpus VALUES (?,?,?,?,?,?,?,?,?,?)",
     "step_ranks": "INSERT OR REPLACE INTO step_ranks VALUES (?,?,?)",
 }
 _BATCH_STEPS = 256
@@ -155,9 +155,12 @@ class RunIndex:
         return self._meta("state")
 
     def reset(self) -> None:
-        """Forget everything: the journal is replayed from its start."""
+        """Forget everything, tables included (an older kaio's may differ): the journal is replayed from its start."""
+        for pending in self._pending.values():
+            pending.clear()
         for table in _TABLES:
-            self.conn.execute(f"DELETE FROM {table}")
+            self._conn.execute(f"DROP TABLE IF EXISTS {table}")
+        self._conn.executescript(_SCHEMA)
 
     def commit(self, state: bytes, coverage: Coverage) -> None:
         """Save the state with the steps added so far, as covering the journal up to ``coverage``."""
@@ -213,6 +216,7 @@ class RunIndex:
                 (
                     key,
                     entry.step,
+                    entry.duration_s,  # the weight of the GPU's figures in the run's means
                     g.power_avg,
                     g.power_min,
                     g.power_max,
@@ -301,11 +305,12 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def _check_writable(conn: sqlite3.Connection) -> None:
+    """A write lock taken and given back: a filesystem that refuses SQLite's locks says so here. (No
+    integrity check: on a large index it would cost a second; damage shows as a DatabaseError when read,
+    and ``kaio report`` then rebuilds the index from the journal.)"""
     conn.execute("BEGIN IMMEDIATE")
     conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB)")
     conn.commit()
-    if conn.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-        raise sqlite3.DatabaseError("index failed its integrity check")
 
 
 def _check_readable(path: Path) -> None:

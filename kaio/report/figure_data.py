@@ -69,24 +69,36 @@ class _Grid:
         self.first = first or 0
         self.span = (last - first + 1) if first is not None else 1
         self.bucket = f"((step - {self.first}) * {BUCKETS} / {self.span})"
+        # Bucket b holds the steps from lo to hi: the smallest step whose bucket number is b, to the next one's minus 1.
+        starts = [self.first + -(-b * self.span // BUCKETS) for b in range(BUCKETS + 1)]
+        conn.execute("CREATE TEMP TABLE IF NOT EXISTS kaio_buckets (id INTEGER PRIMARY KEY, lo INTEGER, hi INTEGER)")
+        conn.execute("DELETE FROM kaio_buckets")
+        conn.executemany(
+            "INSERT INTO kaio_buckets VALUES (?, ?, ?)",
+            [(b, starts[b], starts[b + 1] - 1) for b in range(BUCKETS) if starts[b + 1] > starts[b]],
+        )
 
     def decimate(
-        self, table: str, lines: tuple[str, ...], bands: tuple[tuple[str, str], ...] = (), by_gpu: bool = False
-    ) -> dict[str, dict[str, Line | Band]]:
-        """In one pass over ``table``: each line's lowest and highest value per bucket (at the bucket's first and
-        last step), and each band's lowest low and highest high; per GPU when ``by_gpu``, else under ""."""
-        group = "gpu" if by_gpu else "''"
+        self, table: str, lines: tuple[str, ...], bands: tuple[tuple[str, str], ...] = (), gpu: str | None = None
+    ) -> dict[str, Line | Band]:
+        """In one pass over ``table`` (one GPU's rows of it when ``gpu``): each line's lowest and highest
+        value per bucket (at the bucket's first and last step), and each band's lowest low and highest high.
+
+        The buckets are a small table joined by step range, so SQLite walks the steps in key order and
+        groups them as it goes, instead of sorting every row by a computed bucket number.
+        """
         aggregates = [f"MIN({c}), MAX({c})" for c in lines] + [f"MIN({lo}), MAX({hi})" for lo, hi in bands]
+        only = "AND s.gpu = ?" if gpu is not None else ""
         rows = self.conn.execute(
-            f"SELECT {group}, MIN(step), MAX(step), {', '.join(aggregates)} FROM {table} "
-            f"GROUP BY {group}, {self.bucket} ORDER BY {group}, MIN(step)"
+            f"SELECT MIN(s.step), MAX(s.step), {', '.join(aggregates)} FROM kaio_buckets b "
+            f"JOIN {table} s ON s.step BETWEEN b.lo AND b.hi {only} GROUP BY b.id ORDER BY b.id",
+            () if gpu is None else (gpu,),
         )
-        found: dict[str, dict[str, Line | Band]] = {}
-        for gpu, first, last, *values in rows:
-            out = found.setdefault(gpu, {**{c: Line() for c in lines}, **{lo: Band() for lo, _ in bands}})
+        found: dict[str, Line | Band] = {**{c: Line() for c in lines}, **{lo: Band() for lo, _ in bands}}
+        for first, last, *values in rows:
             for i, name in enumerate(lines):
                 low, high = values[2 * i], values[2 * i + 1]
-                line = out[name]
+                line = found[name]
                 if low is None or not isinstance(line, Line):
                     continue
                 line.x.append(first)
@@ -96,7 +108,7 @@ class _Grid:
                     line.y.append(high)
             for j, (name, _) in enumerate(bands):
                 low, high = values[2 * (len(lines) + j)], values[2 * (len(lines) + j) + 1]
-                band = out[name]
+                band = found[name]
                 if (low is not None or high is not None) and isinstance(band, Band):
                     band.x.append(first)
                     band.low.append(low if low is not None else high)
@@ -110,7 +122,7 @@ def figure_data(header: HistoryHeader, index: RunIndex) -> FigureData:
     last = conn.execute("SELECT COALESCE(MAX(step), 0) FROM steps").fetchone()[0]
     data = FigureData(title=f"{header.project}: {header.status.value}, {last:,} steps", no_gpu=not header.devices)
     names = ("loss", "loss_smoothed", "learning_rate", "vram_peak", "vram_used_max", "host_cpu", "host_ram")
-    steps = grid.decimate("steps", names, bands=(("vram_peak_min", "vram_peak"),)).get("", {})
+    steps = grid.decimate("steps", names, bands=(("vram_peak_min", "vram_peak"),))
     (
         data.loss,
         data.loss_smoothed,
@@ -128,11 +140,13 @@ def figure_data(header: HistoryHeader, index: RunIndex) -> FigureData:
     data.nonfinite_losses = conn.execute("SELECT COUNT(*) FROM steps WHERE loss_nonfinite IS NOT NULL").fetchone()[0]
     evals = conn.execute("SELECT step, eval_loss FROM evals WHERE eval_loss IS NOT NULL ORDER BY step").fetchall()
     data.eval_loss = Line([step for step, _ in evals], [loss for _, loss in evals])
-    per_gpu = grid.decimate(
-        "step_gpus", ("util", "power_avg", "temp"), bands=(("power_min", "power_max"),), by_gpu=True
-    )
+    known = {gpu for (gpu,) in conn.execute("SELECT DISTINCT gpu FROM step_gpus")}
     in_run = header.run_gpu_keys()
-    keys = [k for k in in_run if k in per_gpu] + sorted(set(per_gpu) - set(in_run) - {d.key for d in header.devices})
+    keys = [k for k in in_run if k in known] + sorted(known - set(in_run) - {d.key for d in header.devices})
+    per_gpu = {
+        key: grid.decimate("step_gpus", ("util", "power_avg", "temp"), bands=(("power_min", "power_max"),), gpu=key)
+        for key in keys
+    }
     data.gpus = [
         GpuLines(
             key=k,

@@ -76,14 +76,17 @@ def render_telemetry_png(data: FigureData, path: str | os.PathLike) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def render_job(job_path: str | os.PathLike, png_path: str | os.PathLike) -> None:
-    """Render the ``FigureData`` a supervisor wrote to ``job_path``, then delete the job file.
-    See ``kaio.run.finalize.FigureProcess``."""
+def render_from_stdin(png_path: str | os.PathLike) -> None:
+    """Draw the ``FigureData`` that comes on stdin (``kaio.run.finalize.FigureProcess``); nothing on stdin:
+    nothing to draw. matplotlib is imported first, while the supervisor is still gathering the data."""
+    import sys
+
     os.nice(10)  # a background drawing: on busy cores it waits rather than slow the training
-    with open(job_path, "rb") as f:
-        data = msgspec.json.decode(f.read(), type=FigureData)
-    os.unlink(job_path)
-    render_telemetry_png(data, png_path)
+    import matplotlib.backends.backend_agg  # noqa: F401 - imported ahead of the data
+
+    job = sys.stdin.buffer.read()
+    if job:
+        render_telemetry_png(msgspec.json.decode(job, type=FigureData), png_path)
 
 
 # --- panels -----------------------------------------------------------------
@@ -250,4 +253,4 @@ def _mark_sessions(axes: Sequence[Axes], session_starts: Sequence[tuple[int, int
 if __name__ == "__main__":  # kaio.run.finalize.FigureProcess
     import sys
 
-    render_job(sys.argv[1], sys.argv[2])
+    render_from_stdin(sys.argv[1])

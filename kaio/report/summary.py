@@ -131,7 +131,7 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
     s.step_entries, first, last_step = q.row("SELECT COUNT(*), MIN(step), COALESCE(MAX(step), 0) FROM steps")
     s.optimizer_steps = last_step
     weight = q.median("duration_s") or 1.0  # the duration that stands in for steps without one
-    w = f"COALESCE(s.duration_s, {weight!r})"
+    w = f"COALESCE(duration_s, {weight!r})"
     s.training_time_s = _training_time_s(q, sessions)
     _time_spent(q, s, sessions)
     _loss(q, s)
@@ -143,7 +143,7 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
     else:  # a history written before kaio kept them: the steps' own
         s.host_cpu_avg_pct, s.host_ram_peak_bytes = q.row(
             f"SELECT SUM(host_cpu * {w}) / SUM(CASE WHEN host_cpu IS NOT NULL THEN {w} END), "
-            "CAST(MAX(host_ram) AS INTEGER) FROM steps s"
+            "CAST(MAX(host_ram) AS INTEGER) FROM steps"
         )
     _energy(q, s, header, gpus, w)
     s.cpu_only = not header.devices and all(
@@ -213,10 +213,12 @@ def _evals(q: _Query, s: Summary) -> None:
 def _gpus(q: _Query, s: Summary, header: HistoryHeader, w: str) -> list[str]:
     """Per-GPU and pooled figures of the run's GPUs; returns their keys."""
     in_run = header.run_gpu_keys()
+    # One pass: per GPU its peaks and, for each time-weighted mean, the weighted sum and the weight.
+    sums = ", ".join(
+        f"SUM({c} * {w}), SUM(CASE WHEN {c} IS NOT NULL THEN {w} END)" for c in ("power_avg", "util", "temp")
+    )
     rows = q.conn.execute(
-        f"SELECT g.gpu, MAX(COALESCE(g.power_max, g.power_avg)), MAX(g.temp), MAX(g.vram_used), "
-        f"SUM(g.power_avg * {w}) / SUM(CASE WHEN g.power_avg IS NOT NULL THEN {w} END) "
-        "FROM step_gpus g JOIN steps s USING (step) GROUP BY g.gpu"
+        f"SELECT gpu, MAX(COALESCE(power_max, power_avg)), MAX(temp), MAX(vram_used), {sums} FROM step_gpus GROUP BY gpu"
     ).fetchall()
     known = {gpu for gpu, *_ in rows}
     gpus = [k for k in in_run if k in known] + sorted(known - set(in_run) - {d.key for d in header.devices})
@@ -227,19 +229,9 @@ def _gpus(q: _Query, s: Summary, header: HistoryHeader, w: str) -> list[str]:
     device_peaks = {gpu: int(r[2]) for gpu, r in by_gpu.items() if r[2] is not None}
     s.vram_device_used_peak_by_gpu_bytes = device_peaks
     s.vram_device_used_peak_bytes = max(device_peaks.values()) if device_peaks else None
-    averages = [r[3] for r in by_gpu.values() if r[3] is not None]
+    averages = [r[3] / r[4] for r in by_gpu.values() if r[4]]
     s.power_total_avg_w = sum(averages) if averages else None
-    if gpus:
-        marks = ",".join("?" * len(gpus))
-        s.power_avg_w, s.gpu_util_avg_pct, s.temp_avg_c = q.row(
-            "SELECT "
-            + ", ".join(
-                f"SUM(g.{c} * {w}) / SUM(CASE WHEN g.{c} IS NOT NULL THEN {w} END)"
-                for c in ("power_avg", "util", "temp")
-            )
-            + f" FROM step_gpus g JOIN steps s USING (step) WHERE g.gpu IN ({marks})",
-            *gpus,
-        )
+    s.power_avg_w, s.gpu_util_avg_pct, s.temp_avg_c = (_pooled(by_gpu.values(), 3 + 2 * i) for i in range(3))
     by_rank = dict(q.conn.execute("SELECT rank, CAST(MAX(peak) AS INTEGER) FROM step_ranks GROUP BY rank").fetchall())
     s.vram_true_peak_by_rank_bytes = {r: by_rank[r] for r in sorted(by_rank, key=lambda r: (len(r), r))}
     s.vram_true_peak_bytes = max(by_rank.values()) if by_rank else None
@@ -248,6 +240,12 @@ def _gpus(q: _Query, s: Summary, header: HistoryHeader, w: str) -> list[str]:
     if s.vram_true_peak_bytes is not None and s.vram_device_used_peak_bytes is not None:
         s.vram_gap_bytes = s.vram_device_used_peak_bytes - s.vram_true_peak_bytes
     return gpus
+
+
+def _pooled(rows: Any, at: int) -> float | None:
+    """A time-weighted mean over every GPU: the weighted sums and the weights at ``at`` and ``at + 1`` added up."""
+    weight = sum(r[at + 1] or 0.0 for r in rows)
+    return sum(r[at] or 0.0 for r in rows) / weight if weight else None
 
 
 def _throughput(q: _Query, s: Summary) -> None:
@@ -274,7 +272,8 @@ def _energy(q: _Query, s: Summary, header: HistoryHeader, gpus: list[str], w: st
     elif gpus:
         marks = ",".join("?" * len(gpus))
         joules = q.value(
-            f"SELECT SUM(g.power_avg * {w}) FROM step_gpus g JOIN steps s USING (step) WHERE g.gpu IN ({marks})", *gpus
+            f"SELECT SUM(power_avg * {w}) FROM step_gpus WHERE gpu IN ({marks})",
+            *gpus,
         )
         s.energy_method = ENERGY_FROM_STEP_POWER if joules is not None else None
     if joules is not None:

@@ -48,93 +48,119 @@ def write_reports(
 ) -> Summary:
     """report.md, and history.json and telemetry.png unless told not to, atomically; returns the summary.
 
-    The figure is drawn in this process, or by ``figure``'s child process when given (``wait``:
-    until it is drawn, else in the background).
+    The figure is drawn in this process, or by ``figure``'s child process when given, on the other core
+    while the rest is written (``wait``: the drawing is finished before this returns; else a drawing
+    still going is left to finish and a new one is skipped). history.json (GBs on a long run) is not
+    written again when nothing has happened since it was and the file is as it was left.
     """
     from kaio.report import figure_data
     from kaio.report import write_reports as write
 
+    history = ProjectPaths(report_dir).history
+    if history_json and state.parts.history_mark == _history_mark(state, history):
+        history_json = False
     header = state.header()
     failed = [f"telemetry.png was not rendered: {figure.failure}"] if figure is not None and figure.failure else []
     with state.with_open_steps() as index:
         if draw and figure is not None:
-            figure.draw(figure_data(header, index), wait=wait)
-        return write(
+            figure.draw(figure_data(header, index), replace=wait)
+        summary = write(
             header, index, report_dir, history_json=history_json, png=draw and figure is None, extra_warnings=failed
         )
+    if history_json:
+        state.parts.history_mark = _history_mark(state, history)
+    if draw and figure is not None and wait:
+        figure.close()
+    return summary
+
+
+def _history_mark(state: RunState, path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return state.parts.records, stat.st_size, stat.st_mtime_ns
 
 
 class FigureProcess:
-    """telemetry.png, drawn by a short-lived child process (``python -m kaio.report.plot``).
+    """telemetry.png, drawn by a child process (``python -m kaio.report.plot PNG``, the figure's data on stdin).
 
     In the supervisor, matplotlib and numpy would stay loaded for the whole run (~80 MB, most of
-    its memory), and each drawing (~0.5 s) would hold up its loop: the dashboard, the queues.
-    The child lowers its own priority, so on cores the training keeps busy it waits rather than
-    slowing the training. A request while a drawing runs is skipped: the next refresh asks again
-    with newer figures.
+    its memory), and each drawing would hold up its loop: the dashboard, the queues. The child
+    lowers its own priority, so on cores the training keeps busy it waits rather than slowing the
+    training. ``warm`` starts it ahead of time: it imports matplotlib while the data is gathered, so
+    the last figure of a run (or of ``kaio report``) is drawn on the other core at once. A request
+    while a drawing runs is skipped: the next refresh asks again with newer figures.
     """
 
     def __init__(self, report_dir: Path) -> None:
         self.png_path = ProjectPaths(report_dir).figure
         self._proc: subprocess.Popen | None = None
-        self._job: str | None = None
+        self._fed = False  # the child has its data: it is drawing, or has drawn
         self._errors: IO[bytes] | None = None
         self.failure: str | None = None  # why the last finished drawing failed
 
-    def draw(self, data: FigureData, *, wait: bool = False) -> None:
-        if self._proc is not None:
-            if not wait and self._proc.poll() is None:
+    def warm(self) -> None:
+        """Start a drawing process now, to be given its data later."""
+        if self._proc is None:
+            try:
+                self._start()
+            except OSError as exc:  # no process to spare: draw() says so
+                self.failure = f"could not start drawing it: {type(exc).__name__}: {exc}"
+
+    def draw(self, data: FigureData, *, replace: bool = False) -> None:
+        """Draw ``data`` in the background. A drawing still going is waited for (``replace``: the final
+        figure must be the newest), or else it goes on and this one is skipped."""
+        if self._proc is not None and self._fed:
+            if not replace and self._proc.poll() is None:
                 return
             self._finish(FIGURE_WAIT_S)
         try:
-            self._start(data)
-        except (OSError, ValueError) as exc:  # a full /tmp, no process to spare: the record goes on
+            if self._proc is None:
+                self._start()
+            assert self._proc is not None and self._proc.stdin is not None
+            self._proc.stdin.write(msgspec.json.encode(data))
+            self._proc.stdin.close()
+            self._fed = True
+        except (OSError, ValueError) as exc:  # no process to spare, or it died: the record goes on
             self.failure = f"could not start drawing it: {type(exc).__name__}: {exc}"
-            self._cleanup()
-            return
-        if wait:
             self._finish(FIGURE_WAIT_S)
 
-    def _start(self, data: FigureData) -> None:
-        fd, self._job = tempfile.mkstemp(prefix="kaio-figure-", suffix=".json")
-        with os.fdopen(fd, "wb") as f:
-            f.write(msgspec.json.encode(data))
+    def _start(self) -> None:
         self._errors = tempfile.TemporaryFile()  # noqa: SIM115 - the drawing's stderr, read when it ends
+        self._fed = False
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "kaio.report.plot", self._job, str(self.png_path)],
-            stdin=subprocess.DEVNULL,
+            [sys.executable, "-m", "kaio.report.plot", str(self.png_path)],
+            stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=self._errors,
             start_new_session=True,  # Ctrl-C is for the supervisor; it ends the drawing itself
         )
 
-    def _cleanup(self) -> None:
-        if self._job is not None and os.path.exists(self._job):  # the drawing deletes it once read
-            os.unlink(self._job)
-        self._job = None
-        if self._errors is not None:
-            self._errors.close()
-            self._errors = None
-
     def _finish(self, timeout: float) -> None:
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        if not self._fed and proc.stdin is not None:
+            proc.stdin.close()  # a warm process never given data: it ends without drawing
         try:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        self.failure = None
-        if proc.returncode != 0 and self._errors is not None:
-            self._errors.seek(0)
-            lines = self._errors.read().decode(errors="replace").strip().splitlines()
-            self.failure = lines[-1] if lines else f"the drawing process exited with code {proc.returncode}"
-        self._cleanup()
+        if self._fed:
+            self.failure = None
+            if proc.returncode != 0 and self._errors is not None:
+                self._errors.seek(0)
+                lines = self._errors.read().decode(errors="replace").strip().splitlines()
+                self.failure = lines[-1] if lines else f"the drawing process exited with code {proc.returncode}"
+        if self._errors is not None:
+            self._errors.close()
+            self._errors = None
 
     def close(self) -> None:
-        if self._proc is not None:
-            self._finish(FIGURE_WAIT_S)
+        """Wait for the drawing going on, if any (``failure`` then says whether it worked)."""
+        self._finish(FIGURE_WAIT_S)
 
 
 class LiveReports:

@@ -147,8 +147,11 @@ def _supervise(
         view.start()
         try:
             outcome = supervisor.run(request, lambda: latest_checkpoint(cfg.checkpoint_dir, notify=lambda text: None))
+            figure.warm()  # the final figure: matplotlib loads while the record is finished
         finally:
             view.stop(supervisor.snapshot())
+        if outcome is not None and outcome.message:
+            notify(outcome.message)
     finally:
         try:
             with _finishing(outputs):

@@ -9,6 +9,7 @@ works on a private copy of the index, and writes only the report files
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,44 +18,72 @@ from kaio.errors import ProjectError
 from kaio.record.paths import ProjectPaths
 from kaio.report.summary import Summary
 from kaio.run import recorder as loading
+from kaio.run.finalize import FigureProcess, write_reports
 from kaio.run.project import opened, unknown_project
 from kaio.run.recorder import Recorder
+from kaio.run.state import RunState
 
 
 def rebuild(project: str, output_dir: Path, notify: Callable[[str], None] = print) -> tuple[Summary, Path]:
     """Returns ``(summary, report_dir)``."""
-    from kaio.report import history_from_file, write_reports
-    from kaio.run.finalize import write_reports as write_state_reports
+    from kaio.report import history_from_file
+    from kaio.report import write_reports as write_history_reports
 
     paths = ProjectPaths(output_dir / check_project_name(project))
     if not paths.journal.is_file():
         if paths.history.is_file():  # a record copied without its journal: the history is all there is
             header, index = history_from_file(paths.history)
             try:
-                return write_reports(header, index, paths.report_dir), paths.report_dir
+                return write_history_reports(header, index, paths.report_dir), paths.report_dir
             finally:
                 index.close()
         raise unknown_project(output_dir, project)
+    figure = FigureProcess(paths.report_dir)
+    figure.warm()  # matplotlib loads in the other process while the record is read
+    try:
+        return _rebuild(paths, figure, notify)
+    finally:
+        figure.close()
+
+
+def _rebuild(paths: ProjectPaths, figure: FigureProcess, notify: Callable[[str], None]) -> tuple[Summary, Path]:
     if _looks_damaged(paths.history):
         notify(
             f"note: {paths.history}: truncated or corrupt JSON (the document does not end); rebuilding it from {paths.journal}"
         )
     try:
-        with opened(paths, notify) as (loaded, _running):
-            summary = write_state_reports(loaded.state, paths.report_dir)
-            recorder = Recorder(paths, loaded.state)  # the index brought up to date: the next rebuild is quick
-            recorder.save()
-            recorder.close()
-            return summary, paths.report_dir
+        return _rebuild_locked(paths, figure, notify), paths.report_dir
+    except sqlite3.DatabaseError as exc:  # a damaged index: it is a cache, rebuilt from the journal
+        notify(f"note: {paths.index} is damaged ({exc}); rebuilding it from {paths.journal}")
+        paths.index.unlink(missing_ok=True)
+        return _rebuild_locked(paths, figure, notify), paths.report_dir
     except ProjectError:
         if not _held(paths):
             raise
     # A supervisor holds the project: a private copy of the index, no fight over the lock.
     loaded = loading.load(paths, writable=False)
     try:
-        return write_state_reports(loaded.state, paths.report_dir), paths.report_dir
+        return _write(loaded.state, paths, figure, notify), paths.report_dir
     finally:
         loaded.state.index.close()
+
+
+def _write(state: RunState, paths: ProjectPaths, figure: FigureProcess, notify: Callable[[str], None]) -> Summary:
+    """The three files, the figure drawn by a child process on the other core while the rest is written."""
+    summary = write_reports(state, paths.report_dir, figure=figure)
+    if figure.failure:
+        notify(f"warning: telemetry.png was not rendered: {figure.failure}")
+        summary.warnings.append(f"telemetry.png was not rendered: {figure.failure}")
+    return summary
+
+
+def _rebuild_locked(paths: ProjectPaths, figure: FigureProcess, notify: Callable[[str], None]) -> Summary:
+    with opened(paths, notify) as (loaded, _running):
+        summary = _write(loaded.state, paths, figure, notify)
+        recorder = Recorder(paths, loaded.state)  # the index brought up to date: the next rebuild is quick
+        recorder.save()
+        recorder.close()
+        return summary
 
 
 def _held(paths: ProjectPaths) -> bool:

@@ -77,6 +77,8 @@ class StateParts(msgspec.Struct, kw_only=True):
     """Everything ``RunState`` knows but the sealed steps (those are in the index)."""
 
     format: int = STATE_FORMAT
+    records: int = 0  # records applied: the state changes with each
+    history_mark: tuple[int, int, int] | None = None  # (records, size, mtime) when history.json was last written
     ledger: RunLedger
     steps: StepAssembler = msgspec.field(default_factory=StepAssembler)
     live: LiveStats = msgspec.field(default_factory=LiveStats)
@@ -141,6 +143,7 @@ class RunState:
     # ------------------------------------------------------------------ applying records
 
     def apply(self, record: Record) -> None:
+        self.parts.records += 1
         self._handlers[type(record)](record)
         t_wall = record.t_wall
         if t_wall is not None and (self.ledger.last_t_wall is None or t_wall > self.ledger.last_t_wall):

@@ -47,7 +47,7 @@ from kaio.telemetry.fifo import FifoReader, TelemetryFifo
 
 LOG_TAIL_LINES = 200
 LOOP_INTERVAL_S = 0.1
-REFRESH_COST_FACTOR = 9  # wait at least 9x a report rewrite's duration before the next one
+REFRESH_COST_FACTOR = 99  # wait at least 99x a refresh's duration before the next: the record costs <= 1% of the time
 
 
 class View(Protocol):
@@ -72,6 +72,7 @@ class SessionOutcome:
     status: Status
     signal: str | None = None
     error: str | None = None
+    message: str | None = None  # what a stop on request kept, for the user
 
 
 @dataclass
@@ -81,6 +82,7 @@ class _Stop:
     requests: int = 0
     first_at: float | None = None
     killed: bool = False
+    checkpoints_before: int = 0  # checkpoints recorded when the stop was asked for
 
 
 class Supervisor:
@@ -225,7 +227,7 @@ class Supervisor:
             if now >= next_refresh:
                 self._refresh()
                 # Rewriting a long run's reports takes a while and holds up this loop
-                # (the dashboard, the queues): keep it under a tenth of the time.
+                # (the dashboard, the queues): keep it to a hundredth of the time.
                 took = time.monotonic() - now
                 next_refresh = time.monotonic() + max(refresh_s, REFRESH_COST_FACTOR * took)
             if exited:
@@ -334,6 +336,7 @@ class Supervisor:
             self._stop.requests += 1
             if self._stop.requests == 1:
                 self._stop.first_at = time.monotonic()
+                self._stop.checkpoints_before = len(self.state.ledger.checkpoints)
                 launch.signal_group(proc, signal.SIGTERM)
             else:
                 self._stop.killed = True
@@ -367,12 +370,39 @@ class Supervisor:
 
     # ------------------------------------------------------------ endings
 
+    def _what_the_stop_kept(self, session: int) -> str:
+        """Said to the user and written in the report: whether the stop saved a checkpoint to resume from."""
+        ledger = self.state.ledger
+        saved = [c for c in ledger.checkpoints[self._stop.checkpoints_before :] if c.session == session]
+        project = self.paths.project
+        if saved:
+            step = saved[-1].step
+            text = f"stopped after step {step} with checkpoint-{step} saved: `kaio resume {project}` continues from step {step + 1}"
+            self._note(text, level="info")
+            return text
+        earlier = [c.step for c in ledger.checkpoints]
+        latest = f"the latest is checkpoint-{max(earlier)}" if earlier else "there is none yet"
+        why = (
+            "a second Ctrl-C came"
+            if self._stop.killed and self._stop.requests > 1
+            else (f"saving did not finish within launch.grace_seconds ({self.cfg.launch.grace_seconds:g} s)")
+        )
+        text = (
+            f"stopped without saving a checkpoint ({why}); {latest}, and the steps after it will be "
+            "trained again by `kaio resume`"
+        )
+        self._note(text)
+        return text
+
     def _outcome(self, returncode: int, session: int) -> SessionOutcome:
         exit_code, signal_name = launch.describe_exit(returncode)
         error, rank_signal = diagnose.root_cause(self.paths.errors, session) if returncode else (None, None)
         signal_name = signal_name or rank_signal
         if self._stop.requests:
-            return SessionOutcome(exit_code, Status.INTERRUPTED, signal_name, error)
+            # Stopped by the user: 143 (SIGTERM's code) even when the training stopped cleanly after saving,
+            # and whatever the launcher made of it with several ranks; 137 when the second press killed it.
+            code = exit_code if self._stop.killed and exit_code > 128 else 128 + signal.SIGTERM
+            return SessionOutcome(code, Status.INTERRUPTED, signal_name, error, self._what_the_stop_kept(session))
         if returncode == 0:
             return SessionOutcome(0, Status.COMPLETED)
         if error is None and signal_name:

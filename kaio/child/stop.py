@@ -1,0 +1,40 @@
+"""A graceful stop that keeps the work: the first SIGTERM asks the Trainer to save a checkpoint at the end of
+the current step and stop.
+
+The supervisor turns a first Ctrl-C into SIGTERM (a batch scheduler's preemption sends one too). While a
+Trainer trains, the signal only raises a flag: ``KaioCallback.on_step_end`` then sets the Trainer's own
+``should_save`` and ``should_training_stop``, the Trainer writes checkpoint-N and returns, and ``kaio
+resume`` continues from step N+1. Outside training (loading, a script without a Trainer) and at a second
+SIGTERM the signal does what it always does: end the process. With several ranks each gets the signal from
+torch elastic at the same moment and stops at the same step end; should one rank already be past that
+check, the ranks cannot agree, the save does not finish within ``launch.grace_seconds``, and the supervisor
+kills the job and says that no checkpoint was saved.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_state = {"training": False, "requested": False}
+
+
+def install() -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def training(active: bool) -> None:
+    """The Trainer's loop started (``on_train_begin``) or ended (``on_train_end``)."""
+    _state["training"] = active
+
+
+def requested() -> bool:
+    return _state["requested"]
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    if _state["training"] and not _state["requested"]:
+        _state["requested"] = True
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
