@@ -39,7 +39,7 @@ def check_project_name(value: str) -> str:
 
 # Whole numbers and switches must be written as such (`batch_size: true` is not 1), within what a trainer
 # can take; numbers must be finite (`.inf` is no learning rate).
-Int = Annotated[int, Strict(), Field(ge=-(2**31), le=2**31 - 1)]
+Int = Annotated[int, Strict(), Field(le=2**31 - 1)]
 Bool = Annotated[bool, Strict()]
 
 

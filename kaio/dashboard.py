@@ -258,6 +258,8 @@ def status_text(snapshot: Snapshot) -> str:
     st = snapshot.status
     if st == "STOPPING":
         return "stopping… (Ctrl-C again to kill)"
+    if st == "STARTING":
+        return "STARTING (launching, loading the model and data)"
     if st == "FAILED":
         return f"FAILED ({format_exit_code(snapshot.exit_code)})" if snapshot.exit_code is not None else "FAILED"
     return st
@@ -432,7 +434,14 @@ class _Dashboard:
 
 
 def _top_parts(snap: Snapshot, console: Console, options: ConsoleOptions, width: int) -> list[RenderableType]:
-    parts: list[RenderableType] = [_header(snap), _progress(snap, width), _training_panel(snap, width)]
+    parts: list[RenderableType] = [_header(snap), _progress(snap, width)]
+    if snap.status in _FINISHED and snap.report_path:  # the last frame: where the record is, on screen
+        parts.append(
+            Text.assemble(
+                ("report ", "dim"), (_clean(snap.report_path), "bold"), ("  (and telemetry.png, history.json)", "dim")
+            )
+        )
+    parts.append(_training_panel(snap, width))
     parts.append(_devices_panel(snap, console, options, width))
     if snap.warnings:
         parts.append(_warnings_panel(snap))

@@ -57,6 +57,26 @@ def test_defaults_fill_the_documented_paths():
         ("project_name: p\nhub:\n  push: true\n", "hub.repo_id: required when hub.push is true"),
         ("project_name: p\ntraining: [1, 2\n", "line 3, column 1: YAML syntax error"),
         ("- just\n- a list\n", "the top level must be a mapping"),
+        # What a trainer cannot take is refused here, not deep inside the run.
+        ("project_name: p\ntraining:\n  batch_size: true\n", "training.batch_size: Input should be a valid integer"),
+        (
+            "project_name: p\ntraining:\n  weight_decay: .inf\n",
+            "training.weight_decay: Input should be a finite number",
+        ),
+        (
+            "project_name: p\nreporting:\n  refresh_seconds: .nan\n",
+            "reporting.refresh_seconds: Input should be a finite number",
+        ),
+        (
+            "project_name: p\ntraining:\n  max_steps: 99999999999999\n",
+            "training.max_steps: Input should be less than or equal to 2147483647",
+        ),
+        ("project_name: p\nhub:\n  push: 1\n", "hub.push: Input should be a valid boolean"),
+        # A few hundred bytes of YAML aliases can expand to gigabytes: refused before anything is expanded.
+        (
+            "project_name: p\na: &a [1, 1]\nb: [*a, *a]\n",
+            "line 3, column 5: YAML syntax error: aliases (*name) are not supported",
+        ),
     ],
 )
 def test_bad_config_is_one_line_naming_file_and_key(project_dir, yaml_text, expected):
@@ -120,3 +140,19 @@ def test_redaction_hides_secret_words_but_keeps_tokenizer_and_token_counts():
         "tokens_seen": 5,
         "tokenizer": "t",
     }
+
+
+def test_a_directory_given_as_the_config_names_the_configs_in_it(project_dir):
+    (project_dir / "configs").mkdir()
+    (project_dir / "configs" / "mine.yaml").write_text("project_name: p\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(project_dir / "configs")
+    assert str(info.value).endswith(
+        "a directory, not a config file: give the YAML file itself; the configs in it: mine.yaml"
+    )
+
+
+def test_a_learning_rate_written_1e_4_still_reads_as_a_number(project_dir):
+    path = project_dir / "ok.yaml"
+    path.write_text("project_name: p\ntraining:\n  learning_rate: 1e-4\n  weight_decay: 0\n")
+    assert load_config(path).training.learning_rate == 1e-4  # YAML 1.1 reads 1e-4 as a string; pydantic parses it

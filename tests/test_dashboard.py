@@ -422,7 +422,7 @@ def test_plain_line_without_progress_data():
             status="STARTING", step=0, max_steps=None, loss=None, steps_per_s=None, eta_s=None, gpus=(), host=None
         )
     )
-    assert line == "[kaio] tiny-default STARTING step 0"
+    assert line == "[kaio] tiny-default STARTING (launching, loading the model and data) step 0"
 
 
 def test_plain_line_strips_escapes_from_project():

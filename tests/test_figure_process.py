@@ -15,7 +15,10 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def _data(n: int) -> FigureData:
     steps = [float(i) for i in range(1, n + 1)]
     return FigureData(
-        title="p: RUNNING", no_gpu=True, loss=Line(steps, [5.0 / i for i in steps]), learning_rate=Line(steps, [1e-3] * n)
+        title="p: RUNNING",
+        no_gpu=True,
+        loss=Line(steps, [5.0 / i for i in steps]),
+        learning_rate=Line(steps, [1e-3] * n),
     )
 
 

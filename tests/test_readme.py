@@ -29,6 +29,6 @@ def test_ci_runs_exactly_the_readme_test_command():
 
 def test_readme_example_report_is_committed():
     readme = (REPO / "README.md").read_text()
-    for path in ("docs/reports/tiny-default/telemetry.png", "docs/reports/tiny-default/report.md"):
+    for path in ("docs/example-report/telemetry.png", "docs/example-report/report.md"):
         assert path in readme
         assert (REPO / path).is_file()

@@ -311,3 +311,20 @@ def test_an_index_of_an_older_kaio_is_rebuilt_tables_and_all(tmp_path):
     loaded = loading.load(paths, writable=True)
     assert not loaded.from_index and _document(loaded.state) == _document(replay(dicts, project="p"))
     loaded.state.index.close()
+
+
+def test_history_json_is_written_when_missing_and_not_rewritten_when_nothing_changed(tmp_path):
+    from kaio.run.finalize import write_reports
+
+    dicts = _run_records(20) + [_end(1)]
+    paths = _journaled(tmp_path, dicts)
+    loaded = loading.load(paths, writable=True)
+    write_reports(loaded.state, paths.report_dir, draw=False)
+    written = paths.history.stat().st_mtime_ns
+    assert json.loads(paths.history.read_text())["steps"][-1]["step"] == 20
+    write_reports(loaded.state, paths.report_dir, draw=False)  # nothing happened since: left as it is
+    assert paths.history.stat().st_mtime_ns == written
+    paths.history.write_text("damaged")  # changed under kaio: written again
+    write_reports(loaded.state, paths.report_dir, draw=False)
+    assert json.loads(paths.history.read_text())["steps"][-1]["step"] == 20
+    loaded.state.index.close()

@@ -19,6 +19,7 @@ from kaio.record.types import (
     HistoryHeader,
     HostStepStats,
     Session,
+    SessionKind,
     Status,
     StepEntry,
     Telemetry,
@@ -489,3 +490,18 @@ def test_a_resume_continues_the_smoothed_loss_from_the_index():
     resumed = index.smoother_at(5)
     assert (resumed.count, resumed.smoothed, resumed.low) == (5, results[4][0], min(r[0] for r in results[:5]))
     assert [resumed.add(x) for x in losses[5:]] == [(pytest.approx(r[0]), r[1]) for r in results[5:]]
+
+
+def test_a_learning_rate_that_jumps_up_where_a_resume_began_is_said():
+    steps = [step(i, session=1, learning_rate=1e-3 * (10 - i) / 10) for i in range(1, 11)]
+    steps += [step(i, session=2, learning_rate=8e-4) for i in range(11, 14)]
+    sessions = [
+        Session(session=1, status=Status.COMPLETED),
+        Session(session=2, kind=SessionKind.RESUME, status=Status.COMPLETED),
+    ]
+    s = summarize(header(sessions=sessions), index_of(steps))
+    jump = [w for w in s.warnings if w.startswith("learning rate jumped")]
+    assert jump == [
+        "learning rate jumped from 0 to 0.0008 at step 11, where session 2 (resume) began: the scheduler planned its "
+        "schedule anew for that session's length (e.g. a cosine schedule extended by --max-steps restarts from a high rate)"
+    ]

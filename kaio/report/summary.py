@@ -296,6 +296,7 @@ def _warnings(q: _Query, header: HistoryHeader, s: Summary, first: int | None, l
             f"loss diverging: the smoothed loss was above {rules.DIVERGENCE_FACTOR:g}x its running minimum "
             f"at {_count(diverged, 'step')} (first at step {diverged_first})"
         )
+    found += _schedule_restarts(q, header)
     judged = f"step > {(first or 0) + rules.WARMUP_STEPS - 1}"
     median = q.median("grad_norm", judged)
     if median and q.value(f"SELECT COUNT(grad_norm) FROM steps WHERE {judged}") >= rules.MIN_POINTS_FOR_MEDIAN:
@@ -352,6 +353,23 @@ def _warnings(q: _Query, header: HistoryHeader, s: Summary, first: int | None, l
     if s.energy_method == ENERGY_FROM_STEP_POWER:
         found.append("energy integrated from per-step average power: no device or per-step energy was recorded")
     return list(dict.fromkeys(found))
+
+
+def _schedule_restarts(q: _Query, header: HistoryHeader) -> list[str]:
+    """A resumed session whose learning rate jumped up from where the last one left it: the Trainer planned
+    its schedule anew over the new length (``kaio resume --max-steps``), and the loss may show it."""
+    kinds = {s.session: s.kind.value for s in header.sessions}
+    found = []
+    for step, session, before, after in q.conn.execute(
+        "SELECT s.step, s.session, p.learning_rate, s.learning_rate FROM steps s JOIN steps p ON p.step = s.step - 1 "
+        "WHERE s.session != p.session AND s.learning_rate > 2 * p.learning_rate + 1e-12"
+    ):
+        found.append(
+            f"learning rate jumped from {before:.3g} to {after:.3g} at step {step}, where session {session} "
+            f"({kinds.get(session, 'resume')}) began: the scheduler planned its schedule anew for that session's "
+            "length (e.g. a cosine schedule extended by --max-steps restarts from a high rate)"
+        )
+    return found
 
 
 def _max(values: Any) -> float | None:

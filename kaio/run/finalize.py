@@ -57,7 +57,8 @@ def write_reports(
     from kaio.report import write_reports as write
 
     history = ProjectPaths(report_dir).history
-    if history_json and state.parts.history_mark == _history_mark(state, history):
+    mark = _history_mark(state, history)
+    if history_json and mark is not None and state.parts.history_mark == mark:
         history_json = False
     header = state.header()
     failed = [f"telemetry.png was not rendered: {figure.failure}"] if figure is not None and figure.failure else []

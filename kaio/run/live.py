@@ -82,6 +82,7 @@ def build_snapshot(
     *,
     status: str | None = None,
     log_tail: tuple[str, ...] = (),
+    report_path: str | None = None,
 ) -> Snapshot:
     session = ledger.current
     progress = ledger.progress.get(session.session) if session else None
@@ -91,7 +92,12 @@ def build_snapshot(
     else:
         elapsed = (session.duration_s if session else None) or 0.0
     rate = live.steps_per_s()
-    max_steps = ledger.run.max_steps if ledger.run else None
+    started = progress is not None and progress.last_step is not None  # this session has trained a step
+    max_steps = (
+        ledger.run.max_steps if ledger.run and (started or session is None or session.start_step is not None) else None
+    )
+    if status is None and session is not None and session.status == Status.RUNNING and not started:
+        status = "STARTING"  # launching, importing, loading the model and data: not a frozen step 0
     eta = (max_steps - step) / rate if rate and max_steps and max_steps > step else None
     per_step = ledger.samples_per_step()
     # Rank r trains on the r-th GPU it can see (accelerate's cuda:LOCAL_RANK, one node).
@@ -135,6 +141,7 @@ def build_snapshot(
         log_tail=log_tail,
         warnings=warnings,
         exit_code=session.exit_code if session else None,
+        report_path=report_path,
     )
 
 

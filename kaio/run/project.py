@@ -160,6 +160,9 @@ def _supervise(
         finally:
             figure.close()
             recorder.close()
+    hub = state.ledger.hub
+    pushed = f" · pushed: {hub.url} at {hub.commit_sha}" if hub is not None and hub.commit_sha else ""
+    notify(f"record: {paths.report} · {paths.figure} · {paths.history}{pushed}")
     return outcome.exit_code if outcome else 1
 
 

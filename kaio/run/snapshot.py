@@ -35,7 +35,7 @@ class HostRow:
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     project: str
-    status: str  # STARTING | RUNNING | STOPPING | COMPLETED | FAILED | INTERRUPTED
+    status: str  # STARTING (no step of this session yet) | RUNNING | STOPPING | COMPLETED | FAILED | INTERRUPTED
     session: int
     elapsed_s: float  # this session's wall time
     step: int  # latest optimizer step seen (global, across sessions)
@@ -56,3 +56,4 @@ class Snapshot:
     log_tail: tuple[str, ...] = ()  # last lines of the child's output (bounded)
     warnings: tuple[str, ...] = ()
     exit_code: int | None = None
+    report_path: str | None = None  # report.md: where the record is (the last frame says so)

@@ -285,11 +285,24 @@ class RunState:
             yield self.index
 
     def snapshot(
-        self, *, status: str | None = None, log_tail: tuple[str, ...] = (), extra_warnings: tuple[str, ...] = ()
+        self,
+        *,
+        status: str | None = None,
+        log_tail: tuple[str, ...] = (),
+        extra_warnings: tuple[str, ...] = (),
+        report_path: str | None = None,
     ) -> Snapshot:
         warnings = tuple(self.parts.warnings.items[-5:]) + extra_warnings
         self.ledger.note_energy(self.parts.live.latest_gpu)
-        return build_snapshot(self.ledger, self.parts.live, self.last_step, warnings, status=status, log_tail=log_tail)
+        return build_snapshot(
+            self.ledger,
+            self.parts.live,
+            self.last_step,
+            warnings,
+            status=status,
+            log_tail=log_tail,
+            report_path=report_path,
+        )
 
     def median_step_time(self) -> float | None:
         return self.parts.live.median_step_time()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import subprocess
 import threading
@@ -46,6 +47,10 @@ from kaio.telemetry import spool
 from kaio.telemetry.fifo import FifoReader, TelemetryFifo
 
 LOG_TAIL_LINES = 200
+# The dict the Trainer prints at every log ({'loss': '4.55', 'grad_norm': ...}): child.log keeps it; the
+# dashboard and plain output show its numbers on the status line, and the rest of the output (warnings,
+# errors, the script's own prints) in full.
+_TRAINER_LOG_LINE = re.compile(r"^\{'[\w./-]+': .*\}\s*$")
 LOOP_INTERVAL_S = 0.1
 REFRESH_COST_FACTOR = 99  # wait at least 99x a refresh's duration before the next: the record costs <= 1% of the time
 
@@ -242,8 +247,9 @@ class Supervisor:
             except queue.Empty:
                 break
             if kind == "log":
-                self._log_tail.append(item)
-                self.view.child_output(item)
+                if not _TRAINER_LOG_LINE.match(item):  # the Trainer's metrics dict: on the status line already
+                    self._log_tail.append(item)
+                    self.view.child_output(item)
             else:  # "record": a child event, a GPU tick, the device list
                 self.record(item)
             handled += 1
@@ -278,7 +284,12 @@ class Supervisor:
 
     def snapshot(self) -> Snapshot:
         status = "STOPPING" if self._stop.requests and self.state.status == Status.RUNNING else None
-        return self.state.snapshot(status=status, log_tail=tuple(self._log_tail), extra_warnings=self._live_warnings())
+        return self.state.snapshot(
+            status=status,
+            log_tail=tuple(self._log_tail),
+            extra_warnings=self._live_warnings(),
+            report_path=str(self.paths.report),
+        )
 
     def _live_warnings(self) -> tuple[str, ...]:
         warnings = []
