@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import journal_steps, kaio, read_history, wait_for, write_config
+from conftest import REPO, journal_steps, kaio, read_history, wait_for, write_config
 
 
 def _spawn_kaio(project_dir: Path, *args: str) -> subprocess.Popen:
@@ -24,32 +25,47 @@ def _spawn_kaio(project_dir: Path, *args: str) -> subprocess.Popen:
     )
 
 
-def test_tiny_run_records_every_step_with_falling_loss(project_dir):
-    write_config(project_dir, max_steps=12, save_steps=6)
-    result = kaio("run", "cfg.yaml", cwd=project_dir)
+def test_the_readme_run_in_a_fresh_clone_records_every_step_and_leaves_git_clean(tmp_path):
+    """The README's first command's run, in a clone of the repository: the record is complete, the dashboard's
+    plain form says where it is, and `git status` is as clean after as before (the example report is not a
+    user run's folder; build artefacts are not tracked)."""
+    clone = tmp_path / "kaio"
+    subprocess.run(["git", "clone", "--quiet", str(REPO), str(clone)], check=True)
+    (clone / "kaio.egg-info").mkdir()  # what the README's `pip install -e .` leaves
+    result = kaio("run", "configs/finetuning_config.yaml", cwd=clone, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    history = read_history(project_dir)
-    steps = history["steps"]
-    assert [s["step"] for s in steps] == list(range(1, 13))
-    assert all(s["loss"] is not None and s["learning_rate"] is not None for s in steps)
-    assert steps[0]["loss"] > 5 and steps[-1]["loss"] < steps[0]["loss"]
-    assert all(s["peak_vram_bytes"] == {"0": None} for s in steps)  # no GPU: null, never 0
-    assert all(s["session"] == 1 and s["timestamp"] for s in steps)
-    assert history["status"] == "COMPLETED"
-    assert history["sessions"][0]["exit_code"] == 0
-    assert (
-        history["run"]["model"]["trainable_params"] > 0
-        and history["run"]["model"]["architecture"] == "LlamaForCausalLM"
+    git = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"], cwd=clone, capture_output=True, text=True
     )
-    report_dir = project_dir / "docs" / "reports" / "t"
-    for name in ("report.md", "telemetry.png", "journal.jsonl", "child.log", "config.json"):
+    assert git.stdout == ""
+    history = read_history(clone, "tiny-default")
+    steps = history["steps"]
+    assert [s["step"] for s in steps] == list(range(1, 401))
+    assert all(s["loss"] is not None and s["learning_rate"] is not None for s in steps)
+    assert steps[0]["loss"] > 5 and steps[-1]["loss_smoothed"] < 1.0
+    assert all(s["peak_vram_bytes"] == {"0": None} for s in steps)  # no GPU: null, never 0
+    assert history["status"] == "COMPLETED" and history["sessions"][0]["exit_code"] == 0
+    model = history["run"]["model"]
+    assert model["name_or_path"] == "kaio/tiny-llama" and model["architecture"] == "LlamaForCausalLM"
+    report_dir = clone / "docs" / "reports" / "tiny-default"
+    for name in ("report.md", "telemetry.png", "journal.jsonl", "index.sqlite", "child.log", "config.json"):
         assert (report_dir / name).is_file(), name
-    assert (project_dir / "checkpoints" / "t" / "checkpoint-6").is_dir()
-    assert (project_dir / "checkpoints" / "t" / "final" / "adapter_config.json").is_file()
-    # Not a terminal: plain lines, no escape codes; the child's output is echoed and logged.
+    assert (clone / "checkpoints" / "tiny-default" / "final" / "adapter_config.json").is_file()
+    # Not a terminal: plain lines, no escape codes, no Trainer dict per step (child.log keeps those).
     assert "\x1b[" not in result.stdout
-    assert "[kaio] t COMPLETED: 12/12 steps" in result.stdout
-    assert "train_runtime" in (report_dir / "child.log").read_text()
+    assert "[kaio] tiny-default COMPLETED: 400/400 steps" in result.stdout
+    assert "{'loss'" not in result.stdout and "{'loss'" in (report_dir / "child.log").read_text()
+    last = result.stdout.strip().splitlines()[-1]
+    assert last == (
+        "record: docs/reports/tiny-default/report.md · docs/reports/tiny-default/telemetry.png · "
+        "docs/reports/tiny-default/history.json"
+    )
+    # The Trainer's own figure and kaio's, over the steps' time, agree (within 5%).
+    trainer = next(e for e in steps[-1:] if "train_samples_per_second" in e["metrics"])["metrics"][
+        "train_samples_per_second"
+    ]
+    summary = json.loads(kaio("report", "tiny-default", "--json", cwd=clone).stdout)
+    assert summary["samples_per_s"] == pytest.approx(trainer, rel=0.05)
 
 
 def test_one_run_per_project_and_no_silent_mixing(project_dir):

@@ -80,6 +80,7 @@ def build_model(cfg: RunConfig, tokenizer, dtype: torch.dtype):
             bos_token_id=None,
             tie_word_embeddings=False,
         )
+        config._name_or_path = TINY_MODEL  # what the record names as the model (built here, not downloaded)
         torch.manual_seed(cfg.training.seed)
         return LlamaForCausalLM(config).to(dtype)
     return AutoModelForCausalLM.from_pretrained(

@@ -225,7 +225,7 @@ def _what_was_trained(run: RunDescription | None) -> str:
         ("Distributed", run.distributed_type),
         ("Effective batch size", run.effective_batch_size),
         ("Max steps", run.max_steps),
-        ("Epochs", args.num_train_epochs if not run.max_steps or run.max_steps < 0 else None),
+        *([("Epochs", args.num_train_epochs)] if not run.max_steps or run.max_steps < 0 else []),
         ("Learning rate", _num(args.learning_rate, "g")),
         ("LR scheduler", args.lr_scheduler_type),
         ("Optimizer", args.optim),
