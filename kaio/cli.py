@@ -60,9 +60,15 @@ def _user_errors(func):
 
 
 def _console():
+    """The terminal, or whatever stdout is. A closed pipe (`kaio run cfg --plain | head`) must not stop the
+    training: once the reader is gone, output goes nowhere (the record is on disk)."""
+    import sys
+
     from rich.console import Console
 
-    return Console()
+    from kaio.views import PipeSafe
+
+    return Console(file=PipeSafe(sys.stdout))  # type: ignore[arg-type]  # a TextIOBase: what Console uses of IO
 
 
 def _say(console):

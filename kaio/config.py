@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from kaio.errors import ConfigError, ProjectError
-from kaio.secrets import is_secret_key, redact  # noqa: F401 - the config's secrets follow the one rule
+from kaio.secrets import REDACTED, is_secret_key, redact, redact_argv  # noqa: F401 - the config's secrets follow the one rule
 
 # The built-in tiny model: a Llama-style network built from a config, no download.
 TINY_MODEL = "kaio/tiny-llama"
@@ -369,5 +369,12 @@ def _did_you_mean(loc: list[str]) -> str:
 
 
 def config_snapshot(cfg: RunConfig) -> dict[str, Any]:
-    """The resolved config as saved beside the report: defaults filled in, secrets redacted."""
-    return redact(cfg.model_dump(mode="json"))
+    """The resolved config as saved beside the report: defaults filled in, secrets redacted (the values of
+    secret-named keys, and of secret-looking flags in the script's and accelerate's arguments)."""
+    snapshot = redact(cfg.model_dump(mode="json"))
+    launch = snapshot["launch"]
+    launch["script_args"], launch["accelerate_args"] = (
+        redact_argv(launch["script_args"]),
+        redact_argv(launch["accelerate_args"]),
+    )
+    return snapshot

@@ -6,6 +6,7 @@ without spawning anything.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -19,6 +20,8 @@ from kaio.config import RunConfig
 from kaio.record.paths import ProjectPaths
 from kaio.secrets import redact_argv
 from kaio.telemetry.protocol import ENV_ERROR_DIR, ENV_PIPE, ENV_RESUME_FROM, ENV_SESSION, ENV_SPOOL_DIR
+
+_PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 
 
 @dataclass(frozen=True)
@@ -115,8 +118,61 @@ def signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 
 def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL whatever is left of the group (ranks that outlived the launcher)."""
+    """SIGKILL whatever is left of the launcher's group."""
     signal_group(proc, signal.SIGKILL)
+
+
+def adopt_orphans() -> None:
+    """Become the child subreaper (Linux): a rank whose launcher died is re-parented to kaio, not to init, so
+    kaio still knows it and can stop it. torch elastic starts each rank in a session of its own, where a kill
+    of the launcher's group never reaches it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the group kill is all there is
+        pass
+
+
+def run_processes(fifo_path: Path) -> list:
+    """This session's processes still alive: kaio's descendants (adopted orphans included) whose environment
+    carries the session's FIFO path. Nothing else of kaio's (the figure's drawing) has it."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.environ().get(ENV_PIPE) == str(fifo_path) and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def end_run(fifo_path: Path, grace_s: float) -> list[int]:
+    """Stop every process of the session that is still alive (SIGTERM, then SIGKILL after ``grace_s``) and reap
+    them; returns their pids (none when the launcher and its ranks ended by themselves)."""
+    import psutil
+
+    left = run_processes(fifo_path)
+    for proc in left:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _gone, alive = psutil.wait_procs(left, timeout=grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=10)
+    return [proc.pid for proc in left]
+
+
+def kill_run(fifo_path: Path) -> None:
+    """SIGKILL every process of the session (a second Ctrl-C, or a stop that outlived the grace period)."""
+    import psutil
+
+    for proc in run_processes(fifo_path):
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
 
 
 def describe_exit(returncode: int) -> tuple[int, str | None]:

@@ -6,8 +6,11 @@ these classes only decide when and where it is shown.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import time
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from rich.console import Console
 
@@ -15,6 +18,38 @@ if TYPE_CHECKING:
     from rich.live import Live
 
 from kaio.run.snapshot import Snapshot
+
+
+class PipeSafe(io.TextIOBase):
+    """A text stream whose reader may go away: after the first broken pipe, writes go to /dev/null."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+
+    def _lost(self) -> None:
+        with contextlib.suppress(OSError, ValueError):  # later writes, and Python's own flush at exit, go nowhere
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+        self._stream = open(os.devnull, "w")  # noqa: SIM115 - replaces the lost stream for the process's life
+
+    def write(self, text: str) -> int:
+        try:
+            self._stream.write(text)
+        except BrokenPipeError:
+            self._lost()
+        return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._lost()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
 
 PLAIN_INTERVAL_S = 5.0  # one status line every few seconds when not in a terminal
 LIVE_REFRESH_HZ = 4

@@ -1,8 +1,9 @@
 """Whole runs with the record leaving the machine and GPUs faked at their binding.
 
-- GPU samples reach every step of history.json (a fake ``pynvml`` module in the supervisor);
-- Comet's real offline archive holds the run's metrics at the right steps;
-- the adapter reaches a loopback Hub, and the commit lands in report.md;
+- one run with everything on: GPU samples in every step of history.json (a fake ``pynvml`` module in the
+  supervisor), the run's metrics at the right steps in Comet's real offline archive, the adapter on a loopback
+  Hub with the commit in report.md;
+- a failed push keeps the exit code, and ``kaio push`` retries;
 - ``kaio report`` rebuilds, refuses, and survives a corrupt history.
 """
 
@@ -40,29 +41,6 @@ def _fake_nvml_site(directory: Path, gpus: int) -> Path:
     return site
 
 
-def test_gpu_samples_are_aggregated_into_every_step(project_dir):
-    site = _fake_nvml_site(project_dir, gpus=2)
-    write_config(project_dir, max_steps=30, extra="")
-    result = kaio("run", "cfg.yaml", cwd=project_dir, env={"PYTHONPATH": str(site), "CUDA_VISIBLE_DEVICES": "1"})
-    assert result.returncode == 0, result.stdout + result.stderr
-    history = read_history(project_dir)
-    devices = {d["key"]: d for d in history["devices"]}
-    assert set(devices) == {"nvml:0", "nvml:1"}
-    assert devices["nvml:1"]["info"]["in_run"] and not devices["nvml:0"]["info"]["in_run"]  # CUDA_VISIBLE_DEVICES=1
-    assert devices["nvml:1"]["energy_method"] in ("counter", "integrated") and devices["nvml:1"]["energy_j"] > 0
-    aggregated = [s for s in history["steps"] if s["gpus"]]
-    assert len(aggregated) >= len(history["steps"]) - 1  # the last step may end after the last tick
-    for step in aggregated:
-        assert set(step["gpus"]) == {"nvml:0", "nvml:1"}
-        assert step["gpus"]["nvml:1"]["power_avg"] == pytest.approx(310.0)
-        assert step["power_avg"] == pytest.approx(310.0)  # only the run's GPU counts in the flat keys
-        assert step["util"] == 97 and step["temp"] == 61
-    energy = sum(s["energy_j"] or 0 for s in history["steps"])
-    assert energy > 0
-    report = (project_dir / "docs/reports/t/report.md").read_text()
-    assert "310" in report and " Wh, hardware counter" in report  # small energies in Wh
-
-
 def _archive_metrics(archive_path: Path) -> dict:
     with zipfile.ZipFile(archive_path) as archive:
         messages = [json.loads(line) for line in archive.read("messages.json").splitlines() if line.strip()]
@@ -73,41 +51,61 @@ def _archive_metrics(archive_path: Path) -> dict:
     }
 
 
-def test_comet_offline_archive_holds_the_run_metrics_at_the_right_steps(project_dir):
-    write_config(project_dir, max_steps=6)
+def test_one_run_leaves_gpu_samples_in_every_step_the_metrics_in_comet_and_the_adapter_on_the_hub(project_dir):
+    """One whole run with everything on: two fake GPUs (one in the run), Comet's offline archive, a loopback Hub;
+    then a resume that continues the same Comet experiment with only the steps it trains."""
+    site = _fake_nvml_site(project_dir, gpus=2)
+    write_config(project_dir, max_steps=12, extra="hub:\n  push: true\n  repo_id: kaio-tester/tiny\n")
     cfg = project_dir / "cfg.yaml"
     cfg.write_text(cfg.read_text().replace("use_comet_ml: false", "use_comet_ml: true"))
-    result = kaio("run", "cfg.yaml", cwd=project_dir, env={"COMET_API_KEY": ""})
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "comet upload" in result.stdout
-    report_dir = project_dir / "docs/reports/t"
-    (first_archive,) = (report_dir / "comet").glob("*.zip")
-    metrics = _archive_metrics(first_archive)
-    history = read_history(project_dir)
-    for entry in history["steps"]:
-        assert float(metrics[("loss", entry["step"])]) == pytest.approx(entry["loss"])
-        assert float(metrics[("learning_rate", entry["step"])]) == pytest.approx(entry["learning_rate"])
-    key = json.loads((report_dir / "comet.json").read_text())["experiment_key"]
-
-    # A resume continues the same experiment and sends only the steps it trains.
-    resumed = kaio("resume", "t", "--max-steps", "9", cwd=project_dir, env={"COMET_API_KEY": ""})
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    (second_archive,) = set((report_dir / "comet").glob("*.zip")) - {first_archive}
-    with zipfile.ZipFile(second_archive) as archive:
-        assert json.loads(archive.read("experiment.json"))["offline_id"] == key
-    steps_sent = sorted({step for (name, step) in _archive_metrics(second_archive) if name == "loss"})
-    assert steps_sent == [7, 8, 9]
-
-
-def test_hub_push_lands_the_adapter_and_the_commit_in_the_report(project_dir):
-    write_config(project_dir, max_steps=4)
-    cfg = project_dir / "cfg.yaml"
-    cfg.write_text(cfg.read_text() + "hub:\n  push: true\n  repo_id: kaio-tester/tiny\n")
     with HubServer(token=TOKEN) as hub:
-        env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1"}
+        env = {
+            "PYTHONPATH": str(site),
+            "CUDA_VISIBLE_DEVICES": "1",
+            "COMET_API_KEY": "",
+            "HF_ENDPOINT": hub.url,
+            "HF_TOKEN": TOKEN,
+            "HF_HUB_DISABLE_XET": "1",
+        }
         result = kaio("run", "cfg.yaml", cwd=project_dir, env=env)
         assert result.returncode == 0, result.stdout + result.stderr
         (commit,) = hub.commits
+        resumed = kaio("resume", "t", "--max-steps", "15", cwd=project_dir, env=env)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        latest = hub.commits[-1]  # the resumed run completed too, and pushed its adapter
+    history = read_history(project_dir)
+
+    # GPU samples in every step; only the run's GPU counts in the flat keys.
+    devices = {d["key"]: d for d in history["devices"]}
+    assert set(devices) == {"nvml:0", "nvml:1"}
+    assert devices["nvml:1"]["info"]["in_run"] and not devices["nvml:0"]["info"]["in_run"]  # CUDA_VISIBLE_DEVICES=1
+    assert devices["nvml:1"]["energy_method"] in ("counter", "integrated") and devices["nvml:1"]["energy_j"] > 0
+    aggregated = [s for s in history["steps"] if s["gpus"]]
+    assert len(aggregated) >= len(history["steps"]) - 2  # a session's last step may end after its last tick
+    for step in aggregated:
+        assert set(step["gpus"]) == {"nvml:0", "nvml:1"}
+        assert step["gpus"]["nvml:1"]["power_avg"] == pytest.approx(310.0)
+        assert step["power_avg"] == pytest.approx(310.0)
+        assert step["util"] == 97 and step["temp"] == 61
+    assert sum(s["energy_j"] or 0 for s in history["steps"]) > 0
+    report = (project_dir / "docs/reports/t/report.md").read_text()
+    assert "310" in report and " Wh, hardware counter" in report  # small energies in Wh
+
+    # Comet: the run's metrics at the right steps; the resume continued the same experiment with its steps only.
+    assert "comet upload" in result.stdout
+    report_dir = project_dir / "docs/reports/t"
+    archives = sorted((report_dir / "comet").glob("*.zip"), key=lambda p: p.stat().st_mtime)
+    first, second = archives
+    metrics = _archive_metrics(first)
+    for entry in history["steps"][:12]:
+        assert float(metrics[("loss", entry["step"])]) == pytest.approx(entry["loss"])
+        assert float(metrics[("learning_rate", entry["step"])]) == pytest.approx(entry["learning_rate"])
+    key = json.loads((report_dir / "comet.json").read_text())["experiment_key"]
+    with zipfile.ZipFile(second) as archive:
+        assert json.loads(archive.read("experiment.json"))["offline_id"] == key
+    assert sorted({step for (name, step) in _archive_metrics(second) if name == "loss"}) == [13, 14, 15]
+
+    # The Hub: the adapter, a card and the report in one commit, recorded in the report; the token nowhere.
     assert {
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -117,14 +115,13 @@ def test_hub_push_lands_the_adapter_and_the_commit_in_the_report(project_dir):
         "kaio-report/telemetry.png",
     } <= set(commit.files)
     local = project_dir / "checkpoints/t/final/adapter_model.safetensors"
-    assert commit.files["adapter_model.safetensors"] == local.read_bytes()
-    report = (project_dir / "docs/reports/t/report.md").read_text()
-    assert commit.sha in report
-    assert f"kaio-tester/tiny/blob/{commit.sha}/adapter_config.json" in report
+    assert latest.files["adapter_model.safetensors"] == local.read_bytes()
+    assert f"kaio-tester/tiny/blob/{latest.sha}/adapter_config.json" in report
+    assert history["hub"]["commit_sha"] == latest.sha and history["hub"]["repo_id"] == "kaio-tester/tiny"
     for path in (project_dir / "docs").rglob("*"):
         if path.is_file():
             assert TOKEN.encode() not in path.read_bytes(), path
-    assert TOKEN not in result.stdout + result.stderr
+    assert TOKEN not in result.stdout + result.stderr + resumed.stdout + resumed.stderr
 
 
 def test_failed_push_keeps_the_exit_code_and_kaio_push_retries(project_dir):

@@ -39,11 +39,11 @@ def test_ctrl_c_saves_a_checkpoint_at_that_step_and_resume_continues_exactly_the
     `kaio resume` trains k+1.. with no gap, no duplicate and the losses of an uninterrupted run."""
     reference_dir = project_dir / "reference"
     reference_dir.mkdir()
-    write_config(reference_dir, max_steps=200, save_steps=100)
+    write_config(reference_dir, max_steps=60, save_steps=50)
     assert kaio("run", "cfg.yaml", cwd=reference_dir).returncode == 0
     reference = {s["step"]: s["loss"] for s in read_history(reference_dir)["steps"]}
 
-    write_config(project_dir, max_steps=200, save_steps=100)
+    write_config(project_dir, max_steps=60, save_steps=50)
     proc = subprocess.Popen(
         [sys.executable, "-m", "kaio", "run", "cfg.yaml", "--plain"],
         cwd=project_dir,
@@ -58,7 +58,7 @@ def test_ctrl_c_saves_a_checkpoint_at_that_step_and_resume_continues_exactly_the
     interrupted = read_history(project_dir)
     assert interrupted["status"] == "INTERRUPTED"
     stopped_at = max(_steps(interrupted))
-    assert 12 <= stopped_at < 100, "Ctrl-C should land between two save_steps"
+    assert 12 <= stopped_at < 50, "Ctrl-C should land between two save_steps"
     assert (project_dir / f"checkpoints/t/checkpoint-{stopped_at}/trainer_state.json").exists()
     said = f"stopped after step {stopped_at} with checkpoint-{stopped_at} saved: `kaio resume t` continues from step {stopped_at + 1}"
     assert said in output
@@ -70,7 +70,7 @@ def test_ctrl_c_saves_a_checkpoint_at_that_step_and_resume_continues_exactly_the
     result = kaio("resume", "t", cwd=project_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     history = read_history(project_dir)
-    assert _steps(history) == list(range(1, 201))
+    assert _steps(history) == list(range(1, 61))
     assert [s["kind"] for s in history["sessions"]] == ["run", "resume"]
     assert history["sessions"][1]["start_step"] == stopped_at
     assert history["status"] == "COMPLETED"
@@ -79,39 +79,30 @@ def test_ctrl_c_saves_a_checkpoint_at_that_step_and_resume_continues_exactly_the
         assert history["steps"][step - 1]["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
     # Nothing was trained twice: the journal holds each step once.
     journal = [json.loads(line) for line in (project_dir / "docs/reports/t/journal.jsonl").read_text().splitlines()]
-    assert sorted(e["step"] for e in journal if e.get("type") == "step") == list(range(1, 201))
+    assert sorted(e["step"] for e in journal if e.get("type") == "step") == list(range(1, 61))
     assert "session 2: resumed from checkpoint-" in " ".join(history["telemetry"]["notes"])
 
 
-def test_resume_refusals(project_dir):
+def test_resume_refuses_what_it_cannot_do_and_extends_a_finished_run_with_an_edited_config(project_dir):
     unknown = kaio("resume", "nope", cwd=project_dir, timeout=60)
     assert unknown.returncode == 2 and "unknown project 'nope'" in unknown.stderr
 
-    write_config(project_dir, max_steps=3, save_steps=100)
+    write_config(project_dir, max_steps=4, save_steps=2)
     assert kaio("run", "cfg.yaml", cwd=project_dir).returncode == 0
     finished = kaio("resume", "t", cwd=project_dir, timeout=60)
     assert finished.returncode == 2 and "--max-steps" in finished.stderr
     known = kaio("resume", "nope", cwd=project_dir, timeout=60)
     assert "known projects: t" in known.stderr
-
-    # No checkpoint at all (save_steps above max_steps, and the final one removed): say so, suggest `kaio run`.
-    for path in (project_dir / "checkpoints/t").glob("checkpoint-*"):
-        shutil.rmtree(path)
-    (project_dir / "checkpoints/t/checkpoint-7").mkdir()  # half-written: no trainer_state.json
-    missing = kaio("resume", "t", "--max-steps", "6", cwd=project_dir, timeout=60)
-    assert missing.returncode == 2
-    assert "no complete checkpoint" in missing.stderr and "kaio run" in missing.stderr
-    assert "skipping" in missing.stdout and "checkpoint-7" in missing.stdout
-
-
-def test_resume_extends_a_finished_run_and_checks_edited_configs(project_dir):
-    write_config(project_dir, max_steps=4, save_steps=2)
-    assert kaio("run", "cfg.yaml", cwd=project_dir).returncode == 0
+    fewer = kaio("resume", "t", "--max-steps", "3", cwd=project_dir, timeout=60)
+    assert fewer.returncode == 2 and "has trained 4 steps already" in fewer.stderr
     edited = (project_dir / "cfg.yaml").read_text()
     (project_dir / "lora.yaml").write_text(edited.replace("  r: 4\n", "  r: 8\n"))
     refused = kaio("resume", "t", "--config", "lora.yaml", "--max-steps", "8", cwd=project_dir, timeout=60)
     assert refused.returncode == 2
     assert "lora.r" in refused.stderr and "4 -> 8" in refused.stderr
+    (project_dir / "moved.yaml").write_text(edited.replace("reporting:\n", "reporting:\n  output_dir: elsewhere\n"))
+    moved = kaio("resume", "t", "--config", "moved.yaml", "--max-steps", "8", cwd=project_dir, timeout=60)
+    assert moved.returncode == 2 and "reporting.output_dir" in moved.stderr  # one history, in one place
 
     (project_dir / "lr.yaml").write_text(edited.replace("learning_rate: 5.0e-3", "learning_rate: 1.0e-3"))
     extended = kaio("resume", "t", "--config", "lr.yaml", "--max-steps", "7", cwd=project_dir)
@@ -122,6 +113,15 @@ def test_resume_extends_a_finished_run_and_checks_edited_configs(project_dir):
     notes = " ".join(history["telemetry"]["notes"])
     assert "training.learning_rate: 0.005 -> 0.001" in notes and "training.max_steps: 4 -> 7" in notes
     assert "learning_rate: 0.005 -> 0.001" in (project_dir / "docs/reports/t/report.md").read_text()
+
+    # No complete checkpoint at all (the last ones removed, one half-written): say so, suggest `kaio run`.
+    for path in (project_dir / "checkpoints/t").glob("checkpoint-*"):
+        shutil.rmtree(path)
+    (project_dir / "checkpoints/t/checkpoint-9").mkdir()  # half-written: no trainer_state.json
+    missing = kaio("resume", "t", "--max-steps", "10", cwd=project_dir, timeout=60)
+    assert missing.returncode == 2
+    assert "no complete checkpoint" in missing.stderr and "kaio run" in missing.stderr
+    assert "skipping" in missing.stdout and "checkpoint-9" in missing.stdout
 
 
 def test_exception_in_one_rank_of_two_is_the_named_root_cause(project_dir):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from pathlib import Path
 
 from kaio.errors import ProjectError
@@ -21,8 +22,18 @@ class ProjectLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        report_dir = self.path.parent
+        try:
+            report_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ProjectError(
+                f"{report_dir}: cannot create the report folder ({exc.strerror}); choose another reporting.output_dir"
+            ) from None
+        check_report_folder(report_dir)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            raise ProjectError(f"{self.path}: cannot open the project's lock ({exc.strerror})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -47,6 +58,28 @@ class ProjectLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def check_report_folder(report_dir: Path) -> None:
+    """Refuse a report folder where another user could plant files for kaio to write through: one that
+    someone else owns, or whose folder is writable by others without the sticky bit, or that holds symbolic
+    links where kaio's own files go."""
+    me = os.geteuid()
+    for folder in (report_dir.parent, report_dir):
+        st = folder.stat()
+        if st.st_uid not in (me, 0) and folder == report_dir:
+            raise ProjectError(f"{folder}: owned by another user (uid {st.st_uid}); kaio writes only its own folders")
+        if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
+            raise ProjectError(
+                f"{folder}: writable by other users (mode {stat.filemode(st.st_mode)}, no sticky bit), who could plant "
+                "files for kaio to write through; use a folder of your own, or `chmod o-w` (or `+t`) it"
+            )
+    links = sorted(p.name for p in report_dir.iterdir() if p.is_symlink())
+    if links:
+        raise ProjectError(
+            f"{report_dir}: {', '.join(links)} {'is a symbolic link' if len(links) == 1 else 'are symbolic links'}; "
+            "kaio does not write through links in a report folder: remove them, or use another reporting.output_dir"
+        )
 
 
 def is_locked(report_dir: Path) -> bool:

@@ -26,6 +26,7 @@ from kaio.run import recorder as loading
 from kaio.run.recorder import Loaded, Recorder
 from kaio.run.state import RunState
 from kaio.run.supervisor import SessionRequest, Supervisor, View
+from kaio.secrets import REDACTED
 
 Notify = Callable[[str], None]
 
@@ -89,12 +90,19 @@ def move_aside(cfg: RunConfig) -> list[Path]:
         for entry in entries:
             shutil.move(str(entry), old_reports / entry.name)
         moved.append(old_reports)
-    checkpoints = cfg.checkpoint_dir
-    if checkpoints.exists():
-        target = checkpoints.with_name(f"{checkpoints.name}.replaced-{stamp}")
-        shutil.move(str(checkpoints), target)
+    # Only what the Trainer wrote there: training.output_dir may be a folder shared with other things.
+    checkpoints = [p for p in cfg.checkpoint_dir.glob("*") if p.name == "final" or _is_checkpoint(p)]
+    if checkpoints:
+        target = cfg.checkpoint_dir / f"replaced-{stamp}"
+        target.mkdir()
+        for path in checkpoints:
+            shutil.move(str(path), target / path.name)
         moved.append(target)
     return moved
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return path.is_dir() and path.name.startswith("checkpoint-") and path.name.removeprefix("checkpoint-").isdigit()
 
 
 def run_new(
@@ -108,9 +116,16 @@ def run_new(
     """``kaio run``: a new history for the project (after moving an old one aside with ``--overwrite``)."""
     paths = ProjectPaths(cfg.report_dir)
     with ProjectLock(paths.report_dir):
-        if paths.journal.exists() and not overwrite:
+        if paths.journal.exists():
             loaded = loading.load(paths, writable=False)
             loaded.state.index.close()
+            alive = alive_pids(loaded.state)
+            if alive:
+                raise ProjectError(
+                    f"project {cfg.project_name!r} has processes of an earlier session still alive (pids "
+                    f"{', '.join(map(str, alive))}); stop them before starting over"
+                )
+        if paths.journal.exists() and not overwrite:
             raise ProjectError(
                 f"project {cfg.project_name!r} already has a history ({loaded.state.last_step} steps, "
                 f"{loaded.state.status.value}) in {paths.report_dir}; continue it with `kaio resume {cfg.project_name}`, "
@@ -203,17 +218,19 @@ def recover_unfinished(paths: ProjectPaths, state: RunState, notify: Notify = pr
     session = state.ledger.current
     open_session = session if session is not None and session.status == Status.RUNNING else None
     progress = state.ledger.progress.get(open_session.session) if open_session else None
-    if progress is not None and _child_alive(progress.pids):
+    if progress is not None and alive_pids(state):
         return True
     if open_session is None and not paths.spool.is_dir():
         return False  # the common case: nothing to recover
     recorder = Recorder(paths, state)
     try:
-        merged, _bad = (
+        merged, bad = (
             spool.merge_into(paths.spool, state.ledger.received, recorder.record) if paths.spool.is_dir() else (0, 0)
         )
         if merged:
             notify(f"merged {merged} event(s) the run spooled while no supervisor was listening")
+        if bad:
+            recorder.record(Note(text=f"{bad} line(s) of the spool were not valid events and were skipped"))
         if open_session is not None and progress is not None:
             finished = progress.trained_to_end
             number = open_session.session
@@ -243,16 +260,21 @@ def recover_unfinished(paths: ProjectPaths, state: RunState, notify: Notify = pr
     return False
 
 
-def _child_alive(pids: list[int]) -> bool:
+def alive_pids(state: RunState) -> list[int]:
+    """Processes of the latest session still alive: its launcher, and every rank that said where it was."""
     import psutil
 
-    for pid in pids:
+    session = state.ledger.current
+    progress = state.ledger.progress.get(session.session) if session is not None else None
+    pids = (progress.pids if progress else []) + [r.pid for r in state.ledger.ranks.values() if r.pid]
+    alive = []
+    for pid in dict.fromkeys(pids):
         try:
-            if pid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                return True
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
         except psutil.Error:
             continue
-    return False
+    return alive
 
 
 # ---------------------------------------------------------------- resume
@@ -263,9 +285,8 @@ def latest_checkpoint(checkpoint_dir: Path, notify: Notify = print) -> Path | No
     candidates = []
     if checkpoint_dir.is_dir():
         for path in checkpoint_dir.glob("checkpoint-*"):
-            suffix = path.name.removeprefix("checkpoint-")
-            if path.is_dir() and suffix.isdigit():
-                candidates.append((int(suffix), path))
+            if _is_checkpoint(path):
+                candidates.append((int(path.name.removeprefix("checkpoint-")), path))
     for step, path in sorted(candidates, reverse=True):
         try:
             trainer_state = json.loads((path / "trainer_state.json").read_text())
@@ -282,7 +303,16 @@ def latest_checkpoint(checkpoint_dir: Path, notify: Notify = print) -> Path | No
 
 
 # Keys whose change makes a checkpoint unusable, and keys that may change between sessions.
-_FROZEN_PREFIXES = ("project_name", "model.", "lora.r", "lora.alpha", "lora.target_modules", "launch.script")
+_FROZEN_PREFIXES = (
+    "project_name",
+    "model.",
+    "lora.r",
+    "lora.alpha",
+    "lora.target_modules",
+    "launch.script",
+    "reporting.output_dir",
+    "training.output_dir",  # one history, one set of checkpoints: in one place each
+)
 
 
 def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
@@ -336,10 +366,16 @@ def _resumable_session(
     project = paths.project
     if running:
         raise ProjectError(
-            f"project {project!r} is still training without a supervisor (its child process is alive); "
-            "wait for it to finish or stop it, then `kaio resume` again"
+            f"project {project!r} is still training without a supervisor (pids {', '.join(map(str, alive_pids(state)))} "
+            "are alive); wait for them to finish or stop them, then `kaio resume` again"
         )
     cfg, saved = saved_config(paths)
+    if config_path is None and REDACTED in [*cfg.launch.script_args, *cfg.launch.accelerate_args]:
+        raise ProjectError(
+            f"project {project!r} ran with a secret in its arguments, which kaio does not keep (config.json has "
+            f"{REDACTED} in its place): resume with the original config, `kaio resume {project} --config CONFIG`, or "
+            "better, pass the secret in an environment variable"
+        )
     if config_path is not None:
         cfg = load_config(config_path)
         refused, allowed = config_changes(saved, config_snapshot(cfg))

@@ -104,6 +104,7 @@ class Supervisor:
         self._log_tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self._stop = _Stop()
         self._reader: FifoReader | None = None
+        self._fifo_path: Path | None = None
         self.on_refresh: list[Callable[[RunState], None]] = []  # report writers, the index commit
         self.on_loop: list[Callable[[RunState], None]] = []  # cheap consumers called every loop (Comet feed)
         self._refresh_failures: set[str] = set()
@@ -140,6 +141,8 @@ class Supervisor:
             resume_from=request.resume_from,
         )
         argv, env = launch.build_command(self.cfg, plan, os.environ)
+        launch.adopt_orphans()
+        self._fifo_path = fifo.path
         self.record(
             SessionStart(
                 session=session,
@@ -179,10 +182,12 @@ class Supervisor:
 
     def _run_and_end(self, proc, session: int, fifo, reader, poller, output) -> SessionOutcome:
         """Supervise the child until it exits, then gather what is left and journal the session's end."""
+        outlived: list[int] = []
         try:
             self._loop(proc)
         finally:
-            launch.kill_group(proc)  # ranks that outlived the launcher, if any
+            # Ranks that outlived the launcher (killed by an OOM killer, a scheduler...): adopted by kaio, stopped here.
+            outlived = launch.end_run(fifo.path, self.cfg.launch.grace_seconds)
             fifo.close_write_end()
             reader.join(timeout=10)
             output.join(timeout=5)
@@ -191,6 +196,11 @@ class Supervisor:
             self._drain()
             fifo.close()
         spooled, bad = spool.merge_into(self.paths.spool, self.state.ledger.received, self.record)
+        if outlived:
+            self._note(
+                f"{len(outlived)} process(es) of the run outlived the launcher and were stopped by kaio "
+                f"(pids {', '.join(map(str, outlived))})"
+            )
         outcome = self._outcome(proc.returncode, session)
         self.record(
             SessionEnd(
@@ -351,7 +361,7 @@ class Supervisor:
                 launch.signal_group(proc, signal.SIGTERM)
             else:
                 self._stop.killed = True
-                launch.kill_group(proc)
+                self._kill(proc)
 
         previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -373,7 +383,13 @@ class Supervisor:
         ):
             stop.killed = True
             self._note(f"the child did not stop within {self.cfg.launch.grace_seconds:g} s of SIGTERM; killed")
-            launch.kill_group(proc)
+            self._kill(proc)
+
+    def _kill(self, proc: subprocess.Popen) -> None:
+        """Every process of the session: the launcher's group, and ranks in sessions of their own."""
+        launch.kill_group(proc)
+        if self._fifo_path is not None:
+            launch.kill_run(self._fifo_path)
 
     @property
     def stop_requested(self) -> bool:

@@ -1,0 +1,188 @@
+"""Nothing kills the training but the user, and no process of a run outlives kaio: faults injected into real runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+
+from conftest import REPO, journal_steps, kaio, read_history, wait_for, write_config
+
+FAULTY = REPO / "tests" / "scripts" / "faulty_train.py"
+
+
+def _script_config(
+    project_dir: Path, script: Path, args: list[str], *, num_processes: int = 1, grace: float = 5
+) -> None:
+    (project_dir / "cfg.yaml").write_text(
+        f"project_name: t\nlaunch:\n  num_processes: {num_processes}\n  script: {script}\n"
+        f"  script_args: {json.dumps(args)}\n  grace_seconds: {grace}\n"
+        "reporting:\n  use_comet_ml: false\n  poll_hz: 4\n  refresh_seconds: 1\n"
+    )
+
+
+def _spawn(project_dir: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "kaio", *args],
+        cwd=project_dir,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _family(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def test_ranks_orphaned_by_a_killed_launcher_are_stopped_and_resume_continues(project_dir):
+    """SIGKILL of the launcher (an OOM killer, a scheduler): its two ranks would train on as orphans.
+    kaio adopts them (child subreaper), stops them, says so, and a resume then continues cleanly."""
+    _script_config(project_dir, FAULTY, ["400", "5"], num_processes=2)
+    proc = _spawn(project_dir, "run", "cfg.yaml", "--plain")
+    wait_for(lambda: journal_steps(project_dir) >= 2 * 12, 180, "both ranks to train")
+    family = _family(proc.pid)
+    launcher = next(p for p in family if "kaio.child.launcher" in " ".join(p.cmdline()))
+    ranks = [p for p in family if p.pid != launcher.pid and "kaio.child" in " ".join(p.cmdline())]
+    assert len(ranks) >= 2, [p.cmdline() for p in family]
+    launcher.kill()
+    output, _ = proc.communicate(timeout=90)
+    assert proc.returncode != 0
+    _, alive = psutil.wait_procs(ranks, timeout=10)
+    assert not alive, f"ranks left running: {[p.pid for p in alive]}"
+    history = read_history(project_dir)
+    assert history["status"] == "FAILED"
+    assert any("outlived the launcher" in w for w in history["warnings"]), history["warnings"]
+    result = kaio("resume", "t", "--plain", cwd=project_dir, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    steps = [s["step"] for s in read_history(project_dir)["steps"]]
+    assert steps == list(range(1, 401))
+
+
+def test_ranks_that_ignore_sigterm_are_killed_after_the_grace_period(project_dir):
+    script = project_dir / "stubborn.py"
+    script.write_text(
+        textwrap.dedent(f"""\
+        import signal, runpy, sys
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a script that will not stop when asked
+        sys.argv = [{str(FAULTY)!r}, "100000", "100000"]
+        runpy.run_path({str(FAULTY)!r}, run_name="__main__")
+        """)
+    )
+    _script_config(project_dir, script, [], num_processes=2, grace=2)
+    proc = _spawn(project_dir, "run", "cfg.yaml", "--plain")
+    wait_for(lambda: journal_steps(project_dir) >= 2 * 5, 180, "both ranks to train")
+    family = _family(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    output, _ = proc.communicate(timeout=90)
+    assert time.monotonic() - started < 45
+    assert proc.returncode in (137, 143), output
+    _, alive = psutil.wait_procs(family, timeout=10)
+    assert not alive, f"left behind: {[p.pid for p in alive]}"
+    history = read_history(project_dir)
+    assert history["status"] == "INTERRUPTED"
+    assert "stopped without saving a checkpoint" in output
+
+
+def test_a_bad_event_on_the_pipe_is_counted_and_the_training_finishes(project_dir):
+    script = project_dir / "noisy.py"
+    script.write_text(
+        textwrap.dedent(f"""\
+        import os, runpy, sys
+        fd = os.open(os.environ["KAIO_TELEMETRY_PIPE"], os.O_WRONLY)
+        os.write(fd, b'{{"type":"step","rank":0}}\\n')  # decodable, but no step: once it crashed the supervisor
+        os.write(fd, b'{{"type":"log","rank":0,"step":"three"}}\\n')
+        os.close(fd)
+        sys.argv = [{str(FAULTY)!r}, "12", "100"]
+        runpy.run_path({str(FAULTY)!r}, run_name="__main__")
+        """)
+    )
+    _script_config(project_dir, script, [])
+    result = kaio("run", "cfg.yaml", cwd=project_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    history = read_history(project_dir)
+    assert [s["step"] for s in history["steps"]] == list(range(1, 13))
+    assert history["telemetry"]["malformed_lines"] == 2
+    assert "2 malformed telemetry lines dropped" in history["warnings"] or any(
+        "malformed" in w for w in history["warnings"]
+    )
+
+
+def test_a_closed_stdout_does_not_stop_the_training(project_dir):
+    write_config(project_dir, max_steps=40)
+    shell = subprocess.run(
+        f"{sys.executable} -m kaio run cfg.yaml --plain | head -2",
+        shell=True,
+        cwd=project_dir,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert len(shell.stdout.splitlines()) == 2
+    wait_for(
+        lambda: (
+            (project_dir / "docs/reports/t/history.json").exists() and read_history(project_dir)["status"] != "RUNNING"
+        ),
+        120,
+        "the run to end",
+    )
+    history = read_history(project_dir)
+    assert history["status"] == "COMPLETED" and [s["step"] for s in history["steps"]] == list(range(1, 41))
+
+
+def test_planted_symlinks_in_the_report_folder_are_not_followed(project_dir):
+    write_config(project_dir, max_steps=3)
+    report_dir = project_dir / "docs" / "reports" / "t"
+    report_dir.mkdir(parents=True)
+    victims = {
+        name: project_dir / f"victim-{name.strip('.')}"
+        for name in (".lock", "child.log", "journal.jsonl", "history.json")
+    }
+    for name, victim in victims.items():
+        victim.write_text("someone else's file\n")
+        (report_dir / name).symlink_to(victim)
+    result = kaio("run", "cfg.yaml", cwd=project_dir)
+    for victim in victims.values():
+        assert victim.read_text() == "someone else's file\n"
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "symbolic link" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_report_folder_open_to_other_users_is_refused(project_dir):
+    write_config(project_dir, max_steps=3)
+    shared = project_dir / "docs" / "reports"
+    shared.mkdir(parents=True)
+    os.chmod(shared, 0o777)  # world-writable, no sticky bit: anyone could plant files in it
+    result = kaio("run", "cfg.yaml", cwd=project_dir)
+    assert result.returncode == 2 and "writable by other users" in result.stderr
+    os.chmod(shared, 0o1777)  # /tmp-like: the sticky bit keeps others' hands off our files
+    assert kaio("run", "cfg.yaml", cwd=project_dir).returncode == 0
+
+
+def test_project_arguments_are_checked_like_project_names(project_dir):
+    for command in (["report", "../elsewhere"], ["resume", "../../x"], ["push", "a/b"]):
+        result = kaio(*command, cwd=project_dir)
+        assert result.returncode == 2, command
+        assert "is not a project name" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_report_folder_that_cannot_be_created_is_one_line_and_nothing_starts(project_dir):
+    (project_dir / "afile").write_text("not a folder")
+    write_config(project_dir, max_steps=3, extra="")
+    cfg = project_dir / "cfg.yaml"
+    cfg.write_text(cfg.read_text().replace("reporting:\n", "reporting:\n  output_dir: afile/reports\n"))
+    result = kaio("run", "cfg.yaml", cwd=project_dir)
+    assert result.returncode == 2
+    assert result.stderr.startswith("kaio: error: afile/reports/t: cannot create the report folder")
+    assert len(result.stderr.strip().splitlines()) == 1 and not (project_dir / "checkpoints").exists()
