@@ -13,7 +13,16 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from kaio.errors import ConfigError, ProjectError
 from kaio.secrets import REDACTED, is_secret_key, redact, redact_argv  # noqa: F401 - the config's secrets follow the one rule
@@ -209,9 +218,10 @@ class RunConfig(_Section):
     hub: HubConfig = Field(default_factory=HubConfig)
 
     @model_validator(mode="after")
-    def _script_sees_no_recipe_keys(self) -> RunConfig:
-        """With ``launch.script`` the built-in recipe does not run, so its keys would be silently ignored."""
-        if self.launch.script is None:
+    def _script_sees_no_recipe_keys(self, info: ValidationInfo) -> RunConfig:
+        """With ``launch.script`` the built-in recipe does not run, so its keys would be silently ignored.
+        (A saved config, config.json, holds every key with its default: not the user's doing.)"""
+        if self.launch.script is None or (info.context or {}).get("saved"):
             return self
         for section in SCRIPT_IGNORED_SECTIONS:
             for key in sorted(getattr(self, section).model_fields_set - SCRIPT_READ_KEYS.get(section, set())):
@@ -310,9 +320,10 @@ def _config_loader():
     return Loader
 
 
-def config_from_dict(raw: dict[str, Any], *, source: str = "<config>") -> RunConfig:
+def config_from_dict(raw: dict[str, Any], *, source: str = "<config>", saved: bool = False) -> RunConfig:
+    """``saved``: a config kaio wrote itself (config.json), every default spelled out."""
     try:
-        return RunConfig.model_validate(raw)
+        return RunConfig.model_validate(raw, context={"saved": saved})
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_describe(exc.errors()[0])}") from None
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 
 from conftest import REPO, journal_steps, kaio, read_history, wait_for, write_config
+from kaio.record.lock import check_report_folder
 
 FAULTY = REPO / "tests" / "scripts" / "faulty_train.py"
 
@@ -45,6 +46,13 @@ def _family(pid: int) -> list[psutil.Process]:
         return []
 
 
+def _command(proc: psutil.Process) -> str:
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:  # gone, or a zombie not reaped yet
+        return ""
+
+
 def test_ranks_orphaned_by_a_killed_launcher_are_stopped_and_resume_continues(project_dir):
     """SIGKILL of the launcher (an OOM killer, a scheduler): its two ranks would train on as orphans.
     kaio adopts them (child subreaper), stops them, says so, and a resume then continues cleanly."""
@@ -52,9 +60,9 @@ def test_ranks_orphaned_by_a_killed_launcher_are_stopped_and_resume_continues(pr
     proc = _spawn(project_dir, "run", "cfg.yaml", "--plain")
     wait_for(lambda: journal_steps(project_dir) >= 2 * 12, 180, "both ranks to train")
     family = _family(proc.pid)
-    launcher = next(p for p in family if "kaio.child.launcher" in " ".join(p.cmdline()))
-    ranks = [p for p in family if p.pid != launcher.pid and "kaio.child" in " ".join(p.cmdline())]
-    assert len(ranks) >= 2, [p.cmdline() for p in family]
+    launcher = next(p for p in family if "kaio.child.launcher" in _command(p))
+    ranks = [p for p in family if p.pid != launcher.pid and "kaio.child" in _command(p)]
+    assert len(ranks) >= 2, [_command(p) for p in family]
     launcher.kill()
     output, _ = proc.communicate(timeout=90)
     assert proc.returncode != 0
@@ -166,8 +174,10 @@ def test_a_report_folder_open_to_other_users_is_refused(project_dir):
     os.chmod(shared, 0o777)  # world-writable, no sticky bit: anyone could plant files in it
     result = kaio("run", "cfg.yaml", cwd=project_dir)
     assert result.returncode == 2 and "writable by other users" in result.stderr
+    assert not (project_dir / "checkpoints").exists() and not (shared / "t" / "journal.jsonl").exists()
     os.chmod(shared, 0o1777)  # /tmp-like: the sticky bit keeps others' hands off our files
-    assert kaio("run", "cfg.yaml", cwd=project_dir).returncode == 0
+    (shared / "t").mkdir(exist_ok=True)
+    check_report_folder(shared / "t")  # accepted
 
 
 def test_project_arguments_are_checked_like_project_names(project_dir):

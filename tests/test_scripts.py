@@ -79,6 +79,7 @@ def clm_two_ranks(tmp_path_factory):
     return directory, result
 
 
+@pytest.mark.xdist_group("clm")
 def test_an_unchanged_script_on_two_cpu_ranks_is_one_job_of_world_size_two(clm_two_ranks):
     directory, result = clm_two_ranks
     assert result.returncode == 0, result.stdout + result.stderr
@@ -100,6 +101,7 @@ def test_an_unchanged_script_on_two_cpu_ranks_is_one_job_of_world_size_two(clm_t
     assert _row(report, "PEFT").startswith("none")
 
 
+@pytest.mark.xdist_group("clm")
 def test_every_evaluation_is_kept_with_its_step(clm_two_ranks):
     directory, _ = clm_two_ranks
     history = read_history(directory, "clm")

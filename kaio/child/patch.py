@@ -10,11 +10,17 @@ gets telemetry without changing a line. ``Trainer.train`` is patched so that
 from __future__ import annotations
 
 import functools
+import importlib.abc
+import importlib.machinery
 import os
+import sys
+import types
+from typing import Any
 
 from kaio.telemetry.protocol import ENV_RESUME_FROM
 
 _emitter = None
+_TRAINER_MODULE = "transformers.trainer"
 
 
 def rank_from_env() -> int:
@@ -32,13 +38,41 @@ def shared_emitter():
 
 
 def install() -> None:
-    import transformers
-
+    """Patch ``Trainer`` as soon as its module is imported (now, if it already is): a script that never uses
+    transformers does not pay for importing it."""
     from kaio.child import stop
-    from kaio.child.callback import KaioCallback
 
     stop.install()
-    trainer_cls = transformers.Trainer
+    module = sys.modules.get(_TRAINER_MODULE)
+    if module is not None:
+        _patch(module.Trainer)
+    elif not any(isinstance(finder, _PatchOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport())
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Finds ``transformers.trainer`` as Python would, and patches its ``Trainer`` right after the module runs,
+    before any script can subclass it."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _TRAINER_MODULE:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
+        if spec is None or spec.loader is None:
+            return spec
+        run_module = spec.loader.exec_module
+
+        def exec_module(module: types.ModuleType) -> None:
+            run_module(module)
+            _patch(module.Trainer)
+
+        spec.loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+def _patch(trainer_cls: Any) -> None:
+    from kaio.child.callback import KaioCallback
+
     if getattr(trainer_cls.__init__, "_kaio_patched", False):
         return
     original_init = trainer_cls.__init__

@@ -59,7 +59,7 @@ def unknown_project(output_dir: Path, project: str) -> ProjectError:
 def saved_config(paths: ProjectPaths) -> tuple[RunConfig, dict]:
     """The config the project last ran with (config.json), validated, and as saved."""
     saved = json.loads(paths.config.read_text())
-    return config_from_dict(saved, source=str(paths.config)), saved
+    return config_from_dict(saved, source=str(paths.config), saved=True), saved
 
 
 @contextlib.contextmanager
