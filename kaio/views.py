@@ -55,6 +55,39 @@ PLAIN_INTERVAL_S = 5.0  # one status line every few seconds when not in a termin
 LIVE_REFRESH_HZ = 4
 
 
+class _NoEcho:
+    """While the dashboard is drawn, the terminal echoes no key (Ctrl-C still interrupts).
+
+    An echo lands after the frame's last, full-width line and wraps it (``^C`` does): the frame
+    moves one row down and leaves a stale header above each later redraw. The dashboard reads no
+    keys, so nothing typed is lost. Restored when the dashboard stops.
+    """
+
+    def __init__(self) -> None:
+        self._saved: list | None = None
+
+    def quiet(self) -> None:
+        try:
+            import termios
+        except ImportError:  # not a POSIX terminal
+            return
+        try:
+            self._saved = termios.tcgetattr(0)
+            quiet = termios.tcgetattr(0)
+            quiet[3] &= ~(termios.ECHO | termios.ECHOCTL)
+            termios.tcsetattr(0, termios.TCSANOW, quiet)
+        except (OSError, termios.error):  # stdin is not a terminal
+            self._saved = None
+
+    def restore(self) -> None:
+        if self._saved is not None:
+            import termios
+
+            with contextlib.suppress(OSError, termios.error):
+                termios.tcsetattr(0, termios.TCSANOW, self._saved)
+            self._saved = None
+
+
 class LiveView:
     """Rich ``Live`` pulling the latest immutable snapshot at most 4 times a second."""
 
@@ -62,6 +95,7 @@ class LiveView:
         self.console = console
         self._snapshot: Snapshot | None = None
         self._live: Live | None = None
+        self._echo = _NoEcho()
 
     def _renderable(self):
         from kaio.dashboard import render
@@ -82,6 +116,7 @@ class LiveView:
             redirect_stdout=False,
             redirect_stderr=False,
         )
+        self._echo.quiet()
         self._live.start()
 
     def child_output(self, line: str) -> None:
@@ -97,6 +132,7 @@ class LiveView:
         if self._live is not None:
             self._live.refresh()
             self._live.stop()
+        self._echo.restore()
         self.console.print(final_line(snapshot), markup=False, highlight=False)
 
 

@@ -17,9 +17,9 @@ COLUMNS, LINES = 120, 40
 
 
 class Screen:
-    def __init__(self, child: pexpect.spawn) -> None:
+    def __init__(self, child: pexpect.spawn, columns: int = COLUMNS, lines: int = LINES) -> None:
         self.child = child
-        self.screen = pyte.Screen(COLUMNS, LINES)
+        self.screen = pyte.Screen(columns, lines)
         self.stream = pyte.ByteStream(self.screen)
 
     def pump(self, seconds: float) -> None:
@@ -44,13 +44,27 @@ class Screen:
         raise AssertionError(f"never saw {what} on screen:\n{self.text()}")
 
 
+def _spawn_kaio(project_dir, columns: int, lines: int) -> tuple[pexpect.spawn, Screen]:
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(columns), "LINES": str(lines)}
+    child = pexpect.spawn(
+        sys.executable, ["-m", "kaio", "run", "cfg.yaml"], cwd=str(project_dir), env=env, dimensions=(lines, columns)
+    )
+    return child, Screen(child, columns, lines)
+
+
+def _assert_last_frame(text: str, status: str) -> None:
+    """What the user sees once kaio has exited: header, progress bar, status and where the record is."""
+    rows = text.splitlines()
+    header = [r for r in rows if r.startswith("kaio t ")]
+    assert len(header) == 1 and status in header[0], text  # one frame, redrawn in place to the end
+    assert any(r.startswith("step ") and ("━" in r or "─" in r) for r in rows), text
+    assert "report docs/reports/t/report.md" in text, text
+    assert f"[kaio] t {status}" in text, text
+
+
 def test_dashboard_shows_progress_and_host_row_then_ctrl_c_interrupts_cleanly(project_dir):
     write_config(project_dir, max_steps=5000, save_steps=10000)
-    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(COLUMNS), "LINES": str(LINES)}
-    child = pexpect.spawn(
-        sys.executable, ["-m", "kaio", "run", "cfg.yaml"], cwd=str(project_dir), env=env, dimensions=(LINES, COLUMNS)
-    )
-    screen = Screen(child)
+    child, screen = _spawn_kaio(project_dir, COLUMNS, LINES)
     try:
         # Live redraws in place: wait for a frame that holds everything at once.
         wanted = ("RUNNING", "/5000", "loss", "━", "host (no GPU)")  # status, step count, bar, the CPU-only row
@@ -63,14 +77,27 @@ def test_dashboard_shows_progress_and_host_row_then_ctrl_c_interrupts_cleanly(pr
     finally:
         if child.isalive():
             child.terminate(force=True)
-    final = screen.text()
-    assert "INTERRUPTED" in final
+    _assert_last_frame(screen.text(), "INTERRUPTED")
     child.close()
     assert child.exitstatus not in (None, 0)
     _, alive = psutil.wait_procs(family, timeout=10)
     assert not alive, f"left behind: {[p.pid for p in alive]}"
     history = json.loads((project_dir / "docs/reports/t/history.json").read_text())
     assert history["status"] == "INTERRUPTED" and len(history["steps"]) > 0
+
+
+def test_last_frame_fits_a_small_terminal(project_dir):
+    write_config(project_dir, max_steps=40)
+    child, screen = _spawn_kaio(project_dir, 80, 24)
+    try:
+        screen.pump(240)
+        child.expect(pexpect.EOF, timeout=30)
+    finally:
+        if child.isalive():
+            child.terminate(force=True)
+    child.close()
+    assert child.exitstatus == 0, screen.text()
+    _assert_last_frame(screen.text(), "COMPLETED")
 
 
 def test_not_a_terminal_prints_plain_lines_and_honours_no_color(project_dir):

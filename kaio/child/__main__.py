@@ -25,7 +25,8 @@ BUILTIN_RECIPE = "kaio.recipes.lora"
 SCRIPT_FLAG = "--kaio-script"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> bool:
+    """Run the target; True when it was the built-in recipe."""
     # The launcher ignores SIGTERM so that this process answers it; an ignored signal is inherited, so give
     # it back its default until the Trainer patch installs the graceful stop (kaio.child.stop).
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 
         plain.finish()
         shared_emitter().close()
+    return script is None
 
 
 def _destroy_process_group() -> None:
@@ -101,4 +103,7 @@ def _write_error_file(rank: int, exc: BaseException) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from kaio.child.quick_exit import exit_without_teardown
+
+    if main():
+        exit_without_teardown()  # the built-in recipe; a user's script may rely on its exit handlers

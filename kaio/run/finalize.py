@@ -127,6 +127,12 @@ class FigureProcess:
             self.failure = f"could not start drawing it: {type(exc).__name__}: {exc}"
             self._finish(FIGURE_WAIT_S)
 
+    def rewarm(self) -> None:
+        """Once a drawing has ended, start the next process, so that the next drawing finds it warm."""
+        if self._proc is not None and self._fed and self._proc.poll() is not None:
+            self._finish(0)
+            self.warm()
+
     def _start(self) -> None:
         self._errors = tempfile.TemporaryFile()  # noqa: SIM115 - the drawing's stderr, read when it ends
         self._fed = False
@@ -177,11 +183,14 @@ class LiveReports:
     def __init__(self, report_dir: Path, figure: FigureProcess) -> None:
         self.report_dir = report_dir
         self.figure = figure
-        self._next_heavy = 0.0
+        # The first a minute in: a shorter run gets its figure only at the end, from the warm process.
+        self._next_heavy = time.monotonic() + HEAVY_REFRESH_S
 
     def __call__(self, state: RunState) -> None:
         started = time.monotonic()
         heavy = started >= self._next_heavy
+        if not heavy:
+            self.figure.rewarm()
         write_reports(state, self.report_dir, history_json=heavy, figure=self.figure, draw=heavy, wait=False)
         if heavy:
             took = time.monotonic() - started
@@ -259,6 +268,7 @@ class RunOutputs:
         so that the sinks' outcomes (Comet's archive, the Hub commit) are in them.
         """
         summary = write_reports(state, self.paths.report_dir, figure=self.figure)
+        records_before_sinks = state.parts.records
         if self._comet is not None:
             self.feed(state, final=True)
             self._comet.log_assets(list(self.paths.report_files))
@@ -270,7 +280,10 @@ class RunOutputs:
                 self._record(Note(text=warning, t_wall=time.time()))
         if self.cfg.hub.push and state.status == Status.COMPLETED:
             push_to_hub(self.cfg, state, summary, self._record, self._notify, cancelled=lambda: self.cancelled)
-        return write_reports(state, self.paths.report_dir, figure=self.figure)
+        if state.parts.records == records_before_sinks:
+            return summary
+        # The sinks' outcomes go into report.md and history.json; the figure does not show them.
+        return write_reports(state, self.paths.report_dir, figure=self.figure, draw=False)
 
 
 def push_to_hub(

@@ -159,10 +159,11 @@ def _supervise(
     outcome = None
     try:
         outputs.start(state)
+        figure.warm()  # matplotlib loads while the training starts: the figure is drawn at once when asked
         view.start()
         try:
             outcome = supervisor.run(request, lambda: latest_checkpoint(cfg.checkpoint_dir, notify=lambda text: None))
-            figure.warm()  # the final figure: matplotlib loads while the record is finished
+            figure.warm()  # in case the process was used up by the last refresh
         finally:
             view.stop(supervisor.snapshot())
         if outcome is not None and outcome.message:
