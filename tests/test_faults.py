@@ -63,6 +63,10 @@ def test_ranks_orphaned_by_a_killed_launcher_are_stopped_and_resume_continues(pr
     launcher = next(p for p in family if "kaio.child.launcher" in _command(p))
     ranks = [p for p in family if p.pid != launcher.pid and "kaio.child" in _command(p)]
     assert len(ranks) >= 2, [_command(p) for p in family]
+    # A one-node job listens on loopback only: its rendezvous store (the launcher's) and the ranks' sockets.
+    listening = [(p.pid, c.laddr) for p in family for c in p.net_connections(kind="inet") if c.status == "LISTEN"]
+    assert any(pid == launcher.pid for pid, _ in listening), listening
+    assert all(address.ip == "127.0.0.1" for _, address in listening), listening
     launcher.kill()
     output, _ = proc.communicate(timeout=90)
     assert proc.returncode != 0

@@ -18,6 +18,39 @@ import msgspec
 
 from kaio.telemetry.protocol import ENV_ERROR_DIR, ENV_SESSION, LaunchFailure
 
+_LISTENERS: list = []  # the rendezvous store's sockets, open for the launcher's life
+
+
+def _rendezvous_on_loopback() -> None:
+    """A one-node job's rendezvous store listens on 127.0.0.1 only, not on every interface.
+
+    torch's TCPStore server binds every interface whatever host it is given (pytorch#173909), and
+    nothing outside this machine needs a one-node job's store. Its server can take a socket already
+    listening (``master_listen_fd``): the static rendezvous, which the launcher uses for one node, is
+    given one bound to loopback. If torch moves that code, the store is torch's default again.
+    """
+    import socket
+
+    try:
+        from torch.distributed.elastic.rendezvous import static_tcp_rendezvous as rendezvous
+    except ImportError:
+        return
+    tcp_store = getattr(rendezvous, "TCPStore", None)
+    if tcp_store is None:
+        return
+
+    def loopback_store(host_name, port, world_size=None, is_master=False, *args, **kwargs):
+        if is_master and host_name in ("127.0.0.1", "localhost") and "master_listen_fd" not in kwargs:
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", port))
+            listener.listen(128)
+            _LISTENERS.append(listener)
+            kwargs["master_listen_fd"] = listener.fileno()
+        return tcp_store(host_name, port, world_size, is_master, *args, **kwargs)
+
+    rendezvous.TCPStore = loopback_store
+
 
 def main() -> None:
     import torch
@@ -32,6 +65,7 @@ def main() -> None:
     # answer (it saves a checkpoint, kaio.child.stop), so this process waits for it rather than dying first.
     # Several: torch elastic installs its own handlers, which pass the signal on to every rank.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _rendezvous_on_loopback()  # kaio launches one node: --num_machines 1
     session = int(os.environ.get(ENV_SESSION, "1"))
     try:
         accelerate_main()
