@@ -181,7 +181,7 @@ def push(
 ) -> None:
     """Push PROJECT's final LoRA adapter, a model card and the report to the Hugging Face Hub (or retry a failed push).
 
-    The token comes from HF_TOKEN or your `huggingface-cli login`; it is never printed or written. Exits 0 when pushed, 1 when the push failed (the reason is in report.md).
+    The token comes from HF_TOKEN or your `hf auth login`; it is never printed or written. Exits 0 when pushed, 1 when the push failed (the reason is in report.md).
     """
     from kaio.run.project import push as push_project
 

@@ -288,43 +288,24 @@ class StepAssembler(msgspec.Struct, kw_only=True):
 
 def _gpu_stats(samples: list[GpuSample], count: int, energy_j: float | None) -> GpuStepStats:
     s = samples[0]
-    if len(samples) == 1:  # a step about as long as the poll interval: no lists to build
-        return GpuStepStats(
-            power_avg=_rounded(s.power_w),
-            power_min=s.power_w,
-            power_max=s.power_w,
-            util_avg=_rounded(s.util_pct),
-            util_min=s.util_pct,
-            util_max=s.util_pct,
-            temp_max=s.temp_c,
-            temp_junction_max=s.temp_junction_c,
-            energy_j=energy_j,
-            vram_used_max_bytes=s.vram_used_bytes,
-            run_vram_max_bytes=s.run_vram_bytes,
-            throttle=sorted(s.throttle) if s.throttle else None,
-            samples=count,
-        )
-    if len(samples) == 2:  # two samples: no lists either
+    # One or two samples (a step about as long as the poll interval, the usual case): no lists to build.
+    if len(samples) == 1:
+        power = (_rounded(s.power_w), s.power_w, s.power_w)
+        util = (_rounded(s.util_pct), s.util_pct, s.util_pct)
+        temp, junction, vram, run_vram = s.temp_c, s.temp_junction_c, s.vram_used_bytes, s.run_vram_bytes
+        throttle = sorted(s.throttle) if s.throttle else None
+    elif len(samples) == 2:
         t = samples[1]
         power, util = _pair(s.power_w, t.power_w), _pair(s.util_pct, t.util_pct)
+        temp, junction = _max2(s.temp_c, t.temp_c), _max2(s.temp_junction_c, t.temp_junction_c)
+        vram, run_vram = _max2(s.vram_used_bytes, t.vram_used_bytes), _max2(s.run_vram_bytes, t.run_vram_bytes)
         throttle = sorted({*(s.throttle or ()), *(t.throttle or ())}) or None
-        return GpuStepStats(
-            power_avg=power[0],
-            power_min=power[1],
-            power_max=power[2],
-            util_avg=util[0],
-            util_min=util[1],
-            util_max=util[2],
-            temp_max=_max2(s.temp_c, t.temp_c),
-            temp_junction_max=_max2(s.temp_junction_c, t.temp_junction_c),
-            energy_j=energy_j,
-            vram_used_max_bytes=_max2(s.vram_used_bytes, t.vram_used_bytes),
-            run_vram_max_bytes=_max2(s.run_vram_bytes, t.run_vram_bytes),
-            throttle=throttle,
-            samples=count,
-        )
-    power = _avg_min_max([s.power_w for s in samples])
-    util = _avg_min_max([s.util_pct for s in samples])
+    else:
+        power = _avg_min_max([s.power_w for s in samples])
+        util = _avg_min_max([s.util_pct for s in samples])
+        temp, junction = _max([s.temp_c for s in samples]), _max([s.temp_junction_c for s in samples])
+        vram, run_vram = _max([s.vram_used_bytes for s in samples]), _max([s.run_vram_bytes for s in samples])
+        throttle = sorted({r for s in samples for r in (s.throttle or ())}) or None
     return GpuStepStats(
         power_avg=power[0],
         power_min=power[1],
@@ -332,12 +313,12 @@ def _gpu_stats(samples: list[GpuSample], count: int, energy_j: float | None) -> 
         util_avg=util[0],
         util_min=util[1],
         util_max=util[2],
-        temp_max=_max([s.temp_c for s in samples]),
-        temp_junction_max=_max([s.temp_junction_c for s in samples]),
+        temp_max=temp,
+        temp_junction_max=junction,
         energy_j=energy_j,
-        vram_used_max_bytes=_max([s.vram_used_bytes for s in samples]),
-        run_vram_max_bytes=_max([s.run_vram_bytes for s in samples]),
-        throttle=sorted({r for s in samples for r in (s.throttle or ())}) or None,
+        vram_used_max_bytes=vram,
+        run_vram_max_bytes=run_vram,
+        throttle=throttle,
         samples=count,
     )
 
