@@ -78,6 +78,7 @@ def test_dashboard_shows_progress_and_host_row_then_ctrl_c_interrupts_cleanly(pr
         if child.isalive():
             child.terminate(force=True)
     _assert_last_frame(screen.text(), "INTERRUPTED")
+    assert "with checkpoint-" in screen.text() and "saved: `kaio resume t` continues from step" in screen.text()
     child.close()
     assert child.exitstatus not in (None, 0)
     _, alive = psutil.wait_procs(family, timeout=10)

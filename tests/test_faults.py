@@ -131,26 +131,76 @@ def test_a_bad_event_on_the_pipe_is_counted_and_the_training_finishes(project_di
     )
 
 
-def test_a_closed_stdout_does_not_stop_the_training(project_dir):
-    write_config(project_dir, max_steps=40)
-    shell = subprocess.run(
-        f"{sys.executable} -m kaio run cfg.yaml --plain | head -2",
+FULL_DISK_LAYER = """\
+import errno, os, runpy, sys
+# A fault-injecting file layer: while the marker exists, writes into the report folder fail as on a full disk.
+marker, report_dir = sys.argv.pop(1), os.path.realpath(sys.argv.pop(1))
+real_write, real_fsync = os.write, os.fsync
+
+def full(fd):
+    if not os.path.exists(marker):
+        return False
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith(report_dir + os.sep)
+    except OSError:
+        return False
+
+def write(fd, data):
+    if full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real_write(fd, data)
+
+def fsync(fd):
+    if full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real_fsync(fd)
+
+os.write, os.fsync = write, fsync
+sys.argv[0] = "kaio"
+runpy.run_module("kaio", run_name="__main__")
+"""
+
+
+def _spooled_steps(report_dir: Path) -> int:
+    return sum(
+        f.read_text(errors="replace").count('"type":"step"') for f in (report_dir / "spool").glob("**/*") if f.is_file()
+    )
+
+
+def test_a_full_report_disk_and_a_closed_stdout_do_not_stop_the_training(project_dir):
+    """While the report folder's disk is full and nobody reads stdout, the training goes on; once space
+    returns, the record is written whole."""
+    write_config(project_dir, max_steps=600, save_steps=1000)
+    report_dir = project_dir / "docs" / "reports" / "t"
+    layer, marker = project_dir / "full_disk.py", project_dir / "disk-is-full"
+    layer.write_text(FULL_DISK_LAYER)
+    shell = subprocess.Popen(
+        f"{sys.executable} {layer} {marker} {report_dir} run cfg.yaml --plain | head -2",
         shell=True,
         cwd=project_dir,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
-        timeout=240,
     )
-    assert len(shell.stdout.splitlines()) == 2
+    wait_for(lambda: journal_steps(project_dir) >= 5, 120, "training")
+    marker.touch()  # the disk fills up
+    journaled = journal_steps(project_dir)
+    wait_for(lambda: _spooled_steps(report_dir) >= journaled + 100, 120, "100 steps trained on a full disk")
+    assert journal_steps(project_dir) <= journaled + 30, "the journal was written while the disk was full"
+    marker.unlink()  # space returns
+    output, _ = shell.communicate(timeout=240)
+    assert len(output.splitlines()) == 2
     wait_for(
-        lambda: (
-            (project_dir / "docs/reports/t/history.json").exists() and read_history(project_dir)["status"] != "RUNNING"
-        ),
+        lambda: report_dir.joinpath("history.json").exists() and read_history(project_dir)["status"] != "RUNNING",
         120,
         "the run to end",
     )
     history = read_history(project_dir)
-    assert history["status"] == "COMPLETED" and [s["step"] for s in history["steps"]] == list(range(1, 41))
+    assert history["status"] == "COMPLETED" and [s["step"] for s in history["steps"]] == list(range(1, 601))
+    said = " ".join(history["warnings"] + history["telemetry"]["notes"])
+    assert "No space left on device" in said and "in memory" in said, said
+    assert kaio("report", "t", cwd=project_dir).returncode == 0
+    assert [s["step"] for s in read_history(project_dir)["steps"]] == list(range(1, 601))
 
 
 def test_planted_symlinks_in_the_report_folder_are_not_followed(project_dir):

@@ -34,9 +34,11 @@ def _faulty_config(project_dir: Path, *script_args: str, num_processes: int = 1,
     )
 
 
-def test_ctrl_c_saves_a_checkpoint_at_that_step_and_resume_continues_exactly_there(project_dir):
-    """A first Ctrl-C between two save_steps: the Trainer saves checkpoint-k at the end of step k and stops;
-    `kaio resume` trains k+1.. with no gap, no duplicate and the losses of an uninterrupted run."""
+def test_a_stop_signal_saves_a_checkpoint_at_that_step_and_resume_continues_exactly_there(project_dir):
+    """A first stop between two save_steps, here SIGTERM as a batch scheduler sends it before preempting
+    (a real Ctrl-C in a terminal: tests/test_dashboard_terminal.py): the Trainer saves checkpoint-k at the
+    end of step k and stops; `kaio resume` trains k+1.. with no gap, no duplicate and the losses of an
+    uninterrupted run."""
     reference_dir = project_dir / "reference"
     reference_dir.mkdir()
     write_config(reference_dir, max_steps=60, save_steps=50)
@@ -52,7 +54,7 @@ def test_ctrl_c_saves_a_checkpoint_at_that_step_and_resume_continues_exactly_the
         text=True,
     )
     wait_for(lambda: journal_steps(project_dir) >= 12, 120, "a few steps")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 143, output  # stopped by the user: SIGTERM's code
     interrupted = read_history(project_dir)
