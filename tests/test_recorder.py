@@ -292,7 +292,7 @@ def test_spooled_events_merge_in_the_order_they_happened(tmp_path):
         lines.append(encode(Log(rank=0, session=1, pid=7, seq=2 * seq, step=step, loss=1.0, t_wall=1e9 + step + 0.5)))
     (spool_dir / spool.part_name(1, 0, 7, 1)).write_bytes(b"".join(lines))
     state = replay(_run_records(0, ranks=1))
-    spool.merge_into(spool_dir, spool.Received(), state.apply)
+    spool.merge_into(spool_dir, spool.Received(), state.apply, written_out=lambda: True)
     state.apply(records(_end(1))[0])
     history = history_of(state)
     assert state.ledger.telemetry.dropped_late_events == 0
@@ -328,3 +328,69 @@ def test_history_json_is_written_when_missing_and_not_rewritten_when_nothing_cha
     write_reports(loaded.state, paths.report_dir, draw=False)
     assert json.loads(paths.history.read_text())["steps"][-1]["step"] == 20
     loaded.state.index.close()
+
+
+FULL_DISK_RUN = """\
+import json, resource, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+from conftest import history_of, records
+from test_recorder import _end, _run_records
+from kaio.record.paths import ProjectPaths
+from kaio.run import recorder as loading
+
+paths = ProjectPaths(Path(sys.argv[1]))
+journal_records = records(*_run_records(3000), _end(1))
+loaded = loading.load(paths, writable=True)
+recorder = loading.Recorder(paths, loaded.state)
+for record in journal_records[:2000]:
+    recorder.record(record)
+recorder.save()
+_, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, hard))  # the disk is full: every write fails, SQLite's too
+for record in journal_records[2000:]:
+    recorder.record(record)
+recorder.save()
+failed, journal_error = recorder.state.index.failed, str(recorder.journal.write_error)
+resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))  # space again
+state = recorder.final_state()
+recorder.save()
+print(json.dumps({"failed": failed, "journal_error": journal_error, "history": history_of(state)}))
+recorder.close()
+loaded.state.index.close()
+"""
+
+
+def test_an_index_that_a_full_disk_stopped_is_rebuilt_from_the_journal_at_the_end(tmp_path):
+    """SQLite's own writes fail on a full disk (a real failure: RLIMIT_FSIZE at 0 in a subprocess). The
+    index stops taking writes instead of stopping the run; at the end the state is loaded again from
+    the index's last commit and the journal, once the journal is written out: nothing is lost."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "full_disk_run.py"
+    script.write_text(FULL_DISK_RUN)
+    project = tmp_path / "p"
+    result = subprocess.run(
+        [sys.executable, str(script), str(project), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["failed"] and out["failed"].startswith("index.sqlite could not be written"), out["failed"]
+    assert "File too large" in out["journal_error"]
+    expected = history_of(replay(_run_records(3000) + [_end(1)]))
+    history = out["history"]
+    assert [s["step"] for s in history["steps"]] == [s["step"] for s in expected["steps"]]
+    assert history["steps"] == expected["steps"]
+    assert any("index.sqlite could not be written" in w for w in history["warnings"]), history["warnings"]
+    # The index on disk is whole again: a later load needs no replay.
+    loaded = loading.load(ProjectPaths(project), writable=False)
+    try:
+        assert loaded.from_index and loaded.replayed == 0
+        assert history_of(loaded.state)["steps"] == expected["steps"]
+    finally:
+        loaded.state.index.close()

@@ -98,6 +98,7 @@ def test_an_unchanged_script_on_two_cpu_ranks_is_one_job_of_world_size_two(clm_t
     assert _row(report, "World size (processes)") == "2"
     assert _row(report, "Per-device batch size") == "4" and _row(report, "Effective batch size") == "8"
     assert _row(report, "Architecture") == "LlamaForCausalLM" and _row(report, "Max steps") == "8"
+    assert _row(report, "Model") == "no name or path: built from a config"
     assert _row(report, "PEFT").startswith("none")
 
 
@@ -131,6 +132,7 @@ def test_a_trl_style_trainer_with_its_own_lora_is_described_as_it_ran(project_di
     assert history["steps"][-1]["metrics"]["num_tokens"] == 5 * 3 * 2 * 12  # steps x accumulation x batch x tokens
     report = (project_dir / "docs/reports/sft/report.md").read_text()
     assert _row(report, "PEFT") == "LORA r=8 alpha=16 dropout=0 on q_proj, v_proj"
+    assert _row(report, "Architecture") == "LlamaForCausalLM"
     assert _row(report, "Per-device batch size") == "2" and _row(report, "Gradient accumulation steps") == "3"
     assert _row(report, "Effective batch size") == "6" and _row(report, "Learning rate") == "0.003"
     # kaio's recipe keys play no part in a script's run, and the report does not pretend they did.

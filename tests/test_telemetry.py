@@ -196,9 +196,13 @@ def test_spool_rotates_and_prunes_only_journaled_parts(tmp_path, monkeypatch):
     missing, _ = spool.missing_events(spool_dir, received)
     assert [e.step for e in missing] == [6, 7]
     recorded: list = []
-    assert spool.merge_into(spool_dir, received, recorded.append) == (2, 0)
+    # The journal could not write them yet (a full disk): the spool stays, it is their only copy on disk.
+    assert spool.merge_into(spool_dir, received, recorded.append, written_out=lambda: False) == (2, 0)
+    assert len(list(spool_dir.iterdir())) == 2
+    recorded.clear()
+    assert spool.merge_into(spool_dir, received, recorded.append, written_out=lambda: True) == (2, 0)
     assert [e.step for e in recorded] == [6, 7]
-    assert not spool_dir.exists()  # merged: nothing left to wonder about
+    assert not spool_dir.exists()  # merged and written: nothing left to wonder about
 
 
 def test_callback_reads_the_allocator_peak_once_resolved(monkeypatch):

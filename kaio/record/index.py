@@ -86,6 +86,9 @@ class RunIndex:
         self.path = path
         self.temporary = temporary  # a private copy (read-only use, or a filesystem without locks)
         self.note = note  # why the index is not where it should be, for the user
+        # Why a write failed (a full disk, an I/O error), or None. The index then takes no more writes and
+        # stays as its last commit left it; the caller rebuilds it from the journal (Recorder.final_state).
+        self.failed: str | None = None
         conn.executescript(_SCHEMA)
 
     @property
@@ -95,10 +98,27 @@ class RunIndex:
         return self._conn
 
     def _flush(self) -> None:
-        for table, rows in self._pending.items():
-            if rows:
-                self._conn.executemany(_ROW_TABLES[table], rows)
+        if self.failed is not None:
+            return
+        with self._writing():
+            for table, rows in self._pending.items():
+                if rows:
+                    self._conn.executemany(_ROW_TABLES[table], rows)
+                    rows.clear()
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """A write that may fail on a full disk: it must not stop the run (the journal has every record).
+        The transaction is rolled back to the last commit, which is consistent, and writes stop
+        (every caller checks ``failed`` first)."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            self.failed = f"{self.path.name} could not be written ({exc})"
+            for rows in self._pending.values():
                 rows.clear()
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.rollback()
 
     @classmethod
     def open(cls, paths: ProjectPaths, *, writable: bool) -> RunIndex:
@@ -170,8 +190,12 @@ class RunIndex:
             ("journal_offset", str(coverage.journal_offset).encode()),
             ("journal_head", coverage.journal_head.encode()),
         ]
-        self.conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows)
-        self.conn.commit()
+        self._flush()
+        if self.failed is not None:
+            return
+        with self._writing():
+            self._conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows)
+            self._conn.commit()
 
     def _meta(self, key: str) -> bytes | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -180,6 +204,8 @@ class RunIndex:
     # ------------------------------------------------------------------ writing
 
     def add_step(self, entry: StepEntry) -> None:
+        if self.failed is not None:
+            return
         ranks = [v for v in entry.peak_vram_bytes.values() if v is not None]
         entry.vram_peak_bytes = max(ranks) if ranks else None  # every rank has reported the step by now
         host = entry.host
@@ -235,26 +261,38 @@ class RunIndex:
             self._flush()
 
     def add_eval(self, entry: EvalEntry) -> None:
-        self.conn.execute(
-            "INSERT INTO evals VALUES (?,?,?,?)",  # two at one step (in training, then after) are two
-            (entry.step, entry.session, entry.loss, _ENCODER.encode(entry)),
-        )
+        if self.failed is not None:
+            return
+        with self._writing():
+            self._conn.execute(
+                "INSERT INTO evals VALUES (?,?,?,?)",  # two at one step (in training, then after) are two
+                (entry.step, entry.session, entry.loss, _ENCODER.encode(entry)),
+            )
 
     def truncate_after(self, step: int) -> None:
         """A resumed session trains the steps after its checkpoint again: forget them."""
-        for table in ("steps", "step_lines", "step_gpus", "step_ranks", "evals"):
-            self.conn.execute(f"DELETE FROM {table} WHERE step > ?", (step,))
+        self._flush()
+        if self.failed is not None:
+            return
+        with self._writing():
+            for table in ("steps", "step_lines", "step_gpus", "step_ranks", "evals"):
+                self._conn.execute(f"DELETE FROM {table} WHERE step > ?", (step,))
 
     @contextlib.contextmanager
     def provisional(self) -> Iterator[None]:
         """Changes made inside are seen by queries inside, then undone (the steps still open, for a
         report written now)."""
-        self.conn.execute("SAVEPOINT provisional")
+        self._flush()  # the sealed steps stay
+        if self.failed is not None:
+            yield
+            return
+        self._conn.execute("SAVEPOINT provisional")
         try:
             yield
         finally:
-            self.conn.execute("ROLLBACK TO provisional")
-            self.conn.execute("RELEASE provisional")
+            if self.failed is None:  # else the failed write rolled everything back already
+                self._conn.execute("ROLLBACK TO provisional")
+                self._conn.execute("RELEASE provisional")
 
     # ------------------------------------------------------------------ reading
 

@@ -65,6 +65,11 @@ class Journal:
                 self.dropped_bytes += cut
                 del self._pending[:cut]
 
+    def write_out(self) -> bool:
+        """Flush and fsync; True when every record handed in is on disk (False while the disk is full)."""
+        self.flush(fsync=True)
+        return not self._pending
+
     def close(self) -> None:
         self.flush(fsync=True)
         os.close(self._fd)

@@ -212,12 +212,12 @@ def _what_was_trained(run: RunDescription | None) -> str:
         )
     model, peft, args = run.model, run.peft, run.args
     rows: list[tuple[str, Any]] = [
-        ("Model", model.name_or_path if model else None),
+        ("Model", (model.name_or_path or "no name or path: built from a config") if model else None),
         ("Architecture", (model.architecture or model.model_class) if model else None),
         ("Weights dtype", model.dtype if model else None),
         ("Precision (training)", run.precision),
         ("PEFT", _peft(peft) if peft else ("none: every parameter trained" if model and model.model_class else None)),
-        ("Tokenizer", run.tokenizer),
+        ("Tokenizer", run.tokenizer or ("none given to the Trainer" if model else None)),
         ("Training / evaluation examples", _pair_int(run.train_samples, run.eval_samples)),
         ("Per-device batch size", args.per_device_train_batch_size),
         ("Gradient accumulation steps", args.gradient_accumulation_steps),

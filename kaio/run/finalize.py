@@ -187,6 +187,8 @@ class LiveReports:
         self._next_heavy = time.monotonic() + HEAVY_REFRESH_S
 
     def __call__(self, state: RunState) -> None:
+        if state.index.failed is not None:
+            return  # it misses steps until the end of the run rebuilds it: no report from it until then
         started = time.monotonic()
         heavy = started >= self._next_heavy
         if not heavy:

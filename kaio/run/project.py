@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -156,7 +157,7 @@ def _supervise(
     supervisor.on_refresh.append(LiveReports(paths.report_dir, figure))
     supervisor.on_refresh.append(lambda _state: recorder.save())
     supervisor.on_loop.append(outputs.feed)
-    outcome = None
+    outcome, written = None, True
     try:
         outputs.start(state)
         figure.warm()  # matplotlib loads while the training starts: the figure is drawn at once when asked
@@ -171,14 +172,25 @@ def _supervise(
     finally:
         try:
             with _finishing(outputs):
-                outputs.finish(state)
+                state = recorder.final_state()
+                try:
+                    outputs.finish(state)
+                except (OSError, sqlite3.Error) as exc:  # a disk still full: the training is done, its record waits
+                    written = False
+                    notify(
+                        f"kaio: error: the record could not be written in {paths.report_dir} "
+                        f"({getattr(exc, 'strerror', None) or exc}); "
+                        f"{paths.journal.name} and the child's spool keep what they hold: once there is space, "
+                        f"`kaio report {cfg.project_name}` writes it"
+                    )
                 recorder.save()
         finally:
             figure.close()
             recorder.close()
-    hub = state.ledger.hub
-    pushed = f" · pushed: {hub.url} at {hub.commit_sha}" if hub is not None and hub.commit_sha else ""
-    notify(f"record: {paths.report} · {paths.figure} · {paths.history}{pushed}")
+    if written:
+        hub = state.ledger.hub
+        pushed = f" · pushed: {hub.url} at {hub.commit_sha}" if hub is not None and hub.commit_sha else ""
+        notify(f"record: {paths.report} · {paths.figure} · {paths.history}{pushed}")
     return outcome.exit_code if outcome else 1
 
 
@@ -226,7 +238,9 @@ def recover_unfinished(paths: ProjectPaths, state: RunState, notify: Notify = pr
     recorder = Recorder(paths, state)
     try:
         merged, bad = (
-            spool.merge_into(paths.spool, state.ledger.received, recorder.record) if paths.spool.is_dir() else (0, 0)
+            spool.merge_into(paths.spool, state.ledger.received, recorder.record, recorder.journal.write_out)
+            if paths.spool.is_dir()
+            else (0, 0)
         )
         if merged:
             notify(f"merged {merged} event(s) the run spooled while no supervisor was listening")

@@ -9,12 +9,13 @@ and skipped: it never stops a report or a resume.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from kaio.record.index import Coverage, RunIndex, head_digest
 from kaio.record.journal import Journal, journal_head, read_records
 from kaio.record.paths import ProjectPaths
-from kaio.record.types import Record
+from kaio.record.types import Note, Record
 from kaio.run.state import RunState
 
 
@@ -79,10 +80,21 @@ class Recorder:
         self.paths = paths
         self.state = state
         self.journal = Journal(paths.journal)
+        self._index_failure_said = False
+        self._reloaded: RunState | None = None
 
     def record(self, record: Record) -> None:
         self.journal.append(record)
         self.state.apply(record)
+        if self.state.index.failed is not None and not self._index_failure_said:
+            self._index_failure_said = True
+            self.record(
+                Note(
+                    text=f"{self.state.index.failed}: the training goes on; the report is rebuilt from "
+                    f"{self.paths.journal.name} when the run ends, and not refreshed until then",
+                    t_wall=time.time(),
+                )
+            )
 
     def save(self) -> None:
         """Commit the index with the state, as covering everything journaled so far."""
@@ -94,5 +106,22 @@ class Recorder:
             self.state.encode(), Coverage(offset, head_digest(journal_head(self.journal.path, offset)))
         )
 
+    def final_state(self) -> RunState:
+        """The state to write the record from. If the index stopped taking writes during the run (a full
+        disk), the steps it missed are only in the journal: once the journal is written out, the state
+        is loaded again from the index's last commit and the journal after it."""
+        failed = self.state.index.failed is not None
+        self.journal.flush(fsync=True)
+        if not failed or self.journal.write_error is not None:
+            return self.state  # (still no space: the record is written as far as it goes; `kaio report` later)
+        live = self.state
+        live.index.close()
+        self.state = self._reloaded = load(self.paths, writable=True).state
+        for text in live.parts.warnings.items:  # said live but not journaled (the journal was full then)
+            self.state.warn(text)
+        return self.state
+
     def close(self) -> None:
         self.journal.close()
+        if self._reloaded is not None:
+            self._reloaded.index.close()

@@ -195,7 +195,8 @@ class Supervisor:
                 poller.stop()
             self._drain()
             fifo.close()
-        spooled, bad = spool.merge_into(self.paths.spool, self.state.ledger.received, self.record)
+        journal = self.recorder.journal
+        spooled, bad = spool.merge_into(self.paths.spool, self.state.ledger.received, self.record, journal.write_out)
         if outlived:
             self._note(
                 f"{len(outlived)} process(es) of the run outlived the launcher and were stopped by kaio "
@@ -282,7 +283,8 @@ class Supervisor:
                 self.state.warn(message)
 
     def _refresh(self) -> None:
-        spool.prune(self.paths.spool, self.state.ledger.received)
+        if self.recorder.journal.write_out():  # else the spool holds what the journal could not write yet
+            spool.prune(self.paths.spool, self.state.ledger.received)
         for writer in self.on_refresh:
             try:
                 writer(self.state)

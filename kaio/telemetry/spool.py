@@ -96,12 +96,17 @@ def prune(spool_dir: Path, received: Received) -> None:
             path.unlink(missing_ok=True)
 
 
-def merge_into(spool_dir: Path, received: Received, record: Callable[[ChildEvent], None]) -> tuple[int, int]:
-    """Journal what only the spool has, then delete the spool (all its events are journaled now);
-    returns how many events were merged and how many lines were not valid events (skipped)."""
+def merge_into(
+    spool_dir: Path, received: Received, record: Callable[[ChildEvent], None], written_out: Callable[[], bool]
+) -> tuple[int, int]:
+    """Journal what only the spool has, then delete the spool if ``written_out()`` says every record is on
+    disk (on a full disk the spool stays: it holds what the journal could not write yet); returns how
+    many events were merged and how many lines were not valid events (skipped)."""
     events, bad = missing_events(spool_dir, received)
     for event in events:
         record(event)
+    if not written_out():
+        return len(events), bad
     for _pid, _first, path in _parts(spool_dir):
         path.unlink(missing_ok=True)
     try:
