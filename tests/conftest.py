@@ -44,7 +44,7 @@ launch:
 reporting:
   use_comet_ml: false
   poll_hz: 4
-  refresh_seconds: 1
+  refresh_seconds: 5
 """
 
 

@@ -26,7 +26,7 @@ def _script_config(
     (project_dir / "cfg.yaml").write_text(
         f"project_name: t\nlaunch:\n  num_processes: {num_processes}\n  script: {script}\n"
         f"  script_args: {json.dumps(args)}\n  grace_seconds: {grace}\n"
-        "reporting:\n  use_comet_ml: false\n  poll_hz: 4\n  refresh_seconds: 1\n"
+        "reporting:\n  use_comet_ml: false\n  poll_hz: 4\n  refresh_seconds: 5\n"
     )
 
 

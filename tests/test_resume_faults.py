@@ -30,14 +30,14 @@ def _faulty_config(project_dir: Path, *script_args: str, num_processes: int = 1,
     (project_dir / "cfg.yaml").write_text(
         f"project_name: t\nlaunch:\n  num_processes: {num_processes}\n  script: {FAULTY}\n"
         f"  script_args: [{args}]\n  grace_seconds: 5\n{extra}"  # extra: more `launch:` keys
-        "reporting:\n  use_comet_ml: false\n  poll_hz: 4\n  refresh_seconds: 1\n"
+        "reporting:\n  use_comet_ml: false\n  poll_hz: 4\n  refresh_seconds: 5\n"
     )
 
 
 def test_a_stop_signal_saves_a_checkpoint_at_that_step_and_resume_continues_exactly_there(project_dir):
-    """A first stop between two save_steps, here SIGTERM as a batch scheduler sends it before preempting
-    (a real Ctrl-C in a terminal: tests/test_dashboard_terminal.py): the Trainer saves checkpoint-k at the
-    end of step k and stops; `kaio resume` trains k+1.. with no gap, no duplicate and the losses of an
+    """A first SIGINT between two save_steps (a batch scheduler's SIGTERM: tests/test_run_e2e.py; a real
+    Ctrl-C in a terminal: tests/test_dashboard_terminal.py): the Trainer saves checkpoint-k at the end of
+    step k and stops; `kaio resume` trains k+1.. with no gap, no duplicate and the losses of an
     uninterrupted run."""
     reference_dir = project_dir / "reference"
     reference_dir.mkdir()
@@ -54,9 +54,9 @@ def test_a_stop_signal_saves_a_checkpoint_at_that_step_and_resume_continues_exac
         text=True,
     )
     wait_for(lambda: journal_steps(project_dir) >= 12, 120, "a few steps")
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 143, output  # stopped by the user: SIGTERM's code
+    assert proc.returncode == 143, output  # stopped by the user (kaio's code for it, as for SIGTERM)
     interrupted = read_history(project_dir)
     assert interrupted["status"] == "INTERRUPTED"
     stopped_at = max(_steps(interrupted))

@@ -78,8 +78,9 @@ def test_one_run_per_project_and_no_silent_mixing(project_dir):
         assert "is running right now" in second.stderr
         assert journal_steps(project_dir) >= 2  # the first run is untouched
     finally:
-        first.send_signal(signal.SIGINT)
-        first.wait(timeout=60)
+        first.send_signal(signal.SIGTERM)  # as a batch scheduler preempts: a checkpoint is saved first
+        output, _ = first.communicate(timeout=60)
+    assert first.returncode == 143 and "saved: `kaio resume t` continues from step" in output, output
     # A finished history is not mixed or destroyed without asking.
     again = kaio("run", "cfg.yaml", cwd=project_dir, timeout=60)
     assert again.returncode == 2

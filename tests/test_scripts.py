@@ -29,7 +29,7 @@ def _config(directory: Path, project: str, script: str, args: list[str], num_pro
         reporting:
           use_comet_ml: false
           poll_hz: 4
-          refresh_seconds: 1
+          refresh_seconds: 5
         """)
     )
     return path
