@@ -34,7 +34,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kaio import units
-from kaio.run.snapshot import GpuRow, HostRow, Snapshot
+from kaio.run.snapshot import GpuRow, HostRow, Snapshot, as_shown
 
 __all__ = [
     "SPARK_CHARS",
@@ -392,24 +392,27 @@ def final_line(snapshot: Snapshot) -> str:
 # --------------------------------------------------------------------------
 
 
-def render(snapshot: Snapshot, *, log_lines: int | None = None) -> RenderableType:
+def render(snapshot: Snapshot, *, log_lines: int | None = None, rows_after: int = 0) -> RenderableType:
     """The live dashboard for ``snapshot``.
 
     The result lays itself out when Rich renders it, from the console's width
     and height at that moment: the log panel takes the rows left over (at most
-    :data:`MAX_LOG_LINES`). ``log_lines`` forces a number of log lines instead.
+    :data:`MAX_LOG_LINES`), less ``rows_after`` kept free for lines printed
+    below the frame (the last frame's: its header must stay on screen).
+    ``log_lines`` forces a number of log lines instead.
     """
-    return _Dashboard(snapshot, log_lines)
+    return _Dashboard(snapshot, log_lines, rows_after)
 
 
 class _Dashboard:
     """Renderable that measures the terminal on every refresh. Holds only the snapshot."""
 
-    __slots__ = ("snapshot", "log_lines")
+    __slots__ = ("snapshot", "log_lines", "rows_after")
 
-    def __init__(self, snapshot: Snapshot, log_lines: int | None) -> None:
+    def __init__(self, snapshot: Snapshot, log_lines: int | None, rows_after: int = 0) -> None:
         self.snapshot = snapshot
         self.log_lines = log_lines
+        self.rows_after = rows_after
 
     def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
         return Measurement(min(20, options.max_width), options.max_width)
@@ -428,7 +431,7 @@ class _Dashboard:
         else:
             height = options.height or options.max_height
             # 2 rows of panel border, 1 spare row so Live never scrolls.
-            n_log = max(0, min(MAX_LOG_LINES, height - len(top_lines) - 3))
+            n_log = max(0, min(MAX_LOG_LINES, height - len(top_lines) - 3 - self.rows_after))
         if n_log > 0:
             yield _log_panel(snap, n_log)
 
@@ -713,10 +716,7 @@ def _warnings_panel(snap: Snapshot) -> Panel:
 
 
 def _clean_log_line(line: str) -> str:
-    line = line.rstrip("\r\n")
-    # Progress bars redraw with carriage returns: keep what the terminal would show.
-    line = line[line.rfind("\r") + 1 :][:MAX_LOG_LINE_CHARS]
-    return _clean(line.expandtabs(4)).rstrip()
+    return _clean(as_shown(line)[:MAX_LOG_LINE_CHARS].expandtabs(4)).rstrip()
 
 
 def _tail(lines: Sequence[str], n: int) -> Iterable[str]:

@@ -53,6 +53,7 @@ class PipeSafe(io.TextIOBase):
 
 PLAIN_INTERVAL_S = 5.0  # one status line every few seconds when not in a terminal
 LIVE_REFRESH_HZ = 4
+FINAL_LINES_ROWS = 6  # rows printed under the last frame: the final line, the record, a stop message
 
 
 class _NoEcho:
@@ -96,13 +97,14 @@ class LiveView:
         self._snapshot: Snapshot | None = None
         self._live: Live | None = None
         self._echo = _NoEcho()
+        self._rows_after = 0  # rows left free under the frame
 
     def _renderable(self):
         from kaio.dashboard import render
 
         if self._snapshot is None:
             return ""
-        return render(self._snapshot)
+        return render(self._snapshot, rows_after=self._rows_after)
 
     def start(self) -> None:
         from rich.live import Live
@@ -129,6 +131,9 @@ class LiveView:
         from kaio.dashboard import final_line
 
         self._snapshot = snapshot
+        # Below the last frame come the final line, where the record is, and how the run stopped (each may
+        # wrap): a frame with a long output panel would push its own header off the screen.
+        self._rows_after = FINAL_LINES_ROWS
         if self._live is not None:
             self._live.refresh()
             self._live.stop()

@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import os
 import sys
+import textwrap
 import time
 
 import pexpect
 import psutil
 import pyte
 
-from conftest import write_config
+from conftest import REPO, write_config
 
 COLUMNS, LINES = 120, 40
+
+
+SFT_STYLE = REPO / "tests" / "scripts" / "sft_style.py"
 
 
 class Screen:
@@ -87,11 +91,30 @@ def test_dashboard_shows_progress_and_host_row_then_ctrl_c_interrupts_cleanly(pr
     assert history["status"] == "INTERRUPTED" and len(history["steps"]) > 0
 
 
-def test_last_frame_fits_a_small_terminal(project_dir):
-    write_config(project_dir, max_steps=40)
+def test_last_frame_fits_a_small_terminal_whatever_the_script_prints(project_dir):
+    """A chatty script (its own prints, the Trainer's progress bars) fills the output panel; the last frame
+    still leaves room for the lines printed under it, so its header stays on an 80x24 screen."""
+    chatty = project_dir / "chatty.py"
+    chatty.write_text(
+        textwrap.dedent(f"""\
+        import runpy, sys
+        for shard in range(40):
+            print(f"preparing shard {{shard}}")
+        sys.argv = [{str(SFT_STYLE)!r}, {str(project_dir / "out")!r}, "12"]
+        runpy.run_path({str(SFT_STYLE)!r}, run_name="__main__")
+        """)
+    )
+    (project_dir / "cfg.yaml").write_text(
+        f"project_name: t\nlaunch:\n  script: {chatty}\nreporting:\n  use_comet_ml: false\n  poll_hz: 4\n"
+    )
     child, screen = _spawn_kaio(project_dir, 80, 24)
     try:
-        screen.pump(240)
+        screen.wait_for(lambda t: "preparing shard 39" in t, 120, "the script's output in the panel")
+        frames_with_metric_lines = 0
+        deadline = time.monotonic() + 240
+        while child.isalive() and time.monotonic() < deadline:
+            screen.pump(0.3)
+            frames_with_metric_lines += "{'loss'" in screen.text()
         child.expect(pexpect.EOF, timeout=30)
     finally:
         if child.isalive():
@@ -99,6 +122,9 @@ def test_last_frame_fits_a_small_terminal(project_dir):
     child.close()
     assert child.exitstatus == 0, screen.text()
     _assert_last_frame(screen.text(), "COMPLETED")
+    # The Trainer's metric lines, printed under its progress bars, stay out of the panel: child.log has them.
+    assert frames_with_metric_lines == 0
+    assert (project_dir / "docs/reports/t/child.log").read_text().count("{'loss'") == 12
 
 
 def test_not_a_terminal_prints_plain_lines_and_honours_no_color(project_dir):

@@ -120,6 +120,8 @@ def test_a_trl_style_trainer_with_its_own_lora_is_described_as_it_ran(project_di
     cfg = _config(project_dir, "sft", "sft_style.py", [str(project_dir / "out"), "5"])
     result = kaio("run", cfg.name, cwd=project_dir)
     assert result.returncode == 0, result.stdout + result.stderr
+    # Its metric lines come under the Trainer's progress bars (carriage returns, cursor moves): not echoed.
+    assert "{'loss'" not in result.stdout and "it/s]" in result.stdout
     history = read_history(project_dir, "sft")
     assert history["run"]["peft"] == {
         "peft_type": "LORA",

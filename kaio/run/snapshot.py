@@ -10,6 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def as_shown(line: str) -> str:
+    """What a terminal shows of a line of the child's output: progress bars (tqdm) redraw with carriage
+    returns, so only the text after the last one stays on screen."""
+    line = line.rstrip("\r\n")
+    return line[line.rfind("\r") + 1 :]
+
+
 @dataclass(frozen=True, slots=True)
 class GpuRow:
     key: str  # "nvml:0"

@@ -41,7 +41,7 @@ from kaio.record.types import (
 )
 from kaio.run import diagnose
 from kaio.run.recorder import Recorder
-from kaio.run.snapshot import Snapshot
+from kaio.run.snapshot import Snapshot, as_shown
 from kaio.run.state import RunState
 from kaio.telemetry import spool
 from kaio.telemetry.fifo import FifoReader, TelemetryFifo
@@ -50,7 +50,8 @@ LOG_TAIL_LINES = 200
 # The dict the Trainer prints at every log ({'loss': '4.55', 'grad_norm': ...}): child.log keeps it; the
 # dashboard and plain output show its numbers on the status line, and the rest of the output (warnings,
 # errors, the script's own prints) in full.
-_TRAINER_LOG_LINE = re.compile(r"^\{'[\w./-]+': .*\}\s*$")
+# Under progress bars it comes after the bar's carriage return and cursor moves (ESC [ A).
+_TRAINER_LOG_LINE = re.compile(r"^(?:\x1b\[[0-?]*[ -/]*[@-~])*\{'[\w./-]+': .*\}\s*$")
 LOOP_INTERVAL_S = 0.1
 REFRESH_COST_FACTOR = 99  # wait at least 99x a refresh's duration before the next: the record costs <= 1% of the time
 
@@ -258,7 +259,7 @@ class Supervisor:
             except queue.Empty:
                 break
             if kind == "log":
-                if not _TRAINER_LOG_LINE.match(item):  # the Trainer's metrics dict: on the status line already
+                if not _TRAINER_LOG_LINE.match(as_shown(item)):  # the Trainer's metrics: on the status line
                     self._log_tail.append(item)
                     self.view.child_output(item)
             else:  # "record": a child event, a GPU tick, the device list

@@ -58,7 +58,6 @@ args = TrainingArguments(
     save_strategy="no",
     report_to="none",
     use_cpu=True,
-    disable_tqdm=True,
     seed=0,
 )
 SFTTrainer(model=model, args=args, train_dataset=Chat()).train()
