@@ -6,6 +6,8 @@ in order, like the rest of the state.
 
 from __future__ import annotations
 
+import os
+
 import msgspec
 
 from kaio.devices.base import DeviceInfo, GpuSample
@@ -95,6 +97,14 @@ class RunLedger(msgspec.Struct, kw_only=True):
             if s.session == number:
                 return s
         return self.sessions[-1] if self.sessions and number is None else None
+
+    def checkpoint_folder(self) -> str | None:
+        """Where the run's Trainer wrote its checkpoints, as it reported it (a script chooses its own
+        ``output_dir``): the folder of the latest one saved, else the ``output_dir`` it trained with."""
+        saved = [c.path for c in self.checkpoints if c.path]
+        if saved:
+            return os.path.dirname(saved[-1])
+        return self.run.args.output_dir if self.run is not None else None
 
     def run_gpu_keys(self) -> list[str]:
         return sorted(self.run_keys)

@@ -163,7 +163,9 @@ def _supervise(
         figure.warm()  # matplotlib loads while the training starts: the figure is drawn at once when asked
         view.start()
         try:
-            outcome = supervisor.run(request, lambda: latest_checkpoint(cfg.checkpoint_dir, notify=lambda text: None))
+            outcome = supervisor.run(
+                request, lambda: latest_checkpoint(checkpoint_folder(cfg, state), notify=lambda text: None)
+            )
             figure.warm()  # in case the process was used up by the last refresh
         finally:
             view.stop(supervisor.snapshot())
@@ -295,6 +297,13 @@ def alive_pids(state: RunState) -> list[int]:
 # ---------------------------------------------------------------- resume
 
 
+def checkpoint_folder(cfg: RunConfig, state: RunState) -> Path:
+    """Where the project's checkpoints are: where its Trainer said it saved them (a script chooses its own
+    ``output_dir``), else kaio's folder for the built-in recipe."""
+    reported = state.ledger.checkpoint_folder()
+    return Path(reported) if reported else cfg.checkpoint_dir
+
+
 def latest_checkpoint(checkpoint_dir: Path, notify: Notify = print) -> Path | None:
     """The newest *complete* ``checkpoint-N``: its trainer_state.json (written last) says step N."""
     candidates = []
@@ -412,10 +421,11 @@ def _resumable_session(
         cfg = with_max_steps(cfg, max_steps)
         if before != max_steps:
             allowed.append(f"training.max_steps: {before!r} -> {max_steps!r}")
-    checkpoint = latest_checkpoint(cfg.checkpoint_dir, notify)
+    folder = checkpoint_folder(cfg, state)
+    checkpoint = latest_checkpoint(folder, notify)
     if checkpoint is None:
         raise ProjectError(
-            f"project {project!r} has no complete checkpoint in {cfg.checkpoint_dir}/ to resume from; "
+            f"project {project!r} has no complete checkpoint in {folder}/ to resume from; "
             f"start it again with `kaio run CONFIG --overwrite`"
         )
     planned = cfg.training.max_steps

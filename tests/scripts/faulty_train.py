@@ -59,7 +59,7 @@ model = LlamaForCausalLM(
     )
 )
 args = TrainingArguments(
-    output_dir=os.environ.get("FAULTY_OUTPUT_DIR", "checkpoints/t"),
+    output_dir="trainer-output",  # the script's own folder, not kaio's: resume and restart find it in the record
     max_steps=ns.max_steps,
     per_device_train_batch_size=4,
     logging_steps=1,
