@@ -310,6 +310,14 @@ def test_what_was_trained_comes_from_the_run_description():
         assert row in trained
 
 
+def test_a_run_measured_in_epochs_shows_them_beside_the_steps_they_came_to():
+    header, index = make_run(20)
+    header.run.args.max_steps, header.run.args.num_train_epochs = -1, 2.0  # the script set epochs, not steps
+    trained = section(report_of(header, index), "What was trained")
+    assert "| Max steps | 20 |" in trained and "| Epochs | 2 |" in trained
+    assert "| Epochs |" not in section(report_of(*make_run(20)), "What was trained")  # max_steps set: no row
+
+
 def test_what_was_trained_without_a_trainer_says_so():
     md = report_of(*make_run(5, run=None))
     assert "No transformers `Trainer` started" in section(md, "What was trained")

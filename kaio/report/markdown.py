@@ -225,7 +225,8 @@ def _what_was_trained(run: RunDescription | None) -> str:
         ("Distributed", run.distributed_type),
         ("Effective batch size", run.effective_batch_size),
         ("Max steps", run.max_steps),
-        *([("Epochs", args.num_train_epochs)] if not run.max_steps or run.max_steps < 0 else []),
+        # A run measured in epochs (max_steps unset): the Trainer worked its steps out from them.
+        *([("Epochs", _num(args.num_train_epochs, "g"))] if args.max_steps is None or args.max_steps < 0 else []),
         ("Learning rate", _num(args.learning_rate, "g")),
         ("LR scheduler", args.lr_scheduler_type),
         ("Optimizer", args.optim),
