@@ -394,3 +394,35 @@ def test_an_index_that_a_full_disk_stopped_is_rebuilt_from_the_journal_at_the_en
         assert history_of(loaded.state)["steps"] == expected["steps"]
     finally:
         loaded.state.index.close()
+
+
+def test_bytes_damaged_inside_the_index_are_found_and_the_history_rebuilt_from_the_journal(tmp_path):
+    """SQLite checks its pages' structure, not what they hold: a number or an entry damaged on disk
+    would go into history.json and the summary. Each step's entry and its row are checked against each
+    other as history.json is written; a mismatch is IndexDamaged, and `kaio report` rebuilds."""
+    from kaio.record.index import IndexDamaged
+    from kaio.run.rebuild import rebuild
+
+    dicts = _run_records(80) + [_end(1)]
+    expected = _document(replay(dicts, project="p"))
+    for damage in (
+        "UPDATE steps SET loss = 123.0 WHERE step = 40",  # a number in the row
+        "UPDATE step_lines SET entry = CAST(REPLACE(CAST(entry AS TEXT), '\"step\":7,', 'XXXXXXXX') AS BLOB)"
+        " WHERE step = 7",  # the entry's bytes
+    ):
+        paths = _journaled(tmp_path / str(len(damage)), dicts, save_after=len(dicts))
+        conn = sqlite3.connect(paths.index)
+        assert conn.execute(damage).rowcount == 1
+        conn.commit()
+        conn.close()
+        loaded = loading.load(paths, writable=False)
+        try:
+            with pytest.raises(IndexDamaged):
+                b"".join(history_document(loaded.state.header(), loaded.state.index))
+        finally:
+            loaded.state.index.close()
+    # What `kaio report` does with the last one (it draws the figure too: once is enough here).
+    notes: list[str] = []
+    rebuild("p", paths.report_dir.parent, notes.append)
+    assert any("is damaged" in n and "rebuilding it from" in n for n in notes), notes
+    assert json.loads(paths.history.read_text())["steps"] == expected["steps"]

@@ -30,6 +30,7 @@ import hashlib
 import shutil
 import sqlite3
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from kaio.record.paths import ProjectPaths
 from kaio.record.rules import LossSmoother
 from kaio.record.types import EvalEntry, StepEntry
 
-INDEX_FORMAT = 7  # bump when the tables change: an older index is rebuilt
+INDEX_FORMAT = 8  # bump when the tables change: an older index is rebuilt
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
@@ -49,9 +50,9 @@ CREATE TABLE IF NOT EXISTS steps (
     loss REAL, loss_nonfinite TEXT, loss_smoothed REAL, loss_diverged INTEGER,
     learning_rate REAL, grad_norm REAL, grad_norm_nonfinite TEXT,
     vram_peak REAL, vram_peak_min REAL, vram_used_max REAL, samples_seen REAL, tokens_seen REAL, energy_j REAL,
-    host_cpu REAL, host_ram REAL);
+    host_cpu REAL, host_ram REAL, crc INTEGER);
 -- Each step's history.json line, apart: the figures' scans never read these few KB a step.
-CREATE TABLE IF NOT EXISTS step_lines (step INTEGER PRIMARY KEY, entry BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS step_lines (step INTEGER PRIMARY KEY, entry BLOB NOT NULL, crc INTEGER);
 CREATE TABLE IF NOT EXISTS step_gpus (
     gpu TEXT, step INTEGER, duration_s REAL, power_avg REAL, power_min REAL, power_max REAL, util REAL, temp REAL,
     vram_used REAL, throttle TEXT, PRIMARY KEY (gpu, step)) WITHOUT ROWID;
@@ -60,13 +61,17 @@ CREATE TABLE IF NOT EXISTS evals (step INTEGER, session INTEGER, eval_loss REAL,
 """
 _TABLES = ("steps", "step_lines", "step_gpus", "step_ranks", "evals", "meta")
 _ROW_TABLES = {  # what add_step inserts, in batches
-    "steps": "INSERT OR REPLACE INTO steps VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-    "step_lines": "INSERT OR REPLACE INTO step_lines VALUES (?,?)",
+    "steps": "INSERT OR REPLACE INTO steps VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+    "step_lines": "INSERT OR REPLACE INTO step_lines VALUES (?,?,?)",
     "step_gpus": "INSERT OR REPLACE INTO step_gpus VALUES (?,?,?,?,?,?,?,?,?,?)",
     "step_ranks": "INSERT OR REPLACE INTO step_ranks VALUES (?,?,?)",
 }
 _BATCH_STEPS = 256
 _ENCODER = msgspec.json.Encoder()
+
+
+class IndexDamaged(sqlite3.DatabaseError):
+    """The index's bytes disagree with themselves (a file damaged on disk): rebuild it from the journal."""
 
 
 @dataclass(frozen=True)
@@ -208,35 +213,11 @@ class RunIndex:
             return
         ranks = [v for v in entry.peak_vram_bytes.values() if v is not None]
         entry.vram_peak_bytes = max(ranks) if ranks else None  # every rank has reported the step by now
-        host = entry.host
         pending = self._pending
-        pending["steps"].append(
-            (
-                entry.step,
-                entry.session,
-                entry.t_mono,
-                entry.duration_s,
-                entry.step_time_s,
-                entry.eval_s,
-                entry.save_s,
-                entry.loss,
-                entry.loss_nonfinite,
-                entry.loss_smoothed,
-                entry.loss_diverged,
-                entry.learning_rate,
-                entry.grad_norm,
-                entry.grad_norm_nonfinite,
-                max(ranks) if ranks else None,
-                min(ranks) if ranks else None,
-                max((u for g in entry.gpus.values() if (u := g.vram_used_max_bytes) is not None), default=None),
-                entry.samples_seen,
-                entry.tokens_seen,
-                entry.energy_j,
-                host.cpu_pct if host else None,
-                host.ram_used_bytes if host else None,
-            )
-        )
-        pending["step_lines"].append((entry.step, _ENCODER.encode(entry)))
+        row = _steps_row(entry)
+        pending["steps"].append((*row, zlib.crc32(_ENCODER.encode(row))))
+        line = _ENCODER.encode(entry)
+        pending["step_lines"].append((entry.step, line, zlib.crc32(line)))
         if entry.gpus:
             pending["step_gpus"].extend(
                 (
@@ -311,9 +292,20 @@ class RunIndex:
         return self.conn.execute("SELECT COALESCE(MAX(step), 0) FROM steps").fetchone()[0]
 
     def step_lines(self) -> Iterator[bytes]:
-        """history.json's step entries, one JSON line each, in step order."""
-        for (entry,) in self.conn.execute("SELECT entry FROM step_lines ORDER BY step"):
-            yield bytes(entry) + b"\n"
+        """history.json's step entries, one JSON line each, in step order. SQLite notices a broken page,
+        not changed bytes inside one: each entry and each ``steps`` row carries the CRC-32 it was written
+        with, and one that no longer matches raises ``IndexDamaged`` (the caller rebuilds the index from
+        the journal instead of writing a damaged history)."""
+        crc32, encode = zlib.crc32, _ENCODER.encode
+        rows = self.conn.execute(
+            "SELECT s.*, l.entry, l.crc FROM steps s LEFT JOIN step_lines l USING (step) ORDER BY step"
+        )
+        for *row, row_crc, line, line_crc in rows:
+            if line is None or crc32(line) != line_crc:
+                raise IndexDamaged(f"the entry of step {row[0]} is damaged")
+            if crc32(encode(row)) != row_crc:
+                raise IndexDamaged(f"the row of step {row[0]} is damaged")
+            yield bytes(line) + b"\n"
 
     def evals(self) -> list[EvalEntry]:
         decoder = msgspec.json.Decoder(EvalEntry)
@@ -325,6 +317,46 @@ class RunIndex:
         self.conn.close()
         if self.temporary and self.path.name == "index.sqlite":
             shutil.rmtree(self.path.parent, ignore_errors=True)
+
+
+def _steps_row(entry: StepEntry) -> tuple:
+    """A step's row of the ``steps`` table, from its entry, with each value as SQLite gives it back
+    (REAL columns as floats, NaN as NULL, booleans as integers): its CRC is checked when read."""
+    ranks = [v for v in entry.peak_vram_bytes.values() if v is not None]
+    host = entry.host
+    reals = (
+        entry.t_mono,
+        entry.duration_s,
+        entry.step_time_s,
+        entry.eval_s,
+        entry.save_s,
+        entry.loss,
+        entry.loss_nonfinite,
+        entry.loss_smoothed,
+        entry.loss_diverged,
+        entry.learning_rate,
+        entry.grad_norm,
+        entry.grad_norm_nonfinite,
+        max(ranks) if ranks else None,
+        min(ranks) if ranks else None,
+        max((u for g in entry.gpus.values() if (u := g.vram_used_max_bytes) is not None), default=None),
+        entry.samples_seen,
+        entry.tokens_seen,
+        entry.energy_j,
+        host.cpu_pct if host else None,
+        host.ram_used_bytes if host else None,
+    )
+    return (entry.step, entry.session, *(_as_stored(v) for v in reals))
+
+
+def _as_stored(value: object) -> object:
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
+        return float(value)  # every numeric column but step and session is REAL
+    if isinstance(value, float) and value != value:
+        return None
+    return value
 
 
 def head_digest(head: bytes) -> str:

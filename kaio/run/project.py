@@ -20,6 +20,7 @@ from pathlib import Path
 
 from kaio.config import RunConfig, config_from_dict, config_snapshot, load_config, with_max_steps
 from kaio.errors import ProjectError
+from kaio.record.index import IndexDamaged
 from kaio.record.lock import ProjectLock
 from kaio.record.paths import ProjectPaths
 from kaio.record.types import Note, SessionEnd, SessionKind, Status
@@ -176,7 +177,12 @@ def _supervise(
             with _finishing(outputs):
                 state = recorder.final_state()
                 try:
-                    outputs.finish(state)
+                    try:
+                        outputs.finish(state)
+                    except IndexDamaged as exc:  # damaged on disk since it was written: the journal has it all
+                        notify(f"note: {paths.index} is damaged ({exc}); rebuilding it from {paths.journal}")
+                        state = recorder.rebuilt_state()
+                        outputs.finish(state)
                 except (OSError, sqlite3.Error) as exc:  # a disk still full: the training is done, its record waits
                     written = False
                     notify(

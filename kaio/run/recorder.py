@@ -114,8 +114,18 @@ class Recorder:
         self.journal.flush(fsync=True)
         if not failed or self.journal.write_error is not None:
             return self.state  # (still no space: the record is written as far as it goes; `kaio report` later)
+        return self._reload(fresh_index=False)
+
+    def rebuilt_state(self) -> RunState:
+        """The state replayed from the whole journal into a new index (the index was found damaged)."""
+        self.journal.flush(fsync=True)
+        return self._reload(fresh_index=True)
+
+    def _reload(self, *, fresh_index: bool) -> RunState:
         live = self.state
         live.index.close()
+        if fresh_index:
+            self.paths.index.unlink(missing_ok=True)
         self.state = self._reloaded = load(self.paths, writable=True).state
         for text in live.parts.warnings.items:  # said live but not journaled (the journal was full then)
             self.state.warn(text)
