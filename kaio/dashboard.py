@@ -34,7 +34,7 @@ from rich.table import Table
 from rich.text import Text
 
 from kaio import units
-from kaio.run.snapshot import GpuRow, HostRow, Snapshot, as_shown
+from kaio.run.snapshot import ANSI_RE, GpuRow, HostRow, Snapshot, as_shown
 
 __all__ = [
     "SPARK_CHARS",
@@ -85,13 +85,7 @@ _FINISHED = frozenset({"COMPLETED", "FAILED", "INTERRUPTED"})
 TEMP_WARN_C = 80.0
 TEMP_HOT_C = 90.0
 
-# CSI / OSC / two-character escape sequences, then any other control character
-# except tab (expanded) and newline (split on).
-_ANSI_RE = re.compile(
-    r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI ... final byte
-    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC ... BEL or ST
-    r"|\x1b[@-Z\\-_]"  # other 2-byte escapes
-)
+# Any control character except tab (expanded) and newline (split on); escape sequences go first (ANSI_RE).
 _CTRL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _ERROR_LINE_RE = re.compile(r"Traceback|Error\b|\bERROR\b|Exception\b|CUDA out of memory")
 _WARN_LINE_RE = re.compile(r"\bWARN(?:ING)?\b|Warning\b")
@@ -284,7 +278,7 @@ def _steps_text(snapshot: Snapshot) -> str:
 
 def _clean(s: str) -> str:
     """Text safe for a plain line: no escape sequences, no control characters."""
-    return _CTRL_RE.sub("", _ANSI_RE.sub("", s))
+    return _CTRL_RE.sub("", ANSI_RE.sub("", s))
 
 
 def _gpu_label(row: GpuRow) -> str:

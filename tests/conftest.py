@@ -94,6 +94,19 @@ def kaio(*args: str, cwd: Path, timeout: float = 240, env: dict | None = None) -
     )
 
 
+def spawn_kaio(*args: str, cwd: Path, output: bool = True) -> subprocess.Popen:
+    """Start the real ``kaio`` command line and return at once; its stdout and stderr together in a pipe
+    (read them with ``communicate``), or discarded with ``output=False``."""
+    sink = subprocess.PIPE if output else subprocess.DEVNULL
+    return subprocess.Popen(
+        [sys.executable, "-m", "kaio", *args],
+        cwd=cwd,
+        stdout=sink,
+        stderr=subprocess.STDOUT if output else subprocess.DEVNULL,
+        text=True,
+    )
+
+
 def read_history(project_dir: Path, project: str = "t") -> dict:
     """The project's history.json as written."""
     return json.loads((project_dir / "docs" / "reports" / project / "history.json").read_text())

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, journal_steps, kaio, read_history, wait_for, write_config
+from conftest import REPO, journal_steps, kaio, read_history, spawn_kaio, wait_for, write_config
 from kaio.record.lock import check_report_folder
 
 FAULTY = REPO / "tests" / "scripts" / "faulty_train.py"
@@ -27,16 +27,6 @@ def _script_config(
         f"project_name: t\nlaunch:\n  num_processes: {num_processes}\n  script: {script}\n"
         f"  script_args: {json.dumps(args)}\n  grace_seconds: {grace}\n"
         "reporting:\n  use_comet_ml: false\n  poll_hz: 4\n  refresh_seconds: 5\n"
-    )
-
-
-def _spawn(project_dir: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "kaio", *args],
-        cwd=project_dir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
     )
 
 
@@ -58,7 +48,7 @@ def test_ranks_orphaned_by_a_killed_launcher_are_stopped_and_resume_continues(pr
     """SIGKILL of the launcher (an OOM killer, a scheduler): its two ranks would train on as orphans.
     kaio adopts them (child subreaper), stops them, says so, and a resume then continues cleanly."""
     _script_config(project_dir, FAULTY, ["150", "10"], num_processes=2)
-    proc = _spawn(project_dir, "run", "cfg.yaml", "--plain")
+    proc = spawn_kaio("run", "cfg.yaml", "--plain", cwd=project_dir)
     wait_for(lambda: journal_steps(project_dir) >= 2 * 12, 180, "both ranks to train")
     family = _family(proc.pid)
     launcher = next(p for p in family if "kaio.child.launcher" in _command(p))
@@ -93,7 +83,7 @@ def test_ranks_that_ignore_sigterm_are_killed_after_the_grace_period(project_dir
         """)
     )
     _script_config(project_dir, script, [], num_processes=2, grace=2)
-    proc = _spawn(project_dir, "run", "cfg.yaml", "--plain")
+    proc = spawn_kaio("run", "cfg.yaml", "--plain", cwd=project_dir)
     wait_for(lambda: journal_steps(project_dir) >= 2 * 5, 180, "both ranks to train")
     family = _family(proc.pid)
     proc.send_signal(signal.SIGINT)

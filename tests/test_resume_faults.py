@@ -9,14 +9,12 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import REPO, journal_steps, kaio, read_history, wait_for, write_config
+from conftest import REPO, journal_steps, kaio, read_history, spawn_kaio, wait_for, write_config
 
 FAULTY = REPO / "tests" / "scripts" / "faulty_train.py"
 
@@ -39,13 +37,7 @@ def test_a_stop_signal_saves_a_checkpoint_at_that_step_and_resume_continues_exac
     Ctrl-C in a terminal: tests/test_dashboard_terminal.py): the Trainer saves checkpoint-k at the end of
     step k and stops; `kaio resume` trains k+1.. with no gap and no duplicate."""
     write_config(project_dir, max_steps=60, save_steps=50)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kaio", "run", "cfg.yaml", "--plain"],
-        cwd=project_dir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = spawn_kaio("run", "cfg.yaml", "--plain", cwd=project_dir)
     wait_for(lambda: journal_steps(project_dir) >= 12, 120, "a few steps")
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=60)
@@ -145,12 +137,7 @@ def test_a_rank_killed_with_sigkill_is_named(project_dir):
 
 def test_the_whole_child_killed_is_failed_with_the_signal(project_dir):
     write_config(project_dir, max_steps=5000, save_steps=10000)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kaio", "run", "cfg.yaml"],
-        cwd=project_dir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = spawn_kaio("run", "cfg.yaml", cwd=project_dir, output=False)
     wait_for(lambda: journal_steps(project_dir) >= 3, 120, "training")
     # kaio's children: the launcher, and the process that draws telemetry.png.
     launcher = next(p for p in psutil.Process(proc.pid).children() if "kaio.child.launcher" in p.cmdline())
@@ -163,12 +150,7 @@ def test_the_whole_child_killed_is_failed_with_the_signal(project_dir):
 
 def test_supervisor_killed_child_keeps_training_and_no_step_is_lost(project_dir):
     write_config(project_dir, max_steps=400, save_steps=1000)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kaio", "run", "cfg.yaml"],
-        cwd=project_dir,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = spawn_kaio("run", "cfg.yaml", cwd=project_dir, output=False)
     wait_for(lambda: journal_steps(project_dir) >= 5, 120, "training")
     child = psutil.Process(proc.pid).children(recursive=True)
     proc.kill()  # SIGKILL to the supervisor alone

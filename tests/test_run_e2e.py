@@ -5,24 +5,12 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
 
-from conftest import REPO, journal_steps, kaio, read_history, wait_for, write_config
-
-
-def _spawn_kaio(project_dir: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "kaio", *args],
-        cwd=project_dir,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+from conftest import REPO, journal_steps, kaio, read_history, spawn_kaio, wait_for, write_config
 
 
 def test_the_readme_run_in_a_fresh_clone_records_every_step_and_leaves_git_clean(tmp_path):
@@ -72,7 +60,7 @@ def test_one_run_per_project_and_no_silent_mixing(project_dir):
     """While a run goes, a second run of the project is refused and `kaio report` reads without
     disturbing it; a finished history is not mixed or destroyed without asking."""
     write_config(project_dir, max_steps=400, save_steps=1000)
-    first = _spawn_kaio(project_dir, "run", "cfg.yaml")
+    first = spawn_kaio("run", "cfg.yaml", cwd=project_dir)
     try:
         wait_for(lambda: journal_steps(project_dir) >= 5, 120, "the first run to train")
         second = kaio("run", "cfg.yaml", cwd=project_dir, timeout=60)
@@ -107,7 +95,7 @@ def _descendants(pid: int) -> list[psutil.Process]:
 @pytest.mark.parametrize("presses", [2])  # one press: tests/test_resume_faults.py (it saves a checkpoint)
 def test_ctrl_c_stops_the_run_keeps_history_and_leaves_no_process(project_dir, presses):
     write_config(project_dir, max_steps=5000, save_steps=10000)
-    proc = _spawn_kaio(project_dir, "run", "cfg.yaml")
+    proc = spawn_kaio("run", "cfg.yaml", cwd=project_dir)
     wait_for(lambda: journal_steps(project_dir) >= 3, 120, "training to start")
     family = _descendants(proc.pid)
     assert family, "the supervisor has no child processes"

@@ -31,7 +31,7 @@ import shutil
 import sqlite3
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +92,7 @@ class RunIndex:
         self.temporary = temporary  # a private copy (read-only use, or a filesystem without locks)
         self.note = note  # why the index is not where it should be, for the user
         # Why a write failed (a full disk, an I/O error), or None. The index then takes no more writes and
-        # stays as its last commit left it; the caller rebuilds it from the journal (Recorder.final_state).
+        # stays as its last commit left it; Recorder.final_state loads it again with the journal.
         self.failed: str | None = None
         conn.executescript(_SCHEMA)
 
@@ -103,21 +103,22 @@ class RunIndex:
         return self._conn
 
     def _flush(self) -> None:
-        if self.failed is not None:
-            return
-        with self._writing():
+        def insert(conn: sqlite3.Connection) -> None:
             for table, rows in self._pending.items():
                 if rows:
-                    self._conn.executemany(_ROW_TABLES[table], rows)
+                    conn.executemany(_ROW_TABLES[table], rows)
                     rows.clear()
 
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
+        self._write(insert)
+
+    def _write(self, work: Callable[[sqlite3.Connection], object]) -> None:
         """A write that may fail on a full disk: it must not stop the run (the journal has every record).
-        The transaction is rolled back to the last commit, which is consistent, and writes stop
-        (every caller checks ``failed`` first)."""
+        On failure the transaction is rolled back to the last commit, which is consistent, and the index
+        takes no more writes."""
+        if self.failed is not None:
+            return
         try:
-            yield
+            work(self._conn)
         except sqlite3.Error as exc:
             self.failed = f"{self.path.name} could not be written ({exc})"
             for rows in self._pending.values():
@@ -195,12 +196,13 @@ class RunIndex:
             ("journal_offset", str(coverage.journal_offset).encode()),
             ("journal_head", coverage.journal_head.encode()),
         ]
+
+        def save(conn: sqlite3.Connection) -> None:
+            conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows)
+            conn.commit()
+
         self._flush()
-        if self.failed is not None:
-            return
-        with self._writing():
-            self._conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows)
-            self._conn.commit()
+        self._write(save)
 
     def _meta(self, key: str) -> bytes | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -211,10 +213,8 @@ class RunIndex:
     def add_step(self, entry: StepEntry) -> None:
         if self.failed is not None:
             return
-        ranks = [v for v in entry.peak_vram_bytes.values() if v is not None]
-        entry.vram_peak_bytes = max(ranks) if ranks else None  # every rank has reported the step by now
         pending = self._pending
-        row = _steps_row(entry)
+        row = _steps_row(entry)  # sets entry.vram_peak_bytes: every rank has reported the step by now
         pending["steps"].append((*row, zlib.crc32(_ENCODER.encode(row))))
         line = _ENCODER.encode(entry)
         pending["step_lines"].append((entry.step, line, zlib.crc32(line)))
@@ -234,30 +234,25 @@ class RunIndex:
                 )
                 for key, g in entry.gpus.items()
             )
-        if ranks:
-            pending["step_ranks"].extend(
-                (rank, entry.step, v) for rank, v in entry.peak_vram_bytes.items() if v is not None
-            )
+        pending["step_ranks"].extend(
+            (rank, entry.step, v) for rank, v in entry.peak_vram_bytes.items() if v is not None
+        )
         if len(pending["steps"]) >= _BATCH_STEPS:
             self._flush()
 
     def add_eval(self, entry: EvalEntry) -> None:
-        if self.failed is not None:
-            return
-        with self._writing():
-            self._conn.execute(
-                "INSERT INTO evals VALUES (?,?,?,?)",  # two at one step (in training, then after) are two
-                (entry.step, entry.session, entry.loss, _ENCODER.encode(entry)),
-            )
+        row = (entry.step, entry.session, entry.loss, _ENCODER.encode(entry))
+        self._write(lambda conn: conn.execute("INSERT INTO evals VALUES (?,?,?,?)", row))  # two at one step: two
 
     def truncate_after(self, step: int) -> None:
         """A resumed session trains the steps after its checkpoint again: forget them."""
-        self._flush()
-        if self.failed is not None:
-            return
-        with self._writing():
+
+        def forget(conn: sqlite3.Connection) -> None:
             for table in ("steps", "step_lines", "step_gpus", "step_ranks", "evals"):
-                self._conn.execute(f"DELETE FROM {table} WHERE step > ?", (step,))
+                conn.execute(f"DELETE FROM {table} WHERE step > ?", (step,))
+
+        self._flush()
+        self._write(forget)
 
     @contextlib.contextmanager
     def provisional(self) -> Iterator[None]:
@@ -321,10 +316,12 @@ class RunIndex:
 
 def _steps_row(entry: StepEntry) -> tuple:
     """A step's row of the ``steps`` table, from its entry, with each value as SQLite gives it back
-    (REAL columns as floats, NaN as NULL, booleans as integers): its CRC is checked when read."""
+    (REAL columns as floats, NaN as NULL, booleans as integers): its CRC is checked when read. Sets the
+    entry's ``vram_peak_bytes`` (the max over ranks), which its history.json line carries too."""
     ranks = [v for v in entry.peak_vram_bytes.values() if v is not None]
+    entry.vram_peak_bytes = max(ranks) if ranks else None
     host = entry.host
-    reals = (
+    values = (
         entry.t_mono,
         entry.duration_s,
         entry.step_time_s,
@@ -337,7 +334,7 @@ def _steps_row(entry: StepEntry) -> tuple:
         entry.learning_rate,
         entry.grad_norm,
         entry.grad_norm_nonfinite,
-        max(ranks) if ranks else None,
+        entry.vram_peak_bytes,
         min(ranks) if ranks else None,
         max((u for g in entry.gpus.values() if (u := g.vram_used_max_bytes) is not None), default=None),
         entry.samples_seen,
@@ -346,7 +343,7 @@ def _steps_row(entry: StepEntry) -> tuple:
         host.cpu_pct if host else None,
         host.ram_used_bytes if host else None,
     )
-    return (entry.step, entry.session, *(_as_stored(v) for v in reals))
+    return (entry.step, entry.session, *(_as_stored(v) for v in values))
 
 
 def _as_stored(value: object) -> object:

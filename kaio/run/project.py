@@ -158,7 +158,7 @@ def _supervise(
     supervisor.on_refresh.append(LiveReports(paths.report_dir, figure))
     supervisor.on_refresh.append(lambda _state: recorder.save())
     supervisor.on_loop.append(outputs.feed)
-    outcome, written = None, True
+    outcome, state_written = None, None
     try:
         outputs.start(state)
         figure.warm()  # matplotlib loads while the training starts: the figure is drawn at once when asked
@@ -175,31 +175,38 @@ def _supervise(
     finally:
         try:
             with _finishing(outputs):
-                state = recorder.final_state()
-                try:
-                    try:
-                        outputs.finish(state)
-                    except IndexDamaged as exc:  # damaged on disk since it was written: the journal has it all
-                        notify(f"note: {paths.index} is damaged ({exc}); rebuilding it from {paths.journal}")
-                        state = recorder.rebuilt_state()
-                        outputs.finish(state)
-                except (OSError, sqlite3.Error) as exc:  # a disk still full: the training is done, its record waits
-                    written = False
-                    notify(
-                        f"kaio: error: the record could not be written in {paths.report_dir} "
-                        f"({getattr(exc, 'strerror', None) or exc}); "
-                        f"{paths.journal.name} and the child's spool keep what they hold: once there is space, "
-                        f"`kaio report {cfg.project_name}` writes it"
-                    )
+                state_written = _write_record(outputs, recorder, notify)
                 recorder.save()
         finally:
             figure.close()
             recorder.close()
-    if written:
-        hub = state.ledger.hub
+    if state_written is not None:
+        hub = state_written.ledger.hub
         pushed = f" · pushed: {hub.url} at {hub.commit_sha}" if hub is not None and hub.commit_sha else ""
         notify(f"record: {paths.report} · {paths.figure} · {paths.history}{pushed}")
     return outcome.exit_code if outcome else 1
+
+
+def _write_record(outputs, recorder: Recorder, notify: Notify) -> RunState | None:
+    """The reports, Comet and the push once the child has ended; the state they were written from, or
+    None when the disk was still too full (the training is done; its record waits for `kaio report`)."""
+    paths = recorder.paths
+    try:
+        state = recorder.final_state()
+        try:
+            outputs.finish(state)
+        except IndexDamaged as exc:  # damaged on disk since it was written: the journal has it all
+            notify(loading.damaged_index_note(paths, exc))
+            state = recorder.rebuilt_state()
+            outputs.finish(state)
+        return state
+    except (OSError, sqlite3.Error) as exc:
+        notify(
+            f"kaio: error: the record could not be written in {paths.report_dir} "
+            f"({getattr(exc, 'strerror', None) or exc}); {paths.journal.name} and the child's spool keep what "
+            f"they hold: once there is space, `kaio report {paths.project}` writes it"
+        )
+        return None
 
 
 @contextlib.contextmanager

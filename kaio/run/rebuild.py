@@ -54,7 +54,7 @@ def _rebuild(paths: ProjectPaths, figure: FigureProcess, notify: Callable[[str],
     try:
         return _rebuild_locked(paths, figure, notify), paths.report_dir
     except sqlite3.DatabaseError as exc:  # a damaged index: it is a cache, rebuilt from the journal
-        notify(f"note: {paths.index} is damaged ({exc}); rebuilding it from {paths.journal}")
+        notify(loading.damaged_index_note(paths, exc))
         paths.index.unlink(missing_ok=True)
         return _rebuild_locked(paths, figure, notify), paths.report_dir
     except ProjectError:

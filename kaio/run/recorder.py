@@ -73,6 +73,10 @@ def _from_index(paths: ProjectPaths, index: RunIndex) -> RunState | None:
         return None
 
 
+def damaged_index_note(paths: ProjectPaths, exc: Exception) -> str:
+    return f"note: {paths.index} is damaged ({exc}); rebuilding it from {paths.journal}"
+
+
 class Recorder:
     """The one way a record enters a run: journaled first (crash-safe), then applied to the state."""
 

@@ -7,14 +7,22 @@ second); renderers never see the live state. Every sequence here is bounded
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+
+# CSI / OSC / two-character escape sequences: colours and cursor moves, no text of their own.
+ANSI_RE = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]"  # CSI ... final byte
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"  # OSC ... BEL or ST
+    r"|\x1b[@-Z\\-_]"  # other 2-byte escapes
+)
 
 
 def as_shown(line: str) -> str:
-    """What a terminal shows of a line of the child's output: progress bars (tqdm) redraw with carriage
-    returns, so only the text after the last one stays on screen."""
+    """The text a terminal shows of a line of the child's output: progress bars (tqdm) redraw with
+    carriage returns, so only what follows the last one stays, and escape sequences are no text."""
     line = line.rstrip("\r\n")
-    return line[line.rfind("\r") + 1 :]
+    return ANSI_RE.sub("", line[line.rfind("\r") + 1 :])
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,8 +50,7 @@ LOG_TAIL_LINES = 200
 # The dict the Trainer prints at every log ({'loss': '4.55', 'grad_norm': ...}): child.log keeps it; the
 # dashboard and plain output show its numbers on the status line, and the rest of the output (warnings,
 # errors, the script's own prints) in full.
-# Under progress bars it comes after the bar's carriage return and cursor moves (ESC [ A).
-_TRAINER_LOG_LINE = re.compile(r"^(?:\x1b\[[0-?]*[ -/]*[@-~])*\{'[\w./-]+': .*\}\s*$")
+_TRAINER_LOG_LINE = re.compile(r"^\{'[\w./-]+': .*\}\s*$")  # matched on what a terminal shows (as_shown)
 LOOP_INTERVAL_S = 0.1
 REFRESH_COST_FACTOR = 99  # wait at least 99x a refresh's duration before the next: the record costs <= 1% of the time
 
