@@ -728,8 +728,9 @@ def _tail(lines: Sequence[str], n: int) -> Iterable[str]:
 def _log_panel(snap: Snapshot, n: int) -> Panel:
     text = Text(no_wrap=True, overflow="ellipsis")
     tail = [_clean_log_line(line) for line in _tail(snap.log_tail, n)]
-    if not tail:
-        text.append("(no output yet)", style="dim")
+    if not tail:  # the Trainer's metric lines are on the status line, and in child.log
+        going = snap.status in ("STARTING", "RUNNING", "STOPPING")
+        text.append("(no output yet)" if going else "(no other output than the Trainer's metrics)", style="dim")
     for i, line in enumerate(tail):
         style = "red" if _ERROR_LINE_RE.search(line) else "yellow" if _WARN_LINE_RE.search(line) else ""
         text.append(line, style=style)

@@ -448,3 +448,9 @@ def test_sparkline_in_render_uses_recent_losses():
     losses = tuple(math.cos(i / 5) for i in range(30))
     out = text_of(render(make_snapshot(recent_losses=losses)), width=100)
     assert sparkline(losses, 30) in out
+
+
+def test_an_empty_output_panel_says_whether_output_may_still_come():
+    assert "(no output yet)" in text_of(render(make_snapshot(status="RUNNING", log_tail=())))
+    done = text_of(render(make_snapshot(status="COMPLETED", log_tail=())))
+    assert "(no other output than the Trainer's metrics)" in done and "no output yet" not in done

@@ -149,7 +149,7 @@ class KaioCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
-        path = os.path.abspath(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         now = time.monotonic()
         took = now - self._busy_until_mono if self._busy_until_mono is not None else None
         self.emitter.emit(

@@ -57,8 +57,6 @@ def _training_args(args: Any) -> TrainingArgs:
         value = _plain(getattr(args, name, None))
         if value is not None:
             values[name] = value
-    if isinstance(values.get("output_dir"), str):  # absolute: a resume may start from another folder
-        values["output_dir"] = os.path.abspath(values["output_dir"])
     if "eval_strategy" not in values:  # transformers before 4.41 spelled it evaluation_strategy
         legacy = _plain(getattr(args, "evaluation_strategy", None))
         if legacy is not None:

@@ -100,7 +100,8 @@ class RunLedger(msgspec.Struct, kw_only=True):
 
     def checkpoint_folder(self) -> str | None:
         """Where the run's Trainer wrote its checkpoints, as it reported it (a script chooses its own
-        ``output_dir``): the folder of the latest one saved, else the ``output_dir`` it trained with."""
+        ``output_dir``): the folder of the latest one saved, else the ``output_dir`` it trained with. Like
+        every path of a project, relative to the folder kaio runs in (the reports name no home folder)."""
         saved = [c.path for c in self.checkpoints if c.path]
         if saved:
             return os.path.dirname(saved[-1])
