@@ -186,6 +186,19 @@ class ReportingConfig(_Section):
     gpu_backend: Literal["auto", "nvml", "amdsmi", "none"] = Field(
         "auto", description="Which GPU library to read: auto detects all present."
     )
+    stall_seconds: float | None = Field(
+        None,
+        gt=0,
+        le=86400,
+        description="Seconds without a step that make a stall (every rank's Python stack is then written to `<report dir>/stalls/`). Default: 10x the median step time, at least 60 s; loading, evaluations and checkpoint saves get longer budgets.",
+    )
+    on_stall: Literal["warn", "stop"] = Field(
+        "warn", description="On a stall: `warn` (and keep waiting), or `stop` (the graceful stop, as a Ctrl-C)."
+    )
+    on_nonfinite: Literal["warn", "stop"] = Field(
+        "warn",
+        description="On a NaN/inf training loss (also the ones the Trainer's logging_nan_inf_filter hides): `warn`, or `stop` the training at that log step without saving.",
+    )
 
 
 class HubConfig(_Section):

@@ -19,7 +19,15 @@ from pathlib import Path
 from kaio.config import RunConfig
 from kaio.record.paths import ProjectPaths
 from kaio.secrets import redact_argv
-from kaio.telemetry.protocol import ENV_ERROR_DIR, ENV_PIPE, ENV_RESUME_FROM, ENV_SESSION, ENV_SPOOL_DIR
+from kaio.telemetry.protocol import (
+    ENV_ERROR_DIR,
+    ENV_ON_NONFINITE,
+    ENV_PIPE,
+    ENV_RESUME_FROM,
+    ENV_SESSION,
+    ENV_SPOOL_DIR,
+    ENV_STACKS_DIR,
+)
 
 _PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 
@@ -69,11 +77,32 @@ def build_command(cfg: RunConfig, plan: LaunchPlan, environ: Mapping[str, str]) 
             "COMET_ERROR_TRACKING_ENABLE": environ.get("COMET_ERROR_TRACKING_ENABLE", "false"),
         }
     )
+    env[ENV_ON_NONFINITE] = cfg.reporting.on_nonfinite
+    env[ENV_STACKS_DIR] = str(paths.stacks)
+    _flight_recorder(env, paths)
     if plan.resume_from is not None:
         env[ENV_RESUME_FROM] = str(plan.resume_from)
     else:
         env.pop(ENV_RESUME_FROM, None)
     return argv, env
+
+
+# PyTorch's NCCL Flight Recorder: the last collectives of every rank, dumped when a collective times out.
+# Two names for each setting: torch >= 2.7 reads TORCH_FR_*, earlier versions the TORCH_NCCL_* ones.
+_FLIGHT_RECORDER_BUFFERS = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")
+_FLIGHT_RECORDER_FILES = ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
+
+
+def _flight_recorder(env: dict[str, str], paths: ProjectPaths) -> None:
+    """On unless the user set any of its variables (then theirs stand as they are): a hung NCCL job leaves
+    its ranks' last collectives in ``<report dir>/stalls/nccl-trace-rank-<R>`` (gloo ignores these)."""
+    if any(name in env for name in (*_FLIGHT_RECORDER_BUFFERS, *_FLIGHT_RECORDER_FILES, "TORCH_NCCL_DUMP_ON_TIMEOUT")):
+        return
+    for name in _FLIGHT_RECORDER_BUFFERS:
+        env[name] = "2000"
+    for name in _FLIGHT_RECORDER_FILES:
+        env[name] = str(paths.stalls / "nccl-trace-rank-")
+    env["TORCH_NCCL_DUMP_ON_TIMEOUT"] = "1"
 
 
 def masked(argv: list[str]) -> list[str]:

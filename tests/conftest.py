@@ -48,6 +48,27 @@ reporting:
 """
 
 
+# The modules whose tests run real trainings (10-50 s each), longest first: two workers that start them first
+# finish together, where a long test collected last would run alone at the end.
+REAL_RUN_MODULES = (
+    "test_run_e2e.py",
+    "test_faults.py",
+    "test_integration.py",
+    "test_resume_faults.py",
+    "test_scripts.py",
+    "test_dashboard_terminal.py",
+    "test_code_quality.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def weight(item: pytest.Item) -> int:
+        name = item.path.name
+        return REAL_RUN_MODULES.index(name) if name in REAL_RUN_MODULES else len(REAL_RUN_MODULES)
+
+    items.sort(key=weight)  # stable: a module's tests keep their order
+
+
 @pytest.fixture(autouse=True)
 def _isolated_caches(tmp_path_factory, monkeypatch):
     """huggingface_hub and matplotlib write caches under ~: keep them in a temp dir."""

@@ -7,6 +7,8 @@ import os
 from types import SimpleNamespace
 
 import pytest
+import torch
+from transformers import TrainerControl
 
 from kaio.child import emitter as emitter_module
 from kaio.child.callback import KaioCallback
@@ -40,7 +42,7 @@ def hooks(tmp_path):
         callback.on_evaluate(args, state, SimpleNamespace(), metrics=metrics)
 
     def step(logs: dict | None = None) -> None:
-        control = SimpleNamespace(should_log=logs is not None)
+        control = TrainerControl(should_log=logs is not None)
         callback.on_step_begin(args, state, control)
         state.global_step += 1
         callback.on_step_end(args, state, control)
@@ -51,8 +53,28 @@ def hooks(tmp_path):
         emitter.close()  # writes what the spool buffered
         return _spooled(tmp_path / "spool")
 
-    yield SimpleNamespace(step=step, evaluate=evaluate, events=events)
+    yield SimpleNamespace(step=step, evaluate=evaluate, events=events, callback=callback)
     emitter.close()
+
+
+def test_a_nan_loss_the_trainers_filter_logged_as_a_number_is_logged_as_nan_from_its_step(hooks):
+    """``training_step``'s losses (two micro-batches a step) are read at the log: the NaN of step 2 makes the
+    window logged at step 3 NaN, whatever number the Trainer's logging_nan_inf_filter put there."""
+    losses = hooks.callback.losses
+    losses.observe(torch.tensor(1.5), 1)
+    losses.observe(torch.tensor(1.4), 1)
+    hooks.step({"loss": 1.45})
+    losses.observe(torch.tensor(2.0), 2)
+    losses.observe(torch.tensor(float("nan")), 2)
+    hooks.step()
+    losses.observe(torch.tensor(1.0), 3)
+    losses.observe(torch.tensor(1.0), 3)
+    hooks.step({"loss": 0.0})
+    logs = [e for e in hooks.events() if e["type"] == "log"]
+    assert logs[0]["loss"] == 1.45 and "nonfinite_from" not in logs[0]
+    assert logs[1]["loss"] == "nan" and logs[1]["nonfinite_from"] == 2
+    assert logs[1]["extra"]["trainer_logged_loss"] == 0.0
+    assert losses.take() is None  # read once
 
 
 def test_a_step_event_then_its_log_with_nonfinite_values_tagged(hooks):

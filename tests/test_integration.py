@@ -3,8 +3,8 @@
 - one run with everything on: GPU samples in every step of history.json (a fake ``pynvml`` module in the
   supervisor), the run's metrics at the right steps in Comet's real offline archive, the adapter on a loopback
   Hub with the commit in report.md;
-- a failed push keeps the exit code, and ``kaio push`` retries;
-- ``kaio report`` rebuilds, refuses, and survives a corrupt history.
+- a failed push keeps the exit code, and ``kaio push`` retries; ``kaio report`` then rebuilds, refuses, and
+  survives a corrupt history (one run for both).
 """
 
 from __future__ import annotations
@@ -124,42 +124,40 @@ def test_one_run_leaves_gpu_samples_in_every_step_the_metrics_in_comet_and_the_a
     assert TOKEN not in result.stdout + result.stderr + resumed.stdout + resumed.stderr
 
 
-def test_failed_push_keeps_the_exit_code_and_kaio_push_retries(project_dir):
+def test_a_failed_push_is_retried_by_kaio_push_and_kaio_report_rebuilds_refuses_and_survives_corruption(project_dir):
+    """One finished run (its push failed) serves both: the push is retried, then the record is rebuilt."""
+    unknown = kaio("report", "t", cwd=project_dir, timeout=60)
+    assert unknown.returncode == 2 and "unknown project 't'" in unknown.stderr
+
     write_config(project_dir, max_steps=3)
     cfg = project_dir / "cfg.yaml"
     cfg.write_text(cfg.read_text() + "hub:\n  push: true\n  repo_id: kaio-tester/tiny\n")
     down = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1"}
     result = kaio("run", "cfg.yaml", cwd=project_dir, env=down)
     assert result.returncode == 0  # the training succeeded; the push is reported, not fatal
-    report = (project_dir / "docs/reports/t/report.md").read_text()
-    assert "push failed:" in report
+    report_dir = project_dir / "docs/reports/t"
+    assert "push failed:" in (report_dir / "report.md").read_text()
     assert (project_dir / "checkpoints/t/final/adapter_config.json").is_file()
     with HubServer(token=TOKEN) as hub:
         retry = kaio("push", "t", cwd=project_dir, env={**down, "HF_ENDPOINT": hub.url})
         assert retry.returncode == 0, retry.stdout + retry.stderr
         (commit,) = hub.commits
-    report = (project_dir / "docs/reports/t/report.md").read_text()
+    report = (report_dir / "report.md").read_text()
     assert commit.sha in report and "push failed:" not in report
     failed_again = kaio("push", "t", cwd=project_dir, env=down)
     assert failed_again.returncode == 1 and TOKEN not in failed_again.stdout + failed_again.stderr
 
-
-def test_kaio_report_rebuilds_refuses_and_survives_corruption(project_dir):
-    unknown = kaio("report", "t", cwd=project_dir, timeout=60)
-    assert unknown.returncode == 2 and "unknown project 't'" in unknown.stderr
-
-    write_config(project_dir, max_steps=5)
-    assert kaio("run", "cfg.yaml", cwd=project_dir).returncode == 0
-    report_dir = project_dir / "docs/reports/t"
+    # kaio report rebuilds what was removed, from the journal.
     original = json.loads((report_dir / "history.json").read_text())
     for name in ("report.md", "telemetry.png", "history.json"):
         (report_dir / name).unlink()
     rebuilt = kaio("report", "t", "--json", cwd=project_dir, timeout=120)
     assert rebuilt.returncode == 0, rebuilt.stderr
     summary = json.loads(rebuilt.stdout)
-    assert summary["status"] == "COMPLETED" and summary["optimizer_steps"] == 5
+    assert summary["status"] == "COMPLETED" and summary["optimizer_steps"] == 3
     history = json.loads((report_dir / "history.json").read_text())
     assert [s["loss"] for s in history["steps"]] == [s["loss"] for s in original["steps"]]
+    assert history["hub"]["commit_sha"] == commit.sha  # the retried push is part of the record
     assert (report_dir / "report.md").is_file() and (report_dir / "telemetry.png").is_file()
 
     (report_dir / "history.json").write_text('{"schema_version": 1, "steps": [')

@@ -23,6 +23,7 @@ from kaio.child import stop
 from kaio.child.describe import describe_run
 from kaio.child.emitter import EventEmitter
 from kaio.child.memory import peak_memory_functions
+from kaio.child.nonfinite import LossWatch, stop_on_nonfinite
 from kaio.telemetry.protocol import Eval, Log, Metric, Save, Step, TrainEnd, tag_nonfinite
 
 _LOG_FIELDS = ("loss", "learning_rate", "grad_norm")  # Trainer log keys with a field of their own
@@ -39,6 +40,7 @@ class KaioCallback(TrainerCallback):
             None  # on a GPU, resolved at train begin
         )
         self._skipped_gpu_values: set[str] = set()
+        self.losses = LossWatch()  # fed by the patched Trainer's training_step
 
     # -- helpers -----------------------------------------------------------
 
@@ -106,10 +108,16 @@ class KaioCallback(TrainerCallback):
                 step_time_s=(now_mono - self._step_began_mono) if self._step_began_mono is not None else None,
                 peak_vram_bytes=self._peak_vram_bytes(),
                 tokens_seen=int(tokens) if tokens else None,
+                evaluates=bool(control.should_evaluate),
+                saves=bool(control.should_save),
             )
         )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        nonfinite = self.losses.take()  # on every rank: they agree, and stop at the same step
+        if nonfinite is not None and stop_on_nonfinite():
+            stop.nonfinite(nonfinite.first_step)
+            control.should_training_stop = True  # no checkpoint: its weights would be the non-finite ones
         if not state.is_world_process_zero or not logs:
             return
         fields: dict[str, Any] = {key: self._metric(key, logs[key]) for key in _LOG_FIELDS if key in logs}
@@ -118,6 +126,11 @@ class KaioCallback(TrainerCallback):
         }
         if self._skipped_gpu_values:
             extra["kaio_skipped_gpu_tensors"] = sorted(self._skipped_gpu_values)
+        if nonfinite is not None and "loss" in logs:
+            # What the loss since the previous log really averaged to; the Trainer's filter showed a number.
+            if fields.get("loss") not in ("nan", "inf", "-inf"):
+                extra["trainer_logged_loss"] = fields.get("loss")
+            fields["loss"] = nonfinite.tag
         epoch = logs.get("epoch")
         self.emitter.emit(
             Log(
@@ -126,6 +139,7 @@ class KaioCallback(TrainerCallback):
                 t_wall=time.time(),
                 epoch=epoch if isinstance(epoch, (int, float)) else None,
                 extra=extra,
+                nonfinite_from=nonfinite.first_step if nonfinite is not None else None,
                 **fields,
             )
         )

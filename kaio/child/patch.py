@@ -82,7 +82,9 @@ def _patch(trainer_cls: Any) -> None:
     def __init__(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
         if not any(isinstance(cb, KaioCallback) for cb in self.callback_handler.callbacks):
-            self.add_callback(KaioCallback(shared_emitter(), trainer=self))
+            callback = KaioCallback(shared_emitter(), trainer=self)
+            self.add_callback(callback)
+            _watch_losses(self, callback)
 
     @functools.wraps(original_train)
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
@@ -93,3 +95,18 @@ def _patch(trainer_cls: Any) -> None:
     __init__._kaio_patched = True  # type: ignore[attr-defined]
     trainer_cls.__init__ = __init__
     trainer_cls.train = train
+
+
+def _watch_losses(trainer: Any, callback: Any) -> None:
+    """Every micro-batch's loss, as ``training_step`` returns it (a subclass's own included), to the callback's
+    ``LossWatch``: the instance attribute wraps whatever method the class has."""
+    step_fn = trainer.training_step
+    watch = callback.losses
+
+    @functools.wraps(step_fn)
+    def training_step(*args, **kwargs):
+        loss = step_fn(*args, **kwargs)
+        watch.observe(loss, trainer.state.global_step + 1)
+        return loss
+
+    trainer.training_step = training_step

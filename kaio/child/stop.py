@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import signal
 
-_state = {"training": False, "requested": False}
+_state: dict[str, bool | int | None] = {"training": False, "requested": False, "nonfinite_step": None}
 
 
 def install() -> None:
@@ -29,7 +29,18 @@ def training(active: bool) -> None:
 
 
 def requested() -> bool:
-    return _state["requested"]
+    return bool(_state["requested"])
+
+
+def nonfinite(step: int) -> None:
+    """The training stops after a non-finite loss at ``step`` (``reporting.on_nonfinite: stop``)."""
+    _state["nonfinite_step"] = step
+
+
+def stopped_for_nonfinite() -> int | None:
+    """The step whose non-finite loss stopped the training, if one did: what it trained is not worth saving."""
+    step = _state["nonfinite_step"]
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def _on_sigterm(signum: int, frame: object) -> None:

@@ -71,6 +71,16 @@ class ProjectPaths:
     def errors(self) -> Path:
         return self.report_dir / "errors"
 
+    @property
+    def stacks(self) -> Path:
+        """Where each rank's Python stack is written when kaio asks (``kaio.child.stacks``)."""
+        return self.report_dir / "errors" / "stacks"
+
+    @property
+    def stalls(self) -> Path:
+        """One folder per stall with every rank's stack; NCCL's Flight Recorder dumps."""
+        return self.report_dir / "stalls"
+
     # Caches of kaio before the index (history schema 1): ignored, removed when the index is built.
     @property
     def legacy_caches(self) -> tuple[Path, Path]:

@@ -136,6 +136,27 @@ class HubOutcome(SupervisorRecord, tag="hub"):
     error: str | None = None
 
 
+class StalledRank(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One rank of a stalled run: where its Python stack was when kaio asked."""
+
+    rank: int
+    pid: int | None = None
+    where: str | None = None  # "on_step_end (my_script.py:41): time.sleep(3600)"; None: it did not answer
+    stack_file: str | None = None  # its whole stack, relative to the report folder
+
+
+class Stall(SupervisorRecord, tag="stall"):
+    """No step for longer than the budget of what the run was doing (``kaio.run.stalls``)."""
+
+    session: int
+    step: int  # the last step done
+    phase: str  # "start-up", "training step", "evaluation" or "checkpoint save"
+    idle_s: float
+    threshold_s: float
+    ranks: list[StalledRank] = []
+    action: Literal["warn", "stop"] = "warn"
+
+
 Record = (
     RunStart
     | Step
@@ -150,6 +171,7 @@ Record = (
     | TickRecord
     | Note
     | HubOutcome
+    | Stall
 )
 
 _ENCODER = msgspec.json.Encoder()
@@ -397,6 +419,7 @@ class HistoryHeader(msgspec.Struct, kw_only=True):
     warnings: list[str] = []
     hub: HubOutcome | None = None
     checkpoints: list[CheckpointSaved] = []
+    stalls: list[Stall] = []
 
     def run_gpu_keys(self) -> list[str]:
         return [d.key for d in self.devices if d.info.in_run]

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 import msgspec
 
 from kaio.config import redact as redact_config
-from kaio.record.types import EvalEntry, HistoryHeader, HubOutcome, RunDescription, Session
+from kaio.record.types import EvalEntry, HistoryHeader, HubOutcome, RunDescription, Session, Stall, StalledRank
 from kaio.report.summary import Summary
 from kaio.units import gib
 
@@ -46,6 +47,7 @@ def render_markdown(header: HistoryHeader, summary: Summary, evals: list[EvalEnt
         _kaio_config(header.config, header.run),
         _hub(header.hub),
         _sessions(header.sessions),
+        _stalls(header.stalls),
         _list("Warnings", summary.warnings, "⚠️ "),
         _list("Notes", header.telemetry.notes),
         _footer(header),
@@ -324,6 +326,32 @@ def _sessions(sessions: list[Session]) -> str | None:
             )
         )
     return "## Sessions\n\n" + _table(("#", "Kind", "Started", "Duration", "Steps", "Status", "Exit", "Error"), rows)
+
+
+def _stalls(stalls: list[Stall]) -> str | None:
+    """Where every rank waited when the run stopped making steps; each rank's whole stack is linked."""
+    if not stalls:
+        return None
+    rows = []
+    for stall in stalls:
+        when = stall.t_wall and time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stall.t_wall))
+        for rank in stall.ranks or [StalledRank(rank=-1)]:
+            stack = f"[stack]({rank.stack_file})" if rank.stack_file else ""
+            rows.append(
+                (
+                    when,
+                    f"after {stall.step}",
+                    stall.phase,
+                    f"{stall.idle_s:.0f} s",
+                    rank.rank if rank.rank >= 0 else "",
+                    rank.where or "did not answer",
+                    stack,
+                )
+            )
+    return (
+        "## Stalls\n\nNo step for longer than the phase's budget; where each rank's Python stack was then.\n\n"
+        + _table(("When", "Step", "Phase", "Silent for", "Rank", "Waiting in", "Stack"), rows)
+    )
 
 
 def _list(title: str, items: list[str], mark: str = "") -> str | None:

@@ -65,9 +65,11 @@ class StepAssembler(msgspec.Struct, kw_only=True):
     newest_step: int = 0  # rank 0's newest step in this session
     sealed_through: int = 0  # every step up to this one is sealed
     smoother: LossSmoother = msgspec.field(default_factory=LossSmoother)
+    warned_nonfinite: set[str] = set()  # "loss", "grad_norm": warned once a session (the summary counts them all)
 
     def start_session(self, session: int) -> None:
         self.session = session
+        self.warned_nonfinite.clear()
         self.ticks.clear()
         self.pending.clear()
         self.prev_end_mono = self.last_end_mono = None
@@ -136,17 +138,27 @@ class StepAssembler(msgspec.Struct, kw_only=True):
             entry.grad_norm_nonfinite = nonfinite_tag(event.grad_norm)
         for key, value in event.extra.items():
             number = finite(value)
-            if number is not None:
+            if number is not None and key != "trainer_logged_loss":
                 entry.metrics[key] = number
         if event.loss is not None:
-            self._record_loss(entry, event.loss, out)
+            self._record_loss(entry, event, out)
+        if entry.grad_norm_nonfinite is not None and entry.loss_nonfinite is None and self._first("grad_norm"):
+            out.warn(f"non-finite gradient norm ({entry.grad_norm_nonfinite}) at step {entry.step}")
 
-    def _record_loss(self, entry: StepEntry, raw: object, out: AssemblyOutput) -> None:
+    def _first(self, what: str) -> bool:
+        """True the first time this session: a NaN at every step is one warning, and counted in the summary."""
+        first = what not in self.warned_nonfinite
+        self.warned_nonfinite.add(what)
+        return first
+
+    def _record_loss(self, entry: StepEntry, event: Log, out: AssemblyOutput) -> None:
+        raw = event.loss
         tag = nonfinite_tag(raw)
         entry.loss = finite(raw)
         if tag is not None:
             entry.loss_nonfinite = tag
-            out.warn(f"non-finite loss ({tag}) at step {entry.step}")
+            if self._first("loss"):
+                out.warn(_nonfinite_loss_warning(tag, entry.step, event))
             return
         if entry.loss is None:
             return
@@ -365,3 +377,14 @@ def _interpolate(points: list[tuple[float, float]], t: float) -> float:
         if t0 <= t <= t1:
             return e0 if t1 == t0 else e0 + (e1 - e0) * (t - t0) / (t1 - t0)
     return points[-1][1]
+
+
+def _nonfinite_loss_warning(tag: str, step: int, event: Log) -> str:
+    first = event.nonfinite_from
+    said = f"non-finite loss ({tag}) at step {step}"
+    if first is not None and first < step:
+        said = f"non-finite loss ({tag}) from step {first} (logged at step {step})"
+    hidden = event.extra.get("trainer_logged_loss")
+    if isinstance(hidden, (int, float)):
+        said += f"; the Trainer logged {hidden:g} (its logging_nan_inf_filter hides NaN/inf losses)"
+    return said

@@ -23,6 +23,7 @@ from kaio.record.types import (
     Session,
     SessionEnd,
     SessionStart,
+    Stall,
     Status,
     Telemetry,
     TrainEnd,
@@ -31,6 +32,7 @@ from kaio.run.assembly import iso
 from kaio.telemetry.spool import Received
 
 CHECKPOINTS_KEPT = 20
+STALLS_KEPT = 50
 
 
 class SessionProgress(msgspec.Struct, kw_only=True):
@@ -72,6 +74,7 @@ class RunLedger(msgspec.Struct, kw_only=True):
     run_keys: set[str] = set()  # the devices the run's processes can see
     host: HostInfo | None = None
     checkpoints: list[CheckpointSaved] = []
+    stalls: list[Stall] = []  # the first STALLS_KEPT
     hub: HubOutcome | None = None
     host_use: HostUse = msgspec.field(default_factory=HostUse)
     telemetry: Telemetry = msgspec.field(default_factory=Telemetry)  # what arrived, what was lost
@@ -204,12 +207,20 @@ class RunLedger(msgspec.Struct, kw_only=True):
             CheckpointSaved(step=r.step, path=r.path, session=r.session)
         ]
 
+    def on_stall(self, r: Stall) -> None:
+        if len(self.stalls) < STALLS_KEPT:
+            self.stalls.append(r)
+
     def on_train_end(self, r: TrainEnd) -> None:
         s = self.session_record(r.session)
         if s is not None and r.rank == 0:
             self.progress[s.session].trained_to_end = True
 
     def on_hub(self, r: HubOutcome) -> None:
+        if r.error and self.hub is not None and self.hub.commit_sha:
+            # A later `kaio push` that failed does not undo the commit the adapter is at.
+            self.add_note(f"a later push to {r.repo_id} failed ({r.error}); the adapter stays at {self.hub.commit_sha}")
+            return
         self.hub = r
 
     def note_energy(self, latest: dict[str, GpuSample]) -> None:

@@ -39,6 +39,7 @@ from kaio.record.types import (
     Save,
     SessionEnd,
     SessionStart,
+    Stall,
     Status,
     Step,
     StepEntry,
@@ -51,6 +52,7 @@ from kaio.run.assembly import StepAssembler, iso
 from kaio.run.ledger import RunLedger
 from kaio.run.live import LiveStats, build_snapshot
 from kaio.run.snapshot import Snapshot
+from kaio.run.stalls import stall_lines
 
 MAX_WARNINGS = 200
 STATE_FORMAT = 1
@@ -102,6 +104,7 @@ class RunState:
             Devices: self.ledger.on_devices,
             HubOutcome: self.ledger.on_hub,
             Note: self._on_note,
+            Stall: self._on_stall,
             TickRecord: self._on_tick,
             RunStart: self._on_run_start,
             Step: self._on_step,
@@ -168,6 +171,11 @@ class RunState:
             self.ledger.add_note(r.text)
         else:
             self.warn(r.text)
+
+    def _on_stall(self, r: Stall) -> None:
+        self.ledger.on_stall(r)
+        for line in stall_lines(r):
+            self.warn(line)
 
     def _on_run_start(self, r: RunStart) -> None:
         self.ledger.telemetry.events += 1
@@ -272,6 +280,7 @@ class RunState:
             warnings=self.parts.warnings.listed(),
             hub=ledger.hub,
             checkpoints=[CheckpointSaved(step=c.step, path=c.path, session=c.session) for c in ledger.checkpoints],
+            stalls=list(ledger.stalls),
         )
 
     @contextlib.contextmanager

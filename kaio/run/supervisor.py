@@ -26,7 +26,6 @@ import msgspec
 from kaio import launch
 from kaio.config import RunConfig, config_snapshot
 from kaio.fsutil import atomic_write_json
-from kaio.record import rules
 from kaio.record.paths import ProjectPaths
 from kaio.record.types import (
     ChildStarted,
@@ -42,6 +41,7 @@ from kaio.record.types import (
 from kaio.run import diagnose
 from kaio.run.recorder import Recorder
 from kaio.run.snapshot import Snapshot, as_shown
+from kaio.run.stalls import StallWatch, capture_stacks
 from kaio.run.state import RunState
 from kaio.telemetry import spool
 from kaio.telemetry.fifo import FifoReader, TelemetryFifo
@@ -105,6 +105,8 @@ class Supervisor:
         self._stop = _Stop()
         self._reader: FifoReader | None = None
         self._fifo_path: Path | None = None
+        self._stalls = StallWatch(cfg.reporting.stall_seconds, time.monotonic())
+        self._capture: threading.Thread | None = None  # the stacks of a stall, being captured
         self.on_refresh: list[Callable[[RunState], None]] = []  # report writers, the index commit
         self.on_loop: list[Callable[[RunState], None]] = []  # cheap consumers called every loop (Comet feed)
         self._refresh_failures: set[str] = set()
@@ -157,6 +159,7 @@ class Supervisor:
         )
         for text in request.notes:
             self._note(f"session {session}: {text}", level="info")
+        self._stalls = StallWatch(self.cfg.reporting.stall_seconds, time.monotonic())
         reader = FifoReader(fifo.read_fd, lambda event: self._queue.put(("record", event)))
         reader.start()
         self._reader = reader
@@ -191,6 +194,8 @@ class Supervisor:
             fifo.close_write_end()
             reader.join(timeout=10)
             output.join(timeout=5)
+            if self._capture is not None:
+                self._capture.join(timeout=10)
             if poller is not None:
                 poller.stop()
             self._drain()
@@ -236,6 +241,7 @@ class Supervisor:
             exited = proc.poll() is not None
             self._drain()
             self._check_stop(proc)
+            self._check_stall(proc)
             now = time.monotonic()
             self.view.update(self.snapshot())
             for consumer in self.on_loop:
@@ -263,6 +269,7 @@ class Supervisor:
                     self.view.child_output(item)
             else:  # "record": a child event, a GPU tick, the device list
                 self.record(item)
+                self._stalls.seen(item, time.monotonic())
             handled += 1
         if handled:
             self.recorder.journal.flush()
@@ -308,14 +315,10 @@ class Supervisor:
         if self._reader is not None and (self._reader.stats.malformed or self._reader.stats.oversized):
             stats = self._reader.stats
             warnings.append(f"telemetry: {stats.malformed} malformed and {stats.oversized} oversized lines skipped")
-        median = self.state.median_step_time()
-        last = self.state.last_step_t_mono
-        if last is not None and self.state.status == Status.RUNNING:
-            idle = time.monotonic() - last
-            if idle > rules.stall_threshold_s(median):
-                warnings.append(
-                    f"stall: no step for {idle:.0f} s" + (f" (median step {median:.2f} s)" if median else "")
-                )
+        if self.state.status == Status.RUNNING:
+            stall = self._stalls.live_warning(time.monotonic(), self.state.median_step_time())
+            if stall is not None:
+                warnings.append(stall)
         return tuple(warnings)
 
     # ------------------------------------------------------------ threads
@@ -356,19 +359,44 @@ class Supervisor:
         def handler(signum, frame):
             if proc.poll() is not None:
                 return  # the child has ended on its own: its record is being written, nothing to stop
-            self._stop.requests += 1
-            if self._stop.requests == 1:
-                self._stop.first_at = time.monotonic()
-                self._stop.checkpoints_before = len(self.state.ledger.checkpoints)
-                launch.signal_group(proc, signal.SIGTERM)
-            else:
-                self._stop.killed = True
-                self._kill(proc)
+            self._request_stop(proc)
 
         previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, handler)
         return previous
+
+    def _request_stop(self, proc: subprocess.Popen) -> None:
+        """A first request stops gracefully (the Trainer saves a checkpoint); a second kills."""
+        self._stop.requests += 1
+        if self._stop.requests == 1:
+            self._stop.first_at = time.monotonic()
+            self._stop.checkpoints_before = len(self.state.ledger.checkpoints)
+            launch.signal_group(proc, signal.SIGTERM)
+        else:
+            self._stop.killed = True
+            self._kill(proc)
+
+    def _check_stall(self, proc: subprocess.Popen) -> None:
+        """A stall, once per silence: every rank's stack is captured (in a thread: the dashboard goes on), and with
+        ``reporting.on_stall: stop`` the run is stopped as by a Ctrl-C."""
+        check = self._stalls.check(time.monotonic(), self.state.median_step_time())
+        if check is None or self._fifo_path is None or proc.poll() is not None:
+            return
+        session, step, fifo_path = self.state.ledger.session, self._stalls.last_step, self._fifo_path
+        action = self.cfg.reporting.on_stall
+
+        def capture() -> None:
+            pids = {p.pid for p in launch.run_processes(fifo_path)}
+            stall = capture_stacks(self.paths.stacks, self.paths.report_dir, session, pids, check, step)
+            stall.action = action
+            self._queue.put(("record", stall))
+
+        self._capture = threading.Thread(target=capture, name="kaio-stall-stacks", daemon=True)
+        self._capture.start()
+        if action == "stop" and not self._stop.requests:
+            self._note(f"reporting.on_stall is stop: stopping the run, stalled after step {step} ({check.phase})")
+            self._request_stop(proc)
 
     def _restore_signal_handlers(self, previous) -> None:
         for sig, handler in previous.items():

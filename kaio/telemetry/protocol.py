@@ -29,6 +29,8 @@ ENV_ERROR_DIR = "KAIO_ERROR_DIR"  # where a failing rank writes its traceback
 ENV_SESSION = "KAIO_SESSION"  # session number, stamped on every event
 ENV_RESUME_FROM = "KAIO_RESUME_FROM"  # checkpoint a resumed session starts from
 ENV_NODE_RANK = "KAIO_NODE_RANK"  # the node this child runs on (0 on one machine)
+ENV_STACKS_DIR = "KAIO_STACKS_DIR"  # where each rank writes its Python stack when kaio signals it
+ENV_ON_NONFINITE = "KAIO_ON_NONFINITE"  # reporting.on_nonfinite: "warn" or "stop"
 
 NonFiniteTag = Literal["nan", "inf", "-inf"]
 # A number that may be NaN/inf, as it travels: a finite float, a tag, or null (not measured).
@@ -150,6 +152,8 @@ class Step(Event, tag="step"):
     step_time_s: float | None = None  # on_step_begin -> on_step_end on this rank
     peak_vram_bytes: int | None = None  # the allocator's peak during the step; None without a GPU
     tokens_seen: int | None = None
+    evaluates: bool = False  # the Trainer evaluates after this step...
+    saves: bool = False  # ...and/or saves a checkpoint, before the next one
 
 
 class Log(Event, tag="log"):
@@ -161,6 +165,7 @@ class Log(Event, tag="log"):
     grad_norm: Metric = None
     epoch: float | None = None
     extra: dict[str, Any] = {}
+    nonfinite_from: int | None = None  # the first step since the previous log whose training loss was NaN/inf
 
 
 class Eval(Event, tag="eval"):

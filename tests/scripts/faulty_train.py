@@ -1,14 +1,20 @@
 """A user's training script with a fault switch, for kaio's fault tests.
 
-usage: faulty_train.py MAX_STEPS SAVE_STEPS [--fault raise|sigkill] [--rank R] [--at STEP] [--once MARKER]
+usage: faulty_train.py MAX_STEPS SAVE_STEPS [--fault raise|sigkill|hang|nan] [--rank R] [--at STEP]
+                       [--once MARKER] [--logging-steps N] [--nan-at STEP]
 
 The fault fires on rank R at step STEP; with --once it fires only while
 MARKER does not exist (and creates it), so a restarted run gets through.
+raise, sigkill and hang (a sleep that never ends) fire at the end of step
+STEP; nan poisons the weights as step STEP begins, so that its loss and every
+later one is NaN (the Trainer's default logging_nan_inf_filter hides them);
+--nan-at does that too, beside another fault.
 """
 
 import argparse
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -17,24 +23,45 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback
 parser = argparse.ArgumentParser()
 parser.add_argument("max_steps", type=int)
 parser.add_argument("save_steps", type=int)
-parser.add_argument("--fault", choices=["raise", "sigkill"])
+parser.add_argument("--fault", choices=["raise", "sigkill", "hang", "nan"])
 parser.add_argument("--rank", type=int, default=0)
 parser.add_argument("--at", type=int, default=3)
 parser.add_argument("--once")
+parser.add_argument("--logging-steps", type=int, default=1)
+parser.add_argument("--nan-at", type=int)
 ns = parser.parse_args()
 
 
+def wait_forever():
+    while True:
+        time.sleep(3600)
+
+
 class Fault(TrainerCallback):
-    def on_step_end(self, args, state, control, **kwargs):
-        if ns.fault is None or state.global_step != ns.at or args.process_index != ns.rank:
-            return
+    def _fires(self, args, step: int) -> bool:
+        if ns.fault is None or step != ns.at or args.process_index != ns.rank:
+            return False
         if ns.once:
             marker = Path(ns.once)
             if marker.exists():
-                return
+                return False
             marker.write_text("fired")
+        return True
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        step = state.global_step + 1
+        if (ns.fault == "nan" and self._fires(args, step)) or step == ns.nan_at:
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    parameter.fill_(float("nan"))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if ns.fault == "nan" or not self._fires(args, state.global_step):
+            return
         if ns.fault == "raise":
             raise RuntimeError(f"injected failure at step {ns.at}")
+        if ns.fault == "hang":
+            wait_forever()
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -62,7 +89,7 @@ args = TrainingArguments(
     output_dir="trainer-output",  # the script's own folder, not kaio's: resume and restart find it in the record
     max_steps=ns.max_steps,
     per_device_train_batch_size=4,
-    logging_steps=1,
+    logging_steps=ns.logging_steps,
     learning_rate=1e-2,
     save_steps=ns.save_steps,
     report_to="none",

@@ -1,0 +1,89 @@
+"""The training loss as it really was: a NaN or inf that the Trainer's logs hide is found.
+
+The Trainer's default ``logging_nan_inf_filter=True`` replaces a non-finite
+step loss in its running sum (after a log, by 0), so its logs never show it.
+``LossWatch`` keeps each micro-batch's loss as ``training_step`` returned it (a
+reference to a 0-d tensor: no device work, no synchronisation) and looks at
+them only when the Trainer logs, where it has just read its own loss from the
+device anyway. With several ranks the finding is shared (one small all-reduce
+per log), so that every rank makes the same decision at the same step.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from kaio.telemetry.protocol import ENV_ON_NONFINITE
+
+_FOLD_AT = 4096  # losses kept before they are folded into one tensor (a run that never logs)
+_NO_STEP = 1 << 40  # above any step: the all-reduce's "nothing found"
+
+
+@dataclass(frozen=True)
+class NonfiniteLoss:
+    """What the losses since the previous log held: the first step whose loss was not finite, and its kind."""
+
+    first_step: int
+    tag: str  # "nan", "inf" or "-inf"
+
+
+class LossWatch:
+    def __init__(self) -> None:
+        self._losses: list[Any] = []  # 0-d tensors, on the loss's device
+        self._steps: list[int] = []
+        self._folded: list[tuple[Any, list[int]]] = []  # (stacked losses, their steps) of long windows
+
+    def observe(self, loss: Any, step: int) -> None:
+        """``training_step`` returned ``loss`` for one micro-batch of optimizer step ``step``."""
+        if getattr(loss, "ndim", None) != 0:
+            return  # not a scalar tensor: not what the Trainer sums
+        self._losses.append(loss)
+        self._steps.append(step)
+        if len(self._losses) >= _FOLD_AT:
+            import torch
+
+            self._folded.append((torch.stack(self._losses), self._steps))
+            self._losses, self._steps = [], []
+
+    def take(self) -> NonfiniteLoss | None:
+        """The first non-finite loss since the previous call, agreed by every rank; forgets what it read."""
+        import torch
+
+        parts = [(losses, steps) for losses, steps in self._folded]
+        if self._losses:
+            parts.append((torch.stack(self._losses), self._steps))
+        self._losses, self._steps, self._folded = [], [], []
+        found, tag = _NO_STEP, "nan"
+        device = None
+        for losses, steps in parts:
+            device = losses.device
+            bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()  # the read: the Trainer just synced too
+            if bad:
+                value = float(losses[bad[0]])
+                found = steps[bad[0]]
+                tag = "nan" if value != value else ("inf" if value > 0 else "-inf")
+                break
+        found = _agree(found, device)
+        return None if found == _NO_STEP else NonfiniteLoss(first_step=found, tag=tag)
+
+
+def _agree(step: int, device: Any) -> int:
+    """The earliest step any rank found (``_NO_STEP`` when none did); this rank's own without torch.distributed."""
+    import torch
+
+    distributed = torch.distributed
+    if not (distributed.is_available() and distributed.is_initialized()) or distributed.get_world_size() < 2:
+        return step
+    if device is None:  # this rank saw no loss since the last log: take part all the same
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    if distributed.get_backend() == "gloo":
+        device = "cpu"
+    value = torch.tensor([_NO_STEP - step], dtype=torch.long, device=device)  # MAX of this is the MIN step
+    distributed.all_reduce(value, op=distributed.ReduceOp.MAX)
+    return _NO_STEP - int(value.item())
+
+
+def stop_on_nonfinite() -> bool:
+    return os.environ.get(ENV_ON_NONFINITE) == "stop"

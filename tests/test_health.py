@@ -1,0 +1,137 @@
+"""Run health: a hang explained by every rank's stack, a NaN loss caught even when the Trainer's logs hide it."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from conftest import REPO, kaio, read_history
+from kaio.record.types import Eval, Save, Step
+from kaio.run.stalls import PAUSE_BUDGET_S, STARTUP_BUDGET_S, StallWatch, where_it_waits
+
+FAULTY = REPO / "tests" / "scripts" / "faulty_train.py"
+
+
+def _config(project_dir, args: list[str], reporting: str) -> None:
+    (project_dir / "cfg.yaml").write_text(
+        f"project_name: t\nlaunch:\n  script: {FAULTY}\n  script_args: {json.dumps(args)}\n  grace_seconds: 2\n"
+        "reporting:\n  use_comet_ml: false\n  poll_hz: 4\n" + textwrap.indent(reporting, "  ")
+    )
+
+
+def test_a_hidden_nan_is_warned_at_its_step_and_a_hang_is_a_stall_with_every_ranks_stack(project_dir):
+    """Under default TrainingArguments (logging_nan_inf_filter on) the loss is NaN from step 5, which the
+    Trainer logs as 0; then the script sleeps forever at the end of step 10. kaio says where."""
+    _config(
+        project_dir,
+        ["40", "1000", "--nan-at", "5", "--fault", "hang", "--at", "10"],
+        "stall_seconds: 3\non_stall: stop\n",
+    )
+    result = kaio("run", "cfg.yaml", cwd=project_dir, timeout=120)
+    assert result.returncode in (137, 143), result.stdout + result.stderr
+    history = read_history(project_dir)
+    steps = history["steps"]
+    assert [s["step"] for s in steps] == list(range(1, 10))  # step 10 never ended
+    assert all(s["loss"] is not None for s in steps[:4])
+    assert all(s["loss"] is None and s["loss_nonfinite"] == "nan" for s in steps[4:])
+    assert all(s["grad_norm"] is None and s["grad_norm_nonfinite"] == "nan" for s in steps[4:])
+    nan_warnings = [w for w in history["warnings"] if "non-finite loss" in w]
+    assert nan_warnings == [
+        "non-finite loss (nan) at step 5; the Trainer logged 0 (its logging_nan_inf_filter hides NaN/inf losses)"
+    ]
+    # The stall: after step 9, within a training step; rank 0's stack names the sleeping line.
+    (stall,) = history["stalls"]
+    assert stall["step"] == 9 and stall["phase"] == "training step" and stall["action"] == "stop"
+    (rank,) = stall["ranks"]
+    sleep_line = FAULTY.read_text().splitlines().index("        time.sleep(3600)") + 1
+    assert rank["rank"] == 0 and rank["where"] == f"wait_forever at faulty_train.py:{sleep_line}: time.sleep(3600)"
+    stack = (project_dir / "docs/reports/t" / rank["stack_file"]).read_text()
+    assert f'faulty_train.py", line {sleep_line} in wait_forever' in stack and "in on_step_end" in stack
+    said = f"stall after step 9 (training step, no step for 3 s): rank 0 in {rank['where']}"
+    assert said in history["warnings"]
+    report = (project_dir / "docs/reports/t/report.md").read_text()
+    assert "## Stalls" in report and f"[stack]({rank['stack_file']})" in report
+    assert history["status"] == "INTERRUPTED"
+
+
+def test_on_nonfinite_stop_ends_the_training_at_the_log_that_finds_it_and_fails_the_run(project_dir):
+    """Logged every 4 steps: the NaN of step 15 is found at the log of step 16, named at step 15, and the
+    training stops there on every rank, failed, with no final save."""
+    _config(project_dir, ["40", "1000", "--fault", "nan", "--at", "15", "--logging-steps", "4"], "on_nonfinite: stop\n")
+    result = kaio("run", "cfg.yaml", cwd=project_dir, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    history = read_history(project_dir)
+    assert [s["step"] for s in history["steps"]][-1] == 16
+    session = history["sessions"][0]
+    assert history["status"] == "FAILED" and session["status"] == "FAILED"
+    assert "the training loss was not finite from step 15 on" in session["error"]
+    assert "reporting.on_nonfinite: stop" in session["error"]
+    (warning,) = [w for w in history["warnings"] if "non-finite loss" in w]
+    assert warning.startswith("non-finite loss (nan) from step 15 (logged at step 16); the Trainer logged ")
+
+
+# ----------------------------------------------------------------------------- without processes
+
+ALL_REDUCE_STACK = """\
+Thread 0x00007f452458e6c0 (most recent call first):
+  File "/usr/lib/python3.11/threading.py", line 320 in wait
+  File "/usr/lib/python3.11/threading.py", line 1045 in _bootstrap_inner
+  File "/usr/lib/python3.11/threading.py", line 1002 in _bootstrap
+
+Current thread 0x00007f454c659b80 (most recent call first):
+  File "/venv/lib/python3.11/site-packages/torch/distributed/distributed_c10d.py", line 2801 in all_reduce
+  File "/venv/lib/python3.11/site-packages/torch/distributed/c10d_logger.py", line 81 in wrapper
+  File "/venv/lib/python3.11/site-packages/transformers/trainer.py", line 2490 in _maybe_log_save_evaluate
+  File "/venv/lib/python3.11/site-packages/transformers/trainer.py", line 1957 in _run_epoch
+  File "/home/me/train.py", line 12 in <module>
+"""
+
+
+def test_where_a_rank_waits_is_its_main_threads_innermost_frame_and_the_code_that_called_that_library():
+    assert (
+        where_it_waits(ALL_REDUCE_STACK)
+        == "all_reduce (torch distributed_c10d.py:2801) ← _maybe_log_save_evaluate at trainer.py:2490"
+    )
+    assert where_it_waits("") is None
+    assert where_it_waits("Fatal Python error: nothing we know\n") is None
+
+
+@pytest.mark.parametrize(
+    ("events", "phase", "threshold"),
+    [
+        ([], "start-up", STARTUP_BUDGET_S),
+        ([Step(rank=0, step=3)], "training step", 5.0),
+        ([Step(rank=0, step=3, evaluates=True, saves=True)], "evaluation", PAUSE_BUDGET_S),
+        (
+            [
+                Step(rank=0, step=3, evaluates=True, saves=True),
+                Eval(rank=0, step=3, metrics={"eval_runtime": 400.0}),
+            ],
+            "checkpoint save",
+            PAUSE_BUDGET_S,
+        ),
+        (
+            [
+                Step(rank=0, step=3, saves=True),
+                Save(rank=0, step=3, duration_s=250.0),
+                Step(rank=0, step=6, saves=True),
+            ],
+            "checkpoint save",
+            750.0,  # 3x the longest save so far
+        ),
+        ([Step(rank=0, step=3, saves=True), Save(rank=0, step=3)], "training step", 5.0),
+    ],
+)
+def test_each_phase_has_its_own_budget(events, phase, threshold):
+    watch = StallWatch(stall_seconds=5.0, now=100.0)  # a session starts at 100 s
+    for event in events:
+        watch.seen(event, 100.0)
+    assert watch.phase == phase and watch.threshold_s(median_step_s=0.1) == threshold
+    assert watch.check(100.0 + threshold - 0.5, 0.1) is None
+    stall = watch.check(100.0 + threshold + 0.5, 0.1)
+    assert stall is not None and stall.phase == phase
+    assert watch.check(100.0 + threshold + 60, 0.1) is None  # once per silence
+    watch.seen(Step(rank=0, step=99), 200.0)
+    assert watch.check(200.0 + 6, 0.1) is not None  # a new silence after progress
