@@ -57,11 +57,15 @@ FINAL_LINES_ROWS = 6  # rows printed under the last frame: the final line, the r
 
 
 class _NoEcho:
-    """While the dashboard is drawn, the terminal echoes no key (Ctrl-C still interrupts).
+    """While the dashboard is drawn, the terminal echoes no key (Ctrl-C still interrupts) and a Ctrl-C does
+    not discard what kaio wrote.
 
     An echo lands after the frame's last, full-width line and wraps it (``^C`` does): the frame
     moves one row down and leaves a stale header above each later redraw. The dashboard reads no
-    keys, so nothing typed is lost. Restored when the dashboard stops.
+    keys, so nothing typed is lost. And a terminal's Ctrl-C flushes the output not yet shown
+    (unless NOFLSH): a second Ctrl-C right after the first discarded the last frame and the final
+    line. Echo comes back when the dashboard stops; NOFLSH stays until kaio exits, once its last
+    lines are shown.
     """
 
     def __init__(self) -> None:
@@ -76,17 +80,32 @@ class _NoEcho:
             self._saved = termios.tcgetattr(0)
             quiet = termios.tcgetattr(0)
             quiet[3] &= ~(termios.ECHO | termios.ECHOCTL)
+            quiet[3] |= termios.NOFLSH
             termios.tcsetattr(0, termios.TCSANOW, quiet)
         except (OSError, termios.error):  # stdin is not a terminal
             self._saved = None
 
     def restore(self) -> None:
-        if self._saved is not None:
-            import termios
+        if self._saved is None:
+            return
+        import atexit
+        import termios
 
-            with contextlib.suppress(OSError, termios.error):
-                termios.tcsetattr(0, termios.TCSANOW, self._saved)
-            self._saved = None
+        saved, self._saved = self._saved, None
+        with contextlib.suppress(OSError, termios.error):
+            echoing = termios.tcgetattr(0)
+            echoing[3] = (echoing[3] & ~(termios.ECHO | termios.ECHOCTL)) | (
+                saved[3] & (termios.ECHO | termios.ECHOCTL)
+            )
+            termios.tcsetattr(0, termios.TCSANOW, echoing)
+        atexit.register(_restore_at_exit, saved)
+
+
+def _restore_at_exit(saved: list) -> None:
+    import termios
+
+    with contextlib.suppress(OSError, termios.error):
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)  # once what kaio wrote is shown
 
 
 class LiveView:

@@ -159,27 +159,29 @@ def _supervise(
     supervisor.on_refresh.append(lambda _state: recorder.save())
     supervisor.on_loop.append(outputs.feed)
     outcome, state_written = None, None
-    try:
-        outputs.start(state)
-        figure.warm()  # matplotlib loads while the training starts: the figure is drawn at once when asked
-        view.start()
+    finishing = _Finishing(outputs, supervisor)
+    with finishing:
         try:
-            outcome = supervisor.run(
-                request, lambda: latest_checkpoint(checkpoint_folder(cfg, state), notify=lambda text: None)
-            )
-            figure.warm()  # in case the process was used up by the last refresh
+            outputs.start(state)
+            figure.warm()  # matplotlib loads while the training starts: the figure is drawn at once when asked
+            view.start()
+            try:
+                outcome = supervisor.run(
+                    request, lambda: latest_checkpoint(checkpoint_folder(cfg, state), notify=lambda text: None)
+                )
+                figure.warm()  # in case the process was used up by the last refresh
+            finally:
+                view.stop(supervisor.snapshot())
+                finishing.view_stopped()
+            if outcome is not None and outcome.message:
+                notify(outcome.message)
         finally:
-            view.stop(supervisor.snapshot())
-        if outcome is not None and outcome.message:
-            notify(outcome.message)
-    finally:
-        try:
-            with _finishing(outputs):
+            try:
                 state_written = _write_record(outputs, recorder, notify)
                 recorder.save()
-        finally:
-            figure.close()
-            recorder.close()
+            finally:
+                figure.close()
+                recorder.close()
     if state_written is not None:
         hub = state_written.ledger.hub
         pushed = f" · pushed: {hub.url} at {hub.commit_sha}" if hub is not None and hub.commit_sha else ""
@@ -209,26 +211,47 @@ def _write_record(outputs, recorder: Recorder, notify: Notify) -> RunState | Non
         return None
 
 
-@contextlib.contextmanager
-def _finishing(outputs) -> Iterator[None]:
-    """Ctrl-C (or SIGTERM) while the run's record is written: the child is gone already, so the
-    local files are always finished; a press only cuts the Hub push short."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+_STOPPED = b"kaio: the run has stopped; writing its record (the Hub push, if any, is skipped)\n"
 
-    def handler(signum, frame):
-        if not outputs.cancelled:
-            # os.write, not print: a signal may land while the console is half-way through a write.
-            os.write(2, b"kaio: the run has stopped; writing its record (the Hub push, if any, is skipped)\n")
-        outputs.cancelled = True
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
+class _Finishing:
+    """Ctrl-C (or SIGTERM) outside the supervisor's own handling (which holds while a child runs): before the
+    first session starts it interrupts as usual; between sessions it stops the restarts; once the child is
+    gone, the local files are always finished and a press only cuts the Hub push short. Said once, and not
+    over the live dashboard (it would break its last frame): after it is drawn."""
+
+    def __init__(self, outputs, supervisor: Supervisor) -> None:
+        self.outputs = outputs
+        self.supervisor = supervisor
+        self._view_live = True
+        self._say_when_drawn = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> _Finishing:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._previous.items():
             signal.signal(sig, old)
+
+    def _on_signal(self, signum, frame) -> None:
+        if not self.supervisor.sessions_started:
+            raise KeyboardInterrupt  # nothing started yet
+        self.supervisor.stop_requested_between_sessions()
+        if self.outputs.cancelled:
+            return
+        self.outputs.cancelled = True
+        if self._view_live:
+            self._say_when_drawn = True
+        else:  # os.write, not print: a signal may land while the console is half-way through a write
+            os.write(2, _STOPPED)
+
+    def view_stopped(self) -> None:
+        self._view_live = False
+        if self._say_when_drawn:
+            os.write(2, _STOPPED)
 
 
 # ---------------------------------------------------------------- recovery

@@ -107,6 +107,7 @@ class Supervisor:
         self._fifo_path: Path | None = None
         self._stalls = StallWatch(cfg.reporting.stall_seconds, time.monotonic())
         self._capture: threading.Thread | None = None  # the stacks of a stall, being captured
+        self.sessions_started = 0
         self.on_refresh: list[Callable[[RunState], None]] = []  # report writers, the index commit
         self.on_loop: list[Callable[[RunState], None]] = []  # cheap consumers called every loop (Comet feed)
         self._refresh_failures: set[str] = set()
@@ -130,6 +131,7 @@ class Supervisor:
         return outcome
 
     def run_session(self, request: SessionRequest) -> SessionOutcome:
+        self.sessions_started += 1
         session = self.state.ledger.session + 1
         snapshot = config_snapshot(self.cfg)
         atomic_write_json(self.paths.config, snapshot)
@@ -420,6 +422,10 @@ class Supervisor:
         launch.kill_group(proc)
         if self._fifo_path is not None:
             launch.kill_run(self._fifo_path)
+
+    def stop_requested_between_sessions(self) -> None:
+        """A Ctrl-C while no child runs: no automatic restart follows."""
+        self._stop.requests = max(self._stop.requests, 1)
 
     @property
     def stop_requested(self) -> bool:
