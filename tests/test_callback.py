@@ -7,14 +7,22 @@ import os
 from types import SimpleNamespace
 
 import pytest
-import torch
-from transformers import TrainerControl
 
 from kaio.child import emitter as emitter_module
-from kaio.child.callback import KaioCallback
 from kaio.child.emitter import EventEmitter
 from kaio.telemetry.fifo import TelemetryFifo
 from kaio.telemetry.protocol import Save, Step
+
+# transformers and torch (10 s of imports) are loaded by the tests that use them, on one worker: at collection
+# every worker would load them.
+pytestmark = pytest.mark.xdist_group("transformers")
+
+
+@pytest.fixture(scope="module")
+def torch():
+    import torch as module
+
+    return module
 
 
 def _spooled(spool_dir) -> list[dict]:
@@ -33,6 +41,10 @@ def _fifo_lines(fifo: TelemetryFifo) -> list[dict]:
 
 @pytest.fixture()
 def hooks(tmp_path):
+    from transformers import TrainerControl
+
+    from kaio.child.callback import KaioCallback
+
     emitter = EventEmitter(None, str(tmp_path / "spool"), rank=0, session=1)
     callback = KaioCallback(emitter)
     state = SimpleNamespace(global_step=0, epoch=0.0, is_world_process_zero=True, num_input_tokens_seen=0)
@@ -57,7 +69,7 @@ def hooks(tmp_path):
     emitter.close()
 
 
-def test_a_nan_loss_the_trainers_filter_logged_as_a_number_is_logged_as_nan_from_its_step(hooks):
+def test_a_nan_loss_the_trainers_filter_logged_as_a_number_is_logged_as_nan_from_its_step(hooks, torch):
     """``training_step``'s losses (two micro-batches a step) are read at the log: the NaN of step 2 makes the
     window logged at step 3 NaN, whatever number the Trainer's logging_nan_inf_filter put there."""
     losses = hooks.callback.losses
@@ -148,11 +160,12 @@ def test_an_evaluation_is_its_own_event_with_every_metric(hooks):
     assert evaluation["metrics"] == {"eval_loss": 1.5, "eval_accuracy": 0.25, "eval_runtime": 0.5, "eval_nan": "nan"}
 
 
-def test_train_begin_describes_the_run_from_the_live_objects(tmp_path):
+def test_train_begin_describes_the_run_from_the_live_objects(tmp_path, torch):
     """A real (tiny) model with a real PEFT config and real TrainingArguments: what the report will say."""
-    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+    from kaio.child.callback import KaioCallback
 
     torch.manual_seed(0)
     base = LlamaForCausalLM(
