@@ -32,7 +32,7 @@ def _faulty_config(project_dir: Path, *script_args: str, num_processes: int = 1,
     )
 
 
-def test_a_stop_signal_saves_a_checkpoint_at_that_step_and_resume_continues_exactly_there(project_dir):
+def test_a_stop_signal_saves_a_checkpoint_there_resume_continues_exactly_and_refuses_what_it_cannot_do(project_dir):
     """A first SIGINT between two save_steps (a batch scheduler's SIGTERM: tests/test_run_e2e.py; a second
     Ctrl-C at once in a terminal: tests/test_dashboard_terminal.py): the Trainer saves checkpoint-k at the
     end of step k and stops; `kaio resume` trains k+1.. with no gap and no duplicate."""
@@ -71,46 +71,42 @@ def test_a_stop_signal_saves_a_checkpoint_at_that_step_and_resume_continues_exac
     assert sorted(e["step"] for e in journal if e.get("type") == "step") == list(range(1, 61))
     assert "session 2: resumed from checkpoint-" in " ".join(history["telemetry"]["notes"])
 
-
-def test_resume_refuses_what_it_cannot_do_and_extends_a_finished_run_with_an_edited_config(project_dir):
+    # The finished project: what `kaio resume` refuses, and a resume that extends it with an edited config.
     unknown = kaio("resume", "nope", cwd=project_dir, timeout=60)
-    assert unknown.returncode == 2 and "unknown project 'nope'" in unknown.stderr
-
-    write_config(project_dir, max_steps=4, save_steps=2)
-    assert kaio("run", "cfg.yaml", cwd=project_dir).returncode == 0
+    assert (
+        unknown.returncode == 2 and "unknown project 'nope'" in unknown.stderr and "known projects: t" in unknown.stderr
+    )
     finished = kaio("resume", "t", cwd=project_dir, timeout=60)
     assert finished.returncode == 2 and "--max-steps" in finished.stderr
-    known = kaio("resume", "nope", cwd=project_dir, timeout=60)
-    assert "known projects: t" in known.stderr
     fewer = kaio("resume", "t", "--max-steps", "3", cwd=project_dir, timeout=60)
-    assert fewer.returncode == 2 and "has trained 4 steps already" in fewer.stderr
+    assert fewer.returncode == 2 and "has trained 60 steps already" in fewer.stderr
     edited = (project_dir / "cfg.yaml").read_text()
     (project_dir / "lora.yaml").write_text(edited.replace("  r: 4\n", "  r: 8\n"))
-    refused = kaio("resume", "t", "--config", "lora.yaml", "--max-steps", "8", cwd=project_dir, timeout=60)
+    refused = kaio("resume", "t", "--config", "lora.yaml", "--max-steps", "63", cwd=project_dir, timeout=60)
     assert refused.returncode == 2
     assert "lora.r" in refused.stderr and "4 -> 8" in refused.stderr
     (project_dir / "moved.yaml").write_text(edited.replace("reporting:\n", "reporting:\n  output_dir: elsewhere\n"))
-    moved = kaio("resume", "t", "--config", "moved.yaml", "--max-steps", "8", cwd=project_dir, timeout=60)
+    moved = kaio("resume", "t", "--config", "moved.yaml", "--max-steps", "63", cwd=project_dir, timeout=60)
     assert moved.returncode == 2 and "reporting.output_dir" in moved.stderr  # one history, in one place
 
     (project_dir / "lr.yaml").write_text(edited.replace("learning_rate: 5.0e-3", "learning_rate: 1.0e-3"))
-    extended = kaio("resume", "t", "--config", "lr.yaml", "--max-steps", "7", cwd=project_dir)
+    extended = kaio("resume", "t", "--config", "lr.yaml", "--max-steps", "63", cwd=project_dir)
     assert extended.returncode == 0, extended.stdout + extended.stderr
     history = read_history(project_dir)
-    assert _steps(history) == list(range(1, 8))
-    assert history["sessions"][1]["start_step"] == 4
+    assert _steps(history) == list(range(1, 64))
+    assert history["sessions"][2]["start_step"] == 60  # the Trainer saved checkpoint-60 as it finished
     notes = " ".join(history["telemetry"]["notes"])
-    assert "training.learning_rate: 0.005 -> 0.001" in notes and "training.max_steps: 4 -> 7" in notes
+    assert "training.learning_rate: 0.005 -> 0.001" in notes and "training.max_steps: 60 -> 63" in notes
     assert "learning_rate: 0.005 -> 0.001" in (project_dir / "docs/reports/t/report.md").read_text()
 
     # No complete checkpoint at all (the last ones removed, one half-written): say so, suggest `kaio run`.
     for path in (project_dir / "checkpoints/t").glob("checkpoint-*"):
         shutil.rmtree(path)
-    (project_dir / "checkpoints/t/checkpoint-9").mkdir()  # half-written: no trainer_state.json
-    missing = kaio("resume", "t", "--max-steps", "10", cwd=project_dir, timeout=60)
+    (project_dir / "checkpoints/t/checkpoint-99").mkdir()  # half-written: no trainer_state.json
+    missing = kaio("resume", "t", "--max-steps", "100", cwd=project_dir, timeout=60)
     assert missing.returncode == 2
     assert "no complete checkpoint" in missing.stderr and "kaio run" in missing.stderr
-    assert "skipping" in missing.stdout and "checkpoint-9" in missing.stdout
+    assert "skipping" in missing.stdout and "checkpoint-99" in missing.stdout
 
 
 def test_a_rank_killed_with_sigkill_is_named(project_dir):
