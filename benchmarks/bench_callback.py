@@ -4,7 +4,8 @@ In one process: a real FIFO (``TelemetryFifo``) drained by a ``FifoReader``
 thread, an ``EventEmitter`` writing to it and to its spool (rotating every
 10,000 events, as in a run), and ``KaioCallback`` called the way the Trainer
 calls it at ``logging_steps: 1`` (the worst case): ``on_step_begin``,
-``on_step_end``, ``on_log`` with the log dict transformers 5 passes. The same
+``on_step_end``, ``on_log`` with the log dict transformers 5 passes, and each step's loss
+handed to its ``LossWatch`` (as the patched ``training_step`` does; read at every log). The same
 loop with a no-op ``TrainerCallback`` is the baseline; the difference per step
 is the cost. Rounds alternate kaio/baseline; the median over rounds is reported.
 
@@ -59,14 +60,20 @@ def run_loop(callback, args, steps: int) -> float:
     """Seconds for ``steps`` optimizer steps of hook calls (state updates and the log dict built in both)."""
     from transformers import TrainerControl, TrainerState
 
+    import torch
+
     state = TrainerState()
     state.max_steps = steps
     control = TrainerControl()
     begin, end, log = callback.on_step_begin, callback.on_step_end, callback.on_log
+    watch = getattr(callback, "losses", None)  # kaio's: the patched training_step hands it each loss
+    loss = torch.tensor(2.5)  # what training_step returns
     tokens = 0
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
         begin(args, state, control)
+        if watch is not None:
+            watch.observe(loss, step)
         state.global_step = step
         state.epoch = step / 64
         tokens += 1000

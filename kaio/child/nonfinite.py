@@ -11,6 +11,7 @@ per log), so that every rank makes the same decision at the same step.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -49,24 +50,33 @@ class LossWatch:
 
     def take(self) -> NonfiniteLoss | None:
         """The first non-finite loss since the previous call, agreed by every rank; forgets what it read."""
-        import torch
-
-        parts = [(losses, steps) for losses, steps in self._folded]
-        if self._losses:
-            parts.append((torch.stack(self._losses), self._steps))
-        self._losses, self._steps, self._folded = [], [], []
-        found, tag = _NO_STEP, "nan"
-        device = None
-        for losses, steps in parts:
-            device = losses.device
-            bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()  # the read: the Trainer just synced too
-            if bad:
-                value = float(losses[bad[0]])
-                found = steps[bad[0]]
-                tag = "nan" if value != value else ("inf" if value > 0 else "-inf")
+        found, tag, device = _NO_STEP, "nan", None
+        for losses, steps in self._windows():
+            values, device = _read(losses)
+            first = next((i for i, value in enumerate(values) if not math.isfinite(value)), None)
+            if first is not None:
+                found = steps[first]
+                tag = "nan" if math.isnan(values[first]) else ("inf" if values[first] > 0 else "-inf")
                 break
+        self._losses, self._steps, self._folded = [], [], []
         found = _agree(found, device)
         return None if found == _NO_STEP else NonfiniteLoss(first_step=found, tag=tag)
+
+    def _windows(self) -> list[tuple[Any, list[int]]]:
+        return [*self._folded, (self._losses, self._steps)] if self._losses else list(self._folded)
+
+
+def _read(losses: Any) -> tuple[list[float], Any]:
+    """The losses as floats, and their device: on the CPU one by one (a few us); on a GPU in one copy (the
+    Trainer has just waited for the GPU to log its own loss)."""
+    if isinstance(losses, list):
+        device = losses[0].device
+        if device.type == "cpu":
+            return [loss.item() for loss in losses], device
+        import torch
+
+        losses = torch.stack(losses)
+    return losses.tolist(), losses.device
 
 
 def _agree(step: int, device: Any) -> int:
