@@ -58,9 +58,8 @@ def make_args(tmp: Path):
 
 def run_loop(callback, args, steps: int) -> float:
     """Seconds for ``steps`` optimizer steps of hook calls (state updates and the log dict built in both)."""
-    from transformers import TrainerControl, TrainerState
-
     import torch
+    from transformers import TrainerControl, TrainerState
 
     state = TrainerState()
     state.max_steps = steps
