@@ -186,6 +186,12 @@ class ReportingConfig(_Section):
     gpu_backend: Literal["auto", "nvml", "amdsmi", "none"] = Field(
         "auto", description="Which GPU library to read: auto detects all present."
     )
+    peak_tflops: float | None = Field(
+        None,
+        gt=0,
+        le=1e6,
+        description="Peak TFLOPS of one device, for MFU. Default: from kaio's table of GPUs (H100, H200, B200, A100, L40S, MI300X, MI325X, MI250X) for bf16/fp16 runs; none on a CPU (MFU not measured).",
+    )
     stall_seconds: float | None = Field(
         None,
         gt=0,

@@ -522,13 +522,16 @@ def _training_panel(snap: Snapshot, width: int) -> Panel:
         "step/s": Text(format_rate(snap.steps_per_s)),
         "samples/s": Text(format_rate(snap.samples_per_s)),
     }
+    if snap.tokens_per_s_per_device is not None:  # the Trainer counts tokens: per device, and MFU if a peak is known
+        items["tok/s/dev"] = Text(format_rate(snap.tokens_per_s_per_device))
+        items["MFU"] = Text(f"{100 * snap.mfu:.1f}%" if snap.mfu is not None else "—")
     inner = width - 4  # panel border + padding
     per_row = 3 if inner >= 72 else 2 if inner >= 44 else 1
     order = (
         ["loss", "smoothed", "lr", "step/s", "samples/s", "grad norm"]
         if per_row == 3
         else ["loss", "smoothed", "lr", "grad norm", "step/s", "samples/s"]
-    )
+    ) + [name for name in ("tok/s/dev", "MFU") if name in items]
     grid = Table.grid(padding=(0, 1))
     for i in range(per_row):
         grid.add_column(style="dim", no_wrap=True)

@@ -272,6 +272,12 @@ def test_status_texts():
     assert "STARTING" in out and "0/60 (0%)" in out and "ETA –" in out
 
 
+def test_tokens_per_device_and_mfu_show_when_the_trainer_counts_tokens():
+    out = text_of(render(make_snapshot(tokens_per_s_per_device=1234.0, mfu=0.417)))
+    assert "tok/s/dev 1234" in out and "MFU       41.7%" in out
+    assert "MFU" not in text_of(render(make_snapshot()))
+
+
 def test_no_max_steps_shows_count_without_bar():
     out = text_of(render(make_snapshot(max_steps=None, step=345)))
     assert "step 345" in out

@@ -135,3 +135,14 @@ def test_each_phase_has_its_own_budget(events, phase, threshold):
     assert watch.check(100.0 + threshold + 60, 0.1) is None  # once per silence
     watch.seen(Step(rank=0, step=99), 200.0)
     assert watch.check(200.0 + 6, 0.1) is not None  # a new silence after progress
+
+
+def test_peak_flops_come_from_the_table_for_16_bit_runs_on_known_gpus_only():
+    from kaio.record.flops import peak_tflops
+
+    assert peak_tflops(["NVIDIA H100 80GB HBM3"], half_precision=True) == 989.5
+    assert peak_tflops(["NVIDIA H100 PCIe"], half_precision=True) == 756.0
+    assert peak_tflops(["AMD Instinct MI300X", "AMD Instinct MI250X"], half_precision=True) == 191.5  # the slowest
+    assert peak_tflops(["NVIDIA H200"], half_precision=False) is None  # fp32: set reporting.peak_tflops
+    assert peak_tflops(["NVIDIA GeForce RTX 4090"], half_precision=True) is None  # not in the table
+    assert peak_tflops([], half_precision=True) is None  # a CPU

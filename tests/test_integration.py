@@ -57,7 +57,7 @@ def test_one_run_leaves_gpu_samples_in_every_step_the_metrics_in_comet_and_the_a
     site = _fake_nvml_site(project_dir, gpus=2)
     write_config(project_dir, max_steps=12, extra="hub:\n  push: true\n  repo_id: kaio-tester/tiny\n")
     cfg = project_dir / "cfg.yaml"
-    cfg.write_text(cfg.read_text().replace("use_comet_ml: false", "use_comet_ml: true"))
+    cfg.write_text(cfg.read_text().replace("use_comet_ml: false", "use_comet_ml: true\n  peak_tflops: 0.05"))
     with HubServer(token=TOKEN) as hub:
         env = {
             "PYTHONPATH": str(site),
@@ -90,6 +90,27 @@ def test_one_run_leaves_gpu_samples_in_every_step_the_metrics_in_comet_and_the_a
     assert sum(s["energy_j"] or 0 for s in history["steps"]) > 0
     report = (project_dir / "docs/reports/t/report.md").read_text()
     assert "310" in report and " Wh, hardware counter" in report  # small energies in Wh
+
+    # MFU by hand: the tiny Llama of tests/conftest.py (hidden 32, MLP 64, 1 layer, attention 2 x 16), LoRA r=4 on
+    # q_proj, v_proj and lm_head; V (the vocabulary) from the total. FLOPs per token 6 N_trained + 4 N_frozen +
+    # 12 L A T (the input embedding does no matmul), T the step's tokens per sample (batch 4, one rank).
+    hidden, mlp, layers = 32, 64, 1
+    layer = 4 * hidden * hidden + 3 * hidden * mlp + 2 * hidden
+    vocab = (history["run"]["model"]["total_params"] - layer - hidden - 2 * 4 * hidden * 2 - 4 * hidden) // (
+        2 * hidden + 4
+    )
+    trained = 2 * (4 * hidden + hidden * 4) + (4 * hidden + vocab * 4)
+    frozen = layer + hidden + vocab * hidden
+    measured = [s for s in history["steps"] if s["mfu"] is not None]
+    assert len(measured) >= len(history["steps"]) - 2  # each session's first step has no previous count
+    for entry, before in zip(history["steps"][1:], history["steps"]):
+        if entry["mfu"] is None:
+            continue
+        tokens = entry["tokens_seen"] - before["tokens_seen"]
+        per_token = 6 * trained + 4 * frozen + 12 * layers * hidden * (tokens / 4)
+        assert entry["tokens_per_s_per_device"] == pytest.approx(tokens / entry["step_time_s"])
+        assert entry["mfu"] == pytest.approx(entry["tokens_per_s_per_device"] * per_token / 0.05e12)
+    assert "% MFU" in report
 
     # Comet: the run's metrics at the right steps; the resume continued the same experiment with its steps only.
     assert "comet upload" in result.stdout

@@ -78,15 +78,21 @@ def _model(model: Any) -> ModelInfo | None:
     config = getattr(model, "config", None)
     inner = getattr(getattr(model, "base_model", None), "model", None)  # a PeftModel wraps the real one
     architectures = getattr(config, "architectures", None)
-    trainable = total = 0
+    trainable = total = matmul_trainable = matmul_frozen = 0
     try:
+        embedding = {id(p) for p in _input_embedding(model).parameters()} if _input_embedding(model) else set()
         for param in model.parameters():
             count = param.numel()
             total += count
             if param.requires_grad:
                 trainable += count
-    except (AttributeError, RuntimeError):
-        trainable = total = None  # type: ignore[assignment]
+            if id(param) not in embedding:
+                if param.requires_grad:
+                    matmul_trainable += count
+                else:
+                    matmul_frozen += count
+    except (AttributeError, RuntimeError, TypeError):
+        trainable = total = matmul_trainable = matmul_frozen = None  # type: ignore[assignment]
     dtype = getattr(model, "dtype", None)
     return ModelInfo(
         name_or_path=_str(getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)),
@@ -97,7 +103,29 @@ def _model(model: Any) -> ModelInfo | None:
         hidden_size=_int(getattr(config, "hidden_size", None)),
         total_params=total,
         trainable_params=trainable,
+        trainable_matmul_params=matmul_trainable,
+        frozen_matmul_params=matmul_frozen,
+        attention_dim=_attention_dim(config),
     )
+
+
+def _input_embedding(model: Any) -> Any:
+    get = getattr(model, "get_input_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except (AttributeError, NotImplementedError, TypeError):
+        return None
+
+
+def _attention_dim(config: Any) -> int | None:
+    heads = _int(getattr(config, "num_attention_heads", None))
+    if not heads:
+        return None
+    head_dim = _int(getattr(config, "head_dim", None))
+    hidden = _int(getattr(config, "hidden_size", None))
+    if head_dim is None and hidden:
+        head_dim = hidden // heads
+    return heads * head_dim if head_dim else None
 
 
 def _peft(model: Any) -> PeftInfo | None:

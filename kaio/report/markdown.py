@@ -142,6 +142,8 @@ def _key_metrics(s: Summary) -> str:
         ("GPU utilisation (average)", _unit(s.gpu_util_avg_pct, "%", ".0f") or missing),
         ("Temperature (average / peak)", _pair(s.temp_avg_c, s.temp_peak_c, "°C", ".0f") or missing),
     ]
+    if s.tokens_per_s_per_device is not None:  # the Trainer counted tokens
+        rows.append(("Tokens/s per device · MFU (over the steps' own time)", _mfu(s, s.tokens_per_s_per_device)))
     if s.host_cpu_avg_pct is not None or s.host_ram_peak_bytes is not None:
         cpu = _unit(s.host_cpu_avg_pct, "%", ".0f") or "not measured"
         rows.append(
@@ -432,6 +434,17 @@ def _throughput(s: Summary) -> str:
     if s.tokens_per_s is not None:
         text += f" · {s.tokens_per_s:,.0f} tokens/s"
     return text
+
+
+def _mfu(s: Summary, tokens_per_s_per_device: float) -> str:
+    """MFU needs a peak: kaio's table has GPUs for bf16/fp16 runs; on a CPU, ``reporting.peak_tflops``."""
+    per_device = f"{tokens_per_s_per_device:,.0f} tokens/s"
+    mfu = (
+        f"{100 * s.mfu:.1f}% MFU"
+        if s.mfu is not None
+        else "MFU not measured (no peak FLOPs known: reporting.peak_tflops)"
+    )
+    return f"{per_device} · {mfu}"
 
 
 def _duration(seconds: float | None) -> str | None:

@@ -77,6 +77,8 @@ class Summary(msgspec.Struct, kw_only=True):
     samples_per_s: float | None = None  # over the time spent in optimizer steps
     tokens: int | None = None
     tokens_per_s: float | None = None
+    tokens_per_s_per_device: float | None = None  # over the steps' own time (kaio.record.flops)
+    mfu: float | None = None  # 0..1, weighted by step time; None: no peak FLOPs known (a CPU)
     host_cpu_avg_pct: float | None = None
     host_ram_peak_bytes: int | None = None
     energy_kwh: float | None = None
@@ -256,6 +258,11 @@ def _throughput(q: _Query, s: Summary) -> None:
     if seconds:
         s.samples_per_s = None if samples is None else samples / seconds
         s.tokens_per_s = None if tokens is None else tokens / seconds
+    # Each step's figure weighted by its time: the run's tokens over the run's step time.
+    s.tokens_per_s_per_device, s.mfu = q.row(
+        "SELECT SUM(tokens_per_s_dev * step_time_s) / SUM(CASE WHEN tokens_per_s_dev IS NOT NULL THEN step_time_s END), "
+        "SUM(mfu * step_time_s) / SUM(CASE WHEN mfu IS NOT NULL THEN step_time_s END) FROM steps"
+    )
 
 
 def _energy(q: _Query, s: Summary, header: HistoryHeader, gpus: list[str], w: str) -> None:

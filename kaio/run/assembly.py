@@ -21,6 +21,7 @@ from typing import Protocol
 import msgspec
 
 from kaio.devices.base import GpuSample, HostSample
+from kaio.record.flops import Throughput
 from kaio.record.rules import LossSmoother
 from kaio.record.types import GpuStepStats, HostStepStats, Log, Step, StepEntry, TickRecord, finite, nonfinite_tag
 
@@ -35,6 +36,7 @@ class AssemblyOutput(Protocol):
     def sealed(self, entry: StepEntry) -> None: ...
     def warn(self, text: str) -> None: ...
     def truncate_after(self, step: int) -> LossSmoother: ...
+    def throughput(self, tokens_per_s_per_device: float, mfu: float | None) -> None: ...
 
 
 class TickWindow(msgspec.Struct, kw_only=True):
@@ -65,11 +67,15 @@ class StepAssembler(msgspec.Struct, kw_only=True):
     newest_step: int = 0  # rank 0's newest step in this session
     sealed_through: int = 0  # every step up to this one is sealed
     smoother: LossSmoother = msgspec.field(default_factory=LossSmoother)
-    warned_nonfinite: set[str] = set()  # "loss", "grad_norm": warned once a session (the summary counts them all)
+    warned_nonfinite: set[str] = set()
+    last_tokens_seen: int | None = (
+        None  # rank 0's count at its latest step, this session  # "loss", "grad_norm": warned once a session (the summary counts them all)
+    )
 
     def start_session(self, session: int) -> None:
         self.session = session
         self.warned_nonfinite.clear()
+        self.last_tokens_seen = None
         self.ticks.clear()
         self.pending.clear()
         self.prev_end_mono = self.last_end_mono = None
@@ -94,7 +100,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
             entry = self.open[step] = StepEntry(step=step, session=session)
         return entry
 
-    def on_step(self, event: Step, samples_per_step: int | None, out: AssemblyOutput) -> bool:
+    def on_step(self, event: Step, throughput: Throughput | None, out: AssemblyOutput) -> bool:
         """Returns False for a late event (its step is sealed already)."""
         entry = self._entry(event.step, event.session)
         if entry is None:
@@ -107,10 +113,11 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         entry.t_mono = event.t_mono
         entry.step_time_s = event.step_time_s
         entry.tokens_seen = event.tokens_seen if event.tokens_seen is not None else entry.tokens_seen
-        if samples_per_step is not None:
-            entry.samples_seen = event.step * samples_per_step
+        if throughput is not None and throughput.samples_per_step is not None:
+            entry.samples_seen = event.step * throughput.samples_per_step
         if event.session != self.session:
             return True
+        self._throughput(entry, event, throughput, out)
         if event.t_mono is not None:
             gap = event.t_mono - self.last_end_mono if self.last_end_mono is not None else None
             entry.duration_s = gap if gap is not None and gap > 0 else event.step_time_s
@@ -122,6 +129,15 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         self.newest_step = max(self.newest_step, event.step)
         self.seal_ready(out)
         return True
+
+    def _throughput(self, entry: StepEntry, event: Step, throughput: Throughput | None, out: AssemblyOutput) -> None:
+        """Tokens/s per device and MFU over the step's own time (not the pauses between steps)."""
+        previous, self.last_tokens_seen = self.last_tokens_seen, event.tokens_seen
+        if throughput is None or previous is None or event.tokens_seen is None or not event.step_time_s:
+            return
+        entry.tokens_per_s_per_device, entry.mfu = throughput.of_step(event.tokens_seen - previous, event.step_time_s)
+        if entry.tokens_per_s_per_device is not None:
+            out.throughput(entry.tokens_per_s_per_device, entry.mfu)
 
     def on_log(self, event: Log, out: AssemblyOutput) -> None:
         if event.step is None:

@@ -11,6 +11,8 @@ import os
 import msgspec
 
 from kaio.devices.base import DeviceInfo, GpuSample
+from kaio.record import flops
+from kaio.record.flops import Throughput
 from kaio.record.types import (
     CheckpointSaved,
     ChildStarted,
@@ -122,6 +124,24 @@ class RunLedger(msgspec.Struct, kw_only=True):
         if all(isinstance(p, int) for p in parts):
             return parts[0] * parts[1] * parts[2]  # type: ignore[operator]
         return None
+
+    def throughput(self) -> Throughput | None:
+        """What tokens/s per device and MFU are computed from; None before rank 0 described the run."""
+        if self.run is None:
+            return None
+        reporting = (self.config or {}).get("reporting") or {}
+        peak = reporting.get("peak_tflops")
+        if not isinstance(peak, (int, float)):
+            args, model = self.run.args, self.run.model
+            half = bool(args.bf16 or args.fp16) or (model is not None and model.dtype in ("bfloat16", "float16"))
+            names = [d.info.name or "" for key, d in self.devices.items() if key in self.run_keys]
+            peak = flops.peak_tflops(names, half)
+        return Throughput(
+            world_size=self.run.world_size or 1,
+            samples_per_step=self.samples_per_step(),
+            model=self.run.model,
+            peak_tflops=float(peak) if peak is not None else None,
+        )
 
     # ------------------------------------------------------------------ records
 

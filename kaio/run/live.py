@@ -34,6 +34,8 @@ class LiveStats(msgspec.Struct, kw_only=True):
     latest_host: HostSample | None = None
     latest_peak_by_rank: dict[int, int | None] = {}
     last_step_t_mono: float | None = None
+    tokens_per_s_per_device: float | None = None  # rank 0's latest step
+    mfu: float | None = None
 
     def start_session(self) -> None:
         self.recent_step_ends.clear()
@@ -134,6 +136,8 @@ def build_snapshot(
         eval_loss=live.eval_loss,
         steps_per_s=rate,
         samples_per_s=rate * per_step if rate and per_step else None,
+        tokens_per_s_per_device=live.tokens_per_s_per_device,
+        mfu=live.mfu,
         eta_s=eta,
         peak_vram_by_rank=dict(sorted(live.latest_peak_by_rank.items())),
         gpus=gpus,

@@ -64,6 +64,8 @@ class Snapshot:
     eval_loss: float | None = None  # the latest evaluation's
     steps_per_s: float | None = None  # recent rate
     samples_per_s: float | None = None
+    tokens_per_s_per_device: float | None = None  # the latest step's
+    mfu: float | None = None  # the latest step's, 0..1
     eta_s: float | None = None
     peak_vram_by_rank: dict[int, int | None] = field(default_factory=dict)  # latest step's true peak
     gpus: tuple[GpuRow, ...] = ()

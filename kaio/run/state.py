@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 import msgspec
 
+from kaio.record.flops import Throughput
 from kaio.record.index import RunIndex
 from kaio.record.rules import LossSmoother
 from kaio.record.types import (
@@ -97,6 +98,7 @@ class RunState:
         self.parts = parts if parts is not None else StateParts(ledger=RunLedger(project=project))
         self.sealed_listeners: list[Callable[[StepEntry], None]] = []  # each sealed step, once (Comet)
         self.eval_listeners: list[Callable[[EvalEntry], None]] = []
+        self._throughput_cache: tuple[tuple[int, int, int], Throughput | None] | None = None
         self._handlers: dict[type, Callable] = {
             SessionStart: self._on_session_start,
             SessionEnd: self._on_session_end,
@@ -189,11 +191,11 @@ class RunState:
         ledger = self.parts.ledger
         ledger.telemetry.events += 1
         self.parts.live.on_step(r)
-        per_step = None
+        throughput = None
         if r.rank == 0:
             ledger.on_step(r.session, r.step, r.t_wall)
-            per_step = ledger.samples_per_step()
-        if not self.parts.steps.on_step(r, per_step, self):
+            throughput = self._throughput()
+        if not self.parts.steps.on_step(r, throughput, self):
             ledger.telemetry.dropped_late_events += 1
 
     def _on_log(self, r: Log) -> None:
@@ -201,6 +203,14 @@ class RunState:
         self.parts.steps.on_log(r, self)
         entry = self.parts.steps.open.get(r.step) if r.step is not None else None
         self.parts.live.on_log(r, entry)
+
+    def _throughput(self) -> Throughput | None:
+        """Built once per run description, devices and config (they change at a session's start)."""
+        ledger = self.ledger
+        key = (id(ledger.run), len(ledger.devices), len(ledger.sessions))
+        if self._throughput_cache is None or self._throughput_cache[0] != key:
+            self._throughput_cache = (key, ledger.throughput())
+        return self._throughput_cache[1]
 
     def _on_eval(self, r: Eval) -> None:
         self.ledger.telemetry.events += 1
@@ -250,6 +260,9 @@ class RunState:
 
     def warn(self, text: str) -> None:
         self.parts.warnings.add(text)
+
+    def throughput(self, tokens_per_s_per_device: float, mfu: float | None) -> None:
+        self.parts.live.tokens_per_s_per_device, self.parts.live.mfu = tokens_per_s_per_device, mfu
 
     def truncate_after(self, step: int) -> LossSmoother:
         self.index.truncate_after(step)

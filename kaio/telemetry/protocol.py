@@ -90,6 +90,11 @@ class ModelInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     hidden_size: int | None = None
     total_params: int | None = None
     trainable_params: int | None = None
+    # What MFU needs (kaio.record.flops): the weights doing matmuls (all but the input embedding), trained or
+    # frozen, and the attention's width (heads x head size).
+    trainable_matmul_params: int | None = None
+    frozen_matmul_params: int | None = None
+    attention_dim: int | None = None
 
 
 class PeftInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
