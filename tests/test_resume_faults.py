@@ -132,14 +132,14 @@ def test_the_whole_child_killed_is_failed_with_the_signal(project_dir):
 
 
 def test_supervisor_killed_child_keeps_training_and_no_step_is_lost(project_dir):
-    write_config(project_dir, max_steps=200, save_steps=1000)
+    write_config(project_dir, max_steps=120, save_steps=1000)
     proc = spawn_kaio("run", "cfg.yaml", cwd=project_dir, output=False)
     wait_for(lambda: journal_steps(project_dir) >= 5, 120, "training")
     child = psutil.Process(proc.pid).children(recursive=True)
     proc.kill()  # SIGKILL to the supervisor alone
     proc.wait(timeout=30)
     assert any(p.is_running() for p in child), "the child should carry on without its supervisor"
-    # While the orphan trains (200 steps: seconds), resume refuses.
+    # While the orphan trains (120 steps: seconds), resume refuses.
     busy = kaio("resume", "t", cwd=project_dir, timeout=60)
     assert busy.returncode == 2 and "still training without a supervisor" in busy.stderr, busy.stderr
     psutil.wait_procs(child, timeout=120)
@@ -147,7 +147,7 @@ def test_supervisor_killed_child_keeps_training_and_no_step_is_lost(project_dir)
     assert result.returncode == 0, result.stderr
     assert "merged" in result.stdout
     history = read_history(project_dir)
-    assert _steps(history) == list(range(1, 201))
+    assert _steps(history) == list(range(1, 121))
     assert all(s["loss"] is not None for s in history["steps"])
     assert history["status"] == "COMPLETED"
     assert "lost its supervisor" in " ".join(history["telemetry"]["notes"] + history["warnings"])
