@@ -146,3 +146,20 @@ def test_peak_flops_come_from_the_table_for_16_bit_runs_on_known_gpus_only():
     assert peak_tflops(["NVIDIA H200"], half_precision=False) is None  # fp32: set reporting.peak_tflops
     assert peak_tflops(["NVIDIA GeForce RTX 4090"], half_precision=True) is None  # not in the table
     assert peak_tflops([], half_precision=True) is None  # a CPU
+
+
+def test_the_speed_and_eta_leave_out_evaluation_and_save_pauses_and_carry_over_a_resume():
+    from kaio.run.live import LiveStats
+
+    live = LiveStats()
+    t = 100.0
+    for step in range(1, 11):  # 0.5 s a step; step 5 announces an evaluation that takes 60 s
+        live.on_step(Step(rank=0, step=step, t_mono=t, evaluates=step == 5))
+        t += 60.5 if step == 5 else 0.5
+    assert live.steps_per_s() == pytest.approx(2.0)  # not 9 steps / 64.5 s
+    assert live.median_step_time() == pytest.approx(0.5)
+    live.start_session()  # a resume: its start-up is not a step, and the last speed stands until its own
+    live.on_step(Step(rank=0, step=11, t_mono=500.0))
+    assert live.steps_per_s() == pytest.approx(2.0)
+    live.on_step(Step(rank=0, step=12, t_mono=500.25))
+    assert live.steps_per_s() > 2.0

@@ -29,7 +29,11 @@ class LiveStats(msgspec.Struct, kw_only=True):
     grad_norm: float | None = None
     epoch: float | None = None
     eval_loss: float | None = None
-    recent_step_ends: list[tuple[float, int]] = []  # (t_mono, step) of rank 0, this session
+    # (seconds, steps) between rank 0's step ends, without the ones holding an evaluation or a checkpoint save
+    # (a step announces them): the speed and the ETA are the training's. Kept across a resume, so that its
+    # first steps have an ETA (the previous session's speed) until their own replace it.
+    recent_gaps: list[tuple[float, int]] = []
+    last_end: tuple[float, int, bool] | None = None  # rank 0's latest step end: (t_mono, step, a pause follows)
     latest_gpu: dict[str, GpuSample] = {}
     latest_host: HostSample | None = None
     latest_peak_by_rank: dict[int, int | None] = {}
@@ -38,14 +42,18 @@ class LiveStats(msgspec.Struct, kw_only=True):
     mfu: float | None = None
 
     def start_session(self) -> None:
-        self.recent_step_ends.clear()
+        self.last_end = None
         self.latest_gpu.clear()
         self.last_step_t_mono = None
 
     def on_step(self, event: Step) -> None:
         self.latest_peak_by_rank[event.rank] = event.peak_vram_bytes
         if event.rank == 0 and event.t_mono is not None:
-            self.recent_step_ends = self.recent_step_ends[-(RECENT_STEPS - 1) :] + [(event.t_mono, event.step)]
+            last = self.last_end
+            if last is not None and not last[2] and event.t_mono > last[0] and event.step > last[1]:
+                gap = (event.t_mono - last[0], event.step - last[1])
+                self.recent_gaps = self.recent_gaps[-(RECENT_STEPS - 1) :] + [gap]
+            self.last_end = (event.t_mono, event.step, event.evaluates or event.saves)
             self.last_step_t_mono = event.t_mono
 
     def on_log(self, event: Log, entry: StepEntry | None) -> None:
@@ -65,15 +73,11 @@ class LiveStats(msgspec.Struct, kw_only=True):
                 self.loss_smoothed = entry.loss_smoothed
 
     def steps_per_s(self) -> float | None:
-        if len(self.recent_step_ends) < 2:
-            return None
-        (t0, s0), (t1, s1) = self.recent_step_ends[0], self.recent_step_ends[-1]
-        return (s1 - s0) / (t1 - t0) if t1 > t0 and s1 > s0 else None
+        seconds = sum(s for s, _ in self.recent_gaps)
+        return sum(n for _, n in self.recent_gaps) / seconds if seconds > 0 else None
 
     def median_step_time(self) -> float | None:
-        ends = self.recent_step_ends
-        gaps = [b[0] - a[0] for a, b in zip(ends, ends[1:]) if b[0] > a[0]]
-        return statistics.median(gaps) if gaps else None
+        return statistics.median(s / n for s, n in self.recent_gaps) if self.recent_gaps else None
 
 
 def build_snapshot(
