@@ -189,4 +189,7 @@ def test_an_exception_in_one_rank_of_two_is_named_and_max_restarts_resumes_from_
     report = (project_dir / "docs/reports/t/report.md").read_text()
     assert "restart" in report and "RuntimeError: injected failure at step 6" in report
     assert history["telemetry"]["malformed_lines"] == 2 * 2 * 2  # two lines, two ranks, two sessions
+    # Steps 5.. of the failed session were trained again from checkpoint-4: lost time, in the goodput table.
+    assert history["telemetry"]["recomputed_steps"] >= 1 and history["telemetry"]["recomputed_s"] > 0
+    assert "Steps trained again after a resume" in report
     assert any("malformed" in w for w in history["warnings"])

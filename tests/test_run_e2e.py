@@ -52,6 +52,11 @@ def test_the_readme_run_in_a_fresh_clone_records_every_step_and_leaves_git_clean
     ]
     summary = json.loads(kaio("report", "tiny-default", "--json", cwd=clone).stdout)
     assert summary["samples_per_s"] == pytest.approx(trainer, rel=0.05)
+    # Where the time went: the buckets cover the session's wall time; goodput is the optimizer steps' share.
+    buckets = ("startup_s", "productive_s", "stall_s", "recomputed_s", "eval_s", "save_s", "closing_s")
+    assert sum(summary[k] or 0 for k in buckets) == pytest.approx(summary["training_time_s"], rel=0.01)
+    assert summary["goodput_pct"] == pytest.approx(100 * summary["productive_s"] / summary["training_time_s"])
+    assert "**Goodput: " in (report_dir / "report.md").read_text()
 
 
 def test_one_run_per_project_and_no_silent_mixing(project_dir):

@@ -244,6 +244,19 @@ class RunIndex:
         row = (entry.step, entry.session, entry.loss, _ENCODER.encode(entry))
         self._write(lambda conn: conn.execute("INSERT INTO evals VALUES (?,?,?,?)", row))  # two at one step: two
 
+    def work_after(self, step: int) -> tuple[int, float]:
+        """The steps after ``step`` and their time without the evaluations and saves after them."""
+        self._flush()
+        try:
+            count, seconds = self.conn.execute(
+                "SELECT COUNT(*), SUM(MAX(COALESCE(duration_s, step_time_s, 0) - COALESCE(eval_s, 0) - COALESCE(save_s, 0), 0)) "
+                "FROM steps WHERE step > ?",
+                (step,),
+            ).fetchone()
+        except sqlite3.Error:  # an index that stopped taking writes: the time is not known
+            return 0, 0.0
+        return count, seconds or 0.0
+
     def truncate_after(self, step: int) -> None:
         """A resumed session trains the steps after its checkpoint again: forget them."""
 

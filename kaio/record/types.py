@@ -384,6 +384,9 @@ class Telemetry(msgspec.Struct, kw_only=True):
     poll_hz: float | None = None
     poll: PollStats | None = None
     notes: list[str] = []
+    # Steps trained again because a resume or a restart started from an earlier checkpoint, and their time.
+    recomputed_steps: int = 0
+    recomputed_s: float = 0.0
 
 
 class CheckpointSaved(msgspec.Struct, kw_only=True):

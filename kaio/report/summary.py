@@ -20,7 +20,7 @@ import msgspec
 
 from kaio.record import rules
 from kaio.record.index import RunIndex
-from kaio.record.types import HistoryHeader, Session
+from kaio.record.types import HistoryHeader, Session, Stall, Telemetry
 
 ENERGY_METHOD_LABELS = {"counter": "hardware counter", "integrated": "integrated power"}
 ENERGY_FROM_STEPS = "sum of per-step energy"
@@ -78,6 +78,11 @@ class Summary(msgspec.Struct, kw_only=True):
     tokens: int | None = None
     tokens_per_s: float | None = None
     tokens_per_s_per_device: float | None = None  # over the steps' own time (kaio.record.flops)
+    recomputed_steps: int = 0  # trained again after a resume or restart from an earlier checkpoint
+    recomputed_s: float = 0.0
+    stall_s: float | None = None  # training steps that stalled
+    productive_s: float | None = None  # optimizer steps, stalls taken out
+    goodput_pct: float | None = None  # productive_s over the wall time of every session
     mfu: float | None = None  # 0..1, weighted by step time; None: no peak FLOPs known (a CPU)
     host_cpu_avg_pct: float | None = None
     host_ram_peak_bytes: int | None = None
@@ -135,7 +140,7 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
     weight = q.median("duration_s") or 1.0  # the duration that stands in for steps without one
     w = f"COALESCE(duration_s, {weight!r})"
     s.training_time_s = _training_time_s(q, sessions)
-    _time_spent(q, s, sessions)
+    _time_spent(q, s, sessions, header.telemetry, header.stalls)
     _loss(q, s)
     _evals(q, s)
     gpus = _gpus(q, s, header, w)
@@ -163,7 +168,7 @@ def _training_time_s(q: _Query, sessions: list[Session]) -> float | None:
     return sum(present) if present else None
 
 
-def _time_spent(q: _Query, s: Summary, sessions: list[Session]) -> None:
+def _time_spent(q: _Query, s: Summary, sessions: list[Session], telemetry: Telemetry, stalls: list[Stall]) -> None:
     """Where the wall time went. An evaluation or a save after a step sits in the next step's
     duration: it is taken out of the time in steps (and not for a session's last step, whose
     pauses belong to its closing)."""
@@ -177,6 +182,20 @@ def _time_spent(q: _Query, s: Summary, sessions: list[Session]) -> None:
     s.eval_s, s.save_s = evals, saves
     if total is not None:
         s.steps_s = max(total - (inner or 0.0), 0.0)
+    s.recomputed_steps, s.recomputed_s = telemetry.recomputed_steps, telemetry.recomputed_s
+    # A stall within a training step: the step that finally came took the stall's time.
+    s.stall_s = _sum(
+        q.value(
+            "SELECT COALESCE(duration_s, step_time_s) FROM steps WHERE step = ? AND session = ?",
+            stall.step + 1,
+            stall.session,
+        )
+        for stall in stalls
+        if stall.phase == "training step"
+    )
+    if s.steps_s is not None and s.training_time_s:
+        s.productive_s = max(s.steps_s - (s.stall_s or 0.0), 0.0)
+        s.goodput_pct = 100.0 * s.productive_s / s.training_time_s
 
 
 def _sum(values: Any) -> float | None:

@@ -37,6 +37,7 @@ class AssemblyOutput(Protocol):
     def warn(self, text: str) -> None: ...
     def truncate_after(self, step: int) -> LossSmoother: ...
     def throughput(self, tokens_per_s_per_device: float, mfu: float | None) -> None: ...
+    def recomputed(self, steps: int, seconds: float) -> None: ...
 
 
 class TickWindow(msgspec.Struct, kw_only=True):
@@ -83,8 +84,8 @@ class StepAssembler(msgspec.Struct, kw_only=True):
 
     def resume_at(self, start: int, out: AssemblyOutput) -> None:
         """Rank 0 of this session starts from checkpoint ``start``: later steps are trained again."""
-        for step in [k for k, e in self.open.items() if k > start and e.session < self.session]:
-            del self.open[step]
+        lost = [self.open.pop(k) for k in sorted(self.open) if k > start and self.open[k].session < self.session]
+        out.recomputed(len(lost), sum(_step_work_s(e) for e in lost))
         if self.sealed_through > start:
             self.smoother = out.truncate_after(start)
             self.sealed_through = start
@@ -404,3 +405,9 @@ def _nonfinite_loss_warning(tag: str, step: int, event: Log) -> str:
     if isinstance(hidden, (int, float)):
         said += f"; the Trainer logged {hidden:g} (its logging_nan_inf_filter hides NaN/inf losses)"
     return said
+
+
+def _step_work_s(entry: StepEntry) -> float:
+    """A step's time without the evaluation and save after it (as the index's ``steps_after`` counts it)."""
+    spent = entry.duration_s if entry.duration_s is not None else entry.step_time_s
+    return max((spent or 0.0) - (entry.eval_s or 0.0) - (entry.save_s or 0.0), 0.0)

@@ -265,8 +265,14 @@ class RunState:
         self.parts.live.tokens_per_s_per_device, self.parts.live.mfu = tokens_per_s_per_device, mfu
 
     def truncate_after(self, step: int) -> LossSmoother:
+        self.recomputed(*self.index.work_after(step))  # trained again from checkpoint-<step>: their time was lost
         self.index.truncate_after(step)
         return self.index.smoother_at(step)
+
+    def recomputed(self, steps: int, seconds: float) -> None:
+        telemetry = self.ledger.telemetry
+        telemetry.recomputed_steps += steps
+        telemetry.recomputed_s = round(telemetry.recomputed_s + seconds, 3)
 
     # ------------------------------------------------------------------ views
 
