@@ -541,8 +541,13 @@ def test_evaluation_table_lists_the_latest_twenty_but_always_names_the_best():
 
 def test_figure_has_six_titled_panels_all_with_data():
     fig = build_figure(figure_data(*make_run(30, n_gpus=2, session_lengths=[18, 12])))
-    axes = fig.get_axes()
+    *axes, bar = fig.get_axes()
     assert [ax.get_title() for ax in axes] == list(PANEL_TITLES)
+    # Under the panels, where the wall time went: one bar, the optimizer steps' share (goodput) named.
+    assert bar.get_title().startswith("Where the time went: goodput ")
+    shares = [text.get_text() for text in bar.get_legend().get_texts()]
+    assert shares[0].startswith("optimizer steps ")
+    assert sum(int(text.rsplit(" ", 1)[1].rstrip("%")) for text in shares) in (99, 100, 101)  # rounded shares
     assert all(not no_data_texts(ax) for ax in axes)
     assert fig._suptitle.get_text() == "tiny-default: COMPLETED, 30 steps"
     loss_ax = axes[0]
@@ -558,7 +563,7 @@ def test_figure_has_six_titled_panels_all_with_data():
 
 def test_cpu_only_figure_shows_host_ram_and_cpu_instead_of_empty_gpu_panels():
     fig = build_figure(figure_data(*cpu_only_run()))
-    axes = fig.get_axes()
+    axes = fig.get_axes()[:6]  # the panels; the time bar under them
     assert [ax.get_title() for ax in axes] == [*PANEL_TITLES[:2], *HOST_PANEL_TITLES, *PANEL_TITLES[4:]]
     assert fig._suptitle.get_text().endswith(" · CPU-only run, no GPU")
     ram = axes[2].get_lines()

@@ -17,6 +17,7 @@ import msgspec
 
 from kaio.record.index import RunIndex
 from kaio.record.types import HistoryHeader
+from kaio.report.summary import time_buckets, time_spent
 
 BUCKETS = 1024
 
@@ -58,6 +59,8 @@ class FigureData(msgspec.Struct, kw_only=True):
     host_ram: Line = msgspec.field(default_factory=Line)
     host_ram_total_bytes: int | None = None
     session_starts: list[tuple[int, int]] = []  # (first step, session) of each session after the first
+    time_spent: list[tuple[str, float]] = []  # where the wall time went (kaio.report.summary.time_buckets)
+    goodput_pct: float | None = None
 
 
 class _Grid:
@@ -121,6 +124,9 @@ def figure_data(header: HistoryHeader, index: RunIndex) -> FigureData:
     grid = _Grid(conn)
     last = conn.execute("SELECT COALESCE(MAX(step), 0) FROM steps").fetchone()[0]
     data = FigureData(title=f"{header.project}: {header.status.value}, {last:,} steps", no_gpu=not header.devices)
+    spent = time_spent(header, index)
+    data.time_spent = [(label, seconds) for _, label, seconds in time_buckets(spent)]
+    data.goodput_pct = spent.goodput_pct
     names = ("loss", "loss_smoothed", "learning_rate", "vram_peak", "vram_used_max", "host_cpu", "host_ram")
     steps = grid.decimate("steps", names, bands=(("vram_peak_min", "vram_peak"),))
     (

@@ -19,7 +19,7 @@ import msgspec
 
 from kaio.config import redact as redact_config
 from kaio.record.types import EvalEntry, HistoryHeader, HubOutcome, RunDescription, Session, Stall, StalledRank
-from kaio.report.summary import Summary
+from kaio.report.summary import Summary, time_buckets
 from kaio.units import gib
 
 REDACTED = "‹redacted›"
@@ -162,20 +162,7 @@ def _time_spent(s: Summary) -> str | None:
     total = s.training_time_s
     if not total:
         return None
-    recomputed = f"Steps trained again after a resume ({s.recomputed_steps:,})" if s.recomputed_steps else ""
-    parts = [
-        ("Start-up (launch to the first step)", s.startup_s),
-        ("**Optimizer steps (goodput)**", s.productive_s if s.productive_s is not None else s.steps_s),
-        ("Stalled steps", s.stall_s),
-        (recomputed, s.recomputed_s),
-        ("Evaluation", s.eval_s),
-        ("Checkpoint saves", s.save_s),
-        ("Closing (final save, teardown)", s.closing_s),
-    ]
-    rest = total - sum(v for _, v in parts if v is not None)
-    if rest > 0.01 * total:
-        parts.append(("Other (between sessions, restarts)", rest))
-    rows = [(name, _seconds(v), f"{100 * v / total:.1f} %") for name, v in parts if v and name]
+    rows = [(name, _seconds(seconds), f"{100 * seconds / total:.1f} %") for name, _, seconds in time_buckets(s)]
     rows.append(("**Wall time**", _seconds(total), "100 %"))
     goodput = (
         f"**Goodput: {s.goodput_pct:.1f} %** of the wall time went into productive optimizer steps.\n\n"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -40,9 +40,11 @@ def build_figure(data: FigureData) -> Figure:
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator, StrMethodFormatter
 
-    fig = Figure(figsize=(14, 11), layout="constrained")
+    fig = Figure(figsize=(14, 12.5), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(3, 2, sharex=True).ravel()
+    parts: Any = fig.subfigures(2, 1, height_ratios=(11, 1.5))  # the panels, then the time bar
+    axes = parts[0].subplots(3, 2, sharex=True).ravel()
+    _time_bar(parts[1].subplots(), data)
     titles = (*PANEL_TITLES[:2], *HOST_PANEL_TITLES, *PANEL_TITLES[4:]) if data.no_gpu else PANEL_TITLES
     for ax, title in zip(axes, titles):
         ax.set_title(title, fontsize=12, fontweight="bold")
@@ -230,6 +232,41 @@ def _power_panel(ax: Axes, data: FigureData) -> None:
     ax.set_ylabel("W (average, min-max shaded)")
     _from_zero_with_headroom(ax)
     _legend(ax, len(drawn))
+
+
+TIME_COLOURS = {
+    "start-up": "#9e9e9e",
+    "optimizer steps": "#2e7d32",
+    "stalls": "#c62828",
+    "trained again": "#ef6c00",
+    "evaluation": "#1565c0",
+    "saves": "#6a1b9a",
+    "closing": "#bdbdbd",
+    "other": "#e0e0e0",
+}
+
+
+def _time_bar(ax: Axes, data: FigureData) -> None:
+    """Where the wall time went, as one bar: the optimizer steps' share is the goodput."""
+    ax.set_yticks([])
+    ax.set_xticks([])
+    ax.set_xlim(0, 100)
+    for side in ("top", "right", "left", "bottom"):
+        ax.spines[side].set_visible(False)
+    total = sum(seconds for _, seconds in data.time_spent)
+    if not total:
+        ax.set_title("Where the time went: no session has ended or trained a step yet", fontsize=11)
+        return
+    title = "Where the time went"
+    if data.goodput_pct is not None:
+        title += f": goodput {data.goodput_pct:.1f} % (optimizer steps)"
+    ax.set_title(title, fontsize=12, fontweight="bold")
+    left = 0.0
+    for label, seconds in data.time_spent:
+        share = 100.0 * seconds / total
+        ax.barh(0, share, left=left, color=TIME_COLOURS.get(label, "#e0e0e0"), label=f"{label} {share:.0f}%")
+        left += share
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(data.time_spent), fontsize=10, frameon=False)
 
 
 def _mark_sessions(axes: Sequence[Axes], session_starts: Sequence[tuple[int, int]]) -> None:

@@ -116,6 +116,41 @@ class _Query:
         return sum(v for (v,) in middle) / len(middle)
 
 
+# Where the wall time went, in the order the report and the figure show it: (key, the report's label, the figure's).
+TIME_BUCKETS = (
+    ("startup_s", "Start-up (launch to the first step)", "start-up"),
+    ("productive_s", "**Optimizer steps (goodput)**", "optimizer steps"),
+    ("stall_s", "Stalled steps", "stalls"),
+    ("recomputed_s", "Steps trained again after a resume", "trained again"),
+    ("eval_s", "Evaluation", "evaluation"),
+    ("save_s", "Checkpoint saves", "saves"),
+    ("closing_s", "Closing (final save, teardown)", "closing"),
+)
+OTHER_TIME = ("Other (between sessions, restarts)", "other")
+
+
+def time_buckets(s: Summary) -> list[tuple[str, str, float]]:
+    """(report label, figure label, seconds) of each part of the wall time that took any; the rest is "other"
+    when over 1% of it."""
+    total = s.training_time_s or 0.0
+    parts = [(report, figure, getattr(s, key) or 0.0) for key, report, figure in TIME_BUCKETS]
+    if s.recomputed_steps:
+        parts[3] = (f"{parts[3][0]} ({s.recomputed_steps:,} steps)", *parts[3][1:])
+    rest = total - sum(seconds for *_, seconds in parts)
+    if rest > 0.01 * total:
+        parts.append((*OTHER_TIME, rest))
+    return [part for part in parts if part[2] > 0]
+
+
+def time_spent(header: HistoryHeader, index: RunIndex) -> Summary:
+    """Only the wall time's parts (for the figure, drawn apart from the report)."""
+    q = _Query(index.conn)
+    s = Summary(project=header.project, status=header.status.value)
+    s.training_time_s = _training_time_s(q, header.sessions)
+    _time_spent(q, s, header.sessions, header.telemetry, header.stalls)
+    return s
+
+
 def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
     q = _Query(index.conn)
     sessions = header.sessions
@@ -193,9 +228,10 @@ def _time_spent(q: _Query, s: Summary, sessions: list[Session], telemetry: Telem
         for stall in stalls
         if stall.phase == "training step"
     )
-    if s.steps_s is not None and s.training_time_s:
+    if s.steps_s is not None:
         s.productive_s = max(s.steps_s - (s.stall_s or 0.0), 0.0)
-        s.goodput_pct = 100.0 * s.productive_s / s.training_time_s
+        if s.training_time_s:
+            s.goodput_pct = 100.0 * s.productive_s / s.training_time_s
 
 
 def _sum(values: Any) -> float | None:
