@@ -36,7 +36,7 @@ def test_a_stop_signal_saves_a_checkpoint_there_resume_continues_exactly_and_ref
     """A first SIGINT between two save_steps (a batch scheduler's SIGTERM: tests/test_run_e2e.py; a second
     Ctrl-C at once in a terminal: tests/test_dashboard_terminal.py): the Trainer saves checkpoint-k at the
     end of step k and stops; `kaio resume` trains k+1.. with no gap and no duplicate."""
-    write_config(project_dir, max_steps=60, save_steps=50)
+    write_config(project_dir, max_steps=120, save_steps=100)  # a fast machine trains ~130 steps/s
     proc = spawn_kaio("run", "cfg.yaml", "--plain", cwd=project_dir)
     wait_for(lambda: journal_steps(project_dir) >= 12, 120, "a few steps")
     proc.send_signal(signal.SIGINT)
@@ -45,7 +45,7 @@ def test_a_stop_signal_saves_a_checkpoint_there_resume_continues_exactly_and_ref
     interrupted = read_history(project_dir)
     assert interrupted["status"] == "INTERRUPTED"
     stopped_at = max(_steps(interrupted))
-    assert 12 <= stopped_at < 50, "Ctrl-C should land between two save_steps"
+    assert 12 <= stopped_at < 100, "Ctrl-C should land between two save_steps"
     # The checkpoint is the state at the end of step k: the Trainer's own state says so, with step k's loss.
     saved = json.loads((project_dir / f"checkpoints/t/checkpoint-{stopped_at}/trainer_state.json").read_text())
     assert saved["global_step"] == stopped_at
@@ -62,13 +62,13 @@ def test_a_stop_signal_saves_a_checkpoint_there_resume_continues_exactly_and_ref
     result = kaio("resume", "t", cwd=project_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     history = read_history(project_dir)
-    assert _steps(history) == list(range(1, 61))
+    assert _steps(history) == list(range(1, 121))
     assert [s["kind"] for s in history["sessions"]] == ["run", "resume"]
     assert history["sessions"][1]["start_step"] == stopped_at
     assert history["status"] == "COMPLETED"
     # Nothing was trained twice: the journal holds each step once.
     journal = [json.loads(line) for line in (project_dir / "docs/reports/t/journal.jsonl").read_text().splitlines()]
-    assert sorted(e["step"] for e in journal if e.get("type") == "step") == list(range(1, 61))
+    assert sorted(e["step"] for e in journal if e.get("type") == "step") == list(range(1, 121))
     assert "session 2: resumed from checkpoint-" in " ".join(history["telemetry"]["notes"])
 
     # The finished project: what `kaio resume` refuses, and a resume that extends it with an edited config.
@@ -79,34 +79,34 @@ def test_a_stop_signal_saves_a_checkpoint_there_resume_continues_exactly_and_ref
     finished = kaio("resume", "t", cwd=project_dir, timeout=60)
     assert finished.returncode == 2 and "--max-steps" in finished.stderr
     fewer = kaio("resume", "t", "--max-steps", "3", cwd=project_dir, timeout=60)
-    assert fewer.returncode == 2 and "has trained 60 steps already" in fewer.stderr
+    assert fewer.returncode == 2 and "has trained 120 steps already" in fewer.stderr
     edited = (project_dir / "cfg.yaml").read_text()
     (project_dir / "lora.yaml").write_text(edited.replace("  r: 4\n", "  r: 8\n"))
-    refused = kaio("resume", "t", "--config", "lora.yaml", "--max-steps", "63", cwd=project_dir, timeout=60)
+    refused = kaio("resume", "t", "--config", "lora.yaml", "--max-steps", "123", cwd=project_dir, timeout=60)
     assert refused.returncode == 2
     assert "lora.r" in refused.stderr and "4 -> 8" in refused.stderr
     (project_dir / "moved.yaml").write_text(edited.replace("reporting:\n", "reporting:\n  output_dir: elsewhere\n"))
-    moved = kaio("resume", "t", "--config", "moved.yaml", "--max-steps", "63", cwd=project_dir, timeout=60)
+    moved = kaio("resume", "t", "--config", "moved.yaml", "--max-steps", "123", cwd=project_dir, timeout=60)
     assert moved.returncode == 2 and "reporting.output_dir" in moved.stderr  # one history, in one place
 
     (project_dir / "lr.yaml").write_text(edited.replace("learning_rate: 5.0e-3", "learning_rate: 1.0e-3"))
-    extended = kaio("resume", "t", "--config", "lr.yaml", "--max-steps", "63", cwd=project_dir)
+    extended = kaio("resume", "t", "--config", "lr.yaml", "--max-steps", "123", cwd=project_dir)
     assert extended.returncode == 0, extended.stdout + extended.stderr
     history = read_history(project_dir)
-    assert _steps(history) == list(range(1, 64))
-    assert history["sessions"][2]["start_step"] == 60  # the Trainer saved checkpoint-60 as it finished
+    assert _steps(history) == list(range(1, 124))
+    assert history["sessions"][2]["start_step"] == 120  # the Trainer saved checkpoint-120 as it finished
     notes = " ".join(history["telemetry"]["notes"])
-    assert "training.learning_rate: 0.005 -> 0.001" in notes and "training.max_steps: 60 -> 63" in notes
+    assert "training.learning_rate: 0.005 -> 0.001" in notes and "training.max_steps: 120 -> 123" in notes
     assert "learning_rate: 0.005 -> 0.001" in (project_dir / "docs/reports/t/report.md").read_text()
 
     # No complete checkpoint at all (the last ones removed, one half-written): say so, suggest `kaio run`.
     for path in (project_dir / "checkpoints/t").glob("checkpoint-*"):
         shutil.rmtree(path)
-    (project_dir / "checkpoints/t/checkpoint-99").mkdir()  # half-written: no trainer_state.json
-    missing = kaio("resume", "t", "--max-steps", "100", cwd=project_dir, timeout=60)
+    (project_dir / "checkpoints/t/checkpoint-199").mkdir()  # half-written: no trainer_state.json
+    missing = kaio("resume", "t", "--max-steps", "200", cwd=project_dir, timeout=60)
     assert missing.returncode == 2
     assert "no complete checkpoint" in missing.stderr and "kaio run" in missing.stderr
-    assert "skipping" in missing.stdout and "checkpoint-99" in missing.stdout
+    assert "skipping" in missing.stdout and "checkpoint-199" in missing.stdout
 
 
 def test_a_rank_killed_with_sigkill_is_named(project_dir):
@@ -132,14 +132,14 @@ def test_the_whole_child_killed_is_failed_with_the_signal(project_dir):
 
 
 def test_supervisor_killed_child_keeps_training_and_no_step_is_lost(project_dir):
-    write_config(project_dir, max_steps=120, save_steps=1000)
+    write_config(project_dir, max_steps=400, save_steps=1000)  # seconds of training left after the kill
     proc = spawn_kaio("run", "cfg.yaml", cwd=project_dir, output=False)
     wait_for(lambda: journal_steps(project_dir) >= 5, 120, "training")
     child = psutil.Process(proc.pid).children(recursive=True)
     proc.kill()  # SIGKILL to the supervisor alone
     proc.wait(timeout=30)
     assert any(p.is_running() for p in child), "the child should carry on without its supervisor"
-    # While the orphan trains (120 steps: seconds), resume refuses.
+    # While the orphan trains (400 steps: seconds, even on a fast machine), resume refuses.
     busy = kaio("resume", "t", cwd=project_dir, timeout=60)
     assert busy.returncode == 2 and "still training without a supervisor" in busy.stderr, busy.stderr
     psutil.wait_procs(child, timeout=120)
@@ -147,7 +147,7 @@ def test_supervisor_killed_child_keeps_training_and_no_step_is_lost(project_dir)
     assert result.returncode == 0, result.stderr
     assert "merged" in result.stdout
     history = read_history(project_dir)
-    assert _steps(history) == list(range(1, 121))
+    assert _steps(history) == list(range(1, 401))
     assert all(s["loss"] is not None for s in history["steps"])
     assert history["status"] == "COMPLETED"
     assert "lost its supervisor" in " ".join(history["telemetry"]["notes"] + history["warnings"])

@@ -62,7 +62,7 @@ def test_the_readme_run_in_a_fresh_clone_records_every_step_and_leaves_git_clean
 def test_one_run_per_project_and_no_silent_mixing(project_dir):
     """While a run goes, a second run of the project is refused and `kaio report` reads without
     disturbing it; a finished history is not mixed or destroyed without asking."""
-    write_config(project_dir, max_steps=400, save_steps=1000)
+    write_config(project_dir, max_steps=5000, save_steps=10000)  # not finished when the SIGTERM comes, on any machine
     first = spawn_kaio("run", "cfg.yaml", cwd=project_dir)
     try:
         wait_for(lambda: journal_steps(project_dir) >= 5, 120, "the first run to train")
