@@ -8,6 +8,7 @@ child ends (success, crash, Ctrl-C, SIGTERM) ``finalize`` runs.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import re
@@ -305,12 +306,15 @@ class Supervisor:
 
     def snapshot(self) -> Snapshot:
         status = "STOPPING" if self._stop.requests and self.state.status == Status.RUNNING else None
-        return self.state.snapshot(
+        snapshot = self.state.snapshot(
             status=status,
             log_tail=tuple(self._log_tail),
             extra_warnings=self._live_warnings(),
             report_path=str(self.paths.report),
         )
+        if snapshot.eta_s is not None and self._stalls.live_warning(time.monotonic(), self.state.median_step_time()):
+            return dataclasses.replace(snapshot, eta_s=None)  # stalled: no time of arrival is known
+        return snapshot
 
     def _live_warnings(self) -> tuple[str, ...]:
         warnings = []
