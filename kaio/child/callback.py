@@ -114,8 +114,11 @@ class KaioCallback(TrainerCallback):
         )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        nonfinite = self.losses.take()  # on every rank: they agree, and stop at the same step
-        if nonfinite is not None and stop_on_nonfinite():
+        # The training-loss log (every rank makes it, gathering the loss): the losses since the previous one.
+        # To stop, the ranks agree first, so that all stop at the same step.
+        stopping = stop_on_nonfinite()
+        nonfinite = self.losses.take(agree=stopping) if logs and "loss" in logs else None
+        if nonfinite is not None and stopping:
             stop.nonfinite(nonfinite.first_step)
             control.should_training_stop = True  # no checkpoint: its weights would be the non-finite ones
         if not state.is_world_process_zero or not logs:

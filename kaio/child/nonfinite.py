@@ -4,9 +4,11 @@ The Trainer's default ``logging_nan_inf_filter=True`` replaces a non-finite
 step loss in its running sum (after a log, by 0), so its logs never show it.
 ``LossWatch`` keeps each micro-batch's loss as ``training_step`` returned it (a
 reference to a 0-d tensor: no device work, no synchronisation) and looks at
-them only when the Trainer logs, where it has just read its own loss from the
-device anyway. With several ranks the finding is shared (one small all-reduce
-per log), so that every rank makes the same decision at the same step.
+them only when the Trainer logs its training loss, where it has just read that
+loss from the device anyway. Only with ``reporting.on_nonfinite: stop`` and
+several ranks is the finding shared (one small all-reduce at each such log, a
+log every rank makes: the Trainer gathers the loss for it), so that every rank
+stops at the same step; a warning needs rank 0's own finding only.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ class LossWatch:
             self._folded.append((torch.stack(self._losses), self._steps))
             self._losses, self._steps = [], []
 
-    def take(self) -> NonfiniteLoss | None:
-        """The first non-finite loss since the previous call, agreed by every rank; forgets what it read."""
+    def take(self, agree: bool = False) -> NonfiniteLoss | None:
+        """The first non-finite loss since the previous call; forgets what it read. With ``agree`` (a stop is
+        to follow), the earliest any rank found: every rank must call it at the same log."""
         found, tag, device = _NO_STEP, "nan", None
         for losses, steps in self._windows():
             values, device = _read(losses)
@@ -59,7 +62,8 @@ class LossWatch:
                 tag = "nan" if math.isnan(values[first]) else ("inf" if values[first] > 0 else "-inf")
                 break
         self._losses, self._steps, self._folded = [], [], []
-        found = _agree(found, device)
+        if agree:
+            found = _agree(found, device)
         return None if found == _NO_STEP else NonfiniteLoss(first_step=found, tag=tag)
 
     def _windows(self) -> list[tuple[Any, list[int]]]:
