@@ -54,7 +54,6 @@ def main(argv: list[str] | None = None) -> bool:
             sys.argv = [BUILTIN_RECIPE, *args]
             runpy.run_module(BUILTIN_RECIPE, run_name="__main__", alter_sys=True)
         _destroy_process_group()
-        _fail_if_stopped_for_nonfinite()
     except SystemExit as exc:
         if exc.code not in (None, 0):
             _write_error_file(rank_from_env(), exc)
@@ -68,17 +67,6 @@ def main(argv: list[str] | None = None) -> bool:
         plain.finish()
         shared_emitter().close()
     return script is None
-
-
-def _fail_if_stopped_for_nonfinite() -> None:
-    """A training that ``reporting.on_nonfinite: stop`` ended did not succeed, whatever the script did next."""
-    from kaio.child import stop
-
-    step = stop.stopped_for_nonfinite()
-    if step is not None:
-        raise SystemExit(
-            f"the training loss was not finite from step {step} on; stopped there (reporting.on_nonfinite: stop)"
-        )
 
 
 def _destroy_process_group() -> None:

@@ -129,7 +129,7 @@ class KaioCallback(TrainerCallback):
         }
         if self._skipped_gpu_values:
             extra["kaio_skipped_gpu_tensors"] = sorted(self._skipped_gpu_values)
-        if nonfinite is not None and "loss" in logs:
+        if nonfinite is not None:  # taken at a log with the loss
             # What the loss since the previous log really averaged to; the Trainer's filter showed a number.
             if fields.get("loss") not in ("nan", "inf", "-inf"):
                 extra["trainer_logged_loss"] = fields.get("loss")

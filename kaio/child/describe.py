@@ -80,7 +80,8 @@ def _model(model: Any) -> ModelInfo | None:
     architectures = getattr(config, "architectures", None)
     trainable = total = matmul_trainable = matmul_frozen = 0
     try:
-        embedding = {id(p) for p in _input_embedding(model).parameters()} if _input_embedding(model) else set()
+        embedding_module = _input_embedding(model)
+        embedding = {id(p) for p in embedding_module.parameters()} if embedding_module is not None else set()
         for param in model.parameters():
             count = param.numel()
             total += count

@@ -71,6 +71,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
 
 def _patch(trainer_cls: Any) -> None:
+    from kaio.child import stop
     from kaio.child.callback import KaioCallback
 
     if getattr(trainer_cls.__init__, "_kaio_patched", False):
@@ -90,7 +91,9 @@ def _patch(trainer_cls: Any) -> None:
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         if resume_from_checkpoint is None and os.environ.get(ENV_RESUME_FROM):
             resume_from_checkpoint = os.environ[ENV_RESUME_FROM]
-        return original_train(self, resume_from_checkpoint, *args, **kwargs)
+        result = original_train(self, resume_from_checkpoint, *args, **kwargs)
+        stop.fail_if_stopped_for_nonfinite()  # before the script saves or pushes the non-finite weights
+        return result
 
     __init__._kaio_patched = True  # type: ignore[attr-defined]
     trainer_cls.__init__ = __init__

@@ -11,17 +11,11 @@ from __future__ import annotations
 
 import faulthandler
 import os
-import signal
 from typing import IO
 
-from kaio.telemetry.protocol import ENV_SESSION, ENV_STACKS_DIR
+from kaio.telemetry.protocol import ENV_SESSION, ENV_STACKS_DIR, STACK_SIGNAL, stack_file_name
 
-STACK_SIGNAL = signal.SIGUSR2  # SIGUSR1 is SLURM's usual warning signal (--signal=USR1@90)
 _open: list[IO[bytes]] = []  # the file faulthandler writes to, open for the process's life
-
-
-def stack_file_name(session: int, rank: int, pid: int) -> str:
-    return f"s{session}-r{rank}-{pid}.txt"
 
 
 def install(rank: int) -> None:

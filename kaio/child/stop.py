@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 import signal
 
-_state: dict[str, bool | int | None] = {"training": False, "requested": False, "nonfinite_step": None}
+_state = {"training": False, "requested": False}
+_nonfinite_step: list[int] = []  # the step whose non-finite loss stopped the training (reporting.on_nonfinite)
 
 
 def install() -> None:
@@ -29,18 +30,22 @@ def training(active: bool) -> None:
 
 
 def requested() -> bool:
-    return bool(_state["requested"])
+    return _state["requested"]
 
 
 def nonfinite(step: int) -> None:
     """The training stops after a non-finite loss at ``step`` (``reporting.on_nonfinite: stop``)."""
-    _state["nonfinite_step"] = step
+    _nonfinite_step[:] = [step]
 
 
-def stopped_for_nonfinite() -> int | None:
-    """The step whose non-finite loss stopped the training, if one did: what it trained is not worth saving."""
-    step = _state["nonfinite_step"]
-    return step if isinstance(step, int) and not isinstance(step, bool) else None
+def fail_if_stopped_for_nonfinite() -> None:
+    """After ``Trainer.train``: a training that stopped on a non-finite loss failed, and what it trained is not
+    worth saving; the ``SystemExit`` is the rank's root cause (its error file)."""
+    if _nonfinite_step:
+        raise SystemExit(
+            f"the training loss was not finite from step {_nonfinite_step[0]} on; stopped there "
+            "(reporting.on_nonfinite: stop)"
+        )
 
 
 def _on_sigterm(signum: int, frame: object) -> None:

@@ -175,9 +175,7 @@ def train(cfg: RunConfig) -> None:
         processing_class=tokenizer,
     )
     trainer.train()
-    from kaio.child import stop
-
-    if trainer.is_world_process_zero() and stop.stopped_for_nonfinite() is None:  # NaN weights are not an adapter
+    if trainer.is_world_process_zero():
         final_dir = Path(cfg.checkpoint_dir) / "final"
         trainer.save_model(str(final_dir))  # the adapter + tokenizer files: what the Hub push uploads
 

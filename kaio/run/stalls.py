@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kaio.child.stacks import STACK_SIGNAL
 from kaio.record import rules
 from kaio.record.types import Eval, Record, Save, Stall, StalledRank, Step
+from kaio.telemetry.protocol import STACK_SIGNAL, parse_stack_file_name
 
 STARTUP_BUDGET_S = 1200.0  # launching, importing, loading a large model and its data
 PAUSE_BUDGET_S = 600.0  # an evaluation or a checkpoint save, at least...
@@ -93,19 +93,16 @@ class StallWatch:
         return f"stall: no step for {idle:.0f} s ({self.phase}; the budget is {threshold:.0f} s)"
 
 
-_STACK_FILE = re.compile(r"s(\d+)-r(\d+)-(\d+)\.txt")
-
-
 def capture_stacks(
     stacks_dir: Path, report_dir: Path, session: int, run_pids: set[int], check: StallCheck, step: int
 ) -> Stall:
     """Signals every rank of ``session`` still alive, waits for their stacks, keeps them, and says where each is."""
     targets = []
-    for path in sorted(stacks_dir.glob(f"s{session}-r*-*.txt")):
-        match = _STACK_FILE.fullmatch(path.name)
-        if match is None or int(match[3]) not in run_pids:
+    for path in sorted(stacks_dir.glob("*.txt")):
+        named = parse_stack_file_name(path.name)
+        if named is None or named[0] != session or named[2] not in run_pids:
             continue
-        rank, pid = int(match[2]), int(match[3])
+        _, rank, pid = named
         try:
             size = path.stat().st_size
             os.kill(pid, STACK_SIGNAL)

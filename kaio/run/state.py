@@ -98,12 +98,13 @@ class RunState:
         self.parts = parts if parts is not None else StateParts(ledger=RunLedger(project=project))
         self.sealed_listeners: list[Callable[[StepEntry], None]] = []  # each sealed step, once (Comet)
         self.eval_listeners: list[Callable[[EvalEntry], None]] = []
-        self._throughput_cache: tuple[tuple[int, int, int], Throughput | None] | None = None
+        self._throughput: Throughput | None = None  # derived from the ledger; None: to be derived again
+
         self._handlers: dict[type, Callable] = {
             SessionStart: self._on_session_start,
             SessionEnd: self._on_session_end,
             ChildStarted: self.ledger.on_child_started,
-            Devices: self.ledger.on_devices,
+            Devices: self._on_devices,
             HubOutcome: self.ledger.on_hub,
             Note: self._on_note,
             Stall: self._on_stall,
@@ -158,6 +159,7 @@ class RunState:
             self.ledger.received.add(pid, seq)
 
     def _on_session_start(self, r: SessionStart) -> None:
+        self._throughput = None
         self.parts.steps.seal_all(self)
         self.ledger.note_energy(self.parts.live.latest_gpu)  # the last session's, before its samples go
         self.ledger.on_session_start(r)
@@ -180,6 +182,7 @@ class RunState:
             self.warn(line)
 
     def _on_run_start(self, r: RunStart) -> None:
+        self._throughput = None
         self.ledger.telemetry.events += 1
         problem = self.ledger.on_run_start(r)
         if problem is not None:
@@ -194,7 +197,7 @@ class RunState:
         throughput = None
         if r.rank == 0:
             ledger.on_step(r.session, r.step, r.t_wall)
-            throughput = self._throughput()
+            throughput = self._throughput_of_run()
         if not self.parts.steps.on_step(r, throughput, self):
             ledger.telemetry.dropped_late_events += 1
 
@@ -204,13 +207,16 @@ class RunState:
         entry = self.parts.steps.open.get(r.step) if r.step is not None else None
         self.parts.live.on_log(r, entry)
 
-    def _throughput(self) -> Throughput | None:
-        """Built once per run description, devices and config (they change at a session's start)."""
-        ledger = self.ledger
-        key = (id(ledger.run), len(ledger.devices), len(ledger.sessions))
-        if self._throughput_cache is None or self._throughput_cache[0] != key:
-            self._throughput_cache = (key, ledger.throughput())
-        return self._throughput_cache[1]
+    def _throughput_of_run(self) -> Throughput | None:
+        """Derived once from what it depends on (the run description, the devices, the config), which the
+        handlers of RunStart, Devices and SessionStart reset."""
+        if self._throughput is None:
+            self._throughput = self.ledger.throughput()
+        return self._throughput
+
+    def _on_devices(self, r: Devices) -> None:
+        self._throughput = None
+        self.ledger.on_devices(r)
 
     def _on_eval(self, r: Eval) -> None:
         self.ledger.telemetry.events += 1

@@ -305,27 +305,22 @@ class Supervisor:
                     self._note(message)
 
     def snapshot(self) -> Snapshot:
-        status = "STOPPING" if self._stop.requests and self.state.status == Status.RUNNING else None
+        running = self.state.status == Status.RUNNING
+        status = "STOPPING" if self._stop.requests and running else None
+        stall = self._stalls.live_warning(time.monotonic(), self.state.median_step_time()) if running else None
         snapshot = self.state.snapshot(
             status=status,
             log_tail=tuple(self._log_tail),
-            extra_warnings=self._live_warnings(),
+            extra_warnings=self._live_warnings() + ((stall,) if stall else ()),
             report_path=str(self.paths.report),
         )
-        if snapshot.eta_s is not None and self._stalls.live_warning(time.monotonic(), self.state.median_step_time()):
-            return dataclasses.replace(snapshot, eta_s=None)  # stalled: no time of arrival is known
-        return snapshot
+        return dataclasses.replace(snapshot, eta_s=None) if stall else snapshot  # stalled: no time of arrival
 
     def _live_warnings(self) -> tuple[str, ...]:
-        warnings = []
-        if self._reader is not None and (self._reader.stats.malformed or self._reader.stats.oversized):
-            stats = self._reader.stats
-            warnings.append(f"telemetry: {stats.malformed} malformed and {stats.oversized} oversized lines skipped")
-        if self.state.status == Status.RUNNING:
-            stall = self._stalls.live_warning(time.monotonic(), self.state.median_step_time())
-            if stall is not None:
-                warnings.append(stall)
-        return tuple(warnings)
+        stats = self._reader.stats if self._reader is not None else None
+        if stats is not None and (stats.malformed or stats.oversized):
+            return (f"telemetry: {stats.malformed} malformed and {stats.oversized} oversized lines skipped",)
+        return ()
 
     # ------------------------------------------------------------ threads
 

@@ -15,6 +15,8 @@ as the tag ``"nan"``, ``"inf"`` or ``"-inf"`` (the ``Metric`` type).
 from __future__ import annotations
 
 import math
+import re
+import signal
 from typing import Any, Literal
 
 import msgspec
@@ -31,6 +33,22 @@ ENV_RESUME_FROM = "KAIO_RESUME_FROM"  # checkpoint a resumed session starts from
 ENV_NODE_RANK = "KAIO_NODE_RANK"  # the node this child runs on (0 on one machine)
 ENV_STACKS_DIR = "KAIO_STACKS_DIR"  # where each rank writes its Python stack when kaio signals it
 ENV_ON_NONFINITE = "KAIO_ON_NONFINITE"  # reporting.on_nonfinite: "warn" or "stop"
+
+# A rank's Python stack, on request (kaio.child.stacks writes it; kaio.run.stalls asks and reads): the signal,
+# and the file each process appends to in ENV_STACKS_DIR, whose name says which session, rank and process.
+STACK_SIGNAL = signal.SIGUSR2  # SIGUSR1 is SLURM's usual warning signal (--signal=USR1@90)
+_STACK_FILE = re.compile(r"s(\d+)-r(\d+)-(\d+)\.txt")
+
+
+def stack_file_name(session: int, rank: int, pid: int) -> str:
+    return f"s{session}-r{rank}-{pid}.txt"
+
+
+def parse_stack_file_name(name: str) -> tuple[int, int, int] | None:
+    """(session, rank, pid) of a ``stack_file_name``; None for another file."""
+    match = _STACK_FILE.fullmatch(name)
+    return (int(match[1]), int(match[2]), int(match[3])) if match else None
+
 
 NonFiniteTag = Literal["nan", "inf", "-inf"]
 # A number that may be NaN/inf, as it travels: a finite float, a tag, or null (not measured).
