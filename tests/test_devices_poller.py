@@ -91,6 +91,22 @@ def test_stop_is_prompt_and_releases_the_backends():
     assert backend.closed and backend.calls == 1
 
 
+def test_a_closing_tick_covers_the_time_after_the_last_scheduled_one():
+    """The supervisor stops the poller when the child has exited: the steps that ended after the last
+    scheduled tick must still lie inside a sampled span (else their energy reads as zero)."""
+    ticks = []
+    backend = SyntheticBackend(power_w=100.0)
+    poller = Poller([backend], hz=0.5, on_tick=ticks.append)  # one scheduled tick every 2 s
+    poller.start()
+    time.sleep(0.3)
+    before_stop = time.monotonic()
+    poller.stop(closing_tick=True)
+    assert len(ticks) == 2 and backend.closed  # the scheduled tick at start, then the closing one
+    scheduled, closing = ticks
+    assert closing.t_mono >= before_stop > scheduled.t_mono
+    assert closing.gpus[0].energy_j == pytest.approx(100.0 * (closing.t_mono - scheduled.t_mono), rel=0.05)
+
+
 def test_energy_and_host_travel_with_each_tick():
     ticks = []
     poller = Poller([SyntheticBackend(power_w=100.0)], hz=20, on_tick=ticks.append, host=HostBackend())

@@ -65,14 +65,25 @@ class Poller:
         self._thread = threading.Thread(target=self._run, name="kaio-poller", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop promptly (no sleep to wait out) and release the vendor libraries."""
+    def stop(self, timeout_s: float = 5.0, *, closing_tick: bool = False) -> None:
+        """Stop promptly (no sleep to wait out) and release the vendor libraries.
+
+        ``closing_tick`` takes one last tick now, off the grid, before the libraries close: the steps
+        that ended after the last scheduled tick then lie inside a sampled span (their energy is
+        measured, not cut to zero at the end of the known counter).
+        """
         self._stop.set()
         if self._thread is None:
             return
         self._thread.join(timeout_s)
         if self._thread.is_alive():
             return  # stuck inside a vendor call: closing the library under it could crash the process
+        if closing_tick:
+            try:
+                self._on_tick(self._take_tick(time.monotonic(), lateness_s=0.0))
+            except Exception as exc:  # as on the thread: a consumer bug costs this tick only
+                self._stats.callback_errors += 1
+                self._stats.last_callback_error = f"{type(exc).__name__}: {exc}"
         sources: list = [*self._backends, *([self._host] if self._host else [])]
         for source in sources:
             try:

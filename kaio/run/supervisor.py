@@ -200,7 +200,7 @@ class Supervisor:
             if self._capture is not None:
                 self._capture.join(timeout=10)
             if poller is not None:
-                poller.stop()
+                poller.stop(closing_tick=True)  # the last steps get their samples and energy
             self._drain()
             fifo.close()
         journal = self.recorder.journal
