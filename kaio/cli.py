@@ -117,6 +117,33 @@ def run(
 
 @app.command()
 @_user_errors
+def plan(
+    config: Path = typer.Argument(
+        ..., help="The YAML config, e.g. configs/finetuning_config.yaml.", show_default=False
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output.", metavar=""),
+) -> None:
+    """Say what `kaio run CONFIG` would do, and whether it fits, without starting it.
+
+    Prints the resolved config's child command and environment, the GPUs the ranks would take with their free memory, and a VRAM estimate per GPU (weights, gradients, optimizer states, activations, logits; with and without gradient checkpointing) with a verdict: fits, tight or will not fit. The model is sized on PyTorch's meta device: no weights are read; at most its config.json is downloaded.
+    """
+    from kaio.config import load_config
+    from kaio.plan import make_plan, plan_json, render_plan
+
+    cfg = load_config(config)
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(plan_json(make_plan(cfg)), indent=2))
+        return
+    console = _console()
+    with console.status("sizing the model…"):
+        made = make_plan(cfg)
+    console.print(render_plan(made), soft_wrap=True)  # the command stays one line to copy
+
+
+@app.command()
+@_user_errors
 def resume(
     project: str = typer.Argument(..., help="Project name (see `ls docs/reports`).", show_default=False),
     max_steps: int | None = typer.Option(None, "--max-steps", help="New training.max_steps: extends a finished run."),

@@ -57,6 +57,12 @@ def test_the_readme_run_in_a_fresh_clone_records_every_step_and_leaves_git_clean
     assert sum(summary[k] or 0 for k in buckets) == pytest.approx(summary["training_time_s"], rel=0.01)
     assert summary["goodput_pct"] == pytest.approx(100 * summary["productive_s"] / summary["training_time_s"])
     assert "**Goodput: " in (report_dir / "report.md").read_text()
+    # `kaio plan`'s estimate (the model on the meta device) is the report's (the live model, as the child saw it).
+    plan = json.loads(kaio("plan", "configs/finetuning_config.yaml", "--json", cwd=clone).stdout)
+    planned = plan["model"]["estimates"]["without_gradient_checkpointing"]
+    assert summary["vram_estimate_tokens"] == 4 * 128  # the longest micro-batch: 4 examples of 128 tokens
+    assert summary["vram_estimate_bytes"] == planned["total_bytes"] > 0
+    assert "VRAM estimate per GPU (kaio plan's, for what ran)" in (report_dir / "report.md").read_text()
 
 
 def test_one_run_per_project_and_no_silent_mixing(project_dir):

@@ -40,8 +40,8 @@ def describe_run(rank: int, args: Any, state: Any, model: Any, kwargs: dict[str,
         max_steps=_int(state.max_steps),
         device=str(getattr(args, "device", None)),
         args=_training_args(args),
-        model=_model(model),
-        peft=_peft(model),
+        model=describe_model(model),
+        peft=describe_peft(model),
         tokenizer=_name(kwargs.get("processing_class") or kwargs.get("tokenizer")),
         train_samples=_size(
             getattr(trainer, "train_dataset", None) or getattr(kwargs.get("train_dataloader"), "dataset", None)
@@ -72,41 +72,51 @@ def _distributed_type(args: Any) -> str | None:
     return _plain(kind) if kind is not None else None
 
 
-def _model(model: Any) -> ModelInfo | None:
+def describe_model(model: Any) -> ModelInfo | None:
     if model is None:
         return None
     config = getattr(model, "config", None)
     inner = getattr(getattr(model, "base_model", None), "model", None)  # a PeftModel wraps the real one
     architectures = getattr(config, "architectures", None)
-    trainable = total = matmul_trainable = matmul_frozen = 0
+    text = getattr(config, "text_config", None) or config  # a multimodal model's language part
+    trainable = total = matmul_trainable = matmul_frozen = weight_bytes = 0
+    trainable_bytes: int | None = None
     try:
         embedding_module = _input_embedding(model)
         embedding = {id(p) for p in embedding_module.parameters()} if embedding_module is not None else set()
         for param in model.parameters():
             count = param.numel()
             total += count
+            weight_bytes += count * param.element_size()
             if param.requires_grad:
                 trainable += count
+                trainable_bytes = trainable_bytes or param.element_size()
             if id(param) not in embedding:
                 if param.requires_grad:
                     matmul_trainable += count
                 else:
                     matmul_frozen += count
     except (AttributeError, RuntimeError, TypeError):
-        trainable = total = matmul_trainable = matmul_frozen = None  # type: ignore[assignment]
+        trainable = total = matmul_trainable = matmul_frozen = weight_bytes = None  # type: ignore[assignment]
     dtype = getattr(model, "dtype", None)
     return ModelInfo(
         name_or_path=_str(getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)),
         model_class=type(model).__name__,
         architecture=str(architectures[0]) if architectures else type(inner or model).__name__,
         dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
-        num_layers=_int(getattr(config, "num_hidden_layers", None)),
-        hidden_size=_int(getattr(config, "hidden_size", None)),
+        num_layers=_int(getattr(text, "num_hidden_layers", None)),
+        hidden_size=_int(getattr(text, "hidden_size", None)),
         total_params=total,
         trainable_params=trainable,
         trainable_matmul_params=matmul_trainable,
         frozen_matmul_params=matmul_frozen,
-        attention_dim=_attention_dim(config),
+        attention_dim=_attention_dim(text),
+        intermediate_size=_int(getattr(text, "intermediate_size", None)),
+        vocab_size=_int(getattr(text, "vocab_size", None)),
+        num_heads=_int(getattr(text, "num_attention_heads", None)),
+        kv_dim=_kv_dim(text),
+        weight_bytes=weight_bytes,
+        trainable_bytes_per_param=trainable_bytes,
     )
 
 
@@ -129,7 +139,25 @@ def _attention_dim(config: Any) -> int | None:
     return heads * head_dim if head_dim else None
 
 
-def _peft(model: Any) -> PeftInfo | None:
+def _kv_dim(config: Any) -> int | None:
+    heads = _int(getattr(config, "num_attention_heads", None))
+    hidden = _int(getattr(config, "hidden_size", None))
+    if not heads or not hidden:
+        return None
+    head_dim = _int(getattr(config, "head_dim", None)) or hidden // heads
+    return (_int(getattr(config, "num_key_value_heads", None)) or heads) * head_dim
+
+
+def _adapted_modules(model: Any) -> list[str]:
+    """The leaf names of the LoRA-adapted modules inside the decoder layers (not the head or the embedding)."""
+    try:
+        names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    except (AttributeError, RuntimeError, TypeError):
+        return []
+    return sorted(names - {"lm_head", "embed_tokens", "wte", "embed_out"})
+
+
+def describe_peft(model: Any) -> PeftInfo | None:
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict) or not configs:
         return None
@@ -145,6 +173,7 @@ def _peft(model: Any) -> PeftInfo | None:
         alpha=_float(getattr(config, "lora_alpha", None)),
         dropout=_float(getattr(config, "lora_dropout", None)),
         target_modules=modules,
+        adapted_modules=_adapted_modules(model),
     )
 
 

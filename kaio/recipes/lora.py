@@ -62,30 +62,57 @@ def build_tokenizer(cfg: RunConfig):
     return tokenizer
 
 
+def tiny_model_config(cfg: RunConfig, tokenizer):
+    """The tiny Llama's config, built from the sizes in ``cfg.model`` (no download)."""
+    from transformers import LlamaConfig
+
+    m = cfg.model
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_heads,
+        max_position_embeddings=max(m.max_seq_length, 128),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    config._name_or_path = TINY_MODEL  # what the record names as the model (built here, not downloaded)
+    return config
+
+
 def build_model(cfg: RunConfig, tokenizer, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     if cfg.model.base_model == TINY_MODEL:
-        m = cfg.model
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=m.hidden_size,
-            intermediate_size=m.intermediate_size,
-            num_hidden_layers=m.num_layers,
-            num_attention_heads=m.num_heads,
-            num_key_value_heads=m.num_heads,
-            max_position_embeddings=max(m.max_seq_length, 128),
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            bos_token_id=None,
-            tie_word_embeddings=False,
-        )
-        config._name_or_path = TINY_MODEL  # what the record names as the model (built here, not downloaded)
         torch.manual_seed(cfg.training.seed)
-        return LlamaForCausalLM(config).to(dtype)
+        return LlamaForCausalLM(tiny_model_config(cfg, tokenizer)).to(dtype)
     return AutoModelForCausalLM.from_pretrained(
         cfg.model.base_model, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
     )
+
+
+def lora_config(cfg: RunConfig):
+    """The PEFT ``LoraConfig`` of ``cfg.lora``."""
+    from peft import LoraConfig
+
+    targets = cfg.lora.target_modules
+    return LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_dtype(precision: str, on_gpu: bool) -> torch.dtype:
+    """The weights' dtype: bf16 for a bf16 run on a GPU; fp32 otherwise (fp16 autocast needs fp32 master
+    weights for its GradScaler)."""
+    return torch.bfloat16 if precision == "bf16" and on_gpu else torch.float32
 
 
 def load_texts(cfg: RunConfig, tokenizer) -> list[str]:
@@ -110,7 +137,7 @@ def resolve_precision(requested: str) -> str:
 def train(cfg: RunConfig) -> None:
     import warnings
 
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import Trainer, TrainingArguments
 
     # Benign and repeated at every save: adapters on embeddings are saved with them on purpose,
@@ -120,23 +147,8 @@ def train(cfg: RunConfig) -> None:
 
     precision = resolve_precision(cfg.training.precision)
     on_gpu = torch.cuda.is_available()
-    # Weights stay fp32 under fp16 autocast (GradScaler needs fp32 master weights).
-    load_dtype = torch.bfloat16 if precision == "bf16" and on_gpu else torch.float32
-
     tokenizer = build_tokenizer(cfg)
-    model = build_model(cfg, tokenizer, load_dtype)
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=cfg.lora.r,
-            lora_alpha=cfg.lora.alpha,
-            lora_dropout=cfg.lora.dropout,
-            target_modules=cfg.lora.target_modules[0]
-            if cfg.lora.target_modules == ["all-linear"]
-            else cfg.lora.target_modules,
-            task_type="CAUSAL_LM",
-        ),
-    )
+    model = get_peft_model(build_model(cfg, tokenizer, load_dtype(precision, on_gpu)), lora_config(cfg))
     dataset = TokenizedTexts(load_texts(cfg, tokenizer), tokenizer, cfg.model.max_seq_length)
 
     t = cfg.training

@@ -129,6 +129,10 @@ def _key_metrics(s: Summary) -> str:
     rows += [
         ("True peak VRAM (allocator, max over ranks)", _true_peak(s) or missing),
         ("True peak VRAM, average over steps", _bytes(s.vram_true_peak_step_avg_bytes) or missing),
+    ]
+    if s.vram_estimate_bytes is not None:
+        rows.append(("VRAM estimate per GPU (kaio plan's, for what ran)", _vram_estimate(s)))
+    rows += [
         ("Device VRAM used, peak (driver)", _device_vram(s) or missing),
         ("Power per GPU (average / peak)", _pair(s.power_avg_w, s.power_peak_w, "W", ".0f") or missing),
     ]
@@ -405,6 +409,19 @@ def _true_peak(s: Summary) -> str | None:
     if peak is None or len(by_rank) < 2:
         return peak
     return f"{peak} ({', '.join(f'rank {r}: {gib(v)}' for r, v in by_rank.items())})"
+
+
+def _vram_estimate(s: Summary) -> str:
+    """The estimate, its terms, and how far it is from the measured true peak."""
+    assert s.vram_estimate_bytes is not None
+    terms = ", ".join(f"{name} {gib(value)}" for name, value in s.vram_estimate_terms.items() if value)
+    text = f"{gib(s.vram_estimate_bytes)} ({terms}; {s.vram_estimate_tokens:,} tokens a micro-batch)"
+    if s.vram_true_peak_bytes:
+        error = 100.0 * (s.vram_estimate_bytes - s.vram_true_peak_bytes) / s.vram_true_peak_bytes
+        text += f": {error:+.0f} % from the measured true peak"
+    else:
+        text += ": no measured peak to compare (no GPU)"
+    return text
 
 
 def _device_vram(s: Summary) -> str | None:

@@ -20,7 +20,8 @@ import msgspec
 
 from kaio.record import rules
 from kaio.record.index import RunIndex
-from kaio.record.types import HistoryHeader, Session, Stall, Telemetry
+from kaio.record.memory import estimate, workload_of
+from kaio.record.types import HistoryHeader, RunDescription, Session, Stall, Telemetry
 
 ENERGY_METHOD_LABELS = {"counter": "hardware counter", "integrated": "integrated power"}
 ENERGY_FROM_STEPS = "sum of per-step energy"
@@ -66,6 +67,10 @@ class Summary(msgspec.Struct, kw_only=True):
     vram_device_used_peak_bytes: int | None = None
     vram_device_used_peak_by_gpu_bytes: dict[str, int] = {}
     vram_gap_bytes: int | None = None  # device minus allocator peak: CUDA context, cache, other processes
+    # kaio.record.memory's estimate of what one GPU allocates at the step's peak, from what the run described
+    vram_estimate_bytes: int | None = None
+    vram_estimate_terms: dict[str, int] = {}
+    vram_estimate_tokens: int | None = None  # in one micro-batch, the largest of the run's steps
     gpu_count: int = 0
     power_avg_w: float | None = None  # per GPU, time-weighted
     power_peak_w: float | None = None
@@ -180,6 +185,8 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
     _evals(q, s)
     gpus = _gpus(q, s, header, w)
     _throughput(q, s)
+    if run is not None:
+        _vram_estimate(q, s, run)
     if header.host_use.samples:  # every poller sample, steps or not
         s.host_cpu_avg_pct, s.host_ram_peak_bytes = header.host_use.cpu_avg_pct, header.host_use.ram_peak_bytes
     else:  # a history written before kaio kept them: the steps' own
@@ -318,6 +325,34 @@ def _throughput(q: _Query, s: Summary) -> None:
         "SELECT SUM(tokens_per_s_dev * step_time_s) / SUM(CASE WHEN tokens_per_s_dev IS NOT NULL THEN step_time_s END), "
         "SUM(mfu * step_time_s) / SUM(CASE WHEN mfu IS NOT NULL THEN step_time_s END) FROM steps"
     )
+
+
+def _vram_estimate(q: _Query, s: Summary, run: RunDescription) -> None:
+    """The estimate for the largest micro-batch the run trained (tokens counted by the Trainer, padding included)."""
+    args = run.args
+    if run.model is None or not run.world_size:
+        return
+    biggest_step = q.value(
+        "SELECT MAX(tokens_seen - before) FROM "
+        "(SELECT tokens_seen, LAG(tokens_seen) OVER (ORDER BY step) AS before FROM steps WHERE tokens_seen IS NOT NULL)"
+    )
+    micro_batches = (args.gradient_accumulation_steps or 1) * run.world_size
+    if not biggest_step or biggest_step <= 0:
+        return
+    tokens = round(biggest_step / micro_batches)
+    work = workload_of(
+        run.model,
+        run.peft,
+        tokens=tokens,
+        gradient_checkpointing=bool(args.gradient_checkpointing),
+        optim=args.optim,
+        half_precision=run.precision in ("bf16", "fp16"),
+    )
+    if work is None:
+        return
+    estimated = estimate(work)
+    s.vram_estimate_bytes, s.vram_estimate_tokens = estimated.total, tokens
+    s.vram_estimate_terms = dict(estimated.terms())
 
 
 def _energy(q: _Query, s: Summary, header: HistoryHeader, gpus: list[str], w: str) -> None:

@@ -113,6 +113,13 @@ class ModelInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     trainable_matmul_params: int | None = None
     frozen_matmul_params: int | None = None
     attention_dim: int | None = None
+    # What the VRAM estimate needs (kaio.record.memory): the other sizes of the blocks, and the bytes as stored.
+    intermediate_size: int | None = None
+    vocab_size: int | None = None
+    num_heads: int | None = None
+    kv_dim: int | None = None  # key/value heads x head size
+    weight_bytes: int | None = None  # every parameter at its own dtype
+    trainable_bytes_per_param: int | None = None
 
 
 class PeftInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -121,6 +128,7 @@ class PeftInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     alpha: float | None = None
     dropout: float | None = None
     target_modules: list[str] | str | None = None
+    adapted_modules: list[str] = []  # the adapted modules inside the decoder layers, by leaf name (q_proj, ...)
 
 
 class Environment(msgspec.Struct, kw_only=True, omit_defaults=True):

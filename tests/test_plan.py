@@ -1,0 +1,161 @@
+"""`kaio plan` and the VRAM estimate: its activation terms against what autograd really saves, the 8B example's
+exact parameter counts and verdicts on (fake-NVML) 80 GiB GPUs, and the one-line answers when it cannot size."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from conftest import REPO, kaio
+from kaio.record.memory import Adapters, Architecture, layer_activation_bytes_per_token
+
+LAYER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SIZES = dict(hidden=256, intermediate=688, heads=8, kv_heads=2, vocab=1000)
+
+
+def _saved_bytes_per_token(dtype, layers: int, targets, dropout: float, tokens=(2, 128)) -> float:
+    """What autograd saves for the backward of a Llama forward (LoRA on ``targets``; None: every weight trains),
+    parameters left out, each storage once."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=SIZES["vocab"],
+        hidden_size=SIZES["hidden"],
+        intermediate_size=SIZES["intermediate"],
+        num_hidden_layers=layers,
+        num_attention_heads=SIZES["heads"],
+        num_key_value_heads=SIZES["kv_heads"],
+        max_position_embeddings=tokens[1],
+        tie_word_embeddings=False,
+    )
+    config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(config).to(dtype)
+    if targets is not None:
+        model = get_peft_model(
+            model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=list(targets))
+        )
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    ids = torch.randint(0, SIZES["vocab"], tokens)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=ids, labels=ids)
+    return sum(saved.values()) / (tokens[0] * tokens[1])
+
+
+@pytest.mark.parametrize(
+    ("dtype_name", "targets", "dropout", "tolerance"),
+    [
+        ("bfloat16", LAYER_MODULES, 0.0, 0.0),  # a 16-bit base: each adapter keeps an fp32 copy of its input
+        ("float32", LAYER_MODULES, 0.0, 0.0),  # one width: the adapters read the tensors already saved
+        ("bfloat16", ("q_proj", "v_proj"), 0.0, 0.0),
+        ("bfloat16", LAYER_MODULES, 0.1, 0.10),  # dropout: a dropped copy and a mask per adapted module
+        ("float32", ("q_proj", "v_proj"), 0.1, 0.10),
+        ("bfloat16", None, 0.0, 0.0),  # a full fine-tune
+    ],
+)
+def test_the_activation_terms_are_what_autograd_saves_per_layer(dtype_name, targets, dropout, tolerance):
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    # One layer's share: the difference between 4 and 2 layers (the embedding and the loss cancel out).
+    measured = (
+        _saved_bytes_per_token(dtype, 4, targets, dropout) - _saved_bytes_per_token(dtype, 2, targets, dropout)
+    ) / 2
+    head_dim = SIZES["hidden"] // SIZES["heads"]
+    architecture = Architecture(
+        num_layers=4,
+        hidden_size=SIZES["hidden"],
+        intermediate_size=SIZES["intermediate"],
+        num_heads=SIZES["heads"],
+        query_width=SIZES["hidden"],
+        kv_width=SIZES["kv_heads"] * head_dim,
+        vocab_size=SIZES["vocab"],
+    )
+    adapters = Adapters(modules=targets, rank=8, dropout=dropout > 0) if targets else None
+    estimated = layer_activation_bytes_per_token(architecture, dtype.itemsize, adapters)
+    assert estimated == pytest.approx(measured, rel=tolerance, abs=0.5)
+
+
+def _fake_gpus(directory, used_gib: int):
+    site = directory / "fake_site"
+    site.mkdir()
+    (site / "pynvml.py").write_text(
+        textwrap.dedent(
+            f"""
+            import sys
+            sys.path.insert(0, {str(REPO / "tests")!r})
+            from fakes.fake_pynvml import FakeNvidiaGpu, FakeNvml
+            gpus = [FakeNvidiaGpu(uuid=f"GPU-0000000{{i}}-d72c-4106-c12f-20bd9faed9f6", name="NVIDIA H100 80GB HBM3",
+                                  memory_used={used_gib} * 2**30) for i in range(4)]
+            sys.modules[__name__] = FakeNvml(gpus).module()
+            """
+        )
+    )
+    return {"PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
+
+
+def test_the_8b_example_is_sized_exactly_offline_and_fits_with_gradient_checkpointing(project_dir):
+    """Llama 3.1 8B from kaio's table (no download, no token), on four fake 80 GiB GPUs with 20 GiB in use."""
+    env = _fake_gpus(project_dir, used_gib=20)
+    example = REPO / "configs" / "examples" / "llama3-8b-lora-bf16.yaml"
+    result = kaio("plan", str(example), "--json", cwd=project_dir, env=env)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    model = plan["model"]
+    assert model["source"] == "kaio's table of known architectures" and model["dtype"] == "bfloat16"
+    # Llama 3.1 8B: 8,030,261,248 parameters; LoRA r=16 on the 7 projections of 32 layers: 41,943,040.
+    assert model["trainable_params"] == 41_943_040
+    assert model["total_params"] - model["trainable_params"] == 8_030_261_248
+    with_gc = model["estimates"]["with_gradient_checkpointing"]
+    without_gc = model["estimates"]["without_gradient_checkpointing"]
+    assert with_gc["weights_bytes"] == 2 * 8_030_261_248 + 4 * 41_943_040  # bf16 base, fp32 adapters
+    assert with_gc["gradients_bytes"] == 4 * 41_943_040 and with_gc["optimizer_states_bytes"] == 8 * 41_943_040
+    # 4 x 2048 tokens, vocabulary 128,256: bf16 logits + fp32 log-softmax + its fp32 gradient.
+    assert with_gc["logits_bytes"] == 4 * 2048 * 128_256 * (2 + 8)
+    assert 25 * 2**30 < with_gc["total_bytes"] < 40 * 2**30  # what LoRA on an 8B model with checkpointing takes
+    assert without_gc["total_bytes"] > 80 * 2**30  # and without: more than an 80 GB GPU
+    assert [g["free_bytes"] for g in plan["gpus"]] == [60 * 2**30] * 4  # the 4 GPUs its 4 ranks take
+    assert plan["verdicts"] == {f"nvml:{i}": "fits" for i in range(4)}
+    assert "--num_processes 4" in " ".join(plan["argv"]) and "<fifo>" in plan["env"]["KAIO_TELEMETRY_PIPE"]
+
+    # The same without gradient checkpointing: it will not fit, and the plan says what would.
+    config = project_dir / "no-gc.yaml"
+    config.write_text(example.read_text().replace("gradient_checkpointing: true", "gradient_checkpointing: false"))
+    text = kaio("plan", "no-gc.yaml", cwd=project_dir, env={**env, "COLUMNS": "200"})
+    assert text.returncode == 0, text.stderr
+    assert "verdict: nvml:0 will not fit; nvml:1 will not fit" in text.stdout
+    assert "with training.gradient_checkpointing: true: 35.2 GiB needed" in text.stdout
+
+
+def test_a_script_is_not_sized_and_an_unknown_model_offline_is_one_line(project_dir):
+    script = project_dir / "train.py"
+    script.write_text("print('hello')\n")
+    (project_dir / "s.yaml").write_text("project_name: s\nlaunch:\n  script: train.py\n")
+    result = kaio("plan", "s.yaml", cwd=project_dir, env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    assert "VRAM estimate: none; your script (launch.script) builds its own model" in result.stdout
+    assert f"--kaio-script {script}" in result.stdout
+
+    (project_dir / "u.yaml").write_text("project_name: u\nmodel:\n  base_model: nobody-here/no-such-model\n")
+    unknown = kaio("plan", "u.yaml", cwd=project_dir, env={"HF_HUB_OFFLINE": "1"})
+    assert unknown.returncode != 0 and "Traceback" not in unknown.stderr
+    lines = unknown.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.base_model: nobody-here/no-such-model: its config.json is not" in lines[0]
+
+
+def test_plan_help_says_what_it_prints():
+    result = kaio("plan", "--help", cwd=REPO, env={"COLUMNS": "120"})
+    assert result.returncode == 0 and "fits, tight or will not fit" in result.stdout
