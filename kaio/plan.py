@@ -258,12 +258,15 @@ def _transformers_config(cfg: RunConfig) -> tuple[Any, str]:
         sizes = dict(known)
         return AutoConfig.for_model(sizes.pop("model_type"), **sizes), "kaio's table of known architectures"
     try:
+        unreachable = _hub_unreachable()
+        if unreachable is not None:
+            raise OSError(unreachable)
         return AutoConfig.from_pretrained(name, trust_remote_code=remote), "the Hugging Face Hub (config.json)"
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
             f"model.base_model: {name}: its config.json is not in the Hugging Face cache nor reachable ({first}); "
-            "download it once (`hf download {name} config.json`) or point base_model at a local folder"
+            f"download it once (`hf download {name} config.json`) or point base_model at a local folder"
         ) from None
 
 
@@ -304,6 +307,24 @@ def plan_json(plan: Plan) -> dict[str, Any]:
         "unestimated": plan.unestimated,
         "verdicts": {gpu.key: said.value for gpu, said in plan_verdicts(plan)},
     }
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hub cannot be asked, in one connection attempt (its client retries for half a minute)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = urlsplit(constants.ENDPOINT)
+    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as exc:
+        return f"{host} cannot be reached: {exc.strerror or exc}"
+    return None
 
 
 # ---------------------------------------------------------------- rendering

@@ -209,6 +209,7 @@ def test_train_begin_describes_the_run_from_the_live_objects(tmp_path, torch):
         "alpha": 16.0,
         "dropout": 0.1,
         "target_modules": ["q_proj", "v_proj"],
+        "adapted_modules": ["q_proj", "v_proj"],
     }
     assert start["train_samples"] == 11
     env = start["environment"]

@@ -72,6 +72,64 @@ def test_on_nonfinite_stop_ends_the_training_at_the_log_that_finds_it_and_fails_
     assert warning.startswith("non-finite loss (nan) from step 15 (logged at step 16); the Trainer logged ")
 
 
+def test_a_rank_slow_at_loading_and_forward_is_flagged_as_the_straggler_with_its_parts(project_dir):
+    """Two ranks on gloo; rank 1 takes 20 ms more per example it loads (4 a step: 80 ms) and 20 ms more per
+    forward. Both ranks end every step together (DDP), yet kaio names rank 1, with where its time goes."""
+    _config(
+        project_dir,
+        ["30", "1000", "--rank", "1", "--slow-data", "0.02", "--slow-forward", "0.02"],
+        "",
+    )
+    cfg = project_dir / "cfg.yaml"
+    cfg.write_text(cfg.read_text().replace("launch:\n", "launch:\n  num_processes: 2\n"))
+    result = kaio("run", "cfg.yaml", cwd=project_dir, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    history = read_history(project_dir)
+    fast, slow = history["ranks"]
+    assert (fast["rank"], slow["rank"]) == (0, 1) and fast["steps"] == slow["steps"] == 30
+    assert slow["slowest"] == 30 and fast["slowest"] == 0
+    assert slow["data_s"] / 30 == pytest.approx(0.08, abs=0.02) and fast["data_s"] / 30 < 0.01
+    assert slow["forward_s"] / 30 - fast["forward_s"] / 30 == pytest.approx(0.02, abs=0.008)
+    assert all(s["slowest_rank"] == 1 and s["rank_lag_s"] > 0.08 for s in history["steps"])
+    (warning,) = [w for w in history["warnings"] if w.startswith("straggler:")]
+    assert warning.startswith("straggler: rank 1 (") and "was the slowest in 20 of the last 20 steps" in warning
+    assert "data loading +0.0" in warning and "forward +0.0" in warning
+    report = (project_dir / "docs/reports/t/report.md").read_text()
+    assert "## Ranks" in report and "| 1 |" in report and "| 30 of 30 |" in report
+
+
+@pytest.mark.parametrize(
+    ("slowest", "lag_s", "flagged"),
+    [
+        ([0, 1] * 10, 0.2, None),  # the slowest rank alternates: noise
+        ([1] * 20, 0.004, None),  # always rank 1, but by less than 10% of a step (and 5 ms)
+        ([1] * 4 + [0] + [1] * 15, 0.2, 1),  # rank 1 in 19 of 20 steps, by 0.2 s of a 1 s step
+    ],
+)
+def test_a_straggler_is_a_rank_consistently_slowest_by_more_than_noise(slowest, lag_s, flagged):
+    from kaio.record.types import RunStart
+    from kaio.run.stragglers import StragglerWatch
+
+    watch = StragglerWatch()
+    for rank in (0, 1):
+        watch.on_run_start(RunStart(rank=rank, world_size=2, hostname=f"node{rank}", device=f"cuda:{rank}"))
+    warnings = []
+    for step, slow in enumerate(slowest, start=1):
+        for rank in (0, 1):
+            data = 0.01 + (lag_s if rank == slow else 0.0)
+            found = watch.on_step(Step(rank=rank, step=step, step_time_s=1.0, data_s=data, forward_s=0.02))
+        assert found is not None and found.slowest_rank == slow and found.lag_s == pytest.approx(lag_s)
+        warnings += [found.warning] if found.warning else []
+    assert watch.flagged == flagged
+    if flagged is None:
+        assert warnings == []
+    else:
+        assert warnings == [
+            "straggler: rank 1 (node1, cuda:1) was the slowest in 19 of the last 20 steps, 0.2 s a step behind "
+            "the other ranks (data loading +0.2 s, forward +0 s)"
+        ]
+
+
 # ----------------------------------------------------------------------------- without processes
 
 ALL_REDUCE_STACK = """\

@@ -3,8 +3,8 @@ exact parameter counts and verdicts on (fake-NVML) 80 GiB GPUs, and the one-line
 
 from __future__ import annotations
 
-import json
-import textwrap
+import dataclasses
+import os
 
 import pytest
 
@@ -89,31 +89,32 @@ def test_the_activation_terms_are_what_autograd_saves_per_layer(dtype_name, targ
     assert estimated == pytest.approx(measured, rel=tolerance, abs=0.5)
 
 
-def _fake_gpus(directory, used_gib: int):
-    site = directory / "fake_site"
-    site.mkdir()
-    (site / "pynvml.py").write_text(
-        textwrap.dedent(
-            f"""
-            import sys
-            sys.path.insert(0, {str(REPO / "tests")!r})
-            from fakes.fake_pynvml import FakeNvidiaGpu, FakeNvml
-            gpus = [FakeNvidiaGpu(uuid=f"GPU-0000000{{i}}-d72c-4106-c12f-20bd9faed9f6", name="NVIDIA H100 80GB HBM3",
-                                  memory_used={used_gib} * 2**30) for i in range(4)]
-            sys.modules[__name__] = FakeNvml(gpus).module()
-            """
-        )
-    )
-    return {"PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1"}
+def _render(plan) -> str:
+    from rich.console import Console
+
+    from kaio.plan import render_plan
+
+    console = Console(width=200, record=True, file=open(os.devnull, "w"))  # noqa: SIM115 - closed with the console
+    console.print(render_plan(plan), soft_wrap=True)
+    return console.export_text()
 
 
-def test_the_8b_example_is_sized_exactly_offline_and_fits_with_gradient_checkpointing(project_dir):
+def test_the_8b_example_is_sized_exactly_offline_and_fits_with_gradient_checkpointing(monkeypatch):
     """Llama 3.1 8B from kaio's table (no download, no token), on four fake 80 GiB GPUs with 20 GiB in use."""
-    env = _fake_gpus(project_dir, used_gib=20)
+    from fakes import install_nvml
+    from fakes.fake_pynvml import FakeNvidiaGpu
+
+    from kaio.config import load_config
+    from kaio.plan import make_plan, plan_json
+
+    install_nvml(
+        monkeypatch,
+        [FakeNvidiaGpu(uuid=f"GPU-0000000{i}-d72c-4106-c12f-20bd9faed9f6", memory_used=20 * 2**30) for i in range(4)],
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     example = REPO / "configs" / "examples" / "llama3-8b-lora-bf16.yaml"
-    result = kaio("plan", str(example), "--json", cwd=project_dir, env=env)
-    assert result.returncode == 0, result.stderr
-    plan = json.loads(result.stdout)
+    made = make_plan(load_config(example), environ={"PATH": os.environ["PATH"]})
+    plan = plan_json(made)
     model = plan["model"]
     assert model["source"] == "kaio's table of known architectures" and model["dtype"] == "bfloat16"
     # Llama 3.1 8B: 8,030,261,248 parameters; LoRA r=16 on the 7 projections of 32 layers: 41,943,040.
@@ -129,18 +130,18 @@ def test_the_8b_example_is_sized_exactly_offline_and_fits_with_gradient_checkpoi
     assert without_gc["total_bytes"] > 80 * 2**30  # and without: more than an 80 GB GPU
     assert [g["free_bytes"] for g in plan["gpus"]] == [60 * 2**30] * 4  # the 4 GPUs its 4 ranks take
     assert plan["verdicts"] == {f"nvml:{i}": "fits" for i in range(4)}
-    assert "--num_processes 4" in " ".join(plan["argv"]) and "<fifo>" in plan["env"]["KAIO_TELEMETRY_PIPE"]
+    assert "--num_processes 4" in " ".join(plan["argv"]) and plan["env"]["KAIO_TELEMETRY_PIPE"] == "<fifo>"
+    assert "verdict: nvml:0 fits; nvml:1 fits; nvml:2 fits; nvml:3 fits" in _render(made)
 
     # The same without gradient checkpointing: it will not fit, and the plan says what would.
-    config = project_dir / "no-gc.yaml"
-    config.write_text(example.read_text().replace("gradient_checkpointing: true", "gradient_checkpointing: false"))
-    text = kaio("plan", "no-gc.yaml", cwd=project_dir, env={**env, "COLUMNS": "200"})
-    assert text.returncode == 0, text.stderr
-    assert "verdict: nvml:0 will not fit; nvml:1 will not fit" in text.stdout
-    assert "with training.gradient_checkpointing: true: 35.2 GiB needed" in text.stdout
+    unchecked = dataclasses.replace(made, model=dataclasses.replace(made.model, gradient_checkpointing=False))
+    text = _render(unchecked)
+    assert "verdict: nvml:0 will not fit; nvml:1 will not fit" in text
+    assert "(with training.gradient_checkpointing: true: 35.2 GiB needed)" in text
 
 
-def test_a_script_is_not_sized_and_an_unknown_model_offline_is_one_line(project_dir):
+def test_a_script_is_not_sized(project_dir):
+    """Through the command line: what a user sees."""
     script = project_dir / "train.py"
     script.write_text("print('hello')\n")
     (project_dir / "s.yaml").write_text("project_name: s\nlaunch:\n  script: train.py\n")
@@ -149,11 +150,22 @@ def test_a_script_is_not_sized_and_an_unknown_model_offline_is_one_line(project_
     assert "VRAM estimate: none; your script (launch.script) builds its own model" in result.stdout
     assert f"--kaio-script {script}" in result.stdout
 
+
+def test_a_model_kaio_cannot_find_offline_is_named_with_what_to_do(project_dir, monkeypatch):
+    from huggingface_hub import constants
+
+    from kaio.config import load_config
+    from kaio.errors import ConfigError
+    from kaio.plan import make_plan
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # read once, when huggingface_hub is imported
     (project_dir / "u.yaml").write_text("project_name: u\nmodel:\n  base_model: nobody-here/no-such-model\n")
-    unknown = kaio("plan", "u.yaml", cwd=project_dir, env={"HF_HUB_OFFLINE": "1"})
-    assert unknown.returncode != 0 and "Traceback" not in unknown.stderr
-    lines = unknown.stderr.strip().splitlines()
-    assert len(lines) == 1 and "model.base_model: nobody-here/no-such-model: its config.json is not" in lines[0]
+    with pytest.raises(ConfigError) as raised:
+        make_plan(load_config(project_dir / "u.yaml"))
+    said = str(raised.value)
+    assert said.startswith("model.base_model: nobody-here/no-such-model: its config.json is not in the Hugging Face")
+    assert "(HF_HUB_OFFLINE is set)" in said
+    assert "hf download nobody-here/no-such-model config.json" in said and "\n" not in said
 
 
 def test_plan_help_says_what_it_prints():

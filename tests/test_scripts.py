@@ -129,6 +129,7 @@ def test_a_trl_style_trainer_with_its_own_lora_is_described_as_it_ran(project_di
         "alpha": 16.0,
         "dropout": 0.0,
         "target_modules": ["q_proj", "v_proj"],
+        "adapted_modules": ["q_proj", "v_proj"],
     }
     assert history["steps"][-1]["metrics"]["mean_token_accuracy"] == 0.25
     assert history["steps"][-1]["metrics"]["num_tokens"] == 5 * 3 * 2 * 12  # steps x accumulation x batch x tokens

@@ -24,6 +24,7 @@ from kaio.child.describe import describe_run
 from kaio.child.emitter import EventEmitter
 from kaio.child.memory import peak_memory_functions
 from kaio.child.nonfinite import LossWatch, stop_on_nonfinite
+from kaio.child.timing import StepTiming
 from kaio.telemetry.protocol import Eval, Log, Metric, Save, Step, TrainEnd, tag_nonfinite
 
 _LOG_FIELDS = ("loss", "learning_rate", "grad_norm")  # Trainer log keys with a field of their own
@@ -41,6 +42,7 @@ class KaioCallback(TrainerCallback):
         )
         self._skipped_gpu_values: set[str] = set()
         self.losses = LossWatch()  # fed by the patched Trainer's training_step
+        self.timing = StepTiming()  # fed by the patched Trainer's get_batch_samples and compute_loss
 
     # -- helpers -----------------------------------------------------------
 
@@ -93,6 +95,7 @@ class KaioCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         now_mono = self._busy_until_mono = time.monotonic()
         tokens = getattr(state, "num_input_tokens_seen", 0)
+        data_s, forward_s = self.timing.take()
         if stop.requested():  # a graceful stop: the Trainer saves checkpoint-N after this step, then returns
             control.should_save = True
             control.should_training_stop = True
@@ -110,6 +113,8 @@ class KaioCallback(TrainerCallback):
                 tokens_seen=int(tokens) if tokens else None,
                 evaluates=bool(control.should_evaluate),
                 saves=bool(control.should_save),
+                data_s=data_s,
+                forward_s=forward_s,
             )
         )
 

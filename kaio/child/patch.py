@@ -73,6 +73,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 def _patch(trainer_cls: Any) -> None:
     from kaio.child import stop
     from kaio.child.callback import KaioCallback
+    from kaio.child.timing import time_data_and_forward
 
     if getattr(trainer_cls.__init__, "_kaio_patched", False):
         return
@@ -86,6 +87,7 @@ def _patch(trainer_cls: Any) -> None:
             callback = KaioCallback(shared_emitter(), trainer=self)
             self.add_callback(callback)
             _watch_losses(self, callback)
+            time_data_and_forward(self, callback.timing)
 
     @functools.wraps(original_train)
     def train(self, resume_from_checkpoint=None, *args, **kwargs):

@@ -254,6 +254,8 @@ class StepEntry(msgspec.Struct, kw_only=True):
     gpus: dict[str, GpuStepStats] = {}
     gpus_carried: bool = False
     host: HostStepStats | None = None
+    slowest_rank: int | None = None  # several ranks: the one whose own work (data + forward) was the longest...
+    rank_lag_s: float | None = None  # ...and by how much over the other ranks' median
 
 
 class EvalEntry(msgspec.Struct, kw_only=True):
@@ -407,6 +409,22 @@ class HostUse(msgspec.Struct, kw_only=True):
         return self.cpu_pct_sum / self.samples if self.samples else None
 
 
+class RankTiming(msgspec.Struct, kw_only=True):
+    """One rank's own work over the run (kaio.run.stragglers): history.json's ``ranks``, with several ranks."""
+
+    rank: int
+    host: str | None = None
+    device: str | None = None  # as the rank reported it (cuda:1)
+    steps: int = 0  # steps that every rank timed
+    data_s: float = 0.0  # summed over those steps: fetching micro-batches...
+    forward_s: float = 0.0  # ...and forward passes
+    slowest: int = 0  # steps in which this rank's own work was the longest
+    lag_s: float = 0.0  # summed over those: how much longer than the other ranks' median
+
+    def mean(self, seconds: float) -> float | None:
+        return seconds / self.steps if self.steps else None
+
+
 class HistoryHeader(msgspec.Struct, kw_only=True):
     """history.json without its ``evals`` and ``steps`` (docs/history-schema.md)."""
 
@@ -425,6 +443,7 @@ class HistoryHeader(msgspec.Struct, kw_only=True):
     hub: HubOutcome | None = None
     checkpoints: list[CheckpointSaved] = []
     stalls: list[Stall] = []
+    ranks: list[RankTiming] = []
 
     def run_gpu_keys(self) -> list[str]:
         return [d.key for d in self.devices if d.info.in_run]

@@ -48,6 +48,7 @@ def render_markdown(header: HistoryHeader, summary: Summary, evals: list[EvalEnt
         _hub(header.hub),
         _sessions(header.sessions),
         _stalls(header.stalls),
+        _ranks(header),
         _list("Warnings", summary.warnings, "⚠️ "),
         _list("Notes", header.telemetry.notes),
         _footer(header),
@@ -353,6 +354,46 @@ def _stalls(stalls: list[Stall]) -> str | None:
         "## Stalls\n\nNo step for longer than the phase's budget; where each rank's Python stack was then.\n\n"
         + _table(("When", "Step", "Phase", "Silent for", "Rank", "Waiting in", "Stack"), rows)
     )
+
+
+def _ranks(header: HistoryHeader) -> str | None:
+    """Each rank's own work a step (data loading, forward: before its first collective) and how often it was
+    the slowest: a straggler stands out here."""
+    if not header.ranks:
+        return None
+    gpus = header.run_gpu_keys()
+    rows = []
+    for t in header.ranks:
+        data, forward = t.mean(t.data_s), t.mean(t.forward_s)
+        rows.append(
+            (
+                t.rank,
+                t.host or "",
+                _rank_device(t.device, gpus),
+                "" if data is None else f"{1000 * data:.1f} ms",
+                "" if forward is None else f"{1000 * forward:.1f} ms",
+                f"{t.slowest:,} of {t.steps:,}",
+                f"{1000 * t.lag_s / t.slowest:.1f} ms" if t.slowest else "",
+            )
+        )
+    return (
+        "## Ranks\n\nEach rank's own work a step, before its first collective (under DDP every rank ends a step "
+        "together, so step times cannot tell a straggler): fetching its micro-batches and its forward passes.\n\n"
+        + _table(
+            ("Rank", "Host", "Device", "Data loading / step", "Forward / step", "Slowest in", "Lag when slowest"),
+            rows,
+        )
+    )
+
+
+def _rank_device(device: str | None, run_gpus: list[str]) -> str:
+    """``cuda:1`` with the GPU kaio sampled for it (the run's GPUs in their visible order), when known."""
+    if not device:
+        return ""
+    kind, _, index = device.partition(":")
+    if kind == "cuda" and index.isdigit() and int(index) < len(run_gpus):
+        return f"{device} ({run_gpus[int(index)]})"
+    return device
 
 
 def _list(title: str, items: list[str], mark: str = "") -> str | None:

@@ -327,6 +327,34 @@ def _throughput(q: _Query, s: Summary) -> None:
     )
 
 
+UTIL_LAG_POINTS = 20.0  # a run GPU this many points below the median of the run's GPUs is not kept busy
+
+
+def _lagging_utilisation(q: _Query, header: HistoryHeader, names: dict[str, str]) -> list[str]:
+    """A run GPU whose average utilisation lags the others' (a rank starved of data, a GPU left idle)."""
+    in_run = header.run_gpu_keys()
+    if len(in_run) < 2:
+        return []
+    marks = ",".join("?" * len(in_run))
+    averages = dict(
+        q.conn.execute(
+            "SELECT gpu, SUM(util * COALESCE(duration_s, 1)) / SUM(CASE WHEN util IS NOT NULL "
+            f"THEN COALESCE(duration_s, 1) END) FROM step_gpus WHERE gpu IN ({marks}) GROUP BY gpu",
+            in_run,
+        ).fetchall()
+    )
+    known = {gpu: util for gpu, util in averages.items() if util is not None}
+    if len(known) < 2:
+        return []
+    median = sorted(known.values())[len(known) // 2]
+    return [
+        f"GPU {_gpu_label(gpu, names)} was {util:.0f} % busy on average against {median:.0f} % for the run's "
+        "median GPU: its rank may be starved of data or waiting (see the Ranks table)"
+        for gpu, util in sorted(known.items())
+        if median - util >= UTIL_LAG_POINTS
+    ]
+
+
 def _vram_estimate(q: _Query, s: Summary, run: RunDescription) -> None:
     """The estimate for the largest micro-batch the run trained (tokens counted by the Trainer, padding included)."""
     args = run.args
@@ -428,6 +456,7 @@ def _warnings(q: _Query, header: HistoryHeader, s: Summary, first: int | None, l
         found.append(
             f"GPU {_gpu_label(gpu, names)} throttled ({unique}) during {_count(steps, 'step')}, first at step {step}"
         )
+    found += _lagging_utilisation(q, header, names)
     t = header.telemetry
     for count, what in (
         (t.malformed_lines, "malformed telemetry line"),

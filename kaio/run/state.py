@@ -54,9 +54,10 @@ from kaio.run.ledger import RunLedger
 from kaio.run.live import LiveStats, build_snapshot
 from kaio.run.snapshot import Snapshot
 from kaio.run.stalls import stall_lines
+from kaio.run.stragglers import StragglerWatch
 
 MAX_WARNINGS = 200
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: stragglers
 
 
 class Warnings(msgspec.Struct, kw_only=True):
@@ -86,6 +87,7 @@ class StateParts(msgspec.Struct, kw_only=True):
     steps: StepAssembler = msgspec.field(default_factory=StepAssembler)
     live: LiveStats = msgspec.field(default_factory=LiveStats)
     warnings: Warnings = msgspec.field(default_factory=Warnings)
+    stragglers: StragglerWatch = msgspec.field(default_factory=StragglerWatch)
 
 
 _ENCODER = msgspec.json.Encoder()
@@ -165,6 +167,7 @@ class RunState:
         self.ledger.on_session_start(r)
         self.parts.steps.start_session(r.session)
         self.parts.live.start_session()
+        self.parts.stragglers.start_session()
 
     def _on_session_end(self, r: SessionEnd) -> None:
         self.parts.steps.seal_all(self)
@@ -189,6 +192,7 @@ class RunState:
             self.warn(problem)
         if r.rank == 0:
             self.parts.steps.resume_at(r.start_step, self)
+        self.parts.stragglers.on_run_start(r)
 
     def _on_step(self, r: Step) -> None:
         ledger = self.parts.ledger
@@ -200,6 +204,13 @@ class RunState:
             throughput = self._throughput_of_run()
         if not self.parts.steps.on_step(r, throughput, self):
             ledger.telemetry.dropped_late_events += 1
+        found = self.parts.stragglers.on_step(r)
+        if found is not None:
+            entry = self.parts.steps.open.get(found.step)
+            if entry is not None:  # else sealed already: the run's totals still count it
+                entry.slowest_rank, entry.rank_lag_s = found.slowest_rank, found.lag_s
+            if found.warning is not None:
+                self.warn(found.warning)
 
     def _on_log(self, r: Log) -> None:
         self.ledger.telemetry.events += 1
@@ -306,6 +317,7 @@ class RunState:
             hub=ledger.hub,
             checkpoints=[CheckpointSaved(step=c.step, path=c.path, session=c.session) for c in ledger.checkpoints],
             stalls=list(ledger.stalls),
+            ranks=self.parts.stragglers.summary(),
         )
 
     @contextlib.contextmanager

@@ -185,6 +185,9 @@ class Step(Event, tag="step"):
     tokens_seen: int | None = None
     evaluates: bool = False  # the Trainer evaluates after this step...
     saves: bool = False  # ...and/or saves a checkpoint, before the next one
+    # This rank's own work before its first collective (kaio.child.timing): what tells a straggler.
+    data_s: float | None = None  # fetching the step's micro-batches
+    forward_s: float | None = None  # their forward passes (on a GPU: the ones completed by now)
 
 
 class Log(Event, tag="log"):

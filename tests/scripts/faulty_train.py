@@ -2,13 +2,16 @@
 
 usage: faulty_train.py MAX_STEPS SAVE_STEPS [--fault raise|sigkill|hang|nan] [--rank R] [--at STEP]
                        [--once MARKER] [--logging-steps N] [--nan-at STEP]
+                       [--slow-data SECONDS] [--slow-forward SECONDS]
 
 The fault fires on rank R at step STEP; with --once it fires only while
 MARKER does not exist (and creates it), so a restarted run gets through.
 raise, sigkill and hang (a sleep that never ends) fire at the end of step
 STEP; nan poisons the weights as step STEP begins, so that its loss and every
 later one is NaN (the Trainer's default logging_nan_inf_filter hides them);
---nan-at does that too, beside another fault.
+--nan-at does that too, beside another fault. --slow-data and --slow-forward
+make rank R a straggler from the start: each example it loads, and each
+forward pass it makes, takes that much longer.
 """
 
 import argparse
@@ -29,7 +32,10 @@ parser.add_argument("--at", type=int, default=3)
 parser.add_argument("--once")
 parser.add_argument("--logging-steps", type=int, default=1)
 parser.add_argument("--nan-at", type=int)
+parser.add_argument("--slow-data", type=float, default=0.0)
+parser.add_argument("--slow-forward", type=float, default=0.0)
 ns = parser.parse_args()
+slow_rank = int(os.environ.get("RANK", "0")) == ns.rank
 
 
 def wait_forever():
@@ -70,6 +76,8 @@ class Data(torch.utils.data.Dataset):
         return 256
 
     def __getitem__(self, i):
+        if slow_rank and ns.slow_data:
+            time.sleep(ns.slow_data)
         ids = (torch.arange(16) * (i % 5 + 1)) % 31
         return {"input_ids": ids, "labels": ids}
 
@@ -85,6 +93,8 @@ model = LlamaForCausalLM(
         num_key_value_heads=2,
     )
 )
+if slow_rank and ns.slow_forward:
+    model.register_forward_pre_hook(lambda module, inputs: time.sleep(ns.slow_forward))
 args = TrainingArguments(
     output_dir="trainer-output",  # the script's own folder, not kaio's: resume and restart find it in the record
     max_steps=ns.max_steps,
