@@ -4,8 +4,10 @@ In one process: a real FIFO (``TelemetryFifo``) drained by a ``FifoReader``
 thread, an ``EventEmitter`` writing to it and to its spool (rotating every
 10,000 events, as in a run), and ``KaioCallback`` called the way the Trainer
 calls it at ``logging_steps: 1`` (the worst case): ``on_step_begin``,
-``on_step_end``, ``on_log`` with the log dict transformers 5 passes, and each step's loss
-handed to its ``LossWatch`` (as the patched ``training_step`` does; read at every log). The same
+``on_step_end``, ``on_log`` with the log dict transformers 5 passes, each step's loss
+handed to its ``LossWatch`` (as the patched ``training_step`` does; read at every log), and
+the straggler timing of one micro-batch's fetch and forward (``kaio.child.timing``, on the
+host clock as on a CPU). The same
 loop with a no-op ``TrainerCallback`` is the baseline; the difference per step
 is the cost. Rounds alternate kaio/baseline; the median over rounds is reported.
 
@@ -27,6 +29,7 @@ Goal: under 50 us per step, and no added GPU synchronisation.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import subprocess
@@ -66,11 +69,20 @@ def run_loop(callback, args, steps: int) -> float:
     control = TrainerControl()
     begin, end, log = callback.on_step_begin, callback.on_step_end, callback.on_log
     watch = getattr(callback, "losses", None)  # kaio's: the patched training_step hands it each loss
+    timing = getattr(callback, "timing", None)  # kaio's: the patched get_batch_samples and compute_loss time
+    batches = itertools.repeat({"input_ids": None})  # the Trainer's epoch iterator, as the wrapper sees it
+    if timing is not None:
+        from kaio.child.timing import _TimedIterator
+
+        batches = _TimedIterator(batches, timing)
     loss = torch.tensor(2.5)  # what training_step returns
     tokens = 0
     t0 = time.perf_counter()
     for step in range(1, steps + 1):
+        next(batches)  # get_batch_samples: one micro-batch
         begin(args, state, control)
+        if timing is not None:  # compute_loss inside training_step
+            timing.forward_ends(timing.forward_begins(on_gpu=False))
         if watch is not None:
             watch.observe(loss, step)
         state.global_step = step
