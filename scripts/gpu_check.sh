@@ -8,7 +8,9 @@
 # 3. runs the short GPU training `kaio run configs/gpu_check.yaml --plain` while an
 #    independent kaio poller samples the GPUs at 10 Hz (it reads no journal internals),
 # 4. compares: which metrics the device gave, counter energy vs integrated power, the
-#    callback's per-step peak VRAM vs the device's VRAM in use, the achieved poll interval.
+#    callback's per-step peak VRAM vs the device's VRAM in use, the achieved poll interval,
+#    `kaio plan`'s VRAM estimate (before the run) and the report's (for what ran) vs the true peak,
+#    and the run's MFU.
 #
 # Everything goes to stdout, and to $OUT/gpu-check.txt when $OUT is set.
 # docs/gpu-check.md explains where its output is recorded.
@@ -46,6 +48,10 @@ nvidia-smi --query-gpu=index,name,driver_version,power.draw,memory.used --format
 
 section "kaio gpus --json"
 "${KAIO[@]}" gpus --json | tee "$WORK/gpus.json"
+
+section "kaio plan $CONFIG (the VRAM estimate before the run)"
+"${KAIO[@]}" plan "$CONFIG" || echo "kaio plan failed"
+"${KAIO[@]}" plan "$CONFIG" --json > "$WORK/plan.json" 2>/dev/null || true
 
 section "kaio run configs/gpu_check.yaml --plain (with an independent 10 Hz poller)"
 # The independent poller runs until $WORK/stop appears (or 5 minutes pass).
@@ -112,6 +118,7 @@ set -e
 touch "$WORK/stop"
 wait "$POLLER_PID" || echo "the independent poller failed (its traceback is above)"
 echo "kaio run exit status: $RUN_STATUS"
+"${KAIO[@]}" report gpu-check --json > "$WORK/summary.json" 2>/dev/null || true
 
 section "comparison"
 "$PY" - "$WORK" "$HISTORY" <<'PY'
@@ -176,4 +183,23 @@ for step in shown:
     gap = device_used - peak if peak is not None and device_used is not None else None
     print(f"  {step.get('step'):>5} {gb(peak):>16} {gb(device_used):>14} {gb(gap):>14}")
 print("  (device use includes the CUDA context and the allocator's cache, so it should exceed the peak allocated)")
+
+print("\n  VRAM estimate (kaio/record/memory.py) vs the measured true peak; MFU")
+summary_file = work / "summary.json"
+summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+plan_file = work / "plan.json"
+try:
+    plan = json.loads(plan_file.read_text()) if plan_file.exists() else {}
+except ValueError:
+    plan = {}
+true_peak = summary.get("vram_true_peak_bytes")
+model = plan.get("model") or {}
+chosen = "with" if model.get("gradient_checkpointing") else "without"
+planned = ((model.get("estimates") or {}).get(f"{chosen}_gradient_checkpointing") or {}).get("total_bytes")
+for label, estimate in (("kaio plan (before the run)", planned), ("report (for what ran)", summary.get("vram_estimate_bytes"))):
+    error = 100 * (estimate - true_peak) / true_peak if estimate and true_peak else None
+    print(f"  {label:<28} {gb(estimate):>12} vs true peak {gb(true_peak)}: {num(error, ' %', 0)}")
+print(f"  terms: {summary.get('vram_estimate_terms')}")
+print(f"  tokens/s per device {num(summary.get('tokens_per_s_per_device'), '', 0)}, "
+      f"MFU {num(100 * summary['mfu'] if summary.get('mfu') is not None else None, ' %', 1)}")
 PY
