@@ -95,12 +95,29 @@ def run(
         metavar="",
     ),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Override training.max_steps."),
+    nnodes: int | None = typer.Option(
+        None, "--nnodes", help="Machines in the job, one `kaio run` on each (launch.nnodes; SLURM_NNODES)."
+    ),
+    node_rank: int | None = typer.Option(
+        None, "--node-rank", help="This machine's rank in the job, 0 for the head (launch.node_rank; SLURM_NODEID)."
+    ),
+    main_addr: str | None = typer.Option(
+        None, "--main-addr", help="The head node's address for the rendezvous (launch.main_addr)."
+    ),
+    main_port: int | None = typer.Option(None, "--main-port", help="The rendezvous port (launch.main_port)."),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Print each node's child command and the environment kaio sets (secrets masked); start nothing.",
+        metavar="",
+    ),
 ) -> None:
     """Validate CONFIG, launch the fine-tune under `accelerate launch`, watch it, write the report.
 
     Reports go to <reporting.output_dir>/<project_name>/ (report.md, telemetry.png, history.json, journal.jsonl, child.log). Exits with the training's exit code.
     """
     from kaio.config import load_config, with_max_steps
+    from kaio.nodes import dry_run_lines, placed, placement_of
     from kaio.run.gpu_feed import poller_factory
     from kaio.run.project import run_new
     from kaio.views import choose_view
@@ -108,6 +125,13 @@ def run(
     cfg = load_config(config)
     if max_steps is not None:
         cfg = with_max_steps(cfg, max_steps)
+    flags = {"nnodes": nnodes, "node_rank": node_rank, "main_addr": main_addr, "main_port": main_port}
+    where = placement_of(cfg, flags, os.environ)
+    cfg = placed(cfg, where)
+    if dry_run:
+        for line in dry_run_lines(cfg, where, os.environ):
+            typer.echo(line)
+        return
     console = _console()
     code = run_new(
         cfg, choose_view(console, plain), overwrite=overwrite, poller_factory_for=poller_factory, notify=_say(console)
@@ -179,14 +203,19 @@ def report(
     project: str = typer.Argument(..., help="Project name (a folder under the reports directory).", show_default=False),
     output_dir: Path = OUTPUT_DIR_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON for scripts.", metavar=""),
+    merge: list[Path] = typer.Option(
+        [],
+        "--merge",
+        help="A node's record folder (nodes/<rank>-<host>/) copied from another machine of the job, to merge into the report; repeat for each. The folders under the project's nodes/ are always merged.",
+    ),
 ) -> None:
     """Rebuild report.md, telemetry.png and history.json from the project's journal, offline.
 
-    Safe while the run is still going (read-only with respect to the run).
+    Safe while the run is still going (read-only with respect to the run). For a job of several machines, the report is the job's: every node's steps and GPUs merged by global step.
     """
     from kaio.run.rebuild import rebuild
 
-    summary, report_dir = rebuild(project, output_dir)
+    summary, report_dir = rebuild(project, output_dir, merge=merge)
     if as_json:
         import json
 

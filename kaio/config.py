@@ -157,6 +157,20 @@ class LaunchConfig(_Section):
     max_restarts: Int = Field(
         0, ge=0, le=100, description="On a failure, resume from the latest checkpoint by itself up to N times."
     )
+    nnodes: Int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="Machines in the job, one `kaio run` on each (`--nnodes`; under SLURM: SLURM_NNODES). `num_processes` is per node.",
+    )
+    node_rank: Int = Field(
+        0, ge=0, description="This machine's rank in the job, 0 for the head (`--node-rank`; SLURM_NODEID)."
+    )
+    main_addr: str | None = Field(
+        None,
+        description="Address of the head node (rank 0) the others reach for the rendezvous (`--main-addr`; under SLURM: the first host of SLURM_JOB_NODELIST).",
+    )
+    main_port: Int = Field(29500, ge=1, le=65535, description="The rendezvous port on the head node (`--main-port`).")
     grace_seconds: float = Field(
         30.0,
         gt=0,
@@ -258,8 +272,20 @@ class RunConfig(_Section):
         return value
 
     @property
-    def report_dir(self) -> Path:
+    def project_dir(self) -> Path:
+        """The project's report folder (the head node's record, and the job's report)."""
         return Path(self.reporting.output_dir) / self.project_name
+
+    @property
+    def report_dir(self) -> Path:
+        """This node's record: the project's folder on the head (and on one machine), else
+        ``<project folder>/nodes/<node rank>-<host>/``."""
+        if self.launch.node_rank == 0:
+            return self.project_dir
+        from kaio.nodes import node_folder_name
+        from kaio.record.paths import ProjectPaths
+
+        return ProjectPaths(self.project_dir).nodes / node_folder_name(self.launch.node_rank)
 
     @property
     def checkpoint_dir(self) -> Path:

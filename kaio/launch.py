@@ -21,6 +21,7 @@ from kaio.record.paths import ProjectPaths
 from kaio.secrets import redact_argv
 from kaio.telemetry.protocol import (
     ENV_ERROR_DIR,
+    ENV_NODE_RANK,
     ENV_ON_NONFINITE,
     ENV_PIPE,
     ENV_RESUME_FROM,
@@ -48,9 +49,18 @@ class LaunchPlan:
 def build_command(cfg: RunConfig, plan: LaunchPlan, environ: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
     """The child's argv and environment: ``accelerate launch … -m kaio.child …`` (through
     ``kaio.child.launcher``, which is accelerate's launcher that also writes down which rank failed)."""
-    n = cfg.launch.num_processes
-    argv = [plan.python, "-m", "kaio.child.launcher", "--num_machines", "1", "--num_processes", str(n)]
-    if n > 1:
+    launch = cfg.launch
+    n = launch.num_processes
+    if launch.nnodes > 1:
+        # accelerate counts processes over the whole job; a static rendezvous keeps each machine's rank (under
+        # c10d the machine rank is ignored and rank 0 may land on another node).
+        argv = [plan.python, "-m", "kaio.child.launcher", "--num_machines", str(launch.nnodes)]
+        argv += ["--machine_rank", str(launch.node_rank), "--num_processes", str(n * launch.nnodes)]
+        argv += ["--main_process_ip", str(launch.main_addr), "--main_process_port", str(launch.main_port)]
+        argv += ["--rdzv_backend", "static", "--multi_gpu"]
+    else:
+        argv = [plan.python, "-m", "kaio.child.launcher", "--num_machines", "1", "--num_processes", str(n)]
+    if n > 1 and launch.nnodes == 1:
         # Several ranks: DDP (NCCL on GPUs, gloo without). `--cpu` would silently run one process.
         argv += ["--multi_gpu", "--main_process_port", str(plan.main_process_port)]
     # One process: no device flag, so the trainer takes the GPU when there is one and the CPU otherwise.
@@ -78,6 +88,7 @@ def build_command(cfg: RunConfig, plan: LaunchPlan, environ: Mapping[str, str]) 
         }
     )
     env[ENV_ON_NONFINITE] = cfg.reporting.on_nonfinite
+    env[ENV_NODE_RANK] = str(launch.node_rank)
     env[ENV_STACKS_DIR] = str(paths.stacks)
     _flight_recorder(env, paths)
     if plan.resume_from is not None:
@@ -103,6 +114,25 @@ def _flight_recorder(env: dict[str, str], paths: ProjectPaths) -> None:
     for name in _FLIGHT_RECORDER_FILES:
         env[name] = str(paths.stalls / "nccl-trace-rank-")
     env["TORCH_NCCL_DUMP_ON_TIMEOUT"] = "1"
+
+
+def preview_command(
+    cfg: RunConfig, environ: Mapping[str, str], report_dir: Path | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The child command and the environment kaio would set (secrets masked), for `kaio plan` and
+    `kaio run --dry-run`: the FIFO is named ``<fifo>``; nothing is created."""
+    from kaio.secrets import redact
+
+    folder = (report_dir or cfg.report_dir).resolve()
+    plan = LaunchPlan(
+        fifo_path=Path("<fifo>"),
+        report_dir=folder,
+        config_path=folder / "config.json",
+        session=1,
+        main_process_port=cfg.launch.main_port,
+    )
+    argv, env = build_command(cfg, plan, environ)
+    return masked(argv), redact({k: v for k, v in env.items() if environ.get(k) != v})
 
 
 def masked(argv: list[str]) -> list[str]:

@@ -117,7 +117,9 @@ def make_plan(cfg: RunConfig, environ: Mapping[str, str] = os.environ) -> Plan:
     """Everything `kaio plan` prints; starts nothing, downloads at most a model's config.json."""
     gpus, notes = _gpus_in_run(cfg, environ)
     precision = _precision(cfg.training.precision, bool(gpus))
-    argv, env = _child_command(cfg, environ)
+    from kaio.launch import preview_command
+
+    argv, env = preview_command(cfg, environ)
     if cfg.launch.script is not None:
         why = (
             "your script (launch.script) builds its own model: kaio sees it only once it runs; "
@@ -166,23 +168,6 @@ def _gpus_in_run(cfg: RunConfig, environ: Mapping[str, str]) -> tuple[list[GpuFr
         for backend in found.backends:
             backend.close()
     return gpus[: cfg.launch.num_processes], list(found.notes)
-
-
-def _child_command(cfg: RunConfig, environ: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
-    from kaio import launch
-    from kaio.secrets import redact
-
-    report_dir = cfg.report_dir.resolve()
-    plan = launch.LaunchPlan(
-        fifo_path=Path("<fifo>"),
-        report_dir=report_dir,
-        config_path=report_dir / "config.json",
-        session=1,
-        main_process_port=29500,
-    )
-    argv, env = launch.build_command(cfg, plan, environ)
-    set_by_kaio = {k: v for k, v in env.items() if environ.get(k) != v}
-    return launch.masked(argv), redact(set_by_kaio)
 
 
 def _model_plan(cfg: RunConfig, precision: str, has_gpu: bool) -> ModelPlan:

@@ -55,6 +55,7 @@ REAL_RUN_MODULES = (
     "test_faults.py",
     "test_integration.py",
     "test_resume_faults.py",
+    "test_multinode.py",
     "test_scripts.py",
     "test_dashboard_terminal.py",
     "test_code_quality.py",

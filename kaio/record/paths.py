@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+NODES_DIR = "nodes"
+
 
 @dataclass(frozen=True)
 class ProjectPaths:
@@ -14,7 +16,15 @@ class ProjectPaths:
 
     @property
     def project(self) -> str:
+        """The project's name; a node's folder (``<project>/nodes/<rank>-<host>/``) belongs to its project."""
+        if self.report_dir.parent.name == NODES_DIR:
+            return self.report_dir.parent.parent.name
         return self.report_dir.name
+
+    @property
+    def nodes(self) -> Path:
+        """The other nodes' records of a job of several machines, one folder each: ``<rank>-<host>/``."""
+        return self.report_dir / NODES_DIR
 
     # The source of truth, and what is derived from it.
     @property

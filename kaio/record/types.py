@@ -315,6 +315,21 @@ def nonfinite_tag(value: Metric | Any) -> NonFiniteTag | None:
 # --------------------------------------------------------------------------- the history document
 
 
+class NodeSummary(msgspec.Struct, kw_only=True):
+    """One machine of a job of several (history.json's ``run.nodes``; kaio.run.job)."""
+
+    node_rank: int
+    host: str | None = None
+    folder: str | None = None  # its record's folder, <rank>-<host> (under nodes/, or given to --merge); None: the head
+    status: str | None = None
+    exit_code: int | None = None
+    gpus: list[str] = []  # the run's GPUs on it, by their key in the job's record
+    gpu_names: list[str] = []
+    energy_j: float | None = None
+    power_avg_w: float | None = None  # its run GPUs together, time-weighted over its steps
+    vram_peak_bytes: int | None = None  # the allocator's true peak, max over its ranks
+
+
 class RunDescription(msgspec.Struct, kw_only=True):
     """What was trained, as the child reported it from the live objects (rank 0, latest session)."""
 
@@ -333,6 +348,7 @@ class RunDescription(msgspec.Struct, kw_only=True):
     train_samples: int | None = None
     eval_samples: int | None = None
     environment: Environment | None = None
+    nodes: list[NodeSummary] = []  # a job of several machines: each one (the head first)
 
     @classmethod
     def from_run_start(cls, r: RunStart) -> RunDescription:

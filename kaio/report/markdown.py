@@ -47,6 +47,7 @@ def render_markdown(header: HistoryHeader, summary: Summary, evals: list[EvalEnt
         _kaio_config(header.config, header.run),
         _hub(header.hub),
         _sessions(header.sessions),
+        _nodes(header.run),
         _stalls(header.stalls),
         _ranks(header),
         _list("Warnings", summary.warnings, "⚠️ "),
@@ -353,6 +354,40 @@ def _stalls(stalls: list[Stall]) -> str | None:
     return (
         "## Stalls\n\nNo step for longer than the phase's budget; where each rank's Python stack was then.\n\n"
         + _table(("When", "Step", "Phase", "Silent for", "Rank", "Waiting in", "Stack"), rows)
+    )
+
+
+def _nodes(run: RunDescription | None) -> str | None:
+    """A job of several machines: each node, merged into this report by global step (kaio.run.job)."""
+    if run is None or not run.nodes:
+        return None
+    rows = []
+    for node in run.nodes:
+        energy = None
+        if node.energy_j is not None:
+            wh = node.energy_j / 3600
+            energy = f"{wh / 1000:.3f} kWh" if wh >= 100 else f"{wh:.3g} Wh"
+        names = ", ".join(dict.fromkeys(node.gpu_names))
+        gpus = f"{len(node.gpus)} × {names}" if node.gpus else "none (CPU)"
+        state = node.status or ""
+        if node.exit_code not in (None, 0):
+            state += f" (exit {node.exit_code})"
+        rows.append(
+            (
+                node.node_rank,
+                node.host or "",
+                gpus,
+                energy or "not measured",
+                _unit(node.power_avg_w, "W", ".0f") or "not measured",
+                _bytes(node.vram_peak_bytes) or "not measured",
+                state,
+                f"nodes/{node.folder}" if node.folder else "this folder",
+            )
+        )
+    return (
+        f"## Nodes\n\n{len(run.nodes)} machines, one job (world size {run.world_size}); each node's steps merged "
+        "by global step.\n\n"
+        + _table(("Node", "Host", "GPUs", "Energy", "Power (average)", "Peak VRAM", "State", "Record"), rows)
     )
 
 

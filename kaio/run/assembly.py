@@ -60,6 +60,7 @@ def iso(t_wall: float | None) -> str | None:
 
 class StepAssembler(msgspec.Struct, kw_only=True):
     session: int = 0
+    lead_rank: int = 0  # whose step ends time the steps: rank 0, or this node's first rank (RunLedger.lead_rank)
     open: dict[int, StepEntry] = {}
     ticks: list[TickWindow] = []
     pending: list[int] = []  # rank 0's ended steps still waiting for a tick after their end, in order
@@ -107,7 +108,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         if entry is None:
             return False
         entry.peak_vram_bytes[str(event.rank)] = event.peak_vram_bytes  # the max over ranks: when it is stored
-        if event.rank != 0:
+        if event.rank != self.lead_rank:
             return True
         entry.epoch = event.epoch
         entry.timestamp = iso(event.t_wall)

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -28,6 +28,7 @@ from kaio.report.summary import Summary
 from kaio.run.state import RunState
 
 if TYPE_CHECKING:
+    from kaio.run.job import NodeRecord
     from kaio.sinks.comet import CometSink
 
 COMET_FEED_INTERVAL_S = 1.0
@@ -45,6 +46,7 @@ def write_reports(
     figure: FigureProcess | None = None,
     draw: bool = True,
     wait: bool = True,
+    nodes: Sequence[NodeRecord] = (),
 ) -> Summary:
     """report.md, and history.json and telemetry.png unless told not to, atomically; returns the summary.
 
@@ -58,16 +60,26 @@ def write_reports(
 
     history = ProjectPaths(report_dir).history
     mark = _history_mark(state, history)
-    if history_json and mark is not None and state.parts.history_mark == mark:
+    if history_json and mark is not None and state.parts.history_mark == mark and not nodes:
         history_json = False
     header = state.header()
     failed = [f"telemetry.png was not rendered: {figure.failure}"] if figure is not None and figure.failure else []
     with state.with_open_steps() as index:
-        if draw and figure is not None:
-            figure.draw(figure_data(header, index), replace=wait)
-        summary = write(
-            header, index, report_dir, history_json=history_json, png=draw and figure is None, extra_warnings=failed
-        )
+        merged = None
+        if nodes:  # a job of several machines: every node's steps and GPUs in the one report
+            from kaio.run.job import merge
+
+            header, merged = merge(header, index, list(nodes))
+        try:
+            view = merged or index
+            if draw and figure is not None:
+                figure.draw(figure_data(header, view), replace=wait)
+            summary = write(
+                header, view, report_dir, history_json=history_json, png=draw and figure is None, extra_warnings=failed
+            )
+        finally:
+            if merged is not None:
+                merged.close()
     if history_json:
         state.parts.history_mark = _history_mark(state, history)
     if draw and figure is not None and wait:
@@ -269,7 +281,15 @@ class RunOutputs:
         The reports are written before the sinks take them, and once more after,
         so that the sinks' outcomes (Comet's archive, the Hub commit) are in them.
         """
-        summary = write_reports(state, self.paths.report_dir, figure=self.figure)
+        nodes = self._job_nodes()
+        try:
+            return self._finish(state, nodes)
+        finally:
+            for node in nodes:
+                node.index.close()
+
+    def _finish(self, state: RunState, nodes: list[NodeRecord]) -> Summary:
+        summary = write_reports(state, self.paths.report_dir, figure=self.figure, nodes=nodes)
         records_before_sinks = state.parts.records
         if self._comet is not None:
             self.feed(state, final=True)
@@ -285,7 +305,17 @@ class RunOutputs:
         if state.parts.records == records_before_sinks:
             return summary
         # The sinks' outcomes go into report.md and history.json; the figure does not show them.
-        return write_reports(state, self.paths.report_dir, figure=self.figure, draw=False)
+        return write_reports(state, self.paths.report_dir, figure=self.figure, draw=False, nodes=nodes)
+
+    def _job_nodes(self) -> list[NodeRecord]:
+        """On the head of a job of several machines: the other nodes' records, once they have closed (bounded)."""
+        launch = self.cfg.launch
+        if launch.nnodes < 2 or launch.node_rank != 0:
+            return []
+        from kaio.run.job import load_nodes, node_folders, wait_for_nodes
+
+        wait_for_nodes(self.paths, self._notify)
+        return load_nodes(node_folders(self.paths))
 
 
 def push_to_hub(

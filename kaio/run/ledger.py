@@ -11,6 +11,7 @@ import os
 import msgspec
 
 from kaio.devices.base import DeviceInfo, GpuSample
+from kaio.nodes import first_rank
 from kaio.record import flops
 from kaio.record.flops import Throughput
 from kaio.record.types import (
@@ -191,27 +192,37 @@ class RunLedger(msgspec.Struct, kw_only=True):
         for note in r.notes:
             self.add_note(note)
 
+    @property
+    def lead_rank(self) -> int:
+        """This node's first rank, whose steps time the record: 0 on the head (and on one machine); on node
+        k of a static rendezvous, k x the processes per node."""
+        launch = (self.config or {}).get("launch") or {}
+        return first_rank(int(launch.get("node_rank") or 0), int(launch.get("num_processes") or 1))
+
     def on_run_start(self, r: RunStart) -> str | None:
         """Returns what is wrong with the job's shape, if the ranks' accounts disagree with what was launched."""
         earlier = self.ranks.get(r.rank)
         self.ranks[r.rank] = RankSeen(world_size=r.world_size, hostname=r.hostname, pid=r.pid)
-        if r.rank == 0:
+        if r.rank == self.lead_rank:
             self.run = r
             s = self.session_record(r.session)
             if s is not None:
                 s.start_step = r.start_step
-        launched = ((self.config or {}).get("launch") or {}).get("num_processes")
+        launch = (self.config or {}).get("launch") or {}
+        launched = launch.get("num_processes")
+        if launched:
+            launched *= launch.get("nnodes") or 1
         if earlier is not None and earlier.pid != r.pid:
             return (
                 f"two processes both said they were rank {r.rank} (pids {earlier.pid} and {r.pid}): the {launched or 'launched'} "
                 "processes trained independently, each its own copy of the run, not as one data-parallel job"
             )
-        if r.rank == 0 and launched and r.world_size is not None and r.world_size != launched:
+        if r.rank == self.lead_rank and launched and r.world_size is not None and r.world_size != launched:
             return f"{launched} processes were launched but the trainer reports world size {r.world_size}"
         return None
 
     def on_step(self, session: int, step: int, t_wall: float | None) -> None:
-        """Rank 0 ended ``step`` in ``session``."""
+        """This node's lead rank ended ``step`` in ``session``."""
         s = self.session_record(session)
         if s is None:
             return
@@ -233,7 +244,7 @@ class RunLedger(msgspec.Struct, kw_only=True):
 
     def on_train_end(self, r: TrainEnd) -> None:
         s = self.session_record(r.session)
-        if s is not None and r.rank == 0:
+        if s is not None and r.rank == self.lead_rank:
             self.progress[s.session].trained_to_end = True
 
     def on_hub(self, r: HubOutcome) -> None:

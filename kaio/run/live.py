@@ -34,6 +34,7 @@ class LiveStats(msgspec.Struct, kw_only=True):
     # first steps have an ETA (the previous session's speed) until their own replace it.
     recent_gaps: list[tuple[float, int]] = []
     last_end: tuple[float, int, bool] | None = None  # rank 0's latest step end: (t_mono, step, a pause follows)
+    lead_rank: int = 0  # rank 0, or this node's first rank (RunLedger.lead_rank)
     latest_gpu: dict[str, GpuSample] = {}
     latest_host: HostSample | None = None
     latest_peak_by_rank: dict[int, int | None] = {}
@@ -48,7 +49,7 @@ class LiveStats(msgspec.Struct, kw_only=True):
 
     def on_step(self, event: Step) -> None:
         self.latest_peak_by_rank[event.rank] = event.peak_vram_bytes
-        if event.rank == 0 and event.t_mono is not None:
+        if event.rank == self.lead_rank and event.t_mono is not None:
             last = self.last_end
             if last is not None and not last[2] and event.t_mono > last[0] and event.step > last[1]:
                 gap = (event.t_mono - last[0], event.step - last[1])

@@ -430,6 +430,12 @@ def _resumable_session(
             "are alive); wait for them to finish or stop them, then `kaio resume` again"
         )
     cfg, saved = saved_config(paths)
+    if cfg.launch.nnodes > 1:
+        raise ProjectError(
+            f"project {project!r} ran on {cfg.launch.nnodes} machines: `kaio resume` continues a job of one machine "
+            "only (yet); its checkpoints are where its Trainer saved them, to resume from with your script's "
+            "`resume_from_checkpoint`"
+        )
     if config_path is None and REDACTED in [*cfg.launch.script_args, *cfg.launch.accelerate_args]:
         raise ProjectError(
             f"project {project!r} ran with a secret in its arguments, which kaio does not keep (config.json has "

@@ -10,7 +10,7 @@ works on a private copy of the index, and writes only the report files
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from kaio.config import check_project_name
@@ -19,13 +19,18 @@ from kaio.record.paths import ProjectPaths
 from kaio.report.summary import Summary
 from kaio.run import recorder as loading
 from kaio.run.finalize import FigureProcess, write_reports
+from kaio.run.job import NodeRecord
 from kaio.run.project import opened, unknown_project
 from kaio.run.recorder import Recorder
 from kaio.run.state import RunState
 
 
-def rebuild(project: str, output_dir: Path, notify: Callable[[str], None] = print) -> tuple[Summary, Path]:
-    """Returns ``(summary, report_dir)``."""
+def rebuild(
+    project: str, output_dir: Path, notify: Callable[[str], None] = print, merge: Sequence[Path] = ()
+) -> tuple[Summary, Path]:
+    """Returns ``(summary, report_dir)``. A job of several machines merges every node's record: the folders
+    under the project's ``nodes/``, and the ``merge`` folders (copied from machines without a shared
+    filesystem)."""
     from kaio.report import history_from_file
     from kaio.report import write_reports as write_history_reports
 
@@ -40,46 +45,61 @@ def rebuild(project: str, output_dir: Path, notify: Callable[[str], None] = prin
         raise unknown_project(output_dir, project)
     figure = FigureProcess(paths.report_dir)
     figure.warm()  # matplotlib loads in the other process while the record is read
+    from kaio.run.job import load_nodes, node_folders
+
+    nodes = load_nodes(node_folders(paths, merge))
     try:
-        return _rebuild(paths, figure, notify)
+        return _rebuild(paths, figure, notify, nodes)
     finally:
         figure.close()
+        for node in nodes:
+            node.index.close()
 
 
-def _rebuild(paths: ProjectPaths, figure: FigureProcess, notify: Callable[[str], None]) -> tuple[Summary, Path]:
+def _rebuild(
+    paths: ProjectPaths, figure: FigureProcess, notify: Callable[[str], None], nodes: list[NodeRecord]
+) -> tuple[Summary, Path]:
     if _looks_damaged(paths.history):
         notify(
             f"note: {paths.history}: truncated or corrupt JSON (the document does not end); rebuilding it from {paths.journal}"
         )
     try:
-        return _rebuild_locked(paths, figure, notify), paths.report_dir
+        return _rebuild_locked(paths, figure, notify, nodes), paths.report_dir
     except sqlite3.DatabaseError as exc:  # a damaged index: it is a cache, rebuilt from the journal
         notify(loading.damaged_index_note(paths, exc))
         paths.index.unlink(missing_ok=True)
-        return _rebuild_locked(paths, figure, notify), paths.report_dir
+        return _rebuild_locked(paths, figure, notify, nodes), paths.report_dir
     except ProjectError:
         if not _held(paths):
             raise
     # A supervisor holds the project: a private copy of the index, no fight over the lock.
     loaded = loading.load(paths, writable=False)
     try:
-        return _write(loaded.state, paths, figure, notify), paths.report_dir
+        return _write(loaded.state, paths, figure, notify, nodes), paths.report_dir
     finally:
         loaded.state.index.close()
 
 
-def _write(state: RunState, paths: ProjectPaths, figure: FigureProcess, notify: Callable[[str], None]) -> Summary:
+def _write(
+    state: RunState,
+    paths: ProjectPaths,
+    figure: FigureProcess,
+    notify: Callable[[str], None],
+    nodes: list[NodeRecord],
+) -> Summary:
     """The three files, the figure drawn by a child process on the other core while the rest is written."""
-    summary = write_reports(state, paths.report_dir, figure=figure)
+    summary = write_reports(state, paths.report_dir, figure=figure, nodes=nodes)
     if figure.failure:
         notify(f"warning: telemetry.png was not rendered: {figure.failure}")
         summary.warnings.append(f"telemetry.png was not rendered: {figure.failure}")
     return summary
 
 
-def _rebuild_locked(paths: ProjectPaths, figure: FigureProcess, notify: Callable[[str], None]) -> Summary:
+def _rebuild_locked(
+    paths: ProjectPaths, figure: FigureProcess, notify: Callable[[str], None], nodes: list[NodeRecord]
+) -> Summary:
     with opened(paths, notify) as (loaded, _running):
-        summary = _write(loaded.state, paths, figure, notify)
+        summary = _write(loaded.state, paths, figure, notify, nodes)
         recorder = Recorder(paths, loaded.state)  # the index brought up to date: the next rebuild is quick
         recorder.save()
         recorder.close()

@@ -38,8 +38,9 @@ class StallCheck:
 class StallWatch:
     """One session's phase and the time of its latest sign of progress; one stall reported per silence."""
 
-    def __init__(self, stall_seconds: float | None, now: float) -> None:
+    def __init__(self, stall_seconds: float | None, now: float, lead_rank: int = 0) -> None:
         self.stall_seconds = stall_seconds
+        self.lead_rank = lead_rank  # whose steps count: rank 0, or this node's first rank
         self.phase = "start-up"
         self.last_progress = now
         self.last_step = 0
@@ -49,7 +50,7 @@ class StallWatch:
 
     def seen(self, record: Record, now: float) -> None:
         if isinstance(record, Step):
-            if record.rank != 0:
+            if record.rank != self.lead_rank:
                 return
             self.last_step = max(self.last_step, record.step)
             self._pending = [p for p, on in (("evaluation", record.evaluates), ("checkpoint save", record.saves)) if on]

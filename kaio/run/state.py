@@ -168,6 +168,8 @@ class RunState:
         self.parts.steps.start_session(r.session)
         self.parts.live.start_session()
         self.parts.stragglers.start_session()
+        lead = self.ledger.lead_rank
+        self.parts.steps.lead_rank = self.parts.live.lead_rank = self.parts.stragglers.lead_rank = lead
 
     def _on_session_end(self, r: SessionEnd) -> None:
         self.parts.steps.seal_all(self)
@@ -190,7 +192,7 @@ class RunState:
         problem = self.ledger.on_run_start(r)
         if problem is not None:
             self.warn(problem)
-        if r.rank == 0:
+        if r.rank == self.ledger.lead_rank:
             self.parts.steps.resume_at(r.start_step, self)
         self.parts.stragglers.on_run_start(r)
 
@@ -199,7 +201,7 @@ class RunState:
         ledger.telemetry.events += 1
         self.parts.live.on_step(r)
         throughput = None
-        if r.rank == 0:
+        if r.rank == ledger.lead_rank:
             ledger.on_step(r.session, r.step, r.t_wall)
             throughput = self._throughput_of_run()
         if not self.parts.steps.on_step(r, throughput, self):

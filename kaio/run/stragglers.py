@@ -54,30 +54,34 @@ class _Finding(msgspec.Struct, array_like=True):
 
 
 class StragglerWatch(msgspec.Struct, kw_only=True):
-    world_size: int = 1
     open: dict[int, dict[int, _Work]] = {}  # step -> rank -> its own work
     step_times: dict[int, float] = {}  # step -> rank 0's step time
-    ranks: dict[int, RankTiming] = {}
+    ranks: dict[int, RankTiming] = {}  # every rank of every session
+    started: set[int] = set()  # the ranks that said they started in this session
     window: list[_Finding] = []
     flagged: int | None = None
+    lead_rank: int = 0  # whose step time sets the lag's floor
 
     def start_session(self) -> None:
         self.open, self.step_times, self.window, self.flagged = {}, {}, [], None
+        self.started = set()
 
     def on_run_start(self, r: RunStart) -> None:
-        if r.world_size:
-            self.world_size = r.world_size
+        self.started.add(r.rank)
         timing = self._rank(r.rank)
         timing.host, timing.device = r.hostname, r.device
 
     def on_step(self, r: Step) -> StepRanks | None:
-        if self.world_size < 2 or (r.data_s is None and r.forward_s is None):
+        # The ranks this supervisor hears from (its node's, on a job of several machines: one clock) that said
+        # they started; a step is complete when each of them timed it.
+        expected = len(self.started)
+        if expected < 2 or (r.data_s is None and r.forward_s is None):
             return None
         work = self.open.setdefault(r.step, {})
         work[r.rank] = _Work(r.data_s or 0.0, r.forward_s or 0.0)
-        if r.rank == 0 and r.step_time_s is not None:
+        if r.rank == self.lead_rank and r.step_time_s is not None:
             self.step_times[r.step] = r.step_time_s
-        if len(work) < self.world_size:
+        if len(work) < expected:
             if len(self.open) > OPEN_STEPS:  # a rank that stopped reporting: give up on its oldest steps
                 for step in sorted(self.open)[: len(self.open) - OPEN_STEPS]:
                     del self.open[step]

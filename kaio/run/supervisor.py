@@ -27,6 +27,7 @@ import msgspec
 from kaio import launch
 from kaio.config import RunConfig, config_snapshot
 from kaio.fsutil import atomic_write_json
+from kaio.nodes import first_rank
 from kaio.record.paths import ProjectPaths
 from kaio.record.types import (
     ChildStarted,
@@ -106,7 +107,7 @@ class Supervisor:
         self._stop = _Stop()
         self._reader: FifoReader | None = None
         self._fifo_path: Path | None = None
-        self._stalls = StallWatch(cfg.reporting.stall_seconds, time.monotonic())
+        self._stalls = StallWatch(cfg.reporting.stall_seconds, time.monotonic(), _lead_rank(cfg))
         self._capture: threading.Thread | None = None  # the stacks of a stall, being captured
         self.sessions_started = 0
         self.on_refresh: list[Callable[[RunState], None]] = []  # report writers, the index commit
@@ -162,7 +163,7 @@ class Supervisor:
         )
         for text in request.notes:
             self._note(f"session {session}: {text}", level="info")
-        self._stalls = StallWatch(self.cfg.reporting.stall_seconds, time.monotonic())
+        self._stalls = StallWatch(self.cfg.reporting.stall_seconds, time.monotonic(), _lead_rank(self.cfg))
         reader = FifoReader(fifo.read_fd, lambda event: self._queue.put(("record", event)))
         reader.start()
         self._reader = reader
@@ -470,3 +471,7 @@ class Supervisor:
         if error is None and signal_name:
             error = f"killed by {signal_name}"
         return SessionOutcome(exit_code, Status.FAILED, signal_name, error)
+
+
+def _lead_rank(cfg: RunConfig) -> int:
+    return first_rank(cfg.launch.node_rank, cfg.launch.num_processes)

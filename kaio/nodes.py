@@ -1,0 +1,226 @@
+"""Where this kaio sits in a job of several nodes: from the command line, the config, or SLURM.
+
+One ``kaio run`` per node, each supervising its own ranks and GPUs; the engine
+(``accelerate launch`` with a static rendezvous at the main address) makes them
+one job. Under SLURM (``srun kaio run CONFIG``, one task per node) the node
+count, this node's rank and the main address come from ``SLURM_NNODES``,
+``SLURM_NODEID`` and the first host of ``SLURM_JOB_NODELIST``, expanded here in
+Python (``scontrol`` is often missing inside containers). Nothing here imports
+torch.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from kaio.config import RunConfig
+from kaio.errors import ConfigError
+
+DEFAULT_MAIN_PORT = 29500
+
+
+@dataclass(frozen=True)
+class Placement:
+    """This node in its job."""
+
+    nnodes: int
+    node_rank: int
+    main_addr: str | None
+    main_port: int
+    source: str  # "the config", "the command line" or "SLURM"
+    hosts: tuple[str, ...] = ()  # every node's host, where known (SLURM's node list)
+
+    @property
+    def multi_node(self) -> bool:
+        return self.nnodes > 1
+
+    @property
+    def is_head(self) -> bool:
+        return self.node_rank == 0
+
+
+def first_rank(node_rank: int, processes_per_node: int) -> int:
+    """A node's first global rank under a static rendezvous (its ranks are contiguous): the rank whose steps
+    time that node's record."""
+    return node_rank * processes_per_node
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """SLURM's compressed host list (``gpu[01-03,07],login1``) as host names, in order."""
+    hosts: list[str] = []
+    for item in _split_top_level(nodelist):
+        match = re.fullmatch(r"([^\[\]]*)\[([^\[\]]+)\]([^\[\]]*)", item)
+        if match is None:
+            if "[" in item or "]" in item:
+                raise ConfigError(f"SLURM_JOB_NODELIST: cannot read {item!r}")
+            hosts.append(item)
+            continue
+        prefix, ranges, suffix = match.groups()
+        for part in ranges.split(","):
+            low, _, high = part.partition("-")
+            if not low.isdigit() or (high and not high.isdigit()):
+                raise ConfigError(f"SLURM_JOB_NODELIST: cannot read the range {part!r} in {item!r}")
+            width = len(low)  # zero padding is kept: gpu[01-03] is gpu01, gpu02, gpu03
+            for number in range(int(low), int(high or low) + 1):
+                hosts.append(f"{prefix}{number:0{width}d}{suffix}")
+    return hosts
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split at the commas outside brackets."""
+    items, depth, current = [], 0, ""
+    for char in text:
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+        if char == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    if current:
+        items.append(current)
+    return [item.strip() for item in items if item.strip()]
+
+
+def placement(
+    *,
+    config_nnodes: int,
+    config_node_rank: int,
+    config_main_addr: str | None,
+    config_main_port: int,
+    flags: Mapping[str, object],
+    environ: Mapping[str, str],
+) -> Placement:
+    """The command line's values over the config's; SLURM's when neither names a multi-node job."""
+    given = {key: value for key, value in flags.items() if value is not None}
+    nnodes = int(given.get("nnodes", config_nnodes))  # type: ignore[call-overload]
+    source = "the command line" if given else "the config"
+    hosts: tuple[str, ...] = ()
+    if nnodes == 1 and "nnodes" not in given and int(environ.get("SLURM_NNODES", "1") or 1) > 1:
+        hosts = tuple(expand_nodelist(environ.get("SLURM_JOB_NODELIST", "")))
+        nnodes = int(environ["SLURM_NNODES"])
+        node_rank = int(environ.get("SLURM_NODEID", "0"))
+        main_addr = str(given.get("main_addr") or (hosts[0] if hosts else ""))
+        if not main_addr:
+            raise ConfigError("SLURM_JOB_NODELIST is empty: give --main-addr")
+        main_port = int(given.get("main_port", config_main_port))  # type: ignore[call-overload]
+        result = Placement(nnodes, node_rank, main_addr, main_port, "SLURM", hosts)
+    else:
+        result = Placement(
+            nnodes=nnodes,
+            node_rank=int(given.get("node_rank", config_node_rank)),  # type: ignore[call-overload]
+            main_addr=given.get("main_addr", config_main_addr),  # type: ignore[arg-type]
+            main_port=int(given.get("main_port", config_main_port)),  # type: ignore[call-overload]
+            source=source,
+        )
+    check(result)
+    return result
+
+
+def check(p: Placement) -> None:
+    """One line for what cannot make a job."""
+    where = "" if p.source == "the config" else f" ({p.source})"
+    if p.nnodes < 1:
+        raise ConfigError(f"launch.nnodes{where}: {p.nnodes} nodes make no job")
+    if not 0 <= p.node_rank < p.nnodes:
+        raise ConfigError(f"launch.node_rank{where}: {p.node_rank} is not one of the job's nodes 0..{p.nnodes - 1}")
+    if not 0 < p.main_port < 65536:
+        raise ConfigError(f"launch.main_port{where}: {p.main_port} is not a TCP port")
+    if not p.multi_node:
+        return
+    if not p.main_addr:
+        raise ConfigError(
+            f"launch.main_addr{where}: a job of {p.nnodes} nodes needs the head node's address "
+            "(--main-addr HOST, the host of node rank 0)"
+        )
+    remote = [h for h in p.hosts if not _is_this_host(h)]
+    if _is_loopback(p.main_addr) and remote:
+        raise ConfigError(
+            f"launch.main_addr{where}: {p.main_addr} is this machine only, but the job's nodes include "
+            f"{', '.join(remote[:3])}: give the head node's address that the others can reach"
+        )
+
+
+def _is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_this_host(host: str) -> bool:
+    names = {socket.gethostname(), socket.gethostname().split(".")[0], "localhost"}
+    return host in names or host.split(".")[0] in names
+
+
+def node_folder_name(node_rank: int, hostname: str | None = None) -> str:
+    """A node's folder under ``<report dir>/nodes/``: ``<rank>-<short host name>``."""
+    host = (hostname or socket.gethostname()).split(".")[0]
+    return f"{node_rank}-{re.sub(r'[^A-Za-z0-9._<>-]', '_', host) or 'host'}"
+
+
+def placed(cfg: RunConfig, where: Placement) -> RunConfig:
+    """``cfg`` for this node: the job's shape in ``launch``; on a node other than the head, no Hub push and
+    no Comet experiment (the head makes the job's)."""
+    launch = cfg.launch.model_copy(
+        update={
+            "nnodes": where.nnodes,
+            "node_rank": where.node_rank,
+            "main_addr": where.main_addr,
+            "main_port": where.main_port,
+        }
+    )
+    update: dict[str, object] = {"launch": launch}
+    if not where.is_head:
+        update["hub"] = cfg.hub.model_copy(update={"push": False})
+        update["reporting"] = cfg.reporting.model_copy(update={"use_comet_ml": False})
+    return cfg.model_copy(update=update)
+
+
+def placement_of(cfg: RunConfig, flags: Mapping[str, object], environ: Mapping[str, str]) -> Placement:
+    launch = cfg.launch
+    return placement(
+        config_nnodes=launch.nnodes,
+        config_node_rank=launch.node_rank,
+        config_main_addr=launch.main_addr,
+        config_main_port=launch.main_port,
+        flags=flags,
+        environ=environ,
+    )
+
+
+def dry_run_lines(cfg: RunConfig, where: Placement, environ: Mapping[str, str]) -> list[str]:
+    """`kaio run --dry-run`: each node's child command and the environment kaio sets for it (secrets masked)."""
+    import shlex
+    from dataclasses import replace
+
+    from kaio.launch import preview_command
+    from kaio.record.paths import ProjectPaths
+
+    lines = [
+        f"kaio run --dry-run: project {cfg.project_name}, {where.nnodes} node(s) x "
+        f"{cfg.launch.num_processes} process(es), from {where.source}; nothing is started"
+    ]
+    for rank in range(where.nnodes):
+        node = replace(where, node_rank=rank)
+        node_cfg = placed(cfg, node)
+        host = where.hosts[rank] if rank < len(where.hosts) else None
+        folder = node_cfg.project_dir
+        if rank > 0:
+            folder = ProjectPaths(folder).nodes / node_folder_name(
+                rank, host or ("<host>" if rank != where.node_rank else None)
+            )
+        argv, env = preview_command(node_cfg, environ, report_dir=folder)
+        this = " (this node)" if rank == where.node_rank else ""
+        lines.append(f"node {rank}{f' on {host}' if host else ''}{this}:")
+        lines.append(f"  command: {shlex.join(argv)}")
+        lines.append("  environment: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())))
+    return lines

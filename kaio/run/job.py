@@ -1,0 +1,207 @@
+"""A job of several nodes as one record: the head's merged with every other node's.
+
+Each node's kaio keeps its own record (the head in the project's folder, node k
+in ``nodes/<k>-<host>/``, one writer per file: safe on NFS and Lustre). The job's
+report is the head's record with the others' merged into it **by global step**,
+never by wall clock: each node's steps are timed by its own first rank, and its
+GPU samples were folded into them on its own clock, so no clock is compared
+across machines. Each node's GPUs keep their own key, prefixed with the node
+(``n1/nvml:0``); the step's flat figures (power, energy, utilisation,
+temperature, VRAM) cover every node's GPUs. Without a shared filesystem,
+``kaio report PROJECT --merge DIR...`` reads the node folders copied from the
+other machines: the same merge, the same report.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import msgspec
+
+from kaio.errors import ProjectError
+from kaio.record.index import RunIndex
+from kaio.record.paths import ProjectPaths
+from kaio.record.types import DeviceSummary, HistoryHeader, NodeSummary, Status, StepEntry
+from kaio.run import recorder as loading
+
+NODE_WAIT_S = 30.0  # at the end of a run, how long the head waits for the other nodes' records to close
+
+
+@dataclass
+class NodeRecord:
+    """One other node's record, loaded read-only."""
+
+    node_rank: int
+    folder: Path
+    header: HistoryHeader
+    index: RunIndex
+
+    @property
+    def prefix(self) -> str:
+        return f"n{self.node_rank}/"
+
+
+def node_folders(paths: ProjectPaths, extra: Iterable[Path] = ()) -> list[Path]:
+    """The node folders under the project's ``nodes/``, and the ones named (``--merge``)."""
+    found = (
+        sorted(p for p in paths.nodes.iterdir() if ProjectPaths(p).journal.is_file()) if paths.nodes.is_dir() else []
+    )
+    for folder in extra:
+        if not ProjectPaths(folder).journal.is_file():
+            raise ProjectError(f"--merge {folder}: not a node's record (no journal.jsonl in it)")
+        found.append(folder)
+    return found
+
+
+def load_nodes(folders: Iterable[Path]) -> list[NodeRecord]:
+    """Each node's record as it is now (its own supervisor may still be writing it: a private copy is read)."""
+    records: dict[int, NodeRecord] = {}
+    for folder in folders:
+        loaded = loading.load(ProjectPaths(folder), writable=False)
+        state = loaded.state
+        header = state.header()
+        rank = int(((header.config or {}).get("launch") or {}).get("node_rank") or 0)
+        if rank == 0:
+            state.index.close()
+            raise ProjectError(f"{folder}: the head's record (node rank 0), not another node's")
+        if rank in records:  # the same node twice (nodes/ and --merge): the later wins
+            records[rank].index.close()
+        with state.with_open_steps() as index:
+            merged_index = _copy(index)
+        state.index.close()
+        records[rank] = NodeRecord(rank, folder, header, merged_index)
+    return [records[rank] for rank in sorted(records)]
+
+
+def wait_for_nodes(paths: ProjectPaths, notify: Callable[[str], None], timeout_s: float = NODE_WAIT_S) -> list[str]:
+    """At the end of the head's run: wait (bounded) for every node's record to say its session ended. Returns
+    the folders still running."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        running = []
+        for folder in node_folders(paths):
+            loaded = loading.load(ProjectPaths(folder), writable=False)
+            if loaded.state.status == Status.RUNNING:
+                running.append(folder.name)
+            loaded.state.index.close()
+        if not running or time.monotonic() > deadline:
+            if running:
+                notify(
+                    f"note: node(s) {', '.join(running)} still running after {timeout_s:.0f} s; the report has what "
+                    f"they wrote so far (`kaio report {paths.project}` merges the rest later)"
+                )
+            return running
+        time.sleep(0.5)
+
+
+def merge(header: HistoryHeader, index: RunIndex, nodes: list[NodeRecord]) -> tuple[HistoryHeader, RunIndex]:
+    """The job's record: the head's header and steps with every node's merged in (a new in-memory index)."""
+    header = msgspec.structs.replace(header)
+    devices = list(header.devices)
+    for node in nodes:
+        devices += [
+            DeviceSummary(key=node.prefix + d.key, info=d.info, energy_j=d.energy_j, energy_method=d.energy_method)
+            for d in node.header.devices
+        ]
+    header.devices = devices
+    header.warnings = list(header.warnings) + [f"node {n.node_rank}: {w}" for n in nodes for w in n.header.warnings]
+    head = _NodeTally(0, header, None, len(header.run_gpu_keys()))
+    tallies = [head] + [_NodeTally(n.node_rank, n.header, n.folder, len(n.header.run_gpu_keys())) for n in nodes]
+    by_node = [(n, {e.step: e for e in _entries(n.index)}, tally) for n, tally in zip(nodes, tallies[1:])]
+    merged = RunIndex.in_memory()
+    for entry in _entries(index):
+        head.add(entry)
+        gpus = head.gpus
+        for node, entries, tally in by_node:
+            other = entries.pop(entry.step, None)
+            if other is not None:
+                tally.add(other)
+                _merge_step(entry, other, node.prefix, gpus, tally.gpus)
+                gpus += tally.gpus
+        merged.add_step(entry)
+    for evaluation in index.evals():
+        merged.add_eval(evaluation)
+    if header.run is not None:
+        header.run = msgspec.structs.replace(header.run, nodes=[t.summary() for t in tallies])
+    return header, merged
+
+
+class _NodeTally:
+    """One node's figures for the job's node table, from its own step entries."""
+
+    def __init__(self, rank: int, header: HistoryHeader, folder: Path | None, gpus: int) -> None:
+        self.rank, self.header, self.folder, self.gpus = rank, header, folder, gpus
+        self.power_weighted = self.power_time = 0.0
+        self.vram_peak: int | None = None
+
+    def add(self, entry: StepEntry) -> None:
+        if entry.power_avg is not None:
+            seconds = entry.duration_s or entry.step_time_s or 1.0
+            self.power_weighted += entry.power_avg * seconds
+            self.power_time += seconds
+        peaks = [v for v in entry.peak_vram_bytes.values() if v is not None]
+        if peaks:
+            self.vram_peak = max(self.vram_peak or 0, *peaks)
+
+    def summary(self) -> NodeSummary:
+        header, rank = self.header, self.rank
+        run = header.run
+        environment = run.environment if run is not None else None
+        in_run = [d for d in header.devices if d.info.in_run]
+        energies = [d.energy_j for d in in_run]
+        last = header.sessions[-1] if header.sessions else None
+        return NodeSummary(
+            node_rank=rank,
+            host=environment.hostname if environment else None,
+            folder=self.folder.name if self.folder is not None else None,
+            status=header.status.value,
+            exit_code=last.exit_code if last else None,
+            gpus=[d.key if rank == 0 else f"n{rank}/{d.key}" for d in in_run],
+            gpu_names=[d.info.name for d in in_run],
+            energy_j=sum(e for e in energies if e is not None) if in_run and None not in energies else None,
+            power_avg_w=self.power_weighted / self.power_time if self.power_time else None,
+            vram_peak_bytes=self.vram_peak,
+        )
+
+
+def _merge_step(entry: StepEntry, other: StepEntry, prefix: str, gpus_before: int, gpus_other: int) -> None:
+    """``other`` (the same step on another node) into ``entry``: its ranks' peaks, its GPUs, the flat figures."""
+    entry.peak_vram_bytes.update(other.peak_vram_bytes)
+    peaks = [v for v in entry.peak_vram_bytes.values() if v is not None]
+    entry.vram_peak_bytes = max(peaks) if peaks else None
+    for key, stats in other.gpus.items():
+        entry.gpus[prefix + key] = stats
+    entry.power_avg = _sum(entry.power_avg, other.power_avg)
+    entry.power_min = _sum(entry.power_min, other.power_min)
+    entry.power_max = _sum(entry.power_max, other.power_max)
+    entry.energy_j = _sum(entry.energy_j, other.energy_j)
+    entry.temp = max((t for t in (entry.temp, other.temp) if t is not None), default=None)
+    if entry.util is None or other.util is None:
+        entry.util = entry.util if other.util is None else other.util
+    elif gpus_before + gpus_other:
+        entry.util = (entry.util * gpus_before + other.util * gpus_other) / (gpus_before + gpus_other)
+
+
+def _sum(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return a + b
+
+
+def _entries(index: RunIndex) -> Iterable[StepEntry]:
+    decoder = msgspec.json.Decoder(StepEntry)
+    for line in index.step_lines():
+        yield decoder.decode(line)
+
+
+def _copy(index: RunIndex) -> RunIndex:
+    """An in-memory copy of an index's steps and evaluations (the source's own connection can then close)."""
+    copy = RunIndex.in_memory()
+    for entry in _entries(index):
+        copy.add_step(entry)
+    for evaluation in index.evals():
+        copy.add_eval(evaluation)
+    return copy

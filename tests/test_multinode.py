@@ -1,0 +1,132 @@
+"""A job of several machines: two "nodes" on 127.0.0.1 (two `kaio run`, one CPU rank each on gloo), one report;
+the same report from copied node folders with `kaio report --merge`; SLURM's variables read into the right commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import kaio, read_history, write_config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the_same(project_dir):
+    write_config(project_dir, max_steps=10)
+    port = str(_free_port())
+    job = ["--nnodes", "2", "--main-addr", "127.0.0.1", "--main-port", port, "--plain"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    node1 = subprocess.Popen(
+        [sys.executable, "-m", "kaio", "run", "cfg.yaml", "--node-rank", "1", *job],
+        cwd=project_dir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        head = kaio("run", "cfg.yaml", "--node-rank", "0", *job, cwd=project_dir, timeout=240)
+        node1_out, _ = node1.communicate(timeout=120)
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+    assert head.returncode == 0, head.stdout + head.stderr
+    assert node1.returncode == 0, node1_out
+    host = socket.gethostname().split(".")[0]
+    node_folder = project_dir / "docs" / "reports" / "t" / "nodes" / f"1-{host}"
+    assert f"record: docs/reports/t/nodes/1-{host}/report.md" in node1_out
+
+    history = read_history(project_dir)
+    run = history["run"]
+    assert run["world_size"] == 2
+    assert [(n["node_rank"], n["status"], n["folder"]) for n in run["nodes"]] == [
+        (0, "COMPLETED", None),
+        (1, "COMPLETED", f"1-{host}"),
+    ]
+    assert [s["step"] for s in history["steps"]] == list(range(1, 11))  # every step once
+    assert all(set(s["peak_vram_bytes"]) == {"0", "1"} for s in history["steps"])  # both nodes' ranks
+    assert all(s["loss"] is not None for s in history["steps"])
+    assert not [w for w in history["warnings"] if "world size" in w]  # 1 process x 2 nodes, as launched
+    node_history = json.loads((node_folder / "history.json").read_text())
+    assert node_history["project"] == "t" and [s["step"] for s in node_history["steps"]] == list(range(1, 11))
+    assert all(s["t_mono"] is not None for s in node_history["steps"])  # timed by its own first rank (rank 1)
+    report = (project_dir / "docs/reports/t/report.md").read_text()
+    assert "## Nodes" in report and "2 machines, one job (world size 2)" in report
+    assert f"| 1 | {host} | none (CPU) |" in report
+
+    resumed = kaio("resume", "t", cwd=project_dir)
+    assert (
+        resumed.returncode != 0 and "ran on 2 machines: `kaio resume` continues a job of one machine" in resumed.stderr
+    )
+
+    # Without a shared filesystem: the node's folder copied from its machine, merged by `kaio report --merge`.
+    copied = project_dir / "from-node-1" / node_folder.name
+    shutil.copytree(node_folder, copied)
+    shutil.rmtree(node_folder.parent)
+    merged = kaio("report", "t", "--merge", str(copied), cwd=project_dir)
+    assert merged.returncode == 0, merged.stderr
+    remerged = read_history(project_dir)
+    assert {**remerged, "generated_at": None} == {**history, "generated_at": None}
+
+
+def test_slurm_variables_give_every_nodes_command_and_a_loopback_head_is_refused(project_dir):
+    write_config(project_dir)
+    slurm = {"SLURM_JOB_ID": "77", "SLURM_NNODES": "3", "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "gpu[07-08],gpu10"}
+    result = kaio("run", "cfg.yaml", "--dry-run", cwd=project_dir, env=slurm)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("kaio run --dry-run: project t, 3 node(s) x 1 process(es), from SLURM")
+    assert [line for line in lines if line.startswith("node ")] == [
+        "node 0 on gpu07:",
+        "node 1 on gpu08:",
+        "node 2 on gpu10 (this node):",
+    ]
+    commands = [line for line in lines if line.startswith("  command: ")]
+    for rank, command in enumerate(commands):
+        assert (
+            f"--num_machines 3 --machine_rank {rank} --num_processes 3 --main_process_ip gpu07 --main_process_port 29500 "
+            "--rdzv_backend static"
+        ) in command
+    environments = [line for line in lines if line.startswith("  environment: ")]
+    assert "KAIO_NODE_RANK=2 " in environments[2] and "/docs/reports/t/nodes/2-gpu10/errors" in environments[2]
+    assert "KAIO_ERROR_DIR=" + str(project_dir / "docs/reports/t/errors") in environments[0]
+    assert not (project_dir / "docs").exists()  # nothing was started or written
+
+    refused = kaio("run", "cfg.yaml", "--dry-run", "--main-addr", "127.0.0.1", cwd=project_dir, env=slurm)
+    assert refused.returncode != 0 and refused.stderr.strip().count("\n") == 0
+    assert "127.0.0.1 is this machine only, but the job's nodes include gpu07, gpu08, gpu10" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "hosts"),
+    [
+        ("gpu[01-03,07]", ["gpu01", "gpu02", "gpu03", "gpu07"]),
+        ("a1,b[9-11]x,c", ["a1", "b9x", "b10x", "b11x", "c"]),
+        ("node[008-010]", ["node008", "node009", "node010"]),
+    ],
+)
+def test_slurm_node_lists_are_expanded_in_python(nodelist, hosts):
+    from kaio.nodes import expand_nodelist
+
+    assert expand_nodelist(nodelist) == hosts
+
+
+def test_a_node_rank_outside_the_job_and_a_job_without_a_head_address_are_one_line(project_dir):
+    write_config(project_dir)
+    outside = kaio("run", "cfg.yaml", "--nnodes", "2", "--node-rank", "2", "--main-addr", "h", cwd=project_dir)
+    assert outside.returncode != 0
+    assert outside.stderr.strip() == (
+        "kaio: error: launch.node_rank (the command line): 2 is not one of the job's nodes 0..1"
+    )
+    headless = kaio("run", "cfg.yaml", "--nnodes", "2", "--dry-run", cwd=project_dir)
+    assert headless.returncode != 0 and "needs the head node's address (--main-addr HOST" in headless.stderr
