@@ -12,7 +12,21 @@ import sys
 
 import pytest
 
-from conftest import kaio, read_history, write_config
+from conftest import REPO, kaio, read_history, write_config
+
+
+def _fake_gpu_site(directory, watts: int):
+    """A folder whose ``pynvml`` is the test fake with one GPU drawing ``watts``: on the PYTHONPATH of a node."""
+    site = directory / f"site-{watts}"
+    site.mkdir()
+    (site / "pynvml.py").write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO / 'tests')!r})\n"
+        "from fakes.fake_pynvml import FakeNvidiaGpu, FakeNvml\n"
+        f"gpus = [FakeNvidiaGpu(uuid='GPU-{watts}0000-d72c-4106-c12f-20bd9faed9f6', power_mw={watts * 1000})]\n"
+        "sys.modules[__name__] = FakeNvml(gpus).module()\n"
+    )
+    return str(site)
 
 
 def _free_port() -> int:
@@ -25,7 +39,7 @@ def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the
     write_config(project_dir, max_steps=10)
     port = str(_free_port())
     job = ["--nnodes", "2", "--main-addr", "127.0.0.1", "--main-port", port, "--plain"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _fake_gpu_site(project_dir, 350)}
     node1 = subprocess.Popen(
         [sys.executable, "-m", "kaio", "run", "cfg.yaml", "--node-rank", "1", *job],
         cwd=project_dir,
@@ -35,7 +49,16 @@ def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the
         text=True,
     )
     try:
-        head = kaio("run", "cfg.yaml", "--node-rank", "0", *job, cwd=project_dir, timeout=240)
+        head = kaio(
+            "run",
+            "cfg.yaml",
+            "--node-rank",
+            "0",
+            *job,
+            cwd=project_dir,
+            timeout=240,
+            env={"PYTHONPATH": _fake_gpu_site(project_dir, 300)},
+        )
         node1_out, _ = node1.communicate(timeout=120)
     finally:
         if node1.poll() is None:
@@ -57,12 +80,20 @@ def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the
     assert all(set(s["peak_vram_bytes"]) == {"0", "1"} for s in history["steps"])  # both nodes' ranks
     assert all(s["loss"] is not None for s in history["steps"])
     assert not [w for w in history["warnings"] if "world size" in w]  # 1 process x 2 nodes, as launched
+    # Each node's GPU under its own key; the step's flat figures cover both; each node's energy is its own.
+    assert [d["key"] for d in history["devices"]] == ["nvml:0", "n1/nvml:0"]
+    sampled = [s for s in history["steps"] if set(s["gpus"]) == {"nvml:0", "n1/nvml:0"}]
+    assert len(sampled) >= 8 and all(s["power_avg"] == pytest.approx(650.0) for s in sampled)
+    head_node, other_node = run["nodes"]
+    assert head_node["gpus"] == ["nvml:0"] and other_node["gpus"] == ["n1/nvml:0"]
+    assert (head_node["power_avg_w"], other_node["power_avg_w"]) == (pytest.approx(300.0), pytest.approx(350.0))
+    assert head_node["energy_j"] == history["devices"][0]["energy_j"] != other_node["energy_j"]
     node_history = json.loads((node_folder / "history.json").read_text())
     assert node_history["project"] == "t" and [s["step"] for s in node_history["steps"]] == list(range(1, 11))
     assert all(s["t_mono"] is not None for s in node_history["steps"])  # timed by its own first rank (rank 1)
     report = (project_dir / "docs/reports/t/report.md").read_text()
     assert "## Nodes" in report and "2 machines, one job (world size 2)" in report
-    assert f"| 1 | {host} | none (CPU) |" in report
+    assert f"| 1 | {host} | 1 × NVIDIA H100 80GB HBM3 |" in report
 
     resumed = kaio("resume", "t", cwd=project_dir)
     assert (

@@ -99,6 +99,7 @@ def wait_for_nodes(paths: ProjectPaths, notify: Callable[[str], None], timeout_s
 
 def merge(header: HistoryHeader, index: RunIndex, nodes: list[NodeRecord]) -> tuple[HistoryHeader, RunIndex]:
     """The job's record: the head's header and steps with every node's merged in (a new in-memory index)."""
+    head = _NodeTally(0, header, None, len(header.run_gpu_keys()))  # the head's own, before the merge
     header = msgspec.structs.replace(header)
     devices = list(header.devices)
     for node in nodes:
@@ -108,7 +109,6 @@ def merge(header: HistoryHeader, index: RunIndex, nodes: list[NodeRecord]) -> tu
         ]
     header.devices = devices
     header.warnings = list(header.warnings) + [f"node {n.node_rank}: {w}" for n in nodes for w in n.header.warnings]
-    head = _NodeTally(0, header, None, len(header.run_gpu_keys()))
     tallies = [head] + [_NodeTally(n.node_rank, n.header, n.folder, len(n.header.run_gpu_keys())) for n in nodes]
     by_node = [(n, {e.step: e for e in _entries(n.index)}, tally) for n, tally in zip(nodes, tallies[1:])]
     merged = RunIndex.in_memory()
