@@ -1,7 +1,8 @@
 """A graceful stop that keeps the work: the first SIGTERM asks the Trainer to save a checkpoint at the end of
 the current step and stop.
 
-The supervisor turns a first Ctrl-C into SIGTERM (a batch scheduler's preemption sends one too). While a
+The supervisor turns a first Ctrl-C into SIGTERM (a batch scheduler's preemption sends one too; its warning
+before a time limit, SIGUSR1 under SLURM's ``--signal=USR1@T``, asks for the same stop and never ends a rank). While a
 Trainer trains, the signal only raises a flag: ``KaioCallback.on_step_end`` then sets the Trainer's own
 ``should_save`` and ``should_training_stop``, the Trainer writes checkpoint-N and returns, and ``kaio
 resume`` continues from step N+1. Outside training (loading, a script without a Trainer) and at a second
@@ -16,12 +17,15 @@ from __future__ import annotations
 import os
 import signal
 
-_state = {"training": False, "requested": False}
+_state = {"training": False, "requested": False, "terminated": False}  # terminated: a first SIGTERM came
 _nonfinite_step: list[int] = []  # the step whose non-finite loss stopped the training (reporting.on_nonfinite)
 
 
 def install() -> None:
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # A batch scheduler's warning that the job's time is nearly up (SLURM: --signal=USR1@90): the same graceful
+    # stop while training; ignored otherwise (a warning, not an order to end).
+    signal.signal(signal.SIGUSR1, _on_warning)
 
 
 def training(active: bool) -> None:
@@ -49,8 +53,13 @@ def fail_if_stopped_for_nonfinite() -> None:
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
-    if _state["training"] and not _state["requested"]:
-        _state["requested"] = True
+    if _state["training"] and not _state["terminated"]:  # a scheduler's warning before does not count
+        _state["requested"] = _state["terminated"] = True
         return
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _on_warning(signum: int, frame: object) -> None:
+    if _state["training"]:
+        _state["requested"] = True

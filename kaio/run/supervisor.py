@@ -363,9 +363,18 @@ class Supervisor:
                 return  # the child has ended on its own: its record is being written, nothing to stop
             self._request_stop(proc)
 
+        def warned(signum, frame):
+            # A scheduler's warning that the time is nearly up (SLURM's --signal=USR1@T): one graceful stop,
+            # never a kill, however often it comes.
+            if proc.poll() is None and not self._stop.requests:
+                said = "the scheduler warned that the job's time is nearly up (SIGUSR1): stopping gracefully"
+                self._queue.put(("record", Note(text=said, level="info", t_wall=time.time())))
+                self._request_stop(proc)
+
         previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, handler)
+        previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, warned)
         return previous
 
     def _request_stop(self, proc: subprocess.Popen) -> None:
