@@ -97,27 +97,33 @@ def placement(
     flags: Mapping[str, object],
     environ: Mapping[str, str],
 ) -> Placement:
-    """The command line's values over the config's; SLURM's when neither names a multi-node job."""
+    """The command line's values over the config's; SLURM's inside an ``srun`` step of several nodes when
+    neither the config nor the command line says how many nodes or which one this is."""
     given = {key: value for key, value in flags.items() if value is not None}
-    nnodes = int(given.get("nnodes", config_nnodes))  # type: ignore[call-overload]
-    source = "the command line" if given else "the config"
-    hosts: tuple[str, ...] = ()
-    if nnodes == 1 and "nnodes" not in given and int(environ.get("SLURM_NNODES", "1") or 1) > 1:
-        hosts = tuple(expand_nodelist(environ.get("SLURM_JOB_NODELIST", "")))
-        nnodes = int(environ["SLURM_NNODES"])
-        node_rank = int(environ.get("SLURM_NODEID", "0"))
-        main_addr = str(given.get("main_addr") or (hosts[0] if hosts else ""))
+    main_port = int(given.get("main_port", config_main_port))  # type: ignore[call-overload]
+    nodes_named = "nnodes" in given or "node_rank" in given or config_nnodes > 1
+    step_nodes = int(environ.get("SLURM_STEP_NUM_NODES") or environ.get("SLURM_NNODES") or 1)
+    if not nodes_named and "SLURM_STEP_ID" in environ and step_nodes > 1:
+        main_addr = given.get("main_addr")
+        nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or ""
+        try:
+            hosts = tuple(expand_nodelist(nodelist))
+        except ConfigError:
+            if main_addr is None:
+                raise
+            hosts = ()  # only the loopback check needs them
+        main_addr = main_addr or (hosts[0] if hosts else None)
         if not main_addr:
-            raise ConfigError("SLURM_JOB_NODELIST is empty: give --main-addr")
-        main_port = int(given.get("main_port", config_main_port))  # type: ignore[call-overload]
-        result = Placement(nnodes, node_rank, main_addr, main_port, "SLURM", hosts)
+            raise ConfigError("SLURM_STEP_NODELIST is empty: give --main-addr")
+        node_rank = int(environ.get("SLURM_NODEID", "0"))
+        result = Placement(step_nodes, node_rank, str(main_addr), main_port, "SLURM", hosts)
     else:
         result = Placement(
-            nnodes=nnodes,
+            nnodes=int(given.get("nnodes", config_nnodes)),  # type: ignore[call-overload]
             node_rank=int(given.get("node_rank", config_node_rank)),  # type: ignore[call-overload]
             main_addr=given.get("main_addr", config_main_addr),  # type: ignore[arg-type]
-            main_port=int(given.get("main_port", config_main_port)),  # type: ignore[call-overload]
-            source=source,
+            main_port=main_port,
+            source="the command line" if given else "the config",
         )
     check(result)
     return result
@@ -178,6 +184,11 @@ def placed(cfg: RunConfig, where: Placement) -> RunConfig:
             "main_port": where.main_port,
         }
     )
+    if where.multi_node and cfg.launch.max_restarts:
+        raise ConfigError(
+            "launch.max_restarts: not for a job of several machines (each node would restart on its own, from "
+            "checkpoints the others may not see); set it to 0"
+        )
     update: dict[str, object] = {"launch": launch}
     if not where.is_head:
         update["hub"] = cfg.hub.model_copy(update={"push": False})

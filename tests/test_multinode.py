@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from conftest import REPO, kaio, read_history, write_config
+from kaio.record.paths import ProjectPaths
 
 
 def _fake_gpu_site(directory, watts: int):
@@ -102,6 +103,20 @@ def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the
         resumed.returncode != 0 and "ran on 2 machines: `kaio resume` continues a job of one machine" in resumed.stderr
     )
 
+    # A node folder of another job (its launch differs from the head's) or moved aside is not merged.
+    from kaio.run.job import load_nodes, node_folders
+
+    shutil.copytree(node_folder, node_folder.with_name(f"{node_folder.name}.replaced-20261130-120000"))
+    head_config = json.loads((project_dir / "docs/reports/t/config.json").read_text())
+    folders = node_folders(ProjectPaths(project_dir / "docs/reports/t"))
+    assert folders == [node_folder]
+    other_job = {**head_config, "launch": {**head_config["launch"], "main_port": 1}}
+    found = load_nodes(folders, other_job)
+    assert found.nodes == [] and found.problems == [
+        f"{node_folder.name}: not merged (another job's node: its launch.main_port is {int(port)}, the head's 1)"
+    ]
+    shutil.rmtree(node_folder.with_name(f"{node_folder.name}.replaced-20261130-120000"))
+
     # Without a shared filesystem: the node's folder copied from its machine, merged by `kaio report --merge`.
     copied = project_dir / "from-node-1" / node_folder.name
     shutil.copytree(node_folder, copied)
@@ -114,7 +129,15 @@ def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the
 
 def test_slurm_variables_give_every_nodes_command_and_a_loopback_head_is_refused(project_dir):
     write_config(project_dir)
-    slurm = {"SLURM_JOB_ID": "77", "SLURM_NNODES": "3", "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "gpu[07-08],gpu10"}
+    slurm = {
+        "SLURM_JOB_ID": "77",
+        "SLURM_STEP_ID": "0",  # inside `srun`
+        "SLURM_NNODES": "4",  # the allocation; the step runs on 3 of its nodes
+        "SLURM_STEP_NUM_NODES": "3",
+        "SLURM_NODEID": "2",
+        "SLURM_JOB_NODELIST": "gpu[07-10]",
+        "SLURM_STEP_NODELIST": "gpu[07-08],gpu10",
+    }
     result = kaio("run", "cfg.yaml", "--dry-run", cwd=project_dir, env=slurm)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
@@ -134,6 +157,11 @@ def test_slurm_variables_give_every_nodes_command_and_a_loopback_head_is_refused
     assert "KAIO_NODE_RANK=2 " in environments[2] and "/docs/reports/t/nodes/2-gpu10/errors" in environments[2]
     assert "KAIO_ERROR_DIR=" + str(project_dir / "docs/reports/t/errors") in environments[0]
     assert not (project_dir / "docs").exists()  # nothing was started or written
+
+    # The batch script itself (not an `srun` step) is one machine's run; a node rank given is the user's.
+    batch = {k: v for k, v in slurm.items() if k != "SLURM_STEP_ID"}
+    alone = kaio("run", "cfg.yaml", "--dry-run", cwd=project_dir, env=batch)
+    assert alone.returncode == 0 and "1 node(s) x 1 process(es), from the config" in alone.stdout
 
     refused = kaio("run", "cfg.yaml", "--dry-run", "--main-addr", "127.0.0.1", cwd=project_dir, env=slurm)
     assert refused.returncode != 0 and refused.stderr.strip().count("\n") == 0

@@ -96,42 +96,78 @@ class _TimedIterator:
 
 
 def time_data_and_forward(trainer: Any, timing: StepTiming) -> None:
-    """Wrap the instance's ``get_batch_samples`` and ``compute_loss`` (a subclass's own included); the forward is
-    timed only inside ``training_step`` (evaluation calls ``compute_loss`` too)."""
-    fetch = getattr(trainer, "get_batch_samples", None)
-    if callable(fetch):
+    """Time this rank's data loading (the epoch iterator inside ``get_batch_samples``) and its forward passes
+    inside ``training_step`` (evaluation's are not), where no collective is.
 
-        def get_batch_samples(epoch_iterator: Any, *args: Any, **kwargs: Any) -> Any:
-            # The iterator's own ``next`` calls only: get_batch_samples then gathers the token counts of every
-            # rank (a collective, where a fast rank waits for a slow one).
-            return fetch(_TimedIterator(epoch_iterator, timing), *args, **kwargs)
+    The forward is timed by hooks on the model inside the DDP wrapper, once DDP has synchronised its buffers
+    (a broadcast from rank 0: a fast rank would wait there for a slow one). Under FSDP or DeepSpeed the forward
+    gathers parameters from every rank: it is not timed. With batches dispatched from rank 0 (accelerate's
+    default for an iterable dataset), fetching one is a collective too: loading is not timed.
+    """
+    if _fetch_is_local(trainer):
+        fetch = getattr(trainer, "get_batch_samples", None)
+        if callable(fetch):
 
-        trainer.get_batch_samples = get_batch_samples
+            def get_batch_samples(epoch_iterator: Any, *args: Any, **kwargs: Any) -> Any:
+                # The iterator's own ``next`` calls only: get_batch_samples then gathers the token counts of every
+                # rank (a collective, where a fast rank waits for a slow one).
+                return fetch(_TimedIterator(epoch_iterator, timing), *args, **kwargs)
 
-    compute = trainer.compute_loss
+            trainer.get_batch_samples = get_batch_samples
+    if getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False):
+        return
     step_fn = trainer.training_step
     training = [False]
+    hooked: set[int] = set()
 
     def training_step(*args: Any, **kwargs: Any) -> Any:
+        model = args[0] if args else kwargs.get("model")
+        inner = getattr(model, "module", model)  # inside DDP's wrapper: after its buffer broadcast
+        if inner is not None and id(inner) not in hooked and hasattr(inner, "register_forward_pre_hook"):
+            _hook_forward(inner, timing, training, _on_gpu(trainer))
+            hooked.add(id(inner))
         training[0] = True
         try:
             return step_fn(*args, **kwargs)
         finally:
             training[0] = False
 
-    on_gpu: list[bool] = []  # the device, read once (CUDA and ROCm alike are "cuda")
-
-    def compute_loss(model: Any, *args: Any, **kwargs: Any) -> Any:
-        if not training[0]:
-            return compute(model, *args, **kwargs)
-        if not on_gpu:
-            device = getattr(getattr(trainer, "args", None), "device", None)
-            on_gpu.append(getattr(device, "type", "cpu") == "cuda")
-        start = timing.forward_begins(on_gpu=on_gpu[0])
-        try:
-            return compute(model, *args, **kwargs)
-        finally:
-            timing.forward_ends(start)
-
     trainer.training_step = training_step
-    trainer.compute_loss = compute_loss
+
+
+def _hook_forward(module: Any, timing: StepTiming, training: list[bool], on_gpu: bool) -> None:
+    """Time each outermost forward of ``module`` inside a training step (first of its pre-hooks, so that a
+    script's own hooks count as its forward)."""
+    started: list[Any] = []
+    depth = [0]
+
+    def before(*_: Any) -> None:
+        depth[0] += 1
+        if training[0] and depth[0] == 1:
+            started.append(timing.forward_begins(on_gpu=on_gpu))
+
+    def after(*_: Any) -> None:
+        depth[0] -= 1
+        if started and depth[0] == 0:
+            timing.forward_ends(started.pop())
+
+    module.register_forward_pre_hook(before, prepend=True)
+    module.register_forward_hook(after, always_call=True)
+
+
+def _on_gpu(trainer: Any) -> bool:
+    device = getattr(getattr(trainer, "args", None), "device", None)
+    return getattr(device, "type", "cpu") == "cuda"  # CUDA and ROCm alike
+
+
+def _fetch_is_local(trainer: Any) -> bool:
+    """False when each batch is dispatched from rank 0 (fetching it waits for rank 0)."""
+    try:
+        import torch
+
+        iterable = isinstance(getattr(trainer, "train_dataset", None), torch.utils.data.IterableDataset)
+    except ImportError:
+        return True
+    config = getattr(getattr(trainer, "accelerator", None), "dataloader_config", None)
+    dispatch = getattr(config, "dispatch_batches", None)
+    return not (dispatch or (dispatch is None and iterable))

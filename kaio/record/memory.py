@@ -164,15 +164,15 @@ class MemoryEstimate:
 
 
 def optimizer_bytes_per_param(optim: str | None, param_bytes: int) -> float:
-    """Bytes of optimizer state per trained parameter for a ``transformers`` optimizer name."""
+    """Bytes of optimizer state per trained parameter for a ``transformers`` optimizer name: its moments (Adam
+    and its kin 2; Lion and Adafactor 1, Adafactor's factored: an upper bound; plain SGD none) at their width
+    (8-bit: 1 byte, 4-bit: half a byte, else the parameters' dtype)."""
     name = (optim or "adamw_torch").lower()
-    if "8bit" in name:
-        return 2.0  # two 8-bit moments
     if name.startswith("sgd"):
         return 0.0  # the Trainer's SGD has no momentum unless optim_args set it
-    if "adafactor" in name or "lion" in name:
-        return float(param_bytes)  # one moment (Adafactor's is factored: an upper bound)
-    return 2.0 * param_bytes  # Adam/AdamW and their kin: two moments at the parameters' dtype
+    moments = 1 if ("adafactor" in name or "lion" in name) else 2
+    width = 1.0 if "8bit" in name else 0.5 if "4bit" in name else float(param_bytes)
+    return moments * width
 
 
 def layer_activation_bytes_per_token(arch: Architecture, activation_bytes: int, adapters: Adapters | None) -> float:

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 NODES_DIR = "nodes"
+_NODE_FOLDER = re.compile(r"^\d+-")  # <node rank>-<host>
+
+
+def is_node_folder(folder: Path) -> bool:
+    """``<project>/nodes/<node rank>-<host>/``: another machine's record of a job (not one moved aside)."""
+    return folder.parent.name == NODES_DIR and bool(_NODE_FOLDER.match(folder.name)) and ".replaced-" not in folder.name
 
 
 @dataclass(frozen=True)
@@ -17,7 +24,7 @@ class ProjectPaths:
     @property
     def project(self) -> str:
         """The project's name; a node's folder (``<project>/nodes/<rank>-<host>/``) belongs to its project."""
-        if self.report_dir.parent.name == NODES_DIR:
+        if is_node_folder(self.report_dir):
             return self.report_dir.parent.parent.name
         return self.report_dir.name
 

@@ -14,7 +14,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
@@ -28,7 +28,7 @@ from kaio.report.summary import Summary
 from kaio.run.state import RunState
 
 if TYPE_CHECKING:
-    from kaio.run.job import NodeRecord
+    from kaio.run.job import NodeRecords
     from kaio.sinks.comet import CometSink
 
 COMET_FEED_INTERVAL_S = 1.0
@@ -46,7 +46,7 @@ def write_reports(
     figure: FigureProcess | None = None,
     draw: bool = True,
     wait: bool = True,
-    nodes: Sequence[NodeRecord] = (),
+    nodes: NodeRecords | None = None,
 ) -> Summary:
     """report.md, and history.json and telemetry.png unless told not to, atomically; returns the summary.
 
@@ -60,16 +60,16 @@ def write_reports(
 
     history = ProjectPaths(report_dir).history
     mark = _history_mark(state, history)
-    if history_json and mark is not None and state.parts.history_mark == mark and not nodes:
+    if history_json and mark is not None and state.parts.history_mark == mark and nodes is None:
         history_json = False
     header = state.header()
     failed = [f"telemetry.png was not rendered: {figure.failure}"] if figure is not None and figure.failure else []
     with state.with_open_steps() as index:
         merged = None
-        if nodes:  # a job of several machines: every node's steps and GPUs in the one report
+        if nodes is not None:  # a job of several machines: every node's steps and GPUs in the one report
             from kaio.run.job import merge
 
-            header, merged = merge(header, index, list(nodes))
+            header, merged = merge(header, index, nodes)
         try:
             view = merged or index
             if draw and figure is not None:
@@ -281,14 +281,14 @@ class RunOutputs:
         The reports are written before the sinks take them, and once more after,
         so that the sinks' outcomes (Comet's archive, the Hub commit) are in them.
         """
-        nodes = self._job_nodes()
+        nodes = self._job_nodes(state)
         try:
             return self._finish(state, nodes)
         finally:
-            for node in nodes:
-                node.index.close()
+            if nodes is not None:
+                nodes.close()
 
-    def _finish(self, state: RunState, nodes: list[NodeRecord]) -> Summary:
+    def _finish(self, state: RunState, nodes: NodeRecords | None) -> Summary:
         summary = write_reports(state, self.paths.report_dir, figure=self.figure, nodes=nodes)
         records_before_sinks = state.parts.records
         if self._comet is not None:
@@ -307,15 +307,25 @@ class RunOutputs:
         # The sinks' outcomes go into report.md and history.json; the figure does not show them.
         return write_reports(state, self.paths.report_dir, figure=self.figure, draw=False, nodes=nodes)
 
-    def _job_nodes(self) -> list[NodeRecord]:
-        """On the head of a job of several machines: the other nodes' records, once they have closed (bounded)."""
+    def _job_nodes(self, state: RunState) -> NodeRecords | None:
+        """On the head of a job of several machines: the other nodes' records, once they have closed (bounded).
+        Whatever goes wrong there costs the job's merge, never the head's own report."""
         launch = self.cfg.launch
         if launch.nnodes < 2 or launch.node_rank != 0:
-            return []
+            return None
         from kaio.run.job import load_nodes, node_folders, wait_for_nodes
 
-        wait_for_nodes(self.paths, self._notify)
-        return load_nodes(node_folders(self.paths))
+        try:
+            wait_for_nodes(self.paths, self._notify)
+            nodes = load_nodes(node_folders(self.paths), state.ledger.config)
+        except Exception as exc:  # an unreadable nodes/ folder: the head's record stands alone
+            said = f"the other nodes' records were not merged: {type(exc).__name__}: {exc}"
+            self._notify(f"warning: {said}")
+            self._record(Note(text=said, t_wall=time.time()))
+            return None
+        for problem in nodes.problems:
+            self._notify(f"warning: node folder {problem}")
+        return nodes
 
 
 def push_to_hub(

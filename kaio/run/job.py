@@ -14,6 +14,7 @@ other machines: the same merge, the same report.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import msgspec
 
 from kaio.errors import ProjectError
 from kaio.record.index import RunIndex
-from kaio.record.paths import ProjectPaths
+from kaio.record.paths import ProjectPaths, is_node_folder
 from kaio.record.types import DeviceSummary, HistoryHeader, NodeSummary, Status, StepEntry
 from kaio.run import recorder as loading
 
@@ -46,9 +47,9 @@ class NodeRecord:
 
 def node_folders(paths: ProjectPaths, extra: Iterable[Path] = ()) -> list[Path]:
     """The node folders under the project's ``nodes/``, and the ones named (``--merge``)."""
-    found = (
-        sorted(p for p in paths.nodes.iterdir() if ProjectPaths(p).journal.is_file()) if paths.nodes.is_dir() else []
-    )
+    found = []
+    if paths.nodes.is_dir():
+        found = sorted(p for p in paths.nodes.iterdir() if is_node_folder(p) and ProjectPaths(p).journal.is_file())
     for folder in extra:
         if not ProjectPaths(folder).journal.is_file():
             raise ProjectError(f"--merge {folder}: not a node's record (no journal.jsonl in it)")
@@ -56,24 +57,63 @@ def node_folders(paths: ProjectPaths, extra: Iterable[Path] = ()) -> list[Path]:
     return found
 
 
-def load_nodes(folders: Iterable[Path]) -> list[NodeRecord]:
-    """Each node's record as it is now (its own supervisor may still be writing it: a private copy is read)."""
+def load_nodes(folders: Iterable[Path], head_config: dict | None, explicit: Iterable[Path] = ()) -> NodeRecords:
+    """Each node's record as it is now (its own supervisor may still be writing it: a private copy is read).
+    A folder that is not a node of this job (another project, another job's shape), or that cannot be read, is
+    left out with a warning; one named on the command line (``explicit``) is refused instead."""
+    named = {Path(p) for p in explicit}
     records: dict[int, NodeRecord] = {}
+    problems: list[str] = []
     for folder in folders:
-        loaded = loading.load(ProjectPaths(folder), writable=False)
-        state = loaded.state
+        try:
+            record = _load_node(folder, head_config)
+        except (ProjectError, OSError, ValueError, sqlite3.DatabaseError, msgspec.MsgspecError) as exc:
+            if folder in named:
+                raise ProjectError(f"--merge {folder}: {exc}") from None
+            problems.append(f"{folder.name}: not merged ({exc})")
+            continue
+        if record.node_rank in records:  # the same node twice (nodes/ and --merge): the later wins
+            records[record.node_rank].index.close()
+        records[record.node_rank] = record
+    return NodeRecords([records[rank] for rank in sorted(records)], problems)
+
+
+def _load_node(folder: Path, head_config: dict | None) -> NodeRecord:
+    loaded = loading.load(ProjectPaths(folder), writable=False)
+    state = loaded.state
+    try:
         header = state.header()
-        rank = int(((header.config or {}).get("launch") or {}).get("node_rank") or 0)
+        config = header.config or {}
+        launch = config.get("launch") or {}
+        rank = int(launch.get("node_rank") or 0)
         if rank == 0:
-            state.index.close()
-            raise ProjectError(f"{folder}: the head's record (node rank 0), not another node's")
-        if rank in records:  # the same node twice (nodes/ and --merge): the later wins
-            records[rank].index.close()
+            raise ProjectError("the record of a head (node rank 0), not of another node")
+        if head_config is not None:
+            head_launch = head_config.get("launch") or {}
+            for key in ("nnodes", "main_addr", "main_port"):
+                if launch.get(key) != head_launch.get(key):
+                    raise ProjectError(
+                        f"another job's node: its launch.{key} is {launch.get(key)!r}, the head's {head_launch.get(key)!r}"
+                    )
+            if config.get("project_name") != head_config.get("project_name"):
+                raise ProjectError(f"a node of project {config.get('project_name')!r}")
         with state.with_open_steps() as index:
-            merged_index = _copy(index)
+            copy = _copy(index)
+    finally:
         state.index.close()
-        records[rank] = NodeRecord(rank, folder, header, merged_index)
-    return [records[rank] for rank in sorted(records)]
+    return NodeRecord(rank, folder, header, copy)
+
+
+@dataclass
+class NodeRecords:
+    """The other nodes' records, and why any folder was left out."""
+
+    nodes: list[NodeRecord]
+    problems: list[str]
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.index.close()
 
 
 def wait_for_nodes(paths: ProjectPaths, notify: Callable[[str], None], timeout_s: float = NODE_WAIT_S) -> list[str]:
@@ -97,36 +137,64 @@ def wait_for_nodes(paths: ProjectPaths, notify: Callable[[str], None], timeout_s
         time.sleep(0.5)
 
 
-def merge(header: HistoryHeader, index: RunIndex, nodes: list[NodeRecord]) -> tuple[HistoryHeader, RunIndex]:
+def merge(header: HistoryHeader, index: RunIndex, nodes: NodeRecords) -> tuple[HistoryHeader, RunIndex]:
     """The job's record: the head's header and steps with every node's merged in (a new in-memory index)."""
     head = _NodeTally(0, header, None, len(header.run_gpu_keys()))  # the head's own, before the merge
     header = msgspec.structs.replace(header)
     devices = list(header.devices)
-    for node in nodes:
+    for node in nodes.nodes:
         devices += [
             DeviceSummary(key=node.prefix + d.key, info=d.info, energy_j=d.energy_j, energy_method=d.energy_method)
             for d in node.header.devices
         ]
     header.devices = devices
-    header.warnings = list(header.warnings) + [f"node {n.node_rank}: {w}" for n in nodes for w in n.header.warnings]
-    tallies = [head] + [_NodeTally(n.node_rank, n.header, n.folder, len(n.header.run_gpu_keys())) for n in nodes]
-    by_node = [(n, {e.step: e for e in _entries(n.index)}, tally) for n, tally in zip(nodes, tallies[1:])]
+    warnings = list(header.warnings) + [f"node folder {p}" for p in nodes.problems]
+    warnings += [f"node {n.node_rank}: {w}" for n in nodes.nodes for w in n.header.warnings]
+    tallies = [head] + [_NodeTally(n.node_rank, n.header, n.folder, len(n.header.run_gpu_keys())) for n in nodes.nodes]
+    by_node = [(n, {e.step: e for e in _entries(n.index)}, tally) for n, tally in zip(nodes.nodes, tallies[1:])]
+    missing = {n.node_rank: 0 for n in nodes.nodes}
     merged = RunIndex.in_memory()
     for entry in _entries(index):
         head.add(entry)
-        gpus = head.gpus
+        util = _Util(entry.util, head.gpus)
         for node, entries, tally in by_node:
             other = entries.pop(entry.step, None)
-            if other is not None:
-                tally.add(other)
-                _merge_step(entry, other, node.prefix, gpus, tally.gpus)
-                gpus += tally.gpus
+            if other is None:
+                missing[node.node_rank] += 1
+                continue
+            tally.add(other)
+            _merge_step(entry, other, node.prefix)
+            util.add(other.util, tally.gpus)
+        entry.util = util.mean()
         merged.add_step(entry)
+    for node, entries, _ in by_node:
+        if missing[node.node_rank] or entries:
+            warnings.append(
+                f"node {node.node_rank}: {missing[node.node_rank]} of the head's steps not in its record, and "
+                f"{len(entries)} of its steps not in the head's (not merged)"
+            )
     for evaluation in index.evals():
         merged.add_eval(evaluation)
+    header.warnings = warnings
     if header.run is not None:
         header.run = msgspec.structs.replace(header.run, nodes=[t.summary() for t in tallies])
     return header, merged
+
+
+class _Util:
+    """The mean utilisation over every GPU that reported one in the step."""
+
+    def __init__(self, util: float | None, gpus: int) -> None:
+        self.total, self.gpus = 0.0, 0
+        self.add(util, gpus)
+
+    def add(self, util: float | None, gpus: int) -> None:
+        if util is not None and gpus:
+            self.total += util * gpus
+            self.gpus += gpus
+
+    def mean(self) -> float | None:
+        return self.total / self.gpus if self.gpus else None
 
 
 class _NodeTally:
@@ -167,8 +235,9 @@ class _NodeTally:
         )
 
 
-def _merge_step(entry: StepEntry, other: StepEntry, prefix: str, gpus_before: int, gpus_other: int) -> None:
-    """``other`` (the same step on another node) into ``entry``: its ranks' peaks, its GPUs, the flat figures."""
+def _merge_step(entry: StepEntry, other: StepEntry, prefix: str) -> None:
+    """``other`` (the same step on another node) into ``entry``: its ranks' peaks, its GPUs, the flat figures
+    (power and energy add up; the power range is the sum of each node's, a bound rather than one moment's)."""
     entry.peak_vram_bytes.update(other.peak_vram_bytes)
     peaks = [v for v in entry.peak_vram_bytes.values() if v is not None]
     entry.vram_peak_bytes = max(peaks) if peaks else None
@@ -179,10 +248,6 @@ def _merge_step(entry: StepEntry, other: StepEntry, prefix: str, gpus_before: in
     entry.power_max = _sum(entry.power_max, other.power_max)
     entry.energy_j = _sum(entry.energy_j, other.energy_j)
     entry.temp = max((t for t in (entry.temp, other.temp) if t is not None), default=None)
-    if entry.util is None or other.util is None:
-        entry.util = entry.util if other.util is None else other.util
-    elif gpus_before + gpus_other:
-        entry.util = (entry.util * gpus_before + other.util * gpus_other) / (gpus_before + gpus_other)
 
 
 def _sum(a: float | None, b: float | None) -> float | None:

@@ -107,8 +107,9 @@ def build_snapshot(
         status = "STARTING"  # launching, importing, loading the model and data: not a frozen step 0
     eta = (max_steps - step) / rate if rate and max_steps and max_steps > step else None
     per_step = ledger.samples_per_step()
-    # Rank r trains on the r-th GPU it can see (accelerate's cuda:LOCAL_RANK, one node).
+    # This node's rank lead + i trains on the i-th GPU it can see (accelerate's cuda:LOCAL_RANK).
     run_keys = ledger.run_gpu_keys()
+    lead = ledger.lead_rank
     gpus = tuple(
         _gpu_row(
             key,
@@ -117,7 +118,7 @@ def build_snapshot(
             dev.info.vram_total_bytes,
             dev.energy_j,
             live.latest_gpu.get(key),
-            run_keys.index(key) if key in run_keys else None,
+            lead + run_keys.index(key) if key in run_keys else None,
         )
         for key, dev in sorted(ledger.devices.items())
     )

@@ -85,12 +85,20 @@ def move_aside(cfg: RunConfig) -> list[Path]:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     moved = []
     paths = ProjectPaths(cfg.report_dir)
-    entries = [p for p in paths.report_dir.iterdir() if p != paths.lock] if paths.report_dir.is_dir() else []
+    entries = (
+        [p for p in paths.report_dir.iterdir() if p not in (paths.lock, paths.nodes)]
+        if paths.report_dir.is_dir()
+        else []
+    )
+    # The other nodes of a job started over may have opened their new records under nodes/ already: theirs stay.
+    entries += [p for p in paths.nodes.iterdir() if not ProjectLock.held(p)] if paths.nodes.is_dir() else []
     if entries:
         old_reports = paths.report_dir.with_name(f"{paths.report_dir.name}.replaced-{stamp}")
         old_reports.mkdir(parents=True)
         for entry in entries:
-            shutil.move(str(entry), old_reports / entry.name)
+            target = old_reports / entry.relative_to(paths.report_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(entry), target)
         moved.append(old_reports)
     # Only what the Trainer wrote there: training.output_dir may be a folder shared with other things.
     checkpoints = [p for p in cfg.checkpoint_dir.glob("*") if p.name == "final" or _is_checkpoint(p)]

@@ -19,8 +19,8 @@ from kaio.record.paths import ProjectPaths
 from kaio.report.summary import Summary
 from kaio.run import recorder as loading
 from kaio.run.finalize import FigureProcess, write_reports
-from kaio.run.job import NodeRecord
-from kaio.run.project import opened, unknown_project
+from kaio.run.job import NodeRecords
+from kaio.run.project import opened, saved_config, unknown_project
 from kaio.run.recorder import Recorder
 from kaio.run.state import RunState
 
@@ -45,19 +45,31 @@ def rebuild(
         raise unknown_project(output_dir, project)
     figure = FigureProcess(paths.report_dir)
     figure.warm()  # matplotlib loads in the other process while the record is read
-    from kaio.run.job import load_nodes, node_folders
-
-    nodes = load_nodes(node_folders(paths, merge))
+    nodes = _job_nodes(paths, merge, notify)
     try:
         return _rebuild(paths, figure, notify, nodes)
     finally:
         figure.close()
-        for node in nodes:
-            node.index.close()
+        if nodes is not None:
+            nodes.close()
+
+
+def _job_nodes(paths: ProjectPaths, merge: Sequence[Path], notify: Callable[[str], None]) -> NodeRecords | None:
+    """The other nodes' records of a job of several machines (None: a job of one)."""
+    from kaio.run.job import load_nodes, node_folders
+
+    folders = node_folders(paths, merge)
+    if not folders:
+        return None
+    config = saved_config(paths)[1] if paths.config.is_file() else None
+    nodes = load_nodes(folders, config, explicit=merge)
+    for problem in nodes.problems:
+        notify(f"warning: node folder {problem}")
+    return nodes
 
 
 def _rebuild(
-    paths: ProjectPaths, figure: FigureProcess, notify: Callable[[str], None], nodes: list[NodeRecord]
+    paths: ProjectPaths, figure: FigureProcess, notify: Callable[[str], None], nodes: NodeRecords | None
 ) -> tuple[Summary, Path]:
     if _looks_damaged(paths.history):
         notify(
@@ -85,7 +97,7 @@ def _write(
     paths: ProjectPaths,
     figure: FigureProcess,
     notify: Callable[[str], None],
-    nodes: list[NodeRecord],
+    nodes: NodeRecords | None,
 ) -> Summary:
     """The three files, the figure drawn by a child process on the other core while the rest is written."""
     summary = write_reports(state, paths.report_dir, figure=figure, nodes=nodes)
@@ -96,7 +108,7 @@ def _write(
 
 
 def _rebuild_locked(
-    paths: ProjectPaths, figure: FigureProcess, notify: Callable[[str], None], nodes: list[NodeRecord]
+    paths: ProjectPaths, figure: FigureProcess, notify: Callable[[str], None], nodes: NodeRecords | None
 ) -> Summary:
     with opened(paths, notify) as (loaded, _running):
         summary = _write(loaded.state, paths, figure, notify, nodes)

@@ -7,7 +7,7 @@ it does before its first collective (``Step.data_s`` fetching its micro-batches,
 rank reported, the rank with the most is the slowest, and its lag is how much
 more than the other ranks' median. A rank is flagged when it is the slowest in
 at least 75% of the last 20 such steps, by at least 10% of the median step
-time (and 5 ms): a straggler, not noise.
+time (and 5 ms): a straggler, not noise; said once per rank and session.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class StragglerWatch(msgspec.Struct, kw_only=True):
     step_times: dict[int, float] = {}  # step -> rank 0's step time
     ranks: dict[int, RankTiming] = {}  # every rank of every session
     started: set[int] = set()  # the ranks that said they started in this session
+    warned: set[int] = set()  # flagged this session: said once, however often it crosses the line again
     window: list[_Finding] = []
     flagged: int | None = None
     lead_rank: int = 0  # whose step time sets the lag's floor
@@ -65,6 +66,7 @@ class StragglerWatch(msgspec.Struct, kw_only=True):
     def start_session(self) -> None:
         self.open, self.step_times, self.window, self.flagged = {}, {}, [], None
         self.started = set()
+        self.warned = set()
 
     def on_run_start(self, r: RunStart) -> None:
         self.started.add(r.rank)
@@ -130,6 +132,9 @@ class StragglerWatch(msgspec.Struct, kw_only=True):
         if self.flagged == rank:
             return None
         self.flagged = rank
+        if rank in self.warned:
+            return None
+        self.warned.add(rank)
         timing = self.ranks.get(rank)
         where = ", ".join(x for x in (timing and timing.host, timing and timing.device) if x)
         data = statistics.median(f.data_lag_s for f in mine)
