@@ -3,11 +3,9 @@ the same report from copied node folders with `kaio report --merge`; SLURM's var
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -191,33 +189,3 @@ def test_a_node_rank_outside_the_job_and_a_job_without_a_head_address_are_one_li
     )
     headless = kaio("run", "cfg.yaml", "--nnodes", "2", "--dry-run", cwd=project_dir)
     assert headless.returncode != 0 and "needs the head node's address (--main-addr HOST" in headless.stderr
-
-
-def test_slurms_time_limit_warning_to_every_process_stops_gracefully_with_a_checkpoint(project_dir):
-    """`srun --signal=USR1@90`: SLURM signals every process of the job step, kaio, the launcher and the ranks.
-    None of them dies of it: the training saves a checkpoint at the end of the step and stops, once, even
-    though the warning comes twice."""
-    import psutil
-
-    from conftest import journal_steps, spawn_kaio, wait_for
-
-    write_config(project_dir, max_steps=400, save_steps=1000)
-    proc = spawn_kaio("run", "cfg.yaml", "--plain", cwd=project_dir)
-    wait_for(lambda: journal_steps(project_dir) >= 8, 120, "a few steps")
-    everyone = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
-    assert len(everyone) >= 3  # kaio, the launcher, the rank
-    for _ in range(2):
-        for pid in everyone:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGUSR1)
-    output, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 143, output
-    history = read_history(project_dir)
-    stopped_at = max(s["step"] for s in history["steps"])
-    assert history["status"] == "INTERRUPTED" and stopped_at < 400
-    assert (project_dir / f"checkpoints/t/checkpoint-{stopped_at}/trainer_state.json").is_file()
-    assert (
-        "the scheduler warned that the job's time is nearly up (SIGUSR1): stopping gracefully"
-        in (history["telemetry"]["notes"])
-    )
-    assert not any("killed" in n for n in history["telemetry"]["notes"])
