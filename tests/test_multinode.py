@@ -189,3 +189,28 @@ def test_a_node_rank_outside_the_job_and_a_job_without_a_head_address_are_one_li
     )
     headless = kaio("run", "cfg.yaml", "--nnodes", "2", "--dry-run", cwd=project_dir)
     assert headless.returncode != 0 and "needs the head node's address (--main-addr HOST" in headless.stderr
+
+
+def test_starting_the_head_over_moves_the_old_node_records_aside_but_not_a_live_nodes(tmp_path):
+    """`kaio run --overwrite` on the head moves its old record aside; a node of the new job that has already
+    opened (and locked) its folder under nodes/ keeps it."""
+    from kaio.config import config_from_dict
+    from kaio.record.lock import ProjectLock
+    from kaio.run.project import move_aside
+
+    cfg = config_from_dict(
+        {
+            "project_name": "t",
+            "reporting": {"output_dir": str(tmp_path)},
+            "training": {"output_dir": str(tmp_path / "ck")},
+        }
+    )
+    project = tmp_path / "t"
+    for folder in (project, project / "nodes" / "1-live", project / "nodes" / "2-old"):
+        folder.mkdir(parents=True)
+        (folder / "journal.jsonl").write_text("")
+    with ProjectLock(project / "nodes" / "1-live"):
+        (moved,) = move_aside(cfg)
+    assert (project / "nodes" / "1-live" / "journal.jsonl").is_file()  # the live node's, left in place
+    assert not (project / "journal.jsonl").exists() and not (project / "nodes" / "2-old").exists()
+    assert (moved / "journal.jsonl").is_file() and (moved / "nodes" / "2-old" / "journal.jsonl").is_file()

@@ -47,21 +47,6 @@ class ProjectLock:
         os.write(fd, str(os.getpid()).encode())
         self._fd = fd
 
-    @staticmethod
-    def held(report_dir: Path) -> bool:
-        """Whether a live process holds ``report_dir``'s lock now (it is not taken)."""
-        try:
-            fd = os.open(report_dir / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        finally:
-            os.close(fd)
-        return False
-
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

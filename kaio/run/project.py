@@ -21,7 +21,7 @@ from pathlib import Path
 from kaio.config import RunConfig, config_from_dict, config_snapshot, load_config, with_max_steps
 from kaio.errors import ProjectError
 from kaio.record.index import IndexDamaged
-from kaio.record.lock import ProjectLock
+from kaio.record.lock import ProjectLock, is_locked
 from kaio.record.paths import ProjectPaths
 from kaio.record.types import Note, SessionEnd, SessionKind, Status
 from kaio.run import recorder as loading
@@ -91,7 +91,7 @@ def move_aside(cfg: RunConfig) -> list[Path]:
         else []
     )
     # The other nodes of a job started over may have opened their new records under nodes/ already: theirs stay.
-    entries += [p for p in paths.nodes.iterdir() if not ProjectLock.held(p)] if paths.nodes.is_dir() else []
+    entries += [p for p in paths.nodes.iterdir() if not is_locked(p)] if paths.nodes.is_dir() else []
     if entries:
         old_reports = paths.report_dir.with_name(f"{paths.report_dir.name}.replaced-{stamp}")
         old_reports.mkdir(parents=True)
