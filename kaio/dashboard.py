@@ -356,6 +356,8 @@ def plain_line(snapshot: Snapshot) -> str:
     dev = _plain_devices(snapshot)
     if dev:
         parts.append(dev)
+    if snapshot.nodes:
+        parts.append(_plain_nodes(snapshot))
     n_warn = len(snapshot.warnings)
     if n_warn:
         parts.append(f"{n_warn} warning{'s' if n_warn != 1 else ''}")
@@ -440,6 +442,8 @@ def _top_parts(snap: Snapshot, console: Console, options: ConsoleOptions, width:
         )
     parts.append(_training_panel(snap, width))
     parts.append(_devices_panel(snap, console, options, width))
+    if snap.nodes:
+        parts.append(_nodes_panel(snap))
     if snap.warnings:
         parts.append(_warnings_panel(snap))
     return parts
@@ -686,6 +690,32 @@ def _host_panel(host: HostRow | None) -> Panel:
         )
         body = table
     return Panel(body, title="devices", title_align="left", box=box.ROUNDED, padding=(0, 1))
+
+
+_NODE_STATE_STYLE = {"live": "green", "stale": "yellow", "lost": "bold red", "failed": "red", "completed": "green"}
+
+
+def _nodes_panel(snap: Snapshot) -> Panel:
+    """The job's other machines, one line each: their state, step, GPUs (the head's own are above)."""
+    text = Text()
+    for i, node in enumerate(snap.nodes):
+        if i:
+            text.append("\n")
+        text.append(f"node {node.node_rank} {_clean(node.host or '')}".ljust(22))
+        state = node.state if node.state not in ("stale", "lost") else f"{node.state} ({node.silent_s:.0f} s)"
+        text.append(state.ljust(16), style=_NODE_STATE_STYLE.get(node.state, "bold"))
+        text.append(f"step {node.step if node.step is not None else '—'}".ljust(12))
+        if node.gpus:
+            text.append(
+                f"{node.gpus} GPU{'s' if node.gpus != 1 else ''} {_fmt_pct(node.util)} {_fmt_power(node.power_w)}"
+            )
+        else:
+            text.append("no GPU", style="dim")
+    return Panel(text, title=f"other nodes ({len(snap.nodes)})", title_align="left", box=box.ROUNDED)
+
+
+def _plain_nodes(snapshot: Snapshot) -> str:
+    return " ".join(f"node{n.node_rank} {n.state}" for n in snapshot.nodes)
 
 
 def _warnings_panel(snap: Snapshot) -> Panel:

@@ -9,7 +9,9 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
+import msgspec
 import pytest
 
 from conftest import REPO, kaio, read_history, write_config
@@ -69,6 +71,7 @@ def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the
     host = socket.gethostname().split(".")[0]
     node_folder = project_dir / "docs" / "reports" / "t" / "nodes" / f"1-{host}"
     assert f"record: docs/reports/t/nodes/1-{host}/report.md" in node1_out
+    assert "| node1 live" in head.stdout  # the head followed node 1 while the job ran
 
     history = read_history(project_dir)
     run = history["run"]
@@ -214,3 +217,79 @@ def test_starting_the_head_over_moves_the_old_node_records_aside_but_not_a_live_
     assert (project / "nodes" / "1-live" / "journal.jsonl").is_file()  # the live node's, left in place
     assert not (project / "journal.jsonl").exists() and not (project / "nodes" / "2-old").exists()
     assert (moved / "journal.jsonl").is_file() and (moved / "nodes" / "2-old" / "journal.jsonl").is_file()
+
+
+def test_the_head_follows_the_other_nodes_journals_and_says_when_one_is_lost(tmp_path):
+    """A node is heard when its journal grows, on the head's clock: stale after 10 s of silence, lost after 60
+    (said once), live again when it writes; its session's end says how it ended. The dashboard shows them."""
+    from test_dashboard import make_snapshot, text_of
+
+    from kaio.dashboard import plain_line, render
+    from kaio.devices.base import DeviceInfo, GpuSample
+    from kaio.record.types import Devices, SessionEnd, SessionStart, Status, Step, TickRecord, encode_record
+    from kaio.run.node_watch import NodeWatch
+
+    clock = [1000.0]
+    project = tmp_path / "t"
+    journal = project / "nodes" / "1-gpu08" / "journal.jsonl"
+    journal.parent.mkdir(parents=True)
+
+    def append(*records):
+        with open(journal, "ab") as f:
+            f.write(b"".join(encode_record(r) for r in records))
+
+    append(
+        SessionStart(session=1),
+        Devices(devices=[DeviceInfo("nvml", 0, "H100"), DeviceInfo("nvml", 1, "H100")]),
+        TickRecord(
+            gpus=[
+                GpuSample("nvml:0", 1.0, 1.0, power_w=300.0, util_pct=90.0),
+                GpuSample("nvml:1", 1.0, 1.0, power_w=310.0, util_pct=80.0),
+            ]
+        ),
+        Step(rank=8, step=41),
+    )
+    watch = NodeWatch(ProjectPaths(project), now=lambda: clock[0])
+    assert watch.poll(force=True) == []
+    (row,) = watch.rows()
+    assert (row.node_rank, row.host, row.state, row.step, row.gpus) == (1, "gpu08", "live", 41, 2)
+    assert row.util == pytest.approx(85.0) and row.power_w == pytest.approx(610.0)
+
+    clock[0] += 11
+    assert watch.poll(force=True) == [] and watch.rows()[0].state == "stale"
+    clock[0] += 50
+    assert watch.poll(force=True) == ["node 1 (gpu08) lost: nothing from it for 61 s (last at step 41)"]
+    assert watch.poll(force=True) == []  # said once
+    lost = watch.rows()
+    snapshot = make_snapshot(nodes=lost)
+    assert "node1 lost" in plain_line(snapshot)
+    assert "lost (61 s)" in text_of(render(snapshot)) and "2 GPUs" in text_of(render(snapshot))
+
+    append(Step(rank=8, step=42))  # heard again
+    clock[0] += 1
+    watch.poll(force=True)
+    assert (watch.rows()[0].state, watch.rows()[0].step) == ("live", 42)
+    append(SessionEnd(session=1, status=Status.COMPLETED))
+    clock[0] += 100
+    assert watch.poll(force=True) == [] and watch.rows()[0].state == "completed"  # ended: never lost
+
+
+def test_a_node_whose_record_never_ended_is_lost_in_the_job_report_once_the_head_has_ended():
+    from kaio.record.index import RunIndex
+    from kaio.record.types import HistoryHeader, RunDescription, Session, Status, StepEntry
+    from kaio.run.job import NodeRecord, NodeRecords, merge
+
+    head = HistoryHeader(project="t", status=Status.COMPLETED, sessions=[Session(session=1, exit_code=0)])
+    node = HistoryHeader(project="t", status=Status.RUNNING, sessions=[Session(session=1)])
+    head_index, node_index = RunIndex.in_memory(), RunIndex.in_memory()
+    for step in (1, 2, 3):
+        head_index.add_step(StepEntry(step=step, session=1, peak_vram_bytes={"0": 10}))
+    node_index.add_step(StepEntry(step=1, session=1, peak_vram_bytes={"1": 20}))
+    head = msgspec.structs.replace(head, run=RunDescription(world_size=2))
+    merged_header, merged = merge(head, head_index, NodeRecords([NodeRecord(1, Path("1-gpu08"), node, node_index)], []))
+    assert [(n.node_rank, n.status) for n in merged_header.run.nodes] == [(0, "COMPLETED"), (1, "LOST")]
+    assert "node 1: 2 of the head's steps not in its record, and 0 of its steps not in the head's (not merged)" in (
+        merged_header.warnings
+    )
+    entries = [json.loads(line) for line in merged.step_lines()]
+    assert [e["peak_vram_bytes"] for e in entries] == [{"0": 10, "1": 20}, {"0": 10}, {"0": 10}]

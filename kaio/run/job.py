@@ -117,29 +117,46 @@ class NodeRecords:
 
 
 def wait_for_nodes(paths: ProjectPaths, notify: Callable[[str], None], timeout_s: float = NODE_WAIT_S) -> list[str]:
-    """At the end of the head's run: wait (bounded) for every node's record to say its session ended. Returns
-    the folders still running."""
-    deadline = time.monotonic() + timeout_s
+    """At the end of the head's run: wait (bounded) for every node's record to say its session ended; a node
+    whose journal does not grow for ``STALE_S`` is not waited for (its kaio is gone: lost). Returns the folders
+    whose record never ended."""
+    from kaio.run.node_watch import STALE_S
+
+    start = time.monotonic()
+    sizes: dict[str, tuple[int, float]] = {}  # folder -> (journal size, when it last changed)
+    said = False
     while True:
-        running = []
+        now = time.monotonic()
+        running, growing = [], []
         for folder in node_folders(paths):
             loaded = loading.load(ProjectPaths(folder), writable=False)
-            if loaded.state.status == Status.RUNNING:
-                running.append(folder.name)
+            ended = loaded.state.status != Status.RUNNING
             loaded.state.index.close()
-        if not running or time.monotonic() > deadline:
+            if ended:
+                continue
+            running.append(folder.name)
+            size = ProjectPaths(folder).journal.stat().st_size
+            if sizes.get(folder.name, (None, 0.0))[0] != size:
+                sizes[folder.name] = (size, now)
+            if now - sizes[folder.name][1] < STALE_S:
+                growing.append(folder.name)
+        if not growing or now - start > timeout_s:
             if running:
                 notify(
-                    f"note: node(s) {', '.join(running)} still running after {timeout_s:.0f} s; the report has what "
-                    f"they wrote so far (`kaio report {paths.project}` merges the rest later)"
+                    f"note: node(s) {', '.join(running)} did not record their end (lost, or still going); the "
+                    f"report has what they wrote (`kaio report {paths.project}` merges the rest later)"
                 )
             return running
+        if not said:
+            notify(f"waiting for node(s) {', '.join(growing)} to close their records (at most {timeout_s:.0f} s)")
+            said = True
         time.sleep(0.5)
 
 
 def merge(header: HistoryHeader, index: RunIndex, nodes: NodeRecords) -> tuple[HistoryHeader, RunIndex]:
     """The job's record: the head's header and steps with every node's merged in (a new in-memory index)."""
     head = _NodeTally(0, header, None, len(header.run_gpu_keys()))  # the head's own, before the merge
+    head_ended = header.status != Status.RUNNING
     header = msgspec.structs.replace(header)
     devices = list(header.devices)
     for node in nodes.nodes:
@@ -177,7 +194,7 @@ def merge(header: HistoryHeader, index: RunIndex, nodes: NodeRecords) -> tuple[H
         merged.add_eval(evaluation)
     header.warnings = warnings
     if header.run is not None:
-        header.run = msgspec.structs.replace(header.run, nodes=[t.summary() for t in tallies])
+        header.run = msgspec.structs.replace(header.run, nodes=[t.summary(head_ended) for t in tallies])
     return header, merged
 
 
@@ -214,7 +231,9 @@ class _NodeTally:
         if peaks:
             self.vram_peak = max(self.vram_peak or 0, *peaks)
 
-    def summary(self) -> NodeSummary:
+    def summary(self, head_ended: bool) -> NodeSummary:
+        """``head_ended``: a node whose record is still RUNNING after the head's end never recorded its own:
+        LOST (its kaio was killed, or its machine went away)."""
         header, rank = self.header, self.rank
         run = header.run
         environment = run.environment if run is not None else None
@@ -225,7 +244,7 @@ class _NodeTally:
             node_rank=rank,
             host=environment.hostname if environment else None,
             folder=self.folder.name if self.folder is not None else None,
-            status=header.status.value,
+            status="LOST" if head_ended and rank and header.status == Status.RUNNING else header.status.value,
             exit_code=last.exit_code if last else None,
             gpus=[d.key if rank == 0 else f"n{rank}/{d.key}" for d in in_run],
             gpu_names=[d.info.name for d in in_run],

@@ -48,6 +48,20 @@ class HostRow:
 
 
 @dataclass(frozen=True, slots=True)
+class NodeRow:
+    """Another node of the job, as the head sees it while it runs (kaio.run.node_watch)."""
+
+    node_rank: int
+    host: str | None
+    state: str  # live | stale | lost | completed | failed | interrupted
+    silent_s: float
+    step: int | None
+    gpus: int
+    util: float | None
+    power_w: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     project: str
     status: str  # STARTING (no step of this session yet) | RUNNING | STOPPING | COMPLETED | FAILED | INTERRUPTED
@@ -70,6 +84,7 @@ class Snapshot:
     peak_vram_by_rank: dict[int, int | None] = field(default_factory=dict)  # latest step's true peak
     gpus: tuple[GpuRow, ...] = ()
     host: HostRow | None = None
+    nodes: tuple[NodeRow, ...] = ()  # the job's other machines (on its head)
     log_tail: tuple[str, ...] = ()  # last lines of the child's output (bounded)
     warnings: tuple[str, ...] = ()
     exit_code: int | None = None

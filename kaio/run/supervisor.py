@@ -41,6 +41,7 @@ from kaio.record.types import (
     Status,
 )
 from kaio.run import diagnose
+from kaio.run.node_watch import NodeWatch
 from kaio.run.recorder import Recorder
 from kaio.run.snapshot import Snapshot, as_shown
 from kaio.run.stalls import StallWatch, capture_stacks
@@ -113,6 +114,8 @@ class Supervisor:
         self.on_refresh: list[Callable[[RunState], None]] = []  # report writers, the index commit
         self.on_loop: list[Callable[[RunState], None]] = []  # cheap consumers called every loop (Comet feed)
         self._refresh_failures: set[str] = set()
+        # The head of a job of several machines follows the other nodes' records (on a shared filesystem).
+        self._nodes = NodeWatch(self.paths) if cfg.launch.nnodes > 1 and cfg.launch.node_rank == 0 else None
 
     # ------------------------------------------------------------ sessions
 
@@ -246,6 +249,9 @@ class Supervisor:
             self._drain()
             self._check_stop(proc)
             self._check_stall(proc)
+            if self._nodes is not None:
+                for lost in self._nodes.poll():
+                    self._note(lost)
             now = time.monotonic()
             self.view.update(self.snapshot())
             for consumer in self.on_loop:
@@ -315,6 +321,8 @@ class Supervisor:
             extra_warnings=self._live_warnings() + ((stall,) if stall else ()),
             report_path=str(self.paths.report),
         )
+        if self._nodes is not None:
+            snapshot = dataclasses.replace(snapshot, nodes=self._nodes.rows())
         return dataclasses.replace(snapshot, eta_s=None) if stall else snapshot  # stalled: no time of arrival
 
     def _live_warnings(self) -> tuple[str, ...]:
