@@ -132,6 +132,7 @@ def run(
         for line in dry_run_lines(cfg, where, os.environ):
             typer.echo(line)
         return
+    _ignore_scheduler_warning()
     console = _console()
     code = run_new(
         cfg, choose_view(console, plain), overwrite=overwrite, poller_factory_for=poller_factory, notify=_say(console)
@@ -184,6 +185,7 @@ def resume(
     from kaio.run.project import resume as resume_project
     from kaio.views import choose_view
 
+    _ignore_scheduler_warning()
     console = _console()
     code = resume_project(
         project,
@@ -259,6 +261,14 @@ def gpus(as_json: bool = typer.Option(False, "--json", help="Machine-readable ou
         typer.echo(json.dumps(inv, indent=2, default=str))
     else:
         _console().print(render_inventory(inv))
+
+
+def _ignore_scheduler_warning() -> None:
+    """SLURM's time-limit warning (SIGUSR1) ends a process by default: while a session runs kaio answers it with
+    a graceful stop; before and after one (loading, the final report, the Hub push) it must not end kaio."""
+    import signal
+
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def main() -> None:  # pragma: no cover - python -m kaio

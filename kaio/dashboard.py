@@ -695,11 +695,18 @@ def _host_panel(host: HostRow | None) -> Panel:
 _NODE_STATE_STYLE = {"live": "green", "stale": "yellow", "lost": "bold red", "failed": "red", "completed": "green"}
 
 
+MAX_NODE_ROWS = 8  # beyond this many nodes, a count per state and the nodes that are not live
+
+
 def _nodes_panel(snap: Snapshot) -> Panel:
     """The job's other machines, one line each: their state, step, GPUs (the head's own are above)."""
     text = Text()
-    for i, node in enumerate(snap.nodes):
-        if i:
+    shown = snap.nodes
+    if len(snap.nodes) > MAX_NODE_ROWS:
+        text.append(_node_counts(snap))
+        shown = tuple(n for n in snap.nodes if n.state != "live")[:MAX_NODE_ROWS]
+    for node in shown:
+        if text:
             text.append("\n")
         text.append(f"node {node.node_rank} {_clean(node.host or '')}".ljust(22))
         state = node.state if node.state not in ("stale", "lost") else f"{node.state} ({node.silent_s:.0f} s)"
@@ -714,7 +721,17 @@ def _nodes_panel(snap: Snapshot) -> Panel:
     return Panel(text, title=f"other nodes ({len(snap.nodes)})", title_align="left", box=box.ROUNDED)
 
 
+def _node_counts(snap: Snapshot) -> str:
+    counts: dict[str, int] = {}
+    for node in snap.nodes:
+        counts[node.state] = counts.get(node.state, 0) + 1
+    return ", ".join(f"{count} {state}" for state, count in counts.items())
+
+
 def _plain_nodes(snapshot: Snapshot) -> str:
+    if len(snapshot.nodes) > 4:
+        odd = [f"node{n.node_rank} {n.state}" for n in snapshot.nodes if n.state != "live"][:4]
+        return f"nodes: {_node_counts(snapshot)}" + (f" ({', '.join(odd)})" if odd else "")
     return " ".join(f"node{n.node_rank} {n.state}" for n in snapshot.nodes)
 
 

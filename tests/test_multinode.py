@@ -273,6 +273,13 @@ def test_the_head_follows_the_other_nodes_journals_and_says_when_one_is_lost(tmp
     clock[0] += 100
     assert watch.poll(force=True) == [] and watch.rows()[0].state == "completed"  # ended: never lost
 
+    # The node started over (--overwrite): a new journal file, read from its start, whatever its size.
+    journal.rename(journal.with_name("old.jsonl"))
+    append(SessionStart(session=1), *[Step(rank=8, step=n) for n in range(1, 400)])
+    clock[0] += 1
+    watch.poll(force=True)
+    assert (watch.rows()[0].state, watch.rows()[0].step) == ("live", 399)
+
 
 def test_a_node_whose_record_never_ended_is_lost_in_the_job_report_once_the_head_has_ended():
     from kaio.record.index import RunIndex

@@ -53,6 +53,10 @@ def _rendezvous_on_loopback() -> None:
 
 
 def main() -> None:
+    # A scheduler's warning before the end (SLURM's --signal=USR1@90) may reach every process of the job step:
+    # its default action would end this launcher (set first: importing torch takes seconds). The ranks answer
+    # it themselves (kaio.child.stop).
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     import torch
     from accelerate.commands.launch import main as accelerate_main
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -65,9 +69,6 @@ def main() -> None:
     # answer (it saves a checkpoint, kaio.child.stop), so this process waits for it rather than dying first.
     # Several: torch elastic installs its own handlers, which pass the signal on to every rank.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # A scheduler's warning before the end (SLURM's --signal=USR1@90) may reach every process of the job step:
-    # its default action would end this launcher. The ranks answer it themselves (kaio.child.stop).
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     _rendezvous_on_loopback()  # a store on 127.0.0.1 stays on loopback
     session = int(os.environ.get(ENV_SESSION, "1"))
     try:

@@ -84,10 +84,10 @@ def check_report_folder(report_dir: Path) -> None:
 
 def is_locked(report_dir: Path) -> bool:
     """True while a supervisor holds the project's lock (for read-only commands)."""
-    path = report_dir / LOCK_NAME
-    if not path.exists():
+    try:  # never follow a link, never block on something that is not a file
+        fd = os.open(report_dir / LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
         return False
-    fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -28,7 +28,8 @@ from kaio.record.paths import ProjectPaths, is_node_folder
 from kaio.record.types import DeviceSummary, HistoryHeader, NodeSummary, Status, StepEntry
 from kaio.run import recorder as loading
 
-NODE_WAIT_S = 30.0  # at the end of a run, how long the head waits for the other nodes' records to close
+NODE_WAIT_S = 60.0  # at the end of a run, how long the head waits at most for the other nodes' records to close...
+GIVE_UP_S = 15.0  # ...and for one whose journal has stopped growing
 
 
 @dataclass
@@ -117,30 +118,20 @@ class NodeRecords:
 
 
 def wait_for_nodes(paths: ProjectPaths, notify: Callable[[str], None], timeout_s: float = NODE_WAIT_S) -> list[str]:
-    """At the end of the head's run: wait (bounded) for every node's record to say its session ended; a node
-    whose journal does not grow for ``STALE_S`` is not waited for (its kaio is gone: lost). Returns the folders
-    whose record never ended."""
-    from kaio.run.node_watch import STALE_S
+    """At the end of the head's run: wait (bounded) for every node's record to say its session ended, reading
+    what their journals add (``NodeWatch``); a node silent for ``GIVE_UP_S`` is not waited for (its kaio is
+    gone). Returns the folders whose record has not ended."""
+    from kaio.run.node_watch import NodeWatch
 
+    watch = NodeWatch(paths)
     start = time.monotonic()
-    sizes: dict[str, tuple[int, float]] = {}  # folder -> (journal size, when it last changed)
     said = False
     while True:
-        now = time.monotonic()
-        running, growing = [], []
-        for folder in node_folders(paths):
-            loaded = loading.load(ProjectPaths(folder), writable=False)
-            ended = loaded.state.status != Status.RUNNING
-            loaded.state.index.close()
-            if ended:
-                continue
-            running.append(folder.name)
-            size = ProjectPaths(folder).journal.stat().st_size
-            if sizes.get(folder.name, (None, 0.0))[0] != size:
-                sizes[folder.name] = (size, now)
-            if now - sizes[folder.name][1] < STALE_S:
-                growing.append(folder.name)
-        if not growing or now - start > timeout_s:
+        watch.poll(force=True)
+        silent = watch.silent_s()
+        running = sorted(name for name, ended in watch.ended().items() if ended is None)
+        waiting = [name for name in running if silent[name] < GIVE_UP_S]
+        if not waiting or time.monotonic() - start > timeout_s:
             if running:
                 notify(
                     f"note: node(s) {', '.join(running)} did not record their end (lost, or still going); the "
@@ -148,7 +139,7 @@ def wait_for_nodes(paths: ProjectPaths, notify: Callable[[str], None], timeout_s
                 )
             return running
         if not said:
-            notify(f"waiting for node(s) {', '.join(growing)} to close their records (at most {timeout_s:.0f} s)")
+            notify(f"waiting for node(s) {', '.join(waiting)} to close their records (at most {timeout_s:.0f} s)")
             said = True
         time.sleep(0.5)
 

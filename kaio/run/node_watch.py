@@ -4,8 +4,8 @@ Each node's kaio appends to its own ``nodes/<rank>-<host>/journal.jsonl``; the
 head reads what was added since its last look, every couple of seconds. A
 node is heard when its journal grows (its poller alone adds a tick twice a
 second), on the head's own clock: no clock is compared across machines. A node
-silent for 10 s is stale, for 60 s lost (said once, as a warning in the
-record); a node whose session ended says how. Without a shared filesystem the
+silent for 10 s is stale, for 60 s lost (or 5 and 30 of its poller's ticks, when
+longer; said once, as a warning in the record); a node whose session ended says how. Without a shared filesystem the
 head sees no other node while the job runs (the report merges them later).
 """
 
@@ -23,8 +23,10 @@ from kaio.run.snapshot import NodeRow
 
 STALE_S = 10.0
 LOST_S = 60.0
+TICKS_STALE = 5  # with a slow poller (reporting.poll_hz), silence is counted in its ticks: 5 for stale...
+TICKS_LOST = 30  # ...and 30 for lost, when that is longer than the seconds above
 POLL_S = 2.0
-MAX_READ_BYTES = 4 << 20  # a look reads at most this much of one journal (a node far ahead catches up over looks)
+MAX_READ_BYTES = 1 << 20  # a look reads at most this much of one journal (a node far ahead catches up over looks)
 
 
 @dataclass
@@ -41,6 +43,16 @@ class _Node:
     util: float | None = None
     power_w: float | None = None
     said_lost: bool = False
+    file_id: tuple[int, int] | None = None  # (device, inode) of the journal read
+    tick_s: float = 0.5  # its poller's interval
+
+    @property
+    def stale_after(self) -> float:
+        return max(STALE_S, TICKS_STALE * self.tick_s)
+
+    @property
+    def lost_after(self) -> float:
+        return max(LOST_S, TICKS_LOST * self.tick_s)
 
 
 class NodeWatch:
@@ -53,7 +65,8 @@ class NodeWatch:
         self._next_poll = 0.0
 
     def poll(self, *, force: bool = False) -> list[str]:
-        """Read what the nodes added (at most every ``POLL_S``); returns the warnings of nodes newly lost."""
+        """Read what the nodes added (at most every ``POLL_S``); returns the warnings of nodes newly lost.
+        A folder that cannot be read now (permissions, a network filesystem's hiccup) is skipped this time."""
         now = self._now()
         if not force and now < self._next_poll:
             return []
@@ -64,8 +77,11 @@ class NodeWatch:
             if node is None:
                 rank, host = folder.name.split("-", 1)
                 node = self._nodes[folder] = _Node(rank=int(rank), folder=folder, heard=now, host=host)
-            self._read(node, now)
-            if node.ended is None and now - node.heard > LOST_S and not node.said_lost:
+            try:
+                self._read(node, now)
+            except OSError:
+                pass  # counted as silence: a node that stays unreadable becomes stale, then lost
+            if node.ended is None and now - node.heard > node.lost_after and not node.said_lost:
                 node.said_lost = True
                 at = f" (last at step {node.step})" if node.step is not None else ""
                 lost.append(
@@ -73,6 +89,14 @@ class NodeWatch:
                     f"{now - node.heard:.0f} s{at}"
                 )
         return lost
+
+    def ended(self) -> dict[str, str | None]:
+        """Each node folder's ended status (None: its record has not said it ended)."""
+        return {folder.name: node.ended for folder, node in self._nodes.items()}
+
+    def silent_s(self) -> dict[str, float]:
+        now = self._now()
+        return {folder.name: now - node.heard for folder, node in self._nodes.items()}
 
     def rows(self) -> tuple[NodeRow, ...]:
         now = self._now()
@@ -95,39 +119,47 @@ class NodeWatch:
         if node.ended is not None:
             return node.ended.lower()
         silent = now - node.heard
-        return "lost" if silent > LOST_S else "stale" if silent > STALE_S else "live"
+        return "lost" if silent > node.lost_after else "stale" if silent > node.stale_after else "live"
 
     def _folders(self) -> list[Path]:
-        nodes = self.paths.nodes
-        if not nodes.is_dir():
-            return []
-        return sorted(p for p in nodes.iterdir() if is_node_folder(p) and ProjectPaths(p).journal.is_file())
+        try:
+            if not self.paths.nodes.is_dir():
+                return []
+            folders = [p for p in self.paths.nodes.iterdir() if is_node_folder(p)]
+        except OSError:
+            return list(self._nodes)  # the listing failed this time: the nodes known so far
+        found = []
+        for folder in folders:
+            try:
+                if ProjectPaths(folder).journal.is_file():
+                    found.append(folder)
+            except OSError:
+                if folder in self._nodes:
+                    found.append(folder)
+        return sorted(found)
 
     def _read(self, node: _Node, now: float) -> None:
         journal = ProjectPaths(node.folder).journal
-        try:
-            size = journal.stat().st_size
-        except OSError:
-            return
-        if size < node.offset:  # a record started over in the same folder
-            node.offset, node.step, node.ended, node.session = 0, None, None, None
+        stat = journal.stat()
+        file_id = (stat.st_dev, stat.st_ino)
+        if file_id != node.file_id or stat.st_size < node.offset:  # a new record in the folder (started over)
+            node.file_id, node.offset, node.step, node.ended, node.session = file_id, 0, None, None, None
         start = node.offset
-        try:
-            for end, record in read_records(journal, start):
-                node.offset = end
-                if record is not None:
-                    self._apply(node, record)
-                if end - start > MAX_READ_BYTES:
-                    break
-        except OSError:
-            return
+        for end, record in read_records(journal, start):
+            node.offset = end
+            if record is not None:
+                self._apply(node, record)
+            if end - start > MAX_READ_BYTES:
+                break
         if node.offset > start:
             node.heard, node.said_lost = now, False
 
     @staticmethod
     def _apply(node: _Node, record: object) -> None:
         if isinstance(record, SessionStart):
-            node.session, node.ended = record.session, None
+            node.session, node.ended, node.step = record.session, None, None
+            if record.poll_hz:
+                node.tick_s = 1.0 / record.poll_hz
         elif isinstance(record, SessionEnd):
             node.ended = record.status.value
         elif isinstance(record, Devices):

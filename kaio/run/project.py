@@ -90,25 +90,38 @@ def move_aside(cfg: RunConfig) -> list[Path]:
         if paths.report_dir.is_dir()
         else []
     )
-    # The other nodes of a job started over may have opened their new records under nodes/ already: theirs stay.
-    entries += [p for p in paths.nodes.iterdir() if not is_locked(p)] if paths.nodes.is_dir() else []
+    # Under nodes/: the other nodes' old records. A node of the new job may have opened its folder already (it
+    # holds its lock), and a node moves its own old record aside next to it (".replaced-"): those stay.
+    if paths.nodes.is_dir():
+        entries += [p for p in paths.nodes.iterdir() if ".replaced-" not in p.name and not _live(p)]
     if entries:
         old_reports = paths.report_dir.with_name(f"{paths.report_dir.name}.replaced-{stamp}")
-        old_reports.mkdir(parents=True)
+        old_reports.mkdir(parents=True, exist_ok=True)
         for entry in entries:
             target = old_reports / entry.relative_to(paths.report_dir)
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(entry), target)
+            with contextlib.suppress(FileNotFoundError):  # moved meanwhile by its own node
+                shutil.move(str(entry), target)
         moved.append(old_reports)
+    if cfg.launch.node_rank != 0:
+        return moved  # the checkpoints are the head's to move (one folder for every node, when shared)
     # Only what the Trainer wrote there: training.output_dir may be a folder shared with other things.
     checkpoints = [p for p in cfg.checkpoint_dir.glob("*") if p.name == "final" or _is_checkpoint(p)]
     if checkpoints:
         target = cfg.checkpoint_dir / f"replaced-{stamp}"
-        target.mkdir()
+        target.mkdir(exist_ok=True)
         for path in checkpoints:
             shutil.move(str(path), target / path.name)
         moved.append(target)
     return moved
+
+
+def _live(folder: Path) -> bool:
+    """A node folder whose lock a live kaio holds; unreadable, it is left where it is."""
+    try:
+        return is_locked(folder)
+    except OSError:
+        return True
 
 
 def _is_checkpoint(path: Path) -> bool:

@@ -88,7 +88,8 @@ class _Stop:
     """Ctrl-C / SIGTERM bookkeeping: first press stops gracefully, second kills."""
 
     requests: int = 0
-    first_at: float | None = None
+    first_at: float | None = None  # when the grace period started (a scheduler's warning starts none)
+    warned: bool = False  # the stop came from a scheduler's time-limit warning (SIGUSR1)
     killed: bool = False
     checkpoints_before: int = 0  # checkpoints recorded when the stop was asked for
 
@@ -250,8 +251,7 @@ class Supervisor:
             self._check_stop(proc)
             self._check_stall(proc)
             if self._nodes is not None:
-                for lost in self._nodes.poll():
-                    self._note(lost)
+                self._follow_nodes()
             now = time.monotonic()
             self.view.update(self.snapshot())
             for consumer in self.on_loop:
@@ -322,8 +322,23 @@ class Supervisor:
             report_path=str(self.paths.report),
         )
         if self._nodes is not None:
-            snapshot = dataclasses.replace(snapshot, nodes=self._nodes.rows())
+            snapshot = dataclasses.replace(snapshot, nodes=self._nodes.rows())  # from memory: no I/O
         return dataclasses.replace(snapshot, eta_s=None) if stall else snapshot  # stalled: no time of arrival
+
+    def _follow_nodes(self) -> None:
+        """The other nodes' records (the head of a job of several machines): what goes wrong there costs the
+        view of them, never this node's training."""
+        assert self._nodes is not None
+        try:
+            lost = self._nodes.poll()
+        except Exception as exc:
+            message = f"the other nodes' records could not be followed: {type(exc).__name__}: {exc}"
+            if message not in self._refresh_failures:
+                self._refresh_failures.add(message)
+                self._note(message)
+            return
+        for warning in lost:
+            self._note(warning)
 
     def _live_warnings(self) -> tuple[str, ...]:
         stats = self._reader.stats if self._reader is not None else None
@@ -377,7 +392,7 @@ class Supervisor:
             if proc.poll() is None and not self._stop.requests:
                 said = "the scheduler warned that the job's time is nearly up (SIGUSR1): stopping gracefully"
                 self._queue.put(("record", Note(text=said, level="info", t_wall=time.time())))
-                self._request_stop(proc)
+                self._request_stop(proc, warning=True)
 
         previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -385,8 +400,19 @@ class Supervisor:
         previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, warned)
         return previous
 
-    def _request_stop(self, proc: subprocess.Popen) -> None:
-        """A first request stops gracefully (the Trainer saves a checkpoint); a second kills."""
+    def _request_stop(self, proc: subprocess.Popen, *, warning: bool = False) -> None:
+        """A first request stops gracefully (the Trainer saves a checkpoint); a second kills. A scheduler's
+        warning stops gracefully with no deadline of kaio's (the scheduler's own SIGTERM is the deadline: it
+        starts the grace period, without a second SIGTERM to the ranks)."""
+        stop = self._stop
+        if warning:
+            stop.requests, stop.warned = 1, True
+            stop.checkpoints_before = len(self.state.ledger.checkpoints)
+            launch.signal_group(proc, signal.SIGTERM)
+            return
+        if stop.warned and stop.first_at is None:
+            stop.first_at = time.monotonic()
+            return
         self._stop.requests += 1
         if self._stop.requests == 1:
             self._stop.first_at = time.monotonic()
