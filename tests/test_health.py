@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import textwrap
 
@@ -109,15 +110,17 @@ def test_a_straggler_is_named_with_its_parts_and_slurms_warning_to_every_process
 
     fast, slow = history["ranks"]
     assert (fast["rank"], slow["rank"]) == (0, 1) and fast["steps"] == slow["steps"] == n
-    assert slow["slowest"] == n and fast["slowest"] == 0
+    # A busy machine may make rank 0 slow for a step now and then: nearly always rank 1, not always.
+    assert slow["slowest"] >= 0.9 * n and fast["slowest"] == n - slow["slowest"]
     assert slow["data_s"] / n == pytest.approx(0.08, abs=0.02) and fast["data_s"] / n < 0.01
     assert slow["forward_s"] / n - fast["forward_s"] / n == pytest.approx(0.02, abs=0.008)
-    assert all(s["slowest_rank"] == 1 and s["rank_lag_s"] > 0.08 for s in history["steps"])
+    lags = sorted(s["rank_lag_s"] for s in history["steps"] if s["slowest_rank"] == 1)
+    assert lags[len(lags) // 2] == pytest.approx(0.1, abs=0.025)  # the median step: 80 ms of data, 20 of forward
     (warning,) = [w for w in history["warnings"] if w.startswith("straggler:")]
-    assert warning.startswith("straggler: rank 1 (") and "was the slowest in 20 of the last 20 steps" in warning
+    assert re.match(r"straggler: rank 1 \(.+\) was the slowest in (1[5-9]|20) of the last 20 steps", warning)
     assert "data loading +0.0" in warning and "forward +0.0" in warning
     report = (project_dir / "docs/reports/t/report.md").read_text()
-    assert "## Ranks" in report and "| 1 |" in report and f"| {n} of {n} |" in report
+    assert "## Ranks" in report and f"| {slow['slowest']:,} of {n:,} |" in report
 
 
 @pytest.mark.parametrize(
