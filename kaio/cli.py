@@ -117,7 +117,7 @@ def run(
     Reports go to <reporting.output_dir>/<project_name>/ (report.md, telemetry.png, history.json, journal.jsonl, child.log). Exits with the training's exit code.
     """
     from kaio.config import load_config, with_max_steps
-    from kaio.nodes import dry_run_lines, placed, placement_of
+    from kaio.nodes import dry_run_lines, placed, placement
     from kaio.run.gpu_feed import poller_factory
     from kaio.run.project import run_new
     from kaio.views import choose_view
@@ -126,7 +126,7 @@ def run(
     if max_steps is not None:
         cfg = with_max_steps(cfg, max_steps)
     flags = {"nnodes": nnodes, "node_rank": node_rank, "main_addr": main_addr, "main_port": main_port}
-    where = placement_of(cfg, flags, os.environ)
+    where = placement(cfg.launch, flags, os.environ)
     cfg = placed(cfg, where)
     if dry_run:
         for line in dry_run_lines(cfg, where, os.environ):

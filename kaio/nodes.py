@@ -17,7 +17,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from kaio.config import RunConfig
+from kaio.config import LaunchConfig, RunConfig
 from kaio.errors import ConfigError
 
 DEFAULT_MAIN_PORT = 29500
@@ -88,20 +88,12 @@ def _split_top_level(text: str) -> list[str]:
     return [item.strip() for item in items if item.strip()]
 
 
-def placement(
-    *,
-    config_nnodes: int,
-    config_node_rank: int,
-    config_main_addr: str | None,
-    config_main_port: int,
-    flags: Mapping[str, object],
-    environ: Mapping[str, str],
-) -> Placement:
+def placement(launch: LaunchConfig, flags: Mapping[str, object], environ: Mapping[str, str]) -> Placement:
     """The command line's values over the config's; SLURM's inside an ``srun`` step of several nodes when
     neither the config nor the command line says how many nodes or which one this is."""
     given = {key: value for key, value in flags.items() if value is not None}
-    main_port = int(given.get("main_port", config_main_port))  # type: ignore[call-overload]
-    nodes_named = "nnodes" in given or "node_rank" in given or config_nnodes > 1
+    main_port = int(given.get("main_port", launch.main_port))  # type: ignore[call-overload]
+    nodes_named = "nnodes" in given or "node_rank" in given or launch.nnodes > 1
     step_nodes = int(environ.get("SLURM_STEP_NUM_NODES") or environ.get("SLURM_NNODES") or 1)
     if not nodes_named and "SLURM_STEP_ID" in environ and step_nodes > 1:
         main_addr = given.get("main_addr")
@@ -119,9 +111,9 @@ def placement(
         result = Placement(step_nodes, node_rank, str(main_addr), main_port, "SLURM", hosts)
     else:
         result = Placement(
-            nnodes=int(given.get("nnodes", config_nnodes)),  # type: ignore[call-overload]
-            node_rank=int(given.get("node_rank", config_node_rank)),  # type: ignore[call-overload]
-            main_addr=given.get("main_addr", config_main_addr),  # type: ignore[arg-type]
+            nnodes=int(given.get("nnodes", launch.nnodes)),  # type: ignore[call-overload]
+            node_rank=int(given.get("node_rank", launch.node_rank)),  # type: ignore[call-overload]
+            main_addr=given.get("main_addr", launch.main_addr),  # type: ignore[arg-type]
             main_port=main_port,
             source="the command line" if given else "the config",
         )
@@ -194,18 +186,6 @@ def placed(cfg: RunConfig, where: Placement) -> RunConfig:
         update["hub"] = cfg.hub.model_copy(update={"push": False})
         update["reporting"] = cfg.reporting.model_copy(update={"use_comet_ml": False})
     return cfg.model_copy(update=update)
-
-
-def placement_of(cfg: RunConfig, flags: Mapping[str, object], environ: Mapping[str, str]) -> Placement:
-    launch = cfg.launch
-    return placement(
-        config_nnodes=launch.nnodes,
-        config_node_rank=launch.node_rank,
-        config_main_addr=launch.main_addr,
-        config_main_port=launch.main_port,
-        flags=flags,
-        environ=environ,
-    )
 
 
 def dry_run_lines(cfg: RunConfig, where: Placement, environ: Mapping[str, str]) -> list[str]:

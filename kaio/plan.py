@@ -115,59 +115,39 @@ class Plan:
 
 def make_plan(cfg: RunConfig, environ: Mapping[str, str] = os.environ) -> Plan:
     """Everything `kaio plan` prints; starts nothing, downloads at most a model's config.json."""
-    gpus, notes = _gpus_in_run(cfg, environ)
-    precision = _precision(cfg.training.precision, bool(gpus))
     from kaio.launch import preview_command
 
+    gpus, notes = _gpus_in_run(cfg, environ)
     argv, env = preview_command(cfg, environ)
     if cfg.launch.script is not None:
         why = (
             "your script (launch.script) builds its own model: kaio sees it only once it runs; "
             "the report then puts the estimate of what it trained beside the measured peak"
         )
-        return Plan(cfg, precision, argv, env, gpus, notes, unestimated=why)
+        return Plan(cfg, cfg.training.precision, argv, env, gpus, notes, unestimated=why)
+    from kaio.recipes.lora import resolve_precision
+
+    precision = resolve_precision(cfg.training.precision)  # as the recipe will, on this host
     return Plan(cfg, precision, argv, env, gpus, notes, model=_model_plan(cfg, precision, bool(gpus)))
 
 
-def _precision(requested: str, has_gpu: bool) -> str:
-    """``training.precision`` resolved as the recipe would on this host (bf16 on a GPU: the usual case)."""
-    if requested != "auto":
-        return requested
-    if not has_gpu:
-        return "fp32"
-    try:
-        import torch
-
-        if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-            return "fp16"
-    except ImportError:
-        pass
-    return "bf16"
-
-
 def _gpus_in_run(cfg: RunConfig, environ: Mapping[str, str]) -> tuple[list[GpuFree], list[str]]:
-    """The GPUs the run's ranks would take (the first ``num_processes`` it can see), with their free memory."""
-    import time
+    """The GPUs the run's ranks would take (the first ``num_processes`` it can see), with their free memory:
+    `kaio gpus`'s inventory."""
+    from kaio.devices.inventory import inventory
 
-    from kaio.devices.detect import detect
-
-    found = detect(cfg.reporting.gpu_backend, environ)
+    found = inventory(cfg.reporting.gpu_backend, environ)
     gpus: list[GpuFree] = []
-    try:
-        for backend in found.backends:
-            samples = {s.key: s for s in backend.sample(time.monotonic(), time.time())}
-            for device in backend.devices():
-                if not device.in_run:
-                    continue
-                sample = samples.get(device.key)
-                total = device.vram_total_bytes or (sample.vram_total_bytes if sample else None)
-                used = sample.vram_used_bytes if sample else None
-                free = total - used if total is not None and used is not None else None
-                gpus.append(GpuFree(device.key, device.name, total, free))
-    finally:
-        for backend in found.backends:
-            backend.close()
-    return gpus[: cfg.launch.num_processes], list(found.notes)
+    for backend in found["backends"]:
+        for device in backend["devices"]:
+            if not device["in_run"]:
+                continue
+            sample = device["sample"] or {}
+            total = device["vram_total_bytes"] or sample.get("vram_total_bytes")
+            used = sample.get("vram_used_bytes")
+            free = total - used if total is not None and used is not None else None
+            gpus.append(GpuFree(device["key"], device["name"], total, free))
+    return gpus[: cfg.launch.num_processes], list(found["notes"])
 
 
 def _model_plan(cfg: RunConfig, precision: str, has_gpu: bool) -> ModelPlan:

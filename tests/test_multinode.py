@@ -288,12 +288,12 @@ def test_a_node_whose_record_never_ended_is_lost_in_the_job_report_once_the_head
 
     head = HistoryHeader(project="t", status=Status.COMPLETED, sessions=[Session(session=1, exit_code=0)])
     node = HistoryHeader(project="t", status=Status.RUNNING, sessions=[Session(session=1)])
-    head_index, node_index = RunIndex.in_memory(), RunIndex.in_memory()
+    head_index = RunIndex.in_memory()
     for step in (1, 2, 3):
         head_index.add_step(StepEntry(step=step, session=1, peak_vram_bytes={"0": 10}))
-    node_index.add_step(StepEntry(step=1, session=1, peak_vram_bytes={"1": 20}))
+    node_steps = {1: StepEntry(step=1, session=1, peak_vram_bytes={"1": 20})}
     head = msgspec.structs.replace(head, run=RunDescription(world_size=2))
-    merged_header, merged = merge(head, head_index, NodeRecords([NodeRecord(1, Path("1-gpu08"), node, node_index)], []))
+    merged_header, merged = merge(head, head_index, NodeRecords([NodeRecord(1, Path("1-gpu08"), node, node_steps)], []))
     assert [(n.node_rank, n.status) for n in merged_header.run.nodes] == [(0, "COMPLETED"), (1, "LOST")]
     assert "node 1: 2 of the head's steps not in its record, and 0 of its steps not in the head's (not merged)" in (
         merged_header.warnings

@@ -363,10 +363,7 @@ def _nodes(run: RunDescription | None) -> str | None:
         return None
     rows = []
     for node in run.nodes:
-        energy = None
-        if node.energy_j is not None:
-            wh = node.energy_j / 3600
-            energy = f"{wh / 1000:.3f} kWh" if wh >= 100 else f"{wh:.3g} Wh"
+        energy = _kwh(node.energy_j / 3.6e6) if node.energy_j is not None else None
         names = ", ".join(dict.fromkeys(node.gpu_names))
         gpus = f"{len(node.gpus)} × {names}" if node.gpus else "none (CPU)"
         state = node.status or ""
@@ -508,11 +505,14 @@ def _device_vram(s: Summary) -> str | None:
 
 
 def _energy(s: Summary) -> str | None:
-    kwh = s.energy_kwh
-    if kwh is None:
+    if s.energy_kwh is None:
         return None
-    text = f"{kwh:.3f} kWh" if kwh >= 0.1 else f"{kwh * 1000:.3g} Wh"
-    return f"{text}, {s.energy_method}"
+    return f"{_kwh(s.energy_kwh)}, {s.energy_method}"
+
+
+def _kwh(kwh: float) -> str:
+    """Energy for people: kWh, or Wh under 0.1 kWh."""
+    return f"{kwh:.3f} kWh" if kwh >= 0.1 else f"{kwh * 1000:.3g} Wh"
 
 
 def _throughput(s: Summary) -> str:

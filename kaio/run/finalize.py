@@ -282,13 +282,6 @@ class RunOutputs:
         so that the sinks' outcomes (Comet's archive, the Hub commit) are in them.
         """
         nodes = self._job_nodes(state)
-        try:
-            return self._finish(state, nodes)
-        finally:
-            if nodes is not None:
-                nodes.close()
-
-    def _finish(self, state: RunState, nodes: NodeRecords | None) -> Summary:
         summary = write_reports(state, self.paths.report_dir, figure=self.figure, nodes=nodes)
         records_before_sinks = state.parts.records
         if self._comet is not None:

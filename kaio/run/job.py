@@ -39,7 +39,7 @@ class NodeRecord:
     node_rank: int
     folder: Path
     header: HistoryHeader
-    index: RunIndex
+    entries: dict[int, StepEntry]  # its steps, decoded once, by global step
 
     @property
     def prefix(self) -> str:
@@ -73,9 +73,7 @@ def load_nodes(folders: Iterable[Path], head_config: dict | None, explicit: Iter
                 raise ProjectError(f"--merge {folder}: {exc}") from None
             problems.append(f"{folder.name}: not merged ({exc})")
             continue
-        if record.node_rank in records:  # the same node twice (nodes/ and --merge): the later wins
-            records[record.node_rank].index.close()
-        records[record.node_rank] = record
+        records[record.node_rank] = record  # the same node twice (nodes/ and --merge): the later wins
     return NodeRecords([records[rank] for rank in sorted(records)], problems)
 
 
@@ -99,10 +97,10 @@ def _load_node(folder: Path, head_config: dict | None) -> NodeRecord:
             if config.get("project_name") != head_config.get("project_name"):
                 raise ProjectError(f"a node of project {config.get('project_name')!r}")
         with state.with_open_steps() as index:
-            copy = _copy(index)
+            entries = {e.step: e for e in _entries(index)}
     finally:
         state.index.close()
-    return NodeRecord(rank, folder, header, copy)
+    return NodeRecord(rank, folder, header, entries)
 
 
 @dataclass
@@ -111,10 +109,6 @@ class NodeRecords:
 
     nodes: list[NodeRecord]
     problems: list[str]
-
-    def close(self) -> None:
-        for node in self.nodes:
-            node.index.close()
 
 
 def wait_for_nodes(paths: ProjectPaths, notify: Callable[[str], None], timeout_s: float = NODE_WAIT_S) -> list[str]:
@@ -159,7 +153,7 @@ def merge(header: HistoryHeader, index: RunIndex, nodes: NodeRecords) -> tuple[H
     warnings = list(header.warnings) + [f"node folder {p}" for p in nodes.problems]
     warnings += [f"node {n.node_rank}: {w}" for n in nodes.nodes for w in n.header.warnings]
     tallies = [head] + [_NodeTally(n.node_rank, n.header, n.folder, len(n.header.run_gpu_keys())) for n in nodes.nodes]
-    by_node = [(n, {e.step: e for e in _entries(n.index)}, tally) for n, tally in zip(nodes.nodes, tallies[1:])]
+    by_node = [(n, dict(n.entries), tally) for n, tally in zip(nodes.nodes, tallies[1:])]
     missing = {n.node_rank: 0 for n in nodes.nodes}
     merged = RunIndex.in_memory()
     for entry in _entries(index):
@@ -270,13 +264,3 @@ def _entries(index: RunIndex) -> Iterable[StepEntry]:
     decoder = msgspec.json.Decoder(StepEntry)
     for line in index.step_lines():
         yield decoder.decode(line)
-
-
-def _copy(index: RunIndex) -> RunIndex:
-    """An in-memory copy of an index's steps and evaluations (the source's own connection can then close)."""
-    copy = RunIndex.in_memory()
-    for entry in _entries(index):
-        copy.add_step(entry)
-    for evaluation in index.evals():
-        copy.add_eval(evaluation)
-    return copy

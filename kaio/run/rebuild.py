@@ -50,8 +50,6 @@ def rebuild(
         return _rebuild(paths, figure, notify, nodes)
     finally:
         figure.close()
-        if nodes is not None:
-            nodes.close()
 
 
 def _job_nodes(paths: ProjectPaths, merge: Sequence[Path], notify: Callable[[str], None]) -> NodeRecords | None:

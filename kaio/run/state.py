@@ -201,7 +201,7 @@ class RunState:
         ledger.telemetry.events += 1
         self.parts.live.on_step(r)
         throughput = None
-        if r.rank == ledger.lead_rank:
+        if r.rank == self.parts.steps.lead_rank:  # RunLedger.lead_rank, kept at the session's start
             ledger.on_step(r.session, r.step, r.t_wall)
             throughput = self._throughput_of_run()
         if not self.parts.steps.on_step(r, throughput, self):
