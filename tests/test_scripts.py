@@ -165,6 +165,40 @@ def test_kaio_log_outside_kaio_does_nothing(tmp_path):
     assert result.returncode == 0 and "plain loop done" in result.stdout and not list(tmp_path.iterdir())
 
 
+def test_a_script_ends_as_python_would_end_it_threads_then_exit_handlers_then_open_files(project_dir):
+    """kaio ends a rank whose script succeeded before the interpreter's finalization (where gloo can
+    abort a finished rank); what a script can observe of a normal exit still happens, in its order."""
+    script = project_dir / "exits.py"
+    script.write_text(
+        textwrap.dedent("""\
+        import atexit, sys, threading, time
+
+        sys.held = open("unclosed.txt", "w")  # alive to the end, as a module's log file is; never flushed
+        sys.held.write("kept\\n")
+
+        def late():
+            time.sleep(0.5)
+            with open("thread.txt", "w") as f:
+                f.write("done\\n")
+
+        def handler():
+            with open("atexit.txt", "w") as f:
+                f.write("thread finished first\\n" if open("thread.txt").read() == "done\\n" else "too early\\n")
+
+        atexit.register(handler)
+        threading.Thread(target=late).start()
+        sys.exit(0)
+        """)
+    )
+    cfg = project_dir / "exits.yaml"
+    cfg.write_text(f"project_name: exits\nlaunch:\n  script: {script}\nreporting:\n  use_comet_ml: false\n")
+    result = kaio("run", cfg.name, "--plain", cwd=project_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "COMPLETED" in result.stdout
+    assert (project_dir / "unclosed.txt").read_text() == "kept\n"
+    assert (project_dir / "atexit.txt").read_text() == "thread finished first\n"
+
+
 def test_recipe_keys_a_script_never_sees_are_refused_before_anything_starts(project_dir):
     cfg = _config(project_dir, "refused", "plain_loop.py", ["3"])
     cfg.write_text(cfg.read_text() + "training:\n  max_steps: 5\n")

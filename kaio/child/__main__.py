@@ -46,18 +46,19 @@ def main(argv: list[str] | None = None) -> bool:
     stacks.install(rank_from_env())  # from now: a stall in loading the model is explained too
     install()
     try:
-        if script:
-            sys.argv = [script, *args]
-            sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-            runpy.run_path(script, run_name="__main__")
-        else:
-            sys.argv = [BUILTIN_RECIPE, *args]
-            runpy.run_module(BUILTIN_RECIPE, run_name="__main__", alter_sys=True)
+        try:
+            if script:
+                sys.argv = [script, *args]
+                sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+                runpy.run_path(script, run_name="__main__")
+            else:
+                sys.argv = [BUILTIN_RECIPE, *args]
+                runpy.run_module(BUILTIN_RECIPE, run_name="__main__", alter_sys=True)
+        except SystemExit as exc:
+            if exc.code not in (None, 0):
+                raise
+            # sys.exit(0) at the end of a script: a success like returning
         _destroy_process_group()
-    except SystemExit as exc:
-        if exc.code not in (None, 0):
-            _write_error_file(rank_from_env(), exc)
-        raise
     except BaseException as exc:
         _write_error_file(rank_from_env(), exc)
         raise
@@ -105,7 +106,9 @@ def _write_error_file(rank: int, exc: BaseException) -> None:
 
 
 if __name__ == "__main__":
-    from kaio.child.quick_exit import exit_without_teardown
+    from kaio.child.quick_exit import exit_after_script, exit_without_teardown
 
     if main():
-        exit_without_teardown()  # the built-in recipe; a user's script may rely on its exit handlers
+        exit_without_teardown()  # the built-in recipe: nothing of it runs at exit
+    else:
+        exit_after_script()  # a user's script: its threads, exit handlers and open files are honoured
