@@ -171,6 +171,12 @@ class LaunchConfig(_Section):
         description="Address of the head node (rank 0) the others reach for the rendezvous (`--main-addr`; under SLURM: the first host of SLURM_JOB_NODELIST).",
     )
     main_port: Int = Field(29500, ge=1, le=65535, description="The rendezvous port on the head node (`--main-port`).")
+    stream_port: Int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="The head's port for the other nodes' records (with `KAIO_JOB_SECRET` set on every node). Default: `main_port` + 1.",
+    )
     grace_seconds: float = Field(
         30.0,
         gt=0,
@@ -184,6 +190,13 @@ class LaunchConfig(_Section):
         if value is not None and not Path(value).is_file():
             raise ValueError(f"script {value!r} not found (relative paths start from {os.getcwd()})")
         return value
+
+    @property
+    def head_stream_port(self) -> int:
+        """Where the head takes the other nodes' records: ``stream_port``, else the port after the rendezvous's."""
+        if self.stream_port is not None:
+            return self.stream_port
+        return self.main_port + 1 if self.main_port < 65535 else self.main_port - 1
 
 
 class ReportingConfig(_Section):

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kaio.config import RunConfig
+from kaio.nodes import ENV_JOB_SECRET
 from kaio.record.paths import ProjectPaths
 from kaio.secrets import redact_argv
 from kaio.telemetry.protocol import (
@@ -77,6 +78,7 @@ def build_command(cfg: RunConfig, plan: LaunchPlan, environ: Mapping[str, str]) 
 
     paths = ProjectPaths(plan.report_dir)
     env = dict(environ)
+    env.pop(ENV_JOB_SECRET, None)  # kaio's, not the training's: a script dumping its environment cannot show it
     env.update(
         {
             ENV_PIPE: str(plan.fifo_path),

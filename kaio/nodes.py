@@ -21,6 +21,13 @@ from kaio.config import LaunchConfig, RunConfig
 from kaio.errors import ConfigError
 
 DEFAULT_MAIN_PORT = 29500
+# The job's secret, the same on every node: it signs each node's stream to the head (kaio.run.stream).
+ENV_JOB_SECRET = "KAIO_JOB_SECRET"
+
+
+def job_secret(environ: Mapping[str, str]) -> bytes | None:
+    value = environ.get(ENV_JOB_SECRET, "")
+    return value.encode() if value else None
 
 
 @dataclass(frozen=True)
@@ -214,4 +221,12 @@ def dry_run_lines(cfg: RunConfig, where: Placement, environ: Mapping[str, str]) 
         lines.append(f"node {rank}{f' on {host}' if host else ''}{this}:")
         lines.append(f"  command: {shlex.join(argv)}")
         lines.append("  environment: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())))
+    if where.nnodes > 1:
+        port = cfg.launch.head_stream_port
+        if job_secret(environ) is None:
+            lines.append(
+                f"records: not streamed to the head ({ENV_JOB_SECRET} not set; a shared filesystem, or --merge)"
+            )
+        else:
+            lines.append(f"records: streamed to the head on port {port} ({ENV_JOB_SECRET} set, masked)")
     return lines

@@ -39,13 +39,20 @@ def _free_port() -> int:
 
 
 def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the_same(project_dir):
-    write_config(project_dir, max_steps=10)
-    port = str(_free_port())
-    job = ["--nnodes", "2", "--main-addr", "127.0.0.1", "--main-port", port, "--plain"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _fake_gpu_site(project_dir, 350)}
+    """Two machines without a shared filesystem: node 1 writes its record in its own folder and streams it to
+    the head over TCP (signed with the job's secret); the head's report has both, as it goes and at the end."""
+    port, stream_port = _free_port(), _free_port()
+    machine_b = project_dir / "machine-b"  # node 1's working directory: nothing shared with the head's
+    machine_b.mkdir()
+    for where in (project_dir, machine_b):
+        cfg = write_config(where, max_steps=10)
+        cfg.write_text(cfg.read_text().replace("launch:\n", f"launch:\n  stream_port: {stream_port}\n"))
+    job = ["--nnodes", "2", "--main-addr", "127.0.0.1", "--main-port", str(port), "--plain"]
+    secret = {"KAIO_JOB_SECRET": "b7f0c2d4e6a8b0c2d4e6f8a0b2c4d6e8"}
+    env = {**os.environ, **secret, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _fake_gpu_site(project_dir, 350)}
     node1 = subprocess.Popen(
         [sys.executable, "-m", "kaio", "run", "cfg.yaml", "--node-rank", "1", *job],
-        cwd=project_dir,
+        cwd=machine_b,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -60,7 +67,7 @@ def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the
             *job,
             cwd=project_dir,
             timeout=240,
-            env={"PYTHONPATH": _fake_gpu_site(project_dir, 300)},
+            env={**secret, "PYTHONPATH": _fake_gpu_site(project_dir, 300)},
         )
         node1_out, _ = node1.communicate(timeout=120)
     finally:
@@ -69,9 +76,16 @@ def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the
     assert head.returncode == 0, head.stdout + head.stderr
     assert node1.returncode == 0, node1_out
     host = socket.gethostname().split(".")[0]
-    node_folder = project_dir / "docs" / "reports" / "t" / "nodes" / f"1-{host}"
+    node_folder = machine_b / "docs" / "reports" / "t" / "nodes" / f"1-{host}"  # on node 1's own disk
     assert f"record: docs/reports/t/nodes/1-{host}/report.md" in node1_out
-    assert "| node1 live" in head.stdout  # the head followed node 1 while the job ran
+    assert "| node1 live" in head.stdout  # the head followed node 1 while the job ran, over the stream
+    copy = project_dir / "docs" / "reports" / "t" / "nodes" / f"1-{host}"
+    assert (copy / "journal.jsonl").read_bytes() == (node_folder / "journal.jsonl").read_bytes()
+    assert "b7f0c2d4e6a8" not in "".join(
+        p.read_text(errors="replace")
+        for p in [*project_dir.rglob("*"), *machine_b.rglob("*")]
+        if p.is_file() and p.suffix in (".md", ".json", ".jsonl", ".log", ".yaml")
+    )
 
     history = read_history(project_dir)
     run = history["run"]
@@ -92,12 +106,14 @@ def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the
     assert head_node["gpus"] == ["nvml:0"] and other_node["gpus"] == ["n1/nvml:0"]
     assert (head_node["power_avg_w"], other_node["power_avg_w"]) == (pytest.approx(300.0), pytest.approx(350.0))
     assert head_node["energy_j"] == history["devices"][0]["energy_j"] != other_node["energy_j"]
+    assert head_node["clock_offset_s"] is None  # the reference
+    assert 0 < other_node["clock_rtt_s"] < 1 and abs(other_node["clock_offset_s"]) <= other_node["clock_rtt_s"]
     node_history = json.loads((node_folder / "history.json").read_text())
     assert node_history["project"] == "t" and [s["step"] for s in node_history["steps"]] == list(range(1, 11))
     assert all(s["t_mono"] is not None for s in node_history["steps"])  # timed by its own first rank (rank 1)
     report = (project_dir / "docs/reports/t/report.md").read_text()
     assert "## Nodes" in report and "2 machines, one job (world size 2)" in report
-    assert f"| 1 | {host} | 1 × NVIDIA H100 80GB HBM3 |" in report
+    assert f"| 1 | {host} | 1 × NVIDIA H100 80GB HBM3 |" in report and " ms (± " in report
 
     resumed = kaio("resume", "t", cwd=project_dir)
     assert (
@@ -107,24 +123,28 @@ def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the
     # A node folder of another job (its launch differs from the head's) or moved aside is not merged.
     from kaio.run.job import load_nodes, node_folders
 
-    shutil.copytree(node_folder, node_folder.with_name(f"{node_folder.name}.replaced-20261130-120000"))
+    shutil.copytree(copy, copy.with_name(f"{copy.name}.replaced-20261130-120000"))
     head_config = json.loads((project_dir / "docs/reports/t/config.json").read_text())
     folders = node_folders(ProjectPaths(project_dir / "docs/reports/t"))
-    assert folders == [node_folder]
+    assert folders == [copy]
     other_job = {**head_config, "launch": {**head_config["launch"], "main_port": 1}}
     found = load_nodes(folders, other_job)
     assert found.nodes == [] and found.problems == [
-        f"{node_folder.name}: not merged (another job's node: its launch.main_port is {int(port)}, the head's 1)"
+        f"{copy.name}: not merged (another job's node: its launch.main_port is {int(port)}, the head's 1)"
     ]
-    shutil.rmtree(node_folder.with_name(f"{node_folder.name}.replaced-20261130-120000"))
+    shutil.rmtree(copy.with_name(f"{copy.name}.replaced-20261130-120000"))
 
-    # Without a shared filesystem: the node's folder copied from its machine, merged by `kaio report --merge`.
+    # Without a stream: the node's folder copied from its machine, merged by `kaio report --merge`. The same
+    # history, but for the clock, which only a stream measures.
     copied = project_dir / "from-node-1" / node_folder.name
     shutil.copytree(node_folder, copied)
-    shutil.rmtree(node_folder.parent)
+    shutil.rmtree(copy.parent)
     merged = kaio("report", "t", "--merge", str(copied), cwd=project_dir)
     assert merged.returncode == 0, merged.stderr
     remerged = read_history(project_dir)
+    assert remerged["run"]["nodes"][1]["clock_offset_s"] is None
+    for nodes in (remerged["run"]["nodes"], history["run"]["nodes"]):
+        nodes[1].update(clock_offset_s=None, clock_rtt_s=None)
     assert {**remerged, "generated_at": None} == {**history, "generated_at": None}
 
 
@@ -139,9 +159,11 @@ def test_slurm_variables_give_every_nodes_command_and_a_loopback_head_is_refused
         "SLURM_JOB_NODELIST": "gpu[07-10]",
         "SLURM_STEP_NODELIST": "gpu[07-08],gpu10",
     }
-    result = kaio("run", "cfg.yaml", "--dry-run", cwd=project_dir, env=slurm)
+    result = kaio("run", "cfg.yaml", "--dry-run", cwd=project_dir, env={**slurm, "KAIO_JOB_SECRET": "s3cr3t-of-77"})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
+    assert lines[-1] == "records: streamed to the head on port 29501 (KAIO_JOB_SECRET set, masked)"
+    assert "s3cr3t-of-77" not in result.stdout
     assert lines[0].startswith("kaio run --dry-run: project t, 3 node(s) x 1 process(es), from SLURM")
     assert [line for line in lines if line.startswith("node ")] == [
         "node 0 on gpu07:",

@@ -98,6 +98,23 @@ class ProjectPaths:
         """One folder per stall with every rank's stack; NCCL's Flight Recorder dumps."""
         return self.report_dir / "stalls"
 
+    # A job of several machines, streamed to the head (kaio.run.stream).
+    @property
+    def stream_token(self) -> Path:
+        """A node's random token in its own folder: the head finding it under its ``nodes/`` knows the
+        folder is shared and needs no copy."""
+        return self.report_dir / "stream-token"
+
+    @property
+    def stream_copy(self) -> Path:
+        """In a node folder on the head: the head keeps a copy of the node's journal here (it writes it)."""
+        return self.report_dir / "stream-copy"
+
+    @property
+    def clock(self) -> Path:
+        """The head's estimate of a node's clock (written by the head into the node's folder)."""
+        return self.report_dir / "clock.json"
+
     # Caches of kaio before the index (history schema 1): ignored, removed when the index is built.
     @property
     def legacy_caches(self) -> tuple[Path, Path]:

@@ -315,6 +315,15 @@ def nonfinite_tag(value: Metric | Any) -> NonFiniteTag | None:
 # --------------------------------------------------------------------------- the history document
 
 
+class ClockOffset(msgspec.Struct):
+    """A node's clock minus the head's, from the probe with the shortest round trip (kaio.run.stream);
+    the head writes it into the node's folder as ``clock.json``."""
+
+    offset_s: float
+    rtt_s: float
+    measured_at: float  # the head's time.time()
+
+
 class NodeSummary(msgspec.Struct, kw_only=True):
     """One machine of a job of several (history.json's ``run.nodes``; kaio.run.job)."""
 
@@ -328,6 +337,8 @@ class NodeSummary(msgspec.Struct, kw_only=True):
     energy_j: float | None = None
     power_avg_w: float | None = None  # its run GPUs together, time-weighted over its steps
     vram_peak_bytes: int | None = None  # the allocator's true peak, max over its ranks
+    clock_offset_s: float | None = None  # its clock minus the head's (kaio.run.stream's probe); None: not measured
+    clock_rtt_s: float | None = None  # the probe's round trip: the offset is known within half of it
 
 
 class RunDescription(msgspec.Struct, kw_only=True):

@@ -18,7 +18,16 @@ from typing import Any
 import msgspec
 
 from kaio.config import redact as redact_config
-from kaio.record.types import EvalEntry, HistoryHeader, HubOutcome, RunDescription, Session, Stall, StalledRank
+from kaio.record.types import (
+    EvalEntry,
+    HistoryHeader,
+    HubOutcome,
+    NodeSummary,
+    RunDescription,
+    Session,
+    Stall,
+    StalledRank,
+)
 from kaio.report.summary import Summary, time_buckets
 from kaio.units import gib
 
@@ -378,14 +387,24 @@ def _nodes(run: RunDescription | None) -> str | None:
                 _unit(node.power_avg_w, "W", ".0f") or "not measured",
                 _bytes(node.vram_peak_bytes) or "not measured",
                 state,
+                _clock(node),
                 f"nodes/{node.folder}" if node.folder else "this folder",
             )
         )
     return (
         f"## Nodes\n\n{len(run.nodes)} machines, one job (world size {run.world_size}); each node's steps merged "
-        "by global step.\n\n"
-        + _table(("Node", "Host", "GPUs", "Energy", "Power (average)", "Peak VRAM", "State", "Record"), rows)
+        "by global step (no clock is compared). Clock: the node's clock minus the head's, measured over the "
+        "stream of its record, within half the round trip.\n\n"
+        + _table(("Node", "Host", "GPUs", "Energy", "Power (average)", "Peak VRAM", "State", "Clock", "Record"), rows)
     )
+
+
+def _clock(node: NodeSummary) -> str:
+    if node.node_rank == 0:
+        return "the reference"
+    if node.clock_offset_s is None or node.clock_rtt_s is None:
+        return "not measured"
+    return f"{node.clock_offset_s * 1000:+.1f} ms (± {node.clock_rtt_s * 500:.1f} ms)"
 
 
 def _ranks(header: HistoryHeader) -> str | None:

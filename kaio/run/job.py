@@ -25,7 +25,7 @@ import msgspec
 from kaio.errors import ProjectError
 from kaio.record.index import RunIndex
 from kaio.record.paths import ProjectPaths, is_node_folder
-from kaio.record.types import DeviceSummary, HistoryHeader, NodeSummary, Status, StepEntry
+from kaio.record.types import ClockOffset, DeviceSummary, HistoryHeader, NodeSummary, Status, StepEntry
 from kaio.run import recorder as loading
 
 NODE_WAIT_S = 60.0  # at the end of a run, how long the head waits at most for the other nodes' records to close...
@@ -40,6 +40,7 @@ class NodeRecord:
     folder: Path
     header: HistoryHeader
     entries: dict[int, StepEntry]  # its steps, decoded once, by global step
+    clock: ClockOffset | None = None  # measured by the head over the node's stream (kaio.run.stream)
 
     @property
     def prefix(self) -> str:
@@ -100,7 +101,14 @@ def _load_node(folder: Path, head_config: dict | None) -> NodeRecord:
             entries = {e.step: e for e in _entries(index)}
     finally:
         state.index.close()
-    return NodeRecord(rank, folder, header, entries)
+    return NodeRecord(rank, folder, header, entries, _clock(ProjectPaths(folder).clock))
+
+
+def _clock(path: Path) -> ClockOffset | None:
+    try:
+        return msgspec.json.decode(path.read_bytes(), type=ClockOffset)
+    except (OSError, msgspec.MsgspecError):
+        return None  # not streamed (a shared filesystem without the secret, a folder copied by hand)
 
 
 @dataclass
@@ -152,7 +160,9 @@ def merge(header: HistoryHeader, index: RunIndex, nodes: NodeRecords) -> tuple[H
     header.devices = devices
     warnings = list(header.warnings) + [f"node folder {p}" for p in nodes.problems]
     warnings += [f"node {n.node_rank}: {w}" for n in nodes.nodes for w in n.header.warnings]
-    tallies = [head] + [_NodeTally(n.node_rank, n.header, n.folder, len(n.header.run_gpu_keys())) for n in nodes.nodes]
+    tallies = [head] + [
+        _NodeTally(n.node_rank, n.header, n.folder, len(n.header.run_gpu_keys()), n.clock) for n in nodes.nodes
+    ]
     by_node = [(n, dict(n.entries), tally) for n, tally in zip(nodes.nodes, tallies[1:])]
     missing = {n.node_rank: 0 for n in nodes.nodes}
     merged = RunIndex.in_memory()
@@ -202,8 +212,10 @@ class _Util:
 class _NodeTally:
     """One node's figures for the job's node table, from its own step entries."""
 
-    def __init__(self, rank: int, header: HistoryHeader, folder: Path | None, gpus: int) -> None:
-        self.rank, self.header, self.folder, self.gpus = rank, header, folder, gpus
+    def __init__(
+        self, rank: int, header: HistoryHeader, folder: Path | None, gpus: int, clock: ClockOffset | None = None
+    ) -> None:
+        self.rank, self.header, self.folder, self.gpus, self.clock = rank, header, folder, gpus, clock
         self.power_weighted = self.power_time = 0.0
         self.vram_peak: int | None = None
 
@@ -236,6 +248,8 @@ class _NodeTally:
             energy_j=sum(e for e in energies if e is not None) if in_run and None not in energies else None,
             power_avg_w=self.power_weighted / self.power_time if self.power_time else None,
             vram_peak_bytes=self.vram_peak,
+            clock_offset_s=self.clock.offset_s if self.clock else None,
+            clock_rtt_s=self.clock.rtt_s if self.clock else None,
         )
 
 

@@ -1,4 +1,4 @@
-"""The head's live view of the other nodes of its job, from their journals on a shared filesystem.
+"""The head's live view of the other nodes of its job, from their journals (a shared filesystem, or streamed).
 
 Each node's kaio appends to its own ``nodes/<rank>-<host>/journal.jsonl``; the
 head reads what was added since its last look, every couple of seconds. A
@@ -6,7 +6,8 @@ node is heard when its journal grows (its poller alone adds a tick twice a
 second), on the head's own clock: no clock is compared across machines. A node
 silent for 10 s is stale, for 60 s lost (or 5 and 30 of its poller's ticks, when
 longer; said once, as a warning in the record); a node whose session ended says how. Without a shared filesystem the
-head sees no other node while the job runs (the report merges them later).
+journals read are the head's copies, streamed by the nodes (kaio.run.stream, with ``KAIO_JOB_SECRET``); without
+either, the head sees no other node while the job runs (the report merges them later).
 """
 
 from __future__ import annotations

@@ -169,11 +169,16 @@ def _supervise(
     cfg: RunConfig, state: RunState, view: View, request: SessionRequest, poller_factory, notify: Notify
 ) -> int:
     """The sessions (with automatic restarts), then the reports, Comet and the Hub push."""
+    from kaio.run import stream as node_stream
     from kaio.run.finalize import FigureProcess, LiveReports, RunOutputs
 
     paths = ProjectPaths(cfg.report_dir)
     recorder = Recorder(paths, state)
-    supervisor = Supervisor(cfg, recorder, view, poller_factory=poller_factory)
+    launch = cfg.launch
+    stream = node_stream.for_node(
+        launch.node_rank, launch.nnodes, paths, launch.main_addr, launch.head_stream_port, notify
+    )
+    supervisor = Supervisor(cfg, recorder, view, poller_factory=poller_factory, stream=stream)
     figure = FigureProcess(paths.report_dir)
     outputs = RunOutputs(cfg, recorder.record, notify, figure)
     supervisor.on_refresh.append(LiveReports(paths.report_dir, figure))
@@ -203,11 +208,25 @@ def _supervise(
             finally:
                 figure.close()
                 recorder.close()
+                if stream is not None:
+                    _close_stream(stream, notify)
     if state_written is not None:
         hub = state_written.ledger.hub
         pushed = f" · pushed: {hub.url} at {hub.commit_sha}" if hub is not None and hub.commit_sha else ""
         notify(f"record: {paths.report} · {paths.figure} · {paths.history}{pushed}")
     return outcome.exit_code if outcome else 1
+
+
+def _close_stream(stream, notify: Notify) -> None:
+    """A node sends the head the end of its journal (bounded); the head stops taking the nodes' records
+    (after the job's report, which waited for them)."""
+    from kaio.run.stream import JournalSender
+
+    if isinstance(stream, JournalSender):
+        if not stream.close():
+            notify("note: the head did not take the end of this node's record; it is complete in this node's folder")
+    else:
+        stream.close()
 
 
 def _write_record(outputs, recorder: Recorder, notify: Notify) -> RunState | None:

@@ -94,9 +94,19 @@ class _Stop:
     checkpoints_before: int = 0  # checkpoints recorded when the stop was asked for
 
 
+class NodeStream(Protocol):
+    def pop_warnings(self) -> list[str]: ...
+
+
 class Supervisor:
     def __init__(
-        self, cfg: RunConfig, recorder: Recorder, view: View, *, poller_factory: Callable | None = None
+        self,
+        cfg: RunConfig,
+        recorder: Recorder,
+        view: View,
+        *,
+        poller_factory: Callable | None = None,
+        stream: NodeStream | None = None,
     ) -> None:
         self.cfg = cfg
         self.recorder = recorder
@@ -117,6 +127,7 @@ class Supervisor:
         self._refresh_failures: set[str] = set()
         # The head of a job of several machines follows the other nodes' records (on a shared filesystem).
         self._nodes = NodeWatch(self.paths) if cfg.launch.nnodes > 1 and cfg.launch.node_rank == 0 else None
+        self._stream = stream  # the nodes' records streamed to the head (kaio.run.stream): its warnings are said
 
     # ------------------------------------------------------------ sessions
 
@@ -252,6 +263,9 @@ class Supervisor:
             self._check_stall(proc)
             if self._nodes is not None:
                 self._follow_nodes()
+            if self._stream is not None:
+                for warning in self._stream.pop_warnings():
+                    self._note(warning)
             now = time.monotonic()
             self.view.update(self.snapshot())
             for consumer in self.on_loop:

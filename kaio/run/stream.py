@@ -1,0 +1,436 @@
+"""The other nodes' journals streamed to the head over TCP, and each node's clock measured against the head's.
+
+A node's kaio (not its ranks: the training never waits) sends the head what its
+``journal.jsonl`` holds past what the head already has; the head appends it to
+its copy, ``nodes/<rank>-<host>/journal.jsonl``, which its live view
+(``NodeWatch``) and the job's report read as they read a shared folder. On a
+shared filesystem the head finds the node's own folder (its ``stream-token``)
+and keeps no copy: the connection then only measures the clock.
+
+Nothing is queued in memory: the journal on disk is the buffer. After a
+disconnection the node connects again (every 1-10 s) and the head says how many
+bytes of that journal it holds; the node resends from there, whole lines only,
+so nothing is lost or written twice.
+
+The transport is the standard library's: one TCP connection per node, a
+``socketserver`` thread per connection on the head. What is needed is "append
+these bytes after the last one you hold", which no message queue gives by
+itself (ZeroMQ drops or blocks, and does not resume from an offset); the
+journal's offsets make it a few frames on a socket, with no new dependency.
+
+Every connection is authenticated by the job's secret, ``KAIO_JOB_SECRET``,
+the same on every node (SLURM passes the batch script's environment to every
+task). The head sends a random challenge; the node's hello is signed with
+HMAC-SHA256 over it; a hello not signed with the secret is refused before
+anything is written. The secret is never written anywhere.
+
+Clock: every 10 s a node sends its time ``t0``, the head answers its own
+``t1``, the node reads its time ``t3``: the node's clock minus the head's is
+``(t0 + t3) / 2 - t1``, within half the round trip; the sample with the
+shortest round trip of the last 8 is kept. The merge itself compares no clocks
+(it goes by global step); the offset says how far the nodes' wall times in
+their records may be from the head's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import os
+import secrets
+import socket
+import socketserver
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import msgspec
+
+from kaio.nodes import ENV_JOB_SECRET, job_secret
+from kaio.record.paths import ProjectPaths, is_node_folder
+from kaio.record.types import ClockOffset
+
+MAX_FRAME = 4 << 20  # one frame's payload at most (a hello is far smaller)
+SEND_BYTES = 1 << 20  # what one data frame carries at most
+PROBE_EVERY_S = 10.0
+PROBES_KEPT = 8
+IDLE_S = 0.5  # a node looks for new journal lines this often
+SILENT_LIMIT_S = 120.0  # the head drops a connection silent this long (a node probes every 10 s)
+_PROTOCOL = b"kaio-stream-1"
+_HEADER = struct.Struct("!cI")
+_PROBE = struct.Struct("!d")
+_REPLY = struct.Struct("!dd")
+
+
+class Hello(msgspec.Struct):
+    """A node's first frame (after the MAC): which journal it streams, and where it stands."""
+
+    folder: str  # <node rank>-<host>, its folder under the project's nodes/
+    token: str  # what its stream-token file holds
+    journal_size: int
+    journal_start: str  # sha256 of its journal's first line ("" while empty): the head's copy is of this journal
+
+
+class Accept(msgspec.Struct):
+    offset: int  # the bytes of the node's journal the head holds: the node sends from there
+    shared: bool  # the head reads the node's own folder: no copy, no data
+
+
+def _mac(secret: bytes, nonce: bytes, body: bytes) -> bytes:
+    return hmac.new(secret, _PROTOCOL + nonce + body, hashlib.sha256).digest()
+
+
+def _send(sock: socket.socket, kind: bytes, payload: bytes = b"") -> None:
+    sock.sendall(_HEADER.pack(kind, len(payload)) + payload)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks, left = [], n
+    while left:
+        chunk = sock.recv(min(left, 1 << 20))
+        if not chunk:
+            raise ConnectionError("closed by the other end")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _recv(sock: socket.socket, limit: int = MAX_FRAME) -> tuple[bytes, bytes]:
+    kind, size = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+    if size > limit:
+        raise ConnectionError(f"a frame of {size} bytes (at most {limit})")
+    return kind, _recv_exact(sock, size)
+
+
+def _first_line_digest(path: Path) -> tuple[str, int]:
+    """sha256 of the file's first whole line ("" when it has none yet), and the file's size."""
+    try:
+        with open(path, "rb") as f:
+            line = f.readline(1 << 20)
+            size = os.fstat(f.fileno()).st_size
+    except FileNotFoundError:
+        return "", 0
+    return (hashlib.sha256(line).hexdigest() if line.endswith(b"\n") else ""), size
+
+
+# ---------------------------------------------------------------- the head
+
+
+class JournalReceiver:
+    """On the head: accepts the other nodes' streams, keeps a copy of each journal under ``nodes/``."""
+
+    def __init__(self, paths: ProjectPaths, secret: bytes, port: int, host: str = "") -> None:
+        self.paths = paths
+        self._secret = secret
+        self._address = (host, port)
+        self._lock = threading.Lock()
+        self._warnings: list[str] = []
+        self._said: set[str] = set()
+        self._active: dict[str, socket.socket] = {}
+        self._folder_locks: dict[str, threading.Lock] = {}
+        self._server: socketserver.ThreadingTCPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        receiver = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                receiver._serve(self.request, self.client_address[0])
+
+        socketserver.ThreadingTCPServer.allow_reuse_address = True
+        server = socketserver.ThreadingTCPServer(self._address, Handler)
+        server.daemon_threads = True
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, args=(0.5,), name="kaio-stream-in", daemon=True)
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.server_address[1]
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            with self._lock:
+                for sock in self._active.values():
+                    _shut(sock)
+
+    def pop_warnings(self) -> list[str]:
+        with self._lock:
+            taken, self._warnings = self._warnings, []
+        return taken
+
+    def _say_once(self, text: str) -> None:
+        with self._lock:
+            if text not in self._said:
+                self._said.add(text)
+                self._warnings.append(text)
+
+    def _serve(self, sock: socket.socket, peer: str) -> None:
+        sock.settimeout(30.0)
+        try:
+            hello = self._authenticate(sock, peer)
+            if hello is None:
+                return
+            with self._lock:
+                previous = self._active.get(hello.folder)
+                folder_lock = self._folder_locks.setdefault(hello.folder, threading.Lock())
+            if previous is not None:
+                _shut(previous)  # the node reconnected: its old connection ends before the new one writes
+            with folder_lock:
+                with self._lock:
+                    self._active[hello.folder] = sock
+                try:
+                    self._receive(sock, hello)
+                finally:
+                    with self._lock:
+                        if self._active.get(hello.folder) is sock:
+                            del self._active[hello.folder]
+        except (OSError, ConnectionError, ValueError, msgspec.MsgspecError):
+            return  # the node reconnects and resends from what the copy holds
+        finally:
+            _shut(sock)
+            sock.close()
+
+    def _authenticate(self, sock: socket.socket, peer: str) -> Hello | None:
+        nonce = secrets.token_bytes(32)
+        _send(sock, b"N", nonce)
+        kind, payload = _recv(sock, limit=64 << 10)
+        mac, body = payload[:32], payload[32:]
+        if kind != b"H" or not hmac.compare_digest(mac, _mac(self._secret, nonce, body)):
+            self._say_once(f"refused a connection from {peer}: not signed with this job's secret ({ENV_JOB_SECRET})")
+            return None
+        hello = msgspec.json.decode(body, type=Hello)
+        if "/" in hello.folder or hello.folder.startswith("0-") or not is_node_folder(self.paths.nodes / hello.folder):
+            raise ValueError(f"not another node's folder: {hello.folder!r}")
+        return hello
+
+    def _receive(self, sock: socket.socket, hello: Hello) -> None:
+        node = ProjectPaths(self.paths.nodes / hello.folder)
+        shared = _reads(node.stream_token) == hello.token
+        if not shared and node.journal.exists() and not node.stream_copy.exists():
+            # A journal the head did not write, without the node's token: the node's own, on a shared
+            # filesystem that does not show its token yet? Never a second writer: the node tries again.
+            self._say_once(
+                f"node folder {hello.folder}: holds a journal the head did not copy, without the node's token "
+                "(a shared filesystem slow to show it?); not copied, the node retries"
+            )
+            return
+        offset = 0 if shared else _prepare_copy(node.journal, hello)
+        _send(sock, b"A", msgspec.json.encode(Accept(offset=offset, shared=shared)))
+        sock.settimeout(SILENT_LIMIT_S)
+        with open(node.journal, "ab") if not shared else contextlib.nullcontext() as copy:
+            while True:
+                kind, payload = _recv(sock)
+                if kind == b"D" and copy is not None:
+                    copy.write(payload)
+                    copy.flush()
+                elif kind == b"P":
+                    (t0,) = _PROBE.unpack(payload)
+                    _send(sock, b"R", _REPLY.pack(t0, time.time()))
+                elif kind == b"C":
+                    clock = msgspec.json.encode(msgspec.json.decode(payload, type=ClockOffset))
+                    tmp = node.clock.with_name(node.clock.name + ".tmp")
+                    tmp.write_bytes(clock)
+                    os.replace(tmp, node.clock)
+
+
+def _prepare_copy(journal: Path, hello: Hello) -> int:
+    """The head's copy of a node's journal, ready for the node to append to; the bytes it holds. A copy of
+    another journal (the node started over) is emptied; a line cut short (the head stopped mid-write) is dropped."""
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    ProjectPaths(journal.parent).stream_copy.touch()
+    start, size = _first_line_digest(journal)
+    if size and (start != hello.journal_start or size > hello.journal_size):
+        size = 0
+    if size:
+        with open(journal, "rb") as f:
+            f.seek(max(0, size - SEND_BYTES))
+            tail = f.read(size)
+        end = tail.rfind(b"\n")
+        size = size - len(tail) + end + 1 if end >= 0 else 0
+    with open(journal, "ab") as f:
+        f.truncate(size)
+    return size
+
+
+def _reads(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _shut(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------- a node
+
+
+class JournalSender:
+    """On a node other than the head: streams its journal to the head and measures its clock, in a thread."""
+
+    def __init__(self, paths: ProjectPaths, head: str, port: int, secret: bytes) -> None:
+        self.paths = paths
+        self._address = (head, port)
+        self._secret = secret
+        self._token = secrets.token_hex(16)
+        self._closing = threading.Event()
+        self._done = threading.Event()
+        self._gone = threading.Event()  # close() has given up waiting
+        self._lock = threading.Lock()
+        self._warnings: list[str] = []
+        self._down_since: float | None = None
+        self._said_down = False
+        self._probes: deque[tuple[float, float]] = deque(maxlen=PROBES_KEPT)  # (rtt, offset)
+        self._sent_clock: tuple[float, float] | None = None
+        self.sent_bytes = 0
+        self.connections = 0
+        self._thread = threading.Thread(target=self._run, name="kaio-stream-out", daemon=True)
+
+    def start(self) -> None:
+        self.paths.report_dir.mkdir(parents=True, exist_ok=True)
+        self.paths.stream_token.write_text(self._token + "\n")
+        self._thread.start()
+
+    def close(self, timeout_s: float = 10.0) -> bool:
+        """Send what the journal holds now, then stop; False when the head could not take it in time."""
+        self._closing.set()
+        self._thread.join(timeout_s)
+        self._gone.set()
+        return self._done.is_set()
+
+    def pop_warnings(self) -> list[str]:
+        with self._lock:
+            taken, self._warnings = self._warnings, []
+        return taken
+
+    def _run(self) -> None:
+        delay = 1.0
+        while True:
+            try:
+                with socket.create_connection(self._address, timeout=5.0) as sock:
+                    if self._session(sock):
+                        self._done.set()
+                        return
+                delay = 1.0
+            except (OSError, ConnectionError, ValueError, msgspec.MsgspecError) as exc:
+                self._down(exc)
+            if self._closing.is_set():
+                delay = min(delay, 1.0)  # the end: the last lines, soon (``close`` bounds the wait)
+            if self._gone.wait(delay):
+                return  # the head could not be reached in time: the node's own folder has it all
+            delay = min(delay * 2, 10.0)
+
+    def _down(self, exc: Exception) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+        if not self._said_down and time.monotonic() - self._down_since > 10.0:
+            self._said_down = True
+            with self._lock:
+                self._warnings.append(
+                    f"the head ({self._address[0]}:{self._address[1]}) cannot be reached ({exc}); kaio keeps "
+                    "trying and resends from where the head stopped: nothing is lost"
+                )
+
+    def _session(self, sock: socket.socket) -> bool:
+        """One connection; True once everything was sent after ``close``."""
+        kind, nonce = _recv(sock, limit=64)
+        if kind != b"N":
+            raise ConnectionError("not a kaio head")
+        start, size = _first_line_digest(self.paths.journal)
+        body = msgspec.json.encode(
+            Hello(folder=self.paths.report_dir.name, token=self._token, journal_size=size, journal_start=start)
+        )
+        _send(sock, b"H", _mac(self._secret, nonce, body) + body)
+        kind, payload = _recv(sock, limit=64 << 10)
+        if kind != b"A":
+            raise ConnectionError("refused by the head")
+        accept = msgspec.json.decode(payload, type=Accept)
+        self.connections += 1
+        self._down_since, self._said_down = None, False
+        offset = accept.offset
+        next_probe = 0.0
+        for _ in range(3):  # a first estimate at once
+            self._probe(sock)
+        while True:
+            closing = self._closing.is_set()  # read before the journal: what was written before close is sent
+            sent = 0 if accept.shared else self._send_new(sock, offset)
+            offset += sent
+            if time.monotonic() >= next_probe:
+                self._probe(sock)
+                next_probe = time.monotonic() + PROBE_EVERY_S
+            if closing and not sent:
+                return True
+            if not sent:
+                self._closing.wait(IDLE_S)
+
+    def _send_new(self, sock: socket.socket, offset: int) -> int:
+        try:
+            with open(self.paths.journal, "rb") as f:
+                f.seek(offset)
+                chunk = f.read(SEND_BYTES)
+        except FileNotFoundError:
+            return 0
+        whole = chunk[: chunk.rfind(b"\n") + 1]  # whole lines only: a line being written waits
+        if whole:
+            _send(sock, b"D", whole)
+            self.sent_bytes += len(whole)
+        return len(whole)
+
+    def _probe(self, sock: socket.socket) -> None:
+        t0 = time.time()
+        _send(sock, b"P", _PROBE.pack(t0))
+        kind, payload = _recv(sock, limit=64)
+        t3 = time.time()
+        if kind != b"R":
+            raise ConnectionError("an unexpected answer to a clock probe")
+        echoed, t1 = _REPLY.unpack(payload)
+        if echoed != t0:
+            raise ConnectionError("an answer to another probe")
+        self._probes.append((t3 - t0, (t0 + t3) / 2 - t1))
+        rtt, offset = min(self._probes)
+        if self._sent_clock != (rtt, offset):
+            self._sent_clock = (rtt, offset)
+            _send(sock, b"C", msgspec.json.encode(ClockOffset(offset_s=offset, rtt_s=rtt, measured_at=t1)))
+
+
+# ---------------------------------------------------------------- wiring
+
+
+def for_node(
+    node_rank: int, nnodes: int, paths: ProjectPaths, head: str | None, port: int, notify: Callable[[str], None]
+) -> JournalReceiver | JournalSender | None:
+    """The stream of this node of a job of several machines, started; None on one machine or without
+    the job's secret (then the head sees the others through a shared filesystem, or at the end by --merge)."""
+    if nnodes < 2:
+        return None
+    secret = job_secret(os.environ)
+    if secret is None:
+        notify(
+            f"note: {ENV_JOB_SECRET} is not set: the nodes do not stream to the head; without a shared "
+            "filesystem the head sees them only at the end (`kaio report PROJECT --merge`)"
+        )
+        return None
+    stream: JournalReceiver | JournalSender
+    if node_rank == 0:
+        stream = JournalReceiver(paths, secret, port)
+    else:
+        stream = JournalSender(paths, head or "127.0.0.1", port, secret)
+    try:
+        stream.start()
+    except OSError as exc:
+        notify(f"warning: the stream of the nodes' records could not start on port {port} ({exc.strerror or exc})")
+        return None
+    return stream

@@ -1,0 +1,132 @@
+"""The nodes' journals streamed to the head over real loopback TCP: a byte-exact copy that survives a dropped
+connection, no copy over a shared folder, the clock measured, and a stranger without the job's secret refused."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from kaio.record.paths import ProjectPaths
+from kaio.run import stream
+from kaio.run.stream import JournalReceiver, JournalSender
+
+SECRET = b"a job's secret, the same on every node"
+
+
+def _wait(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def _lines(first: int, last: int) -> bytes:
+    return b"".join(
+        json.dumps({"type": "note", "text": f"line {i}", "pad": "x" * 200}).encode() + b"\n" for i in range(first, last)
+    )
+
+
+@pytest.fixture
+def head(tmp_path):
+    receiver = JournalReceiver(ProjectPaths(tmp_path / "head" / "t"), SECRET, port=0, host="127.0.0.1")
+    receiver.start()
+    yield receiver
+    receiver.close()
+
+
+def _node(tmp_path: Path, head: JournalReceiver, secret: bytes = SECRET) -> JournalSender:
+    paths = ProjectPaths(tmp_path / "node" / "t" / "nodes" / "1-gpu08")
+    paths.report_dir.mkdir(parents=True, exist_ok=True)
+    return JournalSender(paths, "127.0.0.1", head.port, secret)
+
+
+def test_the_head_holds_a_byte_exact_copy_whole_lines_only_and_resent_from_its_offset_after_a_drop(tmp_path, head):
+    node = _node(tmp_path, head)
+    copy = head.paths.nodes / "1-gpu08" / "journal.jsonl"
+    node.paths.journal.write_bytes(_lines(0, 50) + b'{"type": "note", "te')  # a line being written
+    node.start()
+    _wait(lambda: copy.is_file() and copy.read_bytes() == _lines(0, 50))
+    with open(node.paths.journal, "ab") as f:
+        f.write(b'xt": "finished"}\n')
+    _wait(lambda: copy.read_bytes().endswith(b'"finished"}\n'))
+
+    # The connection drops (the head's side closes it); what the node writes meanwhile is sent once, in order.
+    with head._lock:
+        active = list(head._active.values())
+    assert len(active) == 1
+    stream._shut(active[0])
+    with open(node.paths.journal, "ab") as f:
+        f.write(_lines(50, 5000))  # ~1.1 MB: more than one frame
+    assert node.close(timeout_s=20)
+    assert copy.read_bytes() == node.paths.journal.read_bytes()
+    assert node.connections == 2
+    assert node.sent_bytes == node.paths.journal.stat().st_size  # nothing sent twice
+    clock = json.loads((copy.parent / "clock.json").read_text())
+    assert 0 < clock["rtt_s"] < 1 and abs(clock["offset_s"]) <= clock["rtt_s"]  # one machine: one clock
+    assert head.pop_warnings() == []
+
+
+def test_a_copy_of_another_journal_or_cut_mid_line_is_started_again_from_what_the_node_holds(tmp_path, head):
+    copy = head.paths.nodes / "1-gpu08" / "journal.jsonl"
+    copy.parent.mkdir(parents=True)
+    (copy.parent / "stream-copy").touch()
+    copy.write_bytes(_lines(0, 10) + b'{"cut')  # the head stopped mid-write
+    node = _node(tmp_path, head)
+    node.paths.journal.write_bytes(_lines(0, 20))
+    node.start()
+    assert node.close()
+    assert copy.read_bytes() == _lines(0, 20) and node.sent_bytes == len(_lines(10, 20))
+
+    node.paths.journal.write_bytes(_lines(100, 105))  # the node started over: another journal
+    again = JournalSender(node.paths, "127.0.0.1", head.port, SECRET)
+    again.start()
+    assert again.close()
+    assert copy.read_bytes() == _lines(100, 105)
+
+
+def test_over_a_shared_folder_the_head_copies_nothing_and_measures_the_clock(tmp_path, head):
+    paths = ProjectPaths(head.paths.nodes / "1-gpu08")  # the node writes where the head reads
+    paths.report_dir.mkdir(parents=True)
+    paths.journal.write_bytes(_lines(0, 30))
+    node = JournalSender(paths, "127.0.0.1", head.port, SECRET)
+    node.start()
+    _wait(lambda: paths.clock.is_file())
+    assert node.close()
+    assert paths.journal.read_bytes() == _lines(0, 30) and node.sent_bytes == 0
+    assert not paths.stream_copy.exists()
+
+
+def test_a_node_without_the_jobs_secret_is_refused_and_nothing_is_written(tmp_path, head):
+    node = _node(tmp_path, head, secret=b"another job's secret")
+    node.paths.journal.write_bytes(_lines(0, 5))
+    node.start()
+    _wait(lambda: head._said)
+    assert not node.close(timeout_s=1)
+    assert head.pop_warnings() == [
+        "refused a connection from 127.0.0.1: not signed with this job's secret (KAIO_JOB_SECRET)"
+    ]
+    assert not head.paths.nodes.exists()
+    # A stranger speaking anything else is closed at once, too.
+    with socket.create_connection(("127.0.0.1", head.port), timeout=5) as sock:
+        assert sock.recv(64)[:1] == b"N"
+        sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        sock.settimeout(5)
+        assert sock.recv(64) == b""
+    assert not head.paths.nodes.exists()
+
+
+def test_a_node_folder_the_head_did_not_copy_and_whose_token_it_cannot_see_is_never_written_twice(tmp_path, head):
+    theirs = head.paths.nodes / "1-gpu08" / "journal.jsonl"  # a shared folder whose token is not visible yet
+    theirs.parent.mkdir(parents=True)
+    theirs.write_bytes(_lines(0, 3))
+    node = _node(tmp_path, head)
+    node.paths.journal.write_bytes(_lines(0, 8))
+    node.start()
+    _wait(lambda: head._said)
+    node.close(timeout_s=1)
+    assert theirs.read_bytes() == _lines(0, 3)
+    assert "not copied, the node retries" in head.pop_warnings()[0]
