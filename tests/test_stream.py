@@ -61,6 +61,7 @@ def test_the_head_holds_a_byte_exact_copy_whole_lines_only_and_resent_from_its_o
     stream._shut(active[0])
     with open(node.paths.journal, "ab") as f:
         f.write(_lines(50, 5000))  # ~1.1 MB: more than one frame
+        f.write(json.dumps({"type": "note", "text": "y" * 1_500_000}).encode() + b"\n")  # one line over a frame
     assert node.close(timeout_s=20)
     assert copy.read_bytes() == node.paths.journal.read_bytes()
     assert node.connections == 2
@@ -70,22 +71,28 @@ def test_the_head_holds_a_byte_exact_copy_whole_lines_only_and_resent_from_its_o
     assert head.pop_warnings() == []
 
 
-def test_a_copy_of_another_journal_or_cut_mid_line_is_started_again_from_what_the_node_holds(tmp_path, head):
+def test_a_copy_cut_mid_line_is_trimmed_and_a_copy_of_another_journal_moved_aside(tmp_path, head):
     copy = head.paths.nodes / "1-gpu08" / "journal.jsonl"
-    copy.parent.mkdir(parents=True)
-    (copy.parent / "stream-copy").touch()
-    copy.write_bytes(_lines(0, 10) + b'{"cut')  # the head stopped mid-write
     node = _node(tmp_path, head)
-    node.paths.journal.write_bytes(_lines(0, 20))
+    node.paths.journal.write_bytes(_lines(0, 10))
     node.start()
     assert node.close()
-    assert copy.read_bytes() == _lines(0, 20) and node.sent_bytes == len(_lines(10, 20))
-
-    node.paths.journal.write_bytes(_lines(100, 105))  # the node started over: another journal
+    with open(copy, "ab") as f:
+        f.write(b'{"cut')  # the head's write stopped mid-line (a full disk)
+    with open(node.paths.journal, "ab") as f:
+        f.write(_lines(10, 20))
     again = JournalSender(node.paths, "127.0.0.1", head.port, SECRET)
     again.start()
     assert again.close()
+    assert copy.read_bytes() == _lines(0, 20) and again.sent_bytes == len(_lines(10, 20))
+
+    node.paths.journal.write_bytes(_lines(100, 105))  # the node started over: another journal
+    third = JournalSender(node.paths, "127.0.0.1", head.port, SECRET)
+    third.start()
+    assert third.close()
     assert copy.read_bytes() == _lines(100, 105)
+    (aside,) = copy.parent.glob("journal.replaced-*.jsonl")
+    assert aside.read_bytes() == _lines(0, 20)  # the head's copy of the old journal is kept
 
 
 def test_over_a_shared_folder_the_head_copies_nothing_and_measures_the_clock(tmp_path, head):
@@ -119,14 +126,45 @@ def test_a_node_without_the_jobs_secret_is_refused_and_nothing_is_written(tmp_pa
     assert not head.paths.nodes.exists()
 
 
-def test_a_node_folder_the_head_did_not_copy_and_whose_token_it_cannot_see_is_never_written_twice(tmp_path, head):
-    theirs = head.paths.nodes / "1-gpu08" / "journal.jsonl"  # a shared folder whose token is not visible yet
+@pytest.mark.parametrize("copy_mark", [None, "another head's mark\n"])
+def test_a_journal_this_head_did_not_create_is_never_written(tmp_path, head, copy_mark):
+    """A shared folder whose token the head cannot see yet: the node's own journal is there; the head never
+    becomes its second writer (nor of a copy another head process made)."""
+    theirs = head.paths.nodes / "1-gpu08" / "journal.jsonl"
     theirs.parent.mkdir(parents=True)
     theirs.write_bytes(_lines(0, 3))
+    if copy_mark is not None:
+        (theirs.parent / "stream-copy").write_text(copy_mark)
     node = _node(tmp_path, head)
     node.paths.journal.write_bytes(_lines(0, 8))
     node.start()
     _wait(lambda: head._said)
-    node.close(timeout_s=1)
+    assert not node.close(timeout_s=1)
     assert theirs.read_bytes() == _lines(0, 3)
     assert "not copied, the node retries" in head.pop_warnings()[0]
+    assert (theirs.parent / "stream-copy").exists() == (copy_mark is not None)
+
+
+def test_a_stranger_holds_no_connection_and_a_node_trusts_no_stranger_as_its_head(tmp_path, head, monkeypatch):
+    # A connection that never proves the secret is closed after the handshake's time, however it trickles.
+    monkeypatch.setattr(stream, "HANDSHAKE_S", 0.5)
+    with socket.create_connection(("127.0.0.1", head.port), timeout=5) as sock:
+        assert sock.recv(64)[:1] == b"N"
+        sock.sendall(b"H")
+        started = time.monotonic()
+        assert sock.recv(64) == b""
+        assert time.monotonic() - started < 3
+    # A listener that is not this job's head (it cannot sign its answer): the node sends it nothing.
+    with socket.create_server(("127.0.0.1", 0)) as fake:
+        node = JournalSender(_node(tmp_path, head).paths, "127.0.0.1", fake.getsockname()[1], SECRET)
+        node.paths.journal.write_bytes(_lines(0, 5))
+        node.start()
+        conn, _ = fake.accept()
+        with conn:
+            conn.sendall(stream._HEADER.pack(b"N", 32) + b"x" * 32)
+            conn.settimeout(5)
+            hello = conn.recv(4096)
+            accept = b'{"offset":0,"shared":false}'
+            conn.sendall(stream._HEADER.pack(b"A", 32 + len(accept)) + b"\0" * 32 + accept)
+            assert conn.recv(4096) == b""  # closed with no data, no probe: the answer was not signed
+        assert not node.close(timeout_s=1) and hello[:1] == b"H"

@@ -206,10 +206,12 @@ def _supervise(
                 state_written = _write_record(outputs, recorder, notify)
                 recorder.save()
             finally:
-                figure.close()
-                recorder.close()
-                if stream is not None:
-                    _close_stream(stream, notify)
+                try:
+                    figure.close()
+                    recorder.close()
+                finally:
+                    if stream is not None:
+                        _close_stream(stream, notify)
     if state_written is not None:
         hub = state_written.ledger.hub
         pushed = f" · pushed: {hub.url} at {hub.commit_sha}" if hub is not None and hub.commit_sha else ""
@@ -224,9 +226,11 @@ def _close_stream(stream, notify: Notify) -> None:
 
     if isinstance(stream, JournalSender):
         if not stream.close():
-            notify("note: the head did not take the end of this node's record; it is complete in this node's folder")
+            notify("note: the head did not confirm the end of this node's record; it is complete in this node's folder")
     else:
         stream.close()
+    for warning in stream.pop_warnings():  # after the supervisor's loop: said, no longer recorded
+        notify(f"warning: {warning}")
 
 
 def _write_record(outputs, recorder: Recorder, notify: Notify) -> RunState | None:

@@ -54,8 +54,10 @@ from kaio.nodes import ENV_JOB_SECRET, job_secret
 from kaio.record.paths import ProjectPaths, is_node_folder
 from kaio.record.types import ClockOffset
 
-MAX_FRAME = 4 << 20  # one frame's payload at most (a hello is far smaller)
-SEND_BYTES = 1 << 20  # what one data frame carries at most
+MAX_FRAME = 4 << 20  # one frame's payload at most
+SEND_BYTES = 1 << 20  # what one data frame carries, unless a single line is longer (then up to MAX_FRAME)
+HELLO_LIMIT = 4 << 10
+HANDSHAKE_S = 5.0  # a connection that has not proved the secret by then is closed
 PROBE_EVERY_S = 10.0
 PROBES_KEPT = 8
 IDLE_S = 0.5  # a node looks for new journal lines this often
@@ -64,6 +66,8 @@ _PROTOCOL = b"kaio-stream-1"
 _HEADER = struct.Struct("!cI")
 _PROBE = struct.Struct("!d")
 _REPLY = struct.Struct("!dd")
+_OFFSET = struct.Struct("!Q")
+_BROKEN = (OSError, ConnectionError, ValueError, struct.error, msgspec.MsgspecError)  # a connection to drop
 
 
 class Hello(msgspec.Struct):
@@ -73,6 +77,7 @@ class Hello(msgspec.Struct):
     token: str  # what its stream-token file holds
     journal_size: int
     journal_start: str  # sha256 of its journal's first line ("" while empty): the head's copy is of this journal
+    nonce: str  # the node's challenge: the head's answer is signed over it
 
 
 class Accept(msgspec.Struct):
@@ -88,9 +93,14 @@ def _send(sock: socket.socket, kind: bytes, payload: bytes = b"") -> None:
     sock.sendall(_HEADER.pack(kind, len(payload)) + payload)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytes:
     chunks, left = [], n
     while left:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise ConnectionError("too slow")
+            sock.settimeout(remaining)
         chunk = sock.recv(min(left, 1 << 20))
         if not chunk:
             raise ConnectionError("closed by the other end")
@@ -99,55 +109,77 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def _recv(sock: socket.socket, limit: int = MAX_FRAME) -> tuple[bytes, bytes]:
-    kind, size = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+def _recv(sock: socket.socket, limit: int = MAX_FRAME, deadline: float | None = None) -> tuple[bytes, bytes]:
+    """One frame; ``deadline`` (monotonic): the whole frame by then, however slowly it trickles in."""
+    kind, size = _HEADER.unpack(_recv_exact(sock, _HEADER.size, deadline))
     if size > limit:
         raise ConnectionError(f"a frame of {size} bytes (at most {limit})")
-    return kind, _recv_exact(sock, size)
+    return kind, _recv_exact(sock, size, deadline)
 
 
 def _first_line_digest(path: Path) -> tuple[str, int]:
     """sha256 of the file's first whole line ("" when it has none yet), and the file's size."""
     try:
         with open(path, "rb") as f:
-            line = f.readline(1 << 20)
+            line = f.readline(MAX_FRAME)
             size = os.fstat(f.fileno()).st_size
     except FileNotFoundError:
         return "", 0
     return (hashlib.sha256(line).hexdigest() if line.endswith(b"\n") else ""), size
 
 
+def _write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 # ---------------------------------------------------------------- the head
 
 
-class JournalReceiver:
-    """On the head: accepts the other nodes' streams, keeps a copy of each journal under ``nodes/``."""
+class _Server(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True  # a head started again at once finds its port free
+    daemon_threads = True
 
-    def __init__(self, paths: ProjectPaths, secret: bytes, port: int, host: str = "") -> None:
+
+class JournalReceiver:
+    """On the head: accepts the other nodes' streams, keeps a copy of each journal under ``nodes/``.
+
+    One thread per connection, at most ``2 × nodes + 8`` at once (a node reconnecting overlaps its old
+    connection); a connection must prove the secret within ``HANDSHAKE_S``, with a hello of at most
+    ``HELLO_LIMIT`` bytes: a stranger holds nothing for long."""
+
+    def __init__(self, paths: ProjectPaths, secret: bytes, port: int, host: str = "", nodes: int = 64) -> None:
         self.paths = paths
         self._secret = secret
         self._address = (host, port)
+        self._id = secrets.token_hex(16)  # this head's mark on the copies it writes
+        self._slots = threading.BoundedSemaphore(2 * nodes + 8)
         self._lock = threading.Lock()
         self._warnings: list[str] = []
         self._said: set[str] = set()
         self._active: dict[str, socket.socket] = {}
         self._folder_locks: dict[str, threading.Lock] = {}
-        self._server: socketserver.ThreadingTCPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: _Server | None = None
 
     def start(self) -> None:
         receiver = self
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
-                receiver._serve(self.request, self.client_address[0])
+                if not receiver._slots.acquire(blocking=False):
+                    return  # too many connections at once: closed unread
+                try:
+                    receiver._serve(self.request, self.client_address[0])
+                finally:
+                    receiver._slots.release()
 
-        socketserver.ThreadingTCPServer.allow_reuse_address = True
-        server = socketserver.ThreadingTCPServer(self._address, Handler)
-        server.daemon_threads = True
+        server = _Server(self._address, Handler)
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, args=(0.5,), name="kaio-stream-in", daemon=True)
-        self._thread.start()
+        threading.Thread(target=server.serve_forever, args=(0.5,), name="kaio-stream-in", daemon=True).start()
 
     @property
     def port(self) -> int:
@@ -174,7 +206,6 @@ class JournalReceiver:
                 self._warnings.append(text)
 
     def _serve(self, sock: socket.socket, peer: str) -> None:
-        sock.settimeout(30.0)
         try:
             hello = self._authenticate(sock, peer)
             if hello is None:
@@ -193,16 +224,16 @@ class JournalReceiver:
                     with self._lock:
                         if self._active.get(hello.folder) is sock:
                             del self._active[hello.folder]
-        except (OSError, ConnectionError, ValueError, msgspec.MsgspecError):
+        except _BROKEN:
             return  # the node reconnects and resends from what the copy holds
         finally:
             _shut(sock)
-            sock.close()
 
     def _authenticate(self, sock: socket.socket, peer: str) -> Hello | None:
+        deadline = time.monotonic() + HANDSHAKE_S
         nonce = secrets.token_bytes(32)
         _send(sock, b"N", nonce)
-        kind, payload = _recv(sock, limit=64 << 10)
+        kind, payload = _recv(sock, limit=HELLO_LIMIT, deadline=deadline)
         mac, body = payload[:32], payload[32:]
         if kind != b"H" or not hmac.compare_digest(mac, _mac(self._secret, nonce, body)):
             self._say_once(f"refused a connection from {peer}: not signed with this job's secret ({ENV_JOB_SECRET})")
@@ -215,16 +246,17 @@ class JournalReceiver:
     def _receive(self, sock: socket.socket, hello: Hello) -> None:
         node = ProjectPaths(self.paths.nodes / hello.folder)
         shared = _reads(node.stream_token) == hello.token
-        if not shared and node.journal.exists() and not node.stream_copy.exists():
-            # A journal the head did not write, without the node's token: the node's own, on a shared
+        if not shared and not self._claim_copy(node):
+            # A journal this head did not create, without the node's token: the node's own, on a shared
             # filesystem that does not show its token yet? Never a second writer: the node tries again.
             self._say_once(
-                f"node folder {hello.folder}: holds a journal the head did not copy, without the node's token "
+                f"node folder {hello.folder}: holds a journal this head did not copy, without the node's token "
                 "(a shared filesystem slow to show it?); not copied, the node retries"
             )
             return
         offset = 0 if shared else _prepare_copy(node.journal, hello)
-        _send(sock, b"A", msgspec.json.encode(Accept(offset=offset, shared=shared)))
+        accept = msgspec.json.encode(Accept(offset=offset, shared=shared))
+        _send(sock, b"A", _mac(self._secret, hello.nonce.encode(), accept) + accept)
         sock.settimeout(SILENT_LIMIT_S)
         with open(node.journal, "ab") if not shared else contextlib.nullcontext() as copy:
             while True:
@@ -236,28 +268,58 @@ class JournalReceiver:
                     (t0,) = _PROBE.unpack(payload)
                     _send(sock, b"R", _REPLY.pack(t0, time.time()))
                 elif kind == b"C":
-                    clock = msgspec.json.encode(msgspec.json.decode(payload, type=ClockOffset))
-                    tmp = node.clock.with_name(node.clock.name + ".tmp")
-                    tmp.write_bytes(clock)
-                    os.replace(tmp, node.clock)
+                    clock = msgspec.json.decode(payload, type=ClockOffset)
+                    _write_atomically(node.clock, msgspec.json.encode(clock))
+                elif kind == b"E":  # the node's end: confirmed once its copy is on disk
+                    if copy is not None:
+                        copy.flush()
+                        os.fsync(copy.fileno())
+                        held = copy.tell()
+                    else:
+                        held = _OFFSET.unpack(payload)[0]
+                    _send(sock, b"K", _OFFSET.pack(held))
+
+    def _claim_copy(self, node: ProjectPaths) -> bool:
+        """Whether the journal in ``node``'s folder is this head's copy, creating it if there is none. Both
+        files are created exclusively (O_EXCL, which NFS servers enforce): a journal the node itself
+        writes there (a shared folder whose token cannot be seen yet) is never taken over."""
+        mark = _reads(node.stream_copy)
+        if mark is not None:
+            return mark == self._id
+        node.report_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(node.stream_copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return _reads(node.stream_copy) == self._id
+        with os.fdopen(fd, "w") as f:
+            f.write(self._id + "\n")
+        try:
+            os.close(os.open(node.journal, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            node.stream_copy.unlink(missing_ok=True)
+            return False
+        return True
 
 
 def _prepare_copy(journal: Path, hello: Hello) -> int:
     """The head's copy of a node's journal, ready for the node to append to; the bytes it holds. A copy of
-    another journal (the node started over) is emptied; a line cut short (the head stopped mid-write) is dropped."""
-    journal.parent.mkdir(parents=True, exist_ok=True)
-    ProjectPaths(journal.parent).stream_copy.touch()
+    another journal (the node started over) is moved aside and started again; a line cut short (the head
+    stopped mid-write) is dropped."""
     start, size = _first_line_digest(journal)
     if size and (start != hello.journal_start or size > hello.journal_size):
-        size = 0
+        os.replace(journal, journal.with_name(f"journal.replaced-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
+        journal.touch()
+        return 0
     if size:
         with open(journal, "rb") as f:
-            f.seek(max(0, size - SEND_BYTES))
+            f.seek(max(0, size - MAX_FRAME))
             tail = f.read(size)
         end = tail.rfind(b"\n")
-        size = size - len(tail) + end + 1 if end >= 0 else 0
-    with open(journal, "ab") as f:
-        f.truncate(size)
+        held = size - len(tail) + end + 1 if end >= 0 else 0
+        if held != size:
+            with open(journal, "ab") as f:
+                f.truncate(held)
+        size = held
     return size
 
 
@@ -293,8 +355,8 @@ class JournalSender:
         self._warnings: list[str] = []
         self._down_since: float | None = None
         self._said_down = False
-        self._probes: deque[tuple[float, float]] = deque(maxlen=PROBES_KEPT)  # (rtt, offset)
-        self._sent_clock: tuple[float, float] | None = None
+        self._probes: deque[tuple[float, float, float]] = deque(maxlen=PROBES_KEPT)  # (rtt, offset, head's time)
+        self._sent_clock: tuple[float, float, float] | None = None
         self.sent_bytes = 0
         self.connections = 0
         self._thread = threading.Thread(target=self._run, name="kaio-stream-out", daemon=True)
@@ -305,7 +367,7 @@ class JournalSender:
         self._thread.start()
 
     def close(self, timeout_s: float = 10.0) -> bool:
-        """Send what the journal holds now, then stop; False when the head could not take it in time."""
+        """Send what the journal holds now, then stop; True once the head has confirmed it holds all of it."""
         self._closing.set()
         self._thread.join(timeout_s)
         self._gone.set()
@@ -325,7 +387,7 @@ class JournalSender:
                         self._done.set()
                         return
                 delay = 1.0
-            except (OSError, ConnectionError, ValueError, msgspec.MsgspecError) as exc:
+            except _BROKEN as exc:
                 self._down(exc)
             if self._closing.is_set():
                 delay = min(delay, 1.0)  # the end: the last lines, soon (``close`` bounds the wait)
@@ -333,31 +395,37 @@ class JournalSender:
                 return  # the head could not be reached in time: the node's own folder has it all
             delay = min(delay * 2, 10.0)
 
-    def _down(self, exc: Exception) -> None:
+    def _down(self, exc: BaseException) -> None:
         if self._down_since is None:
             self._down_since = time.monotonic()
         if not self._said_down and time.monotonic() - self._down_since > 10.0:
             self._said_down = True
             with self._lock:
                 self._warnings.append(
-                    f"the head ({self._address[0]}:{self._address[1]}) cannot be reached ({exc}); kaio keeps "
-                    "trying and resends from where the head stopped: nothing is lost"
+                    f"no stream to the head ({self._address[0]}:{self._address[1]}: {exc}); kaio keeps trying and "
+                    "resends from where the head stopped: nothing is lost"
                 )
 
     def _session(self, sock: socket.socket) -> bool:
-        """One connection; True once everything was sent after ``close``."""
-        kind, nonce = _recv(sock, limit=64)
+        """One connection; True once the head confirmed it holds the whole journal, after ``close``."""
+        kind, challenge = _recv(sock, limit=64)
         if kind != b"N":
             raise ConnectionError("not a kaio head")
         start, size = _first_line_digest(self.paths.journal)
-        body = msgspec.json.encode(
-            Hello(folder=self.paths.report_dir.name, token=self._token, journal_size=size, journal_start=start)
-        )
-        _send(sock, b"H", _mac(self._secret, nonce, body) + body)
-        kind, payload = _recv(sock, limit=64 << 10)
-        if kind != b"A":
-            raise ConnectionError("refused by the head")
-        accept = msgspec.json.decode(payload, type=Accept)
+        nonce = secrets.token_hex(16)
+        hello = Hello(self.paths.report_dir.name, self._token, size, start, nonce)
+        body = msgspec.json.encode(hello)
+        _send(sock, b"H", _mac(self._secret, challenge, body) + body)
+        try:
+            kind, payload = _recv(sock, limit=HELLO_LIMIT)
+        except ConnectionError:
+            raise ConnectionError(
+                f"the head closed the connection at the hello (a different {ENV_JOB_SECRET}?)"
+            ) from None
+        mac, body = payload[:32], payload[32:]
+        if kind != b"A" or not hmac.compare_digest(mac, _mac(self._secret, nonce.encode(), body)):
+            raise ConnectionError(f"not this job's head (its answer is not signed with {ENV_JOB_SECRET})")
+        accept = msgspec.json.decode(body, type=Accept)
         self.connections += 1
         self._down_since, self._said_down = None, False
         offset = accept.offset
@@ -372,18 +440,35 @@ class JournalSender:
                 self._probe(sock)
                 next_probe = time.monotonic() + PROBE_EVERY_S
             if closing and not sent:
-                return True
+                return self._confirm_end(sock, offset, accept.shared)
             if not sent:
                 self._closing.wait(IDLE_S)
+
+    def _confirm_end(self, sock: socket.socket, offset: int, shared: bool) -> bool:
+        """The head says how much it holds once its copy is on disk: the whole journal, or not done."""
+        _send(sock, b"E", _OFFSET.pack(offset))
+        kind, payload = _recv(sock, limit=_OFFSET.size)
+        if kind != b"K":
+            raise ConnectionError("an unexpected answer to the end")
+        (held,) = _OFFSET.unpack(payload)
+        try:
+            size = self.paths.journal.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        return shared or held == offset == size
 
     def _send_new(self, sock: socket.socket, offset: int) -> int:
         try:
             with open(self.paths.journal, "rb") as f:
                 f.seek(offset)
                 chunk = f.read(SEND_BYTES)
+                if len(chunk) == SEND_BYTES and b"\n" not in chunk:
+                    chunk += f.read(MAX_FRAME - SEND_BYTES)  # one long line
         except FileNotFoundError:
             return 0
         whole = chunk[: chunk.rfind(b"\n") + 1]  # whole lines only: a line being written waits
+        if not whole and len(chunk) >= MAX_FRAME:
+            raise ValueError(f"a line of {self.paths.journal.name} longer than {MAX_FRAME} bytes at byte {offset}")
         if whole:
             _send(sock, b"D", whole)
             self.sent_bytes += len(whole)
@@ -399,11 +484,12 @@ class JournalSender:
         echoed, t1 = _REPLY.unpack(payload)
         if echoed != t0:
             raise ConnectionError("an answer to another probe")
-        self._probes.append((t3 - t0, (t0 + t3) / 2 - t1))
-        rtt, offset = min(self._probes)
-        if self._sent_clock != (rtt, offset):
-            self._sent_clock = (rtt, offset)
-            _send(sock, b"C", msgspec.json.encode(ClockOffset(offset_s=offset, rtt_s=rtt, measured_at=t1)))
+        self._probes.append((t3 - t0, (t0 + t3) / 2 - t1, t1))
+        best = min(self._probes)
+        if self._sent_clock != best:
+            self._sent_clock = best
+            rtt, offset, at = best
+            _send(sock, b"C", msgspec.json.encode(ClockOffset(offset_s=offset, rtt_s=rtt, measured_at=at)))
 
 
 # ---------------------------------------------------------------- wiring
@@ -423,14 +509,20 @@ def for_node(
             "filesystem the head sees them only at the end (`kaio report PROJECT --merge`)"
         )
         return None
+    if len(secret) < 16:
+        notify(f"warning: {ENV_JOB_SECRET} is short ({len(secret)} characters): anyone guessing it can send records")
     stream: JournalReceiver | JournalSender
     if node_rank == 0:
-        stream = JournalReceiver(paths, secret, port)
+        stream = JournalReceiver(paths, secret, port, nodes=nnodes)
     else:
         stream = JournalSender(paths, head or "127.0.0.1", port, secret)
     try:
         stream.start()
-    except OSError as exc:
-        notify(f"warning: the stream of the nodes' records could not start on port {port} ({exc.strerror or exc})")
+    except (OSError, RuntimeError) as exc:
+        notify(
+            f"warning: the stream of the nodes' records could not start on port {port} "
+            f"({getattr(exc, 'strerror', None) or exc}); the head sees the other nodes only through a shared "
+            "filesystem, or at the end (`kaio report PROJECT --merge`)"
+        )
         return None
     return stream
