@@ -246,3 +246,24 @@ def test_the_speed_and_eta_leave_out_evaluation_and_save_pauses_and_carry_over_a
     assert live.steps_per_s() == pytest.approx(2.0)
     live.on_step(Step(rank=0, step=12, t_mono=500.25))
     assert live.steps_per_s() > 2.0
+
+
+def test_ranks_agree_on_the_step_a_graceful_stop_ends_at_through_the_stores_first_proposal(monkeypatch):
+    """Rank 0 sees the signal at the end of step 10, rank 1 only at the end of step 11 (it was already past
+    10's check): both stop after step 12, the step rank 0 proposed in torch.distributed's (real) store."""
+    import torch.distributed as dist
+
+    from kaio.child import stop
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    decisions = {}
+    for rank, first_step in ((0, 10), (1, 11)):
+        monkeypatch.setattr(stop, "_state", {"training": True, "requested": True, "terminated": False})
+        monkeypatch.setattr(stop, "_agreed", [])
+        monkeypatch.setattr(stop, "_store", lambda: store)
+        decisions[rank] = [step for step in range(first_step, 15) if stop.stops_after(step)][:1]
+    assert decisions == {0: [12], 1: [12]}
+    assert store.get(stop.STORE_KEY) == b"12"
+    monkeypatch.setattr(stop, "_agreed", [])
+    monkeypatch.setattr(stop, "_store", lambda: None)  # one process: at once
+    assert stop.stops_after(3)

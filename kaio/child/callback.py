@@ -96,7 +96,7 @@ class KaioCallback(TrainerCallback):
         now_mono = self._busy_until_mono = time.monotonic()
         tokens = getattr(state, "num_input_tokens_seen", 0)
         data_s, forward_s = self.timing.take()
-        if stop.requested():  # a graceful stop: the Trainer saves checkpoint-N after this step, then returns
+        if stop.stops_after(int(state.global_step)):  # a graceful stop: checkpoint-N after this step, then return
             control.should_save = True
             control.should_training_stop = True
         # Sent now, not with the log that follows: after another rank died, the Trainer's log

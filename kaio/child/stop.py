@@ -1,15 +1,20 @@
 """A graceful stop that keeps the work: the first SIGTERM asks the Trainer to save a checkpoint at the end of
-the current step and stop.
+a step and stop.
 
 The supervisor turns a first Ctrl-C into SIGTERM (a batch scheduler's preemption sends one too; its warning
 before a time limit, SIGUSR1 under SLURM's ``--signal=USR1@T``, asks for the same stop and never ends a rank). While a
 Trainer trains, the signal only raises a flag: ``KaioCallback.on_step_end`` then sets the Trainer's own
 ``should_save`` and ``should_training_stop``, the Trainer writes checkpoint-N and returns, and ``kaio
 resume`` continues from step N+1. Outside training (loading, a script without a Trainer) and at a second
-SIGTERM the signal does what it always does: end the process. With several ranks each gets the signal from
-torch elastic at the same moment and stops at the same step end; should one rank already be past that
-check, the ranks cannot agree, the save does not finish within ``launch.grace_seconds``, and the supervisor
-kills the job and says that no checkpoint was saved.
+SIGTERM the signal does what it always does: end the process.
+
+With several ranks every rank gets the signal at about the same moment, but not necessarily on the same side
+of a step's end: a rank that stopped alone would leave the others waiting in the next step's collectives.
+So the ranks agree on the step through torch.distributed's store (the rendezvous's key-value store, which
+every rank of every node reaches): the first rank to reach a step end after the signal proposes the step
+after next (no rank can be further than one step ahead: each step's gradient all-reduce holds them together),
+and every rank stops at the end of the step the store holds. One store round trip per rank, after a signal
+only.
 """
 
 from __future__ import annotations
@@ -33,8 +38,40 @@ def training(active: bool) -> None:
     _state["training"] = active
 
 
-def requested() -> bool:
-    return _state["requested"]
+STORE_KEY = "kaio/graceful_stop_step"
+_agreed: list[int] = []  # the step every rank stops at, once read from the store
+
+
+def stops_after(step: int) -> bool:
+    """At the end of optimizer step ``step``: whether the Trainer saves and stops here."""
+    if not _state["requested"]:
+        return False
+    if not _agreed:
+        store = _store()
+        if store is None:
+            return True  # one process: here
+        try:
+            _agreed.append(int(store.compare_set(STORE_KEY, "", str(step + 2))))
+        except Exception:  # a store gone (the job is ending anyway): this rank stops here, as before
+            return True
+    return step >= _agreed[0]
+
+
+def _store():
+    """torch.distributed's store when several ranks train, else None (torch never imported here)."""
+    import sys
+
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
+        return None
+    if distributed.get_world_size() < 2:
+        return None
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except Exception:
+        return None
 
 
 def nonfinite(step: int) -> None:
