@@ -337,3 +337,22 @@ def test_evaluations_reach_the_offline_archive_at_their_step(tmp_path):
     metrics = metrics_in(messages)
     assert metrics[("eval_loss", 1)] == 2.25 and metrics[("eval_accuracy", 1)] == 0.5
     assert ("eval_bad", 1) not in metrics
+
+
+def test_a_job_of_several_machines_is_one_experiment_with_its_nodes_tagged(report_dir):
+    from kaio.record.types import NodeSummary
+
+    sink = CometSink.start(project="job", report_dir=report_dir, params=PARAMS, experiment_key=None, env={})
+    sink.log_nodes(
+        [
+            NodeSummary(node_rank=0, host="gpu07", status="COMPLETED", gpus=["nvml:0"], energy_j=3.6e6),
+            NodeSummary(node_rank=1, host="gpu08", status="LOST", gpus=["n1/nvml:0"], clock_offset_s=-0.0042),
+        ]
+    )
+    sink.end()
+    assert sink.warnings == []
+    experiment, messages, _ = read_archive(report_dir / "comet" / f"{sink.experiment_key}.zip")
+    assert sorted(experiment["tags"]) == ["kaio", "node0:gpu07", "node1:gpu08", "nodes:2"]
+    others = {m["payload"]["key"]: m["payload"]["value"] for m in messages if m["type"] == "log_other"}
+    assert others["node0|energy_kwh"] == 1.0 and others["node1|status"] == "LOST"
+    assert others["node1|clock_offset_ms"] == pytest.approx(-4.2) and "node0|clock_offset_ms" not in others

@@ -21,7 +21,7 @@ import msgspec
 from kaio.record import rules
 from kaio.record.index import RunIndex
 from kaio.record.memory import estimate, workload_of
-from kaio.record.types import HistoryHeader, RunDescription, Session, Stall, Telemetry
+from kaio.record.types import HistoryHeader, NodeSummary, RunDescription, Session, Stall, Telemetry
 
 ENERGY_METHOD_LABELS = {"counter": "hardware counter", "integrated": "integrated power"}
 ENERGY_FROM_STEPS = "sum of per-step energy"
@@ -95,6 +95,7 @@ class Summary(msgspec.Struct, kw_only=True):
     energy_method: str | None = None
     energy_per_1k_samples_wh: float | None = None
     cpu_only: bool = False  # no GPU found, and no GPU number anywhere
+    nodes: list[NodeSummary] = []  # a job of several machines: each (the head first)
     warnings: list[str] = []
 
 
@@ -195,6 +196,7 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
             "CAST(MAX(host_ram) AS INTEGER) FROM steps"
         )
     _energy(q, s, header, gpus, w)
+    s.nodes = list(run.nodes) if run is not None else []
     s.cpu_only = not header.devices and all(
         v is None for v in (s.vram_true_peak_bytes, s.power_avg_w, s.gpu_util_avg_pct, s.temp_avg_c)
     )

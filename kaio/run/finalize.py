@@ -286,6 +286,8 @@ class RunOutputs:
         records_before_sinks = state.parts.records
         if self._comet is not None:
             self.feed(state, final=True)
+            if summary.nodes:
+                self._comet.log_nodes(summary.nodes)
             self._comet.log_assets(list(self.paths.report_files))
             self._comet.end()
             for message in self._comet.messages[self._comet_messages_shown :]:

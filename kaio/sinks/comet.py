@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kaio.record.types import EvalEntry, StepEntry
+from kaio.record.types import EvalEntry, NodeSummary, StepEntry
 from kaio.secrets import redact
 
 # Step entry fields sent as Comet metrics, under their history.json names (units are in the names).
@@ -158,6 +158,30 @@ class CometSink:
         """Log ``params`` (nested dicts allowed) with values of secret-looking keys redacted."""
         clean = redact(params)  # copied now: the caller may change params later
         self._submit("logging parameters", lambda experiment: experiment.log_parameters(clean))
+
+    @_never_raises("tagging the nodes")
+    def log_nodes(self, nodes: list[NodeSummary]) -> None:
+        """A job of several machines, one experiment: tagged ``nodes:N`` and ``node<k>:<host>``, and each
+        node's figures as "other" values (``node1|status``, ``node1|energy_kwh``...)."""
+        tags = [f"nodes:{len(nodes)}"] + [f"node{n.node_rank}:{n.host or 'unknown'}" for n in nodes]
+        others: dict[str, Any] = {}
+        for n in nodes:
+            figures = {
+                "host": n.host,
+                "status": n.status,
+                "gpus": len(n.gpus),
+                "energy_kwh": n.energy_j / 3.6e6 if n.energy_j is not None else None,
+                "power_avg_w": n.power_avg_w,
+                "vram_peak_bytes": n.vram_peak_bytes,
+                "clock_offset_ms": n.clock_offset_s * 1000 if n.clock_offset_s is not None else None,
+            }
+            others.update({f"node{n.node_rank}|{k}": v for k, v in figures.items() if v is not None})
+
+        def log(experiment: Any) -> None:
+            experiment.add_tags(tags)
+            experiment.log_others(others)
+
+        self._submit("tagging the nodes", log)
 
     @_never_raises("logging a step")
     def log_step(self, entry: StepEntry) -> None:
