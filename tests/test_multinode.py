@@ -3,12 +3,14 @@ the same report from copied node folders with `kaio report --merge`; SLURM's var
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import msgspec
@@ -322,3 +324,47 @@ def test_a_node_whose_record_never_ended_is_lost_in_the_job_report_once_the_head
     )
     entries = [json.loads(line) for line in merged.step_lines()]
     assert [e["peak_vram_bytes"] for e in entries] == [{"0": 10, "1": 20}, {"0": 10}, {"0": 10}]
+    assert (merged_header.run.nodes[1].last_step, merged_header.run.nodes[1].last_step_at) == (1, None)
+
+
+def test_a_node_whose_kaio_is_killed_is_lost_on_the_head_which_does_not_wait_for_it(project_dir):
+    """Node 1's kaio killed (SIGKILL) mid-run: its rank trains on (the engine's decision, and kaio's promise
+    that a killed supervisor loses no training), its stream to the head ends without its end, and the head,
+    once done, does not wait out the silence: node 1 is LOST in the job's report, with the step it was last
+    heard of."""
+    import psutil
+
+    port, stream_port = _free_port(), _free_port()
+    machine_b = project_dir / "machine-b"
+    machine_b.mkdir()
+    for where in (project_dir, machine_b):
+        cfg = write_config(where, max_steps=300)
+        cfg.write_text(cfg.read_text().replace("launch:\n", f"launch:\n  stream_port: {stream_port}\n"))
+    job = ["run", "cfg.yaml", "--nnodes", "2", "--main-addr", "127.0.0.1", "--main-port", str(port), "--plain"]
+    env = {**os.environ, "KAIO_JOB_SECRET": "c0ffee" * 6, "PYTHONUNBUFFERED": "1"}
+    spawn = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node1 = subprocess.Popen([sys.executable, "-m", "kaio", *job, "--node-rank", "1"], cwd=machine_b, **spawn)
+    head = subprocess.Popen([sys.executable, "-m", "kaio", *job, "--node-rank", "0"], cwd=project_dir, **spawn)
+    orphans: list = []
+    try:
+        copy = project_dir / "docs/reports/t/nodes" / f"1-{socket.gethostname().split('.')[0]}" / "journal.jsonl"
+        deadline = time.monotonic() + 150
+        while not (copy.is_file() and copy.read_bytes().count(b'"type":"step"') >= 6):
+            assert time.monotonic() < deadline and head.poll() is None, "node 1's steps never reached the head"
+            time.sleep(0.1)
+        orphans = psutil.Process(node1.pid).children(recursive=True)
+        node1.kill()
+        node1.communicate(timeout=30)
+        out, _ = head.communicate(timeout=200)
+    finally:
+        for process in [node1, head, *orphans]:
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                process.kill()
+    assert head.returncode == 0, out
+    assert "did not record their end" in out
+    history = read_history(project_dir)
+    assert history["status"] == "COMPLETED" and max(s["step"] for s in history["steps"]) == 300
+    lost = history["run"]["nodes"][1]
+    assert lost["status"] == "LOST" and 3 <= lost["last_step"] < 300 and lost["last_step_at"]
+    report = (project_dir / "docs/reports/t/report.md").read_text()
+    assert f"| LOST (last heard of at step {lost['last_step']}, {lost['last_step_at'][:10]}" in report

@@ -337,6 +337,8 @@ class NodeSummary(msgspec.Struct, kw_only=True):
     energy_j: float | None = None
     power_avg_w: float | None = None  # its run GPUs together, time-weighted over its steps
     vram_peak_bytes: int | None = None  # the allocator's true peak, max over its ranks
+    last_step: int | None = None  # the last step in its record...
+    last_step_at: str | None = None  # ...and when it ended there (ISO 8601 UTC): where a LOST node was last heard of
     clock_offset_s: float | None = None  # its clock minus the head's (kaio.run.stream's probe); None: not measured
     clock_rtt_s: float | None = None  # the probe's round trip: the offset is known within half of it
 

@@ -378,6 +378,9 @@ def _nodes(run: RunDescription | None) -> str | None:
         state = node.status or ""
         if node.exit_code not in (None, 0):
             state += f" (exit {node.exit_code})"
+        if node.status == "LOST" and node.last_step is not None:
+            when = (node.last_step_at or "")[:19].replace("T", " ")
+            state += f" (last heard of at step {node.last_step}{f', {when} UTC' if when else ''})"
         rows.append(
             (
                 node.node_rank,

@@ -220,8 +220,10 @@ class RunOutputs:
         record: Callable[[Record], None],
         notify: Callable[[str], None],
         figure: FigureProcess | None = None,
+        stream_gone: Callable[[str], float | None] | None = None,
     ) -> None:
         self.cfg = cfg
+        self._stream_gone = stream_gone  # the head's stream: how long a node's kaio has been gone (kaio.run.stream)
         self.paths = ProjectPaths(cfg.report_dir)
         self.figure = figure  # None: the figure is drawn in this process
         self.cancelled = False  # Ctrl-C while finishing: skip what goes over the network and can wait
@@ -311,7 +313,7 @@ class RunOutputs:
         from kaio.run.job import load_nodes, node_folders, wait_for_nodes
 
         try:
-            wait_for_nodes(self.paths, self._notify)
+            wait_for_nodes(self.paths, self._notify, stream_gone=self._stream_gone)
             nodes = load_nodes(node_folders(self.paths), state.ledger.config)
         except Exception as exc:  # an unreadable nodes/ folder: the head's record stands alone
             said = f"the other nodes' records were not merged: {type(exc).__name__}: {exc}"

@@ -30,6 +30,7 @@ from kaio.run import recorder as loading
 
 NODE_WAIT_S = 60.0  # at the end of a run, how long the head waits at most for the other nodes' records to close...
 GIVE_UP_S = 15.0  # ...and for one whose journal has stopped growing
+STREAM_GONE_S = 5.0  # ...or whose stream ended without its end this long ago (a node reconnects within 1 s)
 
 
 @dataclass
@@ -119,10 +120,16 @@ class NodeRecords:
     problems: list[str]
 
 
-def wait_for_nodes(paths: ProjectPaths, notify: Callable[[str], None], timeout_s: float = NODE_WAIT_S) -> list[str]:
+def wait_for_nodes(
+    paths: ProjectPaths,
+    notify: Callable[[str], None],
+    timeout_s: float = NODE_WAIT_S,
+    stream_gone: Callable[[str], float | None] | None = None,
+) -> list[str]:
     """At the end of the head's run: wait (bounded) for every node's record to say its session ended, reading
     what their journals add (``NodeWatch``); a node silent for ``GIVE_UP_S`` is not waited for (its kaio is
-    gone). Returns the folders whose record has not ended."""
+    gone), nor one whose stream ended without its end ``STREAM_GONE_S`` ago (``stream_gone``: the seconds
+    since, per folder). Returns the folders whose record has not ended."""
     from kaio.run.node_watch import NodeWatch
 
     watch = NodeWatch(paths)
@@ -132,7 +139,7 @@ def wait_for_nodes(paths: ProjectPaths, notify: Callable[[str], None], timeout_s
         watch.poll(force=True)
         silent = watch.silent_s()
         running = sorted(name for name, ended in watch.ended().items() if ended is None)
-        waiting = [name for name in running if silent[name] < GIVE_UP_S]
+        waiting = [name for name in running if silent[name] < GIVE_UP_S and not _gone(stream_gone, name)]
         if not waiting or time.monotonic() - start > timeout_s:
             if running:
                 notify(
@@ -144,6 +151,11 @@ def wait_for_nodes(paths: ProjectPaths, notify: Callable[[str], None], timeout_s
             notify(f"waiting for node(s) {', '.join(waiting)} to close their records (at most {timeout_s:.0f} s)")
             said = True
         time.sleep(0.5)
+
+
+def _gone(stream_gone: Callable[[str], float | None] | None, folder: str) -> bool:
+    seconds = stream_gone(folder) if stream_gone is not None else None
+    return seconds is not None and seconds >= STREAM_GONE_S
 
 
 def merge(header: HistoryHeader, index: RunIndex, nodes: NodeRecords) -> tuple[HistoryHeader, RunIndex]:
@@ -218,8 +230,11 @@ class _NodeTally:
         self.rank, self.header, self.folder, self.gpus, self.clock = rank, header, folder, gpus, clock
         self.power_weighted = self.power_time = 0.0
         self.vram_peak: int | None = None
+        self.last: StepEntry | None = None
 
     def add(self, entry: StepEntry) -> None:
+        if self.last is None or entry.step > self.last.step:
+            self.last = entry
         if entry.power_avg is not None:
             seconds = entry.duration_s or entry.step_time_s or 1.0
             self.power_weighted += entry.power_avg * seconds
@@ -248,6 +263,8 @@ class _NodeTally:
             energy_j=sum(e for e in energies if e is not None) if in_run and None not in energies else None,
             power_avg_w=self.power_weighted / self.power_time if self.power_time else None,
             vram_peak_bytes=self.vram_peak,
+            last_step=self.last.step if self.last else None,
+            last_step_at=self.last.timestamp if self.last else None,
             clock_offset_s=self.clock.offset_s if self.clock else None,
             clock_rtt_s=self.clock.rtt_s if self.clock else None,
         )

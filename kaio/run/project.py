@@ -180,7 +180,8 @@ def _supervise(
     )
     supervisor = Supervisor(cfg, recorder, view, poller_factory=poller_factory, stream=stream)
     figure = FigureProcess(paths.report_dir)
-    outputs = RunOutputs(cfg, recorder.record, notify, figure)
+    gone = stream.gone_for if isinstance(stream, node_stream.JournalReceiver) else None
+    outputs = RunOutputs(cfg, recorder.record, notify, figure, stream_gone=gone)
     supervisor.on_refresh.append(LiveReports(paths.report_dir, figure))
     supervisor.on_refresh.append(lambda _state: recorder.save())
     supervisor.on_loop.append(outputs.feed)

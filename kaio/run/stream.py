@@ -163,6 +163,7 @@ class JournalReceiver:
         self._said: set[str] = set()
         self._active: dict[str, socket.socket] = {}
         self._folder_locks: dict[str, threading.Lock] = {}
+        self._dropped: dict[str, float] = {}  # folder -> when its stream ended without the node's end (monotonic)
         self._server: _Server | None = None
 
     def start(self) -> None:
@@ -199,6 +200,13 @@ class JournalReceiver:
             taken, self._warnings = self._warnings, []
         return taken
 
+    def gone_for(self, folder: str) -> float | None:
+        """Seconds since the node's stream ended without its end and was not resumed (its kaio is gone,
+        or its machine); None while it streams, after it ended properly, or if it never streamed."""
+        with self._lock:
+            dropped = self._dropped.get(folder)
+        return None if dropped is None else time.monotonic() - dropped
+
     def _say_once(self, text: str) -> None:
         with self._lock:
             if text not in self._said:
@@ -218,12 +226,16 @@ class JournalReceiver:
             with folder_lock:
                 with self._lock:
                     self._active[hello.folder] = sock
+                    self._dropped.pop(hello.folder, None)
+                ended = False
                 try:
-                    self._receive(sock, hello)
+                    ended = self._receive(sock, hello)
                 finally:
                     with self._lock:
                         if self._active.get(hello.folder) is sock:
                             del self._active[hello.folder]
+                            if not ended:
+                                self._dropped[hello.folder] = time.monotonic()
         except _BROKEN:
             return  # the node reconnects and resends from what the copy holds
         finally:
@@ -243,7 +255,8 @@ class JournalReceiver:
             raise ValueError(f"not another node's folder: {hello.folder!r}")
         return hello
 
-    def _receive(self, sock: socket.socket, hello: Hello) -> None:
+    def _receive(self, sock: socket.socket, hello: Hello) -> bool:
+        """The node's stream until it ends; True when it ended with the node's end (not a dropped connection)."""
         node = ProjectPaths(self.paths.nodes / hello.folder)
         shared = _reads(node.stream_token) == hello.token
         if not shared and not self._claim_copy(node):
@@ -253,7 +266,7 @@ class JournalReceiver:
                 f"node folder {hello.folder}: holds a journal this head did not copy, without the node's token "
                 "(a shared filesystem slow to show it?); not copied, the node retries"
             )
-            return
+            return True  # not a node gone: one the head will not copy
         offset = 0 if shared else _prepare_copy(node.journal, hello)
         accept = msgspec.json.encode(Accept(offset=offset, shared=shared))
         _send(sock, b"A", _mac(self._secret, hello.nonce.encode(), accept) + accept)
@@ -278,6 +291,7 @@ class JournalReceiver:
                     else:
                         held = _OFFSET.unpack(payload)[0]
                     _send(sock, b"K", _OFFSET.pack(held))
+                    return True
 
     def _claim_copy(self, node: ProjectPaths) -> bool:
         """Whether the journal in ``node``'s folder is this head's copy, creating it if there is none. Both
