@@ -337,9 +337,13 @@ def test_a_node_whose_kaio_is_killed_is_lost_on_the_head_which_does_not_wait_for
     port, stream_port = _free_port(), _free_port()
     machine_b = project_dir / "machine-b"
     machine_b.mkdir()
+    script = REPO / "tests" / "scripts" / "faulty_train.py"  # 100 steps, each at least 40 ms (rank 1's data)
     for where in (project_dir, machine_b):
-        cfg = write_config(where, max_steps=300)
-        cfg.write_text(cfg.read_text().replace("launch:\n", f"launch:\n  stream_port: {stream_port}\n"))
+        (where / "cfg.yaml").write_text(
+            f"project_name: t\nlaunch:\n  script: {script}\n"
+            f"  script_args: ['100', '1000', '--rank', '1', '--slow-data', '0.01']\n  stream_port: {stream_port}\n"
+            "reporting:\n  use_comet_ml: false\n  poll_hz: 4\n"
+        )
     job = ["run", "cfg.yaml", "--nnodes", "2", "--main-addr", "127.0.0.1", "--main-port", str(port), "--plain"]
     env = {**os.environ, "KAIO_JOB_SECRET": "c0ffee" * 6, "PYTHONUNBUFFERED": "1"}
     spawn = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -349,7 +353,7 @@ def test_a_node_whose_kaio_is_killed_is_lost_on_the_head_which_does_not_wait_for
     try:
         copy = project_dir / "docs/reports/t/nodes" / f"1-{socket.gethostname().split('.')[0]}" / "journal.jsonl"
         deadline = time.monotonic() + 150
-        while not (copy.is_file() and copy.read_bytes().count(b'"type":"step"') >= 6):
+        while not (copy.is_file() and copy.read_bytes().count(b'"type":"step"') >= 3):
             assert time.monotonic() < deadline and head.poll() is None, "node 1's steps never reached the head"
             time.sleep(0.1)
         orphans = psutil.Process(node1.pid).children(recursive=True)
@@ -363,8 +367,8 @@ def test_a_node_whose_kaio_is_killed_is_lost_on_the_head_which_does_not_wait_for
     assert head.returncode == 0, out
     assert "did not record their end" in out
     history = read_history(project_dir)
-    assert history["status"] == "COMPLETED" and max(s["step"] for s in history["steps"]) == 300
+    assert history["status"] == "COMPLETED" and max(s["step"] for s in history["steps"]) == 100
     lost = history["run"]["nodes"][1]
-    assert lost["status"] == "LOST" and 3 <= lost["last_step"] < 300 and lost["last_step_at"]
+    assert lost["status"] == "LOST" and 3 <= lost["last_step"] < 100 and lost["last_step_at"]
     report = (project_dir / "docs/reports/t/report.md").read_text()
     assert f"| LOST (last heard of at step {lost['last_step']}, {lost['last_step_at'][:10]}" in report
