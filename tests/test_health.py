@@ -265,5 +265,10 @@ def test_ranks_agree_on_the_step_a_graceful_stop_ends_at_through_the_stores_firs
     assert decisions == {0: [12], 1: [12]}
     assert store.get(stop.STORE_KEY) == b"12"
     monkeypatch.setattr(stop, "_agreed", [])
+    monkeypatch.setattr(stop, "_store", lambda: dist.TCPStore("127.0.0.1", store.port, is_master=False))
+    store.delete_key(stop.STORE_KEY)
+    assert [step for step in (38, 39, 40) if stop.stops_after(step, max_steps=39)] == [39, 40]  # not past the end
+    assert store.get(stop.STORE_KEY) == b"39"
+    monkeypatch.setattr(stop, "_agreed", [])
     monkeypatch.setattr(stop, "_store", lambda: None)  # one process: at once
     assert stop.stops_after(3)

@@ -372,3 +372,21 @@ def test_a_node_whose_kaio_is_killed_is_lost_on_the_head_which_does_not_wait_for
     assert lost["status"] == "LOST" and 3 <= lost["last_step"] < 100 and lost["last_step_at"]
     report = (project_dir / "docs/reports/t/report.md").read_text()
     assert f"| LOST (last heard of at step {lost['last_step']}, {lost['last_step_at'][:10]}" in report
+
+
+def test_the_head_does_not_wait_for_a_node_whose_stream_ended_without_its_end(tmp_path):
+    """At the head's end: a node whose record has not ended is waited for (its last lines may be on their
+    way), unless its stream ended without its end 5 s ago or more (its kaio is gone: no reconnection)."""
+    from kaio.record.types import SessionStart, encode_record
+    from kaio.run.job import wait_for_nodes
+
+    paths = ProjectPaths(tmp_path / "t")
+    journal = paths.nodes / "1-gpu08" / "journal.jsonl"
+    journal.parent.mkdir(parents=True)
+    journal.write_bytes(encode_record(SessionStart(session=1)))
+    said: list[str] = []
+    assert wait_for_nodes(paths, said.append, timeout_s=30, stream_gone=lambda folder: 6.0) == ["1-gpu08"]
+    assert len(said) == 1 and said[0].startswith("note: node(s) 1-gpu08 did not record their end")
+    said.clear()
+    assert wait_for_nodes(paths, said.append, timeout_s=0.6, stream_gone=lambda folder: 1.0) == ["1-gpu08"]
+    assert said[0] == "waiting for node(s) 1-gpu08 to close their records (at most 1 s)"  # dropped just now

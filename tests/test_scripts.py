@@ -166,15 +166,24 @@ def test_kaio_log_outside_kaio_does_nothing(tmp_path):
 
 
 def test_a_script_ends_as_python_would_end_it_threads_then_exit_handlers_then_open_files(project_dir):
-    """kaio ends a rank whose script succeeded before the interpreter's finalization (where gloo can
+    """kaio ends a rank whose script succeeded on gloo before the interpreter's finalization (where gloo can
     abort a finished rank); what a script can observe of a normal exit still happens, in its order."""
     script = project_dir / "exits.py"
     script.write_text(
         textwrap.dedent("""\
-        import atexit, sys, threading, time
+        import atexit, socket, sys, threading, time
+        from concurrent.futures import ThreadPoolExecutor
 
+        import torch.distributed as dist
+
+        with socket.socket() as s:  # a gloo group, as a CPU job's: kaio ends this rank before finalization
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
         sys.held = open("unclosed.txt", "w")  # alive to the end, as a module's log file is; never flushed
         sys.held.write("kept\\n")
+        sys.pool = ThreadPoolExecutor(1)  # an idle pool worker: Python's thread shutdown wakes it (or it hangs)
+        sys.pool.submit(print, "pool task")
 
         def late():
             time.sleep(0.5)

@@ -14,19 +14,21 @@ import signal
 import sys
 import time
 import traceback
+from typing import Literal
 
 import msgspec
 
 from kaio.telemetry.protocol import ENV_ERROR_DIR, ENV_SESSION, RankError
 
 BUILTIN_RECIPE = "kaio.recipes.lora"
+Ending = Literal["recipe", "script", "script after gloo"]
 
 
 SCRIPT_FLAG = "--kaio-script"
 
 
-def main(argv: list[str] | None = None) -> bool:
-    """Run the target; True when it was the built-in recipe."""
+def main(argv: list[str] | None = None) -> Ending:
+    """Run the target; how the process may end once it succeeded."""
     # The launcher ignores SIGTERM so that this process answers it; an ignored signal is inherited, so give
     # it back its default until the Trainer patch installs the graceful stop (kaio.child.stop).
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> bool:
             if exc.code not in (None, 0):
                 raise
             # sys.exit(0) at the end of a script: a success like returning
-        _destroy_process_group()
+        gloo = _destroy_process_group()
     except BaseException as exc:
         _write_error_file(rank_from_env(), exc)
         raise
@@ -67,19 +69,27 @@ def main(argv: list[str] | None = None) -> bool:
 
         plain.finish()
         shared_emitter().close()
-    return script is None
+    if script is None:
+        return "recipe"
+    from kaio.child.quick_exit import gloo_was_used
+
+    return "script after gloo" if gloo or gloo_was_used() else "script"
 
 
-def _destroy_process_group() -> None:
+def _destroy_process_group() -> bool:
     """After a script that finished, close torch.distributed's process group if it left one open.
 
     A gloo group still alive at interpreter exit can abort the process ("terminate called without
     an active exception", SIGABRT) after training succeeded, and the run would be reported failed.
     Only after success: after a rank failed, destroying the group can hang on the ranks that did not.
+    Returns whether that group was gloo's (see ``quick_exit.exit_after_script``).
     """
     distributed = sys.modules.get("torch.distributed")
-    if distributed is not None and distributed.is_available() and distributed.is_initialized():
-        distributed.destroy_process_group()
+    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
+        return False
+    gloo = distributed.get_backend() == "gloo"
+    distributed.destroy_process_group()
+    return gloo
 
 
 def _write_error_file(rank: int, exc: BaseException) -> None:
@@ -108,7 +118,9 @@ def _write_error_file(rank: int, exc: BaseException) -> None:
 if __name__ == "__main__":
     from kaio.child.quick_exit import exit_after_script, exit_without_teardown
 
-    if main():
-        exit_without_teardown()  # the built-in recipe: nothing of it runs at exit
-    else:
-        exit_after_script()  # a user's script: its threads, exit handlers and open files are honoured
+    ending = main()
+    if ending == "recipe":
+        exit_without_teardown()  # nothing of it runs at exit
+    elif ending == "script after gloo":
+        exit_after_script()  # before gloo's threads can abort it; the script's threads, exit handlers, files kept
+    # else: a user's script ends as Python ends it

@@ -19,7 +19,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from kaio.child import stop
+from kaio.child import quick_exit, stop
 from kaio.child.describe import describe_run
 from kaio.child.emitter import EventEmitter
 from kaio.child.memory import peak_memory_functions
@@ -83,6 +83,7 @@ class KaioCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         stop.training(True)
+        quick_exit.note_process_group()
         self._peak_memory = peak_memory_functions()
         trainer = self._trainer() if self._trainer is not None else None
         self.emitter.emit(describe_run(self.rank, args, state, model, kwargs, trainer))
@@ -96,7 +97,8 @@ class KaioCallback(TrainerCallback):
         now_mono = self._busy_until_mono = time.monotonic()
         tokens = getattr(state, "num_input_tokens_seen", 0)
         data_s, forward_s = self.timing.take()
-        if stop.stops_after(int(state.global_step)):  # a graceful stop: checkpoint-N after this step, then return
+        # A graceful stop: checkpoint-N after this step, then the Trainer returns.
+        if stop.stops_after(int(state.global_step), getattr(state, "max_steps", None)):
             control.should_save = True
             control.should_training_stop = True
         # Sent now, not with the log that follows: after another rank died, the Trainer's log

@@ -5,6 +5,22 @@ from __future__ import annotations
 import os
 import sys
 
+_gloo_seen: list[bool] = []
+
+
+def note_process_group() -> None:
+    """Called as training begins: whether torch.distributed runs on gloo, remembered for the end (the script
+    may destroy the group itself, which leaves DDP's reference, and the risk at exit, in place)."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
+        return
+    if distributed.get_backend() == "gloo":
+        _gloo_seen[:] = [True]
+
+
+def gloo_was_used() -> bool:
+    return bool(_gloo_seen)
+
 
 def exit_without_teardown(code: int = 0) -> None:
     """End the process now, skipping the interpreter's teardown.
@@ -21,35 +37,35 @@ def exit_without_teardown(code: int = 0) -> None:
 
 
 def exit_after_script(code: int = 0) -> None:
-    """End a rank whose user script returned: everything a normal exit does that a script can
-    observe, then the process ends before the interpreter's finalization and C++'s static destructors.
+    """End a rank whose user script returned, after a gloo process group: everything a normal exit does that
+    a script is likely to observe, then the process ends before the interpreter's finalization and C++'s
+    static destructors.
 
-    There, a gloo process group still referenced (DDP keeps it, whatever destroy_process_group
-    dropped) has its worker threads reach back into a dying interpreter and the rank aborts
-    ("terminate called without an active exception", SIGABRT) after a run that succeeded; torch
-    elastic then ends the job as failed. So, in the order Python's own exit takes: wait for the
-    script's non-daemon threads, run its atexit handlers, collect garbage (an unclosed file in a
-    reference cycle is closed), flush every file still open, then end.
+    There, a gloo group still referenced (DDP keeps it, whatever destroy_process_group dropped) has its
+    worker threads reach back into a dying interpreter and the rank aborts ("terminate called without an
+    active exception", SIGABRT) after a run that succeeded; torch elastic then ends the job as failed. So, in
+    the order Python's own exit takes: its thread shutdown (the exit hooks of thread pools, then every
+    non-daemon thread joined), the atexit handlers, garbage collected (an unclosed file in a reference cycle
+    is closed), every file still open flushed, then the end. Skipped: the finalizers of objects still alive
+    at exit (a gzip or zip file a module left open is flushed, not closed). NCCL jobs never come here.
     """
+    import _io
     import atexit
     import gc
-    import io
     import logging
     import threading
 
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    threading._shutdown()  # type: ignore[attr-defined]  # what Python's exit runs first; no public name
     atexit._run_exitfuncs()
     logging.shutdown()
     gc.collect()
     for obj in gc.get_objects():
-        if isinstance(obj, io.IOBase):
+        if isinstance(obj, _io._IOBase):  # io.IOBase's C base: 5x faster to test over a million objects
             try:
                 if not obj.closed and obj.writable():
                     obj.flush()
-            except (OSError, ValueError):
-                pass  # a pipe whose reader left, a file closed under us: nothing more can be kept
+            except Exception:
+                pass  # a pipe whose reader left, a file closed under us, an odd wrapper: nothing more to keep
     _flush_std_streams()
     os._exit(code)
 

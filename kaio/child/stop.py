@@ -14,7 +14,8 @@ So the ranks agree on the step through torch.distributed's store (the rendezvous
 every rank of every node reaches): the first rank to reach a step end after the signal proposes the step
 after next (no rank can be further than one step ahead: each step's gradient all-reduce holds them together),
 and every rank stops at the end of the step the store holds. One store round trip per rank, after a signal
-only.
+only. A rank whose signal comes more than a step after the first rank's (or never) goes past that step and
+waits in the next one's collectives: the supervisor's grace period ends it.
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ STORE_KEY = "kaio/graceful_stop_step"
 _agreed: list[int] = []  # the step every rank stops at, once read from the store
 
 
-def stops_after(step: int) -> bool:
-    """At the end of optimizer step ``step``: whether the Trainer saves and stops here."""
+def stops_after(step: int, max_steps: int | None = None) -> bool:
+    """At the end of optimizer step ``step``: whether the Trainer saves and stops here (the proposal is never
+    past ``max_steps``, where the training ends anyway: the stop's save is made there)."""
     if not _state["requested"]:
         return False
     if not _agreed:
@@ -51,7 +53,8 @@ def stops_after(step: int) -> bool:
         if store is None:
             return True  # one process: here
         try:
-            _agreed.append(int(store.compare_set(STORE_KEY, "", str(step + 2))))
+            proposed = min(step + 2, max_steps) if max_steps and max_steps > 0 else step + 2
+            _agreed.append(int(store.compare_set(STORE_KEY, "", str(proposed))))
         except Exception:  # a store gone (the job is ending anyway): this rank stops here, as before
             return True
     return step >= _agreed[0]

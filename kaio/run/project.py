@@ -27,6 +27,7 @@ from kaio.record.types import Note, SessionEnd, SessionKind, Status
 from kaio.run import recorder as loading
 from kaio.run.recorder import Loaded, Recorder
 from kaio.run.state import RunState
+from kaio.run.stream import JournalReceiver, JournalSender
 from kaio.run.supervisor import SessionRequest, Supervisor, View
 from kaio.secrets import REDACTED
 
@@ -220,16 +221,10 @@ def _supervise(
     return outcome.exit_code if outcome else 1
 
 
-def _close_stream(stream, notify: Notify) -> None:
-    """A node sends the head the end of its journal (bounded); the head stops taking the nodes' records
-    (after the job's report, which waited for them)."""
-    from kaio.run.stream import JournalSender
-
-    if isinstance(stream, JournalSender):
-        if not stream.close():
-            notify("note: the head did not confirm the end of this node's record; it is complete in this node's folder")
-    else:
-        stream.close()
+def _close_stream(stream: JournalReceiver | JournalSender, notify: Notify) -> None:
+    """A node sends the head the end of its journal (bounded); the head stops taking the nodes' records."""
+    if not stream.close(timeout_s=10.0):
+        notify("note: the head did not confirm the end of this node's record; it is complete in this node's folder")
     for warning in stream.pop_warnings():  # after the supervisor's loop: said, no longer recorded
         notify(f"warning: {warning}")
 

@@ -187,13 +187,16 @@ class JournalReceiver:
         assert self._server is not None
         return self._server.server_address[1]
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 0.0) -> bool:
+        """Stop taking the nodes' records (after the job's report, which waited for them); ``timeout_s``:
+        the same call as a node's, nothing to wait for here."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             with self._lock:
                 for sock in self._active.values():
                     _shut(sock)
+        return True
 
     def pop_warnings(self) -> list[str]:
         with self._lock:
@@ -371,6 +374,7 @@ class JournalSender:
         self._said_down = False
         self._probes: deque[tuple[float, float, float]] = deque(maxlen=PROBES_KEPT)  # (rtt, offset, head's time)
         self._sent_clock: tuple[float, float, float] | None = None
+        self._delay = 1.0  # before the next attempt to connect: doubles while the head cannot be reached, to 10 s
         self.sent_bytes = 0
         self.connections = 0
         self._thread = threading.Thread(target=self._run, name="kaio-stream-out", daemon=True)
@@ -393,21 +397,19 @@ class JournalSender:
         return taken
 
     def _run(self) -> None:
-        delay = 1.0
         while True:
             try:
                 with socket.create_connection(self._address, timeout=5.0) as sock:
                     if self._session(sock):
                         self._done.set()
                         return
-                delay = 1.0
             except _BROKEN as exc:
                 self._down(exc)
-            if self._closing.is_set():
-                delay = min(delay, 1.0)  # the end: the last lines, soon (``close`` bounds the wait)
-            if self._gone.wait(delay):
+            if not self._closing.is_set():
+                self._closing.wait(self._delay)  # close() wakes it: the last lines are sent at once
+            elif self._gone.wait(min(self._delay, 1.0)):
                 return  # the head could not be reached in time: the node's own folder has it all
-            delay = min(delay * 2, 10.0)
+            self._delay = min(self._delay * 2, 10.0)
 
     def _down(self, exc: BaseException) -> None:
         if self._down_since is None:
@@ -434,14 +436,15 @@ class JournalSender:
             kind, payload = _recv(sock, limit=HELLO_LIMIT)
         except ConnectionError:
             raise ConnectionError(
-                f"the head closed the connection at the hello (a different {ENV_JOB_SECRET}?)"
+                f"the head closed the connection at the hello (a different {ENV_JOB_SECRET}, or a folder it "
+                "will not copy into: see the head's warnings)"
             ) from None
         mac, body = payload[:32], payload[32:]
         if kind != b"A" or not hmac.compare_digest(mac, _mac(self._secret, nonce.encode(), body)):
             raise ConnectionError(f"not this job's head (its answer is not signed with {ENV_JOB_SECRET})")
         accept = msgspec.json.decode(body, type=Accept)
         self.connections += 1
-        self._down_since, self._said_down = None, False
+        self._down_since, self._said_down, self._delay = None, False, 1.0  # a drop from now: back within 1 s
         offset = accept.offset
         next_probe = 0.0
         for _ in range(3):  # a first estimate at once
