@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> Ending:
             if exc.code not in (None, 0):
                 raise
             # sys.exit(0) at the end of a script: a success like returning
-        gloo = _destroy_process_group()
+        _destroy_process_group()
     except BaseException as exc:
         _write_error_file(rank_from_env(), exc)
         raise
@@ -71,25 +71,25 @@ def main(argv: list[str] | None = None) -> Ending:
         shared_emitter().close()
     if script is None:
         return "recipe"
-    from kaio.child.quick_exit import gloo_was_used
+    from kaio.child import process_group
 
-    return "script after gloo" if gloo or gloo_was_used() else "script"
+    return "script after gloo" if process_group.gloo_was_used() else "script"
 
 
-def _destroy_process_group() -> bool:
+def _destroy_process_group() -> None:
     """After a script that finished, close torch.distributed's process group if it left one open.
 
     A gloo group still alive at interpreter exit can abort the process ("terminate called without
     an active exception", SIGABRT) after training succeeded, and the run would be reported failed.
     Only after success: after a rank failed, destroying the group can hang on the ranks that did not.
-    Returns whether that group was gloo's (see ``quick_exit.exit_after_script``).
+    A gloo group is remembered first (see ``quick_exit.exit_after_script``).
     """
-    distributed = sys.modules.get("torch.distributed")
-    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
-        return False
-    gloo = distributed.get_backend() == "gloo"
-    distributed.destroy_process_group()
-    return gloo
+    from kaio.child import process_group
+
+    distributed = process_group.initialized()
+    if distributed is not None:
+        process_group.note_backend()
+        distributed.destroy_process_group()
 
 
 def _write_error_file(rank: int, exc: BaseException) -> None:

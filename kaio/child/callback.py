@@ -19,7 +19,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from kaio.child import quick_exit, stop
+from kaio.child import process_group, stop
 from kaio.child.describe import describe_run
 from kaio.child.emitter import EventEmitter
 from kaio.child.memory import peak_memory_functions
@@ -83,7 +83,7 @@ class KaioCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         stop.training(True)
-        quick_exit.note_process_group()
+        process_group.note_backend()
         self._peak_memory = peak_memory_functions()
         trainer = self._trainer() if self._trainer is not None else None
         self.emitter.emit(describe_run(self.rank, args, state, model, kwargs, trainer))

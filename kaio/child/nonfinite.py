@@ -87,8 +87,10 @@ def _agree(step: int, device: Any) -> int:
     """The earliest step any rank found (``_NO_STEP`` when none did); this rank's own without torch.distributed."""
     import torch
 
-    distributed = torch.distributed
-    if not (distributed.is_available() and distributed.is_initialized()) or distributed.get_world_size() < 2:
+    from kaio.child.process_group import initialized
+
+    distributed = initialized()
+    if distributed is None or distributed.get_world_size() < 2:
         return step
     if device is None:  # this rank saw no loss since the last log: take part all the same
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"

@@ -5,22 +5,6 @@ from __future__ import annotations
 import os
 import sys
 
-_gloo_seen: list[bool] = []
-
-
-def note_process_group() -> None:
-    """Called as training begins: whether torch.distributed runs on gloo, remembered for the end (the script
-    may destroy the group itself, which leaves DDP's reference, and the risk at exit, in place)."""
-    distributed = sys.modules.get("torch.distributed")
-    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
-        return
-    if distributed.get_backend() == "gloo":
-        _gloo_seen[:] = [True]
-
-
-def gloo_was_used() -> bool:
-    return bool(_gloo_seen)
-
 
 def exit_without_teardown(code: int = 0) -> None:
     """End the process now, skipping the interpreter's teardown.

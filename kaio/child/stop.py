@@ -62,12 +62,10 @@ def stops_after(step: int, max_steps: int | None = None) -> bool:
 
 def _store():
     """torch.distributed's store when several ranks train, else None (torch never imported here)."""
-    import sys
+    from kaio.child.process_group import initialized
 
-    distributed = sys.modules.get("torch.distributed")
-    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
-        return None
-    if distributed.get_world_size() < 2:
+    distributed = initialized()
+    if distributed is None or distributed.get_world_size() < 2:
         return None
     try:
         from torch.distributed.distributed_c10d import _get_default_store

@@ -27,7 +27,7 @@ from kaio.record.types import Note, SessionEnd, SessionKind, Status
 from kaio.run import recorder as loading
 from kaio.run.recorder import Loaded, Recorder
 from kaio.run.state import RunState
-from kaio.run.stream import JournalReceiver, JournalSender
+from kaio.run.stream import JournalReceiver, JournalSender, for_node
 from kaio.run.supervisor import SessionRequest, Supervisor, View
 from kaio.secrets import REDACTED
 
@@ -170,18 +170,15 @@ def _supervise(
     cfg: RunConfig, state: RunState, view: View, request: SessionRequest, poller_factory, notify: Notify
 ) -> int:
     """The sessions (with automatic restarts), then the reports, Comet and the Hub push."""
-    from kaio.run import stream as node_stream
     from kaio.run.finalize import FigureProcess, LiveReports, RunOutputs
 
     paths = ProjectPaths(cfg.report_dir)
     recorder = Recorder(paths, state)
     launch = cfg.launch
-    stream = node_stream.for_node(
-        launch.node_rank, launch.nnodes, paths, launch.main_addr, launch.head_stream_port, notify
-    )
+    stream = for_node(launch.node_rank, launch.nnodes, paths, launch.main_addr, launch.head_stream_port, notify)
     supervisor = Supervisor(cfg, recorder, view, poller_factory=poller_factory, stream=stream)
     figure = FigureProcess(paths.report_dir)
-    gone = stream.gone_for if isinstance(stream, node_stream.JournalReceiver) else None
+    gone = stream.gone_for if isinstance(stream, JournalReceiver) else None
     outputs = RunOutputs(cfg, recorder.record, notify, figure, stream_gone=gone)
     supervisor.on_refresh.append(LiveReports(paths.report_dir, figure))
     supervisor.on_refresh.append(lambda _state: recorder.save())

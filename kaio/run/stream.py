@@ -50,6 +50,7 @@ from pathlib import Path
 
 import msgspec
 
+from kaio.fsutil import atomic_write_bytes
 from kaio.nodes import ENV_JOB_SECRET, job_secret
 from kaio.record.paths import ProjectPaths, is_node_folder
 from kaio.record.types import ClockOffset
@@ -126,15 +127,6 @@ def _first_line_digest(path: Path) -> tuple[str, int]:
     except FileNotFoundError:
         return "", 0
     return (hashlib.sha256(line).hexdigest() if line.endswith(b"\n") else ""), size
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- the head
@@ -285,7 +277,7 @@ class JournalReceiver:
                     _send(sock, b"R", _REPLY.pack(t0, time.time()))
                 elif kind == b"C":
                     clock = msgspec.json.decode(payload, type=ClockOffset)
-                    _write_atomically(node.clock, msgspec.json.encode(clock))
+                    atomic_write_bytes(node.clock, msgspec.json.encode(clock))
                 elif kind == b"E":  # the node's end: confirmed once its copy is on disk
                     if copy is not None:
                         copy.flush()
