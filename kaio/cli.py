@@ -41,6 +41,19 @@ OUTPUT_DIR_OPTION = typer.Option(
 )
 
 
+# Where this machine sits in a job of several (kaio.nodes): `kaio run` and `kaio resume` alike.
+NNODES_OPTION = typer.Option(
+    None, "--nnodes", help="Machines in the job, one `kaio run` on each (launch.nnodes; SLURM_NNODES)."
+)
+NODE_RANK_OPTION = typer.Option(
+    None, "--node-rank", help="This machine's rank in the job, 0 for the head (launch.node_rank; SLURM_NODEID)."
+)
+MAIN_ADDR_OPTION = typer.Option(
+    None, "--main-addr", help="The head node's address for the rendezvous (launch.main_addr)."
+)
+MAIN_PORT_OPTION = typer.Option(None, "--main-port", help="The rendezvous port (launch.main_port).")
+
+
 def _user_errors(func):
     """Known errors become one line on stderr and exit code 2; KAIO_DEBUG=1 shows the traceback."""
 
@@ -95,16 +108,10 @@ def run(
         metavar="",
     ),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Override training.max_steps."),
-    nnodes: int | None = typer.Option(
-        None, "--nnodes", help="Machines in the job, one `kaio run` on each (launch.nnodes; SLURM_NNODES)."
-    ),
-    node_rank: int | None = typer.Option(
-        None, "--node-rank", help="This machine's rank in the job, 0 for the head (launch.node_rank; SLURM_NODEID)."
-    ),
-    main_addr: str | None = typer.Option(
-        None, "--main-addr", help="The head node's address for the rendezvous (launch.main_addr)."
-    ),
-    main_port: int | None = typer.Option(None, "--main-port", help="The rendezvous port (launch.main_port)."),
+    nnodes: int | None = NNODES_OPTION,
+    node_rank: int | None = NODE_RANK_OPTION,
+    main_addr: str | None = MAIN_ADDR_OPTION,
+    main_port: int | None = MAIN_PORT_OPTION,
     dry_run: bool = typer.Option(
         False,
         "--dry-run",
@@ -179,8 +186,14 @@ def resume(
     ),
     output_dir: Path = OUTPUT_DIR_OPTION,
     plain: bool = typer.Option(False, "--plain", help="Plain status lines instead of the live dashboard.", metavar=""),
+    nnodes: int | None = NNODES_OPTION,
+    node_rank: int | None = NODE_RANK_OPTION,
+    main_addr: str | None = MAIN_ADDR_OPTION,
+    main_port: int | None = MAIN_PORT_OPTION,
 ) -> None:
-    """Continue PROJECT from its latest complete checkpoint, as a new session of the same history."""
+    """Continue PROJECT from its latest complete checkpoint, as a new session of the same history.
+
+    A job of several machines resumes with `kaio resume PROJECT` on each node (`srun kaio resume PROJECT` under SLURM; by hand, `--node-rank R`, and `--main-addr HOST` if the head moved): each node continues its own record, on the same machines or others with the same node count."""
     from kaio.run.gpu_feed import poller_factory
     from kaio.run.project import resume as resume_project
     from kaio.views import choose_view
@@ -193,6 +206,7 @@ def resume(
         choose_view(console, plain),
         config_path=config,
         max_steps=max_steps,
+        placement_flags={"nnodes": nnodes, "node_rank": node_rank, "main_addr": main_addr, "main_port": main_port},
         poller_factory_for=poller_factory,
         notify=_say(console),
     )

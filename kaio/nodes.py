@@ -128,6 +128,31 @@ def placement(launch: LaunchConfig, flags: Mapping[str, object], environ: Mappin
     return result
 
 
+def resume_placement(saved: LaunchConfig, flags: Mapping[str, object], environ: Mapping[str, str]) -> Placement:
+    """Where this kaio sits in the job it resumes. A project's saved config names the head's node rank, which
+    says nothing of this machine: the command line (``--node-rank``) or SLURM says which node this is; the
+    head's address and port default to the saved ones (the job may resume on other machines, or another port).
+    The node count is the saved one: another one would change the world size the checkpoint was trained with."""
+    given = {key: value for key, value in flags.items() if value is not None}
+    one_machine = saved.model_copy(update={"nnodes": 1, "node_rank": 0})
+    if "node_rank" in given or "nnodes" in given:
+        where = placement(one_machine, {"nnodes": saved.nnodes, "main_addr": saved.main_addr, **given}, environ)
+    else:
+        where = placement(one_machine, given, environ)
+        if where.source != "SLURM" and saved.nnodes > 1:
+            raise ConfigError(
+                f"the job ran on {saved.nnodes} machines: run `kaio resume` on each, saying which it is "
+                f"(--node-rank R, 0 for the head; --main-addr HOST if the head moved), or under `srun`"
+            )
+    if where.nnodes != saved.nnodes:
+        raise ConfigError(
+            f"the job ran on {saved.nnodes} machine(s), not {where.nnodes} ({where.source}): the checkpoint was "
+            "trained with its world size (batch size, data order); resume it on as many, or start over with "
+            "`kaio run --overwrite`"
+        )
+    return where
+
+
 def check(p: Placement) -> None:
     """One line for what cannot make a job."""
     where = "" if p.source == "the config" else f" ({p.source})"

@@ -260,15 +260,50 @@ def test_ranks_agree_on_the_step_a_graceful_stop_ends_at_through_the_stores_firs
     for rank, first_step in ((0, 10), (1, 11)):
         monkeypatch.setattr(stop, "_state", {"training": True, "requested": True, "terminated": False})
         monkeypatch.setattr(stop, "_agreed", [])
-        monkeypatch.setattr(stop, "_store", lambda: store)
+        monkeypatch.setattr(stop.process_group, "store", lambda: store)
         decisions[rank] = [step for step in range(first_step, 15) if stop.stops_after(step)][:1]
     assert decisions == {0: [12], 1: [12]}
     assert store.get(stop.STORE_KEY) == b"12"
     monkeypatch.setattr(stop, "_agreed", [])
-    monkeypatch.setattr(stop, "_store", lambda: dist.TCPStore("127.0.0.1", store.port, is_master=False))
+    monkeypatch.setattr(stop.process_group, "store", lambda: dist.TCPStore("127.0.0.1", store.port, is_master=False))
     store.delete_key(stop.STORE_KEY)
     assert [step for step in (38, 39, 40) if stop.stops_after(step, max_steps=39)] == [39, 40]  # not past the end
     assert store.get(stop.STORE_KEY) == b"39"
     monkeypatch.setattr(stop, "_agreed", [])
-    monkeypatch.setattr(stop, "_store", lambda: None)  # one process: at once
+    monkeypatch.setattr(stop.process_group, "store", lambda: None)  # one process: at once
     assert stop.stops_after(3)
+
+
+def test_ranks_resumed_at_different_steps_all_end_with_the_reason_instead_of_training():
+    """Three ranks compare the step they resumed at through a real TCPStore: the same step, they train; rank 2
+    at another (its node saw other checkpoints), every rank ends with the same one-line reason."""
+    import threading
+
+    import torch.distributed as dist
+
+    from kaio.child import same_start
+
+    def ranks(steps: list[int]) -> list[str | None]:
+        store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+        outcome: list[str | None] = [None] * len(steps)
+
+        def rank(r: int) -> None:
+            client = dist.TCPStore("127.0.0.1", store.port, is_master=False)
+            try:
+                same_start.compare(client, steps[r], r, len(steps), "/shared/checkpoints/checkpoint-40")
+                outcome[r] = "trains"
+            except SystemExit as exc:
+                outcome[r] = str(exc)
+
+        threads = [threading.Thread(target=rank, args=(r,)) for r in range(len(steps))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        return outcome
+
+    assert ranks([40, 40, 40]) == ["trains"] * 3
+    ended = ranks([40, 40, 30])
+    assert len(set(ended)) == 1 and ended[0] is not None
+    reason = ended[0]  # whichever rank compared first, the reason names both steps
+    assert "at step 30" in reason and "at step 40" in reason and "the nodes do not see the same checkpoints" in reason

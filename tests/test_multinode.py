@@ -46,12 +46,15 @@ def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the
     port, stream_port = _free_port(), _free_port()
     machine_b = project_dir / "machine-b"  # node 1's working directory: nothing shared with the head's
     machine_b.mkdir()
+    shared_checkpoints = project_dir / "shared-storage" / "checkpoints"  # every node loads them when resuming
     for where in (project_dir, machine_b):
         cfg = write_config(where, max_steps=10)
-        cfg.write_text(cfg.read_text().replace("launch:\n", f"launch:\n  stream_port: {stream_port}\n"))
+        text = cfg.read_text().replace("launch:\n", f"launch:\n  stream_port: {stream_port}\n")
+        cfg.write_text(text.replace("training:\n", f"training:\n  output_dir: {shared_checkpoints}\n"))
     job = ["--nnodes", "2", "--main-addr", "127.0.0.1", "--main-port", str(port), "--plain"]
     secret = {"KAIO_JOB_SECRET": "b7f0c2d4e6a8b0c2d4e6f8a0b2c4d6e8"}
     env = {**os.environ, **secret, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _fake_gpu_site(project_dir, 350)}
+    head_gpu = _fake_gpu_site(project_dir, 300)
     node1 = subprocess.Popen(
         [sys.executable, "-m", "kaio", "run", "cfg.yaml", "--node-rank", "1", *job],
         cwd=machine_b,
@@ -69,7 +72,7 @@ def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the
             *job,
             cwd=project_dir,
             timeout=240,
-            env={**secret, "PYTHONPATH": _fake_gpu_site(project_dir, 300)},
+            env={**secret, "PYTHONPATH": head_gpu},
         )
         node1_out, _ = node1.communicate(timeout=120)
     finally:
@@ -117,10 +120,10 @@ def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the
     assert "## Nodes" in report and "2 machines, one job (world size 2)" in report
     assert f"| 1 | {host} | 1 × NVIDIA H100 80GB HBM3 |" in report and " ms (± " in report
 
-    resumed = kaio("resume", "t", cwd=project_dir)
-    assert (
-        resumed.returncode != 0 and "ran on 2 machines: `kaio resume` continues a job of one machine" in resumed.stderr
-    )
+    unplaced = kaio("resume", "t", cwd=project_dir)
+    assert unplaced.returncode == 2 and "the job ran on 2 machines: run `kaio resume` on each" in unplaced.stderr
+    regrown = kaio("resume", "t", "--nnodes", "3", "--node-rank", "0", cwd=project_dir)
+    assert regrown.returncode == 2 and "the job ran on 2 machine(s), not 3" in regrown.stderr
 
     # A node folder of another job (its launch differs from the head's) or moved aside is not merged.
     from kaio.run.job import load_nodes, node_folders
@@ -132,7 +135,7 @@ def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the
     other_job = {**head_config, "launch": {**head_config["launch"], "main_port": 1}}
     found = load_nodes(folders, other_job)
     assert found.nodes == [] and found.problems == [
-        f"{copy.name}: not merged (another job's node: its launch.main_port is {int(port)}, the head's 1)"
+        f"{copy.name}: not merged (not a node of the job as the head last ran it: its launch.main_port is {int(port)}, the head's 1)"
     ]
     shutil.rmtree(copy.with_name(f"{copy.name}.replaced-20261130-120000"))
 
@@ -148,6 +151,57 @@ def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the
     for nodes in (remerged["run"]["nodes"], history["run"]["nodes"]):
         nodes[1].update(clock_offset_s=None, clock_rtt_s=None)
     assert {**remerged, "generated_at": None} == {**history, "generated_at": None}
+
+    # The job resumes (--max-steps 14) with node 1 on "another machine": its record, renamed for the host it ran
+    # on before (gpu08), is taken over and continued; the head still holds its old copy under that name, which
+    # the job's report leaves out for the continued record. Every step once, both ranks in each.
+    before = machine_b / "docs/reports/t/nodes/1-gpu08"
+    node_folder.rename(before)
+    shutil.copytree(copied, project_dir / "docs/reports/t/nodes/1-gpu08")
+    node1 = subprocess.Popen(
+        [sys.executable, "-m", "kaio", "resume", "t", "--max-steps", "14", "--node-rank", "1", *job[2:]],
+        cwd=machine_b,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        head = kaio(
+            "resume",
+            "t",
+            "--max-steps",
+            "14",
+            "--node-rank",
+            "0",
+            *job[2:],
+            cwd=project_dir,
+            env={**secret, "PYTHONPATH": head_gpu},
+        )
+        node1_out, _ = node1.communicate(timeout=120)
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+    assert head.returncode == 0, head.stdout + head.stderr
+    assert node1.returncode == 0, node1_out
+    assert f"node 1's record moved from nodes/1-gpu08 to nodes/{node_folder.name}" in node1_out
+    assert not before.exists() and (node_folder / "journal.jsonl").is_file()
+    history = read_history(project_dir)
+    assert [s["step"] for s in history["steps"]] == list(range(1, 15))
+    assert all(set(s["peak_vram_bytes"]) == {"0", "1"} for s in history["steps"])
+    assert [(n["node_rank"], n["status"], n["folder"]) for n in history["run"]["nodes"]] == [
+        (0, "COMPLETED", None),
+        (1, "COMPLETED", f"1-{host}"),
+    ]
+    assert (
+        f"node folder 1-gpu08: not merged (an earlier record of node 1; 1-{host} is its latest)" in history["warnings"]
+    )
+    assert [s["kind"] for s in history["sessions"]] == ["run", "resume"]
+    node_history = json.loads((node_folder / "history.json").read_text())
+    assert [s["kind"] for s in node_history["sessions"]] == ["run", "resume"]
+    assert [s["step"] for s in node_history["steps"]] == list(range(1, 15))
+    assert any("record moved from nodes/1-gpu08" in note for note in node_history["telemetry"]["notes"])
+    assert (copy / "journal.jsonl").read_bytes() == (node_folder / "journal.jsonl").read_bytes()  # streamed again
 
 
 def test_slurm_variables_give_every_nodes_command_and_a_loopback_head_is_refused(project_dir):
@@ -191,6 +245,33 @@ def test_slurm_variables_give_every_nodes_command_and_a_loopback_head_is_refused
     refused = kaio("run", "cfg.yaml", "--dry-run", "--main-addr", "127.0.0.1", cwd=project_dir, env=slurm)
     assert refused.returncode != 0 and refused.stderr.strip().count("\n") == 0
     assert "127.0.0.1 is this machine only, but the job's nodes include gpu07, gpu08, gpu10" in refused.stderr
+
+
+def test_a_resumed_job_takes_this_nodes_place_from_srun_or_the_command_line_and_keeps_its_node_count():
+    """The saved config is the head's (node rank 0): which node this is comes from SLURM or --node-rank; the
+    head's address and port from SLURM's new allocation, the command line, or as saved."""
+    from kaio.config import LaunchConfig
+    from kaio.errors import ConfigError
+    from kaio.nodes import resume_placement
+
+    saved = LaunchConfig(nnodes=2, node_rank=0, main_addr="gpu01", main_port=29500)
+    srun = {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_STEP_NODELIST": "gpu[11-12]"}
+    where = resume_placement(saved, {}, srun)  # another allocation: other machines
+    assert (where.nnodes, where.node_rank, where.main_addr, where.main_port, where.source) == (
+        2,
+        1,
+        "gpu11",
+        29500,
+        "SLURM",
+    )
+    by_hand = resume_placement(saved, {"node_rank": 1, "main_port": 29600}, {})
+    assert (by_hand.nnodes, by_hand.node_rank, by_hand.main_addr, by_hand.main_port) == (2, 1, "gpu01", 29600)
+    with pytest.raises(ConfigError, match="the job ran on 2 machines: run `kaio resume` on each"):
+        resume_placement(saved, {}, {})
+    with pytest.raises(ConfigError, match=r"the job ran on 2 machine\(s\), not 3 \(SLURM\)"):
+        resume_placement(saved, {}, {**srun, "SLURM_STEP_NUM_NODES": "3", "SLURM_STEP_NODELIST": "gpu[11-13]"})
+    alone = resume_placement(LaunchConfig(), {}, {})  # a job of one machine resumes as before
+    assert (alone.nnodes, alone.node_rank) == (1, 0)
 
 
 @pytest.mark.parametrize(

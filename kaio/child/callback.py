@@ -19,13 +19,13 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from kaio.child import process_group, stop
+from kaio.child import process_group, same_start, stop
 from kaio.child.describe import describe_run
 from kaio.child.emitter import EventEmitter
 from kaio.child.memory import peak_memory_functions
 from kaio.child.nonfinite import LossWatch, stop_on_nonfinite
 from kaio.child.timing import StepTiming
-from kaio.telemetry.protocol import Eval, Log, Metric, Save, Step, TrainEnd, tag_nonfinite
+from kaio.telemetry.protocol import ENV_RESUME_FROM, Eval, Log, Metric, Save, Step, TrainEnd, tag_nonfinite
 
 _LOG_FIELDS = ("loss", "learning_rate", "grad_norm")  # Trainer log keys with a field of their own
 
@@ -87,6 +87,9 @@ class KaioCallback(TrainerCallback):
         self._peak_memory = peak_memory_functions()
         trainer = self._trainer() if self._trainer is not None else None
         self.emitter.emit(describe_run(self.rank, args, state, model, kwargs, trainer))
+        resumed_from = os.environ.get(ENV_RESUME_FROM)
+        if resumed_from:  # kaio resumed the job: every node's ranks from one step, or none trains
+            same_start.check(int(state.global_step), self.rank, int(args.world_size), resumed_from)
         self._reset_peak()
 
     def on_step_begin(self, args, state, control, **kwargs):

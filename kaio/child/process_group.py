@@ -16,6 +16,20 @@ def initialized() -> Any | None:
     return distributed
 
 
+def store() -> Any | None:
+    """The job's key-value store (the rendezvous's, which every rank of every node reaches) when several ranks
+    train, else None."""
+    distributed = initialized()
+    if distributed is None or distributed.get_world_size() < 2:
+        return None
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        return _get_default_store()
+    except Exception:
+        return None
+
+
 def note_backend() -> None:
     """Remember a gloo group (at train begin, and before kaio destroys the group): the script may destroy it
     itself, which leaves DDP's reference to it, and its risk at exit (``quick_exit.exit_after_script``)."""

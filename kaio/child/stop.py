@@ -23,6 +23,8 @@ from __future__ import annotations
 import os
 import signal
 
+from kaio.child import process_group
+
 _state = {"training": False, "requested": False, "terminated": False}  # terminated: a first SIGTERM came
 _nonfinite_step: list[int] = []  # the step whose non-finite loss stopped the training (reporting.on_nonfinite)
 
@@ -49,7 +51,7 @@ def stops_after(step: int, max_steps: int | None = None) -> bool:
     if not _state["requested"]:
         return False
     if not _agreed:
-        store = _store()
+        store = process_group.store()
         if store is None:
             return True  # one process: here
         try:
@@ -58,21 +60,6 @@ def stops_after(step: int, max_steps: int | None = None) -> bool:
         except Exception:  # a store gone (the job is ending anyway): this rank stops here, as before
             return True
     return step >= _agreed[0]
-
-
-def _store():
-    """torch.distributed's store when several ranks train, else None (torch never imported here)."""
-    from kaio.child.process_group import initialized
-
-    distributed = initialized()
-    if distributed is None or distributed.get_world_size() < 2:
-        return None
-    try:
-        from torch.distributed.distributed_c10d import _get_default_store
-
-        return _get_default_store()
-    except Exception:
-        return None
 
 
 def nonfinite(step: int) -> None:

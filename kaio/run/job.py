@@ -75,8 +75,22 @@ def load_nodes(folders: Iterable[Path], head_config: dict | None, explicit: Iter
                 raise ProjectError(f"--merge {folder}: {exc}") from None
             problems.append(f"{folder.name}: not merged ({exc})")
             continue
-        records[record.node_rank] = record  # the same node twice (nodes/ and --merge): the later wins
+        earlier = records.get(record.node_rank)
+        if earlier is not None:  # the same node twice: its record resumed on another machine, or --merge
+            earlier, record = sorted((earlier, record), key=lambda r: (r.folder in named, _sessions(r)))
+            if earlier.folder.name != record.folder.name:  # not one folder found twice (nodes/ and --merge)
+                problems.append(
+                    f"{earlier.folder.name}: not merged (an earlier record of node {record.node_rank}; {record.folder.name} is its latest)"
+                )
+        records[record.node_rank] = record
     return NodeRecords([records[rank] for rank in sorted(records)], problems)
+
+
+def _sessions(record: NodeRecord) -> tuple[int, str]:
+    """How far a node's record goes: its sessions, and when its last began (a record resumed on another
+    machine continues the old one: it has one session more)."""
+    sessions = record.header.sessions
+    return len(sessions), (sessions[-1].started_at or "") if sessions else ""
 
 
 def _load_node(folder: Path, head_config: dict | None) -> NodeRecord:
@@ -94,7 +108,7 @@ def _load_node(folder: Path, head_config: dict | None) -> NodeRecord:
             for key in ("nnodes", "main_addr", "main_port"):
                 if launch.get(key) != head_launch.get(key):
                     raise ProjectError(
-                        f"another job's node: its launch.{key} is {launch.get(key)!r}, the head's {head_launch.get(key)!r}"
+                        f"not a node of the job as the head last ran it: its launch.{key} is {launch.get(key)!r}, the head's {head_launch.get(key)!r}"
                     )
             if config.get("project_name") != head_config.get("project_name"):
                 raise ProjectError(f"a node of project {config.get('project_name')!r}")

@@ -73,11 +73,15 @@ class NodeWatch:
             return []
         self._next_poll = now + POLL_S
         lost = []
-        for folder in self._folders():
+        folders = self._folders()
+        for superseded in [f for f in self._nodes if f not in folders and _rank(f) in {_rank(g) for g in folders}]:
+            del self._nodes[superseded]  # the same node's record continued in another folder
+        for folder in folders:
             node = self._nodes.get(folder)
             if node is None:
-                rank, host = folder.name.split("-", 1)
-                node = self._nodes[folder] = _Node(rank=int(rank), folder=folder, heard=now, host=host)
+                node = self._nodes[folder] = _Node(
+                    rank=_rank(folder), folder=folder, heard=now, host=folder.name.split("-", 1)[1]
+                )
             try:
                 self._read(node, now)
             except OSError:
@@ -129,15 +133,20 @@ class NodeWatch:
             folders = [p for p in self.paths.nodes.iterdir() if is_node_folder(p)]
         except OSError:
             return list(self._nodes)  # the listing failed this time: the nodes known so far
-        found = []
-        for folder in folders:
+        latest: dict[int, tuple[float, Path]] = {}  # per node rank: its record resumed on another machine
+        for folder in folders:  # leaves the earlier one (a head's old copy) with the other's name
             try:
-                if ProjectPaths(folder).journal.is_file():
-                    found.append(folder)
+                written = ProjectPaths(folder).journal.stat().st_mtime
+            except FileNotFoundError:
+                continue
             except OSError:
-                if folder in self._nodes:
-                    found.append(folder)
-        return sorted(found)
+                if folder not in self._nodes:
+                    continue
+                written = float("inf")  # known, unreadable now: kept (its silence counts)
+            rank = _rank(folder)
+            if rank not in latest or written > latest[rank][0]:
+                latest[rank] = (written, folder)
+        return sorted(folder for _, folder in latest.values())
 
     def _read(self, node: _Node, now: float) -> None:
         journal = ProjectPaths(node.folder).journal
@@ -173,3 +182,7 @@ class NodeWatch:
             node.power_w = sum(powers) if powers else None
         elif isinstance(record, Step):
             node.step = max(node.step or 0, record.step)
+
+
+def _rank(folder: Path) -> int:
+    return int(folder.name.split("-", 1)[0])

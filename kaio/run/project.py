@@ -15,14 +15,16 @@ import signal
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from kaio.config import RunConfig, config_from_dict, config_snapshot, load_config, with_max_steps
+from kaio.config import LaunchConfig, RunConfig, config_from_dict, config_snapshot, load_config, with_max_steps
 from kaio.errors import ProjectError
+from kaio.nodes import Placement, node_folder_name, placed, resume_placement
 from kaio.record.index import IndexDamaged
 from kaio.record.lock import ProjectLock, is_locked
-from kaio.record.paths import ProjectPaths
+from kaio.record.paths import ProjectPaths, is_node_folder
 from kaio.record.types import Note, SessionEnd, SessionKind, Status
 from kaio.run import recorder as loading
 from kaio.run.recorder import Loaded, Recorder
@@ -443,22 +445,105 @@ def resume(
     *,
     config_path: Path | None = None,
     max_steps: int | None = None,
+    placement_flags: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] = os.environ,
     poller_factory_for: Callable | None = None,
     notify: Notify = print,
 ) -> int:
-    """``kaio resume``: continue from the latest complete checkpoint, as a new session of the same history."""
-    paths = project_paths(output_dir, project)
+    """``kaio resume``: continue from the latest complete checkpoint, as a new session of the same history. In
+    a job of several machines each node resumes its own record (``kaio.nodes.resume_placement`` says which)."""
+    where = resume_placement(_saved_launch(output_dir, project), placement_flags or {}, environ)
+    if where.is_head:
+        paths, moved = project_paths(output_dir, project), None
+    else:
+        paths, moved = _node_record(output_dir, project, where.node_rank, notify)
     with opened(paths, notify) as (loaded, running):
-        cfg, checkpoint, notes = _resumable_session(paths, loaded.state, running, config_path, max_steps, notify)
+        cfg, checkpoint, notes = _resumable_session(
+            paths, loaded.state, running, ResumeAsked(config_path, max_steps, where), notify
+        )
+        if moved is not None:
+            notes.insert(0, moved)
         factory = poller_factory_for(cfg) if poller_factory_for else None
         return _supervise(
             cfg, loaded.state, view, SessionRequest(SessionKind.RESUME, checkpoint.resolve(), notes), factory, notify
         )
 
 
-def _resumable_session(
-    paths: ProjectPaths, state: RunState, running: bool, config_path: Path | None, max_steps: int | None, notify: Notify
-):
+@dataclass(frozen=True)
+class ResumeAsked:
+    """What `kaio resume` was asked for beyond the project: an edited config, more steps, this node's place."""
+
+    config_path: Path | None
+    max_steps: int | None
+    where: Placement
+
+
+def _saved_launch(output_dir: Path, project: str) -> LaunchConfig:
+    """The job's shape as the project last ran: the head's config, else (a node without a shared filesystem)
+    that of a node's record here."""
+    from kaio.config import check_project_name
+
+    folder = output_dir / check_project_name(project)
+    records = [ProjectPaths(folder)] + [ProjectPaths(p) for p in _node_folders_of(ProjectPaths(folder).nodes)]
+    for paths in records:
+        if paths.config.is_file():
+            return saved_config(paths)[0].launch
+    for paths in records[1:]:  # a node's journal copied from the head's (which keeps no config.json)
+        loaded = loading.load(paths, writable=False)
+        loaded.state.index.close()
+        return _saved_config(paths, loaded.state)[0].launch
+    raise unknown_project(output_dir, project)
+
+
+def _node_folders_of(nodes: Path, rank: int | None = None) -> list[Path]:
+    if not nodes.is_dir():
+        return []
+    return sorted(
+        p
+        for p in nodes.iterdir()
+        if is_node_folder(p)
+        and ProjectPaths(p).journal.is_file()
+        and (rank is None or p.name.split("-", 1)[0] == str(rank))
+    )
+
+
+def _node_record(output_dir: Path, project: str, rank: int, notify: Notify) -> tuple[ProjectPaths, str | None]:
+    """This node's record to continue: its folder for this host, or the node's record from the machine it ran on
+    before, renamed for this one (a shared filesystem, or a folder copied here). Returns it and, when it was
+    moved, a note saying so."""
+    nodes = ProjectPaths(output_dir / project).nodes
+    mine = nodes / node_folder_name(rank)
+    if ProjectPaths(mine).journal.is_file():
+        return ProjectPaths(mine), None
+    found = _node_folders_of(nodes, rank)
+    if not found:
+        raise ProjectError(
+            f"no record of node {rank} of project {project!r} in {nodes}/: copy its folder ({rank}-<host>) from "
+            f"the machine it ran on (or the head's copy, when it was streamed) to {nodes}/, then resume again"
+        )
+    if len(found) > 1:
+        raise ProjectError(
+            f"several records of node {rank} in {nodes}/ ({', '.join(p.name for p in found)}): move aside the "
+            "ones not to continue, then resume again"
+        )
+    if _live(found[0]):
+        raise ProjectError(f"{found[0]}: node {rank}'s record is still held by a running kaio")
+    found[0].rename(mine)
+    ProjectPaths(mine).stream_copy.unlink(missing_ok=True)  # a head's copy of the journal: this node's own now
+    text = f"node {rank}'s record moved from nodes/{found[0].name} to nodes/{mine.name}: the job resumes on another machine"
+    notify(text)
+    return ProjectPaths(mine), text
+
+
+def _saved_config(paths: ProjectPaths, state: RunState | None) -> tuple[RunConfig, dict]:
+    """The config a record last ran with: its config.json, else (a node's journal copied from the head, which
+    keeps no config.json) the one its journal's last session recorded."""
+    if paths.config.is_file() or state is None or state.ledger.config is None:
+        return saved_config(paths)
+    return config_from_dict(state.ledger.config, source=str(paths.journal), saved=True), state.ledger.config
+
+
+def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, asked: ResumeAsked, notify: Notify):
     """The config, checkpoint and notes of a resume, or the ``ProjectError`` that says why not."""
     project = paths.project
     if running:
@@ -466,45 +551,53 @@ def _resumable_session(
             f"project {project!r} is still training without a supervisor (pids {', '.join(map(str, alive_pids(state)))} "
             "are alive); wait for them to finish or stop them, then `kaio resume` again"
         )
-    cfg, saved = saved_config(paths)
-    if cfg.launch.nnodes > 1:
-        raise ProjectError(
-            f"project {project!r} ran on {cfg.launch.nnodes} machines: `kaio resume` continues a job of one machine "
-            "only (yet); its checkpoints are where its Trainer saved them, to resume from with your script's "
-            "`resume_from_checkpoint`"
-        )
+    cfg, saved = _saved_config(paths, state)
+    config_path, max_steps, where = asked.config_path, asked.max_steps, asked.where
     if config_path is None and REDACTED in [*cfg.launch.script_args, *cfg.launch.accelerate_args]:
         raise ProjectError(
             f"project {project!r} ran with a secret in its arguments, which kaio does not keep (config.json has "
             f"{REDACTED} in its place): resume with the original config, `kaio resume {project} --config CONFIG`, or "
             "better, pass the secret in an environment variable"
         )
+    allowed: list[str] = []
     if config_path is not None:
         cfg = load_config(config_path)
         refused, allowed = config_changes(saved, config_snapshot(cfg))
+        allowed = [c for c in allowed if not c.startswith(_PLACEMENT_KEYS)]  # said below, once placed
         if refused:
             key, change = refused[0].split(": ", 1)
             raise ProjectError(
                 f"{config_path}: cannot resume {project!r} with a changed {key} ({change}); the checkpoint was "
                 "trained with the old value. Revert it, or start over with `kaio run --overwrite`"
             )
-    else:
-        allowed = []
+    cfg = placed(cfg, where)
+    before = saved.get("launch") or {}
+    allowed += [
+        f"launch.{key}: {before.get(key)!r} -> {getattr(cfg.launch, key)!r}"
+        for key in ("main_addr", "main_port")
+        if cfg.launch.nnodes > 1 and before.get(key) != getattr(cfg.launch, key)
+    ]
     if max_steps is not None:
         if max_steps != -1 and max_steps <= state.last_step:
             raise ProjectError(
                 f"--max-steps {max_steps}: project {project!r} has trained {state.last_step} steps already; "
                 f"pass a larger number to train more"
             )
-        before = cfg.training.max_steps
+        planned = cfg.training.max_steps
         cfg = with_max_steps(cfg, max_steps)
-        if before != max_steps:
-            allowed.append(f"training.max_steps: {before!r} -> {max_steps!r}")
+        if planned != max_steps:
+            allowed.append(f"training.max_steps: {planned!r} -> {max_steps!r}")
     folder = checkpoint_folder(cfg, state)
     checkpoint = latest_checkpoint(folder, notify)
     if checkpoint is None:
+        every_node = (
+            f" (node {where.node_rank}: every node loads the checkpoint, so it needs one too: checkpoints on a "
+            "filesystem every node sees, or the Trainer's save_on_each_node)"
+            if not where.is_head
+            else ""
+        )
         raise ProjectError(
-            f"project {project!r} has no complete checkpoint in {folder}/ to resume from; "
+            f"project {project!r} has no complete checkpoint in {folder}/ to resume from{every_node}; "
             f"start it again with `kaio run CONFIG --overwrite`"
         )
     planned = cfg.training.max_steps
@@ -515,6 +608,9 @@ def _resumable_session(
         )
     notes = [f"resumed from {checkpoint.name}"] + [f"config changed for this session: {c}" for c in allowed]
     return cfg, checkpoint, notes
+
+
+_PLACEMENT_KEYS = ("launch.nnodes", "launch.node_rank", "launch.main_addr", "launch.main_port")
 
 
 # ---------------------------------------------------------------- push
