@@ -9,7 +9,7 @@
 set -uo pipefail
 cd "$(dirname "$0")"
 PY="${PYTHON:-python}"
-ALL=(startup callback throughput poller memory report overhead stream)
+ALL=(startup callback throughput poller memory report overhead stream job_report)
 NAMES=("$@")
 [ ${#NAMES[@]} -eq 0 ] && NAMES=("${ALL[@]}")
 export COMET_ERROR_TRACKING_ENABLE=false

@@ -48,7 +48,7 @@ class _FixedHost:
         return HostSample(t_mono=t_mono, t_wall=t_wall, cpu_pct=50.0, ram_used_bytes=10**11, ram_total_bytes=2 * 10**12)
 
 
-def config_snapshot(steps: int) -> dict:
+def config_snapshot(steps: int, launch: dict | None = None) -> dict:
     from kaio.config import config_from_dict
     from kaio.config import config_snapshot as snap
 
@@ -56,7 +56,7 @@ def config_snapshot(steps: int) -> dict:
         {
             "project_name": "synthetic",
             "training": {"max_steps": steps, "batch_size": BATCH, "logging_steps": 1, "save_steps": 5000},
-            "launch": {"num_processes": 8},
+            "launch": {"num_processes": 8, **(launch or {})},
             "reporting": {"use_comet_ml": False},
         }
     )
@@ -129,8 +129,15 @@ def run_start(rank: int, ranks: int, steps: int, save_every: int, pid: int, seq:
 
 
 def records(
-    steps: int, hours: float, gpus: int = 8, ranks: int = 8, hz: float = 2.0, save_every: int = 5000
+    steps: int,
+    hours: float,
+    gpus: int = 8,
+    ranks: int = 8,
+    hz: float = 2.0,
+    save_every: int = 5000,
+    launch: dict | None = None,
 ) -> Iterator[Record]:
+    """``launch``: the config's launch keys of a node of a job of several machines (nnodes, node_rank...)."""
     duration = hours * 3600.0
     t_start = 30.0  # model loading before the first step
     step_s = (duration - t_start) / steps
@@ -138,11 +145,12 @@ def records(
     n_ticks = int(duration * hz)
     pids = [40_000 + r for r in range(ranks)]
     seq = [0] * ranks
+    first_rank = int((launch or {}).get("node_rank", 0)) * ranks  # a node's ranks follow the nodes before it
 
     def stamp(rank: int) -> dict:
-        """What the child's ``EventEmitter.emit`` stamps on every event."""
+        """What the child's ``EventEmitter.emit`` stamps on every event (``rank``: this node's rank)."""
         seq[rank] += 1
-        return {"rank": rank, "session": 1, "pid": pids[rank], "seq": seq[rank]}
+        return {"rank": first_rank + rank, "session": 1, "pid": pids[rank], "seq": seq[rank]}
 
     yield SessionStart(
         session=1,
@@ -150,14 +158,14 @@ def records(
         t_wall=T_WALL0,
         t_mono=T_MONO0,
         poll_hz=hz,
-        config=config_snapshot(steps),
+        config=config_snapshot(steps, launch),
         argv=["accelerate", "launch"],
     )
     yield device_record(device_info(gpus), [], _FixedHost())
     yield ChildStarted(session=1, pid=39_999, t_wall=T_WALL0 + 0.2)
     for r in range(ranks):
         s = stamp(r)
-        yield run_start(r, ranks, steps, save_every, s["pid"], s["seq"])
+        yield run_start(s["rank"], ranks * int((launch or {}).get("nnodes", 1)), steps, save_every, s["pid"], s["seq"])
     energy = [0.0] * gpus
     tick = 1
     for step in range(1, steps + 1):

@@ -86,6 +86,11 @@ def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the
     assert "| node1 live" in head.stdout  # the head followed node 1 while the job ran, over the stream
     copy = project_dir / "docs" / "reports" / "t" / "nodes" / f"1-{host}"
     assert (copy / "journal.jsonl").read_bytes() == (node_folder / "journal.jsonl").read_bytes()
+    from kaio.run import recorder as loading
+
+    indexed = loading.load(ProjectPaths(copy), writable=False)  # the head indexed its copy: nothing to replay
+    indexed.state.index.close()
+    assert indexed.from_index and indexed.replayed == 0 and indexed.state.last_step == 10
     assert "b7f0c2d4e6a8" not in "".join(
         p.read_text(errors="replace")
         for p in [*project_dir.rglob("*"), *machine_b.rglob("*")]

@@ -14,9 +14,10 @@ other machines: the same merge, the same report.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +25,11 @@ import msgspec
 
 from kaio.errors import ProjectError
 from kaio.record.index import RunIndex
+from kaio.record.lock import ProjectLock
 from kaio.record.paths import ProjectPaths, is_node_folder
 from kaio.record.types import ClockOffset, DeviceSummary, HistoryHeader, NodeSummary, Status, StepEntry
 from kaio.run import recorder as loading
+from kaio.run.state import RunState
 
 NODE_WAIT_S = 60.0  # at the end of a run, how long the head waits at most for the other nodes' records to close...
 GIVE_UP_S = 15.0  # ...and for one whose journal has stopped growing
@@ -94,28 +97,73 @@ def _sessions(record: NodeRecord) -> tuple[int, str]:
 
 
 def _load_node(folder: Path, head_config: dict | None) -> NodeRecord:
-    loaded = loading.load(ProjectPaths(folder), writable=False)
-    state = loaded.state
+    paths = ProjectPaths(folder)
+    with _loaded(paths, _copy_lock(paths)) as loaded:
+        return _node_record(folder, loaded.state, head_config)
+
+
+def index_copies(paths: ProjectPaths) -> None:
+    """On the head, while the job runs: bring the index of each node's streamed copy up to date (what the node
+    sent since the last time), so that the job's report at the end replays seconds of each node's journal,
+    not all of it."""
+    for folder in node_folders(paths):
+        node = ProjectPaths(folder)
+        lock = _copy_lock(node)
+        if lock is not None:
+            with contextlib.suppress(OSError, ValueError, sqlite3.Error), _loaded(node, lock):
+                pass  # a cache: what is not indexed now is replayed at the end
+
+
+@contextlib.contextmanager
+def _loaded(node: ProjectPaths, lock: ProjectLock | None) -> Iterator[loading.Loaded]:
+    """A node's record as it is now; with the lock of the head's copy (``_copy_lock``), its index is brought up
+    to date in place (held and then released), else a private copy is read."""
     try:
-        header = state.header()
-        config = header.config or {}
-        launch = config.get("launch") or {}
-        rank = int(launch.get("node_rank") or 0)
-        if rank == 0:
-            raise ProjectError("the record of a head (node rank 0), not of another node")
-        if head_config is not None:
-            head_launch = head_config.get("launch") or {}
-            for key in ("nnodes", "main_addr", "main_port"):
-                if launch.get(key) != head_launch.get(key):
-                    raise ProjectError(
-                        f"not a node of the job as the head last ran it: its launch.{key} is {launch.get(key)!r}, the head's {head_launch.get(key)!r}"
-                    )
-            if config.get("project_name") != head_config.get("project_name"):
-                raise ProjectError(f"a node of project {config.get('project_name')!r}")
-        with state.with_open_steps() as index:
-            entries = {e.step: e for e in _entries(index)}
+        loaded = loading.load(node, writable=lock is not None)
+        try:
+            if lock is not None and loaded.replayed:
+                with contextlib.suppress(OSError, sqlite3.Error):  # a cache: the next load replays what it lacks
+                    loading.commit(loaded.state, node.journal, loaded.journal_offset)
+            yield loaded
+        finally:
+            loaded.state.index.close()
     finally:
-        state.index.close()
+        if lock is not None:
+            lock.release()
+
+
+def _copy_lock(node: ProjectPaths) -> ProjectLock | None:
+    """The lock of a node folder whose index this process may bring up to date: the head's copy of a streamed
+    node (no kaio runs in it; the head only appends the journal), when no other process is indexing it. A
+    node's own folder (a shared filesystem) is left to the node's kaio: None."""
+    if not node.stream_copy.is_file():
+        return None
+    lock = ProjectLock(node.report_dir)
+    try:
+        lock.acquire()
+    except ProjectError:
+        return None
+    return lock
+
+
+def _node_record(folder: Path, state: RunState, head_config: dict | None) -> NodeRecord:
+    header = state.header()
+    config = header.config or {}
+    launch = config.get("launch") or {}
+    rank = int(launch.get("node_rank") or 0)
+    if rank == 0:
+        raise ProjectError("the record of a head (node rank 0), not of another node")
+    if head_config is not None:
+        head_launch = head_config.get("launch") or {}
+        for key in ("nnodes", "main_addr", "main_port"):
+            if launch.get(key) != head_launch.get(key):
+                raise ProjectError(
+                    f"not a node of the job as the head last ran it: its launch.{key} is {launch.get(key)!r}, the head's {head_launch.get(key)!r}"
+                )
+        if config.get("project_name") != head_config.get("project_name"):
+            raise ProjectError(f"a node of project {config.get('project_name')!r}")
+    with state.with_open_steps() as index:
+        entries = {e.step: e for e in _entries(index)}
     return NodeRecord(rank, folder, header, entries, _clock(ProjectPaths(folder).clock))
 
 

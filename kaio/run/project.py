@@ -184,6 +184,10 @@ def _supervise(
     outputs = RunOutputs(cfg, recorder.record, notify, figure, stream_gone=gone)
     supervisor.on_refresh.append(LiveReports(paths.report_dir, figure))
     supervisor.on_refresh.append(lambda _state: recorder.save())
+    if isinstance(stream, JournalReceiver):  # the head keeps the nodes' journals: their indexes, too
+        from kaio.run.job import index_copies
+
+        supervisor.on_refresh.append(lambda _state: index_copies(paths))
     supervisor.on_loop.append(outputs.feed)
     outcome, state_written = None, None
     finishing = _Finishing(outputs, supervisor)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from kaio.record.index import Coverage, RunIndex, head_digest
 from kaio.record.journal import Journal, journal_head, read_records
@@ -56,6 +57,11 @@ def load(paths: ProjectPaths, *, writable: bool) -> Loaded:
         state.ledger.telemetry.invalid_records += invalid
         state.warn(f"{invalid} line(s) of {paths.journal.name} were not valid records and were skipped")
     return Loaded(state, offset, invalid, replayed, start > 0, index.note)
+
+
+def commit(state: RunState, journal: Path, offset: int) -> None:
+    """Commit the index with the state, as covering the journal's first ``offset`` bytes."""
+    state.index.commit(state.encode(), Coverage(offset, head_digest(journal_head(journal, offset))))
 
 
 def _from_index(paths: ProjectPaths, index: RunIndex) -> RunState | None:
@@ -105,10 +111,7 @@ class Recorder:
         self.journal.flush(fsync=True)
         if self.journal.write_error is not None:
             return  # the journal is behind the state: nothing to cover yet
-        offset = self.journal.offset
-        self.state.index.commit(
-            self.state.encode(), Coverage(offset, head_digest(journal_head(self.journal.path, offset)))
-        )
+        commit(self.state, self.journal.path, self.journal.offset)
 
     def final_state(self) -> RunState:
         """The state to write the record from. If the index stopped taking writes during the run (a full
