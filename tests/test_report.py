@@ -880,3 +880,42 @@ def test_summary_is_strict_json_without_nan():
     assert summary.warnings == []
     document = json.loads(msgspec.json.encode(summary))
     assert json.loads(json.dumps(document, allow_nan=False)) == document
+
+
+def test_a_jobs_report_names_each_nodes_first_failing_rank_and_which_failed_first_on_the_heads_clock():
+    """Node 1's rank 9 failed at 12:00:03 on its clock, which runs 2.5 s ahead of the head's: 12:00:00.5 on the
+    head's, before the head's rank 0 (12:00:02), which only followed it."""
+    from kaio.record.types import NodeSummary
+
+    header, index = make_run(5, status=Status.FAILED)
+    header.run.world_size = 16
+    header.run.nodes = [
+        NodeSummary(
+            node_rank=0,
+            host="gpu01",
+            status="FAILED",
+            exit_code=1,
+            error="rank 0: RuntimeError: Connection closed by peer",
+            failed_at="2026-11-27T12:00:02.000+00:00",
+        ),
+        NodeSummary(
+            node_rank=1,
+            host="gpu08",
+            folder="1-gpu08",
+            status="FAILED",
+            exit_code=1,
+            error="rank 9: torch.OutOfMemoryError: CUDA out of memory",
+            failed_at="2026-11-27T12:00:03.000+00:00",
+            clock_offset_s=2.5,
+            clock_rtt_s=0.001,
+        ),
+        NodeSummary(node_rank=2, host="gpu10", folder="2-gpu10", status="COMPLETED", exit_code=0),
+    ]
+    nodes = section(report_of(header, index), "Nodes")
+    assert (
+        "Failures, each node's first failing rank (its own error files):\n\n"
+        "- node 0 (gpu01) at 2026-11-27 12:00:02 UTC: rank 0: RuntimeError: Connection closed by peer\n"
+        "- node 1 (gpu08) at 2026-11-27 12:00:00 UTC (head's clock): rank 9: torch.OutOfMemoryError: CUDA out of memory\n\n"
+        "First to fail: node 1 (gpu08): rank 9: torch.OutOfMemoryError: CUDA out of memory"
+    ) in nodes
+    assert "gpu10" in nodes and "node 2 (gpu10) at" not in nodes

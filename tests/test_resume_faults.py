@@ -183,6 +183,7 @@ def test_an_exception_in_one_rank_of_two_is_named_and_max_restarts_resumes_from_
     first, restart = history["sessions"]
     assert (first["kind"], first["status"]) == ("run", "FAILED")
     assert first["error"] == "rank 1: RuntimeError: injected failure at step 6"
+    assert first["started_at"] < first["failed_at"] < first["ended_at"]  # when rank 1 raised (its error file)
     assert (restart["kind"], restart["status"], restart["start_step"]) == ("restart", "COMPLETED", 4)
     assert _steps(history) == list(range(1, 11))
     assert all(s["session"] == (1 if s["step"] <= 4 else 2) for s in history["steps"])

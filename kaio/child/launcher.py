@@ -84,6 +84,7 @@ def main() -> None:
                 exit_code=failure.exitcode,
                 signal=failure.signal_name() if killed else None,
                 message=str(failure.message)[:2000],
+                t_wall=float(failure.timestamp) if failure.timestamp else None,
             )
         )
         raise

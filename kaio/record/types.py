@@ -100,6 +100,7 @@ class SessionEnd(SupervisorRecord, tag="session_end"):
     exit_code: int | None = None
     signal: str | None = None
     error: str | None = None
+    error_at: float | None = None  # when the first rank failed (wall time: the error files')
     counters: SessionCounters = msgspec.field(default_factory=SessionCounters)
     poll_stats: PollStats | None = None
 
@@ -289,6 +290,7 @@ class Session(msgspec.Struct, kw_only=True):
     startup_s: float | None = None  # from the session's start to its first step's end
     closing_s: float | None = None  # from its last step's end to the session's end (final save, teardown)
     error: str | None = None
+    failed_at: str | None = None  # when the first rank failed (ISO 8601 UTC, this machine's clock)
 
 
 # --------------------------------------------------------------------------- numbers
@@ -339,6 +341,8 @@ class NodeSummary(msgspec.Struct, kw_only=True):
     vram_peak_bytes: int | None = None  # the allocator's true peak, max over its ranks
     last_step: int | None = None  # the last step in its record...
     last_step_at: str | None = None  # ...and when it ended there (ISO 8601 UTC): where a LOST node was last heard of
+    error: str | None = None  # its first failing rank's own error ("rank 9: RuntimeError: ..."), from its error files
+    failed_at: str | None = None  # when that rank failed (ISO 8601 UTC, the node's clock)
     clock_offset_s: float | None = None  # its clock minus the head's (kaio.run.stream's probe); None: not measured
     clock_rtt_s: float | None = None  # the probe's round trip: the offset is known within half of it
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -399,7 +400,40 @@ def _nodes(run: RunDescription | None) -> str | None:
         "by global step (no clock is compared). Clock: the node's clock minus the head's, measured over the "
         "stream of its record, within half the round trip.\n\n"
         + _table(("Node", "Host", "GPUs", "Energy", "Power (average)", "Peak VRAM", "State", "Clock", "Record"), rows)
+        + _node_failures(run.nodes)
     )
+
+
+def _node_failures(nodes: list[NodeSummary]) -> str:
+    """Each node's first failing rank, and which failed first in the job: the nodes' times put on the head's
+    clock where the offset was measured (a rank's failure on one node brings down the others' soon after)."""
+    failed = [n for n in nodes if n.error]
+    if not failed:
+        return ""
+    lines = []
+    for node in failed:
+        when = _head_time(node)
+        clock = "" if node.node_rank == 0 else " (head's clock)" if node.clock_offset_s is not None else " (its clock)"
+        at = f" at {_iso_seconds(when)} UTC{clock}" if when else ""
+        lines.append(f"- node {node.node_rank}{f' ({node.host})' if node.host else ''}{at}: {node.error}")
+    timed = [(when, n) for n in failed if (when := _head_time(n)) is not None]
+    first = ""
+    if len(timed) > 1:
+        node = min(timed, key=lambda pair: pair[0])[1]
+        first = f"\n\nFirst to fail: node {node.node_rank}{f' ({node.host})' if node.host else ''}: {node.error}"
+    return "\n\nFailures, each node's first failing rank (its own error files):\n\n" + "\n".join(lines) + first
+
+
+def _head_time(node: NodeSummary) -> datetime | None:
+    """When the node's first rank failed, on the head's clock if its offset was measured."""
+    if node.failed_at is None:
+        return None
+    when = datetime.fromisoformat(node.failed_at)
+    return when - timedelta(seconds=node.clock_offset_s) if node.clock_offset_s is not None else when
+
+
+def _iso_seconds(when: datetime) -> str:
+    return when.isoformat(timespec="seconds")[:19].replace("T", " ")
 
 
 def _clock(node: NodeSummary) -> str:

@@ -8,6 +8,7 @@ wins; else the signal or exit code that ended it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -15,20 +16,30 @@ import msgspec
 from kaio.telemetry.protocol import LaunchFailure, RankError
 
 
-def root_cause(error_dir: Path, session: int) -> tuple[str | None, str | None]:
-    """``(root-cause line, signal name)`` of a failed session, as far as the error files tell."""
+@dataclass(frozen=True)
+class RootCause:
+    """Why a session failed: ``rank R: <its error>``, the signal that ended it, and when (wall time, the
+    failing node's clock)."""
+
+    text: str | None = None
+    signal: str | None = None
+    t_wall: float | None = None
+
+
+def root_cause(error_dir: Path, session: int) -> RootCause:
+    """The root cause of a failed session, as far as the error files tell."""
     errors = [e for e in _read_all(error_dir, "error-*.json", RankError) if e.session == session]
     launch = next(iter(_read_all(error_dir, f"launch-s{session}.json", LaunchFailure)), None)
     if launch is not None:
         own = [e for e in errors if e.rank == launch.rank]
         if own:
-            return f"rank {launch.rank}: {own[0].root_cause}", launch.signal
+            return RootCause(f"rank {launch.rank}: {own[0].root_cause}", launch.signal, own[0].t_wall or launch.t_wall)
         how = f"killed by {launch.signal}" if launch.signal else f"exit code {launch.exit_code}"
-        return f"rank {launch.rank}: {how}", launch.signal
+        return RootCause(f"rank {launch.rank}: {how}", launch.signal, launch.t_wall)
     if errors:
         first = min(errors, key=lambda e: e.t_wall or 0)
-        return f"rank {first.rank}: {first.root_cause}", None
-    return None, None
+        return RootCause(f"rank {first.rank}: {first.root_cause}", None, first.t_wall)
+    return RootCause()
 
 
 def _read_all(error_dir: Path, pattern: str, kind: type) -> list:

@@ -29,6 +29,8 @@ from kaio.record.lock import ProjectLock
 from kaio.record.paths import ProjectPaths, is_node_folder
 from kaio.record.types import ClockOffset, DeviceSummary, HistoryHeader, NodeSummary, Status, StepEntry
 from kaio.run import recorder as loading
+from kaio.run.assembly import iso
+from kaio.run.diagnose import root_cause
 from kaio.run.state import RunState
 
 NODE_WAIT_S = 60.0  # at the end of a run, how long the head waits at most for the other nodes' records to close...
@@ -314,11 +316,16 @@ class _NodeTally:
         in_run = [d for d in header.devices if d.info.in_run]
         energies = [d.energy_j for d in in_run]
         last = header.sessions[-1] if header.sessions else None
+        lost = head_ended and rank and header.status == Status.RUNNING
+        error, failed_at = (last.error, last.failed_at) if last else (None, None)
+        if lost and last is not None and self.folder is not None and error is None:
+            cause = root_cause(ProjectPaths(self.folder).errors, last.session)  # its kaio never said: its files
+            error, failed_at = cause.text, iso(cause.t_wall)
         return NodeSummary(
             node_rank=rank,
             host=environment.hostname if environment else None,
             folder=self.folder.name if self.folder is not None else None,
-            status="LOST" if head_ended and rank and header.status == Status.RUNNING else header.status.value,
+            status="LOST" if lost else header.status.value,
             exit_code=last.exit_code if last else None,
             gpus=[d.key if rank == 0 else f"n{rank}/{d.key}" for d in in_run],
             gpu_names=[d.info.name for d in in_run],
@@ -327,6 +334,8 @@ class _NodeTally:
             vram_peak_bytes=self.vram_peak,
             last_step=self.last.step if self.last else None,
             last_step_at=self.last.timestamp if self.last else None,
+            error=error,
+            failed_at=failed_at,
             clock_offset_s=self.clock.offset_s if self.clock else None,
             clock_rtt_s=self.clock.rtt_s if self.clock else None,
         )

@@ -167,6 +167,7 @@ class RunLedger(msgspec.Struct, kw_only=True):
         progress = self.progress[s.session]
         s.status, s.exit_code, s.signal, s.error = r.status, r.exit_code, r.signal, r.error
         s.ended_at = iso(r.t_wall)
+        s.failed_at = iso(r.error_at)
         if progress.t_wall is not None and r.t_wall is not None:
             s.duration_s = round(r.t_wall - progress.t_wall, 3)
         s.end_step = progress.last_step if progress.last_step is not None else s.start_step

@@ -81,6 +81,7 @@ class SessionOutcome:
     signal: str | None = None
     error: str | None = None
     message: str | None = None  # what a stop on request kept, for the user
+    error_at: float | None = None  # when the first rank failed (wall time)
 
 
 @dataclass
@@ -236,6 +237,7 @@ class Supervisor:
                 exit_code=outcome.exit_code,
                 signal=outcome.signal,
                 error=outcome.error,
+                error_at=outcome.error_at,
                 counters=SessionCounters(
                     malformed_lines=reader.stats.malformed + bad,
                     oversized_lines=reader.stats.oversized,
@@ -516,18 +518,20 @@ class Supervisor:
 
     def _outcome(self, returncode: int, session: int) -> SessionOutcome:
         exit_code, signal_name = launch.describe_exit(returncode)
-        error, rank_signal = diagnose.root_cause(self.paths.errors, session) if returncode else (None, None)
-        signal_name = signal_name or rank_signal
+        cause = diagnose.root_cause(self.paths.errors, session) if returncode else diagnose.RootCause()
+        error, signal_name = cause.text, signal_name or cause.signal
         if self._stop.requests:
             # Stopped by the user: 143 (SIGTERM's code) even when the training stopped cleanly after saving,
             # and whatever the launcher made of it with several ranks; 137 when the second press killed it.
             code = exit_code if self._stop.killed and exit_code > 128 else 128 + signal.SIGTERM
-            return SessionOutcome(code, Status.INTERRUPTED, signal_name, error, self._what_the_stop_kept(session))
+            return SessionOutcome(
+                code, Status.INTERRUPTED, signal_name, error, self._what_the_stop_kept(session), cause.t_wall
+            )
         if returncode == 0:
             return SessionOutcome(0, Status.COMPLETED)
         if error is None and signal_name:
             error = f"killed by {signal_name}"
-        return SessionOutcome(exit_code, Status.FAILED, signal_name, error)
+        return SessionOutcome(exit_code, Status.FAILED, signal_name, error, error_at=cause.t_wall)
 
 
 def _lead_rank(cfg: RunConfig) -> int:

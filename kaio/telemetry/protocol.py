@@ -253,6 +253,7 @@ class LaunchFailure(msgspec.Struct, kw_only=True):
     exit_code: int | None = None
     signal: str | None = None  # "SIGKILL" when the rank was killed
     message: str | None = None
+    t_wall: float | None = None  # when torch elastic saw it fail
 
 
 _ENCODER = msgspec.json.Encoder()
