@@ -111,11 +111,24 @@ def _flight_recorder(env: dict[str, str], paths: ProjectPaths) -> None:
     its ranks' last collectives in ``<report dir>/stalls/nccl-trace-rank-<R>`` (gloo ignores these)."""
     if any(name in env for name in (*_FLIGHT_RECORDER_BUFFERS, *_FLIGHT_RECORDER_FILES, "TORCH_NCCL_DUMP_ON_TIMEOUT")):
         return
-    for name in _FLIGHT_RECORDER_BUFFERS:
+    names = _flight_recorder_names()  # the old name on a newer torch prints a deprecation warning in every rank
+    for name in _FLIGHT_RECORDER_BUFFERS[names]:
         env[name] = "2000"
-    for name in _FLIGHT_RECORDER_FILES:
+    for name in _FLIGHT_RECORDER_FILES[names]:
         env[name] = str(paths.stalls / "nccl-trace-rank-")
     env["TORCH_NCCL_DUMP_ON_TIMEOUT"] = "1"
+
+
+def _flight_recorder_names() -> slice:
+    """Which of the two names torch reads, from its installed version (torch is not imported here): both
+    when the version cannot be read."""
+    from importlib import metadata
+
+    try:
+        major, minor = (int(part) for part in metadata.version("torch").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return slice(0, 2)
+    return slice(0, 1) if (major, minor) >= (2, 7) else slice(1, 2)
 
 
 def preview_command(

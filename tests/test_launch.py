@@ -94,3 +94,25 @@ def test_exit_codes_name_the_signal():
     assert describe_exit(1) == (1, None)
     assert describe_exit(-signal.SIGKILL) == (137, "SIGKILL")
     assert describe_exit(-signal.SIGTERM) == (143, "SIGTERM")
+
+
+def test_the_flight_recorder_is_set_under_the_names_the_installed_torch_reads_unless_the_user_set_it():
+    """torch 2.7 renamed TORCH_NCCL_TRACE_BUFFER_SIZE and TORCH_NCCL_DEBUG_INFO_TEMP_FILE to TORCH_FR_*; the old
+    names still work but print a deprecation warning in every rank."""
+    from importlib import metadata
+
+    cfg = RunConfig(project_name="p", launch={"num_processes": 2})
+    _, env = build_command(cfg, _plan(), {})
+    major, minor = (int(p) for p in metadata.version("torch").split(".")[:2])
+    new, old = (
+        ("TORCH_FR_BUFFER_SIZE", "TORCH_FR_DUMP_TEMP_FILE"),
+        (
+            "TORCH_NCCL_TRACE_BUFFER_SIZE",
+            "TORCH_NCCL_DEBUG_INFO_TEMP_FILE",
+        ),
+    )
+    used, unused = (new, old) if (major, minor) >= (2, 7) else (old, new)
+    assert env[used[0]] == "2000" and env[used[1]] == "/r/docs/reports/p/stalls/nccl-trace-rank-"
+    assert not set(unused) & set(env) and env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
+    _, theirs = build_command(cfg, _plan(), {"TORCH_NCCL_TRACE_BUFFER_SIZE": "64"})
+    assert theirs["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "64" and not {*new, "TORCH_NCCL_DUMP_ON_TIMEOUT"} & set(theirs)

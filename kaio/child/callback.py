@@ -174,7 +174,9 @@ class KaioCallback(TrainerCallback):
         )
 
     def on_save(self, args, state, control, **kwargs):
-        if not state.is_world_process_zero:
+        # The job's save, in every node's record (each node's first rank): a node stopped with the job's
+        # checkpoint saved says so, and its save pause is its own.
+        if not (state.is_world_process_zero or getattr(state, "is_local_process_zero", False)):
             return
         path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         now = time.monotonic()

@@ -187,7 +187,8 @@ def train(cfg: RunConfig) -> None:
         processing_class=tokenizer,
     )
     trainer.train()
-    if trainer.is_world_process_zero():
+    finished = trainer.state.global_step >= trainer.state.max_steps  # not after a stop (a checkpoint has it)
+    if finished and trainer.is_world_process_zero():
         final_dir = Path(cfg.checkpoint_dir) / "final"
         trainer.save_model(str(final_dir))  # the adapter + tokenizer files: what the Hub push uploads
 

@@ -499,7 +499,8 @@ class Supervisor:
         project = self.paths.project
         if saved:
             step = saved[-1].step
-            text = f"stopped after step {step} with checkpoint-{step} saved: `kaio resume {project}` continues from step {step + 1}"
+            how = f"`kaio resume {project}`" + (" on every node" if self.cfg.launch.nnodes > 1 else "")
+            text = f"stopped after step {step} with checkpoint-{step} saved: {how} continues from step {step + 1}"
             self._note(text, level="info")
             return text
         earlier = [c.step for c in ledger.checkpoints]
