@@ -59,6 +59,7 @@ def main() -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     import torch
     from accelerate.commands.launch import main as accelerate_main
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     if not torch.cuda.is_available():
@@ -99,6 +100,10 @@ def main() -> None:
             )
         )
         raise
+    except SignalException as exc:
+        # Several processes: torch elastic's agent passed a SIGTERM on to its ranks and waited for them (a
+        # graceful stop saves a checkpoint first). The stop that was asked for, not a traceback to print.
+        raise SystemExit(128 + int(exc.sigval)) from None
 
 
 def _signal_name(number: int) -> str:

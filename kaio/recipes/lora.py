@@ -178,6 +178,9 @@ def train(cfg: RunConfig) -> None:
         include_num_input_tokens_seen=True,
         dataloader_num_workers=0,
         save_only_model=False,
+        # Every LoRA weight takes part in every forward: DDP's search for unused ones (the Trainer's default for
+        # a PEFT model) is an extra walk of the autograd graph each step, and a warning in every rank.
+        ddp_find_unused_parameters=False,
     )
     trainer = Trainer(
         model=model,
