@@ -213,16 +213,18 @@ def _training_time_s(q: _Query, sessions: list[Session]) -> float | None:
 
 
 def _time_spent(q: _Query, s: Summary, sessions: list[Session], telemetry: Telemetry, stalls: list[Stall]) -> None:
-    """Where the wall time went. An evaluation or a save after a step sits in the next step's
-    duration: it is taken out of the time in steps (and not for a session's last step, whose
-    pauses belong to its closing)."""
+    """Where the wall time went, each second once. A session's first step is in its start-up (which
+    ends with that step); an evaluation or a save after a step sits in the next step's duration: it is
+    taken out of the time in steps; a session's last step's pauses are in its closing."""
     s.startup_s = _sum(x.startup_s for x in sessions)
     s.closing_s = _sum(x.closing_s for x in sessions)
-    total, evals, saves, inner = q.row(
-        "SELECT SUM(COALESCE(duration_s, step_time_s)), SUM(eval_s), SUM(save_s), "
-        "SUM(CASE WHEN step NOT IN (SELECT MAX(step) FROM steps GROUP BY session) "
-        "THEN COALESCE(eval_s, 0) + COALESCE(save_s, 0) END) FROM steps"
+    inside = "step NOT IN (SELECT MAX(step) FROM steps GROUP BY session)"
+    total, first, evals, saves = q.row(
+        "SELECT SUM(COALESCE(duration_s, step_time_s)), SUM(CASE WHEN step IN (SELECT MIN(step) FROM steps "
+        "GROUP BY session) THEN COALESCE(duration_s, step_time_s) END), "
+        f"SUM(CASE WHEN {inside} THEN eval_s END), SUM(CASE WHEN {inside} THEN save_s END) FROM steps"
     )
+    inner = (evals or 0.0) + (saves or 0.0)
     s.eval_s, s.save_s = evals, saves
     if total is not None:
         s.steps_s = max(total - (inner or 0.0), 0.0)
@@ -237,8 +239,8 @@ def _time_spent(q: _Query, s: Summary, sessions: list[Session], telemetry: Telem
         for stall in stalls
         if stall.phase == "training step"
     )
-    if s.steps_s is not None:
-        s.productive_s = max(s.steps_s - (s.stall_s or 0.0), 0.0)
+    if s.steps_s is not None:  # the time in steps (throughput's), less the first steps (in start-up) and stalls
+        s.productive_s = max(s.steps_s - (first or 0.0) - (s.stall_s or 0.0), 0.0)
         if s.training_time_s:
             s.goodput_pct = 100.0 * s.productive_s / s.training_time_s
 
