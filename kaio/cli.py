@@ -229,9 +229,17 @@ def report(
 
     Safe while the run is still going (read-only with respect to the run). For a job of several machines, the report is the job's: every node's steps and GPUs merged by global step.
     """
+    import contextlib
+
+    from rich.console import Console
+
     from kaio.run.rebuild import rebuild
 
-    summary, report_dir = rebuild(project, output_dir, merge=merge)
+    status = Console(stderr=True)  # progress on stderr: stdout stays the JSON or the one line
+    with status.status("reading the record…") if status.is_terminal else contextlib.nullcontext() as spinner:
+        phase = spinner.update if spinner is not None else (lambda text: None)
+        say = (lambda text: typer.echo(text, err=True)) if as_json else typer.echo  # the JSON alone on stdout
+        summary, report_dir = rebuild(project, output_dir, notify=say, merge=merge, phase=phase)
     if as_json:
         import json
 

@@ -426,3 +426,34 @@ def test_bytes_damaged_inside_the_index_are_found_and_the_history_rebuilt_from_t
     rebuild("p", paths.report_dir.parent, notes.append)
     assert any("is damaged" in n and "rebuilding it from" in n for n in notes), notes
     assert json.loads(paths.history.read_text())["steps"] == expected["steps"]
+
+
+def test_kaio_report_in_a_terminal_says_what_it_is_doing_and_keeps_its_json_alone_on_stdout(tmp_path):
+    """A report of a long run takes seconds to minutes: in a terminal a spinner on stderr names each phase;
+    with --json, stdout is the JSON alone even when there is a note to say (it goes to stderr)."""
+    import subprocess
+    import sys
+
+    import pexpect
+
+    paths = _journaled(tmp_path / "reports", _run_records(40) + [_end(1)])
+    argv = ["-m", "kaio", "report", "p", "--output-dir", str(tmp_path / "reports")]
+    terminal = pexpect.spawn(sys.executable, argv, cwd=tmp_path, dimensions=(24, 120), encoding="utf-8")
+    shown = terminal.read()
+    terminal.close()
+    assert terminal.exitstatus == 0, shown
+    assert "\x1b[32m" in shown and "writing history.json and report.md, drawing telemetry.png…" in shown
+    assert shown.rstrip().endswith(f"report written: {paths.report}")
+    from kaio.run.rebuild import rebuild
+
+    phases: list[str] = []  # each phase, also those too short for the spinner to draw
+    rebuild("p", tmp_path / "reports", notify=lambda text: None, phase=phases.append)
+    assert phases == [
+        f"reading {paths.journal} (0 MiB; what the index lacks)…",
+        "writing history.json and report.md, drawing telemetry.png…",
+    ]
+    paths.history.write_text('{"project": "p", "steps": [')  # truncated: a note to say
+    piped = subprocess.run([sys.executable, *argv, "--json"], cwd=tmp_path, capture_output=True, text=True)
+    assert piped.returncode == 0, piped.stderr
+    assert json.loads(piped.stdout)["project"] == "p"
+    assert "truncated or corrupt JSON" in piped.stderr and "\x1b" not in piped.stderr  # not a terminal: no spinner

@@ -26,11 +26,15 @@ from kaio.run.state import RunState
 
 
 def rebuild(
-    project: str, output_dir: Path, notify: Callable[[str], None] = print, merge: Sequence[Path] = ()
+    project: str,
+    output_dir: Path,
+    notify: Callable[[str], None] = print,
+    merge: Sequence[Path] = (),
+    phase: Callable[[str], None] = lambda text: None,
 ) -> tuple[Summary, Path]:
     """Returns ``(summary, report_dir)``. A job of several machines merges every node's record: the folders
     under the project's ``nodes/``, and the ``merge`` folders (copied from machines without a shared
-    filesystem)."""
+    filesystem). ``phase`` is told what is being done (a long rebuild shows its progress)."""
     from kaio.report import history_from_file
     from kaio.report import write_reports as write_history_reports
 
@@ -45,20 +49,24 @@ def rebuild(
         raise unknown_project(output_dir, project)
     figure = FigureProcess(paths.report_dir)
     figure.warm()  # matplotlib loads in the other process while the record is read
-    nodes = _job_nodes(paths, merge, notify)
+    nodes = _job_nodes(paths, merge, notify, phase)
+    phase(f"reading {paths.journal} ({paths.journal.stat().st_size / 2**20:,.0f} MiB; what the index lacks)…")
     try:
-        return _rebuild(paths, figure, notify, nodes)
+        return _rebuild(paths, figure, notify, nodes, phase)
     finally:
         figure.close()
 
 
-def _job_nodes(paths: ProjectPaths, merge: Sequence[Path], notify: Callable[[str], None]) -> NodeRecords | None:
+def _job_nodes(
+    paths: ProjectPaths, merge: Sequence[Path], notify: Callable[[str], None], phase: Callable[[str], None]
+) -> NodeRecords | None:
     """The other nodes' records of a job of several machines (None: a job of one)."""
     from kaio.run.job import load_nodes, node_folders
 
     folders = node_folders(paths, merge)
     if not folders:
         return None
+    phase(f"reading the other nodes' records ({len(folders)})…")
     config = saved_config(paths)[1] if paths.config.is_file() else None
     nodes = load_nodes(folders, config, explicit=merge)
     for problem in nodes.problems:
@@ -67,27 +75,35 @@ def _job_nodes(paths: ProjectPaths, merge: Sequence[Path], notify: Callable[[str
 
 
 def _rebuild(
-    paths: ProjectPaths, figure: FigureProcess, notify: Callable[[str], None], nodes: NodeRecords | None
+    paths: ProjectPaths,
+    figure: FigureProcess,
+    notify: Callable[[str], None],
+    nodes: NodeRecords | None,
+    phase: Callable[[str], None],
 ) -> tuple[Summary, Path]:
     if _looks_damaged(paths.history):
         notify(
             f"note: {paths.history}: truncated or corrupt JSON (the document does not end); rebuilding it from {paths.journal}"
         )
     try:
-        return _rebuild_locked(paths, figure, notify, nodes), paths.report_dir
+        return _rebuild_locked(paths, figure, notify, nodes, phase), paths.report_dir
     except sqlite3.DatabaseError as exc:  # a damaged index: it is a cache, rebuilt from the journal
         notify(loading.damaged_index_note(paths, exc))
         paths.index.unlink(missing_ok=True)
-        return _rebuild_locked(paths, figure, notify, nodes), paths.report_dir
+        return _rebuild_locked(paths, figure, notify, nodes, phase), paths.report_dir
     except ProjectError:
         if not _held(paths):
             raise
     # A supervisor holds the project: a private copy of the index, no fight over the lock.
     loaded = loading.load(paths, writable=False)
     try:
+        phase(_WRITING)
         return _write(loaded.state, paths, figure, notify, nodes), paths.report_dir
     finally:
         loaded.state.index.close()
+
+
+_WRITING = "writing history.json and report.md, drawing telemetry.png…"
 
 
 def _write(
@@ -106,9 +122,14 @@ def _write(
 
 
 def _rebuild_locked(
-    paths: ProjectPaths, figure: FigureProcess, notify: Callable[[str], None], nodes: NodeRecords | None
+    paths: ProjectPaths,
+    figure: FigureProcess,
+    notify: Callable[[str], None],
+    nodes: NodeRecords | None,
+    phase: Callable[[str], None],
 ) -> Summary:
     with opened(paths, notify) as (loaded, _running):
+        phase(_WRITING)
         summary = _write(loaded.state, paths, figure, notify, nodes)
         recorder = Recorder(paths, loaded.state)  # the index brought up to date: the next rebuild is quick
         recorder.save()
