@@ -40,6 +40,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _two_nodes(args: list[str], head_dir: Path, node_dir: Path, node_env: dict, head_env: dict):
+    """One command of a two-node job on this machine: node 1's kaio started first (in ``node_dir``), then the
+    head's, to its end; both succeed. Returns the head's result and node 1's output."""
+    node1 = subprocess.Popen(
+        [sys.executable, "-m", "kaio", *args, "--node-rank", "1"],
+        cwd=node_dir,
+        env=node_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        head = kaio(*args, "--node-rank", "0", cwd=head_dir, timeout=240, env=head_env)
+        node1_out, _ = node1.communicate(timeout=120)
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+    assert head.returncode == 0, head.stdout + head.stderr
+    assert node1.returncode == 0, node1_out
+    return head, node1_out
+
+
 def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the_same(project_dir):
     """Two machines without a shared filesystem: node 1 writes its record in its own folder and streams it to
     the head over TCP (signed with the job's secret); the head's report has both, as it goes and at the end."""
@@ -55,31 +77,9 @@ def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the
     secret = {"KAIO_JOB_SECRET": "b7f0c2d4e6a8b0c2d4e6f8a0b2c4d6e8"}
     env = {**os.environ, **secret, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _fake_gpu_site(project_dir, 350)}
     head_gpu = _fake_gpu_site(project_dir, 300)
-    node1 = subprocess.Popen(
-        [sys.executable, "-m", "kaio", "run", "cfg.yaml", "--node-rank", "1", *job],
-        cwd=machine_b,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    head, node1_out = _two_nodes(
+        ["run", "cfg.yaml", *job], project_dir, machine_b, env, {**secret, "PYTHONPATH": head_gpu}
     )
-    try:
-        head = kaio(
-            "run",
-            "cfg.yaml",
-            "--node-rank",
-            "0",
-            *job,
-            cwd=project_dir,
-            timeout=240,
-            env={**secret, "PYTHONPATH": head_gpu},
-        )
-        node1_out, _ = node1.communicate(timeout=120)
-    finally:
-        if node1.poll() is None:
-            node1.kill()
-    assert head.returncode == 0, head.stdout + head.stderr
-    assert node1.returncode == 0, node1_out
     host = socket.gethostname().split(".")[0]
     node_folder = machine_b / "docs" / "reports" / "t" / "nodes" / f"1-{host}"  # on node 1's own disk
     assert f"record: docs/reports/t/nodes/1-{host}/report.md" in node1_out
@@ -163,32 +163,8 @@ def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the
     before = machine_b / "docs/reports/t/nodes/1-gpu08"
     node_folder.rename(before)
     shutil.copytree(copied, project_dir / "docs/reports/t/nodes/1-gpu08")
-    node1 = subprocess.Popen(
-        [sys.executable, "-m", "kaio", "resume", "t", "--max-steps", "14", "--node-rank", "1", *job[2:]],
-        cwd=machine_b,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        head = kaio(
-            "resume",
-            "t",
-            "--max-steps",
-            "14",
-            "--node-rank",
-            "0",
-            *job[2:],
-            cwd=project_dir,
-            env={**secret, "PYTHONPATH": head_gpu},
-        )
-        node1_out, _ = node1.communicate(timeout=120)
-    finally:
-        if node1.poll() is None:
-            node1.kill()
-    assert head.returncode == 0, head.stdout + head.stderr
-    assert node1.returncode == 0, node1_out
+    resume = ["resume", "t", "--max-steps", "14", *job[2:]]
+    head, node1_out = _two_nodes(resume, project_dir, machine_b, env, {**secret, "PYTHONPATH": head_gpu})
     assert f"node 1's record moved from nodes/1-gpu08 to nodes/{node_folder.name}" in node1_out
     assert not before.exists() and (node_folder / "journal.jsonl").is_file()
     history = read_history(project_dir)
