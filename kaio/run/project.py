@@ -492,10 +492,11 @@ def _saved_launch(output_dir: Path, project: str) -> LaunchConfig:
     for paths in records:
         if paths.config.is_file():
             return saved_config(paths)[0].launch
-    for paths in records[1:]:  # a node's journal copied from the head's (which keeps no config.json)
-        loaded = loading.load(paths, writable=False)
-        loaded.state.index.close()
-        return _saved_config(paths, loaded.state)[0].launch
+    for paths in records:  # a node's journal copied from the head's (which keeps no config.json)
+        if paths.journal.is_file():
+            loaded = loading.load(paths, writable=False)
+            loaded.state.index.close()
+            return _saved_config(paths, loaded.state)[0].launch
     raise unknown_project(output_dir, project)
 
 
