@@ -101,7 +101,7 @@ def build_command(cfg: RunConfig, plan: LaunchPlan, environ: Mapping[str, str]) 
 
 
 # PyTorch's NCCL Flight Recorder: the last collectives of every rank, dumped when a collective times out.
-# Two names for each setting: torch >= 2.7 reads TORCH_FR_*, earlier versions the TORCH_NCCL_* ones.
+# Two names for each setting: newer torch reads TORCH_FR_*, older versions the TORCH_NCCL_* ones.
 _FLIGHT_RECORDER_BUFFERS = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE")
 _FLIGHT_RECORDER_FILES = ("TORCH_FR_DUMP_TEMP_FILE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE")
 
@@ -120,15 +120,16 @@ def _flight_recorder(env: dict[str, str], paths: ProjectPaths) -> None:
 
 
 def _flight_recorder_names() -> slice:
-    """Which of the two names torch reads, from its installed version (torch is not imported here): both
-    when the version cannot be read."""
+    """Which of the two names torch reads, from its installed version (torch is not imported here): the new
+    ones alone from 2.10 (the old ones print a deprecation warning there; when each was renamed between 2.6 and
+    2.9 is not certain), both before, or when the version cannot be read."""
     from importlib import metadata
 
     try:
         major, minor = (int(part) for part in metadata.version("torch").split(".")[:2])
     except (metadata.PackageNotFoundError, ValueError):
         return slice(0, 2)
-    return slice(0, 1) if (major, minor) >= (2, 7) else slice(1, 2)
+    return slice(0, 1) if (major, minor) >= (2, 10) else slice(0, 2)
 
 
 def preview_command(

@@ -15,7 +15,7 @@ import ipaddress
 import re
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kaio.config import LaunchConfig, RunConfig
 from kaio.errors import ConfigError
@@ -135,15 +135,17 @@ def resume_placement(saved: LaunchConfig, flags: Mapping[str, object], environ: 
     The node count is the saved one: another one would change the world size the checkpoint was trained with."""
     given = {key: value for key, value in flags.items() if value is not None}
     one_machine = saved.model_copy(update={"nnodes": 1, "node_rank": 0})
-    if "node_rank" in given or "nnodes" in given:
+    if "node_rank" in given:
         where = placement(one_machine, {"nnodes": saved.nnodes, "main_addr": saved.main_addr, **given}, environ)
     else:
-        where = placement(one_machine, given, environ)
-        if where.source != "SLURM" and saved.nnodes > 1:
+        where = placement(one_machine, {k: v for k, v in given.items() if k != "nnodes"}, environ)
+        if where.source != "SLURM" and max(saved.nnodes, int(given.get("nnodes", 1))) > 1:  # type: ignore[call-overload]
             raise ConfigError(
                 f"the job ran on {saved.nnodes} machines: run `kaio resume` on each, saying which it is "
                 f"(--node-rank R, 0 for the head; --main-addr HOST if the head moved), or under `srun`"
             )
+        if "nnodes" in given:
+            where = replace(where, nnodes=int(given["nnodes"]))  # type: ignore[call-overload]  # checked below
     if where.nnodes != saved.nnodes:
         raise ConfigError(
             f"the job ran on {saved.nnodes} machine(s), not {where.nnodes} ({where.source}): the checkpoint was "
@@ -223,7 +225,6 @@ def placed(cfg: RunConfig, where: Placement) -> RunConfig:
 def dry_run_lines(cfg: RunConfig, where: Placement, environ: Mapping[str, str]) -> list[str]:
     """`kaio run --dry-run`: each node's child command and the environment kaio sets for it (secrets masked)."""
     import shlex
-    from dataclasses import replace
 
     from kaio.launch import preview_command
     from kaio.record.paths import ProjectPaths

@@ -276,8 +276,9 @@ def test_ranks_agree_on_the_step_a_graceful_stop_ends_at_through_the_stores_firs
 
 
 def test_ranks_resumed_at_different_steps_all_end_with_the_reason_instead_of_training():
-    """Three ranks compare the step they resumed at through a real TCPStore: the same step, they train; rank 2
-    at another (its node saw other checkpoints), every rank ends with the same one-line reason."""
+    """Three ranks compare the step they start at through a real TCPStore: the same step, they train; rank 2
+    at another (its node saw other checkpoints, or started afresh), every rank ends with the same one-line
+    reason."""
     import threading
 
     import torch.distributed as dist
@@ -307,4 +308,4 @@ def test_ranks_resumed_at_different_steps_all_end_with_the_reason_instead_of_tra
     ended = ranks([40, 40, 30])
     assert len(set(ended)) == 1 and ended[0] is not None
     reason = ended[0]  # whichever rank compared first, the reason names both steps
-    assert "at step 30" in reason and "at step 40" in reason and "the nodes do not see the same checkpoints" in reason
+    assert "at step 30" in reason and "at step 40" in reason and "do not resume from the same checkpoint" in reason

@@ -97,8 +97,8 @@ def test_exit_codes_name_the_signal():
 
 
 def test_the_flight_recorder_is_set_under_the_names_the_installed_torch_reads_unless_the_user_set_it():
-    """torch 2.7 renamed TORCH_NCCL_TRACE_BUFFER_SIZE and TORCH_NCCL_DEBUG_INFO_TEMP_FILE to TORCH_FR_*; the old
-    names still work but print a deprecation warning in every rank."""
+    """Newer torch renamed TORCH_NCCL_TRACE_BUFFER_SIZE and TORCH_NCCL_DEBUG_INFO_TEMP_FILE to TORCH_FR_*; the
+    old names still work there but print a deprecation warning in every rank."""
     from importlib import metadata
 
     cfg = RunConfig(project_name="p", launch={"num_processes": 2})
@@ -111,8 +111,9 @@ def test_the_flight_recorder_is_set_under_the_names_the_installed_torch_reads_un
             "TORCH_NCCL_DEBUG_INFO_TEMP_FILE",
         ),
     )
-    used, unused = (new, old) if (major, minor) >= (2, 7) else (old, new)
-    assert env[used[0]] == "2000" and env[used[1]] == "/r/docs/reports/p/stalls/nccl-trace-rank-"
+    used, unused = (new, old) if (major, minor) >= (2, 10) else (new + old, ())
+    for name in used:
+        assert env[name] == ("2000" if "SIZE" in name else "/r/docs/reports/p/stalls/nccl-trace-rank-")
     assert not set(unused) & set(env) and env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
     _, theirs = build_command(cfg, _plan(), {"TORCH_NCCL_TRACE_BUFFER_SIZE": "64"})
     assert theirs["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "64" and not {*new, "TORCH_NCCL_DUMP_ON_TIMEOUT"} & set(theirs)

@@ -247,8 +247,11 @@ def test_a_resumed_job_takes_this_nodes_place_from_srun_or_the_command_line_and_
     )
     by_hand = resume_placement(saved, {"node_rank": 1, "main_port": 29600}, {})
     assert (by_hand.nnodes, by_hand.node_rank, by_hand.main_addr, by_hand.main_port) == (2, 1, "gpu01", 29600)
-    with pytest.raises(ConfigError, match="the job ran on 2 machines: run `kaio resume` on each"):
-        resume_placement(saved, {}, {})
+    for unplaced in ({}, {"nnodes": 2}):  # without saying which node this is, not the head by default
+        with pytest.raises(ConfigError, match="the job ran on 2 machines: run `kaio resume` on each"):
+            resume_placement(saved, unplaced, {})
+    with pytest.raises(ConfigError, match=r"the job ran on 2 machine\(s\), not 3 \(the command line\)"):
+        resume_placement(saved, {"nnodes": 3, "node_rank": 0}, {})
     with pytest.raises(ConfigError, match=r"the job ran on 2 machine\(s\), not 3 \(SLURM\)"):
         resume_placement(saved, {}, {**srun, "SLURM_STEP_NUM_NODES": "3", "SLURM_STEP_NODELIST": "gpu[11-13]"})
     alone = resume_placement(LaunchConfig(), {}, {})  # a job of one machine resumes as before

@@ -87,9 +87,8 @@ class KaioCallback(TrainerCallback):
         self._peak_memory = peak_memory_functions()
         trainer = self._trainer() if self._trainer is not None else None
         self.emitter.emit(describe_run(self.rank, args, state, model, kwargs, trainer))
-        resumed_from = os.environ.get(ENV_RESUME_FROM)
-        if resumed_from:  # kaio resumed the job: every node's ranks from one step, or none trains
-            same_start.check(int(state.global_step), self.rank, int(args.world_size), resumed_from)
+        # Every rank from one step, or none trains (a node resumed from other checkpoints, or started afresh).
+        same_start.check(int(state.global_step), self.rank, int(args.world_size), os.environ.get(ENV_RESUME_FROM))
         self._reset_peak()
 
     def on_step_begin(self, args, state, control, **kwargs):

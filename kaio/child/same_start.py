@@ -1,9 +1,10 @@
-"""Every rank of a resumed job starts from the same step, or none trains.
+"""Every rank of a job starts from the same step, or none trains.
 
 Each node's kaio resumes from the latest complete checkpoint it sees. On a filesystem every node shares that
 is one checkpoint; a node that sees another folder (checkpoints saved on each node, one of them cut short;
 a folder copied by hand) would resume from another step, and its ranks would train out of step with the
-others: a hang in the collectives at best, silently wrong gradients at worst. So at train begin the ranks
+others: a hang in the collectives at best, silently wrong gradients at worst (and so would a node started
+afresh with `kaio run` beside nodes that resume). So at every multi-rank train begin the ranks
 compare the step the Trainer resumed at, through torch.distributed's store (the rendezvous's, which every rank
 of every node reaches): the first rank's step is written, each rank compares its own with it, and after all
 have compared (a barrier on the store) every rank knows whether any differed, and then they all end with the
@@ -21,9 +22,10 @@ DONE_KEY = "kaio/resumed_step_done"
 _checked: list[bool] = []
 
 
-def check(step: int, rank: int, world_size: int, checkpoint: str) -> None:
-    """At the Trainer's train begin of a resumed session (once per process): raise ``SystemExit`` on every
-    rank when any rank resumed at another step than the first one to compare."""
+def check(step: int, rank: int, world_size: int, checkpoint: str | None) -> None:
+    """At the Trainer's train begin (once per process; nothing with one rank): raise ``SystemExit`` on every
+    rank when any rank starts at another step than the first one to compare. ``checkpoint``: the one kaio
+    resumed this rank from, if any."""
     if _checked:
         return
     _checked.append(True)
@@ -32,15 +34,15 @@ def check(step: int, rank: int, world_size: int, checkpoint: str) -> None:
         compare(store, step, rank, world_size, checkpoint)
 
 
-def compare(store, step: int, rank: int, world_size: int, checkpoint: str) -> None:
+def compare(store, step: int, rank: int, world_size: int, checkpoint: str | None) -> None:
     """The comparison itself, on torch.distributed's store (a ``TCPStore``)."""
     first_step, first_rank = store.compare_set(FIRST_KEY, "", f"{step} {rank}").decode().split()
     if int(first_step) != step:
         store.set(
             MISMATCH_KEY,
-            f"rank {rank} resumed at step {step} but rank {first_rank} at step {first_step}: the nodes do not see "
-            f"the same checkpoints ({checkpoint}); give every node the same one (a folder they all see), then "
-            "resume again",
+            f"rank {rank} starts at step {step} but rank {first_rank} at step {first_step}: the ranks do not resume "
+            f"from the same checkpoint (this rank's: {checkpoint or 'none'}); give every node the same one (a "
+            "folder they all see) and resume on every node, then start again",
         )
     if store.add(COUNT_KEY, 1) >= world_size:
         store.set(DONE_KEY, "1")

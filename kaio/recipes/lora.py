@@ -178,9 +178,10 @@ def train(cfg: RunConfig) -> None:
         include_num_input_tokens_seen=True,
         dataloader_num_workers=0,
         save_only_model=False,
-        # Every LoRA weight takes part in every forward: DDP's search for unused ones (the Trainer's default for
-        # a PEFT model) is an extra walk of the autograd graph each step, and a warning in every rank.
-        ddp_find_unused_parameters=False,
+        # In a dense model every LoRA weight takes part in every forward: DDP's search for unused ones (the
+        # Trainer's default for a PEFT model) is an extra walk of the autograd graph each step, and a warning in
+        # every rank. A mixture of experts may leave an expert out of a step: the search stays.
+        ddp_find_unused_parameters=False if _dense(model) else None,
     )
     trainer = Trainer(
         model=model,
@@ -194,6 +195,11 @@ def train(cfg: RunConfig) -> None:
     if finished and trainer.is_world_process_zero():
         final_dir = Path(cfg.checkpoint_dir) / "final"
         trainer.save_model(str(final_dir))  # the adapter + tokenizer files: what the Hub push uploads
+
+
+def _dense(model) -> bool:
+    config = getattr(model, "config", None)
+    return not any(getattr(config, key, None) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
 
 
 def main(argv: list[str] | None = None) -> None:

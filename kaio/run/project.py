@@ -68,9 +68,10 @@ def saved_config(paths: ProjectPaths) -> tuple[RunConfig, dict]:
 
 
 @contextlib.contextmanager
-def opened(paths: ProjectPaths, notify: Notify) -> Iterator[tuple[Loaded, bool]]:
+def opened(paths: ProjectPaths, notify: Notify, *, pids_here: bool = True) -> Iterator[tuple[Loaded, bool]]:
     """The project's state, recovered after a supervisor that died, with the lock held throughout.
-    Yields it and whether a child still trains unsupervised."""
+    Yields it and whether a child still trains unsupervised. ``pids_here``: False for a record taken over
+    from another machine, whose process ids mean nothing on this one."""
     with ProjectLock(paths.report_dir):
         loaded = loading.load(paths, writable=True)
         try:
@@ -78,7 +79,7 @@ def opened(paths: ProjectPaths, notify: Notify) -> Iterator[tuple[Loaded, bool]]
                 notify(f"note: {loaded.invalid} unreadable line(s) in {paths.journal} skipped")
             if loaded.index_note:
                 notify(f"note: {loaded.index_note}")
-            yield loaded, recover_unfinished(paths, loaded.state, notify)
+            yield loaded, recover_unfinished(paths, loaded.state, notify, pids_here=pids_here)
         finally:
             loaded.state.index.close()
 
@@ -300,7 +301,7 @@ class _Finishing:
 # ---------------------------------------------------------------- recovery
 
 
-def recover_unfinished(paths: ProjectPaths, state: RunState, notify: Notify = print) -> bool:
+def recover_unfinished(paths: ProjectPaths, state: RunState, notify: Notify = print, *, pids_here: bool = True) -> bool:
     """Bring the record up to date after the supervisor died (kill -9); call with the lock held.
 
     Merges events the child spooled while nobody read the FIFO, and closes a
@@ -312,7 +313,7 @@ def recover_unfinished(paths: ProjectPaths, state: RunState, notify: Notify = pr
     session = state.ledger.current
     open_session = session if session is not None and session.status == Status.RUNNING else None
     progress = state.ledger.progress.get(open_session.session) if open_session else None
-    if progress is not None and alive_pids(state):
+    if progress is not None and pids_here and alive_pids(state):
         return True
     if open_session is None and not paths.spool.is_dir():
         return False  # the common case: nothing to recover
@@ -461,7 +462,7 @@ def resume(
         paths, moved = project_paths(output_dir, project), None
     else:
         paths, moved = _node_record(output_dir, project, where.node_rank, notify)
-    with opened(paths, notify) as (loaded, running):
+    with opened(paths, notify, pids_here=moved is None) as (loaded, running):
         cfg, checkpoint, notes = _resumable_session(
             paths, loaded.state, running, ResumeAsked(config_path, max_steps, where), notify
         )
@@ -533,8 +534,14 @@ def _node_record(output_dir: Path, project: str, rank: int, notify: Notify) -> t
         )
     if _live(found[0]):
         raise ProjectError(f"{found[0]}: node {rank}'s record is still held by a running kaio")
-    found[0].rename(mine)
-    ProjectPaths(mine).stream_copy.unlink(missing_ok=True)  # a head's copy of the journal: this node's own now
+    try:
+        found[0].rename(mine)
+    except OSError as exc:  # a folder of that name left by a start that failed, or another node taking it
+        raise ProjectError(
+            f"cannot take over {found[0]} as {mine} ({exc.strerror}): move {mine} aside, then resume again"
+        ) from None
+    for head_file in (ProjectPaths(mine).stream_copy, ProjectPaths(mine).clock):  # a head's copy: this node's own now
+        head_file.unlink(missing_ok=True)
     text = f"node {rank}'s record moved from nodes/{found[0].name} to nodes/{mine.name}: the job resumes on another machine"
     notify(text)
     return ProjectPaths(mine), text
