@@ -88,7 +88,7 @@ class KaioCallback(TrainerCallback):
         trainer = self._trainer() if self._trainer is not None else None
         self.emitter.emit(describe_run(self.rank, args, state, model, kwargs, trainer))
         # Every rank from one step, or none trains (a node resumed from other checkpoints, or started afresh).
-        same_start.check(int(state.global_step), self.rank, int(args.world_size), os.environ.get(ENV_RESUME_FROM))
+        same_start.check(int(state.global_step), self.rank, os.environ.get(ENV_RESUME_FROM))
         self._reset_peak()
 
     def on_step_begin(self, args, state, control, **kwargs):

@@ -5,7 +5,7 @@ is one checkpoint; a node that sees another folder (checkpoints saved on each no
 a folder copied by hand) would resume from another step, and its ranks would train out of step with the
 others: a hang in the collectives at best, silently wrong gradients at worst (and so would a node started
 afresh with `kaio run` beside nodes that resume). So at every multi-rank train begin the ranks
-compare the step the Trainer resumed at, through torch.distributed's store (the rendezvous's, which every rank
+compare the step the Trainer starts at, through torch.distributed's store (the rendezvous's, which every rank
 of every node reaches): the first rank's step is written, each rank compares its own with it, and after all
 have compared (a barrier on the store) every rank knows whether any differed, and then they all end with the
 same one-line reason instead of training.
@@ -22,7 +22,7 @@ DONE_KEY = "kaio/resumed_step_done"
 _checked: list[bool] = []
 
 
-def check(step: int, rank: int, world_size: int, checkpoint: str | None) -> None:
+def check(step: int, rank: int, checkpoint: str | None) -> None:
     """At the Trainer's train begin (once per process; nothing with one rank): raise ``SystemExit`` on every
     rank when any rank starts at another step than the first one to compare. ``checkpoint``: the one kaio
     resumed this rank from, if any."""
@@ -30,8 +30,9 @@ def check(step: int, rank: int, world_size: int, checkpoint: str | None) -> None
         return
     _checked.append(True)
     store = process_group.store()
-    if store is not None:
-        compare(store, step, rank, world_size, checkpoint)
+    distributed = process_group.initialized()
+    if store is not None and distributed is not None:
+        compare(store, step, rank, distributed.get_world_size(), checkpoint)
 
 
 def compare(store, step: int, rank: int, world_size: int, checkpoint: str | None) -> None:

@@ -15,6 +15,16 @@ def is_node_folder(folder: Path) -> bool:
     return folder.parent.name == NODES_DIR and bool(_NODE_FOLDER.match(folder.name)) and ".replaced-" not in folder.name
 
 
+def node_rank_of(folder: Path) -> int:
+    """The node rank a node folder's name gives (``<rank>-<host>``)."""
+    return int(folder.name.split("-", 1)[0])
+
+
+def node_host_of(folder: Path) -> str:
+    """The host a node folder's name gives (``<rank>-<host>``: its short name, as written)."""
+    return folder.name.split("-", 1)[1]
+
+
 @dataclass(frozen=True)
 class ProjectPaths:
     """The report folder of one project: ``<reporting.output_dir>/<project_name>/``."""

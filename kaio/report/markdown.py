@@ -380,7 +380,7 @@ def _nodes(run: RunDescription | None) -> str | None:
         if node.exit_code not in (None, 0):
             state += f" (exit {node.exit_code})"
         if node.status == "LOST" and node.last_step is not None:
-            when = (node.last_step_at or "")[:19].replace("T", " ")
+            when = _utc_seconds(node.last_step_at) if node.last_step_at else ""
             state += f" (last heard of at step {node.last_step}{f', {when} UTC' if when else ''})"
         rows.append(
             (
@@ -414,7 +414,7 @@ def _node_failures(nodes: list[NodeSummary]) -> str:
     for node in failed:
         when = _head_time(node)
         clock = "" if node.node_rank == 0 else " (head's clock)" if node.clock_offset_s is not None else " (its clock)"
-        at = f" at {_iso_seconds(when)} UTC{clock}" if when else ""
+        at = f" at {_utc_seconds(when.isoformat())} UTC{clock}" if when else ""
         lines.append(f"- node {node.node_rank}{f' ({node.host})' if node.host else ''}{at}: {node.error}")
     timed = [(when, n) for n in failed if (when := _head_time(n)) is not None]
     first = ""
@@ -432,8 +432,9 @@ def _head_time(node: NodeSummary) -> datetime | None:
     return when - timedelta(seconds=node.clock_offset_s) if node.clock_offset_s is not None else when
 
 
-def _iso_seconds(when: datetime) -> str:
-    return when.isoformat(timespec="seconds")[:19].replace("T", " ")
+def _utc_seconds(iso: str) -> str:
+    """An ISO 8601 time as report.md shows it: ``2026-11-27 12:00:02`` (to the second; UTC said beside it)."""
+    return iso[:19].replace("T", " ")
 
 
 def _clock(node: NodeSummary) -> str:

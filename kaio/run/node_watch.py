@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kaio.record.journal import read_records
-from kaio.record.paths import ProjectPaths, is_node_folder
+from kaio.record.paths import ProjectPaths, is_node_folder, node_host_of, node_rank_of
 from kaio.record.types import Devices, SessionEnd, SessionStart, Step, TickRecord
 from kaio.run.snapshot import NodeRow
 
@@ -74,13 +74,15 @@ class NodeWatch:
         self._next_poll = now + POLL_S
         lost = []
         folders = self._folders()
-        for superseded in [f for f in self._nodes if f not in folders and _rank(f) in {_rank(g) for g in folders}]:
+        for superseded in [
+            f for f in self._nodes if f not in folders and node_rank_of(f) in {node_rank_of(g) for g in folders}
+        ]:
             del self._nodes[superseded]  # the same node's record continued in another folder
         for folder in folders:
             node = self._nodes.get(folder)
             if node is None:
                 node = self._nodes[folder] = _Node(
-                    rank=_rank(folder), folder=folder, heard=now, host=folder.name.split("-", 1)[1]
+                    rank=node_rank_of(folder), folder=folder, heard=now, host=node_host_of(folder)
                 )
             try:
                 self._read(node, now)
@@ -143,7 +145,7 @@ class NodeWatch:
                 if folder not in self._nodes:
                     continue
                 written = float("inf")  # known, unreadable now: kept (its silence counts)
-            rank = _rank(folder)
+            rank = node_rank_of(folder)
             if rank not in latest or written > latest[rank][0]:
                 latest[rank] = (written, folder)
         return sorted(folder for _, folder in latest.values())
@@ -182,7 +184,3 @@ class NodeWatch:
             node.power_w = sum(powers) if powers else None
         elif isinstance(record, Step):
             node.step = max(node.step or 0, record.step)
-
-
-def _rank(folder: Path) -> int:
-    return int(folder.name.split("-", 1)[0])

@@ -24,9 +24,10 @@ from kaio.errors import ProjectError
 from kaio.nodes import Placement, node_folder_name, placed, resume_placement
 from kaio.record.index import IndexDamaged
 from kaio.record.lock import ProjectLock, is_locked
-from kaio.record.paths import ProjectPaths, is_node_folder
+from kaio.record.paths import ProjectPaths, node_rank_of
 from kaio.record.types import Note, SessionEnd, SessionKind, Status
 from kaio.run import recorder as loading
+from kaio.run.job import index_copies, node_folders
 from kaio.run.recorder import Loaded, Recorder
 from kaio.run.state import RunState
 from kaio.run.stream import JournalReceiver, JournalSender, for_node
@@ -61,8 +62,11 @@ def unknown_project(output_dir: Path, project: str) -> ProjectError:
     return ProjectError(f"unknown project {project!r} in {output_dir}/ (known projects: {listing})")
 
 
-def saved_config(paths: ProjectPaths) -> tuple[RunConfig, dict]:
-    """The config the project last ran with (config.json), validated, and as saved."""
+def saved_config(paths: ProjectPaths, state: RunState | None = None) -> tuple[RunConfig, dict]:
+    """The config the project last ran with (config.json), validated, and as saved; without config.json (a
+    node's journal copied from the head, which keeps none), the one ``state``'s journal last recorded."""
+    if not paths.config.is_file() and state is not None and state.ledger.config is not None:
+        return config_from_dict(state.ledger.config, source=str(paths.journal), saved=True), state.ledger.config
     saved = json.loads(paths.config.read_text())
     return config_from_dict(saved, source=str(paths.config), saved=True), saved
 
@@ -186,8 +190,6 @@ def _supervise(
     supervisor.on_refresh.append(LiveReports(paths.report_dir, figure))
     supervisor.on_refresh.append(lambda _state: recorder.save())
     if isinstance(stream, JournalReceiver):  # the head keeps the nodes' journals: their indexes, too
-        from kaio.run.job import index_copies
-
         supervisor.on_refresh.append(lambda _state: index_copies(paths))
     supervisor.on_loop.append(outputs.feed)
     outcome, state_written = None, None
@@ -489,7 +491,7 @@ def _saved_launch(output_dir: Path, project: str) -> LaunchConfig:
     from kaio.config import check_project_name
 
     folder = output_dir / check_project_name(project)
-    records = [ProjectPaths(folder)] + [ProjectPaths(p) for p in _node_folders_of(ProjectPaths(folder).nodes)]
+    records = [ProjectPaths(folder)] + [ProjectPaths(p) for p in node_folders(ProjectPaths(folder))]
     for paths in records:
         if paths.config.is_file():
             return saved_config(paths)[0].launch
@@ -497,20 +499,8 @@ def _saved_launch(output_dir: Path, project: str) -> LaunchConfig:
         if paths.journal.is_file():
             loaded = loading.load(paths, writable=False)
             loaded.state.index.close()
-            return _saved_config(paths, loaded.state)[0].launch
+            return saved_config(paths, loaded.state)[0].launch
     raise unknown_project(output_dir, project)
-
-
-def _node_folders_of(nodes: Path, rank: int | None = None) -> list[Path]:
-    if not nodes.is_dir():
-        return []
-    return sorted(
-        p
-        for p in nodes.iterdir()
-        if is_node_folder(p)
-        and ProjectPaths(p).journal.is_file()
-        and (rank is None or p.name.split("-", 1)[0] == str(rank))
-    )
 
 
 def _node_record(output_dir: Path, project: str, rank: int, notify: Notify) -> tuple[ProjectPaths, str | None]:
@@ -521,7 +511,7 @@ def _node_record(output_dir: Path, project: str, rank: int, notify: Notify) -> t
     mine = nodes / node_folder_name(rank)
     if ProjectPaths(mine).journal.is_file():
         return ProjectPaths(mine), None
-    found = _node_folders_of(nodes, rank)
+    found = [p for p in node_folders(ProjectPaths(output_dir / project)) if node_rank_of(p) == rank]
     if not found:
         raise ProjectError(
             f"no record of node {rank} of project {project!r} in {nodes}/: copy its folder ({rank}-<host>) from "
@@ -547,14 +537,6 @@ def _node_record(output_dir: Path, project: str, rank: int, notify: Notify) -> t
     return ProjectPaths(mine), text
 
 
-def _saved_config(paths: ProjectPaths, state: RunState | None) -> tuple[RunConfig, dict]:
-    """The config a record last ran with: its config.json, else (a node's journal copied from the head, which
-    keeps no config.json) the one its journal's last session recorded."""
-    if paths.config.is_file() or state is None or state.ledger.config is None:
-        return saved_config(paths)
-    return config_from_dict(state.ledger.config, source=str(paths.journal), saved=True), state.ledger.config
-
-
 def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, asked: ResumeAsked, notify: Notify):
     """The config, checkpoint and notes of a resume, or the ``ProjectError`` that says why not."""
     project = paths.project
@@ -563,7 +545,7 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
             f"project {project!r} is still training without a supervisor (pids {', '.join(map(str, alive_pids(state)))} "
             "are alive); wait for them to finish or stop them, then `kaio resume` again"
         )
-    cfg, saved = _saved_config(paths, state)
+    cfg, saved = saved_config(paths, state)
     config_path, max_steps, where = asked.config_path, asked.max_steps, asked.where
     if config_path is None and REDACTED in [*cfg.launch.script_args, *cfg.launch.accelerate_args]:
         raise ProjectError(
