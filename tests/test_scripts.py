@@ -233,3 +233,35 @@ def test_a_script_with_no_trainer_and_no_kaio_log_is_said_plainly(project_dir):
     assert "- **Optimizer steps:** none recorded (no transformers Trainer started" in report
     assert "no finite loss logged" not in report  # nothing suggests NaN losses
     assert "Host CPU (average) / RAM used (peak)" in report
+
+
+def test_a_file_locked_by_a_stuck_daemon_thread_does_not_hang_the_ranks_end(tmp_path):
+    """A daemon thread blocked in a write to a full pipe holds that file's lock: flushing it at the end would
+    wait for ever (a rank hung for 5 minutes in CI after a finished run). The rank ends after the flush budget,
+    with its code, and the files that could be flushed are."""
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "stuck.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import os, threading, time
+            from kaio.child import quick_exit
+            quick_exit.FLUSH_BUDGET_S = 1.0
+            kept = open({str(tmp_path / "kept.txt")!r}, "w")
+            kept.write("kept\\n")
+            read_end, write_end = os.pipe()  # nobody reads: a write larger than the pipe blocks
+            stuck = open(write_end, "wb", buffering=1 << 20)
+            threading.Thread(target=lambda: (stuck.write(b"x" * (1 << 21)), stuck.flush()), daemon=True).start()
+            time.sleep(0.5)
+            quick_exit.exit_after_script(0)
+            """
+        )
+    )
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(script)], cwd=REPO, timeout=60, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 30
+    assert (tmp_path / "kept.txt").read_text() == "kept\n"

@@ -20,6 +20,9 @@ def exit_without_teardown(code: int = 0) -> None:
     os._exit(code)
 
 
+FLUSH_BUDGET_S = 10.0  # how long the files still open at exit may take to flush
+
+
 def exit_after_script(code: int = 0) -> None:
     """End a rank whose user script returned, after a gloo process group: everything a normal exit does that
     a script is likely to observe, then the process ends before the interpreter's finalization and C++'s
@@ -42,6 +45,12 @@ def exit_after_script(code: int = 0) -> None:
     threading._shutdown()  # type: ignore[attr-defined]  # what Python's exit runs first; no public name
     atexit._run_exitfuncs()
     logging.shutdown()
+    # A file's flush waits for its lock, which a daemon thread blocked in a write may hold for ever (Python's
+    # own exit refuses such a lock instead; CI saw a rank hang here for 5 minutes after a finished run). The
+    # rank ends anyway once the flushing has had its time.
+    watchdog = threading.Timer(FLUSH_BUDGET_S, os._exit, (code,))
+    watchdog.daemon = True
+    watchdog.start()
     gc.collect()
     for obj in gc.get_objects():
         if isinstance(obj, _io._IOBase):  # io.IOBase's C base: 5x faster to test over a million objects
