@@ -32,6 +32,7 @@ from kaio.record.types import (
     Telemetry,
 )
 from kaio.report import figure_data, history_document, history_from_file, write_reports
+from kaio.report.figure_data import BUCKETS
 from kaio.report.markdown import render_markdown
 from kaio.report.plot import (
     HOST_PANEL_TITLES,
@@ -590,11 +591,11 @@ def test_nonfinite_losses_are_marked_once_per_bucket_and_counted_in_full():
     axes = build_figure(figure_data(*make_run(steps=steps))).get_axes()
     marks = [line for line in axes[0].get_lines() if line.get_label().startswith("NaN/inf loss")]
     assert [m.get_label() for m in marks] == ["NaN/inf loss (1,666 steps)"]
-    assert 0 < len(marks[0].get_xdata()) <= 1024 and marks[0].get_xdata()[0] == 3
+    assert 0 < len(marks[0].get_xdata()) <= BUCKETS and marks[0].get_xdata()[0] == 3
 
 
 def test_a_long_run_renders_bounded_lines_that_keep_a_spike(tmp_path):
-    n = 12_000  # about 12 steps to a bucket
+    n = 12_000  # about 23 steps to a bucket
     steps = [
         make_step(
             k,
@@ -609,7 +610,7 @@ def test_a_long_run_renders_bounded_lines_that_keep_a_spike(tmp_path):
     render_telemetry_png(data, tmp_path / "telemetry.png")
     assert (tmp_path / "telemetry.png").read_bytes()[:8] == PNG_MAGIC
     loss_line = build_figure(data).get_axes()[0].get_lines()[0]
-    assert len(loss_line.get_xdata()) <= 2048 and max(loss_line.get_ydata()) == 40.0
+    assert len(loss_line.get_xdata()) <= 2 * BUCKETS and max(loss_line.get_ydata()) == 40.0
     assert summarize(header, index).optimizer_steps == n
 
 

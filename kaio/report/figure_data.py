@@ -19,7 +19,7 @@ from kaio.record.index import RunIndex
 from kaio.record.types import HistoryHeader
 from kaio.report.summary import time_buckets, time_spent
 
-BUCKETS = 1024
+BUCKETS = 512  # about one per pixel of a panel (630 px wide): more cost drawing time, not detail
 
 
 class Line(msgspec.Struct):
