@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--hours", type=float, default=6.0)
     parser.add_argument("--runs", type=int, default=2, help="kaio report runs with the copies indexed")
     parser.add_argument("--no-record", action="store_true", help="print the record; do not append it")
+    parser.add_argument("--keep", action="store_true", help="keep the temp project (its path is printed)")
     ns = parser.parse_args()
 
     import subprocess
@@ -123,7 +124,10 @@ def main() -> None:
         steps = history_steps(head / "history.json")
         assert steps == list(range(1, ns.steps + 1)), "history.json lacks steps"
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if ns.keep:
+            print(f"kept: {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
     best = min(indexed)
     result = {
         "nodes": ns.nodes,

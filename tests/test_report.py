@@ -30,6 +30,7 @@ from kaio.record.types import (
     Status,
     StepEntry,
     Telemetry,
+    job_gpu_key,
 )
 from kaio.report import figure_data, history_document, history_from_file, write_reports
 from kaio.report.figure_data import BUCKETS
@@ -612,6 +613,47 @@ def test_a_long_run_renders_bounded_lines_that_keep_a_spike(tmp_path):
     loss_line = build_figure(data).get_axes()[0].get_lines()[0]
     assert len(loss_line.get_xdata()) <= 2 * BUCKETS and max(loss_line.get_ydata()) == 40.0
     assert summarize(header, index).optimizer_steps == n
+
+
+def job_of(nodes: int, gpus_per_node: int = 8, n_steps: int = 40):
+    """A merged job's record: node r's GPU i (key ``n<r>/nvml:i``, the head's unprefixed) draws 100 r + 10 i + k W
+    at 50 + 5 i % and 60 + r + i °C at step k."""
+    keys = {(r, i): job_gpu_key(r, f"nvml:{i}") for r in range(nodes) for i in range(gpus_per_node)}
+    steps = [
+        make_step(
+            k,
+            gpus={
+                key: gpu(power=100.0 * r + 10 * i + k, util=50.0 + 5 * i, temp=60.0 + r + i)
+                for (r, i), key in keys.items()
+            },
+        )
+        for k in range(1, n_steps + 1)
+    ]
+    devices = [msgspec.structs.replace(device(i), key=key) for (_, i), key in keys.items()]
+    return make_run(n_steps, steps=steps, devices=devices)
+
+
+def test_a_job_over_sixteen_gpus_draws_one_line_per_node_with_its_gpus_folded():
+    data = figure_data(*job_of(3))
+    assert data.per_node and data.gpu_count == 24
+    assert [g.key for g in data.gpus] == ["node 0", "node 1", "node 2"]
+    node2 = data.gpus[2]
+    assert node2.util.y[0] == pytest.approx(sum(50.0 + 5 * i for i in range(8)) / 8)  # the mean of its GPUs
+    assert node2.power.y[0] == pytest.approx(sum(200.0 + 10 * i + 1 for i in range(8)))  # their sum, at step 1
+    assert node2.power_band.low[0] == pytest.approx(sum(200.0 + 10 * i + 1 - 10 for i in range(8)))
+    assert node2.temp.y[0] == 60.0 + 2 + 7  # the hottest of them
+    axes = build_figure(data).get_axes()
+    assert labels(axes[3]) == ["node 0", "node 1", "node 2"] and "node's mean" in axes[3].get_ylabel()
+    assert "per node" in axes[4].get_ylabel()
+    assert labels(axes[2])[-1] == "device used, driver (max of 24 GPUs)"
+
+
+def test_a_panel_of_more_lines_than_a_legend_holds_counts_them_instead():
+    axes = build_figure(figure_data(*job_of(20, gpus_per_node=1))).get_axes()  # 20 GPUs, one per node
+    assert axes[3].get_legend() is None
+    assert "20 nodes, one line each" in [t.get_text() for t in axes[3].texts]
+    small = build_figure(figure_data(*make_run(5, n_gpus=8))).get_axes()  # one machine: a line per GPU
+    assert len(labels(small[3])) == 8 and small[3].get_legend() is not None
 
 
 # --- files ----------------------------------------------------------------------------

@@ -326,6 +326,19 @@ class ClockOffset(msgspec.Struct):
     measured_at: float  # the head's time.time()
 
 
+def job_gpu_key(node_rank: int, key: str) -> str:
+    """A GPU's key in a job's record: the head's (node 0) as its own record has it, another node's prefixed."""
+    return key if node_rank == 0 else f"n{node_rank}/{key}"
+
+
+def node_rank_of_gpu(job_key: str) -> int:
+    """The node rank in a key ``job_gpu_key`` made (0: the head's, or a record of one machine)."""
+    prefix, _, rest = job_key.partition("/")
+    if rest and prefix[:1] == "n" and prefix[1:].isdigit():
+        return int(prefix[1:])
+    return 0
+
+
 class NodeSummary(msgspec.Struct, kw_only=True):
     """One machine of a job of several (history.json's ``run.nodes``; kaio.run.job)."""
 

@@ -16,10 +16,13 @@ import sqlite3
 import msgspec
 
 from kaio.record.index import RunIndex
-from kaio.record.types import HistoryHeader
+from kaio.record.types import HistoryHeader, node_rank_of_gpu
 from kaio.report.summary import time_buckets, time_spent
 
 BUCKETS = 512  # about one per pixel of a panel (630 px wide): more cost drawing time, not detail
+# Beyond this many GPUs (a job of several machines) the GPU panels draw one line per node: its GPUs' mean
+# utilisation, their summed power, their peak temperature. 512 lines of 64 nodes are a blur, and slow to draw.
+SEPARATE_GPU_LINES = 16
 
 
 class Line(msgspec.Struct):
@@ -34,7 +37,7 @@ class Band(msgspec.Struct):
 
 
 class GpuLines(msgspec.Struct, kw_only=True):
-    key: str
+    key: str  # the GPU's key, or with ``FigureData.per_node`` the node's label
     util: Line
     power: Line
     power_band: Band
@@ -55,6 +58,8 @@ class FigureData(msgspec.Struct, kw_only=True):
     ranks: int = 0
     vram_device_used: Line = msgspec.field(default_factory=Line)
     gpus: list[GpuLines] = []
+    gpu_count: int = 0
+    per_node: bool = False  # ``gpus`` holds one line per node (over ``SEPARATE_GPU_LINES`` GPUs)
     host_cpu: Line = msgspec.field(default_factory=Line)
     host_ram: Line = msgspec.field(default_factory=Line)
     host_ram_total_bytes: int | None = None
@@ -82,20 +87,25 @@ class _Grid:
         )
 
     def decimate(
-        self, table: str, lines: tuple[str, ...], bands: tuple[tuple[str, str], ...] = (), gpu: str | None = None
+        self,
+        table: str,
+        lines: tuple[str, ...],
+        bands: tuple[tuple[str, str], ...] = (),
+        only: tuple[str, str | int] | None = None,
     ) -> dict[str, Line | Band]:
-        """In one pass over ``table`` (one GPU's rows of it when ``gpu``): each line's lowest and highest
-        value per bucket (at the bucket's first and last step), and each band's lowest low and highest high.
+        """In one pass over ``table`` (its rows whose column ``only[0]`` is ``only[1]`` when given: one GPU's,
+        one node's): each line's lowest and highest value per bucket (at the bucket's first and last step),
+        and each band's lowest low and highest high.
 
         The buckets are a small table joined by step range, so SQLite walks the steps in key order and
         groups them as it goes, instead of sorting every row by a computed bucket number.
         """
         aggregates = [f"MIN({c}), MAX({c})" for c in lines] + [f"MIN({lo}), MAX({hi})" for lo, hi in bands]
-        only = "AND s.gpu = ?" if gpu is not None else ""
+        where = f"AND s.{only[0]} = ?" if only is not None else ""
         rows = self.conn.execute(
             f"SELECT MIN(s.step), MAX(s.step), {', '.join(aggregates)} FROM kaio_buckets b "
-            f"JOIN {table} s ON s.step BETWEEN b.lo AND b.hi {only} GROUP BY b.id ORDER BY b.id",
-            () if gpu is None else (gpu,),
+            f"JOIN {table} s ON s.step BETWEEN b.lo AND b.hi {where} GROUP BY b.id ORDER BY b.id",
+            () if only is None else (only[1],),
         )
         found: dict[str, Line | Band] = {**{c: Line() for c in lines}, **{lo: Band() for lo, _ in bands}}
         for first, last, *values in rows:
@@ -149,19 +159,23 @@ def figure_data(header: HistoryHeader, index: RunIndex) -> FigureData:
     known = {gpu for (gpu,) in conn.execute("SELECT DISTINCT gpu FROM step_gpus")}
     in_run = header.run_gpu_keys()
     keys = [k for k in in_run if k in known] + sorted(known - set(in_run) - {d.key for d in header.devices})
-    per_gpu = {
-        key: grid.decimate("step_gpus", ("util", "power_avg", "temp"), bands=(("power_min", "power_max"),), gpu=key)
-        for key in keys
-    }
+    data.gpu_count = len(keys)
+    nodes = sorted({node_rank_of_gpu(k) for k in keys})
+    data.per_node = len(keys) > SEPARATE_GPU_LINES and len(nodes) > 1
+    if data.per_node:
+        _fold_gpus_by_node(conn, keys)
+        lines = [(f"node {n}", grid.decimate("kaio_node_steps", GPU_LINES, GPU_BANDS, only=("node", n))) for n in nodes]
+    else:
+        lines = [(k, grid.decimate("step_gpus", GPU_LINES, GPU_BANDS, only=("gpu", k))) for k in keys]
     data.gpus = [
         GpuLines(
-            key=k,
-            util=_line(per_gpu[k], "util"),
-            power=_line(per_gpu[k], "power_avg"),
-            power_band=_band(per_gpu[k], "power_min"),
-            temp=_line(per_gpu[k], "temp"),
+            key=label,
+            util=_line(found, "util"),
+            power=_line(found, "power_avg"),
+            power_band=_band(found, "power_min"),
+            temp=_line(found, "temp"),
         )
-        for k in keys
+        for label, found in lines
     ]
     data.host_ram_total_bytes = header.host.ram_total_bytes if header.host else None
     data.session_starts = [
@@ -169,6 +183,27 @@ def figure_data(header: HistoryHeader, index: RunIndex) -> FigureData:
         for session, step in conn.execute("SELECT session, MIN(step) FROM steps GROUP BY session ORDER BY MIN(step)")
     ][1:]
     return data
+
+
+GPU_LINES = ("util", "power_avg", "temp")
+GPU_BANDS = (("power_min", "power_max"),)
+
+
+def _fold_gpus_by_node(conn: sqlite3.Connection, keys: list[str]) -> None:
+    """``kaio_node_steps``: per node and step, its GPUs' mean utilisation, summed power (the range: the sum of
+    each GPU's, a bound rather than one moment's) and peak temperature."""
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS kaio_gpu_nodes (gpu TEXT PRIMARY KEY, node INTEGER)")
+    conn.execute("DELETE FROM kaio_gpu_nodes")
+    conn.executemany("INSERT INTO kaio_gpu_nodes VALUES (?, ?)", [(k, node_rank_of_gpu(k)) for k in keys])
+    conn.execute(
+        "CREATE TEMP TABLE IF NOT EXISTS kaio_node_steps (node INTEGER, step INTEGER, util REAL, power_avg REAL, "
+        "power_min REAL, power_max REAL, temp REAL, PRIMARY KEY (node, step)) WITHOUT ROWID"
+    )
+    conn.execute("DELETE FROM kaio_node_steps")
+    conn.execute(
+        "INSERT INTO kaio_node_steps SELECT n.node, g.step, AVG(g.util), SUM(g.power_avg), SUM(g.power_min), "
+        "SUM(g.power_max), MAX(g.temp) FROM step_gpus g JOIN kaio_gpu_nodes n ON n.gpu = g.gpu GROUP BY n.node, g.step"
+    )
 
 
 def _line(found: dict[str, Line | Band], name: str) -> Line:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 PANEL_TITLES = ("Training loss", "Learning rate", "VRAM", "GPU utilisation", "Power draw", "Temperature")
 HOST_PANEL_TITLES = ("Host RAM (no GPU)", "Host CPU utilisation (no GPU)")
 MAX_SEPARATE_BANDS = 2  # beyond this, per-GPU min/max bands overlap into a blur
+MAX_LEGEND_ENTRIES = 16  # beyond this a legend covers the panel (and colours repeat): the lines are counted instead
 NO_GPU_TEXT = "no GPU on this host (CPU-only run)"
 NOT_REPORTED_TEXT = "{} not reported by the GPU"
 GIB = 1 << 30
@@ -63,9 +64,10 @@ def build_figure(data: FigureData) -> Figure:
             _say_no_data(ax, NO_GPU_TEXT)
     else:
         _vram_panel(axes[2], data)
-        _gpu_lines_panel(axes[3], data, "util", "utilisation (%)", "utilisation", ylim=(-2, 110))
+        util, temp = ("utilisation, node's mean (%)", "node's peak (°C)") if data.per_node else GPU_AXIS_LABELS
+        _gpu_lines_panel(axes[3], data, "util", util, "utilisation", ylim=(-2, 110))
         _power_panel(axes[4], data)
-        _gpu_lines_panel(axes[5], data, "temp", "peak, junction where reported (°C)", "temperature")
+        _gpu_lines_panel(axes[5], data, "temp", temp, "temperature")
     _mark_sessions(axes, data.session_starts)
     fig.suptitle(data.title + (" · CPU-only run, no GPU" if data.no_gpu else ""), fontsize=14)
     return fig
@@ -120,8 +122,14 @@ def _from_zero_with_headroom(ax: Axes) -> None:
     ax.set_ylim(0, ax.get_ylim()[1] * 1.15)
 
 
-def _legend(ax: Axes, entries: int, **kwargs) -> None:
-    if entries > 1:
+GPU_AXIS_LABELS = ("utilisation (%)", "peak, junction where reported (°C)")
+
+
+def _legend(ax: Axes, entries: int, what: str = "lines", **kwargs) -> None:
+    if entries > MAX_LEGEND_ENTRIES:
+        text = f"{entries} {what}, one line each"
+        ax.text(0.99, 0.02, text, transform=ax.transAxes, ha="right", va="bottom", fontsize=8, color="0.3")
+    elif entries > 1:
         ax.legend(fontsize=7, ncol=min(entries, 4), framealpha=0.8, **{"loc": "best", **kwargs})
 
 
@@ -186,7 +194,7 @@ def _vram_panel(ax: Axes, data: FigureData) -> None:
                 *_band(data.vram_ranks, GIB), color="tab:blue", alpha=0.15, linewidth=0, label="spread across ranks"
             )
     if data.vram_device_used.x:
-        count = len(data.gpus)
+        count = data.gpu_count
         label = f"device used, driver (max of {count} GPUs)" if count > 1 else "device used, driver"
         ax.plot(*_xy(data.vram_device_used, GIB), color="tab:red", linewidth=1.2, linestyle="--", label=label)
     ax.set_ylabel("GiB")
@@ -207,7 +215,7 @@ def _gpu_lines_panel(ax: Axes, data: FigureData, column: str, ylabel: str, what:
     ax.set_ylabel(ylabel)
     if ylim:
         ax.set_ylim(*ylim)
-    _legend(ax, drawn)
+    _legend(ax, drawn, "nodes" if data.per_node else "GPUs")
 
 
 def _power_panel(ax: Axes, data: FigureData) -> None:
@@ -229,9 +237,9 @@ def _power_panel(ax: Axes, data: FigureData) -> None:
         bands = [("0.5", Band(xs, [merged[x][0] for x in xs], [merged[x][1] for x in xs]))]
     for color, band in bands:
         ax.fill_between(*_band(band), color=color, alpha=0.2, linewidth=0)
-    ax.set_ylabel("W (average, min-max shaded)")
+    ax.set_ylabel("W per node (its GPUs' sum, range shaded)" if data.per_node else "W (average, min-max shaded)")
     _from_zero_with_headroom(ax)
-    _legend(ax, len(drawn))
+    _legend(ax, len(drawn), "nodes" if data.per_node else "GPUs")
 
 
 TIME_COLOURS = {

@@ -27,7 +27,15 @@ from kaio.errors import ProjectError
 from kaio.record.index import RunIndex
 from kaio.record.lock import ProjectLock
 from kaio.record.paths import ProjectPaths, is_node_folder
-from kaio.record.types import ClockOffset, DeviceSummary, HistoryHeader, NodeSummary, Status, StepEntry
+from kaio.record.types import (
+    ClockOffset,
+    DeviceSummary,
+    HistoryHeader,
+    NodeSummary,
+    Status,
+    StepEntry,
+    job_gpu_key,
+)
 from kaio.run import recorder as loading
 from kaio.run.assembly import iso
 from kaio.run.diagnose import root_cause
@@ -48,9 +56,8 @@ class NodeRecord:
     entries: dict[int, StepEntry]  # its steps, decoded once, by global step
     clock: ClockOffset | None = None  # measured by the head over the node's stream (kaio.run.stream)
 
-    @property
-    def prefix(self) -> str:
-        return f"n{self.node_rank}/"
+    def gpu_key(self, key: str) -> str:
+        return job_gpu_key(self.node_rank, key)
 
 
 def node_folders(paths: ProjectPaths, extra: Iterable[Path] = ()) -> list[Path]:
@@ -230,7 +237,7 @@ def merge(header: HistoryHeader, index: RunIndex, nodes: NodeRecords) -> tuple[H
     devices = list(header.devices)
     for node in nodes.nodes:
         devices += [
-            DeviceSummary(key=node.prefix + d.key, info=d.info, energy_j=d.energy_j, energy_method=d.energy_method)
+            DeviceSummary(key=node.gpu_key(d.key), info=d.info, energy_j=d.energy_j, energy_method=d.energy_method)
             for d in node.header.devices
         ]
     header.devices = devices
@@ -251,7 +258,7 @@ def merge(header: HistoryHeader, index: RunIndex, nodes: NodeRecords) -> tuple[H
                 missing[node.node_rank] += 1
                 continue
             tally.add(other)
-            _merge_step(entry, other, node.prefix)
+            _merge_step(entry, other, node.gpu_key)
             util.add(other.util, tally.gpus)
         entry.util = util.mean()
         merged.add_step(entry)
@@ -327,7 +334,7 @@ class _NodeTally:
             folder=self.folder.name if self.folder is not None else None,
             status="LOST" if lost else header.status.value,
             exit_code=last.exit_code if last else None,
-            gpus=[d.key if rank == 0 else f"n{rank}/{d.key}" for d in in_run],
+            gpus=[job_gpu_key(rank, d.key) for d in in_run],
             gpu_names=[d.info.name for d in in_run],
             energy_j=sum(e for e in energies if e is not None) if in_run and None not in energies else None,
             power_avg_w=self.power_weighted / self.power_time if self.power_time else None,
@@ -341,14 +348,14 @@ class _NodeTally:
         )
 
 
-def _merge_step(entry: StepEntry, other: StepEntry, prefix: str) -> None:
+def _merge_step(entry: StepEntry, other: StepEntry, gpu_key: Callable[[str], str]) -> None:
     """``other`` (the same step on another node) into ``entry``: its ranks' peaks, its GPUs, the flat figures
     (power and energy add up; the power range is the sum of each node's, a bound rather than one moment's)."""
     entry.peak_vram_bytes.update(other.peak_vram_bytes)
     peaks = [v for v in entry.peak_vram_bytes.values() if v is not None]
     entry.vram_peak_bytes = max(peaks) if peaks else None
     for key, stats in other.gpus.items():
-        entry.gpus[prefix + key] = stats
+        entry.gpus[gpu_key(key)] = stats
     entry.power_avg = _sum(entry.power_avg, other.power_avg)
     entry.power_min = _sum(entry.power_min, other.power_min)
     entry.power_max = _sum(entry.power_max, other.power_max)
