@@ -13,6 +13,8 @@ from pathlib import Path
 
 import typer
 
+from kaio.record.paths import DEFAULT_OUTPUT_DIR
+
 app = typer.Typer(
     name="kaio",
     help="Launch, watch and record a LoRA fine-tune: live GPU telemetry, honest reports.",
@@ -35,7 +37,6 @@ def _main(
         raise typer.Exit()
 
 
-DEFAULT_OUTPUT_DIR = Path("docs/reports")
 OUTPUT_DIR_OPTION = typer.Option(
     DEFAULT_OUTPUT_DIR, "--output-dir", help="The reports directory (reporting.output_dir)."
 )
@@ -184,7 +185,12 @@ def resume(
         "--config",
         help="An edited config to continue with (learning rate, max steps, logging may change; model and LoRA shape may not).",
     ),
-    output_dir: Path = OUTPUT_DIR_OPTION,
+    output_dir: Path | None = typer.Option(
+        None,
+        "--output-dir",
+        help=f"The reports directory (reporting.output_dir); default: --config's, else {DEFAULT_OUTPUT_DIR}.",
+        show_default=False,
+    ),
     plain: bool = typer.Option(False, "--plain", help="Plain status lines instead of the live dashboard.", metavar=""),
     nnodes: int | None = NNODES_OPTION,
     node_rank: int | None = NODE_RANK_OPTION,
@@ -198,6 +204,10 @@ def resume(
     from kaio.run.project import resume as resume_project
     from kaio.views import choose_view
 
+    if output_dir is None:  # the project is where the config given says its reports go
+        from kaio.config import load_config
+
+        output_dir = Path(load_config(config).reporting.output_dir) if config is not None else DEFAULT_OUTPUT_DIR
     _ignore_scheduler_warning()
     console = _console()
     code = resume_project(

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from kaio.errors import ConfigError, ProjectError
+from kaio.record.paths import DEFAULT_OUTPUT_DIR
 from kaio.secrets import REDACTED, is_secret_key, redact, redact_argv  # noqa: F401 - the config's secrets follow the one rule
 
 # The built-in tiny model: a Llama-style network built from a config, no download.
@@ -200,7 +201,7 @@ class LaunchConfig(_Section):
 
 
 class ReportingConfig(_Section):
-    output_dir: str = Field("docs/reports", description="Reports go to `<output_dir>/<project_name>/`.")
+    output_dir: str = Field(str(DEFAULT_OUTPUT_DIR), description="Reports go to `<output_dir>/<project_name>/`.")
     use_comet_ml: Bool = Field(
         True, description="Log to Comet ML (online with COMET_API_KEY, else an offline archive)."
     )
@@ -439,8 +440,14 @@ def _did_you_mean(loc: list[str]) -> str:
 
 def config_snapshot(cfg: RunConfig) -> dict[str, Any]:
     """The resolved config as saved beside the report: defaults filled in, secrets redacted (the values of
-    secret-named keys, and of secret-looking flags in the script's and accelerate's arguments)."""
+    secret-named keys, and of secret-looking flags in the script's and accelerate's arguments). With a script
+    of the user's, the recipe's sections are left out but for the keys kaio reads: none of them ran."""
     snapshot = redact(cfg.model_dump(mode="json"))
+    if cfg.launch.script is not None:
+        for section in SCRIPT_IGNORED_SECTIONS:
+            kept = {k: v for k, v in snapshot.pop(section).items() if k in SCRIPT_READ_KEYS.get(section, set())}
+            if kept:
+                snapshot[section] = kept
     launch = snapshot["launch"]
     launch["script_args"], launch["accelerate_args"] = (
         redact_argv(launch["script_args"]),

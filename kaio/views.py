@@ -169,6 +169,7 @@ class PlainView:
         self.interval_s = interval_s
         self._next = 0.0
         self._last_line = ""
+        self._warned: set[str] = set()
 
     def _print(self, text: str) -> None:
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)
@@ -183,6 +184,7 @@ class PlainView:
     def update(self, snapshot: Snapshot) -> None:
         from kaio.dashboard import plain_line
 
+        self._warn(snapshot)
         now = time.monotonic()
         if now < self._next:
             return
@@ -192,9 +194,17 @@ class PlainView:
             self._print(line)
             self._last_line = line
 
+    def _warn(self, snapshot: Snapshot) -> None:
+        """Each warning once, as it comes (a CI log has no warnings panel; the status line only counts them)."""
+        for warning in snapshot.warnings:
+            if warning not in self._warned:
+                self._warned.add(warning)
+                self._print(f"kaio: warning: {warning}")
+
     def stop(self, snapshot: Snapshot) -> None:
         from kaio.dashboard import final_line, plain_line
 
+        self._warn(snapshot)
         self._print(plain_line(snapshot))
         self._print(final_line(snapshot))
 

@@ -119,6 +119,16 @@ def test_snapshot_redacts_secret_looking_values():
     }
 
 
+def test_a_script_runs_snapshot_keeps_no_recipe_key_but_the_checkpoint_folder(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("")
+    cfg = RunConfig(project_name="p", launch={"script": str(script)}, training={"output_dir": "out"})
+    snap = config_snapshot(cfg)
+    assert "model" not in snap and "lora" not in snap and "data" not in snap  # none of it ran
+    assert snap["training"] == {"output_dir": "out"} and snap["launch"]["script"] == str(script)
+    assert "lora" in config_snapshot(RunConfig(project_name="p"))  # the built-in recipe's run keeps them
+
+
 def test_overrides_apply_before_validation(project_dir):
     path = write_config(project_dir, max_steps=12)
     assert load_config(path, {"training.max_steps": 40}).training.max_steps == 40

@@ -56,6 +56,8 @@ def test_a_hidden_nan_is_warned_at_its_step_and_a_hang_is_a_stall_with_every_ran
     assert f'faulty_train.py", line {sleep_line} in wait_forever' in stack and "in on_step_end" in stack
     said = f"stall after step 9 (training step, no step for 3 s): rank 0 in {rank['where']}"
     assert said in history["warnings"]
+    for warning in (nan_warnings[0], said):  # said as they came: a CI log has no warnings panel
+        assert f"kaio: warning: {warning}" in result.stdout
     report = (project_dir / "docs/reports/t/report.md").read_text()
     assert "## Stalls" in report and f"[stack]({rank['stack_file']})" in report
     assert history["status"] == "INTERRUPTED"

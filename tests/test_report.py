@@ -388,7 +388,16 @@ def test_failed_multi_session_report_shows_root_cause_sessions_notes_and_warning
         "| 2 | resume | 2026-11-27T12:00:00+00:00 | 6 s | 5 → 8 | FAILED | 1 | "
         "torch.OutOfMemoryError: CUDA out of memory \\| tried 2 GiB |"
     ) in sessions  # the pipe cannot split the row
-    assert "- ⚠️ loss was NaN at 1 step (first at step 7)" in section(md, "Warnings")
+    assert "- ⚠️ loss was NaN at 1 logged step (first at step 7)" in section(md, "Warnings")
+    assert "| Loss (initial → final) | 3.636 → 2.222 |" in md  # step 8's loss was finite again
+
+
+def test_a_run_that_ended_on_nan_losses_does_not_pass_its_last_finite_loss_for_its_final_one():
+    steps = [make_step(k, loss=4.0 / (1 + 0.1 * k)) for k in range(1, 11)]
+    for entry in steps[6:]:
+        entry.loss, entry.loss_nonfinite = None, "nan"
+    md = report_of(*make_run(steps=steps))
+    assert "| Loss (initial → final) | 3.636 → 2.5 (at step 6: the 4 losses logged after it were NaN/inf) |" in md
 
 
 def test_interrupted_single_session_gets_a_sessions_table():
@@ -712,7 +721,7 @@ def test_write_reports_writes_all_three_files_through_the_real_record(tmp_path):
     assert (summary.vram_true_peak_bytes, summary.eval_loss_best) == (5000, 1.25)
     assert (out / "telemetry.png").read_bytes()[:8] == PNG_MAGIC
     md = (out / "report.md").read_text()
-    assert "loss was NaN at 1 step (first at step 4)" in md
+    assert "loss was NaN at 1 logged step (first at step 4)" in md
     assert "| Evaluation loss, best | 1.25 at step 5 |" in md
     assert "| True peak VRAM (allocator, max over ranks) | 0.00477 MiB |" in md  # 5000 bytes, binary units
     again = history_of(state)  # the document as the state gives it, at another time

@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from conftest import REPO, journal_steps, kaio, read_history, spawn_kaio, wait_for, write_config
+from kaio.run.project import config_changes
 
 FAULTY = REPO / "tests" / "scripts" / "faulty_train.py"
 
@@ -87,6 +88,10 @@ def test_a_stop_signal_saves_a_checkpoint_there_resume_continues_exactly_and_ref
     assert "lora.r" in refused.stderr and "4 -> 8" in refused.stderr
     (project_dir / "moved.yaml").write_text(edited.replace("reporting:\n", "reporting:\n  output_dir: elsewhere\n"))
     moved = kaio("resume", "t", "--config", "moved.yaml", "--max-steps", "123", cwd=project_dir, timeout=60)
+    assert moved.returncode == 2 and "unknown project 't' in elsewhere" in moved.stderr  # --config says where
+    moved = kaio(
+        "resume", "t", "--config", "moved.yaml", "--output-dir", "docs/reports", "--max-steps", "123", cwd=project_dir
+    )
     assert moved.returncode == 2 and "reporting.output_dir" in moved.stderr  # one history, in one place
 
     (project_dir / "lr.yaml").write_text(edited.replace("learning_rate: 5.0e-3", "learning_rate: 1.0e-3"))
@@ -194,3 +199,17 @@ def test_an_exception_in_one_rank_of_two_is_named_and_max_restarts_resumes_from_
     assert history["telemetry"]["recomputed_steps"] >= 1 and history["telemetry"]["recomputed_s"] > 0
     assert "Steps trained again after a resume" in report
     assert any("malformed" in w for w in history["warnings"])
+    # Finished: its script's own length (10) is reached; a resume as it is would train past it, so it is refused.
+    again = kaio("resume", "t", cwd=project_dir, timeout=60)
+    assert again.returncode == 2 and "already completed the 10 steps its script asked for" in again.stderr
+    assert "launch.script_args" in again.stderr and len(read_history(project_dir)["sessions"]) == 2
+
+
+def test_a_resume_may_change_a_scripts_arguments_but_not_the_script():
+    old = {"launch": {"script": "train.py", "script_args": ["10"]}, "lora": {"r": 4, "rslora": False}}
+    longer = {"launch": {"script": "train.py", "script_args": ["20"]}, "lora": {"r": 4, "rslora": True}}
+    assert config_changes(old, longer) == ([], ["launch.script_args: ['10'] -> ['20']", "lora.rslora: False -> True"])
+    other = {"launch": {"script": "other.py", "script_args": ["10"]}, "lora": {"r": 8, "rslora": False}}
+    assert config_changes(old, other)[0] == ["launch.script: 'train.py' -> 'other.py'", "lora.r: 4 -> 8"]
+    # A project saved by an older kaio kept the recipe's sections for a script run: they are not changes.
+    assert config_changes({**old, "model": {"base_model": "kaio/tiny-llama"}}, old) == ([], [])

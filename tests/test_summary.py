@@ -204,8 +204,9 @@ def test_loss_figures_nonfinite_counts_and_their_first_steps():
     assert (s.loss_min, s.loss_min_step, s.loss_logged_steps) == (1.5, 4, 3)
     assert (s.loss_nan_count, s.loss_nan_first_step) == (2, 3)
     assert (s.loss_inf_count, s.loss_inf_first_step) == (2, 5)  # inf and -inf together
-    assert "loss was NaN at 2 steps (first at step 3)" in s.warnings
-    assert "loss was inf at 2 steps (first at step 5)" in s.warnings
+    assert "loss was NaN at 2 logged steps (first at step 3)" in s.warnings
+    assert "loss was inf at 2 logged steps (first at step 5)" in s.warnings
+    assert (s.loss_final_step, s.loss_nonfinite_after_final) == (6, 2)  # steps 7 and 8: the run ended non-finite
 
 
 def test_diverged_steps_are_counted_with_the_first():

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 NODES_DIR = "nodes"
+DEFAULT_OUTPUT_DIR = Path("docs/reports")  # reporting.output_dir's default, and the commands' --output-dir
 _NODE_FOLDER = re.compile(r"^\d+-")  # <node rank>-<host>
 
 
@@ -37,6 +39,16 @@ class ProjectPaths:
         if is_node_folder(self.report_dir):
             return self.report_dir.parent.parent.name
         return self.report_dir.name
+
+    @property
+    def output_dir(self) -> Path:
+        """The reports directory the project is in (``reporting.output_dir``, the commands' ``--output-dir``)."""
+        return self.report_dir.parents[2] if is_node_folder(self.report_dir) else self.report_dir.parent
+
+    def command(self, verb: str) -> str:
+        """``kaio VERB PROJECT`` as it reaches this project: with ``--output-dir`` unless it is the default."""
+        where = "" if self.output_dir == DEFAULT_OUTPUT_DIR else f" --output-dir {shlex.quote(str(self.output_dir))}"
+        return f"kaio {verb} {self.project}{where}"
 
     @property
     def nodes(self) -> Path:

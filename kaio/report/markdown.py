@@ -129,7 +129,7 @@ def _key_metrics(s: Summary) -> str:
     rows = [
         (
             "Loss (initial → final)",
-            f"{s.loss_initial:.4g} → {s.loss_final:.4g}"
+            f"{s.loss_initial:.4g} → {s.loss_final:.4g}{_after_final(s)}"
             if s.loss_initial is not None and s.loss_final is not None
             else _no_loss(s),
         ),
@@ -168,6 +168,15 @@ def _key_metrics(s: Summary) -> str:
     return "## Key metrics\n\n" + _table(("Metric", "Value"), rows)
 
 
+def _after_final(s: Summary) -> str:
+    """The final finite loss is not the run's last word when NaN/inf losses were logged after it."""
+    if not s.loss_nonfinite_after_final or s.loss_final_step is None:
+        return ""
+    n = s.loss_nonfinite_after_final
+    later = "the loss logged after it was" if n == 1 else f"the {n} losses logged after it were"
+    return f" (at step {s.loss_final_step:,}: {later} NaN/inf)"
+
+
 def _no_loss(s: Summary) -> str:
     if s.loss_nan_count or s.loss_inf_count:
         return "no finite loss logged (see the warnings)"
@@ -200,7 +209,7 @@ def _evaluations(s: Summary, evals: list[EvalEntry]) -> str | None:
     rows = [(e.step, *(_metric(e, name) for name in names)) for e in shown]
     text = "## Evaluation\n\n"
     if s.eval_loss_best is not None:
-        text += f"Best evaluation loss **{s.eval_loss_best:.4g}** at step {s.eval_loss_best_step:,} ({s.eval_count} evaluations).\n\n"
+        text += f"Best evaluation loss **{s.eval_loss_best:.4g}** at step {s.eval_loss_best_step:,} ({s.eval_count} evaluation{'s' if s.eval_count != 1 else ''}).\n\n"
     if len(evals) > len(shown):
         text += f"The latest {len(shown)} of {len(evals)} evaluations (all are in history.json):\n\n"
     return text + _table(("Step", *names), rows)

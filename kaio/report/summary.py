@@ -48,7 +48,9 @@ class Summary(msgspec.Struct, kw_only=True):
     total_params: int | None = None
     trainable_pct: float | None = None
     loss_initial: float | None = None
-    loss_final: float | None = None
+    loss_final: float | None = None  # the last finite loss logged...
+    loss_final_step: int | None = None  # ...at this step
+    loss_nonfinite_after_final: int = 0  # losses logged after it that were NaN/inf: the run ended non-finite
     loss_final_smoothed: float | None = None
     loss_min: float | None = None
     loss_min_step: int | None = None
@@ -252,9 +254,12 @@ def _sum(values: Any) -> float | None:
 
 def _loss(q: _Query, s: Summary) -> None:
     s.loss_initial = q.value("SELECT loss FROM steps WHERE loss IS NOT NULL ORDER BY step LIMIT 1")
-    s.loss_final, s.loss_final_smoothed = q.row(
-        "SELECT loss, loss_smoothed FROM steps WHERE loss IS NOT NULL ORDER BY step DESC LIMIT 1"
-    ) or (None, None)
+    s.loss_final_step, s.loss_final, s.loss_final_smoothed = q.row(
+        "SELECT step, loss, loss_smoothed FROM steps WHERE loss IS NOT NULL ORDER BY step DESC LIMIT 1"
+    ) or (None, None, None)
+    s.loss_nonfinite_after_final = q.value(
+        "SELECT COUNT(*) FROM steps WHERE loss_nonfinite IS NOT NULL AND step > ?", s.loss_final_step or 0
+    )
     s.loss_min_step, s.loss_min, s.loss_logged_steps = q.row(
         "SELECT step, MIN(loss), COUNT(loss) FROM steps WHERE loss IS NOT NULL"
     ) or (None, None, 0)
@@ -418,7 +423,7 @@ def _warnings(q: _Query, header: HistoryHeader, s: Summary, first: int | None, l
         ("inf", s.loss_inf_count, s.loss_inf_first_step),
     ):
         if count:
-            found.append(f"loss was {label} at {_count(count, 'step')} (first at step {step})")
+            found.append(f"loss was {label} at {_count(count, 'logged step')} (first at step {step})")
     diverged, diverged_first = q.row("SELECT COUNT(*), MIN(step) FROM steps WHERE loss_diverged")
     if diverged:
         found.append(

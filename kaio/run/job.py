@@ -215,7 +215,7 @@ def wait_for_nodes(
             if running:
                 notify(
                     f"note: node(s) {', '.join(running)} did not record their end (lost, or still going); the "
-                    f"report has what they wrote (`kaio report {paths.project}` merges the rest later)"
+                    f"report has what they wrote (`{paths.command('report')}` merges the rest later)"
                 )
             return running
         if not said:

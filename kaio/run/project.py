@@ -159,7 +159,7 @@ def run_new(
         if paths.journal.exists() and not overwrite:
             raise ProjectError(
                 f"project {cfg.project_name!r} already has a history ({loaded.state.last_step} steps, "
-                f"{loaded.state.status.value}) in {paths.report_dir}; continue it with `kaio resume {cfg.project_name}`, "
+                f"{loaded.state.status.value}) in {paths.report_dir}; continue it with `{paths.command('resume')}`, "
                 "or start over with `--overwrite` (the old record and checkpoints are moved aside)"
             )
         if overwrite:
@@ -252,7 +252,7 @@ def _write_record(outputs, recorder: Recorder, notify: Notify) -> RunState | Non
         notify(
             f"kaio: error: the record could not be written in {paths.report_dir} "
             f"({getattr(exc, 'strerror', None) or exc}); {paths.journal.name} and the child's spool keep what "
-            f"they hold: once there is space, `kaio report {paths.project}` writes it"
+            f"they hold: once there is space, `{paths.command('report')}` writes it"
         )
         return None
 
@@ -408,8 +408,9 @@ def latest_checkpoint(checkpoint_dir: Path, notify: Notify = print) -> Path | No
     return None
 
 
-# Keys whose change makes a checkpoint unusable, and keys that may change between sessions.
-_FROZEN_PREFIXES = (
+# Keys whose change makes a checkpoint unusable (a key, or a prefix ending in "."); the others may change
+# between sessions: launch.script_args among them, where a script of the user's takes its length.
+_FROZEN_KEYS = (
     "project_name",
     "model.",
     "lora.r",
@@ -421,17 +422,21 @@ _FROZEN_PREFIXES = (
 )
 
 
+def _frozen(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in _FROZEN_KEYS)
+
+
 def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     """``(refused, allowed)`` lists of ``key: old -> new`` between two config snapshots."""
     refused: list[str] = []
     allowed: list[str] = []
     flat_old, flat_new = _flatten(old), _flatten(new)
-    for key in sorted(set(flat_old) | set(flat_new)):
-        before, after = flat_old.get(key), flat_new.get(key)
+    for key in sorted(set(flat_old) & set(flat_new)):  # a key on one side only: a recipe key of a script run
+        before, after = flat_old[key], flat_new[key]
         if before == after:
             continue
         change = f"{key}: {before!r} -> {after!r}"
-        (refused if key.startswith(_FROZEN_PREFIXES) else allowed).append(change)
+        (refused if _frozen(key) else allowed).append(change)
     return refused, allowed
 
 
@@ -550,7 +555,7 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
     if config_path is None and REDACTED in [*cfg.launch.script_args, *cfg.launch.accelerate_args]:
         raise ProjectError(
             f"project {project!r} ran with a secret in its arguments, which kaio does not keep (config.json has "
-            f"{REDACTED} in its place): resume with the original config, `kaio resume {project} --config CONFIG`, or "
+            f"{REDACTED} in its place): resume with the original config, `{paths.command('resume')} --config CONFIG`, or "
             "better, pass the secret in an environment variable"
         )
     allowed: list[str] = []
@@ -594,12 +599,21 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
             f"project {project!r} has no complete checkpoint in {folder}/ to resume from{every_node}; "
             f"start it again with `kaio run CONFIG --overwrite`"
         )
-    planned = cfg.training.max_steps
-    if state.status == Status.COMPLETED and planned != -1 and planned <= state.last_step:
-        raise ProjectError(
-            f"project {project!r} already completed {state.last_step} steps; "
-            f"extend it with `kaio resume {project} --max-steps N` (N > {state.last_step})"
-        )
+    if state.status == Status.COMPLETED and cfg.launch.script is None:
+        planned = cfg.training.max_steps
+        if planned != -1 and planned <= state.last_step:
+            raise ProjectError(
+                f"project {project!r} already completed {state.last_step} steps; "
+                f"extend it with `{paths.command('resume')} --max-steps N` (N > {state.last_step})"
+            )
+    elif state.status == Status.COMPLETED and not any(c.startswith("launch.script_args") for c in allowed):
+        length = state.ledger.run.max_steps if state.ledger.run is not None else None
+        if length is not None and 0 < length <= state.last_step:  # its Trainer's own length, as it reported it
+            raise ProjectError(
+                f"project {project!r} already completed the {length} steps its script asked for; to train further, "
+                f"give the script a longer run in launch.script_args and resume with "
+                f"`{paths.command('resume')} --config CONFIG`"
+            )
     notes = [f"resumed from {checkpoint.name}"] + [f"config changed for this session: {c}" for c in allowed]
     return cfg, checkpoint, notes
 
@@ -625,7 +639,7 @@ def push(project: str, output_dir: Path, *, repo_id: str | None = None, notify: 
         cfg = cfg.model_copy(update={"hub": cfg.hub.model_copy(update={"repo_id": repo, "push": True})})
         if not (cfg.checkpoint_dir / "final" / "adapter_config.json").is_file():
             raise ProjectError(
-                f"no final adapter in {cfg.checkpoint_dir / 'final'}/ (the run has not completed); finish it with `kaio resume {project}`"
+                f"no final adapter in {cfg.checkpoint_dir / 'final'}/ (the run has not completed); finish it with `{paths.command('resume')}`"
             )
         state = loaded.state
         recorder = Recorder(paths, state)

@@ -50,10 +50,12 @@ from kaio.telemetry import spool
 from kaio.telemetry.fifo import FifoReader, TelemetryFifo
 
 LOG_TAIL_LINES = 200
-# The dict the Trainer prints at every log ({'loss': '4.55', 'grad_norm': ...}): child.log keeps it; the
-# dashboard and plain output show its numbers on the status line, and the rest of the output (warnings,
-# errors, the script's own prints) in full.
-_TRAINER_LOG_LINE = re.compile(r"^\{'[\w./-]+': .*\}\s*$")  # matched on what a terminal shows (as_shown)
+# The dict the Trainer prints at every log ({'loss': '4.55', 'grad_norm': ...}, {'eval_loss': ...},
+# {'train_runtime': ...}): child.log keeps it; the dashboard and plain output show its numbers on the status
+# line, and the rest of the output (warnings, errors, the script's own prints, its own dicts among them) in full.
+_TRAINER_LOG_LINE = re.compile(  # matched on what a terminal shows (as_shown)
+    r"^\{'(?:loss|grad_norm|learning_rate|epoch|(?:train|eval|test)_[\w./-]+)': .*\}\s*$"
+)
 LOOP_INTERVAL_S = 0.1
 REFRESH_COST_FACTOR = 99  # wait at least 99x a refresh's duration before the next: the record costs <= 1% of the time
 
@@ -496,10 +498,9 @@ class Supervisor:
         """Said to the user and written in the report: whether the stop saved a checkpoint to resume from."""
         ledger = self.state.ledger
         saved = [c for c in ledger.checkpoints[self._stop.checkpoints_before :] if c.session == session]
-        project = self.paths.project
         if saved:
             step = saved[-1].step
-            how = f"`kaio resume {project}`" + (" on every node" if self.cfg.launch.nnodes > 1 else "")
+            how = f"`{self.paths.command('resume')}`" + (" on every node" if self.cfg.launch.nnodes > 1 else "")
             text = f"stopped after step {step} with checkpoint-{step} saved: {how} continues from step {step + 1}"
             self._note(text, level="info")
             return text

@@ -31,6 +31,8 @@ def main() -> None:
         )
     )
     trainer = Trainer(model=model, args=args, train_dataset=Tokens(96, 0), eval_dataset=Tokens(24, 1000))
+    if args.process_index == 0:
+        print({"n_train": 96, "n_eval": 24})  # a script's own dict: printed as it is, not taken for the Trainer's
     trainer.train()
     if args.do_eval:
         trainer.evaluate()
