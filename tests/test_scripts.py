@@ -94,6 +94,7 @@ def test_an_unchanged_script_on_two_cpu_ranks_is_one_job_of_world_size_two(clm_t
     assert [e["step"] for e in journal if e["type"] == "log" and "loss" in e] == list(range(1, 9))  # rank 0 only
     log = (directory / "docs/reports/clm/child.log").read_text()
     assert len(re.findall(r"\{'loss': ", log)) == 8  # each step logged once: one job, not two copies
+    assert "{'n_train': 96, 'n_eval': 24}" in result.stdout and "{'loss'" not in result.stdout
     report = (directory / "docs/reports/clm/report.md").read_text()
     assert _row(report, "World size (processes)") == "2"
     assert _row(report, "Per-device batch size") == "4" and _row(report, "Effective batch size") == "8"
@@ -140,6 +141,33 @@ def test_a_trl_style_trainer_with_its_own_lora_is_described_as_it_ran(project_di
     assert _row(report, "Effective batch size") == "6" and _row(report, "Learning rate") == "0.003"
     # kaio's recipe keys play no part in a script's run, and the report does not pretend they did.
     assert "kaio/tiny-llama" not in report and '"lora"' not in report
+
+
+def test_a_script_training_in_two_phases_with_two_trainers_is_one_step_axis_the_second_after_the_first(
+    project_dir,
+):
+    """Phase 1: 6 steps of 4 samples, then an evaluation; phase 2, a new Trainer counting from 0 again: 4 steps
+    of 2 samples, an evaluation. The record has steps 1..10 once each, phase 2's after phase 1's."""
+    truth = project_dir / "logged.json"
+    cfg = _config(project_dir, "phases", "two_phases.py", [str(truth), str(project_dir / "out")])
+    result = kaio("run", cfg.name, cwd=project_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    first, second = json.loads(truth.read_text())
+    history = read_history(project_dir, "phases")
+    steps = history["steps"]
+    assert [s["step"] for s in steps] == list(range(1, 11))
+    expected = [e["loss"] for e in first if "loss" in e] + [e["loss"] for e in second if "loss" in e]
+    assert [s["loss"] for s in steps] == pytest.approx(expected)  # each phase's own losses, in order
+    assert [s["samples_seen"] for s in steps] == [4, 8, 12, 16, 20, 24, 26, 28, 30, 32]
+    evals = [(e["step"], e["metrics"]["eval_loss"]) for e in history["evals"]]
+    truth_evals = [(6, first[-1]["eval_loss"]), (10, second[-1]["eval_loss"])]
+    assert evals == [(step, pytest.approx(loss)) for step, loss in truth_evals]
+    assert history["run"]["max_steps"] == 10 and history["run"]["args"]["per_device_train_batch_size"] == 2
+    (session,) = history["sessions"]
+    assert (session["start_step"], session["end_step"], session["status"]) == (0, 10, "COMPLETED")
+    assert any("training 2 of the script" in n and "recorded from step 7" in n for n in history["telemetry"]["notes"])
+    report = (project_dir / "docs/reports/phases/report.md").read_text()
+    assert "**Optimizer steps:** 10 of 10 planned" in report and _row(report, "Samples processed") == "32"
 
 
 def test_a_plain_loop_without_a_trainer_is_said_plainly_and_reports_through_kaio_log(project_dir):

@@ -30,6 +30,20 @@ from kaio.telemetry.protocol import ENV_RESUME_FROM, Eval, Log, Metric, Save, St
 _LOG_FIELDS = ("loss", "learning_rate", "grad_norm")  # Trainer log keys with a field of their own
 
 
+class _Trainings:
+    """What this process's trainings have recorded. A script may build several Trainers (a first phase, then a
+    second) or call ``train()`` again, each counting its steps from 0; the record has one step axis, so a
+    later training's steps (and tokens) are recorded after the earlier ones', not over them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last_step = 0  # the latest step recorded
+        self.last_tokens = 0  # the input tokens recorded by then
+
+
+_TRAININGS = _Trainings()
+
+
 class KaioCallback(TrainerCallback):
     def __init__(self, emitter: EventEmitter, trainer: Any = None) -> None:
         self.emitter = emitter
@@ -42,9 +56,14 @@ class KaioCallback(TrainerCallback):
         )
         self._skipped_gpu_values: set[str] = set()
         self.losses = LossWatch()  # fed by the patched Trainer's training_step
+        self._step_offset = 0  # added to this Trainer's own step: the record's step (``_Trainings``)
+        self._tokens_offset = 0
         self.timing = StepTiming()  # fed by the patched Trainer's get_batch_samples and compute_loss
 
     # -- helpers -----------------------------------------------------------
+
+    def _step(self, state: Any) -> int:
+        return self._step_offset + int(state.global_step)
 
     def _reset_peak(self) -> None:
         if self._peak_memory is not None:
@@ -86,7 +105,16 @@ class KaioCallback(TrainerCallback):
         process_group.note_backend()
         self._peak_memory = peak_memory_functions()
         trainer = self._trainer() if self._trainer is not None else None
-        self.emitter.emit(describe_run(self.rank, args, state, model, kwargs, trainer))
+        start = int(state.global_step)
+        _TRAININGS.count += 1
+        if _TRAININGS.count > 1 and self._step_offset + start < _TRAININGS.last_step:
+            self._step_offset, self._tokens_offset = _TRAININGS.last_step - start, _TRAININGS.last_tokens
+        run = describe_run(self.rank, args, state, model, kwargs, trainer)
+        run.training, run.step_offset = _TRAININGS.count, self._step_offset
+        run.start_step += self._step_offset
+        if run.max_steps is not None and run.max_steps > 0:
+            run.max_steps += self._step_offset
+        self.emitter.emit(run)
         # Every rank from one step, or none trains (a node resumed from other checkpoints, or started afresh).
         same_start.check(int(state.global_step), self.rank, os.environ.get(ENV_RESUME_FROM))
         self._reset_peak()
@@ -98,6 +126,9 @@ class KaioCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         now_mono = self._busy_until_mono = time.monotonic()
         tokens = getattr(state, "num_input_tokens_seen", 0)
+        step = _TRAININGS.last_step = self._step(state)
+        if tokens:
+            tokens = _TRAININGS.last_tokens = self._tokens_offset + int(tokens)
         data_s, forward_s = self.timing.take()
         # A graceful stop: checkpoint-N after this step, then the Trainer returns.
         if stop.stops_after(int(state.global_step), getattr(state, "max_steps", None)):
@@ -108,13 +139,13 @@ class KaioCallback(TrainerCallback):
         self.emitter.emit(
             Step(
                 rank=self.rank,
-                step=int(state.global_step),
+                step=step,
                 epoch=state.epoch,
                 t_wall=time.time(),
                 t_mono=now_mono,
                 step_time_s=(now_mono - self._step_began_mono) if self._step_began_mono is not None else None,
                 peak_vram_bytes=self._peak_vram_bytes(),
-                tokens_seen=int(tokens) if tokens else None,
+                tokens_seen=tokens or None,
                 evaluates=bool(control.should_evaluate),
                 saves=bool(control.should_save),
                 data_s=data_s,
@@ -127,8 +158,9 @@ class KaioCallback(TrainerCallback):
         # To stop, the ranks agree first, so that all stop at the same step.
         stopping = stop_on_nonfinite()
         nonfinite = self.losses.take(agree=stopping) if logs and "loss" in logs else None
-        if nonfinite is not None and stopping:
-            stop.nonfinite(nonfinite.first_step)
+        first_nonfinite = nonfinite.first_step + self._step_offset if nonfinite is not None else None
+        if first_nonfinite is not None and stopping:
+            stop.nonfinite(first_nonfinite)
             control.should_training_stop = True  # no checkpoint: its weights would be the non-finite ones
         if not state.is_world_process_zero or not logs:
             return
@@ -147,11 +179,11 @@ class KaioCallback(TrainerCallback):
         self.emitter.emit(
             Log(
                 rank=self.rank,
-                step=int(state.global_step),
+                step=self._step(state),
                 t_wall=time.time(),
                 epoch=epoch if isinstance(epoch, (int, float)) else None,
                 extra=extra,
-                nonfinite_from=nonfinite.first_step if nonfinite is not None else None,
+                nonfinite_from=first_nonfinite,
                 **fields,
             )
         )
@@ -164,7 +196,7 @@ class KaioCallback(TrainerCallback):
         self.emitter.emit(
             Eval(
                 rank=self.rank,
-                step=int(state.global_step),
+                step=self._step(state),
                 epoch=state.epoch,
                 t_wall=time.time(),
                 t_mono=self._busy_until_mono,
@@ -181,16 +213,12 @@ class KaioCallback(TrainerCallback):
         now = time.monotonic()
         took = now - self._busy_until_mono if self._busy_until_mono is not None else None
         self.emitter.emit(
-            Save(
-                rank=self.rank, step=int(state.global_step), path=path, t_wall=time.time(), t_mono=now, duration_s=took
-            )
+            Save(rank=self.rank, step=self._step(state), path=path, t_wall=time.time(), t_mono=now, duration_s=took)
         )
 
     def on_train_end(self, args, state, control, **kwargs):
         stop.training(False)
-        self.emitter.emit(
-            TrainEnd(rank=self.rank, step=int(state.global_step), t_wall=time.time(), t_mono=time.monotonic())
-        )
+        self.emitter.emit(TrainEnd(rank=self.rank, step=self._step(state), t_wall=time.time(), t_mono=time.monotonic()))
 
 
 def _on_gpu(value: Any) -> bool:

@@ -89,10 +89,14 @@ def _patch(trainer_cls: Any) -> None:
             _watch_losses(self, callback)
             time_data_and_forward(self, callback.timing)
 
+    began = [False]  # a training of this process has begun
+
     @functools.wraps(original_train)
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        if resume_from_checkpoint is None and os.environ.get(ENV_RESUME_FROM):
+        # `kaio resume`'s checkpoint is the first training's: a later one (a script's second phase) is its own.
+        if resume_from_checkpoint is None and os.environ.get(ENV_RESUME_FROM) and not began[0]:
             resume_from_checkpoint = os.environ[ENV_RESUME_FROM]
+        began[0] = True
         result = original_train(self, resume_from_checkpoint, *args, **kwargs)
         stop.fail_if_stopped_for_nonfinite()  # before the script saves or pushes the non-finite weights
         return result

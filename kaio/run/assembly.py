@@ -70,18 +70,25 @@ class StepAssembler(msgspec.Struct, kw_only=True):
     sealed_through: int = 0  # every step up to this one is sealed
     smoother: LossSmoother = msgspec.field(default_factory=LossSmoother)
     warned_nonfinite: set[str] = set()
-    last_tokens_seen: int | None = (
-        None  # rank 0's count at its latest step, this session  # "loss", "grad_norm": warned once a session (the summary counts them all)
-    )
+    last_tokens_seen: int | None = None  # rank 0's count at its latest step, this session
+    # Samples seen are the step times the samples a step takes, counted from this (step, samples): a script's
+    # later training (another Trainer, another batch size) counts on from where the earlier one ended.
+    samples_from: tuple[int, int] = (0, 0)
+    last_samples_seen: int = 0
 
     def start_session(self, session: int) -> None:
         self.session = session
         self.warned_nonfinite.clear()
         self.last_tokens_seen = None
+        self.samples_from, self.last_samples_seen = (0, 0), 0
         self.ticks.clear()
         self.pending.clear()
         self.prev_end_mono = self.last_end_mono = None
         self.newest_step = 0
+
+    def continue_counts_at(self, start: int) -> None:
+        """A later training of the session starts after step ``start``: its samples count on from there."""
+        self.samples_from = (start, self.last_samples_seen)
 
     def resume_at(self, start: int, out: AssemblyOutput) -> None:
         """Rank 0 of this session starts from checkpoint ``start``: later steps are trained again."""
@@ -116,7 +123,8 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         entry.step_time_s = event.step_time_s
         entry.tokens_seen = event.tokens_seen if event.tokens_seen is not None else entry.tokens_seen
         if throughput is not None and throughput.samples_per_step is not None:
-            entry.samples_seen = event.step * throughput.samples_per_step
+            step, samples = self.samples_from
+            entry.samples_seen = self.last_samples_seen = samples + (event.step - step) * throughput.samples_per_step
         if event.session != self.session:
             return True
         self._throughput(entry, event, throughput, out)

@@ -207,7 +207,7 @@ class RunLedger(msgspec.Struct, kw_only=True):
         if r.rank == self.lead_rank:
             self.run = r
             s = self.session_record(r.session)
-            if s is not None:
+            if s is not None and r.training == 1:  # a later training of the session continues it
                 s.start_step = r.start_step
         launch = (self.config or {}).get("launch") or {}
         launched = launch.get("num_processes")

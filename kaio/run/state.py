@@ -194,6 +194,14 @@ class RunState:
             self.warn(problem)
         if r.rank == self.ledger.lead_rank:
             self.parts.steps.resume_at(r.start_step, self)
+            if r.training > 1:  # a script's second Trainer, or train() again: its steps follow the earlier ones
+                self.parts.steps.continue_counts_at(r.start_step)
+                own = r.start_step - r.step_offset
+                self.ledger.add_note(
+                    f"session {r.session}: training {r.training} of the script (another Trainer, or train() again) "
+                    f"began at its own step {own}; its steps are recorded from step {r.start_step + 1}, after the "
+                    "earlier training's, and the run's description (What was trained) is this training's"
+                )
         self.parts.stragglers.on_run_start(r)
 
     def _on_step(self, r: Step) -> None:

@@ -161,6 +161,11 @@ class RunStart(Event, tag="run_start"):
     distributed_type: str | None = None
     start_step: int = 0
     max_steps: int | None = None
+    # The how-manieth training of this process (a script may build several Trainers, or train() again), and what
+    # is added to its Trainer's own steps to record them after the earlier trainings' (start_step and max_steps
+    # include it).
+    training: int = 1
+    step_offset: int = 0
     device: str | None = None
     args: TrainingArgs = msgspec.field(default_factory=TrainingArgs)
     model: ModelInfo | None = None
