@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import history_of, replay
+from conftest import history_of, records, replay
 
 
 def _devices(*keys_in_run: tuple[str, bool]) -> dict:
@@ -138,6 +138,10 @@ def test_snapshot_places_ranks_on_the_run_gpus_and_computes_rate_and_eta():
     assert snap.samples_per_s == pytest.approx(2.0 * 4 * 2 * 2)
     assert snap.eta_s == pytest.approx(97 / 2.0)
     assert snap.loss == 1.25 and snap.step == 3 and snap.max_steps == 100
+    # A resume, launching: no speed until it trains (the earlier session's is not this one's).
+    state.apply(records({"type": "session_start", "session": 2, "t_wall": 1e9 + 60, "kind": "resume"})[0])
+    starting = state.snapshot()
+    assert starting.status == "STARTING" and starting.steps_per_s is None and starting.eta_s is None
 
 
 def test_the_closing_summary_log_keeps_the_last_loss_on_screen():

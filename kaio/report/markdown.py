@@ -28,6 +28,7 @@ from kaio.record.types import (
     Session,
     Stall,
     StalledRank,
+    Status,
 )
 from kaio.report.summary import Summary, time_buckets
 from kaio.units import gib
@@ -86,6 +87,8 @@ def _executive_summary(s: Summary, header: HistoryHeader) -> str:
     steps = f"{s.optimizer_steps:,}"
     if s.max_steps:
         steps += f" of {s.max_steps:,} planned"
+        if s.status == Status.COMPLETED.value and s.optimizer_steps < s.max_steps:
+            steps += " (the Trainer ended the training early: an early-stopping callback, or the data ran out)"
     if s.step_entries != s.optimizer_steps:
         steps += f" ({s.step_entries:,} recorded)"
     sessions = f" over {s.sessions} sessions" if s.sessions > 1 else ""

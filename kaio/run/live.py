@@ -98,8 +98,8 @@ def build_snapshot(
         elapsed = time.time() - started
     else:
         elapsed = (session.duration_s if session else None) or 0.0
-    rate = live.steps_per_s()
     started = progress is not None and progress.last_step is not None  # this session has trained a step
+    rate = live.steps_per_s() if started else None  # not the earlier session's speed while this one starts
     max_steps = (
         ledger.run.max_steps if ledger.run and (started or session is None or session.start_step is not None) else None
     )
