@@ -204,6 +204,10 @@ class KaioCallback(TrainerCallback):
             )
         )
 
+    def on_predict(self, args, state, control, metrics=None, **kwargs):
+        """``Trainer.predict``'s metrics (``test_loss``...): an evaluation on the script's test set."""
+        self.on_evaluate(args, state, control, metrics=metrics, **kwargs)
+
     def on_save(self, args, state, control, **kwargs):
         # The job's save, in every node's record (each node's first rank): a node stopped with the job's
         # checkpoint saved says so, and its save pause is its own.

@@ -36,6 +36,8 @@ def main() -> None:
     trainer.train()
     if args.do_eval:
         trainer.evaluate()
+    if args.do_predict:
+        trainer.predict(Tokens(8, 2000))
 
 
 if __name__ == "__main__":
