@@ -88,7 +88,7 @@ def main() -> None:
                 t_wall=float(failure.timestamp) if failure.timestamp else None,
             )
         )
-        raise
+        raise SystemExit(_exit_code(failure.exitcode)) from None
     except subprocess.CalledProcessError as exc:  # one process: accelerate ran it with subprocess
         killed = exc.returncode < 0
         _write(
@@ -99,11 +99,17 @@ def main() -> None:
                 signal=_signal_name(-exc.returncode) if killed else None,
             )
         )
-        raise
+        raise SystemExit(_exit_code(exc.returncode)) from None
     except SignalException as exc:
         # Several processes: torch elastic's agent passed a SIGTERM on to its ranks and waited for them (a
         # graceful stop saves a checkpoint first). The stop that was asked for, not a traceback to print.
         raise SystemExit(128 + int(exc.sigval)) from None
+
+
+def _exit_code(code: int) -> int:
+    """The training's own exit code, as a shell gives it (128+N for a rank killed by signal N), for kaio to
+    exit with; the failure is written above, and the rank printed its own traceback: none of the launcher's."""
+    return 128 - code if code < 0 else code or 1
 
 
 def _signal_name(number: int) -> str:
