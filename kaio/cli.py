@@ -44,7 +44,7 @@ OUTPUT_DIR_OPTION = typer.Option(
 
 # Where this machine sits in a job of several (kaio.nodes): `kaio run` and `kaio resume` alike.
 NNODES_OPTION = typer.Option(
-    None, "--nnodes", help="Machines in the job, one `kaio run` on each (launch.nnodes; SLURM_NNODES)."
+    None, "--nnodes", help="Machines in the job, one kaio on each (launch.nnodes; SLURM_NNODES)."
 )
 NODE_RANK_OPTION = typer.Option(
     None, "--node-rank", help="This machine's rank in the job, 0 for the head (launch.node_rank; SLURM_NODEID)."

@@ -348,6 +348,8 @@ def plain_line(snapshot: Snapshot) -> str:
         head += f" ({pct}%)"
     if snapshot.loss is not None:
         head += f" loss {format_loss(snapshot.loss)}"
+    if snapshot.eval_loss is not None:
+        head += f" eval loss {format_loss(snapshot.eval_loss)}"
     parts = [head]
     if _finite(snapshot.steps_per_s):
         parts.append(f"{format_rate(snapshot.steps_per_s)} step/s")
@@ -526,6 +528,8 @@ def _training_panel(snap: Snapshot, width: int) -> Panel:
         "step/s": Text(format_rate(snap.steps_per_s)),
         "samples/s": Text(format_rate(snap.samples_per_s)),
     }
+    if snap.eval_loss is not None:  # the latest evaluation's
+        items["eval loss"] = Text(format_loss(snap.eval_loss), style="bold red" if _bad(snap.eval_loss) else "bold")
     if snap.tokens_per_s_per_device is not None:  # the Trainer counts tokens: per device, and MFU if a peak is known
         items["tok/s/dev"] = Text(format_rate(snap.tokens_per_s_per_device))
         items["MFU"] = Text(f"{100 * snap.mfu:.1f}%" if snap.mfu is not None else "—")
@@ -535,7 +539,7 @@ def _training_panel(snap: Snapshot, width: int) -> Panel:
         ["loss", "smoothed", "lr", "step/s", "samples/s", "grad norm"]
         if per_row == 3
         else ["loss", "smoothed", "lr", "grad norm", "step/s", "samples/s"]
-    ) + [name for name in ("tok/s/dev", "MFU") if name in items]
+    ) + [name for name in ("eval loss", "tok/s/dev", "MFU") if name in items]
     grid = Table.grid(padding=(0, 1))
     for i in range(per_row):
         grid.add_column(style="dim", no_wrap=True)

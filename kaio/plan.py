@@ -11,6 +11,7 @@ parameter counts are exact; the memory terms are :mod:`kaio.record.memory`'s.
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,7 +308,7 @@ def render_plan(plan: Plan) -> Any:
     parts: list[Any] = [
         Text.assemble(("kaio plan ", "bold"), (cfg.project_name, "bold cyan"), f" · report in {cfg.report_dir}/")
     ]
-    parts.append(Text(f"child command: {' '.join(plan.argv)}"))
+    parts.append(Text(f"child command: {shlex.join(plan.argv)}"))
     parts.append(Text("environment kaio sets: " + ", ".join(f"{k}={v}" for k, v in sorted(plan.env.items()))))
     parts.append(_gpu_table(plan))
     if plan.model is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import time
 from typing import IO, TYPE_CHECKING
 
@@ -53,6 +54,7 @@ class PipeSafe(io.TextIOBase):
 
 PLAIN_INTERVAL_S = 5.0  # one status line every few seconds when not in a terminal
 LIVE_REFRESH_HZ = 4
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
 FINAL_LINES_ROWS = 6  # rows printed under the last frame: the final line, the record, a stop message
 
 
@@ -195,10 +197,12 @@ class PlainView:
             self._last_line = line
 
     def _warn(self, snapshot: Snapshot) -> None:
-        """Each warning once, as it comes (a CI log has no warnings panel; the status line only counts them)."""
+        """Each warning once, as it comes (a CI log has no warnings panel; the status line only counts them).
+        A live one once per wording: it counts its seconds up ("no step for 61 s") without being a new one."""
         for warning in snapshot.warnings:
-            if warning not in self._warned:
-                self._warned.add(warning)
+            wording = _NUMBER.sub("#", warning) if warning in snapshot.live_warnings else warning
+            if wording not in self._warned:
+                self._warned.add(wording)
                 self._print(f"kaio: warning: {warning}")
 
     def stop(self, snapshot: Snapshot) -> None:

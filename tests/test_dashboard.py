@@ -460,3 +460,28 @@ def test_an_empty_output_panel_says_whether_output_may_still_come():
     assert "(no output yet)" in text_of(render(make_snapshot(status="RUNNING", log_tail=())))
     done = text_of(render(make_snapshot(status="COMPLETED", log_tail=())))
     assert "(no other output than the Trainer's metrics)" in done and "no output yet" not in done
+
+
+def test_plain_output_says_each_warning_once_and_a_live_one_once_while_it_counts():
+    from kaio.views import PlainView
+
+    out = io.StringIO()
+    view = PlainView(Console(file=out, width=200), interval_s=0)
+    nan = "non-finite loss (nan) at step 5"
+    for seconds in (61, 62, 63):
+        stall = f"stall: no step for {seconds} s (training step; the budget is 60 s)"
+        view.update(make_snapshot(warnings=(nan, stall), live_warnings=(stall,)))
+    view.update(make_snapshot(warnings=(nan, "stall after step 9 (training step, no step for 61 s)")))
+    said = [line for line in out.getvalue().splitlines() if line.startswith("kaio: warning: ")]
+    assert said == [
+        f"kaio: warning: {nan}",
+        "kaio: warning: stall: no step for 61 s (training step; the budget is 60 s)",
+        "kaio: warning: stall after step 9 (training step, no step for 61 s)",
+    ]
+
+
+def test_the_latest_evaluation_loss_is_on_screen_once_there_is_one():
+    assert "eval loss" not in text_of(render(make_snapshot()))
+    out = text_of(render(make_snapshot(eval_loss=2.3456)))
+    assert "eval loss" in out and "2.346" in out
+    assert " eval loss 2.346 " in plain_line(make_snapshot(eval_loss=2.3456))

@@ -261,8 +261,13 @@ def test_completed_single_session_report_has_its_sections_units_and_numbers():
     assert "**Status:** ✅ COMPLETED" in md
     assert "**Duration:** 15 s" in md  # 20 x 0.5 s + 5 s
     assert "**Optimizer steps:** 20 of 20 planned" in md
-    early = report_of(*make_run(12, run=run_description(1, 200)))  # an EarlyStoppingCallback's run
-    assert "**Optimizer steps:** 12 of 200 planned (the Trainer ended the training early: " in early
+    header, index = make_run(12, run=run_description(1, 200))
+    header.sessions[-1].training_ended = True  # an EarlyStoppingCallback's run
+    assert "**Optimizer steps:** 12 of 200 planned (the Trainer ended the training early: " in report_of(header, index)
+    header.sessions[-1].training_ended = False  # os._exit(0) at step 12
+    assert "12 of 200 planned (the training process exited with code 0 before its Trainer ended" in report_of(
+        header, index
+    )
     assert "**Trainable params:** 1,048,576 of 134,217,728 (0.781 %)" in md
     assert "![telemetry](telemetry.png)" in md
     metrics = section(md, "Key metrics")

@@ -180,6 +180,9 @@ def test_a_plain_loop_without_a_trainer_is_said_plainly_and_reports_through_kaio
     assert history["run"]["reporter"] == "kaio.log"
     assert [s["step"] for s in history["steps"]] == list(range(1, 7))
     assert all(s["loss"] is not None and s["metrics"]["my_metric"] == s["step"] / 10 for s in history["steps"])
+    assert [s["tokens_seen"] for s in history["steps"]] == [512 * k for k in range(1, 7)]
+    assert [s["step"] for s in history["steps"] if "eval_mse" in s["metrics"]] == [3, 6]  # added, not new steps
+    assert all(s["step_time_s"] > 0 for s in history["steps"])
     report = (project_dir / "docs/reports/plain/report.md").read_text()
     assert "A training loop without a transformers `Trainer`, reporting its steps through `kaio.log`" in report
     assert "Host CPU (average) / RAM used (peak)" in report
@@ -251,13 +254,16 @@ def test_recipe_keys_a_script_never_sees_are_refused_before_anything_starts(proj
     assert not (project_dir / "docs").exists()
 
 
-def test_a_script_with_no_trainer_and_no_kaio_log_is_said_plainly(project_dir):
+def test_a_script_with_no_trainer_and_no_kaio_log_is_said_plainly_and_its_exit_code_is_kaios(project_dir):
     script = project_dir / "no_trainer.py"
-    script.write_text("print('just printing')\n")
+    script.write_text("import sys\nprint('just printing')\nsys.exit(3)\n")
     cfg = project_dir / "nt.yaml"
     cfg.write_text(f"project_name: nt\nlaunch:\n  script: {script}\nreporting:\n  use_comet_ml: false\n  poll_hz: 4\n")
     result = kaio("run", cfg.name, "--plain", cwd=project_dir)
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 3, result.stdout + result.stderr  # the script's own code, as the README says
+    assert "CalledProcessError" not in result.stdout + result.stderr  # no traceback of kaio's launcher
+    session = read_history(project_dir, "nt")["sessions"][0]
+    assert (session["status"], session["exit_code"], session["training_ended"]) == ("FAILED", 3, None)
     report = (project_dir / "docs/reports/nt/report.md").read_text()
     assert "No transformers `Trainer` started" in report
     assert "- **Optimizer steps:** none recorded (no transformers Trainer started" in report

@@ -27,6 +27,7 @@ class _Reporter:
         self.last_step: int | None = None
         self.last_mono = time.monotonic()
         self.peak = peak_memory_functions()
+        self.tokens_seen = 0  # the ``tokens=`` of every step so far (this rank's)
 
     def start(self, step: int) -> None:
         self.emitter.emit(
@@ -46,19 +47,25 @@ class _Reporter:
         if self.last_step is None:
             self.start(step)
         now = time.monotonic()
-        peak = self.peak[1]() if self.peak else None
-        self.emitter.emit(
-            Step(
-                rank=self.rank,
-                step=step,
-                t_wall=time.time(),
-                t_mono=now,
-                step_time_s=now - self.last_mono,
-                peak_vram_bytes=peak,
+        tokens = metrics.pop("tokens", None)
+        if step != self.last_step:  # a second call for a step (its evaluation, say) adds numbers, not a step
+            if tokens is not None:
+                self.tokens_seen += int(_metric(tokens) or 0)
+            peak = self.peak[1]() if self.peak else None
+            self.emitter.emit(
+                Step(
+                    rank=self.rank,
+                    step=step,
+                    t_wall=time.time(),
+                    t_mono=now,
+                    step_time_s=now - self.last_mono,
+                    peak_vram_bytes=peak,
+                    tokens_seen=self.tokens_seen or None,
+                )
             )
-        )
-        if self.peak:
-            self.peak[0]()  # the next step's peak starts now
+            if self.peak:
+                self.peak[0]()  # the next step's peak starts now
+            self.last_mono = now
         if self.rank == 0:
             fields: dict[str, Any] = {name: _metric(metrics.pop(name)) for name in _TRAINING_FIELDS if name in metrics}
             self.emitter.emit(
@@ -71,7 +78,7 @@ class _Reporter:
                     **fields,
                 )
             )
-        self.last_step, self.last_mono = step, now
+        self.last_step = step
 
     def finish(self) -> None:
         if self.last_step is not None:
@@ -84,6 +91,9 @@ _reporter: _Reporter | None = None
 
 
 def log(step: int, loss: float | None = None, **metrics: float) -> None:
+    """Report optimizer step ``step`` (call it once the step is done): its loss, ``tokens`` (the step's input
+    tokens, all ranks together, as the Trainer counts them: the record's throughput), ``learning_rate``, ``grad_norm``, and any other number, kept
+    per step. A second call for the same step adds numbers to it (an evaluation's, say)."""
     global _reporter
     if _reporter is None:
         _reporter = _Reporter()

@@ -291,6 +291,7 @@ class Session(msgspec.Struct, kw_only=True):
     closing_s: float | None = None  # from its last step's end to the session's end (final save, teardown)
     error: str | None = None
     failed_at: str | None = None  # when the first rank failed (ISO 8601 UTC, this machine's clock)
+    training_ended: bool | None = None  # its Trainer reached on_train_end; None: no Trainer started, or still going
 
 
 # --------------------------------------------------------------------------- numbers

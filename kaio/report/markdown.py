@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import time
 from datetime import datetime, timedelta
 from typing import Any
@@ -87,8 +88,12 @@ def _executive_summary(s: Summary, header: HistoryHeader) -> str:
     steps = f"{s.optimizer_steps:,}"
     if s.max_steps:
         steps += f" of {s.max_steps:,} planned"
-        if s.status == Status.COMPLETED.value and s.optimizer_steps < s.max_steps:
-            steps += " (the Trainer ended the training early: an early-stopping callback, or the data ran out)"
+        if s.status == Status.COMPLETED.value and s.optimizer_steps < s.max_steps and s.training_ended is not None:
+            steps += (
+                " (the Trainer ended the training early: an early-stopping callback, or the data ran out)"
+                if s.training_ended
+                else " (the training process exited with code 0 before its Trainer ended the training)"
+            )
     if s.step_entries != s.optimizer_steps:
         steps += f" ({s.step_entries:,} recorded)"
     sessions = f" over {s.sessions} sessions" if s.sessions > 1 else ""
@@ -257,6 +262,7 @@ def _what_was_trained(run: RunDescription | None) -> str:
         ("Learning rate", _num(args.learning_rate, "g")),
         ("LR scheduler", args.lr_scheduler_type),
         ("Optimizer", args.optim),
+        *([("Gradient checkpointing", "on")] if args.gradient_checkpointing else []),
         ("Seed", args.seed),
         ("Logging / evaluation / saving", _strategies(run)),
     ]
@@ -299,7 +305,7 @@ def _environment(run: RunDescription | None) -> str | None:
     if gpus:
         rows.append(("gpus", ", ".join(gpus)))
     if argv:
-        rows.append(("command", " ".join(argv)))
+        rows.append(("command", shlex.join(argv)))
     return "## Environment\n\n" + _table(("", ""), rows)
 
 
@@ -344,7 +350,7 @@ def _sessions(sessions: list[Session]) -> str | None:
                 s.kind.value,
                 s.started_at,
                 _duration(s.duration_s),
-                f"{s.start_step} → {s.end_step}",
+                "—" if s.start_step is None and s.end_step is None else f"{s.start_step or 0} → {s.end_step}",
                 s.status.value,
                 exit_text,
                 s.error or "",

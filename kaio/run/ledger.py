@@ -171,6 +171,8 @@ class RunLedger(msgspec.Struct, kw_only=True):
         if progress.t_wall is not None and r.t_wall is not None:
             s.duration_s = round(r.t_wall - progress.t_wall, 3)
         s.end_step = progress.last_step if progress.last_step is not None else s.start_step
+        trainer = s.start_step is not None and self.run is not None and self.run.reporter == "trainer"
+        s.training_ended = progress.trained_to_end if trainer else None  # a Trainer started in this session
         if progress.last_step_t_wall is not None and r.t_wall is not None:
             s.closing_s = round(r.t_wall - progress.last_step_t_wall, 3)
         t = self.telemetry

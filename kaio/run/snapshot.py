@@ -86,6 +86,7 @@ class Snapshot:
     host: HostRow | None = None
     nodes: tuple[NodeRow, ...] = ()  # the job's other machines (on its head)
     log_tail: tuple[str, ...] = ()  # last lines of the child's output (bounded)
-    warnings: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # the latest recorded ones, then the live ones
+    live_warnings: tuple[str, ...] = ()  # those of ``warnings`` that say what is going on now (a stall's seconds)
     exit_code: int | None = None
     report_path: str | None = None  # report.md: where the record is (the last frame says so)

@@ -4,7 +4,8 @@
 they arrive (the supervisor's clock, so that a rank's clock does not matter):
 start-up until a session's first step, a training step, an evaluation or a
 checkpoint save after a step that announced one (``Step.evaluates`` /
-``Step.saves``). ``capture_stacks`` then asks every rank of the session for
+``Step.saves``), and the script's own work after its Trainer ended
+(``TrainEnd``). ``capture_stacks`` then asks every rank of the session for
 its Python stack (``kaio.child.stacks``), keeps them under
 ``<report dir>/stalls/<time>/`` and says in one line per rank where it waits.
 """
@@ -19,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kaio.record import rules
-from kaio.record.types import Eval, Record, Save, Stall, StalledRank, Step
+from kaio.record.types import Eval, Record, Save, Stall, StalledRank, Step, TrainEnd
 from kaio.telemetry.protocol import STACK_SIGNAL, parse_stack_file_name
 
 STARTUP_BUDGET_S = 1200.0  # launching, importing, loading a large model and its data
+AFTER_TRAINING_BUDGET_S = 1200.0  # the script's own work after train(): a last evaluation, merging, saving
 PAUSE_BUDGET_S = 600.0  # an evaluation or a checkpoint save, at least...
 PAUSE_FACTOR = 3.0  # ...and 3x the longest one so far
 ANSWER_WAIT_S = 3.0  # how long the ranks have to write their stacks
@@ -46,6 +48,7 @@ class StallWatch:
         self.last_step = 0
         self.longest = {"evaluation": 0.0, "checkpoint save": 0.0}
         self._pending: list[str] = []  # what the latest step announced, in the Trainer's order
+        self._trained = False  # the Trainer's training has ended (a later one's first step starts another)
         self.reported = False
 
     def seen(self, record: Record, now: float) -> None:
@@ -54,6 +57,7 @@ class StallWatch:
                 return
             self.last_step = max(self.last_step, record.step)
             self._pending = [p for p, on in (("evaluation", record.evaluates), ("checkpoint save", record.saves)) if on]
+            self._trained = False
         elif isinstance(record, Eval):
             runtime = record.metrics.get("eval_runtime")
             if isinstance(runtime, float):
@@ -63,9 +67,14 @@ class StallWatch:
             if record.duration_s is not None:
                 self.longest["checkpoint save"] = max(self.longest["checkpoint save"], record.duration_s)
             self._pending = []
+        elif isinstance(record, TrainEnd):
+            if record.rank != self.lead_rank:
+                return
+            self._pending, self._trained = [], True
         else:
             return
-        self.phase = self._pending[0] if self._pending else "training step"
+        idle = "after training" if self._trained else "training step"
+        self.phase = self._pending[0] if self._pending else idle
         self.last_progress = now
         self.reported = False
 
@@ -75,6 +84,8 @@ class StallWatch:
             return step
         if self.phase == "start-up":
             return max(STARTUP_BUDGET_S, step)
+        if self.phase == "after training":
+            return max(AFTER_TRAINING_BUDGET_S, step)
         return max(PAUSE_BUDGET_S, PAUSE_FACTOR * self.longest[self.phase], step)
 
     def check(self, now: float, median_step_s: float | None) -> StallCheck | None:

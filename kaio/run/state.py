@@ -193,6 +193,11 @@ class RunState:
         if problem is not None:
             self.warn(problem)
         if r.rank == self.ledger.lead_rank:
+            if r.start_step and r.training == 1 and self.parts.steps.sealed_through == 0 and not self.parts.steps.open:
+                self.ledger.add_note(
+                    f"session {r.session}: the Trainer began at step {r.start_step} (the script resumed it from a "
+                    f"checkpoint of its own): steps 1-{r.start_step} are not in this record"
+                )
             self.parts.steps.resume_at(r.start_step, self)
             if r.training > 1:  # a script's second Trainer, or train() again: its steps follow the earlier ones
                 self.parts.steps.continue_counts_at(r.start_step)

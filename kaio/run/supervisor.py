@@ -333,12 +333,11 @@ class Supervisor:
         running = self.state.status == Status.RUNNING
         status = "STOPPING" if self._stop.requests and running else None
         stall = self._stalls.live_warning(time.monotonic(), self.state.median_step_time()) if running else None
+        live = self._live_warnings() + ((stall,) if stall else ())
         snapshot = self.state.snapshot(
-            status=status,
-            log_tail=tuple(self._log_tail),
-            extra_warnings=self._live_warnings() + ((stall,) if stall else ()),
-            report_path=str(self.paths.report),
+            status=status, log_tail=tuple(self._log_tail), extra_warnings=live, report_path=str(self.paths.report)
         )
+        snapshot = dataclasses.replace(snapshot, live_warnings=live)
         if self._nodes is not None:
             snapshot = dataclasses.replace(snapshot, nodes=self._nodes.rows())  # from memory: no I/O
         return dataclasses.replace(snapshot, eta_s=None) if stall else snapshot  # stalled: no time of arrival
@@ -504,6 +503,14 @@ class Supervisor:
             text = f"stopped after step {step} with checkpoint-{step} saved: {how} continues from step {step + 1}"
             self._note(text, level="info")
             return text
+        progress = ledger.progress.get(session)
+        if progress is not None and progress.trained_to_end:  # the script's own work after train() was stopped
+            text = (
+                f"stopped after the training had ended (step {progress.last_step}): what the script did after it "
+                "was cut short; no step is left to train"
+            )
+            self._note(text)
+            return text
         earlier = [c.step for c in ledger.checkpoints]
         latest = f"the latest is checkpoint-{max(earlier)}" if earlier else "there is none yet"
         why = (
@@ -518,6 +525,21 @@ class Supervisor:
         self._note(text)
         return text
 
+    def _unended_training(self, session: int) -> None:
+        """Exit code 0 is the script's word, but a Trainer that never reached its end did not finish: said."""
+        ledger = self.state.ledger
+        record, progress = ledger.session_record(session), ledger.progress.get(session)
+        run = ledger.run
+        if record is None or progress is None or record.start_step is None or progress.trained_to_end:
+            return
+        if run is None or run.reporter != "trainer":
+            return
+        at = f"after step {progress.last_step}" if progress.last_step is not None else "before its first step"
+        self._note(
+            f"the training process exited with code 0 {at}, before its Trainer ended the training "
+            "(os._exit or sys.exit(0) inside it): the record ends there"
+        )
+
     def _outcome(self, returncode: int, session: int) -> SessionOutcome:
         exit_code, signal_name = launch.describe_exit(returncode)
         cause = diagnose.root_cause(self.paths.errors, session) if returncode else diagnose.RootCause()
@@ -530,6 +552,7 @@ class Supervisor:
                 code, Status.INTERRUPTED, signal_name, error, self._what_the_stop_kept(session), cause.t_wall
             )
         if returncode == 0:
+            self._unended_training(session)
             return SessionOutcome(0, Status.COMPLETED)
         if error is None and signal_name:
             error = f"killed by {signal_name}"
