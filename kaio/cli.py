@@ -94,7 +94,7 @@ def _say(console):
 @_user_errors
 def run(
     config: Path = typer.Argument(
-        ..., help="The YAML config, e.g. configs/finetuning_config.yaml.", show_default=False
+        ..., help="The YAML config, e.g. configs/finetuning_config.yaml.", show_default=False, metavar="CONFIG"
     ),
     plain: bool = typer.Option(
         False,
@@ -152,7 +152,7 @@ def run(
 @_user_errors
 def plan(
     config: Path = typer.Argument(
-        ..., help="The YAML config, e.g. configs/finetuning_config.yaml.", show_default=False
+        ..., help="The YAML config, e.g. configs/finetuning_config.yaml.", show_default=False, metavar="CONFIG"
     ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output.", metavar=""),
 ) -> None:
@@ -178,7 +178,9 @@ def plan(
 @app.command()
 @_user_errors
 def resume(
-    project: str = typer.Argument(..., help="Project name (see `ls docs/reports`).", show_default=False),
+    project: str = typer.Argument(
+        ..., help="Project name (see `ls docs/reports`).", show_default=False, metavar="PROJECT"
+    ),
     max_steps: int | None = typer.Option(None, "--max-steps", help="New training.max_steps: extends a finished run."),
     config: Path | None = typer.Option(
         None,
@@ -226,7 +228,9 @@ def resume(
 @app.command()
 @_user_errors
 def report(
-    project: str = typer.Argument(..., help="Project name (a folder under the reports directory).", show_default=False),
+    project: str = typer.Argument(
+        ..., help="Project name (a folder under the reports directory).", show_default=False, metavar="PROJECT"
+    ),
     output_dir: Path = OUTPUT_DIR_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON for scripts.", metavar=""),
     merge: list[Path] = typer.Option(
@@ -263,7 +267,7 @@ def report(
 @app.command()
 @_user_errors
 def push(
-    project: str = typer.Argument(..., help="Project name.", show_default=False),
+    project: str = typer.Argument(..., help="Project name.", show_default=False, metavar="PROJECT"),
     repo_id: str | None = typer.Option(
         None, "--repo-id", help="`user/name` of the model repo (default: hub.repo_id of the run's config)."
     ),

@@ -467,6 +467,10 @@ def _header(snap: Snapshot) -> Text:
             t.append(" · ", style="dim")
         t.append(label, style="dim")
         t.append(value, style="bold")
+    n_warn = len(snap.warnings)
+    if n_warn:  # in the header too: on a small terminal the warnings panel may be cut off below
+        t.append(" · ", style="dim")
+        t.append(f"⚠ {n_warn} warning{'s' if n_warn != 1 else ''}", style="bold yellow")
     return t
 
 

@@ -485,3 +485,10 @@ def test_the_latest_evaluation_loss_is_on_screen_once_there_is_one():
     out = text_of(render(make_snapshot(eval_loss=2.3456)))
     assert "eval loss" in out and "2.346" in out
     assert " eval loss 2.346 " in plain_line(make_snapshot(eval_loss=2.3456))
+
+
+def test_a_small_terminal_still_shows_that_there_are_warnings():
+    snap = make_snapshot(warnings=("stall after step 9 (training step, no step for 61 s)",))
+    top = text_of(render(snap), width=40, height=15).splitlines()[:3]
+    assert any("1 warning" in line for line in top)
+    assert "warning" not in text_of(render(make_snapshot(warnings=())), width=40, height=15).split("loss")[0]

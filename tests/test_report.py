@@ -261,6 +261,12 @@ def test_completed_single_session_report_has_its_sections_units_and_numbers():
     assert "**Status:** ✅ COMPLETED" in md
     assert "**Duration:** 15 s" in md  # 20 x 0.5 s + 5 s
     assert "**Optimizer steps:** 20 of 20 planned" in md
+    assert "| Gradient checkpointing |" not in md  # shown only when on
+    header, index = make_run(20)
+    assert header.run is not None
+    header.run.args.gradient_checkpointing = header.run.args.torch_compile = True
+    md = report_of(header, index)
+    assert "| Gradient checkpointing | on |" in md and "| torch.compile | on |" in md
     header, index = make_run(12, run=run_description(1, 200))
     header.sessions[-1].training_ended = True  # an EarlyStoppingCallback's run
     assert "**Optimizer steps:** 12 of 200 planned (the Trainer ended the training early: " in report_of(header, index)

@@ -263,6 +263,7 @@ def _what_was_trained(run: RunDescription | None) -> str:
         ("LR scheduler", args.lr_scheduler_type),
         ("Optimizer", args.optim),
         *([("Gradient checkpointing", "on")] if args.gradient_checkpointing else []),
+        *([("torch.compile", "on")] if args.torch_compile else []),
         ("Seed", args.seed),
         ("Logging / evaluation / saving", _strategies(run)),
     ]

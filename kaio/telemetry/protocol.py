@@ -97,6 +97,7 @@ class TrainingArgs(msgspec.Struct, kw_only=True, omit_defaults=True):
     output_dir: str | None = None
     gradient_checkpointing: bool | None = None
     use_cpu: bool | None = None
+    torch_compile: bool | None = None
 
 
 class ModelInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
