@@ -177,6 +177,17 @@ def test_offline_archive_holds_params_steps_and_report_without_secrets(report_di
     # Nothing Comet would have collected on its own: no code, git, environment or system details.
     assert {m["type"] for m in messages} <= {"metric_msg", "parameter_msg", "log_other", "file_upload"}
 
+    # A long run's history.json (GBs) is not attached: said, and its steps are in the experiment as metrics.
+    big = report_dir / "history.json"
+    big.write_text('{"steps": [' + ",".join(["{}"] * 100) + "]}")
+    again = CometSink.start(project="tiny-default", report_dir=report_dir, params=PARAMS, experiment_key=None, env={})
+    again.log_assets([report_dir / "report.md", big], max_bytes=(report_dir / "report.md").stat().st_size)
+    again.end()
+    assert big.stat().st_size > (report_dir / "report.md").stat().st_size
+    assert again.warnings == [] and any(m.startswith("Comet ML: history.json (") for m in again.messages)
+    _, sent, _ = read_archive(report_dir / "comet" / f"{again.experiment_key}.zip")
+    assert [m["payload"]["additional_params"]["fileName"] for m in sent if m["type"] == "file_upload"] == ["report.md"]
+
 
 def test_resumed_run_continues_the_same_offline_experiment(report_dir):
     env = {"COMET_PROJECT_NAME": "team-project"}

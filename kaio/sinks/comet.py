@@ -41,6 +41,7 @@ STEP_METRICS = (
     "epoch",
 )
 DEFAULT_END_TIMEOUT_S = 30.0
+ASSET_MAX_BYTES = 64_000_000  # history.json of a run of ~20k steps on 8 GPUs; the larger ones are not attached
 
 # comet_ml reads these only while it is being imported; kaio's defaults unless the user set them.
 _IMPORT_TIME_DEFAULTS = {
@@ -203,11 +204,18 @@ class CometSink:
             )
 
     @_never_raises("logging the report files")
-    def log_assets(self, paths: list[Path]) -> None:
-        """Attach files (report.md, telemetry.png, history.json); a later session's copy replaces an earlier one."""
+    def log_assets(self, paths: list[Path], max_bytes: int = ASSET_MAX_BYTES) -> None:
+        """Attach files (report.md, telemetry.png, history.json); a later session's copy replaces an earlier one.
+        A file over ``max_bytes`` (history.json after a long run) is not: uploading, or zipping it offline, would
+        hold the end of the run for minutes, and its steps are in the experiment already as metrics."""
         for path in map(Path, paths):
             if self._accepting and not path.is_file():
                 self.warnings.append(f"Comet ML: {path} not found, not attached to the experiment")
+            elif self._accepting and path.stat().st_size > max_bytes:
+                self.messages.append(
+                    f"Comet ML: {path.name} ({path.stat().st_size / 1e6:,.0f} MB) not attached: over "
+                    f"{max_bytes / 1e6:,.0f} MB; its steps are in the experiment as metrics, the file is {path}"
+                )
             else:
                 self._submit(f"attaching {path.name}", functools.partial(_log_asset, path=path))
 
