@@ -92,8 +92,9 @@ _reporter: _Reporter | None = None
 
 def log(step: int, loss: float | None = None, **metrics: float) -> None:
     """Report optimizer step ``step`` (call it once the step is done): its loss, ``tokens`` (the step's input
-    tokens, all ranks together, as the Trainer counts them: the record's throughput), ``learning_rate``, ``grad_norm``, and any other number, kept
-    per step. A second call for the same step adds numbers to it (an evaluation's, say)."""
+    tokens, all ranks together, as the Trainer counts them: the record's throughput), ``learning_rate``,
+    ``grad_norm``, and any other number, kept per step. A second call for the same step adds numbers to it
+    (an evaluation's, say)."""
     global _reporter
     if _reporter is None:
         _reporter = _Reporter()

@@ -217,7 +217,8 @@ def _evaluations(s: Summary, evals: list[EvalEntry]) -> str | None:
     rows = [(e.step, *(_metric(e, name) for name in names)) for e in shown]
     text = "## Evaluation\n\n"
     if s.eval_loss_best is not None:
-        text += f"Best evaluation loss **{s.eval_loss_best:.4g}** at step {s.eval_loss_best_step:,} ({s.eval_count} evaluation{'s' if s.eval_count != 1 else ''}).\n\n"
+        count = f"{s.eval_count} evaluation{'s' if s.eval_count != 1 else ''}"
+        text += f"Best evaluation loss **{s.eval_loss_best:.4g}** at step {s.eval_loss_best_step:,} ({count}).\n\n"
     if len(evals) > len(shown):
         text += f"The latest {len(shown)} of {len(evals)} evaluations (all are in history.json):\n\n"
     return text + _table(("Step", *names), rows)
