@@ -127,9 +127,10 @@ class LiveView:
             return ""
         return render(self._snapshot, rows_after=self._rows_after)
 
-    def start(self) -> None:
+    def start(self, snapshot: Snapshot) -> None:
         from rich.live import Live
 
+        self._snapshot = snapshot
         self._live = Live(
             get_renderable=self._renderable,
             console=self.console,
@@ -176,8 +177,11 @@ class PlainView:
     def _print(self, text: str) -> None:
         self.console.print(text, markup=False, highlight=False, soft_wrap=True)
 
-    def start(self) -> None:
+    def start(self, snapshot: Snapshot) -> None:
+        """``snapshot``: the project as the session begins; its warnings are the earlier sessions' (in the report
+        already), not news of this one."""
         self._next = time.monotonic() + self.interval_s
+        self._warned.update(snapshot.warnings)
 
     def child_output(self, line: str) -> None:
         if self.echo_child:

@@ -467,11 +467,13 @@ def test_plain_output_says_each_warning_once_and_a_live_one_once_while_it_counts
 
     out = io.StringIO()
     view = PlainView(Console(file=out, width=200), interval_s=0)
+    view.start(make_snapshot(warnings=("an earlier session's warning",)))  # a resume: said then, not again
     nan = "non-finite loss (nan) at step 5"
     for seconds in (61, 62, 63):
         stall = f"stall: no step for {seconds} s (training step; the budget is 60 s)"
         view.update(make_snapshot(warnings=(nan, stall), live_warnings=(stall,)))
     view.update(make_snapshot(warnings=(nan, "stall after step 9 (training step, no step for 61 s)")))
+    view.update(make_snapshot(warnings=("an earlier session's warning", nan)))
     said = [line for line in out.getvalue().splitlines() if line.startswith("kaio: warning: ")]
     assert said == [
         f"kaio: warning: {nan}",

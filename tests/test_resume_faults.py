@@ -202,7 +202,7 @@ def test_an_exception_in_one_rank_of_two_is_named_and_max_restarts_resumes_from_
     assert any("malformed" in w for w in history["warnings"])
     # Finished: its script's own length (10) is reached; a resume as it is would train past it, so it is refused.
     again = kaio("resume", "t", cwd=project_dir, timeout=60)
-    assert again.returncode == 2 and "already completed the 10 steps its script asked for" in again.stderr
+    assert again.returncode == 2 and "already trained the 10 steps its script asked for" in again.stderr
     assert "launch.script_args" in again.stderr and len(read_history(project_dir)["sessions"]) == 2
 
 

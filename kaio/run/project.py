@@ -198,10 +198,13 @@ def _supervise(
         try:
             outputs.start(state)
             figure.warm()  # matplotlib loads while the training starts: the figure is drawn at once when asked
-            view.start()
+            view.start(supervisor.snapshot())
             try:
                 outcome = supervisor.run(
-                    request, lambda: latest_checkpoint(checkpoint_folder(cfg, state), notify=lambda text: None)
+                    request,
+                    lambda: latest_checkpoint(
+                        checkpoint_folder(cfg, state), notify=lambda text: None, at_most=state.last_step
+                    ),
                 )
                 figure.warm()  # in case the process was used up by the last refresh
             finally:
@@ -386,14 +389,19 @@ def checkpoint_folder(cfg: RunConfig, state: RunState) -> Path:
     return Path(reported) if reported else cfg.checkpoint_dir
 
 
-def latest_checkpoint(checkpoint_dir: Path, notify: Notify = print) -> Path | None:
-    """The newest *complete* ``checkpoint-N``: its trainer_state.json (written last) says step N."""
+def latest_checkpoint(checkpoint_dir: Path, notify: Notify = print, at_most: int | None = None) -> Path | None:
+    """The newest *complete* ``checkpoint-N``: its trainer_state.json (written last) says step N. ``at_most``: the
+    record's last step; a checkpoint after it was not saved by the run this record describes (another run's,
+    left in a folder that ``kaio run --overwrite`` does not own: a script's output_dir)."""
     candidates = []
     if checkpoint_dir.is_dir():
         for path in checkpoint_dir.glob("checkpoint-*"):
             if _is_checkpoint(path):
                 candidates.append((int(path.name.removeprefix("checkpoint-")), path))
     for step, path in sorted(candidates, reverse=True):
+        if at_most is not None and step > at_most:
+            notify(f"note: skipping {path}: after step {at_most}, this project's last (another run's checkpoint?)")
+            continue
         try:
             trainer_state = json.loads((path / "trainer_state.json").read_text())
             complete = trainer_state.get("global_step") == step and any(
@@ -587,7 +595,7 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
         if planned != max_steps:
             allowed.append(f"training.max_steps: {planned!r} -> {max_steps!r}")
     folder = checkpoint_folder(cfg, state)
-    checkpoint = latest_checkpoint(folder, notify)
+    checkpoint = latest_checkpoint(folder, notify, at_most=state.last_step)
     if checkpoint is None:
         every_node = (
             f" (node {where.node_rank}: every node loads the checkpoint, so it needs one too: checkpoints on a "
@@ -599,18 +607,19 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
             f"project {project!r} has no complete checkpoint in {folder}/ to resume from{every_node}; "
             f"start it again with `kaio run CONFIG --overwrite`"
         )
-    if state.status == Status.COMPLETED and cfg.launch.script is None:
+    # Trained to its planned length (completed, or stopped or failed in its last save): nothing is left to resume.
+    if cfg.launch.script is None:
         planned = cfg.training.max_steps
         if planned != -1 and planned <= state.last_step:
             raise ProjectError(
-                f"project {project!r} already completed {state.last_step} steps; "
+                f"project {project!r} already trained its {state.last_step} steps; "
                 f"extend it with `{paths.command('resume')} --max-steps N` (N > {state.last_step})"
             )
-    elif state.status == Status.COMPLETED and not any(c.startswith("launch.script_args") for c in allowed):
+    elif not any(c.startswith("launch.script_args") for c in allowed):
         length = state.ledger.run.max_steps if state.ledger.run is not None else None
         if length is not None and 0 < length <= state.last_step:  # its Trainer's own length, as it reported it
             raise ProjectError(
-                f"project {project!r} already completed the {length} steps its script asked for; to train further, "
+                f"project {project!r} already trained the {length} steps its script asked for; to train further, "
                 f"give the script a longer run in launch.script_args and resume with "
                 f"`{paths.command('resume')} --config CONFIG`"
             )

@@ -63,7 +63,7 @@ REFRESH_COST_FACTOR = 99  # wait at least 99x a refresh's duration before the ne
 class View(Protocol):
     """How the run is shown: the Rich dashboard or plain lines."""
 
-    def start(self) -> None: ...
+    def start(self, snapshot: Snapshot) -> None: ...
     def child_output(self, line: str) -> None: ...
     def update(self, snapshot: Snapshot) -> None: ...
     def stop(self, snapshot: Snapshot) -> None: ...
@@ -94,7 +94,10 @@ class _Stop:
     first_at: float | None = None  # when the grace period started (a scheduler's warning starts none)
     warned: bool = False  # the stop came from a scheduler's time-limit warning (SIGUSR1)
     killed: bool = False
-    checkpoints_before: int = 0  # checkpoints recorded when the stop was asked for
+    step_at_request: int = (
+        0  # the session's last step when the stop was asked for: a checkpoint from it on is the stop's
+    )
+    trained_before: bool = False  # the Trainer had ended its training before the stop was asked for
 
 
 class NodeStream(Protocol):
@@ -424,7 +427,7 @@ class Supervisor:
         stop = self._stop
         if warning:
             stop.requests, stop.warned = 1, True
-            stop.checkpoints_before = len(self.state.ledger.checkpoints)
+            self._mark_stop()
             launch.signal_group(proc, signal.SIGTERM)
             return
         if stop.warned and stop.first_at is None:
@@ -433,7 +436,7 @@ class Supervisor:
         self._stop.requests += 1
         if self._stop.requests == 1:
             self._stop.first_at = time.monotonic()
-            self._stop.checkpoints_before = len(self.state.ledger.checkpoints)
+            self._mark_stop()
             launch.signal_group(proc, signal.SIGTERM)
         else:
             self._stop.killed = True
@@ -493,10 +496,18 @@ class Supervisor:
 
     # ------------------------------------------------------------ endings
 
+    def _mark_stop(self) -> None:
+        """Where the session was when the stop was asked for."""
+        ledger = self.state.ledger
+        progress = ledger.progress.get(ledger.session)
+        self._stop.step_at_request = (progress.last_step or 0) if progress is not None else 0
+        self._stop.trained_before = progress is not None and progress.trained_to_end
+
     def _what_the_stop_kept(self, session: int) -> str:
         """Said to the user and written in the report: whether the stop saved a checkpoint to resume from."""
         ledger = self.state.ledger
-        saved = [c for c in ledger.checkpoints[self._stop.checkpoints_before :] if c.session == session]
+        stop = self._stop
+        saved = [c for c in ledger.checkpoints if c.session == session and c.step >= stop.step_at_request]
         if saved:
             step = saved[-1].step
             how = f"`{self.paths.command('resume')}`" + (" on every node" if self.cfg.launch.nnodes > 1 else "")
@@ -504,26 +515,42 @@ class Supervisor:
             self._note(text, level="info")
             return text
         progress = ledger.progress.get(session)
-        if progress is not None and progress.trained_to_end:  # the script's own work after train() was stopped
+        if stop.trained_before and progress is not None:  # the script's own work after train() was stopped
             text = (
-                f"stopped after the training had ended (step {progress.last_step}): what the script did after it "
-                "was cut short; no step is left to train"
+                f"stopped after the training had ended (step {progress.last_step}): what ran after it was cut "
+                "short; no step is left to train"
             )
             self._note(text)
             return text
+        if progress is None or progress.last_step is None:
+            why = "it was still starting: no step had been trained"
+        elif stop.killed:
+            why = (
+                "a second Ctrl-C came"
+                if stop.requests > 1
+                else f"saving did not finish within launch.grace_seconds ({self.cfg.launch.grace_seconds:g} s)"
+            )
+        else:
+            why = "the training process ended without saving one"
         earlier = [c.step for c in ledger.checkpoints]
-        latest = f"the latest is checkpoint-{max(earlier)}" if earlier else "there is none yet"
-        why = (
-            "a second Ctrl-C came"
-            if self._stop.killed and self._stop.requests > 1
-            else (f"saving did not finish within launch.grace_seconds ({self.cfg.launch.grace_seconds:g} s)")
+        then = (
+            f"the latest is checkpoint-{max(earlier)}, and the steps after it will be trained again by "
+            f"`{self.paths.command('resume')}`"
+            if earlier
+            else "there is none yet: `kaio run CONFIG --overwrite` starts the project again"
         )
-        text = (
-            f"stopped without saving a checkpoint ({why}); {latest}, and the steps after it will be "
-            "trained again by `kaio resume`"
-        )
+        text = f"stopped without saving a checkpoint ({why}); {then}"
         self._note(text)
         return text
+
+    def _planned_steps_done(self, session: int) -> int | None:
+        """The planned steps, when the session's Trainer trained them all and ended."""
+        ledger = self.state.ledger
+        progress, run = ledger.progress.get(session), ledger.run
+        planned = run.max_steps if run is not None else None
+        if progress is None or not progress.trained_to_end or not planned or planned < 0:
+            return None
+        return planned if (progress.last_step or 0) >= planned else None
 
     def _unended_training(self, session: int) -> None:
         """Exit code 0 is the script's word, but a Trainer that never reached its end did not finish: said."""
@@ -544,6 +571,10 @@ class Supervisor:
         exit_code, signal_name = launch.describe_exit(returncode)
         cause = diagnose.root_cause(self.paths.errors, session) if returncode else diagnose.RootCause()
         error, signal_name = cause.text, signal_name or cause.signal
+        planned = self._planned_steps_done(session)
+        if self._stop.requests and returncode == 0 and planned is not None:
+            self._note(f"a stop was asked for as the training finished its {planned} steps: it completed", "info")
+            return SessionOutcome(0, Status.COMPLETED)
         if self._stop.requests:
             # Stopped by the user: 143 (SIGTERM's code) even when the training stopped cleanly after saving,
             # and whatever the launcher made of it with several ranks; 137 when the second press killed it.
