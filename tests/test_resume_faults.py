@@ -206,6 +206,27 @@ def test_an_exception_in_one_rank_of_two_is_named_and_max_restarts_resumes_from_
     assert "launch.script_args" in again.stderr and len(read_history(project_dir)["sessions"]) == 2
 
 
+def test_overwrite_moves_a_scripts_checkpoints_from_its_own_folder_and_resume_skips_another_runs(tmp_path):
+    from kaio.config import RunConfig
+    from kaio.run.project import latest_checkpoint, move_aside
+
+    script_dir = tmp_path / "out"  # the script's own output_dir, which the old record names
+    for step in (30, 45):
+        folder = script_dir / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        (folder / "model.safetensors").write_bytes(b"w")
+    (script_dir / "notes.txt").write_text("the user's own")
+    cfg = RunConfig(project_name="t", reporting={"output_dir": str(tmp_path / "reports")})
+    said: list[str] = []
+    assert latest_checkpoint(script_dir, said.append, at_most=9) is None  # both after this record's step 9
+    assert len(said) == 2 and "after step 9" in said[0]
+    assert latest_checkpoint(script_dir, said.append, at_most=45) == script_dir / "checkpoint-45"
+    (moved,) = move_aside(cfg, script_dir)
+    assert sorted(p.name for p in moved.iterdir()) == ["checkpoint-30", "checkpoint-45"]
+    assert moved.parent == script_dir and (script_dir / "notes.txt").is_file()  # only what the Trainer wrote
+
+
 def test_a_resume_may_change_a_scripts_arguments_but_not_the_script():
     old = {"launch": {"script": "train.py", "script_args": ["10"]}, "lora": {"r": 4, "rslora": False}}
     longer = {"launch": {"script": "train.py", "script_args": ["20"]}, "lora": {"r": 4, "rslora": True}}

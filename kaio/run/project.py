@@ -88,8 +88,9 @@ def opened(paths: ProjectPaths, notify: Notify, *, pids_here: bool = True) -> It
             loaded.state.index.close()
 
 
-def move_aside(cfg: RunConfig) -> list[Path]:
-    """``--overwrite``: keep the old record and checkpoints under a dated name, never delete them."""
+def move_aside(cfg: RunConfig, checkpoint_dir: Path) -> list[Path]:
+    """``--overwrite``: keep the old record and its checkpoints (in ``checkpoint_dir``: kaio's folder for the
+    built-in recipe, a script's own output_dir) under a dated name, never delete them."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     moved = []
     paths = ProjectPaths(cfg.report_dir)
@@ -114,9 +115,9 @@ def move_aside(cfg: RunConfig) -> list[Path]:
     if cfg.launch.node_rank != 0:
         return moved  # the checkpoints are the head's to move (one folder for every node, when shared)
     # Only what the Trainer wrote there: training.output_dir may be a folder shared with other things.
-    checkpoints = [p for p in cfg.checkpoint_dir.glob("*") if p.name == "final" or _is_checkpoint(p)]
+    checkpoints = [p for p in checkpoint_dir.glob("*") if p.name == "final" or _is_checkpoint(p)]
     if checkpoints:
-        target = cfg.checkpoint_dir / f"replaced-{stamp}"
+        target = checkpoint_dir / f"replaced-{stamp}"
         target.mkdir(exist_ok=True)
         for path in checkpoints:
             shutil.move(str(path), target / path.name)
@@ -147,8 +148,10 @@ def run_new(
     """``kaio run``: a new history for the project (after moving an old one aside with ``--overwrite``)."""
     paths = ProjectPaths(cfg.report_dir)
     with ProjectLock(paths.report_dir):
+        old_checkpoints = cfg.checkpoint_dir
         if paths.journal.exists():
             loaded = loading.load(paths, writable=False)
+            old_checkpoints = checkpoint_folder(cfg, loaded.state)  # a script's own output_dir, when it said so
             loaded.state.index.close()
             alive = alive_pids(loaded.state)
             if alive:
@@ -163,8 +166,10 @@ def run_new(
                 "or start over with `--overwrite` (the old record and checkpoints are moved aside)"
             )
         if overwrite:
-            for path in move_aside(cfg):
-                notify(f"moved the previous record aside: {path}")
+            for path in move_aside(cfg, old_checkpoints):
+                notify(
+                    f"moved the previous {'checkpoints' if path.name.startswith('replaced-') else 'record'} aside: {path}"
+                )
         loaded = loading.load(paths, writable=True)
         try:
             factory = poller_factory_for(cfg) if poller_factory_for else None
