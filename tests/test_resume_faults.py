@@ -189,6 +189,8 @@ def test_an_exception_in_one_rank_of_two_is_named_and_max_restarts_resumes_from_
     first, restart = history["sessions"]
     assert (first["kind"], first["status"]) == ("run", "FAILED")
     assert first["error"] == "rank 1: RuntimeError: injected failure at step 6"
+    said = "kaio: automatic restart 1 of 2 after: rank 1: RuntimeError: injected failure at step 6; from checkpoint-4"
+    assert said in result.stdout  # on screen as it happens, not only in the report's notes
     assert first["started_at"] < first["failed_at"] < first["ended_at"]  # when rank 1 raised (its error file)
     assert (restart["kind"], restart["status"], restart["start_step"]) == ("restart", "COMPLETED", 4)
     assert _steps(history) == list(range(1, 11))

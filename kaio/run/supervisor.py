@@ -148,6 +148,9 @@ class Supervisor:
             origin = f"from {checkpoint.name}" if checkpoint else "from the start (no complete checkpoint yet)"
             cause = outcome.error or outcome.signal or f"exit code {outcome.exit_code}"
             note = f"automatic restart {restarts} of {self.cfg.launch.max_restarts} after: {cause}; {origin}"
+            said = f"kaio: {note}"  # on screen, between the failed session's output and the new one's
+            self._log_tail.append(said)
+            self.view.child_output(said)
             outcome = self.run_session(
                 SessionRequest(SessionKind.RESTART, checkpoint.resolve() if checkpoint else None, [note])
             )
