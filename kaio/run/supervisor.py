@@ -94,9 +94,7 @@ class _Stop:
     first_at: float | None = None  # when the grace period started (a scheduler's warning starts none)
     warned: bool = False  # the stop came from a scheduler's time-limit warning (SIGUSR1)
     killed: bool = False
-    step_at_request: int = (
-        0  # the session's last step when the stop was asked for: a checkpoint from it on is the stop's
-    )
+    step_at_request: int = 0  # the session's last step at the stop: a checkpoint from it on is the stop's
     trained_before: bool = False  # the Trainer had ended its training before the stop was asked for
 
 
