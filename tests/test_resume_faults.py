@@ -224,7 +224,8 @@ def test_overwrite_moves_a_scripts_checkpoints_from_its_own_folder_and_resume_sk
     assert latest_checkpoint(script_dir, said.append, at_most=9) is None  # both after this record's step 9
     assert len(said) == 2 and "after step 9" in said[0]
     assert latest_checkpoint(script_dir, said.append, at_most=45) == script_dir / "checkpoint-45"
-    (moved,) = move_aside(cfg, script_dir)
+    ((what, moved),) = move_aside(cfg, script_dir)
+    assert what == "checkpoints"
     assert sorted(p.name for p in moved.iterdir()) == ["checkpoint-30", "checkpoint-45"]
     assert moved.parent == script_dir and (script_dir / "notes.txt").is_file()  # only what the Trainer wrote
 

@@ -144,6 +144,27 @@ def test_snapshot_places_ranks_on_the_run_gpus_and_computes_rate_and_eta():
     assert starting.status == "STARTING" and starting.steps_per_s is None and starting.eta_s is None
 
 
+def test_a_record_that_begins_at_a_later_step_counts_the_samples_and_tokens_of_its_own_steps():
+    """The script resumed its Trainer from its own checkpoint-12 (4,800 input tokens by then): the Trainer's
+    counts include steps 1-12, the record's are its own 8 steps of 4 samples and 400 tokens."""
+    from kaio.report import summarize
+
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 12, "start_tokens": 4_800, "max_steps": 20}
+    run |= {"world_size": 1, "args": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}}
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, run]
+    for k in range(13, 21):
+        events += [{**_step(k, float(k)), "tokens_seen": 400 * k}, _log(k, 1.0)]
+    state = replay(events)
+    history = history_of(state)
+    assert [s["samples_seen"] for s in history["steps"]] == [4 * k for k in range(1, 9)]
+    assert [s["tokens_seen"] for s in history["steps"]] == [400 * k for k in range(1, 9)]
+    assert any("began at step 12" in n for n in history["telemetry"]["notes"])
+    with state.with_open_steps() as index:
+        s = summarize(state.header(), index)
+    assert (s.samples, s.tokens) == (32, 3_200)
+    assert s.samples_per_s == pytest.approx(32 / 8.0)
+
+
 def test_the_closing_summary_log_keeps_the_last_loss_on_screen():
     records = [
         {"type": "session_start", "session": 1, "t_wall": 1e9},

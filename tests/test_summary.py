@@ -315,14 +315,6 @@ def test_throughput_is_over_the_time_spent_in_steps():
     assert s.tokens_per_s == pytest.approx(8_000 / 7.5)
 
 
-def test_a_record_that_begins_at_a_later_step_counts_the_samples_of_its_own_steps():
-    """The script resumed its Trainer from its own checkpoint-12: the Trainer's counts include steps 1-12."""
-    steps = [step(k, duration_s=1.0, samples_seen=4 * k, tokens_seen=400 * k) for k in range(13, 21)]
-    s = summary_of(steps)
-    assert (s.samples, s.tokens) == (32, 3_200)  # 8 steps of 4 samples, 400 tokens
-    assert s.samples_per_s == pytest.approx(32 / 8.0)
-
-
 def test_training_time_adds_the_sessions_and_a_running_one_counts_its_steps_span():
     sessions = [Session(session=1, duration_s=100.0, status=Status.COMPLETED), Session(session=2)]
     steps = [

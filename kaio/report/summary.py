@@ -325,16 +325,8 @@ def _pooled(rows: Any, at: int) -> float | None:
 
 def _throughput(q: _Query, s: Summary) -> None:
     samples, tokens = q.row("SELECT MAX(samples_seen), MAX(tokens_seen) FROM steps") or (None, None)
-    # A record that begins at a later step (its Trainer resumed from a checkpoint the script chose) counts the
-    # samples and tokens of its own steps: the Trainer's counts include those before, the first step's own taken
-    # as their average.
-    first = q.row("SELECT step, samples_seen, tokens_seen FROM steps ORDER BY step LIMIT 1")
-    if first and first[0] > 1:
-        before = (first[0] - 1) / first[0]
-        samples = samples - first[1] * before if samples is not None and first[1] is not None else samples
-        tokens = tokens - first[2] * before if tokens is not None and first[2] is not None else tokens
-    s.samples = None if samples is None else round(samples)
-    s.tokens = None if tokens is None else round(tokens)
+    s.samples = None if samples is None else int(samples)
+    s.tokens = None if tokens is None else int(tokens)
     seconds = s.steps_s
     if seconds:
         s.samples_per_s = None if samples is None else samples / seconds

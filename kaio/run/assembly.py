@@ -72,15 +72,17 @@ class StepAssembler(msgspec.Struct, kw_only=True):
     warned_nonfinite: set[str] = set()
     last_tokens_seen: int | None = None  # rank 0's count at its latest step, this session
     # Samples seen are the step times the samples a step takes, counted from this (step, samples): a script's
-    # later training (another Trainer, another batch size) counts on from where the earlier one ended.
+    # later training (another Trainer, another batch size) counts on from where the earlier one ended, and a
+    # record that begins at a later step counts from there.
     samples_from: tuple[int, int] = (0, 0)
     last_samples_seen: int = 0
+    tokens_from: int = 0  # the Trainer's count where the record began (its tokens are the record's from there)
 
     def start_session(self, session: int) -> None:
         self.session = session
         self.warned_nonfinite.clear()
         self.last_tokens_seen = None
-        self.samples_from, self.last_samples_seen = (0, 0), 0
+        self.samples_from, self.last_samples_seen, self.tokens_from = (0, 0), 0, 0
         self.ticks.clear()
         self.pending.clear()
         self.prev_end_mono = self.last_end_mono = None
@@ -89,6 +91,11 @@ class StepAssembler(msgspec.Struct, kw_only=True):
     def continue_counts_at(self, start: int) -> None:
         """A later training of the session starts after step ``start``: its samples count on from there."""
         self.samples_from = (start, self.last_samples_seen)
+
+    def begin_counts_at(self, start: int, tokens: int | None) -> None:
+        """The record begins after step ``start`` (the script resumed its Trainer from its own checkpoint, whose
+        counts were ``tokens`` input tokens): samples and tokens count what this record trains."""
+        self.samples_from, self.tokens_from = (start, 0), tokens or 0
 
     def resume_at(self, start: int, out: AssemblyOutput) -> None:
         """Rank 0 of this session starts from checkpoint ``start``: later steps are trained again."""
@@ -121,7 +128,8 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         entry.timestamp = iso(event.t_wall)
         entry.t_mono = event.t_mono
         entry.step_time_s = event.step_time_s
-        entry.tokens_seen = event.tokens_seen if event.tokens_seen is not None else entry.tokens_seen
+        if event.tokens_seen is not None:
+            entry.tokens_seen = event.tokens_seen - self.tokens_from
         if throughput is not None and throughput.samples_per_step is not None:
             step, samples = self.samples_from
             entry.samples_seen = self.last_samples_seen = samples + (event.step - step) * throughput.samples_per_step

@@ -87,6 +87,7 @@ def build_snapshot(
     step: int,
     warnings: tuple[str, ...],
     *,
+    live_warnings: tuple[str, ...] = (),
     status: str | None = None,
     log_tail: tuple[str, ...] = (),
     report_path: str | None = None,
@@ -150,6 +151,7 @@ def build_snapshot(
         host=host,
         log_tail=log_tail,
         warnings=warnings,
+        live_warnings=live_warnings,
         exit_code=session.exit_code if session else None,
         report_path=report_path,
     )

@@ -88,9 +88,10 @@ def opened(paths: ProjectPaths, notify: Notify, *, pids_here: bool = True) -> It
             loaded.state.index.close()
 
 
-def move_aside(cfg: RunConfig, checkpoint_dir: Path) -> list[Path]:
+def move_aside(cfg: RunConfig, checkpoint_dir: Path) -> list[tuple[str, Path]]:
     """``--overwrite``: keep the old record and its checkpoints (in ``checkpoint_dir``: kaio's folder for the
-    built-in recipe, a script's own output_dir) under a dated name, never delete them."""
+    built-in recipe, a script's own output_dir) under a dated name, never delete them. Returns what was moved
+    ("record", "checkpoints") and where to."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     moved = []
     paths = ProjectPaths(cfg.report_dir)
@@ -111,7 +112,7 @@ def move_aside(cfg: RunConfig, checkpoint_dir: Path) -> list[Path]:
             target.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.suppress(FileNotFoundError):  # moved meanwhile by its own node
                 shutil.move(str(entry), target)
-        moved.append(old_reports)
+        moved.append(("record", old_reports))
     if cfg.launch.node_rank != 0:
         return moved  # the checkpoints are the head's to move (one folder for every node, when shared)
     # Only what the Trainer wrote there: training.output_dir may be a folder shared with other things.
@@ -121,7 +122,7 @@ def move_aside(cfg: RunConfig, checkpoint_dir: Path) -> list[Path]:
         target.mkdir(exist_ok=True)
         for path in checkpoints:
             shutil.move(str(path), target / path.name)
-        moved.append(target)
+        moved.append(("checkpoints", target))
     return moved
 
 
@@ -166,10 +167,8 @@ def run_new(
                 "or start over with `--overwrite` (the old record and checkpoints are moved aside)"
             )
         if overwrite:
-            for path in move_aside(cfg, old_checkpoints):
-                notify(
-                    f"moved the previous {'checkpoints' if path.name.startswith('replaced-') else 'record'} aside: {path}"
-                )
+            for what, path in move_aside(cfg, old_checkpoints):
+                notify(f"moved the previous {what} aside: {path}")
         loaded = loading.load(paths, writable=True)
         try:
             factory = poller_factory_for(cfg) if poller_factory_for else None

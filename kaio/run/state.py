@@ -194,6 +194,7 @@ class RunState:
             self.warn(problem)
         if r.rank == self.ledger.lead_rank:
             if r.start_step and r.training == 1 and self.parts.steps.sealed_through == 0 and not self.parts.steps.open:
+                self.parts.steps.begin_counts_at(r.start_step, r.start_tokens)
                 self.ledger.add_note(
                     f"session {r.session}: the Trainer began at step {r.start_step} (the script resumed it from a "
                     f"checkpoint of its own): steps 1-{r.start_step} are not in this record"
@@ -350,16 +351,18 @@ class RunState:
         *,
         status: str | None = None,
         log_tail: tuple[str, ...] = (),
-        extra_warnings: tuple[str, ...] = (),
+        live_warnings: tuple[str, ...] = (),
         report_path: str | None = None,
     ) -> Snapshot:
-        warnings = tuple(self.parts.warnings.items[-5:]) + extra_warnings
+        """``live_warnings``: what is going on now (a stall's seconds), shown after the recorded warnings."""
+        warnings = tuple(self.parts.warnings.items[-5:]) + live_warnings
         self.ledger.note_energy(self.parts.live.latest_gpu)
         return build_snapshot(
             self.ledger,
             self.parts.live,
             self.last_step,
             warnings,
+            live_warnings=live_warnings,
             status=status,
             log_tail=log_tail,
             report_path=report_path,

@@ -339,9 +339,8 @@ class Supervisor:
         stall = self._stalls.live_warning(time.monotonic(), self.state.median_step_time()) if running else None
         live = self._live_warnings() + ((stall,) if stall else ())
         snapshot = self.state.snapshot(
-            status=status, log_tail=tuple(self._log_tail), extra_warnings=live, report_path=str(self.paths.report)
+            status=status, log_tail=tuple(self._log_tail), live_warnings=live, report_path=str(self.paths.report)
         )
-        snapshot = dataclasses.replace(snapshot, live_warnings=live)
         if self._nodes is not None:
             snapshot = dataclasses.replace(snapshot, nodes=self._nodes.rows())  # from memory: no I/O
         return dataclasses.replace(snapshot, eta_s=None) if stall else snapshot  # stalled: no time of arrival

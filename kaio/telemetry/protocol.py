@@ -167,6 +167,7 @@ class RunStart(Event, tag="run_start"):
     # include it).
     training: int = 1
     step_offset: int = 0
+    start_tokens: int | None = None  # the Trainer's input tokens at train begin: a checkpoint's count, resumed
     device: str | None = None
     args: TrainingArgs = msgspec.field(default_factory=TrainingArgs)
     model: ModelInfo | None = None
