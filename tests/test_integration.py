@@ -51,13 +51,19 @@ def _archive_metrics(archive_path: Path) -> dict:
     }
 
 
-def test_one_run_leaves_gpu_samples_in_every_step_the_metrics_in_comet_and_the_adapter_on_the_hub(project_dir):
+def test_one_run_with_everything_on_then_a_failed_push_retried_and_the_record_rebuilt(project_dir):
     """One whole run with everything on: two fake GPUs (one in the run), Comet's offline archive, a loopback Hub;
-    then a resume that continues the same Comet experiment with only the steps it trains."""
+    then a resume that continues the same Comet experiment with only the steps it trains, while the Hub is down:
+    `kaio push` retries its push, and `kaio report` rebuilds the record, refuses and survives corruption."""
+    unknown = kaio("report", "t", cwd=project_dir, timeout=60)
+    assert unknown.returncode == 2 and "unknown project 't'" in unknown.stderr
+
     site = _fake_nvml_site(project_dir, gpus=2)
     write_config(project_dir, max_steps=12, extra="hub:\n  push: true\n  repo_id: kaio-tester/tiny\n")
     cfg = project_dir / "cfg.yaml"
     cfg.write_text(cfg.read_text().replace("use_comet_ml: false", "use_comet_ml: true\n  peak_tflops: 0.05"))
+    report_dir = project_dir / "docs/reports/t"
+    down = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1"}
     with HubServer(token=TOKEN) as hub:
         env = {
             "PYTHONPATH": str(site),
@@ -70,9 +76,16 @@ def test_one_run_leaves_gpu_samples_in_every_step_the_metrics_in_comet_and_the_a
         result = kaio("run", "cfg.yaml", cwd=project_dir, env=env)
         assert result.returncode == 0, result.stdout + result.stderr
         (commit,) = hub.commits
-        resumed = kaio("resume", "t", "--max-steps", "15", cwd=project_dir, env=env)
-        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-        latest = hub.commits[-1]  # the resumed run completed too, and pushed its adapter
+        resumed = kaio("resume", "t", "--max-steps", "15", cwd=project_dir, env={**env, **down})
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr  # the training succeeded: the push is said
+        assert "push failed:" in (report_dir / "report.md").read_text() and hub.commits == [commit]
+        retry = kaio("push", "t", cwd=project_dir, env=env)
+        assert retry.returncode == 0, retry.stdout + retry.stderr
+        latest = hub.commits[-1]  # the resumed run's adapter
+    assert latest.sha != commit.sha and "push failed:" not in (report_dir / "report.md").read_text()
+    failed_again = kaio("push", "t", cwd=project_dir, env=down)
+    assert failed_again.returncode == 1 and TOKEN not in failed_again.stdout + failed_again.stderr
+
     history = read_history(project_dir)
 
     # GPU samples in every step; only the run's GPU counts in the flat keys.
@@ -114,7 +127,6 @@ def test_one_run_leaves_gpu_samples_in_every_step_the_metrics_in_comet_and_the_a
 
     # Comet: the run's metrics at the right steps; the resume continued the same experiment with its steps only.
     assert "comet upload" in result.stdout
-    report_dir = project_dir / "docs/reports/t"
     archives = sorted((report_dir / "comet").glob("*.zip"), key=lambda p: p.stat().st_mtime)
     first, second = archives
     metrics = _archive_metrics(first)
@@ -126,7 +138,8 @@ def test_one_run_leaves_gpu_samples_in_every_step_the_metrics_in_comet_and_the_a
         assert json.loads(archive.read("experiment.json"))["offline_id"] == key
     assert sorted({step for (name, step) in _archive_metrics(second) if name == "loss"}) == [13, 14, 15]
 
-    # The Hub: the adapter, a card and the report in one commit, recorded in the report; the token nowhere.
+    # The Hub: the adapter, a card and the report in one commit, recorded in the report; the token nowhere. The
+    # resumed run's adapter came with `kaio push`.
     assert {
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -142,31 +155,7 @@ def test_one_run_leaves_gpu_samples_in_every_step_the_metrics_in_comet_and_the_a
     for path in (project_dir / "docs").rglob("*"):
         if path.is_file():
             assert TOKEN.encode() not in path.read_bytes(), path
-    assert TOKEN not in result.stdout + result.stderr + resumed.stdout + resumed.stderr
-
-
-def test_a_failed_push_is_retried_by_kaio_push_and_kaio_report_rebuilds_refuses_and_survives_corruption(project_dir):
-    """One finished run (its push failed) serves both: the push is retried, then the record is rebuilt."""
-    unknown = kaio("report", "t", cwd=project_dir, timeout=60)
-    assert unknown.returncode == 2 and "unknown project 't'" in unknown.stderr
-
-    write_config(project_dir, max_steps=3)
-    cfg = project_dir / "cfg.yaml"
-    cfg.write_text(cfg.read_text() + "hub:\n  push: true\n  repo_id: kaio-tester/tiny\n")
-    down = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1"}
-    result = kaio("run", "cfg.yaml", cwd=project_dir, env=down)
-    assert result.returncode == 0  # the training succeeded; the push is reported, not fatal
-    report_dir = project_dir / "docs/reports/t"
-    assert "push failed:" in (report_dir / "report.md").read_text()
-    assert (project_dir / "checkpoints/t/final/adapter_config.json").is_file()
-    with HubServer(token=TOKEN) as hub:
-        retry = kaio("push", "t", cwd=project_dir, env={**down, "HF_ENDPOINT": hub.url})
-        assert retry.returncode == 0, retry.stdout + retry.stderr
-        (commit,) = hub.commits
-    report = (report_dir / "report.md").read_text()
-    assert commit.sha in report and "push failed:" not in report
-    failed_again = kaio("push", "t", cwd=project_dir, env=down)
-    assert failed_again.returncode == 1 and TOKEN not in failed_again.stdout + failed_again.stderr
+    assert TOKEN not in result.stdout + result.stderr + resumed.stdout + resumed.stderr + retry.stdout + retry.stderr
 
     # kaio report rebuilds what was removed, from the journal.
     original = json.loads((report_dir / "history.json").read_text())
@@ -175,10 +164,10 @@ def test_a_failed_push_is_retried_by_kaio_push_and_kaio_report_rebuilds_refuses_
     rebuilt = kaio("report", "t", "--json", cwd=project_dir, timeout=120)
     assert rebuilt.returncode == 0, rebuilt.stderr
     summary = json.loads(rebuilt.stdout)
-    assert summary["status"] == "COMPLETED" and summary["optimizer_steps"] == 3
+    assert summary["status"] == "COMPLETED" and summary["optimizer_steps"] == 15
     history = json.loads((report_dir / "history.json").read_text())
     assert [s["loss"] for s in history["steps"]] == [s["loss"] for s in original["steps"]]
-    assert history["hub"]["commit_sha"] == commit.sha  # the retried push is part of the record
+    assert history["hub"]["commit_sha"] == latest.sha  # the retried push is part of the record
     assert (report_dir / "report.md").is_file() and (report_dir / "telemetry.png").is_file()
 
     (report_dir / "history.json").write_text('{"schema_version": 1, "steps": [')

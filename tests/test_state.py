@@ -239,3 +239,17 @@ def test_processes_that_train_independently_are_called_out():
         ]
     )
     assert one_job.parts.warnings.items == []
+
+
+def test_a_failed_push_after_a_pushed_one_is_noted_until_a_later_push_succeeds():
+    pushed = {"type": "hub", "repo_id": "me/tiny", "commit_sha": "aaa"}
+    failed = {"type": "hub", "repo_id": "me/tiny", "error": "push failed: cannot reach the Hub"}
+    state = replay([{"type": "session_start", "session": 1}, pushed, failed])
+    header = state.header()
+    assert header.hub is not None and header.hub.commit_sha == "aaa"  # the Hub still holds that adapter
+    assert header.telemetry.notes == [
+        "a later push to me/tiny failed (push failed: cannot reach the Hub); the adapter stays at aaa"
+    ]
+    state.apply(*records({**pushed, "commit_sha": "bbb"}))  # `kaio push` retried it
+    header = state.header()
+    assert header.hub is not None and header.hub.commit_sha == "bbb" and header.telemetry.notes == []

@@ -36,6 +36,7 @@ from kaio.telemetry.spool import Received
 
 CHECKPOINTS_KEPT = 20
 STALLS_KEPT = 50
+_LATER_PUSH_FAILED = "a later push to"
 
 
 class SessionProgress(msgspec.Struct, kw_only=True):
@@ -252,9 +253,14 @@ class RunLedger(msgspec.Struct, kw_only=True):
 
     def on_hub(self, r: HubOutcome) -> None:
         if r.error and self.hub is not None and self.hub.commit_sha:
-            # A later `kaio push` that failed does not undo the commit the adapter is at.
-            self.add_note(f"a later push to {r.repo_id} failed ({r.error}); the adapter stays at {self.hub.commit_sha}")
+            # A later push that failed does not undo the commit the Hub's adapter is at.
+            self.add_note(
+                f"{_LATER_PUSH_FAILED} {r.repo_id} failed ({r.error}); the adapter stays at {self.hub.commit_sha}"
+            )
             return
+        if r.commit_sha:  # pushed: what an earlier failure left behind is no longer so
+            notes = self.telemetry.notes
+            notes[:] = [note for note in notes if not note.startswith(_LATER_PUSH_FAILED)]
         self.hub = r
 
     def note_energy(self, latest: dict[str, GpuSample]) -> None:
