@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -13,11 +14,8 @@ def peak_memory_functions() -> tuple[Callable[[], None], Callable[[], int]] | No
     on an H200 host); the nested stats read the same counter in ~11 us. Both only
     read host-side counters: no GPU synchronisation.
     """
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+    torch: Any = sys.modules.get("torch")  # a script that never imported torch uses no GPU through it
+    if torch is None or not (torch.cuda.is_available() and torch.cuda.is_initialized()):
         return None
     device = torch.cuda.current_device()
     read_stats: Any = getattr(torch._C, "_cuda_memoryStats", None)  # private: fall back if it ever goes
