@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +32,12 @@ def test_mypy_finds_no_type_error(tmp_path):
     # A private cache: a shared one would be written by concurrent runs.
     result = _run("mypy", "--cache-dir", str(tmp_path / "mypy-cache"))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.xdist_group("probe")
+def test_tests_of_one_xdist_group_are_sent_to_one_worker(request):
+    """The tests sharing a real run (a module-scoped fixture) are one xdist_group, so that the run is made once.
+    pytest 9.2 with pytest-xdist 3.8 ignores the groups without a word (pytest-xdist#1386): say it here."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        pytest.skip("not run by xdist workers: every test is in this one process")
+    assert request.node.nodeid.endswith("@probe"), "--dist loadgroup did not see this test's xdist_group"

@@ -55,6 +55,9 @@ def _saved_bytes_per_token(dtype, layers: int, targets, dropout: float, tokens=(
     return sum(saved.values()) / (tokens[0] * tokens[1])
 
 
+@pytest.mark.xdist_group(
+    "transformers"
+)  # in-process transformers and peft: loaded by one worker (tests/test_callback.py)
 @pytest.mark.parametrize(
     ("dtype_name", "targets", "dropout", "tolerance"),
     [
