@@ -14,6 +14,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Two test workers train at once on a 2-core machine: torch's default (a thread per core in each training)
+# puts four OpenMP threads on two cores, spinning at their barriers. One thread each, set before any torch.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # A LoRA fine-tune of the tiny model small enough for a test: a few seconds on 2 cores.
 FAST_CONFIG = """\
 project_name: {project}

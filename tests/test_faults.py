@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 from conftest import REPO, journal_steps, kaio, read_history, spawn_kaio, wait_for, write_config
 from kaio.record.lock import check_report_folder
 
-FAULTY = REPO / "tests" / "scripts" / "faulty_train.py"
+LIGHT = REPO / "tests" / "scripts" / "light_loop.py"  # no torch, no Trainer: these tests are about processes
 
 
 def _script_config(
@@ -47,7 +46,7 @@ def _command(proc: psutil.Process) -> str:
 def test_ranks_orphaned_by_a_killed_launcher_are_stopped(project_dir):
     """SIGKILL of the launcher (an OOM killer, a scheduler): its two ranks would train on as orphans.
     kaio adopts them (child subreaper), stops them and says so."""
-    _script_config(project_dir, FAULTY, ["5000", "10"], num_processes=2)
+    _script_config(project_dir, LIGHT, ["5000", "--step-seconds", "0.02", "--gloo"], num_processes=2)
     proc = spawn_kaio("run", "cfg.yaml", "--plain", cwd=project_dir)
     wait_for(lambda: journal_steps(project_dir) >= 2 * 12, 180, "both ranks to train")
     family = _family(proc.pid)
@@ -70,16 +69,10 @@ def test_ranks_orphaned_by_a_killed_launcher_are_stopped(project_dir):
 
 
 def test_ranks_that_ignore_sigterm_are_killed_after_the_grace_period(project_dir):
-    script = project_dir / "stubborn.py"
-    script.write_text(
-        textwrap.dedent(f"""\
-        import signal, runpy, sys
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a script that will not stop when asked
-        sys.argv = [{str(FAULTY)!r}, "100000", "100000"]
-        runpy.run_path({str(FAULTY)!r}, run_name="__main__")
-        """)
+    # A script that will not stop when asked.
+    _script_config(
+        project_dir, LIGHT, ["100000", "--step-seconds", "0.02", "--ignore-sigterm"], num_processes=2, grace=2
     )
-    _script_config(project_dir, script, [], num_processes=2, grace=2)
     proc = spawn_kaio("run", "cfg.yaml", "--plain", cwd=project_dir)
     wait_for(lambda: journal_steps(project_dir) >= 2 * 5, 180, "both ranks to train")
     family = _family(proc.pid)
@@ -146,9 +139,9 @@ def test_a_full_report_disk_and_a_closed_stdout_do_not_stop_the_training(project
     """While the disk is full and nobody reads stdout, the training goes on. Once space returns, the
     record is written whole: by kaio at the end of the run, or by `kaio report` if the disk was still
     full then."""
-    # During: 100 trained on a full disk, then more after space returns (a fast machine trains ~130 steps/s).
+    # During: 100 trained on a full disk (2 s), then more after space returns.
     steps = 300 if space_returns == "during the run" else 100
-    write_config(project_dir, max_steps=steps, save_steps=1000)
+    _script_config(project_dir, LIGHT, [str(steps), "--step-seconds", "0.02"])
     report_dir = project_dir / "docs" / "reports" / "t"
     layer, marker = project_dir / "full_disk.py", project_dir / "disk-is-full"
     layer.write_text(FULL_DISK_LAYER)

@@ -18,17 +18,18 @@ from conftest import REPO, journal_steps, kaio, read_history, spawn_kaio, wait_f
 from kaio.run.project import config_changes
 
 FAULTY = REPO / "tests" / "scripts" / "faulty_train.py"
+LIGHT = REPO / "tests" / "scripts" / "light_loop.py"  # no torch, no Trainer: for the tests about processes
 
 
 def _steps(history: dict) -> list[int]:
     return [s["step"] for s in history["steps"]]
 
 
-def _faulty_config(project_dir: Path, *script_args: str, num_processes: int = 1, extra: str = "") -> None:
+def _script_config(project_dir: Path, script: Path, *script_args: str, num_processes: int = 1) -> None:
     args = ", ".join(json.dumps(a) for a in script_args)
     (project_dir / "cfg.yaml").write_text(
-        f"project_name: t\nlaunch:\n  num_processes: {num_processes}\n  script: {FAULTY}\n"
-        f"  script_args: [{args}]\n  grace_seconds: 5\n{extra}"  # extra: more `launch:` keys
+        f"project_name: t\nlaunch:\n  num_processes: {num_processes}\n  script: {script}\n"
+        f"  script_args: [{args}]\n  grace_seconds: 5\n"
         "reporting:\n  use_comet_ml: false\n  poll_hz: 4\n  refresh_seconds: 5\n"
     )
 
@@ -60,19 +61,26 @@ def test_a_stop_signal_saves_a_checkpoint_there_resume_continues_exactly_and_ref
         in (project_dir / "docs/reports/t/report.md").read_text()
     )
 
-    result = kaio("resume", "t", cwd=project_dir)
+    # The resume continues it with an edited config (a lower learning rate, three more steps); a resume of a
+    # finished run from its final checkpoint: tests/test_integration.py and tests/test_multinode.py.
+    edited = (project_dir / "cfg.yaml").read_text()
+    (project_dir / "lr.yaml").write_text(edited.replace("learning_rate: 5.0e-3", "learning_rate: 1.0e-3"))
+    result = kaio("resume", "t", "--config", "lr.yaml", "--max-steps", "123", cwd=project_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     history = read_history(project_dir)
-    assert _steps(history) == list(range(1, 121))
+    assert _steps(history) == list(range(1, 124))
     assert [s["kind"] for s in history["sessions"]] == ["run", "resume"]
     assert history["sessions"][1]["start_step"] == stopped_at
     assert history["status"] == "COMPLETED"
     # Nothing was trained twice: the journal holds each step once.
     journal = [json.loads(line) for line in (project_dir / "docs/reports/t/journal.jsonl").read_text().splitlines()]
-    assert sorted(e["step"] for e in journal if e.get("type") == "step") == list(range(1, 121))
-    assert "session 2: resumed from checkpoint-" in " ".join(history["telemetry"]["notes"])
+    assert sorted(e["step"] for e in journal if e.get("type") == "step") == list(range(1, 124))
+    notes = " ".join(history["telemetry"]["notes"])
+    assert f"session 2: resumed from checkpoint-{stopped_at}" in notes
+    assert "training.learning_rate: 0.005 -> 0.001" in notes and "training.max_steps: 120 -> 123" in notes
+    assert "learning_rate: 0.005 -> 0.001" in (project_dir / "docs/reports/t/report.md").read_text()
 
-    # The finished project: what `kaio resume` refuses, and a resume that extends it with an edited config.
+    # The finished project: what `kaio resume` refuses.
     unknown = kaio("resume", "nope", cwd=project_dir, timeout=60)
     assert (
         unknown.returncode == 2 and "unknown project 'nope'" in unknown.stderr and "known projects: t" in unknown.stderr
@@ -80,29 +88,18 @@ def test_a_stop_signal_saves_a_checkpoint_there_resume_continues_exactly_and_ref
     finished = kaio("resume", "t", cwd=project_dir, timeout=60)
     assert finished.returncode == 2 and "--max-steps" in finished.stderr
     fewer = kaio("resume", "t", "--max-steps", "3", cwd=project_dir, timeout=60)
-    assert fewer.returncode == 2 and "has trained 120 steps already" in fewer.stderr
-    edited = (project_dir / "cfg.yaml").read_text()
+    assert fewer.returncode == 2 and "has trained 123 steps already" in fewer.stderr
     (project_dir / "lora.yaml").write_text(edited.replace("  r: 4\n", "  r: 8\n"))
-    refused = kaio("resume", "t", "--config", "lora.yaml", "--max-steps", "123", cwd=project_dir, timeout=60)
+    refused = kaio("resume", "t", "--config", "lora.yaml", "--max-steps", "126", cwd=project_dir, timeout=60)
     assert refused.returncode == 2
     assert "lora.r" in refused.stderr and "4 -> 8" in refused.stderr
     (project_dir / "moved.yaml").write_text(edited.replace("reporting:\n", "reporting:\n  output_dir: elsewhere\n"))
-    moved = kaio("resume", "t", "--config", "moved.yaml", "--max-steps", "123", cwd=project_dir, timeout=60)
+    moved = kaio("resume", "t", "--config", "moved.yaml", "--max-steps", "126", cwd=project_dir, timeout=60)
     assert moved.returncode == 2 and "unknown project 't' in elsewhere" in moved.stderr  # --config says where
     moved = kaio(
-        "resume", "t", "--config", "moved.yaml", "--output-dir", "docs/reports", "--max-steps", "123", cwd=project_dir
+        "resume", "t", "--config", "moved.yaml", "--output-dir", "docs/reports", "--max-steps", "126", cwd=project_dir
     )
     assert moved.returncode == 2 and "reporting.output_dir" in moved.stderr  # one history, in one place
-
-    (project_dir / "lr.yaml").write_text(edited.replace("learning_rate: 5.0e-3", "learning_rate: 1.0e-3"))
-    extended = kaio("resume", "t", "--config", "lr.yaml", "--max-steps", "123", cwd=project_dir)
-    assert extended.returncode == 0, extended.stdout + extended.stderr
-    history = read_history(project_dir)
-    assert _steps(history) == list(range(1, 124))
-    assert history["sessions"][2]["start_step"] == 120  # the Trainer saved checkpoint-120 as it finished
-    notes = " ".join(history["telemetry"]["notes"])
-    assert "training.learning_rate: 0.005 -> 0.001" in notes and "training.max_steps: 120 -> 123" in notes
-    assert "learning_rate: 0.005 -> 0.001" in (project_dir / "docs/reports/t/report.md").read_text()
 
     # No complete checkpoint at all (the last ones removed, one half-written): say so, suggest `kaio run`.
     for path in (project_dir / "checkpoints/t").glob("checkpoint-*"):
@@ -115,7 +112,9 @@ def test_a_stop_signal_saves_a_checkpoint_there_resume_continues_exactly_and_ref
 
 
 def test_a_rank_killed_with_sigkill_is_named(project_dir):
-    _faulty_config(project_dir, "10", "4", "--fault", "sigkill", "--rank", "1", "--at", "3", num_processes=2)
+    _script_config(
+        project_dir, LIGHT, "100", "--step-seconds", "0.02", "--fault", "sigkill", "--rank", "1", num_processes=2
+    )
     result = kaio("run", "cfg.yaml", cwd=project_dir)
     assert result.returncode == 137, result.stdout + result.stderr  # the job's own code, as a shell gives it
     assert "ChildFailedError" not in result.stdout + result.stderr  # the launcher's traceback: its ranks' are theirs
@@ -125,7 +124,7 @@ def test_a_rank_killed_with_sigkill_is_named(project_dir):
 
 
 def test_the_whole_child_killed_is_failed_with_the_signal(project_dir):
-    write_config(project_dir, max_steps=5000, save_steps=10000)
+    _script_config(project_dir, LIGHT, "5000", "--step-seconds", "0.02")
     proc = spawn_kaio("run", "cfg.yaml", cwd=project_dir, output=False)
     wait_for(lambda: journal_steps(project_dir) >= 3, 120, "training")
     # kaio's children: the launcher, and the process that draws telemetry.png.
@@ -138,14 +137,14 @@ def test_the_whole_child_killed_is_failed_with_the_signal(project_dir):
 
 
 def test_supervisor_killed_child_keeps_training_and_no_step_is_lost(project_dir):
-    write_config(project_dir, max_steps=400, save_steps=1000)  # seconds of training left after the kill
+    _script_config(project_dir, LIGHT, "400", "--step-seconds", "0.01")  # 4 s: seconds left after the kill
     proc = spawn_kaio("run", "cfg.yaml", cwd=project_dir, output=False)
     wait_for(lambda: journal_steps(project_dir) >= 5, 120, "training")
     child = psutil.Process(proc.pid).children(recursive=True)
     proc.kill()  # SIGKILL to the supervisor alone
     proc.wait(timeout=30)
     assert any(p.is_running() for p in child), "the child should carry on without its supervisor"
-    # While the orphan trains (400 steps: seconds, even on a fast machine), resume refuses.
+    # While the orphan trains, resume refuses.
     busy = kaio("resume", "t", cwd=project_dir, timeout=60)
     assert busy.returncode == 2 and "still training without a supervisor" in busy.stderr, busy.stderr
     psutil.wait_procs(child, timeout=120)

@@ -193,9 +193,9 @@ def test_kaio_log_outside_kaio_does_nothing(tmp_path):
     import sys
 
     result = subprocess.run(
-        [sys.executable, str(SCRIPTS / "plain_loop.py"), "3"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [sys.executable, str(SCRIPTS / "light_loop.py"), "3"], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
-    assert result.returncode == 0 and "plain loop done" in result.stdout and not list(tmp_path.iterdir())
+    assert result.returncode == 0 and "light loop done" in result.stdout and not list(tmp_path.iterdir())
 
 
 def test_a_script_ends_as_python_would_end_it_threads_then_exit_handlers_then_open_files(project_dir):
