@@ -87,6 +87,8 @@ def test_one_run_with_everything_on_then_a_failed_push_retried_and_the_record_re
     assert failed_again.returncode == 1 and TOKEN not in failed_again.stdout + failed_again.stderr
 
     history = read_history(project_dir)
+    # The resume of a finished run continued from its final checkpoint (checkpoint-12): each step once.
+    assert history["sessions"][1]["start_step"] == 12 and [s["step"] for s in history["steps"]] == list(range(1, 16))
 
     # GPU samples in every step; only the run's GPU counts in the flat keys.
     devices = {d["key"]: d for d in history["devices"]}
