@@ -206,7 +206,7 @@ def main() -> None:
     met = met and result["met_cold"] is not False
     line = (
         f"journal {built['journal_mb']:.0f} MB ({ns.steps} steps x {ns.ranks} ranks, {built['records'].get('TickRecord', 0)} ticks of {ns.gpus} GPUs); "
-        f"kaio report with the index up to date: median {wall:.2f} s [{result['wall_s']['min']:.2f}-{result['wall_s']['max']:.2f}], "
+        f"kaio report with the index up to date: median {wall:.2f} s [{result['wall_s'].get('min', wall):.2f}-{result['wall_s'].get('max', wall):.2f}], "
         f"peak RSS median {fmt(peak, 4)} MB; after a crash (tail of {ns.tail_steps} steps replayed): {tail['wall_s']:.2f} s, {fmt(tail['peak_rss_mb'], 4)} MB; "
         + (f"cold, whole journal replayed: {cold['wall_s']:.1f} s, {fmt(cold['peak_rss_mb'], 4)} MB; " if cold else "")
         + f"history.json {result['written_bytes'].get('history.json', 0) / 1e6:.0f} MB"

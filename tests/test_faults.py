@@ -230,3 +230,16 @@ def test_a_report_folder_that_cannot_be_created_is_one_line_and_nothing_starts(p
     assert result.returncode == 2
     assert result.stderr.startswith("kaio: error: afile/reports/t: cannot create the report folder")
     assert len(result.stderr.strip().splitlines()) == 1 and not (project_dir / "checkpoints").exists()
+
+
+def test_a_checkpoint_folder_that_cannot_be_created_is_one_line_and_nothing_starts(project_dir):
+    (project_dir / "afile").write_text("not a folder")
+    cfg = write_config(project_dir, max_steps=3)
+    cfg.write_text(cfg.read_text().replace("training:\n", "training:\n  output_dir: afile/ck\n"))
+    result = kaio("run", "cfg.yaml", cwd=project_dir)
+    assert result.returncode == 2
+    assert result.stderr == (
+        "kaio: error: afile/ck: cannot create the checkpoint folder (Not a directory); choose another "
+        "training.output_dir\n"
+    )
+    assert not (project_dir / "docs/reports/t/journal.jsonl").exists()  # fixed, `kaio run` starts it as new

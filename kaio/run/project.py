@@ -166,6 +166,7 @@ def run_new(
                 f"{loaded.state.status.value}) in {paths.report_dir}; continue it with `{paths.command('resume')}`, "
                 "or start over with `--overwrite` (the old record and checkpoints are moved aside)"
             )
+        _check_checkpoint_folder(cfg)
         if overwrite:
             for what, path in move_aside(cfg, old_checkpoints):
                 notify(f"moved the previous {what} aside: {path}")
@@ -175,6 +176,23 @@ def run_new(
             return _supervise(cfg, loaded.state, view, SessionRequest(SessionKind.RUN), factory, notify)
         finally:
             loaded.state.index.close()
+
+
+def _check_checkpoint_folder(cfg: RunConfig) -> None:
+    """The built-in recipe saves to ``training.output_dir``: a folder it cannot create or write is one line
+    now, not a traceback once the model has loaded (a script's own output_dir is the script's to make)."""
+    if cfg.launch.script:
+        return
+    folder = cfg.checkpoint_dir
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = exc.strerror
+    else:
+        if os.access(folder, os.W_OK | os.X_OK):
+            return
+        why = "not writable"
+    raise ProjectError(f"{folder}: cannot create the checkpoint folder ({why}); choose another training.output_dir")
 
 
 def _supervise(
