@@ -214,3 +214,25 @@ def test_train_begin_describes_the_run_from_the_live_objects(tmp_path, torch):
     assert start["train_samples"] == 11
     env = start["environment"]
     assert env["torch"] == torch.__version__ and env["transformers"] and env["python"]
+
+
+def test_paths_are_recorded_relative_to_kaios_folder_when_the_script_moves_to_another(tmp_path, monkeypatch):
+    """A script that changes its working directory (Hydra's runs do) and saves to a relative output_dir: the
+    record names its checkpoints from the folder kaio runs in, where `kaio resume` looks for them."""
+    from kaio.child import paths
+    from kaio.child.describe import _training_args
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(paths, "_kaio_folder", None)
+    paths.note_kaio_folder()
+    assert paths.recorded_path("out/checkpoint-3") == "out/checkpoint-3"
+    (tmp_path / "outputs" / "run1").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "outputs" / "run1")
+    assert paths.recorded_path("out/checkpoint-3") == "outputs/run1/out/checkpoint-3"
+    assert paths.recorded_path("/scratch/out") == "/scratch/out"
+    # A fraction of the run (logging_steps=0.2 of 15 steps) is recorded as the steps the Trainer used.
+    args = SimpleNamespace(output_dir="out", logging_steps=0.2, eval_steps=0.5, save_steps=500, max_steps=15)
+    state = SimpleNamespace(logging_steps=3, eval_steps=8, save_steps=500)
+    recorded = _training_args(args, state)
+    assert (recorded.logging_steps, recorded.eval_steps, recorded.save_steps) == (3, 8, 500)
+    assert recorded.output_dir == "outputs/run1/out"

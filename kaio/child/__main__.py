@@ -42,8 +42,10 @@ def main(argv: list[str] | None = None) -> Ending:
     if args[:1] == ["--"]:
         args = args[1:]
 
-    from kaio.child import stacks
+    from kaio.child import paths, stacks
     from kaio.child.patch import install, rank_from_env, shared_emitter
+
+    paths.note_kaio_folder()  # before the script can move to another folder
 
     stacks.install(rank_from_env())  # from now: a stall in loading the model is explained too
     install()

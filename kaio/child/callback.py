@@ -24,6 +24,7 @@ from kaio.child.describe import describe_run
 from kaio.child.emitter import EventEmitter
 from kaio.child.memory import peak_memory_functions
 from kaio.child.nonfinite import LossWatch, stop_on_nonfinite
+from kaio.child.paths import recorded_path
 from kaio.child.timing import StepTiming
 from kaio.telemetry.protocol import ENV_RESUME_FROM, Eval, Log, Metric, Save, Step, TrainEnd, tag_nonfinite
 
@@ -213,7 +214,7 @@ class KaioCallback(TrainerCallback):
         # checkpoint saved says so, and its save pause is its own.
         if not (state.is_world_process_zero or getattr(state, "is_local_process_zero", False)):
             return
-        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        path = recorded_path(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
         now = time.monotonic()
         took = now - self._busy_until_mono if self._busy_until_mono is not None else None
         self.emitter.emit(

@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Any
 
+from kaio.child.paths import recorded_path
 from kaio.secrets import redact_argv
 from kaio.telemetry.protocol import ENV_NODE_RANK, Environment, ModelInfo, PeftInfo, RunStart, TrainingArgs
 
@@ -40,7 +41,7 @@ def describe_run(rank: int, args: Any, state: Any, model: Any, kwargs: dict[str,
         start_tokens=_int(getattr(state, "num_input_tokens_seen", None)) or None,
         max_steps=_int(state.max_steps),
         device=str(getattr(args, "device", None)),
-        args=_training_args(args),
+        args=_training_args(args, state),
         model=describe_model(model),
         peft=describe_peft(model),
         tokenizer=_name(kwargs.get("processing_class") or kwargs.get("tokenizer")),
@@ -52,12 +53,19 @@ def describe_run(rank: int, args: Any, state: Any, model: Any, kwargs: dict[str,
     )
 
 
-def _training_args(args: Any) -> TrainingArgs:
+def _training_args(args: Any, state: Any) -> TrainingArgs:
     values = {}
     for name in TrainingArgs.__struct_fields__:
         value = _plain(getattr(args, name, None))
         if value is not None:
             values[name] = value
+    for name in ("logging_steps", "eval_steps", "save_steps"):
+        # A fraction of the run (0.2): the Trainer's state has the steps it stands for, as it trains with them.
+        resolved = _int(getattr(state, name, None))
+        if isinstance(values.get(name), float) and values[name] < 1 and resolved:
+            values[name] = resolved
+    if isinstance(values.get("output_dir"), str):
+        values["output_dir"] = recorded_path(values["output_dir"])
     if "eval_strategy" not in values:  # transformers before 4.41 spelled it evaluation_strategy
         legacy = _plain(getattr(args, "evaluation_strategy", None))
         if legacy is not None:
