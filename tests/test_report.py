@@ -548,6 +548,36 @@ def test_evaluation_table_names_the_best_loss_and_its_step():
     assert md.index("## Key metrics") < md.index("## Evaluation") < md.index("## Telemetry")
 
 
+def test_several_eval_datasets_each_have_their_best_loss_and_their_points():
+    """eval_dataset={"val": ..., "test": ...}: the Trainer evaluates each on its own (eval_val_loss, then
+    eval_test_loss, at each eval step). Each set's best is its own, never the minimum of both."""
+    from kaio.report.figure_data import figure_data
+
+    losses = {5: (2.0, 1.0), 10: (1.5, 1.1), 15: (1.7, 0.9)}
+    evals = [
+        EvalEntry(step=step, session=1, metrics={f"eval_{name}_loss": loss, f"eval_{name}_runtime": 0.1})
+        for step, pair in losses.items()
+        for name, loss in zip(("val", "test"), pair)
+    ]
+    header, index = make_run(15, evals=evals)
+    summary = summarize(header, index)
+    assert [(e.name, e.best, e.best_step, e.final) for e in summary.eval_sets] == [
+        ("val", 1.5, 10, 1.7),
+        ("test", 0.9, 15, 0.9),
+    ]
+    assert (summary.eval_loss_best, summary.eval_loss_best_step, summary.eval_loss_final) == (1.5, 10, 1.7)  # val's
+    md = render_markdown(header, summary, index.evals())
+    assert "| Evaluation loss, best | 1.5 (val) at step 10; 0.9 (test) at step 15 |" in section(md, "Key metrics")
+    assert "Best evaluation loss **1.5** (val) at step 10; **0.9** (test) at step 15 (6 evaluations)." in md
+    lines = figure_data(header, index).eval_losses
+    assert {name: (line.x, line.y) for name, line in lines.items()} == {
+        "val": ([5, 10, 15], [2.0, 1.5, 1.7]),
+        "test": ([5, 10, 15], [1.0, 1.1, 0.9]),
+    }
+    state = replay([{"type": "eval", "rank": 0, "session": 1, "step": e.step, "metrics": e.metrics} for e in evals])
+    assert state.parts.live.eval_loss == 1.7  # the dashboard shows one set's latest (the first's), not each in turn
+
+
 def test_evaluation_table_lists_the_latest_twenty_but_always_names_the_best():
     evals = [
         EvalEntry(step=10 * i, session=1, metrics={"eval_loss": 0.5 if i == 2 else 3.0 - 0.01 * i})

@@ -270,8 +270,24 @@ class EvalEntry(msgspec.Struct, kw_only=True):
     nonfinite: dict[str, NonFiniteTag] = {}
 
     @property
+    def loss_key(self) -> str | None:
+        """``eval_loss``; with several eval datasets (``eval_dataset={"a": ..., "b": ...}``) each is evaluated on
+        its own and logs its ``eval_a_loss``: the one such key."""
+        if "eval_loss" in self.metrics:
+            return "eval_loss"
+        keys = [k for k in self.metrics if k.startswith("eval_") and k.endswith("_loss")]
+        return keys[0] if len(keys) == 1 else None
+
+    @property
+    def eval_set(self) -> str | None:
+        """The eval dataset's name (``a`` of ``eval_a_loss``); None for ``eval_loss``."""
+        key = self.loss_key
+        return key.removeprefix("eval_").removesuffix("_loss") if key not in (None, "eval_loss") else None
+
+    @property
     def loss(self) -> float | None:
-        return self.metrics.get("eval_loss")
+        key = self.loss_key
+        return self.metrics.get(key) if key is not None else None
 
 
 class Session(msgspec.Struct, kw_only=True):

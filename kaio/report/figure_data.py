@@ -51,7 +51,7 @@ class FigureData(msgspec.Struct, kw_only=True):
     loss_smoothed: Line = msgspec.field(default_factory=Line)
     loss_marks: list[float] = []  # first NaN/inf loss step of each bucket that had one
     nonfinite_losses: int = 0
-    eval_loss: Line = msgspec.field(default_factory=Line)
+    eval_losses: dict[str, Line] = {}  # each eval dataset's ("": eval_loss), in the order first evaluated
     learning_rate: Line = msgspec.field(default_factory=Line)
     vram_true_peak: Line = msgspec.field(default_factory=Line)
     vram_ranks: Band = msgspec.field(default_factory=Band)
@@ -154,8 +154,11 @@ def figure_data(header: HistoryHeader, index: RunIndex) -> FigureData:
     marks = f"SELECT MIN(step) FROM steps WHERE loss_nonfinite IS NOT NULL GROUP BY {grid.bucket}"
     data.loss_marks = [m for (m,) in conn.execute(marks)]
     data.nonfinite_losses = conn.execute("SELECT COUNT(*) FROM steps WHERE loss_nonfinite IS NOT NULL").fetchone()[0]
-    evals = conn.execute("SELECT step, eval_loss FROM evals WHERE eval_loss IS NOT NULL ORDER BY step").fetchall()
-    data.eval_loss = Line([step for step, _ in evals], [loss for _, loss in evals])
+    for evaluation in index.evals():
+        if evaluation.loss is not None:
+            line = data.eval_losses.setdefault(evaluation.eval_set or "", Line())
+            line.x.append(evaluation.step)
+            line.y.append(evaluation.loss)
     known = {gpu for (gpu,) in conn.execute("SELECT DISTINCT gpu FROM step_gpus")}
     in_run = header.run_gpu_keys()
     keys = [k for k in in_run if k in known] + sorted(known - set(in_run) - {d.key for d in header.devices})

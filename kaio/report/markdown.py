@@ -31,7 +31,7 @@ from kaio.record.types import (
     StalledRank,
     Status,
 )
-from kaio.report.summary import Summary, time_buckets
+from kaio.report.summary import EvalSetLoss, Summary, time_buckets
 from kaio.units import gib
 
 REDACTED = "‹redacted›"
@@ -145,7 +145,7 @@ def _key_metrics(s: Summary) -> str:
         ("Loss, final smoothed (EMA)", _num(s.loss_final_smoothed, ".4g") or _no_loss(s)),
     ]
     if s.eval_loss_best is not None:
-        rows.append(("Evaluation loss, best", f"{s.eval_loss_best:.4g} at step {s.eval_loss_best_step:,}"))
+        rows.append(("Evaluation loss, best", _best_eval_loss(s)))
     rows += [
         ("True peak VRAM (allocator, max over ranks)", _true_peak(s) or missing),
         ("True peak VRAM, average over steps", _bytes(s.vram_true_peak_step_avg_bytes) or missing),
@@ -209,6 +209,17 @@ def _seconds(value: float) -> str:
     return f"{value:.1f} s" if value < 60 else (_duration(value) or "")
 
 
+def _best_eval_loss(s: Summary, *, bold: bool = False) -> str:
+    """The best evaluation loss and its step; with several eval datasets, each one's."""
+    mark = "**" if bold else ""
+    sets = s.eval_sets or [EvalSetLoss(name=None, best=s.eval_loss_best, best_step=s.eval_loss_best_step)]
+    return "; ".join(
+        f"{mark}{e.best:.4g}{mark}{f' ({e.name})' if e.name else ''} at step {e.best_step:,}"
+        for e in sets
+        if e.best is not None and e.best_step is not None
+    )
+
+
 def _evaluations(s: Summary, evals: list[EvalEntry]) -> str | None:
     if not evals:
         return None
@@ -218,7 +229,7 @@ def _evaluations(s: Summary, evals: list[EvalEntry]) -> str | None:
     text = "## Evaluation\n\n"
     if s.eval_loss_best is not None:
         count = f"{s.eval_count} evaluation{'s' if s.eval_count != 1 else ''}"
-        text += f"Best evaluation loss **{s.eval_loss_best:.4g}** at step {s.eval_loss_best_step:,} ({count}).\n\n"
+        text += f"Best evaluation loss {_best_eval_loss(s, bold=True)} ({count}).\n\n"
     if len(evals) > len(shown):
         text += f"The latest {len(shown)} of {len(evals)} evaluations (all are in history.json):\n\n"
     return text + _table(("Step", *names), rows)

@@ -142,8 +142,10 @@ def _loss_panel(ax: Axes, data: FigureData) -> None:
         ax.plot(*_xy(data.loss), color="0.6", linewidth=0.8, label="raw")
         ax.plot(*_xy(data.loss_smoothed), color="tab:orange", linewidth=2, label="smoothed (EMA)")
         ax.set_ylabel("loss")
-    if data.eval_loss.x:
-        ax.plot(*_xy(data.eval_loss), "o", color="tab:green", markersize=4, label="evaluation loss")
+    markers = "os^vDP*X"
+    for i, (name, line) in enumerate(data.eval_losses.items()):
+        label = f"evaluation loss ({name})" if name else "evaluation loss"
+        ax.plot(*_xy(line), markers[i % len(markers)], color="tab:green", markersize=4, label=label)
     if data.loss_marks:  # one per bucket that had any: bounded however many there were
         count = data.nonfinite_losses
         ax.plot(

@@ -28,6 +28,15 @@ ENERGY_FROM_STEPS = "sum of per-step energy"
 ENERGY_FROM_STEP_POWER = "integrated from per-step average power"
 
 
+class EvalSetLoss(msgspec.Struct, kw_only=True):
+    """One eval dataset's loss over the run (``name`` None: ``eval_loss``)."""
+
+    name: str | None = None
+    final: float | None = None
+    best: float | None = None
+    best_step: int | None = None
+
+
 class Summary(msgspec.Struct, kw_only=True):
     project: str
     status: str
@@ -64,6 +73,9 @@ class Summary(msgspec.Struct, kw_only=True):
     eval_loss_final: float | None = None
     eval_loss_best: float | None = None
     eval_loss_best_step: int | None = None
+    # Several eval datasets: each one's final and best loss, in the order they were first evaluated (the
+    # eval_loss_* fields above are the first one's).
+    eval_sets: list[EvalSetLoss] = []
     vram_true_peak_bytes: int | None = None
     vram_true_peak_by_rank_bytes: dict[str, int] = {}
     vram_true_peak_step_avg_bytes: int | None = None
@@ -187,7 +199,7 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
     s.training_time_s = _training_time_s(q, sessions)
     _time_spent(q, s, sessions, header.telemetry, header.stalls)
     _loss(q, s)
-    _evals(q, s)
+    _evals(index, s)
     gpus = _gpus(q, s, header, w)
     _throughput(q, s)
     if run is not None:
@@ -275,14 +287,24 @@ def _loss(q: _Query, s: Summary) -> None:
             s.loss_inf_first_step = first if s.loss_inf_first_step is None else min(first, s.loss_inf_first_step)
 
 
-def _evals(q: _Query, s: Summary) -> None:
-    s.eval_count = q.value("SELECT COUNT(*) FROM evals")
-    s.eval_loss_final = q.value(
-        "SELECT eval_loss FROM evals WHERE eval_loss IS NOT NULL ORDER BY step DESC, session DESC, rowid DESC LIMIT 1"
-    )
-    s.eval_loss_best_step, s.eval_loss_best = q.row(
-        "SELECT step, MIN(eval_loss) FROM evals WHERE eval_loss IS NOT NULL"
-    ) or (None, None)
+def _evals(index: RunIndex, s: Summary) -> None:
+    """Evaluations are few (one every eval_steps): read whole, each dataset's losses apart."""
+    evals = index.evals()
+    s.eval_count = len(evals)
+    sets: dict[str | None, EvalSetLoss] = {}
+    for e in evals:
+        loss = e.loss
+        if loss is None:
+            continue
+        found = sets.setdefault(e.eval_set, EvalSetLoss(name=e.eval_set))
+        found.final = loss
+        if found.best is None or loss < found.best:
+            found.best, found.best_step = loss, e.step
+    if sets:
+        first = next(iter(sets.values()))
+        s.eval_loss_final, s.eval_loss_best, s.eval_loss_best_step = first.final, first.best, first.best_step
+    if len(sets) > 1:
+        s.eval_sets = list(sets.values())
 
 
 def _gpus(q: _Query, s: Summary, header: HistoryHeader, w: str) -> list[str]:

@@ -28,7 +28,8 @@ class LiveStats(msgspec.Struct, kw_only=True):
     learning_rate: float | None = None
     grad_norm: float | None = None
     epoch: float | None = None
-    eval_loss: float | None = None
+    eval_loss: float | None = None  # the latest evaluation's (of the first eval dataset, when there are several)
+    eval_set: str | None = None
     # (seconds, steps) between rank 0's step ends, without the ones holding an evaluation or a checkpoint save
     # (a step announces them): the speed and the ETA are the training's. Kept across a resume, so that its
     # first steps have an ETA (the previous session's speed) until their own replace it.

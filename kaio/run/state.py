@@ -259,8 +259,9 @@ class RunState:
         runtime = entry.metrics.get("eval_runtime")
         if runtime is not None:
             self.parts.steps.add_pause(r.step, eval_s=runtime)
-        if entry.loss is not None:
-            self.parts.live.eval_loss = entry.loss
+        live = self.parts.live
+        if entry.loss is not None and (live.eval_loss is None or entry.eval_set == live.eval_set):
+            live.eval_loss, live.eval_set = entry.loss, entry.eval_set  # one dataset's, not each in turn
         for listener in self.eval_listeners:
             listener(entry)
 
