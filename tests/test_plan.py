@@ -114,7 +114,11 @@ def test_the_8b_example_is_sized_exactly_offline_and_fits_with_gradient_checkpoi
         monkeypatch,
         [FakeNvidiaGpu(uuid=f"GPU-0000000{i}-d72c-4106-c12f-20bd9faed9f6", memory_used=20 * 2**30) for i in range(4)],
     )
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    # Read once, when huggingface_hub is imported: the constant, not the variable (set, it would outlive this
+    # test in a process that imports huggingface_hub now).
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     example = REPO / "configs" / "examples" / "llama3-8b-lora-bf16.yaml"
     made = make_plan(load_config(example), environ={"PATH": os.environ["PATH"]})
     plan = plan_json(made)

@@ -31,6 +31,7 @@ def hub_client_env(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     # huggingface_hub reads these once, at import: point the already-imported constants too.
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(hf_home / "token"))
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(hf_home / "stored_tokens"))
     return hf_home
