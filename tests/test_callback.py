@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import replay
 from kaio.child import emitter as emitter_module
 from kaio.child.emitter import EventEmitter
 from kaio.telemetry.fifo import TelemetryFifo
@@ -236,3 +237,32 @@ def test_paths_are_recorded_relative_to_kaios_folder_when_the_script_moves_to_an
     recorded = _training_args(args, state)
     assert (recorded.logging_steps, recorded.eval_steps, recorded.save_steps) == (3, 8, 500)
     assert recorded.output_dir == "outputs/run1/out"
+
+
+def test_the_end_of_training_says_which_checkpoints_are_gone_and_which_weights_the_model_ends_with(
+    hooks, tmp_path, monkeypatch
+):
+    """load_best_model_at_end with save_total_limit=1: the Trainer removes the last checkpoint at its end and
+    the model ends with the best one's weights; the record must not name the removed one as the latest."""
+    monkeypatch.chdir(tmp_path)
+    callback = hooks.callback
+    args = SimpleNamespace(output_dir="out", load_best_model_at_end=True)
+    state = SimpleNamespace(global_step=8, is_world_process_zero=True, best_model_checkpoint="out/checkpoint-8")
+    for step in (8, 20):
+        (tmp_path / "out" / f"checkpoint-{step}").mkdir(parents=True)
+        state.global_step = step
+        callback.on_save(args, state, SimpleNamespace())
+    (tmp_path / "out" / "checkpoint-20").rmdir()  # what the Trainer does before on_train_end
+    callback.on_train_end(args, state, SimpleNamespace())
+    (end,) = [e for e in hooks.events() if e["type"] == "train_end"]
+    assert end["checkpoints_removed"] == ["out/checkpoint-20"] and end["best_loaded"] == "out/checkpoint-8"
+
+    records = [
+        {"type": "session_start", "session": 1},
+        {"type": "save", "rank": 0, "step": 8, "path": "out/checkpoint-8"},
+        {"type": "save", "rank": 0, "step": 20, "path": "out/checkpoint-20"},
+        {"type": "train_end", "rank": 0, "step": 20, **{k: end[k] for k in ("checkpoints_removed", "best_loaded")}},
+    ]
+    header = replay(records).header()
+    assert [(c.step, c.path) for c in header.checkpoints] == [(8, "out/checkpoint-8")]
+    assert "the final model is out/checkpoint-8's weights, not the last step's" in " ".join(header.telemetry.notes)

@@ -60,6 +60,7 @@ class KaioCallback(TrainerCallback):
         self._step_offset = 0  # added to this Trainer's own step: the record's step (``_Trainings``)
         self._tokens_offset = 0
         self.timing = StepTiming()  # fed by the patched Trainer's get_batch_samples and compute_loss
+        self._saved: list[tuple[str, str]] = []  # each checkpoint saved: (its path as the script sees it, as recorded)
 
     # -- helpers -----------------------------------------------------------
 
@@ -214,7 +215,9 @@ class KaioCallback(TrainerCallback):
         # checkpoint saved says so, and its save pause is its own.
         if not (state.is_world_process_zero or getattr(state, "is_local_process_zero", False)):
             return
-        path = recorded_path(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        saved = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        path = recorded_path(saved)
+        self._saved.append((saved, path))
         now = time.monotonic()
         took = now - self._busy_until_mono if self._busy_until_mono is not None else None
         self.emitter.emit(
@@ -223,7 +226,13 @@ class KaioCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         stop.training(False)
-        self.emitter.emit(TrainEnd(rank=self.rank, step=self._step(state), t_wall=time.time(), t_mono=time.monotonic()))
+        end = TrainEnd(rank=self.rank, step=self._step(state), t_wall=time.time(), t_mono=time.monotonic())
+        if state.is_world_process_zero:
+            end.checkpoints_removed = [path for saved, path in self._saved if not os.path.isdir(saved)]
+            best = getattr(state, "best_model_checkpoint", None)
+            if getattr(args, "load_best_model_at_end", False) and isinstance(best, str):
+                end.best_loaded = recorded_path(best)
+        self.emitter.emit(end)
 
 
 def _on_gpu(value: Any) -> bool:

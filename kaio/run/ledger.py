@@ -250,6 +250,14 @@ class RunLedger(msgspec.Struct, kw_only=True):
         s = self.session_record(r.session)
         if s is not None and r.rank == self.lead_rank:
             self.progress[s.session].trained_to_end = True
+        if r.checkpoints_removed:  # the latest checkpoint named is one still on disk
+            removed = set(r.checkpoints_removed)
+            self.checkpoints = [c for c in self.checkpoints if c.path not in removed]
+        if r.best_loaded:
+            self.add_note(
+                f"the Trainer loaded the best checkpoint at the end (load_best_model_at_end): the final model is "
+                f"{r.best_loaded}'s weights, not the last step's"
+            )
 
     def on_hub(self, r: HubOutcome) -> None:
         if r.error and self.hub is not None and self.hub.commit_sha:

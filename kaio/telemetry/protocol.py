@@ -229,6 +229,10 @@ class TrainEnd(Event, tag="train_end"):
     """``on_train_end``, every rank."""
 
     step: int | None = None
+    # Rank 0: the checkpoints this training saved that are gone at its end (save_total_limit with
+    # load_best_model_at_end removes the last one), and the one whose weights the model ends with.
+    checkpoints_removed: list[str] = []
+    best_loaded: str | None = None
 
 
 ChildEvent = RunStart | Step | Log | Eval | Save | TrainEnd
