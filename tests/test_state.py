@@ -253,3 +253,21 @@ def test_a_failed_push_after_a_pushed_one_is_noted_until_a_later_push_succeeds()
     state.apply(*records({**pushed, "commit_sha": "bbb"}))  # `kaio push` retried it
     header = state.header()
     assert header.hub is not None and header.hub.commit_sha == "bbb" and header.telemetry.notes == []
+
+
+def test_a_session_that_never_reached_a_step_spent_its_time_starting():
+    """A script that fails before its first step (in TrainingArguments, say): its session's time is start-up,
+    not time between sessions."""
+    from kaio.report.summary import summarize
+
+    state = replay(
+        [
+            {"type": "session_start", "session": 1, "t_wall": 1000.0},
+            {"type": "session_end", "session": 1, "status": "FAILED", "exit_code": 1, "t_wall": 1008.7},
+        ]
+    )
+    (session,) = state.header().sessions
+    assert session.startup_s == pytest.approx(8.7) and session.closing_s is None
+    with state.with_open_steps() as index:
+        summary = summarize(state.header(), index)
+    assert summary.startup_s == pytest.approx(8.7) and summary.training_time_s == pytest.approx(8.7)

@@ -176,6 +176,8 @@ class RunLedger(msgspec.Struct, kw_only=True):
         s.training_ended = progress.trained_to_end if trainer else None  # a Trainer started in this session
         if progress.last_step_t_wall is not None and r.t_wall is not None:
             s.closing_s = round(r.t_wall - progress.last_step_t_wall, 3)
+        elif s.startup_s is None:
+            s.startup_s = s.duration_s  # it never reached a first step: all of it was starting (and failing to)
         t = self.telemetry
         t.malformed_lines += r.counters.malformed_lines
         t.oversized_lines += r.counters.oversized_lines
