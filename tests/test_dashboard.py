@@ -494,3 +494,18 @@ def test_a_small_terminal_still_shows_that_there_are_warnings():
     top = text_of(render(snap), width=40, height=15).splitlines()[:3]
     assert any("1 warning" in line for line in top)
     assert "warning" not in text_of(render(make_snapshot(warnings=())), width=40, height=15).split("loss")[0]
+
+
+def test_the_trainers_metric_dicts_are_left_out_of_the_output_but_the_scripts_own_dicts_are_not():
+    """transformers 5 prints each float of its log dict as a string; a script printing trainer.evaluate()'s
+    metrics prints numbers: that line is the script's, and shown. Before 5, any such dict is taken for the
+    Trainer's (child.log keeps every line either way)."""
+    from kaio.run.supervisor import is_trainer_log_line
+
+    trainer = "{'loss': '5.945', 'grad_norm': '0.4172', 'learning_rate': '0', 'epoch': '0.0625', 'num_input_tokens_seen': 192}"
+    end = "{'train_runtime': '0.1045', 'train_loss': '5.832', 'epoch': '0.75'}"
+    scripts = ["{'test_loss': 4.1558, 'test_runtime': 0.0025, 'epoch': 0.3125}", "{'eval_acc': 0.93, 'note': 'final'}"]
+    assert is_trainer_log_line(trainer, "5.24.0") and is_trainer_log_line(end, "5.24.0")
+    assert not any(is_trainer_log_line(line, "5.24.0") for line in [*scripts, "{'test_loss': 1e-05}"])
+    assert all(is_trainer_log_line(line, "4.57.1") for line in scripts)  # 4.x printed its floats bare
+    assert not is_trainer_log_line("{'my_own': 1.0}", "5.24.0") and not is_trainer_log_line("done", None)

@@ -56,8 +56,19 @@ LOG_TAIL_LINES = 200
 _TRAINER_LOG_LINE = re.compile(  # matched on what a terminal shows (as_shown)
     r"^\{'(?:loss|grad_norm|learning_rate|epoch|(?:train|eval|test)_[\w./-]+)': .*\}\s*$"
 )
+# transformers 5 prints each float of its dict as a string ('loss': '4.55'): a dict with a bare float (a script
+# printing trainer.evaluate()'s metrics) is the script's own line.
+_BARE_FLOAT = re.compile(r"': -?(?:\d+\.\d*|\.\d+|\d+(?=[eE]))(?:[eE][-+]?\d+)?[,}]")
 LOOP_INTERVAL_S = 0.1
 REFRESH_COST_FACTOR = 99  # wait at least 99x a refresh's duration before the next: the record costs <= 1% of the time
+
+
+def is_trainer_log_line(shown: str, transformers_version: str | None) -> bool:
+    """Whether a line of the child's output is the dict the Trainer prints at each log (not the script's)."""
+    if not _TRAINER_LOG_LINE.match(shown):
+        return False
+    major = (transformers_version or "").split(".")[0]
+    return not (major.isdigit() and int(major) >= 5 and _BARE_FLOAT.search(shown))
 
 
 class View(Protocol):
@@ -288,6 +299,10 @@ class Supervisor:
                 return
             time.sleep(LOOP_INTERVAL_S)
 
+    def _trainer_log_line(self, shown: str) -> bool:
+        run = self.state.ledger.run
+        return is_trainer_log_line(shown, run.environment.transformers if run and run.environment else None)
+
     def _drain(self) -> None:
         handled = 0
         while True:
@@ -296,7 +311,7 @@ class Supervisor:
             except queue.Empty:
                 break
             if kind == "log":
-                if not _TRAINER_LOG_LINE.match(as_shown(item)):  # the Trainer's metrics: on the status line
+                if not self._trainer_log_line(as_shown(item)):  # the Trainer's metrics: on the status line
                     self._log_tail.append(item)
                     self.view.child_output(item)
             else:  # "record": a child event, a GPU tick, the device list
