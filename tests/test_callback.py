@@ -266,3 +266,15 @@ def test_the_end_of_training_says_which_checkpoints_are_gone_and_which_weights_t
     header = replay(records).header()
     assert [(c.step, c.path) for c in header.checkpoints] == [(8, "out/checkpoint-8")]
     assert "the final model is out/checkpoint-8's weights, not the last step's" in " ".join(header.telemetry.notes)
+
+
+def test_a_micro_batchs_examples_are_its_tensors_first_dimension(torch):
+    from transformers import BatchEncoding
+
+    from kaio.child.patch import _examples
+
+    ids = torch.zeros(3, 16, dtype=torch.long)
+    assert _examples(BatchEncoding({"input_ids": ids, "attention_mask": ids})) == 3  # the tokenizer's own mapping
+    assert _examples({"pixel_values": torch.zeros(5, 3, 8, 8), "labels": torch.zeros(5)}) == 5
+    assert _examples((torch.zeros(2, 4), torch.zeros(2))) == 2 and _examples(ids) == 3
+    assert _examples({"text": ["a", "b"]}) is None and _examples(None) is None  # nothing kaio can count

@@ -271,3 +271,19 @@ def test_a_session_that_never_reached_a_step_spent_its_time_starting():
     with state.with_open_steps() as index:
         summary = summarize(state.header(), index)
     assert summary.startup_s == pytest.approx(8.7) and summary.training_time_s == pytest.approx(8.7)
+
+
+def test_samples_are_what_the_ranks_counted_so_an_epochs_short_last_batch_is_not_a_full_one():
+    """10 examples, batch 4, one rank: steps of 4, 4 and 2 examples an epoch. A step whose batch the child could
+    not count takes the full batch, and the counted ones go on from there."""
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 7, "world_size": 1}
+    run |= {"args": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}}
+    counted = [4, 4, 2, 4, 4, 2, None]
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, run]
+    events += [{**_step(k, float(k)), "samples": n} for k, n in enumerate(counted, start=1)]
+    history = history_of(replay(events))
+    assert [s["samples_seen"] for s in history["steps"]] == [4, 8, 10, 14, 18, 20, 28]
+    two_ranks = {**run, "world_size": 2}  # even batches on every rank: rank 0's count times the world size
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, two_ranks]
+    events += [{**_step(k, float(k)), "samples": n} for k, n in enumerate([4, 1], start=1)]
+    assert [s["samples_seen"] for s in history_of(replay(events))["steps"]] == [8, 10]

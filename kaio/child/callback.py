@@ -61,6 +61,7 @@ class KaioCallback(TrainerCallback):
         self._tokens_offset = 0
         self.timing = StepTiming()  # fed by the patched Trainer's get_batch_samples and compute_loss
         self._saved: list[tuple[str, str]] = []  # each checkpoint saved: (its path as the script sees it, as recorded)
+        self.samples_in_step: int | None = 0  # fed by the patched Trainer's training_step; None: not countable
 
     # -- helpers -----------------------------------------------------------
 
@@ -123,7 +124,13 @@ class KaioCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_began_mono = time.monotonic()
+        self.samples_in_step = 0
         self._reset_peak()
+
+    def count_samples(self, count: int | None) -> None:
+        """A micro-batch of this step held ``count`` examples (None: a batch kaio cannot count)."""
+        if self.samples_in_step is not None:
+            self.samples_in_step = None if count is None else self.samples_in_step + count
 
     def on_step_end(self, args, state, control, **kwargs):
         now_mono = self._busy_until_mono = time.monotonic()
@@ -148,6 +155,7 @@ class KaioCallback(TrainerCallback):
                 step_time_s=(now_mono - self._step_began_mono) if self._step_began_mono is not None else None,
                 peak_vram_bytes=self._peak_vram_bytes(),
                 tokens_seen=tokens or None,
+                samples=self.samples_in_step or None,
                 evaluates=bool(control.should_evaluate),
                 saves=bool(control.should_save),
                 data_s=data_s,

@@ -15,6 +15,7 @@ import importlib.machinery
 import os
 import sys
 import types
+from collections.abc import Mapping
 from typing import Any
 
 from kaio.telemetry.protocol import ENV_RESUME_FROM
@@ -116,6 +117,22 @@ def _watch_losses(trainer: Any, callback: Any) -> None:
     def training_step(*args, **kwargs):
         loss = step_fn(*args, **kwargs)
         watch.observe(loss, trainer.state.global_step + 1)
+        callback.count_samples(_examples(args[1] if len(args) > 1 else kwargs.get("inputs")))
         return loss
 
     trainer.training_step = training_step
+
+
+def _examples(inputs: Any) -> int | None:
+    """How many examples a micro-batch holds: its tensors' first dimension (``input_ids``' if it has them)."""
+    if isinstance(inputs, Mapping):  # a dict, or the tokenizer's BatchEncoding
+        values = [inputs["input_ids"]] if "input_ids" in inputs else list(inputs.values())
+    elif isinstance(inputs, (list, tuple)):
+        values = list(inputs)
+    else:
+        values = [inputs]
+    for value in values:
+        shape = getattr(value, "shape", None)
+        if shape is not None and len(shape) >= 1:
+            return int(shape[0])
+    return None

@@ -76,6 +76,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
     # record that begins at a later step counts from there.
     samples_from: tuple[int, int] = (0, 0)
     last_samples_seen: int = 0
+    counted_through: tuple[int, int] | None = None  # (step, samples seen) of the latest step whose ranks counted
     tokens_from: int = 0  # the Trainer's count where the record began (its tokens are the record's from there)
 
     def start_session(self, session: int) -> None:
@@ -83,6 +84,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         self.warned_nonfinite.clear()
         self.last_tokens_seen = None
         self.samples_from, self.last_samples_seen, self.tokens_from = (0, 0), 0, 0
+        self.counted_through = None
         self.ticks.clear()
         self.pending.clear()
         self.prev_end_mono = self.last_end_mono = None
@@ -90,12 +92,12 @@ class StepAssembler(msgspec.Struct, kw_only=True):
 
     def continue_counts_at(self, start: int) -> None:
         """A later training of the session starts after step ``start``: its samples count on from there."""
-        self.samples_from = (start, self.last_samples_seen)
+        self.samples_from, self.counted_through = (start, self.last_samples_seen), None
 
     def begin_counts_at(self, start: int, tokens: int | None) -> None:
         """The record begins after step ``start`` (the script resumed its Trainer from its own checkpoint, whose
         counts were ``tokens`` input tokens): samples and tokens count what this record trains."""
-        self.samples_from, self.tokens_from = (start, 0), tokens or 0
+        self.samples_from, self.tokens_from, self.counted_through = (start, 0), tokens or 0, None
 
     def resume_at(self, start: int, out: AssemblyOutput) -> None:
         """Rank 0 of this session starts from checkpoint ``start``: later steps are trained again."""
@@ -130,9 +132,9 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         entry.step_time_s = event.step_time_s
         if event.tokens_seen is not None:
             entry.tokens_seen = event.tokens_seen - self.tokens_from
-        if throughput is not None and throughput.samples_per_step is not None:
-            step, samples = self.samples_from
-            entry.samples_seen = self.last_samples_seen = samples + (event.step - step) * throughput.samples_per_step
+        seen = self._samples_seen(event, throughput)
+        if seen is not None:
+            entry.samples_seen = self.last_samples_seen = seen
         if event.session != self.session:
             return True
         self._throughput(entry, event, throughput, out)
@@ -147,6 +149,25 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         self.newest_step = max(self.newest_step, event.step)
         self.seal_ready(out)
         return True
+
+    def _samples_seen(self, event: Step, throughput: Throughput | None) -> int | None:
+        """The examples seen by the end of rank 0's step, all ranks together: its micro-batches' examples as it
+        counted them (an epoch's last batch may be short) times the world size (the ranks' batches are even),
+        else the per-device batch x accumulation x world size of every step."""
+        step, samples = self.samples_from
+        per_step = throughput.samples_per_step if throughput is not None else None
+        if event.samples is not None and throughput is not None:
+            if self.counted_through is not None and event.step == self.counted_through[0] + 1:
+                base: int | None = self.counted_through[1]
+            elif event.step == step + 1:
+                base = samples
+            else:  # the first counted step after steps that were not
+                base = samples + (event.step - 1 - step) * per_step if per_step is not None else None
+            if base is not None:
+                self.counted_through = (event.step, base + event.samples * throughput.world_size)
+                return self.counted_through[1]
+        self.counted_through = None
+        return samples + (event.step - step) * per_step if per_step is not None else None
 
     def _throughput(self, entry: StepEntry, event: Step, throughput: Throughput | None, out: AssemblyOutput) -> None:
         """Tokens/s per device and MFU over the step's own time (not the pauses between steps)."""

@@ -190,6 +190,7 @@ class Step(Event, tag="step"):
     step_time_s: float | None = None  # on_step_begin -> on_step_end on this rank
     peak_vram_bytes: int | None = None  # the allocator's peak during the step; None without a GPU
     tokens_seen: int | None = None
+    samples: int | None = None  # the examples in this rank's micro-batches of the step (an epoch's last may be short)
     evaluates: bool = False  # the Trainer evaluates after this step...
     saves: bool = False  # ...and/or saves a checkpoint, before the next one
     # This rank's own work before its first collective (kaio.child.timing): what tells a straggler.
