@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from conftest import history_of, records, replay
@@ -287,3 +289,22 @@ def test_samples_are_what_the_ranks_counted_so_an_epochs_short_last_batch_is_not
     events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, two_ranks]
     events += [{**_step(k, float(k)), "samples": n} for k, n in enumerate([4, 1], start=1)]
     assert [s["samples_seen"] for s in history_of(replay(events))["steps"]] == [8, 10]
+
+
+def test_a_training_the_trainer_began_again_after_running_out_of_memory_is_said_as_such():
+    """auto_find_batch_size: the Trainer itself starts the training again with a smaller batch after an
+    out-of-memory error; its steps follow the earlier attempt's, and the note says why, not 'another Trainer'."""
+    from kaio.child.describe import _training_args
+
+    args = SimpleNamespace(per_device_train_batch_size=8, auto_find_batch_size=True, n_gpu=1)
+    assert _training_args(args, SimpleNamespace(train_batch_size=7)).per_device_train_batch_size == 7
+    first = {"type": "run_start", "rank": 0, "session": 1, "max_steps": 8, "args": {"per_device_train_batch_size": 8}}
+    retry = {**first, "training": 2, "step_offset": 2, "start_step": 2, "max_steps": 10, "retry": True}
+    retry["args"] = {"per_device_train_batch_size": 7}
+    state = replay([{"type": "session_start", "session": 1}, first, _step(1, 1.0), _step(2, 2.0), retry, _step(3, 3.0)])
+    notes = state.header().telemetry.notes
+    assert (
+        "session 1: the Trainer began its training again at its own step 0 with batch size 7 after running out of "
+        "memory (auto_find_batch_size); its steps are recorded from step 3, after the earlier attempt's"
+    ) in notes
+    assert not any("of the script" in n for n in notes)

@@ -62,6 +62,7 @@ class KaioCallback(TrainerCallback):
         self.timing = StepTiming()  # fed by the patched Trainer's get_batch_samples and compute_loss
         self._saved: list[tuple[str, str]] = []  # each checkpoint saved: (its path as the script sees it, as recorded)
         self.samples_in_step: int | None = 0  # fed by the patched Trainer's training_step; None: not countable
+        self._training = False  # this Trainer's training began and has not ended
 
     # -- helpers -----------------------------------------------------------
 
@@ -114,6 +115,8 @@ class KaioCallback(TrainerCallback):
             self._step_offset, self._tokens_offset = _TRAININGS.last_step - start, _TRAININGS.last_tokens
         run = describe_run(self.rank, args, state, model, kwargs, trainer)
         run.training, run.step_offset = _TRAININGS.count, self._step_offset
+        run.retry = self._training and bool(getattr(args, "auto_find_batch_size", False))
+        self._training = True
         run.start_step += self._step_offset
         if run.max_steps is not None and run.max_steps > 0:
             run.max_steps += self._step_offset
@@ -234,6 +237,7 @@ class KaioCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         stop.training(False)
+        self._training = False
         end = TrainEnd(rank=self.rank, step=self._step(state), t_wall=time.time(), t_mono=time.monotonic())
         if state.is_world_process_zero:
             end.checkpoints_removed = [path for saved, path in self._saved if not os.path.isdir(saved)]

@@ -66,6 +66,9 @@ def _training_args(args: Any, state: Any) -> TrainingArgs:
             values[name] = resolved
     if isinstance(values.get("output_dir"), str):
         values["output_dir"] = recorded_path(values["output_dir"])
+    trained_batch = _int(getattr(state, "train_batch_size", None))
+    if getattr(args, "auto_find_batch_size", False) and trained_batch and (_int(getattr(args, "n_gpu", 1)) or 1) <= 1:
+        values["per_device_train_batch_size"] = trained_batch  # the batch this attempt trains with, not the one asked
     if "eval_strategy" not in values:  # transformers before 4.41 spelled it evaluation_strategy
         legacy = _plain(getattr(args, "evaluation_strategy", None))
         if legacy is not None:

@@ -203,11 +203,19 @@ class RunState:
             if r.training > 1:  # a script's second Trainer, or train() again: its steps follow the earlier ones
                 self.parts.steps.continue_counts_at(r.start_step)
                 own = r.start_step - r.step_offset
-                self.ledger.add_note(
-                    f"session {r.session}: training {r.training} of the script (another Trainer, or train() again) "
-                    f"began at its own step {own}; its steps are recorded from step {r.start_step + 1}, after the "
-                    "earlier training's, and the run's description (What was trained) is this training's"
-                )
+                if r.retry:
+                    self.ledger.add_note(
+                        f"session {r.session}: the Trainer began its training again at its own step {own} with "
+                        f"batch size {r.args.per_device_train_batch_size} after running out of memory "
+                        f"(auto_find_batch_size); its steps are recorded from step {r.start_step + 1}, after the "
+                        "earlier attempt's"
+                    )
+                else:
+                    self.ledger.add_note(
+                        f"session {r.session}: training {r.training} of the script (another Trainer, or train() "
+                        f"again) began at its own step {own}; its steps are recorded from step {r.start_step + 1}, "
+                        "after the earlier training's, and the run's description (What was trained) is this training's"
+                    )
         self.parts.stragglers.on_run_start(r)
 
     def _on_step(self, r: Step) -> None:

@@ -167,6 +167,9 @@ class RunStart(Event, tag="run_start"):
     # include it).
     training: int = 1
     step_offset: int = 0
+    # The Trainer began this training again itself, after the previous attempt ran out of memory
+    # (auto_find_batch_size, each attempt with a smaller batch): not the script's doing.
+    retry: bool = False
     start_tokens: int | None = None  # the Trainer's input tokens at train begin: a checkpoint's count, resumed
     device: str | None = None
     args: TrainingArgs = msgspec.field(default_factory=TrainingArgs)
