@@ -156,9 +156,14 @@ def test_an_evaluation_is_its_own_event_with_every_metric(hooks):
     hooks.evaluate(
         {"eval_loss": 1.5, "eval_accuracy": 0.25, "eval_runtime": 0.5, "eval_nan": float("nan"), "epoch": 1.0}
     )
-    _step, _log, evaluation = hooks.events()
+    hooks.evaluate({"eval_loss": 1.4, "eval_tag": "x", "eval_list": [1, 2], "eval_none": None})
+    _step, _log, evaluation, odd = hooks.events()
     assert evaluation["type"] == "eval" and evaluation["step"] == 1
     assert evaluation["metrics"] == {"eval_loss": 1.5, "eval_accuracy": 0.25, "eval_runtime": 0.5, "eval_nan": "nan"}
+    # Not numbers are named and left out, not recorded as missing numbers; a None logged stays null.
+    assert odd["metrics"] == {"eval_loss": 1.4, "eval_none": None} and odd["not_numbers"] == ["eval_tag", "eval_list"]
+    notes = replay([{"type": "session_start", "session": 1}, odd]).header().telemetry.notes
+    assert "evaluation metric eval_tag is not a number: not in the record (child.log has it)" in notes
 
 
 def test_train_begin_describes_the_run_from_the_live_objects(tmp_path, torch):

@@ -205,6 +205,8 @@ class KaioCallback(TrainerCallback):
         if not state.is_world_process_zero or not metrics:
             return
         values = {key: self._metric(key, value) for key, value in metrics.items() if key != "epoch"}
+        # A string or a list is not a missing number: left out, and named (null stays for a None logged).
+        not_numbers = [key for key, value in values.items() if value is None and metrics[key] is not None]
         self._busy_until_mono = time.monotonic()
         self.emitter.emit(
             Eval(
@@ -213,7 +215,8 @@ class KaioCallback(TrainerCallback):
                 epoch=state.epoch,
                 t_wall=time.time(),
                 t_mono=self._busy_until_mono,
-                metrics=values,
+                metrics={key: value for key, value in values.items() if key not in not_numbers},
+                not_numbers=not_numbers,
             )
         )
 

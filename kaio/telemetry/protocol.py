@@ -219,6 +219,7 @@ class Eval(Event, tag="eval"):
     step: int
     epoch: float | None = None
     metrics: dict[str, Metric] = {}
+    not_numbers: list[str] = []  # metrics whose values are not numbers (a string, a list): left out of ``metrics``
 
 
 class Save(Event, tag="save"):
