@@ -36,7 +36,6 @@ from kaio.telemetry.spool import Received
 
 CHECKPOINTS_KEPT = 20
 STALLS_KEPT = 50
-_LATER_PUSH_FAILED = "a later push to"
 
 
 class SessionProgress(msgspec.Struct, kw_only=True):
@@ -80,6 +79,7 @@ class RunLedger(msgspec.Struct, kw_only=True):
     checkpoints: list[CheckpointSaved] = []
     stalls: list[Stall] = []  # the first STALLS_KEPT
     hub: HubOutcome | None = None
+    hub_later_failure: str | None = None  # a push that failed after ``hub``'s commit; cleared by one that succeeds
     host_use: HostUse = msgspec.field(default_factory=HostUse)
     telemetry: Telemetry = msgspec.field(default_factory=Telemetry)  # what arrived, what was lost
     received: Received = msgspec.field(default_factory=Received)  # which child events are journaled (spool merge)
@@ -264,14 +264,11 @@ class RunLedger(msgspec.Struct, kw_only=True):
     def on_hub(self, r: HubOutcome) -> None:
         if r.error and self.hub is not None and self.hub.commit_sha:
             # A later push that failed does not undo the commit the Hub's adapter is at.
-            self.add_note(
-                f"{_LATER_PUSH_FAILED} {r.repo_id} failed ({r.error}); the adapter stays at {self.hub.commit_sha}"
+            self.hub_later_failure = (
+                f"a later push to {r.repo_id} failed ({r.error}); the adapter stays at {self.hub.commit_sha}"
             )
             return
-        if r.commit_sha:  # pushed: what an earlier failure left behind is no longer so
-            notes = self.telemetry.notes
-            notes[:] = [note for note in notes if not note.startswith(_LATER_PUSH_FAILED)]
-        self.hub = r
+        self.hub, self.hub_later_failure = r, None
 
     def note_energy(self, latest: dict[str, GpuSample]) -> None:
         """The poller's energy counters (since the session's start) as they stand in the latest samples."""

@@ -339,7 +339,11 @@ class RunState:
             devices=devices,
             host=ledger.host,
             host_use=ledger.host_use,
-            telemetry=ledger.telemetry,
+            telemetry=(
+                msgspec.structs.replace(ledger.telemetry, notes=[*ledger.telemetry.notes, ledger.hub_later_failure])
+                if ledger.hub_later_failure
+                else ledger.telemetry
+            ),
             warnings=self.parts.warnings.listed(),
             hub=ledger.hub,
             checkpoints=[CheckpointSaved(step=c.step, path=c.path, session=c.session) for c in ledger.checkpoints],
