@@ -219,7 +219,9 @@ def test_resumed_run_continues_the_same_offline_experiment(report_dir):
     assert metrics_in(second_messages) == {("loss", 2): 4.4}
 
 
-def test_unreachable_comet_becomes_one_warning_without_the_key(report_dir, monkeypatch):
+def test_unreachable_comet_logs_to_the_offline_archive_with_one_warning_without_the_key(report_dir, monkeypatch, capfd):
+    """With a key and no way to the server, the run is not lost: comet_ml would retry for half a minute, print
+    a traceback of 80 lines and drop it."""
     monkeypatch.setenv("COMET_URL_OVERRIDE", f"http://127.0.0.1:{closed_port()}/clientlib/")
     for name, value in FAIL_FAST.items():
         monkeypatch.setenv(name, value)
@@ -237,13 +239,20 @@ def test_unreachable_comet_becomes_one_warning_without_the_key(report_dir, monke
     sink.end(timeout_s=10)
 
     assert time.monotonic() - started < 10
-    assert not sink.offline
+    assert sink.offline
     assert len(sink.experiment_key) == 32 and sink.experiment_key.isalnum()
-    assert len(sink.warnings) == 1  # the sink switched itself off after the first failure
-    assert sink.warnings[0].startswith("Comet ML: starting the experiment failed (")
-    assert "connection" in sink.warnings[0].lower()
+    assert sink.warnings == [
+        f"Comet ML: 127.0.0.1 cannot be reached: Connection refused; logging offline to {report_dir / 'comet'} "
+        "instead (upload it later with `comet upload <zip>`)"
+    ]
     assert API_KEY not in " ".join(sink.warnings + sink.messages)
-    assert not (report_dir / "comet").exists()
+    (archive,) = (report_dir / "comet").glob("*.zip")
+    experiment, messages, members = read_archive(archive)
+    assert archive.stem == experiment["offline_id"] == sink.experiment_key
+    assert metrics_in(messages) == EXPECTED_METRICS
+    assert not any(API_KEY.encode() in content for content in members.values())
+    printed = capfd.readouterr()
+    assert "COMET" not in printed.err + printed.out and "Traceback" not in printed.err
 
 
 class _GatedCometServer:
@@ -279,7 +288,7 @@ class _GatedCometServer:
         self.httpd.server_close()
 
 
-def test_a_hanging_server_never_blocks_the_caller_and_a_bad_key_is_reported(report_dir, monkeypatch):
+def test_a_hanging_server_never_blocks_the_caller_and_a_bad_key_is_reported(report_dir, monkeypatch, capfd):
     server = _GatedCometServer()
     monkeypatch.setenv("COMET_URL_OVERRIDE", server.url)
     for name, value in FAIL_FAST.items():
@@ -313,6 +322,8 @@ def test_a_hanging_server_never_blocks_the_caller_and_a_bad_key_is_reported(repo
     assert sink.warnings[1].startswith("Comet ML: starting the experiment failed (")
     assert "Invalid API key" in sink.warnings[1]
     assert API_KEY not in " ".join(sink.warnings + sink.messages)
+    printed = capfd.readouterr()  # comet_ml's own error lines are the warning above, not a console traceback
+    assert "COMET" not in printed.err + printed.out and "Traceback" not in printed.err
 
 
 def test_an_unusable_report_dir_disables_the_sink_without_raising(tmp_path):

@@ -292,11 +292,12 @@ class RunOutputs:
                 self._comet.log_nodes(summary.nodes)
             self._comet.log_assets(list(self.paths.report_files))
             self._comet.end()
+            for warning in self._comet.warnings:
+                self._notify(f"warning: {warning}")
+                self._record(Note(text=warning, t_wall=time.time()))
             for message in self._comet.messages[self._comet_messages_shown :]:
                 self._notify(message)
                 self._record(Note(text=message, level="info", t_wall=time.time()))
-            for warning in self._comet.warnings:
-                self._record(Note(text=warning, t_wall=time.time()))
         if self.cfg.hub.push and state.status == Status.COMPLETED:
             push_to_hub(self.cfg, state, summary, self._record, self._notify, cancelled=lambda: self.cancelled)
         if state.parts.records == records_before_sinks:

@@ -134,18 +134,21 @@ class CometSink:
                 workspace=env.get("COMET_WORKSPACE") or None,
                 experiment_key=sink.experiment_key,
             )
+            archive_dir = Path(report_dir) / "comet"
+            offline_class = comet_ml.ExistingOfflineExperiment if experiment_key else comet_ml.OfflineExperiment
+            create_offline = functools.partial(offline_class, offline_directory=str(archive_dir), **settings, **_QUIET)
             if sink.offline:
-                archive_dir = Path(report_dir) / "comet"
                 archive_dir.mkdir(parents=True, exist_ok=True)
-                experiment_class = comet_ml.ExistingOfflineExperiment if experiment_key else comet_ml.OfflineExperiment
-                create = functools.partial(experiment_class, offline_directory=str(archive_dir), **settings, **_QUIET)
+                create: Callable[[], Any] = create_offline
                 sink.messages.append(
                     f"Comet ML: no COMET_API_KEY, logging offline to {archive_dir} "
                     "(upload later with `comet upload <zip>`)"
                 )
             else:
                 experiment_class = comet_ml.ExistingExperiment if experiment_key else comet_ml.Experiment
-                create = functools.partial(experiment_class, api_key=api_key, **settings, **_QUIET_ONLINE)
+                online = functools.partial(experiment_class, api_key=api_key, **settings, **_QUIET_ONLINE)
+                server = _server_url(sink._api_key or "", env)
+                create = functools.partial(sink._online_or_offline, online, create_offline, server, archive_dir, env)
         except Exception as exc:
             sink._fail("setting up comet_ml", _describe(exc))
             return sink
@@ -243,32 +246,53 @@ class CometSink:
     # --- the sink's thread --------------------------------------------------------------
 
     def _work(self, create: Callable[[], Any], name: str) -> None:
-        try:
-            experiment = self._create(create, name)
-        except Exception as exc:
-            self._fail("starting the experiment", _describe(exc))
-            experiment = None
-        while (call := self._calls.get()) is not _STOP:
-            what, function = call
-            if self._disabled:
-                continue  # drain, so that end() still finds _STOP
-            try:
-                function(experiment)
-            except Exception as exc:
-                self._fail(what, _describe(exc))
-
-    def _create(self, create: Callable[[], Any], name: str) -> Any:
-        # comet_ml reports a failed start (bad key, no network) by logging an error and
-        # returning a dead experiment, not by raising: catch the log line for the warning.
+        # comet_ml reports what goes wrong (a bad key, no network, a refused upload) by logging an error, on this
+        # thread or its own: its console is kept quiet (_import_comet_ml), and the errors become warnings here.
         errors = _ErrorLines()
         comet_logger = logging.getLogger("comet_ml")
         comet_logger.addHandler(errors)
         try:
-            experiment = create()
+            try:
+                experiment = self._create(create, name, errors)
+            except Exception as exc:
+                self._fail("starting the experiment", _describe(exc))
+                experiment = None
+            while (call := self._calls.get()) is not _STOP:
+                what, function = call
+                if self._disabled:
+                    continue  # drain, so that end() still finds _STOP
+                try:
+                    function(experiment)
+                except Exception as exc:
+                    self._fail(what, _describe(exc))
         finally:
             comet_logger.removeHandler(errors)
+        if errors.lines and not self._disabled:
+            more = f" (and {len(errors.lines) - 1} more errors)" if len(errors.lines) > 1 else ""
+            self.warnings.append(f"Comet ML: {self._scrubbed(errors.lines[0])}{more}")
+
+    def _online_or_offline(
+        self, online: Callable[[], Any], offline: Callable[[], Any], server: str, archive_dir: Path, env: Mapping
+    ) -> Any:
+        """The online experiment, or, when Comet's server cannot be reached, the offline archive: comet_ml would
+        retry for half a minute and then drop everything."""
+        from kaio.reach import unreachable
+
+        why = unreachable(server, env)
+        if why is None:
+            return online()
+        self.offline = True
+        archive_dir.mkdir(parents=True, exist_ok=True)
+        self.warnings.append(
+            f"Comet ML: {why}; logging offline to {archive_dir} instead (upload it later with `comet upload <zip>`)"
+        )
+        return offline()
+
+    def _create(self, create: Callable[[], Any], name: str, errors: _ErrorLines) -> Any:
+        # A failed start (bad key, no network) is a logged error and a dead experiment, not an exception.
+        experiment = create()
         if not experiment.alive:
-            raise RuntimeError(errors.lines[0] if errors.lines else "comet_ml did not start the experiment")
+            raise RuntimeError(errors.lines.pop(0) if errors.lines else "comet_ml did not start the experiment")
         experiment.set_name(name)
         experiment.add_tag("kaio")
         if not self.offline:
@@ -307,10 +331,14 @@ class CometSink:
         if self._disabled:
             return
         self._disabled = True
-        if self._api_key:  # scrubbed before shortening, so that no prefix of the key survives
-            reason = reason.replace(self._api_key, "***")
-        reason = _first_line(reason) or "no details"
+        reason = self._scrubbed(reason) or "no details"
         self.warnings.append(f"Comet ML: {what} failed ({reason}); nothing more is sent to Comet for this run")
+
+    def _scrubbed(self, text: str) -> str:
+        """The first line of ``text``, without the API key (scrubbed before shortening: no prefix of it survives)."""
+        if self._api_key:
+            text = text.replace(self._api_key, "***")
+        return _first_line(text)
 
 
 class _ErrorLines(logging.Handler):
@@ -331,7 +359,24 @@ def _import_comet_ml(env: Mapping[str, str]) -> Any:
     finally:
         for name in added:
             os.environ.pop(name, None)
+    if "COMET_LOGGING_CONSOLE" in added:  # its errors become kaio's warnings (CometSink._work), not tracebacks
+        for handler in logging.getLogger("comet_ml").handlers:
+            if type(handler) is logging.StreamHandler:
+                handler.setLevel(logging.CRITICAL + 1)
     return comet_ml
+
+
+def _server_url(api_key: str, env: Mapping[str, str]) -> str:
+    """Where comet_ml will send the experiment: its configured address, which a key of a self-hosted Comet
+    carries in itself."""
+    try:
+        from comet_ml.config import get_api_key, get_backend_address, get_config
+
+        config = get_config()
+        get_api_key(api_key, config)
+        return str(get_backend_address(config))
+    except Exception:  # an internal API of comet_ml: its default, where it is not there
+        return env.get("COMET_URL_OVERRIDE") or "https://www.comet.com/clientlib/"
 
 
 def _log_asset(experiment: Any, *, path: Path) -> None:
