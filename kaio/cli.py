@@ -126,6 +126,7 @@ def run(
     """
     from kaio.config import load_config, with_max_steps
     from kaio.nodes import dry_run_lines, placed, placement
+    from kaio.preflight import check_recipe_inputs
     from kaio.run.gpu_feed import poller_factory
     from kaio.run.project import run_new
     from kaio.views import choose_view
@@ -136,6 +137,7 @@ def run(
     flags = {"nnodes": nnodes, "node_rank": node_rank, "main_addr": main_addr, "main_port": main_port}
     where = placement(cfg.launch, flags, os.environ)
     cfg = placed(cfg, where)
+    check_recipe_inputs(cfg, str(config))
     if dry_run:
         for line in dry_run_lines(cfg, where, os.environ):
             typer.echo(line)
@@ -143,7 +145,12 @@ def run(
     _ignore_scheduler_warning()
     console = _console()
     code = run_new(
-        cfg, choose_view(console, plain), overwrite=overwrite, poller_factory_for=poller_factory, notify=_say(console)
+        cfg,
+        choose_view(console, plain),
+        overwrite=overwrite,
+        poller_factory_for=poller_factory,
+        notify=_say(console),
+        config_path=config,
     )
     raise typer.Exit(code)
 
@@ -162,8 +169,10 @@ def plan(
     """
     from kaio.config import load_config
     from kaio.plan import make_plan, plan_json, render_plan
+    from kaio.preflight import check_recipe_inputs
 
     cfg = load_config(config)
+    check_recipe_inputs(cfg, str(config), model=False)  # a model not at hand is said in the plan
     if as_json:
         import json
 

@@ -32,6 +32,7 @@ from kaio.secrets import REDACTED, is_secret_key, redact, redact_argv  # noqa: F
 TINY_MODEL = "kaio/tiny-llama"
 
 _PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+HUB_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")  # `user/name`
 PROJECT_NAME_RULE = "use letters, digits, '.', '_', '-' (no path separators, no '..')"
 
 
@@ -72,6 +73,19 @@ class ModelConfig(_Section):
     num_layers: Int = Field(2, ge=1, description="Tiny model only: decoder layers.")
     num_heads: Int = Field(4, ge=1, description="Tiny model only: attention heads.")
     intermediate_size: Int = Field(256, ge=8, description="Tiny model only: MLP width.")
+
+    @model_validator(mode="after")
+    def _tiny_heads_fit(self) -> ModelConfig:
+        """Llama's attention splits the hidden size across the heads, and its rotary embedding needs an even
+        head size: a mismatch is a traceback in the training process, once everything has loaded."""
+        if self.base_model == TINY_MODEL:
+            head_size, rest = divmod(self.hidden_size, self.num_heads)
+            if rest or head_size % 2:
+                raise ValueError(
+                    f"hidden_size: {self.hidden_size} / num_heads {self.num_heads} must be a whole, even head size "
+                    f"(e.g. hidden_size {self.num_heads * max(2, head_size + head_size % 2)})"
+                )
+        return self
 
 
 class LoraConfig(_Section):
@@ -140,6 +154,16 @@ class TrainingConfig(_Section):
         return self
 
 
+# `accelerate launch` flags kaio passes itself, from these keys (accelerate takes `-` for `_` too).
+_KAIO_LAUNCH_FLAGS = {
+    "__num_processes": "num_processes",
+    "__num_machines": "nnodes",
+    "__machine_rank": "node_rank",
+    "__main_process_ip": "main_addr",
+    "__main_process_port": "main_port",
+}
+
+
 class LaunchConfig(_Section):
     num_processes: Int = Field(
         1,
@@ -184,6 +208,16 @@ class LaunchConfig(_Section):
         le=3600,
         description="After a Ctrl-C (or SIGTERM), seconds the training has to save a checkpoint and stop before it is killed.",
     )
+
+    @field_validator("accelerate_args")
+    @classmethod
+    def _no_flag_kaio_sets(cls, value: list[str]) -> list[str]:
+        """The job's shape is kaio's to pass (and to record): the same flag twice, accelerate takes the last."""
+        for arg in value:
+            flag = arg.split("=", 1)[0].replace("-", "_")
+            if flag in _KAIO_LAUNCH_FLAGS:
+                raise ValueError(f"{arg.split('=', 1)[0]} is set by kaio: use launch.{_KAIO_LAUNCH_FLAGS[flag]}")
+        return value
 
     @field_validator("script")
     @classmethod
@@ -244,7 +278,7 @@ class HubConfig(_Section):
     def _repo_when_pushing(self) -> HubConfig:
         if self.push and not self.repo_id:
             raise ValueError("repo_id: required when hub.push is true (e.g. `your-name/my-adapter`)")
-        if self.repo_id is not None and not re.fullmatch(r"[\w.-]+/[\w.-]+", self.repo_id):
+        if self.repo_id is not None and not HUB_REPO_ID.fullmatch(self.repo_id):
             raise ValueError(f"repo_id: {self.repo_id!r} is not of the form `user/name`")
         return self
 
@@ -375,6 +409,20 @@ def _config_loader():
                     problem="aliases (*name) are not supported in kaio configs", problem_mark=mark
                 )
             return super().compose_node(parent, index)
+
+        def construct_mapping(self, node, deep=False):
+            """A key written twice would silently drop its first section (a whole `training:` block)."""
+            first_line: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, str | int | float | bool) and key in first_line:
+                    raise yaml.MarkedYAMLError(
+                        problem=f"duplicate key {key!r} (first at line {first_line[key]}); merge the two into one",
+                        problem_mark=key_node.start_mark,
+                    )
+                if isinstance(key, str | int | float | bool):
+                    first_line[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
 
     return Loader
 

@@ -112,6 +112,8 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     model: ModelPlan | None = None
     unestimated: str | None = None  # why there is no model estimate
+    host_available_bytes: int | None = None  # RAM a run on the CPU (no GPU here) can take
+    model_unavailable: str | None = None  # why `kaio run` would refuse to start: its model is not at hand
 
 
 def make_plan(cfg: RunConfig, environ: Mapping[str, str] = os.environ) -> Plan:
@@ -129,7 +131,18 @@ def make_plan(cfg: RunConfig, environ: Mapping[str, str] = os.environ) -> Plan:
     from kaio.recipes.lora import resolve_precision
 
     precision = resolve_precision(cfg.training.precision)  # as the recipe will, on this host
-    return Plan(cfg, precision, argv, env, gpus, notes, model=_model_plan(cfg, precision, bool(gpus)))
+    host_ram = None
+    if not gpus:
+        import psutil
+
+        host_ram = psutil.virtual_memory().available
+    from kaio.preflight import model_unavailable
+
+    unavailable = model_unavailable(cfg, environ)
+    model = _model_plan(cfg, precision, bool(gpus))
+    return Plan(
+        cfg, precision, argv, env, gpus, notes, model, host_available_bytes=host_ram, model_unavailable=unavailable
+    )
 
 
 def _gpus_in_run(cfg: RunConfig, environ: Mapping[str, str]) -> tuple[list[GpuFree], list[str]]:
@@ -156,18 +169,22 @@ def _model_plan(cfg: RunConfig, precision: str, has_gpu: bool) -> ModelPlan:
     import warnings
 
     import torch
-    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     from kaio.child.describe import describe_model, describe_peft
-    from kaio.recipes.lora import load_dtype, lora_config
+    from kaio.recipes.lora import load_dtype, with_adapters
 
     config, source = _transformers_config(cfg)
     dtype = load_dtype(precision, on_gpu=has_gpu or precision == "bf16")
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")
         built = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
-        model = get_peft_model(built, lora_config(cfg))
+        try:
+            model = with_adapters(cfg, built)
+        except ValueError as exc:  # PEFT's word for targets the model does not have
+            raise ConfigError(
+                f"lora.target_modules: {cfg.model.base_model}: {str(exc).strip().splitlines()[0]}"
+            ) from None
     info, peft = describe_model(model), describe_peft(model)
     assert info is not None  # a model was given
     t = cfg.training
@@ -202,6 +219,8 @@ def _transformers_config(cfg: RunConfig) -> tuple[Any, str]:
     """The model's transformers config and where it came from."""
     from transformers import AutoConfig
 
+    from kaio.preflight import hub_unreachable
+
     name = cfg.model.base_model
     if name == TINY_MODEL:
         from kaio.recipes.lora import build_tokenizer, tiny_model_config
@@ -224,7 +243,7 @@ def _transformers_config(cfg: RunConfig) -> tuple[Any, str]:
         sizes = dict(known)
         return AutoConfig.for_model(sizes.pop("model_type"), **sizes), "kaio's table of known architectures"
     try:
-        unreachable = _hub_unreachable()
+        unreachable = hub_unreachable()
         if unreachable is not None:
             raise OSError(unreachable)
         return AutoConfig.from_pretrained(name, trust_remote_code=remote), "the Hugging Face Hub (config.json)"
@@ -271,28 +290,10 @@ def plan_json(plan: Plan) -> dict[str, Any]:
         "notes": plan.notes,
         "model": model,
         "unestimated": plan.unestimated,
-        "verdicts": {gpu.key: said.value for gpu, said in plan_verdicts(plan)},
+        "host_available_bytes": plan.host_available_bytes,
+        "model_unavailable": plan.model_unavailable,
+        "verdicts": {key: said.value for key, said in plan_verdicts(plan)},
     }
-
-
-def _hub_unreachable() -> str | None:
-    """Why the Hub cannot be asked, in one connection attempt (its client retries for half a minute)."""
-    import socket
-    from urllib.parse import urlsplit
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set"
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None  # through a proxy: the client knows the way, a direct connection would not
-    endpoint = urlsplit(constants.ENDPOINT)
-    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((host, port), timeout=5).close()
-    except OSError as exc:
-        return f"{host} cannot be reached: {exc.strerror or exc}"
-    return None
 
 
 # ---------------------------------------------------------------- rendering
@@ -323,7 +324,9 @@ def render_plan(plan: Plan) -> Any:
         )
     )
     if not plan.gpus:
-        parts.append(Text(f"no GPU here: the estimate is for one GPU of a {plan.precision} run", style="dim"))
+        parts.append(
+            Text("no GPU here: the run trains on the CPU, each process's tensors in the host's RAM", style="dim")
+        )
     table = Table(title="VRAM estimate per GPU (allocated tensors at the step's peak)", title_justify="left")
     table.add_column("term")
     for checkpointing in (False, True):
@@ -338,6 +341,8 @@ def render_plan(plan: Plan) -> Any:
     )
     parts.append(table)
     parts.append(_verdict_line(plan))
+    if plan.model_unavailable is not None:
+        parts.append(Text(f"`kaio run` would refuse to start here: {plan.model_unavailable}", style="yellow"))
     return Group(*parts)
 
 
@@ -367,12 +372,18 @@ def _gpu_table(plan: Plan) -> Any:
 VERDICT_STYLE = {Verdict.FITS: "bold green", Verdict.TIGHT: "bold yellow", Verdict.WILL_NOT_FIT: "bold red"}
 
 
-def plan_verdicts(plan: Plan) -> list[tuple[GpuFree, Verdict]]:
-    """Each GPU's verdict for the config's choice of gradient checkpointing."""
+HOST_RAM = "host RAM"
+
+
+def plan_verdicts(plan: Plan) -> list[tuple[str, Verdict]]:
+    """Each GPU's verdict for the config's choice of gradient checkpointing, by its key; on a host without a GPU,
+    the host RAM's, shared by the ranks."""
     if plan.model is None:
         return []
     chosen = plan.model.estimates[plan.model.gradient_checkpointing].total
-    return [(gpu, verdict(chosen, gpu.free_bytes)) for gpu in plan.gpus if gpu.free_bytes is not None]
+    if not plan.gpus and plan.host_available_bytes is not None:
+        return [(HOST_RAM, verdict(chosen, plan.host_available_bytes // plan.config.launch.num_processes))]
+    return [(gpu.key, verdict(chosen, gpu.free_bytes)) for gpu in plan.gpus if gpu.free_bytes is not None]
 
 
 def _verdict_line(plan: Plan) -> Any:
@@ -383,10 +394,15 @@ def _verdict_line(plan: Plan) -> Any:
     if not verdicts:
         return Text("verdict: none (no GPU with a known free memory on this host)", style="yellow")
     line = Text("verdict: ")
-    for i, (gpu, said) in enumerate(verdicts):
-        line.append(("; " if i else "") + f"{gpu.key} ")
+    for i, (key, said) in enumerate(verdicts):
+        line.append(("; " if i else "") + f"{key} ")
         line.append(said.value, style=VERDICT_STYLE[said])
     m = plan.model
+    if plan.host_available_bytes is not None:
+        processes = plan.config.launch.num_processes
+        need = needed_bytes(m.estimates[m.gradient_checkpointing].total) * processes
+        per = f" ({processes} processes)" if processes > 1 else ""
+        line.append(f" ({gib(need)} needed{per} of {gib(plan.host_available_bytes)} available)")
     other = m.estimates[not m.gradient_checkpointing].total
     if (
         not m.gradient_checkpointing

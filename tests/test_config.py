@@ -72,6 +72,24 @@ def test_defaults_fill_the_documented_paths():
             "training.max_steps: Input should be less than or equal to 2147483647",
         ),
         ("project_name: p\nhub:\n  push: 1\n", "hub.push: Input should be a valid boolean"),
+        # The job's shape is kaio's to pass: accelerate would take the later of two flags.
+        (
+            "project_name: p\nlaunch: {accelerate_args: [--num-processes=4]}\n",
+            "launch.accelerate_args: --num-processes is set by kaio: use launch.num_processes",
+        ),
+        (
+            "project_name: p\nlaunch: {accelerate_args: [--main_process_port, '1234']}\n",
+            "launch.accelerate_args: --main_process_port is set by kaio: use launch.main_port",
+        ),
+        # A key written twice would silently drop the first section.
+        (
+            "project_name: p\ntraining:\n  max_steps: 3\nlora: {r: 4}\ntraining:\n  batch_size: 2\n",
+            "line 5, column 1: YAML syntax error: duplicate key 'training' (first at line 2)",
+        ),
+        ("project_name: p\ntraining: {max_steps: 3, max_steps: 4}\n", "duplicate key 'max_steps' (first at line 2)"),
+        # The tiny Llama splits its hidden size across the heads, into an even head size (RoPE).
+        ("project_name: p\nmodel: {hidden_size: 64, num_heads: 3}\n", "model.hidden_size: 64 / num_heads 3 must be"),
+        ("project_name: p\nmodel: {hidden_size: 60, num_heads: 4}\n", "(e.g. hidden_size 64)"),
         # A few hundred bytes of YAML aliases can expand to gigabytes: refused before anything is expanded.
         (
             "project_name: p\na: &a [1, 1]\nb: [*a, *a]\n",

@@ -219,6 +219,15 @@ def test_project_arguments_are_checked_like_project_names(project_dir):
         result = kaio(*command, cwd=project_dir)
         assert result.returncode == 2, command
         assert "is not a project name" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    pushed = kaio("push", "t", "--repo-id", "https://huggingface.co/me/x", cwd=project_dir)
+    assert pushed.returncode == 2
+    assert (
+        pushed.stderr
+        == "kaio: error: --repo-id 'https://huggingface.co/me/x': not a Hub repo id of the form `user/name`\n"
+    )
+    missing = kaio("report", "t", "--output-dir", "nowhere", cwd=project_dir)
+    assert missing.returncode == 2
+    assert missing.stderr.startswith(f"kaio: error: unknown project 't': nowhere/ does not exist here ({project_dir})")
 
 
 def test_a_report_folder_that_cannot_be_created_is_one_line_and_nothing_starts(project_dir):

@@ -76,6 +76,8 @@ def test_one_run_with_everything_on_then_a_failed_push_retried_and_the_record_re
         result = kaio("run", "cfg.yaml", cwd=project_dir, env=env)
         assert result.returncode == 0, result.stdout + result.stderr
         (commit,) = hub.commits
+        again = kaio("run", "cfg.yaml", cwd=project_dir, timeout=60)  # finished: only a longer run continues it
+        assert again.returncode == 2 and "train it further with `kaio resume t --max-steps N` (N > 12)" in again.stderr
         resumed = kaio("resume", "t", "--max-steps", "15", cwd=project_dir, env={**env, **down})
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr  # the training succeeded: the push is said
         assert "push failed:" in (report_dir / "report.md").read_text() and hub.commits == [commit]

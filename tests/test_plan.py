@@ -123,6 +123,11 @@ def test_the_8b_example_is_sized_exactly_offline_and_fits_with_gradient_checkpoi
     made = make_plan(load_config(example), environ={"PATH": os.environ["PATH"]})
     plan = plan_json(made)
     model = plan["model"]
+    # Sized offline, and said plainly that a run here could not load it.
+    assert plan["model_unavailable"].startswith(
+        "model.base_model: meta-llama/Llama-3.1-8B-Instruct: not in the Hugging Face cache"
+    )
+    assert "`kaio run` would refuse to start here: model.base_model: meta-llama/Llama-3.1-8B-Instruct:" in _render(made)
     assert model["source"] == "kaio's table of known architectures" and model["dtype"] == "bfloat16"
     # Llama 3.1 8B: 8,030,261,248 parameters; LoRA r=16 on the 7 projections of 32 layers: 41,943,040.
     assert model["trainable_params"] == 41_943_040
@@ -178,3 +183,24 @@ def test_a_model_kaio_cannot_find_offline_is_named_with_what_to_do(project_dir, 
 def test_plan_help_says_what_it_prints():
     result = kaio("plan", "--help", cwd=REPO, env={"COLUMNS": "120"})
     assert result.returncode == 0 and "fits, tight or will not fit" in result.stdout
+
+
+@pytest.mark.xdist_group("transformers")
+def test_a_host_without_gpu_is_judged_by_its_ram_shared_by_the_ranks():
+    import psutil
+
+    from kaio.config import load_config, with_max_steps
+    from kaio.plan import make_plan, plan_json
+
+    cfg = with_max_steps(load_config(REPO / "configs" / "finetuning_config.yaml"), 10)
+    made = make_plan(cfg, environ={"PATH": os.environ["PATH"]})
+    plan = plan_json(made)
+    assert plan["gpus"] == [] and 0 < plan["host_available_bytes"] <= psutil.virtual_memory().total
+    assert plan["verdicts"] == {"host RAM": "fits"}  # about 1 GiB for the tiny model
+    assert "verdict: host RAM fits (1.0 GiB needed of " in _render(made)
+    two = dataclasses.replace(
+        made, config=cfg.model_copy(update={"launch": cfg.launch.model_copy(update={"num_processes": 2})})
+    )
+    small = dataclasses.replace(two, host_available_bytes=int(2.2 * 2**30))  # 1.1 GiB each: 1.0 is over 85%
+    assert plan_json(small)["verdicts"] == {"host RAM": "tight"}
+    assert "verdict: host RAM tight (2.0 GiB needed (2 processes) of 2.2 GiB available)" in _render(small)

@@ -95,7 +95,9 @@ def test_a_stop_signal_saves_a_checkpoint_there_resume_continues_exactly_and_ref
     assert "lora.r" in refused.stderr and "4 -> 8" in refused.stderr
     (project_dir / "moved.yaml").write_text(edited.replace("reporting:\n", "reporting:\n  output_dir: elsewhere\n"))
     moved = kaio("resume", "t", "--config", "moved.yaml", "--max-steps", "126", cwd=project_dir, timeout=60)
-    assert moved.returncode == 2 and "unknown project 't' in elsewhere" in moved.stderr  # --config says where
+    assert (
+        moved.returncode == 2 and "unknown project 't': elsewhere/ does not exist" in moved.stderr
+    )  # --config says where
     moved = kaio(
         "resume", "t", "--config", "moved.yaml", "--output-dir", "docs/reports", "--max-steps", "126", cwd=project_dir
     )
@@ -237,3 +239,28 @@ def test_a_resume_may_change_a_scripts_arguments_but_not_the_script():
     assert config_changes(old, other)[0] == ["launch.script: 'train.py' -> 'other.py'", "lora.r: 4 -> 8"]
     # A project saved by an older kaio kept the recipe's sections for a script run: they are not changes.
     assert config_changes({**old, "model": {"base_model": "kaio/tiny-llama"}}, old) == ([], [])
+
+
+def test_a_project_without_a_checkpoint_is_pointed_at_overwrite_by_run_and_resume_alike(project_dir):
+    """No loop of hints: `kaio run` does not send a project it cannot resume to `kaio resume`, which would send
+    it back to `kaio run --overwrite`."""
+    _script_config(project_dir, LIGHT, "3")  # kaio.log steps, no Trainer, no checkpoint
+    first = kaio("run", "cfg.yaml", "--plain", cwd=project_dir, timeout=120)
+    assert first.returncode == 0, first.stdout + first.stderr
+    again = kaio("run", "cfg.yaml", cwd=project_dir, timeout=60)
+    assert again.returncode == 2
+    assert "already has a history (3 steps, COMPLETED)" in again.stderr
+    assert (
+        "and no checkpoint to continue from in checkpoints/t/; start over with `kaio run cfg.yaml --overwrite`"
+        in again.stderr
+    )
+    assert "kaio resume" not in again.stderr
+    resumed = kaio("resume", "t", cwd=project_dir, timeout=60)
+    assert resumed.returncode == 2 and "no complete checkpoint" in resumed.stderr and "--overwrite" in resumed.stderr
+    # Another project's config is named as such, not as a list of keys that differ.
+    (project_dir / "other.yaml").write_text(
+        (project_dir / "cfg.yaml").read_text().replace("project_name: t", "project_name: u")
+    )
+    mixed = kaio("resume", "t", "--config", "other.yaml", cwd=project_dir, timeout=60)
+    assert mixed.returncode == 2
+    assert "kaio: error: other.yaml: the config of project 'u', not 't'" in mixed.stderr

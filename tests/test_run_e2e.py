@@ -87,7 +87,8 @@ def test_one_run_per_project_and_no_silent_mixing(project_dir):
     # A finished history is not mixed or destroyed without asking.
     again = kaio("run", "cfg.yaml", cwd=project_dir, timeout=60)
     assert again.returncode == 2
-    assert "already has a history" in again.stderr and "kaio resume t" in again.stderr
+    assert "already has a history" in again.stderr and "continue it with `kaio resume t`" in again.stderr
+    assert "or start over with `kaio run cfg.yaml --overwrite`" in again.stderr  # the config it was given
     write_config(project_dir, max_steps=3)
     fresh = kaio("run", "cfg.yaml", "--overwrite", cwd=project_dir)
     assert fresh.returncode == 0, fresh.stdout + fresh.stderr

@@ -45,8 +45,8 @@ def read_jsonl(path: str | Path, fmt: str, text_field: str) -> Iterator[dict]:
                 kind = "messages" if isinstance(record, dict) and "messages" in record else "text"
             if kind == "messages":
                 messages = record.get("messages") if isinstance(record, dict) else None
-                if not isinstance(messages, list):
-                    raise ValueError(f"{path}:{number}: expected a 'messages' list")
+                if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                    raise ValueError(f"{path}:{number}: expected a 'messages' list of {{'role': ..., 'content': ...}}")
                 yield {"messages": messages}
             else:
                 text = record.get(text_field) if isinstance(record, dict) else None

@@ -109,6 +109,18 @@ def lora_config(cfg: RunConfig):
     )
 
 
+def with_adapters(cfg: RunConfig, model):
+    """``model`` with the LoRA adapters of ``cfg.lora`` (a PEFT model)."""
+    from peft import get_peft_model
+
+    adapted = get_peft_model(model, lora_config(cfg))
+    if cfg.model.base_model == TINY_MODEL:
+        # Built here, not a Hub repo: PEFT would look its name up on the Hub at every save (a request to a
+        # stranger's repo of that name, or a warning offline) to learn whether the vocabulary changed.
+        adapted.peft_config["default"].base_model_name_or_path = ""  # "": PEFT refills None at the first save
+    return adapted
+
+
 def load_dtype(precision: str, on_gpu: bool) -> torch.dtype:
     """The weights' dtype: bf16 for a bf16 run on a GPU; fp32 otherwise (fp16 autocast needs fp32 master
     weights for its GradScaler)."""
@@ -137,7 +149,6 @@ def resolve_precision(requested: str) -> str:
 def train(cfg: RunConfig) -> None:
     import warnings
 
-    from peft import get_peft_model
     from transformers import Trainer, TrainingArguments
 
     # Benign and repeated at every save: adapters on embeddings are saved with them on purpose,
@@ -148,7 +159,7 @@ def train(cfg: RunConfig) -> None:
     precision = resolve_precision(cfg.training.precision)
     on_gpu = torch.cuda.is_available()
     tokenizer = build_tokenizer(cfg)
-    model = get_peft_model(build_model(cfg, tokenizer, load_dtype(precision, on_gpu)), lora_config(cfg))
+    model = with_adapters(cfg, build_model(cfg, tokenizer, load_dtype(precision, on_gpu)))
     dataset = TokenizedTexts(load_texts(cfg, tokenizer), tokenizer, cfg.model.max_seq_length)
 
     t = cfg.training

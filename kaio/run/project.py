@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -57,6 +58,11 @@ def project_paths(output_dir: Path, project: str) -> ProjectPaths:
 
 
 def unknown_project(output_dir: Path, project: str) -> ProjectError:
+    if not output_dir.is_dir():
+        return ProjectError(
+            f"unknown project {project!r}: {output_dir}/ does not exist here ({os.getcwd()}); run kaio where you "
+            "ran the project, or name the folder of its reports with --output-dir"
+        )
     projects = known_projects(output_dir)
     listing = ", ".join(projects) if projects else "none yet; start one with `kaio run CONFIG`"
     return ProjectError(f"unknown project {project!r} in {output_dir}/ (known projects: {listing})")
@@ -145,6 +151,7 @@ def run_new(
     overwrite: bool = False,
     poller_factory_for: Callable | None = None,
     notify: Notify = print,
+    config_path: Path | None = None,
 ) -> int:
     """``kaio run``: a new history for the project (after moving an old one aside with ``--overwrite``)."""
     paths = ProjectPaths(cfg.report_dir)
@@ -161,11 +168,7 @@ def run_new(
                     f"{', '.join(map(str, alive))}); stop them before starting over"
                 )
         if paths.journal.exists() and not overwrite:
-            raise ProjectError(
-                f"project {cfg.project_name!r} already has a history ({loaded.state.last_step} steps, "
-                f"{loaded.state.status.value}) in {paths.report_dir}; continue it with `{paths.command('resume')}`, "
-                "or start over with `--overwrite` (the old record and checkpoints are moved aside)"
-            )
+            raise _has_history(paths, loaded.state, old_checkpoints, config_path)
         _check_checkpoint_folder(cfg)
         if overwrite:
             for what, path in move_aside(cfg, old_checkpoints):
@@ -176,6 +179,25 @@ def run_new(
             return _supervise(cfg, loaded.state, view, SessionRequest(SessionKind.RUN), factory, notify)
         finally:
             loaded.state.index.close()
+
+
+def _has_history(paths: ProjectPaths, state: RunState, checkpoints: Path, config_path: Path | None) -> ProjectError:
+    """Why `kaio run` refuses a project with a record, and the one way on that works: a resume needs a checkpoint,
+    and a finished run needs a longer one."""
+    config = shlex.quote(str(config_path)) if config_path is not None else "CONFIG"
+    overwrite = f"start over with `kaio run {config} --overwrite` (the old record and checkpoints are moved aside)"
+    said = f"project {paths.project!r} already has a history ({state.last_step} steps, {state.status.value}) in {paths.report_dir}"
+    if latest_checkpoint(checkpoints, notify=lambda _: None, at_most=state.last_step) is None:
+        return ProjectError(f"{said}, and no checkpoint to continue from in {checkpoints}/; {overwrite}")
+    if state.status is Status.COMPLETED:
+        ran_script = bool(((state.ledger.config or {}).get("launch") or {}).get("script"))
+        longer = (
+            f"a longer run in launch.script_args and `{paths.command('resume')} --config {config}`"
+            if ran_script
+            else f"`{paths.command('resume')} --max-steps N` (N > {state.last_step})"
+        )
+        return ProjectError(f"{said}; train it further with {longer}, or {overwrite}")
+    return ProjectError(f"{said}; continue it with `{paths.command('resume')}`, or {overwrite}")
 
 
 def _check_checkpoint_folder(cfg: RunConfig) -> None:
@@ -591,6 +613,11 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
     allowed: list[str] = []
     if config_path is not None:
         cfg = load_config(config_path)
+        if cfg.project_name != project:
+            raise ProjectError(
+                f"{config_path}: the config of project {cfg.project_name!r}, not {project!r}: resume {project!r} with "
+                f"its own config (edited), or run {cfg.project_name!r} with `kaio run {config_path}`"
+            )
         refused, allowed = config_changes(saved, config_snapshot(cfg))
         allowed = [c for c in allowed if not c.startswith(_PLACEMENT_KEYS)]  # said below, once placed
         if refused:
@@ -657,8 +684,11 @@ _PLACEMENT_KEYS = ("launch.nnodes", "launch.node_rank", "launch.main_addr", "lau
 
 def push(project: str, output_dir: Path, *, repo_id: str | None = None, notify: Notify = print) -> bool:
     """``kaio push``: push (or retry pushing) a project's final adapter by hand."""
+    from kaio.config import HUB_REPO_ID
     from kaio.run.finalize import push_to_hub, write_reports
 
+    if repo_id is not None and not HUB_REPO_ID.fullmatch(repo_id):
+        raise ProjectError(f"--repo-id {repo_id!r}: not a Hub repo id of the form `user/name`")
     paths = project_paths(output_dir, project)
     with opened(paths, notify) as (loaded, _running):
         cfg, _ = saved_config(paths)
