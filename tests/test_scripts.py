@@ -301,3 +301,27 @@ def test_a_file_locked_by_a_stuck_daemon_thread_does_not_hang_the_ranks_end(tmp_
     assert done.returncode == 0, done.stderr
     assert time.monotonic() - started < 30
     assert (tmp_path / "kept.txt").read_text() == "kept\n"
+
+
+def test_a_stopped_scripts_code_after_train_does_not_run_on_the_half_trained_model(project_dir):
+    """Ctrl-C: the Trainer saves a checkpoint and returns early, and kaio makes `train()` raise there, as a Ctrl-C
+    without kaio would: the script's evaluation (or its save of a "final" model, its push) after `train()` is
+    skipped, with no failure said."""
+    import signal
+
+    from conftest import journal_steps, spawn_kaio, wait_for
+
+    args = ["--output_dir", "out", "--max_steps", "5000", "--per_device_train_batch_size", "4", "--logging_steps", "1"]
+    args += ["--save_strategy", "steps", "--save_steps", "10000", "--do_eval", "--report_to", "none"]
+    _config(project_dir, "t", "clm_train.py", args)
+    proc = spawn_kaio("run", "t.yaml", "--plain", cwd=project_dir)
+    wait_for(lambda: journal_steps(project_dir) >= 5, 120, "a few steps")
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, output
+    history = read_history(project_dir)
+    stopped_at = max(s["step"] for s in history["steps"])
+    assert history["status"] == "INTERRUPTED" and (project_dir / f"out/checkpoint-{stopped_at}").is_dir()
+    assert history["evals"] == []  # trainer.evaluate() after train() did not run
+    assert not list((project_dir / "docs/reports/t/errors").glob("error-*.json"))  # no rank failed
+    assert "Traceback" not in (project_dir / "docs/reports/t/child.log").read_text()

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> Ending:
     if args[:1] == ["--"]:
         args = args[1:]
 
-    from kaio.child import paths, stacks
+    from kaio.child import paths, stacks, stop
     from kaio.child.patch import install, rank_from_env, shared_emitter
 
     paths.note_kaio_folder()  # before the script can move to another folder
@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> Ending:
             if exc.code not in (None, 0):
                 raise
             # sys.exit(0) at the end of a script: a success like returning
+        except stop.Stopped:
+            pass  # the graceful stop's end: the checkpoint is saved, the rest of the script skipped, no failure
         _destroy_process_group()
     except BaseException as exc:
         _write_error_file(rank_from_env(), exc)

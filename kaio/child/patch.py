@@ -100,6 +100,7 @@ def _patch(trainer_cls: Any) -> None:
         began[0] = True
         result = original_train(self, resume_from_checkpoint, *args, **kwargs)
         stop.fail_if_stopped_for_nonfinite()  # before the script saves or pushes the non-finite weights
+        stop.raise_if_stopped(self.state.global_step, self.state.max_steps)  # nor half-trained ones
         return result
 
     __init__._kaio_patched = True  # type: ignore[attr-defined]

@@ -67,6 +67,20 @@ def nonfinite(step: int) -> None:
     _nonfinite_step[:] = [step]
 
 
+class Stopped(KeyboardInterrupt):
+    """Raised by ``Trainer.train`` after a graceful stop cut the training short (its checkpoint is saved), so that
+    the script's code after ``train()`` (saving a "final" model, pushing it, evaluating it) does not run on a
+    half-trained model: what a Ctrl-C does to a script without kaio. A KeyboardInterrupt, so that a script's own
+    ``except KeyboardInterrupt:`` still runs; ``kaio.child`` ends the rank quietly on it."""
+
+
+def raise_if_stopped(global_step: int, max_steps: int) -> None:
+    """After ``Trainer.train``: the graceful stop ended it before ``max_steps`` (a stop that landed on the last
+    step leaves a finished training, whose code after ``train()`` runs)."""
+    if _state["requested"] and (max_steps <= 0 or global_step < max_steps):
+        raise Stopped(f"stopped after step {global_step} (a graceful stop: its checkpoint is saved)")
+
+
 def fail_if_stopped_for_nonfinite() -> None:
     """After ``Trainer.train``: a training that stopped on a non-finite loss failed, and what it trained is not
     worth saving; the ``SystemExit`` is the rank's root cause (its error file)."""
