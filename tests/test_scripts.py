@@ -5,6 +5,7 @@ and a loop with no Trainer is said plainly."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import textwrap
 from pathlib import Path
@@ -325,3 +326,26 @@ def test_a_stopped_scripts_code_after_train_does_not_run_on_the_half_trained_mod
     assert history["evals"] == []  # trainer.evaluate() after train() did not run
     assert not list((project_dir / "docs/reports/t/errors").glob("error-*.json"))  # no rank failed
     assert "Traceback" not in (project_dir / "docs/reports/t/child.log").read_text()
+
+
+def test_the_comet_ml_kaio_installs_does_not_make_transformers_warn_in_the_users_script(tmp_path):
+    """transformers (and TRL at every save) warn that comet_ml has no API key whenever it is installed: kaio
+    installed it, for its own sink in the supervisor, so the warning is not the script's to see."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "s.py"
+    script.write_text("from transformers import is_comet_available\nprint('comet', is_comet_available())\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMET_")}
+    env["HOME"] = str(tmp_path)  # no ~/.comet.config
+    bare = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert "comet False" in bare.stdout and "Comet API Key is not configured" in bare.stderr  # without kaio
+    under_kaio = subprocess.run(
+        [sys.executable, "-m", "kaio.child", "--kaio-script", str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert "comet False" in under_kaio.stdout, under_kaio.stderr
+    assert "Comet API Key" not in under_kaio.stderr

@@ -44,11 +44,26 @@ def install() -> None:
     from kaio.child import stop
 
     stop.install()
+    _hide_warnings_about_kaios_comet_ml()
     module = sys.modules.get(_TRAINER_MODULE)
     if module is not None:
         _patch(module.Trainer)
     elif not any(isinstance(finder, _PatchOnImport) for finder in sys.meta_path):
         sys.meta_path.insert(0, _PatchOnImport())
+
+
+_COMET_KEY_WARNING = "comet_ml is installed but the Comet API Key is not configured"
+
+
+def _hide_warnings_about_kaios_comet_ml() -> None:
+    """kaio installs comet_ml (its Comet sink runs in the supervisor, not here): transformers and TRL, finding it,
+    would warn at each Trainer and each save that its API key is not set, a warning about kaio's dependency
+    rather than the user's setup. The logger is transformers' own; a filter on it costs nothing until it logs."""
+    import logging
+
+    logging.getLogger("transformers.integrations.integration_utils").addFilter(
+        lambda record: not str(record.msg).startswith(_COMET_KEY_WARNING)
+    )
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
