@@ -283,3 +283,8 @@ def test_a_micro_batchs_examples_are_its_tensors_first_dimension(torch):
     assert _examples({"pixel_values": torch.zeros(5, 3, 8, 8), "labels": torch.zeros(5)}) == 5
     assert _examples((torch.zeros(2, 4), torch.zeros(2))) == 2 and _examples(ids) == 3
     assert _examples({"text": ["a", "b"]}) is None and _examples(None) is None  # nothing kaio can count
+    # Padding-free (DataCollatorWithFlattening, TRL's packing): every example in one row, told apart by where
+    # position_ids restart; the row is not the example count, and reading the restarts would sync the GPU.
+    packed = torch.zeros(1, 223, dtype=torch.long)
+    assert _examples({"input_ids": packed, "position_ids": packed, "labels": packed}) is None
+    assert _examples({"input_ids": ids, "position_ids": ids}) == 3  # unpadded rows of their own

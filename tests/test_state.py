@@ -291,6 +291,26 @@ def test_samples_are_what_the_ranks_counted_so_an_epochs_short_last_batch_is_not
     assert [s["samples_seen"] for s in history_of(replay(events))["steps"]] == [8, 10]
 
 
+def test_samples_go_on_from_the_checkpoints_count_after_a_resume_and_never_exceed_the_batch():
+    """A resume from checkpoint-3 counts on from step 3's recorded samples (an epoch's short batch in it), not
+    from 3 full batches; a collator that stacks each example's rows (DPO's chosen and rejected) counts 8 rows
+    for a batch of 4 examples: the count is at most the batch. The dashboard's samples/s is the same count's."""
+    from kaio.run.live import build_snapshot
+
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 6, "world_size": 1}
+    run |= {"args": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}}
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, run]
+    events += [{**_step(k, float(k)), "samples": n} for k, n in enumerate([4, 2, 4, 4], start=1)]
+    events += [{"type": "session_end", "session": 1, "t_wall": 1e9 + 5, "status": "INTERRUPTED", "exit_code": 143}]
+    events += [{"type": "session_start", "session": 2, "t_wall": 1e9 + 10, "kind": "resume"}]
+    events += [{**run, "session": 2, "start_step": 3}]
+    events += [{**_step(k, 10.0 + k, session=2), "samples": n} for k, n in [(4, 4), (5, 8), (6, 8)]]
+    state = replay(events)
+    assert [s["samples_seen"] for s in history_of(state)["steps"]] == [4, 6, 10, 14, 18, 22]
+    snapshot = build_snapshot(state.ledger, state.parts.live, 6, ())
+    assert snapshot.samples_per_s == pytest.approx(snapshot.steps_per_s * 4)
+
+
 def test_a_training_the_trainer_began_again_after_running_out_of_memory_is_said_as_such():
     """auto_find_batch_size: the Trainer itself starts the training again with a smaller batch after an
     out-of-memory error; its steps follow the earlier attempt's, and the note says why, not 'another Trainer'."""

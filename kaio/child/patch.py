@@ -140,13 +140,21 @@ def _watch_losses(trainer: Any, callback: Any) -> None:
 
 
 def _examples(inputs: Any) -> int | None:
-    """How many examples a micro-batch holds: its tensors' first dimension (``input_ids``' if it has them)."""
+    """How many examples a micro-batch holds: its tensors' first dimension (``input_ids``' if it has them). None
+    for a padding-free batch (every example packed into one row, told apart by ``position_ids``, no attention
+    mask): its first dimension is 1 whatever it holds, and counting the restarts would read the tensor."""
     if isinstance(inputs, Mapping):  # a dict, or the tokenizer's BatchEncoding
         values = [inputs["input_ids"]] if "input_ids" in inputs else list(inputs.values())
+        if "position_ids" in inputs and "attention_mask" not in inputs and _first_dimension(values) == 1:
+            return None
     elif isinstance(inputs, (list, tuple)):
         values = list(inputs)
     else:
         values = [inputs]
+    return _first_dimension(values)
+
+
+def _first_dimension(values: list[Any]) -> int | None:
     for value in values:
         shape = getattr(value, "shape", None)
         if shape is not None and len(shape) >= 1:

@@ -296,6 +296,11 @@ class RunIndex:
         ).fetchone()
         return LossSmoother(smoothed=row[0] if row else None, count=count, low=low)
 
+    def samples_seen_at(self, step: int) -> int | None:
+        """The examples seen by the end of ``step``, as recorded (a resume counts on from there)."""
+        row = self.conn.execute("SELECT samples_seen FROM steps WHERE step = ?", (step,)).fetchone()
+        return int(row[0]) if row and row[0] is not None else None
+
     def last_step(self) -> int:
         return self.conn.execute("SELECT COALESCE(MAX(step), 0) FROM steps").fetchone()[0]
 

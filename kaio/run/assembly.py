@@ -36,6 +36,7 @@ class AssemblyOutput(Protocol):
     def sealed(self, entry: StepEntry) -> None: ...
     def warn(self, text: str) -> None: ...
     def truncate_after(self, step: int) -> LossSmoother: ...
+    def samples_seen_at(self, step: int) -> int | None: ...
     def throughput(self, tokens_per_s_per_device: float, mfu: float | None) -> None: ...
     def recomputed(self, steps: int, seconds: float) -> None: ...
 
@@ -106,6 +107,9 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         if self.sealed_through > start:
             self.smoother = out.truncate_after(start)
             self.sealed_through = start
+        seen = out.samples_seen_at(start) if start and self.sealed_through >= start else None
+        if seen is not None:  # the checkpoint's step as recorded: the resumed steps count on from its samples
+            self.samples_from, self.last_samples_seen, self.counted_through = (start, seen), seen, (start, seen)
 
     # ------------------------------------------------------------------ events
 
@@ -152,8 +156,8 @@ class StepAssembler(msgspec.Struct, kw_only=True):
 
     def _samples_seen(self, event: Step, throughput: Throughput | None) -> int | None:
         """The examples seen by the end of rank 0's step, all ranks together: its micro-batches' examples as it
-        counted them (an epoch's last batch may be short) times the world size (the ranks' batches are even),
-        else the per-device batch x accumulation x world size of every step."""
+        counted them (an epoch's last batch may be short) times the world size (the ranks' batches are even), at
+        most the batch; else the per-device batch x accumulation x world size of every step."""
         step, samples = self.samples_from
         per_step = throughput.samples_per_step if throughput is not None else None
         if event.samples is not None and throughput is not None:
@@ -164,7 +168,11 @@ class StepAssembler(msgspec.Struct, kw_only=True):
             else:  # the first counted step after steps that were not
                 base = samples + (event.step - 1 - step) * per_step if per_step is not None else None
             if base is not None:
-                self.counted_through = (event.step, base + event.samples * throughput.world_size)
+                counted = event.samples * throughput.world_size
+                # Never more than the batch: a collator that stacks each example's rows (a preference pair's
+                # chosen and rejected) hands the model more rows than examples.
+                counted = min(counted, per_step) if per_step is not None else counted
+                self.counted_through = (event.step, base + counted)
                 return self.counted_through[1]
         self.counted_through = None
         return samples + (event.step - step) * per_step if per_step is not None else None

@@ -42,8 +42,12 @@ class LiveStats(msgspec.Struct, kw_only=True):
     last_step_t_mono: float | None = None
     tokens_per_s_per_device: float | None = None  # rank 0's latest step
     mfu: float | None = None
+    # (step, samples seen) of rank 0's recent steps: the samples a step takes, as the report counts them (an
+    # epoch's short last batch, a collator's own rows), not the nominal batch.
+    recent_samples: list[tuple[int, int]] = []
 
     def start_session(self) -> None:
+        self.recent_samples = []
         self.last_end = None
         self.latest_gpu.clear()
         self.last_step_t_mono = None
@@ -73,6 +77,17 @@ class LiveStats(msgspec.Struct, kw_only=True):
                 self.recent_losses = self.recent_losses[-(RECENT_LOSSES - 1) :] + [self.loss]
             if entry is not None and entry.loss_smoothed is not None:
                 self.loss_smoothed = entry.loss_smoothed
+
+    def on_samples_seen(self, step: int, samples_seen: int) -> None:
+        if not self.recent_samples or step > self.recent_samples[-1][0]:
+            self.recent_samples = self.recent_samples[-RECENT_STEPS:] + [(step, samples_seen)]
+
+    def samples_per_step(self) -> float | None:
+        """The recent steps' samples each, as counted; None before two counted steps."""
+        if len(self.recent_samples) < 2:
+            return None
+        (first_step, first), (last_step, last) = self.recent_samples[0], self.recent_samples[-1]
+        return (last - first) / (last_step - first_step) if last > first else None
 
     def steps_per_s(self) -> float | None:
         seconds = sum(s for s, _ in self.recent_gaps)
@@ -108,7 +123,7 @@ def build_snapshot(
     if status is None and session is not None and session.status == Status.RUNNING and not started:
         status = "STARTING"  # launching, importing, loading the model and data: not a frozen step 0
     eta = (max_steps - step) / rate if rate and max_steps and max_steps > step else None
-    per_step = ledger.samples_per_step()
+    per_step = live.samples_per_step() or ledger.samples_per_step()
     # This node's rank lead + i trains on the i-th GPU it can see (accelerate's cuda:LOCAL_RANK).
     run_keys = ledger.run_gpu_keys()
     lead = ledger.lead_rank

@@ -228,6 +228,8 @@ class RunState:
             throughput = self._throughput_of_run()
         if not self.parts.steps.on_step(r, throughput, self):
             ledger.telemetry.dropped_late_events += 1
+        elif throughput is not None and self.parts.steps.last_samples_seen:
+            self.parts.live.on_samples_seen(r.step, self.parts.steps.last_samples_seen)
         found = self.parts.stragglers.on_step(r)
         if found is not None:
             entry = self.parts.steps.open.get(found.step)
@@ -312,6 +314,9 @@ class RunState:
         self.recomputed(*self.index.work_after(step))  # trained again from checkpoint-<step>: their time was lost
         self.index.truncate_after(step)
         return self.index.smoother_at(step)
+
+    def samples_seen_at(self, step: int) -> int | None:
+        return self.index.samples_seen_at(step)
 
     def recomputed(self, steps: int, seconds: float) -> None:
         telemetry = self.ledger.telemetry
