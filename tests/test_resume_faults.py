@@ -251,12 +251,14 @@ def test_a_project_without_a_checkpoint_is_pointed_at_overwrite_by_run_and_resum
     assert again.returncode == 2
     assert "already has a history (3 steps, COMPLETED)" in again.stderr
     assert (
-        "and no checkpoint to continue from in checkpoints/t/; start over with `kaio run cfg.yaml --overwrite`"
-        in again.stderr
+        "and no checkpoint to continue from (no Trainer of the script started, so none was saved); "
+        "start over with `kaio run cfg.yaml --overwrite`" in again.stderr
     )
     assert "kaio resume" not in again.stderr
     resumed = kaio("resume", "t", cwd=project_dir, timeout=60)
-    assert resumed.returncode == 2 and "no complete checkpoint" in resumed.stderr and "--overwrite" in resumed.stderr
+    assert resumed.returncode == 2 and "no Trainer of the script started" in resumed.stderr
+    assert "checkpoints/t" not in resumed.stderr  # kaio's folder for the recipe is not the script's
+    assert "--overwrite" in resumed.stderr
     # Another project's config is named as such, not as a list of keys that differ.
     (project_dir / "other.yaml").write_text(
         (project_dir / "cfg.yaml").read_text().replace("project_name: t", "project_name: u")

@@ -168,7 +168,7 @@ def run_new(
                     f"{', '.join(map(str, alive))}); stop them before starting over"
                 )
         if paths.journal.exists() and not overwrite:
-            raise _has_history(paths, loaded.state, old_checkpoints, config_path)
+            raise _has_history(cfg, paths, loaded.state, old_checkpoints, config_path)
         _check_checkpoint_folder(cfg)
         if overwrite:
             for what, path in move_aside(cfg, old_checkpoints):
@@ -181,14 +181,16 @@ def run_new(
             loaded.state.index.close()
 
 
-def _has_history(paths: ProjectPaths, state: RunState, checkpoints: Path, config_path: Path | None) -> ProjectError:
+def _has_history(
+    cfg: RunConfig, paths: ProjectPaths, state: RunState, checkpoints: Path, config_path: Path | None
+) -> ProjectError:
     """Why `kaio run` refuses a project with a record, and the one way on that works: a resume needs a checkpoint,
     and a finished run needs a longer one."""
     config = shlex.quote(str(config_path)) if config_path is not None else "CONFIG"
     overwrite = f"start over with `kaio run {config} --overwrite` (the old record and checkpoints are moved aside)"
     said = f"project {paths.project!r} already has a history ({state.last_step} steps, {state.status.value}) in {paths.report_dir}"
     if latest_checkpoint(checkpoints, notify=lambda _: None, at_most=state.last_step) is None:
-        return ProjectError(f"{said}, and no checkpoint to continue from in {checkpoints}/; {overwrite}")
+        return ProjectError(f"{said}, and {_no_checkpoint_in(cfg, state, checkpoints)}; {overwrite}")
     if state.status is Status.COMPLETED:
         ran_script = bool(((state.ledger.config or {}).get("launch") or {}).get("script"))
         longer = (
@@ -433,6 +435,14 @@ def checkpoint_folder(cfg: RunConfig, state: RunState) -> Path:
     return Path(reported) if reported else cfg.checkpoint_dir
 
 
+def _no_checkpoint_in(cfg: RunConfig, state: RunState, folder: Path) -> str:
+    """Where no checkpoint was found, said truly: a script's Trainer that never started named no folder (kaio's
+    own folder is the built-in recipe's, not the script's)."""
+    if cfg.launch.script is not None and state.ledger.checkpoint_folder() is None and cfg.training.output_dir is None:
+        return "no checkpoint to continue from (no Trainer of the script started, so none was saved)"
+    return f"no complete checkpoint to continue from in {folder}/"
+
+
 def latest_checkpoint(checkpoint_dir: Path, notify: Notify = print, at_most: int | None = None) -> Path | None:
     """The newest *complete* ``checkpoint-N``: its trainer_state.json (written last) says step N. ``at_most``: the
     record's last step; a checkpoint after it was not saved by the run this record describes (another run's,
@@ -653,7 +663,7 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
             else ""
         )
         raise ProjectError(
-            f"project {project!r} has no complete checkpoint in {folder}/ to resume from{every_node}; "
+            f"project {project!r} has {_no_checkpoint_in(cfg, state, folder)}{every_node}; "
             f"start it again with `kaio run CONFIG --overwrite`"
         )
     # Trained to its planned length (completed, or stopped or failed in its last save): nothing is left to resume.
