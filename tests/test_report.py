@@ -1014,3 +1014,13 @@ def test_a_jobs_report_names_each_nodes_first_failing_rank_and_which_failed_firs
         "First to fail: node 1 (gpu08): rank 9: torch.OutOfMemoryError: CUDA out of memory"
     ) in nodes
     assert "gpu10" in nodes and "node 2 (gpu10) at" not in nodes
+
+
+def test_adapters_peft_resolved_to_every_layer_are_named_once_with_their_count():
+    from kaio.report.markdown import _peft
+
+    every_layer = [f"model.layers.{i}.{m}" for i in range(32) for m in ("self_attn.q_proj", "mlp.down_proj")]
+    resolved = PeftInfo(peft_type="LORA", r=8, alpha=16.0, target_modules=sorted(every_layer))
+    assert _peft(resolved) == "LORA r=8 alpha=16 on down_proj, q_proj (64 modules)"
+    named = PeftInfo(peft_type="LORA", r=8, alpha=16.0, target_modules=["model.layers.0.self_attn.q_proj", "v_proj"])
+    assert _peft(named) == "LORA r=8 alpha=16 on model.layers.0.self_attn.q_proj, v_proj"  # as the user named them

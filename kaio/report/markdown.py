@@ -285,12 +285,20 @@ def _what_was_trained(run: RunDescription | None) -> str:
 
 
 def _peft(peft: Any) -> str:
-    modules = peft.target_modules
-    targets = ", ".join(modules) if isinstance(modules, list) else modules
+    targets = _targets(peft.target_modules)
     text = f"{peft.peft_type or 'adapter'} r={peft.r} alpha={_num(peft.alpha, 'g')}"
     if peft.dropout is not None:
         text += f" dropout={peft.dropout:g}"
     return text + (f" on {targets}" if targets else "")
+
+
+def _targets(modules: list[str] | str | None) -> str | None:
+    """The adapters' targets: their names, or, when PEFT resolved them to every layer's module (`all-linear`:
+    `model.layers.0.mlp.down_proj`, ... 224 of them in a 32-layer model), the names once and the count."""
+    if not isinstance(modules, list):
+        return modules
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in modules})
+    return ", ".join(modules) if len(leaves) == len(modules) else f"{', '.join(leaves)} ({len(modules)} modules)"
 
 
 def _strategies(run: RunDescription) -> str | None:
