@@ -272,6 +272,29 @@ def test_the_end_of_training_says_which_checkpoints_are_gone_and_which_weights_t
     assert [(c.step, c.path) for c in header.checkpoints] == [(8, "out/checkpoint-8")]
     assert "the final model is out/checkpoint-8's weights, not the last step's" in " ".join(header.telemetry.notes)
 
+    # metric_for_best_model: the Trainer's best by its own metric is named, and a resumed training's best
+    # replaces the earlier session's (one note, as it stands, never two that contradict each other).
+    args = SimpleNamespace(
+        output_dir="out", load_best_model_at_end=True, metric_for_best_model="accuracy", greater_is_better=True
+    )
+    state.best_metric = 1.0
+    callback.on_train_end(args, state, SimpleNamespace())
+    end = [e for e in hooks.events() if e["type"] == "train_end"][-1]
+    assert (end["best_checkpoint"], end["best_metric"], end["best_metric_name"], end["greater_is_better"]) == (
+        "out/checkpoint-8",
+        1.0,
+        "eval_accuracy",
+        True,
+    )
+    later = {**end, "session": 2, "best_checkpoint": "out/checkpoint-40", "best_loaded": "out/checkpoint-40"}
+    records += [{**end, "session": 1}, {"type": "session_start", "session": 2}, later]
+    notes = replay(records).header().telemetry.notes
+    best = [n for n in notes if "best checkpoint" in n or "final model" in n]
+    assert best == [
+        "the Trainer's best checkpoint by eval_accuracy, higher is better: out/checkpoint-40 (1); the final model "
+        "is its weights (load_best_model_at_end)"
+    ]
+
 
 def test_a_micro_batchs_examples_are_its_tensors_first_dimension(torch):
     from transformers import BatchEncoding

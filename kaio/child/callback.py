@@ -26,6 +26,7 @@ from kaio.child.memory import peak_memory_functions
 from kaio.child.nonfinite import LossWatch, stop_on_nonfinite
 from kaio.child.paths import recorded_path
 from kaio.child.timing import StepTiming
+from kaio.record.types import finite
 from kaio.telemetry.protocol import ENV_RESUME_FROM, Eval, Log, Metric, Save, Step, TrainEnd, tag_nonfinite
 
 _LOG_FIELDS = ("loss", "learning_rate", "grad_norm")  # Trainer log keys with a field of their own
@@ -247,6 +248,15 @@ class KaioCallback(TrainerCallback):
             best = getattr(state, "best_model_checkpoint", None)
             if getattr(args, "load_best_model_at_end", False) and isinstance(best, str):
                 end.best_loaded = recorded_path(best)
+            metric = getattr(args, "metric_for_best_model", None)
+            if isinstance(best, str) and isinstance(metric, str):
+                end.best_checkpoint = recorded_path(best)
+                end.best_metric = finite(getattr(state, "best_metric", None))
+                end.best_metric_name = (
+                    metric if metric.startswith("eval_") else f"eval_{metric}"
+                )  # as the Trainer reads it
+                greater = getattr(args, "greater_is_better", None)
+                end.greater_is_better = greater if isinstance(greater, bool) else None
         self.emitter.emit(end)
 
 

@@ -80,6 +80,7 @@ class RunLedger(msgspec.Struct, kw_only=True):
     stalls: list[Stall] = []  # the first STALLS_KEPT
     hub: HubOutcome | None = None
     hub_later_failure: str | None = None  # a push that failed after ``hub``'s commit; cleared by one that succeeds
+    last_train_end: TrainEnd | None = None  # rank 0's, of the latest training
     host_use: HostUse = msgspec.field(default_factory=HostUse)
     telemetry: Telemetry = msgspec.field(default_factory=Telemetry)  # what arrived, what was lost
     received: Received = msgspec.field(default_factory=Received)  # which child events are journaled (spool merge)
@@ -255,11 +256,28 @@ class RunLedger(msgspec.Struct, kw_only=True):
         if r.checkpoints_removed:  # the latest checkpoint named is one still on disk
             removed = set(r.checkpoints_removed)
             self.checkpoints = [c for c in self.checkpoints if c.path not in removed]
-        if r.best_loaded:
-            self.add_note(
-                f"the Trainer loaded the best checkpoint at the end (load_best_model_at_end): the final model is "
-                f"{r.best_loaded}'s weights, not the last step's"
+        if r.rank == self.lead_rank:
+            self.last_train_end = r  # the latest training's: its best checkpoint is the one to tell of
+
+    def derived_notes(self) -> list[str]:
+        """Notes of state that a later event replaces (said as it stands, not once per session): a push that
+        failed after a pushed one, and the latest training's best checkpoint."""
+        notes = [self.hub_later_failure] if self.hub_later_failure else []
+        end = self.last_train_end
+        if end is not None and end.best_checkpoint and end.best_metric_name:
+            higher = end.greater_is_better
+            better = "" if higher is None else ", higher is better" if higher else ", lower is better"
+            value = f" ({end.best_metric:.4g})" if end.best_metric is not None else ""
+            loaded = "; the final model is its weights (load_best_model_at_end)" if end.best_loaded else ""
+            notes.append(
+                f"the Trainer's best checkpoint by {end.best_metric_name}{better}: {end.best_checkpoint}{value}{loaded}"
             )
+        elif end is not None and end.best_loaded:
+            notes.append(
+                f"the Trainer loaded the best checkpoint at the end (load_best_model_at_end): the final model is "
+                f"{end.best_loaded}'s weights, not the last step's"
+            )
+        return notes
 
     def on_hub(self, r: HubOutcome) -> None:
         if r.error and self.hub is not None and self.hub.commit_sha:

@@ -345,8 +345,8 @@ class RunState:
             host=ledger.host,
             host_use=ledger.host_use,
             telemetry=(
-                msgspec.structs.replace(ledger.telemetry, notes=[*ledger.telemetry.notes, ledger.hub_later_failure])
-                if ledger.hub_later_failure
+                msgspec.structs.replace(ledger.telemetry, notes=[*ledger.telemetry.notes, *derived])
+                if (derived := ledger.derived_notes())
                 else ledger.telemetry
             ),
             warnings=self.parts.warnings.listed(),
