@@ -372,6 +372,8 @@ def final_line(snapshot: Snapshot) -> str:
     ``[kaio] tiny-default COMPLETED: 60/60 steps in 1:02, exit code 0, final loss 4.123``
     """
     st = snapshot.status
+    if st == "FAILED" and snapshot.training_completed:
+        st += " after its training completed"  # the script's code after train() failed, not the training
     steps = f"{snapshot.step}/{snapshot.max_steps}" if snapshot.max_steps else str(snapshot.step)
     line = f"[kaio] {snapshot.project} {st}: {steps} steps in {format_duration(snapshot.elapsed_s)}"
     if snapshot.session > 1:

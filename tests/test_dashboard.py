@@ -440,6 +440,8 @@ def test_final_line():
     assert line == "[kaio] tiny-default COMPLETED: 60/60 steps in 1:02, exit code 0, final loss 4.123"
     line = final_line(make_snapshot(status="FAILED", step=12, elapsed_s=3723, exit_code=1, session=2, loss=None))
     assert line == "[kaio] tiny-default FAILED: 12/60 steps in 1:02:03 (session 2), exit code 1"
+    line = final_line(make_snapshot(status="FAILED", step=60, exit_code=1, loss=None, training_completed=True))
+    assert line.startswith("[kaio] tiny-default FAILED after its training completed: 60/60 steps in")
     line = final_line(make_snapshot(status="INTERRUPTED", exit_code=-15, loss=None))
     assert "INTERRUPTED" in line and "SIGTERM" in line and "\x1b" not in line
 

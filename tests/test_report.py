@@ -1024,3 +1024,19 @@ def test_adapters_peft_resolved_to_every_layer_are_named_once_with_their_count()
     assert _peft(resolved) == "LORA r=8 alpha=16 on down_proj, q_proj (64 modules)"
     named = PeftInfo(peft_type="LORA", r=8, alpha=16.0, target_modules=["model.layers.0.self_attn.q_proj", "v_proj"])
     assert _peft(named) == "LORA r=8 alpha=16 on model.layers.0.self_attn.q_proj, v_proj"  # as the user named them
+
+
+def test_a_script_that_failed_after_its_training_completed_is_said_to_have_trained_whole():
+    """`trainer.push_to_hub()` failing after 8 of 8 steps: the training is whole, the script failed after it."""
+    header, index = make_run(8, status=Status.FAILED)
+    last = header.sessions[-1]
+    last.status, last.exit_code, last.training_ended = Status.FAILED, 1, True
+    last.error = "rank 0: httpx.ConnectError: [Errno -2] Name or service not known"
+    header.run.max_steps = 8
+    md = report_of(header, index)
+    assert (
+        "**Status:** ❌ FAILED (exit code 1) after its training completed (8 of 8 steps): the script failed "
+        "afterwards: `rank 0: httpx.ConnectError" in md
+    )
+    last.training_ended = False  # the process ended inside the training: a failed training, said as before
+    assert "**Status:** ❌ FAILED (exit code 1): `rank 0: httpx" in report_of(header, index)

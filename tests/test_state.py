@@ -311,6 +311,18 @@ def test_samples_go_on_from_the_checkpoints_count_after_a_resume_and_never_excee
     assert snapshot.samples_per_s == pytest.approx(snapshot.steps_per_s * 4)
 
 
+def test_a_failure_after_the_training_completed_is_said_so_on_the_last_line():
+    from kaio.run.live import build_snapshot
+
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 2, "world_size": 1}
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, run, _step(1, 1.0), _step(2, 2.0)]
+    ended = [{"type": "session_end", "session": 1, "t_wall": 1e9 + 3, "status": "FAILED", "exit_code": 1}]
+    state = replay(events + ended)
+    assert not build_snapshot(state.ledger, state.parts.live, 2, ()).training_completed  # it ended inside train()
+    state = replay(events + [{"type": "train_end", "rank": 0, "session": 1, "step": 2}] + ended)
+    assert build_snapshot(state.ledger, state.parts.live, 2, ()).training_completed
+
+
 def test_a_training_the_trainer_began_again_after_running_out_of_memory_is_said_as_such():
     """auto_find_batch_size: the Trainer itself starts the training again with a smaller batch after an
     out-of-memory error; its steps follow the earlier attempt's, and the note says why, not 'another Trainer'."""

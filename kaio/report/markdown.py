@@ -114,6 +114,9 @@ def _status(s: Summary) -> str:
     text = f"{STATUS_BADGES.get(s.status, '❔')} {s.status}"
     if s.status == "FAILED":
         text += f" (exit code {s.exit_code})" if s.exit_code is not None else ""
+        if s.training_ended and s.max_steps and s.optimizer_steps >= s.max_steps:
+            # The script's code after train() failed (a push, an evaluation): the training itself is whole.
+            text += f" after its training completed ({s.optimizer_steps} of {s.max_steps} steps): the script failed afterwards"
         if s.error:
             text += f": `{_inline(s.error)}`"
     elif s.status == "INTERRUPTED" and s.signal is not None:

@@ -157,6 +157,7 @@ def build_snapshot(
         learning_rate=live.learning_rate,
         grad_norm=live.grad_norm,
         eval_loss=live.eval_loss,
+        training_completed=bool(progress and progress.trained_to_end and max_steps and step >= max_steps),
         steps_per_s=rate,
         samples_per_s=rate * per_step if rate and per_step else None,
         tokens_per_s_per_device=live.tokens_per_s_per_device,

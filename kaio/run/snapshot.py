@@ -89,4 +89,5 @@ class Snapshot:
     warnings: tuple[str, ...] = ()  # the latest recorded ones, then the live ones
     live_warnings: tuple[str, ...] = ()  # those of ``warnings`` that say what is going on now (a stall's seconds)
     exit_code: int | None = None
+    training_completed: bool = False  # this session's Trainer trained all its steps (a failure came after)
     report_path: str | None = None  # report.md: where the record is (the last frame says so)
