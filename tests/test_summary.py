@@ -130,19 +130,35 @@ def grad_steps(*after: float) -> list[StepEntry]:
 
 
 def test_grad_norm_spike_against_an_odd_count_median():
-    # 11 judged values: the median is the 6th, 3.0, so the threshold is 30: 31 is a spike.
-    warnings = summary_of(grad_steps(31.0)).warnings
+    # 11 values before step 22: the median is the 6th, 3.0, so the threshold is 30: 31 is a spike.
+    warnings = summary_of(grad_steps(3.0, 31.0)).warnings
     assert grad_norm_warning(warnings) == [
-        "gradient norm spiked above 10x its median (3) at 1 step (largest 31 at step 21)"
+        "gradient norm spiked above 10x the median of the 20 logged before it at 1 step (largest 31 at step 22, "
+        "where that median was 3)"
     ]
 
 
 def test_grad_norm_spike_against_an_even_count_median_is_the_mean_of_the_middle_two():
-    # 12 judged values: median (3 + 3.5) / 2 = 3.25, threshold 32.5: 33 is a spike, 32 is not.
+    # 10 values before step 21: median (2.5 + 3) / 2 = 2.75, threshold 27.5: 28 is a spike, 27 is not.
     # (The lower middle value would flag both, the upper one neither.)
-    warnings = summary_of(grad_steps(32.0, 33.0)).warnings
-    assert grad_norm_warning(warnings) == [
-        "gradient norm spiked above 10x its median (3.25) at 1 step (largest 33 at step 22)"
+    assert grad_norm_warning(summary_of(grad_steps(27.0)).warnings) == []
+    assert grad_norm_warning(summary_of(grad_steps(28.0)).warnings) == [
+        "gradient norm spiked above 10x the median of the 20 logged before it at 1 step (largest 28 at step 21, "
+        "where that median was 2.75)"
+    ]
+
+
+def test_a_converging_runs_falling_norms_are_no_spike_and_a_late_spike_is_judged_by_the_norms_before_it():
+    """A classifier's norms fall from about 1 to 0.03 as its loss goes to 0: against the run's median (0.04)
+    its early norms looked like spikes; against the ones just before them they are not. A late 0.35 among
+    0.03s is a spike, though under 10x the run's median of its first half."""
+    falling = [1.0, 0.5, 1.1, 0.3, 0.8, 1.8, 0.9, 0.3, 0.1, 0.06, 0.05, 0.04] + [0.03] * 30
+    steps = [step(WARMUP_STEPS + 1 + i, grad_norm=g) for i, g in enumerate(falling)]
+    assert grad_norm_warning(summary_of(steps).warnings) == []
+    steps.append(step(WARMUP_STEPS + 1 + len(falling), grad_norm=0.35))
+    assert grad_norm_warning(summary_of(steps).warnings) == [
+        "gradient norm spiked above 10x the median of the 20 logged before it at 1 step (largest 0.35 at step 53, "
+        "where that median was 0.03)"
     ]
 
 

@@ -6,11 +6,16 @@ keeps a variant of its own.
 
 from __future__ import annotations
 
+import bisect
+from collections import deque
+from collections.abc import Iterable, Iterator
+
 import msgspec
 
 WARMUP_STEPS = 10  # a randomly initialised model's first steps are not judged (loss, grad norm)
 DIVERGENCE_FACTOR = 3.0  # the smoothed loss above 3x its running minimum: diverging
-GRAD_NORM_SPIKE_FACTOR = 10.0  # a gradient norm above 10x the run's median: a spike
+GRAD_NORM_SPIKE_FACTOR = 10.0  # a gradient norm above 10x the median of the ones logged just before: a spike
+GRAD_NORM_WINDOW = 20  # ...of the 20 before it (the run's own median flags a converging run's early norms)
 STALL_FACTOR = 10.0  # no step for 10x the median step time...
 STALL_FLOOR_S = 60.0  # ...and at least a minute: a stall
 MIN_POINTS_FOR_MEDIAN = 10  # fewer points give no median worth comparing against
@@ -48,3 +53,22 @@ class LossSmoother(msgspec.Struct, kw_only=True):
 def stall_threshold_s(median_step_s: float | None) -> float:
     """How long without a step is a stall, when steps take ``median_step_s``."""
     return STALL_FLOOR_S if median_step_s is None else max(STALL_FACTOR * median_step_s, STALL_FLOOR_S)
+
+
+def grad_norm_spikes(norms: Iterable[tuple[int, float]]) -> Iterator[tuple[int, float, float]]:
+    """``(step, norm, median before it)`` of each logged gradient norm above ``GRAD_NORM_SPIKE_FACTOR`` times
+    the median of the ``GRAD_NORM_WINDOW`` logged before it (at least ``MIN_POINTS_FOR_MEDIAN`` of them).
+    ``norms``: ``(step, norm)`` in step order. Against what came just before: a fine-tune's norms fall tenfold
+    as it converges, and its first ones are no spike against the last ones' median."""
+    window: deque[float] = deque(maxlen=GRAD_NORM_WINDOW)
+    ordered: list[float] = []  # the window's values, sorted
+    for step, norm in norms:
+        if len(ordered) >= MIN_POINTS_FOR_MEDIAN:
+            middle = len(ordered) // 2
+            median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+            if norm > GRAD_NORM_SPIKE_FACTOR * median:
+                yield step, norm, median
+        if len(window) == window.maxlen:
+            del ordered[bisect.bisect_left(ordered, window[0])]
+        window.append(norm)
+        bisect.insort(ordered, norm)

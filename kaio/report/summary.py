@@ -456,17 +456,15 @@ def _warnings(q: _Query, header: HistoryHeader, s: Summary, first: int | None, l
         )
     found += _schedule_restarts(q, header)
     judged = f"step > {(first or 0) + rules.WARMUP_STEPS - 1}"
-    median = q.median("grad_norm", judged)
-    if median and q.value(f"SELECT COUNT(grad_norm) FROM steps WHERE {judged}") >= rules.MIN_POINTS_FOR_MEDIAN:
-        spikes, top, top_step = q.row(
-            f"SELECT COUNT(*), MAX(grad_norm), step FROM steps WHERE {judged} AND grad_norm > ?",
-            rules.GRAD_NORM_SPIKE_FACTOR * median,
+    norms = q.conn.execute(f"SELECT step, grad_norm FROM steps WHERE grad_norm IS NOT NULL AND {judged} ORDER BY step")
+    spikes = list(rules.grad_norm_spikes(norms))
+    if spikes:
+        top_step, top, before = max(spikes, key=lambda spike: spike[1])
+        found.append(
+            f"gradient norm spiked above {rules.GRAD_NORM_SPIKE_FACTOR:g}x the median of the {rules.GRAD_NORM_WINDOW} "
+            f"logged before it at {_count(len(spikes), 'step')} (largest {top:.3g} at step {top_step}, where that "
+            f"median was {before:.3g})"
         )
-        if spikes:
-            found.append(
-                f"gradient norm spiked above {rules.GRAD_NORM_SPIKE_FACTOR:g}x its median ({median:.3g}) at "
-                f"{_count(spikes, 'step')} (largest {top:.3g} at step {top_step})"
-            )
     # A session's first step carries start-up work (CUDA init, compilation): not a stall.
     steady = "step NOT IN (SELECT MIN(step) FROM steps GROUP BY session)"
     median_step = q.median("step_time_s", steady)
