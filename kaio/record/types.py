@@ -268,6 +268,7 @@ class EvalEntry(msgspec.Struct, kw_only=True):
     timestamp: str | None = None
     metrics: dict[str, float | None] = {}
     nonfinite: dict[str, NonFiniteTag] = {}
+    after_training: bool = False  # the script's own evaluate() or predict() after its Trainer's train() ended
 
     @property
     def loss_key(self) -> str | None:

@@ -228,7 +228,9 @@ def _evaluations(s: Summary, evals: list[EvalEntry]) -> str | None:
         return None
     names = list(dict.fromkeys(k for e in evals for k in e.metrics if k not in ("epoch",)))
     shown = evals[-EVAL_ROWS:]
-    rows = [(e.step, *(_metric(e, name) for name in names)) for e in shown]
+    rows = [
+        (f"{e.step} (after training)" if e.after_training else e.step, *(_metric(e, n) for n in names)) for e in shown
+    ]
     text = "## Evaluation\n\n"
     if s.eval_loss_best is not None:
         count = f"{s.eval_count} evaluation{'s' if s.eval_count != 1 else ''}"

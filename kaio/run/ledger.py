@@ -115,6 +115,11 @@ class RunLedger(msgspec.Struct, kw_only=True):
             return os.path.dirname(saved[-1])
         return self.run.args.output_dir if self.run is not None else None
 
+    def trained_to_end(self, session: int) -> bool:
+        """The session's latest training reached its Trainer's end (what follows is the script's own)."""
+        progress = self.progress.get(session)
+        return progress is not None and progress.trained_to_end
+
     def run_gpu_keys(self) -> list[str]:
         return sorted(self.run_keys)
 
@@ -212,6 +217,8 @@ class RunLedger(msgspec.Struct, kw_only=True):
         self.ranks[r.rank] = RankSeen(world_size=r.world_size, hostname=r.hostname, pid=r.pid)
         if r.rank == self.lead_rank:
             self.run = r
+            if r.session in self.progress:  # a later training of the session: its end is still to come
+                self.progress[r.session].trained_to_end = False
             s = self.session_record(r.session)
             if s is not None and r.training == 1:  # a later training of the session continues it
                 s.start_step = r.start_step

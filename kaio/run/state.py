@@ -266,6 +266,7 @@ class RunState:
             timestamp=iso(r.t_wall),
             metrics={k: finite(v) for k, v in r.metrics.items()},
             nonfinite={k: tag for k, v in r.metrics.items() if (tag := nonfinite_tag(v)) is not None},
+            after_training=self.ledger.trained_to_end(r.session),
         )
         self.index.add_eval(entry)
         runtime = entry.metrics.get("eval_runtime")
