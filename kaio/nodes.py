@@ -124,7 +124,12 @@ def placement(launch: LaunchConfig, flags: Mapping[str, object], environ: Mappin
             main_port=main_port,
             source="the command line" if given else "the config",
         )
-    check(result)
+    try:
+        check(result)
+    except ConfigError as exc:
+        if nodes_named and "SLURM_STEP_ID" in environ and step_nodes > 1 and not result.main_addr:
+            raise ConfigError(f"{exc}; inside `srun`, leave out --nnodes and --node-rank: SLURM says them") from None
+        raise
     return result
 
 

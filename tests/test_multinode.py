@@ -456,3 +456,20 @@ def test_the_head_does_not_wait_for_a_node_whose_stream_ended_without_its_end(tm
     said.clear()
     assert wait_for_nodes(paths, said.append, timeout_s=0.6, stream_gone=lambda folder: 1.0) == ["1-gpu08"]
     assert said[0] == "waiting for node(s) 1-gpu08 to close their records (at most 1 s)"  # dropped just now
+
+
+def test_node_flags_given_inside_srun_are_told_to_leave_the_shape_to_slurm(project_dir):
+    from kaio.config import LaunchConfig
+    from kaio.errors import ConfigError
+    from kaio.nodes import placement
+
+    srun = {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_NODES": "2", "SLURM_NODEID": "1", "SLURM_STEP_NODELIST": "gpu[11-12]"}
+    with pytest.raises(ConfigError, match="inside `srun`, leave out --nnodes and --node-rank: SLURM says them"):
+        placement(LaunchConfig(), {"nnodes": 3}, srun)
+    assert placement(LaunchConfig(), {}, srun).main_addr == "gpu11"  # as SLURM says
+    from kaio.errors import ProjectError
+    from kaio.record.paths import ProjectPaths
+    from kaio.run.job import node_folders
+
+    with pytest.raises(ProjectError, match=r"--merge copied/1-gpu12: no such folder \(give the node folders copied"):
+        node_folders(ProjectPaths(project_dir / "p"), [Path("copied/1-gpu12")])

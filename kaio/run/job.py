@@ -66,6 +66,10 @@ def node_folders(paths: ProjectPaths, extra: Iterable[Path] = ()) -> list[Path]:
     if paths.nodes.is_dir():
         found = sorted(p for p in paths.nodes.iterdir() if is_node_folder(p) and ProjectPaths(p).journal.is_file())
     for folder in extra:
+        if not folder.is_dir():
+            raise ProjectError(
+                f"--merge {folder}: no such folder (give the node folders copied from the other machines)"
+            )
         if not ProjectPaths(folder).journal.is_file():
             raise ProjectError(f"--merge {folder}: not a node's record (no journal.jsonl in it)")
         found.append(folder)
