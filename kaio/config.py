@@ -161,6 +161,7 @@ _KAIO_LAUNCH_FLAGS = {
     "__machine_rank": "node_rank",
     "__main_process_ip": "main_addr",
     "__main_process_port": "main_port",
+    "__rdzv_backend": "nnodes (kaio rendezvouses a job of several machines statically: each keeps its rank)",
 }
 
 
@@ -414,6 +415,8 @@ def _config_loader():
             """A key written twice would silently drop its first section (a whole `training:` block)."""
             first_line: dict = {}
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<:` merges keys that the mapping's own may override
                 key = self.construct_object(key_node, deep=True)
                 if isinstance(key, str | int | float | bool) and key in first_line:
                     raise yaml.MarkedYAMLError(

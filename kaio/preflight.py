@@ -47,6 +47,13 @@ _TINY_OTHERS = (  # the rest of its modules: a target naming one of these is not
     "model.norm",
     "model.rotary_emb",
 )
+# A model's weights as the Hub holds them: one file, or an index of shards.
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _DATA_LINES_CHECKED = 1000  # the first lines' shape is checked; a bad line further on is the recipe's to name
 
 
@@ -185,8 +192,8 @@ def model_unavailable(cfg: RunConfig, environ: Mapping[str, str] = os.environ) -
         return None
     from huggingface_hub import try_to_load_from_cache
 
-    if isinstance(try_to_load_from_cache(name, "config.json"), str):
-        return None
+    if any(isinstance(try_to_load_from_cache(name, file), str) for file in _WEIGHT_FILES):
+        return None  # its weights are cached (a config.json alone may be `kaio plan`'s download)
     unreachable = hub_unreachable(environ)
     if unreachable is None:
         return None

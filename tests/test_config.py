@@ -81,6 +81,10 @@ def test_defaults_fill_the_documented_paths():
             "project_name: p\nlaunch: {accelerate_args: [--main_process_port, '1234']}\n",
             "launch.accelerate_args: --main_process_port is set by kaio: use launch.main_port",
         ),
+        (
+            "project_name: p\nlaunch: {accelerate_args: [--rdzv-backend, c10d]}\n",
+            "launch.accelerate_args: --rdzv-backend is set by kaio: use launch.nnodes",
+        ),
         # A key written twice would silently drop the first section.
         (
             "project_name: p\ntraining:\n  max_steps: 3\nlora: {r: 4}\ntraining:\n  batch_size: 2\n",
@@ -184,3 +188,11 @@ def test_a_learning_rate_written_1e_4_still_reads_as_a_number(project_dir):
     path = project_dir / "ok.yaml"
     path.write_text("project_name: p\ntraining:\n  learning_rate: 1e-4\n  weight_decay: 0\n")
     assert load_config(path).training.learning_rate == 1e-4  # YAML 1.1 reads 1e-4 as a string; pydantic parses it
+
+
+def test_yaml_merge_keys_are_not_duplicates(project_dir):
+    """`<<:` merges a mapping's keys, which the mapping's own may override: YAML's rule, not a duplicate key."""
+    path = project_dir / "m.yaml"
+    path.write_text("project_name: p\ntraining: {<<: {max_steps: 3, batch_size: 2}, max_steps: 5}\n")
+    cfg = load_config(path)
+    assert (cfg.training.max_steps, cfg.training.batch_size) == (5, 2)

@@ -193,6 +193,7 @@ def test_a_host_without_gpu_is_judged_by_its_ram_shared_by_the_ranks():
     from kaio.plan import make_plan, plan_json
 
     cfg = with_max_steps(load_config(REPO / "configs" / "finetuning_config.yaml"), 10)
+    cfg = cfg.model_copy(update={"reporting": cfg.reporting.model_copy(update={"gpu_backend": "none"})})  # any host
     made = make_plan(cfg, environ={"PATH": os.environ["PATH"]})
     plan = plan_json(made)
     assert plan["gpus"] == [] and 0 < plan["host_available_bytes"] <= psutil.virtual_memory().total

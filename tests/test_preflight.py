@@ -92,7 +92,10 @@ def test_a_model_neither_on_disk_nor_reachable_is_refused_at_once(tmp_path, monk
     (cached / "snapshots" / "abc").mkdir(parents=True)
     (cached / "refs").mkdir()
     (cached / "refs" / "main").write_text("abc")
-    (cached / "snapshots" / "abc" / "config.json").write_text("{}")
+    (cached / "snapshots" / "abc" / "config.json").write_text("{}")  # what `kaio plan` downloads: not the model
+    said = _refusal(tmp_path, monkeypatch, model={"base_model": "meta-llama/Llama-3.2-1B"})
+    assert "not in the Hugging Face cache" in said
+    (cached / "snapshots" / "abc" / "model.safetensors.index.json").write_text("{}")
     check_recipe_inputs(RunConfig(project_name="p", model={"base_model": "meta-llama/Llama-3.2-1B"}), "c", environ={})
 
 

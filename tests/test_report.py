@@ -1024,6 +1024,8 @@ def test_adapters_peft_resolved_to_every_layer_are_named_once_with_their_count()
     assert _peft(resolved) == "LORA r=8 alpha=16 on down_proj, q_proj (64 modules)"
     named = PeftInfo(peft_type="LORA", r=8, alpha=16.0, target_modules=["model.layers.0.self_attn.q_proj", "v_proj"])
     assert _peft(named) == "LORA r=8 alpha=16 on model.layers.0.self_attn.q_proj, v_proj"  # as the user named them
+    mixed = PeftInfo(peft_type="LORA", r=8, alpha=16.0, target_modules=["model.layers.0.self_attn.q_proj", "q_proj"])
+    assert _peft(mixed) == "LORA r=8 alpha=16 on model.layers.0.self_attn.q_proj, q_proj"
 
 
 def test_a_script_that_failed_after_its_training_completed_is_said_to_have_trained_whole():

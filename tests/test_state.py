@@ -304,11 +304,22 @@ def test_samples_go_on_from_the_checkpoints_count_after_a_resume_and_never_excee
     events += [{"type": "session_end", "session": 1, "t_wall": 1e9 + 5, "status": "INTERRUPTED", "exit_code": 143}]
     events += [{"type": "session_start", "session": 2, "t_wall": 1e9 + 10, "kind": "resume"}]
     events += [{**run, "session": 2, "start_step": 3}]
-    events += [{**_step(k, 10.0 + k, session=2), "samples": n} for k, n in [(4, 4), (5, 8), (6, 8)]]
+    events += [{**_step(k, 10.0 + k, session=2), "samples": n} for k, n in [(4, 8), (5, 2), (6, 4)]]
     state = replay(events)
-    assert [s["samples_seen"] for s in history_of(state)["steps"]] == [4, 6, 10, 14, 18, 22]
+    assert [s["samples_seen"] for s in history_of(state)["steps"]] == [4, 6, 10, 14, 16, 20]
     snapshot = build_snapshot(state.ledger, state.parts.live, 6, ())
-    assert snapshot.samples_per_s == pytest.approx(snapshot.steps_per_s * 4)
+    assert snapshot.samples_per_s == pytest.approx(snapshot.steps_per_s * 3)  # (20 - 14) / 2 steps, not the batch
+
+
+def test_evaluations_after_train_are_marked_and_a_later_training_clears_the_earlier_ones_end():
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 2, "world_size": 1}
+    evaluation = {"type": "eval", "rank": 0, "session": 1, "step": 2, "metrics": {"eval_loss": 1.0}}
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, run, _step(1, 1.0), _step(2, 2.0)]
+    events += [evaluation, {"type": "train_end", "rank": 0, "session": 1, "step": 2}, evaluation]
+    events += [{**run, "training": 2, "start_step": 2, "step_offset": 2, "max_steps": 4}, _step(3, 3.0)]
+    events += [{**evaluation, "step": 3}]  # during the second training
+    evals = history_of(replay(events))["evals"]
+    assert [(e["step"], e["after_training"]) for e in evals] == [(2, False), (2, True), (3, False)]
 
 
 def test_a_failure_after_the_training_completed_is_said_so_on_the_last_line():

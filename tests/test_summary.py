@@ -133,7 +133,7 @@ def test_grad_norm_spike_against_an_odd_count_median():
     # 11 values before step 22: the median is the 6th, 3.0, so the threshold is 30: 31 is a spike.
     warnings = summary_of(grad_steps(3.0, 31.0)).warnings
     assert grad_norm_warning(warnings) == [
-        "gradient norm spiked above 10x the median of the 20 logged before it at 1 step (largest 31 at step 22, "
+        "gradient norm spiked above 10x the median of the (up to 20) logged before it at 1 step (largest 31 at step 22, "
         "where that median was 3)"
     ]
 
@@ -143,7 +143,7 @@ def test_grad_norm_spike_against_an_even_count_median_is_the_mean_of_the_middle_
     # (The lower middle value would flag both, the upper one neither.)
     assert grad_norm_warning(summary_of(grad_steps(27.0)).warnings) == []
     assert grad_norm_warning(summary_of(grad_steps(28.0)).warnings) == [
-        "gradient norm spiked above 10x the median of the 20 logged before it at 1 step (largest 28 at step 21, "
+        "gradient norm spiked above 10x the median of the (up to 20) logged before it at 1 step (largest 28 at step 21, "
         "where that median was 2.75)"
     ]
 
@@ -157,7 +157,7 @@ def test_a_converging_runs_falling_norms_are_no_spike_and_a_late_spike_is_judged
     assert grad_norm_warning(summary_of(steps).warnings) == []
     steps.append(step(WARMUP_STEPS + 1 + len(falling), grad_norm=0.35))
     assert grad_norm_warning(summary_of(steps).warnings) == [
-        "gradient norm spiked above 10x the median of the 20 logged before it at 1 step (largest 0.35 at step 53, "
+        "gradient norm spiked above 10x the median of the (up to 20) logged before it at 1 step (largest 0.35 at step 53, "
         "where that median was 0.03)"
     ]
 

@@ -26,7 +26,6 @@ from kaio.child.memory import peak_memory_functions
 from kaio.child.nonfinite import LossWatch, stop_on_nonfinite
 from kaio.child.paths import recorded_path
 from kaio.child.timing import StepTiming
-from kaio.record.types import finite
 from kaio.telemetry.protocol import ENV_RESUME_FROM, Eval, Log, Metric, Save, Step, TrainEnd, tag_nonfinite
 
 _LOG_FIELDS = ("loss", "learning_rate", "grad_norm")  # Trainer log keys with a field of their own
@@ -251,7 +250,9 @@ class KaioCallback(TrainerCallback):
             metric = getattr(args, "metric_for_best_model", None)
             if isinstance(best, str) and isinstance(metric, str):
                 end.best_checkpoint = recorded_path(best)
-                end.best_metric = finite(getattr(state, "best_metric", None))
+                value = getattr(state, "best_metric", None)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    end.best_metric = tag_nonfinite(float(value))
                 end.best_metric_name = (
                     metric if metric.startswith("eval_") else f"eval_{metric}"
                 )  # as the Trainer reads it

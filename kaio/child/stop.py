@@ -4,8 +4,9 @@ a step and stop.
 The supervisor turns a first Ctrl-C into SIGTERM (a batch scheduler's preemption sends one too; its warning
 before a time limit, SIGUSR1 under SLURM's ``--signal=USR1@T``, asks for the same stop and never ends a rank). While a
 Trainer trains, the signal only raises a flag: ``KaioCallback.on_step_end`` then sets the Trainer's own
-``should_save`` and ``should_training_stop``, the Trainer writes checkpoint-N and returns, and ``kaio
-resume`` continues from step N+1. Outside training (loading, a script without a Trainer) and at a second
+``should_save`` and ``should_training_stop``, the Trainer writes checkpoint-N and returns, the patched
+``train()`` raises ``Stopped`` (the script's code after it does not run on the half-trained model), and
+``kaio resume`` continues from step N+1. Outside training (loading, a script without a Trainer) and at a second
 SIGTERM the signal does what it always does: end the process.
 
 With several ranks every rank gets the signal at about the same moment, but not necessarily on the same side

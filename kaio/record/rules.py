@@ -21,6 +21,12 @@ STALL_FLOOR_S = 60.0  # ...and at least a minute: a stall
 MIN_POINTS_FOR_MEDIAN = 10  # fewer points give no median worth comparing against
 
 
+def training_completed(trained_to_end: bool | None, step: int, max_steps: int | None) -> bool:
+    """The Trainer reached its end having trained every step it planned: whatever failed after was the script's
+    own code after train() (a push, an evaluation), not the training."""
+    return bool(trained_to_end) and max_steps is not None and 0 < max_steps <= step
+
+
 class LossSmoother(msgspec.Struct, kw_only=True):
     """The one smoothed loss: an EMA over the finite logged losses, in step order.
 

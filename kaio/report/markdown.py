@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 
 from kaio.config import redact as redact_config
+from kaio.record import rules
 from kaio.record.types import (
     EvalEntry,
     HistoryHeader,
@@ -114,7 +115,7 @@ def _status(s: Summary) -> str:
     text = f"{STATUS_BADGES.get(s.status, '❔')} {s.status}"
     if s.status == "FAILED":
         text += f" (exit code {s.exit_code})" if s.exit_code is not None else ""
-        if s.training_ended and s.max_steps and s.optimizer_steps >= s.max_steps:
+        if rules.training_completed(s.training_ended, s.optimizer_steps, s.max_steps):
             # The script's code after train() failed (a push, an evaluation): the training itself is whole.
             text += f" after its training completed ({s.optimizer_steps} of {s.max_steps} steps): the script failed afterwards"
         if s.error:
@@ -302,6 +303,8 @@ def _targets(modules: list[str] | str | None) -> str | None:
     `model.layers.0.mlp.down_proj`, ... 224 of them in a 32-layer model), the names once and the count."""
     if not isinstance(modules, list):
         return modules
+    if not modules or not all("." in name for name in modules):
+        return ", ".join(modules)  # as the user named them
     leaves = sorted({name.rsplit(".", 1)[-1] for name in modules})
     return ", ".join(modules) if len(leaves) == len(modules) else f"{', '.join(leaves)} ({len(modules)} modules)"
 

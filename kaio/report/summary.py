@@ -461,9 +461,9 @@ def _warnings(q: _Query, header: HistoryHeader, s: Summary, first: int | None, l
     if spikes:
         top_step, top, before = max(spikes, key=lambda spike: spike[1])
         found.append(
-            f"gradient norm spiked above {rules.GRAD_NORM_SPIKE_FACTOR:g}x the median of the {rules.GRAD_NORM_WINDOW} "
-            f"logged before it at {_count(len(spikes), 'step')} (largest {top:.3g} at step {top_step}, where that "
-            f"median was {before:.3g})"
+            f"gradient norm spiked above {rules.GRAD_NORM_SPIKE_FACTOR:g}x the median of the (up to "
+            f"{rules.GRAD_NORM_WINDOW}) logged before it at {_count(len(spikes), 'step')} (largest {top:.3g} at step "
+            f"{top_step}, where that median was {before:.3g})"
         )
     # A session's first step carries start-up work (CUDA init, compilation): not a stall.
     steady = "step NOT IN (SELECT MIN(step) FROM steps GROUP BY session)"

@@ -274,7 +274,8 @@ class RunLedger(msgspec.Struct, kw_only=True):
         if end is not None and end.best_checkpoint and end.best_metric_name:
             higher = end.greater_is_better
             better = "" if higher is None else ", higher is better" if higher else ", lower is better"
-            value = f" ({end.best_metric:.4g})" if end.best_metric is not None else ""
+            best = end.best_metric
+            value = f" ({best:.4g})" if isinstance(best, float) else f" ({best})" if best is not None else ""
             loaded = "; the final model is its weights (load_best_model_at_end)" if end.best_loaded else ""
             notes.append(
                 f"the Trainer's best checkpoint by {end.best_metric_name}{better}: {end.best_checkpoint}{value}{loaded}"

@@ -13,6 +13,7 @@ import time
 import msgspec
 
 from kaio.devices.base import GpuSample, HostSample
+from kaio.record import rules
 from kaio.record.types import Log, Status, Step, StepEntry, finite
 from kaio.run.ledger import RunLedger
 from kaio.run.snapshot import GpuRow, HostRow, Snapshot
@@ -157,7 +158,7 @@ def build_snapshot(
         learning_rate=live.learning_rate,
         grad_norm=live.grad_norm,
         eval_loss=live.eval_loss,
-        training_completed=bool(progress and progress.trained_to_end and max_steps and step >= max_steps),
+        training_completed=rules.training_completed(progress is not None and progress.trained_to_end, step, max_steps),
         steps_per_s=rate,
         samples_per_s=rate * per_step if rate and per_step else None,
         tokens_per_s_per_device=live.tokens_per_s_per_device,

@@ -59,9 +59,10 @@ def project_paths(output_dir: Path, project: str) -> ProjectPaths:
 
 def unknown_project(output_dir: Path, project: str) -> ProjectError:
     if not output_dir.is_dir():
+        here = "" if output_dir.is_absolute() else f" here ({os.getcwd()})"
         return ProjectError(
-            f"unknown project {project!r}: {output_dir}/ does not exist here ({os.getcwd()}); run kaio where you "
-            "ran the project, or name the folder of its reports with --output-dir"
+            f"unknown project {project!r}: {output_dir}/ does not exist{here}; run kaio where you ran the project, "
+            "or name the folder of its reports with --output-dir"
         )
     projects = known_projects(output_dir)
     listing = ", ".join(projects) if projects else "none yet; start one with `kaio run CONFIG`"

@@ -240,7 +240,7 @@ class TrainEnd(Event, tag="train_end"):
     best_loaded: str | None = None
     # Rank 0, with metric_for_best_model: the Trainer's best checkpoint and its metric (eval_accuracy, ...).
     best_checkpoint: str | None = None
-    best_metric: float | None = None
+    best_metric: Metric = None
     best_metric_name: str | None = None
     greater_is_better: bool | None = None
 
