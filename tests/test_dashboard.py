@@ -28,7 +28,7 @@ from kaio.dashboard import (
     sparkline,
     status_text,
 )
-from kaio.run.snapshot import GpuRow, HostRow, Snapshot
+from kaio.run.snapshot import GpuRow, HostRow, Snapshot, as_shown
 
 GB = 2**30  # kaio shows memory in binary units (GiB) everywhere
 
@@ -511,3 +511,40 @@ def test_the_trainers_metric_dicts_are_left_out_of_the_output_but_the_scripts_ow
     assert not any(is_trainer_log_line(line, "5.24.0") for line in [*scripts, "{'test_loss': 1e-05}"])
     assert all(is_trainer_log_line(line, "4.57.1") for line in scripts)  # 4.x printed its floats bare
     assert not is_trainer_log_line("{'my_own': 1.0}", "5.24.0") and not is_trainer_log_line("done", None)
+
+
+def test_progress_bars_in_the_output_panel_update_in_place_as_in_a_terminal(tmp_path):
+    """A Trainer script's own tqdm bars (the training's, each evaluation's, left or cleared) written to a log, as
+    the child's output is: each bar keeps one line at its latest state, a cleared one leaves nothing, and the
+    script's other lines stay, in order."""
+    import collections
+
+    from tqdm import tqdm
+
+    from kaio.run.snapshot import add_output_line
+
+    log = tmp_path / "child.log"
+    with open(log, "w") as out:
+        train = tqdm(total=40, file=out, mininterval=0, ascii=False)
+        for step in range(1, 41):
+            train.update(1)
+            if step % 10 == 0:
+                for _ in tqdm(range(3), file=out, mininterval=0, leave=False):  # an evaluation's bar, cleared
+                    pass
+                tqdm.write(f"script says {step}", file=out)
+        train.close()
+        for _ in tqdm(range(5), desc="Map", file=out, mininterval=0):  # the script's own bar, left
+            pass
+    tail: collections.deque[str] = collections.deque(maxlen=200)
+    raw = log.read_bytes().decode().split("\n")
+    for line in raw:
+        add_output_line(tail, line.rstrip("\r"))  # as the supervisor reads the log
+    shown = [as_shown(line) for line in tail if as_shown(line).strip()]
+    assert len(raw) > 8  # the bars' redraws, as a log holds them
+    assert [line for line in shown if line.startswith("script says")] == [f"script says {k}" for k in (10, 20, 30, 40)]
+    bars = [line for line in shown if "%|" in line]
+    assert len(bars) == 2 and bars[0].startswith("100%|") and "40/40" in bars[0] and bars[1].startswith("Map: 100%|")
+    # A warning printed on a bar's line is the warning's line: kept when the bar moves on.
+    add_output_line(tail, "\r  0%|          | 0/40 [00:00<?, ?it/s]/x.py:7: UserWarning: no accelerator")
+    add_output_line(tail, "\r  2%|▎         | 1/40 [00:00<00:00, 9.10it/s]")
+    assert any(as_shown(line).endswith("UserWarning: no accelerator") for line in tail)

@@ -8,6 +8,8 @@ second); renderers never see the live state. Every sequence here is bounded
 from __future__ import annotations
 
 import re
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # CSI / OSC / two-character escape sequences: colours and cursor moves, no text of their own.
@@ -23,6 +25,45 @@ def as_shown(line: str) -> str:
     carriage returns, so only what follows the last one stays, and escape sequences are no text."""
     line = line.rstrip("\r\n")
     return ANSI_RE.sub("", line[line.rfind("\r") + 1 :])
+
+
+# tqdm's bar: "{desc}: {percent}%|{bar}| {n}/{total} [{elapsed}<{remaining}, {rate}{postfix}]", nothing after
+# (a warning printed on the bar's line is a line of its own to keep).
+_PROGRESS_BAR = re.compile(
+    r"^(?P<desc>.*?)\s*\d{1,3}%\|[^|]*\|\s*[\d.]+[kMGT]?/(?P<total>[\d.]+[kMGT]?|\?)(?:\s*\[[^\]]*\])?\s*$"
+)
+_BAR_LOOKBACK = 8  # lines back to look for the same bar's earlier state
+
+
+def progress_bar(shown: str) -> tuple[str, str] | None:
+    """``(description, total)`` of a tqdm progress bar's line, else None."""
+    match = _PROGRESS_BAR.match(shown.strip())
+    return (match["desc"].strip(), match["total"]) if match else None
+
+
+def add_output_line(tail: deque[str], line: str) -> None:
+    """Keep a line of the child's output as a terminal would show it: a progress bar redrawn (tqdm moves the
+    cursor back up to redraw nested bars, which a log cannot) replaces its own earlier state instead of piling
+    up, a bar cleared away (``leave=False``: blanks written over it) leaves nothing, and blank lines (the bars'
+    positioning) take no room in the panel (child.log keeps every byte)."""
+    *overwritten, last = line.rstrip("\r\n").split("\r")
+    for segment in [*overwritten, last]:
+        if "\x1b[" in segment and not ANSI_RE.sub("", segment).strip():  # blanks over a nested bar: cleared
+            _remove_latest(tail, lambda kept: progress_bar(kept) is not None)
+    shown = as_shown(line)
+    if not shown.strip():
+        return
+    bar = progress_bar(shown)
+    if bar is not None:
+        _remove_latest(tail, lambda kept: progress_bar(kept) == bar)
+    tail.append(line)
+
+
+def _remove_latest(tail: deque[str], matches: Callable[[str], bool]) -> None:
+    for i in range(len(tail) - 1, max(len(tail) - 1 - _BAR_LOOKBACK, -1), -1):
+        if matches(as_shown(tail[i])):
+            del tail[i]
+            return
 
 
 @dataclass(frozen=True, slots=True)

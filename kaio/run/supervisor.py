@@ -43,7 +43,7 @@ from kaio.record.types import (
 from kaio.run import diagnose
 from kaio.run.node_watch import NodeWatch
 from kaio.run.recorder import Recorder
-from kaio.run.snapshot import Snapshot, as_shown
+from kaio.run.snapshot import Snapshot, add_output_line, as_shown
 from kaio.run.stalls import StallWatch, capture_stacks
 from kaio.run.state import RunState
 from kaio.telemetry import spool
@@ -312,7 +312,7 @@ class Supervisor:
                 break
             if kind == "log":
                 if not self._trainer_log_line(as_shown(item)):  # the Trainer's metrics: on the status line
-                    self._log_tail.append(item)
+                    add_output_line(self._log_tail, item)
                     self.view.child_output(item)
             else:  # "record": a child event, a GPU tick, the device list
                 self.record(item)
