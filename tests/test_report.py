@@ -569,6 +569,9 @@ def test_several_eval_datasets_each_have_their_best_loss_and_their_points():
     md = render_markdown(header, summary, index.evals())
     assert "| Evaluation loss, best | 1.5 (val) at step 10; 0.9 (test) at step 15 |" in section(md, "Key metrics")
     assert "Best evaluation loss **1.5** (val) at step 10; **0.9** (test) at step 15 (6 evaluations)." in md
+    evaluation = section(md, "Evaluation")  # one row a step for both sets, not one each with half the cells empty
+    assert "| Step | eval_val_loss | eval_val_runtime | eval_test_loss | eval_test_runtime |" in evaluation
+    assert "| 10 | 1.5 | 0.1 | 1.1 | 0.1 |" in evaluation and "—" not in evaluation
     lines = figure_data(header, index).eval_losses
     assert {name: (line.x, line.y) for name, line in lines.items()} == {
         "val": ([5, 10, 15], [2.0, 1.5, 1.7]),

@@ -228,7 +228,8 @@ def _evaluations(s: Summary, evals: list[EvalEntry]) -> str | None:
     if not evals:
         return None
     names = list(dict.fromkeys(k for e in evals for k in e.metrics if k not in ("epoch",)))
-    shown = evals[-EVAL_ROWS:]
+    every = _one_row_per_evaluation(evals)
+    shown = every[-EVAL_ROWS:]
     rows = [
         (f"{e.step} (after training)" if e.after_training else e.step, *(_metric(e, n) for n in names)) for e in shown
     ]
@@ -236,9 +237,30 @@ def _evaluations(s: Summary, evals: list[EvalEntry]) -> str | None:
     if s.eval_loss_best is not None:
         count = f"{s.eval_count} evaluation{'s' if s.eval_count != 1 else ''}"
         text += f"Best evaluation loss {_best_eval_loss(s, bold=True)} ({count}).\n\n"
-    if len(evals) > len(shown):
-        text += f"The latest {len(shown)} of {len(evals)} evaluations (all are in history.json):\n\n"
+    if len(every) > len(shown):
+        text += f"The latest {len(shown)} of {len(every)} evaluations (all are in history.json):\n\n"
     return text + _table(("Step", *names), rows)
+
+
+def _one_row_per_evaluation(evals: list[EvalEntry]) -> list[EvalEntry]:
+    """Several eval datasets are evaluated one after the other at a step (eval_val_*, then eval_test_*): one row
+    for them all, not a row per dataset with the others' columns empty."""
+    rows: list[EvalEntry] = []
+    for e in evals:
+        last = rows[-1] if rows else None
+        if (
+            last is not None
+            and (last.step, last.session, last.after_training) == (e.step, e.session, e.after_training)
+            and e.eval_set is not None
+            and last.eval_set is not None
+            and not (last.metrics.keys() - {"epoch"}) & (e.metrics.keys() - {"epoch"})
+        ):
+            rows[-1] = msgspec.structs.replace(
+                last, metrics={**last.metrics, **e.metrics}, nonfinite={**last.nonfinite, **e.nonfinite}
+            )
+        else:
+            rows.append(e)
+    return rows
 
 
 def _metric(entry: EvalEntry, name: str) -> str:
