@@ -327,7 +327,8 @@ def render_plan(plan: Plan) -> Any:
         parts.append(
             Text("no GPU here: the run trains on the CPU, each process's tensors in the host's RAM", style="dim")
         )
-    table = Table(title="VRAM estimate per GPU (allocated tensors at the step's peak)", title_justify="left")
+    per = "VRAM estimate per GPU" if plan.gpus else "Memory estimate per process (in RAM: no GPU here)"
+    table = Table(title=f"{per} (allocated tensors at the step's peak)", title_justify="left")
     table.add_column("term")
     for checkpointing in (False, True):
         chosen = " (config)" if checkpointing == m.gradient_checkpointing else ""

@@ -199,6 +199,7 @@ def test_a_host_without_gpu_is_judged_by_its_ram_shared_by_the_ranks():
     assert plan["gpus"] == [] and 0 < plan["host_available_bytes"] <= psutil.virtual_memory().total
     assert plan["verdicts"] == {"host RAM": "fits"}  # about 1 GiB for the tiny model
     assert "verdict: host RAM fits (1.0 GiB needed of " in _render(made)
+    assert "Memory estimate per process (in RAM: no GPU here)" in _render(made)
     two = dataclasses.replace(
         made, config=cfg.model_copy(update={"launch": cfg.launch.model_copy(update={"num_processes": 2})})
     )
