@@ -16,7 +16,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from conftest import REPO, kaio, read_history, write_config
+from conftest import REPO, journal_steps, kaio, read_history, wait_for, write_config
 from kaio.record.paths import ProjectPaths
 
 
@@ -473,3 +473,48 @@ def test_node_flags_given_inside_srun_are_told_to_leave_the_shape_to_slurm(proje
 
     with pytest.raises(ProjectError, match=r"--merge copied/1-gpu12: no such folder \(give the node folders copied"):
         node_folders(ProjectPaths(project_dir / "p"), [Path("copied/1-gpu12")])
+
+
+def test_a_ctrl_c_on_the_head_alone_stops_every_node_at_one_step_with_a_whole_checkpoint(project_dir):
+    """A Ctrl-C reaches the head's kaio only (no scheduler signals every node): node 1's rank finds the head's
+    proposal in the job's store and stops at the same step; the checkpoint holds both ranks' state, and both
+    records say INTERRUPTED with it saved (node 1: stopped with the job)."""
+    import signal
+
+    port, stream_port = _free_port(), _free_port()
+    machine_b = project_dir / "machine-b"
+    machine_b.mkdir()
+    shared_checkpoints = project_dir / "shared-storage" / "checkpoints"
+    for where in (project_dir, machine_b):
+        cfg = write_config(where, max_steps=5000, save_steps=10000)
+        text = cfg.read_text().replace("launch:\n", f"launch:\n  stream_port: {stream_port}\n")
+        cfg.write_text(text.replace("training:\n", f"training:\n  output_dir: {shared_checkpoints}\n"))
+    job = ["run", "cfg.yaml", "--nnodes", "2", "--main-addr", "127.0.0.1", "--main-port", str(port), "--plain"]
+    env = {**os.environ, "KAIO_JOB_SECRET": "0f1e2d3c4b5a69788796a5b4c3d2e1f0", "PYTHONUNBUFFERED": "1"}
+    spawn = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node1 = subprocess.Popen([sys.executable, "-m", "kaio", *job, "--node-rank", "1"], cwd=machine_b, **spawn)
+    head = subprocess.Popen([sys.executable, "-m", "kaio", *job, "--node-rank", "0"], cwd=project_dir, **spawn)
+    try:
+        wait_for(lambda: journal_steps(project_dir) >= 8, 180, "both nodes to train a few steps")
+        head.send_signal(signal.SIGINT)
+        head_out, _ = head.communicate(timeout=90)
+        node1_out, _ = node1.communicate(timeout=90)
+    finally:
+        for proc in (head, node1):
+            if proc.poll() is None:
+                proc.kill()
+    assert head.returncode == 143, head_out
+    assert node1.returncode == 143, node1_out
+    history = read_history(project_dir)
+    step = max(s["step"] for s in history["steps"])
+    checkpoint = shared_checkpoints / f"checkpoint-{step}"
+    assert {p.name for p in checkpoint.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
+    assert f"stopped after step {step} with checkpoint-{step} saved" in head_out
+    assert f"stopped after step {step} with checkpoint-{step} saved" in node1_out
+    assert "the job was stopped from another node" in node1_out or "stopped from another node" in " ".join(
+        json.loads(next(machine_b.glob("docs/reports/t/nodes/*/history.json")).read_text())["telemetry"]["notes"]
+    )
+    assert history["status"] == "INTERRUPTED" and [n["status"] for n in history["run"]["nodes"]] == [
+        "INTERRUPTED",
+        "INTERRUPTED",
+    ]

@@ -242,6 +242,7 @@ class KaioCallback(TrainerCallback):
         stop.training(False)
         self._training = False
         end = TrainEnd(rank=self.rank, step=self._step(state), t_wall=time.time(), t_mono=time.monotonic())
+        end.stopped = stop.requested()
         if state.is_world_process_zero:
             end.checkpoints_removed = [path for saved, path in self._saved if not os.path.isdir(saved)]
             best = getattr(state, "best_model_checkpoint", None)

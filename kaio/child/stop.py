@@ -14,15 +14,18 @@ of a step's end: a rank that stopped alone would leave the others waiting in the
 So the ranks agree on the step through torch.distributed's store (the rendezvous's key-value store, which
 every rank of every node reaches): the first rank to reach a step end after the signal proposes the step
 after next (no rank can be further than one step ahead: each step's gradient all-reduce holds them together),
-and every rank stops at the end of the step the store holds. One store round trip per rank, after a signal
-only. A rank whose signal comes more than a step after the first rank's (or never) goes past that step and
-waits in the next one's collectives: the supervisor's grace period ends it.
+and every rank stops at the end of the step the store holds. A rank no signal reached (the stop was asked of one
+node's kaio alone: a Ctrl-C on the head) looks for a proposal in the store once a second, and the proposal
+leaves it the time to: the steps of three such looks, at least two. A rank that still misses it goes past that
+step and waits in the next one's collectives: the supervisor's grace period ends it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
+import time
 
 from kaio.child import process_group
 
@@ -43,12 +46,23 @@ def training(active: bool) -> None:
 
 
 STORE_KEY = "kaio/graceful_stop_step"
+# A rank no signal reached (another node's: the stop was asked of one node's kaio alone) looks for a proposal in
+# the store this often, and a proposal leaves it the time to: steps enough for three looks, at least two.
+POLL_EVERY_S = 1.0
 _agreed: list[int] = []  # the step every rank stops at, once read from the store
+_pace = {"next_poll": 0.0, "step": 0, "t": 0.0, "step_s": 0.0}  # the previous step end, and the time a step takes
 
 
 def stops_after(step: int, max_steps: int | None = None) -> bool:
     """At the end of optimizer step ``step``: whether the Trainer saves and stops here (the proposal is never
     past ``max_steps``, where the training ends anyway: the stop's save is made there)."""
+    now = time.monotonic()
+    if step > _pace["step"] and _pace["t"]:
+        _pace["step_s"] = (now - _pace["t"]) / (step - _pace["step"])
+    _pace["step"], _pace["t"] = step, now
+    if not _state["requested"] and now >= _pace["next_poll"]:
+        _pace["next_poll"] = now + POLL_EVERY_S
+        _state["requested"] = _proposed_elsewhere()
     if not _state["requested"]:
         return False
     if not _agreed:
@@ -56,11 +70,28 @@ def stops_after(step: int, max_steps: int | None = None) -> bool:
         if store is None:
             return True  # one process: here
         try:
-            proposed = min(step + 2, max_steps) if max_steps and max_steps > 0 else step + 2
+            ahead = max(2, math.ceil(3 * POLL_EVERY_S / _pace["step_s"]) + 1) if _pace["step_s"] > 0 else 2
+            proposed = min(step + ahead, max_steps) if max_steps and max_steps > 0 else step + ahead
             _agreed.append(int(store.compare_set(STORE_KEY, "", str(proposed))))
         except Exception:  # a store gone (the job is ending anyway): this rank stops here, as before
             return True
     return step >= _agreed[0]
+
+
+def _proposed_elsewhere() -> bool:
+    """Another rank proposed the stop (its node's kaio was asked; this one was not): one store look."""
+    store = process_group.store()
+    if store is None:
+        return False
+    try:
+        return bool(store.check([STORE_KEY]))
+    except Exception:
+        return False
+
+
+def requested() -> bool:
+    """A graceful stop was asked for while this rank trained (here, or on another node)."""
+    return _state["requested"]
 
 
 def nonfinite(step: int) -> None:

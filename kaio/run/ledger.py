@@ -46,6 +46,7 @@ class SessionProgress(msgspec.Struct, kw_only=True):
     last_step: int | None = None  # rank 0's newest step
     last_step_t_wall: float | None = None
     trained_to_end: bool = False  # rank 0 reached on_train_end
+    stopped: bool = False  # ...by the graceful stop (asked here, or of another node's kaio)
 
 
 class RankSeen(msgspec.Struct, kw_only=True):
@@ -260,6 +261,7 @@ class RunLedger(msgspec.Struct, kw_only=True):
         s = self.session_record(r.session)
         if s is not None and r.rank == self.lead_rank:
             self.progress[s.session].trained_to_end = True
+            self.progress[s.session].stopped = r.stopped
         if r.checkpoints_removed:  # the latest checkpoint named is one still on disk
             removed = set(r.checkpoints_removed)
             self.checkpoints = [c for c in self.checkpoints if c.path not in removed]

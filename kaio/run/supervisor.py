@@ -597,6 +597,13 @@ class Supervisor:
             return SessionOutcome(
                 code, Status.INTERRUPTED, signal_name, error, self._what_the_stop_kept(session), cause.t_wall
             )
+        progress = self.state.ledger.progress.get(session)
+        if returncode == 0 and planned is None and progress is not None and progress.stopped:
+            # Stopped with the rest of the job: the stop was asked of another node's kaio (a Ctrl-C on the head).
+            self._note("the job was stopped from another node (its kaio was asked): this node stopped with it", "info")
+            return SessionOutcome(
+                128 + signal.SIGTERM, Status.INTERRUPTED, None, None, self._what_the_stop_kept(session)
+            )
         if returncode == 0:
             self._unended_training(session)
             return SessionOutcome(0, Status.COMPLETED)

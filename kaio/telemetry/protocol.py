@@ -238,6 +238,7 @@ class TrainEnd(Event, tag="train_end"):
     # load_best_model_at_end removes the last one), and the one whose weights the model ends with.
     checkpoints_removed: list[str] = []
     best_loaded: str | None = None
+    stopped: bool = False  # the graceful stop ended it (asked here, or of another node's kaio)
     # Rank 0, with metric_for_best_model: the Trainer's best checkpoint and its metric (eval_accuracy, ...).
     best_checkpoint: str | None = None
     best_metric: Metric = None
