@@ -139,8 +139,12 @@ def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the
     assert folders == [copy]
     other_job = {**head_config, "launch": {**head_config["launch"], "main_port": 1}}
     found = load_nodes(folders, other_job)
-    assert found.nodes == [] and found.problems == [
-        f"{copy.name}: not merged (not a node of the job as the head last ran it: its launch.main_port is {int(port)}, the head's 1)"
+    assert found.nodes == [] and found.problems[0] == (
+        f"node folder {copy.name}: not merged (not a node of the job as the head last ran it: its launch.main_port is {int(port)}, the head's 1)"
+    )
+    assert found.problems[1:] == [  # the job's node 1 is then not in the record: said, with the way to add it
+        "node 1 of 2: no record of it here (it never streamed to the head, and no folder of it is under nodes/): "
+        "copy its folder (nodes/1-<host>/ under the project on its machine) and run `kaio report t --merge FOLDER`"
     ]
     shutil.rmtree(copy.with_name(f"{copy.name}.replaced-20261130-120000"))
 
@@ -153,9 +157,14 @@ def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the
     assert merged.returncode == 0, merged.stderr
     remerged = read_history(project_dir)
     assert remerged["run"]["nodes"][1]["clock_offset_s"] is None
+    assert remerged["run"]["nodes"][1]["folder"] == str(copied.resolve())  # where the merged record is
     for nodes in (remerged["run"]["nodes"], history["run"]["nodes"]):
-        nodes[1].update(clock_offset_s=None, clock_rtt_s=None)
+        nodes[1].update(clock_offset_s=None, clock_rtt_s=None, folder=None)
     assert {**remerged, "generated_at": None} == {**history, "generated_at": None}
+    assert f"remembered {copied.resolve()} in merged-nodes.json" in merged.stdout + merged.stderr
+    assert f"| {copied.resolve()} |" in (project_dir / "docs/reports/t/report.md").read_text()  # where it is
+    again = kaio("report", "t", "--json", cwd=project_dir)  # a later report merges it again, untold
+    assert again.returncode == 0 and [n["node_rank"] for n in json.loads(again.stdout)["nodes"]] == [0, 1]
 
     # The job resumes (--max-steps 14) with node 1 on "another machine": its record, renamed for the host it ran
     # on before (gpu08), is taken over and continued; the head still holds its old copy under that name, which

@@ -128,6 +128,11 @@ class ProjectPaths:
         return self.report_dir / "stream-token"
 
     @property
+    def merged_nodes(self) -> Path:
+        """The node folders `kaio report --merge` was given (outside ``nodes/``), merged again by later reports."""
+        return self.report_dir / "merged-nodes.json"
+
+    @property
     def stream_copy(self) -> Path:
         """In a node folder on the head: the head keeps a copy of the node's journal here (it writes it)."""
         return self.report_dir / "stream-copy"

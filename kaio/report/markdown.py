@@ -461,11 +461,11 @@ def _nodes(run: RunDescription | None) -> str | None:
                 _bytes(node.vram_peak_bytes) or "not measured",
                 state,
                 _clock(node),
-                f"nodes/{node.folder}" if node.folder else "this folder",
+                (node.folder if "/" in node.folder else f"nodes/{node.folder}") if node.folder else "this folder",
             )
         )
     return (
-        f"## Nodes\n\n{len(run.nodes)} machines, one job (world size {run.world_size}); each node's steps merged "
+        f"## Nodes\n\n{len(run.nodes)} machine{'s' if len(run.nodes) != 1 else ''}, one job (world size {run.world_size}); each node's steps merged "
         "by global step (no clock is compared). Clock: the node's clock minus the head's, measured over the "
         "stream of its record, within half the round trip.\n\n"
         + _table(("Node", "Host", "GPUs", "Energy", "Power (average)", "Peak VRAM", "State", "Clock", "Record"), rows)

@@ -322,7 +322,7 @@ class RunOutputs:
             self._record(Note(text=said, t_wall=time.time()))
             return None
         for problem in nodes.problems:
-            self._notify(f"warning: node folder {problem}")
+            self._notify(f"warning: {problem}")
         return nodes
 
 

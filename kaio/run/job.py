@@ -15,6 +15,7 @@ other machines: the same merge, the same report.
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -26,7 +27,7 @@ import msgspec
 from kaio.errors import ProjectError
 from kaio.record.index import RunIndex
 from kaio.record.lock import ProjectLock
-from kaio.record.paths import ProjectPaths, is_node_folder
+from kaio.record.paths import NODES_DIR, ProjectPaths, is_node_folder
 from kaio.record.types import (
     ClockOffset,
     DeviceSummary,
@@ -65,6 +66,8 @@ def node_folders(paths: ProjectPaths, extra: Iterable[Path] = ()) -> list[Path]:
     found = []
     if paths.nodes.is_dir():
         found = sorted(p for p in paths.nodes.iterdir() if is_node_folder(p) and ProjectPaths(p).journal.is_file())
+    remembered = [p for p in merged_folders(paths) if ProjectPaths(p).journal.is_file()]
+    found += [p for p in remembered if p not in found and p.resolve() not in {e.resolve() for e in extra}]
     for folder in extra:
         if not folder.is_dir():
             raise ProjectError(
@@ -74,6 +77,15 @@ def node_folders(paths: ProjectPaths, extra: Iterable[Path] = ()) -> list[Path]:
             raise ProjectError(f"--merge {folder}: not a node's record (no journal.jsonl in it)")
         found.append(folder)
     return found
+
+
+def merged_folders(paths: ProjectPaths) -> list[Path]:
+    """The node folders an earlier `kaio report --merge` was given (absolute paths)."""
+    try:
+        listed = json.loads(paths.merged_nodes.read_text())
+    except (OSError, ValueError):
+        return []
+    return [Path(p) for p in listed if isinstance(p, str)]
 
 
 def load_nodes(folders: Iterable[Path], head_config: dict | None, explicit: Iterable[Path] = ()) -> NodeRecords:
@@ -89,17 +101,32 @@ def load_nodes(folders: Iterable[Path], head_config: dict | None, explicit: Iter
         except (ProjectError, OSError, ValueError, sqlite3.DatabaseError, msgspec.MsgspecError) as exc:
             if folder in named:
                 raise ProjectError(f"--merge {folder}: {exc}") from None
-            problems.append(f"{folder.name}: not merged ({exc})")
+            problems.append(f"node folder {folder.name}: not merged ({exc})")
             continue
         earlier = records.get(record.node_rank)
         if earlier is not None:  # the same node twice: its record resumed on another machine, or --merge
             earlier, record = sorted((earlier, record), key=lambda r: (r.folder in named, _sessions(r)))
             if earlier.folder.name != record.folder.name:  # not one folder found twice (nodes/ and --merge)
                 problems.append(
-                    f"{earlier.folder.name}: not merged (an earlier record of node {record.node_rank}; {record.folder.name} is its latest)"
+                    f"node folder {earlier.folder.name}: not merged (an earlier record of node {record.node_rank}; {record.folder.name} is its latest)"
                 )
         records[record.node_rank] = record
+    problems += _missing_nodes(head_config, set(records))
     return NodeRecords([records[rank] for rank in sorted(records)], problems)
+
+
+def _missing_nodes(head_config: dict | None, found: set[int]) -> list[str]:
+    """The job's nodes with no record here: said, with the way to add them, not left out silently."""
+    config = head_config or {}
+    nnodes = int((config.get("launch") or {}).get("nnodes") or 1)
+    project = config.get("project_name") or "PROJECT"
+    return [
+        f"node {rank} of {nnodes}: no record of it here (it never streamed to the head, and no folder of it is under "
+        f"nodes/): copy its folder (nodes/{rank}-<host>/ under the project on its machine) and run "
+        f"`kaio report {project} --merge FOLDER`"
+        for rank in range(1, nnodes)
+        if rank not in found
+    ]
 
 
 def _sessions(record: NodeRecord) -> tuple[int, str]:
@@ -219,7 +246,8 @@ def wait_for_nodes(
             if running:
                 notify(
                     f"note: node(s) {', '.join(running)} did not record their end (lost, or still going); the "
-                    f"report has what they wrote (`{paths.command('report')}` merges the rest later)"
+                    f"report has what they wrote (`{paths.command('report')}` merges what they add later; a node's folder "
+                    "copied from its machine: `--merge FOLDER`)"
                 )
             return running
         if not said:
@@ -245,7 +273,7 @@ def merge(header: HistoryHeader, index: RunIndex, nodes: NodeRecords) -> tuple[H
             for d in node.header.devices
         ]
     header.devices = devices
-    warnings = list(header.warnings) + [f"node folder {p}" for p in nodes.problems]
+    warnings = list(header.warnings) + list(nodes.problems)
     warnings += [f"node {n.node_rank}: {w}" for n in nodes.nodes for w in n.header.warnings]
     tallies = [head] + [
         _NodeTally(n.node_rank, n.header, n.folder, len(n.header.run_gpu_keys()), n.clock) for n in nodes.nodes
@@ -335,7 +363,10 @@ class _NodeTally:
         return NodeSummary(
             node_rank=rank,
             host=environment.hostname if environment else None,
-            folder=self.folder.name if self.folder is not None else None,
+            # Its name under nodes/, or the path of a folder merged from elsewhere (--merge).
+            folder=(self.folder.name if self.folder.parent.name == NODES_DIR else str(self.folder))
+            if self.folder is not None
+            else None,
             status="LOST" if lost else header.status.value,
             exit_code=last.exit_code if last else None,
             gpus=[job_gpu_key(rank, d.key) for d in in_run],

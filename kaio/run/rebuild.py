@@ -50,11 +50,27 @@ def rebuild(
     figure = FigureProcess(paths.report_dir)
     figure.warm()  # matplotlib loads in the other process while the record is read
     nodes = _job_nodes(paths, merge, notify, phase)
+    _keep_merged(paths, merge, notify)
     phase(f"reading {paths.journal} ({paths.journal.stat().st_size / 2**20:,.0f} MiB; what the index lacks)…")
     try:
         return _rebuild(paths, figure, notify, nodes, phase)
     finally:
         figure.close()
+
+
+def _keep_merged(paths: ProjectPaths, merge: Sequence[Path], notify: Callable[[str], None]) -> None:
+    """Node folders merged from elsewhere are remembered (``merged-nodes.json``): a later `kaio report` of the
+    project merges them again without being told."""
+    from kaio.fsutil import atomic_write_json
+    from kaio.run.job import merged_folders
+
+    known = merged_folders(paths)
+    added = [
+        str(p.resolve()) for p in merge if p.resolve().parent != paths.nodes.resolve() and p.resolve() not in known
+    ]
+    if added:
+        atomic_write_json(paths.merged_nodes, [str(p) for p in known] + added)
+        notify(f"remembered {', '.join(added)} in {paths.merged_nodes.name}: later reports of the project merge it")
 
 
 def _job_nodes(
@@ -64,13 +80,13 @@ def _job_nodes(
     from kaio.run.job import load_nodes, node_folders
 
     folders = node_folders(paths, merge)
-    if not folders:
-        return None
-    phase(f"reading the other nodes' records ({len(folders)})…")
     config = saved_config(paths)[1] if paths.config.is_file() else None
+    if not folders and int(((config or {}).get("launch") or {}).get("nnodes") or 1) < 2:
+        return None  # a job of one machine
+    phase(f"reading the other nodes' records ({len(folders)})…")
     nodes = load_nodes(folders, config, explicit=merge)
     for problem in nodes.problems:
-        notify(f"warning: node folder {problem}")
+        notify(f"warning: {problem}")
     return nodes
 
 
