@@ -184,6 +184,22 @@ def check(p: Placement) -> None:
         )
 
 
+def same_address(a: str | None, b: str | None) -> bool:
+    """Whether two spellings of the head's address name one machine: equal, both this machine's loopback, or
+    resolving to a common address (a host's name on one node, its IP on another)."""
+    if a == b:
+        return True
+    if a is None or b is None:
+        return False
+    if _is_loopback(a) and _is_loopback(b):
+        return True
+    try:
+        resolved = [{info[4][0] for info in socket.getaddrinfo(x, None)} for x in (a, b)]
+    except (OSError, UnicodeError):
+        return False
+    return bool(resolved[0] & resolved[1])
+
+
 def _is_loopback(address: str) -> bool:
     if address == "localhost":
         return True

@@ -147,6 +147,9 @@ def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the
         "copy its folder (nodes/1-<host>/ under the project on its machine) and run `kaio report t --merge FOLDER`"
     ]
     shutil.rmtree(copy.with_name(f"{copy.name}.replaced-20261130-120000"))
+    # The head's address spelt another way on the head (localhost for 127.0.0.1): one job still.
+    spelt = {**head_config, "launch": {**head_config["launch"], "main_addr": "localhost"}}
+    assert [n.node_rank for n in load_nodes(folders, spelt).nodes] == [1]
 
     # Without a stream: the node's folder copied from its machine, merged by `kaio report --merge`. The same
     # history, but for the clock, which only a stream measures.
@@ -527,3 +530,11 @@ def test_a_ctrl_c_on_the_head_alone_stops_every_node_at_one_step_with_a_whole_ch
         "INTERRUPTED",
         "INTERRUPTED",
     ]
+    # On node 1's machine the project folder holds only its node's record: said, with the command that works.
+    host = socket.gethostname().split(".")[0]
+    here = kaio("report", "t", cwd=machine_b)
+    assert here.returncode == 2
+    said = f"this machine holds node 1-{host}'s record of project 't', not the head's: `kaio report 1-{host} --output-dir docs/reports/t/nodes`"
+    assert said in here.stderr
+    alone = kaio("report", f"1-{host}", "--output-dir", "docs/reports/t/nodes", cwd=machine_b)
+    assert alone.returncode == 0, alone.stderr

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import operator
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -25,6 +26,7 @@ from pathlib import Path
 import msgspec
 
 from kaio.errors import ProjectError
+from kaio.nodes import same_address
 from kaio.record.index import RunIndex
 from kaio.record.lock import ProjectLock
 from kaio.record.paths import NODES_DIR, ProjectPaths, is_node_folder
@@ -196,7 +198,8 @@ def _node_record(folder: Path, state: RunState, head_config: dict | None) -> Nod
     if head_config is not None:
         head_launch = head_config.get("launch") or {}
         for key in ("nnodes", "main_addr", "main_port"):
-            if launch.get(key) != head_launch.get(key):
+            same = same_address if key == "main_addr" else operator.eq
+            if not same(launch.get(key), head_launch.get(key)):
                 raise ProjectError(
                     f"not a node of the job as the head last ran it: its launch.{key} is {launch.get(key)!r}, the head's {head_launch.get(key)!r}"
                 )

@@ -64,6 +64,14 @@ def unknown_project(output_dir: Path, project: str) -> ProjectError:
             f"unknown project {project!r}: {output_dir}/ does not exist{here}; run kaio where you ran the project, "
             "or name the folder of its reports with --output-dir"
         )
+    nodes = ProjectPaths(output_dir / project).nodes
+    held = sorted(p.name for p in nodes.glob("*") if ProjectPaths(p).journal.is_file()) if nodes.is_dir() else []
+    if held:  # a machine of a job without a shared filesystem: its node's record, not the head's
+        return ProjectError(
+            f"this machine holds node {held[0]}'s record of project {project!r}, not the head's: "
+            f"`kaio report {held[0]} --output-dir {shlex.quote(str(nodes))}` reports this node alone; the job's "
+            f"report is made on the head (copy {nodes / held[0]} there and run `kaio report {project} --merge FOLDER`)"
+        )
     projects = known_projects(output_dir)
     listing = ", ".join(projects) if projects else "none yet; start one with `kaio run CONFIG`"
     return ProjectError(f"unknown project {project!r} in {output_dir}/ (known projects: {listing})")
