@@ -1017,6 +1017,12 @@ def test_a_jobs_report_names_each_nodes_first_failing_rank_and_which_failed_firs
         "First to fail: node 1 (gpu08): rank 9: torch.OutOfMemoryError: CUDA out of memory"
     ) in nodes
     assert "gpu10" in nodes and "node 2 (gpu10) at" not in nodes
+    # The headline names the cause (node 1's), not what followed on the head (a peer's connection closed).
+    header.sessions[-1].exit_code, header.sessions[-1].error = 1, "rank 0: RuntimeError: Connection closed by peer"
+    assert (
+        "**Status:** ❌ FAILED (exit code 1): node 1 first: `rank 9: torch.OutOfMemoryError: CUDA out of memory`"
+        in (report_of(header, index))
+    )
 
 
 def test_adapters_peft_resolved_to_every_layer_are_named_once_with_their_count():

@@ -118,7 +118,10 @@ def _status(s: Summary) -> str:
         if rules.training_completed(s.training_ended, s.optimizer_steps, s.max_steps):
             # The script's code after train() failed (a push, an evaluation): the training itself is whole.
             text += f" after its training completed ({s.optimizer_steps} of {s.max_steps} steps): the script failed afterwards"
-        if s.error:
+        first = _first_to_fail(s.nodes)
+        if first is not None and first.node_rank != 0:  # the head's own error followed another node's
+            text += f": node {first.node_rank} first: `{_inline(first.error or '')}`"
+        elif s.error:
             text += f": `{_inline(s.error)}`"
     elif s.status == "INTERRUPTED" and s.signal is not None:
         text += f" (signal {s.signal})"
@@ -480,17 +483,31 @@ def _node_failures(nodes: list[NodeSummary]) -> str:
     if not failed:
         return ""
     lines = []
-    for node in failed:
-        when = _head_time(node)
-        clock = "" if node.node_rank == 0 else " (head's clock)" if node.clock_offset_s is not None else " (its clock)"
+    for failure in failed:
+        when = _head_time(failure)
+        clock = (
+            ""
+            if failure.node_rank == 0
+            else " (head's clock)"
+            if failure.clock_offset_s is not None
+            else " (its clock)"
+        )
         at = f" at {_utc_seconds(when.isoformat())} UTC{clock}" if when else ""
-        lines.append(f"- node {node.node_rank}{f' ({node.host})' if node.host else ''}{at}: {node.error}")
-    timed = [(when, n) for n in failed if (when := _head_time(n)) is not None]
-    first = ""
-    if len(timed) > 1:
-        node = min(timed, key=lambda pair: pair[0])[1]
-        first = f"\n\nFirst to fail: node {node.node_rank}{f' ({node.host})' if node.host else ''}: {node.error}"
+        lines.append(f"- node {failure.node_rank}{f' ({failure.host})' if failure.host else ''}{at}: {failure.error}")
+    node = _first_to_fail(nodes)
+    first = (
+        f"\n\nFirst to fail: node {node.node_rank}{f' ({node.host})' if node.host else ''}: {node.error}"
+        if node
+        else ""
+    )
     return "\n\nFailures, each node's first failing rank (its own error files):\n\n" + "\n".join(lines) + first
+
+
+def _first_to_fail(nodes: list[NodeSummary]) -> NodeSummary | None:
+    """The node whose rank failed first in the job, when more than one failed at a known time: the cause; the
+    others' errors (a peer's connection closed) are what followed."""
+    timed = [(when, n) for n in nodes if n.error and (when := _head_time(n)) is not None]
+    return min(timed, key=lambda pair: pair[0])[1] if len(timed) > 1 else None
 
 
 def _head_time(node: NodeSummary) -> datetime | None:
