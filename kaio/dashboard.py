@@ -253,6 +253,8 @@ def status_text(snapshot: Snapshot) -> str:
     if st == "STOPPING":
         return "stopping… (Ctrl-C again to kill)"
     if st == "STARTING":
+        if snapshot.rendezvous:  # torch waits for every node there, silently, up to 15 minutes
+            return f"STARTING (launching, meeting the job's {snapshot.rendezvous}, loading the model and data)"
         return "STARTING (launching, loading the model and data)"
     if st == "FAILED":
         return f"FAILED ({format_exit_code(snapshot.exit_code)})" if snapshot.exit_code is not None else "FAILED"

@@ -435,6 +435,14 @@ def test_plain_line_strips_escapes_from_project():
     assert "\x1b" not in plain_line(make_snapshot(project="evil\x1b[2Jname"))
 
 
+def test_a_job_of_several_machines_says_where_its_nodes_meet_while_starting():
+    snap = make_snapshot(status="STARTING", rendezvous="2 nodes at gpu01:29710")
+    assert (
+        status_text(snap)
+        == "STARTING (launching, meeting the job's 2 nodes at gpu01:29710, loading the model and data)"
+    )
+
+
 def test_final_line():
     line = final_line(make_snapshot(status="COMPLETED", step=60, elapsed_s=62, exit_code=0, loss=4.1234))
     assert line == "[kaio] tiny-default COMPLETED: 60/60 steps in 1:02, exit code 0, final loss 4.123"

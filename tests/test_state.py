@@ -351,3 +351,22 @@ def test_a_training_the_trainer_began_again_after_running_out_of_memory_is_said_
         "memory (auto_find_batch_size); its steps are recorded from step 3, after the earlier attempt's"
     ) in notes
     assert not any("of the script" in n for n in notes)
+
+
+def test_a_job_of_several_machines_without_a_started_rank_says_where_its_nodes_meet():
+    """torch's rendezvous waits for a missing node for 15 minutes without a word: after two minutes, kaio says
+    where the nodes must meet; a started rank, or a job of one machine, says nothing."""
+    from kaio.config import LaunchConfig
+    from kaio.run.supervisor import rendezvous_warning
+
+    job = LaunchConfig(nnodes=2, main_addr="gpu01", main_port=29710)
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}]
+    ledger = replay(events).ledger
+    assert rendezvous_warning(job, ledger, 1e9 + 60) is None  # not yet
+    said = rendezvous_warning(job, ledger, 1e9 + 130)
+    assert said is not None and said.startswith(
+        "no rank has started after 130 s: the job's 2 nodes meet at gpu01:29710"
+    )
+    assert rendezvous_warning(LaunchConfig(), ledger, 1e9 + 130) is None
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 5, "world_size": 2}
+    assert rendezvous_warning(job, replay([*events, run]).ledger, 1e9 + 130) is None

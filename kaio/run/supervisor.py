@@ -25,7 +25,7 @@ from typing import Protocol
 import msgspec
 
 from kaio import launch
-from kaio.config import RunConfig, config_snapshot
+from kaio.config import LaunchConfig, RunConfig, config_snapshot
 from kaio.fsutil import atomic_write_json
 from kaio.nodes import first_rank
 from kaio.record.paths import ProjectPaths
@@ -41,6 +41,7 @@ from kaio.record.types import (
     Status,
 )
 from kaio.run import diagnose
+from kaio.run.ledger import RunLedger
 from kaio.run.node_watch import NodeWatch
 from kaio.run.recorder import Recorder
 from kaio.run.snapshot import Snapshot, add_output_line, as_shown
@@ -60,7 +61,25 @@ _TRAINER_LOG_LINE = re.compile(  # matched on what a terminal shows (as_shown)
 # printing trainer.evaluate()'s metrics) is the script's own line.
 _BARE_FLOAT = re.compile(r"': -?(?:\d+\.\d*|\.\d+|\d+(?=[eE]))(?:[eE][-+]?\d+)?[,}]")
 LOOP_INTERVAL_S = 0.1
+RENDEZVOUS_PATIENCE_S = 120.0  # a job of several machines without a started rank by then: where the nodes meet
 REFRESH_COST_FACTOR = 99  # wait at least 99x a refresh's duration before the next: the record costs <= 1% of the time
+
+
+def rendezvous_warning(launch: LaunchConfig, ledger: RunLedger, now: float) -> str | None:
+    """A job of several machines whose session has no started rank after ``RENDEZVOUS_PATIENCE_S``: torch's
+    rendezvous waits for every node, in silence, for 15 minutes; where they must meet."""
+    progress, record = ledger.progress.get(ledger.session), ledger.session_record(ledger.session)
+    started = record is None or record.start_step is not None  # this session's first rank said it began
+    if launch.nnodes < 2 or started or progress is None or progress.t_wall is None:
+        return None
+    waited = now - progress.t_wall
+    if waited < RENDEZVOUS_PATIENCE_S:
+        return None
+    return (
+        f"no rank has started after {waited:.0f} s: the job's {launch.nnodes} nodes meet at "
+        f"{launch.main_addr}:{launch.main_port}; every node's kaio must be running with that --main-addr and "
+        "--main-port (torch waits up to 15 minutes for a missing one)"
+    )
 
 
 def is_trainer_log_line(shown: str, transformers_version: str | None) -> bool:
@@ -356,6 +375,10 @@ class Supervisor:
         snapshot = self.state.snapshot(
             status=status, log_tail=tuple(self._log_tail), live_warnings=live, report_path=str(self.paths.report)
         )
+        launch = self.cfg.launch
+        if launch.nnodes > 1:
+            where = f"{launch.nnodes} nodes at {launch.main_addr}:{launch.main_port}"
+            snapshot = dataclasses.replace(snapshot, rendezvous=where)
         if self._nodes is not None:
             snapshot = dataclasses.replace(snapshot, nodes=self._nodes.rows())  # from memory: no I/O
         return dataclasses.replace(snapshot, eta_s=None) if stall else snapshot  # stalled: no time of arrival
@@ -376,6 +399,13 @@ class Supervisor:
             self._note(warning)
 
     def _live_warnings(self) -> tuple[str, ...]:
+        return self._telemetry_warnings() + self._rendezvous_warning()
+
+    def _rendezvous_warning(self) -> tuple[str, ...]:
+        said = rendezvous_warning(self.cfg.launch, self.state.ledger, time.time())
+        return (said,) if said else ()
+
+    def _telemetry_warnings(self) -> tuple[str, ...]:
         stats = self._reader.stats if self._reader is not None else None
         if stats is not None and (stats.malformed or stats.oversized):
             return (f"telemetry: {stats.malformed} malformed and {stats.oversized} oversized lines skipped",)
