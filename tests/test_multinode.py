@@ -538,3 +538,11 @@ def test_a_ctrl_c_on_the_head_alone_stops_every_node_at_one_step_with_a_whole_ch
     assert said in here.stderr
     alone = kaio("report", f"1-{host}", "--output-dir", "docs/reports/t/nodes", cwd=machine_b)
     assert alone.returncode == 0, alone.stderr
+    # A node without the checkpoint (not on a shared filesystem) is told to copy the head's, not to start over.
+    shared_checkpoints.rename(shared_checkpoints.with_name("elsewhere"))
+    missing = kaio("resume", "t", "--node-rank", "1", cwd=machine_b, env={"KAIO_JOB_SECRET": "0f1e2d3c4b5a6978"})
+    assert missing.returncode == 2
+    assert "on this machine (node 1): every node loads the checkpoint the job resumes from; copy the head's" in (
+        missing.stderr
+    )
+    assert "--overwrite" not in missing.stderr and "save_on_each_node" not in missing.stderr  # not the recipe's

@@ -665,14 +665,19 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
     folder = checkpoint_folder(cfg, state)
     checkpoint = latest_checkpoint(folder, notify, at_most=state.last_step)
     if checkpoint is None:
-        every_node = (
-            f" (node {where.node_rank}: every node loads the checkpoint, so it needs one too: checkpoints on a "
-            "filesystem every node sees, or the Trainer's save_on_each_node)"
-            if not where.is_head
-            else ""
-        )
+        if not where.is_head:  # a node of a job: the head's checkpoint is the one to resume from, here too
+            keep = (
+                "your script's output_dir on a filesystem every node sees, or TrainingArguments(save_on_each_node=True)"
+                if cfg.launch.script
+                else "training.output_dir on a filesystem every node sees (the built-in recipe saves on the head)"
+            )
+            raise ProjectError(
+                f"project {project!r} has no complete checkpoint in {folder}/ on this machine (node "
+                f"{where.node_rank}): every node loads the checkpoint the job resumes from; copy the head's latest "
+                f"checkpoint folder here and `kaio resume` again (and for next time: {keep})"
+            )
         raise ProjectError(
-            f"project {project!r} has {_no_checkpoint_in(cfg, state, folder)}{every_node}; "
+            f"project {project!r} has {_no_checkpoint_in(cfg, state, folder)}; "
             f"start it again with `kaio run CONFIG --overwrite`"
         )
     # Trained to its planned length (completed, or stopped or failed in its last save): nothing is left to resume.
