@@ -168,3 +168,15 @@ def test_a_stranger_holds_no_connection_and_a_node_trusts_no_stranger_as_its_hea
             conn.sendall(stream._HEADER.pack(b"A", 32 + len(accept)) + b"\0" * 32 + accept)
             assert conn.recv(4096) == b""  # closed with no data, no probe: the answer was not signed
         assert not node.close(timeout_s=1) and hello[:1] == b"H"
+
+
+def test_a_stream_that_comes_back_after_its_warning_says_so(tmp_path, head):
+    """A node started before its head warned 'no stream to the head': once connected, the record says it is
+    over, rather than keeping a warning that was true only for a while."""
+    node = _node(tmp_path, head)
+    node.paths.journal.write_bytes(_lines(0, 3))
+    node._said_down, node._down_since = True, time.monotonic() - 42  # as after a head that was not up yet
+    node.start()
+    assert node.close(timeout_s=20)
+    (back,) = node.pop_warnings()
+    assert back.startswith("the stream to the head is back after 42 s")

@@ -436,6 +436,12 @@ class JournalSender:
             raise ConnectionError(f"not this job's head (its answer is not signed with {ENV_JOB_SECRET})")
         accept = msgspec.json.decode(body, type=Accept)
         self.connections += 1
+        if self._said_down and self._down_since is not None:  # the warning of it stands: say it is over
+            with self._lock:
+                self._warnings.append(
+                    f"the stream to the head is back after {time.monotonic() - self._down_since:.0f} s; what it "
+                    "missed was sent from where the head stopped"
+                )
         self._down_since, self._said_down, self._delay = None, False, 1.0  # a drop from now: back within 1 s
         offset = accept.offset
         next_probe = 0.0
