@@ -1051,3 +1051,11 @@ def test_a_script_that_failed_after_its_training_completed_is_said_to_have_train
     )
     last.training_ended = False  # the process ended inside the training: a failed training, said as before
     assert "**Status:** ❌ FAILED (exit code 1): `rank 0: httpx" in report_of(header, index)
+
+
+def test_a_nodes_clock_offset_under_a_tenth_of_a_millisecond_is_not_negative_zero():
+    from kaio.record.types import NodeSummary
+    from kaio.report.markdown import _clock
+
+    node = NodeSummary(node_rank=1, status="COMPLETED", clock_offset_s=-0.00001, clock_rtt_s=0.0004)
+    assert _clock(node) == "+0.0 ms (± 0.2 ms)"

@@ -528,7 +528,8 @@ def _clock(node: NodeSummary) -> str:
         return "the reference"
     if node.clock_offset_s is None or node.clock_rtt_s is None:
         return "not measured"
-    return f"{node.clock_offset_s * 1000:+.1f} ms (± {node.clock_rtt_s * 500:.1f} ms)"
+    offset = round(node.clock_offset_s * 1000, 1) + 0.0  # + 0.0: no "-0.0"
+    return f"{offset:+.1f} ms (± {node.clock_rtt_s * 500:.1f} ms)"
 
 
 def _ranks(header: HistoryHeader) -> str | None:
