@@ -254,6 +254,12 @@ def dry_run_lines(cfg: RunConfig, where: Placement, environ: Mapping[str, str]) 
         f"kaio run --dry-run: project {cfg.project_name}, {where.nnodes} node(s) x "
         f"{cfg.launch.num_processes} process(es), from {where.source}; nothing is started"
     ]
+    slurm_nodes = environ.get("SLURM_NNODES", "")
+    if where.nnodes == 1 and slurm_nodes.isdigit() and int(slurm_nodes) > 1 and "SLURM_STEP_ID" not in environ:
+        lines.append(
+            f"note: SLURM_NNODES={slurm_nodes}, but this is not inside `srun` (no SLURM_STEP_ID): one machine's "
+            "job; start kaio on every node with `srun kaio run CONFIG` (docs/multi-node.md)"
+        )
     for rank in range(where.nnodes):
         node = replace(where, node_rank=rank)
         node_cfg = placed(cfg, node)

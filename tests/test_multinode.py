@@ -234,6 +234,7 @@ def test_slurm_variables_give_every_nodes_command_and_a_loopback_head_is_refused
     batch = {k: v for k, v in slurm.items() if k != "SLURM_STEP_ID"}
     alone = kaio("run", "cfg.yaml", "--dry-run", cwd=project_dir, env=batch)
     assert alone.returncode == 0 and "1 node(s) x 1 process(es), from the config" in alone.stdout
+    assert "note: SLURM_NNODES=4, but this is not inside `srun` (no SLURM_STEP_ID)" in alone.stdout  # said, not silent
 
     refused = kaio("run", "cfg.yaml", "--dry-run", "--main-addr", "127.0.0.1", cwd=project_dir, env=slurm)
     assert refused.returncode != 0 and refused.stderr.strip().count("\n") == 0
