@@ -547,3 +547,27 @@ def test_a_ctrl_c_on_the_head_alone_stops_every_node_at_one_step_with_a_whole_ch
         missing.stderr
     )
     assert "--overwrite" not in missing.stderr and "save_on_each_node" not in missing.stderr  # not the recipe's
+
+
+def test_two_machines_started_as_one_node_keep_the_one_that_trained(monkeypatch, tmp_path):
+    """gpu08 trained as node 1; gpu09 was started as node 1 too (a wrong --node-rank) and never trained: the
+    job's report merges gpu08's record and says what happened, instead of calling node 1 lost."""
+    from kaio.record.types import HistoryHeader, Session, StepEntry
+    from kaio.run import job
+
+    def record(host: str, steps: int, started: str) -> job.NodeRecord:
+        header = HistoryHeader(project="t", sessions=[Session(session=1, started_at=started)])
+        entries = {k: StepEntry(step=k, session=1) for k in range(1, steps + 1)}
+        return job.NodeRecord(1, tmp_path / "nodes" / f"1-{host}", header, entries)
+
+    made = {
+        "1-gpu08": record("gpu08", 300, "2026-12-01T10:00:00"),
+        "1-gpu09": record("gpu09", 0, "2026-12-01T10:00:09"),
+    }
+    monkeypatch.setattr(job, "_load_node", lambda folder, config: made[folder.name])
+    found = job.load_nodes([tmp_path / "nodes" / "1-gpu08", tmp_path / "nodes" / "1-gpu09"], None)
+    assert [n.folder.name for n in found.nodes] == ["1-gpu08"]
+    assert found.problems == [
+        "two machines started as node 1 (1-gpu08 and 1-gpu09; one had the wrong --node-rank?): 1-gpu08, which "
+        "trained, is merged; 1-gpu09 is not"
+    ]

@@ -109,9 +109,11 @@ def load_nodes(folders: Iterable[Path], head_config: dict | None, explicit: Iter
         if earlier is not None:  # the same node twice: its record resumed on another machine, or --merge
             earlier, record = sorted((earlier, record), key=lambda r: (r.folder in named, _sessions(r)))
             if earlier.folder.name != record.folder.name:  # not one folder found twice (nodes/ and --merge)
-                problems.append(
-                    f"node folder {earlier.folder.name}: not merged (an earlier record of node {record.node_rank}; {record.folder.name} is its latest)"
-                )
+                problems.append(_not_merged(earlier, record))
+                if len(earlier.header.sessions) == len(record.header.sessions) and max(
+                    earlier.entries, default=0
+                ) > max(record.entries, default=0):
+                    earlier, record = record, earlier  # two machines claimed the rank at once: the one that trained
         records[record.node_rank] = record
     problems += _missing_nodes(head_config, set(records))
     return NodeRecords([records[rank] for rank in sorted(records)], problems)
@@ -129,6 +131,19 @@ def _missing_nodes(head_config: dict | None, found: set[int]) -> list[str]:
         for rank in range(1, nnodes)
         if rank not in found
     ]
+
+
+def _not_merged(earlier: NodeRecord, latest: NodeRecord) -> str:
+    """Why one of two records of a node is left out: an earlier one (the node resumed on another machine), or,
+    with as many sessions each, two machines that both started as this node (one with the wrong --node-rank)."""
+    rank = latest.node_rank
+    if len(earlier.header.sessions) != len(latest.header.sessions):
+        return f"node folder {earlier.folder.name}: not merged (an earlier record of node {rank}; {latest.folder.name} is its latest)"
+    kept, left = sorted((earlier, latest), key=lambda r: max(r.entries, default=0), reverse=True)
+    return (
+        f"two machines started as node {rank} ({kept.folder.name} and {left.folder.name}; one had the wrong "
+        f"--node-rank?): {kept.folder.name}, which trained, is merged; {left.folder.name} is not"
+    )
 
 
 def _sessions(record: NodeRecord) -> tuple[int, str]:
