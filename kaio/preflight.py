@@ -15,11 +15,11 @@ of these keys, so none of this applies to it.
 
 from __future__ import annotations
 
-import ast
 import difflib
 import functools
 import importlib.util
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -91,26 +91,22 @@ def _check_names(cfg: RunConfig) -> None:
 
 @functools.cache
 def transformers_choices(module_file: str, enum_name: str) -> tuple[str, ...]:
-    """The string values of one of transformers' enums, read from the installed source (importing the module
-    costs seconds: it imports torch). Empty when they cannot be found: the recipe is then the judge."""
+    """The string values of one of transformers' enums (``NAME = "value"`` lines of its class), read from the
+    installed source: importing the module costs seconds (it imports torch), scanning its text milliseconds.
+    Empty when they cannot be found: the recipe is then the judge."""
     spec = importlib.util.find_spec("transformers")
     if spec is None or not spec.submodule_search_locations:
         return ()
     path = Path(next(iter(spec.submodule_search_locations))) / module_file
     try:
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-    except (OSError, SyntaxError, ValueError):
+        text = path.read_text(encoding="utf-8")
+    except (OSError, ValueError):
         return ()
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == enum_name:
-            return tuple(
-                item.value.value
-                for item in node.body
-                if isinstance(item, ast.Assign)
-                and isinstance(item.value, ast.Constant)
-                and isinstance(item.value.value, str)
-            )
-    return ()
+    start = re.search(rf"^class {enum_name}\b.*:\n", text, re.M)
+    if start is None:
+        return ()
+    body = re.match(r"(?:(?:[ \t]+.*)?\n)*", text[start.end() :])  # the indented (or blank) lines that follow
+    return tuple(re.findall(r"^[ \t]+[A-Za-z_]\w*\s*=\s*[\"']([^\"']*)[\"']", body[0] if body else "", re.M))
 
 
 # ---------------------------------------------------------------- the adapters' targets

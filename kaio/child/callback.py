@@ -143,7 +143,8 @@ class KaioCallback(TrainerCallback):
             tokens = _TRAININGS.last_tokens = self._tokens_offset + int(tokens)
         data_s, forward_s = self.timing.take()
         # A graceful stop: checkpoint-N after this step, then the Trainer returns.
-        if stop.stops_after(int(state.global_step), getattr(state, "max_steps", None)):
+        step_s = (now_mono - self._step_began_mono) if self._step_began_mono is not None else None
+        if stop.stops_after(int(state.global_step), getattr(state, "max_steps", None), step_s):
             control.should_save = True
             control.should_training_stop = True
         # Sent now, not with the log that follows: after another rank died, the Trainer's log
@@ -155,7 +156,7 @@ class KaioCallback(TrainerCallback):
                 epoch=state.epoch,
                 t_wall=time.time(),
                 t_mono=now_mono,
-                step_time_s=(now_mono - self._step_began_mono) if self._step_began_mono is not None else None,
+                step_time_s=step_s,
                 peak_vram_bytes=self._peak_vram_bytes(),
                 tokens_seen=tokens or None,
                 samples=self.samples_in_step or None,

@@ -12,16 +12,17 @@ SIGTERM the signal does what it always does: end the process.
 With several ranks every rank gets the signal at about the same moment, but not necessarily on the same side
 of a step's end: a rank that stopped alone would leave the others waiting in the next step's collectives.
 So the ranks agree on the step through torch.distributed's store (the rendezvous's key-value store, which
-every rank of every node reaches): the first rank to reach a step end after the signal proposes the step
-after next (no rank can be further than one step ahead: each step's gradient all-reduce holds them together),
-and every rank stops at the end of the step the store holds. A rank no signal reached (the stop was asked of one
-node's kaio alone: a Ctrl-C on the head) looks for a proposal in the store once a second, and the proposal
-leaves it the time to: the steps of three such looks, at least two. A rank that still misses it goes past that
-step and waits in the next one's collectives: the supervisor's grace period ends it.
+every rank of every node reaches): the first rank to reach a step end after the signal proposes a step a
+second of steps ahead, at least the step after next (no signalled rank can be further than one step ahead: each
+step's gradient all-reduce holds them together), and every rank stops at the end of the step the store holds.
+In a job of several machines, a rank no signal reached (the stop was asked of one node's kaio alone: a Ctrl-C
+on the head) looks for a proposal in the store every half second: within that second. A rank that still
+misses it goes past that step and waits in the next one's collectives: the supervisor's grace period ends it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -47,22 +48,21 @@ def training(active: bool) -> None:
 
 STORE_KEY = "kaio/graceful_stop_step"
 # A rank no signal reached (another node's: the stop was asked of one node's kaio alone) looks for a proposal in
-# the store this often, and a proposal leaves it the time to: steps enough for three looks, at least two.
-POLL_EVERY_S = 1.0
+# the store this often, and a proposal leaves it the time to: steps enough for two looks, at least two. Short: the
+# signalled ranks train on until then, inside launch.grace_seconds.
+POLL_EVERY_S = 0.5
 _agreed: list[int] = []  # the step every rank stops at, once read from the store
-_pace = {"next_poll": 0.0, "step": 0, "t": 0.0, "step_s": 0.0}  # the previous step end, and the time a step takes
+_next_poll = [0.0]  # when a rank of a job of several machines next looks for another node's proposal
 
 
-def stops_after(step: int, max_steps: int | None = None) -> bool:
-    """At the end of optimizer step ``step``: whether the Trainer saves and stops here (the proposal is never
-    past ``max_steps``, where the training ends anyway: the stop's save is made there)."""
-    now = time.monotonic()
-    if step > _pace["step"] and _pace["t"]:
-        _pace["step_s"] = (now - _pace["t"]) / (step - _pace["step"])
-    _pace["step"], _pace["t"] = step, now
-    if not _state["requested"] and now >= _pace["next_poll"]:
-        _pace["next_poll"] = now + POLL_EVERY_S
-        _state["requested"] = _proposed_elsewhere()
+def stops_after(step: int, max_steps: int | None = None, step_s: float | None = None) -> bool:
+    """At the end of optimizer step ``step`` (which took ``step_s``): whether the Trainer saves and stops here
+    (the proposal is never past ``max_steps``, where the training ends anyway: the stop's save is made there)."""
+    if not _state["requested"] and _spans_machines():
+        now = time.monotonic()
+        if now >= _next_poll[0]:
+            _next_poll[0] = now + POLL_EVERY_S
+            _state["requested"] = _proposed_elsewhere()
     if not _state["requested"]:
         return False
     if not _agreed:
@@ -70,12 +70,22 @@ def stops_after(step: int, max_steps: int | None = None) -> bool:
         if store is None:
             return True  # one process: here
         try:
-            ahead = max(2, math.ceil(3 * POLL_EVERY_S / _pace["step_s"]) + 1) if _pace["step_s"] > 0 else 2
+            ahead = max(2, math.ceil(2 * POLL_EVERY_S / step_s) + 1) if step_s else 2
             proposed = min(step + ahead, max_steps) if max_steps and max_steps > 0 else step + ahead
             _agreed.append(int(store.compare_set(STORE_KEY, "", str(proposed))))
         except Exception:  # a store gone (the job is ending anyway): this rank stops here, as before
             return True
     return step >= _agreed[0]
+
+
+@functools.cache
+def _spans_machines() -> bool:
+    """Ranks on other machines (torch's WORLD_SIZE over this node's LOCAL_WORLD_SIZE), whose kaio may not be the
+    one asked to stop; on one machine the launcher passes the signal to every rank, and nothing is polled."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    except ValueError:
+        return False
 
 
 def _proposed_elsewhere() -> bool:
