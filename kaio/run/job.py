@@ -26,7 +26,7 @@ from pathlib import Path
 import msgspec
 
 from kaio.errors import ProjectError
-from kaio.nodes import same_address
+from kaio.nodes import node_folder_name, same_address
 from kaio.record.index import RunIndex
 from kaio.record.lock import ProjectLock
 from kaio.record.paths import NODES_DIR, ProjectPaths, is_node_folder
@@ -68,8 +68,8 @@ def node_folders(paths: ProjectPaths, extra: Iterable[Path] = ()) -> list[Path]:
     found = []
     if paths.nodes.is_dir():
         found = sorted(p for p in paths.nodes.iterdir() if is_node_folder(p) and ProjectPaths(p).journal.is_file())
-    remembered = [p for p in merged_folders(paths) if ProjectPaths(p).journal.is_file()]
-    found += [p for p in remembered if p not in found and p.resolve() not in {e.resolve() for e in extra}]
+    named = {e.resolve() for e in extra}
+    found += [p for p in merged_folders(paths) if ProjectPaths(p).journal.is_file() and p.resolve() not in named]
     for folder in extra:
         if not folder.is_dir():
             raise ProjectError(
@@ -107,13 +107,9 @@ def load_nodes(folders: Iterable[Path], head_config: dict | None, explicit: Iter
             continue
         earlier = records.get(record.node_rank)
         if earlier is not None:  # the same node twice: its record resumed on another machine, or --merge
-            earlier, record = sorted((earlier, record), key=lambda r: (r.folder in named, _sessions(r)))
+            earlier, record = sorted((earlier, record), key=lambda r: (r.folder in named, _how_far(r)))
             if earlier.folder.name != record.folder.name:  # not one folder found twice (nodes/ and --merge)
                 problems.append(_not_merged(earlier, record))
-                if len(earlier.header.sessions) == len(record.header.sessions) and max(
-                    earlier.entries, default=0
-                ) > max(record.entries, default=0):
-                    earlier, record = record, earlier  # two machines claimed the rank at once: the one that trained
         records[record.node_rank] = record
     problems += _missing_nodes(head_config, set(records))
     return NodeRecords([records[rank] for rank in sorted(records)], problems)
@@ -126,7 +122,7 @@ def _missing_nodes(head_config: dict | None, found: set[int]) -> list[str]:
     project = config.get("project_name") or "PROJECT"
     return [
         f"node {rank} of {nnodes}: no record of it here (it never streamed to the head, and no folder of it is under "
-        f"nodes/): copy its folder (nodes/{rank}-<host>/ under the project on its machine) and run "
+        f"nodes/): copy its folder (nodes/{node_folder_name(rank, '<host>')}/ under the project on its machine) and run "
         f"`kaio report {project} --merge FOLDER`"
         for rank in range(1, nnodes)
         if rank not in found
@@ -139,18 +135,18 @@ def _not_merged(earlier: NodeRecord, latest: NodeRecord) -> str:
     rank = latest.node_rank
     if len(earlier.header.sessions) != len(latest.header.sessions):
         return f"node folder {earlier.folder.name}: not merged (an earlier record of node {rank}; {latest.folder.name} is its latest)"
-    kept, left = sorted((earlier, latest), key=lambda r: max(r.entries, default=0), reverse=True)
     return (
-        f"two machines started as node {rank} ({kept.folder.name} and {left.folder.name}; one had the wrong "
-        f"--node-rank?): {kept.folder.name}, which trained, is merged; {left.folder.name} is not"
+        f"two machines started as node {rank} ({latest.folder.name} and {earlier.folder.name}; one had the wrong "
+        f"--node-rank?): {latest.folder.name}, which trained, is merged; {earlier.folder.name} is not"
     )
 
 
-def _sessions(record: NodeRecord) -> tuple[int, str]:
-    """How far a node's record goes: its sessions, and when its last began (a record resumed on another
-    machine continues the old one: it has one session more)."""
+def _how_far(record: NodeRecord) -> tuple[int, int, str]:
+    """How far a node's record goes: its sessions (a record resumed on another machine continues the old one: it
+    has one session more), then its steps (of two machines started as one node, the one that trained), then when
+    its last session began."""
     sessions = record.header.sessions
-    return len(sessions), (sessions[-1].started_at or "") if sessions else ""
+    return len(sessions), max(record.entries, default=0), (sessions[-1].started_at or "") if sessions else ""
 
 
 def _load_node(folder: Path, head_config: dict | None) -> NodeRecord:

@@ -46,7 +46,6 @@ class SessionProgress(msgspec.Struct, kw_only=True):
     last_step: int | None = None  # rank 0's newest step
     last_step_t_wall: float | None = None
     trained_to_end: bool = False  # rank 0 reached on_train_end
-    stopped: bool = False  # ...by the graceful stop (asked here, or of another node's kaio)
 
 
 class RankSeen(msgspec.Struct, kw_only=True):
@@ -120,6 +119,11 @@ class RunLedger(msgspec.Struct, kw_only=True):
         """The session's latest training reached its Trainer's end (what follows is the script's own)."""
         progress = self.progress.get(session)
         return progress is not None and progress.trained_to_end
+
+    def ended_by_stop(self, session: int) -> bool:
+        """The session's latest training ended at a graceful stop (asked of this node's kaio, or another's)."""
+        end = self.last_train_end
+        return self.trained_to_end(session) and end is not None and end.session == session and end.stopped
 
     def run_gpu_keys(self) -> list[str]:
         return sorted(self.run_keys)
@@ -261,7 +265,6 @@ class RunLedger(msgspec.Struct, kw_only=True):
         s = self.session_record(r.session)
         if s is not None and r.rank == self.lead_rank:
             self.progress[s.session].trained_to_end = True
-            self.progress[s.session].stopped = r.stopped
         if r.checkpoints_removed:  # the latest checkpoint named is one still on disk
             removed = set(r.checkpoints_removed)
             self.checkpoints = [c for c in self.checkpoints if c.path not in removed]

@@ -28,6 +28,7 @@ from kaio import launch
 from kaio.config import LaunchConfig, RunConfig, config_snapshot
 from kaio.fsutil import atomic_write_json
 from kaio.nodes import first_rank
+from kaio.record import rules
 from kaio.record.paths import ProjectPaths
 from kaio.record.types import (
     ChildStarted,
@@ -593,9 +594,8 @@ class Supervisor:
         ledger = self.state.ledger
         progress, run = ledger.progress.get(session), ledger.run
         planned = run.max_steps if run is not None else None
-        if progress is None or not progress.trained_to_end or not planned or planned < 0:
-            return None
-        return planned if (progress.last_step or 0) >= planned else None
+        last_step = progress.last_step if progress is not None else None
+        return planned if rules.training_completed(ledger.trained_to_end(session), last_step or 0, planned) else None
 
     def _unended_training(self, session: int) -> None:
         """Exit code 0 is the script's word, but a Trainer that never reached its end did not finish: said."""
@@ -627,8 +627,7 @@ class Supervisor:
             return SessionOutcome(
                 code, Status.INTERRUPTED, signal_name, error, self._what_the_stop_kept(session), cause.t_wall
             )
-        progress = self.state.ledger.progress.get(session)
-        if returncode == 0 and planned is None and progress is not None and progress.stopped:
+        if returncode == 0 and planned is None and self.state.ledger.ended_by_stop(session):
             # Stopped with the rest of the job: the stop was asked of another node's kaio (a Ctrl-C on the head).
             self._note("the job was stopped from another node (its kaio was asked): this node stopped with it", "info")
             return SessionOutcome(
