@@ -618,6 +618,16 @@ def test_figure_has_six_titled_panels_all_with_data():
     assert [t.get_text().strip() for t in axes[5].texts] == ["session 2"]
 
 
+def test_labels_of_sessions_begun_a_few_steps_apart_are_not_printed_over_each_other():
+    # Resumes 2 and 3 steps apart in a run of 200 steps: four labels within a few pixels.
+    fig = build_figure(figure_data(*make_run(200, session_lengths=[150, 2, 3, 3, 42])))
+    fig.canvas.draw()
+    texts = [t for t in fig.get_axes()[0].texts if t.get_text().strip().startswith("session")]
+    assert [t.get_text().strip() for t in texts] == ["session 2", "session 3", "session 4", "session 5"]
+    boxes = [t.get_window_extent() for t in texts]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+
+
 def test_cpu_only_figure_shows_host_ram_and_cpu_instead_of_empty_gpu_panels():
     fig = build_figure(figure_data(*cpu_only_run()))
     axes = fig.get_axes()[:6]  # the panels; the time bar under them

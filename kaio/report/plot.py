@@ -280,14 +280,27 @@ def _time_bar(ax: Axes, data: FigureData) -> None:
 
 
 def _mark_sessions(axes: Sequence[Axes], session_starts: Sequence[tuple[int, int]]) -> None:
-    """A dashed line where a new session's first step begins, labelled with its number."""
-    for step, session in session_starts:
+    """A dashed line where a new session's first step begins, labelled with its number. Labels of sessions
+    that begin close together (resumes a few steps apart) are stepped down rather than printed over each other."""
+    if not session_starts:
+        return
+    low, high = axes[0].get_xlim()
+    span = max(high - low, 1e-9)
+    level_ends: list[float] = []  # per level of labels (top first), the x where its last label ends
+    for step, session in sorted(session_starts):
         boundary = step - 0.5
+        level = next((i for i, end in enumerate(level_ends) if boundary >= end), len(level_ends))
+        if level == _LABEL_LEVELS:  # every level taken: the top one, over the nearest label
+            level = 0
+        if level == len(level_ends):
+            level_ends.append(0.0)
+        level_ends[level] = boundary + _LABEL_WIDTH * span
+        y = 0.97 - 0.08 * level
         for ax in axes:
             ax.axvline(boundary, color="0.3", linestyle="--", linewidth=0.9)
             ax.text(
                 boundary,
-                0.97,
+                y,
                 f" session {session}",
                 transform=ax.get_xaxis_transform(),
                 ha="left",
@@ -295,6 +308,10 @@ def _mark_sessions(axes: Sequence[Axes], session_starts: Sequence[tuple[int, int
                 fontsize=7,
                 color="0.3",
             )
+
+
+_LABEL_WIDTH = 0.09  # a label's width, as a share of a panel's width
+_LABEL_LEVELS = 4
 
 
 if __name__ == "__main__":  # kaio.run.finalize.FigureProcess
