@@ -315,6 +315,9 @@ def test_a_stopped_scripts_code_after_train_does_not_run_on_the_half_trained_mod
 
     args = ["--output_dir", "out", "--max_steps", "5000", "--per_device_train_batch_size", "4", "--logging_steps", "1"]
     args += ["--save_strategy", "steps", "--save_steps", "10000", "--do_eval", "--report_to", "none"]
+    # DataLoader workers: the stop's SIGTERM reaches the rank's whole process group, workers included (and a
+    # scheduler's reaches every process of the job); they must live on to the checkpoint.
+    args += ["--dataloader_num_workers", "2"]
     _config(project_dir, "t", "clm_train.py", args)
     proc = spawn_kaio("run", "t.yaml", "--plain", cwd=project_dir)
     wait_for(lambda: journal_steps(project_dir) >= 5, 120, "a few steps")
@@ -327,6 +330,31 @@ def test_a_stopped_scripts_code_after_train_does_not_run_on_the_half_trained_mod
     assert history["evals"] == []  # trainer.evaluate() after train() did not run
     assert not list((project_dir / "docs/reports/t/errors").glob("error-*.json"))  # no rank failed
     assert "Traceback" not in (project_dir / "docs/reports/t/child.log").read_text()
+    assert "outlived the launcher" not in output  # the workers ended with their rank
+
+
+def test_a_ctrl_c_in_the_scripts_work_after_its_training_reaches_its_own_handler_and_offers_no_resume(project_dir):
+    """The training ended (its checkpoint saved); the script's long work after `train()` is interrupted as a
+    Ctrl-C without kaio would interrupt it (its `except KeyboardInterrupt:` runs), and kaio says the training
+    had ended rather than offering a resume that would refuse."""
+    import signal
+
+    from conftest import spawn_kaio, wait_for
+
+    _config(project_dir, "t", "post_train_work.py", [])
+    proc = spawn_kaio("run", "t.yaml", "--plain", cwd=project_dir)
+    child_log = project_dir / "docs/reports/t/child.log"
+    wait_for(
+        lambda: child_log.is_file() and "final evaluation, batch 3" in child_log.read_text(), 120, "the work after"
+    )
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert "interrupted in the final evaluation: cleaning up" in child_log.read_text()
+    assert proc.returncode == 143, output  # a Ctrl-C's, whatever the script's handler exited with (3)
+    assert "stopped after the training had ended (step 4)" in output
+    assert "kaio resume" not in output
+    history = read_history(project_dir)
+    assert max(s["step"] for s in history["steps"]) == 4
 
 
 def test_the_comet_ml_kaio_installs_does_not_make_transformers_warn_in_the_users_script():

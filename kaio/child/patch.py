@@ -93,6 +93,7 @@ def _patch(trainer_cls: Any) -> None:
 
     if getattr(trainer_cls.__init__, "_kaio_patched", False):
         return
+    stop.spare_loader_workers()
     original_init = trainer_cls.__init__
     original_train = trainer_cls.train
 

@@ -6,8 +6,10 @@ before a time limit, SIGUSR1 under SLURM's ``--signal=USR1@T``, asks for the sam
 Trainer trains, the signal only raises a flag: ``KaioCallback.on_step_end`` then sets the Trainer's own
 ``should_save`` and ``should_training_stop``, the Trainer writes checkpoint-N and returns, the patched
 ``train()`` raises ``Stopped`` (the script's code after it does not run on the half-trained model), and
-``kaio resume`` continues from step N+1. Outside training (loading, a script without a Trainer) and at a second
-SIGTERM the signal does what it always does: end the process.
+``kaio resume`` continues from step N+1. After a training ended, in the script's own work that follows it, the
+first SIGTERM raises ``Stopped`` there (a KeyboardInterrupt, as a Ctrl-C without kaio). Before any training
+(loading, a script without a Trainer) and at a second SIGTERM the signal does what it always does: end the
+process.
 
 With several ranks every rank gets the signal at about the same moment, but not necessarily on the same side
 of a step's end: a rank that stopped alone would leave the others waiting in the next step's collectives.
@@ -30,7 +32,8 @@ import time
 
 from kaio.child import process_group
 
-_state = {"training": False, "requested": False, "terminated": False}  # terminated: a first SIGTERM came
+# terminated: a first SIGTERM came; trained: a training of this process ended (the script's own work may follow)
+_state = {"training": False, "requested": False, "terminated": False, "trained": False}
 _nonfinite_step: list[int] = []  # the step whose non-finite loss stopped the training (reporting.on_nonfinite)
 
 
@@ -44,6 +47,8 @@ def install() -> None:
 def training(active: bool) -> None:
     """The Trainer's loop started (``on_train_begin``) or ended (``on_train_end``)."""
     _state["training"] = active
+    if not active:
+        _state["trained"] = True
 
 
 STORE_KEY = "kaio/graceful_stop_step"
@@ -133,10 +138,57 @@ def fail_if_stopped_for_nonfinite() -> None:
         )
 
 
+def spare_loader_workers() -> None:
+    """Keep the Trainer's DataLoader workers alive through the stop's SIGTERM, so the rank can save its checkpoint.
+
+    The signal reaches every process of the rank's group (kaio stops the launcher's group; torch elastic's agent
+    passes it on to each rank's group; a scheduler signals every process of the job), and torch's handler in a
+    worker dies of a SIGTERM from anyone but its parent: the rank's next batch, or its save, then fails with
+    "DataLoader worker ... is killed by signal: Terminated". Here a worker leaves such a SIGTERM to its rank, which
+    saves, ends and shuts its loader down; one from its parent (the loader shutting it down, or kaio reaping a
+    worker whose rank is gone) still ends it. Workers forked from the rank (Linux's default) only: a loader of
+    the spawn or forkserver kind starts its workers without this patch."""
+    try:
+        from torch.utils.data._utils import signal_handling
+    except ImportError:
+        return
+    original = signal_handling._set_worker_signal_handlers
+    if getattr(original, "_kaio_patched", False):
+        return
+
+    @functools.wraps(original)
+    def set_worker_signal_handlers(*args, **kwargs):
+        original(*args, **kwargs)  # torch's handlers for a crash (SIGSEGV, SIGBUS...) stay
+        _leave_sigterm_to_the_rank()
+
+    set_worker_signal_handlers._kaio_patched = True  # type: ignore[attr-defined]
+    signal_handling._set_worker_signal_handlers = set_worker_signal_handlers
+
+
+def _leave_sigterm_to_the_rank() -> None:
+    """In a loader worker: SIGTERM blocked (threads started later inherit it), and taken by one thread that
+    ends the worker only when the signal came from its parent."""
+    import threading
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+
+    def wait() -> None:
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid == os.getppid():
+                os._exit(0)  # as torch's own handler ends a worker its parent terminates
+
+    threading.Thread(target=wait, name="kaio-worker-sigterm", daemon=True).start()
+
+
 def _on_sigterm(signum: int, frame: object) -> None:
     if _state["training"] and not _state["terminated"]:  # a scheduler's warning before does not count
         _state["requested"] = _state["terminated"] = True
         return
+    if _state["trained"] and not _state["terminated"]:
+        # The script's work after its training (an evaluation, a save, a push): stopped as a Ctrl-C without kaio
+        # would stop it, so that its own `except KeyboardInterrupt:` runs; the training's record is whole.
+        _state["terminated"] = True
+        raise Stopped("stopped in the script's work after its training had ended")
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
 

@@ -554,7 +554,7 @@ class Supervisor:
         ledger = self.state.ledger
         stop = self._stop
         saved = [c for c in ledger.checkpoints if c.session == session and c.step >= stop.step_at_request]
-        if saved:
+        if saved and not stop.trained_before:  # else the checkpoint was the finished training's own
             step = saved[-1].step
             how = f"`{self.paths.command('resume')}`" + (" on every node" if self.cfg.launch.nnodes > 1 else "")
             text = f"stopped after step {step} with checkpoint-{step} saved: {how} continues from step {step + 1}"
@@ -617,7 +617,7 @@ class Supervisor:
         cause = diagnose.root_cause(self.paths.errors, session) if returncode else diagnose.RootCause()
         error, signal_name = cause.text, signal_name or cause.signal
         planned = self._planned_steps_done(session)
-        if self._stop.requests and returncode == 0 and planned is not None:
+        if self._stop.requests and returncode == 0 and planned is not None and not self._stop.trained_before:
             self._note(f"a stop was asked for as the training finished its {planned} steps: it completed", "info")
             return SessionOutcome(0, Status.COMPLETED)
         if self._stop.requests:
