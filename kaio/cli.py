@@ -1,7 +1,7 @@
 """kaio's command line: wiring only. Logic lives in the modules each command calls.
 
 Exit codes: the child's own exit code for ``run``/``resume`` (0 on success,
-128+N when killed by signal N, 130 after Ctrl-C); 2 for a user error (bad
+128+N when killed by signal N, 143 after a Ctrl-C); 2 for a user error (bad
 config, unknown project, project already running), printed as one line.
 """
 
@@ -30,11 +30,35 @@ def _main(
     version: bool = typer.Option(False, "--version", help="Print kaio's version and exit.", metavar="", is_eager=True),
 ) -> None:
     """Launch, watch and record a LoRA fine-tune: live GPU telemetry, honest reports."""
+    _usable_output_streams()
     if version:
         from kaio import __version__
 
         typer.echo(f"kaio {__version__}")
         raise typer.Exit()
+
+
+def _usable_output_streams() -> None:
+    """Output that cannot fail a run: a closed stdout or stderr writes to /dev/null (its descriptor taken too, so
+    no file kaio opens later lands on it), and one whose encoding lacks kaio's symbols (PYTHONIOENCODING=ascii, a
+    Latin-1 terminal) prints '?' for them instead of raising."""
+    import sys
+
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        stream = getattr(sys, name)
+        if stream is None:
+            try:
+                os.fstat(fd)
+            except OSError:
+                null = os.open(os.devnull, os.O_WRONLY)
+                if null != fd:
+                    os.dup2(null, fd)
+                    os.close(null)
+            setattr(sys, name, open(fd, "w", closefd=False))  # noqa: SIM115 - the process's stream, never closed
+        elif not (getattr(stream, "encoding", None) or "utf-8").lower().replace("-", "").startswith("utf"):
+            reconfigure = getattr(stream, "reconfigure", None)
+            if reconfigure is not None:
+                reconfigure(errors="replace")
 
 
 OUTPUT_DIR_OPTION = typer.Option(

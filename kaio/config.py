@@ -33,7 +33,7 @@ TINY_MODEL = "kaio/tiny-llama"
 
 _PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 HUB_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")  # `user/name`
-PROJECT_NAME_RULE = "use letters, digits, '.', '_', '-' (no path separators, no '..')"
+PROJECT_NAME_RULE = "at most 100 characters, letters, digits, '.', '_', '-', beginning with a letter or digit"
 
 
 def is_project_name(value: str) -> bool:
@@ -290,7 +290,9 @@ SCRIPT_READ_KEYS = {"training": {"output_dir"}}  # where kaio looks for checkpoi
 
 
 class RunConfig(_Section):
-    project_name: str = Field(description="Names the report folder and checkpoints; letters, digits, `.`, `_`, `-`.")
+    project_name: str = Field(
+        description="Names the report folder and checkpoints; up to 100 letters, digits, `.`, `_`, `-`."
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     data: DataConfig = Field(default_factory=DataConfig)

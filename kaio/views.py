@@ -48,6 +48,11 @@ class PipeSafe(io.TextIOBase):
     def isatty(self) -> bool:
         return self._stream.isatty()
 
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        """The stream's (Rich draws ASCII boxes for one that is not UTF-8)."""
+        return getattr(self._stream, "encoding", None) or "utf-8"
+
     def fileno(self) -> int:
         return self._stream.fileno()
 

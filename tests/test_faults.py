@@ -183,6 +183,29 @@ def test_a_full_report_disk_and_a_closed_stdout_do_not_stop_the_training(project
     assert [s["step"] for s in read_history(project_dir)["steps"]] == list(range(1, steps + 1))
 
 
+def test_an_ascii_only_stdout_and_a_closed_one_do_not_fail_a_run(project_dir):
+    """kaio's symbols (·, ✔, box lines) on a stdout that cannot encode them print as '?' or ASCII boxes; a
+    stdout closed before kaio starts (`>&-`) is /dev/null. Either way the run is recorded and exits 0."""
+    _script_config(project_dir, LIGHT, ["5", "--step-seconds", "0.01"])
+    ascii_only = subprocess.run(
+        [sys.executable, "-m", "kaio", "run", "cfg.yaml", "--plain"],
+        cwd=project_dir,
+        env={**os.environ, "PYTHONIOENCODING": "ascii"},
+        capture_output=True,
+    )
+    assert ascii_only.returncode == 0, ascii_only.stdout + ascii_only.stderr
+    assert b"record: docs/reports/t/report.md ? docs/reports/t/telemetry.png" in ascii_only.stdout
+    assert b"Traceback" not in ascii_only.stderr
+    closed = subprocess.run(
+        f"{sys.executable} -m kaio run cfg.yaml --plain --overwrite >&-",
+        shell=True,
+        cwd=project_dir,
+        capture_output=True,
+    )
+    assert closed.returncode == 0 and b"Traceback" not in closed.stderr, closed.stderr
+    assert read_history(project_dir)["status"] == "COMPLETED"
+
+
 def test_planted_symlinks_in_the_report_folder_are_not_followed(project_dir):
     write_config(project_dir, max_steps=3)
     report_dir = project_dir / "docs" / "reports" / "t"

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import queue
+import shlex
 import threading
 import time
 import uuid
@@ -311,7 +312,9 @@ class CometSink:
             # The archive's name is Comet's: <key>.zip, or <key>-<suffix>.zip for a continued experiment.
             archive = Path(experiment.offline_directory) / experiment._get_offline_archive_file_name()
             after = " (after the archives of the earlier sessions)" if archive.stem != self.experiment_key else ""
-            self.messages.append(f"Comet ML: offline archive {archive}; upload it with `comet upload {archive}`{after}")
+            self.messages.append(
+                f"Comet ML: offline archive {archive}; upload it with `comet upload {shlex.quote(str(archive))}`{after}"
+            )
 
     # --- shared ---------------------------------------------------------------------------
 
