@@ -22,7 +22,8 @@ from kaio.run.snapshot import Snapshot
 
 
 class PipeSafe(io.TextIOBase):
-    """A text stream whose reader may go away: after the first broken pipe, writes go to /dev/null."""
+    """A text stream whose reader may go away: after the first broken pipe (or a terminal's hang-up), writes go
+    to /dev/null."""
 
     def __init__(self, stream: IO[str]) -> None:
         self._stream = stream
@@ -35,14 +36,14 @@ class PipeSafe(io.TextIOBase):
     def write(self, text: str) -> int:
         try:
             self._stream.write(text)
-        except BrokenPipeError:
+        except OSError:  # a broken pipe; a terminal that hung up (EIO)
             self._lost()
         return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except BrokenPipeError:
+        except OSError:
             self._lost()
 
     def isatty(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -141,3 +142,34 @@ def test_last_frame_fits_a_small_terminal_whatever_the_script_prints(project_dir
     # The Trainer's metric lines, printed under its progress bars, stay out of the panel: child.log has them.
     assert frames_with_metric_lines == 0
     assert (project_dir / "docs/reports/t/child.log").read_text().count("{'loss'") == 12
+
+
+def test_closing_the_terminal_stops_the_run_and_still_writes_its_record(project_dir):
+    """The window is closed (or the ssh connection drops): kaio gets SIGHUP from the terminal it draws on. It
+    stops the run as a Ctrl-C would, writes nothing more to the dead terminal, and leaves a whole record and no
+    process (it used to die at once, leaving the training running unseen and the record as of that moment)."""
+    light = REPO / "tests" / "scripts" / "light_loop.py"
+    (project_dir / "cfg.yaml").write_text(
+        f"project_name: t\nlaunch:\n  script: {light}\n  script_args: ['100000', '--step-seconds', '0.02']\n"
+        "  grace_seconds: 5\nreporting:\n  use_comet_ml: false\n  poll_hz: 4\n"
+    )
+    child, screen = _spawn_kaio(project_dir, 100, 30)
+    screen.wait_for(lambda text: "RUNNING" in text, 60, "the run training")
+    family = [psutil.Process(child.pid), *psutil.Process(child.pid).children(recursive=True)]
+    os.close(child.child_fd)  # the terminal goes away: the kernel hangs it up
+    child.child_fd, child.closed = -1, True
+    try:
+        _, status = os.waitpid(child.pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 143
+        _gone, alive = psutil.wait_procs(family, timeout=10)
+        assert not alive
+    finally:
+        for process in family:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+    history = json.loads((project_dir / "docs/reports/t/history.json").read_text())
+    assert history["status"] == "INTERRUPTED" and history["sessions"][0]["status"] == "INTERRUPTED"
+    assert any(
+        note.startswith("the terminal closed (SIGHUP): stopping gracefully") for note in history["telemetry"]["notes"]
+    )
+    assert (project_dir / "docs/reports/t/report.md").is_file()

@@ -460,10 +460,22 @@ class Supervisor:
                 self._queue.put(("record", Note(text=said, level="info", t_wall=time.time())))
                 self._request_stop(proc, warning=True)
 
+        def hung_up(signum, frame):
+            # The terminal closed (a window shut, an ssh connection dropped): nobody watches any more. Stopped as
+            # by a Ctrl-C, so the run ends with a checkpoint and a whole record rather than training on unseen
+            # with a record that stops at this moment. `nohup` (SIGHUP ignored) keeps a run going instead.
+            _leave_the_terminal()
+            if proc.poll() is None and not self._stop.requests:
+                said = "the terminal closed (SIGHUP): stopping gracefully (run kaio under nohup, tmux or screen to keep it going)"
+                self._queue.put(("record", Note(text=said, level="info", t_wall=time.time())))
+                self._request_stop(proc)
+
         previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, handler)
         previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, warned)
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup's choice stands
+            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, hung_up)
         return previous
 
     def _request_stop(self, proc: subprocess.Popen, *, warning: bool = False) -> None:
@@ -639,6 +651,25 @@ class Supervisor:
         if error is None and signal_name:
             error = f"killed by {signal_name}"
         return SessionOutcome(exit_code, Status.FAILED, signal_name, error, error_at=cause.t_wall)
+
+
+def _leave_the_terminal() -> None:
+    """The terminal hung up: stdout and stderr, where they were the terminal, write to /dev/null from now on (a
+    write to a hung-up terminal fails with EIO, and the run's end still has its record to write)."""
+    import stat
+
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        null_device = os.fstat(null).st_rdev
+        for fd in (1, 2):
+            try:
+                mode, device = os.fstat(fd).st_mode, os.fstat(fd).st_rdev
+            except OSError:
+                continue
+            if stat.S_ISCHR(mode) and device != null_device:  # a terminal, not a file or a pipe
+                os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 def _lead_rank(cfg: RunConfig) -> int:
