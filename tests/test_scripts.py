@@ -172,6 +172,13 @@ def test_a_script_training_in_two_phases_with_two_trainers_is_one_step_axis_the_
     assert any("training 2 of the script" in n and "recorded from step 7" in n for n in history["telemetry"]["notes"])
     report = (project_dir / "docs/reports/phases/report.md").read_text()
     assert "**Optimizer steps:** 10 of 10 planned" in report and _row(report, "Samples processed") == "32"
+    # Extended (a longer run in its arguments), the script would get its second phase's checkpoint in its first
+    # phase's train(): refused, saying why.
+    longer = re.sub(r"(script_args: \[.*)\]", r'\1, "--longer"]', cfg.read_text())
+    (project_dir / "longer.yaml").write_text(longer)
+    resumed = kaio("resume", "phases", "--config", "longer.yaml", cwd=project_dir)
+    assert resumed.returncode == 2
+    assert "out/b/checkpoint-4, was saved by the script's training 2" in resumed.stderr, resumed.stderr
 
 
 def test_a_plain_loop_without_a_trainer_is_said_plainly_and_reports_through_kaio_log(project_dir):

@@ -115,6 +115,14 @@ class RunLedger(msgspec.Struct, kw_only=True):
             return os.path.dirname(saved[-1])
         return self.run.args.output_dir if self.run is not None else None
 
+    def later_training_of(self, checkpoint: CheckpointSaved) -> int | None:
+        """The script's training (2, 3...: another Trainer, or train() again) that saved ``checkpoint``, when it
+        is not the first; ``kaio resume`` hands its checkpoint to a script's first train() only."""
+        run = self.run
+        if run is None or run.training < 2 or checkpoint.session != run.session or checkpoint.step <= run.step_offset:
+            return None
+        return run.training
+
     def trained_to_end(self, session: int) -> bool:
         """The session's latest training reached its Trainer's end (what follows is the script's own)."""
         progress = self.progress.get(session)

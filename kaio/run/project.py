@@ -696,6 +696,17 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
                 f"give the script a longer run in launch.script_args and resume with "
                 f"`{paths.command('resume')} --config CONFIG`"
             )
+    kept = next(
+        (c for c in state.ledger.checkpoints if c.path and Path(c.path).resolve() == checkpoint.resolve()), None
+    )
+    later = state.ledger.later_training_of(kept) if kept is not None else None
+    if later is not None:
+        raise ProjectError(
+            f"project {project!r}: its latest checkpoint, {checkpoint}, was saved by the script's training {later} "
+            "(another Trainer, or train() again), and `kaio resume` hands a checkpoint to the script's first "
+            "train() only, which would load it into the wrong training; continue that training with your "
+            "script's own resume_from_checkpoint as a new project, or start over with `kaio run CONFIG --overwrite`"
+        )
     notes = [f"resumed from {checkpoint.name}"] + [f"config changed for this session: {c}" for c in allowed]
     return cfg, checkpoint, notes
 

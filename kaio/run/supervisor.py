@@ -567,9 +567,14 @@ class Supervisor:
         stop = self._stop
         saved = [c for c in ledger.checkpoints if c.session == session and c.step >= stop.step_at_request]
         if saved and not stop.trained_before:  # else the checkpoint was the finished training's own
-            step = saved[-1].step
+            step, path = saved[-1].step, saved[-1].path
+            name = path if path and os.path.basename(path) != f"checkpoint-{step}" else f"checkpoint-{step}"
             how = f"`{self.paths.command('resume')}`" + (" on every node" if self.cfg.launch.nnodes > 1 else "")
-            text = f"stopped after step {step} with checkpoint-{step} saved: {how} continues from step {step + 1}"
+            then = f"{how} continues from step {step + 1}"
+            later = ledger.later_training_of(saved[-1])
+            if later is not None:  # kaio resume refuses it (project.resume_plan says why)
+                then = f"the script's training {later} saved it, which `kaio resume` cannot continue"
+            text = f"stopped after step {step} with {name} saved: {then}"
             self._note(text, level="info")
             return text
         progress = ledger.progress.get(session)

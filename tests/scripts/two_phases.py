@@ -28,7 +28,7 @@ def phase(model, out: str, steps: int, batch: int, lr: float) -> Trainer:
         per_device_train_batch_size=batch,
         learning_rate=lr,
         logging_steps=1,
-        save_strategy="no",
+        save_steps=steps,  # a checkpoint at the end of each phase
         report_to="none",
         disable_tqdm=True,
     )
