@@ -281,9 +281,10 @@ def report(
     from rich.console import Console
 
     from kaio.run.rebuild import rebuild
+    from kaio.views import is_terminal
 
     status = Console(stderr=True)  # progress on stderr: stdout stays the JSON or the one line
-    with status.status("reading the record…") if status.is_terminal else contextlib.nullcontext() as spinner:
+    with status.status("reading the record…") if is_terminal(status) else contextlib.nullcontext() as spinner:
         phase = spinner.update if spinner is not None else (lambda text: None)
         say = (lambda text: typer.echo(text, err=True)) if as_json else typer.echo  # the JSON alone on stdout
         summary, report_dir = rebuild(project, output_dir, notify=say, merge=merge, phase=phase)

@@ -223,7 +223,17 @@ class PlainView:
         self._print(final_line(snapshot))
 
 
+def is_terminal(console: Console) -> bool:
+    """Whether the console writes to a terminal. Rich's ``is_terminal`` also says yes under FORCE_COLOR (a CI log
+    that renders colours), where a live dashboard would write every frame, cursor moves and all, into a file."""
+    isatty = getattr(console.file, "isatty", None)
+    try:
+        return bool(isatty is not None and isatty())
+    except ValueError:  # a closed file
+        return False
+
+
 def choose_view(console: Console, plain: bool):
-    if plain or not console.is_terminal or console.is_dumb_terminal:
+    if plain or not is_terminal(console) or console.is_dumb_terminal:
         return PlainView(console)
     return LiveView(console)

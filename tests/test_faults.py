@@ -183,17 +183,19 @@ def test_a_full_report_disk_and_a_closed_stdout_do_not_stop_the_training(project
     assert [s["step"] for s in read_history(project_dir)["steps"]] == list(range(1, steps + 1))
 
 
-def test_an_ascii_only_stdout_and_a_closed_one_do_not_fail_a_run(project_dir):
+def test_an_ascii_only_stdout_a_forced_colour_one_and_a_closed_one_do_not_fail_a_run(project_dir):
     """kaio's symbols (·, ✔, box lines) on a stdout that cannot encode them print as '?' or ASCII boxes; a
-    stdout closed before kaio starts (`>&-`) is /dev/null. Either way the run is recorded and exits 0."""
+    stdout closed before kaio starts (`>&-`) is /dev/null; a file is no terminal under FORCE_COLOR either. The
+    run is recorded and exits 0."""
     _script_config(project_dir, LIGHT, ["5", "--step-seconds", "0.01"])
     ascii_only = subprocess.run(
-        [sys.executable, "-m", "kaio", "run", "cfg.yaml", "--plain"],
+        [sys.executable, "-m", "kaio", "run", "cfg.yaml"],
         cwd=project_dir,
-        env={**os.environ, "PYTHONIOENCODING": "ascii"},
+        env={**os.environ, "PYTHONIOENCODING": "ascii", "FORCE_COLOR": "1"},  # FORCE_COLOR: a CI log's colours
         capture_output=True,
     )
     assert ascii_only.returncode == 0, ascii_only.stdout + ascii_only.stderr
+    assert b"\x1b[?25l" not in ascii_only.stdout  # plain lines, not the live dashboard (it hides the cursor)
     assert b"record: docs/reports/t/report.md ? docs/reports/t/telemetry.png" in ascii_only.stdout
     assert b"Traceback" not in ascii_only.stderr
     closed = subprocess.run(
