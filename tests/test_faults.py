@@ -208,6 +208,25 @@ def test_an_ascii_only_stdout_a_forced_colour_one_and_a_closed_one_do_not_fail_a
     assert read_history(project_dir)["status"] == "COMPLETED"
 
 
+def test_a_training_process_that_cannot_be_started_is_a_failed_session_that_says_why(project_dir):
+    """The interpreter kaio starts the launcher with is gone (a venv moved or deleted under a running shell):
+    one line, a shell's exit code (127), and a FAILED record naming the cause (it was left RUNNING, with a
+    traceback and exit code 1)."""
+    _script_config(project_dir, LIGHT, ["5"])
+    start = (
+        "import sys; sys.executable = '/nonexistent/venv/bin/python3'; from kaio.cli import app; "
+        "sys.argv = ['kaio', 'run', 'cfg.yaml', '--plain']; app()"
+    )
+    result = subprocess.run([sys.executable, "-c", start], cwd=project_dir, capture_output=True, text=True)
+    assert result.returncode == 127, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    said = "the training process could not be started: No such file or directory: /nonexistent/venv/bin/python3"
+    assert said in result.stdout + result.stderr
+    history = read_history(project_dir)
+    assert history["status"] == "FAILED" and history["sessions"][0]["error"] == said
+    assert said in (project_dir / "docs/reports/t/report.md").read_text()
+
+
 def test_planted_symlinks_in_the_report_folder_are_not_followed(project_dir):
     write_config(project_dir, max_steps=3)
     report_dir = project_dir / "docs" / "reports" / "t"

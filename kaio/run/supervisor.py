@@ -227,7 +227,10 @@ class Supervisor:
             )
             log_file.flush()
             offset = log_file.tell()
-            proc = launch.spawn(argv, env, log_file)
+            try:
+                proc = launch.spawn(argv, env, log_file)
+            except OSError as exc:  # the interpreter missing, not executable, out of processes...
+                return self._not_started(session, argv[0], exc, fifo, reader, poller)
         self.record(ChildStarted(session=session, pid=proc.pid, t_wall=time.time()))
         output = threading.Thread(
             target=self._follow_output, args=(proc, offset), name="kaio-child-output", daemon=True
@@ -289,6 +292,31 @@ class Supervisor:
             )
         self.recorder.journal.flush(fsync=True)
         return outcome
+
+    def _not_started(self, session: int, program: str, exc: OSError, fifo, reader, poller) -> SessionOutcome:
+        """The training process could not be started: a FAILED session that says why, with a shell's exit code
+        (127: not found, 126: found but not run)."""
+        fifo.close_write_end()
+        reader.join(timeout=10)
+        if poller is not None:
+            poller.stop()
+        self._drain()
+        fifo.close()
+        code = 127 if isinstance(exc, FileNotFoundError) else 126
+        error = f"the training process could not be started: {exc.strerror or exc}: {exc.filename or program}"
+        self.view.child_output(f"kaio: {error}")  # where the child's own output, had it started, would be
+        self.record(
+            SessionEnd(
+                session=session,
+                t_wall=time.time(),
+                t_mono=time.monotonic(),
+                status=Status.FAILED,
+                exit_code=code,
+                error=error,
+            )
+        )
+        self.recorder.journal.flush(fsync=True)
+        return SessionOutcome(code, Status.FAILED, error=error)
 
     # ------------------------------------------------------------ the loop
 
