@@ -31,6 +31,7 @@ def _main(
 ) -> None:
     """Launch, watch and record a LoRA fine-tune: live GPU telemetry, honest reports."""
     _usable_output_streams()
+    _writable_matplotlib_config()
     if version:
         from kaio import __version__
 
@@ -59,6 +60,28 @@ def _usable_output_streams() -> None:
             reconfigure = getattr(stream, "reconfigure", None)
             if reconfigure is not None:
                 reconfigure(errors="replace")
+
+
+def _writable_matplotlib_config() -> None:
+    """A HOME matplotlib cannot write its config to (read-only, another user's) makes it print a warning about
+    MPLCONFIGDIR into kaio's output (comet_ml imports it; telemetry.png is drawn with it): a private temp
+    folder instead, as matplotlib itself falls back to, without the warning."""
+    if os.environ.get("MPLCONFIGDIR"):
+        return
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    folder = os.path.join(base, "matplotlib")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            return
+    except OSError:
+        pass
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["MPLCONFIGDIR"] = private = tempfile.mkdtemp(prefix="kaio-matplotlib-")
+    atexit.register(shutil.rmtree, private, ignore_errors=True)
 
 
 OUTPUT_DIR_OPTION = typer.Option(
