@@ -660,6 +660,27 @@ def test_nonfinite_losses_are_marked_once_per_bucket_and_counted_in_full():
     assert 0 < len(marks[0].get_xdata()) <= BUCKETS and marks[0].get_xdata()[0] == 3
 
 
+def test_a_few_logged_losses_are_drawn_as_points_and_a_lone_one_is_seen():
+    """One finite loss before NaNs is a line of one point: without a marker it is not drawn at all."""
+    steps = [make_step(5)] + [make_step(k, loss=None, loss_nonfinite="nan") for k in (10, 15, 20)]
+    raw = build_figure(figure_data(*make_run(steps=steps))).get_axes()[0].get_lines()[0]
+    assert list(raw.get_xdata()) == [5] and raw.get_marker() == "o"
+    few = build_figure(figure_data(*make_run(12))).get_axes()[0].get_lines()
+    assert [line.get_marker() for line in few[:2]] == ["o", "o"]
+    many = build_figure(figure_data(*make_run(100))).get_axes()[0].get_lines()[0]
+    assert many.get_marker() in ("None", "", None)  # a line of 100 steps is a line
+
+
+def test_a_smoothed_loss_of_a_few_logged_losses_is_not_given_as_the_runs_level():
+    """Three losses (one a epoch): an EMA of span 5 is mostly the first, far above the last (2.757 against
+    1.199 in a user's run): not drawn, and the report says why instead of a number."""
+    header, index = make_run(3)
+    axes = build_figure(figure_data(header, index)).get_axes()
+    assert labels(axes[0]) == ["raw"]  # the raw points alone
+    report = render_markdown(header, summarize(header, index), [])
+    assert "| Loss, final smoothed (EMA) | too few losses logged to smooth (3): see the final loss |" in report
+
+
 def test_a_long_run_renders_bounded_lines_that_keep_a_spike(tmp_path):
     n = 12_000  # about 23 steps to a bucket
     steps = [

@@ -15,6 +15,7 @@ import sqlite3
 
 import msgspec
 
+from kaio.record import rules
 from kaio.record.index import RunIndex
 from kaio.record.types import HistoryHeader, node_rank_of_gpu
 from kaio.report.summary import time_buckets, time_spent
@@ -148,6 +149,8 @@ def figure_data(header: HistoryHeader, index: RunIndex) -> FigureData:
         data.host_cpu,
         data.host_ram,
     ) = (_line(steps, name) for name in names)
+    if len(data.loss.x) < rules.MIN_LOSSES_TO_SMOOTH:  # a few losses: each drawn, no smoothed level beside them
+        data.loss_smoothed = Line()
     data.ranks = conn.execute("SELECT COUNT(DISTINCT rank) FROM step_ranks").fetchone()[0]
     if data.ranks > 1:
         data.vram_ranks = _band(steps, "vram_peak_min")

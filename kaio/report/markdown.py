@@ -139,6 +139,12 @@ def _params(s: Summary) -> str:
     return text
 
 
+def _final_smoothed(s: Summary) -> str:
+    if s.loss_final_smoothed is not None and s.loss_logged_steps < rules.MIN_LOSSES_TO_SMOOTH:
+        return f"too few losses logged to smooth ({s.loss_logged_steps}): see the final loss"
+    return _num(s.loss_final_smoothed, ".4g") or _no_loss(s)
+
+
 def _key_metrics(s: Summary) -> str:
     missing = "not measured (no GPU)" if s.cpu_only else "not measured"
     rows = [
@@ -149,7 +155,7 @@ def _key_metrics(s: Summary) -> str:
             else _no_loss(s),
         ),
         ("Loss, minimum", f"{s.loss_min:.4g} at step {s.loss_min_step:,}" if s.loss_min is not None else _no_loss(s)),
-        ("Loss, final smoothed (EMA)", _num(s.loss_final_smoothed, ".4g") or _no_loss(s)),
+        ("Loss, final smoothed (EMA)", _final_smoothed(s)),
     ]
     if s.eval_loss_best is not None:
         rows.append(("Evaluation loss, best", _best_eval_loss(s)))

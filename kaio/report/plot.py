@@ -133,14 +133,24 @@ def _legend(ax: Axes, entries: int, what: str = "lines", **kwargs) -> None:
         ax.legend(fontsize=7, ncol=min(entries, 4), framealpha=0.8, **{"loc": "best", **kwargs})
 
 
+SPARSE_POINTS = 30  # a line of this many points or fewer shows them (one point alone is no line at all)
+
+
+def _points(line: Line) -> dict:
+    return {"marker": "o", "markersize": 3} if len(line.x) <= SPARSE_POINTS else {}
+
+
 def _loss_panel(ax: Axes, data: FigureData) -> None:
     import numpy as np
 
     if not data.loss.x:
         _say_no_data(ax, "no finite loss logged")
     else:
-        ax.plot(*_xy(data.loss), color="0.6", linewidth=0.8, label="raw")
-        ax.plot(*_xy(data.loss_smoothed), color="tab:orange", linewidth=2, label="smoothed (EMA)")
+        ax.plot(*_xy(data.loss), color="0.6", linewidth=0.8, label="raw", **_points(data.loss))
+        if data.loss_smoothed.x:
+            ax.plot(
+                *_xy(data.loss_smoothed), color="tab:orange", linewidth=2, label="smoothed (EMA)", **_points(data.loss)
+            )
         ax.set_ylabel("loss")
     markers = "os^vDP*X"
     for i, (name, line) in enumerate(data.eval_losses.items()):
@@ -163,7 +173,7 @@ def _line_panel(ax: Axes, line: Line, ylabel: str, missing: str, *, sci: bool = 
     if not line.x:
         _say_no_data(ax, missing)
         return
-    ax.plot(*_xy(line), color="tab:blue", linewidth=1.5)
+    ax.plot(*_xy(line), color="tab:blue", linewidth=1.5, **_points(line))
     ax.set_ylabel(ylabel)
     if sci:
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
