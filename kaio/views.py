@@ -18,7 +18,7 @@ from rich.console import Console
 if TYPE_CHECKING:
     from rich.live import Live
 
-from kaio.run.snapshot import Snapshot
+from kaio.run.snapshot import Snapshot, as_shown
 
 
 class PipeSafe(io.TextIOBase):
@@ -190,8 +190,13 @@ class PlainView:
         self._warned.update(snapshot.warnings)
 
     def child_output(self, line: str) -> None:
-        if self.echo_child:
-            self._print(line)
+        """A line as a terminal would have shown it: a progress bar's redraws (carriage returns) were one ever
+        longer line in a log, and the child's colour codes were noise there."""
+        if not self.echo_child:
+            return
+        shown = as_shown(line)
+        if shown.strip() or not line.strip("\r"):  # a bar cleared by its own redraw shows nothing; a blank line stays
+            self._print(shown)
 
     def update(self, snapshot: Snapshot) -> None:
         from kaio.dashboard import plain_line

@@ -492,6 +492,22 @@ def test_plain_output_says_each_warning_once_and_a_live_one_once_while_it_counts
     ]
 
 
+def test_plain_output_shows_a_redrawn_progress_bar_once_at_its_last_state_without_escape_codes():
+    from kaio.views import PlainView
+
+    out = io.StringIO()
+    view = PlainView(Console(file=out, width=200), interval_s=0)
+    for line in (
+        "\rprogress 1/40 [#   ]\rprogress 2/40 [##  ]\rprogress 40/40 [####]",
+        "\x1b[32mgreen\x1b[0m text",
+        "",
+        "\r      \r",  # a bar cleared away
+        "done",
+    ):
+        view.child_output(line)
+    assert out.getvalue().splitlines() == ["progress 40/40 [####]", "green text", "", "done"]
+
+
 def test_the_latest_evaluation_loss_is_on_screen_once_there_is_one():
     assert "eval loss" not in text_of(render(make_snapshot()))
     out = text_of(render(make_snapshot(eval_loss=2.3456)))
