@@ -95,7 +95,8 @@ class ModelPlan:
     dtype: str
     total_params: int
     trainable_params: int
-    adapted_modules: tuple[str, ...]
+    adapted_modules: tuple[str, ...]  # inside the decoder layers: what the activations estimate counts
+    target_modules: tuple[str, ...]  # every module LoRA adapts (the head and the embedding included)
     micro_batch: int
     seq_len: int
     gradient_checkpointing: bool  # what the config asks for
@@ -208,11 +209,20 @@ def _model_plan(cfg: RunConfig, precision: str, has_gpu: bool) -> ModelPlan:
         total_params=info.total_params or 0,
         trainable_params=info.trainable_params or 0,
         adapted_modules=tuple(peft.adapted_modules) if peft else (),
+        target_modules=_target_modules(peft),
         micro_batch=t.batch_size,
         seq_len=cfg.model.max_seq_length,
         gradient_checkpointing=t.gradient_checkpointing,
         estimates=estimates,
     )
+
+
+def _target_modules(peft: Any) -> tuple[str, ...]:
+    """PEFT's target_modules as it resolved them: a list, or one name or pattern ("all-linear")."""
+    targets = getattr(peft, "target_modules", None) if peft is not None else None
+    if isinstance(targets, str):
+        return (targets,)
+    return tuple(sorted(targets or ()))
 
 
 def _transformers_config(cfg: RunConfig) -> tuple[Any, str]:
@@ -267,6 +277,7 @@ def plan_json(plan: Plan) -> dict[str, Any]:
             "total_params": m.total_params,
             "trainable_params": m.trainable_params,
             "adapted_modules": list(m.adapted_modules),
+            "target_modules": list(m.target_modules),
             "micro_batch": m.micro_batch,
             "seq_len": m.seq_len,
             "gradient_checkpointing": m.gradient_checkpointing,
@@ -319,7 +330,7 @@ def render_plan(plan: Plan) -> Any:
     parts.append(
         Text(
             f"model {m.name} ({m.source}): {_count(m.total_params - m.trainable_params)} parameters in {m.dtype}, "
-            f"+ {_count(m.trainable_params)} trained (LoRA r={cfg.lora.r} on {', '.join(m.adapted_modules) or '-'}); "
+            f"+ {_count(m.trainable_params)} trained (LoRA r={cfg.lora.r} on {', '.join(m.target_modules) or '-'}); "
             f"{plan.precision}, micro-batch {m.micro_batch} x {m.seq_len} tokens"
         )
     )
