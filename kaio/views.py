@@ -62,6 +62,7 @@ PLAIN_INTERVAL_S = 5.0  # one status line every few seconds when not in a termin
 LIVE_REFRESH_HZ = 4
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 FINAL_LINES_ROWS = 6  # rows printed under the last frame: the final line, the record, a stop message
+_TERMINAL = 1  # the terminal the dashboard draws on (stdout); stdin may be a pipe (`true | kaio run ...`)
 
 
 class _NoEcho:
@@ -85,12 +86,12 @@ class _NoEcho:
         except ImportError:  # not a POSIX terminal
             return
         try:
-            self._saved = termios.tcgetattr(0)
-            quiet = termios.tcgetattr(0)
+            self._saved = termios.tcgetattr(_TERMINAL)
+            quiet = termios.tcgetattr(_TERMINAL)
             quiet[3] &= ~(termios.ECHO | termios.ECHOCTL)
             quiet[3] |= termios.NOFLSH
-            termios.tcsetattr(0, termios.TCSANOW, quiet)
-        except (OSError, termios.error):  # stdin is not a terminal
+            termios.tcsetattr(_TERMINAL, termios.TCSANOW, quiet)
+        except (OSError, termios.error):  # not a terminal
             self._saved = None
 
     def restore(self) -> None:
@@ -101,11 +102,11 @@ class _NoEcho:
 
         saved, self._saved = self._saved, None
         with contextlib.suppress(OSError, termios.error):
-            echoing = termios.tcgetattr(0)
+            echoing = termios.tcgetattr(_TERMINAL)
             echoing[3] = (echoing[3] & ~(termios.ECHO | termios.ECHOCTL)) | (
                 saved[3] & (termios.ECHO | termios.ECHOCTL)
             )
-            termios.tcsetattr(0, termios.TCSANOW, echoing)
+            termios.tcsetattr(_TERMINAL, termios.TCSANOW, echoing)
         atexit.register(_restore_at_exit, saved)
 
 
@@ -113,7 +114,7 @@ def _restore_at_exit(saved: list) -> None:
     import termios
 
     with contextlib.suppress(OSError, termios.error):
-        termios.tcsetattr(0, termios.TCSADRAIN, saved)  # once what kaio wrote is shown
+        termios.tcsetattr(_TERMINAL, termios.TCSADRAIN, saved)  # once what kaio wrote is shown
 
 
 class LiveView:
