@@ -132,7 +132,23 @@ class LiveView:
 
         if self._snapshot is None:
             return ""
+        self._clear_a_rewrapped_frame()
         return render(self._snapshot, rows_after=self._rows_after)
+
+    def _clear_a_rewrapped_frame(self) -> None:
+        """The terminal narrowed: it re-wrapped the last frame's full-width lines, each now over several rows,
+        and Rich would move up only one row a line before drawing the next frame, leaving pieces of the old one
+        above it. Up over the rows the old frame takes now (the terminal stops at its top row), erase from
+        there down, and let Rich draw from that point."""
+        live_render = getattr(self._live, "_live_render", None)
+        shape = getattr(live_render, "_shape", None)
+        width = self.console.size.width
+        if shape is None or shape[0] <= width:
+            return
+        old_width, height = shape
+        rows = height * -(-old_width // width)  # each line's rows, rounded up
+        self.console.file.write(f"\r\x1b[{rows - 1}A\x1b[J" if rows > 1 else "\r\x1b[J")
+        live_render._shape = None  # type: ignore[union-attr]  # nothing left to move over
 
     def start(self, snapshot: Snapshot) -> None:
         from rich.live import Live
