@@ -322,6 +322,26 @@ def test_evaluations_after_train_are_marked_and_a_later_training_clears_the_earl
     assert [(e["step"], e["after_training"]) for e in evals] == [(2, False), (2, True), (3, False)]
 
 
+def test_an_evaluation_before_train_is_told_from_the_trainers_eval_on_start():
+    from kaio.report.markdown import render_markdown
+    from kaio.report.summary import summarize
+
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 2, "world_size": 1}
+    evaluation = {"type": "eval", "rank": 0, "session": 1, "step": 0, "metrics": {"eval_loss": 5.7}}
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, evaluation, run, evaluation]
+    events += [_step(1, 1.0), _step(2, 2.0)]
+    state = replay(events)
+    evals = history_of(state)["evals"]
+    assert [(e["step"], e["before_training"], e["after_training"]) for e in evals] == [
+        (0, True, False),
+        (0, False, False),
+    ]
+    with state.with_open_steps() as index:
+        header = state.header()
+        report = render_markdown(header, summarize(header, index), index.evals())
+    assert "| 0 (before training) | 5.7 |" in report and "| 0 | 5.7 |" in report
+
+
 def test_a_failure_after_the_training_completed_is_said_so_on_the_last_line():
     from kaio.run.live import build_snapshot
 

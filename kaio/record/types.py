@@ -269,6 +269,7 @@ class EvalEntry(msgspec.Struct, kw_only=True):
     metrics: dict[str, float | None] = {}
     nonfinite: dict[str, NonFiniteTag] = {}
     after_training: bool = False  # the script's own evaluate() or predict() after its Trainer's train() ended
+    before_training: bool = False  # the script's own evaluate() before train() (not the Trainer's eval_on_start)
 
     @property
     def loss_key(self) -> str | None:

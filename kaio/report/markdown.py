@@ -239,9 +239,7 @@ def _evaluations(s: Summary, evals: list[EvalEntry]) -> str | None:
     names = list(dict.fromkeys(k for e in evals for k in e.metrics if k not in ("epoch",)))
     every = _one_row_per_evaluation(evals)
     shown = every[-EVAL_ROWS:]
-    rows = [
-        (f"{e.step} (after training)" if e.after_training else e.step, *(_metric(e, n) for n in names)) for e in shown
-    ]
+    rows = [(_evaluation_step(e), *(_metric(e, n) for n in names)) for e in shown]
     text = "## Evaluation\n\n"
     if s.eval_loss_best is not None:
         count = f"{s.eval_count} evaluation{'s' if s.eval_count != 1 else ''}"
@@ -249,6 +247,11 @@ def _evaluations(s: Summary, evals: list[EvalEntry]) -> str | None:
     if len(every) > len(shown):
         text += f"The latest {len(shown)} of {len(every)} evaluations (all are in history.json):\n\n"
     return text + _table(("Step", *names), rows)
+
+
+def _evaluation_step(e: EvalEntry) -> str:
+    when = " (after training)" if e.after_training else " (before training)" if e.before_training else ""
+    return f"{e.step}{when}"
 
 
 def _one_row_per_evaluation(evals: list[EvalEntry]) -> list[EvalEntry]:
@@ -259,7 +262,8 @@ def _one_row_per_evaluation(evals: list[EvalEntry]) -> list[EvalEntry]:
         last = rows[-1] if rows else None
         if (
             last is not None
-            and (last.step, last.session, last.after_training) == (e.step, e.session, e.after_training)
+            and (last.step, last.session, last.after_training, last.before_training)
+            == (e.step, e.session, e.after_training, e.before_training)
             and e.eval_set is not None
             and last.eval_set is not None
             and not (last.metrics.keys() - {"epoch"}) & (e.metrics.keys() - {"epoch"})

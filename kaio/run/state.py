@@ -267,6 +267,7 @@ class RunState:
             metrics={k: finite(v) for k, v in r.metrics.items()},
             nonfinite={k: tag for k, v in r.metrics.items() if (tag := nonfinite_tag(v)) is not None},
             after_training=self.ledger.trained_to_end(r.session),
+            before_training=self.ledger.run is None or self.ledger.run.session != r.session,
         )
         self.index.add_eval(entry)
         runtime = entry.metrics.get("eval_runtime")
