@@ -342,6 +342,20 @@ def test_an_evaluation_before_train_is_told_from_the_trainers_eval_on_start():
     assert "| 0 (before training) | 5.7 |" in report and "| 0 | 5.7 |" in report
 
 
+def test_a_script_that_only_evaluates_is_said_to_have_evaluated_not_to_have_no_trainer():
+    from kaio.report.markdown import render_markdown
+    from kaio.report.summary import summarize
+
+    evaluation = {"type": "eval", "rank": 0, "session": 1, "step": 0, "metrics": {"eval_loss": 1.37}}
+    state = replay([{"type": "session_start", "session": 1, "t_wall": 1e9}, evaluation])
+    with state.with_open_steps() as index:
+        header = state.header()
+        report = render_markdown(header, summarize(header, index), index.evals())
+    assert "**Optimizer steps:** none recorded (a Trainer evaluated, but never trained: see What was trained)" in report
+    assert "a transformers `Trainer` evaluated (see Evaluation) but never trained" in report
+    assert "kaio.log" not in report
+
+
 def test_a_failure_after_the_training_completed_is_said_so_on_the_last_line():
     from kaio.run.live import build_snapshot
 

@@ -55,7 +55,7 @@ def render_markdown(header: HistoryHeader, summary: Summary, evals: list[EvalEnt
         _evaluations(summary, evals),
         _time_spent(summary),
         "## Telemetry\n\n![telemetry](telemetry.png)",
-        _what_was_trained(header.run),
+        _what_was_trained(header.run, evaluated=summary.eval_count > 0),
         _environment(header.run),
         _kaio_config(header.config, header.run),
         _hub(header.hub),
@@ -76,9 +76,11 @@ def render_markdown(header: HistoryHeader, summary: Summary, evals: list[EvalEnt
 
 def _executive_summary(s: Summary, header: HistoryHeader) -> str:
     if not s.step_entries:
-        steps = "none recorded" + (
-            " (no transformers Trainer started: see What was trained)" if header.run is None else ""
-        )
+        if header.run is None:
+            why = "a Trainer evaluated, but never trained" if s.eval_count else "no transformers Trainer started"
+            steps = f"none recorded ({why}: see What was trained)"
+        else:
+            steps = "none recorded"
         return "## Executive summary\n\n" + "\n".join(
             [
                 f"- **Status:** {_status(s)}",
@@ -283,7 +285,12 @@ def _metric(entry: EvalEntry, name: str) -> str:
     return "—" if value is None else format(value, ".4g")
 
 
-def _what_was_trained(run: RunDescription | None) -> str:
+def _what_was_trained(run: RunDescription | None, *, evaluated: bool = False) -> str:
+    if run is None and evaluated:  # evaluate() (or predict()) without train()
+        return (
+            "## What was trained\n\nNothing: a transformers `Trainer` evaluated (see Evaluation) but never "
+            "trained (no `train()`), so there are no training steps."
+        )
     if run is None:
         return (
             "## What was trained\n\nNo transformers `Trainer` started, so kaio recorded the device and host "
