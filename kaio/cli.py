@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from pathlib import Path
 
 import typer
@@ -30,7 +31,7 @@ def _main(
     version: bool = typer.Option(False, "--version", help="Print kaio's version and exit.", metavar="", is_eager=True),
 ) -> None:
     """Launch, watch and record a LoRA fine-tune: live GPU telemetry, honest reports."""
-    _usable_output_streams()
+    _make_output_streams_usable()
     _writable_matplotlib_config()
     if version:
         from kaio import __version__
@@ -39,12 +40,10 @@ def _main(
         raise typer.Exit()
 
 
-def _usable_output_streams() -> None:
+def _make_output_streams_usable() -> None:
     """Output that cannot fail a run: a closed stdout or stderr writes to /dev/null (its descriptor taken too, so
     no file kaio opens later lands on it), and one whose encoding lacks kaio's symbols (PYTHONIOENCODING=ascii, a
     Latin-1 terminal) prints '?' for them instead of raising."""
-    import sys
-
     for fd, name in ((1, "stdout"), (2, "stderr")):
         stream = getattr(sys, name)
         if stream is None:
@@ -63,25 +62,32 @@ def _usable_output_streams() -> None:
 
 
 def _writable_matplotlib_config() -> None:
-    """A HOME matplotlib cannot write its config to (read-only, another user's) makes it print a warning about
-    MPLCONFIGDIR into kaio's output (comet_ml imports it; telemetry.png is drawn with it): a private temp
-    folder instead, as matplotlib itself falls back to, without the warning."""
+    """A HOME matplotlib cannot write its config or cache to (read-only, another user's) makes it print a warning
+    about MPLCONFIGDIR into kaio's output (comet_ml imports it; telemetry.png is drawn with it): a private temp
+    folder instead, as matplotlib itself falls back to, without the warning. Checked as matplotlib checks them
+    (Linux's XDG folders, made if missing)."""
     if os.environ.get("MPLCONFIGDIR"):
         return
-    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    folder = os.path.join(base, "matplotlib")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        if os.access(folder, os.W_OK):
-            return
-    except OSError:
-        pass
+    home = os.path.expanduser("~")
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
+    if all(_could_write(os.path.join(base, "matplotlib")) for base in (config, cache)):
+        return
     import atexit
     import shutil
     import tempfile
 
     os.environ["MPLCONFIGDIR"] = private = tempfile.mkdtemp(prefix="kaio-matplotlib-")
     atexit.register(shutil.rmtree, private, ignore_errors=True)
+
+
+def _could_write(folder: str) -> bool:
+    """What matplotlib checks: ``folder`` made if missing (as matplotlib would make it), then writable."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:
+        return False
+    return os.path.isdir(folder) and os.access(folder, os.W_OK)
 
 
 OUTPUT_DIR_OPTION = typer.Option(
@@ -123,8 +129,6 @@ def _user_errors(func):
 def _console():
     """The terminal, or whatever stdout is. A closed pipe (`kaio run cfg --plain | head`) must not stop the
     training: once the reader is gone, output goes nowhere (the record is on disk)."""
-    import sys
-
     from rich.console import Console
 
     from kaio.views import PipeSafe

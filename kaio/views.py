@@ -86,6 +86,8 @@ class _NoEcho:
         except ImportError:  # not a POSIX terminal
             return
         try:
+            if os.tcgetpgrp(_TERMINAL) != os.getpgrp():  # a background job (`&`): changing it would stop kaio
+                return
             self._saved = termios.tcgetattr(_TERMINAL)
             quiet = termios.tcgetattr(_TERMINAL)
             quiet[3] &= ~(termios.ECHO | termios.ECHOCTL)
@@ -139,7 +141,8 @@ class LiveView:
         """The terminal narrowed: it re-wrapped the last frame's full-width lines, each now over several rows,
         and Rich would move up only one row a line before drawing the next frame, leaving pieces of the old one
         above it. Up over the rows the old frame takes now (the terminal stops at its top row), erase from
-        there down, and let Rich draw from that point."""
+        there down, and let Rich draw from that point. (A terminal that does not re-wrap, xterm's kind, loses
+        from view the lines just above the frame instead.)"""
         live_render = getattr(self._live, "_live_render", None)
         shape = getattr(live_render, "_shape", None)
         width = self.console.size.width
@@ -212,7 +215,7 @@ class PlainView:
         if not self.echo_child:
             return
         shown = as_shown(line)
-        if shown.strip() or not line.strip("\r"):  # a bar cleared by its own redraw shows nothing; a blank line stays
+        if shown.strip() or "\r" not in line.rstrip("\r\n"):  # a bar cleared by its redraw shows nothing
             self._print(shown)
 
     def update(self, snapshot: Snapshot) -> None:

@@ -501,11 +501,12 @@ def test_plain_output_shows_a_redrawn_progress_bar_once_at_its_last_state_withou
         "\rprogress 1/40 [#   ]\rprogress 2/40 [##  ]\rprogress 40/40 [####]",
         "\x1b[32mgreen\x1b[0m text",
         "",
+        "   ",  # a script's own line of spaces
         "\r      \r",  # a bar cleared away
         "done",
     ):
         view.child_output(line)
-    assert out.getvalue().splitlines() == ["progress 40/40 [####]", "green text", "", "done"]
+    assert out.getvalue().splitlines() == ["progress 40/40 [####]", "green text", "", "   ", "done"]
 
 
 def test_the_latest_evaluation_loss_is_on_screen_once_there_is_one():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 import textwrap
 import time
@@ -12,6 +13,7 @@ import time
 import pexpect
 import psutil
 import pyte
+import pytest
 
 from conftest import REPO, write_config
 
@@ -144,10 +146,12 @@ def test_last_frame_fits_a_small_terminal_whatever_the_script_prints(project_dir
     assert (project_dir / "docs/reports/t/child.log").read_text().count("{'loss'") == 12
 
 
-def test_closing_the_terminal_stops_the_run_and_still_writes_its_record(project_dir):
+@pytest.mark.parametrize("how", ["the window closes", "kill -HUP"])
+def test_closing_the_terminal_stops_the_run_and_still_writes_its_record(project_dir, how):
     """The window is closed (or the ssh connection drops): kaio gets SIGHUP from the terminal it draws on. It
     stops the run as a Ctrl-C would, writes nothing more to the dead terminal, and leaves a whole record and no
-    process (it used to die at once, leaving the training running unseen and the record as of that moment)."""
+    process (it used to die at once, leaving the training running unseen and the record as of that moment). A
+    `kill -HUP` with the terminal still there stops it the same way, and the terminal is left as it was."""
     light = REPO / "tests" / "scripts" / "light_loop.py"
     (project_dir / "cfg.yaml").write_text(
         f"project_name: t\nlaunch:\n  script: {light}\n  script_args: ['100000', '--step-seconds', '0.02']\n"
@@ -156,11 +160,21 @@ def test_closing_the_terminal_stops_the_run_and_still_writes_its_record(project_
     child, screen = _spawn_kaio(project_dir, 100, 30)
     screen.wait_for(lambda text: "RUNNING" in text, 60, "the run training")
     family = [psutil.Process(child.pid), *psutil.Process(child.pid).children(recursive=True)]
-    os.close(child.child_fd)  # the terminal goes away: the kernel hangs it up
-    child.child_fd, child.closed = -1, True
     try:
-        _, status = os.waitpid(child.pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 143
+        if how == "kill -HUP":
+            child.kill(signal.SIGHUP)
+            screen.wait_for(lambda text: "[kaio] t INTERRUPTED:" in text, 60, "the last line, on the terminal")
+            child.expect(pexpect.EOF, timeout=30)
+            echo = child.getecho()  # the terminal's echo, given back
+            child.close()
+            assert child.exitstatus == 143 and echo
+            note = "SIGHUP (a kill -HUP; the terminal is still there): stopping gracefully"
+        else:
+            os.close(child.child_fd)  # the terminal goes away: the kernel hangs it up
+            child.child_fd, child.closed = -1, True
+            _, status = os.waitpid(child.pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 143
+            note = "the terminal closed (SIGHUP): stopping gracefully"
         _gone, alive = psutil.wait_procs(family, timeout=10)
         assert not alive
     finally:
@@ -169,7 +183,5 @@ def test_closing_the_terminal_stops_the_run_and_still_writes_its_record(project_
                 process.kill()
     history = json.loads((project_dir / "docs/reports/t/history.json").read_text())
     assert history["status"] == "INTERRUPTED" and history["sessions"][0]["status"] == "INTERRUPTED"
-    assert any(
-        note.startswith("the terminal closed (SIGHUP): stopping gracefully") for note in history["telemetry"]["notes"]
-    )
+    assert any(n.startswith(note) for n in history["telemetry"]["notes"]), history["telemetry"]["notes"]
     assert (project_dir / "docs/reports/t/report.md").is_file()

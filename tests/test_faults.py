@@ -211,8 +211,10 @@ def test_an_ascii_only_stdout_a_forced_colour_one_and_a_closed_one_do_not_fail_a
 def test_a_training_process_that_cannot_be_started_is_a_failed_session_that_says_why(project_dir):
     """The interpreter kaio starts the launcher with is gone (a venv moved or deleted under a running shell):
     one line, a shell's exit code (127), and a FAILED record naming the cause (it was left RUNNING, with a
-    traceback and exit code 1)."""
+    traceback and exit code 1); no automatic restart tries the same again."""
     _script_config(project_dir, LIGHT, ["5"])
+    cfg = project_dir / "cfg.yaml"
+    cfg.write_text(cfg.read_text().replace("launch:\n", "launch:\n  max_restarts: 2\n"))
     start = (
         "import sys; sys.executable = '/nonexistent/venv/bin/python3'; from kaio.cli import app; "
         "sys.argv = ['kaio', 'run', 'cfg.yaml', '--plain']; app()"
@@ -223,7 +225,7 @@ def test_a_training_process_that_cannot_be_started_is_a_failed_session_that_says
     said = "the training process could not be started: No such file or directory: /nonexistent/venv/bin/python3"
     assert said in result.stdout + result.stderr
     history = read_history(project_dir)
-    assert history["status"] == "FAILED" and history["sessions"][0]["error"] == said
+    assert history["status"] == "FAILED" and [s["error"] for s in history["sessions"]] == [said]
     assert said in (project_dir / "docs/reports/t/report.md").read_text()
 
 

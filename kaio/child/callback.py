@@ -240,7 +240,6 @@ class KaioCallback(TrainerCallback):
         )
 
     def on_train_end(self, args, state, control, **kwargs):
-        stop.training(False)
         self._training = False
         end = TrainEnd(rank=self.rank, step=self._step(state), t_wall=time.time(), t_mono=time.monotonic())
         end.stopped = stop.requested()
@@ -261,6 +260,7 @@ class KaioCallback(TrainerCallback):
                 greater = getattr(args, "greater_is_better", None)
                 end.greater_is_better = greater if isinstance(greater, bool) else None
         self.emitter.emit(end)
+        stop.training(False)  # after the end is sent: a stop's KeyboardInterrupt from now on lands in the script
 
 
 def _on_gpu(value: Any) -> bool:

@@ -28,6 +28,7 @@ import functools
 import math
 import os
 import signal
+import threading
 import time
 
 from kaio.child import process_group
@@ -145,15 +146,17 @@ def spare_loader_workers() -> None:
     passes it on to each rank's group; a scheduler signals every process of the job), and torch's handler in a
     worker dies of a SIGTERM from anyone but its parent: the rank's next batch, or its save, then fails with
     "DataLoader worker ... is killed by signal: Terminated". Here a worker leaves such a SIGTERM to its rank, which
-    saves, ends and shuts its loader down; one from its parent (the loader shutting it down, or kaio reaping a
-    worker whose rank is gone) still ends it. Workers forked from the rank (Linux's default) only: a loader of
-    the spawn or forkserver kind starts its workers without this patch."""
+    saves, ends and shuts its loader down; one from its parent (the loader, or the interpreter's exit, ending it;
+    kaio, once it has adopted a worker whose rank is gone) still ends it. Workers forked from the rank (Linux's
+    default until Python 3.14) only: a loader of the spawn or forkserver kind starts its workers without it."""
+    if not hasattr(signal, "sigwaitinfo"):  # not Linux
+        return
     try:
         from torch.utils.data._utils import signal_handling
     except ImportError:
         return
-    original = signal_handling._set_worker_signal_handlers
-    if getattr(original, "_kaio_patched", False):
+    original = getattr(signal_handling, "_set_worker_signal_handlers", None)
+    if original is None or getattr(original, "_kaio_patched", False):  # a torch that moved it: as before
         return
 
     @functools.wraps(original)
@@ -166,11 +169,11 @@ def spare_loader_workers() -> None:
 
 
 def _leave_sigterm_to_the_rank() -> None:
-    """In a loader worker: SIGTERM blocked (threads started later inherit it), and taken by one thread that
-    ends the worker only when the signal came from its parent."""
-    import threading
-
+    """In a loader worker: SIGTERM blocked, and taken by one thread that ends the worker when its parent sent it
+    (a Python handler cannot tell who sent a signal; ``sigwaitinfo`` can). A process the worker forks gets the
+    signal back (a program it executes keeps the block: SIGKILL still ends it)."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    os.register_at_fork(after_in_child=lambda: signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM}))
 
     def wait() -> None:
         while True:

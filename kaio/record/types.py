@@ -460,6 +460,7 @@ class CheckpointSaved(msgspec.Struct, kw_only=True):
     step: int
     path: str | None = None
     session: int | None = None
+    training: int = 1  # which training of the script saved it (2: another Trainer, or train() again)
 
 
 class HostUse(msgspec.Struct, kw_only=True):

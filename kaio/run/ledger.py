@@ -115,13 +115,16 @@ class RunLedger(msgspec.Struct, kw_only=True):
             return os.path.dirname(saved[-1])
         return self.run.args.output_dir if self.run is not None else None
 
-    def later_training_of(self, checkpoint: CheckpointSaved) -> int | None:
+    def _training_of(self, session: int) -> int:
+        """The script's training going on in ``session`` now (its latest RunStart's)."""
+        run = self.run
+        return run.training if run is not None and run.session == session else 1
+
+    @staticmethod
+    def later_training_of(checkpoint: CheckpointSaved) -> int | None:
         """The script's training (2, 3...: another Trainer, or train() again) that saved ``checkpoint``, when it
         is not the first; ``kaio resume`` hands its checkpoint to a script's first train() only."""
-        run = self.run
-        if run is None or run.training < 2 or checkpoint.session != run.session or checkpoint.step <= run.step_offset:
-            return None
-        return run.training
+        return checkpoint.training if checkpoint.training > 1 else None
 
     def trained_to_end(self, session: int) -> bool:
         """The session's latest training reached its Trainer's end (what follows is the script's own)."""
@@ -262,7 +265,7 @@ class RunLedger(msgspec.Struct, kw_only=True):
 
     def on_save(self, r: Save) -> None:
         self.checkpoints = self.checkpoints[-(CHECKPOINTS_KEPT - 1) :] + [
-            CheckpointSaved(step=r.step, path=r.path, session=r.session)
+            CheckpointSaved(step=r.step, path=r.path, session=r.session, training=self._training_of(r.session))
         ]
 
     def on_stall(self, r: Stall) -> None:

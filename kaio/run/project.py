@@ -32,7 +32,7 @@ from kaio.run.job import index_copies, node_folders
 from kaio.run.recorder import Loaded, Recorder
 from kaio.run.state import RunState
 from kaio.run.stream import JournalReceiver, JournalSender, for_node
-from kaio.run.supervisor import SessionRequest, Supervisor, View
+from kaio.run.supervisor import SessionRequest, Supervisor, View, leave_a_hung_up_terminal
 from kaio.secrets import REDACTED
 
 Notify = Callable[[str], None]
@@ -334,6 +334,8 @@ class _Finishing:
     def __enter__(self) -> _Finishing:
         if threading.current_thread() is threading.main_thread():
             self._previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+            if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup's choice stands
+                self._previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._on_hangup)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -351,6 +353,14 @@ class _Finishing:
             self._say_when_drawn = True
         else:  # os.write, not print: a signal may land while the console is half-way through a write
             os.write(2, _STOPPED)
+
+    def _on_hangup(self, signum, frame) -> None:
+        """The terminal closed while no child runs: no restart follows, and the record and the push are
+        finished as if it were open (nothing more is written to a terminal that is gone)."""
+        leave_a_hung_up_terminal()
+        if not self.supervisor.sessions_started:
+            raise KeyboardInterrupt  # nothing started yet
+        self.supervisor.stop_requested_between_sessions()
 
     def view_stopped(self) -> None:
         self._view_live = False

@@ -353,7 +353,10 @@ class RunState:
             ),
             warnings=self.parts.warnings.listed(),
             hub=ledger.hub,
-            checkpoints=[CheckpointSaved(step=c.step, path=c.path, session=c.session) for c in ledger.checkpoints],
+            checkpoints=[
+                CheckpointSaved(step=c.step, path=c.path, session=c.session, training=c.training)
+                for c in ledger.checkpoints
+            ],
             stalls=list(ledger.stalls),
             ranks=self.parts.stragglers.summary(),
         )

@@ -9,11 +9,14 @@ child ends (success, crash, Ctrl-C, SIGTERM) ``finalize`` runs.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import queue
 import re
 import signal
+import stat
 import subprocess
+import termios
 import threading
 import time
 from collections import deque
@@ -115,6 +118,7 @@ class SessionOutcome:
     error: str | None = None
     message: str | None = None  # what a stop on request kept, for the user
     error_at: float | None = None  # when the first rank failed (wall time)
+    started: bool = True  # False: the training process could not be started at all
 
 
 @dataclass
@@ -171,7 +175,12 @@ class Supervisor:
         (``launch.max_restarts``), unless the user stopped it."""
         outcome = self.run_session(request)
         restarts = 0
-        while outcome.status == Status.FAILED and restarts < self.cfg.launch.max_restarts and not self.stop_requested:
+        while (
+            outcome.status == Status.FAILED
+            and outcome.started  # a process that could not be started would fail again the same way
+            and restarts < self.cfg.launch.max_restarts
+            and not self.stop_requested
+        ):
             restarts += 1
             checkpoint = latest_checkpoint()
             origin = f"from {checkpoint.name}" if checkpoint else "from the start (no complete checkpoint yet)"
@@ -302,7 +311,8 @@ class Supervisor:
             poller.stop()
         self._drain()
         fifo.close()
-        code = 127 if isinstance(exc, FileNotFoundError) else 126
+        # A shell's codes: 127 not found, 126 found but not executable; else (no memory, no process to spare) 1.
+        code = 127 if exc.errno == errno.ENOENT else 126 if exc.errno in _NOT_EXECUTABLE else 1
         error = f"the training process could not be started: {exc.strerror or exc}: {exc.filename or program}"
         self.view.child_output(f"kaio: {error}")  # where the child's own output, had it started, would be
         self.record(
@@ -316,7 +326,7 @@ class Supervisor:
             )
         )
         self.recorder.journal.flush(fsync=True)
-        return SessionOutcome(code, Status.FAILED, error=error)
+        return SessionOutcome(code, Status.FAILED, error=error, started=False)
 
     # ------------------------------------------------------------ the loop
 
@@ -492,9 +502,10 @@ class Supervisor:
             # The terminal closed (a window shut, an ssh connection dropped): nobody watches any more. Stopped as
             # by a Ctrl-C, so the run ends with a checkpoint and a whole record rather than training on unseen
             # with a record that stops at this moment. `nohup` (SIGHUP ignored) keeps a run going instead.
-            _leave_the_terminal()
+            closed = leave_a_hung_up_terminal()
             if proc.poll() is None and not self._stop.requests:
-                said = "the terminal closed (SIGHUP): stopping gracefully (run kaio under nohup, tmux or screen to keep it going)"
+                why = "the terminal closed (SIGHUP)" if closed else "SIGHUP (a kill -HUP; the terminal is still there)"
+                said = f"{why}: stopping gracefully (run kaio under nohup, tmux or screen to keep it going)"
                 self._queue.put(("record", Note(text=said, level="info", t_wall=time.time())))
                 self._request_stop(proc)
 
@@ -686,23 +697,31 @@ class Supervisor:
         return SessionOutcome(exit_code, Status.FAILED, signal_name, error, error_at=cause.t_wall)
 
 
-def _leave_the_terminal() -> None:
-    """The terminal hung up: stdout and stderr, where they were the terminal, write to /dev/null from now on (a
-    write to a hung-up terminal fails with EIO, and the run's end still has its record to write)."""
-    import stat
+_NOT_EXECUTABLE = (errno.EACCES, errno.EPERM, errno.ENOEXEC, errno.EISDIR)
 
+
+def leave_a_hung_up_terminal() -> bool:
+    """After a SIGHUP: stdout and stderr, where they are a terminal that hung up, write to /dev/null from now on
+    (a write to a hung-up terminal fails with EIO, and the run's end still has its record to write). A terminal
+    still there (a `kill -HUP`) is left as it is, its echo restored at the end as usual. Whether one hung up."""
     null = os.open(os.devnull, os.O_WRONLY)
+    closed = False
     try:
-        null_device = os.fstat(null).st_rdev
         for fd in (1, 2):
             try:
-                mode, device = os.fstat(fd).st_mode, os.fstat(fd).st_rdev
+                # A character device (isatty() is False on a hung-up terminal: its ioctl fails), not /dev/null...
+                if not stat.S_ISCHR(os.fstat(fd).st_mode) or os.fstat(fd).st_rdev == os.fstat(null).st_rdev:
+                    continue
+                termios.tcgetattr(fd)
+            except termios.error as exc:  # ...whose ioctl fails with EIO: hung up
+                if exc.args and exc.args[0] == errno.EIO:
+                    os.dup2(null, fd)
+                    closed = True
             except OSError:
                 continue
-            if stat.S_ISCHR(mode) and device != null_device:  # a terminal, not a file or a pipe
-                os.dup2(null, fd)
     finally:
         os.close(null)
+    return closed
 
 
 def _lead_rank(cfg: RunConfig) -> int:
