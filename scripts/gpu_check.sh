@@ -165,11 +165,13 @@ if not history_path.exists():
 history = json.loads(history_path.read_text())
 telemetry = history.get("telemetry") or {}
 print(f"  status {history.get('status')}, {len(history.get('steps') or [])} steps")
-print(f"  poll interval mean {num(telemetry.get('poll_interval_mean_s'), ' s', 4)} at {telemetry.get('poll_hz')} Hz, "
-      f"lateness p99 {num(telemetry.get('poll_lateness_p99_s'), ' s', 4)}")
+poll = telemetry.get("poll") or {}  # history.json schema 2 (docs/history-schema.md)
+print(f"  poll interval mean {num(poll.get('mean_interval_s'), ' s', 4)} at {telemetry.get('poll_hz')} Hz, "
+      f"lateness p99 {num(poll.get('lateness_p99_s'), ' s', 4)}")
 for device in history.get("devices") or []:
-    print(f"  device {device.get('key')} {device.get('name')}: in_run={device.get('in_run')}, "
-          f"power {device.get('power_kind')}, energy {num(device.get('energy_j'), ' J')} by {device.get('energy_method')}")
+    info = device.get("info") or {}
+    print(f"  device {device.get('key')} {info.get('name')}: in_run={info.get('in_run')}, "
+          f"power {info.get('power_kind')}, energy {num(device.get('energy_j'), ' J')} by {device.get('energy_method')}")
 
 print("\n  per step: callback peak VRAM (max over ranks) vs device VRAM in use (max over the step's samples)")
 print(f"  {'step':>5} {'peak allocated':>16} {'device used':>14} {'device - peak':>14}")
