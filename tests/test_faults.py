@@ -229,6 +229,35 @@ def test_a_training_process_that_cannot_be_started_is_a_failed_session_that_says
     assert said in (project_dir / "docs/reports/t/report.md").read_text()
 
 
+def test_a_plain_loop_whose_loss_turns_nan_is_stopped_there_with_on_nonfinite_stop(project_dir):
+    """kaio.log's loop, as a Trainer's: `reporting.on_nonfinite: stop` fails the run at the NaN (it ran on to
+    the end, COMPLETED, with a warning)."""
+    _script_config(project_dir, LIGHT, ["30", "--fault", "nan", "--at", "5"])
+    cfg = project_dir / "cfg.yaml"
+    cfg.write_text(cfg.read_text().replace("reporting:\n", "reporting:\n  on_nonfinite: stop\n"))
+    result = kaio("run", "cfg.yaml", "--plain", cwd=project_dir)
+    assert result.returncode == 1, result.stdout + result.stderr
+    history = read_history(project_dir)
+    assert history["status"] == "FAILED" and max(s["step"] for s in history["steps"]) == 5
+    said = "the training loss was not finite (nan) at step 5; stopped there (reporting.on_nonfinite: stop)"
+    assert said in history["sessions"][0]["error"]
+
+
+def test_a_plain_loop_that_hangs_has_its_stack_read_before_on_stall_stop_ends_it(project_dir):
+    """A script without a Trainer dies of the stop's SIGTERM: the stop waits until its stack is read (it said
+    "no rank's stack could be read")."""
+    _script_config(project_dir, LIGHT, ["30", "--step-seconds", "0.05", "--fault", "hang", "--at", "6"])
+    cfg = project_dir / "cfg.yaml"
+    cfg.write_text(cfg.read_text().replace("reporting:\n", "reporting:\n  stall_seconds: 3\n  on_stall: stop\n"))
+    result = kaio("run", "cfg.yaml", "--plain", cwd=project_dir, timeout=120)
+    assert result.returncode == 143, result.stdout + result.stderr
+    history = read_history(project_dir)
+    (stall,) = history["stalls"]
+    (rank,) = stall["ranks"]
+    assert rank["rank"] == 0 and rank["where"].startswith("<module> at light_loop.py:"), rank
+    assert "time.sleep(3600)" in rank["where"] and history["status"] == "INTERRUPTED"
+
+
 def test_planted_symlinks_in_the_report_folder_are_not_followed(project_dir):
     write_config(project_dir, max_steps=3)
     report_dir = project_dir / "docs" / "reports" / "t"

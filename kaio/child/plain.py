@@ -14,6 +14,7 @@ from typing import Any
 
 from kaio.child.describe import environment
 from kaio.child.memory import peak_memory_functions
+from kaio.child.nonfinite import stop_on_nonfinite
 from kaio.child.patch import shared_emitter
 from kaio.telemetry.protocol import Log, Metric, RunStart, Step, TrainEnd, tag_nonfinite
 
@@ -66,6 +67,7 @@ class _Reporter:
             if self.peak:
                 self.peak[0]()  # the next step's peak starts now
             self.last_mono = now
+        reported = _metric(loss)
         if self.rank == 0:
             fields: dict[str, Any] = {name: _metric(metrics.pop(name)) for name in _TRAINING_FIELDS if name in metrics}
             self.emitter.emit(
@@ -73,12 +75,17 @@ class _Reporter:
                     rank=0,
                     step=step,
                     t_wall=time.time(),
-                    loss=_metric(loss),
+                    loss=reported,
                     extra={k: _metric(v) for k, v in metrics.items()},
                     **fields,
                 )
             )
         self.last_step = step
+        if isinstance(reported, str) and stop_on_nonfinite():  # as for a Trainer: the training failed there
+            raise SystemExit(
+                f"the training loss was not finite ({reported}) at step {step}; stopped there "
+                "(reporting.on_nonfinite: stop)"
+            )
 
     def finish(self) -> None:
         if self.last_step is not None:

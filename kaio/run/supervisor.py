@@ -160,6 +160,7 @@ class Supervisor:
         self._fifo_path: Path | None = None
         self._stalls = StallWatch(cfg.reporting.stall_seconds, time.monotonic(), _lead_rank(cfg))
         self._capture: threading.Thread | None = None  # the stacks of a stall, being captured
+        self._stop_after_capture: str | None = None  # on_stall: stop, once the stacks are read (what to say)
         self.sessions_started = 0
         self.on_refresh: list[Callable[[RunState], None]] = []  # report writers, the index commit
         self.on_loop: list[Callable[[RunState], None]] = []  # cheap consumers called every loop (Comet feed)
@@ -542,6 +543,12 @@ class Supervisor:
     def _check_stall(self, proc: subprocess.Popen) -> None:
         """A stall, once per silence: every rank's stack is captured (in a thread: the dashboard goes on), and with
         ``reporting.on_stall: stop`` the run is stopped as by a Ctrl-C."""
+        if self._stop_after_capture is not None and not (self._capture is not None and self._capture.is_alive()):
+            # The stacks are read: a rank of a script without a Trainer dies of the stop's SIGTERM, stack unread.
+            said, self._stop_after_capture = self._stop_after_capture, None
+            if not self._stop.requests:
+                self._note(said)
+                self._request_stop(proc)
         check = self._stalls.check(time.monotonic(), self.state.median_step_time())
         if check is None or self._fifo_path is None or proc.poll() is not None:
             return
@@ -556,9 +563,10 @@ class Supervisor:
 
         self._capture = threading.Thread(target=capture, name="kaio-stall-stacks", daemon=True)
         self._capture.start()
-        if action == "stop" and not self._stop.requests:
-            self._note(f"reporting.on_stall is stop: stopping the run, stalled after step {step} ({check.phase})")
-            self._request_stop(proc)
+        if action == "stop" and not self._stop.requests:  # once the stacks are read (above, at the next turn)
+            self._stop_after_capture = (
+                f"reporting.on_stall is stop: stopping the run, stalled after step {step} ({check.phase})"
+            )
 
     def _restore_signal_handlers(self, previous) -> None:
         for sig, handler in previous.items():
