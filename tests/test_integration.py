@@ -84,7 +84,10 @@ def test_one_run_with_everything_on_then_a_failed_push_retried_and_the_record_re
         retry = kaio("push", "t", cwd=project_dir, env=env)
         assert retry.returncode == 0, retry.stdout + retry.stderr
         latest = hub.commits[-1]  # the resumed run's adapter
-    assert latest.sha != commit.sha and "push failed:" not in (report_dir / "report.md").read_text()
+        pushed = (report_dir / "report.md").read_text()
+        assert latest.sha != commit.sha and "push failed:" not in pushed
+        # The links are the Hub's it was pushed to (HF_ENDPOINT), not huggingface.co's.
+        assert f"- **Repo:** [kaio-tester/tiny]({hub.url}/kaio-tester/tiny)" in pushed
     failed_again = kaio("push", "t", cwd=project_dir, env=down)
     assert failed_again.returncode == 1 and TOKEN not in failed_again.stdout + failed_again.stderr
 

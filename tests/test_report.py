@@ -447,6 +447,11 @@ def test_hub_section_links_the_commit_or_says_why_the_push_failed():
     assert f"- **Commit:** `{sha}`" in hub
     assert f"[adapter_config.json](https://huggingface.co/me/tiny/blob/{sha}/adapter_config.json)" in hub
 
+    private = "http://127.0.0.1:8080/me/tiny"  # HF_ENDPOINT: the push recorded its own URLs
+    header.hub = HubOutcome(repo_id="me/tiny", commit_sha=sha, url=private, adapter_config_url=f"{private}/blob/x")
+    hub = section(report_of(header, index), "Hugging Face deployment")
+    assert f"[me/tiny]({private})" in hub and f"[adapter_config.json]({private}/blob/x)" in hub
+
     header.hub = HubOutcome(repo_id="me/tiny", error="push failed: 401 Unauthorized")
     md = report_of(header, index)
     assert "## Hugging Face deployment\n\n- push failed: 401 Unauthorized" in md and "adapter_config.json" not in md

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -152,8 +153,10 @@ def test_supervisor_killed_child_keeps_training_and_no_step_is_lost(project_dir)
     psutil.wait_procs(child, timeout=120)
     result = kaio("report", "t", cwd=project_dir, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "merged" in result.stdout
+    merged = re.search(r"merged (\d+) event\(s\) the run spooled", result.stdout)
+    assert merged, result.stdout
     history = read_history(project_dir)
+    assert history["telemetry"]["spooled_events"] == int(merged[1]) > 0  # counted where the schema says
     assert _steps(history) == list(range(1, 401))
     assert all(s["loss"] is not None for s in history["steps"])
     assert history["status"] == "COMPLETED"

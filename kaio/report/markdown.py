@@ -395,11 +395,12 @@ def _hub(hub: HubOutcome | None) -> str | None:
     if hub is None:
         return None
     if hub.commit_sha and hub.repo_id:
-        url = f"https://huggingface.co/{hub.repo_id}"
+        url = hub.url or f"https://huggingface.co/{hub.repo_id}"  # the push's own (HF_ENDPOINT: a private Hub)
+        config_url = hub.adapter_config_url or f"{url}/blob/{hub.commit_sha}/adapter_config.json"
         lines = [
             f"- **Repo:** [{hub.repo_id}]({url})",
             f"- **Commit:** `{hub.commit_sha}`",
-            f"- **Adapter config:** [adapter_config.json]({url}/blob/{hub.commit_sha}/adapter_config.json)",
+            f"- **Adapter config:** [adapter_config.json]({config_url})",
         ]
     elif hub.error:
         error = hub.error.removeprefix("push failed: ")

@@ -26,7 +26,7 @@ from kaio.nodes import Placement, node_folder_name, placed, resume_placement
 from kaio.record.index import IndexDamaged
 from kaio.record.lock import ProjectLock, is_locked
 from kaio.record.paths import ProjectPaths, node_rank_of
-from kaio.record.types import Note, SessionEnd, SessionKind, Status
+from kaio.record.types import Note, SessionCounters, SessionEnd, SessionKind, Status
 from kaio.run import recorder as loading
 from kaio.run.job import index_copies, node_folders
 from kaio.run.recorder import Loaded, Recorder
@@ -409,6 +409,7 @@ def recover_unfinished(paths: ProjectPaths, state: RunState, notify: Notify = pr
                     error=None
                     if finished
                     else "the supervisor stopped without recording an end (killed?) and the training did not finish",
+                    counters=SessionCounters(spooled_events=merged),
                 )
             )
             recorder.record(
