@@ -60,6 +60,7 @@ REAL_RUN_MODULES = (
     "test_integration.py",
     "test_resume_faults.py",
     "test_multinode.py",
+    "test_health.py",
     "test_scripts.py",
     "test_dashboard_terminal.py",
     "test_code_quality.py",

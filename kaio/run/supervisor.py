@@ -278,23 +278,15 @@ class Supervisor:
                 f"(pids {', '.join(map(str, outlived))})"
             )
         outcome = self._outcome(proc.returncode, session)
-        self.record(
-            SessionEnd(
-                session=session,
-                t_wall=time.time(),
-                t_mono=time.monotonic(),
-                status=outcome.status,
-                exit_code=outcome.exit_code,
-                signal=outcome.signal,
-                error=outcome.error,
-                error_at=outcome.error_at,
-                counters=SessionCounters(
-                    malformed_lines=reader.stats.malformed + bad,
-                    oversized_lines=reader.stats.oversized,
-                    spooled_events=spooled,
-                ),
-                poll_stats=msgspec.convert(poller.stats(), PollStats, strict=False) if poller is not None else None,
-            )
+        self._record_end(
+            session,
+            outcome,
+            counters=SessionCounters(
+                malformed_lines=reader.stats.malformed + bad,
+                oversized_lines=reader.stats.oversized,
+                spooled_events=spooled,
+            ),
+            poll_stats=msgspec.convert(poller.stats(), PollStats, strict=False) if poller is not None else None,
         )
         if reader.stats.malformed or reader.stats.oversized:
             self._note(
@@ -316,18 +308,26 @@ class Supervisor:
         code = 127 if exc.errno == errno.ENOENT else 126 if exc.errno in _NOT_EXECUTABLE else 1
         error = f"the training process could not be started: {exc.strerror or exc}: {exc.filename or program}"
         self.view.child_output(f"kaio: {error}")  # where the child's own output, had it started, would be
+        outcome = SessionOutcome(code, Status.FAILED, error=error, started=False)
+        self._record_end(session, outcome)
+        self.recorder.journal.flush(fsync=True)
+        return outcome
+
+    def _record_end(self, session: int, outcome: SessionOutcome, **measured) -> None:
+        """The session's end, journaled; ``measured``: the pipe's counters and the poller's statistics."""
         self.record(
             SessionEnd(
                 session=session,
                 t_wall=time.time(),
                 t_mono=time.monotonic(),
-                status=Status.FAILED,
-                exit_code=code,
-                error=error,
+                status=outcome.status,
+                exit_code=outcome.exit_code,
+                signal=outcome.signal,
+                error=outcome.error,
+                error_at=outcome.error_at,
+                **measured,
             )
         )
-        self.recorder.journal.flush(fsync=True)
-        return SessionOutcome(code, Status.FAILED, error=error, started=False)
 
     # ------------------------------------------------------------ the loop
 
