@@ -198,6 +198,7 @@ class PlainView:
         self.interval_s = interval_s
         self._next = 0.0
         self._last_line = ""
+        self._last_status = ""
         self._warned: set[str] = set()
 
     def _print(self, text: str) -> None:
@@ -207,6 +208,7 @@ class PlainView:
         """``snapshot``: the project as the session begins; its warnings are the earlier sessions' (in the report
         already), not news of this one."""
         self._next = time.monotonic() + self.interval_s
+        self._last_status = snapshot.status
         self._warned.update(snapshot.warnings)
 
     def child_output(self, line: str) -> None:
@@ -223,9 +225,9 @@ class PlainView:
 
         self._warn(snapshot)
         now = time.monotonic()
-        if now < self._next:
+        if now < self._next and snapshot.status == self._last_status:  # a new status (STOPPING) is said at once
             return
-        self._next = now + self.interval_s
+        self._next, self._last_status = now + self.interval_s, snapshot.status
         line = plain_line(snapshot)
         if line != self._last_line:
             self._print(line)

@@ -492,6 +492,20 @@ def test_plain_output_says_each_warning_once_and_a_live_one_once_while_it_counts
     ]
 
 
+def test_plain_output_says_a_new_status_at_once_and_the_rest_every_few_seconds():
+    """A Ctrl-C in a CI log: STOPPING is said when it happens, not at the next status line 5 s later."""
+    from kaio.views import PlainView
+
+    out = io.StringIO()
+    view = PlainView(Console(file=out, width=200), interval_s=3600)
+    view.start(make_snapshot(status="RUNNING"))
+    view.update(make_snapshot(status="RUNNING", step=5))  # the same status waits for the interval...
+    view.update(make_snapshot(status="STOPPING", step=6))  # ...a new status does not
+    view.update(make_snapshot(status="STOPPING", step=7))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and "STOPPING" in lines[0] and "step 6" in lines[0], lines
+
+
 def test_plain_output_shows_a_redrawn_progress_bar_once_at_its_last_state_without_escape_codes():
     from kaio.views import PlainView
 
