@@ -22,6 +22,12 @@ MIN_POINTS_FOR_MEDIAN = 10  # fewer points give no median worth comparing agains
 MIN_LOSSES_TO_SMOOTH = 10  # a smoothed loss of fewer logged losses is mostly the first one: not shown as a level
 
 
+def too_few_to_smooth(finite_losses: int) -> bool:
+    """Whether the smoothed loss of this many finite logged losses is no level to show (a loss per epoch: the EMA
+    is mostly the first loss, far above the last)."""
+    return finite_losses < MIN_LOSSES_TO_SMOOTH
+
+
 def training_completed(trained_to_end: bool | None, step: int, max_steps: int | None) -> bool:
     """The Trainer reached its end having trained every step it planned: whatever failed after was the script's
     own code after train() (a push, an evaluation), not the training."""

@@ -462,6 +462,12 @@ class CheckpointSaved(msgspec.Struct, kw_only=True):
     session: int | None = None
     training: int = 1  # which training of the script saved it (2: another Trainer, or train() again)
 
+    @property
+    def later_training(self) -> int | None:
+        """The script's training that saved it, when not its first: ``kaio resume`` hands a checkpoint to a
+        script's first train() only, so it cannot continue from this one."""
+        return self.training if self.training > 1 else None
+
 
 class HostUse(msgspec.Struct, kw_only=True):
     """The host's CPU and RAM over the whole run, from every poller sample (steps or not)."""

@@ -149,7 +149,7 @@ def figure_data(header: HistoryHeader, index: RunIndex) -> FigureData:
         data.host_cpu,
         data.host_ram,
     ) = (_line(steps, name) for name in names)
-    if len(data.loss.x) < rules.MIN_LOSSES_TO_SMOOTH:  # a few losses: each drawn, no smoothed level beside them
+    if rules.too_few_to_smooth(len(data.loss.x)):  # under BUCKETS the line holds every finite loss, each drawn
         data.loss_smoothed = Line()
     data.ranks = conn.execute("SELECT COUNT(DISTINCT rank) FROM step_ranks").fetchone()[0]
     if data.ranks > 1:

@@ -120,12 +120,6 @@ class RunLedger(msgspec.Struct, kw_only=True):
         run = self.run
         return run.training if run is not None and run.session == session else 1
 
-    @staticmethod
-    def later_training_of(checkpoint: CheckpointSaved) -> int | None:
-        """The script's training (2, 3...: another Trainer, or train() again) that saved ``checkpoint``, when it
-        is not the first; ``kaio resume`` hands its checkpoint to a script's first train() only."""
-        return checkpoint.training if checkpoint.training > 1 else None
-
     def trained_to_end(self, session: int) -> bool:
         """The session's latest training reached its Trainer's end (what follows is the script's own)."""
         progress = self.progress.get(session)

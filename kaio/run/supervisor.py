@@ -618,8 +618,8 @@ class Supervisor:
             name = path if path and os.path.basename(path) != f"checkpoint-{step}" else f"checkpoint-{step}"
             how = f"`{self.paths.command('resume')}`" + (" on every node" if self.cfg.launch.nnodes > 1 else "")
             then = f"{how} continues from step {step + 1}"
-            later = ledger.later_training_of(saved[-1])
-            if later is not None:  # kaio resume refuses it (project.resume_plan says why)
+            later = saved[-1].later_training
+            if later is not None:  # kaio resume refuses it (project._resumable_session says why)
                 then = f"the script's training {later} saved it, which `kaio resume` cannot continue"
             text = f"stopped after step {step} with {name} saved: {then}"
             self._note(text, level="info")
