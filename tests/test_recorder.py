@@ -13,7 +13,7 @@ from conftest import history_of, records, replay
 from kaio.record.index import RunIndex
 from kaio.record.journal import Journal
 from kaio.record.paths import ProjectPaths
-from kaio.report import history_document
+from kaio.report.history import history_document
 from kaio.report.summary import summarize
 from kaio.run import recorder as loading
 from kaio.run.recorder import Recorder

@@ -32,8 +32,8 @@ from kaio.record.types import (
     Telemetry,
     job_gpu_key,
 )
-from kaio.report import figure_data, history_document, history_from_file, write_reports
-from kaio.report.figure_data import BUCKETS
+from kaio.report.figure_data import BUCKETS, figure_data
+from kaio.report.history import history_document, history_from_file, write_reports
 from kaio.report.markdown import render_markdown
 from kaio.report.plot import (
     HOST_PANEL_TITLES,
@@ -991,8 +991,12 @@ def test_history_from_file_of_a_missing_file(tmp_path):
         history_from_file(tmp_path / "nope.json")
 
 
-def test_importing_kaio_report_does_not_import_matplotlib():
-    code = "import sys, kaio.report; print('matplotlib' in sys.modules, 'numpy' in sys.modules)"
+def test_writing_the_record_does_not_import_matplotlib_and_drawing_it_does_not_import_the_report():
+    code = "import sys, kaio.report.history; print('matplotlib' in sys.modules, 'numpy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+    # The drawing process (one per figure) loads only what the figure needs: not the markdown, not pydantic.
+    code = "import sys, kaio.report.plot; print('kaio.report.markdown' in sys.modules, 'pydantic' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 

@@ -149,7 +149,7 @@ def test_snapshot_places_ranks_on_the_run_gpus_and_computes_rate_and_eta():
 def test_a_record_that_begins_at_a_later_step_counts_the_samples_and_tokens_of_its_own_steps():
     """The script resumed its Trainer from its own checkpoint-12 (4,800 input tokens by then): the Trainer's
     counts include steps 1-12, the record's are its own 8 steps of 4 samples and 400 tokens."""
-    from kaio.report import summarize
+    from kaio.report.summary import summarize
 
     run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 12, "start_tokens": 4_800, "max_steps": 20}
     run |= {"world_size": 1, "args": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}}

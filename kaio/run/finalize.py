@@ -55,8 +55,8 @@ def write_reports(
     still going is left to finish and a new one is skipped). history.json (GBs on a long run) is not
     written again when nothing has happened since it was and the file is as it was left.
     """
-    from kaio.report import figure_data
-    from kaio.report import write_reports as write
+    from kaio.report.figure_data import figure_data
+    from kaio.report.history import write_reports as write
 
     history = ProjectPaths(report_dir).history
     mark = _history_mark(state, history)

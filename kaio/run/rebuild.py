@@ -35,8 +35,8 @@ def rebuild(
     """Returns ``(summary, report_dir)``. A job of several machines merges every node's record: the folders
     under the project's ``nodes/``, and the ``merge`` folders (copied from machines without a shared
     filesystem). ``phase`` is told what is being done (a long rebuild shows its progress)."""
-    from kaio.report import history_from_file
-    from kaio.report import write_reports as write_history_reports
+    from kaio.report.history import history_from_file
+    from kaio.report.history import write_reports as write_history_reports
 
     paths = ProjectPaths(output_dir / check_project_name(project))
     if not paths.journal.is_file():
