@@ -86,6 +86,7 @@ def test_a_stop_signal_saves_a_checkpoint_there_resume_continues_exactly_and_ref
     assert (
         unknown.returncode == 2 and "unknown project 'nope'" in unknown.stderr and "known projects: t" in unknown.stderr
     )
+    assert "sets reporting.output_dir is found with --output-dir DIR" in unknown.stderr  # another folder of reports
     finished = kaio("resume", "t", cwd=project_dir, timeout=60)
     assert finished.returncode == 2 and "--max-steps" in finished.stderr
     fewer = kaio("resume", "t", "--max-steps", "3", cwd=project_dir, timeout=60)

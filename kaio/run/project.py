@@ -25,7 +25,7 @@ from kaio.errors import ProjectError
 from kaio.nodes import Placement, node_folder_name, placed, resume_placement
 from kaio.record.index import IndexDamaged
 from kaio.record.lock import ProjectLock, is_locked
-from kaio.record.paths import ProjectPaths, node_rank_of
+from kaio.record.paths import DEFAULT_OUTPUT_DIR, ProjectPaths, node_rank_of
 from kaio.record.types import Note, SessionCounters, SessionEnd, SessionKind, Status
 from kaio.run import recorder as loading
 from kaio.run.job import index_copies, node_folders
@@ -74,7 +74,12 @@ def unknown_project(output_dir: Path, project: str) -> ProjectError:
         )
     projects = known_projects(output_dir)
     listing = ", ".join(projects) if projects else "none yet; start one with `kaio run CONFIG`"
-    return ProjectError(f"unknown project {project!r} in {output_dir}/ (known projects: {listing})")
+    elsewhere = (  # a config that sets reporting.output_dir keeps its project there
+        "; a project whose config sets reporting.output_dir is found with --output-dir DIR"
+        if output_dir == DEFAULT_OUTPUT_DIR
+        else ""
+    )
+    return ProjectError(f"unknown project {project!r} in {output_dir}/ (known projects: {listing}){elsewhere}")
 
 
 def saved_config(paths: ProjectPaths, state: RunState | None = None) -> tuple[RunConfig, dict]:
