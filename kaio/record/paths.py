@@ -27,6 +27,11 @@ def node_host_of(folder: Path) -> str:
     return folder.name.split("-", 1)[1]
 
 
+def start_over_command(config_path: Path | None) -> str:
+    """``kaio run CONFIG --overwrite``, with the config's path when kaio was given one (a hint to paste)."""
+    return f"kaio run {shlex.quote(str(config_path)) if config_path is not None else 'CONFIG'} --overwrite"
+
+
 @dataclass(frozen=True)
 class ProjectPaths:
     """The report folder of one project: ``<reporting.output_dir>/<project_name>/``."""

@@ -25,7 +25,7 @@ from kaio.errors import ProjectError
 from kaio.nodes import Placement, node_folder_name, placed, resume_placement
 from kaio.record.index import IndexDamaged
 from kaio.record.lock import ProjectLock, is_locked
-from kaio.record.paths import DEFAULT_OUTPUT_DIR, ProjectPaths, node_rank_of
+from kaio.record.paths import DEFAULT_OUTPUT_DIR, ProjectPaths, node_rank_of, start_over_command
 from kaio.record.types import Note, SessionCounters, SessionEnd, SessionKind, Status
 from kaio.run import recorder as loading
 from kaio.run.job import index_copies, node_folders
@@ -190,7 +190,9 @@ def run_new(
         loaded = loading.load(paths, writable=True)
         try:
             factory = poller_factory_for(cfg) if poller_factory_for else None
-            return _supervise(cfg, loaded.state, view, SessionRequest(SessionKind.RUN), factory, notify)
+            return _supervise(
+                cfg, loaded.state, view, SessionRequest(SessionKind.RUN), factory, notify, config_path=config_path
+            )
         finally:
             loaded.state.index.close()
 
@@ -201,7 +203,7 @@ def _has_history(
     """Why `kaio run` refuses a project with a record, and the one way on that works: a resume needs a checkpoint,
     and a finished run needs a longer one."""
     config = shlex.quote(str(config_path)) if config_path is not None else "CONFIG"
-    overwrite = f"start over with `kaio run {config} --overwrite` (the old record and checkpoints are moved aside)"
+    overwrite = f"start over with `{start_over_command(config_path)}` (the old record and checkpoints are moved aside)"
     said = f"project {paths.project!r} already has a history ({state.last_step} steps, {state.status.value}) in {paths.report_dir}"
     if latest_checkpoint(checkpoints, notify=lambda _: None, at_most=state.last_step) is None:
         return ProjectError(f"{said}, and {_no_checkpoint_in(cfg, state, checkpoints)}; {overwrite}")
@@ -234,16 +236,24 @@ def _check_checkpoint_folder(cfg: RunConfig) -> None:
 
 
 def _supervise(
-    cfg: RunConfig, state: RunState, view: View, request: SessionRequest, poller_factory, notify: Notify
+    cfg: RunConfig,
+    state: RunState,
+    view: View,
+    request: SessionRequest,
+    poller_factory,
+    notify: Notify,
+    *,
+    config_path: Path | None = None,
 ) -> int:
-    """The sessions (with automatic restarts), then the reports, Comet and the Hub push."""
+    """The sessions (with automatic restarts), then the reports, Comet and the Hub push. ``config_path``: the
+    config the user gave, for the hints kaio prints."""
     from kaio.run.finalize import FigureProcess, LiveReports, RunOutputs
 
     paths = ProjectPaths(cfg.report_dir)
     recorder = Recorder(paths, state)
     launch = cfg.launch
     stream = for_node(launch.node_rank, launch.nnodes, paths, launch.main_addr, launch.head_stream_port, notify)
-    supervisor = Supervisor(cfg, recorder, view, poller_factory=poller_factory, stream=stream)
+    supervisor = Supervisor(cfg, recorder, view, poller_factory=poller_factory, stream=stream, config_path=config_path)
     figure = FigureProcess(paths.report_dir)
     gone = stream.gone_for if isinstance(stream, JournalReceiver) else None
     outputs = RunOutputs(cfg, recorder.record, notify, figure, stream_gone=gone)
@@ -563,9 +573,8 @@ def resume(
         if moved is not None:
             notes.insert(0, moved)
         factory = poller_factory_for(cfg) if poller_factory_for else None
-        return _supervise(
-            cfg, loaded.state, view, SessionRequest(SessionKind.RESUME, checkpoint.resolve(), notes), factory, notify
-        )
+        request = SessionRequest(SessionKind.RESUME, checkpoint.resolve(), notes)
+        return _supervise(cfg, loaded.state, view, request, factory, notify, config_path=config_path)
 
 
 @dataclass(frozen=True)
@@ -694,7 +703,7 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
             )
         raise ProjectError(
             f"project {project!r} has {_no_checkpoint_in(cfg, state, folder)}; "
-            f"start it again with `kaio run CONFIG --overwrite`"
+            f"start it again with `{start_over_command(asked.config_path)}`"
         )
     # Trained to its planned length (completed, or stopped or failed in its last save): nothing is left to resume.
     if cfg.launch.script is None:
@@ -721,7 +730,7 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
             f"project {project!r}: its latest checkpoint, {checkpoint}, was saved by the script's training {later} "
             "(another Trainer, or train() again), and `kaio resume` hands a checkpoint to the script's first "
             "train() only, which would load it into the wrong training; continue that training with your "
-            "script's own resume_from_checkpoint as a new project, or start over with `kaio run CONFIG --overwrite`"
+            f"script's own resume_from_checkpoint as a new project, or start over with `{start_over_command(asked.config_path)}`"
         )
     notes = [f"resumed from {checkpoint.name}"] + [f"config changed for this session: {c}" for c in allowed]
     return cfg, checkpoint, notes

@@ -32,7 +32,7 @@ from kaio.config import LaunchConfig, RunConfig, config_snapshot
 from kaio.fsutil import atomic_write_json
 from kaio.nodes import first_rank
 from kaio.record import rules
-from kaio.record.paths import ProjectPaths
+from kaio.record.paths import ProjectPaths, start_over_command
 from kaio.record.types import (
     ChildStarted,
     Note,
@@ -146,8 +146,10 @@ class Supervisor:
         *,
         poller_factory: Callable | None = None,
         stream: NodeStream | None = None,
+        config_path: Path | None = None,
     ) -> None:
         self.cfg = cfg
+        self.config_path = config_path  # the config the user gave (None: a resume of the saved one), for hints
         self.recorder = recorder
         self.state: RunState = recorder.state
         self.paths = ProjectPaths(cfg.report_dir)
@@ -647,7 +649,7 @@ class Supervisor:
             f"the latest is checkpoint-{max(earlier)}, and the steps after it will be trained again by "
             f"`{self.paths.command('resume')}`"
             if earlier
-            else "there is none yet: `kaio run CONFIG --overwrite` starts the project again"
+            else f"there is none yet: `{start_over_command(self.config_path)}` starts the project again"
         )
         text = f"stopped without saving a checkpoint ({why}); {then}"
         self._note(text)
