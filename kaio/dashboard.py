@@ -351,7 +351,9 @@ def plain_line(snapshot: Snapshot) -> str:
     if snapshot.loss is not None:
         head += f" loss {format_loss(snapshot.loss)}"
     if snapshot.eval_loss is not None:
-        head += f" eval loss {format_loss(snapshot.eval_loss)}"
+        head += f" eval loss {format_loss(snapshot.eval_loss)}" + (
+            f" ({snapshot.eval_set})" if snapshot.eval_set else ""
+        )
     parts = [head]
     if _finite(snapshot.steps_per_s):
         parts.append(f"{format_rate(snapshot.steps_per_s)} step/s")
@@ -538,6 +540,8 @@ def _training_panel(snap: Snapshot, width: int) -> Panel:
     }
     if snap.eval_loss is not None:  # the latest evaluation's
         items["eval loss"] = Text(format_loss(snap.eval_loss), style="bold red" if _bad(snap.eval_loss) else "bold")
+        if snap.eval_set:  # one of several eval datasets: which
+            items["eval loss"].append(f" ({snap.eval_set})", style="dim")
     if snap.tokens_per_s_per_device is not None:  # the Trainer counts tokens: per device, and MFU if a peak is known
         items["tok/s/dev"] = Text(format_rate(snap.tokens_per_s_per_device))
         items["MFU"] = Text(f"{100 * snap.mfu:.1f}%" if snap.mfu is not None else "—")

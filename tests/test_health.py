@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from conftest import REPO, journal_steps, kaio, read_history, spawn_kaio, wait_for
-from kaio.record.types import Eval, Save, Step, TrainEnd
+from kaio.record.types import Eval, RunStart, Save, Step, TrainEnd
 from kaio.run.stalls import PAUSE_BUDGET_S, STARTUP_BUDGET_S, StallWatch, where_it_waits
 
 FAULTY = REPO / "tests" / "scripts" / "faulty_train.py"
@@ -208,6 +208,26 @@ def test_where_a_rank_waits_is_its_main_threads_innermost_frame_and_the_code_tha
             750.0,  # 3x the longest save so far
         ),
         ([Step(rank=0, step=3, saves=True), Save(rank=0, step=3)], "training step", 5.0),
+        # Several eval datasets: each is evaluated on its own (an Eval each); the evaluation lasts until the last.
+        (
+            [
+                RunStart(rank=0, eval_sets=2),
+                Step(rank=0, step=3, evaluates=True),
+                Eval(rank=0, step=3, metrics={"eval_a_loss": 1.0, "eval_a_runtime": 400.0}),
+            ],
+            "evaluation",
+            1200.0,  # 3x the longest evaluation so far, its eval_a_runtime
+        ),
+        (
+            [
+                RunStart(rank=0, eval_sets=2),
+                Step(rank=0, step=3, evaluates=True),
+                Eval(rank=0, step=3, metrics={"eval_a_runtime": 1.0}),
+                Eval(rank=0, step=3, metrics={"eval_b_runtime": 1.0}),
+            ],
+            "training step",
+            5.0,
+        ),
         # The script's own work after its Trainer ended (a final evaluate, merging weights): not a training step.
         ([Step(rank=0, step=3), TrainEnd(rank=0, step=3), Eval(rank=0, step=3)], "after training", 1200.0),
     ],

@@ -573,7 +573,7 @@ def test_several_eval_datasets_each_have_their_best_loss_and_their_points():
     assert (summary.eval_loss_best, summary.eval_loss_best_step, summary.eval_loss_final) == (1.5, 10, 1.7)  # val's
     md = render_markdown(header, summary, index.evals())
     assert "| Evaluation loss, best | 1.5 (val) at step 10; 0.9 (test) at step 15 |" in section(md, "Key metrics")
-    assert "Best evaluation loss **1.5** (val) at step 10; **0.9** (test) at step 15 (6 evaluations)." in md
+    assert "Best evaluation loss **1.5** (val) at step 10; **0.9** (test) at step 15 (3 evaluations)." in md  # of both
     evaluation = section(md, "Evaluation")  # one row a step for both sets, not one each with half the cells empty
     assert "| Step | eval_val_loss | eval_val_runtime | eval_test_loss | eval_test_runtime |" in evaluation
     assert "| 10 | 1.5 | 0.1 | 1.1 | 0.1 |" in evaluation and "—" not in evaluation

@@ -322,6 +322,34 @@ def test_evaluations_after_train_are_marked_and_a_later_training_clears_the_earl
     assert [(e["step"], e["after_training"]) for e in evals] == [(2, False), (2, True), (3, False)]
 
 
+def test_every_eval_datasets_time_is_its_steps_evaluation_and_no_evaluation_is_a_steps_metric():
+    """eval_dataset={"a": ..., "b": ...}: each set is an evaluation of its own, timed by its eval_<set>_runtime;
+    evaluate() also logs each one's metrics, which are the evaluation's (evals), not the step's. The script's own
+    evaluate(metric_key_prefix="test") after train() is not a pause of the last step."""
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 2, "world_size": 1}
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, {**run, "eval_sets": 2}, _step(1, 1.0)]
+    for name, runtime in (("a", 0.5), ("b", 2.0)):
+        metrics = {f"eval_{name}_loss": 1.0, f"eval_{name}_runtime": runtime, f"eval_{name}_samples_per_second": 9.0}
+        events += [{"type": "log", "rank": 0, "session": 1, "step": 1, "extra": metrics}]
+        events += [{"type": "eval", "rank": 0, "session": 1, "step": 1, "metrics": metrics}]
+    closing = {"train_runtime": 3.0, "train_samples_per_second": 4.0}  # the training's own closing log
+    events += [_step(2, 5.0), {"type": "log", "rank": 0, "session": 1, "step": 2, "extra": closing}]
+    events += [{"type": "train_end", "rank": 0, "session": 1, "step": 2}]
+    test = {"test_loss": 0.3, "test_runtime": 7.0, "test_samples_per_second": 9.0}
+    events += [{"type": "log", "rank": 0, "session": 1, "step": 2, "extra": test}]
+    events += [{"type": "eval", "rank": 0, "session": 1, "step": 2, "metrics": test}]
+    state = replay(events)
+    history = history_of(state)
+    first, last = history["steps"]
+    assert first["eval_s"] == 2.5 and first["metrics"] == {}
+    assert last["eval_s"] is None and last["metrics"] == closing
+    assert [e["metrics"] for e in history["evals"]][2] == test and history["run"]["eval_sets"] == 2
+    from kaio.dashboard import plain_line
+    from kaio.run.live import build_snapshot
+
+    assert " eval loss 1 (a) " in plain_line(build_snapshot(state.ledger, state.parts.live, 2, ()))  # which set's
+
+
 def test_an_evaluation_before_train_is_told_from_the_trainers_eval_on_start():
     from kaio.report.markdown import render_markdown
     from kaio.report.summary import summarize

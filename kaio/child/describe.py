@@ -49,6 +49,7 @@ def describe_run(rank: int, args: Any, state: Any, model: Any, kwargs: dict[str,
             getattr(trainer, "train_dataset", None) or getattr(kwargs.get("train_dataloader"), "dataset", None)
         ),
         eval_samples=_size(getattr(trainer, "eval_dataset", None)),
+        eval_sets=_sets(getattr(trainer, "eval_dataset", None)),
         environment=environment(),
     )
 
@@ -279,6 +280,11 @@ def _size(dataset: Any) -> int | None:
         return len(dataset) if dataset is not None else None
     except TypeError:  # an iterable dataset
         return None
+
+
+def _sets(dataset: Any) -> int | None:
+    """How many eval datasets a dict of them holds (``eval_dataset={"a": ..., "b": ...}``); None for one."""
+    return len(dataset) if isinstance(dataset, dict) else None
 
 
 def _name(obj: Any) -> str | None:

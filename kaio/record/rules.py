@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping
 
 import msgspec
 
@@ -26,6 +26,28 @@ def too_few_to_smooth(finite_losses: int) -> bool:
     """Whether the smoothed loss of this many finite logged losses is no level to show (a loss per epoch: the EMA
     is mostly the first loss, far above the last)."""
     return finite_losses < MIN_LOSSES_TO_SMOOTH
+
+
+def evaluation_runtime(metrics: Mapping[str, object]) -> float | None:
+    """How long one evaluation took, from its metrics' one ``*_runtime``: ``eval_runtime``; ``eval_<set>_runtime``
+    with several eval datasets (each set is an evaluation of its own); ``test_runtime`` for the script's
+    ``evaluate(metric_key_prefix="test")``."""
+    values = [v for k, v in metrics.items() if k.endswith("_runtime")]
+    if len(values) != 1 or isinstance(values[0], bool) or not isinstance(values[0], (int, float)):
+        return None
+    return float(values[0])
+
+
+def is_evaluation_log(keys: Collection[str]) -> bool:
+    """Whether a Trainer's log holds an evaluation's metrics: ``evaluate()`` logs them (``eval_loss``,
+    ``eval_runtime``, ``eval_samples_per_second``...) just before its ``on_evaluate``. They are the evaluation's
+    (``evals``), not the step's; the training's own closing log (``train_runtime``...) is the step's."""
+    return any(
+        key.endswith("_runtime")
+        and key != "train_runtime"
+        and f"{key.removesuffix('_runtime')}_samples_per_second" in keys
+        for key in keys
+    )
 
 
 def training_completed(trained_to_end: bool | None, step: int, max_steps: int | None) -> bool:

@@ -396,6 +396,7 @@ class RunDescription(msgspec.Struct, kw_only=True):
     tokenizer: str | None = None
     train_samples: int | None = None
     eval_samples: int | None = None
+    eval_sets: int | None = None  # several eval datasets: how many (their examples add up in eval_samples)
     environment: Environment | None = None
     nodes: list[NodeSummary] = []  # a job of several machines: each one (the head first)
 
@@ -425,6 +426,7 @@ class RunDescription(msgspec.Struct, kw_only=True):
             tokenizer=r.tokenizer,
             train_samples=r.train_samples,
             eval_samples=r.eval_samples,
+            eval_sets=r.eval_sets,
             environment=r.environment,
         )
 

@@ -243,8 +243,8 @@ def _evaluations(s: Summary, evals: list[EvalEntry]) -> str | None:
     shown = every[-EVAL_ROWS:]
     rows = [(_evaluation_step(e), *(_metric(e, n) for n in names)) for e in shown]
     text = "## Evaluation\n\n"
-    if s.eval_loss_best is not None:
-        count = f"{s.eval_count} evaluation{'s' if s.eval_count != 1 else ''}"
+    if s.eval_loss_best is not None:  # counted as the table's rows: several eval datasets at a step are one
+        count = f"{len(every)} evaluation{'s' if len(every) != 1 else ''}"
         text += f"Best evaluation loss {_best_eval_loss(s, bold=True)} ({count}).\n\n"
     if len(every) > len(shown):
         text += f"The latest {len(shown)} of {len(every)} evaluations (all are in history.json):\n\n"
@@ -310,7 +310,7 @@ def _what_was_trained(run: RunDescription | None, *, evaluated: bool = False) ->
         ("Precision (training)", run.precision),
         ("PEFT", _peft(peft) if peft else ("none: every parameter trained" if model and model.model_class else None)),
         ("Tokenizer", run.tokenizer or ("none given to the Trainer" if model else None)),
-        ("Training / evaluation examples", _pair_int(run.train_samples, run.eval_samples)),
+        ("Training / evaluation examples", _examples(run)),
         ("Per-device batch size", args.per_device_train_batch_size),
         ("Gradient accumulation steps", args.gradient_accumulation_steps),
         ("World size (processes)", run.world_size),
@@ -626,6 +626,11 @@ def _pair(first: float | None, second: float | None, unit: str, fmt: str) -> str
     if first is None and second is None:
         return None
     return " / ".join("not measured" if v is None else f"{v:{fmt}}" for v in (first, second)) + f" {unit}"
+
+
+def _examples(run: RunDescription) -> str | None:
+    pair = _pair_int(run.train_samples, run.eval_samples)
+    return f"{pair} ({run.eval_sets} eval datasets)" if pair and run.eval_sets else pair
 
 
 def _pair_int(first: int | None, second: int | None) -> str | None:

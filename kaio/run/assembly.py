@@ -21,6 +21,7 @@ from typing import Protocol
 import msgspec
 
 from kaio.devices.base import GpuSample, HostSample
+from kaio.record import rules
 from kaio.record.flops import Throughput
 from kaio.record.rules import LossSmoother
 from kaio.record.types import GpuStepStats, HostStepStats, Log, Step, StepEntry, TickRecord, finite, nonfinite_tag
@@ -199,10 +200,11 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         if event.grad_norm is not None:
             entry.grad_norm = finite(event.grad_norm)
             entry.grad_norm_nonfinite = nonfinite_tag(event.grad_norm)
-        for key, value in event.extra.items():
-            number = finite(value)
-            if number is not None and key != "trainer_logged_loss":
-                entry.metrics[key] = number
+        if not rules.is_evaluation_log(event.extra):  # an evaluation's metrics are in evals, not the step's
+            for key, value in event.extra.items():
+                number = finite(value)
+                if number is not None and key != "trainer_logged_loss":
+                    entry.metrics[key] = number
         if event.loss is not None:
             self._record_loss(entry, event, out)
         if entry.grad_norm_nonfinite is not None and entry.loss_nonfinite is None and self._first("grad_norm"):

@@ -158,6 +158,7 @@ def build_snapshot(
         learning_rate=live.learning_rate,
         grad_norm=live.grad_norm,
         eval_loss=live.eval_loss,
+        eval_set=live.eval_set,
         training_completed=rules.training_completed(progress is not None and progress.trained_to_end, step, max_steps),
         steps_per_s=rate,
         samples_per_s=rate * per_step if rate and per_step else None,

@@ -117,6 +117,7 @@ class Snapshot:
     learning_rate: float | None = None
     grad_norm: float | None = None
     eval_loss: float | None = None  # the latest evaluation's
+    eval_set: str | None = None  # its eval dataset, when there are several (eval_dataset={"a": ...})
     steps_per_s: float | None = None  # recent rate
     samples_per_s: float | None = None
     tokens_per_s_per_device: float | None = None  # the latest step's

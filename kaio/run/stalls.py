@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kaio.record import rules
-from kaio.record.types import Eval, Record, Save, Stall, StalledRank, Step, TrainEnd
+from kaio.record.types import Eval, Record, RunStart, Save, Stall, StalledRank, Step, TrainEnd
 from kaio.telemetry.protocol import STACK_SIGNAL, parse_stack_file_name
 
 STARTUP_BUDGET_S = 1200.0  # launching, importing, loading a large model and its data
@@ -49,6 +49,10 @@ class StallWatch:
         self.longest = {"evaluation": 0.0, "checkpoint save": 0.0}
         self._pending: list[str] = []  # what the latest step announced, in the Trainer's order
         self._trained = False  # the Trainer's training has ended (a later one's first step starts another)
+        # Several eval datasets are evaluated one after another, each with its own on_evaluate: the evaluation
+        # a step announced lasts until every one is (RunStart.eval_sets).
+        self.eval_sets = 1
+        self._evaluations_left = 0
         self.reported = False
 
     def seen(self, record: Record, now: float) -> None:
@@ -57,12 +61,19 @@ class StallWatch:
                 return
             self.last_step = max(self.last_step, record.step)
             self._pending = [p for p, on in (("evaluation", record.evaluates), ("checkpoint save", record.saves)) if on]
+            self._evaluations_left = self.eval_sets
             self._trained = False
+        elif isinstance(record, RunStart):
+            if record.rank == self.lead_rank:
+                self.eval_sets = max(1, record.eval_sets or 1)
+            return
         elif isinstance(record, Eval):
-            runtime = record.metrics.get("eval_runtime")
-            if isinstance(runtime, float):
+            runtime = rules.evaluation_runtime(record.metrics)
+            if runtime is not None:
                 self.longest["evaluation"] = max(self.longest["evaluation"], runtime)
-            self._pending = [p for p in self._pending if p != "evaluation"]
+            self._evaluations_left -= 1
+            if self._evaluations_left <= 0:  # every eval dataset evaluated: the evaluation is over
+                self._pending = [p for p in self._pending if p != "evaluation"]
         elif isinstance(record, Save):
             if record.duration_s is not None:
                 self.longest["checkpoint save"] = max(self.longest["checkpoint save"], record.duration_s)

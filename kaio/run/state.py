@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 import msgspec
 
+from kaio.record import rules
 from kaio.record.flops import Throughput
 from kaio.record.index import RunIndex
 from kaio.record.rules import LossSmoother
@@ -270,8 +271,8 @@ class RunState:
             before_training=self.ledger.run is None or self.ledger.run.session != r.session,
         )
         self.index.add_eval(entry)
-        runtime = entry.metrics.get("eval_runtime")
-        if runtime is not None:
+        runtime = rules.evaluation_runtime(entry.metrics)
+        if runtime is not None and not entry.after_training:  # after train(): not a pause between steps
             self.parts.steps.add_pause(r.step, eval_s=runtime)
         live = self.parts.live
         if entry.loss is not None and (live.eval_loss is None or entry.eval_set == live.eval_set):

@@ -178,6 +178,7 @@ class RunStart(Event, tag="run_start"):
     tokenizer: str | None = None
     train_samples: int | None = None
     eval_samples: int | None = None
+    eval_sets: int | None = None  # several eval datasets (a dict): how many, each evaluated on its own
     environment: Environment | None = None
     # Written by kaio before protocol 2 (kept so that old journals still read): now in ``model``.
     trainable_params: int | None = None
