@@ -651,7 +651,9 @@ def test_cpu_only_figure_shows_host_ram_and_cpu_instead_of_empty_gpu_panels():
 def test_figure_names_what_a_gpu_did_not_report():
     steps = [make_step(k, loss=None, gpus={"nvml:0": gpu(power=None)}) for k in range(1, 11)]
     axes = build_figure(figure_data(*make_run(10, steps=steps))).get_axes()
-    assert no_data_texts(axes[0]) == ["no finite loss logged"]
+    assert no_data_texts(axes[0]) == ["no loss logged"]  # none at all (logging_steps beyond the run, say)
+    nan = [make_step(k, loss=None, loss_nonfinite="nan") for k in range(1, 11)]
+    assert no_data_texts(build_figure(figure_data(*make_run(10, steps=nan))).get_axes()[0]) == ["no finite loss logged"]
     assert labels(axes[2]) == ["device used, driver"]  # no rank reported its allocator peak
     assert no_data_texts(axes[4]) == ["power not reported by the GPU"]
     assert not no_data_texts(axes[3]) and not no_data_texts(axes[5])

@@ -350,6 +350,26 @@ def test_every_eval_datasets_time_is_its_steps_evaluation_and_no_evaluation_is_a
     assert " eval loss 1 (a) " in plain_line(build_snapshot(state.ledger, state.parts.live, 2, ()))  # which set's
 
 
+def test_a_loss_never_logged_because_logging_steps_outruns_the_training_says_so_with_the_trainers_mean():
+    from kaio.report.markdown import render_markdown
+    from kaio.report.summary import summarize
+
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 5, "world_size": 1}
+    run |= {"args": {"logging_strategy": "steps", "logging_steps": 50}}
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, run]
+    events += [_step(k, float(k)) for k in range(1, 6)]
+    events += [{"type": "log", "rank": 0, "session": 1, "step": 5, "extra": {"train_loss": 5.1333, "train_runtime": 2}}]
+    state = replay(events)
+    with state.with_open_steps() as index:
+        header = state.header()
+        report = render_markdown(header, summarize(header, index), index.evals())
+    assert (
+        "| Loss (initial → final) | not logged: logging_steps (50) is more than the 5 steps trained; the Trainer's "
+        "mean training loss (train_loss): 5.133 |" in report
+    )
+    assert "| Loss, minimum | not logged |" in report
+
+
 def test_an_evaluation_before_train_is_told_from_the_trainers_eval_on_start():
     from kaio.report.markdown import render_markdown
     from kaio.report.summary import summarize

@@ -154,7 +154,7 @@ def _key_metrics(s: Summary) -> str:
             "Loss (initial → final)",
             f"{s.loss_initial:.4g} → {s.loss_final:.4g}{_after_final(s)}"
             if s.loss_initial is not None and s.loss_final is not None
-            else _no_loss(s),
+            else _no_loss(s, why=True),
         ),
         ("Loss, minimum", f"{s.loss_min:.4g} at step {s.loss_min_step:,}" if s.loss_min is not None else _no_loss(s)),
         ("Loss, final smoothed (EMA)", _final_smoothed(s)),
@@ -200,10 +200,19 @@ def _after_final(s: Summary) -> str:
     return f" (at step {s.loss_final_step:,}: {later} NaN/inf)"
 
 
-def _no_loss(s: Summary) -> str:
+def _no_loss(s: Summary, *, why: bool = False) -> str:
     if s.loss_nan_count or s.loss_inf_count:
         return "no finite loss logged (see the warnings)"
-    return "not logged" if s.step_entries else "no training step recorded"
+    if not s.step_entries:
+        return "no training step recorded"
+    text = "not logged"
+    if why and s.loss_logging_steps_unreached is not None:
+        text += (
+            f": logging_steps ({s.loss_logging_steps_unreached:,}) is more than the {s.optimizer_steps:,} steps trained"
+        )
+    if why and s.trainer_mean_loss is not None:
+        text += f"; the Trainer's mean training loss (train_loss): {s.trainer_mean_loss:.4g}"
+    return text
 
 
 def _time_spent(s: Summary) -> str | None:

@@ -147,7 +147,7 @@ def _loss_panel(ax: Axes, data: FigureData) -> None:
     import numpy as np
 
     if not data.loss.x:
-        _say_no_data(ax, "no finite loss logged")
+        _say_no_data(ax, "no finite loss logged" if data.nonfinite_losses else "no loss logged")
     else:
         ax.plot(*_xy(data.loss), color="0.6", linewidth=0.8, label="raw", **_points(data.loss))
         if data.loss_smoothed.x:
@@ -193,7 +193,7 @@ def _host_ram_panel(ax: Axes, data: FigureData) -> None:
         ax.axhline(data.host_ram_total_bytes / GIB, color="0.5", linestyle=":", linewidth=1, label="RAM total")
     ax.set_ylabel("GiB")
     _from_zero_with_headroom(ax)
-    _legend(ax, len(ax.lines), loc="lower right")
+    _legend(ax, len(ax.lines))  # where it covers least: the used line often runs along the bottom
 
 
 def _vram_panel(ax: Axes, data: FigureData) -> None:

@@ -13,6 +13,7 @@ timing at all weighs every step equally.
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from typing import Any
 
@@ -21,7 +22,7 @@ import msgspec
 from kaio.record import rules
 from kaio.record.index import RunIndex
 from kaio.record.memory import estimate, workload_of
-from kaio.record.types import HistoryHeader, NodeSummary, RunDescription, Session, Stall, Telemetry
+from kaio.record.types import HistoryHeader, NodeSummary, RunDescription, Session, Stall, StepEntry, Telemetry
 
 ENERGY_METHOD_LABELS = {"counter": "hardware counter", "integrated": "integrated power"}
 ENERGY_FROM_STEPS = "sum of per-step energy"
@@ -69,6 +70,10 @@ class Summary(msgspec.Struct, kw_only=True):
     loss_nan_first_step: int | None = None
     loss_inf_count: int = 0
     loss_inf_first_step: int | None = None
+    # No loss logged during the training: logging_steps when it is more than the steps trained, and the Trainer's
+    # own mean training loss (train_loss, in its closing log).
+    loss_logging_steps_unreached: int | None = None
+    trainer_mean_loss: float | None = None
     eval_count: int = 0
     eval_loss_final: float | None = None
     eval_loss_best: float | None = None
@@ -199,6 +204,8 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
     s.training_time_s = _training_time_s(q, sessions)
     _time_spent(q, s, sessions, header.telemetry, header.stalls)
     _loss(q, s)
+    if not s.loss_logged_steps and not (s.loss_nan_count or s.loss_inf_count) and s.step_entries:
+        _why_no_loss(q, s, run)
     _evals(index, s)
     gpus = _gpus(q, s, header, w)
     _throughput(q, s)
@@ -285,6 +292,17 @@ def _loss(q: _Query, s: Summary) -> None:
         else:  # inf and -inf
             s.loss_inf_count += count
             s.loss_inf_first_step = first if s.loss_inf_first_step is None else min(first, s.loss_inf_first_step)
+
+
+def _why_no_loss(q: _Query, s: Summary, run: RunDescription | None) -> None:
+    args = run.args if run is not None else None
+    every = args.logging_steps if args is not None and args.logging_strategy in (None, "steps") else None
+    if every is not None and every >= 1 and s.optimizer_steps < every:  # below 1: a share of the steps
+        s.loss_logging_steps_unreached = int(every)
+    line = q.value("SELECT entry FROM step_lines ORDER BY step DESC LIMIT 1")
+    if line is not None:
+        value = msgspec.json.decode(line, type=StepEntry).metrics.get("train_loss")
+        s.trainer_mean_loss = value if isinstance(value, float) and math.isfinite(value) else None
 
 
 def _evals(index: RunIndex, s: Summary) -> None:
