@@ -364,6 +364,38 @@ def test_a_ctrl_c_in_the_scripts_work_after_its_training_reaches_its_own_handler
     assert max(s["step"] for s in history["steps"]) == 4
 
 
+def test_a_ctrl_c_once_the_script_has_returned_cuts_nothing_short_and_the_run_completed(project_dir):
+    """Only the interpreter's exit is left (its exit handlers, 1-2 s of teardown with transformers loaded): a
+    Ctrl-C there, as the dashboard shows the run at its end, used to kill the rank and record a finished run as
+    interrupted. The rank now ignores the stop and exits as it would have; the run is COMPLETED."""
+    import signal
+
+    from conftest import spawn_kaio, wait_for
+
+    script = project_dir / "ends_slowly.py"
+    script.write_text(
+        "import atexit, time, kaio\n"
+        "for step in range(1, 4):\n"
+        "    kaio.log(step=step, loss=1.0 / step)\n"
+        "atexit.register(time.sleep, 3)  # the interpreter's exit, made long enough to be reached\n"
+        "print('script done', flush=True)\n"
+    )
+    (project_dir / "cfg.yaml").write_text(
+        f"project_name: t\nlaunch:\n  script: {script}\nreporting:\n  use_comet_ml: false\n"
+    )
+    proc = spawn_kaio("run", "cfg.yaml", "--plain", cwd=project_dir)
+    journal = project_dir / "docs/reports/t/journal.jsonl"
+    wait_for(lambda: journal.is_file() and '"type":"script_end"' in journal.read_text(), 120, "the script's end")
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    history = read_history(project_dir)
+    assert history["status"] == "COMPLETED" and history["sessions"][0]["exit_code"] == 0
+    assert "a stop was asked for as the script's process was exiting, its work done: it completed" in " ".join(
+        history["telemetry"]["notes"]
+    )
+
+
 def test_the_comet_ml_kaio_installs_does_not_make_transformers_warn_in_the_users_script():
     """transformers (and TRL at every save) warn that comet_ml has no API key whenever it is installed: kaio
     installed it, for its own sink in the supervisor, so the training process drops that one warning (its text

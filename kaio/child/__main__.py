@@ -14,11 +14,11 @@ import signal
 import sys
 import time
 import traceback
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
-from kaio.telemetry.protocol import ENV_ERROR_DIR, ENV_SESSION, RankError
+from kaio.telemetry.protocol import ENV_ERROR_DIR, ENV_SESSION, RankError, ScriptEnd
 
 BUILTIN_RECIPE = "kaio.recipes.lora"
 Ending = Literal["recipe", "script", "script after gloo"]
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> Ending:
         except stop.Stopped:
             pass  # the graceful stop's end: the checkpoint is saved, the rest of the script skipped, no failure
         _destroy_process_group()
+        _script_ended(shared_emitter())
     except BaseException as exc:
         _write_error_file(rank_from_env(), exc)
         raise
@@ -78,6 +79,18 @@ def main(argv: list[str] | None = None) -> Ending:
     from kaio.child import process_group
 
     return "script after gloo" if process_group.gloo_was_used() else "script"
+
+
+def _script_ended(emitter: Any) -> None:
+    """The target returned: only the interpreter's exit is left (1-2 s with transformers loaded). A stop asked
+    for now would cut nothing short, but its SIGTERM would end the rank as killed, and a finished run would be
+    recorded as interrupted: it is ignored from here on, and the supervisor told, unless a stop came first."""
+    from kaio.child import stop
+    from kaio.child.patch import rank_from_env
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not stop.reached():
+        emitter.emit(ScriptEnd(rank=rank_from_env(), t_wall=time.time(), t_mono=time.monotonic()))
 
 
 def _destroy_process_group() -> None:

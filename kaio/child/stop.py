@@ -110,6 +110,11 @@ def requested() -> bool:
     return _state["requested"]
 
 
+def reached() -> bool:
+    """A stop's SIGTERM reached this process (while it trained, or in the script's work after its training)."""
+    return _state["terminated"]
+
+
 def nonfinite(step: int) -> None:
     """The training stops after a non-finite loss at ``step`` (``reporting.on_nonfinite: stop``)."""
     _nonfinite_step[:] = [step]

@@ -31,6 +31,7 @@ from kaio.telemetry.protocol import (
     PeftInfo,
     RunStart,
     Save,
+    ScriptEnd,
     Step,
     TrainEnd,
     TrainingArgs,
@@ -165,6 +166,7 @@ Record = (
     | Eval
     | Save
     | TrainEnd
+    | ScriptEnd
     | SessionStart
     | ChildStarted
     | SessionEnd

@@ -23,6 +23,7 @@ from kaio.record.types import (
     HubOutcome,
     RunStart,
     Save,
+    ScriptEnd,
     Session,
     SessionEnd,
     SessionStart,
@@ -46,6 +47,7 @@ class SessionProgress(msgspec.Struct, kw_only=True):
     last_step: int | None = None  # rank 0's newest step
     last_step_t_wall: float | None = None
     trained_to_end: bool = False  # rank 0 reached on_train_end
+    script_ended: bool = False  # rank 0's script returned before any stop reached it (ScriptEnd)
 
 
 class RankSeen(msgspec.Struct, kw_only=True):
@@ -124,6 +126,15 @@ class RunLedger(msgspec.Struct, kw_only=True):
         """The session's latest training reached its Trainer's end (what follows is the script's own)."""
         progress = self.progress.get(session)
         return progress is not None and progress.trained_to_end
+
+    def on_script_end(self, r: ScriptEnd) -> None:
+        if r.rank == self.lead_rank and r.session in self.progress:
+            self.progress[r.session].script_ended = True
+
+    def script_ended(self, session: int) -> bool:
+        """The session's script returned before any stop reached it: a stop after that cut nothing short."""
+        progress = self.progress.get(session)
+        return progress is not None and progress.script_ended
 
     def ended_by_stop(self, session: int) -> bool:
         """The session's latest training ended at a graceful stop (asked of this node's kaio, or another's)."""

@@ -39,6 +39,7 @@ from kaio.record.types import (
     RunDescription,
     RunStart,
     Save,
+    ScriptEnd,
     SessionEnd,
     SessionStart,
     Stall,
@@ -118,6 +119,7 @@ class RunState:
             Eval: self._on_eval,
             Save: self._on_save,
             TrainEnd: self._on_train_end,
+            ScriptEnd: self._on_script_end,
         }
 
     @property
@@ -289,6 +291,10 @@ class RunState:
     def _on_train_end(self, r: TrainEnd) -> None:
         self.ledger.telemetry.events += 1
         self.ledger.on_train_end(r)
+
+    def _on_script_end(self, r: ScriptEnd) -> None:
+        self.ledger.telemetry.events += 1
+        self.ledger.on_script_end(r)
 
     def _on_tick(self, r: TickRecord) -> None:
         self.ledger.telemetry.samples += 1

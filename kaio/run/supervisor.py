@@ -683,6 +683,9 @@ class Supervisor:
         cause = diagnose.root_cause(self.paths.errors, session) if returncode else diagnose.RootCause()
         error, signal_name = cause.text, signal_name or cause.signal
         planned = self._planned_steps_done(session)
+        if self._stop.requests and returncode == 0 and self.state.ledger.script_ended(session):
+            self._note("a stop was asked for as the script's process was exiting, its work done: it completed", "info")
+            return SessionOutcome(0, Status.COMPLETED)
         if self._stop.requests and returncode == 0 and planned is not None and not self._stop.trained_before:
             self._note(f"a stop was asked for as the training finished its {planned} steps: it completed", "info")
             return SessionOutcome(0, Status.COMPLETED)

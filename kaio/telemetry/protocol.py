@@ -247,7 +247,13 @@ class TrainEnd(Event, tag="train_end"):
     greater_is_better: bool | None = None
 
 
-ChildEvent = RunStart | Step | Log | Eval | Save | TrainEnd
+class ScriptEnd(Event, tag="script_end"):
+    """The script (or the built-in recipe) returned, every rank, before any stop reached it: only the
+    interpreter's exit is left, which a stop asked for from now on would cut short for nothing (the rank
+    ignores it: kaio.child.__main__)."""
+
+
+ChildEvent = RunStart | Step | Log | Eval | Save | TrainEnd | ScriptEnd
 
 
 class RankError(msgspec.Struct, kw_only=True):
