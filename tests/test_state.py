@@ -370,6 +370,23 @@ def test_a_loss_never_logged_because_logging_steps_outruns_the_training_says_so_
     assert "| Loss, minimum | not logged |" in report
 
 
+def test_what_a_script_logs_that_is_not_a_finite_number_is_said_once_not_dropped_unseen():
+    extra = {"frozen": True, "phase": "warmup", "ppl": "nan", "dropped": 24, "kaio_skipped_gpu_tensors": ["aux"]}
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}]
+    for k in (1, 2):
+        events += [_step(k, float(k)), {"type": "log", "rank": 0, "session": 1, "step": k, "extra": extra}]
+    history = history_of(replay(events))
+    assert [s["metrics"] for s in history["steps"]] == [{"frozen": 1.0, "dropped": 24.0}] * 2  # a bool as 0 or 1
+    assert "logged metric phase is not a number (str): not in history.json (child.log has it)" in " ".join(
+        history["telemetry"]["notes"]
+    )
+    assert history["warnings"] == [
+        "logged metric ppl was nan at step 1: history.json leaves its non-finite values out",
+        "logged metric(s) aux were tensors on the GPU: not read (reading one waits for the GPU at every log); "
+        "log them as numbers (.item()) to have them in the record",
+    ]
+
+
 def test_an_evaluation_before_train_is_told_from_the_trainers_eval_on_start():
     from kaio.report.markdown import render_markdown
     from kaio.report.summary import summarize

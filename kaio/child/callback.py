@@ -26,7 +26,17 @@ from kaio.child.memory import peak_memory_functions
 from kaio.child.nonfinite import LossWatch, stop_on_nonfinite
 from kaio.child.paths import recorded_path
 from kaio.child.timing import StepTiming
-from kaio.telemetry.protocol import ENV_RESUME_FROM, Eval, Log, Metric, Save, Step, TrainEnd, tag_nonfinite
+from kaio.telemetry.protocol import (
+    ENV_RESUME_FROM,
+    SKIPPED_GPU_TENSORS,
+    Eval,
+    Log,
+    Metric,
+    Save,
+    Step,
+    TrainEnd,
+    tag_nonfinite,
+)
 
 _LOG_FIELDS = ("loss", "learning_rate", "grad_norm")  # Trainer log keys with a field of their own
 
@@ -183,7 +193,7 @@ class KaioCallback(TrainerCallback):
             key: self._value(key, value) for key, value in logs.items() if key not in _LOG_FIELDS and key != "epoch"
         }
         if self._skipped_gpu_values:
-            extra["kaio_skipped_gpu_tensors"] = sorted(self._skipped_gpu_values)
+            extra[SKIPPED_GPU_TENSORS] = sorted(self._skipped_gpu_values)
         if nonfinite is not None:  # taken at a log with the loss
             # What the loss since the previous log really averaged to; the Trainer's filter showed a number.
             if fields.get("loss") not in ("nan", "inf", "-inf"):

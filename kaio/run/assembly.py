@@ -25,6 +25,7 @@ from kaio.record import rules
 from kaio.record.flops import Throughput
 from kaio.record.rules import LossSmoother
 from kaio.record.types import GpuStepStats, HostStepStats, Log, Step, StepEntry, TickRecord, finite, nonfinite_tag
+from kaio.telemetry.protocol import SKIPPED_GPU_TENSORS
 
 SEAL_LAG_STEPS = 2
 MAX_UNAGGREGATED_STEPS = 1000  # steps faster than the poller: fold in what is there rather than wait
@@ -36,6 +37,7 @@ class AssemblyOutput(Protocol):
 
     def sealed(self, entry: StepEntry) -> None: ...
     def warn(self, text: str) -> None: ...
+    def note(self, text: str) -> None: ...
     def truncate_after(self, step: int) -> LossSmoother: ...
     def samples_seen_at(self, step: int) -> int | None: ...
     def throughput(self, tokens_per_s_per_device: float, mfu: float | None) -> None: ...
@@ -202,13 +204,34 @@ class StepAssembler(msgspec.Struct, kw_only=True):
             entry.grad_norm_nonfinite = nonfinite_tag(event.grad_norm)
         if not rules.is_evaluation_log(event.extra):  # an evaluation's metrics are in evals, not the step's
             for key, value in event.extra.items():
-                number = finite(value)
-                if number is not None and key != "trainer_logged_loss":
-                    entry.metrics[key] = number
+                if key != "trainer_logged_loss":
+                    self._keep_metric(entry, key, value, out)
         if event.loss is not None:
             self._record_loss(entry, event, out)
         if entry.grad_norm_nonfinite is not None and entry.loss_nonfinite is None and self._first("grad_norm"):
             out.warn(f"non-finite gradient norm ({entry.grad_norm_nonfinite}) at step {entry.step}")
+
+    def _keep_metric(self, entry: StepEntry, key: str, value: object, out: AssemblyOutput) -> None:
+        """A number the script logged, in the step's metrics (a bool as 0 or 1). What is not a finite number is
+        said once a session, not dropped unseen: a NaN is what its author would look for."""
+        number = float(value) if isinstance(value, bool) else finite(value)
+        if key == SKIPPED_GPU_TENSORS:
+            if isinstance(value, list) and self._first(key):
+                out.warn(
+                    f"logged metric(s) {', '.join(map(str, value))} were tensors on the GPU: not read (reading one "
+                    "waits for the GPU at every log); log them as numbers (.item()) to have them in the record"
+                )
+        elif number is not None:
+            entry.metrics[key] = number
+        elif (tag := nonfinite_tag(value)) is not None:
+            if self._first(f"metric {key}"):
+                out.warn(
+                    f"logged metric {key} was {tag} at step {entry.step}: history.json leaves its non-finite values out"
+                )
+        elif value is not None and self._first(f"metric {key}"):  # a fact, as an evaluation's text metric is
+            out.note(
+                f"logged metric {key} is not a number ({type(value).__name__}): not in history.json (child.log has it)"
+            )
 
     def _first(self, what: str) -> bool:
         """True the first time this session: a NaN at every step is one warning, and counted in the summary."""

@@ -316,6 +316,9 @@ class RunState:
     def warn(self, text: str) -> None:
         self.parts.warnings.add(text)
 
+    def note(self, text: str) -> None:
+        self.ledger.add_note(text)
+
     def throughput(self, tokens_per_s_per_device: float, mfu: float | None) -> None:
         self.parts.live.tokens_per_s_per_device, self.parts.live.mfu = tokens_per_s_per_device, mfu
 

@@ -28,6 +28,8 @@ MAX_LINE_BYTES = 4096  # PIPE_BUF on Linux: the atomic-write limit
 ENV_PIPE = "KAIO_TELEMETRY_PIPE"  # path of the FIFO
 ENV_SPOOL_DIR = "KAIO_SPOOL_DIR"  # where events go when the FIFO has no reader
 ENV_ERROR_DIR = "KAIO_ERROR_DIR"  # where a failing rank writes its traceback
+# A Log extra: the metrics a script logged as tensors on the GPU, not read (reading one waits for the GPU).
+SKIPPED_GPU_TENSORS = "kaio_skipped_gpu_tensors"
 ENV_SESSION = "KAIO_SESSION"  # session number, stamped on every event
 ENV_RESUME_FROM = "KAIO_RESUME_FROM"  # checkpoint a resumed session starts from
 ENV_NODE_RANK = "KAIO_NODE_RANK"  # the node this child runs on (0 on one machine)
