@@ -111,6 +111,7 @@ def test_every_evaluation_is_kept_with_its_step(clm_two_ranks):
     evals = history["evals"]
     assert [e["step"] for e in evals] == [4, 8, 8, 8]  # at 4 and 8, then trainer.evaluate(), trainer.predict()
     assert [e["after_training"] for e in evals] == [False, False, True, True]  # the script's own, told apart
+    assert [e["prediction"] for e in evals] == [False, False, False, True]  # predict()'s, from on_predict
     assert all(e["metrics"]["eval_loss"] > 0 and "eval_runtime" in e["metrics"] for e in evals[:3])
     assert evals[3]["metrics"]["test_loss"] > 0 and "eval_loss" not in evals[3]["metrics"]
     assert history["run"]["eval_samples"] == 24 and history["run"]["train_samples"] == 96
@@ -118,7 +119,7 @@ def test_every_evaluation_is_kept_with_its_step(clm_two_ranks):
     best = min(evals[:3], key=lambda e: e["metrics"]["eval_loss"])
     assert f"Best evaluation loss **{best['metrics']['eval_loss']:.4g}** at step {best['step']}" in report
     assert "## Evaluation" in report and "eval_loss" in report and "test_loss" in report
-    assert "| 8 (after training) |" in report
+    assert "| 8 (after training) |" in report and "| 8 (after training, predict()) |" in report
 
 
 def test_a_trl_style_trainer_with_its_own_lora_is_described_as_it_ran(project_dir):

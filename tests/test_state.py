@@ -318,8 +318,21 @@ def test_evaluations_after_train_are_marked_and_a_later_training_clears_the_earl
     events += [evaluation, {"type": "train_end", "rank": 0, "session": 1, "step": 2}, evaluation]
     events += [{**run, "training": 2, "start_step": 2, "step_offset": 2, "max_steps": 4}, _step(3, 3.0)]
     events += [{**evaluation, "step": 3}]  # during the second training
-    evals = history_of(replay(events))["evals"]
-    assert [(e["step"], e["after_training"]) for e in evals] == [(2, False), (2, True), (3, False)]
+    events += [{**evaluation, "step": 3, "metrics": {"test_loss": 2.0}, "prediction": True}]  # predict() after it
+    state = replay(events)
+    evals = history_of(state)["evals"]
+    assert [(e["step"], e["after_training"], e["prediction"]) for e in evals] == [
+        (2, False, False),
+        (2, True, False),
+        (3, False, False),
+        (3, False, True),
+    ]
+    from kaio.report.markdown import render_markdown
+    from kaio.report.summary import summarize
+
+    with state.with_open_steps() as index:
+        header = state.header()
+        assert "| 3 (predict()) | — | 2 |" in render_markdown(header, summarize(header, index), index.evals())
 
 
 def test_every_eval_datasets_time_is_its_steps_evaluation_and_no_evaluation_is_a_steps_metric():

@@ -212,7 +212,7 @@ class KaioCallback(TrainerCallback):
             )
         )
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+    def on_evaluate(self, args, state, control, metrics=None, *, prediction: bool = False, **kwargs):
         if not state.is_world_process_zero or not metrics:
             return
         values = {key: self._metric(key, value) for key, value in metrics.items() if key != "epoch"}
@@ -228,12 +228,13 @@ class KaioCallback(TrainerCallback):
                 t_mono=self._busy_until_mono,
                 metrics={key: value for key, value in values.items() if key not in not_numbers},
                 not_numbers=not_numbers,
+                prediction=prediction,
             )
         )
 
     def on_predict(self, args, state, control, metrics=None, **kwargs):
-        """``Trainer.predict``'s metrics (``test_loss``...): an evaluation on the script's test set."""
-        self.on_evaluate(args, state, control, metrics=metrics, **kwargs)
+        """``Trainer.predict``'s metrics (``test_loss``...): recorded with the evaluations, marked as a prediction."""
+        self.on_evaluate(args, state, control, metrics=metrics, prediction=True, **kwargs)
 
     def on_save(self, args, state, control, **kwargs):
         # The job's save, in every node's record (each node's first rank): a node stopped with the job's

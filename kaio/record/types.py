@@ -272,6 +272,7 @@ class EvalEntry(msgspec.Struct, kw_only=True):
     nonfinite: dict[str, NonFiniteTag] = {}
     after_training: bool = False  # the script's own evaluate() or predict() after its Trainer's train() ended
     before_training: bool = False  # the script's own evaluate() before train() (not the Trainer's eval_on_start)
+    prediction: bool = False  # Trainer.predict()'s metrics (test_loss...), not an evaluation
 
     @property
     def loss_key(self) -> str | None:

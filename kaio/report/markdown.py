@@ -261,8 +261,9 @@ def _evaluations(s: Summary, evals: list[EvalEntry]) -> str | None:
 
 
 def _evaluation_step(e: EvalEntry) -> str:
-    when = " (after training)" if e.after_training else " (before training)" if e.before_training else ""
-    return f"{e.step}{when}"
+    said = ["after training"] if e.after_training else ["before training"] if e.before_training else []
+    said += ["predict()"] if e.prediction else []
+    return f"{e.step} ({', '.join(said)})" if said else str(e.step)
 
 
 def _one_row_per_evaluation(evals: list[EvalEntry]) -> list[EvalEntry]:
@@ -273,8 +274,8 @@ def _one_row_per_evaluation(evals: list[EvalEntry]) -> list[EvalEntry]:
         last = rows[-1] if rows else None
         if (
             last is not None
-            and (last.step, last.session, last.after_training, last.before_training)
-            == (e.step, e.session, e.after_training, e.before_training)
+            and (last.step, last.session, last.after_training, last.before_training, last.prediction)
+            == (e.step, e.session, e.after_training, e.before_training, e.prediction)
             and e.eval_set is not None
             and last.eval_set is not None
             and not (last.metrics.keys() - {"epoch"}) & (e.metrics.keys() - {"epoch"})

@@ -271,6 +271,7 @@ class RunState:
             nonfinite={k: tag for k, v in r.metrics.items() if (tag := nonfinite_tag(v)) is not None},
             after_training=self.ledger.trained_to_end(r.session),
             before_training=self.ledger.run is None or self.ledger.run.session != r.session,
+            prediction=r.prediction,
         )
         self.index.add_eval(entry)
         runtime = rules.evaluation_runtime(entry.metrics)

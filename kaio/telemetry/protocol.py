@@ -223,6 +223,7 @@ class Eval(Event, tag="eval"):
     epoch: float | None = None
     metrics: dict[str, Metric] = {}
     not_numbers: list[str] = []  # metrics whose values are not numbers (a string, a list): left out of ``metrics``
+    prediction: bool = False  # Trainer.predict()'s (on_predict), not an evaluation
 
 
 class Save(Event, tag="save"):
