@@ -318,7 +318,8 @@ def test_evaluations_after_train_are_marked_and_a_later_training_clears_the_earl
     events += [evaluation, {"type": "train_end", "rank": 0, "session": 1, "step": 2}, evaluation]
     events += [{**run, "training": 2, "start_step": 2, "step_offset": 2, "max_steps": 4}, _step(3, 3.0)]
     events += [{**evaluation, "step": 3}]  # during the second training
-    events += [{**evaluation, "step": 3, "metrics": {"test_loss": 2.0}, "prediction": True}]  # predict() after it
+    prediction = {"test_loss": 2.0, "num_input_tokens_seen": 12288.0}
+    events += [{**evaluation, "step": 3, "metrics": prediction, "prediction": True}]  # predict() after it
     state = replay(events)
     evals = history_of(state)["evals"]
     assert [(e["step"], e["after_training"], e["prediction"]) for e in evals] == [
@@ -332,7 +333,8 @@ def test_evaluations_after_train_are_marked_and_a_later_training_clears_the_earl
 
     with state.with_open_steps() as index:
         header = state.header()
-        assert "| 3 (predict()) | — | 2 |" in render_markdown(header, summarize(header, index), index.evals())
+        report = render_markdown(header, summarize(header, index), index.evals())
+    assert "| 3 (predict()) | — | 2 | 12,288 |" in report  # a count as a count, not 1.229e+04
 
 
 def test_every_eval_datasets_time_is_its_steps_evaluation_and_no_evaluation_is_a_steps_metric():

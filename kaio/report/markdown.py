@@ -292,7 +292,11 @@ def _metric(entry: EvalEntry, name: str) -> str:
     if name in entry.nonfinite:
         return entry.nonfinite[name]
     value = entry.metrics.get(name)
-    return "—" if value is None else format(value, ".4g")
+    if value is None:
+        return "—"
+    if value.is_integer() and abs(value) >= 1e4:  # a count (num_input_tokens_seen): 12,288, not 1.229e+04
+        return f"{value:,.0f}"
+    return format(value, ".4g")
 
 
 def _what_was_trained(run: RunDescription | None, *, evaluated: bool = False) -> str:
