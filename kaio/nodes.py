@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 from kaio.config import LaunchConfig, RunConfig
 from kaio.errors import ConfigError
+from kaio.record.paths import start_over_command
 
 DEFAULT_MAIN_PORT = 29500
 # The job's secret, the same on every node: it signs each node's stream to the head (kaio.run.stream).
@@ -155,7 +156,7 @@ def resume_placement(saved: LaunchConfig, flags: Mapping[str, object], environ: 
         raise ConfigError(
             f"the job ran on {saved.nnodes} machine(s), not {where.nnodes} ({where.source}): the checkpoint was "
             "trained with its world size (batch size, data order); resume it on as many, or start over with "
-            "`kaio run --overwrite`"
+            f"`{start_over_command(None)}`"
         )
     return where
 

@@ -228,6 +228,12 @@ def test_where_a_rank_waits_is_its_main_threads_innermost_frame_and_the_code_tha
             "training step",
             5.0,
         ),
+        # Before the first step (eval_on_start, one eval dataset after another): still starting up.
+        (
+            [RunStart(rank=0, eval_sets=2), Eval(rank=0, step=0, metrics={"eval_a_runtime": 1.0})],
+            "start-up",
+            STARTUP_BUDGET_S,
+        ),
         # The script's own work after its Trainer ended (a final evaluate, merging weights): not a training step.
         ([Step(rank=0, step=3), TrainEnd(rank=0, step=3), Eval(rank=0, step=3)], "after training", 1200.0),
     ],

@@ -368,7 +368,8 @@ def test_a_ctrl_c_in_the_scripts_work_after_its_training_reaches_its_own_handler
 def test_a_ctrl_c_once_the_script_has_returned_cuts_nothing_short_and_the_run_completed(project_dir):
     """Only the interpreter's exit is left (its exit handlers, 1-2 s of teardown with transformers loaded): a
     Ctrl-C there, as the dashboard shows the run at its end, used to kill the rank and record a finished run as
-    interrupted. The rank now ignores the stop and exits as it would have; the run is COMPLETED."""
+    interrupted. The ranks now ignore a stop then, and kaio sends none once every rank's script has returned (torch
+    elastic's agent, which runs several ranks, would end the job as killed); the run is COMPLETED."""
     import signal
 
     from conftest import spawn_kaio, wait_for
@@ -382,17 +383,18 @@ def test_a_ctrl_c_once_the_script_has_returned_cuts_nothing_short_and_the_run_co
         "print('script done', flush=True)\n"
     )
     (project_dir / "cfg.yaml").write_text(
-        f"project_name: t\nlaunch:\n  script: {script}\nreporting:\n  use_comet_ml: false\n"
+        f"project_name: t\nlaunch:\n  script: {script}\n  num_processes: 2\nreporting:\n  use_comet_ml: false\n"
     )
     proc = spawn_kaio("run", "cfg.yaml", "--plain", cwd=project_dir)
     journal = project_dir / "docs/reports/t/journal.jsonl"
-    wait_for(lambda: journal.is_file() and '"type":"script_end"' in journal.read_text(), 120, "the script's end")
+    ended = lambda: journal.is_file() and journal.read_text().count('"type":"script_end"') == 2  # noqa: E731
+    wait_for(ended, 120, "both ranks' scripts to return")
     proc.send_signal(signal.SIGINT)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output
     history = read_history(project_dir)
     assert history["status"] == "COMPLETED" and history["sessions"][0]["exit_code"] == 0
-    assert "a stop was asked for as the script's process was exiting, its work done: it completed" in " ".join(
+    assert "a stop was asked for as the script's processes were exiting, its work done: it completed" in " ".join(
         history["telemetry"]["notes"]
     )
 

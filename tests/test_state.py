@@ -365,6 +365,40 @@ def test_every_eval_datasets_time_is_its_steps_evaluation_and_no_evaluation_is_a
     assert " eval loss 1 (a) " in plain_line(build_snapshot(state.ledger, state.parts.live, 2, ()))  # which set's
 
 
+@pytest.mark.parametrize(
+    ("metrics", "runtime"),
+    [
+        ({"eval_loss": 1.0, "eval_runtime": 2.0, "eval_samples_per_second": 5.0}, 2.0),
+        # compute_metrics adds a time of its own: the Trainer's speed metrics say which is the evaluation's
+        ({"eval_runtime": 2.0, "eval_samples_per_second": 5.0, "eval_gen_runtime": 9.0}, 2.0),
+        ({"eval_a_runtime": 3.0}, 3.0),  # the one *_runtime there is
+        ({"eval_loss": 1.0}, None),
+        ({"eval_x_runtime": 1.0, "eval_y_runtime": 2.0}, None),  # which: unknown
+    ],
+)
+def test_an_evaluations_runtime_is_the_one_its_speed_metrics_name(metrics, runtime):
+    from kaio.record import rules
+
+    assert rules.evaluation_runtime(metrics) == runtime
+
+
+def test_an_evaluation_takes_back_only_its_own_metrics_from_the_log_before_it():
+    """evaluate() logs its metrics, then calls on_evaluate with them: those leave the step's metrics. A trainer
+    that adds numbers of its own to that log (TRL's eval_rewards) keeps them there, and so does a kaio.log
+    loop whose numbers happen to look like an evaluation's."""
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, _step(1, 1.0), _step(2, 2.0)]
+    evaluation = {"eval_loss": 1.0, "eval_runtime": 0.5, "eval_samples_per_second": 9.0}
+    events += [{"type": "log", "rank": 0, "session": 1, "step": 1, "extra": {**evaluation, "eval_rewards": 0.7}}]
+    events += [{"type": "eval", "rank": 0, "session": 1, "step": 1, "metrics": evaluation}]
+    looks_alike = {"val_runtime": 0.5, "val_samples_per_second": 9.0, "acc": 0.9}  # no Eval follows
+    events += [{"type": "log", "rank": 0, "session": 1, "step": 2, "extra": looks_alike}]
+    events += [{"type": "log", "rank": 0, "session": 1, "step": 2, "extra": {"kaio_truncated": True}}]
+    history = history_of(replay(events))
+    assert [s["metrics"] for s in history["steps"]] == [{"eval_rewards": 0.7}, looks_alike]
+    assert history["steps"][0]["eval_s"] == 0.5
+    assert history["warnings"] == ["a log at step 2 was too large for one record: its other metrics were left out"]
+
+
 def test_a_loss_never_logged_because_logging_steps_outruns_the_training_says_so_with_the_trainers_mean():
     from kaio.report.markdown import render_markdown
     from kaio.report.summary import summarize

@@ -14,11 +14,14 @@ import signal
 import sys
 import time
 import traceback
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
 from kaio.telemetry.protocol import ENV_ERROR_DIR, ENV_SESSION, RankError, ScriptEnd
+
+if TYPE_CHECKING:
+    from kaio.child.emitter import EventEmitter
 
 BUILTIN_RECIPE = "kaio.recipes.lora"
 Ending = Literal["recipe", "script", "script after gloo"]
@@ -64,6 +67,8 @@ def main(argv: list[str] | None = None) -> Ending:
             # sys.exit(0) at the end of a script: a success like returning
         except stop.Stopped:
             pass  # the graceful stop's end: the checkpoint is saved, the rest of the script skipped, no failure
+        # Only the exit is left (the group's teardown first): a stop from now on would cut nothing short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         _destroy_process_group()
         _script_ended(shared_emitter())
     except BaseException as exc:
@@ -81,15 +86,15 @@ def main(argv: list[str] | None = None) -> Ending:
     return "script after gloo" if process_group.gloo_was_used() else "script"
 
 
-def _script_ended(emitter: Any) -> None:
+def _script_ended(emitter: EventEmitter) -> None:
     """The target returned: only the interpreter's exit is left (1-2 s with transformers loaded). A stop asked
     for now would cut nothing short, but its SIGTERM would end the rank as killed, and a finished run would be
-    recorded as interrupted: it is ignored from here on, and the supervisor told, unless a stop came first."""
+    recorded as interrupted: the rank ignores it (set by the caller), and the supervisor is told, unless a stop
+    reached the script first (a signal, or another node's proposal)."""
     from kaio.child import stop
     from kaio.child.patch import rank_from_env
 
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if not stop.reached():
+    if not (stop.reached() or stop.requested()):
         emitter.emit(ScriptEnd(rank=rank_from_env(), t_wall=time.time(), t_mono=time.monotonic()))
 
 

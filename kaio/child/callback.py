@@ -29,6 +29,7 @@ from kaio.child.timing import StepTiming
 from kaio.telemetry.protocol import (
     ENV_RESUME_FROM,
     SKIPPED_GPU_TENSORS,
+    TRAINER_LOGGED_LOSS,
     Eval,
     Log,
     Metric,
@@ -106,7 +107,9 @@ class KaioCallback(TrainerCallback):
     def _metric(self, key: str, value: Any) -> Metric:
         """A value that should be a number: a float (NaN/inf tagged), or None when it is not one."""
         value = self._value(key, value)
-        if isinstance(value, bool) or value is None:
+        if isinstance(value, bool):  # a flag, as 0 or 1 (as a step's logged metrics keep it)
+            return float(value)
+        if value is None:
             return None
         if isinstance(value, int):
             return float(value)
@@ -197,7 +200,7 @@ class KaioCallback(TrainerCallback):
         if nonfinite is not None:  # taken at a log with the loss
             # What the loss since the previous log really averaged to; the Trainer's filter showed a number.
             if fields.get("loss") not in ("nan", "inf", "-inf"):
-                extra["trainer_logged_loss"] = fields.get("loss")
+                extra[TRAINER_LOGGED_LOSS] = fields.get("loss")
             fields["loss"] = nonfinite.tag
         epoch = logs.get("epoch")
         self.emitter.emit(

@@ -284,7 +284,7 @@ def _size(dataset: Any) -> int | None:
 
 def _sets(dataset: Any) -> int | None:
     """How many eval datasets a dict of them holds (``eval_dataset={"a": ..., "b": ...}``); None for one."""
-    return len(dataset) if isinstance(dataset, dict) else None
+    return len(dataset) if isinstance(dataset, dict) and len(dataset) > 1 else None
 
 
 def _name(obj: Any) -> str | None:

@@ -7,9 +7,9 @@ Trainer trains, the signal only raises a flag: ``KaioCallback.on_step_end`` then
 ``should_save`` and ``should_training_stop``, the Trainer writes checkpoint-N and returns, the patched
 ``train()`` raises ``Stopped`` (the script's code after it does not run on the half-trained model), and
 ``kaio resume`` continues from step N+1. After a training ended, in the script's own work that follows it, the
-first SIGTERM raises ``Stopped`` there (a KeyboardInterrupt, as a Ctrl-C without kaio). Before any training
-(loading, a script without a Trainer) and at a second SIGTERM the signal does what it always does: end the
-process.
+first SIGTERM raises ``Stopped`` there (a KeyboardInterrupt, as a Ctrl-C without kaio). Once the script has
+returned, SIGTERM is ignored (``kaio.child.__main__``: only the exit is left). Before any training (loading, a
+script without a Trainer) and at a second SIGTERM the signal does what it always does: end the process.
 
 With several ranks every rank gets the signal at about the same moment, but not necessarily on the same side
 of a step's end: a rank that stopped alone would leave the others waiting in the next step's collectives.

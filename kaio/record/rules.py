@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import msgspec
 
@@ -29,25 +29,14 @@ def too_few_to_smooth(finite_losses: int) -> bool:
 
 
 def evaluation_runtime(metrics: Mapping[str, object]) -> float | None:
-    """How long one evaluation took, from its metrics' one ``*_runtime``: ``eval_runtime``; ``eval_<set>_runtime``
-    with several eval datasets (each set is an evaluation of its own); ``test_runtime`` for the script's
-    ``evaluate(metric_key_prefix="test")``."""
-    values = [v for k, v in metrics.items() if k.endswith("_runtime")]
-    if len(values) != 1 or isinstance(values[0], bool) or not isinstance(values[0], (int, float)):
-        return None
-    return float(values[0])
-
-
-def is_evaluation_log(keys: Collection[str]) -> bool:
-    """Whether a Trainer's log holds an evaluation's metrics: ``evaluate()`` logs them (``eval_loss``,
-    ``eval_runtime``, ``eval_samples_per_second``...) just before its ``on_evaluate``. They are the evaluation's
-    (``evals``), not the step's; the training's own closing log (``train_runtime``...) is the step's."""
-    return any(
-        key.endswith("_runtime")
-        and key != "train_runtime"
-        and f"{key.removesuffix('_runtime')}_samples_per_second" in keys
-        for key in keys
-    )
+    """How long one evaluation took, from its metrics: the ``<prefix>_runtime`` the Trainer's speed metrics give it
+    beside ``<prefix>_samples_per_second`` (``eval``; ``eval_<set>`` with several eval datasets, each an evaluation
+    of its own; ``test`` for the script's ``evaluate(metric_key_prefix="test")``); else its one ``*_runtime``."""
+    keys = [k for k in metrics if k.endswith("_runtime")]
+    timed = [k for k in keys if f"{k.removesuffix('_runtime')}_samples_per_second" in metrics]
+    chosen = timed if timed else keys
+    value = metrics[chosen[0]] if len(chosen) == 1 else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def training_completed(trained_to_end: bool | None, step: int, max_steps: int | None) -> bool:

@@ -32,7 +32,7 @@ from kaio.record.types import (
     StalledRank,
     Status,
 )
-from kaio.report.summary import EvalSetLoss, Summary, time_buckets
+from kaio.report.summary import EvalSetLoss, Summary, evaluation_rows, time_buckets
 from kaio.units import gib
 
 REDACTED = "‹redacted›"
@@ -248,12 +248,12 @@ def _evaluations(s: Summary, evals: list[EvalEntry]) -> str | None:
     if not evals:
         return None
     names = list(dict.fromkeys(k for e in evals for k in e.metrics if k not in ("epoch",)))
-    every = _one_row_per_evaluation(evals)
+    every = evaluation_rows(evals)
     shown = every[-EVAL_ROWS:]
     rows = [(_evaluation_step(e), *(_metric(e, n) for n in names)) for e in shown]
     text = "## Evaluation\n\n"
-    if s.eval_loss_best is not None:  # counted as the table's rows: several eval datasets at a step are one
-        count = f"{len(every)} evaluation{'s' if len(every) != 1 else ''}"
+    if s.eval_loss_best is not None:
+        count = f"{s.eval_count} evaluation{'s' if s.eval_count != 1 else ''}"
         text += f"Best evaluation loss {_best_eval_loss(s, bold=True)} ({count}).\n\n"
     if len(every) > len(shown):
         text += f"The latest {len(shown)} of {len(every)} evaluations (all are in history.json):\n\n"
@@ -264,28 +264,6 @@ def _evaluation_step(e: EvalEntry) -> str:
     said = ["after training"] if e.after_training else ["before training"] if e.before_training else []
     said += ["predict()"] if e.prediction else []
     return f"{e.step} ({', '.join(said)})" if said else str(e.step)
-
-
-def _one_row_per_evaluation(evals: list[EvalEntry]) -> list[EvalEntry]:
-    """Several eval datasets are evaluated one after the other at a step (eval_val_*, then eval_test_*): one row
-    for them all, not a row per dataset with the others' columns empty."""
-    rows: list[EvalEntry] = []
-    for e in evals:
-        last = rows[-1] if rows else None
-        if (
-            last is not None
-            and (last.step, last.session, last.after_training, last.before_training, last.prediction)
-            == (e.step, e.session, e.after_training, e.before_training, e.prediction)
-            and e.eval_set is not None
-            and last.eval_set is not None
-            and not (last.metrics.keys() - {"epoch"}) & (e.metrics.keys() - {"epoch"})
-        ):
-            rows[-1] = msgspec.structs.replace(
-                last, metrics={**last.metrics, **e.metrics}, nonfinite={**last.nonfinite, **e.nonfinite}
-            )
-        else:
-            rows.append(e)
-    return rows
 
 
 def _metric(entry: EvalEntry, name: str) -> str:

@@ -22,7 +22,16 @@ import msgspec
 from kaio.record import rules
 from kaio.record.index import RunIndex
 from kaio.record.memory import estimate, workload_of
-from kaio.record.types import HistoryHeader, NodeSummary, RunDescription, Session, Stall, StepEntry, Telemetry
+from kaio.record.types import (
+    EvalEntry,
+    HistoryHeader,
+    NodeSummary,
+    RunDescription,
+    Session,
+    Stall,
+    StepEntry,
+    Telemetry,
+)
 
 ENERGY_METHOD_LABELS = {"counter": "hardware counter", "integrated": "integrated power"}
 ENERGY_FROM_STEPS = "sum of per-step energy"
@@ -74,7 +83,7 @@ class Summary(msgspec.Struct, kw_only=True):
     # own mean training loss (train_loss, in its closing log).
     loss_logging_steps_unreached: int | None = None
     trainer_mean_loss: float | None = None
-    eval_count: int = 0
+    eval_count: int = 0  # evaluations and predictions (several eval datasets at a step: one), as report.md lists them
     eval_loss_final: float | None = None
     eval_loss_best: float | None = None
     eval_loss_best_step: int | None = None
@@ -305,10 +314,33 @@ def _why_no_loss(q: _Query, s: Summary, run: RunDescription | None) -> None:
         s.trainer_mean_loss = value if isinstance(value, float) and math.isfinite(value) else None
 
 
+def evaluation_rows(evals: list[EvalEntry]) -> list[EvalEntry]:
+    """The evaluations as counted and listed: several eval datasets are evaluated one after the other at a step
+    (eval_val_*, then eval_test_*), which is one evaluation (one row of the report's table, not a row per dataset
+    with the others' columns empty)."""
+    rows: list[EvalEntry] = []
+    for e in evals:
+        last = rows[-1] if rows else None
+        if (
+            last is not None
+            and (last.step, last.session, last.after_training, last.before_training, last.prediction)
+            == (e.step, e.session, e.after_training, e.before_training, e.prediction)
+            and e.eval_set is not None
+            and last.eval_set is not None
+            and not (last.metrics.keys() - {"epoch"}) & (e.metrics.keys() - {"epoch"})
+        ):
+            rows[-1] = msgspec.structs.replace(
+                last, metrics={**last.metrics, **e.metrics}, nonfinite={**last.nonfinite, **e.nonfinite}
+            )
+        else:
+            rows.append(e)
+    return rows
+
+
 def _evals(index: RunIndex, s: Summary) -> None:
     """Evaluations are few (one every eval_steps): read whole, each dataset's losses apart."""
     evals = index.evals()
-    s.eval_count = len(evals)
+    s.eval_count = len(evaluation_rows(evals))
     sets: dict[str | None, EvalSetLoss] = {}
     for e in evals:
         loss = e.loss

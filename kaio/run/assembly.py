@@ -15,17 +15,17 @@ to its value at the checkpoint.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Protocol
 
 import msgspec
 
 from kaio.devices.base import GpuSample, HostSample
-from kaio.record import rules
 from kaio.record.flops import Throughput
 from kaio.record.rules import LossSmoother
 from kaio.record.types import GpuStepStats, HostStepStats, Log, Step, StepEntry, TickRecord, finite, nonfinite_tag
-from kaio.telemetry.protocol import SKIPPED_GPU_TENSORS
+from kaio.telemetry.protocol import SKIPPED_GPU_TENSORS, TRAINER_LOGGED_LOSS, TRUNCATED
 
 SEAL_LAG_STEPS = 2
 MAX_UNAGGREGATED_STEPS = 1000  # steps faster than the poller: fold in what is there rather than wait
@@ -202,10 +202,9 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         if event.grad_norm is not None:
             entry.grad_norm = finite(event.grad_norm)
             entry.grad_norm_nonfinite = nonfinite_tag(event.grad_norm)
-        if not rules.is_evaluation_log(event.extra):  # an evaluation's metrics are in evals, not the step's
-            for key, value in event.extra.items():
-                if key != "trainer_logged_loss":
-                    self._keep_metric(entry, key, value, out)
+        for key, value in event.extra.items():
+            if key != TRAINER_LOGGED_LOSS:
+                self._keep_metric(entry, key, value, out)
         if event.loss is not None:
             self._record_loss(entry, event, out)
         if entry.grad_norm_nonfinite is not None and entry.loss_nonfinite is None and self._first("grad_norm"):
@@ -215,7 +214,10 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         """A number the script logged, in the step's metrics (a bool as 0 or 1). What is not a finite number is
         said once a session, not dropped unseen: a NaN is what its author would look for."""
         number = float(value) if isinstance(value, bool) else finite(value)
-        if key == SKIPPED_GPU_TENSORS:
+        if key == TRUNCATED:
+            if value is True and self._first(key):
+                out.warn(f"a log at step {entry.step} was too large for one record: its other metrics were left out")
+        elif key == SKIPPED_GPU_TENSORS:
             if isinstance(value, list) and self._first(key):
                 out.warn(
                     f"logged metric(s) {', '.join(map(str, value))} were tensors on the GPU: not read (reading one "
@@ -282,6 +284,15 @@ class StepAssembler(msgspec.Struct, kw_only=True):
             self._aggregate_step(self.pending.pop(0))
         self._trim_ticks()
         self.seal_ready(out)
+
+    def evaluated(self, step: int, metrics: Iterable[str]) -> None:
+        """An evaluation at ``step``: its metrics, which ``evaluate()`` also logged (just before), are the
+        evaluation's (history.json's evals), not the step's. What else that log held stays (a trainer that adds
+        its own numbers to the evaluation's log)."""
+        entry = self.open.get(step)
+        if entry is not None:
+            for key in metrics:
+                entry.metrics.pop(key, None)
 
     def add_pause(self, step: int, *, eval_s: float = 0.0, save_s: float = 0.0) -> None:
         """Time spent after ``step`` evaluating or saving a checkpoint (the next step's gap holds it)."""
@@ -472,7 +483,7 @@ def _nonfinite_loss_warning(tag: str, step: int, event: Log) -> str:
     said = f"non-finite loss ({tag}) at step {step}"
     if first is not None and first < step:
         said = f"non-finite loss ({tag}) from step {first} (logged at step {step})"
-    hidden = event.extra.get("trainer_logged_loss")
+    hidden = event.extra.get(TRAINER_LOGGED_LOSS)
     if isinstance(hidden, (int, float)):
         said += f"; the Trainer logged {hidden:g} (its logging_nan_inf_filter hides NaN/inf losses)"
     return said

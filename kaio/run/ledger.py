@@ -47,7 +47,7 @@ class SessionProgress(msgspec.Struct, kw_only=True):
     last_step: int | None = None  # rank 0's newest step
     last_step_t_wall: float | None = None
     trained_to_end: bool = False  # rank 0 reached on_train_end
-    script_ended: bool = False  # rank 0's script returned before any stop reached it (ScriptEnd)
+    scripts_ended: list[int] = []  # the ranks whose script returned before any stop reached it (ScriptEnd)
 
 
 class RankSeen(msgspec.Struct, kw_only=True):
@@ -128,13 +128,22 @@ class RunLedger(msgspec.Struct, kw_only=True):
         return progress is not None and progress.trained_to_end
 
     def on_script_end(self, r: ScriptEnd) -> None:
-        if r.rank == self.lead_rank and r.session in self.progress:
-            self.progress[r.session].script_ended = True
+        progress = self.progress.get(r.session)
+        if progress is not None and r.rank not in progress.scripts_ended:
+            progress.scripts_ended.append(r.rank)
 
     def script_ended(self, session: int) -> bool:
-        """The session's script returned before any stop reached it: a stop after that cut nothing short."""
+        """The session's script returned (on its lead rank) before any stop reached it: a stop after that cut
+        nothing short."""
         progress = self.progress.get(session)
-        return progress is not None and progress.script_ended
+        return progress is not None and self.lead_rank in progress.scripts_ended
+
+    def every_script_ended(self, session: int) -> bool:
+        """Every rank that started in the session (RunStart) has returned from its script: only their exits are
+        left, which a stop would not shorten."""
+        progress = self.progress.get(session)
+        started = set(self.ranks) if self.run is not None and self.run.session == session else set()
+        return progress is not None and bool(started) and started <= set(progress.scripts_ended)
 
     def ended_by_stop(self, session: int) -> bool:
         """The session's latest training ended at a graceful stop (asked of this node's kaio, or another's)."""

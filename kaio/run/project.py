@@ -668,7 +668,7 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
             key, change = refused[0].split(": ", 1)
             raise ProjectError(
                 f"{config_path}: cannot resume {project!r} with a changed {key} ({change}); the checkpoint was "
-                "trained with the old value. Revert it, or start over with `kaio run --overwrite`"
+                f"trained with the old value. Revert it, or start over with `{start_over_command(config_path)}`"
             )
     cfg = placed(cfg, where)
     before = saved.get("launch") or {}

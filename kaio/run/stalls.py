@@ -84,7 +84,8 @@ class StallWatch:
             self._pending, self._trained = [], True
         else:
             return
-        idle = "after training" if self._trained else "training step"
+        # Before the first step (an eval_on_start, each of several eval datasets in turn): still starting up.
+        idle = "after training" if self._trained else "training step" if self.last_step else "start-up"
         self.phase = self._pending[0] if self._pending else idle
         self.last_progress = now
         self.reported = False

@@ -274,6 +274,7 @@ class RunState:
             prediction=r.prediction,
         )
         self.index.add_eval(entry)
+        self.parts.steps.evaluated(r.step, r.metrics)
         runtime = rules.evaluation_runtime(entry.metrics)
         if runtime is not None and not entry.after_training:  # after train(): not a pause between steps
             self.parts.steps.add_pause(r.step, eval_s=runtime)

@@ -537,6 +537,10 @@ class Supervisor:
         if self._stop.requests == 1:
             self._stop.first_at = time.monotonic()
             self._mark_stop()
+            if self.state.ledger.every_script_ended(self.state.ledger.session):
+                # Only the ranks' exits are left: no signal (torch elastic's agent would end the job as killed);
+                # the grace period still holds, and a second Ctrl-C kills.
+                return
             launch.signal_group(proc, signal.SIGTERM)
         else:
             self._stop.killed = True
@@ -684,7 +688,9 @@ class Supervisor:
         error, signal_name = cause.text, signal_name or cause.signal
         planned = self._planned_steps_done(session)
         if self._stop.requests and returncode == 0 and self.state.ledger.script_ended(session):
-            self._note("a stop was asked for as the script's process was exiting, its work done: it completed", "info")
+            self._note(
+                "a stop was asked for as the script's processes were exiting, its work done: it completed", "info"
+            )
             return SessionOutcome(0, Status.COMPLETED)
         if self._stop.requests and returncode == 0 and planned is not None and not self._stop.trained_before:
             self._note(f"a stop was asked for as the training finished its {planned} steps: it completed", "info")

@@ -30,6 +30,10 @@ ENV_SPOOL_DIR = "KAIO_SPOOL_DIR"  # where events go when the FIFO has no reader
 ENV_ERROR_DIR = "KAIO_ERROR_DIR"  # where a failing rank writes its traceback
 # A Log extra: the metrics a script logged as tensors on the GPU, not read (reading one waits for the GPU).
 SKIPPED_GPU_TENSORS = "kaio_skipped_gpu_tensors"
+# A Log extra: true when the log was too large for one line and its other extras were left out.
+TRUNCATED = "kaio_truncated"
+# A Log extra: what the Trainer logged as the loss, where the real average since the previous log was NaN/inf.
+TRAINER_LOGGED_LOSS = "trainer_logged_loss"
 ENV_SESSION = "KAIO_SESSION"  # session number, stamped on every event
 ENV_RESUME_FROM = "KAIO_RESUME_FROM"  # checkpoint a resumed session starts from
 ENV_NODE_RANK = "KAIO_NODE_RANK"  # the node this child runs on (0 on one machine)
@@ -301,7 +305,7 @@ def encode(event: ChildEvent) -> bytes:
     line = _ENCODER.encode(event) + b"\n"
     if len(line) >= MAX_LINE_BYTES:
         if isinstance(event, Log) and event.extra:
-            return encode(msgspec.structs.replace(event, extra={"kaio_truncated": True}))
+            return encode(msgspec.structs.replace(event, extra={TRUNCATED: True}))
         if isinstance(event, RunStart) and event.environment is not None:
             return encode(msgspec.structs.replace(event, environment=None))
         raise ProtocolError(f"event of type {type(event).__name__} is {len(line)} bytes, over {MAX_LINE_BYTES}")
