@@ -382,21 +382,43 @@ def test_an_evaluations_runtime_is_the_one_its_speed_metrics_name(metrics, runti
     assert rules.evaluation_runtime(metrics) == runtime
 
 
-def test_an_evaluation_takes_back_only_its_own_metrics_from_the_log_before_it():
-    """evaluate() logs its metrics, then calls on_evaluate with them: those leave the step's metrics. A trainer
-    that adds numbers of its own to that log (TRL's eval_rewards) keeps them there, and so does a kaio.log
-    loop whose numbers happen to look like an evaluation's."""
+def test_an_evaluation_takes_its_own_metrics_from_the_log_before_it_and_leaves_the_steps():
+    """evaluate() logs its metrics, then calls on_evaluate with them: what carries the evaluation's prefix is the
+    evaluation's, with what a trainer's own log() added to that log (TRL's eval_rewards). The tokens seen, and a
+    number a trainer adds to every log, stay the step's; so do a kaio.log loop's look-alikes."""
     events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, _step(1, 1.0), _step(2, 2.0)]
-    evaluation = {"eval_loss": 1.0, "eval_runtime": 0.5, "eval_samples_per_second": 9.0}
+    evaluation = {"eval_loss": 1.0, "eval_runtime": 0.5, "eval_samples_per_second": 9.0, "num_input_tokens_seen": 720}
+    training = {"num_input_tokens_seen": 720, "my_extra": 1.1}
+    events += [{"type": "log", "rank": 0, "session": 1, "step": 1, "extra": training}]
     events += [{"type": "log", "rank": 0, "session": 1, "step": 1, "extra": {**evaluation, "eval_rewards": 0.7}}]
     events += [{"type": "eval", "rank": 0, "session": 1, "step": 1, "metrics": evaluation}]
     looks_alike = {"val_runtime": 0.5, "val_samples_per_second": 9.0, "acc": 0.9}  # no Eval follows
     events += [{"type": "log", "rank": 0, "session": 1, "step": 2, "extra": looks_alike}]
     events += [{"type": "log", "rank": 0, "session": 1, "step": 2, "extra": {"kaio_truncated": True}}]
     history = history_of(replay(events))
-    assert [s["metrics"] for s in history["steps"]] == [{"eval_rewards": 0.7}, looks_alike]
+    assert [s["metrics"] for s in history["steps"]] == [{"num_input_tokens_seen": 720.0, "my_extra": 1.1}, looks_alike]
+    assert history["evals"][0]["metrics"] == {**evaluation, "eval_rewards": 0.7}
     assert history["steps"][0]["eval_s"] == 0.5
     assert history["warnings"] == ["a log at step 2 was too large for one record: its other metrics were left out"]
+
+
+def test_a_report_of_a_run_still_going_counts_its_start_up_in_its_wall_time_and_its_steps_so_far():
+    """`kaio report` while a session runs: its wall time so far is its start-up and its steps (a share of 113 %
+    and a goodput of 99 % came of leaving the start-up out), and its sessions row says where it is."""
+    from kaio.report.markdown import render_markdown
+    from kaio.report.summary import summarize
+
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 10, "world_size": 1}
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, run]
+    events += [_step(k, 10.0 + k) for k in range(1, 6)]  # the first step ends 11 s after the start
+    state = replay(events)
+    with state.with_open_steps() as index:
+        header = state.header()
+        summary = summarize(header, index)
+        report = render_markdown(header, summary, index.evals())
+    assert (summary.startup_s, summary.training_time_s) == (11.0, 15.0)  # 11 s to the first step's end, 4 after
+    assert "| Start-up (launch to the first step) | 11.0 s | 73.3 % |" in report
+    assert "| 0 → 5 | RUNNING |" in report
 
 
 def test_a_loss_never_logged_because_logging_steps_outruns_the_training_says_so_with_the_trainers_mean():

@@ -28,14 +28,20 @@ def too_few_to_smooth(finite_losses: int) -> bool:
     return finite_losses < MIN_LOSSES_TO_SMOOTH
 
 
-def evaluation_runtime(metrics: Mapping[str, object]) -> float | None:
-    """How long one evaluation took, from its metrics: the ``<prefix>_runtime`` the Trainer's speed metrics give it
-    beside ``<prefix>_samples_per_second`` (``eval``; ``eval_<set>`` with several eval datasets, each an evaluation
-    of its own; ``test`` for the script's ``evaluate(metric_key_prefix="test")``); else its one ``*_runtime``."""
+def evaluation_prefix(metrics: Mapping[str, object]) -> str | None:
+    """The prefix of an evaluation's own metrics: ``eval``; ``eval_<set>`` with several eval datasets (each an
+    evaluation of its own); ``test`` for the script's ``evaluate(metric_key_prefix="test")``. The Trainer's speed
+    metrics name it (``<prefix>_runtime`` beside ``<prefix>_samples_per_second``); else the one ``*_runtime``."""
     keys = [k for k in metrics if k.endswith("_runtime")]
     timed = [k for k in keys if f"{k.removesuffix('_runtime')}_samples_per_second" in metrics]
     chosen = timed if timed else keys
-    value = metrics[chosen[0]] if len(chosen) == 1 else None
+    return chosen[0].removesuffix("_runtime") if len(chosen) == 1 else None
+
+
+def evaluation_runtime(metrics: Mapping[str, object]) -> float | None:
+    """How long one evaluation took: its ``<prefix>_runtime``."""
+    prefix = evaluation_prefix(metrics)
+    value = metrics.get(f"{prefix}_runtime") if prefix is not None else None
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 

@@ -237,11 +237,18 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
 
 
 def _training_time_s(q: _Query, sessions: list[Session]) -> float | None:
-    """Sum of the sessions' wall time; a session still running counts its steps' time span."""
+    """Sum of the sessions' wall time; a session still running counts its start-up (to its first step's end) and
+    its steps' time span after it, as a finished one's duration does."""
     spans = dict(q.conn.execute("SELECT session, MAX(t_mono) - MIN(t_mono) FROM steps GROUP BY session").fetchall())
-    known = [s.duration_s if s.duration_s is not None else spans.get(s.session) for s in sessions]
+    known = [s.duration_s if s.duration_s is not None else _running_s(s, spans.get(s.session)) for s in sessions]
     present = [d for d in known if d is not None]
     return sum(present) if present else None
+
+
+def _running_s(session: Session, steps_span_s: float | None) -> float | None:
+    if steps_span_s is None:
+        return None
+    return (session.startup_s or 0.0) + steps_span_s
 
 
 def _time_spent(q: _Query, s: Summary, sessions: list[Session], telemetry: Telemetry, stalls: list[Stall]) -> None:

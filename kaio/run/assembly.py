@@ -15,13 +15,13 @@ to its value at the checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from datetime import datetime, timezone
 from typing import Protocol
 
 import msgspec
 
 from kaio.devices.base import GpuSample, HostSample
+from kaio.record import rules
 from kaio.record.flops import Throughput
 from kaio.record.rules import LossSmoother
 from kaio.record.types import GpuStepStats, HostStepStats, Log, Step, StepEntry, TickRecord, finite, nonfinite_tag
@@ -285,14 +285,22 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         self._trim_ticks()
         self.seal_ready(out)
 
-    def evaluated(self, step: int, metrics: Iterable[str]) -> None:
-        """An evaluation at ``step``: its metrics, which ``evaluate()`` also logged (just before), are the
-        evaluation's (history.json's evals), not the step's. What else that log held stays (a trainer that adds
-        its own numbers to the evaluation's log)."""
+    def evaluated(self, step: int, metrics: dict[str, float | None]) -> None:
+        """An evaluation at ``step``, its ``metrics`` as on_evaluate gave them: evaluate() logged them just before,
+        into the step, with what a trainer's own log() added (TRL's eval_rewards...). What carries the
+        evaluation's prefix (eval_*, eval_<set>_*, test_*) is the evaluation's: it leaves the step for
+        ``metrics``; the rest (the tokens seen, a number a trainer adds to every log) stays the step's too."""
         entry = self.open.get(step)
-        if entry is not None:
+        if entry is None:
+            return
+        prefix = rules.evaluation_prefix(metrics)
+        if prefix is None:  # no speed metrics to name it: the evaluation's own keys only
             for key in metrics:
                 entry.metrics.pop(key, None)
+            return
+        for key in [k for k in entry.metrics if k.startswith(f"{prefix}_")]:
+            value = entry.metrics.pop(key)
+            metrics.setdefault(key, value)
 
     def add_pause(self, step: int, *, eval_s: float = 0.0, save_s: float = 0.0) -> None:
         """Time spent after ``step`` evaluating or saving a checkpoint (the next step's gap holds it)."""

@@ -127,6 +127,13 @@ class RunLedger(msgspec.Struct, kw_only=True):
         progress = self.progress.get(session)
         return progress is not None and progress.trained_to_end
 
+    def as_of_now(self, session: Session) -> Session:
+        """A session as the record shows it: one still running has trained to its latest step so far."""
+        progress = self.progress.get(session.session)
+        if session.status is not Status.RUNNING or session.end_step is not None or progress is None:
+            return session
+        return msgspec.structs.replace(session, end_step=progress.last_step)
+
     def on_script_end(self, r: ScriptEnd) -> None:
         progress = self.progress.get(r.session)
         if progress is not None and r.rank not in progress.scripts_ended:

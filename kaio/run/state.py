@@ -273,8 +273,8 @@ class RunState:
             before_training=self.ledger.run is None or self.ledger.run.session != r.session,
             prediction=r.prediction,
         )
+        self.parts.steps.evaluated(r.step, entry.metrics)  # what its log() added to the evaluation joins it
         self.index.add_eval(entry)
-        self.parts.steps.evaluated(r.step, r.metrics)
         runtime = rules.evaluation_runtime(entry.metrics)
         if runtime is not None and not entry.after_training:  # after train(): not a pause between steps
             self.parts.steps.add_pause(r.step, eval_s=runtime)
@@ -354,7 +354,7 @@ class RunState:
             status=ledger.status,
             config=ledger.config,
             run=run,
-            sessions=list(ledger.sessions),
+            sessions=[ledger.as_of_now(s) for s in ledger.sessions],
             devices=devices,
             host=ledger.host,
             host_use=ledger.host_use,
