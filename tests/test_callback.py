@@ -220,6 +220,35 @@ def test_train_begin_describes_the_run_from_the_live_objects(tmp_path, torch):
     assert start["train_samples"] == 11
     env = start["environment"]
     assert env["torch"] == torch.__version__ and env["transformers"] and env["python"]
+    assert "script_optimizer" not in start  # the Trainer made it from args.optim
+
+    # The script's own optimizer and scheduler (Trainer(optimizers=(...))), inside accelerate's wrappers (their
+    # .optimizer and .scheduler, as AcceleratedOptimizer and AcceleratedScheduler hold them): what trained.
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.StepLR(sgd, step_size=10, gamma=0.5)
+    emitter = EventEmitter(None, str(tmp_path / "spool2"), rank=0, session=1)
+    callback = KaioCallback(emitter)
+    callback.script_optimizer = callback.script_lr_scheduler = True  # what kaio.child.patch saw at the Trainer's init
+    wrapped = SimpleNamespace(optimizer=sgd), SimpleNamespace(scheduler=scheduler)
+    callback.on_train_begin(args, state, SimpleNamespace(), model=model, optimizer=wrapped[0], lr_scheduler=wrapped[1])
+    emitter.close()
+    (start,) = _spooled(tmp_path / "spool2")
+    assert (start["script_optimizer"], start["script_learning_rate"], start["script_lr_scheduler"]) == (
+        "SGD",
+        0.1,
+        "StepLR",
+    )
+    import msgspec
+
+    from kaio.record.types import RunDescription, RunStart
+    from kaio.report.markdown import _optimizer_rows
+
+    run = RunDescription.from_run_start(msgspec.convert(start, RunStart))
+    assert _optimizer_rows(run, run.args) == [
+        ("Learning rate", "0.1 (the script's optimizer's; TrainingArguments' 0.001 unused)"),
+        ("LR scheduler", "StepLR (the script's own; TrainingArguments' linear unused)"),
+        ("Optimizer", "SGD (the script's own, given to the Trainer; TrainingArguments' adamw_torch_fused unused)"),
+    ]
 
 
 def test_paths_are_recorded_relative_to_kaios_folder_when_the_script_moves_to_another(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from kaio.child import process_group, same_start, stop
-from kaio.child.describe import describe_run
+from kaio.child.describe import describe_run, describe_script_optimizer
 from kaio.child.emitter import EventEmitter
 from kaio.child.memory import peak_memory_functions
 from kaio.child.nonfinite import LossWatch, stop_on_nonfinite
@@ -74,6 +74,8 @@ class KaioCallback(TrainerCallback):
         self._saved: list[tuple[str, str]] = []  # each checkpoint saved: (its path as the script sees it, as recorded)
         self.samples_in_step: int | None = 0  # fed by the patched Trainer's training_step; None: not countable
         self._training = False  # this Trainer's training began and has not ended
+        self.script_optimizer = False  # the script gave the Trainer its own optimizer (kaio.child.patch)
+        self.script_lr_scheduler = False  # ...and its own scheduler
 
     # -- helpers -----------------------------------------------------------
 
@@ -127,6 +129,10 @@ class KaioCallback(TrainerCallback):
         if _TRAININGS.count > 1 and self._step_offset + start < _TRAININGS.last_step:
             self._step_offset, self._tokens_offset = _TRAININGS.last_step - start, _TRAININGS.last_tokens
         run = describe_run(self.rank, args, state, model, kwargs, trainer)
+        if self.script_optimizer:
+            describe_script_optimizer(
+                run, kwargs.get("optimizer"), kwargs.get("lr_scheduler") if self.script_lr_scheduler else None
+            )
         run.training, run.step_offset = _TRAININGS.count, self._step_offset
         run.retry = self._training and bool(getattr(args, "auto_find_batch_size", False))
         self._training = True

@@ -282,6 +282,19 @@ def _size(dataset: Any) -> int | None:
         return None
 
 
+def describe_script_optimizer(run: RunStart, optimizer: Any, scheduler: Any) -> None:
+    """The optimizer (and scheduler) the script gave the Trainer, as they are at train begin: what trained, where
+    args.optim, learning_rate and lr_scheduler_type were not used. accelerate wraps both: the inner objects."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if inner is not None:
+        run.script_optimizer = type(inner).__name__
+        groups = getattr(inner, "param_groups", None) or [{}]
+        lr = groups[0].get("initial_lr", groups[0].get("lr"))
+        run.script_learning_rate = float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
+    if scheduler is not None:
+        run.script_lr_scheduler = type(getattr(scheduler, "scheduler", scheduler)).__name__
+
+
 def _sets(dataset: Any) -> int | None:
     """How many eval datasets a dict of them holds (``eval_dataset={"a": ..., "b": ...}``); None for one."""
     return len(dataset) if isinstance(dataset, dict) and len(dataset) > 1 else None

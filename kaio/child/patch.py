@@ -102,6 +102,11 @@ def _patch(trainer_cls: Any) -> None:
         original_init(self, *args, **kwargs)
         if not any(isinstance(cb, KaioCallback) for cb in self.callback_handler.callbacks):
             callback = KaioCallback(shared_emitter(), trainer=self)
+            # Given to the Trainer by the script (else the Trainer makes them from args.optim and learning_rate).
+            callback.script_optimizer = (
+                self.optimizer is not None or getattr(self, "optimizer_cls_and_kwargs", None) is not None
+            )
+            callback.script_lr_scheduler = self.lr_scheduler is not None
             self.add_callback(callback)
             _watch_losses(self, callback)
             time_data_and_forward(self, callback.timing)

@@ -31,6 +31,7 @@ from kaio.record.types import (
     Stall,
     StalledRank,
     Status,
+    TrainingArgs,
 )
 from kaio.report.summary import EvalSetLoss, Summary, evaluation_rows, time_buckets
 from kaio.units import gib
@@ -311,9 +312,7 @@ def _what_was_trained(run: RunDescription | None, *, evaluated: bool = False) ->
         ("Max steps", run.max_steps),
         # A run measured in epochs (max_steps unset): the Trainer worked its steps out from them.
         *([("Epochs", _num(args.num_train_epochs, "g"))] if args.max_steps is None or args.max_steps < 0 else []),
-        ("Learning rate", _num(args.learning_rate, "g")),
-        ("LR scheduler", args.lr_scheduler_type),
-        ("Optimizer", args.optim),
+        *_optimizer_rows(run, args),
         *([("Gradient checkpointing", "on")] if args.gradient_checkpointing else []),
         *([("torch.compile", "on")] if args.torch_compile else []),
         ("Seed", args.seed),
@@ -618,6 +617,34 @@ def _pair(first: float | None, second: float | None, unit: str, fmt: str) -> str
     if first is None and second is None:
         return None
     return " / ".join("not measured" if v is None else f"{v:{fmt}}" for v in (first, second)) + f" {unit}"
+
+
+def _optimizer_rows(run: RunDescription, args: TrainingArgs) -> list[tuple[str, object]]:
+    """What made the updates: TrainingArguments' optimizer, or the one the script gave the Trainer (whose
+    learning rate and scheduler are then its own too, unless the script left the scheduler to the Trainer)."""
+    if run.script_optimizer is None:
+        return [
+            ("Learning rate", _num(args.learning_rate, "g")),
+            ("LR scheduler", args.lr_scheduler_type),
+            ("Optimizer", args.optim),
+        ]
+    unused = "TrainingArguments' {} unused"
+    lr = run.script_learning_rate
+    return [
+        (
+            "Learning rate",
+            f"{lr:g} (the script's optimizer's; {unused.format(_num(args.learning_rate, 'g'))})"
+            if lr is not None
+            else None,
+        ),
+        (
+            "LR scheduler",
+            f"{run.script_lr_scheduler} (the script's own; {unused.format(args.lr_scheduler_type)})"
+            if run.script_lr_scheduler
+            else args.lr_scheduler_type,
+        ),
+        ("Optimizer", f"{run.script_optimizer} (the script's own, given to the Trainer; {unused.format(args.optim)})"),
+    ]
 
 
 def _examples(run: RunDescription) -> str | None:

@@ -182,6 +182,12 @@ class RunStart(Event, tag="run_start"):
     model: ModelInfo | None = None
     peft: PeftInfo | None = None
     tokenizer: str | None = None
+    # The script passed the Trainer its own optimizer (Trainer(optimizers=(opt, sched)), optimizer_cls_and_kwargs):
+    # args.optim and args.learning_rate did not make it. Its class, its learning rate at train begin, and its
+    # scheduler's class when the script passed one too.
+    script_optimizer: str | None = None
+    script_learning_rate: float | None = None
+    script_lr_scheduler: str | None = None
     train_samples: int | None = None
     eval_samples: int | None = None
     eval_sets: int | None = None  # several eval datasets (a dict): how many, each evaluated on its own
