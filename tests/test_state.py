@@ -421,6 +421,32 @@ def test_a_report_of_a_run_still_going_counts_its_start_up_in_its_wall_time_and_
     assert "| 0 → 5 | RUNNING |" in report
 
 
+def test_evaluations_before_the_first_step_and_after_the_last_are_evaluation_time_not_start_up_or_closing():
+    """eval_on_start's evaluation (3 s) was counted in the start-up, and the last evaluation (2 s) in the closing:
+    the time table said 'Evaluation' for neither. Each second still counts once."""
+    from kaio.report.summary import summarize, time_buckets
+
+    def evaluation(step: int, seconds: float) -> dict:
+        metrics = {"eval_loss": 1.0, "eval_runtime": seconds, "eval_samples_per_second": 1.0}
+        return {"type": "eval", "rank": 0, "session": 1, "step": step, "metrics": metrics}
+
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 4, "world_size": 1}
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, evaluation(0, 3.0), run]
+    events += [_step(k, 10.0 + k) for k in range(1, 5)] + [evaluation(4, 2.0)]
+    events += [{"type": "train_end", "rank": 0, "session": 1, "step": 4}]
+    events += [{"type": "session_end", "session": 1, "t_wall": 1e9 + 20.0, "status": "COMPLETED", "exit_code": 0}]
+    state = replay(events)
+    with state.with_open_steps() as index:
+        summary = summarize(state.header(), index)
+    assert [(figure, seconds) for _, figure, seconds in time_buckets(summary)] == [
+        ("start-up", 8.0),  # 11 s to the first step's end, less the 3 s evaluation
+        ("optimizer steps", 3.0),
+        ("evaluation", 5.0),
+        ("closing", 4.0),  # 6 s after the last step, less the 2 s evaluation
+    ]
+    assert summary.training_time_s == 20.0
+
+
 def test_a_loss_never_logged_because_logging_steps_outruns_the_training_says_so_with_the_trainers_mean():
     from kaio.report.markdown import render_markdown
     from kaio.report.summary import summarize

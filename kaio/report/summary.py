@@ -182,7 +182,7 @@ def time_spent(header: HistoryHeader, index: RunIndex) -> Summary:
     q = _Query(index.conn)
     s = Summary(project=header.project, status=header.status.value)
     s.training_time_s = _training_time_s(q, header.sessions)
-    _time_spent(q, s, header.sessions, header.telemetry, header.stalls)
+    _time_spent(q, s, header.sessions, header.telemetry, header.stalls, index.evals())
     return s
 
 
@@ -211,7 +211,7 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
     weight = q.median("duration_s") or 1.0  # the duration that stands in for steps without one
     w = f"COALESCE(duration_s, {weight!r})"
     s.training_time_s = _training_time_s(q, sessions)
-    _time_spent(q, s, sessions, header.telemetry, header.stalls)
+    _time_spent(q, s, sessions, header.telemetry, header.stalls, index.evals())
     _loss(q, s)
     if not s.loss_logged_steps and not (s.loss_nan_count or s.loss_inf_count) and s.step_entries:
         _why_no_loss(q, s, run)
@@ -251,12 +251,25 @@ def _running_s(session: Session, steps_span_s: float | None) -> float | None:
     return (session.startup_s or 0.0) + steps_span_s
 
 
-def _time_spent(q: _Query, s: Summary, sessions: list[Session], telemetry: Telemetry, stalls: list[Stall]) -> None:
+def _time_spent(
+    q: _Query,
+    s: Summary,
+    sessions: list[Session],
+    telemetry: Telemetry,
+    stalls: list[Stall],
+    evaluations: list[EvalEntry],
+) -> None:
     """Where the wall time went, each second once. A session's first step is in its start-up (which
     ends with that step); an evaluation or a save after a step sits in the next step's duration: it is
-    taken out of the time in steps; a session's last step's pauses are in its closing."""
+    taken out of the time in steps; a session's last step's pauses are in its closing. Evaluations before a
+    session's first step (eval_on_start) or after its last are evaluation time, not start-up or closing."""
+    early, late = _evaluations_outside_steps(q, sessions, evaluations)
     s.startup_s = _sum(x.startup_s for x in sessions)
     s.closing_s = _sum(x.closing_s for x in sessions)
+    if s.startup_s is not None:
+        s.startup_s -= early
+    if s.closing_s is not None:
+        s.closing_s -= late
     inside = "step NOT IN (SELECT MAX(step) FROM steps GROUP BY session)"
     total, first, evals, saves = q.row(
         "SELECT SUM(COALESCE(duration_s, step_time_s)), SUM(CASE WHEN step IN (SELECT MIN(step) FROM steps "
@@ -264,7 +277,8 @@ def _time_spent(q: _Query, s: Summary, sessions: list[Session], telemetry: Telem
         f"SUM(CASE WHEN {inside} THEN eval_s END), SUM(CASE WHEN {inside} THEN save_s END) FROM steps"
     )
     inner = (evals or 0.0) + (saves or 0.0)
-    s.eval_s, s.save_s = evals, saves
+    s.eval_s = (evals or 0.0) + early + late if evals is not None or early or late else None
+    s.save_s = saves
     if total is not None:
         s.steps_s = max(total - (inner or 0.0), 0.0)
     s.recomputed_steps, s.recomputed_s = telemetry.recomputed_steps, telemetry.recomputed_s
@@ -282,6 +296,25 @@ def _time_spent(q: _Query, s: Summary, sessions: list[Session], telemetry: Telem
         s.productive_s = max(s.steps_s - (first or 0.0) - (s.stall_s or 0.0), 0.0)
         if s.training_time_s:
             s.goodput_pct = 100.0 * s.productive_s / s.training_time_s
+
+
+def _evaluations_outside_steps(q: _Query, sessions: list[Session], evals: list[EvalEntry]) -> tuple[float, float]:
+    """The evaluations' time in the sessions' start-ups (before each one's first step) and closings (at or after
+    its last step: the Trainer's last evaluation, the script's own evaluate() and predict() after train()), each
+    at most the start-up or closing it is in."""
+    early_total = late_total = 0.0
+    bounds = {
+        session: (first, last)
+        for session, first, last in q.conn.execute("SELECT session, MIN(step), MAX(step) FROM steps GROUP BY session")
+    }
+    for x in sessions:
+        first, last = bounds.get(x.session, (None, None))
+        mine = [(e, rules.evaluation_runtime(e.metrics) or 0.0) for e in evals if e.session == x.session]
+        early = sum(t for e, t in mine if not e.after_training and (first is None or e.step < first))
+        late = sum(t for e, t in mine if last is not None and (e.after_training or e.step >= last))
+        early_total += min(early, x.startup_s or 0.0)
+        late_total += min(late, x.closing_s or 0.0)
+    return early_total, late_total
 
 
 def _sum(values: Any) -> float | None:
