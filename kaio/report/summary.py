@@ -211,11 +211,12 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
     weight = q.median("duration_s") or 1.0  # the duration that stands in for steps without one
     w = f"COALESCE(duration_s, {weight!r})"
     s.training_time_s = _training_time_s(q, sessions)
-    _time_spent(q, s, sessions, header.telemetry, header.stalls, index.evals())
+    evals = index.evals()  # few (one every eval_steps): read once, whole
+    _time_spent(q, s, sessions, header.telemetry, header.stalls, evals)
     _loss(q, s)
     if not s.loss_logged_steps and not (s.loss_nan_count or s.loss_inf_count) and s.step_entries:
         _why_no_loss(q, s, run)
-    _evals(index, s)
+    _evals(evals, s)
     gpus = _gpus(q, s, header, w)
     _throughput(q, s)
     if run is not None:
@@ -377,9 +378,8 @@ def evaluation_rows(evals: list[EvalEntry]) -> list[EvalEntry]:
     return rows
 
 
-def _evals(index: RunIndex, s: Summary) -> None:
-    """Evaluations are few (one every eval_steps): read whole, each dataset's losses apart."""
-    evals = index.evals()
+def _evals(evals: list[EvalEntry], s: Summary) -> None:
+    """Each dataset's losses apart."""
     s.eval_count = len(evaluation_rows(evals))
     sets: dict[str | None, EvalSetLoss] = {}
     for e in evals:

@@ -213,7 +213,6 @@ class StepAssembler(msgspec.Struct, kw_only=True):
     def _keep_metric(self, entry: StepEntry, key: str, value: object, out: AssemblyOutput) -> None:
         """A number the script logged, in the step's metrics (a bool as 0 or 1). What is not a finite number is
         said once a session, not dropped unseen: a NaN is what its author would look for."""
-        number = float(value) if isinstance(value, bool) else finite(value)
         if key == TRUNCATED:
             if value is True and self._first(key):
                 out.warn(f"a log at step {entry.step} was too large for one record: its other metrics were left out")
@@ -223,7 +222,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
                     f"logged metric(s) {', '.join(map(str, value))} were tensors on the GPU: not read (reading one "
                     "waits for the GPU at every log); log them as numbers (.item()) to have them in the record"
                 )
-        elif number is not None:
+        elif (number := float(value) if isinstance(value, bool) else finite(value)) is not None:
             entry.metrics[key] = number
         elif (tag := nonfinite_tag(value)) is not None:
             if self._first(f"metric {key}"):
