@@ -364,7 +364,7 @@ def plain_line(snapshot: Snapshot) -> str:
         parts.append(dev)
     if snapshot.nodes:
         parts.append(_plain_nodes(snapshot))
-    n_warn = len(snapshot.warnings)
+    n_warn = snapshot.warning_count
     if n_warn:
         parts.append(f"{n_warn} warning{'s' if n_warn != 1 else ''}")
     return _clean(" | ".join(parts))
@@ -385,7 +385,7 @@ def final_line(snapshot: Snapshot) -> str:
     line += f", {format_exit_code(snapshot.exit_code)}"
     if snapshot.loss is not None:
         line += f", final loss {format_loss(snapshot.loss)}"
-    n_warn = len(snapshot.warnings)
+    n_warn = snapshot.warning_count
     if n_warn:
         line += f", {n_warn} warning{'s' if n_warn != 1 else ''}"
     return _clean(line)
@@ -473,7 +473,7 @@ def _header(snap: Snapshot) -> Text:
             t.append(" · ", style="dim")
         t.append(label, style="dim")
         t.append(value, style="bold")
-    n_warn = len(snap.warnings)
+    n_warn = snap.warning_count
     if n_warn:  # in the header too: on a small terminal the warnings panel may be cut off below
         t.append(" · ", style="dim")
         t.append(f"⚠ {n_warn} warning{'s' if n_warn != 1 else ''}", style="bold yellow")
@@ -753,7 +753,7 @@ def _plain_nodes(snapshot: Snapshot) -> str:
 
 def _warnings_panel(snap: Snapshot) -> Panel:
     shown = snap.warnings[-MAX_WARNINGS:]
-    hidden = len(snap.warnings) - len(shown)
+    hidden = snap.warning_count - len(shown)
     text = Text()
     severe = False
     if hidden:
@@ -767,7 +767,7 @@ def _warnings_panel(snap: Snapshot) -> Panel:
             text.append("\n")
     return Panel(
         text,
-        title=f"warnings ({len(snap.warnings)})",
+        title=f"warnings ({snap.warning_count})",
         title_align="left",
         box=box.ROUNDED,
         padding=(0, 1),

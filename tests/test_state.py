@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import history_of, records, replay
+from kaio.record.rules import MIN_LOSSES_TO_SMOOTH
 
 
 def _devices(*keys_in_run: tuple[str, bool]) -> dict:
@@ -180,9 +181,11 @@ def test_the_closing_summary_log_keeps_the_last_loss_on_screen():
 
 def test_the_dashboard_and_the_report_show_the_same_smoothed_loss():
     records = [{"type": "session_start", "session": 1, "t_wall": 1e9}]
-    losses = [5.0, 4.0, 4.5, 3.0, 3.5, 2.0]
+    losses = [5.0, 4.0, 4.5, 3.0, 3.5, 2.0] * 2
     for step, loss in enumerate(losses, start=1):
         records += [_step(step, float(step)), _log(step, loss)]
+    # Too few losses for a level: neither shows it (the report says so).
+    assert replay(records[: 2 * MIN_LOSSES_TO_SMOOTH - 1]).snapshot().loss_smoothed is None
     state = replay(records)
     # The one rule: an EMA whose span is max(5, n/50) points, so alpha = 2/6 here.
     expected = losses[0]
@@ -566,3 +569,50 @@ def test_a_job_of_several_machines_without_a_started_rank_says_where_its_nodes_m
     assert rendezvous_warning(LaunchConfig(), ledger, 1e9 + 130) is None
     run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 5, "world_size": 2}
     assert rendezvous_warning(job, replay([*events, run]).ledger, 1e9 + 130) is None
+
+
+def test_a_trainers_own_unprefixed_eval_metrics_with_several_eval_sets_are_each_sets_evaluations():
+    """TRL's RewardTrainer, with eval_dataset={"val": ..., "val2": ...}, logs eval_val_loss but an unprefixed
+    eval_accuracy for each set: each set's is its own evaluation's, and none stays in the step's metrics."""
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, _step(1, 1.0)]
+    events += [{"type": "log", "rank": 0, "session": 1, "step": 1, "extra": {"accuracy": 0.5}}]
+    for name, accuracy in (("val", 0.25), ("val2", 0.75)):
+        metrics = {f"eval_{name}_loss": 1.0, f"eval_{name}_runtime": 0.5, f"eval_{name}_samples_per_second": 9.0}
+        events += [{"type": "log", "rank": 0, "session": 1, "step": 1, "extra": {**metrics, "eval_accuracy": accuracy}}]
+        events += [{"type": "eval", "rank": 0, "session": 1, "step": 1, "metrics": metrics}]
+    history = history_of(replay(events))
+    assert history["steps"][0]["metrics"] == {"accuracy": 0.5}
+    assert [e["metrics"]["eval_accuracy"] for e in history["evals"]] == [0.25, 0.75]
+
+
+def test_a_later_training_of_the_script_smooths_its_own_loss_and_every_warning_is_counted():
+    """SFT, then DPO in one script: the DPO's loss (0.69) is not smoothed on from the SFT's (3.6), and the DPO's
+    few losses are no level yet on the dashboard (nor in the report). A warning at every step (more than a
+    snapshot carries) is counted whole."""
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 12, "world_size": 1}
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, run]
+    for k in range(1, 13):
+        events += [_step(k, float(k)), _log(k, 3.6)]
+    events += [{**run, "training": 2, "start_step": 12, "step_offset": 12, "max_steps": 16}]
+    for k in range(13, 17):
+        events += [_step(k, float(k)), _log(k, 0.69)]
+    from kaio.run.live import build_snapshot
+
+    state = replay(events)
+    steps = history_of(state)["steps"]
+    assert steps[11]["loss_smoothed"] == pytest.approx(3.6) and steps[-1]["loss_smoothed"] == pytest.approx(0.69)
+    snapshot = build_snapshot(state.ledger, state.parts.live, 16, ())
+    assert snapshot.loss == 0.69 and snapshot.loss_smoothed is None  # 4 losses of this training: too few
+    from kaio.report.markdown import render_markdown
+    from kaio.report.summary import summarize
+
+    with state.with_open_steps() as index:
+        header = state.header()
+        report = render_markdown(header, summarize(header, index), index.evals())
+    assert "too few losses logged to smooth (4)" in report
+    assert history_of(state)["run"]["training"] == 2
+
+    for k in range(60):
+        state.warn(f"warning number {k}")
+    snapshot = state.snapshot()
+    assert snapshot.warning_count == 60 and len(snapshot.warnings) == 50 and snapshot.warnings[-1].endswith("59")

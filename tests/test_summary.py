@@ -522,3 +522,26 @@ def test_a_learning_rate_that_jumps_up_where_a_resume_began_is_said():
         "learning rate jumped from 0 to 0.0008 at step 11, where session 2 (resume) began: the scheduler planned its "
         "schedule anew for that session's length (e.g. a cosine schedule extended by --max-steps restarts from a high rate)"
     ]
+
+
+def test_a_loss_around_zero_or_one_that_had_fallen_near_it_is_not_called_diverging():
+    """GRPO's loss sits around 0 and goes negative: its ratio to its minimum means nothing (a false warning at
+    every step, seen on a GRPOTrainer script). A loss that fell from 2 to 0.01 and stands at 0.04 tripled, but
+    has not blown up; back at 1 it has."""
+    around_zero = LossSmoother()
+    flagged = [around_zero.add(x)[1] for x in [0.0, -0.2, -0.4, -0.1, 0.0, -0.3] * 4 + [0.3, 0.4, 0.5]]
+    assert not any(flagged) and not around_zero.positive
+
+    fallen = LossSmoother()
+    for x in [2.0, 1.0, 0.5] + [0.01] * 40:
+        fallen.add(x)
+    assert [fallen.add(0.04)[1] for _ in range(10)] == [False] * 10  # 4x its minimum, 2% of its fall back up
+    assert fallen.add(3.0)[1]  # a blow-up: smoothed ~1, half its fall back up
+
+
+def test_a_resumed_smoother_keeps_its_maximum_and_whether_the_loss_was_ever_at_or_below_zero():
+    losses = [4.0, 2.0, 1.0, -0.5, 0.5]
+    whole = LossSmoother()
+    index = index_of([step(i + 1, loss=x, loss_smoothed=whole.add(x)[0]) for i, x in enumerate(losses)])
+    assert (index.smoother_at(3).high, index.smoother_at(3).positive) == (4.0, True)
+    assert (index.smoother_at(5).high, index.smoother_at(5).positive) == (4.0, False)

@@ -41,7 +41,7 @@ from kaio.record.paths import ProjectPaths
 from kaio.record.rules import LossSmoother
 from kaio.record.types import EvalEntry, StepEntry
 
-INDEX_FORMAT = 10  # bump when the tables, or how records become their rows, change: an older index is rebuilt
+INDEX_FORMAT = 11  # bump when the tables, or how records become their rows, change: an older index is rebuilt
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
@@ -287,14 +287,21 @@ class RunIndex:
 
     def smoother_at(self, step: int) -> LossSmoother:
         """The smoothed loss as it stood after ``step`` (a resume continues it from there)."""
-        count, low = self.conn.execute(
-            "SELECT COUNT(loss_smoothed), MIN(loss_smoothed) FROM steps WHERE step <= ?", (step,)
+        count, low, high, lowest_loss = self.conn.execute(
+            "SELECT COUNT(loss_smoothed), MIN(loss_smoothed), MAX(loss_smoothed), MIN(loss) FROM steps WHERE step <= ?",
+            (step,),
         ).fetchone()
         row = self.conn.execute(
             "SELECT loss_smoothed FROM steps WHERE step <= ? AND loss_smoothed IS NOT NULL ORDER BY step DESC LIMIT 1",
             (step,),
         ).fetchone()
-        return LossSmoother(smoothed=row[0] if row else None, count=count, low=low)
+        return LossSmoother(
+            smoothed=row[0] if row else None,
+            count=count,
+            low=low,
+            high=high,
+            positive=lowest_loss is None or lowest_loss > 0,
+        )
 
     def samples_seen_at(self, step: int) -> int | None:
         """The examples seen by the end of ``step``, as recorded (a resume counts on from there)."""

@@ -13,7 +13,8 @@ from collections.abc import Iterable, Iterator, Mapping
 import msgspec
 
 WARMUP_STEPS = 10  # a randomly initialised model's first steps are not judged (loss, grad norm)
-DIVERGENCE_FACTOR = 3.0  # the smoothed loss above 3x its running minimum: diverging
+DIVERGENCE_FACTOR = 3.0  # the smoothed loss above 3x its running minimum...
+DIVERGENCE_RISE = 0.1  # ...and back up by a tenth of its fall: diverging (LossSmoother.diverging)
 GRAD_NORM_SPIKE_FACTOR = 10.0  # a gradient norm above 10x the median of the ones logged just before: a spike
 GRAD_NORM_WINDOW = 20  # ...of the 20 before it (the run's own median flags a converging run's early norms)
 STALL_FACTOR = 10.0  # no step for 10x the median step time...
@@ -52,32 +53,46 @@ def training_completed(trained_to_end: bool | None, step: int, max_steps: int | 
 
 
 class LossSmoother(msgspec.Struct, kw_only=True):
-    """The one smoothed loss: an EMA over the finite logged losses, in step order.
+    """The one smoothed loss: an EMA over the finite logged losses of one training, in step order.
 
     Its span grows with the points seen (2% of them, at least 5), so that a short
     run is smoothed lightly and a million-step one still reads as a curve; an
-    online pass cannot know the final count. Divergence: after the warm-up, the
-    smoothed loss above ``DIVERGENCE_FACTOR`` times its running minimum (on the
-    smoothed loss, so that one noisy batch near a low minimum is not a divergence).
+    online pass cannot know the final count. Divergence (``diverging``): judged on
+    the smoothed loss, so that one noisy batch near a low minimum is not one.
     """
 
     smoothed: float | None = None
     count: int = 0  # finite losses seen
-    low: float | None = None  # the running minimum of the smoothed loss
+    low: float | None = None  # the running minimum of the smoothed loss...
+    high: float | None = None  # ...and its maximum
+    positive: bool = True  # every loss so far was above 0 (a cross-entropy; not an RL objective around 0)
 
     def add(self, loss: float) -> tuple[float, bool]:
         """The smoothed loss after ``loss``, and whether it diverges there."""
         self.count += 1
+        self.positive = self.positive and loss > 0
         if self.smoothed is None:
             self.smoothed = loss
         else:
             span = max(5.0, self.count / 50.0)
             alpha = 2.0 / (span + 1.0)
             self.smoothed = alpha * loss + (1.0 - alpha) * self.smoothed
-        diverged = self.count > WARMUP_STEPS and self.low is not None and self.smoothed > DIVERGENCE_FACTOR * self.low
+        diverged = self.count > WARMUP_STEPS and self.diverging()
         if self.low is None or self.smoothed < self.low:
             self.low = self.smoothed
+        if self.high is None or self.smoothed > self.high:
+            self.high = self.smoothed
         return self.smoothed, diverged
+
+    def diverging(self) -> bool:
+        """The smoothed loss above ``DIVERGENCE_FACTOR`` times its running minimum, and back up by more than
+        ``DIVERGENCE_RISE`` of its fall from its maximum: a loss that had fallen to 0.001 and stands at 0.004 has
+        not blown up. Only for a loss that has stayed above 0: the ratio of a loss around 0 (GRPO's, PPO's) to
+        its minimum says nothing."""
+        s, low, high = self.smoothed, self.low, self.high
+        if s is None or low is None or high is None or not self.positive:
+            return False
+        return s > DIVERGENCE_FACTOR * low and s - low > DIVERGENCE_RISE * (high - low)
 
 
 def stall_threshold_s(median_step_s: float | None) -> float:

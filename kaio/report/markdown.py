@@ -143,8 +143,8 @@ def _params(s: Summary) -> str:
 
 
 def _final_smoothed(s: Summary) -> str:
-    if s.loss_final_smoothed is not None and rules.too_few_to_smooth(s.loss_logged_steps):
-        return f"too few losses logged to smooth ({s.loss_logged_steps}): see the final loss"
+    if s.loss_final_smoothed is not None and rules.too_few_to_smooth(s.loss_smoothed_over):
+        return f"too few losses logged to smooth ({s.loss_smoothed_over}): see the final loss"
     return _num(s.loss_final_smoothed, ".4g") or _no_loss(s)
 
 

@@ -75,6 +75,7 @@ class Summary(msgspec.Struct, kw_only=True):
     loss_min: float | None = None
     loss_min_step: int | None = None
     loss_logged_steps: int = 0
+    loss_smoothed_over: int = 0  # the finite losses of the smoothed loss's curve (the latest training's)
     loss_nan_count: int = 0
     loss_nan_first_step: int | None = None
     loss_inf_count: int = 0
@@ -213,7 +214,7 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
     s.training_time_s = _training_time_s(q, sessions)
     evals = index.evals()  # few (one every eval_steps): read once, whole
     _time_spent(q, s, sessions, header.telemetry, header.stalls, evals)
-    _loss(q, s)
+    _loss(q, s, run)
     if not s.loss_logged_steps and not (s.loss_nan_count or s.loss_inf_count) and s.step_entries:
         _why_no_loss(q, s, run)
     _evals(evals, s)
@@ -323,7 +324,7 @@ def _sum(values: Any) -> float | None:
     return sum(present) if present else None
 
 
-def _loss(q: _Query, s: Summary) -> None:
+def _loss(q: _Query, s: Summary, run: RunDescription | None) -> None:
     s.loss_initial = q.value("SELECT loss FROM steps WHERE loss IS NOT NULL ORDER BY step LIMIT 1")
     s.loss_final_step, s.loss_final, s.loss_final_smoothed = q.row(
         "SELECT step, loss, loss_smoothed FROM steps WHERE loss IS NOT NULL ORDER BY step DESC LIMIT 1"
@@ -334,6 +335,10 @@ def _loss(q: _Query, s: Summary) -> None:
     s.loss_min_step, s.loss_min, s.loss_logged_steps = q.row(
         "SELECT step, MIN(loss), COUNT(loss) FROM steps WHERE loss IS NOT NULL"
     ) or (None, None, 0)
+    since = run.start_step if run is not None and run.training > 1 else None  # the smoothed loss began again there
+    s.loss_smoothed_over = (
+        q.value("SELECT COUNT(loss) FROM steps WHERE step > ?", since) if since else s.loss_logged_steps
+    ) or 0
     for tag, count, first in q.conn.execute(
         "SELECT loss_nonfinite, COUNT(*), MIN(step) FROM steps WHERE loss_nonfinite IS NOT NULL GROUP BY loss_nonfinite"
     ):

@@ -255,7 +255,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         if entry.loss_diverged:
             out.warn(
                 f"loss diverging at step {entry.step}: smoothed loss {entry.loss_smoothed:.4g} is over "
-                f"3x its minimum so far ({self.smoother.low:.4g})"
+                f"{rules.DIVERGENCE_FACTOR:g}x its minimum so far ({self.smoother.low:.4g})"
             )
 
     def on_tick(self, tick: TickRecord, run_keys: set[str], out: AssemblyOutput) -> None:
@@ -297,7 +297,10 @@ class StepAssembler(msgspec.Struct, kw_only=True):
             for key in metrics:
                 entry.metrics.pop(key, None)
             return
-        for key in [k for k in entry.metrics if k.startswith(f"{prefix}_")]:
+        # One of several eval datasets (eval_<set>): a trainer's own eval_* keys (TRL's eval_accuracy) are unprefixed
+        # by set, and the latest logged are this set's (an earlier set's were taken by its own evaluation).
+        family = "eval" if prefix.startswith("eval_") else prefix
+        for key in [k for k in entry.metrics if k.startswith(f"{family}_")]:
             value = entry.metrics.pop(key)
             metrics.setdefault(key, value)
 

@@ -63,7 +63,9 @@ class LiveStats(msgspec.Struct, kw_only=True):
             self.last_end = (event.t_mono, event.step, event.evaluates or event.saves)
             self.last_step_t_mono = event.t_mono
 
-    def on_log(self, event: Log, entry: StepEntry | None) -> None:
+    def on_log(self, event: Log, entry: StepEntry | None, smoothed_over: int) -> None:
+        """``smoothed_over``: the finite losses the smoothed loss is of; too few, and it is no level to show (the
+        report withholds it too)."""
         # Merged, not replaced: the Trainer's closing log (train_runtime) carries no loss or learning
         # rate, and the dashboard's last frame must still show them.
         for name in ("learning_rate", "grad_norm"):
@@ -77,7 +79,7 @@ class LiveStats(msgspec.Struct, kw_only=True):
             if self.loss is not None:
                 self.recent_losses = self.recent_losses[-(RECENT_LOSSES - 1) :] + [self.loss]
             if entry is not None and entry.loss_smoothed is not None:
-                self.loss_smoothed = entry.loss_smoothed
+                self.loss_smoothed = None if rules.too_few_to_smooth(smoothed_over) else entry.loss_smoothed
 
     def on_samples_seen(self, step: int, samples_seen: int) -> None:
         if not self.recent_samples or step > self.recent_samples[-1][0]:
@@ -104,6 +106,7 @@ def build_snapshot(
     step: int,
     warnings: tuple[str, ...],
     *,
+    warnings_before: int = 0,
     live_warnings: tuple[str, ...] = (),
     status: str | None = None,
     log_tail: tuple[str, ...] = (),
@@ -170,6 +173,7 @@ def build_snapshot(
         host=host,
         log_tail=log_tail,
         warnings=warnings,
+        warnings_before=warnings_before,
         live_warnings=live_warnings,
         exit_code=session.exit_code if session else None,
         report_path=report_path,

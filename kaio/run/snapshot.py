@@ -33,6 +33,9 @@ _PROGRESS_BAR = re.compile(
     r"^(?P<desc>.*?)\s*\d{1,3}%\|[^|]*\|\s*[\d.]+[kMGT]?/(?P<total>[\d.]+[kMGT]?|\?)(?:\s*\[[^\]]*\])?\s*$"
 )
 _BAR_LOOKBACK = 8  # lines back to look for the same bar's earlier state
+# The newest recorded warnings a snapshot carries: the panel shows 5, and the plain view prints each one once,
+# so this bounds what may arrive between two snapshots (a few a second) without one going unprinted.
+SNAPSHOT_WARNINGS = 50
 
 
 def progress_bar(shown: str) -> tuple[str, str] | None:
@@ -128,9 +131,15 @@ class Snapshot:
     host: HostRow | None = None
     nodes: tuple[NodeRow, ...] = ()  # the job's other machines (on its head)
     log_tail: tuple[str, ...] = ()  # last lines of the child's output (bounded)
-    warnings: tuple[str, ...] = ()  # the latest recorded ones, then the live ones
+    warnings: tuple[str, ...] = ()  # the latest recorded ones (at most SNAPSHOT_WARNINGS), then the live ones
+    warnings_before: int = 0  # recorded warnings older than those in ``warnings`` (counted, not carried)
     live_warnings: tuple[str, ...] = ()  # those of ``warnings`` that say what is going on now (a stall's seconds)
     exit_code: int | None = None
     training_completed: bool = False  # this session's Trainer trained all its steps (a failure came after)
     rendezvous: str | None = None  # a job of several machines: where its nodes meet ("2 nodes at gpu01:29500")
     report_path: str | None = None  # report.md: where the record is (the last frame says so)
+
+    @property
+    def warning_count(self) -> int:
+        """Every warning of the run so far, those not carried included."""
+        return self.warnings_before + len(self.warnings)

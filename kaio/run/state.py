@@ -54,7 +54,7 @@ from kaio.record.types import (
 from kaio.run.assembly import StepAssembler, iso
 from kaio.run.ledger import RunLedger
 from kaio.run.live import LiveStats, build_snapshot
-from kaio.run.snapshot import Snapshot
+from kaio.run.snapshot import SNAPSHOT_WARNINGS, Snapshot
 from kaio.run.stalls import stall_lines
 from kaio.run.stragglers import StragglerWatch
 
@@ -205,6 +205,7 @@ class RunState:
             self.parts.steps.resume_at(r.start_step, self)
             if r.training > 1:  # a script's second Trainer, or train() again: its steps follow the earlier ones
                 self.parts.steps.continue_counts_at(r.start_step)
+                self.parts.steps.smoother = LossSmoother()  # maybe another objective (SFT, then DPO): its own curve
                 own = r.start_step - r.step_offset
                 if r.retry:
                     self.ledger.add_note(
@@ -245,7 +246,7 @@ class RunState:
         self.ledger.telemetry.events += 1
         self.parts.steps.on_log(r, self)
         entry = self.parts.steps.open.get(r.step) if r.step is not None else None
-        self.parts.live.on_log(r, entry)
+        self.parts.live.on_log(r, entry, self.parts.steps.smoother.count)
 
     def _throughput_of_run(self) -> Throughput | None:
         """Derived once from what it depends on (the run description, the devices, the config), which the
@@ -392,13 +393,15 @@ class RunState:
         report_path: str | None = None,
     ) -> Snapshot:
         """``live_warnings``: what is going on now (a stall's seconds), shown after the recorded warnings."""
-        warnings = tuple(self.parts.warnings.items[-5:]) + live_warnings
+        recorded = self.parts.warnings
+        carried = recorded.items[-SNAPSHOT_WARNINGS:]
         self.ledger.note_energy(self.parts.live.latest_gpu)
         return build_snapshot(
             self.ledger,
             self.parts.live,
             self.last_step,
-            warnings,
+            (*carried, *live_warnings),
+            warnings_before=len(recorded.items) - len(carried) + recorded.dropped,
             live_warnings=live_warnings,
             status=status,
             log_tail=log_tail,
