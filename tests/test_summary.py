@@ -545,3 +545,26 @@ def test_a_resumed_smoother_keeps_its_maximum_and_whether_the_loss_was_ever_at_o
     index = index_of([step(i + 1, loss=x, loss_smoothed=whole.add(x)[0]) for i, x in enumerate(losses)])
     assert (index.smoother_at(3).high, index.smoother_at(3).positive) == (4.0, True)
     assert (index.smoother_at(5).high, index.smoother_at(5).positive) == (4.0, False)
+
+
+def test_the_other_numbers_a_training_logged_are_summed_up_by_name_and_the_trainers_closing_log_is_not():
+    """DPO's rewards/margins, SFT's mean_token_accuracy, a compute_loss's auxiliary loss: in report.md, each with
+    where it was first, last, lowest and highest. A resume's steps trained again replace the earlier ones'."""
+    from kaio.report.markdown import render_markdown
+
+    steps = [step(k, metrics={"rewards/margins": 0.1 * k, "aux_loss": 5.0 - k}) for k in range(1, 6)]
+    steps[-1].metrics |= {"train_runtime": 9.0, "train_loss": 2.0, "num_tokens": 123456.0}
+    index = index_of(steps)
+    index.truncate_after(4)  # the resume from checkpoint-4 trains step 5 again
+    index.add_step(step(5, session=2, metrics={"rewards/margins": -0.5, "aux_loss": 7.0}))
+    s = summarize(header(), index)
+    assert [(m.name, m.logged, m.first, m.last, m.last_step) for m in s.logged_metrics] == [
+        ("aux_loss", 5, 4.0, 7.0, 5),
+        ("rewards/margins", 5, 0.1, -0.5, 5),
+    ]
+    margins = s.logged_metrics[1]
+    assert (margins.min, margins.min_step, margins.max, margins.max_step) == (-0.5, 5, pytest.approx(0.4), 4)
+    report = render_markdown(header(), s, [])
+    assert "## Other logged metrics" in report
+    assert "| aux_loss | 5 | 4 | 7 (step 5) | 1 (step 4) | 7 (step 5) |" in report
+    assert "train_runtime" not in report

@@ -3,9 +3,9 @@
 The journal is the source of truth; replaying it to answer "what was the
 median step time" each time would take minutes on a day-long run. The index
 holds every final step entry (``steps``, and its history.json line in ``step_lines``), each
-GPU's and rank's figures per step (``step_gpus``, ``step_ranks``), the
-evaluations, and the run state (``meta``: ``RunState`` encoded) together with
-how much of the journal all of that covers. A commit writes them in one
+GPU's and rank's figures per step (``step_gpus``, ``step_ranks``), the other numbers the script
+logged (``step_metrics``), the evaluations, and the run state (``meta``: ``RunState`` encoded)
+together with how much of the journal all of that covers. A commit writes them in one
 transaction, so the steps and the state never disagree; what the journal
 holds beyond the covered offset is replayed on top.
 
@@ -41,7 +41,7 @@ from kaio.record.paths import ProjectPaths
 from kaio.record.rules import LossSmoother
 from kaio.record.types import EvalEntry, StepEntry
 
-INDEX_FORMAT = 11  # bump when the tables, or how records become their rows, change: an older index is rebuilt
+INDEX_FORMAT = 12  # bump when the tables, or how records become their rows, change: an older index is rebuilt
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
@@ -57,14 +57,18 @@ CREATE TABLE IF NOT EXISTS step_gpus (
     gpu TEXT, step INTEGER, duration_s REAL, power_avg REAL, power_min REAL, power_max REAL, util REAL, temp REAL,
     vram_used REAL, throttle TEXT, PRIMARY KEY (gpu, step)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS step_ranks (rank TEXT, step INTEGER, peak REAL, PRIMARY KEY (rank, step)) WITHOUT ROWID;
+-- Every other number the script logged at a step (its entry's metrics): TRL's rewards, an auxiliary loss...
+CREATE TABLE IF NOT EXISTS step_metrics (name TEXT, step INTEGER, value REAL, PRIMARY KEY (name, step)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS evals (step INTEGER, session INTEGER, eval_loss REAL, entry BLOB NOT NULL);
 """
-_TABLES = ("steps", "step_lines", "step_gpus", "step_ranks", "evals", "meta")
+_STEP_TABLES = ("steps", "step_lines", "step_gpus", "step_ranks", "step_metrics", "evals")  # a row per step or more
+_TABLES = (*_STEP_TABLES, "meta")
 _ROW_TABLES = {  # what add_step inserts, in batches
     "steps": "INSERT OR REPLACE INTO steps VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
     "step_lines": "INSERT OR REPLACE INTO step_lines VALUES (?,?,?)",
     "step_gpus": "INSERT OR REPLACE INTO step_gpus VALUES (?,?,?,?,?,?,?,?,?,?)",
     "step_ranks": "INSERT OR REPLACE INTO step_ranks VALUES (?,?,?)",
+    "step_metrics": "INSERT OR REPLACE INTO step_metrics VALUES (?,?,?)",
 }
 _BATCH_STEPS = 256
 _ENCODER = msgspec.json.Encoder()
@@ -237,6 +241,7 @@ class RunIndex:
         pending["step_ranks"].extend(
             (rank, entry.step, v) for rank, v in entry.peak_vram_bytes.items() if v is not None
         )
+        pending["step_metrics"].extend((name, entry.step, _as_stored(v)) for name, v in entry.metrics.items())
         if len(pending["steps"]) >= _BATCH_STEPS:
             self._flush()
 
@@ -261,7 +266,7 @@ class RunIndex:
         """A resumed session trains the steps after its checkpoint again: forget them."""
 
         def forget(conn: sqlite3.Connection) -> None:
-            for table in ("steps", "step_lines", "step_gpus", "step_ranks", "evals"):
+            for table in _STEP_TABLES:
                 conn.execute(f"DELETE FROM {table} WHERE step > ?", (step,))
 
         self._flush()

@@ -54,6 +54,7 @@ def render_markdown(header: HistoryHeader, summary: Summary, evals: list[EvalEnt
         _executive_summary(summary, header),
         _key_metrics(summary),
         _evaluations(summary, evals),
+        _logged_metrics(summary),
         _time_spent(summary),
         "## Telemetry\n\n![telemetry](telemetry.png)",
         _what_was_trained(header.run, evaluated=summary.eval_count > 0),
@@ -270,12 +271,41 @@ def _evaluation_step(e: EvalEntry) -> str:
 def _metric(entry: EvalEntry, name: str) -> str:
     if name in entry.nonfinite:
         return entry.nonfinite[name]
-    value = entry.metrics.get(name)
+    return _logged(entry.metrics.get(name))
+
+
+def _logged(value: float | None, step: int | None = None) -> str:
+    """A number as a script logged it; a large whole one is a count (num_input_tokens_seen): 12,288, not 1.229e+04."""
     if value is None:
         return "—"
-    if value.is_integer() and abs(value) >= 1e4:  # a count (num_input_tokens_seen): 12,288, not 1.229e+04
-        return f"{value:,.0f}"
-    return format(value, ".4g")
+    text = f"{value:,.0f}" if value.is_integer() and abs(value) >= 1e4 else format(value, ".4g")
+    return text if step is None else f"{text} (step {step})"
+
+
+def _logged_metrics(s: Summary) -> str | None:
+    if not s.logged_metrics:
+        return None
+    rows = [
+        (
+            m.name,
+            m.logged,
+            _logged(m.first),
+            _logged(m.last, m.last_step),
+            _logged(m.min, m.min_step),
+            _logged(m.max, m.max_step),
+        )
+        for m in s.logged_metrics
+    ]
+    more = (
+        f" The first {len(rows)} by name; {s.logged_metrics_not_listed} more are in history.json."
+        if s.logged_metrics_not_listed
+        else ""
+    )
+    return (
+        "## Other logged metrics\n\nWhat the training logged at its steps besides the loss, learning rate and gradient "
+        f"norm (each step's are its `metrics` in history.json).{more}\n\n"
+        + _table(("Metric", "Logged at steps", "First", "Last", "Min", "Max"), rows)
+    )
 
 
 def _what_was_trained(run: RunDescription | None, *, evaluated: bool = False) -> str:

@@ -47,6 +47,21 @@ class EvalSetLoss(msgspec.Struct, kw_only=True):
     best_step: int | None = None
 
 
+class LoggedMetric(msgspec.Struct, kw_only=True):
+    """A number the script logged at its steps besides the loss, learning rate and gradient norm (TRL's
+    rewards/margins, an auxiliary loss), over the run."""
+
+    name: str
+    logged: int  # at how many steps
+    first: float | None = None
+    last: float | None = None
+    last_step: int | None = None
+    min: float | None = None
+    min_step: int | None = None
+    max: float | None = None
+    max_step: int | None = None
+
+
 class Summary(msgspec.Struct, kw_only=True):
     project: str
     status: str
@@ -91,6 +106,8 @@ class Summary(msgspec.Struct, kw_only=True):
     # Several eval datasets: each one's final and best loss, in the order they were first evaluated (the
     # eval_loss_* fields above are the first one's).
     eval_sets: list[EvalSetLoss] = []
+    logged_metrics: list[LoggedMetric] = []  # by name, at most LOGGED_METRICS_LISTED...
+    logged_metrics_not_listed: int = 0  # ...and how many more there are
     vram_true_peak_bytes: int | None = None
     vram_true_peak_by_rank_bytes: dict[str, int] = {}
     vram_true_peak_step_avg_bytes: int | None = None
@@ -153,6 +170,8 @@ class _Query:
 
 
 # Where the wall time went, in the order the report and the figure show it: (key, the report's label, the figure's).
+LOGGED_METRICS_LISTED = 40  # report.md's table of the other logged numbers: a script logging hundreds lists these
+
 TIME_BUCKETS = (
     ("startup_s", "Start-up (launch to the first step)", "start-up"),
     ("productive_s", "**Optimizer steps (goodput)**", "optimizer steps"),
@@ -215,6 +234,7 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
     evals = index.evals()  # few (one every eval_steps): read once, whole
     _time_spent(q, s, sessions, header.telemetry, header.stalls, evals)
     _loss(q, s, run)
+    _logged_metrics(q, s)
     if not s.loss_logged_steps and not (s.loss_nan_count or s.loss_inf_count) and s.step_entries:
         _why_no_loss(q, s, run)
     _evals(evals, s)
@@ -347,6 +367,37 @@ def _loss(q: _Query, s: Summary, run: RunDescription | None) -> None:
         else:  # inf and -inf
             s.loss_inf_count += count
             s.loss_inf_first_step = first if s.loss_inf_first_step is None else min(first, s.loss_inf_first_step)
+
+
+def _logged_metrics(q: _Query, s: Summary) -> None:
+    closing = ",".join("?" * len(rules.TRAINER_CLOSING_METRICS))
+    names = [
+        name
+        for (name,) in q.conn.execute(
+            f"SELECT DISTINCT name FROM step_metrics WHERE name NOT IN ({closing}) ORDER BY name",
+            rules.TRAINER_CLOSING_METRICS,
+        )
+    ]
+    s.logged_metrics_not_listed = max(0, len(names) - LOGGED_METRICS_LISTED)
+    for name in names[:LOGGED_METRICS_LISTED]:
+        logged = q.value("SELECT COUNT(*) FROM step_metrics WHERE name = ?", name)
+        first = q.value("SELECT value FROM step_metrics WHERE name = ? ORDER BY step LIMIT 1", name)
+        last_step, last = q.row("SELECT step, value FROM step_metrics WHERE name = ? ORDER BY step DESC LIMIT 1", name)
+        low, low_step = q.row("SELECT MIN(value), step FROM step_metrics WHERE name = ?", name)  # the min's step
+        high, high_step = q.row("SELECT MAX(value), step FROM step_metrics WHERE name = ?", name)
+        s.logged_metrics.append(
+            LoggedMetric(
+                name=name,
+                logged=logged,
+                first=first,
+                last=last,
+                last_step=last_step,
+                min=low,
+                min_step=low_step if low is not None else None,
+                max=high,
+                max_step=high_step if high is not None else None,
+            )
+        )
 
 
 def _why_no_loss(q: _Query, s: Summary, run: RunDescription | None) -> None:
