@@ -184,7 +184,10 @@ def test_train_begin_describes_the_run_from_the_live_objects(tmp_path, torch):
             num_key_value_heads=2,
         )
     )
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    lora = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]
+    )
+    model = get_peft_model(base, lora)
     args = TrainingArguments(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=3,
@@ -195,9 +198,16 @@ def test_train_begin_describes_the_run_from_the_live_objects(tmp_path, torch):
         eval_steps=5,
         use_cpu=True,
         report_to="none",
+        label_smoothing_factor=0.1,  # changes the loss it logs: said beside it
     )
     emitter = EventEmitter(None, str(tmp_path / "spool"), rank=0, session=1)
-    callback = KaioCallback(emitter)
+
+    # bf16 set by `accelerate launch --mixed_precision bf16` (the README's example), not by the arguments
+    class Trainer:  # what the callback reads of its Trainer (held by a weak reference)
+        accelerator = SimpleNamespace(mixed_precision="bf16")
+
+    trainer = Trainer()
+    callback = KaioCallback(emitter, trainer)
     state = SimpleNamespace(global_step=0, max_steps=7)
     data = SimpleNamespace(dataset=list(range(11)))  # the train dataloader, when no Trainer is known
     callback.on_train_begin(args, state, SimpleNamespace(), model=model, train_dataloader=data, processing_class=None)
@@ -216,11 +226,24 @@ def test_train_begin_describes_the_run_from_the_live_objects(tmp_path, torch):
         "dropout": 0.1,
         "target_modules": ["q_proj", "v_proj"],
         "adapted_modules": ["q_proj", "v_proj"],
+        "modules_to_save": ["lm_head"],
     }
     assert start["train_samples"] == 11
     env = start["environment"]
     assert env["torch"] == torch.__version__ and env["transformers"] and env["python"]
     assert "script_optimizer" not in start  # the Trainer made it from args.optim
+    import msgspec
+
+    from kaio.record.types import RunDescription, RunStart
+
+    assert start["args"]["bf16"] is False and start["mixed_precision"] == "bf16"
+    described = RunDescription.from_run_start(msgspec.convert(start, RunStart))
+    assert described.precision == "bf16"
+    from kaio.report.markdown import _what_was_trained
+
+    table = _what_was_trained(described)
+    assert "| PEFT | LORA r=8 alpha=16 dropout=0.1 on q_proj, v_proj; trained whole beside them: lm_head |" in table
+    assert "| Label smoothing | 0.1 |" in table and "| Precision (training) | bf16 |" in table
 
     # The script's own optimizer and scheduler (Trainer(optimizers=(...))), inside accelerate's wrappers (their
     # .optimizer and .scheduler, as AcceleratedOptimizer and AcceleratedScheduler hold them): what trained.
@@ -238,9 +261,6 @@ def test_train_begin_describes_the_run_from_the_live_objects(tmp_path, torch):
         0.1,
         "StepLR",
     )
-    import msgspec
-
-    from kaio.record.types import RunDescription, RunStart
     from kaio.report.markdown import _optimizer_rows
 
     run = RunDescription.from_run_start(msgspec.convert(start, RunStart))

@@ -100,7 +100,7 @@ def test_an_unchanged_script_on_two_cpu_ranks_is_one_job_of_world_size_two(clm_t
     assert _row(report, "World size (processes)") == "2"
     assert _row(report, "Per-device batch size") == "4" and _row(report, "Effective batch size") == "8"
     assert _row(report, "Architecture") == "LlamaForCausalLM" and _row(report, "Max steps") == "8"
-    assert _row(report, "Model") == "no name or path: built from a config"
+    assert _row(report, "Model") == "no name or path: built by the script, not loaded"
     assert _row(report, "PEFT").startswith("none")
 
 

@@ -41,6 +41,7 @@ def describe_run(rank: int, args: Any, state: Any, model: Any, kwargs: dict[str,
         start_tokens=_int(getattr(state, "num_input_tokens_seen", None)) or None,
         max_steps=_int(state.max_steps),
         device=str(getattr(args, "device", None)),
+        mixed_precision=_mixed_precision(trainer),
         args=_training_args(args, state),
         model=describe_model(model),
         peft=describe_peft(model),
@@ -79,6 +80,14 @@ def _training_args(args: Any, state: Any) -> TrainingArgs:
     return msgspec.convert(values, TrainingArgs, strict=False)
 
 
+def _mixed_precision(trainer: Any) -> str | None:
+    try:
+        value = _plain(getattr(trainer, "accelerator", None).mixed_precision)  # type: ignore[union-attr]
+    except Exception:  # no accelerator (an older transformers), or one that cannot say
+        return None
+    return value if isinstance(value, str) else None
+
+
 def _distributed_type(args: Any) -> str | None:
     state = getattr(args, "distributed_state", None)
     kind = getattr(state, "distributed_type", None)
@@ -112,6 +121,11 @@ def describe_model(model: Any) -> ModelInfo | None:
     except (AttributeError, RuntimeError, TypeError):
         trainable = total = matmul_trainable = matmul_frozen = weight_bytes = None  # type: ignore[assignment]
     dtype = getattr(model, "dtype", None)
+    if dtype is None:  # a plain torch module: its weights'
+        try:
+            dtype = next((p.dtype for p in model.parameters()), None)
+        except (AttributeError, RuntimeError, TypeError):
+            dtype = None
     return ModelInfo(
         name_or_path=_str(getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)),
         model_class=type(model).__name__,
@@ -187,6 +201,7 @@ def describe_peft(model: Any) -> PeftInfo | None:
         dropout=_float(getattr(config, "lora_dropout", None)),
         target_modules=modules,
         adapted_modules=_adapted_modules(model),
+        modules_to_save=sorted(str(m) for m in getattr(config, "modules_to_save", None) or ()),
     )
 
 

@@ -418,6 +418,8 @@ class RunDescription(msgspec.Struct, kw_only=True):
         parts = (args.per_device_train_batch_size, args.gradient_accumulation_steps, r.world_size)
         effective = parts[0] * parts[1] * parts[2] if all(isinstance(p, int) for p in parts) else None  # type: ignore[operator]
         precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32" if args.bf16 is not None else None
+        if r.mixed_precision in ("bf16", "fp16", "fp8"):  # the accelerator's: accelerate launch may have set it
+            precision = r.mixed_precision
         return cls(
             reporter=r.reporter,
             world_size=r.world_size,

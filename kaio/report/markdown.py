@@ -327,7 +327,7 @@ def _what_was_trained(run: RunDescription | None, *, evaluated: bool = False) ->
         )
     model, peft, args = run.model, run.peft, run.args
     rows: list[tuple[str, Any]] = [
-        ("Model", (model.name_or_path or "no name or path: built from a config") if model else None),
+        ("Model", (model.name_or_path or "no name or path: built by the script, not loaded") if model else None),
         ("Architecture", (model.architecture or model.model_class) if model else None),
         ("Weights dtype", model.dtype if model else None),
         ("Precision (training)", run.precision),
@@ -345,6 +345,8 @@ def _what_was_trained(run: RunDescription | None, *, evaluated: bool = False) ->
         *_optimizer_rows(run, args),
         *([("Gradient checkpointing", "on")] if args.gradient_checkpointing else []),
         *([("torch.compile", "on")] if args.torch_compile else []),
+        *([("Label smoothing", _num(args.label_smoothing_factor, "g"))] if args.label_smoothing_factor else []),
+        *([("NEFTune noise alpha", _num(args.neftune_noise_alpha, "g"))] if args.neftune_noise_alpha else []),
         ("Seed", args.seed),
         ("Logging / evaluation / saving", _strategies(run)),
     ]
@@ -358,7 +360,10 @@ def _peft(peft: Any) -> str:
     text = f"{peft.peft_type or 'adapter'} r={peft.r} alpha={_num(peft.alpha, 'g')}"
     if peft.dropout is not None:
         text += f" dropout={peft.dropout:g}"
-    return text + (f" on {targets}" if targets else "")
+    text += f" on {targets}" if targets else ""
+    if peft.modules_to_save:
+        text += f"; trained whole beside them: {', '.join(peft.modules_to_save)}"
+    return text
 
 
 def _targets(modules: list[str] | str | None) -> str | None:

@@ -104,6 +104,9 @@ class TrainingArgs(msgspec.Struct, kw_only=True, omit_defaults=True):
     gradient_checkpointing: bool | None = None
     use_cpu: bool | None = None
     torch_compile: bool | None = None
+    # What changes the loss the Trainer computes and logs (the report says so beside it)
+    label_smoothing_factor: float | None = None
+    neftune_noise_alpha: float | None = None
 
 
 class ModelInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -136,6 +139,7 @@ class PeftInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     dropout: float | None = None
     target_modules: list[str] | str | None = None
     adapted_modules: list[str] = []  # the adapted modules inside the decoder layers, by leaf name (q_proj, ...)
+    modules_to_save: list[str] = []  # trained whole beside the adapters (a copy of lm_head...)
 
 
 class Environment(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -178,6 +182,9 @@ class RunStart(Event, tag="run_start"):
     retry: bool = False
     start_tokens: int | None = None  # the Trainer's input tokens at train begin: a checkpoint's count, resumed
     device: str | None = None
+    # The Trainer's accelerator's mixed precision ("no", "bf16", "fp16", "fp8"): set by the TrainingArguments, or by
+    # `accelerate launch --mixed_precision bf16` / ACCELERATE_MIXED_PRECISION, which the arguments do not show.
+    mixed_precision: str | None = None
     args: TrainingArgs = msgspec.field(default_factory=TrainingArgs)
     model: ModelInfo | None = None
     peft: PeftInfo | None = None
