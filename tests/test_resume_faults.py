@@ -215,7 +215,8 @@ def test_an_exception_in_one_rank_of_two_is_named_and_max_restarts_resumes_from_
 
 def test_overwrite_moves_a_scripts_checkpoints_from_its_own_folder_and_resume_skips_another_runs(tmp_path):
     from kaio.config import RunConfig
-    from kaio.run.project import latest_checkpoint, move_aside
+    from kaio.run.checkpoints import latest_checkpoint
+    from kaio.run.project import move_aside
 
     script_dir = tmp_path / "out"  # the script's own output_dir, which the old record names
     for step in (30, 45):
@@ -233,6 +234,29 @@ def test_overwrite_moves_a_scripts_checkpoints_from_its_own_folder_and_resume_sk
     assert what == "checkpoints"
     assert sorted(p.name for p in moved.iterdir()) == ["checkpoint-30", "checkpoint-45"]
     assert moved.parent == script_dir and (script_dir / "notes.txt").is_file()  # only what the Trainer wrote
+
+
+@pytest.mark.parametrize(
+    ("saved", "whole"),
+    [
+        (["model.safetensors", "trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth"], True),
+        (["adapter_model.safetensors", "optimizer.bin"], True),  # accelerate's own save
+        (["pytorch_model_fsdp_0", "optimizer_0"], True),  # FSDP, sharded
+        (["global_step40", "trainer_state.json"], True),  # DeepSpeed
+        (["model.safetensors", "trainer_state.json"], False),  # TrainingArguments(save_only_model=True)
+    ],
+)
+def test_a_checkpoint_of_the_weights_only_is_said_to_restart_the_optimizer_and_the_schedule(tmp_path, saved, whole):
+    from kaio.run.checkpoints import without_optimizer
+
+    checkpoint = tmp_path / "checkpoint-18"
+    checkpoint.mkdir()
+    for name in saved:
+        (checkpoint / name).touch()
+    said = without_optimizer(checkpoint)
+    assert (said is None) == whole
+    if said is not None:
+        assert said.startswith("checkpoint-18 holds the model's weights only") and "start afresh" in said
 
 
 def test_a_resume_may_change_a_scripts_arguments_but_not_the_script():

@@ -28,6 +28,7 @@ from kaio.record.lock import ProjectLock, is_locked
 from kaio.record.paths import DEFAULT_OUTPUT_DIR, ProjectPaths, node_rank_of, start_over_command
 from kaio.record.types import Note, SessionCounters, SessionEnd, SessionKind, Status
 from kaio.run import recorder as loading
+from kaio.run.checkpoints import is_checkpoint, latest_checkpoint, without_optimizer
 from kaio.run.job import index_copies, node_folders
 from kaio.run.recorder import Loaded, Recorder
 from kaio.run.state import RunState
@@ -136,7 +137,7 @@ def move_aside(cfg: RunConfig, checkpoint_dir: Path) -> list[tuple[str, Path]]:
     if cfg.launch.node_rank != 0:
         return moved  # the checkpoints are the head's to move (one folder for every node, when shared)
     # Only what the Trainer wrote there: training.output_dir may be a folder shared with other things.
-    checkpoints = [p for p in checkpoint_dir.glob("*") if p.name == "final" or _is_checkpoint(p)]
+    checkpoints = [p for p in checkpoint_dir.glob("*") if p.name == "final" or is_checkpoint(p)]
     if checkpoints:
         target = checkpoint_dir / f"replaced-{stamp}"
         target.mkdir(exist_ok=True)
@@ -152,10 +153,6 @@ def _live(folder: Path) -> bool:
         return is_locked(folder)
     except OSError:
         return True
-
-
-def _is_checkpoint(path: Path) -> bool:
-    return path.is_dir() and path.name.startswith("checkpoint-") and path.name.removeprefix("checkpoint-").isdigit()
 
 
 def run_new(
@@ -478,33 +475,6 @@ def _no_checkpoint_in(cfg: RunConfig, state: RunState, folder: Path) -> str:
     return f"no complete checkpoint to continue from in {folder}/"
 
 
-def latest_checkpoint(checkpoint_dir: Path, notify: Notify = print, at_most: int | None = None) -> Path | None:
-    """The newest *complete* ``checkpoint-N``: its trainer_state.json (written last) says step N. ``at_most``: the
-    record's last step; a checkpoint after it was not saved by the run this record describes (another run's,
-    left in a folder that ``kaio run --overwrite`` does not own: a script's output_dir)."""
-    candidates = []
-    if checkpoint_dir.is_dir():
-        for path in checkpoint_dir.glob("checkpoint-*"):
-            if _is_checkpoint(path):
-                candidates.append((int(path.name.removeprefix("checkpoint-")), path))
-    for step, path in sorted(candidates, reverse=True):
-        if at_most is not None and step > at_most:
-            notify(f"note: skipping {path}: after step {at_most}, this project's last (another run's checkpoint?)")
-            continue
-        try:
-            trainer_state = json.loads((path / "trainer_state.json").read_text())
-            complete = trainer_state.get("global_step") == step and any(
-                (path / name).exists()
-                for name in ("adapter_model.safetensors", "model.safetensors", "pytorch_model.bin", "adapter_model.bin")
-            )
-        except (OSError, ValueError):
-            complete = False
-        if complete:
-            return path
-        notify(f"note: skipping {path}: incomplete (half-written or damaged)")
-    return None
-
-
 # Keys whose change makes a checkpoint unusable (a key, or a prefix ending in "."); the others may change
 # between sessions: launch.script_args among them, where a script of the user's takes its length.
 _FROZEN_KEYS = (
@@ -733,6 +703,10 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
             f"script's own resume_from_checkpoint as a new project, or start over with `{start_over_command(asked.config_path)}`"
         )
     notes = [f"resumed from {checkpoint.name}"] + [f"config changed for this session: {c}" for c in allowed]
+    partial = without_optimizer(checkpoint)
+    if partial is not None:
+        notify(f"kaio: warning: {partial}")
+        notes.append(partial)
     return cfg, checkpoint, notes
 
 

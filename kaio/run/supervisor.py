@@ -45,6 +45,7 @@ from kaio.record.types import (
     Status,
 )
 from kaio.run import diagnose
+from kaio.run.checkpoints import without_optimizer
 from kaio.run.ledger import RunLedger
 from kaio.run.node_watch import NodeWatch
 from kaio.run.recorder import Recorder
@@ -189,6 +190,8 @@ class Supervisor:
             origin = f"from {checkpoint.name}" if checkpoint else "from the start (no complete checkpoint yet)"
             cause = outcome.error or outcome.signal or f"exit code {outcome.exit_code}"
             note = f"automatic restart {restarts} of {self.cfg.launch.max_restarts} after: {cause}; {origin}"
+            partial = without_optimizer(checkpoint) if checkpoint else None
+            note += f" ({partial})" if partial else ""
             said = f"kaio: {note}"  # on screen, between the failed session's output and the new one's
             self._log_tail.append(said)
             self.view.child_output(said)

@@ -1,0 +1,55 @@
+"""The Trainer's checkpoint folders (``checkpoint-N``) as a resume finds them: which is the newest complete
+one, and what one that holds the weights only does not continue."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+
+def is_checkpoint(path: Path) -> bool:
+    return path.is_dir() and path.name.startswith("checkpoint-") and path.name.removeprefix("checkpoint-").isdigit()
+
+
+def latest_checkpoint(
+    checkpoint_dir: Path, notify: Callable[[str], None] = print, at_most: int | None = None
+) -> Path | None:
+    """The newest *complete* ``checkpoint-N``: its trainer_state.json (written last) says step N. ``at_most``: the
+    record's last step; a checkpoint after it was not saved by the run this record describes (another run's,
+    left in a folder that ``kaio run --overwrite`` does not own: a script's output_dir)."""
+    candidates = []
+    if checkpoint_dir.is_dir():
+        for path in checkpoint_dir.glob("checkpoint-*"):
+            if is_checkpoint(path):
+                candidates.append((int(path.name.removeprefix("checkpoint-")), path))
+    for step, path in sorted(candidates, reverse=True):
+        if at_most is not None and step > at_most:
+            notify(f"note: skipping {path}: after step {at_most}, this project's last (another run's checkpoint?)")
+            continue
+        try:
+            trainer_state = json.loads((path / "trainer_state.json").read_text())
+            complete = trainer_state.get("global_step") == step and any(
+                (path / name).exists()
+                for name in ("adapter_model.safetensors", "model.safetensors", "pytorch_model.bin", "adapter_model.bin")
+            )
+        except (OSError, ValueError):
+            complete = False
+        if complete:
+            return path
+        notify(f"note: skipping {path}: incomplete (half-written or damaged)")
+    return None
+
+
+def without_optimizer(checkpoint: Path) -> str | None:
+    """What a resume from a checkpoint that holds the weights only (``save_only_model=True``) does not continue:
+    the Trainer loads them and its step, and starts the optimizer and the learning-rate schedule afresh. None for
+    a whole checkpoint (the Trainer's optimizer.pt or .bin, FSDP's optimizer_0/, DeepSpeed's global_step*/)."""
+    names = [p.name for p in checkpoint.iterdir()] if checkpoint.is_dir() else []
+    if any(name.startswith(("optimizer", "global_step")) for name in names):
+        return None
+    return (
+        f"{checkpoint.name} holds the model's weights only (no optimizer state: save_only_model=True?): the "
+        "optimizer and the learning-rate schedule start afresh from it, so the steps after it do not continue the "
+        "training exactly"
+    )
