@@ -616,3 +616,25 @@ def test_a_later_training_of_the_script_smooths_its_own_loss_and_every_warning_i
         state.warn(f"warning number {k}")
     snapshot = state.snapshot()
     assert snapshot.warning_count == 60 and len(snapshot.warnings) == 50 and snapshot.warnings[-1].endswith("59")
+
+
+def test_a_later_trainings_start_is_start_up_time_not_its_first_steps():
+    """auto_find_batch_size's retries, or a second Trainer built and its model loaded after the first trained:
+    the gap before the later training's first step is start-up, not an optimizer step (ten retries' 14.7 s
+    were counted as goodput, and the samples/s divided by them)."""
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 4, "world_size": 1}
+    run |= {"args": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}}
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, run, _step(1, 1.0), _step(2, 2.0)]
+    events += [{**run, "training": 2, "start_step": 2, "step_offset": 2, "max_steps": 4}]
+    events += [_step(3, 12.0), _step(4, 13.0)]  # 10 s after step 2: 9 s of the new Trainer's start, 1 s its step
+    events += [{"type": "session_end", "session": 1, "t_wall": 1e9 + 14.0, "status": "COMPLETED", "exit_code": 0}]
+    state = replay(events)
+    assert state.ledger.telemetry.later_trainings_startup_s == pytest.approx(9.0)
+    from kaio.report.summary import summarize, time_buckets
+
+    with state.with_open_steps() as index:
+        s = summarize(state.header(), index)
+    assert s.productive_s == pytest.approx(3.0)  # steps 2, 3 and 4 (step 1 ends the session's start-up)
+    assert s.startup_s == pytest.approx(1.0 + 9.0)
+    assert s.samples_per_s == pytest.approx(16 / 4.0)  # 16 samples over the 4 steps' own seconds
+    assert time_buckets(s)[0][0] == "Start-up (launch to the first step), and a later training's start"

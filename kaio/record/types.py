@@ -469,6 +469,9 @@ class Telemetry(msgspec.Struct, kw_only=True):
     # Steps trained again because a resume or a restart started from an earlier checkpoint, and their time.
     recomputed_steps: int = 0
     recomputed_s: float = 0.0
+    # The start of the script's later trainings (another Trainer, an out-of-memory retry), from the earlier one's last
+    # step to the later one's first step's start: start-up time, though inside the steps' durations.
+    later_trainings_startup_s: float = 0.0
 
 
 class CheckpointSaved(msgspec.Struct, kw_only=True):

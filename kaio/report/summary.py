@@ -132,6 +132,7 @@ class Summary(msgspec.Struct, kw_only=True):
     tokens_per_s_per_device: float | None = None  # over the steps' own time (kaio.record.flops)
     recomputed_steps: int = 0  # trained again after a resume or restart from an earlier checkpoint
     recomputed_s: float = 0.0
+    later_trainings_startup_s: float = 0.0  # in startup_s: the start of the script's later trainings
     stall_s: float | None = None  # training steps that stalled
     productive_s: float | None = None  # optimizer steps, stalls taken out
     goodput_pct: float | None = None  # productive_s over the wall time of every session
@@ -169,9 +170,9 @@ class _Query:
         return sum(v for (v,) in middle) / len(middle)
 
 
-# Where the wall time went, in the order the report and the figure show it: (key, the report's label, the figure's).
 LOGGED_METRICS_LISTED = 40  # report.md's table of the other logged numbers: a script logging hundreds lists these
 
+# Where the wall time went, in the order the report and the figure show it: (key, the report's label, the figure's).
 TIME_BUCKETS = (
     ("startup_s", "Start-up (launch to the first step)", "start-up"),
     ("productive_s", "**Optimizer steps (goodput)**", "optimizer steps"),
@@ -191,6 +192,8 @@ def time_buckets(s: Summary) -> list[tuple[str, str, float]]:
     parts = [(report, figure, getattr(s, key) or 0.0) for key, report, figure in TIME_BUCKETS]
     if s.recomputed_steps:
         parts[3] = (f"{parts[3][0]} ({s.recomputed_steps:,} steps)", *parts[3][1:])
+    if s.later_trainings_startup_s:
+        parts[0] = (f"{parts[0][0]}, and a later training's start", *parts[0][1:])
     rest = total - sum(seconds for *_, seconds in parts)
     if rest > 0.01 * total:
         parts.append((*OTHER_TIME, rest))
@@ -282,11 +285,13 @@ def _time_spent(
     evaluations: list[EvalEntry],
 ) -> None:
     """Where the wall time went, each second once. A session's first step is in its start-up (which
-    ends with that step); an evaluation or a save after a step sits in the next step's duration: it is
-    taken out of the time in steps; a session's last step's pauses are in its closing. Evaluations before a
+    ends with that step), and so is a later training's start before its first step; an evaluation or a save
+    after a step sits in the next step's duration: it is taken out of the time in steps; a session's last
+    step's pauses are in its closing. Evaluations before a
     session's first step (eval_on_start) or after its last are evaluation time, not start-up or closing."""
     early, late = _evaluations_outside_steps(q, sessions, evaluations)
-    s.startup_s = _sum(x.startup_s for x in sessions)
+    later = s.later_trainings_startup_s = telemetry.later_trainings_startup_s  # in their first steps' durations
+    s.startup_s = _sum([*(x.startup_s for x in sessions), later or None])
     s.closing_s = _sum(x.closing_s for x in sessions)
     if s.startup_s is not None:
         s.startup_s -= early
@@ -302,7 +307,7 @@ def _time_spent(
     s.eval_s = (evals or 0.0) + early + late if evals is not None or early or late else None
     s.save_s = saves
     if total is not None:
-        s.steps_s = max(total - (inner or 0.0), 0.0)
+        s.steps_s = max(total - (inner or 0.0) - later, 0.0)
     s.recomputed_steps, s.recomputed_s = telemetry.recomputed_steps, telemetry.recomputed_s
     # A stall within a training step: the step that finally came took the stall's time.
     s.stall_s = _sum(

@@ -42,6 +42,7 @@ class AssemblyOutput(Protocol):
     def samples_seen_at(self, step: int) -> int | None: ...
     def throughput(self, tokens_per_s_per_device: float, mfu: float | None) -> None: ...
     def recomputed(self, steps: int, seconds: float) -> None: ...
+    def later_training_started(self, seconds: float) -> None: ...
 
 
 class TickWindow(msgspec.Struct, kw_only=True):
@@ -82,6 +83,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
     last_samples_seen: int = 0
     counted_through: tuple[int, int] | None = None  # (step, samples seen) of the latest step whose ranks counted
     tokens_from: int = 0  # the Trainer's count where the record began (its tokens are the record's from there)
+    later_training: bool = False  # a later training began (another Trainer, an out-of-memory retry): its first step
 
     def start_session(self, session: int) -> None:
         self.session = session
@@ -97,6 +99,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
     def continue_counts_at(self, start: int) -> None:
         """A later training of the session starts after step ``start``: its samples count on from there."""
         self.samples_from, self.counted_through = (start, self.last_samples_seen), None
+        self.later_training = True
 
     def begin_counts_at(self, start: int, tokens: int | None) -> None:
         """The record begins after step ``start`` (the script resumed its Trainer from its own checkpoint, whose
@@ -148,6 +151,8 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         if event.t_mono is not None:
             gap = event.t_mono - self.last_end_mono if self.last_end_mono is not None else None
             entry.duration_s = gap if gap is not None and gap > 0 else event.step_time_s
+            if self.later_training and gap is not None and gap > 0:
+                self._later_training_started(gap, event, out)
             self.last_end_mono = event.t_mono
             if self.ticks:  # no poller, no samples to wait for
                 self.pending.append(event.step)
@@ -156,6 +161,15 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         self.newest_step = max(self.newest_step, event.step)
         self.seal_ready(out)
         return True
+
+    def _later_training_started(self, gap: float, event: Step, out: AssemblyOutput) -> None:
+        """The first step of a later training: its gap since the earlier training's last step holds the new
+        Trainer's start (building it, loading a model, an out-of-memory retry's set-up), not optimizer work; less
+        the pauses after that last step, which are evaluation and saving time already."""
+        self.later_training = False
+        before = self.open.get(self.newest_step)
+        paused = ((before.eval_s or 0.0) + (before.save_s or 0.0)) if before is not None else 0.0
+        out.later_training_started(max(gap - (event.step_time_s or 0.0) - paused, 0.0))
 
     def _samples_seen(self, event: Step, throughput: Throughput | None) -> int | None:
         """The examples seen by the end of rank 0's step, all ranks together: its micro-batches' examples as it

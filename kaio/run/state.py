@@ -206,6 +206,7 @@ class RunState:
             if r.training > 1:  # a script's second Trainer, or train() again: its steps follow the earlier ones
                 self.parts.steps.continue_counts_at(r.start_step)
                 self.parts.steps.smoother = LossSmoother()  # maybe another objective (SFT, then DPO): its own curve
+                self.parts.live.last_end = None  # the gap before its first step is no step's: not in the speed
                 own = r.start_step - r.step_offset
                 if r.retry:
                     self.ledger.add_note(
@@ -332,6 +333,10 @@ class RunState:
 
     def samples_seen_at(self, step: int) -> int | None:
         return self.index.samples_seen_at(step)
+
+    def later_training_started(self, seconds: float) -> None:
+        telemetry = self.ledger.telemetry
+        telemetry.later_trainings_startup_s = round(telemetry.later_trainings_startup_s + seconds, 3)
 
     def recomputed(self, steps: int, seconds: float) -> None:
         telemetry = self.ledger.telemetry
