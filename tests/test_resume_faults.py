@@ -104,6 +104,18 @@ def test_a_stop_signal_saves_a_checkpoint_there_resume_continues_exactly_and_ref
         "resume", "t", "--config", "moved.yaml", "--output-dir", "docs/reports", "--max-steps", "126", cwd=project_dir
     )
     assert moved.returncode == 2 and "reporting.output_dir" in moved.stderr  # one history, in one place
+    (project_dir / "elsewhere").mkdir()  # its checkpoints' folder is recorded relative to where the run started
+    away = kaio(
+        "resume",
+        "t",
+        "--output-dir",
+        str(project_dir / "docs/reports"),
+        "--max-steps",
+        "200",
+        cwd=project_dir / "elsewhere",
+    )
+    assert away.returncode == 2 and "relative to the folder its run was started in" in away.stderr
+    assert "run `kaio resume` from that folder" in away.stderr and "--overwrite" not in away.stderr
 
     # No complete checkpoint at all (the last ones removed, one half-written): say so, suggest `kaio run`.
     for path in (project_dir / "checkpoints/t").glob("checkpoint-*"):

@@ -671,6 +671,11 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
                 f"{where.node_rank}): every node loads the checkpoint the job resumes from; copy the head's latest "
                 f"checkpoint folder here and `kaio resume` again (and for next time: {keep})"
             )
+        if not folder.is_absolute() and not folder.exists():  # recorded from the folder kaio ran in
+            raise ProjectError(
+                f"project {project!r} saved its checkpoints in {folder}/, relative to the folder its run was "
+                f"started in, and there is no {folder}/ here ({os.getcwd()}): run `kaio resume` from that folder"
+            )
         raise ProjectError(
             f"project {project!r} has {_no_checkpoint_in(cfg, state, folder)}; "
             f"start it again with `{start_over_command(asked.config_path)}`"
