@@ -95,6 +95,28 @@ def test_a_copy_cut_mid_line_is_trimmed_and_a_copy_of_another_journal_moved_asid
     assert aside.read_bytes() == _lines(0, 20)  # the head's copy of the old journal is kept
 
 
+def test_a_resumed_head_continues_its_own_copies(tmp_path, head):
+    """`kaio resume` on every node: the head is a new process, the copies under nodes/ are still its project's
+    (a new mark per process refused them: node 1's second session never reached the head)."""
+    copy = head.paths.nodes / "1-gpu08" / "journal.jsonl"
+    node = _node(tmp_path, head)
+    node.paths.journal.write_bytes(_lines(0, 10))
+    node.start()
+    assert node.close()
+    head.close()
+    resumed = JournalReceiver(head.paths, SECRET, port=0, host="127.0.0.1")
+    resumed.start()
+    try:
+        with open(node.paths.journal, "ab") as f:
+            f.write(_lines(10, 20))  # the node's resumed session
+        again = JournalSender(node.paths, "127.0.0.1", resumed.port, SECRET)
+        again.start()
+        assert again.close()
+        assert copy.read_bytes() == _lines(0, 20) and resumed.pop_warnings() == []
+    finally:
+        resumed.close()
+
+
 def test_over_a_shared_folder_the_head_copies_nothing_and_measures_the_clock(tmp_path, head):
     paths = ProjectPaths(head.paths.nodes / "1-gpu08")  # the node writes where the head reads
     paths.report_dir.mkdir(parents=True)

@@ -138,6 +138,12 @@ class ProjectPaths:
         return self.report_dir / "merged-nodes.json"
 
     @property
+    def stream_mark(self) -> Path:
+        """On the head: the mark it writes in each node folder whose journal it copies (stream_copy), kept for
+        the project so that a resumed head knows its own copies."""
+        return self.report_dir / "stream-mark"
+
+    @property
     def stream_copy(self) -> Path:
         """In a node folder on the head: the head keeps a copy of the node's journal here (it writes it)."""
         return self.report_dir / "stream-copy"

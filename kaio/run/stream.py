@@ -148,7 +148,7 @@ class JournalReceiver:
         self.paths = paths
         self._secret = secret
         self._address = (host, port)
-        self._id = secrets.token_hex(16)  # this head's mark on the copies it writes
+        self._id = _head_mark(paths)  # the project's head's mark on the copies it writes
         self._slots = threading.BoundedSemaphore(2 * nodes + 8)
         self._lock = threading.Lock()
         self._warnings: list[str] = []
@@ -330,6 +330,22 @@ def _prepare_copy(journal: Path, hello: Hello) -> int:
                 f.truncate(held)
         size = held
     return size
+
+
+def _head_mark(paths: ProjectPaths) -> str:
+    """The mark of the project's head, the same for every session: a resumed head continues its own copies
+    (a new mark each time refused them as "a journal this head did not copy")."""
+    mark = _reads(paths.stream_mark)
+    if mark:
+        return mark
+    paths.report_dir.mkdir(parents=True, exist_ok=True)
+    mark = secrets.token_hex(16)
+    try:
+        with open(paths.stream_mark, "x") as f:
+            f.write(mark + "\n")
+    except FileExistsError:  # written at the same moment by another process: its mark is the project's
+        return _reads(paths.stream_mark) or mark
+    return mark
 
 
 def _reads(path: Path) -> str | None:
