@@ -406,16 +406,19 @@ def test_a_node_whose_record_never_ended_is_lost_in_the_job_report_once_the_head
     assert (merged_header.run.nodes[1].last_step, merged_header.run.nodes[1].last_step_at) == (1, None)
 
 
-def test_a_node_whose_kaio_is_killed_is_lost_on_the_head_which_does_not_wait_for_it(project_dir):
+@pytest.mark.parametrize("shared", [False, True], ids=["streamed", "shared folder"])
+def test_a_node_whose_kaio_is_killed_is_lost_on_the_head_which_does_not_wait_for_it(project_dir, shared):
     """Node 1's kaio killed (SIGKILL) mid-run: its rank trains on (the engine's decision, and kaio's promise
-    that a killed supervisor loses no training), its stream to the head ends without its end, and the head,
-    once done, does not wait out the silence: node 1 is LOST in the job's report, with the step it was last
-    heard of."""
+    that a killed supervisor loses no training), its record ends without its end, and the head, once done,
+    does not wait out the silence: node 1 is LOST in the job's report, with the step it was last heard of.
+    What the rank spooled meanwhile is not lost: on a shared folder the head's next `kaio report` merges it;
+    streamed, `kaio report` of the node's folder on its machine does (as a node's record, not a job's), and
+    the head merges that folder."""
     import psutil
 
     port, stream_port = _free_port(), _free_port()
-    machine_b = project_dir / "machine-b"
-    machine_b.mkdir()
+    machine_b = project_dir if shared else project_dir / "machine-b"
+    machine_b.mkdir(exist_ok=True)
     script = REPO / "tests" / "scripts" / "light_loop.py"  # no torch, no Trainer: this test is about processes
     for where in (project_dir, machine_b):
         (where / "cfg.yaml").write_text(
@@ -424,13 +427,14 @@ def test_a_node_whose_kaio_is_killed_is_lost_on_the_head_which_does_not_wait_for
             "reporting:\n  use_comet_ml: false\n  poll_hz: 4\n"
         )
     job = ["run", "cfg.yaml", "--nnodes", "2", "--main-addr", "127.0.0.1", "--main-port", str(port), "--plain"]
-    env = {**os.environ, "KAIO_JOB_SECRET": "c0ffee" * 6, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"} | ({} if shared else {"KAIO_JOB_SECRET": "c0ffee" * 6})
     spawn = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     node1 = subprocess.Popen([sys.executable, "-m", "kaio", *job, "--node-rank", "1"], cwd=machine_b, **spawn)
     head = subprocess.Popen([sys.executable, "-m", "kaio", *job, "--node-rank", "0"], cwd=project_dir, **spawn)
     orphans: list = []
+    host = socket.gethostname().split(".")[0]
     try:
-        copy = project_dir / "docs/reports/t/nodes" / f"1-{socket.gethostname().split('.')[0]}" / "journal.jsonl"
+        copy = project_dir / "docs/reports/t/nodes" / f"1-{host}" / "journal.jsonl"
         deadline = time.monotonic() + 150
         while not (copy.is_file() and copy.read_bytes().count(b'"type":"step"') >= 3):
             assert time.monotonic() < deadline and head.poll() is None, "node 1's steps never reached the head"
@@ -439,6 +443,7 @@ def test_a_node_whose_kaio_is_killed_is_lost_on_the_head_which_does_not_wait_for
         node1.kill()
         node1.communicate(timeout=30)
         out, _ = head.communicate(timeout=200)
+        psutil.wait_procs(orphans, timeout=60)  # node 1's rank trains to its end, spooling
     finally:
         for process in [node1, head, *orphans]:
             with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
@@ -448,9 +453,21 @@ def test_a_node_whose_kaio_is_killed_is_lost_on_the_head_which_does_not_wait_for
     history = read_history(project_dir)
     assert history["status"] == "COMPLETED" and max(s["step"] for s in history["steps"]) == 100
     lost = history["run"]["nodes"][1]
-    assert lost["status"] == "LOST" and 3 <= lost["last_step"] < 100 and lost["last_step_at"]
-    report = (project_dir / "docs/reports/t/report.md").read_text()
-    assert f"| LOST (last heard of at step {lost['last_step']}, {lost['last_step_at'][:10]}" in report
+    if not shared:  # (on a shared folder, the head's end may find node 1's rank done and its spool to merge)
+        assert lost["status"] == "LOST" and 3 <= lost["last_step"] < 100 and lost["last_step_at"]
+        report = (project_dir / "docs/reports/t/report.md").read_text()
+        assert f"| LOST (last heard of at step {lost['last_step']}, {lost['last_step_at'][:10]}" in report
+
+    own = machine_b / "docs/reports/t/nodes" / f"1-{host}"
+    if not shared:  # on node 1's machine: its own record brought up to date, then merged on the head
+        alone = kaio("report", own.name, "--output-dir", str(own.parent), cwd=machine_b)
+        assert alone.returncode == 0 and "merged" in alone.stdout, alone.stdout + alone.stderr
+        assert "no record of it here" not in alone.stdout + alone.stderr  # a node's record: not a job's
+        assert "## Nodes" not in (own / "report.md").read_text()
+    again = kaio("report", "t", *([] if shared else ["--merge", str(own)]), cwd=project_dir)
+    assert again.returncode == 0, again.stdout + again.stderr
+    node = read_history(project_dir)["run"]["nodes"][1]
+    assert (node["status"], node["last_step"]) == ("COMPLETED", 100)
 
 
 def test_the_head_does_not_wait_for_a_node_whose_stream_ended_without_its_end(tmp_path):

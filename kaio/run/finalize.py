@@ -315,7 +315,7 @@ class RunOutputs:
 
         try:
             wait_for_nodes(self.paths, self._notify, stream_gone=self._stream_gone)
-            nodes = load_nodes(node_folders(self.paths), state.ledger.config)
+            nodes = load_nodes(node_folders(self.paths), state.ledger.config, notify=self._notify)
         except Exception as exc:  # an unreadable nodes/ folder: the head's record stands alone
             said = f"the other nodes' records were not merged: {type(exc).__name__}: {exc}"
             self._notify(f"warning: {said}")

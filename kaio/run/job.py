@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import operator
+import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -90,7 +91,12 @@ def merged_folders(paths: ProjectPaths) -> list[Path]:
     return [Path(p) for p in listed if isinstance(p, str)]
 
 
-def load_nodes(folders: Iterable[Path], head_config: dict | None, explicit: Iterable[Path] = ()) -> NodeRecords:
+def load_nodes(
+    folders: Iterable[Path],
+    head_config: dict | None,
+    explicit: Iterable[Path] = (),
+    notify: Callable[[str], None] = lambda _: None,
+) -> NodeRecords:
     """Each node's record as it is now (its own supervisor may still be writing it: a private copy is read).
     A folder that is not a node of this job (another project, another job's shape), or that cannot be read, is
     left out with a warning; one named on the command line (``explicit``) is refused instead."""
@@ -99,7 +105,7 @@ def load_nodes(folders: Iterable[Path], head_config: dict | None, explicit: Iter
     problems: list[str] = []
     for folder in folders:
         try:
-            record = _load_node(folder, head_config)
+            record = _load_node(folder, head_config, notify)
         except (ProjectError, OSError, ValueError, sqlite3.DatabaseError, msgspec.MsgspecError) as exc:
             if folder in named:
                 raise ProjectError(f"--merge {folder}: {exc}") from None
@@ -149,10 +155,37 @@ def _how_far(record: NodeRecord) -> tuple[int, int, str]:
     return len(sessions), max(record.entries, default=0), (sessions[-1].started_at or "") if sessions else ""
 
 
-def _load_node(folder: Path, head_config: dict | None) -> NodeRecord:
+def _load_node(folder: Path, head_config: dict | None, notify: Callable[[str], None]) -> NodeRecord:
     paths = ProjectPaths(folder)
+    if _orphaned(paths):
+        return _recovered_node(paths, head_config, notify)
     with _loaded(paths, _copy_lock(paths)) as loaded:
         return _node_record(folder, loaded.state, head_config)
+
+
+def _orphaned(node: ProjectPaths) -> bool:
+    """A node's own folder (a shared filesystem) with events its ranks spooled that its kaio never merged (it was
+    killed), and no kaio of its own holding it now."""
+    if node.stream_copy.is_file() or not node.spool.is_dir():
+        return False
+    lock = ProjectLock(node.report_dir)
+    try:
+        lock.acquire()
+    except ProjectError:
+        return False
+    lock.release()
+    return True
+
+
+def _recovered_node(node: ProjectPaths, head_config: dict | None, notify: Callable[[str], None]) -> NodeRecord:
+    """Its record brought up to date as `kaio report` on it would (the spool merged, a session whose processes
+    are gone closed), under its lock; its process ids are looked up only on the machine it ran on."""
+    from kaio.run.project import opened
+
+    ran_here = node.report_dir.name.split("-", 1)[-1] == socket.gethostname().split(".")[0]
+    said = node.report_dir.name
+    with opened(node, lambda text: notify(f"node folder {said}: {text}"), pids_here=ran_here) as (loaded, _):
+        return _node_record(node.report_dir, loaded.state, head_config)
 
 
 def index_copies(paths: ProjectPaths) -> None:

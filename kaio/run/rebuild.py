@@ -81,10 +81,17 @@ def _job_nodes(
 
     folders = node_folders(paths, merge)
     config = saved_config(paths)[1] if paths.config.is_file() else None
-    if not folders and int(((config or {}).get("launch") or {}).get("nnodes") or 1) < 2:
+    launch = (config or {}).get("launch") or {}
+    if int(launch.get("node_rank") or 0) != 0:
+        if merge:
+            raise ProjectError(
+                f"--merge: {paths.report_dir.name} is node {launch['node_rank']}'s own record; merge into the head's"
+            )
+        return None  # a node's own record: the job's is the head's
+    if not folders and int(launch.get("nnodes") or 1) < 2:
         return None  # a job of one machine
     phase(f"reading the other nodes' records ({len(folders)})…")
-    nodes = load_nodes(folders, config, explicit=merge)
+    nodes = load_nodes(folders, config, explicit=merge, notify=notify)
     for problem in nodes.problems:
         notify(f"warning: {problem}")
     return nodes
