@@ -588,3 +588,21 @@ def test_two_machines_started_as_one_node_keep_the_one_that_trained(monkeypatch,
         "two machines started as node 1 (1-gpu08 and 1-gpu09; one had the wrong --node-rank?): 1-gpu08, which "
         "trained, is merged; 1-gpu09 is not"
     ]
+
+
+def test_a_head_whose_other_node_never_joins_names_the_rendezvous_that_timed_out(project_dir):
+    """Node 1 never started: torch's rendezvous gives up (15 minutes by default; 5 s here) in the launcher,
+    before any rank runs and writes an error of its own. The launcher's failure is the session's error."""
+    script = REPO / "tests" / "scripts" / "light_loop.py"
+    (project_dir / "cfg.yaml").write_text(
+        f"project_name: t\nlaunch:\n  script: {script}\n  script_args: ['10']\n"
+        "  accelerate_args: ['--rdzv_conf', 'timeout=5']\nreporting:\n  use_comet_ml: false\n"
+    )
+    job = ["--nnodes", "2", "--node-rank", "0", "--main-addr", "127.0.0.1", "--main-port", str(_free_port())]
+    result = kaio("run", "cfg.yaml", *job, "--plain", cwd=project_dir, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    error = read_history(project_dir)["sessions"][0]["error"]
+    assert error.startswith("the launcher: DistStoreError: Timed out after") and "1/2 clients joined" in error
+    report = (project_dir / "docs/reports/t/report.md").read_text()
+    assert "Nothing: no transformers `Trainer` began training before the run failed" in report
+    assert "kaio.log" not in report  # no advice for a loop that never ran

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 
 import msgspec
 
@@ -104,6 +105,10 @@ def main() -> None:
         # Several processes: torch elastic's agent passed a SIGTERM on to its ranks and waited for them (a
         # graceful stop saves a checkpoint first). The stop that was asked for, not a traceback to print.
         raise SystemExit(128 + int(exc.sigval)) from None
+    except Exception as exc:  # the launcher itself, before its ranks ran: a rendezvous that timed out
+        message = f"{type(exc).__name__}: {exc}"[:2000]
+        _write(LaunchFailure(session=session, rank=None, message=message, t_wall=time.time()))
+        raise
 
 
 def _exit_code(code: int) -> int:

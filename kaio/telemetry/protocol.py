@@ -297,7 +297,7 @@ class LaunchFailure(msgspec.Struct, kw_only=True):
     """
 
     session: int = 1
-    rank: int
+    rank: int | None  # None: the launcher itself failed before its ranks ran (a rendezvous that timed out)
     pid: int | None = None
     exit_code: int | None = None
     signal: str | None = None  # "SIGKILL" when the rank was killed
