@@ -539,7 +539,10 @@ def test_a_ctrl_c_on_the_head_alone_stops_every_node_at_one_step_with_a_whole_ch
     step = max(s["step"] for s in history["steps"])
     checkpoint = shared_checkpoints / f"checkpoint-{step}"
     assert {p.name for p in checkpoint.glob("rng_state_*.pth")} == {"rng_state_0.pth", "rng_state_1.pth"}
-    assert f"stopped after step {step} with checkpoint-{step} saved" in head_out
+    assert (
+        f"stopped after step {step} with checkpoint-{step} saved: `kaio resume t --node-rank R` on each node R"
+        in head_out
+    )
     assert f"stopped after step {step} with checkpoint-{step} saved" in node1_out
     assert "the job was stopped from another node" in node1_out or "stopped from another node" in " ".join(
         json.loads(next(machine_b.glob("docs/reports/t/nodes/*/history.json")).read_text())["telemetry"]["notes"]

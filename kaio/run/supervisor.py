@@ -625,7 +625,12 @@ class Supervisor:
         if saved and not stop.trained_before:  # else the checkpoint was the finished training's own
             step, path = saved[-1].step, saved[-1].path
             name = path if path and os.path.basename(path) != f"checkpoint-{step}" else f"checkpoint-{step}"
-            how = f"`{self.paths.command('resume')}`" + (" on every node" if self.cfg.launch.nnodes > 1 else "")
+            resume = self.paths.command("resume")
+            how = (
+                f"`{resume}`"
+                if self.cfg.launch.nnodes < 2
+                else f"`{resume} --node-rank R` on each node R (or under srun)"
+            )
             then = f"{how} continues from step {step + 1}"
             later = saved[-1].later_training
             if later is not None:  # kaio resume refuses it (project._resumable_session says why)
