@@ -584,7 +584,7 @@ def test_two_machines_started_as_one_node_keep_the_one_that_trained(monkeypatch,
         "1-gpu08": record("gpu08", 300, "2026-12-01T10:00:00"),
         "1-gpu09": record("gpu09", 0, "2026-12-01T10:00:09"),
     }
-    monkeypatch.setattr(job, "_load_node", lambda folder, config: made[folder.name])
+    monkeypatch.setattr(job, "_load_node", lambda folder, config, notify: made[folder.name])
     found = job.load_nodes([tmp_path / "nodes" / "1-gpu08", tmp_path / "nodes" / "1-gpu09"], None)
     assert [n.folder.name for n in found.nodes] == ["1-gpu08"]
     assert found.problems == [
@@ -607,5 +607,5 @@ def test_a_head_whose_other_node_never_joins_names_the_rendezvous_that_timed_out
     error = read_history(project_dir)["sessions"][0]["error"]
     assert error.startswith("the launcher: DistStoreError: Timed out after") and "1/2 clients joined" in error
     report = (project_dir / "docs/reports/t/report.md").read_text()
-    assert "Nothing: no transformers `Trainer` began training before the run failed" in report
+    assert "Nothing: the launcher failed before the script ran" in report
     assert "kaio.log" not in report  # no advice for a loop that never ran

@@ -34,6 +34,7 @@ from kaio.record.types import (
     TrainingArgs,
 )
 from kaio.report.summary import EvalSetLoss, Summary, evaluation_rows, time_buckets
+from kaio.telemetry.protocol import LAUNCHER_FAILED
 from kaio.units import gib
 
 REDACTED = "‹redacted›"
@@ -57,7 +58,11 @@ def render_markdown(header: HistoryHeader, summary: Summary, evals: list[EvalEnt
         _logged_metrics(summary),
         _time_spent(summary),
         "## Telemetry\n\n![telemetry](telemetry.png)",
-        _what_was_trained(header.run, evaluated=summary.eval_count > 0, failed=summary.status == Status.FAILED.value),
+        _what_was_trained(
+            header.run,
+            evaluated=summary.eval_count > 0,
+            launch_failed=(summary.error or "").startswith(LAUNCHER_FAILED),
+        ),
         _environment(header.run),
         _kaio_config(header.config, header.run),
         _hub(header.hub),
@@ -308,16 +313,16 @@ def _logged_metrics(s: Summary) -> str | None:
     )
 
 
-def _what_was_trained(run: RunDescription | None, *, evaluated: bool = False, failed: bool = False) -> str:
+def _what_was_trained(run: RunDescription | None, *, evaluated: bool = False, launch_failed: bool = False) -> str:
     if run is None and evaluated:  # evaluate() (or predict()) without train()
         return (
             "## What was trained\n\nNothing: a transformers `Trainer` evaluated (see Evaluation) but never "
             "trained (no `train()`), so there are no training steps."
         )
-    if run is None and failed:
+    if run is None and launch_failed:
         return (
-            "## What was trained\n\nNothing: no transformers `Trainer` began training before the run failed (its "
-            "error is above; the script's output is in child.log)."
+            "## What was trained\n\nNothing: the launcher failed before the script ran (its error is above; its "
+            "output is in child.log)."
         )
     if run is None:
         return (

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgspec
 
-from kaio.telemetry.protocol import LaunchFailure, RankError
+from kaio.telemetry.protocol import LAUNCHER_FAILED, LaunchFailure, RankError
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ def root_cause(error_dir: Path, session: int) -> RootCause:
     errors = [e for e in _read_all(error_dir, "error-*.json", RankError) if e.session == session]
     launch = next(iter(_read_all(error_dir, f"launch-s{session}.json", LaunchFailure)), None)
     if launch is not None and launch.rank is None:
-        return RootCause(f"the launcher: {launch.message}", None, launch.t_wall)
+        return RootCause(f"{LAUNCHER_FAILED}{launch.message}", None, launch.t_wall)
     if launch is not None:
         own = [e for e in errors if e.rank == launch.rank]
         if own:

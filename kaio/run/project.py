@@ -671,7 +671,8 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
                 f"{where.node_rank}): every node loads the checkpoint the job resumes from; copy the head's latest "
                 f"checkpoint folder here and `kaio resume` again (and for next time: {keep})"
             )
-        if not folder.is_absolute() and not folder.exists():  # recorded from the folder kaio ran in
+        reported = state.ledger.checkpoint_folder() is not None
+        if reported and not folder.is_absolute() and not folder.exists():  # recorded from the folder kaio ran in
             raise ProjectError(
                 f"project {project!r} saved its checkpoints in {folder}/, relative to the folder its run was "
                 f"started in, and there is no {folder}/ here ({os.getcwd()}): run `kaio resume` from that folder"

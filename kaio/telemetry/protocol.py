@@ -289,6 +289,9 @@ class RankError(msgspec.Struct, kw_only=True):
     traceback: str | None = None
 
 
+LAUNCHER_FAILED = "the launcher: "  # a session's error that the launcher itself raised, before its ranks ran
+
+
 class LaunchFailure(msgspec.Struct, kw_only=True):
     """The launcher's account of the first rank that failed: ``<error dir>/launch-s<session>.json``.
 
