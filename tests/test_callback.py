@@ -360,3 +360,46 @@ def test_a_micro_batchs_examples_are_its_tensors_first_dimension(torch):
     packed = torch.zeros(1, 223, dtype=torch.long)
     assert _examples({"input_ids": packed, "position_ids": packed, "labels": packed}) is None
     assert _examples({"input_ids": ids, "position_ids": ids}) == 3  # unpadded rows of their own
+
+
+def test_an_evaluation_of_another_model_than_the_one_trained_is_listed_but_not_the_runs(tmp_path, monkeypatch):
+    """A teacher's Trainer evaluates after the student trained: its eval loss is not the run's (the final line
+    showed the teacher's), and its row sits where the run was, not at its own Trainer's step 0. Another Trainer
+    given the trained model (to evaluate it on other data) is the run's."""
+    from kaio.child import callback as module
+    from kaio.child.callback import KaioCallback
+
+    monkeypatch.setattr(module, "_TRAININGS", module._Trainings())  # this process's trainings: none yet
+
+    class Model:  # what a Trainer hands its callbacks (held by a weak reference)
+        pass
+
+    student, teacher = Model(), Model()
+    emitter = EventEmitter(None, str(tmp_path / "spool"), rank=0, session=1)
+    from transformers import TrainerControl
+
+    args, control = SimpleNamespace(output_dir="ck"), TrainerControl()
+    trained = SimpleNamespace(global_step=0, epoch=0.0, is_world_process_zero=True, max_steps=3)
+    own = SimpleNamespace(global_step=0, epoch=None, is_world_process_zero=True)
+    trainer = KaioCallback(emitter)
+    trainer.on_train_begin(args, trained, control, model=student)
+    trainer.on_step_begin(args, trained, control)
+    trained.global_step = 3
+    trainer.on_step_end(args, trained, control)
+    KaioCallback(emitter).on_evaluate(args, own, control, metrics={"eval_loss": 4.8}, model=teacher)
+    KaioCallback(emitter).on_evaluate(args, own, control, metrics={"eval_loss": 2.1}, model=student)
+    emitter.close()
+    events = _spooled(tmp_path / "spool")
+    evals = [(e["step"], e.get("other_model", False)) for e in events if e["type"] == "eval"]
+    assert evals == [(3, True), (3, False)]
+
+    from kaio.report.markdown import render_markdown
+    from kaio.report.summary import summarize
+
+    state = replay([{"type": "session_start", "session": 1}, *events])
+    with state.with_open_steps() as index:
+        header, evals = state.header(), index.evals()
+        summary = summarize(header, index)
+        report = render_markdown(header, summary, evals)
+    assert (summary.eval_count, summary.eval_loss_final) == (1, 2.1) and state.parts.live.eval_loss == 2.1
+    assert "| 3 (another model's: not the run's) | 4.8 |" in report

@@ -11,6 +11,7 @@ out rather than copied to the host.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import weakref
@@ -51,6 +52,15 @@ class _Trainings:
         self.count = 0
         self.last_step = 0  # the latest step recorded
         self.last_tokens = 0  # the input tokens recorded by then
+        self.models: weakref.WeakSet = weakref.WeakSet()  # the models they trained
+
+    def of_another_model(self, model: Any) -> bool:
+        """An evaluation by a Trainer of a model none trained, once one has (a teacher's, a reference's): not
+        the run's. Another Trainer given the trained model (to evaluate it on other data) is the run's."""
+        try:
+            return bool(self.models) and model is not None and model not in self.models
+        except TypeError:  # a model that cannot be held by a weak reference
+            return False
 
 
 _TRAININGS = _Trainings()
@@ -74,6 +84,7 @@ class KaioCallback(TrainerCallback):
         self._saved: list[tuple[str, str]] = []  # each checkpoint saved: (its path as the script sees it, as recorded)
         self.samples_in_step: int | None = 0  # fed by the patched Trainer's training_step; None: not countable
         self._training = False  # this Trainer's training began and has not ended
+        self._trained = False  # this Trainer's training began, at some time
         self.script_optimizer = False  # the script gave the Trainer its own optimizer (kaio.child.patch)
         self.script_lr_scheduler = False  # ...and its own scheduler
 
@@ -126,6 +137,8 @@ class KaioCallback(TrainerCallback):
         trainer = self._trainer() if self._trainer is not None else None
         start = int(state.global_step)
         _TRAININGS.count += 1
+        with contextlib.suppress(TypeError):
+            _TRAININGS.models.add(model)
         if _TRAININGS.count > 1 and self._step_offset + start < _TRAININGS.last_step:
             self._step_offset, self._tokens_offset = _TRAININGS.last_step - start, _TRAININGS.last_tokens
         run = describe_run(self.rank, args, state, model, kwargs, trainer)
@@ -135,7 +148,7 @@ class KaioCallback(TrainerCallback):
             )
         run.training, run.step_offset = _TRAININGS.count, self._step_offset
         run.retry = self._training and bool(getattr(args, "auto_find_batch_size", False))
-        self._training = True
+        self._training = self._trained = True
         run.start_step += self._step_offset
         if run.max_steps is not None and run.max_steps > 0:
             run.max_steps += self._step_offset
@@ -225,19 +238,23 @@ class KaioCallback(TrainerCallback):
         if not state.is_world_process_zero or not metrics:
             return
         values = {key: self._metric(key, value) for key, value in metrics.items() if key != "epoch"}
+        other = _TRAININGS.of_another_model(kwargs.get("model"))
         # A string or a list is not a missing number: left out, and named (null stays for a None logged).
         not_numbers = [key for key, value in values.items() if value is None and metrics[key] is not None]
         self._busy_until_mono = time.monotonic()
         self.emitter.emit(
             Eval(
                 rank=self.rank,
-                step=self._step(state),
+                # A Trainer that never trained, after one that did (a teacher's, or one given the trained model to
+                # evaluate it on other data), is at its own step 0: the evaluation is where the run was.
+                step=self._step(state) if self._trained or not _TRAININGS.count else _TRAININGS.last_step,
                 epoch=state.epoch,
                 t_wall=time.time(),
                 t_mono=self._busy_until_mono,
                 metrics={key: value for key, value in values.items() if key not in not_numbers},
                 not_numbers=not_numbers,
                 prediction=prediction,
+                other_model=other,
             )
         )
 

@@ -158,7 +158,7 @@ def figure_data(header: HistoryHeader, index: RunIndex) -> FigureData:
     data.loss_marks = [m for (m,) in conn.execute(marks)]
     data.nonfinite_losses = conn.execute("SELECT COUNT(*) FROM steps WHERE loss_nonfinite IS NOT NULL").fetchone()[0]
     for evaluation in index.evals():
-        if evaluation.loss is not None:
+        if evaluation.loss is not None and not evaluation.other_model:
             line = data.eval_losses.setdefault(evaluation.eval_set or "", Line())
             line.x.append(evaluation.step)
             line.y.append(evaluation.loss)

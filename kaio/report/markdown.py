@@ -270,6 +270,7 @@ def _evaluations(s: Summary, evals: list[EvalEntry]) -> str | None:
 def _evaluation_step(e: EvalEntry) -> str:
     said = ["after training"] if e.after_training else ["before training"] if e.before_training else []
     said += ["predict()"] if e.prediction else []
+    said += ["another model's: not the run's"] if e.other_model else []
     return f"{e.step} ({', '.join(said)})" if said else str(e.step)
 
 

@@ -425,8 +425,8 @@ def evaluation_rows(evals: list[EvalEntry]) -> list[EvalEntry]:
         last = rows[-1] if rows else None
         if (
             last is not None
-            and (last.step, last.session, last.after_training, last.before_training, last.prediction)
-            == (e.step, e.session, e.after_training, e.before_training, e.prediction)
+            and (last.step, last.session, last.after_training, last.before_training, last.prediction, last.other_model)
+            == (e.step, e.session, e.after_training, e.before_training, e.prediction, e.other_model)
             and e.eval_set is not None
             and last.eval_set is not None
             and not (last.metrics.keys() - {"epoch"}) & (e.metrics.keys() - {"epoch"})
@@ -440,7 +440,9 @@ def evaluation_rows(evals: list[EvalEntry]) -> list[EvalEntry]:
 
 
 def _evals(evals: list[EvalEntry], s: Summary) -> None:
-    """Each dataset's losses apart."""
+    """Each dataset's losses apart; the evaluations of another model than the one trained (a teacher's) are
+    listed in the report, not counted here."""
+    evals = [e for e in evals if not e.other_model]
     s.eval_count = len(evaluation_rows(evals))
     sets: dict[str | None, EvalSetLoss] = {}
     for e in evals:

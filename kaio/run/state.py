@@ -274,13 +274,17 @@ class RunState:
             after_training=self.ledger.trained_to_end(r.session),
             before_training=self.ledger.run is None or self.ledger.run.session != r.session,
             prediction=r.prediction,
+            other_model=r.other_model,
         )
-        self.parts.steps.evaluated(r.step, entry.metrics)  # what its log() added to the evaluation joins it
+        if not entry.other_model:  # (its Trainer's log() went to its own step 0, not the run's)
+            self.parts.steps.evaluated(r.step, entry.metrics)  # what its log() added to the evaluation joins it
         self.index.add_eval(entry)
         runtime = rules.evaluation_runtime(entry.metrics)
         if runtime is not None and not entry.after_training:  # after train(): not a pause between steps
             self.parts.steps.add_pause(r.step, eval_s=runtime)
         live = self.parts.live
+        if entry.other_model:
+            return  # not the run's evaluation: the record lists it, the dashboard, Comet and the summary do not
         if entry.loss is not None and (live.eval_loss is None or entry.eval_set == live.eval_set):
             live.eval_loss, live.eval_set = entry.loss, entry.eval_set  # one dataset's, not each in turn
         for listener in self.eval_listeners:

@@ -241,6 +241,7 @@ class Eval(Event, tag="eval"):
     metrics: dict[str, Metric] = {}
     not_numbers: list[str] = []  # metrics whose values are not numbers (a string, a list): left out of ``metrics``
     prediction: bool = False  # Trainer.predict()'s (on_predict), not an evaluation
+    other_model: bool = False  # a Trainer of a model none of the script's trainings trained (a teacher's)
 
 
 class Save(Event, tag="save"):
