@@ -58,23 +58,26 @@ def first_rank(node_rank: int, processes_per_node: int) -> int:
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
-    """SLURM's compressed host list (``gpu[01-03,07],login1``) as host names, in order."""
-    hosts: list[str] = []
-    for item in _split_top_level(nodelist):
-        match = re.fullmatch(r"([^\[\]]*)\[([^\[\]]+)\]([^\[\]]*)", item)
-        if match is None:
-            if "[" in item or "]" in item:
-                raise ConfigError(f"SLURM_JOB_NODELIST: cannot read {item!r}")
-            hosts.append(item)
-            continue
-        prefix, ranges, suffix = match.groups()
-        for part in ranges.split(","):
-            low, _, high = part.partition("-")
-            if not low.isdigit() or (high and not high.isdigit()):
-                raise ConfigError(f"SLURM_JOB_NODELIST: cannot read the range {part!r} in {item!r}")
-            width = len(low)  # zero padding is kept: gpu[01-03] is gpu01, gpu02, gpu03
-            for number in range(int(low), int(high or low) + 1):
-                hosts.append(f"{prefix}{number:0{width}d}{suffix}")
+    """SLURM's compressed host list (``gpu[01-03,07],login1``, ``rack[1-2]-gpu[3-4]``) as host names, in order."""
+    return [host for item in _split_top_level(nodelist) for host in _expand_item(item, item)]
+
+
+def _expand_item(text: str, item: str) -> list[str]:
+    """One host pattern's names: its first bracket's numbers, each followed by the rest expanded."""
+    match = re.match(r"([^\[\]]*)\[([^\[\]]+)\](.*)", text)
+    if match is None:
+        if "[" in text or "]" in text:
+            raise ConfigError(f"SLURM_JOB_NODELIST: cannot read {item!r}")
+        return [text]
+    prefix, ranges, rest = match.groups()
+    tails = _expand_item(rest, item)
+    hosts = []
+    for part in ranges.split(","):
+        low, _, high = part.partition("-")
+        if not low.isdigit() or (high and not high.isdigit()):
+            raise ConfigError(f"SLURM_JOB_NODELIST: cannot read the range {part!r} in {item!r}")
+        width = len(low)  # zero padding is kept: gpu[01-03] is gpu01, gpu02, gpu03
+        hosts += [f"{prefix}{n:0{width}d}{tail}" for n in range(int(low), int(high or low) + 1) for tail in tails]
     return hosts
 
 

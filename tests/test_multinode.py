@@ -277,12 +277,22 @@ def test_a_resumed_job_takes_this_nodes_place_from_srun_or_the_command_line_and_
         ("gpu[01-03,07]", ["gpu01", "gpu02", "gpu03", "gpu07"]),
         ("a1,b[9-11]x,c", ["a1", "b9x", "b10x", "b11x", "c"]),
         ("node[008-010]", ["node008", "node009", "node010"]),
+        ("a[1-2]-b[3-4],c", ["a1-b3", "a1-b4", "a2-b3", "a2-b4", "c"]),  # several brackets: the first outermost
     ],
 )
 def test_slurm_node_lists_are_expanded_in_python(nodelist, hosts):
     from kaio.nodes import expand_nodelist
 
     assert expand_nodelist(nodelist) == hosts
+
+
+@pytest.mark.parametrize("nodelist", ["gpu[01-", "gpu]1[", "gpu[a-b]", "gpu[1-2]x[3"])
+def test_a_slurm_node_list_kaio_cannot_read_is_one_line(nodelist):
+    from kaio.errors import ConfigError
+    from kaio.nodes import expand_nodelist
+
+    with pytest.raises(ConfigError, match="SLURM_JOB_NODELIST: cannot read"):
+        expand_nodelist(nodelist)
 
 
 def test_a_node_rank_outside_the_job_and_a_job_without_a_head_address_are_one_line(project_dir):

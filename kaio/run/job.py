@@ -240,6 +240,8 @@ def _node_record(folder: Path, state: RunState, head_config: dict | None) -> Nod
     if rank == 0:
         raise ProjectError("the record of a head (node rank 0), not of another node")
     if head_config is not None:
+        if config.get("project_name") != head_config.get("project_name"):  # first: the other keys would differ too
+            raise ProjectError(f"a node of project {config.get('project_name')!r}")
         head_launch = head_config.get("launch") or {}
         for key in ("nnodes", "main_addr", "main_port"):
             same = same_address if key == "main_addr" else operator.eq
@@ -247,8 +249,6 @@ def _node_record(folder: Path, state: RunState, head_config: dict | None) -> Nod
                 raise ProjectError(
                     f"not a node of the job as the head last ran it: its launch.{key} is {launch.get(key)!r}, the head's {head_launch.get(key)!r}"
                 )
-        if config.get("project_name") != head_config.get("project_name"):
-            raise ProjectError(f"a node of project {config.get('project_name')!r}")
     with state.with_open_steps() as index:
         entries = {e.step: e for e in _entries(index)}
     return NodeRecord(rank, folder, header, entries, _clock(ProjectPaths(folder).clock))
