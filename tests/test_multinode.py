@@ -619,3 +619,16 @@ def test_a_head_whose_other_node_never_joins_names_the_rendezvous_that_timed_out
     report = (project_dir / "docs/reports/t/report.md").read_text()
     assert "Nothing: the launcher failed before the script ran" in report
     assert "kaio.log" not in report  # no advice for a loop that never ran
+
+
+def test_a_node_folder_of_another_project_is_named_as_such(tmp_path):
+    from conftest import replay
+    from kaio.errors import ProjectError
+    from kaio.run.job import _node_record
+
+    launch = {"nnodes": 2, "node_rank": 1, "main_addr": "10.0.0.1", "main_port": 29700}
+    other = {"project_name": "other", "launch": launch}
+    state = replay([{"type": "session_start", "session": 1, "config": other}])
+    head = {"project_name": "t", "launch": {**launch, "node_rank": 0, "main_port": 29620}}
+    with pytest.raises(ProjectError, match="a node of project 'other'"):
+        _node_record(tmp_path / "1-gpu08", state, head)
