@@ -339,3 +339,5 @@ def test_ranks_resumed_at_different_steps_all_end_with_the_reason_instead_of_tra
     assert len(set(ended)) == 1 and ended[0] is not None
     reason = ended[0]  # whichever rank compared first, the reason names both steps
     assert "at step 30" in reason and "at step 40" in reason and "do not resume from the same checkpoint" in reason
+    # Every rank says it, on every node: the checkpoint is named as the rank's that differed, not "this rank's".
+    assert "this rank's" not in reason and "'s: /shared/checkpoints/checkpoint-40)" in reason

@@ -42,7 +42,7 @@ def compare(store, step: int, rank: int, world_size: int, checkpoint: str | None
         store.set(
             MISMATCH_KEY,
             f"rank {rank} starts at step {step} but rank {first_rank} at step {first_step}: the ranks do not resume "
-            f"from the same checkpoint (this rank's: {checkpoint or 'none'}); give every node the same one (a "
+            f"from the same checkpoint (rank {rank}'s: {checkpoint or 'none'}); give every node the same one (a "
             "folder they all see) and resume on every node, then start again",
         )
     if store.add(COUNT_KEY, 1) >= world_size:
