@@ -604,12 +604,12 @@ def test_two_machines_started_as_one_node_keep_the_one_that_trained(monkeypatch,
 
 
 def test_a_head_whose_other_node_never_joins_names_the_rendezvous_that_timed_out(project_dir):
-    """Node 1 never started: torch's rendezvous gives up (15 minutes by default; 5 s here) in the launcher,
+    """Node 1 never started: torch's rendezvous gives up (15 minutes by default; 2 s here) in the launcher,
     before any rank runs and writes an error of its own. The launcher's failure is the session's error."""
     script = REPO / "tests" / "scripts" / "light_loop.py"
     (project_dir / "cfg.yaml").write_text(
         f"project_name: t\nlaunch:\n  script: {script}\n  script_args: ['10']\n"
-        "  accelerate_args: ['--rdzv_conf', 'timeout=5']\nreporting:\n  use_comet_ml: false\n"
+        "  accelerate_args: ['--rdzv_conf', 'timeout=2']\nreporting:\n  use_comet_ml: false\n"
     )
     job = ["--nnodes", "2", "--node-rank", "0", "--main-addr", "127.0.0.1", "--main-port", str(_free_port())]
     result = kaio("run", "cfg.yaml", *job, "--plain", cwd=project_dir, timeout=120)
