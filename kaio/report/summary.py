@@ -375,21 +375,24 @@ def _loss(q: _Query, s: Summary, run: RunDescription | None) -> None:
 
 
 def _logged_metrics(q: _Query, s: Summary) -> None:
+    """Two passes over the table (count, lowest, highest: SQLite gives a lone MIN's or MAX's row's step with it),
+    then each listed metric's first and last by its key."""
     closing = ",".join("?" * len(rules.TRAINER_CLOSING_METRICS))
-    names = [
-        name
-        for (name,) in q.conn.execute(
-            f"SELECT DISTINCT name FROM step_metrics WHERE name NOT IN ({closing}) ORDER BY name",
-            rules.TRAINER_CLOSING_METRICS,
+    grouped = f"FROM step_metrics WHERE name NOT IN ({closing}) GROUP BY name ORDER BY name"
+    lows = q.conn.execute(f"SELECT name, COUNT(*), MIN(value), step {grouped}", rules.TRAINER_CLOSING_METRICS)
+    listed = lows.fetchall()
+    s.logged_metrics_not_listed = max(0, len(listed) - LOGGED_METRICS_LISTED)
+    listed = listed[:LOGGED_METRICS_LISTED]
+    highs = {
+        name: (high, step)
+        for name, high, step in q.conn.execute(
+            f"SELECT name, MAX(value), step {grouped}", rules.TRAINER_CLOSING_METRICS
         )
-    ]
-    s.logged_metrics_not_listed = max(0, len(names) - LOGGED_METRICS_LISTED)
-    for name in names[:LOGGED_METRICS_LISTED]:
-        logged = q.value("SELECT COUNT(*) FROM step_metrics WHERE name = ?", name)
+    }
+    for name, logged, low, low_step in listed:
         first = q.value("SELECT value FROM step_metrics WHERE name = ? ORDER BY step LIMIT 1", name)
         last_step, last = q.row("SELECT step, value FROM step_metrics WHERE name = ? ORDER BY step DESC LIMIT 1", name)
-        low, low_step = q.row("SELECT MIN(value), step FROM step_metrics WHERE name = ?", name)  # the min's step
-        high, high_step = q.row("SELECT MAX(value), step FROM step_metrics WHERE name = ?", name)
+        high, high_step = highs[name]
         s.logged_metrics.append(
             LoggedMetric(
                 name=name,
