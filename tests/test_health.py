@@ -261,6 +261,15 @@ def test_peak_flops_come_from_the_table_for_16_bit_runs_on_known_gpus_only():
     assert peak_tflops(["NVIDIA GeForce RTX 4090"], half_precision=True) is None  # not in the table
     assert peak_tflops([], half_precision=True) is None  # a CPU
 
+    # bf16 from `accelerate launch --mixed_precision bf16`, the arguments saying fp32: the run's MFU has a peak.
+    from conftest import replay
+
+    devices = {"type": "devices", "devices": [{"backend": "nvml", "index": 0, "name": "NVIDIA H100 80GB HBM3"}]}
+    run = {"type": "run_start", "rank": 0, "session": 1, "world_size": 1, "args": {"bf16": False}}
+    for mixed, peak in (("bf16", 989.5), ("no", None)):
+        state = replay([{"type": "session_start", "session": 1}, devices, {**run, "mixed_precision": mixed}])
+        assert state.ledger.throughput().peak_tflops == peak
+
 
 def test_the_speed_and_eta_leave_out_evaluation_and_save_pauses_and_carry_over_a_resume():
     from kaio.run.live import LiveStats

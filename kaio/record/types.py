@@ -383,6 +383,18 @@ class NodeSummary(msgspec.Struct, kw_only=True):
     clock_rtt_s: float | None = None  # the probe's round trip: the offset is known within half of it
 
 
+HALF_PRECISIONS = ("bf16", "fp16", "fp8")
+
+
+def training_precision(r: RunStart) -> str | None:
+    """bf16, fp16 or fp8 where the Trainer's accelerator trains in it (accelerate launch --mixed_precision may set
+    it without the arguments showing it), else as the TrainingArguments say."""
+    if r.mixed_precision in HALF_PRECISIONS:
+        return r.mixed_precision
+    args = r.args
+    return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32" if args.bf16 is not None else None
+
+
 class RunDescription(msgspec.Struct, kw_only=True):
     """What was trained, as the child reported it from the live objects (rank 0, latest session)."""
 
@@ -418,9 +430,7 @@ class RunDescription(msgspec.Struct, kw_only=True):
             )
         parts = (args.per_device_train_batch_size, args.gradient_accumulation_steps, r.world_size)
         effective = parts[0] * parts[1] * parts[2] if all(isinstance(p, int) for p in parts) else None  # type: ignore[operator]
-        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32" if args.bf16 is not None else None
-        if r.mixed_precision in ("bf16", "fp16", "fp8"):  # the accelerator's: accelerate launch may have set it
-            precision = r.mixed_precision
+        precision = training_precision(r)
         return cls(
             reporter=r.reporter,
             world_size=r.world_size,

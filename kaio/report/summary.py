@@ -23,6 +23,7 @@ from kaio.record import rules
 from kaio.record.index import RunIndex
 from kaio.record.memory import estimate, workload_of
 from kaio.record.types import (
+    HALF_PRECISIONS,
     EvalEntry,
     HistoryHeader,
     NodeSummary,
@@ -563,7 +564,7 @@ def _vram_estimate(q: _Query, s: Summary, run: RunDescription) -> None:
         tokens=tokens,
         gradient_checkpointing=bool(args.gradient_checkpointing),
         optim=args.optim,
-        half_precision=run.precision in ("bf16", "fp16"),
+        half_precision=run.precision in HALF_PRECISIONS,
     )
     if work is None:
         return

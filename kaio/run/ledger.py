@@ -15,6 +15,7 @@ from kaio.nodes import first_rank
 from kaio.record import flops
 from kaio.record.flops import Throughput
 from kaio.record.types import (
+    HALF_PRECISIONS,
     CheckpointSaved,
     ChildStarted,
     Devices,
@@ -31,6 +32,7 @@ from kaio.record.types import (
     Status,
     Telemetry,
     TrainEnd,
+    training_precision,
 )
 from kaio.run.assembly import iso
 from kaio.telemetry.spool import Received
@@ -177,8 +179,10 @@ class RunLedger(msgspec.Struct, kw_only=True):
         reporting = (self.config or {}).get("reporting") or {}
         peak = reporting.get("peak_tflops")
         if not isinstance(peak, (int, float)):
-            args, model = self.run.args, self.run.model
-            half = bool(args.bf16 or args.fp16) or (model is not None and model.dtype in ("bfloat16", "float16"))
+            model = self.run.model
+            half = training_precision(self.run) in HALF_PRECISIONS or (
+                model is not None and model.dtype in ("bfloat16", "float16")
+            )
             names = [d.info.name or "" for key, d in self.devices.items() if key in self.run_keys]
             peak = flops.peak_tflops(names, half)
         return Throughput(
