@@ -310,3 +310,19 @@ def test_a_checkpoint_folder_that_cannot_be_created_is_one_line_and_nothing_star
         "training.output_dir\n"
     )
     assert not (project_dir / "docs/reports/t/journal.jsonl").exists()  # fixed, `kaio run` starts it as new
+
+
+def test_the_launchers_own_failure_is_the_cause_only_when_no_rank_failed_first(tmp_path):
+    """A rendezvous that timed out before any rank ran: the launcher's exception. An agent's error after its ranks
+    ran (its store gone with the head): the rank's own error is the cause."""
+    import msgspec
+
+    from kaio.run.diagnose import root_cause
+    from kaio.telemetry.protocol import LaunchFailure, RankError
+
+    launcher = LaunchFailure(session=1, rank=None, message="DistStoreError: Timed out", t_wall=5.0)
+    (tmp_path / "launch-s1.json").write_bytes(msgspec.json.encode(launcher))
+    assert root_cause(tmp_path, 1).text == "the launcher: DistStoreError: Timed out"
+    ranks = RankError(rank=1, session=1, t_wall=3.0, root_cause="RuntimeError: boom")
+    (tmp_path / "error-r1-77.json").write_bytes(msgspec.json.encode(ranks))
+    assert root_cause(tmp_path, 1).text == "rank 1: RuntimeError: boom"

@@ -30,8 +30,10 @@ def root_cause(error_dir: Path, session: int) -> RootCause:
     """The root cause of a failed session, as far as the error files tell."""
     errors = [e for e in _read_all(error_dir, "error-*.json", RankError) if e.session == session]
     launch = next(iter(_read_all(error_dir, f"launch-s{session}.json", LaunchFailure)), None)
-    if launch is not None and launch.rank is None:
-        return RootCause(f"{LAUNCHER_FAILED}{launch.message}", None, launch.t_wall)
+    if launch is not None and launch.rank is None:  # the launcher's own exception: a rank's, if any, came first
+        if not errors:
+            return RootCause(f"{LAUNCHER_FAILED}{launch.message}", None, launch.t_wall)
+        launch = None
     if launch is not None:
         own = [e for e in errors if e.rank == launch.rank]
         if own:
