@@ -632,3 +632,56 @@ def test_a_node_folder_of_another_project_is_named_as_such(tmp_path):
     head = {"project_name": "t", "launch": {**launch, "node_rank": 0, "main_port": 29620}}
     with pytest.raises(ProjectError, match="a node of project 'other'"):
         _node_record(tmp_path / "1-gpu08", state, head)
+
+
+def test_the_head_merges_a_killed_nodes_spool_and_closes_its_session_only_where_it_can_see_its_processes(tmp_path):
+    """Node 1's kaio was killed on another machine (gpu08) and its rank trains on, spooling: the head merges what
+    was spooled (under the folder's lock) but cannot see that machine's processes, so the session stays open
+    (a FAILED written there was permanent while the rank trained to its end). A folder of another job is never
+    written to."""
+    import time
+
+    from kaio.child.emitter import EventEmitter
+    from kaio.record.types import ChildStarted, SessionStart, Status, encode_record
+    from kaio.run import job
+    from kaio.telemetry.protocol import RunStart, Step, TrainEnd
+
+    launch = {"nnodes": 2, "main_addr": "10.0.0.1", "main_port": 29500}
+    head = {"project_name": "t", "launch": {**launch, "node_rank": 0}}
+
+    def node_folder(name: str, project: str) -> Path:
+        folder = tmp_path / "t" / "nodes" / name
+        folder.mkdir(parents=True)
+        config = {"project_name": project, "launch": {**launch, "node_rank": 1}}
+        (folder / "config.json").write_text(json.dumps(config))
+        with open(folder / "journal.jsonl", "wb") as f:
+            f.write(encode_record(SessionStart(session=1, config=config)))
+            f.write(encode_record(ChildStarted(pid=os.getpid(), session=1)))
+        return folder
+
+    def spool(folder: Path, steps: range, *, end: bool = False) -> None:
+        emitter = EventEmitter(None, str(folder / "spool"), rank=1, session=1, node_rank=1)
+        if steps.start == 1:
+            emitter.emit(RunStart(rank=1, start_step=0, max_steps=60, world_size=2))
+        for k in steps:
+            emitter.emit(Step(rank=1, step=k, t_wall=time.time(), t_mono=time.monotonic()))
+        if end:
+            emitter.emit(TrainEnd(rank=1, step=steps.stop - 1))
+        emitter.close()
+
+    elsewhere = node_folder("1-gpu08", "t")
+    spool(elsewhere, range(1, 30))
+    said: list[str] = []
+    (node,) = job.load_nodes([elsewhere], head, notify=said.append).nodes
+    assert node.header.status == Status.RUNNING and max(node.entries) == 29
+    assert any(s.startswith("node folder 1-gpu08: merged 30 event") for s in said), said
+    spool(elsewhere, range(30, 61), end=True)
+    (node,) = job.load_nodes([elsewhere], head).nodes
+    assert node.header.status == Status.RUNNING and max(node.entries) == 60  # open: only gpu08 can close it
+
+    stray = node_folder("1-gpu09", "another project")
+    spool(stray, range(1, 5))
+    before = (stray / "journal.jsonl").read_bytes()
+    found = job.load_nodes([stray], head)
+    assert found.nodes == [] and "a node of project 'another project'" in found.problems[0]
+    assert (stray / "journal.jsonl").read_bytes() == before

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import operator
-import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -157,34 +156,38 @@ def _how_far(record: NodeRecord) -> tuple[int, int, str]:
 
 def _load_node(folder: Path, head_config: dict | None, notify: Callable[[str], None]) -> NodeRecord:
     paths = ProjectPaths(folder)
-    if _orphaned(paths):
-        return _recovered_node(paths, head_config, notify)
+    if _orphaned(paths, head_config):
+        try:
+            return _recovered_node(paths, head_config, notify)
+        except (ProjectError, OSError):  # its kaio holds it again, or the filesystem has no locks: read as it is
+            pass
     with _loaded(paths, _copy_lock(paths)) as loaded:
         return _node_record(folder, loaded.state, head_config)
 
 
-def _orphaned(node: ProjectPaths) -> bool:
-    """A node's own folder (a shared filesystem) with events its ranks spooled that its kaio never merged (it was
-    killed), and no kaio of its own holding it now."""
+def _orphaned(node: ProjectPaths, head_config: dict | None) -> bool:
+    """A node's own folder of this job (a shared filesystem) with events its ranks spooled that its kaio never
+    merged (it was killed)."""
     if node.stream_copy.is_file() or not node.spool.is_dir():
         return False
-    lock = ProjectLock(node.report_dir)
     try:
-        lock.acquire()
-    except ProjectError:
-        return False
-    lock.release()
+        _check_same_job(json.loads(node.config.read_text()), head_config)
+    except (OSError, ValueError, ProjectError):
+        return False  # not of this job: refused as it is, never written to
     return True
 
 
 def _recovered_node(node: ProjectPaths, head_config: dict | None, notify: Callable[[str], None]) -> NodeRecord:
-    """Its record brought up to date as `kaio report` on it would (the spool merged, a session whose processes
-    are gone closed), under its lock; its process ids are looked up only on the machine it ran on."""
+    """Its record brought up to date under its lock, as `kaio report` on it would: the spool merged; and, on the
+    machine it ran on, its session closed once its processes are gone. Elsewhere its processes cannot be looked up
+    (they may still train): its session stays open."""
     from kaio.run.project import opened
 
-    ran_here = node.report_dir.name.split("-", 1)[-1] == socket.gethostname().split(".")[0]
+    config = json.loads(node.config.read_text())
+    rank = int((config.get("launch") or {}).get("node_rank") or 0)
+    here = node_folder_name(rank) == node.report_dir.name
     said = node.report_dir.name
-    with opened(node, lambda text: notify(f"node folder {said}: {text}"), pids_here=ran_here) as (loaded, _):
+    with opened(node, lambda text: notify(f"node folder {said}: {text}"), pids_here=here, close=here) as (loaded, _):
         return _node_record(node.report_dir, loaded.state, head_config)
 
 
@@ -235,23 +238,29 @@ def _copy_lock(node: ProjectPaths) -> ProjectLock | None:
 def _node_record(folder: Path, state: RunState, head_config: dict | None) -> NodeRecord:
     header = state.header()
     config = header.config or {}
-    launch = config.get("launch") or {}
-    rank = int(launch.get("node_rank") or 0)
-    if rank == 0:
-        raise ProjectError("the record of a head (node rank 0), not of another node")
-    if head_config is not None:
-        if config.get("project_name") != head_config.get("project_name"):  # first: the other keys would differ too
-            raise ProjectError(f"a node of project {config.get('project_name')!r}")
-        head_launch = head_config.get("launch") or {}
-        for key in ("nnodes", "main_addr", "main_port"):
-            same = same_address if key == "main_addr" else operator.eq
-            if not same(launch.get(key), head_launch.get(key)):
-                raise ProjectError(
-                    f"not a node of the job as the head last ran it: its launch.{key} is {launch.get(key)!r}, the head's {head_launch.get(key)!r}"
-                )
+    _check_same_job(config, head_config)
+    rank = int((config.get("launch") or {}).get("node_rank") or 0)
     with state.with_open_steps() as index:
         entries = {e.step: e for e in _entries(index)}
     return NodeRecord(rank, folder, header, entries, _clock(ProjectPaths(folder).clock))
+
+
+def _check_same_job(config: dict, head_config: dict | None) -> None:
+    """Raise ProjectError unless ``config`` is another node's of the head's job."""
+    launch = config.get("launch") or {}
+    if int(launch.get("node_rank") or 0) == 0:
+        raise ProjectError("the record of a head (node rank 0), not of another node")
+    if head_config is None:
+        return
+    if config.get("project_name") != head_config.get("project_name"):  # first: the other keys would differ too
+        raise ProjectError(f"a node of project {config.get('project_name')!r}")
+    head_launch = head_config.get("launch") or {}
+    for key in ("nnodes", "main_addr", "main_port"):
+        same = same_address if key == "main_addr" else operator.eq
+        if not same(launch.get(key), head_launch.get(key)):
+            raise ProjectError(
+                f"not a node of the job as the head last ran it: its launch.{key} is {launch.get(key)!r}, the head's {head_launch.get(key)!r}"
+            )
 
 
 def _clock(path: Path) -> ClockOffset | None:

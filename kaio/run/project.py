@@ -93,10 +93,13 @@ def saved_config(paths: ProjectPaths, state: RunState | None = None) -> tuple[Ru
 
 
 @contextlib.contextmanager
-def opened(paths: ProjectPaths, notify: Notify, *, pids_here: bool = True) -> Iterator[tuple[Loaded, bool]]:
+def opened(
+    paths: ProjectPaths, notify: Notify, *, pids_here: bool = True, close: bool = True
+) -> Iterator[tuple[Loaded, bool]]:
     """The project's state, recovered after a supervisor that died, with the lock held throughout.
     Yields it and whether a child still trains unsupervised. ``pids_here``: False for a record taken over
-    from another machine, whose process ids mean nothing on this one."""
+    from another machine, whose process ids mean nothing on this one. ``close``: False to merge what was
+    spooled but leave an unfinished session open (its processes, elsewhere, may still train)."""
     with ProjectLock(paths.report_dir):
         loaded = loading.load(paths, writable=True)
         try:
@@ -104,7 +107,7 @@ def opened(paths: ProjectPaths, notify: Notify, *, pids_here: bool = True) -> It
                 notify(f"note: {loaded.invalid} unreadable line(s) in {paths.journal} skipped")
             if loaded.index_note:
                 notify(f"note: {loaded.index_note}")
-            yield loaded, recover_unfinished(paths, loaded.state, notify, pids_here=pids_here)
+            yield loaded, recover_unfinished(paths, loaded.state, notify, pids_here=pids_here, close=close)
         finally:
             loaded.state.index.close()
 
@@ -383,7 +386,9 @@ class _Finishing:
 # ---------------------------------------------------------------- recovery
 
 
-def recover_unfinished(paths: ProjectPaths, state: RunState, notify: Notify = print, *, pids_here: bool = True) -> bool:
+def recover_unfinished(
+    paths: ProjectPaths, state: RunState, notify: Notify = print, *, pids_here: bool = True, close: bool = True
+) -> bool:
     """Bring the record up to date after the supervisor died (kill -9); call with the lock held.
 
     Merges events the child spooled while nobody read the FIFO, and closes a
@@ -410,7 +415,7 @@ def recover_unfinished(paths: ProjectPaths, state: RunState, notify: Notify = pr
             notify(f"merged {merged} event(s) the run spooled while no supervisor was listening")
         if bad:
             recorder.record(Note(text=f"{bad} line(s) of the spool were not valid events and were skipped"))
-        if open_session is not None and progress is not None:
+        if open_session is not None and progress is not None and close:
             finished = progress.trained_to_end
             number = open_session.session
             recorder.record(
