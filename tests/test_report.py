@@ -819,7 +819,7 @@ def test_history_document_is_one_step_per_line_with_evals_before_steps():
     assert lines[0].startswith('{"schema_version":2,"project":"tiny-default",')
     assert lines[0].endswith(
         ',"evals":[{"step":2,"session":1,"epoch":null,"timestamp":null,'
-        '"metrics":{"eval_loss":1.0},"nonfinite":{},"after_training":false,"before_training":false,"prediction":false}],"steps":['
+        '"metrics":{"eval_loss":1.0},"nonfinite":{},"after_training":false,"before_training":false,"prediction":false,"other_model":false}],"steps":['
     )
     assert [json.loads(line.rstrip(","))["step"] for line in lines[1:4]] == [1, 2, 3]
     assert lines[1].endswith(",") and lines[2].endswith(",") and not lines[3].endswith(",")

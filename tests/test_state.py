@@ -621,20 +621,36 @@ def test_a_later_training_of_the_script_smooths_its_own_loss_and_every_warning_i
 def test_a_later_trainings_start_is_start_up_time_not_its_first_steps():
     """auto_find_batch_size's retries, or a second Trainer built and its model loaded after the first trained:
     the gap before the later training's first step is start-up, not an optimizer step (ten retries' 14.7 s
-    were counted as goodput, and the samples/s divided by them)."""
-    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 4, "world_size": 1}
-    run |= {"args": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}}
-    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, run, _step(1, 1.0), _step(2, 2.0)]
-    events += [{**run, "training": 2, "start_step": 2, "step_offset": 2, "max_steps": 4}]
-    events += [_step(3, 12.0), _step(4, 13.0)]  # 10 s after step 2: 9 s of the new Trainer's start, 1 s its step
-    events += [{"type": "session_end", "session": 1, "t_wall": 1e9 + 14.0, "status": "COMPLETED", "exit_code": 0}]
-    state = replay(events)
-    assert state.ledger.telemetry.later_trainings_startup_s == pytest.approx(9.0)
+    were counted as goodput, and the samples/s divided by them). The script's own evaluation between the two is
+    evaluation time; a resume that trains that step again drops its start with it; and a later training that
+    never reached its first step leaves nothing for the next session's steps."""
     from kaio.report.summary import summarize, time_buckets
 
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 4, "world_size": 1}
+    run |= {"args": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}}
+    second = {**run, "training": 2, "start_step": 2, "step_offset": 2, "max_steps": 4}
+    evaluation = {"eval_loss": 1.0, "eval_runtime": 3.0, "eval_samples_per_second": 3.0}
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, run, _step(1, 1.0), _step(2, 2.0)]
+    events += [{"type": "train_end", "rank": 0, "session": 1, "step": 2}]
+    events += [{"type": "eval", "rank": 0, "session": 1, "step": 2, "metrics": evaluation}]  # the script's own
+    events += [second, _step(3, 12.0), _step(4, 13.0)]  # 10 s after step 2: 3 s evaluating, 6 s starting, 1 s step
+    ended = {"type": "session_end", "session": 1, "t_wall": 1e9 + 14.0, "status": "COMPLETED", "exit_code": 0}
+    state = replay([*events, ended])
+    assert [s["training_start_s"] for s in history_of(state)["steps"]] == [None, None, pytest.approx(6.0), None]
     with state.with_open_steps() as index:
         s = summarize(state.header(), index)
     assert s.productive_s == pytest.approx(3.0)  # steps 2, 3 and 4 (step 1 ends the session's start-up)
-    assert s.startup_s == pytest.approx(1.0 + 9.0)
+    assert (s.startup_s, s.eval_s) == (pytest.approx(1.0 + 6.0), pytest.approx(3.0))
     assert s.samples_per_s == pytest.approx(16 / 4.0)  # 16 samples over the 4 steps' own seconds
     assert time_buckets(s)[0][0] == "Start-up (launch to the first step), and a later training's start"
+
+    # Failed after step 3; the resume trains step 3 again from checkpoint-2 (its start is in its new entry only).
+    failed = {**ended, "status": "FAILED", "exit_code": 1}
+    resumed = [{"type": "session_start", "session": 2, "t_wall": 1e9 + 100}, {**run, "session": 2, "start_step": 2}]
+    resumed += [_step(3, 101.0, session=2), _step(4, 102.0, session=2)]
+    steps = history_of(replay([*events[:-1], failed, *resumed]))["steps"]
+    assert [s["training_start_s"] for s in steps] == [None, None, None, None]
+
+    # The second training's RunStart, then the process died: the next session's steps are no training's start.
+    died = [*events[:4], second, failed, *resumed[:2], _step(3, 101.0, session=2), _step(4, 130.0, session=2)]
+    assert all(s["training_start_s"] is None for s in history_of(replay(died))["steps"])

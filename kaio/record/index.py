@@ -41,7 +41,7 @@ from kaio.record.paths import ProjectPaths
 from kaio.record.rules import LossSmoother
 from kaio.record.types import EvalEntry, StepEntry
 
-INDEX_FORMAT = 12  # bump when the tables, or how records become their rows, change: an older index is rebuilt
+INDEX_FORMAT = 13  # bump when the tables, or how records become their rows, change: an older index is rebuilt
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
@@ -50,7 +50,7 @@ CREATE TABLE IF NOT EXISTS steps (
     loss REAL, loss_nonfinite TEXT, loss_smoothed REAL, loss_diverged INTEGER,
     learning_rate REAL, grad_norm REAL, grad_norm_nonfinite TEXT,
     vram_peak REAL, vram_peak_min REAL, vram_used_max REAL, samples_seen REAL, tokens_seen REAL, energy_j REAL,
-    host_cpu REAL, host_ram REAL, tokens_per_s_dev REAL, mfu REAL, crc INTEGER);
+    host_cpu REAL, host_ram REAL, tokens_per_s_dev REAL, mfu REAL, training_start_s REAL, crc INTEGER);
 -- Each step's history.json line, apart: the figures' scans never read these few KB a step.
 CREATE TABLE IF NOT EXISTS step_lines (step INTEGER PRIMARY KEY, entry BLOB NOT NULL, crc INTEGER);
 CREATE TABLE IF NOT EXISTS step_gpus (
@@ -64,7 +64,7 @@ CREATE TABLE IF NOT EXISTS evals (step INTEGER, session INTEGER, eval_loss REAL,
 _STEP_TABLES = ("steps", "step_lines", "step_gpus", "step_ranks", "step_metrics", "evals")  # a row per step or more
 _TABLES = (*_STEP_TABLES, "meta")
 _ROW_TABLES = {  # what add_step inserts, in batches
-    "steps": "INSERT OR REPLACE INTO steps VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+    "steps": "INSERT OR REPLACE INTO steps VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
     "step_lines": "INSERT OR REPLACE INTO step_lines VALUES (?,?,?)",
     "step_gpus": "INSERT OR REPLACE INTO step_gpus VALUES (?,?,?,?,?,?,?,?,?,?)",
     "step_ranks": "INSERT OR REPLACE INTO step_ranks VALUES (?,?,?)",
@@ -374,6 +374,7 @@ def _steps_row(entry: StepEntry) -> tuple:
         host.ram_used_bytes if host else None,
         entry.tokens_per_s_per_device,
         entry.mfu,
+        entry.training_start_s,
     )
     return (entry.step, entry.session, *(_as_stored(v) for v in values))
 

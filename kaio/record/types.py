@@ -242,6 +242,9 @@ class StepEntry(msgspec.Struct, kw_only=True):
     metrics: dict[str, float] = {}  # any other number the Trainer logged at this step
     eval_s: float | None = None  # after this step: time spent evaluating...
     save_s: float | None = None  # ...and saving a checkpoint (both are in the next step's duration_s)
+    # A later training's first step (a second Trainer, an out-of-memory retry): its duration_s holds the new
+    # Trainer's start (building it, loading a model), start-up time, not optimizer work.
+    training_start_s: float | None = None
     samples_seen: int | None = None
     tokens_seen: int | None = None
     tokens_per_s_per_device: float | None = None  # this step's tokens (all ranks) / its step time / world size
@@ -480,9 +483,6 @@ class Telemetry(msgspec.Struct, kw_only=True):
     # Steps trained again because a resume or a restart started from an earlier checkpoint, and their time.
     recomputed_steps: int = 0
     recomputed_s: float = 0.0
-    # The start of the script's later trainings (another Trainer, an out-of-memory retry), from the earlier one's last
-    # step to the later one's first step's start: start-up time, though inside the steps' durations.
-    later_trainings_startup_s: float = 0.0
 
 
 class CheckpointSaved(msgspec.Struct, kw_only=True):

@@ -289,9 +289,10 @@ def _time_spent(
     ends with that step), and so is a later training's start before its first step; an evaluation or a save
     after a step sits in the next step's duration: it is taken out of the time in steps; a session's last
     step's pauses are in its closing. Evaluations before a
-    session's first step (eval_on_start) or after its last are evaluation time, not start-up or closing."""
-    early, late = _evaluations_outside_steps(q, sessions, evaluations)
-    later = s.later_trainings_startup_s = telemetry.later_trainings_startup_s  # in their first steps' durations
+    session's first step (eval_on_start) or after its last are evaluation time, not start-up or closing; so
+    are the script's own evaluations between two of its trainings."""
+    early, late, between = _evaluations_outside_steps(q, sessions, evaluations)
+    later = s.later_trainings_startup_s = q.value("SELECT COALESCE(SUM(training_start_s), 0) FROM steps")
     s.startup_s = _sum([*(x.startup_s for x in sessions), later or None])
     s.closing_s = _sum(x.closing_s for x in sessions)
     if s.startup_s is not None:
@@ -305,10 +306,11 @@ def _time_spent(
         f"SUM(CASE WHEN {inside} THEN eval_s END), SUM(CASE WHEN {inside} THEN save_s END) FROM steps"
     )
     inner = (evals or 0.0) + (saves or 0.0)
-    s.eval_s = (evals or 0.0) + early + late if evals is not None or early or late else None
+    outside = early + late + between
+    s.eval_s = (evals or 0.0) + outside if evals is not None or outside else None
     s.save_s = saves
-    if total is not None:
-        s.steps_s = max(total - (inner or 0.0) - later, 0.0)
+    if total is not None:  # a later training's first step holds its start and the evaluations before it
+        s.steps_s = max(total - (inner or 0.0) - later - between, 0.0)
     s.recomputed_steps, s.recomputed_s = telemetry.recomputed_steps, telemetry.recomputed_s
     # A stall within a training step: the step that finally came took the stall's time.
     s.stall_s = _sum(
@@ -326,11 +328,14 @@ def _time_spent(
             s.goodput_pct = 100.0 * s.productive_s / s.training_time_s
 
 
-def _evaluations_outside_steps(q: _Query, sessions: list[Session], evals: list[EvalEntry]) -> tuple[float, float]:
+def _evaluations_outside_steps(
+    q: _Query, sessions: list[Session], evals: list[EvalEntry]
+) -> tuple[float, float, float]:
     """The evaluations' time in the sessions' start-ups (before each one's first step) and closings (at or after
     its last step: the Trainer's last evaluation, the script's own evaluate() and predict() after train()), each
-    at most the start-up or closing it is in."""
-    early_total = late_total = 0.0
+    at most the start-up or closing it is in; and the script's own between two of its trainings (in the later
+    one's first step)."""
+    early_total = late_total = between_total = 0.0
     bounds = {
         session: (first, last)
         for session, first, last in q.conn.execute("SELECT session, MIN(step), MAX(step) FROM steps GROUP BY session")
@@ -339,10 +344,11 @@ def _evaluations_outside_steps(q: _Query, sessions: list[Session], evals: list[E
         first, last = bounds.get(x.session, (None, None))
         mine = [(e, rules.evaluation_runtime(e.metrics) or 0.0) for e in evals if e.session == x.session]
         early = sum(t for e, t in mine if not e.after_training and (first is None or e.step < first))
-        late = sum(t for e, t in mine if last is not None and (e.after_training or e.step >= last))
+        late = sum(t for e, t in mine if last is not None and e.step >= last)
+        between_total += sum(t for e, t in mine if last is not None and e.after_training and e.step < last)
         early_total += min(early, x.startup_s or 0.0)
         late_total += min(late, x.closing_s or 0.0)
-    return early_total, late_total
+    return early_total, late_total, between_total
 
 
 def _sum(values: Any) -> float | None:

@@ -42,7 +42,6 @@ class AssemblyOutput(Protocol):
     def samples_seen_at(self, step: int) -> int | None: ...
     def throughput(self, tokens_per_s_per_device: float, mfu: float | None) -> None: ...
     def recomputed(self, steps: int, seconds: float) -> None: ...
-    def later_training_started(self, seconds: float) -> None: ...
 
 
 class TickWindow(msgspec.Struct, kw_only=True):
@@ -84,6 +83,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
     counted_through: tuple[int, int] | None = None  # (step, samples seen) of the latest step whose ranks counted
     tokens_from: int = 0  # the Trainer's count where the record began (its tokens are the record's from there)
     later_training: bool = False  # a later training began (another Trainer, an out-of-memory retry): its first step
+    evaluated_after_s: float = 0.0  # the script's own evaluations since rank 0's latest step (after a train() ended)
 
     def start_session(self, session: int) -> None:
         self.session = session
@@ -91,6 +91,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         self.last_tokens_seen = None
         self.samples_from, self.last_samples_seen, self.tokens_from = (0, 0), 0, 0
         self.counted_through = None
+        self.later_training, self.evaluated_after_s = False, 0.0
         self.ticks.clear()
         self.pending.clear()
         self.prev_end_mono = self.last_end_mono = None
@@ -151,25 +152,29 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         if event.t_mono is not None:
             gap = event.t_mono - self.last_end_mono if self.last_end_mono is not None else None
             entry.duration_s = gap if gap is not None and gap > 0 else event.step_time_s
-            if self.later_training and gap is not None and gap > 0:
-                self._later_training_started(gap, event, out)
+            if self.later_training:
+                self._later_training_started(entry, gap, event)
             self.last_end_mono = event.t_mono
             if self.ticks:  # no poller, no samples to wait for
                 self.pending.append(event.step)
                 if len(self.pending) > MAX_UNAGGREGATED_STEPS:
                     self._aggregate_step(self.pending.pop(0))
+        self.evaluated_after_s = 0.0
         self.newest_step = max(self.newest_step, event.step)
         self.seal_ready(out)
         return True
 
-    def _later_training_started(self, gap: float, event: Step, out: AssemblyOutput) -> None:
+    def _later_training_started(self, entry: StepEntry, gap: float | None, event: Step) -> None:
         """The first step of a later training: its gap since the earlier training's last step holds the new
         Trainer's start (building it, loading a model, an out-of-memory retry's set-up), not optimizer work; less
-        the pauses after that last step, which are evaluation and saving time already."""
+        the pauses after that last step and the script's own evaluations between the two trainings, which are
+        evaluation and saving time already."""
         self.later_training = False
+        if gap is None or gap <= 0:
+            return
         before = self.open.get(self.newest_step)
         paused = ((before.eval_s or 0.0) + (before.save_s or 0.0)) if before is not None else 0.0
-        out.later_training_started(max(gap - (event.step_time_s or 0.0) - paused, 0.0))
+        entry.training_start_s = max(gap - (event.step_time_s or 0.0) - paused - self.evaluated_after_s, 0.0)
 
     def _samples_seen(self, event: Step, throughput: Throughput | None) -> int | None:
         """The examples seen by the end of rank 0's step, all ranks together: its micro-batches' examples as it
@@ -317,6 +322,11 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         for key in [k for k in entry.metrics if k.startswith(f"{family}_")]:
             value = entry.metrics.pop(key)
             metrics.setdefault(key, value)
+
+    def evaluated_after_training(self, seconds: float) -> None:
+        """The script's own evaluation after a train() ended (no pause of a step): a later training's first step
+        may hold it."""
+        self.evaluated_after_s += seconds
 
     def add_pause(self, step: int, *, eval_s: float = 0.0, save_s: float = 0.0) -> None:
         """Time spent after ``step`` evaluating or saving a checkpoint (the next step's gap holds it)."""

@@ -282,6 +282,8 @@ class RunState:
         runtime = rules.evaluation_runtime(entry.metrics)
         if runtime is not None and not entry.after_training:  # after train(): not a pause between steps
             self.parts.steps.add_pause(r.step, eval_s=runtime)
+        elif runtime is not None:
+            self.parts.steps.evaluated_after_training(runtime)
         live = self.parts.live
         if entry.other_model:
             return  # not the run's evaluation: the record lists it, the dashboard, Comet and the summary do not
@@ -337,10 +339,6 @@ class RunState:
 
     def samples_seen_at(self, step: int) -> int | None:
         return self.index.samples_seen_at(step)
-
-    def later_training_started(self, seconds: float) -> None:
-        telemetry = self.ledger.telemetry
-        telemetry.later_trainings_startup_s = round(telemetry.later_trainings_startup_s + seconds, 3)
 
     def recomputed(self, steps: int, seconds: float) -> None:
         telemetry = self.ledger.telemetry
