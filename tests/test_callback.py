@@ -362,19 +362,17 @@ def test_a_micro_batchs_examples_are_its_tensors_first_dimension(torch):
     assert _examples({"input_ids": ids, "position_ids": ids}) == 3  # unpadded rows of their own
 
 
-def test_an_evaluation_of_another_model_than_the_one_trained_is_listed_but_not_the_runs(tmp_path, monkeypatch):
+def test_an_evaluation_of_another_model_than_the_one_trained_is_listed_but_not_the_runs(tmp_path, monkeypatch, torch):
     """A teacher's Trainer evaluates after the student trained: its eval loss is not the run's (the final line
     showed the teacher's), and its row sits where the run was, not at its own Trainer's step 0. Another Trainer
-    given the trained model (to evaluate it on other data) is the run's."""
+    given a model with the trained weights (the student wrapped, its LoRA merged) is the run's."""
     from kaio.child import callback as module
     from kaio.child.callback import KaioCallback
 
     monkeypatch.setattr(module, "_TRAININGS", module._Trainings())  # this process's trainings: none yet
 
-    class Model:  # what a Trainer hands its callbacks (held by a weak reference)
-        pass
-
-    student, teacher = Model(), Model()
+    student, teacher = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    wrapped = torch.nn.Sequential(student)  # other module objects, the student's weights
     emitter = EventEmitter(None, str(tmp_path / "spool"), rank=0, session=1)
     from transformers import TrainerControl
 
@@ -387,7 +385,7 @@ def test_an_evaluation_of_another_model_than_the_one_trained_is_listed_but_not_t
     trained.global_step = 3
     trainer.on_step_end(args, trained, control)
     KaioCallback(emitter).on_evaluate(args, own, control, metrics={"eval_loss": 4.8}, model=teacher)
-    KaioCallback(emitter).on_evaluate(args, own, control, metrics={"eval_loss": 2.1}, model=student)
+    KaioCallback(emitter).on_evaluate(args, own, control, metrics={"eval_loss": 2.1}, model=wrapped)
     emitter.close()
     events = _spooled(tmp_path / "spool")
     evals = [(e["step"], e.get("other_model", False)) for e in events if e["type"] == "eval"]

@@ -552,7 +552,9 @@ def test_the_other_numbers_a_training_logged_are_summed_up_by_name_and_the_train
     where it was first, last, lowest and highest. A resume's steps trained again replace the earlier ones'."""
     from kaio.report.markdown import render_markdown
 
-    steps = [step(k, metrics={"rewards/margins": 0.1 * k, "aux_loss": 5.0 - k}) for k in range(1, 6)]
+    # train_tokens_per_second and train_runtime: the Trainer's own speed, at every log while it counts tokens
+    speed = {"train_tokens_per_second": 7000.0, "train_runtime": 1.5}
+    steps = [step(k, metrics={"rewards/margins": 0.1 * k, "aux_loss": 5.0 - k, **speed}) for k in range(1, 6)]
     steps[-1].metrics |= {"train_runtime": 9.0, "train_loss": 2.0, "num_tokens": 123456.0}
     index = index_of(steps)
     index.truncate_after(4)  # the resume from checkpoint-4 trains step 5 again
@@ -567,4 +569,4 @@ def test_the_other_numbers_a_training_logged_are_summed_up_by_name_and_the_train
     report = render_markdown(header(), s, [])
     assert "## Other logged metrics" in report
     assert "| aux_loss | 5 | 4 | 7 (step 5) | 1 (step 4) | 7 (step 5) |" in report
-    assert "train_runtime" not in report
+    assert "train_runtime" not in report and "train_tokens_per_second" not in report

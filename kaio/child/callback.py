@@ -12,6 +12,7 @@ out rather than copied to the host.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
 import weakref
@@ -52,14 +53,21 @@ class _Trainings:
         self.count = 0
         self.last_step = 0  # the latest step recorded
         self.last_tokens = 0  # the input tokens recorded by then
-        self.models: weakref.WeakSet = weakref.WeakSet()  # the models they trained
+        self.weights: weakref.WeakSet = weakref.WeakSet()  # the parameters of the models they trained
+
+    def trained(self, model: Any) -> None:
+        with contextlib.suppress(AttributeError, RuntimeError, TypeError):
+            self.weights.update(model.parameters())
 
     def of_another_model(self, model: Any) -> bool:
         """An evaluation by a Trainer of a model none trained, once one has (a teacher's, a reference's): not
-        the run's. Another Trainer given the trained model (to evaluate it on other data) is the run's."""
+        the run's. One that shares weights with a trained model (the trained model given to another Trainer to
+        evaluate it on other data, its LoRA merged, the base model a PEFT wrapper adapted) is the run's."""
+        if not self.weights or model is None:
+            return False
         try:
-            return bool(self.models) and model is not None and model not in self.models
-        except TypeError:  # a model that cannot be held by a weak reference
+            return not any(p in self.weights for p in itertools.islice(model.parameters(), 64))
+        except (AttributeError, RuntimeError, TypeError):  # not a torch module: nothing to compare
             return False
 
 
@@ -137,8 +145,7 @@ class KaioCallback(TrainerCallback):
         trainer = self._trainer() if self._trainer is not None else None
         start = int(state.global_step)
         _TRAININGS.count += 1
-        with contextlib.suppress(TypeError):
-            _TRAININGS.models.add(model)
+        _TRAININGS.trained(model)
         if _TRAININGS.count > 1 and self._step_offset + start < _TRAININGS.last_step:
             self._step_offset, self._tokens_offset = _TRAININGS.last_step - start, _TRAININGS.last_tokens
         run = describe_run(self.rank, args, state, model, kwargs, trainer)

@@ -21,14 +21,15 @@ STALL_FACTOR = 10.0  # no step for 10x the median step time...
 STALL_FLOOR_S = 60.0  # ...and at least a minute: a stall
 MIN_POINTS_FOR_MEDIAN = 10  # fewer points give no median worth comparing against
 MIN_LOSSES_TO_SMOOTH = 10  # a smoothed loss of fewer logged losses is mostly the first one: not shown as a level
-# The Trainer's closing log (what train() returns): its own summary of the run, not a metric over the steps.
-TRAINER_CLOSING_METRICS = (
-    "train_runtime",
-    "train_samples_per_second",
-    "train_steps_per_second",
-    "total_flos",
-    "train_loss",
-)
+
+
+def trainer_speed_or_total(name: str) -> bool:
+    """The Trainer's own running time and speeds (train_runtime, train_*_per_second: logged at every log while it
+    counts tokens, and in its closing log) and totals (total_flos, train_loss): kaio measures those itself; not
+    metrics of the training."""
+    return name in ("total_flos", "train_loss") or (
+        name.startswith("train_") and name.endswith(("_runtime", "_per_second"))
+    )
 
 
 def too_few_to_smooth(finite_losses: int) -> bool:

@@ -384,18 +384,12 @@ def _loss(q: _Query, s: Summary, run: RunDescription | None) -> None:
 def _logged_metrics(q: _Query, s: Summary) -> None:
     """Two passes over the table (count, lowest, highest: SQLite gives a lone MIN's or MAX's row's step with it),
     then each listed metric's first and last by its key."""
-    closing = ",".join("?" * len(rules.TRAINER_CLOSING_METRICS))
-    grouped = f"FROM step_metrics WHERE name NOT IN ({closing}) GROUP BY name ORDER BY name"
-    lows = q.conn.execute(f"SELECT name, COUNT(*), MIN(value), step {grouped}", rules.TRAINER_CLOSING_METRICS)
-    listed = lows.fetchall()
+    grouped = "FROM step_metrics GROUP BY name ORDER BY name"
+    lows = q.conn.execute(f"SELECT name, COUNT(*), MIN(value), step {grouped}")
+    listed = [row for row in lows if not rules.trainer_speed_or_total(row[0])]
     s.logged_metrics_not_listed = max(0, len(listed) - LOGGED_METRICS_LISTED)
     listed = listed[:LOGGED_METRICS_LISTED]
-    highs = {
-        name: (high, step)
-        for name, high, step in q.conn.execute(
-            f"SELECT name, MAX(value), step {grouped}", rules.TRAINER_CLOSING_METRICS
-        )
-    }
+    highs = {name: (high, step) for name, high, step in q.conn.execute(f"SELECT name, MAX(value), step {grouped}")}
     for name, logged, low, low_step in listed:
         first = q.value("SELECT value FROM step_metrics WHERE name = ? ORDER BY step LIMIT 1", name)
         last_step, last = q.row("SELECT step, value FROM step_metrics WHERE name = ? ORDER BY step DESC LIMIT 1", name)

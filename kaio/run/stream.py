@@ -340,11 +340,16 @@ def _head_mark(paths: ProjectPaths) -> str:
         return mark
     paths.report_dir.mkdir(parents=True, exist_ok=True)
     mark = secrets.token_hex(16)
+    written = paths.stream_mark.with_name(f".stream-mark-{mark}")
+    written.write_text(mark + "\n")
     try:
-        with open(paths.stream_mark, "x") as f:
-            f.write(mark + "\n")
+        os.link(written, paths.stream_mark)  # whole or not at all; never over another process's
     except FileExistsError:  # written at the same moment by another process: its mark is the project's
         return _reads(paths.stream_mark) or mark
+    except OSError:  # no hard links there: this session's mark only (a resumed head will not know its copies)
+        return mark
+    finally:
+        written.unlink(missing_ok=True)
     return mark
 
 
