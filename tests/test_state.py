@@ -654,3 +654,18 @@ def test_a_later_trainings_start_is_start_up_time_not_its_first_steps():
     # The second training's RunStart, then the process died: the next session's steps are no training's start.
     died = [*events[:4], second, failed, *resumed[:2], _step(3, 101.0, session=2), _step(4, 130.0, session=2)]
     assert all(s["training_start_s"] is None for s in history_of(replay(died))["steps"])
+
+
+def test_a_resume_inside_a_later_training_continues_that_trainings_smoothed_loss():
+    """An automatic restart from a checkpoint of the script's second training: the smoothed loss it continues is
+    the second training's (0.69), not one mixed with the first's (3.6)."""
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 12, "world_size": 1}
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, run]
+    events += [e for k in range(1, 13) for e in (_step(k, float(k)), _log(k, 3.6))]
+    events += [{**run, "training": 2, "start_step": 12, "step_offset": 12, "max_steps": 24}]
+    events += [e for k in range(13, 21) for e in (_step(k, float(k)), _log(k, 0.69))]
+    events += [{"type": "session_end", "session": 1, "t_wall": 1e9 + 30, "status": "FAILED", "exit_code": 1}]
+    events += [{"type": "session_start", "session": 2, "t_wall": 1e9 + 40, "kind": "restart"}]
+    events += [{**run, "session": 2, "start_step": 18, "max_steps": 24}]  # the script again, from checkpoint-18
+    smoother = replay(events).parts.steps.smoother
+    assert smoother.count == 6 and smoother.high == pytest.approx(0.69) and smoother.low == pytest.approx(0.69)

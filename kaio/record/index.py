@@ -290,15 +290,18 @@ class RunIndex:
 
     # ------------------------------------------------------------------ reading
 
-    def smoother_at(self, step: int) -> LossSmoother:
-        """The smoothed loss as it stood after ``step`` (a resume continues it from there)."""
+    def smoother_at(self, step: int, since: int = 0) -> LossSmoother:
+        """The smoothed loss as it stood after ``step`` (a resume continues it from there), of the training that
+        began after step ``since`` (a later training of the script smooths its own loss)."""
         count, low, high, lowest_loss = self.conn.execute(
-            "SELECT COUNT(loss_smoothed), MIN(loss_smoothed), MAX(loss_smoothed), MIN(loss) FROM steps WHERE step <= ?",
-            (step,),
+            "SELECT COUNT(loss_smoothed), MIN(loss_smoothed), MAX(loss_smoothed), MIN(loss) FROM steps "
+            "WHERE step > ? AND step <= ?",
+            (since, step),
         ).fetchone()
         row = self.conn.execute(
-            "SELECT loss_smoothed FROM steps WHERE step <= ? AND loss_smoothed IS NOT NULL ORDER BY step DESC LIMIT 1",
-            (step,),
+            "SELECT loss_smoothed FROM steps WHERE step > ? AND step <= ? AND loss_smoothed IS NOT NULL "
+            "ORDER BY step DESC LIMIT 1",
+            (since, step),
         ).fetchone()
         return LossSmoother(
             smoothed=row[0] if row else None,

@@ -85,6 +85,7 @@ class RunLedger(msgspec.Struct, kw_only=True):
     hub: HubOutcome | None = None
     hub_later_failure: str | None = None  # a push that failed after ``hub``'s commit; cleared by one that succeeds
     last_train_end: TrainEnd | None = None  # rank 0's, of the latest training
+    later_trainings_from: list[int] = []  # the steps after which the script's later trainings began (their own loss)
     host_use: HostUse = msgspec.field(default_factory=HostUse)
     telemetry: Telemetry = msgspec.field(default_factory=Telemetry)  # what arrived, what was lost
     received: Received = msgspec.field(default_factory=Received)  # which child events are journaled (spool merge)
