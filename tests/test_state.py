@@ -669,3 +669,20 @@ def test_a_resume_inside_a_later_training_continues_that_trainings_smoothed_loss
     events += [{**run, "session": 2, "start_step": 18, "max_steps": 24}]  # the script again, from checkpoint-18
     smoother = replay(events).parts.steps.smoother
     assert smoother.count == 6 and smoother.high == pytest.approx(0.69) and smoother.low == pytest.approx(0.69)
+
+
+def test_a_resume_whose_script_passed_its_own_checkpoint_says_where_its_trainer_began():
+    """The official example scripts pass --resume_from_checkpoint to train() themselves: kaio's checkpoint is
+    then not the one the Trainer loads. The record says so instead of 'resumed from checkpoint-32' alone."""
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 40, "world_size": 1}
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, run]
+    events += [_step(k, float(k)) for k in range(1, 33)]
+    events += [{"type": "session_end", "session": 1, "t_wall": 1e9 + 40, "status": "INTERRUPTED", "exit_code": 143}]
+    resumed = {"type": "session_start", "session": 2, "t_wall": 1e9 + 50, "kind": "resume"}
+    events += [{**resumed, "resume_from": "/ck/checkpoint-32"}, {**run, "session": 2, "start_step": 20}]
+    warnings = replay(events).parts.warnings.items
+    assert warnings == [
+        "session 2: kaio resumed the script from checkpoint-32, but its Trainer began at step 20 (the script passed "
+        "its own resume_from_checkpoint, which kaio does not override): steps 21-32 are trained again"
+    ]
+    assert replay([*events[:-1], {**run, "session": 2, "start_step": 32}]).parts.warnings.items == []

@@ -41,6 +41,13 @@ CHECKPOINTS_KEPT = 20
 STALLS_KEPT = 50
 
 
+def checkpoint_step(path: str | None) -> int | None:
+    """N of a ``checkpoint-N`` folder."""
+    name = os.path.basename(path.rstrip("/")) if path else ""
+    number = name.removeprefix("checkpoint-")
+    return int(number) if name.startswith("checkpoint-") and number.isdigit() else None
+
+
 class SessionProgress(msgspec.Struct, kw_only=True):
     """What the ledger needs of a session beyond what history.json shows of it."""
 
@@ -50,6 +57,7 @@ class SessionProgress(msgspec.Struct, kw_only=True):
     last_step_t_wall: float | None = None
     trained_to_end: bool = False  # rank 0 reached on_train_end
     scripts_ended: list[int] = []  # the ranks whose script returned before any stop reached it (ScriptEnd)
+    resumed_at: int | None = None  # the step of the checkpoint kaio handed the script's Trainer (a resume)
 
 
 class RankSeen(msgspec.Struct, kw_only=True):
@@ -197,7 +205,7 @@ class RunLedger(msgspec.Struct, kw_only=True):
 
     def on_session_start(self, r: SessionStart) -> None:
         self.sessions.append(Session(session=r.session, kind=r.kind, started_at=iso(r.t_wall)))
-        self.progress[r.session] = SessionProgress(t_wall=r.t_wall)
+        self.progress[r.session] = SessionProgress(t_wall=r.t_wall, resumed_at=checkpoint_step(r.resume_from))
         self.ranks = {}
         if r.config is not None:
             self.config = r.config
@@ -254,7 +262,8 @@ class RunLedger(msgspec.Struct, kw_only=True):
         return first_rank(int(launch.get("node_rank") or 0), int(launch.get("num_processes") or 1))
 
     def on_run_start(self, r: RunStart) -> str | None:
-        """Returns what is wrong with the job's shape, if the ranks' accounts disagree with what was launched."""
+        """Returns what is wrong with the job's shape, if the ranks' accounts disagree with what was launched, or
+        with the checkpoint kaio resumed from."""
         earlier = self.ranks.get(r.rank)
         self.ranks[r.rank] = RankSeen(world_size=r.world_size, hostname=r.hostname, pid=r.pid)
         if r.rank == self.lead_rank:
@@ -275,7 +284,25 @@ class RunLedger(msgspec.Struct, kw_only=True):
             )
         if r.rank == self.lead_rank and launched and r.world_size is not None and r.world_size != launched:
             return f"{launched} processes were launched but the trainer reports world size {r.world_size}"
-        return None
+        return self._resumed_elsewhere(r) if r.rank == self.lead_rank and r.training == 1 else None
+
+    def _resumed_elsewhere(self, r: RunStart) -> str | None:
+        """The script's Trainer began at another step than the checkpoint kaio resumed it from: the script passed
+        its own resume_from_checkpoint (kaio hands its checkpoint only to a train() given none)."""
+        progress = self.progress.get(r.session)
+        handed = progress.resumed_at if progress is not None else None
+        if progress is None or handed is None or r.start_step == handed:
+            return None
+        progress.resumed_at = None  # said once
+        again = (
+            f"steps {r.start_step + 1}-{handed} are trained again"
+            if r.start_step < handed
+            else f"steps {handed + 1}-{r.start_step} are not in this record"
+        )
+        return (
+            f"session {r.session}: kaio resumed the script from checkpoint-{handed}, but its Trainer began at step "
+            f"{r.start_step} (the script passed its own resume_from_checkpoint, which kaio does not override): {again}"
+        )
 
     def on_step(self, session: int, step: int, t_wall: float | None) -> None:
         """This node's lead rank ended ``step`` in ``session``."""
