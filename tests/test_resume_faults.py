@@ -306,3 +306,18 @@ def test_a_project_without_a_checkpoint_is_pointed_at_overwrite_by_run_and_resum
     mixed = kaio("resume", "t", "--config", "other.yaml", cwd=project_dir, timeout=60)
     assert mixed.returncode == 2
     assert "kaio: error: other.yaml: the config of project 'u', not 't'" in mixed.stderr
+
+
+def test_a_script_reading_its_arguments_from_a_file_is_not_refused_a_resume_for_its_length(tmp_path):
+    """`run_ner.py args.json` (the official examples' form): the training's length is in the file, which kaio
+    cannot see change; the refusal's advice (a longer run in launch.script_args) could not be followed."""
+    from kaio.config import RunConfig
+    from kaio.run.project import _arguments_in_a_file
+
+    script = tmp_path / "run_ner.py"
+    script.write_text("")
+    (tmp_path / "args.json").write_text('{"num_train_epochs": 6}')
+    launch = {"script": str(script), "script_args": [str(tmp_path / "args.json")]}
+    assert _arguments_in_a_file(RunConfig(project_name="t", launch=launch))
+    flags = {**launch, "script_args": ["--num_train_epochs", "6", str(tmp_path / "missing.json")]}
+    assert not _arguments_in_a_file(RunConfig(project_name="t", launch=flags))

@@ -694,7 +694,7 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
                 f"project {project!r} already trained its {state.last_step} steps; "
                 f"extend it with `{paths.command('resume')} --max-steps N` (N > {state.last_step})"
             )
-    elif not any(c.startswith("launch.script_args") for c in allowed):
+    elif not any(c.startswith("launch.script_args") for c in allowed) and not _arguments_in_a_file(cfg):
         length = state.ledger.run.max_steps if state.ledger.run is not None else None
         if length is not None and 0 < length <= state.last_step:  # its Trainer's own length, as it reported it
             raise ProjectError(
@@ -719,6 +719,12 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
         notify(f"kaio: warning: {partial}")
         notes.append(partial)
     return cfg, checkpoint, notes
+
+
+def _arguments_in_a_file(cfg: RunConfig) -> bool:
+    """The script reads its arguments from a file (``run_x.py args.json``, as the official examples allow): its
+    length may have changed there, which kaio cannot see; the Trainer itself says how far it trains."""
+    return any(Path(arg).suffix in (".json", ".yaml", ".yml") and Path(arg).is_file() for arg in cfg.launch.script_args)
 
 
 _PLACEMENT_KEYS = ("launch.nnodes", "launch.node_rank", "launch.main_addr", "launch.main_port")
