@@ -686,3 +686,14 @@ def test_a_resume_whose_script_passed_its_own_checkpoint_says_where_its_trainer_
         "its own resume_from_checkpoint, which kaio does not override): steps 21-32 are trained again"
     ]
     assert replay([*events[:-1], {**run, "session": 2, "start_step": 32}]).parts.warnings.items == []
+
+
+def test_a_trainer_that_began_at_its_last_step_trained_none_and_its_closing_log_is_no_step():
+    """get_last_checkpoint found checkpoint-120 of 120: the Trainer trains nothing, logs its closing summary
+    (train_loss 0) at step 120. That is no optimizer step of this record (it read '1 recorded', train_loss 0)."""
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 120, "max_steps": 120, "world_size": 1}
+    closing = {"train_runtime": 0.0083, "train_loss": 0.0, "train_samples_per_second": 0.0}
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, run]
+    events += [{"type": "log", "rank": 0, "session": 1, "step": 120, "extra": closing}]
+    events += [{"type": "train_end", "rank": 0, "session": 1, "step": 120}]
+    assert history_of(replay(events))["steps"] == []

@@ -209,10 +209,13 @@ class StepAssembler(msgspec.Struct, kw_only=True):
             out.throughput(entry.tokens_per_s_per_device, entry.mfu)
 
     def on_log(self, event: Log, out: AssemblyOutput) -> None:
+        """Into its step's entry, which rank 0's step event opened (sent before its log). A log at a step this
+        session did not train (the Trainer's closing log when it began at its last step and trained none) is no
+        step's."""
         if event.step is None:
             return
-        entry = self._entry(event.step, event.session)
-        if entry is None:
+        entry = self.open.get(event.step)
+        if entry is None or entry.session != event.session:
             return
         if event.epoch is not None:
             entry.epoch = event.epoch
