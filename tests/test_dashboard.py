@@ -587,3 +587,30 @@ def test_progress_bars_in_the_output_panel_update_in_place_as_in_a_terminal(tmp_
     add_output_line(tail, "\r  0%|          | 0/40 [00:00<?, ?it/s]/x.py:7: UserWarning: no accelerator")
     add_output_line(tail, "\r  2%|▎         | 1/40 [00:00<00:00, 9.10it/s]")
     assert any(as_shown(line).endswith("UserWarning: no accelerator") for line in tail)
+
+
+def test_a_progress_bar_redrawn_in_place_shows_as_it_stands_before_its_line_ends(tmp_path):
+    """tqdm redraws the Trainer's bar with carriage returns and ends its line only when the training is done: the
+    output panel showed '0%| | 0/200' for the whole run. The latest whole redraw is shown, and the line, when it
+    ends, takes its place."""
+    import queue
+    from collections import deque
+    from types import SimpleNamespace
+
+    from kaio.run.snapshot import add_output_line, as_shown
+    from kaio.run.supervisor import Supervisor
+
+    log = tmp_path / "child.log"
+    bar = "\r{:>3}%|{:<10}| {}/10 [00:01<00:02, 4.00it/s]"
+    log.write_text("loading the model\n" + bar.format(0, "", 0) + bar.format(20, "##", 2) + "\r 30%|###")  # cut
+    follower = SimpleNamespace(paths=SimpleNamespace(child_log=log), _queue=queue.Queue())
+    running = iter([None, 0])  # the child runs, then has exited
+    Supervisor._follow_output(follower, SimpleNamespace(poll=lambda: next(running)), 0)  # type: ignore[arg-type]
+    said = [follower._queue.get_nowait() for _ in range(follower._queue.qsize())]
+    assert said[:2] == [("log", "loading the model"), ("redraw", bar.format(20, "##", 2)[1:])]
+    tail: deque[str] = deque(maxlen=10)
+    for line in ("loading the model", bar.format(20, "##", 2)[1:]):
+        add_output_line(tail, line)
+    assert [as_shown(line).strip() for line in tail][-1].startswith("20%|##")
+    add_output_line(tail, bar.format(0, "", 0) + bar.format(100, "#" * 10, 10))  # its line, ended at last
+    assert [as_shown(line) for line in tail] == ["loading the model", bar.format(100, "#" * 10, 10)[1:]]

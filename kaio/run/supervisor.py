@@ -49,7 +49,7 @@ from kaio.run.checkpoints import without_optimizer
 from kaio.run.ledger import RunLedger
 from kaio.run.node_watch import NodeWatch
 from kaio.run.recorder import Recorder
-from kaio.run.snapshot import Snapshot, add_output_line, as_shown
+from kaio.run.snapshot import Snapshot, add_output_line, as_shown, progress_bar
 from kaio.run.stalls import StallWatch, capture_stacks
 from kaio.run.state import RunState
 from kaio.telemetry import spool
@@ -378,6 +378,8 @@ class Supervisor:
                 if not self._trainer_log_line(as_shown(item)):  # the Trainer's metrics: on the status line
                     add_output_line(self._log_tail, item)
                     self.view.child_output(item)
+            elif kind == "redraw":  # the panel shows a bar as it stands; a log gets its line when it is done
+                add_output_line(self._log_tail, item)
             else:  # "record": a child event, a GPU tick, the device list
                 self.record(item)
                 self._stalls.seen(item, time.monotonic())
@@ -470,6 +472,9 @@ class Supervisor:
                     *lines, partial = (partial + chunk).split(b"\n")
                     for raw in lines:
                         self._queue.put(("log", raw.decode("utf-8", errors="replace").rstrip("\r")))
+                    redrawn = _latest_bar(partial)  # a bar redrawn in place: its line ends only when it is done
+                    if redrawn is not None:
+                        self._queue.put(("redraw", redrawn))
                 elif exited:
                     break
                 else:
@@ -753,3 +758,12 @@ def leave_a_hung_up_terminal() -> bool:
 
 def _lead_rank(cfg: RunConfig) -> int:
     return first_rank(cfg.launch.node_rank, cfg.launch.num_processes)
+
+
+def _latest_bar(partial: bytes) -> str | None:
+    """The newest whole state of a progress bar on a line not ended yet (the last may be cut mid-write)."""
+    for segment in reversed(partial.split(b"\r")[1:]):
+        redrawn = segment.decode("utf-8", errors="replace")
+        if progress_bar(as_shown(redrawn)) is not None:
+            return redrawn
+    return None
