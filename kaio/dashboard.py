@@ -81,6 +81,7 @@ _STATUS_MARK = {
     "INTERRUPTED": "■",
 }
 _FINISHED = frozenset({"COMPLETED", "FAILED", "INTERRUPTED"})
+_NO_ETA = _FINISHED | {"STOPPING"}  # a stop asked for: the training ends at the next step, not at max_steps
 
 TEMP_WARN_C = 80.0
 TEMP_HOT_C = 90.0
@@ -357,7 +358,7 @@ def plain_line(snapshot: Snapshot) -> str:
     parts = [head]
     if _finite(snapshot.steps_per_s):
         parts.append(f"{format_rate(snapshot.steps_per_s)} step/s")
-    if st not in _FINISHED and _finite(snapshot.eta_s):
+    if st not in _NO_ETA and _finite(snapshot.eta_s):
         parts.append(f"ETA {format_duration(snapshot.eta_s)}")
     dev = _plain_devices(snapshot)
     if dev:
@@ -466,7 +467,7 @@ def _header(snap: Snapshot) -> Text:
     t.append(f"{_STATUS_MARK.get(snap.status, '•')} {status_text(snap)}", style=style)
     t.append("   ")
     bits = [("session ", str(snap.session)), ("elapsed ", format_duration(snap.elapsed_s))]
-    if snap.status not in _FINISHED:
+    if snap.status not in _NO_ETA:
         bits.append(("ETA ", format_duration(snap.eta_s)))
     for i, (label, value) in enumerate(bits):
         if i:

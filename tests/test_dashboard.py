@@ -263,8 +263,10 @@ def test_status_texts():
     assert status_text(make_snapshot(status="STOPPING")) == "stopping… (Ctrl-C again to kill)"
     assert status_text(make_snapshot(status="FAILED", exit_code=1)) == "FAILED (exit code 1)"
     assert status_text(make_snapshot(status="COMPLETED", exit_code=0)) == "COMPLETED"
-    out = text_of(render(make_snapshot(status="STOPPING")))
-    assert "stopping… (Ctrl-C again to kill)" in out
+    out = text_of(render(make_snapshot(status="STOPPING", eta_s=120.0)))
+    assert "stopping… (Ctrl-C again to kill)" in out and "ETA" not in out  # it ends at the next step
+    assert "ETA" in text_of(render(make_snapshot(status="RUNNING", eta_s=120.0)))
+    assert "ETA" not in plain_line(make_snapshot(status="STOPPING", eta_s=120.0))
     out = text_of(render(make_snapshot(status="FAILED", exit_code=3)))
     assert "FAILED (exit code 3)" in out
     assert "ETA" not in out  # no ETA once the run has ended
