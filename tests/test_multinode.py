@@ -416,19 +416,18 @@ def test_a_node_whose_record_never_ended_is_lost_in_the_job_report_once_the_head
     assert (merged_header.run.nodes[1].last_step, merged_header.run.nodes[1].last_step_at) == (1, None)
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["streamed", "shared folder"])
-def test_a_node_whose_kaio_is_killed_is_lost_on_the_head_which_does_not_wait_for_it(project_dir, shared):
+def test_a_node_whose_kaio_is_killed_is_lost_on_the_head_which_does_not_wait_for_it(project_dir):
     """Node 1's kaio killed (SIGKILL) mid-run: its rank trains on (the engine's decision, and kaio's promise
-    that a killed supervisor loses no training), its record ends without its end, and the head, once done,
-    does not wait out the silence: node 1 is LOST in the job's report, with the step it was last heard of.
-    What the rank spooled meanwhile is not lost: on a shared folder the head's next `kaio report` merges it;
-    streamed, `kaio report` of the node's folder on its machine does (as a node's record, not a job's), and
-    the head merges that folder."""
+    that a killed supervisor loses no training), its stream to the head ends without its end, and the head,
+    once done, does not wait out the silence: node 1 is LOST in the job's report, with the step it was last
+    heard of. What the rank spooled meanwhile is not lost: `kaio report` of the node's folder on its machine
+    merges it (as a node's record, not a job's), and the head merges that folder. (On a shared folder the head
+    merges a killed node's spool itself: test_the_head_merges_a_killed_nodes_spool_...)"""
     import psutil
 
     port, stream_port = _free_port(), _free_port()
-    machine_b = project_dir if shared else project_dir / "machine-b"
-    machine_b.mkdir(exist_ok=True)
+    machine_b = project_dir / "machine-b"
+    machine_b.mkdir()
     script = REPO / "tests" / "scripts" / "light_loop.py"  # no torch, no Trainer: this test is about processes
     for where in (project_dir, machine_b):
         (where / "cfg.yaml").write_text(
@@ -437,7 +436,7 @@ def test_a_node_whose_kaio_is_killed_is_lost_on_the_head_which_does_not_wait_for
             "reporting:\n  use_comet_ml: false\n  poll_hz: 4\n"
         )
     job = ["run", "cfg.yaml", "--nnodes", "2", "--main-addr", "127.0.0.1", "--main-port", str(port), "--plain"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"} | ({} if shared else {"KAIO_JOB_SECRET": "c0ffee" * 6})
+    env = {**os.environ, "KAIO_JOB_SECRET": "c0ffee" * 6, "PYTHONUNBUFFERED": "1"}
     spawn = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     node1 = subprocess.Popen([sys.executable, "-m", "kaio", *job, "--node-rank", "1"], cwd=machine_b, **spawn)
     head = subprocess.Popen([sys.executable, "-m", "kaio", *job, "--node-rank", "0"], cwd=project_dir, **spawn)
@@ -463,18 +462,17 @@ def test_a_node_whose_kaio_is_killed_is_lost_on_the_head_which_does_not_wait_for
     history = read_history(project_dir)
     assert history["status"] == "COMPLETED" and max(s["step"] for s in history["steps"]) == 100
     lost = history["run"]["nodes"][1]
-    if not shared:  # (on a shared folder, the head's end may find node 1's rank done and its spool to merge)
-        assert lost["status"] == "LOST" and 3 <= lost["last_step"] < 100 and lost["last_step_at"]
-        report = (project_dir / "docs/reports/t/report.md").read_text()
-        assert f"| LOST (last heard of at step {lost['last_step']}, {lost['last_step_at'][:10]}" in report
+    assert lost["status"] == "LOST" and 3 <= lost["last_step"] < 100 and lost["last_step_at"]
+    report = (project_dir / "docs/reports/t/report.md").read_text()
+    assert f"| LOST (last heard of at step {lost['last_step']}, {lost['last_step_at'][:10]}" in report
 
+    # On node 1's machine: its own record brought up to date (its spool merged), then merged on the head.
     own = machine_b / "docs/reports/t/nodes" / f"1-{host}"
-    if not shared:  # on node 1's machine: its own record brought up to date, then merged on the head
-        alone = kaio("report", own.name, "--output-dir", str(own.parent), cwd=machine_b)
-        assert alone.returncode == 0 and "merged" in alone.stdout, alone.stdout + alone.stderr
-        assert "no record of it here" not in alone.stdout + alone.stderr  # a node's record: not a job's
-        assert "## Nodes" not in (own / "report.md").read_text()
-    again = kaio("report", "t", *([] if shared else ["--merge", str(own)]), cwd=project_dir)
+    alone = kaio("report", own.name, "--output-dir", str(own.parent), cwd=machine_b)
+    assert alone.returncode == 0 and "merged" in alone.stdout, alone.stdout + alone.stderr
+    assert "no record of it here" not in alone.stdout + alone.stderr  # a node's record: not a job's
+    assert "## Nodes" not in (own / "report.md").read_text()
+    again = kaio("report", "t", "--merge", str(own), cwd=project_dir)
     assert again.returncode == 0, again.stdout + again.stderr
     node = read_history(project_dir)["run"]["nodes"][1]
     assert (node["status"], node["last_step"]) == ("COMPLETED", 100)
@@ -642,6 +640,7 @@ def test_the_head_merges_a_killed_nodes_spool_and_closes_its_session_only_where_
     import time
 
     from kaio.child.emitter import EventEmitter
+    from kaio.nodes import node_folder_name
     from kaio.record.types import ChildStarted, SessionStart, Status, encode_record
     from kaio.run import job
     from kaio.telemetry.protocol import RunStart, Step, TrainEnd
@@ -649,14 +648,14 @@ def test_the_head_merges_a_killed_nodes_spool_and_closes_its_session_only_where_
     launch = {"nnodes": 2, "main_addr": "10.0.0.1", "main_port": 29500}
     head = {"project_name": "t", "launch": {**launch, "node_rank": 0}}
 
-    def node_folder(name: str, project: str) -> Path:
+    def node_folder(name: str, project: str, pid: int = os.getpid()) -> Path:  # the launcher's pid: alive
         folder = tmp_path / "t" / "nodes" / name
         folder.mkdir(parents=True)
         config = {"project_name": project, "launch": {**launch, "node_rank": 1}}
         (folder / "config.json").write_text(json.dumps(config))
         with open(folder / "journal.jsonl", "wb") as f:
             f.write(encode_record(SessionStart(session=1, config=config)))
-            f.write(encode_record(ChildStarted(pid=os.getpid(), session=1)))
+            f.write(encode_record(ChildStarted(pid=pid, session=1)))
         return folder
 
     def spool(folder: Path, steps: range, *, end: bool = False) -> None:
@@ -678,6 +677,15 @@ def test_the_head_merges_a_killed_nodes_spool_and_closes_its_session_only_where_
     spool(elsewhere, range(30, 61), end=True)
     (node,) = job.load_nodes([elsewhere], head).nodes
     assert node.header.status == Status.RUNNING and max(node.entries) == 60  # open: only gpu08 can close it
+
+    # On the machine the node ran on (its folder named for this host), its processes can be looked up: gone, the
+    # session is closed as the spool says it ended (its Trainer reached its end).
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    here = node_folder(node_folder_name(1), "t", pid=gone.pid)
+    spool(here, range(1, 61), end=True)
+    (node,) = job.load_nodes([here], head).nodes
+    assert node.header.status == Status.COMPLETED and max(node.entries) == 60
 
     stray = node_folder("1-gpu09", "another project")
     spool(stray, range(1, 5))
