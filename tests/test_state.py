@@ -697,3 +697,19 @@ def test_a_trainer_that_began_at_its_last_step_trained_none_and_its_closing_log_
     events += [{"type": "log", "rank": 0, "session": 1, "step": 120, "extra": closing}]
     events += [{"type": "train_end", "rank": 0, "session": 1, "step": 120}]
     assert history_of(replay(events))["steps"] == []
+
+
+def test_which_training_of_the_script_saved_a_checkpoint_is_known_for_a_resume_and_a_restart(tmp_path):
+    """kaio hands a checkpoint to the script's first train() only: one saved by a later training is refused by
+    `kaio resume` and, the same way, by an automatic restart (which loaded it into the first training)."""
+    from pathlib import Path
+
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 4, "world_size": 1}
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, run, _step(1, 1.0), _step(2, 2.0)]
+    events += [{"type": "save", "rank": 0, "session": 1, "step": 2, "path": str(tmp_path / "a/checkpoint-2")}]
+    events += [{**run, "training": 2, "start_step": 2, "step_offset": 2, "max_steps": 4}, _step(3, 3.0)]
+    events += [{"type": "save", "rank": 0, "session": 1, "step": 3, "path": str(tmp_path / "b/checkpoint-1")}]
+    ledger = replay(events).ledger
+    assert ledger.later_training_of(tmp_path / "a/checkpoint-2") is None
+    assert ledger.later_training_of(tmp_path / "b/checkpoint-1") == 2
+    assert ledger.later_training_of(Path("/elsewhere/checkpoint-9")) is None

@@ -7,6 +7,7 @@ in order, like the rest of the state.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import msgspec
 
@@ -127,6 +128,13 @@ class RunLedger(msgspec.Struct, kw_only=True):
         if saved:
             return os.path.dirname(saved[-1])
         return self.run.args.output_dir if self.run is not None else None
+
+    def later_training_of(self, checkpoint: Path) -> int | None:
+        """The script's later training (2: another Trainer, or train() again) that saved ``checkpoint``, if it
+        was not its first: kaio hands a checkpoint to the script's first train() only, which would load it into
+        the wrong training."""
+        kept = next((c for c in self.checkpoints if c.path and Path(c.path).resolve() == checkpoint.resolve()), None)
+        return kept.later_training if kept is not None else None
 
     def _training_of(self, session: int) -> int:
         """The script's training going on in ``session`` now (its latest RunStart's)."""

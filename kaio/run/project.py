@@ -702,10 +702,7 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
                 f"give the script a longer run in launch.script_args and resume with "
                 f"`{paths.command('resume')} --config CONFIG`"
             )
-    kept = next(
-        (c for c in state.ledger.checkpoints if c.path and Path(c.path).resolve() == checkpoint.resolve()), None
-    )
-    later = kept.later_training if kept is not None else None
+    later = state.ledger.later_training_of(checkpoint)
     if later is not None:
         raise ProjectError(
             f"project {project!r}: its latest checkpoint, {checkpoint}, was saved by the script's training {later} "

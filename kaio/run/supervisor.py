@@ -187,8 +187,17 @@ class Supervisor:
         ):
             restarts += 1
             checkpoint = latest_checkpoint()
-            origin = f"from {checkpoint.name}" if checkpoint else "from the start (no complete checkpoint yet)"
             cause = outcome.error or outcome.signal or f"exit code {outcome.exit_code}"
+            later = self.state.ledger.later_training_of(checkpoint) if checkpoint else None
+            if checkpoint is not None and later is not None:  # as `kaio resume` refuses it (project.resume)
+                said = (
+                    f"no automatic restart after: {cause}: the latest checkpoint, {checkpoint.name}, was saved by "
+                    f"the script's training {later}, and a restart hands it to the script's first train() only"
+                )
+                self._note(said)
+                self.view.child_output(f"kaio: {said}")
+                break
+            origin = f"from {checkpoint.name}" if checkpoint else "from the start (no complete checkpoint yet)"
             note = f"automatic restart {restarts} of {self.cfg.launch.max_restarts} after: {cause}; {origin}"
             partial = without_optimizer(checkpoint) if checkpoint else None
             note += f" ({partial})" if partial else ""
