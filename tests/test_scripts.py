@@ -425,3 +425,23 @@ def test_the_comet_ml_kaio_installs_does_not_make_transformers_warn_in_the_users
     finally:
         logger.removeHandler(handler)
     assert [message[:17] for message in seen] == ["comet_ml version "]
+
+
+def test_a_script_refusing_its_arguments_is_named_with_argparses_own_message(project_dir):
+    """A typo in launch.script_args: argparse prints its error and exits 2, which the record read as
+    'rank 0: SystemExit: 2' with the message only in child.log."""
+    script = project_dir / "run_glue.py"
+    script.write_text(
+        "import argparse\nparser = argparse.ArgumentParser()\n"
+        "parser.add_argument('--lr_scheduler_type', choices=['linear', 'cosine'])\nparser.parse_args()\n"
+    )
+    cfg = project_dir / "typo.yaml"
+    cfg.write_text(
+        f"project_name: typo\nlaunch:\n  script: {script}\n  script_args: [--lr_scheduler_type, cosin]\n"
+        "reporting:\n  use_comet_ml: false\n"
+    )
+    result = kaio("run", cfg.name, "--plain", cwd=project_dir)
+    assert result.returncode == 2, result.stdout + result.stderr
+    error = read_history(project_dir, "typo")["sessions"][0]["error"]
+    assert error.startswith("rank 0: the script's arguments: run_glue.py: error: argument --lr_scheduler_type")
+    assert "invalid choice: 'cosin'" in error

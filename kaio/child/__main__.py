@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> Ending:
 
     stacks.install(rank_from_env())  # from now: a stall in loading the model is explained too
     install()
+    _remember_argument_errors()
     try:
         try:
             if script:
@@ -84,6 +85,23 @@ def main(argv: list[str] | None = None) -> Ending:
     from kaio.child import process_group
 
     return "script after gloo" if process_group.gloo_was_used() else "script"
+
+
+_ARGUMENT_ERRORS: list[str] = []  # what the script's argparse parser said before it exited with code 2
+
+
+def _remember_argument_errors() -> None:
+    """argparse prints its error and exits 2: the record's root cause would read only "SystemExit: 2". Its parser
+    (HfArgumentParser's too) keeps the message here as well, still printing it and exiting as before."""
+    import argparse
+
+    original = argparse.ArgumentParser.error
+
+    def error(self, message):  # argparse's own signature
+        _ARGUMENT_ERRORS.append(f"{self.prog}: error: {message}")
+        original(self, message)
+
+    argparse.ArgumentParser.error = error  # type: ignore[method-assign]
 
 
 def _script_ended(emitter: EventEmitter) -> None:
@@ -119,6 +137,9 @@ def _write_error_file(rank: int, exc: BaseException) -> None:
     if not error_dir:
         return
     lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    cause = lines[-1].strip() if lines else repr(exc)  # the traceback's last line: "ValueError: ..."
+    if isinstance(exc, SystemExit) and exc.code == 2 and _ARGUMENT_ERRORS:
+        cause = f"the script's arguments: {_ARGUMENT_ERRORS[-1]}"
     record = RankError(
         rank=rank,
         session=int(os.environ.get(ENV_SESSION, "1")),
@@ -126,7 +147,7 @@ def _write_error_file(rank: int, exc: BaseException) -> None:
         t_wall=time.time(),
         exc_type=type(exc).__name__,
         message=str(exc)[:2000],
-        root_cause=lines[-1].strip() if lines else repr(exc),  # the traceback's last line: "ValueError: ..."
+        root_cause=cause,
         traceback="".join(lines)[-20000:],
     )
     try:
