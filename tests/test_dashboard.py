@@ -616,3 +616,15 @@ def test_a_progress_bar_redrawn_in_place_shows_as_it_stands_before_its_line_ends
     assert [as_shown(line).strip() for line in tail][-1].startswith("20%|##")
     add_output_line(tail, bar.format(0, "", 0) + bar.format(100, "#" * 10, 10))  # its line, ended at last
     assert [as_shown(line) for line in tail] == ["loading the model", bar.format(100, "#" * 10, 10)[1:]]
+
+
+def test_a_line_redrawn_all_training_long_keeps_only_its_recent_redraws():
+    """tqdm redraws the bar's line ten times a second until training ends: the follower kept all of it and
+    copied it at every read. What it keeps is bounded, from a redraw on, and the bar is still found."""
+    from kaio.run.supervisor import PARTIAL_KEPT, _latest_bar, _recent_redraws
+
+    redraw = b"\r 50%|#####     | 5/10 [00:01<00:01, 4.00it/s]"
+    line = redraw * (3 * PARTIAL_KEPT // len(redraw))
+    kept = _recent_redraws(line)
+    assert len(kept) <= PARTIAL_KEPT and kept.startswith(b"\r") and line.endswith(kept)
+    assert _latest_bar(kept) == redraw[1:].decode() and _recent_redraws(redraw) == redraw

@@ -290,9 +290,19 @@ class RunIndex:
 
     # ------------------------------------------------------------------ reading
 
-    def smoother_at(self, step: int, since: int = 0) -> LossSmoother:
-        """The smoothed loss as it stood after ``step`` (a resume continues it from there), of the training that
-        began after step ``since`` (a later training of the script smooths its own loss)."""
+    def training_began_after(self, step: int | None = None) -> int:
+        """The step after which the training going on at ``step`` (the latest, without one) began: a later
+        training of the script marks its first step (``training_start_s``); 0 for the script's first."""
+        (began,) = self.conn.execute(
+            "SELECT COALESCE(MAX(step) - 1, 0) FROM steps WHERE training_start_s IS NOT NULL AND step <= ?",
+            (step if step is not None else 2**62,),
+        ).fetchone()
+        return began
+
+    def smoother_at(self, step: int) -> LossSmoother:
+        """The smoothed loss as it stood after ``step`` (a resume continues it from there), of the training going
+        on there (a later training of the script smooths its own loss)."""
+        since = self.training_began_after(step)
         count, low, high, lowest_loss = self.conn.execute(
             "SELECT COUNT(loss_smoothed), MIN(loss_smoothed), MAX(loss_smoothed), MIN(loss) FROM steps "
             "WHERE step > ? AND step <= ?",

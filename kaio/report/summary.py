@@ -237,7 +237,7 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
     s.training_time_s = _training_time_s(q, sessions)
     evals = index.evals()  # few (one every eval_steps): read once, whole
     _time_spent(q, s, sessions, header.telemetry, header.stalls, evals)
-    _loss(q, s, run)
+    _loss(q, s, index)
     _logged_metrics(q, s)
     if not s.loss_logged_steps and not (s.loss_nan_count or s.loss_inf_count) and s.step_entries:
         _why_no_loss(q, s, run)
@@ -356,7 +356,7 @@ def _sum(values: Any) -> float | None:
     return sum(present) if present else None
 
 
-def _loss(q: _Query, s: Summary, run: RunDescription | None) -> None:
+def _loss(q: _Query, s: Summary, index: RunIndex) -> None:
     s.loss_initial = q.value("SELECT loss FROM steps WHERE loss IS NOT NULL ORDER BY step LIMIT 1")
     s.loss_final_step, s.loss_final, s.loss_final_smoothed = q.row(
         "SELECT step, loss, loss_smoothed FROM steps WHERE loss IS NOT NULL ORDER BY step DESC LIMIT 1"
@@ -367,7 +367,7 @@ def _loss(q: _Query, s: Summary, run: RunDescription | None) -> None:
     s.loss_min_step, s.loss_min, s.loss_logged_steps = q.row(
         "SELECT step, MIN(loss), COUNT(loss) FROM steps WHERE loss IS NOT NULL"
     ) or (None, None, 0)
-    since = run.start_step if run is not None and run.training > 1 else None  # the smoothed loss began again there
+    since = index.training_began_after()  # a later training of the script smooths its own loss
     s.loss_smoothed_over = (
         q.value("SELECT COUNT(loss) FROM steps WHERE step > ?", since) if since else s.loss_logged_steps
     ) or 0

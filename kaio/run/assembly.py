@@ -171,6 +171,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         evaluation and saving time already."""
         self.later_training = False
         if gap is None or gap <= 0:
+            entry.training_start_s = 0.0  # not measured, but marked: a later training's loss is smoothed from here
             return
         before = self.open.get(self.newest_step)
         paused = ((before.eval_s or 0.0) + (before.save_s or 0.0)) if before is not None else 0.0

@@ -8,8 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def checkpoint_step(name: str) -> int | None:
+    """N of a ``checkpoint-N`` folder's name (or path), else None."""
+    number = Path(name).name.removeprefix("checkpoint-")
+    return int(number) if Path(name).name.startswith("checkpoint-") and number.isdigit() else None
+
+
 def is_checkpoint(path: Path) -> bool:
-    return path.is_dir() and path.name.startswith("checkpoint-") and path.name.removeprefix("checkpoint-").isdigit()
+    return path.is_dir() and checkpoint_step(path.name) is not None
 
 
 def latest_checkpoint(
@@ -21,8 +27,9 @@ def latest_checkpoint(
     candidates = []
     if checkpoint_dir.is_dir():
         for path in checkpoint_dir.glob("checkpoint-*"):
-            if is_checkpoint(path):
-                candidates.append((int(path.name.removeprefix("checkpoint-")), path))
+            step = checkpoint_step(path.name)
+            if step is not None and path.is_dir():
+                candidates.append((step, path))
     for step, path in sorted(candidates, reverse=True):
         if at_most is not None and step > at_most:
             notify(f"note: skipping {path}: after step {at_most}, this project's last (another run's checkpoint?)")

@@ -36,17 +36,11 @@ from kaio.record.types import (
     training_precision,
 )
 from kaio.run.assembly import iso
+from kaio.run.checkpoints import checkpoint_step
 from kaio.telemetry.spool import Received
 
 CHECKPOINTS_KEPT = 20
 STALLS_KEPT = 50
-
-
-def checkpoint_step(path: str | None) -> int | None:
-    """N of a ``checkpoint-N`` folder."""
-    name = os.path.basename(path.rstrip("/")) if path else ""
-    number = name.removeprefix("checkpoint-")
-    return int(number) if name.startswith("checkpoint-") and number.isdigit() else None
 
 
 class SessionProgress(msgspec.Struct, kw_only=True):
@@ -94,7 +88,6 @@ class RunLedger(msgspec.Struct, kw_only=True):
     hub: HubOutcome | None = None
     hub_later_failure: str | None = None  # a push that failed after ``hub``'s commit; cleared by one that succeeds
     last_train_end: TrainEnd | None = None  # rank 0's, of the latest training
-    later_trainings_from: list[int] = []  # the steps after which the script's later trainings began (their own loss)
     host_use: HostUse = msgspec.field(default_factory=HostUse)
     telemetry: Telemetry = msgspec.field(default_factory=Telemetry)  # what arrived, what was lost
     received: Received = msgspec.field(default_factory=Received)  # which child events are journaled (spool merge)
@@ -213,7 +206,7 @@ class RunLedger(msgspec.Struct, kw_only=True):
 
     def on_session_start(self, r: SessionStart) -> None:
         self.sessions.append(Session(session=r.session, kind=r.kind, started_at=iso(r.t_wall)))
-        self.progress[r.session] = SessionProgress(t_wall=r.t_wall, resumed_at=checkpoint_step(r.resume_from))
+        self.progress[r.session] = SessionProgress(t_wall=r.t_wall, resumed_at=checkpoint_step(r.resume_from or ""))
         self.ranks = {}
         if r.config is not None:
             self.config = r.config

@@ -206,7 +206,6 @@ class RunState:
             if r.training > 1:  # a script's second Trainer, or train() again: its steps follow the earlier ones
                 self.parts.steps.continue_counts_at(r.start_step)
                 self.parts.steps.smoother = LossSmoother()  # maybe another objective (SFT, then DPO): its own curve
-                self.ledger.later_trainings_from.append(r.start_step)
                 self.parts.live.last_end = None  # the gap before its first step is no step's: not in the speed
                 own = r.start_step - r.step_offset
                 if r.retry:
@@ -336,9 +335,7 @@ class RunState:
     def truncate_after(self, step: int) -> LossSmoother:
         self.recomputed(*self.index.work_after(step))  # trained again from checkpoint-<step>: their time was lost
         self.index.truncate_after(step)
-        starts = [s for s in self.ledger.later_trainings_from if s < step]  # a later training begun again: again
-        self.ledger.later_trainings_from = starts
-        return self.index.smoother_at(step, since=max(starts, default=0))
+        return self.index.smoother_at(step)
 
     def samples_seen_at(self, step: int) -> int | None:
         return self.index.samples_seen_at(step)

@@ -481,6 +481,7 @@ class Supervisor:
                     *lines, partial = (partial + chunk).split(b"\n")
                     for raw in lines:
                         self._queue.put(("log", raw.decode("utf-8", errors="replace").rstrip("\r")))
+                    partial = _recent_redraws(partial)
                     redrawn = _latest_bar(partial)  # a bar redrawn in place: its line ends only when it is done
                     if redrawn is not None:
                         self._queue.put(("redraw", redrawn))
@@ -647,7 +648,7 @@ class Supervisor:
             )
             then = f"{how} continues from step {step + 1}"
             later = saved[-1].later_training
-            if later is not None:  # kaio resume refuses it (project._resumable_session says why)
+            if later is not None:  # kaio resume refuses it (project.resume says why)
                 then = f"the script's training {later} saved it, which `kaio resume` cannot continue"
             text = f"stopped after step {step} with {name} saved: {then}"
             self._note(text, level="info")
@@ -769,10 +770,29 @@ def _lead_rank(cfg: RunConfig) -> int:
     return first_rank(cfg.launch.node_rank, cfg.launch.num_processes)
 
 
+PARTIAL_KEPT = 1 << 16  # of a line not ended yet that keeps being redrawn: its latest redraws
+
+
+def _recent_redraws(partial: bytes) -> bytes:
+    """A line not ended yet, its older redraws dropped once it is long: tqdm's bar redraws its line ten times a
+    second all training long (tens of MB in a day), and each read appended to all of it. What a terminal shows
+    of the line is its last redraw; child.log keeps every byte."""
+    if len(partial) <= 2 * PARTIAL_KEPT:
+        return partial
+    cut = partial.find(b"\r", len(partial) - PARTIAL_KEPT)
+    return partial[cut:] if cut >= 0 else partial
+
+
 def _latest_bar(partial: bytes) -> str | None:
-    """The newest whole state of a progress bar on a line not ended yet (the last may be cut mid-write)."""
-    for segment in reversed(partial.split(b"\r")[1:]):
-        redrawn = segment.decode("utf-8", errors="replace")
+    """The newest whole state of a progress bar on a line not ended yet: its last redraw, or the one before (the
+    last may be cut mid-write). Read from the end: a bar's line grows with every redraw, all training long."""
+    end = len(partial)
+    for _ in range(2):
+        start = partial.rfind(b"\r", 0, end)
+        if start < 0:
+            return None
+        redrawn = partial[start + 1 : end].decode("utf-8", errors="replace")
         if progress_bar(as_shown(redrawn)) is not None:
             return redrawn
+        end = start
     return None
