@@ -232,6 +232,7 @@ def test_train_begin_describes_the_run_from_the_live_objects(tmp_path, torch):
     env = start["environment"]
     assert env["torch"] == torch.__version__ and env["transformers"] and env["python"]
     assert "script_optimizer" not in start  # the Trainer made it from args.optim
+    assert start["tokens_counted_by"] == "kaio"  # the Trainer counts no tokens (include_num_input_tokens_seen "no")
     import msgspec
 
     from kaio.record.types import RunDescription, RunStart
@@ -360,6 +361,22 @@ def test_a_micro_batchs_examples_are_its_tensors_first_dimension(torch):
     packed = torch.zeros(1, 223, dtype=torch.long)
     assert _examples({"input_ids": packed, "position_ids": packed, "labels": packed}) is None
     assert _examples({"input_ids": ids, "position_ids": ids}) == 3  # unpadded rows of their own
+
+
+def test_a_micro_batchs_tokens_are_its_input_ids_padding_included(torch):
+    """What the Trainer's include_num_input_tokens_seen="all" counts, read from the tensor's size (no sync with
+    the device); no input ids, no tokens: pixels are not tokens, a preference pair's ids have other names."""
+    from transformers import BatchEncoding
+
+    from kaio.child.patch import _input_ids
+
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    assert _input_ids({"input_ids": ids, "attention_mask": ids}) == 21
+    assert _input_ids(BatchEncoding({"input_ids": ids})) == 21
+    assert _input_ids({"input_ids": torch.zeros(1, 40, dtype=torch.long), "position_ids": ids}) == 40  # packed
+    assert _input_ids({"pixel_values": torch.zeros(5, 3, 8, 8)}) is None
+    assert _input_ids({"chosen_input_ids": ids}) is None and _input_ids((ids, ids)) is None
+    assert _input_ids({"input_ids": [[1, 2]]}) is None  # not a tensor: not counted
 
 
 def test_an_evaluation_of_another_model_than_the_one_trained_is_listed_but_not_the_runs(tmp_path, monkeypatch, torch):

@@ -88,6 +88,10 @@ def test_an_unchanged_script_on_two_cpu_ranks_is_one_job_of_world_size_two(clm_t
     assert history["run"]["world_size"] == 2 and history["run"]["distributed_type"] == "MULTI_CPU"
     assert [s["step"] for s in history["steps"]] == list(range(1, 9))
     assert all(set(s["peak_vram_bytes"]) == {"0", "1"} for s in history["steps"])  # both ranks, every step
+    # The script does not ask the Trainer to count tokens: kaio counts the input ids, 4 x 16 a rank and step.
+    assert history["run"]["tokens_counted_by"] == "kaio"
+    assert [s["tokens_seen"] for s in history["steps"]] == [128 * k for k in range(1, 9)]
+    assert all(s["tokens_per_s_per_device"] == pytest.approx(64 / s["step_time_s"]) for s in history["steps"])
     assert not any("trained independently" in w for w in history["warnings"])
     journal = [json.loads(line) for line in (directory / "docs/reports/clm/journal.jsonl").read_text().splitlines()]
     for rank in (0, 1):
@@ -102,6 +106,9 @@ def test_an_unchanged_script_on_two_cpu_ranks_is_one_job_of_world_size_two(clm_t
     assert _row(report, "Architecture") == "LlamaForCausalLM" and _row(report, "Max steps") == "8"
     assert _row(report, "Model") == "no name or path: built by the script, not loaded"
     assert _row(report, "PEFT").startswith("none")
+    assert "tokens/s (kaio's count of the input ids, padding included)" in _row(
+        report, "Throughput (over the optimizer steps)"
+    )
 
 
 @pytest.mark.xdist_group("clm")

@@ -294,6 +294,38 @@ def test_samples_are_what_the_ranks_counted_so_an_epochs_short_last_batch_is_not
     assert [s["samples_seen"] for s in history_of(replay(events))["steps"]] == [8, 10]
 
 
+def test_tokens_a_trainer_does_not_count_are_kaios_count_of_the_input_ids_on_from_the_checkpoint_on_a_resume():
+    """Without include_num_input_tokens_seen the Trainer counts no tokens: the child counts each micro-batch's
+    input ids (rank 0's, times the world size, as samples), so tokens/s per device, MFU and the run's tokens are
+    there. A resume from checkpoint-2 counts on from step 2's recorded count; the Trainer's own count, where it
+    has one, is taken instead."""
+    from kaio.report.summary import summarize
+
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 4, "world_size": 2}
+    run |= {"args": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}}
+    run |= {"tokens_counted_by": "kaio"}
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, run]
+    events += [{**_step(k, float(k), dt=0.5), "tokens": n} for k, n in [(1, 100), (2, 120), (3, 80)]]
+    events += [{"type": "session_end", "session": 1, "t_wall": 1e9 + 5, "status": "INTERRUPTED", "exit_code": 143}]
+    events += [{"type": "session_start", "session": 2, "t_wall": 1e9 + 10, "kind": "resume"}]
+    events += [{**run, "session": 2, "start_step": 2}]
+    events += [{**_step(k, 10.0 + k, session=2, dt=0.5), "tokens": 90} for k in (3, 4)]
+    state = replay(events)
+    steps = history_of(state)["steps"]
+    assert [s["tokens_seen"] for s in steps] == [200, 440, 620, 800]  # 2 ranks: 2 x (100, 120, 90, 90) added up
+    assert [s["tokens_per_s_per_device"] for s in steps] == [200.0, 240.0, 180.0, 180.0]  # rank 0's over 0.5 s
+    with state.with_open_steps() as index:
+        summary = summarize(state.header(), index)
+    assert summary.tokens == 800 and summary.tokens_counted_by == "kaio"
+    # The Trainer counts (all ranks, gathered): its count, not kaio's.
+    counted = {**run, "tokens_counted_by": "trainer"}
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, counted]
+    events += [{**_step(k, float(k), dt=0.5), "tokens": 100, "tokens_seen": 150 * k} for k in (1, 2, 3)]
+    steps = history_of(replay(events))["steps"]
+    assert [s["tokens_seen"] for s in steps] == [150, 300, 450]
+    assert [s["tokens_per_s_per_device"] for s in steps] == [None, 150.0, 150.0]
+
+
 def test_samples_go_on_from_the_checkpoints_count_after_a_resume_and_never_exceed_the_batch():
     """A resume from checkpoint-3 counts on from step 3's recorded samples (an epoch's short batch in it), not
     from 3 full batches; a collator that stacks each example's rows (DPO's chosen and rejected) counts 8 rows

@@ -91,6 +91,7 @@ class KaioCallback(TrainerCallback):
         self.timing = StepTiming()  # fed by the patched Trainer's get_batch_samples and compute_loss
         self._saved: list[tuple[str, str]] = []  # each checkpoint saved: (its path as the script sees it, as recorded)
         self.samples_in_step: int | None = 0  # fed by the patched Trainer's training_step; None: not countable
+        self.tokens_in_step: int | None = 0  # likewise
         self._training = False  # this Trainer's training began and has not ended
         self._trained = False  # this Trainer's training began, at some time
         self.script_optimizer = False  # the script gave the Trainer its own optimizer (kaio.child.patch)
@@ -166,13 +167,15 @@ class KaioCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._step_began_mono = time.monotonic()
-        self.samples_in_step = 0
+        self.samples_in_step = self.tokens_in_step = 0
         self._reset_peak()
 
-    def count_samples(self, count: int | None) -> None:
-        """A micro-batch of this step held ``count`` examples (None: a batch kaio cannot count)."""
+    def count_batch(self, samples: int | None, tokens: int | None) -> None:
+        """A micro-batch of this step held ``samples`` examples and ``tokens`` input ids (None: not countable)."""
         if self.samples_in_step is not None:
-            self.samples_in_step = None if count is None else self.samples_in_step + count
+            self.samples_in_step = None if samples is None else self.samples_in_step + samples
+        if self.tokens_in_step is not None:
+            self.tokens_in_step = None if tokens is None else self.tokens_in_step + tokens
 
     def on_step_end(self, args, state, control, **kwargs):
         now_mono = self._busy_until_mono = time.monotonic()
@@ -199,6 +202,7 @@ class KaioCallback(TrainerCallback):
                 peak_vram_bytes=self._peak_vram_bytes(),
                 tokens_seen=tokens or None,
                 samples=self.samples_in_step or None,
+                tokens=self.tokens_in_step or None,
                 evaluates=bool(control.should_evaluate),
                 saves=bool(control.should_save),
                 data_s=data_s,

@@ -39,6 +39,9 @@ def describe_run(rank: int, args: Any, state: Any, model: Any, kwargs: dict[str,
         distributed_type=_distributed_type(args),
         start_step=int(state.global_step),
         start_tokens=_int(getattr(state, "num_input_tokens_seen", None)) or None,
+        tokens_counted_by="trainer"
+        if getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False)
+        else "kaio",
         max_steps=_int(state.max_steps),
         device=str(getattr(args, "device", None)),
         mixed_precision=_mixed_precision(trainer),

@@ -139,7 +139,8 @@ def _watch_losses(trainer: Any, callback: Any) -> None:
     def training_step(*args, **kwargs):
         loss = step_fn(*args, **kwargs)
         watch.observe(loss, trainer.state.global_step + 1)
-        callback.count_samples(_examples(args[1] if len(args) > 1 else kwargs.get("inputs")))
+        inputs = args[1] if len(args) > 1 else kwargs.get("inputs")
+        callback.count_batch(_examples(inputs), _input_ids(inputs))
         return loss
 
     trainer.training_step = training_step
@@ -158,6 +159,15 @@ def _examples(inputs: Any) -> int | None:
     else:
         values = [inputs]
     return _first_dimension(values)
+
+
+def _input_ids(inputs: Any) -> int | None:
+    """How many input ids a micro-batch holds, padding included (the Trainer's count under
+    ``include_num_input_tokens_seen="all"``): the tensor's size, which needs no device sync. None without them (an
+    image's pixels are not tokens; a preference pair's ids have other names)."""
+    ids = inputs.get("input_ids") if isinstance(inputs, Mapping) else None
+    numel = getattr(ids, "numel", None)
+    return int(numel()) if callable(numel) else None
 
 
 def _first_dimension(values: list[Any]) -> int | None:

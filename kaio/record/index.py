@@ -41,7 +41,7 @@ from kaio.record.paths import ProjectPaths
 from kaio.record.rules import LossSmoother
 from kaio.record.types import EvalEntry, StepEntry
 
-INDEX_FORMAT = 14  # bump when the tables, or how records become their rows, change: an older index is rebuilt
+INDEX_FORMAT = 15  # bump when the tables, or how records become their rows, change: an older index is rebuilt
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
@@ -321,10 +321,12 @@ class RunIndex:
             positive=lowest_loss is None or lowest_loss > 0,
         )
 
-    def samples_seen_at(self, step: int) -> int | None:
-        """The examples seen by the end of ``step``, as recorded (a resume counts on from there)."""
-        row = self.conn.execute("SELECT samples_seen FROM steps WHERE step = ?", (step,)).fetchone()
-        return int(row[0]) if row and row[0] is not None else None
+    def seen_at(self, step: int) -> tuple[int | None, int | None]:
+        """The examples and input tokens seen by the end of ``step``, as recorded (a resume counts on from there)."""
+        row = self.conn.execute("SELECT samples_seen, tokens_seen FROM steps WHERE step = ?", (step,)).fetchone()
+        if row is None:
+            return None, None
+        return tuple(int(value) if value is not None else None for value in row)  # type: ignore[return-value]
 
     def last_step(self) -> int:
         return self.conn.execute("SELECT COALESCE(MAX(step), 0) FROM steps").fetchone()[0]

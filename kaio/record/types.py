@@ -410,6 +410,7 @@ class RunDescription(msgspec.Struct, kw_only=True):
     training: int = 1  # the script's how-manieth training (another Trainer, or train() again): after start_step
     precision: str | None = None  # bf16 | fp16 | fp32, from the TrainingArguments
     effective_batch_size: int | None = None  # per device x accumulation x world size
+    tokens_counted_by: str | None = None  # "trainer" (include_num_input_tokens_seen) or "kaio" (input_ids' sizes)
     model: ModelInfo | None = None
     peft: PeftInfo | None = None
     args: TrainingArgs = msgspec.field(default_factory=TrainingArgs)
@@ -444,6 +445,7 @@ class RunDescription(msgspec.Struct, kw_only=True):
             training=r.training,
             precision=precision,
             effective_batch_size=effective,
+            tokens_counted_by=r.tokens_counted_by,
             model=model,
             peft=r.peft,
             args=args,

@@ -188,7 +188,7 @@ def _key_metrics(s: Summary) -> str:
         ("GPU utilisation (average)", _unit(s.gpu_util_avg_pct, "%", ".0f") or missing),
         ("Temperature (average / peak)", _pair(s.temp_avg_c, s.temp_peak_c, "°C", ".0f") or missing),
     ]
-    if s.tokens_per_s_per_device is not None:  # the Trainer counted tokens
+    if s.tokens_per_s_per_device is not None:  # tokens were counted
         rows.append(("Tokens/s per device · MFU (over the steps' own time)", _mfu(s, s.tokens_per_s_per_device)))
     if s.host_cpu_avg_pct is not None or s.host_ram_peak_bytes is not None:
         cpu = _unit(s.host_cpu_avg_pct, "%", ".0f") or "not measured"
@@ -753,6 +753,8 @@ def _throughput(s: Summary) -> str:
     text = f"{s.samples_per_s:.3g} samples/s"
     if s.tokens_per_s is not None:
         text += f" · {s.tokens_per_s:,.0f} tokens/s"
+        if s.tokens_counted_by == "kaio":  # the Trainer did not count them (include_num_input_tokens_seen)
+            text += " (kaio's count of the input ids, padding included)"
     return text
 
 

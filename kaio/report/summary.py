@@ -129,6 +129,7 @@ class Summary(msgspec.Struct, kw_only=True):
     samples: int | None = None
     samples_per_s: float | None = None  # over the time spent in optimizer steps
     tokens: int | None = None
+    tokens_counted_by: str | None = None  # RunDescription's
     tokens_per_s: float | None = None
     tokens_per_s_per_device: float | None = None  # over the steps' own time (kaio.record.flops)
     recomputed_steps: int = 0  # trained again after a resume or restart from an earlier checkpoint
@@ -244,6 +245,7 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
     _evals(evals, s)
     gpus = _gpus(q, s, header, w)
     _throughput(q, s)
+    s.tokens_counted_by = run.tokens_counted_by if run is not None and s.tokens is not None else None
     if run is not None:
         _vram_estimate(q, s, run)
     if header.host_use.samples:  # every poller sample, steps or not

@@ -39,7 +39,7 @@ class AssemblyOutput(Protocol):
     def warn(self, text: str) -> None: ...
     def note(self, text: str) -> None: ...
     def truncate_after(self, step: int) -> LossSmoother: ...
-    def samples_seen_at(self, step: int) -> int | None: ...
+    def seen_at(self, step: int) -> tuple[int | None, int | None]: ...
     def throughput(self, tokens_per_s_per_device: float, mfu: float | None) -> None: ...
     def recomputed(self, steps: int, seconds: float) -> None: ...
 
@@ -82,6 +82,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
     last_samples_seen: int = 0
     counted_through: tuple[int, int] | None = None  # (step, samples seen) of the latest step whose ranks counted
     tokens_from: int = 0  # the Trainer's count where the record began (its tokens are the record's from there)
+    tokens_through: tuple[int, int] | None = None  # (step, tokens seen) of kaio's own count; None: its base unknown
     later_training: bool = False  # a later training began (another Trainer, an out-of-memory retry): its first step
     evaluated_after_s: float = 0.0  # the script's own evaluations since rank 0's latest step (after a train() ended)
 
@@ -90,6 +91,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         self.warned_nonfinite.clear()
         self.last_tokens_seen = None
         self.samples_from, self.last_samples_seen, self.tokens_from = (0, 0), 0, 0
+        self.tokens_through = None
         self.counted_through = None
         self.later_training, self.evaluated_after_s = False, 0.0
         self.ticks.clear()
@@ -106,6 +108,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         """The record begins after step ``start`` (the script resumed its Trainer from its own checkpoint, whose
         counts were ``tokens`` input tokens): samples and tokens count what this record trains."""
         self.samples_from, self.tokens_from, self.counted_through = (start, 0), tokens or 0, None
+        self.tokens_through = (start, 0)
 
     def resume_at(self, start: int, out: AssemblyOutput) -> None:
         """Rank 0 of this session starts from checkpoint ``start``: later steps are trained again."""
@@ -114,9 +117,11 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         if self.sealed_through > start:
             self.smoother = out.truncate_after(start)
             self.sealed_through = start
-        seen = out.samples_seen_at(start) if start and self.sealed_through >= start else None
+        seen, tokens = out.seen_at(start) if start and self.sealed_through >= start else (None, None)
         if seen is not None:  # the checkpoint's step as recorded: the resumed steps count on from its samples
             self.samples_from, self.last_samples_seen, self.counted_through = (start, seen), seen, (start, seen)
+        if self.tokens_through is None or self.tokens_through[0] != start:  # kaio's own count goes on from there
+            self.tokens_through = (0, 0) if not start else (start, tokens) if tokens is not None else None
 
     # ------------------------------------------------------------------ events
 
@@ -141,8 +146,9 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         entry.timestamp = iso(event.t_wall)
         entry.t_mono = event.t_mono
         entry.step_time_s = event.step_time_s
-        if event.tokens_seen is not None:
-            entry.tokens_seen = event.tokens_seen - self.tokens_from
+        tokens = self._tokens_seen(event, throughput)
+        if tokens is not None:
+            entry.tokens_seen = tokens
         seen = self._samples_seen(event, throughput)
         if seen is not None:
             entry.samples_seen = self.last_samples_seen = seen
@@ -200,12 +206,33 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         self.counted_through = None
         return samples + (event.step - step) * per_step if per_step is not None else None
 
+    def _tokens_seen(self, event: Step, throughput: Throughput | None) -> int | None:
+        """The input tokens seen by the end of rank 0's step, all ranks together: the Trainer's count where it
+        counts; else kaio's, rank 0's input ids times the world size (as samples are counted), on from the count
+        at the step the session began (None where that is not known: steps missing from the record)."""
+        if event.tokens_seen is not None:
+            return event.tokens_seen - self.tokens_from
+        through = self.tokens_through
+        if event.tokens is None or throughput is None or through is None or event.step != through[0] + 1:
+            self.tokens_through = None
+            return None
+        self.tokens_through = (event.step, through[1] + event.tokens * throughput.world_size)
+        return self.tokens_through[1]
+
     def _throughput(self, entry: StepEntry, event: Step, throughput: Throughput | None, out: AssemblyOutput) -> None:
         """Tokens/s per device and MFU over the step's own time (not the pauses between steps)."""
         previous, self.last_tokens_seen = self.last_tokens_seen, event.tokens_seen
-        if throughput is None or previous is None or event.tokens_seen is None or not event.step_time_s:
+        if throughput is None or not event.step_time_s:
             return
-        entry.tokens_per_s_per_device, entry.mfu = throughput.of_step(event.tokens_seen - previous, event.step_time_s)
+        if event.tokens_seen is not None:  # the Trainer's count, all ranks: this step's is the difference
+            if previous is None:
+                return
+            tokens = event.tokens_seen - previous
+        elif event.tokens is not None:  # kaio's: rank 0's own, as if every rank's were the same
+            tokens = event.tokens * throughput.world_size
+        else:
+            return
+        entry.tokens_per_s_per_device, entry.mfu = throughput.of_step(tokens, event.step_time_s)
         if entry.tokens_per_s_per_device is not None:
             out.throughput(entry.tokens_per_s_per_device, entry.mfu)
 

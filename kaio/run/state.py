@@ -337,8 +337,8 @@ class RunState:
         self.index.truncate_after(step)
         return self.index.smoother_at(step)
 
-    def samples_seen_at(self, step: int) -> int | None:
-        return self.index.samples_seen_at(step)
+    def seen_at(self, step: int) -> tuple[int | None, int | None]:
+        return self.index.seen_at(step)
 
     def recomputed(self, steps: int, seconds: float) -> None:
         telemetry = self.ledger.telemetry

@@ -181,6 +181,9 @@ class RunStart(Event, tag="run_start"):
     # (auto_find_batch_size, each attempt with a smaller batch): not the script's doing.
     retry: bool = False
     start_tokens: int | None = None  # the Trainer's input tokens at train begin: a checkpoint's count, resumed
+    # Who counts the input tokens: the Trainer (include_num_input_tokens_seen, all ranks gathered), or else kaio
+    # (each micro-batch's input_ids, padding included, as the Trainer's "all" would: ``Step.tokens``).
+    tokens_counted_by: Literal["trainer", "kaio"] | None = None
     device: str | None = None
     # The Trainer's accelerator's mixed precision ("no", "bf16", "fp16", "fp8"): set by the TrainingArguments, or by
     # `accelerate launch --mixed_precision bf16` / ACCELERATE_MIXED_PRECISION, which the arguments do not show.
@@ -212,7 +215,8 @@ class Step(Event, tag="step"):
     epoch: float | None = None
     step_time_s: float | None = None  # on_step_begin -> on_step_end on this rank
     peak_vram_bytes: int | None = None  # the allocator's peak during the step; None without a GPU
-    tokens_seen: int | None = None
+    tokens_seen: int | None = None  # the Trainer's count, all ranks (include_num_input_tokens_seen)
+    tokens: int | None = None  # the input_ids in this rank's micro-batches of the step, counted by kaio
     samples: int | None = None  # the examples in this rank's micro-batches of the step (an epoch's last may be short)
     evaluates: bool = False  # the Trainer evaluates after this step...
     saves: bool = False  # ...and/or saves a checkpoint, before the next one
