@@ -544,13 +544,17 @@ def test_a_script_that_only_evaluates_is_said_to_have_evaluated_not_to_have_no_t
     from kaio.report.summary import summarize
 
     evaluation = {"type": "eval", "rank": 0, "session": 1, "step": 0, "metrics": {"eval_loss": 1.37}}
-    state = replay([{"type": "session_start", "session": 1, "t_wall": 1e9}, evaluation])
+    end = {"type": "session_end", "session": 1, "t_wall": 1e9 + 20, "status": "COMPLETED", "exit_code": 0}
+    state = replay([{"type": "session_start", "session": 1, "t_wall": 1e9}, evaluation, end])
     with state.with_open_steps() as index:
         header = state.header()
         report = render_markdown(header, summarize(header, index), index.evals())
     assert "**Optimizer steps:** none recorded (a Trainer evaluated, but never trained: see What was trained)" in report
     assert "a transformers `Trainer` evaluated (see Evaluation) but never trained" in report
     assert "kaio.log" not in report
+    # Its evaluation is not "before training" (there was none), and its time is not all start-up.
+    assert "| 0 (no training) | 1.37 |" in report and "(before training)" not in report
+    assert "| Start-up and the script's own work (no training step) |" in report
 
 
 def test_a_failure_after_the_training_completed_is_said_so_on_the_last_line():

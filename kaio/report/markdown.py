@@ -257,7 +257,7 @@ def _evaluations(s: Summary, evals: list[EvalEntry]) -> str | None:
     names = list(dict.fromkeys(k for e in evals for k in e.metrics if k not in ("epoch",)))
     every = evaluation_rows(evals)
     shown = every[-EVAL_ROWS:]
-    rows = [(_evaluation_step(e), *(_metric(e, n) for n in names)) for e in shown]
+    rows = [(_evaluation_step(e, trained=bool(s.optimizer_steps)), *(_metric(e, n) for n in names)) for e in shown]
     text = "## Evaluation\n\n"
     if s.eval_loss_best is not None:
         count = f"{s.eval_count} evaluation{'s' if s.eval_count != 1 else ''}"
@@ -267,8 +267,10 @@ def _evaluations(s: Summary, evals: list[EvalEntry]) -> str | None:
     return text + _table(("Step", *names), rows)
 
 
-def _evaluation_step(e: EvalEntry) -> str:
+def _evaluation_step(e: EvalEntry, *, trained: bool) -> str:
     said = ["after training"] if e.after_training else ["before training"] if e.before_training else []
+    if not trained:  # a script that only evaluated: there is no training to be before
+        said = ["no training"]
     said += ["predict()"] if e.prediction else []
     said += ["another model's: not the run's"] if e.other_model else []
     return f"{e.step} ({', '.join(said)})" if said else str(e.step)

@@ -196,6 +196,8 @@ def time_buckets(s: Summary) -> list[tuple[str, str, float]]:
         parts[3] = (f"{parts[3][0]} ({s.recomputed_steps:,} steps)", *parts[3][1:])
     if s.later_trainings_startup_s:
         parts[0] = (f"{parts[0][0]}, and a later training's start", *parts[0][1:])
+    elif not s.optimizer_steps:  # no first step: launching, loading, and whatever else the script did
+        parts[0] = ("Start-up and the script's own work (no training step)", *parts[0][1:])
     rest = total - sum(seconds for *_, seconds in parts)
     if rest > 0.01 * total:
         parts.append((*OTHER_TIME, rest))
