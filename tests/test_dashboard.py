@@ -545,7 +545,7 @@ def test_the_trainers_metric_dicts_are_left_out_of_the_output_but_the_scripts_ow
     """transformers 5 prints each float of its log dict as a string; a script printing trainer.evaluate()'s
     metrics prints numbers: that line is the script's, and shown. Before 5, any such dict is taken for the
     Trainer's (child.log keeps every line either way)."""
-    from kaio.run.supervisor import is_trainer_log_line
+    from kaio.run.child_output import is_trainer_log_line
 
     trainer = "{'loss': '5.945', 'grad_norm': '0.4172', 'learning_rate': '0', 'epoch': '0.0625', 'num_input_tokens_seen': 192}"
     end = "{'train_runtime': '0.1045', 'train_loss': '5.832', 'epoch': '0.75'}"
@@ -601,16 +601,16 @@ def test_a_progress_bar_redrawn_in_place_shows_as_it_stands_before_its_line_ends
     from collections import deque
     from types import SimpleNamespace
 
+    from kaio.run.child_output import follow_output
     from kaio.run.snapshot import add_output_line, as_shown
-    from kaio.run.supervisor import Supervisor
 
     log = tmp_path / "child.log"
     bar = "\r{:>3}%|{:<10}| {}/10 [00:01<00:02, 4.00it/s]"
     log.write_text("loading the model\n" + bar.format(0, "", 0) + bar.format(20, "##", 2) + "\r 30%|###")  # cut
-    follower = SimpleNamespace(paths=SimpleNamespace(child_log=log), _queue=queue.Queue())
+    said_queue: queue.Queue = queue.Queue()
     running = iter([None, 0])  # the child runs, then has exited
-    Supervisor._follow_output(follower, SimpleNamespace(poll=lambda: next(running)), 0)  # type: ignore[arg-type]
-    said = [follower._queue.get_nowait() for _ in range(follower._queue.qsize())]
+    follow_output(SimpleNamespace(poll=lambda: next(running)), log, 0, said_queue.put)  # type: ignore[arg-type]
+    said = [said_queue.get_nowait() for _ in range(said_queue.qsize())]
     assert said[:2] == [("log", "loading the model"), ("redraw", bar.format(20, "##", 2)[1:])]
     tail: deque[str] = deque(maxlen=10)
     for line in ("loading the model", bar.format(20, "##", 2)[1:]):
@@ -623,7 +623,7 @@ def test_a_progress_bar_redrawn_in_place_shows_as_it_stands_before_its_line_ends
 def test_a_line_redrawn_all_training_long_keeps_only_its_recent_redraws():
     """tqdm redraws the bar's line ten times a second until training ends: the follower kept all of it and
     copied it at every read. What it keeps is bounded, from a redraw on, and the bar is still found."""
-    from kaio.run.supervisor import PARTIAL_KEPT, _latest_bar, _recent_redraws
+    from kaio.run.child_output import PARTIAL_KEPT, _latest_bar, _recent_redraws
 
     redraw = b"\r 50%|#####     | 5/10 [00:01<00:01, 4.00it/s]"
     line = redraw * (3 * PARTIAL_KEPT // len(redraw))

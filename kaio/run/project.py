@@ -32,8 +32,9 @@ from kaio.run.checkpoints import is_checkpoint, latest_checkpoint, without_optim
 from kaio.run.job import index_copies, node_folders
 from kaio.run.recorder import Loaded, Recorder
 from kaio.run.state import RunState
+from kaio.run.stopping import leave_a_hung_up_terminal
 from kaio.run.stream import JournalReceiver, JournalSender, for_node
-from kaio.run.supervisor import SessionRequest, Supervisor, View, leave_a_hung_up_terminal
+from kaio.run.supervisor import SessionRequest, Supervisor, View
 from kaio.secrets import REDACTED
 
 Notify = Callable[[str], None]

@@ -1,0 +1,156 @@
+"""How a session ended, in the record's words: its status and exit code, its root cause, and what a stop kept."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kaio import launch
+from kaio.config import RunConfig
+from kaio.record import rules
+from kaio.record.paths import ProjectPaths, start_over_command
+from kaio.record.types import Status
+from kaio.run import diagnose
+from kaio.run.state import RunState
+from kaio.run.stopping import StopRequests
+
+
+@dataclass
+class SessionOutcome:
+    exit_code: int
+    status: Status
+    signal: str | None = None
+    error: str | None = None
+    message: str | None = None  # what a stop on request kept, for the user
+    error_at: float | None = None  # when the first rank failed (wall time)
+    started: bool = True  # False: the training process could not be started at all
+
+
+class SessionEndings:
+    """Reads a session's end from its exit code, its ranks' error files, the record, and the stop requests."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        state: RunState,
+        asked: StopRequests,
+        note: Callable[[str, str], None],
+        config_path: Path | None,
+    ) -> None:
+        self.cfg = cfg
+        self.state = state
+        self.asked = asked
+        self.paths = ProjectPaths(cfg.report_dir)
+        self._note = note  # (text, level): into the record
+        self.config_path = config_path  # the config the user gave (None: a resume of the saved one), for hints
+
+    def outcome(self, returncode: int, session: int) -> SessionOutcome:
+        exit_code, signal_name = launch.describe_exit(returncode)
+        cause = diagnose.root_cause(self.paths.errors, session) if returncode else diagnose.RootCause()
+        error, signal_name = cause.text, signal_name or cause.signal
+        planned = self._planned_steps_done(session)
+        asked, ledger = self.asked, self.state.ledger
+        if asked.requests and returncode == 0 and ledger.script_ended(session):
+            self._note(
+                "a stop was asked for as the script's processes were exiting, its work done: it completed", "info"
+            )
+            return SessionOutcome(0, Status.COMPLETED)
+        if asked.requests and returncode == 0 and planned is not None and not asked.trained_before:
+            self._note(f"a stop was asked for as the training finished its {planned} steps: it completed", "info")
+            return SessionOutcome(0, Status.COMPLETED)
+        if asked.requests:
+            # Stopped by the user: 143 (SIGTERM's code) even when the training stopped cleanly after saving,
+            # and whatever the launcher made of it with several ranks; 137 when the second press killed it.
+            code = exit_code if asked.killed and exit_code > 128 else 128 + signal.SIGTERM
+            return SessionOutcome(
+                code, Status.INTERRUPTED, signal_name, error, self._what_the_stop_kept(session), cause.t_wall
+            )
+        if returncode == 0 and planned is None and ledger.ended_by_stop(session):
+            # Stopped with the rest of the job: the stop was asked of another node's kaio (a Ctrl-C on the head).
+            self._note("the job was stopped from another node (its kaio was asked): this node stopped with it", "info")
+            return SessionOutcome(
+                128 + signal.SIGTERM, Status.INTERRUPTED, None, None, self._what_the_stop_kept(session)
+            )
+        if returncode == 0:
+            self._unended_training(session)
+            return SessionOutcome(0, Status.COMPLETED)
+        if error is None and signal_name:
+            error = f"killed by {signal_name}"
+        return SessionOutcome(exit_code, Status.FAILED, signal_name, error, error_at=cause.t_wall)
+
+    def _what_the_stop_kept(self, session: int) -> str:
+        """Said to the user and written in the report: whether the stop saved a checkpoint to resume from."""
+        ledger = self.state.ledger
+        asked = self.asked
+        saved = [c for c in ledger.checkpoints if c.session == session and c.step >= asked.step_at_request]
+        if saved and not asked.trained_before:  # else the checkpoint was the finished training's own
+            step, path = saved[-1].step, saved[-1].path
+            name = path if path and os.path.basename(path) != f"checkpoint-{step}" else f"checkpoint-{step}"
+            resume = self.paths.command("resume")
+            how = (
+                f"`{resume}`"
+                if self.cfg.launch.nnodes < 2
+                else f"`{resume} --node-rank R` on each node R (or under srun)"
+            )
+            then = f"{how} continues from step {step + 1}"
+            later = saved[-1].later_training
+            if later is not None:  # kaio resume refuses it (project.resume says why)
+                then = f"the script's training {later} saved it, which `kaio resume` cannot continue"
+            text = f"stopped after step {step} with {name} saved: {then}"
+            self._note(text, "info")
+            return text
+        progress = ledger.progress.get(session)
+        if asked.trained_before and progress is not None:  # the script's own work after train() was stopped
+            text = (
+                f"stopped after the training had ended (step {progress.last_step}): what ran after it was cut "
+                "short; no step is left to train"
+            )
+            self._note(text, "warning")
+            return text
+        if progress is None or progress.last_step is None:
+            why = "it was still starting: no step had been trained"
+        elif asked.killed:
+            why = (
+                "a second Ctrl-C came"
+                if asked.requests > 1
+                else f"saving did not finish within launch.grace_seconds ({self.cfg.launch.grace_seconds:g} s)"
+            )
+        else:
+            why = "the training process ended without saving one"
+        earlier = [c.step for c in ledger.checkpoints]
+        then = (
+            f"the latest is checkpoint-{max(earlier)}, and the steps after it will be trained again by "
+            f"`{self.paths.command('resume')}`"
+            if earlier
+            else f"there is none yet: `{start_over_command(self.config_path)}` starts the project again"
+        )
+        text = f"stopped without saving a checkpoint ({why}); {then}"
+        self._note(text, "warning")
+        return text
+
+    def _planned_steps_done(self, session: int) -> int | None:
+        """The planned steps, when the session's Trainer trained them all and ended."""
+        ledger = self.state.ledger
+        progress, run = ledger.progress.get(session), ledger.run
+        planned = run.max_steps if run is not None else None
+        last_step = progress.last_step if progress is not None else None
+        return planned if rules.training_completed(ledger.trained_to_end(session), last_step or 0, planned) else None
+
+    def _unended_training(self, session: int) -> None:
+        """Exit code 0 is the script's word, but a Trainer that never reached its end did not finish: said."""
+        ledger = self.state.ledger
+        record, progress = ledger.session_record(session), ledger.progress.get(session)
+        run = ledger.run
+        if record is None or progress is None or record.start_step is None or progress.trained_to_end:
+            return
+        if run is None or run.reporter != "trainer":
+            return
+        at = f"after step {progress.last_step}" if progress.last_step is not None else "before its first step"
+        self._note(
+            f"the training process exited with code 0 {at}, before its Trainer ended the training "
+            "(os._exit or sys.exit(0) inside it): the record ends there",
+            "warning",
+        )
