@@ -25,7 +25,7 @@ def _config(directory: Path, project: str, script: str, args: list[str], num_pro
           script: {SCRIPTS / script}
           script_args: {json.dumps(args)}
           num_processes: {num_processes}
-          grace_seconds: 5
+          grace_seconds: 20  # a graceful stop on a loaded machine: a save, then each process's exit
         reporting:
           use_comet_ml: false
           poll_hz: 4
