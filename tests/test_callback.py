@@ -272,6 +272,29 @@ def test_train_begin_describes_the_run_from_the_live_objects(tmp_path, torch):
     ]
 
 
+def test_a_seq2seq_evaluation_that_generates_is_said_with_its_length_and_beams(tmp_path, torch):
+    """Seq2SeqTrainingArguments(predict_with_generate=True): the evaluation's metrics are of generated text."""
+    import msgspec
+    from transformers import Seq2SeqTrainingArguments
+
+    from kaio.child.describe import _training_args
+    from kaio.record.types import RunDescription, RunStart
+    from kaio.report.markdown import _what_was_trained
+
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(tmp_path), predict_with_generate=True, generation_max_length=64, generation_num_beams=4
+    )
+    trained = _training_args(args, SimpleNamespace())
+    assert (trained.predict_with_generate, trained.generation_max_length, trained.generation_num_beams) == (True, 64, 4)
+    start = RunStart(rank=0, session=1, args=trained, world_size=1)
+    table = _what_was_trained(RunDescription.from_run_start(msgspec.convert(msgspec.to_builtins(start), RunStart)))
+    assert "| Evaluation generates | yes (predict_with_generate): up to 64 tokens, 4 beams |" in table
+    from transformers import TrainingArguments
+
+    plain = _training_args(TrainingArguments(output_dir=str(tmp_path)), SimpleNamespace())
+    assert plain.predict_with_generate is None  # a plain Trainer's arguments have none
+
+
 def test_paths_are_recorded_relative_to_kaios_folder_when_the_script_moves_to_another(tmp_path, monkeypatch):
     """A script that changes its working directory (Hydra's runs do) and saves to a relative output_dir: the
     record names its checkpoints from the folder kaio runs in, where `kaio resume` looks for them."""

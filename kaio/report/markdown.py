@@ -362,10 +362,20 @@ def _what_was_trained(run: RunDescription | None, *, evaluated: bool = False, la
         *([("NEFTune noise alpha", _num(args.neftune_noise_alpha, "g"))] if args.neftune_noise_alpha else []),
         ("Seed", args.seed),
         ("Logging / evaluation / saving", _strategies(run)),
+        *([("Evaluation generates", _generation(args))] if args.predict_with_generate else []),
     ]
     return "## What was trained\n\nAs the training process reported it.\n\n" + _table(
         ("Setting", "Value"), [(name, "not reported" if value is None else value) for name, value in rows]
     )
+
+
+def _generation(args: Any) -> str:
+    """Seq2SeqTrainingArguments' predict_with_generate: the evaluation's metrics are of generated text."""
+    length = (
+        f"up to {args.generation_max_length} tokens" if args.generation_max_length else "the model's default length"
+    )
+    beams = f"{args.generation_num_beams} beams" if args.generation_num_beams else "the model's default search"
+    return f"yes (predict_with_generate): {length}, {beams}"
 
 
 def _peft(peft: Any) -> str:

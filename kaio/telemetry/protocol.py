@@ -107,6 +107,10 @@ class TrainingArgs(msgspec.Struct, kw_only=True, omit_defaults=True):
     # What changes the loss the Trainer computes and logs (the report says so beside it)
     label_smoothing_factor: float | None = None
     neftune_noise_alpha: float | None = None
+    # Seq2SeqTrainingArguments: an evaluation that generates (its metrics are of generated text, and it is slower)
+    predict_with_generate: bool | None = None
+    generation_max_length: int | None = None
+    generation_num_beams: int | None = None
 
 
 class ModelInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
