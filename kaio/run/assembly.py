@@ -25,6 +25,7 @@ from kaio.record import rules
 from kaio.record.flops import Throughput
 from kaio.record.rules import LossSmoother
 from kaio.record.types import GpuStepStats, HostStepStats, Log, Step, StepEntry, TickRecord, finite, nonfinite_tag
+from kaio.run.counts import SeenCounts
 from kaio.telemetry.protocol import SKIPPED_GPU_TENSORS, TRAINER_LOGGED_LOSS, TRUNCATED
 
 SEAL_LAG_STEPS = 2
@@ -74,25 +75,14 @@ class StepAssembler(msgspec.Struct, kw_only=True):
     sealed_through: int = 0  # every step up to this one is sealed
     smoother: LossSmoother = msgspec.field(default_factory=LossSmoother)
     warned_nonfinite: set[str] = set()
-    last_tokens_seen: int | None = None  # rank 0's count at its latest step, this session
-    # Samples seen are the step times the samples a step takes, counted from this (step, samples): a script's
-    # later training (another Trainer, another batch size) counts on from where the earlier one ended, and a
-    # record that begins at a later step counts from there.
-    samples_from: tuple[int, int] = (0, 0)
-    last_samples_seen: int = 0
-    counted_through: tuple[int, int] | None = None  # (step, samples seen) of the latest step whose ranks counted
-    tokens_from: int = 0  # the Trainer's count where the record began (its tokens are the record's from there)
-    tokens_through: tuple[int, int] | None = None  # (step, tokens seen) of kaio's own count; None: its base unknown
+    counts: SeenCounts = msgspec.field(default_factory=SeenCounts)  # the examples and tokens seen
     later_training: bool = False  # a later training began (another Trainer, an out-of-memory retry): its first step
     evaluated_after_s: float = 0.0  # the script's own evaluations since rank 0's latest step (after a train() ended)
 
     def start_session(self, session: int) -> None:
         self.session = session
         self.warned_nonfinite.clear()
-        self.last_tokens_seen = None
-        self.samples_from, self.last_samples_seen, self.tokens_from = (0, 0), 0, 0
-        self.tokens_through = None
-        self.counted_through = None
+        self.counts.start_session()
         self.later_training, self.evaluated_after_s = False, 0.0
         self.ticks.clear()
         self.pending.clear()
@@ -101,14 +91,13 @@ class StepAssembler(msgspec.Struct, kw_only=True):
 
     def continue_counts_at(self, start: int) -> None:
         """A later training of the session starts after step ``start``: its samples count on from there."""
-        self.samples_from, self.counted_through = (start, self.last_samples_seen), None
+        self.counts.continue_at(start)
         self.later_training = True
 
     def begin_counts_at(self, start: int, tokens: int | None) -> None:
         """The record begins after step ``start`` (the script resumed its Trainer from its own checkpoint, whose
         counts were ``tokens`` input tokens): samples and tokens count what this record trains."""
-        self.samples_from, self.tokens_from, self.counted_through = (start, 0), tokens or 0, None
-        self.tokens_through = (start, 0)
+        self.counts.begin_at(start, tokens)
 
     def resume_at(self, start: int, out: AssemblyOutput) -> None:
         """Rank 0 of this session starts from checkpoint ``start``: later steps are trained again."""
@@ -117,11 +106,8 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         if self.sealed_through > start:
             self.smoother = out.truncate_after(start)
             self.sealed_through = start
-        seen, tokens = out.seen_at(start) if start and self.sealed_through >= start else (None, None)
-        if seen is not None:  # the checkpoint's step as recorded: the resumed steps count on from its samples
-            self.samples_from, self.last_samples_seen, self.counted_through = (start, seen), seen, (start, seen)
-        if self.tokens_through is None or self.tokens_through[0] != start:  # kaio's own count goes on from there
-            self.tokens_through = (0, 0) if not start else (start, tokens) if tokens is not None else None
+        # The checkpoint's step as recorded: the resumed steps count on from its counts.
+        self.counts.resume_at(start, *(out.seen_at(start) if start and self.sealed_through >= start else (None, None)))
 
     # ------------------------------------------------------------------ events
 
@@ -146,12 +132,12 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         entry.timestamp = iso(event.t_wall)
         entry.t_mono = event.t_mono
         entry.step_time_s = event.step_time_s
-        tokens = self._tokens_seen(event, throughput)
+        tokens = self.counts.tokens_seen(event, throughput)
         if tokens is not None:
             entry.tokens_seen = tokens
-        seen = self._samples_seen(event, throughput)
+        seen = self.counts.samples_seen(event, throughput)
         if seen is not None:
-            entry.samples_seen = self.last_samples_seen = seen
+            entry.samples_seen = seen
         if event.session != self.session:
             return True
         self._throughput(entry, event, throughput, out)
@@ -183,54 +169,10 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         paused = ((before.eval_s or 0.0) + (before.save_s or 0.0)) if before is not None else 0.0
         entry.training_start_s = max(gap - (event.step_time_s or 0.0) - paused - self.evaluated_after_s, 0.0)
 
-    def _samples_seen(self, event: Step, throughput: Throughput | None) -> int | None:
-        """The examples seen by the end of rank 0's step, all ranks together: its micro-batches' examples as it
-        counted them (an epoch's last batch may be short) times the world size (the ranks' batches are even), at
-        most the batch; else the per-device batch x accumulation x world size of every step."""
-        step, samples = self.samples_from
-        per_step = throughput.samples_per_step if throughput is not None else None
-        if event.samples is not None and throughput is not None:
-            if self.counted_through is not None and event.step == self.counted_through[0] + 1:
-                base: int | None = self.counted_through[1]
-            elif event.step == step + 1:
-                base = samples
-            else:  # the first counted step after steps that were not
-                base = samples + (event.step - 1 - step) * per_step if per_step is not None else None
-            if base is not None:
-                counted = event.samples * throughput.world_size
-                # Never more than the batch: a collator that stacks each example's rows (a preference pair's
-                # chosen and rejected) hands the model more rows than examples.
-                counted = min(counted, per_step) if per_step is not None else counted
-                self.counted_through = (event.step, base + counted)
-                return self.counted_through[1]
-        self.counted_through = None
-        return samples + (event.step - step) * per_step if per_step is not None else None
-
-    def _tokens_seen(self, event: Step, throughput: Throughput | None) -> int | None:
-        """The input tokens seen by the end of rank 0's step, all ranks together: the Trainer's count where it
-        counts; else kaio's, rank 0's input ids times the world size (as samples are counted), on from the count
-        at the step the session began (None where that is not known: steps missing from the record)."""
-        if event.tokens_seen is not None:
-            return event.tokens_seen - self.tokens_from
-        through = self.tokens_through
-        if event.tokens is None or throughput is None or through is None or event.step != through[0] + 1:
-            self.tokens_through = None
-            return None
-        self.tokens_through = (event.step, through[1] + event.tokens * throughput.world_size)
-        return self.tokens_through[1]
-
     def _throughput(self, entry: StepEntry, event: Step, throughput: Throughput | None, out: AssemblyOutput) -> None:
         """Tokens/s per device and MFU over the step's own time (not the pauses between steps)."""
-        previous, self.last_tokens_seen = self.last_tokens_seen, event.tokens_seen
-        if throughput is None or not event.step_time_s:
-            return
-        if event.tokens_seen is not None:  # the Trainer's count, all ranks: this step's is the difference
-            if previous is None:
-                return
-            tokens = event.tokens_seen - previous
-        elif event.tokens is not None:  # kaio's: rank 0's own, as if every rank's were the same
-            tokens = event.tokens * throughput.world_size
-        else:
+        tokens = self.counts.step_tokens(event, throughput.world_size if throughput is not None else 1)
+        if throughput is None or tokens is None or not event.step_time_s:
             return
         entry.tokens_per_s_per_device, entry.mfu = throughput.of_step(tokens, event.step_time_s)
         if entry.tokens_per_s_per_device is not None:

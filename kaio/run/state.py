@@ -233,8 +233,8 @@ class RunState:
             throughput = self._throughput_of_run()
         if not self.parts.steps.on_step(r, throughput, self):
             ledger.telemetry.dropped_late_events += 1
-        elif throughput is not None and self.parts.steps.last_samples_seen:
-            self.parts.live.on_samples_seen(r.step, self.parts.steps.last_samples_seen)
+        elif throughput is not None and self.parts.steps.counts.last_samples_seen:
+            self.parts.live.on_samples_seen(r.step, self.parts.steps.counts.last_samples_seen)
         found = self.parts.stragglers.on_step(r)
         if found is not None:
             entry = self.parts.steps.open.get(found.step)
