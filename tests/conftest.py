@@ -44,7 +44,7 @@ training:
   seed: 7
 launch:
   num_processes: {num_processes}
-  grace_seconds: 5
+  grace_seconds: 20  # a graceful stop on a loaded machine: a save, then each process's exit
 reporting:
   use_comet_ml: false
   poll_hz: 4
