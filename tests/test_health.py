@@ -281,6 +281,9 @@ def test_the_speed_and_eta_leave_out_evaluation_and_save_pauses_and_carry_over_a
         t += 60.5 if step == 5 else 0.5
     assert live.steps_per_s() == pytest.approx(2.0)  # not 9 steps / 64.5 s
     assert live.median_step_time() == pytest.approx(0.5)
+    # The ETA counts the pauses at the pace seen: 60 s in the 9 steps since the first (a user saw "ETA 0:03" for
+    # a run with 26 s to go, its evaluations left out).
+    assert live.eta_s(90) == pytest.approx(90 * (0.5 + 60 / 9))
     live.start_session()  # a resume: its start-up is not a step, and the last speed stands until its own
     live.on_step(Step(rank=0, step=11, t_mono=500.0))
     assert live.steps_per_s() == pytest.approx(2.0)
