@@ -749,3 +749,40 @@ def test_which_training_of_the_script_saved_a_checkpoint_is_known_for_a_resume_a
     assert ledger.later_training_of(tmp_path / "a/checkpoint-2") is None
     assert ledger.later_training_of(tmp_path / "b/checkpoint-1") == 2
     assert ledger.later_training_of(Path("/elsewhere/checkpoint-9")) is None
+
+
+def test_numbers_logged_before_the_first_step_and_again_within_a_step_keep_the_first_and_the_trainers_own():
+    """A script's `trainer.log({"n_params": ...})` before train() is the Trainer's step 0, no step's entry: it was
+    dropped unsaid. A compute_loss that logs from each micro-batch logs at the step before the one it trains
+    (the Trainer's global_step), after the Trainer's own log there: the Trainer's numbers (the tokens seen) were
+    overwritten by the last micro-batch's. The first number of a step is kept, and the repetition said."""
+    from kaio.report.history import history_from_file
+    from kaio.report.summary import summarize
+
+    def log(step: int, **extra) -> dict:
+        return {"type": "log", "rank": 0, "session": 1, "step": step, "extra": extra}
+
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, log(0, n_params=12384, n_train=400)]
+    events += [log(0, micro=50.0), log(0, micro=51.0)]  # the first step's micro-batches: the Trainer's step 0
+    events += [_step(1, 1.0), {**_log(1, 2.0), "extra": {"num_input_tokens_seen": 436}}]
+    events += [log(1, micro=43.0, num_input_tokens_seen=608), log(1, micro=44.0), _step(2, 2.0), _step(3, 3.0)]
+    state = replay(events)
+    history = history_of(state)
+    assert history["metrics_at_step_0"] == {"micro": 50.0, "n_params": 12384.0, "n_train": 400.0}
+    assert history["steps"][0]["metrics"] == {"num_input_tokens_seen": 436.0, "micro": 43.0}
+    assert any("logged metric micro was logged more than once at step 1" in n for n in history["telemetry"]["notes"])
+    with state.with_open_steps() as index:
+        s = summarize(state.header(), index)
+    micro = next(m for m in s.logged_metrics if m.name == "micro")
+    assert (micro.logged, micro.first, micro.last, micro.last_step) == (2, 50.0, 43.0, 1)
+    assert next(m for m in s.logged_metrics if m.name == "n_params").first == 12384.0
+    # A history.json read back (its journal gone) still has them.
+    import json
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "history.json"
+        path.write_text(json.dumps(history))
+        _, read_back = history_from_file(path)
+        assert read_back.metrics_at(0) == history["metrics_at_step_0"]

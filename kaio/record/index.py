@@ -347,6 +347,15 @@ class RunIndex:
                 raise IndexDamaged(f"the row of step {row[0]} is damaged")
             yield bytes(line) + b"\n"
 
+    def add_metric(self, step: int, name: str, value: float) -> None:
+        """A number logged at a step with no entry: the script's own, before its first step ended (step 0)."""
+        if self.failed is None:
+            self._pending["step_metrics"].append((name, step, _as_stored(value)))
+
+    def metrics_at(self, step: int) -> dict[str, float]:
+        rows = self.conn.execute("SELECT name, value FROM step_metrics WHERE step = ? ORDER BY name", (step,))
+        return dict(rows.fetchall())
+
     def evals(self) -> list[EvalEntry]:
         decoder = msgspec.json.Decoder(EvalEntry)
         return [

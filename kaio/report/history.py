@@ -74,8 +74,11 @@ def write_reports(
 def history_document(header: HistoryHeader, index: RunIndex) -> Iterator[bytes]:
     """The history.json bytes: the header's keys, the evaluations, then ``"steps"``, one entry per line
     (so that ``grep`` and ``tail`` work on it)."""
-    opening = _ENCODER.encode(header)
-    yield opening[:-1] + b',"evals":' + _ENCODER.encode(index.evals()) + b',"steps":[\n'
+    opening = _ENCODER.encode(header)[:-1]
+    before = index.metrics_at(0)  # what the script logged before its first step ended: no step's entry
+    if before:
+        opening += b',"metrics_at_step_0":' + _ENCODER.encode(before)
+    yield opening + b',"evals":' + _ENCODER.encode(index.evals()) + b',"steps":[\n'
     previous = None
     for line in index.step_lines():
         if previous is not None:
@@ -113,6 +116,9 @@ def history_from_file(path: Path) -> tuple[HistoryHeader, RunIndex]:
         index.add_step(entry)
     for evaluation in evals:
         index.add_eval(evaluation)
+    for name, value in (document.get("metrics_at_step_0") or {}).items():
+        if isinstance(value, (int, float)):
+            index.add_metric(0, name, value)
     return header, index
 
 

@@ -41,6 +41,7 @@ class AssemblyOutput(Protocol):
     def note(self, text: str) -> None: ...
     def truncate_after(self, step: int) -> LossSmoother: ...
     def seen_at(self, step: int) -> tuple[int | None, int | None]: ...
+    def logged_at_step_0(self, name: str, value: float) -> None: ...
     def throughput(self, tokens_per_s_per_device: float, mfu: float | None) -> None: ...
     def recomputed(self, steps: int, seconds: float) -> None: ...
 
@@ -75,6 +76,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
     sealed_through: int = 0  # every step up to this one is sealed
     smoother: LossSmoother = msgspec.field(default_factory=LossSmoother)
     warned_nonfinite: set[str] = set()
+    kept_at_step_0: set[str] = set()  # this session's numbers logged before its first step ended (the first kept)
     counts: SeenCounts = msgspec.field(default_factory=SeenCounts)  # the examples and tokens seen
     later_training: bool = False  # a later training began (another Trainer, an out-of-memory retry): its first step
     evaluated_after_s: float = 0.0  # the script's own evaluations since rank 0's latest step (after a train() ended)
@@ -82,6 +84,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
     def start_session(self, session: int) -> None:
         self.session = session
         self.warned_nonfinite.clear()
+        self.kept_at_step_0.clear()
         self.counts.start_session()
         self.later_training, self.evaluated_after_s = False, 0.0
         self.ticks.clear()
@@ -185,6 +188,8 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         if event.step is None:
             return
         entry = self.open.get(event.step)
+        if entry is None and event.step == 0 and event.session == self.session:
+            self._logged_at_step_0(event, out)
         if entry is None or entry.session != event.session:
             return
         if event.epoch is not None:
@@ -202,6 +207,17 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         if entry.grad_norm_nonfinite is not None and entry.loss_nonfinite is None and self._first("grad_norm"):
             out.warn(f"non-finite gradient norm ({entry.grad_norm_nonfinite}) at step {entry.step}")
 
+    def _logged_at_step_0(self, event: Log, out: AssemblyOutput) -> None:
+        """The script's own numbers logged before its first step ended (its counts before train(), a loss part
+        logged from compute_loss in the first step): the Trainer's step 0, which is no step's entry."""
+        kept = StepEntry(step=0, session=event.session)
+        for key, value in event.extra.items():
+            if key not in self.kept_at_step_0 and key != TRAINER_LOGGED_LOSS:
+                self._keep_metric(kept, key, value, out)
+        for key, number in kept.metrics.items():
+            self.kept_at_step_0.add(key)
+            out.logged_at_step_0(key, number)
+
     def _keep_metric(self, entry: StepEntry, key: str, value: object, out: AssemblyOutput) -> None:
         """A number the script logged, in the step's metrics (a bool as 0 or 1). What is not a finite number is
         said once a session, not dropped unseen: a NaN is what its author would look for."""
@@ -215,7 +231,13 @@ class StepAssembler(msgspec.Struct, kw_only=True):
                     "waits for the GPU at every log); log them as numbers (.item()) to have them in the record"
                 )
         elif (number := float(value) if isinstance(value, bool) else finite(value)) is not None:
-            entry.metrics[key] = number
+            if key not in entry.metrics:
+                entry.metrics[key] = number
+            elif self._first(f"repeated {key}"):  # logged from each micro-batch: the Trainer's own stays
+                out.note(
+                    f"logged metric {key} was logged more than once at step {entry.step} (from each micro-batch, "
+                    "say): the record keeps the first number logged at each step"
+                )
         elif (tag := nonfinite_tag(value)) is not None:
             if self._first(f"metric {key}"):
                 out.warn(

@@ -337,6 +337,9 @@ class RunState:
         self.index.truncate_after(step)
         return self.index.smoother_at(step)
 
+    def logged_at_step_0(self, name: str, value: float) -> None:
+        self.index.add_metric(0, name, value)
+
     def seen_at(self, step: int) -> tuple[int | None, int | None]:
         return self.index.seen_at(step)
 
