@@ -383,6 +383,8 @@ def final_line(snapshot: Snapshot) -> str:
         st += " after its training completed"  # the script's code after train() failed, not the training
     steps = f"{snapshot.step}/{snapshot.max_steps}" if snapshot.max_steps else str(snapshot.step)
     line = f"[kaio] {snapshot.project} {st}: {steps} steps in {format_duration(snapshot.elapsed_s)}"
+    if snapshot.ended_early_by:
+        line += f" (ended early by {snapshot.ended_early_by})"
     if snapshot.session > 1:
         line += f" (session {snapshot.session})"
     line += f", {format_exit_code(snapshot.exit_code)}"

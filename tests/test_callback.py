@@ -441,3 +441,29 @@ def test_an_evaluation_of_another_model_than_the_one_trained_is_listed_but_not_t
         report = render_markdown(header, summary, evals)
     assert (summary.eval_count, summary.eval_loss_final) == (1, 2.1) and state.parts.live.eval_loss == 2.1
     assert "| 3 (another model's: not the run's) | 4.8 |" in report
+
+
+def test_an_early_stopping_callback_out_of_patience_is_named_at_the_training_end(tmp_path, torch):
+    """A run that EarlyStoppingCallback ended at step 40 of 400 was "COMPLETED 40/400" with no word of why."""
+    from transformers import EarlyStoppingCallback, TrainingArguments
+
+    from kaio.child.callback import KaioCallback
+
+    early = EarlyStoppingCallback(early_stopping_patience=3)
+    early.early_stopping_patience_counter = 3  # its patience ran out at the latest evaluation
+
+    class Trainer:  # what the callback reads of its Trainer
+        callback_handler = SimpleNamespace(callbacks=[early])
+
+    trainer = Trainer()
+    emitter = EventEmitter(None, str(tmp_path / "spool"), rank=0, session=1)
+    callback = KaioCallback(emitter, trainer)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), metric_for_best_model="loss", report_to="none")
+    state = SimpleNamespace(global_step=40, max_steps=400, is_world_process_zero=True, best_model_checkpoint=None)
+    callback.on_train_end(args, state, SimpleNamespace())
+    early.early_stopping_patience_counter = 1  # patience left: the training ended for another reason
+    callback.on_train_end(args, state, SimpleNamespace())
+    emitter.close()
+    ended, other = _spooled(tmp_path / "spool")
+    assert ended["ended_early_by"] == "EarlyStoppingCallback: eval_loss did not improve for 3 evaluations"
+    assert "ended_early_by" not in other

@@ -786,3 +786,21 @@ def test_numbers_logged_before_the_first_step_and_again_within_a_step_keep_the_f
         path.write_text(json.dumps(history))
         _, read_back = history_from_file(path)
         assert read_back.metrics_at(0) == history["metrics_at_step_0"]
+
+
+def test_a_training_ended_early_by_a_callback_says_so_in_the_report_and_on_the_last_line():
+    from kaio.dashboard import final_line
+    from kaio.report.markdown import render_markdown
+    from kaio.report.summary import summarize
+
+    said = "EarlyStoppingCallback: eval_loss did not improve for 3 evaluations"
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 400, "world_size": 1}
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, run, _step(1, 1.0), _step(2, 2.0)]
+    events += [{"type": "train_end", "rank": 0, "session": 1, "step": 2, "ended_early_by": said}]
+    events += [{"type": "session_end", "session": 1, "t_wall": 1e9 + 9, "status": "COMPLETED", "exit_code": 0}]
+    state = replay(events)
+    with state.with_open_steps() as index:
+        header = state.header()
+        report = render_markdown(header, summarize(header, index), index.evals())
+    assert f"**Optimizer steps:** 2 of 400 planned (ended early by {said})" in report
+    assert f"[kaio] p COMPLETED: 2/400 steps in 0:09 (ended early by {said})" in final_line(state.snapshot())

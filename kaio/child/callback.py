@@ -287,11 +287,24 @@ class KaioCallback(TrainerCallback):
             Save(rank=self.rank, step=self._step(state), path=path, t_wall=time.time(), t_mono=now, duration_s=took)
         )
 
+    def _early_stopping(self, args: Any, state: Any) -> str | None:
+        """The early-stopping callback that ended the training before its max_steps, if one did."""
+        max_steps = getattr(state, "max_steps", None)
+        if not isinstance(max_steps, int) or max_steps <= 0 or state.global_step >= max_steps:
+            return None
+        trainer = self._trainer() if self._trainer is not None else None
+        for callback in getattr(getattr(trainer, "callback_handler", None), "callbacks", None) or []:
+            said = _early_stopping_said(callback, args)
+            if said is not None:
+                return said
+        return None
+
     def on_train_end(self, args, state, control, **kwargs):
         self._training = False
         end = TrainEnd(rank=self.rank, step=self._step(state), t_wall=time.time(), t_mono=time.monotonic())
         end.stopped = stop.requested()
         if state.is_world_process_zero:
+            end.ended_early_by = None if end.stopped else self._early_stopping(args, state)
             end.checkpoints_removed = [path for saved, path in self._saved if not os.path.isdir(saved)]
             best = getattr(state, "best_model_checkpoint", None)
             if getattr(args, "load_best_model_at_end", False) and isinstance(best, str):
@@ -309,6 +322,19 @@ class KaioCallback(TrainerCallback):
                 end.greater_is_better = greater if isinstance(greater, bool) else None
         self.emitter.emit(end)
         stop.training(False)  # after the end is sent: a stop's KeyboardInterrupt from now on lands in the script
+
+
+def _early_stopping_said(callback: Any, args: Any) -> str | None:
+    """transformers' EarlyStoppingCallback (or one like it) that ran out of patience: what it waited for."""
+    patience = getattr(callback, "early_stopping_patience", None)
+    counter = getattr(callback, "early_stopping_patience_counter", None)
+    if not (isinstance(patience, int) and isinstance(counter, int) and counter >= patience > 0):
+        return None
+    metric = getattr(args, "metric_for_best_model", None) or "loss"
+    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+    return (
+        f"{type(callback).__name__}: {metric} did not improve for {patience} evaluation{'s' if patience != 1 else ''}"
+    )
 
 
 def _on_gpu(value: Any) -> bool:

@@ -317,6 +317,7 @@ class Session(msgspec.Struct, kw_only=True):
     error: str | None = None
     failed_at: str | None = None  # when the first rank failed (ISO 8601 UTC, this machine's clock)
     training_ended: bool | None = None  # its Trainer reached on_train_end; None: no Trainer started, or still going
+    ended_early_by: str | None = None  # what ended its training before max_steps (an early-stopping callback)
 
 
 # --------------------------------------------------------------------------- numbers

@@ -99,11 +99,12 @@ def _executive_summary(s: Summary, header: HistoryHeader) -> str:
     if s.max_steps:
         steps += f" of {s.max_steps:,} planned"
         if s.status == Status.COMPLETED.value and s.optimizer_steps < s.max_steps and s.training_ended is not None:
-            steps += (
-                " (the Trainer ended the training early: an early-stopping callback, or the data ran out)"
-                if s.training_ended
-                else " (the training process exited with code 0 before its Trainer ended the training)"
-            )
+            if s.ended_early_by:
+                steps += f" (ended early by {s.ended_early_by})"
+            elif s.training_ended:
+                steps += " (the Trainer ended the training early: a callback, or the data ran out)"
+            else:
+                steps += " (the training process exited with code 0 before its Trainer ended the training)"
     if s.step_entries != s.optimizer_steps:
         steps += f" ({s.step_entries:,} recorded)"
     sessions = f" over {s.sessions} sessions" if s.sessions > 1 else ""

@@ -80,6 +80,7 @@ class Summary(msgspec.Struct, kw_only=True):
     step_entries: int = 0
     max_steps: int | None = None
     training_ended: bool | None = None  # the last session's Trainer reached its end (None: unknown, or none ran)
+    ended_early_by: str | None = None  # what ended the last session's training before max_steps, where known
     trainable_params: int | None = None
     total_params: int | None = None
     trainable_pct: float | None = None
@@ -228,6 +229,7 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
         sessions=len(sessions),
         max_steps=run.max_steps if run else None,
         training_ended=last.training_ended,
+        ended_early_by=last.ended_early_by,
     )
     if model is not None:
         s.trainable_params, s.total_params = model.trainable_params, model.total_params

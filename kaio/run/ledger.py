@@ -231,6 +231,8 @@ class RunLedger(msgspec.Struct, kw_only=True):
         s.end_step = progress.last_step if progress.last_step is not None else s.start_step
         trainer = s.start_step is not None and self.run is not None and self.run.reporter == "trainer"
         s.training_ended = progress.trained_to_end if trainer else None  # a Trainer started in this session
+        end = self.last_train_end
+        s.ended_early_by = end.ended_early_by if end is not None and end.session == s.session else None
         if progress.last_step_t_wall is not None and r.t_wall is not None:
             s.closing_s = round(r.t_wall - progress.last_step_t_wall, 3)
         elif s.startup_s is None:

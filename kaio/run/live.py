@@ -180,6 +180,7 @@ def build_snapshot(
         eval_loss=live.eval_loss,
         eval_set=live.eval_set,
         training_completed=rules.training_completed(progress is not None and progress.trained_to_end, step, max_steps),
+        ended_early_by=_ended_early_by(ledger, session.session if session else None),
         steps_per_s=rate,
         samples_per_s=rate * per_step if rate and per_step else None,
         tokens_per_s_per_device=live.tokens_per_s_per_device,
@@ -221,3 +222,8 @@ def _gpu_row(
         energy_j=energy_j,
         throttle=tuple(latest.throttle or ()),
     )
+
+
+def _ended_early_by(ledger: RunLedger, session: int | None) -> str | None:
+    end = ledger.last_train_end
+    return end.ended_early_by if end is not None and end.session == session else None

@@ -136,6 +136,7 @@ class Snapshot:
     live_warnings: tuple[str, ...] = ()  # those of ``warnings`` that say what is going on now (a stall's seconds)
     exit_code: int | None = None
     training_completed: bool = False  # this session's Trainer trained all its steps (a failure came after)
+    ended_early_by: str | None = None  # what ended this session's training before max_steps (early stopping)
     rendezvous: str | None = None  # a job of several machines: where its nodes meet ("2 nodes at gpu01:29500")
     report_path: str | None = None  # report.md: where the record is (the last frame says so)
 

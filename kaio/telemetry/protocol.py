@@ -269,6 +269,8 @@ class TrainEnd(Event, tag="train_end"):
     checkpoints_removed: list[str] = []
     best_loaded: str | None = None
     stopped: bool = False  # the graceful stop ended it (asked here, or of another node's kaio)
+    # Rank 0: what ended the training before its max_steps, where kaio can tell (an early-stopping callback).
+    ended_early_by: str | None = None
     # Rank 0, with metric_for_best_model: the Trainer's best checkpoint and its metric (eval_accuracy, ...).
     best_checkpoint: str | None = None
     best_metric: Metric = None
