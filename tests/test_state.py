@@ -804,3 +804,28 @@ def test_a_training_ended_early_by_a_callback_says_so_in_the_report_and_on_the_l
         report = render_markdown(header, summarize(header, index), index.evals())
     assert f"**Optimizer steps:** 2 of 400 planned (ended early by {said})" in report
     assert f"[kaio] p COMPLETED: 2/400 steps in 0:09 (ended early by {said})" in final_line(state.snapshot())
+
+
+@pytest.mark.parametrize(
+    ("phase", "said"),
+    [
+        ("evaluation", "the evaluation after step 30 was still running when launch.grace_seconds (8 s) ended"),
+        ("checkpoint save", "saving did not finish within launch.grace_seconds (8 s)"),
+        ("training step", "the step after step 30 did not end within launch.grace_seconds (8 s)"),
+    ],
+)
+def test_a_stop_killed_at_the_end_of_the_grace_period_names_what_it_cut_short(phase, said):
+    """A Ctrl-C during a 30 s evaluation, with 8 s of grace: the Trainer stops at a step's end, after the
+    evaluation; the kill was blamed on "saving", which had not begun."""
+    from kaio.config import RunConfig
+    from kaio.run.outcome import SessionEndings
+    from kaio.run.stopping import StopRequests
+
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 100, "world_size": 1}
+    state = replay([{"type": "session_start", "session": 1, "t_wall": 1e9}, run, _step(30, 30.0)])
+    asked = StopRequests(requests=1, killed=True, killed_in=phase, step_at_request=30)
+    cfg = RunConfig.model_validate({"project_name": "p", "launch": {"grace_seconds": 8}})
+    notes: list[str] = []
+    outcome = SessionEndings(cfg, state, asked, lambda text, level: notes.append(text), None).outcome(137, 1)
+    assert outcome.status.value == "INTERRUPTED" and outcome.exit_code == 137
+    assert outcome.message is not None and f"stopped without saving a checkpoint ({said}" in outcome.message

@@ -113,11 +113,7 @@ class SessionEndings:
         if progress is None or progress.last_step is None:
             why = "it was still starting: no step had been trained"
         elif asked.killed:
-            why = (
-                "a second Ctrl-C came"
-                if asked.requests > 1
-                else f"saving did not finish within launch.grace_seconds ({self.cfg.launch.grace_seconds:g} s)"
-            )
+            why = "a second Ctrl-C came" if asked.requests > 1 else self._grace_ended(progress.last_step)
         else:
             why = "the training process ended without saving one"
         earlier = [c.step for c in ledger.checkpoints]
@@ -130,6 +126,21 @@ class SessionEndings:
         text = f"stopped without saving a checkpoint ({why}); {then}"
         self._note(text, "warning")
         return text
+
+    def _grace_ended(self, last_step: int) -> str:
+        """What the grace period cut short, from the session's phase then."""
+        grace = f"launch.grace_seconds ({self.cfg.launch.grace_seconds:g} s)"
+        if self.asked.killed_in == "evaluation":  # the Trainer stops at a step's end: after the evaluation going on
+            return (
+                f"the evaluation after step {last_step} was still running when {grace} ended: a longer one lets it end"
+            )
+        if self.asked.killed_in == "checkpoint save":
+            return f"saving did not finish within {grace}"
+        if self.asked.killed_in == "training step":
+            return f"the step after step {last_step} did not end within {grace}"
+        if self.asked.killed_in == "after training":
+            return f"the script's work after its training did not end within {grace}"
+        return f"the training process did not stop within {grace}"
 
     def _planned_steps_done(self, session: int) -> int | None:
         """The planned steps, when the session's Trainer trained them all and ended."""

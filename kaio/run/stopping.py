@@ -34,6 +34,7 @@ class StopRequests:
     killed: bool = False
     step_at_request: int = 0  # the session's last step at the stop: a checkpoint from it on is the stop's
     trained_before: bool = False  # the Trainer had ended its training before the stop was asked for
+    killed_in: str | None = None  # the session's phase when the grace period ended (kaio.run.stalls' words)
 
 
 class StopControl:
@@ -46,11 +47,13 @@ class StopControl:
         *,
         post: Callable[[Record], None],
         note: Callable[[str], None],
+        phase: Callable[[], str],
     ) -> None:
         self.state = state
         self.grace_seconds = grace_seconds
         self._post = post  # into the supervisor's queue: safe from a signal handler
         self._note = note  # journaled at once: from the loop only
+        self._phase = phase  # what the session is doing now: a step, an evaluation, a save...
         self.asked = StopRequests()
         self.fifo_path: Path | None = None  # the session's FIFO: how its processes are found to kill them
 
@@ -145,7 +148,7 @@ class StopControl:
             and asked.first_at is not None
             and (time.monotonic() - asked.first_at > self.grace_seconds)
         ):
-            asked.killed = True
+            asked.killed, asked.killed_in = True, self._phase()
             self._note(f"the child did not stop within {self.grace_seconds:g} s of SIGTERM; killed")
             self.kill(proc)
 

@@ -120,6 +120,7 @@ class Supervisor:
             cfg.launch.grace_seconds,
             post=lambda record: self._queue.put(("record", record)),
             note=self._note,
+            phase=lambda: self._stalls.phase,
         )
         self._endings = SessionEndings(cfg, self.state, self._stop.asked, self._note, config_path)
         self._reader: FifoReader | None = None
