@@ -509,7 +509,7 @@ def test_what_a_script_logs_that_is_not_a_finite_number_is_said_once_not_dropped
         events += [_step(k, float(k)), {"type": "log", "rank": 0, "session": 1, "step": k, "extra": extra}]
     history = history_of(replay(events))
     assert [s["metrics"] for s in history["steps"]] == [{"frozen": 1.0, "dropped": 24.0}] * 2  # a bool as 0 or 1
-    assert "logged metric phase is not a number (str): not in history.json (child.log has it)" in " ".join(
+    assert "metric phase is not a number: not in the record (child.log has it)" in " ".join(
         history["telemetry"]["notes"]
     )
     assert history["warnings"] == [
