@@ -829,3 +829,23 @@ def test_a_stop_killed_at_the_end_of_the_grace_period_names_what_it_cut_short(ph
     outcome = SessionEndings(cfg, state, asked, lambda text, level: notes.append(text), None).outcome(137, 1)
     assert outcome.status.value == "INTERRUPTED" and outcome.exit_code == 137
     assert outcome.message is not None and f"stopped without saving a checkpoint ({said}" in outcome.message
+
+
+def test_a_checkpoint_whose_save_the_kill_cut_short_is_named(tmp_path, monkeypatch):
+    """A second Ctrl-C during a save leaves checkpoint-30 with its config only: kaio resume skips it, but a plain
+    run of a script that resumes from get_last_checkpoint() takes the newest folder and crashes on it."""
+    from kaio.config import RunConfig
+    from kaio.run.outcome import SessionEndings
+    from kaio.run.stopping import StopRequests
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out" / "checkpoint-30").mkdir(parents=True)
+    (tmp_path / "out" / "checkpoint-30" / "config.json").write_text("{}")
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 100, "world_size": 1}
+    run |= {"args": {"output_dir": "out"}}
+    state = replay([{"type": "session_start", "session": 1, "t_wall": 1e9}, run, _step(30, 30.0)])
+    asked = StopRequests(requests=2, killed=True, step_at_request=30)
+    notes: list[str] = []
+    cfg = RunConfig.model_validate({"project_name": "p"})
+    SessionEndings(cfg, state, asked, lambda text, level: notes.append(text), None).outcome(137, 1)
+    assert any(n.startswith("out/checkpoint-30 is half-written (the kill cut its save short)") for n in notes), notes

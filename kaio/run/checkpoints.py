@@ -34,18 +34,28 @@ def latest_checkpoint(
         if at_most is not None and step > at_most:
             notify(f"note: skipping {path}: after step {at_most}, this project's last (another run's checkpoint?)")
             continue
-        try:
-            trainer_state = json.loads((path / "trainer_state.json").read_text())
-            complete = trainer_state.get("global_step") == step and any(
-                (path / name).exists()
-                for name in ("adapter_model.safetensors", "model.safetensors", "pytorch_model.bin", "adapter_model.bin")
-            )
-        except (OSError, ValueError):
-            complete = False
-        if complete:
+        if is_complete(path, step):
             return path
         notify(f"note: skipping {path}: incomplete (half-written or damaged)")
     return None
+
+
+def is_complete(path: Path, step: int) -> bool:
+    """Its trainer_state.json (the Trainer writes it last) says step ``step``, and weights are there."""
+    try:
+        trainer_state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    weights = ("adapter_model.safetensors", "model.safetensors", "pytorch_model.bin", "adapter_model.bin")
+    return trainer_state.get("global_step") == step and any((path / name).exists() for name in weights)
+
+
+def half_written(checkpoint_dir: Path, after_step: int) -> list[Path]:
+    """The ``checkpoint-N`` folders after ``after_step`` whose save did not finish (a kill cut it short)."""
+    found = (
+        [(checkpoint_step(p.name), p) for p in checkpoint_dir.glob("checkpoint-*")] if checkpoint_dir.is_dir() else []
+    )
+    return [p for step, p in sorted(found) if step is not None and step > after_step and not is_complete(p, step)]
 
 
 def without_optimizer(checkpoint: Path) -> str | None:

@@ -14,6 +14,7 @@ from kaio.record import rules
 from kaio.record.paths import ProjectPaths, start_over_command
 from kaio.record.types import Status
 from kaio.run import diagnose
+from kaio.run.checkpoints import half_written
 from kaio.run.state import RunState
 from kaio.run.stopping import StopRequests
 
@@ -125,7 +126,20 @@ class SessionEndings:
         )
         text = f"stopped without saving a checkpoint ({why}); {then}"
         self._note(text, "warning")
+        if asked.killed:
+            self._half_written(max(earlier, default=0))
         return text
+
+    def _half_written(self, saved_through: int) -> None:
+        """A checkpoint whose save the kill cut short: kaio resume skips it, a script's get_last_checkpoint would
+        not (it takes the newest folder), so it is named."""
+        folder = self.state.ledger.checkpoint_folder()
+        for path in half_written(Path(folder), saved_through) if folder else []:
+            self._note(
+                f"{path} is half-written (the kill cut its save short): `{self.paths.command('resume')}` skips it; "
+                "delete it before the script resumes from its newest checkpoint without kaio",
+                "warning",
+            )
 
     def _grace_ended(self, last_step: int) -> str:
         """What the grace period cut short, from the session's phase then."""
