@@ -256,7 +256,7 @@ def status_text(snapshot: Snapshot) -> str:
     if st == "STARTING":
         if snapshot.rendezvous:  # torch waits for every node there, silently, up to 15 minutes
             return f"STARTING (launching, meeting the job's {snapshot.rendezvous}, loading the model and data)"
-        if snapshot.eval_loss is not None:  # a script that evaluates before training, or only evaluates
+        if snapshot.evaluated_in_session:  # a script that evaluates before training, or only evaluates
             return "STARTING (no training step yet; the script has evaluated)"
         return "STARTING (launching, loading the model and data)"
     if st == "FAILED":

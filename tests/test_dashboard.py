@@ -431,8 +431,19 @@ def test_plain_line_without_progress_data():
         )
     )
     assert line == "[kaio] tiny-default STARTING (launching, loading the model and data) step 0"
-    evaluated = make_snapshot(status="STARTING", step=0, max_steps=None, loss=None, eval_loss=3.4, gpus=(), host=None)
+    starting = {
+        "status": "STARTING",
+        "step": 0,
+        "max_steps": None,
+        "loss": None,
+        "eval_loss": 3.4,
+        "gpus": (),
+        "host": None,
+    }
+    evaluated = make_snapshot(**starting, evaluated_in_session=True)
     assert "STARTING (no training step yet; the script has evaluated) step 0 eval loss 3.4" in plain_line(evaluated)
+    resumed = make_snapshot(**starting)  # the earlier session's evaluation: this one is loading
+    assert "STARTING (launching, loading the model and data) step 0 eval loss 3.4" in plain_line(resumed)
 
 
 def test_plain_line_strips_escapes_from_project():

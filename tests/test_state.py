@@ -317,6 +317,10 @@ def test_tokens_a_trainer_does_not_count_are_kaios_count_of_the_input_ids_on_fro
     with state.with_open_steps() as index:
         summary = summarize(state.header(), index)
     assert summary.tokens == 800 and summary.tokens_counted_by == "kaio"
+    # A step missing from the record (a late event) is counted as the next one, as samples are: the count goes on.
+    gap = [{"type": "session_start", "session": 1, "t_wall": 1e9}, run]
+    gap += [{**_step(k, float(k), dt=0.5), "tokens": n} for k, n in [(1, 100), (3, 80), (4, 90)]]
+    assert [s["tokens_seen"] for s in history_of(replay(gap))["steps"]] == [200, 520, 700]
     # The Trainer counts (all ranks, gathered): its count, not kaio's.
     counted = {**run, "tokens_counted_by": "trainer"}
     events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, counted]
@@ -762,15 +766,28 @@ def test_numbers_logged_before_the_first_step_and_again_within_a_step_keep_the_f
     def log(step: int, **extra) -> dict:
         return {"type": "log", "rank": 0, "session": 1, "step": step, "extra": extra}
 
+    evaluation = {"eval_loss": 3.0, "eval_runtime": 0.5, "eval_samples_per_second": 8.0}
     events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, log(0, n_params=12384, n_train=400)]
+    # eval_on_start: evaluate() logs its metrics at step 0 too; they are the evaluation's, not the step's.
+    events += [log(0, **evaluation, num_input_tokens_seen=0), {"type": "eval", "rank": 0, "session": 1, "step": 0}]
+    events[-1]["metrics"] = evaluation
     events += [log(0, micro=50.0), log(0, micro=51.0)]  # the first step's micro-batches: the Trainer's step 0
     events += [_step(1, 1.0), {**_log(1, 2.0), "extra": {"num_input_tokens_seen": 436}}]
     events += [log(1, micro=43.0, num_input_tokens_seen=608), log(1, micro=44.0), _step(2, 2.0), _step(3, 3.0)]
+    # Another Trainer's evaluate() after the training logs at its own step 0: the evaluation's too.
+    later = {"eval_loss": 0.9, "eval_runtime": 2.0}
+    events += [log(0, **later), {"type": "eval", "rank": 0, "session": 1, "step": 3, "metrics": later}]
     state = replay(events)
     history = history_of(state)
     assert history["metrics_at_step_0"] == {"micro": 50.0, "n_params": 12384.0, "n_train": 400.0}
     assert history["steps"][0]["metrics"] == {"num_input_tokens_seen": 436.0, "micro": 43.0}
-    assert any("logged metric micro was logged more than once at step 1" in n for n in history["telemetry"]["notes"])
+    notes = history["telemetry"]["notes"]
+    assert any("logged metric micro was logged more than once at step 1" in n for n in notes)
+    assert [e["metrics"]["eval_loss"] for e in history["evals"]] == [3.0, 0.9]
+    # The Trainer adds its count of tokens to every log: the same number again is no repetition to tell of.
+    again = [{"type": "session_start", "session": 1, "t_wall": 1e9}, _step(1, 1.0)]
+    again += [{**_log(1, 2.0), "extra": {"num_input_tokens_seen": 100}}, log(1, num_input_tokens_seen=100)]
+    assert not history_of(replay(again))["telemetry"]["notes"]
     with state.with_open_steps() as index:
         s = summarize(state.header(), index)
     micro = next(m for m in s.logged_metrics if m.name == "micro")
@@ -849,3 +866,14 @@ def test_a_checkpoint_whose_save_the_kill_cut_short_is_named(tmp_path, monkeypat
     cfg = RunConfig.model_validate({"project_name": "p"})
     SessionEndings(cfg, state, asked, lambda text, level: notes.append(text), None).outcome(137, 1)
     assert any(n.startswith("out/checkpoint-30 is half-written (the kill cut its save short)") for n in notes), notes
+    # checkpoint-30 saved whole at the stop, the kill cut the next one short: named as well.
+    (tmp_path / "out" / "checkpoint-31").mkdir()
+    saved = {"type": "save", "rank": 0, "session": 1, "step": 30, "path": "out/checkpoint-30"}
+    state = replay([{"type": "session_start", "session": 1, "t_wall": 1e9}, run, _step(30, 30.0), saved])
+    notes.clear()
+    kept = SessionEndings(cfg, state, asked, lambda text, level: notes.append(text), None).outcome(137, 1).message
+    assert kept is not None and kept.startswith("stopped after step 30 with checkpoint-30 saved")
+    assert [n for n in notes if "half-written" in n] == [
+        "out/checkpoint-31 is half-written (the kill cut its save short): `kaio resume p` skips it; delete it "
+        "before the script resumes from its newest checkpoint without kaio"
+    ]

@@ -312,7 +312,8 @@ def _logged_metrics(s: Summary) -> str | None:
     )
     return (
         "## Other logged metrics\n\nWhat the training logged at its steps besides the loss, learning rate and gradient "
-        f"norm (each step's are its `metrics` in history.json).{more}\n\n"
+        f"norm (each step's are its `metrics` in history.json; step 0 is what was logged before the first step ended, "
+        f"history.json's `metrics_at_step_0`).{more}\n\n"
         + _table(("Metric", "Logged at steps", "First", "Last", "Min", "Max"), rows)
     )
 

@@ -552,7 +552,8 @@ def _lagging_utilisation(q: _Query, header: HistoryHeader, names: dict[str, str]
 
 
 def _vram_estimate(q: _Query, s: Summary, run: RunDescription) -> None:
-    """The estimate for the largest micro-batch the run trained (tokens counted by the Trainer, padding included)."""
+    """The estimate for the largest micro-batch the run trained (its tokens as counted: the Trainer's, or kaio's
+    count of rank 0's input ids times the world size; padding included)."""
     args = run.args
     if run.model is None or not run.world_size:
         return

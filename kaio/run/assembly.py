@@ -76,7 +76,10 @@ class StepAssembler(msgspec.Struct, kw_only=True):
     sealed_through: int = 0  # every step up to this one is sealed
     smoother: LossSmoother = msgspec.field(default_factory=LossSmoother)
     warned_nonfinite: set[str] = set()
-    kept_at_step_0: set[str] = set()  # this session's numbers logged before its first step ended (the first kept)
+    # This session's numbers logged at the Trainer's step 0 (before its first step ended): those not written yet
+    # (an evaluation's, logged there too, leave them when it comes), and the names written (the first is kept).
+    at_step_0: dict[str, float] = {}
+    kept_at_step_0: set[str] = set()
     counts: SeenCounts = msgspec.field(default_factory=SeenCounts)  # the examples and tokens seen
     later_training: bool = False  # a later training began (another Trainer, an out-of-memory retry): its first step
     evaluated_after_s: float = 0.0  # the script's own evaluations since rank 0's latest step (after a train() ended)
@@ -85,6 +88,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         self.session = session
         self.warned_nonfinite.clear()
         self.kept_at_step_0.clear()
+        self.at_step_0.clear()
         self.counts.start_session()
         self.later_training, self.evaluated_after_s = False, 0.0
         self.ticks.clear()
@@ -131,6 +135,8 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         entry.peak_vram_bytes[str(event.rank)] = event.peak_vram_bytes  # the max over ranks: when it is stored
         if event.rank != self.lead_rank:
             return True
+        if self.at_step_0:  # the first step ended: what was logged before it is no evaluation's
+            self._write_step_0(out)
         entry.epoch = event.epoch
         entry.timestamp = iso(event.t_wall)
         entry.t_mono = event.t_mono
@@ -209,14 +215,22 @@ class StepAssembler(msgspec.Struct, kw_only=True):
 
     def _logged_at_step_0(self, event: Log, out: AssemblyOutput) -> None:
         """The script's own numbers logged before its first step ended (its counts before train(), a loss part
-        logged from compute_loss in the first step): the Trainer's step 0, which is no step's entry."""
+        logged from compute_loss in the first step): the Trainer's step 0, which is no step's entry. Written at the
+        next step or the session's end: an evaluation logged there (eval_on_start, another Trainer's evaluate()
+        after the training) takes its own metrics back first. The Trainer's count of tokens, in every log, is
+        nothing yet."""
         kept = StepEntry(step=0, session=event.session)
         for key, value in event.extra.items():
-            if key not in self.kept_at_step_0 and key != TRAINER_LOGGED_LOSS:
+            new = key not in self.at_step_0 and key not in self.kept_at_step_0
+            if new and key not in (TRAINER_LOGGED_LOSS, "num_input_tokens_seen"):
                 self._keep_metric(kept, key, value, out)
-        for key, number in kept.metrics.items():
+        self.at_step_0.update(kept.metrics)
+
+    def _write_step_0(self, out: AssemblyOutput) -> None:
+        for key, number in self.at_step_0.items():
             self.kept_at_step_0.add(key)
             out.logged_at_step_0(key, number)
+        self.at_step_0.clear()
 
     def _keep_metric(self, entry: StepEntry, key: str, value: object, out: AssemblyOutput) -> None:
         """A number the script logged, in the step's metrics (a bool as 0 or 1). What is not a finite number is
@@ -233,7 +247,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         elif (number := float(value) if isinstance(value, bool) else finite(value)) is not None:
             if key not in entry.metrics:
                 entry.metrics[key] = number
-            elif self._first(f"repeated {key}"):  # logged from each micro-batch: the Trainer's own stays
+            elif entry.metrics[key] != number and self._first(f"repeated {key}"):  # the Trainer's own stays
                 out.note(
                     f"logged metric {key} was logged more than once at step {entry.step} (from each micro-batch, "
                     "say): the record keeps the first number logged at each step"
@@ -300,21 +314,12 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         """An evaluation at ``step``, its ``metrics`` as on_evaluate gave them: evaluate() logged them just before,
         into the step, with what a trainer's own log() added (TRL's eval_rewards...). What carries the
         evaluation's prefix (eval_*, eval_<set>_*, test_*) is the evaluation's: it leaves the step for
-        ``metrics``; the rest (the tokens seen, a number a trainer adds to every log) stays the step's too."""
+        ``metrics``; the rest (the tokens seen, a number a trainer adds to every log) stays the step's too. A log at
+        the Trainer's step 0 (eval_on_start, another Trainer's evaluate() after the training) is given back too."""
+        _take_evaluation(self.at_step_0, metrics)
         entry = self.open.get(step)
-        if entry is None:
-            return
-        prefix = rules.evaluation_prefix(metrics)
-        if prefix is None:  # no speed metrics to name it: the evaluation's own keys only
-            for key in metrics:
-                entry.metrics.pop(key, None)
-            return
-        # One of several eval datasets (eval_<set>): a trainer's own eval_* keys (TRL's eval_accuracy) are unprefixed
-        # by set, and the latest logged are this set's (an earlier set's were taken by its own evaluation).
-        family = "eval" if prefix.startswith("eval_") else prefix
-        for key in [k for k in entry.metrics if k.startswith(f"{family}_")]:
-            value = entry.metrics.pop(key)
-            metrics.setdefault(key, value)
+        if entry is not None:
+            _take_evaluation(entry.metrics, metrics)
 
     def evaluated_after_training(self, seconds: float) -> None:
         """The script's own evaluation after a train() ended (no pause of a step): a later training's first step
@@ -348,6 +353,8 @@ class StepAssembler(msgspec.Struct, kw_only=True):
             self._aggregate_step(self.pending.pop(0))
         while self.open:
             self._seal(min(self.open), out)
+        if self.at_step_0:
+            self._write_step_0(out)
 
     def _seal(self, step: int, out: AssemblyOutput) -> None:
         entry = self.open.pop(step)
@@ -422,6 +429,21 @@ class StepAssembler(msgspec.Struct, kw_only=True):
             for key, p in points.items()
             if len(p) > 1
         }
+
+
+def _take_evaluation(logged: dict[str, float], metrics: dict[str, float | None]) -> None:
+    """An evaluation's metrics out of what was logged with them (``StepAssembler.evaluated``)."""
+    prefix = rules.evaluation_prefix(metrics)
+    if prefix is None:  # no speed metrics to name it: the evaluation's own keys only
+        for key in metrics:
+            logged.pop(key, None)
+        return
+    # One of several eval datasets (eval_<set>): a trainer's own eval_* keys (TRL's eval_accuracy) are unprefixed
+    # by set, and the latest logged are this set's (an earlier set's were taken by its own evaluation).
+    family = "eval" if prefix.startswith("eval_") else prefix
+    for key in [k for k in logged if k.startswith(f"{family}_")]:
+        value = logged.pop(key)
+        metrics.setdefault(key, value)
 
 
 def _gpu_stats(samples: list[GpuSample], count: int, energy_j: float | None) -> GpuStepStats:

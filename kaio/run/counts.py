@@ -81,15 +81,17 @@ class SeenCounts(msgspec.Struct, kw_only=True):
 
     def tokens_seen(self, event: Step, throughput: Throughput | None) -> int | None:
         """The input tokens seen by the end of rank 0's step: the Trainer's count where it counts; else kaio's, on
-        from the count at the step the session began (None where that is not known: steps missing from the
-        record)."""
+        from the count at the step the session began (None where that is not known: a resume from a step without
+        one)."""
         if event.tokens_seen is not None:
             return event.tokens_seen - self.tokens_from
         through = self.tokens_through
-        if event.tokens is None or throughput is None or through is None or event.step != through[0] + 1:
+        if event.tokens is None or throughput is None or through is None or event.step <= through[0]:
             self.tokens_through = None
             return None
-        self.tokens_through = (event.step, through[1] + event.tokens * throughput.world_size)
+        # Steps missing from the record in between (a late event): counted as this one, as samples are.
+        counted = (event.step - through[0]) * event.tokens * throughput.world_size
+        self.tokens_through = (event.step, through[1] + counted)
         return self.tokens_through[1]
 
     def step_tokens(self, event: Step, world_size: int) -> int | None:

@@ -31,6 +31,7 @@ class LiveStats(msgspec.Struct, kw_only=True):
     epoch: float | None = None
     eval_loss: float | None = None  # the latest evaluation's (of the first eval dataset, when there are several)
     eval_set: str | None = None
+    evaluated_in_session: bool = False  # this session has evaluated (before any step of its own: said while starting)
     # (seconds, steps) between rank 0's step ends, without the ones holding an evaluation or a checkpoint save
     # (a step announces them): the speed and the ETA are the training's. Kept across a resume, so that its
     # first steps have an ETA (the previous session's speed) until their own replace it.
@@ -51,6 +52,7 @@ class LiveStats(msgspec.Struct, kw_only=True):
     recent_samples: list[tuple[int, int]] = []
 
     def start_session(self) -> None:
+        self.evaluated_in_session = False
         self.recent_samples = []
         self.last_end = None
         self.latest_gpu.clear()
@@ -178,6 +180,7 @@ def build_snapshot(
         learning_rate=live.learning_rate,
         grad_norm=live.grad_norm,
         eval_loss=live.eval_loss,
+        evaluated_in_session=live.evaluated_in_session,
         eval_set=live.eval_set,
         training_completed=rules.training_completed(progress is not None and progress.trained_to_end, step, max_steps),
         ended_early_by=_ended_early_by(ledger, session.session if session else None),

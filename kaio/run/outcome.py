@@ -86,6 +86,8 @@ class SessionEndings:
         """Said to the user and written in the report: whether the stop saved a checkpoint to resume from."""
         ledger = self.state.ledger
         asked = self.asked
+        if asked.killed:  # wherever the kill came, a save it cut short is named
+            self._half_written(max((c.step for c in ledger.checkpoints), default=0))
         saved = [c for c in ledger.checkpoints if c.session == session and c.step >= asked.step_at_request]
         if saved and not asked.trained_before:  # else the checkpoint was the finished training's own
             step, path = saved[-1].step, saved[-1].path
@@ -126,8 +128,6 @@ class SessionEndings:
         )
         text = f"stopped without saving a checkpoint ({why}); {then}"
         self._note(text, "warning")
-        if asked.killed:
-            self._half_written(max(earlier, default=0))
         return text
 
     def _half_written(self, saved_through: int) -> None:

@@ -120,6 +120,7 @@ class Snapshot:
     learning_rate: float | None = None
     grad_norm: float | None = None
     eval_loss: float | None = None  # the latest evaluation's
+    evaluated_in_session: bool = False  # this session has evaluated (a resume's earlier evaluations are not its)
     eval_set: str | None = None  # its eval dataset, when there are several (eval_dataset={"a": ...})
     steps_per_s: float | None = None  # recent rate
     samples_per_s: float | None = None

@@ -287,6 +287,7 @@ class RunState:
         live = self.parts.live
         if entry.other_model:
             return  # not the run's evaluation: the record lists it, the dashboard, Comet and the summary do not
+        live.evaluated_in_session = True
         if entry.loss is not None and (live.eval_loss is None or entry.eval_set == live.eval_set):
             live.eval_loss, live.eval_set = entry.loss, entry.eval_set  # one dataset's, not each in turn
         for listener in self.eval_listeners:
