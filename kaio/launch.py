@@ -26,6 +26,7 @@ from kaio.telemetry.protocol import (
     ENV_ON_NONFINITE,
     ENV_PIPE,
     ENV_RESUME_FROM,
+    ENV_SAFE_PATH_SET,
     ENV_SESSION,
     ENV_SPOOL_DIR,
     ENV_STACKS_DIR,
@@ -89,6 +90,11 @@ def build_command(cfg: RunConfig, plan: LaunchPlan, environ: Mapping[str, str]) 
             "COMET_ERROR_TRACKING_ENABLE": environ.get("COMET_ERROR_TRACKING_ENABLE", "false"),
         }
     )
+    if not env.get("PYTHONSAFEPATH"):
+        # `python -m kaio.child` would put the folder kaio runs in first on the import path, where `accelerate
+        # launch script.py` puts the script's folder only: a clone named kaio/ there (its parent folder, with the
+        # README's editable install) became the `kaio` a script imports, without kaio.log.
+        env["PYTHONSAFEPATH"], env[ENV_SAFE_PATH_SET] = "1", "1"
     env[ENV_ON_NONFINITE] = cfg.reporting.on_nonfinite
     env[ENV_NODE_RANK] = str(launch.node_rank)
     env[ENV_STACKS_DIR] = str(paths.stacks)

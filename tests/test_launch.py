@@ -76,6 +76,16 @@ def test_user_script_and_its_args_and_accelerate_args(tmp_path, monkeypatch):
     assert argv[argv.index("--mixed_precision") + 1] == "bf16"
 
 
+def test_the_ranks_do_not_import_from_the_folder_kaio_runs_in_and_give_the_setting_back_to_the_script():
+    """`python -m kaio.child` puts the folder kaio runs in first on the import path; `accelerate launch script.py`
+    does not. PYTHONSAFEPATH keeps it off, for kaio's interpreters only: each rank takes it back out."""
+    cfg = RunConfig(project_name="p")
+    _, env = build_command(cfg, _plan(), {"PATH": "/bin"})
+    assert env["PYTHONSAFEPATH"] == "1" and env["KAIO_SET_PYTHONSAFEPATH"] == "1"
+    _, theirs = build_command(cfg, _plan(), {"PATH": "/bin", "PYTHONSAFEPATH": "x"})  # the user's own: left alone
+    assert theirs["PYTHONSAFEPATH"] == "x" and "KAIO_SET_PYTHONSAFEPATH" not in theirs
+
+
 def test_resume_travels_in_the_environment():
     cfg = RunConfig(project_name="p")
     _, env = build_command(cfg, _plan(resume_from=Path("/c/checkpoint-20")), {ENV_RESUME_FROM: "stale"})

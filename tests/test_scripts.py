@@ -191,6 +191,9 @@ def test_a_script_training_in_two_phases_with_two_trainers_is_one_step_axis_the_
 
 def test_a_plain_loop_without_a_trainer_is_said_plainly_and_reports_through_kaio_log(project_dir):
     cfg = _config(project_dir, "plain", "plain_loop.py", ["6"])
+    # A folder named kaio where kaio runs (its clone's parent folder, with the README's editable install): the
+    # script's `import kaio` is kaio's, not that folder (`python -m` put the folder kaio runs in on the path).
+    (project_dir / "kaio").mkdir()
     result = kaio("run", cfg.name, "--plain", cwd=project_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     history = read_history(project_dir, "plain")

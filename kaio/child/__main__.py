@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
-from kaio.telemetry.protocol import ENV_ERROR_DIR, ENV_SESSION, RankError, ScriptEnd
+from kaio.telemetry.protocol import ENV_ERROR_DIR, ENV_SAFE_PATH_SET, ENV_SESSION, RankError, ScriptEnd
 
 if TYPE_CHECKING:
     from kaio.child.emitter import EventEmitter
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> Ending:
     # The launcher ignores SIGTERM so that this process answers it; an ignored signal is inherited, so give
     # it back its default until the Trainer patch installs the graceful stop (kaio.child.stop).
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if os.environ.pop(ENV_SAFE_PATH_SET, None):  # kaio's, for this interpreter only (kaio.launch)
+        os.environ.pop("PYTHONSAFEPATH", None)
     # Parsed by hand: every other argument belongs to the target, `--help` included.
     args = list(sys.argv[1:] if argv is None else argv)
     script = None

@@ -35,6 +35,9 @@ TRUNCATED = "kaio_truncated"
 # A Log extra: what the Trainer logged as the loss, where the real average since the previous log was NaN/inf.
 TRAINER_LOGGED_LOSS = "trainer_logged_loss"
 ENV_SESSION = "KAIO_SESSION"  # session number, stamped on every event
+# kaio set PYTHONSAFEPATH for the launcher and the ranks (``python -m`` would put the folder kaio runs in first on
+# the import path); each rank takes it back out, so that the script's own processes run as they would without kaio.
+ENV_SAFE_PATH_SET = "KAIO_SET_PYTHONSAFEPATH"
 ENV_RESUME_FROM = "KAIO_RESUME_FROM"  # checkpoint a resumed session starts from
 ENV_NODE_RANK = "KAIO_NODE_RANK"  # the node this child runs on (0 on one machine)
 ENV_STACKS_DIR = "KAIO_STACKS_DIR"  # where each rank writes its Python stack when kaio signals it
