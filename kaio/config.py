@@ -291,7 +291,7 @@ SCRIPT_READ_KEYS = {"training": {"output_dir"}}  # where kaio looks for checkpoi
 
 class RunConfig(_Section):
     project_name: str = Field(
-        description="Names the report folder and checkpoints; up to 100 letters, digits, `.`, `_`, `-`."
+        description="Names the report folder and checkpoints; up to 100 ASCII letters, digits, `.`, `_`, `-`."
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
