@@ -122,6 +122,11 @@ def _user_errors(func):
                 raise
             typer.echo(f"kaio: error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:  # before the training started (once it runs, the supervisor handles Ctrl-C)
+            if os.environ.get("KAIO_DEBUG"):
+                raise
+            typer.echo("kaio: interrupted before anything started: nothing was run or recorded", err=True)
+            raise typer.Exit(130) from None
 
     return wrapper
 

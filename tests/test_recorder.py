@@ -457,3 +457,26 @@ def test_kaio_report_in_a_terminal_says_what_it_is_doing_and_keeps_its_json_alon
     assert piped.returncode == 0, piped.stderr
     assert json.loads(piped.stdout)["project"] == "p"
     assert "truncated or corrupt JSON" in piped.stderr and "\x1b" not in piped.stderr  # not a terminal: no spinner
+
+
+def test_a_record_of_a_run_stopped_before_its_first_session_is_no_history_to_refuse_a_new_run(tmp_path):
+    """A Ctrl-C (or a kill) in the second between the project's files and the first session: a journal with no
+    session, "0 steps, RUNNING", and `kaio run` refused the project until --overwrite. It holds nothing: it goes.
+    A record with a session stays."""
+    from kaio.record.types import Note, SessionStart
+    from kaio.run.project import _forget_a_run_that_never_started
+
+    paths = ProjectPaths(tmp_path / "p")
+    paths.report_dir.mkdir()
+    journal = Journal(paths.journal)
+    journal.append(Note(text="a note before any session", level="info", t_wall=1.0))
+    journal.close()
+    paths.report.write_text("# Training report: p\n")
+    _forget_a_run_that_never_started(paths)
+    assert not paths.journal.exists() and not paths.report.exists() and not paths.index.exists()
+
+    journal = Journal(paths.journal)
+    journal.append(SessionStart(session=1, t_wall=1.0))
+    journal.close()
+    _forget_a_run_that_never_started(paths)
+    assert paths.journal.exists()

@@ -172,6 +172,7 @@ def run_new(
     paths = ProjectPaths(cfg.report_dir)
     with ProjectLock(paths.report_dir):
         old_checkpoints = cfg.checkpoint_dir
+        _forget_a_run_that_never_started(paths)
         if paths.journal.exists():
             loaded = loading.load(paths, writable=False)
             old_checkpoints = checkpoint_folder(cfg, loaded.state)  # a script's own output_dir, when it said so
@@ -196,6 +197,19 @@ def run_new(
             )
         finally:
             loaded.state.index.close()
+
+
+def _forget_a_run_that_never_started(paths: ProjectPaths) -> None:
+    """A record without a session (a Ctrl-C, or a kill, before the first session began) holds nothing: it is no
+    history to refuse a new run for. Its files go; call with the lock held."""
+    if not paths.journal.exists():
+        return
+    loaded = loading.load(paths, writable=False)
+    started = bool(loaded.state.ledger.sessions)
+    loaded.state.index.close()
+    if not started:
+        for path in (paths.journal, paths.index, paths.history, paths.report, paths.figure):
+            path.unlink(missing_ok=True)
 
 
 def _has_history(
@@ -285,7 +299,8 @@ def _supervise(
                 notify(outcome.message)
         finally:
             try:
-                state_written = _write_record(outputs, recorder, notify)
+                if not finishing.before_start:
+                    state_written = _write_record(outputs, recorder, notify)
                 recorder.save()
             finally:
                 try:
@@ -346,6 +361,7 @@ class _Finishing:
         self._view_live = True
         self._say_when_drawn = False
         self._previous: dict = {}
+        self.before_start = False  # interrupted before the first session began: there is nothing to record
 
     def __enter__(self) -> _Finishing:
         if threading.current_thread() is threading.main_thread():
@@ -360,7 +376,8 @@ class _Finishing:
 
     def _on_signal(self, signum, frame) -> None:
         if not self.supervisor.sessions_started:
-            raise KeyboardInterrupt  # nothing started yet
+            self.before_start = True
+            raise KeyboardInterrupt  # nothing started yet: nothing to record
         self.supervisor.stop_requested_between_sessions()
         if self.outputs.cancelled:
             return
@@ -375,7 +392,8 @@ class _Finishing:
         finished as if it were open (nothing more is written to a terminal that is gone)."""
         leave_a_hung_up_terminal()
         if not self.supervisor.sessions_started:
-            raise KeyboardInterrupt  # nothing started yet
+            self.before_start = True
+            raise KeyboardInterrupt  # nothing started yet: nothing to record
         self.supervisor.stop_requested_between_sessions()
 
     def view_stopped(self) -> None:
