@@ -464,6 +464,7 @@ def test_a_record_of_a_run_stopped_before_its_first_session_is_no_history_to_ref
     session, "0 steps, RUNNING", and `kaio run` refused the project until --overwrite. It holds nothing: it goes.
     A record with a session stays."""
     from kaio.record.types import Note, SessionStart
+    from kaio.run import recorder as loading
     from kaio.run.project import _forget_a_run_that_never_started
 
     paths = ProjectPaths(tmp_path / "p")
@@ -472,11 +473,13 @@ def test_a_record_of_a_run_stopped_before_its_first_session_is_no_history_to_ref
     journal.append(Note(text="a note before any session", level="info", t_wall=1.0))
     journal.close()
     paths.report.write_text("# Training report: p\n")
-    _forget_a_run_that_never_started(paths)
+    _forget_a_run_that_never_started(paths, loading.load(paths, writable=False).state)
     assert not paths.journal.exists() and not paths.report.exists() and not paths.index.exists()
 
     journal = Journal(paths.journal)
     journal.append(SessionStart(session=1, t_wall=1.0))
     journal.close()
-    _forget_a_run_that_never_started(paths)
+    kept = loading.load(paths, writable=False).state
+    _forget_a_run_that_never_started(paths, kept)
+    kept.index.close()
     assert paths.journal.exists()

@@ -172,9 +172,10 @@ def run_new(
     paths = ProjectPaths(cfg.report_dir)
     with ProjectLock(paths.report_dir):
         old_checkpoints = cfg.checkpoint_dir
-        _forget_a_run_that_never_started(paths)
         if paths.journal.exists():
             loaded = loading.load(paths, writable=False)
+            _forget_a_run_that_never_started(paths, loaded.state)
+        if paths.journal.exists():
             old_checkpoints = checkpoint_folder(cfg, loaded.state)  # a script's own output_dir, when it said so
             loaded.state.index.close()
             alive = alive_pids(loaded.state)
@@ -199,17 +200,14 @@ def run_new(
             loaded.state.index.close()
 
 
-def _forget_a_run_that_never_started(paths: ProjectPaths) -> None:
+def _forget_a_run_that_never_started(paths: ProjectPaths, state: RunState) -> None:
     """A record without a session (a Ctrl-C, or a kill, before the first session began) holds nothing: it is no
     history to refuse a new run for. Its files go; call with the lock held."""
-    if not paths.journal.exists():
+    if state.ledger.sessions:
         return
-    loaded = loading.load(paths, writable=False)
-    started = bool(loaded.state.ledger.sessions)
-    loaded.state.index.close()
-    if not started:
-        for path in (paths.journal, paths.index, paths.history, paths.report, paths.figure):
-            path.unlink(missing_ok=True)
+    state.index.close()
+    for path in (paths.journal, paths.index, paths.history, paths.report, paths.figure):
+        path.unlink(missing_ok=True)
 
 
 def _has_history(
