@@ -138,7 +138,11 @@ def _console():
 
     from kaio.views import PipeSafe
 
-    return Console(file=PipeSafe(sys.stdout))  # type: ignore[arg-type]  # a TextIOBase: what Console uses of IO
+    # On a terminal its own size, followed as it is resized: an exported COLUMNS or LINES (stale after a resize, or
+    # copied from another window) made Rich draw every frame at that width, wrapped and stacked.
+    on_terminal = sys.stdout.isatty()
+    environ = {k: v for k, v in os.environ.items() if not (on_terminal and k in ("COLUMNS", "LINES"))}
+    return Console(file=PipeSafe(sys.stdout), _environ=environ)  # type: ignore[arg-type]  # a TextIOBase
 
 
 def _say(console):

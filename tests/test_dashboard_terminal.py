@@ -157,8 +157,11 @@ def test_closing_the_terminal_stops_the_run_and_still_writes_its_record(project_
         f"project_name: t\nlaunch:\n  script: {light}\n  script_args: ['100000', '--step-seconds', '0.02']\n"
         "  grace_seconds: 5\nreporting:\n  use_comet_ml: false\n  poll_hz: 4\n"
     )
-    child, screen = _spawn_kaio(project_dir, 100, 30)
-    screen.wait_for(lambda text: "RUNNING" in text, 60, "the run training")
+    # COLUMNS and LINES exported from another window: the dashboard is drawn at the terminal's own size.
+    child, screen = _spawn_kaio(project_dir, 100, 30, COLUMNS="160", LINES="50")
+    screen.wait_for(lambda text: "RUNNING" in text and "╭─ training" in text, 60, "the run training")
+    rows = screen.text().splitlines()
+    assert any(r.startswith("╭─ training") and r.rstrip().endswith("╮") for r in rows), screen.text()
     family = [psutil.Process(child.pid), *psutil.Process(child.pid).children(recursive=True)]
     try:
         if how == "kill -HUP":
