@@ -788,6 +788,10 @@ def test_numbers_logged_before_the_first_step_and_again_within_a_step_keep_the_f
     again = [{"type": "session_start", "session": 1, "t_wall": 1e9}, _step(1, 1.0)]
     again += [{**_log(1, 2.0), "extra": {"num_input_tokens_seen": 100}}, log(1, num_input_tokens_seen=100)]
     assert not history_of(replay(again))["telemetry"]["notes"]
+    # Its running time too, in every log while it counts tokens: the closing log's is the training's, unsaid.
+    closing = [*again[:2], {**_log(1, 2.0), "extra": {"train_runtime": 26.96}}, log(1, train_runtime=27.02)]
+    closed = history_of(replay(closing))
+    assert closed["steps"][0]["metrics"]["train_runtime"] == 27.02 and not closed["telemetry"]["notes"]
     with state.with_open_steps() as index:
         s = summarize(state.header(), index)
     micro = next(m for m in s.logged_metrics if m.name == "micro")

@@ -245,12 +245,12 @@ class StepAssembler(msgspec.Struct, kw_only=True):
                     "waits for the GPU at every log); log them as numbers (.item()) to have them in the record"
                 )
         elif (number := float(value) if isinstance(value, bool) else finite(value)) is not None:
-            if key not in entry.metrics:
+            if key not in entry.metrics or rules.trainer_speed_or_total(key):  # the closing log's runtime is final
                 entry.metrics[key] = number
             elif entry.metrics[key] != number and self._first(f"repeated {key}"):  # the Trainer's own stays
                 out.note(
-                    f"logged metric {key} was logged more than once at step {entry.step} (from each micro-batch, "
-                    "say): the record keeps the first number logged at each step"
+                    f"logged metric {key} was logged more than once at step {entry.step}, with other numbers (a log "
+                    "from each micro-batch?): the record keeps the first number logged at each step"
                 )
         elif (tag := nonfinite_tag(value)) is not None:
             if self._first(f"metric {key}"):
