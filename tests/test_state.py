@@ -796,7 +796,7 @@ def test_numbers_logged_before_the_first_step_and_again_within_a_step_keep_the_f
         s = summarize(state.header(), index)
     micro = next(m for m in s.logged_metrics if m.name == "micro")
     assert (micro.logged, micro.first, micro.last, micro.last_step) == (2, 50.0, 43.0, 1)
-    assert next(m for m in s.logged_metrics if m.name == "n_params").first == 12384.0
+    assert next(m for m in s.logged_metrics if m.name == "n_params").first == 12384.0 and s.logged_at_step_0
     # A history.json read back (its journal gone) still has them.
     import json
     import tempfile

@@ -310,10 +310,14 @@ def _logged_metrics(s: Summary) -> str | None:
         if s.logged_metrics_not_listed
         else ""
     )
+    step_0 = (
+        "; step 0 is what was logged before the first step ended, history.json's `metrics_at_step_0`"
+        if s.logged_at_step_0
+        else ""
+    )
     return (
         "## Other logged metrics\n\nWhat the training logged at its steps besides the loss, learning rate and gradient "
-        f"norm (each step's are its `metrics` in history.json; step 0 is what was logged before the first step ended, "
-        f"history.json's `metrics_at_step_0`).{more}\n\n"
+        f"norm (each step's are its `metrics` in history.json{step_0}).{more}\n\n"
         + _table(("Metric", "Logged at steps", "First", "Last", "Min", "Max"), rows)
     )
 

@@ -110,6 +110,7 @@ class Summary(msgspec.Struct, kw_only=True):
     eval_sets: list[EvalSetLoss] = []
     logged_metrics: list[LoggedMetric] = []  # by name, at most LOGGED_METRICS_LISTED...
     logged_metrics_not_listed: int = 0  # ...and how many more there are
+    logged_at_step_0: bool = False  # some were logged before the first step ended (history.json's metrics_at_step_0)
     vram_true_peak_bytes: int | None = None
     vram_true_peak_by_rank_bytes: dict[str, int] = {}
     vram_true_peak_step_avg_bytes: int | None = None
@@ -394,6 +395,7 @@ def _logged_metrics(q: _Query, s: Summary) -> None:
     lows = q.conn.execute(f"SELECT name, COUNT(*), MIN(value), step {grouped}")
     listed = [row for row in lows if not rules.trainer_speed_or_total(row[0])]
     s.logged_metrics_not_listed = max(0, len(listed) - LOGGED_METRICS_LISTED)
+    s.logged_at_step_0 = q.value("SELECT COUNT(*) FROM step_metrics WHERE step = 0") > 0
     listed = listed[:LOGGED_METRICS_LISTED]
     highs = {name: (high, step) for name, high, step in q.conn.execute(f"SELECT name, MAX(value), step {grouped}")}
     for name, logged, low, low_step in listed:
