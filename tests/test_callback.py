@@ -472,3 +472,19 @@ def test_an_early_stopping_callback_out_of_patience_is_named_at_the_training_end
     ended, other = _spooled(tmp_path / "spool")
     assert ended["ended_early_by"] == "EarlyStoppingCallback: eval_loss did not improve for 3 evaluations"
     assert "ended_early_by" not in other
+
+
+def test_telling_a_trained_model_apart_compares_no_tensors(torch, monkeypatch):
+    """The trained models' parameters were a WeakSet: a lookup compared tensors with ==, an element-wise kernel
+    and a bool tensor the size of the embedding at every evaluation (on the GPU), whose error was what answered."""
+    from kaio.child.callback import _Trainings
+
+    trainings = _Trainings()
+    model = torch.nn.Sequential(torch.nn.Embedding(1000, 64), torch.nn.Linear(64, 2))
+    trainings.trained(model)
+    compared = []
+    equal = torch.Tensor.__eq__
+    monkeypatch.setattr(torch.Tensor, "__eq__", lambda a, b: compared.append(1) or equal(a, b))
+    assert not trainings.of_another_model(model) and trainings.of_another_model(torch.nn.Linear(3, 3))
+    trainings.trained(model)  # train() again: every parameter is still known
+    assert compared == [] and len(trainings.weights) == 3

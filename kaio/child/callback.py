@@ -53,11 +53,14 @@ class _Trainings:
         self.count = 0
         self.last_step = 0  # the latest step recorded
         self.last_tokens = 0  # the input tokens recorded by then
-        self.weights: weakref.WeakSet = weakref.WeakSet()  # the parameters of the models they trained
+        # The parameters of the models they trained, by identity: a WeakSet compares tensors with ==, which runs
+        # on the GPU (a tensor the size of the embedding) and raises for any parameter of more than one number.
+        self.weights: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
     def trained(self, model: Any) -> None:
-        with contextlib.suppress(AttributeError, RuntimeError, TypeError):
-            self.weights.update(model.parameters())
+        with contextlib.suppress(AttributeError, TypeError):
+            for parameter in model.parameters():
+                self.weights[id(parameter)] = parameter
 
     def of_another_model(self, model: Any) -> bool:
         """An evaluation by a Trainer of a model none trained, once one has (a teacher's, a reference's): not
@@ -66,8 +69,8 @@ class _Trainings:
         if not self.weights or model is None:
             return False
         try:
-            return not any(p in self.weights for p in itertools.islice(model.parameters(), 64))
-        except (AttributeError, RuntimeError, TypeError):  # not a torch module: nothing to compare
+            return not any(self.weights.get(id(p)) is p for p in itertools.islice(model.parameters(), 64))
+        except (AttributeError, TypeError):  # not a torch module: nothing to compare
             return False
 
 
@@ -146,7 +149,8 @@ class KaioCallback(TrainerCallback):
         trainer = self._trainer() if self._trainer is not None else None
         start = int(state.global_step)
         _TRAININGS.count += 1
-        _TRAININGS.trained(model)
+        if getattr(state, "is_world_process_zero", True):  # the rank that tells evaluations apart (on_evaluate)
+            _TRAININGS.trained(model)
         if _TRAININGS.count > 1 and self._step_offset + start < _TRAININGS.last_step:
             self._step_offset, self._tokens_offset = _TRAININGS.last_step - start, _TRAININGS.last_tokens
         run = describe_run(self.rank, args, state, model, kwargs, trainer)
@@ -315,9 +319,7 @@ class KaioCallback(TrainerCallback):
                 value = getattr(state, "best_metric", None)
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     end.best_metric = tag_nonfinite(float(value))
-                end.best_metric_name = (
-                    metric if metric.startswith("eval_") else f"eval_{metric}"
-                )  # as the Trainer reads it
+                end.best_metric_name = _as_the_trainer_reads(metric)
                 greater = getattr(args, "greater_is_better", None)
                 end.greater_is_better = greater if isinstance(greater, bool) else None
         self.emitter.emit(end)
@@ -330,11 +332,15 @@ def _early_stopping_said(callback: Any, args: Any) -> str | None:
     counter = getattr(callback, "early_stopping_patience_counter", None)
     if not (isinstance(patience, int) and isinstance(counter, int) and counter >= patience > 0):
         return None
-    metric = getattr(args, "metric_for_best_model", None) or "loss"
-    metric = metric if metric.startswith("eval_") else f"eval_{metric}"
+    metric = _as_the_trainer_reads(getattr(args, "metric_for_best_model", None) or "loss")
     return (
         f"{type(callback).__name__}: {metric} did not improve for {patience} evaluation{'s' if patience != 1 else ''}"
     )
+
+
+def _as_the_trainer_reads(metric: str) -> str:
+    """metric_for_best_model as the Trainer looks it up in an evaluation's metrics ("loss" is "eval_loss")."""
+    return metric if metric.startswith("eval_") else f"eval_{metric}"
 
 
 def _on_gpu(value: Any) -> bool:

@@ -32,6 +32,11 @@ def trainer_speed_or_total(name: str) -> bool:
     )
 
 
+def not_a_number_note(name: str) -> str:
+    """Said once of a logged or evaluation metric that is not a number (text, a list): left out of the record."""
+    return f"metric {name} is not a number: not in the record (child.log has it)"
+
+
 def too_few_to_smooth(finite_losses: int) -> bool:
     """Whether the smoothed loss of this many finite logged losses is no level to show (a loss per epoch: the EMA
     is mostly the first loss, far above the last)."""

@@ -258,7 +258,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
                     f"logged metric {key} was {tag} at step {entry.step}: history.json leaves its non-finite values out"
                 )
         elif value is not None and self._first(f"metric {key}"):  # a fact, as an evaluation's text metric is
-            out.note(f"metric {key} is not a number: not in the record (child.log has it)")  # as an evaluation's
+            out.note(rules.not_a_number_note(key))
 
     def _first(self, what: str) -> bool:
         """True the first time this session: a NaN at every step is one warning, and counted in the summary."""

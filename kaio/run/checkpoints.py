@@ -24,13 +24,7 @@ def latest_checkpoint(
     """The newest *complete* ``checkpoint-N``: its trainer_state.json (written last) says step N. ``at_most``: the
     record's last step; a checkpoint after it was not saved by the run this record describes (another run's,
     left in a folder that ``kaio run --overwrite`` does not own: a script's output_dir)."""
-    candidates = []
-    if checkpoint_dir.is_dir():
-        for path in checkpoint_dir.glob("checkpoint-*"):
-            step = checkpoint_step(path.name)
-            if step is not None and path.is_dir():
-                candidates.append((step, path))
-    for step, path in sorted(candidates, reverse=True):
+    for step, path in reversed(_checkpoints(checkpoint_dir)):
         if at_most is not None and step > at_most:
             notify(f"note: skipping {path}: after step {at_most}, this project's last (another run's checkpoint?)")
             continue
@@ -52,10 +46,13 @@ def is_complete(path: Path, step: int) -> bool:
 
 def half_written(checkpoint_dir: Path, after_step: int) -> list[Path]:
     """The ``checkpoint-N`` folders after ``after_step`` whose save did not finish (a kill cut it short)."""
-    found = (
-        [(checkpoint_step(p.name), p) for p in checkpoint_dir.glob("checkpoint-*")] if checkpoint_dir.is_dir() else []
-    )
-    return [p for step, p in sorted(found) if step is not None and step > after_step and not is_complete(p, step)]
+    return [path for step, path in _checkpoints(checkpoint_dir) if step > after_step and not is_complete(path, step)]
+
+
+def _checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    """The ``checkpoint-N`` folders in ``checkpoint_dir``, by step."""
+    found = checkpoint_dir.glob("checkpoint-*") if checkpoint_dir.is_dir() else []
+    return sorted((step, path) for path in found if (step := checkpoint_step(path.name)) is not None and path.is_dir())
 
 
 def without_optimizer(checkpoint: Path) -> str | None:

@@ -169,6 +169,11 @@ class RunLedger(msgspec.Struct, kw_only=True):
         end = self.last_train_end
         return self.trained_to_end(session) and end is not None and end.session == session and end.stopped
 
+    def ended_early_by(self, session: int | None) -> str | None:
+        """What ended the session's latest training before its max_steps, where known (an early-stopping callback)."""
+        end = self.last_train_end
+        return end.ended_early_by if end is not None and end.session == session else None
+
     def run_gpu_keys(self) -> list[str]:
         return sorted(self.run_keys)
 
@@ -231,8 +236,7 @@ class RunLedger(msgspec.Struct, kw_only=True):
         s.end_step = progress.last_step if progress.last_step is not None else s.start_step
         trainer = s.start_step is not None and self.run is not None and self.run.reporter == "trainer"
         s.training_ended = progress.trained_to_end if trainer else None  # a Trainer started in this session
-        end = self.last_train_end
-        s.ended_early_by = end.ended_early_by if end is not None and end.session == s.session else None
+        s.ended_early_by = self.ended_early_by(s.session)
         if progress.last_step_t_wall is not None and r.t_wall is not None:
             s.closing_s = round(r.t_wall - progress.last_step_t_wall, 3)
         elif s.startup_s is None:

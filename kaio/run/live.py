@@ -64,11 +64,10 @@ class LiveStats(msgspec.Struct, kw_only=True):
             last = self.last_end
             if last is not None and event.t_mono > last[0] and event.step > last[1]:
                 gap = (event.t_mono - last[0], event.step - last[1])
-                step_time = self.median_step_time()
                 if not last[2]:
                     self.recent_gaps = self.recent_gaps[-(RECENT_STEPS - 1) :] + [gap]
-                elif step_time is not None:  # an evaluation or a save after the step: its time beyond the steps'
-                    self.paused_s += max(gap[0] - gap[1] * step_time, 0.0)
+                elif (step_time := self.median_step_time()) is not None:  # an evaluation or a save after the step
+                    self.paused_s += max(gap[0] - gap[1] * step_time, 0.0)  # its time beyond the steps' own
                 self.paused_over += gap[1]
             self.last_end = (event.t_mono, event.step, event.evaluates or event.saves)
             self.last_step_t_mono = event.t_mono
@@ -183,7 +182,7 @@ def build_snapshot(
         evaluated_in_session=live.evaluated_in_session,
         eval_set=live.eval_set,
         training_completed=rules.training_completed(progress is not None and progress.trained_to_end, step, max_steps),
-        ended_early_by=_ended_early_by(ledger, session.session if session else None),
+        ended_early_by=ledger.ended_early_by(session.session if session else None),
         steps_per_s=rate,
         samples_per_s=rate * per_step if rate and per_step else None,
         tokens_per_s_per_device=live.tokens_per_s_per_device,
@@ -225,8 +224,3 @@ def _gpu_row(
         energy_j=energy_j,
         throttle=tuple(latest.throttle or ()),
     )
-
-
-def _ended_early_by(ledger: RunLedger, session: int | None) -> str | None:
-    end = ledger.last_train_end
-    return end.ended_early_by if end is not None and end.session == session else None

@@ -172,20 +172,22 @@ def run_new(
     paths = ProjectPaths(cfg.report_dir)
     with ProjectLock(paths.report_dir):
         old_checkpoints = cfg.checkpoint_dir
+        earlier: RunState | None = None  # the project's record of a run that started
         if paths.journal.exists():
-            loaded = loading.load(paths, writable=False)
-            _forget_a_run_that_never_started(paths, loaded.state)
-        if paths.journal.exists():
-            old_checkpoints = checkpoint_folder(cfg, loaded.state)  # a script's own output_dir, when it said so
-            loaded.state.index.close()
-            alive = alive_pids(loaded.state)
+            state = loading.load(paths, writable=False).state
+            if not _forget_a_run_that_never_started(paths, state):
+                state.index.close()
+                earlier = state
+        if earlier is not None:
+            old_checkpoints = checkpoint_folder(cfg, earlier)  # a script's own output_dir, when it said so
+            alive = alive_pids(earlier)
             if alive:
                 raise ProjectError(
                     f"project {cfg.project_name!r} has processes of an earlier session still alive (pids "
                     f"{', '.join(map(str, alive))}); stop them before starting over"
                 )
-        if paths.journal.exists() and not overwrite:
-            raise _has_history(cfg, paths, loaded.state, old_checkpoints, config_path)
+            if not overwrite:
+                raise _has_history(cfg, paths, earlier, old_checkpoints, config_path)
         _check_checkpoint_folder(cfg)
         if overwrite:
             for what, path in move_aside(cfg, old_checkpoints):
@@ -200,14 +202,15 @@ def run_new(
             loaded.state.index.close()
 
 
-def _forget_a_run_that_never_started(paths: ProjectPaths, state: RunState) -> None:
+def _forget_a_run_that_never_started(paths: ProjectPaths, state: RunState) -> bool:
     """A record without a session (a Ctrl-C, or a kill, before the first session began) holds nothing: it is no
-    history to refuse a new run for. Its files go; call with the lock held."""
+    history to refuse a new run for. Its files go (call with the lock held); whether they went."""
     if state.ledger.sessions:
-        return
+        return False
     state.index.close()
-    for path in (paths.journal, paths.index, paths.history, paths.report, paths.figure):
+    for path in (paths.journal, paths.index, *paths.report_files):
         path.unlink(missing_ok=True)
+    return True
 
 
 def _has_history(
@@ -297,7 +300,7 @@ def _supervise(
                 notify(outcome.message)
         finally:
             try:
-                if not finishing.before_start:
+                if supervisor.sessions_started:  # else interrupted before it began: nothing to record
                     state_written = _write_record(outputs, recorder, notify)
                 recorder.save()
             finally:
@@ -359,7 +362,6 @@ class _Finishing:
         self._view_live = True
         self._say_when_drawn = False
         self._previous: dict = {}
-        self.before_start = False  # interrupted before the first session began: there is nothing to record
 
     def __enter__(self) -> _Finishing:
         if threading.current_thread() is threading.main_thread():
@@ -374,7 +376,6 @@ class _Finishing:
 
     def _on_signal(self, signum, frame) -> None:
         if not self.supervisor.sessions_started:
-            self.before_start = True
             raise KeyboardInterrupt  # nothing started yet: nothing to record
         self.supervisor.stop_requested_between_sessions()
         if self.outputs.cancelled:
@@ -390,7 +391,6 @@ class _Finishing:
         finished as if it were open (nothing more is written to a terminal that is gone)."""
         leave_a_hung_up_terminal()
         if not self.supervisor.sessions_started:
-            self.before_start = True
             raise KeyboardInterrupt  # nothing started yet: nothing to record
         self.supervisor.stop_requested_between_sessions()
 

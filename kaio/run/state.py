@@ -263,7 +263,7 @@ class RunState:
     def _on_eval(self, r: Eval) -> None:
         self.ledger.telemetry.events += 1
         for name in r.not_numbers:
-            self.ledger.add_note(f"metric {name} is not a number: not in the record (child.log has it)")
+            self.ledger.add_note(rules.not_a_number_note(name))
         entry = EvalEntry(
             step=r.step,
             session=r.session,

@@ -48,14 +48,15 @@ class StopControl:
         post: Callable[[Record], None],
         note: Callable[[str], None],
         phase: Callable[[], str],
+        fifo_path: Callable[[], Path | None],
     ) -> None:
         self.state = state
         self.grace_seconds = grace_seconds
         self._post = post  # into the supervisor's queue: safe from a signal handler
         self._note = note  # journaled at once: from the loop only
         self._phase = phase  # what the session is doing now: a step, an evaluation, a save...
+        self._fifo_path = fifo_path  # the session's FIFO: how its processes are found to kill them
         self.asked = StopRequests()
-        self.fifo_path: Path | None = None  # the session's FIFO: how its processes are found to kill them
 
     @property
     def requested(self) -> bool:
@@ -155,8 +156,9 @@ class StopControl:
     def kill(self, proc: subprocess.Popen) -> None:
         """Every process of the session: the launcher's group, and ranks in sessions of their own."""
         launch.kill_group(proc)
-        if self.fifo_path is not None:
-            launch.kill_run(self.fifo_path)
+        fifo_path = self._fifo_path()
+        if fifo_path is not None:
+            launch.kill_run(fifo_path)
 
     def _mark(self) -> None:
         """Where the session was when the stop was asked for."""

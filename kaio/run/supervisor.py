@@ -121,6 +121,7 @@ class Supervisor:
             post=lambda record: self._queue.put(("record", record)),
             note=self._note,
             phase=lambda: self._stalls.phase,
+            fifo_path=lambda: self._fifo_path,
         )
         self._endings = SessionEndings(cfg, self.state, self._stop.asked, self._note, config_path)
         self._reader: FifoReader | None = None
@@ -189,7 +190,7 @@ class Supervisor:
         )
         argv, env = launch.build_command(self.cfg, plan, os.environ)
         launch.adopt_orphans()
-        self._fifo_path = self._stop.fifo_path = fifo.path
+        self._fifo_path = fifo.path
         self.record(
             SessionStart(
                 session=session,
