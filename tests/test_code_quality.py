@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -25,6 +26,23 @@ def test_ruff_finds_nothing():
 def test_code_is_formatted():
     result = _run("ruff", "format", "--check", "--no-cache", *SOURCES)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# Small enough to hold in one's head: the guide is ~300 lines a class and ~60 a function.
+MAX_CLASS_LINES = 310
+MAX_FUNCTION_LINES = 70
+
+
+def test_no_class_or_function_of_kaio_outgrows_the_guide():
+    too_long = []
+    for path in sorted((ROOT / "kaio").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            limit = MAX_CLASS_LINES if isinstance(node, ast.ClassDef) else MAX_FUNCTION_LINES
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                if lines > limit:
+                    too_long.append(f"{path.relative_to(ROOT)}: {node.name} is {lines} lines (at most {limit})")
+    assert not too_long, "\n".join(too_long)
 
 
 @pytest.mark.xdist_group("mypy")

@@ -596,7 +596,7 @@ def test_a_job_of_several_machines_without_a_started_rank_says_where_its_nodes_m
     """torch's rendezvous waits for a missing node for 15 minutes without a word: after two minutes, kaio says
     where the nodes must meet; a started rank, or a job of one machine, says nothing."""
     from kaio.config import LaunchConfig
-    from kaio.run.supervisor import rendezvous_warning
+    from kaio.run.job_follow import rendezvous_warning
 
     job = LaunchConfig(nnodes=2, main_addr="gpu01", main_port=29710)
     events = [{"type": "session_start", "session": 1, "t_wall": 1e9}]

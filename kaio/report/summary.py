@@ -621,6 +621,35 @@ def _warnings(q: _Query, header: HistoryHeader, s: Summary, first: int | None, l
             f"at {_count(diverged, 'step')} (first at step {diverged_first})"
         )
     found += _schedule_restarts(q, header)
+    found += _spikes_and_stalls(q, first)
+    names = {d.key: d.info.name for d in header.devices}
+    for gpu, steps, step, reasons in q.conn.execute(
+        "SELECT gpu, COUNT(*), MIN(step), GROUP_CONCAT(DISTINCT throttle) FROM step_gpus "
+        "WHERE throttle IS NOT NULL GROUP BY gpu ORDER BY MIN(step)"
+    ):
+        unique = ", ".join(dict.fromkeys(r for part in reasons.split(",") for r in [part] if r))
+        found.append(
+            f"GPU {_gpu_label(gpu, names)} throttled ({unique}) during {_count(steps, 'step')}, first at step {step}"
+        )
+    found += _lagging_utilisation(q, header, names)
+    found += _records_dropped(header.telemetry)
+    for device in header.devices:
+        if device.info.in_run and device.energy_method == "integrated":
+            found.append(
+                f"energy of GPU {_gpu_label(device.key, names)} integrated from power samples, "
+                "not read from a hardware energy counter"
+            )
+    missing = last - (first or 0) + 1 - s.step_entries if s.step_entries else 0
+    if missing > 0:
+        found.append(f"history has no entry for {_count(missing, 'optimizer step')} between its first and last step")
+    if s.energy_method == ENERGY_FROM_STEP_POWER:
+        found.append("energy integrated from per-step average power: no device or per-step energy was recorded")
+    return list(dict.fromkeys(found))
+
+
+def _spikes_and_stalls(q: _Query, first: int | None) -> list[str]:
+    """Gradient-norm spikes after the warm-up, and steps far slower than the median."""
+    found = []
     judged = f"step > {(first or 0) + rules.WARMUP_STEPS - 1}"
     norms = q.conn.execute(f"SELECT step, grad_norm FROM steps WHERE grad_norm IS NOT NULL AND {judged} ORDER BY step")
     spikes = list(rules.grad_norm_spikes(norms))
@@ -644,17 +673,11 @@ def _warnings(q: _Query, header: HistoryHeader, s: Summary, first: int | None, l
                 f"{_count(stalls, 'stalled step')}: step time above {threshold:.3g} s "
                 f"(median {median_step:.3g} s; longest {longest:.3g} s at step {longest_step})"
             )
-    names = {d.key: d.info.name for d in header.devices}
-    for gpu, steps, step, reasons in q.conn.execute(
-        "SELECT gpu, COUNT(*), MIN(step), GROUP_CONCAT(DISTINCT throttle) FROM step_gpus "
-        "WHERE throttle IS NOT NULL GROUP BY gpu ORDER BY MIN(step)"
-    ):
-        unique = ", ".join(dict.fromkeys(r for part in reasons.split(",") for r in [part] if r))
-        found.append(
-            f"GPU {_gpu_label(gpu, names)} throttled ({unique}) during {_count(steps, 'step')}, first at step {step}"
-        )
-    found += _lagging_utilisation(q, header, names)
-    t = header.telemetry
+    return found
+
+
+def _records_dropped(t: Telemetry) -> list[str]:
+    found = []
     for count, what in (
         (t.malformed_lines, "malformed telemetry line"),
         (t.oversized_lines, "oversized telemetry line"),
@@ -664,18 +687,7 @@ def _warnings(q: _Query, header: HistoryHeader, s: Summary, first: int | None, l
             found.append(f"{_count(count, what)} dropped")
     if t.dropped_late_events:
         found.append(f"{t.dropped_late_events} late events dropped")
-    for device in header.devices:
-        if device.info.in_run and device.energy_method == "integrated":
-            found.append(
-                f"energy of GPU {_gpu_label(device.key, names)} integrated from power samples, "
-                "not read from a hardware energy counter"
-            )
-    missing = last - (first or 0) + 1 - s.step_entries if s.step_entries else 0
-    if missing > 0:
-        found.append(f"history has no entry for {_count(missing, 'optimizer step')} between its first and last step")
-    if s.energy_method == ENERGY_FROM_STEP_POWER:
-        found.append("energy integrated from per-step average power: no device or per-step energy was recorded")
-    return list(dict.fromkeys(found))
+    return found
 
 
 def _schedule_restarts(q: _Query, header: HistoryHeader) -> list[str]:

@@ -291,24 +291,8 @@ class RunLedger(msgspec.Struct, kw_only=True):
             )
         if r.rank == self.lead_rank and launched and r.world_size is not None and r.world_size != launched:
             return f"{launched} processes were launched but the trainer reports world size {r.world_size}"
-        return self._resumed_elsewhere(r) if r.rank == self.lead_rank and r.training == 1 else None
-
-    def _resumed_elsewhere(self, r: RunStart) -> str | None:
-        """The script's Trainer began at another step than the checkpoint kaio resumed it from: the script passed
-        its own resume_from_checkpoint (kaio hands its checkpoint only to a train() given none)."""
-        progress = self.progress.get(r.session)
-        handed = progress.resumed_at if progress is not None else None
-        if progress is None or handed is None or r.start_step == handed:
-            return None
-        progress.resumed_at = None  # said once
-        again = (
-            f"steps {r.start_step + 1}-{handed} are trained again"
-            if r.start_step < handed
-            else f"steps {handed + 1}-{r.start_step} are not in this record"
-        )
         return (
-            f"session {r.session}: kaio resumed the script from checkpoint-{handed}, but its Trainer began at step "
-            f"{r.start_step} (the script passed its own resume_from_checkpoint, which kaio does not override): {again}"
+            resumed_elsewhere(r, self.progress.get(r.session)) if r.rank == self.lead_rank and r.training == 1 else None
         )
 
     def on_step(self, session: int, step: int, t_wall: float | None) -> None:
@@ -345,23 +329,8 @@ class RunLedger(msgspec.Struct, kw_only=True):
     def derived_notes(self) -> list[str]:
         """Notes of state that a later event replaces (said as it stands, not once per session): a push that
         failed after a pushed one, and the latest training's best checkpoint."""
-        notes = [self.hub_later_failure] if self.hub_later_failure else []
-        end = self.last_train_end
-        if end is not None and end.best_checkpoint and end.best_metric_name:
-            higher = end.greater_is_better
-            better = "" if higher is None else ", higher is better" if higher else ", lower is better"
-            best = end.best_metric
-            value = f" ({best:.4g})" if isinstance(best, float) else f" ({best})" if best is not None else ""
-            loaded = "; the final model is its weights (load_best_model_at_end)" if end.best_loaded else ""
-            notes.append(
-                f"the Trainer's best checkpoint by {end.best_metric_name}{better}: {end.best_checkpoint}{value}{loaded}"
-            )
-        elif end is not None and end.best_loaded:
-            notes.append(
-                f"the Trainer loaded the best checkpoint at the end (load_best_model_at_end): the final model is "
-                f"{end.best_loaded}'s weights, not the last step's"
-            )
-        return notes
+        best = best_checkpoint_note(self.last_train_end) if self.last_train_end is not None else None
+        return [note for note in (self.hub_later_failure, best) if note]
 
     def on_hub(self, r: HubOutcome) -> None:
         if r.error and self.hub is not None and self.hub.commit_sha:
@@ -392,3 +361,38 @@ class RunLedger(msgspec.Struct, kw_only=True):
         notes = self.telemetry.notes
         if text not in notes and len(notes) < 200:
             notes.append(text)
+
+
+def resumed_elsewhere(r: RunStart, progress: SessionProgress | None) -> str | None:
+    """The script's Trainer began at another step than the checkpoint kaio resumed it from: the script passed
+    its own resume_from_checkpoint (kaio hands its checkpoint only to a train() given none)."""
+    handed = progress.resumed_at if progress is not None else None
+    if progress is None or handed is None or r.start_step == handed:
+        return None
+    progress.resumed_at = None  # said once
+    again = (
+        f"steps {r.start_step + 1}-{handed} are trained again"
+        if r.start_step < handed
+        else f"steps {handed + 1}-{r.start_step} are not in this record"
+    )
+    return (
+        f"session {r.session}: kaio resumed the script from checkpoint-{handed}, but its Trainer began at step "
+        f"{r.start_step} (the script passed its own resume_from_checkpoint, which kaio does not override): {again}"
+    )
+
+
+def best_checkpoint_note(end: TrainEnd) -> str | None:
+    """The latest training's best checkpoint, as its Trainer kept it (metric_for_best_model, load_best_model_at_end)."""
+    if end.best_checkpoint and end.best_metric_name:
+        higher = end.greater_is_better
+        better = "" if higher is None else ", higher is better" if higher else ", lower is better"
+        best = end.best_metric
+        value = f" ({best:.4g})" if isinstance(best, float) else f" ({best})" if best is not None else ""
+        loaded = "; the final model is its weights (load_best_model_at_end)" if end.best_loaded else ""
+        return f"the Trainer's best checkpoint by {end.best_metric_name}{better}: {end.best_checkpoint}{value}{loaded}"
+    if end.best_loaded:
+        return (
+            f"the Trainer loaded the best checkpoint at the end (load_best_model_at_end): the final model is "
+            f"{end.best_loaded}'s weights, not the last step's"
+        )
+    return None

@@ -132,9 +132,8 @@ def build_snapshot(
 ) -> Snapshot:
     session = ledger.current
     progress = ledger.progress.get(session.session) if session else None
-    started = progress.t_wall if progress else None
-    if session is not None and session.status == Status.RUNNING and started:
-        elapsed = time.time() - started
+    if session is not None and session.status == Status.RUNNING and progress is not None and progress.t_wall:
+        elapsed = time.time() - progress.t_wall
     else:
         elapsed = (session.duration_s if session else None) or 0.0
     started = progress is not None and progress.last_step is not None  # this session has trained a step
@@ -146,21 +145,6 @@ def build_snapshot(
         status = "STARTING"  # launching, importing, loading the model and data: not a frozen step 0
     eta = live.eta_s(max_steps - step) if rate and max_steps else None
     per_step = live.samples_per_step() or ledger.samples_per_step()
-    # This node's rank lead + i trains on the i-th GPU it can see (accelerate's cuda:LOCAL_RANK).
-    run_keys = ledger.run_gpu_keys()
-    lead = ledger.lead_rank
-    gpus = tuple(
-        _gpu_row(
-            key,
-            dev.info.name,
-            dev.info.in_run,
-            dev.info.vram_total_bytes,
-            dev.energy_j,
-            live.latest_gpu.get(key),
-            lead + run_keys.index(key) if key in run_keys else None,
-        )
-        for key, dev in sorted(ledger.devices.items())
-    )
     host = None
     if live.latest_host is not None:
         h = live.latest_host
@@ -189,7 +173,7 @@ def build_snapshot(
         mfu=live.mfu,
         eta_s=eta,
         peak_vram_by_rank=dict(sorted(live.latest_peak_by_rank.items())),
-        gpus=gpus,
+        gpus=_gpu_rows(ledger, live),
         host=host,
         log_tail=log_tail,
         warnings=warnings,
@@ -197,6 +181,23 @@ def build_snapshot(
         live_warnings=live_warnings,
         exit_code=session.exit_code if session else None,
         report_path=report_path,
+    )
+
+
+def _gpu_rows(ledger: RunLedger, live: LiveStats) -> tuple[GpuRow, ...]:
+    # This node's rank lead + i trains on the i-th GPU it can see (accelerate's cuda:LOCAL_RANK).
+    run_keys = ledger.run_gpu_keys()
+    return tuple(
+        _gpu_row(
+            key,
+            dev.info.name,
+            dev.info.in_run,
+            dev.info.vram_total_bytes,
+            dev.energy_j,
+            live.latest_gpu.get(key),
+            ledger.lead_rank + run_keys.index(key) if key in run_keys else None,
+        )
+        for key, dev in sorted(ledger.devices.items())
     )
 
 

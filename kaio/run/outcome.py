@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +14,7 @@ from kaio import launch
 from kaio.config import RunConfig
 from kaio.record import rules
 from kaio.record.paths import ProjectPaths, start_over_command
-from kaio.record.types import Status
+from kaio.record.types import SessionEnd, Status
 from kaio.run import diagnose
 from kaio.run.checkpoints import half_written
 from kaio.run.state import RunState
@@ -28,6 +30,32 @@ class SessionOutcome:
     message: str | None = None  # what a stop on request kept, for the user
     error_at: float | None = None  # when the first rank failed (wall time)
     started: bool = True  # False: the training process could not be started at all
+
+    @classmethod
+    def not_started(cls, program: str, exc: OSError) -> SessionOutcome:
+        """The training process could not be started: FAILED, with a shell's exit code (127: not found, 126: found
+        but not executable; else, no memory or no process to spare, 1)."""
+        code = 127 if exc.errno == errno.ENOENT else 126 if exc.errno in _NOT_EXECUTABLE else 1
+        error = f"the training process could not be started: {exc.strerror or exc}: {exc.filename or program}"
+        return cls(code, Status.FAILED, error=error, started=False)
+
+    def record(self, session: int, **measured) -> SessionEnd:
+        """The session's end for the journal; ``measured``: the pipe's counters and the poller's statistics."""
+        now_wall, now_mono = time.time(), time.monotonic()
+        return SessionEnd(
+            session=session,
+            t_wall=now_wall,
+            t_mono=now_mono,
+            status=self.status,
+            exit_code=self.exit_code,
+            signal=self.signal,
+            error=self.error,
+            error_at=self.error_at,
+            **measured,
+        )
+
+
+_NOT_EXECUTABLE = (errno.EACCES, errno.EPERM, errno.ENOEXEC, errno.EISDIR)
 
 
 class SessionEndings:

@@ -632,6 +632,30 @@ def _node_record(output_dir: Path, project: str, rank: int, notify: Notify) -> t
 
 def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, asked: ResumeAsked, notify: Notify):
     """The config, checkpoint and notes of a resume, or the ``ProjectError`` that says why not."""
+    cfg, changed = _resume_config(paths, state, running, asked)
+    checkpoint = _resume_checkpoint(paths, cfg, state, asked, notify)
+    _refuse_a_finished_run(paths, cfg, state, changed)
+    later = state.ledger.later_training_of(checkpoint)
+    if later is not None:
+        raise ProjectError(
+            f"project {paths.project!r}: its latest checkpoint, {checkpoint}, was saved by the script's training "
+            f"{later} (another Trainer, or train() again), and `kaio resume` hands a checkpoint to the script's first "
+            "train() only, which would load it into the wrong training; continue that training with your "
+            f"script's own resume_from_checkpoint as a new project, or start over with `{start_over_command(asked.config_path)}`"
+        )
+    notes = [f"resumed from {checkpoint.name}"] + [f"config changed for this session: {c}" for c in changed]
+    partial = without_optimizer(checkpoint)
+    if partial is not None:
+        notify(f"kaio: warning: {partial}")
+        notes.append(partial)
+    return cfg, checkpoint, notes
+
+
+def _resume_config(
+    paths: ProjectPaths, state: RunState, running: bool, asked: ResumeAsked
+) -> tuple[RunConfig, list[str]]:
+    """The config a resume runs with (the saved one, or the user's edited one, placed on this node, with
+    ``--max-steps``) and the changes it makes, each as ``key: old -> new``."""
     project = paths.project
     if running:
         raise ProjectError(
@@ -679,6 +703,14 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
         cfg = with_max_steps(cfg, max_steps)
         if planned != max_steps:
             allowed.append(f"training.max_steps: {planned!r} -> {max_steps!r}")
+    return cfg, allowed
+
+
+def _resume_checkpoint(
+    paths: ProjectPaths, cfg: RunConfig, state: RunState, asked: ResumeAsked, notify: Notify
+) -> Path:
+    """The latest complete checkpoint a resume starts from, or why there is none here."""
+    project, where = paths.project, asked.where
     folder = checkpoint_folder(cfg, state)
     checkpoint = latest_checkpoint(folder, notify, at_most=state.last_step)
     if checkpoint is None:
@@ -703,7 +735,13 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
             f"project {project!r} has {_no_checkpoint_in(cfg, state, folder)}; "
             f"start it again with `{start_over_command(asked.config_path)}`"
         )
-    # Trained to its planned length (completed, or stopped or failed in its last save): nothing is left to resume.
+    return checkpoint
+
+
+def _refuse_a_finished_run(paths: ProjectPaths, cfg: RunConfig, state: RunState, changed: list[str]) -> None:
+    """Trained to its planned length (completed, or stopped or failed in its last save): nothing is left to resume
+    unless the resume asks for a longer run (``--max-steps``, or a script's edited arguments)."""
+    project = paths.project
     if cfg.launch.script is None:
         planned = cfg.training.max_steps
         if planned != -1 and planned <= state.last_step:
@@ -711,7 +749,7 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
                 f"project {project!r} already trained its {state.last_step} steps; "
                 f"extend it with `{paths.command('resume')} --max-steps N` (N > {state.last_step})"
             )
-    elif not any(c.startswith("launch.script_args") for c in allowed) and not _arguments_in_a_file(cfg):
+    elif not any(c.startswith("launch.script_args") for c in changed) and not _arguments_in_a_file(cfg):
         length = state.ledger.run.max_steps if state.ledger.run is not None else None
         if length is not None and 0 < length <= state.last_step:  # its Trainer's own length, as it reported it
             raise ProjectError(
@@ -719,20 +757,6 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
                 f"give the script a longer run in launch.script_args and resume with "
                 f"`{paths.command('resume')} --config CONFIG`"
             )
-    later = state.ledger.later_training_of(checkpoint)
-    if later is not None:
-        raise ProjectError(
-            f"project {project!r}: its latest checkpoint, {checkpoint}, was saved by the script's training {later} "
-            "(another Trainer, or train() again), and `kaio resume` hands a checkpoint to the script's first "
-            "train() only, which would load it into the wrong training; continue that training with your "
-            f"script's own resume_from_checkpoint as a new project, or start over with `{start_over_command(asked.config_path)}`"
-        )
-    notes = [f"resumed from {checkpoint.name}"] + [f"config changed for this session: {c}" for c in allowed]
-    partial = without_optimizer(checkpoint)
-    if partial is not None:
-        notify(f"kaio: warning: {partial}")
-        notes.append(partial)
-    return cfg, checkpoint, notes
 
 
 def _arguments_in_a_file(cfg: RunConfig) -> bool:

@@ -59,7 +59,7 @@ from kaio.run.stalls import stall_lines
 from kaio.run.stragglers import StragglerWatch
 
 MAX_WARNINGS = 200
-STATE_FORMAT = 2  # 2: stragglers
+STATE_FORMAT = 3  # 2: stragglers; 3: the steps' samples in their own part (StepSamples)
 
 
 class Warnings(msgspec.Struct, kw_only=True):
@@ -207,20 +207,7 @@ class RunState:
                 self.parts.steps.continue_counts_at(r.start_step)
                 self.parts.steps.smoother = LossSmoother()  # maybe another objective (SFT, then DPO): its own curve
                 self.parts.live.last_end = None  # the gap before its first step is no step's: not in the speed
-                own = r.start_step - r.step_offset
-                if r.retry:
-                    self.ledger.add_note(
-                        f"session {r.session}: the Trainer began its training again at its own step {own} with "
-                        f"batch size {r.args.per_device_train_batch_size} after running out of memory "
-                        f"(auto_find_batch_size); its steps are recorded from step {r.start_step + 1}, after the "
-                        "earlier attempt's"
-                    )
-                else:
-                    self.ledger.add_note(
-                        f"session {r.session}: training {r.training} of the script (another Trainer, or train() "
-                        f"again) began at its own step {own}; its steps are recorded from step {r.start_step + 1}, "
-                        "after the earlier training's, and the run's description (What was trained) is this training's"
-                    )
+                self.ledger.add_note(_later_training_note(r))
         self.parts.stragglers.on_run_start(r)
 
     def _on_step(self, r: Step) -> None:
@@ -353,37 +340,8 @@ class RunState:
 
     def header(self) -> HistoryHeader:
         """history.json without its evals and steps (those come from the index)."""
-        ledger = self.ledger
-        ledger.note_energy(self.parts.live.latest_gpu)
-        run = RunDescription.from_run_start(ledger.run) if ledger.run is not None else None
-        devices = [
-            DeviceSummary(key=key, info=d.info, energy_j=d.energy_j, energy_method=d.energy_method)
-            for key, d in sorted(ledger.devices.items())
-        ]
-        return HistoryHeader(
-            project=ledger.project,
-            generated_at=iso(time.time()),
-            status=ledger.status,
-            config=ledger.config,
-            run=run,
-            sessions=[ledger.as_of_now(s) for s in ledger.sessions],
-            devices=devices,
-            host=ledger.host,
-            host_use=ledger.host_use,
-            telemetry=(
-                msgspec.structs.replace(ledger.telemetry, notes=[*ledger.telemetry.notes, *derived])
-                if (derived := ledger.derived_notes())
-                else ledger.telemetry
-            ),
-            warnings=self.parts.warnings.listed(),
-            hub=ledger.hub,
-            checkpoints=[
-                CheckpointSaved(step=c.step, path=c.path, session=c.session, training=c.training)
-                for c in ledger.checkpoints
-            ],
-            stalls=list(ledger.stalls),
-            ranks=self.parts.stragglers.summary(),
-        )
+        self.ledger.note_energy(self.parts.live.latest_gpu)
+        return history_header(self.parts)
 
     @contextlib.contextmanager
     def with_open_steps(self) -> Iterator[RunIndex]:
@@ -425,3 +383,54 @@ class RunState:
     @property
     def last_step_t_mono(self) -> float | None:
         return self.parts.live.last_step_t_mono
+
+
+def history_header(parts: StateParts) -> HistoryHeader:
+    ledger = parts.ledger
+    run = RunDescription.from_run_start(ledger.run) if ledger.run is not None else None
+    devices = [
+        DeviceSummary(key=key, info=d.info, energy_j=d.energy_j, energy_method=d.energy_method)
+        for key, d in sorted(ledger.devices.items())
+    ]
+    derived = ledger.derived_notes()
+    return HistoryHeader(
+        project=ledger.project,
+        generated_at=iso(time.time()),
+        status=ledger.status,
+        config=ledger.config,
+        run=run,
+        sessions=[ledger.as_of_now(s) for s in ledger.sessions],
+        devices=devices,
+        host=ledger.host,
+        host_use=ledger.host_use,
+        telemetry=(
+            msgspec.structs.replace(ledger.telemetry, notes=[*ledger.telemetry.notes, *derived])
+            if derived
+            else ledger.telemetry
+        ),
+        warnings=parts.warnings.listed(),
+        hub=ledger.hub,
+        checkpoints=[
+            CheckpointSaved(step=c.step, path=c.path, session=c.session, training=c.training)
+            for c in ledger.checkpoints
+        ],
+        stalls=list(ledger.stalls),
+        ranks=parts.stragglers.summary(),
+    )
+
+
+def _later_training_note(r: RunStart) -> str:
+    """A script's later training (another Trainer, train() again, an out-of-memory retry) began in the session."""
+    own = r.start_step - r.step_offset
+    if r.retry:
+        return (
+            f"session {r.session}: the Trainer began its training again at its own step {own} with "
+            f"batch size {r.args.per_device_train_batch_size} after running out of memory "
+            f"(auto_find_batch_size); its steps are recorded from step {r.start_step + 1}, after the "
+            "earlier attempt's"
+        )
+    return (
+        f"session {r.session}: training {r.training} of the script (another Trainer, or train() "
+        f"again) began at its own step {own}; its steps are recorded from step {r.start_step + 1}, "
+        "after the earlier training's, and the run's description (What was trained) is this training's"
+    )

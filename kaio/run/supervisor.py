@@ -9,7 +9,6 @@ child ends (success, crash, Ctrl-C, SIGTERM) ``finalize`` runs.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import os
 import queue
 import subprocess
@@ -24,7 +23,7 @@ from typing import Protocol
 import msgspec
 
 from kaio import launch
-from kaio.config import LaunchConfig, RunConfig, config_snapshot
+from kaio.config import RunConfig, config_snapshot
 from kaio.fsutil import atomic_write_json
 from kaio.nodes import first_rank
 from kaio.record.paths import ProjectPaths
@@ -34,19 +33,19 @@ from kaio.record.types import (
     PollStats,
     Record,
     SessionCounters,
-    SessionEnd,
     SessionKind,
     SessionStart,
     Status,
 )
 from kaio.run.checkpoints import without_optimizer
 from kaio.run.child_output import follow_output, is_trainer_log_line
+from kaio.run.job_follow import JobFollow, NodeStream, rendezvous_warning
 from kaio.run.ledger import RunLedger
-from kaio.run.node_watch import NodeWatch
 from kaio.run.outcome import SessionEndings, SessionOutcome
 from kaio.run.recorder import Recorder
 from kaio.run.snapshot import Snapshot, add_output_line, as_shown
-from kaio.run.stalls import StallWatch, capture_stacks
+from kaio.run.stall_response import StallResponse
+from kaio.run.stalls import StallWatch
 from kaio.run.state import RunState
 from kaio.run.stopping import StopControl
 from kaio.telemetry import spool
@@ -54,25 +53,7 @@ from kaio.telemetry.fifo import FifoReader, TelemetryFifo
 
 LOG_TAIL_LINES = 200
 LOOP_INTERVAL_S = 0.1
-RENDEZVOUS_PATIENCE_S = 120.0  # a job of several machines without a started rank by then: where the nodes meet
 REFRESH_COST_FACTOR = 99  # wait at least 99x a refresh's duration before the next: the record costs <= 1% of the time
-
-
-def rendezvous_warning(launch: LaunchConfig, ledger: RunLedger, now: float) -> str | None:
-    """A job of several machines whose session has no started rank after ``RENDEZVOUS_PATIENCE_S``: torch's
-    rendezvous waits for every node, in silence, for 15 minutes; where they must meet."""
-    progress, record = ledger.progress.get(ledger.session), ledger.session_record(ledger.session)
-    started = record is None or record.start_step is not None  # this session's first rank said it began
-    if launch.nnodes < 2 or started or progress is None or progress.t_wall is None:
-        return None
-    waited = now - progress.t_wall
-    if waited < RENDEZVOUS_PATIENCE_S:
-        return None
-    return (
-        f"no rank has started after {waited:.0f} s: the job's {launch.nnodes} nodes meet at "
-        f"{launch.main_addr}:{launch.main_port}; every node's kaio must be running with that --main-addr and "
-        "--main-port (torch waits up to 15 minutes for a missing one)"
-    )
 
 
 class View(Protocol):
@@ -91,8 +72,23 @@ class SessionRequest:
     notes: list[str] = field(default_factory=list)  # recorded in the report (config changes, the checkpoint)
 
 
-class NodeStream(Protocol):
-    def pop_warnings(self) -> list[str]: ...
+def restart_request(
+    outcome: SessionOutcome, checkpoint: Path | None, restart: int, cfg: RunConfig, ledger: RunLedger
+) -> tuple[SessionRequest | None, str]:
+    """The automatic restart after a failed session, from the latest complete checkpoint, and what to say of it;
+    none from a checkpoint of a script's later training (``kaio resume`` refuses it too: ``project.resume``)."""
+    cause = outcome.error or outcome.signal or f"exit code {outcome.exit_code}"
+    later = ledger.later_training_of(checkpoint) if checkpoint else None
+    if checkpoint is not None and later is not None:
+        return None, (
+            f"no automatic restart after: {cause}: the latest checkpoint, {checkpoint.name}, was saved by "
+            f"the script's training {later}, and a restart hands it to the script's first train() only"
+        )
+    origin = f"from {checkpoint.name}" if checkpoint else "from the start (no complete checkpoint yet)"
+    note = f"automatic restart {restart} of {cfg.launch.max_restarts} after: {cause}; {origin}"
+    partial = without_optimizer(checkpoint) if checkpoint else None
+    note += f" ({partial})" if partial else ""
+    return SessionRequest(SessionKind.RESTART, checkpoint.resolve() if checkpoint else None, [note]), note
 
 
 class Supervisor:
@@ -127,15 +123,18 @@ class Supervisor:
         self._reader: FifoReader | None = None
         self._fifo_path: Path | None = None
         self._stalls = StallWatch(cfg.reporting.stall_seconds, time.monotonic(), _lead_rank(cfg))
-        self._capture: threading.Thread | None = None  # the stacks of a stall, being captured
-        self._stop_after_capture: str | None = None  # on_stall: stop, once the stacks are read (what to say)
+        self._stall_response = StallResponse(
+            self.paths,
+            cfg.reporting.on_stall,
+            lambda record: self._queue.put(("record", record)),
+            self._note,
+            self._stop,
+        )
         self.sessions_started = 0
         self.on_refresh: list[Callable[[RunState], None]] = []  # report writers, the index commit
         self.on_loop: list[Callable[[RunState], None]] = []  # cheap consumers called every loop (Comet feed)
-        self._refresh_failures: set[str] = set()
-        # The head of a job of several machines follows the other nodes' records (on a shared filesystem).
-        self._nodes = NodeWatch(self.paths) if cfg.launch.nnodes > 1 and cfg.launch.node_rank == 0 else None
-        self._stream = stream  # the nodes' records streamed to the head (kaio.run.stream): its warnings are said
+        self._said_once: set[str] = set()  # notes not to repeat at every refresh (a failing write, an unreadable node)
+        self._job = JobFollow(cfg.launch, self.paths, stream, self._note, self._note_once)
 
     # ------------------------------------------------------------ sessions
 
@@ -151,27 +150,13 @@ class Supervisor:
             and not self._stop.requested
         ):
             restarts += 1
-            checkpoint = latest_checkpoint()
-            cause = outcome.error or outcome.signal or f"exit code {outcome.exit_code}"
-            later = self.state.ledger.later_training_of(checkpoint) if checkpoint else None
-            if checkpoint is not None and later is not None:  # as `kaio resume` refuses it (project.resume)
-                said = (
-                    f"no automatic restart after: {cause}: the latest checkpoint, {checkpoint.name}, was saved by "
-                    f"the script's training {later}, and a restart hands it to the script's first train() only"
-                )
+            restart, said = restart_request(outcome, latest_checkpoint(), restarts, self.cfg, self.state.ledger)
+            self.view.child_output(f"kaio: {said}")  # on screen, between the failed session's output and the next
+            if restart is None:
                 self._note(said)
-                self.view.child_output(f"kaio: {said}")
                 break
-            origin = f"from {checkpoint.name}" if checkpoint else "from the start (no complete checkpoint yet)"
-            note = f"automatic restart {restarts} of {self.cfg.launch.max_restarts} after: {cause}; {origin}"
-            partial = without_optimizer(checkpoint) if checkpoint else None
-            note += f" ({partial})" if partial else ""
-            said = f"kaio: {note}"  # on screen, between the failed session's output and the new one's
-            self._log_tail.append(said)
-            self.view.child_output(said)
-            outcome = self.run_session(
-                SessionRequest(SessionKind.RESTART, checkpoint.resolve() if checkpoint else None, [note])
-            )
+            self._log_tail.append(f"kaio: {said}")
+            outcome = self.run_session(restart)
         return outcome
 
     def run_session(self, request: SessionRequest) -> SessionOutcome:
@@ -246,8 +231,7 @@ class Supervisor:
             fifo.close_write_end()
             reader.join(timeout=10)
             output.join(timeout=5)
-            if self._capture is not None:
-                self._capture.join(timeout=10)
+            self._stall_response.join(timeout=10)
             if poller is not None:
                 poller.stop(closing_tick=True)  # the last steps get their samples and energy
             self._drain()
@@ -260,15 +244,16 @@ class Supervisor:
                 f"(pids {', '.join(map(str, outlived))})"
             )
         outcome = self._endings.outcome(proc.returncode, session)
-        self._record_end(
-            session,
-            outcome,
-            counters=SessionCounters(
-                malformed_lines=reader.stats.malformed + bad,
-                oversized_lines=reader.stats.oversized,
-                spooled_events=spooled,
-            ),
-            poll_stats=msgspec.convert(poller.stats(), PollStats, strict=False) if poller is not None else None,
+        self.record(
+            outcome.record(
+                session,
+                counters=SessionCounters(
+                    malformed_lines=reader.stats.malformed + bad,
+                    oversized_lines=reader.stats.oversized,
+                    spooled_events=spooled,
+                ),
+                poll_stats=msgspec.convert(poller.stats(), PollStats, strict=False) if poller is not None else None,
+            )
         )
         if reader.stats.malformed or reader.stats.oversized:
             self._note(
@@ -278,38 +263,18 @@ class Supervisor:
         return outcome
 
     def _not_started(self, session: int, program: str, exc: OSError, fifo, reader, poller) -> SessionOutcome:
-        """The training process could not be started: a FAILED session that says why, with a shell's exit code
-        (127: not found, 126: found but not run)."""
+        """The training process could not be started: a FAILED session that says why."""
         fifo.close_write_end()
         reader.join(timeout=10)
         if poller is not None:
             poller.stop()
         self._drain()
         fifo.close()
-        # A shell's codes: 127 not found, 126 found but not executable; else (no memory, no process to spare) 1.
-        code = 127 if exc.errno == errno.ENOENT else 126 if exc.errno in _NOT_EXECUTABLE else 1
-        error = f"the training process could not be started: {exc.strerror or exc}: {exc.filename or program}"
-        self.view.child_output(f"kaio: {error}")  # where the child's own output, had it started, would be
-        outcome = SessionOutcome(code, Status.FAILED, error=error, started=False)
-        self._record_end(session, outcome)
+        outcome = SessionOutcome.not_started(program, exc)
+        self.view.child_output(f"kaio: {outcome.error}")  # where the child's own output, had it started, would be
+        self.record(outcome.record(session))
         self.recorder.journal.flush(fsync=True)
         return outcome
-
-    def _record_end(self, session: int, outcome: SessionOutcome, **measured) -> None:
-        """The session's end, journaled; ``measured``: the pipe's counters and the poller's statistics."""
-        self.record(
-            SessionEnd(
-                session=session,
-                t_wall=time.time(),
-                t_mono=time.monotonic(),
-                status=outcome.status,
-                exit_code=outcome.exit_code,
-                signal=outcome.signal,
-                error=outcome.error,
-                error_at=outcome.error_at,
-                **measured,
-            )
-        )
 
     # ------------------------------------------------------------ the loop
 
@@ -321,11 +286,7 @@ class Supervisor:
             self._drain()
             self._stop.check(proc)
             self._check_stall(proc)
-            if self._nodes is not None:
-                self._follow_nodes()
-            if self._stream is not None:
-                for warning in self._stream.pop_warnings():
-                    self._note(warning)
+            self._job.poll()
             now = time.monotonic()
             self.view.update(self.snapshot())
             for consumer in self.on_loop:
@@ -375,8 +336,8 @@ class Supervisor:
         error = self.recorder.journal.write_error
         if error is not None:
             message = f"cannot write {self.paths.journal} ({error.strerror}): kaio keeps the records in memory and the child's spool, and writes them once it can; the training goes on"
-            if message not in self._refresh_failures:
-                self._refresh_failures.add(message)
+            if message not in self._said_once:
+                self._said_once.add(message)
                 self.state.warn(message)
 
     def _refresh(self) -> None:
@@ -386,10 +347,12 @@ class Supervisor:
             try:
                 writer(self.state)
             except Exception as exc:
-                message = f"a report refresh failed: {type(exc).__name__}: {exc}"
-                if message not in self._refresh_failures:
-                    self._refresh_failures.add(message)
-                    self._note(message)
+                self._note_once(f"a report refresh failed: {type(exc).__name__}: {exc}")
+
+    def _note_once(self, message: str) -> None:
+        if message not in self._said_once:
+            self._said_once.add(message)
+            self._note(message)
 
     def snapshot(self) -> Snapshot:
         running = self.state.status == Status.RUNNING
@@ -399,41 +362,19 @@ class Supervisor:
         snapshot = self.state.snapshot(
             status=status, log_tail=tuple(self._log_tail), live_warnings=live, report_path=str(self.paths.report)
         )
-        launch = self.cfg.launch
-        if launch.nnodes > 1:
-            where = f"{launch.nnodes} nodes at {launch.main_addr}:{launch.main_port}"
-            snapshot = dataclasses.replace(snapshot, rendezvous=where)
-        if self._nodes is not None:
-            snapshot = dataclasses.replace(snapshot, nodes=self._nodes.rows())  # from memory: no I/O
+        snapshot = self._job.shown(snapshot)
         return dataclasses.replace(snapshot, eta_s=None) if stall else snapshot  # stalled: no time of arrival
 
-    def _follow_nodes(self) -> None:
-        """The other nodes' records (the head of a job of several machines): what goes wrong there costs the
-        view of them, never this node's training."""
-        assert self._nodes is not None
-        try:
-            lost = self._nodes.poll()
-        except Exception as exc:
-            message = f"the other nodes' records could not be followed: {type(exc).__name__}: {exc}"
-            if message not in self._refresh_failures:
-                self._refresh_failures.add(message)
-                self._note(message)
-            return
-        for warning in lost:
-            self._note(warning)
-
     def _live_warnings(self) -> tuple[str, ...]:
-        return self._telemetry_warnings() + self._rendezvous_warning()
-
-    def _rendezvous_warning(self) -> tuple[str, ...]:
-        said = rendezvous_warning(self.cfg.launch, self.state.ledger, time.time())
-        return (said,) if said else ()
-
-    def _telemetry_warnings(self) -> tuple[str, ...]:
         stats = self._reader.stats if self._reader is not None else None
-        if stats is not None and (stats.malformed or stats.oversized):
-            return (f"telemetry: {stats.malformed} malformed and {stats.oversized} oversized lines skipped",)
-        return ()
+        skipped = stats is not None and (stats.malformed or stats.oversized)
+        said = (
+            f"telemetry: {stats.malformed} malformed and {stats.oversized} oversized lines skipped"
+            if stats and skipped
+            else None,
+            rendezvous_warning(self.cfg.launch, self.state.ledger, time.time()),
+        )
+        return tuple(text for text in said if text)
 
     # ------------------------------------------------------------ threads
 
@@ -452,35 +393,9 @@ class Supervisor:
     # ------------------------------------------------------------ stalls
 
     def _check_stall(self, proc: subprocess.Popen) -> None:
-        """A stall, once per silence: every rank's stack is captured (in a thread: the dashboard goes on), and with
-        ``reporting.on_stall: stop`` the run is stopped as by a Ctrl-C."""
-        if self._stop_after_capture is not None and not (self._capture is not None and self._capture.is_alive()):
-            # The stacks are read: a rank of a script without a Trainer dies of the stop's SIGTERM, stack unread.
-            said, self._stop_after_capture = self._stop_after_capture, None
-            if not self._stop.requested:
-                self._note(said)
-                self._stop.request(proc)
-        check = self._stalls.check(time.monotonic(), self.state.median_step_time())
-        if check is None or self._fifo_path is None or proc.poll() is not None:
-            return
-        session, step, fifo_path = self.state.ledger.session, self._stalls.last_step, self._fifo_path
-        action = self.cfg.reporting.on_stall
-
-        def capture() -> None:
-            pids = {p.pid for p in launch.run_processes(fifo_path)}
-            stall = capture_stacks(self.paths.stacks, self.paths.report_dir, session, pids, check, step)
-            stall.action = action
-            self._queue.put(("record", stall))
-
-        self._capture = threading.Thread(target=capture, name="kaio-stall-stacks", daemon=True)
-        self._capture.start()
-        if action == "stop" and not self._stop.requested:  # once the stacks are read (above, at the next turn)
-            self._stop_after_capture = (
-                f"reporting.on_stall is stop: stopping the run, stalled after step {step} ({check.phase})"
-            )
-
-
-_NOT_EXECUTABLE = (errno.EACCES, errno.EPERM, errno.ENOEXEC, errno.EISDIR)
+        if self._fifo_path is not None:
+            median = self.state.median_step_time()
+            self._stall_response.check(proc, self._stalls, median, self.state.ledger.session, self._fifo_path)
 
 
 def _lead_rank(cfg: RunConfig) -> int:
