@@ -488,3 +488,30 @@ def test_telling_a_trained_model_apart_compares_no_tensors(torch, monkeypatch):
     assert not trainings.of_another_model(model) and trainings.of_another_model(torch.nn.Linear(3, 3))
     trainings.trained(model)  # train() again: every parameter is still known
     assert compared == [] and len(trainings.weights) == 3
+
+
+def test_transformers_is_kept_from_importing_comet_ml_only_where_comet_is_not_configured(tmp_path, monkeypatch):
+    """kaio installs comet_ml for its own sink; transformers imported it in every rank to find no API key."""
+    from kaio.child.patch import _PatchOnImport
+
+    finder = _PatchOnImport()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.comet.config
+    for name in [n for n in os.environ if n.startswith("COMET_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("COMET_ERROR_TRACKING_ENABLE", "false")  # kaio's own, in every rank's environment
+
+    def find_from(module: str):
+        namespace = {"__name__": module, "finder": finder}
+        exec("found = finder.find_spec('comet_ml', None)", namespace)  # the frame of that module's import
+        return namespace["found"]
+
+    with pytest.raises(ModuleNotFoundError):  # transformers' `import comet_ml`: as if not installed
+        find_from("transformers.integrations.integration_utils")
+    assert find_from("train") is None  # the script's own import: found as always
+    assert find_from("accelerate.utils.imports") is None  # a library's check for it, too
+    (tmp_path / ".comet.config").write_text("[comet]\napi_key=abc\n")
+    assert find_from("transformers.integrations.integration_utils") is None  # configured: transformers may log
+    (tmp_path / ".comet.config").unlink()
+    monkeypatch.setenv("COMET_MODE", "offline")
+    assert find_from("transformers.integrations.integration_utils") is None

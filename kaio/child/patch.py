@@ -22,6 +22,10 @@ from kaio.telemetry.protocol import ENV_RESUME_FROM
 
 _emitter = None
 _TRAINER_MODULE = "transformers.trainer"
+_INTEGRATIONS_MODULE = "transformers.integrations.integration_utils"  # imports comet_ml, to see if it is configured
+# Where comet_ml finds an API key or a mode (comet_ml.config): the environment, .env and .comet.config files.
+_COMET_CONFIG_FILES = (".env", ".comet.config", "~/.comet.config", "/content/drive/MyDrive/.comet.config")
+_COMET_VARIABLES_KAIO_SETS = ("COMET_ERROR_TRACKING_ENABLE",)
 
 
 def rank_from_env() -> int:
@@ -66,11 +70,29 @@ def _hide_warnings_about_kaios_comet_ml() -> None:
     )
 
 
+def comet_is_set_up(environ: Mapping[str, str] = os.environ) -> bool:
+    """Comet is configured for this process (a ``COMET_*`` variable, or a file comet_ml reads its settings from):
+    transformers may log to it, as it would without kaio."""
+    if any(name.startswith("COMET_") and name not in _COMET_VARIABLES_KAIO_SETS for name in environ):
+        return True
+    return any(os.path.exists(os.path.expanduser(path)) for path in _COMET_CONFIG_FILES)
+
+
 class _PatchOnImport(importlib.abc.MetaPathFinder):
     """Finds ``transformers.trainer`` as Python would, and patches its ``Trainer`` right after the module runs,
-    before any script can subclass it."""
+    before any script can subclass it.
+
+    It also keeps comet_ml from transformers' integrations when Comet is not configured for the script: kaio
+    installs comet_ml for its own Comet sink (in the supervisor), and transformers imports it in every rank only to
+    find it has no API key and not use it, a second or more of each rank's start-up. Only that import statement
+    is refused (transformers takes it as comet_ml not installed); the script's own, and any library's check
+    for it, are not touched."""
 
     def find_spec(self, fullname, path, target=None):
+        if fullname == "comet_ml" and _importer() == _INTEGRATIONS_MODULE and not comet_is_set_up():
+            raise ModuleNotFoundError(
+                "comet_ml is not configured here (kaio keeps it from transformers)", name=fullname
+            )
         if fullname != _TRAINER_MODULE:
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path, target)
@@ -84,6 +106,14 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
         spec.loader.exec_module = exec_module  # type: ignore[method-assign]
         return spec
+
+
+def _importer() -> str | None:
+    """The module whose code is importing (the first frame outside the import machinery), by name."""
+    frame: types.FrameType | None = sys._getframe(2)  # 0: here, 1: find_spec, 2: who called it
+    while frame is not None and frame.f_code.co_filename.startswith("<frozen importlib"):
+        frame = frame.f_back
+    return frame.f_globals.get("__name__") if frame is not None else None
 
 
 def _patch(trainer_cls: Any) -> None:
