@@ -63,6 +63,33 @@ def test_a_hidden_nan_is_warned_at_its_step_and_a_hang_is_a_stall_with_every_ran
     assert history["status"] == "INTERRUPTED"
 
 
+def test_a_nan_that_only_the_trainers_running_sum_kept_is_one_steps_and_the_later_losses_are_the_steps_own(
+    project_dir,
+):
+    """logging_nan_inf_filter=False and one NaN loss value at step 5 (its gradients finite: the weights healthy):
+    the Trainer logs NaN at every later step, its running sum never clearing it. The record has step 5's NaN and,
+    after it, each step's own loss as the model returned it."""
+    truth_file = project_dir / "losses.txt"
+    _config(project_dir, ["12", "1000", "--nan-value-at", "5", "--no-nan-filter", "--losses-to", str(truth_file)], "")
+    result = kaio("run", "cfg.yaml", cwd=project_dir, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    truth = [float(line) for line in truth_file.read_text().split()]
+    steps = read_history(project_dir)["steps"]
+    assert [s["loss"] for s in steps[:4]] == truth[:4]
+    assert steps[4]["loss"] is None and steps[4]["loss_nonfinite"] == "nan"
+    assert [s["loss"] for s in steps[5:]] == truth[5:] and all(s["loss_nonfinite"] is None for s in steps[5:])
+    logged = [line for line in (project_dir / "docs/reports/t/child.log").read_text().splitlines() if "'loss'" in line]
+    assert len(logged) == 12 and all("'loss': 'nan'" in line for line in logged[4:])  # what the Trainer logged
+    warnings = read_history(project_dir)["warnings"]
+    assert [w for w in warnings if "logging_nan_inf_filter=False" in w] == [
+        "the Trainer logged a nan training loss from step 6 on, though every loss since the one before was finite: "
+        "with logging_nan_inf_filter=False its running loss sum keeps an earlier NaN/inf to the end; the record's "
+        "loss from there is kaio's, the average of the losses training_step returned, as the Trainer averages them"
+    ]
+    report = (project_dir / "docs/reports/t/report.md").read_text()
+    assert f"→ {truth[-1]:.4g}" in report and "loss was NaN at 1 logged step (first at step 5)" in report
+
+
 def test_on_nonfinite_stop_ends_the_training_at_the_log_that_finds_it_and_fails_the_run(project_dir):
     """Logged every 4 steps: the NaN of step 15 is found at the log of step 16, named at step 15, and the
     training stops there on every rank, failed, with no final save."""
@@ -87,7 +114,11 @@ def test_a_straggler_is_named_with_its_parts_and_slurms_warning_to_every_process
     Then SLURM's time-limit warning (`srun --signal=USR1@90`) reaches every process of the job step, twice:
     kaio, the launcher (torch elastic's agent) and both ranks. None dies of it; the job saves a checkpoint at
     the end of the step and stops, once."""
-    _config(project_dir, ["400", "1000", "--rank", "1", "--slow-data", "0.02", "--slow-forward", "0.02"], "")
+    # And a NaN loss value at step 5 that the Trainer's running sum keeps (its logging_nan_inf_filter off): the
+    # record's later losses are the steps' own, the ranks' mean as the Trainer would log it.
+    losses = str(project_dir / "losses-{rank}.txt")
+    fault = ["--rank", "1", "--slow-data", "0.02", "--slow-forward", "0.02"]
+    _config(project_dir, ["400", "1000", *fault, "--nan-value-at", "5", "--no-nan-filter", "--losses-to", losses], "")
     cfg = project_dir / "cfg.yaml"
     # Two ranks saving a checkpoint on a busy 2-core machine: more than the hang tests' 2 s of grace.
     text = cfg.read_text().replace("launch:\n", "launch:\n  num_processes: 2\n")
@@ -124,6 +155,14 @@ def test_a_straggler_is_named_with_its_parts_and_slurms_warning_to_every_process
     assert "data loading +0.0" in warning and "forward +0.0" in warning
     report = (project_dir / "docs/reports/t/report.md").read_text()
     assert "## Ranks" in report and f"| {slow['slowest']:,} of {n:,} |" in report
+
+    # Each rank's model loss is its tokens' loss over all ranks' tokens (transformers' average_tokens_across_devices):
+    # the Trainer logs their sum, as its own logs of steps 1-4 show, and kaio's from step 6 on are the same.
+    rank_0, rank_1 = ([float(v) for v in (project_dir / f"losses-{r}.txt").read_text().split()] for r in (0, 1))
+    logged = {s["step"]: s["loss"] for s in history["steps"]}
+    assert logged[5] is None and history["steps"][4]["loss_nonfinite"] == "nan"
+    for k in [*range(1, 5), *range(6, n + 1)]:
+        assert logged[k] == pytest.approx(rank_0[k - 1] + rank_1[k - 1], rel=1e-6), k
 
 
 @pytest.mark.parametrize(

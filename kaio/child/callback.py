@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import time
 import weakref
@@ -218,7 +219,11 @@ class KaioCallback(TrainerCallback):
         # The training-loss log (every rank makes it, gathering the loss): the losses since the previous one.
         # To stop, the ranks agree first, so that all stop at the same step.
         stopping = stop_on_nonfinite()
-        nonfinite = self.losses.take(agree=stopping) if logs and "loss" in logs else None
+        # A NaN/inf logged loss (the same on every rank: gathered) is checked against the window's own losses.
+        logged = logs.get("loss") if logs else None
+        logged_nonfinite = isinstance(logged, (int, float)) and not math.isfinite(logged)
+        window = self.losses.take(agree=stopping, average=logged_nonfinite) if logs and "loss" in logs else None
+        nonfinite = window.nonfinite if window is not None else None
         first_nonfinite = nonfinite.first_step + self._step_offset if nonfinite is not None else None
         if first_nonfinite is not None and stopping:
             stop.nonfinite(first_nonfinite)
@@ -231,11 +236,16 @@ class KaioCallback(TrainerCallback):
         }
         if self._skipped_gpu_values:
             extra[SKIPPED_GPU_TENSORS] = sorted(self._skipped_gpu_values)
+        carried = False
         if nonfinite is not None:  # taken at a log with the loss
             # What the loss since the previous log really averaged to; the Trainer's filter showed a number.
             if fields.get("loss") not in ("nan", "inf", "-inf"):
                 extra[TRAINER_LOGGED_LOSS] = fields.get("loss")
             fields["loss"] = nonfinite.tag
+        elif window is not None and window.mean is not None:
+            # Every loss of the window was finite: the NaN is an earlier one, kept in the Trainer's running sum
+            # (logging_nan_inf_filter=False). The window's own average is the loss.
+            extra[TRAINER_LOGGED_LOSS], fields["loss"], carried = fields.get("loss"), window.mean, True
         epoch = logs.get("epoch")
         self.emitter.emit(
             Log(
@@ -245,6 +255,7 @@ class KaioCallback(TrainerCallback):
                 epoch=epoch if isinstance(epoch, (int, float)) else None,
                 extra=extra,
                 nonfinite_from=first_nonfinite,
+                nonfinite_carried=carried,
                 **fields,
             )
         )

@@ -9,6 +9,13 @@ loss from the device anyway. Only with ``reporting.on_nonfinite: stop`` and
 several ranks is the finding shared (one small all-reduce at each such log, a
 log every rank makes: the Trainer gathers the loss for it), so that every rank
 stops at the same step; a warning needs rank 0's own finding only.
+
+With ``logging_nan_inf_filter=False`` the Trainer keeps a non-finite loss in
+its running sum until the training ends: every later log says NaN, however
+healthy the steps after it. At such a log, when no loss of its window was
+non-finite, the window's own average is taken instead (its micro-batches'
+sum over its optimizer steps, as the Trainer averages it; on several ranks
+their mean, one small all-reduce at that log, which every rank makes).
 """
 
 from __future__ import annotations
@@ -32,6 +39,15 @@ class NonfiniteLoss:
     tag: str  # "nan", "inf" or "-inf"
 
 
+@dataclass(frozen=True)
+class LossWindow:
+    """The losses since the previous log: the first non-finite one, and their average as the Trainer takes it
+    (``mean``: None where one was not finite, on any rank, or none was seen)."""
+
+    nonfinite: NonfiniteLoss | None = None
+    mean: float | None = None
+
+
 class LossWatch:
     def __init__(self) -> None:
         self._losses: list[Any] = []  # 0-d tensors, on the loss's device
@@ -50,21 +66,26 @@ class LossWatch:
             self._folded.append((torch.stack(self._losses), self._steps))
             self._losses, self._steps = [], []
 
-    def take(self, agree: bool = False) -> NonfiniteLoss | None:
-        """The first non-finite loss since the previous call; forgets what it read. With ``agree`` (a stop is
-        to follow), the earliest any rank found: every rank must call it at the same log."""
+    def take(self, agree: bool = False, average: bool = False) -> LossWindow:
+        """The losses since the previous call; forgets what it read. With ``agree`` (a stop is to follow), the
+        earliest non-finite step any rank found; with ``average``, the window's mean loss, all ranks: every rank
+        must call it with the same arguments at the same log."""
         found, tag, device = _NO_STEP, "nan", None
+        total, steps_seen = 0.0, set()
         for losses, steps in self._windows():
             values, device = _read(losses)
             first = next((i for i, value in enumerate(values) if not math.isfinite(value)), None)
-            if first is not None:
+            if first is not None and found == _NO_STEP:
                 found = steps[first]
                 tag = "nan" if math.isnan(values[first]) else ("inf" if values[first] > 0 else "-inf")
-                break
+            total += math.fsum(values)
+            steps_seen.update(steps)
         self._losses, self._steps, self._folded = [], [], []
         if agree:
             found = _agree(found, device)
-        return None if found == _NO_STEP else NonfiniteLoss(first_step=found, tag=tag)
+        nonfinite = None if found == _NO_STEP else NonfiniteLoss(first_step=found, tag=tag)
+        mean = _mean_of_ranks(total, len(steps_seen), device) if average else None
+        return LossWindow(nonfinite, mean if mean is not None and math.isfinite(mean) else None)
 
     def _windows(self) -> list[tuple[Any, list[int]]]:
         return [*self._folded, (self._losses, self._steps)] if self._losses else list(self._folded)
@@ -99,6 +120,27 @@ def _agree(step: int, device: Any) -> int:
     value = torch.tensor([_NO_STEP - step], dtype=torch.long, device=device)  # MAX of this is the MIN step
     distributed.all_reduce(value, op=distributed.ReduceOp.MAX)
     return _NO_STEP - int(value.item())
+
+
+def _mean_of_ranks(total: float, steps: int, device: Any) -> float | None:
+    """The Trainer's logged loss from these sums: the ranks' mean of their losses' sum, over the window's optimizer
+    steps (None where a rank saw none)."""
+    import torch
+
+    from kaio.child.process_group import initialized
+
+    distributed = initialized()
+    if distributed is None or distributed.get_world_size() < 2:
+        return total / steps if steps else None
+    if device is None:  # this rank saw no loss since the last log: take part all the same
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    if distributed.get_backend() == "gloo":
+        device = "cpu"
+    # (sum of the ranks' totals, ranks that saw no loss, ranks): a NaN total anywhere makes the sum NaN.
+    sums = torch.tensor([total, 0.0 if steps else 1.0, 1.0], dtype=torch.float64, device=device)
+    distributed.all_reduce(sums, op=distributed.ReduceOp.SUM)
+    ranks_total, missing, ranks = sums.tolist()
+    return ranks_total / ranks / steps if steps and not missing else None
 
 
 def stop_on_nonfinite() -> bool:

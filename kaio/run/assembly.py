@@ -257,6 +257,14 @@ class StepAssembler(msgspec.Struct, kw_only=True):
             return
         if entry.loss is None:
             return
+        if event.nonfinite_carried and self._first("carried loss"):
+            logged = event.extra.get(TRAINER_LOGGED_LOSS)
+            out.warn(
+                f"the Trainer logged a {logged} training loss from step {entry.step} on, though every loss since the "
+                "one before was finite: with logging_nan_inf_filter=False its running loss sum keeps an earlier "
+                "NaN/inf to the end; the record's loss from there is kaio's, the average of the losses training_step "
+                "returned, as the Trainer averages them"
+            )
         entry.loss_smoothed, entry.loss_diverged = self.smoother.add(entry.loss)
         if entry.loss_diverged:
             out.warn(

@@ -242,6 +242,9 @@ class Log(Event, tag="log"):
     epoch: float | None = None
     extra: dict[str, Any] = {}
     nonfinite_from: int | None = None  # the first step since the previous log whose training loss was NaN/inf
+    # The Trainer logged NaN/inf only from an earlier loss kept in its running sum (logging_nan_inf_filter=False):
+    # ``loss`` is this log's own losses' average (kaio.child.nonfinite), the Trainer's is extra's trainer_logged_loss.
+    nonfinite_carried: bool = False
 
 
 class Eval(Event, tag="eval"):

@@ -3,6 +3,7 @@
 usage: faulty_train.py MAX_STEPS SAVE_STEPS [--fault raise|sigkill|hang|nan] [--rank R] [--at STEP]
                        [--once MARKER] [--logging-steps N] [--nan-at STEP]
                        [--slow-data SECONDS] [--slow-forward SECONDS]
+                       [--nan-value-at STEP --no-nan-filter --losses-to FILE]
 
 The fault fires on rank R at step STEP; with --once it fires only while
 MARKER does not exist (and creates it), so a restarted run gets through.
@@ -11,7 +12,11 @@ STEP; nan poisons the weights as step STEP begins, so that its loss and every
 later one is NaN (the Trainer's default logging_nan_inf_filter hides them);
 --nan-at does that too, beside another fault. --slow-data and --slow-forward
 make rank R a straggler from the start: each example it loads, and each
-forward pass it makes, takes that much longer.
+forward pass it makes, takes that much longer. --nan-value-at adds a NaN to
+that step's loss value only (its gradients stay finite: the weights are
+untouched); --no-nan-filter turns the Trainer's logging_nan_inf_filter off;
+--losses-to appends each step's loss, as the model returned it, to FILE
+(its "{rank}" replaced by the rank), a line each.
 """
 
 import argparse
@@ -34,6 +39,9 @@ parser.add_argument("--logging-steps", type=int, default=1)
 parser.add_argument("--nan-at", type=int)
 parser.add_argument("--slow-data", type=float, default=0.0)
 parser.add_argument("--slow-forward", type=float, default=0.0)
+parser.add_argument("--nan-value-at", type=int)
+parser.add_argument("--no-nan-filter", action="store_true")
+parser.add_argument("--losses-to")
 ns = parser.parse_args()
 slow_rank = int(os.environ.get("RANK", "0")) == ns.rank
 
@@ -95,6 +103,23 @@ model = LlamaForCausalLM(
 )
 if slow_rank and ns.slow_forward:
     model.register_forward_pre_hook(lambda module, inputs: time.sleep(ns.slow_forward))
+losses: list[float] = []  # each training step's loss (one micro-batch a step), as the model returned it
+
+
+def loss_value(module, inputs, output):
+    if not module.training:
+        return output
+    losses.append(output.loss.item())
+    if ns.losses_to:  # a line at each step: a stopped script does not reach its end
+        with open(ns.losses_to.format(rank=os.environ.get("RANK", "0")), "a") as f:
+            f.write(f"{losses[-1]!r}\n")
+    if len(losses) == ns.nan_value_at:  # the value is NaN, its gradient is the loss's own
+        output.loss = output.loss + torch.tensor(float("nan"))
+    return output
+
+
+if ns.nan_value_at or ns.losses_to:
+    model.register_forward_hook(loss_value)
 args = TrainingArguments(
     output_dir="trainer-output",  # the script's own folder, not kaio's: resume and restart find it in the record
     max_steps=ns.max_steps,
@@ -106,5 +131,6 @@ args = TrainingArguments(
     use_cpu=True,
     disable_tqdm=True,
     seed=0,
+    logging_nan_inf_filter=not ns.no_nan_filter,
 )
 Trainer(model=model, args=args, train_dataset=Data(), callbacks=[Fault()]).train()
