@@ -348,7 +348,9 @@ def test_the_end_of_training_says_which_checkpoints_are_gone_and_which_weights_t
     ]
     header = replay(records).header()
     assert [(c.step, c.path) for c in header.checkpoints] == [(8, "out/checkpoint-8")]
-    assert "the final model is out/checkpoint-8's weights, not the last step's" in " ".join(header.telemetry.notes)
+    assert header.final_model is not None and header.final_model.loaded == "out/checkpoint-8"
+    said = "- **Final model:** `out/checkpoint-8`'s weights, loaded at the end (load_best_model_at_end), not the last step's"
+    assert said in _executive_summary_of(header)
 
     # metric_for_best_model: the Trainer's best by its own metric is named, and a resumed training's best
     # replaces the earlier session's (one note, as it stands, never two that contradict each other).
@@ -366,12 +368,20 @@ def test_the_end_of_training_says_which_checkpoints_are_gone_and_which_weights_t
     )
     later = {**end, "session": 2, "best_checkpoint": "out/checkpoint-40", "best_loaded": "out/checkpoint-40"}
     records += [{**end, "session": 1}, {"type": "session_start", "session": 2}, later]
-    notes = replay(records).header().telemetry.notes
-    best = [n for n in notes if "best checkpoint" in n or "final model" in n]
-    assert best == [
-        "the Trainer's best checkpoint by eval_accuracy, higher is better: out/checkpoint-40 (1); the final model "
-        "is its weights (load_best_model_at_end)"
+    header = replay(records).header()
+    summary = _executive_summary_of(header)
+    assert [line for line in summary.splitlines() if "best" in line] == [
+        "- **Final model:** the best checkpoint's weights (load_best_model_at_end), not the last step's: "
+        "`out/checkpoint-40`, by eval_accuracy 1, higher is better"
     ]
+    assert not any("best" in note for note in header.telemetry.notes)  # said once, at the top
+
+
+def _executive_summary_of(header) -> str:
+    from kaio.report.markdown import _executive_summary
+    from kaio.report.summary import Summary
+
+    return _executive_summary(Summary(project="p", status="COMPLETED", step_entries=1, optimizer_steps=1), header)
 
 
 def test_a_micro_batchs_examples_are_its_tensors_first_dimension(torch):

@@ -88,6 +88,10 @@ def test_a_nan_that_only_the_trainers_running_sum_kept_is_one_steps_and_the_late
     ]
     report = (project_dir / "docs/reports/t/report.md").read_text()
     assert f"→ {truth[-1]:.4g}" in report and "loss was NaN at 1 logged step (first at step 5)" in report
+    # What only the whole history shows is said at the end too, and the record's line counts every warning.
+    assert "kaio: warning: loss was NaN at 1 logged step (first at step 5)" in result.stdout
+    listed = report.split("## Warnings")[1].split("\n## ")[0].count("⚠️")
+    assert f"record: docs/reports/t/report.md ({listed} warnings) · " in result.stdout and listed >= 3
 
 
 def test_on_nonfinite_stop_ends_the_training_at_the_log_that_finds_it_and_fails_the_run(project_dir):

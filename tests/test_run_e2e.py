@@ -58,7 +58,8 @@ def test_the_readme_run_in_a_fresh_clone_records_every_step_and_leaves_git_clean
     buckets = ("startup_s", "productive_s", "stall_s", "recomputed_s", "eval_s", "save_s", "closing_s")
     assert sum(summary[k] or 0 for k in buckets) == pytest.approx(summary["training_time_s"], rel=0.01)
     assert summary["goodput_pct"] == pytest.approx(100 * summary["productive_s"] / summary["training_time_s"])
-    assert "**Goodput: " in (report_dir / "report.md").read_text()
+    report_md = (report_dir / "report.md").read_text()
+    assert "**Goodput: " in report_md and "- **Optimizer steps:** 400 of 400 planned, 3.125 epochs\n" in report_md
     # `kaio plan`'s estimate (the model on the meta device) is the report's (the live model, as the child saw it).
     plan = json.loads(kaio("plan", "configs/finetuning_config.yaml", "--json", cwd=clone).stdout)
     planned = plan["model"]["estimates"]["without_gradient_checkpointing"]

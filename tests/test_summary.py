@@ -129,6 +129,17 @@ def grad_steps(*after: float) -> list[StepEntry]:
     return warm_up + [step(WARMUP_STEPS + 1 + i, grad_norm=g) for i, g in enumerate(judged)]
 
 
+def test_the_gradient_norms_median_and_largest_are_in_the_key_metrics_even_where_no_spike_can_be_judged():
+    """A norm of 1e6 at step 3, in the warm-up (no warning judges it there): the report still shows it."""
+    from kaio.report.markdown import render_markdown
+
+    steps = [step(i, grad_norm=g) for i, g in enumerate([1.0, 2.0, 1.13e6, 3.0, 2.5], start=1)]
+    s = summary_of(steps)
+    assert (s.grad_norm_median, s.grad_norm_max, s.grad_norm_max_step) == (2.5, 1.13e6, 3)
+    assert grad_norm_warning(s.warnings) == []
+    assert "| Gradient norm (median · largest) | 2.5 · 1.13e+06 at step 3 |" in render_markdown(header(), s, [])
+
+
 def test_grad_norm_spike_against_an_odd_count_median():
     # 11 values before step 22: the median is the 6th, 3.0, so the threshold is 30: 31 is a spike.
     warnings = summary_of(grad_steps(3.0, 31.0)).warnings
@@ -231,6 +242,18 @@ def test_diverged_steps_are_counted_with_the_first():
         "loss diverging: the smoothed loss was above 3x its running minimum at 3 steps (first at step 12)"
         in summary_of(steps).warnings
     )
+
+
+def test_a_loss_spike_the_smoothed_loss_came_back_from_says_so():
+    """One bad batch at step 15 lifts the smoothed loss over 3x its minimum for two steps; from 17 it is under."""
+    steps = [
+        step(i, loss=1.0, loss_smoothed=3.5 if i in (15, 16) else 1.0, loss_diverged=i in (15, 16))
+        for i in range(1, 21)
+    ]
+    assert (
+        "loss diverging: the smoothed loss was above 3x its running minimum at 2 steps (first at step 15); it came "
+        "back under that from step 17"
+    ) in summary_of(steps).warnings
 
 
 def test_a_missing_step_is_warned_about_but_a_late_first_step_is_not():

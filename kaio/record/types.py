@@ -488,6 +488,17 @@ class Telemetry(msgspec.Struct, kw_only=True):
     recomputed_s: float = 0.0
 
 
+class FinalModel(msgspec.Struct, kw_only=True):
+    """The latest training's best checkpoint, as its Trainer kept it (``metric_for_best_model``), and whether the
+    model it ended with has that checkpoint's weights (``load_best_model_at_end``) rather than the last step's."""
+
+    best_checkpoint: str | None = None  # its path
+    metric: str | None = None  # eval_loss, eval_accuracy...
+    value: float | str | None = None
+    greater_is_better: bool | None = None
+    loaded: str | None = None  # the checkpoint whose weights the final model has (load_best_model_at_end)
+
+
 class CheckpointSaved(msgspec.Struct, kw_only=True):
     step: int
     path: str | None = None
@@ -546,6 +557,7 @@ class HistoryHeader(msgspec.Struct, kw_only=True):
     warnings: list[str] = []
     hub: HubOutcome | None = None
     checkpoints: list[CheckpointSaved] = []
+    final_model: FinalModel | None = None  # the best checkpoint and whether the model ended with its weights
     stalls: list[Stall] = []
     ranks: list[RankTiming] = []
 

@@ -23,6 +23,7 @@ from kaio.config import redact as redact_config
 from kaio.record import rules
 from kaio.record.types import (
     EvalEntry,
+    FinalModel,
     HistoryHeader,
     HubOutcome,
     NodeSummary,
@@ -107,6 +108,8 @@ def _executive_summary(s: Summary, header: HistoryHeader) -> str:
                 steps += " (the training process exited with code 0 before its Trainer ended the training)"
     if s.step_entries != s.optimizer_steps:
         steps += f" ({s.step_entries:,} recorded)"
+    if s.epochs:
+        steps += f", {s.epochs:.4g} epoch{'s' if s.epochs != 1 else ''}"
     sessions = f" over {s.sessions} sessions" if s.sessions > 1 else ""
     lines = [
         f"- **Status:** {_status(s)}",
@@ -118,7 +121,28 @@ def _executive_summary(s: Summary, header: HistoryHeader) -> str:
         latest = header.checkpoints[-1]
         where = f" (`{_inline(latest.path)}`)" if latest.path else ""
         lines.append(f"- **Latest checkpoint:** step {latest.step}{where}")
+    if header.final_model is not None:
+        lines.append(_final_model(header.final_model))
     return "## Executive summary\n\n" + "\n".join(lines)
+
+
+def _final_model(final: FinalModel) -> str:
+    """The latest training's best checkpoint (metric_for_best_model), and the weights the model ended with."""
+    if final.best_checkpoint and final.metric:
+        higher = final.greater_is_better
+        better = "" if higher is None else ", higher is better" if higher else ", lower is better"
+        best = final.value
+        value = f" {best:.4g}" if isinstance(best, float) else f" {best}" if best is not None else ""
+        by = f"`{_inline(final.best_checkpoint)}`, by {final.metric}{value}{better}"
+        if final.loaded:
+            return (
+                f"- **Final model:** the best checkpoint's weights (load_best_model_at_end), not the last step's: {by}"
+            )
+        return f"- **Best checkpoint:** {by}"
+    return (
+        f"- **Final model:** `{_inline(final.loaded or '')}`'s weights, loaded at the end (load_best_model_at_end), "
+        "not the last step's"
+    )
 
 
 def _status(s: Summary) -> str:
@@ -167,6 +191,9 @@ def _key_metrics(s: Summary) -> str:
         ("Loss, minimum", f"{s.loss_min:.4g} at step {s.loss_min_step:,}" if s.loss_min is not None else _no_loss(s)),
         ("Loss, final smoothed (EMA)", _final_smoothed(s)),
     ]
+    if s.grad_norm_median is not None and s.grad_norm_max is not None:
+        largest = f"{s.grad_norm_max:.3g} at step {s.grad_norm_max_step:,}"
+        rows.append(("Gradient norm (median · largest)", f"{s.grad_norm_median:.3g} · {largest}"))
     if s.eval_loss_best is not None:
         rows.append(("Evaluation loss, best", _best_eval_loss(s)))
     rows += [
@@ -771,7 +798,9 @@ def _throughput(s: Summary) -> str:
     text = f"{s.samples_per_s:.3g} samples/s"
     if s.tokens_per_s is not None:
         text += f" · {s.tokens_per_s:,.0f} tokens/s"
-        if s.tokens_counted_by == "kaio":  # the Trainer did not count them (include_num_input_tokens_seen)
+        if s.tokens_counted_by == "kaio" and (s.world_size or 1) > 1:  # rank 0's, as every rank's
+            text += f" (kaio's count of rank 0's input ids × {s.world_size} ranks, padding included)"
+        elif s.tokens_counted_by == "kaio":  # the Trainer did not count them (include_num_input_tokens_seen)
             text += " (kaio's count of the input ids, padding included)"
     return text
 

@@ -78,6 +78,7 @@ class Summary(msgspec.Struct, kw_only=True):
     closing_s: float | None = None  # after each session's last step (the final save, teardown)
     optimizer_steps: int = 0
     step_entries: int = 0
+    epochs: float | None = None  # the Trainer's epoch at the last step (3.125: three passes and an eighth)
     max_steps: int | None = None
     training_ended: bool | None = None  # the last session's Trainer reached its end (None: unknown, or none ran)
     ended_early_by: str | None = None  # what ended the last session's training before max_steps, where known
@@ -91,6 +92,9 @@ class Summary(msgspec.Struct, kw_only=True):
     loss_final_smoothed: float | None = None
     loss_min: float | None = None
     loss_min_step: int | None = None
+    grad_norm_median: float | None = None  # the logged gradient norms (before clipping)
+    grad_norm_max: float | None = None
+    grad_norm_max_step: int | None = None
     loss_logged_steps: int = 0
     loss_smoothed_over: int = 0  # the finite losses of the smoothed loss's curve (the latest training's)
     loss_nan_count: int = 0
@@ -132,6 +136,7 @@ class Summary(msgspec.Struct, kw_only=True):
     samples_per_s: float | None = None  # over the time spent in optimizer steps
     tokens: int | None = None
     tokens_counted_by: str | None = None  # RunDescription's
+    world_size: int | None = None  # the training processes, as the Trainer reported them
     tokens_per_s: float | None = None
     tokens_per_s_per_device: float | None = None  # over the steps' own time (kaio.record.flops)
     recomputed_steps: int = 0  # trained again after a resume or restart from an earlier checkpoint
@@ -195,7 +200,7 @@ def time_buckets(s: Summary) -> list[tuple[str, str, float]]:
     total = s.training_time_s or 0.0
     parts = [(report, figure, getattr(s, key) or 0.0) for key, report, figure in TIME_BUCKETS]
     if s.recomputed_steps:
-        parts[3] = (f"{parts[3][0]} ({s.recomputed_steps:,} steps)", *parts[3][1:])
+        parts[3] = (f"{parts[3][0]} ({count_of(s.recomputed_steps, 'step')})", *parts[3][1:])
     if s.later_trainings_startup_s:
         parts[0] = (f"{parts[0][0]}, and a later training's start", *parts[0][1:])
     elif not s.optimizer_steps:  # no first step: launching, loading, and whatever else the script did
@@ -238,6 +243,8 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
             s.trainable_pct = 100.0 * s.trainable_params / s.total_params
     s.step_entries, first, last_step = q.row("SELECT COUNT(*), MIN(step), COALESCE(MAX(step), 0) FROM steps")
     s.optimizer_steps = last_step
+    line = q.value("SELECT entry FROM step_lines ORDER BY step DESC LIMIT 1")
+    s.epochs = msgspec.json.decode(line, type=StepEntry).epoch if line is not None else None
     weight = q.median("duration_s") or 1.0  # the duration that stands in for steps without one
     w = f"COALESCE(duration_s, {weight!r})"
     s.training_time_s = _training_time_s(q, sessions)
@@ -251,6 +258,7 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
     gpus = _gpus(q, s, header, w)
     _throughput(q, s)
     s.tokens_counted_by = run.tokens_counted_by if run is not None and s.tokens is not None else None
+    s.world_size = run.world_size if run is not None else None
     if run is not None:
         _vram_estimate(q, s, run)
     if header.host_use.samples:  # every poller sample, steps or not
@@ -364,6 +372,11 @@ def _sum(values: Any) -> float | None:
 
 
 def _loss(q: _Query, s: Summary, index: RunIndex) -> None:
+    s.grad_norm_median = q.median("grad_norm")
+    if s.grad_norm_median is not None:
+        s.grad_norm_max_step, s.grad_norm_max = q.row(
+            "SELECT step, grad_norm FROM steps WHERE grad_norm IS NOT NULL ORDER BY grad_norm DESC, step LIMIT 1"
+        )
     s.loss_initial = q.value("SELECT loss FROM steps WHERE loss IS NOT NULL ORDER BY step LIMIT 1")
     s.loss_final_step, s.loss_final, s.loss_final_smoothed = q.row(
         "SELECT step, loss, loss_smoothed FROM steps WHERE loss IS NOT NULL ORDER BY step DESC LIMIT 1"
@@ -613,12 +626,20 @@ def _warnings(q: _Query, header: HistoryHeader, s: Summary, first: int | None, l
         ("inf", s.loss_inf_count, s.loss_inf_first_step),
     ):
         if count:
-            found.append(f"loss was {label} at {_count(count, 'logged step')} (first at step {step})")
-    diverged, diverged_first = q.row("SELECT COUNT(*), MIN(step) FROM steps WHERE loss_diverged")
+            found.append(f"loss was {label} at {count_of(count, 'logged step')} (first at step {step})")
+    diverged, diverged_first, diverged_last = q.row(
+        "SELECT COUNT(*), MIN(step), MAX(step) FROM steps WHERE loss_diverged"
+    )
     if diverged:
+        # A spike the loss came back from (a bad batch) is not a run that diverged: say which it was.
+        back = q.value(
+            "SELECT MIN(step) FROM steps WHERE step > ? AND loss_smoothed IS NOT NULL AND NOT loss_diverged",
+            diverged_last,
+        )
+        came_back = f"; it came back under that from step {back}" if back is not None else ""
         found.append(
             f"loss diverging: the smoothed loss was above {rules.DIVERGENCE_FACTOR:g}x its running minimum "
-            f"at {_count(diverged, 'step')} (first at step {diverged_first})"
+            f"at {count_of(diverged, 'step')} (first at step {diverged_first}){came_back}"
         )
     found += _schedule_restarts(q, header)
     found += _spikes_and_stalls(q, first)
@@ -629,7 +650,7 @@ def _warnings(q: _Query, header: HistoryHeader, s: Summary, first: int | None, l
     ):
         unique = ", ".join(dict.fromkeys(r for part in reasons.split(",") for r in [part] if r))
         found.append(
-            f"GPU {_gpu_label(gpu, names)} throttled ({unique}) during {_count(steps, 'step')}, first at step {step}"
+            f"GPU {_gpu_label(gpu, names)} throttled ({unique}) during {count_of(steps, 'step')}, first at step {step}"
         )
     found += _lagging_utilisation(q, header, names)
     found += _records_dropped(header.telemetry)
@@ -641,7 +662,7 @@ def _warnings(q: _Query, header: HistoryHeader, s: Summary, first: int | None, l
             )
     missing = last - (first or 0) + 1 - s.step_entries if s.step_entries else 0
     if missing > 0:
-        found.append(f"history has no entry for {_count(missing, 'optimizer step')} between its first and last step")
+        found.append(f"history has no entry for {count_of(missing, 'optimizer step')} between its first and last step")
     if s.energy_method == ENERGY_FROM_STEP_POWER:
         found.append("energy integrated from per-step average power: no device or per-step energy was recorded")
     return list(dict.fromkeys(found))
@@ -657,7 +678,7 @@ def _spikes_and_stalls(q: _Query, first: int | None) -> list[str]:
         top_step, top, before = max(spikes, key=lambda spike: spike[1])
         found.append(
             f"gradient norm spiked above {rules.GRAD_NORM_SPIKE_FACTOR:g}x the median of the (up to "
-            f"{rules.GRAD_NORM_WINDOW}) logged before it at {_count(len(spikes), 'step')} (largest {top:.3g} at step "
+            f"{rules.GRAD_NORM_WINDOW}) logged before it at {count_of(len(spikes), 'step')} (largest {top:.3g} at step "
             f"{top_step}, where that median was {before:.3g})"
         )
     # A session's first step carries start-up work (CUDA init, compilation): not a stall.
@@ -670,7 +691,7 @@ def _spikes_and_stalls(q: _Query, first: int | None) -> list[str]:
         )
         if stalls:
             found.append(
-                f"{_count(stalls, 'stalled step')}: step time above {threshold:.3g} s "
+                f"{count_of(stalls, 'stalled step')}: step time above {threshold:.3g} s "
                 f"(median {median_step:.3g} s; longest {longest:.3g} s at step {longest_step})"
             )
     return found
@@ -684,7 +705,7 @@ def _records_dropped(t: Telemetry) -> list[str]:
         (t.invalid_records, "invalid record"),
     ):
         if count:
-            found.append(f"{_count(count, what)} dropped")
+            found.append(f"{count_of(count, what)} dropped")
     if t.dropped_late_events:
         found.append(f"{t.dropped_late_events} late events dropped")
     return found
@@ -716,5 +737,6 @@ def _gpu_label(key: str, names: dict[str, str]) -> str:
     return f"{key} ({name})" if name else key
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+def count_of(n: int, noun: str) -> str:
+    """``1 step``, ``2 steps``."""
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"

@@ -328,9 +328,8 @@ class RunLedger(msgspec.Struct, kw_only=True):
 
     def derived_notes(self) -> list[str]:
         """Notes of state that a later event replaces (said as it stands, not once per session): a push that
-        failed after a pushed one, and the latest training's best checkpoint."""
-        best = best_checkpoint_note(self.last_train_end) if self.last_train_end is not None else None
-        return [note for note in (self.hub_later_failure, best) if note]
+        failed after a pushed one (the latest training's best checkpoint is ``HistoryHeader.final_model``)."""
+        return [self.hub_later_failure] if self.hub_later_failure else []
 
     def on_hub(self, r: HubOutcome) -> None:
         if r.error and self.hub is not None and self.hub.commit_sha:
@@ -379,20 +378,3 @@ def resumed_elsewhere(r: RunStart, progress: SessionProgress | None) -> str | No
         f"session {r.session}: kaio resumed the script from checkpoint-{handed}, but its Trainer began at step "
         f"{r.start_step} (the script passed its own resume_from_checkpoint, which kaio does not override): {again}"
     )
-
-
-def best_checkpoint_note(end: TrainEnd) -> str | None:
-    """The latest training's best checkpoint, as its Trainer kept it (metric_for_best_model, load_best_model_at_end)."""
-    if end.best_checkpoint and end.best_metric_name:
-        higher = end.greater_is_better
-        better = "" if higher is None else ", higher is better" if higher else ", lower is better"
-        best = end.best_metric
-        value = f" ({best:.4g})" if isinstance(best, float) else f" ({best})" if best is not None else ""
-        loaded = "; the final model is its weights (load_best_model_at_end)" if end.best_loaded else ""
-        return f"the Trainer's best checkpoint by {end.best_metric_name}{better}: {end.best_checkpoint}{value}{loaded}"
-    if end.best_loaded:
-        return (
-            f"the Trainer loaded the best checkpoint at the end (load_best_model_at_end): the final model is "
-            f"{end.best_loaded}'s weights, not the last step's"
-        )
-    return None

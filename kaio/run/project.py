@@ -27,6 +27,7 @@ from kaio.record.index import IndexDamaged
 from kaio.record.lock import ProjectLock, is_locked
 from kaio.record.paths import DEFAULT_OUTPUT_DIR, ProjectPaths, node_rank_of, start_over_command
 from kaio.record.types import Note, SessionCounters, SessionEnd, SessionKind, Status
+from kaio.report.summary import Summary, count_of
 from kaio.run import recorder as loading
 from kaio.run.checkpoints import is_checkpoint, latest_checkpoint, without_optimizer
 from kaio.run.job import index_copies, node_folders
@@ -278,7 +279,7 @@ def _supervise(
     if isinstance(stream, JournalReceiver):  # the head keeps the nodes' journals: their indexes, too
         supervisor.on_refresh.append(lambda _state: index_copies(paths))
     supervisor.on_loop.append(outputs.feed)
-    outcome, state_written = None, None
+    outcome, written = None, None
     finishing = _Finishing(outputs, supervisor)
     with finishing:
         try:
@@ -301,7 +302,7 @@ def _supervise(
         finally:
             try:
                 if supervisor.sessions_started:  # else interrupted before it began: nothing to record
-                    state_written = _write_record(outputs, recorder, notify)
+                    written = _write_record(outputs, recorder, notify)
                 recorder.save()
             finally:
                 try:
@@ -310,11 +311,22 @@ def _supervise(
                 finally:
                     if stream is not None:
                         _close_stream(stream, notify)
-    if state_written is not None:
-        hub = state_written.ledger.hub
-        pushed = f" · pushed: {hub.url} at {hub.commit_sha}" if hub is not None and hub.commit_sha else ""
-        notify(f"record: {paths.report} · {paths.figure} · {paths.history}{pushed}")
+    if written is not None:
+        _say_where_the_record_is(*written, paths, notify)
     return outcome.exit_code if outcome else 1
+
+
+def _say_where_the_record_is(state: RunState, summary: Summary, paths: ProjectPaths, notify: Notify) -> None:
+    """The run's last lines: what only the whole history shows (NaN counts, gradient-norm spikes, slow steps),
+    which the run's own warnings did not say, and the record's files with its count of warnings."""
+    live = set(state.parts.warnings.listed())
+    for warning in summary.warnings:
+        if warning not in live:
+            notify(f"kaio: warning: {warning}")
+    hub = state.ledger.hub
+    pushed = f" · pushed: {hub.url} at {hub.commit_sha}" if hub is not None and hub.commit_sha else ""
+    counted = f" ({count_of(len(summary.warnings), 'warning')})" if summary.warnings else ""
+    notify(f"record: {paths.report}{counted} · {paths.figure} · {paths.history}{pushed}")
 
 
 def _close_stream(stream: JournalReceiver | JournalSender, notify: Notify) -> None:
@@ -325,19 +337,19 @@ def _close_stream(stream: JournalReceiver | JournalSender, notify: Notify) -> No
         notify(f"warning: {warning}")
 
 
-def _write_record(outputs, recorder: Recorder, notify: Notify) -> RunState | None:
-    """The reports, Comet and the push once the child has ended; the state they were written from, or
-    None when the disk was still too full (the training is done; its record waits for `kaio report`)."""
+def _write_record(outputs, recorder: Recorder, notify: Notify) -> tuple[RunState, Summary] | None:
+    """The reports, Comet and the push once the child has ended; the state they were written from and the
+    summary, or None when the disk was still too full (the training is done; its record waits for `kaio report`)."""
     paths = recorder.paths
     try:
         state = recorder.final_state()
         try:
-            outputs.finish(state)
+            summary = outputs.finish(state)
         except IndexDamaged as exc:  # damaged on disk since it was written: the journal has it all
             notify(loading.damaged_index_note(paths, exc))
             state = recorder.rebuilt_state()
-            outputs.finish(state)
-        return state
+            summary = outputs.finish(state)
+        return state, summary
     except (OSError, sqlite3.Error) as exc:
         notify(
             f"kaio: error: the record could not be written in {paths.report_dir} "

@@ -31,6 +31,7 @@ from kaio.record.types import (
     DeviceSummary,
     Eval,
     EvalEntry,
+    FinalModel,
     HistoryHeader,
     HubOutcome,
     Log,
@@ -414,8 +415,21 @@ def history_header(parts: StateParts) -> HistoryHeader:
             CheckpointSaved(step=c.step, path=c.path, session=c.session, training=c.training)
             for c in ledger.checkpoints
         ],
+        final_model=_final_model(ledger.last_train_end),
         stalls=list(ledger.stalls),
         ranks=parts.stragglers.summary(),
+    )
+
+
+def _final_model(end: TrainEnd | None) -> FinalModel | None:
+    if end is None or not (end.best_checkpoint or end.best_loaded):
+        return None
+    return FinalModel(
+        best_checkpoint=end.best_checkpoint,
+        metric=end.best_metric_name,
+        value=end.best_metric,
+        greater_is_better=end.greater_is_better,
+        loaded=end.best_loaded,
     )
 
 
