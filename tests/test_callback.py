@@ -66,7 +66,7 @@ def hooks(tmp_path):
         emitter.close()  # writes what the spool buffered
         return _spooled(tmp_path / "spool")
 
-    yield SimpleNamespace(step=step, evaluate=evaluate, events=events, callback=callback)
+    yield SimpleNamespace(step=step, evaluate=evaluate, events=events, callback=callback, state=state)
     emitter.close()
 
 
@@ -88,6 +88,42 @@ def test_a_nan_loss_the_trainers_filter_logged_as_a_number_is_logged_as_nan_from
     assert logs[1]["loss"] == "nan" and logs[1]["nonfinite_from"] == 2
     assert logs[1]["extra"]["trainer_logged_loss"] == 0.0
     assert losses.take().nonfinite is None  # read once
+
+
+def test_a_training_loss_logged_under_a_trainers_own_name_is_the_loss_and_its_nan_is_found(hooks, torch):
+    """SetFit logs ``embedding_loss`` (and ``eval_embedding_loss``), no ``loss``: it is the training loss, and a NaN
+    its Trainer's filter logged as 0 is found as a plain Trainer's is."""
+    losses = hooks.callback.losses
+    losses.observe(torch.tensor(0.5), 1)
+    hooks.step({"embedding_loss": 0.5, "grad_norm": 1.0, "learning_rate": 0.1})
+    losses.observe(torch.tensor(float("nan")), 2)
+    hooks.step({"embedding_loss": 0.0, "grad_norm": float("nan"), "learning_rate": 0.1})
+    hooks.step({"eval_embedding_loss": 0.3, "epoch": 1.0})  # an evaluation's: not the training loss
+    logs = [e for e in hooks.events() if e["type"] == "log"]
+    assert (logs[0]["loss"], logs[0]["extra"]) == (0.5, {"kaio_loss_logged_as": "embedding_loss"})
+    assert (logs[1]["loss"], logs[1]["nonfinite_from"]) == ("nan", 2)
+    assert "loss" not in logs[2] and logs[2]["extra"] == {"eval_embedding_loss": 0.3}
+    records = [{"type": "session_start", "session": 1}, *hooks.events()]
+    header = replay(records).header()
+    assert (
+        "the training loss is what the Trainer logged as embedding_loss (it logs no `loss`)" in header.telemetry.notes
+    )
+
+
+def test_the_trainers_count_of_a_vision_models_pixel_values_is_no_token_count(hooks):
+    """include_num_input_tokens_seen counts the model's main input: a ViT's 768 pixel values an image were taken
+    for tokens (tokens/s 45x too high, MFU 620%)."""
+    from kaio.child.callback import trainer_counts_tokens
+
+    assert trainer_counts_tokens(SimpleNamespace(main_input_name="input_ids"))
+    assert trainer_counts_tokens(object())  # no main input named: the Trainer's default, input_ids
+    vit = SimpleNamespace(main_input_name="pixel_values")
+    assert not trainer_counts_tokens(vit)
+    hooks.callback._trainer_counts_tokens = trainer_counts_tokens(vit)  # as on_train_begin sets it
+    hooks.state.num_input_tokens_seen = 768 * 4
+    hooks.step()
+    (step,) = [e for e in hooks.events() if e["type"] == "step"]
+    assert "tokens_seen" not in step
 
 
 def test_a_step_event_then_its_log_with_nonfinite_values_tagged(hooks):

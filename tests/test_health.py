@@ -314,6 +314,25 @@ def test_peak_flops_come_from_the_table_for_16_bit_runs_on_known_gpus_only():
         assert state.ledger.throughput().peak_tflops == peak
 
 
+def test_an_mfu_over_100_percent_is_left_out_and_said_once():
+    """A peak set too low (or pixels counted as tokens) gave "MFU 620%": no device does more than its peak."""
+    from conftest import replay
+
+    model = {"trainable_matmul_params": 1000, "frozen_matmul_params": 0}
+    run = {"type": "run_start", "rank": 0, "session": 1, "world_size": 1, "model": model}
+    run["args"] = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 1}
+    config = {"reporting": {"peak_tflops": 1e-9}}  # 1,000 FLOP/s
+    steps = [{"type": "step", "rank": 0, "session": 1, "step": k, "step_time_s": 1.0, "tokens": 8} for k in (1, 2)]
+    state = replay([{"type": "session_start", "session": 1, "config": config}, run, *steps])
+    entries = [state.parts.steps.open[k] for k in (1, 2)]
+    assert [e.tokens_per_s_per_device for e in entries] == [8.0, 8.0] and [e.mfu for e in entries] == [None, None]
+    notes = [n for n in state.ledger.telemetry.notes if n.startswith("MFU came out at")]
+    assert notes == [
+        "MFU came out at 4800% at step 1, more than any device does: the peak (reporting.peak_tflops, or kaio's table "
+        "of GPUs) or the tokens counted do not fit this model and device; MFU is left out of the record"
+    ]
+
+
 def test_the_speed_and_eta_leave_out_evaluation_and_save_pauses_and_carry_over_a_resume():
     from kaio.run.live import LiveStats
 

@@ -31,6 +31,7 @@ from kaio.child.paths import recorded_path
 from kaio.child.timing import StepTiming
 from kaio.telemetry.protocol import (
     ENV_RESUME_FROM,
+    LOSS_LOGGED_AS,
     SKIPPED_GPU_TENSORS,
     TRAINER_LOGGED_LOSS,
     Eval,
@@ -43,6 +44,25 @@ from kaio.telemetry.protocol import (
 )
 
 _LOG_FIELDS = ("loss", "learning_rate", "grad_norm")  # Trainer log keys with a field of their own
+
+
+def trainer_counts_tokens(model: Any) -> bool:
+    """The Trainer counts its model's main input (include_num_input_tokens_seen): tokens for a language model, but a
+    ViT's pixel values or an audio model's samples are no tokens (no tokens/s and no MFU from them)."""
+    return getattr(model, "main_input_name", "input_ids") == "input_ids"
+
+
+def training_loss_key(logs: dict[str, Any]) -> str | None:
+    """The key of a training log's loss: ``loss``; else, in a log with a learning rate (a training step's), its one
+    ``<name>_loss`` that is no evaluation's and not the closing mean (SetFit logs ``embedding_loss``)."""
+    if "loss" in logs:
+        return "loss"
+    if "learning_rate" not in logs:
+        return None
+    keys = [
+        k for k in logs if k.endswith("_loss") and k != "train_loss" and not k.startswith(("eval_", "test_", "train_"))
+    ]
+    return keys[0] if len(keys) == 1 else None
 
 
 class _Trainings:
@@ -96,6 +116,7 @@ class KaioCallback(TrainerCallback):
         self._saved: list[tuple[str, str]] = []  # each checkpoint saved: (its path as the script sees it, as recorded)
         self.samples_in_step: int | None = 0  # fed by the patched Trainer's training_step; None: not countable
         self.tokens_in_step: int | None = 0  # likewise
+        self._trainer_counts_tokens = True  # its num_input_tokens_seen counts tokens (on_train_begin says)
         self._training = False  # this Trainer's training began and has not ended
         self._trained = False  # this Trainer's training began, at some time
         self.script_optimizer = False  # the script gave the Trainer its own optimizer (kaio.child.patch)
@@ -144,6 +165,7 @@ class KaioCallback(TrainerCallback):
     # -- Trainer hooks ----------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._trainer_counts_tokens = trainer_counts_tokens(model)
         stop.training(True)
         process_group.note_backend()
         self._peak_memory = peak_memory_functions()
@@ -184,7 +206,7 @@ class KaioCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         now_mono = self._busy_until_mono = time.monotonic()
-        tokens = getattr(state, "num_input_tokens_seen", 0)
+        tokens = getattr(state, "num_input_tokens_seen", 0) if self._trainer_counts_tokens else 0
         step = _TRAININGS.last_step = self._step(state)
         if tokens:
             tokens = _TRAININGS.last_tokens = self._tokens_offset + int(tokens)
@@ -220,9 +242,10 @@ class KaioCallback(TrainerCallback):
         # To stop, the ranks agree first, so that all stop at the same step.
         stopping = stop_on_nonfinite()
         # A NaN/inf logged loss (the same on every rank: gathered) is checked against the window's own losses.
-        logged = logs.get("loss") if logs else None
+        loss_key = training_loss_key(logs) if logs else None
+        logged = logs.get(loss_key) if logs and loss_key else None
         logged_nonfinite = isinstance(logged, (int, float)) and not math.isfinite(logged)
-        window = self.losses.take(agree=stopping, average=logged_nonfinite) if logs and "loss" in logs else None
+        window = self.losses.take(agree=stopping, average=logged_nonfinite) if loss_key else None
         nonfinite = window.nonfinite if window is not None else None
         first_nonfinite = nonfinite.first_step + self._step_offset if nonfinite is not None else None
         if first_nonfinite is not None and stopping:
@@ -232,8 +255,12 @@ class KaioCallback(TrainerCallback):
             return
         fields: dict[str, Any] = {key: self._metric(key, logs[key]) for key in _LOG_FIELDS if key in logs}
         extra = {
-            key: self._value(key, value) for key, value in logs.items() if key not in _LOG_FIELDS and key != "epoch"
+            key: self._value(key, value)
+            for key, value in logs.items()
+            if key not in _LOG_FIELDS and key not in ("epoch", loss_key)
         }
+        if loss_key is not None and loss_key != "loss":  # the trainer's own name for its training loss
+            fields["loss"], extra[LOSS_LOGGED_AS] = self._metric(loss_key, logs[loss_key]), loss_key
         if self._skipped_gpu_values:
             extra[SKIPPED_GPU_TENSORS] = sorted(self._skipped_gpu_values)
         carried = False

@@ -26,7 +26,7 @@ from kaio.record.rules import LossSmoother
 from kaio.record.types import Log, Step, StepEntry, TickRecord, finite, nonfinite_tag
 from kaio.run.counts import SeenCounts
 from kaio.run.step_samples import StepSamples
-from kaio.telemetry.protocol import SKIPPED_GPU_TENSORS, TRAINER_LOGGED_LOSS, TRUNCATED
+from kaio.telemetry.protocol import LOSS_LOGGED_AS, SKIPPED_GPU_TENSORS, TRAINER_LOGGED_LOSS, TRUNCATED
 
 SEAL_LAG_STEPS = 2
 
@@ -164,6 +164,14 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         if throughput is None or tokens is None or not event.step_time_s:
             return
         entry.tokens_per_s_per_device, entry.mfu = throughput.of_step(tokens, event.step_time_s)
+        if entry.mfu is not None and entry.mfu > 1.0:  # more than the device can do: a wrong peak or count
+            if self._first("impossible mfu"):
+                out.note(
+                    f"MFU came out at {entry.mfu:.0%} at step {entry.step}, more than any device does: the peak "
+                    "(reporting.peak_tflops, or kaio's table of GPUs) or the tokens counted do not fit this model "
+                    "and device; MFU is left out of the record"
+                )
+            entry.mfu = None
         if entry.tokens_per_s_per_device is not None:
             out.throughput(entry.tokens_per_s_per_device, entry.mfu)
 
@@ -186,8 +194,11 @@ class StepAssembler(msgspec.Struct, kw_only=True):
             entry.grad_norm = finite(event.grad_norm)
             entry.grad_norm_nonfinite = nonfinite_tag(event.grad_norm)
         for key, value in event.extra.items():
-            if key != TRAINER_LOGGED_LOSS:
+            if key not in (TRAINER_LOGGED_LOSS, LOSS_LOGGED_AS):
                 self._keep_metric(entry, key, value, out)
+        renamed = event.extra.get(LOSS_LOGGED_AS)
+        if renamed is not None and self._first("loss logged as"):
+            out.note(f"the training loss is what the Trainer logged as {renamed} (it logs no `loss`)")
         if event.loss is not None:
             self._record_loss(entry, event, out)
         if entry.grad_norm_nonfinite is not None and entry.loss_nonfinite is None and self._first("grad_norm"):
@@ -202,7 +213,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         kept = StepEntry(step=0, session=event.session)
         for key, value in event.extra.items():
             new = key not in self.at_step_0 and key not in self.kept_at_step_0
-            if new and key not in (TRAINER_LOGGED_LOSS, "num_input_tokens_seen"):
+            if new and key not in (TRAINER_LOGGED_LOSS, LOSS_LOGGED_AS, "num_input_tokens_seen"):
                 self._keep_metric(kept, key, value, out)
         self.at_step_0.update(kept.metrics)
 

@@ -34,6 +34,8 @@ SKIPPED_GPU_TENSORS = "kaio_skipped_gpu_tensors"
 TRUNCATED = "kaio_truncated"
 # A Log extra: what the Trainer logged as the loss, where the real average since the previous log was NaN/inf.
 TRAINER_LOGGED_LOSS = "trainer_logged_loss"
+# A Log extra: the key a trainer logged its training loss under, where not ``loss`` (SetFit's ``embedding_loss``).
+LOSS_LOGGED_AS = "kaio_loss_logged_as"
 ENV_SESSION = "KAIO_SESSION"  # session number, stamped on every event
 # kaio set PYTHONSAFEPATH for the launcher and the ranks (``python -m`` would put the folder kaio runs in first on
 # the import path); each rank takes it back out, so that the script's own processes run as they would without kaio.
