@@ -207,6 +207,28 @@ def test_an_evaluation_is_its_own_event_with_every_metric(hooks):
     ]
 
 
+def test_peft_methods_other_than_lora_are_described_as_what_they_are(torch):
+    """Prefix tuning read "PREFIX_TUNING r=None alpha=None", IA3 had a rank, and DoRA read as plain LoRA."""
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kaio.child.describe import describe_peft
+    from kaio.report.markdown import _peft
+
+    def described(config) -> str:
+        shape = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+        base = LlamaForCausalLM(LlamaConfig(vocab_size=32, num_key_value_heads=2, **shape))
+        return _peft(describe_peft(get_peft_model(base, config)))
+
+    assert (
+        described(PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)) == "PREFIX_TUNING, 5 virtual tokens"
+    )
+    ia3 = IA3Config(task_type="CAUSAL_LM", target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    assert described(ia3) == "IA3 on down_proj, k_proj (feed-forward: down_proj)"
+    dora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"], use_dora=True)
+    assert described(dora) == "DoRA (LORA, use_dora) r=4 alpha=8 dropout=0 on q_proj"
+
+
 def test_train_begin_describes_the_run_from_the_live_objects(tmp_path, torch):
     """A real (tiny) model with a real PEFT config and real TrainingArguments: what the report will say."""
     from peft import LoraConfig, get_peft_model

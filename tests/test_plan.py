@@ -152,6 +152,25 @@ def test_the_8b_example_is_sized_exactly_offline_and_fits_with_gradient_checkpoi
     assert "(with training.gradient_checkpointing: true: 35.2 GiB needed)" in text
 
 
+def test_a_classifiers_estimate_has_no_vocabulary_sized_logits():
+    """A 2-label BERT classifier (vocabulary 30,522) was estimated at 1.4 GiB of logits: its logits are 2 numbers
+    an example."""
+    from kaio.record.memory import estimate, workload_of
+    from kaio.telemetry.protocol import ModelInfo
+
+    shape = {"num_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "vocab_size": 30522}
+    sizes = {"attention_dim": 32, "kv_dim": 32, "weight_bytes": 4_000_000, "trainable_params": 1_000_000}
+
+    def logits(architecture: str) -> int:
+        model = ModelInfo(architecture=architecture, **shape, **sizes)
+        work = workload_of(model, None, tokens=4096, gradient_checkpointing=False, optim=None, half_precision=False)
+        assert work is not None
+        return estimate(work).logits
+
+    assert logits("BertForSequenceClassification") == logits("BertForTokenClassification") == 0
+    assert logits("LlamaForCausalLM") == logits("BertForMaskedLM") == 4096 * 30522 * (4 + 8)
+
+
 def test_a_script_is_not_sized(project_dir):
     """Through the command line: what a user sees."""
     script = project_dir / "train.py"

@@ -192,20 +192,25 @@ def describe_peft(model: Any) -> PeftInfo | None:
     if not isinstance(configs, dict) or not configs:
         return None
     config = configs.get(getattr(model, "active_adapter", "default")) or next(iter(configs.values()))
-    modules = getattr(config, "target_modules", None)
-    if isinstance(modules, (set, frozenset, list, tuple)):
-        modules = sorted(str(m) for m in modules)
-    elif modules is not None:
-        modules = str(modules)
     return PeftInfo(
         peft_type=_plain(getattr(config, "peft_type", None)),
         r=_int(getattr(config, "r", None)),
         alpha=_float(getattr(config, "lora_alpha", None)),
         dropout=_float(getattr(config, "lora_dropout", None)),
-        target_modules=modules,
+        target_modules=_module_names(getattr(config, "target_modules", None)),
         adapted_modules=_adapted_modules(model),
         modules_to_save=sorted(str(m) for m in getattr(config, "modules_to_save", None) or ()),
+        use_dora=getattr(config, "use_dora", False) is True,
+        num_virtual_tokens=_int(getattr(config, "num_virtual_tokens", None)),
+        feedforward_modules=_module_names(getattr(config, "feedforward_modules", None)),
     )
+
+
+def _module_names(modules: Any) -> list[str] | str | None:
+    """A PEFT config's modules: a set or list of names, sorted; or one pattern (``all-linear``, a regex)."""
+    if isinstance(modules, (set, frozenset, list, tuple)):
+        return sorted(str(m) for m in modules)
+    return str(modules) if modules is not None else None
 
 
 def environment() -> Environment:

@@ -29,7 +29,8 @@ optimizer's states exist), each term in bytes:
   dropout, within 10% with it (tests/test_plan.py);
 - **logits**: per token, the logits at the activation width, the fp32
   log-softmax the loss saves and its fp32 gradient in the backward:
-  ``V (a + 8)`` bytes, ``V`` the vocabulary.
+  ``V (a + 8)`` bytes, ``V`` the vocabulary; none for a head that does not
+  predict tokens (a classifier's few logits an example).
 
 The measured peak it is compared to is the caching allocator's peak of
 allocated bytes (kaio's per-step true peak); the CUDA context and the
@@ -94,6 +95,16 @@ class Workload:
     adapters: Adapters | None
 
 
+# Heads that score every token of the vocabulary (a language model's); a classifier's logits are a few numbers.
+TOKEN_PREDICTING_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM")
+
+
+def predicts_tokens(model: ModelInfo) -> bool:
+    """The model's head gives logits over the vocabulary at every token (an unknown head is taken to)."""
+    name = model.architecture or model.model_class
+    return name is None or name.endswith(TOKEN_PREDICTING_HEADS)
+
+
 def workload_of(
     model: ModelInfo,
     peft: PeftInfo | None,
@@ -116,7 +127,7 @@ def workload_of(
         num_heads=model.num_heads or 0,
         query_width=model.attention_dim or 0,
         kv_width=model.kv_dim or 0,
-        vocab_size=model.vocab_size or 0,
+        vocab_size=(model.vocab_size or 0) if predicts_tokens(model) else 0,
     )
     trained_width = model.trainable_bytes_per_param or 4
     adapters = None

@@ -413,10 +413,17 @@ def _generation(args: Any) -> str:
 
 def _peft(peft: Any) -> str:
     targets = _targets(peft.target_modules)
-    text = f"{peft.peft_type or 'adapter'} r={peft.r} alpha={_num(peft.alpha, 'g')}"
+    kind = "DoRA (LORA, use_dora)" if peft.use_dora else peft.peft_type or "adapter"
+    text = kind
+    if peft.r is not None:  # LoRA and its kin; IA3 and the prompt methods have no rank
+        text += f" r={peft.r} alpha={_num(peft.alpha, 'g')}"
+    if peft.num_virtual_tokens is not None:
+        text += f", {peft.num_virtual_tokens} virtual tokens"
     if peft.dropout is not None:
         text += f" dropout={peft.dropout:g}"
     text += f" on {targets}" if targets else ""
+    feedforward = _targets(peft.feedforward_modules)
+    text += f" (feed-forward: {feedforward})" if feedforward else ""
     if peft.modules_to_save:
         text += f"; trained whole beside them: {', '.join(peft.modules_to_save)}"
     return text

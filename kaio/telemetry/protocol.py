@@ -149,6 +149,9 @@ class PeftInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     target_modules: list[str] | str | None = None
     adapted_modules: list[str] = []  # the adapted modules inside the decoder layers, by leaf name (q_proj, ...)
     modules_to_save: list[str] = []  # trained whole beside the adapters (a copy of lm_head...)
+    use_dora: bool = False  # LoRA's weight-decomposed variant (DoRA): a magnitude vector trained too
+    num_virtual_tokens: int | None = None  # prompt, prefix and p-tuning: the virtual tokens learned
+    feedforward_modules: list[str] | str | None = None  # IA3: the targets scaled on their input, not output
 
 
 class Environment(msgspec.Struct, kw_only=True, omit_defaults=True):
