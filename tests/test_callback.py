@@ -229,6 +229,28 @@ def test_peft_methods_other_than_lora_are_described_as_what_they_are(torch):
     assert described(dora) == "DoRA (LORA, use_dora) r=4 alpha=8 dropout=0 on q_proj"
 
 
+def test_a_scripts_own_training_dataloader_batch_is_the_batch_counted(torch):
+    """A Trainer subclass's get_train_dataloader with batch 6 where the arguments say 4: 96 samples were recorded for
+    140, and the batch size said was 4."""
+    from kaio.child.describe import _loader_batch_size
+    from kaio.report.markdown import _per_device_batch
+
+    data = torch.utils.data.TensorDataset(torch.zeros(70, 2))
+    args = SimpleNamespace(per_device_train_batch_size=4)
+    assert _loader_batch_size(torch.utils.data.DataLoader(data, batch_size=6), args) == 6
+    assert _loader_batch_size(torch.utils.data.DataLoader(data, batch_size=4), args) is None  # the arguments' own
+    varying = torch.utils.data.DataLoader(data, batch_sampler=[[0, 1, 2], [3, 4]])  # a sampler of its own sizes
+    assert _loader_batch_size(varying, args) is None and _loader_batch_size(None, args) is None
+
+    run = {"type": "run_start", "rank": 0, "session": 1, "world_size": 1, "loader_batch_size": 6}
+    run["args"] = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}
+    state = replay([{"type": "session_start", "session": 1}, run])
+    assert state.ledger.samples_per_step() == 12
+    described = state.header().run
+    assert described is not None and described.effective_batch_size == 12
+    assert _per_device_batch(described) == "6 (the training DataLoader's; TrainingArguments say 4)"
+
+
 def test_train_begin_describes_the_run_from_the_live_objects(tmp_path, torch):
     """A real (tiny) model with a real PEFT config and real TrainingArguments: what the report will say."""
     from peft import LoraConfig, get_peft_model

@@ -54,8 +54,17 @@ def describe_run(rank: int, args: Any, state: Any, model: Any, kwargs: dict[str,
         ),
         eval_samples=_size(getattr(trainer, "eval_dataset", None)),
         eval_sets=_sets(getattr(trainer, "eval_dataset", None)),
+        loader_batch_size=_loader_batch_size(kwargs.get("train_dataloader"), args),
         environment=environment(),
     )
+
+
+def _loader_batch_size(loader: Any, args: Any) -> int | None:
+    """The training DataLoader's batch per device where it differs from the arguments' (None where the same, or
+    not known: a batch sampler of its own, of varying sizes)."""
+    size = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    size = _int(size)
+    return size if size and size != _int(getattr(args, "per_device_train_batch_size", None)) else None
 
 
 def _training_args(args: Any, state: Any) -> TrainingArgs:

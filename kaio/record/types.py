@@ -411,6 +411,7 @@ class RunDescription(msgspec.Struct, kw_only=True):
     training: int = 1  # the script's how-manieth training (another Trainer, or train() again): after start_step
     precision: str | None = None  # bf16 | fp16 | fp32, from the TrainingArguments
     effective_batch_size: int | None = None  # per device x accumulation x world size
+    loader_batch_size: int | None = None  # the training DataLoader's batch per device, where not the arguments'
     tokens_counted_by: str | None = None  # "trainer" (include_num_input_tokens_seen) or "kaio" (input_ids' sizes)
     model: ModelInfo | None = None
     peft: PeftInfo | None = None
@@ -433,8 +434,6 @@ class RunDescription(msgspec.Struct, kw_only=True):
             model = ModelInfo(
                 architecture=r.architecture, total_params=r.total_params, trainable_params=r.trainable_params
             )
-        parts = (args.per_device_train_batch_size, args.gradient_accumulation_steps, r.world_size)
-        effective = parts[0] * parts[1] * parts[2] if all(isinstance(p, int) for p in parts) else None  # type: ignore[operator]
         precision = training_precision(r)
         return cls(
             reporter=r.reporter,
@@ -445,7 +444,8 @@ class RunDescription(msgspec.Struct, kw_only=True):
             start_step=r.start_step,
             training=r.training,
             precision=precision,
-            effective_batch_size=effective,
+            effective_batch_size=r.samples_per_step,
+            loader_batch_size=r.loader_batch_size,
             tokens_counted_by=r.tokens_counted_by,
             model=model,
             peft=r.peft,

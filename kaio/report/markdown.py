@@ -380,7 +380,7 @@ def _what_was_trained(run: RunDescription | None, *, evaluated: bool = False, la
         ("PEFT", _peft(peft) if peft else ("none: every parameter trained" if model and model.model_class else None)),
         ("Tokenizer", run.tokenizer or ("none given to the Trainer" if model else None)),
         ("Training / evaluation examples", _examples(run)),
-        ("Per-device batch size", args.per_device_train_batch_size),
+        ("Per-device batch size", _per_device_batch(run)),
         ("Gradient accumulation steps", args.gradient_accumulation_steps),
         ("World size (processes)", run.world_size),
         ("Distributed", run.distributed_type),
@@ -409,6 +409,13 @@ def _generation(args: Any) -> str:
     )
     beams = f"{args.generation_num_beams} beams" if args.generation_num_beams else "the model's default search"
     return f"yes (predict_with_generate): {length}, {beams}"
+
+
+def _per_device_batch(run: RunDescription) -> int | str | None:
+    configured = run.args.per_device_train_batch_size
+    if run.loader_batch_size is None or run.loader_batch_size == configured:
+        return configured
+    return f"{run.loader_batch_size} (the training DataLoader's; TrainingArguments say {configured})"
 
 
 def _peft(peft: Any) -> str:

@@ -179,13 +179,7 @@ class RunLedger(msgspec.Struct, kw_only=True):
 
     def samples_per_step(self) -> int | None:
         """Examples in one optimizer step: per device x accumulation x world size (None if unknown)."""
-        if self.run is None:
-            return None
-        args = self.run.args
-        parts = (args.per_device_train_batch_size, args.gradient_accumulation_steps, self.run.world_size)
-        if all(isinstance(p, int) for p in parts):
-            return parts[0] * parts[1] * parts[2]  # type: ignore[operator]
-        return None
+        return self.run.samples_per_step if self.run is not None else None
 
     def throughput(self) -> Throughput | None:
         """What tokens/s per device and MFU are computed from; None before rank 0 described the run."""

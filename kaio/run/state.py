@@ -439,7 +439,7 @@ def _later_training_note(r: RunStart) -> str:
     if r.retry:
         return (
             f"session {r.session}: the Trainer began its training again at its own step {own} with "
-            f"batch size {r.args.per_device_train_batch_size} after running out of memory "
+            f"batch size {r.per_device_batch_size} after running out of memory "
             f"(auto_find_batch_size); its steps are recorded from step {r.start_step + 1}, after the "
             "earlier attempt's"
         )

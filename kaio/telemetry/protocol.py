@@ -213,11 +213,26 @@ class RunStart(Event, tag="run_start"):
     train_samples: int | None = None
     eval_samples: int | None = None
     eval_sets: int | None = None  # several eval datasets (a dict): how many, each evaluated on its own
+    # The training DataLoader's batch per device, where it is not the arguments' (a script's own
+    # get_train_dataloader with its batch size, auto_find_batch_size's smaller one).
+    loader_batch_size: int | None = None
     environment: Environment | None = None
     # Written by kaio before protocol 2 (kept so that old journals still read): now in ``model``.
     trainable_params: int | None = None
     total_params: int | None = None
     architecture: str | None = None
+
+    @property
+    def per_device_batch_size(self) -> int | None:
+        return self.loader_batch_size or self.args.per_device_train_batch_size
+
+    @property
+    def samples_per_step(self) -> int | None:
+        """Examples in one optimizer step: per device x accumulation x world size (None if one is unknown)."""
+        parts = (self.per_device_batch_size, self.args.gradient_accumulation_steps, self.world_size)
+        if all(isinstance(p, int) for p in parts):
+            return parts[0] * parts[1] * parts[2]  # type: ignore[operator]
+        return None
 
 
 class Step(Event, tag="step"):
