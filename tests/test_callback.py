@@ -356,6 +356,16 @@ def test_train_begin_describes_the_run_from_the_live_objects(tmp_path, torch):
         ("Optimizer", "SGD (the script's own, given to the Trainer; TrainingArguments' adamw_torch_fused unused)"),
     ]
 
+    # A trainer that hands its callbacks a wrapper, not a torch module (SetFit passes its SetFitModel): the
+    # Trainer's own model is the one described (parameters, dtype), not "not reported".
+    emitter = EventEmitter(None, str(tmp_path / "spool3"), rank=0, session=1)
+    trainer.model = model  # type: ignore[attr-defined]
+    callback = KaioCallback(emitter, trainer)
+    callback.on_train_begin(args, state, SimpleNamespace(), model=SimpleNamespace(model_body=model))
+    emitter.close()
+    (start,) = _spooled(tmp_path / "spool3")
+    assert start["model"]["trainable_params"] == trainable and start["model"]["architecture"] == "LlamaForCausalLM"
+
 
 def test_a_seq2seq_evaluation_that_generates_is_said_with_its_length_and_beams(tmp_path, torch):
     """Seq2SeqTrainingArguments(predict_with_generate=True): the evaluation's metrics are of generated text."""

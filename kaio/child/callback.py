@@ -165,11 +165,14 @@ class KaioCallback(TrainerCallback):
     # -- Trainer hooks ----------------------------------------------------
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        trainer = self._trainer() if self._trainer is not None else None
+        own = getattr(trainer, "model", None)
+        if not hasattr(model, "parameters") and hasattr(own, "parameters"):
+            model = own  # a wrapper handed to the callbacks (SetFit's SetFitModel): the Trainer's own model
         self._trainer_counts_tokens = trainer_counts_tokens(model)
         stop.training(True)
         process_group.note_backend()
         self._peak_memory = peak_memory_functions()
-        trainer = self._trainer() if self._trainer is not None else None
         start = int(state.global_step)
         _TRAININGS.count += 1
         if getattr(state, "is_world_process_zero", True):  # the rank that tells evaluations apart (on_evaluate)
