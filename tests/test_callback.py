@@ -88,6 +88,10 @@ def test_a_nan_loss_the_trainers_filter_logged_as_a_number_is_logged_as_nan_from
     assert logs[1]["loss"] == "nan" and logs[1]["nonfinite_from"] == 2
     assert logs[1]["extra"]["trainer_logged_loss"] == 0.0
     assert losses.take().nonfinite is None  # read once
+    losses.observe(torch.tensor(float("inf")), 4)
+    losses.observe(torch.tensor(float("-inf")), 4)
+    window = losses.take(average=True)  # their sum is NaN (math.fsum raised): no average, and no exception
+    assert window.nonfinite is not None and (window.nonfinite.tag, window.mean) == ("inf", None)
 
 
 def test_a_training_loss_logged_under_a_trainers_own_name_is_the_loss_and_its_nan_is_found(hooks, torch):
@@ -103,6 +107,9 @@ def test_a_training_loss_logged_under_a_trainers_own_name_is_the_loss_and_its_na
     assert (logs[0]["loss"], logs[0]["extra"]) == (0.5, {"kaio_loss_logged_as": "embedding_loss"})
     assert (logs[1]["loss"], logs[1]["nonfinite_from"]) == ("nan", 2)
     assert "loss" not in logs[2] and logs[2]["extra"] == {"eval_embedding_loss": 0.3}
+    from kaio.child.callback import training_loss_key
+
+    assert training_loss_key({"learning_rate": 0.1, "aux_loss": 2.0}) is None  # a script's own log: no grad norm
     records = [{"type": "session_start", "session": 1}, *hooks.events()]
     header = replay(records).header()
     assert (
@@ -465,6 +472,9 @@ def test_the_end_of_training_says_which_checkpoints_are_gone_and_which_weights_t
         "`out/checkpoint-40`, by eval_accuracy 1, higher is better"
     ]
     assert not any("best" in note for note in header.telemetry.notes)  # said once, at the top
+    # A later session whose training did not reach its end (a crash): the earlier training's best is no fact of it.
+    crashed = [*records, {"type": "session_start", "session": 3}, {"type": "run_start", "rank": 0, "session": 3}]
+    assert replay(crashed).header().final_model is None
 
 
 def _executive_summary_of(header) -> str:
@@ -608,6 +618,21 @@ def test_transformers_is_kept_from_importing_comet_ml_only_where_comet_is_not_co
 
     with pytest.raises(ModuleNotFoundError):  # transformers' `import comet_ml`: as if not installed
         find_from("transformers.integrations.integration_utils")
+    # Through the import machinery itself: the statement is refused, importlib.util.find_spec still answers.
+    import sys
+
+    saved = sys.modules.pop("comet_ml", None)
+    sys.meta_path.insert(0, finder)
+    try:
+        module = {"__name__": "transformers.integrations.integration_utils"}
+        with pytest.raises(ModuleNotFoundError):
+            exec("import comet_ml", module)
+        exec("import importlib.util\nspec = importlib.util.find_spec('comet_ml')", module)
+        assert module["spec"] is not None and "comet_ml" not in sys.modules
+    finally:
+        sys.meta_path.remove(finder)
+        if saved is not None:
+            sys.modules["comet_ml"] = saved
     assert find_from("train") is None  # the script's own import: found as always
     assert find_from("accelerate.utils.imports") is None  # a library's check for it, too
     (tmp_path / ".comet.config").write_text("[comet]\napi_key=abc\n")

@@ -329,7 +329,7 @@ def test_an_mfu_over_100_percent_is_left_out_and_said_once():
     notes = [n for n in state.ledger.telemetry.notes if n.startswith("MFU came out at")]
     assert notes == [
         "MFU came out at 4800% at step 1, more than any device does: the peak (reporting.peak_tflops, or kaio's table "
-        "of GPUs) or the tokens counted do not fit this model and device; MFU is left out of the record"
+        "of GPUs) or the tokens counted do not fit this model and device; MFU is left out of the record from there on"
     ]
 
 

@@ -168,7 +168,11 @@ def test_a_classifiers_estimate_has_no_vocabulary_sized_logits():
         return estimate(work).logits
 
     assert logits("BertForSequenceClassification") == logits("BertForTokenClassification") == 0
-    assert logits("LlamaForCausalLM") == logits("BertForMaskedLM") == 4096 * 30522 * (4 + 8)
+    assert logits("LlamaForCausalLM") == logits("BertForMaskedLM") == logits("MarianMTModel") == 4096 * 30522 * 12
+    # Fine-tuned from bert-base: its config still names the head it was saved with; the class loaded is the one.
+    model = ModelInfo(architecture="BertForMaskedLM", model_class="BertForSequenceClassification", **shape, **sizes)
+    work = workload_of(model, None, tokens=4096, gradient_checkpointing=False, optim=None, half_precision=False)
+    assert work is not None and estimate(work).logits == 0
 
 
 def test_a_script_is_not_sized(project_dir):

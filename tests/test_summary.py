@@ -251,8 +251,8 @@ def test_a_loss_spike_the_smoothed_loss_came_back_from_says_so():
         for i in range(1, 21)
     ]
     assert (
-        "loss diverging: the smoothed loss was above 3x its running minimum at 2 steps (first at step 15); it came "
-        "back under that from step 17"
+        "loss diverging: the smoothed loss was above 3x its running minimum at 2 steps (first at step 15); no longer "
+        "from step 17"
     ) in summary_of(steps).warnings
 
 

@@ -53,11 +53,12 @@ def trainer_counts_tokens(model: Any) -> bool:
 
 
 def training_loss_key(logs: dict[str, Any]) -> str | None:
-    """The key of a training log's loss: ``loss``; else, in a log with a learning rate (a training step's), its one
-    ``<name>_loss`` that is no evaluation's and not the closing mean (SetFit logs ``embedding_loss``)."""
+    """The key of a training log's loss: ``loss``; else, in a log with the Trainer's learning rate and gradient norm
+    (its training log, with the loss renamed), its one ``<name>_loss`` that is no evaluation's and not the closing
+    mean (SetFit logs ``embedding_loss``). A script's own log of an auxiliary loss has no gradient norm."""
     if "loss" in logs:
         return "loss"
-    if "learning_rate" not in logs:
+    if "learning_rate" not in logs or "grad_norm" not in logs:
         return None
     keys = [
         k for k in logs if k.endswith("_loss") and k != "train_loss" and not k.startswith(("eval_", "test_", "train_"))

@@ -78,7 +78,7 @@ class LossWatch:
             if first is not None and found == _NO_STEP:
                 found = steps[first]
                 tag = "nan" if math.isnan(values[first]) else ("inf" if values[first] > 0 else "-inf")
-            total += math.fsum(values)
+            total += sum(values)  # inf + -inf is NaN here (math.fsum raises): no average then
             steps_seen.update(steps)
         self._losses, self._steps, self._folded = [], [], []
         if agree:

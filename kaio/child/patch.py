@@ -109,9 +109,10 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
 
 def _importer() -> str | None:
-    """The module whose code is importing (the first frame outside the import machinery), by name."""
+    """The module whose code is importing (the first frame outside the import machinery, ``importlib._bootstrap``
+    and ``_bootstrap_external``), by name; ``importlib.util.find_spec`` is a caller of its own."""
     frame: types.FrameType | None = sys._getframe(2)  # 0: here, 1: find_spec, 2: who called it
-    while frame is not None and frame.f_code.co_filename.startswith("<frozen importlib"):
+    while frame is not None and frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
         frame = frame.f_back
     return frame.f_globals.get("__name__") if frame is not None else None
 

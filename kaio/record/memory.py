@@ -96,12 +96,21 @@ class Workload:
 
 
 # Heads that score every token of the vocabulary (a language model's); a classifier's logits are a few numbers.
-TOKEN_PREDICTING_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration", "ForMaskedLM")
+TOKEN_PREDICTING_HEADS = (
+    "ForCausalLM",
+    "LMHeadModel",
+    "WithLMHead",
+    "ForConditionalGeneration",
+    "ForMaskedLM",
+    "MTModel",
+)
 
 
 def predicts_tokens(model: ModelInfo) -> bool:
-    """The model's head gives logits over the vocabulary at every token (an unknown head is taken to)."""
-    name = model.architecture or model.model_class
+    """The model's head gives logits over the vocabulary at every token (an unknown head is taken to). The class
+    loaded says which head ran; a checkpoint's ``architectures`` names the head it was saved with (a classifier
+    fine-tuned from bert-base says BertForMaskedLM); a PeftModel without a task names none."""
+    name = next((n for n in (model.model_class, model.architecture) if n and n != "PeftModel"), None)
     return name is None or name.endswith(TOKEN_PREDICTING_HEADS)
 
 

@@ -108,8 +108,8 @@ def _executive_summary(s: Summary, header: HistoryHeader) -> str:
                 steps += " (the training process exited with code 0 before its Trainer ended the training)"
     if s.step_entries != s.optimizer_steps:
         steps += f" ({s.step_entries:,} recorded)"
-    if s.epochs:
-        steps += f", {s.epochs:.4g} epoch{'s' if s.epochs != 1 else ''}"
+    if s.epochs and (header.run is None or header.run.training == 1):  # a later training counts its own epochs
+        steps += f", {round(s.epochs, 3):,g} epoch{'s' if s.epochs != 1 else ''}"
     sessions = f" over {s.sessions} sessions" if s.sessions > 1 else ""
     lines = [
         f"- **Status:** {_status(s)}",

@@ -636,7 +636,7 @@ def _warnings(q: _Query, header: HistoryHeader, s: Summary, first: int | None, l
             "SELECT MIN(step) FROM steps WHERE step > ? AND loss_smoothed IS NOT NULL AND NOT loss_diverged",
             diverged_last,
         )
-        came_back = f"; it came back under that from step {back}" if back is not None else ""
+        came_back = f"; no longer from step {back}" if back is not None else ""
         found.append(
             f"loss diverging: the smoothed loss was above {rules.DIVERGENCE_FACTOR:g}x its running minimum "
             f"at {count_of(diverged, 'step')} (first at step {diverged_first}){came_back}"

@@ -67,6 +67,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
     counts: SeenCounts = msgspec.field(default_factory=SeenCounts)  # the examples and tokens seen
     later_training: bool = False  # a later training began (another Trainer, an out-of-memory retry): its first step
     evaluated_after_s: float = 0.0  # the script's own evaluations since rank 0's latest step (after a train() ended)
+    mfu_impossible: bool = False  # a step's MFU came out above 100%: none is recorded from there on
 
     def start_session(self, session: int) -> None:
         self.session = session
@@ -164,13 +165,14 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         if throughput is None or tokens is None or not event.step_time_s:
             return
         entry.tokens_per_s_per_device, entry.mfu = throughput.of_step(tokens, event.step_time_s)
-        if entry.mfu is not None and entry.mfu > 1.0:  # more than the device can do: a wrong peak or count
-            if self._first("impossible mfu"):
-                out.note(
-                    f"MFU came out at {entry.mfu:.0%} at step {entry.step}, more than any device does: the peak "
-                    "(reporting.peak_tflops, or kaio's table of GPUs) or the tokens counted do not fit this model "
-                    "and device; MFU is left out of the record"
-                )
+        if entry.mfu is not None and entry.mfu > 1.0 and not self.mfu_impossible:  # more than any device does
+            out.note(
+                f"MFU came out at {entry.mfu:.0%} at step {entry.step}, more than any device does: the peak "
+                "(reporting.peak_tflops, or kaio's table of GPUs) or the tokens counted do not fit this model "
+                "and device; MFU is left out of the record from there on"
+            )
+            self.mfu_impossible = True
+        if self.mfu_impossible:
             entry.mfu = None
         if entry.tokens_per_s_per_device is not None:
             out.throughput(entry.tokens_per_s_per_device, entry.mfu)

@@ -61,10 +61,12 @@ class JobFollow:
         """Called at every turn of the supervisor's loop (``NodeWatch`` reads the journals every couple of seconds)."""
         if self._nodes is not None:
             try:
-                for warning in self._nodes.poll():  # a node gone stale or lost
-                    self._note(warning)
+                silent = self._nodes.poll()  # a node gone stale or lost
             except Exception as exc:
+                silent = []
                 self._note_once(f"the other nodes' records could not be followed: {type(exc).__name__}: {exc}")
+            for warning in silent:
+                self._note(warning)
         if self._stream is not None:
             for warning in self._stream.pop_warnings():
                 self._note(warning)

@@ -317,8 +317,8 @@ def _supervise(
 
 
 def _say_where_the_record_is(state: RunState, summary: Summary, paths: ProjectPaths, notify: Notify) -> None:
-    """The run's last lines: what only the whole history shows (NaN counts, gradient-norm spikes, slow steps),
-    which the run's own warnings did not say, and the record's files with its count of warnings."""
+    """The run's last lines: the warnings of the whole history (NaN counts, gradient-norm spikes, slow steps) not
+    said in these words while it ran, and the record's files with its count of warnings."""
     live = set(state.parts.warnings.listed())
     for warning in summary.warnings:
         if warning not in live:

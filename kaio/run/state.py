@@ -415,7 +415,7 @@ def history_header(parts: StateParts) -> HistoryHeader:
             CheckpointSaved(step=c.step, path=c.path, session=c.session, training=c.training)
             for c in ledger.checkpoints
         ],
-        final_model=_final_model(ledger.last_train_end),
+        final_model=_final_model(ledger.last_train_end) if ledger.trained_to_end(ledger.session) else None,
         stalls=list(ledger.stalls),
         ranks=parts.stragglers.summary(),
     )
