@@ -55,6 +55,7 @@ __all__ = [
 ]
 
 SPARK_CHARS = "▁▂▃▄▅▆▇█"
+ASCII_SPARK_CHARS = "_.-=+*#@"  # the same eight levels where the terminal's encoding has no block characters
 DASH = "–"
 
 #: Hard bounds, applied before any work, whatever the snapshot holds.
@@ -206,8 +207,8 @@ def format_exit_code(code: int | None) -> str:
 # --------------------------------------------------------------------------
 
 
-def sparkline(values: Sequence[float | None], width: int) -> str:
-    """A unicode sparkline (``▁▂▃▄▅▆▇█``) of ``values``, oldest first, at most ``width`` chars.
+def sparkline(values: Sequence[float | None], width: int, chars: str = SPARK_CHARS) -> str:
+    """A sparkline of ``values`` in ``chars`` (``▁▂▃▄▅▆▇█``), oldest first, at most ``width`` chars.
 
     More values than ``width`` are averaged in ``width`` equal buckets (so the
     whole window shows, smoothed); fewer are drawn one character each. ``None``,
@@ -230,16 +231,16 @@ def sparkline(values: Sequence[float | None], width: int) -> str:
         return " " * len(vals)
     lo_v, hi_v = min(finite), max(finite)  # type: ignore[type-var]
     span = hi_v - lo_v  # type: ignore[operator]
-    top = len(SPARK_CHARS) - 1
+    top = len(chars) - 1
     out = []
     for v in vals:
         if not _finite(v):
             out.append(" ")
         elif span <= 0 or not math.isfinite(span):
-            out.append(SPARK_CHARS[top // 2])
+            out.append(chars[top // 2])
         else:
             idx = int(round((v - lo_v) / span * top))  # type: ignore[operator]
-            out.append(SPARK_CHARS[min(top, max(0, idx))])
+            out.append(chars[min(top, max(0, idx))])
     return "".join(out)
 
 
@@ -453,7 +454,7 @@ def _top_parts(snap: Snapshot, console: Console, options: ConsoleOptions, width:
                 ("report ", "dim"), (_clean(snap.report_path), "bold"), ("  (and telemetry.png, history.json)", "dim")
             )
         )
-    parts.append(_training_panel(snap, width))
+    parts.append(_training_panel(snap, width, ascii_only=options.ascii_only))
     parts.append(_devices_panel(snap, console, options, width))
     if snap.nodes:
         parts.append(_nodes_panel(snap))
@@ -533,7 +534,7 @@ def _peak_by_row(snap: Snapshot) -> tuple[dict[str, int | None], dict[int, int |
     return by_key, rest
 
 
-def _training_panel(snap: Snapshot, width: int) -> Panel:
+def _training_panel(snap: Snapshot, width: int, *, ascii_only: bool = False) -> Panel:
     _, unmapped = _peak_by_row(snap)
     items = {
         "loss": Text(format_loss(snap.loss), style="bold red" if _bad(snap.loss) else "bold"),
@@ -571,10 +572,11 @@ def _training_panel(snap: Snapshot, width: int) -> Panel:
     losses = snap.recent_losses[-MAX_SPARK_VALUES:]
     if losses:
         finite = [v for v in losses if _finite(v)]
-        rng = f" {format_loss(finite[0])} → {format_loss(finite[-1])}" if finite else ""
+        arrow = "->" if ascii_only else "→"  # a terminal that cannot show them showed '?'
+        rng = f" {format_loss(finite[0])} {arrow} {format_loss(finite[-1])}" if finite else ""
         spark_w = max(0, min(len(losses), inner - len("trend ") - len(rng)))
         line = Text("trend ", style="dim")
-        line.append(sparkline(losses, spark_w), style="cyan")
+        line.append(sparkline(losses, spark_w, ASCII_SPARK_CHARS if ascii_only else SPARK_CHARS), style="cyan")
         line.append(rng, style="dim")
         line.no_wrap = True
         line.overflow = "ellipsis"

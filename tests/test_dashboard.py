@@ -349,6 +349,19 @@ def test_explicit_log_lines():
     assert "output" not in text_of(render(snap, log_lines=0))
 
 
+def test_a_terminal_without_unicode_gets_an_ascii_sparkline_not_question_marks():
+    """LANG=C (an ASCII terminal): Rich draws ASCII boxes, and the trend line was '????? 5.9 ? 0.25'."""
+    snap = make_snapshot(recent_losses=(5.0, 4.0, 3.0, 2.0, 1.0))
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="ascii", errors="replace")  # as kaio's cli leaves such a stream
+    Console(file=out, width=100, height=60, color_system=None).print(render(snap))
+    out.flush()
+    trend = next(line for line in raw.getvalue().decode().splitlines() if "trend" in line)
+    assert "?" not in trend and "trend @*+-_ 5 -> 1 " in trend
+    unicode_trend = next(line for line in text_of(render(snap)).splitlines() if "trend" in line)
+    assert "trend █▆▅▃▁ 5 → 1 " in unicode_trend
+
+
 def test_bounded_inputs_are_sliced_not_walked():
     """Huge sequences render with bounded output: sparkline width, warnings and logs are cut."""
     snap = make_snapshot(
