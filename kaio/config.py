@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -176,7 +177,11 @@ class LaunchConfig(_Section):
         None,
         description="Your own training script (it builds a `Trainer`; kaio injects its callback). Default: the built-in LoRA recipe.",
     )
-    script_args: list[str] = Field(default_factory=list, description="Arguments passed to `script`.")
+    module: str | None = Field(
+        None,
+        description="Your own training code as a module, run as `python -m` runs it (`mypkg.train`, `axolotl.cli.train`), from the folder kaio runs in; instead of `script`.",
+    )
+    script_args: list[str] = Field(default_factory=list, description="Arguments passed to `script` (or `module`).")
     accelerate_args: list[str] = Field(
         default_factory=list, description="Extra `accelerate launch` flags, e.g. `[--mixed_precision, bf16]`."
     )
@@ -226,6 +231,33 @@ class LaunchConfig(_Section):
         if value is not None and not Path(value).is_file():
             raise ValueError(f"script {value!r} not found (relative paths start from {os.getcwd()})")
         return value
+
+    @field_validator("module")
+    @classmethod
+    def _module_exists(cls, value: str | None) -> str | None:
+        """Its top package, where `python -m` would look (the folder kaio runs in, then the installed packages),
+        found without importing anything."""
+        if value is None:
+            return None
+        if not all(part.isidentifier() for part in value.split(".")):
+            raise ValueError(f"module {value!r} is not a dotted module name (a file goes in launch.script)")
+        import importlib.machinery
+
+        top = value.split(".")[0]
+        if importlib.machinery.PathFinder.find_spec(top, [os.getcwd(), *sys.path]) is None:
+            raise ValueError(f"module {value!r} not found: no package {top!r} in {os.getcwd()} or installed")
+        return value
+
+    @model_validator(mode="after")
+    def _script_or_module(self) -> LaunchConfig:
+        if self.script is not None and self.module is not None:
+            raise ValueError("launch.script and launch.module both set: give one (a file, or a module to run as -m)")
+        return self
+
+    @property
+    def own_code(self) -> str | None:
+        """The user's training code (``script``, or ``-m module``); None: the built-in recipe."""
+        return self.script if self.script is not None else f"-m {self.module}" if self.module is not None else None
 
     @property
     def head_stream_port(self) -> int:
@@ -305,7 +337,7 @@ class RunConfig(_Section):
     def _script_sees_no_recipe_keys(self, info: ValidationInfo) -> RunConfig:
         """With ``launch.script`` the built-in recipe does not run, so its keys would be silently ignored.
         (A saved config, config.json, holds every key with its default: not the user's doing.)"""
-        if self.launch.script is None or (info.context or {}).get("saved"):
+        if self.launch.own_code is None or (info.context or {}).get("saved"):
             return self
         for section in SCRIPT_IGNORED_SECTIONS:
             for key in sorted(getattr(self, section).model_fields_set - SCRIPT_READ_KEYS.get(section, set())):
@@ -374,7 +406,7 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
 
 def with_max_steps(cfg: RunConfig, max_steps: int, option: str = "--max-steps") -> RunConfig:
     """``cfg`` with ``training.max_steps`` from the command line; a bad value names the option."""
-    if cfg.launch.script is not None:
+    if cfg.launch.own_code is not None:
         raise ConfigError(
             f"{option}: your script (launch.script) decides its own length; pass it in "
             f"launch.script_args instead (e.g. [--max_steps, {max_steps}])"
@@ -496,7 +528,7 @@ def config_snapshot(cfg: RunConfig) -> dict[str, Any]:
     secret-named keys, and of secret-looking flags in the script's and accelerate's arguments). With a script
     of the user's, the recipe's sections are left out but for the keys kaio reads: none of them ran."""
     snapshot = redact(cfg.model_dump(mode="json"))
-    if cfg.launch.script is not None:
+    if cfg.launch.own_code is not None:
         for section in SCRIPT_IGNORED_SECTIONS:
             kept = {k: v for k, v in snapshot.pop(section).items() if k in SCRIPT_READ_KEYS.get(section, set())}
             if kept:

@@ -74,6 +74,8 @@ def build_command(cfg: RunConfig, plan: LaunchPlan, environ: Mapping[str, str]) 
     argv += ["-m", "kaio.child"]
     if cfg.launch.script:
         argv += ["--kaio-script", str(Path(cfg.launch.script).resolve()), *cfg.launch.script_args]
+    elif cfg.launch.module:
+        argv += ["--kaio-module", cfg.launch.module, *cfg.launch.script_args]
     else:
         argv += ["--config", str(plan.config_path)]
 

@@ -123,7 +123,7 @@ def make_plan(cfg: RunConfig, environ: Mapping[str, str] = os.environ) -> Plan:
 
     gpus, notes = _gpus_in_run(cfg, environ)
     argv, env = preview_command(cfg, environ)
-    if cfg.launch.script is not None:
+    if cfg.launch.own_code is not None:
         why = (
             "your script (launch.script) builds its own model: kaio sees it only once it runs; "
             "the report then puts the estimate of what it trained beside the measured peak"

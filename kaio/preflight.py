@@ -62,7 +62,7 @@ def check_recipe_inputs(
 ) -> None:
     """Raise a one-line ``ConfigError`` (``<source>: <key>: ...``) for what the built-in recipe would fail on.
     ``model``: whether the model must be at hand too (`kaio plan` sizes a well-known one without it)."""
-    if cfg.launch.script is not None:
+    if cfg.launch.own_code is not None:
         return
     try:
         _check_names(cfg)

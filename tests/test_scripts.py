@@ -455,3 +455,46 @@ def test_a_script_refusing_its_arguments_is_named_with_argparses_own_message(pro
     error = read_history(project_dir, "typo")["sessions"][0]["error"]
     assert error.startswith("rank 0: the script's arguments: run_glue.py: error: argument --lr_scheduler_type")
     assert "invalid choice: 'cosin'" in error
+
+
+def test_a_module_in_a_package_runs_as_python_m_runs_it(project_dir):
+    """`python -m mypkg.train` (relative imports, the package in the folder kaio runs in), as axolotl's
+    `accelerate launch -m axolotl.cli.train` is: launch.module, its arguments in script_args. As a script it failed
+    with "attempted relative import with no known parent package"."""
+    package = project_dir / "mypkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "common.py").write_text("LOSS = 2.0\n")
+    (package / "train.py").write_text(
+        textwrap.dedent(
+            """\
+            import sys
+
+            import kaio
+
+            from .common import LOSS
+
+            steps = int(sys.argv[1])
+            for step in range(1, steps + 1):
+                kaio.log(step=step, loss=LOSS + 1 / step, learning_rate=1e-3)
+            print(f"trained {steps} steps as {__name__} from {__spec__.name}, argv[0] {sys.argv[0].split('/')[-1]}")
+            """
+        )
+    )
+    (project_dir / "cfg.yaml").write_text(
+        "project_name: t\nlaunch:\n  module: mypkg.train\n  script_args: ['6']\nreporting:\n  use_comet_ml: false\n"
+    )
+    result = kaio("run", "cfg.yaml", cwd=project_dir, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "trained 6 steps as __main__ from mypkg.train, argv[0] train.py" in result.stdout
+    history = read_history(project_dir)
+    assert [s["step"] for s in history["steps"]] == list(range(1, 7)) and history["status"] == "COMPLETED"
+    assert history["config"]["launch"]["module"] == "mypkg.train" and "model" not in history["config"]
+
+    # A module that is not there, or both a script and a module: one line before anything starts.
+    (project_dir / "bad.yaml").write_text("project_name: u\nlaunch:\n  module: nopkg.train\n")
+    result = kaio("run", "bad.yaml", cwd=project_dir, timeout=60)
+    assert result.returncode == 2 and "module 'nopkg.train' not found: no package 'nopkg' in" in result.stderr
+    (project_dir / "both.yaml").write_text(f"project_name: u\nlaunch:\n  module: mypkg.train\n  script: {__file__}\n")
+    result = kaio("run", "both.yaml", cwd=project_dir, timeout=60)
+    assert result.returncode == 2 and "launch.script and launch.module both set" in result.stderr

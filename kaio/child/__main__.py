@@ -1,4 +1,4 @@
-"""Entry point of every rank: ``accelerate launch -m kaio.child [--kaio-script S] ARGS...``.
+"""Entry point of every rank: ``accelerate launch -m kaio.child [--kaio-script S | --kaio-module M] ARGS...``.
 
 Installs the Trainer patch, then runs the target (the built-in recipe or the
 user's script) exactly as ``python script.py args`` would. A failure writes
@@ -28,6 +28,7 @@ Ending = Literal["recipe", "script", "script after gloo"]
 
 
 SCRIPT_FLAG = "--kaio-script"
+MODULE_FLAG = "--kaio-module"
 
 
 def main(argv: list[str] | None = None) -> Ending:
@@ -39,11 +40,15 @@ def main(argv: list[str] | None = None) -> Ending:
         os.environ.pop("PYTHONSAFEPATH", None)
     # Parsed by hand: every other argument belongs to the target, `--help` included.
     args = list(sys.argv[1:] if argv is None else argv)
-    script = None
+    script = module = None
     if args[:1] == [SCRIPT_FLAG]:
         if len(args) < 2:
             sys.exit(f"kaio.child: {SCRIPT_FLAG} needs a path")
         script, args = args[1], args[2:]
+    elif args[:1] == [MODULE_FLAG]:
+        if len(args) < 2:
+            sys.exit(f"kaio.child: {MODULE_FLAG} needs a module")
+        module, args = args[1], args[2:]
     if args[:1] == ["--"]:
         args = args[1:]
 
@@ -61,6 +66,12 @@ def main(argv: list[str] | None = None) -> Ending:
                 sys.argv = [script, *args]
                 sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
                 runpy.run_path(script, run_name="__main__")
+            elif module:
+                # As `python -m`: the folder it runs in first on the path (kaio's own modules are imported by now,
+                # so a folder named kaio there cannot stand in for them), argv[0] the module's file.
+                sys.argv = [module, *args]
+                sys.path.insert(0, os.getcwd())
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
             else:
                 sys.argv = [BUILTIN_RECIPE, *args]
                 runpy.run_module(BUILTIN_RECIPE, run_name="__main__", alter_sys=True)
@@ -82,7 +93,7 @@ def main(argv: list[str] | None = None) -> Ending:
 
         plain.finish()
         shared_emitter().close()
-    if script is None:
+    if script is None and module is None:
         return "recipe"
     from kaio.child import process_group
 

@@ -481,7 +481,8 @@ def _kaio_config(config: dict | None, run: RunDescription | None) -> str | None:
     if not config:
         return None
     launch = config.get("launch") or {}
-    keep = ("launch", "reporting", "hub") + (BUILTIN_RECIPE_SECTIONS if not launch.get("script") else ())
+    own_code = launch.get("script") or launch.get("module")
+    keep = ("launch", "reporting", "hub") + (BUILTIN_RECIPE_SECTIONS if not own_code else ())
     shown = {k: v for k, v in config.items() if k in keep or k == "project_name"}
     dump = json.dumps(redact(shown), indent=2, sort_keys=True, default=str, ensure_ascii=False)
     return f"## kaio configuration\n\n<details><summary>The config kaio ran with</summary>\n\n```json\n{dump}\n```\n\n</details>"

@@ -225,7 +225,8 @@ def _has_history(
     if latest_checkpoint(checkpoints, notify=lambda _: None, at_most=state.last_step) is None:
         return ProjectError(f"{said}, and {_no_checkpoint_in(cfg, state, checkpoints)}; {overwrite}")
     if state.status is Status.COMPLETED:
-        ran_script = bool(((state.ledger.config or {}).get("launch") or {}).get("script"))
+        launched = (state.ledger.config or {}).get("launch") or {}
+        ran_script = bool(launched.get("script") or launched.get("module"))
         longer = (
             f"a longer run in launch.script_args and `{paths.command('resume')} --config {config}`"
             if ran_script
@@ -238,7 +239,7 @@ def _has_history(
 def _check_checkpoint_folder(cfg: RunConfig) -> None:
     """The built-in recipe saves to ``training.output_dir``: a folder it cannot create or write is one line
     now, not a traceback once the model has loaded (a script's own output_dir is the script's to make)."""
-    if cfg.launch.script:
+    if cfg.launch.own_code is not None:
         return
     folder = cfg.checkpoint_dir
     try:
@@ -504,7 +505,7 @@ def checkpoint_folder(cfg: RunConfig, state: RunState) -> Path:
 def _no_checkpoint_in(cfg: RunConfig, state: RunState, folder: Path) -> str:
     """Where no checkpoint was found, said truly: a script's Trainer that never started named no folder (kaio's
     own folder is the built-in recipe's, not the script's)."""
-    if cfg.launch.script is not None and state.ledger.checkpoint_folder() is None and cfg.training.output_dir is None:
+    if cfg.launch.own_code is not None and state.ledger.checkpoint_folder() is None and cfg.training.output_dir is None:
         return "no checkpoint to continue from (no Trainer of the script started, so none was saved)"
     return f"no complete checkpoint to continue from in {folder}/"
 
@@ -518,6 +519,7 @@ _FROZEN_KEYS = (
     "lora.alpha",
     "lora.target_modules",
     "launch.script",
+    "launch.module",
     "reporting.output_dir",
     "training.output_dir",  # one history, one set of checkpoints: in one place each
 )
@@ -729,7 +731,7 @@ def _resume_checkpoint(
         if not where.is_head:  # a node of a job: the head's checkpoint is the one to resume from, here too
             keep = (
                 "your script's output_dir on a filesystem every node sees, or TrainingArguments(save_on_each_node=True)"
-                if cfg.launch.script
+                if cfg.launch.own_code is not None
                 else "training.output_dir on a filesystem every node sees (the built-in recipe saves on the head)"
             )
             raise ProjectError(
@@ -754,7 +756,7 @@ def _refuse_a_finished_run(paths: ProjectPaths, cfg: RunConfig, state: RunState,
     """Trained to its planned length (completed, or stopped or failed in its last save): nothing is left to resume
     unless the resume asks for a longer run (``--max-steps``, or a script's edited arguments)."""
     project = paths.project
-    if cfg.launch.script is None:
+    if cfg.launch.own_code is None:
         planned = cfg.training.max_steps
         if planned != -1 and planned <= state.last_step:
             raise ProjectError(
