@@ -391,9 +391,7 @@ def final_line(snapshot: Snapshot) -> str:
     line += f", {format_exit_code(snapshot.exit_code)}"
     if snapshot.loss is not None:
         line += f", final loss {format_loss(snapshot.loss)}"
-    n_warn = snapshot.warning_count
-    if n_warn:
-        line += f", {n_warn} warning{'s' if n_warn != 1 else ''}"
+    # No count of warnings: the record's line after it counts them all, the whole history's included.
     return _clean(line)
 
 

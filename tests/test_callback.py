@@ -120,7 +120,7 @@ def test_a_training_loss_logged_under_a_trainers_own_name_is_the_loss_and_its_na
 def test_the_trainers_count_of_a_vision_models_pixel_values_is_no_token_count(hooks):
     """include_num_input_tokens_seen counts the model's main input: a ViT's 768 pixel values an image were taken
     for tokens (tokens/s 45x too high, MFU 620%)."""
-    from kaio.child.callback import trainer_counts_tokens
+    from kaio.child.describe import trainer_counts_tokens
 
     assert trainer_counts_tokens(SimpleNamespace(main_input_name="input_ids"))
     assert trainer_counts_tokens(object())  # no main input named: the Trainer's default, input_ids

@@ -480,6 +480,9 @@ def test_final_line():
     assert line.startswith("[kaio] tiny-default FAILED after its training completed: 60/60 steps in")
     line = final_line(make_snapshot(status="INTERRUPTED", exit_code=-15, loss=None))
     assert "INTERRUPTED" in line and "SIGTERM" in line and "\x1b" not in line
+    # Warnings are counted on the record's line that follows (the whole history's too): not here, differently.
+    line = final_line(make_snapshot(status="COMPLETED", exit_code=0, loss=None, warnings=("a", "b")))
+    assert line == "[kaio] tiny-default COMPLETED: 12/60 steps in 0:26, exit code 0"
 
 
 def test_module_has_no_heavy_imports():

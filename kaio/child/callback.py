@@ -23,7 +23,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from kaio.child import process_group, same_start, stop
-from kaio.child.describe import describe_run, describe_script_optimizer
+from kaio.child.describe import describe_run, describe_script_optimizer, trainer_counts_tokens
 from kaio.child.emitter import EventEmitter
 from kaio.child.memory import peak_memory_functions
 from kaio.child.nonfinite import LossWatch, stop_on_nonfinite
@@ -44,12 +44,6 @@ from kaio.telemetry.protocol import (
 )
 
 _LOG_FIELDS = ("loss", "learning_rate", "grad_norm")  # Trainer log keys with a field of their own
-
-
-def trainer_counts_tokens(model: Any) -> bool:
-    """The Trainer counts its model's main input (include_num_input_tokens_seen): tokens for a language model, but a
-    ViT's pixel values or an audio model's samples are no tokens (no tokens/s and no MFU from them)."""
-    return getattr(model, "main_input_name", "input_ids") == "input_ids"
 
 
 def training_loss_key(logs: dict[str, Any]) -> str | None:

@@ -40,7 +40,7 @@ def describe_run(rank: int, args: Any, state: Any, model: Any, kwargs: dict[str,
         start_step=int(state.global_step),
         start_tokens=_int(getattr(state, "num_input_tokens_seen", None)) or None,
         tokens_counted_by="trainer"
-        if getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False)
+        if getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False) and trainer_counts_tokens(model)
         else "kaio",
         max_steps=_int(state.max_steps),
         device=str(getattr(args, "device", None)),
@@ -57,6 +57,12 @@ def describe_run(rank: int, args: Any, state: Any, model: Any, kwargs: dict[str,
         loader_batch_size=_loader_batch_size(kwargs.get("train_dataloader"), args),
         environment=environment(),
     )
+
+
+def trainer_counts_tokens(model: Any) -> bool:
+    """The Trainer counts its model's main input (include_num_input_tokens_seen): tokens for a language model, but a
+    ViT's pixel values or an audio model's samples are no tokens (no tokens/s and no MFU from them)."""
+    return getattr(model, "main_input_name", "input_ids") == "input_ids"
 
 
 def _loader_batch_size(loader: Any, args: Any) -> int | None:
