@@ -62,19 +62,7 @@ def main(argv: list[str] | None = None) -> Ending:
     _remember_argument_errors()
     try:
         try:
-            if script:
-                sys.argv = [script, *args]
-                sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-                runpy.run_path(script, run_name="__main__")
-            elif module:
-                # As `python -m`: the folder it runs in first on the path (kaio's own modules are imported by now,
-                # so a folder named kaio there cannot stand in for them), argv[0] the module's file.
-                sys.argv = [module, *args]
-                sys.path.insert(0, os.getcwd())
-                runpy.run_module(module, run_name="__main__", alter_sys=True)
-            else:
-                sys.argv = [BUILTIN_RECIPE, *args]
-                runpy.run_module(BUILTIN_RECIPE, run_name="__main__", alter_sys=True)
+            _run_target(script, module, args)
         except SystemExit as exc:
             if exc.code not in (None, 0):
                 raise
@@ -98,6 +86,23 @@ def main(argv: list[str] | None = None) -> Ending:
     from kaio.child import process_group
 
     return "script after gloo" if process_group.gloo_was_used() else "script"
+
+
+def _run_target(script: str | None, module: str | None, args: list[str]) -> None:
+    """The script as ``python script.py args`` runs it, the module as ``python -m module args``, else the recipe."""
+    if script:
+        sys.argv = [script, *args]
+        sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+        runpy.run_path(script, run_name="__main__")
+    elif module:
+        # As `python -m`: the folder it runs in first on the path (kaio's own modules are imported by now, so a
+        # folder named kaio there cannot stand in for them), argv[0] the module's file.
+        sys.argv = [module, *args]
+        sys.path.insert(0, os.getcwd())
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = [BUILTIN_RECIPE, *args]
+        runpy.run_module(BUILTIN_RECIPE, run_name="__main__", alter_sys=True)
 
 
 _ARGUMENT_ERRORS: list[str] = []  # what the script's argparse parser said before it exited with code 2
