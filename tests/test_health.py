@@ -104,7 +104,10 @@ def test_on_nonfinite_stop_ends_the_training_at_the_log_that_finds_it_and_fails_
     assert [s["step"] for s in history["steps"]][-1] == 16
     session = history["sessions"][0]
     assert history["status"] == "FAILED" and session["status"] == "FAILED"
-    assert "the training loss was not finite from step 15 on" in session["error"]
+    assert (
+        "the training loss was not finite from step 15 on; stopped at step 16, the log that found it"
+        in (session["error"])
+    )
     assert "reporting.on_nonfinite: stop" in session["error"]
     (warning,) = [w for w in history["warnings"] if "non-finite loss" in w]
     assert warning.startswith("non-finite loss (nan) from step 15 (logged at step 16); the Trainer logged ")

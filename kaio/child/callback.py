@@ -247,7 +247,7 @@ class KaioCallback(TrainerCallback):
         nonfinite = window.nonfinite if window is not None else None
         first_nonfinite = nonfinite.first_step + self._step_offset if nonfinite is not None else None
         if first_nonfinite is not None and stopping:
-            stop.nonfinite(first_nonfinite)
+            stop.nonfinite(first_nonfinite, self._step(state))
             control.should_training_stop = True  # no checkpoint: its weights would be the non-finite ones
         if not state.is_world_process_zero or not logs:
             return

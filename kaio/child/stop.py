@@ -35,7 +35,8 @@ from kaio.child import process_group
 
 # terminated: a first SIGTERM came; trained: a training of this process ended (the script's own work may follow)
 _state = {"training": False, "requested": False, "terminated": False, "trained": False}
-_nonfinite_step: list[int] = []  # the step whose non-finite loss stopped the training (reporting.on_nonfinite)
+# The step whose non-finite loss stopped the training (reporting.on_nonfinite), and the log's step that found it.
+_nonfinite_step: list[int] = []
 
 
 def install() -> None:
@@ -115,9 +116,10 @@ def reached() -> bool:
     return _state["terminated"]
 
 
-def nonfinite(step: int) -> None:
-    """The training stops after a non-finite loss at ``step`` (``reporting.on_nonfinite: stop``)."""
-    _nonfinite_step[:] = [step]
+def nonfinite(step: int, found_at: int) -> None:
+    """The training stops after a non-finite loss at ``step``, found at the log of step ``found_at``
+    (``reporting.on_nonfinite: stop``)."""
+    _nonfinite_step[:] = [step, found_at]
 
 
 class Stopped(KeyboardInterrupt):
@@ -138,9 +140,10 @@ def fail_if_stopped_for_nonfinite() -> None:
     """After ``Trainer.train``: a training that stopped on a non-finite loss failed, and what it trained is not
     worth saving; the ``SystemExit`` is the rank's root cause (its error file)."""
     if _nonfinite_step:
+        step, found_at = _nonfinite_step
+        where = "there" if found_at == step else f"at step {found_at}, the log that found it"
         raise SystemExit(
-            f"the training loss was not finite from step {_nonfinite_step[0]} on; stopped there "
-            "(reporting.on_nonfinite: stop)"
+            f"the training loss was not finite from step {step} on; stopped {where} (reporting.on_nonfinite: stop)"
         )
 
 
