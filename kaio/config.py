@@ -235,17 +235,13 @@ class LaunchConfig(_Section):
     @field_validator("module")
     @classmethod
     def _module_exists(cls, value: str | None) -> str | None:
-        """Its top package, where `python -m` would look (the folder kaio runs in, then the installed packages),
-        found without importing anything."""
         if value is None:
             return None
         if not all(part.isidentifier() for part in value.split(".")):
             raise ValueError(f"module {value!r} is not a dotted module name (a file goes in launch.script)")
-        import importlib.machinery
-
-        top = value.split(".")[0]
-        if importlib.machinery.PathFinder.find_spec(top, [os.getcwd(), *sys.path]) is None:
-            raise ValueError(f"module {value!r} not found: no package {top!r} in {os.getcwd()} or installed")
+        problem = module_not_found(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @model_validator(mode="after")
@@ -258,6 +254,11 @@ class LaunchConfig(_Section):
     def own_code(self) -> str | None:
         """The user's training code (``script``, or ``-m module``); None: the built-in recipe."""
         return self.script if self.script is not None else f"-m {self.module}" if self.module is not None else None
+
+    @property
+    def own_code_key(self) -> str:
+        """The key that names the user's code, for messages."""
+        return "launch.module" if self.module is not None else "launch.script"
 
     @property
     def head_stream_port(self) -> int:
@@ -342,7 +343,7 @@ class RunConfig(_Section):
         for section in SCRIPT_IGNORED_SECTIONS:
             for key in sorted(getattr(self, section).model_fields_set - SCRIPT_READ_KEYS.get(section, set())):
                 raise ValueError(
-                    f"{section}.{key}: your script (launch.script) never sees this key; set it in the script or pass "
+                    f"{section}.{key}: your script ({self.launch.own_code_key}) never sees this key; set it in the script or pass "
                     f"it in launch.script_args instead (e.g. [--{key}, ...])"
                 )
         return self
@@ -408,7 +409,7 @@ def with_max_steps(cfg: RunConfig, max_steps: int, option: str = "--max-steps") 
     """``cfg`` with ``training.max_steps`` from the command line; a bad value names the option."""
     if cfg.launch.own_code is not None:
         raise ConfigError(
-            f"{option}: your script (launch.script) decides its own length; pass it in "
+            f"{option}: your script ({cfg.launch.own_code_key}) decides its own length; pass it in "
             f"launch.script_args instead (e.g. [--max_steps, {max_steps}])"
         )
     raw = cfg.model_dump(exclude_unset=True)
@@ -470,6 +471,52 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "<config>", saved: bo
         return RunConfig.model_validate(raw, context={"saved": saved})
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_describe(exc.errors()[0])}") from None
+
+
+def module_not_found(name: str) -> str | None:
+    """Why ``python -m name`` would not find it; None where it would (``find_module``)."""
+    return find_module(name)[1]
+
+
+def find_module(name: str) -> tuple[str | None, str | None]:
+    """The file ``python -m name`` would run, from the folder kaio runs in (first, as `python -m` puts it) and the
+    installed packages, or why it would not find one. Each part of the name is looked up where its package is,
+    without running any of them (an import would run the packages' code, torch's import and all)."""
+    import importlib.machinery
+    import importlib.util
+
+    parts = name.split(".")
+    locations: list[str] | None = None
+    for i, part in enumerate(parts):
+        if i == 0:  # by every finder there is (an editable install's own included), the folder kaio runs in first
+            sys.path.insert(0, os.getcwd())
+            try:
+                spec = importlib.util.find_spec(part)  # a top-level name: found, not imported
+            finally:
+                sys.path.remove(os.getcwd())
+        else:
+            spec = importlib.machinery.PathFinder.find_spec(part, locations) if locations is not None else None
+        if spec is None:
+            where = f"in {os.getcwd()} or installed" if i == 0 else f"in package {'.'.join(parts[:i])!r}"
+            said = f"module {name!r} not found: no {part!r} {where}"
+            if part == "py" and i == len(parts) - 1:
+                said += f" (a module is named without .py: {'.'.join(parts[:-1])!r})"
+            return None, said
+        locations = list(spec.submodule_search_locations or []) or None
+        origin = spec.origin
+    if locations is not None:  # a package: python -m runs its __main__
+        main = importlib.machinery.PathFinder.find_spec("__main__", locations)
+        if main is None:
+            return None, f"package {name!r} has no __main__.py to run (python -m runs a package's __main__)"
+        origin = main.origin
+    return origin, None
+
+
+def code_file(launch: LaunchConfig) -> str | None:
+    """The file the user's code runs from, resolved from the folder kaio runs in (None: the built-in recipe)."""
+    if launch.script is not None:
+        return str(Path(launch.script).resolve())
+    return find_module(launch.module)[0] if launch.module is not None else None
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:

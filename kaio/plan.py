@@ -125,7 +125,7 @@ def make_plan(cfg: RunConfig, environ: Mapping[str, str] = os.environ) -> Plan:
     argv, env = preview_command(cfg, environ)
     if cfg.launch.own_code is not None:
         why = (
-            "your script (launch.script) builds its own model: kaio sees it only once it runs; "
+            f"your script ({cfg.launch.own_code_key}) builds its own model: kaio sees it only once it runs; "
             "the report then puts the estimate of what it trained beside the measured peak"
         )
         return Plan(cfg, cfg.training.precision, argv, env, gpus, notes, unestimated=why)

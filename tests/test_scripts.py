@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -490,11 +491,27 @@ def test_a_module_in_a_package_runs_as_python_m_runs_it(project_dir):
     history = read_history(project_dir)
     assert [s["step"] for s in history["steps"]] == list(range(1, 7)) and history["status"] == "COMPLETED"
     assert history["config"]["launch"]["module"] == "mypkg.train" and "model" not in history["config"]
+    command = history["run"]["environment"]["argv"]  # the command that runs it again: not its file alone
+    assert command[1:] == ["-m", "mypkg.train", "6"]
+
+    # Resumed from another folder that holds another copy of the package: refused, not run with the other code.
+    elsewhere = project_dir / "elsewhere"
+    shutil.copytree(package, elsewhere / "mypkg")
+    shutil.copy(project_dir / "cfg.yaml", elsewhere / "cfg.yaml")
+    reports = str(project_dir / "docs" / "reports")
+    result = kaio("resume", "t", "--output-dir", reports, "--config", "cfg.yaml", cwd=elsewhere, timeout=60)
+    assert result.returncode == 2
+    assert f"project 't' ran `-m mypkg.train` from {(package / 'train.py').resolve()}; from {elsewhere} that is" in (
+        result.stderr
+    )
 
     # A module that is not there, or both a script and a module: one line before anything starts.
     (project_dir / "bad.yaml").write_text("project_name: u\nlaunch:\n  module: nopkg.train\n")
     result = kaio("run", "bad.yaml", cwd=project_dir, timeout=60)
-    assert result.returncode == 2 and "module 'nopkg.train' not found: no package 'nopkg' in" in result.stderr
+    assert result.returncode == 2 and "module 'nopkg.train' not found: no 'nopkg' in" in result.stderr
+    (project_dir / "typo.yaml").write_text("project_name: u\nlaunch:\n  module: mypkg.trian\n")  # found before it runs
+    result = kaio("run", "typo.yaml", cwd=project_dir, timeout=60)
+    assert result.returncode == 2 and "module 'mypkg.trian' not found: no 'trian' in package 'mypkg'" in result.stderr
     (project_dir / "both.yaml").write_text(f"project_name: u\nlaunch:\n  module: mypkg.train\n  script: {__file__}\n")
     result = kaio("run", "both.yaml", cwd=project_dir, timeout=60)
     assert result.returncode == 2 and "launch.script and launch.module both set" in result.stderr

@@ -243,8 +243,19 @@ def environment() -> Environment:
         cpu=_cpu_model(),
         gpus=_gpu_names(),
         **_git(os.path.dirname(os.path.abspath(sys.argv[0])) if sys.argv and sys.argv[0] else os.getcwd()),
-        argv=[arg[:MAX_ARG_CHARS] for arg in redact_argv([sys.executable, *sys.argv])[:MAX_ARGV]],
+        argv=[arg[:MAX_ARG_CHARS] for arg in redact_argv(_command())[:MAX_ARGV]],
     )
+
+
+def _command() -> list[str]:
+    """How to run the script again as it ran: ``python script.py args``, or ``python -m module args`` for code
+    run as a module (launch.module: its file alone would fail on its relative imports)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    name = getattr(spec, "name", None)
+    if name and sys.argv[1:2] != ["-m"]:
+        module = name.removesuffix(".__main__")  # a package run by its __main__.py: the package
+        return [sys.executable, "-m", module, *sys.argv[1:]]
+    return [sys.executable, *sys.argv]
 
 
 def _version(module: str) -> str | None:

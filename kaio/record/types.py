@@ -73,6 +73,7 @@ class SessionStart(SupervisorRecord, tag="session_start"):
     poll_hz: float | None = None
     config: dict[str, Any] | None = None  # kaio's resolved config, secrets redacted
     argv: list[str] = []
+    code_file: str | None = None  # the user's script, or the file its launch.module was found at (kaio resume checks)
 
 
 class ChildStarted(SupervisorRecord, tag="child_started"):

@@ -92,6 +92,7 @@ class RunLedger(msgspec.Struct, kw_only=True):
     telemetry: Telemetry = msgspec.field(default_factory=Telemetry)  # what arrived, what was lost
     received: Received = msgspec.field(default_factory=Received)  # which child events are journaled (spool merge)
     last_t_wall: float | None = None
+    code_file: str | None = None  # the user's code the latest session ran (SessionStart.code_file)
 
     # ------------------------------------------------------------------ reading
 
@@ -211,6 +212,7 @@ class RunLedger(msgspec.Struct, kw_only=True):
             self.config = r.config
         if r.poll_hz is not None:
             self.telemetry.poll_hz = r.poll_hz
+        self.code_file = r.code_file
 
     def on_child_started(self, r: ChildStarted) -> None:
         session = self.session_record(r.session)

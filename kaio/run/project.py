@@ -20,7 +20,15 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kaio.config import LaunchConfig, RunConfig, config_from_dict, config_snapshot, load_config, with_max_steps
+from kaio.config import (
+    LaunchConfig,
+    RunConfig,
+    code_file,
+    config_from_dict,
+    config_snapshot,
+    load_config,
+    with_max_steps,
+)
 from kaio.errors import ProjectError
 from kaio.nodes import Placement, node_folder_name, placed, resume_placement
 from kaio.record.index import IndexDamaged
@@ -697,10 +705,11 @@ def _resume_config(
         if refused:
             key, change = refused[0].split(": ", 1)
             raise ProjectError(
-                f"{config_path}: cannot resume {project!r} with a changed {key} ({change}); the checkpoint was "
+                f"{config_path}: cannot resume {project!r} with a changed {key} ({change}); its steps so far were "
                 f"trained with the old value. Revert it, or start over with `{start_over_command(config_path)}`"
             )
     cfg = placed(cfg, where)
+    _refuse_other_code(paths, cfg, state)
     before = saved.get("launch") or {}
     allowed += [
         f"launch.{key}: {before.get(key)!r} -> {getattr(cfg.launch, key)!r}"
@@ -718,6 +727,19 @@ def _resume_config(
         if planned != max_steps:
             allowed.append(f"training.max_steps: {planned!r} -> {max_steps!r}")
     return cfg, allowed
+
+
+def _refuse_other_code(paths: ProjectPaths, cfg: RunConfig, state: RunState) -> None:
+    """The user's code found from this folder is not the file the run's latest session ran (a resume from another
+    folder, holding another copy of the package): its steps would continue with other code, unsaid."""
+    then = state.ledger.code_file
+    now = code_file(cfg.launch) if cfg.launch.own_code is not None else None
+    if then is None or now is None or os.path.realpath(then) == os.path.realpath(now):
+        return
+    raise ProjectError(
+        f"project {paths.project!r} ran `{cfg.launch.own_code}` from {then}; from {os.getcwd()} that is {now}: "
+        "resume from the folder the run started in, so that it goes on with the same code"
+    )
 
 
 def _resume_checkpoint(

@@ -23,7 +23,7 @@ from typing import Protocol
 import msgspec
 
 from kaio import launch
-from kaio.config import RunConfig, config_snapshot
+from kaio.config import RunConfig, code_file, config_snapshot
 from kaio.fsutil import atomic_write_json
 from kaio.nodes import first_rank
 from kaio.record.paths import ProjectPaths
@@ -186,6 +186,7 @@ class Supervisor:
                 poll_hz=self.cfg.reporting.poll_hz,
                 config=snapshot,
                 argv=launch.masked(argv),
+                code_file=code_file(self.cfg.launch),
             )
         )
         for text in request.notes:
