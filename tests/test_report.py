@@ -809,7 +809,9 @@ def test_write_reports_writes_all_three_files_through_the_real_record(tmp_path):
     assert "| Evaluation loss, best | 1.25 at step 5 |" in md
     assert "| True peak VRAM (allocator, max over ranks) | 0.00477 MiB |" in md  # 5000 bytes, binary units
     again = history_of(state)  # the document as the state gives it, at another time
-    assert again == {**saved, "generated_at": again["generated_at"]}
+    assert again == {**saved, "generated_at": again["generated_at"], "warnings": again["warnings"]}
+    # history.json lists every warning report.md does: the run's own, then what only the whole history shows.
+    assert saved["warnings"] == [*again["warnings"], "loss was NaN at 1 logged step (first at step 4)"]
 
 
 def test_history_document_is_one_step_per_line_with_evals_before_steps():

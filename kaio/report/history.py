@@ -58,8 +58,9 @@ def write_reports(
     paths = ProjectPaths(report_dir)
     summary = summarize(header, index)
     summary.warnings.extend(extra_warnings)
-    if history_json:
-        atomic_write_chunks(paths.history, history_document(header, index))
+    if history_json:  # every warning report.md lists: the run's own, then what only the whole history shows
+        whole = msgspec.structs.replace(header, warnings=list(summary.warnings))
+        atomic_write_chunks(paths.history, history_document(whole, index))
     if png:
         from kaio.report.plot import render_telemetry_png
 
