@@ -130,14 +130,21 @@ def grad_steps(*after: float) -> list[StepEntry]:
 
 
 def test_the_gradient_norms_median_and_largest_are_in_the_key_metrics_even_where_no_spike_can_be_judged():
-    """A norm of 1e6 at step 3, in the warm-up (no warning judges it there): the report still shows it."""
+    """A norm of 1e6 at step 3, in the warm-up, where no spike window judges it: the report shows it, and warns."""
     from kaio.report.markdown import render_markdown
 
     steps = [step(i, grad_norm=g) for i, g in enumerate([1.0, 2.0, 1.13e6, 3.0, 2.5], start=1)]
     s = summary_of(steps)
     assert (s.grad_norm_median, s.grad_norm_max, s.grad_norm_max_step) == (2.5, 1.13e6, 3)
-    assert grad_norm_warning(s.warnings) == []
+    assert grad_norm_warning(s.warnings) == []  # no window judges it: too early
     assert "| Gradient norm (median · largest) | 2.5 · 1.13e+06 at step 3 |" in render_markdown(header(), s, [])
+    # ...but one so far beyond the run's median (over 1000x) is warned about all the same.
+    assert [w for w in s.warnings if w.startswith("gradient norm of")] == [
+        "gradient norm of 1.13e+06 at step 3, over 1000x the run's median (2.5), among the first norms logged, "
+        "which no spike window judges"
+    ]
+    ordinary = summary_of([step(i, grad_norm=g) for i, g in enumerate([40.0, 9.0, 3.0, 2.5, 2.0], start=1)])
+    assert not any(w.startswith("gradient norm") for w in ordinary.warnings)  # a warm-up's large first norms
 
 
 def test_grad_norm_spike_against_an_odd_count_median():
