@@ -10,7 +10,6 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -225,21 +224,24 @@ class LaunchConfig(_Section):
                 raise ValueError(f"{arg.split('=', 1)[0]} is set by kaio: use launch.{_KAIO_LAUNCH_FLAGS[flag]}")
         return value
 
+    # The user's code is looked for where it will run. Not in a saved config (config.json): `kaio report` rebuilds a
+    # record anywhere, the code left behind; `kaio resume` looks for it itself (``code_not_found``).
     @field_validator("script")
     @classmethod
-    def _script_exists(cls, value: str | None) -> str | None:
-        if value is not None and not Path(value).is_file():
-            raise ValueError(f"script {value!r} not found (relative paths start from {os.getcwd()})")
+    def _script_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        problem = _script_not_found(value) if value is not None and not (info.context or {}).get("saved") else None
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("module")
     @classmethod
-    def _module_exists(cls, value: str | None) -> str | None:
+    def _module_exists(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is None:
             return None
         if not all(part.isidentifier() for part in value.split(".")):
             raise ValueError(f"module {value!r} is not a dotted module name (a file goes in launch.script)")
-        problem = module_not_found(value)
+        problem = find_module(value)[1] if not (info.context or {}).get("saved") else None
         if problem is not None:
             raise ValueError(problem)
         return value
@@ -473,9 +475,16 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "<config>", saved: bo
         raise ConfigError(f"{source}: {_describe(exc.errors()[0])}") from None
 
 
-def module_not_found(name: str) -> str | None:
-    """Why ``python -m name`` would not find it; None where it would (``find_module``)."""
-    return find_module(name)[1]
+def _script_not_found(script: str) -> str | None:
+    return None if Path(script).is_file() else f"script {script!r} not found (relative paths start from {os.getcwd()})"
+
+
+def code_not_found(launch: LaunchConfig) -> str | None:
+    """Why the user's code (``launch.script`` or ``launch.module``) would not be found from here; None: it would,
+    or the built-in recipe runs."""
+    if launch.script is not None:
+        return _script_not_found(launch.script)
+    return find_module(launch.module)[1] if launch.module is not None else None
 
 
 def find_module(name: str) -> tuple[str | None, str | None]:
@@ -486,16 +495,11 @@ def find_module(name: str) -> tuple[str | None, str | None]:
     import importlib.util
 
     parts = name.split(".")
-    locations: list[str] | None = None
+    locations: list[str] | None = [os.getcwd()]  # the folder kaio runs in first, as `python -m` puts it
     for i, part in enumerate(parts):
-        if i == 0:  # by every finder there is (an editable install's own included), the folder kaio runs in first
-            sys.path.insert(0, os.getcwd())
-            try:
-                spec = importlib.util.find_spec(part)  # a top-level name: found, not imported
-            finally:
-                sys.path.remove(os.getcwd())
-        else:
-            spec = importlib.machinery.PathFinder.find_spec(part, locations) if locations is not None else None
+        spec = importlib.machinery.PathFinder.find_spec(part, locations) if locations is not None else None
+        if spec is None and i == 0:  # installed: by every finder there is (an editable install's own included)
+            spec = importlib.util.find_spec(part)  # a top-level name: found, not imported
         if spec is None:
             where = f"in {os.getcwd()} or installed" if i == 0 else f"in package {'.'.join(parts[:i])!r}"
             said = f"module {name!r} not found: no {part!r} {where}"

@@ -505,6 +505,14 @@ def test_a_module_in_a_package_runs_as_python_m_runs_it(project_dir):
         result.stderr
     )
 
+    # Where the package is not: the record is rebuilt all the same; a resume says where to run it from.
+    nowhere = project_dir / "nowhere"
+    nowhere.mkdir()
+    assert kaio("report", "t", "--output-dir", reports, cwd=nowhere, timeout=120).returncode == 0
+    result = kaio("resume", "t", "--output-dir", reports, cwd=nowhere, timeout=60)
+    assert result.returncode == 2 and "module 'mypkg.train' not found: no 'mypkg' in" in result.stderr
+    assert "resume from the folder the run started in" in result.stderr
+
     # A module that is not there, or both a script and a module: one line before anything starts.
     (project_dir / "bad.yaml").write_text("project_name: u\nlaunch:\n  module: nopkg.train\n")
     result = kaio("run", "bad.yaml", cwd=project_dir, timeout=60)

@@ -252,7 +252,7 @@ def _command() -> list[str]:
     run as a module (launch.module: its file alone would fail on its relative imports)."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     name = getattr(spec, "name", None)
-    if name and sys.argv[1:2] != ["-m"]:
+    if name:  # run by runpy.run_module (a file run by run_path has no spec)
         module = name.removesuffix(".__main__")  # a package run by its __main__.py: the package
         return [sys.executable, "-m", module, *sys.argv[1:]]
     return [sys.executable, *sys.argv]

@@ -78,8 +78,11 @@ class LossWatch:
             if first is not None and found == _NO_STEP:
                 found = steps[first]
                 tag = "nan" if math.isnan(values[first]) else ("inf" if values[first] > 0 else "-inf")
-            total += sum(values)  # inf + -inf is NaN here (math.fsum raises): no average then
-            steps_seen.update(steps)
+            if average:
+                total += sum(values)  # inf + -inf is NaN here (math.fsum raises): no average then
+                steps_seen.update(steps)
+            elif found != _NO_STEP:
+                break  # the first non-finite loss is found: the rest need not be read
         self._losses, self._steps, self._folded = [], [], []
         if agree:
             found = _agree(found, device)
@@ -113,11 +116,8 @@ def _agree(step: int, device: Any) -> int:
     distributed = initialized()
     if distributed is None or distributed.get_world_size() < 2:
         return step
-    if device is None:  # this rank saw no loss since the last log: take part all the same
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    if distributed.get_backend() == "gloo":
-        device = "cpu"
-    value = torch.tensor([_NO_STEP - step], dtype=torch.long, device=device)  # MAX of this is the MIN step
+    # The MAX of this over the ranks is the MIN step.
+    value = torch.tensor([_NO_STEP - step], dtype=torch.long, device=_device_of(distributed, device))
     distributed.all_reduce(value, op=distributed.ReduceOp.MAX)
     return _NO_STEP - int(value.item())
 
@@ -132,15 +132,25 @@ def _mean_of_ranks(total: float, steps: int, device: Any) -> float | None:
     distributed = initialized()
     if distributed is None or distributed.get_world_size() < 2:
         return total / steps if steps else None
-    if device is None:  # this rank saw no loss since the last log: take part all the same
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-    if distributed.get_backend() == "gloo":
-        device = "cpu"
     # (sum of the ranks' totals, ranks that saw no loss, ranks): a NaN total anywhere makes the sum NaN.
-    sums = torch.tensor([total, 0.0 if steps else 1.0, 1.0], dtype=torch.float64, device=device)
+    sums = torch.tensor(
+        [total, 0.0 if steps else 1.0, 1.0], dtype=torch.float64, device=_device_of(distributed, device)
+    )
     distributed.all_reduce(sums, op=distributed.ReduceOp.SUM)
     ranks_total, missing, ranks = sums.tolist()
     return ranks_total / ranks / steps if steps and not missing else None
+
+
+def _device_of(distributed: Any, device: Any) -> Any:
+    """Where a collective's tensor goes: the losses' device (the CPU on gloo); a rank that saw no loss since the
+    last log takes part all the same, from its own device."""
+    import torch
+
+    if distributed.get_backend() == "gloo":
+        return "cpu"
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def stop_on_nonfinite() -> bool:

@@ -244,7 +244,8 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
     s.step_entries, first, last_step = q.row("SELECT COUNT(*), MIN(step), COALESCE(MAX(step), 0) FROM steps")
     s.optimizer_steps = last_step
     line = q.value("SELECT entry FROM step_lines ORDER BY step DESC LIMIT 1")
-    s.epochs = msgspec.json.decode(line, type=StepEntry).epoch if line is not None else None
+    last_entry = msgspec.json.decode(line, type=StepEntry) if line is not None else None
+    s.epochs = last_entry.epoch if last_entry is not None else None
     weight = q.median("duration_s") or 1.0  # the duration that stands in for steps without one
     w = f"COALESCE(duration_s, {weight!r})"
     s.training_time_s = _training_time_s(q, sessions)
@@ -253,7 +254,7 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
     _loss(q, s, index)
     _logged_metrics(q, s)
     if not s.loss_logged_steps and not (s.loss_nan_count or s.loss_inf_count) and s.step_entries:
-        _why_no_loss(q, s, run)
+        _why_no_loss(s, run, last_entry)
     _evals(evals, s)
     gpus = _gpus(q, s, header, w)
     _throughput(q, s)
@@ -430,14 +431,13 @@ def _logged_metrics(q: _Query, s: Summary) -> None:
         )
 
 
-def _why_no_loss(q: _Query, s: Summary, run: RunDescription | None) -> None:
+def _why_no_loss(s: Summary, run: RunDescription | None, last_entry: StepEntry | None) -> None:
     args = run.args if run is not None else None
     every = args.logging_steps if args is not None and args.logging_strategy in (None, "steps") else None
     if every is not None and every >= 1 and s.optimizer_steps < every:  # below 1: a share of the steps
         s.loss_logging_steps_unreached = int(every)
-    line = q.value("SELECT entry FROM step_lines ORDER BY step DESC LIMIT 1")
-    if line is not None:
-        value = msgspec.json.decode(line, type=StepEntry).metrics.get("train_loss")
+    if last_entry is not None:
+        value = last_entry.metrics.get("train_loss")
         s.trainer_mean_loss = value if isinstance(value, float) and math.isfinite(value) else None
 
 

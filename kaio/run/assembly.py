@@ -29,6 +29,7 @@ from kaio.run.step_samples import StepSamples
 from kaio.telemetry.protocol import LOSS_LOGGED_AS, SKIPPED_GPU_TENSORS, TRAINER_LOGGED_LOSS, TRUNCATED
 
 SEAL_LAG_STEPS = 2
+NOT_METRICS = (TRAINER_LOGGED_LOSS, LOSS_LOGGED_AS)  # Log extras about the loss, not numbers the script logged
 
 
 class AssemblyOutput(Protocol):
@@ -196,7 +197,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
             entry.grad_norm = finite(event.grad_norm)
             entry.grad_norm_nonfinite = nonfinite_tag(event.grad_norm)
         for key, value in event.extra.items():
-            if key not in (TRAINER_LOGGED_LOSS, LOSS_LOGGED_AS):
+            if key not in NOT_METRICS:
                 self._keep_metric(entry, key, value, out)
         renamed = event.extra.get(LOSS_LOGGED_AS)
         if renamed is not None and self._first("loss logged as"):
@@ -215,7 +216,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         kept = StepEntry(step=0, session=event.session)
         for key, value in event.extra.items():
             new = key not in self.at_step_0 and key not in self.kept_at_step_0
-            if new and key not in (TRAINER_LOGGED_LOSS, LOSS_LOGGED_AS, "num_input_tokens_seen"):
+            if new and key not in NOT_METRICS and key != "num_input_tokens_seen":
                 self._keep_metric(kept, key, value, out)
         self.at_step_0.update(kept.metrics)
 

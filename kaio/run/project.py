@@ -24,6 +24,7 @@ from kaio.config import (
     LaunchConfig,
     RunConfig,
     code_file,
+    code_not_found,
     config_from_dict,
     config_snapshot,
     load_config,
@@ -709,7 +710,7 @@ def _resume_config(
                 f"trained with the old value. Revert it, or start over with `{start_over_command(config_path)}`"
             )
     cfg = placed(cfg, where)
-    _refuse_other_code(paths, cfg, state)
+    _check_the_code(paths, cfg, state)
     before = saved.get("launch") or {}
     allowed += [
         f"launch.{key}: {before.get(key)!r} -> {getattr(cfg.launch, key)!r}"
@@ -729,9 +730,12 @@ def _resume_config(
     return cfg, allowed
 
 
-def _refuse_other_code(paths: ProjectPaths, cfg: RunConfig, state: RunState) -> None:
-    """The user's code found from this folder is not the file the run's latest session ran (a resume from another
-    folder, holding another copy of the package): its steps would continue with other code, unsaid."""
+def _check_the_code(paths: ProjectPaths, cfg: RunConfig, state: RunState) -> None:
+    """The user's code is found from this folder, and is the file the run's latest session ran (not another copy of
+    the package, in the folder a resume was started from: its steps would continue with other code, unsaid)."""
+    missing = code_not_found(cfg.launch)
+    if missing is not None:
+        raise ProjectError(f"project {paths.project!r}: {missing}: resume from the folder the run started in")
     then = state.ledger.code_file
     now = code_file(cfg.launch) if cfg.launch.own_code is not None else None
     if then is None or now is None or os.path.realpath(then) == os.path.realpath(now):
