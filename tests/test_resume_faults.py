@@ -271,6 +271,52 @@ def test_a_checkpoint_of_the_weights_only_is_said_to_restart_the_optimizer_and_t
         assert said.startswith("checkpoint-18 holds the model's weights only") and "start afresh" in said
 
 
+@pytest.mark.parametrize(
+    ("saved", "complete"),
+    [
+        (["model.safetensors"], True),
+        (["adapter_model.bin"], True),
+        # A model over save_pretrained's max_shard_size (5 GB in transformers 4, 50 GB in 5): shards, then the index.
+        (
+            ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"],
+            True,
+        ),
+        (["pytorch_model-00001-of-00001.bin", "pytorch_model.bin.index.json"], True),
+        (["model-00001-of-00002.safetensors", "model.safetensors.index.json"], False),  # a shard missing
+        (["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"], False),  # killed before the index
+        (["pytorch_model_fsdp_0/"], True),  # FSDP, sharded state dict
+        (["pytorch_model_fsdp.bin"], True),  # FSDP, full state dict
+        (["global_step40/"], True),  # DeepSpeed
+        (["default/adapter_model.safetensors", "other/adapter_model.safetensors"], True),  # several adapters
+        (["config.json", "optimizer.pt"], False),  # no weights at all
+    ],
+)
+def test_a_checkpoint_is_complete_in_every_layout_the_trainer_resumes_from(tmp_path, saved, complete):
+    """A sharded model's checkpoint was "incomplete (half-written or damaged)": `kaio resume` refused it, and an
+    automatic restart began again at step 0 (any full fine-tune of a model over the shard size)."""
+    from kaio.run.checkpoints import is_complete, latest_checkpoint
+
+    checkpoint = tmp_path / "checkpoint-40"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 40}))
+    for name in saved:
+        if name.endswith("/"):
+            (checkpoint / name).mkdir()
+        else:
+            (checkpoint / name).parent.mkdir(exist_ok=True)
+            (checkpoint / name).write_bytes(b"w")
+    if "model.safetensors.index.json" in saved:
+        shards = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+        (checkpoint / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": shards}))
+    if "pytorch_model.bin.index.json" in saved:
+        shards = {"a": "pytorch_model-00001-of-00001.bin"}
+        (checkpoint / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": shards}))
+    assert is_complete(checkpoint, 40) is complete
+    said: list[str] = []
+    assert latest_checkpoint(tmp_path, said.append) == (checkpoint if complete else None)
+    assert said == ([] if complete else [f"note: skipping {checkpoint}: incomplete (half-written or damaged)"])
+
+
 def test_a_resume_may_change_a_scripts_arguments_but_not_the_script():
     old = {"launch": {"script": "train.py", "script_args": ["10"]}, "lora": {"r": 4, "rslora": False}}
     longer = {"launch": {"script": "train.py", "script_args": ["20"]}, "lora": {"r": 4, "rslora": True}}

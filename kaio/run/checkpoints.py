@@ -40,8 +40,38 @@ def is_complete(path: Path, step: int) -> bool:
         trainer_state = json.loads((path / "trainer_state.json").read_text())
     except (OSError, ValueError):
         return False
-    weights = ("adapter_model.safetensors", "model.safetensors", "pytorch_model.bin", "adapter_model.bin")
-    return trainer_state.get("global_step") == step and any((path / name).exists() for name in weights)
+    return trainer_state.get("global_step") == step and holds_weights(path)
+
+
+# What the Trainer's resume loads weights from (transformers' `Trainer._load_from_checkpoint`, and DeepSpeed's).
+_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "pytorch_model.bin")
+_SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # a model over max_shard_size
+
+
+def holds_weights(path: Path) -> bool:
+    """One weights file; or a sharded model's index with every shard it names; or an engine's own layout:
+    FSDP's ``pytorch_model_fsdp*``, DeepSpeed's ``global_step*/``; or adapters saved in subfolders (several)."""
+    if any((path / name).is_file() for name in _WEIGHT_FILES):
+        return True
+    for name in _SHARD_INDEXES:
+        if (path / name).is_file():
+            return _shards_present(path, path / name)
+    entries = list(path.iterdir()) if path.is_dir() else []
+    return any(
+        entry.name.startswith(("pytorch_model_fsdp", "global_step"))
+        or (entry.is_dir() and any((entry / name).is_file() for name in _WEIGHT_FILES[:2]))
+        for entry in entries
+    )
+
+
+def _shards_present(path: Path, index: Path) -> bool:
+    """Every shard the index maps a weight to is there (a save cut short writes the index last, or not at all)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = set(weight_map.values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return bool(shards) and all(isinstance(s, str) and (path / s).is_file() for s in shards)
 
 
 def half_written(checkpoint_dir: Path, after_step: int) -> list[Path]:
