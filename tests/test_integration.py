@@ -94,6 +94,9 @@ def test_one_run_with_everything_on_then_a_failed_push_retried_and_the_record_re
     history = read_history(project_dir)
     # The resume of a finished run continued from its final checkpoint (checkpoint-12): each step once.
     assert history["sessions"][1]["start_step"] == 12 and [s["step"] for s in history["steps"]] == list(range(1, 16))
+    # The finished cosine schedule had left the optimizer's rate at 0.0, which step 13 trained with: the extended
+    # schedule's rate from its first step on.
+    assert all(s["learning_rate"] > 0 for s in history["steps"][12:14])
 
     # GPU samples in every step; only the run's GPU counts in the flat keys.
     devices = {d["key"]: d for d in history["devices"]}

@@ -6,6 +6,7 @@ After every fault the history's steps run 1..N with no gap and no duplicate.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -80,6 +81,15 @@ def test_a_stop_signal_saves_a_checkpoint_there_resume_continues_exactly_and_ref
     assert f"session 2: resumed from checkpoint-{stopped_at}" in notes
     assert "training.learning_rate: 0.005 -> 0.001" in notes and "training.max_steps: 120 -> 123" in notes
     assert "learning_rate: 0.005 -> 0.001" in (project_dir / "docs/reports/t/report.md").read_text()
+    # And it took effect: a resumed Trainer keeps its checkpoint's rate (the scheduler's state) unless told
+    # otherwise. The resumed steps trained on the edited config's cosine over 123 steps (warm-up: 4 steps; step k
+    # trains with the schedule's value after k - 1 steps), as the first session's did on its 120.
+    for entry in history["steps"]:
+        rate, total = (5e-3, 120) if entry["step"] <= stopped_at else (1e-3, 123)
+        done = entry["step"] - 1
+        expected = rate * (done / 4 if done < 4 else 0.5 * (1 + math.cos(math.pi * (done - 4) / (total - 4))))
+        assert entry["learning_rate"] == pytest.approx(expected, rel=1e-6, abs=1e-12), entry["step"]
+    assert not [w for w in history["warnings"] if "kept its checkpoint's" in w]
 
     # The finished project: what `kaio resume` refuses.
     unknown = kaio("resume", "nope", cwd=project_dir, timeout=60)

@@ -99,7 +99,14 @@ def test_a_resumed_session_supersedes_the_steps_after_its_checkpoint():
     records += [{"type": "session_end", "session": 1, "t_wall": 1e9 + 7, "status": "FAILED", "exit_code": 1}]
     records += [
         {"type": "session_start", "session": 2, "t_wall": 1e9 + 8, "kind": "resume"},
-        {"type": "run_start", "rank": 0, "session": 2, "start_step": 4, "max_steps": 8},
+        {
+            "type": "run_start",
+            "rank": 0,
+            "session": 2,
+            "start_step": 4,
+            "max_steps": 8,
+            "kept_from_checkpoint": ["learning_rate 0.005 (the arguments: 0.001)"],
+        },
     ]
     for step in range(5, 9):
         records += [_step(step, 10.0 + step, session=2), _log(step, 1.0, session=2)]
@@ -113,6 +120,30 @@ def test_a_resumed_session_supersedes_the_steps_after_its_checkpoint():
         ("COMPLETED", 4, 8),
     ]
     assert history["status"] == "COMPLETED"
+    (kept,) = [w for w in history["warnings"] if "kept its checkpoint's" in w]
+    assert kept.startswith(
+        "session 2: the resumed Trainer kept its checkpoint's learning_rate 0.005 (the arguments: 0.001): a resume "
+        "restores them"
+    )
+
+
+def test_what_a_resumed_trainer_kept_from_its_checkpoint_over_the_arguments_is_named():
+    """A script resumed with an edited learning rate or interval: the Trainer keeps the checkpoint's (the scheduler's
+    state, trainer_state.json), where the record said the arguments' were used."""
+    from kaio.child.describe import kept_from_checkpoint
+
+    args = SimpleNamespace(learning_rate=1e-3, logging_steps=5, eval_steps=None, save_steps=0.25)
+    state = SimpleNamespace(global_step=10, max_steps=40, logging_steps=1, eval_steps=1, save_steps=10)
+    schedule = SimpleNamespace(base_lrs=[5e-3, 5e-3])
+    wrapped = SimpleNamespace(scheduler=schedule)  # accelerate's AcceleratedScheduler
+    assert kept_from_checkpoint(args, state, wrapped) == [
+        "learning_rate 0.005 (the arguments: 0.001)",
+        "logging_steps 1 (the arguments: 5)",
+    ]  # save_steps 0.25 of 40 is the 10 the state holds; eval_steps unset
+    assert kept_from_checkpoint(args, SimpleNamespace(**{**vars(state), "global_step": 0}), wrapped) == []  # fresh
+    per_group = SimpleNamespace(base_lrs=[1e-4, 5e-3])  # a script's own rates per group: not the arguments' to keep
+    same = SimpleNamespace(global_step=10, max_steps=40, logging_steps=5, eval_steps=None, save_steps=10)
+    assert kept_from_checkpoint(args, same, per_group) == [] and kept_from_checkpoint(args, same, None) == []
 
 
 def test_snapshot_places_ranks_on_the_run_gpus_and_computes_rate_and_eta():

@@ -23,7 +23,12 @@ from typing import Any
 from transformers import TrainerCallback
 
 from kaio.child import process_group, same_start, stop
-from kaio.child.describe import describe_run, describe_script_optimizer, trainer_counts_tokens
+from kaio.child.describe import (
+    describe_run,
+    describe_script_optimizer,
+    kept_from_checkpoint,
+    trainer_counts_tokens,
+)
 from kaio.child.emitter import EventEmitter
 from kaio.child.memory import peak_memory_functions
 from kaio.child.nonfinite import LossWatch, stop_on_nonfinite
@@ -179,6 +184,9 @@ class KaioCallback(TrainerCallback):
             describe_script_optimizer(
                 run, kwargs.get("optimizer"), kwargs.get("lr_scheduler") if self.script_lr_scheduler else None
             )
+        # The script's own optimizer: args.learning_rate was never its rate, so not one a resume kept from it.
+        schedule = None if self.script_optimizer else kwargs.get("lr_scheduler")
+        run.kept_from_checkpoint = kept_from_checkpoint(args, state, schedule)
         run.training, run.step_offset = _TRAININGS.count, self._step_offset
         run.retry = self._training and bool(getattr(args, "auto_find_batch_size", False))
         self._training = self._trained = True

@@ -9,6 +9,7 @@ objects do not have is left out, never an error in the training.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import socket
@@ -342,6 +343,27 @@ def describe_script_optimizer(run: RunStart, optimizer: Any, scheduler: Any) -> 
         run.script_learning_rate = float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
     if scheduler is not None:
         run.script_lr_scheduler = type(getattr(scheduler, "scheduler", scheduler)).__name__
+
+
+def kept_from_checkpoint(args: Any, state: Any, scheduler: Any) -> list[str]:
+    """What a resumed Trainer kept from its checkpoint over the arguments (the script's edit did not reach it): the
+    learning rate of the scheduler's restored state (every parameter group's alike, so not a script's own per-group
+    rates), and the logging, evaluation and save intervals of trainer_state.json."""
+    if not _int(getattr(state, "global_step", None)):
+        return []  # not resumed
+    kept = []
+    base = getattr(getattr(scheduler, "scheduler", scheduler), "base_lrs", None)
+    wanted = getattr(args, "learning_rate", None)
+    if base and len(set(base)) == 1 and isinstance(wanted, float) and not math.isclose(base[0], wanted, rel_tol=1e-6):
+        kept.append(f"learning_rate {base[0]:g} (the arguments: {wanted:g})")
+    max_steps = _int(getattr(state, "max_steps", None)) or 0
+    for name in ("logging_steps", "eval_steps", "save_steps"):
+        asked, held = getattr(args, name, None), _int(getattr(state, name, None))
+        if isinstance(asked, (int, float)) and 0 < asked < 1:
+            asked = math.ceil(max_steps * asked)  # a fraction of the run, as the Trainer resolves it
+        if isinstance(asked, (int, float)) and held is not None and int(asked) != held:
+            kept.append(f"{name} {held} (the arguments: {int(asked)})")
+    return kept
 
 
 def _sets(dataset: Any) -> int | None:

@@ -200,12 +200,40 @@ def train(cfg: RunConfig) -> None:
         train_dataset=dataset,
         data_collator=PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
+        callbacks=[edits_reach_a_resume()],
     )
     trainer.train()
     finished = trainer.state.global_step >= trainer.state.max_steps  # not after a stop (a checkpoint has it)
     if finished and trainer.is_world_process_zero():
         final_dir = Path(cfg.checkpoint_dir) / "final"
         trainer.save_model(str(final_dir))  # the adapter + tokenizer files: what the Hub push uploads
+
+
+def edits_reach_a_resume():
+    """`kaio resume --config` may change the learning rate, the logging and the save interval: a resumed Trainer
+    keeps its checkpoint's instead (the rate in its scheduler's and optimizer's state, the intervals in
+    trainer_state.json). At train begin, after the checkpoint is loaded, the arguments' are put back, and the rate
+    at the checkpoint's step is the new schedule's: a finished schedule's optimizer held 0.0, which the first step
+    of an extended run trained with."""
+    from transformers import TrainerCallback
+
+    class EditsReachAResume(TrainerCallback):
+        def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+            if not state.global_step:  # a fresh training: the arguments are what it has
+                return
+            state.compute_steps(args, state.max_steps)
+            schedule = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate wraps both
+            factors = getattr(schedule, "lr_lambdas", None)  # a LambdaLR: every schedule but reduce_lr_on_plateau
+            if optimizer is None or not factors:
+                return
+            groups = optimizer.param_groups
+            schedule.base_lrs = [args.learning_rate] * len(groups)
+            for group, factor in zip(groups, factors):
+                group["initial_lr"] = args.learning_rate
+                group["lr"] = args.learning_rate * factor(schedule.last_epoch)
+            schedule._last_lr = [group["lr"] for group in groups]
+
+    return EditsReachAResume()
 
 
 def _dense(model) -> bool:

@@ -203,6 +203,12 @@ class RunState:
                     f"session {r.session}: the Trainer began at step {r.start_step} (the script resumed it from a "
                     f"checkpoint of its own): steps 1-{r.start_step} are not in this record"
                 )
+            if r.kept_from_checkpoint and r.training == 1:
+                self.warn(
+                    f"session {r.session}: the resumed Trainer kept its checkpoint's {', '.join(r.kept_from_checkpoint)}: "
+                    "a resume restores them (the scheduler's state, trainer_state.json), so the edit of the script's "
+                    "arguments did not take effect (the steps' learning rates are what trained)"
+                )
             self.parts.steps.resume_at(r.start_step, self)
             if r.training > 1:  # a script's second Trainer, or train() again: its steps follow the earlier ones
                 self.parts.steps.continue_counts_at(r.start_step)

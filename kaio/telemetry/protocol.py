@@ -210,6 +210,9 @@ class RunStart(Event, tag="run_start"):
     script_optimizer: str | None = None
     script_learning_rate: float | None = None
     script_lr_scheduler: str | None = None
+    # A resumed Trainer's values from its checkpoint where the arguments asked for others (an edit that did not
+    # reach it): "learning_rate 0.005 (the arguments: 0.001)", "logging_steps 1 (the arguments: 5)".
+    kept_from_checkpoint: list[str] = []
     train_samples: int | None = None
     eval_samples: int | None = None
     eval_sets: int | None = None  # several eval datasets (a dict): how many, each evaluated on its own
