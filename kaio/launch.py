@@ -7,6 +7,7 @@ without spawning anything.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -51,27 +52,7 @@ class LaunchPlan:
 def build_command(cfg: RunConfig, plan: LaunchPlan, environ: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
     """The child's argv and environment: ``accelerate launch … -m kaio.child …`` (through
     ``kaio.child.launcher``, which is accelerate's launcher that also writes down which rank failed)."""
-    launch = cfg.launch
-    n = launch.num_processes
-    if launch.nnodes > 1:
-        # accelerate counts processes over the whole job; a static rendezvous keeps each machine's rank (under
-        # c10d the machine rank is ignored and rank 0 may land on another node).
-        argv = [plan.python, "-m", "kaio.child.launcher", "--num_machines", str(launch.nnodes)]
-        argv += ["--machine_rank", str(launch.node_rank), "--num_processes", str(n * launch.nnodes)]
-        argv += ["--main_process_ip", str(launch.main_addr), "--main_process_port", str(launch.main_port)]
-        argv += ["--rdzv_backend", "static", "--multi_gpu"]
-    else:
-        argv = [plan.python, "-m", "kaio.child.launcher", "--num_machines", "1", "--num_processes", str(n)]
-    if n > 1 and launch.nnodes == 1:
-        # Several ranks: DDP (NCCL on GPUs, gloo without). `--cpu` would silently run one process.
-        argv += ["--multi_gpu", "--main_process_port", str(plan.main_process_port)]
-    # One process: no device flag, so the trainer takes the GPU when there is one and the CPU otherwise.
-    if not _has_flag(cfg.launch.accelerate_args, "--mixed_precision"):
-        argv += ["--mixed_precision", "no"]  # precision is the trainer's (training.precision)
-    if not _has_flag(cfg.launch.accelerate_args, "--dynamo_backend"):
-        argv += ["--dynamo_backend", "no"]
-    argv += list(cfg.launch.accelerate_args)
-    argv += ["-m", "kaio.child"]
+    argv = _launcher_argv(cfg, plan, environ) + ["-m", "kaio.child"]
     if cfg.launch.script:
         argv += ["--kaio-script", str(Path(cfg.launch.script).resolve()), *cfg.launch.script_args]
     elif cfg.launch.module:
@@ -98,7 +79,7 @@ def build_command(cfg: RunConfig, plan: LaunchPlan, environ: Mapping[str, str]) 
         # README's editable install) became the `kaio` a script imports, without kaio.log.
         env["PYTHONSAFEPATH"], env[ENV_SAFE_PATH_SET] = "1", "1"
     env[ENV_ON_NONFINITE] = cfg.reporting.on_nonfinite
-    env[ENV_NODE_RANK] = str(launch.node_rank)
+    env[ENV_NODE_RANK] = str(cfg.launch.node_rank)
     env[ENV_STACKS_DIR] = str(paths.stacks)
     _flight_recorder(env, paths)
     if plan.resume_from is not None:
@@ -106,6 +87,41 @@ def build_command(cfg: RunConfig, plan: LaunchPlan, environ: Mapping[str, str]) 
     else:
         env.pop(ENV_RESUME_FROM, None)
     return argv, env
+
+
+def _launcher_argv(cfg: RunConfig, plan: LaunchPlan, environ: Mapping[str, str]) -> list[str]:
+    """``accelerate launch`` and its flags: the job's shape is kaio's; what the user's accelerate config file
+    sets and kaio does not, the file's."""
+    launch = cfg.launch
+    n = launch.num_processes
+    if launch.nnodes > 1:
+        # accelerate counts processes over the whole job; a static rendezvous keeps each machine's rank (under
+        # c10d the machine rank is ignored and rank 0 may land on another node).
+        argv = [plan.python, "-m", "kaio.child.launcher", "--num_machines", str(launch.nnodes)]
+        argv += ["--machine_rank", str(launch.node_rank), "--num_processes", str(n * launch.nnodes)]
+        argv += ["--main_process_ip", str(launch.main_addr), "--main_process_port", str(launch.main_port)]
+        argv += ["--rdzv_backend", "static"]
+    else:
+        argv = [plan.python, "-m", "kaio.child.launcher", "--num_machines", "1", "--num_processes", str(n)]
+    user_file = accelerate_file(launch.accelerate_args, environ)
+    # Several ranks: DDP (NCCL on GPUs, gloo without; `--cpu` would silently run one process), unless FSDP,
+    # DeepSpeed or Megatron-LM is asked for (a flag, or the accelerate config file): `--multi_gpu` would win
+    # over the file's distributed_type and run plain DDP.
+    ddp = not (user_file and user_file.engine) and not any(_has_flag(launch.accelerate_args, f) for f in _ENGINE_FLAGS)
+    if ddp and (n > 1 or launch.nnodes > 1):
+        argv += ["--multi_gpu"]
+    if n > 1 and launch.nnodes == 1:
+        argv += ["--main_process_port", str(plan.main_process_port)]
+    # One process: no device flag, so the trainer takes the GPU when there is one and the CPU otherwise.
+    # The recipe's precision is training.precision; a script's is its own or, unset, the accelerate config file's.
+    own_training = not (launch.script or launch.module)
+    if not _has_flag(launch.accelerate_args, "--mixed_precision") and (
+        own_training or not (user_file and user_file.mixed_precision)
+    ):
+        argv += ["--mixed_precision", "no"]
+    if not _has_flag(launch.accelerate_args, "--dynamo_backend") and not (user_file and user_file.dynamo_backend):
+        argv += ["--dynamo_backend", "no"]
+    return argv + list(launch.accelerate_args)
 
 
 # PyTorch's NCCL Flight Recorder: the last collectives of every rank, dumped when a collective times out.
@@ -166,6 +182,83 @@ def masked(argv: list[str]) -> list[str]:
 
 def _has_flag(args: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") for a in args)
+
+
+_ENGINE_FLAGS = ("--use_fsdp", "--use_deepspeed", "--use_megatron_lm")
+_ENGINES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # an accelerate config file's distributed_type
+
+
+@dataclass(frozen=True)
+class AccelerateFile:
+    """The accelerate config file `accelerate launch` reads (`accelerate config` writes it): it sets what the
+    command line does not."""
+
+    path: Path
+    mixed_precision: str | None = None
+    dynamo_backend: str | None = None
+    engine: str | None = None  # FSDP, DEEPSPEED or MEGATRON_LM: not DDP
+
+    def note(self, own_training: bool) -> str:
+        taken = [
+            f"{name} {value}"
+            for name, value in (
+                ("distributed_type", self.engine),
+                ("mixed_precision", None if own_training else self.mixed_precision),
+                ("dynamo_backend", self.dynamo_backend),
+            )
+            if value and value.lower() != "no"
+        ]
+        return (
+            f"accelerate launch reads {self.path} (accelerate's config file) for what kaio's command does not set"
+            + (f": {', '.join(taken)}" if taken else "")
+            + "; processes and machines are kaio's (launch.num_processes, launch.nnodes)"
+        )
+
+
+def accelerate_file(accelerate_args: list[str], environ: Mapping[str, str]) -> AccelerateFile | None:
+    """The file `accelerate launch` will read, as it finds it: `--config_file`, else (without `--cpu`) the default
+    under HF_HOME (``<HF_HOME>/accelerate/default_config.yaml``). None without one; an unreadable one is
+    accelerate's to report."""
+    import yaml
+
+    named = _flag_value(accelerate_args, "--config_file")
+    if named is not None:
+        path = Path(named).expanduser()
+    elif _has_flag(accelerate_args, "--cpu"):
+        return None
+    else:
+        cache = environ.get("XDG_CACHE_HOME") or os.path.join(environ.get("HOME", "~"), ".cache")
+        home = environ.get("HF_HOME") or os.path.join(cache, "huggingface")
+        path = Path(home).expanduser() / "accelerate" / "default_config.yaml"
+    try:
+        text = path.read_text(encoding="utf-8")
+        values = json.loads(text) if path.name.endswith(".json") else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    if not isinstance(values, dict):
+        return None
+    dynamo = values.get("dynamo_config")
+    dynamo = dynamo if isinstance(dynamo, dict) else {}
+    engine = str(values.get("distributed_type") or "").upper()
+    return AccelerateFile(
+        path=path,
+        mixed_precision=_text(values.get("mixed_precision")),
+        dynamo_backend=_text(dynamo.get("dynamo_backend")),
+        engine=engine if engine in _ENGINES else None,
+    )
+
+
+def _flag_value(args: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+def _text(value: object) -> str | None:
+    return str(value) if value not in (None, "") else None
 
 
 def free_port() -> int:

@@ -251,7 +251,7 @@ def dry_run_lines(cfg: RunConfig, where: Placement, environ: Mapping[str, str]) 
     """`kaio run --dry-run`: each node's child command and the environment kaio sets for it (secrets masked)."""
     import shlex
 
-    from kaio.launch import preview_command
+    from kaio.launch import accelerate_file, preview_command
     from kaio.record.paths import ProjectPaths
 
     lines = [
@@ -277,6 +277,9 @@ def dry_run_lines(cfg: RunConfig, where: Placement, environ: Mapping[str, str]) 
         this = " (this node)" if rank == where.node_rank else ""
         lines.append(f"node {rank}{f' on {host}' if host else ''}{this}:")
         lines.append(f"  command: {shlex.join(argv)}")
+        user_file = accelerate_file(node_cfg.launch.accelerate_args, environ)
+        if user_file is not None:
+            lines.append(f"  note: {user_file.note(own_training=node_cfg.launch.own_code is None)}")
         lines.append("  environment: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())))
     if where.nnodes > 1:
         port = cfg.launch.head_stream_port

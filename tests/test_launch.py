@@ -76,6 +76,66 @@ def test_user_script_and_its_args_and_accelerate_args(tmp_path, monkeypatch):
     assert argv[argv.index("--mixed_precision") + 1] == "bf16"
 
 
+def test_a_users_accelerate_config_file_sets_what_kaio_does_not_and_fsdp_there_is_not_turned_into_ddp(
+    tmp_path, monkeypatch
+):
+    """`accelerate config` writes <HF_HOME>/accelerate/default_config.yaml, which `accelerate launch` reads. kaio's
+    `--mixed_precision no` overrode its bf16 in a script's run (trained in fp32, silently), and `--multi_gpu` its
+    FSDP (plain DDP ran)."""
+    from kaio.launch import accelerate_file
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.py").write_text("print('hi')\n")
+    home = tmp_path / "hf"
+    (home / "accelerate").mkdir(parents=True)
+    default = home / "accelerate" / "default_config.yaml"
+    default.write_text(
+        "distributed_type: MULTI_GPU\nmixed_precision: bf16\ndynamo_config:\n  dynamo_backend: INDUCTOR\n"
+    )
+    environ = {"HF_HOME": str(home)}
+
+    def launched(launch: dict, env: dict = environ) -> list[str]:
+        return build_command(RunConfig(project_name="p", launch=launch), _plan(), env)[0]
+
+    script = launched({"script": "train.py", "num_processes": 2})
+    assert "--mixed_precision" not in script and "--dynamo_backend" not in script  # the file's bf16 and inductor
+    assert "--multi_gpu" in script  # its DDP, on kaio's two processes
+    recipe = launched({"num_processes": 1})  # the recipe's precision is training.precision, whatever the file says
+    assert recipe[recipe.index("--mixed_precision") + 1] == "no" and "--dynamo_backend" not in recipe
+    note = accelerate_file([], environ).note(own_training=False)
+    assert note == (
+        f"accelerate launch reads {default} (accelerate's config file) for what kaio's command does not set: "
+        "mixed_precision bf16, dynamo_backend INDUCTOR; processes and machines are kaio's "
+        "(launch.num_processes, launch.nnodes)"
+    )
+
+    fsdp = tmp_path / "fsdp.yaml"
+    fsdp.write_text("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\n")
+    named = launched({"script": "train.py", "num_processes": 2, "accelerate_args": ["--config_file", str(fsdp)]})
+    assert "--multi_gpu" not in named and named[named.index("--config_file") + 1] == str(fsdp)
+    assert "--multi_gpu" not in launched({"script": "train.py", "num_processes": 2, "accelerate_args": ["--use_fsdp"]})
+    two_nodes = {
+        "script": "train.py",
+        "nnodes": 2,
+        "main_addr": "10.0.0.1",
+        "accelerate_args": [f"--config_file={fsdp}"],
+    }
+    assert "--multi_gpu" not in launched(two_nodes)
+    assert (
+        accelerate_file([f"--config_file={fsdp}"], {})
+        .note(own_training=True)
+        .endswith(
+            "for what kaio's command does not set: distributed_type FSDP; processes and machines are kaio's "
+            "(launch.num_processes, launch.nnodes)"
+        )
+    )
+
+    # No file (or `--cpu`, with which accelerate reads none): kaio's flags, as always.
+    bare = launched({"script": "train.py", "num_processes": 2}, {"HF_HOME": str(tmp_path / "none")})
+    assert bare[bare.index("--mixed_precision") + 1] == "no" and bare[bare.index("--dynamo_backend") + 1] == "no"
+    assert accelerate_file(["--cpu"], environ) is None
+
+
 def test_the_ranks_do_not_import_from_the_folder_kaio_runs_in_and_give_the_setting_back_to_the_script():
     """`python -m kaio.child` puts the folder kaio runs in first on the import path; `accelerate launch script.py`
     does not. PYTHONSAFEPATH keeps it off, for kaio's interpreters only: each rank takes it back out."""

@@ -205,9 +205,8 @@ def run_new(
         loaded = loading.load(paths, writable=True)
         try:
             factory = poller_factory_for(cfg) if poller_factory_for else None
-            return _supervise(
-                cfg, loaded.state, view, SessionRequest(SessionKind.RUN), factory, notify, config_path=config_path
-            )
+            request = SessionRequest(SessionKind.RUN, notes=_launcher_notes(cfg))
+            return _supervise(cfg, loaded.state, view, request, factory, notify, config_path=config_path)
         finally:
             loaded.state.index.close()
 
@@ -260,6 +259,14 @@ def _check_checkpoint_folder(cfg: RunConfig) -> None:
             return
         why = "not writable"
     raise ProjectError(f"{folder}: cannot create the checkpoint folder ({why}); choose another training.output_dir")
+
+
+def _launcher_notes(cfg: RunConfig) -> list[str]:
+    """What the launcher takes from the user's accelerate config file (a restart reads the same: said once)."""
+    from kaio.launch import accelerate_file
+
+    found = accelerate_file(cfg.launch.accelerate_args, os.environ)
+    return [found.note(own_training=cfg.launch.own_code is None)] if found else []
 
 
 def _supervise(
@@ -588,7 +595,7 @@ def resume(
         if moved is not None:
             notes.insert(0, moved)
         factory = poller_factory_for(cfg) if poller_factory_for else None
-        request = SessionRequest(SessionKind.RESUME, checkpoint.resolve(), notes)
+        request = SessionRequest(SessionKind.RESUME, checkpoint.resolve(), notes + _launcher_notes(cfg))
         return _supervise(cfg, loaded.state, view, request, factory, notify, config_path=config_path)
 
 
