@@ -321,6 +321,10 @@ class HubConfig(_Section):
 
 # The sections only the built-in recipe reads, and the keys of them kaio itself reads for any script.
 SCRIPT_IGNORED_SECTIONS = ("model", "lora", "data", "training")
+SCRIPT_PUSHES_ITS_OWN = (
+    "kaio pushes the built-in recipe's final adapter, which your own code does not write; push your model from it "
+    "(the Trainer's push_to_hub=True and hub_model_id, or trainer.push_to_hub())"
+)
 SCRIPT_READ_KEYS = {"training": {"output_dir"}}  # where kaio looks for checkpoints to resume from
 
 
@@ -342,6 +346,8 @@ class RunConfig(_Section):
         (A saved config, config.json, holds every key with its default: not the user's doing.)"""
         if self.launch.own_code is None or (info.context or {}).get("saved"):
             return self
+        if self.hub.push:
+            raise ValueError(f"hub.push: {SCRIPT_PUSHES_ITS_OWN}")
         for section in SCRIPT_IGNORED_SECTIONS:
             for key in sorted(getattr(self, section).model_fields_set - SCRIPT_READ_KEYS.get(section, set())):
                 raise ValueError(

@@ -87,6 +87,9 @@ def test_one_run_per_project_and_no_silent_mixing(project_dir):
         output, _ = first.communicate(timeout=60)
     assert first.returncode == 143 and "saved: `kaio resume t` continues from step" in output, output
     assert read_history(project_dir)["status"] == "INTERRUPTED"
+    pushed = kaio("push", "t", "--repo-id", "a/b", cwd=project_dir, timeout=60)  # no final adapter yet
+    assert pushed.returncode == 2 and "the run has not completed (INTERRUPTED at step " in pushed.stderr
+    assert "finish it with `kaio resume t`" in pushed.stderr
     # A finished history is not mixed or destroyed without asking.
     again = kaio("run", "cfg.yaml", cwd=project_dir, timeout=60)
     assert again.returncode == 2

@@ -207,6 +207,11 @@ def test_a_plain_loop_without_a_trainer_is_said_plainly_and_reports_through_kaio
     report = (project_dir / "docs/reports/plain/report.md").read_text()
     assert "A training loop without a transformers `Trainer`, reporting its steps through `kaio.log`" in report
     assert "Host CPU (average) / RAM used (peak)" in report
+    # kaio push uploads the recipe's final adapter: a script's project is told where its push belongs, not to
+    # resume a completed run.
+    pushed = kaio("push", "plain", "--repo-id", "a/b", cwd=project_dir, timeout=60)
+    assert pushed.returncode == 2 and "trained with your own code (launch.script " in pushed.stderr
+    assert "push your model from it (the Trainer's push_to_hub=True" in pushed.stderr and "resume" not in pushed.stderr
 
 
 def test_kaio_log_outside_kaio_does_nothing(tmp_path):
@@ -269,6 +274,10 @@ def test_recipe_keys_a_script_never_sees_are_refused_before_anything_starts(proj
     assert result.returncode == 2
     assert "training.max_steps: your script (launch.script) never sees this key" in result.stderr
     assert "launch.script_args" in result.stderr
+    cfg.write_text(cfg.read_text().replace("training:\n  max_steps: 5\n", "hub:\n  push: true\n  repo_id: a/b\n"))
+    pushing = kaio("run", cfg.name, cwd=project_dir)  # the recipe's adapter, which a script does not write
+    assert pushing.returncode == 2 and "hub.push: kaio pushes the built-in recipe's final adapter" in pushing.stderr
+    cfg.write_text(cfg.read_text().replace("hub:\n  push: true\n  repo_id: a/b\n", ""))
     cfg.write_text(cfg.read_text().replace("training:\n  max_steps: 5\n", ""))
     flag = kaio("run", cfg.name, "--max-steps", "5", cwd=project_dir)
     assert flag.returncode == 2 and flag.stderr.startswith("kaio: error: --max-steps: your script")

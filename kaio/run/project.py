@@ -820,7 +820,7 @@ _PLACEMENT_KEYS = ("launch.nnodes", "launch.node_rank", "launch.main_addr", "lau
 
 def push(project: str, output_dir: Path, *, repo_id: str | None = None, notify: Notify = print) -> bool:
     """``kaio push``: push (or retry pushing) a project's final adapter by hand."""
-    from kaio.config import HUB_REPO_ID
+    from kaio.config import HUB_REPO_ID, SCRIPT_PUSHES_ITS_OWN
     from kaio.run.finalize import push_to_hub, write_reports
 
     if repo_id is not None and not HUB_REPO_ID.fullmatch(repo_id):
@@ -834,9 +834,19 @@ def push(project: str, output_dir: Path, *, repo_id: str | None = None, notify: 
                 f"no Hub repo for {project!r}: pass `--repo-id user/name` or set hub.repo_id in the config"
             )
         cfg = cfg.model_copy(update={"hub": cfg.hub.model_copy(update={"repo_id": repo, "push": True})})
+        if cfg.launch.own_code is not None:
+            own = f"{cfg.launch.own_code_key} {cfg.launch.own_code}"
+            raise ProjectError(f"project {project!r} trained with your own code ({own}): {SCRIPT_PUSHES_ITS_OWN}")
         if not (cfg.checkpoint_dir / "final" / "adapter_config.json").is_file():
+            state = loaded.state
+            where = f"{state.status.value} at step {state.last_step}"
+            hint = (
+                f"finish it with `{paths.command('resume')}`"
+                if latest_checkpoint(checkpoint_folder(cfg, state), lambda text: None, at_most=state.last_step)
+                else "start it again with `kaio run CONFIG --overwrite` (no checkpoint to resume from)"
+            )
             raise ProjectError(
-                f"no final adapter in {cfg.checkpoint_dir / 'final'}/ (the run has not completed); finish it with `{paths.command('resume')}`"
+                f"no final adapter in {cfg.checkpoint_dir / 'final'}/: the run has not completed ({where}); {hint}"
             )
         state = loaded.state
         recorder = Recorder(paths, state)
