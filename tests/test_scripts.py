@@ -108,7 +108,7 @@ def test_an_unchanged_script_on_two_cpu_ranks_is_one_job_of_world_size_two(clm_t
     assert _row(report, "Model") == "no name or path: built by the script, not loaded"
     assert _row(report, "PEFT").startswith("none")
     assert "tokens/s (kaio's count of rank 0's input ids × 2 ranks, padding included)" in _row(
-        report, "Throughput (over the optimizer steps)"
+        report, "Throughput (optimizer steps after each session's first)"
     )
 
 

@@ -347,18 +347,25 @@ def test_energy_integrated_from_step_power_as_the_last_resort():
     assert "energy integrated from per-step average power: no device or per-step energy was recorded" in s.warnings
 
 
-def test_throughput_is_over_the_time_spent_in_steps():
+def test_throughput_is_over_the_time_spent_in_steps_after_each_sessions_first():
+    """A session's first step is in its start-up: with torch_compile, a minute for a 10 ms step, which made the
+    report's throughput a hundredth of the training's pace."""
     steps = [
-        step(1, duration_s=1.0, step_time_s=0.9, samples_seen=16, tokens_seen=2_000),
-        step(2, duration_s=2.0, step_time_s=1.0, samples_seen=32, tokens_seen=4_000),
+        step(1, duration_s=60.0, step_time_s=59.0, samples_seen=16, tokens_seen=2_000, tokens_per_s_per_device=34.0),
+        step(2, duration_s=2.0, step_time_s=1.0, samples_seen=32, tokens_seen=4_000, tokens_per_s_per_device=2_000.0),
         step(3, duration_s=None, step_time_s=0.5, samples_seen=48, tokens_seen=6_000),  # no gap: its own time
-        step(4, duration_s=4.0, step_time_s=1.0, samples_seen=64, tokens_seen=8_000),
+        step(4, duration_s=4.0, step_time_s=1.0, samples_seen=64, tokens_seen=8_000, tokens_per_s_per_device=1_000.0),
+        step(5, session=2, duration_s=30.0, step_time_s=30.0, samples_seen=80, tokens_seen=10_000),  # resumed
+        step(6, session=2, duration_s=1.5, step_time_s=1.5, samples_seen=96, tokens_seen=12_000),
     ]
     s = summary_of(steps)
-    assert s.steps_s == pytest.approx(7.5)
-    assert (s.samples, s.tokens) == (64, 8_000)
-    assert s.samples_per_s == pytest.approx(64 / 7.5)
-    assert s.tokens_per_s == pytest.approx(8_000 / 7.5)
+    assert s.steps_s == pytest.approx(98.0)
+    assert (s.samples, s.tokens) == (96, 12_000)
+    assert s.samples_per_s == pytest.approx((48 + 16) / (6.5 + 1.5))  # steps 2-4 and 6
+    assert s.tokens_per_s == pytest.approx(8_000 / 8.0)
+    assert s.tokens_per_s_per_device == pytest.approx((2_000.0 * 1.0 + 1_000.0 * 1.0) / 2.0)  # not step 1's 34
+    single = summary_of([step(1, duration_s=2.0, step_time_s=2.0, samples_seen=8, tokens_seen=800)])
+    assert single.samples_per_s == pytest.approx(4.0)  # one step: its own time is all there is
 
 
 def test_training_time_adds_the_sessions_and_a_running_one_counts_its_steps_span():

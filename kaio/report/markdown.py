@@ -212,7 +212,7 @@ def _key_metrics(s: Summary) -> str:
         ("Energy", _energy(s) or missing),
         ("Energy per 1k samples", _unit(s.energy_per_1k_samples_wh, "Wh", ".3g") or missing),
         ("Samples processed", f"{s.samples:,}" if s.samples is not None else "not reported"),
-        ("Throughput (over the optimizer steps)", _throughput(s)),
+        ("Throughput (optimizer steps after each session's first)", _throughput(s)),
         ("GPU utilisation (average)", _unit(s.gpu_util_avg_pct, "%", ".0f") or missing),
         ("Temperature (average / peak)", _pair(s.temp_avg_c, s.temp_peak_c, "°C", ".0f") or missing),
     ]

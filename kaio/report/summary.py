@@ -133,7 +133,7 @@ class Summary(msgspec.Struct, kw_only=True):
     temp_avg_c: float | None = None
     temp_peak_c: float | None = None
     samples: int | None = None
-    samples_per_s: float | None = None  # over the time spent in optimizer steps
+    samples_per_s: float | None = None  # each session's steps after its first (in its start-up), over their time
     tokens: int | None = None
     tokens_counted_by: str | None = None  # RunDescription's
     world_size: int | None = None  # the training processes, as the Trainer reported them
@@ -317,8 +317,7 @@ def _time_spent(
         s.closing_s -= late
     inside = "step NOT IN (SELECT MAX(step) FROM steps GROUP BY session)"
     total, first, evals, saves = q.row(
-        "SELECT SUM(COALESCE(duration_s, step_time_s)), SUM(CASE WHEN step IN (SELECT MIN(step) FROM steps "
-        "GROUP BY session) THEN COALESCE(duration_s, step_time_s) END), "
+        f"SELECT SUM(COALESCE(duration_s, step_time_s)), SUM(CASE WHEN {FIRST_STEPS} THEN COALESCE(duration_s, step_time_s) END), "
         f"SUM(CASE WHEN {inside} THEN eval_s END), SUM(CASE WHEN {inside} THEN save_s END) FROM steps"
     )
     inner = (evals or 0.0) + (saves or 0.0)
@@ -523,19 +522,36 @@ def _pooled(rows: Any, at: int) -> float | None:
     return sum(r[at] or 0.0 for r in rows) / weight if weight else None
 
 
+FIRST_STEPS = "step IN (SELECT MIN(step) FROM steps GROUP BY session)"  # in their sessions' start-ups
+
+
 def _throughput(q: _Query, s: Summary) -> None:
+    """The pace of the training: each session's steps after its first, over their time. The first is in the
+    start-up (where the time table puts it): a compilation (torch_compile: a minute for a step of 10 ms), the
+    allocator's first growth, the data loader's workers starting. A run of one-step sessions: over every step."""
     samples, tokens = q.row("SELECT MAX(samples_seen), MAX(tokens_seen) FROM steps") or (None, None)
     s.samples = None if samples is None else int(samples)
     s.tokens = None if tokens is None else int(tokens)
-    seconds = s.steps_s
-    if seconds:
-        s.samples_per_s = None if samples is None else samples / seconds
-        s.tokens_per_s = None if tokens is None else tokens / seconds
-    # Each step's figure weighted by its time: the run's tokens over the run's step time.
-    s.tokens_per_s_per_device, s.mfu = q.row(
+    first_s = q.value(f"SELECT SUM(COALESCE(duration_s, step_time_s)) FROM steps WHERE {FIRST_STEPS}") or 0.0
+    later_samples, later_tokens = q.row(
+        "SELECT SUM(last.samples_seen - first.samples_seen), SUM(last.tokens_seen - first.tokens_seen) "
+        "FROM (SELECT MIN(step) AS a, MAX(step) AS b FROM steps GROUP BY session) "
+        "JOIN steps AS first ON first.step = a JOIN steps AS last ON last.step = b"
+    ) or (None, None)
+    seconds = (s.steps_s or 0.0) - first_s
+    if seconds <= 0 or not later_samples:  # every session a single step: its time is all there is
+        seconds, later_samples, later_tokens = s.steps_s or 0.0, samples, tokens
+    if seconds > 0:
+        s.samples_per_s = None if later_samples is None else later_samples / seconds
+        s.tokens_per_s = None if later_tokens is None else later_tokens / seconds
+    # Each step's figure weighted by its time (the run's tokens over its step time), the first steps left out.
+    weighted = (
         "SELECT SUM(tokens_per_s_dev * step_time_s) / SUM(CASE WHEN tokens_per_s_dev IS NOT NULL THEN step_time_s END), "
-        "SUM(mfu * step_time_s) / SUM(CASE WHEN mfu IS NOT NULL THEN step_time_s END) FROM steps"
+        "SUM(mfu * step_time_s) / SUM(CASE WHEN mfu IS NOT NULL THEN step_time_s END) FROM steps WHERE {}"
     )
+    s.tokens_per_s_per_device, s.mfu = q.row(weighted.format(f"NOT {FIRST_STEPS}"))
+    if s.tokens_per_s_per_device is None and s.mfu is None:
+        s.tokens_per_s_per_device, s.mfu = q.row(weighted.format("1"))
 
 
 UTIL_LAG_POINTS = 20.0  # a run GPU this many points below the median of the run's GPUs is not kept busy
