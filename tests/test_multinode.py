@@ -476,6 +476,8 @@ def test_a_node_whose_kaio_is_killed_is_lost_on_the_head_which_does_not_wait_for
     assert again.returncode == 0, again.stdout + again.stderr
     node = read_history(project_dir)["run"]["nodes"][1]
     assert (node["status"], node["last_step"]) == ("COMPLETED", 100)
+    # The clock the head measured over the stream stays: the folder merged by hand holds no probe of it.
+    assert lost["clock_offset_s"] is not None and node["clock_offset_s"] == lost["clock_offset_s"]
 
 
 def test_the_head_does_not_wait_for_a_node_whose_stream_ended_without_its_end(tmp_path):
