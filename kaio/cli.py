@@ -199,7 +199,7 @@ def run(
     cfg = placed(cfg, where)
     check_recipe_inputs(cfg, str(config))
     if dry_run:
-        for line in dry_run_lines(cfg, where, os.environ):
+        for line in dry_run_lines(cfg, where, os.environ, overwrite=overwrite):
             typer.echo(line)
         return
     _ignore_scheduler_warning()
