@@ -228,19 +228,23 @@ def plan(
     Prints the resolved config's child command and environment, the GPUs the ranks would take with their free memory, and a VRAM estimate per GPU (weights, gradients, optimizer states, activations, logits; with and without gradient checkpointing) with a verdict: fits, tight or will not fit. The model is sized on PyTorch's meta device: no weights are read; at most its config.json is downloaded.
     """
     from kaio.config import load_config
+    from kaio.errors import ConfigError
     from kaio.plan import make_plan, plan_json, render_plan
     from kaio.preflight import check_recipe_inputs
 
     cfg = load_config(config)
     check_recipe_inputs(cfg, str(config), model=False)  # a model not at hand is said in the plan
-    if as_json:
-        import json
-
-        typer.echo(json.dumps(plan_json(make_plan(cfg)), indent=2))
-        return
     console = _console()
-    with console.status("sizing the model…"):
-        made = make_plan(cfg)
+    try:
+        if as_json:
+            import json
+
+            typer.echo(json.dumps(plan_json(make_plan(cfg)), indent=2))
+            return
+        with console.status("sizing the model…"):
+            made = make_plan(cfg)
+    except ConfigError as exc:  # the model's config not found: named with the file, as `kaio run` names it
+        raise ConfigError(f"{config}: {exc}") from None
     console.print(render_plan(made), soft_wrap=True)  # the command stays one line to copy
 
 

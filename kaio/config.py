@@ -246,11 +246,13 @@ class LaunchConfig(_Section):
             raise ValueError(problem)
         return value
 
-    @model_validator(mode="after")
-    def _script_or_module(self) -> LaunchConfig:
-        if self.script is not None and self.module is not None:
+    @model_validator(mode="before")
+    @classmethod
+    def _script_or_module(cls, data: Any) -> Any:
+        """Before either is looked for: with both set, that one of them is not found is beside the point."""
+        if isinstance(data, dict) and data.get("script") is not None and data.get("module") is not None:
             raise ValueError("launch.script and launch.module both set: give one (a file, or a module to run as -m)")
-        return self
+        return data
 
     @property
     def own_code(self) -> str | None:
@@ -549,13 +551,13 @@ def _describe(error: Any) -> str:
     message = error["msg"]
     # pydantic prefixes custom messages; the user needs only ours.
     message = re.sub(r"^(Value error|Assertion failed), ", "", message)
-    if not loc and re.match(r"^\w+\.\w+: ", message):  # a check across sections names its key itself
-        return message
+    if (not loc and re.match(r"^\w+\.\w+: ", message)) or (loc and message.startswith(f"{key}.")):
+        return message  # a check across sections or keys names its keys itself
     # A section-level check names its key first ("repo_id: ..."): fold it into the path.
     named = re.match(r"^(\w+): (.*)$", message)
     if named and named.group(1) in _section_fields(loc):
         return f"{key + '.' if loc else ''}{named.group(1)}: {named.group(2)}"
-    if kind.endswith("_type") or kind.endswith("_parsing"):
+    if kind.endswith("_type") or kind.endswith("_parsing") or kind in ("literal_error", "enum"):
         return f"{key}: {message} (got {error.get('input')!r})"
     return f"{key}: {message}"
 

@@ -47,10 +47,14 @@ def test_defaults_fill_the_documented_paths():
         ("project_name: p\nlora:\n  dropout: 1.5\n", "lora.dropout: Input should be less than 1"),
         (
             "project_name: p\ntraining:\n  precision: fp8\n",
-            "training.precision: Input should be 'auto', 'bf16', 'fp16' or 'fp32'",
+            "training.precision: Input should be 'auto', 'bf16', 'fp16' or 'fp32' (got 'fp8')",
         ),
         ("project_name: p\ndata:\n  path: missing.jsonl\n", "data.path: data file 'missing.jsonl' not found"),
         ("project_name: p\nlaunch:\n  script: nope.py\n", "launch.script: script 'nope.py' not found"),
+        (
+            "project_name: p\nlaunch:\n  script: nope.py\n  module: pkg.train\n",
+            "launch.script and launch.module both set: give one",
+        ),
         ("project_name: ../evil\n", "project_name: '../evil' is not a safe folder name"),
         ("project_name: a/b\n", "project_name: 'a/b' is not a safe folder name"),
         ("model:\n  max_seq_length: 64\n", "project_name: required key is missing"),

@@ -201,6 +201,15 @@ def test_a_model_kaio_cannot_find_offline_is_named_with_what_to_do(project_dir, 
     assert said.startswith("model.base_model: nobody-here/no-such-model: its config.json is not in the Hugging Face")
     assert "(HF_HUB_OFFLINE is set)" in said
     assert "hf download nobody-here/no-such-model config.json" in said and "\n" not in said
+    # On the command line, the config file is named first, as `kaio run` names it.
+    from typer.testing import CliRunner
+
+    from kaio.cli import app
+
+    for extra in ([], ["--json"]):
+        result = CliRunner().invoke(app, ["plan", "u.yaml", *extra])
+        assert result.exit_code == 2
+        assert result.output.startswith("kaio: error: u.yaml: model.base_model: nobody-here/no-such-model: its")
 
 
 def test_plan_help_says_what_it_prints():

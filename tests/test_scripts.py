@@ -529,6 +529,6 @@ def test_a_module_in_a_package_runs_as_python_m_runs_it(project_dir):
     (project_dir / "typo.yaml").write_text("project_name: u\nlaunch:\n  module: mypkg.trian\n")  # found before it runs
     result = kaio("run", "typo.yaml", cwd=project_dir, timeout=60)
     assert result.returncode == 2 and "module 'mypkg.trian' not found: no 'trian' in package 'mypkg'" in result.stderr
-    (project_dir / "both.yaml").write_text(f"project_name: u\nlaunch:\n  module: mypkg.train\n  script: {__file__}\n")
+    (project_dir / "both.yaml").write_text("project_name: u\nlaunch:\n  module: mypkg.train\n  script: nowhere.py\n")
     result = kaio("run", "both.yaml", cwd=project_dir, timeout=60)
     assert result.returncode == 2 and "launch.script and launch.module both set" in result.stderr
