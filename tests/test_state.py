@@ -127,6 +127,18 @@ def test_a_resumed_session_supersedes_the_steps_after_its_checkpoint():
     )
 
 
+def test_a_resume_asked_for_no_more_steps_than_were_done_is_warned_about():
+    """A script resumed at step 10 with max_steps 8 (its arguments not extended): the Trainer still trained a step,
+    and the record said "11/8 (100%)" without a word."""
+    records = [
+        {"type": "session_start", "session": 2, "t_wall": 1e9, "kind": "resume"},
+        {"type": "run_start", "rank": 0, "session": 2, "start_step": 10, "max_steps": 8},
+        _step(11, 1.0, session=2),
+    ]
+    (warning,) = history_of(replay(records))["warnings"]
+    assert warning.startswith("session 2: the Trainer resumed at step 10 with max_steps 8: no more steps were asked")
+
+
 def test_what_a_resumed_trainer_kept_from_its_checkpoint_over_the_arguments_is_named():
     """A script resumed with an edited learning rate or interval: the Trainer keeps the checkpoint's (the scheduler's
     state, trainer_state.json), where the record said the arguments' were used."""

@@ -203,12 +203,8 @@ class RunState:
                     f"session {r.session}: the Trainer began at step {r.start_step} (the script resumed it from a "
                     f"checkpoint of its own): steps 1-{r.start_step} are not in this record"
                 )
-            if r.kept_from_checkpoint and r.training == 1:
-                self.warn(
-                    f"session {r.session}: the resumed Trainer kept its checkpoint's {', '.join(r.kept_from_checkpoint)}: "
-                    "a resume restores them (the scheduler's state, trainer_state.json), so the edit of the script's "
-                    "arguments did not take effect (the steps' learning rates are what trained)"
-                )
+            for warning in _resumed_against_the_arguments(r):
+                self.warn(warning)
             self.parts.steps.resume_at(r.start_step, self)
             if r.training > 1:  # a script's second Trainer, or train() again: its steps follow the earlier ones
                 self.parts.steps.continue_counts_at(r.start_step)
@@ -437,6 +433,27 @@ def _final_model(end: TrainEnd | None) -> FinalModel | None:
         greater_is_better=end.greater_is_better,
         loaded=end.best_loaded,
     )
+
+
+def _resumed_against_the_arguments(r: RunStart) -> list[str]:
+    """What a resumed Trainer did other than its arguments said: it kept its checkpoint's learning rate or
+    intervals, or it was asked for no more steps than were done."""
+    if r.training != 1 or not r.start_step:
+        return []
+    said = []
+    if r.max_steps is not None and 0 < r.max_steps <= r.start_step:
+        said.append(
+            f"session {r.session}: the Trainer resumed at step {r.start_step} with max_steps {r.max_steps}: no more "
+            "steps were asked for than were done (a longer run is a larger max_steps in the script's arguments), so "
+            "what it trained past its end is not the planned run's"
+        )
+    if r.kept_from_checkpoint:
+        said.append(
+            f"session {r.session}: the resumed Trainer kept its checkpoint's {', '.join(r.kept_from_checkpoint)}: "
+            "a resume restores them (the scheduler's state, trainer_state.json), so the edit of the script's "
+            "arguments did not take effect (the steps' learning rates are what trained)"
+        )
+    return said
 
 
 def _later_training_note(r: RunStart) -> str:
