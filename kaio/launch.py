@@ -1,7 +1,7 @@
 """Building the ``accelerate launch`` command, spawning it, signalling its group.
 
-``build_command`` is pure (same inputs, same argv and env) so it is tested
-without spawning anything.
+``build_command`` depends on its inputs alone (the config, the plan, the environment, and the accelerate config
+file that environment names), so it is tested without spawning anything.
 """
 
 from __future__ import annotations
@@ -103,25 +103,23 @@ def _launcher_argv(cfg: RunConfig, plan: LaunchPlan, environ: Mapping[str, str])
         argv += ["--rdzv_backend", "static"]
     else:
         argv = [plan.python, "-m", "kaio.child.launcher", "--num_machines", "1", "--num_processes", str(n)]
-    user_file = accelerate_file(launch.accelerate_args, environ)
-    # Several ranks: DDP (NCCL on GPUs, gloo without; `--cpu` would silently run one process), unless FSDP,
-    # DeepSpeed or Megatron-LM is asked for (a flag, or the accelerate config file): `--multi_gpu` would win
-    # over the file's distributed_type and run plain DDP.
-    ddp = not (user_file and user_file.engine) and not any(_has_flag(launch.accelerate_args, f) for f in _ENGINE_FLAGS)
-    if ddp and (n > 1 or launch.nnodes > 1):
+    asked = launch.accelerate_args
+    # The recipe is kaio's own: DDP, training.precision, no compilation, whatever the user's accelerate config
+    # file says. A script's setup is its own, or where neither its command nor kaio's says, the file's: FSDP,
+    # DeepSpeed or Megatron-LM there (`--multi_gpu` would win over the file's distributed_type: plain DDP), its
+    # mixed precision and dynamo backend.
+    user_file = accelerate_file(asked, environ) if launch.own_code is not None else None
+    engine = (user_file is not None and user_file.engine) or any(_has_flag(asked, f) for f in _ENGINE_FLAGS)
+    if not engine and (n > 1 or launch.nnodes > 1):  # `--cpu` would silently run one process
         argv += ["--multi_gpu"]
     if n > 1 and launch.nnodes == 1:
         argv += ["--main_process_port", str(plan.main_process_port)]
     # One process: no device flag, so the trainer takes the GPU when there is one and the CPU otherwise.
-    # The recipe's precision is training.precision; a script's is its own or, unset, the accelerate config file's.
-    own_training = not (launch.script or launch.module)
-    if not _has_flag(launch.accelerate_args, "--mixed_precision") and (
-        own_training or not (user_file and user_file.mixed_precision)
-    ):
+    if not _has_flag(asked, "--mixed_precision") and not (user_file and user_file.mixed_precision):
         argv += ["--mixed_precision", "no"]
-    if not _has_flag(launch.accelerate_args, "--dynamo_backend") and not (user_file and user_file.dynamo_backend):
+    if not _has_flag(asked, "--dynamo_backend") and not (user_file and user_file.dynamo_backend):
         argv += ["--dynamo_backend", "no"]
-    return argv + list(launch.accelerate_args)
+    return argv + list(asked)
 
 
 # PyTorch's NCCL Flight Recorder: the last collectives of every rank, dumped when a collective times out.
@@ -181,7 +179,12 @@ def masked(argv: list[str]) -> list[str]:
 
 
 def _has_flag(args: list[str], flag: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in args)
+    """``--flag``, ``--flag=value``, and the same with hyphens (accelerate takes `--use-fsdp` as `--use_fsdp`)."""
+    return any(_flag_name(a) == _flag_name(flag) for a in args if a.startswith("--"))
+
+
+def _flag_name(arg: str) -> str:
+    return "--" + arg.split("=", 1)[0].lstrip("-").replace("-", "_")
 
 
 _ENGINE_FLAGS = ("--use_fsdp", "--use_deepspeed", "--use_megatron_lm")
@@ -198,12 +201,13 @@ class AccelerateFile:
     dynamo_backend: str | None = None
     engine: str | None = None  # FSDP, DEEPSPEED or MEGATRON_LM: not DDP
 
-    def note(self, own_training: bool) -> str:
+    def note(self) -> str:
+        """What a script's launch took from the file (the recipe's setup is kaio's: it takes none of these)."""
         taken = [
             f"{name} {value}"
             for name, value in (
                 ("distributed_type", self.engine),
-                ("mixed_precision", None if own_training else self.mixed_precision),
+                ("mixed_precision", self.mixed_precision),
                 ("dynamo_backend", self.dynamo_backend),
             )
             if value and value.lower() != "no"
@@ -222,14 +226,17 @@ def accelerate_file(accelerate_args: list[str], environ: Mapping[str, str]) -> A
     import yaml
 
     named = _flag_value(accelerate_args, "--config_file")
+    home = environ.get("HOME")  # the launcher's environment's, not this process's: same inputs, same command
     if named is not None:
-        path = Path(named).expanduser()
+        path = _expanded(named, home)
     elif _has_flag(accelerate_args, "--cpu"):
         return None
     else:
-        cache = environ.get("XDG_CACHE_HOME") or os.path.join(environ.get("HOME", "~"), ".cache")
-        home = environ.get("HF_HOME") or os.path.join(cache, "huggingface")
-        path = Path(home).expanduser() / "accelerate" / "default_config.yaml"
+        cache = environ.get("XDG_CACHE_HOME") or (os.path.join(home, ".cache") if home else None)
+        hf_home = environ.get("HF_HOME") or (os.path.join(cache, "huggingface") if cache else None)
+        if hf_home is None:
+            return None
+        path = _expanded(hf_home, home) / "accelerate" / "default_config.yaml"
     try:
         text = path.read_text(encoding="utf-8")
         values = json.loads(text) if path.name.endswith(".json") else yaml.safe_load(text)
@@ -243,21 +250,28 @@ def accelerate_file(accelerate_args: list[str], environ: Mapping[str, str]) -> A
     return AccelerateFile(
         path=path,
         mixed_precision=_text(values.get("mixed_precision")),
-        dynamo_backend=_text(dynamo.get("dynamo_backend")),
+        dynamo_backend=_text(dynamo.get("dynamo_backend") or values.get("dynamo_backend")),  # the older key too
         engine=engine if engine in _ENGINES else None,
     )
 
 
 def _flag_value(args: list[str], flag: str) -> str | None:
     for i, arg in enumerate(args):
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-        if arg == flag and i + 1 < len(args):
-            return args[i + 1]
+        if arg.startswith("--") and _flag_name(arg) == _flag_name(flag):
+            if "=" in arg:
+                return arg.split("=", 1)[1]
+            return args[i + 1] if i + 1 < len(args) else None
     return None
 
 
+def _expanded(path: str, home: str | None) -> Path:
+    return Path(home + path[1:]) if home and (path == "~" or path.startswith("~/")) else Path(path)
+
+
 def _text(value: object) -> str | None:
+    """A file's setting as accelerate reads it: YAML's unquoted `no` is False."""
+    if value is False:
+        return "no"
     return str(value) if value not in (None, "") else None
 
 

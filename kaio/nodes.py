@@ -270,6 +270,9 @@ def dry_run_lines(cfg: RunConfig, where: Placement, environ: Mapping[str, str], 
             f"note: SLURM_NNODES={slurm_nodes}, but this is not inside `srun` (no SLURM_STEP_ID): one machine's "
             "job; start kaio on every node with `srun kaio run CONFIG` (docs/multi-node.md)"
         )
+    user_file = accelerate_file(cfg.launch.accelerate_args, environ) if cfg.launch.own_code is not None else None
+    if user_file is not None:  # each machine's own: this one's
+        lines.append(f"note: on this machine, {user_file.note()}")
     for rank in range(where.nnodes):
         node = replace(where, node_rank=rank)
         node_cfg = placed(cfg, node)
@@ -283,9 +286,6 @@ def dry_run_lines(cfg: RunConfig, where: Placement, environ: Mapping[str, str], 
         this = " (this node)" if rank == where.node_rank else ""
         lines.append(f"node {rank}{f' on {host}' if host else ''}{this}:")
         lines.append(f"  command: {shlex.join(argv)}")
-        user_file = accelerate_file(node_cfg.launch.accelerate_args, environ)
-        if user_file is not None:
-            lines.append(f"  note: {user_file.note(own_training=node_cfg.launch.own_code is None)}")
         lines.append("  environment: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(env.items())))
     if where.nnodes > 1:
         port = cfg.launch.head_stream_port

@@ -81,39 +81,43 @@ def test_a_users_accelerate_config_file_sets_what_kaio_does_not_and_fsdp_there_i
 ):
     """`accelerate config` writes <HF_HOME>/accelerate/default_config.yaml, which `accelerate launch` reads. kaio's
     `--mixed_precision no` overrode its bf16 in a script's run (trained in fp32, silently), and `--multi_gpu` its
-    FSDP (plain DDP ran)."""
+    FSDP (plain DDP ran). The built-in recipe's setup stays kaio's config's."""
     from kaio.launch import accelerate_file
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "train.py").write_text("print('hi')\n")
-    home = tmp_path / "hf"
-    (home / "accelerate").mkdir(parents=True)
-    default = home / "accelerate" / "default_config.yaml"
+    home = tmp_path / "home"
+    default = home / ".cache" / "huggingface" / "accelerate" / "default_config.yaml"
+    default.parent.mkdir(parents=True)
     default.write_text(
         "distributed_type: MULTI_GPU\nmixed_precision: bf16\ndynamo_config:\n  dynamo_backend: INDUCTOR\n"
     )
-    environ = {"HF_HOME": str(home)}
+    environ = {"HOME": str(home)}  # found from the launcher's environment, not this process's
 
     def launched(launch: dict, env: dict = environ) -> list[str]:
         return build_command(RunConfig(project_name="p", launch=launch), _plan(), env)[0]
 
+    def flag(argv: list[str], name: str) -> str | None:
+        return argv[argv.index(name) + 1] if name in argv else None
+
     script = launched({"script": "train.py", "num_processes": 2})
-    assert "--mixed_precision" not in script and "--dynamo_backend" not in script  # the file's bf16 and inductor
+    assert flag(script, "--mixed_precision") is None and flag(script, "--dynamo_backend") is None  # the file's
     assert "--multi_gpu" in script  # its DDP, on kaio's two processes
-    recipe = launched({"num_processes": 1})  # the recipe's precision is training.precision, whatever the file says
-    assert recipe[recipe.index("--mixed_precision") + 1] == "no" and "--dynamo_backend" not in recipe
-    note = accelerate_file([], environ).note(own_training=False)
-    assert note == (
+    recipe = launched({"num_processes": 2})  # kaio's own training: DDP, training.precision, no compilation
+    assert flag(recipe, "--mixed_precision") == "no" and flag(recipe, "--dynamo_backend") == "no"
+    assert "--multi_gpu" in recipe
+    assert accelerate_file([], environ).note() == (
         f"accelerate launch reads {default} (accelerate's config file) for what kaio's command does not set: "
         "mixed_precision bf16, dynamo_backend INDUCTOR; processes and machines are kaio's "
         "(launch.num_processes, launch.nnodes)"
     )
+    assert accelerate_file([], {"HF_HOME": str(home / ".cache/huggingface")}).path == default  # HF_HOME wins
 
     fsdp = tmp_path / "fsdp.yaml"
-    fsdp.write_text("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\n")
-    named = launched({"script": "train.py", "num_processes": 2, "accelerate_args": ["--config_file", str(fsdp)]})
-    assert "--multi_gpu" not in named and named[named.index("--config_file") + 1] == str(fsdp)
-    assert "--multi_gpu" not in launched({"script": "train.py", "num_processes": 2, "accelerate_args": ["--use_fsdp"]})
+    fsdp.write_text("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\nmixed_precision: no\n")
+    for asked in (["--config_file", str(fsdp)], [f"--config-file={fsdp}"], ["--use_fsdp"], ["--use-fsdp"]):
+        argv = launched({"script": "train.py", "num_processes": 2, "accelerate_args": asked})
+        assert "--multi_gpu" not in argv, asked  # accelerate takes hyphens as underscores
     two_nodes = {
         "script": "train.py",
         "nnodes": 2,
@@ -123,16 +127,20 @@ def test_a_users_accelerate_config_file_sets_what_kaio_does_not_and_fsdp_there_i
     assert "--multi_gpu" not in launched(two_nodes)
     assert (
         accelerate_file([f"--config_file={fsdp}"], {})
-        .note(own_training=True)
+        .note()
         .endswith(
             "for what kaio's command does not set: distributed_type FSDP; processes and machines are kaio's "
             "(launch.num_processes, launch.nnodes)"
         )
-    )
+    )  # YAML's unquoted `no` (False) is accelerate's "no", not "False"
+    old_style = tmp_path / "old.yaml"
+    old_style.write_text("dynamo_backend: INDUCTOR\n")  # the key before dynamo_config
+    assert accelerate_file(["--config_file", str(old_style)], {}).dynamo_backend == "INDUCTOR"
 
-    # No file (or `--cpu`, with which accelerate reads none): kaio's flags, as always.
-    bare = launched({"script": "train.py", "num_processes": 2}, {"HF_HOME": str(tmp_path / "none")})
-    assert bare[bare.index("--mixed_precision") + 1] == "no" and bare[bare.index("--dynamo_backend") + 1] == "no"
+    # No file, no home to find one in, or `--cpu` (with which accelerate reads none): kaio's flags, as always.
+    for env in ({"HOME": str(tmp_path / "elsewhere")}, {}):
+        bare = launched({"script": "train.py", "num_processes": 2}, env)
+        assert flag(bare, "--mixed_precision") == "no" and flag(bare, "--dynamo_backend") == "no"
     assert accelerate_file(["--cpu"], environ) is None
 
 

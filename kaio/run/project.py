@@ -262,11 +262,12 @@ def _check_checkpoint_folder(cfg: RunConfig) -> None:
 
 
 def _launcher_notes(cfg: RunConfig) -> list[str]:
-    """What the launcher takes from the user's accelerate config file (a restart reads the same: said once)."""
+    """What a script's launcher takes from the user's accelerate config file (a restart reads the same: said
+    once). The recipe's setup is kaio's config's alone."""
     from kaio.launch import accelerate_file
 
-    found = accelerate_file(cfg.launch.accelerate_args, os.environ)
-    return [found.note(own_training=cfg.launch.own_code is None)] if found else []
+    found = accelerate_file(cfg.launch.accelerate_args, os.environ) if cfg.launch.own_code is not None else None
+    return [found.note()] if found else []
 
 
 def _supervise(
