@@ -120,6 +120,7 @@ def test_a_resumed_session_supersedes_the_steps_after_its_checkpoint():
         ("COMPLETED", 4, 8),
     ]
     assert history["status"] == "COMPLETED"
+    assert history["run"]["kept_from_checkpoint"] == ["learning_rate 0.005 (the arguments: 0.001)"]
     (kept,) = [w for w in history["warnings"] if "kept its checkpoint's" in w]
     assert kept.startswith(
         "session 2: the resumed Trainer kept its checkpoint's learning_rate 0.005 (the arguments: 0.001): a resume "
