@@ -366,6 +366,18 @@ def test_throughput_is_over_the_time_spent_in_steps_after_each_sessions_first():
     assert s.tokens_per_s_per_device == pytest.approx((2_000.0 * 1.0 + 1_000.0 * 1.0) / 2.0)  # not step 1's 34
     single = summary_of([step(1, duration_s=2.0, step_time_s=2.0, samples_seen=8, tokens_seen=800)])
     assert single.samples_per_s == pytest.approx(4.0)  # one step: its own time is all there is
+    # Each count over the sessions that have it: tokens alone (no samples counted), and a resumed session that
+    # counted no tokens (its time is not the tokens' time).
+    tokens_only = [step(1, duration_s=60.0, tokens_seen=1_000)] + [
+        step(n, duration_s=1.0, tokens_seen=1_000 * n) for n in range(2, 11)
+    ]
+    assert summary_of(tokens_only).tokens_per_s == pytest.approx(1_000.0)
+    uncounted = [*tokens_only, step(11, session=2, duration_s=9.0), step(12, session=2, duration_s=5.0)]
+    assert summary_of(uncounted).tokens_per_s == pytest.approx(1_000.0)
+    # An evaluation after a step is in the next step's time: not the training's pace.
+    paused = [step(1, duration_s=5.0, samples_seen=4), step(2, duration_s=1.0, samples_seen=8, eval_s=3.0)]
+    paused += [step(3, duration_s=4.0, samples_seen=12), step(4, duration_s=1.0, samples_seen=16)]
+    assert summary_of(paused).samples_per_s == pytest.approx(12 / (6.0 - 3.0))
 
 
 def test_training_time_adds_the_sessions_and_a_running_one_counts_its_steps_span():

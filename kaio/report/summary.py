@@ -179,6 +179,7 @@ class _Query:
         return sum(v for (v,) in middle) / len(middle)
 
 
+FIRST_STEPS = "step IN (SELECT MIN(step) FROM steps GROUP BY session)"  # in their sessions' start-ups
 LOGGED_METRICS_LISTED = 40  # report.md's table of the other logged numbers: a script logging hundreds lists these
 
 # Where the wall time went, in the order the report and the figure show it: (key, the report's label, the figure's).
@@ -522,28 +523,28 @@ def _pooled(rows: Any, at: int) -> float | None:
     return sum(r[at] or 0.0 for r in rows) / weight if weight else None
 
 
-FIRST_STEPS = "step IN (SELECT MIN(step) FROM steps GROUP BY session)"  # in their sessions' start-ups
-
-
 def _throughput(q: _Query, s: Summary) -> None:
-    """The pace of the training: each session's steps after its first, over their time. The first is in the
-    start-up (where the time table puts it): a compilation (torch_compile: a minute for a step of 10 ms), the
-    allocator's first growth, the data loader's workers starting. A run of one-step sessions: over every step."""
+    """The pace of the training: each session's steps after its first, over their time (the pauses for
+    evaluations and saves between them taken out, as from the time in steps). The first is in the start-up, where
+    the time table puts it: a compilation (torch_compile: a minute for a step of 10 ms), the allocator's first
+    growth, the data loader's workers starting. Samples and tokens each over the sessions that counted them; a run
+    of one-step sessions over every step."""
     samples, tokens = q.row("SELECT MAX(samples_seen), MAX(tokens_seen) FROM steps") or (None, None)
     s.samples = None if samples is None else int(samples)
     s.tokens = None if tokens is None else int(tokens)
+    sessions = q.conn.execute(
+        "SELECT b.samples_seen - a.samples_seen, b.tokens_seen - a.tokens_seen, "
+        "(SELECT SUM(COALESCE(duration_s, step_time_s)) - COALESCE(SUM(training_start_s), 0) FROM steps "
+        " WHERE session = g.session AND step > g.first) "
+        "- (SELECT COALESCE(SUM(COALESCE(eval_s, 0) + COALESCE(save_s, 0)), 0) FROM steps "
+        "   WHERE session = g.session AND step >= g.first AND step < g.last) "
+        "FROM (SELECT session, MIN(step) AS first, MAX(step) AS last FROM steps GROUP BY session) AS g "
+        "JOIN steps AS a ON a.step = g.first JOIN steps AS b ON b.step = g.last"
+    ).fetchall()
     first_s = q.value(f"SELECT SUM(COALESCE(duration_s, step_time_s)) FROM steps WHERE {FIRST_STEPS}") or 0.0
-    later_samples, later_tokens = q.row(
-        "SELECT SUM(last.samples_seen - first.samples_seen), SUM(last.tokens_seen - first.tokens_seen) "
-        "FROM (SELECT MIN(step) AS a, MAX(step) AS b FROM steps GROUP BY session) "
-        "JOIN steps AS first ON first.step = a JOIN steps AS last ON last.step = b"
-    ) or (None, None)
-    seconds = (s.steps_s or 0.0) - first_s
-    if seconds <= 0 or not later_samples:  # every session a single step: its time is all there is
-        seconds, later_samples, later_tokens = s.steps_s or 0.0, samples, tokens
-    if seconds > 0:
-        s.samples_per_s = None if later_samples is None else later_samples / seconds
-        s.tokens_per_s = None if later_tokens is None else later_tokens / seconds
+    after_first_s = (s.steps_s or 0.0) - first_s  # the time in steps as the time table has it, less the first
+    s.samples_per_s = _pace(sessions, 0, samples, s.steps_s, after_first_s)
+    s.tokens_per_s = _pace(sessions, 1, tokens, s.steps_s, after_first_s)
     # Each step's figure weighted by its time (the run's tokens over its step time), the first steps left out.
     weighted = (
         "SELECT SUM(tokens_per_s_dev * step_time_s) / SUM(CASE WHEN tokens_per_s_dev IS NOT NULL THEN step_time_s END), "
@@ -552,6 +553,18 @@ def _throughput(q: _Query, s: Summary) -> None:
     s.tokens_per_s_per_device, s.mfu = q.row(weighted.format(f"NOT {FIRST_STEPS}"))
     if s.tokens_per_s_per_device is None and s.mfu is None:
         s.tokens_per_s_per_device, s.mfu = q.row(weighted.format("1"))
+
+
+def _pace(
+    sessions: list[tuple], at: int, total: float | None, steps_s: float | None, after_first_s: float
+) -> float | None:
+    """A count's per-second pace after each session's first step, without the sessions that did not count it
+    (their time, roughly: their steps' durations less the pauses between them); else over every step."""
+    added = sum(row[at] for row in sessions if row[at] is not None)
+    seconds = after_first_s - sum(row[2] or 0.0 for row in sessions if row[at] is None)
+    if added > 0 and seconds > 0:
+        return added / seconds
+    return total / steps_s if total is not None and steps_s else None
 
 
 UTIL_LAG_POINTS = 20.0  # a run GPU this many points below the median of the run's GPUs is not kept busy
