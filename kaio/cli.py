@@ -188,7 +188,7 @@ def run(
     from kaio.nodes import dry_run_lines, placed, placement
     from kaio.preflight import check_recipe_inputs
     from kaio.run.gpu_feed import poller_factory
-    from kaio.run.project import run_new
+    from kaio.run.project import run_new, run_refusal
     from kaio.views import choose_view
 
     cfg = load_config(config)
@@ -199,7 +199,8 @@ def run(
     cfg = placed(cfg, where)
     check_recipe_inputs(cfg, str(config))
     if dry_run:
-        for line in dry_run_lines(cfg, where, os.environ, overwrite=overwrite):
+        refusal = None if overwrite else run_refusal(cfg, config)
+        for line in dry_run_lines(cfg, where, os.environ, refusal):
             typer.echo(line)
         return
     _ignore_scheduler_warning()

@@ -247,7 +247,9 @@ def placed(cfg: RunConfig, where: Placement) -> RunConfig:
     return cfg.model_copy(update=update)
 
 
-def dry_run_lines(cfg: RunConfig, where: Placement, environ: Mapping[str, str], overwrite: bool = False) -> list[str]:
+def dry_run_lines(
+    cfg: RunConfig, where: Placement, environ: Mapping[str, str], refusal: str | None = None
+) -> list[str]:
     """`kaio run --dry-run`: each node's child command and the environment kaio sets for it (secrets masked)."""
     import shlex
 
@@ -258,12 +260,8 @@ def dry_run_lines(cfg: RunConfig, where: Placement, environ: Mapping[str, str], 
         f"kaio run --dry-run: project {cfg.project_name}, {where.nnodes} node(s) x "
         f"{cfg.launch.num_processes} process(es), from {where.source}; nothing is started"
     ]
-    recorded = ProjectPaths(cfg.project_dir)
-    if not overwrite and recorded.journal.is_file():
-        lines.append(
-            f"note: project {cfg.project_name!r} already has a record in {cfg.project_dir}: `kaio run` would refuse "
-            f"it (continue it with `{recorded.command('resume')}`, or start over with --overwrite)"
-        )
+    if refusal is not None:  # `kaio run`'s own words for the project as it is now
+        lines.append(f"note: `kaio run` would refuse it: {refusal}")
     slurm_nodes = environ.get("SLURM_NNODES", "")
     if where.nnodes == 1 and slurm_nodes.isdigit() and int(slurm_nodes) > 1 and "SLURM_STEP_ID" not in environ:
         lines.append(

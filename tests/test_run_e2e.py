@@ -91,13 +91,13 @@ def test_one_run_per_project_and_no_silent_mixing(project_dir):
     assert pushed.returncode == 2 and "the run has not completed (INTERRUPTED at step " in pushed.stderr
     assert "finish it with `kaio resume t`" in pushed.stderr
     dry = kaio("run", "cfg.yaml", "--dry-run", cwd=project_dir, timeout=60)  # says what the real one would refuse
-    assert (
-        dry.returncode == 0
-        and "note: project 't' already has a record in docs/reports/t: `kaio run` would" in dry.stdout
-    )
     # A finished history is not mixed or destroyed without asking.
     again = kaio("run", "cfg.yaml", cwd=project_dir, timeout=60)
     assert again.returncode == 2
+    assert (
+        dry.returncode == 0
+        and f"note: `kaio run` would refuse it: {again.stderr.removeprefix('kaio: error: ')}" in dry.stdout
+    )
     assert "already has a history" in again.stderr and "continue it with `kaio resume t`" in again.stderr
     assert "or start over with `kaio run cfg.yaml --overwrite`" in again.stderr  # the config it was given
     # Starting over moves the old record and the Trainer's checkpoints aside, whatever trains next: here a

@@ -209,7 +209,7 @@ def test_a_plain_loop_without_a_trainer_is_said_plainly_and_reports_through_kaio
     assert "Host CPU (average) / RAM used (peak)" in report
     # kaio push uploads the recipe's final adapter: a script's project is told where its push belongs, not to
     # resume a completed run.
-    pushed = kaio("push", "plain", "--repo-id", "a/b", cwd=project_dir, timeout=60)
+    pushed = kaio("push", "plain", cwd=project_dir, timeout=60)  # no repo id: the same answer, not "pass --repo-id"
     assert pushed.returncode == 2 and "trained with your own code (launch.script " in pushed.stderr
     assert "push your model from it (the Trainer's push_to_hub=True" in pushed.stderr and "resume" not in pushed.stderr
 

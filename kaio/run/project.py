@@ -211,6 +211,23 @@ def run_new(
             loaded.state.index.close()
 
 
+def run_refusal(cfg: RunConfig, config_path: Path | None) -> str | None:
+    """What `kaio run` would refuse the project for now, in its words, for `--dry-run` (which changes nothing:
+    no lock taken, nothing forgotten); None: it would start."""
+    paths = ProjectPaths(cfg.report_dir)
+    if paths.journal.is_file() and is_locked(paths.report_dir):
+        return f"project {cfg.project_name!r} is running right now"
+    if not paths.journal.is_file():
+        return None
+    state = loading.load(paths, writable=False).state
+    try:
+        if not state.ledger.sessions:  # a run that never started: `kaio run` forgets it
+            return None
+        return str(_has_history(cfg, paths, state, checkpoint_folder(cfg, state), config_path))
+    finally:
+        state.index.close()
+
+
 def _forget_a_run_that_never_started(paths: ProjectPaths, state: RunState) -> bool:
     """A record without a session (a Ctrl-C, or a kill, before the first session began) holds nothing: it is no
     history to refuse a new run for. Its files go (call with the lock held); whether they went."""
@@ -829,26 +846,17 @@ def push(project: str, output_dir: Path, *, repo_id: str | None = None, notify: 
     paths = project_paths(output_dir, project)
     with opened(paths, notify) as (loaded, _running):
         cfg, _ = saved_config(paths)
+        if cfg.launch.own_code is not None:  # first: no repo id makes it pushable
+            own = f"{cfg.launch.own_code_key} {cfg.launch.own_code}"
+            raise ProjectError(f"project {project!r} trained with your own code ({own}): {SCRIPT_PUSHES_ITS_OWN}")
         repo = repo_id or cfg.hub.repo_id
         if not repo:
             raise ProjectError(
                 f"no Hub repo for {project!r}: pass `--repo-id user/name` or set hub.repo_id in the config"
             )
         cfg = cfg.model_copy(update={"hub": cfg.hub.model_copy(update={"repo_id": repo, "push": True})})
-        if cfg.launch.own_code is not None:
-            own = f"{cfg.launch.own_code_key} {cfg.launch.own_code}"
-            raise ProjectError(f"project {project!r} trained with your own code ({own}): {SCRIPT_PUSHES_ITS_OWN}")
         if not (cfg.checkpoint_dir / "final" / "adapter_config.json").is_file():
-            state = loaded.state
-            where = f"{state.status.value} at step {state.last_step}"
-            hint = (
-                f"finish it with `{paths.command('resume')}`"
-                if latest_checkpoint(checkpoint_folder(cfg, state), lambda text: None, at_most=state.last_step)
-                else "start it again with `kaio run CONFIG --overwrite` (no checkpoint to resume from)"
-            )
-            raise ProjectError(
-                f"no final adapter in {cfg.checkpoint_dir / 'final'}/: the run has not completed ({where}); {hint}"
-            )
+            raise ProjectError(_no_final_adapter(cfg, loaded.state, paths))
         state = loaded.state
         recorder = Recorder(paths, state)
         try:
@@ -858,3 +866,19 @@ def push(project: str, output_dir: Path, *, repo_id: str | None = None, notify: 
         finally:
             recorder.close()
         return ok
+
+
+def _no_final_adapter(cfg: RunConfig, state: RunState, paths: ProjectPaths) -> str:
+    """Why there is no adapter to push, and the way on that works for the project as it is."""
+    final = cfg.checkpoint_dir / "final"
+    if state.status is Status.COMPLETED:
+        return (
+            f"no final adapter in {final}/: the run completed and saved it there, but it is gone (moved or "
+            "deleted?); copy the adapter files of its last checkpoint there to push them"
+        )
+    hint = (
+        f"finish it with `{paths.command('resume')}`"
+        if latest_checkpoint(checkpoint_folder(cfg, state), lambda text: None, at_most=state.last_step)
+        else "start it again with `kaio run CONFIG --overwrite` (no checkpoint to resume from)"
+    )
+    return f"no final adapter in {final}/: the run has not completed ({state.status.value} at step {state.last_step}); {hint}"
