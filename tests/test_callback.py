@@ -640,3 +640,61 @@ def test_transformers_is_kept_from_importing_comet_ml_only_where_comet_is_not_co
     (tmp_path / ".comet.config").unlink()
     monkeypatch.setenv("COMET_MODE", "offline")
     assert find_from("transformers.integrations.integration_utils") is None
+
+
+def test_a_resumed_trainer_that_keeps_its_checkpoints_rate_and_intervals_is_named_and_the_recipe_applies_its_edits(
+    tmp_path, torch
+):
+    """A real Trainer resumed with an edited learning rate and logging interval keeps the checkpoint's (its
+    scheduler's state, trainer_state.json): the run_start names them. The recipe's callback puts the edits back
+    before kaio's callback reads them (kaio's is added after the Trainer's own list), and the first resumed step
+    trains at the edited schedule's rate."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    from kaio.child.callback import KaioCallback
+    from kaio.recipes.lora import edits_reach_a_resume
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
+    data = [{"input_ids": torch.arange(8) % 32, "labels": torch.arange(8) % 32} for _ in range(16)]
+
+    def trained(lr: float, logging_steps: int, max_steps: int, spool: str, recipe: bool = False, resume=None):
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "out"),
+            per_device_train_batch_size=2,
+            learning_rate=lr,
+            max_steps=max_steps,
+            logging_steps=logging_steps,
+            save_steps=4,
+            lr_scheduler_type="linear",
+            use_cpu=True,
+            report_to="none",
+            disable_tqdm=True,
+        )
+        trainer = Trainer(
+            model=model, args=args, train_dataset=data, callbacks=[edits_reach_a_resume()] if recipe else None
+        )
+        emitter = EventEmitter(None, str(tmp_path / spool), rank=0, session=1)
+        trainer.add_callback(KaioCallback(emitter, trainer))  # as kaio's patch adds it: after the Trainer's own
+        trainer.train(resume_from_checkpoint=resume)
+        emitter.close()
+        events = _spooled(tmp_path / spool)
+        return next(e for e in events if e["type"] == "run_start"), trainer
+
+    first, _ = trained(1e-2, 1, 4, "s1")
+    assert first.get("kept_from_checkpoint", []) == []  # a fresh training keeps nothing
+    checkpoint = str(tmp_path / "out" / "checkpoint-4")
+    script, _ = trained(1e-3, 2, 8, "s2", resume=checkpoint)
+    assert script["kept_from_checkpoint"] == [
+        "learning_rate 0.01 (the arguments: 0.001)",
+        "logging_steps 1 (the arguments: 2)",
+    ]
+    recipe, trainer = trained(1e-3, 2, 8, "s3", recipe=True, resume=checkpoint)
+    assert recipe.get("kept_from_checkpoint", []) == []
+    logged = {
+        e["step"]: e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e and e["step"] > 4
+    }
+    assert sorted(logged) == [6, 8]  # every 2 steps, as edited
+    assert logged[6] == pytest.approx(1e-3 * (8 - 5) / 8)  # step 6 trains at the linear schedule after 5 steps

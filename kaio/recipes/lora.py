@@ -214,7 +214,8 @@ def edits_reach_a_resume():
     keeps its checkpoint's instead (the rate in its scheduler's and optimizer's state, the intervals in
     trainer_state.json). At train begin, after the checkpoint is loaded, the arguments' are put back, and the rate
     at the checkpoint's step is the new schedule's: a finished schedule's optimizer held 0.0, which the first step
-    of an extended run trained with."""
+    of an extended run trained with. It runs before kaio's callback (kaio's patch adds its own after the Trainer's
+    list), which then describes the edited values, not the checkpoint's."""
     from transformers import TrainerCallback
 
     class EditsReachAResume(TrainerCallback):
