@@ -244,7 +244,7 @@ def plan(
             return
         with console.status("sizing the model…"):
             made = make_plan(cfg)
-    except ConfigError as exc:  # the model's config not found: named with the file, as `kaio run` names it
+    except ConfigError as exc:  # what the plan cannot size (a model's config not found): with the file's name
         raise ConfigError(f"{config}: {exc}") from None
     console.print(render_plan(made), soft_wrap=True)  # the command stays one line to copy
 

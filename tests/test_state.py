@@ -137,7 +137,9 @@ def test_a_resume_asked_for_no_more_steps_than_were_done_is_warned_about():
         _step(11, 1.0, session=2),
     ]
     (warning,) = history_of(replay(records))["warnings"]
-    assert warning.startswith("session 2: the Trainer resumed at step 10 with max_steps 8: no more steps were asked")
+    assert warning.startswith(
+        "session 2: the Trainer resumed at step 10 with max_steps 8: the script's arguments asked for no"
+    )
 
 
 def test_what_a_resumed_trainer_kept_from_its_checkpoint_over_the_arguments_is_named():

@@ -443,9 +443,8 @@ def _resumed_against_the_arguments(r: RunStart) -> list[str]:
     said = []
     if r.max_steps is not None and 0 < r.max_steps <= r.start_step:
         said.append(
-            f"session {r.session}: the Trainer resumed at step {r.start_step} with max_steps {r.max_steps}: no more "
-            "steps were asked for than were done (a longer run is a larger max_steps in the script's arguments), so "
-            "what it trained past its end is not the planned run's"
+            f"session {r.session}: the Trainer resumed at step {r.start_step} with max_steps {r.max_steps}: the "
+            "script's arguments asked for no step beyond the ones done (a longer run is a larger max_steps in them)"
         )
     if r.kept_from_checkpoint:
         said.append(
