@@ -558,6 +558,8 @@ def _describe(error: Any) -> str:
     named = re.match(r"^(\w+): (.*)$", message)
     if named and named.group(1) in _section_fields(loc):
         return f"{key + '.' if loc else ''}{named.group(1)}: {named.group(2)}"
+    if kind == "string_type" and isinstance(error.get("input"), bool):  # YAML's unquoted no, yes, off, on
+        return f"{key}: YAML read this as {error['input']!r}: quote it ('no', 'yes') to give the word"
     if kind.endswith("_type") or kind.endswith("_parsing") or kind in ("literal_error", "enum"):
         return f"{key}: {message} (got {error.get('input')!r})"
     return f"{key}: {message}"

@@ -201,16 +201,18 @@ class AccelerateFile:
     dynamo_backend: str | None = None
     engine: str | None = None  # FSDP, DEEPSPEED or MEGATRON_LM: not DDP
 
-    def note(self) -> str:
-        """What a script's launch took from the file (the recipe's setup is kaio's: it takes none of these)."""
+    def note(self, accelerate_args: list[str]) -> str:
+        """What a script's launch took from the file, less what ``accelerate_args`` sets over it (the recipe's setup
+        is kaio's: it takes none of these)."""
+        engine_asked = any(_has_flag(accelerate_args, flag) for flag in _ENGINE_FLAGS)
         taken = [
             f"{name} {value}"
-            for name, value in (
-                ("distributed_type", self.engine),
-                ("mixed_precision", self.mixed_precision),
-                ("dynamo_backend", self.dynamo_backend),
+            for name, value, overridden in (
+                ("distributed_type", self.engine, engine_asked),
+                ("mixed_precision", self.mixed_precision, _has_flag(accelerate_args, "--mixed_precision")),
+                ("dynamo_backend", self.dynamo_backend, _has_flag(accelerate_args, "--dynamo_backend")),
             )
-            if value and value.lower() != "no"
+            if value and value.lower() != "no" and not overridden
         ]
         return (
             f"accelerate launch reads {self.path} (accelerate's config file) for what kaio's command does not set"

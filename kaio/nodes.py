@@ -270,7 +270,7 @@ def dry_run_lines(
         )
     user_file = accelerate_file(cfg.launch.accelerate_args, environ) if cfg.launch.own_code is not None else None
     if user_file is not None:  # each machine's own: this one's
-        lines.append(f"note: on this machine, {user_file.note()}")
+        lines.append(f"note: on this machine, {user_file.note(cfg.launch.accelerate_args)}")
     for rank in range(where.nnodes):
         node = replace(where, node_rank=rank)
         node_cfg = placed(cfg, node)

@@ -684,15 +684,18 @@ def test_a_resumed_trainer_that_keeps_its_checkpoints_rate_and_intervals_is_name
         return next(e for e in events if e["type"] == "run_start"), trainer
 
     first, _ = trained(1e-2, 1, 4, "s1")
-    assert first.get("kept_from_checkpoint", []) == []  # a fresh training keeps nothing
+    assert first.get("kept_from_checkpoint", {}) == {}  # a fresh training keeps nothing
     checkpoint = str(tmp_path / "out" / "checkpoint-4")
     script, _ = trained(1e-3, 2, 8, "s2", resume=checkpoint)
-    assert script["kept_from_checkpoint"] == [
-        "learning_rate 0.01 (the arguments: 0.001)",
-        "logging_steps 1 (the arguments: 2)",
-    ]
+    # The first run's linear schedule ended at 0.0, which the optimizer holds; the extended schedule (on the kept
+    # rate) gives 0.01 x 4/8 at step 4.
+    assert script["kept_from_checkpoint"] == {
+        "learning_rate": [0.01, 0.001],
+        "logging_steps": [1, 2],
+        "first_step_learning_rate": [0.0, pytest.approx(0.005)],
+    }
     recipe, trainer = trained(1e-3, 2, 8, "s3", recipe=True, resume=checkpoint)
-    assert recipe.get("kept_from_checkpoint", []) == []
+    assert recipe.get("kept_from_checkpoint", {}) == {}
     logged = {
         e["step"]: e["learning_rate"] for e in trainer.state.log_history if "learning_rate" in e and e["step"] > 4
     }

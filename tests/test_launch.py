@@ -106,12 +106,16 @@ def test_a_users_accelerate_config_file_sets_what_kaio_does_not_and_fsdp_there_i
     recipe = launched({"num_processes": 2})  # kaio's own training: DDP, training.precision, no compilation
     assert flag(recipe, "--mixed_precision") == "no" and flag(recipe, "--dynamo_backend") == "no"
     assert "--multi_gpu" in recipe
-    assert accelerate_file([], environ).note() == (
+    assert accelerate_file([], environ).note([]) == (
         f"accelerate launch reads {default} (accelerate's config file) for what kaio's command does not set: "
         "mixed_precision bf16, dynamo_backend INDUCTOR; processes and machines are kaio's "
         "(launch.num_processes, launch.nnodes)"
     )
     assert accelerate_file([], {"HF_HOME": str(home / ".cache/huggingface")}).path == default  # HF_HOME wins
+    overridden = accelerate_file([], environ).note(["--mixed-precision", "fp16"])  # not what the file set, then
+    assert overridden.endswith(
+        "does not set: dynamo_backend INDUCTOR; processes and machines are kaio's (launch.num_processes, launch.nnodes)"
+    )
 
     fsdp = tmp_path / "fsdp.yaml"
     fsdp.write_text("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\nmixed_precision: no\n")
@@ -127,7 +131,7 @@ def test_a_users_accelerate_config_file_sets_what_kaio_does_not_and_fsdp_there_i
     assert "--multi_gpu" not in launched(two_nodes)
     assert (
         accelerate_file([f"--config_file={fsdp}"], {})
-        .note()
+        .note([])
         .endswith(
             "for what kaio's command does not set: distributed_type FSDP; processes and machines are kaio's "
             "(launch.num_processes, launch.nnodes)"

@@ -908,6 +908,12 @@ def test_history_from_file_carries_what_a_schema_1_run_described():
         "| LR scheduler | cosine |",
     ):
         assert row in trained
+    # A resumed Trainer that kept its checkpoint's rate and logging interval: the table says what trained.
+    header.run.kept_from_checkpoint = {"learning_rate": (0.005, 0.001), "logging_steps": (1, 5)}
+    header.run.args.logging_strategy, header.run.args.logging_steps = "steps", 5
+    trained = section(report_of(header, index), "What was trained")
+    assert "| Learning rate | 0.005 (the checkpoint's, kept by the resumed Trainer; the arguments': 0.001) |" in trained
+    assert "log: steps every 1 (the checkpoint's; the arguments': 5)" in trained
 
 
 def test_history_from_file_derives_a_schema_1_historys_step_durations_and_smoothed_loss():

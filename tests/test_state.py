@@ -105,7 +105,7 @@ def test_a_resumed_session_supersedes_the_steps_after_its_checkpoint():
             "session": 2,
             "start_step": 4,
             "max_steps": 8,
-            "kept_from_checkpoint": ["learning_rate 0.005 (the arguments: 0.001)"],
+            "kept_from_checkpoint": {"learning_rate": [0.005, 0.001], "first_step_learning_rate": [0.0, 4e-4]},
         },
     ]
     for step in range(5, 9):
@@ -120,11 +120,18 @@ def test_a_resumed_session_supersedes_the_steps_after_its_checkpoint():
         ("COMPLETED", 4, 8),
     ]
     assert history["status"] == "COMPLETED"
-    assert history["run"]["kept_from_checkpoint"] == ["learning_rate 0.005 (the arguments: 0.001)"]
-    (kept,) = [w for w in history["warnings"] if "kept its checkpoint's" in w]
+    assert history["run"]["kept_from_checkpoint"] == {
+        "learning_rate": [0.005, 0.001],
+        "first_step_learning_rate": [0.0, 4e-4],
+    }
+    kept, first = [w for w in history["warnings"] if w.startswith("session 2: the ")]
     assert kept.startswith(
         "session 2: the resumed Trainer kept its checkpoint's learning_rate 0.005 (the arguments: 0.001): a resume "
         "restores them"
+    )
+    assert first.startswith(
+        "session 2: the first resumed step trained at the learning rate the checkpoint's optimizer held, 0, not "
+        "its schedule's 0.0004 there"
     )
 
 
@@ -144,21 +151,26 @@ def test_a_resume_asked_for_no_more_steps_than_were_done_is_warned_about():
 
 def test_what_a_resumed_trainer_kept_from_its_checkpoint_over_the_arguments_is_named():
     """A script resumed with an edited learning rate or interval: the Trainer keeps the checkpoint's (the scheduler's
-    state, trainer_state.json), where the record said the arguments' were used."""
+    state, trainer_state.json), where the record said the arguments' were used; an extended run's first step
+    trains at the rate the restored optimizer held (0.0 after a finished schedule)."""
     from kaio.child.describe import kept_from_checkpoint
 
     args = SimpleNamespace(learning_rate=1e-3, logging_steps=5, eval_steps=None, save_steps=0.25)
     state = SimpleNamespace(global_step=10, max_steps=40, logging_steps=1, eval_steps=1, save_steps=10)
-    schedule = SimpleNamespace(base_lrs=[5e-3, 5e-3])
+    schedule = SimpleNamespace(base_lrs=[5e-3, 5e-3], lr_lambdas=[lambda n: (40 - n) / 40] * 2, last_epoch=10)
     wrapped = SimpleNamespace(scheduler=schedule)  # accelerate's AcceleratedScheduler
-    assert kept_from_checkpoint(args, state, wrapped) == [
-        "learning_rate 0.005 (the arguments: 0.001)",
-        "logging_steps 1 (the arguments: 5)",
-    ]  # save_steps 0.25 of 40 is the 10 the state holds; eval_steps unset
-    assert kept_from_checkpoint(args, SimpleNamespace(**{**vars(state), "global_step": 0}), wrapped) == []  # fresh
+    finished = SimpleNamespace(param_groups=[{"lr": 0.0}, {"lr": 0.0}])  # the old schedule ended at step 10
+    assert kept_from_checkpoint(args, state, wrapped, finished) == {
+        "learning_rate": (5e-3, 1e-3),
+        "logging_steps": (1, 5),  # save_steps 0.25 of 40 is the 10 the state holds; eval_steps unset
+        "first_step_learning_rate": (0.0, pytest.approx(5e-3 * 30 / 40)),
+    }
+    going_on = SimpleNamespace(param_groups=[{"lr": 5e-3 * 30 / 40}] * 2)  # a resume mid-run: the same rate
+    assert "first_step_learning_rate" not in kept_from_checkpoint(args, state, wrapped, going_on)
+    assert kept_from_checkpoint(args, SimpleNamespace(**{**vars(state), "global_step": 0}), wrapped) == {}  # fresh
     per_group = SimpleNamespace(base_lrs=[1e-4, 5e-3])  # a script's own rates per group: not the arguments' to keep
     same = SimpleNamespace(global_step=10, max_steps=40, logging_steps=5, eval_steps=None, save_steps=10)
-    assert kept_from_checkpoint(args, same, per_group) == [] and kept_from_checkpoint(args, same, None) == []
+    assert kept_from_checkpoint(args, same, per_group) == {} and kept_from_checkpoint(args, same, None) == {}
 
 
 def test_snapshot_places_ranks_on_the_run_gpus_and_computes_rate_and_eta():

@@ -568,8 +568,9 @@ def test_a_learning_rate_that_jumps_up_where_a_resume_began_is_said():
     s = summarize(header(sessions=sessions), index_of(steps))
     jump = [w for w in s.warnings if w.startswith("learning rate jumped")]
     assert jump == [
-        "learning rate jumped from 0 to 0.0008 at step 11, where session 2 (resume) began: the scheduler planned its "
-        "schedule anew for that session's length (e.g. a cosine schedule extended by --max-steps restarts from a high rate)"
+        "learning rate jumped from 0 to 0.0008 at step 11, where session 2 (resume) began: its schedule was planned "
+        "anew over the run's new length, or its learning rate was edited (a cosine schedule extended by --max-steps "
+        "rises again from the checkpoint on)"
     ]
 
 

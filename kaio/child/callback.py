@@ -186,7 +186,7 @@ class KaioCallback(TrainerCallback):
             )
         # The script's own optimizer: args.learning_rate was never its rate, so not one a resume kept from it.
         schedule = None if self.script_optimizer else kwargs.get("lr_scheduler")
-        run.kept_from_checkpoint = kept_from_checkpoint(args, state, schedule)
+        run.kept_from_checkpoint = kept_from_checkpoint(args, state, schedule, kwargs.get("optimizer"))
         run.training, run.step_offset = _TRAININGS.count, self._step_offset
         run.retry = self._training and bool(getattr(args, "auto_find_batch_size", False))
         self._training = self._trained = True

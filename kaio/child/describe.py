@@ -345,24 +345,34 @@ def describe_script_optimizer(run: RunStart, optimizer: Any, scheduler: Any) -> 
         run.script_lr_scheduler = type(getattr(scheduler, "scheduler", scheduler)).__name__
 
 
-def kept_from_checkpoint(args: Any, state: Any, scheduler: Any) -> list[str]:
-    """What a resumed Trainer kept from its checkpoint over the arguments (the script's edit did not reach it): the
-    learning rate of the scheduler's restored state (every parameter group's alike, so not a script's own per-group
-    rates), and the logging, evaluation and save intervals of trainer_state.json."""
+def kept_from_checkpoint(
+    args: Any, state: Any, scheduler: Any, optimizer: Any = None
+) -> dict[str, tuple[float, float]]:
+    """What a resumed Trainer kept from its checkpoint over its arguments (the script's edit did not reach it), as
+    name -> (used, asked): the learning rate of the scheduler's restored state (every parameter group's alike, so
+    not a script's own per-group rates), the logging, evaluation and save intervals of trainer_state.json, and the
+    rate the restored optimizer holds for the first step where its schedule gives another (a finished schedule's
+    0.0, in an extended run)."""
     if not _int(getattr(state, "global_step", None)):
-        return []  # not resumed
-    kept = []
-    base = getattr(getattr(scheduler, "scheduler", scheduler), "base_lrs", None)
+        return {}  # not resumed
+    kept: dict[str, tuple[float, float]] = {}
+    schedule = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps it
+    base = getattr(schedule, "base_lrs", None)
     wanted = getattr(args, "learning_rate", None)
     if base and len(set(base)) == 1 and isinstance(wanted, float) and not math.isclose(base[0], wanted, rel_tol=1e-6):
-        kept.append(f"learning_rate {base[0]:g} (the arguments: {wanted:g})")
+        kept["learning_rate"] = (float(base[0]), wanted)
     max_steps = _int(getattr(state, "max_steps", None)) or 0
     for name in ("logging_steps", "eval_steps", "save_steps"):
         asked, held = getattr(args, name, None), _int(getattr(state, name, None))
         if isinstance(asked, (int, float)) and 0 < asked < 1:
             asked = math.ceil(max_steps * asked)  # a fraction of the run, as the Trainer resolves it
         if isinstance(asked, (int, float)) and held is not None and int(asked) != held:
-            kept.append(f"{name} {held} (the arguments: {int(asked)})")
+            kept[name] = (held, int(asked))
+    factors, groups = getattr(schedule, "lr_lambdas", None), getattr(optimizer, "param_groups", None)
+    if base and factors and groups and isinstance(groups[0].get("lr"), (int, float)):
+        scheduled = base[0] * factors[0](schedule.last_epoch)
+        if not math.isclose(groups[0]["lr"], scheduled, rel_tol=1e-6, abs_tol=1e-12):
+            kept["first_step_learning_rate"] = (float(groups[0]["lr"]), float(scheduled))
     return kept
 
 

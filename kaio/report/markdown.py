@@ -457,6 +457,10 @@ def _strategies(run: RunDescription) -> str | None:
     ):
         if strategy is None:
             continue
+        kept = run.kept_from_checkpoint.get(f"{'logging' if name == 'log' else name}_steps")
+        if kept is not None and strategy == "steps":  # what the resumed Trainer did, not what its arguments said
+            parts.append(f"{name}: steps every {kept[0]:g} (the checkpoint's; the arguments': {kept[1]:g})")
+            continue
         parts.append(f"{name}: {strategy}" + (f" every {steps:g}" if strategy == "steps" and steps is not None else ""))
     return " · ".join(parts) or None
 
@@ -729,8 +733,14 @@ def _optimizer_rows(run: RunDescription, args: TrainingArgs) -> list[tuple[str, 
     """What made the updates: TrainingArguments' optimizer, or the one the script gave the Trainer (whose
     learning rate and scheduler are then its own too, unless the script left the scheduler to the Trainer)."""
     if run.script_optimizer is None:
+        kept = run.kept_from_checkpoint.get("learning_rate")
         return [
-            ("Learning rate", _num(args.learning_rate, "g")),
+            (
+                "Learning rate",
+                f"{kept[0]:g} (the checkpoint's, kept by the resumed Trainer; the arguments': {kept[1]:g})"
+                if kept
+                else _num(args.learning_rate, "g"),
+            ),
             ("LR scheduler", args.lr_scheduler_type),
             ("Optimizer", args.optim),
         ]

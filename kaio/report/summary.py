@@ -766,8 +766,8 @@ def _schedule_restarts(q: _Query, header: HistoryHeader) -> list[str]:
     ):
         found.append(
             f"learning rate jumped from {before:.3g} to {after:.3g} at step {step}, where session {session} "
-            f"({kinds.get(session, 'resume')}) began: the scheduler planned its schedule anew for that session's "
-            "length (e.g. a cosine schedule extended by --max-steps restarts from a high rate)"
+            f"({kinds.get(session, 'resume')}) began: its schedule was planned anew over the run's new length, or "
+            "its learning rate was edited (a cosine schedule extended by --max-steps rises again from the checkpoint on)"
         )
     return found
 

@@ -284,7 +284,7 @@ def _launcher_notes(cfg: RunConfig) -> list[str]:
     from kaio.launch import accelerate_file
 
     found = accelerate_file(cfg.launch.accelerate_args, os.environ) if cfg.launch.own_code is not None else None
-    return [found.note()] if found else []
+    return [found.note(cfg.launch.accelerate_args)] if found else []
 
 
 def _supervise(

@@ -444,13 +444,23 @@ def _resumed_against_the_arguments(r: RunStart) -> list[str]:
     if r.max_steps is not None and 0 < r.max_steps <= r.start_step:
         said.append(
             f"session {r.session}: the Trainer resumed at step {r.start_step} with max_steps {r.max_steps}: the "
-            "script's arguments asked for no step beyond the ones done (a longer run is a larger max_steps in them)"
+            "script's arguments asked for no step beyond the ones done (a longer run is a larger max_steps, or "
+            "num_train_epochs, in them)"
         )
-    if r.kept_from_checkpoint:
+    kept = dict(r.kept_from_checkpoint)
+    first = kept.pop("first_step_learning_rate", None)
+    if kept:
+        values = ", ".join(f"{name} {used:g} (the arguments: {asked:g})" for name, (used, asked) in kept.items())
         said.append(
-            f"session {r.session}: the resumed Trainer kept its checkpoint's {', '.join(r.kept_from_checkpoint)}: "
-            "a resume restores them (the scheduler's state, trainer_state.json), so the edit of the script's "
-            "arguments did not take effect (the steps' learning rates are what trained)"
+            f"session {r.session}: the resumed Trainer kept its checkpoint's {values}: a resume restores them (the "
+            "scheduler's state, trainer_state.json), so the edit of the script's arguments did not take effect "
+            "(the steps' learning rates are what trained)"
+        )
+    if first is not None:
+        said.append(
+            f"session {r.session}: the first resumed step trained at the learning rate the checkpoint's optimizer "
+            f"held, {first[0]:g}, not its schedule's {first[1]:g} there (a resume restores the optimizer's state; "
+            "the schedule sets the rate from the next step on)"
         )
     return said
 

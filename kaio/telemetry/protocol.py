@@ -210,9 +210,11 @@ class RunStart(Event, tag="run_start"):
     script_optimizer: str | None = None
     script_learning_rate: float | None = None
     script_lr_scheduler: str | None = None
-    # A resumed Trainer's values from its checkpoint where the arguments asked for others (an edit that did not
-    # reach it): "learning_rate 0.005 (the arguments: 0.001)", "logging_steps 1 (the arguments: 5)".
-    kept_from_checkpoint: list[str] = []
+    # A resumed Trainer's values from its checkpoint where its arguments (or schedule) asked for others: name ->
+    # (what it used, what was asked). learning_rate (the scheduler's restored base rate), logging_steps,
+    # eval_steps, save_steps (trainer_state.json's), first_step_learning_rate (the rate the checkpoint's optimizer
+    # held, which the first resumed step trains with, against the schedule's there: 0.0 after a finished schedule).
+    kept_from_checkpoint: dict[str, tuple[float, float]] = {}
     train_samples: int | None = None
     eval_samples: int | None = None
     eval_sets: int | None = None  # several eval datasets (a dict): how many, each evaluated on its own
