@@ -154,14 +154,19 @@ class TrainingConfig(_Section):
         return self
 
 
-# `accelerate launch` flags kaio passes itself, from these keys (accelerate takes `-` for `_` too).
+def flag_name(arg: str) -> str:
+    """An `accelerate launch` argument's flag as accelerate reads it: `--use-fsdp=x` is `--use_fsdp`."""
+    return "--" + arg.split("=", 1)[0].lstrip("-").replace("-", "_")
+
+
+# `accelerate launch` flags kaio passes itself, from these keys.
 _KAIO_LAUNCH_FLAGS = {
-    "__num_processes": "num_processes",
-    "__num_machines": "nnodes",
-    "__machine_rank": "node_rank",
-    "__main_process_ip": "main_addr",
-    "__main_process_port": "main_port",
-    "__rdzv_backend": "nnodes (kaio rendezvouses a job of several machines statically: each keeps its rank)",
+    "--num_processes": "num_processes",
+    "--num_machines": "nnodes",
+    "--machine_rank": "node_rank",
+    "--main_process_ip": "main_addr",
+    "--main_process_port": "main_port",
+    "--rdzv_backend": "nnodes (kaio rendezvouses a job of several machines statically: each keeps its rank)",
 }
 
 
@@ -220,8 +225,8 @@ class LaunchConfig(_Section):
     def _no_flag_kaio_sets(cls, value: list[str]) -> list[str]:
         """The job's shape is kaio's to pass (and to record): the same flag twice, accelerate takes the last."""
         for arg in value:
-            flag = arg.split("=", 1)[0].replace("-", "_")
-            if flag in _KAIO_LAUNCH_FLAGS:
+            flag = flag_name(arg)
+            if arg.startswith("--") and flag in _KAIO_LAUNCH_FLAGS:
                 raise ValueError(f"{arg.split('=', 1)[0]} is set by kaio: use launch.{_KAIO_LAUNCH_FLAGS[flag]}")
         return value
 
@@ -482,6 +487,12 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "<config>", saved: bo
         return RunConfig.model_validate(raw, context={"saved": saved})
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_describe(exc.errors()[0])}") from None
+
+
+def saved_own_code(config: dict[str, Any] | None) -> bool:
+    """A saved config (config.json, a record's) ran the user's own code, not the built-in recipe."""
+    launch = (config or {}).get("launch") or {}
+    return bool(launch.get("script") or launch.get("module"))
 
 
 def _script_not_found(script: str) -> str | None:

@@ -1,7 +1,7 @@
 """Building the ``accelerate launch`` command, spawning it, signalling its group.
 
-``build_command`` depends on its inputs alone (the config, the plan, the environment, and the accelerate config
-file that environment names), so it is tested without spawning anything.
+``build_command`` is pure (same inputs, same argv and env) so it is tested
+without spawning anything; the user's accelerate config file comes in the plan, read by the caller.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kaio.config import RunConfig
+from kaio.config import LaunchConfig, RunConfig, flag_name
 from kaio.nodes import ENV_JOB_SECRET
 from kaio.record.paths import ProjectPaths
 from kaio.secrets import redact_argv
@@ -47,12 +47,15 @@ class LaunchPlan:
     main_process_port: int
     resume_from: Path | None = None
     python: str = sys.executable
+    # The user's accelerate config file a script's launch takes settings from (``script_accelerate_file``, read by
+    # the caller: the command is built from its inputs alone).
+    accelerate_file: AccelerateFile | None = None
 
 
 def build_command(cfg: RunConfig, plan: LaunchPlan, environ: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
     """The child's argv and environment: ``accelerate launch … -m kaio.child …`` (through
     ``kaio.child.launcher``, which is accelerate's launcher that also writes down which rank failed)."""
-    argv = _launcher_argv(cfg, plan, environ) + ["-m", "kaio.child"]
+    argv = _launcher_argv(cfg, plan) + ["-m", "kaio.child"]
     if cfg.launch.script:
         argv += ["--kaio-script", str(Path(cfg.launch.script).resolve()), *cfg.launch.script_args]
     elif cfg.launch.module:
@@ -89,7 +92,7 @@ def build_command(cfg: RunConfig, plan: LaunchPlan, environ: Mapping[str, str]) 
     return argv, env
 
 
-def _launcher_argv(cfg: RunConfig, plan: LaunchPlan, environ: Mapping[str, str]) -> list[str]:
+def _launcher_argv(cfg: RunConfig, plan: LaunchPlan) -> list[str]:
     """``accelerate launch`` and its flags: the job's shape is kaio's; what the user's accelerate config file
     sets and kaio does not, the file's."""
     launch = cfg.launch
@@ -108,7 +111,7 @@ def _launcher_argv(cfg: RunConfig, plan: LaunchPlan, environ: Mapping[str, str])
     # file says. A script's setup is its own, or where neither its command nor kaio's says, the file's: FSDP,
     # DeepSpeed or Megatron-LM there (`--multi_gpu` would win over the file's distributed_type: plain DDP), its
     # mixed precision and dynamo backend.
-    user_file = accelerate_file(asked, environ) if launch.own_code is not None else None
+    user_file = plan.accelerate_file
     engine = (user_file is not None and user_file.engine) or any(_has_flag(asked, f) for f in _ENGINE_FLAGS)
     if not engine and (n > 1 or launch.nnodes > 1):  # `--cpu` would silently run one process
         argv += ["--multi_gpu"]
@@ -168,6 +171,7 @@ def preview_command(
         config_path=folder / "config.json",
         session=1,
         main_process_port=cfg.launch.main_port,
+        accelerate_file=script_accelerate_file(cfg.launch, environ),
     )
     argv, env = build_command(cfg, plan, environ)
     return masked(argv), redact({k: v for k, v in env.items() if environ.get(k) != v})
@@ -180,11 +184,7 @@ def masked(argv: list[str]) -> list[str]:
 
 def _has_flag(args: list[str], flag: str) -> bool:
     """``--flag``, ``--flag=value``, and the same with hyphens (accelerate takes `--use-fsdp` as `--use_fsdp`)."""
-    return any(_flag_name(a) == _flag_name(flag) for a in args if a.startswith("--"))
-
-
-def _flag_name(arg: str) -> str:
-    return "--" + arg.split("=", 1)[0].lstrip("-").replace("-", "_")
+    return any(flag_name(a) == flag_name(flag) for a in args if a.startswith("--"))
 
 
 _ENGINE_FLAGS = ("--use_fsdp", "--use_deepspeed", "--use_megatron_lm")
@@ -219,6 +219,18 @@ class AccelerateFile:
             + (f": {', '.join(taken)}" if taken else "")
             + "; processes and machines are kaio's (launch.num_processes, launch.nnodes)"
         )
+
+
+def script_accelerate_file(launch: LaunchConfig, environ: Mapping[str, str]) -> AccelerateFile | None:
+    """The accelerate config file a script's launch takes settings from; None for the built-in recipe, whose
+    setup is kaio's config's alone."""
+    return accelerate_file(launch.accelerate_args, environ) if launch.own_code is not None else None
+
+
+def accelerate_file_note(launch: LaunchConfig, environ: Mapping[str, str]) -> str | None:
+    """What the session's notes and `--dry-run` say of that file: its path, and what the launch took from it."""
+    found = script_accelerate_file(launch, environ)
+    return found.note(launch.accelerate_args) if found is not None else None
 
 
 def accelerate_file(accelerate_args: list[str], environ: Mapping[str, str]) -> AccelerateFile | None:
@@ -259,7 +271,7 @@ def accelerate_file(accelerate_args: list[str], environ: Mapping[str, str]) -> A
 
 def _flag_value(args: list[str], flag: str) -> str | None:
     for i, arg in enumerate(args):
-        if arg.startswith("--") and _flag_name(arg) == _flag_name(flag):
+        if arg.startswith("--") and flag_name(arg) == flag_name(flag):
             if "=" in arg:
                 return arg.split("=", 1)[1]
             return args[i + 1] if i + 1 < len(args) else None

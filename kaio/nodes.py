@@ -253,7 +253,7 @@ def dry_run_lines(
     """`kaio run --dry-run`: each node's child command and the environment kaio sets for it (secrets masked)."""
     import shlex
 
-    from kaio.launch import accelerate_file, preview_command
+    from kaio.launch import accelerate_file_note, preview_command
     from kaio.record.paths import ProjectPaths
 
     lines = [
@@ -268,9 +268,9 @@ def dry_run_lines(
             f"note: SLURM_NNODES={slurm_nodes}, but this is not inside `srun` (no SLURM_STEP_ID): one machine's "
             "job; start kaio on every node with `srun kaio run CONFIG` (docs/multi-node.md)"
         )
-    user_file = accelerate_file(cfg.launch.accelerate_args, environ) if cfg.launch.own_code is not None else None
+    user_file = accelerate_file_note(cfg.launch, environ)
     if user_file is not None:  # each machine's own: this one's
-        lines.append(f"note: on this machine, {user_file.note(cfg.launch.accelerate_args)}")
+        lines.append(f"note: on this machine, {user_file}")
     for rank in range(where.nnodes):
         node = replace(where, node_rank=rank)
         node_cfg = placed(cfg, node)

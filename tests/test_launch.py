@@ -82,7 +82,7 @@ def test_a_users_accelerate_config_file_sets_what_kaio_does_not_and_fsdp_there_i
     """`accelerate config` writes <HF_HOME>/accelerate/default_config.yaml, which `accelerate launch` reads. kaio's
     `--mixed_precision no` overrode its bf16 in a script's run (trained in fp32, silently), and `--multi_gpu` its
     FSDP (plain DDP ran). The built-in recipe's setup stays kaio's config's."""
-    from kaio.launch import accelerate_file
+    from kaio.launch import accelerate_file, script_accelerate_file
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "train.py").write_text("print('hi')\n")
@@ -95,7 +95,8 @@ def test_a_users_accelerate_config_file_sets_what_kaio_does_not_and_fsdp_there_i
     environ = {"HOME": str(home)}  # found from the launcher's environment, not this process's
 
     def launched(launch: dict, env: dict = environ) -> list[str]:
-        return build_command(RunConfig(project_name="p", launch=launch), _plan(), env)[0]
+        cfg = RunConfig(project_name="p", launch=launch)  # the caller reads the file, as the supervisor does
+        return build_command(cfg, _plan(accelerate_file=script_accelerate_file(cfg.launch, env)), env)[0]
 
     def flag(argv: list[str], name: str) -> str | None:
         return argv[argv.index(name) + 1] if name in argv else None

@@ -20,6 +20,7 @@ from typing import Any
 import msgspec
 
 from kaio.config import redact as redact_config
+from kaio.config import saved_own_code
 from kaio.record import rules
 from kaio.record.types import (
     EvalEntry,
@@ -484,9 +485,7 @@ def _kaio_config(config: dict | None, run: RunDescription | None) -> str | None:
     """kaio's own settings; the built-in recipe's keys only when that recipe ran (a script never sees them)."""
     if not config:
         return None
-    launch = config.get("launch") or {}
-    own_code = launch.get("script") or launch.get("module")
-    keep = ("launch", "reporting", "hub") + (BUILTIN_RECIPE_SECTIONS if not own_code else ())
+    keep = ("launch", "reporting", "hub") + (BUILTIN_RECIPE_SECTIONS if not saved_own_code(config) else ())
     shown = {k: v for k, v in config.items() if k in keep or k == "project_name"}
     dump = json.dumps(redact(shown), indent=2, sort_keys=True, default=str, ensure_ascii=False)
     return f"## kaio configuration\n\n<details><summary>The config kaio ran with</summary>\n\n```json\n{dump}\n```\n\n</details>"

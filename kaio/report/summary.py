@@ -541,8 +541,7 @@ def _throughput(q: _Query, s: Summary) -> None:
         "FROM (SELECT session, MIN(step) AS first, MAX(step) AS last FROM steps GROUP BY session) AS g "
         "JOIN steps AS a ON a.step = g.first JOIN steps AS b ON b.step = g.last"
     ).fetchall()
-    first_s = q.value(f"SELECT SUM(COALESCE(duration_s, step_time_s)) FROM steps WHERE {FIRST_STEPS}") or 0.0
-    after_first_s = (s.steps_s or 0.0) - first_s  # the time in steps as the time table has it, less the first
+    after_first_s = (s.productive_s or 0.0) + (s.stall_s or 0.0)  # the time table's steps after each first
     s.samples_per_s = _pace(sessions, 0, samples, s.steps_s, after_first_s)
     s.tokens_per_s = _pace(sessions, 1, tokens, s.steps_s, after_first_s)
     # Each step's figure weighted by its time (the run's tokens over its step time), the first steps left out.

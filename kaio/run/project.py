@@ -28,6 +28,7 @@ from kaio.config import (
     config_from_dict,
     config_snapshot,
     load_config,
+    saved_own_code,
     with_max_steps,
 )
 from kaio.errors import ProjectError
@@ -250,11 +251,9 @@ def _has_history(
     if latest_checkpoint(checkpoints, notify=lambda _: None, at_most=state.last_step) is None:
         return ProjectError(f"{said}, and {_no_checkpoint_in(cfg, state, checkpoints)}; {overwrite}")
     if state.status is Status.COMPLETED:
-        launched = (state.ledger.config or {}).get("launch") or {}
-        ran_script = bool(launched.get("script") or launched.get("module"))
         longer = (
             f"a longer run in launch.script_args and `{paths.command('resume')} --config {config}`"
-            if ran_script
+            if saved_own_code(state.ledger.config)
             else f"`{paths.command('resume')} --max-steps N` (N > {state.last_step})"
         )
         return ProjectError(f"{said}; train it further with {longer}, or {overwrite}")
@@ -280,11 +279,11 @@ def _check_checkpoint_folder(cfg: RunConfig) -> None:
 
 def _launcher_notes(cfg: RunConfig) -> list[str]:
     """What a script's launcher takes from the user's accelerate config file (a restart reads the same: said
-    once). The recipe's setup is kaio's config's alone."""
-    from kaio.launch import accelerate_file
+    once)."""
+    from kaio.launch import accelerate_file_note
 
-    found = accelerate_file(cfg.launch.accelerate_args, os.environ) if cfg.launch.own_code is not None else None
-    return [found.note(cfg.launch.accelerate_args)] if found else []
+    said = accelerate_file_note(cfg.launch, os.environ)
+    return [said] if said is not None else []
 
 
 def _supervise(
@@ -879,6 +878,6 @@ def _no_final_adapter(cfg: RunConfig, state: RunState, paths: ProjectPaths) -> s
     hint = (
         f"finish it with `{paths.command('resume')}`"
         if latest_checkpoint(checkpoint_folder(cfg, state), lambda text: None, at_most=state.last_step)
-        else "start it again with `kaio run CONFIG --overwrite` (no checkpoint to resume from)"
+        else f"start it again with `{start_over_command(None)}` (no checkpoint to resume from)"
     )
     return f"no final adapter in {final}/: the run has not completed ({state.status.value} at step {state.last_step}); {hint}"

@@ -172,6 +172,7 @@ class Supervisor:
             session=session,
             main_process_port=launch.free_port(),
             resume_from=request.resume_from,
+            accelerate_file=launch.script_accelerate_file(self.cfg.launch, os.environ),
         )
         argv, env = launch.build_command(self.cfg, plan, os.environ)
         launch.adopt_orphans()
