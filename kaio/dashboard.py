@@ -347,7 +347,8 @@ def plain_line(snapshot: Snapshot) -> str:
     ``[kaio] tiny-default RUNNING step 12/60 (20%) loss 4.812 | 1.85 step/s | ETA 0:26 | gpu0 250W 61C 12.1/80.0GB``
     """
     st = snapshot.status
-    status = "STOPPING (Ctrl-C again to kill)" if st == "STOPPING" else status_text(snapshot)
+    # Plain lines go to logs too, where the stop was a scheduler's SIGTERM: both signals kill the second time.
+    status = "STOPPING (a second Ctrl-C or SIGTERM kills it)" if st == "STOPPING" else status_text(snapshot)
     head = f"[kaio] {snapshot.project} {status} step {_steps_text(snapshot)}"
     pct = _progress_pct(snapshot)
     if pct is not None:

@@ -578,10 +578,15 @@ def test_an_early_stopping_callback_out_of_patience_is_named_at_the_training_end
     callback.on_train_end(args, state, SimpleNamespace())
     early.early_stopping_patience_counter = 1  # patience left: the training ended for another reason
     callback.on_train_end(args, state, SimpleNamespace())
+    # A threshold: a gain below it still made the best checkpoint, so "did not improve" alone contradicted it.
+    early.early_stopping_threshold, early.early_stopping_patience_counter = 0.15, 3
+    callback.on_train_end(args, state, SimpleNamespace())
     emitter.close()
-    ended, other = _spooled(tmp_path / "spool")
+    ended, other, below_threshold = _spooled(tmp_path / "spool")
     assert ended["ended_early_by"] == "EarlyStoppingCallback: eval_loss did not improve for 3 evaluations"
     assert "ended_early_by" not in other
+    said = "EarlyStoppingCallback: eval_loss did not improve by more than 0.15 for 3 evaluations"
+    assert below_threshold["ended_early_by"] == said
 
 
 def test_telling_a_trained_model_apart_compares_no_tensors(torch, monkeypatch):

@@ -18,6 +18,7 @@ from kaio.record.types import (
     GpuStepStats,
     HistoryHeader,
     HostStepStats,
+    RunDescription,
     Session,
     SessionKind,
     Status,
@@ -391,6 +392,16 @@ def test_training_time_adds_the_sessions_and_a_running_one_counts_its_steps_span
     s = summary_of(steps, sessions=sessions)
     assert s.training_time_s == pytest.approx(104.5)
     assert s.sessions == 2
+
+
+def test_the_epochs_are_the_trainers_unless_its_training_data_had_no_length():
+    """An IterableDataset's epoch is the Trainer's step over max_steps ("20 of 20 planned, 1 epoch"), no pass over
+    the data: not given. A plain loop's own epoch, and a record without the run's description, keep theirs."""
+    steps = [step(1, epoch=0.5), step(2, epoch=1.0)]
+    assert summary_of(steps, run=RunDescription(train_samples=16)).epochs == 1.0
+    assert summary_of(steps, run=RunDescription(train_samples=None)).epochs is None
+    assert summary_of(steps, run=RunDescription(reporter="kaio.log")).epochs == 1.0
+    assert summary_of(steps).epochs == 1.0
 
 
 # --- evaluations --------------------------------------------------------------------

@@ -377,8 +377,12 @@ def _early_stopping_said(callback: Any, args: Any) -> str | None:
     if not (isinstance(patience, int) and isinstance(counter, int) and counter >= patience > 0):
         return None
     metric = _as_the_trainer_reads(getattr(args, "metric_for_best_model", None) or "loss")
+    threshold = getattr(callback, "early_stopping_threshold", None)
+    # With a threshold, a smaller gain still makes a new best checkpoint but counts as no improvement: said.
+    by = f" by more than {threshold:g}" if isinstance(threshold, (int, float)) and threshold > 0 else ""
     return (
-        f"{type(callback).__name__}: {metric} did not improve for {patience} evaluation{'s' if patience != 1 else ''}"
+        f"{type(callback).__name__}: {metric} did not improve{by} for {patience} "
+        f"evaluation{'s' if patience != 1 else ''}"
     )
 
 

@@ -246,7 +246,10 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
     s.optimizer_steps = last_step
     line = q.value("SELECT entry FROM step_lines ORDER BY step DESC LIMIT 1")
     last_entry = msgspec.json.decode(line, type=StepEntry) if line is not None else None
-    s.epochs = last_entry.epoch if last_entry is not None else None
+    # Training data without a length (an IterableDataset): the Trainer's epoch is its step over max_steps,
+    # no count of passes over the data, so none is given.
+    unsized = run is not None and run.reporter == "trainer" and run.train_samples is None
+    s.epochs = last_entry.epoch if last_entry is not None and not unsized else None
     weight = q.median("duration_s") or 1.0  # the duration that stands in for steps without one
     w = f"COALESCE(duration_s, {weight!r})"
     s.training_time_s = _training_time_s(q, sessions)
