@@ -910,6 +910,23 @@ def test_a_stop_killed_at_the_end_of_the_grace_period_names_what_it_cut_short(ph
     assert outcome.message is not None and f"stopped without saving a checkpoint ({said}" in outcome.message
 
 
+@pytest.mark.parametrize("evaluated", [False, True])
+def test_a_stop_before_any_step_says_whether_the_script_had_evaluated(evaluated):
+    """A Ctrl-C in an evaluate-only script (or during eval_on_start) was "it was still starting"."""
+    from kaio.config import RunConfig
+    from kaio.run.outcome import SessionEndings
+    from kaio.run.stopping import StopRequests
+
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 100, "world_size": 1}
+    evaluation = {"type": "eval", "rank": 0, "session": 1, "step": 0, "metrics": {"eval_loss": 2.0}, "t_wall": 1e9}
+    state = replay([{"type": "session_start", "session": 1, "t_wall": 1e9}, run, *([evaluation] if evaluated else [])])
+    asked = StopRequests(requests=1, step_at_request=0)
+    cfg = RunConfig.model_validate({"project_name": "p"})
+    outcome = SessionEndings(cfg, state, asked, lambda text, level: None, None).outcome(143, 1)
+    said = "no step had been trained; the script had evaluated" if evaluated else "it was still starting"
+    assert outcome.message is not None and f"stopped without saving a checkpoint ({said}" in outcome.message
+
+
 def test_a_checkpoint_whose_save_the_kill_cut_short_is_named(tmp_path, monkeypatch):
     """A second Ctrl-C during a save leaves checkpoint-30 with its config only: kaio resume skips it, but a plain
     run of a script that resumes from get_last_checkpoint() takes the newest folder and crashes on it."""

@@ -142,7 +142,12 @@ class SessionEndings:
             self._note(text, "warning")
             return text
         if progress is None or progress.last_step is None:
-            why = "it was still starting: no step had been trained"
+            evaluated = self.state.parts.live.evaluated_in_session  # an evaluate-only script, or eval_on_start
+            why = (
+                "no step had been trained; the script had evaluated"
+                if evaluated
+                else "it was still starting: no step had been trained"
+            )
         elif asked.killed:
             why = "a second Ctrl-C came" if asked.requests > 1 else self._grace_ended(progress.last_step)
         else:
