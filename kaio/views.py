@@ -175,7 +175,7 @@ class LiveView:
     def update(self, snapshot: Snapshot) -> None:
         self._snapshot = snapshot
 
-    def stop(self, snapshot: Snapshot) -> None:
+    def stop(self, snapshot: Snapshot, said_after: str | None = None) -> None:
         from kaio.dashboard import final_line
 
         self._snapshot = snapshot
@@ -242,9 +242,11 @@ class PlainView:
                 self._warned.add(wording)
                 self._print(f"kaio: warning: {warning}")
 
-    def stop(self, snapshot: Snapshot) -> None:
+    def stop(self, snapshot: Snapshot, said_after: str | None = None) -> None:
         from kaio.dashboard import final_line, plain_line
 
+        if said_after is not None:  # how the run stopped comes after the final line, once
+            self._warned.add(said_after)
         self._warn(snapshot)
         self._print(plain_line(snapshot))
         self._print(final_line(snapshot))

@@ -515,11 +515,15 @@ def test_plain_output_says_each_warning_once_and_a_live_one_once_while_it_counts
         view.update(make_snapshot(warnings=(nan, stall), live_warnings=(stall,)))
     view.update(make_snapshot(warnings=(nan, "stall after step 9 (training step, no step for 61 s)")))
     view.update(make_snapshot(warnings=("an earlier session's warning", nan)))
+    # How the run stopped is printed after the final line (kaio.run.project): not a warning line before it too.
+    stopped = "stopped without saving a checkpoint (a second Ctrl-C came); there is none yet"
+    view.stop(make_snapshot(warnings=(nan, stopped, "a warning of the end")), said_after=stopped)
     said = [line for line in out.getvalue().splitlines() if line.startswith("kaio: warning: ")]
     assert said == [
         f"kaio: warning: {nan}",
         "kaio: warning: stall: no step for 61 s (training step; the budget is 60 s)",
         "kaio: warning: stall after step 9 (training step, no step for 61 s)",
+        "kaio: warning: a warning of the end",
     ]
 
 

@@ -143,8 +143,9 @@ def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the
         f"node folder {copy.name}: not merged (not a node of the job as the head last ran it: its launch.main_port is {int(port)}, the head's 1)"
     )
     assert found.problems[1:] == [  # the job's node 1 is then not in the record: said, with the way to add it
-        "node 1 of 2: no record of it here (it never streamed to the head, and no folder of it is under nodes/): "
-        "copy its folder (nodes/1-<host>/ under the project on its machine) and run `kaio report t --merge FOLDER`"
+        f"node 1 of 2: not in the job's record: its folder {copy.name} was not merged (the warning before this one "
+        "says why); copy its folder (nodes/1-<host>/ under the project on its machine) and run "
+        "`kaio report t --merge FOLDER`"
     ]
     shutil.rmtree(copy.with_name(f"{copy.name}.replaced-20261130-120000"))
     # The head's address spelt another way on the head (localhost for 127.0.0.1): one job still.
@@ -632,6 +633,25 @@ def test_a_node_folder_of_another_project_is_named_as_such(tmp_path):
     head = {"project_name": "t", "launch": {**launch, "node_rank": 0, "main_port": 29620}}
     with pytest.raises(ProjectError, match="a node of project 'other'"):
         _node_record(tmp_path / "1-gpu08", state, head)
+
+
+def test_a_node_folder_merged_earlier_and_gone_since_is_named_not_called_never_seen(tmp_path):
+    """`kaio report --merge` remembered a folder that was moved away later: the job's report said node 1 "never
+    streamed to the head, and no folder of it is under nodes/", as if nothing had ever been merged."""
+    from kaio.run.job import load_nodes, node_folders
+
+    paths = ProjectPaths(tmp_path / "docs" / "reports" / "t")
+    paths.report_dir.mkdir(parents=True)
+    gone = tmp_path / "from-node-1" / "1-gpu08"
+    paths.merged_nodes.write_text(json.dumps([str(gone)]))
+    found = load_nodes(node_folders(paths), {"project_name": "t", "launch": {"nnodes": 2}})
+    assert found.nodes == []
+    assert found.problems == [
+        f"node folder {gone}: merged by an earlier `kaio report --merge`, but it is gone",
+        f"node 1 of 2: not in the job's record: its folder {gone} was not merged (the warning before this one says "
+        "why); copy its folder (nodes/1-<host>/ under the project on its machine) and run "
+        "`kaio report t --merge FOLDER`",
+    ]
 
 
 def test_the_head_merges_a_killed_nodes_spool_and_closes_its_session_only_where_it_can_see_its_processes(tmp_path):

@@ -335,6 +335,13 @@ def test_a_resume_may_change_a_scripts_arguments_but_not_the_script():
     assert config_changes(old, other)[0] == ["launch.script: 'train.py' -> 'other.py'", "lora.r: 4 -> 8"]
     # A project saved by an older kaio kept the recipe's sections for a script run: they are not changes.
     assert config_changes({**old, "model": {"base_model": "kaio/tiny-llama"}}, old) == ([], [])
+    # A long argument list: only what changed, after its flag (run_clm.py's 28 arguments were printed twice).
+    argv = ["--model_name_or_path", "tiny", "--max_steps", "30", "--output_dir", "out dir", "--do_eval"]
+    edited = [*argv[:3], "50", *argv[4:6], "--bf16", "false"]
+    assert config_changes({"launch": {"script_args": argv}}, {"launch": {"script_args": edited}}) == (
+        [],
+        ["launch.script_args: --max_steps 30 -> --max_steps 50; 'out dir' --do_eval -> 'out dir' --bf16 false"],
+    )
 
 
 def test_a_project_without_a_checkpoint_is_pointed_at_overwrite_by_run_and_resume_alike(project_dir):

@@ -29,7 +29,7 @@ from kaio.errors import ProjectError
 from kaio.nodes import node_folder_name, same_address
 from kaio.record.index import RunIndex
 from kaio.record.lock import ProjectLock
-from kaio.record.paths import NODES_DIR, ProjectPaths, is_node_folder
+from kaio.record.paths import NODES_DIR, ProjectPaths, is_node_folder, node_rank_of
 from kaio.record.types import (
     ClockOffset,
     DeviceSummary,
@@ -69,7 +69,8 @@ def node_folders(paths: ProjectPaths, extra: Iterable[Path] = ()) -> list[Path]:
     if paths.nodes.is_dir():
         found = sorted(p for p in paths.nodes.iterdir() if is_node_folder(p) and ProjectPaths(p).journal.is_file())
     named = {e.resolve() for e in extra}
-    found += [p for p in merged_folders(paths) if ProjectPaths(p).journal.is_file() and p.resolve() not in named]
+    # A remembered folder that is gone stays in the list: loading it says so (else its node is "not found" only).
+    found += [p for p in merged_folders(paths) if p.resolve() not in named]
     for folder in extra:
         if not folder.is_dir():
             raise ProjectError(
@@ -102,13 +103,19 @@ def load_nodes(
     named = {Path(p) for p in explicit}
     records: dict[int, NodeRecord] = {}
     problems: list[str] = []
+    refused: dict[int, str] = {}  # node rank -> the folder of it that was not merged
     for folder in folders:
+        if not ProjectPaths(folder).journal.is_file():
+            problems.append(f"node folder {folder}: merged by an earlier `kaio report --merge`, but it is gone")
+            refused.setdefault(_rank_named(folder), str(folder))
+            continue
         try:
             record = _load_node(folder, head_config, notify)
         except (ProjectError, OSError, ValueError, sqlite3.DatabaseError, msgspec.MsgspecError) as exc:
             if folder in named:
                 raise ProjectError(f"--merge {folder}: {exc}") from None
             problems.append(f"node folder {folder.name}: not merged ({exc})")
+            refused.setdefault(_rank_named(folder), folder.name)
             continue
         earlier = records.get(record.node_rank)
         if earlier is not None:  # the same node twice: its record resumed on another machine, or --merge
@@ -118,19 +125,35 @@ def load_nodes(
             elif record.clock is None:  # the streamed copy's clock probe: the copy merged by hand has none
                 record.clock = earlier.clock
         records[record.node_rank] = record
-    problems += _missing_nodes(head_config, set(records))
+    problems += _missing_nodes(head_config, set(records), refused)
     return NodeRecords([records[rank] for rank in sorted(records)], problems)
 
 
-def _missing_nodes(head_config: dict | None, found: set[int]) -> list[str]:
+def _rank_named(folder: Path) -> int:
+    """The node rank a folder's name gives (``<rank>-<host>``), or -1 for a name of another form."""
+    try:
+        return node_rank_of(folder)
+    except ValueError:
+        return -1
+
+
+def _missing_nodes(head_config: dict | None, found: set[int], refused: dict[int, str]) -> list[str]:
     """The job's nodes with no record here: said, with the way to add them, not left out silently."""
     config = head_config or {}
     nnodes = int((config.get("launch") or {}).get("nnodes") or 1)
     project = config.get("project_name") or "PROJECT"
+    add = (
+        f"copy its folder (nodes/{{}}/ under the project on its machine) and run `kaio report {project} --merge FOLDER`"
+    )
     return [
-        f"node {rank} of {nnodes}: no record of it here (it never streamed to the head, and no folder of it is under "
-        f"nodes/): copy its folder (nodes/{node_folder_name(rank, '<host>')}/ under the project on its machine) and run "
-        f"`kaio report {project} --merge FOLDER`"
+        (
+            f"node {rank} of {nnodes}: not in the job's record: its folder {refused[rank]} was not merged (the "
+            "warning before this one says why); "
+            if rank in refused
+            else f"node {rank} of {nnodes}: no record of it here (it never streamed to the head, and no folder of it "
+            "is under nodes/): "
+        )
+        + add.format(node_folder_name(rank, "<host>"))
         for rank in range(1, nnodes)
         if rank not in found
     ]

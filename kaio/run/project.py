@@ -329,7 +329,7 @@ def _supervise(
                 )
                 figure.warm()  # in case the process was used up by the last refresh
             finally:
-                view.stop(supervisor.snapshot())
+                view.stop(supervisor.snapshot(), said_after=outcome.message if outcome is not None else None)
                 finishing.view_stopped()
             if outcome is not None and outcome.message:
                 notify(outcome.message)
@@ -571,9 +571,25 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
         before, after = flat_old[key], flat_new[key]
         if before == after:
             continue
-        change = f"{key}: {before!r} -> {after!r}"
-        (refused if _frozen(key) else allowed).append(change)
+        (refused if _frozen(key) else allowed).append(f"{key}: {_change(before, after)}")
     return refused, allowed
+
+
+def _change(before: object, after: object) -> str:
+    """``old -> new``; for a long argument list, only the items that changed, each after the one before it (its
+    flag): a script's 28 arguments printed twice hid the one that changed."""
+    lists = isinstance(before, list) and isinstance(after, list)
+    if not (lists and all(isinstance(v, str) for v in [*before, *after]) and max(len(before), len(after)) > 4):
+        return f"{before!r} -> {after!r}"
+    import difflib
+    import shlex
+
+    changes = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=before, b=after, autojunk=False).get_opcodes():
+        if tag != "equal":
+            flag = before[i1 - 1 : i1]
+            changes.append(f"{shlex.join(flag + before[i1:i2])} -> {shlex.join(flag + after[j1:j2])}")
+    return "; ".join(changes)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
