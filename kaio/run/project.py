@@ -578,17 +578,19 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
 def _change(before: object, after: object) -> str:
     """``old -> new``; for a long argument list, only the items that changed, each after the one before it (its
     flag): a script's 28 arguments printed twice hid the one that changed."""
-    lists = isinstance(before, list) and isinstance(after, list)
-    if not (lists and all(isinstance(v, str) for v in [*before, *after]) and max(len(before), len(after)) > 4):
+    if not (isinstance(before, list) and isinstance(after, list)):
+        return f"{before!r} -> {after!r}"
+    old, new = [str(v) for v in before], [str(v) for v in after]
+    if old != before or new != after or max(len(old), len(new)) <= 4:  # not an argument list, or a short one
         return f"{before!r} -> {after!r}"
     import difflib
     import shlex
 
     changes = []
-    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=before, b=after, autojunk=False).get_opcodes():
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=old, b=new, autojunk=False).get_opcodes():
         if tag != "equal":
-            flag = before[i1 - 1 : i1]
-            changes.append(f"{shlex.join(flag + before[i1:i2])} -> {shlex.join(flag + after[j1:j2])}")
+            flag = old[i1 - 1 : i1]
+            changes.append(f"{shlex.join(flag + old[i1:i2])} -> {shlex.join(flag + new[j1:j2])}")
     return "; ".join(changes)
 
 
