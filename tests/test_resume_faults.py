@@ -255,7 +255,39 @@ def test_overwrite_moves_a_scripts_checkpoints_from_its_own_folder_and_resume_sk
     ((what, moved),) = move_aside(cfg, script_dir)
     assert what == "checkpoints"
     assert sorted(p.name for p in moved.iterdir()) == ["checkpoint-30", "checkpoint-45"]
-    assert moved.parent == script_dir and (script_dir / "notes.txt").is_file()  # only what the Trainer wrote
+    assert moved.name.startswith("out.replaced-") and moved.parent == tmp_path  # beside it: "out" holds no old run
+    assert [p.name for p in script_dir.iterdir()] == ["notes.txt"]  # only what the Trainer wrote is moved
+
+
+def test_overwrite_moves_a_scripts_final_model_and_results_where_its_trainer_saved_them(tmp_path, monkeypatch):
+    """run_glue's --overwrite failed ("output directory ... is not empty"), and run_clm's new run sat beside the old
+    run's final model and eval_results.json: only the checkpoints had been moved, into the folder itself."""
+    from kaio.config import RunConfig
+    from kaio.run.project import move_aside
+
+    script_dir = tmp_path / "out"
+    (script_dir / "checkpoint-10").mkdir(parents=True)
+    (script_dir / "runs").mkdir()
+    trainers = ["trainer_state.json", "training_args.bin", "model.safetensors", "config.json", "eval_results.json"]
+    for name in (*trainers, "tokenizer.json", "predict_results_mnli.txt", "data.csv"):
+        (script_dir / name).write_text("{}")
+    (script_dir / "README.md").write_text("---\n---\n\n<!-- This model card has been generated automatically ...")
+    cfg = RunConfig(project_name="t", reporting={"output_dir": str(tmp_path / "reports")})
+    ((what, moved),) = move_aside(cfg, script_dir)
+    assert what == "checkpoints and final outputs"
+    assert [p.name for p in script_dir.iterdir()] == ["data.csv"]  # the user's own file stays
+    assert len(list(moved.iterdir())) == 10
+    # A folder the Trainer did not save in (no trainer_state.json or training_args.bin at its top): the
+    # checkpoints only, and a README that is no model card stays. Where the folder holds the working
+    # directory (output_dir "."), the checkpoints go into it, not next to it.
+    (script_dir / "checkpoint-20").mkdir()
+    (script_dir / "config.json").write_text("{}")
+    (script_dir / "README.md").write_text("# my project")
+    monkeypatch.chdir(script_dir)
+    ((what, moved),) = move_aside(cfg, script_dir)
+    assert what == "checkpoints" and [p.name for p in moved.iterdir()] == ["checkpoint-20"]
+    assert moved.parent == script_dir
+    assert sorted(p.name for p in script_dir.iterdir()) == ["README.md", "config.json", "data.csv", moved.name]
 
 
 @pytest.mark.parametrize(

@@ -110,5 +110,5 @@ def test_one_run_per_project_and_no_silent_mixing(project_dir):
     assert [s["step"] for s in read_history(project_dir)["steps"]] == [1, 2, 3]
     moved = list((project_dir / "docs" / "reports").glob("t.replaced-*"))
     assert len(moved) == 1 and (moved[0] / "journal.jsonl").is_file()
-    (aside,) = (project_dir / "checkpoints" / "t").glob("replaced-*")
+    (aside,) = (project_dir / "checkpoints").glob("t.replaced-*")  # beside the folder, which is left empty
     assert list(aside.glob("checkpoint-*")) and not list((project_dir / "checkpoints" / "t").glob("checkpoint-*"))

@@ -1,5 +1,6 @@
 """The Trainer's checkpoint folders (``checkpoint-N``) as a resume finds them: which is the newest complete
-one, and what one that holds the weights only does not continue."""
+one, and what one that holds the weights only does not continue; and what else a Trainer left in its output_dir
+(what ``kaio run --overwrite`` moves aside)."""
 
 from __future__ import annotations
 
@@ -97,3 +98,65 @@ def without_optimizer(checkpoint: Path) -> str | None:
         "optimizer and the learning-rate schedule start afresh from it, so the steps after it do not continue the "
         "training exactly"
     )
+
+
+# What a Trainer (save_model, save_state, save_metrics, its tokenizer's and processor's save, PEFT's adapter) writes
+# at the top of its output_dir beside the checkpoints: the previous run's final model and results.
+_TRAINER_FILES = {
+    "trainer_state.json",
+    "training_args.bin",
+    "config.json",
+    "generation_config.json",
+    "adapter_config.json",
+    "adapter_model.bin",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "runs",  # the default logging_dir (TensorBoard)
+}
+_TRAINER_PATTERNS = (
+    "model*.safetensors",
+    "model*.safetensors.index.json",
+    "pytorch_model*.bin",
+    "pytorch_model*.bin.index.json",
+    "adapter_model*.safetensors",
+    "*_results.json",  # save_metrics: all_results.json, train_results.json, eval_results.json...
+    "predict_results*.txt",
+)
+_MODEL_CARD = "<!-- This model card has been generated automatically"
+
+
+def trainer_outputs(folder: Path) -> list[Path]:
+    """What the Trainer wrote in ``folder``, its output_dir: the checkpoints (and the built-in recipe's ``final``);
+    and, where its own files show that a Trainer saved there (trainer_state.json or training_args.bin at the top),
+    the final model, tokenizer, results and model card beside them. Nothing else: the folder may be shared."""
+    entries = sorted(folder.glob("*")) if folder.is_dir() else []
+    found = [p for p in entries if p.name == "final" or is_checkpoint(p)]
+    if not any((folder / name).is_file() for name in ("trainer_state.json", "training_args.bin")):
+        return found
+    return found + [path for path in entries if path not in found and _trainers(path)]
+
+
+def _trainers(path: Path) -> bool:
+    """One of the names the Trainer saves under (a README.md only if it is the Trainer's model card)."""
+    if path.name == "README.md":
+        return _is_model_card(path)
+    return path.name in _TRAINER_FILES or any(path.match(pattern) for pattern in _TRAINER_PATTERNS)
+
+
+def _is_model_card(path: Path) -> bool:
+    try:
+        with path.open(encoding="utf-8", errors="replace") as file:
+            return _MODEL_CARD in file.read(4096)
+    except OSError:
+        return False

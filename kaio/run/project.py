@@ -39,7 +39,7 @@ from kaio.record.paths import DEFAULT_OUTPUT_DIR, ProjectPaths, node_rank_of, st
 from kaio.record.types import Note, SessionCounters, SessionEnd, SessionKind, Status
 from kaio.report.summary import Summary, count_of
 from kaio.run import recorder as loading
-from kaio.run.checkpoints import is_checkpoint, latest_checkpoint, without_optimizer
+from kaio.run.checkpoints import is_checkpoint, latest_checkpoint, trainer_outputs, without_optimizer
 from kaio.run.job import index_copies, node_folders
 from kaio.run.recorder import Loaded, Recorder
 from kaio.run.state import RunState
@@ -125,9 +125,9 @@ def opened(
 
 
 def move_aside(cfg: RunConfig, checkpoint_dir: Path) -> list[tuple[str, Path]]:
-    """``--overwrite``: keep the old record and its checkpoints (in ``checkpoint_dir``: kaio's folder for the
-    built-in recipe, a script's own output_dir) under a dated name, never delete them. Returns what was moved
-    ("record", "checkpoints") and where to."""
+    """``--overwrite``: keep the old record, and what its Trainer wrote in ``checkpoint_dir`` (kaio's folder for
+    the built-in recipe, a script's own output_dir: checkpoints, final model, results), under a dated name beside
+    them; never delete them. Returns what was moved and where to."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     moved = []
     paths = ProjectPaths(cfg.report_dir)
@@ -151,14 +151,18 @@ def move_aside(cfg: RunConfig, checkpoint_dir: Path) -> list[tuple[str, Path]]:
         moved.append(("record", old_reports))
     if cfg.launch.node_rank != 0:
         return moved  # the checkpoints are the head's to move (one folder for every node, when shared)
-    # Only what the Trainer wrote there: training.output_dir may be a folder shared with other things.
-    checkpoints = [p for p in checkpoint_dir.glob("*") if p.name == "final" or is_checkpoint(p)]
-    if checkpoints:
-        target = checkpoint_dir / f"replaced-{stamp}"
-        target.mkdir(exist_ok=True)
-        for path in checkpoints:
+    # Only what the Trainer wrote there (training.output_dir may be a folder shared with other things), next to
+    # the folder: a script that refuses an output_dir that is not empty then starts over in an empty one.
+    outputs = trainer_outputs(checkpoint_dir)
+    if outputs:
+        target = checkpoint_dir.with_name(f"{checkpoint_dir.name}.replaced-{stamp}")
+        if Path.cwd().resolve().is_relative_to(checkpoint_dir.resolve()):  # output_dir "." or above: kept inside
+            target = checkpoint_dir / f"replaced-{stamp}"
+        only_checkpoints = all(p.name == "final" or is_checkpoint(p) for p in outputs)
+        target.mkdir(parents=True, exist_ok=True)
+        for path in outputs:
             shutil.move(str(path), target / path.name)
-        moved.append(("checkpoints", target))
+        moved.append(("checkpoints" if only_checkpoints else "checkpoints and final outputs", target))
     return moved
 
 
