@@ -572,18 +572,24 @@ def test_a_small_terminal_still_shows_that_there_are_warnings():
     assert "warning" not in text_of(render(make_snapshot(warnings=())), width=40, height=15).split("loss")[0]
 
 
-def test_the_trainers_metric_dicts_are_left_out_of_the_output_but_the_scripts_own_dicts_are_not():
-    """transformers 5 prints each float of its log dict as a string; a script printing trainer.evaluate()'s
-    metrics prints numbers: that line is the script's, and shown. Before 5, any such dict is taken for the
-    Trainer's (child.log keeps every line either way)."""
+def test_the_trainers_per_step_dicts_are_left_out_of_the_output_but_its_evaluations_and_the_scripts_are_not():
+    """transformers 5 prints each float of its log dict as a string; a script printing its own step dict prints
+    numbers: that line is the script's, and shown. Before 5, any such dict is taken for the Trainer's. An
+    evaluation's dict (compute_metrics' accuracy: the status line shows the eval loss only), predict()'s and the
+    closing one are shown (child.log keeps every line either way)."""
     from kaio.run.child_output import is_trainer_log_line
 
     trainer = "{'loss': '5.945', 'grad_norm': '0.4172', 'learning_rate': '0', 'epoch': '0.0625', 'num_input_tokens_seen': 192}"
-    end = "{'train_runtime': '0.1045', 'train_loss': '5.832', 'epoch': '0.75'}"
-    scripts = ["{'test_loss': 4.1558, 'test_runtime': 0.0025, 'epoch': 0.3125}", "{'eval_acc': 0.93, 'note': 'final'}"]
-    assert is_trainer_log_line(trainer, "5.24.0") and is_trainer_log_line(end, "5.24.0")
-    assert not any(is_trainer_log_line(line, "5.24.0") for line in [*scripts, "{'test_loss': 1e-05}"])
+    scripts = ["{'loss': 4.1558, 'epoch': 0.3125}", "{'learning_rate': 0.001}"]
+    assert is_trainer_log_line(trainer, "5.24.0") and is_trainer_log_line(trainer, None)
+    assert not any(is_trainer_log_line(line, "5.24.0") for line in scripts)
     assert all(is_trainer_log_line(line, "4.57.1") for line in scripts)  # 4.x printed its floats bare
+    rarer = [
+        "{'eval_loss': '2.612', 'eval_accuracy': '0.875', 'eval_runtime': '0.03', 'epoch': '1'}",
+        "{'test_loss': '2.9', 'test_runtime': '0.02'}",
+        "{'train_runtime': '0.1045', 'train_loss': '5.832', 'epoch': '0.75'}",
+    ]
+    assert not any(is_trainer_log_line(line, version) for line in rarer for version in ("5.24.0", "4.57.1"))
     assert not is_trainer_log_line("{'my_own': 1.0}", "5.24.0") and not is_trainer_log_line("done", None)
 
 

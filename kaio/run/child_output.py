@@ -11,12 +11,11 @@ from pathlib import Path
 
 from kaio.run.snapshot import as_shown, progress_bar
 
-# The dict the Trainer prints at every log ({'loss': '4.55', 'grad_norm': ...}, {'eval_loss': ...},
-# {'train_runtime': ...}): child.log keeps it; the dashboard and plain output show its numbers on the status
-# line, and the rest of the output (warnings, errors, the script's own prints, its own dicts among them) in full.
-_TRAINER_LOG_LINE = re.compile(  # matched on what a terminal shows (as_shown)
-    r"^\{'(?:loss|grad_norm|learning_rate|epoch|(?:train|eval|test)_[\w./-]+)': .*\}\s*$"
-)
+# The dict the Trainer prints at every logging step ({'loss': '4.55', 'grad_norm': ...}): child.log keeps it; the
+# dashboard and plain output sum it up on the status line, and show the rest of the output in full: warnings,
+# errors, the script's own prints, and the Trainer's rarer dicts, whose numbers the status line does not carry
+# (an evaluation's {'eval_loss': ..., 'eval_accuracy': ...}, predict()'s, the closing {'train_runtime': ...}).
+_TRAINER_LOG_LINE = re.compile(r"^\{'(?:loss|grad_norm|learning_rate|epoch)': .*\}\s*$")  # on what a terminal shows
 # transformers 5 prints each float of its dict as a string ('loss': '4.55'): a dict with a bare float (a script
 # printing trainer.evaluate()'s metrics) is the script's own line.
 _BARE_FLOAT = re.compile(r"': -?(?:\d+\.\d*|\.\d+|\d+(?=[eE]))(?:[eE][-+]?\d+)?[,}]")
