@@ -532,11 +532,12 @@ def test_evaluation_table_names_the_best_loss_and_its_step():
             step=15, session=1, metrics={"eval_loss": 1.4, "eval_accuracy": None}, nonfinite={"eval_accuracy": "nan"}
         ),
         EvalEntry(step=20, session=1, metrics={"eval_loss": 1.3, "eval_runtime": 3.25}),
+        EvalEntry(step=20, session=1, metrics={"test_loss": 1.1}, prediction=True, after_training=True),
     ]
     header, index = make_run(20, evals=evals)
     summary = summarize(header, index)
     assert (summary.eval_count, summary.eval_loss_best, summary.eval_loss_best_step, summary.eval_loss_final) == (
-        4,
+        5,
         1.2,
         10,
         1.3,
@@ -544,6 +545,7 @@ def test_evaluation_table_names_the_best_loss_and_its_step():
     md = render_markdown(header, summary, index.evals())
     assert "| Evaluation loss, best | 1.2 at step 10 |" in section(md, "Key metrics")
     evaluation = section(md, "Evaluation")
+    # predict()'s test-set loss is listed in the table, but neither the best evaluation loss nor an evaluation.
     assert evaluation.startswith("\nBest evaluation loss **1.2** at step 10 (4 evaluations).")
     assert "| Step | eval_loss | eval_accuracy | eval_runtime |" in evaluation
     assert "| 5 | 2 | 0.5 | — |" in evaluation

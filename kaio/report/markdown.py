@@ -35,7 +35,7 @@ from kaio.record.types import (
     Status,
     TrainingArgs,
 )
-from kaio.report.summary import EvalSetLoss, Summary, evaluation_rows, time_buckets
+from kaio.report.summary import EvalSetLoss, Summary, count_of, evaluation_rows, time_buckets
 from kaio.telemetry.protocol import LAUNCHER_FAILED
 from kaio.units import gib
 
@@ -288,8 +288,9 @@ def _evaluations(s: Summary, evals: list[EvalEntry]) -> str | None:
     shown = every[-EVAL_ROWS:]
     rows = [(_evaluation_step(e, trained=bool(s.optimizer_steps)), *(_metric(e, n) for n in names)) for e in shown]
     text = "## Evaluation\n\n"
-    if s.eval_loss_best is not None:
-        count = f"{s.eval_count} evaluation{'s' if s.eval_count != 1 else ''}"
+    if s.eval_loss_best is not None:  # of the evaluations: predict()'s test-set metrics are no evaluation
+        predictions = sum(1 for e in every if e.prediction and not e.other_model)
+        count = count_of(s.eval_count - predictions, "evaluation")
         text += f"Best evaluation loss {_best_eval_loss(s, bold=True)} ({count}).\n\n"
     if len(every) > len(shown):
         text += f"The latest {len(shown)} of {len(every)} evaluations (all are in history.json):\n\n"
