@@ -605,6 +605,18 @@ def test_telling_a_trained_model_apart_compares_no_tensors(torch, monkeypatch):
     assert compared == [] and len(trainings.weights) == 3
 
 
+def test_a_script_asking_for_comet_ml_that_kaio_kept_out_is_told_why_not_to_install_it():
+    """report_to=comet_ml without a key: transformers said "requires comet-ml ... Run `pip install comet-ml`", which
+    is installed; kaio had kept it out (without kaio: "Comet.ml requires an API key")."""
+    from kaio.child.patch import comet_kept_out
+
+    said = RuntimeError("CometCallback requires comet-ml>=3.43.2 to be installed. Run `pip install comet-ml`.")
+    explained = comet_kept_out(said)
+    assert "Comet was not configured" in str(explained) and "set COMET_API_KEY" in str(explained)
+    other = RuntimeError("something else")
+    assert comet_kept_out(other) is other
+
+
 def test_transformers_is_kept_from_importing_comet_ml_only_where_comet_is_not_configured(tmp_path, monkeypatch):
     """kaio installs comet_ml for its own sink; transformers imported it in every rank to find no API key."""
     from kaio.child.patch import _PatchOnImport

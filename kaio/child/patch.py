@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import os
 import sys
 import types
@@ -108,6 +109,20 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         return spec
 
 
+def comet_kept_out(exc: RuntimeError) -> RuntimeError:
+    """transformers' "CometCallback requires comet-ml ... Run `pip install comet-ml`" (report_to names comet_ml)
+    where comet_ml is installed and kaio kept it from transformers: the advice would be wrong, so the cause is
+    given (Comet was not configured; without kaio the callback would have failed for want of an API key)."""
+    if "CometCallback requires comet-ml" not in str(exc) or importlib.util.find_spec("comet_ml") is None:
+        return exc
+    return RuntimeError(
+        "report_to includes comet_ml, but Comet was not configured when transformers was imported (no "
+        "COMET_API_KEY or other COMET_* variable, no .comet.config), so kaio kept comet_ml from transformers' "
+        "integrations (without an API key its callback cannot log): set COMET_API_KEY in the environment of "
+        "`kaio run`, or leave comet_ml out of report_to (kaio logs the run to Comet with reporting.use_comet_ml)"
+    )
+
+
 def _importer() -> str | None:
     """The module whose code is importing (the first frame outside the import machinery, ``importlib._bootstrap``
     and ``_bootstrap_external``), by name; ``importlib.util.find_spec`` is a caller of its own."""
@@ -130,7 +145,13 @@ def _patch(trainer_cls: Any) -> None:
 
     @functools.wraps(original_init)
     def __init__(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
+        try:
+            original_init(self, *args, **kwargs)
+        except RuntimeError as exc:
+            explained = comet_kept_out(exc)
+            if explained is exc:
+                raise
+            raise explained from exc
         if not any(isinstance(cb, KaioCallback) for cb in self.callback_handler.callbacks):
             callback = KaioCallback(shared_emitter(), trainer=self)
             # Given to the Trainer by the script (else the Trainer makes them from args.optim and learning_rate).
