@@ -253,7 +253,9 @@ def status_text(snapshot: Snapshot) -> str:
     """The words for the status: ``"stopping… (Ctrl-C again to kill)"``, ``"FAILED (exit code 1)"``…"""
     st = snapshot.status
     if st == "STOPPING":
-        return "stopping… (Ctrl-C again to kill)"
+        asked = snapshot.stopping_because
+        because = f"{asked}; " if asked and asked != "Ctrl-C" else ""  # "again" says it for a Ctrl-C
+        return f"stopping… ({because}Ctrl-C again to kill)"
     if st == "STARTING":
         if snapshot.rendezvous:  # torch waits for every node there, silently, up to 15 minutes
             return f"STARTING (launching, meeting the job's {snapshot.rendezvous}, loading the model and data)"
@@ -348,7 +350,8 @@ def plain_line(snapshot: Snapshot) -> str:
     """
     st = snapshot.status
     # Plain lines go to logs too, where the stop was a scheduler's SIGTERM: both signals kill the second time.
-    status = "STOPPING (a second Ctrl-C or SIGTERM kills it)" if st == "STOPPING" else status_text(snapshot)
+    because = f"{snapshot.stopping_because}; " if snapshot.stopping_because else ""
+    status = f"STOPPING ({because}a second Ctrl-C or SIGTERM kills it)" if st == "STOPPING" else status_text(snapshot)
     head = f"[kaio] {snapshot.project} {status} step {_steps_text(snapshot)}"
     pct = _progress_pct(snapshot)
     if pct is not None:

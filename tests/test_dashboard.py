@@ -261,6 +261,11 @@ def test_warnings_are_bounded():
 
 def test_status_texts():
     assert status_text(make_snapshot(status="STOPPING")) == "stopping… (Ctrl-C again to kill)"
+    asked = make_snapshot(status="STOPPING", stopping_because="SIGTERM")  # a scheduler's, in a terminal's tmux
+    assert status_text(asked) == "stopping… (SIGTERM; Ctrl-C again to kill)"
+    pressed = make_snapshot(status="STOPPING", stopping_because="Ctrl-C")
+    assert status_text(pressed) == "stopping… (Ctrl-C again to kill)"
+    assert "STOPPING (SIGTERM; a second Ctrl-C or SIGTERM kills it) step" in plain_line(asked)
     assert status_text(make_snapshot(status="FAILED", exit_code=1)) == "FAILED (exit code 1)"
     assert status_text(make_snapshot(status="COMPLETED", exit_code=0)) == "COMPLETED"
     out = text_of(render(make_snapshot(status="STOPPING", eta_s=120.0)))

@@ -141,6 +141,8 @@ def test_a_straggler_is_named_with_its_parts_and_slurms_warning_to_every_process
     output, _ = proc.communicate(timeout=90)
     assert proc.returncode == 143, output
     assert "SignalException" not in output  # torch elastic's agent stopping its ranks: the stop, not a crash
+    # The job's log says why it stops, at once (a SIGTERM from the scheduler later would not change it).
+    assert "STOPPING (SIGUSR1: the scheduler's time is nearly up; a second Ctrl-C or SIGTERM kills it)" in output
     history = read_history(project_dir)
     n = max(s["step"] for s in history["steps"])
     assert history["status"] == "INTERRUPTED" and 25 <= n < 400

@@ -119,6 +119,7 @@ class Snapshot:
     recent_losses: tuple[float, ...] = ()  # for the sparkline, oldest first (bounded)
     learning_rate: float | None = None
     grad_norm: float | None = None
+    stopping_because: str | None = None  # STOPPING: what asked ("Ctrl-C", "SIGUSR1: the scheduler's time...")
     eval_loss: float | None = None  # the latest evaluation's
     evaluated_in_session: bool = False  # this session has evaluated (a resume's earlier evaluations are not its)
     eval_set: str | None = None  # its eval dataset, when there are several (eval_dataset={"a": ...})

@@ -46,7 +46,7 @@ class StallResponse:
             said, self._stop_after_capture = self._stop_after_capture, None
             if not self._stop.requested:
                 self._note(said)
-                self._stop.request(proc)
+                self._stop.request(proc, because="reporting.on_stall is stop")
         check = watch.check(time.monotonic(), median_step_s)
         if check is None or proc.poll() is not None:
             return

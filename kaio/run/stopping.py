@@ -29,6 +29,7 @@ class StopRequests:
     """What was asked, and where the session was then: the first press stops gracefully, the second kills."""
 
     requests: int = 0
+    because: str | None = None  # what asked first ("Ctrl-C", "SIGTERM"...): the status says why it stops
     first_at: float | None = None  # when the grace period started (a scheduler's warning starts none)
     warned: bool = False  # the stop came from a scheduler's time-limit warning (SIGUSR1)
     killed: bool = False
@@ -76,14 +77,14 @@ class StopControl:
         def handler(signum, frame):
             if proc.poll() is not None:
                 return  # the child has ended on its own: its record is being written, nothing to stop
-            self.request(proc)
+            self.request(proc, because="Ctrl-C" if signum == signal.SIGINT else "SIGTERM")
 
         def warned(signum, frame):
             # A scheduler's warning that the time is nearly up (SLURM's --signal=USR1@T): one graceful stop,
             # never a kill, however often it comes.
             if proc.poll() is None and not self.asked.requests:
                 self._said("the scheduler warned that the job's time is nearly up (SIGUSR1): stopping gracefully")
-                self.request(proc, warning=True)
+                self.request(proc, warning=True, because="SIGUSR1: the scheduler's time is nearly up")
 
         def hung_up(signum, frame):
             # The terminal closed (a window shut, an ssh connection dropped): nobody watches any more. Stopped as
@@ -93,7 +94,7 @@ class StopControl:
             if proc.poll() is None and not self.asked.requests:
                 why = "the terminal closed (SIGHUP)" if closed else "SIGHUP (a kill -HUP; the terminal is still there)"
                 self._said(f"{why}: stopping gracefully (run kaio under nohup, tmux or screen to keep it going)")
-                self.request(proc)
+                self.request(proc, because="the terminal closed" if closed else "SIGHUP")
 
         previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -113,11 +114,12 @@ class StopControl:
 
     # ------------------------------------------------------------ requests
 
-    def request(self, proc: subprocess.Popen, *, warning: bool = False) -> None:
+    def request(self, proc: subprocess.Popen, *, warning: bool = False, because: str | None = None) -> None:
         """A first request stops gracefully (the Trainer saves a checkpoint); a second kills. A scheduler's
         warning stops gracefully with no deadline of kaio's (the scheduler's own SIGTERM is the deadline: it
-        starts the grace period, without a second SIGTERM to the ranks)."""
+        starts the grace period, without a second SIGTERM to the ranks). ``because``: what asked."""
         asked = self.asked
+        asked.because = asked.because or because
         if warning:
             asked.requests, asked.warned = 1, True
             self._mark()
