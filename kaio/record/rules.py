@@ -21,7 +21,7 @@ STALL_FACTOR = 10.0  # no step for 10x the median step time...
 STALL_FLOOR_S = 60.0  # ...and at least a minute: a stall
 MIN_POINTS_FOR_MEDIAN = 10  # fewer points give no median worth comparing against
 # A gradient norm among the first ones, which no window judges (warm-up, then too few before it), is flagged only
-# when far beyond anything a warm-up shows: over 1000x the run's median norm.
+# when far beyond anything a warm-up shows: over 1000x the median of those first norms.
 GRAD_NORM_EARLY_FACTOR = 1000.0
 MIN_LOSSES_TO_SMOOTH = 10  # a smoothed loss of fewer logged losses is mostly the first one: not shown as a level
 

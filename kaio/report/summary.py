@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import sqlite3
+import statistics
 from typing import Any
 
 import msgspec
@@ -673,7 +674,7 @@ def _warnings(q: _Query, header: HistoryHeader, s: Summary, first: int | None, l
             f"at {count_of(diverged, 'step')} (first at step {diverged_first}){came_back}"
         )
     found += _schedule_restarts(q, header)
-    found += _spikes_and_stalls(q, first, s.grad_norm_median)
+    found += _spikes_and_stalls(q, first)
     names = {d.key: d.info.name for d in header.devices}
     for gpu, steps, step, reasons in q.conn.execute(
         "SELECT gpu, COUNT(*), MIN(step), GROUP_CONCAT(DISTINCT throttle) FROM step_gpus "
@@ -699,25 +700,28 @@ def _warnings(q: _Query, header: HistoryHeader, s: Summary, first: int | None, l
     return list(dict.fromkeys(found))
 
 
-def _spikes_and_stalls(q: _Query, first: int | None, run_median_norm: float | None) -> list[str]:
+def _spikes_and_stalls(q: _Query, first: int | None) -> list[str]:
     """Gradient-norm spikes after the warm-up (and the far larger ones before a window can judge them), and steps
     far slower than the median."""
     found = []
     judged = f"step > {(first or 0) + rules.WARMUP_STEPS - 1}"
     norms = q.conn.execute(f"SELECT step, grad_norm FROM steps WHERE grad_norm IS NOT NULL AND {judged} ORDER BY step")
     spikes = list(rules.grad_norm_spikes(norms))
-    if run_median_norm:
-        unjudged = q.conn.execute(
-            f"SELECT step, grad_norm FROM steps WHERE grad_norm IS NOT NULL AND NOT ({judged}) UNION ALL "
-            f"SELECT * FROM (SELECT step, grad_norm FROM steps WHERE grad_norm IS NOT NULL AND {judged} "
-            f"ORDER BY step LIMIT {rules.MIN_POINTS_FOR_MEDIAN})"
-        ).fetchall()
-        early = [(step, norm) for step, norm in unjudged if norm > rules.GRAD_NORM_EARLY_FACTOR * run_median_norm]
+    unjudged = q.conn.execute(
+        f"SELECT step, grad_norm FROM steps WHERE grad_norm IS NOT NULL AND NOT ({judged}) UNION ALL "
+        f"SELECT * FROM (SELECT step, grad_norm FROM steps WHERE grad_norm IS NOT NULL AND {judged} "
+        f"ORDER BY step LIMIT {rules.MIN_POINTS_FOR_MEDIAN})"
+    ).fetchall()
+    # Against the first norms' own median, not the run's: a classifier that converges to a loss near zero ends
+    # with norms a thousandth of its first ones, which were no spike.
+    early_median = statistics.median(norm for _, norm in unjudged) if len(unjudged) >= 3 else None
+    if early_median:
+        early = [(step, norm) for step, norm in unjudged if norm > rules.GRAD_NORM_EARLY_FACTOR * early_median]
         if early:
             step, norm = max(early, key=lambda pair: pair[1])
             found.append(
-                f"gradient norm of {norm:.3g} at step {step}, over {rules.GRAD_NORM_EARLY_FACTOR:g}x the run's median "
-                f"({run_median_norm:.3g}), among the first norms logged, which no spike window judges"
+                f"gradient norm of {norm:.3g} at step {step}, over {rules.GRAD_NORM_EARLY_FACTOR:g}x the median of "
+                f"the first norms logged ({early_median:.3g}), where no spike window judges"
                 + (f" ({count_of(len(early), 'step')} in all)" if len(early) > 1 else "")
             )
     if spikes:
