@@ -127,6 +127,14 @@ def test_over_a_shared_folder_the_head_copies_nothing_and_measures_the_clock(tmp
     assert node.close()
     assert paths.journal.read_bytes() == _lines(0, 30) and node.sent_bytes == 0
     assert not paths.stream_copy.exists()
+    # A head that ended first (it read the node's closed record from the folder) has nothing to confirm: the
+    # node said "the head did not confirm the end of this node's record" after a whole job.
+    head.close()
+    for shared in (True, False):
+        late = JournalSender(paths, "127.0.0.1", head.port, SECRET)
+        late.shared = shared  # as its earlier connection was accepted
+        late.start()
+        assert late.close(timeout_s=1) is shared
 
 
 def test_a_node_without_the_jobs_secret_is_refused_and_nothing_is_written(tmp_path, head):
@@ -190,6 +198,22 @@ def test_a_stranger_holds_no_connection_and_a_node_trusts_no_stranger_as_its_hea
             conn.sendall(stream._HEADER.pack(b"A", 32 + len(accept)) + b"\0" * 32 + accept)
             assert conn.recv(4096) == b""  # closed with no data, no probe: the answer was not signed
         assert not node.close(timeout_s=1) and hello[:1] == b"H"
+
+
+def test_a_head_not_up_yet_is_given_a_minute_before_a_warning_and_a_lost_one_ten_seconds(tmp_path, head):
+    """A node whose kaio srun started before the head's: "no stream to the head (Connection refused)" and then
+    "back after 35 s" were the job report's warnings of an ordinary start."""
+    node = _node(tmp_path, head)
+    refused = ConnectionRefusedError(111, "Connection refused")
+    node._down_since = time.monotonic() - 35  # never connected yet
+    node._down(refused)
+    assert node.pop_warnings() == []
+    node._down_since = time.monotonic() - 61
+    node._down(refused)
+    assert node.pop_warnings()[0].startswith("no stream to the head (127.0.0.1:")
+    node.connections, node._said_down, node._down_since = 1, False, time.monotonic() - 11  # a head lost later
+    node._down(refused)
+    assert len(node.pop_warnings()) == 1
 
 
 def test_a_stream_that_comes_back_after_its_warning_says_so(tmp_path, head):

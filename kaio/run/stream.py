@@ -390,6 +390,7 @@ class JournalSender:
         self._delay = 1.0  # before the next attempt to connect: doubles while the head cannot be reached, to 10 s
         self.sent_bytes = 0
         self.connections = 0
+        self.shared = False  # the head reads this node's own folder (a shared filesystem): nothing is copied
         self._thread = threading.Thread(target=self._run, name="kaio-stream-out", daemon=True)
 
     def start(self) -> None:
@@ -398,11 +399,12 @@ class JournalSender:
         self._thread.start()
 
     def close(self, timeout_s: float = 10.0) -> bool:
-        """Send what the journal holds now, then stop; True once the head has confirmed it holds all of it."""
+        """Send what the journal holds now, then stop; True once the head has confirmed it holds all of it, or
+        where it reads this node's own folder (a head that ended first has nothing of it to confirm)."""
         self._closing.set()
         self._thread.join(timeout_s)
         self._gone.set()
-        return self._done.is_set()
+        return self._done.is_set() or self.shared
 
     def pop_warnings(self) -> list[str]:
         with self._lock:
@@ -427,7 +429,10 @@ class JournalSender:
     def _down(self, exc: BaseException) -> None:
         if self._down_since is None:
             self._down_since = time.monotonic()
-        if not self._said_down and time.monotonic() - self._down_since > 10.0:
+        # Before the first connection the head may just not be up yet (a node's kaio started first, as srun
+        # often starts them): nothing waits on it, the job's rendezvous holds every rank. Said after a minute.
+        patience = 10.0 if self.connections else 60.0
+        if not self._said_down and time.monotonic() - self._down_since > patience:
             self._said_down = True
             with self._lock:
                 self._warnings.append(
@@ -457,6 +462,7 @@ class JournalSender:
             raise ConnectionError(f"not this job's head (its answer is not signed with {ENV_JOB_SECRET})")
         accept = msgspec.json.decode(body, type=Accept)
         self.connections += 1
+        self.shared = accept.shared
         if self._said_down and self._down_since is not None:  # the warning of it stands: say it is over
             with self._lock:
                 self._warnings.append(
