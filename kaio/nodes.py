@@ -204,6 +204,20 @@ def same_address(a: str | None, b: str | None) -> bool:
     return bool(resolved[0] & resolved[1])
 
 
+def shape_mismatch(launch: Mapping[str, object], head_launch: Mapping[str, object]) -> str | None:
+    """How a node's launch config differs from its head's in the job's shape (node count, where the nodes meet),
+    as ``"its launch.nnodes is 2, the head's 3"``; None where the two are of one job."""
+    for key in ("nnodes", "main_addr", "main_port"):
+        mine, heads = launch.get(key), head_launch.get(key)
+        if key == "main_addr":
+            same = same_address(None if mine is None else str(mine), None if heads is None else str(heads))
+        else:
+            same = mine == heads
+        if not same:
+            return f"its launch.{key} is {mine!r}, the head's {heads!r}"
+    return None
+
+
 def _is_loopback(address: str) -> bool:
     if address == "localhost":
         return True

@@ -394,6 +394,21 @@ def test_the_head_follows_the_other_nodes_journals_and_says_when_one_is_lost(tmp
     watch.poll(force=True)
     assert (watch.rows()[0].state, watch.rows()[0].step) == ("live", 399)
 
+    # A node started with another --nnodes than the head's: both wait in torch's rendezvous for 15 minutes, the
+    # head showing the node live all along. Said once, at the node's session start.
+    launch = {"nnodes": 2, "main_addr": "127.0.0.1", "main_port": 29610}
+    shaped = NodeWatch(ProjectPaths(project), now=lambda: clock[0], head_launch={**launch, "nnodes": 3})
+    append(SessionStart(session=2, config={"launch": launch}))
+    said = shaped.poll(force=True)
+    assert said == [
+        "node 1 (gpu08) was started for another job shape: its launch.nnodes is 2, the head's 3. The nodes wait "
+        "for each other in torch's rendezvous (up to 15 minutes): stop every node and start them again with the "
+        "same --nnodes, --main-addr and --main-port"
+    ]
+    assert shaped.poll(force=True) == []
+    same = NodeWatch(ProjectPaths(project), now=lambda: clock[0], head_launch={**launch, "main_addr": "localhost"})
+    assert same.poll(force=True) == []  # one machine's address spelt another way: one job
+
 
 def test_a_node_whose_record_never_ended_is_lost_in_the_job_report_once_the_head_has_ended():
     from kaio.record.index import RunIndex

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import operator
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -26,7 +25,7 @@ from pathlib import Path
 import msgspec
 
 from kaio.errors import ProjectError
-from kaio.nodes import node_folder_name, same_address
+from kaio.nodes import node_folder_name, shape_mismatch
 from kaio.record.index import RunIndex
 from kaio.record.lock import ProjectLock
 from kaio.record.paths import NODES_DIR, ProjectPaths, is_node_folder, node_rank_of
@@ -279,13 +278,9 @@ def _check_same_job(config: dict, head_config: dict | None) -> None:
         return
     if config.get("project_name") != head_config.get("project_name"):  # first: the other keys would differ too
         raise ProjectError(f"a node of project {config.get('project_name')!r}")
-    head_launch = head_config.get("launch") or {}
-    for key in ("nnodes", "main_addr", "main_port"):
-        same = same_address if key == "main_addr" else operator.eq
-        if not same(launch.get(key), head_launch.get(key)):
-            raise ProjectError(
-                f"not a node of the job as the head last ran it: its launch.{key} is {launch.get(key)!r}, the head's {head_launch.get(key)!r}"
-            )
+    differs = shape_mismatch(launch, head_config.get("launch") or {})
+    if differs is not None:
+        raise ProjectError(f"not a node of the job as the head last ran it: {differs}")
 
 
 def _clock(path: Path) -> ClockOffset | None:

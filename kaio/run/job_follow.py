@@ -52,7 +52,8 @@ class JobFollow:
         note_once: Callable[[str], None],
     ) -> None:
         self.launch = launch
-        self._nodes = NodeWatch(paths) if launch.nnodes > 1 and launch.node_rank == 0 else None
+        head = launch.model_dump(include={"nnodes", "main_addr", "main_port"})
+        self._nodes = NodeWatch(paths, head_launch=head) if launch.nnodes > 1 and launch.node_rank == 0 else None
         self._stream = stream  # the nodes' records streamed to the head (kaio.run.stream): its warnings are said
         self._note = note
         self._note_once = note_once  # a failure that would repeat at every look

@@ -13,10 +13,11 @@ either, the head sees no other node while the job runs (the report merges them l
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kaio.nodes import shape_mismatch
 from kaio.record.journal import read_records
 from kaio.record.paths import ProjectPaths, is_node_folder, node_host_of, node_rank_of
 from kaio.record.types import Devices, SessionEnd, SessionStart, Step, TickRecord
@@ -44,6 +45,8 @@ class _Node:
     util: float | None = None
     power_w: float | None = None
     said_lost: bool = False
+    other_job: str | None = None  # how its session's launch differs from the head's (a mistyped --nnodes)
+    said_other_job: bool = False
     file_id: tuple[int, int] | None = None  # (device, inode) of the journal read
     tick_s: float = 0.5  # its poller's interval
 
@@ -59,20 +62,27 @@ class _Node:
 class NodeWatch:
     """Follows every node folder of the project (``poll``), and says who is live, stale, lost or done."""
 
-    def __init__(self, paths: ProjectPaths, now: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        paths: ProjectPaths,
+        now: Callable[[], float] = time.monotonic,
+        head_launch: Mapping[str, object] | None = None,
+    ) -> None:
         self.paths = paths
         self._now = now
+        self._head_launch = head_launch  # the head's launch config: a node started as another job's is said
         self._nodes: dict[Path, _Node] = {}
         self._next_poll = 0.0
 
     def poll(self, *, force: bool = False) -> list[str]:
-        """Read what the nodes added (at most every ``POLL_S``); returns the warnings of nodes newly lost.
+        """Read what the nodes added (at most every ``POLL_S``); returns the warnings of nodes newly lost, or
+        started with another job's shape than the head's.
         A folder that cannot be read now (permissions, a network filesystem's hiccup) is skipped this time."""
         now = self._now()
         if not force and now < self._next_poll:
             return []
         self._next_poll = now + POLL_S
-        lost = []
+        said = []
         folders = self._folders()
         for superseded in [
             f for f in self._nodes if f not in folders and node_rank_of(f) in {node_rank_of(g) for g in folders}
@@ -88,14 +98,21 @@ class NodeWatch:
                 self._read(node, now)
             except OSError:
                 pass  # counted as silence: a node that stays unreadable becomes stale, then lost
+            if node.other_job is not None and not node.said_other_job:
+                node.said_other_job = True
+                said.append(
+                    f"node {node.rank}{f' ({node.host})' if node.host else ''} was started for another job shape: "
+                    f"{node.other_job}. The nodes wait for each other in torch's rendezvous (up to 15 minutes): "
+                    "stop every node and start them again with the same --nnodes, --main-addr and --main-port"
+                )
             if node.ended is None and now - node.heard > node.lost_after and not node.said_lost:
                 node.said_lost = True
                 at = f" (last at step {node.step})" if node.step is not None else ""
-                lost.append(
+                said.append(
                     f"node {node.rank}{f' ({node.host})' if node.host else ''} lost: nothing from it for "
                     f"{now - node.heard:.0f} s{at}"
                 )
-        return lost
+        return said
 
     def ended(self) -> dict[str, str | None]:
         """Each node folder's ended status (None: its record has not said it ended)."""
@@ -166,12 +183,14 @@ class NodeWatch:
         if node.offset > start:
             node.heard, node.said_lost = now, False
 
-    @staticmethod
-    def _apply(node: _Node, record: object) -> None:
+    def _apply(self, node: _Node, record: object) -> None:
         if isinstance(record, SessionStart):
             node.session, node.ended, node.step = record.session, None, None
             if record.poll_hz:
                 node.tick_s = 1.0 / record.poll_hz
+            launch = (record.config or {}).get("launch")
+            if self._head_launch is not None and isinstance(launch, dict):
+                node.other_job, node.said_other_job = shape_mismatch(launch, self._head_launch), False
         elif isinstance(record, SessionEnd):
             node.ended = record.status.value
         elif isinstance(record, Devices):
