@@ -135,6 +135,39 @@ def _spooled_steps(report_dir: Path) -> int:
     )
 
 
+def test_a_stop_before_any_rank_started_kills_after_a_few_seconds_not_the_grace_a_checkpoint_needs():
+    """A launcher waiting in torch's rendezvous for a node that never comes holds off its signal handlers: a Ctrl-C
+    waited out launch.grace_seconds (30 s) with nothing to save. A real process group stands for the launcher."""
+    from conftest import replay
+    from kaio.run.stopping import STARTING_GRACE_S, StopControl
+
+    for started in (False, True):
+        events = [{"type": "session_start", "session": 1, "t_wall": 1e9}]
+        if started:  # a rank said it began: its checkpoint gets the whole grace
+            events.append({"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 9})
+        notes: list[str] = []
+        control = StopControl(
+            replay(events),
+            30.0,
+            post=lambda r: None,
+            note=notes.append,
+            phase=lambda: "start-up",
+            fifo_path=lambda: None,
+        )
+        launcher = subprocess.Popen(["sleep", "60"], start_new_session=True)
+        try:
+            control.asked.requests, control.asked.first_at = 1, time.monotonic() - STARTING_GRACE_S - 1
+            control.check(launcher)
+            if started:
+                assert not control.asked.killed and launcher.poll() is None and notes == []
+            else:
+                assert launcher.wait(timeout=10) == -signal.SIGKILL and control.asked.killed
+                assert notes == [f"the child did not stop within {STARTING_GRACE_S:g} s of SIGTERM; killed"]
+        finally:
+            launcher.kill()
+            launcher.wait()
+
+
 @pytest.mark.parametrize("space_returns", ["during the run", "after the run"])
 def test_a_full_report_disk_and_a_closed_stdout_do_not_stop_the_training(project_dir, space_returns):
     """While the disk is full and nobody reads stdout, the training goes on. Once space returns, the

@@ -38,6 +38,9 @@ class StopRequests:
     killed_in: str | None = None  # the session's phase when the grace period ended (kaio.run.stalls' words)
 
 
+STARTING_GRACE_S = 5.0  # the grace before a rank has started: nothing to save yet
+
+
 class StopControl:
     """The stop requests of a run's sessions, and the signals that make them."""
 
@@ -143,17 +146,25 @@ class StopControl:
             self.kill(proc)
 
     def check(self, proc: subprocess.Popen) -> None:
-        """After the grace period, the first request turns into SIGKILL."""
+        """After the grace period, the first request turns into SIGKILL. Before any rank has started there is
+        nothing to save: a launcher waiting in torch's rendezvous for the other nodes (which holds off its signal
+        handlers) is killed after ``STARTING_GRACE_S``, not after the grace a checkpoint needs."""
         asked = self.asked
+        grace = self.grace_seconds if self._a_rank_started() else min(self.grace_seconds, STARTING_GRACE_S)
         if (
             asked.requests
             and not asked.killed
             and asked.first_at is not None
-            and (time.monotonic() - asked.first_at > self.grace_seconds)
+            and time.monotonic() - asked.first_at > grace
         ):
             asked.killed, asked.killed_in = True, self._phase()
-            self._note(f"the child did not stop within {self.grace_seconds:g} s of SIGTERM; killed")
+            self._note(f"the child did not stop within {grace:g} s of SIGTERM; killed")
             self.kill(proc)
+
+    def _a_rank_started(self) -> bool:
+        ledger = self.state.ledger
+        record = ledger.session_record(ledger.session)
+        return record is None or record.start_step is not None
 
     def kill(self, proc: subprocess.Popen) -> None:
         """Every process of the session: the launcher's group, and ranks in sessions of their own."""
