@@ -141,9 +141,9 @@ def test_a_stop_before_any_rank_started_kills_after_a_few_seconds_not_the_grace_
     from conftest import replay
     from kaio.run.stopping import STARTING_GRACE_S, StopControl
 
-    for started in (False, True):
+    for started in ("no", "a rank said so", "the launcher has a process"):
         events = [{"type": "session_start", "session": 1, "t_wall": 1e9}]
-        if started:  # a rank said it began: its checkpoint gets the whole grace
+        if started == "a rank said so":  # its checkpoint gets the whole grace
             events.append({"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 9})
         notes: list[str] = []
         control = StopControl(
@@ -154,11 +154,16 @@ def test_a_stop_before_any_rank_started_kills_after_a_few_seconds_not_the_grace_
             phase=lambda: "start-up",
             fifo_path=lambda: None,
         )
-        launcher = subprocess.Popen(["sleep", "60"], start_new_session=True)
+        # A script that tells kaio nothing (no Trainer, no kaio.log) may be saving its own state: its grace, too.
+        command = ["bash", "-c", "sleep 60 & wait"] if started == "the launcher has a process" else ["sleep", "60"]
+        launcher = subprocess.Popen(command, start_new_session=True)
+        if started == "the launcher has a process":
+            pid = launcher.pid
+            wait_for(lambda pid=pid: psutil.Process(pid).children(), 10, "the launcher's process")
         try:
             control.asked.requests, control.asked.first_at = 1, time.monotonic() - STARTING_GRACE_S - 1
             control.check(launcher)
-            if started:
+            if started != "no":
                 assert not control.asked.killed and launcher.poll() is None and notes == []
             else:
                 assert launcher.wait(timeout=10) == -signal.SIGKILL and control.asked.killed

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from kaio import launch
 from kaio.record.types import Note, Record
 from kaio.run.state import RunState
@@ -146,11 +148,11 @@ class StopControl:
             self.kill(proc)
 
     def check(self, proc: subprocess.Popen) -> None:
-        """After the grace period, the first request turns into SIGKILL. Before any rank has started there is
-        nothing to save: a launcher waiting in torch's rendezvous for the other nodes (which holds off its signal
+        """After the grace period, the first request turns into SIGKILL. A launcher that has started no process
+        yet has nothing to save: one waiting in torch's rendezvous for the other nodes (which holds off its signal
         handlers) is killed after ``STARTING_GRACE_S``, not after the grace a checkpoint needs."""
         asked = self.asked
-        grace = self.grace_seconds if self._a_rank_started() else min(self.grace_seconds, STARTING_GRACE_S)
+        grace = self.grace_seconds if self._a_rank_started(proc) else min(self.grace_seconds, STARTING_GRACE_S)
         if (
             asked.requests
             and not asked.killed
@@ -161,10 +163,16 @@ class StopControl:
             self._note(f"the child did not stop within {grace:g} s of SIGTERM; killed")
             self.kill(proc)
 
-    def _a_rank_started(self) -> bool:
+    def _a_rank_started(self, proc: subprocess.Popen) -> bool:
+        """A rank said it began, or the launcher has a process of its own (a script that tells kaio nothing)."""
         ledger = self.state.ledger
         record = ledger.session_record(ledger.session)
-        return record is None or record.start_step is not None
+        if record is None or record.start_step is not None:
+            return True
+        try:
+            return bool(psutil.Process(proc.pid).children())
+        except psutil.Error:  # the launcher is gone: nothing left to wait for
+            return False
 
     def kill(self, proc: subprocess.Popen) -> None:
         """Every process of the session: the launcher's group, and ranks in sessions of their own."""
