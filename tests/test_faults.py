@@ -173,6 +173,22 @@ def test_a_stop_before_any_rank_started_kills_after_a_few_seconds_not_the_grace_
             launcher.wait()
 
 
+def test_torch_elastics_agent_starts_one_shutdown_per_stop_however_many_sigterms_come(monkeypatch):
+    """A scheduler's SIGTERM to every process and kaio's own reach the agent moments apart: each raised
+    SignalException, the second broke the shutdown's wait for the ranks and its cleanup signalled them again."""
+    from torch.distributed.elastic.multiprocessing import SignalException, api
+
+    from kaio.child.launcher import _one_shutdown_per_stop
+
+    monkeypatch.setattr(api, "_terminate_process_handler", api._terminate_process_handler)  # restored after
+    _one_shutdown_per_stop()
+    _one_shutdown_per_stop()  # once is enough: not wrapped twice
+    with pytest.raises(SignalException):
+        api._terminate_process_handler(signal.SIGTERM, None)
+    assert api._terminate_process_handler(signal.SIGTERM, None) is None  # the shutdown under way goes on
+    assert api._terminate_process_handler(signal.SIGINT, None) is None
+
+
 @pytest.mark.parametrize("space_returns", ["during the run", "after the run"])
 def test_a_full_report_disk_and_a_closed_stdout_do_not_stop_the_training(project_dir, space_returns):
     """While the disk is full and nobody reads stdout, the training goes on. Once space returns, the

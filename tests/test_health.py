@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import textwrap
+import time
 
 import psutil
 import pytest
@@ -119,8 +120,8 @@ def test_a_straggler_is_named_with_its_parts_and_slurms_warning_to_every_process
     """Two ranks on gloo; rank 1 takes 20 ms more per example it loads (4 a step: 80 ms) and 20 ms more per
     forward. Both ranks end every step together (DDP), yet kaio names rank 1, with where its time goes.
     Then SLURM's time-limit warning (`srun --signal=USR1@90`) reaches every process of the job step, twice:
-    kaio, the launcher (torch elastic's agent) and both ranks. None dies of it; the job saves a checkpoint at
-    the end of the step and stops, once."""
+    kaio, the launcher (torch elastic's agent) and both ranks, and then its SIGTERM. None dies of either; the job
+    saves a checkpoint at the end of the step and stops, once."""
     # And a NaN loss value at step 5 that the Trainer's running sum keeps (its logging_nan_inf_filter off): the
     # record's later losses are the steps' own, the ranks' mean as the Trainer would log it.
     losses = str(project_dir / "losses-{rank}.txt")
@@ -138,6 +139,12 @@ def test_a_straggler_is_named_with_its_parts_and_slurms_warning_to_every_process
         for pid in everyone:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGUSR1)
+    # Then the time limit's SIGTERM, to every process too, while the step ends and the checkpoint is saved: each
+    # rank gets it twice (the scheduler's, and torch elastic's agent passing its own on). That killed the ranks.
+    time.sleep(0.3)
+    for pid in everyone:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=90)
     assert proc.returncode == 143, output
     assert "SignalException" not in output  # torch elastic's agent stopping its ranks: the stop, not a crash

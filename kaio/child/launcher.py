@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import time
+from typing import Any
 
 import msgspec
 
@@ -53,6 +54,28 @@ def _rendezvous_on_loopback() -> None:
     rendezvous.TCPStore = loopback_store
 
 
+def _one_shutdown_per_stop() -> None:
+    """torch elastic's agent raises SignalException at every SIGTERM. A second one during its shutdown (a scheduler
+    signals every process of the job, and kaio, told too, signals the launcher: moments apart) broke the shutdown's
+    wait for the ranks, and its cleanup sent them another SIGTERM and killed them before their checkpoint was
+    saved. The first signal starts the shutdown; later ones are left to it (it kills the ranks itself at its
+    timeout, and kaio kills the group at the end of its grace)."""
+    from torch.distributed.elastic.multiprocessing import api
+
+    original = api._terminate_process_handler
+    if getattr(original, "_kaio_once", False):
+        return
+    raised: list[int] = []
+
+    def once(signum: int, frame: Any) -> None:
+        if not raised:
+            raised.append(signum)
+            original(signum, frame)
+
+    once._kaio_once = True  # type: ignore[attr-defined]
+    api._terminate_process_handler = once  # looked up when the agent installs its handlers (PContext.start)
+
+
 def main() -> None:
     # A scheduler's warning before the end (SLURM's --signal=USR1@90) may reach every process of the job step:
     # its default action would end this launcher (set first: importing torch takes seconds). The ranks answer
@@ -72,6 +95,7 @@ def main() -> None:
     # Several: torch elastic installs its own handlers, which pass the signal on to every rank.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _rendezvous_on_loopback()  # a store on 127.0.0.1 stays on loopback
+    _one_shutdown_per_stop()
     session = int(os.environ.get(ENV_SESSION, "1"))
     try:
         accelerate_main()

@@ -35,6 +35,10 @@ from kaio.child import process_group
 
 # terminated: a first SIGTERM came; trained: a training of this process ended (the script's own work may follow)
 _state = {"training": False, "requested": False, "terminated": False, "trained": False}
+_terminated_at: list[float] = []  # when the first SIGTERM of the stop came (time.monotonic)
+# A scheduler signals every process of the job, and torch elastic's agent passes its own SIGTERM on to each rank:
+# a rank gets the one stop twice within moments. Such a second SIGTERM is the same stop, not an order to die.
+SAME_STOP_S = 10.0
 # The step whose non-finite loss stopped the training (reporting.on_nonfinite), and the log's step that found it.
 _nonfinite_step: list[int] = []
 
@@ -194,7 +198,10 @@ def _leave_sigterm_to_the_rank() -> None:
 def _on_sigterm(signum: int, frame: object) -> None:
     if _state["training"] and not _state["terminated"]:  # a scheduler's warning before does not count
         _state["requested"] = _state["terminated"] = True
+        _terminated_at.append(time.monotonic())
         return
+    if _state["training"] and _terminated_at and time.monotonic() - _terminated_at[0] < SAME_STOP_S:
+        return  # the same stop again (the scheduler's and the agent's): the checkpoint is being saved
     if _state["trained"] and not _state["terminated"]:
         # The script's work after its training (an evaluation, a save, a push): stopped as a Ctrl-C without kaio
         # would stop it, so that its own `except KeyboardInterrupt:` runs; the training's record is whole.
