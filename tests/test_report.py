@@ -19,6 +19,7 @@ from kaio.record.types import (
     CheckpointSaved,
     DeviceSummary,
     EvalEntry,
+    FinalModel,
     GpuStepStats,
     HistoryHeader,
     HostInfo,
@@ -522,6 +523,23 @@ def test_no_finite_loss_and_no_steps_are_told_apart():
 
 
 # --- evaluations ----------------------------------------------------------------------
+
+
+def test_an_evaluation_after_load_best_model_at_end_names_the_weights_it_evaluated():
+    """run_glue's "20 (after training)" row showed checkpoint-10's loss beside a better row of step 20, with no
+    word of why in the table (only the executive summary's Final model line)."""
+    evals = [
+        EvalEntry(step=10, session=1, metrics={"eval_loss": 0.25}),
+        EvalEntry(step=20, session=1, metrics={"eval_loss": 0.07}),
+        EvalEntry(step=20, session=1, metrics={"eval_loss": 0.25}, after_training=True),
+    ]
+    header, index = make_run(20, evals=evals)
+    header.final_model = FinalModel(
+        best_checkpoint="out/checkpoint-10", metric="eval_accuracy", loaded="out/checkpoint-10"
+    )
+    evaluation = section(render_markdown(header, summarize(header, index), index.evals()), "Evaluation")
+    assert "| 20 (after training, checkpoint-10's weights) | 0.25 |" in evaluation
+    assert "| 20 | 0.07 |" in evaluation
 
 
 def test_evaluation_table_names_the_best_loss_and_its_step():
