@@ -6,12 +6,15 @@ it does before its first collective (``Step.data_s`` fetching its micro-batches,
 ``Step.forward_s`` its forward passes; kaio.child.timing): in each step every
 rank reported, the rank with the most is the slowest, and its lag is how much
 more than the other ranks' median. A rank is flagged when it is the slowest in
-at least 75% of the last 20 such steps, by at least 10% of the median step
-time (and 5 ms): a straggler, not noise; said once per rank and session.
+at least 75% of the last 20 such steps, and in more of them than chance gives
+one of N ranks once in 10,000 windows (19 of 20 for two ranks, where a coin
+reaches 15 every 50 windows), by at least 10% of the median step time (and
+5 ms): a straggler, not noise; said once per rank and session.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 
@@ -24,6 +27,19 @@ CONSISTENT_SHARE = 0.75
 MIN_LAG_SHARE = 0.10  # of the median step time
 MIN_LAG_S = 0.005
 OPEN_STEPS = 64  # steps waiting for their other ranks; older ones are given up
+CHANCE = 1e-4  # how rarely a rank that is no slower than the others may be flagged, in one window
+
+
+def consistent_count(ranks: int) -> int:
+    """The slowest-step count in a window that flags a rank: 75% of it, and beyond what chance gives one of
+    ``ranks`` equal ranks (each the slowest with probability 1/ranks) more often than ``CHANCE``."""
+    p = 1.0 / ranks
+
+    def tail(k: int) -> float:
+        return sum(math.comb(WINDOW, i) * p**i * (1 - p) ** (WINDOW - i) for i in range(k, WINDOW + 1))
+
+    by_chance = next((k for k in range(1, WINDOW + 1) if tail(k) < CHANCE), WINDOW)
+    return max(math.ceil(CONSISTENT_SHARE * WINDOW), by_chance)
 
 
 @dataclass(frozen=True)
@@ -126,7 +142,8 @@ class StragglerWatch(msgspec.Struct, kw_only=True):
         lag = statistics.median(f.lag_s for f in mine)
         times = [f.step_time_s for f in self.window if f.step_time_s is not None]
         floor = max(MIN_LAG_S, MIN_LAG_SHARE * statistics.median(times)) if times else MIN_LAG_S
-        if count < CONSISTENT_SHARE * WINDOW or lag < floor:
+        ranks = len(self.started) or len(counts)
+        if count < consistent_count(max(ranks, 2)) or lag < floor:
             self.flagged = None
             return None
         if self.flagged == rank:
