@@ -611,6 +611,9 @@ def test_two_machines_started_as_one_node_keep_the_one_that_trained(monkeypatch,
         "1-gpu09": record("gpu09", 0, "2026-12-01T10:00:09"),
     }
     monkeypatch.setattr(job, "_load_node", lambda folder, config, notify: made[folder.name])
+    for name in made:  # the folders as node_folders finds them: each holds its journal
+        (tmp_path / "nodes" / name).mkdir(parents=True)
+        (tmp_path / "nodes" / name / "journal.jsonl").write_text("")
     found = job.load_nodes([tmp_path / "nodes" / "1-gpu08", tmp_path / "nodes" / "1-gpu09"], None)
     assert [n.folder.name for n in found.nodes] == ["1-gpu08"]
     assert found.problems == [
