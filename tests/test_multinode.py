@@ -496,6 +496,47 @@ def test_a_node_whose_kaio_is_killed_is_lost_on_the_head_which_does_not_wait_for
     assert lost["clock_offset_s"] is not None and node["clock_offset_s"] == lost["clock_offset_s"]
 
 
+def test_a_node_stopped_alone_does_not_hold_the_head_at_torchs_exit_barrier(project_dir):
+    """A Ctrl-C on node 1 only: its agent shut down without arriving at torch elastic's exit barrier, and the
+    head's agent, its rank done, waited there 5 minutes, the head saying RUNNING. Ranks without a process group
+    (the light loop): the head's trains to its end, as a rank whose collective did not fail would."""
+    import signal
+
+    port, stream_port = _free_port(), _free_port()
+    machine_b = project_dir / "machine-b"
+    machine_b.mkdir()
+    script = REPO / "tests" / "scripts" / "light_loop.py"
+    for where, steps in ((project_dir, 60), (machine_b, 2000)):
+        (where / "cfg.yaml").write_text(
+            f"project_name: t\nlaunch:\n  script: {script}\n"
+            f"  script_args: ['{steps}', '--step-seconds', '0.05']\n  stream_port: {stream_port}\n"
+            "reporting:\n  use_comet_ml: false\n"
+        )
+    job = ["run", "cfg.yaml", "--nnodes", "2", "--main-addr", "127.0.0.1", "--main-port", str(port), "--plain"]
+    env = {**os.environ, "KAIO_JOB_SECRET": "5eed" * 8, "PYTHONUNBUFFERED": "1"}
+    spawn = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node1 = subprocess.Popen([sys.executable, "-m", "kaio", *job, "--node-rank", "1"], cwd=machine_b, **spawn)
+    head = subprocess.Popen([sys.executable, "-m", "kaio", *job, "--node-rank", "0"], cwd=project_dir, **spawn)
+    try:
+        wait_for(lambda: journal_steps(project_dir) >= 60, 150, "the head's rank to train its 60 steps")
+        time.sleep(2)  # its agent at the exit barrier, node 1 training on
+        node1.send_signal(signal.SIGINT)
+        node1_out, _ = node1.communicate(timeout=90)
+        out, _ = head.communicate(timeout=120)  # its rank's 60 steps are 3 s: not 300 s of barrier
+    finally:
+        for proc in (head, node1):
+            if proc.poll() is None:
+                proc.kill()
+    assert node1.returncode == 143, node1_out
+    assert head.returncode == 0, out
+    assert "exit barrier" not in out
+    history = read_history(project_dir)
+    assert history["status"] == "COMPLETED" and [n["status"] for n in history["run"]["nodes"]] == [
+        "COMPLETED",
+        "INTERRUPTED",
+    ]
+
+
 def test_the_head_does_not_wait_for_a_node_whose_stream_ended_without_its_end(tmp_path):
     """At the head's end: a node whose record has not ended is waited for (its last lines may be on their
     way), unless its stream ended without its end 5 s ago or more (its kaio is gone: no reconnection)."""

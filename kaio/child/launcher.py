@@ -10,6 +10,7 @@ propagates as it would without kaio.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -76,6 +77,39 @@ def _one_shutdown_per_stop() -> None:
     api._terminate_process_handler = once  # looked up when the agent installs its handlers (PContext.start)
 
 
+def _leaving_agents_arrive_at_the_exit_barrier() -> None:
+    """Once its ranks have ended well, each node's torch elastic agent waits at an exit barrier (5 minutes) for
+    every other node's agent. One that stops on a signal, or whose ranks failed, shuts down without arriving, and
+    the others waited the whole 5 minutes (the head of a job whose node 1 was stopped by a Ctrl-C said RUNNING for
+    5 minutes, then printed torch's traceback). An agent that shuts down arrives first: nobody waits for one that
+    will not come."""
+    from torch.distributed.elastic.agent.server import api
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+    from torch.distributed.elastic.utils import store as store_util
+
+    barrier, shutdown = api.SimpleElasticAgent._exit_barrier, LocalElasticAgent._shutdown
+    if getattr(shutdown, "_kaio_arrives", False):
+        return
+
+    def exit_barrier(self: Any) -> None:
+        self._kaio_arrived = True
+        barrier(self)
+
+    def arriving_shutdown(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            shutdown(self, *args, **kwargs)
+        finally:
+            store, group = getattr(self, "_store", None), getattr(self, "_worker_group", None)
+            if store is not None and group is not None and not getattr(self, "_kaio_arrived", False):
+                self._kaio_arrived = True
+                with contextlib.suppress(Exception), store_util.store_timeout(store, 5):
+                    store_util._barrier_nonblocking(store, group.group_world_size, api._TERMINAL_STATE_SYNC_ID)
+
+    arriving_shutdown._kaio_arrives = True  # type: ignore[attr-defined]
+    api.SimpleElasticAgent._exit_barrier = exit_barrier
+    LocalElasticAgent._shutdown = arriving_shutdown
+
+
 def main() -> None:
     # A scheduler's warning before the end (SLURM's --signal=USR1@90) may reach every process of the job step:
     # its default action would end this launcher (set first: importing torch takes seconds). The ranks answer
@@ -96,6 +130,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _rendezvous_on_loopback()  # a store on 127.0.0.1 stays on loopback
     _one_shutdown_per_stop()
+    _leaving_agents_arrive_at_the_exit_barrier()
     session = int(os.environ.get(ENV_SESSION, "1"))
     try:
         accelerate_main()
