@@ -612,3 +612,42 @@ def config_snapshot(cfg: RunConfig) -> dict[str, Any]:
         redact_argv(launch["accelerate_args"]),
     )
     return snapshot
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> dict[str, str]:
+    """``{dotted key: "old -> new"}`` for the keys two config snapshots both have and set apart (a key on one side
+    only is a recipe key of a script run), in key order."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    return {
+        key: _change(flat_old[key], flat_new[key])
+        for key in sorted(set(flat_old) & set(flat_new))
+        if flat_old[key] != flat_new[key]
+    }
+
+
+def _change(before: object, after: object) -> str:
+    """``old -> new``; for a long argument list, only the items that changed, each after the one before it (its
+    flag): a script's 28 arguments printed twice hid the one that changed."""
+    if not (isinstance(before, list) and isinstance(after, list)):
+        return f"{before!r} -> {after!r}"
+    old, new = [str(v) for v in before], [str(v) for v in after]
+    if old != before or new != after or max(len(old), len(new)) <= 4:  # not an argument list, or a short one
+        return f"{before!r} -> {after!r}"
+    import shlex
+
+    changes = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=old, b=new, autojunk=False).get_opcodes():
+        if tag != "equal":
+            flag = old[i1 - 1 : i1]
+            changes.append(f"{shlex.join(flag + old[i1:i2])} -> {shlex.join(flag + new[j1:j2])}")
+    return "; ".join(changes)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

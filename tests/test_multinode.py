@@ -410,6 +410,38 @@ def test_the_head_follows_the_other_nodes_journals_and_says_when_one_is_lost(tmp
     assert same.poll(force=True) == []  # one machine's address spelt another way: one job
 
 
+def test_a_node_that_failed_or_trained_another_config_than_the_head_is_a_warning_of_the_job():
+    """Node 1 ran --max_steps 34 --learning_rate 5e-3 where the head ran 30 and 1e-3 (DDP averaged gradients
+    applied at two rates), and failed after the head had completed: the job's report said COMPLETED, no warning."""
+    from kaio.record.index import RunIndex
+    from kaio.record.types import HistoryHeader, Session, Status, StepEntry
+    from kaio.run.job import NodeRecord, NodeRecords, merge
+
+    args = ["--output_dir", "out", "--max_steps", "30", "--learning_rate", "1e-3", "--report_to", "none"]
+    config = {"launch": {"node_rank": 0, "main_addr": "gpu07", "script_args": args}, "reporting": {"poll_hz": 2}}
+    head = HistoryHeader(
+        project="t", status=Status.COMPLETED, sessions=[Session(session=1, exit_code=0)], config=config
+    )
+    theirs = [*args[:3], "34", args[4], "5e-3", *args[6:]]
+    other = {"launch": {"node_rank": 1, "main_addr": "10.0.0.7", "script_args": theirs}, "reporting": {"poll_hz": 4}}
+    failed = Session(session=1, status=Status.FAILED, exit_code=1, error="rank 1: RuntimeError: Connection closed")
+    node = HistoryHeader(project="t", status=Status.FAILED, sessions=[failed], config=other)
+    index = RunIndex.in_memory()
+    index.add_step(StepEntry(step=1, session=1))
+    job, _ = merge(
+        head, index, NodeRecords([NodeRecord(1, Path("1-gpu08"), node, {1: StepEntry(step=1, session=1)})], [])
+    )
+    assert job.warnings == [
+        "node 1 FAILED (exit code 1): rank 1: RuntimeError: Connection closed",
+        "node 1 ran with another config than the head's: launch.script_args: --max_steps 30 -> --max_steps 34; "
+        "--learning_rate 1e-3 -> --learning_rate 5e-3",
+    ]
+    alike, _ = merge(
+        head, index, NodeRecords([NodeRecord(1, Path("1-gpu08"), head, {1: StepEntry(step=1, session=1)})], [])
+    )
+    assert alike.warnings == []  # the node's own address, rank and sinks are its own
+
+
 def test_a_node_whose_record_never_ended_is_lost_in_the_job_report_once_the_head_has_ended():
     from kaio.record.index import RunIndex
     from kaio.record.types import HistoryHeader, RunDescription, Session, Status, StepEntry

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import msgspec
 
+from kaio.config import config_differences
 from kaio.errors import ProjectError
 from kaio.nodes import node_folder_name, shape_mismatch
 from kaio.record.index import RunIndex
@@ -350,6 +351,7 @@ def merge(header: HistoryHeader, index: RunIndex, nodes: NodeRecords) -> tuple[H
         ]
     header.devices = devices
     warnings = list(header.warnings) + list(nodes.problems)
+    warnings += [w for n in nodes.nodes for w in _unlike_the_head(n, header)]
     warnings += [f"node {n.node_rank}: {w}" for n in nodes.nodes for w in n.header.warnings]
     tallies = [head] + [
         _NodeTally(n.node_rank, n.header, n.folder, len(n.header.run_gpu_keys()), n.clock) for n in nodes.nodes
@@ -382,6 +384,29 @@ def merge(header: HistoryHeader, index: RunIndex, nodes: NodeRecords) -> tuple[H
     if header.run is not None:
         header.run = msgspec.structs.replace(header.run, nodes=[t.summary(head_ended) for t in tallies])
     return header, merged
+
+
+# Keys that differ between the nodes of one job by design: where each node is, what it writes where, its sinks.
+_PER_NODE_KEYS = ("launch.node_rank", "launch.main_addr", "training.output_dir", "reporting.", "hub.")
+
+
+def _unlike_the_head(node: NodeRecord, head: HistoryHeader) -> list[str]:
+    """A node that ended FAILED where the head did not (its report would read COMPLETED), and one that trained
+    with another config than the head's (each rank another learning rate: the model copies drift apart unseen)."""
+    said = []
+    last = node.header.sessions[-1] if node.header.sessions else None
+    if node.header.status == Status.FAILED and head.status != Status.FAILED and last is not None:
+        code = f" (exit code {last.exit_code})" if last.exit_code is not None else ""
+        said.append(f"node {node.node_rank} FAILED{code}{f': {last.error}' if last.error else ''}")
+    if head.config and node.header.config:
+        differs = [
+            f"{key}: {change}"
+            for key, change in config_differences(head.config, node.header.config).items()
+            if not key.startswith(_PER_NODE_KEYS)
+        ]
+        if differs:
+            said.append(f"node {node.node_rank} ran with another config than the head's: {'; '.join(differs)}")
+    return said
 
 
 class _Util:

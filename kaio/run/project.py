@@ -25,6 +25,7 @@ from kaio.config import (
     RunConfig,
     code_file,
     code_not_found,
+    config_differences,
     config_from_dict,
     config_snapshot,
     load_config,
@@ -570,42 +571,9 @@ def config_changes(old: dict, new: dict) -> tuple[list[str], list[str]]:
     """``(refused, allowed)`` lists of ``key: old -> new`` between two config snapshots."""
     refused: list[str] = []
     allowed: list[str] = []
-    flat_old, flat_new = _flatten(old), _flatten(new)
-    for key in sorted(set(flat_old) & set(flat_new)):  # a key on one side only: a recipe key of a script run
-        before, after = flat_old[key], flat_new[key]
-        if before == after:
-            continue
-        (refused if _frozen(key) else allowed).append(f"{key}: {_change(before, after)}")
+    for key, change in config_differences(old, new).items():
+        (refused if _frozen(key) else allowed).append(f"{key}: {change}")
     return refused, allowed
-
-
-def _change(before: object, after: object) -> str:
-    """``old -> new``; for a long argument list, only the items that changed, each after the one before it (its
-    flag): a script's 28 arguments printed twice hid the one that changed."""
-    if not (isinstance(before, list) and isinstance(after, list)):
-        return f"{before!r} -> {after!r}"
-    old, new = [str(v) for v in before], [str(v) for v in after]
-    if old != before or new != after or max(len(old), len(new)) <= 4:  # not an argument list, or a short one
-        return f"{before!r} -> {after!r}"
-    import difflib
-    import shlex
-
-    changes = []
-    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=old, b=new, autojunk=False).get_opcodes():
-        if tag != "equal":
-            flag = old[i1 - 1 : i1]
-            changes.append(f"{shlex.join(flag + old[i1:i2])} -> {shlex.join(flag + new[j1:j2])}")
-    return "; ".join(changes)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def resume(
