@@ -435,7 +435,7 @@ class _Dashboard:
         top = Group(*_top_parts(snap, console, options, width))
         top_lines = console.render_lines(top, options.reset_height(), pad=False)
         for line in top_lines:
-            yield from line
+            yield from _shown(line, options)
             yield Segment.line()
 
         if self.log_lines is not None:
@@ -445,7 +445,21 @@ class _Dashboard:
             # 2 rows of panel border, 1 spare row so Live never scrolls.
             n_log = max(0, min(MAX_LOG_LINES, height - len(top_lines) - 3 - self.rows_after))
         if n_log > 0:
-            yield _log_panel(snap, n_log)
+            yield from _shown(console.render(_log_panel(snap, n_log), options), options)
+
+
+# A terminal without Unicode (LANG=C): each glyph of kaio's own as one ASCII character of the same width, where
+# the encoder would print '?' (a progress bar of 72 of them). Rich draws the boxes in ASCII itself.
+_ASCII = str.maketrans("━─·–—…⚠◌●◐✔✖■✓•°→", "=-|--.!o**vx#v* >")
+
+
+def _shown(segments: Iterable[Segment], options: ConsoleOptions) -> Iterable[Segment]:
+    if not options.ascii_only:
+        yield from segments
+        return
+    for segment in segments:
+        text, style, control = segment
+        yield segment if control else Segment(text.translate(_ASCII), style)
 
 
 def _top_parts(snap: Snapshot, console: Console, options: ConsoleOptions, width: int) -> list[RenderableType]:

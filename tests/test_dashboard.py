@@ -365,6 +365,15 @@ def test_a_terminal_without_unicode_gets_an_ascii_sparkline_not_question_marks()
     assert "?" not in trend and "trend @*+-_ 5 -> 1 " in trend
     unicode_trend = next(line for line in text_of(render(snap)).splitlines() if "trend" in line)
     assert "trend █▆▅▃▁ 5 → 1 " in unicode_trend
+    # The rest of kaio's own glyphs too: the progress bar was 72 '?', and the status mark, separators, °C...
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="ascii", errors="replace")
+    running = make_snapshot(status="RUNNING", step=30, max_steps=60, warnings=("w1",), log_tail=("hello",))
+    Console(file=out, width=100, height=40, color_system=None).print(render(running))
+    out.flush()
+    frame = raw.getvalue().decode()
+    assert "?" not in frame and "* RUNNING" in frame and "| elapsed" in frame and "! 1 warning" in frame
+    assert "(50%) " + "=" * 36 + "-" * 36 + " epoch" in frame and "61 C" in frame
 
 
 def test_bounded_inputs_are_sliced_not_walked():
