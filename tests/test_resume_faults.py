@@ -215,8 +215,10 @@ def test_an_exception_in_one_rank_of_two_is_named_and_max_restarts_resumes_from_
     history = read_history(project_dir)
     first, restart = history["sessions"]
     assert (first["kind"], first["status"]) == ("run", "FAILED")
-    assert first["error"] == "rank 1: RuntimeError: injected failure at step 6"
-    said = "kaio: automatic restart 1 of 2 after: rank 1: RuntimeError: injected failure at step 6; from checkpoint-4"
+    # Where in the script: "KeyError: None" alone (run_glue) said nothing of where.
+    raised = "rank 1: RuntimeError: injected failure at step 6 (at faulty_train.py:76, in on_step_end)"
+    assert first["error"] == raised
+    said = f"kaio: automatic restart 1 of 2 after: {raised}; from checkpoint-4"
     assert said in result.stdout  # on screen as it happens, not only in the report's notes
     assert first["started_at"] < first["failed_at"] < first["ended_at"]  # when rank 1 raised (its error file)
     assert (restart["kind"], restart["status"], restart["start_step"]) == ("restart", "COMPLETED", 4)

@@ -150,6 +150,23 @@ def _destroy_process_group() -> None:
         distributed.destroy_process_group()
 
 
+def _where_in_the_script(exc: BaseException) -> str:
+    """`` (at run_glue.py:420, in preprocess_function)``: the innermost frame of the user's own code (not a library's,
+    the standard library's or kaio's), where "KeyError: None" alone said nothing of where; "" when none is."""
+    import sysconfig
+
+    libraries = tuple(
+        os.path.realpath(p) + os.sep
+        for p in {sysconfig.get_path(name) for name in ("stdlib", "platstdlib", "purelib", "platlib")}
+        if p
+    ) + (os.path.dirname(os.path.dirname(os.path.realpath(__file__))) + os.sep,)
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        path = os.path.realpath(frame.filename)
+        if not frame.filename.startswith("<") and not path.startswith(libraries):
+            return f" (at {os.path.basename(path)}:{frame.lineno}, in {frame.name})"
+    return ""
+
+
 def _write_error_file(rank: int, exc: BaseException) -> None:
     error_dir = os.environ.get(ENV_ERROR_DIR)
     if not error_dir:
@@ -158,6 +175,8 @@ def _write_error_file(rank: int, exc: BaseException) -> None:
     cause = lines[-1].strip() if lines else repr(exc)  # the traceback's last line: "ValueError: ..."
     if isinstance(exc, SystemExit) and exc.code == 2 and _ARGUMENT_ERRORS:
         cause = f"the script's arguments: {_ARGUMENT_ERRORS[-1]}"
+    elif not isinstance(exc, SystemExit):
+        cause += _where_in_the_script(exc)
     record = RankError(
         rank=rank,
         session=int(os.environ.get(ENV_SESSION, "1")),
