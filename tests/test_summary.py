@@ -186,6 +186,18 @@ def test_a_converging_runs_falling_norms_are_no_spike_and_a_late_spike_is_judged
     ]
 
 
+def test_a_gradient_norm_of_zero_at_every_logged_step_is_a_run_that_learned_nothing():
+    """--learning_rate 1e4: the weights overflowed, every norm 0.0 and the loss flat at ln(384); it read COMPLETED."""
+    dead = summary_of([step(i, grad_norm=0.0, loss=5.95) for i in range(1, 31)])
+    assert [w for w in dead.warnings if w.startswith("the gradient norm was 0")] == [
+        "the gradient norm was 0 at every one of the 30 logged steps: no parameter was updated (weights overflowed "
+        "to a constant output by the learning rate, or parameters frozen or cut off from the loss?)"
+    ]
+    alive = [step(i, grad_norm=0.0 if i < 30 else 1e-3) for i in range(1, 31)]  # one step learned something
+    few = [step(i, grad_norm=0.0) for i in range(1, 6)]  # too few logged to say
+    assert not any("gradient norm was 0" in w for s in (alive, few) for w in summary_of(s).warnings)
+
+
 def test_grad_norm_spikes_need_enough_points_after_the_warm_up():
     steps = [step(i, grad_norm=1000.0) for i in range(1, 11)] + [step(i, grad_norm=1.0) for i in range(11, 19)]
     steps.append(step(19, grad_norm=50.0))  # 9 judged points: too few for a median worth comparing against
