@@ -543,6 +543,18 @@ def code_file(launch: LaunchConfig) -> str | None:
     return find_module(launch.module)[0] if launch.module is not None else None
 
 
+def code_digest(path: str | None) -> str | None:
+    """The SHA-256 of the user's code file (one file: a package's other modules are not in it)."""
+    if path is None:
+        return None
+    import hashlib
+
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = raw

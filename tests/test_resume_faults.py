@@ -361,6 +361,30 @@ def test_a_checkpoint_is_complete_in_every_layout_the_trainer_resumes_from(tmp_p
     assert said == ([] if complete else [f"note: skipping {checkpoint}: incomplete (half-written or damaged)"])
 
 
+def test_a_resume_of_a_script_edited_since_says_so(tmp_path, monkeypatch):
+    """run_clm.py edited between the sessions: the resume ran the new code, and nothing in the record said it."""
+    from conftest import replay
+    from kaio.config import RunConfig, code_digest
+    from kaio.record.paths import ProjectPaths
+    from kaio.run.project import _check_the_code
+
+    monkeypatch.chdir(tmp_path)
+    script = tmp_path / "train.py"
+    script.write_text("print('one')\n")
+    ran = {"type": "session_start", "session": 1, "code_file": str(script), "code_sha256": code_digest(str(script))}
+    state = replay([ran])
+    cfg = RunConfig.model_validate({"project_name": "t", "launch": {"script": "train.py"}})
+    paths = ProjectPaths(tmp_path / "docs" / "reports" / "t")
+    assert _check_the_code(paths, cfg, state) is None
+    script.write_text("print('two')\n")
+    assert _check_the_code(paths, cfg, state) == (
+        "train.py was edited since the session before (its content is not what that session ran): the steps from "
+        "here on ran the edited code"
+    )
+    older = replay([{**ran, "code_sha256": None}])  # a record from before the digest: nothing to compare
+    assert _check_the_code(paths, cfg, older) is None
+
+
 def test_a_resume_may_change_a_scripts_arguments_but_not_the_script():
     old = {"launch": {"script": "train.py", "script_args": ["10"]}, "lora": {"r": 4, "rslora": False}}
     longer = {"launch": {"script": "train.py", "script_args": ["20"]}, "lora": {"r": 4, "rslora": True}}

@@ -74,6 +74,7 @@ class SessionStart(SupervisorRecord, tag="session_start"):
     config: dict[str, Any] | None = None  # kaio's resolved config, secrets redacted
     argv: list[str] = []
     code_file: str | None = None  # the user's script, or the file its launch.module was found at (kaio resume checks)
+    code_sha256: str | None = None  # that file's content (a resume says when it was edited)
 
 
 class ChildStarted(SupervisorRecord, tag="child_started"):

@@ -93,6 +93,7 @@ class RunLedger(msgspec.Struct, kw_only=True):
     received: Received = msgspec.field(default_factory=Received)  # which child events are journaled (spool merge)
     last_t_wall: float | None = None
     code_file: str | None = None  # the user's code the latest session ran (SessionStart.code_file)
+    code_sha256: str | None = None  # and its content's digest
 
     # ------------------------------------------------------------------ reading
 
@@ -212,7 +213,7 @@ class RunLedger(msgspec.Struct, kw_only=True):
             self.config = r.config
         if r.poll_hz is not None:
             self.telemetry.poll_hz = r.poll_hz
-        self.code_file = r.code_file
+        self.code_file, self.code_sha256 = r.code_file, r.code_sha256
 
     def on_child_started(self, r: ChildStarted) -> None:
         session = self.session_record(r.session)

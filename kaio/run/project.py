@@ -23,6 +23,7 @@ from pathlib import Path
 from kaio.config import (
     LaunchConfig,
     RunConfig,
+    code_digest,
     code_file,
     code_not_found,
     config_differences,
@@ -670,6 +671,7 @@ def _node_record(output_dir: Path, project: str, rank: int, notify: Notify) -> t
 def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, asked: ResumeAsked, notify: Notify):
     """The config, checkpoint and notes of a resume, or the ``ProjectError`` that says why not."""
     cfg, changed = _resume_config(paths, state, running, asked)
+    edited = _check_the_code(paths, cfg, state)
     checkpoint = _resume_checkpoint(paths, cfg, state, asked, notify)
     _refuse_a_finished_run(paths, cfg, state, changed)
     later = state.ledger.later_training_of(checkpoint)
@@ -681,10 +683,10 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
             f"script's own resume_from_checkpoint as a new project, or start over with `{start_over_command(asked.config_path)}`"
         )
     notes = [f"resumed from {checkpoint.name}"] + [f"config changed for this session: {c}" for c in changed]
-    partial = without_optimizer(checkpoint)
-    if partial is not None:
-        notify(f"kaio: warning: {partial}")
-        notes.append(partial)
+    for warning in (edited, without_optimizer(checkpoint)):
+        if warning is not None:
+            notify(f"kaio: warning: {warning}")
+            notes.append(warning)
     return cfg, checkpoint, notes
 
 
@@ -724,7 +726,6 @@ def _resume_config(
                 f"trained with the old value. Revert it, or start over with `{start_over_command(config_path)}`"
             )
     cfg = placed(cfg, where)
-    _check_the_code(paths, cfg, state)
     before = saved.get("launch") or {}
     allowed += [
         f"launch.{key}: {before.get(key)!r} -> {getattr(cfg.launch, key)!r}"
@@ -744,16 +745,25 @@ def _resume_config(
     return cfg, allowed
 
 
-def _check_the_code(paths: ProjectPaths, cfg: RunConfig, state: RunState) -> None:
+def _check_the_code(paths: ProjectPaths, cfg: RunConfig, state: RunState) -> str | None:
     """The user's code is found from this folder, and is the file the run's latest session ran (not another copy of
-    the package, in the folder a resume was started from: its steps would continue with other code, unsaid)."""
+    the package, in the folder a resume was started from: its steps would continue with other code, unsaid).
+    Returns the warning that the file was edited since, if it was."""
     missing = code_not_found(cfg.launch)
     if missing is not None:
         raise ProjectError(f"project {paths.project!r}: {missing}: resume from the folder the run started in")
     then = state.ledger.code_file
     now = code_file(cfg.launch) if cfg.launch.own_code is not None else None
-    if then is None or now is None or os.path.realpath(then) == os.path.realpath(now):
-        return
+    if then is None or now is None:
+        return None
+    if os.path.realpath(then) == os.path.realpath(now):
+        digest = state.ledger.code_sha256
+        if digest is None or code_digest(now) in (None, digest):
+            return None
+        return (
+            f"{os.path.basename(now)} was edited since the session before (its content is not what that session "
+            "ran): the steps from here on ran the edited code"
+        )
     raise ProjectError(
         f"project {paths.project!r} ran `{cfg.launch.own_code}` from {then}; from {os.getcwd()} that is {now}: "
         "resume from the folder the run started in, so that it goes on with the same code"

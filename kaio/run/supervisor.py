@@ -23,7 +23,7 @@ from typing import Protocol
 import msgspec
 
 from kaio import launch
-from kaio.config import RunConfig, code_file, config_snapshot
+from kaio.config import RunConfig, code_digest, code_file, config_snapshot
 from kaio.fsutil import atomic_write_json
 from kaio.nodes import first_rank
 from kaio.record.paths import ProjectPaths
@@ -178,6 +178,7 @@ class Supervisor:
         argv, env = launch.build_command(self.cfg, plan, os.environ)
         launch.adopt_orphans()
         self._fifo_path = fifo.path
+        code = code_file(self.cfg.launch)
         self.record(
             SessionStart(
                 session=session,
@@ -188,7 +189,8 @@ class Supervisor:
                 poll_hz=self.cfg.reporting.poll_hz,
                 config=snapshot,
                 argv=launch.masked(argv),
-                code_file=code_file(self.cfg.launch),
+                code_file=code,
+                code_sha256=code_digest(code),
             )
         )
         for text in request.notes:
