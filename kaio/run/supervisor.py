@@ -367,9 +367,8 @@ class Supervisor:
         snapshot = self.state.snapshot(
             status=status, log_tail=tuple(self._log_tail), live_warnings=live, report_path=str(self.paths.report)
         )
-        snapshot = self._job.shown(snapshot)
-        if status == "STOPPING":
-            snapshot = dataclasses.replace(snapshot, stopping_because=self._stop.asked.because)
+        because = self._stop.asked.because if status == "STOPPING" else None  # what asked for the stop
+        snapshot = dataclasses.replace(self._job.shown(snapshot), stopping_because=because)
         return dataclasses.replace(snapshot, eta_s=None) if stall else snapshot  # stalled: no time of arrival
 
     def _live_warnings(self) -> tuple[str, ...]:
