@@ -165,7 +165,7 @@ def run(
     overwrite: bool = typer.Option(
         False,
         "--overwrite",
-        help="Start the project over; its old record and checkpoints are moved aside, not deleted.",
+        help="Start the project over; its old record, and the checkpoints, final model and results its Trainer wrote, are moved aside, not deleted.",
         metavar="",
     ),
     max_steps: int | None = typer.Option(None, "--max-steps", help="Override training.max_steps."),
