@@ -189,6 +189,30 @@ def test_torch_elastics_agent_starts_one_shutdown_per_stop_however_many_sigterms
     assert api._terminate_process_handler(signal.SIGINT, None) is None
 
 
+def test_an_exit_barrier_that_ended_early_after_the_ranks_ended_well_is_one_line_not_a_traceback():
+    """Node 1 of a job that completed printed torch's "Error waiting on exit barrier" with 30 C++ frames."""
+    import logging
+
+    from kaio.child.launcher import EXIT_BARRIER_ENDED, quiet_exit_barrier
+
+    try:
+        raise RuntimeError("DistNetworkError: Failed to recv, got 0 bytes\nException raised from recvBytes ...")
+    except RuntimeError:
+        failed = logging.LogRecord(
+            "torch",
+            logging.ERROR,
+            "api.py",
+            1,
+            "Error waiting on exit barrier. Elapsed: %s seconds",
+            (0.01,),
+            sys.exc_info(),
+        )
+    assert quiet_exit_barrier(failed) and failed.getMessage() == EXIT_BARRIER_ENDED and failed.exc_info is None
+    assert failed.levelno == logging.INFO
+    other = logging.LogRecord("torch", logging.WARNING, "api.py", 1, "Received %s death signal", ("SIGTERM",), None)
+    assert quiet_exit_barrier(other) and other.getMessage() == "Received SIGTERM death signal"
+
+
 @pytest.mark.parametrize("space_returns", ["during the run", "after the run"])
 def test_a_full_report_disk_and_a_closed_stdout_do_not_stop_the_training(project_dir, space_returns):
     """While the disk is full and nobody reads stdout, the training goes on. Once space returns, the

@@ -11,6 +11,7 @@ propagates as it would without kaio.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -110,6 +111,22 @@ def _leaving_agents_arrive_at_the_exit_barrier() -> None:
     LocalElasticAgent._shutdown = arriving_shutdown
 
 
+EXIT_BARRIER_ENDED = (
+    "the exit barrier ended early: the job's other nodes were done and gone first (harmless: this node's ranks "
+    "had ended well)"
+)
+
+
+def quiet_exit_barrier(record: logging.LogRecord) -> bool:
+    """torch logs "Error waiting on exit barrier" with a C++ traceback of 30 frames when the head's store closed
+    while this node waited there: its ranks had already ended well (the barrier is entered only then), so it is
+    one line, not a traceback after a job that completed."""
+    if record.getMessage().startswith("Error waiting on exit barrier"):
+        record.msg, record.args, record.exc_info, record.exc_text = EXIT_BARRIER_ENDED, (), None, None
+        record.levelno, record.levelname = logging.INFO, "INFO"
+    return True
+
+
 def main() -> None:
     # A scheduler's warning before the end (SLURM's --signal=USR1@90) may reach every process of the job step:
     # its default action would end this launcher (set first: importing torch takes seconds). The ranks answer
@@ -131,6 +148,7 @@ def main() -> None:
     _rendezvous_on_loopback()  # a store on 127.0.0.1 stays on loopback
     _one_shutdown_per_stop()
     _leaving_agents_arrive_at_the_exit_barrier()
+    logging.getLogger("torch.distributed.elastic.agent.server.api").addFilter(quiet_exit_barrier)
     session = int(os.environ.get(ENV_SESSION, "1"))
     try:
         accelerate_main()
