@@ -32,6 +32,7 @@ class StopRequests:
 
     requests: int = 0
     because: str | None = None  # what asked first ("Ctrl-C", "SIGTERM"...): the status says why it stops
+    started: bool = False  # the stopped session had a rank, or a process of the launcher's (looked up until so)
     first_at: float | None = None  # when the grace period started (a scheduler's warning starts none)
     warned: bool = False  # the stop came from a scheduler's time-limit warning (SIGUSR1)
     killed: bool = False
@@ -152,27 +153,29 @@ class StopControl:
         yet has nothing to save: one waiting in torch's rendezvous for the other nodes (which holds off its signal
         handlers) is killed after ``STARTING_GRACE_S``, not after the grace a checkpoint needs."""
         asked = self.asked
+        if not asked.requests or asked.killed or asked.first_at is None:
+            return
+        waited = time.monotonic() - asked.first_at
+        if waited <= min(self.grace_seconds, STARTING_GRACE_S):
+            return  # (the processes are looked up only past the short grace, once a tick)
         grace = self.grace_seconds if self._a_rank_started(proc) else min(self.grace_seconds, STARTING_GRACE_S)
-        if (
-            asked.requests
-            and not asked.killed
-            and asked.first_at is not None
-            and time.monotonic() - asked.first_at > grace
-        ):
+        if waited > grace:
             asked.killed, asked.killed_in = True, self._phase()
             self._note(f"the child did not stop within {grace:g} s of SIGTERM; killed")
             self.kill(proc)
 
     def _a_rank_started(self, proc: subprocess.Popen) -> bool:
         """A rank said it began, or the launcher has a process of its own (a script that tells kaio nothing)."""
-        ledger = self.state.ledger
-        record = ledger.session_record(ledger.session)
-        if record is None or record.start_step is not None:
-            return True
-        try:
-            return bool(psutil.Process(proc.pid).children())
-        except psutil.Error:  # the launcher is gone: nothing left to wait for
-            return False
+        if not self.asked.started:
+            ledger = self.state.ledger
+            record = ledger.session_record(ledger.session)
+            try:
+                self.asked.started = (
+                    record is None or record.start_step is not None or bool(psutil.Process(proc.pid).children())
+                )
+            except psutil.Error:  # the launcher is gone: nothing left to wait for
+                pass
+        return self.asked.started
 
     def kill(self, proc: subprocess.Popen) -> None:
         """Every process of the session: the launcher's group, and ranks in sessions of their own."""
