@@ -464,6 +464,27 @@ def test_a_node_whose_record_never_ended_is_lost_in_the_job_report_once_the_head
     assert (merged_header.run.nodes[1].last_step, merged_header.run.nodes[1].last_step_at) == (1, None)
 
 
+def _light_job(project_dir: Path, steps: tuple[int, int], step_s: float, poll_hz: float = 2):
+    """A two-node job of the torch-free light loop (for tests about processes), node 1 in ``machine-b``, started
+    first; ``steps``: the head's and node 1's. Returns the head's and node 1's processes, and node 1's folder."""
+    port, stream_port = _free_port(), _free_port()
+    machine_b = project_dir / "machine-b"
+    machine_b.mkdir()
+    script = REPO / "tests" / "scripts" / "light_loop.py"
+    for where, n in zip((project_dir, machine_b), steps):
+        (where / "cfg.yaml").write_text(
+            f"project_name: t\nlaunch:\n  script: {script}\n"
+            f"  script_args: ['{n}', '--step-seconds', '{step_s}']\n  stream_port: {stream_port}\n"
+            f"reporting:\n  use_comet_ml: false\n  poll_hz: {poll_hz}\n"
+        )
+    job = ["run", "cfg.yaml", "--nnodes", "2", "--main-addr", "127.0.0.1", "--main-port", str(port), "--plain"]
+    env = {**os.environ, "KAIO_JOB_SECRET": "c0ffee" * 6, "PYTHONUNBUFFERED": "1"}
+    spawn = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node1 = subprocess.Popen([sys.executable, "-m", "kaio", *job, "--node-rank", "1"], cwd=machine_b, **spawn)
+    head = subprocess.Popen([sys.executable, "-m", "kaio", *job, "--node-rank", "0"], cwd=project_dir, **spawn)
+    return head, node1, machine_b
+
+
 def test_a_node_whose_kaio_is_killed_is_lost_on_the_head_which_does_not_wait_for_it(project_dir):
     """Node 1's kaio killed (SIGKILL) mid-run: its rank trains on (the engine's decision, and kaio's promise
     that a killed supervisor loses no training), its stream to the head ends without its end, and the head,
@@ -473,21 +494,7 @@ def test_a_node_whose_kaio_is_killed_is_lost_on_the_head_which_does_not_wait_for
     merges a killed node's spool itself: test_the_head_merges_a_killed_nodes_spool_...)"""
     import psutil
 
-    port, stream_port = _free_port(), _free_port()
-    machine_b = project_dir / "machine-b"
-    machine_b.mkdir()
-    script = REPO / "tests" / "scripts" / "light_loop.py"  # no torch, no Trainer: this test is about processes
-    for where in (project_dir, machine_b):
-        (where / "cfg.yaml").write_text(
-            f"project_name: t\nlaunch:\n  script: {script}\n"
-            f"  script_args: ['100', '--step-seconds', '0.04']\n  stream_port: {stream_port}\n"
-            "reporting:\n  use_comet_ml: false\n  poll_hz: 4\n"
-        )
-    job = ["run", "cfg.yaml", "--nnodes", "2", "--main-addr", "127.0.0.1", "--main-port", str(port), "--plain"]
-    env = {**os.environ, "KAIO_JOB_SECRET": "c0ffee" * 6, "PYTHONUNBUFFERED": "1"}
-    spawn = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    node1 = subprocess.Popen([sys.executable, "-m", "kaio", *job, "--node-rank", "1"], cwd=machine_b, **spawn)
-    head = subprocess.Popen([sys.executable, "-m", "kaio", *job, "--node-rank", "0"], cwd=project_dir, **spawn)
+    head, node1, machine_b = _light_job(project_dir, (100, 100), step_s=0.04, poll_hz=4)
     orphans: list = []
     host = socket.gethostname().split(".")[0]
     try:
@@ -534,21 +541,7 @@ def test_a_node_stopped_alone_does_not_hold_the_head_at_torchs_exit_barrier(proj
     (the light loop): the head's trains to its end, as a rank whose collective did not fail would."""
     import signal
 
-    port, stream_port = _free_port(), _free_port()
-    machine_b = project_dir / "machine-b"
-    machine_b.mkdir()
-    script = REPO / "tests" / "scripts" / "light_loop.py"
-    for where, steps in ((project_dir, 60), (machine_b, 2000)):
-        (where / "cfg.yaml").write_text(
-            f"project_name: t\nlaunch:\n  script: {script}\n"
-            f"  script_args: ['{steps}', '--step-seconds', '0.05']\n  stream_port: {stream_port}\n"
-            "reporting:\n  use_comet_ml: false\n"
-        )
-    job = ["run", "cfg.yaml", "--nnodes", "2", "--main-addr", "127.0.0.1", "--main-port", str(port), "--plain"]
-    env = {**os.environ, "KAIO_JOB_SECRET": "5eed" * 8, "PYTHONUNBUFFERED": "1"}
-    spawn = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    node1 = subprocess.Popen([sys.executable, "-m", "kaio", *job, "--node-rank", "1"], cwd=machine_b, **spawn)
-    head = subprocess.Popen([sys.executable, "-m", "kaio", *job, "--node-rank", "0"], cwd=project_dir, **spawn)
+    head, node1, _ = _light_job(project_dir, (60, 2000), step_s=0.05)
     try:
         wait_for(lambda: journal_steps(project_dir) >= 60, 150, "the head's rank to train its 60 steps")
         time.sleep(2)  # its agent at the exit barrier, node 1 training on
