@@ -64,8 +64,8 @@ def _one_shutdown_per_stop() -> None:
     timeout, and kaio kills the group at the end of its grace)."""
     from torch.distributed.elastic.multiprocessing import api
 
-    original = api._terminate_process_handler
-    if getattr(original, "_kaio_once", False):
+    original = getattr(api, "_terminate_process_handler", None)  # private: a torch without it keeps its own way
+    if original is None or getattr(original, "_kaio_once", False):
         return
     raised: list[int] = []
 
@@ -88,8 +88,12 @@ def _leaving_agents_arrive_at_the_exit_barrier() -> None:
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
     from torch.distributed.elastic.utils import store as store_util
 
-    barrier, shutdown = api.SimpleElasticAgent._exit_barrier, LocalElasticAgent._shutdown
-    if getattr(shutdown, "_kaio_arrives", False):
+    # Private names of torch elastic: a torch without one of them keeps its own way.
+    barrier: Any = getattr(api.SimpleElasticAgent, "_exit_barrier", None)
+    shutdown: Any = getattr(LocalElasticAgent, "_shutdown", None)
+    sync_id: Any = getattr(api, "_TERMINAL_STATE_SYNC_ID", None)
+    arrive: Any = getattr(store_util, "_barrier_nonblocking", None)
+    if None in (barrier, shutdown, sync_id, arrive) or getattr(shutdown, "_kaio_arrives", False):
         return
 
     def exit_barrier(self: Any) -> None:
@@ -104,7 +108,7 @@ def _leaving_agents_arrive_at_the_exit_barrier() -> None:
             if store is not None and group is not None and not getattr(self, "_kaio_arrived", False):
                 self._kaio_arrived = True
                 with contextlib.suppress(Exception), store_util.store_timeout(store, 5):
-                    store_util._barrier_nonblocking(store, group.group_world_size, api._TERMINAL_STATE_SYNC_ID)
+                    arrive(store, group.group_world_size, sync_id)
 
     arriving_shutdown._kaio_arrives = True  # type: ignore[attr-defined]
     api.SimpleElasticAgent._exit_barrier = exit_barrier
