@@ -146,8 +146,18 @@ def _console():
 
 
 def _say(console):
-    """Messages for the user: whole lines, never re-wrapped, never parsed as markup."""
-    return lambda text: console.print(text, soft_wrap=True, markup=False, highlight=False)
+    """Messages for the user: whole lines, never re-wrapped, never parsed as markup; on a stream without Unicode,
+    kaio's own glyphs in ASCII (the record line's separators were '?')."""
+    unicode = console.encoding.lower().replace("-", "").startswith("utf")
+
+    def say(text: str) -> None:
+        if not unicode:
+            from kaio.dashboard import as_ascii
+
+            text = as_ascii(text)
+        console.print(text, soft_wrap=True, markup=False, highlight=False)
+
+    return say
 
 
 @app.command()

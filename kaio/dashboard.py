@@ -453,13 +453,17 @@ class _Dashboard:
 _ASCII = str.maketrans("━─·–—…⚠◌●◐✔✖■✓•°→", "=-|--.!o**vx#v* >")
 
 
+def as_ascii(text: str) -> str:
+    return text.translate(_ASCII)
+
+
 def _shown(segments: Iterable[Segment], options: ConsoleOptions) -> Iterable[Segment]:
     if not options.ascii_only:
         yield from segments
         return
     for segment in segments:
         text, style, control = segment
-        yield segment if control else Segment(text.translate(_ASCII), style)
+        yield segment if control else Segment(as_ascii(text), style)
 
 
 def _top_parts(snap: Snapshot, console: Console, options: ConsoleOptions, width: int) -> list[RenderableType]:

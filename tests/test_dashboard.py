@@ -374,6 +374,14 @@ def test_a_terminal_without_unicode_gets_an_ascii_sparkline_not_question_marks()
     frame = raw.getvalue().decode()
     assert "?" not in frame and "* RUNNING" in frame and "| elapsed" in frame and "! 1 warning" in frame
     assert "(50%) " + "=" * 36 + "-" * 36 + " epoch" in frame and "61 C" in frame
+    # And the lines kaio says after it: the record line's separators were '?'.
+    from kaio.cli import _say
+
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="ascii", errors="replace")
+    _say(Console(file=out, width=100, color_system=None))("record: r/report.md · r/telemetry.png · r/history.json")
+    out.flush()
+    assert raw.getvalue().decode() == "record: r/report.md | r/telemetry.png | r/history.json\n"
 
 
 def test_bounded_inputs_are_sliced_not_walked():
