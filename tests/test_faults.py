@@ -167,7 +167,17 @@ def test_a_stop_before_any_rank_started_kills_after_a_few_seconds_not_the_grace_
                 assert not control.asked.killed and launcher.poll() is None and notes == []
             else:
                 assert launcher.wait(timeout=10) == -signal.SIGKILL and control.asked.killed
-                assert notes == [f"the child did not stop within {STARTING_GRACE_S:g} s of SIGTERM; killed"]
+                assert notes == [
+                    "no process of the training had started (in torch's rendezvous?): the launcher was ended after "
+                    f"{STARTING_GRACE_S:g} s"
+                ]
+                # One Ctrl-C with nothing to save: the stop asked for (143), not a kill after a second (137).
+                from kaio.config import RunConfig
+                from kaio.run.outcome import SessionEndings
+
+                cfg = RunConfig.model_validate({"project_name": "p"})
+                ended = SessionEndings(cfg, control.state, control.asked, lambda text, level: None, None)
+                assert ended.outcome(137, 1).exit_code == 143
         finally:
             launcher.kill()
             launcher.wait()

@@ -93,7 +93,7 @@ class SessionEndings:
         if asked.requests:
             # Stopped by the user: 143 (SIGTERM's code) even when the training stopped cleanly after saving,
             # and whatever the launcher made of it with several ranks; 137 when the second press killed it.
-            code = exit_code if asked.killed and exit_code > 128 else 128 + signal.SIGTERM
+            code = exit_code if asked.killed and exit_code > 128 and not asked.ended_unstarted else 128 + signal.SIGTERM
             return SessionOutcome(
                 code, Status.INTERRUPTED, signal_name, error, self._what_the_stop_kept(session), cause.t_wall
             )

@@ -33,6 +33,7 @@ class StopRequests:
     requests: int = 0
     because: str | None = None  # what asked first ("Ctrl-C", "SIGTERM"...): the status says why it stops
     started: bool = False  # the stopped session had a rank, or a process of the launcher's (looked up until so)
+    ended_unstarted: bool = False  # killed with nothing started: the stop asked for, not a kill (exit 143)
     first_at: float | None = None  # when the grace period started (a scheduler's warning starts none)
     warned: bool = False  # the stop came from a scheduler's time-limit warning (SIGUSR1)
     killed: bool = False
@@ -158,10 +159,16 @@ class StopControl:
         waited = time.monotonic() - asked.first_at
         if waited <= min(self.grace_seconds, STARTING_GRACE_S):
             return  # (the processes are looked up only past the short grace, once a tick)
-        grace = self.grace_seconds if self._a_rank_started(proc) else min(self.grace_seconds, STARTING_GRACE_S)
+        started = self._a_rank_started(proc)
+        grace = self.grace_seconds if started else min(self.grace_seconds, STARTING_GRACE_S)
         if waited > grace:
-            asked.killed, asked.killed_in = True, self._phase()
-            self._note(f"the child did not stop within {grace:g} s of SIGTERM; killed")
+            asked.killed, asked.killed_in, asked.ended_unstarted = True, self._phase(), not started
+            if started:
+                self._note(f"the child did not stop within {grace:g} s of SIGTERM; killed")
+            else:
+                self._note(
+                    f"no process of the training had started (in torch's rendezvous?): the launcher was ended after {grace:g} s"
+                )
             self.kill(proc)
 
     def _a_rank_started(self, proc: subprocess.Popen) -> bool:
