@@ -218,6 +218,25 @@ def shape_mismatch(launch: Mapping[str, object], head_launch: Mapping[str, objec
     return None
 
 
+# Keys that differ between the nodes of one job by design: where each node is, what it writes where, its sinks (the
+# job's shape is compared by shape_mismatch).
+_PER_NODE_KEYS = ("launch.node_rank", "launch.main_addr", "launch.nnodes", "launch.main_port", "training.output_dir")
+_PER_NODE_SECTIONS = ("reporting.", "hub.")
+
+
+def config_mismatch(rank: int, head_config: dict, node_config: dict) -> str | None:
+    """The warning for a node that trains with another config than the head's (``--learning_rate`` in one node's
+    script_args: DDP applies the averaged gradients at each rank's own rate, and the copies drift apart unseen)."""
+    from kaio.config import config_differences
+
+    differs = [
+        f"{key}: {change}"
+        for key, change in config_differences(head_config, node_config).items()
+        if key not in _PER_NODE_KEYS and not key.startswith(_PER_NODE_SECTIONS)
+    ]
+    return f"node {rank} trained with another config than the head's: {'; '.join(differs)}" if differs else None
+
+
 def _is_loopback(address: str) -> bool:
     if address == "localhost":
         return True

@@ -397,7 +397,7 @@ def test_the_head_follows_the_other_nodes_journals_and_says_when_one_is_lost(tmp
     # A node started with another --nnodes than the head's: both wait in torch's rendezvous for 15 minutes, the
     # head showing the node live all along. Said once, at the node's session start.
     launch = {"nnodes": 2, "main_addr": "127.0.0.1", "main_port": 29610}
-    shaped = NodeWatch(ProjectPaths(project), now=lambda: clock[0], head_launch={**launch, "nnodes": 3})
+    shaped = NodeWatch(ProjectPaths(project), now=lambda: clock[0], head_config={"launch": {**launch, "nnodes": 3}})
     append(SessionStart(session=2, config={"launch": launch}))
     said = shaped.poll(force=True)
     assert said == [
@@ -406,8 +406,17 @@ def test_the_head_follows_the_other_nodes_journals_and_says_when_one_is_lost(tmp
         "same --nnodes, --main-addr and --main-port"
     ]
     assert shaped.poll(force=True) == []
-    same = NodeWatch(ProjectPaths(project), now=lambda: clock[0], head_launch={**launch, "main_addr": "localhost"})
+    same = NodeWatch(
+        ProjectPaths(project), now=lambda: clock[0], head_config={"launch": {**launch, "main_addr": "localhost"}}
+    )
     assert same.poll(force=True) == []  # one machine's address spelt another way: one job
+    # Another learning rate on node 1: said as its session starts, not only in the job's report at the end.
+    append(SessionStart(session=3, config={"launch": {**launch, "script_args": ["--learning_rate", "5e-3"]}}))
+    head = {"launch": {**launch, "script_args": ["--learning_rate", "1e-3"]}}
+    assert NodeWatch(ProjectPaths(project), now=lambda: clock[0], head_config=head).poll(force=True) == [
+        "node 1 trained with another config than the head's: launch.script_args: ['--learning_rate', '1e-3'] -> "
+        "['--learning_rate', '5e-3']"
+    ]
 
 
 def test_a_node_that_failed_or_trained_another_config_than_the_head_is_a_warning_of_the_job():
@@ -433,7 +442,7 @@ def test_a_node_that_failed_or_trained_another_config_than_the_head_is_a_warning
     )
     assert job.warnings == [
         "node 1 FAILED (exit code 1): rank 1: RuntimeError: Connection closed",
-        "node 1 ran with another config than the head's: launch.script_args: --max_steps 30 -> --max_steps 34; "
+        "node 1 trained with another config than the head's: launch.script_args: --max_steps 30 -> --max_steps 34; "
         "--learning_rate 1e-3 -> --learning_rate 5e-3",
     ]
     alike, _ = merge(

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import msgspec
 
-from kaio.config import config_differences
 from kaio.errors import ProjectError
-from kaio.nodes import node_folder_name, shape_mismatch
+from kaio.nodes import config_mismatch, node_folder_name, shape_mismatch
 from kaio.record.index import RunIndex
 from kaio.record.lock import ProjectLock
 from kaio.record.paths import NODES_DIR, ProjectPaths, is_node_folder, node_rank_of
@@ -386,10 +385,6 @@ def merge(header: HistoryHeader, index: RunIndex, nodes: NodeRecords) -> tuple[H
     return header, merged
 
 
-# Keys that differ between the nodes of one job by design: where each node is, what it writes where, its sinks.
-_PER_NODE_KEYS = ("launch.node_rank", "launch.main_addr", "training.output_dir", "reporting.", "hub.")
-
-
 def _unlike_the_head(node: NodeRecord, head: HistoryHeader) -> list[str]:
     """A node that ended FAILED where the head did not (its report would read COMPLETED), and one that trained
     with another config than the head's (each rank another learning rate: the model copies drift apart unseen)."""
@@ -398,15 +393,8 @@ def _unlike_the_head(node: NodeRecord, head: HistoryHeader) -> list[str]:
     if node.header.status == Status.FAILED and head.status != Status.FAILED and last is not None:
         code = f" (exit code {last.exit_code})" if last.exit_code is not None else ""
         said.append(f"node {node.node_rank} FAILED{code}{f': {last.error}' if last.error else ''}")
-    if head.config and node.header.config:
-        differs = [
-            f"{key}: {change}"
-            for key, change in config_differences(head.config, node.header.config).items()
-            if not key.startswith(_PER_NODE_KEYS)
-        ]
-        if differs:
-            said.append(f"node {node.node_rank} ran with another config than the head's: {'; '.join(differs)}")
-    return said
+    differs = config_mismatch(node.node_rank, head.config or {}, node.header.config or {})
+    return said + ([differs] if differs else [])
 
 
 class _Util:

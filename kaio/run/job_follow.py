@@ -46,14 +46,15 @@ class JobFollow:
     def __init__(
         self,
         launch: LaunchConfig,
+        head_config: dict,
         paths: ProjectPaths,
         stream: NodeStream | None,
         note: Callable[[str], None],
         note_once: Callable[[str], None],
     ) -> None:
         self.launch = launch
-        head = launch.model_dump(include={"nnodes", "main_addr", "main_port"})
-        self._nodes = NodeWatch(paths, head_launch=head) if launch.nnodes > 1 and launch.node_rank == 0 else None
+        head = head_config if launch.nnodes > 1 and launch.node_rank == 0 else None
+        self._nodes = NodeWatch(paths, head_config=head) if head is not None else None
         self._stream = stream  # the nodes' records streamed to the head (kaio.run.stream): its warnings are said
         self._note = note
         self._note_once = note_once  # a failure that would repeat at every look

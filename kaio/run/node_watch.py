@@ -13,11 +13,11 @@ either, the head sees no other node while the job runs (the report merges them l
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kaio.nodes import shape_mismatch
+from kaio.nodes import config_mismatch, shape_mismatch
 from kaio.record.journal import read_records
 from kaio.record.paths import ProjectPaths, is_node_folder, node_host_of, node_rank_of
 from kaio.record.types import Devices, SessionEnd, SessionStart, Step, TickRecord
@@ -47,6 +47,7 @@ class _Node:
     said_lost: bool = False
     other_job: str | None = None  # how its session's launch differs from the head's (a mistyped --nnodes)
     said_other_job: bool = False
+    other_config: str | None = None  # the warning that it trains with another config than the head's (said once)
     file_id: tuple[int, int] | None = None  # (device, inode) of the journal read
     tick_s: float = 0.5  # its poller's interval
 
@@ -66,11 +67,11 @@ class NodeWatch:
         self,
         paths: ProjectPaths,
         now: Callable[[], float] = time.monotonic,
-        head_launch: Mapping[str, object] | None = None,
+        head_config: dict | None = None,
     ) -> None:
         self.paths = paths
         self._now = now
-        self._head_launch = head_launch  # the head's launch config: a node started as another job's is said
+        self._head_config = head_config  # the head's config: a node started for another job, or to train otherwise
         self._nodes: dict[Path, _Node] = {}
         self._next_poll = 0.0
 
@@ -105,6 +106,9 @@ class NodeWatch:
                     f"{node.other_job}. The nodes wait for each other in torch's rendezvous (up to 15 minutes): "
                     "stop every node and start them again with the same --nnodes, --main-addr and --main-port"
                 )
+            if node.other_config is not None:
+                said.append(node.other_config)
+                node.other_config = None
             if node.ended is None and now - node.heard > node.lost_after and not node.said_lost:
                 node.said_lost = True
                 at = f" (last at step {node.step})" if node.step is not None else ""
@@ -188,9 +192,11 @@ class NodeWatch:
             node.session, node.ended, node.step = record.session, None, None
             if record.poll_hz:
                 node.tick_s = 1.0 / record.poll_hz
-            launch = (record.config or {}).get("launch")
-            if self._head_launch is not None and isinstance(launch, dict):
-                node.other_job, node.said_other_job = shape_mismatch(launch, self._head_launch), False
+            head, config = self._head_config, record.config
+            if head is not None and config is not None:
+                shape = shape_mismatch(config.get("launch") or {}, head.get("launch") or {})
+                node.other_job, node.said_other_job = shape, False
+                node.other_config = None if shape else config_mismatch(node.rank, head, config)
         elif isinstance(record, SessionEnd):
             node.ended = record.status.value
         elif isinstance(record, Devices):

@@ -135,7 +135,7 @@ class Supervisor:
         self.on_refresh: list[Callable[[RunState], None]] = []  # report writers, the index commit
         self.on_loop: list[Callable[[RunState], None]] = []  # cheap consumers called every loop (Comet feed)
         self._said_once: set[str] = set()  # notes not to repeat at every refresh (a failing write, an unreadable node)
-        self._job = JobFollow(cfg.launch, self.paths, stream, self._note, self._note_once)
+        self._job = JobFollow(cfg.launch, config_snapshot(cfg), self.paths, stream, self._note, self._note_once)
 
     # ------------------------------------------------------------ sessions
 
