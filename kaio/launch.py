@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -81,6 +82,10 @@ def build_command(cfg: RunConfig, plan: LaunchPlan, environ: Mapping[str, str]) 
         # launch script.py` puts the script's folder only: a clone named kaio/ there (its parent folder, with the
         # README's editable install) became the `kaio` a script imports, without kaio.log.
         env["PYTHONSAFEPATH"], env[ENV_SAFE_PATH_SET] = "1", "1"
+    # torch elastic's agent SIGKILLs its ranks 30 s after it passes a stop on, whatever launch.grace_seconds says:
+    # a checkpoint that took longer (a slow disk, DataLoader workers on a busy machine) was cut short. kaio's grace
+    # rules: the agent waits a little longer, so that kaio's kill and its message come first.
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(math.ceil(cfg.launch.grace_seconds) + 5))
     env[ENV_ON_NONFINITE] = cfg.reporting.on_nonfinite
     env[ENV_NODE_RANK] = str(cfg.launch.node_rank)
     env[ENV_STACKS_DIR] = str(paths.stacks)

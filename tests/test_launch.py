@@ -52,6 +52,14 @@ def test_several_processes_use_multi_gpu_ddp_with_the_chosen_port():
     assert argv[argv.index("--main_process_port") + 1] == "29555"
 
 
+def test_torch_elastics_agent_waits_for_the_ranks_a_little_longer_than_kaios_grace():
+    """The agent SIGKILLed its ranks 30 s after passing a stop on, whatever launch.grace_seconds said."""
+    cfg = RunConfig(project_name="p", launch={"num_processes": 2, "grace_seconds": 120})
+    assert build_command(cfg, _plan(), {})[1]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "125"
+    ours = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "600"}  # the user's own setting stands
+    assert build_command(cfg, _plan(), ours)[1]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "600"
+
+
 def test_user_script_and_its_args_and_accelerate_args(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "train.py").write_text("print('hi')\n")
