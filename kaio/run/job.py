@@ -141,18 +141,13 @@ def _missing_nodes(head_config: dict | None, found: set[int], refused: dict[int,
     config = head_config or {}
     nnodes = int((config.get("launch") or {}).get("nnodes") or 1)
     project = config.get("project_name") or "PROJECT"
-    add = (
-        f"copy its folder (nodes/{{}}/ under the project on its machine) and run `kaio report {project} --merge FOLDER`"
-    )
     return [
-        (
-            f"node {rank} of {nnodes}: not in the job's record: its folder {refused[rank]} was not merged (the "
-            "warning before this one says why); "
-            if rank in refused
-            else f"node {rank} of {nnodes}: no record of it here (it never streamed to the head, and no folder of it "
-            "is under nodes/): "
-        )
-        + add.format(node_folder_name(rank, "<host>"))
+        f"node {rank} of {nnodes}: not in the job's record: its folder {refused[rank]} was not merged (the warning "
+        "before this one says why)"
+        if rank in refused
+        else f"node {rank} of {nnodes}: no record of it here (it never streamed to the head, and no folder of it is "
+        f"under nodes/): copy its folder (nodes/{node_folder_name(rank, '<host>')}/ under the project on its machine) "
+        f"and run `kaio report {project} --merge FOLDER`"
         for rank in range(1, nnodes)
         if rank not in found
     ]
