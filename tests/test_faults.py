@@ -296,8 +296,8 @@ def test_a_training_process_that_cannot_be_started_is_a_failed_session_that_says
 def test_a_plain_loop_whose_loss_turns_nan_is_stopped_there_with_on_nonfinite_stop(project_dir):
     """kaio.log's loop, as a Trainer's: `reporting.on_nonfinite: stop` fails the run at the NaN (it ran on to
     the end, COMPLETED, with a warning). Its output goes to a file that cannot encode kaio's symbols (·, ✔, box
-    lines: '?' and ASCII boxes; they raised and exited 1) under FORCE_COLOR (a CI log's colours: a file is no
-    terminal, and no live dashboard is written into it)."""
+    lines: they raised and exited 1, then were '?'; now ASCII) under FORCE_COLOR (a CI log's colours: a file is
+    no terminal, and no live dashboard is written into it)."""
     _script_config(project_dir, LIGHT, ["30", "--fault", "nan", "--at", "5"])
     cfg = project_dir / "cfg.yaml"
     cfg.write_text(cfg.read_text().replace("reporting:\n", "reporting:\n  on_nonfinite: stop\n"))
@@ -305,7 +305,7 @@ def test_a_plain_loop_whose_loss_turns_nan_is_stopped_there_with_on_nonfinite_st
     assert result.returncode == 1, result.stdout + result.stderr
     assert "\x1b[?25l" not in result.stdout  # plain lines, not the live dashboard (it hides the cursor)
     assert re.search(
-        r"record: docs/reports/t/report\.md \([1-9] warnings?\) \? docs/reports/t/telemetry\.png", result.stdout
+        r"record: docs/reports/t/report\.md \([1-9] warnings?\) \| docs/reports/t/telemetry\.png", result.stdout
     )
     assert "Traceback" not in result.stderr
     history = read_history(project_dir)
