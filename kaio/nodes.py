@@ -17,7 +17,7 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from kaio.config import LaunchConfig, RunConfig
+from kaio.config import LaunchConfig, RunConfig, config_differences
 from kaio.errors import ConfigError
 from kaio.record.paths import start_over_command
 
@@ -227,8 +227,6 @@ _PER_NODE_SECTIONS = ("reporting.", "hub.")
 def config_mismatch(rank: int, head_config: dict, node_config: dict) -> str | None:
     """The warning for a node that trains with another config than the head's (``--learning_rate`` in one node's
     script_args: DDP applies the averaged gradients at each rank's own rate, and the copies drift apart unseen)."""
-    from kaio.config import config_differences
-
     differs = [
         f"{key}: {change}"
         for key, change in config_differences(head_config, node_config).items()

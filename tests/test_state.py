@@ -777,17 +777,24 @@ def test_a_resume_whose_script_passed_its_own_checkpoint_says_where_its_trainer_
     events += [_step(k, float(k)) for k in range(1, 33)]
     events += [{"type": "session_end", "session": 1, "t_wall": 1e9 + 40, "status": "INTERRUPTED", "exit_code": 143}]
     resumed = {"type": "session_start", "session": 2, "t_wall": 1e9 + 50, "kind": "resume"}
-    note = {"type": "note", "level": "info", "text": "session 2: resumed from checkpoint-32"}  # the session's
+    from pathlib import Path
+
+    from kaio.config import RunConfig
+    from kaio.run.project import resumed_note
+
+    script = RunConfig.model_validate({"project_name": "p", "launch": {"script": __file__}})  # any script
+    said = resumed_note(script, Path("/ck/checkpoint-32"))  # the session's note (kaio.run.project)
+    note = {"type": "note", "level": "info", "text": f"session 2: {said}"}
     events += [{**resumed, "resume_from": "/ck/checkpoint-32"}, note, {**run, "session": 2, "start_step": 20}]
     state = replay(events)
     assert state.parts.warnings.items == [
         "session 2: kaio resumed the script from checkpoint-32, but its Trainer began at step 20 (the script passed "
         "its own resume_from_checkpoint, which kaio does not override): steps 21-32 are trained again"
     ]
-    # The session's note no longer says "resumed from checkpoint-32" beside it.
-    assert state.ledger.telemetry.notes == [
-        "session 2: kaio handed the script checkpoint-32 to resume from; its Trainer began at step 20 (see the warning)"
-    ]
+    # The session's note does not say "resumed from checkpoint-32" beside it: only what kaio did.
+    assert state.ledger.telemetry.notes == ["session 2: kaio handed the script checkpoint-32 to resume from"]
+    recipe = RunConfig.model_validate({"project_name": "p"})  # kaio's own recipe loads what it is handed
+    assert resumed_note(recipe, Path("/ck/checkpoint-32")) == "resumed from checkpoint-32"
     assert replay([*events[:-1], {**run, "session": 2, "start_step": 32}]).parts.warnings.items == []
 
 

@@ -674,7 +674,7 @@ def _warnings(q: _Query, header: HistoryHeader, s: Summary, first: int | None, l
             f"at {count_of(diverged, 'step')} (first at step {diverged_first}){came_back}"
         )
     found += _schedule_restarts(q, header)
-    found += _no_gradient(q)
+    found += _no_gradient(q, s)
     found += _spikes_and_stalls(q, first)
     names = {d.key: d.info.name for d in header.devices}
     for gpu, steps, step, reasons in q.conn.execute(
@@ -701,11 +701,13 @@ def _warnings(q: _Query, header: HistoryHeader, s: Summary, first: int | None, l
     return list(dict.fromkeys(found))
 
 
-def _no_gradient(q: _Query) -> list[str]:
-    """Every logged gradient norm 0: nothing was learned (a learning rate of 1e4 overflowed the weights to a
-    constant output, frozen or detached parameters), and the run read COMPLETED with a flat loss and no word."""
-    logged, largest = q.row("SELECT COUNT(grad_norm), MAX(ABS(grad_norm)) FROM steps WHERE grad_norm IS NOT NULL")
-    if logged < rules.MIN_POINTS_FOR_MEDIAN or largest != 0:
+def _no_gradient(q: _Query, s: Summary) -> list[str]:
+    """Every logged gradient norm 0 (the largest is): nothing was learned (a learning rate of 1e4 overflowed the
+    weights to a constant output, frozen or detached parameters), and the run read COMPLETED with a flat loss."""
+    if s.grad_norm_max != 0:
+        return []
+    logged = q.value("SELECT COUNT(grad_norm) FROM steps")
+    if logged < rules.MIN_POINTS_FOR_MEDIAN:
         return []
     return [
         f"the gradient norm was 0 at every one of the {logged:,} logged steps: no parameter was updated (weights "

@@ -288,17 +288,9 @@ class RunLedger(msgspec.Struct, kw_only=True):
             )
         if r.rank == self.lead_rank and launched and r.world_size is not None and r.world_size != launched:
             return f"{launched} processes were launched but the trainer reports world size {r.world_size}"
-        if r.rank != self.lead_rank or r.training != 1:
-            return None
-        elsewhere = resumed_elsewhere(r, self.progress.get(r.session))
-        if elsewhere is not None:  # the session's note of kaio's checkpoint says where its Trainer began instead
-            said = [n for n in self.telemetry.notes if n.startswith(f"session {r.session}: resumed from checkpoint-")]
-            for note in said:
-                self.telemetry.notes[self.telemetry.notes.index(note)] = (
-                    note.replace(": resumed from ", ": kaio handed the script ", 1)
-                    + f" to resume from; its Trainer began at step {r.start_step} (see the warning)"
-                )
-        return elsewhere
+        return (
+            resumed_elsewhere(r, self.progress.get(r.session)) if r.rank == self.lead_rank and r.training == 1 else None
+        )
 
     def on_step(self, session: int, step: int, t_wall: float | None) -> None:
         """This node's lead rank ended ``step`` in ``session``."""

@@ -45,9 +45,7 @@ class _Node:
     util: float | None = None
     power_w: float | None = None
     said_lost: bool = False
-    other_job: str | None = None  # how its session's launch differs from the head's (a mistyped --nnodes)
-    said_other_job: bool = False
-    other_config: str | None = None  # the warning that it trains with another config than the head's (said once)
+    unlike_the_head: str | None = None  # its session's launch or config is not the head's: said at the next look
     file_id: tuple[int, int] | None = None  # (device, inode) of the journal read
     tick_s: float = 0.5  # its poller's interval
 
@@ -99,16 +97,9 @@ class NodeWatch:
                 self._read(node, now)
             except OSError:
                 pass  # counted as silence: a node that stays unreadable becomes stale, then lost
-            if node.other_job is not None and not node.said_other_job:
-                node.said_other_job = True
-                said.append(
-                    f"node {node.rank}{f' ({node.host})' if node.host else ''} was started for another job shape: "
-                    f"{node.other_job}. The nodes wait for each other in torch's rendezvous (up to 15 minutes): "
-                    "stop every node and start them again with the same --nnodes, --main-addr and --main-port"
-                )
-            if node.other_config is not None:
-                said.append(node.other_config)
-                node.other_config = None
+            if node.unlike_the_head is not None:
+                said.append(node.unlike_the_head)
+                node.unlike_the_head = None
             if node.ended is None and now - node.heard > node.lost_after and not node.said_lost:
                 node.said_lost = True
                 at = f" (last at step {node.step})" if node.step is not None else ""
@@ -194,9 +185,7 @@ class NodeWatch:
                 node.tick_s = 1.0 / record.poll_hz
             head, config = self._head_config, record.config
             if head is not None and config is not None:
-                shape = shape_mismatch(config.get("launch") or {}, head.get("launch") or {})
-                node.other_job, node.said_other_job = shape, False
-                node.other_config = None if shape else config_mismatch(node.rank, head, config)
+                node.unlike_the_head = _unlike_the_head(node, head, config)
         elif isinstance(record, SessionEnd):
             node.ended = record.status.value
         elif isinstance(record, Devices):
@@ -209,3 +198,16 @@ class NodeWatch:
             node.power_w = sum(powers) if powers else None
         elif isinstance(record, Step):
             node.step = max(node.step or 0, record.step)
+
+
+def _unlike_the_head(node: _Node, head: dict, config: dict) -> str | None:
+    """A node started for another job shape than the head's (both would wait in torch's rendezvous), or to train
+    with another config."""
+    shape = shape_mismatch(config.get("launch") or {}, head.get("launch") or {})
+    if shape is None:
+        return config_mismatch(node.rank, head, config)
+    return (
+        f"node {node.rank}{f' ({node.host})' if node.host else ''} was started for another job shape: {shape}. The "
+        "nodes wait for each other in torch's rendezvous (up to 15 minutes): stop every node and start them again "
+        "with the same --nnodes, --main-addr and --main-port"
+    )

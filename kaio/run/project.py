@@ -682,12 +682,20 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
             "train() only, which would load it into the wrong training; continue that training with your "
             f"script's own resume_from_checkpoint as a new project, or start over with `{start_over_command(asked.config_path)}`"
         )
-    notes = [f"resumed from {checkpoint.name}"] + [f"config changed for this session: {c}" for c in changed]
+    notes = [resumed_note(cfg, checkpoint)] + [f"config changed for this session: {c}" for c in changed]
     for warning in (edited, without_optimizer(checkpoint)):
         if warning is not None:
             notify(f"kaio: warning: {warning}")
             notes.append(warning)
     return cfg, checkpoint, notes
+
+
+def resumed_note(cfg: RunConfig, checkpoint: Path) -> str:
+    """The session's note of its checkpoint. A script is handed it, and may load another of its own (the record
+    then warns where its Trainer began): the note says only what kaio did."""
+    if cfg.launch.own_code is not None:
+        return f"kaio handed the script {checkpoint.name} to resume from"
+    return f"resumed from {checkpoint.name}"
 
 
 def _resume_config(

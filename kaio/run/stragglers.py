@@ -14,6 +14,7 @@ reaches 15 every 50 windows), by at least 10% of the median step time (and
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ OPEN_STEPS = 64  # steps waiting for their other ranks; older ones are given up
 CHANCE = 1e-4  # how rarely a rank that is no slower than the others may be flagged, in one window
 
 
+@functools.cache
 def consistent_count(ranks: int) -> int:
     """The slowest-step count in a window that flags a rank: 75% of it, and beyond what chance gives one of
     ``ranks`` equal ranks (each the slowest with probability 1/ranks) more often than ``CHANCE``."""
