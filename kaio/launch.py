@@ -163,10 +163,15 @@ def _flight_recorder_names() -> slice:
 
 
 def preview_command(
-    cfg: RunConfig, environ: Mapping[str, str], report_dir: Path | None = None
+    cfg: RunConfig,
+    environ: Mapping[str, str],
+    report_dir: Path | None = None,
+    *,
+    accelerate_file: AccelerateFile | None,
 ) -> tuple[list[str], dict[str, str]]:
     """The child command and the environment kaio would set (secrets masked), for `kaio plan` and
-    `kaio run --dry-run`: the FIFO is named ``<fifo>``; nothing is created."""
+    `kaio run --dry-run`: the FIFO is named ``<fifo>``; nothing is created. ``accelerate_file``: the caller's
+    ``script_accelerate_file`` (read once for every node of a dry run)."""
     from kaio.secrets import redact
 
     folder = (report_dir or cfg.report_dir).resolve()
@@ -176,7 +181,7 @@ def preview_command(
         config_path=folder / "config.json",
         session=1,
         main_process_port=cfg.launch.main_port,
-        accelerate_file=script_accelerate_file(cfg.launch, environ),
+        accelerate_file=accelerate_file,
     )
     argv, env = build_command(cfg, plan, environ)
     return masked(argv), redact({k: v for k, v in env.items() if environ.get(k) != v})

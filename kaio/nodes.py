@@ -284,7 +284,7 @@ def dry_run_lines(
     """`kaio run --dry-run`: each node's child command and the environment kaio sets for it (secrets masked)."""
     import shlex
 
-    from kaio.launch import accelerate_file_note, preview_command
+    from kaio.launch import preview_command, script_accelerate_file
     from kaio.record.paths import ProjectPaths
 
     lines = [
@@ -299,9 +299,9 @@ def dry_run_lines(
             f"note: SLURM_NNODES={slurm_nodes}, but this is not inside `srun` (no SLURM_STEP_ID): one machine's "
             "job; start kaio on every node with `srun kaio run CONFIG` (docs/multi-node.md)"
         )
-    user_file = accelerate_file_note(cfg.launch, environ)
+    user_file = script_accelerate_file(cfg.launch, environ)  # read once, for every node's command
     if user_file is not None:  # each machine's own: this one's
-        lines.append(f"note: on this machine, {user_file}")
+        lines.append(f"note: on this machine, {user_file.note(cfg.launch.accelerate_args)}")
     for rank in range(where.nnodes):
         node = replace(where, node_rank=rank)
         node_cfg = placed(cfg, node)
@@ -311,7 +311,7 @@ def dry_run_lines(
             folder = ProjectPaths(folder).nodes / node_folder_name(
                 rank, host or ("<host>" if rank != where.node_rank else None)
             )
-        argv, env = preview_command(node_cfg, environ, report_dir=folder)
+        argv, env = preview_command(node_cfg, environ, report_dir=folder, accelerate_file=user_file)
         this = " (this node)" if rank == where.node_rank else ""
         lines.append(f"node {rank}{f' on {host}' if host else ''}{this}:")
         lines.append(f"  command: {shlex.join(argv)}")

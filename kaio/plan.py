@@ -119,10 +119,10 @@ class Plan:
 
 def make_plan(cfg: RunConfig, environ: Mapping[str, str] = os.environ) -> Plan:
     """Everything `kaio plan` prints; starts nothing, downloads at most a model's config.json."""
-    from kaio.launch import preview_command
+    from kaio.launch import preview_command, script_accelerate_file
 
     gpus, notes = _gpus_in_run(cfg, environ)
-    argv, env = preview_command(cfg, environ)
+    argv, env = preview_command(cfg, environ, accelerate_file=script_accelerate_file(cfg.launch, environ))
     if cfg.launch.own_code is not None:
         why = (
             f"your script ({cfg.launch.own_code_key}) builds its own model: kaio sees it only once it runs; "

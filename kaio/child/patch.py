@@ -159,6 +159,8 @@ def _patch(trainer_cls: Any) -> None:
                 self.optimizer is not None or getattr(self, "optimizer_cls_and_kwargs", None) is not None
             )
             callback.script_lr_scheduler = self.lr_scheduler is not None
+            # Last in the list: a recipe's or script's callback that edits the arguments at train begin (the built-in
+            # recipe's edits_reach_a_resume) runs first, and this one describes what the training then uses.
             self.add_callback(callback)
             _watch_losses(self, callback)
             time_data_and_forward(self, callback.timing)

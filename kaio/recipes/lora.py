@@ -210,12 +210,11 @@ def train(cfg: RunConfig) -> None:
 
 
 def edits_reach_a_resume():
-    """`kaio resume --config` may change the learning rate, the logging and the save interval: a resumed Trainer
-    keeps its checkpoint's instead (the rate in its scheduler's and optimizer's state, the intervals in
+    """A resume whose config changes the learning rate, the logging or the save interval: a resumed Trainer keeps
+    its checkpoint's instead (the rate in its scheduler's and optimizer's state, the intervals in
     trainer_state.json). At train begin, after the checkpoint is loaded, the arguments' are put back, and the rate
     at the checkpoint's step is the new schedule's: a finished schedule's optimizer held 0.0, which the first step
-    of an extended run trained with. It runs before kaio's callback (kaio's patch adds its own after the Trainer's
-    list), which then describes the edited values, not the checkpoint's."""
+    of an extended run trained with."""
     from transformers import TrainerCallback
 
     class EditsReachAResume(TrainerCallback):

@@ -45,7 +45,8 @@ def is_complete(path: Path, step: int) -> bool:
 
 
 # What the Trainer's resume loads weights from (transformers' `Trainer._load_from_checkpoint`, and DeepSpeed's).
-_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "pytorch_model.bin")
+_ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+_WEIGHT_FILES = (*_ADAPTER_FILES, "model.safetensors", "pytorch_model.bin")
 _SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # a model over max_shard_size
 
 
@@ -60,7 +61,7 @@ def holds_weights(path: Path) -> bool:
     entries = list(path.iterdir()) if path.is_dir() else []
     return any(
         entry.name.startswith(("pytorch_model_fsdp", "global_step"))
-        or (entry.is_dir() and any((entry / name).is_file() for name in _WEIGHT_FILES[:2]))
+        or (entry.is_dir() and any((entry / name).is_file() for name in _ADAPTER_FILES))
         for entry in entries
     )
 

@@ -197,14 +197,9 @@ def run_new(
                 earlier = state
         if earlier is not None:
             old_checkpoints = checkpoint_folder(cfg, earlier)  # a script's own output_dir, when it said so
-            alive = alive_pids(earlier)
-            if alive:
-                raise ProjectError(
-                    f"project {cfg.project_name!r} has processes of an earlier session still alive (pids "
-                    f"{', '.join(map(str, alive))}); stop them before starting over"
-                )
-            if not overwrite:
-                raise _has_history(cfg, paths, earlier, old_checkpoints, config_path)
+            refused = _refusal(cfg, paths, earlier, config_path, overwrite=overwrite)
+            if refused is not None:
+                raise refused
         _check_checkpoint_folder(cfg)
         if overwrite:
             for what, path in move_aside(cfg, old_checkpoints):
@@ -230,9 +225,24 @@ def run_refusal(cfg: RunConfig, config_path: Path | None) -> str | None:
     try:
         if not state.ledger.sessions:  # a run that never started: `kaio run` forgets it
             return None
-        return str(_has_history(cfg, paths, state, checkpoint_folder(cfg, state), config_path))
+        refused = _refusal(cfg, paths, state, config_path)
+        return str(refused) if refused is not None else None
     finally:
         state.index.close()
+
+
+def _refusal(
+    cfg: RunConfig, paths: ProjectPaths, earlier: RunState, config_path: Path | None, *, overwrite: bool = False
+) -> ProjectError | None:
+    """Why `kaio run` refuses a project that has an earlier run's record (its processes still alive, or a history
+    to keep without --overwrite); None: it may start. One rule for the run and its --dry-run."""
+    alive = alive_pids(earlier)
+    if alive:
+        return ProjectError(
+            f"project {cfg.project_name!r} has processes of an earlier session still alive (pids "
+            f"{', '.join(map(str, alive))}); stop them before starting over"
+        )
+    return None if overwrite else _has_history(cfg, paths, earlier, checkpoint_folder(cfg, earlier), config_path)
 
 
 def _forget_a_run_that_never_started(paths: ProjectPaths, state: RunState) -> bool:
