@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import replay
+from conftest import history_of, replay
 from kaio.child import emitter as emitter_module
 from kaio.child.emitter import EventEmitter
 from kaio.telemetry.fifo import TelemetryFifo
@@ -360,8 +360,28 @@ def test_train_begin_describes_the_run_from_the_live_objects(tmp_path, torch):
     assert _optimizer_rows(run, run.args) == [
         ("Learning rate", "0.1 (the script's optimizer's; TrainingArguments' 0.001 unused)"),
         ("LR scheduler", "StepLR (the script's own; TrainingArguments' linear unused)"),
-        ("Optimizer", "SGD (the script's own, given to the Trainer; TrainingArguments' adamw_torch_fused unused)"),
+        ("Optimizer", "SGD (the script's own; TrainingArguments' adamw_torch_fused unused)"),
     ]
+    # OneCycleLR's rate rises to its max_lr: the peak is the run's learning rate, as args.learning_rate would be.
+    from kaio.child.describe import describe_script_optimizer
+
+    one_cycle = torch.optim.lr_scheduler.OneCycleLR(sgd, max_lr=0.2, total_steps=20)
+    described = RunStart(rank=0)
+    describe_script_optimizer(described, sgd, one_cycle)
+    assert (described.script_learning_rate, described.script_lr_scheduler) == (0.2, "OneCycleLR")
+    # A subclass whose create_optimizer builds its own (a script's Adagrad): the script's optimizer, described as
+    # it is; its scheduler is still the Trainer's, from the arguments.
+    from transformers import Trainer
+
+    from kaio.child.patch import _overrides
+
+    class AdagradTrainer(Trainer):
+        def create_optimizer(self, model=None):
+            return self.optimizer
+
+    own = object.__new__(AdagradTrainer)
+    assert _overrides(own, "create_optimizer") and not _overrides(own, "create_scheduler")
+    assert not _overrides(object.__new__(Trainer), "create_optimizer")
 
     # A trainer that hands its callbacks a wrapper, not a torch module (SetFit passes its SetFitModel): the
     # Trainer's own model is the one described (parameters, dtype), not "not reported".
@@ -539,7 +559,11 @@ def test_an_evaluation_of_another_model_than_the_one_trained_is_listed_but_not_t
     trainer.on_step_begin(args, trained, control)
     trained.global_step = 3
     trainer.on_step_end(args, trained, control)
-    KaioCallback(emitter).on_evaluate(args, own, control, metrics={"eval_loss": 4.8}, model=teacher)
+    # The teacher's evaluate() logs its metrics at its own Trainer's step 0, then its callbacks' on_evaluate.
+    teachers = KaioCallback(emitter)
+    baseline = {"baseline_loss": 4.8, "baseline_runtime": 0.1, "baseline_samples_per_second": 640.0}
+    teachers.on_log(args, own, control, logs=baseline)
+    teachers.on_evaluate(args, own, control, metrics=baseline, model=teacher)
     KaioCallback(emitter).on_evaluate(args, own, control, metrics={"eval_loss": 2.1}, model=wrapped)
     emitter.close()
     events = _spooled(tmp_path / "spool")
@@ -549,13 +573,16 @@ def test_an_evaluation_of_another_model_than_the_one_trained_is_listed_but_not_t
     from kaio.report.markdown import render_markdown
     from kaio.report.summary import summarize
 
-    state = replay([{"type": "session_start", "session": 1}, *events])
+    ended = {"type": "session_end", "session": 1, "status": "COMPLETED", "exit_code": 0}
+    state = replay([{"type": "session_start", "session": 1}, *events, ended])
     with state.with_open_steps() as index:
         header, evals = state.header(), index.evals()
         summary = summarize(header, index)
         report = render_markdown(header, summary, evals)
     assert (summary.eval_count, summary.eval_loss_final) == (1, 2.1) and state.parts.live.eval_loss == 2.1
     assert "| 3 (another model's: not the run's) | 4.8 |" in report
+    # Its log at its own step 0 is its evaluation, not numbers the run logged before its first step.
+    assert "metrics_at_step_0" not in history_of(state) and "step 0 is what was logged" not in report
 
 
 def test_an_early_stopping_callback_out_of_patience_is_named_at_the_training_end(tmp_path, torch):
@@ -718,3 +745,77 @@ def test_a_resumed_trainer_that_keeps_its_checkpoints_rate_and_intervals_is_name
     }
     assert sorted(logged) == [6, 8]  # every 2 steps, as edited
     assert logged[6] == pytest.approx(1e-3 * (8 - 5) / 8)  # step 6 trains at the linear schedule after 5 steps
+
+
+@pytest.mark.parametrize(
+    ("saving", "stop_at"),
+    [
+        # Evaluated at every step, saved only at a new best: the stop's step evaluates to no new best, and the
+        # Trainer sets should_save to that.
+        ({"eval_steps": 1, "save_strategy": "best"}, 4),
+        # The limit of 1 with load_best_model_at_end: the Trainer's end deletes every checkpoint but the best.
+        ({"eval_steps": 2, "save_strategy": "steps", "save_steps": 2, "save_total_limit": 1}, 5),
+        # Epoch strategies: the Trainer's epoch end after the stop evaluated the cut epoch and saved again.
+        ({"eval_strategy": "epoch", "save_strategy": "epoch"}, 3),
+    ],
+    ids=["save_strategy best", "save_total_limit 1", "epoch strategies"],
+)
+def test_a_graceful_stop_keeps_its_checkpoint_whatever_the_scripts_save_settings(
+    tmp_path, monkeypatch, torch, saving, stop_at
+):
+    """A real Trainer keeping its best checkpoint by a metric that stops improving after step 2: a stop at a
+    later step still leaves that step's checkpoint, which `kaio resume` continues from."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from kaio.child import callback as module
+    from kaio.child import stop
+    from kaio.child.callback import KaioCallback
+
+    monkeypatch.setattr(module, "_TRAININGS", module._Trainings())  # this process's trainings: none yet
+    monkeypatch.setattr(stop, "_state", {**stop._state, "requested": False})
+    monkeypatch.setattr(stop, "_agreed", [])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
+    data = [{"input_ids": torch.arange(8) % 32, "labels": torch.arange(8) % 32} for _ in range(8)]
+    scores = iter([0.5, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1])  # the best at the second evaluation
+
+    class StopAsked(TrainerCallback):  # the SIGTERM's flag, raised during the step
+        def on_step_begin(self, args, state, control, **kwargs):
+            stop._state["requested"] = state.global_step + 1 == stop_at
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        max_steps=10,
+        metric_for_best_model="score",
+        load_best_model_at_end=saving["save_strategy"] != "best",
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        **{"eval_strategy": "steps", **saving},
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        eval_dataset=data[:2],
+        compute_metrics=lambda prediction: {"score": next(scores)},
+        callbacks=[StopAsked()],
+    )
+    emitter = EventEmitter(None, str(tmp_path / "spool"), rank=0, session=1)
+    trainer.add_callback(KaioCallback(emitter, trainer))  # as kaio's patch adds it: after the script's own
+    trainer.train()
+    emitter.close()
+    assert trainer.state.global_step == stop_at
+    saved = json.loads((tmp_path / "out" / f"checkpoint-{stop_at}" / "trainer_state.json").read_text())
+    assert saved["global_step"] == stop_at
+    best = trainer.state.best_model_checkpoint
+    assert best is None or os.path.isdir(best)  # the best, kept as the script asked
+    events = _spooled(tmp_path / "spool")
+    (end,) = [e for e in events if e["type"] == "train_end"]
+    assert end["stopped"] and not [p for p in end.get("checkpoints_removed", []) if p.endswith(f"-{stop_at}")]
+    # Saved once, and nothing evaluated after it: the stop ends the training at its step.
+    at_stop = [e["type"] for e in events if e["type"] in ("save", "eval") and e["step"] == stop_at]
+    assert at_stop.count("save") == 1 and "eval" not in at_stop[at_stop.index("save") :]

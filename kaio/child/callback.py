@@ -120,6 +120,8 @@ class KaioCallback(TrainerCallback):
         self._training = False  # this Trainer's training began and has not ended
         self._trained = False  # this Trainer's training began, at some time
         self.script_optimizer = False  # the script gave the Trainer its own optimizer (kaio.child.patch)
+        self._stopping_at: int | None = None  # the Trainer's step a graceful stop saves and ends at
+        self._saved_at: int | None = None  # the Trainer's step of the latest checkpoint saved, on every rank
         self.script_lr_scheduler = False  # ...and its own scheduler
 
     # -- helpers -----------------------------------------------------------
@@ -222,6 +224,7 @@ class KaioCallback(TrainerCallback):
         if stop.stops_after(int(state.global_step), getattr(state, "max_steps", None), step_s):
             control.should_save = True
             control.should_training_stop = True
+            self._stopping_at = int(state.global_step)
         # Sent now, not with the log that follows: after another rank died, the Trainer's log
         # (an all-gather) never returns, and this step would be lost.
         self.emitter.emit(
@@ -321,7 +324,21 @@ class KaioCallback(TrainerCallback):
         """``Trainer.predict``'s metrics (``test_loss``...): recorded with the evaluations, marked as a prediction."""
         self.on_evaluate(args, state, control, metrics=metrics, prediction=True, **kwargs)
 
+    def on_epoch_end(self, args, state, control, **kwargs):
+        # A stop ends the training at its step, where the Trainer comes here once more before it returns (and
+        # evaluates and saves again for an epoch strategy): its checkpoint is saved once, at the step unless
+        # save_strategy="best" vetoed it there (the evaluation due found no new best), else here; and the epoch it
+        # cut short is not evaluated (which would veto that save again, or outlast the grace period).
+        if self._stopping_at == state.global_step:
+            control.should_evaluate = False
+            control.should_save = self._saved_at != state.global_step
+
     def on_save(self, args, state, control, **kwargs):
+        self._saved_at = int(state.global_step)
+        if self._stopping_at == state.global_step and getattr(args, "save_total_limit", None) == 1:
+            # Ending a training, the Trainer deletes every checkpoint but the best when the limit is 1: the stop's
+            # too, which `kaio resume` continues from. The limit is 2 for what is left of this training.
+            args.save_total_limit = 2
         # The job's save, in every node's record (each node's first rank): a node stopped with the job's
         # checkpoint saved says so, and its save pause is its own.
         if not (state.is_world_process_zero or getattr(state, "is_local_process_zero", False)):

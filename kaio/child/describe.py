@@ -339,7 +339,8 @@ def describe_script_optimizer(run: RunStart, optimizer: Any, scheduler: Any) -> 
     if inner is not None:
         run.script_optimizer = type(inner).__name__
         groups = getattr(inner, "param_groups", None) or [{}]
-        lr = groups[0].get("initial_lr", groups[0].get("lr"))
+        # The schedule's peak, as args.learning_rate is: OneCycleLR's max_lr, else the rate a scheduler scales.
+        lr = groups[0].get("max_lr", groups[0].get("initial_lr", groups[0].get("lr")))
         run.script_learning_rate = float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
     if scheduler is not None:
         run.script_lr_scheduler = type(getattr(scheduler, "scheduler", scheduler)).__name__

@@ -155,10 +155,13 @@ def _patch(trainer_cls: Any) -> None:
         if not any(isinstance(cb, KaioCallback) for cb in self.callback_handler.callbacks):
             callback = KaioCallback(shared_emitter(), trainer=self)
             # Given to the Trainer by the script (else the Trainer makes them from args.optim and learning_rate).
+            # ... or a subclass's create_optimizer / create_scheduler builds them (a script's, a library's).
             callback.script_optimizer = (
-                self.optimizer is not None or getattr(self, "optimizer_cls_and_kwargs", None) is not None
+                self.optimizer is not None
+                or getattr(self, "optimizer_cls_and_kwargs", None) is not None
+                or _overrides(self, "create_optimizer")
             )
-            callback.script_lr_scheduler = self.lr_scheduler is not None
+            callback.script_lr_scheduler = self.lr_scheduler is not None or _overrides(self, "create_scheduler")
             # Last in the list: a recipe's or script's callback that edits the arguments at train begin (the built-in
             # recipe's edits_reach_a_resume) runs first, and this one describes what the training then uses.
             self.add_callback(callback)
@@ -181,6 +184,13 @@ def _patch(trainer_cls: Any) -> None:
     __init__._kaio_patched = True  # type: ignore[attr-defined]
     trainer_cls.__init__ = __init__
     trainer_cls.train = train
+
+
+def _overrides(trainer: Any, method: str) -> bool:
+    """A class between transformers' Trainer and this one's defines ``method`` anew."""
+    from transformers import Trainer
+
+    return getattr(type(trainer), method, None) is not getattr(Trainer, method, None)
 
 
 def _watch_losses(trainer: Any, callback: Any) -> None:

@@ -772,7 +772,7 @@ def _optimizer_rows(run: RunDescription, args: TrainingArgs) -> list[tuple[str, 
             if run.script_lr_scheduler
             else args.lr_scheduler_type,
         ),
-        ("Optimizer", f"{run.script_optimizer} (the script's own, given to the Trainer; {unused.format(args.optim)})"),
+        ("Optimizer", f"{run.script_optimizer} (the script's own; {unused.format(args.optim)})"),
     ]
 
 

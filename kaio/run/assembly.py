@@ -290,14 +290,14 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         self.samples.add_tick(tick, run_keys, self.open)
         self.seal_ready(out)
 
-    def evaluated(self, step: int, metrics: dict[str, float | None]) -> None:
+    def evaluated(self, step: int, metrics: dict[str, float | None], *, of_the_run: bool = True) -> None:
         """An evaluation at ``step``, its ``metrics`` as on_evaluate gave them: evaluate() logged them just before,
         into the step, with what a trainer's own log() added (TRL's eval_rewards...). What carries the
         evaluation's prefix (eval_*, eval_<set>_*, test_*) is the evaluation's: it leaves the step for
         ``metrics``; the rest (the tokens seen, a number a trainer adds to every log) stays the step's too. A log at
         the Trainer's step 0 (eval_on_start, another Trainer's evaluate() after the training) is given back too."""
         _take_evaluation(self.at_step_0, metrics)
-        entry = self.open.get(step)
+        entry = self.open.get(step) if of_the_run else None  # another model's: nothing in the run's step
         if entry is not None:
             _take_evaluation(entry.metrics, metrics)
 

@@ -266,8 +266,8 @@ class RunState:
             prediction=r.prediction,
             other_model=r.other_model,
         )
-        if not entry.other_model:  # (its Trainer's log() went to its own step 0, not the run's)
-            self.parts.steps.evaluated(r.step, entry.metrics)  # what its log() added to the evaluation joins it
+        # What its log() added to the evaluation joins it; another model's Trainer logged at its own step 0.
+        self.parts.steps.evaluated(r.step, entry.metrics, of_the_run=not entry.other_model)
         self.index.add_eval(entry)
         runtime = rules.evaluation_runtime(entry.metrics)
         if runtime is not None and not entry.after_training:  # after train(): not a pause between steps
@@ -424,14 +424,18 @@ def history_header(parts: StateParts) -> HistoryHeader:
 
 
 def _final_model(end: TrainEnd | None) -> FinalModel | None:
-    if end is None or not (end.best_checkpoint or end.best_loaded):
+    if end is None:
+        return None
+    # A stopped training has no final model (the script's save after train() did not run): its best checkpoint only.
+    loaded = None if end.stopped else end.best_loaded
+    if not (end.best_checkpoint or loaded):
         return None
     return FinalModel(
         best_checkpoint=end.best_checkpoint,
         metric=end.best_metric_name,
         value=end.best_metric,
         greater_is_better=end.greater_is_better,
-        loaded=end.best_loaded,
+        loaded=loaded,
     )
 
 
