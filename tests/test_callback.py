@@ -110,11 +110,38 @@ def test_a_training_loss_logged_under_a_trainers_own_name_is_the_loss_and_its_na
     from kaio.child.callback import training_loss_key
 
     assert training_loss_key({"learning_rate": 0.1, "aux_loss": 2.0}) is None  # a script's own log: no grad norm
+    # A log() override renaming it as trackers name it (train/loss): still the training loss, its NaN found.
+    renamed = {"train/loss": 0.0, "grad_norm": 1.0, "learning_rate": 0.1}
+    assert training_loss_key(renamed) == "train/loss" and training_loss_key({**renamed, "eval/loss": 1.0}) == (
+        "train/loss"
+    )
     records = [{"type": "session_start", "session": 1}, *hooks.events()]
     header = replay(records).header()
     assert (
         "the training loss is what the Trainer logged as embedding_loss (it logs no `loss`)" in header.telemetry.notes
     )
+
+
+def test_what_a_callback_before_kaios_logs_or_evaluates_at_a_steps_end_follows_that_steps_event(hooks):
+    """Trainer(callbacks=[...]) runs before kaio's callback: its trainer.log() and trainer.evaluate() in on_step_end
+    came before the step's own event, and the record, which puts them in the entry that event opens, lost them."""
+    from transformers import TrainerControl
+
+    callback, state, args = hooks.callback, hooks.state, SimpleNamespace(output_dir="ck")
+    callback._training = True  # as on_train_begin leaves it (which these stand-ins cannot describe)
+    hooks.step({"loss": 2.0, "learning_rate": 0.1, "grad_norm": 1.0})
+    control = TrainerControl()
+    callback.on_step_begin(args, state, control)
+    state.global_step += 1  # the Trainer's step 2 ended; the earlier callback's on_step_end:
+    callback.on_log(args, state, control, logs={"my_counter": 2.0})
+    hooks.evaluate({"eval_loss": 1.5, "eval_runtime": 0.2})
+    callback.on_step_end(args, state, control)  # then kaio's
+    callback.on_log(args, state, control, logs={"loss": 1.8, "learning_rate": 0.1, "grad_norm": 1.0})
+    kinds = [(e["type"], e["step"]) for e in hooks.events() if e["type"] in ("step", "log", "eval")]
+    assert kinds == [("step", 1), ("log", 1), ("step", 2), ("log", 2), ("eval", 2), ("log", 2)]
+    ended = {"type": "session_end", "session": 1, "status": "COMPLETED", "exit_code": 0}
+    history = history_of(replay([{"type": "session_start", "session": 1}, *hooks.events(), ended]))
+    assert history["steps"][1]["metrics"] == {"my_counter": 2.0} and history["evals"][0]["step"] == 2
 
 
 def test_the_trainers_count_of_a_vision_models_pixel_values_is_no_token_count(hooks):

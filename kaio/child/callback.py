@@ -53,14 +53,18 @@ _LOG_FIELDS = ("loss", "learning_rate", "grad_norm")  # Trainer log keys with a 
 
 def training_loss_key(logs: dict[str, Any]) -> str | None:
     """The key of a training log's loss: ``loss``; else, in a log with the Trainer's learning rate and gradient norm
-    (its training log, with the loss renamed), its one ``<name>_loss`` that is no evaluation's and not the closing
-    mean (SetFit logs ``embedding_loss``). A script's own log of an auxiliary loss has no gradient norm."""
+    (its training log, with the loss renamed), its one ``<name>_loss`` or ``<name>/loss`` that is no evaluation's and
+    not the closing mean (SetFit logs ``embedding_loss``). A script's own log of an auxiliary loss has no gradient norm."""
     if "loss" in logs:
         return "loss"
     if "learning_rate" not in logs or "grad_norm" not in logs:
         return None
     keys = [
-        k for k in logs if k.endswith("_loss") and k != "train_loss" and not k.startswith(("eval_", "test_", "train_"))
+        k
+        for k in logs
+        if k.endswith(("_loss", "/loss"))  # a log() override's train/loss as well
+        and k != "train_loss"
+        and not k.startswith(("eval_", "test_", "train_", "eval/", "test/"))
     ]
     return keys[0] if len(keys) == 1 else None
 
@@ -122,6 +126,8 @@ class KaioCallback(TrainerCallback):
         self.script_optimizer = False  # the script gave the Trainer its own optimizer (kaio.child.patch)
         self._stopping_at: int | None = None  # the Trainer's step a graceful stop saves and ends at
         self._saved_at: int | None = None  # the Trainer's step of the latest checkpoint saved, on every rank
+        self._step_sent = 0  # the Trainer's step whose Step event this callback sent last
+        self._held: list[Log | Eval] = []  # logs and evaluations of a step whose Step event is not sent yet
         self.script_lr_scheduler = False  # ...and its own scheduler
 
     # -- helpers -----------------------------------------------------------
@@ -175,7 +181,7 @@ class KaioCallback(TrainerCallback):
         stop.training(True)
         process_group.note_backend()
         self._peak_memory = peak_memory_functions()
-        start = int(state.global_step)
+        start = self._step_sent = int(state.global_step)
         _TRAININGS.count += 1
         if getattr(state, "is_world_process_zero", True):  # the rank that tells evaluations apart (on_evaluate)
             _TRAININGS.trained(model)
@@ -245,6 +251,23 @@ class KaioCallback(TrainerCallback):
                 forward_s=forward_s,
             )
         )
+        self._step_sent = int(state.global_step)
+        self._send_held()
+
+    def _send_after_its_step(self, event: Log | Eval, state: Any) -> None:
+        """A callback before this one logged (trainer.log) or evaluated in on_step_end: the step's own event is not
+        sent yet, and the record puts a log or an evaluation's metrics in the entry that event opens. Held until it
+        is sent (one step at most: a loop that sends no step events holds nothing)."""
+        if self._training and int(state.global_step) == self._step_sent + 1:
+            self._held.append(event)
+        else:
+            self._send_held()
+            self.emitter.emit(event)
+
+    def _send_held(self) -> None:
+        for event in self._held:
+            self.emitter.emit(event)
+        self._held.clear()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # The training-loss log (every rank makes it, gathering the loss): the losses since the previous one.
@@ -283,18 +306,17 @@ class KaioCallback(TrainerCallback):
             # (logging_nan_inf_filter=False). The window's own average is the loss.
             extra[TRAINER_LOGGED_LOSS], fields["loss"], carried = fields.get("loss"), window.mean, True
         epoch = logs.get("epoch")
-        self.emitter.emit(
-            Log(
-                rank=self.rank,
-                step=self._step(state),
-                t_wall=time.time(),
-                epoch=epoch if isinstance(epoch, (int, float)) else None,
-                extra=extra,
-                nonfinite_from=first_nonfinite,
-                nonfinite_carried=carried,
-                **fields,
-            )
+        log = Log(
+            rank=self.rank,
+            step=self._step(state),
+            t_wall=time.time(),
+            epoch=epoch if isinstance(epoch, (int, float)) else None,
+            extra=extra,
+            nonfinite_from=first_nonfinite,
+            nonfinite_carried=carried,
+            **fields,
         )
+        self._send_after_its_step(log, state)
 
     def on_evaluate(self, args, state, control, metrics=None, *, prediction: bool = False, **kwargs):
         if not state.is_world_process_zero or not metrics:
@@ -304,7 +326,7 @@ class KaioCallback(TrainerCallback):
         # A string or a list is not a missing number: left out, and named (null stays for a None logged).
         not_numbers = [key for key, value in values.items() if value is None and metrics[key] is not None]
         self._busy_until_mono = time.monotonic()
-        self.emitter.emit(
+        self._send_after_its_step(
             Eval(
                 rank=self.rank,
                 # A Trainer that never trained, after one that did (a teacher's, or one given the trained model to
@@ -317,7 +339,8 @@ class KaioCallback(TrainerCallback):
                 not_numbers=not_numbers,
                 prediction=prediction,
                 other_model=other,
-            )
+            ),
+            state,
         )
 
     def on_predict(self, args, state, control, metrics=None, **kwargs):
@@ -366,6 +389,7 @@ class KaioCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._training = False
+        self._send_held()  # a step that never sent its event (an exception in a later callback)
         end = TrainEnd(rank=self.rank, step=self._step(state), t_wall=time.time(), t_mono=time.monotonic())
         end.stopped = stop.requested()
         if state.is_world_process_zero:
