@@ -144,6 +144,30 @@ def test_what_a_callback_before_kaios_logs_or_evaluates_at_a_steps_end_follows_t
     assert history["steps"][1]["metrics"] == {"my_counter": 2.0} and history["evals"][0]["step"] == 2
 
 
+def test_an_evaluation_or_save_the_steps_event_could_not_announce_is_announced_when_it_comes(hooks):
+    """An epoch strategy's evaluation and save are set at the epoch's end, after the step's event; a later callback's
+    or the script's own evaluate() is set nowhere kaio reads. Each is announced as a pause, so that the supervisor
+    gives it an evaluation's budget: a 67 s epoch evaluation was a stall of a training step, stopped with
+    on_stall: stop."""
+    from transformers import TrainerControl
+
+    from kaio.child.patch import _announce_evaluations
+
+    callback, state, args = hooks.callback, hooks.state, SimpleNamespace(output_dir="ck")
+    trainer = SimpleNamespace(state=state, evaluate=lambda **kwargs: {"eval_loss": 1.0})
+    _announce_evaluations(trainer, callback)
+    assert trainer.evaluate() == {"eval_loss": 1.0}  # before the training: no pause of it
+    callback._training = True  # as on_train_begin leaves it (which these stand-ins cannot describe)
+    hooks.step()
+    callback.on_epoch_end(args, state, TrainerControl(should_evaluate=True, should_save=True))
+    callback.on_epoch_end(args, state, TrainerControl())  # nothing to announce
+    trainer.evaluate(metric_key_prefix="holdout")
+    pauses = [
+        (e["step"], e.get("evaluates", False), e.get("saves", False)) for e in hooks.events() if e["type"] == "pause"
+    ]
+    assert pauses == [(1, True, True), (1, True, False)]
+
+
 def test_the_trainers_count_of_a_vision_models_pixel_values_is_no_token_count(hooks):
     """include_num_input_tokens_seen counts the model's main input: a ViT's 768 pixel values an image were taken
     for tokens (tokens/s 45x too high, MFU 620%)."""

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from conftest import REPO, journal_steps, kaio, read_history, spawn_kaio, wait_for
-from kaio.record.types import Eval, RunStart, Save, Step, TrainEnd
+from kaio.record.types import Eval, Log, Pause, RunStart, Save, Step, TrainEnd
 from kaio.run.stalls import PAUSE_BUDGET_S, STARTUP_BUDGET_S, StallWatch, where_it_waits
 
 FAULTY = REPO / "tests" / "scripts" / "faulty_train.py"
@@ -278,6 +278,18 @@ def test_where_a_rank_waits_is_its_main_threads_innermost_frame_and_the_code_tha
         ),
         # The script's own work after its Trainer ended (a final evaluate, merging weights): not a training step.
         ([Step(rank=0, step=3), TrainEnd(rank=0, step=3), Eval(rank=0, step=3)], "after training", 1200.0),
+        # An evaluation and save the step's event could not announce (an epoch strategy's, set at the epoch's end;
+        # a later callback's; the script's own evaluate() from a callback): announced after it.
+        ([Step(rank=0, step=4), Pause(rank=0, step=4, evaluates=True, saves=True)], "evaluation", PAUSE_BUDGET_S),
+        (
+            [Step(rank=0, step=4), Pause(rank=0, step=4, evaluates=True, saves=True), Eval(rank=0, step=4)],
+            "checkpoint save",
+            PAUSE_BUDGET_S,
+        ),
+        ([Step(rank=0, step=4), Pause(rank=1, step=4, evaluates=True)], "training step", 5.0),  # the lead rank's
+        # The Trainer's end, from its closing log (loading the best checkpoint, pruning): not a training step.
+        ([Step(rank=0, step=3), Log(rank=0, step=3, extra={"train_loss": 2.0})], "after training", 1200.0),
+        ([Step(rank=0, step=3), Log(rank=0, step=3, extra={"train_runtime": 2.0})], "training step", 5.0),
     ],
 )
 def test_each_phase_has_its_own_budget(events, phase, threshold):

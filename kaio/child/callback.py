@@ -42,6 +42,7 @@ from kaio.telemetry.protocol import (
     Eval,
     Log,
     Metric,
+    Pause,
     Save,
     Step,
     TrainEnd,
@@ -355,6 +356,20 @@ class KaioCallback(TrainerCallback):
         if self._stopping_at == state.global_step:
             control.should_evaluate = False
             control.should_save = self._saved_at != state.global_step
+        if control.should_evaluate or control.should_save:  # an epoch strategy's, after the step's event
+            self._announce(state, evaluates=bool(control.should_evaluate), saves=bool(control.should_save))
+
+    def evaluation_begins(self, state: Any) -> None:
+        """The Trainer's evaluate() was called (kaio.child.patch): during the training, a pause its step's event may
+        not have announced (a later callback's, the script's own from a callback)."""
+        if self._training:
+            self._announce(state, evaluates=True)
+
+    def _announce(self, state: Any, *, evaluates: bool = False, saves: bool = False) -> None:
+        step, now = self._step(state), time.monotonic()
+        self.emitter.emit(
+            Pause(rank=self.rank, step=step, t_wall=time.time(), t_mono=now, evaluates=evaluates, saves=saves)
+        )
 
     def on_save(self, args, state, control, **kwargs):
         self._saved_at = int(state.global_step)

@@ -166,6 +166,7 @@ def _patch(trainer_cls: Any) -> None:
             # recipe's edits_reach_a_resume) runs first, and this one describes what the training then uses.
             self.add_callback(callback)
             _watch_losses(self, callback)
+            _announce_evaluations(self, callback)
             time_data_and_forward(self, callback.timing)
 
     began = [False]  # a training of this process has begun
@@ -191,6 +192,20 @@ def _overrides(trainer: Any, method: str) -> bool:
     from transformers import Trainer
 
     return getattr(type(trainer), method, None) is not getattr(Trainer, method, None)
+
+
+def _announce_evaluations(trainer: Any, callback: Any) -> None:
+    """Each ``evaluate()`` of the training (an epoch's, a later callback's, the script's own from a callback) is
+    announced as it begins: the supervisor gives it an evaluation's budget, not a step's. The instance attribute
+    wraps whatever method the class has."""
+    evaluate = trainer.evaluate
+
+    @functools.wraps(evaluate)
+    def announced(*args, **kwargs):
+        callback.evaluation_begins(trainer.state)
+        return evaluate(*args, **kwargs)
+
+    trainer.evaluate = announced
 
 
 def _watch_losses(trainer: Any, callback: Any) -> None:

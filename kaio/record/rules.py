@@ -35,6 +35,12 @@ def trainer_speed_or_total(name: str) -> bool:
     )
 
 
+def closing_log(extra: Mapping[str, object]) -> bool:
+    """The Trainer's closing log (its train_loss, the mean over the training), after its last step: what follows is
+    its end (loading the best checkpoint, pruning checkpoints), not a step."""
+    return "train_loss" in extra
+
+
 def not_a_number_note(name: str) -> str:
     """Said once of a logged or evaluation metric that is not a number (text, a list): left out of the record."""
     return f"metric {name} is not a number: not in the record (child.log has it)"

@@ -28,6 +28,7 @@ from kaio.telemetry.protocol import (
     Metric,
     ModelInfo,
     NonFiniteTag,
+    Pause,
     PeftInfo,
     RunStart,
     Save,
@@ -166,6 +167,7 @@ Record = (
     | Step
     | Log
     | Eval
+    | Pause
     | Save
     | TrainEnd
     | ScriptEnd

@@ -4,8 +4,8 @@
 they arrive (the supervisor's clock, so that a rank's clock does not matter):
 start-up until a session's first step, a training step, an evaluation or a
 checkpoint save after a step that announced one (``Step.evaluates`` /
-``Step.saves``), and the script's own work after its Trainer ended
-(``TrainEnd``). ``capture_stacks`` then asks every rank of the session for
+``Step.saves``, or a ``Pause`` sent after the step), and the Trainer's end and
+the script's own work after it (from the Trainer's closing log, ``TrainEnd``). ``capture_stacks`` then asks every rank of the session for
 its Python stack (``kaio.child.stacks``), keeps them under
 ``<report dir>/stalls/<time>/`` and says in one line per rank where it waits.
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kaio.record import rules
-from kaio.record.types import Eval, Record, RunStart, Save, Stall, StalledRank, Step, TrainEnd
+from kaio.record.types import Eval, Log, Pause, Record, RunStart, Save, Stall, StalledRank, Step, TrainEnd
 from kaio.telemetry.protocol import STACK_SIGNAL, parse_stack_file_name
 
 STARTUP_BUDGET_S = 1200.0  # launching, importing, loading a large model and its data
@@ -28,6 +28,7 @@ AFTER_TRAINING_BUDGET_S = 1200.0  # the script's own work after train(): a last 
 PAUSE_BUDGET_S = 600.0  # an evaluation or a checkpoint save, at least...
 PAUSE_FACTOR = 3.0  # ...and 3x the longest one so far
 ANSWER_WAIT_S = 3.0  # how long the ranks have to write their stacks
+PAUSES = ("evaluation", "checkpoint save")  # what the Trainer does between two steps, in its order
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,18 @@ class StallWatch:
             if record.rank != self.lead_rank:
                 return
             self.last_step = max(self.last_step, record.step)
-            self._pending = [p for p, on in (("evaluation", record.evaluates), ("checkpoint save", record.saves)) if on]
+            self._pending = [p for p, on in zip(PAUSES, (record.evaluates, record.saves)) if on]
             self._evaluations_left = self.eval_sets
             self._trained = False
+        elif isinstance(record, Pause):  # announced after the step (an epoch's end, a callback, the script)
+            if record.rank != self.lead_rank:
+                return
+            if record.evaluates and "evaluation" not in self._pending:
+                self._evaluations_left = self.eval_sets
+            announced = {"evaluation": record.evaluates, "checkpoint save": record.saves}
+            self._pending = [p for p in PAUSES if announced[p] or p in self._pending]
+        elif isinstance(record, Log) and rules.closing_log(record.extra):
+            self._pending, self._trained = [], True  # the Trainer's end: the best model loaded, checkpoints pruned
         elif isinstance(record, RunStart):
             if record.rank == self.lead_rank:
                 self.eval_sets = max(1, record.eval_sets or 1)

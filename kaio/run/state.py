@@ -36,6 +36,7 @@ from kaio.record.types import (
     HubOutcome,
     Log,
     Note,
+    Pause,
     Record,
     RunDescription,
     RunStart,
@@ -118,6 +119,7 @@ class RunState:
             Step: self._on_step,
             Log: self._on_log,
             Eval: self._on_eval,
+            Pause: self._count,
             Save: self._on_save,
             TrainEnd: self._on_train_end,
             ScriptEnd: self._on_script_end,
@@ -292,6 +294,9 @@ class RunState:
     def _on_train_end(self, r: TrainEnd) -> None:
         self.ledger.telemetry.events += 1
         self.ledger.on_train_end(r)
+
+    def _count(self, r: Pause) -> None:
+        self.ledger.telemetry.events += 1  # (the supervisor's stall watch reads it as it arrives)
 
     def _on_script_end(self, r: ScriptEnd) -> None:
         self.ledger.telemetry.events += 1

@@ -283,6 +283,16 @@ class Eval(Event, tag="eval"):
     other_model: bool = False  # a Trainer of a model none of the script's trainings trained (a teacher's)
 
 
+class Pause(Event, tag="pause"):
+    """After step ``step``'s event, every rank: the Trainer evaluates and/or saves before the next step, which that
+    event could not announce (an epoch strategy's, set at the epoch's end; a later callback's; the script's own
+    ``trainer.evaluate()`` during the training). The supervisor gives the pause its budget, not a step's."""
+
+    step: int
+    evaluates: bool = False
+    saves: bool = False
+
+
 class Save(Event, tag="save"):
     """A checkpoint was written (rank 0)."""
 
@@ -315,7 +325,7 @@ class ScriptEnd(Event, tag="script_end"):
     ignores it: kaio.child.__main__)."""
 
 
-ChildEvent = RunStart | Step | Log | Eval | Save | TrainEnd | ScriptEnd
+ChildEvent = RunStart | Step | Log | Eval | Pause | Save | TrainEnd | ScriptEnd
 
 
 class RankError(msgspec.Struct, kw_only=True):
