@@ -285,6 +285,13 @@ def test_peft_methods_other_than_lora_are_described_as_what_they_are(torch):
     assert described(ia3) == "IA3 on down_proj, k_proj (feed-forward: down_proj)"
     dora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"], use_dora=True)
     assert described(dora) == "DoRA (LORA, use_dora) r=4 alpha=8 dropout=0 on q_proj"
+    # A sequence classifier's task type saves PEFT's default heads, `classifier` and `score`: the one it has.
+    from transformers import LlamaForSequenceClassification
+
+    shape = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+    classifier = LlamaForSequenceClassification(LlamaConfig(vocab_size=32, num_labels=2, pad_token_id=0, **shape))
+    seq_cls = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj"])
+    assert describe_peft(get_peft_model(classifier, seq_cls)).modules_to_save == ["score"]
 
 
 def test_a_scripts_own_training_dataloader_batch_is_the_batch_counted(torch):

@@ -203,6 +203,17 @@ def _adapted_modules(model: Any) -> list[str]:
     return sorted(names - {"lm_head", "embed_tokens", "wte", "embed_out"})
 
 
+def _modules_it_has(model: Any, names: Any) -> list[str]:
+    """Those of ``names`` the model has: PEFT's task defaults name heads it may lack (``classifier`` and ``score``
+    for sequence classification, whichever the model has)."""
+    wanted = sorted(str(name) for name in names)
+    try:
+        found = [name for name, _ in model.named_modules()]
+    except (AttributeError, RuntimeError, TypeError):
+        return wanted
+    return [w for w in wanted if any(name == w or name.endswith(f".{w}") for name in found)]
+
+
 def describe_peft(model: Any) -> PeftInfo | None:
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict) or not configs:
@@ -215,7 +226,7 @@ def describe_peft(model: Any) -> PeftInfo | None:
         dropout=_float(getattr(config, "lora_dropout", None)),
         target_modules=_module_names(getattr(config, "target_modules", None)),
         adapted_modules=_adapted_modules(model),
-        modules_to_save=sorted(str(m) for m in getattr(config, "modules_to_save", None) or ()),
+        modules_to_save=_modules_it_has(model, getattr(config, "modules_to_save", None) or ()),
         use_dora=getattr(config, "use_dora", False) is True,
         num_virtual_tokens=_int(getattr(config, "num_virtual_tokens", None)),
         feedforward_modules=_module_names(getattr(config, "feedforward_modules", None)),
