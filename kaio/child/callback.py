@@ -125,11 +125,10 @@ class KaioCallback(TrainerCallback):
         self._training = False  # this Trainer's training began and has not ended
         self._trained = False  # this Trainer's training began, at some time
         self.script_optimizer = False  # the script gave the Trainer its own optimizer (kaio.child.patch)
+        self.script_lr_scheduler = False  # ...and its own scheduler
         self._stopping_at: int | None = None  # the Trainer's step a graceful stop saves and ends at
         self._saved_at: int | None = None  # the Trainer's step of the latest checkpoint saved, on every rank
-        self._step_sent = 0  # the Trainer's step whose Step event this callback sent last
-        self._held: list[Log | Eval] = []  # logs and evaluations of a step whose Step event is not sent yet
-        self.script_lr_scheduler = False  # ...and its own scheduler
+        self._in_order = _AfterItsStep(emitter)
 
     # -- helpers -----------------------------------------------------------
 
@@ -182,7 +181,7 @@ class KaioCallback(TrainerCallback):
         stop.training(True)
         process_group.note_backend()
         self._peak_memory = peak_memory_functions()
-        start = self._step_sent = int(state.global_step)
+        start = self._in_order.step_sent = int(state.global_step)
         _TRAININGS.count += 1
         if getattr(state, "is_world_process_zero", True):  # the rank that tells evaluations apart (on_evaluate)
             _TRAININGS.trained(model)
@@ -252,23 +251,7 @@ class KaioCallback(TrainerCallback):
                 forward_s=forward_s,
             )
         )
-        self._step_sent = int(state.global_step)
-        self._send_held()
-
-    def _send_after_its_step(self, event: Log | Eval, state: Any) -> None:
-        """A callback before this one logged (trainer.log) or evaluated in on_step_end: the step's own event is not
-        sent yet, and the record puts a log or an evaluation's metrics in the entry that event opens. Held until it
-        is sent (one step at most: a loop that sends no step events holds nothing)."""
-        if self._training and int(state.global_step) == self._step_sent + 1:
-            self._held.append(event)
-        else:
-            self._send_held()
-            self.emitter.emit(event)
-
-    def _send_held(self) -> None:
-        for event in self._held:
-            self.emitter.emit(event)
-        self._held.clear()
+        self._in_order.sent(int(state.global_step))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # The training-loss log (every rank makes it, gathering the loss): the losses since the previous one.
@@ -317,7 +300,7 @@ class KaioCallback(TrainerCallback):
             nonfinite_carried=carried,
             **fields,
         )
-        self._send_after_its_step(log, state)
+        self._in_order.send(log, int(state.global_step), self._training)
 
     def on_evaluate(self, args, state, control, metrics=None, *, prediction: bool = False, **kwargs):
         if not state.is_world_process_zero or not metrics:
@@ -327,7 +310,7 @@ class KaioCallback(TrainerCallback):
         # A string or a list is not a missing number: left out, and named (null stays for a None logged).
         not_numbers = [key for key, value in values.items() if value is None and metrics[key] is not None]
         self._busy_until_mono = time.monotonic()
-        self._send_after_its_step(
+        self._in_order.send(
             Eval(
                 rank=self.rank,
                 # A Trainer that never trained, after one that did (a teacher's, or one given the trained model to
@@ -341,7 +324,8 @@ class KaioCallback(TrainerCallback):
                 prediction=prediction,
                 other_model=other,
             ),
-            state,
+            int(state.global_step),
+            self._training,
         )
 
     def on_predict(self, args, state, control, metrics=None, **kwargs):
@@ -404,7 +388,7 @@ class KaioCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self._training = False
-        self._send_held()  # a step that never sent its event (an exception in a later callback)
+        self._in_order.flush()  # a step that never sent its event (an exception in a later callback)
         end = TrainEnd(rank=self.rank, step=self._step(state), t_wall=time.time(), t_mono=time.monotonic())
         end.stopped = stop.requested()
         if state.is_world_process_zero:
@@ -424,6 +408,34 @@ class KaioCallback(TrainerCallback):
                 end.greater_is_better = greater if isinstance(greater, bool) else None
         self.emitter.emit(end)
         stop.training(False)  # after the end is sent: a stop's KeyboardInterrupt from now on lands in the script
+
+
+class _AfterItsStep:
+    """A callback before kaio's logs (trainer.log) or evaluates in on_step_end: the step's own event is not sent yet,
+    and the record puts a log or an evaluation's metrics in the entry that event opens. Held until it is sent (one
+    step at most: a loop that sends no step events holds nothing)."""
+
+    def __init__(self, emitter: EventEmitter) -> None:
+        self.emitter = emitter
+        self.step_sent = 0  # the Trainer's step whose Step event was sent last
+        self._held: list[Log | Eval] = []
+
+    def send(self, event: Log | Eval, trainer_step: int, training: bool) -> None:
+        if training and trainer_step == self.step_sent + 1:
+            self._held.append(event)
+        else:
+            self.flush()
+            self.emitter.emit(event)
+
+    def sent(self, trainer_step: int) -> None:
+        """The Step event of the Trainer's ``trainer_step`` was sent: what waited for it follows."""
+        self.step_sent = trainer_step
+        self.flush()
+
+    def flush(self) -> None:
+        for event in self._held:
+            self.emitter.emit(event)
+        self._held.clear()
 
 
 def _early_stopping_said(callback: Any, args: Any) -> str | None:
