@@ -497,6 +497,15 @@ def test_an_evaluation_takes_its_own_metrics_from_the_log_before_it_and_leaves_t
     assert history["evals"][0]["metrics"] == {**evaluation, "eval_rewards": 0.7}
     assert history["steps"][0]["eval_s"] == 0.5
     assert history["warnings"] == ["a log at step 2 was too large for one record: its other metrics were left out"]
+    # The script's own log of final_* numbers, then evaluate(metric_key_prefix="final"): the evaluation takes what
+    # its own log (the one just before it) holds, not the script's numbers of the same prefix.
+    final = {"final_loss": 0.8, "final_runtime": 0.5, "final_samples_per_second": 9.0}
+    events += [{"type": "log", "rank": 0, "session": 1, "step": 2, "extra": {"final_accuracy": 0.875}}]
+    events += [{"type": "log", "rank": 0, "session": 1, "step": 2, "extra": final}]
+    events += [{"type": "eval", "rank": 0, "session": 1, "step": 2, "metrics": final}]
+    history = history_of(replay(events))
+    assert history["evals"][1]["metrics"] == final
+    assert history["steps"][1]["metrics"] == {**looks_alike, "final_accuracy": 0.875}
 
 
 def test_a_report_of_a_run_still_going_counts_its_start_up_in_its_wall_time_and_its_steps_so_far():

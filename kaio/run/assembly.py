@@ -65,6 +65,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
     # (an evaluation's, logged there too, leave them when it comes), and the names written (the first is kept).
     at_step_0: dict[str, float] = {}
     kept_at_step_0: set[str] = set()
+    latest_log: set[str] = set()  # the keys of rank 0's latest log: an evaluation's own, when one follows it
     counts: SeenCounts = msgspec.field(default_factory=SeenCounts)  # the examples and tokens seen
     later_training: bool = False  # a later training began (another Trainer, an out-of-memory retry): its first step
     evaluated_after_s: float = 0.0  # the script's own evaluations since rank 0's latest step (after a train() ended)
@@ -182,6 +183,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         """Into its step's entry, which rank 0's step event opened (sent before its log). A log at a step this
         session did not train (the Trainer's closing log when it began at its last step and trained none) is no
         step's."""
+        self.latest_log = set(event.extra)
         if event.step is None:
             return
         entry = self.open.get(event.step)
@@ -296,10 +298,10 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         evaluation's prefix (eval_*, eval_<set>_*, test_*) is the evaluation's: it leaves the step for
         ``metrics``; the rest (the tokens seen, a number a trainer adds to every log) stays the step's too. A log at
         the Trainer's step 0 (eval_on_start, another Trainer's evaluate() after the training) is given back too."""
-        _take_evaluation(self.at_step_0, metrics)
+        _take_evaluation(self.at_step_0, metrics, self.latest_log)
         entry = self.open.get(step) if of_the_run else None  # another model's: nothing in the run's step
         if entry is not None:
-            _take_evaluation(entry.metrics, metrics)
+            _take_evaluation(entry.metrics, metrics, self.latest_log)
 
     def evaluated_after_training(self, seconds: float) -> None:
         """The script's own evaluation after a train() ended (no pause of a step): a later training's first step
@@ -341,8 +343,9 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         out.sealed(entry)
 
 
-def _take_evaluation(logged: dict[str, float], metrics: dict[str, float | None]) -> None:
-    """An evaluation's metrics out of what was logged with them (``StepAssembler.evaluated``)."""
+def _take_evaluation(logged: dict[str, float], metrics: dict[str, float | None], its_log: set[str]) -> None:
+    """An evaluation's metrics out of what was logged with them (``StepAssembler.evaluated``): in its own log, the
+    one just before it (a script's earlier log of final_accuracy is not a final_ evaluation's)."""
     prefix = rules.evaluation_prefix(metrics)
     if prefix is None:  # no speed metrics to name it: the evaluation's own keys only
         for key in metrics:
@@ -351,7 +354,7 @@ def _take_evaluation(logged: dict[str, float], metrics: dict[str, float | None])
     # One of several eval datasets (eval_<set>): a trainer's own eval_* keys (TRL's eval_accuracy) are unprefixed
     # by set, and the latest logged are this set's (an earlier set's were taken by its own evaluation).
     family = "eval" if prefix.startswith("eval_") else prefix
-    for key in [k for k in logged if k.startswith(f"{family}_")]:
+    for key in [k for k in logged if k.startswith(f"{family}_") and k in its_log]:
         value = logged.pop(key)
         metrics.setdefault(key, value)
 
