@@ -386,6 +386,14 @@ def test_tokens_a_trainer_does_not_count_are_kaios_count_of_the_input_ids_on_fro
     steps = history_of(replay(events))["steps"]
     assert [s["tokens_seen"] for s in steps] == [150, 300, 450]
     assert [s["tokens_per_s_per_device"] for s in steps] == [None, 150.0, 150.0]
+    # The report says whose count it is, and whether padding is in it (the Trainer's "non_padding" leaves it out).
+    from kaio.report.markdown import _throughput
+
+    for counting, said in (("all", "padding included"), ("non_padding", "padding excluded")):
+        args = {**run["args"], "include_num_input_tokens_seen": counting}
+        state = replay([events[0], {**counted, "args": args}, *events[2:]])
+        with state.with_open_steps() as index:
+            assert _throughput(summarize(state.header(), index)).endswith(f"tokens/s (the Trainer's count, {said})")
 
 
 def test_samples_go_on_from_the_checkpoints_count_after_a_resume_and_never_exceed_the_batch():

@@ -840,6 +840,8 @@ def _throughput(s: Summary) -> str:
             text += f" (kaio's count of rank 0's input ids × {s.world_size} ranks, padding included)"
         elif s.tokens_counted_by == "kaio":  # the Trainer did not count them (include_num_input_tokens_seen)
             text += " (kaio's count of the input ids, padding included)"
+        elif s.tokens_counted_by == "trainer":
+            text += f" (the Trainer's count, padding {'excluded' if s.tokens_without_padding else 'included'})"
     return text
 
 

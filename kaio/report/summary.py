@@ -137,6 +137,7 @@ class Summary(msgspec.Struct, kw_only=True):
     samples_per_s: float | None = None  # each session's steps after its first (in its start-up), over their time
     tokens: int | None = None
     tokens_counted_by: str | None = None  # RunDescription's
+    tokens_without_padding: bool = False  # the Trainer counted them (include_num_input_tokens_seen="non_padding")
     world_size: int | None = None  # the training processes, as the Trainer reported them
     tokens_per_s: float | None = None
     tokens_per_s_per_device: float | None = None  # over the steps' own time (kaio.record.flops)
@@ -264,6 +265,8 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
     gpus = _gpus(q, s, header, w)
     _throughput(q, s)
     s.tokens_counted_by = run.tokens_counted_by if run is not None and s.tokens is not None else None
+    counted = run.args.include_num_input_tokens_seen if run is not None else None
+    s.tokens_without_padding = s.tokens_counted_by == "trainer" and counted == "non_padding"
     s.world_size = run.world_size if run is not None else None
     if run is not None:
         _vram_estimate(q, s, run)

@@ -109,6 +109,7 @@ class TrainingArgs(msgspec.Struct, kw_only=True, omit_defaults=True):
     gradient_checkpointing: bool | None = None
     use_cpu: bool | None = None
     torch_compile: bool | None = None
+    include_num_input_tokens_seen: str | None = None  # "all" (padding included), "non_padding", "no"
     # What changes the loss the Trainer computes and logs (the report says so beside it)
     label_smoothing_factor: float | None = None
     neftune_noise_alpha: float | None = None
