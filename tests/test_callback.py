@@ -154,7 +154,12 @@ def test_an_evaluation_or_save_the_steps_event_could_not_announce_is_announced_w
     from kaio.child.patch import _announce_evaluations
 
     callback, state, args = hooks.callback, hooks.state, SimpleNamespace(output_dir="ck")
-    trainer = SimpleNamespace(state=state, evaluate=lambda **kwargs: {"eval_loss": 1.0})
+
+    def evaluate(**kwargs):  # as the Trainer's does: its metrics to the callbacks' on_evaluate
+        callback.on_evaluate(args, state, TrainerControl(), metrics={"eval_loss": 1.0})
+        return {"eval_loss": 1.0}
+
+    trainer = SimpleNamespace(state=state, evaluate=evaluate)
     _announce_evaluations(trainer, callback)
     assert trainer.evaluate() == {"eval_loss": 1.0}  # before the training: no pause of it
     callback._training = True  # as on_train_begin leaves it (which these stand-ins cannot describe)
@@ -162,10 +167,19 @@ def test_an_evaluation_or_save_the_steps_event_could_not_announce_is_announced_w
     callback.on_epoch_end(args, state, TrainerControl(should_evaluate=True, should_save=True))
     callback.on_epoch_end(args, state, TrainerControl())  # nothing to announce
     trainer.evaluate(metric_key_prefix="holdout")
-    pauses = [
-        (e["step"], e.get("evaluates", False), e.get("saves", False)) for e in hooks.events() if e["type"] == "pause"
+    # A subclass's evaluate() of its own, which logs its metrics but calls no on_evaluate: recorded from its return.
+    own = SimpleNamespace(state=state, args=args, control=TrainerControl(), model=None)
+    own.evaluate = lambda **kwargs: {"eval_accuracy": 0.75}
+    _announce_evaluations(own, callback)
+    assert own.evaluate() == {"eval_accuracy": 0.75}
+    events = hooks.events()
+    pauses = [(e["step"], e.get("evaluates", False), e.get("saves", False)) for e in events if e["type"] == "pause"]
+    assert pauses == [(1, True, True), (1, True, False), (1, True, False)]
+    assert [e["metrics"] for e in events if e["type"] == "eval"] == [
+        {"eval_loss": 1.0},
+        {"eval_loss": 1.0},
+        {"eval_accuracy": 0.75},
     ]
-    assert pauses == [(1, True, True), (1, True, False)]
 
 
 def test_the_trainers_count_of_a_vision_models_pixel_values_is_no_token_count(hooks):

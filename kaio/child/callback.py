@@ -126,6 +126,7 @@ class KaioCallback(TrainerCallback):
         self._trained = False  # this Trainer's training began, at some time
         self.script_optimizer = False  # the script gave the Trainer its own optimizer (kaio.child.patch)
         self.script_lr_scheduler = False  # ...and its own scheduler
+        self.evaluations_seen = 0  # on_evaluate calls (kaio.child.patch: an evaluate() that makes none)
         self._stopping_at: int | None = None  # the Trainer's step a graceful stop saves and ends at
         self._saved_at: int | None = None  # the Trainer's step of the latest checkpoint saved, on every rank
         self._in_order = _AfterItsStep(emitter)
@@ -303,6 +304,7 @@ class KaioCallback(TrainerCallback):
         self._in_order.send(log, int(state.global_step), self._training)
 
     def on_evaluate(self, args, state, control, metrics=None, *, prediction: bool = False, **kwargs):
+        self.evaluations_seen += 1
         if not state.is_world_process_zero or not metrics:
             return
         values = {key: self._metric(key, value) for key, value in metrics.items() if key != "epoch"}

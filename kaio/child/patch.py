@@ -196,14 +196,19 @@ def _overrides(trainer: Any, method: str) -> bool:
 
 def _announce_evaluations(trainer: Any, callback: Any) -> None:
     """Each ``evaluate()`` of the training (an epoch's, a later callback's, the script's own from a callback) is
-    announced as it begins: the supervisor gives it an evaluation's budget, not a step's. The instance attribute
-    wraps whatever method the class has."""
+    announced as it begins: the supervisor gives it an evaluation's budget, not a step's. A subclass's evaluate()
+    of its own that never calls the callbacks' on_evaluate is recorded from what it returns. The instance
+    attribute wraps whatever method the class has."""
     evaluate = trainer.evaluate
 
     @functools.wraps(evaluate)
     def announced(*args, **kwargs):
         callback.evaluation_begins(trainer.state)
-        return evaluate(*args, **kwargs)
+        seen = callback.evaluations_seen
+        metrics = evaluate(*args, **kwargs)
+        if callback.evaluations_seen == seen and isinstance(metrics, dict):
+            callback.on_evaluate(trainer.args, trainer.state, trainer.control, metrics=metrics, model=trainer.model)
+        return metrics
 
     trainer.evaluate = announced
 
