@@ -207,7 +207,10 @@ def _announce_evaluations(trainer: Any, callback: Any) -> None:
         seen = callback.evaluations_seen
         metrics = evaluate(*args, **kwargs)
         if callback.evaluations_seen == seen and isinstance(metrics, dict):
-            callback.on_evaluate(trainer.args, trainer.state, trainer.control, metrics=metrics, model=trainer.model)
+            model = getattr(trainer, "model", None)
+            callback.on_evaluate(
+                trainer.args, trainer.state, getattr(trainer, "control", None), metrics=metrics, model=model
+            )
         return metrics
 
     trainer.evaluate = announced
