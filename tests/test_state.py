@@ -396,6 +396,26 @@ def test_tokens_a_trainer_does_not_count_are_kaios_count_of_the_input_ids_on_fro
             assert _throughput(summarize(state.header(), index)).endswith(f"tokens/s (the Trainer's count, {said})")
 
 
+def test_a_resume_whose_steps_take_another_number_of_examples_says_the_data_was_skipped_or_trained_again():
+    """The Trainer finds its place in the data by counting the checkpoint's steps in batches of the new size: one
+    rank resumed on two skipped 240 of 512 examples, two resumed on one trained 160 again, with only a config note."""
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 80, "world_size": 1}
+    run |= {"args": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}}
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, run, _step(1, 1.0)]
+    events += [{"type": "session_end", "session": 1, "t_wall": 1e9 + 5, "status": "INTERRUPTED", "exit_code": 143}]
+    events += [{"type": "session_start", "session": 2, "t_wall": 1e9 + 10, "kind": "resume"}]
+    resumed = {**run, "session": 2, "start_step": 60}
+    assert not [w for w in history_of(replay([*events, resumed]))["warnings"] if "examples per optimizer step" in w]
+    warnings = history_of(replay([*events, {**resumed, "world_size": 2}]))["warnings"]
+    assert warnings == [
+        "session 2: resumed with 8 examples per optimizer step where the checkpoint's 60 steps took 4 (world size "
+        "1 -> 2): the Trainer finds its place in the data by counting those steps in batches of the new size, so "
+        "about 240 examples were skipped"
+    ]
+    fewer = {**resumed, "args": {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1}}
+    assert "about 120 examples were trained again" in history_of(replay([*events, fewer]))["warnings"][0]
+
+
 def test_samples_go_on_from_the_checkpoints_count_after_a_resume_and_never_exceed_the_batch():
     """A resume from checkpoint-3 counts on from step 3's recorded samples (an epoch's short batch in it), not
     from 3 full batches; a collator that stacks each example's rows (DPO's chosen and rejected) counts 8 rows

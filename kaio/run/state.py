@@ -195,10 +195,14 @@ class RunState:
     def _on_run_start(self, r: RunStart) -> None:
         self._throughput = None
         self.ledger.telemetry.events += 1
+        before = self.ledger.run
         problem = self.ledger.on_run_start(r)
         if problem is not None:
             self.warn(problem)
         if r.rank == self.ledger.lead_rank:
+            shifted = _data_place_shifted(before, r)
+            if shifted is not None:
+                self.warn(shifted)
             if r.start_step and r.training == 1 and self.parts.steps.sealed_through == 0 and not self.parts.steps.open:
                 self.parts.steps.begin_counts_at(r.start_step, r.start_tokens)
                 self.ledger.add_note(
@@ -441,6 +445,32 @@ def _final_model(end: TrainEnd | None) -> FinalModel | None:
         value=end.best_metric,
         greater_is_better=end.greater_is_better,
         loaded=loaded,
+    )
+
+
+def _data_place_shifted(before: RunStart | None, r: RunStart) -> str | None:
+    """A resume whose optimizer step takes another number of examples than the checkpoint's steps did (the world
+    size, the batch or the accumulation changed): the Trainer finds its place in the data by counting the steps
+    done in batches of the new size, so examples are skipped or trained again."""
+    if before is None or before.session == r.session or r.training != 1 or not r.start_step:
+        return None
+    old, new = before.samples_per_step, r.samples_per_step
+    if old is None or new is None or old == new:
+        return None
+    shapes = [
+        f"{name} {a} -> {b}"
+        for name, a, b in (
+            ("world size", before.world_size, r.world_size),
+            ("per-device batch", before.per_device_batch_size, r.per_device_batch_size),
+            ("gradient accumulation", before.args.gradient_accumulation_steps, r.args.gradient_accumulation_steps),
+        )
+        if a != b
+    ]
+    done = "skipped" if new > old else "trained again"
+    return (
+        f"session {r.session}: resumed with {new} examples per optimizer step where the checkpoint's {r.start_step} "
+        f"steps took {old} ({', '.join(shapes)}): the Trainer finds its place in the data by counting those steps in "
+        f"batches of the new size, so about {abs(new - old) * r.start_step:,} examples were {done}"
     )
 
 
