@@ -520,14 +520,28 @@ def test_the_end_of_training_says_which_checkpoints_are_gone_and_which_weights_t
     callback = hooks.callback
     args = SimpleNamespace(output_dir="out", load_best_model_at_end=True)
     state = SimpleNamespace(global_step=8, is_world_process_zero=True, best_model_checkpoint="out/checkpoint-8")
-    for step in (8, 20):
+    for step in (4, 8, 20):
         (tmp_path / "out" / f"checkpoint-{step}").mkdir(parents=True)
+        if step == 20:
+            (tmp_path / "out" / "checkpoint-4").rmdir()  # the Trainer's rotation, as it saves checkpoint-20
         state.global_step = step
         callback.on_save(args, state, SimpleNamespace())
     (tmp_path / "out" / "checkpoint-20").rmdir()  # what the Trainer does before on_train_end
     callback.on_train_end(args, state, SimpleNamespace())
-    (end,) = [e for e in hooks.events() if e["type"] == "train_end"]
+    events = hooks.events()
+    # Each removal said once, as it is seen: with the save after it, then at the end (hundreds of checkpoints
+    # removed in a long run made the end's event too large to send, and it was lost).
+    assert [e.get("removed", []) for e in events if e["type"] == "save"] == [[], [], ["out/checkpoint-4"]]
+    saves = [e for e in events if e["type"] == "save"]
+    assert [c.step for c in replay([{"type": "session_start", "session": 1}, *saves]).header().checkpoints] == [8, 20]
+    (end,) = [e for e in events if e["type"] == "train_end"]
     assert end["checkpoints_removed"] == ["out/checkpoint-20"] and end["best_loaded"] == "out/checkpoint-8"
+    from kaio.telemetry.protocol import MAX_LINE_BYTES, TrainEnd, decode, encode
+
+    removed = [f"/scratch/me/runs/a-long-experiment-name/checkpoint-{k}" for k in range(2, 262, 2)]
+    many = TrainEnd(rank=0, step=260, checkpoints_removed=removed)
+    line = encode(many)
+    assert len(line) < MAX_LINE_BYTES and decode(line).checkpoints_removed == many.checkpoints_removed[-8:]
 
     records = [
         {"type": "session_start", "session": 1},

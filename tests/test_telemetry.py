@@ -10,11 +10,21 @@ import textwrap
 
 import pytest
 
-from conftest import replay
+from conftest import history_of, replay
 from kaio.child.emitter import EventEmitter
 from kaio.telemetry import spool
 from kaio.telemetry.fifo import FifoReader, TelemetryFifo
-from kaio.telemetry.protocol import MAX_LINE_BYTES, Log, ProtocolError, Save, Step, decode, encode, tag_nonfinite
+from kaio.telemetry.protocol import (
+    MAX_LINE_BYTES,
+    Eval,
+    Log,
+    ProtocolError,
+    Save,
+    Step,
+    decode,
+    encode,
+    tag_nonfinite,
+)
 
 
 def test_encode_is_one_short_line_and_round_trips():
@@ -32,11 +42,23 @@ def test_nan_loss_travels_as_a_tag_in_strict_json():
     assert decode(line).loss == "nan"
 
 
-def test_oversized_event_drops_extra_then_refuses():
+def test_oversized_event_drops_extra_then_refuses(tmp_path, capsys):
     shrunk = decode(encode(Log(rank=0, step=1, extra={"blob": "x" * 5000})))
     assert shrunk.extra == {"kaio_truncated": True}
     with pytest.raises(ProtocolError):
         encode(Save(rank=0, step=1, path="x" * MAX_LINE_BYTES))
+    # An evaluation of per-class figures for 400 labels: its loss and speed kept, the rest as many as fit, counted.
+    per_class = {f"eval_label_{k}_f1": 0.5 for k in range(400)} | {"eval_loss": 1.25, "eval_runtime": 3.0}
+    kept = decode(encode(Eval(rank=0, step=4, metrics=per_class)))
+    assert kept.metrics["eval_loss"] == 1.25 and kept.metrics["eval_runtime"] == 3.0
+    assert kept.left_out == len(per_class) - len(kept.metrics) > 0
+    warnings = history_of(replay([{"type": "session_start", "session": 1}, kept]))["warnings"]
+    assert warnings == [f"the evaluation at step 4 returned too many metrics for one record: {kept.left_out} left out"]
+    # What still cannot be sent is said in the rank's output (child.log), once, not lost unseen.
+    emitter = EventEmitter(None, str(tmp_path / "spool"), rank=0, session=1)
+    emitter.emit(Save(rank=0, step=1, path="x" * MAX_LINE_BYTES))
+    emitter.close()
+    assert emitter.dropped == 1 and "kaio: an event was not recorded: event of type Save" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

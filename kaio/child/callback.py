@@ -118,7 +118,7 @@ class KaioCallback(TrainerCallback):
         self._step_offset = 0  # added to this Trainer's own step: the record's step (``_Trainings``)
         self._tokens_offset = 0
         self.timing = StepTiming()  # fed by the patched Trainer's get_batch_samples and compute_loss
-        self._saved: list[tuple[str, str]] = []  # each checkpoint saved: (its path as the script sees it, as recorded)
+        self._saved = _SavedCheckpoints()
         self.samples_in_step: int | None = 0  # fed by the patched Trainer's training_step; None: not countable
         self.tokens_in_step: int | None = 0  # likewise
         self._trainer_counts_tokens = True  # its num_input_tokens_seen counts tokens (on_train_begin says)
@@ -369,24 +369,21 @@ class KaioCallback(TrainerCallback):
             return
         saved = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         path = recorded_path(saved)
-        self._saved.append((saved, path))
+        removed = self._saved.gone()  # the Trainer's rotation (save_total_limit), just before this
+        self._saved.add(saved, path)
         now = time.monotonic()
         took = now - self._busy_until_mono if self._busy_until_mono is not None else None
         self.emitter.emit(
-            Save(rank=self.rank, step=self._step(state), path=path, t_wall=time.time(), t_mono=now, duration_s=took)
+            Save(
+                rank=self.rank,
+                step=self._step(state),
+                path=path,
+                t_wall=time.time(),
+                t_mono=now,
+                duration_s=took,
+                removed=removed,
+            )
         )
-
-    def _early_stopping(self, args: Any, state: Any) -> str | None:
-        """The early-stopping callback that ended the training before its max_steps, if one did."""
-        max_steps = getattr(state, "max_steps", None)
-        if not isinstance(max_steps, int) or max_steps <= 0 or state.global_step >= max_steps:
-            return None
-        trainer = self._trainer() if self._trainer is not None else None
-        for callback in getattr(getattr(trainer, "callback_handler", None), "callbacks", None) or []:
-            said = _early_stopping_said(callback, args)
-            if said is not None:
-                return said
-        return None
 
     def on_train_end(self, args, state, control, **kwargs):
         self._training = False
@@ -394,8 +391,9 @@ class KaioCallback(TrainerCallback):
         end = TrainEnd(rank=self.rank, step=self._step(state), t_wall=time.time(), t_mono=time.monotonic())
         end.stopped = stop.requested()
         if state.is_world_process_zero:
-            end.ended_early_by = None if end.stopped else self._early_stopping(args, state)
-            end.checkpoints_removed = [path for saved, path in self._saved if not os.path.isdir(saved)]
+            trainer = self._trainer() if self._trainer is not None else None
+            end.ended_early_by = None if end.stopped else _ended_early_by(trainer, args, state)
+            end.checkpoints_removed = self._saved.gone()
             best = getattr(state, "best_model_checkpoint", None)
             if getattr(args, "load_best_model_at_end", False) and isinstance(best, str):
                 end.best_loaded = recorded_path(best)
@@ -410,6 +408,22 @@ class KaioCallback(TrainerCallback):
                 end.greater_is_better = greater if isinstance(greater, bool) else None
         self.emitter.emit(end)
         stop.training(False)  # after the end is sent: a stop's KeyboardInterrupt from now on lands in the script
+
+
+class _SavedCheckpoints:
+    """The checkpoints a training saved, as the script sees their paths and as the record names them: those gone
+    since (the Trainer's rotation, save_total_limit; its end, with load_best_model_at_end), each said once."""
+
+    def __init__(self) -> None:
+        self._saved: list[tuple[str, str]] = []
+
+    def add(self, saved: str, recorded: str) -> None:
+        self._saved.append((saved, recorded))
+
+    def gone(self) -> list[str]:
+        gone = [recorded for saved, recorded in self._saved if not os.path.isdir(saved)]
+        self._saved = [(saved, recorded) for saved, recorded in self._saved if os.path.isdir(saved)]
+        return gone
 
 
 class _AfterItsStep:
@@ -438,6 +452,18 @@ class _AfterItsStep:
         for event in self._held:
             self.emitter.emit(event)
         self._held.clear()
+
+
+def _ended_early_by(trainer: Any, args: Any, state: Any) -> str | None:
+    """The early-stopping callback that ended the training before its max_steps, if one did."""
+    max_steps = getattr(state, "max_steps", None)
+    if not isinstance(max_steps, int) or max_steps <= 0 or state.global_step >= max_steps:
+        return None
+    for callback in getattr(getattr(trainer, "callback_handler", None), "callbacks", None) or []:
+        said = _early_stopping_said(callback, args)
+        if said is not None:
+            return said
+    return None
 
 
 def _early_stopping_said(callback: Any, args: Any) -> str | None:

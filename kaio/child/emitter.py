@@ -24,6 +24,7 @@ a second of its supervisor could lose its last events.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -95,8 +96,10 @@ class EventEmitter:
         )
         try:
             line = encode(event)
-        except ProtocolError:
+        except ProtocolError as exc:
             self.dropped += 1
+            if self.dropped == 1:  # said where the run's output goes (child.log), once: not silently lost
+                print(f"kaio: an event was not recorded: {exc}", file=sys.stderr, flush=True)
             return
         with self._spool_lock:
             self._spool(line)

@@ -305,6 +305,7 @@ class RunLedger(msgspec.Struct, kw_only=True):
             progress.last_step_t_wall = t_wall
 
     def on_save(self, r: Save) -> None:
+        self._forget(r.removed)
         self.checkpoints = self.checkpoints[-(CHECKPOINTS_KEPT - 1) :] + [
             CheckpointSaved(step=r.step, path=r.path, session=r.session, training=self._training_of(r.session))
         ]
@@ -317,11 +318,15 @@ class RunLedger(msgspec.Struct, kw_only=True):
         s = self.session_record(r.session)
         if s is not None and r.rank == self.lead_rank:
             self.progress[s.session].trained_to_end = True
-        if r.checkpoints_removed:  # the latest checkpoint named is one still on disk
-            removed = set(r.checkpoints_removed)
-            self.checkpoints = [c for c in self.checkpoints if c.path not in removed]
+        self._forget(r.checkpoints_removed)
         if r.rank == self.lead_rank:
             self.last_train_end = r  # the latest training's: its best checkpoint is the one to tell of
+
+    def _forget(self, removed: list[str]) -> None:
+        """Checkpoints the Trainer removed: the latest checkpoint named is one still on disk."""
+        if removed:
+            gone = set(removed)
+            self.checkpoints = [c for c in self.checkpoints if c.path not in gone]
 
     def derived_notes(self) -> list[str]:
         """Notes of state that a later event replaces (said as it stands, not once per session): a push that

@@ -260,6 +260,10 @@ class RunState:
         self.ledger.telemetry.events += 1
         for name in r.not_numbers:
             self.ledger.add_note(rules.not_a_number_note(name))
+        if r.left_out:
+            self.warn(
+                f"the evaluation at step {r.step} returned too many metrics for one record: {r.left_out} left out"
+            )
         entry = EvalEntry(
             step=r.step,
             session=r.session,

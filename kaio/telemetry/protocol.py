@@ -280,6 +280,7 @@ class Eval(Event, tag="eval"):
     epoch: float | None = None
     metrics: dict[str, Metric] = {}
     not_numbers: list[str] = []  # metrics whose values are not numbers (a string, a list): left out of ``metrics``
+    left_out: int = 0  # metrics left out to keep the event one line (hundreds of per-class figures)
     prediction: bool = False  # Trainer.predict()'s (on_predict), not an evaluation
     other_model: bool = False  # a Trainer of a model none of the script's trainings trained (a teacher's)
 
@@ -300,6 +301,7 @@ class Save(Event, tag="save"):
     step: int
     path: str | None = None
     duration_s: float | None = None  # since the step (or the evaluation after it) ended: the time saving took
+    removed: list[str] = []  # this training's earlier checkpoints gone since the previous save (save_total_limit)
 
 
 class TrainEnd(Event, tag="train_end"):
@@ -363,13 +365,15 @@ class LaunchFailure(msgspec.Struct, kw_only=True):
 
 _ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder(ChildEvent)
+_EVAL_KEPT_FIRST = ("_loss", "_runtime", "_per_second")  # what an evaluation too large to send keeps first
 
 
 def encode(event: ChildEvent) -> bytes:
     """One event as one line of bytes, guaranteed shorter than ``MAX_LINE_BYTES``.
 
     An event too large is shrunk by dropping its free-form parts (a log's
-    ``extra``, a run_start's environment); if still too large, ``ProtocolError``.
+    ``extra``, a run_start's environment) or keeping the newest of the
+    checkpoints it says were removed; if still too large, ``ProtocolError``.
     """
     line = _ENCODER.encode(event) + b"\n"
     if len(line) >= MAX_LINE_BYTES:
@@ -377,6 +381,16 @@ def encode(event: ChildEvent) -> bytes:
             return encode(msgspec.structs.replace(event, extra={TRUNCATED: True}))
         if isinstance(event, RunStart) and event.environment is not None:
             return encode(msgspec.structs.replace(event, environment=None))
+        if isinstance(event, Eval) and len(event.metrics) > 1:  # per-class figures of hundreds of labels
+            first = sorted(event.metrics, key=lambda name: not name.endswith(_EVAL_KEPT_FIRST))  # loss, speed: kept
+            kept = {name: event.metrics[name] for name in first[: len(first) // 2]}
+            left = event.left_out + len(event.metrics) - len(kept)
+            return encode(msgspec.structs.replace(event, metrics=kept, not_numbers=[], left_out=left))
+        if isinstance(event, (Save, TrainEnd)):  # hundreds of checkpoints removed at once: the newest ones
+            listed = event.removed if isinstance(event, Save) else event.checkpoints_removed
+            if len(listed) > 8:
+                field = "removed" if isinstance(event, Save) else "checkpoints_removed"
+                return encode(msgspec.structs.replace(event, **{field: listed[-8:]}))
         raise ProtocolError(f"event of type {type(event).__name__} is {len(line)} bytes, over {MAX_LINE_BYTES}")
     return line
 
