@@ -416,6 +416,20 @@ def test_a_resume_whose_steps_take_another_number_of_examples_says_the_data_was_
     assert "about 120 examples were trained again" in history_of(replay([*events, fewer]))["warnings"][0]
 
 
+def test_steps_only_other_ranks_reached_are_not_steps_of_the_record():
+    """A loop of kaio.log calls runs its ranks apart: stopped, rank 1 had logged 39 steps rank 0 never reached, and
+    the record had them as empty steps (no loss, no time) in its count of optimizer steps."""
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}]
+    events += [_step(k, float(k)) for k in (1, 2, 3)] + [_step(k, float(k), rank=1) for k in (1, 2, 3, 4, 5)]
+    events += [{"type": "session_end", "session": 1, "t_wall": 1e9 + 9, "status": "INTERRUPTED", "exit_code": 143}]
+    history = history_of(replay(events))
+    assert [s["step"] for s in history["steps"]] == [1, 2, 3]
+    assert (
+        "session 1: steps 4-5 were reached by other ranks only, not by rank 0, whose last was 3: not in the record"
+        in (history["telemetry"]["notes"])
+    )
+
+
 def test_samples_go_on_from_the_checkpoints_count_after_a_resume_and_never_exceed_the_batch():
     """A resume from checkpoint-3 counts on from step 3's recorded samples (an epoch's short batch in it), not
     from 3 full batches; a collator that stacks each example's rows (DPO's chosen and rejected) counts 8 rows

@@ -330,7 +330,17 @@ class StepAssembler(msgspec.Struct, kw_only=True):
             self._seal(step, out)
 
     def seal_all(self, out: AssemblyOutput) -> None:
-        """A session ends: what it did not report now never will be."""
+        """A session ends: what it did not report now never will be. Steps only other ranks reached (a loop of
+        kaio.log calls runs its ranks apart, and a stop ends them at different steps) are no steps of the record,
+        which rank 0's steps time and count."""
+        beyond = sorted(step for step in self.open if 0 < self.newest_step < step)
+        if beyond:
+            for step in beyond:
+                del self.open[step]
+            out.note(
+                f"session {self.session}: steps {beyond[0]}-{beyond[-1]} were reached by other ranks only, not by "
+                f"rank {self.lead_rank}, whose last was {self.newest_step}: not in the record"
+            )
         self.samples.fold_all(self.open)
         while self.open:
             self._seal(min(self.open), out)
