@@ -442,3 +442,33 @@ def test_a_script_reading_its_arguments_from_a_file_is_not_refused_a_resume_for_
     assert _arguments_in_a_file(RunConfig(project_name="t", launch=launch))
     flags = {**launch, "script_args": ["--num_train_epochs", "6", str(tmp_path / "missing.json")]}
     assert not _arguments_in_a_file(RunConfig(project_name="t", launch=flags))
+
+
+def test_a_run_killed_in_its_final_save_is_told_how_to_get_its_adapter_by_resume_and_push_alike(tmp_path, monkeypatch):
+    """Killed while the built-in recipe saved its final adapter, after its last step's checkpoint: `kaio resume`
+    said only "already trained its 50 steps; extend it", and `kaio push` "finish it with kaio resume", which then
+    refused. Both now say where the weights are."""
+    from conftest import replay
+    from kaio.config import RunConfig
+    from kaio.errors import ProjectError
+    from kaio.record.paths import ProjectPaths
+    from kaio.run.project import _no_final_adapter, _refuse_a_finished_run
+
+    monkeypatch.chdir(tmp_path)
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}]
+    events += [{"type": "step", "rank": 0, "session": 1, "step": k, "t_mono": float(k)} for k in (1, 2, 3)]
+    events += [{"type": "session_end", "session": 1, "t_wall": 1e9 + 9, "status": "FAILED", "exit_code": -9}]
+    state = replay(events, project="t")
+    cfg = RunConfig.model_validate({"project_name": "t", "training": {"max_steps": 3}})
+    paths = ProjectPaths(tmp_path / "docs" / "reports" / "t")
+    copy = "copy the adapter files (adapter_config.json, adapter_model.safetensors) of its latest checkpoint to "
+    with pytest.raises(ProjectError) as refused:
+        _refuse_a_finished_run(paths, cfg, state, [])
+    assert str(refused.value).startswith(
+        f"project 't' trained its 3 steps but ended before it saved its final adapter: {copy}checkpoints/t/final/"
+    )
+    assert _no_final_adapter(cfg, state, paths).endswith(f"{copy}checkpoints/t/final/ (`kaio push` then pushes them)")
+    (tmp_path / "checkpoints" / "t" / "final").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "t" / "final" / "adapter_config.json").write_text("{}")  # copied: pushable now
+    with pytest.raises(ProjectError, match="already trained its 3 steps; extend it with"):
+        _refuse_a_finished_run(paths, cfg, state, [])

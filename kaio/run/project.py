@@ -827,9 +827,15 @@ def _refuse_a_finished_run(paths: ProjectPaths, cfg: RunConfig, state: RunState,
     if cfg.launch.own_code is None:
         planned = cfg.training.max_steps
         if planned != -1 and planned <= state.last_step:
+            extend = f"`{paths.command('resume')} --max-steps N` (N > {state.last_step})"
+            if _ended_before_its_final_save(cfg, state):
+                raise ProjectError(
+                    f"project {project!r} trained its {state.last_step} steps but ended before it saved its final "
+                    f"adapter: {_COPY_THE_LAST_CHECKPOINT.format(final=cfg.checkpoint_dir / 'final')}, or train it "
+                    f"further with {extend}"
+                )
             raise ProjectError(
-                f"project {project!r} already trained its {state.last_step} steps; "
-                f"extend it with `{paths.command('resume')} --max-steps N` (N > {state.last_step})"
+                f"project {project!r} already trained its {state.last_step} steps; extend it with {extend}"
             )
     elif not any(c.startswith("launch.script_args") for c in changed) and not _arguments_in_a_file(cfg):
         length = state.ledger.run.max_steps if state.ledger.run is not None else None
@@ -885,6 +891,24 @@ def push(project: str, output_dir: Path, *, repo_id: str | None = None, notify: 
         return ok
 
 
+_COPY_THE_LAST_CHECKPOINT = (
+    "copy the adapter files (adapter_config.json, adapter_model.safetensors) of its latest checkpoint to {final}/ "
+    "(`kaio push` then pushes them)"
+)
+
+
+def _ended_before_its_final_save(cfg: RunConfig, state: RunState) -> bool:
+    """The built-in recipe trained all its steps, but the run ended (killed, failed) before its final adapter was
+    saved: a resume has no step left to train, and the checkpoint of its last step holds those weights."""
+    planned = cfg.training.max_steps
+    return (
+        planned != -1
+        and planned <= state.last_step
+        and state.status is not Status.COMPLETED
+        and not (cfg.checkpoint_dir / "final" / "adapter_config.json").is_file()
+    )
+
+
 def _no_final_adapter(cfg: RunConfig, state: RunState, paths: ProjectPaths) -> str:
     """Why there is no adapter to push, and the way on that works for the project as it is."""
     final = cfg.checkpoint_dir / "final"
@@ -894,7 +918,9 @@ def _no_final_adapter(cfg: RunConfig, state: RunState, paths: ProjectPaths) -> s
             "deleted?); copy the adapter files of its last checkpoint there to push them"
         )
     hint = (
-        f"finish it with `{paths.command('resume')}`"
+        _COPY_THE_LAST_CHECKPOINT.format(final=final)
+        if _ended_before_its_final_save(cfg, state)
+        else f"finish it with `{paths.command('resume')}`"
         if latest_checkpoint(checkpoint_folder(cfg, state), lambda text: None, at_most=state.last_step)
         else f"start it again with `{start_over_command(None)}` (no checkpoint to resume from)"
     )
