@@ -163,7 +163,7 @@ def test_the_whole_child_killed_is_failed_with_the_signal(project_dir):
 
 
 def test_supervisor_killed_child_keeps_training_and_no_step_is_lost(project_dir):
-    _script_config(project_dir, LIGHT, "400", "--step-seconds", "0.01")  # 4 s: seconds left after the kill
+    _script_config(project_dir, LIGHT, "800", "--step-seconds", "0.01")  # 8 s: seconds left after the kill
     proc = spawn_kaio("run", "cfg.yaml", cwd=project_dir, output=False)
     wait_for(lambda: journal_steps(project_dir) >= 5, 120, "training")
     child = psutil.Process(proc.pid).children(recursive=True)
@@ -173,6 +173,11 @@ def test_supervisor_killed_child_keeps_training_and_no_step_is_lost(project_dir)
     # While the orphan trains, resume refuses.
     busy = kaio("resume", "t", cwd=project_dir, timeout=60)
     assert busy.returncode == 2 and "still training without a supervisor" in busy.stderr, busy.stderr
+    # A report meanwhile says its steps stop where the supervisor did, and when the rest is merged.
+    stale = kaio("report", "t", cwd=project_dir, timeout=120)
+    assert stale.returncode == 0 and "lost its supervisor and trains on unsupervised: this report stops at step" in (
+        stale.stdout
+    ), stale.stdout + stale.stderr
     psutil.wait_procs(child, timeout=120)
     result = kaio("report", "t", cwd=project_dir, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -180,7 +185,7 @@ def test_supervisor_killed_child_keeps_training_and_no_step_is_lost(project_dir)
     assert merged, result.stdout
     history = read_history(project_dir)
     assert history["telemetry"]["spooled_events"] == int(merged[1]) > 0  # counted where the schema says
-    assert _steps(history) == list(range(1, 401))
+    assert _steps(history) == list(range(1, 801))
     assert all(s["loss"] is not None for s in history["steps"])
     assert history["status"] == "COMPLETED"
     assert "lost its supervisor" in " ".join(history["telemetry"]["notes"] + history["warnings"])

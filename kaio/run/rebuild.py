@@ -151,7 +151,13 @@ def _rebuild_locked(
     nodes: NodeRecords | None,
     phase: Callable[[str], None],
 ) -> Summary:
-    with opened(paths, notify) as (loaded, _running):
+    with opened(paths, notify) as (loaded, unsupervised):
+        if unsupervised:  # its supervisor gone (killed), its training on: the steps since are in its spool
+            notify(
+                f"note: session {loaded.state.ledger.session} lost its supervisor and trains on unsupervised: this "
+                f"report stops at step {loaded.state.last_step}; the rest is spooled, and `{paths.command('report')}` "
+                "after the training ends merges it"
+            )
         phase(_WRITING)
         summary = _write(loaded.state, paths, figure, notify, nodes)
         recorder = Recorder(paths, loaded.state)  # the index brought up to date: the next rebuild is quick
