@@ -477,3 +477,33 @@ def test_a_run_killed_in_its_final_save_is_told_how_to_get_its_adapter_by_resume
     (tmp_path / "checkpoints" / "t" / "final" / "adapter_config.json").write_text("{}")  # copied: pushable now
     with pytest.raises(ProjectError, match="already trained its 3 steps; extend it with"):
         _refuse_a_finished_run(paths, cfg, state, [])
+
+
+def test_a_resume_that_fails_before_its_first_step_points_at_the_checkpoint_it_loaded(tmp_path, monkeypatch):
+    """A truncated adapter file in the newest checkpoint: every resume failed the same way (a SafetensorError
+    traceback) with nothing to say that moving that checkpoint aside lets the one before be used."""
+    from conftest import replay
+    from kaio.config import RunConfig
+    from kaio.run.outcome import SessionEndings
+    from kaio.run.stopping import StopRequests
+
+    monkeypatch.chdir(tmp_path)
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}]
+    events += [{"type": "step", "rank": 0, "session": 1, "step": k, "t_mono": float(k)} for k in (1, 2, 3)]
+    events += [{"type": "session_end", "session": 1, "t_wall": 1e9 + 9, "status": "COMPLETED", "exit_code": 0}]
+    events += [{"type": "session_start", "session": 2, "kind": "resume", "resume_from": "checkpoints/t/checkpoint-3"}]
+    said: list[tuple[str, str]] = []
+    cfg = RunConfig.model_validate({"project_name": "t"})
+    endings = SessionEndings(cfg, replay(events, project="t"), StopRequests(), lambda *n: said.append(n), None)
+    assert endings.outcome(1, 2).status.value == "FAILED"
+    assert said == [
+        (
+            "the resume from checkpoint-3 failed before its first step: if the error is in loading it (a damaged or "
+            "truncated file), move that checkpoint's folder aside and `kaio resume t` continues from the one before",
+            "warning",
+        )
+    ]
+    said.clear()
+    trained = replay([*events, {"type": "step", "rank": 0, "session": 2, "step": 4, "t_mono": 4.0}], project="t")
+    SessionEndings(cfg, trained, StopRequests(), lambda *n: said.append(n), None).outcome(1, 2)
+    assert said == []  # it trained a step: the checkpoint loaded

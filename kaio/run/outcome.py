@@ -108,7 +108,21 @@ class SessionEndings:
             return SessionOutcome(0, Status.COMPLETED)
         if error is None and signal_name:
             error = f"killed by {signal_name}"
+        self._resume_failed_at_once(session)
         return SessionOutcome(exit_code, Status.FAILED, signal_name, error, error_at=cause.t_wall)
+
+    def _resume_failed_at_once(self, session: int) -> None:
+        """A resume that failed before its first step: the checkpoint it loaded may be damaged (a truncated file),
+        and every later resume would load it again."""
+        progress = self.state.ledger.progress.get(session)
+        if progress is None or progress.resumed_at is None or progress.last_step is not None:
+            return
+        self._note(
+            f"the resume from checkpoint-{progress.resumed_at} failed before its first step: if the error is in "
+            "loading it (a damaged or truncated file), move that checkpoint's folder aside and "
+            f"`{self.paths.command('resume')}` continues from the one before",
+            "warning",
+        )
 
     def _what_the_stop_kept(self, session: int) -> str:
         """Said to the user and written in the report: whether the stop saved a checkpoint to resume from."""
