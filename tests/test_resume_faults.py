@@ -364,6 +364,11 @@ def test_a_checkpoint_is_complete_in_every_layout_the_trainer_resumes_from(tmp_p
     said: list[str] = []
     assert latest_checkpoint(tmp_path, said.append) == (checkpoint if complete else None)
     assert said == ([] if complete else [f"note: skipping {checkpoint}: incomplete (half-written or damaged)"])
+    # A save a kill cut short is past the record's last step as well: half-written, not another run's.
+    said.clear()
+    latest_checkpoint(tmp_path, said.append, at_most=39)
+    why = "incomplete (half-written or damaged)" if not complete else "after step 39, this project's last"
+    assert len(said) == 1 and said[0].startswith(f"note: skipping {checkpoint}: {why}")
 
 
 def test_a_resume_of_a_script_edited_since_says_so(tmp_path, monkeypatch):

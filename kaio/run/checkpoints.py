@@ -26,12 +26,12 @@ def latest_checkpoint(
     record's last step; a checkpoint after it was not saved by the run this record describes (another run's,
     left in a folder that ``kaio run --overwrite`` does not own: a script's output_dir)."""
     for step, path in reversed(_checkpoints(checkpoint_dir)):
-        if at_most is not None and step > at_most:
+        if not is_complete(path, step):  # (first: a save a kill cut short is past the record's last step too)
+            notify(f"note: skipping {path}: incomplete (half-written or damaged)")
+        elif at_most is not None and step > at_most:
             notify(f"note: skipping {path}: after step {at_most}, this project's last (another run's checkpoint?)")
-            continue
-        if is_complete(path, step):
+        else:
             return path
-        notify(f"note: skipping {path}: incomplete (half-written or damaged)")
     return None
 
 
