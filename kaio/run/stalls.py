@@ -5,7 +5,8 @@ they arrive (the supervisor's clock, so that a rank's clock does not matter):
 start-up until a session's first step, a training step, an evaluation or a
 checkpoint save after a step that announced one (``Step.evaluates`` /
 ``Step.saves``, or a ``Pause`` sent after the step), and the Trainer's end and
-the script's own work after it (from the Trainer's closing log, ``TrainEnd``). ``capture_stacks`` then asks every rank of the session for
+the script's own work after it (from the Trainer's closing log, ``TrainEnd``).
+``capture_stacks`` then asks every rank of the session for
 its Python stack (``kaio.child.stacks``), keeps them under
 ``<report dir>/stalls/<time>/`` and says in one line per rank where it waits.
 """
