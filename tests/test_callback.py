@@ -581,6 +581,13 @@ def test_the_end_of_training_says_which_checkpoints_are_gone_and_which_weights_t
     # A later session whose training did not reach its end (a crash): the earlier training's best is no fact of it.
     crashed = [*records, {"type": "session_start", "session": 3}, {"type": "run_start", "rank": 0, "session": 3}]
     assert replay(crashed).header().final_model is None
+    # A stopped training (Ctrl-C): the Trainer loaded its best weights, but the script's save after train() did
+    # not run: no final model, its best checkpoint only.
+    stopped = [*records[:-1], {**later, "stopped": True}]
+    summary = _executive_summary_of(replay(stopped).header())
+    assert [line for line in summary.splitlines() if "checkpoint-40" in line] == [
+        "- **Best checkpoint:** `out/checkpoint-40`, by eval_accuracy 1, higher is better"
+    ]
 
 
 def _executive_summary_of(header) -> str:
