@@ -357,6 +357,13 @@ def test_the_speed_and_eta_leave_out_evaluation_and_save_pauses_and_carry_over_a
     # The ETA counts the pauses at the pace seen: 60 s in the 9 steps since the first (a user saw "ETA 0:03" for
     # a run with 26 s to go, its evaluations left out).
     assert live.eta_s(90) == pytest.approx(90 * (0.5 + 60 / 9))
+    # An epoch strategy's evaluation, announced after the step's event (a Pause): a pause too, not a slow step.
+    epochs = LiveStats()
+    for step in range(1, 11):
+        epochs.on_step(Step(rank=0, step=step, t_mono=100.0 + 0.5 * step + (60.0 if step > 5 else 0.0)))
+        if step == 5:
+            epochs.on_pause(Pause(rank=0, step=5, evaluates=True))
+    assert epochs.steps_per_s() == pytest.approx(2.0)
     live.start_session()  # a resume: its start-up is not a step, and the last speed stands until its own
     live.on_step(Step(rank=0, step=11, t_mono=500.0))
     assert live.steps_per_s() == pytest.approx(2.0)

@@ -485,12 +485,26 @@ def _light_job(project_dir: Path, steps: tuple[int, int], step_s: float, poll_hz
             f"  script_args: ['{n}', '--step-seconds', '{step_s}']\n  stream_port: {stream_port}\n"
             f"reporting:\n  use_comet_ml: false\n  poll_hz: {poll_hz}\n"
         )
-    job = ["run", "cfg.yaml", "--nnodes", "2", "--main-addr", "127.0.0.1", "--main-port", str(port), "--plain"]
-    env = {**os.environ, "KAIO_JOB_SECRET": "c0ffee" * 6, "PYTHONUNBUFFERED": "1"}
-    spawn = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    node1 = subprocess.Popen([sys.executable, "-m", "kaio", *job, "--node-rank", "1"], cwd=machine_b, **spawn)
-    head = subprocess.Popen([sys.executable, "-m", "kaio", *job, "--node-rank", "0"], cwd=project_dir, **spawn)
+    head, node1 = _start_job(project_dir, machine_b, port, secret="c0ffee" * 6)
     return head, node1, machine_b
+
+
+def _start_job(head_dir: Path, node_dir: Path, port: int, secret: str) -> tuple[subprocess.Popen, subprocess.Popen]:
+    """`kaio run cfg.yaml` of a two-node job on this machine, node 1 (in ``node_dir``) started first; their
+    output in pipes. Returns the head's and node 1's processes."""
+    job = ["run", "cfg.yaml", "--nnodes", "2", "--main-addr", "127.0.0.1", "--main-port", str(port), "--plain"]
+    env = {**os.environ, "KAIO_JOB_SECRET": secret, "PYTHONUNBUFFERED": "1"}
+    spawn = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node1 = subprocess.Popen([sys.executable, "-m", "kaio", *job, "--node-rank", "1"], cwd=node_dir, **spawn)
+    head = subprocess.Popen([sys.executable, "-m", "kaio", *job, "--node-rank", "0"], cwd=head_dir, **spawn)
+    return head, node1
+
+
+def _kill_left(*processes: subprocess.Popen) -> None:
+    """Whatever of a job a failed assertion left running."""
+    for proc in processes:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_a_node_whose_kaio_is_killed_is_lost_on_the_head_which_does_not_wait_for_it(project_dir):
@@ -557,9 +571,7 @@ def test_a_node_stopped_alone_does_not_hold_the_head_at_torchs_exit_barrier(proj
         node1_out, _ = node1.communicate(timeout=90)
         out, _ = head.communicate(timeout=120)  # its rank's 60 steps are 3 s: not 300 s of barrier
     finally:
-        for proc in (head, node1):
-            if proc.poll() is None:
-                proc.kill()
+        _kill_left(head, node1)
     assert node1.returncode == 143, node1_out
     assert head.returncode == 0, out
     assert "exit barrier" not in out
@@ -619,20 +631,14 @@ def test_a_ctrl_c_on_the_head_alone_stops_every_node_at_one_step_with_a_whole_ch
         cfg = write_config(where, max_steps=5000, save_steps=10000)
         text = cfg.read_text().replace("launch:\n", f"launch:\n  stream_port: {stream_port}\n")
         cfg.write_text(text.replace("training:\n", f"training:\n  output_dir: {shared_checkpoints}\n"))
-    job = ["run", "cfg.yaml", "--nnodes", "2", "--main-addr", "127.0.0.1", "--main-port", str(port), "--plain"]
-    env = {**os.environ, "KAIO_JOB_SECRET": "0f1e2d3c4b5a69788796a5b4c3d2e1f0", "PYTHONUNBUFFERED": "1"}
-    spawn = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    node1 = subprocess.Popen([sys.executable, "-m", "kaio", *job, "--node-rank", "1"], cwd=machine_b, **spawn)
-    head = subprocess.Popen([sys.executable, "-m", "kaio", *job, "--node-rank", "0"], cwd=project_dir, **spawn)
+    head, node1 = _start_job(project_dir, machine_b, port, secret="0f1e2d3c4b5a69788796a5b4c3d2e1f0")
     try:
         wait_for(lambda: journal_steps(project_dir) >= 8, 180, "both nodes to train a few steps")
         head.send_signal(signal.SIGINT)
         head_out, _ = head.communicate(timeout=90)
         node1_out, _ = node1.communicate(timeout=90)
     finally:
-        for proc in (head, node1):
-            if proc.poll() is None:
-                proc.kill()
+        _kill_left(head, node1)
     assert head.returncode == 143, head_out
     assert node1.returncode == 143, node1_out
     history = read_history(project_dir)

@@ -14,7 +14,7 @@ import msgspec
 
 from kaio.devices.base import GpuSample, HostSample
 from kaio.record import rules
-from kaio.record.types import Log, Status, Step, StepEntry, finite
+from kaio.record.types import Log, Pause, Status, Step, StepEntry, finite
 from kaio.run.ledger import RunLedger
 from kaio.run.snapshot import GpuRow, HostRow, Snapshot
 
@@ -71,6 +71,12 @@ class LiveStats(msgspec.Struct, kw_only=True):
                 self.paused_over += gap[1]
             self.last_end = (event.t_mono, event.step, event.evaluates or event.saves)
             self.last_step_t_mono = event.t_mono
+
+    def on_pause(self, event: Pause) -> None:
+        """An evaluation or save announced after the step's event (an epoch strategy's): the gap before the next
+        step is a pause too, not a slow step."""
+        if event.rank == self.lead_rank and self.last_end is not None and event.step == self.last_end[1]:
+            self.last_end = (*self.last_end[:2], True)
 
     def on_log(self, event: Log, entry: StepEntry | None, smoothed_over: int) -> None:
         """``smoothed_over``: the finite losses the smoothed loss is of; too few, and it is no level to show (the

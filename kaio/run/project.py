@@ -917,11 +917,10 @@ def _no_final_adapter(cfg: RunConfig, state: RunState, paths: ProjectPaths) -> s
             f"no final adapter in {final}/: the run completed and saved it there, but it is gone (moved or "
             "deleted?); copy the adapter files of its last checkpoint there to push them"
         )
-    hint = (
-        _COPY_THE_LAST_CHECKPOINT.format(final=final)
-        if _ended_before_its_final_save(cfg, state)
-        else f"finish it with `{paths.command('resume')}`"
-        if latest_checkpoint(checkpoint_folder(cfg, state), lambda text: None, at_most=state.last_step)
-        else f"start it again with `{start_over_command(None)}` (no checkpoint to resume from)"
-    )
+    if _ended_before_its_final_save(cfg, state):
+        hint = _COPY_THE_LAST_CHECKPOINT.format(final=final)
+    elif latest_checkpoint(checkpoint_folder(cfg, state), lambda text: None, at_most=state.last_step):
+        hint = f"finish it with `{paths.command('resume')}`"
+    else:
+        hint = f"start it again with `{start_over_command(None)}` (no checkpoint to resume from)"
     return f"no final adapter in {final}/: the run has not completed ({state.status.value} at step {state.last_step}); {hint}"

@@ -119,7 +119,7 @@ class RunState:
             Step: self._on_step,
             Log: self._on_log,
             Eval: self._on_eval,
-            Pause: self._count,
+            Pause: self._on_pause,
             Save: self._on_save,
             TrainEnd: self._on_train_end,
             ScriptEnd: self._on_script_end,
@@ -303,8 +303,9 @@ class RunState:
         self.ledger.telemetry.events += 1
         self.ledger.on_train_end(r)
 
-    def _count(self, r: Pause) -> None:
-        self.ledger.telemetry.events += 1  # (the supervisor's stall watch reads it as it arrives)
+    def _on_pause(self, r: Pause) -> None:
+        self.ledger.telemetry.events += 1  # (the supervisor's stall watch reads it as it arrives too)
+        self.parts.live.on_pause(r)
 
     def _on_script_end(self, r: ScriptEnd) -> None:
         self.ledger.telemetry.events += 1

@@ -385,7 +385,7 @@ def encode(event: ChildEvent) -> bytes:
             first = sorted(event.metrics, key=lambda name: not name.endswith(_EVAL_KEPT_FIRST))  # loss, speed: kept
             kept = {name: event.metrics[name] for name in first[: len(first) // 2]}
             left = event.left_out + len(event.metrics) - len(kept)
-            return encode(msgspec.structs.replace(event, metrics=kept, not_numbers=[], left_out=left))
+            return encode(msgspec.structs.replace(event, metrics=kept, left_out=left))
         if isinstance(event, (Save, TrainEnd)):  # hundreds of checkpoints removed at once: the newest ones
             listed = event.removed if isinstance(event, Save) else event.checkpoints_removed
             if len(listed) > 8:
