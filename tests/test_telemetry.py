@@ -12,6 +12,7 @@ import pytest
 
 from conftest import history_of, replay
 from kaio.child.emitter import EventEmitter
+from kaio.record.types import SessionStart, decode_record, encode_record
 from kaio.telemetry import spool
 from kaio.telemetry.fifo import FifoReader, TelemetryFifo
 from kaio.telemetry.protocol import (
@@ -40,6 +41,18 @@ def test_nan_loss_travels_as_a_tag_in_strict_json():
     event = json.loads(line)
     assert event["loss"] == "nan" and event["grad_norm"] == "-inf"
     assert decode(line).loss == "nan"
+
+
+def test_a_path_read_under_an_ascii_locale_travels_as_its_utf8_text():
+    # PYTHONUTF8=0 LC_ALL=C: os.getcwd() of /tmp/wé is '/tmp/w\udcc3\udca9', which JSON cannot carry.
+    cwd = b"/tmp/w\xc3\xa9".decode("ascii", "surrogateescape")
+    event = Save(rank=0, step=4, path=cwd + "/checkpoint-4", removed=[cwd + "/checkpoint-2"])
+    line = encode(event)
+    assert decode(line) == Save(rank=0, step=4, path="/tmp/wé/checkpoint-4", removed=["/tmp/wé/checkpoint-2"])
+    record = SessionStart(session=1, t_wall=1.0, code_file=cwd + "/train.py", argv=["--data", cwd])
+    assert decode_record(encode_record(record)) == SessionStart(
+        session=1, t_wall=1.0, code_file="/tmp/wé/train.py", argv=["--data", "/tmp/wé"]
+    )
 
 
 def test_oversized_event_drops_extra_then_refuses(tmp_path, capsys):

@@ -36,6 +36,7 @@ from kaio.telemetry.protocol import (
     Step,
     TrainEnd,
     TrainingArgs,
+    to_json,
 )
 
 SCHEMA_VERSION = 2  # history.json's; docs/history-schema.md
@@ -181,13 +182,12 @@ Record = (
     | Stall
 )
 
-_ENCODER = msgspec.json.Encoder()
 _DECODER = msgspec.json.Decoder(Record)
 
 
 def encode_record(record: Record | ChildEvent) -> bytes:
     """One record as one journal line."""
-    return _ENCODER.encode(record) + b"\n"
+    return to_json(record) + b"\n"
 
 
 def decode_record(line: bytes) -> Record:

@@ -368,6 +368,26 @@ _DECODER = msgspec.json.Decoder(ChildEvent)
 _EVAL_KEPT_FIRST = ("_loss", "_runtime", "_per_second")  # what an evaluation too large to send keeps first
 
 
+def to_json(value: object) -> bytes:
+    """``value`` as JSON. A path read under an ASCII locale without UTF-8 mode (``PYTHONUTF8=0 LC_ALL=C``)
+    holds the surrogates Python gives undecodable bytes, which JSON cannot carry: it is written as the UTF-8
+    text those bytes are."""
+    try:
+        return _ENCODER.encode(value)
+    except UnicodeEncodeError:
+        return _ENCODER.encode(_displayable(msgspec.to_builtins(value)))
+
+
+def _displayable(value: object) -> object:
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if isinstance(value, dict):
+        return {_displayable(k): _displayable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_displayable(v) for v in value]
+    return value
+
+
 def encode(event: ChildEvent) -> bytes:
     """One event as one line of bytes, guaranteed shorter than ``MAX_LINE_BYTES``.
 
@@ -375,7 +395,7 @@ def encode(event: ChildEvent) -> bytes:
     ``extra``, a run_start's environment) or keeping the newest of the
     checkpoints it says were removed; if still too large, ``ProtocolError``.
     """
-    line = _ENCODER.encode(event) + b"\n"
+    line = to_json(event) + b"\n"
     if len(line) >= MAX_LINE_BYTES:
         if isinstance(event, Log) and event.extra:
             return encode(msgspec.structs.replace(event, extra={TRUNCATED: True}))
