@@ -178,7 +178,11 @@ def run(
         help="Start the project over; its old record, and the checkpoints, final model and results its Trainer wrote, are moved aside, not deleted.",
         metavar="",
     ),
-    max_steps: int | None = typer.Option(None, "--max-steps", help="Override training.max_steps."),
+    max_steps: int | None = typer.Option(
+        None,
+        "--max-steps",
+        help="Override training.max_steps (the built-in recipe; your own script takes its length in launch.script_args).",
+    ),
     nnodes: int | None = NNODES_OPTION,
     node_rank: int | None = NODE_RANK_OPTION,
     main_addr: str | None = MAIN_ADDR_OPTION,
@@ -195,8 +199,9 @@ def run(
     Reports go to <reporting.output_dir>/<project_name>/ (report.md, telemetry.png, history.json, journal.jsonl, child.log). Exits with the training's exit code.
     """
     from kaio.config import load_config, with_max_steps
+    from kaio.errors import ConfigError
     from kaio.nodes import dry_run_lines, placed, placement
-    from kaio.preflight import check_recipe_inputs
+    from kaio.preflight import check_recipe_inputs, model_unavailable
     from kaio.run.gpu_feed import poller_factory
     from kaio.run.project import run_new, run_refusal
     from kaio.views import choose_view
@@ -205,11 +210,17 @@ def run(
     if max_steps is not None:
         cfg = with_max_steps(cfg, max_steps)
     flags = {"nnodes": nnodes, "node_rank": node_rank, "main_addr": main_addr, "main_port": main_port}
-    where = placement(cfg.launch, flags, os.environ)
-    cfg = placed(cfg, where)
-    check_recipe_inputs(cfg, str(config))
+    try:
+        where = placement(cfg.launch, flags, os.environ)
+        cfg = placed(cfg, where)
+    except ConfigError as exc:
+        raise ConfigError(f"{config}: {exc}") from None
+    check_recipe_inputs(cfg, str(config), model=not dry_run)  # a dry run is often prepared where the model is not
     if dry_run:
         refusal = None if overwrite else run_refusal(cfg, config)
+        if refusal is None and cfg.launch.own_code is None:
+            unavailable = model_unavailable(cfg, os.environ)
+            refusal = None if unavailable is None else f"{config}: {unavailable}"
         for line in dry_run_lines(cfg, where, os.environ, refusal):
             typer.echo(line)
         return
@@ -320,7 +331,8 @@ def report(
     merge: list[Path] = typer.Option(
         [],
         "--merge",
-        help="A node's record folder (nodes/<rank>-<host>/) copied from another machine of the job, to merge into the report; repeat for each. The folders under the project's nodes/ are always merged.",
+        help="A node's record folder (nodes/<rank>-<host>/) copied from another machine of the job, to merge into the report; repeat for each (--merge A --merge B). The folders under the project's nodes/ are always merged.",
+        metavar="DIR",
     ),
 ) -> None:
     """Rebuild report.md, telemetry.png and history.json from the project's journal, offline.

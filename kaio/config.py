@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -50,7 +51,14 @@ def check_project_name(value: str) -> str:
 
 # Whole numbers and switches must be written as such (`batch_size: true` is not 1), within what a trainer
 # can take; numbers must be finite (`.inf` is no learning rate).
-Int = Annotated[int, Strict(), Field(le=2**31 - 1)]
+def _within_int32(value: int) -> int:
+    # A validator, not Field(le=...): a field's own bounds (le=65535 for a port) would be overridden by this one.
+    if value > 2**31 - 1:
+        raise ValueError(f"Input should be less than or equal to {2**31 - 1}")
+    return value
+
+
+Int = Annotated[int, Strict(), AfterValidator(_within_int32)]
 Bool = Annotated[bool, Strict()]
 
 
@@ -114,6 +122,8 @@ class DataConfig(_Section):
     @field_validator("path")
     @classmethod
     def _path_exists(cls, value: str | None) -> str | None:
+        if value is not None and Path(value).is_dir():
+            raise ValueError(f"{value!r} is a folder: give the JSONL file itself")
         if value is not None and not Path(value).is_file():
             raise ValueError(f"data file {value!r} not found (relative paths start from {os.getcwd()})")
         return value
@@ -338,7 +348,7 @@ SCRIPT_READ_KEYS = {"training": {"output_dir"}}  # where kaio looks for checkpoi
 
 class RunConfig(_Section):
     project_name: str = Field(
-        description="Names the report folder and checkpoints; up to 100 ASCII letters, digits, `.`, `_`, `-`."
+        description="Names the report folder and checkpoints; up to 100 ASCII letters, digits, `.`, `_`, `-`, beginning with a letter or digit (quote a name that is a number)."
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -347,6 +357,15 @@ class RunConfig(_Section):
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
     reporting: ReportingConfig = Field(default_factory=ReportingConfig)
     hub: HubConfig = Field(default_factory=HubConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_section_is_defaults(cls, raw: Any) -> Any:
+        """``training:`` with every key commented out is YAML's null: the section's defaults, not an error."""
+        if isinstance(raw, dict):
+            sections = [name for name in cls.model_fields if name != "project_name"]
+            return {k: {} if v is None and k in sections else v for k, v in raw.items()}
+        return raw
 
     @model_validator(mode="after")
     def _script_sees_no_recipe_keys(self, info: ValidationInfo) -> RunConfig:
@@ -485,8 +504,8 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "<config>", saved: bo
     """``saved``: a config kaio wrote itself (config.json), every default spelled out."""
     try:
         return RunConfig.model_validate(raw, context={"saved": saved})
-    except ValidationError as exc:
-        raise ConfigError(f"{source}: {_describe(exc.errors()[0])}") from None
+    except ValidationError as exc:  # every problem at once, one line each: not one round of edits per typo
+        raise ConfigError("\n".join(f"{source}: {_describe(error)}" for error in exc.errors())) from None
 
 
 def saved_own_code(config: dict[str, Any] | None) -> bool:
@@ -581,6 +600,10 @@ def _describe(error: Any) -> str:
     named = re.match(r"^(\w+): (.*)$", message)
     if named and named.group(1) in _section_fields(loc):
         return f"{key + '.' if loc else ''}{named.group(1)}: {named.group(2)}"
+    if kind == "model_type" and len(loc) == 1:
+        return f"{key}: a section of keys (key: value lines under it), not {error.get('input')!r}"
+    if kind == "string_type" and isinstance(error.get("input"), (int, float)) and loc == ["project_name"]:
+        return f"{key}: YAML read this as the number {error['input']!r}: quote it ('{error['input']}') to give the name"
     if kind == "string_type" and isinstance(error.get("input"), bool):  # YAML's unquoted no, yes, off, on
         return f"{key}: YAML read this as {error['input']!r}: quote it ('no', 'yes') to give the word"
     if kind.endswith("_type") or kind.endswith("_parsing") or kind in ("literal_error", "enum"):

@@ -102,6 +102,15 @@ def test_defaults_fill_the_documented_paths():
         # The tiny Llama splits its hidden size across the heads, into an even head size (RoPE).
         ("project_name: p\nmodel: {hidden_size: 64, num_heads: 3}\n", "model.hidden_size: 64 / num_heads 3 must be"),
         ("project_name: p\nmodel: {hidden_size: 60, num_heads: 4}\n", "(e.g. hidden_size 64)"),
+        # A field's own bounds hold, within the 32-bit bound every whole number has.
+        (
+            "project_name: p\nlaunch: {main_port: 70000}\n",
+            "launch.main_port: Input should be less than or equal to 65535",
+        ),
+        ("project_name: p\nlora: {r: 5000}\n", "lora.r: Input should be less than or equal to 1024"),
+        ("project_name: p\ntraining: 5\n", "training: a section of keys (key: value lines under it), not 5"),
+        ("project_name: 123\n", "project_name: YAML read this as the number 123: quote it ('123')"),
+        ("project_name: p\ndata: {path: .}\n", "data.path: '.' is a folder: give the JSONL file itself"),
         # A few hundred bytes of YAML aliases can expand to gigabytes: refused before anything is expanded.
         (
             "project_name: p\na: &a [1, 1]\nb: [*a, *a]\n",
@@ -120,6 +129,19 @@ def test_bad_config_is_one_line_naming_file_and_key(project_dir, yaml_text, expe
     assert "\n" not in message
 
 
+def test_every_problem_is_said_at_once_one_line_each_and_an_emptied_section_is_its_defaults(project_dir):
+    path = project_dir / "bad.yaml"
+    path.write_text("project_name: p\nlora: {rr: 3}\ntraining:\n  batch_size: 0\nlaunch:\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).splitlines() == [
+        f"{path}: lora.rr: unknown key (did you mean 'r'?)",
+        f"{path}: training.batch_size: Input should be greater than or equal to 1",
+    ]
+    path.write_text("project_name: p\ntraining:\n# max_steps: 3\nlaunch:\n")  # every key commented out
+    assert load_config(path).training == RunConfig(project_name="p").training
+
+
 def test_cli_bad_config_exits_2_without_traceback_or_side_effects(project_dir):
     (project_dir / "bad.yaml").write_text("project_name: p\ntraining:\n  max_step: 3\n")
     result = kaio("run", "bad.yaml", cwd=project_dir, timeout=60)
@@ -129,6 +151,16 @@ def test_cli_bad_config_exits_2_without_traceback_or_side_effects(project_dir):
     assert "Traceback" not in result.stderr + result.stdout
     assert not (project_dir / "docs").exists()
     assert not (project_dir / "checkpoints").exists()
+    # Refused once the project's lock is taken (the checkpoint folder's name is a file): nothing left either.
+    (project_dir / "taken").write_text("")
+    (project_dir / "c.yaml").write_text("project_name: p\ntraining: {output_dir: taken}\n")
+    refused = kaio("run", "c.yaml", cwd=project_dir, timeout=60)
+    assert refused.returncode == 2
+    assert (
+        refused.stderr
+        == "kaio: error: taken: cannot create the checkpoint folder (a file of that name is there); choose another training.output_dir\n"
+    )
+    assert not (project_dir / "docs" / "reports" / "p").exists()
 
 
 def test_cli_missing_config_file(project_dir):

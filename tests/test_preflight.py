@@ -110,6 +110,15 @@ def test_cli_refuses_before_creating_anything(project_dir):
         )
         assert "Traceback" not in result.stderr + result.stdout
     assert not (project_dir / "docs").exists() and not (project_dir / "checkpoints").exists()
+    # A model not at hand: the real run refuses; a dry run (often prepared on a login node) says so and prints.
+    (project_dir / "c.yaml").write_text("project_name: p\nmodel: {base_model: meta-llama/Llama-3.2-1B}\n")
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(project_dir / "hf")}
+    refused = kaio("run", "c.yaml", cwd=project_dir, env=offline, timeout=60)
+    assert refused.returncode == 2 and "not in the Hugging Face cache" in refused.stderr
+    dry = kaio("run", "c.yaml", "--dry-run", cwd=project_dir, env=offline, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    assert "note: `kaio run` would refuse it: c.yaml: model.base_model: meta-llama/Llama-3.2-1B: not in" in dry.stdout
+    assert "command: " in dry.stdout
 
 
 @pytest.mark.xdist_group("transformers")

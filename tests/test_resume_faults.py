@@ -101,6 +101,8 @@ def test_a_stop_signal_saves_a_checkpoint_there_resume_continues_exactly_and_ref
     assert finished.returncode == 2 and "--max-steps" in finished.stderr
     fewer = kaio("resume", "t", "--max-steps", "3", cwd=project_dir, timeout=60)
     assert fewer.returncode == 2 and "has trained 123 steps already" in fewer.stderr
+    by_epochs = kaio("resume", "t", "--max-steps", "-1", cwd=project_dir, timeout=60)
+    assert by_epochs.returncode == 2 and "--max-steps -1: a resume trains to a step count" in by_epochs.stderr
     (project_dir / "lora.yaml").write_text(edited.replace("  r: 4\n", "  r: 8\n"))
     refused = kaio("resume", "t", "--config", "lora.yaml", "--max-steps", "126", cwd=project_dir, timeout=60)
     assert refused.returncode == 2

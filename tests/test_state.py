@@ -145,7 +145,7 @@ def test_a_resume_asked_for_no_more_steps_than_were_done_is_warned_about():
     ]
     (warning,) = history_of(replay(records))["warnings"]
     assert warning.startswith(
-        "session 2: the Trainer resumed at step 10 with max_steps 8: the script's arguments asked for no"
+        "session 2: the Trainer resumed at step 10 with max_steps 8: the training's arguments asked for no"
     )
 
 
@@ -385,7 +385,7 @@ def test_tokens_a_trainer_does_not_count_are_kaios_count_of_the_input_ids_on_fro
     events += [{**_step(k, float(k), dt=0.5), "tokens": 100, "tokens_seen": 150 * k} for k in (1, 2, 3)]
     steps = history_of(replay(events))["steps"]
     assert [s["tokens_seen"] for s in steps] == [150, 300, 450]
-    assert [s["tokens_per_s_per_device"] for s in steps] == [None, 150.0, 150.0]
+    assert [s["tokens_per_s_per_device"] for s in steps] == [150.0, 150.0, 150.0]  # step 1: counted from 0
     # The report says whose count it is, and whether padding is in it (the Trainer's "non_padding" leaves it out).
     from kaio.report.markdown import _throughput
 

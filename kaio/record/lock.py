@@ -6,6 +6,7 @@ killed supervisor can never leave the project stuck.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import stat
@@ -20,9 +21,11 @@ class ProjectLock:
     def __init__(self, report_dir: Path) -> None:
         self.path = report_dir / LOCK_NAME
         self._fd: int | None = None
+        self._made_folder = False
 
     def acquire(self) -> None:
         report_dir = self.path.parent
+        self._made_folder = not report_dir.exists()
         try:
             report_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -39,9 +42,10 @@ class ProjectLock:
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
             os.close(fd)
+            stop = f"`kill {holder}`" if holder.isdigit() else "`kill` on its pid"
             raise ProjectError(
                 f"project {self.path.parent.name!r} is running right now (pid {holder}); "
-                "wait for it, or stop it with Ctrl-C in its terminal (or `kill <pid>`)"
+                f"wait for it, or stop it with Ctrl-C in its terminal (or {stop})"
             ) from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
@@ -56,8 +60,13 @@ class ProjectLock:
         self.acquire()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         self.release()
+        if exc_type is not None and self._made_folder:  # refused before anything was recorded: leave nothing
+            with contextlib.suppress(OSError):
+                if [p.name for p in self.path.parent.iterdir()] == [LOCK_NAME]:
+                    self.path.unlink()
+                    self.path.parent.rmdir()
 
 
 def check_report_folder(report_dir: Path) -> None:

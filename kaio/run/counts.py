@@ -98,6 +98,8 @@ class SeenCounts(msgspec.Struct, kw_only=True):
         """This step's tokens, all ranks: the difference of the Trainer's counts, or kaio's count of rank 0's
         times the world size (as if every rank's were the same)."""
         previous, self.last_tokens_seen = self.last_tokens_seen, event.tokens_seen
+        if previous is None and event.step == 1:  # the run's first step: the Trainer counted from 0
+            previous = 0
         if event.tokens_seen is not None:
             return event.tokens_seen - previous if previous is not None else None
         return event.tokens * world_size if event.tokens is not None else None

@@ -75,8 +75,9 @@ def project_paths(output_dir: Path, project: str) -> ProjectPaths:
 def unknown_project(output_dir: Path, project: str) -> ProjectError:
     if not output_dir.is_dir():
         here = "" if output_dir.is_absolute() else f" here ({os.getcwd()})"
+        missing = "is a file, not a folder" if output_dir.exists() else "does not exist"
         return ProjectError(
-            f"unknown project {project!r}: {output_dir}/ does not exist{here}; run kaio where you ran the project, "
+            f"unknown project {project!r}: {output_dir}/ {missing}{here}; run kaio where you ran the project, "
             "or name the folder of its reports with --output-dir"
         )
     nodes = ProjectPaths(output_dir / project).nodes
@@ -282,8 +283,11 @@ def _check_checkpoint_folder(cfg: RunConfig) -> None:
     if cfg.launch.own_code is not None:
         return
     folder = cfg.checkpoint_dir
+    why: str | None
     try:
         folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        why = "a file of that name is there"
     except OSError as exc:
         why = exc.strerror
     else:
@@ -751,7 +755,12 @@ def _resume_config(
         if cfg.launch.nnodes > 1 and before.get(key) != getattr(cfg.launch, key)
     ]
     if max_steps is not None:
-        if max_steps != -1 and max_steps <= state.last_step:
+        if max_steps == -1:
+            raise ProjectError(
+                "--max-steps -1: a resume trains to a step count; to train by epochs instead, set "
+                "training.max_steps: -1 and training.num_epochs in the config and pass it with --config"
+            )
+        if max_steps <= state.last_step:
             raise ProjectError(
                 f"--max-steps {max_steps}: project {project!r} has trained {state.last_step} steps already; "
                 f"pass a larger number to train more"

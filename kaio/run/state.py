@@ -488,8 +488,8 @@ def _resumed_against_the_arguments(r: RunStart) -> list[str]:
     if r.max_steps is not None and 0 < r.max_steps <= r.start_step:
         said.append(
             f"session {r.session}: the Trainer resumed at step {r.start_step} with max_steps {r.max_steps}: the "
-            "script's arguments asked for no step beyond the ones done (a longer run is a larger max_steps, or "
-            "num_train_epochs, in them)"
+            "training's arguments asked for no step beyond the ones done (a longer run: `kaio resume --max-steps N` "
+            "for the built-in recipe, a larger max_steps or num_train_epochs in a script's arguments)"
         )
     kept = dict(r.kept_from_checkpoint)
     first = kept.pop("first_step_learning_rate", None)
