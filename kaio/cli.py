@@ -11,10 +11,15 @@ import functools
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from kaio.record.paths import DEFAULT_OUTPUT_DIR
+
+if TYPE_CHECKING:  # kaio --help imports nothing more
+    from kaio.config import RunConfig
+    from kaio.nodes import Placement
 
 app = typer.Typer(
     name="kaio",
@@ -200,10 +205,10 @@ def run(
     """
     from kaio.config import load_config, with_max_steps
     from kaio.errors import ConfigError
-    from kaio.nodes import dry_run_lines, placed, placement
-    from kaio.preflight import check_recipe_inputs, model_unavailable
+    from kaio.nodes import placed, placement
+    from kaio.preflight import check_recipe_inputs
     from kaio.run.gpu_feed import poller_factory
-    from kaio.run.project import run_new, run_refusal
+    from kaio.run.project import run_new
     from kaio.views import choose_view
 
     cfg = load_config(config)
@@ -213,16 +218,12 @@ def run(
     try:
         where = placement(cfg.launch, flags, os.environ)
         cfg = placed(cfg, where)
-    except ConfigError as exc:
-        raise ConfigError(f"{config}: {exc}") from None
+    except ConfigError as exc:  # the file named where the value came from it
+        said = str(exc)
+        raise ConfigError(said if "(the command line)" in said or "(SLURM)" in said else f"{config}: {said}") from None
     check_recipe_inputs(cfg, str(config), model=not dry_run)  # a dry run is often prepared where the model is not
     if dry_run:
-        refusal = None if overwrite else run_refusal(cfg, config)
-        if refusal is None and cfg.launch.own_code is None:
-            unavailable = model_unavailable(cfg, os.environ)
-            refusal = None if unavailable is None else f"{config}: {unavailable}"
-        for line in dry_run_lines(cfg, where, os.environ, refusal):
-            typer.echo(line)
+        _print_dry_run(cfg, where, config, overwrite=overwrite)
         return
     _ignore_scheduler_warning()
     console = _console()
@@ -235,6 +236,21 @@ def run(
         config_path=config,
     )
     raise typer.Exit(code)
+
+
+def _print_dry_run(cfg: RunConfig, where: Placement, config: Path, *, overwrite: bool) -> None:
+    """Each node's child command and environment, with what `kaio run` would refuse (a model not at hand is
+    said, not refused: a dry run is often prepared where the model is not)."""
+    from kaio.nodes import dry_run_lines
+    from kaio.preflight import model_unavailable
+    from kaio.run.project import run_refusal
+
+    refusal = None if overwrite else run_refusal(cfg, config)
+    if refusal is None and cfg.launch.own_code is None:
+        unavailable = model_unavailable(cfg, os.environ)
+        refusal = None if unavailable is None else f"{config}: {unavailable}"
+    for line in dry_run_lines(cfg, where, os.environ, refusal):
+        typer.echo(line)
 
 
 @app.command()

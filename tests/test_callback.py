@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -320,6 +321,9 @@ def test_a_scripts_own_training_dataloader_batch_is_the_batch_counted(torch):
     assert _loader_batch_size(torch.utils.data.DataLoader(data, batch_size=4), args) is None  # the arguments' own
     varying = torch.utils.data.DataLoader(data, batch_sampler=[[0, 1, 2], [3, 4]])  # a sampler of its own sizes
     assert _loader_batch_size(varying, args) is None and _loader_batch_size(None, args) is None
+    # TRL's GRPO: the loader's batch is a generation's, trained over steps_per_generation optimizer steps.
+    grpo = SimpleNamespace(per_device_train_batch_size=4, steps_per_generation=2)
+    assert _loader_batch_size(torch.utils.data.DataLoader(data, batch_size=8), grpo) is None
 
     run = {"type": "run_start", "rank": 0, "session": 1, "world_size": 1, "loader_batch_size": 6}
     run["args"] = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}
@@ -676,6 +680,106 @@ def test_an_evaluation_of_another_model_than_the_one_trained_is_listed_but_not_t
     assert "| 3 (another model's: not the run's) | 4.8 |" in report
     # Its log at its own step 0 is its evaluation, not numbers the run logged before its first step.
     assert "metrics_at_step_0" not in history_of(state) and "step 0 is what was logged" not in report
+
+
+def test_a_teachers_evaluation_before_the_training_is_known_as_another_models_once_the_training_begins(
+    tmp_path, monkeypatch, torch
+):
+    """Before anything trained, whose model an evaluation is cannot be told: a teacher's evaluate() then was the
+    run's best evaluation loss. The training's start says which earlier evaluations were of other models; the
+    student's own baseline stays the run's."""
+    from transformers import TrainerControl
+
+    from kaio.child import callback as module
+    from kaio.child.callback import KaioCallback
+
+    monkeypatch.setattr(module, "_TRAININGS", module._Trainings())
+    student, teacher = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    emitter = EventEmitter(None, str(tmp_path / "spool"), rank=0, session=1)
+    args, control = SimpleNamespace(output_dir="ck"), TrainerControl()
+    own = SimpleNamespace(global_step=0, epoch=None, is_world_process_zero=True)
+    KaioCallback(emitter).on_evaluate(args, own, control, metrics={"eval_loss": 1.1}, model=teacher)
+    time.sleep(0.002)  # evaluations are told apart by their millisecond (a real one takes longer than that)
+    students = KaioCallback(emitter)
+    students.on_evaluate(args, own, control, metrics={"eval_loss": 6.0}, model=student)  # its baseline
+    trained = SimpleNamespace(global_step=0, epoch=0.0, is_world_process_zero=True, max_steps=2)
+    students.on_train_begin(args, trained, control, model=student)
+    for loss in (4.0, 3.8):
+        students.on_step_begin(args, trained, control)
+        trained.global_step += 1
+        students.on_step_end(args, trained, control)
+        students.on_log(args, trained, control, logs={"loss": loss, "learning_rate": 1e-3})
+    students.on_evaluate(args, trained, control, metrics={"eval_loss": 3.9}, model=student)
+    emitter.close()
+    events = _spooled(tmp_path / "spool")
+    run_start = next(e for e in events if e["type"] == "run_start")
+    teachers_eval = next(e for e in events if e["type"] == "eval")
+    assert run_start["other_model_evals"] == [teachers_eval["t_wall"]]
+
+    from kaio.report.summary import summarize
+
+    ended = {"type": "session_end", "session": 1, "status": "COMPLETED", "exit_code": 0}
+    state = replay([{"type": "session_start", "session": 1}, *events, ended])
+    with state.with_open_steps() as index:
+        evals = index.evals()
+        summary = summarize(state.header(), index)
+    assert [(e.loss, e.other_model) for e in evals] == [(1.1, True), (6.0, False), (3.9, False)]
+    assert (summary.eval_loss_best, summary.eval_loss_best_step) == (3.9, 2)
+
+
+def test_a_later_trainings_steps_follow_an_earlier_one_resumed_at_its_end_that_trained_none(
+    tmp_path, monkeypatch, torch
+):
+    """A two-phase script resumed by `kaio resume` at phase 1's last checkpoint: phase 1 trains no step, phase 2
+    trains from 0. Its steps are recorded after phase 1's 24, not over them (which erased phase 1's record)."""
+    from transformers import TrainerControl
+
+    from kaio.child import callback as module
+    from kaio.child.callback import KaioCallback
+
+    monkeypatch.setattr(module, "_TRAININGS", module._Trainings())
+    emitter = EventEmitter(None, str(tmp_path / "spool"), rank=0, session=2)
+    args, control = SimpleNamespace(output_dir="ck"), TrainerControl()
+    phase1 = SimpleNamespace(global_step=24, epoch=3.0, is_world_process_zero=True, max_steps=24)
+    first = KaioCallback(emitter)
+    first.on_train_begin(args, phase1, control, model=torch.nn.Linear(2, 2))
+    first.on_train_end(args, phase1, control)
+    phase2 = SimpleNamespace(global_step=0, epoch=0.0, is_world_process_zero=True, max_steps=2)
+    second = KaioCallback(emitter)
+    second.on_train_begin(args, phase2, control, model=torch.nn.Linear(2, 2))
+    for _ in range(2):
+        second.on_step_begin(args, phase2, control)
+        phase2.global_step += 1
+        second.on_step_end(args, phase2, control)
+    emitter.close()
+    events = _spooled(tmp_path / "spool")
+    starts = [(e.get("training", 1), e.get("start_step", 0)) for e in events if e["type"] == "run_start"]
+    assert starts == [(1, 24), (2, 24)]
+    assert [e["step"] for e in events if e["type"] == "step"] == [25, 26]
+
+
+def test_the_scripts_own_log_after_training_is_its_numbers_not_the_last_steps_loss(tmp_path, torch):
+    from transformers import TrainerControl
+
+    from kaio.child.callback import KaioCallback
+
+    emitter = EventEmitter(None, str(tmp_path / "spool"), rank=0, session=1)
+    args, control = SimpleNamespace(output_dir="ck"), TrainerControl()
+    state = SimpleNamespace(global_step=0, epoch=0.0, is_world_process_zero=True, max_steps=2)
+    callback = KaioCallback(emitter)
+    callback.on_train_begin(args, state, control, model=torch.nn.Linear(2, 2))
+    for loss in (4.0, 3.8):
+        callback.on_step_begin(args, state, control)
+        state.global_step += 1
+        callback.on_step_end(args, state, control)
+        callback.on_log(args, state, control, logs={"loss": loss, "learning_rate": 1e-3})
+    callback.on_train_end(args, state, control)
+    callback.on_log(args, state, control, logs={"final_ppl": 42.0, "loss": 0.123})  # `trainer.log(...)` after train()
+    emitter.close()
+    ended = {"type": "session_end", "session": 1, "status": "COMPLETED", "exit_code": 0}
+    steps = history_of(replay([{"type": "session_start", "session": 1}, *_spooled(tmp_path / "spool"), ended]))["steps"]
+    assert [s["loss"] for s in steps] == [4.0, 3.8]
+    assert steps[-1]["metrics"] == {"final_ppl": 42.0, "loss": 0.123}
 
 
 def test_an_early_stopping_callback_out_of_patience_is_named_at_the_training_end(tmp_path, torch):

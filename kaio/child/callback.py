@@ -82,6 +82,28 @@ class _Trainings:
         # The parameters of the models they trained, by identity: a WeakSet compares tensors with ==, which runs
         # on the GPU (a tensor the size of the embedding) and raises for any parameter of more than one number.
         self.weights: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+        self.untrained_evals: list[tuple[float, list[weakref.ref]]] = []  # before any training: when, which weights
+
+    def evaluated_untrained(self, t_wall: float, model: Any) -> None:
+        """An evaluation before any training: whose it was is known once a training begins."""
+        with contextlib.suppress(AttributeError, TypeError):
+            self.untrained_evals.append((t_wall, [weakref.ref(p) for p in itertools.islice(model.parameters(), 64)]))
+
+    def evaluations_of_other_models(self) -> list[float]:
+        """Of the evaluations before the first training, those of a model it shares no weight with (their t_wall)."""
+        others = [
+            t_wall
+            for t_wall, refs in self.untrained_evals
+            if not any((p := ref()) is not None and self.weights.get(id(p)) is p for ref in refs)
+        ]
+        self.untrained_evals.clear()
+        return others
+
+    def began_at(self, step: int, tokens: int | None) -> None:
+        """A training began at ``step`` (resumed at its end, it trains none: a later one's follow its checkpoint)."""
+        self.last_step = max(self.last_step, step)
+        if tokens is not None:
+            self.last_tokens = max(self.last_tokens, tokens)
 
     def trained(self, model: Any) -> None:
         with contextlib.suppress(AttributeError, TypeError):
@@ -101,6 +123,25 @@ class _Trainings:
 
 
 _TRAININGS = _Trainings()
+
+
+def _loss_of_the_window(window: Any, fields: dict[str, Any], extra: dict[str, Any]) -> bool:
+    """The log's loss where the window of micro-batch losses since the previous log tells better than the
+    Trainer's number (``fields`` and ``extra`` changed in place). True: the NaN was an earlier one, carried."""
+    if window is None:
+        return False
+    if window.nonfinite is not None:  # taken at a log with the loss
+        # What the loss since the previous log really averaged to; the Trainer's filter showed a number.
+        if fields.get("loss") not in ("nan", "inf", "-inf"):
+            extra[TRAINER_LOGGED_LOSS] = fields.get("loss")
+        fields["loss"] = window.nonfinite.tag
+        return False
+    if window.mean is not None:
+        # Every loss of the window was finite: the NaN is an earlier one, kept in the Trainer's running sum
+        # (logging_nan_inf_filter=False). The window's own average is the loss.
+        extra[TRAINER_LOGGED_LOSS], fields["loss"] = fields.get("loss"), window.mean
+        return True
+    return False
 
 
 class KaioCallback(TrainerCallback):
@@ -188,6 +229,8 @@ class KaioCallback(TrainerCallback):
             _TRAININGS.trained(model)
         if _TRAININGS.count > 1 and self._step_offset + start < _TRAININGS.last_step:
             self._step_offset, self._tokens_offset = _TRAININGS.last_step - start, _TRAININGS.last_tokens
+        seen = int(getattr(state, "num_input_tokens_seen", None) or 0) if self._trainer_counts_tokens else 0
+        _TRAININGS.began_at(self._step(state), self._tokens_offset + seen if seen else None)
         run = describe_run(self.rank, args, state, model, kwargs, trainer)
         if self.script_optimizer:
             describe_script_optimizer(
@@ -197,6 +240,8 @@ class KaioCallback(TrainerCallback):
         schedule = None if self.script_optimizer else kwargs.get("lr_scheduler")
         run.kept_from_checkpoint = kept_from_checkpoint(args, state, schedule, kwargs.get("optimizer"))
         run.training, run.step_offset = _TRAININGS.count, self._step_offset
+        if _TRAININGS.count == 1:
+            run.other_model_evals = _TRAININGS.evaluations_of_other_models()
         run.retry = self._training and bool(getattr(args, "auto_find_batch_size", False))
         self._training = self._trained = True
         run.start_step += self._step_offset
@@ -259,7 +304,10 @@ class KaioCallback(TrainerCallback):
         # To stop, the ranks agree first, so that all stop at the same step.
         stopping = stop_on_nonfinite()
         # A NaN/inf logged loss (the same on every rank: gathered) is checked against the window's own losses.
-        loss_key = training_loss_key(logs) if logs else None
+        # The script's own log() after train() ended (a final perplexity, a "loss" of its own): numbers it logged,
+        # not the last step's training loss or learning rate.
+        after_training = self._trained and not self._training
+        loss_key = training_loss_key(logs) if logs and not after_training else None
         logged = logs.get(loss_key) if logs and loss_key else None
         logged_nonfinite = isinstance(logged, (int, float)) and not math.isfinite(logged)
         window = self.losses.take(agree=stopping, average=logged_nonfinite) if loss_key else None
@@ -270,26 +318,18 @@ class KaioCallback(TrainerCallback):
             control.should_training_stop = True  # no checkpoint: its weights would be the non-finite ones
         if not state.is_world_process_zero or not logs:
             return
-        fields: dict[str, Any] = {key: self._metric(key, logs[key]) for key in _LOG_FIELDS if key in logs}
+        step_fields = () if after_training else _LOG_FIELDS
+        fields: dict[str, Any] = {key: self._metric(key, logs[key]) for key in step_fields if key in logs}
         extra = {
             key: self._value(key, value)
             for key, value in logs.items()
-            if key not in _LOG_FIELDS and key not in ("epoch", loss_key)
+            if key not in step_fields and key not in ("epoch", loss_key)
         }
         if loss_key is not None and loss_key != "loss":  # the trainer's own name for its training loss
             fields["loss"], extra[LOSS_LOGGED_AS] = self._metric(loss_key, logs[loss_key]), loss_key
         if self._skipped_gpu_values:
             extra[SKIPPED_GPU_TENSORS] = sorted(self._skipped_gpu_values)
-        carried = False
-        if nonfinite is not None:  # taken at a log with the loss
-            # What the loss since the previous log really averaged to; the Trainer's filter showed a number.
-            if fields.get("loss") not in ("nan", "inf", "-inf"):
-                extra[TRAINER_LOGGED_LOSS] = fields.get("loss")
-            fields["loss"] = nonfinite.tag
-        elif window is not None and window.mean is not None:
-            # Every loss of the window was finite: the NaN is an earlier one, kept in the Trainer's running sum
-            # (logging_nan_inf_filter=False). The window's own average is the loss.
-            extra[TRAINER_LOGGED_LOSS], fields["loss"], carried = fields.get("loss"), window.mean, True
+        carried = _loss_of_the_window(window, fields, extra)
         epoch = logs.get("epoch")
         log = Log(
             rank=self.rank,
@@ -311,7 +351,9 @@ class KaioCallback(TrainerCallback):
         other = _TRAININGS.of_another_model(kwargs.get("model"))
         # A string or a list is not a missing number: left out, and named (null stays for a None logged).
         not_numbers = [key for key, value in values.items() if value is None and metrics[key] is not None]
-        self._busy_until_mono = time.monotonic()
+        self._busy_until_mono, t_wall = time.monotonic(), time.time()
+        if not _TRAININGS.count:
+            _TRAININGS.evaluated_untrained(t_wall, kwargs.get("model"))
         self._in_order.send(
             Eval(
                 rank=self.rank,
@@ -319,7 +361,7 @@ class KaioCallback(TrainerCallback):
                 # evaluate it on other data), is at its own step 0: the evaluation is where the run was.
                 step=self._step(state) if self._trained or not _TRAININGS.count else _TRAININGS.last_step,
                 epoch=state.epoch,
-                t_wall=time.time(),
+                t_wall=t_wall,
                 t_mono=self._busy_until_mono,
                 metrics={key: value for key, value in values.items() if key not in not_numbers},
                 not_numbers=not_numbers,

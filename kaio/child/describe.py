@@ -70,8 +70,12 @@ def _loader_batch_size(loader: Any, args: Any) -> int | None:
     """The training DataLoader's batch per device where it differs from the arguments' (None where the same, or
     not known: a batch sampler of its own, of varying sizes)."""
     size = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
-    size = _int(size)
-    return size if size and size != _int(getattr(args, "per_device_train_batch_size", None)) else None
+    size, per_device = _int(size), _int(getattr(args, "per_device_train_batch_size", None))
+    # TRL's GRPO and RLOO: the loader yields a generation's batch, trained over `steps_per_generation` steps.
+    per_generation = _int(getattr(args, "steps_per_generation", None))
+    if size and per_device and per_generation and size == per_device * per_generation:
+        return None
+    return size if size and size != per_device else None
 
 
 def _training_args(args: Any, state: Any) -> TrainingArgs:

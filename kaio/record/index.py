@@ -249,6 +249,20 @@ class RunIndex:
         row = (entry.step, entry.session, entry.loss, _ENCODER.encode(entry))
         self._write(lambda conn: conn.execute("INSERT INTO evals VALUES (?,?,?,?)", row))  # two at one step: two
 
+    def mark_other_model(self, session: int, timestamps: set[str | None]) -> None:
+        """The session's evaluations at ``timestamps`` were another model's (a teacher's, known only once the
+        training began): listed, not the run's."""
+        decoder = msgspec.json.Decoder(EvalEntry)
+        rows = self.conn.execute("SELECT rowid, entry FROM evals WHERE session = ?", (session,)).fetchall()
+        marked = []
+        for rowid, blob in rows:
+            entry = decoder.decode(blob)
+            if entry.timestamp in timestamps and not entry.other_model:
+                entry.other_model = True
+                marked.append((_ENCODER.encode(entry), rowid))
+        if marked:
+            self._write(lambda conn: conn.executemany("UPDATE evals SET entry = ? WHERE rowid = ?", marked))
+
     def work_after(self, step: int) -> tuple[int, float]:
         """The steps after ``step`` and their time without the evaluations and saves after them."""
         self._flush()

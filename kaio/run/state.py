@@ -211,6 +211,8 @@ class RunState:
                 )
             for warning in _resumed_against_the_arguments(r):
                 self.warn(warning)
+            if r.other_model_evals:  # evaluated before the training began, by a model it does not train
+                self.index.mark_other_model(r.session, {iso(t) for t in r.other_model_evals})
             self.parts.steps.resume_at(r.start_step, self)
             if r.training > 1:  # a script's second Trainer, or train() again: its steps follow the earlier ones
                 self.parts.steps.continue_counts_at(r.start_step)

@@ -190,6 +190,9 @@ class RunStart(Event, tag="run_start"):
     # include it).
     training: int = 1
     step_offset: int = 0
+    # The evaluations before the script's first training (their t_wall) whose model this training shares no weight
+    # with (a teacher's, a reference's): not the run's, which only became known when the training began.
+    other_model_evals: list[float] = []
     # The Trainer began this training again itself, after the previous attempt ran out of memory
     # (auto_find_batch_size, each attempt with a smaller batch): not the script's doing.
     retry: bool = False
