@@ -739,10 +739,12 @@ def test_a_later_training_of_the_script_smooths_its_own_loss_and_every_warning_i
     few losses are no level yet on the dashboard (nor in the report). A warning at every step (more than a
     snapshot carries) is counted whole."""
     run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 12, "world_size": 1}
+    run |= {"trainer": "SFTTrainer", "args": {"learning_rate": 2e-5}}
     events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, run]
     for k in range(1, 13):
         events += [_step(k, float(k)), _log(k, 3.6)]
-    events += [{**run, "training": 2, "start_step": 12, "step_offset": 12, "max_steps": 16}]
+    dpo = {**run, "training": 2, "start_step": 12, "step_offset": 12, "max_steps": 16, "trainer": "DPOTrainer"}
+    events += [{**dpo, "args": {"learning_rate": 5e-7}}]
     for k in range(13, 17):
         events += [_step(k, float(k)), _log(k, 0.69)]
     from kaio.run.live import build_snapshot
@@ -760,6 +762,14 @@ def test_a_later_training_of_the_script_smooths_its_own_loss_and_every_warning_i
         report = render_markdown(header, summarize(header, index), index.evals())
     assert "too few losses logged to smooth (4)" in report
     assert history_of(state)["run"]["training"] == 2
+    # Each training's own losses, apart: cross-entropy then DPO's sigmoid loss are not one curve.
+    assert [(t["training"], t["first_step"], t["trainer"]) for t in history_of(state)["trainings"]] == [
+        (1, 1, "SFTTrainer"),
+        (2, 13, "DPOTrainer"),
+    ]
+    assert "| Loss (initial → final) | 3.6 → 0.69 (across 2 trainings: see Trainings) |" in report
+    assert "| 1 | SFTTrainer | 1–12 (12) | 2e-05 | 3.6 → 3.6 (3.6) | — |" in report
+    assert "| 2 | DPOTrainer | 13–16 (4) | 5e-07 | 0.69 → 0.69 (0.69) | — |" in report
 
     for k in range(60):
         state.warn(f"warning number {k}")

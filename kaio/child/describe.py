@@ -38,6 +38,7 @@ def describe_run(rank: int, args: Any, state: Any, model: Any, kwargs: dict[str,
         process_index=_int(getattr(args, "process_index", None)),
         local_rank=_int(getattr(args, "local_process_index", None)),
         distributed_type=_distributed_type(args),
+        trainer=type(trainer).__name__ if trainer is not None else None,
         start_step=int(state.global_step),
         start_tokens=_int(getattr(state, "num_input_tokens_seen", None)) or None,
         tokens_counted_by="trainer"

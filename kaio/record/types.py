@@ -546,6 +546,19 @@ class RankTiming(msgspec.Struct, kw_only=True):
         return seconds / self.steps if self.steps else None
 
 
+class Training(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One train() of a script that trains more than once (history.json's ``trainings``): a second Trainer (SFT,
+    then DPO), train() again, a hyperparameter search's trials. Its steps are the session's from ``first_step`` to
+    the next training's of the session."""
+
+    session: int
+    training: int  # the how-manieth of its session's process
+    first_step: int  # the record's step its first step is
+    trainer: str | None = None  # the Trainer's class
+    learning_rate: float | None = None  # its arguments' (or its own optimizer's, when the script gave one)
+    max_steps: int | None = None  # the record's step it was to end at
+
+
 class HistoryHeader(msgspec.Struct, kw_only=True):
     """history.json without its ``evals`` and ``steps`` (docs/history-schema.md)."""
 
@@ -566,6 +579,7 @@ class HistoryHeader(msgspec.Struct, kw_only=True):
     final_model: FinalModel | None = None  # the best checkpoint and whether the model ended with its weights
     stalls: list[Stall] = []
     ranks: list[RankTiming] = []
+    trainings: list[Training] = []  # a script's trainings, where it trained more than once
 
     def run_gpu_keys(self) -> list[str]:
         return [d.key for d in self.devices if d.info.in_run]

@@ -65,6 +65,7 @@ class FigureData(msgspec.Struct, kw_only=True):
     host_ram: Line = msgspec.field(default_factory=Line)
     host_ram_total_bytes: int | None = None
     session_starts: list[tuple[int, int]] = []  # (first step, session) of each session after the first
+    training_starts: list[tuple[int, int]] = []  # (first step, training) of a script's later trainings
     time_spent: list[tuple[str, float]] = []  # where the wall time went (kaio.report.summary.time_buckets)
     goodput_pct: float | None = None
 
@@ -188,6 +189,7 @@ def figure_data(header: HistoryHeader, index: RunIndex) -> FigureData:
         (step, session)
         for session, step in conn.execute("SELECT session, MIN(step) FROM steps GROUP BY session ORDER BY MIN(step)")
     ][1:]
+    data.training_starts = [(t.first_step, t.training) for t in header.trainings if t.training > 1]
     return data
 
 

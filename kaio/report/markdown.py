@@ -58,6 +58,7 @@ def render_markdown(header: HistoryHeader, summary: Summary, evals: list[EvalEnt
         _executive_summary(summary, header),
         _key_metrics(summary),
         _evaluations(summary, evals, header.final_model),
+        _trainings(summary, header.sessions),
         _logged_metrics(summary),
         _time_spent(summary),
         "## Telemetry\n\n![telemetry](telemetry.png)",
@@ -181,16 +182,25 @@ def _final_smoothed(s: Summary) -> str:
     return _num(s.loss_final_smoothed, ".4g") or _no_loss(s)
 
 
+def _across_trainings(s: Summary) -> str:
+    return f" (across {len(s.trainings)} trainings: see Trainings)" if s.trainings else ""
+
+
 def _key_metrics(s: Summary) -> str:
     missing = "not measured (no GPU)" if s.cpu_only else "not measured"
     rows = [
         (
             "Loss (initial → final)",
-            f"{s.loss_initial:.4g} → {s.loss_final:.4g}{_after_final(s)}"
+            f"{s.loss_initial:.4g} → {s.loss_final:.4g}{_after_final(s)}{_across_trainings(s)}"
             if s.loss_initial is not None and s.loss_final is not None
             else _no_loss(s, why=True),
         ),
-        ("Loss, minimum", f"{s.loss_min:.4g} at step {s.loss_min_step:,}" if s.loss_min is not None else _no_loss(s)),
+        (
+            "Loss, minimum",
+            f"{s.loss_min:.4g} at step {s.loss_min_step:,}{_across_trainings(s)}"
+            if s.loss_min is not None
+            else _no_loss(s),
+        ),
         ("Loss, final smoothed (EMA)", _final_smoothed(s)),
     ]
     if s.grad_norm_median is not None and s.grad_norm_max is not None:
@@ -522,6 +532,33 @@ def _hub(hub: HubOutcome | None) -> str | None:
     else:
         return None
     return "## Hugging Face deployment\n\n" + "\n".join(lines)
+
+
+def _trainings(s: Summary, sessions: list[Session]) -> str | None:
+    """A script that trained more than once: each training's own steps and losses (another objective, or a
+    search's trial from scratch: one curve across them compares unlike things)."""
+    if not s.trainings:
+        return None
+    several_sessions = len(sessions) > 1
+    rows = []
+    for row in s.trainings:
+        t = row.training
+        name = f"{t.training} (session {t.session})" if several_sessions else str(t.training)
+        steps = f"{t.first_step:,}–{row.last_step:,} ({row.steps:,})" if row.steps and row.last_step else "none"
+        loss = (
+            f"{row.loss_first:.4g} → {row.loss_last:.4g} ({row.loss_min:.4g})"
+            if row.loss_first is not None and row.loss_last is not None and row.loss_min is not None
+            else "—"
+        )
+        rows.append(
+            (name, t.trainer or "—", steps, _num(t.learning_rate, ".3g"), loss, _num(row.eval_loss_best, ".4g"))
+        )
+    intro = (
+        f"The script trained {len(s.trainings)} times (another Trainer, train() again, a search's trials): each "
+        "training's own steps and losses. The loss figures above run across them; the figure marks where each began."
+    )
+    head = ("Training", "Trainer", "Steps", "Learning rate", "Loss first → last (min)", "Eval loss, best")
+    return "## Trainings\n\n" + intro + "\n\n" + _table(head, rows)
 
 
 def _sessions(sessions: list[Session]) -> str | None:

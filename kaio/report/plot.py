@@ -71,7 +71,11 @@ def build_figure(data: FigureData) -> Figure:
         _gpu_lines_panel(axes[3], data, "util", util, "utilisation", ylim=(-2, 110))
         _power_panel(axes[4], data)
         _gpu_lines_panel(axes[5], data, "temp", temp, "temperature")
-    _mark_sessions(axes, data.session_starts)
+    _mark_starts(
+        axes,
+        [(step, f"session {n}") for step, n in data.session_starts]
+        + [(step, f"training {n}") for step, n in data.training_starts],
+    )
     fig.suptitle(data.title + (" · CPU-only run, no GPU" if data.no_gpu else ""), fontsize=14)
     return fig
 
@@ -292,15 +296,15 @@ def _time_bar(ax: Axes, data: FigureData) -> None:
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(data.time_spent), fontsize=10, frameon=False)
 
 
-def _mark_sessions(axes: Sequence[Axes], session_starts: Sequence[tuple[int, int]]) -> None:
-    """A dashed line where a new session's first step begins, labelled with its number. Labels of sessions
+def _mark_starts(axes: Sequence[Axes], starts: Sequence[tuple[int, str]]) -> None:
+    """A dashed line where a new session's (or a script's later training's) first step begins, labelled. Labels
     that begin close together (resumes a few steps apart) are stepped down rather than printed over each other."""
-    if not session_starts:
+    if not starts:
         return
     low, high = axes[0].get_xlim()
     span = max(high - low, 1e-9)
     level_ends: list[float] = []  # per level of labels (top first), the x where its last label ends
-    for step, session in sorted(session_starts):
+    for step, label in sorted(starts):
         boundary = step - 0.5
         level = next((i for i, end in enumerate(level_ends) if boundary >= end), len(level_ends))
         if level == _LABEL_LEVELS:  # every level taken: the top one, over the nearest label
@@ -314,7 +318,7 @@ def _mark_sessions(axes: Sequence[Axes], session_starts: Sequence[tuple[int, int
             ax.text(
                 boundary,
                 y,
-                f" session {session}",
+                f" {label}",
                 transform=ax.get_xaxis_transform(),
                 ha="left",
                 va="top",

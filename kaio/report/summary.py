@@ -33,6 +33,7 @@ from kaio.record.types import (
     Stall,
     StepEntry,
     Telemetry,
+    Training,
 )
 
 ENERGY_METHOD_LABELS = {"counter": "hardware counter", "integrated": "integrated power"}
@@ -47,6 +48,19 @@ class EvalSetLoss(msgspec.Struct, kw_only=True):
     final: float | None = None
     best: float | None = None
     best_step: int | None = None
+
+
+class TrainingLosses(msgspec.Struct, kw_only=True):
+    """One of a script's trainings (``HistoryHeader.trainings``) over its own steps: each has its own objective
+    (SFT, then DPO) or its own start (a search's trials), so its losses are not compared with the others'."""
+
+    training: Training
+    steps: int = 0
+    last_step: int | None = None
+    loss_first: float | None = None
+    loss_last: float | None = None
+    loss_min: float | None = None
+    eval_loss_best: float | None = None
 
 
 class LoggedMetric(msgspec.Struct, kw_only=True):
@@ -155,6 +169,7 @@ class Summary(msgspec.Struct, kw_only=True):
     energy_per_1k_samples_wh: float | None = None
     cpu_only: bool = False  # no GPU found, and no GPU number anywhere
     nodes: list[NodeSummary] = []  # a job of several machines: each (the head first)
+    trainings: list[TrainingLosses] = []  # a script that trained more than once: each training apart
     warnings: list[str] = []
 
 
@@ -262,6 +277,7 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
     if not s.loss_logged_steps and not (s.loss_nan_count or s.loss_inf_count) and s.step_entries:
         _why_no_loss(s, run, last_entry)
     _evals(evals, s)
+    s.trainings = _trainings(q, header.trainings, evals)
     gpus = _gpus(q, s, header, w)
     _throughput(q, s)
     s.tokens_counted_by = run.tokens_counted_by if run is not None and s.tokens is not None else None
@@ -779,15 +795,48 @@ def _records_dropped(t: Telemetry) -> list[str]:
     return found
 
 
+def _trainings(q: _Query, trainings: list[Training], evals: list[EvalEntry]) -> list[TrainingLosses]:
+    """Each training's steps: its session's, from its first step to the next training's of the session."""
+    rows = []
+    for i, t in enumerate(trainings):
+        end = next((n.first_step for n in trainings[i + 1 :] if n.session == t.session), None) or 2**62
+        where, args = "session = ? AND step >= ? AND step < ?", (t.session, t.first_step, end)
+        steps, last_step, loss_min = q.row(f"SELECT COUNT(*), MAX(step), MIN(loss) FROM steps WHERE {where}", *args)
+        first, last = (
+            q.value(f"SELECT loss FROM steps WHERE {where} AND loss IS NOT NULL ORDER BY step {order} LIMIT 1", *args)
+            for order in ("ASC", "DESC")
+        )
+        mine = [
+            e.loss
+            for e in evals
+            if e.session == t.session and t.first_step <= e.step < end and e.loss is not None and not e.other_model
+        ]
+        rows.append(
+            TrainingLosses(
+                training=t,
+                steps=steps,
+                last_step=last_step,
+                loss_first=first,
+                loss_last=last,
+                loss_min=loss_min,
+                eval_loss_best=min(mine) if mine else None,
+            )
+        )
+    return rows
+
+
 def _schedule_restarts(q: _Query, header: HistoryHeader) -> list[str]:
     """A resumed session whose learning rate jumped up from where the last one left it: the Trainer planned
     its schedule anew over the new length (``kaio resume --max-steps``), and the loss may show it."""
     kinds = {s.session: s.kind.value for s in header.sessions}
+    later_trainings = {(t.session, t.first_step) for t in header.trainings if t.training > 1}
     found = []
     for step, session, before, after in q.conn.execute(
         "SELECT s.step, s.session, p.learning_rate, s.learning_rate FROM steps s JOIN steps p ON p.step = s.step - 1 "
         "WHERE s.session != p.session AND s.learning_rate > 2 * p.learning_rate + 1e-12"
     ):
+        if (session, step) in later_trainings:
+            continue  # another Trainer's schedule of its own, not the resumed one planned anew
         found.append(
             f"learning rate jumped from {before:.3g} to {after:.3g} at step {step}, where session {session} "
             f"({kinds.get(session, 'resume')}) began: its schedule was planned anew over the run's new length, or "

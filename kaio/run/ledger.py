@@ -33,6 +33,7 @@ from kaio.record.types import (
     Status,
     Telemetry,
     TrainEnd,
+    Training,
     training_precision,
 )
 from kaio.run.assembly import iso
@@ -40,6 +41,7 @@ from kaio.run.checkpoints import checkpoint_step
 from kaio.telemetry.spool import Received
 
 CHECKPOINTS_KEPT = 20
+TRAININGS_KEPT = 1000  # a search of many trials: its first thousand
 STALLS_KEPT = 50
 
 
@@ -94,6 +96,7 @@ class RunLedger(msgspec.Struct, kw_only=True):
     last_t_wall: float | None = None
     code_file: str | None = None  # the user's code the latest session ran (SessionStart.code_file)
     code_sha256: str | None = None  # and its content's digest
+    trainings: list[Training] = []  # each train() of the scripts' processes, in order
 
     # ------------------------------------------------------------------ reading
 
@@ -277,6 +280,17 @@ class RunLedger(msgspec.Struct, kw_only=True):
             s = self.session_record(r.session)
             if s is not None and r.training == 1:  # a later training of the session continues it
                 s.start_step = r.start_step
+            if len(self.trainings) < TRAININGS_KEPT:
+                self.trainings.append(
+                    Training(
+                        session=r.session,
+                        training=r.training,
+                        first_step=r.start_step + 1,
+                        trainer=r.trainer,
+                        learning_rate=r.script_learning_rate or r.args.learning_rate,
+                        max_steps=r.max_steps,
+                    )
+                )
         launch = (self.config or {}).get("launch") or {}
         launched = launch.get("num_processes")
         if launched:

@@ -61,7 +61,7 @@ from kaio.run.stalls import stall_lines
 from kaio.run.stragglers import StragglerWatch
 
 MAX_WARNINGS = 200
-STATE_FORMAT = 3  # 2: stragglers; 3: the steps' samples in their own part (StepSamples)
+STATE_FORMAT = 4  # 2: stragglers; 3: the steps' samples in their own part (StepSamples); 4: the trainings
 
 
 class Warnings(msgspec.Struct, kw_only=True):
@@ -436,6 +436,7 @@ def history_header(parts: StateParts) -> HistoryHeader:
         final_model=_final_model(ledger.last_train_end) if ledger.trained_to_end(ledger.session) else None,
         stalls=list(ledger.stalls),
         ranks=parts.stragglers.summary(),
+        trainings=ledger.trainings if any(t.training > 1 for t in ledger.trainings) else [],
     )
 
 

@@ -190,6 +190,7 @@ class RunStart(Event, tag="run_start"):
     # include it).
     training: int = 1
     step_offset: int = 0
+    trainer: str | None = None  # the Trainer's class (SFTTrainer, DPOTrainer...)
     # The evaluations before the script's first training (their t_wall) whose model this training shares no weight
     # with (a teacher's, a reference's): not the run's, which only became known when the training began.
     other_model_evals: list[float] = []
