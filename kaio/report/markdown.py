@@ -207,7 +207,7 @@ def _key_metrics(s: Summary) -> str:
         largest = f"{s.grad_norm_max:.3g} at step {s.grad_norm_max_step:,}"
         rows.append(("Gradient norm (median · largest)", f"{s.grad_norm_median:.3g} · {largest}"))
     if s.eval_loss_best is not None:
-        rows.append(("Evaluation loss, best", _best_eval_loss(s)))
+        rows.append(("Evaluation loss, best", _best_eval_loss(s) + _across_trainings(s)))
     rows += [
         ("True peak VRAM (allocator, max over ranks)", _true_peak(s) or missing),
         ("True peak VRAM, average over steps", _bytes(s.vram_true_peak_step_avg_bytes) or missing),

@@ -114,6 +114,17 @@ def _xy(line: Line, scale: float = 1.0):
     return np.asarray(line.x, dtype=float), np.asarray(line.y, dtype=float) / scale
 
 
+def _broken_at(xy, starts: list[int]):
+    """A line with a gap where each of a script's later trainings began: its loss does not continue the last's."""
+    import numpy as np
+
+    x, y = xy
+    if not starts:
+        return x, y
+    cut = np.searchsorted(x, [s - 0.5 for s in starts])
+    return np.insert(x, cut, np.asarray(starts, dtype=float) - 0.5), np.insert(y, cut, np.nan)
+
+
 def _band(band: Band, scale: float = 1.0):
     import numpy as np
 
@@ -153,11 +164,11 @@ def _loss_panel(ax: Axes, data: FigureData) -> None:
     if not data.loss.x:
         _say_no_data(ax, "no finite loss logged" if data.nonfinite_losses else "no loss logged")
     else:
-        ax.plot(*_xy(data.loss), color="0.6", linewidth=0.8, label="raw", **_points(data.loss))
+        starts = [step for step, _ in data.training_starts]
+        ax.plot(*_broken_at(_xy(data.loss), starts), color="0.6", linewidth=0.8, label="raw", **_points(data.loss))
         if data.loss_smoothed.x:
-            ax.plot(
-                *_xy(data.loss_smoothed), color="tab:orange", linewidth=2, label="smoothed (EMA)", **_points(data.loss)
-            )
+            smoothed = _broken_at(_xy(data.loss_smoothed), starts)
+            ax.plot(*smoothed, color="tab:orange", linewidth=2, label="smoothed (EMA)", **_points(data.loss))
         ax.set_ylabel("loss")
     markers = "os^vDP*X"
     for i, (name, line) in enumerate(data.eval_losses.items()):
