@@ -295,8 +295,9 @@ def test_a_script_with_no_trainer_and_no_kaio_log_is_said_plainly_and_its_exit_c
     session = read_history(project_dir, "nt")["sessions"][0]
     assert (session["status"], session["exit_code"], session["training_ended"]) == ("FAILED", 3, None)
     report = (project_dir / "docs/reports/nt/report.md").read_text()
-    assert "No transformers `Trainer` started" in report
-    assert "- **Optimizer steps:** none recorded (no transformers Trainer started" in report
+    assert "no transformers `Trainer` began training before the script failed" in report
+    assert "- **Optimizer steps:** none recorded (no Trainer began training before the script failed" in report
+    assert "`kaio.log(step=..., loss=...)`" in report
     assert "no finite loss logged" not in report  # nothing suggests NaN losses
     assert "Host CPU (average) / RAM used (peak)" in report
 

@@ -66,6 +66,7 @@ def render_markdown(header: HistoryHeader, summary: Summary, evals: list[EvalEnt
             header.run,
             evaluated=summary.eval_count > 0,
             launch_failed=(summary.error or "").startswith(LAUNCHER_FAILED),
+            failed=summary.status == "FAILED",
         ),
         _environment(header.run),
         _kaio_config(header.config, header.run),
@@ -88,7 +89,13 @@ def render_markdown(header: HistoryHeader, summary: Summary, evals: list[EvalEnt
 def _executive_summary(s: Summary, header: HistoryHeader) -> str:
     if not s.step_entries:
         if header.run is None:
-            why = "a Trainer evaluated, but never trained" if s.eval_count else "no transformers Trainer started"
+            why = (
+                "a Trainer evaluated, but never trained"
+                if s.eval_count
+                else "no Trainer began training before the script failed"
+                if s.status == "FAILED"
+                else "no transformers Trainer started"
+            )
             steps = f"none recorded ({why}: see What was trained)"
         else:
             steps = "none recorded"
@@ -374,7 +381,9 @@ def _logged_metrics(s: Summary) -> str | None:
     )
 
 
-def _what_was_trained(run: RunDescription | None, *, evaluated: bool = False, launch_failed: bool = False) -> str:
+def _what_was_trained(
+    run: RunDescription | None, *, evaluated: bool = False, launch_failed: bool = False, failed: bool = False
+) -> str:
     if run is None and evaluated:  # evaluate() (or predict()) without train()
         return (
             "## What was trained\n\nNothing: a transformers `Trainer` evaluated (see Evaluation) but never "
@@ -384,6 +393,12 @@ def _what_was_trained(run: RunDescription | None, *, evaluated: bool = False, la
         return (
             "## What was trained\n\nNothing: the launcher failed before the script ran (its error is above; its "
             "output is in child.log)."
+        )
+    if run is None and failed:
+        return (
+            "## What was trained\n\nNothing: no transformers `Trainer` began training before the script failed (its "
+            "error is above; its output is in child.log). A plain training loop, without a `Trainer`, can report "
+            "its steps with `kaio.log(step=..., loss=...)` (see the README)."
         )
     if run is None:
         return (
