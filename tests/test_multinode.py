@@ -155,6 +155,11 @@ def test_two_nodes_make_one_job_and_one_report_and_copied_node_folders_merge_the
     # history, but for the clock, which only a stream measures.
     copied = project_dir / "from-node-1" / node_folder.name
     shutil.copytree(node_folder, copied)
+    both = load_nodes([copy, copied], head_config, explicit=[copied])  # the streamed copy, and the node's own
+    assert [n.folder for n in both.nodes] == [copied]
+    assert f"node 1: {copied} is merged in place of {copy} (the same node's record; the one given is taken)" in (
+        both.problems
+    )
     shutil.rmtree(copy.parent)
     merged = kaio("report", "t", "--merge", str(copied), cwd=project_dir)
     assert merged.returncode == 0, merged.stderr

@@ -121,8 +121,14 @@ def load_nodes(
             earlier, record = sorted((earlier, record), key=lambda r: (r.folder in named, _how_far(r)))
             if earlier.folder.name != record.folder.name:  # not one folder found twice (nodes/ and --merge)
                 problems.append(_not_merged(earlier, record))
-            elif record.clock is None:  # the streamed copy's clock probe: the copy merged by hand has none
-                record.clock = earlier.clock
+            else:
+                if earlier.folder.resolve() != record.folder.resolve():
+                    problems.append(
+                        f"node {record.node_rank}: {record.folder} is merged in place of {earlier.folder} (the same "
+                        "node's record; the one given is taken)"
+                    )
+                if record.clock is None:  # the streamed copy's clock probe: the copy merged by hand has none
+                    record.clock = earlier.clock
         records[record.node_rank] = record
     problems += _missing_nodes(head_config, set(records), refused)
     return NodeRecords([records[rank] for rank in sorted(records)], problems)
