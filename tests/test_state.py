@@ -147,6 +147,19 @@ def test_a_resume_asked_for_no_more_steps_than_were_done_is_warned_about():
     assert warning.startswith(
         "session 2: the Trainer resumed at step 10 with max_steps 8: the training's arguments asked for no"
     )
+    # A script of two phases resumed at the end of its first: the first trains nothing, as it should; the second
+    # goes on. Not a problem: the warning is taken back, and a note says what happened.
+    phases = [
+        {"type": "session_start", "session": 2, "t_wall": 1e9, "kind": "resume"},
+        {"type": "run_start", "rank": 0, "session": 2, "start_step": 24, "max_steps": 24},
+        {"type": "run_start", "rank": 0, "session": 2, "start_step": 24, "max_steps": 30, "training": 2},
+        _step(25, 1.0, session=2),
+    ]
+    history = history_of(replay(phases))
+    assert history["warnings"] == []
+    assert "session 2: the script's first training resumed at its end (step 24) and trained no step" in " ".join(
+        history["telemetry"]["notes"]
+    )
 
 
 def test_what_a_resumed_trainer_kept_from_its_checkpoint_over_the_arguments_is_named():

@@ -76,6 +76,12 @@ class Warnings(msgspec.Struct, kw_only=True):
             return
         self.items.append(text)
 
+    def withdraw(self, prefix: str) -> bool:
+        """Take back the warnings that begin with ``prefix`` (what came after showed them unfounded)."""
+        kept = [text for text in self.items if not text.startswith(prefix)]
+        withdrawn, self.items = len(kept) != len(self.items), kept
+        return withdrawn
+
     def listed(self) -> list[str]:
         more = [f"{self.dropped} more warnings not kept (the first {MAX_WARNINGS} are listed)"] if self.dropped else []
         return self.items + more
@@ -214,6 +220,12 @@ class RunState:
             if r.other_model_evals:  # evaluated before the training began, by a model it does not train
                 self.index.mark_other_model(r.session, {iso(t) for t in r.other_model_evals})
             self.parts.steps.resume_at(r.start_step, self)
+            resumed_done = f"session {r.session}: the Trainer resumed at step {r.start_step} with max_steps "
+            if r.training > 1 and self.parts.warnings.withdraw(resumed_done):  # a finished phase, not a problem
+                self.ledger.add_note(
+                    f"session {r.session}: the script's first training resumed at its end (step {r.start_step}) and "
+                    "trained no step; its later training went on from there"
+                )
             if r.training > 1:  # a script's second Trainer, or train() again: its steps follow the earlier ones
                 self.parts.steps.continue_counts_at(r.start_step)
                 self.parts.steps.smoother = LossSmoother()  # maybe another objective (SFT, then DPO): its own curve
