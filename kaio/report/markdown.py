@@ -568,8 +568,9 @@ def _trainings(s: Summary, sessions: list[Session]) -> str | None:
         rows.append(
             (name, t.trainer or "—", steps, _num(t.learning_rate, ".3g"), loss, _num(row.eval_loss_best, ".4g"))
         )
+    again = ", and again in each resumed session" if several_sessions else ""
     intro = (
-        f"The script trained {len(s.trainings)} times (another Trainer, train() again, a search's trials): each "
+        f"`train()` ran {len(s.trainings)} times (a second Trainer, train() again, a search's trials{again}): each "
         "training's own steps and losses. The loss figures above run across them; the figure marks where each began."
     )
     head = ("Training", "Trainer", "Steps", "Learning rate", "Loss first → last (min)", "Eval loss, best")
