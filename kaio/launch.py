@@ -56,7 +56,7 @@ class LaunchPlan:
 def build_command(cfg: RunConfig, plan: LaunchPlan, environ: Mapping[str, str]) -> tuple[list[str], dict[str, str]]:
     """The child's argv and environment: ``accelerate launch … -m kaio.child …`` (through
     ``kaio.child.launcher``, which is accelerate's launcher that also writes down which rank failed)."""
-    argv = _launcher_argv(cfg, plan) + ["-m", "kaio.child"]
+    argv = _launcher_argv(cfg, plan, environ.get("HOME")) + ["-m", "kaio.child"]
     if cfg.launch.script:
         argv += ["--kaio-script", str(Path(cfg.launch.script).resolve()), *cfg.launch.script_args]
     elif cfg.launch.module:
@@ -65,7 +65,7 @@ def build_command(cfg: RunConfig, plan: LaunchPlan, environ: Mapping[str, str]) 
         argv += ["--config", str(plan.config_path)]
 
     paths = ProjectPaths(plan.report_dir)
-    env = dict(environ)
+    env = {k: v for k, v in environ.items() if k not in OTHER_LAUNCHERS_VARIABLES}
     env.pop(ENV_JOB_SECRET, None)  # kaio's, not the training's: a script dumping its environment cannot show it
     env.update(
         {
@@ -97,7 +97,40 @@ def build_command(cfg: RunConfig, plan: LaunchPlan, environ: Mapping[str, str]) 
     return argv, env
 
 
-def _launcher_argv(cfg: RunConfig, plan: LaunchPlan) -> list[str]:
+# What torchrun (or another launcher) sets for the processes it starts. Left over in the shell kaio starts from (a
+# Kubeflow pod, an earlier torch.distributed session), WORLD_SIZE=2 made a one-process run wait for a rank 1 that
+# never came, silently, for half an hour: kaio's launch sets its own.
+OTHER_LAUNCHERS_VARIABLES = (
+    "WORLD_SIZE",
+    "RANK",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+)
+
+# The built-in recipe's accelerate config: its setup is kaio's alone (one process, no FSDP or DeepSpeed from the
+# user's `accelerate config` default file, which accelerate reads when no flag says how to distribute).
+RECIPE_ACCELERATE_CONFIG = Path(__file__).parent / "recipes" / "accelerate_config.json"
+
+
+def other_launchers_note(environ: Mapping[str, str]) -> str | None:
+    """The leftover launcher variables kaio keeps out of the training's environment, said."""
+    found = [name for name in OTHER_LAUNCHERS_VARIABLES if name in environ]
+    if not found:
+        return None
+    values = ", ".join(f"{name}={environ[name]}" for name in found)
+    return f"left out of the training's environment, as another launcher's (kaio's launch sets its own): {values}"
+
+
+def _launcher_argv(cfg: RunConfig, plan: LaunchPlan, home: str | None = None) -> list[str]:
     """``accelerate launch`` and its flags: the job's shape is kaio's; what the user's accelerate config file
     sets and kaio does not, the file's."""
     launch = cfg.launch
@@ -127,7 +160,22 @@ def _launcher_argv(cfg: RunConfig, plan: LaunchPlan) -> list[str]:
         argv += ["--mixed_precision", "no"]
     if not _has_flag(asked, "--dynamo_backend") and not (user_file and user_file.dynamo_backend):
         argv += ["--dynamo_backend", "no"]
-    return argv + list(asked)
+    if launch.own_code is None and not _has_flag(asked, "--config_file"):
+        argv += ["--config_file", str(RECIPE_ACCELERATE_CONFIG)]
+    return argv + _home_expanded(asked, home)
+
+
+def _home_expanded(args: list[str], home: str | None) -> list[str]:
+    """``--config_file ~/x.yaml``: no shell stands between the config's list and accelerate, so kaio expands
+    ``~`` (as it does reading the file for its notes)."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        if flag_name(arg) == flag_name("--config_file") and arg.startswith("--"):
+            if "=" in arg:
+                out[i] = f"{arg.split('=', 1)[0]}={_expanded(arg.split('=', 1)[1], home)}"
+            elif i + 1 < len(out):
+                out[i + 1] = str(_expanded(out[i + 1], home))
+    return out
 
 
 # PyTorch's NCCL Flight Recorder: the last collectives of every rank, dumped when a collective times out.

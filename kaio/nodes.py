@@ -284,7 +284,7 @@ def dry_run_lines(
     """`kaio run --dry-run`: each node's child command and the environment kaio sets for it (secrets masked)."""
     import shlex
 
-    from kaio.launch import preview_command, script_accelerate_file
+    from kaio.launch import other_launchers_note, preview_command, script_accelerate_file
     from kaio.record.paths import ProjectPaths
 
     lines = [
@@ -302,6 +302,9 @@ def dry_run_lines(
     user_file = script_accelerate_file(cfg.launch, environ)  # read once, for every node's command
     if user_file is not None:  # each machine's own: this one's
         lines.append(f"note: on this machine, {user_file.note(cfg.launch.accelerate_args)}")
+    leftover = other_launchers_note(environ)
+    if leftover is not None:
+        lines.append(f"note: on this machine, {leftover}")
     for rank in range(where.nnodes):
         node = replace(where, node_rank=rank)
         node_cfg = placed(cfg, node)

@@ -44,6 +44,35 @@ def test_single_process_runs_the_builtin_recipe_through_kaio_child():
     assert ENV_RESUME_FROM not in env
 
 
+def test_the_recipes_launch_is_kaios_alone_whatever_the_shell_and_the_users_accelerate_files_say(tmp_path):
+    """Left over from another launcher (a Kubeflow pod), WORLD_SIZE=2 made a one-process run wait half an hour for
+    a rank 1; the user's default accelerate config (DeepSpeed) was the recipe's distribution; `~` in a config
+    file's path reached accelerate unexpanded (no shell in between)."""
+    from kaio.launch import RECIPE_ACCELERATE_CONFIG, other_launchers_note
+
+    leftover = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "10.0.0.9", "MASTER_PORT": "29599", "PATH": "/bin"}
+    argv, env = build_command(RunConfig(project_name="p"), _plan(), leftover)
+    assert not {"WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"} & set(env) and env["PATH"] == "/bin"
+    assert other_launchers_note(leftover) == (
+        "left out of the training's environment, as another launcher's (kaio's launch sets its own): "
+        "WORLD_SIZE=2, RANK=0, MASTER_ADDR=10.0.0.9, MASTER_PORT=29599"
+    )
+    assert other_launchers_note({"PATH": "/bin"}) is None
+    assert argv[argv.index("--config_file") + 1] == str(RECIPE_ACCELERATE_CONFIG)
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    assert load_config_from_file(str(RECIPE_ACCELERATE_CONFIG)).distributed_type == "NO"  # a file accelerate reads
+    script = tmp_path / "train.py"
+    script.write_text("")
+    own = RunConfig(
+        project_name="p", launch={"script": str(script), "accelerate_args": ["--config_file", "~/acc.yaml"]}
+    )
+    argv, _ = build_command(own, _plan(), {"HOME": "/home/u"})
+    assert argv.count("--config_file") == 1 and argv[argv.index("--config_file") + 1] == "/home/u/acc.yaml"
+    spelt = own.model_copy(update={"launch": own.launch.model_copy(update={"accelerate_args": ["--config-file=~/a"]})})
+    assert "--config-file=/home/u/a" in build_command(spelt, _plan(), {"HOME": "/home/u"})[0]
+
+
 def test_several_processes_use_multi_gpu_ddp_with_the_chosen_port():
     cfg = RunConfig(project_name="p", launch={"num_processes": 2})
     argv, _ = build_command(cfg, _plan(), {})

@@ -300,10 +300,10 @@ def _check_checkpoint_folder(cfg: RunConfig) -> None:
 def _launcher_notes(cfg: RunConfig) -> list[str]:
     """What a script's launcher takes from the user's accelerate config file (a restart reads the same: said
     once)."""
-    from kaio.launch import accelerate_file_note
+    from kaio.launch import accelerate_file_note, other_launchers_note
 
-    said = accelerate_file_note(cfg.launch, os.environ)
-    return [said] if said is not None else []
+    said = [accelerate_file_note(cfg.launch, os.environ), other_launchers_note(os.environ)]
+    return [note for note in said if note is not None]
 
 
 def _supervise(
