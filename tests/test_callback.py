@@ -470,6 +470,31 @@ def test_train_begin_describes_the_run_from_the_live_objects(tmp_path, torch):
     assert start["model"]["trainable_params"] == trainable and start["model"]["architecture"] == "LlamaForCausalLM"
 
 
+def test_half_precision_the_accelerator_does_not_autocast_is_recorded_as_fp32_and_warned_about():
+    """fp16 asked on a host without a GPU: accelerate sets mixed_precision fp16 but does not autocast, and the
+    losses were fp32's to the bit; the report said fp16. bf16 on the CPU autocasts, and DeepSpeed casts itself."""
+    from kaio.child.describe import _mixed_precision
+
+    def trainer(precision: str, autocasts: bool, engine: str = "NO") -> SimpleNamespace:
+        return SimpleNamespace(
+            accelerator=SimpleNamespace(mixed_precision=precision, native_amp=autocasts, distributed_type=engine)
+        )
+
+    assert _mixed_precision(trainer("fp16", False)) == "no"
+    assert _mixed_precision(trainer("bf16", True)) == "bf16"
+    assert _mixed_precision(trainer("fp16", False, "DEEPSPEED")) == "fp16"
+    assert _mixed_precision(SimpleNamespace()) is None  # no accelerator to ask: the arguments say
+
+    run = {"type": "run_start", "rank": 0, "session": 1, "device": "cpu", "mixed_precision": "no"}
+    state = replay([{"type": "session_start", "session": 1}, {**run, "args": {"fp16": True, "bf16": False}}])
+    header = state.header()
+    assert header.run is not None and header.run.precision == "fp32"
+    assert header.warnings == [
+        "session 1: the training arguments ask for fp16, but the training ran in fp32: accelerate does not "
+        "autocast fp16 on this device (cpu); fp16 needs a GPU"
+    ]
+
+
 def test_a_seq2seq_evaluation_that_generates_is_said_with_its_length_and_beams(tmp_path, torch):
     """Seq2SeqTrainingArguments(predict_with_generate=True): the evaluation's metrics are of generated text."""
     import msgspec

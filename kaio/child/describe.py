@@ -105,10 +105,17 @@ def _training_args(args: Any, state: Any) -> TrainingArgs:
 
 
 def _mixed_precision(trainer: Any) -> str | None:
+    """The precision the Trainer's accelerator trains in: "no" where it set a half precision but does not
+    autocast (fp16 on the CPU: the training runs in fp32, whatever the arguments say)."""
     try:
-        value = _plain(getattr(trainer, "accelerator", None).mixed_precision)  # type: ignore[union-attr]
+        accelerator = getattr(trainer, "accelerator", None)
+        value = _plain(accelerator.mixed_precision)  # type: ignore[union-attr]
+        engine = str(_plain(getattr(accelerator, "distributed_type", None)) or "")
+        autocasts = getattr(accelerator, "native_amp", True) or engine in ("DEEPSPEED", "MEGATRON_LM")
     except Exception:  # no accelerator (an older transformers), or one that cannot say
         return None
+    if value in ("fp16", "bf16") and not autocasts:
+        return "no"
     return value if isinstance(value, str) else None
 
 

@@ -399,6 +399,8 @@ def training_precision(r: RunStart) -> str | None:
     it without the arguments showing it), else as the TrainingArguments say."""
     if r.mixed_precision in HALF_PRECISIONS:
         return r.mixed_precision
+    if r.mixed_precision == "no":  # the accelerator does not autocast, whatever the arguments asked
+        return "fp32"
     args = r.args
     return "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32" if args.bf16 is not None else None
 

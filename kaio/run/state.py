@@ -215,7 +215,7 @@ class RunState:
                     f"session {r.session}: the Trainer began at step {r.start_step} (the script resumed it from a "
                     f"checkpoint of its own): steps 1-{r.start_step} are not in this record"
                 )
-            for warning in _resumed_against_the_arguments(r):
+            for warning in [*_resumed_against_the_arguments(r), *_precision_not_taken(r)]:
                 self.warn(warning)
             if r.other_model_evals:  # evaluated before the training began, by a model it does not train
                 self.index.mark_other_model(r.session, {iso(t) for t in r.other_model_evals})
@@ -492,6 +492,17 @@ def _data_place_shifted(before: RunStart | None, r: RunStart) -> str | None:
         f"steps took {old} ({', '.join(shapes)}): the Trainer finds its place in the data by counting those steps in "
         f"batches of the new size, so about {abs(new - old) * r.start_step:,} examples were {done}"
     )
+
+
+def _precision_not_taken(r: RunStart) -> list[str]:
+    """Half precision asked for where the accelerator does not autocast (fp16 on the CPU): the training ran fp32."""
+    asked = "fp16" if r.args.fp16 else "bf16" if r.args.bf16 else None
+    if asked is None or r.mixed_precision != "no":
+        return []
+    return [
+        f"session {r.session}: the training arguments ask for {asked}, but the training ran in fp32: accelerate "
+        f"does not autocast {asked} on this device ({r.device or 'unknown'}); {asked} needs a GPU"
+    ]
 
 
 def _resumed_against_the_arguments(r: RunStart) -> list[str]:
