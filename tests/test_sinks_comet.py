@@ -255,6 +255,29 @@ def test_unreachable_comet_logs_to_the_offline_archive_with_one_warning_without_
     assert "COMET" not in printed.err + printed.out and "Traceback" not in printed.err
 
 
+def test_behind_a_proxy_that_leads_nowhere_the_run_still_goes_to_the_offline_archive(report_dir, monkeypatch):
+    """With a proxy set kaio cannot test the way to Comet itself: the online start is tried, and its failure sent
+    the run nowhere ("nothing more is sent to Comet")."""
+    refused = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("COMET_URL_OVERRIDE", f"http://127.0.0.1:{closed_port()}/clientlib/")
+    for name, value in {**FAIL_FAST, "HTTP_PROXY": refused, "HTTPS_PROXY": refused}.items():
+        monkeypatch.setenv(name, value)
+    sink = CometSink.start(
+        project="tiny-default",
+        report_dir=report_dir,
+        params=PARAMS,
+        experiment_key=None,
+        env={"COMET_API_KEY": API_KEY, "HTTPS_PROXY": refused},
+    )
+    for entry in STEPS:
+        sink.log_step(entry)
+    sink.end(timeout_s=30)
+    assert sink.offline and sink.warnings[0].startswith("Comet ML: the online experiment did not start (")
+    assert API_KEY not in " ".join(sink.warnings + sink.messages)
+    (archive,) = (report_dir / "comet").glob("*.zip")
+    assert metrics_in(read_archive(archive)[1]) == EXPECTED_METRICS
+
+
 class _GatedCometServer:
     """Holds every request until released, then answers like Comet does to a bad API key."""
 
@@ -318,9 +341,10 @@ def test_a_hanging_server_never_blocks_the_caller_and_a_bad_key_is_reported(repo
     finally:
         server.close()
 
-    assert len(sink.warnings) == 2
-    assert sink.warnings[1].startswith("Comet ML: starting the experiment failed (")
-    assert "Invalid API key" in sink.warnings[1]
+    assert len(sink.warnings) == 2  # a key the server refuses: the run goes to the offline archive, said why
+    assert sink.warnings[1].startswith("Comet ML: the online experiment did not start (")
+    assert "Invalid API key" in sink.warnings[1] and "logging offline to" in sink.warnings[1]
+    assert sink.offline
     assert API_KEY not in " ".join(sink.warnings + sink.messages)
     printed = capfd.readouterr()  # comet_ml's own error lines are the warning above, not a console traceback
     assert "COMET" not in printed.err + printed.out and "Traceback" not in printed.err

@@ -110,6 +110,7 @@ class CometSink:
         self._disabled = False
         self._ended = False
         self._worker: threading.Thread | None = None
+        self._start_errors = _ErrorLines()  # what comet_ml logged while the experiment started (its worker's)
 
     @classmethod
     def start(
@@ -249,7 +250,7 @@ class CometSink:
     def _work(self, create: Callable[[], Any], name: str) -> None:
         # comet_ml reports what goes wrong (a bad key, no network, a refused upload) by logging an error, on this
         # thread or its own: its console is kept quiet (_import_comet_ml), and the errors become warnings here.
-        errors = _ErrorLines()
+        errors = self._start_errors = _ErrorLines()
         comet_logger = logging.getLogger("comet_ml")
         comet_logger.addHandler(errors)
         try:
@@ -276,12 +277,20 @@ class CometSink:
         self, online: Callable[[], Any], offline: Callable[[], Any], server: str, archive_dir: Path, env: Mapping
     ) -> Any:
         """The online experiment, or, when Comet's server cannot be reached, the offline archive: comet_ml would
-        retry for half a minute and then drop everything."""
+        retry for half a minute and then drop everything. Behind a proxy (no direct way to test) or with a key the
+        server refuses, the online start is tried, and failing it the archive keeps the run."""
         from kaio.reach import unreachable
 
         why = unreachable(server, env)
         if why is None:
-            return online()
+            try:
+                experiment = online()
+            except Exception as exc:  # comet_ml raising instead of logging: the archive all the same
+                experiment, why = None, f"the online experiment did not start ({_describe(exc)})"
+            if experiment is not None and experiment.alive:
+                return experiment
+            said = self._start_errors.lines.pop(0) if self._start_errors.lines else "no reason given"
+            why = why or f"the online experiment did not start ({self._scrubbed(said)})"
         self.offline = True
         archive_dir.mkdir(parents=True, exist_ok=True)
         self.warnings.append(
