@@ -255,27 +255,51 @@ def test_unreachable_comet_logs_to_the_offline_archive_with_one_warning_without_
     assert "COMET" not in printed.err + printed.out and "Traceback" not in printed.err
 
 
-def test_behind_a_proxy_that_leads_nowhere_the_run_still_goes_to_the_offline_archive(report_dir, monkeypatch):
-    """With a proxy set kaio cannot test the way to Comet itself: the online start is tried, and its failure sent
-    the run nowhere ("nothing more is sent to Comet")."""
-    refused = f"http://127.0.0.1:{closed_port()}"
+def test_behind_a_proxy_that_leads_nowhere_the_run_still_goes_to_the_offline_archive(tmp_path, monkeypatch):
+    """A proxy that does not answer is said as such; one that answers but cannot reach Comet (a 502 for every
+    request) fails the online start, which sent the run nowhere ("nothing more is sent to Comet")."""
+
+    class BadGateway(BaseHTTPRequestHandler):
+        def _answer(self) -> None:
+            self.send_response(502)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = do_CONNECT = _answer
+
+        def log_message(self, format, *args):
+            pass
+
+    gateway = ThreadingHTTPServer(("127.0.0.1", 0), BadGateway)
+    threading.Thread(target=gateway.serve_forever, args=(0.05,), daemon=True).start()
     monkeypatch.setenv("COMET_URL_OVERRIDE", f"http://127.0.0.1:{closed_port()}/clientlib/")
-    for name, value in {**FAIL_FAST, "HTTP_PROXY": refused, "HTTPS_PROXY": refused}.items():
+    for name, value in FAIL_FAST.items():
         monkeypatch.setenv(name, value)
-    sink = CometSink.start(
-        project="tiny-default",
-        report_dir=report_dir,
-        params=PARAMS,
-        experiment_key=None,
-        env={"COMET_API_KEY": API_KEY, "HTTPS_PROXY": refused},
-    )
-    for entry in STEPS:
-        sink.log_step(entry)
-    sink.end(timeout_s=30)
-    assert sink.offline and sink.warnings[0].startswith("Comet ML: the online experiment did not start (")
-    assert API_KEY not in " ".join(sink.warnings + sink.messages)
-    (archive,) = (report_dir / "comet").glob("*.zip")
-    assert metrics_in(read_archive(archive)[1]) == EXPECTED_METRICS
+    silent, answering = f"http://127.0.0.1:{closed_port()}", f"http://127.0.0.1:{gateway.server_address[1]}"
+    said = []
+    try:
+        for proxy in (silent, answering):
+            monkeypatch.setenv("HTTP_PROXY", proxy)  # comet_ml's own requests go through it
+            report_dir = tmp_path / proxy.rsplit(":", 1)[1]
+            sink = CometSink.start(
+                project="tiny-default",
+                report_dir=report_dir,
+                params=PARAMS,
+                experiment_key=None,
+                env={"COMET_API_KEY": API_KEY, "HTTP_PROXY": proxy},
+            )
+            for entry in STEPS:
+                sink.log_step(entry)
+            sink.end(timeout_s=30)
+            assert sink.offline and API_KEY not in " ".join(sink.warnings + sink.messages)
+            (archive,) = (report_dir / "comet").glob("*.zip")
+            assert metrics_in(read_archive(archive)[1]) == EXPECTED_METRICS
+            said.append(sink.warnings[0])
+    finally:
+        gateway.shutdown()
+        gateway.server_close()
+    assert said[0].startswith(f"Comet ML: the proxy 127.0.0.1:{silent.rsplit(':', 1)[1]} cannot be reached: ")
+    assert said[1].startswith("Comet ML: the online experiment did not start (")
 
 
 class _GatedCometServer:
