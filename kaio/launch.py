@@ -258,6 +258,7 @@ class AccelerateFile:
     mixed_precision: str | None = None
     dynamo_backend: str | None = None
     engine: str | None = None  # FSDP, DEEPSPEED or MEGATRON_LM: not DDP
+    gpu_ids: str | None = None  # the GPUs the launch gives the ranks (accelerate sets CUDA_VISIBLE_DEVICES to them)
 
     def note(self, accelerate_args: list[str]) -> str:
         """What a script's launch took from the file, less what ``accelerate_args`` sets over it (the recipe's setup
@@ -283,6 +284,22 @@ def script_accelerate_file(launch: LaunchConfig, environ: Mapping[str, str]) -> 
     """The accelerate config file a script's launch takes settings from; None for the built-in recipe, whose
     setup is kaio's config's alone."""
     return accelerate_file(launch.accelerate_args, environ) if launch.own_code is not None else None
+
+
+def run_visibility(launch: LaunchConfig, environ: Mapping[str, str]) -> tuple[dict[str, str], str | None]:
+    """The environment the ranks see their GPUs in, and what changed it: accelerate sets CUDA_VISIBLE_DEVICES to
+    the launch's ``gpu_ids`` (``--gpu_ids``, else a script's accelerate config file's), which kaio's own
+    environment does not show; the run's GPUs (the report's power, energy, utilisation) are those."""
+    asked = _flag_value(launch.accelerate_args, "--gpu_ids")
+    found = script_accelerate_file(launch, environ) if asked is None else None
+    ids = asked or (found.gpu_ids if found is not None else None)
+    if not ids or ids.lower() == "all":
+        return dict(environ), None
+    where = "launch.accelerate_args" if asked else str(found.path if found is not None else "")
+    return {
+        **environ,
+        "CUDA_VISIBLE_DEVICES": ids,
+    }, f"the run's GPUs are gpu_ids {ids} ({where}): accelerate gives the ranks those"
 
 
 def accelerate_file_note(launch: LaunchConfig, environ: Mapping[str, str]) -> str | None:
@@ -324,6 +341,7 @@ def accelerate_file(accelerate_args: list[str], environ: Mapping[str, str]) -> A
         mixed_precision=_text(values.get("mixed_precision")),
         dynamo_backend=_text(dynamo.get("dynamo_backend") or values.get("dynamo_backend")),  # the older key too
         engine=engine if engine in _ENGINES else None,
+        gpu_ids=_text(values.get("gpu_ids")),
     )
 
 

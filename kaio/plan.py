@@ -150,8 +150,11 @@ def _gpus_in_run(cfg: RunConfig, environ: Mapping[str, str]) -> tuple[list[GpuFr
     """The GPUs the run's ranks would take (the first ``num_processes`` it can see), with their free memory:
     `kaio gpus`'s inventory."""
     from kaio.devices.inventory import inventory
+    from kaio.launch import run_visibility
 
+    environ, chosen = run_visibility(cfg.launch, environ)
     found = inventory(cfg.reporting.gpu_backend, environ)
+    found["notes"] += [chosen] if chosen else []
     gpus: list[GpuFree] = []
     for backend in found["backends"]:
         for device in backend["devices"]:

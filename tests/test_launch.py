@@ -73,6 +73,34 @@ def test_the_recipes_launch_is_kaios_alone_whatever_the_shell_and_the_users_acce
     assert "--config-file=/home/u/a" in build_command(spelt, _plan(), {"HOME": "/home/u"})[0]
 
 
+def test_the_runs_gpus_are_the_gpu_ids_accelerate_gives_the_ranks(tmp_path):
+    """accelerate sets CUDA_VISIBLE_DEVICES to its gpu_ids (a script's accelerate config file, or --gpu_ids):
+    the report summed all 8 GPUs' power for a run on GPUs 4-7."""
+    from kaio.launch import run_visibility
+
+    home = tmp_path / "home"
+    (home / ".cache/huggingface/accelerate").mkdir(parents=True)
+    (home / ".cache/huggingface/accelerate/default_config.yaml").write_text(
+        "distributed_type: MULTI_GPU\ngpu_ids: 4,5,6,7\n"
+    )
+    script = tmp_path / "train.py"
+    script.write_text("")
+    own = RunConfig(project_name="p", launch={"script": str(script)})
+    environ, said = run_visibility(own.launch, {"HOME": str(home), "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"})
+    assert environ["CUDA_VISIBLE_DEVICES"] == "4,5,6,7" and environ["HOME"] == str(home)
+    assert (
+        said
+        == f"the run's GPUs are gpu_ids 4,5,6,7 ({home}/.cache/huggingface/accelerate/default_config.yaml): accelerate gives the ranks those"
+    )
+    recipe = RunConfig(project_name="p")  # its own accelerate config: the user's file is not read
+    assert run_visibility(recipe.launch, {"HOME": str(home)}) == ({"HOME": str(home)}, None)
+    asked = RunConfig(project_name="p", launch={"accelerate_args": ["--gpu_ids", "1"]})
+    environ, said = run_visibility(asked.launch, {"HOME": str(home)})
+    assert environ["CUDA_VISIBLE_DEVICES"] == "1" and said is not None and "(launch.accelerate_args)" in said
+    every = RunConfig(project_name="p", launch={"accelerate_args": ["--gpu_ids", "all"]})
+    assert run_visibility(every.launch, {})[1] is None
+
+
 def test_several_processes_use_multi_gpu_ddp_with_the_chosen_port():
     cfg = RunConfig(project_name="p", launch={"num_processes": 2})
     argv, _ = build_command(cfg, _plan(), {})

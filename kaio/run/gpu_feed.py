@@ -40,15 +40,19 @@ def poller_factory(cfg: RunConfig) -> Callable[[Callable[[Record], None]], objec
     """``make(on_record)`` detects the backends, announces the devices, returns an unstarted poller."""
 
     def make(on_record: Callable[[Record], None]):
+        import os
+
         from kaio.devices.detect import detect
         from kaio.devices.poller import Poller
+        from kaio.launch import run_visibility
 
-        found = detect(cfg.reporting.gpu_backend, run_pids=_run_pids)
+        environ, chosen = run_visibility(cfg.launch, os.environ)
+        found = detect(cfg.reporting.gpu_backend, environ, run_pids=_run_pids)
         host = HostBackend()
         poller = Poller(
             found.backends, cfg.reporting.poll_hz, on_tick=lambda tick: on_record(tick_record(tick)), host=host
         )
-        on_record(device_record(list(poller.devices), found.notes, host))
+        on_record(device_record(list(poller.devices), [*found.notes, *([chosen] if chosen else [])], host))
         return poller
 
     return make
