@@ -198,7 +198,7 @@ class LaunchConfig(_Section):
     script_args: list[str] = Field(default_factory=list, description="Arguments passed to `script` (or `module`).")
     accelerate_args: list[str] = Field(
         default_factory=list,
-        description="Extra `accelerate launch` flags, e.g. `[--mixed_precision, bf16]`, `[--config_file, fsdp.yaml]`. A script's launch also takes what your accelerate config file sets and kaio does not (FSDP, DeepSpeed, mixed precision, dynamo): the one named here, else `accelerate config`'s default; the built-in recipe's setup is kaio's alone.",
+        description="Extra `accelerate launch` flags, e.g. `[--mixed_precision, bf16]`, `[--config_file, fsdp.yaml]`. A script's launch also takes what your accelerate config file sets and kaio does not (FSDP, DeepSpeed, mixed precision, dynamo): the one named here, else `accelerate config`'s default, and its `gpu_ids` are the run's GPUs; the built-in recipe's setup is kaio's alone (its own accelerate config file). Variables another launcher left in the shell (WORLD_SIZE, RANK, MASTER_ADDR...) are kept out of the training's environment.",
     )
     max_restarts: Int = Field(
         0, ge=0, le=100, description="On a failure, resume from the latest checkpoint by itself up to N times."
