@@ -141,12 +141,12 @@ def main() -> None:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    if not torch.cuda.is_available():
-        # Without it, transformers builds no gloo group on a host without GPUs, and N processes of an
-        # unchanged script are N independent, duplicate trainings (the built-in recipe sets use_cpu itself).
-        # A "false" left in the shell (from a GPU machine's setup) would do the same.
-        if os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() not in ("1", "true", "yes"):
-            os.environ["ACCELERATE_USE_CPU"] = "true"
+    # Without it, transformers builds no gloo group on a host without GPUs, and N processes of an unchanged
+    # script are N independent, duplicate trainings (the built-in recipe sets use_cpu itself). A "false" left in
+    # the shell (from a GPU machine's setup) would do the same.
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes")
+    if not torch.cuda.is_available() and not use_cpu:
+        os.environ["ACCELERATE_USE_CPU"] = "true"
     # One process: accelerate runs the trainer as our child and waits for it; a SIGTERM is the trainer's to
     # answer (it saves a checkpoint, kaio.child.stop), so this process waits for it rather than dying first.
     # Several: torch elastic installs its own handlers, which pass the signal on to every rank.
