@@ -897,6 +897,13 @@ def test_which_training_of_the_script_saved_a_checkpoint_is_known_for_a_resume_a
     assert ledger.later_training_of(tmp_path / "a/checkpoint-2") is None
     assert ledger.later_training_of(tmp_path / "b/checkpoint-1") == 2
     assert ledger.later_training_of(Path("/elsewhere/checkpoint-9")) is None
+    # The later training saving into the first one's folder overwrites its checkpoint-2: one entry, the latest.
+    events += [
+        _step(4, 4.0),
+        {"type": "save", "rank": 0, "session": 1, "step": 4, "path": str(tmp_path / "a/checkpoint-2")},
+    ]
+    listed = [(c["step"], c["path"]) for c in history_of(replay(events))["checkpoints"]]
+    assert listed == [(3, str(tmp_path / "b/checkpoint-1")), (4, str(tmp_path / "a/checkpoint-2"))]
 
 
 def test_numbers_logged_before_the_first_step_and_again_within_a_step_keep_the_first_and_the_trainers_own():

@@ -319,7 +319,8 @@ class RunLedger(msgspec.Struct, kw_only=True):
             progress.last_step_t_wall = t_wall
 
     def on_save(self, r: Save) -> None:
-        self._forget(r.removed)
+        # A later training of the script saving into the same folder overwrites its earlier checkpoint-N.
+        self._forget([*r.removed, *([r.path] if r.path else [])])
         self.checkpoints = self.checkpoints[-(CHECKPOINTS_KEPT - 1) :] + [
             CheckpointSaved(step=r.step, path=r.path, session=r.session, training=self._training_of(r.session))
         ]
