@@ -290,7 +290,7 @@ def run_visibility(launch: LaunchConfig, environ: Mapping[str, str]) -> tuple[di
     """The environment the ranks see their GPUs in, and what changed it: accelerate sets CUDA_VISIBLE_DEVICES to
     the launch's ``gpu_ids`` (``--gpu_ids``, else a script's accelerate config file's), which kaio's own
     environment does not show; the run's GPUs (the report's power, energy, utilisation) are those."""
-    asked = _flag_value(launch.accelerate_args, "--gpu_ids")
+    asked = flag_value(launch.accelerate_args, "--gpu_ids")
     found = script_accelerate_file(launch, environ) if asked is None else None
     ids = asked or (found.gpu_ids if found is not None else None)
     if not ids or ids.lower() == "all":
@@ -314,7 +314,7 @@ def accelerate_file(accelerate_args: list[str], environ: Mapping[str, str]) -> A
     accelerate's to report."""
     import yaml
 
-    named = _flag_value(accelerate_args, "--config_file")
+    named = flag_value(accelerate_args, "--config_file")
     home = environ.get("HOME")  # the launcher's environment's, not this process's: same inputs, same command
     if named is not None:
         path = _expanded(named, home)
@@ -345,7 +345,8 @@ def accelerate_file(accelerate_args: list[str], environ: Mapping[str, str]) -> A
     )
 
 
-def _flag_value(args: list[str], flag: str) -> str | None:
+def flag_value(args: list[str], flag: str) -> str | None:
+    """The value a command line gives ``flag`` (``--flag v`` or ``--flag=v``, dashes or underscores), or None."""
     for i, arg in enumerate(args):
         if arg.startswith("--") and flag_name(arg) == flag_name(flag):
             if "=" in arg:

@@ -470,6 +470,26 @@ def test_train_begin_describes_the_run_from_the_live_objects(tmp_path, torch):
     assert start["model"]["trainable_params"] == trainable and start["model"]["architecture"] == "LlamaForCausalLM"
 
 
+def test_the_architecture_is_the_class_that_trains_not_the_one_the_checkpoint_was_saved_as(torch):
+    """TRL's reward script loads a causal LM's checkpoint as LlamaForSequenceClassification: the report named the
+    checkpoint's LlamaForCausalLM."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from kaio.child.describe import describe_model
+
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        architectures=["LlamaForCausalLM"],  # as the checkpoint was saved
+    )
+    described = describe_model(LlamaForSequenceClassification(config))
+    assert described is not None and described.architecture == "LlamaForSequenceClassification"
+
+
 def test_half_precision_the_accelerator_does_not_autocast_is_recorded_as_fp32_and_warned_about():
     """fp16 asked on a host without a GPU: accelerate sets mixed_precision fp16 but does not autocast, and the
     losses were fp32's to the bit; the report said fp16. bf16 on the CPU autocasts, and DeepSpeed casts itself."""
@@ -607,6 +627,12 @@ def test_the_end_of_training_says_which_checkpoints_are_gone_and_which_weights_t
         "`out/checkpoint-40`, by eval_accuracy 1, higher is better"
     ]
     assert not any("best" in note for note in header.telemetry.notes)  # said once, at the top
+    # The best checkpoint is the last step's (saved at step 40, the run's last): said so, not "not the last step's".
+    saved = {"type": "save", "rank": 0, "session": 2, "step": 40, "path": "out/checkpoint-40"}
+    summary = _executive_summary_of(replay([*records[:-1], saved, later]).header(), last_step=40)
+    assert "- **Final model:** the best checkpoint's weights (load_best_model_at_end), which are the last step's: " in (
+        summary
+    )
     # A later session whose training did not reach its end (a crash): the earlier training's best is no fact of it.
     crashed = [*records, {"type": "session_start", "session": 3}, {"type": "run_start", "rank": 0, "session": 3}]
     assert replay(crashed).header().final_model is None
@@ -619,11 +645,12 @@ def test_the_end_of_training_says_which_checkpoints_are_gone_and_which_weights_t
     ]
 
 
-def _executive_summary_of(header) -> str:
+def _executive_summary_of(header, last_step: int = 1) -> str:
     from kaio.report.markdown import _executive_summary
     from kaio.report.summary import Summary
 
-    return _executive_summary(Summary(project="p", status="COMPLETED", step_entries=1, optimizer_steps=1), header)
+    summary = Summary(project="p", status="COMPLETED", step_entries=1, optimizer_steps=last_step)
+    return _executive_summary(summary, header)
 
 
 def test_a_micro_batchs_examples_are_its_tensors_first_dimension(torch):

@@ -542,6 +542,29 @@ def test_an_evaluation_after_load_best_model_at_end_names_the_weights_it_evaluat
     assert "| 20 | 0.07 |" in evaluation
 
 
+def test_each_sessions_evaluation_after_training_keeps_the_weights_it_evaluated():
+    """run_summarization extended by `kaio resume`: session 1's after-training rows lost their "checkpoint-20's
+    weights" once session 2 ended with another best (the final model is the latest training's only)."""
+    from conftest import replay
+
+    def session(n: int, last: int, best: str, loss: float) -> list[dict]:
+        return [
+            {"type": "session_start", "session": n},
+            {"type": "run_start", "rank": 0, "session": n, "start_step": last - 10},
+            {"type": "step", "rank": 0, "session": n, "step": last, "t_mono": float(last), "step_time_s": 1.0},
+            {"type": "train_end", "rank": 0, "session": n, "step": last, "best_loaded": f"out/{best}"},
+            {"type": "eval", "rank": 0, "session": n, "step": last, "metrics": {"eval_loss": loss}},
+            {"type": "session_end", "session": n, "status": "COMPLETED", "exit_code": 0},
+        ]
+
+    state = replay([*session(1, 20, "checkpoint-10", 0.5), *session(2, 30, "checkpoint-30", 0.25)])
+    with state.with_open_steps() as index:
+        header = state.header()
+        evaluation = section(render_markdown(header, summarize(header, index), index.evals()), "Evaluation")
+    assert "| 20 (after training, checkpoint-10's weights) | 0.5 |" in evaluation
+    assert "| 30 (after training, checkpoint-30's weights) | 0.25 |" in evaluation
+
+
 def test_evaluation_table_names_the_best_loss_and_its_step():
     evals = [
         EvalEntry(step=5, session=1, metrics={"eval_loss": 2.0, "eval_accuracy": 0.5}),
@@ -841,7 +864,7 @@ def test_history_document_is_one_step_per_line_with_evals_before_steps():
     assert lines[0].startswith('{"schema_version":2,"project":"tiny-default",')
     assert lines[0].endswith(
         ',"evals":[{"step":2,"session":1,"epoch":null,"timestamp":null,'
-        '"metrics":{"eval_loss":1.0},"nonfinite":{},"after_training":false,"before_training":false,"prediction":false,"other_model":false}],"steps":['
+        '"metrics":{"eval_loss":1.0},"nonfinite":{},"after_training":false,"before_training":false,"prediction":false,"other_model":false,"weights":null}],"steps":['
     )
     assert [json.loads(line.rstrip(","))["step"] for line in lines[1:4]] == [1, 2, 3]
     assert lines[1].endswith(",") and lines[2].endswith(",") and not lines[3].endswith(",")

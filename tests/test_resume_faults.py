@@ -503,14 +503,20 @@ def test_a_resume_that_fails_before_its_first_step_points_at_the_checkpoint_it_l
     cfg = RunConfig.model_validate({"project_name": "t"})
     endings = SessionEndings(cfg, replay(events, project="t"), StopRequests(), lambda *n: said.append(n), None)
     assert endings.outcome(1, 2).status.value == "FAILED"
-    assert said == [
-        (
-            "the resume from checkpoint-3 failed before its first step: if the error is in loading it (a damaged or "
-            "truncated file), move that checkpoint's folder aside and `kaio resume t` continues from the one before",
-            "warning",
-        )
-    ]
+    warning = (
+        "the resume from checkpoint-3 failed before its first step: if the error (in Sessions) is in loading it (a "
+        "damaged or truncated file), move that checkpoint's folder aside and `kaio resume t` continues from the one "
+        "before; if it is the script's, mend it and resume again"
+    )
+    assert said == [(warning, "warning")]
     said.clear()
     trained = replay([*events, {"type": "step", "rank": 0, "session": 2, "step": 4, "t_mono": 4.0}], project="t")
     SessionEndings(cfg, trained, StopRequests(), lambda *n: said.append(n), None).outcome(1, 2)
     assert said == []  # it trained a step: the checkpoint loaded
+    # Resumed again once mended (a script's bug): the warning of the failed resume is taken back.
+    noted = {"type": "note", "text": warning, "level": "warning", "t_wall": 1e9 + 20}
+    failed = {"type": "session_end", "session": 2, "t_wall": 1e9 + 20, "status": "FAILED", "exit_code": 1}
+    mended = [{"type": "session_start", "session": 3, "kind": "resume"}]
+    mended += [{"type": "step", "rank": 0, "session": 3, "step": 4, "t_mono": 40.0}]
+    assert warning in replay([*events, noted, failed], project="t").header().warnings
+    assert warning not in replay([*events, noted, failed, *mended], project="t").header().warnings

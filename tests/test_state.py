@@ -1020,6 +1020,28 @@ def test_a_stop_before_any_step_says_whether_the_script_had_evaluated(evaluated)
     assert outcome.message is not None and f"stopped without saving a checkpoint ({said}" in outcome.message
 
 
+def test_a_stops_promise_of_a_resume_names_the_scripts_own_resume_from_checkpoint(tmp_path):
+    """trl.scripts.sft with --resume_from_checkpoint out/checkpoint-300 in launch.script_args, stopped at 311:
+    "`kaio resume` continues from step 312" was false (the script's own argument wins: it began at 300 again)."""
+    from kaio.config import RunConfig
+    from kaio.run.outcome import SessionEndings
+    from kaio.run.stopping import StopRequests
+
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 300, "max_steps": 1500, "world_size": 1}
+    saved = {"type": "save", "rank": 0, "session": 1, "step": 311, "path": "out/checkpoint-311"}
+    state = replay([{"type": "session_start", "session": 1}, run, _step(311, 1.0), saved])
+    script = tmp_path / "sft.py"
+    script.write_text("")
+    args = ["--output_dir", "out", "--resume_from_checkpoint", "out/checkpoint-300"]
+    cfg = RunConfig.model_validate({"project_name": "p", "launch": {"script": str(script), "script_args": args}})
+    asked = StopRequests(requests=1, step_at_request=311)
+    outcome = SessionEndings(cfg, state, asked, lambda text, level: None, None).outcome(143, 1)
+    assert outcome.message is not None and outcome.message.startswith(
+        "stopped after step 311 with checkpoint-311 saved: `kaio resume p` continues from step 312 once the "
+        "script's own --resume_from_checkpoint out/checkpoint-300 is taken out of launch.script_args"
+    )
+
+
 def test_a_checkpoint_whose_save_the_kill_cut_short_is_named(tmp_path, monkeypatch):
     """A second Ctrl-C during a save leaves checkpoint-30 with its config only: kaio resume skips it, but a plain
     run of a script that resumes from get_last_checkpoint() takes the newest folder and crashes on it."""

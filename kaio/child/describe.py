@@ -160,7 +160,11 @@ def describe_model(model: Any) -> ModelInfo | None:
     return ModelInfo(
         name_or_path=_str(getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)),
         model_class=type(model).__name__,
-        architecture=str(architectures[0]) if architectures else type(inner or model).__name__,
+        # The live class: a checkpoint saved as one class (LlamaForCausalLM) trains as another (a reward model's
+        # LlamaForSequenceClassification); its config's `architectures` say only how it was saved.
+        architecture=type(inner or model).__name__
+        if hasattr(inner or model, "config") or not architectures
+        else str(architectures[0]),
         dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
         num_layers=_int(getattr(text, "num_hidden_layers", None)),
         hidden_size=_int(getattr(text, "hidden_size", None)),

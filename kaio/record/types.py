@@ -281,6 +281,7 @@ class EvalEntry(msgspec.Struct, kw_only=True):
     before_training: bool = False  # the script's own evaluate() before train() (not the Trainer's eval_on_start)
     prediction: bool = False  # Trainer.predict()'s metrics (test_loss...), not an evaluation
     other_model: bool = False  # by a Trainer of another model than the one trained (a teacher's): not the run's
+    weights: str | None = None  # after training: the checkpoint whose weights the model had (load_best_model_at_end)
 
     @property
     def loss_key(self) -> str | None:

@@ -132,12 +132,15 @@ def _executive_summary(s: Summary, header: HistoryHeader) -> str:
         where = f" (`{_inline(latest.path)}`)" if latest.path else ""
         lines.append(f"- **Latest checkpoint:** step {latest.step}{where}")
     if header.final_model is not None:
-        lines.append(_final_model(header.final_model))
+        loaded = next((c.step for c in header.checkpoints if c.path == header.final_model.loaded), None)
+        lines.append(_final_model(header.final_model, last_steps=loaded is not None and loaded == s.optimizer_steps))
     return "## Executive summary\n\n" + "\n".join(lines)
 
 
-def _final_model(final: FinalModel) -> str:
-    """The latest training's best checkpoint (metric_for_best_model), and the weights the model ended with."""
+def _final_model(final: FinalModel, *, last_steps: bool) -> str:
+    """The latest training's best checkpoint (metric_for_best_model), and the weights the model ended with
+    (``last_steps``: the best checkpoint is the last step's)."""
+    weights = "which are the last step's" if last_steps else "not the last step's"
     if final.best_checkpoint and final.metric:
         higher = final.greater_is_better
         better = "" if higher is None else ", higher is better" if higher else ", lower is better"
@@ -145,13 +148,11 @@ def _final_model(final: FinalModel) -> str:
         value = f" {best:.4g}" if isinstance(best, float) else f" {best}" if best is not None else ""
         by = f"`{_inline(final.best_checkpoint)}`, by {final.metric}{value}{better}"
         if final.loaded:
-            return (
-                f"- **Final model:** the best checkpoint's weights (load_best_model_at_end), not the last step's: {by}"
-            )
+            return f"- **Final model:** the best checkpoint's weights (load_best_model_at_end), {weights}: {by}"
         return f"- **Best checkpoint:** {by}"
     return (
         f"- **Final model:** `{_inline(final.loaded or '')}`'s weights, loaded at the end (load_best_model_at_end), "
-        "not the last step's"
+        f"{weights}"
     )
 
 
@@ -304,13 +305,16 @@ def _evaluations(s: Summary, evals: list[EvalEntry], final: FinalModel | None) -
     names = list(dict.fromkeys(k for e in evals for k in e.metrics if k not in ("epoch",)))
     every = evaluation_rows(evals)
     shown = every[-EVAL_ROWS:]
-    # After load_best_model_at_end, the latest session's evaluations after training are of the best checkpoint's
-    # weights (run_glue's after-training row sat beside a better row of the last step with no word of it).
+    # After load_best_model_at_end, the evaluations after training are of the best checkpoint's weights (run_glue's
+    # after-training row sat beside a better row of the last step with no word of it). A history from before
+    # evaluations said so themselves: the latest session's, from the final model.
     loaded = PurePath(final.loaded).name if final is not None and final.loaded else None
     latest = max(e.session for e in evals)
     rows = [
         (
-            _evaluation_step(e, trained=bool(s.optimizer_steps), weights=loaded if e.session == latest else None),
+            _evaluation_step(
+                e, trained=bool(s.optimizer_steps), weights=e.weights or (loaded if e.session == latest else None)
+            ),
             *(_metric(e, n) for n in names),
         )
         for e in shown

@@ -306,17 +306,19 @@ class RunLedger(msgspec.Struct, kw_only=True):
             resumed_elsewhere(r, self.progress.get(r.session)) if r.rank == self.lead_rank and r.training == 1 else None
         )
 
-    def on_step(self, session: int, step: int, t_wall: float | None) -> None:
-        """This node's lead rank ended ``step`` in ``session``."""
+    def on_step(self, session: int, step: int, t_wall: float | None) -> bool:
+        """This node's lead rank ended ``step`` in ``session``; True for the session's first."""
         s = self.session_record(session)
         if s is None:
-            return
+            return False
         progress = self.progress[s.session]
+        first = progress.last_step is None
         progress.last_step = max(progress.last_step or 0, step)
         if t_wall is not None:
             if s.startup_s is None and progress.t_wall is not None:
                 s.startup_s = round(t_wall - progress.t_wall, 3)
             progress.last_step_t_wall = t_wall
+        return first
 
     def on_save(self, r: Save) -> None:
         # A later training of the script saving into the same folder overwrites its earlier checkpoint-N.

@@ -17,7 +17,7 @@ from kaio.record.paths import ProjectPaths, start_over_command
 from kaio.record.types import SessionEnd, Status
 from kaio.run import diagnose
 from kaio.run.checkpoints import half_written
-from kaio.run.state import RunState
+from kaio.run.state import RESUME_FAILED_AT_ONCE, RunState
 from kaio.run.stopping import StopRequests
 
 
@@ -118,9 +118,10 @@ class SessionEndings:
         if progress is None or progress.resumed_at is None or progress.last_step is not None:
             return
         self._note(
-            f"the resume from checkpoint-{progress.resumed_at} failed before its first step: if the error is in "
-            "loading it (a damaged or truncated file), move that checkpoint's folder aside and "
-            f"`{self.paths.command('resume')}` continues from the one before",
+            f"{RESUME_FAILED_AT_ONCE}checkpoint-{progress.resumed_at} failed before its first step: if the error "
+            "(in Sessions) is in loading it (a damaged or truncated file), move that checkpoint's folder aside and "
+            f"`{self.paths.command('resume')}` continues from the one before; if it is the script's, mend it and "
+            "resume again",
             "warning",
         )
 
@@ -141,6 +142,12 @@ class SessionEndings:
                 else f"`{resume} --node-rank R` on each node R (or under srun)"
             )
             then = f"{how} continues from step {step + 1}"
+            own = launch.flag_value(self.cfg.launch.script_args, "--resume_from_checkpoint")
+            if own is not None:  # the script's own checkpoint wins over the one kaio hands it
+                then += (
+                    f" once the script's own --resume_from_checkpoint {own} is taken out of launch.script_args (it "
+                    "wins over kaio's: `kaio resume --config` with the edited config)"
+                )
             later = saved[-1].later_training
             if later is not None:  # kaio resume refuses it (project.resume says why)
                 then = f"the script's training {later} saved it, which `kaio resume` cannot continue"

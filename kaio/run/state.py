@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from pathlib import PurePath
 
 import msgspec
 
@@ -61,6 +62,7 @@ from kaio.run.stalls import stall_lines
 from kaio.run.stragglers import StragglerWatch
 
 MAX_WARNINGS = 200
+RESUME_FAILED_AT_ONCE = "the resume from "  # its warning (SessionEndings), taken back once a later session trains
 STATE_FORMAT = 4  # 2: stragglers; 3: the steps' samples in their own part (StepSamples); 4: the trainings
 
 
@@ -220,17 +222,8 @@ class RunState:
             if r.other_model_evals:  # evaluated before the training began, by a model it does not train
                 self.index.mark_other_model(r.session, {iso(t) for t in r.other_model_evals})
             self.parts.steps.resume_at(r.start_step, self)
-            resumed_done = f"session {r.session}: the Trainer resumed at step {r.start_step} with max_steps "
-            if r.training > 1 and self.parts.warnings.withdraw(resumed_done):  # a finished phase, not a problem
-                self.ledger.add_note(
-                    f"session {r.session}: the script's first training resumed at its end (step {r.start_step}) and "
-                    "trained no step; its later training went on from there"
-                )
             if r.training > 1:  # a script's second Trainer, or train() again: its steps follow the earlier ones
-                self.parts.steps.continue_counts_at(r.start_step)
-                self.parts.steps.smoother = LossSmoother()  # maybe another objective (SFT, then DPO): its own curve
-                self.parts.live.last_end = None  # the gap before its first step is no step's: not in the speed
-                self.ledger.add_note(_later_training_note(r))
+                _later_training_begins(self.parts, r)
         self.parts.stragglers.on_run_start(r)
 
     def _on_step(self, r: Step) -> None:
@@ -239,7 +232,8 @@ class RunState:
         self.parts.live.on_step(r)
         throughput = None
         if r.rank == self.parts.steps.lead_rank:  # RunLedger.lead_rank, kept at the session's start
-            ledger.on_step(r.session, r.step, r.t_wall)
+            if ledger.on_step(r.session, r.step, r.t_wall):  # a session's first step: a failed resume is behind
+                self.parts.warnings.withdraw(RESUME_FAILED_AT_ONCE)
             throughput = self._throughput_of_run()
         if not self.parts.steps.on_step(r, throughput, self):
             ledger.telemetry.dropped_late_events += 1
@@ -278,6 +272,9 @@ class RunState:
             self.warn(
                 f"the evaluation at step {r.step} returned too many metrics for one record: {r.left_out} left out"
             )
+        end = self.ledger.last_train_end
+        after = self.ledger.trained_to_end(r.session)
+        loaded = end.best_loaded if after and end is not None and end.session == r.session else None
         entry = EvalEntry(
             step=r.step,
             session=r.session,
@@ -285,7 +282,8 @@ class RunState:
             timestamp=iso(r.t_wall),
             metrics={k: finite(v) for k, v in r.metrics.items()},
             nonfinite={k: tag for k, v in r.metrics.items() if (tag := nonfinite_tag(v)) is not None},
-            after_training=self.ledger.trained_to_end(r.session),
+            after_training=after,
+            weights=PurePath(loaded).name if loaded else None,
             before_training=self.ledger.run is None or self.ledger.run.session != r.session,
             prediction=r.prediction,
             other_model=r.other_model,
@@ -494,6 +492,20 @@ def _data_place_shifted(before: RunStart | None, r: RunStart) -> str | None:
     )
 
 
+def _later_training_begins(parts: StateParts, r: RunStart) -> None:
+    """A script's later training (another Trainer, train() again): its steps, losses and speed its own."""
+    resumed_done = f"session {r.session}: the Trainer resumed at step {r.start_step} with max_steps "
+    if parts.warnings.withdraw(resumed_done):  # the first training, resumed at its end: a finished phase
+        parts.ledger.add_note(
+            f"session {r.session}: the script's first training resumed at its end (step {r.start_step}) and "
+            "trained no step; its later training went on from there"
+        )
+    parts.steps.continue_counts_at(r.start_step)
+    parts.steps.smoother = LossSmoother()  # maybe another objective (SFT, then DPO): its own curve
+    parts.live.last_end = None  # the gap before its first step is no step's: not in the speed
+    parts.ledger.add_note(_later_training_note(r))
+
+
 def _precision_not_taken(r: RunStart) -> list[str]:
     """Half precision asked for where the accelerator does not autocast (fp16 on the CPU): the training ran fp32."""
     asked = "fp16" if r.args.fp16 else "bf16" if r.args.bf16 else None
@@ -514,8 +526,9 @@ def _resumed_against_the_arguments(r: RunStart) -> list[str]:
     if r.max_steps is not None and 0 < r.max_steps <= r.start_step:
         said.append(
             f"session {r.session}: the Trainer resumed at step {r.start_step} with max_steps {r.max_steps}: the "
-            "training's arguments asked for no step beyond the ones done (a longer run: `kaio resume --max-steps N` "
-            "for the built-in recipe, a larger max_steps or num_train_epochs in a script's arguments)"
+            "training's arguments asked for no step beyond the ones done, and the Trainer trains one more all the same "
+            "(a longer run: `kaio resume --max-steps N` for the built-in recipe, a larger max_steps or "
+            "num_train_epochs in a script's arguments)"
         )
     kept = dict(r.kept_from_checkpoint)
     first = kept.pop("first_step_learning_rate", None)
