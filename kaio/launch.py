@@ -291,7 +291,12 @@ def run_visibility(launch: LaunchConfig, environ: Mapping[str, str]) -> tuple[di
     the launch's ``gpu_ids`` (``--gpu_ids``, else a script's accelerate config file's), which kaio's own
     environment does not show; the run's GPUs (the report's power, energy, utilisation) are those."""
     asked = flag_value(launch.accelerate_args, "--gpu_ids")
-    found = script_accelerate_file(launch, environ) if asked is None else None
+    named = flag_value(launch.accelerate_args, "--config_file") is not None  # the recipe's too, when named
+    found = (
+        accelerate_file(launch.accelerate_args, environ)
+        if asked is None and (named or launch.own_code is not None)
+        else None
+    )
     ids = asked or (found.gpu_ids if found is not None else None)
     if not ids or ids.lower() == "all":
         return dict(environ), None

@@ -8,20 +8,43 @@ import socket
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
+_PROXY_FAILURES = (502, 503, 504)  # what a proxy answers when it cannot reach the server behind it
+
 
 def unreachable(url: str, environ: Mapping[str, str] = os.environ, timeout_s: float = 5.0) -> str | None:
-    """Why ``url``'s server cannot be reached in one TCP connection attempt, or None when it can. Behind a proxy
-    (the client's way there) the proxy is what is tried: one that does not answer leads nowhere."""
+    """Why ``url``'s server cannot be reached, or None when it can: one TCP connection attempt, or behind a proxy
+    (the client's way there) one request through it: a proxy that is down, silent, or answers that it cannot
+    reach the server leads nowhere."""
     parts = urlsplit(url)
     proxy = _proxy(parts.scheme, environ)
-    target = urlsplit(proxy if "://" in proxy else f"http://{proxy}") if proxy else parts
-    host = target.hostname or url
-    port = target.port or (443 if target.scheme == "https" else 80)
+    if proxy:
+        return _through(proxy, url, timeout_s)
+    host = parts.hostname or url
+    port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as exc:
-        what = f"the proxy {host}:{port}" if proxy else host  # (a proxy's user and password are not said)
-        return f"{what} cannot be reached: {exc.strerror or exc}"
+        return f"{host} cannot be reached: {exc.strerror or exc}"
+    return None
+
+
+def _through(proxy: str, url: str, timeout_s: float) -> str | None:
+    """One HEAD request for ``url`` through ``proxy``: any answer of the server (a 404, a 401) is a way there."""
+    import urllib.error
+    import urllib.request
+
+    where = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    said = f"the proxy {where.hostname}:{where.port or 80}"  # (a proxy's user and password are not said)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({urlsplit(url).scheme: proxy}))
+    try:
+        opener.open(urllib.request.Request(url, method="HEAD"), timeout=timeout_s).close()
+    except urllib.error.HTTPError as exc:
+        return (
+            f"{said} cannot reach {urlsplit(url).hostname} (HTTP {exc.code})" if exc.code in _PROXY_FAILURES else None
+        )
+    except (OSError, ValueError) as exc:  # refused, silent (a timeout), a tunnel it would not open
+        reason = getattr(exc, "reason", None) or exc
+        return f"{said} leads nowhere: {getattr(reason, 'strerror', None) or reason}"
     return None
 
 

@@ -513,6 +513,17 @@ def test_half_precision_the_accelerator_does_not_autocast_is_recorded_as_fp32_an
         "session 1: the training arguments ask for fp16, but the training ran in fp32: accelerate does not "
         "autocast fp16 on this device (cpu); fp16 needs a GPU"
     ]
+    # Asked on accelerate's command line instead (launch.accelerate_args): said too.
+    config = {
+        "type": "session_start",
+        "session": 1,
+        "config": {"launch": {"accelerate_args": ["--mixed_precision", "fp16"]}},
+    }
+    state = replay([config, {**run, "args": {"fp16": False, "bf16": False}}])
+    assert state.header().warnings == [
+        "session 1: launch.accelerate_args asks for fp16 (--mixed_precision), but the training ran in fp32: "
+        "accelerate does not autocast fp16 on this device (cpu); fp16 needs a GPU"
+    ]
 
 
 def test_a_seq2seq_evaluation_that_generates_is_said_with_its_length_and_beams(tmp_path, torch):

@@ -97,6 +97,13 @@ def test_the_runs_gpus_are_the_gpu_ids_accelerate_gives_the_ranks(tmp_path):
     asked = RunConfig(project_name="p", launch={"accelerate_args": ["--gpu_ids", "1"]})
     environ, said = run_visibility(asked.launch, {"HOME": str(home)})
     assert environ["CUDA_VISIBLE_DEVICES"] == "1" and said is not None and "(launch.accelerate_args)" in said
+    named = RunConfig(
+        project_name="p",
+        launch={"accelerate_args": ["--config_file", "~/.cache/huggingface/accelerate/default_config.yaml"]},
+    )
+    assert (
+        run_visibility(named.launch, {"HOME": str(home)})[0]["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
+    )  # the recipe's, named
     every = RunConfig(project_name="p", launch={"accelerate_args": ["--gpu_ids", "all"]})
     assert run_visibility(every.launch, {})[1] is None
 

@@ -256,8 +256,8 @@ def test_unreachable_comet_logs_to_the_offline_archive_with_one_warning_without_
 
 
 def test_behind_a_proxy_that_leads_nowhere_the_run_still_goes_to_the_offline_archive(tmp_path, monkeypatch):
-    """A proxy that does not answer is said as such; one that answers but cannot reach Comet (a 502 for every
-    request) fails the online start, which sent the run nowhere ("nothing more is sent to Comet")."""
+    """A proxy that is down, or that answers but cannot reach Comet (a 502 for every request): the online start
+    hung or failed, and sent the run nowhere ("nothing more is sent to Comet")."""
 
     class BadGateway(BaseHTTPRequestHandler):
         def _answer(self) -> None:
@@ -265,7 +265,7 @@ def test_behind_a_proxy_that_leads_nowhere_the_run_still_goes_to_the_offline_arc
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-        do_GET = do_POST = do_CONNECT = _answer
+        do_GET = do_HEAD = do_POST = do_CONNECT = _answer
 
         def log_message(self, format, *args):
             pass
@@ -298,8 +298,10 @@ def test_behind_a_proxy_that_leads_nowhere_the_run_still_goes_to_the_offline_arc
     finally:
         gateway.shutdown()
         gateway.server_close()
-    assert said[0].startswith(f"Comet ML: the proxy 127.0.0.1:{silent.rsplit(':', 1)[1]} cannot be reached: ")
-    assert said[1].startswith("Comet ML: the online experiment did not start (")
+    assert said[0].startswith(f"Comet ML: the proxy 127.0.0.1:{silent.rsplit(':', 1)[1]} leads nowhere: ")
+    assert said[1].startswith(
+        f"Comet ML: the proxy 127.0.0.1:{gateway.server_address[1]} cannot reach 127.0.0.1 (HTTP 502)"
+    )
 
 
 class _GatedCometServer:

@@ -208,7 +208,7 @@ def run_new(
         loaded = loading.load(paths, writable=True)
         try:
             factory = poller_factory_for(cfg) if poller_factory_for else None
-            request = SessionRequest(SessionKind.RUN, notes=_launcher_notes(cfg))
+            request = SessionRequest(SessionKind.RUN, notes=_launcher_notes(cfg, notify))
             return _supervise(cfg, loaded.state, view, request, factory, notify, config_path=config_path)
         finally:
             loaded.state.index.close()
@@ -297,12 +297,16 @@ def _check_checkpoint_folder(cfg: RunConfig) -> None:
     raise ProjectError(f"{folder}: cannot create the checkpoint folder ({why}); choose another training.output_dir")
 
 
-def _launcher_notes(cfg: RunConfig) -> list[str]:
-    """What a script's launcher takes from the user's accelerate config file (a restart reads the same: said
-    once)."""
+def _launcher_notes(cfg: RunConfig, notify: Notify) -> list[str]:
+    """What a script's launcher takes from the user's accelerate config file, and what kaio kept out of the
+    training's environment (said on the console too: a shell's leftovers are worth knowing now). A restart reads
+    the same: said once."""
     from kaio.launch import accelerate_file_note, other_launchers_note
 
-    said = [accelerate_file_note(cfg.launch, os.environ), other_launchers_note(os.environ)]
+    leftover = other_launchers_note(os.environ)
+    if leftover is not None:
+        notify(f"note: {leftover}")
+    said = [accelerate_file_note(cfg.launch, os.environ), leftover]
     return [note for note in said if note is not None]
 
 
@@ -617,7 +621,7 @@ def resume(
         if moved is not None:
             notes.insert(0, moved)
         factory = poller_factory_for(cfg) if poller_factory_for else None
-        request = SessionRequest(SessionKind.RESUME, checkpoint.resolve(), notes + _launcher_notes(cfg))
+        request = SessionRequest(SessionKind.RESUME, checkpoint.resolve(), notes + _launcher_notes(cfg, notify))
         return _supervise(cfg, loaded.state, view, request, factory, notify, config_path=config_path)
 
 

@@ -26,6 +26,7 @@ from kaio.record.flops import Throughput
 from kaio.record.index import RunIndex
 from kaio.record.rules import LossSmoother
 from kaio.record.types import (
+    HALF_PRECISIONS,
     CheckpointSaved,
     ChildStarted,
     Devices,
@@ -217,7 +218,7 @@ class RunState:
                     f"session {r.session}: the Trainer began at step {r.start_step} (the script resumed it from a "
                     f"checkpoint of its own): steps 1-{r.start_step} are not in this record"
                 )
-            for warning in [*_resumed_against_the_arguments(r), *_precision_not_taken(r)]:
+            for warning in [*_resumed_against_the_arguments(r), *_precision_not_taken(r, self.ledger.config)]:
                 self.warn(warning)
             if r.other_model_evals:  # evaluated before the training began, by a model it does not train
                 self.index.mark_other_model(r.session, {iso(t) for t in r.other_model_evals})
@@ -506,14 +507,23 @@ def _later_training_begins(parts: StateParts, r: RunStart) -> None:
     parts.ledger.add_note(_later_training_note(r))
 
 
-def _precision_not_taken(r: RunStart) -> list[str]:
-    """Half precision asked for where the accelerator does not autocast (fp16 on the CPU): the training ran fp32."""
-    asked = "fp16" if r.args.fp16 else "bf16" if r.args.bf16 else None
-    if asked is None or r.mixed_precision != "no":
+def _precision_not_taken(r: RunStart, config: dict | None) -> list[str]:
+    """Half precision asked for (the training arguments, or `accelerate_args`' --mixed_precision) where the
+    accelerator does not autocast it (fp16 on the CPU): the training ran in fp32."""
+    from kaio.launch import flag_value
+
+    flag = flag_value(((config or {}).get("launch") or {}).get("accelerate_args") or [], "--mixed_precision")
+    if r.args.fp16 or r.args.bf16:
+        asked = "fp16" if r.args.fp16 else "bf16"
+        said = f"the training arguments ask for {asked}"
+    else:
+        asked = flag or "no"
+        said = f"launch.accelerate_args asks for {asked} (--mixed_precision)"
+    if asked not in HALF_PRECISIONS or r.mixed_precision != "no":
         return []
     return [
-        f"session {r.session}: the training arguments ask for {asked}, but the training ran in fp32: accelerate "
-        f"does not autocast {asked} on this device ({r.device or 'unknown'}); {asked} needs a GPU"
+        f"session {r.session}: {said}, but the training ran in fp32: accelerate does not autocast {asked} on this "
+        f"device ({r.device or 'unknown'}); {asked} needs a GPU"
     ]
 
 
