@@ -563,7 +563,9 @@ def _trainings(s: Summary, sessions: list[Session]) -> str | None:
     for row in s.trainings:
         t = row.training
         name = f"{t.training} (session {t.session})" if several_sessions else str(t.training)
-        steps = f"{t.first_step:,}–{row.last_step:,} ({row.steps:,})" if row.steps and row.last_step else "none"
+        planned = t.max_steps - t.first_step + 1 if t.max_steps is not None and t.max_steps >= t.first_step else None
+        of = f" of {planned:,}" if planned is not None and planned != row.steps else ""  # a pruned trial, a stop
+        steps = f"{t.first_step:,}–{row.last_step:,} ({row.steps:,}{of})" if row.steps and row.last_step else "none"
         loss = (
             f"{row.loss_first:.4g} → {row.loss_last:.4g} ({row.loss_min:.4g})"
             if row.loss_first is not None and row.loss_last is not None and row.loss_min is not None
@@ -575,7 +577,8 @@ def _trainings(s: Summary, sessions: list[Session]) -> str | None:
     again = ", and again in each resumed session" if several_sessions else ""
     intro = (
         f"`train()` ran {len(s.trainings)} times (a second Trainer, train() again, a search's trials{again}): each "
-        "training's own steps and losses. The loss figures above run across them; the figure marks where each began."
+        "training's own steps (and, where it ended early, of how many planned) and losses. The loss figures above run "
+        "across them; the figure marks where each began."
     )
     head = ("Training", "Trainer", "Steps", "Learning rate", "Loss first → last (min)", "Eval loss, best")
     return "## Trainings\n\n" + intro + "\n\n" + _table(head, rows)
