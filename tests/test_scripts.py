@@ -202,7 +202,9 @@ def test_a_plain_loop_without_a_trainer_is_said_plainly_and_reports_through_kaio
     assert [s["step"] for s in history["steps"]] == list(range(1, 7))
     assert all(s["loss"] is not None and s["metrics"]["my_metric"] == s["step"] / 10 for s in history["steps"])
     assert [s["tokens_seen"] for s in history["steps"]] == [512 * k for k in range(1, 7)]
-    assert [s["step"] for s in history["steps"] if "eval_mse" in s["metrics"]] == [3, 6]  # added, not new steps
+    assert [(e["step"], e["metrics"]) for e in history["evals"]] == [  # the step's evaluation, not a new step
+        (s["step"], {"eval_mse": pytest.approx(s["loss"] / 2)}) for s in history["steps"] if s["step"] in (3, 6)
+    ]
     assert all(s["step_time_s"] > 0 for s in history["steps"])
     report = (project_dir / "docs/reports/plain/report.md").read_text()
     assert "A training loop without a transformers `Trainer`, reporting its steps through `kaio.log`" in report

@@ -1042,6 +1042,28 @@ def test_a_stops_promise_of_a_resume_names_the_scripts_own_resume_from_checkpoin
     )
 
 
+def test_a_stopped_kaio_log_loop_is_said_as_a_loop_with_checkpoints_of_its_own():
+    """A Ctrl-C in a plain loop: it said "stopped without saving a checkpoint... none yet", of a loop that saved its
+    own in its `except KeyboardInterrupt:` (which kaio's stop now reaches)."""
+    from kaio.config import RunConfig
+    from kaio.run.outcome import SessionEndings
+    from kaio.run.stopping import StopRequests
+
+    run = {"type": "run_start", "rank": 0, "session": 1, "reporter": "kaio.log", "world_size": 1}
+    state = replay([{"type": "session_start", "session": 1}, run, _step(1, 1.0), _step(2, 2.0)])
+    cfg = RunConfig.model_validate({"project_name": "p"})
+    outcome = SessionEndings(cfg, state, StopRequests(requests=1, step_at_request=2), lambda *n: None, None)
+    assert outcome.outcome(143, 1).message == (
+        "stopped the loop after step 2 (a KeyboardInterrupt raised in it, as a Ctrl-C without kaio would: an "
+        "`except KeyboardInterrupt:` of its own runs); a kaio.log loop's checkpoints are its own: continue from them "
+        "with `kaio run CONFIG --overwrite`, or as a new project"
+    )
+    later = replay([{"type": "session_start", "session": 1}, {**run, "start_step": 999}, _step(1000, 1.0)])
+    assert "session 1: the loop's first kaio.log step was 1000: steps 1-999 are not in this record" in (
+        later.header().telemetry.notes
+    )  # not "the Trainer began at step 999 (the script resumed it from a checkpoint of its own)"
+
+
 def test_a_checkpoint_whose_save_the_kill_cut_short_is_named(tmp_path, monkeypatch):
     """A second Ctrl-C during a save leaves checkpoint-30 with its config only: kaio resume skips it, but a plain
     run of a script that resumes from get_last_checkpoint() takes the newest folder and crashes on it."""

@@ -55,6 +55,46 @@ def test_a_path_read_under_an_ascii_locale_travels_as_its_utf8_text():
     )
 
 
+def test_kaio_log_counts_a_loop_from_0_and_on_where_its_numbering_starts_again_and_never_raises(tmp_path, monkeypatch):
+    """`for step in range(n)`: step 0 was dropped as a late event; numbering started again each epoch scrambled the
+    steps; a value kaio cannot take (a list, a word) crashed the training at its first step, and outside kaio too."""
+    from kaio.child import patch, plain
+
+    monkeypatch.setattr(plain, "_reporter", None)
+    monkeypatch.setattr(patch, "_emitter", None)
+    monkeypatch.delenv("KAIO_TELEMETRY_PIPE", raising=False)
+    monkeypatch.delenv("KAIO_SPOOL_DIR", raising=False)
+    plain.log(step=0, loss="n/a", learning_rate=[1e-3, 2e-3], phase="warmup", d={})  # outside kaio: nothing at all
+    assert plain._reporter is None
+    monkeypatch.setenv("KAIO_SPOOL_DIR", str(tmp_path / "spool"))
+    monkeypatch.setattr(stop_module(), "_state", {**stop_module()._state})  # this process's stop state, restored
+    for epoch in range(2):
+        for step in range(3):
+            plain.log(step=step, loss=4.0 - step - epoch, learning_rate=[1e-3], phase="warmup")
+        plain.log(step=2, eval_loss=3.5 - epoch)  # the last step's evaluation
+    plain.finish()
+    patch._emitter.close()
+    events = [
+        json.loads(line) for part in sorted((tmp_path / "spool").iterdir()) for line in part.read_bytes().splitlines()
+    ]
+    steps = [(e["step"], e["loss"]) for e in events if e["type"] == "log"]
+    assert steps == [(1, 4.0), (2, 3.0), (3, 2.0), (4, 3.0), (5, 2.0), (6, 1.0)]
+    assert all(
+        e["learning_rate"] == 1e-3 and e.get("extra", {}) == {"phase": None} for e in events if e["type"] == "log"
+    )
+    assert [(e["step"], e["metrics"]) for e in events if e["type"] == "eval"] == [
+        (3, {"eval_loss": 3.5}),
+        (6, {"eval_loss": 2.5}),
+    ]
+    assert stop_module()._state["loop"]  # a stop's SIGTERM raises KeyboardInterrupt in the loop (its own save runs)
+
+
+def stop_module():
+    from kaio.child import stop
+
+    return stop
+
+
 def test_oversized_event_drops_extra_then_refuses(tmp_path, capsys):
     shrunk = decode(encode(Log(rank=0, step=1, extra={"blob": "x" * 5000})))
     assert shrunk.extra == {"kaio_truncated": True}

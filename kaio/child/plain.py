@@ -12,13 +12,15 @@ import os
 import time
 from typing import Any
 
+from kaio.child import stop
 from kaio.child.describe import environment
 from kaio.child.memory import peak_memory_functions
 from kaio.child.nonfinite import stop_on_nonfinite
 from kaio.child.patch import shared_emitter
-from kaio.telemetry.protocol import Log, Metric, RunStart, Step, TrainEnd, tag_nonfinite
+from kaio.telemetry.protocol import ENV_PIPE, ENV_SPOOL_DIR, Eval, Log, Metric, RunStart, Step, TrainEnd, tag_nonfinite
 
 _TRAINING_FIELDS = ("learning_rate", "grad_norm")
+_EVALUATION = ("eval_", "test_")  # an evaluation's numbers, as the Trainer names them
 
 
 class _Reporter:
@@ -29,6 +31,10 @@ class _Reporter:
         self.last_mono = time.monotonic()
         self.peak = peak_memory_functions()
         self.tokens_seen = 0  # the ``tokens=`` of every step so far (this rank's)
+        # What is added to the loop's own step numbers: 1 for a loop counting from 0 (`for step in range(n)`: step
+        # 0 is the record's "before training"), and more where its numbering starts again (each epoch's from 0).
+        self.offset = 0
+        self.last_given: int | None = None
 
     def start(self, step: int) -> None:
         self.emitter.emit(
@@ -44,10 +50,19 @@ class _Reporter:
             )
         )
 
-    def log(self, step: int, loss: float | None, metrics: dict[str, float]) -> None:
+    def log(self, step: int, loss: Any, metrics: dict[str, Any]) -> None:
+        step = self._recorded(step, loss is not None)
         if self.last_step is None:
             self.start(step)
+            stop.loop_reports()
         now = time.monotonic()
+        evaluation = {k: metrics.pop(k) for k in list(metrics) if k.startswith(_EVALUATION)}
+        reported_before = self.last_step is not None and step <= self.last_step
+        if evaluation and loss is None and not metrics and reported_before:  # a reported step's evaluation alone
+            self._evaluated(step, evaluation)
+            self.last_mono = time.monotonic()  # its time is no part of the next step's own
+            return
+        metrics.update(evaluation)
         tokens = metrics.pop("tokens", None)
         if step != self.last_step:  # a second call for a step (its evaluation, say) adds numbers, not a step
             if tokens is not None:
@@ -87,6 +102,21 @@ class _Reporter:
                 "(reporting.on_nonfinite: stop)"
             )
 
+    def _recorded(self, step: int, a_step: bool) -> int:
+        """The record's step for the loop's ``step``: counted from 1, and on where the loop's numbering starts
+        again (a call with a loss is a training step; one without, numbers for a step already reported)."""
+        if self.last_given is None and step == 0:
+            self.offset = 1
+        elif a_step and self.last_given is not None and step < self.last_given and self.last_step is not None:
+            self.offset = self.last_step + 1 - step
+        self.last_given = step
+        return step + self.offset
+
+    def _evaluated(self, step: int, evaluation: dict[str, Any]) -> None:
+        if self.rank == 0:
+            values = {k: _metric(v) for k, v in evaluation.items()}
+            self.emitter.emit(Eval(rank=0, step=step, t_wall=time.time(), t_mono=time.monotonic(), metrics=values))
+
     def finish(self) -> None:
         if self.last_step is not None:
             self.emitter.emit(
@@ -100,9 +130,11 @@ _reporter: _Reporter | None = None
 def log(step: int, loss: float | None = None, **metrics: float) -> None:
     """Report optimizer step ``step`` (call it once the step is done): its loss, ``tokens`` (the step's input
     tokens, all ranks together, as the Trainer counts them: the record's throughput), ``learning_rate``,
-    ``grad_norm``, and any other number, kept per step. A second call for the same step adds numbers to it
-    (an evaluation's, say)."""
+    ``grad_norm``, and any other number, kept per step. A second call for the same step adds numbers to it;
+    one with only ``eval_*`` (or ``test_*``) numbers is the step's evaluation. Outside kaio it does nothing."""
     global _reporter
+    if not (os.environ.get(ENV_PIPE) or os.environ.get(ENV_SPOOL_DIR)):
+        return  # not under kaio: nothing read, nothing converted (a value kaio could not take cannot fail here)
     if _reporter is None:
         _reporter = _Reporter()
     _reporter.log(int(step), loss, dict(metrics))
@@ -115,8 +147,16 @@ def finish() -> None:
 
 
 def _metric(value: Any) -> Metric:
-    if value is None:
+    """A number as it travels (NaN/inf tagged); None for what is not one number (a list, a word, a dict): never an
+    exception in the training (it is left out of the record)."""
+    if isinstance(value, (list, tuple)) and len(value) == 1:  # scheduler.get_last_lr()
+        value = value[0]
+    try:
+        if hasattr(value, "numel") and value.numel() != 1:
+            return None
+        if hasattr(value, "item"):
+            value = value.item()  # a tensor: the caller's own value, read where the caller chose to
+        number = float(value)
+    except (TypeError, ValueError, RuntimeError):
         return None
-    if hasattr(value, "item"):
-        value = value.item()  # a tensor: the caller's own value, read where the caller chose to
-    return tag_nonfinite(float(value))
+    return tag_nonfinite(number)

@@ -34,7 +34,8 @@ import time
 from kaio.child import process_group
 
 # terminated: a first SIGTERM came; trained: a training of this process ended (the script's own work may follow)
-_state = {"training": False, "requested": False, "terminated": False, "trained": False}
+# loop: a loop without a Trainer reports its steps (kaio.log): a stop ends it as a Ctrl-C without kaio would
+_state = {"training": False, "requested": False, "terminated": False, "trained": False, "loop": False}
 _terminated_at: list[float] = []  # when the first SIGTERM of the stop came (time.monotonic)
 # A scheduler signals every process of the job, and torch elastic's agent passes its own SIGTERM on to each rank:
 # a rank gets the one stop twice within moments. Such a second SIGTERM is the same stop, not an order to die.
@@ -48,6 +49,12 @@ def install() -> None:
     # A batch scheduler's warning that the job's time is nearly up (SLURM: --signal=USR1@90): the same graceful
     # stop while training; ignored otherwise (a warning, not an order to end).
     signal.signal(signal.SIGUSR1, _on_warning)
+
+
+def loop_reports() -> None:
+    """A loop without a Trainer reports its steps (``kaio.log``): a stop's SIGTERM raises ``Stopped`` in it, so that
+    its own ``except KeyboardInterrupt:`` (a checkpoint of its own) runs, as it would at a Ctrl-C without kaio."""
+    _state["loop"] = True
 
 
 def training(active: bool) -> None:
@@ -207,6 +214,9 @@ def _on_sigterm(signum: int, frame: object) -> None:
         # would stop it, so that its own `except KeyboardInterrupt:` runs; the training's record is whole.
         _state["terminated"] = True
         raise Stopped("stopped in the script's work after its training had ended")
+    if _state["loop"] and not _state["terminated"]:
+        _state["terminated"] = True
+        raise Stopped("stopped in the training loop (kaio.log)")
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
 

@@ -162,6 +162,15 @@ class SessionEndings:
             )
             self._note(text, "warning")
             return text
+        run = ledger.run
+        if run is not None and run.reporter == "kaio.log" and progress is not None and progress.last_step is not None:
+            text = (
+                f"stopped the loop after step {progress.last_step} (a KeyboardInterrupt raised in it, as a Ctrl-C "
+                "without kaio would: an `except KeyboardInterrupt:` of its own runs); a kaio.log loop's checkpoints "
+                f"are its own: continue from them with `{start_over_command(self.config_path)}`, or as a new project"
+            )
+            self._note(text, "info")
+            return text
         if progress is None or progress.last_step is None:
             evaluated = self.state.parts.live.evaluated_in_session  # an evaluate-only script, or eval_on_start
             why = (

@@ -214,10 +214,12 @@ class RunState:
                 self.warn(shifted)
             if r.start_step and r.training == 1 and self.parts.steps.sealed_through == 0 and not self.parts.steps.open:
                 self.parts.steps.begin_counts_at(r.start_step, r.start_tokens)
-                self.ledger.add_note(
-                    f"session {r.session}: the Trainer began at step {r.start_step} (the script resumed it from a "
-                    f"checkpoint of its own): steps 1-{r.start_step} are not in this record"
+                began = (
+                    f"the loop's first kaio.log step was {r.start_step + 1}"
+                    if r.reporter == "kaio.log"
+                    else f"the Trainer began at step {r.start_step} (the script resumed it from a checkpoint of its own)"
                 )
+                self.ledger.add_note(f"session {r.session}: {began}: steps 1-{r.start_step} are not in this record")
             for warning in [*_resumed_against_the_arguments(r), *_precision_not_taken(r, self.ledger.config)]:
                 self.warn(warning)
             if r.other_model_evals:  # evaluated before the training began, by a model it does not train
