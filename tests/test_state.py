@@ -1042,6 +1042,18 @@ def test_a_stops_promise_of_a_resume_names_the_scripts_own_resume_from_checkpoin
     )
 
 
+def test_steps_another_rank_reported_far_ahead_of_rank_0_are_sealed_in_order_once_rank_0_reaches_them():
+    """A kaio.log loop's ranks run apart (no collective holds them together): rank 1 50k steps ahead made every
+    event scan all its open steps (a 2-rank, 50k-step record took 34 s to rebuild, 6 s now; docs/performance.md)."""
+    run = {"type": "run_start", "rank": 0, "session": 1, "reporter": "kaio.log", "world_size": 2}
+    ahead = [_step(k, float(k), rank=1) for k in range(1, 301)]
+    behind = [_step(k, float(k)) for k in range(1, 301)]
+    steps = history_of(replay([{"type": "session_start", "session": 1}, run, {**run, "rank": 1}, *ahead, *behind]))
+    assert [s["step"] for s in steps["steps"]] == list(range(1, 301))
+    assert all(set(s["peak_vram_bytes"]) == {"0", "1"} for s in steps["steps"])
+    assert steps["telemetry"]["dropped_late_events"] == 0
+
+
 def test_a_stopped_kaio_log_loop_is_said_as_a_loop_with_checkpoints_of_its_own():
     """A Ctrl-C in a plain loop: it said "stopped without saving a checkpoint... none yet", of a loop that saved its
     own in its `except KeyboardInterrupt:` (which kaio's stop now reaches)."""

@@ -323,11 +323,21 @@ class StepAssembler(msgspec.Struct, kw_only=True):
     def seal_ready(self, out: AssemblyOutput) -> None:
         """Seal, in step order, the open steps that are final."""
         horizon = self.newest_step - SEAL_LAG_STEPS
-        while self.open:
-            step = min(self.open)
-            if step > horizon or self.samples.waits_for(step):
-                return
+        while (step := self._first_open_through(horizon)) is not None and not self.samples.waits_for(step):
             self._seal(step, out)
+
+    def _first_open_through(self, horizon: int) -> int | None:
+        """The smallest open step if it is at most ``horizon``, else None. Every open step is past
+        ``sealed_through``: the steps from there are looked up one by one, not the smallest of all found, where
+        other ranks ran far ahead of rank 0 (a kaio.log loop's ranks run apart: a scan of 50k open steps at each
+        event made a 2-rank loop's record quadratic)."""
+        start = self.sealed_through + 1
+        if not self.open or start > horizon:
+            return None
+        if horizon - start >= len(self.open):  # a wide gap (steps numbered far apart): the smallest, once
+            step = min(self.open)
+            return step if step <= horizon else None
+        return next((step for step in range(start, horizon + 1) if step in self.open), None)
 
     def seal_all(self, out: AssemblyOutput) -> None:
         """A session ends: what it did not report now never will be. Steps only other ranks reached (a loop of
@@ -342,8 +352,8 @@ class StepAssembler(msgspec.Struct, kw_only=True):
                 f"rank {self.lead_rank}, whose last was {self.newest_step}: not in the record"
             )
         self.samples.fold_all(self.open)
-        while self.open:
-            self._seal(min(self.open), out)
+        for step in sorted(self.open):
+            self._seal(step, out)
         if self.at_step_0:
             self._write_step_0(out)
 
