@@ -202,6 +202,7 @@ def test_a_plain_loop_without_a_trainer_is_said_plainly_and_reports_through_kaio
     assert [s["step"] for s in history["steps"]] == list(range(1, 7))
     assert all(s["loss"] is not None and s["metrics"]["my_metric"] == s["step"] / 10 for s in history["steps"])
     assert [s["tokens_seen"] for s in history["steps"]] == [512 * k for k in range(1, 7)]
+    assert [s["samples_seen"] for s in history["steps"]] == [64 * k for k in range(1, 7)]
     assert [(e["step"], e["metrics"]) for e in history["evals"]] == [  # the step's evaluation, not a new step
         (s["step"], {"eval_mse": pytest.approx(s["loss"] / 2)}) for s in history["steps"] if s["step"] in (3, 6)
     ]

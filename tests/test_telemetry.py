@@ -70,13 +70,14 @@ def test_kaio_log_counts_a_loop_from_0_and_on_where_its_numbering_starts_again_a
     monkeypatch.setattr(stop_module(), "_state", {**stop_module()._state})  # this process's stop state, restored
     for epoch in range(2):
         for step in range(3):
-            plain.log(step=step, loss=4.0 - step - epoch, learning_rate=[1e-3], phase="warmup")
+            plain.log(step=step, loss=4.0 - step - epoch, learning_rate=[1e-3], phase="warmup", samples=4)
         plain.log(step=2, eval_loss=3.5 - epoch)  # the last step's evaluation
     plain.finish()
     patch._emitter.close()
     events = [
         json.loads(line) for part in sorted((tmp_path / "spool").iterdir()) for line in part.read_bytes().splitlines()
     ]
+    assert [e.get("samples") for e in events if e["type"] == "step"] == [4] * 6
     steps = [(e["step"], e["loss"]) for e in events if e["type"] == "log"]
     assert steps == [(1, 4.0), (2, 3.0), (3, 2.0), (4, 3.0), (5, 2.0), (6, 1.0)]
     assert all(

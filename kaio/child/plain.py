@@ -64,6 +64,7 @@ class _Reporter:
             return
         metrics.update(evaluation)
         tokens = metrics.pop("tokens", None)
+        samples = _metric(metrics.pop("samples", None))
         if step != self.last_step:  # a second call for a step (its evaluation, say) adds numbers, not a step
             if tokens is not None:
                 self.tokens_seen += int(_metric(tokens) or 0)
@@ -77,6 +78,7 @@ class _Reporter:
                     step_time_s=now - self.last_mono,
                     peak_vram_bytes=peak,
                     tokens_seen=self.tokens_seen or None,
+                    samples=int(samples) if isinstance(samples, float) else None,
                 )
             )
             if self.peak:
@@ -129,7 +131,8 @@ _reporter: _Reporter | None = None
 
 def log(step: int, loss: float | None = None, **metrics: float) -> None:
     """Report optimizer step ``step`` (call it once the step is done): its loss, ``tokens`` (the step's input
-    tokens, all ranks together, as the Trainer counts them: the record's throughput), ``learning_rate``,
+    tokens, all ranks together, as the Trainer counts them: the record's throughput), ``samples`` (the examples
+    this process trained on in the step: samples/s), ``learning_rate``,
     ``grad_norm``, and any other number, kept per step. A second call for the same step adds numbers to it;
     one with only ``eval_*`` (or ``test_*``) numbers is the step's evaluation. Outside kaio it does nothing."""
     global _reporter

@@ -16,7 +16,7 @@ for step in range(1, int(sys.argv[1]) + 1):
     loss = torch.nn.functional.mse_loss(model(x), y)
     loss.backward()
     optimizer.step()
-    kaio.log(step=step, loss=loss.item(), learning_rate=0.05, tokens=64 * 8, my_metric=float(step) / 10)
+    kaio.log(step=step, loss=loss.item(), learning_rate=0.05, tokens=64 * 8, samples=64, my_metric=float(step) / 10)
     if step % 3 == 0:  # an evaluation's number, for the step just reported
         kaio.log(step=step, eval_mse=loss.item() / 2)
 print("plain loop done")
