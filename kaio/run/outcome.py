@@ -163,7 +163,8 @@ class SessionEndings:
             self._note(text, "warning")
             return text
         run = ledger.run
-        if run is not None and run.reporter == "kaio.log" and progress is not None and progress.last_step is not None:
+        loop_ended = run is not None and run.reporter == "kaio.log" and not asked.killed  # it took the stop itself
+        if loop_ended and progress is not None and progress.last_step is not None:
             text = (
                 f"stopped the loop after step {progress.last_step} (a KeyboardInterrupt raised in it, as a Ctrl-C "
                 "without kaio would: an `except KeyboardInterrupt:` of its own runs); a kaio.log loop's checkpoints "
