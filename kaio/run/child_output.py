@@ -15,18 +15,26 @@ from kaio.run.snapshot import as_shown, progress_bar
 # dashboard and plain output sum it up on the status line, and show the rest of the output in full: warnings,
 # errors, the script's own prints, and the Trainer's rarer dicts, whose numbers the status line does not carry
 # (an evaluation's {'eval_loss': ..., 'eval_accuracy': ...}, predict()'s, the closing {'train_runtime': ...}).
-_TRAINER_LOG_LINE = re.compile(r"^\{'(?:loss|grad_norm|learning_rate|epoch)': .*\}\s*$")  # on what a terminal shows
+_TRAINER_LOG_DICT = re.compile(
+    r"\{'(?:loss|grad_norm|learning_rate|epoch)': [^{}]*\}\s*$"
+)  # ends what a terminal shows
 # transformers 5 prints each float of its dict as a string ('loss': '4.55'): a dict with a bare float (a script
 # printing trainer.evaluate()'s metrics) is the script's own line.
 _BARE_FLOAT = re.compile(r"': -?(?:\d+\.\d*|\.\d+|\d+(?=[eE]))(?:[eE][-+]?\d+)?[,}]")
 
 
 def is_trainer_log_line(shown: str, transformers_version: str | None) -> bool:
-    """Whether a line of the child's output is the dict the Trainer prints at each log (not the script's)."""
-    if not _TRAINER_LOG_LINE.match(shown):
+    """Whether a line of the child's output is the dict the Trainer prints at each log (not the script's). The
+    progress bar (stderr) and the dict (stdout) reach child.log through two descriptors and interleave on a busy
+    machine: the dict may follow the bar's last redraw, or the blanks that cleared it, on the same line."""
+    found = _TRAINER_LOG_DICT.search(shown)
+    if found is None:
+        return False
+    before = shown[: found.start()]
+    if before.strip() and progress_bar(before) is None:
         return False
     major = (transformers_version or "").split(".")[0]
-    return not (major.isdigit() and int(major) >= 5 and _BARE_FLOAT.search(shown))
+    return not (major.isdigit() and int(major) >= 5 and _BARE_FLOAT.search(shown[found.start() :]))
 
 
 def follow_output(proc: subprocess.Popen, log_path: Path, offset: int, put: Callable[[tuple[str, str]], None]) -> None:
