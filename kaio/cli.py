@@ -218,9 +218,9 @@ def run(
     try:
         where = placement(cfg.launch, flags, os.environ)
         cfg = placed(cfg, where)
-    except ConfigError as exc:  # the file named where the value came from it
-        said = str(exc)
-        raise ConfigError(said if "(the command line)" in said or "(SLURM)" in said else f"{config}: {said}") from None
+    except ConfigError as exc:  # the file named where every value came from it (no flag, not inside srun)
+        from_the_file = all(value is None for value in flags.values()) and "SLURM_STEP_ID" not in os.environ
+        raise ConfigError(f"{config}: {exc}" if from_the_file else str(exc)) from None
     check_recipe_inputs(cfg, str(config), model=not dry_run)  # a dry run is often prepared where the model is not
     if dry_run:
         _print_dry_run(cfg, where, config, overwrite=overwrite)

@@ -169,6 +169,16 @@ def flag_name(arg: str) -> str:
     return "--" + arg.split("=", 1)[0].lstrip("-").replace("-", "_")
 
 
+def flag_value(args: list[str], flag: str) -> str | None:
+    """The value a command line gives ``flag`` (``--flag v`` or ``--flag=v``, dashes or underscores), or None."""
+    for i, arg in enumerate(args):
+        if arg.startswith("--") and flag_name(arg) == flag_name(flag):
+            if "=" in arg:
+                return arg.split("=", 1)[1]
+            return args[i + 1] if i + 1 < len(args) else None
+    return None
+
+
 # `accelerate launch` flags kaio passes itself, from these keys.
 _KAIO_LAUNCH_FLAGS = {
     "--num_processes": "num_processes",

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kaio.config import LaunchConfig, RunConfig, flag_name
+from kaio.config import LaunchConfig, RunConfig, flag_name, flag_value
 from kaio.nodes import ENV_JOB_SECRET
 from kaio.record.paths import ProjectPaths
 from kaio.secrets import redact_argv
@@ -348,16 +348,6 @@ def accelerate_file(accelerate_args: list[str], environ: Mapping[str, str]) -> A
         engine=engine if engine in _ENGINES else None,
         gpu_ids=_text(values.get("gpu_ids")),
     )
-
-
-def flag_value(args: list[str], flag: str) -> str | None:
-    """The value a command line gives ``flag`` (``--flag v`` or ``--flag=v``, dashes or underscores), or None."""
-    for i, arg in enumerate(args):
-        if arg.startswith("--") and flag_name(arg) == flag_name(flag):
-            if "=" in arg:
-                return arg.split("=", 1)[1]
-            return args[i + 1] if i + 1 < len(args) else None
-    return None
 
 
 def _expanded(path: str, home: str | None) -> Path:

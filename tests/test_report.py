@@ -529,9 +529,10 @@ def test_an_evaluation_after_load_best_model_at_end_names_the_weights_it_evaluat
     """run_glue's "20 (after training)" row showed checkpoint-10's loss beside a better row of step 20, with no
     word of why in the table (only the executive summary's Final model line)."""
     evals = [
+        EvalEntry(step=5, session=1, metrics={"eval_loss": 0.5}, after_training=True),  # an earlier training's end
         EvalEntry(step=10, session=1, metrics={"eval_loss": 0.25}),
         EvalEntry(step=20, session=1, metrics={"eval_loss": 0.07}),
-        EvalEntry(step=20, session=1, metrics={"eval_loss": 0.25}, after_training=True),
+        EvalEntry(step=20, session=1, metrics={"eval_loss": 0.25}, after_training=True, weights="checkpoint-10"),
     ]
     header, index = make_run(20, evals=evals)
     header.final_model = FinalModel(
@@ -540,6 +541,7 @@ def test_an_evaluation_after_load_best_model_at_end_names_the_weights_it_evaluat
     evaluation = section(render_markdown(header, summarize(header, index), index.evals()), "Evaluation")
     assert "| 20 (after training, checkpoint-10's weights) | 0.25 |" in evaluation
     assert "| 20 | 0.07 |" in evaluation
+    assert "| 5 (after training) | 0.5 |" in evaluation  # not the later training's best weights
 
 
 def test_each_sessions_evaluation_after_training_keeps_the_weights_it_evaluated():

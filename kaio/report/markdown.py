@@ -15,7 +15,6 @@ import re
 import shlex
 import time
 from datetime import datetime, timedelta
-from pathlib import PurePath
 from typing import Any
 
 import msgspec
@@ -57,7 +56,7 @@ def render_markdown(header: HistoryHeader, summary: Summary, evals: list[EvalEnt
         f"# Training report: {header.project}",
         _executive_summary(summary, header),
         _key_metrics(summary),
-        _evaluations(summary, evals, header.final_model),
+        _evaluations(summary, evals),
         _trainings(summary, header.sessions),
         _logged_metrics(summary),
         _time_spent(summary),
@@ -299,26 +298,15 @@ def _best_eval_loss(s: Summary, *, bold: bool = False) -> str:
     )
 
 
-def _evaluations(s: Summary, evals: list[EvalEntry], final: FinalModel | None) -> str | None:
+def _evaluations(s: Summary, evals: list[EvalEntry]) -> str | None:
     if not evals:
         return None
     names = list(dict.fromkeys(k for e in evals for k in e.metrics if k not in ("epoch",)))
     every = evaluation_rows(evals)
     shown = every[-EVAL_ROWS:]
     # After load_best_model_at_end, the evaluations after training are of the best checkpoint's weights (run_glue's
-    # after-training row sat beside a better row of the last step with no word of it). A history from before
-    # evaluations said so themselves: the latest session's, from the final model.
-    loaded = PurePath(final.loaded).name if final is not None and final.loaded else None
-    latest = max(e.session for e in evals)
-    rows = [
-        (
-            _evaluation_step(
-                e, trained=bool(s.optimizer_steps), weights=e.weights or (loaded if e.session == latest else None)
-            ),
-            *(_metric(e, n) for n in names),
-        )
-        for e in shown
-    ]
+    # after-training row sat beside a better row of the last step with no word of it): each says whose.
+    rows = [(_evaluation_step(e, trained=bool(s.optimizer_steps)), *(_metric(e, n) for n in names)) for e in shown]
     text = "## Evaluation\n\n"
     if s.eval_loss_best is not None:  # of the evaluations: predict()'s test-set metrics are no evaluation
         predictions = sum(1 for e in every if e.prediction and not e.other_model)
@@ -329,9 +317,8 @@ def _evaluations(s: Summary, evals: list[EvalEntry], final: FinalModel | None) -
     return text + _table(("Step", *names), rows)
 
 
-def _evaluation_step(e: EvalEntry, *, trained: bool, weights: str | None = None) -> str:
-    """``weights``: the checkpoint whose weights the model had after training (load_best_model_at_end)."""
-    after = f"after training, {weights}'s weights" if weights else "after training"
+def _evaluation_step(e: EvalEntry, *, trained: bool) -> str:
+    after = f"after training, {e.weights}'s weights" if e.weights else "after training"
     said = [after] if e.after_training else ["before training"] if e.before_training else []
     if not trained:  # a script that only evaluated: there is no training to be before
         said = ["no training"]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kaio import launch
-from kaio.config import RunConfig
+from kaio.config import RunConfig, flag_value
 from kaio.record import rules
 from kaio.record.paths import ProjectPaths, start_over_command
 from kaio.record.types import SessionEnd, Status
@@ -142,7 +142,7 @@ class SessionEndings:
                 else f"`{resume} --node-rank R` on each node R (or under srun)"
             )
             then = f"{how} continues from step {step + 1}"
-            own = launch.flag_value(self.cfg.launch.script_args, "--resume_from_checkpoint")
+            own = flag_value(self.cfg.launch.script_args, "--resume_from_checkpoint")
             if own is not None:  # the script's own checkpoint wins over the one kaio hands it
                 then += (
                     f" once the script's own --resume_from_checkpoint {own} is taken out of launch.script_args (it "

@@ -21,6 +21,7 @@ from pathlib import PurePath
 
 import msgspec
 
+from kaio.config import flag_value
 from kaio.record import rules
 from kaio.record.flops import Throughput
 from kaio.record.index import RunIndex
@@ -497,8 +498,7 @@ def _data_place_shifted(before: RunStart | None, r: RunStart) -> str | None:
 
 def _later_training_begins(parts: StateParts, r: RunStart) -> None:
     """A script's later training (another Trainer, train() again): its steps, losses and speed its own."""
-    resumed_done = f"session {r.session}: the Trainer resumed at step {r.start_step} with max_steps "
-    if parts.warnings.withdraw(resumed_done):  # the first training, resumed at its end: a finished phase
+    if parts.warnings.withdraw(_resumed_at_its_end(r.session, r.start_step)):  # the first training: a finished phase
         parts.ledger.add_note(
             f"session {r.session}: the script's first training resumed at its end (step {r.start_step}) and "
             "trained no step; its later training went on from there"
@@ -512,8 +512,6 @@ def _later_training_begins(parts: StateParts, r: RunStart) -> None:
 def _precision_not_taken(r: RunStart, config: dict | None) -> list[str]:
     """Half precision asked for (the training arguments, or `accelerate_args`' --mixed_precision) where the
     accelerator does not autocast it (fp16 on the CPU): the training ran in fp32."""
-    from kaio.launch import flag_value
-
     flag = flag_value(((config or {}).get("launch") or {}).get("accelerate_args") or [], "--mixed_precision")
     if r.args.fp16 or r.args.bf16:
         asked = "fp16" if r.args.fp16 else "bf16"
@@ -529,6 +527,11 @@ def _precision_not_taken(r: RunStart, config: dict | None) -> list[str]:
     ]
 
 
+def _resumed_at_its_end(session: int, start_step: int) -> str:
+    """How the warning of a training resumed with no step left to train begins (taken back by a later training)."""
+    return f"session {session}: the Trainer resumed at step {start_step} with max_steps "
+
+
 def _resumed_against_the_arguments(r: RunStart) -> list[str]:
     """What a resumed Trainer did other than its arguments said: it kept its checkpoint's learning rate or
     intervals, or it was asked for no more steps than were done."""
@@ -537,10 +540,9 @@ def _resumed_against_the_arguments(r: RunStart) -> list[str]:
     said = []
     if r.max_steps is not None and 0 < r.max_steps <= r.start_step:
         said.append(
-            f"session {r.session}: the Trainer resumed at step {r.start_step} with max_steps {r.max_steps}: the "
-            "training's arguments asked for no step beyond the ones done, and the Trainer trains one more all the same "
-            "(a longer run: `kaio resume --max-steps N` for the built-in recipe, a larger max_steps or "
-            "num_train_epochs in a script's arguments)"
+            f"{_resumed_at_its_end(r.session, r.start_step)}{r.max_steps}: the training's arguments asked for no "
+            "step beyond the ones done, and the Trainer trains one more all the same (a longer run: `kaio resume "
+            "--max-steps N` for the built-in recipe, a larger max_steps or num_train_epochs in a script's arguments)"
         )
     kept = dict(r.kept_from_checkpoint)
     first = kept.pop("first_step_learning_rate", None)
