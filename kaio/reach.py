@@ -17,7 +17,7 @@ def unreachable(url: str, environ: Mapping[str, str] = os.environ, timeout_s: fl
     reach the server leads nowhere."""
     parts = urlsplit(url)
     proxy = _proxy(parts.scheme, environ)
-    if proxy:
+    if proxy and not _bypassed(parts.netloc, environ):
         return _through(proxy, url, timeout_s)
     host = parts.hostname or url
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -46,6 +46,14 @@ def _through(proxy: str, url: str, timeout_s: float) -> str | None:
         reason = getattr(exc, "reason", None) or exc
         return f"{said} leads nowhere: {getattr(reason, 'strerror', None) or reason}"
     return None
+
+
+def _bypassed(netloc: str, environ: Mapping[str, str]) -> bool:
+    """``no_proxy`` names the host (an in-house Hub mirror, say): the clients go there directly, not through the proxy."""
+    from urllib.request import proxy_bypass_environment  # type: ignore[attr-defined]  # (not in typeshed)
+
+    no_proxy = environ.get("no_proxy") or environ.get("NO_PROXY")
+    return bool(no_proxy) and bool(proxy_bypass_environment(netloc, {"no": no_proxy}))
 
 
 def _proxy(scheme: str, environ: Mapping[str, str]) -> str | None:
