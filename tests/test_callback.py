@@ -116,6 +116,12 @@ def test_a_training_loss_logged_under_a_trainers_own_name_is_the_loss_and_its_na
     assert training_loss_key(renamed) == "train/loss" and training_loss_key({**renamed, "eval/loss": 1.0}) == (
         "train/loss"
     )
+    # Every key renamed so (W&B's style): the loss, learning rate and gradient norm are still the step's own.
+    losses.observe(torch.tensor(0.25), 3)
+    hooks.step({"train/loss": 0.25, "train/grad_norm": 2.0, "train/learning_rate": 0.05, "train/epoch": 1.0})
+    last = [e for e in hooks.events() if e["type"] == "log"][-1]
+    assert (last["loss"], last["grad_norm"], last["learning_rate"]) == (0.25, 2.0, 0.05)
+    assert last["extra"] == {"kaio_loss_logged_as": "train/loss", "train/epoch": 1.0}
     records = [{"type": "session_start", "session": 1}, *hooks.events()]
     header = replay(records).header()
     assert (
@@ -1079,3 +1085,118 @@ def test_a_graceful_stop_keeps_its_checkpoint_whatever_the_scripts_save_settings
     # Saved once, and nothing evaluated after it: the stop ends the training at its step.
     at_stop = [e["type"] for e in events if e["type"] in ("save", "eval") and e["step"] == stop_at]
     assert at_stop.count("save") == 1 and "eval" not in at_stop[at_stop.index("save") :]
+
+
+def test_load_best_model_at_end_that_found_no_saved_best_is_warned_about(tmp_path, monkeypatch, torch):
+    """A real Trainer evaluating every step and saving every 4th: its best evaluation (step 1) saved no checkpoint,
+    so load_best_model_at_end loads nothing and the model ends with the last step's weights. The record says so."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    from kaio.child import callback as module
+    from kaio.child.callback import KaioCallback
+
+    monkeypatch.setattr(module, "_TRAININGS", module._Trainings())
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
+    data = [{"input_ids": torch.arange(8) % 32, "labels": torch.arange(8) % 32} for _ in range(8)]
+    scores = iter([0.9, 0.5, 0.4, 0.3, 0.2])
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        max_steps=4,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_steps=4,
+        load_best_model_at_end=True,
+        metric_for_best_model="score",
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=data,
+        eval_dataset=data[:2],
+        compute_metrics=lambda prediction: {"score": next(scores)},
+    )
+    emitter = EventEmitter(None, str(tmp_path / "spool"), rank=0, session=1)
+    trainer.add_callback(KaioCallback(emitter, trainer))
+    trainer.train()
+    emitter.close()
+    assert trainer.state.best_model_checkpoint is None and trainer.state.best_metric == 0.9  # what a user missed
+    (end,) = [e for e in _spooled(tmp_path / "spool") if e["type"] == "train_end"]
+    assert (end["best_unsaved"], end["best_unsaved_step"], end["best_metric_name"]) == (True, 1, "eval_score")
+    header = replay([{"type": "session_start", "session": 1}, end]).header()
+    assert header.final_model is None
+    assert header.warnings == [
+        "load_best_model_at_end loaded no checkpoint: the best evaluation (eval_score 0.9 at step 1) was at a step "
+        "that saved none (save_steps coarser than eval_steps), so the final model has the last step's weights "
+        "(step 4), not the best's"
+    ]
+
+
+def test_numbers_a_compute_loss_logs_for_each_micro_batch_are_kept_as_each_steps_mean_not_as_its_loss(
+    tmp_path, monkeypatch, torch
+):
+    """A Trainer subclass whose compute_loss logs its own `loss` (scaled) and an auxiliary number at every
+    micro-batch, with 2 micro-batches a step: the record's loss is the Trainer's own at every step, and the
+    auxiliary number is each step's mean of the values the Trainer's log history gives that step."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    from kaio.child import callback as module
+    from kaio.child.callback import KaioCallback
+    from kaio.child.patch import _watch_losses
+
+    monkeypatch.setattr(module, "_TRAININGS", module._Trainings())
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
+    data = [{"input_ids": torch.randint(0, 32, (8,)), "labels": torch.randint(0, 32, (8,))} for _ in range(16)]
+
+    class LogsItsParts(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            loss = super().compute_loss(model, inputs, return_outputs, **kwargs)
+            self.log({"loss": loss.item() * 100, "aux": loss.item() * 2})
+            return loss
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+        logging_steps=1,
+        include_num_input_tokens_seen=True,  # (the Trainer's log() adds its count to the script's logs too)
+        save_strategy="no",
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+    )
+    trainer = LogsItsParts(model=model, args=args, train_dataset=data)
+    emitter = EventEmitter(None, str(tmp_path / "spool"), rank=0, session=1)
+    callback = KaioCallback(emitter, trainer)
+    trainer.add_callback(callback)
+    _watch_losses(trainer, callback)
+    trainer.train()
+    emitter.close()
+    logged = trainer.state.log_history
+    trainers_losses = {e["step"]: e["loss"] for e in logged if "grad_norm" in e}
+    aux: dict[int, list[float]] = {}
+    for e in logged:
+        if "aux" in e:
+            aux.setdefault(e["step"], []).append(e["aux"])
+    assert sorted(trainers_losses) == [1, 2, 3, 4] and all(len(v) == 2 for k, v in aux.items() if k > 0)
+    state = replay([{"type": "session_start", "session": 1}, *_spooled(tmp_path / "spool")])
+    steps = {s["step"]: s for s in history_of(state)["steps"]}
+    assert {k: s["loss"] for k, s in steps.items()} == pytest.approx(trainers_losses, rel=1e-6)
+    tokens = {e["step"]: e["num_input_tokens_seen"] for e in logged if "grad_norm" in e}
+    assert {k: s["metrics"]["num_input_tokens_seen"] for k, s in steps.items()} == tokens  # the Trainer's own
+    assert {k: s["metrics"]["aux"] for k, s in steps.items() if k in aux} == pytest.approx(
+        {k: sum(v) / len(v) for k, v in aux.items() if k > 0}, rel=1e-6
+    )
+    notes = " ".join(state.header().telemetry.notes)
+    assert "the script logged `loss` from inside training_step" in notes
+    assert "logged metric aux was logged from inside training_step more than once a step" in notes

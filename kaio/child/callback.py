@@ -52,13 +52,25 @@ from kaio.telemetry.protocol import (
 _LOG_FIELDS = ("loss", "learning_rate", "grad_norm")  # Trainer log keys with a field of their own
 
 
+def trainer_field_keys(logs: dict[str, Any]) -> dict[str, str]:
+    """Where a training log holds the Trainer's learning rate and gradient norm (and ``loss``): under their own
+    names, or renamed ``train/<name>`` by a ``log()`` override in W&B's style."""
+    keys = {}
+    for field in _LOG_FIELDS:
+        if field in logs:
+            keys[field] = field
+        elif field != "loss" and f"train/{field}" in logs:  # (a renamed loss is found by training_loss_key)
+            keys[field] = f"train/{field}"
+    return keys
+
+
 def training_loss_key(logs: dict[str, Any]) -> str | None:
     """The key of a training log's loss: ``loss``; else, in a log with the Trainer's learning rate and gradient norm
     (its training log, with the loss renamed), its one ``<name>_loss`` or ``<name>/loss`` that is no evaluation's and
     not the closing mean (SetFit logs ``embedding_loss``). A script's own log of an auxiliary loss has no gradient norm."""
     if "loss" in logs:
         return "loss"
-    if "learning_rate" not in logs or "grad_norm" not in logs:
+    if not {"learning_rate", "grad_norm"} <= trainer_field_keys(logs).keys():
         return None
     keys = [
         k
@@ -144,6 +156,31 @@ def _loss_of_the_window(window: Any, fields: dict[str, Any], extra: dict[str, An
     return False
 
 
+class MicroBatchLogs:
+    """The script's own logs from inside ``training_step`` (a ``compute_loss`` calling ``self.log``, once per
+    micro-batch). The Trainer gives them its step before this one ends (``global_step`` has not moved): each number
+    is sent as the mean of those logged so far at that step, so that the record keeps the mean of the micro-batches'
+    numbers, as the Trainer's loss is their mean."""
+
+    def __init__(self) -> None:
+        self.within = False  # set by the patched Trainer's training_step while it runs
+        self._step: int | None = None
+        self._sums: dict[str, tuple[float, int]] = {}
+
+    def means(self, step: int, logged: dict[str, Any]) -> dict[str, Any]:
+        """The script's numbers of one such log, each the mean of the step's so far. The Trainer's count of tokens,
+        which its log() adds to every log, is left out: the Trainer's own log of the step has it."""
+        if step != self._step:
+            self._step, self._sums = step, {}
+        means = {key: value for key, value in logged.items() if key != "num_input_tokens_seen"}
+        for key, value in list(means.items()):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                total, count = self._sums.get(key, (0.0, 0))
+                self._sums[key] = (total + value, count + 1)
+                means[key] = (total + value) / (count + 1)
+        return means
+
+
 class KaioCallback(TrainerCallback):
     def __init__(self, emitter: EventEmitter, trainer: Any = None) -> None:
         self.emitter = emitter
@@ -156,6 +193,7 @@ class KaioCallback(TrainerCallback):
         )
         self._skipped_gpu_values: set[str] = set()
         self.losses = LossWatch()  # fed by the patched Trainer's training_step
+        self.micro_batch_logs = MicroBatchLogs()  # told by the patched Trainer's training_step
         self._step_offset = 0  # added to this Trainer's own step: the record's step (``_Trainings``)
         self._tokens_offset = 0
         self.timing = StepTiming()  # fed by the patched Trainer's get_batch_samples and compute_loss
@@ -307,7 +345,8 @@ class KaioCallback(TrainerCallback):
         # The script's own log() after train() ended (a final perplexity, a "loss" of its own): numbers it logged,
         # not the last step's training loss or learning rate.
         after_training = self._trained and not self._training
-        loss_key = training_loss_key(logs) if logs and not after_training else None
+        within_step = self.micro_batch_logs.within  # the script's own log from inside a step: not the step's loss
+        loss_key = training_loss_key(logs) if logs and not (after_training or within_step) else None
         logged = logs.get(loss_key) if logs and loss_key else None
         logged_nonfinite = isinstance(logged, (int, float)) and not math.isfinite(logged)
         window = self.losses.take(agree=stopping, average=logged_nonfinite) if loss_key else None
@@ -318,13 +357,15 @@ class KaioCallback(TrainerCallback):
             control.should_training_stop = True  # no checkpoint: its weights would be the non-finite ones
         if not state.is_world_process_zero or not logs:
             return
-        step_fields = () if after_training else _LOG_FIELDS
-        fields: dict[str, Any] = {key: self._metric(key, logs[key]) for key in step_fields if key in logs}
+        field_keys = {} if after_training or within_step else trainer_field_keys(logs)
+        fields: dict[str, Any] = {field: self._metric(key, logs[key]) for field, key in field_keys.items()}
         extra = {
             key: self._value(key, value)
             for key, value in logs.items()
-            if key not in step_fields and key not in ("epoch", loss_key)
+            if key not in field_keys.values() and key not in ("epoch", loss_key)
         }
+        if within_step:
+            extra = self.micro_batch_logs.means(int(state.global_step), extra)
         if loss_key is not None and loss_key != "loss":  # the trainer's own name for its training loss
             fields["loss"], extra[LOSS_LOGGED_AS] = self._metric(loss_key, logs[loss_key]), loss_key
         if self._skipped_gpu_values:
@@ -339,6 +380,7 @@ class KaioCallback(TrainerCallback):
             extra=extra,
             nonfinite_from=first_nonfinite,
             nonfinite_carried=carried,
+            within_step=within_step,
             **fields,
         )
         self._in_order.send(log, int(state.global_step), self._training)
@@ -436,20 +478,40 @@ class KaioCallback(TrainerCallback):
             trainer = self._trainer() if self._trainer is not None else None
             end.ended_early_by = None if end.stopped else _ended_early_by(trainer, args, state)
             end.checkpoints_removed = self._saved.gone()
-            best = getattr(state, "best_model_checkpoint", None)
-            if getattr(args, "load_best_model_at_end", False) and isinstance(best, str):
-                end.best_loaded = recorded_path(best)
-            metric = getattr(args, "metric_for_best_model", None)
-            if isinstance(best, str) and isinstance(metric, str):
-                end.best_checkpoint = recorded_path(best)
-                value = getattr(state, "best_metric", None)
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    end.best_metric = tag_nonfinite(float(value))
-                end.best_metric_name = _as_the_trainer_reads(metric)
-                greater = getattr(args, "greater_is_better", None)
-                end.greater_is_better = greater if isinstance(greater, bool) else None
+            _the_best(end, args, state, self._step_offset)
         self.emitter.emit(end)
         stop.training(False)  # after the end is sent: a stop's KeyboardInterrupt from now on lands in the script
+
+
+def _the_best(end: TrainEnd, args: Any, state: Any, step_offset: int) -> None:
+    """The Trainer's best checkpoint (metric_for_best_model), and whether the model ends with its weights."""
+    best = getattr(state, "best_model_checkpoint", None)
+    if getattr(args, "load_best_model_at_end", False) and isinstance(best, str):
+        end.best_loaded = recorded_path(best)
+    metric = getattr(args, "metric_for_best_model", None)
+    if getattr(args, "load_best_model_at_end", False) and best is None and not end.stopped:
+        _best_not_saved(end, state, metric, step_offset)
+    if isinstance(best, str) and isinstance(metric, str):
+        end.best_checkpoint = recorded_path(best)
+        value = getattr(state, "best_metric", None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            end.best_metric = tag_nonfinite(float(value))
+        end.best_metric_name = _as_the_trainer_reads(metric)
+        greater = getattr(args, "greater_is_better", None)
+        end.greater_is_better = greater if isinstance(greater, bool) else None
+
+
+def _best_not_saved(end: TrainEnd, state: Any, metric: Any, step_offset: int) -> None:
+    """load_best_model_at_end found no best checkpoint though the Trainer kept a best metric: the best evaluation
+    was at a step that saved none (eval_steps finer than save_steps), and the model keeps the last step's weights."""
+    value = getattr(state, "best_metric", None)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return  # no evaluation, or none with the metric: nothing was best
+    end.best_unsaved = True
+    step = getattr(state, "best_global_step", None)  # (transformers 4.54 and later)
+    end.best_unsaved_step = step_offset + step if isinstance(step, int) and step > 0 else None
+    end.best_metric = tag_nonfinite(float(value))
+    end.best_metric_name = _as_the_trainer_reads(metric) if isinstance(metric, str) else "eval_loss"
 
 
 class _SavedCheckpoints:

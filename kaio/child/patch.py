@@ -224,7 +224,11 @@ def _watch_losses(trainer: Any, callback: Any) -> None:
 
     @functools.wraps(step_fn)
     def training_step(*args, **kwargs):
-        loss = step_fn(*args, **kwargs)
+        callback.micro_batch_logs.within = True  # a log() from here is a compute_loss's own, once per micro-batch
+        try:
+            loss = step_fn(*args, **kwargs)
+        finally:
+            callback.micro_batch_logs.within = False
         watch.observe(loss, trainer.state.global_step + 1)
         inputs = args[1] if len(args) > 1 else kwargs.get("inputs")
         callback.count_batch(_examples(inputs), _input_ids(inputs))

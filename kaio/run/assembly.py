@@ -15,6 +15,7 @@ to its value at the checkpoint.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Protocol
 
@@ -198,9 +199,8 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         if event.grad_norm is not None:
             entry.grad_norm = finite(event.grad_norm)
             entry.grad_norm_nonfinite = nonfinite_tag(event.grad_norm)
-        for key, value in event.extra.items():
-            if key not in NOT_METRICS:
-                self._keep_metric(entry, key, value, out)
+        for key, value in _script_numbers(event, out, self._first).items():
+            _keep_metric(entry, key, value, out, self._first, mean=event.within_step)
         renamed = event.extra.get(LOSS_LOGGED_AS)
         if renamed is not None and self._first("loss logged as"):
             out.note(f"the training loss is what the Trainer logged as {renamed} (it logs no `loss`)")
@@ -216,10 +216,10 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         after the training) takes its own metrics back first. The Trainer's count of tokens, in every log, is
         nothing yet."""
         kept = StepEntry(step=0, session=event.session)
-        for key, value in event.extra.items():
-            new = key not in self.at_step_0 and key not in self.kept_at_step_0
-            if new and key not in NOT_METRICS and key != "num_input_tokens_seen":
-                self._keep_metric(kept, key, value, out)
+        for key, value in _script_numbers(event, out, self._first).items():
+            new = key not in self.kept_at_step_0 and (event.within_step or key not in self.at_step_0)
+            if new and key != "num_input_tokens_seen":
+                _keep_metric(kept, key, value, out, self._first)
         self.at_step_0.update(kept.metrics)
 
     def _write_step_0(self, out: AssemblyOutput) -> None:
@@ -227,34 +227,6 @@ class StepAssembler(msgspec.Struct, kw_only=True):
             self.kept_at_step_0.add(key)
             out.logged_at_step_0(key, number)
         self.at_step_0.clear()
-
-    def _keep_metric(self, entry: StepEntry, key: str, value: object, out: AssemblyOutput) -> None:
-        """A number the script logged, in the step's metrics (a bool as 0 or 1). What is not a finite number is
-        said once a session, not dropped unseen: a NaN is what its author would look for."""
-        if key == TRUNCATED:
-            if value is True and self._first(key):
-                out.warn(f"a log at step {entry.step} was too large for one record: its other metrics were left out")
-        elif key == SKIPPED_GPU_TENSORS:
-            if isinstance(value, list) and self._first(key):
-                out.warn(
-                    f"logged metric(s) {', '.join(map(str, value))} were tensors on the GPU: not read (reading one "
-                    "waits for the GPU at every log); log them as numbers (.item()) to have them in the record"
-                )
-        elif (number := float(value) if isinstance(value, bool) else finite(value)) is not None:
-            if key not in entry.metrics or rules.trainer_speed_or_total(key):  # the closing log's runtime is final
-                entry.metrics[key] = number
-            elif entry.metrics[key] != number and self._first(f"repeated {key}"):  # the Trainer's own stays
-                out.note(
-                    f"logged metric {key} was logged more than once at step {entry.step}, with other numbers (a log "
-                    "from each micro-batch?): the record keeps the first number logged at each step"
-                )
-        elif (tag := nonfinite_tag(value)) is not None:
-            if self._first(f"metric {key}"):
-                out.warn(
-                    f"logged metric {key} was {tag} at step {entry.step}: history.json leaves its non-finite values out"
-                )
-        elif value is not None and self._first(f"metric {key}"):  # a fact, as an evaluation's text metric is
-            out.note(rules.not_a_number_note(key))
 
     def _first(self, what: str) -> bool:
         """True the first time this session: a NaN at every step is one warning, and counted in the summary."""
@@ -361,6 +333,56 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         entry = self.open.pop(step)
         self.sealed_through = max(self.sealed_through, step)
         out.sealed(entry)
+
+
+def _script_numbers(event: Log, out: AssemblyOutput, first: Callable[[str], bool]) -> dict[str, object]:
+    """What a log holds beyond the Trainer's own fields: the script's numbers. A ``loss`` logged from inside a
+    step (a compute_loss's own) is not the step's loss, which the Trainer logs after it: said, not kept."""
+    numbers = {key: value for key, value in event.extra.items() if key not in NOT_METRICS}
+    if event.within_step and numbers.pop("loss", None) is not None and first("loss within step"):
+        out.note(
+            f"the script logged `loss` from inside training_step (its compute_loss?) at step {event.step}: the "
+            "record's loss is the Trainer's own for the step; the script's numbers of that name are in child.log "
+            "only (log them under another name to have them in the record)"
+        )
+    return numbers
+
+
+def _keep_metric(
+    entry: StepEntry, key: str, value: object, out: AssemblyOutput, first: Callable[[str], bool], *, mean: bool = False
+) -> None:
+    """A number the script logged, in the step's metrics (a bool as 0 or 1). What is not a finite number is
+    said once a session, not dropped unseen: a NaN is what its author would look for. ``mean``: the number is
+    the mean of the step's micro-batches' so far (a log from inside training_step), which replaces the last."""
+    if key == TRUNCATED:
+        if value is True and first(key):
+            out.warn(f"a log at step {entry.step} was too large for one record: its other metrics were left out")
+    elif key == SKIPPED_GPU_TENSORS:
+        if isinstance(value, list) and first(key):
+            out.warn(
+                f"logged metric(s) {', '.join(map(str, value))} were tensors on the GPU: not read (reading one "
+                "waits for the GPU at every log); log them as numbers (.item()) to have them in the record"
+            )
+    elif (number := float(value) if isinstance(value, bool) else finite(value)) is not None:
+        if mean and entry.metrics.get(key, number) != number and first(f"mean {key}"):
+            out.note(
+                f"logged metric {key} was logged from inside training_step more than once a step (once per "
+                "micro-batch): the record keeps each step's mean of them"
+            )
+        if key not in entry.metrics or mean or rules.trainer_speed_or_total(key):  # the closing log's is final
+            entry.metrics[key] = number
+        elif entry.metrics[key] != number and first(f"repeated {key}"):  # the Trainer's own stays
+            out.note(
+                f"logged metric {key} was logged more than once at step {entry.step}, with other numbers (a log "
+                "from a callback beside the Trainer's?): the record keeps the first number logged at each step"
+            )
+    elif (tag := nonfinite_tag(value)) is not None:
+        if first(f"metric {key}"):
+            out.warn(
+                f"logged metric {key} was {tag} at step {entry.step}: history.json leaves its non-finite values out"
+            )
+    elif value is not None and first(f"metric {key}"):  # a fact, as an evaluation's text metric is
+        out.note(rules.not_a_number_note(key))
 
 
 def _take_evaluation(logged: dict[str, float], metrics: dict[str, float | None], its_log: set[str]) -> None:

@@ -318,6 +318,8 @@ class RunState:
     def _on_train_end(self, r: TrainEnd) -> None:
         self.ledger.telemetry.events += 1
         self.ledger.on_train_end(r)
+        if r.best_unsaved:
+            self.warn(_best_not_loaded(r))
 
     def _on_pause(self, r: Pause) -> None:
         self.ledger.telemetry.events += 1  # (the supervisor's stall watch reads it as it arrives too)
@@ -451,6 +453,16 @@ def history_header(parts: StateParts) -> HistoryHeader:
         stalls=list(ledger.stalls),
         ranks=parts.stragglers.summary(),
         trainings=ledger.trainings if any(t.training > 1 for t in ledger.trainings) else [],
+    )
+
+
+def _best_not_loaded(end: TrainEnd) -> str:
+    value = end.best_metric if isinstance(end.best_metric, str) else f"{end.best_metric:.4g}"
+    at = f" at step {end.best_unsaved_step}" if end.best_unsaved_step is not None else ""
+    return (
+        f"load_best_model_at_end loaded no checkpoint: the best evaluation ({end.best_metric_name} {value}{at}) was "
+        "at a step that saved none (save_steps coarser than eval_steps), so the final model has the last step's "
+        f"weights (step {end.step}), not the best's"
     )
 
 

@@ -275,6 +275,10 @@ class Log(Event, tag="log"):
     # The Trainer logged NaN/inf only from an earlier loss kept in its running sum (logging_nan_inf_filter=False):
     # ``loss`` is this log's own losses' average (kaio.child.nonfinite), the Trainer's is extra's trainer_logged_loss.
     nonfinite_carried: bool = False
+    # The script's own log from inside training_step (its compute_loss's, at the Trainer's step before the one
+    # training): ``extra`` holds each number's mean over the micro-batches logged so far at ``step``; a ``loss``
+    # there is the script's, not the step's.
+    within_step: bool = False
 
 
 class Eval(Event, tag="eval"):
@@ -316,6 +320,10 @@ class TrainEnd(Event, tag="train_end"):
     # load_best_model_at_end removes the last one), and the one whose weights the model ends with.
     checkpoints_removed: list[str] = []
     best_loaded: str | None = None
+    # Rank 0: load_best_model_at_end was asked, but the best evaluation's step saved no checkpoint, so the Trainer
+    # loaded none: the step (None where the Trainer does not say it), and the metric's name and value.
+    best_unsaved: bool = False
+    best_unsaved_step: int | None = None
     stopped: bool = False  # the graceful stop ended it (asked here, or of another node's kaio)
     # Rank 0: what ended the training before its max_steps, where kaio can tell (an early-stopping callback).
     ended_early_by: str | None = None
