@@ -1200,3 +1200,23 @@ def test_numbers_a_compute_loss_logs_for_each_micro_batch_are_kept_as_each_steps
     notes = " ".join(state.header().telemetry.notes)
     assert "the script logged `loss` from inside training_step" in notes
     assert "logged metric aux was logged from inside training_step more than once a step" in notes
+
+
+def test_arguments_a_script_sets_after_building_them_are_recorded_as_the_trainer_reads_them_never_an_error(tmp_path):
+    """`args.include_num_input_tokens_seen = True` after TrainingArguments(...) (whose __post_init__ would have made
+    it "all") stays a bool: describing it failed kaio's type check, and that error ended the script's training. The
+    Trainer compares it with "no", so True and False both count (as "all"); a value of a type the record does not
+    take is left out of it."""
+    from transformers import TrainingArguments
+
+    from kaio.child.describe import _training_args
+
+    for set_after, read_as in ((True, "all"), (False, "all"), ("non_padding", "non_padding")):
+        args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+        args.include_num_input_tokens_seen = set_after
+        assert _training_args(args, SimpleNamespace()).include_num_input_tokens_seen == read_as
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", learning_rate=1e-3)
+    args.max_steps = "12"  # a type the record does not take: left out, the rest kept
+    args.num_train_epochs = object()
+    recorded = _training_args(args, SimpleNamespace())
+    assert (recorded.max_steps, recorded.num_train_epochs, recorded.learning_rate) == (12, None, 1e-3)

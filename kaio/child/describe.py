@@ -42,7 +42,7 @@ def describe_run(rank: int, args: Any, state: Any, model: Any, kwargs: dict[str,
         start_step=int(state.global_step),
         start_tokens=_int(getattr(state, "num_input_tokens_seen", None)) or None,
         tokens_counted_by="trainer"
-        if getattr(args, "include_num_input_tokens_seen", "no") not in ("no", False) and trainer_counts_tokens(model)
+        if _tokens_mode(args) not in ("no", None) and trainer_counts_tokens(model)
         else "kaio",
         max_steps=_int(state.max_steps),
         device=str(getattr(args, "device", None)),
@@ -79,12 +79,29 @@ def _loader_batch_size(loader: Any, args: Any) -> int | None:
     return size if size and size != per_device else None
 
 
+def _tokens_mode(args: Any) -> str | None:
+    """``include_num_input_tokens_seen`` as the Trainer reads it. A bool set after the arguments were built (their
+    ``__post_init__`` turns one into "all" or "no") stays a bool, and a Trainer that compares it with "no" counts
+    with False too."""
+    value = getattr(args, "include_num_input_tokens_seen", None)
+    if not isinstance(value, bool):
+        return value if isinstance(value, str) else None
+    field = getattr(type(args), "__dataclass_fields__", {}).get("include_num_input_tokens_seen")
+    compares_with_no = isinstance(getattr(field, "default", None), str)
+    return "all" if value or compares_with_no else "no"
+
+
 def _training_args(args: Any, state: Any) -> TrainingArgs:
+    """The arguments the record shows. A value of a type the record does not expect (a script's own assignment
+    after the arguments were built) is left out, never an error in the script's training."""
+    import msgspec
+
     values = {}
     for name in TrainingArgs.__struct_fields__:
         value = _plain(getattr(args, name, None))
         if value is not None:
             values[name] = value
+    values["include_num_input_tokens_seen"] = _tokens_mode(args)
     for name in ("logging_steps", "eval_steps", "save_steps"):
         # A fraction of the run (0.2): the Trainer's state has the steps it stands for, as it trains with them.
         resolved = _int(getattr(state, name, None))
@@ -99,9 +116,20 @@ def _training_args(args: Any, state: Any) -> TrainingArgs:
         legacy = _plain(getattr(args, "evaluation_strategy", None))
         if legacy is not None:
             values["eval_strategy"] = legacy
+    try:
+        return msgspec.convert(values, TrainingArgs, strict=False)
+    except msgspec.ValidationError:
+        return msgspec.convert({k: v for k, v in values.items() if _fits(k, v)}, TrainingArgs, strict=False)
+
+
+def _fits(name: str, value: Any) -> bool:
     import msgspec
 
-    return msgspec.convert(values, TrainingArgs, strict=False)
+    try:
+        msgspec.convert({name: value}, TrainingArgs, strict=False)
+    except msgspec.ValidationError:
+        return False
+    return True
 
 
 def _mixed_precision(trainer: Any) -> str | None:
