@@ -1220,3 +1220,38 @@ def test_arguments_a_script_sets_after_building_them_are_recorded_as_the_trainer
     args.num_train_epochs = object()
     recorded = _training_args(args, SimpleNamespace())
     assert (recorded.max_steps, recorded.num_train_epochs, recorded.learning_rate) == (12, None, 1e-3)
+
+
+def test_an_earlier_sessions_checkpoints_a_resumed_training_removes_leave_the_record(tmp_path, monkeypatch, torch):
+    """Session 1 saves checkpoint-2 and checkpoint-4; session 2 resumes from checkpoint-4 with save_total_limit=1,
+    and the Trainer's rotation deletes both. The record listed them still ("Latest checkpoint" named a folder gone)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    from kaio.child import callback as module
+    from kaio.child.callback import KaioCallback
+
+    monkeypatch.chdir(tmp_path)
+    data = [{"input_ids": torch.arange(8) % 32, "labels": torch.arange(8) % 32} for _ in range(8)]
+
+    def session(number: int, max_steps: int, **saving) -> list[dict]:
+        monkeypatch.setattr(module, "_TRAININGS", module._Trainings())  # a new process
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(
+            LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+        )
+        args = TrainingArguments(
+            output_dir="out", per_device_train_batch_size=2, max_steps=max_steps, save_steps=2, use_cpu=True,
+            report_to="none", disable_tqdm=True, **saving,
+        )  # fmt: skip
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        emitter = EventEmitter(None, str(tmp_path / f"spool{number}"), rank=0, session=number)
+        trainer.add_callback(KaioCallback(emitter, trainer))
+        trainer.train(resume_from_checkpoint="out/checkpoint-4" if number > 1 else None)
+        emitter.close()
+        return [{"type": "session_start", "session": number}, *_spooled(tmp_path / f"spool{number}")]
+
+    records = session(1, 4)
+    assert [c.path for c in replay(records).header().checkpoints] == ["out/checkpoint-2", "out/checkpoint-4"]
+    records += session(2, 8, save_total_limit=1)
+    assert sorted(os.listdir(tmp_path / "out")) == ["checkpoint-8"]
+    assert [c.path for c in replay(records).header().checkpoints] == ["out/checkpoint-8"]

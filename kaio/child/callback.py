@@ -270,6 +270,7 @@ class KaioCallback(TrainerCallback):
         seen = int(getattr(state, "num_input_tokens_seen", None) or 0) if self._trainer_counts_tokens else 0
         _TRAININGS.began_at(self._step(state), self._tokens_offset + seen if seen else None)
         run = describe_run(self.rank, args, state, model, kwargs, trainer)
+        self._saved.found_in(getattr(args, "output_dir", None))
         if self.script_optimizer:
             describe_script_optimizer(
                 run, kwargs.get("optimizer"), kwargs.get("lr_scheduler") if self.script_lr_scheduler else None
@@ -523,6 +524,17 @@ class _SavedCheckpoints:
 
     def add(self, saved: str, recorded: str) -> None:
         self._saved.append((saved, recorded))
+
+    def found_in(self, output_dir: object) -> None:
+        """The checkpoints already in the training's folder as it begins (an earlier session's, resumed from): its
+        rotation and its end may remove them too, and the record, which lists them, must hear of it."""
+        if not isinstance(output_dir, str) or not os.path.isdir(output_dir):
+            return
+        known = {saved for saved, _ in self._saved}
+        for name in sorted(os.listdir(output_dir)):
+            saved = os.path.join(output_dir, name)
+            if name.startswith("checkpoint-") and name[11:].isdigit() and saved not in known and os.path.isdir(saved):
+                self._saved.append((saved, recorded_path(saved)))
 
     def gone(self) -> list[str]:
         gone = [recorded for saved, recorded in self._saved if not os.path.isdir(saved)]
