@@ -1105,3 +1105,48 @@ def test_a_checkpoint_whose_save_the_kill_cut_short_is_named(tmp_path, monkeypat
         "out/checkpoint-31 is half-written (the kill cut its save short): `kaio resume p` skips it; delete it "
         "before the script resumes from its newest checkpoint without kaio"
     ]
+
+
+def test_a_checkpoint_saved_after_the_loss_went_nan_for_good_is_said_so_and_resume_skips_it(tmp_path):
+    """The loss went NaN at step 7, the Trainer logged it at step 10 (logging_steps=5), and saved checkpoint-8 in
+    between: the report named checkpoint-8 as the latest with no caveat, and `kaio resume` trained on from its NaN
+    weights. The record keeps the first NaN step; the report says the latest checkpoint may hold NaN weights and
+    names the one before; the resume skips it. A later finite loss (the weights were not NaN) clears it."""
+    import json
+
+    from kaio.report.markdown import render_markdown
+    from kaio.report.summary import summarize
+    from kaio.run.checkpoints import latest_checkpoint
+
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 30, "world_size": 1}
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, run]
+    for k in range(1, 11):
+        events.append(_step(k, 10.0 + k))
+        if k == 5:
+            events.append(_log(5, 3.0))
+        if k in (4, 8):
+            events.append({"type": "save", "rank": 0, "session": 1, "step": k, "path": f"out/checkpoint-{k}"})
+    events.append({**_log(10, "nan"), "nonfinite_from": 7})
+    state = replay(events)
+    with state.with_open_steps() as index:
+        assert index.nonfinite_since() == 7
+        header = state.header()
+        report = render_markdown(header, summarize(header, index), index.evals())
+    assert (
+        "- **Latest checkpoint:** step 8 (`out/checkpoint-8`), saved after the loss went non-finite (from step 7 on): "
+        "its weights may be NaN; the latest before it: step 4 (`out/checkpoint-4`)"
+    ) in report
+    assert history_of(state)["steps"][9]["loss_nonfinite_from"] == 7
+    for step in (4, 8):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        (folder / "model.safetensors").write_bytes(b"w")
+    said: list[str] = []
+    assert latest_checkpoint(tmp_path, said.append, at_most=10, nonfinite_since=7) == tmp_path / "checkpoint-4"
+    assert said == [
+        f"note: skipping {tmp_path / 'checkpoint-8'}: saved after the loss went NaN/inf (step 7): its weights may be NaN"
+    ]
+    recovered = replay([*events, _step(11, 21.0), _log(11, 2.5)])
+    with recovered.with_open_steps() as index:
+        assert index.nonfinite_since() is None

@@ -41,13 +41,13 @@ from kaio.record.paths import ProjectPaths
 from kaio.record.rules import LossSmoother
 from kaio.record.types import EvalEntry, StepEntry
 
-INDEX_FORMAT = 15  # bump when the tables, or how records become their rows, change: an older index is rebuilt
+INDEX_FORMAT = 16  # bump when the tables, or how records become their rows, change: an older index is rebuilt
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
 CREATE TABLE IF NOT EXISTS steps (
     step INTEGER PRIMARY KEY, session INTEGER, t_mono REAL, duration_s REAL, step_time_s REAL, eval_s REAL, save_s REAL,
-    loss REAL, loss_nonfinite TEXT, loss_smoothed REAL, loss_diverged INTEGER,
+    loss REAL, loss_nonfinite TEXT, loss_nonfinite_from REAL, loss_smoothed REAL, loss_diverged INTEGER,
     learning_rate REAL, grad_norm REAL, grad_norm_nonfinite TEXT,
     vram_peak REAL, vram_peak_min REAL, vram_used_max REAL, samples_seen REAL, tokens_seen REAL, energy_j REAL,
     host_cpu REAL, host_ram REAL, tokens_per_s_dev REAL, mfu REAL, training_start_s REAL, crc INTEGER);
@@ -64,7 +64,7 @@ CREATE TABLE IF NOT EXISTS evals (step INTEGER, session INTEGER, eval_loss REAL,
 _STEP_TABLES = ("steps", "step_lines", "step_gpus", "step_ranks", "step_metrics", "evals")  # a row per step or more
 _TABLES = (*_STEP_TABLES, "meta")
 _ROW_TABLES = {  # what add_step inserts, in batches
-    "steps": "INSERT OR REPLACE INTO steps VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+    "steps": "INSERT OR REPLACE INTO steps VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
     "step_lines": "INSERT OR REPLACE INTO step_lines VALUES (?,?,?)",
     "step_gpus": "INSERT OR REPLACE INTO step_gpus VALUES (?,?,?,?,?,?,?,?,?,?)",
     "step_ranks": "INSERT OR REPLACE INTO step_ranks VALUES (?,?,?)",
@@ -342,6 +342,15 @@ class RunIndex:
             return None, None
         return tuple(int(value) if value is not None else None for value in row)  # type: ignore[return-value]
 
+    def nonfinite_since(self) -> int | None:
+        """The step from which every logged loss was NaN/inf to the end of the record (None: the last logged loss is
+        finite): the weights from there on may be NaN, and so may a checkpoint saved there."""
+        (since,) = self.conn.execute(
+            "SELECT MIN(COALESCE(loss_nonfinite_from, step)) FROM steps WHERE loss_nonfinite IS NOT NULL "
+            "AND step > (SELECT COALESCE(MAX(step), 0) FROM steps WHERE loss IS NOT NULL)"
+        ).fetchone()
+        return int(since) if since is not None else None
+
     def last_step(self) -> int:
         return self.conn.execute("SELECT COALESCE(MAX(step), 0) FROM steps").fetchone()[0]
 
@@ -397,6 +406,7 @@ def _steps_row(entry: StepEntry) -> tuple:
         entry.save_s,
         entry.loss,
         entry.loss_nonfinite,
+        entry.loss_nonfinite_from,
         entry.loss_smoothed,
         entry.loss_diverged,
         entry.learning_rate,

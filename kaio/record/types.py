@@ -238,6 +238,9 @@ class StepEntry(msgspec.Struct, kw_only=True):
     duration_s: float | None = None  # since the previous step's end (this session), else step_time_s
     loss: float | None = None
     loss_nonfinite: NonFiniteTag | None = None  # the logged loss was NaN/inf (loss is then null)
+    # ...from this earlier step on: the first step since the previous log whose loss was NaN/inf (the Trainer logs
+    # every logging_steps; kaio sees every micro-batch's loss). A checkpoint saved from there may hold NaN weights.
+    loss_nonfinite_from: int | None = None
     loss_smoothed: float | None = None  # the one smoothed loss (kaio.record.rules.LossSmoother)
     loss_diverged: bool = False  # the smoothed loss broke the divergence rule here
     learning_rate: float | None = None

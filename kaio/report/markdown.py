@@ -23,6 +23,7 @@ from kaio.config import redact as redact_config
 from kaio.config import saved_own_code
 from kaio.record import rules
 from kaio.record.types import (
+    CheckpointSaved,
     EvalEntry,
     FinalModel,
     HistoryHeader,
@@ -127,13 +128,29 @@ def _executive_summary(s: Summary, header: HistoryHeader) -> str:
         f"- **Trainable params:** {_params(s)}",
     ]
     if header.checkpoints:
-        latest = header.checkpoints[-1]
-        where = f" (`{_inline(latest.path)}`)" if latest.path else ""
-        lines.append(f"- **Latest checkpoint:** step {latest.step}{where}")
+        lines.append(_latest_checkpoint(header.checkpoints, s.nonfinite_since))
     if header.final_model is not None:
         loaded = next((c.step for c in header.checkpoints if c.path == header.final_model.loaded), None)
         lines.append(_final_model(header.final_model, last_steps=loaded is not None and loaded == s.optimizer_steps))
     return "## Executive summary\n\n" + "\n".join(lines)
+
+
+def _latest_checkpoint(checkpoints: list[CheckpointSaved], nonfinite_since: int | None) -> str:
+    """The latest checkpoint; one saved after the loss went NaN/inf for good is said to be so, with the latest
+    before it (the one `kaio resume` continues from)."""
+
+    def named(c: CheckpointSaved) -> str:
+        return f"step {c.step}" + (f" (`{_inline(c.path)}`)" if c.path else "")
+
+    latest = checkpoints[-1]
+    if nonfinite_since is None or latest.step < nonfinite_since:
+        return f"- **Latest checkpoint:** {named(latest)}"
+    before = [c for c in checkpoints if c.step < nonfinite_since]
+    clean = f"the latest before it: {named(before[-1])}" if before else "none was saved before it"
+    return (
+        f"- **Latest checkpoint:** {named(latest)}, saved after the loss went non-finite (from step "
+        f"{nonfinite_since} on): its weights may be NaN; {clean}"
+    )
 
 
 def _final_model(final: FinalModel, *, last_steps: bool) -> str:

@@ -104,6 +104,7 @@ class Summary(msgspec.Struct, kw_only=True):
     loss_final: float | None = None  # the last finite loss logged...
     loss_final_step: int | None = None  # ...at this step
     loss_nonfinite_after_final: int = 0  # losses logged after it that were NaN/inf: the run ended non-finite
+    nonfinite_since: int | None = None  # ...from this step on (RunIndex.nonfinite_since): the weights may be NaN
     loss_final_smoothed: float | None = None
     loss_min: float | None = None
     loss_min_step: int | None = None
@@ -408,6 +409,7 @@ def _loss(q: _Query, s: Summary, index: RunIndex) -> None:
     s.loss_nonfinite_after_final = q.value(
         "SELECT COUNT(*) FROM steps WHERE loss_nonfinite IS NOT NULL AND step > ?", s.loss_final_step or 0
     )
+    s.nonfinite_since = index.nonfinite_since()
     s.loss_min_step, s.loss_min, s.loss_logged_steps = q.row(
         "SELECT step, MIN(loss), COUNT(loss) FROM steps WHERE loss IS NOT NULL"
     ) or (None, None, 0)

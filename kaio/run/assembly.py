@@ -240,6 +240,8 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         entry.loss = finite(raw)
         if tag is not None:
             entry.loss_nonfinite = tag
+            if event.nonfinite_from is not None and event.nonfinite_from < entry.step:
+                entry.loss_nonfinite_from = event.nonfinite_from
             if self._first("loss"):
                 out.warn(_nonfinite_loss_warning(tag, entry.step, event))
             return

@@ -20,16 +20,25 @@ def is_checkpoint(path: Path) -> bool:
 
 
 def latest_checkpoint(
-    checkpoint_dir: Path, notify: Callable[[str], None] = print, at_most: int | None = None
+    checkpoint_dir: Path,
+    notify: Callable[[str], None] = print,
+    at_most: int | None = None,
+    nonfinite_since: int | None = None,
 ) -> Path | None:
     """The newest *complete* ``checkpoint-N``: its trainer_state.json (written last) says step N. ``at_most``: the
     record's last step; a checkpoint after it was not saved by the run this record describes (another run's,
-    left in a folder that ``kaio run --overwrite`` does not own: a script's output_dir)."""
+    left in a folder that ``kaio run --overwrite`` does not own: a script's output_dir). ``nonfinite_since``: the
+    step from which the loss was NaN/inf to the end of the record; a checkpoint saved from there may hold NaN
+    weights."""
     for step, path in reversed(_checkpoints(checkpoint_dir)):
         if not is_complete(path, step):  # (first: a save a kill cut short is past the record's last step too)
             notify(f"note: skipping {path}: incomplete (half-written or damaged)")
         elif at_most is not None and step > at_most:
             notify(f"note: skipping {path}: after step {at_most}, this project's last (another run's checkpoint?)")
+        elif nonfinite_since is not None and step >= nonfinite_since:
+            notify(
+                f"note: skipping {path}: saved after the loss went NaN/inf (step {nonfinite_since}): its weights may be NaN"
+            )
         else:
             return path
     return None

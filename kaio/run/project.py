@@ -807,7 +807,15 @@ def _resume_checkpoint(
     """The latest complete checkpoint a resume starts from, or why there is none here."""
     project, where = paths.project, asked.where
     folder = checkpoint_folder(cfg, state)
-    checkpoint = latest_checkpoint(folder, notify, at_most=state.last_step)
+    nonfinite_since = state.index.nonfinite_since()
+    checkpoint = latest_checkpoint(folder, notify, at_most=state.last_step, nonfinite_since=nonfinite_since)
+    if checkpoint is None and nonfinite_since is not None and latest_checkpoint(folder, lambda _: None) is not None:
+        raise ProjectError(
+            f"project {project!r}: its loss was NaN/inf from step {nonfinite_since} to the end, and every checkpoint "
+            f"in {folder}/ was saved from there on: their weights may be NaN, and a resume would train on from them; "
+            f"start it again with `{start_over_command(asked.config_path)}` (a lower learning rate, or gradient "
+            "clipping, may keep the loss finite)"
+        )
     if checkpoint is None:
         if not where.is_head:  # a node of a job: the head's checkpoint is the one to resume from, here too
             keep = (
