@@ -712,6 +712,16 @@ def test_a_training_the_trainer_began_again_after_running_out_of_memory_is_said_
         "memory (auto_find_batch_size); its steps are recorded from step 3, after the earlier attempt's"
     ) in notes
     assert not any("of the script" in n for n in notes)
+    # The Trainings table marks the attempt that ran out of memory and the one that began again.
+    from kaio.report.markdown import render_markdown
+    from kaio.report.summary import summarize
+
+    with state.with_open_steps() as index:
+        header = state.header()
+        report = render_markdown(header, summarize(header, index), index.evals())
+    assert "1 of them ran out of memory and the Trainer began again with a smaller batch" in report
+    assert "| 1 | — | 1–2 (2 of 8; out of memory) |" in report
+    assert "| 2 | —, again at batch 7 | 3–3 (1 of 8) |" in report
 
 
 def test_a_job_of_several_machines_without_a_started_rank_says_where_its_nodes_meet():

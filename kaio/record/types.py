@@ -563,6 +563,7 @@ class Training(msgspec.Struct, kw_only=True, omit_defaults=True):
     trainer: str | None = None  # the Trainer's class
     learning_rate: float | None = None  # its arguments' (or its own optimizer's, when the script gave one)
     max_steps: int | None = None  # the record's step it was to end at
+    retry_batch: int | None = None  # an out-of-memory retry's batch per device (auto_find_batch_size)
 
 
 class HistoryHeader(msgspec.Struct, kw_only=True):

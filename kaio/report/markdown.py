@@ -563,27 +563,36 @@ def _trainings(s: Summary, sessions: list[Session]) -> str | None:
     if not s.trainings:
         return None
     several_sessions = len(sessions) > 1
+    # An attempt that ran out of memory: the Trainer began again with a smaller batch (auto_find_batch_size).
+    out_of_memory = {(t.training.session, t.training.training - 1) for t in s.trainings if t.training.retry_batch}
     rows = []
     for row in s.trainings:
         t = row.training
         name = f"{t.training} (session {t.session})" if several_sessions else str(t.training)
         planned = t.max_steps - t.first_step + 1 if t.max_steps is not None and t.max_steps >= t.first_step else None
         of = f" of {planned:,}" if planned is not None and planned != row.steps else ""  # a pruned trial, a stop
+        if (t.session, t.training) in out_of_memory:
+            of += "; out of memory"
         steps = f"{t.first_step:,}–{row.last_step:,} ({row.steps:,}{of})" if row.steps and row.last_step else "none"
+        trainer = (t.trainer or "—") + (f", again at batch {t.retry_batch}" if t.retry_batch else "")
         loss = (
             f"{row.loss_first:.4g} → {row.loss_last:.4g} ({row.loss_min:.4g})"
             if row.loss_first is not None and row.loss_last is not None and row.loss_min is not None
             else "—"
         )
-        rows.append(
-            (name, t.trainer or "—", steps, _num(t.learning_rate, ".3g"), loss, _num(row.eval_loss_best, ".4g"))
-        )
+        rows.append((name, trainer, steps, _num(t.learning_rate, ".3g"), loss, _num(row.eval_loss_best, ".4g")))
     again = ", and again in each resumed session" if several_sessions else ""
     intro = (
         f"`train()` ran {len(s.trainings)} times (a second Trainer, train() again, a search's trials{again}): each "
         "training's own steps (and, where it ended early, of how many planned) and losses. The loss figures above run "
         "across them; the figure marks where each began."
     )
+    if out_of_memory:
+        intro += (
+            f" {len(out_of_memory)} of them ran out of memory and the Trainer began again with a smaller batch "
+            "(auto_find_batch_size): the steps an attempt trained before that changed the model the next one "
+            "trains, and are recorded."
+        )
     head = ("Training", "Trainer", "Steps", "Learning rate", "Loss first → last (min)", "Eval loss, best")
     return "## Trainings\n\n" + intro + "\n\n" + _table(head, rows)
 

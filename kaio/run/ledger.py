@@ -289,6 +289,7 @@ class RunLedger(msgspec.Struct, kw_only=True):
                         trainer=r.trainer,
                         learning_rate=r.script_learning_rate or r.args.learning_rate,
                         max_steps=r.max_steps,
+                        retry_batch=r.per_device_batch_size if r.retry else None,
                     )
                 )
         launch = (self.config or {}).get("launch") or {}
