@@ -1160,3 +1160,24 @@ def test_a_checkpoint_saved_after_the_loss_went_nan_for_good_is_said_so_and_resu
     recovered = replay([*events, _step(11, 21.0), _log(11, 2.5)])
     with recovered.with_open_steps() as index:
         assert index.nonfinite_since() is None
+
+
+def test_non_finite_gradient_norms_are_counted_in_the_key_metrics_as_non_finite_losses_are():
+    """A NaN gradient norm at steps 7 and 8 with finite losses: warned once (at step 7), and the Key metrics'
+    gradient norm row said nothing of them, where the loss row counts its NaNs."""
+    from kaio.report.markdown import render_markdown
+    from kaio.report.summary import summarize
+
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}]
+    for k in range(1, 11):
+        norm = "nan" if k in (7, 8) else 1.0 + k / 10
+        events += [_step(k, 10.0 + k), {**_log(k, 3.0 - k / 10), "grad_norm": norm}]
+    state = replay(events)
+    with state.with_open_steps() as index:
+        header = state.header()
+        report = render_markdown(header, summarize(header, index), index.evals())
+    assert (
+        "| Gradient norm (median · largest) | 1.45 · 2 at step 10; NaN/inf at 2 logged steps (first at step 7) |"
+        in (report)
+    )
+    assert header.warnings == ["non-finite gradient norm (nan) at step 7"]

@@ -227,9 +227,18 @@ def _key_metrics(s: Summary) -> str:
         ),
         ("Loss, final smoothed (EMA)", _final_smoothed(s)),
     ]
+    nonfinite_norms = (
+        f"NaN/inf at {s.grad_norm_nonfinite_count:,} logged step{'s' if s.grad_norm_nonfinite_count > 1 else ''} "
+        f"(first at step {s.grad_norm_nonfinite_first_step:,})"
+        if s.grad_norm_nonfinite_count and s.grad_norm_nonfinite_first_step is not None
+        else None
+    )
     if s.grad_norm_median is not None and s.grad_norm_max is not None:
         largest = f"{s.grad_norm_max:.3g} at step {s.grad_norm_max_step:,}"
-        rows.append(("Gradient norm (median · largest)", f"{s.grad_norm_median:.3g} · {largest}"))
+        norms = f"{s.grad_norm_median:.3g} · {largest}" + (f"; {nonfinite_norms}" if nonfinite_norms else "")
+        rows.append(("Gradient norm (median · largest)", norms))
+    elif nonfinite_norms:
+        rows.append(("Gradient norm (median · largest)", f"no finite norm logged: {nonfinite_norms}"))
     if s.eval_loss_best is not None:
         rows.append(("Evaluation loss, best", _best_eval_loss(s) + _across_trainings(s)))
     rows += [

@@ -113,6 +113,8 @@ class Summary(msgspec.Struct, kw_only=True):
     grad_norm_max_step: int | None = None
     loss_logged_steps: int = 0
     loss_smoothed_over: int = 0  # the finite losses of the smoothed loss's curve (the latest training's)
+    grad_norm_nonfinite_count: int = 0  # logged steps whose gradient norm was NaN/inf
+    grad_norm_nonfinite_first_step: int | None = None
     loss_nan_count: int = 0
     loss_nan_first_step: int | None = None
     loss_inf_count: int = 0
@@ -402,6 +404,9 @@ def _loss(q: _Query, s: Summary, index: RunIndex) -> None:
         s.grad_norm_max_step, s.grad_norm_max = q.row(
             "SELECT step, grad_norm FROM steps WHERE grad_norm IS NOT NULL ORDER BY grad_norm DESC, step LIMIT 1"
         )
+    s.grad_norm_nonfinite_count, s.grad_norm_nonfinite_first_step = q.row(
+        "SELECT COUNT(*), MIN(step) FROM steps WHERE grad_norm_nonfinite IS NOT NULL"
+    ) or (0, None)
     s.loss_initial = q.value("SELECT loss FROM steps WHERE loss IS NOT NULL ORDER BY step LIMIT 1")
     s.loss_final_step, s.loss_final, s.loss_final_smoothed = q.row(
         "SELECT step, loss, loss_smoothed FROM steps WHERE loss IS NOT NULL ORDER BY step DESC LIMIT 1"
