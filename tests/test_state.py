@@ -825,6 +825,10 @@ def test_a_later_trainings_start_is_start_up_time_not_its_first_steps():
     assert (s.startup_s, s.eval_s) == (pytest.approx(1.0 + 6.0), pytest.approx(3.0))
     assert s.samples_per_s == pytest.approx(16 / 4.0)  # 16 samples over the 4 steps' own seconds
     assert time_buckets(s)[0][0] == "Start-up (launch to the first step), and a later training's start"
+    s.compiled = True  # torch_compile: the first step's minute is the compilation's, said where it is counted
+    assert time_buckets(s)[0][0] == (
+        "Start-up (launch to the first step, which torch.compile compiles), and a later training's start"
+    )
 
     # Failed after step 3; the resume trains step 3 again from checkpoint-2 (its start is in its new entry only).
     failed = {**ended, "status": "FAILED", "exit_code": 1}

@@ -171,6 +171,7 @@ class Summary(msgspec.Struct, kw_only=True):
     energy_method: str | None = None
     energy_per_1k_samples_wh: float | None = None
     cpu_only: bool = False  # no GPU found, and no GPU number anywhere
+    compiled: bool = False  # torch_compile: the first step, in the start-up, compiles the model
     nodes: list[NodeSummary] = []  # a job of several machines: each (the head first)
     trainings: list[TrainingLosses] = []  # a script that trained more than once: each training apart
     warnings: list[str] = []
@@ -222,6 +223,8 @@ def time_buckets(s: Summary) -> list[tuple[str, str, float]]:
     parts = [(report, figure, getattr(s, key) or 0.0) for key, report, figure in TIME_BUCKETS]
     if s.recomputed_steps:
         parts[3] = (f"{parts[3][0]} ({count_of(s.recomputed_steps, 'step')})", *parts[3][1:])
+    if s.compiled:
+        parts[0] = ("Start-up (launch to the first step, which torch.compile compiles)", *parts[0][1:])
     if s.later_trainings_startup_s:
         parts[0] = (f"{parts[0][0]}, and a later training's start", *parts[0][1:])
     elif not s.optimizer_steps:  # no first step: launching, loading, and whatever else the script did
@@ -298,6 +301,7 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
         )
     _energy(q, s, header, gpus, w)
     s.nodes = list(run.nodes) if run is not None else []
+    s.compiled = bool(run is not None and run.args.torch_compile)
     s.cpu_only = not header.devices and all(
         v is None for v in (s.vram_true_peak_bytes, s.power_avg_w, s.gpu_util_avg_pct, s.temp_avg_c)
     )
