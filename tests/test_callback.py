@@ -1255,3 +1255,40 @@ def test_an_earlier_sessions_checkpoints_a_resumed_training_removes_leave_the_re
     records += session(2, 8, save_total_limit=1)
     assert sorted(os.listdir(tmp_path / "out")) == ["checkpoint-8"]
     assert [c.path for c in replay(records).header().checkpoints] == ["out/checkpoint-8"]
+
+
+def test_a_step_whose_end_a_callback_before_kaios_raised_in_is_still_recorded(tmp_path, monkeypatch, torch):
+    """A script's callback raises in on_step_end at step 3: the Trainer had trained step 3 (its state says 3), but
+    kaio's callback, the last, never heard of its end and the record stopped at step 2."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from kaio.child import callback as module
+    from kaio.child.callback import KaioCallback, send_the_step_an_error_ended
+
+    monkeypatch.setattr(module, "_TRAININGS", module._Trainings())
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
+    data = [{"input_ids": torch.arange(8) % 32, "labels": torch.arange(8) % 32} for _ in range(8)]
+
+    class Breaks(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise RuntimeError("the script's own bug")
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=6, save_strategy="no",
+        use_cpu=True, report_to="none", disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Breaks()])
+    emitter = EventEmitter(None, str(tmp_path / "spool"), rank=0, session=1)
+    trainer.add_callback(KaioCallback(emitter, trainer))
+    with pytest.raises(RuntimeError, match="own bug"):
+        try:
+            trainer.train()
+        except BaseException:
+            send_the_step_an_error_ended(trainer)  # as kaio's patched train() does
+            raise
+    send_the_step_an_error_ended(trainer)  # twice (nested trainers): still one event for the step
+    emitter.close()
+    assert [e["step"] for e in _spooled(tmp_path / "spool") if e["type"] == "step"] == [1, 2, 3]

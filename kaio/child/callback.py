@@ -515,6 +515,19 @@ def _best_not_saved(end: TrainEnd, state: Any, metric: Any, step_offset: int) ->
     end.best_metric_name = _as_the_trainer_reads(metric) if isinstance(metric, str) else "eval_loss"
 
 
+def send_the_step_an_error_ended(trainer: Any) -> None:
+    """The training ended by an exception raised after the Trainer counted its step and before kaio's callback, the
+    last, heard of its end (an earlier callback's on_step_end): the step trained, and its event is sent now."""
+    callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, KaioCallback)), None)
+    state = getattr(trainer, "state", None)
+    if callback is None or state is None or not callback._training:
+        return
+    if int(state.global_step) == callback._in_order.step_sent + 1:
+        with contextlib.suppress(Exception):  # the script's own error is the one to tell of
+            callback.on_step_end(trainer.args, state, trainer.control)
+    callback._in_order.flush()
+
+
 class _SavedCheckpoints:
     """The checkpoints a training saved, as the script sees their paths and as the record names them: those gone
     since (the Trainer's rotation, save_total_limit; its end, with load_best_model_at_end), each said once."""

@@ -134,7 +134,7 @@ def _importer() -> str | None:
 
 def _patch(trainer_cls: Any) -> None:
     from kaio.child import stop
-    from kaio.child.callback import KaioCallback
+    from kaio.child.callback import KaioCallback, send_the_step_an_error_ended
     from kaio.child.timing import time_data_and_forward
 
     if getattr(trainer_cls.__init__, "_kaio_patched", False):
@@ -177,7 +177,11 @@ def _patch(trainer_cls: Any) -> None:
         if resume_from_checkpoint is None and os.environ.get(ENV_RESUME_FROM) and not began[0]:
             resume_from_checkpoint = os.environ[ENV_RESUME_FROM]
         began[0] = True
-        result = original_train(self, resume_from_checkpoint, *args, **kwargs)
+        try:
+            result = original_train(self, resume_from_checkpoint, *args, **kwargs)
+        except BaseException:
+            send_the_step_an_error_ended(self)
+            raise
         stop.fail_if_stopped_for_nonfinite()  # before the script saves or pushes the non-finite weights
         stop.raise_if_stopped(self.state.global_step, self.state.max_steps)  # nor half-trained ones
         return result
