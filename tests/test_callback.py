@@ -1292,3 +1292,47 @@ def test_a_step_whose_end_a_callback_before_kaios_raised_in_is_still_recorded(tm
     send_the_step_an_error_ended(trainer)  # twice (nested trainers): still one event for the step
     emitter.close()
     assert [e["step"] for e in _spooled(tmp_path / "spool") if e["type"] == "step"] == [1, 2, 3]
+
+
+def test_an_evaluation_loss_the_trainers_filter_took_of_part_of_the_data_is_warned_about(tmp_path, monkeypatch, torch):
+    """Every third evaluation batch's loss is NaN: the Trainer's eval_loss (logging_nan_inf_filter, the default)
+    is the mean of the others, a finite number of part of the data, which the record showed as the evaluation's."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+    from kaio.child import callback as module
+    from kaio.child.callback import KaioCallback
+    from kaio.child.patch import _watch_eval_losses
+
+    monkeypatch.setattr(module, "_TRAININGS", module._Trainings())
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    )
+    data = [{"input_ids": torch.arange(8) % 32, "labels": torch.arange(8) % 32} for _ in range(18)]
+    batches = iter(range(1000))
+
+    class SomeBatchesNaN(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            result = super().compute_loss(model, inputs, return_outputs, **kwargs)
+            if model.training or next(batches) % 3:
+                return result
+            return (result[0] * float("nan"), *result[1:]) if return_outputs else result * float("nan")
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, per_device_eval_batch_size=2, max_steps=2,
+        eval_strategy="steps", eval_steps=1, save_strategy="no", use_cpu=True, report_to="none", disable_tqdm=True,
+    )  # fmt: skip
+    trainer = SomeBatchesNaN(model=model, args=args, train_dataset=data, eval_dataset=data)
+    emitter = EventEmitter(None, str(tmp_path / "spool"), rank=0, session=1)
+    callback = KaioCallback(emitter, trainer)
+    trainer.add_callback(callback)
+    _watch_eval_losses(trainer, callback)
+    trainer.train()
+    emitter.close()
+    events = _spooled(tmp_path / "spool")
+    evals = [e for e in events if e["type"] == "eval"]
+    assert [(e["loss_batches_nonfinite"], e["loss_batches"]) for e in evals] == [(3, 9), (3, 9)]
+    assert all(isinstance(e["metrics"]["eval_loss"], float) for e in evals)  # finite: the filter's
+    header = replay([{"type": "session_start", "session": 1}, *events]).header()
+    (said,) = [w for w in header.warnings if "part of the data" in w]
+    assert said.startswith("an evaluation loss of part of the data: at step 1, eval_loss ")
+    assert "leaves out 3 of rank 0's 9 batches, whose loss was NaN/inf" in said

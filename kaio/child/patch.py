@@ -166,6 +166,7 @@ def _patch(trainer_cls: Any) -> None:
             # recipe's edits_reach_a_resume) runs first, and this one describes what the training then uses.
             self.add_callback(callback)
             _watch_losses(self, callback)
+            _watch_eval_losses(self, callback)
             _announce_evaluations(self, callback)
             time_data_and_forward(self, callback.timing)
 
@@ -239,6 +240,21 @@ def _watch_losses(trainer: Any, callback: Any) -> None:
         return loss
 
     trainer.training_step = training_step
+
+
+def _watch_eval_losses(trainer: Any, callback: Any) -> None:
+    """Every evaluation batch's loss, as ``prediction_step`` returns it, to the callback's ``EvalLossWatch``."""
+    step_fn = trainer.prediction_step
+    watch = callback.eval_losses
+
+    @functools.wraps(step_fn)
+    def prediction_step(*args, **kwargs):
+        result = step_fn(*args, **kwargs)
+        if isinstance(result, tuple) and result:
+            watch.observe(result[0])
+        return result
+
+    trainer.prediction_step = prediction_step
 
 
 def _examples(inputs: Any) -> int | None:

@@ -86,6 +86,9 @@ class Warnings(msgspec.Struct, kw_only=True):
         withdrawn, self.items = len(kept) != len(self.items), kept
         return withdrawn
 
+    def said(self, prefix: str) -> bool:
+        return any(text.startswith(prefix) for text in self.items)
+
     def listed(self) -> list[str]:
         more = [f"{self.dropped} more warnings not kept (the first {MAX_WARNINGS} are listed)"] if self.dropped else []
         return self.items + more
@@ -272,10 +275,6 @@ class RunState:
         self.ledger.telemetry.events += 1
         for name in r.not_numbers:
             self.ledger.add_note(rules.not_a_number_note(name))
-        if r.left_out:
-            self.warn(
-                f"the evaluation at step {r.step} returned too many metrics for one record: {r.left_out} left out"
-            )
         end = self.ledger.last_train_end
         after = self.ledger.trained_to_end(r.session)
         loaded = end.best_loaded if after and end is not None and end.session == r.session else None
@@ -292,6 +291,8 @@ class RunState:
             prediction=r.prediction,
             other_model=r.other_model,
         )
+        for text in _evaluation_warnings(r, entry.loss, self.parts.warnings):
+            self.warn(text)
         # What its log() added to the evaluation joins it; another model's Trainer logged at its own step 0.
         self.parts.steps.evaluated(r.step, entry.metrics, of_the_run=not entry.other_model)
         self.index.add_eval(entry)
@@ -454,6 +455,22 @@ def history_header(parts: StateParts) -> HistoryHeader:
         ranks=parts.stragglers.summary(),
         trainings=ledger.trainings if any(t.training > 1 for t in ledger.trainings) else [],
     )
+
+
+_PART_OF_THE_DATA = "an evaluation loss of part of the data: "
+
+
+def _evaluation_warnings(r: Eval, loss: float | None, warnings: Warnings) -> list[str]:
+    said = []
+    if r.left_out:
+        said.append(f"the evaluation at step {r.step} returned too many metrics for one record: {r.left_out} left out")
+    if r.loss_batches_nonfinite and loss is not None and not warnings.said(_PART_OF_THE_DATA):
+        said.append(
+            f"{_PART_OF_THE_DATA}at step {r.step}, eval_loss {loss:.4g} leaves out {r.loss_batches_nonfinite} of rank "
+            f"0's {r.loss_batches} batches, whose loss was NaN/inf (the Trainer's logging_nan_inf_filter drops them); "
+            "later evaluations may too (said once)"
+        )
+    return said
 
 
 def _best_not_loaded(end: TrainEnd) -> str:

@@ -291,6 +291,10 @@ class Eval(Event, tag="eval"):
     left_out: int = 0  # metrics left out to keep the event one line (hundreds of per-class figures)
     prediction: bool = False  # Trainer.predict()'s (on_predict), not an evaluation
     other_model: bool = False  # a Trainer of a model none of the script's trainings trained (a teacher's)
+    # Rank 0's batches whose loss was NaN/inf, of its batches: the Trainer's eval_loss leaves them out
+    # (logging_nan_inf_filter). 0 where none was, or the filter is off (the eval_loss is then NaN itself).
+    loss_batches_nonfinite: int = 0
+    loss_batches: int = 0
 
 
 class Pause(Event, tag="pause"):
