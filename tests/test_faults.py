@@ -417,3 +417,23 @@ def test_the_launchers_own_failure_is_the_cause_only_when_no_rank_failed_first(t
     ranks = RankError(rank=1, session=1, t_wall=3.0, root_cause="RuntimeError: boom")
     (tmp_path / "error-r1-77.json").write_bytes(msgspec.json.encode(ranks))
     assert root_cause(tmp_path, 1).text == "rank 1: RuntimeError: boom"
+
+
+def test_a_rank_whose_output_file_is_full_trains_on(tmp_path):
+    """A rank's stdout and stderr are child.log, on the report's disk: when it filled up, the Trainer's print of
+    its log raised OSError (ENOSPC) and ended the training, though the record goes by the spool and the FIFO.
+    /dev/full fails every write with ENOSPC, as a full disk does."""
+    script = tmp_path / "prints.py"
+    done = tmp_path / "done"
+    script.write_text(
+        "import sys\n"
+        "for i in range(2000):\n"
+        "    print({'loss': i, 'pad': 'x' * 100})\n"
+        "    print('progress', i, file=sys.stderr)\n"
+        f"open({str(done)!r}, 'w').write('trained on')\n"
+    )
+    with open("/dev/full", "w") as full:
+        ended = subprocess.run(
+            [sys.executable, "-m", "kaio.child", "--kaio-script", str(script)], stdout=full, stderr=full, timeout=60
+        )
+    assert ended.returncode == 0 and done.read_text() == "trained on"

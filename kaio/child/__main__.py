@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> Ending:
     # The launcher ignores SIGTERM so that this process answers it; an ignored signal is inherited, so give
     # it back its default until the Trainer patch installs the graceful stop (kaio.child.stop).
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    from kaio.child.full_disk import keep_writing_on_a_full_disk
+
+    keep_writing_on_a_full_disk()
     if os.environ.pop(ENV_SAFE_PATH_SET, None):  # kaio's, for this interpreter only (kaio.launch)
         os.environ.pop("PYTHONSAFEPATH", None)
     # Parsed by hand: every other argument belongs to the target, `--help` included.
