@@ -248,6 +248,41 @@ def test_a_full_disk_keeps_records_in_memory_until_it_can_write(tmp_path, monkey
     assert b'"kept"' in (tmp_path / "journal.jsonl").read_bytes()
 
 
+def test_a_disk_still_full_when_the_run_ends_leaves_the_journals_end_in_the_temp_folder(tmp_path, monkeypatch):
+    """kaio's records held in memory were lost with its exit when the disk stayed full to the end (the report
+    then said FAILED, 'the supervisor stopped without recording an end'). They are saved to the temp folder; the
+    file appended to the journal continues it exactly, the line the disk took half of included."""
+    import os
+
+    from kaio.record.journal import read_records
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    path = tmp_path / "p" / "journal.jsonl"
+    journal = Journal(path)
+    journal.append(records({"type": "note", "text": "on disk"})[0])
+    journal.flush()
+    real_write = os.write
+
+    def half_then_full(fd, data):  # the disk takes 10 bytes, then nothing
+        if fd != journal._fd:
+            return real_write(fd, data)
+        if not getattr(half_then_full, "took", False):
+            half_then_full.took = True  # type: ignore[attr-defined]
+            return real_write(fd, bytes(data[:10]))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("kaio.record.journal.os.write", half_then_full)
+    for text in ("a", "b", "c"):
+        journal.append(records({"type": "note", "text": text})[0])
+    rescued = journal.close()
+    assert rescued is not None and rescued.parent == tmp_path / "tmp" and rescued.name.startswith("kaio-p-journal-")
+    with open(path, "ab") as f:  # `cat rescued >> journal.jsonl`, once there is space
+        f.write(rescued.read_bytes())
+    assert [r.text for _, r in read_records(path)] == ["on disk", "a", "b", "c"]  # type: ignore[union-attr]
+    assert Journal(tmp_path / "q" / "journal.jsonl").close() is None  # all on disk: nothing to rescue
+
+
 def test_a_filesystem_that_refuses_locks_keeps_the_index_in_a_temp_folder(tmp_path, monkeypatch):
     def refuse(conn):
         raise sqlite3.OperationalError("database is locked")

@@ -70,9 +70,25 @@ class Journal:
         self.flush(fsync=True)
         return not self._pending
 
-    def close(self) -> None:
+    def close(self) -> Path | None:
+        """Returns where the lines the disk never took were saved (it stayed full to the end), or None."""
         self.flush(fsync=True)
+        rescued = self._rescue() if self._pending else None
         os.close(self._fd)
+        return rescued
+
+    def _rescue(self) -> Path | None:
+        """The lines a full disk never took, in the temp folder (usually another filesystem): appended to the
+        journal once there is space, they continue it exactly (a line the disk took part of included)."""
+        import tempfile
+
+        try:
+            fd, name = tempfile.mkstemp(prefix=f"kaio-{self.path.parent.name}-journal-", suffix=".jsonl")
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._pending)
+        except OSError:
+            return None
+        return Path(name)
 
 
 def read_records(path: Path, start: int = 0) -> Iterator[tuple[int, Record | None]]:

@@ -348,7 +348,10 @@ def _supervise(
                 outcome = supervisor.run(
                     request,
                     lambda: latest_checkpoint(
-                        checkpoint_folder(cfg, state), notify=lambda text: None, at_most=state.last_step
+                        checkpoint_folder(cfg, state),
+                        notify=lambda text: None,
+                        at_most=state.last_step,
+                        nonfinite_since=state.index.nonfinite_since(),
                     ),
                 )
                 figure.warm()  # in case the process was used up by the last refresh
@@ -365,7 +368,7 @@ def _supervise(
             finally:
                 try:
                     figure.close()
-                    recorder.close()
+                    _say_rescued(recorder.close(), paths, notify)
                 finally:
                     if stream is not None:
                         _close_stream(stream, notify)
@@ -415,6 +418,15 @@ def _write_record(outputs, recorder: Recorder, notify: Notify) -> tuple[RunState
             f"they hold: once there is space, `{paths.command('report')}` writes it"
         )
         return None
+
+
+def _say_rescued(rescued: Path | None, paths: ProjectPaths, notify: Notify) -> None:
+    if rescued is not None:
+        notify(
+            f"kaio: error: the disk stayed full: the end of the run's journal, which kaio held in memory, is in "
+            f"{rescued}; once there is space, `cat {rescued} >> {paths.journal}` and `{paths.command('report')}` "
+            "write the whole record"
+        )
 
 
 _STOPPED = b"kaio: the run has stopped; writing its record (the Hub push, if any, is skipped)\n"

@@ -138,7 +138,9 @@ class Recorder:
             self.state.warn(text)
         return self.state
 
-    def close(self) -> None:
-        self.journal.close()
+    def close(self) -> Path | None:
+        """Returns where the journal's lines a full disk never took were saved, or None (all on disk)."""
+        rescued = self.journal.close()
         if self._reloaded is not None:
             self._reloaded.index.close()
+        return rescued
