@@ -518,3 +518,32 @@ def test_a_record_of_a_run_stopped_before_its_first_session_is_no_history_to_ref
     _forget_a_run_that_never_started(paths, kept)
     kept.index.close()
     assert paths.journal.exists()
+
+
+def test_a_training_stopped_by_a_signal_after_its_supervisor_died_is_interrupted_not_completed(tmp_path):
+    """kill -9 of kaio, then a SIGTERM to its training (what `kaio resume`'s refusal asks: stop them): the
+    training saved its checkpoint and ended, and `kaio report` closed the session as COMPLETED."""
+    from kaio.record.types import Status
+    from kaio.run.project import recover_unfinished
+
+    paths = ProjectPaths(tmp_path / "p")
+    loaded = loading.load(paths, writable=True)
+    recorder = Recorder(paths, loaded.state)
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}]
+    events += [{"type": "run_start", "rank": 0, "session": 1, "max_steps": 300, "world_size": 1}]
+    events += [{"type": "step", "rank": 0, "session": 1, "step": k, "t_mono": float(k)} for k in range(1, 65)]
+    events += [{"type": "save", "rank": 0, "session": 1, "step": 64, "path": "out/checkpoint-64"}]
+    events += [{"type": "train_end", "rank": 0, "session": 1, "step": 64, "stopped": True}]
+    for record in records(*events):
+        recorder.record(record)
+    recorder.save()
+    recorder.close()
+    state = loading.load(paths, writable=True).state
+    assert recover_unfinished(paths, state, pids_here=False) is False
+    state.index.close()
+    state = loading.load(paths, writable=False).state
+    session = state.header().sessions[0]
+    assert (session.status, session.error) == (Status.INTERRUPTED, None)
+    warnings = state.header().warnings
+    assert any("stopped unsupervised (a signal to it) and saved its checkpoint" in w for w in warnings), warnings
+    state.index.close()

@@ -515,33 +515,35 @@ def recover_unfinished(
         if bad:
             recorder.record(Note(text=f"{bad} line(s) of the spool were not valid events and were skipped"))
         if open_session is not None and progress is not None and close:
-            finished = progress.trained_to_end
             number = open_session.session
+            end = state.ledger.last_train_end
+            # A stop asked of the training itself (a signal to it, once its supervisor was gone): saved and ended.
+            stopped = progress.trained_to_end and end is not None and end.session == number and end.stopped
+            finished = progress.trained_to_end and not stopped
             recorder.record(
                 SessionEnd(
                     session=number,
                     t_wall=state.ledger.last_t_wall,
-                    status=Status.COMPLETED if finished else Status.FAILED,
+                    status=Status.INTERRUPTED if stopped else Status.COMPLETED if finished else Status.FAILED,
                     error=None
-                    if finished
+                    if finished or stopped
                     else "the supervisor stopped without recording an end (killed?) and the training did not finish",
                     counters=SessionCounters(spooled_events=merged),
                 )
             )
-            recorder.record(
-                Note(
-                    text=f"session {number} lost its supervisor; "
-                    + (
-                        "training finished unsupervised (exit code unknown)"
-                        if finished
-                        else "its end was reconstructed from the journal"
-                    )
-                )
-            )
+            recorder.record(Note(text=f"session {number} lost its supervisor; " + _unsupervised_end(finished, stopped)))
         recorder.save()
     finally:
         recorder.close()
     return False
+
+
+def _unsupervised_end(finished: bool, stopped: bool) -> str:
+    if stopped:
+        return "the training was stopped unsupervised (a signal to it) and saved its checkpoint (exit code unknown)"
+    if finished:
+        return "training finished unsupervised (exit code unknown)"
+    return "its end was reconstructed from the journal"
 
 
 def alive_pids(state: RunState) -> list[int]:
