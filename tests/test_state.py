@@ -1017,6 +1017,34 @@ def test_a_stop_killed_at_the_end_of_the_grace_period_names_what_it_cut_short(ph
     assert outcome.message is not None and f"stopped without saving a checkpoint ({said}" in outcome.message
 
 
+def test_a_checkpoint_written_whole_before_the_kill_that_the_training_never_said_is_the_one_to_resume(
+    tmp_path, monkeypatch
+):
+    """The grace period ended while a script's on_save callback (an upload, 6 s) ran after the Trainer had written
+    checkpoint-26: kaio said 'there is none yet: --overwrite starts the project again', which throws it away."""
+    import json
+
+    from kaio.config import RunConfig
+    from kaio.run.outcome import SessionEndings
+    from kaio.run.stopping import StopRequests
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "out" / "checkpoint-26"
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 26}))
+    (folder / "model.safetensors").write_bytes(b"w")
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 300, "world_size": 1}
+    run["args"] = {"output_dir": "out"}
+    state = replay([{"type": "session_start", "session": 1, "t_wall": 1e9}, run, _step(26, 26.0)])
+    asked = StopRequests(requests=1, killed=True, killed_in="checkpoint save", step_at_request=20)
+    cfg = RunConfig.model_validate({"project_name": "gs", "launch": {"grace_seconds": 2}})
+    outcome = SessionEndings(cfg, state, asked, lambda text, level: None, None).outcome(137, 1)
+    assert outcome.message is not None and outcome.message.startswith(
+        "stopped after step 26: out/checkpoint-26 is complete on disk, though the training was stopped before it "
+        "said so (saving did not finish within launch.grace_seconds (2 s)); `kaio resume gs` continues from step 27"
+    )
+
+
 @pytest.mark.parametrize("evaluated", [False, True])
 def test_a_stop_before_any_step_says_whether_the_script_had_evaluated(evaluated):
     """A Ctrl-C in an evaluate-only script (or during eval_on_start) was "it was still starting"."""

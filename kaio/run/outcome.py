@@ -16,7 +16,7 @@ from kaio.record import rules
 from kaio.record.paths import ProjectPaths, start_over_command
 from kaio.record.types import SessionEnd, Status
 from kaio.run import diagnose
-from kaio.run.checkpoints import half_written
+from kaio.run.checkpoints import half_written, latest_checkpoint
 from kaio.run.state import RESUME_FAILED_AT_ONCE, RunState
 from kaio.run.stopping import StopRequests
 
@@ -183,6 +183,15 @@ class SessionEndings:
             why = "a second Ctrl-C came" if asked.requests > 1 else self._grace_ended(progress.last_step)
         else:
             why = "the training process ended without saving one"
+        written = self._written_unsaid(progress.last_step if progress is not None else None)
+        if written is not None:
+            step = int(written.name.removeprefix("checkpoint-"))
+            text = (
+                f"stopped after step {step}: {written} is complete on disk, though the training was stopped before it "
+                f"said so ({why}); `{self.paths.command('resume')}` continues from step {step + 1}"
+            )
+            self._note(text, "info")
+            return text
         earlier = [c.step for c in ledger.checkpoints]
         then = (
             f"the latest is checkpoint-{max(earlier)}, and the steps after it will be trained again by "
@@ -193,6 +202,16 @@ class SessionEndings:
         text = f"stopped without saving a checkpoint ({why}); {then}"
         self._note(text, "warning")
         return text
+
+    def _written_unsaid(self, last_step: int | None) -> Path | None:
+        """A complete checkpoint on disk newer than any the training said it saved: the stop's kill came after the
+        Trainer wrote it, while the callbacks after a save ran (a script's upload of it, say)."""
+        folder = self.state.ledger.checkpoint_folder()
+        if folder is None or last_step is None:
+            return None
+        found = latest_checkpoint(Path(folder), notify=lambda text: None, at_most=last_step)
+        said = max((c.step for c in self.state.ledger.checkpoints), default=0)
+        return found if found is not None and int(found.name.removeprefix("checkpoint-")) > said else None
 
     def _half_written(self, saved_through: int) -> None:
         """A checkpoint whose save the kill cut short: kaio resume skips it, a script's get_last_checkpoint would
