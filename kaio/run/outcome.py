@@ -14,7 +14,7 @@ from kaio import launch
 from kaio.config import RunConfig, flag_value
 from kaio.record import rules
 from kaio.record.paths import ProjectPaths, start_over_command
-from kaio.record.types import SessionEnd, Status
+from kaio.record.types import CheckpointSaved, SessionEnd, Status
 from kaio.run import diagnose
 from kaio.run.checkpoints import half_written, latest_checkpoint
 from kaio.run.state import RESUME_FAILED_AT_ONCE, RunState
@@ -133,27 +133,7 @@ class SessionEndings:
             self._half_written(max((c.step for c in ledger.checkpoints), default=0))
         saved = [c for c in ledger.checkpoints if c.session == session and c.step >= asked.step_at_request]
         if saved and not asked.trained_before:  # else the checkpoint was the finished training's own
-            step, path = saved[-1].step, saved[-1].path
-            name = path if path and os.path.basename(path) != f"checkpoint-{step}" else f"checkpoint-{step}"
-            resume = self.paths.command("resume")
-            how = (
-                f"`{resume}`"
-                if self.cfg.launch.nnodes < 2
-                else f"`{resume} --node-rank R` on each node R (or under srun)"
-            )
-            then = f"{how} continues from step {step + 1}"
-            own = flag_value(self.cfg.launch.script_args, "--resume_from_checkpoint")
-            if own is not None:  # the script's own checkpoint wins over the one kaio hands it
-                then += (
-                    f" once the script's own --resume_from_checkpoint {own} is taken out of launch.script_args (it "
-                    "wins over kaio's: `kaio resume --config` with the edited config)"
-                )
-            later = saved[-1].later_training
-            if later is not None:  # kaio resume refuses it (project.resume says why)
-                then = f"the script's training {later} saved it, which `kaio resume` cannot continue"
-            text = f"stopped after step {step} with {name} saved: {then}"
-            self._note(text, "info")
-            return text
+            return self._stopped_with(saved[-1])
         progress = ledger.progress.get(session)
         if asked.trained_before and progress is not None:  # the script's own work after train() was stopped
             text = (
@@ -201,6 +181,28 @@ class SessionEndings:
         )
         text = f"stopped without saving a checkpoint ({why}); {then}"
         self._note(text, "warning")
+        return text
+
+    def _stopped_with(self, checkpoint: CheckpointSaved) -> str:
+        """The stop saved ``checkpoint``: what continues from it."""
+        step, path = checkpoint.step, checkpoint.path
+        name = path if path and os.path.basename(path) != f"checkpoint-{step}" else f"checkpoint-{step}"
+        resume = self.paths.command("resume")
+        how = (
+            f"`{resume}`" if self.cfg.launch.nnodes < 2 else f"`{resume} --node-rank R` on each node R (or under srun)"
+        )
+        then = f"{how} continues from step {step + 1}"
+        own = flag_value(self.cfg.launch.script_args, "--resume_from_checkpoint")
+        if own is not None:  # the script's own checkpoint wins over the one kaio hands it
+            then += (
+                f" once the script's own --resume_from_checkpoint {own} is taken out of launch.script_args (it "
+                "wins over kaio's: `kaio resume --config` with the edited config)"
+            )
+        later = checkpoint.later_training
+        if later is not None:  # kaio resume refuses it (project.resume says why)
+            then = f"the script's training {later} saved it, which `kaio resume` cannot continue"
+        text = f"stopped after step {step} with {name} saved: {then}"
+        self._note(text, "info")
         return text
 
     def _written_unsaid(self, last_step: int | None) -> Path | None:
