@@ -1336,3 +1336,35 @@ def test_an_evaluation_loss_the_trainers_filter_took_of_part_of_the_data_is_warn
     (said,) = [w for w in header.warnings if "part of the data" in w]
     assert said.startswith("an evaluation loss of part of the data: at step 1, eval_loss ")
     assert "leaves out 3 of rank 0's 9 batches, whose loss was NaN/inf" in said
+
+
+def test_a_nan_loss_on_a_rank_but_the_first_is_told_by_that_ranks_next_step_event(tmp_path, torch):
+    """Rank 1's loss went NaN at step 5; rank 0's stayed finite, and the Trainer's logged loss (the ranks' mean,
+    its logging_nan_inf_filter keeping it finite) hid it: no warning, COMPLETED. Rank 1 tells its own finding with
+    its next step's event, once, with no collective."""
+    from transformers import TrainerControl
+
+    from kaio.child.callback import KaioCallback
+
+    events = [{"type": "session_start", "session": 1}]
+    for rank in (0, 1):
+        emitter = EventEmitter(None, str(tmp_path / f"spool{rank}"), rank=rank, session=1)
+        callback = KaioCallback(emitter)
+        state = SimpleNamespace(global_step=0, epoch=0.0, is_world_process_zero=rank == 0, num_input_tokens_seen=0)
+        args = SimpleNamespace(output_dir="ck")
+        for step in range(1, 11):
+            callback.on_step_begin(args, state, TrainerControl())
+            callback.losses.observe(torch.tensor(float("nan") if rank == 1 and step >= 5 else 2.0), step)
+            state.global_step = step
+            callback.on_step_end(args, state, TrainerControl())
+            if step % 4 == 0:  # logging_steps=4: the Trainer's loss, 2.0 on both ranks' logs
+                callback.on_log(args, state, TrainerControl(), logs={"loss": 2.0, "learning_rate": 0.1})
+        emitter.close()
+        events += _spooled(tmp_path / f"spool{rank}")
+    told = [(e["step"], e.get("loss_nonfinite_from")) for e in events if e.get("rank") == 1 and e["type"] == "step"]
+    assert [t for t in told if t[1] is not None] == [(9, 5)]  # after the log at step 8 found it, once
+    header = replay(sorted(events, key=lambda e: (e.get("step", 0), e.get("rank", 0)))).header()
+    assert header.warnings == [
+        "non-finite loss (nan) on rank 1 from step 5, in its own losses: the Trainer's logged loss, the ranks' mean, "
+        "leaves it out (its logging_nan_inf_filter)"
+    ]

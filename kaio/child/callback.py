@@ -195,6 +195,9 @@ class KaioCallback(TrainerCallback):
         self.losses = LossWatch()  # fed by the patched Trainer's training_step
         self.eval_losses = EvalLossWatch()  # ...and its prediction_step
         self.micro_batch_logs = MicroBatchLogs()  # told by the patched Trainer's training_step
+        self._nonfinite_found: tuple[int, str] | bool | None = (
+            None  # a rank but the first: (step, kind), then True once sent
+        )
         self._step_offset = 0  # added to this Trainer's own step: the record's step (``_Trainings``)
         self._tokens_offset = 0
         self.timing = StepTiming()  # fed by the patched Trainer's get_batch_samples and compute_loss
@@ -242,14 +245,7 @@ class KaioCallback(TrainerCallback):
 
     def _metric(self, key: str, value: Any) -> Metric:
         """A value that should be a number: a float (NaN/inf tagged), or None when it is not one."""
-        value = self._value(key, value)
-        if isinstance(value, bool):  # a flag, as 0 or 1 (as a step's logged metrics keep it)
-            return float(value)
-        if value is None:
-            return None
-        if isinstance(value, int):
-            return float(value)
-        return value if isinstance(value, float) or value in ("nan", "inf", "-inf") else None
+        return _as_metric(self._value(key, value))
 
     # -- Trainer hooks ----------------------------------------------------
 
@@ -335,6 +331,7 @@ class KaioCallback(TrainerCallback):
                 saves=bool(control.should_save),
                 data_s=data_s,
                 forward_s=forward_s,
+                **_said_once(self),
             )
         )
         self._in_order.sent(int(state.global_step))
@@ -357,7 +354,11 @@ class KaioCallback(TrainerCallback):
         if first_nonfinite is not None and stopping:
             stop.nonfinite(first_nonfinite, self._step(state))
             control.should_training_stop = True  # no checkpoint: its weights would be the non-finite ones
-        if not state.is_world_process_zero or not logs:
+        if not state.is_world_process_zero:  # its own finding goes with its next step's event (no collective)
+            if nonfinite is not None and first_nonfinite is not None and self._nonfinite_found is None:
+                self._nonfinite_found = (first_nonfinite, nonfinite.tag)
+            return
+        if not logs:
             return
         field_keys = {} if after_training or within_step else trainer_field_keys(logs)
         fields: dict[str, Any] = {field: self._metric(key, logs[key]) for field, key in field_keys.items()}
@@ -517,6 +518,26 @@ def _best_not_saved(end: TrainEnd, state: Any, metric: Any, step_offset: int) ->
     end.best_unsaved_step = step_offset + step if isinstance(step, int) and step > 0 else None
     end.best_metric = tag_nonfinite(float(value))
     end.best_metric_name = _as_the_trainer_reads(metric) if isinstance(metric, str) else "eval_loss"
+
+
+def _as_metric(value: Any) -> Metric:
+    """A value as it travels (``KaioCallback._value``), as a number: a float, a NaN/inf tag, or None."""
+    if isinstance(value, bool):  # a flag, as 0 or 1 (as a step's logged metrics keep it)
+        return float(value)
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return float(value)
+    return value if isinstance(value, float) or value in ("nan", "inf", "-inf") else None
+
+
+def _said_once(callback: KaioCallback) -> dict[str, Any]:
+    """A rank but the first: its own non-finite loss, with the step event after the log that found it, once."""
+    found = callback._nonfinite_found
+    if not isinstance(found, tuple):
+        return {}
+    callback._nonfinite_found = True
+    return {"loss_nonfinite_from": found[0], "loss_nonfinite": found[1]}
 
 
 def send_the_step_an_error_ended(trainer: Any) -> None:

@@ -121,6 +121,12 @@ class StepAssembler(msgspec.Struct, kw_only=True):
             return False
         entry.peak_vram_bytes[str(event.rank)] = event.peak_vram_bytes  # the max over ranks: when it is stored
         if event.rank != self.lead_rank:
+            if event.loss_nonfinite_from is not None and "loss" not in self.warned_nonfinite and self._first("ranks"):
+                out.warn(
+                    f"non-finite loss ({event.loss_nonfinite}) on rank {event.rank} from step "
+                    f"{event.loss_nonfinite_from}, in its own losses: the Trainer's logged loss, the ranks' mean, "
+                    "leaves it out (its logging_nan_inf_filter)"
+                )
             return True
         if self.at_step_0:  # the first step ended: what was logged before it is no evaluation's
             self._write_step_0(out)

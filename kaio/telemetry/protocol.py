@@ -260,6 +260,10 @@ class Step(Event, tag="step"):
     # This rank's own work before its first collective (kaio.child.timing): what tells a straggler.
     data_s: float | None = None  # fetching the step's micro-batches
     forward_s: float | None = None  # their forward passes (on a GPU: the ones completed by now)
+    # A rank but the first: the first step whose own loss was NaN/inf, found at the Trainer's previous log (the
+    # logged loss is the ranks' mean, which the Trainer's logging_nan_inf_filter keeps finite). Sent once.
+    loss_nonfinite_from: int | None = None
+    loss_nonfinite: str | None = None  # its kind: "nan", "inf" or "-inf"
 
 
 class Log(Event, tag="log"):
