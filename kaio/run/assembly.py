@@ -71,10 +71,12 @@ class StepAssembler(msgspec.Struct, kw_only=True):
     later_training: bool = False  # a later training began (another Trainer, an out-of-memory retry): its first step
     evaluated_after_s: float = 0.0  # the script's own evaluations since rank 0's latest step (after a train() ended)
     mfu_impossible: bool = False  # a step's MFU came out above 100%: none is recorded from there on
+    lead_nonfinite_from: int = 1 << 62  # the first step whose loss the first rank found NaN/inf, this session
 
     def start_session(self, session: int) -> None:
         self.session = session
         self.warned_nonfinite.clear()
+        self.lead_nonfinite_from = 1 << 62
         self.kept_at_step_0.clear()
         self.at_step_0.clear()
         self.counts.start_session()
@@ -121,7 +123,8 @@ class StepAssembler(msgspec.Struct, kw_only=True):
             return False
         entry.peak_vram_bytes[str(event.rank)] = event.peak_vram_bytes  # the max over ranks: when it is stored
         if event.rank != self.lead_rank:
-            if event.loss_nonfinite_from is not None and "loss" not in self.warned_nonfinite and self._first("ranks"):
+            earlier = event.loss_nonfinite_from is not None and event.loss_nonfinite_from < self.lead_nonfinite_from
+            if earlier and self._first("ranks"):  # (not said again when the first rank's went bad as early)
                 out.warn(
                     f"non-finite loss ({event.loss_nonfinite}) on rank {event.rank} from step "
                     f"{event.loss_nonfinite_from}, in its own losses: the Trainer's logged loss, the ranks' mean, "
@@ -246,6 +249,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         entry.loss = finite(raw)
         if tag is not None:
             entry.loss_nonfinite = tag
+            self.lead_nonfinite_from = min(self.lead_nonfinite_from, event.nonfinite_from or entry.step)
             if event.nonfinite_from is not None and event.nonfinite_from < entry.step:
                 entry.loss_nonfinite_from = event.nonfinite_from
             if self._first("loss"):
