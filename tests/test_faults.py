@@ -437,3 +437,41 @@ def test_a_rank_whose_output_file_is_full_trains_on(tmp_path):
             [sys.executable, "-m", "kaio.child", "--kaio-script", str(script)], stdout=full, stderr=full, timeout=60
         )
     assert ended.returncode == 0 and done.read_text() == "trained on"
+
+
+LOOP_WITH_ITS_OWN_CHECKPOINT = """\
+import json, math, os, time
+import kaio
+start = json.load(open("ckpt.json"))["step"] if os.path.exists("ckpt.json") else 0
+for step in range(start + 1, 121):
+    time.sleep(0.02)
+    kaio.log(step=step, loss=2.0 + math.exp(-step / 50), learning_rate=1e-3)
+    if step % 20 == 0:
+        json.dump({"step": step}, open("ckpt.json", "w"))
+"""
+
+
+def test_a_kaio_log_loop_stopped_is_resumed_in_the_same_record_from_its_own_checkpoint(project_dir):
+    """`kaio resume` of a plain loop was refused ('no Trainer of the script started, so none was saved'), and the
+    stop's message sent the user to --overwrite, which moves the record aside: kaio now starts the loop again, the
+    loop continues from its own checkpoint, and the steps it trains again replace the earlier session's."""
+    (project_dir / "loop.py").write_text(LOOP_WITH_ITS_OWN_CHECKPOINT)
+    (project_dir / "cfg.yaml").write_text(
+        "project_name: t\nlaunch:\n  script: loop.py\nreporting:\n  use_comet_ml: false\n  refresh_seconds: 5\n"
+    )
+    proc = spawn_kaio("run", "cfg.yaml", cwd=project_dir)
+    wait_for(lambda: journal_steps(project_dir) >= 50, 120, "50 steps")
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode in (130, 143), output
+    assert "`kaio resume t` starts it again, to continue from its checkpoint in this record" in output
+    stopped_at = [s["step"] for s in read_history(project_dir)["steps"]][-1]
+    resumed = kaio("resume", "t", "--plain", cwd=project_dir, timeout=120)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    history = read_history(project_dir)
+    assert [s["step"] for s in history["steps"]] == list(range(1, 121))
+    assert [(s["kind"], s["status"]) for s in history["sessions"]] == [("run", "INTERRUPTED"), ("resume", "COMPLETED")]
+    own_checkpoint = stopped_at - stopped_at % 20
+    assert history["sessions"][1]["start_step"] == own_checkpoint  # where the loop itself went on from
+    again = kaio("resume", "t", cwd=project_dir, timeout=60)  # a loop that ran to its end: nothing to resume
+    assert again.returncode == 2 and "its loop ran to its end" in again.stderr

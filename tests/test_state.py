@@ -1109,8 +1109,8 @@ def test_a_stopped_kaio_log_loop_is_said_as_a_loop_with_checkpoints_of_its_own()
     outcome = SessionEndings(cfg, state, StopRequests(requests=1, step_at_request=2), lambda *n: None, None)
     assert outcome.outcome(143, 1).message == (
         "stopped the loop after step 2 (a KeyboardInterrupt raised in it, as a Ctrl-C without kaio would: an "
-        "`except KeyboardInterrupt:` of its own runs); a kaio.log loop's checkpoints are its own: continue from them "
-        "with `kaio run CONFIG --overwrite`, or as a new project"
+        "`except KeyboardInterrupt:` of its own runs); a kaio.log loop's checkpoints are its own: `kaio resume p` "
+        "starts it again, to continue from its checkpoint in this record"
     )
     later = replay([{"type": "session_start", "session": 1}, {**run, "start_step": 999}, _step(1000, 1.0)])
     assert "session 1: the loop's first kaio.log step was 1000: steps 1-999 are not in this record" in (

@@ -143,15 +143,8 @@ class SessionEndings:
             self._note(text, "warning")
             return text
         run = ledger.run
-        loop_ended = run is not None and run.reporter == "kaio.log" and not asked.killed  # it took the stop itself
-        if loop_ended and progress is not None and progress.last_step is not None:
-            text = (
-                f"stopped the loop after step {progress.last_step} (a KeyboardInterrupt raised in it, as a Ctrl-C "
-                "without kaio would: an `except KeyboardInterrupt:` of its own runs); a kaio.log loop's checkpoints "
-                f"are its own: continue from them with `{start_over_command(self.config_path)}`, or as a new project"
-            )
-            self._note(text, "info")
-            return text
+        if run is not None and run.reporter == "kaio.log" and progress is not None and progress.last_step is not None:
+            return self._loop_stopped(progress.last_step)
         if progress is None or progress.last_step is None:
             evaluated = self.state.parts.live.evaluated_in_session  # an evaluate-only script, or eval_on_start
             why = (
@@ -181,6 +174,21 @@ class SessionEndings:
         )
         text = f"stopped without saving a checkpoint ({why}); {then}"
         self._note(text, "warning")
+        return text
+
+    def _loop_stopped(self, last_step: int) -> str:
+        """A kaio.log loop: it took the stop itself (a KeyboardInterrupt), or was killed; its checkpoints are its own."""
+        why = (
+            ("a second Ctrl-C came" if self.asked.requests > 1 else self._grace_ended(last_step))
+            if self.asked.killed
+            else "a KeyboardInterrupt raised in it, as a Ctrl-C without kaio would: an `except KeyboardInterrupt:` of "
+            "its own runs"
+        )
+        text = (
+            f"stopped the loop after step {last_step} ({why}); a kaio.log loop's checkpoints are its own: "
+            f"`{self.paths.command('resume')}` starts it again, to continue from its checkpoint in this record"
+        )
+        self._note(text, "info")
         return text
 
     def _stopped_with(self, checkpoint: CheckpointSaved) -> str:

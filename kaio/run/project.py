@@ -635,7 +635,9 @@ def resume(
         if moved is not None:
             notes.insert(0, moved)
         factory = poller_factory_for(cfg) if poller_factory_for else None
-        request = SessionRequest(SessionKind.RESUME, checkpoint.resolve(), notes + _launcher_notes(cfg, notify))
+        request = SessionRequest(
+            SessionKind.RESUME, checkpoint.resolve() if checkpoint else None, notes + _launcher_notes(cfg, notify)
+        )
         return _supervise(cfg, loaded.state, view, request, factory, notify, config_path=config_path)
 
 
@@ -704,6 +706,15 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
     """The config, checkpoint and notes of a resume, or the ``ProjectError`` that says why not."""
     cfg, changed = _resume_config(paths, state, running, asked)
     edited = _check_the_code(paths, cfg, state)
+    if state.ledger.run is not None and state.ledger.run.reporter == "kaio.log":
+        latest = state.ledger.current
+        if latest is not None and latest.status == Status.COMPLETED:
+            raise ProjectError(
+                f"project {paths.project!r}: its loop ran to its end (session {latest.session} COMPLETED); nothing is "
+                f"left to resume (a loop started again without a checkpoint of its own would train from its first "
+                f"step): start it again with `{start_over_command(asked.config_path)}`"
+            )
+        return cfg, None, [_LOOP_RESUMED] + [f"config changed for this session: {c}" for c in changed]
     checkpoint = _resume_checkpoint(paths, cfg, state, asked, notify)
     _refuse_a_finished_run(paths, cfg, state, changed)
     later = state.ledger.later_training_of(checkpoint)
@@ -720,6 +731,14 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
             notify(f"kaio: warning: {warning}")
             notes.append(warning)
     return cfg, checkpoint, notes
+
+
+# A plain loop's checkpoints are its own: kaio starts it again, and the steps it logs continue the record (those it
+# trains again replace the earlier session's, as a resume's do).
+_LOOP_RESUMED = (
+    "kaio started the loop again (a kaio.log loop resumes from its own checkpoint, if it keeps one): the steps it "
+    "logs continue the record, replacing the earlier session's from its first"
+)
 
 
 def resumed_note(cfg: RunConfig, checkpoint: Path) -> str:
