@@ -86,7 +86,7 @@ def test_ranks_that_ignore_sigterm_are_killed_after_the_grace_period(project_dir
     assert not alive, f"left behind: {[p.pid for p in alive]}"
     history = read_history(project_dir)
     assert history["status"] == "INTERRUPTED"
-    assert "stopped without saving a checkpoint" in output
+    assert "stopped the loop after step" in output and "`kaio resume t` starts it again" in output
 
 
 FULL_DISK_LAYER = """\

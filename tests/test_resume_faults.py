@@ -429,7 +429,7 @@ def test_a_project_without_a_checkpoint_is_pointed_at_overwrite_by_run_and_resum
     )
     assert "kaio resume" not in again.stderr
     resumed = kaio("resume", "t", cwd=project_dir, timeout=60)
-    assert resumed.returncode == 2 and "no Trainer of the script started" in resumed.stderr
+    assert resumed.returncode == 2 and "its loop ran to its end (session 1 COMPLETED)" in resumed.stderr
     assert "checkpoints/t" not in resumed.stderr  # kaio's folder for the recipe is not the script's
     assert "--overwrite" in resumed.stderr
     # Another project's config is named as such, not as a list of keys that differ.
