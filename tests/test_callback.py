@@ -1087,47 +1087,72 @@ def test_a_graceful_stop_keeps_its_checkpoint_whatever_the_scripts_save_settings
     assert at_stop.count("save") == 1 and "eval" not in at_stop[at_stop.index("save") :]
 
 
-def test_load_best_model_at_end_that_found_no_saved_best_is_warned_about(tmp_path, monkeypatch, torch):
-    """A real Trainer evaluating every step and saving every 4th: its best evaluation (step 1) saved no checkpoint,
-    so load_best_model_at_end loads nothing and the model ends with the last step's weights. The record says so."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
-
+@pytest.fixture
+def fresh_trainings(monkeypatch):
+    """This process's trainings: none yet (as in a new rank)."""
     from kaio.child import callback as module
-    from kaio.child.callback import KaioCallback
 
     monkeypatch.setattr(module, "_TRAININGS", module._Trainings())
+
+
+def _tiny_llama(torch):
+    """A one-layer Llama over 32 tokens, seeded: a real Trainer trains it in a fraction of a second."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(0)
-    model = LlamaForCausalLM(
+    return LlamaForCausalLM(
         LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     )
-    data = [{"input_ids": torch.arange(8) % 32, "labels": torch.arange(8) % 32} for _ in range(8)]
-    scores = iter([0.9, 0.5, 0.4, 0.3, 0.2])
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=2,
-        max_steps=4,
-        eval_strategy="steps",
-        eval_steps=1,
-        save_steps=4,
-        load_best_model_at_end=True,
-        metric_for_best_model="score",
-        use_cpu=True,
-        report_to="none",
-        disable_tqdm=True,
-    )
+
+
+def _counting(torch, count: int) -> list[dict]:
+    return [{"input_ids": torch.arange(8) % 32, "labels": torch.arange(8) % 32} for _ in range(count)]
+
+
+def _cpu_args(output_dir, **arguments):
+    from transformers import TrainingArguments
+
+    defaults = {"per_device_train_batch_size": 2, "use_cpu": True, "report_to": "none", "disable_tqdm": True}
+    return TrainingArguments(output_dir=str(output_dir), **{**defaults, **arguments})
+
+
+def _train_recorded(trainer, spool, *wrappers, session: int = 1, **train_kwargs) -> list[dict]:
+    """``trainer.train()`` with kaio's callback added last, as the patch adds it (and the patch's ``wrappers`` of
+    the trainer's methods), and the events it spooled, after their session's start."""
+    from kaio.child.callback import KaioCallback
+
+    emitter = EventEmitter(None, str(spool), rank=0, session=session)
+    callback = KaioCallback(emitter, trainer)
+    trainer.add_callback(callback)
+    for wrap in wrappers:
+        wrap(trainer, callback)
+    try:
+        trainer.train(**train_kwargs)
+    finally:
+        emitter.close()
+    return [{"type": "session_start", "session": session}, *_spooled(spool)]
+
+
+def test_load_best_model_at_end_that_found_no_saved_best_is_warned_about(tmp_path, fresh_trainings, torch):
+    """A real Trainer evaluating every step and saving every 4th: its best evaluation (step 1) saved no checkpoint,
+    so load_best_model_at_end loads nothing and the model ends with the last step's weights. The record says so."""
+    from transformers import Trainer
+
+    data, scores = _counting(torch, 8), iter([0.9, 0.5, 0.4, 0.3, 0.2])
+    args = _cpu_args(
+        tmp_path / "out", max_steps=4, eval_strategy="steps", eval_steps=1, save_steps=4,
+        load_best_model_at_end=True, metric_for_best_model="score",
+    )  # fmt: skip
     trainer = Trainer(
-        model=model,
+        model=_tiny_llama(torch),
         args=args,
         train_dataset=data,
         eval_dataset=data[:2],
         compute_metrics=lambda prediction: {"score": next(scores)},
     )
-    emitter = EventEmitter(None, str(tmp_path / "spool"), rank=0, session=1)
-    trainer.add_callback(KaioCallback(emitter, trainer))
-    trainer.train()
-    emitter.close()
+    events = _train_recorded(trainer, tmp_path / "spool")
     assert trainer.state.best_model_checkpoint is None and trainer.state.best_metric == 0.9  # what a user missed
-    (end,) = [e for e in _spooled(tmp_path / "spool") if e["type"] == "train_end"]
+    (end,) = [e for e in events if e["type"] == "train_end"]
     assert (end["best_unsaved"], end["best_unsaved_step"], end["best_metric_name"]) == (True, 1, "eval_score")
     header = replay([{"type": "session_start", "session": 1}, end]).header()
     assert header.final_model is None
@@ -1139,22 +1164,16 @@ def test_load_best_model_at_end_that_found_no_saved_best_is_warned_about(tmp_pat
 
 
 def test_numbers_a_compute_loss_logs_for_each_micro_batch_are_kept_as_each_steps_mean_not_as_its_loss(
-    tmp_path, monkeypatch, torch
+    tmp_path, fresh_trainings, torch
 ):
     """A Trainer subclass whose compute_loss logs its own `loss` (scaled) and an auxiliary number at every
     micro-batch, with 2 micro-batches a step: the record's loss is the Trainer's own at every step, and the
     auxiliary number is each step's mean of the values the Trainer's log history gives that step."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers import Trainer
 
-    from kaio.child import callback as module
-    from kaio.child.callback import KaioCallback
     from kaio.child.patch import _watch_losses
 
-    monkeypatch.setattr(module, "_TRAININGS", module._Trainings())
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    )
+    model = _tiny_llama(torch)
     data = [{"input_ids": torch.randint(0, 32, (8,)), "labels": torch.randint(0, 32, (8,))} for _ in range(16)]
 
     class LogsItsParts(Trainer):
@@ -1163,25 +1182,16 @@ def test_numbers_a_compute_loss_logs_for_each_micro_batch_are_kept_as_each_steps
             self.log({"loss": loss.item() * 100, "aux": loss.item() * 2})
             return loss
 
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=2,
+    args = _cpu_args(
+        tmp_path / "out",
         gradient_accumulation_steps=2,
         max_steps=4,
         logging_steps=1,
         include_num_input_tokens_seen=True,  # (the Trainer's log() adds its count to the script's logs too)
         save_strategy="no",
-        use_cpu=True,
-        report_to="none",
-        disable_tqdm=True,
     )
     trainer = LogsItsParts(model=model, args=args, train_dataset=data)
-    emitter = EventEmitter(None, str(tmp_path / "spool"), rank=0, session=1)
-    callback = KaioCallback(emitter, trainer)
-    trainer.add_callback(callback)
-    _watch_losses(trainer, callback)
-    trainer.train()
-    emitter.close()
+    events = _train_recorded(trainer, tmp_path / "spool", _watch_losses)
     logged = trainer.state.log_history
     trainers_losses = {e["step"]: e["loss"] for e in logged if "grad_norm" in e}
     aux: dict[int, list[float]] = {}
@@ -1189,7 +1199,7 @@ def test_numbers_a_compute_loss_logs_for_each_micro_batch_are_kept_as_each_steps
         if "aux" in e:
             aux.setdefault(e["step"], []).append(e["aux"])
     assert sorted(trainers_losses) == [1, 2, 3, 4] and all(len(v) == 2 for k, v in aux.items() if k > 0)
-    state = replay([{"type": "session_start", "session": 1}, *_spooled(tmp_path / "spool")])
+    state = replay(events)
     steps = {s["step"]: s for s in history_of(state)["steps"]}
     assert {k: s["loss"] for k, s in steps.items()} == pytest.approx(trainers_losses, rel=1e-6)
     tokens = {e["step"]: e["num_input_tokens_seen"] for e in logged if "grad_norm" in e}
@@ -1225,30 +1235,18 @@ def test_arguments_a_script_sets_after_building_them_are_recorded_as_the_trainer
 def test_an_earlier_sessions_checkpoints_a_resumed_training_removes_leave_the_record(tmp_path, monkeypatch, torch):
     """Session 1 saves checkpoint-2 and checkpoint-4; session 2 resumes from checkpoint-4 with save_total_limit=1,
     and the Trainer's rotation deletes both. The record listed them still ("Latest checkpoint" named a folder gone)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers import Trainer
 
     from kaio.child import callback as module
-    from kaio.child.callback import KaioCallback
 
     monkeypatch.chdir(tmp_path)
-    data = [{"input_ids": torch.arange(8) % 32, "labels": torch.arange(8) % 32} for _ in range(8)]
 
     def session(number: int, max_steps: int, **saving) -> list[dict]:
         monkeypatch.setattr(module, "_TRAININGS", module._Trainings())  # a new process
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(
-            LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-        )
-        args = TrainingArguments(
-            output_dir="out", per_device_train_batch_size=2, max_steps=max_steps, save_steps=2, use_cpu=True,
-            report_to="none", disable_tqdm=True, **saving,
-        )  # fmt: skip
-        trainer = Trainer(model=model, args=args, train_dataset=data)
-        emitter = EventEmitter(None, str(tmp_path / f"spool{number}"), rank=0, session=number)
-        trainer.add_callback(KaioCallback(emitter, trainer))
-        trainer.train(resume_from_checkpoint="out/checkpoint-4" if number > 1 else None)
-        emitter.close()
-        return [{"type": "session_start", "session": number}, *_spooled(tmp_path / f"spool{number}")]
+        args = _cpu_args("out", max_steps=max_steps, save_steps=2, **saving)
+        trainer = Trainer(model=_tiny_llama(torch), args=args, train_dataset=_counting(torch, 8))
+        resume = "out/checkpoint-4" if number > 1 else None
+        return _train_recorded(trainer, tmp_path / f"spool{number}", session=number, resume_from_checkpoint=resume)
 
     records = session(1, 4)
     assert [c.path for c in replay(records).header().checkpoints] == ["out/checkpoint-2", "out/checkpoint-4"]
@@ -1257,57 +1255,47 @@ def test_an_earlier_sessions_checkpoints_a_resumed_training_removes_leave_the_re
     assert [c.path for c in replay(records).header().checkpoints] == ["out/checkpoint-8"]
 
 
-def test_a_step_whose_end_a_callback_before_kaios_raised_in_is_still_recorded(tmp_path, monkeypatch, torch):
+def test_a_step_whose_end_a_callback_before_kaios_raised_in_is_still_recorded(tmp_path, fresh_trainings, torch):
     """A script's callback raises in on_step_end at step 3: the Trainer had trained step 3 (its state says 3), but
     kaio's callback, the last, never heard of its end and the record stopped at step 2."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback
 
-    from kaio.child import callback as module
-    from kaio.child.callback import KaioCallback, send_the_step_an_error_ended
-
-    monkeypatch.setattr(module, "_TRAININGS", module._Trainings())
-    model = LlamaForCausalLM(
-        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    )
-    data = [{"input_ids": torch.arange(8) % 32, "labels": torch.arange(8) % 32} for _ in range(8)]
+    from kaio.child.callback import send_the_step_an_error_ended
 
     class Breaks(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 3:
                 raise RuntimeError("the script's own bug")
 
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=6, save_strategy="no",
-        use_cpu=True, report_to="none", disable_tqdm=True,
-    )  # fmt: skip
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Breaks()])
-    emitter = EventEmitter(None, str(tmp_path / "spool"), rank=0, session=1)
-    trainer.add_callback(KaioCallback(emitter, trainer))
-    with pytest.raises(RuntimeError, match="own bug"):
+    args = _cpu_args(tmp_path / "out", max_steps=6, save_strategy="no")
+    trainer = Trainer(model=_tiny_llama(torch), args=args, train_dataset=_counting(torch, 8), callbacks=[Breaks()])
+
+    original_train = trainer.train
+
+    def train(**kwargs):  # as kaio's patched train() does
         try:
-            trainer.train()
+            return original_train(**kwargs)
         except BaseException:
-            send_the_step_an_error_ended(trainer)  # as kaio's patched train() does
+            send_the_step_an_error_ended(trainer)
+            send_the_step_an_error_ended(trainer)  # twice (nested trainers): still one event for the step
             raise
-    send_the_step_an_error_ended(trainer)  # twice (nested trainers): still one event for the step
-    emitter.close()
+
+    trainer.train = train
+    with pytest.raises(RuntimeError, match="own bug"):
+        _train_recorded(trainer, tmp_path / "spool")
     assert [e["step"] for e in _spooled(tmp_path / "spool") if e["type"] == "step"] == [1, 2, 3]
 
 
-def test_an_evaluation_loss_the_trainers_filter_took_of_part_of_the_data_is_warned_about(tmp_path, monkeypatch, torch):
+def test_an_evaluation_loss_the_trainers_filter_took_of_part_of_the_data_is_warned_about(
+    tmp_path, fresh_trainings, torch
+):
     """Every third evaluation batch's loss is NaN: the Trainer's eval_loss (logging_nan_inf_filter, the default)
     is the mean of the others, a finite number of part of the data, which the record showed as the evaluation's."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+    from transformers import Trainer
 
-    from kaio.child import callback as module
-    from kaio.child.callback import KaioCallback
     from kaio.child.patch import _watch_eval_losses
 
-    monkeypatch.setattr(module, "_TRAININGS", module._Trainings())
-    model = LlamaForCausalLM(
-        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    )
-    data = [{"input_ids": torch.arange(8) % 32, "labels": torch.arange(8) % 32} for _ in range(18)]
+    data = _counting(torch, 18)
     batches = iter(range(1000))
 
     class SomeBatchesNaN(Trainer):
@@ -1317,22 +1305,16 @@ def test_an_evaluation_loss_the_trainers_filter_took_of_part_of_the_data_is_warn
                 return result
             return (result[0] * float("nan"), *result[1:]) if return_outputs else result * float("nan")
 
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, per_device_eval_batch_size=2, max_steps=2,
-        eval_strategy="steps", eval_steps=1, save_strategy="no", use_cpu=True, report_to="none", disable_tqdm=True,
+    args = _cpu_args(
+        tmp_path / "out", per_device_eval_batch_size=2, max_steps=2, eval_strategy="steps", eval_steps=1,
+        save_strategy="no",
     )  # fmt: skip
-    trainer = SomeBatchesNaN(model=model, args=args, train_dataset=data, eval_dataset=data)
-    emitter = EventEmitter(None, str(tmp_path / "spool"), rank=0, session=1)
-    callback = KaioCallback(emitter, trainer)
-    trainer.add_callback(callback)
-    _watch_eval_losses(trainer, callback)
-    trainer.train()
-    emitter.close()
-    events = _spooled(tmp_path / "spool")
+    trainer = SomeBatchesNaN(model=_tiny_llama(torch), args=args, train_dataset=data, eval_dataset=data)
+    events = _train_recorded(trainer, tmp_path / "spool", _watch_eval_losses)
     evals = [e for e in events if e["type"] == "eval"]
     assert [(e["loss_batches_nonfinite"], e["loss_batches"]) for e in evals] == [(3, 9), (3, 9)]
     assert all(isinstance(e["metrics"]["eval_loss"], float) for e in evals)  # finite: the filter's
-    header = replay([{"type": "session_start", "session": 1}, *events]).header()
+    header = replay(events).header()
     (said,) = [w for w in header.warnings if "part of the data" in w]
     assert said.startswith("an evaluation loss of part of the data: at step 1, eval_loss ")
     assert "leaves out 3 of rank 0's 9 batches, whose loss was NaN/inf" in said

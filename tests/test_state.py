@@ -42,6 +42,16 @@ def _step(step: int, t_end: float, rank: int = 0, session: int = 1, dt: float = 
     }
 
 
+def _report_now(state) -> str:
+    """report.md as a report written now would be (the open steps in it)."""
+    from kaio.report.markdown import render_markdown
+    from kaio.report.summary import summarize
+
+    with state.with_open_steps() as index:
+        header = state.header()
+        return render_markdown(header, summarize(header, index), index.evals())
+
+
 def _log(step: int, loss, session: int = 1) -> dict:
     return {"type": "log", "rank": 0, "session": session, "step": step, "loss": loss, "learning_rate": 0.1}
 
@@ -480,12 +490,8 @@ def test_evaluations_after_train_are_marked_and_a_later_training_clears_the_earl
         (3, False, False),
         (3, False, True),
     ]
-    from kaio.report.markdown import render_markdown
-    from kaio.report.summary import summarize
 
-    with state.with_open_steps() as index:
-        header = state.header()
-        report = render_markdown(header, summarize(header, index), index.evals())
+    report = _report_now(state)
     assert "| 3 (predict()) | — | 2 | 12,288 |" in report  # a count as a count, not 1.229e+04
 
 
@@ -609,8 +615,6 @@ def test_evaluations_before_the_first_step_and_after_the_last_are_evaluation_tim
 
 
 def test_a_loss_never_logged_because_logging_steps_outruns_the_training_says_so_with_the_trainers_mean():
-    from kaio.report.markdown import render_markdown
-    from kaio.report.summary import summarize
 
     run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 5, "world_size": 1}
     run |= {"args": {"logging_strategy": "steps", "logging_steps": 50}}
@@ -618,9 +622,7 @@ def test_a_loss_never_logged_because_logging_steps_outruns_the_training_says_so_
     events += [_step(k, float(k)) for k in range(1, 6)]
     events += [{"type": "log", "rank": 0, "session": 1, "step": 5, "extra": {"train_loss": 5.1333, "train_runtime": 2}}]
     state = replay(events)
-    with state.with_open_steps() as index:
-        header = state.header()
-        report = render_markdown(header, summarize(header, index), index.evals())
+    report = _report_now(state)
     assert (
         "| Loss (initial → final) | not logged: logging_steps (50) is more than the 5 steps trained; the Trainer's "
         "mean training loss (train_loss): 5.133 |" in report
@@ -646,8 +648,6 @@ def test_what_a_script_logs_that_is_not_a_finite_number_is_said_once_not_dropped
 
 
 def test_an_evaluation_before_train_is_told_from_the_trainers_eval_on_start():
-    from kaio.report.markdown import render_markdown
-    from kaio.report.summary import summarize
 
     run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 2, "world_size": 1}
     evaluation = {"type": "eval", "rank": 0, "session": 1, "step": 0, "metrics": {"eval_loss": 5.7}}
@@ -659,22 +659,16 @@ def test_an_evaluation_before_train_is_told_from_the_trainers_eval_on_start():
         (0, True, False),
         (0, False, False),
     ]
-    with state.with_open_steps() as index:
-        header = state.header()
-        report = render_markdown(header, summarize(header, index), index.evals())
+    report = _report_now(state)
     assert "| 0 (before training) | 5.7 |" in report and "| 0 | 5.7 |" in report
 
 
 def test_a_script_that_only_evaluates_is_said_to_have_evaluated_not_to_have_no_trainer():
-    from kaio.report.markdown import render_markdown
-    from kaio.report.summary import summarize
 
     evaluation = {"type": "eval", "rank": 0, "session": 1, "step": 0, "metrics": {"eval_loss": 1.37}}
     end = {"type": "session_end", "session": 1, "t_wall": 1e9 + 20, "status": "COMPLETED", "exit_code": 0}
     state = replay([{"type": "session_start", "session": 1, "t_wall": 1e9}, evaluation, end])
-    with state.with_open_steps() as index:
-        header = state.header()
-        report = render_markdown(header, summarize(header, index), index.evals())
+    report = _report_now(state)
     assert "**Optimizer steps:** none recorded (a Trainer evaluated, but never trained: see What was trained)" in report
     assert "a transformers `Trainer` evaluated (see Evaluation) but never trained" in report
     assert "kaio.log" not in report
@@ -713,12 +707,8 @@ def test_a_training_the_trainer_began_again_after_running_out_of_memory_is_said_
     ) in notes
     assert not any("of the script" in n for n in notes)
     # The Trainings table marks the attempt that ran out of memory and the one that began again.
-    from kaio.report.markdown import render_markdown
-    from kaio.report.summary import summarize
 
-    with state.with_open_steps() as index:
-        header = state.header()
-        report = render_markdown(header, summarize(header, index), index.evals())
+    report = _report_now(state)
     assert "1 of them ran out of memory and the Trainer began again with a smaller batch" in report
     assert "| 1 | — | 1–2 (2 of 8; out of memory) |" in report
     assert "| 2 | —, again at batch 7 | 3–3 (1 of 8) |" in report
@@ -777,12 +767,8 @@ def test_a_later_training_of_the_script_smooths_its_own_loss_and_every_warning_i
     assert steps[11]["loss_smoothed"] == pytest.approx(3.6) and steps[-1]["loss_smoothed"] == pytest.approx(0.69)
     snapshot = build_snapshot(state.ledger, state.parts.live, 16, ())
     assert snapshot.loss == 0.69 and snapshot.loss_smoothed is None  # 4 losses of this training: too few
-    from kaio.report.markdown import render_markdown
-    from kaio.report.summary import summarize
 
-    with state.with_open_steps() as index:
-        header = state.header()
-        report = render_markdown(header, summarize(header, index), index.evals())
+    report = _report_now(state)
     assert "too few losses logged to smooth (4)" in report
     assert history_of(state)["run"]["training"] == 2
     # Each training's own losses, apart: cross-entropy then DPO's sigmoid loss are not one curve.
@@ -976,8 +962,6 @@ def test_numbers_logged_before_the_first_step_and_again_within_a_step_keep_the_f
 
 def test_a_training_ended_early_by_a_callback_says_so_in_the_report_and_on_the_last_line():
     from kaio.dashboard import final_line
-    from kaio.report.markdown import render_markdown
-    from kaio.report.summary import summarize
 
     said = "EarlyStoppingCallback: eval_loss did not improve for 3 evaluations"
     run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 400, "world_size": 1}
@@ -985,9 +969,7 @@ def test_a_training_ended_early_by_a_callback_says_so_in_the_report_and_on_the_l
     events += [{"type": "train_end", "rank": 0, "session": 1, "step": 2, "ended_early_by": said}]
     events += [{"type": "session_end", "session": 1, "t_wall": 1e9 + 9, "status": "COMPLETED", "exit_code": 0}]
     state = replay(events)
-    with state.with_open_steps() as index:
-        header = state.header()
-        report = render_markdown(header, summarize(header, index), index.evals())
+    report = _report_now(state)
     assert f"**Optimizer steps:** 2 of 400 planned (ended early by {said})" in report
     assert f"[kaio] p COMPLETED: 2/400 steps in 0:09 (ended early by {said})" in final_line(state.snapshot())
 
