@@ -195,9 +195,8 @@ class KaioCallback(TrainerCallback):
         self.losses = LossWatch()  # fed by the patched Trainer's training_step
         self.eval_losses = EvalLossWatch()  # ...and its prediction_step
         self.micro_batch_logs = MicroBatchLogs()  # told by the patched Trainer's training_step
-        self._nonfinite_found: tuple[int, str] | bool | None = (
-            None  # a rank but the first: (step, kind), then True once sent
-        )
+        # A rank but the first: its own first non-finite loss (step, kind) for its next step event; True once sent.
+        self._nonfinite_found: tuple[int, str] | bool | None = None
         self._step_offset = 0  # added to this Trainer's own step: the record's step (``_Trainings``)
         self._tokens_offset = 0
         self.timing = StepTiming()  # fed by the patched Trainer's get_batch_samples and compute_loss
