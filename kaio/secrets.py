@@ -9,6 +9,7 @@ child imports it.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 _SECRET_WORD = re.compile(r"(?:^|[_\-.])(?:token|key|apikey|secret|password|passwd)(?:$|[_\-.])", re.IGNORECASE)
@@ -47,3 +48,34 @@ def redact_argv(argv: list[str], marker: str = REDACTED) -> list[str]:
             continue
         masked.append(arg)
     return masked
+
+
+MIN_SECRET_CHARS = 8  # a shorter value ("1", "true") is no key, and masking it would mangle every text it is in
+
+
+def secret_values(argv: Iterable[str], environ: Mapping[str, str]) -> list[str]:
+    """The values the rule calls secret, to mask in free text (an error message, a traceback, the script's output):
+    a secret-looking flag's in ``argv`` and a secret-looking environment variable's (HF_TOKEN, COMET_API_KEY),
+    the longest first (one that holds another is masked whole)."""
+    values: set[str] = set()
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            values.add(arg)
+            hide_next = False
+            continue
+        flag, eq, value = arg.partition("=")
+        if arg.startswith("-") and is_secret_key(flag.lstrip("-")):
+            if eq:
+                values.add(value)
+            else:
+                hide_next = True
+    values.update(value for name, value in environ.items() if is_secret_key(name))
+    return sorted((v for v in values if len(v) >= MIN_SECRET_CHARS), key=len, reverse=True)
+
+
+def mask(text: str, values: Sequence[str], marker: str = REDACTED) -> str:
+    for value in values:
+        if value in text:
+            text = text.replace(value, marker)
+    return text

@@ -430,6 +430,7 @@ def test_a_rank_whose_output_file_is_full_trains_on(tmp_path):
         "for i in range(2000):\n"
         "    print({'loss': i, 'pad': 'x' * 100})\n"
         "    print('progress', i, file=sys.stderr)\n"
+        "    sys.stderr.buffer.write(b'a rank line the launcher copied\\n')\n"
         f"open({str(done)!r}, 'w').write('trained on')\n"
     )
     with open("/dev/full", "w") as full:

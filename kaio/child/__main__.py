@@ -36,9 +36,9 @@ def main(argv: list[str] | None = None) -> Ending:
     # The launcher ignores SIGTERM so that this process answers it; an ignored signal is inherited, so give
     # it back its default until the Trainer patch installs the graceful stop (kaio.child.stop).
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    from kaio.child.full_disk import keep_writing_on_a_full_disk
+    from kaio.child.output import guard_output
 
-    keep_writing_on_a_full_disk()
+    guard_output()
     if os.environ.pop(ENV_SAFE_PATH_SET, None):  # kaio's, for this interpreter only (kaio.launch)
         os.environ.pop("PYTHONSAFEPATH", None)
     # Parsed by hand: every other argument belongs to the target, `--help` included.
@@ -180,15 +180,19 @@ def _write_error_file(rank: int, exc: BaseException) -> None:
         cause = f"the script's arguments: {_ARGUMENT_ERRORS[-1]}"
     elif not isinstance(exc, SystemExit):
         cause += _where_in_the_script(exc)
+    from kaio.child.output import the_process_secrets
+    from kaio.secrets import mask
+
+    secrets = the_process_secrets()  # an error quoting the script's arguments quotes its token too
     record = RankError(
         rank=rank,
         session=int(os.environ.get(ENV_SESSION, "1")),
         pid=os.getpid(),
         t_wall=time.time(),
         exc_type=type(exc).__name__,
-        message=str(exc)[:2000],
-        root_cause=cause,
-        traceback="".join(lines)[-20000:],
+        message=mask(str(exc), secrets)[:2000],
+        root_cause=mask(cause, secrets),
+        traceback=mask("".join(lines), secrets)[-20000:],
     )
     try:
         os.makedirs(error_dir, exist_ok=True)

@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from kaio.child.full_disk import keep_writing_on_a_full_disk
+from kaio.child.output import guard_output
 from kaio.telemetry.protocol import ENV_ERROR_DIR, ENV_SESSION, LaunchFailure
 
 _LISTENERS: list = []  # the rendezvous store's sockets, open for the launcher's life
@@ -137,7 +137,7 @@ def main() -> None:
     # its default action would end this launcher (set first: importing torch takes seconds). The ranks answer
     # it themselves (kaio.child.stop).
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    keep_writing_on_a_full_disk()  # (its output, a rank's traceback passed on, goes to child.log too)
+    guard_output()  # (its output, a rank's traceback passed on, goes to child.log too)
     import torch
     from accelerate.commands.launch import main as accelerate_main
     from torch.distributed.elastic.multiprocessing.api import SignalException

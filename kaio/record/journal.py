@@ -42,7 +42,11 @@ class Journal:
             self.offset += 1
 
     def append(self, record: Record) -> None:
-        self._pending += encode_record(record)
+        self.append_line(encode_record(record))
+
+    def append_line(self, line: bytes) -> None:
+        """A record already encoded (``encode_record``: one line)."""
+        self._pending += line
         if len(self._pending) >= 1 << 16:
             self.flush()
 

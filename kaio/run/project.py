@@ -48,7 +48,7 @@ from kaio.run.state import RunState
 from kaio.run.stopping import leave_a_hung_up_terminal
 from kaio.run.stream import JournalReceiver, JournalSender, for_node
 from kaio.run.supervisor import SessionRequest, Supervisor, View
-from kaio.secrets import REDACTED
+from kaio.secrets import REDACTED, secret_values
 
 Notify = Callable[[str], None]
 
@@ -325,7 +325,7 @@ def _supervise(
     from kaio.run.finalize import FigureProcess, LiveReports, RunOutputs
 
     paths = ProjectPaths(cfg.report_dir)
-    recorder = Recorder(paths, state)
+    recorder = Recorder(paths, state, secret_values([*cfg.launch.script_args, *cfg.launch.accelerate_args], os.environ))
     launch = cfg.launch
     stream = for_node(launch.node_rank, launch.nnodes, paths, launch.main_addr, launch.head_stream_port, notify)
     supervisor = Supervisor(cfg, recorder, view, poller_factory=poller_factory, stream=stream, config_path=config_path)
@@ -503,7 +503,7 @@ def recover_unfinished(
         return True
     if open_session is None and not paths.spool.is_dir():
         return False  # the common case: nothing to recover
-    recorder = Recorder(paths, state)
+    recorder = Recorder(paths, state, secret_values([], os.environ))  # (the run's arguments are not kept)
     try:
         merged, bad = (
             spool.merge_into(paths.spool, state.ledger.received, recorder.record, recorder.journal.write_out)

@@ -10,14 +10,16 @@ and skipped: it never stops a report or a resume.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from kaio.record.index import Coverage, RunIndex, head_digest
 from kaio.record.journal import Journal, journal_head, read_records
 from kaio.record.paths import ProjectPaths
-from kaio.record.types import Note, Record
+from kaio.record.types import Note, Record, decode_record, encode_record
 from kaio.run.state import RunState
+from kaio.secrets import REDACTED
 
 
 @dataclass
@@ -84,17 +86,25 @@ def damaged_index_note(paths: ProjectPaths, exc: Exception) -> str:
 
 
 class Recorder:
-    """The one way a record enters a run: journaled first (crash-safe), then applied to the state."""
+    """The one way a record enters a run: journaled first (crash-safe), then applied to the state. ``secrets``: the
+    values the secrets rule names for this run (``kaio.secrets.secret_values``): a record that holds one in its
+    text (an error quoting the script's arguments) is journaled and applied with it masked."""
 
-    def __init__(self, paths: ProjectPaths, state: RunState) -> None:
+    def __init__(self, paths: ProjectPaths, state: RunState, secrets: Sequence[str] = ()) -> None:
         self.paths = paths
         self.state = state
         self.journal = Journal(paths.journal)
         self._index_failure_said = False
         self._reloaded: RunState | None = None
+        self._secrets = [value.encode() for value in secrets]
 
     def record(self, record: Record) -> None:
-        self.journal.append(record)
+        line = encode_record(record)
+        if self._secrets and any(secret in line for secret in self._secrets):
+            for secret in self._secrets:
+                line = line.replace(secret, REDACTED.encode())
+            record = decode_record(line)
+        self.journal.append_line(line)
         self.state.apply(record)
         if self.state.index.failed is not None and not self._index_failure_said:
             self._index_failure_said = True
