@@ -476,3 +476,61 @@ def test_a_kaio_log_loop_stopped_is_resumed_in_the_same_record_from_its_own_chec
     assert history["sessions"][1]["start_step"] == own_checkpoint  # where the loop itself went on from
     again = kaio("resume", "t", cwd=project_dir, timeout=60)  # a loop that ran to its end: nothing to resume
     assert again.returncode == 2 and "its loop ran to its end" in again.stderr
+
+
+SLOW_TO_SAVE = """\
+import json, math, time
+import kaio
+try:
+    for step in range(1, 100000):
+        time.sleep(0.02)
+        kaio.log(step=step, loss=2.0 + math.exp(-step / 50))
+except KeyboardInterrupt:  # a graceful stop: the loop saves what it saves, slowly (a real model's checkpoint)
+    time.sleep(8)
+    json.dump({"step": step}, open("saved.json", "w"))
+"""
+
+
+def test_a_graceful_stop_waits_for_a_save_longer_than_the_launchers_own_patience(project_dir):
+    """accelerate 1.16's launcher of one process ends itself on SIGTERM and kills its process 5 s later: a stop's
+    checkpoint that took longer (12 s for a real Trainer's save) was cut short, and the record blamed the training.
+    kaio's grace period (30 s here) is the only deadline."""
+    (project_dir / "loop.py").write_text(SLOW_TO_SAVE)
+    (project_dir / "cfg.yaml").write_text(
+        "project_name: t\nlaunch:\n  script: loop.py\nreporting:\n  use_comet_ml: false\n"
+    )
+    proc = spawn_kaio("run", "cfg.yaml", "--plain", cwd=project_dir)
+    wait_for(lambda: journal_steps(project_dir) >= 20, 120, "20 steps")
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert (project_dir / "saved.json").is_file(), output  # the loop's 8 s save ran to its end
+    assert proc.returncode == 143 and "killed" not in output, output
+
+
+SLOW_TO_SAVE_ON_EVERY_RANK = """\
+import json, math, os, time
+import kaio
+rank = int(os.environ.get("RANK", "0"))
+try:
+    for step in range(1, 100000):
+        time.sleep(0.02)
+        kaio.log(step=step, loss=2.0 + math.exp(-step / 50))
+except KeyboardInterrupt:
+    time.sleep(10)  # longer than torch elastic's shutdown timeout: the grace period (2 s) + 5
+    json.dump({"step": step}, open(f"saved-{rank}.json", "w"))
+"""
+
+
+def test_a_schedulers_warning_sets_no_deadline_for_the_save_of_a_job_of_several_processes(project_dir):
+    """SIGUSR1 (SLURM's --signal=USR1@T): kaio signalled the launcher's group, and torch elastic's agent killed the
+    ranks TORCH_ELASTIC_SHUTDOWN_TIMEOUT later (the grace period + 5 s), where the docs promise no deadline of
+    kaio's before the scheduler's own SIGTERM. The ranks are signalled themselves."""
+    script = project_dir / "loop.py"
+    script.write_text(SLOW_TO_SAVE_ON_EVERY_RANK)
+    _script_config(project_dir, script, [], num_processes=2, grace=2)
+    proc = spawn_kaio("run", "cfg.yaml", "--plain", cwd=project_dir)
+    wait_for(lambda: journal_steps(project_dir) >= 2 * 20, 180, "both ranks to train")
+    proc.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=90)
+    assert sorted(p.name for p in project_dir.glob("saved-*.json")) == ["saved-0.json", "saved-1.json"], output
+    assert read_history(project_dir)["status"] == "INTERRUPTED"

@@ -153,6 +153,7 @@ def main() -> None:
     # answer (it saves a checkpoint, kaio.child.stop), so this process waits for it rather than dying first.
     # Several: torch elastic installs its own handlers, which pass the signal on to every rank.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _sigterm_stays_ignored()
     _rendezvous_on_loopback()  # a store on 127.0.0.1 stays on loopback
     _one_shutdown_per_stop()
     _leaving_agents_arrive_at_the_exit_barrier()
@@ -194,6 +195,28 @@ def main() -> None:
         message = f"{type(exc).__name__}: {exc}"[:2000]
         _write(LaunchFailure(session=session, rank=None, message=message, t_wall=time.time()))
         raise
+
+
+def _sigterm_stays_ignored() -> None:
+    """accelerate 1.16's launcher of one process ends itself on SIGTERM and kills its process 5 s later
+    (``_run_subprocess``): a graceful stop's checkpoint, which a real model takes longer to write, was cut short
+    (a 12 s save: no checkpoint, 'the training process ended without saving one'). kaio's SIGTERM is the
+    process's to answer: this launcher goes on ignoring it and waits, as with earlier accelerate."""
+    import accelerate.commands.launch as accelerate_launch
+
+    real = accelerate_launch.signal
+
+    class KeepsSigtermIgnored:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        @staticmethod
+        def signal(signum: int, handler: object) -> object:
+            if signum == real.SIGTERM:
+                return real.getsignal(signum)  # (its own handler is not installed, nor its "previous" restored)
+            return real.signal(signum, handler)
+
+    accelerate_launch.signal = KeepsSigtermIgnored()
 
 
 def _exit_code(code: int) -> int:

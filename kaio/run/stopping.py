@@ -7,6 +7,7 @@ each turn; the signal handlers only post records to its queue (they run between 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -130,7 +131,7 @@ class StopControl:
         if warning:
             asked.requests, asked.warned = 1, True
             self._mark()
-            launch.signal_group(proc, signal.SIGTERM)
+            self._signal_the_ranks(proc)
             return
         if asked.warned and asked.first_at is None:
             asked.first_at = time.monotonic()
@@ -183,6 +184,20 @@ class StopControl:
             except psutil.Error:  # the launcher is gone: nothing left to wait for
                 pass
         return self.asked.started
+
+    def _signal_the_ranks(self, proc: subprocess.Popen) -> None:
+        """A scheduler's warning goes to the ranks that said where they are, not to the launcher: torch elastic's
+        agent, signalled, kills its ranks ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` (the grace period) later, and a
+        warning has no deadline of kaio's (a multi-node job's 50 s save was killed 35 s after the warning). Before
+        any rank has, the launcher's group (there is nothing to save yet)."""
+        fifo_path = self._fifo_path()
+        pids = {r.pid for r in self.state.ledger.ranks.values() if r.pid}
+        ranks = [p for p in launch.run_processes(fifo_path) if p.pid in pids] if fifo_path is not None else []
+        if not ranks:
+            launch.signal_group(proc, signal.SIGTERM)
+        for rank in ranks:
+            with contextlib.suppress(psutil.Error):
+                rank.send_signal(signal.SIGTERM)
 
     def kill(self, proc: subprocess.Popen) -> None:
         """Every process of the session: the launcher's group, and ranks in sessions of their own."""
