@@ -1195,3 +1195,25 @@ def test_non_finite_gradient_norms_are_counted_in_the_key_metrics_as_non_finite_
         in (report)
     )
     assert header.warnings == ["non-finite gradient norm (nan) at step 7"]
+
+
+def test_a_stop_that_saved_a_checkpoint_after_the_loss_went_nan_does_not_promise_it():
+    """on_nonfinite: warn, the loss NaN from step 7, a SIGTERM at step 17: the stop's checkpoint-18 was said to be
+    where `kaio resume` continues from, though its weights are NaN and the resume skips it."""
+    from kaio.config import RunConfig
+    from kaio.run.outcome import SessionEndings
+    from kaio.run.stopping import StopRequests
+
+    run = {"type": "run_start", "rank": 0, "session": 1, "start_step": 0, "max_steps": 30, "world_size": 1}
+    events = [{"type": "session_start", "session": 1, "t_wall": 1e9}, run]
+    for k in range(1, 19):
+        events += [_step(k, float(k))] + ([{**_log(10, "nan"), "nonfinite_from": 7}] if k == 10 else [])
+    events += [{"type": "save", "rank": 0, "session": 1, "step": 18, "path": "out/checkpoint-18"}]
+    state = replay(events)
+    cfg = RunConfig.model_validate({"project_name": "p"})
+    asked = StopRequests(requests=1, step_at_request=17)
+    outcome = SessionEndings(cfg, state, asked, lambda text, level: None, None).outcome(143, 1)
+    assert outcome.message == (
+        "stopped after step 18 with checkpoint-18 saved, after the loss went NaN/inf (from step 7 on): its weights "
+        "may be NaN, and `kaio resume p` continues from the latest checkpoint before that"
+    )

@@ -353,9 +353,9 @@ def _script_numbers(event: Log, out: AssemblyOutput, first: Callable[[str], bool
     numbers = {key: value for key, value in event.extra.items() if key not in NOT_METRICS}
     if event.within_step and numbers.pop("loss", None) is not None and first("loss within step"):
         out.note(
-            f"the script logged `loss` from inside training_step (its compute_loss?) at step {event.step}: the "
-            "record's loss is the Trainer's own for the step; the script's numbers of that name are in child.log "
-            "only (log them under another name to have them in the record)"
+            "the script logged `loss` from inside training_step (its compute_loss?): the record's loss is the "
+            "Trainer's own for each step; the script's numbers of that name are in child.log only (log them under "
+            "another name to have them in the record)"
         )
     return numbers
 

@@ -17,7 +17,7 @@ from kaio.record.paths import ProjectPaths, start_over_command
 from kaio.record.types import CheckpointSaved, SessionEnd, Status
 from kaio.run import diagnose
 from kaio.run.checkpoints import half_written, latest_checkpoint
-from kaio.run.state import RESUME_FAILED_AT_ONCE, RunState
+from kaio.run.state import RESUME_FAILED_AT_ONCE, RunState, nonfinite_since
 from kaio.run.stopping import StopRequests
 
 
@@ -132,6 +132,15 @@ class SessionEndings:
         if asked.killed:  # wherever the kill came, a save it cut short is named
             self._half_written(max((c.step for c in ledger.checkpoints), default=0))
         saved = [c for c in ledger.checkpoints if c.session == session and c.step >= asked.step_at_request]
+        since = nonfinite_since(self.state)
+        if saved and not asked.trained_before and since is not None and saved[-1].step >= since:
+            text = (
+                f"stopped after step {saved[-1].step} with checkpoint-{saved[-1].step} saved, after the loss went "
+                f"NaN/inf (from step {since} on): its weights may be NaN, and `{self.paths.command('resume')}` "
+                "continues from the latest checkpoint before that"
+            )
+            self._note(text, "warning")
+            return text
         if saved and not asked.trained_before:  # else the checkpoint was the finished training's own
             return self._stopped_with(saved[-1])
         progress = ledger.progress.get(session)

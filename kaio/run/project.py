@@ -44,7 +44,7 @@ from kaio.run import recorder as loading
 from kaio.run.checkpoints import is_checkpoint, latest_checkpoint, trainer_outputs, without_optimizer
 from kaio.run.job import index_copies, node_folders
 from kaio.run.recorder import Loaded, Recorder
-from kaio.run.state import RunState
+from kaio.run.state import RunState, nonfinite_since
 from kaio.run.stopping import leave_a_hung_up_terminal
 from kaio.run.stream import JournalReceiver, JournalSender, for_node
 from kaio.run.supervisor import SessionRequest, Supervisor, View
@@ -351,7 +351,7 @@ def _supervise(
                         checkpoint_folder(cfg, state),
                         notify=lambda text: None,
                         at_most=state.last_step,
-                        nonfinite_since=state.index.nonfinite_since(),
+                        nonfinite_since=nonfinite_since(state),
                     ),
                 )
                 figure.warm()  # in case the process was used up by the last refresh
@@ -840,11 +840,11 @@ def _resume_checkpoint(
     """The latest complete checkpoint a resume starts from, or why there is none here."""
     project, where = paths.project, asked.where
     folder = checkpoint_folder(cfg, state)
-    nonfinite_since = state.index.nonfinite_since()
-    checkpoint = latest_checkpoint(folder, notify, at_most=state.last_step, nonfinite_since=nonfinite_since)
-    if checkpoint is None and nonfinite_since is not None and latest_checkpoint(folder, lambda _: None) is not None:
+    since = nonfinite_since(state)
+    checkpoint = latest_checkpoint(folder, notify, at_most=state.last_step, nonfinite_since=since)
+    if checkpoint is None and since is not None and latest_checkpoint(folder, lambda _: None) is not None:
         raise ProjectError(
-            f"project {project!r}: its loss was NaN/inf from step {nonfinite_since} to the end, and every checkpoint "
+            f"project {project!r}: its loss was NaN/inf from step {since} to the end, and every checkpoint "
             f"in {folder}/ was saved from there on: their weights may be NaN, and a resume would train on from them; "
             f"start it again with `{start_over_command(asked.config_path)}` (a lower learning rate, or gradient "
             "clipping, may keep the loss finite)"

@@ -457,6 +457,13 @@ def history_header(parts: StateParts) -> HistoryHeader:
     )
 
 
+def nonfinite_since(state: RunState) -> int | None:
+    """The step from which every logged loss was NaN/inf to the end of the record (``RunIndex.nonfinite_since``),
+    the steps still open included: a stop's message is written before they are sealed."""
+    with state.with_open_steps() as index:
+        return index.nonfinite_since()
+
+
 _PART_OF_THE_DATA = "an evaluation loss of part of the data: "
 
 
