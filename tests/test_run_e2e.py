@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 
@@ -90,6 +91,15 @@ def test_one_run_per_project_and_no_silent_mixing(project_dir):
     pushed = kaio("push", "t", "--repo-id", "a/b", cwd=project_dir, timeout=60)  # no final adapter yet
     assert pushed.returncode == 2 and "the run has not completed (INTERRUPTED at step " in pushed.stderr
     assert "finish it with `kaio resume t`" in pushed.stderr
+    # An earlier session's final adapter (a run completed, then resumed to train further and stopped) is not pushed
+    # under the report and card of the unfinished session.
+    final = project_dir / "checkpoints" / "t" / "final"
+    final.mkdir(parents=True)
+    (final / "adapter_config.json").write_text("{}")
+    pushed = kaio("push", "t", "--repo-id", "a/b", cwd=project_dir, timeout=60)
+    assert pushed.returncode == 2 and "latest session ended INTERRUPTED at step " in pushed.stderr
+    assert "holds an earlier session's" in pushed.stderr
+    shutil.rmtree(final)
     dry = kaio("run", "cfg.yaml", "--dry-run", cwd=project_dir, timeout=60)  # says what the real one would refuse
     # A finished history is not mixed or destroyed without asking.
     again = kaio("run", "cfg.yaml", cwd=project_dir, timeout=60)

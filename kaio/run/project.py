@@ -935,6 +935,13 @@ def push(project: str, output_dir: Path, *, repo_id: str | None = None, notify: 
         if not (cfg.checkpoint_dir / "final" / "adapter_config.json").is_file():
             raise ProjectError(_no_final_adapter(cfg, loaded.state, paths))
         state = loaded.state
+        if state.status is not Status.COMPLETED:  # final/ is an earlier session's; the report and card are not
+            raise ProjectError(
+                f"project {project!r}'s latest session ended {state.status.value} at step {state.last_step}, before "
+                f"it saved a final adapter: {cfg.checkpoint_dir / 'final'}/ holds an earlier session's, which the "
+                f"report and model card would not describe; finish the training with `{paths.command('resume')}`, "
+                "then push"
+            )
         recorder = Recorder(paths, state)
         try:
             ok = push_to_hub(cfg, state, write_reports(state, paths.report_dir), recorder.record, notify)
