@@ -1217,3 +1217,21 @@ def test_a_stop_that_saved_a_checkpoint_after_the_loss_went_nan_does_not_promise
         "stopped after step 18 with checkpoint-18 saved, after the loss went NaN/inf (from step 7 on): its weights "
         "may be NaN, and `kaio resume p` continues from the latest checkpoint before that"
     )
+
+
+def test_a_script_whose_trainer_reports_to_comet_itself_is_told_of_the_second_experiment():
+    """report_to="comet_ml" (or "all") with a Comet key: the Trainer's own CometCallback made a second experiment
+    of the run beside kaio's, its steps restarting at each training, and nothing said so."""
+    from transformers import DefaultFlowCallback
+
+    from kaio.child.describe import _integrations
+
+    comet = type("CometCallback", (), {"__module__": "transformers.integrations.integration_utils"})
+    trainer = SimpleNamespace(callback_handler=SimpleNamespace(callbacks=[DefaultFlowCallback(), comet()]))
+    assert _integrations(trainer) == ["CometCallback"]
+    run = {"type": "run_start", "rank": 0, "session": 1, "integrations": ["CometCallback"], "world_size": 1}
+    start = {"type": "session_start", "session": 1, "config": {"reporting": {"use_comet_ml": True}}}
+    (said,) = replay([start, run]).header().warnings
+    assert said.startswith("the script's Trainer reports to Comet ML itself (report_to includes comet_ml, or all)")
+    start["config"] = {"reporting": {"use_comet_ml": False}}  # kaio's own is off: one experiment, the script's
+    assert replay([start, run]).header().warnings == []

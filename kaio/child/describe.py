@@ -39,6 +39,7 @@ def describe_run(rank: int, args: Any, state: Any, model: Any, kwargs: dict[str,
         local_rank=_int(getattr(args, "local_process_index", None)),
         distributed_type=_distributed_type(args),
         trainer=type(trainer).__name__ if trainer is not None else None,
+        integrations=_integrations(trainer),
         start_step=int(state.global_step),
         start_tokens=_int(getattr(state, "num_input_tokens_seen", None)) or None,
         tokens_counted_by="trainer"
@@ -59,6 +60,12 @@ def describe_run(rank: int, args: Any, state: Any, model: Any, kwargs: dict[str,
         loader_batch_size=_loader_batch_size(kwargs.get("train_dataloader"), args),
         environment=environment(),
     )
+
+
+def _integrations(trainer: Any) -> list[str]:
+    """The Trainer's reporting callbacks (``report_to``), transformers' own: CometCallback, WandbCallback..."""
+    callbacks = getattr(getattr(trainer, "callback_handler", None), "callbacks", None) or []
+    return [type(c).__name__ for c in callbacks if type(c).__module__.startswith("transformers.integrations")]
 
 
 def trainer_counts_tokens(model: Any) -> bool:

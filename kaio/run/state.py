@@ -224,7 +224,8 @@ class RunState:
                     else f"the Trainer began at step {r.start_step} (the script resumed it from a checkpoint of its own)"
                 )
                 self.ledger.add_note(f"session {r.session}: {began}: steps 1-{r.start_step} are not in this record")
-            for warning in [*_resumed_against_the_arguments(r), *_precision_not_taken(r, self.ledger.config)]:
+            config = self.ledger.config
+            for warning in [*_resumed_against_the_arguments(r), *_precision_not_taken(r, config), *_twice(r, config)]:
                 self.warn(warning)
             if r.other_model_evals:  # evaluated before the training began, by a model it does not train
                 self.index.mark_other_model(r.session, {iso(t) for t in r.other_model_evals})
@@ -543,6 +544,18 @@ def _later_training_begins(parts: StateParts, r: RunStart) -> None:
     parts.steps.smoother = LossSmoother()  # maybe another objective (SFT, then DPO): its own curve
     parts.live.last_end = None  # the gap before its first step is no step's: not in the speed
     parts.ledger.add_note(_later_training_note(r))
+
+
+def _twice(r: RunStart, config: dict | None) -> list[str]:
+    """The script's Trainer reports to Comet ML itself (report_to) while kaio does: two experiments of one run."""
+    kaios = ((config or {}).get("reporting") or {}).get("use_comet_ml", True)
+    if not kaios or "CometCallback" not in r.integrations or r.training > 1:
+        return []
+    return [
+        "the script's Trainer reports to Comet ML itself (report_to includes comet_ml, or all), as kaio does: two "
+        "experiments of one run, the Trainer's restarting its steps at each training; set report_to='none' in the "
+        "script (kaio's experiment has the run), or reporting.use_comet_ml: false"
+    ]
 
 
 def _precision_not_taken(r: RunStart, config: dict | None) -> list[str]:

@@ -179,6 +179,7 @@ class RunStart(Event, tag="run_start"):
     """Once per rank at ``on_train_begin``: what is being trained, from the live objects."""
 
     reporter: Literal["trainer", "kaio.log"] = "trainer"  # a transformers Trainer, or a plain loop calling kaio.log
+    integrations: list[str] = []  # the Trainer's own reporting callbacks (report_to: CometCallback, WandbCallback...)
     world_size: int | None = None
     process_index: int | None = None
     local_rank: int | None = None
