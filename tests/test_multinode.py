@@ -421,6 +421,17 @@ def test_the_head_follows_the_other_nodes_journals_and_says_when_one_is_lost(tmp
         "node 1 trained with another config than the head's: launch.script_args: ['--learning_rate', '1e-3'] -> "
         "['--learning_rate', '5e-3']"
     ]
+    # A resume whose head starts first: node 1's last session start is its earlier session's (another max_steps,
+    # as that session ran), not a config of this session's: nothing to say until node 1 starts its own.
+    import time
+
+    append(SessionStart(session=4, t_wall=time.time() - 3600, config={"launch": launch, "training": {"max_steps": 6}}))
+    resumed = {"launch": launch, "training": {"max_steps": 9}}
+    resumed_head = NodeWatch(ProjectPaths(project), now=lambda: clock[0], head_config=resumed)
+    assert resumed_head.poll(force=True) == []
+    append(SessionStart(session=5, t_wall=time.time(), config=resumed))
+    clock[0] += 3
+    assert resumed_head.poll(force=True) == []
 
 
 def test_a_node_that_failed_or_trained_another_config_than_the_head_is_a_warning_of_the_job():

@@ -29,6 +29,9 @@ TICKS_STALE = 5  # with a slow poller (reporting.poll_hz), silence is counted in
 TICKS_LOST = 30  # ...and 30 for lost, when that is longer than the seconds above
 POLL_S = 2.0
 MAX_READ_BYTES = 1 << 20  # a look reads at most this much of one journal (a node far ahead catches up over looks)
+# The nodes of one session start within this of the head (a node's session start before it is an earlier session's:
+# a resume's head, started first, read node 1's last config and warned that node 1 trained with another).
+NODES_START_APART_S = 120.0
 
 
 @dataclass
@@ -70,6 +73,7 @@ class NodeWatch:
         self.paths = paths
         self._now = now
         self._head_config = head_config  # the head's config: a node started for another job, or to train otherwise
+        self._started = time.time()  # the head's session start: a node's earlier session is not compared with it
         self._nodes: dict[Path, _Node] = {}
         self._next_poll = 0.0
 
@@ -184,7 +188,8 @@ class NodeWatch:
             if record.poll_hz:
                 node.tick_s = 1.0 / record.poll_hz
             head, config = self._head_config, record.config
-            if head is not None and config is not None:
+            this_job = record.t_wall is None or record.t_wall >= self._started - NODES_START_APART_S
+            if head is not None and config is not None and this_job:
                 node.unlike_the_head = _unlike_the_head(node, head, config)
         elif isinstance(record, SessionEnd):
             node.ended = record.status.value
