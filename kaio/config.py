@@ -33,7 +33,9 @@ from kaio.secrets import REDACTED, is_secret_key, redact, redact_argv  # noqa: F
 TINY_MODEL = "kaio/tiny-llama"
 
 _PROJECT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-HUB_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")  # `user/name`
+# `user/name`, as the Hub takes it (huggingface_hub's validate_repo_id): each part letters, digits, '_', '-', '.',
+# beginning and ending with a letter or digit, no '--' or '..', the name at most 96 characters, not ending '.git'.
+HUB_REPO_ID = re.compile(r"(?!.*(?:--|\.\.))(?!.*\.git$)\w(?:[\w.-]*\w)?/\w(?:[\w.-]{0,94}\w)?")
 PROJECT_NAME_RULE = "at most 100 characters, letters, digits, '.', '_', '-', beginning with a letter or digit"
 
 
@@ -343,7 +345,10 @@ class HubConfig(_Section):
         if self.push and not self.repo_id:
             raise ValueError("repo_id: required when hub.push is true (e.g. `your-name/my-adapter`)")
         if self.repo_id is not None and not HUB_REPO_ID.fullmatch(self.repo_id):
-            raise ValueError(f"repo_id: {self.repo_id!r} is not of the form `user/name`")
+            raise ValueError(
+                f"repo_id: {self.repo_id!r} is not a Hub repo id: `user/name`, each of letters, digits, '_', '-' "
+                "and '.', beginning and ending with a letter or digit, without '--' or '..'"
+            )
         return self
 
 

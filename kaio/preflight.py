@@ -213,3 +213,17 @@ def hub_unreachable(environ: Mapping[str, str] = os.environ) -> str | None:
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
     return unreachable(constants.ENDPOINT, environ)
+
+
+def push_will_fail(cfg: RunConfig, environ: Mapping[str, str] = os.environ) -> str | None:
+    """Why the Hub push at the end of the run (hub.push) cannot work, found before the training rather than after
+    its hours: no token, or the Hub switched off. (Whether the Hub answers is asked at the push: it may come back.)"""
+    if not cfg.hub.push or cfg.launch.own_code is not None:  # a script pushes its own (kaio push refuses it)
+        return None
+    from huggingface_hub import constants, get_token
+
+    if constants.HF_HUB_OFFLINE or environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    if not environ.get("HF_TOKEN") and get_token() is None:
+        return "no Hugging Face token (set HF_TOKEN, or `hf auth login`)"
+    return None

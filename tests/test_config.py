@@ -63,6 +63,9 @@ def test_defaults_fill_the_documented_paths():
         ("project_name: a/b\n", "project_name: 'a/b' is not a safe folder name"),
         ("model:\n  max_seq_length: 64\n", "project_name: required key is missing"),
         ("project_name: p\nhub:\n  push: true\n", "hub.repo_id: required when hub.push is true"),
+        # The Hub's own rule, found before the training, not by the push after it (HFValidationError).
+        ("project_name: p\nhub:\n  repo_id: me/bad..name\n", "hub.repo_id: 'me/bad..name' is not a Hub repo id"),
+        ("project_name: p\nhub:\n  repo_id: me/x-\n", "hub.repo_id: 'me/x-' is not a Hub repo id"),
         ("project_name: p\ntraining: [1, 2\n", "line 3, column 1: YAML syntax error"),
         ("- just\n- a list\n", "the top level must be a mapping"),
         # What a trainer cannot take is refused here, not deep inside the run.

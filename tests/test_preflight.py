@@ -142,3 +142,17 @@ def test_saving_the_tiny_models_adapter_does_not_look_its_name_up_on_the_hub(tmp
             model.save_pretrained(tmp_path / save)
     assert not [str(w.message) for w in seen if "tiny-llama" in str(w.message)]
     assert (tmp_path / "checkpoint-2" / "adapter_model.safetensors").is_file()
+
+
+def test_a_push_that_cannot_work_is_said_before_the_training_not_after(tmp_path, monkeypatch):
+    """hub.push with no token, or with HF_HUB_OFFLINE set, failed only at the push, after the training's hours."""
+    from kaio.preflight import push_will_fail
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no token saved by `hf auth login`
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    pushing = RunConfig(project_name="p", hub={"push": True, "repo_id": "me/x"})
+    assert push_will_fail(pushing, {}) == "no Hugging Face token (set HF_TOKEN, or `hf auth login`)"
+    assert push_will_fail(pushing, {"HF_TOKEN": "hf_x"}) is None
+    assert push_will_fail(pushing, {"HF_TOKEN": "hf_x", "HF_HUB_OFFLINE": "1"}) == "HF_HUB_OFFLINE is set"
+    assert push_will_fail(RunConfig(project_name="p"), {}) is None  # no push asked

@@ -302,11 +302,19 @@ def _launcher_notes(cfg: RunConfig, notify: Notify) -> list[str]:
     training's environment (said on the console too: a shell's leftovers are worth knowing now). A restart reads
     the same: said once."""
     from kaio.launch import accelerate_file_note, other_launchers_note
+    from kaio.preflight import push_will_fail
 
     leftover = other_launchers_note(os.environ)
     if leftover is not None:
         notify(f"note: {leftover}")
-    said = [accelerate_file_note(cfg.launch, os.environ), leftover]
+    cannot_push = push_will_fail(cfg, os.environ)
+    if cannot_push is not None:
+        cannot_push = (
+            f"hub.push: {cannot_push}: the push at the end of the run will fail (the training is not held up for it; "
+            f"`kaio push {cfg.project_name}` pushes once it can)"
+        )
+        notify(f"kaio: warning: {cannot_push}")
+    said = [accelerate_file_note(cfg.launch, os.environ), leftover, cannot_push]
     return [note for note in said if note is not None]
 
 
