@@ -8,6 +8,7 @@ that the report describes. A push never raises: whatever goes wrong becomes a sh
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,7 +102,10 @@ def push_adapter(
     secret: str | None = token
     try:
         from huggingface_hub import CommitOperationAdd, HfApi, get_token
+        from huggingface_hub.utils import disable_progress_bars
 
+        if not sys.stderr.isatty():  # its bars' cursor moves are no use in a log (CI, nohup, a pipe)
+            disable_progress_bars()
         secret = token or get_token()  # get_token() reads HF_TOKEN, then the saved login
         if not secret:
             return PushResult(
