@@ -403,12 +403,15 @@ def test_evaluations_reach_the_offline_archive_at_their_step(tmp_path):
     sink = CometSink.start(project="tiny-default", report_dir=report_dir, params=PARAMS, experiment_key=None, env={})
     sink.log_step(STEPS[0])
     sink.log_eval(EvalEntry(step=1, session=1, metrics={"eval_loss": 2.25, "eval_accuracy": 0.5, "eval_bad": None}))
+    # The script's evaluate() after the training (of the best checkpoint's weights): at the last step, named apart.
+    sink.log_eval(EvalEntry(step=1, session=1, metrics={"eval_loss": 2.75}, after_training=True))
     sink.end()
     assert sink.warnings == []
     _experiment, messages, _members = read_archive(report_dir / "comet" / f"{sink.experiment_key}.zip")
     metrics = metrics_in(messages)
     assert metrics[("eval_loss", 1)] == 2.25 and metrics[("eval_accuracy", 1)] == 0.5
     assert ("eval_bad", 1) not in metrics
+    assert metrics[("after_training/eval_loss", 1)] == 2.75
 
 
 def test_a_job_of_several_machines_is_one_experiment_with_its_nodes_tagged(report_dir):

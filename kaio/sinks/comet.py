@@ -200,8 +200,11 @@ class CometSink:
 
     @_never_raises("logging an evaluation")
     def log_eval(self, entry: EvalEntry) -> None:
-        """Log an evaluation's metrics (``eval_loss``...) at its step."""
-        metrics = {name: value for name, value in entry.metrics.items() if value is not None}
+        """Log an evaluation's metrics (``eval_loss``...) at its step. One after the training ended (the script's
+        evaluate(), of the best checkpoint's weights after load_best_model_at_end) is named apart
+        (``after_training/eval_loss``): at the last step's number, its chart read as the training's going back up."""
+        prefix = "after_training/" if entry.after_training else ""
+        metrics = {f"{prefix}{name}": value for name, value in entry.metrics.items() if value is not None}
         if metrics:
             self._submit(
                 f"logging the evaluation at step {entry.step}",
