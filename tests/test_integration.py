@@ -147,6 +147,16 @@ def test_one_run_with_everything_on_then_a_failed_push_retried_and_the_record_re
     with zipfile.ZipFile(second) as archive:
         assert json.loads(archive.read("experiment.json"))["offline_id"] == key
     assert sorted({step for (name, step) in _archive_metrics(second) if name == "loss"}) == [13, 14, 15]
+    # Its parameters: kaio's config, and what the training process trained with (its arguments, its model).
+    with zipfile.ZipFile(first) as archive:
+        messages = [json.loads(line) for line in archive.read("messages.json").decode().splitlines()]
+    params = {
+        m["payload"]["param"]["paramName"]: m["payload"]["param"]["paramValue"]
+        for m in messages
+        if m["type"] == "parameter_msg" and "param" in m["payload"]  # (a list's is "params")
+    }
+    assert float(params["trained|learning_rate"]) == pytest.approx(history["run"]["args"]["learning_rate"])
+    assert params["trained|trainer"] == "Trainer" and "trained|model|architecture" in params
 
     # The Hub: the adapter, a card and the report in one commit, recorded in the report; the token nowhere. The
     # resumed run's adapter came with `kaio push`.

@@ -244,11 +244,11 @@ class RunOutputs:
 
         key_file = self.paths.comet_key
         stored = json.loads(key_file.read_text()).get("experiment_key") if key_file.is_file() else None
+        params = config_snapshot(self.cfg)
+        if self.cfg.launch.own_code is not None:  # the built-in recipe's sections: not what a script trains with
+            params = {key: value for key, value in params.items() if key not in _RECIPE_SECTIONS}
         self._comet = CometSink.start(
-            project=self.cfg.project_name,
-            report_dir=self.paths.report_dir,
-            params=config_snapshot(self.cfg),
-            experiment_key=stored,
+            project=self.cfg.project_name, report_dir=self.paths.report_dir, params=params, experiment_key=stored
         )
         if stored is None:
             atomic_write_json(key_file, {"experiment_key": self._comet.experiment_key})
@@ -288,6 +288,9 @@ class RunOutputs:
         records_before_sinks = state.parts.records
         if self._comet is not None:
             self.feed(state, final=True)
+            trained = _what_was_trained(state)
+            if trained:
+                self._comet.log_params({"trained": trained})
             if summary.nodes:
                 self._comet.log_nodes(summary.nodes)
             self._comet.log_assets(list(self.paths.report_files))
@@ -322,6 +325,20 @@ class RunOutputs:
             self._record(Note(text=said, t_wall=time.time()))
             return None
         return nodes  # its problems are the job's warnings: said with the others at the end (kaio.run.project)
+
+
+_RECIPE_SECTIONS = ("model", "lora", "data", "training")
+
+
+def _what_was_trained(state: RunState) -> dict:
+    """The training's own arguments and model, as its process described them (the config's are kaio's)."""
+    run = state.ledger.run
+    if run is None:
+        return {}
+    trained: dict = {"trainer": run.trainer, "world_size": run.world_size, **msgspec.to_builtins(run.args)}
+    if run.model is not None:
+        trained["model"] = msgspec.to_builtins(run.model)
+    return {key: value for key, value in trained.items() if value is not None}
 
 
 def push_to_hub(
