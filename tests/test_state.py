@@ -1235,3 +1235,21 @@ def test_a_script_whose_trainer_reports_to_comet_itself_is_told_of_the_second_ex
     assert said.startswith("the script's Trainer reports to Comet ML itself (report_to includes comet_ml, or all)")
     start["config"] = {"reporting": {"use_comet_ml": False}}  # kaio's own is off: one experiment, the script's
     assert replay([start, run]).header().warnings == []
+
+
+def test_a_session_killed_with_no_error_file_is_timed_for_the_jobs_first_failure(tmp_path, monkeypatch):
+    """A node's launcher and rank killed together (its machine gone, an OOM killer): no error file, so no time,
+    and the job's report put the head's later 'connection reset' first, with no 'First to fail'."""
+    import time
+
+    from kaio.config import RunConfig
+    from kaio.run.outcome import SessionEndings
+    from kaio.run.stopping import StopRequests
+
+    monkeypatch.chdir(tmp_path)
+    state = replay([{"type": "session_start", "session": 1, "t_wall": 1e9}, _step(1, 1.0)])
+    cfg = RunConfig.model_validate({"project_name": "p"})
+    before = time.time()
+    outcome = SessionEndings(cfg, state, StopRequests(), lambda text, level: None, None).outcome(-9, 1)
+    assert (outcome.error, outcome.signal) == ("killed by SIGKILL", "SIGKILL")
+    assert outcome.error_at is not None and before <= outcome.error_at <= time.time()

@@ -106,10 +106,13 @@ class SessionEndings:
         if returncode == 0:
             self._unended_training(session)
             return SessionOutcome(0, Status.COMPLETED)
+        error_at = cause.t_wall
         if error is None and signal_name:
-            error = f"killed by {signal_name}"
+            # Killed with no error file (a node's whole process tree gone): when kaio saw it, a second or so after,
+            # orders the job's nodes by their first failure (the others' ranks fail later, their peer gone).
+            error, error_at = f"killed by {signal_name}", time.time()
         self._resume_failed_at_once(session)
-        return SessionOutcome(exit_code, Status.FAILED, signal_name, error, error_at=cause.t_wall)
+        return SessionOutcome(exit_code, Status.FAILED, signal_name, error, error_at=error_at)
 
     def _resume_failed_at_once(self, session: int) -> None:
         """A resume that failed before its first step: the checkpoint it loaded may be damaged (a truncated file),
