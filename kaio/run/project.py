@@ -723,8 +723,8 @@ def _resumable_session(paths: ProjectPaths, state: RunState, running: bool, aske
                 f"step): start it again with `{start_over_command(asked.config_path)}`"
             )
         return cfg, None, [_LOOP_RESUMED] + [f"config changed for this session: {c}" for c in changed]
+    _refuse_a_finished_run(paths, cfg, state, changed)  # (first: the checkpoints' search notes what it skips)
     checkpoint = _resume_checkpoint(paths, cfg, state, asked, notify)
-    _refuse_a_finished_run(paths, cfg, state, changed)
     later = state.ledger.later_training_of(checkpoint)
     if later is not None:
         raise ProjectError(
