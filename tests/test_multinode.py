@@ -828,3 +828,25 @@ def test_the_head_merges_a_killed_nodes_spool_and_closes_its_session_only_where_
     found = job.load_nodes([stray], head)
     assert found.nodes == [] and "a node of project 'another project'" in found.problems[0]
     assert (stray / "journal.jsonl").read_bytes() == before
+
+
+def test_a_second_kaio_of_a_node_is_refused_naming_the_node_and_its_project(tmp_path):
+    """It said "project '1-hostB' is running right now": the node's folder, as if it were a project."""
+    import subprocess
+    import sys
+
+    from kaio.record.lock import ProjectLock
+
+    folder = tmp_path / "mn1" / "nodes" / "1-hostB"
+    with ProjectLock(folder):
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"from kaio.record.lock import ProjectLock; ProjectLock(__import__('pathlib').Path({str(folder)!r})).acquire()",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert f"node 1 of project 'mn1' ({folder}) is running right now" in second.stderr

@@ -13,6 +13,7 @@ import stat
 from pathlib import Path
 
 from kaio.errors import ProjectError
+from kaio.record.paths import is_node_folder, node_rank_of
 
 LOCK_NAME = ".lock"
 
@@ -43,8 +44,14 @@ class ProjectLock:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
             os.close(fd)
             stop = f"`kill {holder}`" if holder.isdigit() else "`kill` on its pid"
+            folder = self.path.parent
+            what = (  # a node's own record, under the job's nodes/
+                f"node {node_rank_of(folder)} of project {folder.parent.parent.name!r} ({folder})"
+                if is_node_folder(folder)
+                else f"project {folder.name!r}"
+            )
             raise ProjectError(
-                f"project {self.path.parent.name!r} is running right now (pid {holder}); "
+                f"{what} is running right now (pid {holder}); "
                 f"wait for it, or stop it with Ctrl-C in its terminal (or {stop})"
             ) from None
         os.ftruncate(fd, 0)
