@@ -32,22 +32,25 @@ def redact(value: Any, marker: str = REDACTED) -> Any:
     return value
 
 
+def _secret_arguments(argv: Sequence[str]) -> dict[int, tuple[str, str]]:
+    """Where ``argv`` holds a secret-looking flag's value: its place, and (what stays of the argument, the value):
+    ``--api-key=X`` at its own place (``--api-key=``, X), ``--hub_token X``'s X at the next one ("", X)."""
+    found: dict[int, tuple[str, str]] = {}
+    for i, arg in enumerate(argv):
+        flag, eq, value = arg.partition("=")
+        if i in found or not arg.startswith("-") or not is_secret_key(flag.lstrip("-")):
+            continue
+        if eq:
+            found[i] = (f"{flag}=", value)
+        elif i + 1 < len(argv):
+            found[i + 1] = ("", argv[i + 1])
+    return found
+
+
 def redact_argv(argv: list[str], marker: str = REDACTED) -> list[str]:
     """``argv`` with the value of every secret-looking flag masked (``--hub_token X``, ``--api-key=X``)."""
-    masked: list[str] = []
-    hide_next = False
-    for arg in argv:
-        if hide_next:
-            masked.append(marker)
-            hide_next = False
-            continue
-        flag, eq, _value = arg.partition("=")
-        if arg.startswith("-") and is_secret_key(flag.lstrip("-")):
-            masked.append(f"{flag}={marker}" if eq else arg)
-            hide_next = not eq
-            continue
-        masked.append(arg)
-    return masked
+    secret = _secret_arguments(argv)
+    return [secret[i][0] + marker if i in secret else arg for i, arg in enumerate(argv)]
 
 
 MIN_SECRET_CHARS = 8  # a shorter value ("1", "true") is no key, and masking it would mangle every text it is in
@@ -57,19 +60,7 @@ def secret_values(argv: Iterable[str], environ: Mapping[str, str]) -> list[str]:
     """The values the rule calls secret, to mask in free text (an error message, a traceback, the script's output):
     a secret-looking flag's in ``argv`` and a secret-looking environment variable's (HF_TOKEN, COMET_API_KEY),
     the longest first (one that holds another is masked whole)."""
-    values: set[str] = set()
-    hide_next = False
-    for arg in argv:
-        if hide_next:
-            values.add(arg)
-            hide_next = False
-            continue
-        flag, eq, value = arg.partition("=")
-        if arg.startswith("-") and is_secret_key(flag.lstrip("-")):
-            if eq:
-                values.add(value)
-            else:
-                hide_next = True
+    values = {value for _, value in _secret_arguments(list(argv)).values()}
     values.update(value for name, value in environ.items() if is_secret_key(name))
     return sorted((v for v in values if len(v) >= MIN_SECRET_CHARS), key=len, reverse=True)
 
