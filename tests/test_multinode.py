@@ -432,6 +432,12 @@ def test_the_head_follows_the_other_nodes_journals_and_says_when_one_is_lost(tmp
     append(SessionStart(session=5, t_wall=time.time(), config=resumed))
     clock[0] += 3
     assert resumed_head.poll(force=True) == []
+    # An earlier session that started less than 2 minutes before (a short run, resumed at once): it ended.
+    earlier = {"launch": launch, "training": {"max_steps": 4}}
+    append(
+        SessionStart(session=6, t_wall=time.time() - 50, config=earlier), SessionEnd(session=6, status=Status.COMPLETED)
+    )
+    assert NodeWatch(ProjectPaths(project), now=lambda: clock[0], head_config=resumed).poll(force=True) == []
 
 
 def test_a_node_that_failed_or_trained_another_config_than_the_head_is_a_warning_of_the_job():

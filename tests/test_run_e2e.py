@@ -97,7 +97,7 @@ def test_one_run_per_project_and_no_silent_mixing(project_dir):
     final.mkdir(parents=True)
     (final / "adapter_config.json").write_text("{}")
     pushed = kaio("push", "t", "--repo-id", "a/b", cwd=project_dir, timeout=60)
-    assert pushed.returncode == 2 and "latest session ended INTERRUPTED at step " in pushed.stderr
+    assert pushed.returncode == 2 and "its latest session ended INTERRUPTED at step " in pushed.stderr
     assert "holds an earlier session's" in pushed.stderr
     shutil.rmtree(final)
     dry = kaio("run", "cfg.yaml", "--dry-run", cwd=project_dir, timeout=60)  # says what the real one would refuse

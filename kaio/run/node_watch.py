@@ -193,6 +193,7 @@ class NodeWatch:
                 node.unlike_the_head = _unlike_the_head(node, head, config)
         elif isinstance(record, SessionEnd):
             node.ended = record.status.value
+            node.unlike_the_head = None  # (not said yet: an ended session, read in one look, is an earlier one's)
         elif isinstance(record, Devices):
             node.run_gpus = {d.key for d in record.devices if d.in_run}
         elif isinstance(record, TickRecord):

@@ -945,7 +945,7 @@ def push(project: str, output_dir: Path, *, repo_id: str | None = None, notify: 
         state = loaded.state
         if state.status is not Status.COMPLETED:  # final/ is an earlier session's; the report and card are not
             raise ProjectError(
-                f"project {project!r}'s latest session ended {state.status.value} at step {state.last_step}, before "
+                f"project {project!r}: its latest session ended {state.status.value} at step {state.last_step}, before "
                 f"it saved a final adapter: {cfg.checkpoint_dir / 'final'}/ holds an earlier session's, which the "
                 f"report and model card would not describe; finish the training with `{paths.command('resume')}`, "
                 "then push"
