@@ -242,7 +242,7 @@ def _print_dry_run(cfg: RunConfig, where: Placement, config: Path, *, overwrite:
     """Each node's child command and environment, with what `kaio run` would refuse (a model not at hand is
     said, not refused: a dry run is often prepared where the model is not)."""
     from kaio.nodes import dry_run_lines
-    from kaio.preflight import model_unavailable
+    from kaio.preflight import model_unavailable, push_will_fail
     from kaio.run.project import run_refusal
 
     refusal = None if overwrite else run_refusal(cfg, config)
@@ -251,6 +251,9 @@ def _print_dry_run(cfg: RunConfig, where: Placement, config: Path, *, overwrite:
         refusal = None if unavailable is None else f"{config}: {unavailable}"
     for line in dry_run_lines(cfg, where, os.environ, refusal):
         typer.echo(line)
+    cannot_push = push_will_fail(cfg, os.environ)
+    if cannot_push is not None:
+        typer.echo(f"note: hub.push: {cannot_push}: the push at the end of the run would fail")
 
 
 @app.command()
