@@ -534,3 +534,22 @@ def test_a_schedulers_warning_sets_no_deadline_for_the_save_of_a_job_of_several_
     output, _ = proc.communicate(timeout=90)
     assert sorted(p.name for p in project_dir.glob("saved-*.json")) == ["saved-0.json", "saved-1.json"], output
     assert read_history(project_dir)["status"] == "INTERRUPTED"
+
+
+def test_the_launcher_keeps_sigterm_ignored_whatever_accelerate_installs(monkeypatch):
+    """accelerate 1.16's launcher installs a SIGTERM handler of its own (which ends it and kills its process 5 s
+    later): kaio's keeps it from being installed; accelerate 1.15 and before install none, and nothing is done."""
+    import accelerate.commands.launch as accelerate_launch
+
+    from kaio.child import launcher
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        monkeypatch.setattr(accelerate_launch, "signal", signal, raising=False)  # as accelerate 1.16 imports it
+        launcher._sigterm_stays_ignored()
+        assert accelerate_launch.signal.signal(signal.SIGTERM, lambda *args: None) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+        monkeypatch.delattr(accelerate_launch, "signal")  # accelerate 1.15: no signal module there
+        launcher._sigterm_stays_ignored()
+    finally:
+        signal.signal(signal.SIGTERM, previous)

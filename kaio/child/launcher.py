@@ -204,17 +204,18 @@ def _sigterm_stays_ignored() -> None:
     process's to answer: this launcher goes on ignoring it and waits, as with earlier accelerate."""
     import accelerate.commands.launch as accelerate_launch
 
-    real = accelerate_launch.signal
+    if getattr(accelerate_launch, "signal", None) is not signal:
+        return  # accelerate 1.15 and before: its launcher of one process handles no signal
 
     class KeepsSigtermIgnored:
         def __getattr__(self, name: str) -> object:
-            return getattr(real, name)
+            return getattr(signal, name)
 
         @staticmethod
-        def signal(signum: int, handler: object) -> object:
-            if signum == real.SIGTERM:
-                return real.getsignal(signum)  # (its own handler is not installed, nor its "previous" restored)
-            return real.signal(signum, handler)
+        def signal(signum: int, handler: Any) -> Any:
+            if signum == signal.SIGTERM:
+                return signal.getsignal(signum)  # (its own handler is not installed, nor its "previous" restored)
+            return signal.signal(signum, handler)
 
     accelerate_launch.signal = KeepsSigtermIgnored()
 
