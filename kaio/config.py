@@ -171,14 +171,21 @@ def flag_name(arg: str) -> str:
     return "--" + arg.split("=", 1)[0].lstrip("-").replace("-", "_")
 
 
-def flag_value(args: list[str], flag: str) -> str | None:
-    """The value a command line gives ``flag`` (``--flag v`` or ``--flag=v``, dashes or underscores), or None."""
+def flag_at(args: list[str], flag: str) -> tuple[int, str] | None:
+    """Where a command line gives ``flag`` its value (dashes or underscores): the value's place, and what comes
+    before the value there (``--flag=`` for ``--flag=v``; "" for ``--flag v``, the value's own argument)."""
     for i, arg in enumerate(args):
         if arg.startswith("--") and flag_name(arg) == flag_name(flag):
             if "=" in arg:
-                return arg.split("=", 1)[1]
-            return args[i + 1] if i + 1 < len(args) else None
+                return i, arg.split("=", 1)[0] + "="
+            return (i + 1, "") if i + 1 < len(args) else None
     return None
+
+
+def flag_value(args: list[str], flag: str) -> str | None:
+    """The value a command line gives ``flag`` (``--flag v`` or ``--flag=v``), or None."""
+    at = flag_at(args, flag)
+    return None if at is None else args[at[0]].removeprefix(at[1])
 
 
 # `accelerate launch` flags kaio passes itself, from these keys.

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from kaio.config import LaunchConfig, RunConfig, flag_name, flag_value
+from kaio.config import LaunchConfig, RunConfig, flag_at, flag_name, flag_value
 from kaio.nodes import ENV_JOB_SECRET
 from kaio.record.paths import ProjectPaths
 from kaio.secrets import redact_argv
@@ -169,12 +169,10 @@ def _home_expanded(args: list[str], home: str | None) -> list[str]:
     """``--config_file ~/x.yaml``: no shell stands between the config's list and accelerate, so kaio expands
     ``~`` (as it does reading the file for its notes)."""
     out = list(args)
-    for i, arg in enumerate(out):
-        if flag_name(arg) == flag_name("--config_file") and arg.startswith("--"):
-            if "=" in arg:
-                out[i] = f"{arg.split('=', 1)[0]}={_expanded(arg.split('=', 1)[1], home)}"
-            elif i + 1 < len(out):
-                out[i + 1] = str(_expanded(out[i + 1], home))
+    at = flag_at(out, "--config_file")
+    if at is not None:
+        i, before = at
+        out[i] = before + str(_expanded(out[i].removeprefix(before), home))
     return out
 
 

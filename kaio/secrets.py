@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, AnyStr
 
 _SECRET_WORD = re.compile(r"(?:^|[_\-.])(?:token|key|apikey|secret|password|passwd)(?:$|[_\-.])", re.IGNORECASE)
 REDACTED = "***"
@@ -65,7 +65,9 @@ def secret_values(argv: Iterable[str], environ: Mapping[str, str]) -> list[str]:
     return sorted((v for v in values if len(v) >= MIN_SECRET_CHARS), key=len, reverse=True)
 
 
-def mask(text: str, values: Sequence[str], marker: str = REDACTED) -> str:
+def mask(text: AnyStr, values: Sequence[AnyStr], marker: AnyStr) -> AnyStr:
+    """``text`` with each of ``values`` replaced by ``marker`` (text, or bytes: a journal line, a binary stream);
+    the same object where none is in it."""
     for value in values:
         if value in text:
             text = text.replace(value, marker)

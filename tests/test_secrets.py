@@ -18,7 +18,7 @@ def test_the_values_a_secret_flag_or_variable_holds_are_the_ones_masked():
     environ = {"COMET_API_KEY": "cmtKEY0123456789", "TOKENIZERS_PARALLELISM": "false", "MY_KEY": "1", "HOME": "/root"}
     assert secret_values(argv, environ) == [TOKEN, "sk-0123456789abcdef", "cmtKEY0123456789"]  # longest first
     said = f"error: unrecognized arguments: --hf-token {TOKEN} (with cmtKEY0123456789)"
-    assert mask(said, secret_values(argv, environ)) == "error: unrecognized arguments: --hf-token *** (with ***)"
+    assert mask(said, secret_values(argv, environ), "***") == "error: unrecognized arguments: --hf-token *** (with ***)"
 
 
 def test_a_ranks_output_and_error_file_mask_the_secrets_of_its_arguments(tmp_path):

@@ -181,7 +181,7 @@ def _write_error_file(rank: int, exc: BaseException) -> None:
     elif not isinstance(exc, SystemExit):
         cause += _where_in_the_script(exc)
     from kaio.child.output import the_process_secrets
-    from kaio.secrets import mask
+    from kaio.secrets import REDACTED, mask
 
     secrets = the_process_secrets()  # an error quoting the script's arguments quotes its token too
     record = RankError(
@@ -190,9 +190,9 @@ def _write_error_file(rank: int, exc: BaseException) -> None:
         pid=os.getpid(),
         t_wall=time.time(),
         exc_type=type(exc).__name__,
-        message=mask(str(exc), secrets)[:2000],
-        root_cause=mask(cause, secrets),
-        traceback=mask("".join(lines), secrets)[-20000:],
+        message=mask(str(exc), secrets, REDACTED)[:2000],
+        root_cause=mask(cause, secrets, REDACTED),
+        traceback=mask("".join(lines), secrets, REDACTED)[-20000:],
     )
     try:
         os.makedirs(error_dir, exist_ok=True)

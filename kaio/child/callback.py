@@ -31,7 +31,7 @@ from kaio.child.describe import (
 )
 from kaio.child.emitter import EventEmitter
 from kaio.child.memory import peak_memory_functions
-from kaio.child.nonfinite import EvalLossWatch, LossWatch, stop_on_nonfinite
+from kaio.child.nonfinite import LossWatch, stop_on_nonfinite
 from kaio.child.paths import recorded_path
 from kaio.child.timing import StepTiming
 from kaio.telemetry.protocol import (
@@ -193,7 +193,7 @@ class KaioCallback(TrainerCallback):
         )
         self._skipped_gpu_values: set[str] = set()
         self.losses = LossWatch()  # fed by the patched Trainer's training_step
-        self.eval_losses = EvalLossWatch()  # ...and its prediction_step
+        self.eval_losses = LossWatch()  # ...and its prediction_step (each evaluation batch's)
         self.micro_batch_logs = MicroBatchLogs()  # told by the patched Trainer's training_step
         # A rank but the first: its own first non-finite loss (step, kind) for its next step event; True once sent.
         self._nonfinite_found: tuple[int, str] | bool | None = None
@@ -389,7 +389,7 @@ class KaioCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, *, prediction: bool = False, **kwargs):
         self.evaluations_seen += 1
-        hidden, batches = self.eval_losses.take() if getattr(args, "logging_nan_inf_filter", False) else (0, 0)
+        hidden, batches = self.eval_losses.nonfinite_of() if getattr(args, "logging_nan_inf_filter", False) else (0, 0)
         if not state.is_world_process_zero or not metrics:
             return
         values = {key: self._metric(key, value) for key, value in metrics.items() if key != "epoch"}

@@ -90,35 +90,16 @@ class LossWatch:
         mean = _mean_of_ranks(total, len(steps_seen), device) if average else None
         return LossWindow(nonfinite, mean if mean is not None and math.isfinite(mean) else None)
 
+    def nonfinite_of(self) -> tuple[int, int]:
+        """(losses NaN/inf, losses) since the previous call; forgets them. An evaluation's batches (the patched
+        Trainer's prediction_step): its eval_loss leaves the NaN/inf ones out (logging_nan_inf_filter), and the
+        record says so rather than show a finite loss of part of the data."""
+        values = [value for losses, _ in self._windows() for value in _read(losses)[0]]
+        self._losses, self._steps, self._folded = [], [], []
+        return sum(1 for value in values if not math.isfinite(value)), len(values)
+
     def _windows(self) -> list[tuple[Any, list[int]]]:
         return [*self._folded, (self._losses, self._steps)] if self._losses else list(self._folded)
-
-
-class EvalLossWatch:
-    """Each evaluation batch's loss as ``prediction_step`` returned it (a reference, read when the evaluation ends,
-    after the Trainer has read them all): its eval_loss leaves the NaN/inf ones out (logging_nan_inf_filter), and
-    the record says so rather than show a finite loss of part of the data."""
-
-    def __init__(self) -> None:
-        self._losses: list[Any] = []
-        self._folded: list[Any] = []  # stacked losses of a long evaluation
-
-    def observe(self, loss: Any) -> None:
-        if getattr(loss, "ndim", None) != 0:
-            return
-        self._losses.append(loss)
-        if len(self._losses) >= _FOLD_AT:
-            import torch
-
-            self._folded.append(torch.stack(self._losses))
-            self._losses = []
-
-    def take(self) -> tuple[int, int]:
-        """(batches whose loss was NaN/inf, batches) since the previous call; forgets them."""
-        windows = [*self._folded, self._losses] if self._losses else self._folded
-        self._losses, self._folded = [], []
-        values = [value for losses in windows for value in _read(losses)[0]]
-        return sum(1 for value in values if not math.isfinite(value)), len(values)
 
 
 def _read(losses: Any) -> tuple[list[float], Any]:

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from kaio.secrets import REDACTED, secret_values
+from kaio.secrets import REDACTED, mask, secret_values
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -35,9 +35,7 @@ class _Guarded:
         size = len(data)
         if self._binary and not isinstance(data, bytes):
             data = bytes(data)  # a bytearray or memoryview
-        for value in self._secrets:
-            if value in data:
-                data = data.replace(value, self._marker)
+        data = mask(data, self._secrets, self._marker)
         try:
             self._stream.write(data)
         except OSError as exc:

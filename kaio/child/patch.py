@@ -243,7 +243,7 @@ def _watch_losses(trainer: Any, callback: Any) -> None:
 
 
 def _watch_eval_losses(trainer: Any, callback: Any) -> None:
-    """Every evaluation batch's loss, as ``prediction_step`` returns it, to the callback's ``EvalLossWatch``."""
+    """Every evaluation batch's loss, as ``prediction_step`` returns it, to the callback's ``eval_losses``."""
     step_fn = trainer.prediction_step
     watch = callback.eval_losses
 
@@ -251,7 +251,7 @@ def _watch_eval_losses(trainer: Any, callback: Any) -> None:
     def prediction_step(*args, **kwargs):
         result = step_fn(*args, **kwargs)
         if isinstance(result, tuple) and result:
-            watch.observe(result[0])
+            watch.observe(result[0], 0)  # (no step: an evaluation's batches)
         return result
 
     trainer.prediction_step = prediction_step

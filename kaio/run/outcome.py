@@ -135,15 +135,6 @@ class SessionEndings:
         if asked.killed:  # wherever the kill came, a save it cut short is named
             self._half_written(max((c.step for c in ledger.checkpoints), default=0))
         saved = [c for c in ledger.checkpoints if c.session == session and c.step >= asked.step_at_request]
-        since = nonfinite_since(self.state)
-        if saved and not asked.trained_before and since is not None and saved[-1].step >= since:
-            text = (
-                f"stopped after step {saved[-1].step} with checkpoint-{saved[-1].step} saved, after the loss went "
-                f"NaN/inf (from step {since} on): its weights may be NaN, and `{self.paths.command('resume')}` "
-                "continues from the latest checkpoint before that"
-            )
-            self._note(text, "warning")
-            return text
         if saved and not asked.trained_before:  # else the checkpoint was the finished training's own
             return self._stopped_with(saved[-1])
         progress = ledger.progress.get(session)
@@ -204,8 +195,18 @@ class SessionEndings:
         return text
 
     def _stopped_with(self, checkpoint: CheckpointSaved) -> str:
-        """The stop saved ``checkpoint``: what continues from it."""
+        """The stop saved ``checkpoint``: what continues from it (not it, saved after the loss went NaN/inf for
+        good: `kaio resume` skips it)."""
         step, path = checkpoint.step, checkpoint.path
+        since = nonfinite_since(self.state)
+        if since is not None and step >= since:
+            text = (
+                f"stopped after step {step} with checkpoint-{step} saved, after the loss went NaN/inf (from step "
+                f"{since} on): its weights may be NaN, and `{self.paths.command('resume')}` continues from the latest "
+                "checkpoint before that"
+            )
+            self._note(text, "warning")
+            return text
         name = path if path and os.path.basename(path) != f"checkpoint-{step}" else f"checkpoint-{step}"
         resume = self.paths.command("resume")
         how = (

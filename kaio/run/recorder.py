@@ -19,7 +19,7 @@ from kaio.record.journal import Journal, journal_head, read_records
 from kaio.record.paths import ProjectPaths
 from kaio.record.types import Note, Record, decode_record, encode_record
 from kaio.run.state import RunState
-from kaio.secrets import REDACTED
+from kaio.secrets import REDACTED, mask
 
 
 @dataclass
@@ -100,10 +100,9 @@ class Recorder:
 
     def record(self, record: Record) -> None:
         line = encode_record(record)
-        if self._secrets and any(secret in line for secret in self._secrets):
-            for secret in self._secrets:
-                line = line.replace(secret, REDACTED.encode())
-            record = decode_record(line)
+        masked = mask(line, self._secrets, REDACTED.encode())
+        if masked is not line:  # a secret in its text: journaled and applied without it
+            line, record = masked, decode_record(masked)
         self.journal.append_line(line)
         self.state.apply(record)
         if self.state.index.failed is not None and not self._index_failure_said:
