@@ -6,9 +6,12 @@ records it journals (``synthetic_run.records``: 8 ranks' step events and rank
 every 5,000 steps, a completed session) go through ``Recorder.record`` (a
 real ``Journal``, then the ``RunState``, whose sealed steps go to the SQLite
 ``index.sqlite``), and the index is committed (``Recorder.save``) as the
-supervisor's refresh commits it, ``--tail-steps`` (20) steps before the end:
-what a supervisor killed a few seconds after its last refresh leaves (the
-journal holds the rest, the index does not). Then ``python -m kaio report
+supervisor's refresh commits it, ``--tail-steps`` (20) steps before the end,
+after writing history.json and report.md as that refresh does: what a
+supervisor killed a few seconds after its last refresh leaves (the journal
+holds the rest, the index does not). Replaying that tail and writing the
+reports is also what the end of a run does (a few more steps since the last
+refresh): run 1 measures both. Then ``python -m kaio report
 synthetic --output-dir <tmp>/reports`` runs:
 
 - run 1 replays the journal's tail on top of the index's state (the crash
@@ -48,6 +51,7 @@ def build_project(report_dir: Path, steps: int, hours: float, gpus: int, ranks: 
 
     from kaio.record.paths import ProjectPaths
     from kaio.run import recorder as loading
+    from kaio.run.finalize import write_reports
     from kaio.telemetry.protocol import Step
 
     paths = ProjectPaths(report_dir)
@@ -63,7 +67,8 @@ def build_project(report_dir: Path, steps: int, hours: float, gpus: int, ranks: 
         counts[tag] = counts.get(tag, 0) + 1
         recorder.record(record)  # Supervisor.record: the journal, then the state (sealed steps to the index)
         if type(record) is Step and record.step == save_at and record.rank == ranks - 1:
-            recorder.save()  # the last refresh before the supervisor died
+            write_reports(loaded.state, report_dir, draw=False)  # the last refresh before the supervisor died:
+            recorder.save()  # history.json and report.md, then the index committed
             saved = True
     assert saved, "the index was never committed"
     recorder.close()  # the journal flushed; the index left as the last save committed it

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -363,6 +364,94 @@ def test_history_json_is_written_when_missing_and_not_rewritten_when_nothing_cha
     write_reports(loaded.state, paths.report_dir, draw=False)
     assert json.loads(paths.history.read_text())["steps"][-1]["step"] == 20
     loaded.state.index.close()
+
+
+def test_history_json_copies_the_lines_of_the_final_steps_it_wrote_before_and_adds_only_the_new_ones(tmp_path):
+    """A long run's history.json is GBs: a new write copies the final steps' lines from the file written
+    before (proved by a byte changed in it, the file's identity kept), unless the file or those steps changed."""
+    import os
+
+    from kaio.run.finalize import write_reports
+
+    session_1 = _run_records(60)
+    cut = next(i for i, d in enumerate(session_1) if d["type"] == "log" and d["step"] == 40) + 1
+    paths = ProjectPaths(tmp_path / "p")
+    loaded = loading.load(paths, writable=True)
+    recorder = Recorder(paths, loaded.state)
+    state = loaded.state
+
+    def feed(dicts):
+        for record in records(*dicts):
+            recorder.record(record)
+        state.parts.history_mark = None  # written again whatever the marks say
+
+    def changed_unseen():
+        """Step 1's line says step 7, the file's size, inode and times as they were."""
+        before = paths.history.stat()
+        data = paths.history.read_bytes()
+        assert data.count(b'{"step":1,') == 1
+        paths.history.write_bytes(data.replace(b'{"step":1,', b'{"step":7,'))
+        os.utime(paths.history, ns=(before.st_atime_ns, before.st_mtime_ns))
+
+    def written():
+        document = json.loads(paths.history.read_text())
+        document.pop("generated_at")
+        return document
+
+    feed(session_1[:cut])
+    write_reports(state, paths.report_dir, draw=False)
+    prefix = state.parts.history_prefix
+    assert prefix is not None and 30 < prefix.through < 40  # the steps still open are written, not kept
+    assert written() == _document(state)
+    changed_unseen()
+    feed(session_1[cut:])
+    write_reports(state, paths.report_dir, draw=False)
+    document = written()
+    assert [s["step"] for s in document["steps"]] == [7, *range(2, 61)]  # copied, not read from the index again
+    document["steps"][0]["step"] = 1
+    assert document == _document(state)
+
+    os.utime(paths.history)  # touched: the file may not be what kaio wrote
+    feed([_end(1, "INTERRUPTED")])
+    write_reports(state, paths.report_dir, draw=False)
+    assert written() == _document(state)
+
+    changed_unseen()  # then a resume trains steps 41.. again: their lines change, the file is written whole
+    feed(_run_records(30, session=2, first_step=41, t0=100.0) + [_end(2)])
+    write_reports(state, paths.report_dir, draw=False)
+    document = written()
+    assert document == _document(state) and document["steps"][0]["step"] == 1
+    assert [s["session"] for s in document["steps"]] == [1] * 40 + [2] * 30
+    recorder.close()
+    state.index.close()
+
+
+@pytest.mark.parametrize("source_folder", ["same", "other filesystem"])
+def test_copy_range_copies_a_files_bytes_within_a_filesystem_and_across_filesystems(tmp_path, source_folder):
+    """Across filesystems the kernel refuses copy_file_range (EXDEV): the bytes are read and written instead."""
+    import os
+    import tempfile
+
+    from kaio.fsutil import copy_range
+
+    if source_folder == "same":
+        folder = tmp_path
+    elif Path("/dev/shm").is_dir() and os.stat("/dev/shm").st_dev != os.stat(tmp_path).st_dev:
+        folder = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    else:
+        pytest.skip("no second filesystem (/dev/shm) here")
+    data = bytes(range(256)) * 40_000  # 10 MB: more than one read of the fallback
+    source = folder / "source"
+    source.write_bytes(data)
+    target = tmp_path / "target"
+    with open(source, "rb") as src, open(target, "wb", buffering=0) as dst:
+        dst.write(b"head")
+        copy_range(src.fileno(), dst.fileno(), 7, len(data) - 5)
+        dst.write(b"tail")
+    assert target.read_bytes() == b"head" + data[7:-5] + b"tail"
+    if folder != tmp_path:
+        source.unlink()
+        folder.rmdir()
 
 
 FULL_DISK_RUN = """\

@@ -837,7 +837,7 @@ def test_write_reports_writes_all_three_files_through_the_real_record(tmp_path):
     state = replay(records)
     out = tmp_path / "reports" / "p"
     with state.with_open_steps() as index:
-        summary = write_reports(state.header(), index, out)
+        summary, _ = write_reports(state.header(), index, out)
     assert sorted(p.name for p in out.iterdir()) == ["history.json", "report.md", "telemetry.png"]
     saved = json.loads((out / "history.json").read_text())
     assert saved["schema_version"] == 2 and list(saved)[-2:] == ["evals", "steps"]
@@ -897,7 +897,7 @@ def test_a_history_read_back_gives_the_same_summary_figure_and_report(tmp_path):
         hub=HubOutcome(repo_id="me/tiny", commit_sha="abc"),
         warnings=["a warning"],
     )
-    summary = write_reports(header, index, tmp_path, png=False)
+    summary, _ = write_reports(header, index, tmp_path, png=False)
     read_header, read_index = history_from_file(tmp_path / "history.json")
     assert read_header == header
     assert summarize(read_header, read_index) == summary
@@ -1065,7 +1065,7 @@ def test_a_plotting_failure_still_leaves_history_and_report(tmp_path, monkeypatc
         raise RuntimeError("no usable font")
 
     monkeypatch.setattr("kaio.report.plot.render_telemetry_png", broken_renderer)
-    summary = write_reports(*make_run(5), tmp_path)
+    summary, _ = write_reports(*make_run(5), tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["history.json", "report.md"]
     assert "telemetry.png was not rendered: RuntimeError: no usable font" in summary.warnings
     assert "- ⚠️ telemetry.png was not rendered: RuntimeError: no usable font" in (tmp_path / "report.md").read_text()

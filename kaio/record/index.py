@@ -354,21 +354,32 @@ class RunIndex:
     def last_step(self) -> int:
         return self.conn.execute("SELECT COALESCE(MAX(step), 0) FROM steps").fetchone()[0]
 
-    def step_lines(self) -> Iterator[bytes]:
-        """history.json's step entries, one JSON line each, in step order. SQLite notices a broken page,
-        not changed bytes inside one: each entry and each ``steps`` row carries the CRC-32 it was written
-        with, and one that no longer matches raises ``IndexDamaged`` (the caller rebuilds the index from
-        the journal instead of writing a damaged history)."""
+    def step_lines(self, after: int | None = None) -> Iterator[bytes]:
+        """history.json's step entries, one JSON line each, in step order (those after ``after``)."""
+        return (line for _, line in self.numbered_step_lines(after))
+
+    def numbered_step_lines(self, after: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """``step_lines`` with each line's step. SQLite notices a broken page, not changed bytes inside one:
+        each entry and each ``steps`` row carries the CRC-32 it was written with, and one that no longer
+        matches raises ``IndexDamaged`` (the caller rebuilds the index from the journal instead of writing a
+        damaged history)."""
         crc32, encode = zlib.crc32, _ENCODER.encode
         rows = self.conn.execute(
-            "SELECT s.*, l.entry, l.crc FROM steps s LEFT JOIN step_lines l USING (step) ORDER BY step"
+            "SELECT s.*, l.entry, l.crc FROM steps s LEFT JOIN step_lines l USING (step) WHERE step > ? ORDER BY step",
+            (-(2**62) if after is None else after,),
         )
         for *row, row_crc, line, line_crc in rows:
             if line is None or crc32(line) != line_crc:
                 raise IndexDamaged(f"the entry of step {row[0]} is damaged")
             if crc32(encode(row)) != row_crc:
                 raise IndexDamaged(f"the row of step {row[0]} is damaged")
-            yield bytes(line) + b"\n"
+            yield row[0], bytes(line) + b"\n"
+
+    def steps_through(self, step: int) -> tuple[int, int | None]:
+        """How many steps the index holds up to ``step``, and the CRC of ``step``'s row (None: no such row)."""
+        (count,) = self.conn.execute("SELECT COUNT(*) FROM steps WHERE step <= ?", (step,)).fetchone()
+        row = self.conn.execute("SELECT crc FROM steps WHERE step = ?", (step,)).fetchone()
+        return count, None if row is None else row[0]
 
     def add_metric(self, step: int, name: str, value: float) -> None:
         """A number logged at a step with no entry: the script's own, before its first step ended (step 0)."""

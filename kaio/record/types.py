@@ -590,3 +590,20 @@ class HistoryHeader(msgspec.Struct, kw_only=True):
 
     def run_gpu_keys(self) -> list[str]:
         return [d.key for d in self.devices if d.info.in_run]
+
+
+class HistoryPrefix(msgspec.Struct, kw_only=True, frozen=True):
+    """Where the final steps' lines lie in the history.json last written: the next write copies those bytes
+    (by the kernel, nothing encoded again) and adds only the later steps. ``inode``, ``size`` and ``mtime_ns``
+    identify the file; the lines of the steps up to ``through`` are bytes ``start``..``end`` (the last one's
+    closing brace); ``count`` of them, ``through``'s row having the CRC ``crc`` (a resume that trained those
+    steps again changes both: the whole file is written then)."""
+
+    inode: int
+    size: int
+    mtime_ns: int
+    start: int
+    end: int
+    through: int
+    count: int
+    crc: int

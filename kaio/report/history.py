@@ -8,6 +8,7 @@ import: matplotlib and numpy load only when a PNG is rendered.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import msgspec
 
 from kaio.errors import ReportError
-from kaio.fsutil import atomic_write_chunks, atomic_write_text
+from kaio.fsutil import atomic_file, atomic_write_text, copy_range, write_all
 from kaio.record.index import RunIndex
 from kaio.record.paths import ProjectPaths
 from kaio.record.rules import LossSmoother
@@ -25,6 +26,7 @@ from kaio.record.types import (
     DeviceSummary,
     EvalEntry,
     HistoryHeader,
+    HistoryPrefix,
     HostInfo,
     HubOutcome,
     RunDescription,
@@ -38,7 +40,7 @@ from kaio.report.figure_data import figure_data
 from kaio.report.markdown import render_markdown
 from kaio.report.summary import Summary, summarize
 
-__all__ = ["history_document", "history_from_file", "write_reports"]
+__all__ = ["history_document", "history_from_file", "write_history", "write_reports"]
 
 REBUILD_HINT = "rebuild it from the run's journal.jsonl with `kaio report <project>`"
 _ENCODER = msgspec.json.Encoder()
@@ -52,15 +54,18 @@ def write_reports(
     history_json: bool = True,
     png: bool = True,
     extra_warnings: Iterable[str] = (),
-) -> Summary:
+    final_through: int = 0,
+    previous: HistoryPrefix | None = None,
+) -> tuple[Summary, HistoryPrefix | None]:
     """Write history.json (when ``history_json``), telemetry.png (when ``png``, in this process) and
-    report.md; returns the summary."""
+    report.md; returns the summary, and where history.json's final steps lie (``write_history``)."""
     paths = ProjectPaths(report_dir)
     summary = summarize(header, index)
     summary.warnings.extend(extra_warnings)
+    prefix = None
     if history_json:  # every warning report.md lists: the run's own, then what only the whole history shows
         whole = msgspec.structs.replace(header, warnings=list(summary.warnings))
-        atomic_write_chunks(paths.history, history_document(whole, index))
+        prefix = write_history(paths.history, whole, index, final_through=final_through, previous=previous)
     if png:
         from kaio.report.plot import render_telemetry_png
 
@@ -69,25 +74,112 @@ def write_reports(
         except Exception as exc:
             summary.warnings.append(f"telemetry.png was not rendered: {type(exc).__name__}: {exc}")
     atomic_write_text(paths.report, render_markdown(header, summary, index.evals()))
-    return summary
+    return summary, prefix
 
 
 def history_document(header: HistoryHeader, index: RunIndex) -> Iterator[bytes]:
     """The history.json bytes: the header's keys, the evaluations, then ``"steps"``, one entry per line
     (so that ``grep`` and ``tail`` work on it)."""
+    yield _opening(header, index)
+    separator = b""
+    for line in index.step_lines():
+        yield separator + line[:-1]
+        separator = b",\n"
+    yield _CLOSING if not separator else b"\n" + _CLOSING
+
+
+_STEPS_KEY = b',"steps":[\n'
+_CLOSING = b"]}\n"
+_BATCH_BYTES = 1 << 20
+
+
+def write_history(
+    path: Path, header: HistoryHeader, index: RunIndex, *, final_through: int = 0, previous: HistoryPrefix | None = None
+) -> HistoryPrefix | None:
+    """history.json (``history_document``'s bytes), written atomically. The lines of the steps up to
+    ``final_through`` will not change again: where ``previous`` says that the file on disk holds them as they
+    were written, they are copied from it (a long run's history.json is GBs) and only the later steps are read
+    from the index. Returns where the final steps' lines lie in the new file (None: no final step in it)."""
+    opening = _opening(header, index)
+    old = _reusable(path, previous, index, final_through)
+    through = end = None
+    with atomic_file(path) as f:
+        fd = f.fileno()
+        write_all(fd, opening)
+        at = len(opening)
+        separator, after = b"", None
+        if old is not None and previous is not None:
+            try:
+                copy_range(old, fd, previous.start, previous.end)
+            finally:
+                os.close(old)
+            at += previous.end - previous.start
+            separator, after, through, end = b",\n", previous.through, previous.through, at
+        batch: list[bytes] = []
+        size = 0
+        for step, line in index.numbered_step_lines(after):
+            piece = separator + line[:-1]
+            batch.append(piece)
+            size += len(piece)
+            at += len(piece)
+            separator = b",\n"
+            if step <= final_through:
+                through, end = step, at
+            if size >= _BATCH_BYTES:
+                write_all(fd, b"".join(batch))
+                batch, size = [], 0
+        batch.append(_CLOSING if not separator else b"\n" + _CLOSING)
+        write_all(fd, b"".join(batch))
+    if through is None or end is None:
+        return None
+    count, crc = index.steps_through(through)
+    if crc is None:
+        return None
+    stat = path.stat()
+    return HistoryPrefix(
+        inode=stat.st_ino,
+        size=stat.st_size,
+        mtime_ns=stat.st_mtime_ns,
+        start=len(opening),
+        end=end,
+        through=through,
+        count=count,
+        crc=crc,
+    )
+
+
+def _opening(header: HistoryHeader, index: RunIndex) -> bytes:
     opening = _ENCODER.encode(header)[:-1]
     before = index.metrics_at(0)  # what the script logged before its first step ended: no step's entry
     if before:
         opening += b',"metrics_at_step_0":' + _ENCODER.encode(before)
-    yield opening + b',"evals":' + _ENCODER.encode(index.evals()) + b',"steps":[\n'
-    previous = None
-    for line in index.step_lines():
-        if previous is not None:
-            yield previous[:-1] + b",\n"
-        previous = line
-    if previous is not None:
-        yield previous
-    yield b"]}\n"
+    return opening + b',"evals":' + _ENCODER.encode(index.evals()) + _STEPS_KEY
+
+
+def _reusable(path: Path, previous: HistoryPrefix | None, index: RunIndex, final_through: int) -> int | None:
+    """The history.json written last, opened, where its final steps' lines can be copied: the same file as
+    written (not replaced, not touched), and the index's steps up to ``previous.through`` the same."""
+    if previous is None or previous.through > final_through:
+        return None
+    if index.steps_through(previous.through) != (previous.count, previous.crc):
+        return None  # a resume trained those steps again
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        stat = os.fstat(fd)
+        same = (stat.st_ino, stat.st_size, stat.st_mtime_ns) == (previous.inode, previous.size, previous.mtime_ns)
+        if (
+            same
+            and os.pread(fd, len(_STEPS_KEY), previous.start - len(_STEPS_KEY)) == _STEPS_KEY
+            and os.pread(fd, 1, previous.end - 1) == b"}"
+        ):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
 def history_from_file(path: Path) -> tuple[HistoryHeader, RunIndex]:

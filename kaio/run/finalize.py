@@ -74,14 +74,22 @@ def write_reports(
             view = merged or index
             if draw and figure is not None:
                 figure.draw(figure_data(header, view), replace=wait)
-            summary = write(
-                header, view, report_dir, history_json=history_json, png=draw and figure is None, extra_warnings=failed
+            summary, prefix = write(
+                header,
+                view,
+                report_dir,
+                history_json=history_json,
+                png=draw and figure is None,
+                extra_warnings=failed,
+                final_through=0 if merged else state.parts.steps.sealed_through,
+                previous=None if merged else state.parts.history_prefix,
             )
         finally:
             if merged is not None:
                 merged.close()
     if history_json:
         state.parts.history_mark = _history_mark(state, history)
+        state.parts.history_prefix = prefix
     if draw and figure is not None and wait:
         figure.close()
     return summary

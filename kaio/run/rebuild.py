@@ -43,7 +43,7 @@ def rebuild(
         if paths.history.is_file():  # a record copied without its journal: the history is all there is
             header, index = history_from_file(paths.history)
             try:
-                return write_history_reports(header, index, paths.report_dir), paths.report_dir
+                return write_history_reports(header, index, paths.report_dir)[0], paths.report_dir
             finally:
                 index.close()
         raise unknown_project(output_dir, project)

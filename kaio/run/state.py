@@ -36,6 +36,7 @@ from kaio.record.types import (
     EvalEntry,
     FinalModel,
     HistoryHeader,
+    HistoryPrefix,
     HubOutcome,
     Log,
     Note,
@@ -100,6 +101,7 @@ class StateParts(msgspec.Struct, kw_only=True):
     format: int = STATE_FORMAT
     records: int = 0  # records applied: the state changes with each
     history_mark: tuple[int, int, int] | None = None  # (records, size, mtime) when history.json was last written
+    history_prefix: HistoryPrefix | None = None  # where its final steps lie in it: the next write copies them
     ledger: RunLedger
     steps: StepAssembler = msgspec.field(default_factory=StepAssembler)
     live: LiveStats = msgspec.field(default_factory=LiveStats)
