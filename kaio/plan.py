@@ -115,11 +115,13 @@ class Plan:
     unestimated: str | None = None  # why there is no model estimate
     host_available_bytes: int | None = None  # RAM a run on the CPU (no GPU here) can take
     model_unavailable: str | None = None  # why `kaio run` would refuse to start: its model is not at hand
+    push_fails: str | None = None  # why the Hub push at the end of the run would fail (hub.push)
 
 
 def make_plan(cfg: RunConfig, environ: Mapping[str, str] = os.environ) -> Plan:
     """Everything `kaio plan` prints; starts nothing, downloads at most a model's config.json."""
     from kaio.launch import preview_command, script_accelerate_file
+    from kaio.preflight import model_unavailable, push_will_fail
 
     gpus, notes = _gpus_in_run(cfg, environ)
     argv, env = preview_command(cfg, environ, accelerate_file=script_accelerate_file(cfg.launch, environ))
@@ -137,12 +139,19 @@ def make_plan(cfg: RunConfig, environ: Mapping[str, str] = os.environ) -> Plan:
         import psutil
 
         host_ram = psutil.virtual_memory().available
-    from kaio.preflight import model_unavailable
-
     unavailable = model_unavailable(cfg, environ)
     model = _model_plan(cfg, precision, bool(gpus))
     return Plan(
-        cfg, precision, argv, env, gpus, notes, model, host_available_bytes=host_ram, model_unavailable=unavailable
+        cfg,
+        precision,
+        argv,
+        env,
+        gpus,
+        notes,
+        model,
+        host_available_bytes=host_ram,
+        model_unavailable=unavailable,
+        push_fails=push_will_fail(cfg, environ),
     )
 
 
@@ -306,6 +315,7 @@ def plan_json(plan: Plan) -> dict[str, Any]:
         "unestimated": plan.unestimated,
         "host_available_bytes": plan.host_available_bytes,
         "model_unavailable": plan.model_unavailable,
+        "push_fails": plan.push_fails,
         "verdicts": {key: said.value for key, said in plan_verdicts(plan)},
     }
 
@@ -358,6 +368,8 @@ def render_plan(plan: Plan) -> Any:
     parts.append(_verdict_line(plan))
     if plan.model_unavailable is not None:
         parts.append(Text(f"`kaio run` would refuse to start here: {plan.model_unavailable}", style="yellow"))
+    if plan.push_fails is not None:
+        parts.append(Text(f"hub.push: {plan.push_fails}: the push at the end of the run would fail", style="yellow"))
     return Group(*parts)
 
 

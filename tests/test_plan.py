@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from conftest import REPO, kaio
+from conftest import REPO, kaio, write_config
 from kaio.record.memory import Adapters, Architecture, layer_activation_bytes_per_token
 
 LAYER_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -241,3 +241,31 @@ def test_a_host_without_gpu_is_judged_by_its_ram_shared_by_the_ranks():
     small = dataclasses.replace(two, host_available_bytes=int(2.2 * 2**30))  # 1.1 GiB each: 1.0 is over 85%
     assert plan_json(small)["verdicts"] == {"host RAM": "tight"}
     assert "verdict: host RAM tight (2.0 GiB needed (2 processes) of 2.2 GiB available)" in _render(small)
+
+
+@pytest.mark.xdist_group("transformers")
+def test_a_hub_push_that_would_fail_is_said_by_the_plan(project_dir, monkeypatch):
+    """As `kaio run` and --dry-run say it: before the training's hours rather than after them."""
+    import json
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)  # HF_HOME is a fresh folder: no stored token either
+    write_config(project_dir, extra="hub:\n  push: true\n  repo_id: someone/tiny\n")
+    said = (
+        "hub.push: no Hugging Face token (set HF_TOKEN, or `hf auth login`): the push at the end of the run would fail"
+    )
+    from typer.testing import CliRunner
+
+    from kaio.cli import app
+
+    monkeypatch.setenv("COLUMNS", "250")
+    result = CliRunner().invoke(app, ["plan", "cfg.yaml"])
+    assert result.exit_code == 0, result.output
+    assert said in result.output
+    from kaio.config import load_config
+    from kaio.plan import make_plan, plan_json
+
+    cfg = load_config(project_dir / "cfg.yaml")
+    without = json.loads(json.dumps(plan_json(make_plan(cfg, environ={"PATH": os.environ["PATH"]}))))
+    assert without["push_fails"] == "no Hugging Face token (set HF_TOKEN, or `hf auth login`)"
+    with_token = plan_json(make_plan(cfg, environ={"PATH": os.environ["PATH"], "HF_TOKEN": "hf_" + "x" * 30}))
+    assert with_token["push_fails"] is None
