@@ -88,6 +88,14 @@ def test_one_run_with_everything_on_then_a_failed_push_retried_and_the_record_re
         assert latest.sha != commit.sha and "push failed:" not in pushed
         # The links are the Hub's it was pushed to (HF_ENDPOINT), not huggingface.co's.
         assert f"- **Repo:** [kaio-tester/tiny]({hub.url}/kaio-tester/tiny)" in pushed
+        # The report each push uploaded is of that push: not the failure or the commit the record had before it.
+        uploaded = "- **Commit:** the one that uploaded this report with the adapter (the repo's history names it)"
+        for each in (commit, latest):
+            on_hub = each.files["kaio-report/report.md"].decode()
+            assert uploaded in on_hub and "push failed" not in on_hub and commit.sha not in on_hub
+            assert f"- **Repo:** [kaio-tester/tiny]({hub.url}/kaio-tester/tiny)" in on_hub
+            assert json.loads(each.files["kaio-report/history.json"])["hub"]["uploading"] is True
+        assert uploaded not in pushed and f"- **Commit:** `{latest.sha}`" in pushed
     failed_again = kaio("push", "t", cwd=project_dir, env=down)
     assert failed_again.returncode == 1 and TOKEN not in failed_again.stdout + failed_again.stderr
 

@@ -140,6 +140,8 @@ class HubOutcome(SupervisorRecord, tag="hub"):
     url: str | None = None
     adapter_config_url: str | None = None
     error: str | None = None
+    # Only in the report files that the push uploads (never journaled): their commit does not exist yet.
+    uploading: bool = False
 
 
 class StalledRank(msgspec.Struct, kw_only=True, omit_defaults=True):

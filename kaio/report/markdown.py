@@ -558,6 +558,12 @@ def _hub(hub: HubOutcome | None) -> str | None:
             f"- **Commit:** `{hub.commit_sha}`",
             f"- **Adapter config:** [adapter_config.json]({config_url})",
         ]
+    elif hub.uploading and hub.repo_id:
+        url = hub.url or f"https://huggingface.co/{hub.repo_id}"
+        lines = [
+            f"- **Repo:** [{hub.repo_id}]({url})",
+            "- **Commit:** the one that uploaded this report with the adapter (the repo's history names it)",
+        ]
     elif hub.error:
         error = hub.error.removeprefix("push failed: ")
         lines = [f"- push failed: {_inline(error)}"]

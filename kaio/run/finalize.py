@@ -47,8 +47,10 @@ def write_reports(
     draw: bool = True,
     wait: bool = True,
     nodes: NodeRecords | None = None,
+    uploading_to: str | None = None,
 ) -> Summary:
     """report.md, and history.json and telemetry.png unless told not to, atomically; returns the summary.
+    ``uploading_to``: the files are the ones a Hub push to that repo uploads (their Hub section says so).
 
     The figure is drawn in this process, or by ``figure``'s child process when given, on the other core
     while the rest is written (``wait``: the drawing is finished before this returns; else a drawing
@@ -60,9 +62,13 @@ def write_reports(
 
     history = ProjectPaths(report_dir).history
     mark = _history_mark(state, history)
-    if history_json and mark is not None and state.parts.history_mark == mark and nodes is None:
+    if history_json and mark is not None and state.parts.history_mark == mark and nodes is None and not uploading_to:
         history_json = False
-    header = state.header()
+    uploading = None
+    if uploading_to is not None:
+        hub_url = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")  # as the push's
+        uploading = HubOutcome(repo_id=uploading_to, url=f"{hub_url}/{uploading_to}", uploading=True)
+    header = state.header(uploading)
     failed = [f"telemetry.png was not rendered: {figure.failure}"] if figure is not None and figure.failure else []
     with state.with_open_steps() as index:
         merged = None
@@ -310,7 +316,9 @@ class RunOutputs:
                 self._notify(message)
                 self._record(Note(text=message, level="info", t_wall=time.time()))
         if self.cfg.hub.push and state.status == Status.COMPLETED:
-            push_to_hub(self.cfg, state, summary, self._record, self._notify, cancelled=lambda: self.cancelled)
+            push_to_hub(
+                self.cfg, state, summary, self._record, self._notify, cancelled=lambda: self.cancelled, nodes=nodes
+            )
         if state.parts.records == records_before_sinks:
             return summary
         # The sinks' outcomes go into report.md and history.json; the figure does not show them.
@@ -356,9 +364,10 @@ def push_to_hub(
     record: Callable[[Record], None],
     notify: Callable[[str], None],
     cancelled: Callable[[], bool] = lambda: False,
+    nodes: NodeRecords | None = None,
 ) -> bool:
-    """Upload the final adapter, a model card and the report files already written (``summary`` is
-    theirs); the outcome goes into the journal."""
+    """Upload the final adapter, a model card and the report files (``summary`` is theirs; ``nodes``: a job's
+    other nodes, merged into them); the outcome goes into the journal."""
     from kaio.sinks.hub import push_adapter
 
     adapter_dir = cfg.checkpoint_dir / "final"
@@ -366,6 +375,8 @@ def push_to_hub(
     model = state.ledger.run.model if state.ledger.run else None
     base_model = (model.name_or_path if model else None) or cfg.model.base_model
     notify(f"pushing the adapter to the Hugging Face Hub: {cfg.hub.repo_id}")
+    # The report uploaded with the adapter is of this push, not of the latest outcome (an earlier commit, a failure).
+    write_reports(state, cfg.report_dir, draw=False, nodes=nodes, uploading_to=cfg.hub.repo_id)
     pushed: dict = {}
 
     def push() -> None:

@@ -377,10 +377,11 @@ class RunState:
 
     # ------------------------------------------------------------------ views
 
-    def header(self) -> HistoryHeader:
-        """history.json without its evals and steps (those come from the index)."""
+    def header(self, uploading: HubOutcome | None = None) -> HistoryHeader:
+        """history.json without its evals and steps (those come from the index). ``uploading``: the files are
+        those a Hub push uploads: the push instead of the latest outcome (an earlier commit, or its failure)."""
         self.ledger.note_energy(self.parts.live.latest_gpu)
-        return history_header(self.parts)
+        return history_header(self.parts, uploading)
 
     @contextlib.contextmanager
     def with_open_steps(self) -> Iterator[RunIndex]:
@@ -424,14 +425,14 @@ class RunState:
         return self.parts.live.last_step_t_mono
 
 
-def history_header(parts: StateParts) -> HistoryHeader:
+def history_header(parts: StateParts, uploading: HubOutcome | None = None) -> HistoryHeader:
     ledger = parts.ledger
     run = RunDescription.from_run_start(ledger.run) if ledger.run is not None else None
     devices = [
         DeviceSummary(key=key, info=d.info, energy_j=d.energy_j, energy_method=d.energy_method)
         for key, d in sorted(ledger.devices.items())
     ]
-    derived = ledger.derived_notes()
+    derived = ledger.derived_notes() if uploading is None else []  # of the Hub's outcomes, which it stands for
     return HistoryHeader(
         project=ledger.project,
         generated_at=iso(time.time()),
@@ -448,7 +449,7 @@ def history_header(parts: StateParts) -> HistoryHeader:
             else ledger.telemetry
         ),
         warnings=parts.warnings.listed(),
-        hub=ledger.hub,
+        hub=ledger.hub if uploading is None else uploading,
         checkpoints=[
             CheckpointSaved(step=c.step, path=c.path, session=c.session, training=c.training)
             for c in ledger.checkpoints
