@@ -496,6 +496,52 @@ def test_the_architecture_is_the_class_that_trains_not_the_one_the_checkpoint_wa
     assert described is not None and described.architecture == "LlamaForSequenceClassification"
 
 
+def test_the_weights_that_do_matmuls_count_a_tied_output_layer_and_not_peft_copies_kept_aside(torch):
+    """MFU's N (a tester's round of models): a tied lm_head (GPT-2, Gemma, Llama 3.2 1B) was left out with the input
+    embedding, 15% fewer FLOPs a token for the same matmuls; PEFT's original of a module it trains whole
+    (modules_to_save), never run, was counted; prompt tuning named the bare decoder as the architecture; rsLoRA and
+    LoHa's alpha were not said; a frozen backbone under a trained head read "every parameter trained"."""
+    from peft import LoHaConfig, LoraConfig, PromptTuningConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kaio.child.describe import describe_model, describe_peft
+    from kaio.report.markdown import _no_peft, _peft
+
+    def llama(tied: bool) -> LlamaForCausalLM:
+        shape = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
+        return LlamaForCausalLM(LlamaConfig(vocab_size=64, num_key_value_heads=2, tie_word_embeddings=tied, **shape))
+
+    untied, tied = describe_model(llama(False)), describe_model(llama(True))
+    assert untied is not None and tied is not None
+    assert tied.total_params == untied.total_params - 64 * 16  # one matrix fewer...
+    assert tied.trainable_matmul_params == untied.trainable_matmul_params  # ...doing the same matmuls
+    assert untied.trainable_matmul_params == untied.total_params - 64 * 16  # all but the input embedding
+
+    model = llama(False)
+    kept = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    described = describe_model(kept)
+    assert described is not None and described.architecture == "LlamaForCausalLM"
+    lora_and_copy = 2 * 2 * 16 + 64 * 16  # q_proj's A and B, the trained copy of lm_head
+    assert described.trainable_matmul_params == lora_and_copy
+    assert described.frozen_matmul_params == untied.trainable_matmul_params - 64 * 16  # the original lm_head left out
+
+    prompt = get_peft_model(llama(False), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    assert describe_model(prompt).architecture == "LlamaForCausalLM"  # type: ignore[union-attr]
+    rslora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"], use_rslora=True)
+    said = _peft(describe_peft(get_peft_model(llama(False), rslora)))
+    assert said == "LORA r=4 alpha=8 (rsLoRA: scaled by alpha/sqrt(r)) dropout=0 on q_proj"
+    loha = describe_peft(get_peft_model(llama(False), LoHaConfig(r=4, alpha=16, target_modules=["q_proj"])))
+    assert loha is not None and loha.alpha == 16.0
+
+    frozen = llama(False)
+    for name, param in frozen.named_parameters():
+        param.requires_grad = name.startswith("lm_head")
+    assert _no_peft(describe_model(frozen)) == (
+        f"none: {64 * 16:,} of {untied.total_params:,} parameters trained, the rest frozen by the script"
+    )
+    assert _no_peft(untied) == "none: every parameter trained"
+
+
 def test_half_precision_the_accelerator_does_not_autocast_is_recorded_as_fp32_and_warned_about():
     """fp16 asked on a host without a GPU: accelerate sets mixed_precision fp16 but does not autocast, and the
     losses were fp32's to the bit; the report said fp16. bf16 on the CPU autocasts, and DeepSpeed casts itself."""

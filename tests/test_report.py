@@ -344,6 +344,7 @@ def test_what_was_trained_without_a_trainer_says_so():
 def test_full_fine_tune_and_multi_gpu_rows():
     header, index = make_run(20, n_gpus=2)
     header.run.peft = None
+    header.run.model.trainable_params = header.run.model.total_params
     md = report_of(header, index)
     assert "| PEFT | none: every parameter trained |" in md
     assert "| World size (processes) | 2 |" in md and "| Distributed | MULTI_GPU |" in md
@@ -1158,3 +1159,29 @@ def test_a_nodes_clock_offset_under_a_tenth_of_a_millisecond_is_not_negative_zer
 
     node = NodeSummary(node_rank=1, status="COMPLETED", clock_offset_s=-0.00001, clock_rtt_s=0.0004)
     assert _clock(node) == "+0.0 ms (± 0.2 ms)"
+
+
+def test_the_vram_estimate_counts_the_optimizer_the_script_gave_the_trainer():
+    """Trainer(optimizers=(SGD(...), None)): the estimate counted args.optim's AdamW moments, which never existed."""
+    import msgspec
+
+    def optimizer_term(**run_fields) -> int:
+        described = run_description(1, 20)
+        model = msgspec.structs.replace(
+            described.model,
+            num_layers=2,
+            hidden_size=64,
+            intermediate_size=256,
+            num_heads=4,
+            vocab_size=384,
+            attention_dim=64,
+            kv_dim=64,
+            weight_bytes=2_000_000,
+            trainable_bytes_per_param=4,
+        )
+        header, index = make_run(20, run=msgspec.structs.replace(described, model=model, **run_fields))
+        return summarize(header, index).vram_estimate_terms["optimizer states"]
+
+    assert optimizer_term() == 2 * 4 * 1_048_576  # AdamW (args.optim): two fp32 moments per trained parameter
+    assert optimizer_term(script_optimizer="SGD") == 0
+    assert optimizer_term(script_optimizer="Adafactor") == 4 * 1_048_576

@@ -164,22 +164,21 @@ def describe_model(model: Any) -> ModelInfo | None:
     if model is None:
         return None
     config = getattr(model, "config", None)
-    inner = getattr(getattr(model, "base_model", None), "model", None)  # a PeftModel wraps the real one
+    inner = _base_model(model)  # a PeftModel wraps the real one
     architectures = getattr(config, "architectures", None)
     text = getattr(config, "text_config", None) or config  # a multimodal model's language part
     trainable = total = matmul_trainable = matmul_frozen = weight_bytes = 0
     trainable_bytes: int | None = None
     try:
-        embedding_module = _input_embedding(model)
-        embedding = {id(p) for p in embedding_module.parameters()} if embedding_module is not None else set()
-        for param in model.parameters():
+        no_matmul = _without_matmul(model)
+        for name, param in model.named_parameters():
             count = param.numel()
             total += count
             weight_bytes += count * param.element_size()
             if param.requires_grad:
                 trainable += count
                 trainable_bytes = trainable_bytes or param.element_size()
-            if id(param) not in embedding:
+            if id(param) not in no_matmul and ".original_module." not in name:  # PEFT's copy kept aside, not run
                 if param.requires_grad:
                     matmul_trainable += count
                 else:
@@ -217,12 +216,31 @@ def describe_model(model: Any) -> ModelInfo | None:
     )
 
 
-def _input_embedding(model: Any) -> Any:
-    get = getattr(model, "get_input_embeddings", None)
+def _base_model(model: Any) -> Any:
+    """The model a PeftModel wraps (None: not one): ``get_base_model()`` is it for LoRA and its kin and for the
+    prompt methods alike (the latter's ``base_model`` is the model itself, its ``.model`` the bare decoder)."""
+    get = getattr(model, "get_base_model", None)
+    if callable(get) and hasattr(model, "peft_config"):
+        try:
+            return get()
+        except (AttributeError, RuntimeError, TypeError):
+            pass
+    return getattr(getattr(model, "base_model", None), "model", None)
+
+
+def _without_matmul(model: Any) -> set[int]:
+    """The parameters that do no matmul: the input embedding's (a lookup), unless the output layer is tied to it
+    (GPT-2, Gemma, Llama 3.2 1B: the same weight then multiplies every hidden state into the vocabulary)."""
+    return _parameter_ids(model, "get_input_embeddings") - _parameter_ids(model, "get_output_embeddings")
+
+
+def _parameter_ids(model: Any, getter: str) -> set[int]:
+    get = getattr(model, getter, None)
     try:
-        return get() if callable(get) else None
+        module = get() if callable(get) else None
+        return {id(p) for p in module.parameters()} if module is not None else set()
     except (AttributeError, NotImplementedError, TypeError):
-        return None
+        return set()
 
 
 def _attention_dim(config: Any) -> int | None:
@@ -273,12 +291,13 @@ def describe_peft(model: Any) -> PeftInfo | None:
     return PeftInfo(
         peft_type=_plain(getattr(config, "peft_type", None)),
         r=_int(getattr(config, "r", None)),
-        alpha=_float(getattr(config, "lora_alpha", None)),
+        alpha=_float(getattr(config, "lora_alpha", getattr(config, "alpha", None))),  # LoHa and LoKr: alpha
         dropout=_float(getattr(config, "lora_dropout", None)),
         target_modules=_module_names(getattr(config, "target_modules", None)),
         adapted_modules=_adapted_modules(model),
         modules_to_save=_modules_it_has(model, getattr(config, "modules_to_save", None) or ()),
         use_dora=getattr(config, "use_dora", False) is True,
+        use_rslora=getattr(config, "use_rslora", False) is True,
         num_virtual_tokens=_int(getattr(config, "num_virtual_tokens", None)),
         feedforward_modules=_module_names(getattr(config, "feedforward_modules", None)),
     )

@@ -2,7 +2,7 @@
 
 FLOPs per token, the PaLM convention (Chowdhery et al. 2022, appendix B) as
 torchtitan computes it: ``6 N + 12 L H Q T``, where N counts the weights that
-do matrix multiplications (every parameter but the input embedding), L the
+do matrix multiplications (every parameter but the input embedding, unless the output layer is tied to it), L the
 layers, H x Q the attention width (heads x head size) and T the sequence
 length. LoRA-aware: a frozen weight still costs its forward (2 N) and the
 gradient with respect to its input (2 N) but no weight gradient, so

@@ -434,7 +434,7 @@ def _what_was_trained(
         ("Architecture", (model.architecture or model.model_class) if model else None),
         ("Weights dtype", model.dtype if model else None),
         ("Precision (training)", run.precision),
-        ("PEFT", _peft(peft) if peft else ("none: every parameter trained" if model and model.model_class else None)),
+        ("PEFT", _peft(peft) if peft else (_no_peft(model) if model and model.model_class else None)),
         ("Tokenizer", run.tokenizer or ("none given to the Trainer" if model else None)),
         ("Training / evaluation examples", _examples(run)),
         ("Per-device batch size", _per_device_batch(run)),
@@ -475,12 +475,21 @@ def _per_device_batch(run: RunDescription) -> int | str | None:
     return f"{run.loader_batch_size} (the training DataLoader's; TrainingArguments say {configured})"
 
 
+def _no_peft(model: Any) -> str:
+    """No PEFT adapter: every parameter trained, or a script's own freezing (a frozen backbone under its head)."""
+    trainable, total = model.trainable_params, model.total_params
+    if trainable is not None and total and trainable < total:
+        return f"none: {trainable:,} of {total:,} parameters trained, the rest frozen by the script"
+    return "none: every parameter trained"
+
+
 def _peft(peft: Any) -> str:
     targets = _targets(peft.target_modules)
     kind = "DoRA (LORA, use_dora)" if peft.use_dora else peft.peft_type or "adapter"
     text = kind
     if peft.r is not None:  # LoRA and its kin; IA3 and the prompt methods have no rank
         text += f" r={peft.r} alpha={_num(peft.alpha, 'g')}"
+        text += " (rsLoRA: scaled by alpha/sqrt(r))" if peft.use_rslora else ""
     if peft.num_virtual_tokens is not None:
         text += f", {peft.num_virtual_tokens} virtual tokens"
     if peft.dropout is not None:

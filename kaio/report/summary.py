@@ -647,7 +647,7 @@ def _vram_estimate(q: _Query, s: Summary, run: RunDescription) -> None:
         run.peft,
         tokens=tokens,
         gradient_checkpointing=bool(args.gradient_checkpointing),
-        optim=args.optim,
+        optim=run.script_optimizer or args.optim,  # the script's own (SGD, AdamW): args.optim was not used
         half_precision=run.precision in HALF_PRECISIONS,
     )
     if work is None:

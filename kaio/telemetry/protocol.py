@@ -128,7 +128,7 @@ class ModelInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     hidden_size: int | None = None
     total_params: int | None = None
     trainable_params: int | None = None
-    # What MFU needs (kaio.record.flops): the weights doing matmuls (all but the input embedding), trained or
+    # What MFU needs (kaio.record.flops): the weights doing matmuls (all but the input embedding: tied, it counts), trained or
     # frozen, and the attention's width (heads x head size).
     trainable_matmul_params: int | None = None
     frozen_matmul_params: int | None = None
@@ -151,6 +151,7 @@ class PeftInfo(msgspec.Struct, kw_only=True, omit_defaults=True):
     adapted_modules: list[str] = []  # the adapted modules inside the decoder layers, by leaf name (q_proj, ...)
     modules_to_save: list[str] = []  # trained whole beside the adapters (a copy of lm_head...)
     use_dora: bool = False  # LoRA's weight-decomposed variant (DoRA): a magnitude vector trained too
+    use_rslora: bool = False  # rank-stabilised LoRA: the adapters scaled by alpha / sqrt(r), not alpha / r
     num_virtual_tokens: int | None = None  # prompt, prefix and p-tuning: the virtual tokens learned
     feedforward_modules: list[str] | str | None = None  # IA3: the targets scaled on their input, not output
 
