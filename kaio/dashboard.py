@@ -363,8 +363,8 @@ def plain_line(snapshot: Snapshot) -> str:
             f" ({snapshot.eval_set})" if snapshot.eval_set else ""
         )
     parts = [head]
-    if _finite(snapshot.steps_per_s):
-        parts.append(f"{format_rate(snapshot.steps_per_s)} step/s")
+    if _finite(snapshot.steps_per_s):  # the last steps': at the end, not the run's pace (the report has that)
+        parts.append(f"{format_rate(snapshot.steps_per_s)} step/s" + (" (last steps)" if st in _FINISHED else ""))
     if st not in _NO_ETA and _finite(snapshot.eta_s):
         parts.append(f"ETA {format_duration(snapshot.eta_s)}")
     dev = _plain_devices(snapshot)

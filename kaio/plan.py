@@ -359,10 +359,12 @@ def render_plan(plan: Plan) -> Any:
         table.add_column(f"{'with' if checkpointing else 'without'} gradient checkpointing{chosen}", justify="right")
     without, with_ = m.estimates[False], m.estimates[True]
     for (term, a), (_, b) in zip(without.terms(), with_.terms()):
-        table.add_row(term, gib(a), gib(b))
-    table.add_row(Text("total", style="bold"), gib(without.total), gib(with_.total))
+        table.add_row(term, gib(a, digits=3), gib(b, digits=3))  # three digits each: the terms add up to the total
+    table.add_row(Text("total", style="bold"), gib(without.total, digits=3), gib(with_.total, digits=3))
     table.add_row(
-        "needed (+10% allocator, +1 GiB context)", gib(needed_bytes(without.total)), gib(needed_bytes(with_.total))
+        "needed (+10% allocator, +1 GiB context)",
+        gib(needed_bytes(without.total), digits=3),
+        gib(needed_bytes(with_.total), digits=3),
     )
     parts.append(table)
     parts.append(_verdict_line(plan))

@@ -7,8 +7,11 @@ GIB = 1 << 30
 MIB = 1 << 20
 
 
-def gib(n: float) -> str:
-    """``12.1 GiB``; below 1 GiB in MiB (``512 MiB``), below 1 MiB with three significant digits."""
+def gib(n: float, *, digits: int | None = None) -> str:
+    """``12.1 GiB``; below 1 GiB in MiB (``512 MiB``), below 1 MiB with three significant digits. ``digits``:
+    that many significant digits whatever the size (an estimate's terms beside its total: they add up)."""
+    if digits is not None:
+        return f"{n / GIB:.{digits}g} GiB" if n >= GIB else f"{n / MIB:.{digits}g} MiB"
     if n >= GIB:
         return f"{n / GIB:.1f} GiB"
     if n >= MIB:

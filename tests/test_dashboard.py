@@ -443,6 +443,12 @@ def test_plain_line_gpu():
     assert "\x1b" not in line and "\n" not in line
 
 
+def test_a_finished_runs_last_line_says_its_step_rate_is_the_last_steps():
+    """A tester took the last line's 19.0 step/s for the run's pace (26.2): it is the recent steps'."""
+    assert "1.85 step/s (last steps)" in plain_line(make_snapshot(status="COMPLETED"))
+    assert "1.85 step/s |" in plain_line(make_snapshot())  # while it runs: the speed now
+
+
 def test_plain_line_host_and_stopping():
     line = plain_line(cpu_snapshot(status="STOPPING"))
     assert "STOPPING (a second Ctrl-C or SIGTERM kills it)" in line  # a log's stop was often a scheduler's

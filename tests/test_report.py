@@ -502,7 +502,7 @@ def test_cpu_only_report_says_not_measured_instead_of_zero():
         assert f"| {row} | not measured (no GPU) |" in metrics
     assert " 0 W" not in metrics and "0.000 kWh" not in metrics and "0 Wh" not in metrics
     # What a CPU-only run does have: cpu 50 % and 70 % alternating; RAM up to 4 GiB + 12 MiB.
-    assert "| Host CPU (average) / RAM used (peak) | 60 % / 4.0 GiB |" in metrics
+    assert "| Host CPU (average) / RAM used (peak), whole host | 60 % / 4.0 GiB |" in metrics
     assert "| Throughput (optimizer steps after each session's first) | 16 samples/s · 2,048 tokens/s |" in metrics
 
 
@@ -1185,3 +1185,22 @@ def test_the_vram_estimate_counts_the_optimizer_the_script_gave_the_trainer():
     assert optimizer_term() == 2 * 4 * 1_048_576  # AdamW (args.optim): two fp32 moments per trained parameter
     assert optimizer_term(script_optimizer="SGD") == 0
     assert optimizer_term(script_optimizer="Adafactor") == 4 * 1_048_576
+
+
+def test_key_metrics_say_where_the_losses_were_logged_and_round_the_estimate_so_its_terms_add_up():
+    """A tester's audit: "5.826 → 1.048" under "90 of 90 steps" were steps 4 and 88's; the estimate's terms (whole
+    MiB beside 3 digits) summed to 12.98 MiB against "14 MiB"; "saves 0.0 s" for 0.3 % of the time; 5716 beside
+    130,168 in one column."""
+    from kaio.report.markdown import _logged, _seconds
+    from kaio.units import MIB, gib
+
+    logged_every_4 = [make_step(k, loss=4.0 / k if k % 4 == 0 else None) for k in range(1, 91)]
+    header, index = make_run(90, steps=logged_every_4)
+    assert "| Loss (initial → final) | 1 → 0.04545 (logged at steps 4 and 88 of 90) |" in report_of(header, index)
+    assert "| Loss (initial → final) | 3.636 → 1.818 |" in report_of(*make_run(12))  # every step's: no steps said
+    terms = [int(1.956 * MIB), int(0.328 * MIB), int(8.461 * MIB), int(2.25 * MIB)]
+    shown = [float(gib(t, digits=3).split()[0]) for t in terms]
+    assert gib(sum(terms), digits=3) == "13 MiB" and sum(shown) == pytest.approx(13.0, abs=0.01)
+    assert gib(3 * 2**30, digits=3) == "3 GiB" and gib(int(1.5 * 2**30)) == "1.5 GiB"
+    assert _seconds(0.036) == "0.036 s" and _seconds(0.0) == "0.0 s" and _seconds(12.34) == "12.3 s"
+    assert _logged(5716.0) == "5,716" and _logged(130168.0) == "130,168" and _logged(0.0327) == "0.0327"

@@ -215,7 +215,7 @@ def _key_metrics(s: Summary) -> str:
     rows = [
         (
             "Loss (initial → final)",
-            f"{s.loss_initial:.4g} → {s.loss_final:.4g}{_after_final(s)}{_across_trainings(s)}"
+            f"{s.loss_initial:.4g} → {s.loss_final:.4g}{_after_final(s) or _loss_steps(s)}{_across_trainings(s)}"
             if s.loss_initial is not None and s.loss_final is not None
             else _no_loss(s, why=True),
         ),
@@ -246,7 +246,8 @@ def _key_metrics(s: Summary) -> str:
         ("True peak VRAM, average over steps", _bytes(s.vram_true_peak_step_avg_bytes) or missing),
     ]
     if s.vram_estimate_bytes is not None:
-        rows.append(("VRAM estimate per GPU (kaio plan's, for what ran)", _vram_estimate(s)))
+        per = "Memory estimate per process (RAM: no GPU" if s.cpu_only else "VRAM estimate per GPU ("
+        rows.append((f"{per}; kaio plan's, for what ran)", _vram_estimate(s)))
     rows += [
         ("Device VRAM used, peak (driver)", _device_vram(s) or missing),
         ("Power per GPU (average / peak)", _pair(s.power_avg_w, s.power_peak_w, "W", ".0f") or missing),
@@ -266,9 +267,20 @@ def _key_metrics(s: Summary) -> str:
     if s.host_cpu_avg_pct is not None or s.host_ram_peak_bytes is not None:
         cpu = _unit(s.host_cpu_avg_pct, "%", ".0f") or "not measured"
         rows.append(
-            ("Host CPU (average) / RAM used (peak)", f"{cpu} / {_bytes(s.host_ram_peak_bytes) or 'not measured'}")
+            (
+                "Host CPU (average) / RAM used (peak), whole host",
+                f"{cpu} / {_bytes(s.host_ram_peak_bytes) or 'not measured'}",
+            )
         )
     return "## Key metrics\n\n" + _table(("Metric", "Value"), rows)
+
+
+def _loss_steps(s: Summary) -> str:
+    """Where the first and last loss were logged, when not at the first and last step (logging_steps over 1)."""
+    first, last = s.loss_initial_step, s.loss_final_step
+    if first is None or last is None or (first <= 1 and last == s.optimizer_steps):
+        return ""
+    return f" (logged at steps {first:,} and {last:,} of {s.optimizer_steps:,})"
 
 
 def _after_final(s: Summary) -> str:
@@ -310,6 +322,8 @@ def _time_spent(s: Summary) -> str | None:
 
 
 def _seconds(value: float) -> str:
+    if 0 < value < 0.1:  # a phase that took a share of the time: not "0.0 s"
+        return f"{value:.2g} s"
     return f"{value:.1f} s" if value < 60 else (_duration(value) or "")
 
 
@@ -363,7 +377,7 @@ def _logged(value: float | None, step: int | None = None) -> str:
     """A number as a script logged it; a large whole one is a count (num_input_tokens_seen): 12,288, not 1.229e+04."""
     if value is None:
         return "—"
-    text = f"{value:,.0f}" if value.is_integer() and abs(value) >= 1e4 else format(value, ".4g")
+    text = f"{value:,.0f}" if value.is_integer() and abs(value) >= 1e3 else format(value, ".4g")
     return text if step is None else f"{text} (step {step})"
 
 
@@ -899,8 +913,8 @@ def _true_peak(s: Summary) -> str | None:
 def _vram_estimate(s: Summary) -> str:
     """The estimate, its terms, and how far it is from the measured true peak."""
     assert s.vram_estimate_bytes is not None
-    terms = ", ".join(f"{name} {gib(value)}" for name, value in s.vram_estimate_terms.items() if value)
-    text = f"{gib(s.vram_estimate_bytes)} ({terms}; {s.vram_estimate_tokens:,} tokens a micro-batch)"
+    terms = ", ".join(f"{name} {gib(value, digits=3)}" for name, value in s.vram_estimate_terms.items() if value)
+    text = f"{gib(s.vram_estimate_bytes, digits=3)} ({terms}; {s.vram_estimate_tokens:,} tokens a micro-batch)"
     if s.vram_true_peak_bytes:
         error = 100.0 * (s.vram_estimate_bytes - s.vram_true_peak_bytes) / s.vram_true_peak_bytes
         text += f": {error:+.0f} % from the measured true peak"

@@ -302,7 +302,8 @@ def _time_bar(ax: Axes, data: FigureData) -> None:
     left = 0.0
     for label, seconds in data.time_spent:
         share = 100.0 * seconds / total
-        ax.barh(0, share, left=left, color=TIME_COLOURS.get(label, "#e0e0e0"), label=f"{label} {share:.0f}%")
+        said = f"{share:.0f}%" if share >= 0.5 or share == 0 else "<1%"  # a visible sliver is not "0%"
+        ax.barh(0, share, left=left, color=TIME_COLOURS.get(label, "#e0e0e0"), label=f"{label} {said}")
         left += share
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=len(data.time_spent), fontsize=10, frameon=False)
 

@@ -101,6 +101,7 @@ class Summary(msgspec.Struct, kw_only=True):
     total_params: int | None = None
     trainable_pct: float | None = None
     loss_initial: float | None = None
+    loss_initial_step: int | None = None  # ...logged at this step
     loss_final: float | None = None  # the last finite loss logged...
     loss_final_step: int | None = None  # ...at this step
     loss_nonfinite_after_final: int = 0  # losses logged after it that were NaN/inf: the run ended non-finite
@@ -411,7 +412,9 @@ def _loss(q: _Query, s: Summary, index: RunIndex) -> None:
     s.grad_norm_nonfinite_count, s.grad_norm_nonfinite_first_step = q.row(
         "SELECT COUNT(*), MIN(step) FROM steps WHERE grad_norm_nonfinite IS NOT NULL"
     ) or (0, None)
-    s.loss_initial = q.value("SELECT loss FROM steps WHERE loss IS NOT NULL ORDER BY step LIMIT 1")
+    s.loss_initial_step, s.loss_initial = q.row(
+        "SELECT step, loss FROM steps WHERE loss IS NOT NULL ORDER BY step LIMIT 1"
+    ) or (None, None)
     s.loss_final_step, s.loss_final, s.loss_final_smoothed = q.row(
         "SELECT step, loss, loss_smoothed FROM steps WHERE loss IS NOT NULL ORDER BY step DESC LIMIT 1"
     ) or (None, None, None)
