@@ -127,7 +127,33 @@ def _document(state) -> dict:
 
 def _summary(state):
     with state.with_open_steps() as index:
-        return msgspec.to_builtins(summarize(state.header(), index))
+        return _Summed(msgspec.to_builtins(summarize(state.header(), index)))
+
+
+class _Summed:
+    """A summary compared with another: the same, but for the last bits of its means, which are sums kept as the
+    steps were added (in batches that differ between a replay and an index loaded then replayed on)."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Summed) and _close(self.value, other.value)
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def _close(a, b) -> bool:
+    import math
+
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-12)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def _journaled(tmp_path, dicts, *, save_after: int | None = None):
@@ -452,6 +478,92 @@ def test_copy_range_copies_a_files_bytes_within_a_filesystem_and_across_filesyst
     if folder != tmp_path:
         source.unlink()
         folder.rmdir()
+
+
+def _scanned_totals(conn, weight: float) -> dict:
+    """What the report read from every step_gpus row before the totals were kept (the oracle)."""
+    w = f"COALESCE(duration_s, {weight!r})"
+    means = ", ".join(
+        f"SUM({c} * {w}), SUM(CASE WHEN {c} IS NOT NULL THEN {w} END)" for c in ("power_avg", "util", "temp")
+    )
+    found = {}
+    for gpu, power, temp, vram, *sums in conn.execute(
+        f"SELECT gpu, MAX(COALESCE(power_max, power_avg)), MAX(temp), MAX(vram_used), {means} FROM step_gpus GROUP BY gpu"
+    ):
+        found[gpu] = {
+            "peaks": (power, temp, vram),
+            "means": [(a or 0.0, b or 0.0) for a, b in zip(sums[::2], sums[1::2])],
+        }
+    for gpu, count, first, reasons in conn.execute(
+        "SELECT gpu, COUNT(*), MIN(step), GROUP_CONCAT(DISTINCT throttle) FROM step_gpus WHERE throttle IS NOT NULL "
+        "GROUP BY gpu"
+    ):
+        found[gpu]["throttle"] = (count, first, sorted({r for part in reasons.split(",") for r in [part] if r}))
+    return found
+
+
+def test_the_gpu_totals_kept_as_rows_come_are_what_a_scan_of_every_row_gives(tmp_path):
+    """The report's per-GPU peaks, means and throttling read one row per GPU (a scan of 8M rows at 1M steps
+    before): batches of steps, steps without a duration or a power reading, throttling seen by several batches,
+    a report's provisional steps, a resume's truncation and an index of a kaio before the totals."""
+    from kaio.record.types import GpuStepStats, StepEntry
+
+    def entry(step: int, session: int = 1) -> StepEntry:
+        gpus = {
+            f"nvml:{g}": GpuStepStats(
+                power_avg=None if step % 7 == g else 100.0 + step % 13 + 50 * g,
+                power_max=None if step % 11 == 0 else 200.0 + step % 17,
+                util_avg=float(step % 100),
+                temp_max=None if step % 5 == 0 else 40.0 + step % 9,
+                vram_used_max_bytes=10**9 + step * g,
+                # Each batch of steps (256) sees reasons the ones before did not.
+                throttle=(["thermal"] if step < 300 else ["power", "thermal"] if step < 500 else ["sw_slowdown"])
+                if step % 50 in (1, 2, 3) and g == 1
+                else None,
+                samples=1,
+            )
+            for g in range(3)
+        }
+        return StepEntry(
+            step=step, session=session, duration_s=None if step % 9 == 0 else 0.5 + step % 4 / 10, gpus=gpus
+        )
+
+    def check(index: RunIndex) -> None:
+        for weight in (1.0, 0.73):
+            oracle = _scanned_totals(index.conn, weight)
+            kept = index.totals_by_gpu(weight)
+            assert set(kept) == set(oracle)
+            for gpu, t in kept.items():
+                assert (t.power_peak, t.temp_peak, t.vram_peak) == oracle[gpu]["peaks"]
+                for (total, w), (want_total, want_w) in zip(t.means.values(), oracle[gpu]["means"]):
+                    assert total == pytest.approx(want_total) and w == pytest.approx(want_w)
+                throttle = (t.throttled_steps, t.throttle_first_step, sorted(t.throttle_reasons))
+                assert throttle == oracle[gpu].get("throttle", (0, None, []))
+
+    paths = ProjectPaths(tmp_path / "p")
+    index = RunIndex.open(paths, writable=True)
+    for step in range(1, 701):  # several insert batches
+        index.add_step(entry(step))
+    check(index)
+    with index.provisional():  # a report's open steps: in, then out
+        for step in range(701, 720):
+            index.add_step(entry(step))
+        check(index)
+    check(index)
+    index.truncate_after(420)  # a resume trains the steps after 420 again
+    check(index)
+    for step in range(421, 600):
+        index.add_step(entry(step, session=2))
+    check(index)
+    index.conn.commit()
+    index.conn.execute("DROP TABLE gpu_totals")  # an index written by a kaio before the totals
+    index.conn.execute("DELETE FROM meta WHERE key = 'gpu_totals'")
+    index.conn.commit()
+    index.close()
+    reopened = RunIndex.open(paths, writable=True)
+    check(reopened)
+    assert len(reopened.totals_by_gpu(1.0)) == 3
+    reopened.close()
 
 
 FULL_DISK_RUN = """\

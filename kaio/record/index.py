@@ -37,6 +37,7 @@ from pathlib import Path
 
 import msgspec
 
+from kaio.record import gpu_totals
 from kaio.record.paths import ProjectPaths
 from kaio.record.rules import LossSmoother
 from kaio.record.types import EvalEntry, StepEntry
@@ -61,8 +62,9 @@ CREATE TABLE IF NOT EXISTS step_ranks (rank TEXT, step INTEGER, peak REAL, PRIMA
 CREATE TABLE IF NOT EXISTS step_metrics (name TEXT, step INTEGER, value REAL, PRIMARY KEY (name, step)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS evals (step INTEGER, session INTEGER, eval_loss REAL, entry BLOB NOT NULL);
 """
+_SCHEMA += gpu_totals.SCHEMA + ";\n"  # each GPU's figures over the run, kept as rows come (kaio.record.gpu_totals)
 _STEP_TABLES = ("steps", "step_lines", "step_gpus", "step_ranks", "step_metrics", "evals")  # a row per step or more
-_TABLES = (*_STEP_TABLES, "meta")
+_TABLES = (*_STEP_TABLES, "gpu_totals", "meta")
 _ROW_TABLES = {  # what add_step inserts, in batches
     "steps": "INSERT OR REPLACE INTO steps VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
     "step_lines": "INSERT OR REPLACE INTO step_lines VALUES (?,?,?)",
@@ -99,6 +101,7 @@ class RunIndex:
         # stays as its last commit left it; Recorder.final_state loads it again with the journal.
         self.failed: str | None = None
         conn.executescript(_SCHEMA)
+        self._keep_gpu_totals()
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -108,12 +111,30 @@ class RunIndex:
 
     def _flush(self) -> None:
         def insert(conn: sqlite3.Connection) -> None:
+            gpu_rows = self._pending["step_gpus"]
+            gpus, added = {row[0] for row in gpu_rows}, _steps_of(gpu_rows)
+            replaced = any(  # a step's rows again (none today: sealed once, trained again after a truncation)
+                conn.execute(
+                    "SELECT 1 FROM step_gpus WHERE gpu = ? AND step BETWEEN ? AND ? LIMIT 1", (gpu, *added)
+                ).fetchone()
+                for gpu in gpus
+            )
             for table, rows in self._pending.items():
                 if rows:
                     conn.executemany(_ROW_TABLES[table], rows)
                     rows.clear()
+            if replaced:
+                gpu_totals.recompute(conn)
+            elif gpus:
+                gpu_totals.add_steps(conn, gpus, *added)
 
         self._write(insert)
+
+    def _keep_gpu_totals(self) -> None:
+        """``gpu_totals`` from now on; an index of a kaio before them gets them from its rows, once."""
+        if self._meta("gpu_totals") is None:
+            self._write(gpu_totals.recompute)
+            self._write(lambda conn: conn.execute("INSERT OR REPLACE INTO meta VALUES ('gpu_totals', X'31')"))
 
     def _write(self, work: Callable[[sqlite3.Connection], object]) -> None:
         """A write that may fail on a full disk: it must not stop the run (the journal has every record).
@@ -191,6 +212,7 @@ class RunIndex:
         for table in _TABLES:
             self._conn.execute(f"DROP TABLE IF EXISTS {table}")
         self._conn.executescript(_SCHEMA)
+        self._keep_gpu_totals()
 
     def commit(self, state: bytes, coverage: Coverage) -> None:
         """Save the state with the steps added so far, as covering the journal up to ``coverage``."""
@@ -282,6 +304,7 @@ class RunIndex:
         def forget(conn: sqlite3.Connection) -> None:
             for table in _STEP_TABLES:
                 conn.execute(f"DELETE FROM {table} WHERE step > ?", (step,))
+            gpu_totals.recompute(conn)
 
         self._flush()
         self._write(forget)
@@ -381,6 +404,10 @@ class RunIndex:
         row = self.conn.execute("SELECT crc FROM steps WHERE step = ?", (step,)).fetchone()
         return count, None if row is None else row[0]
 
+    def totals_by_gpu(self, weight: float) -> dict[str, gpu_totals.GpuTotals]:
+        """Each GPU's figures over the run (``weight``: what a step without a duration counts for)."""
+        return gpu_totals.read(self.conn, weight)
+
     def add_metric(self, step: int, name: str, value: float) -> None:
         """A number logged at a step with no entry: the script's own, before its first step ended (step 0)."""
         if self.failed is None:
@@ -400,6 +427,12 @@ class RunIndex:
         self.conn.close()
         if self.temporary and self.path.name == "index.sqlite":
             shutil.rmtree(self.path.parent, ignore_errors=True)
+
+
+def _steps_of(gpu_rows: list[tuple]) -> tuple[int, int]:
+    """The first and last step of ``step_gpus`` rows (their second value)."""
+    steps = [row[1] for row in gpu_rows]
+    return (min(steps), max(steps)) if steps else (0, -1)
 
 
 def _steps_row(entry: StepEntry) -> tuple:

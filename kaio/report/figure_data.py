@@ -163,7 +163,7 @@ def figure_data(header: HistoryHeader, index: RunIndex) -> FigureData:
             line = data.eval_losses.setdefault(evaluation.eval_set or "", Line())
             line.x.append(evaluation.step)
             line.y.append(evaluation.loss)
-    known = {gpu for (gpu,) in conn.execute("SELECT DISTINCT gpu FROM step_gpus")}
+    known = set(index.totals_by_gpu(1.0))  # every GPU with a row, without a scan of their rows
     in_run = header.run_gpu_keys()
     keys = [k for k in in_run if k in known] + sorted(known - set(in_run) - {d.key for d in header.devices})
     data.gpu_count = len(keys)

@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 
 from kaio.record import rules
+from kaio.record.gpu_totals import METRICS, GpuTotals
 from kaio.record.index import RunIndex
 from kaio.record.memory import estimate, workload_of
 from kaio.record.types import (
@@ -285,7 +286,8 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
         _why_no_loss(s, run, last_entry)
     _evals(evals, s)
     s.trainings = _trainings(q, header.trainings, evals)
-    gpus = _gpus(q, s, header, w)
+    totals = index.totals_by_gpu(weight)
+    gpus = _gpus(q, s, header, totals)
     _throughput(q, s)
     s.tokens_counted_by = run.tokens_counted_by if run is not None and s.tokens is not None else None
     counted = run.args.include_num_input_tokens_seen if run is not None else None
@@ -300,13 +302,13 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
             f"SELECT SUM(host_cpu * {w}) / SUM(CASE WHEN host_cpu IS NOT NULL THEN {w} END), "
             "CAST(MAX(host_ram) AS INTEGER) FROM steps"
         )
-    _energy(q, s, header, gpus, w)
+    _energy(q, s, header, [totals[g] for g in gpus])
     s.nodes = list(run.nodes) if run is not None else []
     s.compiled = bool(run is not None and run.args.torch_compile)
     s.cpu_only = not header.devices and all(
         v is None for v in (s.vram_true_peak_bytes, s.power_avg_w, s.gpu_util_avg_pct, s.temp_avg_c)
     )
-    s.warnings = _warnings(q, header, s, first, last_step)
+    s.warnings = _warnings(q, header, s, first, last_step, index.totals_by_gpu(1.0))
     return s
 
 
@@ -522,28 +524,20 @@ def _evals(evals: list[EvalEntry], s: Summary) -> None:
         s.eval_sets = list(sets.values())
 
 
-def _gpus(q: _Query, s: Summary, header: HistoryHeader, w: str) -> list[str]:
+def _gpus(q: _Query, s: Summary, header: HistoryHeader, totals: dict[str, GpuTotals]) -> list[str]:
     """Per-GPU and pooled figures of the run's GPUs; returns their keys."""
     in_run = header.run_gpu_keys()
-    # One pass: per GPU its peaks and, for each time-weighted mean, the weighted sum and the weight.
-    sums = ", ".join(
-        f"SUM({c} * {w}), SUM(CASE WHEN {c} IS NOT NULL THEN {w} END)" for c in ("power_avg", "util", "temp")
-    )
-    rows = q.conn.execute(
-        f"SELECT gpu, MAX(COALESCE(power_max, power_avg)), MAX(temp), MAX(vram_used), {sums} FROM step_gpus GROUP BY gpu"
-    ).fetchall()
-    known = {gpu for gpu, *_ in rows}
-    gpus = [k for k in in_run if k in known] + sorted(known - set(in_run) - {d.key for d in header.devices})
-    by_gpu = {gpu: rest for gpu, *rest in rows if gpu in gpus}
+    gpus = [k for k in in_run if k in totals] + sorted(set(totals) - set(in_run) - {d.key for d in header.devices})
+    by_gpu = [totals[gpu] for gpu in gpus]
     s.gpu_count = len(set(in_run) | set(gpus))
-    s.power_peak_w = _max(r[0] for r in by_gpu.values())
-    s.temp_peak_c = _max(r[1] for r in by_gpu.values())
-    device_peaks = {gpu: int(r[2]) for gpu, r in by_gpu.items() if r[2] is not None}
+    s.power_peak_w = _max(t.power_peak for t in by_gpu)
+    s.temp_peak_c = _max(t.temp_peak for t in by_gpu)
+    device_peaks = {gpu: int(t.vram_peak) for gpu, t in zip(gpus, by_gpu) if t.vram_peak is not None}
     s.vram_device_used_peak_by_gpu_bytes = device_peaks
     s.vram_device_used_peak_bytes = max(device_peaks.values()) if device_peaks else None
-    averages = [r[3] / r[4] for r in by_gpu.values() if r[4]]
+    averages = [average for t in by_gpu if (average := t.mean("power_avg")) is not None]
     s.power_total_avg_w = sum(averages) if averages else None
-    s.power_avg_w, s.gpu_util_avg_pct, s.temp_avg_c = (_pooled(by_gpu.values(), 3 + 2 * i) for i in range(3))
+    s.power_avg_w, s.gpu_util_avg_pct, s.temp_avg_c = (_pooled(by_gpu, metric) for metric in METRICS)
     by_rank = dict(q.conn.execute("SELECT rank, CAST(MAX(peak) AS INTEGER) FROM step_ranks GROUP BY rank").fetchall())
     s.vram_true_peak_by_rank_bytes = {r: by_rank[r] for r in sorted(by_rank, key=lambda r: (len(r), r))}
     s.vram_true_peak_bytes = max(by_rank.values()) if by_rank else None
@@ -554,10 +548,10 @@ def _gpus(q: _Query, s: Summary, header: HistoryHeader, w: str) -> list[str]:
     return gpus
 
 
-def _pooled(rows: Any, at: int) -> float | None:
-    """A time-weighted mean over every GPU: the weighted sums and the weights at ``at`` and ``at + 1`` added up."""
-    weight = sum(r[at + 1] or 0.0 for r in rows)
-    return sum(r[at] or 0.0 for r in rows) / weight if weight else None
+def _pooled(by_gpu: list[GpuTotals], metric: str) -> float | None:
+    """A time-weighted mean over every GPU: their weighted sums and weights added up."""
+    weight = sum(t.means[metric][1] for t in by_gpu)
+    return sum(t.means[metric][0] for t in by_gpu) / weight if weight else None
 
 
 def _throughput(q: _Query, s: Summary) -> None:
@@ -606,19 +600,12 @@ def _pace(
 UTIL_LAG_POINTS = 20.0  # a run GPU this many points below the median of the run's GPUs is not kept busy
 
 
-def _lagging_utilisation(q: _Query, header: HistoryHeader, names: dict[str, str]) -> list[str]:
+def _lagging_utilisation(header: HistoryHeader, names: dict[str, str], totals: dict[str, GpuTotals]) -> list[str]:
     """A run GPU whose average utilisation lags the others' (a rank starved of data, a GPU left idle)."""
     in_run = header.run_gpu_keys()
     if len(in_run) < 2:
         return []
-    marks = ",".join("?" * len(in_run))
-    averages = dict(
-        q.conn.execute(
-            "SELECT gpu, SUM(util * COALESCE(duration_s, 1)) / SUM(CASE WHEN util IS NOT NULL "
-            f"THEN COALESCE(duration_s, 1) END) FROM step_gpus WHERE gpu IN ({marks}) GROUP BY gpu",
-            in_run,
-        ).fetchall()
-    )
+    averages = {gpu: totals[gpu].mean("util") for gpu in in_run if gpu in totals}
     known = {gpu: util for gpu, util in averages.items() if util is not None}
     if len(known) < 2:
         return []
@@ -660,7 +647,7 @@ def _vram_estimate(q: _Query, s: Summary, run: RunDescription) -> None:
     s.vram_estimate_terms = dict(estimated.terms())
 
 
-def _energy(q: _Query, s: Summary, header: HistoryHeader, gpus: list[str], w: str) -> None:
+def _energy(q: _Query, s: Summary, header: HistoryHeader, gpus: list[GpuTotals]) -> None:
     """Best available total energy: device counters, else per-step energy, else power x time."""
     in_run = [d for d in header.devices if d.info.in_run]
     joules: float | None = None
@@ -671,20 +658,18 @@ def _energy(q: _Query, s: Summary, header: HistoryHeader, gpus: list[str], w: st
         )
     elif (per_step := q.value("SELECT SUM(energy_j) FROM steps")) is not None:
         joules, s.energy_method = per_step, ENERGY_FROM_STEPS
-    elif gpus:
-        marks = ",".join("?" * len(gpus))
-        joules = q.value(
-            f"SELECT SUM(power_avg * {w}) FROM step_gpus WHERE gpu IN ({marks})",
-            *gpus,
-        )
-        s.energy_method = ENERGY_FROM_STEP_POWER if joules is not None else None
+    elif any(t.means["power_avg"][1] for t in gpus):  # power x time, each step weighed as the means weigh it
+        joules = sum(t.means["power_avg"][0] for t in gpus)
+        s.energy_method = ENERGY_FROM_STEP_POWER
     if joules is not None:
         s.energy_kwh = joules / 3.6e6
         if s.samples:
             s.energy_per_1k_samples_wh = 1000.0 * s.energy_kwh * 1000.0 / s.samples
 
 
-def _warnings(q: _Query, header: HistoryHeader, s: Summary, first: int | None, last: int) -> list[str]:
+def _warnings(
+    q: _Query, header: HistoryHeader, s: Summary, first: int | None, last: int, totals: dict[str, GpuTotals]
+) -> list[str]:
     found = list(header.warnings)
     for label, count, step in (
         ("NaN", s.loss_nan_count, s.loss_nan_first_step),
@@ -710,15 +695,14 @@ def _warnings(q: _Query, header: HistoryHeader, s: Summary, first: int | None, l
     found += _no_gradient(q, s)
     found += _spikes_and_stalls(q, first)
     names = {d.key: d.info.name for d in header.devices}
-    for gpu, steps, step, reasons in q.conn.execute(
-        "SELECT gpu, COUNT(*), MIN(step), GROUP_CONCAT(DISTINCT throttle) FROM step_gpus "
-        "WHERE throttle IS NOT NULL GROUP BY gpu ORDER BY MIN(step)"
-    ):
-        unique = ", ".join(dict.fromkeys(r for part in reasons.split(",") for r in [part] if r))
+    throttled = sorted((t.throttle_first_step or 0, gpu) for gpu, t in totals.items() if t.throttled_steps)
+    for _, gpu in throttled:
+        t = totals[gpu]
         found.append(
-            f"GPU {_gpu_label(gpu, names)} throttled ({unique}) during {count_of(steps, 'step')}, first at step {step}"
+            f"GPU {_gpu_label(gpu, names)} throttled ({', '.join(t.throttle_reasons)}) during "
+            f"{count_of(t.throttled_steps, 'step')}, first at step {t.throttle_first_step}"
         )
-    found += _lagging_utilisation(q, header, names)
+    found += _lagging_utilisation(header, names, totals)
     found += _records_dropped(header.telemetry)
     for device in header.devices:
         if device.info.in_run and device.energy_method == "integrated":

@@ -1,0 +1,117 @@
+"""Each GPU's figures over the whole run, kept as its steps' rows are added (``gpu_totals``).
+
+The report's per-GPU peaks, time-weighted means and throttling were a scan of
+``step_gpus`` (one row per GPU and step: 8M rows at 1M steps of 8 GPUs) at
+every refresh and at the end of the run; these sums make them a read of one row
+per GPU. A time-weighted mean weighs each row by its step's ``duration_s``; a
+row without one is weighed by what the reader chooses (the run's median step),
+so its values are kept apart: the weighted sum and weight of the rows with a
+duration, the plain sum and count of those without.
+
+Rows replaced or deleted (a resume's steps trained again) are not subtracted:
+the totals are computed again from the table then (``recompute``).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+METRICS = ("power_avg", "util", "temp")  # the time-weighted means
+
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS gpu_totals (gpu TEXT PRIMARY KEY, power_peak REAL, temp_peak REAL, vram_peak REAL, "
+    + ", ".join(f"{m}_wsum REAL, {m}_w REAL, {m}_sum REAL, {m}_n INTEGER" for m in METRICS)
+    + ", throttled INTEGER, throttle_first INTEGER, throttle_reasons TEXT)"
+)
+
+_AGGREGATES = ", ".join(
+    [
+        "MAX(COALESCE(power_max, power_avg))",
+        "MAX(temp)",
+        "MAX(vram_used)",
+        *(
+            f"TOTAL({m} * duration_s), TOTAL(CASE WHEN {m} IS NOT NULL THEN duration_s END), "
+            f"TOTAL(CASE WHEN duration_s IS NULL THEN {m} END), COUNT(CASE WHEN duration_s IS NULL THEN {m} END)"
+            for m in METRICS
+        ),
+        "COUNT(throttle)",
+        "MIN(CASE WHEN throttle IS NOT NULL THEN step END)",
+        "GROUP_CONCAT(DISTINCT throttle)",
+    ]
+)
+_SUMMED = [f"{m}_{part}" for m in METRICS for part in ("wsum", "w", "sum", "n")] + ["throttled"]
+_MERGE = ", ".join(
+    [
+        *(
+            f"{c} = CASE WHEN {c} IS NULL OR excluded.{c} > {c} THEN excluded.{c} ELSE {c} END"
+            for c in ("power_peak", "temp_peak", "vram_peak")
+        ),
+        *(f"{c} = {c} + excluded.{c}" for c in _SUMMED),
+        "throttle_first = COALESCE(throttle_first, excluded.throttle_first)",
+        "throttle_reasons = COALESCE(throttle_reasons, excluded.throttle_reasons)",
+    ]
+)
+_ADD = f"INSERT INTO gpu_totals SELECT gpu, {_AGGREGATES} FROM step_gpus WHERE gpu = ? AND step BETWEEN ? AND ? GROUP BY gpu"
+
+
+def add_steps(conn: sqlite3.Connection, gpus: Iterable[str], first: int, last: int) -> None:
+    """Add the rows of steps ``first``..``last`` just inserted for ``gpus`` (none of them there before)."""
+    for gpu in gpus:
+        before = conn.execute("SELECT throttle_reasons FROM gpu_totals WHERE gpu = ?", (gpu,)).fetchone()
+        conn.execute(f"{_ADD} ON CONFLICT(gpu) DO UPDATE SET {_MERGE}", (gpu, first, last))
+        if before is None or not before[0]:
+            continue  # the batch's reasons, if any, are in: nothing to merge with
+        (added,) = conn.execute(
+            "SELECT GROUP_CONCAT(DISTINCT throttle) FROM step_gpus WHERE gpu = ? AND step BETWEEN ? AND ?",
+            (gpu, first, last),
+        ).fetchone()
+        if added:  # each reason once, whatever the batches that saw it
+            merged = ",".join(dict.fromkeys(r for text in (before[0], added) for r in text.split(",") if r))
+            conn.execute("UPDATE gpu_totals SET throttle_reasons = ? WHERE gpu = ?", (merged, gpu))
+
+
+def recompute(conn: sqlite3.Connection) -> None:
+    """The totals from the whole table (rows were replaced or deleted, or the index predates the totals)."""
+    conn.execute("DELETE FROM gpu_totals")
+    conn.execute(f"INSERT INTO gpu_totals SELECT gpu, {_AGGREGATES} FROM step_gpus GROUP BY gpu")
+
+
+@dataclass(frozen=True)
+class GpuTotals:
+    """One GPU's figures over the run. ``means``: each metric's time-weighted sum and weight, the rows without a
+    duration weighed by the reader's weight."""
+
+    power_peak: float | None
+    temp_peak: float | None
+    vram_peak: float | None
+    means: dict[str, tuple[float, float]]
+    throttled_steps: int
+    throttle_first_step: int | None
+    throttle_reasons: list[str]
+
+    def mean(self, metric: str) -> float | None:
+        total, weight = self.means[metric]
+        return total / weight if weight else None
+
+
+def read(conn: sqlite3.Connection, weight: float) -> dict[str, GpuTotals]:
+    """Every GPU's totals, by key; ``weight``: what a row without a step duration counts for."""
+    found = {}
+    for gpu, power, temp, vram, *rest in conn.execute("SELECT * FROM gpu_totals ORDER BY gpu"):
+        sums, (throttled, first, reasons) = rest[: 4 * len(METRICS)], rest[4 * len(METRICS) :]
+        means = {}
+        for i, metric in enumerate(METRICS):
+            wsum, w, plain, n = sums[4 * i : 4 * i + 4]
+            means[metric] = (wsum + weight * plain, w + weight * n)
+        found[gpu] = GpuTotals(
+            power_peak=power,
+            temp_peak=temp,
+            vram_peak=vram,
+            means=means,
+            throttled_steps=throttled,
+            throttle_first_step=first,
+            throttle_reasons=list(dict.fromkeys(r for r in (reasons or "").split(",") if r)),
+        )
+    return found
