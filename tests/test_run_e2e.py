@@ -66,7 +66,9 @@ def test_the_readme_run_in_a_fresh_clone_records_every_step_and_leaves_git_clean
     planned = plan["model"]["estimates"]["without_gradient_checkpointing"]
     assert summary["vram_estimate_tokens"] == 4 * 128  # the longest micro-batch: 4 examples of 128 tokens
     assert summary["vram_estimate_bytes"] == planned["total_bytes"] > 0
-    assert "VRAM estimate per GPU (kaio plan's, for what ran)" in (report_dir / "report.md").read_text()
+    assert (
+        "Memory estimate per process (RAM: no GPU; kaio plan's, for what ran)" in (report_dir / "report.md").read_text()
+    )
 
 
 def test_one_run_per_project_and_no_silent_mixing(project_dir):

@@ -15,7 +15,7 @@ the totals are computed again from the table then (``recompute``).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 METRICS = ("power_avg", "util", "temp")  # the time-weighted means
@@ -54,6 +54,28 @@ _MERGE = ", ".join(
     ]
 )
 _ADD = f"INSERT INTO gpu_totals SELECT gpu, {_AGGREGATES} FROM step_gpus WHERE gpu = ? AND step BETWEEN ? AND ? GROUP BY gpu"
+
+
+def kept(conn: sqlite3.Connection) -> None:
+    """The totals kept from now on: an index of a kaio before them gets them from its rows, once."""
+    if conn.execute("SELECT 1 FROM meta WHERE key = 'gpu_totals'").fetchone() is None:
+        recompute(conn)
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('gpu_totals', X'31')")
+
+
+def inserting(conn: sqlite3.Connection, gpu_rows: list[tuple]) -> Callable[[], None]:
+    """Call before ``gpu_rows`` (``step_gpus`` rows) are inserted; returns what keeps the totals after."""
+    gpus, steps = {row[0] for row in gpu_rows}, [row[1] for row in gpu_rows]
+    if not steps:
+        return lambda: None
+    first, last = min(steps), max(steps)
+    replaced = any(  # a step's rows again (none today: sealed once, and trained again after a truncation)
+        conn.execute(
+            "SELECT 1 FROM step_gpus WHERE gpu = ? AND step BETWEEN ? AND ? LIMIT 1", (gpu, first, last)
+        ).fetchone()
+        for gpu in gpus
+    )
+    return (lambda: recompute(conn)) if replaced else (lambda: add_steps(conn, gpus, first, last))
 
 
 def add_steps(conn: sqlite3.Connection, gpus: Iterable[str], first: int, last: int) -> None:

@@ -101,7 +101,7 @@ class RunIndex:
         # stays as its last commit left it; Recorder.final_state loads it again with the journal.
         self.failed: str | None = None
         conn.executescript(_SCHEMA)
-        self._keep_gpu_totals()
+        self._write(gpu_totals.kept)
 
     @property
     def conn(self) -> sqlite3.Connection:
@@ -111,30 +111,14 @@ class RunIndex:
 
     def _flush(self) -> None:
         def insert(conn: sqlite3.Connection) -> None:
-            gpu_rows = self._pending["step_gpus"]
-            gpus, added = {row[0] for row in gpu_rows}, _steps_of(gpu_rows)
-            replaced = any(  # a step's rows again (none today: sealed once, trained again after a truncation)
-                conn.execute(
-                    "SELECT 1 FROM step_gpus WHERE gpu = ? AND step BETWEEN ? AND ? LIMIT 1", (gpu, *added)
-                ).fetchone()
-                for gpu in gpus
-            )
+            keep_totals = gpu_totals.inserting(conn, self._pending["step_gpus"])
             for table, rows in self._pending.items():
                 if rows:
                     conn.executemany(_ROW_TABLES[table], rows)
                     rows.clear()
-            if replaced:
-                gpu_totals.recompute(conn)
-            elif gpus:
-                gpu_totals.add_steps(conn, gpus, *added)
+            keep_totals()
 
         self._write(insert)
-
-    def _keep_gpu_totals(self) -> None:
-        """``gpu_totals`` from now on; an index of a kaio before them gets them from its rows, once."""
-        if self._meta("gpu_totals") is None:
-            self._write(gpu_totals.recompute)
-            self._write(lambda conn: conn.execute("INSERT OR REPLACE INTO meta VALUES ('gpu_totals', X'31')"))
 
     def _write(self, work: Callable[[sqlite3.Connection], object]) -> None:
         """A write that may fail on a full disk: it must not stop the run (the journal has every record).
@@ -177,20 +161,7 @@ class RunIndex:
 
     @classmethod
     def _private_copy(cls, source: Path | None) -> RunIndex:
-        folder = Path(tempfile.mkdtemp(prefix="kaio-index-"))
-        path = folder / "index.sqlite"
-        if source is not None and source.is_file():
-            try:
-                origin = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=10)
-                target = sqlite3.connect(path)
-                try:
-                    origin.backup(target)  # a consistent copy, under SQLite's shared lock
-                finally:
-                    origin.close()
-                    target.close()
-                _check_readable(path)
-            except sqlite3.DatabaseError:
-                path.unlink(missing_ok=True)  # unreadable: the caller rebuilds from the journal
+        path = _copied(source)
         return cls(_connect(path), path, temporary=True)
 
     # ------------------------------------------------------------------ what it covers
@@ -212,7 +183,7 @@ class RunIndex:
         for table in _TABLES:
             self._conn.execute(f"DROP TABLE IF EXISTS {table}")
         self._conn.executescript(_SCHEMA)
-        self._keep_gpu_totals()
+        self._write(gpu_totals.kept)
 
     def commit(self, state: bytes, coverage: Coverage) -> None:
         """Save the state with the steps added so far, as covering the journal up to ``coverage``."""
@@ -398,12 +369,6 @@ class RunIndex:
                 raise IndexDamaged(f"the row of step {row[0]} is damaged")
             yield row[0], bytes(line) + b"\n"
 
-    def steps_through(self, step: int) -> tuple[int, int | None]:
-        """How many steps the index holds up to ``step``, and the CRC of ``step``'s row (None: no such row)."""
-        (count,) = self.conn.execute("SELECT COUNT(*) FROM steps WHERE step <= ?", (step,)).fetchone()
-        row = self.conn.execute("SELECT crc FROM steps WHERE step = ?", (step,)).fetchone()
-        return count, None if row is None else row[0]
-
     def totals_by_gpu(self, weight: float) -> dict[str, gpu_totals.GpuTotals]:
         """Each GPU's figures over the run (``weight``: what a step without a duration counts for)."""
         return gpu_totals.read(self.conn, weight)
@@ -427,12 +392,6 @@ class RunIndex:
         self.conn.close()
         if self.temporary and self.path.name == "index.sqlite":
             shutil.rmtree(self.path.parent, ignore_errors=True)
-
-
-def _steps_of(gpu_rows: list[tuple]) -> tuple[int, int]:
-    """The first and last step of ``step_gpus`` rows (their second value)."""
-    steps = [row[1] for row in gpu_rows]
-    return (min(steps), max(steps)) if steps else (0, -1)
 
 
 def _steps_row(entry: StepEntry) -> tuple:
@@ -503,6 +462,24 @@ def _check_writable(conn: sqlite3.Connection) -> None:
     conn.execute("BEGIN IMMEDIATE")
     conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB)")
     conn.commit()
+
+
+def _copied(source: Path | None) -> Path:
+    """A temp folder's ``index.sqlite``: a consistent copy of ``source`` (none there, or unreadable: no file)."""
+    path = Path(tempfile.mkdtemp(prefix="kaio-index-")) / "index.sqlite"
+    if source is not None and source.is_file():
+        try:
+            origin = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=10)
+            target = sqlite3.connect(path)
+            try:
+                origin.backup(target)  # under SQLite's shared lock
+            finally:
+                origin.close()
+                target.close()
+            _check_readable(path)
+        except sqlite3.DatabaseError:
+            path.unlink(missing_ok=True)  # unreadable: the caller rebuilds from the journal
+    return path
 
 
 def _check_readable(path: Path) -> None:

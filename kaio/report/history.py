@@ -132,7 +132,7 @@ def write_history(
         write_all(fd, b"".join(batch))
     if through is None or end is None:
         return None
-    count, crc = index.steps_through(through)
+    count, crc = _steps_through(index, through)
     if crc is None:
         return None
     stat = path.stat()
@@ -156,12 +156,19 @@ def _opening(header: HistoryHeader, index: RunIndex) -> bytes:
     return opening + b',"evals":' + _ENCODER.encode(index.evals()) + _STEPS_KEY
 
 
+def _steps_through(index: RunIndex, step: int) -> tuple[int, int | None]:
+    """How many steps the index holds up to ``step``, and the CRC of ``step``'s row (None: no such row)."""
+    (count,) = index.conn.execute("SELECT COUNT(*) FROM steps WHERE step <= ?", (step,)).fetchone()
+    row = index.conn.execute("SELECT crc FROM steps WHERE step = ?", (step,)).fetchone()
+    return count, None if row is None else row[0]
+
+
 def _reusable(path: Path, previous: HistoryPrefix | None, index: RunIndex, final_through: int) -> int | None:
     """The history.json written last, opened, where its final steps' lines can be copied: the same file as
     written (not replaced, not touched), and the index's steps up to ``previous.through`` the same."""
     if previous is None or previous.through > final_through:
         return None
-    if index.steps_through(previous.through) != (previous.count, previous.crc):
+    if _steps_through(index, previous.through) != (previous.count, previous.crc):
         return None  # a resume trained those steps again
     try:
         fd = os.open(path, os.O_RDONLY)
