@@ -472,6 +472,7 @@ def test_a_kaio_log_loop_stopped_is_resumed_in_the_same_record_from_its_own_chec
     history = read_history(project_dir)
     assert [s["step"] for s in history["steps"]] == list(range(1, 121))
     assert [(s["kind"], s["status"]) for s in history["sessions"]] == [("run", "INTERRUPTED"), ("resume", "COMPLETED")]
+    assert history["sessions"][0]["signal"] == "SIGINT"  # a Ctrl-C's
     own_checkpoint = stopped_at - stopped_at % 20
     assert history["sessions"][1]["start_step"] == own_checkpoint  # where the loop itself went on from
     again = kaio("resume", "t", cwd=project_dir, timeout=60)  # a loop that ran to its end: nothing to resume
@@ -533,7 +534,9 @@ def test_a_schedulers_warning_sets_no_deadline_for_the_save_of_a_job_of_several_
     proc.send_signal(signal.SIGUSR1)
     output, _ = proc.communicate(timeout=90)
     assert sorted(p.name for p in project_dir.glob("saved-*.json")) == ["saved-0.json", "saved-1.json"], output
-    assert read_history(project_dir)["status"] == "INTERRUPTED"
+    history = read_history(project_dir)
+    # The signal that stopped it is the scheduler's, not the SIGTERM kaio sent the ranks.
+    assert history["status"] == "INTERRUPTED" and history["sessions"][-1]["signal"] == "SIGUSR1"
 
 
 def test_the_launcher_keeps_sigterm_ignored_whatever_accelerate_installs(monkeypatch):

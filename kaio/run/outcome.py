@@ -94,8 +94,11 @@ class SessionEndings:
             # Stopped by the user: 143 (SIGTERM's code) even when the training stopped cleanly after saving,
             # and whatever the launcher made of it with several ranks; 137 when the second press killed it.
             code = exit_code if asked.killed and exit_code > 128 and not asked.ended_unstarted else 128 + signal.SIGTERM
+            # The signal is the one that asked (a SIGUSR1 from SLURM read SIGTERM: kaio's to the ranks), or, killed
+            # by a second press, the one that ended it.
+            said = signal_name if asked.killed else asked.signal or signal_name
             return SessionOutcome(
-                code, Status.INTERRUPTED, signal_name, error, self._what_the_stop_kept(session), cause.t_wall
+                code, Status.INTERRUPTED, said, error, self._what_the_stop_kept(session), cause.t_wall
             )
         if returncode == 0 and planned is None and ledger.ended_by_stop(session):
             # Stopped with the rest of the job: the stop was asked of another node's kaio (a Ctrl-C on the head).

@@ -33,6 +33,7 @@ class StopRequests:
 
     requests: int = 0
     because: str | None = None  # what asked first ("Ctrl-C", "SIGTERM"...): the status says why it stops
+    signal: str | None = None  # the signal that asked first (SIGINT for a Ctrl-C, SIGUSR1...): the session's record
     started: bool = False  # the stopped session had a rank, or a process of the launcher's (looked up until so)
     ended_unstarted: bool = False  # killed with nothing started: the stop asked for, not a kill (exit 143)
     first_at: float | None = None  # when the grace period started (a scheduler's warning starts none)
@@ -85,14 +86,14 @@ class StopControl:
         def handler(signum, frame):
             if proc.poll() is not None:
                 return  # the child has ended on its own: its record is being written, nothing to stop
-            self.request(proc, because="Ctrl-C" if signum == signal.SIGINT else "SIGTERM")
+            self.request(proc, because="Ctrl-C" if signum == signal.SIGINT else "SIGTERM", by=signum)
 
         def warned(signum, frame):
             # A scheduler's warning that the time is nearly up (SLURM's --signal=USR1@T): one graceful stop,
             # never a kill, however often it comes.
             if proc.poll() is None and not self.asked.requests:
                 self._said("the scheduler warned that the job's time is nearly up (SIGUSR1): stopping gracefully")
-                self.request(proc, warning=True, because="SIGUSR1: the scheduler's time is nearly up")
+                self.request(proc, warning=True, because="SIGUSR1: the scheduler's time is nearly up", by=signum)
 
         def hung_up(signum, frame):
             # The terminal closed (a window shut, an ssh connection dropped): nobody watches any more. Stopped as
@@ -102,7 +103,7 @@ class StopControl:
             if proc.poll() is None and not self.asked.requests:
                 why = "the terminal closed (SIGHUP)" if closed else "SIGHUP (a kill -HUP; the terminal is still there)"
                 self._said(f"{why}: stopping gracefully (run kaio under nohup, tmux or screen to keep it going)")
-                self.request(proc, because="the terminal closed" if closed else "SIGHUP")
+                self.request(proc, because="the terminal closed" if closed else "SIGHUP", by=signum)
 
         previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -122,12 +123,16 @@ class StopControl:
 
     # ------------------------------------------------------------ requests
 
-    def request(self, proc: subprocess.Popen, *, warning: bool = False, because: str | None = None) -> None:
+    def request(
+        self, proc: subprocess.Popen, *, warning: bool = False, because: str | None = None, by: int | None = None
+    ) -> None:
         """A first request stops gracefully (the Trainer saves a checkpoint); a second kills. A scheduler's
         warning stops gracefully with no deadline of kaio's (the scheduler's own SIGTERM is the deadline: it
         starts the grace period, without a second SIGTERM to the ranks). ``because``: what asked."""
         asked = self.asked
         asked.because = asked.because or because
+        if asked.signal is None and by is not None:  # ``by``: the signal that asked
+            asked.signal = signal.Signals(by).name
         if warning:
             asked.requests, asked.warned = 1, True
             self._mark()
