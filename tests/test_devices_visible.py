@@ -87,3 +87,31 @@ def test_each_vendor_reads_its_own_variables_and_other_backends_are_untouched():
         devices, {"CUDA_VISIBLE_DEVICES": "0", "ROCR_VISIBLE_DEVICES": "1", "HIP_VISIBLE_DEVICES": "0"}
     )
     assert [d.key for d in marked if d.in_run] == ["nvml:0", "amdsmi:1", "synthetic:0"]
+
+
+def test_the_run_and_its_report_order_the_gpus_as_the_ranks_see_them():
+    """A tester's fake GPUs: with CUDA_VISIBLE_DEVICES=3,1 the dashboard put rank 0 on nvml:1 (rank 0 trains on GPU 3,
+    cuda:0); with 16 GPUs nvml:10 came third and was called rank 2; a run of one process called 16 GPUs ranks 0-15."""
+    import msgspec
+
+    from conftest import replay
+    from kaio.devices.base import DeviceInfo
+
+    def ranks_shown(gpus: int, environ: dict, world_size: int) -> dict[str, int | None]:
+        marked, _ = mark_visible([DeviceInfo("nvml", i, "NVIDIA H100") for i in range(gpus)], environ)
+        devices = {"type": "devices", "devices": [msgspec.to_builtins(d) for d in marked]}
+        state = replay(
+            [
+                {"type": "session_start", "session": 1, "t_wall": 1e9, "t_mono": 0.0, "kind": "run"},
+                devices,
+                {"type": "run_start", "rank": 0, "session": 1, "world_size": world_size, "max_steps": 10},
+            ]
+        )
+        return {row.key: row.rank for row in state.snapshot().gpus}
+
+    reordered = ranks_shown(8, {"CUDA_VISIBLE_DEVICES": "3,1"}, world_size=2)
+    assert reordered["nvml:3"] == 0 and reordered["nvml:1"] == 1 and reordered["nvml:0"] is None
+    sixteen = ranks_shown(16, {}, world_size=16)
+    assert list(sixteen) == [f"nvml:{i}" for i in range(16)] and list(sixteen.values()) == list(range(16))
+    one_process = ranks_shown(16, {}, world_size=1)
+    assert one_process["nvml:0"] == 0 and all(rank is None for key, rank in one_process.items() if key != "nvml:0")

@@ -1180,6 +1180,8 @@ def test_the_vram_estimate_counts_the_optimizer_the_script_gave_the_trainer():
             trainable_bytes_per_param=4,
         )
         header, index = make_run(20, run=msgspec.structs.replace(described, model=model, **run_fields))
+        if not run_fields:  # the row's label, on a GPU host (a tester found "per GPU (; kaio plan's")
+            assert "| VRAM estimate per GPU (kaio plan's, for what ran) | 19.3 MiB (weights" in report_of(header, index)
         return summarize(header, index).vram_estimate_terms["optimizer states"]
 
     assert optimizer_term() == 2 * 4 * 1_048_576  # AdamW (args.optim): two fp32 moments per trained parameter

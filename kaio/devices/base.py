@@ -25,6 +25,9 @@ class DeviceInfo(msgspec.Struct, frozen=True):
     vram_total_bytes: int | None = None
     supported: tuple[str, ...] = ()  # metric names that answered at detection time
     notes: tuple[str, ...] = ()  # e.g. "partition 2 of 4 of the same card"
+    # Its place among the GPUs the run's processes see (cuda:N; CUDA_VISIBLE_DEVICES=3,1 makes GPU 3 cuda:0, and
+    # local rank N trains on cuda:N); None where not in the run, or recorded by a kaio before it.
+    visible_index: int | None = None
 
     @property
     def key(self) -> str:
@@ -90,3 +93,14 @@ class GpuBackend(Protocol):
 class DetectResult:
     backends: list = field(default_factory=list)  # list[GpuBackend]
     notes: list[str] = field(default_factory=list)  # why a vendor is absent, in a user's words
+
+
+def device_order(key: str) -> tuple[str, int, str]:
+    """A GPU key's place in a list: by backend (and node), then by number (nvml:2 before nvml:10)."""
+    prefix, _, number = key.rpartition(":")
+    return (prefix, int(number), "") if number.isdigit() else (prefix, -1, number)
+
+
+def visible_order(key: str, info: DeviceInfo) -> tuple:
+    """A run's GPU's place in a list: as the run's processes see them (``visible_index``), then by key."""
+    return (info.visible_index is None, info.visible_index or 0, device_order(key))

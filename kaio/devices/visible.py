@@ -26,7 +26,7 @@ from kaio.devices.base import DeviceInfo
 def mark_visible(devices: Sequence[DeviceInfo], environ: Mapping[str, str]) -> tuple[list[DeviceInfo], list[str]]:
     """``devices`` with ``in_run`` set from ``environ``, and notes about entries that matched nothing."""
     notes: list[str] = []
-    in_run: set[str] = set()
+    in_run: dict[str, int] = {}  # key -> its place among the run's GPUs of its backend (cuda:N)
     for backend in dict.fromkeys(d.backend for d in devices):
         own = sorted((d for d in devices if d.backend == backend), key=lambda d: d.index)
         if backend == "nvml":
@@ -38,8 +38,8 @@ def mark_visible(devices: Sequence[DeviceInfo], environ: Mapping[str, str]) -> t
             visible = _select(visible, environ.get(hip_var), hip_var, notes)
         else:
             visible = own
-        in_run.update(d.key for d in visible)
-    return [msgspec.structs.replace(d, in_run=d.key in in_run) for d in devices], notes
+        in_run.update((d.key, position) for position, d in enumerate(visible))
+    return [msgspec.structs.replace(d, in_run=d.key in in_run, visible_index=in_run.get(d.key)) for d in devices], notes
 
 
 def _select(candidates: list[DeviceInfo], spec: str | None, variable: str, notes: list[str]) -> list[DeviceInfo]:

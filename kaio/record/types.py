@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from kaio.devices.base import DeviceInfo, GpuSample, HostSample
+from kaio.devices.base import DeviceInfo, GpuSample, HostSample, visible_order
 from kaio.telemetry.protocol import (
     ChildEvent,
     Environment,
@@ -591,7 +591,9 @@ class HistoryHeader(msgspec.Struct, kw_only=True):
     trainings: list[Training] = []  # a script's trainings, where it trained more than once
 
     def run_gpu_keys(self) -> list[str]:
-        return [d.key for d in self.devices if d.info.in_run]
+        """The run's GPUs, node by node, each node's as its processes see them (local rank N on the N-th)."""
+        run = [d for d in self.devices if d.info.in_run]
+        return [d.key for d in sorted(run, key=lambda d: (node_rank_of_gpu(d.key), *visible_order(d.key, d.info)))]
 
 
 class HistoryPrefix(msgspec.Struct, kw_only=True, frozen=True):

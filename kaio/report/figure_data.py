@@ -15,6 +15,7 @@ import sqlite3
 
 import msgspec
 
+from kaio.devices.base import device_order
 from kaio.record import rules
 from kaio.record.index import RunIndex
 from kaio.record.types import HistoryHeader, node_rank_of_gpu
@@ -165,7 +166,9 @@ def figure_data(header: HistoryHeader, index: RunIndex) -> FigureData:
             line.y.append(evaluation.loss)
     known = set(index.totals_by_gpu(1.0))  # every GPU with a row, without a scan of their rows
     in_run = header.run_gpu_keys()
-    keys = [k for k in in_run if k in known] + sorted(known - set(in_run) - {d.key for d in header.devices})
+    keys = [k for k in in_run if k in known] + sorted(
+        known - set(in_run) - {d.key for d in header.devices}, key=device_order
+    )
     data.gpu_count = len(keys)
     nodes = sorted({node_rank_of_gpu(k) for k in keys})
     data.per_node = len(keys) > SEPARATE_GPU_LINES and len(nodes) > 1

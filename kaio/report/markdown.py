@@ -35,6 +35,7 @@ from kaio.record.types import (
     StalledRank,
     Status,
     TrainingArgs,
+    node_rank_of_gpu,
 )
 from kaio.report.summary import EvalSetLoss, Summary, count_of, evaluation_rows, time_buckets
 from kaio.telemetry.protocol import LAUNCHER_FAILED
@@ -246,8 +247,8 @@ def _key_metrics(s: Summary) -> str:
         ("True peak VRAM, average over steps", _bytes(s.vram_true_peak_step_avg_bytes) or missing),
     ]
     if s.vram_estimate_bytes is not None:
-        per = "Memory estimate per process (RAM: no GPU" if s.cpu_only else "VRAM estimate per GPU ("
-        rows.append((f"{per}; kaio plan's, for what ran)", _vram_estimate(s)))
+        per = "Memory estimate per process (RAM: no GPU; " if s.cpu_only else "VRAM estimate per GPU ("
+        rows.append((f"{per}kaio plan's, for what ran)", _vram_estimate(s)))
     rows += [
         ("Device VRAM used, peak (driver)", _device_vram(s) or missing),
         ("Power per GPU (average / peak)", _pair(s.power_avg_w, s.power_peak_w, "W", ".0f") or missing),
@@ -781,14 +782,16 @@ def _ranks(header: HistoryHeader) -> str | None:
     if not header.ranks:
         return None
     gpus = header.run_gpu_keys()
+    node_of_host = {n.host: n.node_rank for n in (header.run.nodes if header.run else [])}
     rows = []
     for t in header.ranks:
         data, forward = t.mean(t.data_s), t.mean(t.forward_s)
+        node = node_of_host.get(t.host, 0)  # its cuda:N is the N-th GPU of its own node
         rows.append(
             (
                 t.rank,
                 t.host or "",
-                _rank_device(t.device, gpus),
+                _rank_device(t.device, [g for g in gpus if node_rank_of_gpu(g) == node]),
                 "" if data is None else f"{1000 * data:.1f} ms",
                 "" if forward is None else f"{1000 * forward:.1f} ms",
                 f"{t.slowest:,} of {t.steps:,}",

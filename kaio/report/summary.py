@@ -20,6 +20,7 @@ from typing import Any
 
 import msgspec
 
+from kaio.devices.base import device_order
 from kaio.record import rules
 from kaio.record.gpu_totals import METRICS, GpuTotals
 from kaio.record.index import RunIndex
@@ -527,7 +528,9 @@ def _evals(evals: list[EvalEntry], s: Summary) -> None:
 def _gpus(q: _Query, s: Summary, header: HistoryHeader, totals: dict[str, GpuTotals]) -> list[str]:
     """Per-GPU and pooled figures of the run's GPUs; returns their keys."""
     in_run = header.run_gpu_keys()
-    gpus = [k for k in in_run if k in totals] + sorted(set(totals) - set(in_run) - {d.key for d in header.devices})
+    gpus = [k for k in in_run if k in totals] + sorted(
+        set(totals) - set(in_run) - {d.key for d in header.devices}, key=device_order
+    )
     by_gpu = [totals[gpu] for gpu in gpus]
     s.gpu_count = len(set(in_run) | set(gpus))
     s.power_peak_w = _max(t.power_peak for t in by_gpu)

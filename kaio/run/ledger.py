@@ -11,7 +11,7 @@ from pathlib import Path
 
 import msgspec
 
-from kaio.devices.base import DeviceInfo, GpuSample
+from kaio.devices.base import DeviceInfo, GpuSample, visible_order
 from kaio.nodes import first_rank
 from kaio.record import flops
 from kaio.record.flops import Throughput
@@ -180,7 +180,8 @@ class RunLedger(msgspec.Struct, kw_only=True):
         return end.ended_early_by if end is not None and end.session == session else None
 
     def run_gpu_keys(self) -> list[str]:
-        return sorted(self.run_keys)
+        """The run's GPUs as its processes see them: local rank N trains on the N-th (cuda:N)."""
+        return sorted(self.run_keys, key=lambda key: visible_order(key, self.devices[key].info))
 
     def samples_per_step(self) -> int | None:
         """Examples in one optimizer step: per device x accumulation x world size (None if unknown)."""

@@ -12,7 +12,7 @@ import time
 
 import msgspec
 
-from kaio.devices.base import GpuSample, HostSample
+from kaio.devices.base import GpuSample, HostSample, device_order
 from kaio.record import rules
 from kaio.record.types import Log, Pause, Status, Step, StepEntry, finite
 from kaio.run.ledger import RunLedger
@@ -191,8 +191,9 @@ def build_snapshot(
 
 
 def _gpu_rows(ledger: RunLedger, live: LiveStats) -> tuple[GpuRow, ...]:
-    # This node's rank lead + i trains on the i-th GPU it can see (accelerate's cuda:LOCAL_RANK).
-    run_keys = ledger.run_gpu_keys()
+    # This node's rank lead + i trains on the i-th GPU it can see (accelerate's cuda:LOCAL_RANK); the GPUs it sees
+    # beyond its processes train nothing.
+    run_keys = ledger.run_gpu_keys()[: _local_processes(ledger) or None]
     return tuple(
         _gpu_row(
             key,
@@ -203,8 +204,16 @@ def _gpu_rows(ledger: RunLedger, live: LiveStats) -> tuple[GpuRow, ...]:
             live.latest_gpu.get(key),
             ledger.lead_rank + run_keys.index(key) if key in run_keys else None,
         )
-        for key, dev in sorted(ledger.devices.items())
+        for key, dev in sorted(ledger.devices.items(), key=lambda item: device_order(item[0]))
     )
+
+
+def _local_processes(ledger: RunLedger) -> int | None:
+    """This node's training processes (the world size over the nodes); None before the run is described."""
+    if ledger.run is None or not ledger.run.world_size:
+        return None
+    nodes = int(((ledger.config or {}).get("launch") or {}).get("nnodes") or 1)
+    return max(ledger.run.world_size // max(nodes, 1), 1)
 
 
 def _gpu_row(

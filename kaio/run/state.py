@@ -22,6 +22,7 @@ from pathlib import PurePath
 import msgspec
 
 from kaio.config import flag_value
+from kaio.devices.base import device_order
 from kaio.record import rules
 from kaio.record.flops import Throughput
 from kaio.record.index import RunIndex
@@ -430,7 +431,7 @@ def history_header(parts: StateParts, uploading: HubOutcome | None = None) -> Hi
     run = RunDescription.from_run_start(ledger.run) if ledger.run is not None else None
     devices = [
         DeviceSummary(key=key, info=d.info, energy_j=d.energy_j, energy_method=d.energy_method)
-        for key, d in sorted(ledger.devices.items())
+        for key, d in sorted(ledger.devices.items(), key=lambda item: device_order(item[0]))
     ]
     derived = ledger.derived_notes() if uploading is None else []  # of the Hub's outcomes, which it stands for
     return HistoryHeader(

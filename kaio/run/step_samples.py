@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import msgspec
 
-from kaio.devices.base import GpuSample, HostSample
+from kaio.devices.base import GpuSample, HostSample, device_order
 from kaio.record.types import GpuStepStats, HostStepStats, StepEntry, TickRecord
 
 MAX_UNAGGREGATED_STEPS = 1000  # steps faster than the poller: fold in what is there rather than wait
@@ -186,8 +186,8 @@ def _gpu_stats(samples: list[GpuSample], count: int, energy_j: float | None) -> 
     )
 
 
-def _by_key(sample: GpuSample) -> str:
-    return sample.key
+def _by_key(sample: GpuSample) -> tuple:
+    return device_order(sample.key)
 
 
 def _rounded(value: float | None) -> float | None:
