@@ -77,6 +77,8 @@ def test_cpx_partitions_count_the_cards_power_and_energy_once(monkeypatch):
     assert "power and energy cover the whole card (8 partitions seen)" in devices[0].notes[0]
     assert "counted once, on its partition 0 (amdsmi:0)" in devices[5].notes[0]
     assert devices[5].power_kind is None
+    # The report's energy counts partition 0's, and leaves the others out without a warning.
+    assert not devices[0].power_counted_elsewhere and all(d.power_counted_elsewhere for d in devices[1:])
 
 
 def test_mi300x_node_in_cpx_mode_attributes_each_card_to_its_own_partition_0(monkeypatch):

@@ -341,10 +341,30 @@ def test_energy_from_device_counters_first():
     )
 
 
-def test_energy_from_per_step_energy_when_a_run_gpu_has_no_counter():
-    devices = [device(0, energy_j=1_800_000.0, method="counter"), device(1, energy_j=None)]
+def test_energy_from_the_devices_that_measured_it_when_a_run_gpu_has_no_reading_of_its_own():
+    """A tester's fake MI300X in CPX mode (one card, 8 partitions, its energy read on partition 0): the total fell
+    to the steps' sums (1.84 Wh, without the start-up and closing) for the card's 3.92 Wh. A GPU that reads neither
+    power nor energy is said to be left out; a partition whose card is read on another is not."""
+    import msgspec
+
+    counted_elsewhere = msgspec.structs.replace(
+        device(1), info=msgspec.structs.replace(device(1).info, power_counted_elsewhere=True)
+    )
+    steps = [step(i, energy_j=360.0, gpus={"nvml:0": gpu(power=999.0)}) for i in range(1, 11)]
+    partitioned = summary_of(steps, devices=[device(0, energy_j=1_800_000.0, method="counter"), counted_elsewhere])
+    assert partitioned.energy_kwh == pytest.approx(0.5) and partitioned.energy_method == "hardware counter"
+    assert partitioned.energy_unmeasured == [] and not any("not measured" in w for w in partitioned.warnings)
+    unread = summary_of(steps, devices=[device(0, energy_j=1_800_000.0, method="counter"), device(1)])
+    assert unread.energy_kwh == pytest.approx(0.5) and unread.energy_unmeasured == ["nvml:1"]
+    said = (
+        "energy of GPU nvml:1 (NVIDIA H100) not measured (neither power nor an energy counter read): not in the total"
+    )
+    assert said in unread.warnings
+
+
+def test_energy_from_per_step_energy_when_no_run_gpu_has_a_total():
     steps = [step(i, energy_j=None if i == 4 else 360.0, gpus={"nvml:0": gpu(power=999.0)}) for i in range(1, 11)]
-    s = summary_of(steps, devices=devices)
+    s = summary_of(steps, devices=[device(0), device(1)])  # a record of a kaio before the devices' totals
     assert s.energy_kwh == pytest.approx(9 * 360.0 / 3.6e6)
     assert s.energy_method == ENERGY_FROM_STEPS == "sum of per-step energy"
     assert not any(w.startswith("energy integrated") for w in s.warnings)

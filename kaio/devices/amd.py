@@ -193,6 +193,7 @@ class AmdSmiBackend:
             vram_total_bytes=probe.vram_total_bytes,
             supported=answered_metrics(probe),
             notes=tuple(notes),
+            power_counted_elsewhere=not self._reports_card_power[index],
         )
 
     def _versions(self) -> dict[str, str]:

@@ -28,6 +28,8 @@ class DeviceInfo(msgspec.Struct, frozen=True):
     # Its place among the GPUs the run's processes see (cuda:N; CUDA_VISIBLE_DEVICES=3,1 makes GPU 3 cuda:0, and
     # local rank N trains on cuda:N); None where not in the run, or recorded by a kaio before it.
     visible_index: int | None = None
+    # Its card's power and energy are read on another device (an MI300X partition, an MI250 GCD): none of its own.
+    power_counted_elsewhere: bool = False
 
     @property
     def key(self) -> str:

@@ -172,6 +172,7 @@ class Summary(msgspec.Struct, kw_only=True):
     host_ram_peak_bytes: int | None = None
     energy_kwh: float | None = None
     energy_method: str | None = None
+    energy_unmeasured: list[str] = []  # run GPUs that gave neither power nor energy: not in the total
     energy_per_1k_samples_wh: float | None = None
     cpu_only: bool = False  # no GPU found, and no GPU number anywhere
     compiled: bool = False  # torch_compile: the first step, in the start-up, compiles the model
@@ -651,14 +652,18 @@ def _vram_estimate(q: _Query, s: Summary, run: RunDescription) -> None:
 
 
 def _energy(q: _Query, s: Summary, header: HistoryHeader, gpus: list[GpuTotals]) -> None:
-    """Best available total energy: device counters, else per-step energy, else power x time."""
+    """Best available total energy: device counters, else per-step energy, else power x time. The devices' totals
+    cover the whole session (start-up and closing too); a run GPU without one (its card read on another device, or
+    one that reports neither power nor energy) does not send the total to the steps' sums, which leave those out."""
     in_run = [d for d in header.devices if d.info.in_run]
+    measured = [d for d in in_run if d.energy_j is not None]
     joules: float | None = None
-    if in_run and all(d.energy_j is not None for d in in_run):
-        joules = sum(d.energy_j or 0.0 for d in in_run)
+    if measured:
+        joules = sum(d.energy_j or 0.0 for d in measured)
         s.energy_method = " + ".join(
-            sorted({ENERGY_METHOD_LABELS.get(d.energy_method or "", "device energy") for d in in_run})
+            sorted({ENERGY_METHOD_LABELS.get(d.energy_method or "", "device energy") for d in measured})
         )
+        s.energy_unmeasured = [d.key for d in in_run if d.energy_j is None and not d.info.power_counted_elsewhere]
     elif (per_step := q.value("SELECT SUM(energy_j) FROM steps")) is not None:
         joules, s.energy_method = per_step, ENERGY_FROM_STEPS
     elif any(t.means["power_avg"][1] for t in gpus):  # power x time, each step weighed as the means weigh it
@@ -706,6 +711,9 @@ def _warnings(
             f"{count_of(t.throttled_steps, 'step')}, first at step {t.throttle_first_step}"
         )
     found += _lagging_utilisation(header, names, totals)
+    if s.energy_unmeasured:
+        gpus = ", ".join(_gpu_label(gpu, names) for gpu in s.energy_unmeasured)
+        found.append(f"energy of GPU {gpus} not measured (neither power nor an energy counter read): not in the total")
     found += _records_dropped(header.telemetry)
     for device in header.devices:
         if device.info.in_run and device.energy_method == "integrated":
