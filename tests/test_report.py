@@ -1206,3 +1206,21 @@ def test_key_metrics_say_where_the_losses_were_logged_and_round_the_estimate_so_
     assert gib(3 * 2**30, digits=3) == "3 GiB" and gib(int(1.5 * 2**30)) == "1.5 GiB"
     assert _seconds(0.036) == "0.036 s" and _seconds(0.0) == "0.0 s" and _seconds(12.34) == "12.3 s"
     assert _logged(5716.0) == "5,716" and _logged(130168.0) == "130,168" and _logged(0.0327) == "0.0327"
+
+
+def test_the_figures_device_vram_line_is_the_run_gpus_not_another_jobs():
+    """A tester's CUDA_VISIBLE_DEVICES=3,1 on 8 GPUs: the VRAM panel drew 17 GiB, nvml:7's (not in the run), where
+    report.md said the run's peak was 13.0 GiB."""
+    import msgspec
+
+    steps = [
+        make_step(k, gpus={"nvml:0": gpu(vram_used=(10 + k % 3) * GIB), "nvml:1": gpu(vram_used=17 * GIB)})
+        for k in range(1, 21)
+    ]
+    outside = msgspec.structs.replace(device(1), info=msgspec.structs.replace(device(1).info, in_run=False))
+    header, index = make_run(20, steps=steps, devices=[device(0), outside])
+    line = figure_data(header, index).vram_device_used
+    assert line.y and max(line.y) == 12 * GIB and min(line.y) == 10 * GIB
+    assert "| Device VRAM used, peak (driver) | 12.0 GiB" in report_of(header, index)
+    everyone = figure_data(*make_run(20, steps=steps, devices=[device(0), device(1)])).vram_device_used
+    assert max(everyone.y) == 17 * GIB  # both in the run: the steps' own maximum

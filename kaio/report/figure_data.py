@@ -170,6 +170,8 @@ def figure_data(header: HistoryHeader, index: RunIndex) -> FigureData:
         known - set(in_run) - {d.key for d in header.devices}, key=device_order
     )
     data.gpu_count = len(keys)
+    if known - set(keys):  # GPUs sampled beside the run's (another job's): the steps' maximum counts them too
+        data.vram_device_used = _run_vram_line(conn, grid, keys)
     nodes = sorted({node_rank_of_gpu(k) for k in keys})
     data.per_node = len(keys) > SEPARATE_GPU_LINES and len(nodes) > 1
     if data.per_node:
@@ -215,6 +217,18 @@ def _fold_gpus_by_node(conn: sqlite3.Connection, keys: list[str]) -> None:
         "INSERT INTO kaio_node_steps SELECT n.node, g.step, AVG(g.util), SUM(g.power_avg), SUM(g.power_min), "
         "SUM(g.power_max), MAX(g.temp) FROM step_gpus g JOIN kaio_gpu_nodes n ON n.gpu = g.gpu GROUP BY n.node, g.step"
     )
+
+
+def _run_vram_line(conn: sqlite3.Connection, grid: _Grid, keys: list[str]) -> Line:
+    """The device VRAM used, each step's largest over ``keys`` (the run's GPUs) only."""
+    conn.execute("DROP TABLE IF EXISTS temp.kaio_run_vram")
+    marks = ",".join("?" * len(keys))
+    conn.execute(
+        "CREATE TEMP TABLE kaio_run_vram AS SELECT step, MAX(vram_used) AS vram_used_max FROM step_gpus "
+        f"WHERE gpu IN ({marks}) GROUP BY step",
+        keys,
+    )
+    return _line(grid.decimate("kaio_run_vram", ("vram_used_max",)), "vram_used_max")
 
 
 def _line(found: dict[str, Line | Band], name: str) -> Line:
