@@ -339,6 +339,16 @@ def test_energy_from_device_counters_first():
         "energy of GPU nvml:1 (NVIDIA H100) integrated from power samples, not read from a hardware energy counter"
         in s.warnings
     )
+    # Why its counter was left, where the poller said it (a wrap, a GPU that stopped answering).
+    from kaio.record.types import PollStats
+
+    lost = "the energy counter could not be read for over 10 s"
+    poll = PollStats(energy_fallbacks={"nvml:1": lost})
+    s = summary_of(steps, devices=devices, telemetry=Telemetry(samples=8, poll_hz=2.0, poll=poll))
+    assert (
+        f"energy of GPU nvml:1 (NVIDIA H100) integrated from power samples, not read from a hardware energy counter ({lost})"
+        in s.warnings
+    )
 
 
 def test_energy_from_the_devices_that_measured_it_when_a_run_gpu_has_no_reading_of_its_own():

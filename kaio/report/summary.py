@@ -715,11 +715,13 @@ def _warnings(
         gpus = ", ".join(_gpu_label(gpu, names) for gpu in s.energy_unmeasured)
         found.append(f"energy of GPU {gpus} not measured (neither power nor an energy counter read): not in the total")
     found += _records_dropped(header.telemetry)
+    fallbacks = header.telemetry.poll.energy_fallbacks if header.telemetry.poll else {}
     for device in header.devices:
         if device.info.in_run and device.energy_method == "integrated":
+            why = fallbacks.get(device.key)  # the counter's fault: a wrap, a reset, a GPU that stopped answering
             found.append(
                 f"energy of GPU {_gpu_label(device.key, names)} integrated from power samples, "
-                "not read from a hardware energy counter"
+                "not read from a hardware energy counter" + (f" ({why})" if why else "")
             )
     missing = last - (first or 0) + 1 - s.step_entries if s.step_entries else 0
     if missing > 0:
