@@ -1253,3 +1253,38 @@ def test_a_session_killed_with_no_error_file_is_timed_for_the_jobs_first_failure
     outcome = SessionEndings(cfg, state, StopRequests(), lambda text, level: None, None).outcome(-9, 1)
     assert (outcome.error, outcome.signal) == ("killed by SIGKILL", "SIGKILL")
     assert outcome.error_at is not None and before <= outcome.error_at <= time.time()
+
+
+def test_a_run_gpu_that_stops_answering_is_said_once_and_one_that_never_answered_is_not():
+    """A tester's fake GPU lost 12 s into the run (NVML_ERROR_GPU_IS_LOST on every call): its dashboard row showed
+    dashes and a green 'ok', and nothing said it."""
+    from conftest import replay
+
+    devices = {
+        "type": "devices",
+        "devices": [{"backend": "nvml", "index": g, "name": "GPU", "in_run": True} for g in range(2)],
+    }
+
+    def tick(t: float) -> dict:
+        lost = t >= 5.0
+        return {
+            "type": "tick",
+            "t_mono": t,
+            "gpus": [
+                # nvml:0 answers, then only its energy (the poller's last) is left; nvml:1 never answers anything.
+                {"key": "nvml:0", "t_mono": t, "t_wall": 1e9 + t, "energy_j": 10.0}
+                if lost
+                else {"key": "nvml:0", "t_mono": t, "t_wall": 1e9 + t, "util_pct": 90.0, "energy_j": 10.0},
+                {"key": "nvml:1", "t_mono": t, "t_wall": 1e9 + t},
+            ],
+        }
+
+    start = [{"type": "session_start", "session": 1, "t_wall": 1e9, "t_mono": 0.0, "kind": "run"}, devices]
+    state = replay(start + [tick(0.5 * i) for i in range(60)])  # 30 s: silent from 5 s
+    said = [w for w in state.parts.warnings.listed() if "stopped answering" in w]
+    assert said == [
+        "GPU nvml:0 stopped answering after step 0: nothing read from it for 10 s (lost, or its driver hung); its "
+        "figures from then on are missing"
+    ]
+    quiet = replay(start + [tick(0.5 * i) for i in range(29)])  # answered, then silent for 9 s only
+    assert not [w for w in quiet.parts.warnings.listed() if "stopped answering" in w]

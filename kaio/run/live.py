@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterable
 
 import msgspec
 
@@ -20,6 +21,7 @@ from kaio.run.snapshot import GpuRow, HostRow, Snapshot
 
 RECENT_LOSSES = 120  # sparkline window
 RECENT_STEPS = 30  # step-rate window for speed and ETA
+SILENT_GPU_S = 10.0  # a run GPU that answered before and reads nothing for this long is said to have stopped
 
 
 class LiveStats(msgspec.Struct, kw_only=True):
@@ -50,8 +52,39 @@ class LiveStats(msgspec.Struct, kw_only=True):
     # (step, samples seen) of rank 0's recent steps: the samples a step takes, as the report counts them (an
     # epoch's short last batch, a collator's own rows), not the nominal batch.
     recent_samples: list[tuple[int, int]] = []
+    answered: set[str] = set()  # the run's GPUs that gave a reading, this session
+    silent_since: dict[str, float] = {}  # those that then read nothing, since when (t_mono)
+
+    def on_gpus(self, gpus: list[GpuSample], run_keys: set[str], step: int) -> list[str]:
+        """A tick's GPU samples: each GPU's latest; returns what to warn of (a run GPU that stopped answering)."""
+        for g in gpus:
+            self.latest_gpu[g.key] = g
+        return [
+            f"GPU {key} stopped answering after step {step}: nothing read from it for {SILENT_GPU_S:.0f} s (lost, "
+            "or its driver hung); its figures from then on are missing"
+            for key in self.silenced(gpus, run_keys)
+        ]
+
+    def silenced(self, gpus: Iterable[GpuSample], run_keys: set[str]) -> list[str]:
+        """The run's GPUs that gave readings, then none for ``SILENT_GPU_S`` from this tick on (each once a silence):
+        a GPU fallen off the bus, or a hung driver. Its row's dashes would say no more."""
+        found = []
+        for g in gpus:
+            if g.key not in run_keys:
+                continue
+            if any(v is not None for v in (g.util_pct, g.vram_used_bytes, g.power_w, g.temp_c, g.temp_junction_c)):
+                self.answered.add(g.key)
+                self.silent_since.pop(g.key, None)
+            elif g.key in self.answered:
+                since = self.silent_since.setdefault(g.key, g.t_mono)
+                if g.t_mono - since >= SILENT_GPU_S:
+                    found.append(g.key)
+                    self.answered.discard(g.key)  # said: again only after it answers once more
+        return found
 
     def start_session(self) -> None:
+        self.answered.clear()
+        self.silent_since.clear()
         self.evaluated_in_session = False
         self.recent_samples = []
         self.last_end = None

@@ -337,8 +337,8 @@ class RunState:
     def _on_tick(self, r: TickRecord) -> None:
         self.ledger.telemetry.samples += 1
         live = self.parts.live
-        for g in r.gpus:
-            live.latest_gpu[g.key] = g
+        for text in live.on_gpus(r.gpus, self.ledger.run_keys, self.last_step):
+            self.warn(text)
         if r.host is not None:
             live.latest_host = r.host
             self.ledger.add_host_sample(r.host.cpu_pct, r.host.ram_used_bytes)
