@@ -339,7 +339,7 @@ def _plain_devices(snapshot: Snapshot) -> str:
     if used:
         parts.append("vram max " + format_vram(max(used), max(totals) if totals else None, sep=""))  # type: ignore[type-var]
     if throttled:
-        parts.append("THROTTLED " + ",".join(f"{_gpu_label(g)}({','.join(g.throttle)})" for g in throttled))
+        parts.append("THROTTLED " + ",".join(f"{_gpu_label(g)}({','.join(g.throttle or ())})" for g in throttled))
     return " ".join(parts)
 
 
@@ -713,6 +713,8 @@ def _gpu_cells(snap: Snapshot, g: GpuRow, pos: int | None, peaks: dict[str, int 
     cells["energy"] = Text(_fmt_energy(g.energy_j))
     if g.throttle:
         cells["throttle"] = Text("⚠ " + ", ".join(g.throttle), style="bold red" if g.in_run else "yellow")
+    elif g.throttle is None:  # not read: a GPU that cannot say, or that stopped answering, is not "ok"
+        cells["throttle"] = Text("–")
     else:
         cells["throttle"] = Text("ok", style="green" if g.in_run else "")
     return cells

@@ -44,6 +44,7 @@ def make_gpu(i: int, **kw) -> GpuRow:
         power_w=250.0,
         temp_c=61.0,
         energy_j=7200.0,  # 2.0 Wh
+        throttle=(),
     )
     base.update(kw)
     return GpuRow(**base)
@@ -700,3 +701,12 @@ def test_a_line_redrawn_all_training_long_keeps_only_its_recent_redraws():
     kept = _recent_redraws(line)
     assert len(kept) <= PARTIAL_KEPT and kept.startswith(b"\r") and line.endswith(kept)
     assert _latest_bar(kept) == redraw[1:].decode() and _recent_redraws(redraw) == redraw
+
+
+def test_a_gpu_whose_throttling_is_not_read_is_not_called_ok():
+    """A tester's fake GPU that cannot report throttling, and one lost mid-run: a green 'ok' for each."""
+    from kaio.dashboard import _gpu_cells
+
+    snap = make_snapshot(gpus=(make_gpu(0), make_gpu(1, throttle=None), make_gpu(2, throttle=("thermal",))))
+    shown = [_gpu_cells(snap, g, i, {})["throttle"].plain for i, g in enumerate(snap.gpus)]
+    assert shown == ["ok", "–", "⚠ thermal"]

@@ -271,5 +271,5 @@ def _gpu_row(
         power_w=latest.power_w,
         temp_c=latest.temp_junction_c if latest.temp_junction_c is not None else latest.temp_c,
         energy_j=energy_j,
-        throttle=tuple(latest.throttle or ()),
+        throttle=tuple(latest.throttle) if latest.throttle is not None else None,
     )

@@ -80,7 +80,7 @@ class GpuRow:
     power_w: float | None = None
     temp_c: float | None = None  # junction if known, else edge
     energy_j: float | None = None  # since the run started
-    throttle: tuple[str, ...] = ()
+    throttle: tuple[str, ...] | None = None  # active reasons, () when none; None: not read (unsupported, lost)
     rank: int | None = None  # the training rank placed on this GPU, if known (keys peak_vram_by_rank)
 
 
