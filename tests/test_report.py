@@ -351,6 +351,10 @@ def test_full_fine_tune_and_multi_gpu_rows():
     # Per-GPU average over both GPUs (221 and 231 W), their sum, the energy of both counters (180 kJ).
     assert "| Power per GPU (average / peak) | 226 / 260 W |" in md
     assert "| Power, all 2 GPUs (average) | 452 W |" in md
+    # A GPU that reads no power is not in the sum, and the row says so (a tester's 5 GPUs summed to 4's power).
+    steps = [make_step(k, gpus={"nvml:0": gpu(power=300.0), "nvml:1": gpu(power=None)}) for k in range(1, 6)]
+    header, index = make_run(5, n_gpus=2, steps=steps)
+    assert "| Power, the 1 of 2 GPUs that read it (average) | 300 W |" in report_of(header, index)
     assert "| Energy | 50 Wh, hardware counter |" in md
     # Rank 0 peaks at 8 GiB + 20 MiB, rank 1 100 MiB lower.
     assert "| True peak VRAM (allocator, max over ranks) | 8.0 GiB (rank 0: 8.0 GiB, rank 1: 7.9 GiB) |" in md

@@ -254,7 +254,12 @@ def _key_metrics(s: Summary) -> str:
         ("Power per GPU (average / peak)", _pair(s.power_avg_w, s.power_peak_w, "W", ".0f") or missing),
     ]
     if s.gpu_count > 1:
-        rows.append((f"Power, all {s.gpu_count} GPUs (average)", _unit(s.power_total_avg_w, "W", ".0f") or missing))
+        which = (
+            f"all {s.gpu_count} GPUs"
+            if s.power_total_gpus in (0, s.gpu_count)
+            else f"the {s.power_total_gpus} of {s.gpu_count} GPUs that read it"  # a GPU without power: not in it
+        )
+        rows.append((f"Power, {which} (average)", _unit(s.power_total_avg_w, "W", ".0f") or missing))
     rows += [
         ("Energy", _energy(s) or missing),
         ("Energy per 1k samples", _unit(s.energy_per_1k_samples_wh, "Wh", ".3g") or missing),

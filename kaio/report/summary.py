@@ -150,6 +150,7 @@ class Summary(msgspec.Struct, kw_only=True):
     power_avg_w: float | None = None  # per GPU, time-weighted
     power_peak_w: float | None = None
     power_total_avg_w: float | None = None  # all the run's GPUs together
+    power_total_gpus: int = 0  # of how many GPUs (those that read power)
     gpu_util_avg_pct: float | None = None
     temp_avg_c: float | None = None
     temp_peak_c: float | None = None
@@ -541,6 +542,7 @@ def _gpus(q: _Query, s: Summary, header: HistoryHeader, totals: dict[str, GpuTot
     s.vram_device_used_peak_bytes = max(device_peaks.values()) if device_peaks else None
     averages = [average for t in by_gpu if (average := t.mean("power_avg")) is not None]
     s.power_total_avg_w = sum(averages) if averages else None
+    s.power_total_gpus = len(averages)
     s.power_avg_w, s.gpu_util_avg_pct, s.temp_avg_c = (_pooled(by_gpu, metric) for metric in METRICS)
     by_rank = dict(q.conn.execute("SELECT rank, CAST(MAX(peak) AS INTEGER) FROM step_ranks GROUP BY rank").fetchall())
     s.vram_true_peak_by_rank_bytes = {r: by_rank[r] for r in sorted(by_rank, key=lambda r: (len(r), r))}
