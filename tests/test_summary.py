@@ -678,3 +678,18 @@ def test_the_other_numbers_a_training_logged_are_summed_up_by_name_and_the_train
     assert "## Other logged metrics" in report
     assert "| aux_loss | 5 | 4 | 7 (step 5) | 1 (step 4) | 7 (step 5) |" in report
     assert "train_runtime" not in report and "train_tokens_per_second" not in report
+
+
+def test_a_poller_that_fell_behind_is_said():
+    """A tester's fake GPU slow to answer held up every GPU's reading (47 samples skipped) under "at 2 Hz"."""
+    from kaio.record.types import PollStats
+
+    def said(ticks: int, skipped: int) -> list[str]:
+        telemetry = Telemetry(samples=ticks, poll_hz=2.0, poll=PollStats(ticks=ticks, skipped_ticks=skipped))
+        return [w for w in summary_of([step(1)], telemetry=telemetry).warnings if "fell behind" in w]
+
+    assert said(53, 47) == [
+        "the GPU sampling fell behind: 47 of 100 samples due every 0.5 s were skipped (a GPU or driver slow to "
+        "answer holds up the reading of every GPU)"
+    ]
+    assert said(97, 3) == []  # a few late ticks: the machine's, not worth a warning

@@ -603,6 +603,7 @@ def _pace(
     return total / steps_s if total is not None and steps_s else None
 
 
+POLL_SKIPPED_SHARE = 0.05  # the poller skipping more of its ticks than this is said (the latest session's)
 UTIL_LAG_POINTS = 20.0  # a run GPU this many points below the median of the run's GPUs is not kept busy
 
 
@@ -717,7 +718,15 @@ def _warnings(
         gpus = ", ".join(_gpu_label(gpu, names) for gpu in s.energy_unmeasured)
         found.append(f"energy of GPU {gpus} not measured (neither power nor an energy counter read): not in the total")
     found += _records_dropped(header.telemetry)
-    fallbacks = header.telemetry.poll.energy_fallbacks if header.telemetry.poll else {}
+    poll = header.telemetry.poll
+    skipped, ticks = (poll.skipped_ticks or 0, poll.ticks or 0) if poll is not None else (0, 0)
+    if ticks and skipped > POLL_SKIPPED_SHARE * (ticks + skipped):
+        every = f" every {1 / header.telemetry.poll_hz:g} s" if header.telemetry.poll_hz else ""
+        found.append(
+            f"the GPU sampling fell behind: {skipped:,} of {ticks + skipped:,} samples due{every} were skipped (a GPU "
+            "or driver slow to answer holds up the reading of every GPU)"
+        )
+    fallbacks = poll.energy_fallbacks if poll is not None else {}
     for device in header.devices:
         if device.info.in_run and device.energy_method == "integrated":
             why = fallbacks.get(device.key)  # the counter's fault: a wrap, a reset, a GPU that stopped answering
