@@ -434,6 +434,12 @@ class _Dashboard:
         width = max(1, options.max_width)
         top = Group(*_top_parts(snap, console, options, width))
         top_lines = console.render_lines(top, options.reset_height(), pad=False)
+        height = options.height or options.max_height
+        over = len(top_lines) + 1 + self.rows_after - height  # 1 spare row so Live never scrolls
+        if over > 0 and len(snap.gpus) > 1:  # many GPUs in a short terminal: fewer rows, and the rest counted
+            rows = max(1, min(len(snap.gpus), MAX_GPU_ROWS) - over - 1)
+            top = Group(*_top_parts(snap, console, options, width, gpu_rows=rows))
+            top_lines = console.render_lines(top, options.reset_height(), pad=False)
         for line in top_lines:
             yield from _shown(line, options)
             yield Segment.line()
@@ -466,7 +472,9 @@ def _shown(segments: Iterable[Segment], options: ConsoleOptions) -> Iterable[Seg
         yield segment if control else Segment(as_ascii(text), style)
 
 
-def _top_parts(snap: Snapshot, console: Console, options: ConsoleOptions, width: int) -> list[RenderableType]:
+def _top_parts(
+    snap: Snapshot, console: Console, options: ConsoleOptions, width: int, gpu_rows: int = MAX_GPU_ROWS
+) -> list[RenderableType]:
     parts: list[RenderableType] = [_header(snap), _progress(snap, width)]
     if snap.status in _FINISHED and snap.report_path:  # the last frame: where the record is, on screen
         parts.append(
@@ -475,7 +483,7 @@ def _top_parts(snap: Snapshot, console: Console, options: ConsoleOptions, width:
             )
         )
     parts.append(_training_panel(snap, width, ascii_only=options.ascii_only))
-    parts.append(_devices_panel(snap, console, options, width))
+    parts.append(_devices_panel(snap, console, options, width, gpu_rows))
     if snap.nodes:
         parts.append(_nodes_panel(snap))
     if snap.warnings:
@@ -620,12 +628,26 @@ _COL_GAP = 3  # SIMPLE_HEAD without edges: padding, separator, padding
 _THROTTLE_MIN = 8  # "⚠ therm…"
 
 
-def _devices_panel(snap: Snapshot, console: Console, options: ConsoleOptions, width: int) -> Panel:
+def _devices_panel(
+    snap: Snapshot, console: Console, options: ConsoleOptions, width: int, max_rows: int = MAX_GPU_ROWS
+) -> Panel:
     gpus = snap.gpus[:MAX_GPU_ROWS]
     if not gpus:
         return _host_panel(snap.host)
+    if len(gpus) > max_rows:  # the terminal is too short: the run's GPUs first, those in trouble before the others
+        kept = sorted(gpus, key=lambda g: (not g.in_run, not (g.throttle or _hot(g)), gpus.index(g)))[:max_rows]
+        return _gpu_panel(snap, [g for g in gpus if g in kept], width, hidden=len(gpus) - len(kept))
+    return _gpu_panel(snap, gpus, width)
+
+
+def _hot(g: GpuRow) -> bool:
+    return _finite(g.temp_c) and g.temp_c >= TEMP_HOT_C  # type: ignore[operator]
+
+
+def _gpu_panel(snap: Snapshot, gpus: Sequence[GpuRow], width: int, hidden: int = 0) -> Panel:
     peaks, _ = _peak_by_row(snap)
-    rows = [_gpu_cells(snap, g, pos, peaks) for g, pos in _positions(gpus)]
+    positions = {g.key: pos for g, pos in _positions(snap.gpus[:MAX_GPU_ROWS])}  # among all, shown or not
+    rows = [_gpu_cells(snap, g, positions[g.key], peaks) for g in gpus]
     widths = _fit_columns(rows, max(1, width - 4))
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
     key_w = max(r["key"].cell_len for r in rows)
@@ -640,12 +662,12 @@ def _devices_panel(snap: Snapshot, console: Console, options: ConsoleOptions, wi
         )
     for g, cells in zip(gpus, rows):
         table.add_row(*(cells[c] for c in widths), style=None if g.in_run else "dim")
-    n_run = sum(1 for g in gpus if g.in_run)
-    trouble = any(
-        g.in_run and (bool(g.throttle) or (_finite(g.temp_c) and g.temp_c >= TEMP_HOT_C))  # type: ignore[operator]
-        for g in gpus
-    )
-    title = f"GPUs ({n_run} in run)" if n_run == len(gpus) else f"GPUs ({n_run} of {len(gpus)} in run)"
+    if hidden:
+        table.caption, table.caption_justify = f"+{hidden} more GPUs (a taller terminal shows them)", "left"
+    shown = snap.gpus[:MAX_GPU_ROWS]
+    n_run = sum(1 for g in shown if g.in_run)
+    trouble = any(g.in_run and (bool(g.throttle) or _hot(g)) for g in shown)
+    title = f"GPUs ({n_run} in run)" if n_run == len(shown) else f"GPUs ({n_run} of {len(shown)} in run)"
     return Panel(
         table, title=title, title_align="left", box=box.ROUNDED, padding=(0, 1), border_style="red" if trouble else ""
     )

@@ -710,3 +710,18 @@ def test_a_gpu_whose_throttling_is_not_read_is_not_called_ok():
     snap = make_snapshot(gpus=(make_gpu(0), make_gpu(1, throttle=None), make_gpu(2, throttle=("thermal",))))
     shown = [_gpu_cells(snap, g, i, {})["throttle"].plain for i, g in enumerate(snap.gpus)]
     assert shown == ["ok", "–", "⚠ thermal"]
+
+
+def test_many_gpus_in_a_short_terminal_keep_the_rest_of_the_dashboard_on_screen():
+    """A tester's 16 GPUs at 80x24: the table stopped at the 12th, then a bare '...' took the panel's end, the
+    output and the warnings off the screen."""
+    gpus = tuple(make_gpu(i, throttle=("thermal",) if i == 13 else ()) for i in range(16))
+    snap = make_snapshot(gpus=gpus, warnings=("a warning to keep in sight",))
+    text = text_of(render(snap), width=80, height=24)
+    lines = text.rstrip("\n").split("\n")
+    assert len(lines) <= 23  # one row spare: the live view never scrolls
+    assert "a warning to keep in sight" in text and "GPUs (16 in run)" in text
+    assert "+9 more GPUs (a taller terminal shows them)" in text and "nvml:13     13" in text
+    assert "nvml:13" in text  # the throttled GPU is among those kept
+    tall = text_of(render(snap), width=80, height=60)
+    assert "more GPUs" not in tall and all(f"nvml:{i} " in tall for i in range(16))
