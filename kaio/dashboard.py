@@ -295,9 +295,9 @@ def _gpu_label(row: GpuRow) -> str:
 
 
 def _run_gpus(snapshot: Snapshot) -> tuple[GpuRow, ...]:
-    gpus = snapshot.gpus[:MAX_GPU_ROWS]
-    in_run = tuple(g for g in gpus if g.in_run)
-    return in_run or gpus
+    """The run's GPUs: none where it sees none (CUDA_VISIBLE_DEVICES="", a MIG slice kaio cannot trace), whose
+    line then shows the host's, not another job's GPUs as the run's."""
+    return tuple(g for g in snapshot.gpus[:MAX_GPU_ROWS] if g.in_run)
 
 
 def _plain_devices(snapshot: Snapshot) -> str:

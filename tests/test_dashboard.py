@@ -725,3 +725,11 @@ def test_many_gpus_in_a_short_terminal_keep_the_rest_of_the_dashboard_on_screen(
     assert "nvml:13" in text  # the throttled GPU is among those kept
     tall = text_of(render(snap), width=80, height=60)
     assert "more GPUs" not in tall and all(f"nvml:{i} " in tall for i in range(16))
+
+
+def test_a_run_that_sees_no_gpu_does_not_show_the_hosts_other_gpus_as_its_own():
+    """A tester's CUDA_VISIBLE_DEVICES=MIG-... (a slice kaio cannot trace): the plain lines read 'gpu0 300W ...' for
+    GPUs outside the run."""
+    snap = make_snapshot(gpus=(make_gpu(0, in_run=False), make_gpu(1, in_run=False)))
+    line = plain_line(snap)
+    assert "gpu" not in line and "250W" not in line
