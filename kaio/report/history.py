@@ -102,6 +102,20 @@ def write_history(
     from the index. Returns where the final steps' lines lie in the new file (None: no final step in it)."""
     opening = _opening(header, index)
     old = _reusable(path, previous, index, final_through)
+    try:
+        return _written(path, opening, index, final_through, old, previous)
+    except (OSError, EOFError):
+        if old is None:
+            raise
+        return _written(path, opening, index, final_through, None, None)  # the copy failed: the whole file
+    finally:
+        if old is not None:
+            os.close(old)
+
+
+def _written(
+    path: Path, opening: bytes, index: RunIndex, final_through: int, old: int | None, previous: HistoryPrefix | None
+) -> HistoryPrefix | None:
     through = end = None
     with atomic_file(path) as f:
         fd = f.fileno()
@@ -109,10 +123,7 @@ def write_history(
         at = len(opening)
         separator, after = b"", None
         if old is not None and previous is not None:
-            try:
-                copy_range(old, fd, previous.start, previous.end)
-            finally:
-                os.close(old)
+            copy_range(old, fd, previous.start, previous.end)
             at += previous.end - previous.start
             separator, after, through, end = b",\n", previous.through, previous.through, at
         batch: list[bytes] = []
