@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 from conftest import history_of, records, replay
+from kaio.record import gpu_totals
 from kaio.record.index import RunIndex
 from kaio.record.journal import Journal
 from kaio.record.paths import ProjectPaths
@@ -531,7 +532,7 @@ def test_the_gpu_totals_kept_as_rows_come_are_what_a_scan_of_every_row_gives(tmp
     def check(index: RunIndex) -> None:
         for weight in (1.0, 0.73):
             oracle = _scanned_totals(index.conn, weight)
-            kept = index.totals_by_gpu(weight)
+            kept = gpu_totals.read(index.conn, weight)
             assert set(kept) == set(oracle)
             for gpu, t in kept.items():
                 assert (t.power_peak, t.temp_peak, t.vram_peak) == oracle[gpu]["peaks"]
@@ -562,7 +563,7 @@ def test_the_gpu_totals_kept_as_rows_come_are_what_a_scan_of_every_row_gives(tmp
     index.close()
     reopened = RunIndex.open(paths, writable=True)
     check(reopened)
-    assert len(reopened.totals_by_gpu(1.0)) == 3
+    assert len(gpu_totals.read(reopened.conn, 1.0)) == 3
     reopened.close()
 
 

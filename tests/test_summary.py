@@ -10,7 +10,7 @@ import msgspec
 import pytest
 
 from kaio.devices.base import DeviceInfo
-from kaio.record.index import RunIndex
+from kaio.record.index import RunIndex, smoother_at
 from kaio.record.rules import WARMUP_STEPS, LossSmoother
 from kaio.record.types import (
     DeviceSummary,
@@ -611,7 +611,7 @@ def test_a_resume_continues_the_smoothed_loss_from_the_index():
     results = [whole.add(x) for x in losses]
     index = index_of([step(i + 1, loss=x, loss_smoothed=r[0]) for i, (x, r) in enumerate(zip(losses, results))])
     index.add_step(step(9))  # a step without a loss does not count
-    resumed = index.smoother_at(5)
+    resumed = smoother_at(index, 5)
     assert (resumed.count, resumed.smoothed, resumed.low) == (5, results[4][0], min(r[0] for r in results[:5]))
     assert [resumed.add(x) for x in losses[5:]] == [(pytest.approx(r[0]), r[1]) for r in results[5:]]
 
@@ -651,8 +651,8 @@ def test_a_resumed_smoother_keeps_its_maximum_and_whether_the_loss_was_ever_at_o
     losses = [4.0, 2.0, 1.0, -0.5, 0.5]
     whole = LossSmoother()
     index = index_of([step(i + 1, loss=x, loss_smoothed=whole.add(x)[0]) for i, x in enumerate(losses)])
-    assert (index.smoother_at(3).high, index.smoother_at(3).positive) == (4.0, True)
-    assert (index.smoother_at(5).high, index.smoother_at(5).positive) == (4.0, False)
+    assert (smoother_at(index, 3).high, smoother_at(index, 3).positive) == (4.0, True)
+    assert (smoother_at(index, 5).high, smoother_at(index, 5).positive) == (4.0, False)
 
 
 def test_the_other_numbers_a_training_logged_are_summed_up_by_name_and_the_trainers_closing_log_is_not():

@@ -100,6 +100,7 @@ class RunIndex:
         # Why a write failed (a full disk, an I/O error), or None. The index then takes no more writes and
         # stays as its last commit left it; Recorder.final_state loads it again with the journal.
         self.failed: str | None = None
+        self._totals_later = False  # a replay of the whole journal: gpu_totals computed once, at its end
         conn.executescript(_SCHEMA)
         self._write(gpu_totals.kept)
 
@@ -111,7 +112,8 @@ class RunIndex:
 
     def _flush(self) -> None:
         def insert(conn: sqlite3.Connection) -> None:
-            keep_totals = gpu_totals.inserting(conn, self._pending["step_gpus"])
+            rows = self._pending["step_gpus"]
+            keep_totals = (lambda: None) if self._totals_later else gpu_totals.inserting(conn, rows)
             for table, rows in self._pending.items():
                 if rows:
                     conn.executemany(_ROW_TABLES[table], rows)
@@ -281,6 +283,17 @@ class RunIndex:
         self._write(forget)
 
     @contextlib.contextmanager
+    def totals_at_the_end(self) -> Iterator[None]:
+        """Steps added by the thousand (the whole journal replayed): the GPU totals from the rows once, after."""
+        self._totals_later = True
+        try:
+            yield
+        finally:
+            self._totals_later = False
+            self._flush()
+            self._write(gpu_totals.recompute)
+
+    @contextlib.contextmanager
     def provisional(self) -> Iterator[None]:
         """Changes made inside are seen by queries inside, then undone (the steps still open, for a
         report written now)."""
@@ -306,28 +319,6 @@ class RunIndex:
             (step if step is not None else 2**62,),
         ).fetchone()
         return began
-
-    def smoother_at(self, step: int) -> LossSmoother:
-        """The smoothed loss as it stood after ``step`` (a resume continues it from there), of the training going
-        on there (a later training of the script smooths its own loss)."""
-        since = self.training_began_after(step)
-        count, low, high, lowest_loss = self.conn.execute(
-            "SELECT COUNT(loss_smoothed), MIN(loss_smoothed), MAX(loss_smoothed), MIN(loss) FROM steps "
-            "WHERE step > ? AND step <= ?",
-            (since, step),
-        ).fetchone()
-        row = self.conn.execute(
-            "SELECT loss_smoothed FROM steps WHERE step > ? AND step <= ? AND loss_smoothed IS NOT NULL "
-            "ORDER BY step DESC LIMIT 1",
-            (since, step),
-        ).fetchone()
-        return LossSmoother(
-            smoothed=row[0] if row else None,
-            count=count,
-            low=low,
-            high=high,
-            positive=lowest_loss is None or lowest_loss > 0,
-        )
 
     def seen_at(self, step: int) -> tuple[int | None, int | None]:
         """The examples and input tokens seen by the end of ``step``, as recorded (a resume counts on from there)."""
@@ -369,10 +360,6 @@ class RunIndex:
                 raise IndexDamaged(f"the row of step {row[0]} is damaged")
             yield row[0], bytes(line) + b"\n"
 
-    def totals_by_gpu(self, weight: float) -> dict[str, gpu_totals.GpuTotals]:
-        """Each GPU's figures over the run (``weight``: what a step without a duration counts for)."""
-        return gpu_totals.read(self.conn, weight)
-
     def add_metric(self, step: int, name: str, value: float) -> None:
         """A number logged at a step with no entry: the script's own, before its first step ended (step 0)."""
         if self.failed is None:
@@ -392,6 +379,29 @@ class RunIndex:
         self.conn.close()
         if self.temporary and self.path.name == "index.sqlite":
             shutil.rmtree(self.path.parent, ignore_errors=True)
+
+
+def smoother_at(index: RunIndex, step: int) -> LossSmoother:
+    """The smoothed loss as it stood after ``step`` (a resume continues it from there), of the training going
+    on there (a later training of the script smooths its own loss)."""
+    since = index.training_began_after(step)
+    count, low, high, lowest_loss = index.conn.execute(
+        "SELECT COUNT(loss_smoothed), MIN(loss_smoothed), MAX(loss_smoothed), MIN(loss) FROM steps "
+        "WHERE step > ? AND step <= ?",
+        (since, step),
+    ).fetchone()
+    row = index.conn.execute(
+        "SELECT loss_smoothed FROM steps WHERE step > ? AND step <= ? AND loss_smoothed IS NOT NULL "
+        "ORDER BY step DESC LIMIT 1",
+        (since, step),
+    ).fetchone()
+    return LossSmoother(
+        smoothed=row[0] if row else None,
+        count=count,
+        low=low,
+        high=high,
+        positive=lowest_loss is None or lowest_loss > 0,
+    )
 
 
 def _steps_row(entry: StepEntry) -> tuple:

@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 
 from kaio.devices.base import device_order
-from kaio.record import rules
+from kaio.record import gpu_totals, rules
 from kaio.record.gpu_totals import METRICS, GpuTotals
 from kaio.record.index import RunIndex
 from kaio.record.memory import estimate, workload_of
@@ -289,7 +289,7 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
         _why_no_loss(s, run, last_entry)
     _evals(evals, s)
     s.trainings = _trainings(q, header.trainings, evals)
-    totals = index.totals_by_gpu(weight)
+    totals = gpu_totals.read(index.conn, weight)
     gpus = _gpus(q, s, header, totals)
     _throughput(q, s)
     s.tokens_counted_by = run.tokens_counted_by if run is not None and s.tokens is not None else None
@@ -311,7 +311,7 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
     s.cpu_only = not header.devices and all(
         v is None for v in (s.vram_true_peak_bytes, s.power_avg_w, s.gpu_util_avg_pct, s.temp_avg_c)
     )
-    s.warnings = _warnings(q, header, s, first, last_step, index.totals_by_gpu(1.0))
+    s.warnings = _warnings(q, header, s, first, last_step, gpu_totals.read(index.conn, 1.0))
     return s
 
 

@@ -9,6 +9,7 @@ and skipped: it never stops a report or a resume.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,13 +49,14 @@ def load(paths: ProjectPaths, *, writable: bool) -> Loaded:
                 legacy.unlink(missing_ok=True)
     offset, invalid, replayed = start, 0, 0
     if paths.journal.is_file():
-        for end, record in read_records(paths.journal, start):
-            offset = end
-            if record is None:
-                invalid += 1
-                continue
-            state.apply(record)
-            replayed += 1
+        with index.totals_at_the_end() if start == 0 else contextlib.nullcontext():
+            for end, record in read_records(paths.journal, start):
+                offset = end
+                if record is None:
+                    invalid += 1
+                    continue
+                state.apply(record)
+                replayed += 1
     if invalid:
         state.ledger.telemetry.invalid_records += invalid
         state.warn(f"{invalid} line(s) of {paths.journal.name} were not valid records and were skipped")

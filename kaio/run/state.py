@@ -25,7 +25,7 @@ from kaio.config import flag_value
 from kaio.devices.base import device_order
 from kaio.record import rules
 from kaio.record.flops import Throughput
-from kaio.record.index import RunIndex
+from kaio.record.index import RunIndex, smoother_at
 from kaio.record.rules import LossSmoother
 from kaio.record.types import (
     HALF_PRECISIONS,
@@ -363,7 +363,7 @@ class RunState:
     def truncate_after(self, step: int) -> LossSmoother:
         self.recomputed(*self.index.work_after(step))  # trained again from checkpoint-<step>: their time was lost
         self.index.truncate_after(step)
-        return self.index.smoother_at(step)
+        return smoother_at(self.index, step)
 
     def logged_at_step_0(self, name: str, value: float) -> None:
         self.index.add_metric(0, name, value)
