@@ -6,6 +6,7 @@ device (or the driver) cannot give it; ``None`` never means zero.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -97,6 +98,7 @@ class DetectResult:
     notes: list[str] = field(default_factory=list)  # why a vendor is absent, in a user's words
 
 
+@functools.cache  # a handful of keys, sorted at every tick
 def device_order(key: str) -> tuple[str, int, str]:
     """A GPU key's place in a list: by backend (and node), then by number (nvml:2 before nvml:10)."""
     prefix, _, number = key.rpartition(":")

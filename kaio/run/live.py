@@ -55,15 +55,11 @@ class LiveStats(msgspec.Struct, kw_only=True):
     answered: set[str] = set()  # the run's GPUs that gave a reading, this session
     silent_since: dict[str, float] = {}  # those that then read nothing, since when (t_mono)
 
-    def on_gpus(self, gpus: list[GpuSample], run_keys: set[str], step: int) -> list[str]:
-        """A tick's GPU samples: each GPU's latest; returns what to warn of (a run GPU that stopped answering)."""
+    def on_gpus(self, gpus: list[GpuSample], run_keys: set[str]) -> list[str]:
+        """A tick's GPU samples: each GPU's latest; returns the run's GPUs that stopped answering (``silenced``)."""
         for g in gpus:
             self.latest_gpu[g.key] = g
-        return [
-            f"GPU {key} stopped answering after step {step}: nothing read from it for {SILENT_GPU_S:.0f} s (lost, "
-            "or its driver hung); its figures from then on are missing"
-            for key in self.silenced(gpus, run_keys)
-        ]
+        return self.silenced(gpus, run_keys)
 
     def silenced(self, gpus: Iterable[GpuSample], run_keys: set[str]) -> list[str]:
         """The run's GPUs that gave readings, then none for ``SILENT_GPU_S`` from this tick on (each once a silence):
@@ -72,9 +68,17 @@ class LiveStats(msgspec.Struct, kw_only=True):
         for g in gpus:
             if g.key not in run_keys:
                 continue
-            if any(v is not None for v in (g.util_pct, g.vram_used_bytes, g.power_w, g.temp_c, g.temp_junction_c)):
-                self.answered.add(g.key)
-                self.silent_since.pop(g.key, None)
+            if (  # written out, not any(): this runs for every GPU of every tick, replays of a day's included
+                g.util_pct is not None
+                or g.vram_used_bytes is not None
+                or g.power_w is not None
+                or g.temp_c is not None
+                or g.temp_junction_c is not None
+            ):
+                if g.key not in self.answered:
+                    self.answered.add(g.key)
+                if self.silent_since:
+                    self.silent_since.pop(g.key, None)
             elif g.key in self.answered:
                 since = self.silent_since.setdefault(g.key, g.t_mono)
                 if g.t_mono - since >= SILENT_GPU_S:
@@ -238,6 +242,13 @@ def _gpu_rows(ledger: RunLedger, live: LiveStats) -> tuple[GpuRow, ...]:
             ledger.lead_rank + run_keys.index(key) if key in run_keys else None,
         )
         for key, dev in sorted(ledger.devices.items(), key=lambda item: device_order(item[0]))
+    )
+
+
+def silenced_warning(key: str, step: int) -> str:
+    return (
+        f"GPU {key} stopped answering after step {step}: nothing read from it for {SILENT_GPU_S:.0f} s (lost, or its "
+        "driver hung); its figures from then on are missing"
     )
 
 

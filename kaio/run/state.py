@@ -60,7 +60,7 @@ from kaio.record.types import (
 )
 from kaio.run.assembly import StepAssembler, iso
 from kaio.run.ledger import RunLedger
-from kaio.run.live import LiveStats, build_snapshot
+from kaio.run.live import LiveStats, build_snapshot, silenced_warning
 from kaio.run.snapshot import SNAPSHOT_WARNINGS, Snapshot
 from kaio.run.stalls import stall_lines
 from kaio.run.stragglers import StragglerWatch
@@ -337,8 +337,8 @@ class RunState:
     def _on_tick(self, r: TickRecord) -> None:
         self.ledger.telemetry.samples += 1
         live = self.parts.live
-        for text in live.on_gpus(r.gpus, self.ledger.run_keys, self.last_step):
-            self.warn(text)
+        for key in live.on_gpus(r.gpus, self.ledger.run_keys):
+            self.warn(silenced_warning(key, self.last_step))
         if r.host is not None:
             live.latest_host = r.host
             self.ledger.add_host_sample(r.host.cpu_pct, r.host.ram_used_bytes)
