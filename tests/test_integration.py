@@ -96,6 +96,31 @@ def test_one_run_with_everything_on_then_a_failed_push_retried_and_the_record_re
             assert f"- **Repo:** [kaio-tester/tiny]({hub.url}/kaio-tester/tiny)" in on_hub
             assert json.loads(each.files["kaio-report/history.json"])["hub"]["uploading"] is True
         assert uploaded not in pushed and f"- **Commit:** `{latest.sha}`" in pushed
+    # A push killed while it uploads leaves the project's report as it was: its commit, not the upload's words.
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as silent:  # a Hub that takes the connection and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.settimeout(120)
+        hung = {**down, "HF_ENDPOINT": f"http://127.0.0.1:{silent.getsockname()[1]}"}
+        pushing = subprocess.Popen(
+            [sys.executable, "-m", "kaio", "push", "t"],
+            cwd=project_dir,
+            env={**os.environ, **hung},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        connection, _ = silent.accept()  # the upload has begun
+        pushing.send_signal(signal.SIGKILL)
+        pushing.wait(timeout=30)
+        connection.close()
+    kept = (report_dir / "report.md").read_text()
+    assert uploaded not in kept and f"- **Commit:** `{latest.sha}`" in kept
     failed_again = kaio("push", "t", cwd=project_dir, env=down)
     assert failed_again.returncode == 1 and TOKEN not in failed_again.stdout + failed_again.stderr
 

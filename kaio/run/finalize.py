@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -93,7 +94,7 @@ def write_reports(
         finally:
             if merged is not None:
                 merged.close()
-    if history_json:
+    if history_json and uploading_to is None:  # the project's own history.json (not a push's staged copy)
         state.parts.history_mark = _history_mark(state, history)
         state.parts.history_prefix = prefix
     if draw and figure is not None and wait:
@@ -375,8 +376,7 @@ def push_to_hub(
     model = state.ledger.run.model if state.ledger.run else None
     base_model = (model.name_or_path if model else None) or cfg.model.base_model
     notify(f"pushing the adapter to the Hugging Face Hub: {cfg.hub.repo_id}")
-    # The report uploaded with the adapter is of this push, not of the latest outcome (an earlier commit, a failure).
-    write_reports(state, cfg.report_dir, draw=False, nodes=nodes, uploading_to=cfg.hub.repo_id)
+    staged = _staged_reports(cfg, state, nodes)
     pushed: dict = {}
 
     def push() -> None:
@@ -384,7 +384,7 @@ def push_to_hub(
             repo_id=cfg.hub.repo_id or "",  # set: the config requires it when pushing
             private=cfg.hub.private,
             adapter_dir=adapter_dir,
-            report_dir=cfg.report_dir,
+            report_dir=staged,
             card_markdown=card,
             base_model=base_model,
             endpoint=os.environ.get("HF_ENDPOINT"),  # a private Hub mirror; None: huggingface.co
@@ -395,6 +395,8 @@ def push_to_hub(
     deadline = time.monotonic() + HUB_PUSH_TIMEOUT_S
     while worker.is_alive() and time.monotonic() < deadline and not cancelled():
         worker.join(0.2)
+    if not worker.is_alive():  # else an upload still reads them (past its time, or cut short): left to the OS
+        shutil.rmtree(staged, ignore_errors=True)
     result = pushed.get("result")
     if result is None:
         why = (
@@ -415,6 +417,18 @@ def push_to_hub(
     record(outcome)
     notify(outcome.error or f"pushed to {outcome.url} at commit {outcome.commit_sha}")
     return outcome.error is None
+
+
+def _staged_reports(cfg: RunConfig, state: RunState, nodes: NodeRecords | None) -> Path:
+    """The report files a push uploads, in a temp folder: of this push (their Hub section says 'the commit that
+    uploaded this report'), not of the record's latest outcome (an earlier commit, or the failure it retries). The
+    project's own files stay as they are: a push cut short leaves them true."""
+    staged = Path(tempfile.mkdtemp(prefix="kaio-push-"))
+    write_reports(state, staged, draw=False, nodes=nodes, uploading_to=cfg.hub.repo_id)
+    figure = ProjectPaths(cfg.report_dir).figure
+    if figure.is_file():
+        shutil.copyfile(figure, ProjectPaths(staged).figure)
+    return staged
 
 
 def _card_summary(state: RunState, summary: Summary) -> str:
