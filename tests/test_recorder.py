@@ -395,8 +395,11 @@ def test_history_json_is_written_when_missing_and_not_rewritten_when_nothing_cha
 
 def test_history_json_copies_the_lines_of_the_final_steps_it_wrote_before_and_adds_only_the_new_ones(tmp_path):
     """A long run's history.json is GBs: a new write copies the final steps' lines from the file written
-    before (proved by a byte changed in it, the file's identity kept), unless the file or those steps changed."""
+    before (proved by step 1's line changed in the index behind the file's back: the file keeps what it had),
+    unless the file (any write, a touch: its change time) or those steps (a resume's) changed."""
     import os
+    import re
+    import zlib
 
     from kaio.run.finalize import write_reports
 
@@ -412,13 +415,16 @@ def test_history_json_copies_the_lines_of_the_final_steps_it_wrote_before_and_ad
             recorder.record(record)
         state.parts.history_mark = None  # written again whatever the marks say
 
-    def changed_unseen():
-        """Step 1's line says step 7, the file's size, inode and times as they were."""
-        before = paths.history.stat()
-        data = paths.history.read_bytes()
-        assert data.count(b'{"step":1,') == 1
-        paths.history.write_bytes(data.replace(b'{"step":1,', b'{"step":7,'))
-        os.utime(paths.history, ns=(before.st_atime_ns, before.st_mtime_ns))
+    def step_1_says(number: int) -> None:
+        """Step 1's line in the index says another step: a write that reads it shows it, a copy does not."""
+        (line,) = state.index.conn.execute("SELECT entry FROM step_lines WHERE step = 1").fetchone()
+        changed = re.sub(rb'^\{"step":\d+,', b'{"step":%d,' % number, bytes(line))
+        state.index.conn.execute(
+            "UPDATE step_lines SET entry = ?, crc = ? WHERE step = 1", (changed, zlib.crc32(changed))
+        )
+
+    def steps_written():
+        return [s["step"] for s in json.loads(paths.history.read_text())["steps"]]
 
     def written():
         document = json.loads(paths.history.read_text())
@@ -430,24 +436,22 @@ def test_history_json_copies_the_lines_of_the_final_steps_it_wrote_before_and_ad
     prefix = state.parts.history_prefix
     assert prefix is not None and 30 < prefix.through < 40  # the steps still open are written, not kept
     assert written() == _document(state)
-    changed_unseen()
+    step_1_says(7)
     feed(session_1[cut:])
     write_reports(state, paths.report_dir, draw=False)
-    document = written()
-    assert [s["step"] for s in document["steps"]] == [7, *range(2, 61)]  # copied, not read from the index again
-    document["steps"][0]["step"] = 1
-    assert document == _document(state)
+    assert steps_written() == [*range(1, 61)]  # step 1's line copied from the file, not read from the index again
 
-    os.utime(paths.history)  # touched: the file may not be what kaio wrote
+    os.utime(paths.history, ns=(prefix.ctime_ns, prefix.ctime_ns))  # touched (times set back: its ctime moves)
     feed([_end(1, "INTERRUPTED")])
     write_reports(state, paths.report_dir, draw=False)
-    assert written() == _document(state)
+    assert steps_written() == [7, *range(2, 61)]  # the whole file from the index
 
-    changed_unseen()  # then a resume trains steps 41.. again: their lines change, the file is written whole
-    feed(_run_records(30, session=2, first_step=41, t0=100.0) + [_end(2)])
+    step_1_says(9)
+    feed(_run_records(30, session=2, first_step=41, t0=100.0) + [_end(2)])  # a resume trains steps 41.. again
     write_reports(state, paths.report_dir, draw=False)
+    assert steps_written() == [9, *range(2, 71)]  # the whole file from the index
     document = written()
-    assert document == _document(state) and document["steps"][0]["step"] == 1
+    assert document == _document(state)
     assert [s["session"] for s in document["steps"]] == [1] * 40 + [2] * 30
     recorder.close()
     state.index.close()

@@ -598,14 +598,14 @@ class HistoryHeader(msgspec.Struct, kw_only=True):
 
 class HistoryPrefix(msgspec.Struct, kw_only=True, frozen=True):
     """Where the final steps' lines lie in the history.json last written: the next write copies those bytes
-    (by the kernel, nothing encoded again) and adds only the later steps. ``inode``, ``size`` and ``mtime_ns``
+    (by the kernel, nothing encoded again) and adds only the later steps. ``inode``, ``size`` and ``ctime_ns``
     identify the file; the lines of the steps up to ``through`` are bytes ``start``..``end`` (the last one's
     closing brace); ``count`` of them, ``through``'s row having the CRC ``crc`` (a resume that trained those
     steps again changes both: the whole file is written then)."""
 
     inode: int
     size: int
-    mtime_ns: int
+    ctime_ns: int  # the inode's change time: any write or touch moves it, and no one can set it back
     start: int
     end: int
     through: int

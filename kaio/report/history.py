@@ -150,7 +150,7 @@ def _written(
     return HistoryPrefix(
         inode=stat.st_ino,
         size=stat.st_size,
-        mtime_ns=stat.st_mtime_ns,
+        ctime_ns=stat.st_ctime_ns,
         start=len(opening),
         end=end,
         through=through,
@@ -187,7 +187,7 @@ def _reusable(path: Path, previous: HistoryPrefix | None, index: RunIndex, final
         return None
     try:
         stat = os.fstat(fd)
-        same = (stat.st_ino, stat.st_size, stat.st_mtime_ns) == (previous.inode, previous.size, previous.mtime_ns)
+        same = (stat.st_ino, stat.st_size, stat.st_ctime_ns) == (previous.inode, previous.size, previous.ctime_ns)
         if (
             same
             and os.pread(fd, len(_STEPS_KEY), previous.start - len(_STEPS_KEY)) == _STEPS_KEY
