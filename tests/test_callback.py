@@ -1396,3 +1396,19 @@ def test_a_nan_loss_on_a_rank_but_the_first_is_told_by_that_ranks_next_step_even
         "non-finite loss (nan) on rank 1 from step 5, in its own losses: the Trainer's logged loss, the ranks' mean, "
         "leaves it out (its logging_nan_inf_filter)"
     ]
+
+
+def test_a_scripts_own_sgd_says_whether_it_keeps_momentum(torch):
+    """The memory estimate counted no optimizer state for SGD(momentum=0.9), which keeps a buffer per parameter."""
+    from kaio.child.describe import describe_script_optimizer
+    from kaio.telemetry.protocol import RunStart
+
+    weights = [torch.nn.Parameter(torch.zeros(4))]
+    for optimizer, keeps in (
+        (torch.optim.SGD(weights, lr=0.1, momentum=0.9), True),
+        (torch.optim.SGD(weights, lr=0.1), False),
+        (torch.optim.AdamW(weights, lr=0.1), False),
+    ):
+        run = RunStart(rank=0)
+        describe_script_optimizer(run, optimizer, None)
+        assert run.script_momentum is keeps, type(optimizer).__name__

@@ -1191,6 +1191,11 @@ def test_the_vram_estimate_counts_the_optimizer_the_script_gave_the_trainer():
     assert optimizer_term() == 2 * 4 * 1_048_576  # AdamW (args.optim): two fp32 moments per trained parameter
     assert optimizer_term(script_optimizer="SGD") == 0
     assert optimizer_term(script_optimizer="Adafactor") == 4 * 1_048_576
+    # SGD with momentum keeps one buffer per trained parameter: the script's own, or optim="sgd" with optim_args.
+    assert optimizer_term(script_optimizer="SGD", script_momentum=True) == 4 * 1_048_576
+    sgd = TrainingArgs(optim="sgd", optim_args="momentum=0.9, nesterov=True")
+    assert optimizer_term(args=sgd) == 4 * 1_048_576
+    assert optimizer_term(args=TrainingArgs(optim="sgd")) == 0
 
 
 def test_key_metrics_say_where_the_losses_were_logged_and_round_the_estimate_so_its_terms_add_up():

@@ -423,6 +423,8 @@ def describe_script_optimizer(run: RunStart, optimizer: Any, scheduler: Any) -> 
         # The schedule's peak, as args.learning_rate is: OneCycleLR's max_lr, else the rate a scheduler scales.
         lr = groups[0].get("max_lr", groups[0].get("initial_lr", groups[0].get("lr")))
         run.script_learning_rate = float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
+        momentum = groups[0].get("momentum")
+        run.script_momentum = isinstance(momentum, (int, float)) and momentum > 0 and "SGD" in type(inner).__name__
     if scheduler is not None:
         run.script_lr_scheduler = type(getattr(scheduler, "scheduler", scheduler)).__name__
 

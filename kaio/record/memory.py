@@ -188,8 +188,8 @@ def optimizer_bytes_per_param(optim: str | None, param_bytes: int) -> float:
     and its kin 2; Lion and Adafactor 1, Adafactor's factored: an upper bound; plain SGD none) at their width
     (8-bit: 1 byte, 4-bit: half a byte, else the parameters' dtype)."""
     name = (optim or "adamw_torch").lower()
-    if name.startswith("sgd"):
-        return 0.0  # the Trainer's SGD has no momentum unless optim_args set it
+    if name.startswith("sgd"):  # a momentum buffer ("sgd_momentum") or none (the Trainer's SGD, by default)
+        return float(param_bytes) if "momentum" in name else 0.0
     moments = 1 if ("adafactor" in name or "lion" in name) else 2
     width = 1.0 if "8bit" in name else 0.5 if "4bit" in name else float(param_bytes)
     return moments * width

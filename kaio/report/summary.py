@@ -644,7 +644,7 @@ def _vram_estimate(q: _Query, s: Summary, run: RunDescription) -> None:
         run.peft,
         tokens=tokens,
         gradient_checkpointing=bool(args.gradient_checkpointing),
-        optim=run.script_optimizer or args.optim,  # the script's own (SGD, AdamW): args.optim was not used
+        optim=_optimizer(run),
         half_precision=run.precision in HALF_PRECISIONS,
     )
     if work is None:
@@ -652,6 +652,20 @@ def _vram_estimate(q: _Query, s: Summary, run: RunDescription) -> None:
     estimated = estimate(work)
     s.vram_estimate_bytes, s.vram_estimate_tokens = estimated.total, tokens
     s.vram_estimate_terms = dict(estimated.terms())
+
+
+def _optimizer(run: RunDescription) -> str | None:
+    """The optimizer that trained, as the memory estimate names it: the script's own (SGD, AdamW: args.optim was not
+    used), an SGD with momentum ("sgd_momentum": the script's, or optim="sgd" with optim_args "momentum=0.9")."""
+    if run.script_optimizer is not None:
+        return "sgd_momentum" if run.script_momentum else run.script_optimizer
+    optim, extra = run.args.optim, run.args.optim_args or ""
+    settings = dict(part.split("=", 1) for part in extra.replace(" ", "").split(",") if "=" in part)
+    try:
+        momentum = float(settings.get("momentum", 0))
+    except ValueError:
+        momentum = 0.0
+    return "sgd_momentum" if optim is not None and optim.startswith("sgd") and momentum > 0 else optim
 
 
 def _energy(q: _Query, s: Summary, header: HistoryHeader, gpus: list[GpuTotals]) -> None:

@@ -91,6 +91,7 @@ class TrainingArgs(msgspec.Struct, kw_only=True, omit_defaults=True):
     learning_rate: float | None = None
     lr_scheduler_type: str | None = None
     optim: str | None = None
+    optim_args: str | None = None  # "momentum=0.9" for optim="sgd": SGD's momentum buffer (the memory estimate)
     warmup_steps: float | None = None
     weight_decay: float | None = None
     max_grad_norm: float | None = None
@@ -217,6 +218,7 @@ class RunStart(Event, tag="run_start"):
     script_optimizer: str | None = None
     script_learning_rate: float | None = None
     script_lr_scheduler: str | None = None
+    script_momentum: bool = False  # the script's SGD keeps a momentum buffer per parameter (its memory estimate)
     # A resumed Trainer's values from its checkpoint where its arguments (or schedule) asked for others: name ->
     # (what it used, what was asked). learning_rate (the scheduler's restored base rate), logging_steps,
     # eval_steps, save_steps (trainer_state.json's), first_step_learning_rate (the rate the checkpoint's optimizer
