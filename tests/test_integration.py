@@ -81,6 +81,8 @@ def test_one_run_with_everything_on_then_a_failed_push_retried_and_the_record_re
         resumed = kaio("resume", "t", "--max-steps", "15", cwd=project_dir, env={**env, **down})
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr  # the training succeeded: the push is said
         assert "push failed:" in (report_dir / "report.md").read_text() and hub.commits == [commit]
+        said = resumed.stdout + resumed.stderr  # its last line names the commit as the earlier push's, not as pushed
+        assert " · pushed: " not in said and f"the Hub's adapter is an earlier push's: {hub.url}" in said
         retry = kaio("push", "t", cwd=project_dir, env=env)
         assert retry.returncode == 0, retry.stdout + retry.stderr
         latest = hub.commits[-1]  # the resumed run's adapter
