@@ -394,7 +394,7 @@ def _say_where_the_record_is(state: RunState, summary: Summary, paths: ProjectPa
             notify(f"kaio: warning: {warning}")
     hub = state.ledger.hub
     pushed = f" · pushed: {hub.url} at {hub.commit_sha}" if hub is not None and hub.commit_sha else ""
-    if pushed and state.ledger.hub_later_failure:  # this run's push failed: the commit is an earlier push's
+    if hub is not None and pushed and state.ledger.hub_later_failure:  # this run's push failed: an earlier commit
         pushed = f" · the Hub's adapter is an earlier push's: {hub.url} at {hub.commit_sha}"
     counted = f" ({count_of(len(summary.warnings), 'warning')})" if summary.warnings else ""
     notify(f"record: {paths.report}{counted} · {paths.figure} · {paths.history}{pushed}")
