@@ -1233,3 +1233,13 @@ def test_the_figures_device_vram_line_is_the_run_gpus_not_another_jobs():
     assert "| Device VRAM used, peak (driver) | 12.0 GiB" in report_of(header, index)
     everyone = figure_data(*make_run(20, steps=steps, devices=[device(0), device(1)])).vram_device_used
     assert max(everyone.y) == 17 * GIB  # both in the run: the steps' own maximum
+
+
+def test_a_model_kaio_cannot_size_is_said_in_the_estimate_row_not_left_out():
+    """A tester's GPT-2, T5 and custom modules had no estimate row and no word why."""
+    md = report_of(*make_run(20))  # a model described without its sizes (a script's own, or another family's config)
+    assert (
+        "| VRAM estimate per GPU (kaio plan's, for what ran) | none: kaio sizes a decoder's layers from its config: "
+        "LlamaForCausalLM's has no num_hidden_layers, hidden_size, intermediate_size, num_attention_heads, vocab_size, "
+        "the attention's width, the key/value width, the weights' bytes |"
+    ) in md

@@ -114,6 +114,23 @@ def predicts_tokens(model: ModelInfo) -> bool:
     return name is None or name.endswith(TOKEN_PREDICTING_HEADS)
 
 
+def unsized(model: ModelInfo) -> list[str]:
+    """What the estimate needs that ``model``'s description lacks (its config names it otherwise: GPT-2's n_inner,
+    T5's d_ff; or a module of the script's own, with no config)."""
+    sizes = {
+        "num_hidden_layers": model.num_layers,
+        "hidden_size": model.hidden_size,
+        "intermediate_size": model.intermediate_size,
+        "num_attention_heads": model.num_heads,
+        "vocab_size": model.vocab_size,
+    }
+    widths = {"the attention's width": model.attention_dim, "the key/value width": model.kv_dim}
+    counts = {"the weights' bytes": model.weight_bytes, "the trained parameters": model.trainable_params}
+    return [name for name, v in sizes.items() if not v] + [
+        name for name, v in {**widths, **counts}.items() if v is None
+    ]
+
+
 def workload_of(
     model: ModelInfo,
     peft: PeftInfo | None,
@@ -125,9 +142,7 @@ def workload_of(
 ) -> Workload | None:
     """The workload of a model as the child (or `kaio plan`, on the meta device) described it; None when a
     size it needs is missing (a model that is not a decoder-only transformer kaio can size)."""
-    sizes = (model.num_layers, model.hidden_size, model.intermediate_size, model.num_heads, model.vocab_size)
-    widths = (model.attention_dim, model.kv_dim, model.weight_bytes, model.trainable_params)
-    if any(not v for v in sizes) or any(v is None for v in widths):
+    if unsized(model):
         return None
     architecture = Architecture(
         num_layers=model.num_layers or 0,

@@ -246,9 +246,11 @@ def _key_metrics(s: Summary) -> str:
         ("True peak VRAM (allocator, max over ranks)", _true_peak(s) or missing),
         ("True peak VRAM, average over steps", _bytes(s.vram_true_peak_step_avg_bytes) or missing),
     ]
+    per = "Memory estimate per process (RAM: no GPU; " if s.cpu_only else "VRAM estimate per GPU ("
     if s.vram_estimate_bytes is not None:
-        per = "Memory estimate per process (RAM: no GPU; " if s.cpu_only else "VRAM estimate per GPU ("
         rows.append((f"{per}kaio plan's, for what ran)", _vram_estimate(s)))
+    elif s.vram_estimate_missing is not None:  # GPT-2, T5, a module of the script's own: said, not left out
+        rows.append((f"{per}kaio plan's, for what ran)", f"none: {s.vram_estimate_missing}"))
     rows += [
         ("Device VRAM used, peak (driver)", _device_vram(s) or missing),
         ("Power per GPU (average / peak)", _pair(s.power_avg_w, s.power_peak_w, "W", ".0f") or missing),

@@ -24,7 +24,7 @@ from kaio.devices.base import device_order
 from kaio.record import gpu_totals, rules
 from kaio.record.gpu_totals import METRICS, GpuTotals
 from kaio.record.index import RunIndex
-from kaio.record.memory import estimate, workload_of
+from kaio.record.memory import estimate, unsized, workload_of
 from kaio.record.types import (
     HALF_PRECISIONS,
     EvalEntry,
@@ -146,6 +146,7 @@ class Summary(msgspec.Struct, kw_only=True):
     vram_estimate_bytes: int | None = None
     vram_estimate_terms: dict[str, int] = {}
     vram_estimate_tokens: int | None = None  # in one micro-batch, the largest of the run's steps
+    vram_estimate_missing: str | None = None  # why there is none: what the model's description lacks
     gpu_count: int = 0
     power_avg_w: float | None = None  # per GPU, time-weighted
     power_peak_w: float | None = None
@@ -648,6 +649,10 @@ def _vram_estimate(q: _Query, s: Summary, run: RunDescription) -> None:
         half_precision=run.precision in HALF_PRECISIONS,
     )
     if work is None:
+        kind = run.model.architecture or run.model.model_class or "the model"
+        s.vram_estimate_missing = (
+            f"kaio sizes a decoder's layers from its config: {kind}'s has no {', '.join(unsized(run.model))}"
+        )
         return
     estimated = estimate(work)
     s.vram_estimate_bytes, s.vram_estimate_tokens = estimated.total, tokens
