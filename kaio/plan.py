@@ -427,16 +427,18 @@ def _verdict_line(plan: Plan) -> Any:
         line.append(("; " if i else "") + f"{key} ")
         line.append(said.value, style=VERDICT_STYLE[said])
     m = plan.model
+    # The host's RAM is shared by the ranks: what they need together; a GPU holds one rank.
+    processes = plan.config.launch.num_processes if plan.host_available_bytes is not None else 1
+    per = f" ({processes} processes)" if processes > 1 else ""
     if plan.host_available_bytes is not None:
-        processes = plan.config.launch.num_processes
         need = needed_bytes(m.estimates[m.gradient_checkpointing].total) * processes
-        per = f" ({processes} processes)" if processes > 1 else ""
-        line.append(f" ({gib(need)} needed{per} of {gib(plan.host_available_bytes)} available)")
+        line.append(f" ({gib(need, digits=3)} needed{per} of {gib(plan.host_available_bytes)} available)")
     other = m.estimates[not m.gradient_checkpointing].total
     if (
         not m.gradient_checkpointing
         and any(v is not Verdict.FITS for _, v in verdicts)
         and other < m.estimates[False].total
     ):
-        line.append(f" (with training.gradient_checkpointing: true: {gib(needed_bytes(other))} needed)")
+        instead = gib(needed_bytes(other) * processes, digits=3)
+        line.append(f" (with training.gradient_checkpointing: true: {instead} needed{per})")
     return line
