@@ -536,11 +536,13 @@ def test_the_gpu_totals_kept_as_rows_come_are_what_a_scan_of_every_row_gives(tmp
     def check(index: RunIndex) -> None:
         for weight in (1.0, 0.73):
             oracle = _scanned_totals(index.conn, weight)
-            kept = gpu_totals.read(index.conn, weight)
+            kept = gpu_totals.read(index.conn)
             assert set(kept) == set(oracle)
             for gpu, t in kept.items():
                 assert (t.power_peak, t.temp_peak, t.vram_peak) == oracle[gpu]["peaks"]
-                for (total, w), (want_total, want_w) in zip(t.means.values(), oracle[gpu]["means"]):
+                for (total, w), (want_total, want_w) in zip(
+                    (t.weighted(m, weight) for m in gpu_totals.METRICS), oracle[gpu]["means"]
+                ):
                     assert total == pytest.approx(want_total) and w == pytest.approx(want_w)
                 throttle = (t.throttled_steps, t.throttle_first_step, sorted(t.throttle_reasons))
                 assert throttle == oracle[gpu].get("throttle", (0, None, []))
@@ -567,7 +569,7 @@ def test_the_gpu_totals_kept_as_rows_come_are_what_a_scan_of_every_row_gives(tmp
     index.close()
     reopened = RunIndex.open(paths, writable=True)
     check(reopened)
-    assert len(gpu_totals.read(reopened.conn, 1.0)) == 3
+    assert len(gpu_totals.read(reopened.conn)) == 3
     reopened.close()
 
 

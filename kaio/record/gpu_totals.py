@@ -50,7 +50,11 @@ _MERGE = ", ".join(
         ),
         *(f"{c} = {c} + excluded.{c}" for c in _SUMMED),
         "throttle_first = COALESCE(throttle_first, excluded.throttle_first)",
-        "throttle_reasons = COALESCE(throttle_reasons, excluded.throttle_reasons)",
+        # The batch's reasons added unless already there (``read`` splits and keeps each reason once).
+        "throttle_reasons = CASE WHEN throttle_reasons IS NULL THEN excluded.throttle_reasons "
+        "WHEN excluded.throttle_reasons IS NULL "
+        "OR instr(',' || throttle_reasons || ',', ',' || excluded.throttle_reasons || ',') THEN throttle_reasons "
+        "ELSE throttle_reasons || ',' || excluded.throttle_reasons END",
     ]
 )
 _ADD = f"INSERT INTO gpu_totals SELECT gpu, {_AGGREGATES} FROM step_gpus WHERE gpu = ? AND step BETWEEN ? AND ? GROUP BY gpu"
@@ -81,17 +85,7 @@ def inserting(conn: sqlite3.Connection, gpu_rows: list[tuple]) -> Callable[[], N
 def add_steps(conn: sqlite3.Connection, gpus: Iterable[str], first: int, last: int) -> None:
     """Add the rows of steps ``first``..``last`` just inserted for ``gpus`` (none of them there before)."""
     for gpu in gpus:
-        before = conn.execute("SELECT throttle_reasons FROM gpu_totals WHERE gpu = ?", (gpu,)).fetchone()
         conn.execute(f"{_ADD} ON CONFLICT(gpu) DO UPDATE SET {_MERGE}", (gpu, first, last))
-        if before is None or not before[0]:
-            continue  # the batch's reasons, if any, are in: nothing to merge with
-        (added,) = conn.execute(
-            "SELECT GROUP_CONCAT(DISTINCT throttle) FROM step_gpus WHERE gpu = ? AND step BETWEEN ? AND ?",
-            (gpu, first, last),
-        ).fetchone()
-        if added:  # each reason once, whatever the batches that saw it
-            merged = ",".join(dict.fromkeys(r for text in (before[0], added) for r in text.split(",") if r))
-            conn.execute("UPDATE gpu_totals SET throttle_reasons = ? WHERE gpu = ?", (merged, gpu))
 
 
 def recompute(conn: sqlite3.Connection) -> None:
@@ -102,36 +96,37 @@ def recompute(conn: sqlite3.Connection) -> None:
 
 @dataclass(frozen=True)
 class GpuTotals:
-    """One GPU's figures over the run. ``means``: each metric's time-weighted sum and weight, the rows without a
-    duration weighed by the reader's weight."""
+    """One GPU's figures over the run. ``sums``: each metric's weighted sum and weight over the rows with a step
+    duration, and its plain sum and count over those without, which the reader weighs (``weighted``)."""
 
     power_peak: float | None
     temp_peak: float | None
     vram_peak: float | None
-    means: dict[str, tuple[float, float]]
+    sums: dict[str, tuple[float, float, float, int]]
     throttled_steps: int
     throttle_first_step: int | None
     throttle_reasons: list[str]
 
-    def mean(self, metric: str) -> float | None:
-        total, weight = self.means[metric]
-        return total / weight if weight else None
+    def weighted(self, metric: str, weight: float) -> tuple[float, float]:
+        """The metric's time-weighted sum and its weight, a row without a duration counting ``weight`` seconds."""
+        wsum, w, plain, n = self.sums[metric]
+        return wsum + weight * plain, w + weight * n
+
+    def mean(self, metric: str, weight: float) -> float | None:
+        total, weights = self.weighted(metric, weight)
+        return total / weights if weights else None
 
 
-def read(conn: sqlite3.Connection, weight: float) -> dict[str, GpuTotals]:
-    """Every GPU's totals, by key; ``weight``: what a row without a step duration counts for."""
+def read(conn: sqlite3.Connection) -> dict[str, GpuTotals]:
+    """Every GPU's totals, by key."""
     found = {}
     for gpu, power, temp, vram, *rest in conn.execute("SELECT * FROM gpu_totals ORDER BY gpu"):
         sums, (throttled, first, reasons) = rest[: 4 * len(METRICS)], rest[4 * len(METRICS) :]
-        means = {}
-        for i, metric in enumerate(METRICS):
-            wsum, w, plain, n = sums[4 * i : 4 * i + 4]
-            means[metric] = (wsum + weight * plain, w + weight * n)
         found[gpu] = GpuTotals(
             power_peak=power,
             temp_peak=temp,
             vram_peak=vram,
-            means=means,
+            sums={metric: tuple(sums[4 * i : 4 * i + 4]) for i, metric in enumerate(METRICS)},
             throttled_steps=throttled,
             throttle_first_step=first,
             throttle_reasons=list(dict.fromkeys(r for r in (reasons or "").split(",") if r)),

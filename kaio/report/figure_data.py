@@ -164,7 +164,7 @@ def figure_data(header: HistoryHeader, index: RunIndex) -> FigureData:
             line = data.eval_losses.setdefault(evaluation.eval_set or "", Line())
             line.x.append(evaluation.step)
             line.y.append(evaluation.loss)
-    known = set(gpu_totals.read(index.conn, 1.0))  # every GPU with a row, without a scan of their rows
+    known = set(gpu_totals.read(index.conn))  # every GPU with a row, without a scan of their rows
     in_run = header.run_gpu_keys()
     keys = [k for k in in_run if k in known] + sorted(
         known - set(in_run) - {d.key for d in header.devices}, key=device_order

@@ -581,20 +581,16 @@ def _kaio_config(config: dict | None, run: RunDescription | None) -> str | None:
 def _hub(hub: HubOutcome | None) -> str | None:
     if hub is None:
         return None
-    if hub.commit_sha and hub.repo_id:
+    if hub.repo_id and (hub.commit_sha or hub.uploading):  # a push's commit, or the push uploading this report
         url = hub.url or f"https://huggingface.co/{hub.repo_id}"  # the push's own (HF_ENDPOINT: a private Hub)
-        config_url = hub.adapter_config_url or f"{url}/blob/{hub.commit_sha}/adapter_config.json"
-        lines = [
-            f"- **Repo:** [{hub.repo_id}]({url})",
-            f"- **Commit:** `{hub.commit_sha}`",
-            f"- **Adapter config:** [adapter_config.json]({config_url})",
-        ]
-    elif hub.uploading and hub.repo_id:
-        url = hub.url or f"https://huggingface.co/{hub.repo_id}"
-        lines = [
-            f"- **Repo:** [{hub.repo_id}]({url})",
-            "- **Commit:** the one that uploaded this report with the adapter (the repo's history names it)",
-        ]
+        lines = [f"- **Repo:** [{hub.repo_id}]({url})"]
+        if hub.commit_sha:
+            config_url = hub.adapter_config_url or f"{url}/blob/{hub.commit_sha}/adapter_config.json"
+            lines += [f"- **Commit:** `{hub.commit_sha}`", f"- **Adapter config:** [adapter_config.json]({config_url})"]
+        else:
+            lines.append(
+                "- **Commit:** the one that uploaded this report with the adapter (the repo's history names it)"
+            )
     elif hub.error:
         error = hub.error.removeprefix("push failed: ")
         lines = [f"- push failed: {_inline(error)}"]

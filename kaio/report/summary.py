@@ -290,8 +290,8 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
         _why_no_loss(s, run, last_entry)
     _evals(evals, s)
     s.trainings = _trainings(q, header.trainings, evals)
-    totals = gpu_totals.read(index.conn, weight)
-    gpus = _gpus(q, s, header, totals)
+    totals = gpu_totals.read(index.conn)
+    gpus = _gpus(q, s, header, totals, weight)
     _throughput(q, s)
     s.tokens_counted_by = run.tokens_counted_by if run is not None and s.tokens is not None else None
     counted = run.args.include_num_input_tokens_seen if run is not None else None
@@ -306,13 +306,13 @@ def summarize(header: HistoryHeader, index: RunIndex) -> Summary:
             f"SELECT SUM(host_cpu * {w}) / SUM(CASE WHEN host_cpu IS NOT NULL THEN {w} END), "
             "CAST(MAX(host_ram) AS INTEGER) FROM steps"
         )
-    _energy(q, s, header, [totals[g] for g in gpus])
+    _energy(q, s, header, [totals[g] for g in gpus], weight)
     s.nodes = list(run.nodes) if run is not None else []
     s.compiled = bool(run is not None and run.args.torch_compile)
     s.cpu_only = not header.devices and all(
         v is None for v in (s.vram_true_peak_bytes, s.power_avg_w, s.gpu_util_avg_pct, s.temp_avg_c)
     )
-    s.warnings = _warnings(q, header, s, first, last_step, gpu_totals.read(index.conn, 1.0))
+    s.warnings = _warnings(q, header, s, first, last_step, totals)
     return s
 
 
@@ -528,7 +528,7 @@ def _evals(evals: list[EvalEntry], s: Summary) -> None:
         s.eval_sets = list(sets.values())
 
 
-def _gpus(q: _Query, s: Summary, header: HistoryHeader, totals: dict[str, GpuTotals]) -> list[str]:
+def _gpus(q: _Query, s: Summary, header: HistoryHeader, totals: dict[str, GpuTotals], weight: float) -> list[str]:
     """Per-GPU and pooled figures of the run's GPUs; returns their keys."""
     in_run = header.run_gpu_keys()
     gpus = [k for k in in_run if k in totals] + sorted(
@@ -541,10 +541,10 @@ def _gpus(q: _Query, s: Summary, header: HistoryHeader, totals: dict[str, GpuTot
     device_peaks = {gpu: int(t.vram_peak) for gpu, t in zip(gpus, by_gpu) if t.vram_peak is not None}
     s.vram_device_used_peak_by_gpu_bytes = device_peaks
     s.vram_device_used_peak_bytes = max(device_peaks.values()) if device_peaks else None
-    averages = [average for t in by_gpu if (average := t.mean("power_avg")) is not None]
+    averages = [average for t in by_gpu if (average := t.mean("power_avg", weight)) is not None]
     s.power_total_avg_w = sum(averages) if averages else None
     s.power_total_gpus = len(averages)
-    s.power_avg_w, s.gpu_util_avg_pct, s.temp_avg_c = (_pooled(by_gpu, metric) for metric in METRICS)
+    s.power_avg_w, s.gpu_util_avg_pct, s.temp_avg_c = (_pooled(by_gpu, metric, weight) for metric in METRICS)
     by_rank = dict(q.conn.execute("SELECT rank, CAST(MAX(peak) AS INTEGER) FROM step_ranks GROUP BY rank").fetchall())
     s.vram_true_peak_by_rank_bytes = {r: by_rank[r] for r in sorted(by_rank, key=lambda r: (len(r), r))}
     s.vram_true_peak_bytes = max(by_rank.values()) if by_rank else None
@@ -555,10 +555,11 @@ def _gpus(q: _Query, s: Summary, header: HistoryHeader, totals: dict[str, GpuTot
     return gpus
 
 
-def _pooled(by_gpu: list[GpuTotals], metric: str) -> float | None:
+def _pooled(by_gpu: list[GpuTotals], metric: str, weight: float) -> float | None:
     """A time-weighted mean over every GPU: their weighted sums and weights added up."""
-    weight = sum(t.means[metric][1] for t in by_gpu)
-    return sum(t.means[metric][0] for t in by_gpu) / weight if weight else None
+    sums = [t.weighted(metric, weight) for t in by_gpu]
+    weights = sum(w for _, w in sums)
+    return sum(total for total, _ in sums) / weights if weights else None
 
 
 def _throughput(q: _Query, s: Summary) -> None:
@@ -613,7 +614,7 @@ def _lagging_utilisation(header: HistoryHeader, names: dict[str, str], totals: d
     in_run = header.run_gpu_keys()
     if len(in_run) < 2:
         return []
-    averages = {gpu: totals[gpu].mean("util") for gpu in in_run if gpu in totals}
+    averages = {gpu: totals[gpu].mean("util", 1.0) for gpu in in_run if gpu in totals}  # a step without a time: 1 s
     known = {gpu: util for gpu, util in averages.items() if util is not None}
     if len(known) < 2:
         return []
@@ -673,7 +674,7 @@ def _optimizer(run: RunDescription) -> str | None:
     return "sgd_momentum" if optim is not None and optim.startswith("sgd") and momentum > 0 else optim
 
 
-def _energy(q: _Query, s: Summary, header: HistoryHeader, gpus: list[GpuTotals]) -> None:
+def _energy(q: _Query, s: Summary, header: HistoryHeader, gpus: list[GpuTotals], weight: float) -> None:
     """Best available total energy: device counters, else per-step energy, else power x time. The devices' totals
     cover the whole session (start-up and closing too); a run GPU without one (its card read on another device, or
     one that reports neither power nor energy) does not send the total to the steps' sums, which leave those out."""
@@ -688,8 +689,8 @@ def _energy(q: _Query, s: Summary, header: HistoryHeader, gpus: list[GpuTotals])
         s.energy_unmeasured = [d.key for d in in_run if d.energy_j is None and not d.info.power_counted_elsewhere]
     elif (per_step := q.value("SELECT SUM(energy_j) FROM steps")) is not None:
         joules, s.energy_method = per_step, ENERGY_FROM_STEPS
-    elif any(t.means["power_avg"][1] for t in gpus):  # power x time, each step weighed as the means weigh it
-        joules = sum(t.means["power_avg"][0] for t in gpus)
+    elif any(t.weighted("power_avg", weight)[1] for t in gpus):  # power x time, steps weighed as the means weigh them
+        joules = sum(t.weighted("power_avg", weight)[0] for t in gpus)
         s.energy_method = ENERGY_FROM_STEP_POWER
     if joules is not None:
         s.energy_kwh = joules / 3.6e6

@@ -48,10 +48,10 @@ def write_reports(
     draw: bool = True,
     wait: bool = True,
     nodes: NodeRecords | None = None,
-    uploading_to: str | None = None,
+    uploading: HubOutcome | None = None,
 ) -> Summary:
     """report.md, and history.json and telemetry.png unless told not to, atomically; returns the summary.
-    ``uploading_to``: the files are the ones a Hub push to that repo uploads (their Hub section says so).
+    ``uploading``: the files are the ones a Hub push uploads (their Hub section is that push's).
 
     The figure is drawn in this process, or by ``figure``'s child process when given, on the other core
     while the rest is written (``wait``: the drawing is finished before this returns; else a drawing
@@ -63,12 +63,8 @@ def write_reports(
 
     history = ProjectPaths(report_dir).history
     mark = _history_mark(state, history)
-    if history_json and mark is not None and state.parts.history_mark == mark and nodes is None and not uploading_to:
+    if history_json and mark is not None and state.parts.history_mark == mark and nodes is None and not uploading:
         history_json = False
-    uploading = None
-    if uploading_to is not None:
-        hub_url = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")  # as the push's
-        uploading = HubOutcome(repo_id=uploading_to, url=f"{hub_url}/{uploading_to}", uploading=True)
     header = state.header(uploading)
     failed = [f"telemetry.png was not rendered: {figure.failure}"] if figure is not None and figure.failure else []
     with state.with_open_steps() as index:
@@ -94,7 +90,7 @@ def write_reports(
         finally:
             if merged is not None:
                 merged.close()
-    if history_json and uploading_to is None:  # the project's own history.json (not a push's staged copy)
+    if history_json and uploading is None:  # the project's own history.json (not a push's staged copy)
         state.parts.history_mark = _history_mark(state, history)
         state.parts.history_prefix = prefix
     if draw and figure is not None and wait:
@@ -423,8 +419,12 @@ def _staged_reports(cfg: RunConfig, state: RunState, nodes: NodeRecords | None) 
     """The report files a push uploads, in a temp folder: of this push (their Hub section says 'the commit that
     uploaded this report'), not of the record's latest outcome (an earlier commit, or the failure it retries). The
     project's own files stay as they are: a push cut short leaves them true."""
+    from kaio.sinks.hub import repo_url
+
+    repo_id = cfg.hub.repo_id or ""
+    uploading = HubOutcome(repo_id=repo_id, url=repo_url(repo_id), uploading=True)
     staged = Path(tempfile.mkdtemp(prefix="kaio-push-"))
-    write_reports(state, staged, draw=False, nodes=nodes, uploading_to=cfg.hub.repo_id)
+    write_reports(state, staged, draw=False, nodes=nodes, uploading=uploading)
     figure = ProjectPaths(cfg.report_dir).figure
     if figure.is_file():
         shutil.copyfile(figure, ProjectPaths(staged).figure)

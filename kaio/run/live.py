@@ -75,10 +75,8 @@ class LiveStats(msgspec.Struct, kw_only=True):
                 or g.temp_c is not None
                 or g.temp_junction_c is not None
             ):
-                if g.key not in self.answered:
-                    self.answered.add(g.key)
-                if self.silent_since:
-                    self.silent_since.pop(g.key, None)
+                self.answered.add(g.key)
+                self.silent_since.pop(g.key, None)
             elif g.key in self.answered:
                 since = self.silent_since.setdefault(g.key, g.t_mono)
                 if g.t_mono - since >= SILENT_GPU_S:

@@ -7,6 +7,7 @@ that the report describes. A push never raises: whatever goes wrong becomes a sh
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -49,6 +50,12 @@ class PushResult:
     adapter_config_url: str | None = None  # adapter_config.json pinned at commit_sha
     error: str | None = None  # "push failed: <reason>", never containing the token
     files: list[str] = field(default_factory=list)  # paths in the repo, as committed
+
+
+def repo_url(repo_id: str, endpoint: str | None = None) -> str:
+    """The repository's page on the Hub that ``endpoint`` (else ``HF_ENDPOINT``, else huggingface.co) names."""
+    base = endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    return f"{base.rstrip('/')}/{repo_id}"
 
 
 def write_model_card(*, repo_id: str, base_model: str, card_markdown: str) -> str:
@@ -125,12 +132,12 @@ def push_adapter(
     except Exception as exc:  # a failed push must never take the finished run down with it
         return PushResult(repo_id, error=f"push failed: {_describe_failure(exc, endpoint, secret)}")
 
-    base_url = api.endpoint.rstrip("/")
+    url = repo_url(repo_id, api.endpoint)
     return PushResult(
         repo_id=repo_id,
         commit_sha=commit.oid,
-        url=f"{base_url}/{repo_id}",
-        adapter_config_url=f"{base_url}/{repo_id}/blob/{commit.oid}/adapter_config.json",
+        url=url,
+        adapter_config_url=f"{url}/blob/{commit.oid}/adapter_config.json",
         files=[op.path_in_repo for op in operations],
     )
 
