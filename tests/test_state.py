@@ -316,7 +316,7 @@ def test_processes_that_train_independently_are_called_out():
     )
     warnings = " | ".join(duplicates.parts.warnings.items)
     assert "two processes both said they were rank 0 (pids 11 and 12)" in warnings
-    assert "2 processes were launched but the trainer reports world size 1" in warnings
+    assert "2 processes were launched, but the trainer reports world size 1" in warnings
     one_job = replay(
         start
         + [
@@ -712,6 +712,61 @@ def test_a_training_the_trainer_began_again_after_running_out_of_memory_is_said_
     assert "1 of them ran out of memory and the Trainer began again with a smaller batch" in report
     assert "| 1 | — | 1–2 (2 of 8; out of memory) |" in report
     assert "| 2 | —, again at batch 7 | 3–3 (1 of 8) |" in report
+
+
+def test_out_of_memory_retries_that_trained_nothing_are_no_trainings_of_the_losses_nor_marks_on_the_figure():
+    """auto_find_batch_size halving the batch until it fits: the attempts before the one that trained finished no
+    step; the report said the losses were 'across 3 trainings' and the figure marked each at the first step."""
+    from kaio.report.figure_data import figure_data
+
+    first = {"type": "run_start", "rank": 0, "session": 1, "max_steps": 4, "args": {"per_device_train_batch_size": 32}}
+    retries = [
+        {**first, "training": n, "retry": True, "args": {"per_device_train_batch_size": 32 >> (n - 1)}} for n in (2, 3)
+    ]
+    events = [{"type": "session_start", "session": 1}, first, *retries]
+    for k in range(1, 5):
+        events += [_step(k, float(k)), _log(k, 4.0 - k / 2)]
+    state = replay(events)
+    notes = state.header().telemetry.notes
+    assert sum("no earlier attempt had finished a step" in n for n in notes) == 2
+    report = _report_now(state)
+    assert "| Loss (initial → final) | 3.5 → 2 (all of training 3: see Trainings) |" in report
+    with state.with_open_steps() as index:
+        assert figure_data(state.header(), index).training_starts == []
+
+
+def test_a_diverging_loss_is_warned_as_it_begins_not_at_every_step_it_stays_up():
+    """A loss that blew up and stayed up gave a warning per step: 200 lines of a report's warnings, then '162 more
+    warnings not kept'. The summary counts the steps."""
+    events = [{"type": "session_start", "session": 1}]
+    losses = [4.0 / k for k in range(1, 21)] + [50.0] * 30 + [0.1] * 200 + [50.0] * 30
+    for k, loss in enumerate(losses, 1):
+        events += [_step(k, float(k)), _log(k, loss)]
+    warnings = [w for w in replay(events).header().warnings if w.startswith("loss diverging at step")]
+    assert len(warnings) == 2 and warnings[0].startswith("loss diverging at step 21:")
+
+
+def test_an_automatic_restart_of_a_kaio_log_loop_says_the_loop_goes_on_from_its_own_checkpoint(tmp_path):
+    """A loop restarted after a crash went on from its own checkpoint, while kaio's line said 'from the start (no
+    complete checkpoint yet)': kaio keeps no checkpoint of a loop's."""
+    from kaio.config import RunConfig
+    from kaio.record.types import Status
+    from kaio.run.outcome import SessionOutcome
+    from kaio.run.supervisor import restart_request
+
+    (tmp_path / "loop.py").write_text("import kaio\n")
+    cfg = RunConfig.model_validate(
+        {"project_name": "p", "launch": {"script": str(tmp_path / "loop.py"), "max_restarts": 1}}
+    )
+    crashed = SessionOutcome(1, Status.FAILED, error="rank 0: RuntimeError: boom")
+    for reporter, said in (
+        ("kaio.log", "the loop started again (a kaio.log loop resumes from its own checkpoint, if it keeps one)"),
+        ("trainer", "from the start (no complete checkpoint yet)"),
+    ):
+        run = {"type": "run_start", "rank": 0, "session": 1, "reporter": reporter, "world_size": 1}
+        ledger = replay([{"type": "session_start", "session": 1}, run]).ledger
+        request, note = restart_request(crashed, None, 1, cfg, ledger)
+        assert request is not None and note == f"automatic restart 1 of 1 after: rank 0: RuntimeError: boom; {said}"
 
 
 def test_a_job_of_several_machines_without_a_started_rank_says_where_its_nodes_meet():

@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
 from conftest import history_of, replay
 from kaio.child.emitter import EventEmitter
+from kaio.record import rules
 from kaio.record.types import SessionStart, decode_record, encode_record
 from kaio.telemetry import spool
 from kaio.telemetry.fifo import FifoReader, TelemetryFifo
@@ -88,6 +90,115 @@ def test_kaio_log_counts_a_loop_from_0_and_on_where_its_numbering_starts_again_a
         (6, {"eval_loss": 2.5}),
     ]
     assert stop_module()._state["loop"]  # a stop's SIGTERM raises KeyboardInterrupt in the loop (its own save runs)
+
+
+def _loop_records(tmp_path, monkeypatch, session: int, loop) -> list[dict]:
+    """The journal records of one session of a kaio.log loop run here (``loop(log)``): its events as the spool
+    carries them, between the session's start and end."""
+    from kaio.child import patch, plain
+
+    monkeypatch.setattr(plain, "_reporter", None)
+    monkeypatch.setattr(patch, "_emitter", None)
+    monkeypatch.delenv("KAIO_TELEMETRY_PIPE", raising=False)
+    monkeypatch.setenv("KAIO_SPOOL_DIR", str(tmp_path / f"spool{session}"))
+    monkeypatch.setenv("KAIO_SESSION", str(session))
+    monkeypatch.setattr(stop_module(), "_state", {**stop_module()._state})
+    loop(plain.log)
+    plain.finish()
+    patch._emitter.close()
+    parts = sorted((tmp_path / f"spool{session}").iterdir())
+    events = [{**json.loads(line), "session": session} for part in parts for line in part.read_bytes().splitlines()]
+    return [{"type": "session_start", "session": session}, *events, {"type": "session_end", "session": session}]
+
+
+def test_a_kaio_log_loop_is_recorded_as_it_trained_whatever_its_calls_look_like(tmp_path, monkeypatch):
+    """A baseline evaluation before the first step was a step with no loss, shifting every step by one; a loop
+    logging every 5th step counted the examples of its first log only; its evaluations' time was training time;
+    eval_* given with the loss (wandb.log's way) was no evaluation; a step's loss logged twice was smoothed
+    twice; after a restart from the loop's own checkpoint its tokens counted from 0 again."""
+
+    def first(log):
+        log(step=0, eval_loss=7.0)  # the baseline, before the loop counting from 1
+        for step in range(1, 21):
+            if step % 5 == 0:
+                log(step=step, loss=1.0, samples=4, tokens=128)
+                log(step=step, loss=5.0 - step / 10, samples=4, tokens=128)  # the step's loss, given again
+            if step == 10:
+                time.sleep(0.2)  # evaluating
+                log(step=step, eval_loss=4.0)
+            if step == 15:
+                log(step=step, eval_accuracy=0.5)  # an evaluation call of the step, alone
+
+    def restarted(log):  # started again, from its own checkpoint of step 15
+        for step in range(16, 26):
+            log(step=step, loss=5.0 - step / 10, samples=4, tokens=128, eval_loss=3.0 if step == 25 else None)
+
+    first_records = _loop_records(tmp_path, monkeypatch, 1, first)
+    state = replay(first_records + _loop_records(tmp_path, monkeypatch, 2, restarted))
+    history = history_of(state)
+    steps = {s["step"]: s for s in history["steps"]}
+    assert list(steps) == [5, 10, 15, *range(16, 26)]  # 20 trained again after the restart
+    assert [steps[k]["loss"] for k in (5, 10, 15)] == [4.5, 4.0, 3.5]
+    # Every step the loop did not report (from its start, after the baseline) counts as the one reported after it:
+    # 5 steps of 4 examples and 128 tokens each.
+    assert [(steps[k]["samples_seen"], steps[k]["tokens_seen"]) for k in (5, 10, 15)] == [
+        (20, 640),
+        (40, 1280),
+        (60, 1920),
+    ]
+    # The restart goes on from the checkpoint's recorded counts, each step reported.
+    assert [(steps[k]["samples_seen"], steps[k]["tokens_seen"]) for k in (16, 25)] == [(64, 2048), (100, 3200)]
+    # Smoothed once a step, over the losses the record keeps (4.5, 4.0, 3.5...): the 1.0 given first is replaced.
+    losses = [steps[k]["loss"] for k in (5, 10, 15)]
+    smoother = rules.LossSmoother()
+    assert [steps[k]["loss_smoothed"] for k in (5, 10, 15)] == [smoother.add(loss)[0] for loss in losses]
+    assert steps[10]["eval_s"] == pytest.approx(0.2, abs=0.15)  # the evaluation's time, not the steps'
+    assert steps[5]["eval_s"] is None and "eval_loss" not in steps[25]["metrics"]
+    evals = [(e["step"], e["session"], e["metrics"]) for e in history["evals"]]
+    assert evals == [
+        (0, 1, {"eval_loss": 7.0}),
+        (10, 1, {"eval_loss": 4.0}),
+        (15, 1, {"eval_accuracy": 0.5}),
+        (25, 2, {"eval_loss": 3.0}),
+    ]
+    start = next(r for r in first_records if r["type"] == "run_start")
+    assert start.get("start_step", 0) == 0 and start["world_size"] == 1  # the baseline is before step 1
+
+
+SPAWNING_LOOP = """
+import os, sys, torch.distributed as dist, torch.multiprocessing as mp
+import kaio
+
+def train(rank, world):
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[1], rank=rank, world_size=world)
+    for step in (1, 2):
+        kaio.log(step=step, loss=1.0 + rank, samples=8)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(train, args=(2,), nprocs=2)
+"""
+
+
+def test_a_script_that_starts_its_own_processes_reports_each_with_its_process_groups_rank(tmp_path):
+    """PyTorch's DDP tutorial: one launched process, mp.spawn inside it, each process given its rank by
+    init_process_group, no RANK set. Both reported rank 0 of world size 1: 'two processes both said they were rank
+    0 ... trained independently', and their losses alternated in the record."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = tmp_path / "spawning.py"
+    script.write_text(SPAWNING_LOOP)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "KAIO_TELEMETRY_PIPE")}
+    env |= {"KAIO_SPOOL_DIR": str(tmp_path / "spool"), "KAIO_SESSION": "1"}
+    subprocess.run([sys.executable, str(script), str(port)], env=env, check=True, timeout=120)
+    events = [json.loads(line) for part in (tmp_path / "spool").iterdir() for line in part.read_bytes().splitlines()]
+    starts = {e["rank"]: e["world_size"] for e in events if e["type"] == "run_start"}
+    assert starts == {0: 2, 1: 2}
+    assert sorted((e["rank"], e["step"]) for e in events if e["type"] == "step") == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert {e["loss"] for e in events if e["type"] == "log"} == {1.0}  # rank 0's alone
 
 
 def stop_module():

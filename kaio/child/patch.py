@@ -33,13 +33,32 @@ def rank_from_env() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
 
 
+def process_rank() -> int:
+    """This process's rank: its process group's, once one is set up (a script that starts its own processes, as
+    PyTorch's DDP tutorial's ``mp.spawn`` does, passes each its rank there and sets no RANK), else the launcher's."""
+    group = _process_group()
+    return group.get_rank() if group is not None else rank_from_env()
+
+
+def world_size() -> int:
+    """The processes training together: the process group's, else the launcher's WORLD_SIZE."""
+    group = _process_group()
+    return group.get_world_size() if group is not None else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _process_group() -> Any:
+    """``torch.distributed`` with its default group set up, or None (torch not imported here: not looked for)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
 def shared_emitter():
     """One emitter (one FIFO descriptor) per process, opened on first use."""
     global _emitter
     if _emitter is None:
         from kaio.child.emitter import EventEmitter
 
-        _emitter = EventEmitter.from_env(rank=rank_from_env())
+        _emitter = EventEmitter.from_env(rank=process_rank())
     return _emitter
 
 

@@ -16,7 +16,7 @@ from kaio.child import stop
 from kaio.child.describe import environment
 from kaio.child.memory import peak_memory_functions
 from kaio.child.nonfinite import stop_on_nonfinite
-from kaio.child.patch import shared_emitter
+from kaio.child.patch import shared_emitter, world_size
 from kaio.telemetry.protocol import ENV_PIPE, ENV_SPOOL_DIR, Eval, Log, Metric, RunStart, Step, TrainEnd, tag_nonfinite
 
 _TRAINING_FIELDS = ("learning_rate", "grad_norm")
@@ -35,8 +35,13 @@ class _Reporter:
         # 0 is the record's "before training"), and more where its numbering starts again (each epoch's from 0).
         self.offset = 0
         self.last_given: int | None = None
+        self.started = False  # the loop's RunStart is sent
+        self.start_step = 0  # the step after which it trains (its first call's)
 
-    def start(self, step: int) -> None:
+    def start(self, start_step: int) -> None:
+        """The loop's first call: it trains the steps after ``start_step``."""
+        self.started = True
+        self.start_step = max(start_step, 0)
         self.emitter.emit(
             RunStart(
                 rank=self.rank,
@@ -44,30 +49,38 @@ class _Reporter:
                 pid=os.getpid(),
                 t_wall=time.time(),
                 t_mono=time.monotonic(),
-                world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                start_step=max(step - 1, 0),
+                world_size=world_size(),
+                start_step=self.start_step,
                 environment=environment(),
             )
         )
+        stop.loop_reports()
 
     def log(self, step: int, loss: Any, metrics: dict[str, Any]) -> None:
-        step = self._recorded(step, loss is not None)
-        if self.last_step is None:
-            self.start(step)
-            stop.loop_reports()
-        now = time.monotonic()
         evaluation = {k: metrics.pop(k) for k in list(metrics) if k.startswith(_EVALUATION)}
-        reported_before = self.last_step is not None and step <= self.last_step
-        if evaluation and loss is None and not metrics and reported_before:  # a reported step's evaluation alone
-            self._evaluated(step, evaluation)
+        evaluation = {k: v for k, v in evaluation.items() if v is not None}  # eval_loss=None: not evaluated
+        now = time.monotonic()
+        if evaluation and loss is None and not metrics and self.last_step is None:
+            # Before the loop's first step (its baseline): an evaluation at the step given, and no step of its own.
+            if not self.started:
+                self.start(step)
+            self._evaluated(step, evaluation, runtime_s=None)
+            self.last_mono = time.monotonic()
+            return
+        step = self._recorded(step, loss is not None)
+        if not self.started:
+            self.start(step - 1)
+        if evaluation and loss is None and not metrics and self.last_step is not None and step <= self.last_step:
+            # A reported step's evaluation: its time is the time since that step's report (or its last evaluation's).
+            self._evaluated(step, evaluation, runtime_s=now - self.last_mono)
             self.last_mono = time.monotonic()  # its time is no part of the next step's own
             return
-        metrics.update(evaluation)
         tokens = metrics.pop("tokens", None)
         samples = _metric(metrics.pop("samples", None))
         if step != self.last_step:  # a second call for a step (its evaluation, say) adds numbers, not a step
-            if tokens is not None:
-                self.tokens_seen += int(_metric(tokens) or 0)
+            if tokens is not None:  # steps the loop did not report (it calls every k steps) count as this one
+                since = self.last_step if self.last_step is not None else self.start_step
+                self.tokens_seen += int(_metric(tokens) or 0) * max(step - since, 1)
             peak = self.peak[1]() if self.peak else None
             self.emitter.emit(
                 Step(
@@ -97,6 +110,8 @@ class _Reporter:
                     **fields,
                 )
             )
+        if evaluation:  # an evaluation's numbers given with the step's (wandb.log's way): the step's evaluation
+            self._evaluated(step, evaluation, runtime_s=None)
         self.last_step = step
         if isinstance(reported, str) and stop_on_nonfinite():  # as for a Trainer: the training failed there
             raise SystemExit(
@@ -114,10 +129,12 @@ class _Reporter:
         self.last_given = step
         return step + self.offset
 
-    def _evaluated(self, step: int, evaluation: dict[str, Any]) -> None:
+    def _evaluated(self, step: int, evaluation: dict[str, Any], runtime_s: float | None) -> None:
+        """``runtime_s``: how long the evaluation took, where the loop's calls tell (the Trainer's ``eval_runtime``)."""
         if self.rank == 0:
             values = {k: _metric(v) for k, v in evaluation.items()}
-            self.emitter.emit(Eval(rank=0, step=step, t_wall=time.time(), t_mono=time.monotonic(), metrics=values))
+            now, wall = time.monotonic(), time.time()
+            self.emitter.emit(Eval(rank=0, step=step, t_wall=wall, t_mono=now, metrics=values, runtime_s=runtime_s))
 
     def finish(self) -> None:
         if self.last_step is not None:
@@ -133,8 +150,9 @@ def log(step: int, loss: float | None = None, **metrics: float) -> None:
     """Report optimizer step ``step`` (call it once the step is done): its loss, ``tokens`` (the step's input
     tokens, all ranks together, as the Trainer counts them: the record's throughput), ``samples`` (the examples
     this process trained on in the step: samples/s), ``learning_rate``,
-    ``grad_norm``, and any other number, kept per step. A second call for the same step adds numbers to it;
-    one with only ``eval_*`` (or ``test_*``) numbers is the step's evaluation. Outside kaio it does nothing."""
+    ``grad_norm``, and any other number, kept per step. A second call for the same step adds numbers to it (a
+    loss given again replaces the first). ``eval_*`` (or ``test_*``) numbers are the step's evaluation, given alone
+    or with the loss; alone before the first step, the baseline at ``step``. Outside kaio it does nothing."""
     global _reporter
     if not (os.environ.get(ENV_PIPE) or os.environ.get(ENV_SPOOL_DIR)):
         return  # not under kaio: nothing read, nothing converted (a value kaio could not take cannot fail here)

@@ -62,11 +62,11 @@ def evaluation_prefix(metrics: Mapping[str, object]) -> str | None:
     return chosen[0].removesuffix("_runtime") if len(chosen) == 1 else None
 
 
-def evaluation_runtime(metrics: Mapping[str, object]) -> float | None:
-    """How long one evaluation took: its ``<prefix>_runtime``."""
+def evaluation_runtime(metrics: Mapping[str, object], measured: float | None = None) -> float | None:
+    """How long one evaluation took: its ``<prefix>_runtime``, else what was ``measured`` (a kaio.log loop's)."""
     prefix = evaluation_prefix(metrics)
     value = metrics.get(f"{prefix}_runtime") if prefix is not None else None
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else measured
 
 
 def training_completed(trained_to_end: bool | None, step: int, max_steps: int | None) -> bool:
@@ -89,9 +89,14 @@ class LossSmoother(msgspec.Struct, kw_only=True):
     low: float | None = None  # the running minimum of the smoothed loss...
     high: float | None = None  # ...and its maximum
     positive: bool = True  # every loss so far was above 0 (a cross-entropy; not an RL objective around 0)
+    before: tuple[float | None, int, float | None, float | None, bool] | None = None  # as it was before the last add
 
-    def add(self, loss: float) -> tuple[float, bool]:
-        """The smoothed loss after ``loss``, and whether it diverges there."""
+    def add(self, loss: float, *, again: bool = False) -> tuple[float, bool]:
+        """The smoothed loss after ``loss``, and whether it diverges there. ``again``: a second loss for the step
+        the last one was of (a loop that reports a step's loss twice): it replaces that one."""
+        if again and self.before is not None:
+            self.smoothed, self.count, self.low, self.high, self.positive = self.before
+        self.before = (self.smoothed, self.count, self.low, self.high, self.positive)
         self.count += 1
         self.positive = self.positive and loss > 0
         if self.smoothed is None:

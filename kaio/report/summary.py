@@ -756,7 +756,10 @@ def _warnings(
             )
     missing = last - (first or 0) + 1 - s.step_entries if s.step_entries else 0
     if missing > 0:
-        found.append(f"history has no entry for {count_of(missing, 'optimizer step')} between its first and last step")
+        missed = f"history has no entry for {count_of(missing, 'optimizer step')} between its first and last step"
+        if header.run is not None and header.run.reporter == "kaio.log":  # a loop that reports every k steps
+            missed += ": the loop did not call kaio.log at them (each is counted with the examples and tokens of the step reported after it)"
+        found.append(missed)
     if s.energy_method == ENERGY_FROM_STEP_POWER:
         found.append("energy integrated from per-step average power: no device or per-step energy was recorded")
     return list(dict.fromkeys(found))

@@ -72,6 +72,7 @@ class StepAssembler(msgspec.Struct, kw_only=True):
     evaluated_after_s: float = 0.0  # the script's own evaluations since rank 0's latest step (after a train() ended)
     mfu_impossible: bool = False  # a step's MFU came out above 100%: none is recorded from there on
     lead_nonfinite_from: int = 1 << 62  # the first step whose loss the first rank found NaN/inf, this session
+    diverging: bool = False  # the latest step's smoothed loss diverged
 
     def start_session(self, session: int) -> None:
         self.session = session
@@ -95,15 +96,17 @@ class StepAssembler(msgspec.Struct, kw_only=True):
         counts were ``tokens`` input tokens): samples and tokens count what this record trains."""
         self.counts.begin_at(start, tokens)
 
-    def resume_at(self, start: int, out: AssemblyOutput) -> None:
-        """Rank 0 of this session starts from checkpoint ``start``: later steps are trained again."""
+    def resume_at(self, start: int, out: AssemblyOutput, *, counts_from_zero: bool = False) -> None:
+        """Rank 0 of this session starts from checkpoint ``start``: later steps are trained again.
+        ``counts_from_zero``: see ``SeenCounts.resume_at``."""
         lost = [self.open.pop(k) for k in sorted(self.open) if k > start and self.open[k].session < self.session]
         out.recomputed(len(lost), sum(_step_work_s(e) for e in lost))
         if self.sealed_through > start:
             self.smoother = out.truncate_after(start)
             self.sealed_through = start
         # The checkpoint's step as recorded: the resumed steps count on from its counts.
-        self.counts.resume_at(start, *(out.seen_at(start) if start and self.sealed_through >= start else (None, None)))
+        seen = out.seen_at(start) if start and self.sealed_through >= start else (None, None)
+        self.counts.resume_at(start, *seen, counts_from_zero=counts_from_zero)
 
     # ------------------------------------------------------------------ events
 
@@ -265,8 +268,11 @@ class StepAssembler(msgspec.Struct, kw_only=True):
                 "NaN/inf to the end; the record's loss from there is kaio's, the average of the losses training_step "
                 "returned, as the Trainer averages them"
             )
-        entry.loss_smoothed, entry.loss_diverged = self.smoother.add(entry.loss)
-        if entry.loss_diverged:
+        again = entry.loss_smoothed is not None  # this step's loss was smoothed already: the new one replaces it
+        was_diverging = self.diverging
+        entry.loss_smoothed, entry.loss_diverged = self.smoother.add(entry.loss, again=again)
+        self.diverging = entry.loss_diverged
+        if entry.loss_diverged and not was_diverging:  # once as it begins (the summary counts the steps)
             out.warn(
                 f"loss diverging at step {entry.step}: smoothed loss {entry.loss_smoothed:.4g} is over "
                 f"{rules.DIVERGENCE_FACTOR:g}x its minimum so far ({self.smoother.low:.4g})"

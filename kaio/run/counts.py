@@ -21,7 +21,9 @@ class SeenCounts(msgspec.Struct, kw_only=True):
     samples_from: tuple[int, int] = (0, 0)
     last_samples_seen: int = 0
     counted_through: tuple[int, int] | None = None  # (step, samples seen) of the latest step whose ranks counted
-    tokens_from: int = 0  # the Trainer's count where the record began (its tokens are the record's from there)
+    # The Trainer's count where the record began (its tokens are the record's from there); minus the recorded count a
+    # kaio.log loop resumed from (its process counts from 0); None: that count is not known.
+    tokens_from: int | None = 0
     tokens_through: tuple[int, int] | None = None  # (step, tokens seen) of kaio's own count; None: its base unknown
     last_tokens_seen: int | None = None  # the Trainer's count at rank 0's latest step, this session
 
@@ -39,8 +41,12 @@ class SeenCounts(msgspec.Struct, kw_only=True):
         self.samples_from, self.tokens_from, self.counted_through = (start, 0), tokens or 0, None
         self.tokens_through = (start, 0)
 
-    def resume_at(self, start: int, samples: int | None, tokens: int | None) -> None:
-        """Rank 0 starts from checkpoint ``start``, whose recorded counts were these: the steps count on."""
+    def resume_at(self, start: int, samples: int | None, tokens: int | None, *, counts_from_zero: bool = False) -> None:
+        """Rank 0 starts from checkpoint ``start``, whose recorded counts were these: the steps count on.
+        ``counts_from_zero``: the process's own count of tokens starts at 0 (a kaio.log loop's), where a Trainer's
+        goes on from its checkpoint's."""
+        if counts_from_zero:
+            self.tokens_from = 0 if not start else -tokens if tokens is not None else None
         if samples is not None:
             self.samples_from, self.last_samples_seen, self.counted_through = (
                 (start, samples),
@@ -63,17 +69,17 @@ class SeenCounts(msgspec.Struct, kw_only=True):
         step, samples = self.samples_from
         per_step = throughput.samples_per_step if throughput is not None else None
         if event.samples is not None and throughput is not None:
-            if self.counted_through is not None and event.step == self.counted_through[0] + 1:
-                base: int | None = self.counted_through[1]
-            elif event.step == step + 1:
-                base = samples
-            else:  # the first counted step after steps that were not
-                base = samples + (event.step - 1 - step) * per_step if per_step is not None else None
+            counted = event.samples * throughput.world_size
+            # Never more than the batch: a collator that stacks each example's rows (a preference pair's
+            # chosen and rejected) hands the model more rows than examples.
+            counted = min(counted, per_step) if per_step is not None else counted
+            if self.counted_through is not None and event.step > self.counted_through[0]:
+                step, samples = self.counted_through
+            # The steps between, not counted (a kaio.log loop that reports every k steps): each the batch, or
+            # where the batch is not known, as this one.
+            between = event.step - 1 - step
+            base = samples + between * (per_step if per_step is not None else counted) if between >= 0 else None
             if base is not None:
-                counted = event.samples * throughput.world_size
-                # Never more than the batch: a collator that stacks each example's rows (a preference pair's
-                # chosen and rejected) hands the model more rows than examples.
-                counted = min(counted, per_step) if per_step is not None else counted
                 self.counted_through = (event.step, base + counted)
                 return self.counted_through[1]
         self.counted_through = None
@@ -84,7 +90,7 @@ class SeenCounts(msgspec.Struct, kw_only=True):
         from the count at the step the session began (None where that is not known: a resume from a step without
         one)."""
         if event.tokens_seen is not None:
-            return event.tokens_seen - self.tokens_from
+            return event.tokens_seen - self.tokens_from if self.tokens_from is not None else None
         through = self.tokens_through
         if event.tokens is None or throughput is None or through is None or event.step <= through[0]:
             self.tokens_through = None

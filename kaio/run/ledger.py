@@ -303,7 +303,7 @@ class RunLedger(msgspec.Struct, kw_only=True):
                 "processes trained independently, each its own copy of the run, not as one data-parallel job"
             )
         if r.rank == self.lead_rank and launched and r.world_size is not None and r.world_size != launched:
-            return f"{launched} processes were launched but the trainer reports world size {r.world_size}"
+            return _world_size_not_launched(launched, r)
         return (
             resumed_elsewhere(r, self.progress.get(r.session)) if r.rank == self.lead_rank and r.training == 1 else None
         )
@@ -399,3 +399,11 @@ def resumed_elsewhere(r: RunStart, progress: SessionProgress | None) -> str | No
         f"session {r.session}: kaio resumed the script from checkpoint-{handed}, but its Trainer began at step "
         f"{r.start_step} (the script passed its own resume_from_checkpoint, which kaio does not override): {again}"
     )
+
+
+def _world_size_not_launched(launched: int, r: RunStart) -> str:
+    reporter = "the loop" if r.reporter == "kaio.log" else "the trainer"
+    # A script that starts processes of its own (torch.multiprocessing.spawn) makes more than were launched.
+    own = " (the script starts processes of its own?)" if r.world_size is not None and r.world_size > launched else ""
+    processes = "1 process was" if launched == 1 else f"{launched} processes were"
+    return f"{processes} launched, but {reporter} reports world size {r.world_size}{own}"

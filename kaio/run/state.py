@@ -232,7 +232,7 @@ class RunState:
                 self.warn(warning)
             if r.other_model_evals:  # evaluated before the training began, by a model it does not train
                 self.index.mark_other_model(r.session, {iso(t) for t in r.other_model_evals})
-            self.parts.steps.resume_at(r.start_step, self)
+            self.parts.steps.resume_at(r.start_step, self, counts_from_zero=r.reporter == "kaio.log")
             if r.training > 1:  # a script's second Trainer, or train() again: its steps follow the earlier ones
                 _later_training_begins(self.parts, r)
         self.parts.stragglers.on_run_start(r)
@@ -300,7 +300,7 @@ class RunState:
         # What its log() added to the evaluation joins it; another model's Trainer logged at its own step 0.
         self.parts.steps.evaluated(r.step, entry.metrics, of_the_run=not entry.other_model)
         self.index.add_eval(entry)
-        runtime = rules.evaluation_runtime(entry.metrics)
+        runtime = rules.evaluation_runtime(entry.metrics, measured=r.runtime_s)
         if runtime is not None and not entry.after_training:  # after train(): not a pause between steps
             self.parts.steps.add_pause(r.step, eval_s=runtime)
         elif runtime is not None:
@@ -622,8 +622,12 @@ def _later_training_note(r: RunStart) -> str:
         return (
             f"session {r.session}: the Trainer began its training again at its own step {own} with "
             f"batch size {r.per_device_batch_size} after running out of memory "
-            f"(auto_find_batch_size); its steps are recorded from step {r.start_step + 1}, after the "
-            "earlier attempt's"
+            "(auto_find_batch_size); "
+            + (
+                f"its steps are recorded from step {r.start_step + 1}, after the earlier attempt's"
+                if r.start_step
+                else "no earlier attempt had finished a step"
+            )
         )
     return (
         f"session {r.session}: training {r.training} of the script (another Trainer, or train() "

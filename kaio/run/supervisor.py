@@ -85,7 +85,12 @@ def restart_request(
             f"no automatic restart after: {cause}: the latest checkpoint, {checkpoint.name}, was saved by "
             f"the script's training {later}, and a restart hands it to the script's first train() only"
         )
-    origin = f"from {checkpoint.name}" if checkpoint else "from the start (no complete checkpoint yet)"
+    if checkpoint is not None:
+        origin = f"from {checkpoint.name}"
+    elif ledger.run is not None and ledger.run.reporter == "kaio.log":  # its checkpoints are its own
+        origin = "the loop started again (a kaio.log loop resumes from its own checkpoint, if it keeps one)"
+    else:
+        origin = "from the start (no complete checkpoint yet)"
     note = f"automatic restart {restart} of {cfg.launch.max_restarts} after: {cause}; {origin}"
     partial = without_optimizer(checkpoint) if checkpoint else None
     note += f" ({partial})" if partial else ""
@@ -119,6 +124,7 @@ class Supervisor:
             note=self._note,
             phase=lambda: self._stalls.phase,
             fifo_path=lambda: self._fifo_path,
+            spool=self.paths.spool,
         )
         self._endings = SessionEndings(cfg, self.state, self._stop.asked, self._note, config_path)
         self._reader: FifoReader | None = None

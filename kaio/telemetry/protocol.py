@@ -303,6 +303,9 @@ class Eval(Event, tag="eval"):
     # (logging_nan_inf_filter). 0 where none was, or the filter is off (the eval_loss is then NaN itself).
     loss_batches_nonfinite: int = 0
     loss_batches: int = 0
+    # How long it took where its metrics do not say (no ``<prefix>_runtime``): a kaio.log loop's, from the step's
+    # report to the evaluation's.
+    runtime_s: float | None = None
 
 
 class Pause(Event, tag="pause"):
