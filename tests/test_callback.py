@@ -1198,6 +1198,9 @@ def test_load_best_model_at_end_that_found_no_saved_best_is_warned_about(tmp_pat
     )
     events = _train_recorded(trainer, tmp_path / "spool")
     assert trainer.state.best_model_checkpoint is None and trainer.state.best_metric == 0.9  # what a user missed
+    # disable_tqdm's PrinterCallback pops the closing log's total_flos before kaio's callback sees the log.
+    closing = [e for e in events if e["type"] == "log" and "train_runtime" in e.get("extra", {})]
+    assert closing and closing[-1]["extra"]["total_flos"] == trainer.state.total_flos > 0
     (end,) = [e for e in events if e["type"] == "train_end"]
     assert (end["best_unsaved"], end["best_unsaved_step"], end["best_metric_name"]) == (True, 1, "eval_score")
     header = replay([{"type": "session_start", "session": 1}, end]).header()

@@ -1243,3 +1243,20 @@ def test_a_model_kaio_cannot_size_is_said_in_the_estimate_row_not_left_out():
         "LlamaForCausalLM's has no num_hidden_layers, hidden_size, intermediate_size, num_attention_heads, vocab_size, "
         "the attention's width, the key/value width, the weights' bytes |"
     ) in md
+
+
+def test_a_throughput_of_thousands_of_samples_is_written_as_a_number_not_in_scientific_notation():
+    """A small model's 7,580 samples/s read '7.58e+03 samples/s' beside '6,387 tokens/s'."""
+    from kaio.record.types import Status
+    from kaio.report.markdown import _throughput
+    from kaio.report.summary import Summary
+
+    def said(rate: float) -> str:
+        return _throughput(Summary(project="p", status=Status.COMPLETED, samples_per_s=rate))
+
+    assert [said(rate) for rate in (7580.4, 123.4, 16.04, 0.01234)] == [
+        "7,580 samples/s",
+        "123 samples/s",
+        "16 samples/s",
+        "0.0123 samples/s",
+    ]

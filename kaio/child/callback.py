@@ -359,6 +359,7 @@ class KaioCallback(TrainerCallback):
             return
         if not logs:
             return
+        logs = _with_what_printing_took(logs, state)
         field_keys = {} if after_training or within_step else trainer_field_keys(logs)
         fields: dict[str, Any] = {field: self._metric(key, logs[key]) for field, key in field_keys.items()}
         extra = {
@@ -643,3 +644,13 @@ def _as_the_trainer_reads(metric: str) -> str:
 def _on_gpu(value: Any) -> bool:
     device = getattr(value, "device", None)
     return device is not None and getattr(device, "type", "cpu") != "cpu" and hasattr(value, "item")
+
+
+def _with_what_printing_took(logs: dict, state: Any) -> dict:
+    """``logs`` with the ``total_flos`` transformers' PrinterCallback (``disable_tqdm=True``) pops from it before
+    this callback sees it, taken from the copy ``Trainer.log`` keeps in ``log_history``."""
+    history = getattr(state, "log_history", None)
+    kept = history[-1] if history else None
+    if "total_flos" in logs or not isinstance(kept, dict) or kept.get("step") != state.global_step:
+        return logs
+    return {**logs, "total_flos": kept["total_flos"]} if "total_flos" in kept else logs

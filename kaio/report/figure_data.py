@@ -194,7 +194,7 @@ def figure_data(header: HistoryHeader, index: RunIndex) -> FigureData:
         (step, session)
         for session, step in conn.execute("SELECT session, MIN(step) FROM steps GROUP BY session ORDER BY MIN(step)")
     ][1:]
-    data.training_starts = [(t.first_step, t.training) for t in header.trainings if t.training > 1]
+    data.training_starts = _training_starts(conn, header)
     return data
 
 
@@ -239,3 +239,17 @@ def _line(found: dict[str, Line | Band], name: str) -> Line:
 def _band(found: dict[str, Line | Band], name: str) -> Band:
     band = found.get(name)
     return band if isinstance(band, Band) else Band()
+
+
+def _training_starts(conn: sqlite3.Connection, header: HistoryHeader) -> list[tuple[int, int]]:
+    """Where a script's later training took over from an earlier one that trained steps of the session: one mark
+    per step (out-of-memory retries that trained nothing all begin where the one that trained begins)."""
+    starts: dict[tuple[int, int], int] = {}
+    for t in header.trainings:
+        if t.training > 1:
+            starts[(t.session, t.first_step)] = t.training  # the last of those beginning there: whose steps they are
+    return [
+        (step, training)
+        for (session, step), training in starts.items()
+        if conn.execute("SELECT 1 FROM steps WHERE session = ? AND step < ? LIMIT 1", (session, step)).fetchone()
+    ]

@@ -208,7 +208,10 @@ def _final_smoothed(s: Summary) -> str:
 
 
 def _across_trainings(s: Summary) -> str:
-    return f" (across {len(s.trainings)} trainings: see Trainings)" if s.trainings else ""
+    trained = [t for t in s.trainings if t.steps]  # out-of-memory retries before the one that trained: none
+    if len(trained) == 1 and len(s.trainings) > 1:
+        return f" (all of training {trained[0].training.training}: see Trainings)"
+    return f" (across {len(trained)} trainings: see Trainings)" if len(trained) > 1 else ""
 
 
 def _key_metrics(s: Summary) -> str:
@@ -950,7 +953,8 @@ def _kwh(kwh: float) -> str:
 def _throughput(s: Summary) -> str:
     if s.samples_per_s is None:
         return "not measured"
-    text = f"{s.samples_per_s:.3g} samples/s"
+    rate = s.samples_per_s
+    text = f"{rate:,.0f} samples/s" if rate >= 100 else f"{rate:.3g} samples/s"  # 7,580, not 7.58e+03
     if s.tokens_per_s is not None:
         text += f" · {s.tokens_per_s:,.0f} tokens/s"
         if s.tokens_counted_by == "kaio" and (s.world_size or 1) > 1:  # rank 0's, as every rank's
