@@ -89,6 +89,39 @@ def test_ranks_that_ignore_sigterm_are_killed_after_the_grace_period(project_dir
     assert "stopped the loop after step" in output and "`kaio resume t` starts it again" in output
 
 
+SLOW_TO_START = """\
+import os, sys, time
+# A rank slow to start (a big interpreter, a loaded machine): it sits here, before kaio.child sets its SIGTERM
+# handler, with the SIGTERM it inherits from the launcher ignored. The marker file says where it waits.
+argv = getattr(sys, "orig_argv", [])
+if argv[1:3] == ["-m", "kaio.child"]:
+    open(os.environ["RANK_WAITS_MARKER"], "w").close()
+    time.sleep(2)
+"""
+
+
+def test_a_stop_asked_for_while_a_rank_starts_is_not_lost_on_it(project_dir, tmp_path):
+    """A Ctrl-C as the rank started reached it before it had a handler, with SIGTERM ignored (the launcher ignores
+    it, and its processes inherit that): the training ran to its end under a STOPPING dashboard and the run read
+    COMPLETED, or was killed at the end of the grace period. The stop's marker makes the rank stop as it starts."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SLOW_TO_START)
+    waits = tmp_path / "rank-waits"
+    _script_config(project_dir, LIGHT, ["3000", "--step-seconds", "0.01"], grace=20)
+    env = {**os.environ, "PYTHONPATH": str(hooks), "RANK_WAITS_MARKER": str(waits)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kaio", "run", "cfg.yaml", "--plain"],
+        cwd=project_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    wait_for(waits.exists, 120, "the rank to start")
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 143, output  # stopped as asked: not COMPLETED (0), nor killed by the grace (137)
+    history = read_history(project_dir)
+    assert history["status"] == "INTERRUPTED" and history["steps"] == []
+
+
 FULL_DISK_LAYER = """\
 import errno, os, resource, runpy, sys, threading, time
 # A fault-injecting layer over kaio's process: while the marker exists, its writes fail as on a full disk.

@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> Ending:
 
     stacks.install(rank_from_env())  # from now: a stall in loading the model is explained too
     install()
+    stop.stop_asked_before_start()
     _remember_argument_errors()
     try:
         try:

@@ -32,6 +32,7 @@ import threading
 import time
 
 from kaio.child import process_group
+from kaio.telemetry.protocol import ENV_SESSION, ENV_SPOOL_DIR, stop_marker_name
 
 # terminated: a first SIGTERM came; trained: a training of this process ended (the script's own work may follow)
 # loop: a loop without a Trainer reports its steps (kaio.log): a stop ends it as a Ctrl-C without kaio would
@@ -49,6 +50,16 @@ def install() -> None:
     # A batch scheduler's warning that the job's time is nearly up (SLURM: --signal=USR1@90): the same graceful
     # stop while training; ignored otherwise (a warning, not an order to end).
     signal.signal(signal.SIGUSR1, _on_warning)
+
+
+def stop_asked_before_start() -> None:
+    """A stop asked for before this process had its handler (``install``): the SIGTERM came first, or came to the
+    launcher before it started this process (a launcher ignores SIGTERM, and its processes inherit that), and the
+    training would have run to its end. The supervisor's marker says so: the process ends as that SIGTERM would have
+    ended it, nothing being trained yet."""
+    spool = os.environ.get(ENV_SPOOL_DIR)
+    if spool and os.path.exists(os.path.join(spool, stop_marker_name(int(os.environ.get(ENV_SESSION, "1"))))):
+        _on_sigterm(signal.SIGTERM, None)
 
 
 def loop_reports() -> None:

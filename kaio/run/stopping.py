@@ -25,6 +25,7 @@ import psutil
 from kaio import launch
 from kaio.record.types import Note, Record
 from kaio.run.state import RunState
+from kaio.telemetry.protocol import stop_marker_name
 
 
 @dataclass
@@ -59,6 +60,7 @@ class StopControl:
         note: Callable[[str], None],
         phase: Callable[[], str],
         fifo_path: Callable[[], Path | None],
+        spool: Path | None = None,
     ) -> None:
         self.state = state
         self.grace_seconds = grace_seconds
@@ -66,6 +68,7 @@ class StopControl:
         self._note = note  # journaled at once: from the loop only
         self._phase = phase  # what the session is doing now: a step, an evaluation, a save...
         self._fifo_path = fifo_path  # the session's FIFO: how its processes are found to kill them
+        self._spool = spool  # the ranks' spool folder, where a stop leaves its marker (``stop_marker_name``)
         self.asked = StopRequests()
 
     @property
@@ -150,10 +153,19 @@ class StopControl:
                 # Only the ranks' exits are left: no signal (torch elastic's agent would end the job as killed);
                 # the grace period still holds, and a second Ctrl-C kills.
                 return
+            self._leave_the_marker()
             launch.signal_group(proc, signal.SIGTERM)
         else:
             asked.killed = True
             self.kill(proc)
+
+    def _leave_the_marker(self) -> None:
+        """Before the SIGTERM: a rank that has no handler yet, or is not started yet, finds the stop when it sets one
+        (``kaio.child.stop.stop_asked_before_start``); the signal alone was lost on it, and it trained to its end."""
+        if self._spool is not None:
+            with contextlib.suppress(OSError):  # a full disk: the signal alone, as before
+                self._spool.mkdir(parents=True, exist_ok=True)
+                (self._spool / stop_marker_name(self.state.ledger.session)).touch()
 
     def check(self, proc: subprocess.Popen) -> None:
         """After the grace period, the first request turns into SIGKILL. A launcher that has started no process

@@ -61,6 +61,13 @@ def parse_stack_file_name(name: str) -> tuple[int, int, int] | None:
     return (int(match[1]), int(match[2]), int(match[3])) if match else None
 
 
+def stop_marker_name(session: int) -> str:
+    """The file the supervisor leaves in the spool folder when it asks session ``session`` to stop, before its
+    SIGTERM: a rank that set its handler only after the signal came (the launcher, which ignores SIGTERM, may start
+    it later still) finds the stop there."""
+    return f"stop-s{session}"
+
+
 NonFiniteTag = Literal["nan", "inf", "-inf"]
 # A number that may be NaN/inf, as it travels: a finite float, a tag, or null (not measured).
 Metric = float | NonFiniteTag | None
