@@ -130,7 +130,7 @@ def _user_errors(func):
         except KeyboardInterrupt:  # before the training started (once it runs, the supervisor handles Ctrl-C)
             if os.environ.get("KAIO_DEBUG"):
                 raise
-            typer.echo("kaio: interrupted before anything started: nothing was run or recorded", err=True)
+            typer.echo("kaio: interrupted before the training started: nothing was trained or recorded", err=True)
             raise typer.Exit(130) from None
 
     return wrapper

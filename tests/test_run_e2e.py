@@ -124,3 +124,32 @@ def test_one_run_per_project_and_no_silent_mixing(project_dir):
     assert len(moved) == 1 and (moved[0] / "journal.jsonl").is_file()
     (aside,) = (project_dir / "checkpoints").glob("t.replaced-*")  # beside the folder, which is left empty
     assert list(aside.glob("checkpoint-*")) and not list((project_dir / "checkpoints" / "t").glob("checkpoint-*"))
+
+
+def test_a_ctrl_c_before_the_first_session_leaves_no_record_of_nothing_and_says_where_the_old_one_went(project_dir):
+    """`kaio run --overwrite` moved the old record aside, then a Ctrl-C came before the launch: kaio said 'nothing
+    was run or recorded' and left a record of no session behind, which `kaio report` called RUNNING."""
+    from kaio.config import load_config
+    from kaio.record.paths import ProjectPaths
+    from kaio.run.project import run_new
+
+    class InterruptedView:  # the Ctrl-C as the dashboard comes up, before the supervisor's handlers are set
+        def start(self, snapshot):
+            raise KeyboardInterrupt
+
+    cfg = load_config(write_config(project_dir))
+    old = ProjectPaths(cfg.report_dir)
+    old.report_dir.mkdir(parents=True)
+    old.journal.write_text('{"type":"session_start","session":1,"t_wall":1.0}\n')  # an earlier run's history
+    said: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        run_new(cfg, InterruptedView(), overwrite=True, notify=said.append)  # type: ignore[arg-type]
+    assert not old.journal.exists() and not old.index.exists()  # nothing recorded: no project to report
+    moved = [line for line in said if line.startswith("moved the previous record aside: ")]
+    assert len(moved) == 1 and f"the previous record stays where it was moved: {moved[0].split(': ')[1]}" in said
+    assert kaio("report", "t", cwd=project_dir).returncode == 2
+    # A stub left by a kaio before this one (a journal, no config.json): one line, not a traceback.
+    old.report_dir.mkdir(parents=True, exist_ok=True)
+    old.journal.write_text("")
+    resumed = kaio("resume", "t", cwd=project_dir)
+    assert resumed.returncode == 2 and "no session of this project started" in resumed.stderr, resumed.stderr

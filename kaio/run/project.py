@@ -103,6 +103,11 @@ def saved_config(paths: ProjectPaths, state: RunState | None = None) -> tuple[Ru
     node's journal copied from the head, which keeps none), the one ``state``'s journal last recorded."""
     if not paths.config.is_file() and state is not None and state.ledger.config is not None:
         return config_from_dict(state.ledger.config, source=str(paths.journal), saved=True), state.ledger.config
+    if not paths.config.is_file():  # a start interrupted before its first session: nothing ran to continue
+        raise ProjectError(
+            f"{paths.report_dir}: no session of this project started (its first run was stopped before it began): "
+            "start it with `kaio run CONFIG`"
+        )
     saved = json.loads(paths.config.read_text())
     return config_from_dict(saved, source=str(paths.config), saved=True), saved
 
@@ -202,14 +207,19 @@ def run_new(
             if refused is not None:
                 raise refused
         _check_checkpoint_folder(cfg)
-        if overwrite:
-            for what, path in move_aside(cfg, old_checkpoints):
-                notify(f"moved the previous {what} aside: {path}")
+        moved = move_aside(cfg, old_checkpoints) if overwrite else []
+        for what, path in moved:
+            notify(f"moved the previous {what} aside: {path}")
         loaded = loading.load(paths, writable=True)
         try:
             factory = poller_factory_for(cfg) if poller_factory_for else None
             request = SessionRequest(SessionKind.RUN, notes=_launcher_notes(cfg, notify))
             return _supervise(cfg, loaded.state, view, request, factory, notify, config_path=config_path)
+        except KeyboardInterrupt:  # before the first session began (then the supervisor answers Ctrl-C itself)
+            if _forget_a_run_that_never_started(paths, loaded.state):  # no record of nothing (`kaio report`: RUNNING)
+                for what, path in moved:
+                    notify(f"the previous {what} stays where it was moved: {path}")
+            raise
         finally:
             loaded.state.index.close()
 
