@@ -330,7 +330,7 @@ def test_starting_the_head_over_moves_the_old_node_records_aside_but_not_a_live_
         folder.mkdir(parents=True)
         (folder / "journal.jsonl").write_text("")
     with ProjectLock(project / "nodes" / "1-live"):
-        ((what, moved),) = move_aside(cfg, cfg.checkpoint_dir)
+        ((what, moved),) = move_aside(cfg, [cfg.checkpoint_dir])
     assert what == "record"
     assert (project / "nodes" / "1-live" / "journal.jsonl").is_file()  # the live node's, left in place
     assert not (project / "journal.jsonl").exists() and not (project / "nodes" / "2-old").exists()

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, journal_steps, kaio, read_history, spawn_kaio, wait_for, write_config
+from conftest import REPO, journal_steps, kaio, read_history, replay, spawn_kaio, wait_for, write_config
 from kaio.run.project import config_changes
 
 FAULTY = REPO / "tests" / "scripts" / "faulty_train.py"
@@ -261,11 +261,38 @@ def test_overwrite_moves_a_scripts_checkpoints_from_its_own_folder_and_resume_sk
     assert latest_checkpoint(script_dir, said.append, at_most=9) is None  # both after this record's step 9
     assert len(said) == 2 and "after step 9" in said[0]
     assert latest_checkpoint(script_dir, said.append, at_most=45) == script_dir / "checkpoint-45"
-    ((what, moved),) = move_aside(cfg, script_dir)
+    ((what, moved),) = move_aside(cfg, [script_dir])
     assert what == "checkpoints"
     assert sorted(p.name for p in moved.iterdir()) == ["checkpoint-30", "checkpoint-45"]
     assert moved.name.startswith("out.replaced-") and moved.parent == tmp_path  # beside it: "out" holds no old run
     assert [p.name for p in script_dir.iterdir()] == ["notes.txt"]  # only what the Trainer wrote is moved
+
+
+def test_overwrite_moves_the_checkpoints_of_every_folder_the_scripts_sessions_saved_in(tmp_path):
+    """A script computing its output_dir from its arguments (out/lr0.005, then resumed with --lr 0.001: out/lr0.001)
+    saved in two folders: --overwrite moved the latest only, and the new run's save_total_limit deleted the
+    other's checkpoints."""
+    from kaio.config import RunConfig
+    from kaio.run.project import checkpoint_folders, move_aside
+
+    first, second = tmp_path / "out" / "lr0.005", tmp_path / "out" / "lr0.001"
+    events = [{"type": "session_start", "session": 1}]
+    for session, folder, step in ((1, first, 10), (1, first, 18), (2, second, 30)):
+        (folder / f"checkpoint-{step}").mkdir(parents=True)
+        (folder / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        if session == 2 and events[-1].get("session") == 1:
+            events.append({"type": "session_start", "session": 2, "kind": "resume"})
+        events.append(
+            {"type": "save", "rank": 0, "session": session, "step": step, "path": f"{folder}/checkpoint-{step}"}
+        )
+    cfg = RunConfig(project_name="t", reporting={"output_dir": str(tmp_path / "reports")})
+    assert checkpoint_folders(cfg, replay(events)) == [first, second]
+    moved = move_aside(cfg, [first, second])
+    assert [what for what, _ in moved] == ["checkpoints", "checkpoints"]
+    assert [sorted(p.name for p in where.iterdir()) for _, where in moved] == [
+        ["checkpoint-10", "checkpoint-18"],
+        ["checkpoint-30"],
+    ]
 
 
 def test_overwrite_moves_a_scripts_final_model_and_results_where_its_trainer_saved_them(tmp_path, monkeypatch):
@@ -282,7 +309,7 @@ def test_overwrite_moves_a_scripts_final_model_and_results_where_its_trainer_sav
         (script_dir / name).write_text("{}")
     (script_dir / "README.md").write_text("---\n---\n\n<!-- This model card has been generated automatically ...")
     cfg = RunConfig(project_name="t", reporting={"output_dir": str(tmp_path / "reports")})
-    ((what, moved),) = move_aside(cfg, script_dir)
+    ((what, moved),) = move_aside(cfg, [script_dir])
     assert what == "checkpoints and final outputs"
     assert [p.name for p in script_dir.iterdir()] == ["data.csv"]  # the user's own file stays
     assert len(list(moved.iterdir())) == 10
@@ -293,7 +320,7 @@ def test_overwrite_moves_a_scripts_final_model_and_results_where_its_trainer_sav
     (script_dir / "config.json").write_text("{}")
     (script_dir / "README.md").write_text("# my project")
     monkeypatch.chdir(script_dir)
-    ((what, moved),) = move_aside(cfg, script_dir)
+    ((what, moved),) = move_aside(cfg, [script_dir])
     assert what == "checkpoints" and [p.name for p in moved.iterdir()] == ["checkpoint-20"]
     assert moved.parent == script_dir
     assert sorted(p.name for p in script_dir.iterdir()) == ["README.md", "config.json", "data.csv", moved.name]

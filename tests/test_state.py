@@ -769,6 +769,23 @@ def test_an_automatic_restart_of_a_kaio_log_loop_says_the_loop_goes_on_from_its_
         assert request is not None and note == f"automatic restart 1 of 1 after: rank 0: RuntimeError: boom; {said}"
 
 
+def test_a_resume_from_an_earlier_checkpoint_drops_the_later_ones_it_trains_past_from_the_record():
+    """checkpoint-25 was deleted (or damaged), the resume went on from checkpoint-20 and saved 30: the report still
+    named checkpoint-25 as the latest, and history.json's checkpoints listed it beside 30."""
+    run = {"type": "run_start", "rank": 0, "session": 1, "max_steps": 40}
+    events = [{"type": "session_start", "session": 1}, run]
+    for k in range(1, 26):
+        events += [_step(k, float(k))]
+        if k in (20, 25):
+            events += [{"type": "save", "rank": 0, "session": 1, "step": k, "path": f"out/checkpoint-{k}"}]
+    events += [{"type": "session_start", "session": 2, "kind": "resume"}, {**run, "session": 2, "start_step": 20}]
+    for k in range(21, 31):
+        events += [_step(k, 100.0 + k, session=2)]
+    events += [{"type": "save", "rank": 0, "session": 2, "step": 30, "path": "out/checkpoint-30"}]
+    checkpoints = history_of(replay(events))["checkpoints"]
+    assert [(c["step"], c["session"]) for c in checkpoints] == [(20, 1), (30, 2)]
+
+
 def test_a_job_of_several_machines_without_a_started_rank_says_where_its_nodes_meet():
     """torch's rendezvous waits for a missing node for 15 minutes without a word: after two minutes, kaio says
     where the nodes must meet; a started rank, or a job of one machine, says nothing."""

@@ -341,6 +341,11 @@ class RunLedger(msgspec.Struct, kw_only=True):
         if r.rank == self.lead_rank:
             self.last_train_end = r  # the latest training's: its best checkpoint is the one to tell of
 
+    def trained_again_after(self, step: int) -> None:
+        """This session trains the steps after ``step`` again: an earlier session's checkpoints of those steps are
+        no checkpoints of the record (the resume went back past them; their folders are overwritten or gone)."""
+        self.checkpoints = [c for c in self.checkpoints if c.step <= step or (c.session or 0) >= self.session]
+
     def _forget(self, removed: list[str]) -> None:
         """Checkpoints the Trainer removed: the latest checkpoint named is one still on disk."""
         if removed:

@@ -132,10 +132,10 @@ def opened(
             loaded.state.index.close()
 
 
-def move_aside(cfg: RunConfig, checkpoint_dir: Path) -> list[tuple[str, Path]]:
-    """``--overwrite``: keep the old record, and what its Trainer wrote in ``checkpoint_dir`` (kaio's folder for
-    the built-in recipe, a script's own output_dir: checkpoints, final model, results), under a dated name beside
-    them; never delete them. Returns what was moved and where to."""
+def move_aside(cfg: RunConfig, checkpoint_dirs: list[Path]) -> list[tuple[str, Path]]:
+    """``--overwrite``: keep the old record, and what its Trainer wrote in ``checkpoint_dirs`` (kaio's folder for
+    the built-in recipe, a script's own output_dir, each one its sessions used: checkpoints, final model, results),
+    under a dated name beside them; never delete them. Returns what was moved and where to."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     moved = []
     paths = ProjectPaths(cfg.report_dir)
@@ -161,16 +161,17 @@ def move_aside(cfg: RunConfig, checkpoint_dir: Path) -> list[tuple[str, Path]]:
         return moved  # the checkpoints are the head's to move (one folder for every node, when shared)
     # Only what the Trainer wrote there (training.output_dir may be a folder shared with other things), next to
     # the folder: a script that refuses an output_dir that is not empty then starts over in an empty one.
-    outputs = trainer_outputs(checkpoint_dir)
-    if outputs:
-        target = checkpoint_dir.with_name(f"{checkpoint_dir.name}.replaced-{stamp}")
-        if Path.cwd().resolve().is_relative_to(checkpoint_dir.resolve()):  # output_dir "." or above: kept inside
-            target = checkpoint_dir / f"replaced-{stamp}"
-        only_checkpoints = all(p.name == "final" or is_checkpoint(p) for p in outputs)
-        target.mkdir(parents=True, exist_ok=True)
-        for path in outputs:
-            shutil.move(str(path), target / path.name)
-        moved.append(("checkpoints" if only_checkpoints else "checkpoints and final outputs", target))
+    for checkpoint_dir in checkpoint_dirs:
+        outputs = trainer_outputs(checkpoint_dir)
+        if outputs:
+            target = checkpoint_dir.with_name(f"{checkpoint_dir.name}.replaced-{stamp}")
+            if Path.cwd().resolve().is_relative_to(checkpoint_dir.resolve()):  # output_dir "." or above: inside
+                target = checkpoint_dir / f"replaced-{stamp}"
+            only_checkpoints = all(p.name == "final" or is_checkpoint(p) for p in outputs)
+            target.mkdir(parents=True, exist_ok=True)
+            for path in outputs:
+                shutil.move(str(path), target / path.name)
+            moved.append(("checkpoints" if only_checkpoints else "checkpoints and final outputs", target))
     return moved
 
 
@@ -194,7 +195,7 @@ def run_new(
     """``kaio run``: a new history for the project (after moving an old one aside with ``--overwrite``)."""
     paths = ProjectPaths(cfg.report_dir)
     with ProjectLock(paths.report_dir):
-        old_checkpoints = cfg.checkpoint_dir
+        old_checkpoints = [cfg.checkpoint_dir]
         earlier: RunState | None = None  # the project's record of a run that started
         if paths.journal.exists():
             state = loading.load(paths, writable=False).state
@@ -202,7 +203,7 @@ def run_new(
                 state.index.close()
                 earlier = state
         if earlier is not None:
-            old_checkpoints = checkpoint_folder(cfg, earlier)  # a script's own output_dir, when it said so
+            old_checkpoints = checkpoint_folders(cfg, earlier)  # a script's own output_dir(s), when it said so
             refused = _refusal(cfg, paths, earlier, config_path, overwrite=overwrite)
             if refused is not None:
                 raise refused
@@ -591,6 +592,13 @@ def checkpoint_folder(cfg: RunConfig, state: RunState) -> Path:
     ``output_dir``), else kaio's folder for the built-in recipe."""
     reported = state.ledger.checkpoint_folder()
     return Path(reported) if reported else cfg.checkpoint_dir
+
+
+def checkpoint_folders(cfg: RunConfig, state: RunState) -> list[Path]:
+    """Every folder the project's checkpoints are in: a script's output_dir computed from its arguments (a learning
+    rate in its name) is another folder for a session resumed with other arguments."""
+    saved = [Path(os.path.dirname(c.path)) for c in state.ledger.checkpoints if c.path]
+    return list(dict.fromkeys([*saved, checkpoint_folder(cfg, state)]))
 
 
 def _no_checkpoint_in(cfg: RunConfig, state: RunState, folder: Path) -> str:

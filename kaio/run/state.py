@@ -363,6 +363,7 @@ class RunState:
     def truncate_after(self, step: int) -> LossSmoother:
         self.recomputed(*self.index.work_after(step))  # trained again from checkpoint-<step>: their time was lost
         self.index.truncate_after(step)
+        self.ledger.trained_again_after(step)
         return smoother_at(self.index, step)
 
     def logged_at_step_0(self, name: str, value: float) -> None:
