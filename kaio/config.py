@@ -537,6 +537,8 @@ def saved_own_code(config: dict[str, Any] | None) -> bool:
 
 
 def _script_not_found(script: str) -> str | None:
+    if Path(script).is_dir():
+        return f"script {script!r} is a directory, not a script (a package runs with launch.module)"
     return None if Path(script).is_file() else f"script {script!r} not found (relative paths start from {os.getcwd()})"
 
 

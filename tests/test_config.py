@@ -51,6 +51,7 @@ def test_defaults_fill_the_documented_paths():
         ),
         ("project_name: p\ndata:\n  path: missing.jsonl\n", "data.path: data file 'missing.jsonl' not found"),
         ("project_name: p\nlaunch:\n  script: nope.py\n", "launch.script: script 'nope.py' not found"),
+        ("project_name: p\nlaunch:\n  script: .\n", "launch.script: script '.' is a directory, not a script"),
         (
             "project_name: p\nlaunch:\n  accelerate_args: [--mixed_precision, no]\n",
             "launch.accelerate_args.1: YAML read this as False: quote it ('no', 'yes') to give the word",

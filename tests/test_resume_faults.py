@@ -532,8 +532,9 @@ def test_a_resume_that_fails_before_its_first_step_points_at_the_checkpoint_it_l
     assert endings.outcome(1, 2).status.value == "FAILED"
     warning = (
         "the resume from checkpoint-3 failed before its first step: if the error (in Sessions) is in loading it (a "
-        "damaged or truncated file), move that checkpoint's folder aside and `kaio resume t` continues from the one "
-        "before; if it is the script's, mend it and resume again"
+        "damaged or truncated file), move that checkpoint's folder out of its output folder (renamed inside it, the "
+        "Trainer's rotation of checkpoints may delete it) and `kaio resume t` continues from the one before; if it is "
+        "the script's, mend it and resume again"
     )
     assert said == [(warning, "warning")]
     said.clear()

@@ -125,7 +125,8 @@ class SessionEndings:
             return
         self._note(
             f"{RESUME_FAILED_AT_ONCE}checkpoint-{progress.resumed_at} failed before its first step: if the error "
-            "(in Sessions) is in loading it (a damaged or truncated file), move that checkpoint's folder aside and "
+            "(in Sessions) is in loading it (a damaged or truncated file), move that checkpoint's folder out of "
+            "its output folder (renamed inside it, the Trainer's rotation of checkpoints may delete it) and "
             f"`{self.paths.command('resume')}` continues from the one before; if it is the script's, mend it and "
             "resume again",
             "warning",

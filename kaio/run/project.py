@@ -893,7 +893,8 @@ def _resume_checkpoint(
         if reported and not folder.is_absolute() and not folder.exists():  # recorded from the folder kaio ran in
             raise ProjectError(
                 f"project {project!r} saved its checkpoints in {folder}/, relative to the folder its run was "
-                f"started in, and there is no {folder}/ here ({os.getcwd()}): run `kaio resume` from that folder"
+                f"started in, and there is no {folder}/ here ({os.getcwd()}): run `kaio resume` from that folder "
+                "(if it is this one, the checkpoints were moved or deleted)"
             )
         raise ProjectError(
             f"project {project!r} has {_no_checkpoint_in(cfg, state, folder)}; "
