@@ -181,10 +181,15 @@ def test_supervisor_killed_child_keeps_training_and_no_step_is_lost(project_dir)
         stale.stdout
     ), stale.stdout + stale.stderr
     psutil.wait_procs(child, timeout=120)
+    # A resume, refused (the loop ran to its end), merges what was spooled and leaves the reports up to date:
+    # they were the dead supervisor's last refresh (RUNNING, a few steps).
+    refused = kaio("resume", "t", cwd=project_dir, timeout=120)
+    assert refused.returncode == 2 and "ran to its end" in refused.stderr, refused.stdout + refused.stderr
+    merged = re.search(r"merged (\d+) event\(s\) the run spooled", refused.stdout)
+    assert merged, refused.stdout
+    assert "**Status:** ✅ COMPLETED" in (project_dir / "docs/reports/t/report.md").read_text()
     result = kaio("report", "t", cwd=project_dir, timeout=120)
     assert result.returncode == 0, result.stderr
-    merged = re.search(r"merged (\d+) event\(s\) the run spooled", result.stdout)
-    assert merged, result.stdout
     history = read_history(project_dir)
     assert history["telemetry"]["spooled_events"] == int(merged[1]) > 0  # counted where the schema says
     assert _steps(history) == list(range(1, 801))

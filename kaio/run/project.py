@@ -656,10 +656,16 @@ def resume(
         paths, moved = project_paths(output_dir, project), None
     else:
         paths, moved = _node_record(output_dir, project, where.node_rank, notify)
+    recorded = paths.journal.stat().st_size if paths.journal.is_file() else 0
     with opened(paths, notify, pids_here=moved is None) as (loaded, running):
-        cfg, checkpoint, notes = _resumable_session(
-            paths, loaded.state, running, ResumeAsked(config_path, max_steps, where), notify
-        )
+        try:
+            cfg, checkpoint, notes = _resumable_session(
+                paths, loaded.state, running, ResumeAsked(config_path, max_steps, where), notify
+            )
+        except ProjectError:
+            if not running and paths.journal.stat().st_size > recorded:  # refused, after recovering the record
+                _write_recovered_reports(paths, loaded.state, notify)
+            raise
         if moved is not None:
             notes.insert(0, moved)
         factory = poller_factory_for(cfg) if poller_factory_for else None
@@ -667,6 +673,19 @@ def resume(
             SessionKind.RESUME, checkpoint.resolve() if checkpoint else None, notes + _launcher_notes(cfg, notify)
         )
         return _supervise(cfg, loaded.state, view, request, factory, notify, config_path=config_path)
+
+
+def _write_recovered_reports(paths: ProjectPaths, state: RunState, notify: Notify) -> None:
+    """The reports of a record the recovery brought up to date (what a killed supervisor's run spooled, its
+    session's end): they were that supervisor's last refresh, a RUNNING report of fewer steps."""
+    from kaio.run.finalize import FigureProcess, write_reports
+
+    figure = FigureProcess(paths.report_dir)
+    try:
+        write_reports(state, paths.report_dir, figure=figure)
+    finally:
+        figure.close()
+    notify(f"record brought up to date: {paths.report}")
 
 
 @dataclass(frozen=True)
