@@ -786,6 +786,29 @@ def test_a_resume_from_an_earlier_checkpoint_drops_the_later_ones_it_trains_past
     assert [(c["step"], c["session"]) for c in checkpoints] == [(20, 1), (30, 2)]
 
 
+def test_a_training_from_step_0_in_an_output_dir_holding_checkpoints_is_warned_about(tmp_path):
+    """Two projects sharing a script's default trainer_output/: the second's save_total_limit deleted the first's
+    checkpoints, and nothing said the folder held another run's."""
+    from kaio.child.describe import _checkpoints_before
+
+    out = tmp_path / "trainer_output"
+    for name in ("checkpoint-10", "checkpoint-18", "checkpoint-x", "runs"):
+        (out / name).mkdir(parents=True)
+    (out / "checkpoint-5").write_text("a file, not a checkpoint")
+    args = SimpleNamespace(output_dir=str(out))
+    assert _checkpoints_before(args, SimpleNamespace(global_step=0)) == [10, 18]
+    assert _checkpoints_before(args, SimpleNamespace(global_step=18)) == []  # resumed from them: its own
+    assert _checkpoints_before(SimpleNamespace(output_dir=str(tmp_path / "new")), SimpleNamespace(global_step=0)) == []
+    run = {"type": "run_start", "rank": 0, "session": 1, "checkpoints_before": [10, 18]}
+    run["args"] = {"output_dir": "trainer_output"}
+    warnings = replay([{"type": "session_start", "session": 1}, run]).header().warnings
+    assert warnings == [
+        "session 1: the script's output_dir (trainer_output) already held checkpoint-10, checkpoint-18 as the "
+        "training began from step 0: another run's? This run saves beside them, its save_total_limit may delete "
+        "them, and a resume may take the newest; give each run an output_dir of its own"
+    ]
+
+
 def test_a_job_of_several_machines_without_a_started_rank_says_where_its_nodes_meet():
     """torch's rendezvous waits for a missing node for 15 minutes without a word: after two minutes, kaio says
     where the nodes must meet; a started rank, or a job of one machine, says nothing."""

@@ -41,6 +41,7 @@ def describe_run(rank: int, args: Any, state: Any, model: Any, kwargs: dict[str,
         trainer=type(trainer).__name__ if trainer is not None else None,
         integrations=_integrations(trainer),
         start_step=int(state.global_step),
+        checkpoints_before=_checkpoints_before(args, state) if rank == 0 else [],
         start_tokens=_int(getattr(state, "num_input_tokens_seen", None)) or None,
         tokens_counted_by="trainer"
         if _tokens_mode(args) not in ("no", None) and trainer_counts_tokens(model)
@@ -60,6 +61,23 @@ def describe_run(rank: int, args: Any, state: Any, model: Any, kwargs: dict[str,
         loader_batch_size=_loader_batch_size(kwargs.get("train_dataloader"), args),
         environment=environment(),
     )
+
+
+def _checkpoints_before(args: Any, state: Any) -> list[int]:
+    """The steps of the checkpoint folders already in the output_dir of a training that begins from step 0."""
+    folder = getattr(args, "output_dir", None)
+    if getattr(state, "global_step", 0) or not folder:
+        return []
+    try:
+        names = os.listdir(folder)
+    except OSError:  # not made yet: nothing there
+        return []
+    steps = []
+    for name in names:
+        number = name.removeprefix("checkpoint-")
+        if name.startswith("checkpoint-") and number.isdigit() and os.path.isdir(os.path.join(folder, name)):
+            steps.append(int(number))
+    return sorted(steps)
 
 
 def _integrations(trainer: Any) -> list[str]:

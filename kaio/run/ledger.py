@@ -342,8 +342,7 @@ class RunLedger(msgspec.Struct, kw_only=True):
             self.last_train_end = r  # the latest training's: its best checkpoint is the one to tell of
 
     def trained_again_after(self, step: int) -> None:
-        """This session trains the steps after ``step`` again: an earlier session's checkpoints of those steps are
-        no checkpoints of the record (the resume went back past them; their folders are overwritten or gone)."""
+        """This session trains the steps after ``step`` again: an earlier session's checkpoints of them are gone."""
         self.checkpoints = [c for c in self.checkpoints if c.step <= step or (c.session or 0) >= self.session]
 
     def _forget(self, removed: list[str]) -> None:

@@ -220,15 +220,8 @@ class RunState:
             if shifted is not None:
                 self.warn(shifted)
             if r.start_step and r.training == 1 and self.parts.steps.sealed_through == 0 and not self.parts.steps.open:
-                self.parts.steps.begin_counts_at(r.start_step, r.start_tokens)
-                began = (
-                    f"the loop's first kaio.log step was {r.start_step + 1}"
-                    if r.reporter == "kaio.log"
-                    else f"the Trainer began at step {r.start_step} (the script resumed it from a checkpoint of its own)"
-                )
-                self.ledger.add_note(f"session {r.session}: {began}: steps 1-{r.start_step} are not in this record")
-            config = self.ledger.config
-            for warning in [*_resumed_against_the_arguments(r), *_precision_not_taken(r, config), *_twice(r, config)]:
+                _record_begins_later(self.parts, r)
+            for warning in _run_start_warnings(r, self.ledger.config):
                 self.warn(warning)
             if r.other_model_evals:  # evaluated before the training began, by a model it does not train
                 self.index.mark_other_model(r.session, {iso(t) for t in r.other_model_evals})
@@ -549,6 +542,41 @@ def _later_training_begins(parts: StateParts, r: RunStart) -> None:
     parts.steps.smoother = LossSmoother()  # maybe another objective (SFT, then DPO): its own curve
     parts.live.last_end = None  # the gap before its first step is no step's: not in the speed
     parts.ledger.add_note(_later_training_note(r))
+
+
+def _record_begins_later(parts: StateParts, r: RunStart) -> None:
+    """The first training of the record begins after step 1: its steps and counts are from there."""
+    parts.steps.begin_counts_at(r.start_step, r.start_tokens)
+    began = (
+        f"the loop's first kaio.log step was {r.start_step + 1}"
+        if r.reporter == "kaio.log"
+        else f"the Trainer began at step {r.start_step} (the script resumed it from a checkpoint of its own)"
+    )
+    parts.ledger.add_note(f"session {r.session}: {began}: steps 1-{r.start_step} are not in this record")
+
+
+def _run_start_warnings(r: RunStart, config: dict | None) -> list[str]:
+    """What the lead rank's description of its training says is amiss."""
+    return [
+        *_resumed_against_the_arguments(r),
+        *_precision_not_taken(r, config),
+        *_twice(r, config),
+        *_checkpoints_already_there(r),
+    ]
+
+
+def _checkpoints_already_there(r: RunStart) -> list[str]:
+    """A training that began from step 0 in an output_dir holding checkpoints (two projects sharing the default
+    trainer_output/, a run started over there by hand): they are another run's."""
+    if not r.checkpoints_before or r.training != 1:
+        return []
+    found = ", ".join(f"checkpoint-{step}" for step in r.checkpoints_before[:5])
+    more = f" and {len(r.checkpoints_before) - 5} more" if len(r.checkpoints_before) > 5 else ""
+    return [
+        f"session {r.session}: the script's output_dir ({r.args.output_dir}) already held {found}{more} as the "
+        "training began from step 0: another run's? This run saves beside them, its save_total_limit may delete "
+        "them, and a resume may take the newest; give each run an output_dir of its own"
+    ]
 
 
 def _twice(r: RunStart, config: dict | None) -> list[str]:

@@ -304,8 +304,7 @@ class Supervisor:
                 consumer(self.state)
             if now >= next_refresh:
                 self._refresh()
-                # Rewriting a long run's reports takes a while and holds up this loop
-                # (the dashboard, the queues): keep it to a hundredth of the time.
+                # A long run's reports hold up this loop (the dashboard, the queues): a hundredth of the time.
                 took = time.monotonic() - now
                 next_refresh = time.monotonic() + max(refresh_s, REFRESH_COST_FACTOR * took)
             if exited:

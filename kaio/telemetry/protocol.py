@@ -193,6 +193,9 @@ class RunStart(Event, tag="run_start"):
     process_index: int | None = None
     local_rank: int | None = None
     distributed_type: str | None = None
+    # checkpoint-N folders (their steps) already in the output_dir as a training began from step 0: another run's,
+    # which this one's checkpoint rotation may delete, and a resume may take (rank 0's)
+    checkpoints_before: list[int] = []
     start_step: int = 0
     max_steps: int | None = None
     # The how-manieth training of this process (a script may build several Trainers, or train() again), and what
