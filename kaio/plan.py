@@ -347,11 +347,7 @@ def render_plan(plan: Plan) -> Any:
             f"{plan.precision}, micro-batch {m.micro_batch} x {m.seq_len} tokens"
         )
     )
-    if not plan.gpus:
-        parts.append(
-            Text("no GPU here: the run trains on the CPU, each process's tensors in the host's RAM", style="dim")
-        )
-    per = "VRAM estimate per GPU" if plan.gpus else "Memory estimate per process (in RAM: no GPU here)"
+    per = "VRAM estimate per GPU" if plan.gpus else "Memory estimate per process (its tensors in the host's RAM)"
     table = Table(title=f"{per} (allocated tensors at the step's peak)", title_justify="left")
     table.add_column("term")
     for checkpointing in (False, True):
@@ -388,7 +384,9 @@ def _gpu_table(plan: Plan) -> Any:
     from rich.text import Text
 
     if not plan.gpus:
-        note = "; ".join(plan.notes) or "no GPU found"
+        from kaio.devices.detect import NO_GPU_NOTE
+
+        note = "; ".join(n for n in plan.notes if n != NO_GPU_NOTE) or "no GPU found"  # the line says the rest
         return Text(f"GPUs: none ({note}); the run trains on the CPU", style="yellow")
     table = Table(title=f"GPUs the run's {plan.config.launch.num_processes} rank(s) take", title_justify="left")
     for column in ("GPU", "name", "free / total"):

@@ -231,7 +231,7 @@ def test_a_host_without_gpu_is_judged_by_its_ram_shared_by_the_ranks():
     assert plan["gpus"] == [] and 0 < plan["host_available_bytes"] <= psutil.virtual_memory().total
     assert plan["verdicts"] == {"host RAM": "fits"}  # about 1 GiB for the tiny model
     assert "verdict: host RAM fits (1.01 GiB needed of " in _render(made)  # as the table says it: 3 digits
-    assert "Memory estimate per process (in RAM: no GPU here)" in _render(made)
+    assert "Memory estimate per process (its tensors in the host's RAM)" in _render(made)
     # Every module the adapters are on, the head and the embedding included (their parameters are counted).
     targets = "down_proj, embed_tokens, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"
     assert f"trained (LoRA r=16 on {targets})" in _render(made)

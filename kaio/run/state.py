@@ -632,8 +632,8 @@ def _resumed_against_the_arguments(r: RunStart) -> list[str]:
         values = ", ".join(f"{name} {used:g} (the arguments: {asked:g})" for name, (used, asked) in kept.items())
         said.append(
             f"session {r.session}: the resumed Trainer kept its checkpoint's {values}: a resume restores them (the "
-            "scheduler's state, trainer_state.json), so the edit of the script's arguments did not take effect "
-            "(the steps' learning rates are what trained)"
+            "scheduler's state, trainer_state.json), so the edit of the script's arguments did not take effect"
+            + (" (the steps' learning rates are what trained)" if "learning_rate" in kept else "")
         )
     if first is not None:
         said.append(
