@@ -146,7 +146,7 @@ def test_a_ctrl_c_before_the_first_session_leaves_no_record_of_nothing_and_says_
         run_new(cfg, InterruptedView(), overwrite=True, notify=said.append)  # type: ignore[arg-type]
     assert not old.journal.exists() and not old.index.exists()  # nothing recorded: no project to report
     moved = [line for line in said if line.startswith("moved the previous record aside: ")]
-    assert len(moved) == 1 and f"the previous record stays where it was moved: {moved[0].split(': ')[1]}" in said
+    assert len(moved) == 1 and f"the previous record is still where it was moved: {moved[0].split(': ')[1]}" in said
     assert kaio("report", "t", cwd=project_dir).returncode == 2
     # A stub left by a kaio before this one (a journal, no config.json): one line, not a traceback.
     old.report_dir.mkdir(parents=True, exist_ok=True)

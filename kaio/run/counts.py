@@ -45,8 +45,8 @@ class SeenCounts(msgspec.Struct, kw_only=True):
         """Rank 0 starts from checkpoint ``start``, whose recorded counts were these: the steps count on.
         ``counts_from_zero``: the process's own count of tokens starts at 0 (a kaio.log loop's), where a Trainer's
         goes on from its checkpoint's."""
-        if counts_from_zero:
-            self.tokens_from = 0 if not start else -tokens if tokens is not None else None
+        if counts_from_zero and (not start or tokens is not None):  # else the record begins there: from its start
+            self.tokens_from = -tokens if start and tokens is not None else 0
         if samples is not None:
             self.samples_from, self.last_samples_seen, self.counted_through = (
                 (start, samples),

@@ -219,7 +219,7 @@ def run_new(
         except KeyboardInterrupt:  # before the first session began (then the supervisor answers Ctrl-C itself)
             if _forget_a_run_that_never_started(paths, loaded.state):  # no record of nothing (`kaio report`: RUNNING)
                 for what, path in moved:
-                    notify(f"the previous {what} stays where it was moved: {path}")
+                    notify(f"the previous {what} is still where it was moved: {path}")
             raise
         finally:
             loaded.state.index.close()
