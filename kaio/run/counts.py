@@ -22,8 +22,8 @@ class SeenCounts(msgspec.Struct, kw_only=True):
     last_samples_seen: int = 0
     counted_through: tuple[int, int] | None = None  # (step, samples seen) of the latest step whose ranks counted
     # The Trainer's count where the record began (its tokens are the record's from there); minus the recorded count a
-    # kaio.log loop resumed from (its process counts from 0); None: that count is not known.
-    tokens_from: int | None = 0
+    # kaio.log loop resumed from (its process counts from 0).
+    tokens_from: int = 0
     tokens_through: tuple[int, int] | None = None  # (step, tokens seen) of kaio's own count; None: its base unknown
     last_tokens_seen: int | None = None  # the Trainer's count at rank 0's latest step, this session
 
@@ -45,8 +45,8 @@ class SeenCounts(msgspec.Struct, kw_only=True):
         """Rank 0 starts from checkpoint ``start``, whose recorded counts were these: the steps count on.
         ``counts_from_zero``: the process's own count of tokens starts at 0 (a kaio.log loop's), where a Trainer's
         goes on from its checkpoint's."""
-        if counts_from_zero and (not start or tokens is not None):  # else the record begins there: from its start
-            self.tokens_from = -tokens if start and tokens is not None else 0
+        if counts_from_zero and start and tokens is not None:  # (unrecorded there: the record begins there)
+            self.tokens_from = -tokens
         if samples is not None:
             self.samples_from, self.last_samples_seen, self.counted_through = (
                 (start, samples),
@@ -90,7 +90,7 @@ class SeenCounts(msgspec.Struct, kw_only=True):
         from the count at the step the session began (None where that is not known: a resume from a step without
         one)."""
         if event.tokens_seen is not None:
-            return event.tokens_seen - self.tokens_from if self.tokens_from is not None else None
+            return event.tokens_seen - self.tokens_from
         through = self.tokens_through
         if event.tokens is None or throughput is None or through is None or event.step <= through[0]:
             self.tokens_through = None
